@@ -1,0 +1,219 @@
+"""Typed configuration: dataclasses + OmegaConf structured config, YAML files and ``key=value`` overrides.
+
+    dist-dejpeg train --config configs/debug.yaml train.run_dir=runs/try1 data.batch_size=8
+
+Every field is typed and has a default. Loading is strict: an unknown key or a value of the wrong type is a
+:class:`ConfigError` that names the key. Nothing here mutates what it was given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PHASE_KINDS = ("gen", "critic", "gan")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/samples"  # folder that holds the shards (train-*.tar, val-*.tar, manifest.json)
+    train_glob: str = "train-*.tar"  # training shards inside root (glob)
+    val_glob: str = "val-*.tar"  # validation shards inside root (glob)
+    auto_prepare: str = "none"  # "samples": write the bundled sample shards into root if it holds none
+    backend: str = "torch"  # loader: "torch" (webdataset + PIL in DataLoader workers)
+    crop: int = 256  # training crop size in pixels (square)
+    batch_size: int = 16  # per device, per micro-step
+    num_workers: int = 4  # DataLoader worker processes per device
+    quality_min: int = 10  # JPEG quality range for training degradations (inclusive)
+    quality_max: int = 50
+    shuffle_buffer: int = 256  # samples held in each worker's shuffle buffer
+    val_crop: int = 256  # fixed centre crop of each validation tile
+    val_qualities: List[int] = field(default_factory=lambda: [10, 20, 40])  # validation JPEG qualities
+    val_max_images: int = 0  # cap on validation tiles (0: all)
+    val_batch_size: int = 16  # validation batch size per device
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "mobilenetv3_large_100"  # any timm model that supports features_only
+    pretrained: bool = True  # ImageNet weights for the encoder (from the HF cache or encoder_weights)
+    encoder_weights: str = ""  # explicit local weights file for the encoder (.safetensors/.pth); "" = cache
+    decoder_width: int = 256  # channels of the deepest decoder block; halved per level, floor 16
+    blur: bool = True  # blur after each pixel shuffle (removes checkerboard artefacts)
+    self_attention: bool = True  # one self-attention block in the decoder
+    attention_stride: int = 8  # output stride of the decoder block that gets self-attention
+    spectral_norm: bool = True  # spectral norm on the decoder convolutions (plus batch norm, as DeOldify)
+    channels_last: bool = False  # memory format for the models and batches (faster on tensor cores)
+
+
+@dataclass
+class CriticConfig:
+    width: int = 64  # channels of the first conv (DeOldify nf)
+    n_blocks: int = 3  # stride-2 downsampling blocks
+    dropout: float = 0.15  # Dropout2d probability in each block
+    self_attention: bool = True  # self-attention after the first downsampling block
+
+
+@dataclass
+class LossConfig:
+    lpips_net: str = "vgg"  # LPIPS backbone for the training loss: "vgg" (the seed's) or "alex"
+    metric_net: str = "alex"  # LPIPS backbone for validation metrics (Alex is the reported convention)
+    lpips_pretrained: bool = True  # ImageNet backbone for LPIPS (torch hub cache or lpips_weights)
+    lpips_weights: str = ""  # explicit torchvision backbone file for lpips_net; "" = torch hub cache
+    metric_weights: str = ""  # explicit torchvision backbone file for metric_net; "" = torch hub cache
+    adversarial: str = "bce"  # "bce" (BCE-with-logits, the seed's) or "hinge"
+
+
+@dataclass
+class PhaseConfig:
+    kind: str = ""  # "gen" | "critic" | "gan"; "" takes the phase's name when that is a kind
+    steps: int = 1000  # batches this phase consumes (per device, counted in micro-steps / grad_accum)
+    lr: float = 1e-3  # peak learning rate of the model(s) this phase trains (generator in gan)
+    critic_lr_mult: float = 5.0  # gan phase: critic lr = lr * critic_lr_mult
+    schedule: str = "onecycle"  # "onecycle" | "cosine" | "constant"
+    warmup: float = 0.25  # fraction of steps spent warming up (onecycle/cosine)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])  # Adam betas
+    weight_decay: float = 1e-3  # AdamW weight decay
+    w_lpips: float = 1.0  # generator loss weight of LPIPS
+    w_pixel: float = 1.0  # generator loss weight of L1
+    w_adv: float = 1.5  # gan phase: generator loss weight of the adversarial term
+    critic_iters: int = 5  # gan phase: critic updates per cycle
+    gen_iters: int = 2  # gan phase: generator updates per cycle
+    val_every: int = 0  # validate every N steps (0: train.val_every)
+    patience: int = 0  # gan phase: stop after this many validations without LPIPS improvement (0: never)
+    max_grad_norm: float = 0.0  # gradient clipping (0: off)
+
+
+def _default_phases() -> Dict[str, PhaseConfig]:
+    return {
+        "gen": PhaseConfig(kind="gen", steps=2000, lr=1e-3),
+        "critic": PhaseConfig(kind="critic", steps=500, lr=1e-4, w_lpips=0.0, w_pixel=0.0),
+        "gan": PhaseConfig(kind="gan", steps=2000, lr=1e-5, schedule="constant", warmup=0.0,
+                           betas=[0.0, 0.9], patience=5),
+    }
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"  # everything a run writes goes here
+    seed: int = 0  # base seed; each rank adds its index
+    mixed_precision: str = "bf16"  # "no" | "bf16" | "fp16"
+    cpu: bool = False  # force CPU even when a GPU is present
+    grad_accum: int = 1  # micro-steps per optimizer step
+    phases: Dict[str, PhaseConfig] = field(default_factory=_default_phases)  # phase name -> settings
+    order: List[str] = field(default_factory=lambda: ["gen", "critic", "gan"])  # phases to run, in order
+    log_every: int = 50  # steps between scalar logs
+    val_every: int = 500  # steps between validations (phases may override)
+    image_every: int = 0  # steps between TensorBoard image grids (0: at each validation)
+    ckpt_every: int = 1000  # steps between checkpoints (and one at the end of every phase)
+    keep_last: int = 3  # checkpoints kept (oldest removed first)
+    progress: bool = True  # rank-0 progress bar
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Schema defaults, then the YAML file (if any), then ``key=value`` overrides; validated."""
+    try:
+        merged = OmegaConf.structured(Config)
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"config key '{key}': {first}" if key else first) from None
+    validate(cfg)
+    return cfg
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{name}': {value!r} is not one of {list(allowed)}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that a type alone cannot express. Fills each phase's ``kind`` from its name when empty."""
+    d, t = cfg.data, cfg.train
+    _one_of("data.backend", d.backend, ("torch",))
+    _one_of("data.auto_prepare", d.auto_prepare, ("none", "samples"))
+    _one_of("train.mixed_precision", t.mixed_precision, ("no", "bf16", "fp16"))
+    _one_of("loss.lpips_net", cfg.loss.lpips_net, ("vgg", "alex"))
+    _one_of("loss.metric_net", cfg.loss.metric_net, ("vgg", "alex"))
+    _one_of("loss.adversarial", cfg.loss.adversarial, ("bce", "hinge"))
+    if not 1 <= d.quality_min <= d.quality_max <= 100:
+        raise ConfigError(f"config keys 'data.quality_min'/'data.quality_max': need 1 <= min <= max <= 100, "
+                          f"got {d.quality_min}, {d.quality_max}")
+    for q in d.val_qualities:
+        if not 1 <= q <= 100:
+            raise ConfigError(f"config key 'data.val_qualities': quality {q} outside 1..100")
+    for name in ("crop", "batch_size", "val_crop", "val_batch_size"):
+        if getattr(d, name) < 1:
+            raise ConfigError(f"config key 'data.{name}': must be >= 1")
+    if d.crop % 8 or d.val_crop % 8:
+        raise ConfigError("config keys 'data.crop'/'data.val_crop': must be multiples of 8 (the JPEG block)")
+    if t.grad_accum < 1:
+        raise ConfigError("config key 'train.grad_accum': must be >= 1")
+    if not t.order:
+        raise ConfigError("config key 'train.order': no phases to run")
+    defaults = _default_phases()
+    for name in t.order:
+        if name not in t.phases:
+            raise ConfigError(f"config key 'train.order': phase '{name}' is not defined in train.phases")
+    for name, phase in t.phases.items():
+        if name not in t.order and name not in defaults:
+            raise ConfigError(f"config key 'train.phases.{name}': defined but not listed in train.order "
+                              f"(a typo in a phase name?)")
+        if not phase.kind:
+            if name not in PHASE_KINDS:
+                raise ConfigError(f"config key 'train.phases.{name}.kind': must be set to one of {list(PHASE_KINDS)}")
+            phase.kind = name
+        _one_of(f"train.phases.{name}.kind", phase.kind, PHASE_KINDS)
+        _one_of(f"train.phases.{name}.schedule", phase.schedule, ("onecycle", "cosine", "constant"))
+        if phase.steps < 0:
+            raise ConfigError(f"config key 'train.phases.{name}.steps': must be >= 0")
+        if len(phase.betas) != 2:
+            raise ConfigError(f"config key 'train.phases.{name}.betas': needs two values")
+        if phase.kind == "gan" and phase.critic_iters + phase.gen_iters < 1:
+            raise ConfigError(f"config keys 'train.phases.{name}.critic_iters/gen_iters': both zero")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from :func:`to_dict` output (e.g. stored beside exported weights); strict."""
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+    validate(cfg)
+    return cfg

@@ -1,0 +1,34 @@
+"""Data: shards on disk -> loaders that yield the batch contract (see torch_loader)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dist_dejpeg.config import Config
+from dist_dejpeg.data.shards import list_shards, prepare_samples
+from dist_dejpeg.data.torch_loader import ShardStream, TorchLoader, load_val_set
+
+
+def ensure_samples(cfg: Config) -> bool:
+    """``data.auto_prepare=samples``: write the bundled sample shards into data.root if it has no training
+    shards. Returns True when it wrote them. Call on one process only."""
+    if cfg.data.auto_prepare != "samples" or list(Path(cfg.data.root).glob(cfg.data.train_glob)):
+        return False
+    prepare_samples(cfg.data.root)
+    return True
+
+
+def build_train_loader(cfg: Config, rank: int, world: int, device: torch.device) -> TorchLoader:
+    d = cfg.data
+    stream = ShardStream(list_shards(d.root, d.train_glob), d.crop, (d.quality_min, d.quality_max),
+                         seed=cfg.train.seed, rank=rank, world=world, num_workers=d.num_workers,
+                         shuffle_buffer=d.shuffle_buffer)
+    return TorchLoader(stream, d.batch_size, d.num_workers, device, channels_last=cfg.model.channels_last)
+
+
+def build_val_set(cfg: Config, rank: int, world: int):
+    d = cfg.data
+    return load_val_set(list_shards(d.root, d.val_glob), d.val_crop, list(d.val_qualities), rank, world,
+                        d.val_max_images)

@@ -1,0 +1,75 @@
+"""Image bytes in, 8-bit RGB arrays out; the libjpeg (PIL) JPEG round trip. Shared by every CPU data path."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+# Extensions a shard sample may carry its image under, in order of preference.
+IMAGE_EXTS = ("png", "jp2", "webp", "tif", "tiff", "ppm", "bmp", "jpg", "jpeg")
+
+
+class BadImage(ValueError):
+    """Bytes that do not decode to an image."""
+
+
+def to_rgb8(img: Image.Image) -> np.ndarray:
+    """Any PIL image (grayscale, RGBA, palette, 16-bit, ...) as an H x W x 3 uint8 array."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        arr = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on white: a transparent area has no "true" colour, white is the common convention.
+        rgba = img.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(base, rgba).convert("RGB"))
+    return np.asarray(img.convert("RGB"))
+
+
+def decode_rgb8(data: bytes) -> np.ndarray:
+    """Decode image bytes fully (truncated files are errors, not grey padding) to H x W x 3 uint8."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        return to_rgb8(img)
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
+        raise BadImage(f"{type(err).__name__}: {err}") from None
+
+
+def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """Encode with libjpeg at ``quality`` (PIL defaults: 4:2:0 chroma subsampling) and decode again."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=int(quality))
+    return np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def encode_png(rgb: np.ndarray, compress_level: int = 6) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def image_bytes(sample: dict) -> tuple[str, bytes] | None:
+    """The (extension, bytes) of the first image component of a webdataset sample, or None."""
+    for ext in IMAGE_EXTS:
+        if ext in sample and isinstance(sample[ext], (bytes, bytearray)):
+            return ext, bytes(sample[ext])
+    return None
+
+
+def center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return rgb[top:top + size, left:left + size]

@@ -1,0 +1,219 @@
+"""The PyTorch data path: webdataset + PIL in DataLoader workers, yielding the batch contract.
+
+    batch = {"jpeg": N x 3 x H x W float [0,1], "clean": same, "quality": N int64}   on the device
+
+Sharding: every (rank, worker) pair is a *slot*. Each epoch the shard list is shuffled with a seed shared
+by all ranks, then dealt to slots (whole shards when there are at least as many shards as slots, otherwise
+every slot reads all shards and keeps every n-th sample), so within an epoch no sample is seen twice.
+
+Exact resume: a sample's crop, flips and JPEG quality come from an RNG seeded by (seed, epoch, slot,
+position), not from a running generator, and each batch carries its slot's stream position. The loader's
+``state_dict()`` records the position after the last batch the trainer took; on resume every slot skips
+to it without decoding, and the slot played by DataLoader worker 0 is rotated so batches come in the same
+order as in an uninterrupted run. (Same ranks and workers required; otherwise it restarts the epoch.)
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dist_dejpeg.data.images import BadImage, center_crop, decode_rgb8, image_bytes, jpeg_roundtrip
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = ("corrupt", "too_small", "no_image", "bad_tar")
+_MAX_WARNINGS = 20  # per slot; counts keep going after the log stops
+
+
+class ShardStream(IterableDataset):
+    """Endless (or ``epochs``-long) stream of degraded/clean crops from one rank's slots."""
+
+    def __init__(self, shards: list[str], crop: int, quality_range: tuple[int, int], seed: int = 0,
+                 rank: int = 0, world: int = 1, num_workers: int = 0, shuffle_buffer: int = 256,
+                 epochs: int | None = None):
+        self.shards = sorted(shards)
+        self.crop = crop
+        self.qmin, self.qmax = quality_range
+        self.seed, self.rank, self.world = seed, rank, world
+        self.n_local = max(num_workers, 1)
+        self.shuffle_buffer = shuffle_buffer
+        self.epochs = epochs
+        self.start: dict[int, tuple[int, int]] = {}  # local slot -> (epoch, position) to resume from
+        self.rotation = 0  # DataLoader worker w plays local slot (w + rotation) % n_local
+        # One row per worker, so workers never race; shared memory so the main process can read it.
+        self.skipped = torch.zeros(self.n_local, len(SKIP_REASONS), dtype=torch.int64).share_memory_()
+
+    # -- the raw (undecoded) stream of one slot in one epoch -------------------------------------------
+    def _epoch_raw(self, epoch: int, slot: int, n_slots: int, row: int) -> Iterator[dict]:
+        shards = list(self.shards)
+        random.Random(f"{self.seed}-shards-{epoch}").shuffle(shards)
+        every = 1
+        if len(shards) >= n_slots:
+            shards = shards[slot::n_slots]
+        else:
+            every = n_slots
+
+        def on_error(err: Exception) -> bool:
+            self._count(row, "bad_tar", f"unreadable tar data ({type(err).__name__}: {err})")
+            return True  # skip the rest of that tar, go on with the next
+
+        raw = wds.tariterators.tarfile_samples([{"url": s} for s in shards], handler=on_error)
+        raw = (s for s in raw if s)  # drop end-of-shard markers
+        if every > 1:
+            raw = (s for i, s in enumerate(raw) if i % every == slot)
+        rng = random.Random(f"{self.seed}-buffer-{epoch}-{slot}")
+        return wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 64), rng=rng)(iter(raw))
+
+    def _count(self, row: int, reason: str, message: str) -> None:
+        self.skipped[row, SKIP_REASONS.index(reason)] += 1
+        if int(self.skipped[row].sum()) <= _MAX_WARNINGS:
+            log.warning("skipping sample: %s", message)
+
+    def _make(self, raw: dict, epoch: int, slot: int, pos: int, row: int) -> dict | None:
+        where = f"{raw.get('__key__')} in {raw.get('__url__')}"
+        found = image_bytes(raw)
+        if found is None:
+            self._count(row, "no_image", f"{where}: no image component (has {sorted(k for k in raw if not k.startswith('__'))})")
+            return None
+        try:
+            rgb = decode_rgb8(found[1])
+        except BadImage as err:
+            self._count(row, "corrupt", f"{where}: {err}")
+            return None
+        h, w = rgb.shape[:2]
+        if h < self.crop or w < self.crop:
+            self._count(row, "too_small", f"{where}: {w}x{h} is smaller than the {self.crop} px crop")
+            return None
+        rng = np.random.default_rng([self.seed, epoch, slot, pos])
+        top, left = int(rng.integers(0, h - self.crop + 1)), int(rng.integers(0, w - self.crop + 1))
+        clean = rgb[top:top + self.crop, left:left + self.crop]
+        if rng.random() < 0.5:
+            clean = clean[:, ::-1]
+        if rng.random() < 0.5:
+            clean = clean[::-1]
+        clean = np.array(clean)  # a writable, contiguous copy
+        quality = int(rng.integers(self.qmin, self.qmax + 1))
+        jpeg = jpeg_roundtrip(clean, quality)
+        return {"jpeg": torch.from_numpy(jpeg).permute(2, 0, 1), "clean": torch.from_numpy(clean).permute(2, 0, 1),
+                "quality": quality}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        local = (worker + self.rotation) % self.n_local
+        slot, n_slots = self.rank * self.n_local + local, self.world * self.n_local
+        epoch, skip = self.start.get(local, (0, 0))
+        while self.epochs is None or epoch < self.epochs:
+            seen = 0
+            for pos, raw in enumerate(self._epoch_raw(epoch, slot, n_slots, worker)):
+                seen += 1
+                if pos < skip:
+                    continue
+                sample = self._make(raw, epoch, slot, pos, worker)
+                if sample is not None:
+                    sample.update(_slot=local, _epoch=epoch, _next=pos + 1)
+                    yield sample
+            if seen == 0:
+                raise RuntimeError(f"data slot {slot} of {n_slots} got no samples in epoch {epoch}: fewer "
+                                   f"samples than ranks x workers ({len(self.shards)} shards)")
+            epoch, skip = epoch + 1, 0
+
+
+class TorchLoader:
+    """Iterates contract batches on ``device``; ``state_dict``/``load_state_dict`` for exact resume."""
+
+    def __init__(self, stream: ShardStream, batch_size: int, num_workers: int, device: torch.device,
+                 channels_last: bool = False):
+        self.stream, self.batch_size, self.num_workers = stream, batch_size, num_workers
+        self.device, self.channels_last = device, channels_last
+        self.consumed = 0  # batches handed to the trainer, over the whole run
+        self.positions: dict[int, tuple[int, int]] = {}
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "positions": {str(k): list(v) for k, v in self.positions.items()},
+                "num_workers": self.num_workers, "world": self.stream.world, "rank": self.stream.rank}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_workers") != self.num_workers or state.get("world") != self.stream.world:
+            log.warning("data loader state was saved with %s workers x %s ranks, now %s x %s: "
+                        "restarting the data stream at epoch 0 instead of resuming it exactly",
+                        state.get("num_workers"), state.get("world"), self.num_workers, self.stream.world)
+            return
+        self.consumed = int(state["consumed"])
+        self.positions = {int(k): (int(v[0]), int(v[1])) for k, v in state["positions"].items()}
+
+    def skipped(self) -> dict[str, int]:
+        totals = self.stream.skipped.sum(dim=0).tolist()
+        return dict(zip(SKIP_REASONS, (int(t) for t in totals)))
+
+    def __iter__(self) -> Iterator[dict]:
+        self.stream.start = dict(self.positions)
+        self.stream.rotation = self.consumed % max(self.num_workers, 1)
+        loader = DataLoader(self.stream, batch_size=self.batch_size, num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False,
+                            prefetch_factor=4 if self.num_workers else None)
+        for batch in loader:
+            slot, epoch, nxt = int(batch["_slot"][-1]), int(batch["_epoch"][-1]), int(batch["_next"][-1])
+            self.positions[slot] = (epoch, nxt)
+            self.consumed += 1
+            yield to_device(batch, self.device, self.channels_last)
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    """uint8 N x 3 x H x W -> float [0, 1] on ``device`` (the conversion runs there, after the copy)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = {}
+    for key in ("jpeg", "clean"):
+        out[key] = batch[key].to(device, non_blocking=True).float().div_(255).contiguous(memory_format=fmt)
+    out["quality"] = torch.as_tensor(batch["quality"], dtype=torch.int64).to(device)
+    return out
+
+
+def load_val_set(shards: list[str], crop: int, qualities: list[int], rank: int = 0, world: int = 1,
+                 max_images: int = 0) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], dict[str, int]]:
+    """Fixed validation crops: the centre ``crop`` of each val tile (tiles i with i % world == rank),
+    JPEG-degraded at each quality. Returns {quality: (jpeg uint8, clean uint8)} and skip counts."""
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
+    clean = []
+    index = 0
+    for raw in wds.tariterators.tarfile_samples([{"url": s} for s in sorted(shards)]):
+        if not raw:
+            continue
+        if max_images and index >= max_images:
+            break
+        found = image_bytes(raw)
+        try:
+            if found is None:
+                raise KeyError
+            rgb = decode_rgb8(found[1])
+        except KeyError:
+            skipped["no_image"] += 1
+            continue
+        except BadImage as err:
+            log.warning("skipping val sample %s: %s", raw.get("__key__"), err)
+            skipped["corrupt"] += 1
+            continue
+        if min(rgb.shape[:2]) < crop:
+            skipped["too_small"] += 1
+            continue
+        if index % world == rank:
+            clean.append(np.ascontiguousarray(center_crop(rgb, crop)))
+        index += 1
+    out = {}
+    for q in qualities:
+        jpeg = [jpeg_roundtrip(c, q) for c in clean]
+        out[q] = (_stack(jpeg, crop), _stack(clean, crop))
+    return out, skipped
+
+
+def _stack(images: list[np.ndarray], crop: int) -> torch.Tensor:
+    if not images:
+        return torch.zeros(0, 3, crop, crop, dtype=torch.uint8)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,81 @@
+"""Losses: LPIPS (frozen, eval mode, mixed-precision safe), L1 pixel loss, adversarial losses.
+
+LPIPS and mixed precision: the backbone runs under the caller's autocast (that is where the time goes),
+but the per-layer unit normalisation, squared differences and linear heads run in float32 with autocast
+off. In fp16, the sum of squares inside lpips' ``normalize_tensor`` overflows above 65504 and its 1e-10
+epsilon underflows to zero, which is where NaNs come from; in float32 neither can happen.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_dejpeg.weights import load_lpips_backbone, lpips_backbone_state
+
+log = logging.getLogger(__name__)
+
+
+class LPIPS(nn.Module):
+    """LPIPS distance between images in [0, 1]; returns one value per image (N). Always frozen, eval."""
+
+    def __init__(self, net: str = "vgg", pretrained: bool = True, weights_file: str = "",
+                 key: str = "loss.lpips_weights"):
+        super().__init__()
+        import lpips
+
+        # pnet_rand=True: build the backbone without lpips' own download; weights are loaded below, the
+        # standard way, or the run says (in `pretrained`) that the backbone is random.
+        self.inner = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+        if pretrained:
+            load_lpips_backbone(self.inner.net, lpips_backbone_state(net, weights_file, key))
+        self.net_name = net
+        self.pretrained = pretrained
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def description(self) -> str:
+        return f"lpips-{self.net_name}" + ("" if self.pretrained else " (RANDOM backbone: not real LPIPS)")
+
+    def train(self, mode: bool = True) -> "LPIPS":  # noqa: ARG002 - frozen: never leaves eval mode
+        return super().train(False)
+
+    def forward(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        inner = self.inner
+        scaled = inner.scaling_layer(torch.cat([image, target]) * 2 - 1)
+        feats = inner.net(scaled)  # under the caller's autocast
+        n = image.shape[0]
+        device_type = image.device.type
+        total = torch.zeros(n, device=image.device, dtype=torch.float32)
+        with torch.autocast(device_type=device_type, enabled=False):
+            for k, feat in enumerate(feats):
+                feat = feat.float()
+                feat = feat / (feat.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+                diff = (feat[:n] - feat[n:]).pow(2)
+                total = total + inner.lins[k](diff).mean(dim=(1, 2, 3))
+        return total
+
+
+def pixel_loss(restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    return F.l1_loss(restored.float(), clean.float())
+
+
+def critic_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+    """Critic: real -> 1, fake -> 0 (BCE-with-logits), or the hinge loss."""
+    real_logits, fake_logits = real_logits.float(), fake_logits.float()
+    if kind == "hinge":
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+
+
+def generator_adv_loss(fake_logits: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+    """Generator: make the critic call its output real."""
+    fake_logits = fake_logits.float()
+    if kind == "hinge":
+        return -fake_logits.mean()
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))

@@ -1,0 +1,47 @@
+"""Critic: DeOldify-style spectral-norm conv critic with self-attention and dropout; patch logits.
+
+    stem conv 4x4/2 -> Dropout2d(p/2) -> conv 3x3
+    n_blocks x [conv 3x3 -> Dropout2d(p) -> conv 4x4/2 (x2 channels; self-attention in the first)]
+    conv 3x3 -> conv 4x4 (valid) to one channel: N x 1 x h x w logits, one per patch
+
+Spectral norm everywhere, LeakyReLU 0.2, no batch norm (as DeOldify's gan_critic).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_dejpeg.models.layers import ConvBlock, conv
+
+SLOPE = 0.2
+
+
+class Critic(nn.Module):
+    def __init__(self, width: int = 64, n_blocks: int = 3, dropout: float = 0.15, self_attention: bool = True):
+        super().__init__()
+
+        def block(ni, nf, ks, stride=1, attention=False):
+            return ConvBlock(ni, nf, ks, stride, sn=True, bn=False, attention=attention, slope=SLOPE)
+
+        layers = [block(3, width, 4, 2), nn.Dropout2d(dropout / 2), block(width, width, 3)]
+        nf = width
+        for i in range(n_blocks):
+            layers += [block(nf, nf, 3), nn.Dropout2d(dropout),
+                       block(nf, nf * 2, 4, 2, attention=self_attention and i == 0)]
+            nf *= 2
+        layers += [block(nf, nf, 3), conv(nf, 1, 4, sn=True, bias=False, padding=0, slope=SLOPE)]
+        self.net = nn.Sequential(*layers)
+        self.min_size = 4 * 2 ** (n_blocks + 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """image: N x 3 x H x W in [0, 1] (H, W >= min_size); returns N x 1 x h x w patch logits."""
+        if min(image.shape[-2:]) < self.min_size:
+            raise ValueError(f"critic input {tuple(image.shape[-2:])} is smaller than its minimum "
+                             f"{self.min_size} px (raise data.crop or lower critic.n_blocks)")
+        return self.net(image * 2 - 1)
+
+
+def build_critic(critic_cfg) -> Critic:
+    return Critic(width=critic_cfg.width, n_blocks=critic_cfg.n_blocks, dropout=critic_cfg.dropout,
+                  self_attention=critic_cfg.self_attention)

@@ -1,0 +1,109 @@
+"""DeOldify-style building blocks: spectral-norm convs, ICNR pixel shuffle with blur, self-attention.
+
+Plain ``nn.Module``s with no training logic. Written from the published descriptions (fastai / DeOldify,
+SAGAN), not copied.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+# LeakyReLU rather than DeOldify's ReLU: with a zero-initialised output conv a dead ReLU in front of it
+# leaves the residual head stuck at exactly zero on some seeds (seen in ../shared/ENV.md's experiments).
+ACT_SLOPE = 0.1
+
+
+def act(slope: float = ACT_SLOPE) -> nn.Module:
+    return nn.LeakyReLU(slope, inplace=True)
+
+
+def conv(ni: int, nf: int, ks: int = 3, stride: int = 1, sn: bool = True, bias: bool = True,
+         padding: int | None = None, slope: float = ACT_SLOPE) -> nn.Module:
+    layer = nn.Conv2d(ni, nf, ks, stride=stride, padding=(ks - 1) // 2 if padding is None else padding, bias=bias)
+    nn.init.kaiming_normal_(layer.weight, a=slope, nonlinearity="leaky_relu")
+    if bias:
+        nn.init.zeros_(layer.bias)
+    return spectral_norm(layer) if sn else layer
+
+
+class ConvBlock(nn.Sequential):
+    """conv (spectral norm) -> act -> batch norm -> optional self-attention, DeOldify's custom_conv_layer."""
+
+    def __init__(self, ni: int, nf: int, ks: int = 3, stride: int = 1, sn: bool = True,
+                 bn: bool = True, attention: bool = False, slope: float = ACT_SLOPE):
+        layers = [conv(ni, nf, ks, stride, sn=sn, bias=not bn, slope=slope), act(slope)]
+        if bn:
+            layers.append(nn.BatchNorm2d(nf))
+        if attention:
+            layers.append(SelfAttention(nf))
+        super().__init__(*layers)
+
+
+def icnr_(weight: torch.Tensor, scale: int = 2) -> torch.Tensor:
+    """ICNR init (Aitken et al. 2017): sub-kernels of one output pixel group start equal, so that the
+    pixel shuffle starts as nearest-neighbour upsampling and makes no checkerboard."""
+    out_ch, in_ch, kh, kw = weight.shape
+    sub = torch.empty(out_ch // scale**2, in_ch, kh, kw)
+    nn.init.kaiming_normal_(sub, a=ACT_SLOPE, nonlinearity="leaky_relu")
+    with torch.no_grad():
+        weight.copy_(sub.repeat_interleave(scale**2, dim=0))
+    return weight
+
+
+class PixelShuffleICNR(nn.Module):
+    """1x1 conv to ``nf * scale**2`` channels (ICNR init), act, pixel shuffle, then an optional blur
+    (replication pad + 2x2 average pool, stride 1). Unlike DeOldify's version, ``blur=False`` really
+    turns the blur off."""
+
+    def __init__(self, ni: int, nf: int, scale: int = 2, blur: bool = True, sn: bool = True):
+        super().__init__()
+        layer = nn.Conv2d(ni, nf * scale**2, 1)
+        icnr_(layer.weight, scale)
+        nn.init.zeros_(layer.bias)
+        self.conv = spectral_norm(layer) if sn else layer
+        self.act = act()
+        self.shuffle = nn.PixelShuffle(scale)
+        self.blur = nn.Sequential(nn.ReplicationPad2d((1, 0, 1, 0)), nn.AvgPool2d(2, stride=1)) if blur else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shuffle(self.act(self.conv(x)))
+        return self.blur(x) if self.blur is not None else x
+
+
+class SelfAttention(nn.Module):
+    """SAGAN self-attention over all positions; starts as identity (gamma = 0). Uses PyTorch's fused
+    scaled-dot-product attention so memory stays linear in the number of positions on GPU kernels."""
+
+    def __init__(self, channels: int, sn: bool = True):
+        super().__init__()
+        inner = max(channels // 8, 1)
+        wrap = spectral_norm if sn else (lambda m: m)
+        self.query = wrap(nn.Conv1d(channels, inner, 1, bias=False))
+        self.key = wrap(nn.Conv1d(channels, inner, 1, bias=False))
+        self.value = wrap(nn.Conv1d(channels, channels, 1, bias=False))
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        flat = x.flatten(2)  # N, C, HW
+        q = self.query(flat).transpose(1, 2)  # N, HW, C/8
+        k = self.key(flat).transpose(1, 2)
+        v = self.value(flat).transpose(1, 2)  # N, HW, C
+        # SAGAN's dot products are unscaled; the usual 1/sqrt(d) scale keeps the logits in fp16 range.
+        out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1))
+        out = out.squeeze(1).transpose(1, 2).reshape(n, c, h, w)
+        return x + self.gamma * out
+
+
+class ResBlock(nn.Module):
+    """Two conv blocks with an identity shortcut (DeOldify's res_block before the output conv)."""
+
+    def __init__(self, channels: int, sn: bool = True):
+        super().__init__()
+        self.body = nn.Sequential(ConvBlock(channels, channels, sn=sn), ConvBlock(channels, channels, sn=sn))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)

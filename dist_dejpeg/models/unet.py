@@ -1,0 +1,111 @@
+"""Generator: U-Net with a timm ``features_only`` encoder and a DeOldify-style decoder, residual output.
+
+    degraded [0,1] --(ImageNet norm)--> encoder stages (strides s1..sn)
+        --> middle convs --> n-1 up blocks (ICNR pixel shuffle + blur, skip via BN, conv; one with
+            self-attention) --> pixel shuffle to full size --> concat the input --> res block --> 1x1 conv
+        --> correction;  restored = clamp(degraded + correction, 0, 1)
+
+The output conv starts at zero, so an untrained generator returns its input (a good start for artefact
+removal); LeakyReLU in front of it keeps that head from dying (see layers.ACT_SLOPE).
+Any H x W works: the input is padded to the encoder's largest stride and the output cropped back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_dejpeg.models.layers import ConvBlock, PixelShuffleICNR, ResBlock, act
+from dist_dejpeg.weights import create_encoder
+
+
+class UpBlock(nn.Module):
+    """DeOldify's UnetBlockWide: upsample the deeper features, batch-norm the skip, concat, conv."""
+
+    def __init__(self, up_in: int, skip_in: int, out: int, scale: int, blur: bool, sn: bool, attention: bool):
+        super().__init__()
+        half = max(out // 2, 8)
+        self.up = PixelShuffleICNR(up_in, half, scale, blur=blur, sn=sn) if scale > 1 else ConvBlock(up_in, half, 1, sn=sn)
+        self.skip_bn = nn.BatchNorm2d(skip_in)
+        self.act = act()
+        self.conv = ConvBlock(half + skip_in, out, sn=sn, attention=attention)
+
+    def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        up = self.up(deep)
+        if up.shape[-2:] != skip.shape[-2:]:  # encoders whose stages do not divide exactly
+            up = F.interpolate(up, size=skip.shape[-2:], mode="nearest")
+        return self.conv(self.act(torch.cat([up, self.skip_bn(skip)], dim=1)))
+
+
+class Generator(nn.Module):
+    def __init__(self, encoder: str = "mobilenetv3_large_100", pretrained: bool = False, encoder_weights: str = "",
+                 decoder_width: int = 256, blur: bool = True, self_attention: bool = True,
+                 attention_stride: int = 8, spectral_norm: bool = True):
+        super().__init__()
+        self.encoder = create_encoder(encoder, pretrained, encoder_weights)
+        chans = self.encoder.feature_info.channels()
+        strides = self.encoder.feature_info.reduction()
+        for a, b in zip(strides, strides[1:]):
+            if b % a or (b // a) & (b // a - 1):
+                raise ValueError(f"encoder '{encoder}': stage strides {strides} are not powers-of-two steps")
+        if strides[0] & (strides[0] - 1):
+            raise ValueError(f"encoder '{encoder}': first stage stride {strides[0]} is not a power of two")
+        cfg = getattr(self.encoder, "pretrained_cfg", {}) or {}
+        mean = cfg.get("mean", (0.485, 0.456, 0.406))
+        std = cfg.get("std", (0.229, 0.224, 0.225))
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.pad_to = strides[-1]
+        self.strides = list(strides)
+
+        width = decoder_width
+        self.middle = nn.Sequential(nn.BatchNorm2d(chans[-1]), act(),
+                                    ConvBlock(chans[-1], width, sn=spectral_norm),
+                                    ConvBlock(width, width, sn=spectral_norm))
+        # Put attention at the requested stride, or the nearest available one.
+        skip_strides = strides[:-1]
+        attn_at = min(skip_strides, key=lambda s: abs(math.log2(s) - math.log2(max(attention_stride, 1))))
+        blocks, prev, prev_stride = [], width, strides[-1]
+        for i in range(len(chans) - 2, -1, -1):
+            out = max(decoder_width >> (len(chans) - 1 - i), 16)
+            blocks.append(UpBlock(prev, chans[i], out, prev_stride // strides[i], blur, spectral_norm,
+                                  attention=self_attention and strides[i] == attn_at))
+            prev, prev_stride = out, strides[i]
+        self.blocks = nn.ModuleList(blocks)
+        self.final_up = PixelShuffleICNR(prev, prev, strides[0], blur=blur, sn=spectral_norm) if strides[0] > 1 else nn.Identity()
+        self.final_res = ResBlock(prev + 3, sn=spectral_norm)
+        self.head = nn.Conv2d(prev + 3, 3, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def correction(self, degraded: torch.Tensor) -> torch.Tensor:
+        h, w = degraded.shape[-2:]
+        ph, pw = (-h) % self.pad_to, (-w) % self.pad_to
+        x = degraded
+        if ph or pw:
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        normed = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        feats = self.encoder(normed)
+        y = self.middle(feats[-1])
+        for block, skip in zip(self.blocks, reversed(feats[:-1])):
+            y = block(y, skip)
+        y = self.final_up(y)
+        if y.shape[-2:] != x.shape[-2:]:
+            y = F.interpolate(y, size=x.shape[-2:], mode="nearest")
+        y = self.final_res(torch.cat([y, normed], dim=1))
+        return self.head(y)[..., :h, :w]
+
+    def forward(self, degraded: torch.Tensor) -> torch.Tensor:
+        """degraded: N x 3 x H x W in [0, 1]; returns the restored image, same shape, in [0, 1]."""
+        return (degraded + self.correction(degraded)).clamp(0.0, 1.0)
+
+
+def build_generator(model_cfg) -> Generator:
+    return Generator(encoder=model_cfg.encoder, pretrained=model_cfg.pretrained,
+                     encoder_weights=model_cfg.encoder_weights, decoder_width=model_cfg.decoder_width,
+                     blur=model_cfg.blur, self_attention=model_cfg.self_attention,
+                     attention_stride=model_cfg.attention_stride, spectral_norm=model_cfg.spectral_norm)

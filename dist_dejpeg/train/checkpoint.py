@@ -1,0 +1,115 @@
+"""Whole-state checkpoints in step-named folders, written atomically, keep-last-K.
+
+    <run_dir>/checkpoints/step-00001200/
+        model.safetensors, model_1.safetensors, optimizer*.bin, scaler.pt, random_states_<rank>.pkl
+                                                      (accelerator.save_state: models, optimizers, AMP
+                                                       scaler, every rank's RNG streams)
+        trainer_state.json                            phase, step, stop rule, best metric, data skips
+        loader_<rank>.json                            each rank's data-stream position
+        config.yaml                                   the resolved config of the run
+
+Everything is written into ``.tmp-step-*`` and renamed into place once every rank has finished, so a
+crash mid-write leaves no folder that looks complete. Learning rates are a pure function of the phase
+step (phases.lr_at), so there is no scheduler state to save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)
+             and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: int, trainer_state: dict,
+                    loader_state: dict, config_yaml: str, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final folder."""
+    root = checkpoint_dir(run_dir)
+    final = root / f"step-{global_step:08d}"
+    tmp = root / f".tmp-step-{global_step:08d}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    _write_json(tmp / f"loader_{accelerator.process_index}.json", loader_state)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "config.yaml").write_text(config_yaml)
+        _write_json(tmp / "trainer_state.json", trainer_state)  # last file: marks the folder complete
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. a NaN stop right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, dict | None]:
+    """Collective. Restores models, optimizers, scaler and RNG; returns (trainer_state, loader_state)."""
+    path = Path(path)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"not a complete checkpoint (no trainer_state.json): {path}")
+    accelerator.load_state(str(path))
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    loader_file = path / f"loader_{accelerator.process_index}.json"
+    loader_state = json.loads(loader_file.read_text()) if loader_file.is_file() else None
+    return trainer_state, loader_state
+
+
+def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
+    """``--resume``: "latest" (or "") means the newest checkpoint of the run; otherwise a folder path."""
+    if resume is None:
+        return None
+    if resume in ("", "latest"):
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {checkpoint_dir(run_dir)}")
+        return found
+    return Path(resume)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,100 @@
+"""One optimizer update of each model: ``generator_step`` and ``critic_step``.
+
+Each takes ``grad_accum`` batches, runs them under ``accelerator.accumulate`` and the training autocast,
+refuses to step on a non-finite loss (on every rank at once), and returns the detached losses.
+
+DDP notes: the generator step runs the critic *unwrapped* with its parameters frozen, and the critic step
+runs the generator *unwrapped* under no_grad, so neither backward touches the other model's DDP reducer.
+The critic sees real and fake in one forward over the concatenated batch (one set of spectral-norm power
+iterations per step, and nothing for DDP's buffer broadcast to trip over).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from accelerate import Accelerator
+
+from dist_dejpeg.losses import LPIPS, critic_loss, generator_adv_loss, pixel_loss
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, what: str, values: dict):
+        super().__init__(f"non-finite {what} loss: " + ", ".join(f"{k}={float(v):.4g}" for k, v in values.items()))
+        self.values = values
+
+
+def _check_finite(accelerator: Accelerator, what: str, total: torch.Tensor, parts: dict) -> None:
+    bad = (~torch.isfinite(total.detach())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if bad.item() > 0:
+        raise NonFiniteLoss(what, {k: v.detach() for k, v in parts.items()} | {"total": total.detach()})
+
+
+def _update(accelerator: Accelerator, model, optimizer, batches: Iterator[dict], grad_accum: int,
+            loss_fn: Callable[[dict], dict], weights: dict, what: str, max_grad_norm: float) -> dict:
+    accelerator.step = 0  # align accumulate()'s counter: the last of grad_accum micro-steps syncs
+    logged: dict[str, torch.Tensor] = {}
+    for _ in range(grad_accum):
+        batch = next(batches)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                parts = loss_fn(batch)
+            total = sum(weights[k] * v for k, v in parts.items())
+            _check_finite(accelerator, what, total, parts)
+            accelerator.backward(total)
+            if max_grad_norm > 0 and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for k, v in parts.items():
+            logged[f"{what}/{k}"] = logged.get(f"{what}/{k}", 0) + v.detach() / grad_accum
+        logged[f"{what}/total"] = logged.get(f"{what}/total", 0) + total.detach() / grad_accum
+    return logged
+
+
+def generator_step(accelerator: Accelerator, generator, optimizer, batches: Iterator[dict], *,
+                   grad_accum: int, w_pixel: float, w_lpips: float, w_adv: float = 0.0,
+                   lpips: LPIPS | None = None, critic_raw=None, adversarial: str = "bce",
+                   max_grad_norm: float = 0.0) -> dict:
+    """Generator update: w_pixel * L1 + w_lpips * LPIPS (+ w_adv * adversarial through the frozen critic)."""
+    weights = {"l1": w_pixel, "lpips": w_lpips, "adv": w_adv}
+
+    def losses(batch: dict) -> dict:
+        restored = generator(batch["jpeg"])
+        parts = {}
+        if w_pixel:
+            parts["l1"] = pixel_loss(restored, batch["clean"])
+        if w_lpips:
+            parts["lpips"] = lpips(restored, batch["clean"]).mean()
+        if w_adv:
+            parts["adv"] = generator_adv_loss(critic_raw(restored), adversarial)
+        return parts
+
+    if critic_raw is not None:
+        critic_raw.requires_grad_(False)
+    try:
+        return _update(accelerator, generator, optimizer, batches, grad_accum, losses, weights, "gen",
+                       max_grad_norm)
+    finally:
+        if critic_raw is not None:
+            critic_raw.requires_grad_(True)
+
+
+def critic_step(accelerator: Accelerator, critic, optimizer, batches: Iterator[dict], *, generator_raw,
+                grad_accum: int, adversarial: str = "bce", max_grad_norm: float = 0.0) -> dict:
+    """Critic update on clean (real) vs generated (fake, detached) images."""
+
+    def losses(batch: dict) -> dict:
+        with torch.no_grad():
+            fake = generator_raw(batch["jpeg"])
+        logits = critic(torch.cat([batch["clean"], fake.to(batch["clean"].dtype)]))
+        real_logits, fake_logits = logits.chunk(2)
+        return {"loss": critic_loss(real_logits, fake_logits, adversarial),
+                "real_acc": (real_logits.detach().float() > 0).float().mean(),
+                "fake_acc": (fake_logits.detach().float() < 0).float().mean()}
+
+    return _update(accelerator, critic, optimizer, batches, grad_accum, losses,
+                   {"loss": 1.0, "real_acc": 0.0, "fake_acc": 0.0}, "critic", max_grad_norm)

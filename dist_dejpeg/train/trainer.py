@@ -1,0 +1,370 @@
+"""The NoGAN training loop under Accelerate: build, prepare once, run the phases, validate, checkpoint.
+
+    dist-dejpeg train --config configs/debug.yaml                      # one process, CPU or one GPU
+    accelerate launch -m dist_dejpeg.cli train --config configs/div2k.yaml
+    dist-dejpeg train --config configs/debug.yaml --resume             # continue from the newest checkpoint
+
+Order (as the Accelerate examples): Accelerator, seed, models, optimizers, one ``prepare``, per-rank seed,
+loaders, then the phase loop. Generator and critic are prepared together once; a phase that trains one
+model never runs the other's forward or optimizer. Logged scalars are reduced over ranks; files and
+TensorBoard are written by the main process only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import GradientAccumulationPlugin, set_seed
+from tqdm.auto import tqdm
+
+from dist_dejpeg.config import Config, ConfigError, PhaseConfig, to_yaml
+from dist_dejpeg.data import build_train_loader, build_val_set, ensure_samples
+from dist_dejpeg.export import save_generator
+from dist_dejpeg.losses import LPIPS
+from dist_dejpeg.models.critic import build_critic
+from dist_dejpeg.models.unet import build_generator
+from dist_dejpeg.train import checkpoint as ckpt
+from dist_dejpeg.train.phases import StopRule, gan_turn, lr_at, trains_critic, trains_generator, uses_lpips
+from dist_dejpeg.train.steps import NonFiniteLoss, critic_step, generator_step
+from dist_dejpeg.train.validation import image_grid, mean_restored_lpips, validate
+
+log = logging.getLogger("dist_dejpeg")
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended early on an error that left a checkpoint behind (e.g. a non-finite loss)."""
+
+
+@dataclass
+class TrainerState:
+    phase_index: int = 0
+    phase_step: int = 0  # optimizer steps done in the current phase
+    global_step: int = 0  # optimizer steps done in the whole run
+    stop: dict = field(default_factory=lambda: StopRule().state_dict())
+    history: list = field(default_factory=list)  # (phase, step, mean restored LPIPS) per validation
+    stopped_early: dict = field(default_factory=dict)  # phase name -> step where the stop rule fired
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    t = cfg.train
+    cpu = t.cpu or not torch.cuda.is_available()
+    if cpu and t.mixed_precision == "fp16":
+        raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; use bf16 or no on CPU")
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_with_dataloader=False),
+        # Spectral-norm (u, v) and batch-norm buffers change in every forward; broadcasting them from
+        # rank 0 at each forward breaks when a model runs twice before a backward.
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+
+
+def setup_logging(accelerator: Accelerator) -> None:
+    level = logging.INFO if accelerator.is_main_process else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("dist_dejpeg").setLevel(level)
+
+
+def _set_optimizer(optimizer, phase: PhaseConfig, lr: float, reset: bool) -> None:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if reset:  # a fresh optimizer per phase, as the seed's separate fits
+        inner.state.clear()
+    for group in inner.param_groups:
+        group.update(lr=lr, betas=tuple(phase.betas), weight_decay=phase.weight_decay)
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for group in getattr(optimizer, "optimizer", optimizer).param_groups:
+        group["lr"] = lr
+
+
+class Trainer:
+    def __init__(self, cfg: Config, train_loader=None, val_set=None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.train.run_dir)
+        self.accelerator = acc = build_accelerator(cfg)
+        setup_logging(acc)
+        phases = [cfg.train.phases[name] for name in cfg.train.order]
+        need_critic = any(trains_critic(p) for p in phases)
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if train_loader is None and ensure_samples(cfg):
+                log.info("wrote the sample shards into %s", cfg.data.root)
+        acc.wait_for_everyone()
+
+        set_seed(cfg.train.seed)  # same initial weights on every rank
+        generator = build_generator(cfg.model)
+        critic = build_critic(cfg.critic) if need_critic else None
+        if critic is not None and cfg.data.crop < critic.min_size:
+            raise ConfigError(f"config key 'data.crop': {cfg.data.crop} px is below the critic's minimum "
+                              f"{critic.min_size} px (lower critic.n_blocks)")
+        fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        generator = generator.to(memory_format=fmt)
+        g_opt = torch.optim.AdamW(generator.parameters(), lr=1e-3)
+        if critic is not None:
+            critic = critic.to(memory_format=fmt)
+            c_opt = torch.optim.AdamW(critic.parameters(), lr=1e-3)
+            self.generator, self.g_opt, self.critic, self.c_opt = acc.prepare(generator, g_opt, critic, c_opt)
+        else:
+            self.generator, self.g_opt = acc.prepare(generator, g_opt)
+            self.critic = self.c_opt = None
+
+        lo = cfg.loss
+        self.lpips = (LPIPS(lo.lpips_net, lo.lpips_pretrained, lo.lpips_weights, "loss.lpips_weights").to(acc.device)
+                      if any(uses_lpips(p) for p in phases) else None)
+        same = self.lpips is not None and lo.metric_net == lo.lpips_net and lo.metric_weights == lo.lpips_weights
+        self.metric_lpips = self.lpips if same else LPIPS(lo.metric_net, lo.lpips_pretrained, lo.metric_weights,
+                                                          "loss.metric_weights").to(acc.device)
+        set_seed(cfg.train.seed + acc.process_index)  # per-rank randomness (dropout, ...)
+
+        rank, world = acc.process_index, acc.num_processes
+        self.loader = train_loader or build_train_loader(cfg, rank, world, acc.device)
+        if val_set is None:
+            val_set, skipped = build_val_set(cfg, rank, world)
+            if any(skipped.values()):
+                log.warning("validation shards: skipped %s", skipped)
+        self.val_set = val_set
+        self.writer = None
+        if acc.is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self.state = TrainerState()
+        self.best_generator: dict | None = None
+        self.config_yaml = to_yaml(cfg)
+
+    # -- helpers --------------------------------------------------------------------------------------
+    @property
+    def gen_raw(self):
+        return self.accelerator.unwrap_model(self.generator)
+
+    @property
+    def critic_raw(self):
+        return self.accelerator.unwrap_model(self.critic) if self.critic is not None else None
+
+    def _log_scalars(self, values: dict, step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def _data_skipped(self) -> dict:
+        counts = getattr(self.loader, "skipped", lambda: {})()
+        if not counts:
+            return {}
+        packed = torch.tensor(list(counts.values()), dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            packed = self.accelerator.reduce(packed, reduction="sum")
+        return {k: int(v) for k, v in zip(counts, packed.tolist())}
+
+    def save(self) -> Path:
+        state = dict(vars(self.state), phase_names=list(self.cfg.train.order), data_skipped=self._data_skipped())
+        loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else {}
+        path = ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state.global_step, state, loader_state,
+                                    self.config_yaml, self.cfg.train.keep_last)
+        if self.best_generator is not None and self.accelerator.is_main_process:
+            from safetensors.torch import save_file
+
+            save_file(self.best_generator, str(path / "best_generator.safetensors"))
+        self.accelerator.wait_for_everyone()
+        log.info("checkpoint: %s", path)
+        return path
+
+    def resume(self, path: Path) -> None:
+        trainer_state, loader_state = ckpt.load_checkpoint(self.accelerator, path)
+        if trainer_state.get("phase_names") != list(self.cfg.train.order):
+            raise ConfigError(f"--resume: the checkpoint's phases {trainer_state.get('phase_names')} differ from "
+                              f"train.order {list(self.cfg.train.order)}")
+        known = set(vars(TrainerState()))
+        self.state = TrainerState(**{k: v for k, v in trainer_state.items() if k in known})
+        if loader_state and hasattr(self.loader, "load_state_dict"):
+            self.loader.load_state_dict(loader_state)
+        best = path / "best_generator.safetensors"
+        if best.is_file():
+            from safetensors.torch import load_file
+
+            self.best_generator = load_file(str(best))
+        log.info("resumed from %s: phase %d (%s) step %d", path, self.state.phase_index,
+                 self.cfg.train.order[min(self.state.phase_index, len(self.cfg.train.order) - 1)],
+                 self.state.phase_step)
+
+    # -- validation -----------------------------------------------------------------------------------
+    def run_validation(self, tag: str) -> dict:
+        results = validate(self.accelerator, self.gen_raw, self.val_set, self.metric_lpips, self.cfg.data.val_batch_size)
+        step = self.state.global_step
+        for q, groups in results.items():
+            for group, values in groups.items():
+                self._log_scalars({f"val_{q}/{group}_{m}": v for m, v in values.items()}, step)
+        grid = image_grid(self.accelerator, self.gen_raw, self.val_set) if self.writer is not None else None
+        if grid is not None:
+            self.writer.add_image(f"val/jpeg_restored_clean_{tag}", grid, step)
+        if self.accelerator.is_main_process:
+            lowest = min(results, key=lambda k: int(k[1:]))
+            r = results[lowest]
+            log.info("val %s @%d %s: PSNR jpeg %.3f -> restored %.3f dB, LPIPS %.4f -> %.4f", tag, step, lowest,
+                     r["jpeg"]["psnr"], r["restored"]["psnr"], r["jpeg"]["lpips"], r["restored"]["lpips"])
+        return results
+
+    # -- the phase loop -------------------------------------------------------------------------------
+    def run_phase(self, name: str, phase: PhaseConfig, batches) -> None:
+        cfg, acc, st = self.cfg, self.accelerator, self.state
+        fresh = st.phase_step == 0
+        if trains_generator(phase):
+            _set_optimizer(self.g_opt, phase, lr_at(phase, st.phase_step), reset=fresh)
+        if trains_critic(phase):
+            mult = phase.critic_lr_mult if phase.kind == "gan" else 1.0
+            _set_optimizer(self.c_opt, phase, lr_at(phase, st.phase_step) * mult, reset=fresh)
+        if fresh:
+            st.stop = StopRule(patience=phase.patience if phase.kind == "gan" else 0).state_dict()
+            if phase.kind == "gan":
+                self.best_generator = None
+        stop = StopRule.from_state(st.stop)
+        self.generator.train(trains_generator(phase))
+        if self.critic is not None:
+            self.critic.train(trains_critic(phase))
+        val_every = phase.val_every or cfg.train.val_every
+        bar = tqdm(total=phase.steps, initial=st.phase_step, desc=name, dynamic_ncols=True,
+                   disable=not (acc.is_main_process and cfg.train.progress))
+        window: dict[str, torch.Tensor] = {}
+        window_steps, images, t0 = 0, 0, time.perf_counter()
+        per_step = cfg.data.batch_size * cfg.train.grad_accum * acc.num_processes
+        stopped = False
+        while st.phase_step < phase.steps and not stopped:
+            turn = phase.kind if phase.kind != "gan" else gan_turn(phase, st.phase_step)
+            lr = lr_at(phase, st.phase_step)
+            if turn in ("gen",):
+                _set_lr(self.g_opt, lr)
+                logs = generator_step(acc, self.generator, self.g_opt, batches, grad_accum=cfg.train.grad_accum,
+                                      w_pixel=phase.w_pixel, w_lpips=phase.w_lpips,
+                                      w_adv=phase.w_adv if phase.kind == "gan" else 0.0, lpips=self.lpips,
+                                      critic_raw=self.critic_raw if phase.kind == "gan" else None,
+                                      adversarial=cfg.loss.adversarial, max_grad_norm=phase.max_grad_norm)
+            else:
+                _set_lr(self.c_opt, lr * (phase.critic_lr_mult if phase.kind == "gan" else 1.0))
+                logs = critic_step(acc, self.critic, self.c_opt, batches, generator_raw=self.gen_raw,
+                                   grad_accum=cfg.train.grad_accum, adversarial=cfg.loss.adversarial,
+                                   max_grad_norm=phase.max_grad_norm)
+            st.phase_step += 1
+            st.global_step += 1
+            images += per_step
+            window_steps += 1
+            for k, v in logs.items():
+                window[k] = window.get(k, 0) + v
+            bar.update(1)
+            if st.phase_step % cfg.train.log_every == 0 or st.phase_step == phase.steps:
+                keys = sorted(window)  # every rank has the same keys: same phase, same turns
+                means = torch.stack([window[k].float() / window_steps for k in keys])
+                means = acc.reduce(means, reduction="mean") if acc.num_processes > 1 else means
+                scalars = {f"train/{k}": v for k, v in zip(keys, means.tolist())}
+                elapsed = time.perf_counter() - t0
+                scalars["train/images_per_s"] = images / max(elapsed, 1e-9)
+                scalars["train/lr"] = lr
+                self._log_scalars(scalars, st.global_step)
+                bar.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in scalars.items() if "acc" not in k})
+                window, window_steps, images, t0 = {}, 0, 0, time.perf_counter()
+            if val_every and st.phase_step % val_every == 0 and st.phase_step < phase.steps:
+                stopped = self._validate_in_phase(name, phase, stop)
+            if cfg.train.ckpt_every and st.global_step % cfg.train.ckpt_every == 0 and st.phase_step < phase.steps:
+                st.stop = stop.state_dict()
+                self.save()
+        bar.close()
+        if phase.kind == "gan":
+            if not stopped:
+                self._validate_in_phase(name, phase, stop)
+            if self.best_generator is not None and stop.best_step != st.phase_step:
+                log.info("%s: keeping the best generator (step %d, LPIPS %.4f)", name, stop.best_step, stop.best)
+                self.gen_raw.load_state_dict({k: v.to(acc.device) for k, v in self.best_generator.items()})
+        st.stop = stop.state_dict()
+        st.phase_index += 1
+        st.phase_step = 0
+        self.save()
+
+    def _validate_in_phase(self, name: str, phase: PhaseConfig, stop: StopRule) -> bool:
+        results = self.run_validation(name)
+        value = mean_restored_lpips(results)
+        self.state.history.append([name, self.state.phase_step, value])
+        if phase.kind != "gan":
+            return False
+        improved, should_stop = stop.update(value, self.state.phase_step)
+        if improved:
+            self.best_generator = {k: v.detach().to("cpu", copy=True) for k, v in self.gen_raw.state_dict().items()}
+        if should_stop:
+            log.info("%s: validation LPIPS has not improved for %d checks; stopping at step %d (best %.4f at %d)",
+                     name, stop.patience, self.state.phase_step, stop.best, stop.best_step)
+            self.state.stopped_early[name] = self.state.phase_step
+        return should_stop
+
+    def fit(self) -> dict:
+        """Run the remaining phases, then the final validation; returns the final metrics."""
+        acc, cfg = self.accelerator, self.cfg
+        if acc.is_main_process:
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+        batches = iter(self.loader)
+        try:
+            while self.state.phase_index < len(cfg.train.order):
+                name = cfg.train.order[self.state.phase_index]
+                log.info("phase %s (%s): steps %d..%d", name, cfg.train.phases[name].kind, self.state.phase_step,
+                         cfg.train.phases[name].steps)
+                self.run_phase(name, cfg.train.phases[name], batches)
+        except NonFiniteLoss as err:
+            name = cfg.train.order[self.state.phase_index]
+            self.g_opt.zero_grad(set_to_none=True)
+            if self.c_opt is not None:
+                self.c_opt.zero_grad(set_to_none=True)
+            path = self.save()
+            message = (f"training stopped: {err} in phase '{name}' at step {self.state.phase_step} "
+                       f"(global step {self.state.global_step}); the state before that step is saved in {path}. "
+                       f"Lower the phase's lr, set max_grad_norm, or use bf16 instead of fp16, then --resume.")
+            log.error(message)
+            raise TrainingStopped(message) from None
+        finally:
+            if self.writer is not None:
+                self.writer.flush()
+        return self.finish()
+
+    def finish(self) -> dict:
+        acc = self.accelerator
+        results = self.run_validation("final")
+        skipped = self._data_skipped()
+        local = next(iter(self.val_set.values()))[0].shape[0] if self.val_set else 0
+        n_val = torch.tensor([float(local)], device=acc.device)
+        n_val = int(acc.reduce(n_val, reduction="sum").item()) if acc.num_processes > 1 else local
+        if any(skipped.values()):
+            log.warning("training data: skipped %s", skipped)
+        if acc.is_main_process:
+            m, lo = self.cfg.model, self.cfg.loss
+            meta = {
+                "lpips": self.metric_lpips.description,
+                "encoder": f"{m.encoder} ({'ImageNet' if m.pretrained else 'random init'})",
+                "steps": {n: self.cfg.train.phases[n].steps for n in self.cfg.train.order},
+                "stopped_early": self.state.stopped_early,
+                "global_step": self.state.global_step,
+                "val_images_per_quality": n_val,
+                "data_skipped": skipped,
+                "loss_lpips": f"lpips-{lo.lpips_net}" + ("" if lo.lpips_pretrained else " (random backbone)"),
+            }
+            out = dict(results, meta=meta)
+            (self.run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
+            save_generator(self.gen_raw, self.cfg.model, self.run_dir / "generator.safetensors",
+                           extra={"lpips": self.metric_lpips.description, "global_step": self.state.global_step})
+            log.info("wrote %s and %s", self.run_dir / "metrics.json", self.run_dir / "generator.safetensors")
+        if self.writer is not None:
+            self.writer.close()
+        acc.wait_for_everyone()
+        return results
+
+
+def train(cfg: Config, resume: str | None = None, train_loader=None, val_set=None) -> dict:
+    """Build a Trainer, optionally resume (``"latest"`` or a checkpoint folder), run to the end."""
+    trainer = Trainer(cfg, train_loader=train_loader, val_set=val_set)
+    path = ckpt.resolve_resume(trainer.run_dir, resume)
+    if path is not None:
+        trainer.resume(path)
+    return trainer.fit()

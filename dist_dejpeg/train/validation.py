@@ -1,0 +1,64 @@
+"""Validation on fixed crops at fixed JPEG qualities: metrics of the JPEG input and of the restored output."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.utils import make_grid
+
+from dist_dejpeg.data.torch_loader import to_device
+from dist_dejpeg.losses import LPIPS
+from dist_dejpeg.metrics import MetricSums, per_image
+
+ValSet = dict  # {quality: (jpeg uint8 N x 3 x H x W, clean uint8 N x 3 x H x W)} of this rank's share
+
+
+@torch.no_grad()
+def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: int) -> dict:
+    """Returns {"q10": {"jpeg": {psnr, ssim, lpips}, "restored": {...}}, ...}, reduced over all ranks.
+    ``generator`` is the unwrapped module; it is put in eval mode and returned to its previous mode."""
+    was_training = generator.training
+    generator.eval()
+    results = {}
+    try:
+        for quality, (jpeg_u8, clean_u8) in val_set.items():
+            sums = MetricSums(("jpeg", "restored"), accelerator.device)
+            for start in range(0, jpeg_u8.shape[0], batch_size):
+                batch = to_device({"jpeg": jpeg_u8[start:start + batch_size], "clean": clean_u8[start:start + batch_size],
+                                   "quality": [quality] * len(jpeg_u8[start:start + batch_size])}, accelerator.device)
+                with accelerator.autocast():
+                    restored = generator(batch["jpeg"])
+                    sums.add("jpeg", per_image(batch["jpeg"], batch["clean"], lpips))
+                    sums.add("restored", per_image(restored, batch["clean"], lpips))
+                sums.add_count(batch["jpeg"].shape[0])
+            results[f"q{quality}"] = sums.compute(accelerator)
+    finally:
+        generator.train(was_training)
+    return results
+
+
+def mean_restored_lpips(results: dict) -> float:
+    """The stop rule's number: restored LPIPS averaged over the validation qualities."""
+    values = [r["restored"]["lpips"] for r in results.values()]
+    return sum(values) / len(values)
+
+
+@torch.no_grad()
+def image_grid(accelerator, generator, val_set: ValSet, count: int = 4) -> torch.Tensor | None:
+    """Rows of JPEG | restored | clean for the first ``count`` crops of the lowest validation quality."""
+    if not val_set:
+        return None
+    quality = min(val_set)
+    jpeg_u8, clean_u8 = val_set[quality]
+    if jpeg_u8.shape[0] == 0:
+        return None
+    batch = to_device({"jpeg": jpeg_u8[:count], "clean": clean_u8[:count], "quality": [quality] * min(count, len(jpeg_u8))},
+                      accelerator.device)
+    was_training = generator.training
+    generator.eval()
+    try:
+        with accelerator.autocast():
+            restored = generator(batch["jpeg"]).float()
+    finally:
+        generator.train(was_training)
+    rows = torch.stack([batch["jpeg"], restored, batch["clean"]], dim=1).flatten(0, 1)
+    return make_grid(rows.clamp(0, 1).cpu(), nrow=3, padding=2)
