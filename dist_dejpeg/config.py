@@ -158,6 +158,9 @@ def _one_of(name: str, value, allowed) -> None:
 def validate(cfg: Config) -> None:
     """Checks that a type alone cannot express. Fills each phase's ``kind`` from its name when empty."""
     d, t = cfg.data, cfg.train
+    # YAML 1.1 reads an unquoted `no` as false, which OmegaConf then turns into the string "False".
+    if t.mixed_precision.lower() in ("false", "fp32", "none", "off"):
+        t.mixed_precision = "no"
     _one_of("data.backend", d.backend, ("torch",))
     _one_of("data.auto_prepare", d.auto_prepare, ("none", "samples"))
     _one_of("train.mixed_precision", t.mixed_precision, ("no", "bf16", "fp16"))

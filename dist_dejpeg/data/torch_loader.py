@@ -156,9 +156,12 @@ class TorchLoader:
     def __iter__(self) -> Iterator[dict]:
         self.stream.start = dict(self.positions)
         self.stream.rotation = self.consumed % max(self.num_workers, 1)
+        # Its own generator: starting the workers must not draw from the global torch RNG, which a
+        # checkpoint restores (the draw would shift dropout masks after a resume).
         loader = DataLoader(self.stream, batch_size=self.batch_size, num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=False,
-                            prefetch_factor=4 if self.num_workers else None)
+                            prefetch_factor=4 if self.num_workers else None,
+                            generator=torch.Generator().manual_seed(self.stream.seed))
         for batch in loader:
             slot, epoch, nxt = int(batch["_slot"][-1]), int(batch["_epoch"][-1]), int(batch["_next"][-1])
             self.positions[slot] = (epoch, nxt)

@@ -1,0 +1,222 @@
+"""The NoGAN trainer on CPU with a tiny model: which parameters each step updates, phase transitions and the
+stop rule, exact resume, the NaN stop, and the files an end-to-end run leaves behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+from dist_dejpeg.config import load_config
+from dist_dejpeg.data.shards import prepare_samples
+from dist_dejpeg.export import load_generator
+from dist_dejpeg.train import checkpoint as ckpt
+from dist_dejpeg.train import trainer as trainer_mod
+from dist_dejpeg.train.steps import critic_step, generator_step
+from dist_dejpeg.train.trainer import Trainer, TrainingStopped, train
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    prepare_samples(out, tile=64, train_step=64, shard_size=32)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate keeps process-wide state; each test builds its own Accelerator."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def tiny(run_dir: Path, shards: Path, *overrides: str):
+    base = [
+        f"data.root={shards}", "data.crop=32", "data.batch_size=2", "data.num_workers=0", "data.val_crop=32",
+        "data.val_max_images=4", "data.val_batch_size=4", "data.shuffle_buffer=8",
+        "model.encoder=mobilenetv3_small_050", "model.pretrained=false", "model.decoder_width=16",
+        "critic.width=8", "critic.n_blocks=2", "loss.lpips_net=alex", "loss.metric_net=alex",
+        "loss.lpips_pretrained=false", f"train.run_dir={run_dir}", "train.mixed_precision=no", "train.cpu=true",
+        "train.progress=false", "train.log_every=1", "train.val_every=0", "train.ckpt_every=0",
+        "train.phases.gen.steps=3", "train.phases.critic.steps=2", "train.phases.gan.steps=4",
+        "train.phases.gen.w_lpips=0.1",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def params(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_each_step_updates_only_its_model(tmp_path, shards):
+    t = Trainer(tiny(tmp_path / "run", shards))
+    batches = iter(t.loader)
+    g0, c0 = params(t.gen_raw), params(t.critic_raw)
+
+    t.generator.train()
+    logs = generator_step(t.accelerator, t.generator, t.g_opt, batches, grad_accum=1, w_pixel=1.0, w_lpips=0.1,
+                          lpips=t.lpips)
+    assert {"gen/l1", "gen/lpips", "gen/total"} <= set(logs)
+    g1, c1 = params(t.gen_raw), params(t.critic_raw)
+    assert any("head" in k for k in changed(g0, g1)), "the zero-initialised head must move"
+    assert not changed(c0, c1)
+
+    t.generator.eval()  # the critic phase freezes the generator
+    t.critic.train()
+    critic_step(t.accelerator, t.critic, t.c_opt, batches, generator_raw=t.gen_raw, grad_accum=1)
+    g2, c2 = params(t.gen_raw), params(t.critic_raw)
+    assert not changed(g1, g2)
+    assert changed(c1, c2)
+
+    # gan generator step: gradients flow through the critic, but the critic does not change or keep grads
+    t.generator.train()
+    generator_step(t.accelerator, t.generator, t.g_opt, batches, grad_accum=1, w_pixel=1.0, w_lpips=0.0,
+                   w_adv=1.0, critic_raw=t.critic_raw)
+    g3, c3 = params(t.gen_raw), params(t.critic_raw)
+    trained = {k for k in changed(c2, c3) if "parametrizations" not in k or k.endswith("original")}
+    assert not trained, trained
+    assert changed(g2, g3)
+    assert all(p.grad is None for p in t.critic_raw.parameters())
+    assert all(p.requires_grad for p in t.critic_raw.parameters())
+
+
+def test_gen_only_run_builds_no_critic(tmp_path, shards):
+    cfg = tiny(tmp_path / "run", shards, "train.order=[gen]")
+    t = Trainer(cfg)
+    assert t.critic is None and t.c_opt is None
+
+
+def test_end_to_end_writes_metrics_checkpoint_and_events(tmp_path, shards):
+    cfg = tiny(tmp_path / "run", shards, "train.val_every=2")
+    results = train(cfg)
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    for q in ("q10", "q20", "q40"):
+        for group in ("jpeg", "restored"):
+            assert set(metrics[q][group]) == {"psnr", "ssim", "lpips"}
+            assert all(v == v for v in metrics[q][group].values())  # not NaN
+    assert metrics["q10"] == results["q10"]
+    assert "RANDOM" in metrics["meta"]["lpips"] and "random init" in metrics["meta"]["encoder"]
+    assert metrics["meta"]["global_step"] == 3 + 2 + 4
+    assert ckpt.latest_checkpoint(run).name == f"step-{9:08d}"
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert (run / "config.yaml").read_text().startswith("data:")
+    generator = load_generator(run / "generator.safetensors")
+    x = torch.rand(1, 3, 40, 24)
+    assert generator(x).shape == x.shape
+
+
+def test_resume_mid_phase_is_bit_identical(tmp_path, shards):
+    over = ("train.order=[gen,critic]", "train.phases.gen.steps=6", "train.ckpt_every=4", "train.keep_last=5",
+            "data.num_workers=1")
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    train(tiny(full_dir, shards, *over))
+    mid = ckpt.checkpoint_dir(full_dir) / f"step-{4:08d}"
+    assert mid.is_dir()
+    state = json.loads((mid / "trainer_state.json").read_text())
+    assert (state["phase_index"], state["phase_step"]) == (0, 4)
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train(tiny(resumed_dir, shards, *over), resume=str(mid))
+    full = ckpt.latest_checkpoint(full_dir)
+    again = ckpt.latest_checkpoint(resumed_dir)
+    assert full.name == again.name
+    from safetensors.torch import load_file
+
+    for name in ("model.safetensors", "model_1.safetensors"):
+        a, b = load_file(str(full / name)), load_file(str(again / name))
+        assert a.keys() == b.keys()
+        diff = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not diff, f"{name}: {diff[:5]}"
+    assert (json.loads((full_dir / "metrics.json").read_text())["q10"]
+            == json.loads((resumed_dir / "metrics.json").read_text())["q10"])
+
+
+def test_resume_gives_the_same_next_loss(tmp_path, shards):
+    over = ("train.order=[gen]", "train.phases.gen.steps=3")
+    t = Trainer(tiny(tmp_path / "a", shards, *over))
+    batches = iter(t.loader)
+    step = dict(grad_accum=1, w_pixel=1.0, w_lpips=0.1)
+    generator_step(t.accelerator, t.generator, t.g_opt, batches, lpips=t.lpips, **step)
+    path = t.save()
+    expected = generator_step(t.accelerator, t.generator, t.g_opt, batches, lpips=t.lpips, **step)
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    t2 = Trainer(tiny(tmp_path / "b", shards, *over))
+    t2.resume(path)
+    got = generator_step(t2.accelerator, t2.generator, t2.g_opt, iter(t2.loader), lpips=t2.lpips, **step)
+    assert got["gen/total"].item() == expected["gen/total"].item()
+
+
+def test_stop_rule_ends_gan_phase_and_keeps_best(tmp_path, shards, monkeypatch):
+    scripted = iter([0.5, 0.4, 0.45, 0.41, 0.9, 0.9, 0.9])
+    seen_steps = []
+
+    def fake_validate(accelerator, generator, val_set, lpips, batch_size):
+        value = next(scripted)
+        return {"q10": {"jpeg": dict(psnr=1.0, ssim=1.0, lpips=1.0), "restored": dict(psnr=1.0, ssim=1.0, lpips=value)}}
+
+    monkeypatch.setattr(trainer_mod, "validate", fake_validate)
+    cfg = tiny(tmp_path / "run", shards, "train.order=[gan]", "train.phases.gan.steps=20",
+               "train.phases.gan.val_every=1", "train.phases.gan.patience=2", "train.phases.gan.critic_iters=0",
+               "train.phases.gan.gen_iters=1", "train.phases.gan.lr=1e-2")
+    t = Trainer(cfg)
+    real_validate_in_phase = t._validate_in_phase
+
+    def spy(name, phase, stop):
+        out = real_validate_in_phase(name, phase, stop)
+        seen_steps.append(t.state.phase_step)
+        if t.state.phase_step == 2:  # the best so far (0.4): remember those weights
+            spy.best = params(t.gen_raw)
+        return out
+
+    t._validate_in_phase = spy
+    t.fit()
+    # values 0.5 (step 1), 0.4 (step 2, best), 0.45, 0.41 -> two checks without improvement -> stop at step 4
+    assert t.state.stopped_early == {"gan": 4}
+    assert seen_steps[:3] == [1, 2, 3] and t.state.global_step == 4
+    assert not changed(spy.best, params(t.gen_raw)), "the best generator (step 2) must be kept"
+
+
+class NaNAfter:
+    """A loader that yields good batches and then one with a NaN."""
+
+    def __init__(self, inner, good: int):
+        self.inner, self.good = inner, good
+
+    def __iter__(self):
+        for i, batch in enumerate(self.inner):
+            if i == self.good:
+                batch = dict(batch, clean=torch.full_like(batch["clean"], float("nan")))
+            yield batch
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+
+def test_nan_loss_stops_with_checkpoint_and_message(tmp_path, shards):
+    cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=10")
+    from dist_dejpeg.data import build_train_loader
+
+    loader = NaNAfter(build_train_loader(cfg, 0, 1, torch.device("cpu")), good=3)
+    t = Trainer(cfg, train_loader=loader)
+    with pytest.raises(TrainingStopped, match=r"phase 'gen' at step 3"):
+        t.fit()
+    latest = ckpt.latest_checkpoint(tmp_path / "run")
+    assert latest is not None and latest.name == f"step-{3:08d}"
+    from safetensors.torch import load_file
+
+    weights = load_file(str(latest / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
