@@ -1,6 +1,7 @@
 """The ``dist-dejpeg`` command.
 
     dist-dejpeg prepare samples --out data/samples
+    dist-dejpeg prepare folder --src ~/photos --out data/photos
     dist-dejpeg train --config configs/debug.yaml [--resume [CKPT]] [--dry-run] [key=value ...]
     accelerate launch -m dist_dejpeg.cli train --config configs/div2k.yaml
 
@@ -15,16 +16,29 @@ import sys
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from dist_dejpeg.data.shards import prepare_samples
+    from dist_dejpeg.data.shards import prepare_folder, prepare_samples
 
+    tile = args.tile or (128 if args.dataset == "samples" else 256)
+    step = args.step or tile // 2
+    shard_size = args.shard_size or (64 if args.dataset == "samples" else 256)
     if args.dataset == "samples":
-        manifest = prepare_samples(args.out, tile=args.tile, train_step=args.step, shard_size=args.shard_size,
-                                   seed=args.seed)
-        splits = manifest["splits"]
-        print(f"wrote {splits['train']['samples']} train and {splits['val']['samples']} val tiles "
-              f"({len(splits['train']['shards'])} + {len(splits['val']['shards'])} shards) to {args.out}")
-        return 0
-    raise SystemExit(f"unknown dataset {args.dataset!r}")  # pragma: no cover - argparse restricts choices
+        manifest = prepare_samples(args.out, tile=tile, train_step=step, shard_size=shard_size, seed=args.seed)
+    else:
+        if not args.src:
+            print("error: prepare folder needs --src <folder of images>", file=sys.stderr)
+            return 2
+        try:
+            manifest = prepare_folder(args.src, args.out, tile=tile, train_step=step, shard_size=shard_size,
+                                      val_fraction=args.val_fraction, seed=args.seed)
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    splits = manifest["splits"]
+    print(f"wrote {splits['train']['samples']} train and {splits['val']['samples']} val tiles "
+          f"({len(splits['train']['shards'])} + {len(splits['val']['shards'])} shards) to {args.out}")
+    for item in manifest["rejected"]:
+        print(f"rejected {item['source']}: {item['reason']}", file=sys.stderr)
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -61,11 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     prep = sub.add_parser("prepare", help="write WebDataset shards of lossless tiles")
-    prep.add_argument("dataset", choices=["samples"], help="samples: photographs bundled with scikit-image")
+    prep.add_argument("dataset", choices=["samples", "folder"],
+                      help="samples: photographs bundled with scikit-image; folder: your own images (--src)")
     prep.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
-    prep.add_argument("--tile", type=int, default=128, help="tile size in pixels")
-    prep.add_argument("--step", type=int, default=64, help="stride between training tiles")
-    prep.add_argument("--shard-size", type=int, default=64, help="samples per shard")
+    prep.add_argument("--src", help="folder: the images (searched recursively; lossless formats preferred)")
+    prep.add_argument("--tile", type=int, default=0, help="tile size in pixels (samples 128, folder 256)")
+    prep.add_argument("--step", type=int, default=0, help="stride between training tiles (tile/2)")
+    prep.add_argument("--shard-size", type=int, default=0, help="samples per shard (samples 64, folder 256)")
+    prep.add_argument("--val-fraction", type=float, default=0.1, help="folder: share of images held out for validation")
     prep.add_argument("--seed", type=int, default=0, help="shuffle seed")
     prep.set_defaults(func=_prepare)
 

@@ -34,7 +34,7 @@ class DataConfig:
     batch_size: int = 16  # per device, per micro-step
     num_workers: int = 4  # DataLoader worker processes per device
     quality_min: int = 10  # JPEG quality range for training degradations (inclusive)
-    quality_max: int = 50
+    quality_max: int = 50  # upper end of that range (inclusive)
     shuffle_buffer: int = 256  # samples held in each worker's shuffle buffer
     val_crop: int = 256  # fixed centre crop of each validation tile
     val_qualities: List[int] = field(default_factory=lambda: [10, 20, 40])  # validation JPEG qualities
@@ -220,3 +220,32 @@ def from_dict(data: dict) -> Config:
         raise ConfigError(str(err).splitlines()[0]) from None
     validate(cfg)
     return cfg
+
+
+def reference_markdown() -> str:
+    """The config reference (one table per section) built from the schema's field comments; the README
+    embeds it and a test keeps the two in sync.  python -m dist_dejpeg.config"""
+    import inspect
+    import re
+
+    pattern = re.compile(r"^\s+(\w+):\s*([^=]+?)\s*=\s*(.+?)\s*#\s*(.+)$")
+    sections = [("data", DataConfig), ("model", ModelConfig), ("critic", CriticConfig), ("loss", LossConfig),
+                ("train", TrainConfig), ("train.phases.<name>", PhaseConfig)]
+    out = []
+    for prefix, cls in sections:
+        out += [f"**{prefix}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        defaults = cls()
+        for line in inspect.getsource(cls).splitlines():
+            match = pattern.match(line)
+            if not match:
+                continue
+            name, typ, _, comment = match.groups()
+            value = getattr(defaults, name)
+            shown = "(gen, critic, gan; see below)" if name == "phases" else repr(value)
+            out.append(f"| `{prefix}.{name}` | {typ.strip()} | `{shown}` | {comment.strip()} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -19,14 +19,15 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass, field
+import re
+from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
 
-from dist_dejpeg.data.images import decode_rgb8, encode_png
+from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_png
 
 log = logging.getLogger(__name__)
 
@@ -83,19 +84,73 @@ def tiles(rgb: np.ndarray, tile: int, step: int) -> Iterator[np.ndarray]:
             yield rgb[top:top + tile, left:left + tile]
 
 
-@dataclass
-class SplitResult:
-    shards: list[str] = field(default_factory=list)
-    samples: int = 0
+class ShardSink:
+    """Streams (key, bytes) samples into ``<split>-NNNNNN.tar`` shards of ``shard_size`` samples, through a
+    shuffle buffer of ``buffer`` samples (readers shuffle only within a small buffer, so mix here)."""
+
+    def __init__(self, out: Path, split: str, shard_size: int, buffer: int = 0, seed: int = 0):
+        self.out, self.split, self.shard_size = out, split, shard_size
+        self.buffer_size = max(buffer, shard_size)
+        self.rng = random.Random(f"{seed}-{split}")
+        self.shuffle = buffer > 0
+        self.pending: list[tuple[str, bytes]] = []
+        self.shards: list[str] = []
+        self.samples = 0
+
+    def add(self, key: str, data: bytes) -> None:
+        self.pending.append((key, data))
+        if len(self.pending) >= self.buffer_size:
+            self._write(self.shard_size)
+
+    def _write(self, count: int) -> None:
+        if self.shuffle:
+            self.rng.shuffle(self.pending)
+        chunk, self.pending = self.pending[:count], self.pending[count:]
+        path = self.out / SHARD_NAME.format(split=self.split, index=len(self.shards))
+        self.samples += write_shard(path, chunk)
+        self.shards.append(path.name)
+
+    def close(self) -> dict:
+        while self.pending:
+            self._write(self.shard_size)
+        return {"samples": self.samples, "shards": self.shards}
 
 
-def write_split(out: Path, split: str, items: list[tuple[str, bytes]], shard_size: int) -> SplitResult:
-    result = SplitResult()
-    for index, start in enumerate(range(0, len(items), shard_size)):
-        path = out / SHARD_NAME.format(split=split, index=index)
-        result.samples += write_shard(path, items[start:start + shard_size])
-        result.shards.append(path.name)
-    return result
+def write_dataset(out: str | Path, sources: list[tuple[str, str, Callable[[], np.ndarray]]], *, dataset: str,
+                  tile: int, train_step: int, shard_size: int, seed: int = 0) -> dict:
+    """Tile each source (name, split, load) into lossless PNG tiles and write the train/val shards and
+    the manifest. Sources that do not decode, or are smaller than a tile, are listed under "rejected"."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sinks = {"train": ShardSink(out, "train", shard_size, buffer=shard_size * 16, seed=seed),
+             "val": ShardSink(out, "val", shard_size)}
+    manifest_sources, rejected = {}, []
+    for name, split, load in sources:
+        try:
+            rgb = load()
+        except BadImage as err:
+            rejected.append({"source": name, "reason": f"undecodable: {err}"})
+            continue
+        if min(rgb.shape[:2]) < tile:
+            rejected.append({"source": name, "reason": f"smaller than the {tile} px tile ({rgb.shape[1]}x{rgb.shape[0]})"})
+            continue
+        manifest_sources[name] = {"split": split, "height": rgb.shape[0], "width": rgb.shape[1],
+                                  "sha256": hashlib.sha256(rgb.tobytes()).hexdigest()}
+        step = train_step if split == "train" else tile
+        for i, t in enumerate(tiles(rgb, tile, step)):
+            sinks[split].add(f"{sample_key(name)}_s{i:03d}", encode_png(np.ascontiguousarray(t)))
+    splits = {split: sink.close() for split, sink in sinks.items()}
+    manifest = {"dataset": dataset, "format": "png", "tile": tile, "train_step": train_step, "val_step": tile,
+                "shard_size": shard_size, "splits": splits, "sources": manifest_sources, "rejected": rejected}
+    atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode())
+    log.info("wrote %d train / %d val tiles to %s (%d sources rejected)", splits["train"]["samples"],
+             splits["val"]["samples"], out, len(rejected))
+    return manifest
+
+
+def sample_key(name: str) -> str:
+    """A webdataset-safe key stem: no dots (they separate key and extension), no path separators."""
+    return re.sub(r"[^A-Za-z0-9-]+", "", Path(name).stem) or "img"
 
 
 def _sample_photo(name: str) -> np.ndarray:
@@ -109,35 +164,37 @@ def _sample_photo(name: str) -> np.ndarray:
 def prepare_samples(out: str | Path, tile: int = 128, train_step: int = 64, shard_size: int = 64,
                     seed: int = 0) -> dict:
     """Write train/val shards of lossless tiles of scikit-image's bundled photographs (no download)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    sources, train, val = {}, [], []
-    for split, names, step in (("train", SAMPLE_TRAIN, train_step), ("val", SAMPLE_VAL, tile)):
-        for name in names:
-            rgb = _sample_photo(name)
-            sources[name] = {"split": split, "height": rgb.shape[0], "width": rgb.shape[1],
-                             "sha256": hashlib.sha256(rgb.tobytes()).hexdigest()}
-            stem = name.replace("_", "")
-            for i, t in enumerate(tiles(rgb, tile, step)):
-                (train if split == "train" else val).append((f"{stem}_s{i:03d}", encode_png(np.ascontiguousarray(t))))
-    # Shuffle at prepare time: readers shuffle only within a buffer.
-    random.Random(seed).shuffle(train)
-    results = {"train": write_split(out, "train", train, shard_size),
-               "val": write_split(out, "val", val, shard_size)}
-    manifest = {
-        "dataset": "samples (scikit-image bundled photographs)",
-        "format": "png",
-        "tile": tile,
-        "train_step": train_step,
-        "val_step": tile,
-        "shard_size": shard_size,
-        "splits": {k: {"samples": r.samples, "shards": r.shards} for k, r in results.items()},
-        "sources": sources,
-        "rejected": [],
-    }
-    atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode())
-    log.info("wrote %d train / %d val tiles to %s", results["train"].samples, results["val"].samples, out)
-    return manifest
+    sources = [(name, split, partial(_sample_photo, name))
+               for split, names in (("train", SAMPLE_TRAIN), ("val", SAMPLE_VAL)) for name in names]
+    return write_dataset(out, sources, dataset="samples (scikit-image bundled photographs)", tile=tile,
+                         train_step=train_step, shard_size=shard_size, seed=seed)
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".ppm", ".jp2"}
+
+
+def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step: int = 128, shard_size: int = 256,
+                   val_fraction: float = 0.1, seed: int = 0) -> dict:
+    """Shards from a folder of your own images (searched recursively). Validation images are whole
+    photographs held out before tiling (never tiles of a training photograph). Prefer lossless sources:
+    a JPEG source puts its own artefacts into the "clean" target."""
+    src = Path(src)
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {src}")
+    order = list(files)
+    random.Random(seed).shuffle(order)
+    n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1) if len(order) > 1 and val_fraction > 0 else 0
+    val = set(order[:n_val])
+    used: dict[str, int] = {}
+    sources = []
+    for path in order:
+        stem = sample_key(path.name)
+        used[stem] = used.get(stem, 0) + 1
+        name = stem if used[stem] == 1 else f"{stem}-{used[stem]}"
+        sources.append((name, "val" if path in val else "train", partial(lambda p: decode_rgb8(p.read_bytes()), path)))
+    return write_dataset(out, sources, dataset=f"folder {src}", tile=tile, train_step=train_step,
+                         shard_size=shard_size, seed=seed)
 
 
 def list_shards(root: str | Path, pattern: str) -> list[str]:
