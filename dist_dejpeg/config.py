@@ -143,11 +143,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        first = str(err).splitlines()[0]
-        raise ConfigError(f"config key '{key}': {first}" if key else first) from None
+        raise _config_error(err) from None
     validate(cfg)
     return cfg
+
+
+def _config_error(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None)
+    first = str(err).splitlines()[0]
+    return ConfigError(f"config key '{key}': {first}" if key else first)
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -217,7 +221,7 @@ def from_dict(data: dict) -> Config:
     try:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data)))
     except OmegaConfBaseException as err:
-        raise ConfigError(str(err).splitlines()[0]) from None
+        raise _config_error(err) from None
     validate(cfg)
     return cfg
 

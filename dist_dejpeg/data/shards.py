@@ -140,6 +140,9 @@ def write_dataset(out: str | Path, sources: list[tuple[str, str, Callable[[], np
         for i, t in enumerate(tiles(rgb, tile, step)):
             sinks[split].add(f"{sample_key(name)}_s{i:03d}", encode_png(np.ascontiguousarray(t)))
     splits = {split: sink.close() for split, sink in sinks.items()}
+    for split, info in splits.items():  # shards of an earlier prepare with other settings
+        for stale in set(p.name for p in out.glob(f"{split}-*.tar")) - set(info["shards"]):
+            (out / stale).unlink()
     manifest = {"dataset": dataset, "format": "png", "tile": tile, "train_step": train_step, "val_step": tile,
                 "shard_size": shard_size, "splits": splits, "sources": manifest_sources, "rejected": rejected}
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode())

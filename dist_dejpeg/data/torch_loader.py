@@ -60,8 +60,14 @@ class ShardStream(IterableDataset):
         else:
             every = n_slots
 
+        failed: set = set()
+
         def on_error(err: Exception) -> bool:
-            self._count(row, "bad_tar", f"unreadable tar data ({type(err).__name__}: {err})")
+            # webdataset reports one cut-off tar twice (member, then file): count each shard once
+            url = next((a for a in err.args if isinstance(a, str) and a in shards), None)
+            if url is None or url not in failed:
+                failed.add(url)
+                self._count(row, "bad_tar", f"unreadable tar data in {url} ({type(err).__name__})")
             return True  # skip the rest of that tar, go on with the next
 
         raw = wds.tariterators.tarfile_samples([{"url": s} for s in shards], handler=on_error)
@@ -186,7 +192,18 @@ def load_val_set(shards: list[str], crop: int, qualities: list[int], rank: int =
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     clean = []
     index = 0
-    for raw in wds.tariterators.tarfile_samples([{"url": s} for s in sorted(shards)]):
+    failed: set = set()
+
+    def on_error(err: Exception) -> bool:
+        url = next((a for a in err.args if isinstance(a, str) and a in shards), None)
+        if url is None or url not in failed:
+            failed.add(url)
+            skipped["bad_tar"] += 1
+            log.warning("validation shard %s: unreadable tar data (%s); using what came before it", url,
+                        type(err).__name__)
+        return True
+
+    for raw in wds.tariterators.tarfile_samples([{"url": s} for s in sorted(shards)], handler=on_error):
         if not raw:
             continue
         if max_images and index >= max_images:

@@ -1,0 +1,215 @@
+"""load_config / validate / to_dict-from_dict and the ``train --dry-run`` CLI path."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dist_dejpeg import cli
+from dist_dejpeg.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG_YAML = ROOT / "configs" / "debug.yaml"
+
+
+def test_defaults_load():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.data.batch_size == 16
+    assert cfg.data.crop == 256
+    assert cfg.train.order == ["gen", "critic", "gan"]
+    assert set(cfg.train.phases) == {"gen", "critic", "gan"}
+    assert {name: p.kind for name, p in cfg.train.phases.items()} == {"gen": "gen", "critic": "critic", "gan": "gan"}
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({
+        "data": {"crop": 64, "batch_size": 8},
+        "train": {"run_dir": "runs/x", "phases": {"gen": {"steps": 10, "lr": 0.5}}},
+    }))
+    cfg = load_config(path, ["data.batch_size=3", "train.phases.gen.steps=5"])
+    assert cfg.data.batch_size == 3  # override beats the file
+    assert cfg.data.crop == 64  # file beats the default
+    assert cfg.train.run_dir == "runs/x"
+    gen = cfg.train.phases["gen"]
+    assert gen.steps == 5 and gen.lr == 0.5 and gen.kind == "gen"
+    # phases the file did not touch keep their per-phase defaults (merged, not replaced)
+    assert cfg.train.phases["critic"].lr == pytest.approx(1e-4)
+    assert cfg.train.phases["gan"].betas == [0.0, 0.9]
+    assert cfg.data.quality_max == 50
+
+
+def test_overrides_without_file():
+    cfg = load_config(None, ["data.batch_size=3", "train.phases.gen.steps=5", "data.val_qualities=[15,30]"])
+    assert cfg.data.batch_size == 3
+    assert cfg.train.phases["gen"].steps == 5
+    assert cfg.data.val_qualities == [15, 30]
+
+
+def test_load_does_not_mutate_overrides():
+    overrides = ["data.batch_size=3"]
+    load_config(None, overrides)
+    assert overrides == ["data.batch_size=3"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("bogus=1", "bogus"),
+    ("data.bogus=1", "data.bogus"),
+    ("train.phases.gen.bogus=1", "train.phases.gen.bogus"),
+    ("model.not_a_field=true", "model.not_a_field"),
+])
+def test_unknown_key_is_error_naming_it(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert f"'{key}'" in str(info.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.crop=abc", "data.crop"),
+    ("train.phases.gen.steps=many", "train.phases.gen.steps"),
+    ("model.pretrained=maybe", "model.pretrained"),
+])
+def test_wrong_type_is_error_naming_it(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert key in str(info.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  crop: 64\n  bogus_key: 3\n")
+    with pytest.raises(ConfigError, match=r"data\.bogus_key"):
+        load_config(path)
+
+
+def test_missing_file_and_malformed_override():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(ROOT / "configs" / "does_not_exist.yaml")
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        load_config(None, ["data.batch_size"])
+
+
+def test_phase_typo_not_in_order_is_error():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.phases.gne.steps=3"])
+    assert "gne" in str(info.value)
+
+
+def test_order_naming_undefined_phase_is_error():
+    with pytest.raises(ConfigError, match="nope"):
+        load_config(None, ["train.order=[gen,nope]"])
+
+
+def test_kind_inferred_from_name():
+    cfg = load_config(None, ["train.phases.gen.kind=''", "train.phases.critic.kind=''"])
+    assert cfg.train.phases["gen"].kind == "gen"
+    assert cfg.train.phases["critic"].kind == "critic"
+
+
+def test_kind_inferred_from_name_in_yaml(tmp_path):
+    path = tmp_path / "phases.yaml"
+    path.write_text("train:\n  phases:\n    gan:\n      kind: ''\n      steps: 4\n")
+    cfg = load_config(path)
+    assert cfg.train.phases["gan"].kind == "gan"
+    assert cfg.train.phases["gan"].steps == 4
+
+
+def test_custom_phase_needs_kind():
+    with pytest.raises(ConfigError, match=r"train\.phases\.mygen\.kind"):
+        load_config(None, ["train.phases.mygen.steps=3", "train.order=[gen,mygen]"])
+    cfg = load_config(None, ["train.phases.mygen.kind=gen", "train.phases.mygen.steps=3", "train.order=[gen,mygen]"])
+    assert cfg.train.phases["mygen"].kind == "gen"
+    assert cfg.train.phases["mygen"].steps == 3
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("data.backend=x", "data.backend"),
+    ("loss.lpips_net=resnet", "loss.lpips_net"),
+    ("loss.adversarial=wgan", "loss.adversarial"),
+    ("train.phases.gen.schedule=linear", "train.phases.gen.schedule"),
+    ("train.phases.gen.kind=dis", "train.phases.gen.kind"),
+])
+def test_invalid_enum_is_error_naming_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert key in str(info.value)
+
+
+def test_quality_min_above_max_is_error():
+    with pytest.raises(ConfigError, match="quality_min"):
+        load_config(None, ["data.quality_min=60", "data.quality_max=50"])
+    # the boundary (min == max) is fine
+    cfg = load_config(None, ["data.quality_min=50", "data.quality_max=50"])
+    assert cfg.data.quality_min == cfg.data.quality_max == 50
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.crop=60", "data.crop"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("data.val_qualities=[10,101]", "data.val_qualities"),
+    ("train.grad_accum=0", "train.grad_accum"),
+])
+def test_other_range_checks(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_debug_yaml_loads():
+    cfg = load_config(DEBUG_YAML)
+    assert cfg.data.crop == 64
+    assert cfg.data.batch_size == 8
+    assert cfg.model.pretrained is False
+    assert cfg.train.mixed_precision == "no"
+    assert cfg.train.phases["gen"].steps == 800
+    assert cfg.train.phases["gan"].val_every == 20
+    assert all(p.kind == name for name, p in cfg.train.phases.items())
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["train.phases.mygen.kind=gen", "train.phases.mygen.steps=7", "train.order=[gen,mygen,gan]"],
+])
+def test_dict_round_trip(overrides):
+    cfg = load_config(DEBUG_YAML, overrides)
+    data = to_dict(cfg)
+    snapshot = copy.deepcopy(data)
+    again = from_dict(data)
+    assert again == cfg
+    assert data == snapshot  # from_dict does not mutate its input
+
+
+def test_from_dict_is_strict():
+    data = to_dict(load_config())
+    data["data"]["bogus"] = 1
+    with pytest.raises(ConfigError, match="bogus"):
+        from_dict(data)
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(DEBUG_YAML, ["data.batch_size=5"])
+    path = tmp_path / "dumped.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+def test_cli_dry_run_prints_resolved_yaml(capsys):
+    rc = cli.main(["train", "--config", str(DEBUG_YAML), "--dry-run", "data.batch_size=3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "batch_size: 3" in out
+    printed = yaml.safe_load(out)
+    assert printed["data"]["batch_size"] == 3
+    assert printed["data"]["crop"] == 64  # from the file
+
+
+def test_cli_unknown_key_returns_2(capsys):
+    rc = cli.main(["train", "--config", str(DEBUG_YAML), "--dry-run", "data.bogus=1"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert "data.bogus" in captured.err
+    assert captured.out == ""

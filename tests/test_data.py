@@ -1,0 +1,492 @@
+"""Shards on disk, the torch loader's batch contract, determinism, sharding across ranks/workers, exact
+resume, and what happens with bad input."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import re
+import tarfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dist_dejpeg.data import images, shards
+from dist_dejpeg.data.images import decode_rgb8, encode_png, jpeg_roundtrip
+from dist_dejpeg.data.shards import list_shards, shard_keys
+from dist_dejpeg.data.torch_loader import SKIP_REASONS, ShardStream, TorchLoader, load_val_set
+
+CPU = torch.device("cpu")
+CROP = 32
+QRANGE = (10, 40)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+def manifest_of(root: Path) -> dict:
+    return json.loads((Path(root) / "manifest.json").read_text())
+
+
+def train_shards(root: Path) -> list[str]:
+    return list_shards(root, "train-*.tar")
+
+
+def all_keys(paths) -> list[str]:
+    return [k for p in paths for k in shard_keys(p)]
+
+
+def make_stream(root, seed=0, num_workers=0, rank=0, world=1, epochs=None, crop=CROP, buffer=32):
+    return ShardStream(train_shards(root), crop, QRANGE, seed=seed, rank=rank, world=world,
+                       num_workers=num_workers, shuffle_buffer=buffer, epochs=epochs)
+
+
+def take(loader, n: int) -> list[dict]:
+    return list(itertools.islice(iter(loader), n))
+
+
+def count_samples(loader) -> int:
+    return sum(int(b["jpeg"].shape[0]) for b in loader)
+
+
+def batches_equal(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in ("jpeg", "clean", "quality"))
+
+
+@lru_cache(maxsize=None)
+def source_photo(name: str) -> np.ndarray:
+    return shards._sample_photo(name)
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def random_png(rng: np.random.Generator, h: int, w: int) -> bytes:
+    return encode_png(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / mse))
+
+
+# -- shards written and read back -------------------------------------------------------------------------
+def test_manifest_counts_match_tars(sample_shards):
+    m = manifest_of(sample_shards)
+    for split in ("train", "val"):
+        on_disk = sorted(p.name for p in sample_shards.glob(f"{split}-*.tar"))
+        assert m["splits"][split]["shards"] == on_disk
+        keys = all_keys([str(sample_shards / name) for name in on_disk])
+        assert m["splits"][split]["samples"] == len(keys) > 0
+        assert len(set(keys)) == len(keys), f"duplicate keys in {split}"
+        # shard_size is respected: every shard but the last is full
+        sizes = [len(shard_keys(str(sample_shards / name))) for name in on_disk]
+        assert all(s == m["shard_size"] == 16 for s in sizes[:-1]) and 0 < sizes[-1] <= 16
+    assert m["tile"] == 96 and m["train_step"] == 96
+    # no temp files left behind by the atomic writes
+    assert not list(sample_shards.glob(".*tmp*"))
+
+
+def test_keys_have_no_dots_and_follow_the_pattern(sample_shards):
+    keys = all_keys(sorted(str(p) for p in sample_shards.glob("*.tar")))
+    assert keys
+    for key in keys:
+        assert "." not in key
+        assert re.fullmatch(r"[a-z0-9]+_s\d{3}", key), key
+
+
+def test_tiles_decode_to_exact_source_pixels(sample_shards):
+    """Lossless: every stored tile is exactly the corresponding region of its source photograph."""
+    m = manifest_of(sample_shards)
+    tile = m["tile"]
+    by_stem = {name.replace("_", ""): (name, info["split"]) for name, info in m["sources"].items()}
+    expected_tiles: dict[str, list[np.ndarray]] = {}
+    checked = 0
+    for split in ("train", "val"):
+        step = m["train_step"] if split == "train" else m["val_step"]
+        for path in list_shards(sample_shards, f"{split}-*.tar"):
+            with tarfile.open(path) as tar:
+                for member in tar.getmembers():
+                    key, ext = member.name.split(".", 1)
+                    assert ext == "png"
+                    rgb = decode_rgb8(tar.extractfile(member).read())
+                    assert rgb.shape == (tile, tile, 3) and rgb.dtype == np.uint8
+                    stem, idx = key.rsplit("_s", 1)
+                    name, source_split = by_stem[stem]
+                    assert source_split == split, f"{key} is in {split} shards but its photo is {source_split}"
+                    if name not in expected_tiles:
+                        photo = source_photo(name)
+                        assert list(photo.shape[:2]) == [m["sources"][name]["height"], m["sources"][name]["width"]]
+                        expected_tiles[name] = list(shards.tiles(photo, tile, step))
+                    assert np.array_equal(rgb, expected_tiles[name][int(idx)]), key
+                    checked += 1
+    assert checked == m["splits"]["train"]["samples"] + m["splits"]["val"]["samples"]
+    # every tile of every source photo made it into the shards
+    assert checked == sum(len(t) for t in expected_tiles.values())
+
+
+def test_train_and_val_sources_are_disjoint(sample_shards):
+    sources = manifest_of(sample_shards)["sources"]
+    train = {n for n, s in sources.items() if s["split"] == "train"}
+    val = {n for n, s in sources.items() if s["split"] == "val"}
+    assert train and val
+    assert not train & val
+    assert train == set(shards.SAMPLE_TRAIN) and val == set(shards.SAMPLE_VAL)
+    train_stems = {k.rsplit("_s", 1)[0] for k in all_keys(train_shards(sample_shards))}
+    val_stems = {k.rsplit("_s", 1)[0] for k in all_keys(list_shards(sample_shards, "val-*.tar"))}
+    assert not train_stems & val_stems
+    assert train_stems == {n.replace("_", "") for n in train}
+
+
+def test_list_shards_no_match_names_pattern(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        list_shards(tmp_path, "nothing-here-*.tar")
+    assert "nothing-here-*.tar" in str(info.value)
+
+
+def test_list_shards_sorted_and_absolute_pattern(sample_shards):
+    found = train_shards(sample_shards)
+    assert found == sorted(found) and len(found) == len(manifest_of(sample_shards)["splits"]["train"]["shards"])
+    assert list_shards("/nonexistent-root", str(sample_shards / "train-*.tar")) == found
+
+
+def test_prepare_again_leaves_no_stale_shards(tmp_path):
+    shards.prepare_samples(tmp_path, tile=96, train_step=96, shard_size=16)
+    m = shards.prepare_samples(tmp_path, tile=96, train_step=96, shard_size=64)
+    found = train_shards(tmp_path)
+    assert [Path(p).name for p in found] == m["splits"]["train"]["shards"]
+    assert len(all_keys(found)) == m["splits"]["train"]["samples"]
+
+
+# -- loader contract --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_batch_contract(sample_shards, num_workers):
+    batch_size = 4
+    loader = TorchLoader(make_stream(sample_shards, num_workers=num_workers), batch_size, num_workers, CPU)
+    batches = take(loader, 3)
+    assert len(batches) == 3
+    for batch in batches:
+        assert set(batch) == {"jpeg", "clean", "quality"}
+        for key in ("jpeg", "clean"):
+            t = batch[key]
+            assert t.dtype == torch.float32
+            assert t.shape == (batch_size, 3, CROP, CROP)
+            assert t.device.type == "cpu"
+            assert float(t.min()) >= 0.0 and float(t.max()) <= 1.0
+            assert float(t.max()) > 0.0  # not all black
+        q = batch["quality"]
+        assert q.dtype == torch.int64 and q.shape == (batch_size,)
+        assert int(q.min()) >= QRANGE[0] and int(q.max()) <= QRANGE[1]
+        assert not torch.equal(batch["jpeg"], batch["clean"])
+        # the degraded image is close to, but not the same as, the clean one
+        assert 0 < float((batch["jpeg"] - batch["clean"]).abs().mean()) < 0.25
+    assert loader.consumed == 3
+    assert loader.skipped() == dict.fromkeys(SKIP_REASONS, 0)
+
+
+def test_clean_crop_is_a_crop_of_its_tile(sample_shards):
+    """Each clean target is an unaltered (possibly flipped) window of the tile at its stream position, and
+    the JPEG input is that window degraded at the reported quality."""
+    stream = make_stream(sample_shards, epochs=1)
+    raws = stream._epoch_raw(0, 0, 1, row=0)
+    for sample, raw in itertools.islice(zip(stream, raws), 6):
+        tile = decode_rgb8(images.image_bytes(raw)[1])
+        clean = sample["clean"].permute(1, 2, 0).numpy()
+        assert clean.shape == (CROP, CROP, 3) and clean.dtype == np.uint8
+        windows = np.lib.stride_tricks.sliding_window_view(tile, (CROP, CROP, 3))[:, :, 0]
+        variants = [clean, clean[:, ::-1], clean[::-1], clean[::-1, ::-1]]
+        assert any((windows == v).all(axis=(-3, -2, -1)).any() for v in variants), raw["__key__"]
+        jpeg = sample["jpeg"].permute(1, 2, 0).numpy()
+        assert np.array_equal(jpeg, jpeg_roundtrip(clean, sample["quality"]))
+
+
+def test_jpeg_strength_increases_with_quality():
+    photo = source_photo("astronaut")[128:224, 160:256].copy()
+    values = [psnr(photo, jpeg_roundtrip(photo, q)) for q in (10, 20, 40, 80)]
+    assert all(a < b for a, b in zip(values, values[1:])), values
+    assert values[0] > 15 and values[-1] < 60  # degraded, but not garbage and not lossless
+
+
+# -- determinism ------------------------------------------------------------------------------------------
+def test_same_seed_same_batches_different_seed_differs(sample_shards):
+    def run(seed):
+        return take(TorchLoader(make_stream(sample_shards, seed=seed), 4, 0, CPU), 3)
+
+    a, b, c = run(7), run(7), run(8)
+    assert all(batches_equal(x, y) for x, y in zip(a, b))
+    assert not all(batches_equal(x, y) for x, y in zip(a, c))
+
+
+# -- splitting across ranks and workers -------------------------------------------------------------------
+@pytest.mark.parametrize("n_slots", [1, 2, 4, 7, 20, 21, 24])
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_slots_are_disjoint_and_cover_all(sample_shards, n_slots, epoch):
+    paths = train_shards(sample_shards)
+    expected = set(all_keys(paths))
+    stream = make_stream(sample_shards)
+    per_slot = []
+    for slot in range(n_slots):
+        keys = [raw["__key__"] for raw in stream._epoch_raw(epoch, slot, n_slots, row=0)]
+        assert len(keys) == len(set(keys)), f"slot {slot} repeats a sample"
+        per_slot.append(set(keys))
+    assert all(per_slot), "every slot gets samples"
+    assert sum(len(s) for s in per_slot) == len(expected), "slots overlap"
+    assert set().union(*per_slot) == expected
+    if n_slots > len(paths):  # sample-level dealing: sizes differ by at most one
+        sizes = [len(s) for s in per_slot]
+        assert max(sizes) - min(sizes) <= 1
+    assert stream.skipped.sum() == 0
+
+
+def test_shard_order_changes_between_epochs(sample_shards):
+    stream = make_stream(sample_shards)
+    e0 = [raw["__key__"] for raw in stream._epoch_raw(0, 0, 1, row=0)]
+    e1 = [raw["__key__"] for raw in stream._epoch_raw(1, 0, 1, row=0)]
+    assert sorted(e0) == sorted(e1)
+    assert e0 != e1
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_one_epoch_across_ranks_sums_to_train_set(sample_shards, num_workers):
+    total = manifest_of(sample_shards)["splits"]["train"]["samples"]
+    counts = []
+    for rank in range(2):
+        stream = make_stream(sample_shards, num_workers=num_workers, rank=rank, world=2, epochs=1)
+        loader = TorchLoader(stream, 8, num_workers, CPU)
+        counts.append(count_samples(loader))
+        assert loader.skipped() == dict.fromkeys(SKIP_REASONS, 0)
+    assert all(counts)
+    assert sum(counts) == total
+
+
+def test_one_epoch_sample_level_split_sums_to_train_set(sample_shards):
+    """More ranks than shards: every rank reads all shards and keeps every n-th sample."""
+    n_shards = len(train_shards(sample_shards))
+    world = n_shards + 3
+    total = manifest_of(sample_shards)["splits"]["train"]["samples"]
+    counts = [sum(1 for _ in make_stream(sample_shards, rank=r, world=world, epochs=1)) for r in range(world)]
+    assert all(counts)
+    assert sum(counts) == total
+
+
+def test_epochs_limit_stream_length(sample_shards):
+    total = manifest_of(sample_shards)["splits"]["train"]["samples"]
+    assert sum(1 for _ in make_stream(sample_shards, epochs=2)) == 2 * total
+
+
+# -- exact resume ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_resume_is_exact(sample_shards, num_workers):
+    def new_loader():
+        return TorchLoader(make_stream(sample_shards, seed=3, num_workers=num_workers), 4, num_workers, CPU)
+
+    uninterrupted = take(new_loader(), 8)
+
+    first = new_loader()
+    head = take(first, 5)
+    assert all(batches_equal(x, y) for x, y in zip(head, uninterrupted[:5]))
+    state = json.loads(json.dumps(first.state_dict()))  # must survive a JSON round trip (checkpoints)
+    assert state["consumed"] == 5
+
+    resumed = new_loader()
+    resumed.load_state_dict(state)
+    tail = take(resumed, 3)
+    assert len(tail) == 3
+    for i, (x, y) in enumerate(zip(tail, uninterrupted[5:8])):
+        assert batches_equal(x, y), f"resumed batch {i} differs from uninterrupted batch {5 + i}"
+    assert resumed.consumed == 8
+
+
+def test_loader_resume_twice_is_exact(sample_shards):
+    """Chained resumes (odd batch counts, so the worker rotation matters) still match an uninterrupted run."""
+    def new_loader():
+        return TorchLoader(make_stream(sample_shards, seed=5, num_workers=2), 4, 2, CPU)
+
+    uninterrupted = take(new_loader(), 9)
+    first = new_loader()
+    take(first, 3)
+    second = new_loader()
+    second.load_state_dict(first.state_dict())
+    got = take(second, 3)
+    third = new_loader()
+    third.load_state_dict(second.state_dict())
+    got += take(third, 3)
+    assert [batches_equal(x, y) for x, y in zip(got, uninterrupted[3:])] == [True] * 6
+
+
+def test_resume_with_other_worker_count_restarts(sample_shards):
+    first = TorchLoader(make_stream(sample_shards, seed=3), 4, 0, CPU)
+    start = take(first, 2)
+    take(first, 3)
+    other = TorchLoader(make_stream(sample_shards, seed=3), 4, 0, CPU)
+    state = first.state_dict()
+    state["num_workers"] = 2  # pretend it was saved with another layout
+    other.load_state_dict(state)
+    assert other.consumed == 0
+    again = take(other, 2)
+    assert all(batches_equal(x, y) for x, y in zip(again, start))
+
+
+# -- bad input --------------------------------------------------------------------------------------------
+def _bad_shard(write_tar, path):
+    rng = np.random.default_rng(0)
+    good = [(f"good{i}", {"png": random_png(rng, 64, 64)}) for i in range(6)]
+    full = random_png(rng, 64, 64)
+    bad = [
+        ("corrupt0", {"png": rng.bytes(600)}),
+        ("truncated0", {"png": full[: len(full) // 2]}),
+        ("textonly0", {"txt": b"no image here"}),
+        ("small0", {"png": random_png(rng, 16, 16)}),
+    ]
+    write_tar(path, good[:3] + bad + good[3:])
+    return len(good)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_samples_are_skipped_and_counted(tmp_path, write_tar, num_workers):
+    n_good = _bad_shard(write_tar, tmp_path / "bad-000000.tar")
+    stream = ShardStream([str(tmp_path / "bad-000000.tar")], CROP, QRANGE, num_workers=num_workers,
+                         shuffle_buffer=4, epochs=1)
+    loader = TorchLoader(stream, 2, num_workers, CPU)
+    batches = list(loader)
+    assert sum(b["jpeg"].shape[0] for b in batches) == n_good
+    for b in batches:
+        assert b["clean"].shape[1:] == (3, CROP, CROP)
+    assert loader.skipped() == {"corrupt": 2, "too_small": 1, "no_image": 1, "bad_tar": 0}
+
+
+def test_load_val_set_skips_and_counts(tmp_path, write_tar):
+    n_good = _bad_shard(write_tar, tmp_path / "val-000000.tar")
+    sets, skipped = load_val_set([str(tmp_path / "val-000000.tar")], CROP, [10, 30])
+    assert skipped == {"corrupt": 2, "too_small": 1, "no_image": 1, "bad_tar": 0}
+    assert set(sets) == {10, 30}
+    for q, (jpeg, clean) in sets.items():
+        assert jpeg.shape == clean.shape == (n_good, 3, CROP, CROP)
+        assert jpeg.dtype == clean.dtype == torch.uint8
+        assert not torch.equal(jpeg, clean)
+    assert torch.equal(sets[10][1], sets[30][1])  # same clean crops at every quality
+
+
+def test_load_val_set_splits_ranks(sample_shards):
+    val = list_shards(sample_shards, "val-*.tar")
+    total = manifest_of(sample_shards)["splits"]["val"]["samples"]
+    parts = [load_val_set(val, 64, [20], rank=r, world=2)[0][20][1] for r in range(2)]
+    assert parts[0].shape[0] + parts[1].shape[0] == total
+    assert abs(parts[0].shape[0] - parts[1].shape[0]) <= 1
+    capped, _ = load_val_set(val, 64, [20], max_images=5)
+    assert capped[20][0].shape == (5, 3, 64, 64)
+
+
+def _gray16(value):
+    return Image.fromarray(np.full((8, 10), value, dtype=np.uint16))
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: Image.fromarray(np.full((8, 10), 77, np.uint8), "L"), (77, 77, 77)),
+    (lambda: _gray16(65535), (255, 255, 255)),
+    (lambda: _gray16(0), (0, 0, 0)),
+    (lambda: _gray16(32896), (128, 128, 128)),  # 32896 * 255 / 65535 == 128
+    (lambda: Image.fromarray(np.dstack([np.full((8, 10), 77, np.uint8), np.full((8, 10), 255, np.uint8)]), "LA"),
+     (77, 77, 77)),
+    (lambda: Image.fromarray(np.dstack([np.full((8, 10), 77, np.uint8), np.zeros((8, 10), np.uint8)]), "LA"),
+     (255, 255, 255)),  # fully transparent: composited on white
+    (lambda: Image.fromarray(np.dstack([np.full((8, 10, 3), (200, 10, 30), np.uint8),
+                                        np.full((8, 10), 255, np.uint8)]), "RGBA"), (200, 10, 30)),
+])
+def test_decode_modes_to_rgb8(make, expected):
+    img = make()
+    data = png_bytes(img)
+    assert Image.open(io.BytesIO(data)).mode == img.mode  # the PNG really carries that mode
+    rgb = decode_rgb8(data)
+    assert rgb.shape == (8, 10, 3) and rgb.dtype == np.uint8
+    assert (rgb == np.array(expected, np.uint8)).all(), rgb[0, 0]
+
+
+def test_decode_palette_png():
+    idx = np.zeros((8, 10), np.uint8)
+    idx[:, 5:] = 2
+    img = Image.fromarray(idx, "P")
+    img.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (256 * 3 - 9))
+    data = png_bytes(img)
+    assert Image.open(io.BytesIO(data)).mode == "P"
+    rgb = decode_rgb8(data)
+    assert rgb.shape == (8, 10, 3) and rgb.dtype == np.uint8
+    assert (rgb[:, :5] == (255, 0, 0)).all() and (rgb[:, 5:] == (0, 0, 255)).all()
+
+
+def test_decode_rgba_composites_transparent_on_white():
+    rgba = np.zeros((8, 10, 4), np.uint8)
+    rgba[..., :3] = (200, 10, 30)
+    rgba[4:, :, 3] = 255
+    rgb = decode_rgb8(png_bytes(Image.fromarray(rgba, "RGBA")))
+    assert (rgb[:4] == 255).all()
+    assert (rgb[4:] == (200, 10, 30)).all()
+
+
+def test_decode_rejects_garbage_and_truncation():
+    rng = np.random.default_rng(1)
+    with pytest.raises(images.BadImage):
+        decode_rgb8(rng.bytes(300))
+    full = random_png(rng, 32, 32)
+    with pytest.raises(images.BadImage):
+        decode_rgb8(full[: len(full) // 2])
+    assert decode_rgb8(full).shape == (32, 32, 3)
+
+
+def _truncated_tar(write_tar, tmp_path):
+    rng = np.random.default_rng(2)
+    full = write_tar(tmp_path / "full.tar", [(f"good{i}", {"png": random_png(rng, 64, 64)}) for i in range(6)])
+    data = full.read_bytes()
+    cut = len(data) // 2
+    with tarfile.open(full) as tar:
+        complete = {m.name.split(".")[0] for m in tar.getmembers() if m.offset_data + m.size <= cut}
+    assert 0 < len(complete) < 6
+    path = tmp_path / "cut-000000.tar"
+    path.write_bytes(data[:cut])
+    full.unlink()
+    return path, complete
+
+
+def test_truncated_tar_does_not_crash_stream(tmp_path, write_tar):
+    path, complete = _truncated_tar(write_tar, tmp_path)
+    rng = np.random.default_rng(3)
+    other = write_tar(tmp_path / "other-000000.tar", [(f"other{i}", {"png": random_png(rng, 64, 64)}) for i in range(4)])
+
+    stream = ShardStream([str(path)], CROP, QRANGE, shuffle_buffer=4, epochs=1)
+    keys = {raw["__key__"] for raw in stream._epoch_raw(0, 0, 1, row=0)}
+    assert complete <= keys
+    assert int(stream.skipped[0, SKIP_REASONS.index("bad_tar")]) >= 1
+
+    loader = TorchLoader(ShardStream([str(path)], CROP, QRANGE, shuffle_buffer=4, epochs=1), 2, 0, CPU)
+    assert count_samples(loader) >= len(complete)
+    skipped = loader.skipped()
+    assert skipped["bad_tar"] + skipped["corrupt"] >= 1
+
+    # a good shard next to the broken one is read in full
+    both = TorchLoader(ShardStream([str(path), str(other)], CROP, QRANGE, shuffle_buffer=4, epochs=1), 2, 0, CPU)
+    assert count_samples(both) >= len(complete) + 4
+    assert both.skipped()["bad_tar"] + both.skipped()["corrupt"] >= 1
+
+
+def test_load_val_set_survives_truncated_tar(tmp_path, write_tar):
+    path, complete = _truncated_tar(write_tar, tmp_path)
+    sets, skipped = load_val_set([str(path)], CROP, [20])
+    assert sets[20][1].shape[0] >= len(complete)
+    assert skipped["bad_tar"] + skipped["corrupt"] >= 1
+
+
+# -- GPU --------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_loader_moves_batches_to_cuda(sample_shards):
+    loader = TorchLoader(make_stream(sample_shards), 2, 0, torch.device("cuda"), channels_last=True)
+    batch = take(loader, 1)[0]
+    for key in ("jpeg", "clean", "quality"):
+        assert batch[key].device.type == "cuda"
+    assert batch["jpeg"].dtype == torch.float32
+    assert batch["jpeg"].is_contiguous(memory_format=torch.channels_last)
