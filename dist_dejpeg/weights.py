@@ -45,27 +45,39 @@ def create_encoder(name: str, pretrained: bool, weights_file: str = "") -> nn.Mo
     if weights_file:
         if not Path(weights_file).is_file():
             raise WeightsError(f"model.encoder_weights: file not found: {weights_file}")
-        return timm.create_model(name, features_only=True, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=str(weights_file)))
+        return _encoder_from_file(name, str(weights_file))
     cfg = timm.models.get_pretrained_cfg(name)
     repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     cached = _hf_cached_file(repo) if repo else None
     if cached:
         log.info("encoder %s: ImageNet weights from the Hugging Face cache: %s", name, cached)
-        return timm.create_model(name, features_only=True, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=cached))
+        return _encoder_from_file(name, cached)
     try:
         return timm.create_model(name, features_only=True, pretrained=True)
     except Exception as err:  # noqa: BLE001 - any failure here means "weights not available"
         where = f"Hugging Face repo '{repo}'" if repo else "timm's download address"
+        from huggingface_hub import constants
         raise WeightsError(
             f"ImageNet weights for encoder '{name}' are not in the local cache and could not be downloaded "
             f"from {where} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).\n"
-            f"Fix one of: run once with internet access so timm caches them (HF_HOME="
-            f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}); or download the weights file and set "
+            f"Fix one of: run once with internet access so timm caches them (in {constants.HF_HUB_CACHE}); "
+            f"or download the weights file and set "
             f"model.encoder_weights=/path/to/model.safetensors; or set model.pretrained=false for a "
             f"random-init encoder (tests and debugging only)."
         ) from None
+
+
+def _encoder_from_file(name: str, path: str) -> nn.Module:
+    """timm loads ``features_only`` weights non-strictly; check that the file really held them."""
+    import timm
+
+    model = timm.create_model(name, features_only=True, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    stored = {k.removeprefix("module.") for k in timm.models.load_state_dict(path).keys()}
+    missing = [k for k in model.state_dict() if not k.endswith("num_batches_tracked") and k not in stored]
+    if missing:
+        raise WeightsError(f"model.encoder_weights: {path} lacks {len(missing)} of encoder '{name}''s weights "
+                           f"(e.g. {', '.join(missing[:3])}): not weights for this encoder?")
+    return model
 
 
 def _torchvision_weights(net: str):

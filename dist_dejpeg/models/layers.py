@@ -38,7 +38,7 @@ class ConvBlock(nn.Sequential):
         if bn:
             layers.append(nn.BatchNorm2d(nf))
         if attention:
-            layers.append(SelfAttention(nf))
+            layers.append(SelfAttention(nf, sn=sn))
         super().__init__(*layers)
 
 

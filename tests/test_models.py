@@ -1,0 +1,475 @@
+"""Generator (timm U-Net), its building blocks, the critic, safetensors export and weight loading.
+
+Everything runs on CPU with random-init backbones (no network): small decoder widths, small inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import urllib.error
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from dist_dejpeg.config import ModelConfig
+from dist_dejpeg.export import FORMAT, load_generator, read_metadata, save_generator
+from dist_dejpeg.models.critic import Critic
+from dist_dejpeg.models.layers import PixelShuffleICNR, SelfAttention, icnr_
+from dist_dejpeg.models.unet import Generator, build_generator
+from dist_dejpeg.weights import WeightsError, create_encoder
+
+ENCODERS = ["mobilenetv3_large_100", "mobilenetv3_small_050", "resnet18", "efficientnet_b0", "convnext_atto"]
+SIZES = [(37, 53), (64, 64), (33, 97), (8, 8)]
+WIDTH = 32
+
+
+def _generator(encoder: str = "mobilenetv3_small_050", seed: int = 0, **kwargs) -> Generator:
+    torch.manual_seed(seed)
+    kwargs.setdefault("decoder_width", WIDTH)
+    return Generator(encoder=encoder, pretrained=False, **kwargs)
+
+
+def _decoder_modules(g: Generator) -> list[nn.Module]:
+    return [g.middle, *g.blocks, g.final_up, g.final_res]
+
+
+# --------------------------------------------------------------------------------------------- generator
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_generator_shape_range_identity_start_and_head_learns(encoder):
+    g = _generator(encoder)
+    g.train()
+    gen = torch.Generator().manual_seed(1)
+    for h, w in SIZES:
+        # values outside [0, 1] too: the output is the input clamped, exactly (zero-initialised head)
+        x = torch.rand(2, 3, h, w, generator=gen) * 1.2 - 0.1
+        y = g(x)
+        assert y.shape == x.shape, (encoder, h, w)
+        assert y.min() >= 0.0 and y.max() <= 1.0
+        assert torch.equal(y, x.clamp(0.0, 1.0)), f"{encoder} {h}x{w}: untrained generator is not the identity"
+
+    # One optimizer step on L1 toward a different target: the head must move (not stuck at zero).
+    x = torch.rand(2, 3, 37, 53, generator=gen) * 0.8 + 0.1  # away from the clamp bounds
+    target = 1.0 - x
+    opt = torch.optim.Adam(g.parameters(), lr=1e-3)
+    loss0 = (g(x) - target).abs().mean()
+    opt.zero_grad()
+    loss0.backward()
+    assert g.head.weight.grad is not None and g.head.weight.grad.abs().sum() > 0
+    opt.step()
+    with torch.no_grad():
+        y = g(x)
+        loss1 = (y - target).abs().mean()
+    assert not torch.equal(y, x), f"{encoder}: output still equals the input after one step"
+    assert (y - x).abs().max() > 1e-6
+    assert loss1 < loss0
+
+
+@pytest.mark.parametrize("encoder", ["mobilenetv3_small_050", "convnext_atto"])
+def test_generator_output_clamped_with_large_head(encoder):
+    g = _generator(encoder).eval()
+    with torch.no_grad():
+        nn.init.normal_(g.head.weight, std=2.0)
+        nn.init.normal_(g.head.bias, std=2.0)
+        x = torch.rand(1, 3, 33, 97, generator=torch.Generator().manual_seed(2))
+        y = g(x)
+    assert y.shape == x.shape
+    assert torch.isfinite(y).all()
+    assert y.min() >= 0.0 and y.max() <= 1.0
+    assert not torch.equal(y, x)
+    # a big random correction has to hit the bounds somewhere: the clamp is really applied
+    assert ((y == 0.0) | (y == 1.0)).any()
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_encoder_channels_and_strides_match_feature_info(encoder):
+    g = _generator(encoder).eval()
+    info = g.encoder.feature_info
+    chans, reductions = info.channels(), info.reduction()
+    with torch.no_grad():
+        feats = g.encoder(torch.randn(1, 3, 64, 64))
+    assert len(feats) == len(chans) == len(reductions)
+    for i, feat in enumerate(feats):
+        assert feat.shape[1] == chans[i], (encoder, i)
+        assert tuple(feat.shape[-2:]) == (64 // reductions[i], 64 // reductions[i]), (encoder, i)
+    assert g.strides == list(reductions)
+    assert g.pad_to == reductions[-1]
+    assert len(g.blocks) == len(chans) - 1
+
+
+# --------------------------------------------------------------------------------------------- layers
+
+
+def test_icnr_groups_identical():
+    torch.manual_seed(0)
+    scale = 2
+    w = torch.empty(16 * scale**2, 8, 3, 3)
+    out = icnr_(w, scale)
+    assert out is w
+    groups = w.view(16, scale**2, 8, 3, 3)
+    for j in range(1, scale**2):
+        assert torch.equal(groups[:, j], groups[:, 0])
+    # but different groups are different (not one kernel copied everywhere)
+    assert not torch.equal(groups[0, 0], groups[1, 0])
+
+    w3 = icnr_(torch.empty(4 * 9, 5, 1, 1), scale=3).view(4, 9, 5, 1, 1)
+    assert torch.equal(w3, w3[:, :1].expand_as(w3))
+
+
+@pytest.mark.parametrize("sn", [True, False])
+def test_pixel_shuffle_icnr_starts_nearest_neighbour(sn):
+    torch.manual_seed(0)
+    up = PixelShuffleICNR(8, 6, scale=2, blur=False, sn=sn)
+    assert up.blur is None
+    const = torch.full((1, 8, 5, 7), 0.3)
+    y = up(const)
+    assert y.shape == (1, 6, 10, 14)
+    assert torch.allclose(y, y[..., :1, :1].expand_as(y), atol=0, rtol=0), "constant in, constant out"
+    assert y.abs().sum() > 0  # not trivially zero
+
+    # any input: each 2x2 output block is constant (nearest-neighbour upsampling of something)
+    x = torch.randn(2, 8, 5, 7)
+    y = up(x)
+    blocks = y.view(2, 6, 5, 2, 7, 2)
+    assert torch.equal(blocks, blocks[:, :, :, :1, :, :1].expand_as(blocks))
+
+
+def test_pixel_shuffle_icnr_blur_flag_changes_structure_and_output():
+    torch.manual_seed(0)
+    sharp = PixelShuffleICNR(8, 6, scale=2, blur=False, sn=False)
+    blurred = PixelShuffleICNR(8, 6, scale=2, blur=True, sn=False)
+    assert sharp.blur is None
+    assert isinstance(blurred.blur, nn.Module)
+    assert any(isinstance(m, nn.AvgPool2d) for m in blurred.modules())
+    assert not any(isinstance(m, nn.AvgPool2d) for m in sharp.modules())
+    blurred.load_state_dict(sharp.state_dict())  # same conv weights: only the blur differs
+    x = torch.randn(1, 8, 5, 7)
+    a, b = sharp(x), blurred(x)
+    assert a.shape == b.shape == (1, 6, 10, 14)
+    assert not torch.allclose(a, b)
+    # the blur keeps constants constant
+    c = blurred(torch.full((1, 8, 5, 7), 0.3))
+    assert torch.allclose(c, c[..., :1, :1].expand_as(c), atol=1e-6)
+
+    # the generator's blur flag reaches every pixel shuffle (DeOldify ignored it)
+    g_sharp = _generator(blur=False)
+    g_blur = _generator(blur=True)
+    shuffles_sharp = [m for m in g_sharp.modules() if isinstance(m, PixelShuffleICNR)]
+    shuffles_blur = [m for m in g_blur.modules() if isinstance(m, PixelShuffleICNR)]
+    assert shuffles_sharp and len(shuffles_sharp) == len(shuffles_blur)
+    assert all(m.blur is None for m in shuffles_sharp)
+    assert all(m.blur is not None for m in shuffles_blur)
+
+
+@pytest.mark.parametrize("sn", [True, False])
+def test_self_attention_starts_as_identity(sn):
+    torch.manual_seed(0)
+    att = SelfAttention(16, sn=sn)
+    assert att.gamma.shape == (1,) and att.gamma.item() == 0.0
+    x = torch.randn(2, 16, 5, 7)
+    y = att(x)
+    assert y.shape == x.shape
+    assert torch.equal(y, x)
+    # once gamma moves, attention contributes
+    with torch.no_grad():
+        att.gamma.fill_(1.0)
+    y = att(x)
+    assert y.shape == x.shape
+    assert not torch.allclose(y, x)
+    assert parametrize.is_parametrized(att.query, "weight") == sn
+
+
+def test_spectral_norm_on_decoder_convs():
+    g_sn = _generator(spectral_norm=True)
+    g_plain = _generator(spectral_norm=False)
+    convs_sn = [m for part in _decoder_modules(g_sn) for m in part.modules() if isinstance(m, nn.Conv2d)]
+    convs_plain = [m for part in _decoder_modules(g_plain) for m in part.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs_sn) == len(convs_plain) > 0
+    assert all(parametrize.is_parametrized(m, "weight") for m in convs_sn)
+    assert not any(parametrize.is_parametrized(m, "weight") for m in convs_plain)
+    block_convs = [m for m in g_sn.blocks.modules() if isinstance(m, nn.Conv2d)]
+    assert block_convs and all(parametrize.is_parametrized(m, "weight") for m in block_convs)
+
+
+@pytest.mark.parametrize("encoder", ["mobilenetv3_small_050", "convnext_atto"])
+def test_exactly_one_decoder_block_has_self_attention(encoder):
+    def attn_count(module):
+        return sum(isinstance(m, SelfAttention) for m in module.modules())
+
+    g = _generator(encoder, self_attention=True)
+    per_block = [attn_count(b) for b in g.blocks]
+    assert sum(per_block) == 1 and max(per_block) == 1
+    assert attn_count(g) == 1  # nowhere else either
+    # at the requested output stride (8 by default)
+    idx = per_block.index(1)
+    skip_strides = list(reversed(g.strides[:-1]))
+    assert skip_strides[idx] == 8
+
+    g = _generator(encoder, self_attention=False)
+    assert attn_count(g) == 0
+
+
+# --------------------------------------------------------------------------------------------- critic
+
+
+def test_critic_patch_logits_shape():
+    torch.manual_seed(0)
+    critic = Critic(width=16, n_blocks=3)
+    assert critic.min_size == 64
+    out = critic(torch.rand(2, 3, 64, 64))
+    assert out.dim() == 4 and out.shape[:2] == (2, 1)
+    assert out.shape[-2] >= 1 and out.shape[-1] >= 1
+    assert torch.isfinite(out).all()
+    out = critic(torch.rand(1, 3, 128, 96))
+    assert out.shape[:2] == (1, 1) and out.shape[-2] > out.shape[-1] > 1
+
+
+@pytest.mark.parametrize("n_blocks", [1, 2, 3])
+def test_critic_min_size(n_blocks):
+    torch.manual_seed(0)
+    critic = Critic(width=8, n_blocks=n_blocks).eval()
+    m = critic.min_size
+    assert critic(torch.rand(1, 3, m, m)).shape == (1, 1, 1, 1)
+    with pytest.raises(ValueError, match=rf"smaller than its minimum {m} px"):
+        critic(torch.rand(1, 3, m - 1, m + 10))
+    with pytest.raises(ValueError, match="critic.n_blocks"):
+        critic(torch.rand(1, 3, m + 10, m // 2))
+
+
+def test_critic_has_dropout_and_spectral_norm():
+    critic = Critic(width=16, n_blocks=3, dropout=0.15)
+    drops = [m for m in critic.modules() if isinstance(m, nn.Dropout2d)]
+    assert len(drops) >= 2
+    assert {d.p for d in drops} == {0.075, 0.15}
+    convs = [m for m in critic.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(parametrize.is_parametrized(m, "weight") for m in convs)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in critic.modules())
+    assert sum(isinstance(m, SelfAttention) for m in critic.modules()) == 1
+    assert not any(isinstance(m, SelfAttention) for m in Critic(width=16, self_attention=False).modules())
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def _trained_ish_generator(cfg: ModelConfig) -> Generator:
+    torch.manual_seed(3)
+    g = build_generator(cfg)
+    with torch.no_grad():
+        nn.init.normal_(g.head.weight, std=0.05)  # a non-zero correction, so outputs depend on the weights
+        g.train()
+        for _ in range(2):  # move BN running stats and the spectral-norm power-iteration vectors
+            g(torch.rand(2, 3, 64, 64))
+    return g.eval()
+
+
+def test_export_round_trip(tmp_path):
+    cfg = ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=WIDTH)
+    g = _trained_ish_generator(cfg)
+    path = tmp_path / "generator.safetensors"
+    save_generator(g, cfg, path, extra={"step": 123, "phase": "gan"})
+    assert path.is_file()
+    assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
+
+    # safetensors, not pickle: 8-byte little-endian header length, then a JSON header
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    assert header["__metadata__"]["format"] == FORMAT
+    assert not raw.startswith(b"\x80") and not raw.startswith(b"PK")  # neither pickle nor torch zip
+
+    meta = read_metadata(path)
+    assert meta["format"] == FORMAT
+    assert json.loads(meta["model"]) == dataclasses.asdict(cfg)
+    assert meta["step"] == "123" and meta["phase"] == "gan"
+
+    loaded = load_generator(path)
+    assert not loaded.training
+    sd, sd2 = g.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys()
+    for k in sd:
+        assert torch.equal(sd[k], sd2[k]), k
+    x = torch.rand(1, 3, 37, 53, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        a, b = g(x), loaded(x)
+    assert not torch.equal(a, x)  # the round trip is not trivially the identity
+    assert torch.equal(a, b)
+
+
+def test_export_of_pretrained_config_loads_without_fetching_weights(tmp_path):
+    # The saved config says pretrained with a file that does not exist here: loading must not need it.
+    cfg = ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=WIDTH)
+    g = _trained_ish_generator(cfg)
+    cfg_saved = dataclasses.replace(cfg, pretrained=True, encoder_weights="/nonexistent/enc.safetensors")
+    path = tmp_path / "g.safetensors"
+    save_generator(g, cfg_saved, path)
+    assert json.loads(read_metadata(path)["model"])["pretrained"] is True
+    loaded = load_generator(path)
+    enc_key = next(k for k in g.state_dict() if k.startswith("encoder."))
+    assert torch.equal(loaded.state_dict()[enc_key], g.state_dict()[enc_key])
+
+
+def test_load_generator_rejects_foreign_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(ValueError, match="not a dist_dejpeg generator"):
+        load_generator(plain)
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not a dist_dejpeg generator"):
+        load_generator(other)
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+
+def test_create_encoder_missing_file_names_key_and_file():
+    with pytest.raises(WeightsError) as err:
+        create_encoder("mobilenetv3_small_050", pretrained=True, weights_file="/nonexistent.safetensors")
+    msg = str(err.value)
+    assert "model.encoder_weights" in msg and "/nonexistent.safetensors" in msg
+
+
+def test_create_encoder_loads_explicit_weights_file(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(11)
+    full = timm.create_model("mobilenetv3_small_050", pretrained=False)
+    with torch.no_grad():
+        full.conv_stem.weight.add_(1.0)  # unmistakable
+    state = {k: v.contiguous() for k, v in full.state_dict().items()}
+    path = tmp_path / "enc.safetensors"
+    save_file(state, str(path))
+
+    torch.manual_seed(12)
+    enc = create_encoder("mobilenetv3_small_050", pretrained=True, weights_file=str(path))
+    torch.manual_seed(12)
+    rand = create_encoder("mobilenetv3_small_050", pretrained=False)
+    assert torch.equal(enc.conv_stem.weight, state["conv_stem.weight"])
+    assert not torch.equal(rand.conv_stem.weight, state["conv_stem.weight"])
+    for k, v in enc.state_dict().items():  # every encoder tensor came from the file
+        assert torch.equal(v, state[k]), k
+
+    # and through the generator / its config
+    g = Generator("mobilenetv3_small_050", pretrained=True, encoder_weights=str(path), decoder_width=WIDTH)
+    assert torch.equal(g.encoder.conv_stem.weight, state["conv_stem.weight"])
+
+
+def test_create_encoder_rejects_file_without_encoder_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "unrelated.safetensors"
+    save_file({"foo": torch.zeros(1)}, str(path))
+    with pytest.raises(WeightsError):
+        create_encoder("mobilenetv3_small_050", pretrained=True, weights_file=str(path))
+
+
+def test_create_encoder_offline_without_cache_fails_with_instructions(tmp_path, monkeypatch):
+    import time
+
+    import huggingface_hub.constants as hf_constants
+
+    hf_home = tmp_path / "hf"
+    hf_home.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    # huggingface_hub reads HF_HUB_OFFLINE / HF_HOME once, at import (already done by timm): without
+    # patching its constants too, the setenv above has no effect and each file is retried ~5 times over
+    # the (absent) network, about 45 s here.
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HOME", str(hf_home))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    start = time.monotonic()
+    with pytest.raises(WeightsError) as err:
+        create_encoder("mobilenetv3_small_050", pretrained=True)
+    assert time.monotonic() - start < 30
+    msg = str(err.value)
+    assert "model.encoder_weights" in msg
+    assert "model.pretrained=false" in msg
+    assert "mobilenetv3_small_050" in msg
+    assert str(hf_home) in msg
+
+
+def _fake_failed_download(calls):
+    def fake(url, *args, **kwargs):
+        calls.append(url)
+        raise urllib.error.URLError("no network in tests")
+
+    return fake
+
+
+def test_lpips_pretrained_missing_backbone_names_file_and_key(tmp_path, monkeypatch):
+    from dist_dejpeg.losses import LPIPS
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    calls = []
+    # never really download (233 MB) even where a network exists; the failure is what is tested
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _fake_failed_download(calls))
+    with pytest.raises(WeightsError) as err:
+        LPIPS("alex", pretrained=True)
+    msg = str(err.value)
+    assert "alexnet-owt-7be5be79.pth" in msg
+    assert "loss.lpips_weights" in msg and "loss.lpips_pretrained=false" in msg
+    assert str(tmp_path) in msg  # looked in the TORCH_HOME cache
+    assert calls and calls[0].endswith("alexnet-owt-7be5be79.pth")
+
+    with pytest.raises(WeightsError, match="loss.metric_weights"):
+        LPIPS("alex", pretrained=True, key="loss.metric_weights")
+    with pytest.raises(WeightsError, match="loss.lpips_weights: file not found: /nonexistent.pth"):
+        LPIPS("alex", pretrained=True, weights_file="/nonexistent.pth")
+
+
+def test_lpips_backbone_from_explicit_file(tmp_path):
+    import torchvision
+
+    from dist_dejpeg.losses import LPIPS
+
+    torch.manual_seed(5)
+    alex = torchvision.models.alexnet()
+    path = tmp_path / "alexnet.pth"
+    torch.save(alex.state_dict(), path)
+    saved = alex.state_dict()
+
+    torch.manual_seed(6)
+    lp = LPIPS("alex", pretrained=True, weights_file=str(path))
+    assert lp.pretrained and "RANDOM" not in lp.description
+    assert torch.equal(lp.inner.net.slice1[0].weight, saved["features.0.weight"])
+    assert torch.equal(lp.inner.net.state_dict()["slice5.10.weight"], saved["features.10.weight"])
+    torch.manual_seed(6)
+    rand = LPIPS("alex", pretrained=False)
+    assert "RANDOM" in rand.description
+    assert not torch.equal(rand.inner.net.slice1[0].weight, saved["features.0.weight"])
+
+
+def test_lpips_backbone_from_torch_hub_cache(tmp_path, monkeypatch):
+    import torchvision
+
+    from dist_dejpeg.losses import LPIPS
+
+    torch.manual_seed(7)
+    features = {f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}
+    ckpt = tmp_path / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    torch.save(features, ckpt / "alexnet-owt-7be5be79.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _fake_failed_download(calls))
+    lp = LPIPS("alex", pretrained=True)
+    assert not calls, "cached file present, yet a download was attempted"
+    assert torch.equal(lp.inner.net.slice1[0].weight, features["features.0.weight"])
+
+
+def test_lpips_backbone_file_with_wrong_keys(tmp_path):
+    from dist_dejpeg.losses import LPIPS
+
+    path = tmp_path / "bogus.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, path)
+    with pytest.raises(WeightsError, match="features.0.weight"):
+        LPIPS("alex", pretrained=True, weights_file=str(path))

@@ -1,0 +1,169 @@
+"""NoGAN phase helpers: learning-rate schedules, gan turn-taking, the early-stop rule, phase kinds."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dist_dejpeg.config import PhaseConfig
+from dist_dejpeg.train.phases import StopRule, gan_turn, lr_at, trains_critic, trains_generator, uses_lpips
+
+LR = 1e-3
+
+
+def _phase(**kw) -> PhaseConfig:
+    kw.setdefault("kind", "gen")
+    kw.setdefault("steps", 100)
+    kw.setdefault("lr", LR)
+    return PhaseConfig(**kw)
+
+
+# --------------------------------------------------------------------------------------------- lr_at
+
+
+def test_onecycle_shape():
+    p = _phase(schedule="onecycle", warmup=0.25)
+    lrs = [lr_at(p, s) for s in range(101)]
+    assert lrs[0] == pytest.approx(LR / 25)
+    assert lrs[25] == pytest.approx(LR)
+    assert max(lrs) == pytest.approx(LR) and lrs.index(max(lrs)) == 25
+    assert lrs[100] == pytest.approx(LR / 1e4, rel=1e-6)
+    assert lrs[99] < LR / 100
+    assert all(a < b for a, b in zip(lrs[:25], lrs[1:26])), "warm-up is increasing"
+    assert all(a > b for a, b in zip(lrs[25:100], lrs[26:101])), "annealing is decreasing"
+    assert lr_at(p, 10_000) == pytest.approx(LR / 1e4)  # past the end: stays at the floor
+
+
+def test_cosine_shape():
+    p = _phase(schedule="cosine", warmup=0.1)
+    lrs = [lr_at(p, s) for s in range(101)]
+    assert lrs[0] == pytest.approx(LR / 10)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))
+    assert lrs[9] == pytest.approx(LR) and lrs[10] == pytest.approx(LR)
+    assert all(a > b for a, b in zip(lrs[10:100], lrs[11:101]))
+    assert lrs[100] == pytest.approx(0.0, abs=1e-12)
+    assert lrs[99] < LR * 1e-3
+    assert min(lrs) >= 0.0
+
+
+def test_cosine_without_warmup_starts_at_peak():
+    p = _phase(schedule="cosine", warmup=0.0)
+    assert lr_at(p, 0) == pytest.approx(LR)
+    assert lr_at(p, 50) == pytest.approx(LR / 2)
+
+
+def test_constant_after_warmup():
+    p = _phase(schedule="constant", warmup=0.2)
+    lrs = [lr_at(p, s) for s in range(101)]
+    assert all(a < b for a, b in zip(lrs[:20], lrs[1:20]))
+    assert lrs[0] < LR
+    assert all(v == pytest.approx(LR) for v in lrs[20:])
+    assert lrs[19] == pytest.approx(LR)
+    p0 = _phase(schedule="constant", warmup=0.0)
+    assert all(lr_at(p0, s) == LR for s in (0, 1, 50, 100, 500))
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_base_lr_override_scales(schedule):
+    p = _phase(schedule=schedule, warmup=0.25)
+    for s in (0, 10, 25, 60, 99):
+        assert lr_at(p, s, base_lr=5 * LR) == pytest.approx(5 * lr_at(p, s))
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_lr_finite_for_degenerate_phases(schedule):
+    for steps, warmup in ((0, 0.25), (1, 0.0), (1, 1.0), (3, 0.5)):
+        p = _phase(schedule=schedule, steps=steps, warmup=warmup)
+        for s in range(5):
+            v = lr_at(p, s)
+            assert math.isfinite(v) and 0 <= v <= LR * (1 + 1e-12), (schedule, steps, warmup, s, v)
+
+
+# --------------------------------------------------------------------------------------------- gan_turn
+
+
+def test_gan_turn_pattern():
+    p = _phase(kind="gan", critic_iters=5, gen_iters=2)
+    pattern = "".join("C" if gan_turn(p, s) == "critic" else "G" for s in range(35))
+    assert pattern == "CCCCCGG" * 5
+    assert {gan_turn(p, s) for s in range(7)} == {"critic", "gen"}
+
+
+def test_gan_turn_other_ratios():
+    p = _phase(kind="gan", critic_iters=1, gen_iters=1)
+    assert "".join("C" if gan_turn(p, s) == "critic" else "G" for s in range(6)) == "CGCGCG"
+    p = _phase(kind="gan", critic_iters=0, gen_iters=3)
+    assert all(gan_turn(p, s) == "gen" for s in range(10))
+    p = _phase(kind="gan", critic_iters=2, gen_iters=0)
+    assert all(gan_turn(p, s) == "critic" for s in range(10))
+
+
+# --------------------------------------------------------------------------------------------- StopRule
+
+
+def test_stop_rule_scripted_sequence():
+    rule = StopRule(patience=2)
+    values = [0.5, 0.4, 0.45, 0.41, 0.3]
+    results = []
+    for step, v in enumerate(values):
+        improved, stop = rule.update(v, step * 100)
+        results.append((improved, stop))
+        if stop:
+            break
+    assert results == [(True, False), (True, False), (False, False), (False, True)]
+    assert len(results) == 4  # fired at the 4th value
+    assert rule.best == 0.4 and rule.best_step == 100
+    assert rule.bad_checks == 2
+
+
+def test_stop_rule_improvement_resets_count():
+    rule = StopRule(patience=2)
+    for step, v in enumerate([0.5, 0.6, 0.4, 0.45]):
+        _, stop = rule.update(v, step)
+        assert not stop
+    assert rule.best == 0.4 and rule.bad_checks == 1
+    assert rule.update(0.4, 4) == (False, True)  # equal is not an improvement
+
+
+def test_stop_rule_patience_zero_never_stops():
+    rule = StopRule(patience=0)
+    first = rule.update(0.1, 0)
+    assert first == (True, False)
+    for step in range(1, 50):
+        improved, stop = rule.update(0.1 + step, step)
+        assert not improved and not stop
+    assert rule.best == 0.1 and rule.best_step == 0 and rule.bad_checks == 49
+
+
+def test_stop_rule_state_round_trip():
+    rule = StopRule(patience=3)
+    for step, v in enumerate([0.5, 0.3, 0.35]):
+        rule.update(v, step)
+    state = rule.state_dict()
+    assert state == {"patience": 3, "best": 0.3, "best_step": 1, "bad_checks": 1}
+    restored = StopRule.from_state(json.loads(json.dumps(state)))
+    assert restored == rule
+    # both go on identically
+    for step, v in enumerate([0.36, 0.37], start=3):
+        assert restored.update(v, step) == rule.update(v, step)
+    assert restored.update(0.9, 5) == (False, True)
+
+    fresh = StopRule()
+    assert StopRule.from_state(json.loads(json.dumps(fresh.state_dict()))) == fresh
+    assert fresh.best == math.inf
+
+
+# --------------------------------------------------------------------------------------------- kinds
+
+
+def test_phase_kinds():
+    gen = _phase(kind="gen", w_lpips=1.0)
+    critic = _phase(kind="critic", w_lpips=1.0)
+    gan = _phase(kind="gan", w_lpips=1.0)
+    assert (trains_generator(gen), trains_critic(gen), uses_lpips(gen)) == (True, False, True)
+    assert (trains_generator(critic), trains_critic(critic), uses_lpips(critic)) == (False, True, False)
+    assert (trains_generator(gan), trains_critic(gan), uses_lpips(gan)) == (True, True, True)
+    assert not uses_lpips(_phase(kind="gen", w_lpips=0.0))
+    assert not uses_lpips(_phase(kind="gan", w_lpips=0.0))
