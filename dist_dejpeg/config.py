@@ -204,6 +204,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'train.phases.{name}.steps': must be >= 0")
         if len(phase.betas) != 2:
             raise ConfigError(f"config key 'train.phases.{name}.betas': needs two values")
+        adv = phase.w_adv if phase.kind == "gan" else 0.0  # the gen phase has no critic
+        if phase.kind in ("gen", "gan") and phase.w_pixel <= 0 and phase.w_lpips <= 0 and adv <= 0:
+            raise ConfigError(f"config keys 'train.phases.{name}.w_pixel/w_lpips': the generator needs a loss")
         if phase.kind == "gan" and phase.critic_iters + phase.gen_iters < 1:
             raise ConfigError(f"config keys 'train.phases.{name}.critic_iters/gen_iters': both zero")
 

@@ -223,3 +223,10 @@ def test_cli_unknown_key_returns_2(capsys):
     assert rc == 2
     assert "data.bogus" in captured.err
     assert captured.out == ""
+
+
+def test_generator_phase_without_any_loss_is_an_error():
+    with pytest.raises(ConfigError, match=r"train\.phases\.gen\.w_pixel"):
+        load_config(None, ["train.phases.gen.w_pixel=0", "train.phases.gen.w_lpips=0"])
+    # the gan phase may train on the adversarial term alone
+    load_config(None, ["train.phases.gan.w_pixel=0", "train.phases.gan.w_lpips=0"])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,6 +30,21 @@ log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("corrupt", "too_small", "no_image", "bad_tar")
 _MAX_WARNINGS = 20  # per slot; counts keep going after the log stops
+
+
+def once_per_shard(shards: list[str], report: Callable[[str | None, Exception], None]) -> Callable[[Exception], bool]:
+    """A webdataset error handler that skips the rest of an unreadable tar and reports each shard once
+    (webdataset raises twice for one cut-off tar: for the member, then for the file)."""
+    failed: set = set()
+
+    def handler(err: Exception) -> bool:
+        url = next((a for a in err.args if isinstance(a, str) and a in shards), None)
+        if url is None or url not in failed:
+            failed.add(url)
+            report(url, err)
+        return True
+
+    return handler
 
 
 class ShardStream(IterableDataset):
@@ -60,17 +75,10 @@ class ShardStream(IterableDataset):
         else:
             every = n_slots
 
-        failed: set = set()
+        def report(url: str | None, err: Exception) -> None:
+            self._count(row, "bad_tar", f"unreadable tar data in {url} ({type(err).__name__})")
 
-        def on_error(err: Exception) -> bool:
-            # webdataset reports one cut-off tar twice (member, then file): count each shard once
-            url = next((a for a in err.args if isinstance(a, str) and a in shards), None)
-            if url is None or url not in failed:
-                failed.add(url)
-                self._count(row, "bad_tar", f"unreadable tar data in {url} ({type(err).__name__})")
-            return True  # skip the rest of that tar, go on with the next
-
-        raw = wds.tariterators.tarfile_samples([{"url": s} for s in shards], handler=on_error)
+        raw = wds.tariterators.tarfile_samples([{"url": s} for s in shards], handler=once_per_shard(shards, report))
         raw = (s for s in raw if s)  # drop end-of-shard markers
         if every > 1:
             raw = (s for i, s in enumerate(raw) if i % every == slot)
@@ -192,18 +200,14 @@ def load_val_set(shards: list[str], crop: int, qualities: list[int], rank: int =
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     clean = []
     index = 0
-    failed: set = set()
 
-    def on_error(err: Exception) -> bool:
-        url = next((a for a in err.args if isinstance(a, str) and a in shards), None)
-        if url is None or url not in failed:
-            failed.add(url)
-            skipped["bad_tar"] += 1
-            log.warning("validation shard %s: unreadable tar data (%s); using what came before it", url,
-                        type(err).__name__)
-        return True
+    def report(url: str | None, err: Exception) -> None:
+        skipped["bad_tar"] += 1
+        log.warning("validation shard %s: unreadable tar data (%s); using what came before it", url,
+                    type(err).__name__)
 
-    for raw in wds.tariterators.tarfile_samples([{"url": s} for s in sorted(shards)], handler=on_error):
+    handler = once_per_shard(shards, report)
+    for raw in wds.tariterators.tarfile_samples([{"url": s} for s in sorted(shards)], handler=handler):
         if not raw:
             continue
         if max_images and index >= max_images:

@@ -239,7 +239,7 @@ class Trainer:
         while st.phase_step < phase.steps and not stopped:
             turn = phase.kind if phase.kind != "gan" else gan_turn(phase, st.phase_step)
             lr = lr_at(phase, st.phase_step)
-            if turn in ("gen",):
+            if turn == "gen":
                 _set_lr(self.g_opt, lr)
                 logs = generator_step(acc, self.generator, self.g_opt, batches, grad_accum=cfg.train.grad_accum,
                                       w_pixel=phase.w_pixel, w_lpips=phase.w_lpips,
