@@ -211,11 +211,6 @@ def list_shards(root: str | Path, pattern: str) -> list[str]:
     return found
 
 
-def read_manifest(root: str | Path) -> dict | None:
-    path = Path(root) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def shard_keys(path: str) -> list[str]:
     """Sample keys of one shard, in order (for tests and tooling)."""
     keys = []
