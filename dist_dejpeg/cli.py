@@ -2,6 +2,7 @@
 
     dist-dejpeg prepare samples --out data/samples
     dist-dejpeg prepare folder --src ~/photos --out data/photos
+    dist-dejpeg prepare div2k --root data/div2k_src --out data/div2k --download
     dist-dejpeg train --config configs/debug.yaml [--resume [CKPT]] [--dry-run] [key=value ...]
     accelerate launch -m dist_dejpeg.cli train --config configs/div2k.yaml
 
@@ -18,10 +19,24 @@ import sys
 def _prepare(args: argparse.Namespace) -> int:
     from dist_dejpeg.data.shards import prepare_folder, prepare_samples
 
-    tile = args.tile or (128 if args.dataset == "samples" else 256)
+    tile = args.tile or {"samples": 128, "folder": 256, "div2k": 480}[args.dataset]
     step = args.step or tile // 2
     shard_size = args.shard_size or (64 if args.dataset == "samples" else 256)
-    if args.dataset == "samples":
+    if args.dataset == "div2k":
+        from dist_dejpeg.data.div2k import prepare_div2k
+        from dist_dejpeg.data.download import DownloadError
+
+        if not args.root:
+            print("error: prepare div2k needs --root <folder with the DIV2K zips or folders>", file=sys.stderr)
+            return 2
+        try:
+            manifest = prepare_div2k(args.root, args.out, download_missing=args.download, tile=tile, step=step,
+                                     shard_size=shard_size, workers=args.workers, seed=args.seed,
+                                     keep_staging=args.keep_staging)
+        except (FileNotFoundError, DownloadError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    elif args.dataset == "samples":
         manifest = prepare_samples(args.out, tile=tile, train_step=step, shard_size=shard_size, seed=args.seed)
     else:
         if not args.src:
@@ -75,11 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     prep = sub.add_parser("prepare", help="write WebDataset shards of lossless tiles")
-    prep.add_argument("dataset", choices=["samples", "folder"],
-                      help="samples: photographs bundled with scikit-image; folder: your own images (--src)")
+    prep.add_argument("dataset", choices=["samples", "folder", "div2k"],
+                      help="samples: photographs bundled with scikit-image; folder: your own images (--src); "
+                           "div2k: the DIV2K HR archives (--root, --download)")
+    prep.add_argument("--root", help="div2k: folder with DIV2K_{train,valid}_HR.zip or their extracted folders")
+    prep.add_argument("--download", action="store_true", help="div2k: fetch missing archives (resumable, verified)")
+    prep.add_argument("--workers", type=int, default=0, help="div2k: tiling processes (0: one per core, max 16)")
+    prep.add_argument("--keep-staging", action="store_true", help="div2k: keep the per-image tile tars")
     prep.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
     prep.add_argument("--src", help="folder: the images (searched recursively; lossless formats preferred)")
-    prep.add_argument("--tile", type=int, default=0, help="tile size in pixels (samples 128, folder 256)")
+    prep.add_argument("--tile", type=int, default=0, help="tile size in pixels (samples 128, folder 256, div2k 480)")
     prep.add_argument("--step", type=int, default=0, help="stride between training tiles (tile/2)")
     prep.add_argument("--shard-size", type=int, default=0, help="samples per shard (samples 64, folder 256)")
     prep.add_argument("--val-fraction", type=float, default=0.1, help="folder: share of images held out for validation")

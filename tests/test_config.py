@@ -230,3 +230,11 @@ def test_generator_phase_without_any_loss_is_an_error():
         load_config(None, ["train.phases.gen.w_pixel=0", "train.phases.gen.w_lpips=0"])
     # the gan phase may train on the adversarial term alone
     load_config(None, ["train.phases.gan.w_pixel=0", "train.phases.gan.w_lpips=0"])
+
+
+def test_div2k_recipe_loads_and_names_the_seed_settings():
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "div2k.yaml")
+    assert cfg.model.encoder.startswith("mobilenetv3") and cfg.model.pretrained
+    assert cfg.loss.lpips_net == "vgg" and cfg.train.phases["gan"].betas == [0.0, 0.9]
+    assert (cfg.train.phases["gan"].critic_iters, cfg.train.phases["gan"].gen_iters) == (5, 2)
+    assert cfg.data.val_qualities == [10, 20, 30, 40]

@@ -1,0 +1,203 @@
+"""DIV2K high-resolution images -> lossless sub-image shards (train and val), idempotent and resumable.
+
+    dist-dejpeg prepare div2k --root data/div2k_src --out data/div2k [--download] [--workers 8]
+
+Inputs per split: ``<root>/DIV2K_train_HR.zip`` / ``DIV2K_valid_HR.zip`` (the official archives) or their
+extracted folders ``<root>/DIV2K_train_HR/*.png``. ``--download`` fetches missing archives from the
+official address (resumable, checksum-verified).
+
+Two stages, each restartable:
+1. *tiles*: a process pool decodes every source image once, cuts fixed-size tiles (default 480 px every
+   240 px, as BasicSR's extract_subimages) and writes them, losslessly, into one staging tar per image plus
+   a small JSON that marks it finished. A rerun skips finished images; an undecodable or too-small source
+   is recorded as rejected.
+2. *shards*: the tile list is shuffled with a fixed seed (readers shuffle only within a buffer) and packed
+   into ``train-NNNNNN.tar`` / ``val-NNNNNN.tar`` (temp file + rename). A rerun with the same plan skips
+   shards that exist. ``manifest.json`` is written last; the staging folder is removed after it unless
+   ``keep_staging``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tarfile
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from dist_dejpeg.data.download import download, sha256_file
+from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_png
+from dist_dejpeg.data.shards import MANIFEST, SHARD_NAME, atomic_write_bytes, sample_key, tiles, write_shard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    url: str
+    sha256: str | None
+    size: int | None
+
+
+# Sizes and SHA-256 as recorded by TensorFlow Datasets (url_checksums/div2k.txt).
+OFFICIAL = {
+    "train": RemoteFile("https://data.vision.ee.ethz.ch/cvl/DIV2K/DIV2K_train_HR.zip",
+                        "9d0b9c463f6e35b6c62cc6a930ee2224f670b34c1df841a57670f9acf0f6c335", 3530603713),
+    "val": RemoteFile("https://data.vision.ee.ethz.ch/cvl/DIV2K/DIV2K_valid_HR.zip",
+                      "20dd31fd84d777bc1cf5d6b7654a3f569c0aec74458ae094122ad1d0489900fc", 448993893),
+}
+ARCHIVE = {"train": "DIV2K_train_HR", "val": "DIV2K_valid_HR"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source image: a file, or a member of a zip archive."""
+
+    name: str  # sample-key stem, e.g. "0001"
+    split: str
+    path: str  # file path, or the zip's path
+    member: str = ""  # zip member name ("" for a plain file)
+
+    def read(self) -> bytes:
+        if not self.member:
+            return Path(self.path).read_bytes()
+        with zipfile.ZipFile(self.path) as archive:
+            return archive.read(self.member)
+
+
+def find_sources(root: Path, split: str) -> tuple[list[Source], dict]:
+    """Sources of one split from the archive or its extracted folder; also the archive's identity."""
+    base = ARCHIVE[split]
+    zip_path, folder = root / f"{base}.zip", root / base
+    if folder.is_dir():
+        files = sorted(p for p in folder.rglob("*.png"))
+        return [Source(sample_key(p.name), split, str(p)) for p in files], {"folder": str(folder), "files": len(files)}
+    if zip_path.is_file():
+        with zipfile.ZipFile(zip_path) as archive:
+            members = sorted(n for n in archive.namelist() if n.lower().endswith(".png") and not n.endswith("/"))
+        return ([Source(sample_key(m.rsplit("/", 1)[-1]), split, str(zip_path), m) for m in members],
+                {"archive": zip_path.name, "size": zip_path.stat().st_size, "sha256": sha256_file(zip_path)})
+    raise FileNotFoundError(f"DIV2K {split}: neither {zip_path} nor {folder} exists (pass --download to fetch "
+                            f"{OFFICIAL[split].url})")
+
+
+def _tile_one(source: Source, staging: Path, tile: int, step: int) -> dict:
+    """Process-pool worker: decode one source once, write its tiles to ``<staging>/<name>.tar``."""
+    done = staging / f"{source.name}.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    data = source.read()
+    record = {"name": source.name, "source": source.member or source.path,
+              "sha256": hashlib.sha256(data).hexdigest()}
+    try:
+        rgb = decode_rgb8(data)
+    except BadImage as err:
+        record["rejected"] = f"undecodable: {err}"
+    else:
+        record.update(height=int(rgb.shape[0]), width=int(rgb.shape[1]))
+        if min(rgb.shape[:2]) < tile:
+            record["rejected"] = f"smaller than the {tile} px tile ({rgb.shape[1]}x{rgb.shape[0]})"
+        else:
+            items = [(f"{source.name}_s{i:03d}", encode_png(t.copy())) for i, t in enumerate(tiles(rgb, tile, step))]
+            write_shard(staging / f"{source.name}.tar", items)
+            record["tiles"] = len(items)
+    atomic_write_bytes(done, json.dumps(record).encode())  # last: marks the image finished
+    return record
+
+
+def _tar_index(path: Path) -> dict[str, tuple[int, int]]:
+    with tarfile.open(path) as tar:
+        return {m.name.rsplit(".", 1)[0]: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
+
+
+def _pack(out: Path, split: str, staging: Path, plan: list[list[str]]) -> list[str]:
+    """Write the planned shards; skip any that already exist from an earlier run of the same plan."""
+    for leftover in out.glob(f".{split}-*.tar.tmp*"):  # an interrupted earlier write
+        leftover.unlink()
+    indexes: dict[str, dict] = {}
+    names = []
+    for index, keys in enumerate(tqdm(plan, desc=f"{split} shards", unit="shard")):
+        path = out / SHARD_NAME.format(split=split, index=index)
+        names.append(path.name)
+        if path.is_file():
+            continue
+
+        def read(key: str) -> bytes:
+            stem = key.rsplit("_s", 1)[0]
+            if stem not in indexes:
+                indexes[stem] = _tar_index(staging / f"{stem}.tar")
+            offset, size = indexes[stem][key]
+            with open(staging / f"{stem}.tar", "rb") as f:
+                f.seek(offset)
+                return f.read(size)
+
+        write_shard(path, ((k, read(k)) for k in keys))
+    return names
+
+
+def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool = False, tile: int = 480,
+                  step: int = 240, shard_size: int = 256, workers: int = 0, seed: int = 0,
+                  keep_staging: bool = False, remote: dict[str, RemoteFile] | None = None,
+                  progress: bool = True) -> dict:
+    """Build DIV2K train/val shards and the manifest in ``out``; see the module docstring."""
+    root, out = Path(root), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    remote = remote or OFFICIAL
+    settings = {"tile": tile, "train_step": step, "val_step": tile, "shard_size": shard_size, "seed": seed,
+                "format": "png"}
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        if old.get("settings") == settings and all((out / s).is_file() for sp in old["splits"].values()
+                                                   for s in sp["shards"]):
+            log.info("%s is already prepared with these settings", out)
+            return old
+    workers = workers or max(1, min(os.cpu_count() or 1, 16))
+    manifest = {"dataset": "DIV2K HR", "format": "png", "settings": settings, **settings, "splits": {},
+                "sources": {}, "inputs": {}, "rejected": []}
+    for split in ("train", "val"):
+        if download_missing and not (root / ARCHIVE[split]).is_dir():
+            info = remote[split]
+            download(info.url, root / f"{ARCHIVE[split]}.zip", info.sha256, info.size, progress=progress)
+        sources, identity = find_sources(root, split)
+        manifest["inputs"][split] = identity
+        staging = out / ".staging" / split
+        staging.mkdir(parents=True, exist_ok=True)
+        split_step = step if split == "train" else tile
+        with ProcessPoolExecutor(workers) as pool:
+            futures = [pool.submit(_tile_one, s, staging, tile, split_step) for s in sources]
+            records = [f.result() for f in tqdm(futures, desc=f"{split} tiles", unit="img", disable=not progress)]
+        keys = []
+        for record in records:
+            if "rejected" in record:
+                manifest["rejected"].append({"source": record["source"], "split": split, "reason": record["rejected"]})
+                continue
+            manifest["sources"][record["name"]] = {k: record[k] for k in ("split", "height", "width", "sha256")
+                                                   if k in record} | {"split": split, "tiles": record["tiles"]}
+            keys += [f"{record['name']}_s{i:03d}" for i in range(record["tiles"])]
+        if split == "train":
+            random.Random(f"{seed}-div2k-train").shuffle(keys)
+        plan = [keys[i:i + shard_size] for i in range(0, len(keys), shard_size)]
+        plan_path = out / ".staging" / f"plan-{split}.json"
+        if not plan_path.is_file() or json.loads(plan_path.read_text()) != plan:
+            for stale in out.glob(f"{split}-*.tar"):  # shards of another plan: rebuild them all
+                stale.unlink()
+            atomic_write_bytes(plan_path, json.dumps(plan).encode())
+        names = _pack(out, split, staging, plan)
+        for stale in set(p.name for p in out.glob(f"{split}-*.tar")) - set(names):
+            (out / stale).unlink()
+        manifest["splits"][split] = {"samples": len(keys), "shards": names}
+    atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
+    if not keep_staging:
+        shutil.rmtree(out / ".staging", ignore_errors=True)
+    log.info("DIV2K: %d train / %d val tiles in %s (%d sources rejected)", manifest["splits"]["train"]["samples"],
+             manifest["splits"]["val"]["samples"], out, len(manifest["rejected"]))
+    return manifest
