@@ -29,7 +29,8 @@ class DataConfig:
     train_glob: str = "train-*.tar"  # training shards inside root (glob)
     val_glob: str = "val-*.tar"  # validation shards inside root (glob)
     auto_prepare: str = "none"  # "samples": write the bundled sample shards into root if it holds none
-    backend: str = "torch"  # loader: "torch" (webdataset + PIL in DataLoader workers)
+    backend: str = "auto"  # loader: "dali", "torch" (webdataset + PIL workers), "auto" (DALI if installed)
+    dali_threads: int = 4  # DALI CPU worker threads per device
     crop: int = 256  # training crop size in pixels (square)
     batch_size: int = 16  # per device, per micro-step
     num_workers: int = 4  # DataLoader worker processes per device
@@ -165,7 +166,7 @@ def validate(cfg: Config) -> None:
     # YAML 1.1 reads an unquoted `no` as false, which OmegaConf then turns into the string "False".
     if t.mixed_precision.lower() in ("false", "fp32", "none", "off"):
         t.mixed_precision = "no"
-    _one_of("data.backend", d.backend, ("torch",))
+    _one_of("data.backend", d.backend, ("auto", "dali", "torch"))
     _one_of("data.auto_prepare", d.auto_prepare, ("none", "samples"))
     _one_of("train.mixed_precision", t.mixed_precision, ("no", "bf16", "fp16"))
     _one_of("loss.lpips_net", cfg.loss.lpips_net, ("vgg", "alex"))

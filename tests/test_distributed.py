@@ -14,7 +14,7 @@ ROOT = Path(__file__).parents[1]
 
 
 def tiny_overrides(run_dir: Path, shards: Path) -> list[str]:
-    return [f"train.run_dir={run_dir}", f"data.root={shards}", "data.crop=32", "data.batch_size=2",
+    return [f"train.run_dir={run_dir}", f"data.root={shards}", "data.backend=torch", "data.crop=32", "data.batch_size=2",
             "data.num_workers=0", "data.val_crop=32", "data.val_max_images=7", "model.encoder=mobilenetv3_small_050",
             "model.pretrained=false", "model.decoder_width=16", "critic.width=8", "critic.n_blocks=2",
             "loss.lpips_pretrained=false", "train.mixed_precision=no", "train.progress=false", "train.val_every=0",

@@ -38,7 +38,7 @@ def fresh_accelerator_state():
 
 def tiny(run_dir: Path, shards: Path, *overrides: str):
     base = [
-        f"data.root={shards}", "data.crop=32", "data.batch_size=2", "data.num_workers=0", "data.val_crop=32",
+        f"data.root={shards}", "data.backend=torch", "data.crop=32", "data.batch_size=2", "data.num_workers=0", "data.val_crop=32",
         "data.val_max_images=4", "data.val_batch_size=4", "data.shuffle_buffer=8",
         "model.encoder=mobilenetv3_small_050", "model.pretrained=false", "model.decoder_width=16",
         "critic.width=8", "critic.n_blocks=2", "loss.lpips_net=alex", "loss.metric_net=alex",

@@ -20,8 +20,23 @@ def ensure_samples(cfg: Config) -> bool:
     return True
 
 
-def build_train_loader(cfg: Config, rank: int, world: int, device: torch.device) -> TorchLoader:
+def resolve_backend(backend: str) -> str:
+    if backend != "auto":
+        return backend
+    from dist_dejpeg.data.dali import HAVE_DALI
+
+    return "dali" if HAVE_DALI else "torch"
+
+
+def build_train_loader(cfg: Config, rank: int, world: int, device: torch.device):
+    """The training loader of ``data.backend``; every backend yields the same batch contract."""
     d = cfg.data
+    if resolve_backend(d.backend) == "dali":
+        from dist_dejpeg.data.dali import DaliLoader
+
+        return DaliLoader(list_shards(d.root, d.train_glob), d.crop, (d.quality_min, d.quality_max), d.batch_size,
+                          seed=cfg.train.seed, rank=rank, world=world, device=device, num_threads=d.dali_threads,
+                          initial_fill=d.shuffle_buffer, channels_last=cfg.model.channels_last)
     stream = ShardStream(list_shards(d.root, d.train_glob), d.crop, (d.quality_min, d.quality_max),
                          seed=cfg.train.seed, rank=rank, world=world, num_workers=d.num_workers,
                          shuffle_buffer=d.shuffle_buffer)

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from dist_dejpeg.data.download import download, sha256_file
 from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_png
-from dist_dejpeg.data.shards import MANIFEST, SHARD_NAME, atomic_write_bytes, sample_key, tiles, write_shard
+from dist_dejpeg.data.shards import (MANIFEST, SHARD_NAME, atomic_write_bytes, finish_split_files, sample_key, tiles,
+                                     write_shard)
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +191,11 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
         if not plan_path.is_file() or json.loads(plan_path.read_text()) != plan:
             for stale in out.glob(f"{split}-*.tar"):  # shards of another plan: rebuild them all
                 stale.unlink()
+                stale.with_suffix(".idx").unlink(missing_ok=True)
             atomic_write_bytes(plan_path, json.dumps(plan).encode())
         names = _pack(out, split, staging, plan)
-        for stale in set(p.name for p in out.glob(f"{split}-*.tar")) - set(names):
-            (out / stale).unlink()
         manifest["splits"][split] = {"samples": len(keys), "shards": names}
+        finish_split_files(out, {split: manifest["splits"][split]})
     atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
     if not keep_staging:
         shutil.rmtree(out / ".staging", ignore_errors=True)

@@ -140,15 +140,27 @@ def write_dataset(out: str | Path, sources: list[tuple[str, str, Callable[[], np
         for i, t in enumerate(tiles(rgb, tile, step)):
             sinks[split].add(f"{sample_key(name)}_s{i:03d}", encode_png(np.ascontiguousarray(t)))
     splits = {split: sink.close() for split, sink in sinks.items()}
-    for split, info in splits.items():  # shards of an earlier prepare with other settings
-        for stale in set(p.name for p in out.glob(f"{split}-*.tar")) - set(info["shards"]):
-            (out / stale).unlink()
+    finish_split_files(out, splits)
     manifest = {"dataset": dataset, "format": "png", "tile": tile, "train_step": train_step, "val_step": tile,
                 "shard_size": shard_size, "splits": splits, "sources": manifest_sources, "rejected": rejected}
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode())
     log.info("wrote %d train / %d val tiles to %s (%d sources rejected)", splits["train"]["samples"],
              splits["val"]["samples"], out, len(rejected))
     return manifest
+
+
+def finish_split_files(out: Path, splits: dict) -> None:
+    """Remove shards (and index files) an earlier prepare with other settings left behind, and write DALI
+    index files for the current shards when DALI is installed."""
+    from dist_dejpeg.data.dali import write_indexes
+
+    for split, info in splits.items():
+        current = set(info["shards"])
+        for stale in out.glob(f"{split}-*.tar"):
+            if stale.name not in current:
+                stale.unlink()
+                stale.with_suffix(".idx").unlink(missing_ok=True)
+        write_indexes([out / name for name in info["shards"]])
 
 
 def sample_key(name: str) -> str:

@@ -1,0 +1,160 @@
+"""The DALI data path: sharded WebDataset reader, decode (GPU when there is one), random crop and flips,
+JPEG degradation at a per-sample random quality, the batch contract.
+
+    data.backend=dali   (or auto: DALI when it imports, torch otherwise)
+
+On a GPU the image decode runs ``mixed`` (nvJPEG / nvJPEG2000; PNG decodes on the CPU inside DALI) and crop,
+flip and ``jpeg_compression_distortion`` run on the GPU; with ``device_id=None`` everything runs on the CPU
+(CI, laptops). The reader is sharded by rank (``shard_id``/``num_shards``), shuffles within
+``initial_fill`` samples (shards are shuffled at prepare time), pads the last batch, and is named "Reader"
+so the iterator sizes epochs per shard.
+
+Resume: DALI's stream is not resumed sample-exactly (the torch loader is). After a resume the reader
+starts a new pass with a seed derived from the number of batches already consumed, so a resumed run does
+not replay the batches it has seen; models, optimizers and RNG are restored exactly as with any backend.
+Validation does not go through DALI: both backends share the same fixed validation set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    HAVE_DALI = True
+except ImportError:  # pragma: no cover - exercised where DALI is not installed
+    HAVE_DALI = False
+
+EXTENSIONS = "png;jp2;jpg;jpeg;webp;tif;tiff;bmp"  # one output: whichever image component a sample has
+
+
+def index_path(shard: str | Path) -> Path:
+    return Path(shard).with_suffix(".idx")
+
+
+def write_index(shard: str | Path) -> Path:
+    """DALI index file for one shard (``wds2idx``), written atomically next to it."""
+    shard = Path(shard)
+    final = index_path(shard)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    from wds2idx import IndexCreator  # ships with DALI
+
+    creator = IndexCreator(str(shard), str(tmp), verbose=False)
+    try:
+        creator.create_index()
+    finally:
+        creator.close()
+    os.replace(tmp, final)
+    return final
+
+
+def write_indexes(shards: list[str | Path]) -> int:
+    """Index files for every shard that lacks a current one (no-op without DALI). Returns how many."""
+    if not HAVE_DALI:
+        return 0
+    count = 0
+    for shard in shards:
+        idx = index_path(shard)
+        if not idx.is_file() or idx.stat().st_mtime < Path(shard).stat().st_mtime:
+            write_index(shard)
+            count += 1
+    return count
+
+
+def check_indexes(shards: list[str]) -> list[str] | None:
+    """Index files for ``shards``: all present and newer than their tar -> their paths; none present ->
+    None (DALI builds them in memory, slower start); a stale or partial set is an error naming a file."""
+    idx = [index_path(s) for s in shards]
+    present = [p.is_file() for p in idx]
+    if not any(present):
+        log.warning("no DALI index files next to the shards (e.g. %s): DALI will scan the tars at start-up; "
+                    "`dist-dejpeg prepare` writes them when DALI is installed", idx[0])
+        return None
+    for shard, path, ok in zip(shards, idx, present):
+        if not ok:
+            raise FileNotFoundError(f"DALI index file missing: {path} (others exist; rerun prepare or delete all *.idx)")
+        if path.stat().st_mtime < Path(shard).stat().st_mtime:
+            raise RuntimeError(f"DALI index file is stale (older than its tar): {path}; rerun prepare or delete it")
+    return [str(p) for p in idx]
+
+
+if HAVE_DALI:
+
+    def degrade_graph(paths, index_paths, crop, quality_range, shard_id, num_shards, initial_fill, gpu, augment=True):
+        """The pipeline graph (wrapped once by ``pipeline_def`` below)."""
+        encoded = fn.readers.webdataset(
+            paths=paths, index_paths=index_paths, ext=[EXTENSIONS], missing_component_behavior="skip",
+            shard_id=shard_id, num_shards=num_shards, random_shuffle=augment, initial_fill=initial_fill,
+            pad_last_batch=True, name="Reader")
+        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        if augment:
+            clean = fn.crop(images, crop=(crop, crop), crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
+                            crop_pos_y=fn.random.uniform(range=(0.0, 1.0)))
+            clean = fn.flip(clean, horizontal=fn.random.coin_flip(), vertical=fn.random.coin_flip())
+            quality = fn.random.uniform(values=list(range(quality_range[0], quality_range[1] + 1)), dtype=types.INT32)
+        else:
+            clean = fn.crop(images, crop=(crop, crop))  # centred, for tests of the reader's sharding
+            quality = fn.random.uniform(values=[quality_range[0]], dtype=types.INT32)
+        jpeg = fn.jpeg_compression_distortion(clean, quality=quality)
+        to_float = dict(dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[255.0])
+        return fn.crop_mirror_normalize(jpeg, **to_float), fn.crop_mirror_normalize(clean, **to_float), quality
+
+    degrade_pipeline = pipeline_def(degrade_graph)
+
+
+class DaliLoader:
+    """Iterates contract batches from a DALI pipeline; restarts epochs forever."""
+
+    def __init__(self, shards: list[str], crop: int, quality_range: tuple[int, int], batch_size: int, *,
+                 seed: int = 0, rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"),
+                 num_threads: int = 2, initial_fill: int = 256, channels_last: bool = False, augment: bool = True):
+        if not HAVE_DALI:
+            raise ImportError("data.backend=dali needs NVIDIA DALI: pip install 'dist_dejpeg[dali]' "
+                              "(or data.backend=torch)")
+        self.shards = sorted(shards)
+        self.index_paths = check_indexes(self.shards)
+        self.crop, self.quality_range, self.batch_size = crop, quality_range, batch_size
+        self.seed, self.rank, self.world, self.device = seed, rank, world, device
+        self.num_threads, self.initial_fill = num_threads, initial_fill
+        self.channels_last, self.augment = channels_last, augment
+        self.consumed = 0
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "backend": "dali"}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state.get("consumed", 0))
+
+    def skipped(self) -> dict[str, int]:
+        return {}  # DALI skips samples without an image component silently; prepare rejects bad images
+
+    def _build(self):
+        gpu = self.device.type == "cuda"
+        pipe = degrade_pipeline(
+            paths=self.shards, index_paths=self.index_paths or [], crop=self.crop, quality_range=self.quality_range,
+            shard_id=self.rank, num_shards=self.world, initial_fill=self.initial_fill, gpu=gpu, augment=self.augment,
+            batch_size=self.batch_size, num_threads=self.num_threads,
+            device_id=(self.device.index or 0) if gpu else None,
+            seed=(self.seed * 1_000_003 + self.rank * 7_919 + self.consumed) % (2**31 - 1))
+        pipe.build()
+        return DALIGenericIterator(pipe, ["jpeg", "clean", "quality"], reader_name="Reader", auto_reset=True,
+                                   last_batch_policy=LastBatchPolicy.DROP)
+
+    def __iter__(self) -> Iterator[dict]:
+        iterator = self._build()
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        while True:
+            for (out,) in iterator:
+                self.consumed += 1
+                yield {"jpeg": out["jpeg"].to(self.device).contiguous(memory_format=fmt),
+                       "clean": out["clean"].to(self.device).contiguous(memory_format=fmt),
+                       "quality": out["quality"].reshape(-1).to(torch.int64).to(self.device)}

@@ -1,0 +1,175 @@
+"""The DALI pipeline, CPU-only (device_id=None) here and on CI; GPU checks carry the `gpu` marker.
+
+Same shards as the torch loader: the batch contract, determinism, rank sharding, the libjpeg peer check,
+index files, and a training run with data.backend=dali."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+dali = pytest.importorskip("dist_dejpeg.data.dali")
+if not dali.HAVE_DALI:  # pragma: no cover - CI installs DALI with the test extra
+    pytest.skip("NVIDIA DALI is not installed (pip install -e '.[test]' installs it)", allow_module_level=True)
+
+from dist_dejpeg.data.dali import DaliLoader, check_indexes, index_path, write_index  # noqa: E402
+from dist_dejpeg.data.images import jpeg_roundtrip  # noqa: E402
+from dist_dejpeg.data.shards import list_shards, shard_keys  # noqa: E402
+
+TILE = 96  # conftest's sample_shards tile size
+
+
+def train_shards(root: Path) -> list[str]:
+    return list_shards(root, "train-*.tar")
+
+
+def take(loader, n: int) -> list[dict]:
+    out = []
+    for batch in loader:
+        out.append({k: v.clone() for k, v in batch.items()})
+        if len(out) == n:
+            return out
+    return out
+
+
+def one_epoch(loader: DaliLoader) -> list[torch.Tensor]:
+    """Every sample of one pass of the loader's reader shard (batch size 1, so nothing is dropped)."""
+    return [out["clean"][0] for (out,) in loader._build()]
+
+
+def u8(x: torch.Tensor) -> np.ndarray:
+    return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def test_batch_contract(sample_shards):
+    batch = take(DaliLoader(train_shards(sample_shards), 64, (10, 40), 4, num_threads=1), 1)[0]
+    assert set(batch) == {"jpeg", "clean", "quality"}
+    for key in ("jpeg", "clean"):
+        assert batch[key].shape == (4, 3, 64, 64) and batch[key].dtype == torch.float32
+        assert 0.0 <= batch[key].min() and batch[key].max() <= 1.0
+    assert batch["quality"].dtype == torch.int64 and batch["quality"].shape == (4,)
+    assert ((10 <= batch["quality"]) & (batch["quality"] <= 40)).all()
+    assert not torch.equal(batch["jpeg"], batch["clean"])
+
+
+def test_fixed_seed_is_deterministic(sample_shards):
+    def batches(seed):
+        return take(DaliLoader(train_shards(sample_shards), 32, (10, 40), 4, seed=seed, num_threads=2), 3)
+
+    a, b, c = batches(0), batches(0), batches(1)
+    for x, y in zip(a, b):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert not all(torch.equal(x["clean"], z["clean"]) for x, z in zip(a, c))
+
+
+def test_two_ranks_see_disjoint_samples_that_cover_the_set(sample_shards):
+    shards = train_shards(sample_shards)
+    total = sum(len(shard_keys(s)) for s in shards)
+    seen = []
+    for rank in (0, 1):
+        loader = DaliLoader(shards, TILE, (50, 50), 1, rank=rank, world=2, augment=False, num_threads=1)
+        seen.append({hashlib.sha1(u8(t).tobytes()).hexdigest() for t in one_epoch(loader)})
+    assert not seen[0] & seen[1]
+    assert len(seen[0]) + len(seen[1]) == total
+
+
+@pytest.mark.parametrize("quality", [10, 50])
+def test_cpu_distortion_matches_libjpeg(sample_shards, quality):
+    loader = DaliLoader(train_shards(sample_shards)[:1], TILE, (quality, quality), 4, augment=False, num_threads=1)
+    batch = take(loader, 1)[0]
+    for jpeg, clean in zip(batch["jpeg"], batch["clean"]):
+        assert np.array_equal(u8(jpeg), jpeg_roundtrip(u8(clean), quality))
+
+
+def test_degradation_weakens_as_quality_rises(sample_shards):
+    psnrs = []
+    for q in (10, 20, 40, 80):
+        batch = take(DaliLoader(train_shards(sample_shards)[:1], TILE, (q, q), 8, augment=False, num_threads=1), 1)[0]
+        mse = (batch["jpeg"] - batch["clean"]).pow(2).mean().item()
+        psnrs.append(10 * np.log10(1 / mse))
+    assert psnrs == sorted(psnrs) and psnrs[-1] - psnrs[0] > 5
+
+
+def test_index_files_written_at_prepare_and_checked(tmp_path):
+    from dist_dejpeg.data.shards import prepare_samples
+
+    prepare_samples(tmp_path, tile=64, train_step=64, shard_size=64)
+    shards = train_shards(tmp_path)
+    assert check_indexes(shards) == [str(index_path(s)) for s in shards]
+    batch = take(DaliLoader(shards, 32, (10, 40), 2, num_threads=1), 1)[0]
+    assert batch["jpeg"].shape == (2, 3, 32, 32)
+    # a stale index (older than its tar) and a partial set are errors that name the file
+    old = time.time() - 3600
+    os.utime(index_path(shards[0]), (old, old))
+    with pytest.raises(RuntimeError, match=index_path(shards[0]).name):
+        DaliLoader(shards, 32, (10, 40), 2)
+    write_index(shards[0])
+    index_path(shards[1]).unlink()
+    with pytest.raises(FileNotFoundError, match=index_path(shards[1]).name):
+        DaliLoader(shards, 32, (10, 40), 2)
+
+
+def test_sample_without_image_is_skipped(tmp_path, write_tar):
+    good = []
+    for i in range(5):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((48, 48, 3), 40 * i, np.uint8)).save(buf, "PNG")
+        good.append((f"img{i}", {"png": buf.getvalue()}))
+    path = tmp_path / "train-000000.tar"
+    write_tar(path, good[:2] + [("notes", {"txt": b"no image here"})] + good[2:])
+    seen = one_epoch(DaliLoader([str(path)], 32, (50, 50), 1, augment=False, num_threads=1))
+    assert len(seen) == 5
+
+
+def test_training_runs_with_the_dali_backend(tmp_path, sample_shards):
+    """The debug recipe, shortened, with data.backend=dali on the CPU."""
+    import json
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from dist_dejpeg.cli import main
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    config = Path(__file__).parents[1] / "configs" / "debug.yaml"
+    rc = main(["train", "--config", str(config), "data.backend=dali", f"data.root={sample_shards}",
+               f"train.run_dir={tmp_path / 'run'}", "train.progress=false", "data.dali_threads=1",
+               "model.encoder=mobilenetv3_small_050", "model.decoder_width=16", "data.val_max_images=4",
+               "train.phases.gen.steps=3", "train.phases.critic.steps=2", "train.phases.gan.steps=2",
+               "train.phases.gan.val_every=1"])
+    assert rc == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["meta"]["global_step"] == 7
+    state = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/loader_0.json")).read_text())
+    assert state["backend"] == "dali" and state["consumed"] > 0
+
+
+# -- GPU ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_pipeline_contract_on_cuda(sample_shards):
+    batch = take(DaliLoader(train_shards(sample_shards), 64, (10, 40), 8, device=torch.device("cuda")), 1)[0]
+    assert batch["jpeg"].is_cuda and batch["jpeg"].shape == (8, 3, 64, 64) and batch["quality"].is_cuda
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quality", [10, 20, 40, 80])
+def test_gpu_distortion_within_half_a_db_of_libjpeg(sample_shards, quality):
+    loader = DaliLoader(train_shards(sample_shards)[:2], TILE, (quality, quality), 16, augment=False,
+                        device=torch.device("cuda"))
+    batch = take(loader, 1)[0]
+    ours, peer = [], []
+    for jpeg, clean in zip(batch["jpeg"].cpu(), batch["clean"].cpu()):
+        ref = jpeg_roundtrip(u8(clean), quality).astype(np.float64) / 255
+        target = clean.permute(1, 2, 0).numpy().astype(np.float64)
+        ours.append(np.mean((jpeg.permute(1, 2, 0).numpy() - target) ** 2))
+        peer.append(np.mean((ref - target) ** 2))
+    gap = 10 * np.log10(np.mean(peer) / np.mean(ours))
+    assert abs(gap) < 0.5, f"DALI GPU vs libjpeg at q{quality}: {gap:+.3f} dB"
