@@ -15,6 +15,8 @@ import argparse
 import logging
 import sys
 
+from dist_dejpeg.data.images import TILE_FORMATS
+
 
 def _prepare(args: argparse.Namespace) -> int:
     from dist_dejpeg.data.shards import prepare_folder, prepare_samples
@@ -32,19 +34,20 @@ def _prepare(args: argparse.Namespace) -> int:
         try:
             manifest = prepare_div2k(args.root, args.out, download_missing=args.download, tile=tile, step=step,
                                      shard_size=shard_size, workers=args.workers, seed=args.seed,
-                                     keep_staging=args.keep_staging)
+                                     keep_staging=args.keep_staging, fmt=args.format)
         except (FileNotFoundError, DownloadError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     elif args.dataset == "samples":
-        manifest = prepare_samples(args.out, tile=tile, train_step=step, shard_size=shard_size, seed=args.seed)
+        manifest = prepare_samples(args.out, tile=tile, train_step=step, shard_size=shard_size, seed=args.seed,
+                                   fmt=args.format)
     else:
         if not args.src:
             print("error: prepare folder needs --src <folder of images>", file=sys.stderr)
             return 2
         try:
             manifest = prepare_folder(args.src, args.out, tile=tile, train_step=step, shard_size=shard_size,
-                                      val_fraction=args.val_fraction, seed=args.seed)
+                                      val_fraction=args.val_fraction, seed=args.seed, fmt=args.format)
         except FileNotFoundError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -104,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--shard-size", type=int, default=0, help="samples per shard (samples 64, folder 256)")
     prep.add_argument("--val-fraction", type=float, default=0.1, help="folder: share of images held out for validation")
     prep.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    prep.add_argument("--format", choices=TILE_FORMATS, default="raw",
+                      help="lossless tile format: png, raw (uncompressed, no decode), jp2 (GPU-decodable in DALI)")
     prep.set_defaults(func=_prepare)
 
     tr = sub.add_parser("train", help="run the NoGAN phases (resumable)")

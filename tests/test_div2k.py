@@ -20,7 +20,7 @@ from PIL import Image
 from dist_dejpeg.cli import main
 from dist_dejpeg.data import div2k
 from dist_dejpeg.data.download import DownloadError, download
-from dist_dejpeg.data.images import decode_rgb8
+from dist_dejpeg.data.images import decode_component, decode_rgb8, image_bytes
 from dist_dejpeg.data.shards import list_shards, shard_keys, tiles
 
 DATA = Path(skimage.data.__file__).parent
@@ -148,7 +148,7 @@ def test_prepare_div2k_from_served_zips(tmp_path, server, archives):
         for sample in wds.tariterators.tarfile_samples([{"url": p}]):
             if sample and sample["__key__"].startswith("0002_s"):
                 index = int(sample["__key__"].split("_s")[1])
-                assert np.array_equal(decode_rgb8(sample["png"]), expected[index])
+                assert np.array_equal(decode_component(*image_bytes(sample)), expected[index])
                 seen += 1
     assert seen == len(expected) == manifest["sources"]["0002"]["tiles"]
     # train is shuffled across images at prepare time; val stays in order

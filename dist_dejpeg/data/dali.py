@@ -1,4 +1,4 @@
-"""The DALI data path: sharded WebDataset reader, decode (GPU when there is one), random crop and flips,
+"""The DALI data path: sharded WebDataset reader, decode (GPU when there is one), random crop and mirror,
 JPEG degradation at a per-sample random quality, the batch contract.
 
     data.backend=dali   (or auto: DALI when it imports, torch otherwise)
@@ -24,6 +24,8 @@ from typing import Iterator
 
 import torch
 
+from dist_dejpeg.data.torch_loader import to_device
+
 log = logging.getLogger(__name__)
 
 try:
@@ -34,7 +36,7 @@ try:
 except ImportError:  # pragma: no cover - exercised where DALI is not installed
     HAVE_DALI = False
 
-EXTENSIONS = "png;jp2;jpg;jpeg;webp;tif;tiff;bmp"  # one output: whichever image component a sample has
+EXTENSIONS = "png;jp2;jpg;jpeg;webp;tif;tiff;bmp"  # one output: whichever encoded image a sample has
 
 
 def index_path(shard: str | Path) -> Path:
@@ -89,24 +91,32 @@ def check_indexes(shards: list[str]) -> list[str] | None:
 
 if HAVE_DALI:
 
-    def degrade_graph(paths, index_paths, crop, quality_range, shard_id, num_shards, initial_fill, gpu, augment=True):
-        """The pipeline graph (wrapped once by ``pipeline_def`` below)."""
+    def degrade_graph(paths, index_paths, crop, quality_range, shard_id, num_shards, initial_fill, gpu, augment=True,
+                      raw_tile=0):
+        """The pipeline graph (wrapped once by ``pipeline_def`` below). ``raw_tile``: the shards hold
+        uncompressed square tiles of that side (no decode), else encoded images."""
         encoded = fn.readers.webdataset(
-            paths=paths, index_paths=index_paths, ext=[EXTENSIONS], missing_component_behavior="skip",
-            shard_id=shard_id, num_shards=num_shards, random_shuffle=augment, initial_fill=initial_fill,
-            pad_last_batch=True, name="Reader")
-        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            paths=paths, index_paths=index_paths, ext=["raw" if raw_tile else EXTENSIONS],
+            missing_component_behavior="skip", shard_id=shard_id, num_shards=num_shards, random_shuffle=augment,
+            initial_fill=initial_fill, pad_last_batch=True, name="Reader")
+        if raw_tile:
+            images = fn.reshape(encoded, shape=[raw_tile, raw_tile, 3], layout="HWC")
+            images = images.gpu() if gpu else images
+        else:
+            images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
         if augment:
-            clean = fn.crop(images, crop=(crop, crop), crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
-                            crop_pos_y=fn.random.uniform(range=(0.0, 1.0)))
-            clean = fn.flip(clean, horizontal=fn.random.coin_flip(), vertical=fn.random.coin_flip())
+            # One pass for crop + horizontal mirror (a separate fn.flip costs a full copy per crop); any
+            # pixel offset, so the crop's phase within the 8x8 JPEG grid of the source varies too.
+            clean = fn.crop_mirror_normalize(images, crop=(crop, crop), crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
+                                             crop_pos_y=fn.random.uniform(range=(0.0, 1.0)),
+                                             mirror=fn.random.coin_flip(), dtype=types.UINT8, output_layout="HWC")
             quality = fn.random.uniform(values=list(range(quality_range[0], quality_range[1] + 1)), dtype=types.INT32)
         else:
             clean = fn.crop(images, crop=(crop, crop))  # centred, for tests of the reader's sharding
             quality = fn.random.uniform(values=[quality_range[0]], dtype=types.INT32)
         jpeg = fn.jpeg_compression_distortion(clean, quality=quality)
-        to_float = dict(dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[255.0])
-        return fn.crop_mirror_normalize(jpeg, **to_float), fn.crop_mirror_normalize(clean, **to_float), quality
+        # uint8 HWC out: the float conversion runs in torch on the training device (4x less to copy)
+        return jpeg, clean, quality
 
     degrade_pipeline = pipeline_def(degrade_graph)
 
@@ -116,7 +126,8 @@ class DaliLoader:
 
     def __init__(self, shards: list[str], crop: int, quality_range: tuple[int, int], batch_size: int, *,
                  seed: int = 0, rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"),
-                 num_threads: int = 2, initial_fill: int = 256, channels_last: bool = False, augment: bool = True):
+                 num_threads: int = 2, initial_fill: int = 256, channels_last: bool = False, augment: bool = True,
+                 raw_tile: int | None = None):
         if not HAVE_DALI:
             raise ImportError("data.backend=dali needs NVIDIA DALI: pip install 'dist_dejpeg[dali]' "
                               "(or data.backend=torch)")
@@ -125,7 +136,12 @@ class DaliLoader:
         self.crop, self.quality_range, self.batch_size = crop, quality_range, batch_size
         self.seed, self.rank, self.world, self.device = seed, rank, world, device
         self.num_threads, self.initial_fill = num_threads, initial_fill
-        self.channels_last, self.augment = channels_last, augment
+        if raw_tile is None:  # the manifest next to the shards says how they are stored
+            from dist_dejpeg.data.shards import read_manifest
+
+            manifest = read_manifest(Path(self.shards[0]).parent) or {}
+            raw_tile = int(manifest["tile"]) if manifest.get("format") == "raw" else 0
+        self.channels_last, self.augment, self.raw_tile = channels_last, augment, raw_tile
         self.consumed = 0
 
     def state_dict(self) -> dict:
@@ -142,6 +158,7 @@ class DaliLoader:
         pipe = degrade_pipeline(
             paths=self.shards, index_paths=self.index_paths or [], crop=self.crop, quality_range=self.quality_range,
             shard_id=self.rank, num_shards=self.world, initial_fill=self.initial_fill, gpu=gpu, augment=self.augment,
+            raw_tile=self.raw_tile,
             batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=(self.device.index or 0) if gpu else None,
             seed=(self.seed * 1_000_003 + self.rank * 7_919 + self.consumed) % (2**31 - 1))
@@ -151,10 +168,8 @@ class DaliLoader:
 
     def __iter__(self) -> Iterator[dict]:
         iterator = self._build()
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         while True:
             for (out,) in iterator:
                 self.consumed += 1
-                yield {"jpeg": out["jpeg"].to(self.device).contiguous(memory_format=fmt),
-                       "clean": out["clean"].to(self.device).contiguous(memory_format=fmt),
-                       "quality": out["quality"].reshape(-1).to(torch.int64).to(self.device)}
+                yield to_device({"jpeg": out["jpeg"].permute(0, 3, 1, 2), "clean": out["clean"].permute(0, 3, 1, 2),
+                                 "quality": out["quality"].reshape(-1)}, self.device, self.channels_last)

@@ -34,7 +34,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dist_dejpeg.data.download import download, sha256_file
-from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_png
+from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile
 from dist_dejpeg.data.shards import (MANIFEST, SHARD_NAME, atomic_write_bytes, finish_split_files, sample_key, tiles,
                                      write_shard)
 
@@ -90,7 +90,7 @@ def find_sources(root: Path, split: str) -> tuple[list[Source], dict]:
                             f"{OFFICIAL[split].url})")
 
 
-def _tile_one(source: Source, staging: Path, tile: int, step: int) -> dict:
+def _tile_one(source: Source, staging: Path, tile: int, step: int, fmt: str) -> dict:
     """Process-pool worker: decode one source once, write its tiles to ``<staging>/<name>.tar``."""
     done = staging / f"{source.name}.json"
     if done.is_file():
@@ -107,8 +107,8 @@ def _tile_one(source: Source, staging: Path, tile: int, step: int) -> dict:
         if min(rgb.shape[:2]) < tile:
             record["rejected"] = f"smaller than the {tile} px tile ({rgb.shape[1]}x{rgb.shape[0]})"
         else:
-            items = [(f"{source.name}_s{i:03d}", encode_png(t.copy())) for i, t in enumerate(tiles(rgb, tile, step))]
-            write_shard(staging / f"{source.name}.tar", items)
+            items = [(f"{source.name}_s{i:03d}", encode_tile(t.copy(), fmt)) for i, t in enumerate(tiles(rgb, tile, step))]
+            write_shard(staging / f"{source.name}.tar", items, fmt)
             record["tiles"] = len(items)
     atomic_write_bytes(done, json.dumps(record).encode())  # last: marks the image finished
     return record
@@ -119,7 +119,7 @@ def _tar_index(path: Path) -> dict[str, tuple[int, int]]:
         return {m.name.rsplit(".", 1)[0]: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
 
 
-def _pack(out: Path, split: str, staging: Path, plan: list[list[str]]) -> list[str]:
+def _pack(out: Path, split: str, staging: Path, plan: list[list[str]], fmt: str) -> list[str]:
     """Write the planned shards; skip any that already exist from an earlier run of the same plan."""
     for leftover in out.glob(f".{split}-*.tar.tmp*"):  # an interrupted earlier write
         leftover.unlink()
@@ -140,20 +140,24 @@ def _pack(out: Path, split: str, staging: Path, plan: list[list[str]]) -> list[s
                 f.seek(offset)
                 return f.read(size)
 
-        write_shard(path, ((k, read(k)) for k in keys))
+        write_shard(path, ((k, read(k)) for k in keys), fmt)
     return names
+
+
+def split_step_for(split: str, step: int, tile: int) -> int:
+    return step if split == "train" else tile  # validation tiles do not overlap
 
 
 def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool = False, tile: int = 480,
                   step: int = 240, shard_size: int = 256, workers: int = 0, seed: int = 0,
                   keep_staging: bool = False, remote: dict[str, RemoteFile] | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, fmt: str = "raw") -> dict:
     """Build DIV2K train/val shards and the manifest in ``out``; see the module docstring."""
     root, out = Path(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     remote = remote or OFFICIAL
     settings = {"tile": tile, "train_step": step, "val_step": tile, "shard_size": shard_size, "seed": seed,
-                "format": "png"}
+                "format": fmt}
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
@@ -162,7 +166,7 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
             log.info("%s is already prepared with these settings", out)
             return old
     workers = workers or max(1, min(os.cpu_count() or 1, 16))
-    manifest = {"dataset": "DIV2K HR", "format": "png", "settings": settings, **settings, "splits": {},
+    manifest = {"dataset": "DIV2K HR", "settings": settings, **settings, "splits": {},
                 "sources": {}, "inputs": {}, "rejected": []}
     for split in ("train", "val"):
         if download_missing and not (root / ARCHIVE[split]).is_dir():
@@ -170,11 +174,11 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
             download(info.url, root / f"{ARCHIVE[split]}.zip", info.sha256, info.size, progress=progress)
         sources, identity = find_sources(root, split)
         manifest["inputs"][split] = identity
-        staging = out / ".staging" / split
+        staging = out / ".staging" / f"{split}-{tile}-{split_step_for(split, step, tile)}-{fmt}"
         staging.mkdir(parents=True, exist_ok=True)
-        split_step = step if split == "train" else tile
+        split_step = split_step_for(split, step, tile)
         with ProcessPoolExecutor(workers) as pool:
-            futures = [pool.submit(_tile_one, s, staging, tile, split_step) for s in sources]
+            futures = [pool.submit(_tile_one, s, staging, tile, split_step, fmt) for s in sources]
             records = [f.result() for f in tqdm(futures, desc=f"{split} tiles", unit="img", disable=not progress)]
         keys = []
         for record in records:
@@ -186,14 +190,14 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
             keys += [f"{record['name']}_s{i:03d}" for i in range(record["tiles"])]
         if split == "train":
             random.Random(f"{seed}-div2k-train").shuffle(keys)
-        plan = [keys[i:i + shard_size] for i in range(0, len(keys), shard_size)]
+        plan = {"format": fmt, "shards": [keys[i:i + shard_size] for i in range(0, len(keys), shard_size)]}
         plan_path = out / ".staging" / f"plan-{split}.json"
         if not plan_path.is_file() or json.loads(plan_path.read_text()) != plan:
             for stale in out.glob(f"{split}-*.tar"):  # shards of another plan: rebuild them all
                 stale.unlink()
                 stale.with_suffix(".idx").unlink(missing_ok=True)
             atomic_write_bytes(plan_path, json.dumps(plan).encode())
-        names = _pack(out, split, staging, plan)
+        names = _pack(out, split, staging, plan["shards"], fmt)
         manifest["splits"][split] = {"samples": len(keys), "shards": names}
         finish_split_files(out, {split: manifest["splits"][split]})
     atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())

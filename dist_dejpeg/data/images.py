@@ -8,8 +8,11 @@ import warnings
 import numpy as np
 from PIL import Image
 
-# Extensions a shard sample may carry its image under, in order of preference.
-IMAGE_EXTS = ("png", "jp2", "webp", "tif", "tiff", "ppm", "bmp", "jpg", "jpeg")
+# Extensions a shard sample may carry its image under, in order of preference. "raw" is an uncompressed
+# square H x W x 3 uint8 tile (no decode at all; the side follows from the byte count).
+IMAGE_EXTS = ("png", "raw", "jp2", "webp", "tif", "tiff", "ppm", "bmp", "jpg", "jpeg")
+# Lossless formats a shard can be written in (`prepare --format`).
+TILE_FORMATS = ("png", "raw", "jp2")
 
 
 class BadImage(ValueError):
@@ -59,6 +62,31 @@ def encode_png(rgb: np.ndarray, compress_level: int = 6) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
+
+
+def encode_tile(rgb: np.ndarray, fmt: str) -> bytes:
+    """A tile as bytes of a lossless format: png, raw (uncompressed uint8) or jp2 (reversible JPEG 2000)."""
+    if fmt == "png":
+        return encode_png(rgb)
+    if fmt == "raw":
+        if rgb.shape[0] != rgb.shape[1] or rgb.dtype != np.uint8 or rgb.shape[2] != 3:
+            raise ValueError(f"raw tiles are square H x W x 3 uint8, got {rgb.shape} {rgb.dtype}")
+        return np.ascontiguousarray(rgb).tobytes()
+    if fmt == "jp2":
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="JPEG2000", irreversible=False, no_jp2=False)  # 5/3 wavelet: lossless
+        return buf.getvalue()
+    raise ValueError(f"unknown tile format {fmt!r} (one of {TILE_FORMATS})")
+
+
+def decode_component(ext: str, data: bytes) -> np.ndarray:
+    """A sample component as H x W x 3 uint8, whatever its extension."""
+    if ext != "raw":
+        return decode_rgb8(data)
+    side = int(round((len(data) / 3) ** 0.5))
+    if side * side * 3 != len(data) or side == 0:
+        raise BadImage(f"raw tile of {len(data)} bytes is not a square 8-bit RGB tile")
+    return np.frombuffer(data, dtype=np.uint8).reshape(side, side, 3).copy()
 
 
 def image_bytes(sample: dict) -> tuple[str, bytes] | None:

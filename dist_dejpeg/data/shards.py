@@ -3,12 +3,15 @@
     dist-dejpeg prepare samples --out data/samples
 
 Layout (shared with the DIV2K shards):
-    <out>/train-000000.tar, train-000001.tar, ...   samples {"__key__": "<stem>_s<idx>", "png": bytes}
+    <out>/train-000000.tar, train-000001.tar, ...   samples {"__key__": "<stem>_s<idx>", "<format>": bytes}
+    <out>/train-000000.idx, ...                      DALI index files (when DALI is installed)
     <out>/val-000000.tar, ...
     <out>/manifest.json                              counts, shards, tile settings, format, sources
 
 Keys hold no dots (webdataset splits a key from its extension at the first dot). Tiles are extracted once
 here, BasicSR-style, so a loader decodes a small tile per training crop instead of a whole photograph.
+Formats (all lossless): "raw" (default: uncompressed uint8 tiles, no decode at all; the fastest for every
+loader in benchmarks/results/data.md, at about 1.8x PNG's disk size), "png", "jp2" (reversible JPEG 2000).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import webdataset as wds
 
-from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_png
+from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,8 @@ class ShardSink:
     """Streams (key, bytes) samples into ``<split>-NNNNNN.tar`` shards of ``shard_size`` samples, through a
     shuffle buffer of ``buffer`` samples (readers shuffle only within a small buffer, so mix here)."""
 
-    def __init__(self, out: Path, split: str, shard_size: int, buffer: int = 0, seed: int = 0):
-        self.out, self.split, self.shard_size = out, split, shard_size
+    def __init__(self, out: Path, split: str, shard_size: int, buffer: int = 0, seed: int = 0, ext: str = "png"):
+        self.out, self.split, self.shard_size, self.ext = out, split, shard_size, ext
         self.buffer_size = max(buffer, shard_size)
         self.rng = random.Random(f"{seed}-{split}")
         self.shuffle = buffer > 0
@@ -107,7 +110,7 @@ class ShardSink:
             self.rng.shuffle(self.pending)
         chunk, self.pending = self.pending[:count], self.pending[count:]
         path = self.out / SHARD_NAME.format(split=self.split, index=len(self.shards))
-        self.samples += write_shard(path, chunk)
+        self.samples += write_shard(path, chunk, self.ext)
         self.shards.append(path.name)
 
     def close(self) -> dict:
@@ -117,13 +120,13 @@ class ShardSink:
 
 
 def write_dataset(out: str | Path, sources: list[tuple[str, str, Callable[[], np.ndarray]]], *, dataset: str,
-                  tile: int, train_step: int, shard_size: int, seed: int = 0) -> dict:
-    """Tile each source (name, split, load) into lossless PNG tiles and write the train/val shards and
-    the manifest. Sources that do not decode, or are smaller than a tile, are listed under "rejected"."""
+                  tile: int, train_step: int, shard_size: int, seed: int = 0, fmt: str = "raw") -> dict:
+    """Tile each source (name, split, load) into lossless tiles of ``fmt`` and write the train/val shards
+    and the manifest. Sources that do not decode, or are smaller than a tile, are listed under "rejected"."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sinks = {"train": ShardSink(out, "train", shard_size, buffer=shard_size * 16, seed=seed),
-             "val": ShardSink(out, "val", shard_size)}
+    sinks = {"train": ShardSink(out, "train", shard_size, buffer=shard_size * 16, seed=seed, ext=fmt),
+             "val": ShardSink(out, "val", shard_size, ext=fmt)}
     manifest_sources, rejected = {}, []
     for name, split, load in sources:
         try:
@@ -138,10 +141,10 @@ def write_dataset(out: str | Path, sources: list[tuple[str, str, Callable[[], np
                                   "sha256": hashlib.sha256(rgb.tobytes()).hexdigest()}
         step = train_step if split == "train" else tile
         for i, t in enumerate(tiles(rgb, tile, step)):
-            sinks[split].add(f"{sample_key(name)}_s{i:03d}", encode_png(np.ascontiguousarray(t)))
+            sinks[split].add(f"{sample_key(name)}_s{i:03d}", encode_tile(np.ascontiguousarray(t), fmt))
     splits = {split: sink.close() for split, sink in sinks.items()}
     finish_split_files(out, splits)
-    manifest = {"dataset": dataset, "format": "png", "tile": tile, "train_step": train_step, "val_step": tile,
+    manifest = {"dataset": dataset, "format": fmt, "tile": tile, "train_step": train_step, "val_step": tile,
                 "shard_size": shard_size, "splits": splits, "sources": manifest_sources, "rejected": rejected}
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode())
     log.info("wrote %d train / %d val tiles to %s (%d sources rejected)", splits["train"]["samples"],
@@ -177,19 +180,19 @@ def _sample_photo(name: str) -> np.ndarray:
 
 
 def prepare_samples(out: str | Path, tile: int = 128, train_step: int = 64, shard_size: int = 64,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, fmt: str = "raw") -> dict:
     """Write train/val shards of lossless tiles of scikit-image's bundled photographs (no download)."""
     sources = [(name, split, partial(_sample_photo, name))
                for split, names in (("train", SAMPLE_TRAIN), ("val", SAMPLE_VAL)) for name in names]
     return write_dataset(out, sources, dataset="samples (scikit-image bundled photographs)", tile=tile,
-                         train_step=train_step, shard_size=shard_size, seed=seed)
+                         train_step=train_step, shard_size=shard_size, seed=seed, fmt=fmt)
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".ppm", ".jp2"}
 
 
 def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step: int = 128, shard_size: int = 256,
-                   val_fraction: float = 0.1, seed: int = 0) -> dict:
+                   val_fraction: float = 0.1, seed: int = 0, fmt: str = "raw") -> dict:
     """Shards from a folder of your own images (searched recursively). Validation images are whole
     photographs held out before tiling (never tiles of a training photograph). Prefer lossless sources:
     a JPEG source puts its own artefacts into the "clean" target."""
@@ -209,7 +212,7 @@ def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step
         name = stem if used[stem] == 1 else f"{stem}-{used[stem]}"
         sources.append((name, "val" if path in val else "train", partial(lambda p: decode_rgb8(p.read_bytes()), path)))
     return write_dataset(out, sources, dataset=f"folder {src}", tile=tile, train_step=train_step,
-                         shard_size=shard_size, seed=seed)
+                         shard_size=shard_size, seed=seed, fmt=fmt)
 
 
 def list_shards(root: str | Path, pattern: str) -> list[str]:
@@ -221,6 +224,12 @@ def list_shards(root: str | Path, pattern: str) -> list[str]:
         raise FileNotFoundError(f"no shards match '{full}' (set data.root / data.train_glob / data.val_glob, "
                                 f"or write shards with `dist-dejpeg prepare`)")
     return found
+
+
+def read_manifest(root: str | Path) -> dict | None:
+    """The manifest of a shard folder (format, tile size, counts), or None for shards made elsewhere."""
+    path = Path(root) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def shard_keys(path: str) -> list[str]:

@@ -24,7 +24,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_dejpeg.data.images import BadImage, center_crop, decode_rgb8, image_bytes, jpeg_roundtrip
+from dist_dejpeg.data.images import BadImage, center_crop, decode_component, image_bytes, jpeg_roundtrip
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class ShardStream(IterableDataset):
             self._count(row, "no_image", f"{where}: no image component (has {sorted(k for k in raw if not k.startswith('__'))})")
             return None
         try:
-            rgb = decode_rgb8(found[1])
+            rgb = decode_component(*found)
         except BadImage as err:
             self._count(row, "corrupt", f"{where}: {err}")
             return None
@@ -216,7 +216,7 @@ def load_val_set(shards: list[str], crop: int, qualities: list[int], rank: int =
         try:
             if found is None:
                 raise KeyError
-            rgb = decode_rgb8(found[1])
+            rgb = decode_component(*found)
         except KeyError:
             skipped["no_image"] += 1
             continue
