@@ -191,7 +191,7 @@ def test_loader_batch_contract(sample_shards, num_workers):
 
 
 def test_clean_crop_is_a_crop_of_its_tile(sample_shards):
-    """Each clean target is an unaltered (possibly flipped) window of the tile at its stream position, and
+    """Each clean target is an unaltered (possibly mirrored left-right) window of the tile at its stream position, and
     the JPEG input is that window degraded at the reported quality."""
     stream = make_stream(sample_shards, epochs=1)
     raws = stream._epoch_raw(0, 0, 1, row=0)
@@ -200,7 +200,7 @@ def test_clean_crop_is_a_crop_of_its_tile(sample_shards):
         clean = sample["clean"].permute(1, 2, 0).numpy()
         assert clean.shape == (CROP, CROP, 3) and clean.dtype == np.uint8
         windows = np.lib.stride_tricks.sliding_window_view(tile, (CROP, CROP, 3))[:, :, 0]
-        variants = [clean, clean[:, ::-1], clean[::-1], clean[::-1, ::-1]]
+        variants = [clean, clean[:, ::-1]]
         assert any((windows == v).all(axis=(-3, -2, -1)).any() for v in variants), raw["__key__"]
         jpeg = sample["jpeg"].permute(1, 2, 0).numpy()
         assert np.array_equal(jpeg, jpeg_roundtrip(clean, sample["quality"]))

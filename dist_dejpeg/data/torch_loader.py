@@ -6,7 +6,7 @@ Sharding: every (rank, worker) pair is a *slot*. Each epoch the shard list is sh
 by all ranks, then dealt to slots (whole shards when there are at least as many shards as slots, otherwise
 every slot reads all shards and keeps every n-th sample), so within an epoch no sample is seen twice.
 
-Exact resume: a sample's crop, flips and JPEG quality come from an RNG seeded by (seed, epoch, slot,
+Exact resume: a sample's crop, mirror and JPEG quality come from an RNG seeded by (seed, epoch, slot,
 position), not from a running generator, and each batch carries its slot's stream position. The loader's
 ``state_dict()`` records the position after the last batch the trainer took; on resume every slot skips
 to it without decoding, and the slot played by DataLoader worker 0 is rotated so batches come in the same
@@ -108,10 +108,8 @@ class ShardStream(IterableDataset):
         rng = np.random.default_rng([self.seed, epoch, slot, pos])
         top, left = int(rng.integers(0, h - self.crop + 1)), int(rng.integers(0, w - self.crop + 1))
         clean = rgb[top:top + self.crop, left:left + self.crop]
-        if rng.random() < 0.5:
+        if rng.random() < 0.5:  # horizontal mirror only, as the DALI pipeline (photos have an up)
             clean = clean[:, ::-1]
-        if rng.random() < 0.5:
-            clean = clean[::-1]
         clean = np.array(clean)  # a writable, contiguous copy
         quality = int(rng.integers(self.qmin, self.qmax + 1))
         jpeg = jpeg_roundtrip(clean, quality)
