@@ -31,6 +31,7 @@ class DataConfig:
     auto_prepare: str = "none"  # "samples": write the bundled sample shards into root if it holds none
     backend: str = "auto"  # loader: "dali", "torch" (webdataset + PIL workers), "auto" (DALI if installed)
     dali_threads: int = 4  # DALI CPU worker threads per device
+    gpu_jpeg: bool = True  # torch backend on CUDA: JPEG-degrade batches on the GPU (nvJPEG), not in workers
     crop: int = 256  # training crop size in pixels (square)
     batch_size: int = 16  # per device, per micro-step
     num_workers: int = 4  # DataLoader worker processes per device

@@ -490,3 +490,31 @@ def test_loader_moves_batches_to_cuda(sample_shards):
         assert batch[key].device.type == "cuda"
     assert batch["jpeg"].dtype == torch.float32
     assert batch["jpeg"].is_contiguous(memory_format=torch.channels_last)
+
+
+# -- batch-level degradation (the torch backend's GPU path) --------------------------------------------------
+def test_batch_degradation_plumbing_matches_worker_degradation(sample_shards):
+    """With degrade_batch, workers send clean crops and the consumer degrades; with the libjpeg reference
+    function the batches are identical to worker-side degradation."""
+    from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cpu
+
+    workers = take(TorchLoader(make_stream(sample_shards), 4, 0, torch.device("cpu")), 3)
+    batched = take(TorchLoader(make_stream(sample_shards), 4, 0, torch.device("cpu"),
+                               degrade_batch=jpeg_roundtrip_cpu), 3)
+    for a, b in zip(workers, batched):
+        assert all(torch.equal(a[k], b[k]) for k in ("jpeg", "clean", "quality"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quality", [10, 20, 40, 80])
+def test_nvjpeg_degradation_within_half_a_db_of_libjpeg(sample_shards, quality):
+    from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cpu, jpeg_roundtrip_cuda
+
+    clean = take(TorchLoader(make_stream(sample_shards), 16, 0, torch.device("cpu")), 1)[0]["clean"]
+    clean_u8 = (clean * 255).round().to(torch.uint8).cuda()
+    q = torch.full((16,), quality, device="cuda")
+    ours = jpeg_roundtrip_cuda(clean_u8, q).float().cpu()
+    peer = jpeg_roundtrip_cpu(clean_u8.cpu(), q.cpu()).float()
+    target = clean_u8.float().cpu()
+    gap = 10 * np.log10(((peer - target) ** 2).mean().item() / ((ours - target) ** 2).mean().item())
+    assert abs(gap) < 0.5, f"nvJPEG vs libjpeg at q{quality}: {gap:+.3f} dB"

@@ -40,7 +40,11 @@ def build_train_loader(cfg: Config, rank: int, world: int, device: torch.device)
     stream = ShardStream(list_shards(d.root, d.train_glob), d.crop, (d.quality_min, d.quality_max),
                          seed=cfg.train.seed, rank=rank, world=world, num_workers=d.num_workers,
                          shuffle_buffer=d.shuffle_buffer)
-    return TorchLoader(stream, d.batch_size, d.num_workers, device, channels_last=cfg.model.channels_last)
+    degrade = None
+    if d.gpu_jpeg and device.type == "cuda":
+        from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cuda as degrade
+    return TorchLoader(stream, d.batch_size, d.num_workers, device, channels_last=cfg.model.channels_last,
+                       degrade_batch=degrade)
 
 
 def build_val_set(cfg: Config, rank: int, world: int):

@@ -52,7 +52,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: list[str], crop: int, quality_range: tuple[int, int], seed: int = 0,
                  rank: int = 0, world: int = 1, num_workers: int = 0, shuffle_buffer: int = 256,
-                 epochs: int | None = None):
+                 epochs: int | None = None, degrade: bool = True):
         self.shards = sorted(shards)
         self.crop = crop
         self.qmin, self.qmax = quality_range
@@ -60,6 +60,7 @@ class ShardStream(IterableDataset):
         self.n_local = max(num_workers, 1)
         self.shuffle_buffer = shuffle_buffer
         self.epochs = epochs
+        self.degrade = degrade  # False: the loader's consumer degrades (e.g. on the GPU); no "jpeg" key
         self.start: dict[int, tuple[int, int]] = {}  # local slot -> (epoch, position) to resume from
         self.rotation = 0  # DataLoader worker w plays local slot (w + rotation) % n_local
         # One row per worker, so workers never race; shared memory so the main process can read it.
@@ -112,9 +113,10 @@ class ShardStream(IterableDataset):
             clean = clean[:, ::-1]
         clean = np.array(clean)  # a writable, contiguous copy
         quality = int(rng.integers(self.qmin, self.qmax + 1))
-        jpeg = jpeg_roundtrip(clean, quality)
-        return {"jpeg": torch.from_numpy(jpeg).permute(2, 0, 1), "clean": torch.from_numpy(clean).permute(2, 0, 1),
-                "quality": quality}
+        sample = {"clean": torch.from_numpy(clean).permute(2, 0, 1), "quality": quality}
+        if self.degrade:
+            sample["jpeg"] = torch.from_numpy(jpeg_roundtrip(clean, quality)).permute(2, 0, 1)
+        return sample
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -139,12 +141,16 @@ class ShardStream(IterableDataset):
 
 
 class TorchLoader:
-    """Iterates contract batches on ``device``; ``state_dict``/``load_state_dict`` for exact resume."""
+    """Iterates contract batches on ``device``; ``state_dict``/``load_state_dict`` for exact resume.
+    ``degrade_batch(clean_u8, quality) -> jpeg_u8``: JPEG-degrade whole batches on ``device`` (e.g. with
+    nvJPEG) instead of per sample in the workers."""
 
     def __init__(self, stream: ShardStream, batch_size: int, num_workers: int, device: torch.device,
-                 channels_last: bool = False):
+                 channels_last: bool = False, degrade_batch=None):
         self.stream, self.batch_size, self.num_workers = stream, batch_size, num_workers
         self.device, self.channels_last = device, channels_last
+        self.degrade_batch = degrade_batch
+        stream.degrade = degrade_batch is None
         self.consumed = 0  # batches handed to the trainer, over the whole run
         self.positions: dict[int, tuple[int, int]] = {}
 
@@ -178,6 +184,9 @@ class TorchLoader:
             slot, epoch, nxt = int(batch["_slot"][-1]), int(batch["_epoch"][-1]), int(batch["_next"][-1])
             self.positions[slot] = (epoch, nxt)
             self.consumed += 1
+            if self.degrade_batch is not None:
+                clean = batch["clean"].to(self.device, non_blocking=True)
+                batch = dict(batch, clean=clean, jpeg=self.degrade_batch(clean, batch["quality"].to(self.device)))
             yield to_device(batch, self.device, self.channels_last)
 
 
