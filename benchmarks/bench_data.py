@@ -11,6 +11,7 @@ Rows (256 px crops, batch 32, random JPEG quality 10-50, the same number of thre
 Every row delivers float32 batches in [0, 1] (the batch contract), so each pays for the conversion.
 - DALI CPU: dist_dejpeg's DALI pipeline with device_id=None
 - DALI GPU: the same pipeline on a CUDA device (mixed decode, GPU crop and distortion), when present
+- torch loader + nvJPEG: workers read and crop, the batch is JPEG-degraded on the GPU (no DALI), when present
 - libjpeg ceiling: encode + decode of in-memory 256 px crops alone, in as many processes (the most any
   CPU pipeline can reach when the ground truth costs nothing to decode)
 Results: benchmarks/results/data.json and data.md (with the machine's name). Ratios are computed from
@@ -144,6 +145,14 @@ def main() -> None:
         stream = ShardStream(shards, args.crop, QUALITY, num_workers=t, shuffle_buffer=64)
         rows[f"torch loader (webdataset + PIL) [{fmt}]"] = rate(TorchLoader(stream, args.batch, t, cpu), args.batch,
                                                                args.batches, args.warmup, cpu)
+        if torch.cuda.is_available():
+            from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cuda
+
+            gpu = torch.device("cuda", 0)
+            stream = ShardStream(shards, args.crop, QUALITY, num_workers=t, shuffle_buffer=64)
+            rows[f"torch loader + nvJPEG on GPU [{fmt}]"] = rate(
+                TorchLoader(stream, args.batch, t, gpu, degrade_batch=jpeg_roundtrip_cuda), args.batch, args.batches,
+                args.warmup, gpu)
         if fmt == "png":
             folder = tmp / "pngs"
             folder.mkdir(exist_ok=True)
