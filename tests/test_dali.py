@@ -195,3 +195,16 @@ def test_every_shard_format_reads_back_losslessly_in_both_backends(tmp_path, fmt
     sets, _ = load_val_set(val, 64, [50])
     from_torch = sorted(c.permute(1, 2, 0).numpy().tobytes() for c in sets[50][1])
     assert from_torch == from_dali
+
+
+def test_truncated_tar_is_an_error_naming_the_file(tmp_path):
+    from dist_dejpeg.data.shards import prepare_samples
+
+    prepare_samples(tmp_path, tile=64, train_step=64, shard_size=64)
+    shards = train_shards(tmp_path)
+    data = Path(shards[0]).read_bytes()
+    Path(shards[0]).write_bytes(data[: len(data) // 2])
+    for s in shards:
+        index_path(s).unlink()
+    with pytest.raises(RuntimeError, match=Path(shards[0]).name):
+        take(DaliLoader(shards, 32, (10, 40), 4, num_threads=1), 1)

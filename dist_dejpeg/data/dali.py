@@ -72,6 +72,21 @@ def write_indexes(shards: list[str | Path]) -> int:
     return count
 
 
+def first_unreadable_tar(shards: list[str]) -> tuple[str, str] | None:
+    """(path, reason) of the first shard whose tar structure is broken (truncated, corrupt), or None."""
+    import tarfile
+
+    for shard in shards:
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if member.isfile() and member.offset_data + member.size > Path(shard).stat().st_size:
+                        return shard, "truncated"
+        except (tarfile.TarError, OSError) as err:
+            return shard, f"{type(err).__name__}: {err}"
+    return None
+
+
 def check_indexes(shards: list[str]) -> list[str] | None:
     """Index files for ``shards``: all present and newer than their tar -> their paths; none present ->
     None (DALI builds them in memory, slower start); a stale or partial set is an error naming a file."""
@@ -162,7 +177,13 @@ class DaliLoader:
             batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=(self.device.index or 0) if gpu else None,
             seed=(self.seed * 1_000_003 + self.rank * 7_919 + self.consumed) % (2**31 - 1))
-        pipe.build()
+        try:
+            pipe.build()
+        except RuntimeError as err:
+            bad = first_unreadable_tar(self.shards)
+            where = f"{bad[0]} is unreadable ({bad[1]})" if bad else "no tar was found unreadable by Python's tarfile"
+            raise RuntimeError(f"DALI could not read the shards: {where}. DALI said: "
+                               f"{str(err).strip().splitlines()[-1][:300]}") from None
         return DALIGenericIterator(pipe, ["jpeg", "clean", "quality"], reader_name="Reader", auto_reset=True,
                                    last_batch_policy=LastBatchPolicy.DROP)
 
