@@ -21,7 +21,6 @@ rows measured in this one run.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import tempfile
@@ -33,6 +32,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
+from common import machine_name, write_results
 from dist_dejpeg.data.shards import list_shards, prepare_samples, read_manifest
 from dist_dejpeg.data.torch_loader import ShardStream, TorchLoader
 
@@ -108,12 +108,6 @@ def extract_pngs(shards: list[str], folder: Path) -> list[str]:
     return files
 
 
-def machine_name() -> str:
-    from bench_train_step import machine_name as name
-
-    return name()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", help="prepared shards (default: sample photos tiled at 288 px into a temp dir)")
@@ -175,17 +169,11 @@ def main() -> None:
     report = {"machine": machine_name(), "threads": t, "crop": args.crop, "batch": args.batch,
               "formats": list(roots), "shards": {k: str(v) for k, v in roots.items()},
               "crops_per_s": rows, "ratio_to_peer": {k: v / peer_rate for k, v in rows.items()}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    lines = [f"# Data pipeline throughput: {report['machine']}", "",
-             f"{args.crop} px crops, batch {args.batch}, JPEG q {QUALITY[0]}-{QUALITY[1]}, {t} threads/workers each; "
-             f"[format] is the shard format of lossless {args.crop + 32} px tiles (the peer reads PNG files). "
-             f"Ratios from this one run.", "",
-             "| loader | crops/s | x BasicSR-style peer |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.0f} | {v / peer_rate:.2f} |" for k, v in rows.items()]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    note = (f"{args.crop} px crops, batch {args.batch}, JPEG q {QUALITY[0]}-{QUALITY[1]}, {t} threads/workers each; "
+            f"[format] is the shard format of lossless {args.crop + 32} px tiles (the peer reads PNG files). "
+            f"Ratios from this one run.")
+    write_results(args.out, report, "Data pipeline throughput", note, ["loader", "crops/s", "x BasicSR-style peer"],
+                  [[k, f"{v:.0f}", f"{v / peer_rate:.2f}"] for k, v in rows.items()])
 
 
 if __name__ == "__main__":

@@ -12,32 +12,17 @@ Markdown table naming the machine.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from common import machine_name, write_results
 from dist_dejpeg.config import load_config
 from dist_dejpeg.train.steps import critic_step, generator_step
 from dist_dejpeg.train.trainer import Trainer
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def machine_name() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
 
 
 class Synthetic:
@@ -108,17 +93,11 @@ def main() -> None:
                   "config": args.config, "overrides": args.overrides, "data": "real" if args.real_data else "synthetic",
                   "batch_size": cfg.data.batch_size, "crop": cfg.data.crop, "encoder": cfg.model.encoder,
                   "mixed_precision": cfg.train.mixed_precision, "results": results}
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-        lines = [f"# Train-step throughput: {report['machine']}", "",
-                 f"{args.config} {' '.join(args.overrides)}; batch {cfg.data.batch_size} x {cfg.data.crop} px, "
-                 f"{cfg.model.encoder}, precision {cfg.train.mixed_precision}, {report['data']} data, "
-                 f"{acc.num_processes} process(es), torch {torch.__version__}", "",
-                 "| update | images/s per device | ms/step |", "|---|---|---|"]
-        lines += [f"| {k} | {v['images_per_s_per_device']:.1f} | {v['ms_per_step']:.1f} |" for k, v in results.items()]
-        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines))
+        note = (f"{args.config} {' '.join(args.overrides)}; batch {cfg.data.batch_size} x {cfg.data.crop} px, "
+                f"{cfg.model.encoder}, precision {cfg.train.mixed_precision}, {report['data']} data, "
+                f"{acc.num_processes} process(es), torch {torch.__version__}")
+        write_results(args.out, report, "Train-step throughput", note, ["update", "images/s per device", "ms/step"],
+                      [[k, f"{v['images_per_s_per_device']:.1f}", f"{v['ms_per_step']:.1f}"] for k, v in results.items()])
 
 
 if __name__ == "__main__":
