@@ -19,6 +19,7 @@ from PIL import Image
 
 from dist_dejpeg.cli import main
 from dist_dejpeg.data import div2k
+from dist_dejpeg.data.dali import HAVE_DALI
 from dist_dejpeg.data.download import DownloadError, download
 from dist_dejpeg.data.images import decode_component, decode_rgb8, image_bytes
 from dist_dejpeg.data.shards import list_shards, shard_keys, tiles
@@ -138,6 +139,8 @@ def test_prepare_div2k_from_served_zips(tmp_path, server, archives):
         assert [Path(p).name for p in found] == manifest["splits"][split]["shards"]
         keys = [k for p in found for k in shard_keys(p)]
         assert len(keys) == len(set(keys)) == manifest["splits"][split]["samples"]
+        if HAVE_DALI:  # DALI index files beside every shard
+            assert all(Path(p).with_suffix(".idx").is_file() for p in found)
     # lossless: a tile in a shard equals the same window of the source photograph
     rgb = decode_rgb8(png_bytes("coffee"))
     expected = list(tiles(rgb, TILE, STEP))
