@@ -3,8 +3,8 @@ JPEG degradation at a per-sample random quality, the batch contract.
 
     data.backend=dali   (or auto: DALI when it imports, torch otherwise)
 
-On a GPU the image decode runs ``mixed`` (nvJPEG / nvJPEG2000; PNG decodes on the CPU inside DALI) and crop,
-flip and ``jpeg_compression_distortion`` run on the GPU; with ``device_id=None`` everything runs on the CPU
+On a GPU the image decode runs ``mixed`` (nvJPEG / nvJPEG2000; PNG decodes on the CPU inside DALI; raw tiles
+need no decode) and crop, mirror and ``jpeg_compression_distortion`` run on the GPU; with ``device_id=None`` everything runs on the CPU
 (CI, laptops). The reader is sharded by rank (``shard_id``/``num_shards``), shuffles within
 ``initial_fill`` samples (shards are shuffled at prepare time), pads the last batch, and is named "Reader"
 so the iterator sizes epochs per shard.

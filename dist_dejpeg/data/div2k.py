@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from dist_dejpeg.data.download import download, sha256_file
 from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile
-from dist_dejpeg.data.shards import (MANIFEST, SHARD_NAME, atomic_write_bytes, finish_split_files, sample_key, tiles,
-                                     write_shard)
+from dist_dejpeg.data.shards import (MANIFEST, SHARD_NAME, atomic_write_bytes, finish_split_files, remove_shards,
+                                     sample_key, tiles, write_shard)
 
 log = logging.getLogger(__name__)
 
@@ -124,23 +124,22 @@ def _pack(out: Path, split: str, staging: Path, plan: list[list[str]], fmt: str)
     for leftover in out.glob(f".{split}-*.tar.tmp*"):  # an interrupted earlier write
         leftover.unlink()
     indexes: dict[str, dict] = {}
+
+    def read(key: str) -> bytes:
+        stem = key.rsplit("_s", 1)[0]
+        if stem not in indexes:
+            indexes[stem] = _tar_index(staging / f"{stem}.tar")
+        offset, size = indexes[stem][key]
+        with open(staging / f"{stem}.tar", "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
     names = []
     for index, keys in enumerate(tqdm(plan, desc=f"{split} shards", unit="shard")):
         path = out / SHARD_NAME.format(split=split, index=index)
         names.append(path.name)
-        if path.is_file():
-            continue
-
-        def read(key: str) -> bytes:
-            stem = key.rsplit("_s", 1)[0]
-            if stem not in indexes:
-                indexes[stem] = _tar_index(staging / f"{stem}.tar")
-            offset, size = indexes[stem][key]
-            with open(staging / f"{stem}.tar", "rb") as f:
-                f.seek(offset)
-                return f.read(size)
-
-        write_shard(path, ((k, read(k)) for k in keys), fmt)
+        if not path.is_file():
+            write_shard(path, ((k, read(k)) for k in keys), fmt)
     return names
 
 
@@ -174,9 +173,9 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
             download(info.url, root / f"{ARCHIVE[split]}.zip", info.sha256, info.size, progress=progress)
         sources, identity = find_sources(root, split)
         manifest["inputs"][split] = identity
-        staging = out / ".staging" / f"{split}-{tile}-{split_step_for(split, step, tile)}-{fmt}"
-        staging.mkdir(parents=True, exist_ok=True)
         split_step = split_step_for(split, step, tile)
+        staging = out / ".staging" / f"{split}-{tile}-{split_step}-{fmt}"
+        staging.mkdir(parents=True, exist_ok=True)
         with ProcessPoolExecutor(workers) as pool:
             futures = [pool.submit(_tile_one, s, staging, tile, split_step, fmt) for s in sources]
             records = [f.result() for f in tqdm(futures, desc=f"{split} tiles", unit="img", disable=not progress)]
@@ -185,17 +184,16 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
             if "rejected" in record:
                 manifest["rejected"].append({"source": record["source"], "split": split, "reason": record["rejected"]})
                 continue
-            manifest["sources"][record["name"]] = {k: record[k] for k in ("split", "height", "width", "sha256")
-                                                   if k in record} | {"split": split, "tiles": record["tiles"]}
+            manifest["sources"][record["name"]] = {"split": split, "height": record["height"],
+                                                   "width": record["width"], "sha256": record["sha256"],
+                                                   "tiles": record["tiles"]}
             keys += [f"{record['name']}_s{i:03d}" for i in range(record["tiles"])]
         if split == "train":
             random.Random(f"{seed}-div2k-train").shuffle(keys)
         plan = {"format": fmt, "shards": [keys[i:i + shard_size] for i in range(0, len(keys), shard_size)]}
         plan_path = out / ".staging" / f"plan-{split}.json"
         if not plan_path.is_file() or json.loads(plan_path.read_text()) != plan:
-            for stale in out.glob(f"{split}-*.tar"):  # shards of another plan: rebuild them all
-                stale.unlink()
-                stale.with_suffix(".idx").unlink(missing_ok=True)
+            remove_shards(out, split)  # shards of another plan: rebuild them all
             atomic_write_bytes(plan_path, json.dumps(plan).encode())
         names = _pack(out, split, staging, plan["shards"], fmt)
         manifest["splits"][split] = {"samples": len(keys), "shards": names}

@@ -158,12 +158,16 @@ def finish_split_files(out: Path, splits: dict) -> None:
     from dist_dejpeg.data.dali import write_indexes
 
     for split, info in splits.items():
-        current = set(info["shards"])
-        for stale in out.glob(f"{split}-*.tar"):
-            if stale.name not in current:
-                stale.unlink()
-                stale.with_suffix(".idx").unlink(missing_ok=True)
+        remove_shards(out, split, keep=set(info["shards"]))
         write_indexes([out / name for name in info["shards"]])
+
+
+def remove_shards(out: Path, split: str, keep: set[str] = frozenset()) -> None:
+    """Delete ``<split>-*.tar`` shards (with their index files) in ``out`` whose names are not in ``keep``."""
+    for shard in out.glob(f"{split}-*.tar"):
+        if shard.name not in keep:
+            shard.unlink()
+            shard.with_suffix(".idx").unlink(missing_ok=True)
 
 
 def sample_key(name: str) -> str:

@@ -52,7 +52,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: list[str], crop: int, quality_range: tuple[int, int], seed: int = 0,
                  rank: int = 0, world: int = 1, num_workers: int = 0, shuffle_buffer: int = 256,
-                 epochs: int | None = None, degrade: bool = True):
+                 epochs: int | None = None):
         self.shards = sorted(shards)
         self.crop = crop
         self.qmin, self.qmax = quality_range
@@ -60,7 +60,7 @@ class ShardStream(IterableDataset):
         self.n_local = max(num_workers, 1)
         self.shuffle_buffer = shuffle_buffer
         self.epochs = epochs
-        self.degrade = degrade  # False: the loader's consumer degrades (e.g. on the GPU); no "jpeg" key
+        self.degrade = True  # False (set by TorchLoader): the consumer degrades whole batches; no "jpeg" key
         self.start: dict[int, tuple[int, int]] = {}  # local slot -> (epoch, position) to resume from
         self.rotation = 0  # DataLoader worker w plays local slot (w + rotation) % n_local
         # One row per worker, so workers never race; shared memory so the main process can read it.
