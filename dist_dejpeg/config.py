@@ -55,6 +55,7 @@ class ModelConfig:
     attention_stride: int = 8  # output stride of the decoder block that gets self-attention
     spectral_norm: bool = True  # spectral norm on the decoder convolutions (plus batch norm, as DeOldify)
     channels_last: bool = False  # memory format for the models and batches (faster on tensor cores)
+    sync_bn: bool = False  # several processes: batch-norm statistics over the global batch, not per device
 
 
 @dataclass
@@ -119,6 +120,8 @@ class TrainConfig:
     ckpt_every: int = 1000  # steps between checkpoints (and one at the end of every phase)
     keep_last: int = 3  # checkpoints kept (oldest removed first)
     progress: bool = True  # rank-0 progress bar
+    auto_resume: bool = True  # continue from the newest checkpoint in run_dir when there is one (requeued jobs)
+    dist_timeout_s: int = 900  # a collective that waits longer fails the run instead of hanging (dead rank)
 
 
 @dataclass
@@ -186,6 +189,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config keys 'data.crop'/'data.val_crop': must be multiples of 8 (the JPEG block)")
     if t.grad_accum < 1:
         raise ConfigError("config key 'train.grad_accum': must be >= 1")
+    if t.dist_timeout_s < 1:
+        raise ConfigError("config key 'train.dist_timeout_s': must be >= 1 (seconds)")
     if not t.order:
         raise ConfigError("config key 'train.order': no phases to run")
     defaults = _default_phases()

@@ -179,7 +179,8 @@ class TorchLoader:
         loader = DataLoader(self.stream, batch_size=self.batch_size, num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=False,
                             prefetch_factor=4 if self.num_workers else None,
-                            generator=torch.Generator().manual_seed(self.stream.seed))
+                            generator=torch.Generator().manual_seed(self.stream.seed),
+                            worker_init_fn=_ignore_stop_signals)
         for batch in loader:
             slot, epoch, nxt = int(batch["_slot"][-1]), int(batch["_epoch"][-1]), int(batch["_next"][-1])
             self.positions[slot] = (epoch, nxt)
@@ -188,6 +189,15 @@ class TorchLoader:
                 clean = batch["clean"].to(self.device, non_blocking=True)
                 batch = dict(batch, clean=clean, jpeg=self.degrade_batch(clean, batch["quality"].to(self.device)))
             yield to_device(batch, self.device, self.channels_last)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """SLURM signals every process of a job step: a worker killed by SIGTERM would fail the main process's
+    next batch before it can checkpoint. Workers leave stopping to the main process (they exit with it)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:

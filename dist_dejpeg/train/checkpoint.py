@@ -113,3 +113,90 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# -- preemption -------------------------------------------------------------------------------------------
+class StopSignals:
+    """SIGUSR1 (SLURM's advance warning, ``--signal``) and SIGTERM (scancel, preemption, the launcher
+    passing either on) ask the run to stop: the handler only records the signal, and the trainer checks
+    :meth:`requested` after each optimizer step, so the step in flight finishes, a checkpoint is written, and
+    the process exits. Installed in the main thread only; ``restore`` puts the previous handlers back."""
+
+    SIGNALS = ("SIGUSR1", "SIGTERM")
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> "StopSignals":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+            os.write(2, f"dist_dejpeg: got signal {signum}; stopping after this step with a checkpoint\n".encode())
+
+    def requested(self) -> bool:
+        return self.received is not None
+
+    @property
+    def name(self) -> str:
+        import signal
+
+        return signal.Signals(self.received).name if self.received is not None else ""
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+class RunLock:
+    """One writer per run folder: an exclusive ``flock`` on ``<run_dir>/.lock``, held by the main process for
+    the whole run and released by the kernel when the process ends (no stale locks after a kill -9 or a
+    requeue). The file names the holder, for the error the second writer gets."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+        import time
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirBusy(f"run folder {self.path.parent} is in use by another training run ({holder}); two "
+                             f"runs would overwrite each other's checkpoints. Stop that run, or set another "
+                             f"train.run_dir.") from None
+        os.ftruncate(fd, 0)
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.write(fd, json.dumps(holder).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __del__(self):
+        self.release()

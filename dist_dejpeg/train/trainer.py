@@ -17,11 +17,12 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from dist_dejpeg.config import Config, ConfigError, PhaseConfig, to_yaml
@@ -29,6 +30,7 @@ from dist_dejpeg.data import build_train_loader, build_val_set, ensure_samples
 from dist_dejpeg.export import save_generator
 from dist_dejpeg.losses import LPIPS
 from dist_dejpeg.models.critic import build_critic
+from dist_dejpeg.models.sync_bn import convert_sync_batchnorm
 from dist_dejpeg.models.unet import build_generator
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train.phases import StopRule, gan_turn, lr_at, trains_critic, trains_generator, uses_lpips
@@ -40,6 +42,14 @@ log = logging.getLogger("dist_dejpeg")
 
 class TrainingStopped(RuntimeError):
     """Training ended early on an error that left a checkpoint behind (e.g. a non-finite loss)."""
+
+
+class Preempted(TrainingStopped):
+    """A stop signal (SIGUSR1/SIGTERM) ended the run after a step; the checkpoint in ``path`` resumes it."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
 
 
 @dataclass
@@ -63,7 +73,9 @@ def build_accelerator(cfg: Config) -> Accelerator:
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_with_dataloader=False),
         # Spectral-norm (u, v) and batch-norm buffers change in every forward; broadcasting them from
         # rank 0 at each forward breaks when a model runs twice before a backward.
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
+                         # a dead or stuck rank fails every collective after this long instead of hanging
+                         InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))],
     )
 
 
@@ -94,14 +106,25 @@ class Trainer:
         setup_logging(acc)
         phases = [cfg.train.phases[name] for name in cfg.train.order]
         need_critic = any(trains_critic(p) for p in phases)
+        self.lock = ckpt.RunLock(self.run_dir)
+        busy = None
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if train_loader is None and ensure_samples(cfg):
+            try:
+                self.lock.acquire()
+            except ckpt.RunDirBusy as err:
+                busy = str(err)
+            if busy is None and train_loader is None and ensure_samples(cfg):
                 log.info("wrote the sample shards into %s", cfg.data.root)
-        acc.wait_for_everyone()
+        if acc.num_processes > 1:
+            busy = broadcast_object_list([busy])[0]  # every rank fails, none waits for the others
+        if busy is not None:
+            raise ckpt.RunDirBusy(busy)
 
         set_seed(cfg.train.seed)  # same initial weights on every rank
         generator = build_generator(cfg.model)
+        if cfg.model.sync_bn and acc.num_processes > 1:
+            generator = convert_sync_batchnorm(generator, cuda=acc.device.type == "cuda")
         critic = build_critic(cfg.critic) if need_critic else None
         if critic is not None and cfg.data.crop < critic.min_size:
             raise ConfigError(f"config key 'data.crop': {cfg.data.crop} px is below the critic's minimum "
@@ -139,6 +162,7 @@ class Trainer:
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
         self.state = TrainerState()
         self.best_generator: dict | None = None
+        self.signals = ckpt.StopSignals()
         self.config_yaml = to_yaml(cfg)
 
     # -- helpers --------------------------------------------------------------------------------------
@@ -235,7 +259,7 @@ class Trainer:
         window: dict[str, torch.Tensor] = {}
         window_steps, images, t0 = 0, 0, time.perf_counter()
         per_step = cfg.data.batch_size * cfg.train.grad_accum * acc.num_processes
-        stopped = False
+        stopped = not fresh and name in st.stopped_early  # resumed after the stop rule fired
         while st.phase_step < phase.steps and not stopped:
             turn = phase.kind if phase.kind != "gan" else gan_turn(phase, st.phase_step)
             lr = lr_at(phase, st.phase_step)
@@ -271,9 +295,17 @@ class Trainer:
                 window, window_steps, images, t0 = {}, 0, 0, time.perf_counter()
             if val_every and st.phase_step % val_every == 0 and st.phase_step < phase.steps:
                 stopped = self._validate_in_phase(name, phase, stop)
+            saved = None
             if cfg.train.ckpt_every and st.global_step % cfg.train.ckpt_every == 0 and st.phase_step < phase.steps:
                 st.stop = stop.state_dict()
-                self.save()
+                saved = self.save()
+            if self._stop_requested():
+                bar.close()
+                st.stop = stop.state_dict()
+                path = saved or self.save()
+                raise Preempted(f"stopped by {self.signals.name or 'a signal on another rank'} after step "
+                                f"{st.phase_step} of phase '{name}' (global step {st.global_step}); the checkpoint "
+                                f"{path} resumes it: run the same command again (train.auto_resume)", path)
         bar.close()
         if phase.kind == "gan":
             if not stopped:
@@ -285,6 +317,14 @@ class Trainer:
         st.phase_index += 1
         st.phase_step = 0
         self.save()
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal; every rank calls it after each step, so all stop together."""
+        flag = self.signals.requested()
+        if self.accelerator.num_processes == 1:
+            return flag
+        flag = torch.tensor([float(flag)], device=self.accelerator.device)
+        return self.accelerator.reduce(flag, reduction="sum").item() > 0
 
     def _validate_in_phase(self, name: str, phase: PhaseConfig, stop: StopRule) -> bool:
         results = self.run_validation(name)
@@ -302,11 +342,19 @@ class Trainer:
         return should_stop
 
     def fit(self) -> dict:
-        """Run the remaining phases, then the final validation; returns the final metrics."""
+        """Run the remaining phases, then the final validation; returns the final metrics. The run folder's
+        lock is released at the end, however the run ends."""
+        try:
+            return self._fit()
+        finally:
+            self.lock.release()
+
+    def _fit(self) -> dict:
         acc, cfg = self.accelerator, self.cfg
         if acc.is_main_process:
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
         batches = iter(self.loader)
+        self.signals.install()
         try:
             while self.state.phase_index < len(cfg.train.order):
                 name = cfg.train.order[self.state.phase_index]
@@ -324,7 +372,11 @@ class Trainer:
                        f"Lower the phase's lr, set max_grad_norm, or use bf16 instead of fp16, then --resume.")
             log.error(message)
             raise TrainingStopped(message) from None
+        except Preempted as err:
+            log.info("%s", err)
+            raise
         finally:
+            self.signals.restore()
             if self.writer is not None:
                 self.writer.flush()
         return self.finish()
@@ -362,9 +414,14 @@ class Trainer:
 
 
 def train(cfg: Config, resume: str | None = None, train_loader=None, val_set=None) -> dict:
-    """Build a Trainer, optionally resume (``"latest"`` or a checkpoint folder), run to the end."""
+    """Build a Trainer, resume (``"latest"``, a checkpoint folder, or by ``train.auto_resume`` the run folder's
+    newest checkpoint), run to the end."""
     trainer = Trainer(cfg, train_loader=train_loader, val_set=val_set)
     path = ckpt.resolve_resume(trainer.run_dir, resume)
+    if path is None and cfg.train.auto_resume:
+        path = ckpt.latest_checkpoint(trainer.run_dir)
+        if path is not None:
+            log.info("train.auto_resume: continuing the run in %s from %s", trainer.run_dir, path.name)
     if path is not None:
         trainer.resume(path)
     return trainer.fit()

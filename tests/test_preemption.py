@@ -1,0 +1,183 @@
+"""Preemption and crash safety in one process (the SLURM and multi-process versions are in test_slurm.py and
+test_distributed.py): a stop signal finishes the step, checkpoints and exits, and the next start of the same
+command resumes automatically to the same parameters as an uninterrupted run; a kill -9 at a random moment
+loses at most the steps since the last checkpoint; one run folder never gets two writers."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from dist_dejpeg.config import to_yaml
+from dist_dejpeg.data import build_train_loader
+from dist_dejpeg.data.shards import prepare_samples
+from dist_dejpeg.train import checkpoint as ckpt
+from dist_dejpeg.train.trainer import Preempted, Trainer, train
+
+from test_trainer import tiny
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    prepare_samples(out, tile=64, train_step=64, shard_size=32)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    latest = ckpt.latest_checkpoint(run_dir)
+    return {name: load_file(str(latest / name)) for name in ("model.safetensors", "model_1.safetensors")}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        diff = [k for k in a[name] if not torch.equal(a[name][k], b[name][k])]
+        assert not diff, f"{name}: {diff[:5]}"
+
+
+class SignalAt:
+    """A loader that sends ``sig`` to this process while batch number ``at`` is being trained on."""
+
+    def __init__(self, inner, at: int, sig: int):
+        self.inner, self.at, self.sig = inner, at, sig
+
+    def __iter__(self):
+        for i, batch in enumerate(self.inner):
+            if i == self.at:
+                os.kill(os.getpid(), self.sig)
+            yield batch
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
+OVER = ("train.phases.gen.steps=6", "train.phases.critic.steps=2", "train.phases.gan.steps=4",
+        "train.keep_last=10", "train.ckpt_every=1")  # 12 steps, a checkpoint after each
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, tmp_path_factory) -> dict:
+    """Final weights of the run the interrupted ones must reproduce (same process settings as theirs)."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    train(tiny(run_dir, shards, *OVER))
+    return final_weights(run_dir)
+
+
+def test_stop_signals_are_recorded_not_acted_on():
+    signals = ckpt.StopSignals().install()
+    try:
+        assert not signals.requested()
+        os.kill(os.getpid(), signal.SIGTERM)  # would end the process without the handler
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert signals.requested() and signals.name == "SIGTERM"  # the first one is reported
+    finally:
+        signals.restore()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_signal_checkpoints_after_the_step_and_the_rerun_resumes_to_the_same_weights(tmp_path, shards,
+                                                                                     uninterrupted):
+    sig = signal.SIGUSR1
+    cfg = tiny(tmp_path / "cut", shards, *OVER)
+    loader = SignalAt(build_train_loader(cfg, 0, 1, torch.device("cpu")), at=7, sig=sig)
+    previous = signal.getsignal(sig)
+    t = Trainer(cfg, train_loader=loader)
+    with pytest.raises(Preempted, match=signal.Signals(sig).name) as stopped:
+        t.fit()
+    assert signal.getsignal(sig) == previous, "the trainer must put the old handler back"
+    # batch 7 is the 8th: the 2nd step of the critic phase; that step finished before the checkpoint
+    assert stopped.value.path.name == f"step-{8:08d}"
+    assert ckpt.latest_checkpoint(tmp_path / "cut") == stopped.value.path
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    del t
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train(tiny(tmp_path / "cut", shards, *OVER))  # same command again: train.auto_resume picks the checkpoint
+    assert_same_weights(uninterrupted, final_weights(tmp_path / "cut"))
+    assert (tmp_path / "cut" / "metrics.json").is_file()
+
+
+def test_a_run_folder_has_one_writer(tmp_path, shards):
+    cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=1")
+    first = Trainer(cfg)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(ckpt.RunDirBusy, match=f"in use by another training run.*pid.*{os.getpid()}"):
+        Trainer(cfg)
+    first.fit()  # releases the lock when it ends
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    Trainer(cfg).lock.release()
+
+
+def test_a_lock_held_by_another_process_is_refused_and_dies_with_it(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from dist_dejpeg.train.checkpoint import RunLock\n"
+                               f"lock = RunLock({str(tmp_path)!r}); lock.acquire(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ckpt.RunDirBusy, match=str(holder.pid)):
+            ckpt.RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = ckpt.RunLock(tmp_path)
+    lock.acquire()  # kill -9 leaves no stale lock
+    lock.release()
+
+
+def test_kill_9_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_path, shards, uninterrupted):
+    """The real thing: a separate process is killed with SIGKILL at a random moment after a random checkpoint;
+    rerunning the same command resumes from the newest complete checkpoint and ends with the same weights."""
+    config = tmp_path / "crash.yaml"
+    config.write_text(to_yaml(tiny(tmp_path / "crash", shards, *OVER)))
+    command = [sys.executable, "-m", "dist_dejpeg.cli", "train", "--config", str(config)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # the same float results as here
+    rng = random.Random()
+    kill_after = rng.randint(1, 9)  # checkpoints written before the kill (of 12)
+    crashed = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(ckpt.list_checkpoints(tmp_path / "crash")) < kill_after and time.time() < deadline:
+        assert crashed.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0, 0.5))  # anywhere in a step, or in the middle of writing a checkpoint
+    crashed.send_signal(signal.SIGKILL)
+    crashed.wait()
+    before = ckpt.latest_checkpoint(tmp_path / "crash")
+    assert before is not None and int(before.name[5:]) < 12, f"killed after {kill_after}: {before}"
+    resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"continuing the run in {tmp_path / 'crash'} from step-" in resumed.stderr
+    assert not list(ckpt.checkpoint_dir(tmp_path / "crash").glob(".tmp-*")), "a half-written checkpoint remains"
+    assert_same_weights(uninterrupted, final_weights(tmp_path / "crash"))
