@@ -4,6 +4,9 @@
     dist-dejpeg prepare folder --src ~/photos --out data/photos
     dist-dejpeg prepare div2k --root data/div2k_src --out data/div2k --download
     dist-dejpeg train --config configs/debug.yaml [--resume [CKPT]] [--dry-run] [key=value ...]
+
+train exits 0 when done, 2 on a config, weights or busy-run-folder error, 3 when a non-finite loss stopped
+it (checkpoint kept), 75 when SIGUSR1/SIGTERM stopped it (checkpoint kept; rerun to continue).
     accelerate launch -m dist_dejpeg.cli train --config configs/div2k.yaml
 
 Thin: parses arguments and calls the modules that do the work.
@@ -16,6 +19,8 @@ import logging
 import sys
 
 from dist_dejpeg.data.images import TILE_FORMATS
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint; the same command continues the run
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -70,14 +75,18 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    from dist_dejpeg.train.trainer import TrainingStopped, train
+    from dist_dejpeg.train.checkpoint import RunDirBusy
+    from dist_dejpeg.train.trainer import Preempted, TrainingStopped, train
     from dist_dejpeg.weights import WeightsError
 
     try:
         results = train(cfg, resume=args.resume)
-    except (ConfigError, WeightsError, FileNotFoundError) as err:
+    except (ConfigError, WeightsError, FileNotFoundError, RunDirBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Preempted as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except TrainingStopped as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
@@ -114,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="run the NoGAN phases (resumable)")
     tr.add_argument("--config", help="YAML config (see configs/); schema defaults otherwise")
     tr.add_argument("--resume", nargs="?", const="latest", default=None,
-                    help="continue from the newest checkpoint of train.run_dir, or from the given folder")
+                    help="continue from the newest checkpoint of train.run_dir (what train.auto_resume does by "
+                         "default), or from the given folder")
     tr.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     tr.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. data.batch_size=8)")
     tr.set_defaults(func=_train)
