@@ -122,6 +122,7 @@ class TrainConfig:
     progress: bool = True  # rank-0 progress bar
     auto_resume: bool = True  # continue from the newest checkpoint in run_dir when there is one (requeued jobs)
     dist_timeout_s: int = 900  # a collective that waits longer fails the run instead of hanging (dead rank)
+    deepspeed_stage: int = 0  # ZeRO stage for both models via Accelerate's DeepSpeed (one plugin per model); 0: plain DDP
 
 
 @dataclass
@@ -193,6 +194,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.dist_timeout_s': must be >= 1 (seconds)")
     if not t.order:
         raise ConfigError("config key 'train.order': no phases to run")
+    if t.deepspeed_stage == 3:
+        raise ConfigError("config key 'train.deepspeed_stage': ZeRO-3 is not supported: the trainer runs each model's "
+                          "raw module inside the other model's step (the frozen critic in the generator's loss, the "
+                          "generator under no_grad for the critic's fakes), and ZeRO-3 partitions the parameters so "
+                          "that only its own engine's forward can gather them. Use 1 or 2.")
+    _one_of("train.deepspeed_stage", t.deepspeed_stage, (0, 1, 2))
+    if t.deepspeed_stage and t.mixed_precision == "fp16":
+        raise ConfigError("config key 'train.mixed_precision': fp16 with train.deepspeed_stage > 0 has no gradient "
+                          "scaler (DeepSpeed keeps fp32 parameters here and the steps autocast); use bf16")
     defaults = _default_phases()
     for name in t.order:
         if name not in t.phases:
@@ -216,6 +226,31 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config keys 'train.phases.{name}.w_pixel/w_lpips': the generator needs a loss")
         if phase.kind == "gan" and phase.critic_iters + phase.gen_iters < 1:
             raise ConfigError(f"config keys 'train.phases.{name}.critic_iters/gen_iters': both zero")
+    if t.deepspeed_stage:
+        _same_clipping(t)
+
+
+def _same_clipping(t: TrainConfig) -> None:
+    """DeepSpeed clips inside its engine with the config's ``gradient_clipping``, fixed per model when the engine
+    is built; so every phase that trains a model must ask for the same max_grad_norm."""
+    for model, kinds in (("generator", ("gen", "gan")), ("critic", ("critic", "gan"))):
+        names = [n for n in t.order if t.phases[n].kind in kinds]
+        norms = {t.phases[n].max_grad_norm for n in names}
+        if len(norms) > 1:
+            keys = ", ".join(f"'train.phases.{n}.max_grad_norm' = {t.phases[n].max_grad_norm}" for n in names)
+            raise ConfigError(f"config keys {keys}: with train.deepspeed_stage > 0 the {model}'s gradient clipping is "
+                              f"fixed when its DeepSpeed engine is built, so every phase that trains the {model} "
+                              f"needs the same max_grad_norm")
+
+
+def clip_norms(t: TrainConfig) -> dict[str, float]:
+    """The max_grad_norm of each model ("gen", "critic") over the phases that train it (0.0: off); with DeepSpeed
+    these are equal within a model (checked by :func:`validate`)."""
+    out = {}
+    for model, kinds in (("gen", ("gen", "gan")), ("critic", ("critic", "gan"))):
+        norms = [t.phases[n].max_grad_norm for n in t.order if t.phases[n].kind in kinds]
+        out[model] = float(norms[0]) if norms else 0.0
+    return out
 
 
 def to_yaml(cfg: Config) -> str:
