@@ -1,8 +1,15 @@
 """Train on fixed global batches, split over however many processes run this script; used by
-test_distributed.py to compare a 2-process DDP run with a 1-process run of the same global batch.
+test_distributed.py to compare a 2-process DDP run with a 1-process run of the same global batch, and by
+test_deepspeed.py to compare a 2-process DeepSpeed run with a 2-process DDP run.
 
     python tests/ddp_runner.py CONFIG GLOBAL_BATCH                     # one process, the whole batch
     accelerate launch --multi_gpu --num_processes 2 tests/ddp_runner.py CONFIG GLOBAL_BATCH
+
+The batches are served by a loader with a position (state_dict), so a run resumed from a checkpoint
+(train.auto_resume) continues with the batch after the checkpoint's. With the config's
+train.deepspeed_stage > 0 the launch must not set ACCELERATE_USE_CPU (it turns DeepSpeed off). At the end
+the main process also writes the critic's weights to <run_dir>/critic.safetensors (unwrapped), to compare
+runs whose checkpoints differ in format.
 """
 
 from __future__ import annotations
@@ -28,18 +35,63 @@ def fixed_batches(n_batches: int, global_batch: int, crop: int, rank: int, world
     return out
 
 
+class FixedLoader:
+    """Serves a list of batches once, remembering how many it has handed out (checkpointed by the trainer)."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches, self.pos = batches, 0
+
+    def __iter__(self):
+        while self.pos < len(self.batches):
+            self.pos += 1
+            yield self.batches[self.pos - 1]
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
 def run(config_path: str, global_batch: int) -> dict:
-    from accelerate import PartialState
+    import os
 
     from dist_dejpeg.config import load_config
-    from dist_dejpeg.train.trainer import train
+    from dist_dejpeg.train import trainer as trainer_mod
 
     cfg = load_config(config_path)
-    state = PartialState(cpu=True)
+    if cfg.train.deepspeed_stage:
+        # DeepSpeed's communication backend JIT-compiles its shared-memory all-reduce extension with g++ on
+        # first use (about a minute on a fresh machine). Gloo does the collectives on CPU, so mark the op
+        # unavailable; build_shm_op() then skips it. Must happen before the Accelerator is created.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # no PartialState before the Trainer here: it would fix the process group (and its backend) first
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    else:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=True)
+        rank, world = state.process_index, state.num_processes
     steps = sum(cfg.train.phases[name].steps for name in cfg.train.order)
-    batches = fixed_batches(steps * cfg.train.grad_accum, global_batch, cfg.data.crop, state.process_index,
-                            state.num_processes)
-    return train(cfg, train_loader=batches)
+    batches = fixed_batches(steps * cfg.train.grad_accum, global_batch, cfg.data.crop, rank, world)
+    original_finish = trainer_mod.Trainer.finish
+
+    def finish(self):
+        results = original_finish(self)
+        if self.critic is not None and self.accelerator.is_main_process:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous() for k, v in self.critic_raw.state_dict().items()},
+                      str(self.run_dir / "critic.safetensors"))
+        return results
+
+    trainer_mod.Trainer.finish = finish
+    try:
+        return trainer_mod.train(cfg, train_loader=FixedLoader(batches))
+    finally:
+        trainer_mod.Trainer.finish = original_finish
 
 
 if __name__ == "__main__":

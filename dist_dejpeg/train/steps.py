@@ -1,7 +1,9 @@
 """One optimizer update of each model: ``generator_step`` and ``critic_step``.
 
-Each takes ``grad_accum`` batches, runs them under ``accelerator.accumulate`` and the training autocast,
-refuses to step on a non-finite loss (on every rank at once), and returns the detached losses.
+Each takes ``grad_accum`` batches, runs them under ``accelerator.accumulate`` (or, with ``deepspeed=True``,
+through the model's DeepSpeed engine) and the training autocast (``autocast``: a context factory, by default
+``accelerator.autocast``), refuses to step on a non-finite loss (on every rank at once), and returns the
+detached losses. With DeepSpeed, clipping is the engine's config (``max_grad_norm`` is not used here).
 
 DDP notes: the generator step runs the critic *unwrapped* with its parameters frozen, and the critic step
 runs the generator *unwrapped* under no_grad, so neither backward touches the other model's DDP reducer.
@@ -11,7 +13,7 @@ iterations per step, and nothing for DDP's buffer broadcast to trip over).
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -34,21 +36,35 @@ def _check_finite(accelerator: Accelerator, what: str, total: torch.Tensor, part
 
 
 def _update(accelerator: Accelerator, model, optimizer, batches: Iterator[dict], grad_accum: int,
-            loss_fn: Callable[[dict], dict], weights: dict, what: str, max_grad_norm: float) -> dict:
+            loss_fn: Callable[[dict], dict], weights: dict, what: str, max_grad_norm: float,
+            autocast: Callable[[], ContextManager] | None = None, deepspeed: bool = False) -> dict:
+    autocast = autocast or accelerator.autocast
     accelerator.step = 0  # align accumulate()'s counter: the last of grad_accum micro-steps syncs
     logged: dict[str, torch.Tensor] = {}
     for _ in range(grad_accum):
         batch = next(batches)
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
+        if deepspeed:
+            # ``model`` is this model's DeepSpeed engine: its backward divides by grad_accum and its step updates
+            # (clipping at the config's gradient_clipping) on the accumulation boundary. accelerator.backward
+            # would reach the first engine only; the prepared optimizer's step/zero_grad and
+            # accelerator.clip_grad_norm_ do nothing under DeepSpeed.
+            with autocast():
                 parts = loss_fn(batch)
             total = sum(weights[k] * v for k, v in parts.items())
             _check_finite(accelerator, what, total, parts)
-            accelerator.backward(total)
-            if max_grad_norm > 0 and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            model.backward(total)
+            model.step()
+        else:
+            with accelerator.accumulate(model):
+                with autocast():
+                    parts = loss_fn(batch)
+                total = sum(weights[k] * v for k, v in parts.items())
+                _check_finite(accelerator, what, total, parts)
+                accelerator.backward(total)
+                if max_grad_norm > 0 and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         for k, v in parts.items():
             logged[f"{what}/{k}"] = logged.get(f"{what}/{k}", 0) + v.detach() / grad_accum
         logged[f"{what}/total"] = logged.get(f"{what}/total", 0) + total.detach() / grad_accum
@@ -58,7 +74,7 @@ def _update(accelerator: Accelerator, model, optimizer, batches: Iterator[dict],
 def generator_step(accelerator: Accelerator, generator, optimizer, batches: Iterator[dict], *,
                    grad_accum: int, w_pixel: float, w_lpips: float, w_adv: float = 0.0,
                    lpips: LPIPS | None = None, critic_raw=None, adversarial: str = "bce",
-                   max_grad_norm: float = 0.0) -> dict:
+                   max_grad_norm: float = 0.0, autocast=None, deepspeed: bool = False) -> dict:
     """Generator update: w_pixel * L1 + w_lpips * LPIPS (+ w_adv * adversarial through the frozen critic)."""
     weights = {"l1": w_pixel, "lpips": w_lpips, "adv": w_adv}
 
@@ -77,14 +93,15 @@ def generator_step(accelerator: Accelerator, generator, optimizer, batches: Iter
         critic_raw.requires_grad_(False)
     try:
         return _update(accelerator, generator, optimizer, batches, grad_accum, losses, weights, "gen",
-                       max_grad_norm)
+                       max_grad_norm, autocast, deepspeed)
     finally:
         if critic_raw is not None:
             critic_raw.requires_grad_(True)
 
 
 def critic_step(accelerator: Accelerator, critic, optimizer, batches: Iterator[dict], *, generator_raw,
-                grad_accum: int, adversarial: str = "bce", max_grad_norm: float = 0.0) -> dict:
+                grad_accum: int, adversarial: str = "bce", max_grad_norm: float = 0.0, autocast=None,
+                deepspeed: bool = False) -> dict:
     """Critic update on clean (real) vs generated (fake, detached) images."""
 
     def losses(batch: dict) -> dict:
@@ -97,4 +114,4 @@ def critic_step(accelerator: Accelerator, critic, optimizer, batches: Iterator[d
                 "fake_acc": (fake_logits.detach().float() < 0).float().mean()}
 
     return _update(accelerator, critic, optimizer, batches, grad_accum, losses,
-                   {"loss": 1.0, "real_acc": 0.0, "fake_acc": 0.0}, "critic", max_grad_norm)
+                   {"loss": 1.0, "real_acc": 0.0, "fake_acc": 0.0}, "critic", max_grad_norm, autocast, deepspeed)

@@ -6,14 +6,18 @@
 
 Order (as the Accelerate examples): Accelerator, seed, models, optimizers, one ``prepare``, per-rank seed,
 loaders, then the phase loop. Generator and critic are prepared together once; a phase that trains one
-model never runs the other's forward or optimizer. Logged scalars are reduced over ranks; files and
-TensorBoard are written by the main process only.
+model never runs the other's forward or optimizer. With ``train.deepspeed_stage`` 1 or 2 each model gets its
+own DeepSpeed engine (Accelerate's multi-model DeepSpeed: one plugin per model, two ``prepare`` calls, gen
+then critic); the steps then call the engine's backward/step, and bf16 is a plain autocast over fp32 engines.
+Logged scalars are reduced over ranks; files and TensorBoard are written by the main process only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +29,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from dist_dejpeg.config import Config, ConfigError, PhaseConfig, to_yaml
+from dist_dejpeg.config import Config, ConfigError, PhaseConfig, clip_norms, to_yaml
 from dist_dejpeg.data import build_train_loader, build_val_set, ensure_samples
 from dist_dejpeg.export import save_generator
 from dist_dejpeg.losses import LPIPS
@@ -67,6 +71,10 @@ def build_accelerator(cfg: Config) -> Accelerator:
     cpu = t.cpu or not torch.cuda.is_available()
     if cpu and t.mixed_precision == "fp16":
         raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; use bf16 or no on CPU")
+    # a dead or stuck rank fails every collective after this long instead of hanging
+    timeout = timedelta(seconds=t.dist_timeout_s)
+    if t.deepspeed_stage:
+        return _deepspeed_accelerator(cfg, cpu, timeout)
     return Accelerator(
         cpu=cpu,
         mixed_precision=t.mixed_precision,
@@ -74,9 +82,55 @@ def build_accelerator(cfg: Config) -> Accelerator:
         # Spectral-norm (u, v) and batch-norm buffers change in every forward; broadcasting them from
         # rank 0 at each forward breaks when a model runs twice before a backward.
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
-                         # a dead or stuck rank fails every collective after this long instead of hanging
-                         InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))],
+                         InitProcessGroupKwargs(timeout=timeout)],
     )
+
+
+def deepspeed_config(cfg: Config, world: int, max_grad_norm: float) -> dict:
+    """One model's DeepSpeed config. Parameters stay fp32 (the steps autocast to bf16 themselves: DeepSpeed's
+    own bf16 casts parameters but not batch-norm buffers and wants bf16 inputs); no "optimizer" key, so the
+    trainer's AdamW is used; the engine divides by and steps after grad_accum micro-steps."""
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "train_batch_size": cfg.data.batch_size * t.grad_accum * world,  # explicit: no loader is prepared
+        "gradient_accumulation_steps": t.grad_accum,
+        "zero_optimization": {"stage": t.deepspeed_stage},
+        "gradient_clipping": float(max_grad_norm),  # 0.0: off (left out, or "auto", DeepSpeed clips at 1.0)
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+    }
+
+
+def _deepspeed_accelerator(cfg: Config, cpu: bool, timeout: timedelta) -> Accelerator:
+    """Accelerate's multi-model DeepSpeed: one plugin (one engine) per model, "gen" selected by default."""
+    try:
+        import deepspeed  # noqa: F401
+        from accelerate.utils import DeepSpeedPlugin
+    except ImportError:
+        raise ConfigError("config key 'train.deepspeed_stage': DeepSpeed is not installed; "
+                          "pip install 'dist-dejpeg[deepspeed]' (or set train.deepspeed_stage=0)") from None
+    if cfg.train.cpu and torch.cuda.is_available():
+        # Accelerator(cpu=True) silently turns DeepSpeed off
+        raise ConfigError("config keys 'train.cpu'/'train.deepspeed_stage': DeepSpeed on the CPU of a GPU machine is "
+                          "not supported; hide the GPUs (CUDA_VISIBLE_DEVICES=) or set train.cpu=false")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by the launcher; train_batch_size must be explicit
+    norms = clip_norms(cfg.train)
+    phases = [cfg.train.phases[name] for name in cfg.train.order]
+    plugins = {"gen": DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world, norms["gen"]))}
+    if any(trains_critic(p) for p in phases):
+        plugins["critic"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world, norms["critic"]))
+    group = InitProcessGroupKwargs(backend="gloo", timeout=timeout) if cpu else InitProcessGroupKwargs(timeout=timeout)
+    acc = Accelerator(
+        cpu=False,  # cpu=True (or ACCELERATE_USE_CPU=1) disables DeepSpeed; without a GPU it runs on the CPU
+        mixed_precision="no",  # the run's bf16 is applied by autocast in the steps (Trainer.autocast)
+        deepspeed_plugins=plugins,
+        kwargs_handlers=[group],
+    )
+    if acc.num_processes != world:
+        raise RuntimeError(f"DeepSpeed: {acc.num_processes} processes, but WORLD_SIZE said {world}")
+    return acc
 
 
 def setup_logging(accelerator: Accelerator) -> None:
@@ -85,8 +139,16 @@ def setup_logging(accelerator: Accelerator) -> None:
     logging.getLogger("dist_dejpeg").setLevel(level)
 
 
+def _innermost(optimizer):
+    """The torch optimizer under Accelerate's wrapper (DDP: AcceleratedOptimizer -> AdamW) or DeepSpeed's
+    (DeepSpeedOptimizerWrapper -> DeepSpeedZeroOptimizer -> AdamW, over the flat fp32 partitions)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def _set_optimizer(optimizer, phase: PhaseConfig, lr: float, reset: bool) -> None:
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = _innermost(optimizer)
     if reset:  # a fresh optimizer per phase, as the seed's separate fits
         inner.state.clear()
     for group in inner.param_groups:
@@ -94,8 +156,18 @@ def _set_optimizer(optimizer, phase: PhaseConfig, lr: float, reset: bool) -> Non
 
 
 def _set_lr(optimizer, lr: float) -> None:
-    for group in getattr(optimizer, "optimizer", optimizer).param_groups:
+    for group in _innermost(optimizer).param_groups:
         group["lr"] = lr
+
+
+def _refresh_master_weights(optimizer) -> None:
+    """After writing a DeepSpeed model's parameters directly: ZeRO-1/2 keep their own fp32 master copy, which
+    the next step (and a checkpoint's resume) would otherwise restore over what was written."""
+    while optimizer is not None:
+        if hasattr(optimizer, "refresh_fp32_params"):
+            optimizer.refresh_fp32_params()
+            return
+        optimizer = getattr(optimizer, "optimizer", None)
 
 
 class Trainer:
@@ -132,13 +204,25 @@ class Trainer:
         fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         generator = generator.to(memory_format=fmt)
         g_opt = torch.optim.AdamW(generator.parameters(), lr=1e-3)
+        self.deepspeed = cfg.train.deepspeed_stage > 0
         if critic is not None:
             critic = critic.to(memory_format=fmt)
             c_opt = torch.optim.AdamW(critic.parameters(), lr=1e-3)
+        if self.deepspeed:
+            # One engine per model, each prepared under its own plugin; the order (gen, then critic) must be
+            # the same when a checkpoint is saved and loaded.
+            self.generator, self.g_opt = acc.prepare(generator, g_opt)
+            self.critic = self.c_opt = None
+            if critic is not None:
+                acc.state.select_deepspeed_plugin("critic")
+                self.critic, self.c_opt = acc.prepare(critic, c_opt)
+                acc.state.select_deepspeed_plugin("gen")
+        elif critic is not None:
             self.generator, self.g_opt, self.critic, self.c_opt = acc.prepare(generator, g_opt, critic, c_opt)
         else:
             self.generator, self.g_opt = acc.prepare(generator, g_opt)
             self.critic = self.c_opt = None
+        self.autocast = self._autocast_factory()
 
         lo = cfg.loss
         self.lpips = (LPIPS(lo.lpips_net, lo.lpips_pretrained, lo.lpips_weights, "loss.lpips_weights").to(acc.device)
@@ -166,6 +250,16 @@ class Trainer:
         self.config_yaml = to_yaml(cfg)
 
     # -- helpers --------------------------------------------------------------------------------------
+    def _autocast_factory(self):
+        """The training autocast. DDP: Accelerate's (from train.mixed_precision). DeepSpeed: the engines keep
+        fp32 parameters and the Accelerator runs with mixed_precision="no", so bf16 is a plain torch.autocast."""
+        if not self.deepspeed:
+            return self.accelerator.autocast
+        if self.cfg.train.mixed_precision == "bf16":
+            device = self.accelerator.device.type
+            return lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)
+        return contextlib.nullcontext
+
     @property
     def gen_raw(self):
         return self.accelerator.unwrap_model(self.generator)
@@ -269,12 +363,14 @@ class Trainer:
                                       w_pixel=phase.w_pixel, w_lpips=phase.w_lpips,
                                       w_adv=phase.w_adv if phase.kind == "gan" else 0.0, lpips=self.lpips,
                                       critic_raw=self.critic_raw if phase.kind == "gan" else None,
-                                      adversarial=cfg.loss.adversarial, max_grad_norm=phase.max_grad_norm)
+                                      adversarial=cfg.loss.adversarial, max_grad_norm=phase.max_grad_norm,
+                                      autocast=self.autocast, deepspeed=self.deepspeed)
             else:
                 _set_lr(self.c_opt, lr * (phase.critic_lr_mult if phase.kind == "gan" else 1.0))
                 logs = critic_step(acc, self.critic, self.c_opt, batches, generator_raw=self.gen_raw,
                                    grad_accum=cfg.train.grad_accum, adversarial=cfg.loss.adversarial,
-                                   max_grad_norm=phase.max_grad_norm)
+                                   max_grad_norm=phase.max_grad_norm, autocast=self.autocast,
+                                   deepspeed=self.deepspeed)
             st.phase_step += 1
             st.global_step += 1
             images += per_step
@@ -313,6 +409,8 @@ class Trainer:
             if self.best_generator is not None and stop.best_step != st.phase_step:
                 log.info("%s: keeping the best generator (step %d, LPIPS %.4f)", name, stop.best_step, stop.best)
                 self.gen_raw.load_state_dict({k: v.to(acc.device) for k, v in self.best_generator.items()})
+                if self.deepspeed:
+                    _refresh_master_weights(self.g_opt)
         st.stop = stop.state_dict()
         st.phase_index += 1
         st.phase_step = 0
