@@ -72,6 +72,15 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.get:
+        from omegaconf import OmegaConf
+
+        value = OmegaConf.select(OmegaConf.structured(cfg), args.get, default=None)
+        if value is None:
+            print(f"error: no config key '{args.get}'", file=sys.stderr)
+            return 2
+        print(OmegaConf.to_yaml(value).strip() if OmegaConf.is_config(value) else value)
+        return 0
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
@@ -126,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue from the newest checkpoint of train.run_dir (what train.auto_resume does by "
                          "default), or from the given folder")
     tr.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    tr.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. train.run_dir) and exit")
     tr.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. data.batch_size=8)")
     tr.set_defaults(func=_train)
     return parser

@@ -6,6 +6,9 @@
                                                        scaler, every rank's RNG streams)
         trainer_state.json                            phase, step, stop rule, best metric, data skips
         loader_<rank>.json                            each rank's data-stream position
+        buffers_<rank>.safetensors                    each rank's model buffers (batch-norm running
+                                                       statistics differ per rank under DDP; the model
+                                                       files hold rank 0's only)
         config.yaml                                   the resolved config of the run
 
 Everything is written into ``.tmp-step-*`` and renamed into place once every rank has finished, so a
@@ -45,8 +48,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: int, trainer_state: dict,
-                    loader_state: dict, config_yaml: str, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
+                    loader_state: dict, config_yaml: str, keep_last: int, buffers: dict | None = None,
+                    main_tensors: dict[str, dict] | None = None) -> Path:
+    """Collective: every rank calls it. ``buffers``: this rank's model buffers; ``main_tensors``: extra
+    safetensors files (name -> tensors) written by the main process. Returns the final folder."""
     root = checkpoint_dir(run_dir)
     final = root / f"step-{global_step:08d}"
     tmp = root / f".tmp-step-{global_step:08d}"
@@ -58,8 +63,18 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: 
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     _write_json(tmp / f"loader_{accelerator.process_index}.json", loader_state)
+    if buffers:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in buffers.items()},
+                  str(tmp / f"buffers_{accelerator.process_index}.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if main_tensors:
+            from safetensors.torch import save_file
+
+            for name, tensors in main_tensors.items():
+                save_file(tensors, str(tmp / name))
         (tmp / "config.yaml").write_text(config_yaml)
         _write_json(tmp / "trainer_state.json", trainer_state)  # last file: marks the folder complete
         _fsync_dir(tmp)
@@ -73,8 +88,9 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: 
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, dict | None]:
-    """Collective. Restores models, optimizers, scaler and RNG; returns (trainer_state, loader_state)."""
+def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, dict | None, dict]:
+    """Collective. Restores models, optimizers, scaler and RNG; returns (trainer_state, loader_state, this
+    rank's buffers or {})."""
     path = Path(path)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"not a complete checkpoint (no trainer_state.json): {path}")
@@ -82,7 +98,13 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, d
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     loader_file = path / f"loader_{accelerator.process_index}.json"
     loader_state = json.loads(loader_file.read_text()) if loader_file.is_file() else None
-    return trainer_state, loader_state
+    buffer_file = path / f"buffers_{accelerator.process_index}.safetensors"
+    buffers = {}
+    if buffer_file.is_file():
+        from safetensors.torch import load_file
+
+        buffers = load_file(str(buffer_file))
+    return trainer_state, loader_state, buffers
 
 
 def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:

@@ -282,21 +282,44 @@ class Trainer:
             packed = self.accelerator.reduce(packed, reduction="sum")
         return {k: int(v) for k, v in zip(counts, packed.tolist())}
 
+    def _models(self) -> dict:
+        return {"generator": self.gen_raw, **({"critic": self.critic_raw} if self.critic is not None else {})}
+
+    def _rank_buffers(self) -> dict:
+        """This rank's model buffers: DDP here does not broadcast buffers, so batch-norm running statistics
+        follow each rank's own batches, and an exact resume must give every rank its own back."""
+        return {f"{m}.{k}": v for m, model in self._models().items() for k, v in model.named_buffers()}
+
+    def _load_rank_buffers(self, buffers: dict) -> None:
+        for m, model in self._models().items():
+            own = dict(model.named_buffers())
+            for key, value in buffers.items():
+                if key.startswith(m + ".") and key[len(m) + 1:] in own:
+                    own[key[len(m) + 1:]].copy_(value)
+
+    def _average_bn_stats(self) -> None:
+        """Average batch-norm running statistics over ranks before they are used (validation, a frozen
+        generator in the critic phase, export), so every rank evaluates the same model. Averaging is linear,
+        like the running-average updates, so when it happens does not change the averaged result."""
+        if self.accelerator.num_processes > 1:
+            from timm.utils import distribute_bn
+
+            for model in self._models().values():
+                distribute_bn(model, self.accelerator.num_processes, reduce=True)
+
     def save(self) -> Path:
         state = dict(vars(self.state), phase_names=list(self.cfg.train.order), data_skipped=self._data_skipped())
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else {}
         path = ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state.global_step, state, loader_state,
-                                    self.config_yaml, self.cfg.train.keep_last)
-        if self.best_generator is not None and self.accelerator.is_main_process:
-            from safetensors.torch import save_file
-
-            save_file(self.best_generator, str(path / "best_generator.safetensors"))
-        self.accelerator.wait_for_everyone()
+                                    self.config_yaml, self.cfg.train.keep_last, buffers=self._rank_buffers(),
+                                    main_tensors={"best_generator.safetensors": self.best_generator}
+                                    if self.best_generator is not None else None)
         log.info("checkpoint: %s", path)
         return path
 
     def resume(self, path: Path) -> None:
-        trainer_state, loader_state = ckpt.load_checkpoint(self.accelerator, path)
+        trainer_state, loader_state, buffers = ckpt.load_checkpoint(self.accelerator, path)
+        self._load_rank_buffers(buffers)
         if trainer_state.get("phase_names") != list(self.cfg.train.order):
             raise ConfigError(f"--resume: the checkpoint's phases {trainer_state.get('phase_names')} differ from "
                               f"train.order {list(self.cfg.train.order)}")
@@ -315,6 +338,7 @@ class Trainer:
 
     # -- validation -----------------------------------------------------------------------------------
     def run_validation(self, tag: str) -> dict:
+        self._average_bn_stats()
         results = validate(self.accelerator, self.gen_raw, self.val_set, self.metric_lpips, self.cfg.data.val_batch_size)
         step = self.state.global_step
         for q, groups in results.items():
@@ -334,6 +358,8 @@ class Trainer:
     def run_phase(self, name: str, phase: PhaseConfig, batches) -> None:
         cfg, acc, st = self.cfg, self.accelerator, self.state
         fresh = st.phase_step == 0
+        if fresh:  # (a resumed phase got every rank's own statistics back from the checkpoint)
+            self._average_bn_stats()
         if trains_generator(phase):
             _set_optimizer(self.g_opt, phase, lr_at(phase, st.phase_step), reset=fresh)
         if trains_critic(phase):

@@ -1,0 +1,55 @@
+# Sourced by the sbatch scripts in this folder (sbatch runs a copy of the script, so they find this file
+# through $SLURM_SUBMIT_DIR: submit from the repository root). Needs CONFIG and the OVERRIDES array.
+#
+# What it adds to a plain `srun accelerate launch ...`:
+# - the run folder is resolved from the config; the job's output and one log per node go to <run_dir>/logs/
+# - the step runs in the background so that the batch shell can take signals while it waits
+# - USR1 (the advance warning from `#SBATCH --signal=B:USR1@120`): every training process gets SIGTERM,
+#   finishes its step, writes a checkpoint and exits; then this job requeues itself. The requeued job runs
+#   the same command, and the trainer resumes from the newest checkpoint of the run folder (auto_resume).
+# - TERM (scancel, preemption): passed on the same way, but no requeue (preemption requeues by itself).
+
+dd_setup() {
+  cd "${SLURM_SUBMIT_DIR:?submit this script with sbatch}" || exit 1
+  PYTHON=${PYTHON:-python}  # the environment's python: sbatch passes on the submitting shell's PATH
+  RUN_DIR=$("$PYTHON" -m dist_dejpeg.cli train --config "$CONFIG" "${OVERRIDES[@]}" --get train.run_dir) || exit 2
+  LOG_DIR=$RUN_DIR/logs
+  mkdir -p "$LOG_DIR"
+  echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): run folder $RUN_DIR, logs in $LOG_DIR"
+  exec >>"$LOG_DIR/job-$SLURM_JOB_ID.log" 2>&1
+  echo "[$(date +%FT%T)] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"
+
+  # processes per node: one per GPU; none -> one CPU process per node (gloo), for debugging
+  PROCS=${PROCS_PER_NODE:-${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}}
+  if [ "${PROCS:-0}" -lt 1 ]; then
+    export ACCELERATE_USE_CPU=1
+    PROCS=1
+  fi
+  TRAIN=(-m dist_dejpeg.cli train --config "$CONFIG" "${OVERRIDES[@]}")
+}
+
+dd_on_signal() {
+  [ "$1" = USR1 ] && DD_REQUEUE=1
+  echo "[$(date +%FT%T)] got SIG$1: the training processes checkpoint after their current step and stop"
+  scancel --signal=TERM "$SLURM_JOB_ID"  # the job's steps (every process in them), not this shell
+}
+
+# dd_run_step SRUN_ARGS... : run one srun step, wait for it through signals, requeue after USR1.
+dd_run_step() {
+  DD_REQUEUE=0
+  trap 'dd_on_signal USR1' USR1
+  trap 'dd_on_signal TERM' TERM
+  # --kill-on-bad-exit: a node whose training fails takes the others down instead of leaving them waiting
+  srun --kill-on-bad-exit=1 --output="$LOG_DIR/train-$SLURM_JOB_ID-node%n.log" --open-mode=append "$@" &
+  local step=$! rc=0
+  while :; do
+    wait "$step" && rc=0 || rc=$?
+    kill -0 "$step" 2>/dev/null || break  # a trap interrupted the wait: keep waiting for the step
+  done
+  echo "[$(date +%FT%T)] training step ended with status $rc"
+  if [ "$DD_REQUEUE" = 1 ]; then
+    echo "[$(date +%FT%T)] requeueing job $SLURM_JOB_ID; it resumes from the newest checkpoint in $RUN_DIR"
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
+  return "$rc"
+}

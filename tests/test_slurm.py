@@ -1,0 +1,196 @@
+"""The project's sbatch scripts on a real SLURM: a throw-away 2-node cluster on loopback
+(launch/local-slurm/start.sh; needs root and apt, as in CI), CPU processes joined over gloo.
+
+- a 2-node job trains to the expected step, with one process per node;
+- a job that gets SLURM's advance warning (USR1) mid-training checkpoints, requeues itself, resumes and
+  ends with the same step count and the same parameters as the uninterrupted job;
+- a job whose process on one node dies (kill -9) ends, failed, within a bounded time instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_dejpeg.config import to_yaml
+from dist_dejpeg.train import checkpoint as ckpt
+
+from test_trainer import tiny
+
+ROOT = Path(__file__).parents[1]
+LOCAL_SLURM = ROOT / "launch" / "local-slurm"
+pytestmark = pytest.mark.slow
+
+STEPS = {"gen": 16, "critic": 2, "gan": 4}
+
+
+def _have_cluster() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    done = subprocess.run(["sinfo", "-h", "-o", "%D %T"], capture_output=True, text=True)
+    return done.returncode == 0 and "idle" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """An idle 2-node cluster: the one already running, else a throw-away one started (and stopped) here."""
+    if _have_cluster():
+        yield
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip("needs a running SLURM, or root and apt to start one (launch/local-slurm/start.sh)")
+    started = subprocess.run([str(LOCAL_SLURM / "start.sh")], capture_output=True, text=True, timeout=600)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    try:
+        yield
+    finally:
+        subprocess.run([str(LOCAL_SLURM / "stop.sh")], capture_output=True, timeout=120)
+
+
+def sbatch(script: str, config: Path, *args: str) -> int:
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("ACCELERATE_USE_CPU", None)
+    # the scripts ask for 16 CPUs per task, as on a GPU node; the test nodes have nproc each
+    done = subprocess.run(["sbatch", "--parsable", f"--cpus-per-task={os.cpu_count()}", *args, str(ROOT / "launch" / "slurm" / script), str(config)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.strip().split(";")[0])
+
+
+def job_field(job: int, field: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", str(job)], capture_output=True, text=True).stdout
+    found = re.search(rf"\b{field}=(\S+)", out)
+    return found.group(1) if found else ""
+
+
+def wait_for_end(job: int, timeout: float) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = job_field(job, "JobState")
+        reason = job_field(job, "Reason")
+        if state == "PENDING" and reason not in ("None", "Priority", "Resources", "BeginTime", ""):
+            subprocess.run(["scancel", str(job)])
+            raise AssertionError(f"job {job} cannot start: {reason}")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(0.5)
+    subprocess.run(["scancel", str(job)])
+    raise AssertionError(f"job {job} still {job_field(job, 'JobState')} after {timeout} s")
+
+
+def logs(run_dir: Path) -> str:
+    return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')}" for p in sorted((run_dir / "logs").glob("*.log")))
+
+
+def write_config(tmp_path: Path, name: str, shards: Path, *over: str) -> tuple[Path, Path]:
+    run_dir = tmp_path / name
+    steps = [f"train.phases.{k}.steps={v}" for k, v in STEPS.items()]
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(to_yaml(tiny(run_dir, shards, *steps, "train.ckpt_every=2", "train.keep_last=20",
+                                   "data.val_max_images=6", *over)))
+    return config, run_dir
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm, sample_shards, tmp_path_factory):
+    """Two jobs of the same config, submitted at once (the cluster oversubscribes its cores); the second one
+    gets SLURM's advance warning after its second checkpoint (step 4 of 22), as `--signal=B:USR1@120` would
+    send it before the time limit."""
+    tmp = tmp_path_factory.mktemp("slurm")
+    plain = write_config(tmp, "plain", sample_shards)
+    preempted = write_config(tmp, "preempted", sample_shards)
+    out = {"plain": (sbatch("train_multi_node.sbatch", plain[0]), plain[1]),
+           "preempted": (sbatch("train_multi_node.sbatch", preempted[0]), preempted[1])}
+    job, run_dir = out["preempted"]
+    deadline = time.time() + 400
+    while len(ckpt.list_checkpoints(run_dir)) < 2:
+        assert job_field(job, "JobState") in ("PENDING", "RUNNING"), logs(run_dir)
+        assert time.time() < deadline, logs(run_dir)
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True)
+    return out
+
+
+def final_weights(run_dir: Path) -> tuple[str, dict]:
+    latest = ckpt.latest_checkpoint(run_dir)
+    return latest.name, {n: load_file(str(latest / n)) for n in ("model.safetensors", "model_1.safetensors")}
+
+
+def test_two_node_job_trains_to_the_expected_step(jobs):
+    job, run_dir = jobs["plain"]
+    assert wait_for_end(job, 600) == "COMPLETED", logs(run_dir)
+    total = sum(STEPS.values())
+    assert (run_dir / "metrics.json").is_file(), logs(run_dir)
+    latest = ckpt.latest_checkpoint(run_dir)
+    assert latest.name == f"step-{total:08d}"
+    # one process per node: two ranks saved their RNG and data-stream state
+    assert sorted(p.name for p in latest.glob("loader_*.json")) == ["loader_0.json", "loader_1.json"]
+    assert {p.name for p in (run_dir / "logs").glob("train-*.log")} == {f"train-{job}-node0.log",
+                                                                       f"train-{job}-node1.log"}
+
+
+def test_usr1_checkpoints_requeues_and_ends_like_the_uninterrupted_job(jobs):
+    job, run_dir = jobs["preempted"]
+    deadline = time.time() + 600
+    while job_field(job, "Restarts") in ("", "0"):
+        assert job_field(job, "JobState") in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"), logs(run_dir)
+        assert time.time() < deadline, logs(run_dir)
+        time.sleep(0.5)
+    assert wait_for_end(job, 600) == "COMPLETED", logs(run_dir)
+    text = logs(run_dir)
+    assert "got SIGUSR1" in text and f"requeueing job {job}" in text and f"job {job} restart 1" in text, text
+    assert re.search(r"stopped by SIGTERM after step \d+", text), text
+    assert "train.auto_resume: continuing the run" in text, text
+
+    plain_job, plain_dir = jobs["plain"]
+    assert wait_for_end(plain_job, 600) == "COMPLETED", logs(plain_dir)
+    name_a, a = final_weights(plain_dir)
+    name_b, b = final_weights(run_dir)
+    assert name_a == name_b == f"step-{sum(STEPS.values()):08d}"
+    for file in a:
+        diff = [k for k in a[file] if not torch.equal(a[file][k], b[file][k])]
+        assert not diff, f"{file}: {diff[:5]}"
+
+
+def _worker_pids(config: Path) -> dict[str, int]:
+    """node name -> pid of a training worker (started by the launcher, so it has LOCAL_RANK) of ``config``."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes() if proc.name.isdigit() else b""
+            if str(config).encode() not in cmdline or b"accelerate.commands.launch" in cmdline:
+                continue
+            env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except OSError:
+            continue
+        if b"LOCAL_RANK" in env:
+            found[env.get(b"SLURMD_NODENAME", b"?").decode()] = int(proc.name)
+    return found
+
+
+def test_a_dead_rank_ends_the_job_instead_of_hanging(slurm, sample_shards, tmp_path):
+    config, run_dir = write_config(tmp_path, "doomed", sample_shards, "train.phases.gen.steps=100000",
+                                   "train.dist_timeout_s=60")
+    job = sbatch("train_multi_node.sbatch", config)
+    deadline = time.time() + 400
+    while not ckpt.list_checkpoints(run_dir):  # training is under way on both nodes
+        assert job_field(job, "JobState") in ("PENDING", "RUNNING"), logs(run_dir)
+        assert time.time() < deadline, logs(run_dir)
+        time.sleep(0.2)
+    pids = _worker_pids(config)
+    assert "node2" in pids, pids
+    os.kill(pids["node2"], signal.SIGKILL)
+    killed = time.time()
+    state = wait_for_end(job, 120)
+    assert state in ("FAILED", "CANCELLED"), state
+    assert time.time() - killed < 90, f"the job took {time.time() - killed:.0f} s to end after the kill"
