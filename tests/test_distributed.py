@@ -23,9 +23,10 @@ ROOT = Path(__file__).parents[1]
 
 
 def launch_two(script_args: list[str], env: dict) -> None:
-    # `--cpu --num_processes 2` would start one process; --multi_gpu with ACCELERATE_USE_CPU starts two (gloo)
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script_args],
+    # the project's launcher config: --multi_gpu with ACCELERATE_USE_CPU starts two processes (gloo); `--cpu
+    # --num_processes 2` would start one
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "launch" / "accelerate" / "cpu_multi.yaml"), *script_args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 

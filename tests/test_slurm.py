@@ -61,7 +61,8 @@ def sbatch(script: str, config: Path, *args: str) -> int:
     env = dict(os.environ, PYTHON=sys.executable)
     env.pop("ACCELERATE_USE_CPU", None)
     # the scripts ask for 16 CPUs per task, as on a GPU node; the test nodes have nproc each
-    done = subprocess.run(["sbatch", "--parsable", f"--cpus-per-task={os.cpu_count()}", *args, str(ROOT / "launch" / "slurm" / script), str(config)],
+    done = subprocess.run(["sbatch", "--parsable", f"--cpus-per-task={os.cpu_count()}",
+                           f"--output={config.parent}/%x-%j.out", *args, str(ROOT / "launch" / "slurm" / script), str(config)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return int(done.stdout.strip().split(";")[0])

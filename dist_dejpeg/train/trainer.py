@@ -73,6 +73,13 @@ def build_accelerator(cfg: Config) -> Accelerator:
         raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; use bf16 or no on CPU")
     # a dead or stuck rank fails every collective after this long instead of hanging
     timeout = timedelta(seconds=t.dist_timeout_s)
+    launched = _launcher_deepspeed_stage()
+    if launched is not None:
+        if t.deepspeed_stage == 0:
+            t.deepspeed_stage = launched
+        if t.deepspeed_stage != launched or launched not in (1, 2):
+            raise ConfigError(f"config key 'train.deepspeed_stage': {t.deepspeed_stage}, but the accelerate launcher "
+                              f"config asks for ZeRO stage {launched}; the trainer supports 1 and 2")
     if t.deepspeed_stage:
         return _deepspeed_accelerator(cfg, cpu, timeout)
     return Accelerator(
@@ -84,6 +91,19 @@ def build_accelerator(cfg: Config) -> Accelerator:
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
                          InitProcessGroupKwargs(timeout=timeout)],
     )
+
+
+def _launcher_deepspeed_stage() -> int | None:
+    """The ZeRO stage when `accelerate launch` was given a DeepSpeed config (launch/accelerate/
+    deepspeed_zero2.yaml). Its ACCELERATE_DEEPSPEED_* settings are dropped: the trainer's two per-model
+    plugins carry the whole DeepSpeed config, and Accelerate refuses the mix of both."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("1", "true", "yes"):
+        return None
+    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+    dropped = ("ACCELERATE_CONFIG_DS_FIELDS", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "ACCELERATE_GRADIENT_CLIPPING")
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_DEEPSPEED_") or k in dropped]:
+        del os.environ[key]
+    return stage
 
 
 def deepspeed_config(cfg: Config, world: int, max_grad_norm: float) -> dict:
