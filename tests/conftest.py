@@ -51,3 +51,14 @@ def _write_tar(path, samples) -> Path:
 def write_tar():
     """``write_tar(path, [(key, {ext: bytes}), ...])`` -> path, for building small (possibly bad) shards."""
     return _write_tar
+
+
+@pytest.fixture(scope="session")
+def ddp_two_processes(tmp_path_factory, sample_shards) -> tuple[Path, Path]:
+    """One 2-process DDP (gloo) run of tests/ddp_runner.py's shared config, compared with a 1-process run by
+    test_distributed.py and with a DeepSpeed run by test_deepspeed.py. Returns (folder, run folder)."""
+    from ddp_runner import launch_two, write_config
+
+    folder = tmp_path_factory.mktemp("two_processes")
+    launch_two(write_config(folder, sample_shards, "ddp"))
+    return folder, folder / "ddp"

@@ -96,3 +96,46 @@ def run(config_path: str, global_batch: int) -> dict:
 
 if __name__ == "__main__":
     run(sys.argv[1], int(sys.argv[2]))
+
+
+# -- used by the tests (importable: tests/ is on sys.path under pytest) ---------------------------------------
+# 4 images per rank: with 2, the deepest batch norms (1x1 spatial at 32 px crops) estimate a variance from two
+# numbers, and float noise in the parameters became running-variance differences outside the tolerance
+GLOBAL_BATCH = 8
+OVERRIDES = ("model.sync_bn=true", "critic.dropout=0", "data.batch_size=4", "data.val_max_images=7",
+             "data.val_batch_size=2", "train.phases.gen.steps=3", "train.phases.critic.steps=2",
+             "train.phases.gan.steps=3", "train.phases.gan.critic_iters=1", "train.phases.gan.gen_iters=1",
+             "train.phases.gan.val_every=1", "train.ckpt_every=6", "train.keep_last=10")
+# checkpoints at global steps 3 and 5 (phase ends), 6 (mid-gan), 8 (end)
+
+
+def write_config(folder, shards, name: str, *extra: str):
+    """The shared test config (tests/test_trainer.py's tiny one plus OVERRIDES) as a YAML file; the run
+    folder is folder/name."""
+    from dist_dejpeg.config import to_yaml
+    from test_trainer import tiny
+
+    path = folder / f"{name}.yaml"
+    path.write_text(to_yaml(tiny(folder / name, shards, *OVERRIDES, *extra)))
+    return path
+
+
+def launch_two(config, deepspeed: bool = False) -> None:
+    """This script under `accelerate launch` with two CPU processes (gloo), the project's launcher config."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if deepspeed:
+        env.pop("ACCELERATE_USE_CPU", None)  # it would turn DeepSpeed off
+        env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes (gloo) on a GPU machine as well
+    else:
+        # --multi_gpu without a GPU starts two processes only with it (`--cpu --num_processes 2` starts one)
+        env["ACCELERATE_USE_CPU"] = "1"
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(root / "launch" / "accelerate" / "cpu_multi.yaml"), str(Path(__file__)),
+                           str(config), str(GLOBAL_BATCH)], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]

@@ -71,6 +71,25 @@ def test_fixed_seed_is_deterministic(sample_shards):
     assert not all(torch.equal(x["clean"], z["clean"]) for x, z in zip(a, c))
 
 
+def test_resume_is_deterministic_and_does_not_replay(sample_shards):
+    """What the DALI loader guarantees on resume (the torch loader resumes sample-exactly): restarting from a
+    saved state gives the same batches every time, and does not replay the batches already consumed."""
+    def loader():
+        return DaliLoader(train_shards(sample_shards), 32, (10, 40), 4, seed=3, num_threads=1)
+
+    uninterrupted = take(loader(), 3)
+    state = {"consumed": 3, "backend": "dali"}  # what a checkpoint after 3 batches holds
+    resumed = []
+    for _ in range(2):
+        again = loader()
+        again.load_state_dict(state)
+        resumed.append(take(again, 2))
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(*resumed) for k in x), "resume must be deterministic"
+    assert not any(torch.equal(r["clean"], u["clean"]) for r in resumed[0] for u in uninterrupted), \
+        "a resume must not replay the batches already consumed"
+    assert again.state_dict()["consumed"] == 3 + 2
+
+
 def test_two_ranks_see_disjoint_samples_that_cover_the_set(sample_shards):
     shards = train_shards(sample_shards)
     total = sum(len(shard_keys(s)) for s in shards)

@@ -2,71 +2,33 @@
 processes: all three NoGAN phases through the project's Trainer end with the same parameters as plain DDP on
 the same per-rank batches, and a checkpoint saved mid-run under DeepSpeed resumes to the same end.
 
-DDP and DeepSpeed here are both 2-process runs over the same per-rank data, so batch-norm statistics are
-per rank in both (no sync_bn needed for the comparison)."""
+The DDP run is the one test_distributed.py compares with one process (conftest's ddp_two_processes): the same
+config (tests/ddp_runner.py), the same per-rank batches, synchronised batch norm in both."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_dejpeg.config import ConfigError, load_config, to_yaml
+from dist_dejpeg.config import ConfigError, load_config
 from dist_dejpeg.train import checkpoint as ckpt
 
-from test_trainer import tiny
+from ddp_runner import launch_two, write_config
 
 pytest.importorskip("deepspeed")
-
-ROOT = Path(__file__).parents[1]
-# 4 images per rank: with 2, the deepest batch norms (1x1 spatial at 32 px crops) estimate a variance from two
-# numbers, and the float noise in the parameters (all within 4e-5 of DDP's) became running-variance differences
-# of up to 2.5e-3, outside the tolerance; with 4, every tensor is within 4% of it (measured on the 2-core machine)
-GLOBAL_BATCH = 8
-OVER = ("critic.dropout=0", "data.batch_size=4", "data.val_max_images=4", "data.val_batch_size=2",
-        "train.phases.gen.steps=3", "train.phases.critic.steps=2", "train.phases.gan.steps=3",
-        "train.phases.gan.critic_iters=1", "train.phases.gan.gen_iters=1",
-        "train.ckpt_every=6", "train.keep_last=10")  # checkpoints at 3, 5 (phase ends), 6 (mid-gan), 8
-
-
-def launch_two(config: Path, deepspeed: bool) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if deepspeed:
-        env.pop("ACCELERATE_USE_CPU", None)  # it would turn DeepSpeed off
-        env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes (gloo) on a GPU machine as well
-    else:
-        env["ACCELERATE_USE_CPU"] = "1"  # --multi_gpu without a GPU starts two processes only with it
-    t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           str(ROOT / "tests" / "ddp_runner.py"), str(config), str(GLOBAL_BATCH)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return time.perf_counter() - t0
 
 
 def weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {name: load_file(str(run_dir / f"{name}.safetensors")) for name in ("generator", "critic")}
 
 
-def write_config(tmp_path: Path, shards: Path, name: str, *extra: str) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(to_yaml(tiny(tmp_path / name, shards, *OVER, *extra)))
-    return path
-
-
 @pytest.mark.slow
-def test_zero2_two_processes_match_ddp_and_resume(tmp_path, sample_shards):
+def test_zero2_two_processes_match_ddp_and_resume(tmp_path, sample_shards, ddp_two_processes):
     ds = write_config(tmp_path, sample_shards, "ds", "train.deepspeed_stage=2")
-    ddp = write_config(tmp_path, sample_shards, "ddp")
     launch_two(ds, deepspeed=True)
-    launch_two(ddp, deepspeed=False)
 
     # (a) the DeepSpeed run finishes all three phases and writes its results
     metrics = json.loads((tmp_path / "ds" / "metrics.json").read_text())
@@ -76,7 +38,7 @@ def test_zero2_two_processes_match_ddp_and_resume(tmp_path, sample_shards):
 
     # (b) the same parameters as DDP, within the float tolerance of test_distributed.py (Adam turns
     # summation-order noise in near-zero gradients into a fraction of one lr-sized step)
-    a, b = weights(tmp_path / "ds"), weights(tmp_path / "ddp")
+    a, b = weights(tmp_path / "ds"), weights(ddp_two_processes[1])
     for model in a:
         assert a[model].keys() == b[model].keys()
         for key in a[model]:
