@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -131,7 +132,7 @@ def test_two_node_job_trains_to_the_expected_step(jobs):
     job, run_dir = jobs["plain"]
     assert wait_for_end(job, 600) == "COMPLETED", logs(run_dir)
     total = sum(STEPS.values())
-    assert (run_dir / "metrics.json").is_file(), logs(run_dir)
+    assert json.loads((run_dir / "metrics.json").read_text())["meta"]["processes"] == 2, logs(run_dir)
     latest = ckpt.latest_checkpoint(run_dir)
     assert latest.name == f"step-{total:08d}"
     # one process per node: two ranks saved their RNG and data-stream state

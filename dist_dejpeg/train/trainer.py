@@ -542,6 +542,7 @@ class Trainer:
                 "steps": {n: self.cfg.train.phases[n].steps for n in self.cfg.train.order},
                 "stopped_early": self.state.stopped_early,
                 "global_step": self.state.global_step,
+                "processes": acc.num_processes,
                 "val_images_per_quality": n_val,
                 "data_skipped": skipped,
                 "loss_lpips": f"lpips-{lo.lpips_net}" + ("" if lo.lpips_pretrained else " (random backbone)"),
