@@ -20,29 +20,12 @@ from safetensors.torch import load_file
 
 from dist_dejpeg.config import to_yaml
 from dist_dejpeg.data import build_train_loader
-from dist_dejpeg.data.shards import prepare_samples
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train.trainer import Preempted, Trainer, train
 
-from test_trainer import tiny
+from test_trainer import fresh_accelerator_state, shards, tiny  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).parents[1]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    prepare_samples(out, tile=64, train_step=64, shard_size=32)
-    return out
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -173,6 +156,8 @@ def test_kill_9_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_
     time.sleep(rng.uniform(0, 0.5))  # anywhere in a step, or in the middle of writing a checkpoint
     crashed.send_signal(signal.SIGKILL)
     crashed.wait()
+    partial = ckpt.checkpoint_dir(tmp_path / "crash") / ".tmp-step-99999999"  # as if killed while saving
+    partial.mkdir()
     before = ckpt.latest_checkpoint(tmp_path / "crash")
     assert before is not None and int(before.name[5:]) < 12, f"killed after {kill_after}: {before}"
     resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,

@@ -88,6 +88,16 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: 
     return final
 
 
+def remove_partial(run_dir: str | Path) -> list[Path]:
+    """Delete ``.tmp-step-*`` folders a killed run left half-written. Only the holder of the run folder's lock
+    may call it (another live writer could be filling one)."""
+    root = checkpoint_dir(run_dir)
+    partial = sorted(root.glob(".tmp-step-*")) if root.is_dir() else []
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial
+
+
 def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, dict | None, dict]:
     """Collective. Restores models, optimizers, scaler and RNG; returns (trainer_state, loader_state, this
     rank's buffers or {})."""

@@ -206,6 +206,8 @@ class Trainer:
                 self.lock.acquire()
             except ckpt.RunDirBusy as err:
                 busy = str(err)
+            if busy is None and ckpt.remove_partial(self.run_dir):
+                log.info("removed half-written checkpoint folders of an earlier, killed run")
             if busy is None and train_loader is None and ensure_samples(cfg):
                 log.info("wrote the sample shards into %s", cfg.data.root)
         if acc.num_processes > 1:
