@@ -19,12 +19,11 @@ dd_setup() {
   exec >>"$LOG_DIR/job-$SLURM_JOB_ID.log" 2>&1
   echo "[$(date +%FT%T)] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"
 
-  # processes per node: one per GPU; none -> one CPU process per node (gloo), for debugging
-  PROCS=${PROCS_PER_NODE:-${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}}
-  if [ "${PROCS:-0}" -lt 1 ]; then
-    export ACCELERATE_USE_CPU=1
-    PROCS=1
-  fi
+  # processes per node: one per GPU. No GPU: CPU processes over gloo (one, or PROCS_PER_NODE), for
+  # debugging; ACCELERATE_USE_CPU makes `--multi_gpu` start real CPU processes instead of lone ones.
+  GPUS=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
+  [ "${GPUS:-0}" -ge 1 ] || export ACCELERATE_USE_CPU=1
+  PROCS=${PROCS_PER_NODE:-$(( ${GPUS:-0} > 0 ? GPUS : 1 ))}
   TRAIN=(-m dist_dejpeg.cli train --config "$CONFIG" "${OVERRIDES[@]}")
 }
 
