@@ -13,6 +13,7 @@ iterations per step, and nothing for DDP's buffer broadcast to trip over).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, ContextManager, Iterator
 
 import torch
@@ -43,23 +44,19 @@ def _update(accelerator: Accelerator, model, optimizer, batches: Iterator[dict],
     logged: dict[str, torch.Tensor] = {}
     for _ in range(grad_accum):
         batch = next(batches)
-        if deepspeed:
-            # ``model`` is this model's DeepSpeed engine: its backward divides by grad_accum and its step updates
-            # (clipping at the config's gradient_clipping) on the accumulation boundary. accelerator.backward
-            # would reach the first engine only; the prepared optimizer's step/zero_grad and
-            # accelerator.clip_grad_norm_ do nothing under DeepSpeed.
+        with contextlib.nullcontext() if deepspeed else accelerator.accumulate(model):
             with autocast():
                 parts = loss_fn(batch)
             total = sum(weights[k] * v for k, v in parts.items())
             _check_finite(accelerator, what, total, parts)
-            model.backward(total)
-            model.step()
-        else:
-            with accelerator.accumulate(model):
-                with autocast():
-                    parts = loss_fn(batch)
-                total = sum(weights[k] * v for k, v in parts.items())
-                _check_finite(accelerator, what, total, parts)
+            if deepspeed:
+                # ``model`` is this model's DeepSpeed engine: its backward divides by grad_accum and its step
+                # updates (clipping at the config's gradient_clipping) on the accumulation boundary.
+                # accelerator.backward would reach the first engine only; the prepared optimizer's
+                # step/zero_grad and accelerator.clip_grad_norm_ do nothing under DeepSpeed.
+                model.backward(total)
+                model.step()
+            else:
                 accelerator.backward(total)
                 if max_grad_norm > 0 and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
