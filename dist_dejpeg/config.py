@@ -230,13 +230,18 @@ def validate(cfg: Config) -> None:
         _same_clipping(t)
 
 
+def _phases_training(t: TrainConfig) -> dict[str, list[str]]:
+    """The phases (in order) that train each model: "gen" (gen and gan phases) and "critic" (critic and gan)."""
+    return {model: [n for n in t.order if t.phases[n].kind in kinds]
+            for model, kinds in (("gen", ("gen", "gan")), ("critic", ("critic", "gan")))}
+
+
 def _same_clipping(t: TrainConfig) -> None:
     """DeepSpeed clips inside its engine with the config's ``gradient_clipping``, fixed per model when the engine
     is built; so every phase that trains a model must ask for the same max_grad_norm."""
-    for model, kinds in (("generator", ("gen", "gan")), ("critic", ("critic", "gan"))):
-        names = [n for n in t.order if t.phases[n].kind in kinds]
-        norms = {t.phases[n].max_grad_norm for n in names}
-        if len(norms) > 1:
+    for model, names in _phases_training(t).items():
+        if len({t.phases[n].max_grad_norm for n in names}) > 1:
+            model = "generator" if model == "gen" else model
             keys = ", ".join(f"'train.phases.{n}.max_grad_norm' = {t.phases[n].max_grad_norm}" for n in names)
             raise ConfigError(f"config keys {keys}: with train.deepspeed_stage > 0 the {model}'s gradient clipping is "
                               f"fixed when its DeepSpeed engine is built, so every phase that trains the {model} "
@@ -246,11 +251,8 @@ def _same_clipping(t: TrainConfig) -> None:
 def clip_norms(t: TrainConfig) -> dict[str, float]:
     """The max_grad_norm of each model ("gen", "critic") over the phases that train it (0.0: off); with DeepSpeed
     these are equal within a model (checked by :func:`validate`)."""
-    out = {}
-    for model, kinds in (("gen", ("gen", "gan")), ("critic", ("critic", "gan"))):
-        norms = [t.phases[n].max_grad_norm for n in t.order if t.phases[n].kind in kinds]
-        out[model] = float(norms[0]) if norms else 0.0
-    return out
+    return {model: float(t.phases[names[0]].max_grad_norm) if names else 0.0
+            for model, names in _phases_training(t).items()}
 
 
 def to_yaml(cfg: Config) -> str:

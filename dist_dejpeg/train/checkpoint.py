@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -64,15 +65,11 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: 
     accelerator.save_state(str(tmp), safe_serialization=True)
     _write_json(tmp / f"loader_{accelerator.process_index}.json", loader_state)
     if buffers:
-        from safetensors.torch import save_file
-
         save_file({k: v.detach().contiguous().cpu() for k, v in buffers.items()},
                   str(tmp / f"buffers_{accelerator.process_index}.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if main_tensors:
-            from safetensors.torch import save_file
-
             for name, tensors in main_tensors.items():
                 save_file(tensors, str(tmp / name))
         (tmp / "config.yaml").write_text(config_yaml)
@@ -111,8 +108,6 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, d
     buffer_file = path / f"buffers_{accelerator.process_index}.safetensors"
     buffers = {}
     if buffer_file.is_file():
-        from safetensors.torch import load_file
-
         buffers = load_file(str(buffer_file))
     return trainer_state, loader_state, buffers
 

@@ -313,11 +313,10 @@ class Trainer:
         return {f"{m}.{k}": v for m, model in self._models().items() for k, v in model.named_buffers()}
 
     def _load_rank_buffers(self, buffers: dict) -> None:
-        for m, model in self._models().items():
-            own = dict(model.named_buffers())
-            for key, value in buffers.items():
-                if key.startswith(m + ".") and key[len(m) + 1:] in own:
-                    own[key[len(m) + 1:]].copy_(value)
+        own = self._rank_buffers()  # the live buffer tensors, under the same names
+        for key, value in buffers.items():
+            if key in own:
+                own[key].copy_(value)
 
     def _average_bn_stats(self) -> None:
         """Average batch-norm running statistics over ranks before they are used (validation, a frozen
