@@ -10,6 +10,7 @@ model never runs the other's forward or optimizer. With ``train.deepspeed_stage`
 own DeepSpeed engine (Accelerate's multi-model DeepSpeed: one plugin per model, two ``prepare`` calls, gen
 then critic); the steps then call the engine's backward/step, and bf16 is a plain autocast over fp32 engines.
 Logged scalars are reduced over ranks; files and TensorBoard are written by the main process only.
+The Accelerator and its DeepSpeed plugins are built in accelerator.py.
 """
 
 from __future__ import annotations
@@ -17,19 +18,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import sys
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from dist_dejpeg.config import Config, ConfigError, PhaseConfig, clip_norms, to_yaml
+from dist_dejpeg.config import Config, ConfigError, PhaseConfig, to_yaml
 from dist_dejpeg.data import build_train_loader, build_val_set, ensure_samples
 from dist_dejpeg.export import save_generator
 from dist_dejpeg.losses import LPIPS
@@ -37,6 +34,7 @@ from dist_dejpeg.models.critic import build_critic
 from dist_dejpeg.models.sync_bn import convert_sync_batchnorm
 from dist_dejpeg.models.unet import build_generator
 from dist_dejpeg.train import checkpoint as ckpt
+from dist_dejpeg.train.accelerator import _innermost, _refresh_master_weights, build_accelerator, setup_logging
 from dist_dejpeg.train.phases import StopRule, gan_turn, lr_at, trains_critic, trains_generator, uses_lpips
 from dist_dejpeg.train.steps import NonFiniteLoss, critic_step, generator_step
 from dist_dejpeg.train.validation import image_grid, mean_restored_lpips, validate
@@ -66,107 +64,6 @@ class TrainerState:
     stopped_early: dict = field(default_factory=dict)  # phase name -> step where the stop rule fired
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
-    t = cfg.train
-    cpu = t.cpu or not torch.cuda.is_available()
-    if cpu and t.mixed_precision == "fp16":
-        raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; use bf16 or no on CPU")
-    # a dead or stuck rank fails every collective after this long instead of hanging
-    timeout = timedelta(seconds=t.dist_timeout_s)
-    launched = _launcher_deepspeed_stage()
-    if launched is not None:
-        if t.deepspeed_stage == 0:
-            t.deepspeed_stage = launched
-        if t.deepspeed_stage != launched or launched not in (1, 2):
-            raise ConfigError(f"config key 'train.deepspeed_stage': {t.deepspeed_stage}, but the accelerate launcher "
-                              f"config asks for ZeRO stage {launched}; the trainer supports 1 and 2")
-    if t.deepspeed_stage:
-        return _deepspeed_accelerator(cfg, cpu, timeout)
-    return Accelerator(
-        cpu=cpu,
-        mixed_precision=t.mixed_precision,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_with_dataloader=False),
-        # Spectral-norm (u, v) and batch-norm buffers change in every forward; broadcasting them from
-        # rank 0 at each forward breaks when a model runs twice before a backward.
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
-                         InitProcessGroupKwargs(timeout=timeout)],
-    )
-
-
-def _launcher_deepspeed_stage() -> int | None:
-    """The ZeRO stage when `accelerate launch` was given a DeepSpeed config (launch/accelerate/
-    deepspeed_zero2.yaml). Its ACCELERATE_DEEPSPEED_* settings are dropped: the trainer's two per-model
-    plugins carry the whole DeepSpeed config, and Accelerate refuses the mix of both."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("1", "true", "yes"):
-        return None
-    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
-    dropped = ("ACCELERATE_CONFIG_DS_FIELDS", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "ACCELERATE_GRADIENT_CLIPPING")
-    for key in [k for k in os.environ if k.startswith("ACCELERATE_DEEPSPEED_") or k in dropped]:
-        del os.environ[key]
-    return stage
-
-
-def deepspeed_config(cfg: Config, world: int, max_grad_norm: float) -> dict:
-    """One model's DeepSpeed config. Parameters stay fp32 (the steps autocast to bf16 themselves: DeepSpeed's
-    own bf16 casts parameters but not batch-norm buffers and wants bf16 inputs); no "optimizer" key, so the
-    trainer's AdamW is used; the engine divides by and steps after grad_accum micro-steps."""
-    t = cfg.train
-    return {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "train_batch_size": cfg.data.batch_size * t.grad_accum * world,  # explicit: no loader is prepared
-        "gradient_accumulation_steps": t.grad_accum,
-        "zero_optimization": {"stage": t.deepspeed_stage},
-        "gradient_clipping": float(max_grad_norm),  # 0.0: off (left out, or "auto", DeepSpeed clips at 1.0)
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
-        "steps_per_print": 10**9,
-    }
-
-
-def _deepspeed_accelerator(cfg: Config, cpu: bool, timeout: timedelta) -> Accelerator:
-    """Accelerate's multi-model DeepSpeed: one plugin (one engine) per model, "gen" selected by default."""
-    try:
-        import deepspeed  # noqa: F401
-        from accelerate.utils import DeepSpeedPlugin
-    except ImportError:
-        raise ConfigError("config key 'train.deepspeed_stage': DeepSpeed is not installed; "
-                          "pip install 'dist-dejpeg[deepspeed]' (or set train.deepspeed_stage=0)") from None
-    if cfg.train.cpu and torch.cuda.is_available():
-        # Accelerator(cpu=True) silently turns DeepSpeed off
-        raise ConfigError("config keys 'train.cpu'/'train.deepspeed_stage': DeepSpeed on the CPU of a GPU machine is "
-                          "not supported; hide the GPUs (CUDA_VISIBLE_DEVICES=) or set train.cpu=false")
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by the launcher; train_batch_size must be explicit
-    norms = clip_norms(cfg.train)
-    phases = [cfg.train.phases[name] for name in cfg.train.order]
-    plugins = {"gen": DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world, norms["gen"]))}
-    if any(trains_critic(p) for p in phases):
-        plugins["critic"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world, norms["critic"]))
-    group = InitProcessGroupKwargs(backend="gloo", timeout=timeout) if cpu else InitProcessGroupKwargs(timeout=timeout)
-    acc = Accelerator(
-        cpu=False,  # cpu=True (or ACCELERATE_USE_CPU=1) disables DeepSpeed; without a GPU it runs on the CPU
-        mixed_precision="no",  # the run's bf16 is applied by autocast in the steps (Trainer.autocast)
-        deepspeed_plugins=plugins,
-        kwargs_handlers=[group],
-    )
-    if acc.num_processes != world:
-        raise RuntimeError(f"DeepSpeed: {acc.num_processes} processes, but WORLD_SIZE said {world}")
-    return acc
-
-
-def setup_logging(accelerator: Accelerator) -> None:
-    level = logging.INFO if accelerator.is_main_process else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("dist_dejpeg").setLevel(level)
-
-
-def _innermost(optimizer):
-    """The torch optimizer under Accelerate's wrapper (DDP: AcceleratedOptimizer -> AdamW) or DeepSpeed's
-    (DeepSpeedOptimizerWrapper -> DeepSpeedZeroOptimizer -> AdamW, over the flat fp32 partitions)."""
-    while hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
 def _set_optimizer(optimizer, phase: PhaseConfig, lr: float, reset: bool) -> None:
     inner = _innermost(optimizer)
     if reset:  # a fresh optimizer per phase, as the seed's separate fits
@@ -178,16 +75,6 @@ def _set_optimizer(optimizer, phase: PhaseConfig, lr: float, reset: bool) -> Non
 def _set_lr(optimizer, lr: float) -> None:
     for group in _innermost(optimizer).param_groups:
         group["lr"] = lr
-
-
-def _refresh_master_weights(optimizer) -> None:
-    """After writing a DeepSpeed model's parameters directly: ZeRO-1/2 keep their own fp32 master copy, which
-    the next step (and a checkpoint's resume) would otherwise restore over what was written."""
-    while optimizer is not None:
-        if hasattr(optimizer, "refresh_fp32_params"):
-            optimizer.refresh_fp32_params()
-            return
-        optimizer = getattr(optimizer, "optimizer", None)
 
 
 class Trainer:
