@@ -20,8 +20,9 @@ dali = pytest.importorskip("dist_dejpeg.data.dali")
 if not dali.HAVE_DALI:  # pragma: no cover - CI installs DALI with the test extra
     pytest.skip("NVIDIA DALI is not installed (pip install -e '.[test]' installs it)", allow_module_level=True)
 
-from dist_dejpeg.data.dali import DaliLoader, check_indexes, index_path, write_index  # noqa: E402
+from dist_dejpeg.data.dali import DaliLoader  # noqa: E402
 from dist_dejpeg.data.images import jpeg_roundtrip  # noqa: E402
+from dist_dejpeg.data.index import check_indexes, index_path, write_index  # noqa: E402
 from dist_dejpeg.data.shards import list_shards, shard_keys  # noqa: E402
 
 TILE = 96  # conftest's sample_shards tile size

@@ -17,16 +17,15 @@ Validation does not go through DALI: both backends share the same fixed validati
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from dist_dejpeg.data.index import check_indexes
+from dist_dejpeg.data.shards import read_manifest
 from dist_dejpeg.data.torch_loader import to_device
 
-log = logging.getLogger(__name__)
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -37,39 +36,6 @@ except ImportError:  # pragma: no cover - exercised where DALI is not installed
     HAVE_DALI = False
 
 EXTENSIONS = "png;jp2;jpg;jpeg;webp;tif;tiff;bmp"  # one output: whichever encoded image a sample has
-
-
-def index_path(shard: str | Path) -> Path:
-    return Path(shard).with_suffix(".idx")
-
-
-def write_index(shard: str | Path) -> Path:
-    """DALI index file for one shard (``wds2idx``), written atomically next to it."""
-    shard = Path(shard)
-    final = index_path(shard)
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    from wds2idx import IndexCreator  # ships with DALI
-
-    creator = IndexCreator(str(shard), str(tmp), verbose=False)
-    try:
-        creator.create_index()
-    finally:
-        creator.close()
-    os.replace(tmp, final)
-    return final
-
-
-def write_indexes(shards: list[str | Path]) -> int:
-    """Index files for every shard that lacks a current one (no-op without DALI). Returns how many."""
-    if not HAVE_DALI:
-        return 0
-    count = 0
-    for shard in shards:
-        idx = index_path(shard)
-        if not idx.is_file() or idx.stat().st_mtime < Path(shard).stat().st_mtime:
-            write_index(shard)
-            count += 1
-    return count
 
 
 def first_unreadable_tar(shards: list[str]) -> tuple[str, str] | None:
@@ -85,23 +51,6 @@ def first_unreadable_tar(shards: list[str]) -> tuple[str, str] | None:
         except (tarfile.TarError, OSError) as err:
             return shard, f"{type(err).__name__}: {err}"
     return None
-
-
-def check_indexes(shards: list[str]) -> list[str] | None:
-    """Index files for ``shards``: all present and newer than their tar -> their paths; none present ->
-    None (DALI builds them in memory, slower start); a stale or partial set is an error naming a file."""
-    idx = [index_path(s) for s in shards]
-    present = [p.is_file() for p in idx]
-    if not any(present):
-        log.warning("no DALI index files next to the shards (e.g. %s): DALI will scan the tars at start-up; "
-                    "`dist-dejpeg prepare` writes them when DALI is installed", idx[0])
-        return None
-    for shard, path, ok in zip(shards, idx, present):
-        if not ok:
-            raise FileNotFoundError(f"DALI index file missing: {path} (others exist; rerun prepare or delete all *.idx)")
-        if path.stat().st_mtime < Path(shard).stat().st_mtime:
-            raise RuntimeError(f"DALI index file is stale (older than its tar): {path}; rerun prepare or delete it")
-    return [str(p) for p in idx]
 
 
 if HAVE_DALI:
@@ -152,8 +101,6 @@ class DaliLoader:
         self.seed, self.rank, self.world, self.device = seed, rank, world, device
         self.num_threads, self.initial_fill = num_threads, initial_fill
         if raw_tile is None:  # the manifest next to the shards says how they are stored
-            from dist_dejpeg.data.shards import read_manifest
-
             manifest = read_manifest(Path(self.shards[0]).parent) or {}
             raw_tile = int(manifest["tile"]) if manifest.get("format") == "raw" else 0
         self.channels_last, self.augment, self.raw_tile = channels_last, augment, raw_tile

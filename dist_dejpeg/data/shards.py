@@ -31,6 +31,7 @@ import numpy as np
 import webdataset as wds
 
 from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile
+from dist_dejpeg.data.index import write_indexes
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,6 @@ def write_dataset(out: str | Path, sources: list[tuple[str, str, Callable[[], np
 def finish_split_files(out: Path, splits: dict) -> None:
     """Remove shards (and index files) an earlier prepare with other settings left behind, and write DALI
     index files for the current shards when DALI is installed."""
-    from dist_dejpeg.data.dali import write_indexes
-
     for split, info in splits.items():
         remove_shards(out, split, keep=set(info["shards"]))
         write_indexes([out / name for name in info["shards"]])
