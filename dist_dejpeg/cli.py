@@ -4,6 +4,7 @@
     dist-dejpeg prepare folder --src ~/photos --out data/photos
     dist-dejpeg prepare div2k --root data/div2k_src --out data/div2k --download
     dist-dejpeg train --config configs/debug.yaml [--resume [CKPT]] [--dry-run] [key=value ...]
+    dist-dejpeg bench {train,data,infer,scaling,all} [--config C] [key=value ...]
 
 train exits 0 when done, 2 on a config, weights or busy-run-folder error, 3 when a non-finite loss stopped
 it (checkpoint kept), 75 when SIGUSR1/SIGTERM stopped it (checkpoint kept; rerun to continue).
@@ -138,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. train.run_dir) and exit")
     tr.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. data.batch_size=8)")
     tr.set_defaults(func=_train)
+
+    from dist_dejpeg.bench import add_parser as add_bench
+
+    add_bench(sub)
     return parser
 
 

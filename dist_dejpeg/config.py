@@ -32,6 +32,9 @@ class DataConfig:
     backend: str = "auto"  # loader: "dali", "torch" (webdataset + PIL workers), "auto" (DALI if installed)
     dali_threads: int = 4  # DALI CPU worker threads per device
     gpu_jpeg: bool = True  # torch backend on CUDA: JPEG-degrade batches on the GPU (nvJPEG), not in workers
+    prefetch_factor: int = 4  # torch backend: batches each worker prepares ahead
+    pin_memory: bool = True  # torch backend on CUDA: page-locked batches, copied to the GPU asynchronously
+    dali_prefetch: int = 2  # DALI: prefetch queue depth (batches the pipeline runs ahead of the trainer)
     crop: int = 256  # training crop size in pixels (square)
     batch_size: int = 16  # per device, per micro-step
     num_workers: int = 4  # DataLoader worker processes per device
@@ -122,6 +125,9 @@ class TrainConfig:
     progress: bool = True  # rank-0 progress bar
     auto_resume: bool = True  # continue from the newest checkpoint in run_dir when there is one (requeued jobs)
     dist_timeout_s: int = 900  # a collective that waits longer fails the run instead of hanging (dead rank)
+    compile: bool = False  # torch.compile the generator and critic (eager, with a warning, where compiling fails)
+    fused_adamw: bool = True  # fused AdamW kernel on CUDA (one launch per step); foreach elsewhere and with DeepSpeed
+    sync_every: int = 25  # steps between host reads of the non-finite and stop flags on CUDA (1: every step)
     deepspeed_stage: int = 0  # ZeRO stage for both models via Accelerate's DeepSpeed (one plugin per model); 0: plain DDP
 
 
@@ -152,6 +158,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise _config_error(err) from None
     validate(cfg)
     return cfg
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """A new Config: ``cfg`` with ``key=value`` overrides applied, validated the same way as load_config."""
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
+        out = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _config_error(err) from None
+    validate(out)
+    return out
 
 
 def _config_error(err: OmegaConfBaseException) -> ConfigError:
@@ -190,6 +210,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config keys 'data.crop'/'data.val_crop': must be multiples of 8 (the JPEG block)")
     if t.grad_accum < 1:
         raise ConfigError("config key 'train.grad_accum': must be >= 1")
+    if t.sync_every < 1:
+        raise ConfigError("config key 'train.sync_every': must be >= 1 (steps)")
+    if d.prefetch_factor < 1 or d.dali_prefetch < 1:
+        raise ConfigError("config keys 'data.prefetch_factor'/'data.dali_prefetch': must be >= 1")
     if t.dist_timeout_s < 1:
         raise ConfigError("config key 'train.dist_timeout_s': must be >= 1 (seconds)")
     if not t.order:

@@ -473,3 +473,15 @@ def test_lpips_backbone_file_with_wrong_keys(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, path)
     with pytest.raises(WeightsError, match="features.0.weight"):
         LPIPS("alex", pretrained=True, weights_file=str(path))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_blur_equals_replication_pad_then_average(channels_last):
+    from dist_dejpeg.models.layers import Blur
+
+    x = torch.randn(2, 5, 9, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    reference = nn.Sequential(nn.ReplicationPad2d((1, 0, 1, 0)), nn.AvgPool2d(2, stride=1))(x)
+    assert Blur()(x).shape == x.shape
+    torch.testing.assert_close(Blur()(x), reference, rtol=0, atol=1e-6)

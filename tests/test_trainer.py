@@ -220,3 +220,59 @@ def test_nan_loss_stops_with_checkpoint_and_message(tmp_path, shards):
 
     weights = load_file(str(latest / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_deferred_checks_skip_nonfinite_updates_then_stop(tmp_path, shards, monkeypatch):
+    """The CUDA fast path, run on the CPU: no host read inside a step; the NaN step's update is skipped on the
+    device (fused AdamW's found_inf), and the run stops with a checkpoint at the next host check."""
+    monkeypatch.setattr(trainer_mod, "FAST_PATH_DEVICES", ("cuda", "cpu"))
+    cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=10", "train.sync_every=4",
+               "train.log_every=100")
+    from dist_dejpeg.data import build_train_loader
+
+    loader = NaNAfter(build_train_loader(cfg, 0, 1, torch.device("cpu")), good=1)  # step 2 gets the NaN
+    t = Trainer(cfg, train_loader=loader)
+    assert t.fused and t.flags is not None and t.sync_every == 4
+    seen = []
+    real_step = t.train_step
+
+    def spy(phase, turn, batches):  # parameters before and after each update
+        before = params(t.gen_raw)
+        out = real_step(phase, turn, batches)
+        seen.append(changed(before, params(t.gen_raw)))
+        return out
+
+    t.train_step = spy
+    with pytest.raises(TrainingStopped, match=r"1 non-finite loss\(es\) between global steps 1 and 4.*no update"):
+        t.fit()
+    trainable = {k for k, v in t.gen_raw.named_parameters()}
+    assert len(seen) == 4
+    assert not (seen[1] & trainable), "the NaN step must not update any parameter"
+    assert seen[0] & trainable and seen[2] & trainable, "good steps around it update"
+    latest = ckpt.latest_checkpoint(tmp_path / "run")
+    assert latest is not None and latest.name == f"step-{4:08d}"
+    assert all(torch.isfinite(v).all() for v in params(t.gen_raw).values() if v.is_floating_point())
+
+
+def test_data_wait_fraction_is_logged(tmp_path, shards):
+    cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=4", "train.log_every=2")
+    t = Trainer(cfg)
+    logged = {}
+    t._log_scalars = lambda values, step: logged.update({(k, step): v for k, v in values.items()})
+    t.fit()
+    fracs = [v for (k, _), v in logged.items() if k == "train/data_wait_frac"]
+    assert len(fracs) == 2 and all(0.0 <= f <= 1.0 for f in fracs)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, shards, monkeypatch, caplog):
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("this compiler is broken on purpose")
+
+    monkeypatch.setattr(trainer_mod, "COMPILE_BACKEND", broken_backend)
+    cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=2", "train.compile=true")
+    t = Trainer(cfg)
+    before = params(t.gen_raw)
+    with caplog.at_level("WARNING"):
+        t.fit()
+    assert changed(before, params(t.gen_raw)), "training went on (eagerly)"
+    assert "broken on purpose" in caplog.text

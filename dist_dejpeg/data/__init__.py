@@ -36,7 +36,8 @@ def build_train_loader(cfg: Config, rank: int, world: int, device: torch.device)
 
         return DaliLoader(list_shards(d.root, d.train_glob), d.crop, (d.quality_min, d.quality_max), d.batch_size,
                           seed=cfg.train.seed, rank=rank, world=world, device=device, num_threads=d.dali_threads,
-                          initial_fill=d.shuffle_buffer, channels_last=cfg.model.channels_last)
+                          initial_fill=d.shuffle_buffer, channels_last=cfg.model.channels_last,
+                          prefetch=d.dali_prefetch)
     stream = ShardStream(list_shards(d.root, d.train_glob), d.crop, (d.quality_min, d.quality_max),
                          seed=cfg.train.seed, rank=rank, world=world, num_workers=d.num_workers,
                          shuffle_buffer=d.shuffle_buffer)
@@ -44,7 +45,7 @@ def build_train_loader(cfg: Config, rank: int, world: int, device: torch.device)
     if d.gpu_jpeg and device.type == "cuda":
         from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cuda as degrade
     return TorchLoader(stream, d.batch_size, d.num_workers, device, channels_last=cfg.model.channels_last,
-                       degrade_batch=degrade)
+                       degrade_batch=degrade, prefetch_factor=d.prefetch_factor, pin_memory=d.pin_memory)
 
 
 def build_val_set(cfg: Config, rank: int, world: int):

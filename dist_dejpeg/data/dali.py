@@ -91,7 +91,7 @@ class DaliLoader:
     def __init__(self, shards: list[str], crop: int, quality_range: tuple[int, int], batch_size: int, *,
                  seed: int = 0, rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"),
                  num_threads: int = 2, initial_fill: int = 256, channels_last: bool = False, augment: bool = True,
-                 raw_tile: int | None = None):
+                 raw_tile: int | None = None, prefetch: int = 2):
         if not HAVE_DALI:
             raise ImportError("data.backend=dali needs NVIDIA DALI: pip install 'dist_dejpeg[dali]' "
                               "(or data.backend=torch)")
@@ -104,6 +104,7 @@ class DaliLoader:
             manifest = read_manifest(Path(self.shards[0]).parent) or {}
             raw_tile = int(manifest["tile"]) if manifest.get("format") == "raw" else 0
         self.channels_last, self.augment, self.raw_tile = channels_last, augment, raw_tile
+        self.prefetch = prefetch  # DALI's prefetch_queue_depth: batches the pipeline runs ahead
         self.consumed = 0
 
     def state_dict(self) -> dict:
@@ -121,7 +122,7 @@ class DaliLoader:
             paths=self.shards, index_paths=self.index_paths or [], crop=self.crop, quality_range=self.quality_range,
             shard_id=self.rank, num_shards=self.world, initial_fill=self.initial_fill, gpu=gpu, augment=self.augment,
             raw_tile=self.raw_tile,
-            batch_size=self.batch_size, num_threads=self.num_threads,
+            batch_size=self.batch_size, num_threads=self.num_threads, prefetch_queue_depth=self.prefetch,
             device_id=(self.device.index or 0) if gpu else None,
             seed=(self.seed * 1_000_003 + self.rank * 7_919 + self.consumed) % (2**31 - 1))
         try:

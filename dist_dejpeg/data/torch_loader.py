@@ -146,8 +146,9 @@ class TorchLoader:
     nvJPEG) instead of per sample in the workers."""
 
     def __init__(self, stream: ShardStream, batch_size: int, num_workers: int, device: torch.device,
-                 channels_last: bool = False, degrade_batch=None):
+                 channels_last: bool = False, degrade_batch=None, prefetch_factor: int = 4, pin_memory: bool = True):
         self.stream, self.batch_size, self.num_workers = stream, batch_size, num_workers
+        self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.device, self.channels_last = device, channels_last
         self.degrade_batch = degrade_batch
         stream.degrade = degrade_batch is None
@@ -177,8 +178,8 @@ class TorchLoader:
         # Its own generator: starting the workers must not draw from the global torch RNG, which a
         # checkpoint restores (the draw would shift dropout masks after a resume).
         loader = DataLoader(self.stream, batch_size=self.batch_size, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False,
-                            prefetch_factor=4 if self.num_workers else None,
+                            pin_memory=self.pin_memory and self.device.type == "cuda", persistent_workers=False,
+                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             generator=torch.Generator().manual_seed(self.stream.seed),
                             worker_init_fn=_ignore_stop_signals)
         for batch in loader:

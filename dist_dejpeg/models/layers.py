@@ -53,6 +53,21 @@ def icnr_(weight: torch.Tensor, scale: int = 2) -> torch.Tensor:
     return weight
 
 
+class Blur(nn.Module):
+    """fastai's blur after a pixel shuffle: replicate the first row and column, then a 2x2 average with stride 1
+    (same size out). The replication is a concatenation, not ReplicationPad2d: inductor's compiled
+    replication_pad2d_backward assumes contiguous strides and fails on channels_last tensors (seen with torch
+    2.14 on the CPU); same values either way (tested)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AvgPool2d(2, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x[:, :, :1], x], dim=2)
+        return self.pool(torch.cat([x[:, :, :, :1], x], dim=3))
+
+
 class PixelShuffleICNR(nn.Module):
     """1x1 conv to ``nf * scale**2`` channels (ICNR init), act, pixel shuffle, then an optional blur
     (replication pad + 2x2 average pool, stride 1). Unlike DeOldify's version, ``blur=False`` really
@@ -66,7 +81,7 @@ class PixelShuffleICNR(nn.Module):
         self.conv = spectral_norm(layer) if sn else layer
         self.act = act()
         self.shuffle = nn.PixelShuffle(scale)
-        self.blur = nn.Sequential(nn.ReplicationPad2d((1, 0, 1, 0)), nn.AvgPool2d(2, stride=1)) if blur else None
+        self.blur = Blur() if blur else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.shuffle(self.act(self.conv(x)))

@@ -5,6 +5,13 @@ through the model's DeepSpeed engine) and the training autocast (``autocast``: a
 ``accelerator.autocast``), refuses to step on a non-finite loss (on every rank at once), and returns the
 detached losses. With DeepSpeed, clipping is the engine's config (``max_grad_norm`` is not used here).
 
+Non-finite losses, two ways. By default every micro-step reads a flag back to the host (one device sync) and
+raises :class:`NonFiniteLoss` before the update. With ``flags`` (a :class:`DeviceFlags`; the trainer passes
+one on CUDA with a fused AdamW), nothing is read back: the loss's flag is counted on the device, and the
+update is skipped on the device when the (all-reduced, so identical on every rank) gradients are not finite,
+through the fused AdamW's ``found_inf`` input (what GradScaler uses); the trainer reads the count every
+``train.sync_every`` steps and stops the run then. Either way no update is made from a non-finite loss.
+
 DDP notes: the generator step runs the critic *unwrapped* with its parameters frozen, and the critic step
 runs the generator *unwrapped* under no_grad, so neither backward touches the other model's DDP reducer.
 The critic sees real and fake in one forward over the concatenated batch (one set of spectral-norm power
@@ -20,12 +27,16 @@ import torch
 from accelerate import Accelerator
 
 from dist_dejpeg.losses import LPIPS, critic_loss, generator_adv_loss, pixel_loss
+from dist_dejpeg.train.accelerator import _innermost
 
 
 class NonFiniteLoss(RuntimeError):
-    def __init__(self, what: str, values: dict):
-        super().__init__(f"non-finite {what} loss: " + ", ".join(f"{k}={float(v):.4g}" for k, v in values.items()))
-        self.values = values
+    """``skipped``: raised by a deferred check, after the non-finite updates were skipped on the device."""
+
+    def __init__(self, what: str, values: dict, message: str | None = None, skipped: bool = False):
+        super().__init__(message or f"non-finite {what} loss: " +
+                         ", ".join(f"{k}={float(v):.4g}" for k, v in values.items()))
+        self.values, self.skipped = values, skipped
 
 
 def _check_finite(accelerator: Accelerator, what: str, total: torch.Tensor, parts: dict) -> None:
@@ -36,9 +47,39 @@ def _check_finite(accelerator: Accelerator, what: str, total: torch.Tensor, part
         raise NonFiniteLoss(what, {k: v.detach() for k, v in parts.items()} | {"total": total.detach()})
 
 
+class DeviceFlags:
+    """Non-finite losses counted on the device, read by the host only when :meth:`take` is called."""
+
+    def __init__(self):
+        self.count: torch.Tensor | None = None
+
+    def add(self, total: torch.Tensor) -> None:
+        bad = (~torch.isfinite(total.detach())).sum()
+        self.count = bad if self.count is None else self.count + bad
+
+    def take(self) -> torch.Tensor | None:
+        """The count since the last take (a device tensor, or None when no step ran), reset to zero."""
+        count, self.count = self.count, None
+        return count
+
+
+def _skip_update_if_nonfinite(accelerator: Accelerator, model, optimizer, norm) -> None:
+    """Give the fused AdamW a device flag that makes its step a no-op (parameters, moments and step count
+    untouched) when the gradients are not finite. fp16 leaves this to Accelerate's GradScaler."""
+    if accelerator.scaler is not None:
+        return
+    if not isinstance(norm, torch.Tensor):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=accelerator.device)
+    inner = _innermost(optimizer)
+    inner.grad_scale = None
+    inner.found_inf = (~torch.isfinite(norm)).float()
+
+
 def _update(accelerator: Accelerator, model, optimizer, batches: Iterator[dict], grad_accum: int,
             loss_fn: Callable[[dict], dict], weights: dict, what: str, max_grad_norm: float,
-            autocast: Callable[[], ContextManager] | None = None, deepspeed: bool = False) -> dict:
+            autocast: Callable[[], ContextManager] | None = None, deepspeed: bool = False,
+            flags: DeviceFlags | None = None) -> dict:
     autocast = autocast or accelerator.autocast
     accelerator.step = 0  # align accumulate()'s counter: the last of grad_accum micro-steps syncs
     logged: dict[str, torch.Tensor] = {}
@@ -48,7 +89,10 @@ def _update(accelerator: Accelerator, model, optimizer, batches: Iterator[dict],
             with autocast():
                 parts = loss_fn(batch)
             total = sum(weights[k] * v for k, v in parts.items())
-            _check_finite(accelerator, what, total, parts)
+            if flags is None:
+                _check_finite(accelerator, what, total, parts)
+            else:
+                flags.add(total)
             if deepspeed:
                 # ``model`` is this model's DeepSpeed engine: its backward divides by grad_accum and its step
                 # updates (clipping at the config's gradient_clipping) on the accumulation boundary.
@@ -58,8 +102,11 @@ def _update(accelerator: Accelerator, model, optimizer, batches: Iterator[dict],
                 model.step()
             else:
                 accelerator.backward(total)
+                norm = None
                 if max_grad_norm > 0 and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                if flags is not None and accelerator.sync_gradients:
+                    _skip_update_if_nonfinite(accelerator, model, optimizer, norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         for k, v in parts.items():
@@ -71,7 +118,8 @@ def _update(accelerator: Accelerator, model, optimizer, batches: Iterator[dict],
 def generator_step(accelerator: Accelerator, generator, optimizer, batches: Iterator[dict], *,
                    grad_accum: int, w_pixel: float, w_lpips: float, w_adv: float = 0.0,
                    lpips: LPIPS | None = None, critic_raw=None, adversarial: str = "bce",
-                   max_grad_norm: float = 0.0, autocast=None, deepspeed: bool = False) -> dict:
+                   max_grad_norm: float = 0.0, autocast=None, deepspeed: bool = False,
+                   flags: DeviceFlags | None = None) -> dict:
     """Generator update: w_pixel * L1 + w_lpips * LPIPS (+ w_adv * adversarial through the frozen critic)."""
     weights = {"l1": w_pixel, "lpips": w_lpips, "adv": w_adv}
 
@@ -90,7 +138,7 @@ def generator_step(accelerator: Accelerator, generator, optimizer, batches: Iter
         critic_raw.requires_grad_(False)
     try:
         return _update(accelerator, generator, optimizer, batches, grad_accum, losses, weights, "gen",
-                       max_grad_norm, autocast, deepspeed)
+                       max_grad_norm, autocast, deepspeed, flags)
     finally:
         if critic_raw is not None:
             critic_raw.requires_grad_(True)
@@ -98,7 +146,7 @@ def generator_step(accelerator: Accelerator, generator, optimizer, batches: Iter
 
 def critic_step(accelerator: Accelerator, critic, optimizer, batches: Iterator[dict], *, generator_raw,
                 grad_accum: int, adversarial: str = "bce", max_grad_norm: float = 0.0, autocast=None,
-                deepspeed: bool = False) -> dict:
+                deepspeed: bool = False, flags: DeviceFlags | None = None) -> dict:
     """Critic update on clean (real) vs generated (fake, detached) images."""
 
     def losses(batch: dict) -> dict:
@@ -111,4 +159,5 @@ def critic_step(accelerator: Accelerator, critic, optimizer, batches: Iterator[d
                 "fake_acc": (fake_logits.detach().float() < 0).float().mean()}
 
     return _update(accelerator, critic, optimizer, batches, grad_accum, losses,
-                   {"loss": 1.0, "real_acc": 0.0, "fake_acc": 0.0}, "critic", max_grad_norm, autocast, deepspeed)
+                   {"loss": 1.0, "real_acc": 0.0, "fake_acc": 0.0}, "critic", max_grad_norm, autocast, deepspeed,
+                   flags)

@@ -11,6 +11,12 @@ own DeepSpeed engine (Accelerate's multi-model DeepSpeed: one plugin per model, 
 then critic); the steps then call the engine's backward/step, and bf16 is a plain autocast over fp32 engines.
 Logged scalars are reduced over ranks; files and TensorBoard are written by the main process only.
 The Accelerator and its DeepSpeed plugins are built in accelerator.py.
+
+The fast path (each piece a config key, on by default where ``dist-dejpeg bench train`` measured it faster):
+channels_last models and batches, bf16 autocast, fused AdamW on CUDA, ``torch.compile`` of both models, and
+no host synchronisation inside a step on CUDA: the non-finite flag and the stop-signal flag are read (one
+all-reduce for both) every ``train.sync_every`` steps, with non-finite updates skipped on the device
+meanwhile (see steps.py). ``train/data_wait_frac`` is the share of wall time spent waiting for batches.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from dist_dejpeg.models.unet import build_generator
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train.accelerator import _innermost, _refresh_master_weights, build_accelerator, setup_logging
 from dist_dejpeg.train.phases import StopRule, gan_turn, lr_at, trains_critic, trains_generator, uses_lpips
-from dist_dejpeg.train.steps import NonFiniteLoss, critic_step, generator_step
+from dist_dejpeg.train.steps import DeviceFlags, NonFiniteLoss, critic_step, generator_step
 from dist_dejpeg.train.validation import image_grid, mean_restored_lpips, validate
 
 log = logging.getLogger("dist_dejpeg")
@@ -77,6 +83,40 @@ def _set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+# Devices where the fast path's fused AdamW and deferred host checks apply (tests add "cpu" to cover them).
+FAST_PATH_DEVICES = ("cuda",)
+
+
+class TimedBatches:
+    """Wraps the batch iterator and adds up the wall time spent waiting in ``next``."""
+
+    def __init__(self, batches):
+        self.batches, self.waited = batches, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.waited += time.perf_counter() - start
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile's backend (tests swap in a failing one)
+
+
+def _compile(model: torch.nn.Module) -> None:
+    """``torch.compile`` in place (same module, same state_dict keys, so checkpoints and DDP are unchanged).
+    Compilation is lazy; where it fails at the first call, dynamo's suppress_errors runs that frame eagerly
+    and logs a warning instead of stopping the run."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    model.compile(backend=COMPILE_BACKEND)
+
+
 class Trainer:
     def __init__(self, cfg: Config, train_loader=None, val_set=None):
         self.cfg = cfg
@@ -111,12 +151,24 @@ class Trainer:
             raise ConfigError(f"config key 'data.crop': {cfg.data.crop} px is below the critic's minimum "
                               f"{critic.min_size} px (lower critic.n_blocks)")
         fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        generator = generator.to(memory_format=fmt)
-        g_opt = torch.optim.AdamW(generator.parameters(), lr=1e-3)
         self.deepspeed = cfg.train.deepspeed_stage > 0
+        fast = acc.device.type in FAST_PATH_DEVICES
+        # fused: one kernel per step instead of one per parameter group and op; under DeepSpeed the ZeRO
+        # optimizer steps its own flat partitions, so it keeps the default implementation
+        self.fused = cfg.train.fused_adamw and fast and not self.deepspeed
+        adamw = lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3, fused=self.fused or None)  # noqa: E731
+        generator = generator.to(memory_format=fmt)
+        g_opt = adamw(generator)
         if critic is not None:
             critic = critic.to(memory_format=fmt)
-            c_opt = torch.optim.AdamW(critic.parameters(), lr=1e-3)
+            c_opt = adamw(critic)
+        if cfg.train.compile:
+            for model in (generator, critic):
+                if model is not None:
+                    _compile(model)
+        # Deferred host checks need the fused AdamW's on-device skip; elsewhere every step checks at once.
+        self.sync_every = cfg.train.sync_every if self.fused else 1
+        self.flags = DeviceFlags() if self.sync_every > 1 else None
         if self.deepspeed:
             # One engine per model, each prepared under its own plugin; the order (gen, then critic) must be
             # the same when a checkpoint is saved and loaded.
@@ -157,6 +209,13 @@ class Trainer:
         self.best_generator: dict | None = None
         self.signals = ckpt.StopSignals()
         self.config_yaml = to_yaml(cfg)
+        self._unchecked, self._unchecked_from = 0, 0  # steps since the last host check, the first of them
+
+    def close(self) -> None:
+        """Release the run folder and TensorBoard (fit does this itself; for callers that only step)."""
+        if self.writer is not None:
+            self.writer.close()
+        self.lock.release()
 
     # -- helpers --------------------------------------------------------------------------------------
     def _autocast_factory(self):
@@ -288,23 +347,15 @@ class Trainer:
         window_steps, images, t0 = 0, 0, time.perf_counter()
         per_step = cfg.data.batch_size * cfg.train.grad_accum * acc.num_processes
         stopped = not fresh and name in st.stopped_early  # resumed after the stop rule fired
+        waited0 = getattr(batches, "waited", 0.0)
         while st.phase_step < phase.steps and not stopped:
             turn = phase.kind if phase.kind != "gan" else gan_turn(phase, st.phase_step)
             lr = lr_at(phase, st.phase_step)
             if turn == "gen":
                 _set_lr(self.g_opt, lr)
-                logs = generator_step(acc, self.generator, self.g_opt, batches, grad_accum=cfg.train.grad_accum,
-                                      w_pixel=phase.w_pixel, w_lpips=phase.w_lpips,
-                                      w_adv=phase.w_adv if phase.kind == "gan" else 0.0, lpips=self.lpips,
-                                      critic_raw=self.critic_raw if phase.kind == "gan" else None,
-                                      adversarial=cfg.loss.adversarial, max_grad_norm=phase.max_grad_norm,
-                                      autocast=self.autocast, deepspeed=self.deepspeed)
             else:
                 _set_lr(self.c_opt, lr * (phase.critic_lr_mult if phase.kind == "gan" else 1.0))
-                logs = critic_step(acc, self.critic, self.c_opt, batches, generator_raw=self.gen_raw,
-                                   grad_accum=cfg.train.grad_accum, adversarial=cfg.loss.adversarial,
-                                   max_grad_norm=phase.max_grad_norm, autocast=self.autocast,
-                                   deepspeed=self.deepspeed)
+            logs = self.train_step(phase, turn, batches)
             st.phase_step += 1
             st.global_step += 1
             images += per_step
@@ -312,6 +363,11 @@ class Trainer:
             for k, v in logs.items():
                 window[k] = window.get(k, 0) + v
             bar.update(1)
+            validating = val_every and st.phase_step % val_every == 0 and st.phase_step < phase.steps
+            saving = cfg.train.ckpt_every and st.global_step % cfg.train.ckpt_every == 0 and st.phase_step < phase.steps
+            # the host reads the flags every sync_every steps, and always before anything is validated or saved
+            stop_now = self.host_checks() if (self.checks_due or validating or saving
+                                               or st.phase_step == phase.steps) else False
             if st.phase_step % cfg.train.log_every == 0 or st.phase_step == phase.steps:
                 keys = sorted(window)  # every rank has the same keys: same phase, same turns
                 means = torch.stack([window[k].float() / window_steps for k in keys])
@@ -319,17 +375,20 @@ class Trainer:
                 scalars = {f"train/{k}": v for k, v in zip(keys, means.tolist())}
                 elapsed = time.perf_counter() - t0
                 scalars["train/images_per_s"] = images / max(elapsed, 1e-9)
+                if hasattr(batches, "waited"):  # this rank's share of wall time spent waiting for batches
+                    scalars["train/data_wait_frac"] = (batches.waited - waited0) / max(elapsed, 1e-9)
+                    waited0 = batches.waited
                 scalars["train/lr"] = lr
                 self._log_scalars(scalars, st.global_step)
                 bar.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in scalars.items() if "acc" not in k})
                 window, window_steps, images, t0 = {}, 0, 0, time.perf_counter()
-            if val_every and st.phase_step % val_every == 0 and st.phase_step < phase.steps:
+            if validating:
                 stopped = self._validate_in_phase(name, phase, stop)
             saved = None
-            if cfg.train.ckpt_every and st.global_step % cfg.train.ckpt_every == 0 and st.phase_step < phase.steps:
+            if saving:
                 st.stop = stop.state_dict()
                 saved = self.save()
-            if self._stop_requested():
+            if stop_now:
                 bar.close()
                 st.stop = stop.state_dict()
                 path = saved or self.save()
@@ -350,13 +409,50 @@ class Trainer:
         st.phase_step = 0
         self.save()
 
-    def _stop_requested(self) -> bool:
-        """Whether any rank got a stop signal; every rank calls it after each step, so all stop together."""
-        flag = self.signals.requested()
-        if self.accelerator.num_processes == 1:
-            return flag
-        flag = torch.tensor([float(flag)], device=self.accelerator.device)
-        return self.accelerator.reduce(flag, reduction="sum").item() > 0
+    def train_step(self, phase: PhaseConfig, turn: str, batches) -> dict:
+        """One optimizer update of ``turn``'s model ("gen" or "critic") under ``phase``'s loss weights; returns
+        the detached losses. The learning rate is the caller's (run_phase sets it from the schedule)."""
+        cfg, acc = self.cfg, self.accelerator
+        if turn == "gen":
+            logs = generator_step(acc, self.generator, self.g_opt, batches, grad_accum=cfg.train.grad_accum,
+                                  w_pixel=phase.w_pixel, w_lpips=phase.w_lpips,
+                                  w_adv=phase.w_adv if phase.kind == "gan" else 0.0, lpips=self.lpips,
+                                  critic_raw=self.critic_raw if phase.kind == "gan" else None,
+                                  adversarial=cfg.loss.adversarial, max_grad_norm=phase.max_grad_norm,
+                                  autocast=self.autocast, deepspeed=self.deepspeed, flags=self.flags)
+        else:
+            logs = critic_step(acc, self.critic, self.c_opt, batches, generator_raw=self.gen_raw,
+                               grad_accum=cfg.train.grad_accum, adversarial=cfg.loss.adversarial,
+                               max_grad_norm=phase.max_grad_norm, autocast=self.autocast,
+                               deepspeed=self.deepspeed, flags=self.flags)
+        self._unchecked += 1
+        self._unchecked_from = self._unchecked_from or self.state.global_step + 1
+        return logs
+
+    @property
+    def checks_due(self) -> bool:
+        return self._unchecked >= self.sync_every
+
+    def host_checks(self) -> bool:
+        """Read what the device and the signal handlers flagged since the last check, in one all-reduce so that
+        every rank decides the same: raises NonFiniteLoss when a non-finite loss was counted (deferred mode;
+        those updates were skipped on the device), returns whether any rank got a stop signal."""
+        first, last = self._unchecked_from, self.state.global_step
+        self._unchecked, self._unchecked_from = 0, 0
+        flag = float(self.signals.requested())
+        bad = self.flags.take() if self.flags is not None else None
+        if self.accelerator.num_processes == 1 and bad is None:
+            return flag > 0
+        device = self.accelerator.device
+        values = torch.stack([torch.tensor(flag, device=device),
+                              bad.float() if bad is not None else torch.zeros((), device=device)])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        stop, nonfinite = values.tolist()
+        if nonfinite > 0:
+            raise NonFiniteLoss("", {}, message=f"{int(nonfinite)} non-finite loss(es) between global steps {first} "
+                                                f"and {last}; their updates were skipped on the device", skipped=True)
+        return stop > 0
 
     def _validate_in_phase(self, name: str, phase: PhaseConfig, stop: StopRule) -> bool:
         results = self.run_validation(name)
@@ -385,7 +481,7 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         if acc.is_main_process:
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
-        batches = iter(self.loader)
+        batches = TimedBatches(iter(self.loader))
         self.signals.install()
         try:
             while self.state.phase_index < len(cfg.train.order):
@@ -399,8 +495,10 @@ class Trainer:
             if self.c_opt is not None:
                 self.c_opt.zero_grad(set_to_none=True)
             path = self.save()
+            state = ("the state after it (no update was made from a non-finite loss)" if err.skipped
+                     else "the state before that step")
             message = (f"training stopped: {err} in phase '{name}' at step {self.state.phase_step} "
-                       f"(global step {self.state.global_step}); the state before that step is saved in {path}. "
+                       f"(global step {self.state.global_step}); {state} is saved in {path}. "
                        f"Lower the phase's lr, set max_grad_norm, or use bf16 instead of fp16, then --resume.")
             log.error(message)
             raise TrainingStopped(message) from None

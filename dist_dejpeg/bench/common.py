@@ -1,0 +1,137 @@
+"""What every benchmark shares: the machine's description, warm-up + device sync + repeated timing, and the
+results files (``<name>.json`` with everything, ``<name>.md`` with the table and the machine's name).
+
+Timing rule: run ``warmup`` calls, synchronize the device, then time ``repeats`` blocks of ``steps`` calls,
+synchronizing before each clock read; the reported time is the median block, the spread is (max - min) /
+median. Ratios between rows are only ever computed from rows of one run (one results file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), for model-FLOPs
+# utilisation. Matched by substring of torch.cuda.get_device_name(); DIST_DEJPEG_PEAK_TFLOPS overrides.
+BF16_PEAK_TFLOPS = {
+    "H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+    "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "A10G": 70.0, "A10": 125.0, "L40S": 362.0,
+    "L4": 121.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 0.0, "T4": 0.0,
+}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _gpu_driver() -> str:
+    if shutil.which("nvidia-smi") is None:
+        return ""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def machine_info() -> dict:
+    """CPU model and cores, GPU and driver (when CUDA is there), torch/CUDA versions: stored in every result."""
+    info = {"cpu": _cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "gpu": None}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_count=torch.cuda.device_count(), gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, driver=_gpu_driver(), bf16=torch.cuda.is_bf16_supported())
+    return info
+
+
+def machine_name(info: dict | None = None) -> str:
+    info = info or machine_info()
+    cpu = f"{info['cpu']} ({info['cpu_cores']} cores)"
+    if info.get("gpu"):
+        driver = f", driver {info['driver']}" if info.get("driver") else ""
+        return f"{info['gpu']} x{info['gpu_count']} (CUDA {info['cuda']}{driver}); {cpu}"
+    return f"{cpu}, no GPU"
+
+
+def bf16_peak_flops() -> float | None:
+    """The card's dense bf16 peak in FLOP/s, or None when unknown (then no utilisation is reported)."""
+    if os.environ.get("DIST_DEJPEG_PEAK_TFLOPS"):
+        return float(os.environ["DIST_DEJPEG_PEAK_TFLOPS"]) * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    for key, tflops in BF16_PEAK_TFLOPS.items():  # the dict lists specific names before general ones
+        if key in name:
+            return tflops * 1e12 or None
+    return None
+
+
+def sync(device: torch.device | str | None = None) -> None:
+    """Wait for queued device work, so that a host clock read measures it."""
+    device = torch.device(device) if device is not None else None
+    if (device is None or device.type == "cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    seconds_per_call: float  # median over the repeats
+    spread: float  # (slowest - fastest) / median block
+    calls: int  # timed calls in all
+
+    def as_dict(self) -> dict:
+        return {"ms_per_call": 1000 * self.seconds_per_call, "spread": self.spread, "calls": self.calls}
+
+
+def measure(fn: Callable[[], object], *, warmup: int = 3, steps: int = 10, repeats: int = 3,
+            device: torch.device | str | None = None) -> Timing:
+    """Warm up, then time ``repeats`` blocks of ``steps`` calls with the device synchronized around each."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    blocks = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        blocks.append((time.perf_counter() - start) / steps)
+    median = statistics.median(blocks)
+    return Timing(median, (max(blocks) - min(blocks)) / median if median > 0 else 0.0, steps * repeats)
+
+
+def write_results(out_dir: str | Path, name: str, report: dict, title: str, note: str, header: list[str],
+                  rows: list[list[str]], echo: bool = True) -> Path:
+    """``out_dir/name.json`` (the report plus the machine) and ``out_dir/name.md`` (title naming the machine, a
+    note, the table). Returns the Markdown path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"machine": machine_name(), "machine_info": machine_info(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **report}
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
+    lines = [f"# {title}", "", f"Machine: {report['machine']}; torch {torch.__version__}; {report['date']}", "",
+             note, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    md = out_dir / f"{name}.md"
+    md.write_text("\n".join(lines) + "\n")
+    if echo:
+        print("\n".join(lines), flush=True)
+    return md

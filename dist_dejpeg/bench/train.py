@@ -1,0 +1,200 @@
+"""Training-step throughput: images/s per device of the ``gen``, ``critic`` and ``gan`` updates, from the naive
+path (fp32, eager, foreach AdamW, host checks every step) up the fast-path ladder to the tuned defaults.
+
+    dist-dejpeg bench train --config configs/debug.yaml                       # this machine, synthetic batches
+    dist-dejpeg bench train --config configs/div2k.yaml data.crop=256 model.pretrained=false loss.lpips_pretrained=false
+    accelerate launch -m dist_dejpeg.cli bench train --config configs/div2k.yaml   # per-device rate under DDP
+
+Every row builds the real Trainer (same models, optimizers, autocast, DDP wrapping, host checks) with the
+row's overrides and calls its ``train_step``; batches are synthetic and already on the device, so the number
+is the model's, not the loader's (``dist-dejpeg bench data`` measures loaders). FLOPs per step come from
+``torch.utils.flop_counter`` on one eager fp32 step; achieved FLOP/s = FLOPs / step time; on a GPU with a
+known bf16 peak, the model-FLOPs utilisation against it. The LPIPS share is 1 - t(gen without LPIPS) /
+t(gen), both measured on the same Trainer.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dist_dejpeg.bench.common import bf16_peak_flops, measure, write_results
+from dist_dejpeg.config import Config, load_config
+
+NAIVE = {"train.mixed_precision": "no", "model.channels_last": "false", "train.fused_adamw": "false",
+         "train.sync_every": "1", "train.compile": "false"}
+# Each rung adds one piece to the one before (the combinations that matter, not the full product).
+LADDER = [
+    ("naive: fp32, eager, foreach AdamW, host checks every step", {}),
+    ("+ channels_last", {"model.channels_last": "true"}),
+    ("+ bf16 autocast", {"train.mixed_precision": "bf16"}),
+    ("+ fused AdamW", {"train.fused_adamw": "true"}),
+    ("+ host checks every 25 steps", {"train.sync_every": "25"}),
+    ("+ torch.compile", {"train.compile": "true"}),
+]
+TUNED = "tuned: the config's own settings"
+
+
+class Synthetic:
+    """Endless random batches of the batch contract, already on the device in the configured memory format."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        n, c = cfg.data.batch_size, cfg.data.crop
+        fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        gen = torch.Generator().manual_seed(0)
+        clean = torch.rand(n, 3, c, c, generator=gen)
+        jpeg = (clean + 0.05 * torch.randn(clean.shape, generator=gen)).clamp(0, 1)
+        self.batch = {"clean": clean.to(device, memory_format=fmt), "jpeg": jpeg.to(device, memory_format=fmt),
+                      "quality": torch.full((n,), 20, dtype=torch.int64, device=device)}
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
+def _reset_accelerate() -> None:
+    """Each row builds its own Accelerator (its own mixed precision): forget the process-wide state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _phase(cfg: Config, kind: str):
+    return next((p for p in cfg.train.phases.values() if p.kind == kind), None)
+
+
+def _rows_for(cfg: Config) -> list[tuple[str, str, object]]:
+    """(update name, turn, phase) of each update this config trains."""
+    gen, critic, gan = _phase(cfg, "gen"), _phase(cfg, "critic"), _phase(cfg, "gan")
+    rows = [("gen", "gen", gen)]
+    if gen is not None and gen.w_lpips > 0:
+        no_lpips = copy.deepcopy(gen)
+        no_lpips.w_lpips = 0.0
+        rows.append(("gen without LPIPS", "gen", no_lpips))
+    if critic is not None:
+        rows.append(("critic", "critic", critic))
+    if gan is not None:
+        rows.append(("gan generator turn", "gen", gan))
+    return [r for r in rows if r[2] is not None]
+
+
+def count_flops(cfg: Config) -> float:
+    """FLOPs of one eager fp32 ``gen`` update (generator forward + backward, LPIPS forward + backward to its
+    input), from torch.utils.flop_counter. Optimizer arithmetic is not counted (it has no matmul/conv)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dist_dejpeg.train.trainer import Trainer
+
+    _reset_accelerate()
+    cfg = _with(cfg, NAIVE)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.train.run_dir = tmp
+        trainer = Trainer(cfg, train_loader=Synthetic(cfg, _device(cfg)), val_set={})
+        try:
+            with FlopCounterMode(display=False) as counter:
+                trainer.train_step(_phase(cfg, "gen"), "gen", iter(trainer.loader))
+            return float(counter.get_total_flops())
+        finally:
+            trainer.close()
+
+
+def _device(cfg: Config) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
+
+
+def _with(cfg: Config, overrides: dict) -> Config:
+    from dist_dejpeg.config import apply_overrides
+
+    return apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: int, steps: int,
+                  repeats: int) -> dict[str, dict]:
+    """Build one Trainer with ``cfg`` and time each (update, turn, phase) row on it."""
+    from dist_dejpeg.train.trainer import Trainer
+
+    _reset_accelerate()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = copy.deepcopy(cfg)
+        cfg.train.run_dir = tmp
+        cfg.train.progress = False
+        trainer = Trainer(cfg, train_loader=Synthetic(cfg, _device(cfg)), val_set={})
+        images = cfg.data.batch_size * cfg.train.grad_accum
+        batches = iter(trainer.loader)
+        out = {}
+
+        def step(phase, turn):  # as the training loop does: the update, then the host checks when due
+            trainer.train_step(phase, turn, batches)
+            if trainer.checks_due:
+                trainer.host_checks()
+
+        try:
+            for name, turn, phase in rows:
+                timing = measure(lambda: step(phase, turn), warmup=warmup, steps=steps, repeats=repeats,
+                                 device=trainer.accelerator.device)
+                out[name] = dict(timing.as_dict(), images_per_s_per_device=images / timing.seconds_per_call)
+        finally:
+            trainer.close()
+        return out
+
+
+def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int = 3, steps: int = 10,
+        repeats: int = 3, ladder: bool = True, name: str = "train") -> dict:
+    base = load_config(config, list(overrides) + ["train.progress=false"])
+    device = _device(base)
+    rows_all = _rows_for(base)
+    gen_rows = [r for r in rows_all if r[0].startswith("gen")]
+    results: dict[str, dict[str, dict]] = {}
+    naive_cfg, done = _with(base, NAIVE), {}
+    variants = []
+    if ladder:
+        for label, step in LADDER:
+            done.update(step)
+            variants.append((label, _with(naive_cfg, done), rows_all if label.startswith("naive") else gen_rows))
+    variants.append((TUNED, base, rows_all))
+    for label, cfg, rows in variants:
+        print(f"bench train: {label} ...", flush=True)
+        results[label] = bench_variant(cfg, rows, warmup=warmup, steps=steps, repeats=repeats)
+    flops = count_flops(base)
+    peak = bf16_peak_flops() if device.type == "cuda" else None
+    naive_label = LADDER[0][0] if ladder else TUNED
+    table, summary = [], {}
+    for label, rows in results.items():
+        for update, r in rows.items():
+            base_row = results[naive_label].get(update)
+            r["x_naive"] = base_row["ms_per_call"] / r["ms_per_call"] if base_row else None
+            if update == "gen":
+                r["achieved_tflops"] = flops / (r["ms_per_call"] / 1000) / 1e12
+                r["mfu_bf16"] = flops / (r["ms_per_call"] / 1000) / peak if peak else None
+            table.append([update, label, f"{r['images_per_s_per_device']:.1f}", f"{r['ms_per_call']:.1f}",
+                          f"{100 * r['spread']:.0f}%", f"{r['x_naive']:.2f}" if r["x_naive"] else "",
+                          f"{r['achieved_tflops']:.3f}" if "achieved_tflops" in r else "",
+                          f"{100 * r['mfu_bf16']:.1f}%" if r.get("mfu_bf16") else ""])
+        if "gen without LPIPS" in rows:
+            summary[f"lpips_share_{'naive' if label == naive_label else 'tuned'}"] = \
+                1 - rows["gen without LPIPS"]["ms_per_call"] / rows["gen"]["ms_per_call"]
+    if ladder:
+        summary["tuned_gen_x_naive"] = results[TUNED]["gen"]["x_naive"]
+    b, t = base.data, base.train
+    report = {"config": config, "overrides": list(overrides), "device": str(device), "batch_size": b.batch_size,
+              "crop": b.crop, "encoder": base.model.encoder, "decoder_width": base.model.decoder_width,
+              "tuned": {"mixed_precision": t.mixed_precision, "channels_last": base.model.channels_last,
+                        "fused_adamw": t.fused_adamw, "compile": t.compile, "sync_every": t.sync_every},
+              "gflops_per_gen_step": flops / 1e9, "bf16_peak_tflops": peak / 1e12 if peak else None,
+              "warmup": warmup, "steps": steps, "repeats": repeats, "summary": summary, "results": results}
+    share = "; ".join(f"LPIPS share of the gen step ({k.rsplit('_', 1)[1]}): {100 * v:.0f}%"
+                      for k, v in summary.items() if k.startswith("lpips"))
+    ratio = f"tuned gen / naive gen: {summary['tuned_gen_x_naive']:.2f}x. " if ladder else ""
+    note = (f"`{config}` {' '.join(overrides)}; batch {b.batch_size} x {b.crop} px per device, {base.model.encoder}, "
+            f"synthetic batches on {device}; {flops / 1e9:.2f} GFLOP per gen step (flop_counter, fp32 eager). "
+            f"Tuned = precision {t.mixed_precision}, channels_last {base.model.channels_last}, fused AdamW "
+            f"{t.fused_adamw}, compile {t.compile}, host checks every {t.sync_every} steps. {ratio}{share}. "
+            f"Median of {repeats} blocks of {steps} steps after {warmup} warm-up steps; ratios within this run.")
+    write_results(out_dir, name, report, "Train-step throughput", note,
+                  ["update", "variant", "images/s per device", "ms/step", "spread", "x naive", "TFLOP/s", "MFU (bf16)"],
+                  table)
+    return report
