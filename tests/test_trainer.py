@@ -276,3 +276,38 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, shards, mo
         t.fit()
     assert changed(before, params(t.gen_raw)), "training went on (eagerly)"
     assert "broken on purpose" in caplog.text
+
+
+def cuda_fast(tmp_path: Path, shards: Path, *overrides: str):
+    """The tiny config on the GPU with the whole fast path on (bf16, channels_last, compile, fused AdamW,
+    deferred host checks, nvJPEG degradation in the torch loader)."""
+    return tiny(tmp_path / "run", shards, "train.cpu=false", "train.mixed_precision=bf16", "model.channels_last=true",
+                "train.compile=true", "train.fused_adamw=true", "train.sync_every=3", "data.gpu_jpeg=true",
+                "data.num_workers=1", *overrides)
+
+
+@pytest.mark.gpu
+def test_fast_path_trains_all_phases_on_cuda(tmp_path, shards):
+    t = Trainer(cuda_fast(tmp_path, shards))
+    assert t.accelerator.device.type == "cuda" and t.fused and t.flags is not None
+    before = params(t.gen_raw)
+    results = t.fit()
+    after = params(t.gen_raw)
+    assert changed(before, after), "the generator trained"
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    for q, groups in results.items():
+        assert all(torch.isfinite(torch.tensor(v)) for v in groups["restored"].values()), q
+    assert (tmp_path / "run" / "generator.safetensors").is_file()
+
+
+@pytest.mark.gpu
+def test_deferred_checks_skip_nonfinite_updates_on_cuda(tmp_path, shards):
+    cfg = cuda_fast(tmp_path, shards, "train.order=[gen]", "train.phases.gen.steps=10", "train.sync_every=4",
+                    "train.compile=false")
+    from dist_dejpeg.data import build_train_loader
+
+    t = Trainer(cfg, train_loader=NaNAfter(build_train_loader(cfg, 0, 1, torch.device("cuda")), good=1))
+    with pytest.raises(TrainingStopped, match=r"1 non-finite loss\(es\) between global steps 1 and 4"):
+        t.fit()
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == f"step-{4:08d}"
+    assert all(torch.isfinite(v).all() for v in params(t.gen_raw).values() if v.is_floating_point())

@@ -15,6 +15,7 @@ def jpeg_roundtrip_cuda(images: torch.Tensor, quality: torch.Tensor) -> torch.Te
     from torchvision.io import decode_jpeg, encode_jpeg
 
     out = torch.empty_like(images)
+    quality = quality.cpu()  # grouped on the host: the loader hands over its CPU copy, so no device sync here
     for q in torch.unique(quality).tolist():
         index = torch.nonzero(quality == q).flatten().tolist()
         encoded = encode_jpeg([images[i].contiguous() for i in index], quality=int(q))

@@ -188,7 +188,7 @@ class TorchLoader:
             self.consumed += 1
             if self.degrade_batch is not None:
                 clean = batch["clean"].to(self.device, non_blocking=True)
-                batch = dict(batch, clean=clean, jpeg=self.degrade_batch(clean, batch["quality"].to(self.device)))
+                batch = dict(batch, clean=clean, jpeg=self.degrade_batch(clean, batch["quality"]))
             yield to_device(batch, self.device, self.channels_last)
 
 

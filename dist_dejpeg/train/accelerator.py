@@ -30,6 +30,11 @@ def build_accelerator(cfg: Config) -> Accelerator:
     cpu = t.cpu or not torch.cuda.is_available()
     if cpu and t.mixed_precision == "fp16":
         raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; use bf16 or no on CPU")
+    if not cpu and t.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        # pre-Ampere cards emulate bf16 slowly: the default bf16 becomes fp32 there, said once, not silently
+        logging.getLogger("dist_dejpeg").warning("train.mixed_precision=bf16: %s has no bf16; training in fp32 "
+                                                 "(set fp16 to use its tensor cores)", torch.cuda.get_device_name())
+        t.mixed_precision = "no"
     # a dead or stuck rank fails every collective after this long instead of hanging
     timeout = timedelta(seconds=t.dist_timeout_s)
     launched = _launcher_deepspeed_stage()

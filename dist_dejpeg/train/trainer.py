@@ -210,6 +210,7 @@ class Trainer:
         self.signals = ckpt.StopSignals()
         self.config_yaml = to_yaml(cfg)
         self._unchecked, self._unchecked_from = 0, 0  # steps since the last host check, the first of them
+        self.last_train_scalars: dict = {}  # phase -> its newest logged window (images/s, data wait, losses)
 
     def close(self) -> None:
         """Release the run folder and TensorBoard (fit does this itself; for callers that only step)."""
@@ -380,6 +381,7 @@ class Trainer:
                     waited0 = batches.waited
                 scalars["train/lr"] = lr
                 self._log_scalars(scalars, st.global_step)
+                self.last_train_scalars[name] = dict(scalars, step=st.global_step)
                 bar.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in scalars.items() if "acc" not in k})
                 window, window_steps, images, t0 = {}, 0, 0, time.perf_counter()
             if validating:
@@ -532,6 +534,7 @@ class Trainer:
                 "val_images_per_quality": n_val,
                 "data_skipped": skipped,
                 "loss_lpips": f"lpips-{lo.lpips_net}" + ("" if lo.lpips_pretrained else " (random backbone)"),
+                "last_train_log": self.last_train_scalars,  # per phase, rank 0's newest window (this session)
             }
             out = dict(results, meta=meta)
             (self.run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
