@@ -1,0 +1,306 @@
+#!/usr/bin/env bash
+# GPU check of dist_dejpeg in one script, for a machine with one NVIDIA GPU, PyTorch already installed and
+# no network (../shared/ENV.md, "A GPU machine without network": Python 3.12, torch 2.11 + CUDA 13,
+# torchvision, timm, accelerate, ... but no lpips, webdataset, omegaconf, DALI, nor this project).
+#
+# 1. Here, where pip reaches PyPI, make the wheel folder (pure-Python wheels, under 1 MB):
+#        benchmarks/gpu_wheels.sh /path/to/wheels
+# 2. Carry the checkout and that folder to the GPU machine; there, from the repository root:
+#        benchmarks/gpu_check.sh --wheels /path/to/wheels --out /path/to/out [--quick] [--allow-cpu]
+#    --quick      tiny settings everywhere (a smoke test; about a minute on a GPU)
+#    --allow-cpu  run the flow without CUDA (the CUDA step is skipped; the training run uses --quick's
+#                 settings); without it, no CUDA means exit 3 at once
+#    --budget S   stop starting steps once S seconds have gone (default 470: the whole check ends within
+#                 8 minutes; each step also has its own timeout)
+# Steps, in order: env, install, cuda, pytest_gpu, bench_train, bench_data, train. Each one runs even when an
+# earlier one failed, under `timeout`, with its stdout+stderr in OUT/<step>.log; OUT/summary.md gets a row per
+# step (exit code, seconds, result) and, under the table, the last lines of each failing step's log.
+# Also in OUT: results/ (bench train.json/.md, data.json/.md), run/ (the training run) and metrics.json.
+# The wheels are installed with `pip --target` into a temporary folder put first on PYTHONPATH (nothing is
+# installed into the machine's Python); that folder, the sample data and TMPDIR are removed at the end.
+# Exit: 0 every step passed, 1 some step failed, 2 usage error, 3 no CUDA (and no --allow-cpu).
+#
+# NVIDIA DALI is not in the wheel folder: with its nvimgcodec/nvjpeg wheels it is about 300 MB, too big to
+# carry. The GPU tests that need DALI skip themselves, `bench data` leaves out its DALI rows, and training
+# uses data.backend=torch with the GPU (nvJPEG) JPEG degradation.
+set -u
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
+
+ARGS=$(printf ' %q' "$@")
+WHEELS="" OUT="" ALLOW_CPU=0 QUICK=0 BUDGET=470
+while (($#)); do
+    case $1 in
+        --wheels) WHEELS=${2-}; shift 2 || break ;;
+        --out) OUT=${2-}; shift 2 || break ;;
+        --allow-cpu) ALLOW_CPU=1; shift ;;
+        --quick) QUICK=1; shift ;;
+        --budget) BUDGET=${2-}; shift 2 || break ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "gpu_check.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
+    esac
+done
+if [[ -z $WHEELS || -z $OUT ]]; then
+    echo "gpu_check.sh: --wheels DIR and --out OUTDIR are required" >&2; usage >&2; exit 2
+fi
+if ! [[ $BUDGET =~ ^[0-9]+$ ]]; then echo "gpu_check.sh: --budget takes whole seconds" >&2; exit 2; fi
+if ! compgen -G "$WHEELS/*.whl" > /dev/null; then
+    echo "gpu_check.sh: no wheels in '$WHEELS' (make them with benchmarks/gpu_wheels.sh DIR where pip reaches PyPI)" >&2
+    exit 2
+fi
+START=$(date +%s)
+DEADLINE=$((START + BUDGET))
+WHEELS=$(cd "$WHEELS" && pwd) || exit 2
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 2
+SUMMARY=$OUT/summary.md
+STEPS=(env install cuda pytest_gpu bench_train bench_data train)
+for s in "${STEPS[@]}"; do rm -f "$OUT/$s.log"; done
+rm -rf "$OUT/run" "$OUT/results" "$OUT/metrics.json" "$SUMMARY"
+PY=${PYTHON:-python3}
+MODE=full; ((QUICK)) && MODE=quick
+
+# --- CUDA or not, before anything else -------------------------------------------------------------------
+probe=$(timeout -k 5 120 "$PY" -c 'import torch; print(int(torch.cuda.is_available()), torch.__version__, torch.version.cuda)' 2>&1)
+probe_rc=$?
+HAVE_CUDA=0
+if ((probe_rc == 0)) && [[ $(tail -n 1 <<< "$probe") == 1\ * ]]; then HAVE_CUDA=1; fi
+if ((!HAVE_CUDA)); then
+    if ((probe_rc != 0)); then
+        why="PyTorch cannot be imported by $PY (exit $probe_rc): $(tail -n 1 <<< "$probe")"
+    else
+        read -r _ tv tc <<< "$(tail -n 1 <<< "$probe")"
+        smi="nvidia-smi: not found"
+        command -v nvidia-smi > /dev/null && smi="nvidia-smi: $(nvidia-smi -L 2>&1 | head -n 1)"
+        why="CUDA is not available: torch.cuda.is_available() is False (torch $tv, built for CUDA $tc); $smi; CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-<unset>}"
+    fi
+    if ((!ALLOW_CPU)); then
+        printf '# GPU check: not run\n\n%s\n\nNo CUDA device: nothing was run (pass --allow-cpu to run the flow on the CPU).\n' "$why" > "$SUMMARY"
+        echo "gpu_check.sh: $why" >&2
+        echo "gpu_check.sh: this check needs a CUDA GPU (pass --allow-cpu to run the flow on the CPU anyway)" >&2
+        exit 3
+    fi
+    echo "gpu_check.sh: $why -- running on the CPU (--allow-cpu)"
+fi
+
+# --- scratch space: the installed wheels, the sample shards, TMPDIR and compiler caches ---------------------
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 2
+STEP_PID=""
+trap 'rm -rf "$WORK"' EXIT
+trap '[[ -n $STEP_PID ]] && kill -KILL -- "-$STEP_PID" 2> /dev/null; echo "gpu_check: interrupted" >&2; exit 130' INT TERM
+SITE=$WORK/site DATA=$WORK/data
+mkdir -p "$SITE" "$WORK/t" "$WORK/cache"
+# a short TMPDIR: multiprocessing puts AF_UNIX sockets (108-byte path limit) under it
+export TMPDIR=$WORK/t TRITON_CACHE_DIR=$WORK/cache/triton MPLCONFIGDIR=$WORK/cache/matplotlib
+export PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export ROOT OUT WHEELS SITE DATA WORK PY QUICK HAVE_CUDA
+
+{
+    echo "# GPU check ($MODE)"
+    echo
+    echo "- command: \`benchmarks/gpu_check.sh$ARGS\` (wheels $WHEELS)"
+    echo "- host: $(hostname), $(date -u '+%Y-%m-%d %H:%M:%S UTC'), repo $(git -C "$ROOT" rev-parse --short HEAD 2> /dev/null || echo '?')"
+    device="no CUDA (--allow-cpu)"
+    if ((HAVE_CUDA)); then
+        device=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2> /dev/null | head -n 1)
+        device="${device:-a CUDA device (nvidia-smi not found)}"
+    fi
+    echo "- device: $device"
+    echo "- budget: $BUDGET s; logs: <step>.log in this folder"
+    echo
+    echo "| step | exit code | seconds | result |"
+    echo "|---|---|---|---|"
+} > "$SUMMARY"
+
+# --- the steps (each runs in its own bash under timeout; exported functions) ---------------------------------
+step_env() {
+    echo "## machine"; date -u; uname -a; echo "cores: $(nproc)"; free -g 2> /dev/null
+    echo "## repository"; git -C "$ROOT" log -1 --oneline 2> /dev/null; git -C "$ROOT" status --short 2> /dev/null | head -n 40
+    echo "## nvidia-smi"
+    if command -v nvidia-smi > /dev/null; then nvidia-smi; else echo "nvidia-smi: not found"; fi
+    echo "## python / torch"
+    "$PY" - << 'PYEOF' || exit $?
+import platform, sys
+import torch
+print("python", sys.version.replace("\n", " "), platform.machine())
+print("torch", torch.__version__, "| CUDA (build)", torch.version.cuda, "| cuDNN", torch.backends.cudnn.version())
+print("cuda available", torch.cuda.is_available(), "| devices", torch.cuda.device_count())
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"  cuda:{i} {p.name}, capability {p.major}.{p.minor}, {p.total_memory / 2**30:.1f} GiB")
+PYEOF
+    echo "## pip list"; "$PY" -m pip list || echo "gpu_check: pip list failed (exit $?)"
+    echo "## wheels to install"; ls -l "$WHEELS"
+}
+
+step_install() {
+    if "$PY" -m pip --version > /dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl || exit $?
+    else  # all the wheels are pure Python: unpacked onto PYTHONPATH they import the same
+        echo "gpu_check: no pip for $PY; unpacking the wheels into $SITE instead"
+        "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
+            "$SITE" "$WHEELS"/*.whl || exit $?
+    fi
+    echo "installed into $SITE:"; ls "$SITE"
+    echo "## imports from outside the repository (cwd $WORK): dist_dejpeg must come from $SITE"
+    (cd "$WORK" && "$PY" - << 'PYEOF') || exit $?
+import os
+import antlr4, dist_dejpeg, lpips, omegaconf, webdataset
+from importlib.metadata import version
+for m, dist in ((dist_dejpeg, "dist_dejpeg"), (lpips, "lpips"), (webdataset, "webdataset"), (omegaconf, "omegaconf"),
+                (antlr4, "antlr4-python3-runtime")):
+    print(f"{dist:24s} {version(dist):8s} {m.__file__}")
+cfg = omegaconf.OmegaConf.create({"a": "${b}", "b": 3})  # interpolation: omegaconf's antlr grammar works
+assert cfg.a == 3, cfg
+site = os.path.realpath(os.environ["SITE"])
+assert os.path.realpath(dist_dejpeg.__file__).startswith(site + os.sep), f"dist_dejpeg imported from {dist_dejpeg.__file__}, not from {site}"
+print("ok: dist_dejpeg from", site)
+PYEOF
+    echo "## from the repository root (cwd $ROOT; what the later steps import)"
+    "$PY" -c 'import dist_dejpeg; print("dist_dejpeg", dist_dejpeg.__file__)'
+}
+
+step_cuda() {
+    "$PY" - << 'PYEOF'
+import time
+import torch
+assert torch.cuda.is_available(), "torch.cuda.is_available() is False"
+dev = torch.device("cuda", 0)
+p = torch.cuda.get_device_properties(0)
+print("device:", torch.cuda.get_device_name(0), f"capability {p.major}.{p.minor}, {p.total_memory / 2**30:.1f} GiB")
+print("bf16 supported:", torch.cuda.is_bf16_supported())
+g = torch.Generator().manual_seed(0)
+a, b = torch.randn(512, 512, generator=g, dtype=torch.float64), torch.randn(512, 512, generator=g, dtype=torch.float64)
+ref = a @ b
+for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2)):
+    out = (a.to(dev, dtype) @ b.to(dev, dtype)).double().cpu()
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    print(f"matmul {dtype}: max relative error {err:.2e} (limit {tol:g})")
+    assert err < tol, f"{dtype} matmul on the GPU is wrong: {err:.2e}"
+x = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
+x @ x
+torch.cuda.synchronize()
+t = time.perf_counter()
+for _ in range(20):
+    y = x @ x
+torch.cuda.synchronize()
+dt = (time.perf_counter() - t) / 20
+print(f"bf16 4096^3 matmul: {dt * 1e3:.2f} ms, {2 * 4096**3 / dt / 1e12:.0f} TFLOP/s")
+assert torch.cuda.is_bf16_supported(), "no bf16 on this GPU"
+print("ok")
+PYEOF
+}
+
+step_pytest_gpu() {
+    "$PY" -m pytest -m gpu -v -p no:cacheprovider tests
+    local rc=$?
+    ((rc == 5)) && echo "gpu_check: pytest exit 5: no test collected (counted as a failure)"
+    return $rc
+}
+
+# bench: options go before the benchmark's name (argparse takes `overrides` together with it otherwise)
+step_bench_train() {
+    if ((QUICK)); then
+        "$PY" -m dist_dejpeg.cli bench --results "$OUT/results" --no-ladder --steps 1 --repeats 1 --warmup 1 \
+            --config configs/debug.yaml train data.batch_size=2 data.crop=64 || exit $?
+    else
+        "$PY" -m dist_dejpeg.cli bench --results "$OUT/results" train || exit $?
+    fi
+    [[ -s $OUT/results/train.json ]] || { echo "gpu_check: no $OUT/results/train.json"; exit 1; }
+}
+
+step_bench_data() {
+    if ((QUICK)); then
+        # 288 px tiles: bench data crops 256 px, and a stream of tiles smaller than the crop never yields
+        "$PY" -m dist_dejpeg.cli bench --results "$OUT/results" --tiles 288 --formats raw --batches 2 --threads 1 \
+            data || exit $?
+    else
+        "$PY" -m dist_dejpeg.cli bench --results "$OUT/results" --formats raw png --batches 10 data || exit $?
+    fi
+    [[ -s $OUT/results/data.json ]] || { echo "gpu_check: no $OUT/results/data.json"; exit 1; }
+}
+
+step_train() {
+    local mode
+    if ((QUICK || !HAVE_CUDA)); then
+        mode=(train.mixed_precision=no data.batch_size=2 data.crop=64 data.num_workers=1 train.phases.gen.steps=4
+              train.phases.critic.steps=2 train.phases.gan.steps=2 train.phases.gan.val_every=2 train.val_every=2
+              data.val_crop=64 train.ckpt_every=100)
+    else
+        mode=(train.mixed_precision=bf16 data.batch_size=16 data.crop=128 data.num_workers=4 train.phases.gen.steps=300
+              train.phases.critic.steps=40 train.phases.gan.steps=40 train.phases.gan.val_every=20 train.val_every=100
+              train.ckpt_every=100)
+    fi
+    (set -x; "$PY" -m dist_dejpeg.cli train --config configs/debug.yaml train.run_dir="$OUT/run" data.root="$DATA" \
+        data.backend=torch data.gpu_jpeg=true train.progress=false "${mode[@]}") || exit $?
+    cp "$OUT/run/metrics.json" "$OUT/metrics.json" || exit $?
+    echo "gpu_check: copied metrics.json to $OUT"
+}
+export -f step_env step_install step_cuda step_pytest_gpu step_bench_train step_bench_data step_train
+
+FAILED=()
+row() {  # step exit seconds result
+    echo "| $1 | $2 | $3 | $4 |" >> "$SUMMARY"
+    echo "gpu_check: $1: $4 (exit $2, $3 s)"
+}
+
+run_step() {  # step timeout_s
+    local name=$1 limit=$2 log=$OUT/$1.log left t0 pid rc secs result
+    left=$((DEADLINE - $(date +%s) - 12))  # 12: timeout's kill grace plus bookkeeping
+    if ((left < 10)); then
+        echo "not run: the check's ${BUDGET} s budget is spent" > "$log"
+        FAILED+=("$name"); row "$name" 124 0 "FAILED: not run, the ${BUDGET} s budget is spent"; return
+    fi
+    ((limit > left)) && limit=$left
+    echo "gpu_check: $name (timeout $limit s) ..."
+    t0=$(date +%s.%N)
+    # timeout leads its own process group; once it returns, whatever of the step is left in that group (a
+    # trainer finishing its checkpoint after SIGTERM while the bash around it is gone, loader workers) is killed
+    timeout -k 10 "$limit" bash -c "step_$name" > "$log" 2>&1 < /dev/null &
+    pid=$!
+    STEP_PID=$pid
+    wait "$pid"
+    rc=$?
+    kill -KILL -- "-$pid" 2> /dev/null
+    STEP_PID=""
+    secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    case $rc in
+        0) result=ok ;;
+        124 | 137) result="FAILED: timed out after $limit s" ;;
+        *) result=FAILED ;;
+    esac
+    ((rc == 5)) && [[ $name == pytest_gpu ]] && result="FAILED: no test collected"
+    ((rc != 0)) && FAILED+=("$name")
+    row "$name" "$rc" "$secs" "$result"
+}
+
+run_step env 60
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"  # for install's import check and every later step
+run_step install 120
+if ((HAVE_CUDA)); then
+    run_step cuda 90
+else
+    echo "skipped: no CUDA (--allow-cpu)" > "$OUT/cuda.log"
+    row cuda 0 0 "skipped: no CUDA"
+fi
+if ((QUICK)); then run_step pytest_gpu 120; else run_step pytest_gpu 180; fi
+run_step bench_train 240
+run_step bench_data 150
+run_step train 180
+
+{
+    echo
+    echo "Total: $(($(date +%s) - START)) s; ${#FAILED[@]} of ${#STEPS[@]} steps failed${FAILED[*]:+: ${FAILED[*]}}."
+    for s in "${FAILED[@]}"; do
+        echo
+        echo "### $s: last lines of $s.log"
+        echo
+        echo '```text'
+        tail -n 15 "$OUT/$s.log"
+        echo '```'
+    done
+} >> "$SUMMARY"
+echo "gpu_check: summary in $SUMMARY"
+((${#FAILED[@]} == 0)) && exit 0
+exit 1
