@@ -46,8 +46,10 @@ def test_bench_train_ladder_writes_rows_and_ratios(tmp_path, repo_root, monkeypa
 
 def test_bench_data_and_infer(tmp_path, repo_root, monkeypatch):
     monkeypatch.chdir(repo_root)
-    assert main(["bench", "data", "--tiles", "128", "--formats", "png", "raw", "--batches", "2", "--threads", "1",
-                 "--results", str(tmp_path)]) == 0
+    with pytest.raises(ValueError, match="need tiles of at least 256 px"):
+        main(["bench", "data", "--tiles", "128", "--results", str(tmp_path)])
+    assert main(["bench", "data", "--tiles", "128", "--crop", "64", "--formats", "png", "raw", "--batches", "2",
+                 "--threads", "1", "--results", str(tmp_path)]) == 0
     report, _ = read(tmp_path, "data")
     rows = report["crops_per_s"]
     assert rows["torch loader (webdataset + PIL) [128 px raw]"] > 0

@@ -518,3 +518,10 @@ def test_nvjpeg_degradation_within_half_a_db_of_libjpeg(sample_shards, quality):
     target = clean_u8.float().cpu()
     gap = 10 * np.log10(((peer - target) ** 2).mean().item() / ((ours - target) ** 2).mean().item())
     assert abs(gap) < 0.5, f"nvJPEG vs libjpeg at q{quality}: {gap:+.3f} dB"
+
+
+def test_stream_of_tiles_smaller_than_the_crop_fails_instead_of_spinning(sample_shards):
+    """Every sample skipped (96 px tiles, 128 px crops): an error naming the reason, not an endless loop."""
+    loader = TorchLoader(make_stream(sample_shards, crop=128), 2, 0, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=r"all \d+ samples of epoch 0 were skipped.*'too_small': \d+"):
+        take(loader, 1)

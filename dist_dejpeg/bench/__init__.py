@@ -70,7 +70,7 @@ def main(args) -> int:
     if which in ("data", "all"):
         from dist_dejpeg.bench import data
 
-        reports["data"] = data.run(out, root=args.root, batches=args.batches, threads=args.threads or None,
+        reports["data"] = data.run(out, root=args.root, crop=args.crop, batches=args.batches, threads=args.threads or None,
                                    tiles=tuple(args.tiles), formats=tuple(args.formats), name=args.name or "data")
     if which in ("infer", "all"):
         from dist_dejpeg.bench import infer
@@ -101,6 +101,7 @@ def add_parser(sub) -> None:
     b.add_argument("--batches", type=int, default=20, help="data: timed batches per loader")
     b.add_argument("--threads", type=int, default=0, help="data: threads/workers per loader (0: all cores)")
     b.add_argument("--tiles", type=int, nargs="+", default=[288, 480], help="data: tile sizes of the sample shards")
+    b.add_argument("--crop", type=int, default=256, help="data: crop size (at most the smallest tile)")
     b.add_argument("--formats", nargs="+", default=["png", "raw", "jp2"], help="data: shard formats")
     b.add_argument("overrides", nargs="*", help="config overrides, key=value")
     b.set_defaults(func=lambda args: main(args))

@@ -148,6 +148,8 @@ def run(out_dir: str | Path, *, root: str | None = None, crop: int = 256, batch:
     """Prepare the sample photos as shards of each tile size and format (or take ``root``), time every loader
     on each, and the libjpeg ceiling; write ``name``.json/.md into ``out_dir``."""
     threads = threads or os.cpu_count()
+    if not root and min(tiles) < crop:
+        raise ValueError(f"bench data: {crop} px crops need tiles of at least {crop} px, got {min(tiles)} (--tiles/--crop)")
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
     roots: dict[str, Path] = {}
     if root:

@@ -125,18 +125,23 @@ class ShardStream(IterableDataset):
         slot, n_slots = self.rank * self.n_local + local, self.world * self.n_local
         epoch, skip = self.start.get(local, (0, 0))
         while self.epochs is None or epoch < self.epochs:
-            seen = 0
+            seen = made = 0
             for pos, raw in enumerate(self._epoch_raw(epoch, slot, n_slots, worker)):
                 seen += 1
                 if pos < skip:
                     continue
                 sample = self._make(raw, epoch, slot, pos, worker)
                 if sample is not None:
+                    made += 1
                     sample.update(_slot=local, _epoch=epoch, _next=pos + 1)
                     yield sample
             if seen == 0:
                 raise RuntimeError(f"data slot {slot} of {n_slots} got no samples in epoch {epoch}: fewer "
                                    f"samples than ranks x workers ({len(self.shards)} shards)")
+            if made == 0 and seen > skip:  # every sample it tried was skipped: the next epoch would be the same
+                counts = dict(zip(SKIP_REASONS, (int(c) for c in self.skipped[worker].tolist())))
+                raise RuntimeError(f"data slot {slot} of {n_slots}: all {seen - skip} samples of epoch {epoch} were "
+                                   f"skipped ({counts}); e.g. tiles smaller than the {self.crop} px crop")
             epoch, skip = epoch + 1, 0
 
 
