@@ -199,7 +199,7 @@ step_pytest_gpu() {
     return $rc
 }
 
-# bench: options go before the benchmark's name (argparse takes `overrides` together with it otherwise)
+# bench: options before the benchmark's name, overrides after it (an order every version of the CLI parses)
 step_bench_train() {
     if ((QUICK)); then
         "$PY" -m dist_dejpeg.cli bench --results "$OUT/results" --no-ladder --steps 1 --repeats 1 --warmup 1 \
@@ -212,7 +212,7 @@ step_bench_train() {
 
 step_bench_data() {
     if ((QUICK)); then
-        # 288 px tiles: bench data crops 256 px, and a stream of tiles smaller than the crop never yields
+        # 288 px tiles: bench data crops 256 px, and a stream of only smaller tiles never yields a batch (hangs)
         "$PY" -m dist_dejpeg.cli bench --results "$OUT/results" --tiles 288 --formats raw --batches 2 --threads 1 \
             data || exit $?
     else
