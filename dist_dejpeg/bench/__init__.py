@@ -65,7 +65,7 @@ def main(args) -> int:
         reports["train"] = train.run(config, overrides, out, warmup=args.warmup, steps=args.steps,
                                      repeats=args.repeats, ladder=not args.no_ladder,
                                      name=args.name or "train")
-        if which == "all" or args.scaling_model:
+        if (which == "all" or args.scaling_model) and "tuned: the config's own settings" in reports["train"]["results"]:
             scaling_model(reports["train"], config, overrides, out)
     if which in ("data", "all"):
         from dist_dejpeg.bench import data

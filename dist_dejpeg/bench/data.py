@@ -24,6 +24,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -162,9 +163,12 @@ def run(out_dir: str | Path, *, root: str | None = None, crop: int = 256, batch:
                 roots[f"{tile} px {fmt}"] = tmp / f"{tile}-{fmt}"
                 prepare_samples(roots[f"{tile} px {fmt}"], tile=tile, train_step=64, shard_size=32, fmt=fmt)
     rows: dict[str, float] = {}
-    for tag, folder in roots.items():
-        print(f"bench data: {tag} ...", flush=True)
-        rows.update(_loader_rows(tag, folder, crop, batch, threads, batches, warmup, tmp))
+    try:
+        for tag, folder in roots.items():
+            print(f"bench data: {tag} ...", flush=True)
+            rows.update(_loader_rows(tag, folder, crop, batch, threads, batches, warmup, tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     crops = [np.random.default_rng(i).integers(0, 256, (crop, crop, 3), dtype=np.uint8) for i in range(4)]
     with mp.get_context("spawn").Pool(threads) as pool:
         rows["libjpeg encode+decode only (ceiling)"] = sum(pool.map(_jpeg_worker, [(crops, 5.0)] * threads))
@@ -173,7 +177,7 @@ def run(out_dir: str | Path, *, root: str | None = None, crop: int = 256, batch:
     peer = {int(re.search(r"\[(\d+) px", k).group(1)): v for k, v in rows.items() if k.startswith(PEER)}
     tile_of = lambda k: int(m.group(1)) if (m := re.search(r"\[(\d+) px", k)) else min(peer, default=0)  # noqa: E731
     peer_of = lambda k: peer.get(tile_of(k), float("nan"))  # noqa: E731
-    report = {"threads": threads, "crop": crop, "batch": batch, "shards": {k: str(v) for k, v in roots.items()},
+    report = {"threads": threads, "crop": crop, "batch": batch, "shards": list(roots) if not root else [root],
               "crops_per_s": rows, "ratio_to_peer_same_tiles": {k: v / peer_of(k) for k, v in rows.items()}}
     note = (f"{crop} px crops, batch {batch}, JPEG q {QUALITY[0]}-{QUALITY[1]}, {threads} threads/workers each; "
             f"[tag] is the lossless tile size and shard format (the peer reads PNG files of the same tiles; the "

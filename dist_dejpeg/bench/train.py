@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import traceback
 from pathlib import Path
 
 import torch
@@ -102,6 +103,10 @@ def count_flops(cfg: Config) -> float:
             trainer.close()
 
 
+def naive_label_of(ladder: bool) -> str:
+    return LADDER[0][0] if ladder else TUNED
+
+
 def _device(cfg: Config) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
 
@@ -156,12 +161,19 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
             done.update(step)
             variants.append((label, _with(naive_cfg, done), rows_all if label.startswith("naive") else gen_rows))
     variants.append((TUNED, base, rows_all))
+    errors: dict[str, str] = {}
     for label, cfg, rows in variants:
         print(f"bench train: {label} ...", flush=True)
-        results[label] = bench_variant(cfg, rows, warmup=warmup, steps=steps, repeats=repeats)
+        try:
+            results[label] = bench_variant(cfg, rows, warmup=warmup, steps=steps, repeats=repeats)
+        except Exception as err:  # one broken variant (a compiler failure, say) must not lose the other rows
+            traceback.print_exc()
+            errors[label] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+    if naive_label_of(ladder) not in results:
+        raise RuntimeError(f"bench train: the baseline failed: {errors}")
     flops = count_flops(base)
     peak = bf16_peak_flops() if device.type == "cuda" else None
-    naive_label = LADDER[0][0] if ladder else TUNED
+    naive_label = naive_label_of(ladder)
     table, summary = [], {}
     for label, rows in results.items():
         for update, r in rows.items():
@@ -177,7 +189,9 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
         if "gen without LPIPS" in rows:
             summary[f"lpips_share_{'naive' if label == naive_label else 'tuned'}"] = \
                 1 - rows["gen without LPIPS"]["ms_per_call"] / rows["gen"]["ms_per_call"]
-    if ladder:
+    for label, error in errors.items():
+        table.append(["all", label, "failed", "", "", "", "", error.replace("|", "/")])
+    if ladder and TUNED in results:
         summary["tuned_gen_x_naive"] = results[TUNED]["gen"]["x_naive"]
     b, t = base.data, base.train
     report = {"config": config, "overrides": list(overrides), "device": str(device), "batch_size": b.batch_size,
@@ -185,10 +199,11 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
               "tuned": {"mixed_precision": t.mixed_precision, "channels_last": base.model.channels_last,
                         "fused_adamw": t.fused_adamw, "compile": t.compile, "sync_every": t.sync_every},
               "gflops_per_gen_step": flops / 1e9, "bf16_peak_tflops": peak / 1e12 if peak else None,
-              "warmup": warmup, "steps": steps, "repeats": repeats, "summary": summary, "results": results}
+              "warmup": warmup, "steps": steps, "repeats": repeats, "summary": summary, "results": results,
+              "errors": errors}
     share = "; ".join(f"LPIPS share of the gen step ({k.rsplit('_', 1)[1]}): {100 * v:.0f}%"
                       for k, v in summary.items() if k.startswith("lpips"))
-    ratio = f"tuned gen / naive gen: {summary['tuned_gen_x_naive']:.2f}x. " if ladder else ""
+    ratio = f"tuned gen / naive gen: {summary['tuned_gen_x_naive']:.2f}x. " if "tuned_gen_x_naive" in summary else ""
     note = (f"`{config}` {' '.join(overrides)}; batch {b.batch_size} x {b.crop} px per device, {base.model.encoder}, "
             f"synthetic batches on {device}; {flops / 1e9:.2f} GFLOP per gen step (flop_counter, fp32 eager). "
             f"Tuned = precision {t.mixed_precision}, channels_last {base.model.channels_last}, fused AdamW "
