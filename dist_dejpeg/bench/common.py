@@ -124,10 +124,10 @@ def write_results(out_dir: str | Path, name: str, report: dict, title: str, note
     note, the table). Returns the Markdown path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    header = {"machine": machine_name(), "machine_info": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    body = {k: v for k, v in report.items() if k not in header}
+    about = {"machine": machine_name(), "machine_info": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    body = {k: v for k, v in report.items() if k not in about}
     report.clear()
-    report.update(header, **body)  # in place: the caller's report names the machine too
+    report.update(about, **body)  # in place: the caller's report names the machine too
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
     lines = [f"# {title}", "", f"Machine: {report['machine']}; torch {torch.__version__}; {report['date']}", "",
              note, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

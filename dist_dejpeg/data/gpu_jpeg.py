@@ -19,6 +19,8 @@ def jpeg_roundtrip_cuda(images: torch.Tensor, quality: torch.Tensor) -> torch.Te
     for q in torch.unique(quality).tolist():
         index = torch.nonzero(quality == q).flatten().tolist()
         encoded = encode_jpeg([images[i].contiguous() for i in index], quality=int(q))
+        # nvJPEG's encoder leaves the bytes on the GPU; the decoder takes them from the host (a few KB each)
+        encoded = [data.cpu() for data in encoded]
         for i, decoded in zip(index, decode_jpeg(encoded, device=images.device)):
             out[i] = decoded
     return out

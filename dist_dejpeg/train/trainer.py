@@ -191,6 +191,10 @@ class Trainer:
         same = self.lpips is not None and lo.metric_net == lo.lpips_net and lo.metric_weights == lo.lpips_weights
         self.metric_lpips = self.lpips if same else LPIPS(lo.metric_net, lo.lpips_pretrained, lo.metric_weights,
                                                           "loss.metric_weights").to(acc.device)
+        for loss_net in {id(m): m for m in (self.lpips, self.metric_lpips) if m is not None}.values():
+            loss_net.to(memory_format=fmt)
+            if cfg.train.compile:  # frozen, but most of the gen step's time (bench train: LPIPS share)
+                _compile(loss_net)
         set_seed(cfg.train.seed + acc.process_index)  # per-rank randomness (dropout, ...)
 
         rank, world = acc.process_index, acc.num_processes
