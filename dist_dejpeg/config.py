@@ -126,7 +126,7 @@ class TrainConfig:
     auto_resume: bool = True  # continue from the newest checkpoint in run_dir when there is one (requeued jobs)
     dist_timeout_s: int = 900  # a collective that waits longer fails the run instead of hanging (dead rank)
     compile: bool = False  # torch.compile the generator and critic (eager, with a warning, where compiling fails)
-    fused_adamw: bool = True  # fused AdamW kernel on CUDA (one launch per step); foreach elsewhere and with DeepSpeed
+    fused_adamw: bool = True  # fused AdamW kernel (CUDA and CPU; one kernel per step); DeepSpeed keeps its own
     sync_every: int = 25  # steps between host reads of the non-finite and stop flags on CUDA (1: every step)
     deepspeed_stage: int = 0  # ZeRO stage for both models via Accelerate's DeepSpeed (one plugin per model); 0: plain DDP
 

@@ -225,7 +225,7 @@ def test_nan_loss_stops_with_checkpoint_and_message(tmp_path, shards):
 def test_deferred_checks_skip_nonfinite_updates_then_stop(tmp_path, shards, monkeypatch):
     """The CUDA fast path, run on the CPU: no host read inside a step; the NaN step's update is skipped on the
     device (fused AdamW's found_inf), and the run stops with a checkpoint at the next host check."""
-    monkeypatch.setattr(trainer_mod, "FAST_PATH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(trainer_mod, "DEFERRED_CHECK_DEVICES", ("cuda", "cpu"))
     cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=10", "train.sync_every=4",
                "train.log_every=100")
     from dist_dejpeg.data import build_train_loader
@@ -287,8 +287,20 @@ def cuda_fast(tmp_path: Path, shards: Path, *overrides: str):
 
 
 @pytest.mark.gpu
+def test_compiled_generator_trains_on_cuda(tmp_path, shards):
+    """torch.compile of generator and LPIPS in a gen phase (the all-phases test runs eagerly: compiling every
+    mode of both models took over 100 s on an H200 machine's 16 cores)."""
+    t = Trainer(cuda_fast(tmp_path, shards, "train.order=[gen]", "train.phases.gen.steps=3"))
+    before = params(t.gen_raw)
+    t.fit()
+    after = params(t.gen_raw)
+    assert changed(before, after)
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+
+
+@pytest.mark.gpu
 def test_fast_path_trains_all_phases_on_cuda(tmp_path, shards):
-    t = Trainer(cuda_fast(tmp_path, shards))
+    t = Trainer(cuda_fast(tmp_path, shards, "train.compile=false"))
     assert t.accelerator.device.type == "cuda" and t.fused and t.flags is not None
     before = params(t.gen_raw)
     results = t.fit()

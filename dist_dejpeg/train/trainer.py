@@ -83,8 +83,11 @@ def _set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-# Devices where the fast path's fused AdamW and deferred host checks apply (tests add "cpu" to cover them).
-FAST_PATH_DEVICES = ("cuda",)
+# Devices with a fused AdamW kernel (on the 2-core CPU: 3.2 ms per step against foreach's 14.1 ms).
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+# Devices where host reads are deferred to every train.sync_every steps: on CUDA a read waits for the queued
+# work; on the CPU nothing is queued, so reading every step costs nothing (tests add "cpu" to cover it).
+DEFERRED_CHECK_DEVICES = ("cuda",)
 
 
 class TimedBatches:
@@ -152,10 +155,9 @@ class Trainer:
                               f"{critic.min_size} px (lower critic.n_blocks)")
         fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.deepspeed = cfg.train.deepspeed_stage > 0
-        fast = acc.device.type in FAST_PATH_DEVICES
         # fused: one kernel per step instead of one per parameter group and op; under DeepSpeed the ZeRO
         # optimizer steps its own flat partitions, so it keeps the default implementation
-        self.fused = cfg.train.fused_adamw and fast and not self.deepspeed
+        self.fused = cfg.train.fused_adamw and acc.device.type in FUSED_ADAMW_DEVICES and not self.deepspeed
         adamw = lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3, fused=self.fused or None)  # noqa: E731
         generator = generator.to(memory_format=fmt)
         g_opt = adamw(generator)
@@ -167,7 +169,7 @@ class Trainer:
                 if model is not None:
                     _compile(model)
         # Deferred host checks need the fused AdamW's on-device skip; elsewhere every step checks at once.
-        self.sync_every = cfg.train.sync_every if self.fused else 1
+        self.sync_every = cfg.train.sync_every if self.fused and acc.device.type in DEFERRED_CHECK_DEVICES else 1
         self.flags = DeviceFlags() if self.sync_every > 1 else None
         if self.deepspeed:
             # One engine per model, each prepared under its own plugin; the order (gen, then critic) must be
