@@ -35,6 +35,8 @@ def test_bench_train_ladder_writes_rows_and_ratios(tmp_path, repo_root, monkeypa
     naive, tuned = report["results"][train.LADDER[0][0]], report["results"][train.TUNED]
     assert set(tuned) == {"gen", "gen without LPIPS", "critic", "gan generator turn"}
     assert naive["gen"]["x_naive"] == 1.0
+    again = report["results"][train.AGAIN]["gen"]
+    assert math.isclose(report["summary"]["baseline_repeat_ratio"], naive["gen"]["ms_per_call"] / again["ms_per_call"])
     assert math.isclose(tuned["gen"]["x_naive"], naive["gen"]["ms_per_call"] / tuned["gen"]["ms_per_call"])
     assert report["gflops_per_gen_step"] > 0 and tuned["gen"]["achieved_tflops"] > 0
     assert 0 < report["summary"]["lpips_share_tuned"] < 1

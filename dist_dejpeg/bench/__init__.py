@@ -93,7 +93,7 @@ def add_parser(sub) -> None:
     b.add_argument("--results", default=str(DEFAULT_RESULTS), help="folder for the .json/.md results")
     b.add_argument("--name", default="", help="results file name (default: the benchmark's)")
     b.add_argument("--steps", type=int, default=10, help="train/scaling: timed steps per block")
-    b.add_argument("--warmup", type=int, default=3, help="train: warm-up steps (compile happens here)")
+    b.add_argument("--warmup", type=int, default=5, help="train: warm-up steps (compile happens here)")
     b.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
     b.add_argument("--no-ladder", action="store_true", help="train: only the tuned row (the config's settings)")
     b.add_argument("--scaling-model", action="store_true", help="train: also write the predicted DDP efficiency")

@@ -37,6 +37,9 @@ LADDER = [
     ("+ torch.compile", {"train.compile": "true"}),
 ]
 TUNED = "tuned: the config's own settings"
+# The baseline measured again after everything else: the gap between its two measurements is how much one
+# configuration moves between Trainer builds in this run; ratios smaller than that are noise.
+AGAIN = "naive again (the same baseline, measured last)"
 
 
 class Synthetic:
@@ -161,6 +164,8 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
             done.update(step)
             variants.append((label, _with(naive_cfg, done), rows_all if label.startswith("naive") else gen_rows))
     variants.append((TUNED, base, rows_all))
+    if ladder:
+        variants.append((AGAIN, naive_cfg, gen_rows[:1]))
     errors: dict[str, str] = {}
     for label, cfg, rows in variants:
         print(f"bench train: {label} ...", flush=True)
@@ -193,6 +198,8 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
         table.append(["all", label, "failed", "", "", "", "", error.replace("|", "/")])
     if ladder and TUNED in results:
         summary["tuned_gen_x_naive"] = results[TUNED]["gen"]["x_naive"]
+    if AGAIN in results:
+        summary["baseline_repeat_ratio"] = results[AGAIN]["gen"]["x_naive"]
     b, t = base.data, base.train
     report = {"config": config, "overrides": list(overrides), "device": str(device), "batch_size": b.batch_size,
               "crop": b.crop, "encoder": base.model.encoder, "decoder_width": base.model.decoder_width,
@@ -204,6 +211,9 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
     share = "; ".join(f"LPIPS share of the gen step ({k.rsplit('_', 1)[1]}): {100 * v:.0f}%"
                       for k, v in summary.items() if k.startswith("lpips"))
     ratio = f"tuned gen / naive gen: {summary['tuned_gen_x_naive']:.2f}x. " if "tuned_gen_x_naive" in summary else ""
+    if "baseline_repeat_ratio" in summary:
+        ratio += (f"The baseline measured again last ran at {summary['baseline_repeat_ratio']:.2f}x its first "
+                  f"measurement: differences of that size between rows are noise. ")
     note = (f"`{config}` {' '.join(overrides)}; batch {b.batch_size} x {b.crop} px per device, {base.model.encoder}, "
             f"synthetic batches on {device}; {flops / 1e9:.2f} GFLOP per gen step (flop_counter, fp32 eager). "
             f"Tuned = precision {t.mixed_precision}, channels_last {base.model.channels_last}, fused AdamW "

@@ -13,7 +13,7 @@ Logged scalars are reduced over ranks; files and TensorBoard are written by the 
 The Accelerator and its DeepSpeed plugins are built in accelerator.py.
 
 The fast path (each piece a config key, on by default where ``dist-dejpeg bench train`` measured it faster):
-channels_last models and batches, bf16 autocast, fused AdamW on CUDA, ``torch.compile`` of both models, and
+channels_last models and batches, bf16 autocast, fused AdamW, ``torch.compile`` of both models and LPIPS, and
 no host synchronisation inside a step on CUDA: the non-finite flag and the stop-signal flag are read (one
 all-reduce for both) every ``train.sync_every`` steps, with non-finite updates skipped on the device
 meanwhile (see steps.py). ``train/data_wait_frac`` is the share of wall time spent waiting for batches.
