@@ -242,7 +242,8 @@ step_train() {
         # photos cut into 288 px tiles, random-init backbones (no download), the data wait measured on the GPU path
         config=configs/div2k.yaml
         "$PY" -m dist_dejpeg.cli prepare samples --out "$DATA" --tile 288 --step 64 || exit $?
-        mode=(data.auto_prepare=none model.pretrained=false loss.lpips_pretrained=false data.crop=256
+        # eager: compiling every model and mode takes minutes; bench train and the gpu tests cover compile
+        mode=(data.auto_prepare=none model.pretrained=false loss.lpips_pretrained=false data.crop=256 train.compile=false
               data.num_workers=8 data.val_crop=256 data.val_max_images=32 train.mixed_precision=bf16
               train.phases.gen.steps=200 train.phases.critic.steps=20 train.phases.gan.steps=20
               train.phases.gan.val_every=10 train.phases.gan.patience=2 train.val_every=100 train.ckpt_every=100
