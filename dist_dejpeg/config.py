@@ -149,10 +149,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(merged, _dotlist(overrides))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _config_error(err) from None
@@ -162,16 +159,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     """A new Config: ``cfg`` with ``key=value`` overrides applied, validated the same way as load_config."""
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), _dotlist(overrides))
         out = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _config_error(err) from None
     validate(out)
     return out
+
+
+def _dotlist(overrides: Sequence[str]):
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
+    return OmegaConf.from_dotlist(list(overrides))
 
 
 def _config_error(err: OmegaConfBaseException) -> ConfigError:
