@@ -31,8 +31,9 @@ def scaling_model(train_report: dict, config: str, overrides: list[str], out_dir
     """The predicted DDP efficiency at 8/64/256 GPUs from a ``bench train`` report's tuned step times."""
     from dist_dejpeg.bench import scaling
     from dist_dejpeg.bench.common import write_results
+    from dist_dejpeg.bench.train import TUNED
 
-    tuned = train_report["results"]["tuned: the config's own settings"]
+    tuned = train_report["results"][TUNED]
     grads = scaling.gradient_bytes(config, overrides)
     steps = {"generator": tuned["gen"]["ms_per_call"] / 1000}
     if "critic" in tuned:
@@ -54,9 +55,9 @@ def scaling_model(train_report: dict, config: str, overrides: list[str], out_dir
 def main(args) -> int:
     """Entry point of ``dist-dejpeg bench`` (arguments from dist_dejpeg.cli)."""
     out = Path(args.results)
-    config, overrides = (args.config, list(args.overrides)) if args.config else default_config()
-    if args.config is None and args.overrides:
-        overrides += list(args.overrides)
+    # the default config's own overrides first, the command line's after (a new list: the defaults stay as they are)
+    config, defaults = (args.config, []) if args.config else default_config()
+    overrides = [*defaults, *args.overrides]
     which = args.which
     reports = {}
     if which in ("train", "all"):
@@ -65,7 +66,7 @@ def main(args) -> int:
         reports["train"] = train.run(config, overrides, out, warmup=args.warmup, steps=args.steps,
                                      repeats=args.repeats, ladder=not args.no_ladder,
                                      name=args.name or "train")
-        if (which == "all" or args.scaling_model) and "tuned: the config's own settings" in reports["train"]["results"]:
+        if (which == "all" or args.scaling_model) and train.TUNED in reports["train"]["results"]:
             scaling_model(reports["train"], config, overrides, out)
     if which in ("data", "all"):
         from dist_dejpeg.bench import data
@@ -90,7 +91,7 @@ def add_parser(sub) -> None:
     b.add_argument("which", choices=["train", "data", "infer", "scaling", "all"])
     b.add_argument("--config", help="training config (default: configs/debug.yaml on CPU; configs/div2k.yaml at "
                                     "256 px with random-init backbones on a GPU)")
-    b.add_argument("--results", default=str(DEFAULT_RESULTS), help="folder for the .json/.md results")
+    b.add_argument("--results", default=DEFAULT_RESULTS, help="folder for the .json/.md results")
     b.add_argument("--name", default="", help="results file name (default: the benchmark's)")
     b.add_argument("--steps", type=int, default=10, help="train/scaling: timed steps per block")
     b.add_argument("--warmup", type=int, default=5, help="train: warm-up steps (compile happens here)")
@@ -104,4 +105,4 @@ def add_parser(sub) -> None:
     b.add_argument("--crop", type=int, default=256, help="data: crop size (at most the smallest tile)")
     b.add_argument("--formats", nargs="+", default=["png", "raw", "jp2"], help="data: shard formats")
     b.add_argument("overrides", nargs="*", help="config overrides, key=value")
-    b.set_defaults(func=lambda args: main(args))
+    b.set_defaults(func=main)

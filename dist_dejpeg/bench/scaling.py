@@ -92,8 +92,10 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, steps: int = 
         one = _launch(1, config, overrides, Path(tmp), steps)
         two = _launch(2, config, overrides, Path(tmp), steps)
     measured, table = {}, []
-    for update, r1 in one["results"]["tuned: the config's own settings"].items():
-        r2 = two["results"]["tuned: the config's own settings"][update]
+    from dist_dejpeg.bench.train import TUNED
+
+    for update, r1 in one["results"][TUNED].items():
+        r2 = two["results"][TUNED][update]
         eff = r2["images_per_s_per_device"] / r1["images_per_s_per_device"]
         measured[update] = {"images_per_s_1": r1["images_per_s_per_device"],
                             "images_per_s_2": 2 * r2["images_per_s_per_device"], "efficiency": eff}
