@@ -1,7 +1,8 @@
 """The trained generator as one safetensors file that carries its own model config (no pickle).
 
-    from dist_dejpeg.export import load_generator
+    from dist_dejpeg.export import load_generator, load_model
     generator = load_generator("runs/debug/generator.safetensors")   # eval mode, CPU
+    generator, info = load_model("runs/debug")    # a generator file, a run folder or a checkpoint folder
 """
 
 from __future__ import annotations
@@ -32,20 +33,118 @@ def save_generator(generator: Generator, model_cfg: ModelConfig, path: str | Pat
     os.replace(tmp, path)
 
 
+class ModelFileError(ValueError):
+    """A model path that does not hold a generator this installation can build."""
+
+
 def read_metadata(path: str | Path) -> dict:
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no such file") from None
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own types for non-safetensors bytes
+        raise ModelFileError(f"{path}: not a safetensors file ({type(err).__name__}: {err})") from None
+
+
+def _build_and_load(model_cfg: ModelConfig, state: dict, source: str) -> Generator:
+    """Build the generator ``model_cfg`` describes (random-init encoder: the file holds every weight) and load
+    ``state`` strictly; an encoder this timm cannot build or weights that do not fit are a ModelFileError."""
+    model_cfg = dataclasses.replace(model_cfg, pretrained=False, encoder_weights="")
+    try:
+        generator = build_generator(model_cfg)
+    except Exception as err:  # noqa: BLE001 - timm raises RuntimeError / KeyError for unknown models
+        import timm
+
+        raise ModelFileError(f"{source}: the model's encoder '{model_cfg.encoder}' cannot be built by the installed "
+                             f"timm {timm.__version__} ({type(err).__name__}: {err}); install the timm version "
+                             f"the model was trained with") from None
+    missing, unexpected = [], []
+    own = generator.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shape:
+        parts = [f"{len(v)} {what} (e.g. {', '.join(v[:2])})" for what, v in
+                 (("missing", missing), ("unexpected", unexpected), ("with another shape", shape)) if v]
+        raise ModelFileError(f"{source}: the weights do not fit the generator its config describes "
+                             f"(encoder '{model_cfg.encoder}'): {'; '.join(parts)}. Trained with another timm "
+                             f"version, or not a generator?")
+    generator.load_state_dict(state)
+    return generator
+
+
+def model_config_from_meta(meta: dict, source: str) -> ModelConfig:
+    fields = json.loads(meta["model"])
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in fields.items() if k in known})
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a dist_dejpeg generator file (format {meta.get('format')!r})")
-    fields = json.loads(meta["model"])
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    model_cfg = ModelConfig(**{k: v for k, v in fields.items() if k in known})
-    # The file holds every weight: build with a random-init encoder instead of fetching ImageNet weights.
-    model_cfg = dataclasses.replace(model_cfg, pretrained=False, encoder_weights="")
-    generator = build_generator(model_cfg)
-    generator.load_state_dict(load_file(str(path), device="cpu"))
+        raise ModelFileError(f"{path}: not a dist_dejpeg generator file (format {meta.get('format')!r})")
+    generator = _build_and_load(model_config_from_meta(meta, str(path)), load_file(str(path), device="cpu"), str(path))
     return generator.to(device).eval()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict]:
+    """The generator at ``path`` (eval mode) and what is known about it. ``path`` is a ``generator.safetensors``
+    file, a run folder (its ``generator.safetensors``, else its newest checkpoint) or a checkpoint folder
+    (``checkpoints/step-*``: ``model.safetensors`` with the run's ``config.yaml``).
+
+    ``info``: source, format, encoder, encoder_init ("ImageNet" or "random init" at the start of training),
+    global_step, lpips (the validation LPIPS of the run), model (the model config as a dict)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "generator.safetensors").is_file():
+            return load_model(path / "generator.safetensors", device)
+        if (path / "trainer_state.json").is_file():
+            return _load_checkpoint_generator(path, device)
+        from dist_dejpeg.train.checkpoint import latest_checkpoint
+
+        newest = latest_checkpoint(path)
+        if newest is not None:
+            return _load_checkpoint_generator(newest, device)
+        raise ModelFileError(f"{path}: a folder with neither generator.safetensors nor checkpoints/step-*: "
+                             f"give a generator file, a run folder or a checkpoint folder")
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file or folder")
+    meta = read_metadata(path)
+    generator = load_generator(path, device)
+    model_cfg = model_config_from_meta(meta, str(path))
+    info = {"source": str(path), "format": "generator.safetensors", "global_step": _int(meta.get("global_step")),
+            "lpips": meta.get("lpips", "")}
+    return generator, _describe(info, model_cfg)
+
+
+def _load_checkpoint_generator(folder: Path, device) -> tuple[Generator, dict]:
+    from dist_dejpeg.config import ConfigError, load_config
+
+    weights, config = folder / "model.safetensors", folder / "config.yaml"
+    if not weights.is_file() or not config.is_file():
+        lacking = [p.name for p in (weights, config) if not p.is_file()]
+        raise ModelFileError(f"{folder}: a checkpoint folder without {' and '.join(lacking)} (a DeepSpeed "
+                             f"checkpoint? restore from the run folder's generator.safetensors instead)")
+    try:
+        cfg = load_config(config)
+    except ConfigError as err:
+        raise ModelFileError(f"{config}: {err}") from None
+    generator = _build_and_load(cfg.model, load_file(str(weights), device="cpu"), str(weights)).to(device).eval()
+    state = json.loads((folder / "trainer_state.json").read_text())
+    info = {"source": str(folder), "format": "checkpoint", "global_step": _int(state.get("global_step")),
+            "lpips": ""}
+    return generator, _describe(info, cfg.model)
+
+
+def _describe(info: dict, model_cfg: ModelConfig) -> dict:
+    info.update(encoder=model_cfg.encoder, encoder_init="ImageNet" if model_cfg.pretrained else "random init",
+                model=dataclasses.asdict(model_cfg))
+    return info
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
