@@ -1,0 +1,376 @@
+"""The HTML comparison report: one self-contained page (every image embedded as a base64 PNG, no external
+resource of any kind) showing, per photo and JPEG quality, side-by-side crops clean | JPEG | restored taken at
+the same place, zoomable, with the metrics.
+
+Independent of the model: the caller (``dist-dejpeg report``) restores and measures, then calls
+:func:`write_report` with plain arrays and numbers.
+
+Records (one per photo and quality)::
+
+    {"image": "astronaut.png",            # shown escaped; records of one photo share a section
+     "quality": 10,                       # JPEG quality the degraded input was encoded at
+     "clean": uint8 HxWx3, "jpeg": uint8 HxWx3, "restored": uint8 HxWx3,   # same shape
+     "metrics": {"jpeg":     {"psnr": 27.1, "ssim": 0.81, "lpips": None, ...},   # JPEG vs clean
+                 "restored": {"psnr": 27.6, "ssim": 0.83, "lpips": None, ...}}}  # restored vs clean
+
+Summary rows (optional; per-quality means over the photos; derived from the records when ``None``)::
+
+    {"quality": 10, "metric": "psnr", "jpeg": 27.1, "restored": 27.6, "n": 2}   # "n" optional
+
+Metric names: psnr, psnr_b, ssim, lpips, brisque, niqe (others are shown as given, direction unknown). A value
+of ``None`` (or NaN) prints as "n/a", with the reason from ``meta["unavailable"][metric]`` when given.
+
+``meta`` is a dict of model facts shown at the top in order (label -> value), e.g. ``{"source": ...,
+"encoder": "resnet34", "encoder_init": "random init" | "ImageNet", "steps": 1200, "lpips": "unavailable
+(...)"}``. Two keys are also read: ``encoder_init`` (a value containing "random" puts a warning at the top: the
+numbers come from a random-init backbone and are not comparable to pretrained results) and ``unavailable``
+(``{metric: reason}``, the reasons printed next to "n/a").
+
+Crop rule (:func:`error_crop`): per photo, the crop-sized window with the largest mean absolute JPEG error
+``|jpeg - clean|`` (averaged over RGB, summed over all the photo's qualities so every quality shows the same
+place). It is scored on a map of b x b block means (b = crop // 8) with an integral image, so candidate
+windows step by b pixels; ties go to the top-most, then left-most window. A crop larger than the photo is
+clipped to the photo. The three images of a record are cut at exactly that window; a thumbnail of the whole
+clean photo (longest side <= 256 px) outlines it in red.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# name -> (label, higher_is_better, decimals, description)
+METRIC_INFO: dict[str, tuple[str, bool, int, str]] = {
+    "psnr": ("PSNR (dB)", True, 2, "peak signal-to-noise ratio vs the clean photo"),
+    "psnr_b": ("PSNR-B (dB)", True, 2, "PSNR with a blocking-effect penalty"),
+    "ssim": ("SSIM", True, 4, "structural similarity vs the clean photo"),
+    "lpips": ("LPIPS", False, 4, "learned perceptual distance to the clean photo"),
+    "brisque": ("BRISQUE", False, 2, "no-reference quality score"),
+    "niqe": ("NIQE", False, 3, "no-reference naturalness score"),
+}
+KINDS = ("clean", "jpeg", "restored")
+THUMB = 256
+
+
+# --------------------------------------------------------------------------------------------- crops
+
+def error_crop(clean: np.ndarray, jpeg: np.ndarray | list[np.ndarray], crop: int) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of the crop-sized window with the largest mean ``|jpeg - clean|``.
+
+    ``jpeg`` may be a list of degraded versions (e.g. several qualities): their errors are summed. The error
+    map (mean over channels) is reduced to b x b block means, b = max(1, crop // 8); an integral image of
+    that map gives every block-aligned window's sum in O(1); the first maximum (top-most, then left-most)
+    wins. Windows are clipped to the photo."""
+    h, w = clean.shape[:2]
+    ch, cw = min(crop, h), min(crop, w)
+    jpegs = jpeg if isinstance(jpeg, list) else [jpeg]
+    err = np.zeros((h, w), np.float32)
+    ref = clean.astype(np.int16)
+    for j in jpegs:
+        err += np.abs(j.astype(np.int16) - ref).sum(axis=2, dtype=np.float32)
+    b = max(1, min(ch, cw) // 8)
+    bh, bw = h // b, w // b
+    blocks = err[: bh * b, : bw * b].reshape(bh, b, bw, b).mean(axis=(1, 3), dtype=np.float64)
+    kh, kw = max(1, ch // b), max(1, cw // b)  # window size in blocks (covers at most the crop)
+    ii = np.zeros((bh + 1, bw + 1))
+    ii[1:, 1:] = blocks.cumsum(0).cumsum(1)
+    sums = ii[kh:, kw:] - ii[:-kh, kw:] - ii[kh:, :-kw] + ii[:-kh, :-kw]  # (bh-kh+1, bw-kw+1)
+    # Positions whose full crop would overrun the photo are clamped back inside it.
+    i, j = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    top, left = min(int(i) * b, h - ch), min(int(j) * b, w - cw)
+    return top, left, ch, cw
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+def _png_uri(arr: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _rgb(value, what: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"{what}: expected a uint8 HxWx3 array, got {arr.dtype} {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def _thumbnail(clean: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    h, w = clean.shape[:2]
+    s = min(1.0, THUMB / max(h, w))
+    im = Image.fromarray(clean).copy()
+    if s < 1.0:
+        im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
+    top, left, ch, cw = box
+    x0, y0 = math.floor(left * s), math.floor(top * s)
+    x1, y1 = max(x0 + 2, math.ceil((left + cw) * s) - 1), max(y0 + 2, math.ceil((top + ch) * s) - 1)
+    draw = ImageDraw.Draw(im)
+    draw.rectangle([x0, y0, x1, y1], outline=(255, 40, 40), width=2)
+    return np.asarray(im)
+
+
+def _num(v) -> float | None:
+    if v is None:
+        return None
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def _fmt(metric: str, v: float | None, reasons: dict) -> str:
+    if v is None:
+        reason = reasons.get(metric)
+        if reason:  # the reason as a tooltip and, once per page, in the notes under the summary (#na-<metric>)
+            return (f'<span class="na" title="{html.escape(str(reason))}">n/a'
+                    f'<a class="fn" href="#na-{html.escape(metric)}">*</a></span>')
+        return '<span class="na">n/a</span>'
+    return f"{v:.{METRIC_INFO.get(metric, ('', True, 4, ''))[2]}f}"
+
+
+def _direction(metric: str) -> str:
+    info = METRIC_INFO.get(metric)
+    if info is None:
+        return ""
+    return ' <span class="dir" title="higher is better">&uarr;</span>' if info[1] else \
+        ' <span class="dir" title="lower is better">&darr;</span>'
+
+
+def _label(metric: str) -> str:
+    return html.escape(METRIC_INFO.get(metric, (metric,))[0]) + _direction(metric)
+
+
+def _delta_cell(metric: str, jpeg: float | None, restored: float | None) -> str:
+    if jpeg is None or restored is None:
+        return '<td class="num">&ndash;</td>'
+    d = restored - jpeg
+    info = METRIC_INFO.get(metric)
+    cls = ""
+    if info is not None and d != 0:
+        cls = " better" if (d > 0) == info[1] else " worse"
+    return f'<td class="num delta{cls}">{d:+.{info[2] if info else 4}f}</td>'
+
+
+def _metric_order(names) -> list[str]:
+    known = [m for m in METRIC_INFO if m in names]
+    return known + sorted(n for n in names if n not in METRIC_INFO)
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Per-quality means of the records' metrics, in the summary-row shape (None where no value exists)."""
+    out = []
+    for q in sorted({int(r["quality"]) for r in records}):
+        rs = [r for r in records if int(r["quality"]) == q]
+        names = _metric_order({m for r in rs for k in ("jpeg", "restored") for m in r["metrics"].get(k, {})})
+        for m in names:
+            row = {"quality": q, "metric": m}
+            for k in ("jpeg", "restored"):
+                vals = [v for r in rs if (v := _num(r["metrics"].get(k, {}).get(m))) is not None]
+                row[k] = sum(vals) / len(vals) if vals else None
+            row["n"] = len(rs)
+            out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- page
+
+_CSS = """
+:root { --zoom: 1; }
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.2em; color: #222; background: #fff; }
+h1 { font-size: 1.5em; margin: 0 0 .4em; } h2 { font-size: 1.2em; margin: 1.4em 0 .4em; }
+table { border-collapse: collapse; margin: .4em 0; }
+th, td { border: 1px solid #ccc; padding: 2px 8px; } th { background: #f3f3f3; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.better { color: #11772d; } td.worse { color: #b3261e; }
+.na { color: #888; } a.fn { color: inherit; text-decoration: none; vertical-align: super; font-size: .8em; }
+.notes { color: #555; margin: .2em 0; padding-left: 1.4em; }
+.warn { border: 2px solid #b3261e; background: #fdecea; padding: .6em .9em; margin: .6em 0; font-weight: 600; }
+.zoom { position: sticky; top: 0; background: #fff; padding: .4em 0; z-index: 1; border-bottom: 1px solid #ddd; }
+.zoom button { font: inherit; padding: 1px 10px; }
+.zoom button.on { background: #333; color: #fff; }
+.photo { margin-top: 1.2em; border-top: 2px solid #444; }
+.rec { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; margin: .8em 0; }
+.crops { display: flex; gap: 6px; flex-wrap: wrap; }
+figure { margin: 0; } figcaption { text-align: center; font-size: .9em; color: #444; }
+img.crop { image-rendering: pixelated; image-rendering: crisp-edges; cursor: zoom-in; display: block;
+           width: calc(var(--w) * var(--zoom) * 1px); height: auto; }
+.rec.z2 img.crop { width: calc(var(--w) * 2px); } .rec.z4 img.crop { width: calc(var(--w) * 4px); }
+figure.thumb { display: inline-block; } .thumb img { display: block; }
+.legend td:first-child { white-space: nowrap; }
+"""
+
+_JS = """
+(function () {
+  function setZoom(z) {
+    document.documentElement.style.setProperty('--zoom', z);
+    document.querySelectorAll('.zoom button').forEach(function (b) {
+      b.classList.toggle('on', b.dataset.z === String(z));
+    });
+    document.querySelectorAll('.rec').forEach(function (r) { r.classList.remove('z2', 'z4'); });
+  }
+  document.querySelectorAll('.zoom button').forEach(function (b) {
+    b.addEventListener('click', function () { setZoom(Number(b.dataset.z)); });
+  });
+  // Click a crop: that photo/quality row cycles 1x -> 2x -> 4x -> page zoom.
+  document.querySelectorAll('img.crop').forEach(function (img) {
+    img.addEventListener('click', function () {
+      var r = img.closest('.rec');
+      if (r.classList.contains('z4')) { r.classList.remove('z4'); }
+      else if (r.classList.contains('z2')) { r.classList.replace('z2', 'z4'); }
+      else { r.classList.add('z2'); }
+    });
+  });
+})();
+"""
+
+
+def _meta_html(meta: dict) -> str:
+    rows = []
+    for k, v in meta.items():
+        if k == "unavailable" and isinstance(v, dict):
+            v = "; ".join(f"{m}: {r}" for m, r in v.items()) or "none"
+            k = "unavailable metrics"
+        rows.append(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>")
+    return f'<table class="meta" id="meta">{"".join(rows)}</table>' if rows else ""
+
+
+def _random_init(meta: dict) -> bool:
+    return "random" in str(meta.get("encoder_init", "")).lower()
+
+
+def _legend(names: list[str]) -> str:
+    rows = []
+    for m in names:
+        label, hb, _, desc = METRIC_INFO.get(m, (m, None, 4, ""))
+        way = "higher is better" if hb is True else "lower is better" if hb is False else "direction unknown"
+        rows.append(f"<tr><td>{_label(m)}</td><td>{way}</td><td>{html.escape(desc)}</td></tr>")
+    head = "<tr><th>metric</th><th>direction</th><th></th></tr>"
+    return f'<table class="legend" id="legend">{head}{"".join(rows)}</table>'
+
+
+def _summary_html(summary: list[dict], reasons: dict) -> str:
+    head = ("<tr><th>quality</th><th>metric</th><th>JPEG</th><th>restored</th>"
+            "<th>&Delta; (restored &minus; JPEG)</th><th>photos</th></tr>")
+    rows = []
+    for s in summary:
+        m = str(s["metric"])
+        j, r = _num(s.get("jpeg")), _num(s.get("restored"))
+        n = s.get("n")
+        rows.append(f'<tr class="row" data-quality="{int(s["quality"])}" data-metric="{html.escape(m)}">'
+                    f'<td class="num">{int(s["quality"])}</td><td>{_label(m)}</td>'
+                    f'<td class="num">{_fmt(m, j, reasons)}</td><td class="num">{_fmt(m, r, reasons)}</td>'
+                    f'{_delta_cell(m, j, r)}<td class="num">{"" if n is None else int(n)}</td></tr>')
+    return f'<table class="metrics summary" id="summary">{head}{"".join(rows)}</table>'
+
+
+def _na_notes(reasons: dict) -> str:
+    if not reasons:
+        return ""
+    items = "".join(f'<li id="na-{html.escape(m)}"><b>{html.escape(METRIC_INFO.get(m, (m,))[0])}</b> n/a: '
+                    f"{html.escape(str(r))}</li>" for m, r in reasons.items())
+    return f'<ul class="notes" id="na-notes">{items}</ul>'
+
+
+def _record_table(rec: dict, reasons: dict) -> str:
+    mj, mr = rec["metrics"].get("jpeg", {}), rec["metrics"].get("restored", {})
+    rows = []
+    for m in _metric_order(set(mj) | set(mr)):
+        j, r = _num(mj.get(m)), _num(mr.get(m))
+        rows.append(f'<tr class="row" data-metric="{html.escape(m)}"><td>{_label(m)}</td>'
+                    f'<td class="num">{_fmt(m, j, reasons)}</td><td class="num">{_fmt(m, r, reasons)}</td>'
+                    f'{_delta_cell(m, j, r)}</tr>')
+    return ('<table class="metrics record"><tr><th>metric</th><th>JPEG</th><th>restored</th><th>&Delta;</th></tr>'
+            + "".join(rows) + "</table>")
+
+
+def render_report(records: list[dict], *, title: str, meta: dict, summary: list[dict] | None = None,
+                  crop: int = 192) -> str:
+    """The page as a string (see the module docstring for the shapes); :func:`write_report` writes it."""
+    if crop < 1:
+        raise ValueError(f"crop must be >= 1, got {crop}")
+    meta = dict(meta or {})
+    reasons = {str(k): v for k, v in (meta.get("unavailable") or {}).items()} \
+        if isinstance(meta.get("unavailable"), dict) else {}
+    if summary is None:
+        summary = summarize(records)
+
+    # Group by photo, keeping first-seen order; qualities ascending inside a photo.
+    photos: dict[str, list[dict]] = {}
+    for i, rec in enumerate(records):
+        arrs = {k: _rgb(rec[k], f"record {i} ({rec.get('image')!r}, q{rec.get('quality')}) {k}") for k in KINDS}
+        if not (arrs["clean"].shape == arrs["jpeg"].shape == arrs["restored"].shape):
+            raise ValueError(f"record {i} ({rec.get('image')!r}): clean/jpeg/restored shapes differ: "
+                             f"{[arrs[k].shape for k in KINDS]}")
+        photos.setdefault(str(rec["image"]), []).append({**rec, **arrs})
+
+    names = _metric_order({m for r in records for k in ("jpeg", "restored") for m in r["metrics"].get(k, {})}
+                          | {str(s["metric"]) for s in summary})
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if _random_init(meta):
+        parts.append('<div class="warn" id="random-init-warning">Random-init backbone: the encoder of this model '
+                     "started from random weights, not ImageNet. The numbers below come from a random-init "
+                     "backbone and are not comparable to pretrained results.</div>")
+    parts.append(_meta_html(meta))
+    parts.append("<h2>Metrics</h2>" + _legend(names))
+    parts.append("<h2>Mean per quality</h2>" + _summary_html(summary, reasons) + _na_notes(reasons))
+    parts.append('<div class="zoom">Zoom: <button data-z="1" class="on">1x</button> <button data-z="2">2x</button> '
+                 '<button data-z="4">4x</button> <small>(click a crop to zoom its row; crops are lossless PNG, '
+                 "cut where |JPEG &minus; clean| is largest)</small></div>")
+
+    for p, (name, recs) in enumerate(photos.items()):
+        recs.sort(key=lambda r: int(r["quality"]))
+        clean = recs[0]["clean"]
+        same = all(r["clean"].shape == clean.shape for r in recs)
+        box = error_crop(clean, [r["jpeg"] for r in recs], crop) if same else None
+        parts.append(f'<section class="photo" id="photo-{p}"><h2>{html.escape(name)} '
+                     f'<small>({clean.shape[1]}&times;{clean.shape[0]})</small></h2>')
+        for rec in recs:
+            rbox = box or error_crop(rec["clean"], rec["jpeg"], crop)
+            if rec is recs[0] or box is None:
+                t, l, ch, cw = rbox
+                parts.append(f'<figure class="thumb"><img alt="{html.escape(name)}: whole photo, crop outlined" '
+                             f'src="{_png_uri(_thumbnail(rec["clean"], rbox))}"><figcaption>crop at x={l}, y={t}, '
+                             f"{cw}&times;{ch} px</figcaption></figure>")
+            t, l, ch, cw = rbox
+            q = int(rec["quality"])
+            figs = []
+            for k, cap in zip(KINDS, ("clean", f"JPEG q{q}", "restored")):
+                figs.append(f'<figure><img class="crop" style="--w: {cw}" width="{cw}" height="{ch}" '
+                            f'alt="{html.escape(name)} q{q} {k}" src="{_png_uri(rec[k][t:t + ch, l:l + cw])}">'
+                            f"<figcaption>{cap}</figcaption></figure>")
+            parts.append(f'<div class="rec" data-quality="{q}"><div><h3>quality {q}</h3>'
+                         f'<div class="crops">{"".join(figs)}</div></div>{_record_table(rec, reasons)}</div>')
+        parts.append("</section>")
+
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
+            + "\n".join(parts) + f"\n<script>{_JS}</script>\n</body></html>\n")
+
+
+def write_report(records: list[dict], out_path, *, title: str, meta: dict, summary: list[dict] | None = None,
+                 crop: int = 192) -> Path:
+    """Write the self-contained comparison page to ``out_path`` atomically (temp file + ``os.replace``);
+    returns the path. Shapes of ``records``, ``summary`` and ``meta``: see the module docstring."""
+    out = Path(out_path)
+    page = render_report(records, title=title, meta=meta, summary=summary, crop=crop)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return out
