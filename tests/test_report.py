@@ -1,0 +1,260 @@
+"""The HTML comparison report (dist_dejpeg.report): the page's structure from real photos (skimage.data, JPEG
+via PIL, "restored" = a slight blur; no model), the crop rule, and the page opened in headless Chromium
+(every image decoded, the table there, the zoom control working, a screenshot saved).
+
+Chromium: Debian's ``chromium`` (or chromium-browser / google-chrome on PATH). Where none is found and we are
+root with apt-get, it is installed as launch/local-slurm/start.sh installs SLURM (about 25 s and 400 MB here);
+otherwise the browser test skips with the reason. The screenshot is also copied to $DIST_DEJPEG_ARTIFACTS.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from dist_dejpeg.report import error_crop, summarize, write_report
+
+QUALITIES = (10, 40)
+CROP = 96
+LPIPS_REASON = "AlexNet weights not downloadable offline"
+
+
+def _photos() -> dict[str, np.ndarray]:
+    from skimage import data
+
+    return {"astronaut.png": data.astronaut()[40:232, 120:376],   # 192 x 256
+            "coffee <&\"x>.png": data.coffee()[100:260, 150:350]}  # 160 x 200, a name that needs escaping
+
+
+def _jpeg(img: np.ndarray, q: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=q)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255.0 ** 2 / np.mean((a.astype(np.float64) - b) ** 2)))
+
+
+def _records() -> list[dict]:
+    recs = []
+    for name, clean in _photos().items():
+        for q in QUALITIES:
+            jpeg = _jpeg(clean, q)
+            restored = np.asarray(Image.fromarray(jpeg).filter(ImageFilter.GaussianBlur(0.6)))
+            recs.append({"image": name, "quality": q, "clean": clean, "jpeg": jpeg, "restored": restored,
+                         "metrics": {k: {"psnr": _psnr(v, clean), "ssim": None, "lpips": None}
+                                     for k, v in (("jpeg", jpeg), ("restored", restored))}})
+    return recs
+
+
+META = {"source": "runs/test/generator.safetensors", "encoder": "resnet34", "encoder_init": "random init",
+        "steps": 120, "lpips": "unavailable", "unavailable": {"lpips": LPIPS_REASON}}
+N_IMAGES = len(_photos()) * (1 + 3 * len(QUALITIES))  # a thumbnail per photo + clean|JPEG|restored per quality
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.tables, self.rows, self._table = [], [], {}, None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a)
+        elif tag == "table":
+            self._table = a.get("id") or a.get("class")
+            self.tables.append(self._table)
+        elif tag == "tr" and "data-metric" in a:
+            self.rows.setdefault(self._table, []).append((a.get("data-quality"), a["data-metric"]))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "sub" / "report.html"
+    recs = _records()
+    assert write_report(recs, out, title="dejpeg <test>", meta=META, crop=CROP) == out
+    return out, recs
+
+
+def test_page_structure(report):
+    out, recs = report
+    text = out.read_text(encoding="utf-8")
+    assert not list(out.parent.glob(".*.tmp")), "temp file left behind"
+    page = _Page()
+    page.feed(text)
+
+    # Self-contained: every image is an embedded PNG of the expected size; no external resource at all.
+    assert len(page.imgs) == N_IMAGES
+    assert not re.search(r'(src|href)\s*=\s*"(?!data:|#)', text) and "url(" not in text and "@import" not in text
+    sizes = []
+    for a in page.imgs:
+        assert a["src"].startswith("data:image/png;base64,")
+        im = Image.open(io.BytesIO(base64.b64decode(a["src"].split(",", 1)[1])))
+        assert im.format == "PNG" and im.mode == "RGB"
+        sizes.append(im.size)
+        if "crop" in a.get("class", ""):
+            assert im.size == (int(a["width"]), int(a["height"]))
+    assert sizes.count((CROP, CROP)) == 3 * len(recs)
+    assert sorted(s for s in sizes if s != (CROP, CROP)) == [(200, 160), (256, 192)]  # thumbnails (<= 256 px)
+
+    # Crops are lossless: the restored crop is exactly the restored array at the error_crop window.
+    rec = recs[0]
+    top, left, h, w = error_crop(rec["clean"], [r["jpeg"] for r in recs[:2]], CROP)
+    crops = [a for a in page.imgs if "crop" in a.get("class", "")]
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(crops[2]["src"].split(",", 1)[1]))))
+    np.testing.assert_array_equal(got, rec["restored"][top:top + h, left:left + w])
+
+    # Tables: the summary has one row per (quality, metric); each record has its own table.
+    assert "summary" in page.tables and "meta" in page.tables and "legend" in page.tables
+    assert page.rows["summary"] == [(str(q), m) for q in QUALITIES for m in ("psnr", "ssim", "lpips")]
+    assert len(page.rows["metrics record"]) == 3 * len(recs)
+    expect = summarize(recs)
+    assert expect[0]["jpeg"] == pytest.approx(np.mean([r["metrics"]["jpeg"]["psnr"] for r in recs[::2]]))
+    assert f"{expect[0]['jpeg']:.2f}" in text and expect[1]["jpeg"] is None
+
+    # None prints as n/a with the reason; directions are shown; random init is flagged; names are escaped.
+    na = f'<span class="na" title="{LPIPS_REASON}">n/a<a class="fn" href="#na-lpips">*</a></span>'
+    assert text.count(na) == 2 * (len(QUALITIES) + len(recs))
+    assert re.search(rf'<li id="na-lpips"><b>LPIPS</b> n/a: {LPIPS_REASON}</li>', text)
+    assert re.search(r">n/a</span>", text)  # SSIM: no reason given
+    assert "higher is better" in text and "lower is better" in text
+    assert 'id="random-init-warning"' in text and "not comparable to pretrained results" in text
+    assert html.escape('coffee <&"x>.png') in text and 'coffee <&"x>' not in text
+    assert "<title>dejpeg &lt;test&gt;</title>" in text
+
+
+def test_no_warning_for_pretrained_and_given_summary(tmp_path):
+    recs = _records()[:1]
+    summary = [{"quality": 10, "metric": "psnr_b", "jpeg": 25.0, "restored": 26.5, "n": 1},
+               {"quality": 10, "metric": "niqe", "jpeg": 6.0, "restored": None}]
+    text = write_report(recs, tmp_path / "r.html", title="t", meta={"encoder_init": "ImageNet"},
+                        summary=summary, crop=CROP).read_text()
+    page = _Page()
+    page.feed(text)
+    assert "random-init-warning" not in text
+    assert page.rows["summary"] == [("10", "psnr_b"), ("10", "niqe")]
+    assert "+1.50" in text and "PSNR-B" in text and "NIQE" in text
+    with pytest.raises(ValueError, match="uint8 HxWx3"):
+        write_report([{**recs[0], "jpeg": recs[0]["jpeg"].astype(np.float32)}], tmp_path / "x.html",
+                     title="t", meta={})
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_error_crop_finds_the_worst_window():
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)
+    jpeg = clean.copy()
+    jpeg[200:240, 330:370] ^= 0x40  # the only error, 40 x 40
+    top, left, h, w = error_crop(clean, jpeg, 64)
+    assert (h, w) == (64, 64) and top <= 200 and top + 64 >= 240 and left <= 330 and left + 64 >= 370
+    assert error_crop(clean, jpeg, 1000) == (0, 0, 300, 420)  # clipped to the photo
+    # Two error maps add up: a weaker, larger error elsewhere does not win against the sum at the same place.
+    jpeg2 = clean.copy()
+    jpeg2[10:50, 10:50] ^= 0x01
+    assert error_crop(clean, [jpeg, jpeg2], 64)[:2] == (top, left)
+
+
+# ------------------------------------------------------------------------------------------ Chromium
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def _find_browser() -> str | None:
+    return next((p for b in BROWSERS if (p := shutil.which(b))), None)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    found = _find_browser()
+    if found:
+        return found
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip("needs chromium (or chromium-browser / google-chrome) on PATH, or root and apt-get to install it")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+    log = ""
+    try:
+        for pre in ([], [["apt-get", "update", "-q"]]):  # as start.sh: update only if the first try fails
+            for c in pre + [cmd]:
+                r = subprocess.run(c, env=env, capture_output=True, text=True, timeout=600)
+                log = (r.stdout + r.stderr)[-2000:]
+            if r.returncode == 0 and (found := _find_browser()):
+                return found
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log = repr(e)
+    pytest.skip(f"could not install chromium with apt-get: {log}")
+
+
+PROBE = """<pre id="probe">pending</pre><script>
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images), crop = document.querySelector('img.crop');
+  var w1 = crop.getBoundingClientRect().width;
+  document.querySelector('.zoom button[data-z="2"]').click();
+  var w2 = crop.getBoundingClientRect().width;
+  crop.click();  // the row's own zoom: 2x
+  var w3 = crop.getBoundingClientRect().width;
+  document.querySelector('.zoom button[data-z="1"]').click();
+  document.getElementById('probe').textContent = JSON.stringify({
+    images: imgs.length,
+    decoded: imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length,
+    summary_rows: document.querySelectorAll('#summary tr.row').length,
+    warning: !!document.getElementById('random-init-warning'),
+    zoom: [w1, w2, w3], errors: window.__errors || []});
+});
+window.__errors = [];
+window.addEventListener('error', function (e) { window.__errors.push(String(e.message)); });
+</script>"""
+
+
+def _run_browser(browser, args, tmp_path, timeout=60):
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+           "--disable-extensions", "--hide-scrollbars", "--mute-audio", "--force-device-scale-factor=1",
+           f"--user-data-dir={tmp_path / 'profile'}", *args]
+    env = {**os.environ, "HOME": str(tmp_path)}  # keep ~/.config, ~/.pki writes out of the real home
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_report_in_headless_chromium(report, chromium, tmp_path):
+    out, recs = report
+    # The probe goes before the page's own script, so listeners registered there (the zoom) already exist
+    # by 'load'; it reads the result back from the DOM.
+    probed = tmp_path / "probed.html"
+    text = out.read_text(encoding="utf-8")
+    probed.write_text(text.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    r = _run_browser(chromium, ["--dump-dom", "--virtual-time-budget=5000", probed.as_uri()], tmp_path)
+    m = re.search(r'<pre id="probe">(.*?)</pre>', r.stdout, re.S)
+    assert r.returncode == 0 and m, f"chromium failed (rc {r.returncode}): {r.stderr[-2000:]}"
+    res = json.loads(html.unescape(m.group(1)))
+    assert res["images"] == N_IMAGES and res["decoded"] == N_IMAGES, res
+    assert res["summary_rows"] == len(QUALITIES) * 3 and res["warning"] and not res["errors"], res
+    assert res["zoom"] == [CROP, 2 * CROP, 2 * CROP], res  # the page control, then the row's own (2x)
+
+    size = (1280, 1600)
+    shot = tmp_path / "report.png"
+    r = _run_browser(chromium, [f"--screenshot={shot}", f"--window-size={size[0]},{size[1]}",
+                                "--virtual-time-budget=5000", out.as_uri()], tmp_path)
+    assert r.returncode == 0 and shot.is_file(), f"no screenshot (rc {r.returncode}): {r.stderr[-2000:]}"
+    with Image.open(shot) as im:
+        assert im.format == "PNG" and im.size == size
+        pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
+    assert pixels.std() > 10, "screenshot is blank"
+    if os.environ.get("DIST_DEJPEG_ARTIFACTS"):
+        dest = os.path.join(os.environ["DIST_DEJPEG_ARTIFACTS"], "report_screenshot.png")
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(shot, dest)
+        shutil.copyfile(out, os.path.join(os.environ["DIST_DEJPEG_ARTIFACTS"], "report.html"))
+        print(f"report screenshot: {dest}")
+    else:
+        print(f"report screenshot: {shot}")
