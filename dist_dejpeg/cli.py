@@ -5,6 +5,7 @@
     dist-dejpeg prepare div2k --root data/div2k_src --out data/div2k --download
     dist-dejpeg train --config configs/debug.yaml [--resume [CKPT]] [--dry-run] [key=value ...]
     dist-dejpeg bench {train,data,infer,scaling,all} [--config C] [key=value ...]
+    dist-dejpeg restore IN... -o OUT_DIR --model runs/debug [--tile 512 --overlap 64 --device auto]
 
 train exits 0 when done, 2 on a config, weights or busy-run-folder error, 3 when a non-finite loss stopped
 it (checkpoint kept), 75 when SIGUSR1/SIGTERM stopped it (checkpoint kept; rerun to continue).
@@ -107,6 +108,29 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _restore(args: argparse.Namespace) -> int:
+    from dist_dejpeg.export import ModelFileError
+    from dist_dejpeg.infer import InputImageError, Restorer, check_output_dir, restore_files
+
+    try:
+        check_output_dir(args.out)
+        restorer = Restorer(args.model, device=args.device, tile=args.tile, overlap=args.overlap,
+                            batch_size=args.batch_size, precision=args.precision)
+    except (ModelFileError, InputImageError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    results = restore_files(restorer, args.inputs, args.out, fmt=args.format, max_pixels=args.max_pixels,
+                            skip_existing=args.skip_existing, progress=not args.quiet)
+    failed = [r for r in results if r.error]
+    done = [r for r in results if r.output]
+    seconds, megapixels = sum(r.seconds for r in done), sum(r.megapixels for r in done)
+    rate = f", {1000 * seconds / megapixels:.0f} ms per megapixel" if megapixels else ""
+    print(f"restored {len(done)} image(s) into {args.out} on {restorer.device}{rate}; {len(failed)} failed")
+    for r in failed:
+        print(f"failed: {r.source}: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-dejpeg", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. train.run_dir) and exit")
     tr.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. data.batch_size=8)")
     tr.set_defaults(func=_train)
+
+    rs = sub.add_parser("restore", help="restore images (files, folders searched recursively, globs) with a "
+                                       "trained generator")
+    rs.add_argument("inputs", nargs="+", help="image files, folders or globs (quote globs: 'photos/**/*.jpg')")
+    rs.add_argument("-o", "--out", required=True, help="output folder (same relative names, lossless)")
+    rs.add_argument("--model", required=True, help="generator.safetensors, a run folder or a checkpoint folder")
+    rs.add_argument("--format", choices=["png", "tiff", "webp"], default="png", help="lossless output format")
+    rs.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    rs.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    rs.add_argument("--tile", type=int, default=512, help="tile size in pixels, a multiple of 32 (0: whole images)")
+    rs.add_argument("--overlap", type=int, default=64, help="overlap between tiles, blended linearly")
+    rs.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    rs.add_argument("--max-pixels", type=int, default=100_000_000,
+                    help="refuse larger images (decompression bombs); default 100 MP")
+    rs.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist")
+    rs.add_argument("--quiet", action="store_true", help="no progress bar")
+    rs.set_defaults(func=_restore)
 
     from dist_dejpeg.bench import add_parser as add_bench
 
