@@ -6,6 +6,8 @@
     dist-dejpeg train --config configs/debug.yaml [--resume [CKPT]] [--dry-run] [key=value ...]
     dist-dejpeg bench {train,data,infer,scaling,all} [--config C] [key=value ...]
     dist-dejpeg restore IN... -o OUT_DIR --model runs/debug [--tile 512 --overlap 64 --device auto]
+    dist-dejpeg evaluate --model runs/debug --images photos/ --quality 10 20 30 40 -o eval/ [--y-only]
+    dist-dejpeg report --model runs/debug --images photos/ -o report.html
 
 train exits 0 when done, 2 on a config, weights or busy-run-folder error, 3 when a non-finite loss stopped
 it (checkpoint kept), 75 when SIGUSR1/SIGTERM stopped it (checkpoint kept; rerun to continue).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from dist_dejpeg.data.images import TILE_FORMATS
 
@@ -131,6 +134,76 @@ def _restore(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
+    """evaluate()'s result, or an exit status after printing the error."""
+    from dist_dejpeg.evaluate import EvaluateError, evaluate
+    from dist_dejpeg.export import ModelFileError
+    from dist_dejpeg.infer import Restorer
+
+    try:
+        restorer = Restorer(args.model, device=args.device, tile=args.tile, overlap=args.overlap,
+                            batch_size=args.batch_size)
+        return evaluate(restorer, args.images, args.quality, None if keep_images else args.out, y_only=args.y_only,
+                        crop_border=args.crop_border, lpips_weights=args.lpips_weights,
+                        allow_lossy_reference=args.allow_lossy_reference, max_images=args.max_images,
+                        keep_images=keep_images, progress=not args.quiet)
+    except (ModelFileError, EvaluateError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    result = _evaluation(args, keep_images=False)
+    if isinstance(result, int):
+        return result
+    for q, means in result["per_quality"].items():
+        j, r = means["jpeg"], means["restored"]
+        print(f"q{q}: PSNR {j['psnr']:.3f} -> {r['psnr']:.3f} dB, SSIM {j['ssim']:.4f} -> {r['ssim']:.4f} "
+              f"({means['images']} images, {result['meta']['channel']})")
+    for name, why in result["meta"]["unavailable"].items():
+        print(f"{name} unavailable: {why.splitlines()[0]}", file=sys.stderr)
+    print(f"wrote metrics.json, metrics.csv and metrics.md to {args.out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from dist_dejpeg.evaluate import write_tables
+    from dist_dejpeg.report import write_report
+
+    result = _evaluation(args, keep_images=True)
+    if isinstance(result, int):
+        return result
+    meta, model = result["meta"], result["meta"]["model"]
+    shown = {"model": model.get("source"), "encoder": model.get("encoder"), "encoder_init": model.get("encoder_init"),
+             "training steps": model.get("global_step"), "backbones": meta["backbones"],
+             "compression": meta["compression"], "metrics on": meta["channel"], "border crop": meta["crop_border"],
+             "restored on": f"{meta['device']} (tile {meta['tile']}, overlap {meta['overlap']})",
+             "unavailable": meta["unavailable"], "date": meta["date"]}
+    path = write_report(result.pop("records"), args.out, title=f"dist_dejpeg: {Path(str(model.get('source'))).name}",
+                        meta=shown, crop=args.crop)
+    write_tables(result, Path(args.out).with_suffix(""))
+    print(f"wrote {path} and its tables in {Path(args.out).with_suffix('')}/")
+    return 0
+
+
+def _add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int]) -> None:
+    p.add_argument("--model", required=True, help="generator.safetensors, a run folder or a checkpoint folder")
+    p.add_argument("--images", required=True, nargs="+",
+                   help="lossless reference photos: files, folders (recursive) or WebDataset shards (.tar)")
+    p.add_argument("--quality", type=int, nargs="+", default=default_qualities, help="JPEG qualities (libjpeg, 4:2:0)")
+    p.add_argument("--y-only", action="store_true", help="full-reference metrics on BT.601 Y (as published tables)")
+    p.add_argument("--crop-border", type=int, default=0, help="pixels cut from each border before measuring")
+    p.add_argument("--lpips-weights", default="", help="torchvision's AlexNet file (alexnet-owt-7be5be79.pth) for "
+                                                       "LPIPS when it is not in the torch hub cache")
+    p.add_argument("--allow-lossy-reference", action="store_true", help="accept JPEG/WebP references")
+    p.add_argument("--max-images", type=int, default=0, help="use at most this many reference images (0: all)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
+    p.add_argument("--tile", type=int, default=512, help="restore tile size (0: whole images)")
+    p.add_argument("--overlap", type=int, default=64, help="restore tile overlap")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-dejpeg", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist")
     rs.add_argument("--quiet", action="store_true", help="no progress bar")
     rs.set_defaults(func=_restore)
+
+    ev = sub.add_parser("evaluate", help="JPEG-compress lossless photos, restore them, and measure both with "
+                                         "PSNR, PSNR-B, SSIM, LPIPS, BRISQUE and NIQE")
+    _add_evaluation_args(ev, [10, 20, 30, 40])
+    ev.add_argument("-o", "--out", required=True, help="folder for metrics.json, metrics.csv, metrics.md")
+    ev.set_defaults(func=_evaluate)
+
+    rp = sub.add_parser("report", help="a self-contained HTML page: clean | JPEG | restored crops with the metrics")
+    _add_evaluation_args(rp, [10, 40])
+    rp.add_argument("-o", "--out", required=True, help="the HTML file to write (tables go beside it)")
+    rp.add_argument("--crop", type=int, default=192, help="crop size in pixels")
+    rp.set_defaults(func=_report)
 
     from dist_dejpeg.bench import add_parser as add_bench
 

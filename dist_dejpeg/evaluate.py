@@ -1,0 +1,289 @@
+"""Judge a trained model on lossless photos: JPEG-compress each one at each quality with libjpeg, restore it,
+and measure the JPEG input and the restored output against the original with the six metrics.
+
+    dist-dejpeg evaluate --model runs/debug --images photos/ --quality 10 20 30 40 -o eval/
+    dist-dejpeg evaluate --model runs/debug --images data/samples/val-*.tar --y-only -o eval_y/
+
+Writes ``metrics.json`` (everything: settings, the model's metadata, per-quality means, per-image values),
+``metrics.csv`` (one row per image, quality and input) and ``metrics.md`` (the per-quality tables). The
+compression is Pillow's libjpeg at 4:2:0 chroma subsampling, as PIL and OpenCV write by default and as the
+published JPEG-restoration tables use. References must be lossless: a JPEG ground truth already holds
+artifacts, so it is refused unless ``--allow-lossy-reference``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dist_dejpeg.data.images import IMAGE_EXTS, BadImage, decode_component, decode_rgb8, jpeg_roundtrip
+from dist_dejpeg.infer import IMAGE_SUFFIXES, Restorer
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = ("psnr", "psnr_b", "ssim", "lpips", "brisque", "niqe")
+LOSSY_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".webp"}  # webp may be lossless; it cannot be told cheaply
+LOSSY_EXTS = {"jpg", "jpeg", "webp"}
+
+
+class EvaluateError(ValueError):
+    """Inputs evaluate cannot use (no images, lossy references, ...)."""
+
+
+def read_references(images: list[str], allow_lossy: bool = False, max_images: int = 0) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
+    """(name, H x W x 3 uint8) for each reference image: files, folders (recursive), WebDataset shards (.tar
+    files, or a folder of them). Returns the images and the files skipped with their reasons."""
+    import glob
+
+    refs, skipped, lossy = [], [], []
+    paths: list[Path] = []
+    for item in images:
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            paths += files or sorted(p.glob("*.tar"))
+        elif p.is_file():
+            paths.append(p)
+        else:
+            paths += sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
+    if not paths:
+        raise EvaluateError(f"no images or shards found in {' '.join(images)}")
+    for path in paths:
+        if path.suffix == ".tar":
+            for key, ext, data in _shard_images(path):
+                if ext in LOSSY_EXTS and not allow_lossy:
+                    lossy.append(f"{path.name}:{key}.{ext}")
+                    continue
+                try:
+                    refs.append((key, decode_component(ext, data)))
+                except BadImage as err:
+                    skipped.append(f"{path.name}:{key}: {err}")
+        else:
+            if path.suffix.lower() in LOSSY_SUFFIXES and not allow_lossy:
+                lossy.append(str(path))
+                continue
+            try:
+                refs.append((path.stem, decode_rgb8(path.read_bytes())))
+            except BadImage as err:
+                skipped.append(f"{path}: {err}")
+        if max_images and len(refs) >= max_images:
+            refs = refs[:max_images]
+            break
+    if lossy:
+        shown = ", ".join(lossy[:3]) + (f" and {len(lossy) - 3} more" if len(lossy) > 3 else "")
+        msg = (f"{len(lossy)} lossy reference image(s) ({shown}): a JPEG ground truth already holds compression "
+               f"artifacts, so the metrics would reward reproducing them; use lossless photos (PNG, TIFF, ...) "
+               f"or pass --allow-lossy-reference")
+        if not refs:
+            raise EvaluateError(msg)
+        skipped += [f"{name}: lossy reference (--allow-lossy-reference to use it)" for name in lossy]
+        log.warning(msg)
+    if not refs:
+        raise EvaluateError(f"none of the {len(paths)} file(s) decoded as an image: " + "; ".join(skipped[:3]))
+    names = [n for n, _ in refs]
+    if len(set(names)) != len(names):  # the same stem in two folders: keep both, told apart by position
+        refs = [(f"{n}-{i}", r) for i, (n, r) in enumerate(refs)]
+    return refs, skipped
+
+
+def _shard_images(path: Path):
+    """(key, ext, bytes) of every sample's image in a WebDataset tar (the first image extension per key)."""
+    seen = set()
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            if ext.lower() in IMAGE_EXTS and key not in seen:
+                seen.add(key)
+                yield Path(key).name, ext.lower(), tar.extractfile(member).read()
+
+
+class MetricSet:
+    """The six metrics with what is unavailable here and why (LPIPS without its AlexNet backbone, BRISQUE or
+    NIQE without their package or parameter file): those are None in every row, with the reason."""
+
+    def __init__(self, lpips_weights: str = "", y_only: bool = False, crop_border: int = 0, device: str = "cpu"):
+        from dist_dejpeg import metrics
+
+        self.m = metrics
+        self.y_only, self.crop_border = y_only, crop_border
+        self.lpips, reason = metrics.load_lpips_metric(lpips_weights)
+        self.unavailable: dict[str, str] = {}
+        self.undefined: dict[str, dict] = {}  # metric -> {"reason", "count"}: values left out for some images
+        if self.lpips is None:
+            self.unavailable["lpips"] = (f"{reason.splitlines()[0]} Give the AlexNet backbone with "
+                                         f"--lpips-weights FILE (torchvision's alexnet-owt-7be5be79.pth).")
+        else:
+            self.lpips = self.lpips.to(device)
+        for name, check in (("brisque", metrics._brisque_model),
+                            ("niqe", lambda: metrics._niqe_params(metrics.niqe_params_path()))):
+            try:
+                check()
+            except metrics.MetricUnavailable as err:
+                self.unavailable[name] = str(err)
+
+    def __call__(self, img: np.ndarray, ref: np.ndarray) -> dict[str, float | None]:
+        m, b = self.m, self.crop_border
+        a, r = m._crop(img, b), m._crop(ref, b)
+        out = {"psnr": m.psnr(a, r, y_only=self.y_only), "psnr_b": m.psnr_b(a, r, y_only=self.y_only),
+               "ssim": m.ssim(a, r, y_only=self.y_only),
+               "lpips": None if self.lpips is None else m.lpips_value(self.lpips, a, r)}
+        for name in ("brisque", "niqe"):
+            if name in self.unavailable:
+                out[name] = None
+                continue
+            try:
+                out[name] = float(getattr(m, name)(a))
+            except ValueError as err:  # e.g. NIQE is undefined below two 96 x 96 blocks
+                out[name] = None
+                self.undefined.setdefault(name, {"reason": str(err), "count": 0})["count"] += 1
+        return out
+
+
+def _mean(values: list) -> float | None:
+    vals = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path | None, *, y_only: bool = False,
+             crop_border: int = 0, lpips_weights: str = "", allow_lossy_reference: bool = False,
+             max_images: int = 0, keep_images: bool = False, restorer_kwargs: dict | None = None,
+             progress: bool = True) -> dict:
+    """Run the evaluation; write the three tables into ``out_dir`` (if given) and return the metrics.json
+    content. ``keep_images``: also return the images as ``records`` (for the HTML report)."""
+    from tqdm import tqdm
+
+    import PIL
+
+    if not qualities or any(not 1 <= q <= 100 for q in qualities):
+        raise EvaluateError(f"qualities must be in 1..100, got {qualities}")
+    restorer = model if isinstance(model, Restorer) else Restorer(model, **(restorer_kwargs or {}))
+    refs, skipped = read_references(images, allow_lossy_reference, max_images)
+    metric = MetricSet(lpips_weights, y_only, crop_border, str(restorer.device))
+    rows, records = [], []
+    restore_seconds, megapixels = 0.0, 0.0
+    bar = tqdm(total=len(refs) * len(qualities), desc="evaluate", unit="image", disable=not progress)
+    for name, clean in refs:
+        for q in qualities:
+            jpeg = jpeg_roundtrip(clean, q)
+            start = time.perf_counter()
+            restored = restorer.restore_array(jpeg)
+            restore_seconds += time.perf_counter() - start
+            megapixels += clean.shape[0] * clean.shape[1] / 1e6
+            row = {"image": name, "quality": q, "height": clean.shape[0], "width": clean.shape[1],
+                   "jpeg": metric(jpeg, clean), "restored": metric(restored, clean)}
+            rows.append(row)
+            if keep_images:
+                records.append({"image": name, "quality": q, "clean": clean, "jpeg": jpeg, "restored": restored,
+                                "metrics": {"jpeg": row["jpeg"], "restored": row["restored"]}})
+            bar.update()
+    bar.close()
+    per_quality = {}
+    for q in qualities:
+        sel = [r for r in rows if r["quality"] == q]
+        means = {kind: {m: _mean([r[kind][m] for r in sel]) for m in METRIC_NAMES} for kind in ("jpeg", "restored")}
+        means["gain"] = {m: (None if means["restored"][m] is None or means["jpeg"][m] is None
+                             else means["restored"][m] - means["jpeg"][m]) for m in METRIC_NAMES}
+        means["images"] = len(sel)
+        per_quality[str(q)] = means
+    info = {k: v for k, v in restorer.info.items() if k != "model"}
+    result = {
+        "meta": {
+            "model": info, "model_config": restorer.info.get("model"),
+            "backbones": _backbone_note(info),
+            "compression": f"libjpeg via Pillow {PIL.__version__}, 4:2:0 chroma subsampling",
+            "qualities": list(qualities), "images": len(refs), "skipped": skipped,
+            "channel": "Y (ITU-R BT.601, MATLAB-style)" if y_only else "RGB",
+            "crop_border": crop_border,
+            "unavailable": metric.unavailable,
+            "undefined": metric.undefined,
+            "lpips": "lpips-alex (ImageNet AlexNet backbone)" if metric.lpips is not None else "unavailable",
+            "device": str(restorer.device), "tile": restorer.tile, "overlap": restorer.overlap,
+            "restore_ms_per_megapixel": 1000 * restore_seconds / megapixels if megapixels else None,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        },
+        "per_quality": per_quality,
+        "per_image": rows,
+    }
+    if out_dir is not None:
+        write_tables(result, out_dir)
+    if keep_images:
+        result["records"] = records
+    return result
+
+
+def _backbone_note(info: dict) -> str:
+    init = info.get("encoder_init", "unknown")
+    if init == "random init":
+        return ("the generator's encoder started from RANDOM weights (a debug/test model): these numbers are not "
+                "comparable with a model trained from the ImageNet encoder")
+    return f"the generator's encoder started from {init} weights"
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "n/a"
+    if not np.isfinite(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    from dist_dejpeg.metrics import METRIC_INFO
+
+    meta = result["meta"]
+    model = meta["model"]
+    lines = [f"# Evaluation of {model.get('source')}", "",
+             f"Model: encoder {model.get('encoder')} ({model.get('encoder_init')}), training steps "
+             f"{model.get('global_step')}; {meta['backbones']}.",
+             f"Images: {meta['images']} lossless references ({len(meta['skipped'])} skipped); compression: "
+             f"{meta['compression']}; full-reference metrics on {meta['channel']}, border crop {meta['crop_border']}.",
+             f"Restored on {meta['device']} (tile {meta['tile']}, overlap {meta['overlap']}), "
+             f"{_fmt(meta['restore_ms_per_megapixel'], 0)} ms per megapixel.", ""]
+    for name, why in meta["unavailable"].items():
+        lines.append(f"- {name}: unavailable: {why}")
+    for name, what in meta["undefined"].items():
+        lines.append(f"- {name}: left out for {what['count']} image(s): {what['reason']}")
+    if meta["unavailable"] or meta["undefined"]:
+        lines.append("")
+    lines += ["| quality | metric | JPEG | restored | restored - JPEG |", "|---|---|---|---|---|"]
+    for q, means in result["per_quality"].items():
+        for m in METRIC_NAMES:
+            arrow = "higher is better" if METRIC_INFO[m][0] else "lower is better"
+            lines.append(f"| {q} | {m} ({arrow}) | {_fmt(means['jpeg'][m])} | {_fmt(means['restored'][m])} | "
+                         f"{'+' if (means['gain'][m] or 0) > 0 else ''}{_fmt(means['gain'][m])} |")
+    lines += ["", "Per image:", "", "| image | quality | " + " | ".join(f"{m} JPEG -> restored" for m in METRIC_NAMES)
+              + " |", "|---|---|" + "---|" * len(METRIC_NAMES)]
+    for r in result["per_image"]:
+        lines.append(f"| {r['image']} | {r['quality']} | " + " | ".join(
+            f"{_fmt(r['jpeg'][m], 3)} -> {_fmt(r['restored'][m], 3)}" for m in METRIC_NAMES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(result: dict, out_dir: str | Path) -> None:
+    """metrics.json, metrics.csv and metrics.md, each written atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["image", "quality", "input", *METRIC_NAMES])
+    for r in result["per_image"]:
+        for kind in ("jpeg", "restored"):
+            writer.writerow([r["image"], r["quality"], kind, *("" if r[kind][m] is None else r[kind][m]
+                                                               for m in METRIC_NAMES)])
+    files = {"metrics.json": json.dumps({k: v for k, v in result.items() if k != "records"}, indent=2,
+                                        default=float),
+             "metrics.csv": buf.getvalue(), "metrics.md": markdown(result)}
+    for name, text in files.items():
+        tmp = out / f".{name}.tmp{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
