@@ -12,7 +12,8 @@
 #                 settings); without it, no CUDA means exit 3 at once
 #    --budget S   stop starting steps once S seconds have gone (default 470: the whole check ends within
 #                 8 minutes; each step also has its own timeout)
-# Steps, in order: env, install, cuda, pytest_gpu, bench_train, train, bench_data, bench_infer. Each one runs even when an
+#    --steps A,B  run only these of the optional steps, in this order (env, install and cuda always run first)
+# Steps, in order: env, install, cuda, pytest_gpu, bench_train, train, evaluate, bench_data, bench_infer. Each one runs even when an
 # earlier one failed, under `timeout`, with its stdout+stderr in OUT/<step>.log; OUT/summary.md gets a row per
 # step (exit code, seconds, result) and, under the table, the last lines of each failing step's log.
 # Also in OUT: results/ (bench train.json/.md, data.json/.md), run/ (the training run) and metrics.json.
@@ -28,7 +29,7 @@ set -u
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 
 ARGS=$(printf ' %q' "$@")
-WHEELS="" OUT="" ALLOW_CPU=0 QUICK=0 BUDGET=470
+WHEELS="" OUT="" ALLOW_CPU=0 QUICK=0 BUDGET=470 ONLY=""
 while (($#)); do
     case $1 in
         --wheels) WHEELS=${2-}; shift 2 || break ;;
@@ -36,6 +37,7 @@ while (($#)); do
         --allow-cpu) ALLOW_CPU=1; shift ;;
         --quick) QUICK=1; shift ;;
         --budget) BUDGET=${2-}; shift 2 || break ;;
+        --steps) ONLY=${2-}; shift 2 || break ;;
         -h | --help) usage; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
     esac
@@ -55,7 +57,15 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
 SUMMARY=$OUT/summary.md
-STEPS=(env install cuda pytest_gpu bench_train train bench_data bench_infer)
+OPTIONAL=(pytest_gpu bench_train train evaluate bench_data bench_infer)
+if [[ -n $ONLY ]]; then
+    IFS=, read -r -a CHOSEN <<< "$ONLY"
+    for s in "${CHOSEN[@]}"; do
+        [[ " ${OPTIONAL[*]} " == *" $s "* ]] || { echo "gpu_check.sh: unknown step '$s' (steps: ${OPTIONAL[*]})" >&2; exit 2; }
+    done
+    OPTIONAL=("${CHOSEN[@]}")
+fi
+STEPS=(env install cuda "${OPTIONAL[@]}")
 for s in "${STEPS[@]}"; do rm -f "$OUT/$s.log"; done
 rm -rf "$OUT/run" "$OUT/results" "$OUT/metrics.json" "$SUMMARY"
 PY=${PYTHON:-python3}
@@ -253,8 +263,27 @@ step_train() {
         data.backend=torch data.gpu_jpeg=true train.progress=false "${mode[@]}") || exit $?
     cp "$OUT/run/metrics.json" "$OUT/metrics.json" || exit $?
     echo "gpu_check: copied metrics.json to $OUT"
+    "$PY" - "$OUT/metrics.json" << 'PYEOF'
+import json, sys
+meta = json.load(open(sys.argv[1]))["meta"]
+for phase, log in (meta.get("last_train_log") or {}).items():
+    print(f"gpu_check: {phase} phase, last log window: data_wait_frac {log.get('train/data_wait_frac')}, "
+          f"images/s {log.get('train/images_per_s')}")
+PYEOF
 }
-export -f step_env step_install step_cuda step_pytest_gpu step_bench_train step_bench_data step_bench_infer step_train
+
+step_evaluate() {  # the trained run's generator on the GPU: restore + the six metrics (LPIPS unavailable offline)
+    [[ -s $OUT/run/generator.safetensors ]] || { echo "gpu_check: no generator from the train step"; exit 1; }
+    "$PY" -m dist_dejpeg.cli evaluate --model "$OUT/run" --images "$DATA"/val-*.tar --quality 10 40 \
+        --max-images 8 -o "$OUT/evaluate" --quiet || exit $?
+    head -n 24 "$OUT/evaluate/metrics.md"
+    # restore of a 2000 x 1500 photo on the GPU (bf16, tiles): the command's own ms-per-megapixel line
+    "$PY" -c 'import sys, skimage.data; from PIL import Image
+Image.fromarray(skimage.data.astronaut()).resize((2000, 1500)).save(sys.argv[1])' "$WORK/astronaut_2000x1500.png" || exit $?
+    "$PY" -m dist_dejpeg.cli restore "$WORK/astronaut_2000x1500.png" -o "$WORK/restored" --model "$OUT/run" --quiet || exit $?
+}
+export -f step_env step_install step_cuda step_pytest_gpu step_bench_train step_bench_data step_bench_infer step_train \
+    step_evaluate
 
 FAILED=()
 row() {  # step exit seconds result
@@ -301,17 +330,23 @@ else
     echo "skipped: no CUDA (--allow-cpu)" > "$OUT/cuda.log"
     row cuda 0 0 "skipped: no CUDA"
 fi
-if ((QUICK)); then run_step pytest_gpu 120; else run_step pytest_gpu 180; fi
 # most telling first: when the budget runs out, the later steps are reported as not run
-run_step bench_train 240
-run_step train 180
-run_step bench_data 120
-if ((QUICK)); then
-    echo "skipped: --quick (tests/test_bench.py covers bench infer on the CPU)" > "$OUT/bench_infer.log"
-    row bench_infer 0 0 "skipped: --quick"
-else
-    run_step bench_infer 90
-fi
+for s in "${OPTIONAL[@]}"; do
+    case $s in
+        pytest_gpu) if ((QUICK)); then run_step pytest_gpu 120; else run_step pytest_gpu 180; fi ;;
+        bench_train) run_step bench_train 240 ;;
+        train) run_step train 180 ;;
+        evaluate) run_step evaluate 90 ;;
+        bench_data) run_step bench_data 120 ;;
+        bench_infer)
+            if ((QUICK)); then
+                echo "skipped: --quick (tests/test_bench.py covers bench infer on the CPU)" > "$OUT/bench_infer.log"
+                row bench_infer 0 0 "skipped: --quick"
+            else
+                run_step bench_infer 90
+            fi ;;
+    esac
+done
 
 {
     echo

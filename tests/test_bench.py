@@ -63,9 +63,11 @@ def test_bench_data_and_infer(tmp_path, repo_root, monkeypatch):
 
     from dist_dejpeg.bench import infer
 
-    infer.run("configs/debug.yaml", TINY, tmp_path, repeats=1, sizes={"64 x 96": (64, 96)})
+    infer.run("configs/debug.yaml", TINY, tmp_path, repeats=1, sizes={"64 x 96": (64, 96)},
+              modes={"whole": dict(tile=0), "tiled": dict(tile=64, overlap=16)})
     report, _ = read(tmp_path, "infer")
-    assert report["results"]["cpu fp32 64 x 96"]["ms_per_megapixel"] > 0
+    assert report["results"]["cpu fp32 whole 64 x 96"]["ms_per_megapixel"] > 0
+    assert report["results"]["cpu bf16 tiled 64 x 96"]["ms_per_megapixel"] > 0
 
 
 def test_allreduce_model_worked_example():

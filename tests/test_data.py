@@ -517,7 +517,33 @@ def test_nvjpeg_degradation_within_half_a_db_of_libjpeg(sample_shards, quality):
     peer = jpeg_roundtrip_cpu(clean_u8.cpu(), q.cpu()).float()
     target = clean_u8.float().cpu()
     gap = 10 * np.log10(((peer - target) ** 2).mean().item() / ((ours - target) ** 2).mean().item())
+    print(f"nvJPEG vs libjpeg at q{quality}: {gap:+.3f} dB (positive: nvJPEG closer to the clean image)")
     assert abs(gap) < 0.5, f"nvJPEG vs libjpeg at q{quality}: {gap:+.3f} dB"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quality", [20, 80])
+def test_nvjpeg_stream_matches_libjpeg_settings(sample_shards, quality):
+    """Why nvJPEG and libjpeg can differ: read nvJPEG's encoded bytes with PIL and compare the chroma
+    subsampling and the quantization tables with libjpeg's at the same quality (printed for the GPU check)."""
+    from PIL import Image, JpegImagePlugin
+    from torchvision.io import encode_jpeg
+
+    clean = take(TorchLoader(make_stream(sample_shards), 2, 0, torch.device("cpu")), 1)[0]["clean"]
+    image = (clean[0] * 255).round().to(torch.uint8)
+    nv = Image.open(io.BytesIO(bytes(encode_jpeg(image.cuda(), quality=quality).cpu().numpy())))
+    buf = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=quality)
+    lj = Image.open(io.BytesIO(buf.getvalue()))
+    sampling = {name: JpegImagePlugin.get_sampling(im) for name, im in (("nvjpeg", nv), ("libjpeg", lj))}
+    tables = {name: {k: list(v) for k, v in im.quantization.items()} for name, im in (("nvjpeg", nv), ("libjpeg", lj))}
+    same = tables["nvjpeg"] == tables["libjpeg"]
+    print(f"q{quality}: subsampling (0=4:4:4, 1=4:2:2, 2=4:2:0) {sampling}; quantization tables equal: {same}")
+    if not same:
+        for k in tables["libjpeg"]:
+            print(f"  table {k}: libjpeg {tables['libjpeg'][k][:8]}... nvjpeg {tables['nvjpeg'].get(k, [])[:8]}...")
+    assert sampling["nvjpeg"] == sampling["libjpeg"], sampling
+    assert same
 
 
 def test_stream_of_tiles_smaller_than_the_crop_fails_instead_of_spinning(sample_shards):

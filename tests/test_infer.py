@@ -273,3 +273,18 @@ def test_load_model_from_run_and_checkpoint_folders(tmp_path, model_file):
         x = torch.rand(1, 3, 64, 64)
         with torch.no_grad():
             assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.gpu
+def test_restore_on_cuda_in_bf16_matches_cpu_fp32():
+    """Device auto picks CUDA and bf16 autocast; tiles in batches; the result stays within 35 dB PSNR of the
+    CPU fp32 one (bf16 has 8 bits of mantissa) on a real photo."""
+    rgb = _photo(224, 200)
+    model = _model()
+    cpu = Restorer(model, device="cpu", tile=128, overlap=32).restore_array(rgb).astype(np.float64)
+    restorer = Restorer(model, device="auto", tile=128, overlap=32, batch_size=3)
+    assert restorer.device.type == "cuda" and restorer.bf16
+    gpu = restorer.restore_array(rgb).astype(np.float64)
+    psnr = 10 * np.log10(255.0 ** 2 / max(((gpu - cpu) ** 2).mean(), 1e-12))
+    print(f"restore cuda bf16 vs cpu fp32: {psnr:.1f} dB")
+    assert psnr > 35.0, psnr

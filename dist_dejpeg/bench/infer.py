@@ -1,24 +1,26 @@
-"""Inference latency of the generator's forward on whole images: 512 px and a DIV2K-sized 2K image, fp32 and
-bf16 autocast, on the CPU and (when present) the GPU.
+"""Restore latency: a 512 px and a DIV2K-sized 2K image, whole and tiled, fp32 and bf16 autocast, on the CPU and
+(when present) the GPU, through the same Restorer that ``dist-dejpeg restore`` uses.
 
     dist-dejpeg bench infer --config configs/div2k.yaml
 
-Until the tiled ``restore`` lands ("Use the trained model"), this times the generator's forward alone
-(eval mode, no_grad, the config's channels_last), which is what restoring a whole image costs apart from
-decoding and encoding the files. Reported per image and per megapixel.
+Each row times ``Restorer.restore_array`` on a uint8 image (conversion to and from float, tiling and blending
+included; file decoding and PNG encoding not). Whole: one forward pass over the image. Tiled: 512 px tiles
+overlapping by 64 px, 4 per batch (the restore command's defaults). Reported per image and per megapixel.
+The model is the config's generator with random weights: speed does not depend on the weights.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dist_dejpeg.bench.common import measure, write_results
 from dist_dejpeg.config import load_config
 
 SIZES = {"512 x 512": (512, 512), "2040 x 1356 (DIV2K 2K)": (1356, 2040)}
+MODES = {"whole": dict(tile=0), "tiled 512/64": dict(tile=512, overlap=64, batch_size=4)}
 
 
 def _devices() -> list[torch.device]:
@@ -26,40 +28,41 @@ def _devices() -> list[torch.device]:
 
 
 def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int = 3, name: str = "infer",
-        sizes: dict | None = None) -> dict:
+        sizes: dict | None = None, modes: dict | None = None) -> dict:
+    from dist_dejpeg.infer import Restorer
     from dist_dejpeg.models.unet import build_generator
 
     cfg = load_config(config, list(overrides))
-    sizes = sizes or SIZES
-    model_cpu = build_generator(cfg.model).eval()
+    sizes, modes = sizes or SIZES, modes or MODES
+    generator = build_generator(cfg.model).eval()
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     results, table = {}, []
+    rng = np.random.default_rng(0)
     for device in _devices():
-        model = copy.deepcopy(model_cpu).to(device, memory_format=fmt)
+        generator = generator.to(device, memory_format=fmt)
+        cpu = device.type == "cpu"
         for precision in ("fp32", "bf16"):
-            for label, (h, w) in sizes.items():
-                image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device, memory_format=fmt)
-
-                def forward():
-                    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                         enabled=precision == "bf16"):
-                        return model(image)
-
-                cpu = device.type == "cpu"
-                timing = measure(forward, warmup=1 if cpu else 3, steps=1 if cpu else 10,
-                                 repeats=repeats, device=device)
-                megapixels = h * w / 1e6
-                key = f"{device.type} {precision} {label}"
-                results[key] = dict(timing.as_dict(), ms_per_megapixel=timing.as_dict()["ms_per_call"] / megapixels)
-                table.append([device.type, precision, label, f"{results[key]['ms_per_call']:.1f}",
-                              f"{results[key]['ms_per_megapixel']:.1f}", f"{100 * timing.spread:.0f}%"])
-                print(f"bench infer: {key}: {results[key]['ms_per_call']:.1f} ms", flush=True)
+            for mode, kwargs in modes.items():
+                restorer = Restorer(generator, device=device, precision=precision, **kwargs)
+                for label, (h, w) in sizes.items():
+                    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                    timing = measure(lambda: restorer.restore_array(image), warmup=1 if cpu else 2,
+                                     steps=1 if cpu else 5, repeats=repeats, device=device)
+                    megapixels = h * w / 1e6
+                    key = f"{device.type} {precision} {mode} {label}"
+                    ms = timing.as_dict()["ms_per_call"]
+                    results[key] = dict(timing.as_dict(), ms_per_megapixel=ms / megapixels)
+                    table.append([device.type, precision, mode, label, f"{ms:.1f}", f"{ms / megapixels:.1f}",
+                                  f"{100 * timing.spread:.0f}%"])
+                    print(f"bench infer: {key}: {ms:.1f} ms", flush=True)
     report = {"config": config, "overrides": list(overrides), "encoder": cfg.model.encoder,
               "decoder_width": cfg.model.decoder_width, "channels_last": cfg.model.channels_last,
-              "what": "generator forward, whole image, batch 1, eval + no_grad", "results": results}
+              "what": "Restorer.restore_array on a uint8 image, batch 1 image", "modes": {k: dict(v) for k, v in modes.items()},
+              "results": results}
     note = (f"`{config}` {' '.join(overrides)}: {cfg.model.encoder}, decoder width {cfg.model.decoder_width}, "
-            f"channels_last {cfg.model.channels_last}. The generator's forward on a whole image (batch 1, eval, "
-            f"no_grad); file decoding/encoding and tiling are not included. Median of {repeats} repeats.")
-    write_results(out_dir, name, report, "Inference latency", note,
-                  ["device", "precision", "image", "ms per image", "ms per megapixel", "spread"], table)
+            f"channels_last {cfg.model.channels_last}, random weights. `Restorer.restore_array` on a uint8 image "
+            f"(float conversion, tiling, blending included; file decoding/encoding not). Whole: one pass; tiled: "
+            f"512 px tiles overlapping 64 px, 4 per batch (restore's defaults). Median of {repeats} repeats.")
+    write_results(out_dir, name, report, "Restore latency", note,
+                  ["device", "precision", "mode", "image", "ms per image", "ms per megapixel", "spread"], table)
     return report
