@@ -1,0 +1,252 @@
+"""The trained generator as an ONNX model (dynamic batch, height and width), checked in onnxruntime.
+
+    dist-dejpeg export --model runs/debug --onnx dejpeg.onnx [--opset 20] [--check-image photo.png]
+
+    from dist_dejpeg.onnx_export import export_onnx
+    result = export_onnx(generator, "dejpeg.onnx", model_cfg=info["model"], source=info["source"])
+    result["max_abs_diff"]   # {"1x3x200x152": 1.2e-07, "2x3x96x160": 1.8e-07}: onnxruntime vs PyTorch
+
+The ONNX model: input ``degraded`` (float32 N x 3 x H x W in [0, 1]), output ``restored`` (same shape, in
+[0, 1]); dims named batch, height, width. H and W of at least 32 (smaller images: PyTorch switches the
+padding to replicate, the graph keeps reflect). Needs ``pip install 'dist_dejpeg[onnx]'``.
+
+How: torch.onnx's dynamo exporter (``torch.export``): the TorchScript exporter traces the generator's
+pad-to-a-multiple-of-32 amounts as constants, so its graph only fits the example size. ``Generator.correction``
+branches on the padding (``if ph or pw``), which torch.export would settle once for the example's size; the
+exported module therefore pads to the multiple of 32 itself (reflect, what ``correction`` does for H, W >= 32)
+and crops back, so that the generator inside always sees padded sizes and its own branch is the same for
+every size. Same values as ``Generator.forward`` (``correction`` of a padded input pads nothing and its crop is
+the outer one). Spectral norm is folded into plain weights first (eval-mode spectral norm divides by
+sigma from the stored u/v vectors: the same weight at every call). Each export is checked in onnxruntime at
+two sizes against the PyTorch generator before the file is written (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+ONNX_FORMAT = "dist_dejpeg.onnx.v1"
+INSTALL_HINT = "pip install 'dist_dejpeg[onnx]'"
+INPUT, OUTPUT = "degraded", "restored"
+# (batch, height, width) of the onnxruntime check: one size not a multiple of 32, and a batch of 2
+CHECK_SIZES = ((1, 200, 152), (2, 96, 160))
+# float32 on [0, 1]: 1e-4 is 1/39 of an 8-bit step (1/255); the two runtimes differ only in summation order
+TOLERANCE = 1e-4
+MIN_SIZE = 32
+
+
+class OnnxUnavailable(ImportError):
+    """onnx, onnxruntime or onnxscript (the dynamo exporter's translator) is not installed."""
+
+
+class OnnxCheckError(RuntimeError):
+    """onnxruntime's output differs from PyTorch's by more than the tolerance (the file is not written)."""
+
+
+def require_onnx() -> None:
+    for name in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            __import__(name)
+        except ImportError as err:
+            raise OnnxUnavailable(f"ONNX export needs onnx, onnxruntime and onnxscript ({name} is not installed: "
+                                  f"{err}); {INSTALL_HINT}") from None
+
+
+def fold_spectral_norm(generator: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``generator`` whose spectral-norm weights are plain parameters (same values as
+    eval-mode spectral norm: weight / sigma from the stored u, v). ``generator`` itself is left as it was.
+
+    Not ``parametrize.remove_parametrizations`` on the copy: a deep copy shares the original's injected
+    ``Parametrized*`` class, and removing the parametrization deletes the property from that shared class
+    (the original would lose its ``weight``)."""
+    folded = copy.deepcopy(generator).eval()
+    with torch.no_grad():
+        for module in list(folded.modules()):
+            if parametrize.is_parametrized(module):
+                values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+                del module._modules["parametrizations"]
+                module.__class__ = module.__class__.__bases__[0]  # the class parametrize subclassed
+                for name, value in values.items():
+                    module.register_parameter(name, nn.Parameter(value, requires_grad=False))
+            for key, hook in list(module._forward_pre_hooks.items()):  # torch.nn.utils.spectral_norm (old API)
+                if type(hook).__name__ == "SpectralNorm":
+                    torch.nn.utils.remove_spectral_norm(module, hook.name)
+    return folded
+
+
+class PaddedGenerator(nn.Module):
+    """What gets exported: pad to the generator's largest stride (reflect), run it, crop back."""
+
+    def __init__(self, generator: nn.Module):
+        super().__init__()
+        self.generator = generator
+        self.pad_to = generator.pad_to
+
+    def forward(self, degraded: torch.Tensor) -> torch.Tensor:
+        h, w = degraded.shape[-2:]
+        padded = F.pad(degraded, (0, (-w) % self.pad_to, 0, (-h) % self.pad_to), mode="reflect")
+        return self.generator(padded)[..., :h, :w]
+
+
+def load_check_image(check_image=None) -> np.ndarray:
+    """H x W x 3 uint8: a path (any format Pillow reads), an array, or None (skimage's astronaut photo)."""
+    if check_image is None:
+        import skimage.data
+
+        return np.ascontiguousarray(skimage.data.astronaut()[..., :3])
+    if isinstance(check_image, np.ndarray):
+        image = check_image
+    else:
+        from PIL import Image
+
+        with Image.open(check_image) as img:
+            image = np.asarray(img.convert("RGB"))
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image[..., :3])
+
+
+def check_batch(image: np.ndarray, n: int, h: int, w: int) -> np.ndarray:
+    """n float32 crops (N x 3 x h x w in [0, 1]) at different offsets; a small image is tiled up first."""
+    if image.shape[0] < h + 8 * n or image.shape[1] < w + 8 * n:
+        reps = (-(-(h + 8 * n) // image.shape[0]), -(-(w + 8 * n) // image.shape[1]), 1)
+        image = np.tile(image, reps)
+    tops = np.linspace(0, image.shape[0] - h, n).astype(int) if n > 1 else [(image.shape[0] - h) // 2]
+    lefts = np.linspace(0, image.shape[1] - w, n).astype(int) if n > 1 else [(image.shape[1] - w) // 2]
+    crops = [image[t:t + h, l:l + w] for t, l in zip(tops, lefts)]
+    return (np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32) / 255.0).copy()
+
+
+def _cfg_dict(model_cfg) -> dict:
+    if model_cfg is None:
+        return {}
+    return dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else dict(model_cfg)
+
+
+def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = None, check_image=None,
+                model_cfg=None, source: str = "", check_sizes=CHECK_SIZES, tolerance: float = TOLERANCE,
+                log=print) -> dict:
+    """Export ``generator`` to ``path`` (atomically, after the onnxruntime check passed).
+
+    ``model_cfg`` (a ModelConfig or its dict) and ``source`` go into the ONNX metadata_props with the format
+    version and the encoder. Returns ``{"path", "opset", "max_abs_diff": {"NxCxHxW": float}, "tolerance",
+    "export_s", "bytes"}``; raises OnnxUnavailable, or OnnxCheckError when a difference exceeds ``tolerance``."""
+    require_onnx()
+    import onnx
+    import onnxruntime as ort
+
+    from dist_dejpeg import __version__ as version
+
+    path = Path(path)
+    reference = copy.deepcopy(generator).to("cpu").eval()
+    exported = PaddedGenerator(fold_spectral_norm(reference)).eval()
+    cfg = _cfg_dict(model_cfg)
+    image = load_check_image(check_image)
+    batches = {f"{n}x3x{h}x{w}": check_batch(image, n, h, w) for n, h, w in check_sizes}
+
+    # the example: 2 x 3 x 64 x 96 (batch 2 and sizes != 1 and != each other, so nothing specializes to it)
+    example = torch.from_numpy(check_batch(image, 2, 64, 96))
+    dims = {0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim("height", min=MIN_SIZE, max=16384),
+            3: torch.export.Dim("width", min=MIN_SIZE, max=16384)}
+    start = time.perf_counter()
+    program = torch.onnx.export(exported, (example,), None, dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
+                                dynamic_shapes={INPUT: dims}, opset_version=opset, external_data=False,
+                                optimize=True, verbose=False)
+    export_s = time.perf_counter() - start
+    proto = program.model_proto
+    for value in list(proto.graph.input) + list(proto.graph.output):  # name the output's dims like the input's
+        for i, name in ((0, "batch"), (2, "height"), (3, "width")):
+            dim = value.type.tensor_type.shape.dim[i]
+            if dim.dim_value:
+                raise OnnxCheckError(f"the exported {value.name} has a fixed {name} ({dim.dim_value}), not a dynamic one")
+            dim.dim_param = name
+    meta = {"format": ONNX_FORMAT, "encoder": str(cfg.get("encoder", "")), "model": json.dumps(cfg),
+            "source": str(source), "dist_dejpeg": version, "torch": torch.__version__,
+            "input": f"{INPUT}: float32 N x 3 x H x W in [0, 1], H and W >= {MIN_SIZE}",
+            "output": f"{OUTPUT}: float32 N x 3 x H x W in [0, 1]"}
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    diffs = {}
+    for label, batch in batches.items():
+        with torch.no_grad():
+            expected = reference(torch.from_numpy(batch)).numpy()
+        (got,) = session.run([OUTPUT], {INPUT: batch})
+        if got.shape != expected.shape:
+            raise OnnxCheckError(f"{label}: onnxruntime returned shape {got.shape}, PyTorch {expected.shape}")
+        diffs[label] = float(np.abs(got - expected).max())
+        log(f"onnxruntime vs PyTorch, {label}: max abs difference {diffs[label]:.3g}")
+    bad = {k: v for k, v in diffs.items() if not v <= tolerance}
+    if bad:
+        raise OnnxCheckError(f"onnxruntime differs from PyTorch by more than {tolerance:g}: {bad} "
+                             f"({path} not written)")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
+    return {"path": str(path), "opset": opsets.get("ai.onnx"), "max_abs_diff": diffs, "tolerance": tolerance,
+            "export_s": round(export_s, 1), "bytes": len(data), "metadata": meta}
+
+
+def read_onnx_metadata(path: str | Path) -> dict:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dist_dejpeg.export import ModelFileError, load_model
+
+    try:
+        require_onnx()
+        generator, info = load_model(args.model)
+        if args.check_image and not Path(args.check_image).is_file():
+            raise FileNotFoundError(f"--check-image {args.check_image}: no such file")
+        result = export_onnx(generator, args.onnx, opset=args.opset, check_image=args.check_image,
+                             model_cfg=info["model"], source=info["source"])
+    except (ModelFileError, OnnxUnavailable, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OnnxCheckError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {result['path']} ({result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, encoder "
+          f"{info['encoder']}, export {result['export_s']} s); max abs difference from PyTorch: "
+          + ", ".join(f"{k} {v:.3g}" for k, v in result["max_abs_diff"].items()))
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``export`` on the ``dist-dejpeg`` subparsers (``from dist_dejpeg.onnx_export import add_parser``)."""
+    ex = subparsers.add_parser("export", help="export the generator to ONNX (dynamic batch/height/width), "
+                                              "checked in onnxruntime")
+    ex.add_argument("--model", required=True,
+                    help="generator.safetensors, a run folder or a checkpoint folder")
+    ex.add_argument("--onnx", required=True, metavar="OUT", help="the ONNX file to write")
+    ex.add_argument("--opset", type=int, default=None, help="ONNX opset (the exporter's default otherwise)")
+    ex.add_argument("--check-image", metavar="PATH", default=None,
+                    help="photo for the onnxruntime-vs-PyTorch check (default: scikit-image's astronaut)")
+    ex.set_defaults(func=_export)
+    return ex
