@@ -7,8 +7,9 @@
     result["max_abs_diff"]   # {"1x3x200x152": 1.2e-07, "2x3x96x160": 1.8e-07}: onnxruntime vs PyTorch
 
 The ONNX model: input ``degraded`` (float32 N x 3 x H x W in [0, 1]), output ``restored`` (same shape, in
-[0, 1]); dims named batch, height, width. H and W of at least 32 (smaller images: PyTorch switches the
-padding to replicate, the graph keeps reflect). Needs ``pip install 'dist_dejpeg[onnx]'``.
+[0, 1]); dims named batch, height, width. H and W above 16: the graph pads with reflect, which needs the pad
+(up to 31) below the size; PyTorch replicates instead for such tiny images, onnxruntime rejects them ("Pad
+reflect: post-pad exceeds maximum allowed"). Needs ``pip install 'dist_dejpeg[onnx]'``.
 
 How: torch.onnx's dynamo exporter (``torch.export``): the TorchScript exporter traces the generator's
 pad-to-a-multiple-of-32 amounts as constants, so its graph only fits the example size. ``Generator.correction``
@@ -45,7 +46,7 @@ INPUT, OUTPUT = "degraded", "restored"
 CHECK_SIZES = ((1, 200, 152), (2, 96, 160))
 # float32 on [0, 1]: 1e-4 is 1/39 of an 8-bit step (1/255); the two runtimes differ only in summation order
 TOLERANCE = 1e-4
-MIN_SIZE = 32
+MIN_SIZE = 32  # the exported range's lower end: from 32 on, torch.export proves the reflect pad valid
 
 
 class OnnxUnavailable(ImportError):
@@ -175,7 +176,7 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
             dim.dim_param = name
     meta = {"format": ONNX_FORMAT, "encoder": str(cfg.get("encoder", "")), "model": json.dumps(cfg),
             "source": str(source), "dist_dejpeg": version, "torch": torch.__version__,
-            "input": f"{INPUT}: float32 N x 3 x H x W in [0, 1], H and W >= {MIN_SIZE}",
+            "input": f"{INPUT}: float32 N x 3 x H x W in [0, 1], H and W > 16",
             "output": f"{OUTPUT}: float32 N x 3 x H x W in [0, 1]"}
     del proto.metadata_props[:]
     for key, value in meta.items():
