@@ -13,6 +13,7 @@
 #    --budget S   stop starting steps once S seconds have gone (default 470: the whole check ends within
 #                 8 minutes; each step also has its own timeout)
 #    --steps A,B  run only these of the optional steps, in this order (env, install and cuda always run first)
+#    --tests EXPR pytest_gpu runs only the gpu tests matching this -k expression
 # Steps, in order: env, install, cuda, pytest_gpu, bench_train, train, evaluate, bench_data, bench_infer. Each one runs even when an
 # earlier one failed, under `timeout`, with its stdout+stderr in OUT/<step>.log; OUT/summary.md gets a row per
 # step (exit code, seconds, result) and, under the table, the last lines of each failing step's log.
@@ -29,7 +30,7 @@ set -u
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 
 ARGS=$(printf ' %q' "$@")
-WHEELS="" OUT="" ALLOW_CPU=0 QUICK=0 BUDGET=470 ONLY=""
+WHEELS="" OUT="" ALLOW_CPU=0 QUICK=0 BUDGET=470 ONLY="" TESTS=""
 while (($#)); do
     case $1 in
         --wheels) WHEELS=${2-}; shift 2 || break ;;
@@ -38,6 +39,7 @@ while (($#)); do
         --quick) QUICK=1; shift ;;
         --budget) BUDGET=${2-}; shift 2 || break ;;
         --steps) ONLY=${2-}; shift 2 || break ;;
+        --tests) TESTS=${2-}; shift 2 || break ;;
         -h | --help) usage; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
     esac
@@ -104,7 +106,7 @@ mkdir -p "$SITE" "$WORK/t" "$WORK/cache"
 # a short TMPDIR: multiprocessing puts AF_UNIX sockets (108-byte path limit) under it
 export TMPDIR=$WORK/t TRITON_CACHE_DIR=$WORK/cache/triton MPLCONFIGDIR=$WORK/cache/matplotlib
 export PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-export ROOT OUT WHEELS SITE DATA WORK PY QUICK HAVE_CUDA
+export ROOT OUT WHEELS SITE DATA WORK PY QUICK HAVE_CUDA TESTS
 
 {
     echo "# GPU check ($MODE)"
@@ -207,6 +209,7 @@ step_pytest_gpu() {
     # -rA and the short tracebacks print each failure's message right after the test, not only at the end
     local per_test=()
     "$PY" -c "import pytest_timeout" 2> /dev/null && per_test=(--timeout 75)
+    [[ -n $TESTS ]] && per_test+=(-k "$TESTS")
     "$PY" -m pytest -m gpu -v -rA --tb=line -p no:cacheprovider --continue-on-collection-errors "${per_test[@]}" tests
     local rc=$?
     ((rc == 5)) && echo "gpu_check: pytest exit 5: no test collected (counted as a failure)"

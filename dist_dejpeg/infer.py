@@ -194,7 +194,7 @@ class Restorer:
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16
                     else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
-            return self.generator(batch.to(self.device)).float()
+            return self.generator(batch).float()
 
     def restore_tensor(self, image: torch.Tensor) -> torch.Tensor:
         """3 x H x W (or 1 x 3 x H x W) float in [0, 1] -> the same shape, restored, on the CPU."""
@@ -206,26 +206,30 @@ class Restorer:
         return out[0] if squeeze else out
 
     def _restore_one(self, x: torch.Tensor) -> torch.Tensor:
+        """One 3 x H x W image: moved to the device once, cut, restored and blended there, returned on the CPU."""
         _, h, w = x.shape
         tile = self.tile
+        x = x.to(self.device, non_blocking=True)
         if not tile or (h <= tile and w <= tile):
             return self._forward(x[None])[0].cpu()
         th, tw = min(tile, h), min(tile, w)
         ys, xs = tile_starts(h, th, self.overlap), tile_starts(w, tw, self.overlap)
-        out = torch.zeros(3, h, w)
-        weight = torch.zeros(1, h, w)
+        out = torch.zeros(3, h, w, device=self.device)
+        weight = torch.zeros(1, h, w, device=self.device)
         windows = [(y, x0) for y in ys for x0 in xs]
+        ramps = {}
         for i in range(0, len(windows), self.batch_size):
             chunk = windows[i:i + self.batch_size]
-            batch = torch.stack([x[:, y:y + th, x0:x0 + tw] for y, x0 in chunk])
-            restored = self._forward(batch).cpu()
+            restored = self._forward(torch.stack([x[:, y:y + th, x0:x0 + tw] for y, x0 in chunk]))
             for (y, x0), r in zip(chunk, restored):
-                wy = _ramp(th, self.overlap, y == 0, y + th == h)
-                wx = _ramp(tw, self.overlap, x0 == 0, x0 + tw == w)
-                wgt = (wy[:, None] * wx[None, :])[None]
-                out[:, y:y + th, x0:x0 + tw] += r * wgt
-                weight[:, y:y + th, x0:x0 + tw] += wgt
-        return out / weight
+                key = (y == 0, y + th == h, x0 == 0, x0 + tw == w)
+                if key not in ramps:
+                    wy = _ramp(th, self.overlap, key[0], key[1])
+                    wx = _ramp(tw, self.overlap, key[2], key[3])
+                    ramps[key] = (wy[:, None] * wx[None, :])[None].to(self.device)
+                out[:, y:y + th, x0:x0 + tw] += r * ramps[key]
+                weight[:, y:y + th, x0:x0 + tw] += ramps[key]
+        return (out / weight).cpu()
 
     # -- arrays and PIL images -----------------------------------------------------------------------------
     def restore_array(self, rgb: np.ndarray) -> np.ndarray:

@@ -65,13 +65,12 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: 
     accelerator.save_state(str(tmp), safe_serialization=True)
     _write_json(tmp / f"loader_{accelerator.process_index}.json", loader_state)
     if buffers:
-        save_file({k: v.detach().contiguous().cpu() for k, v in buffers.items()},
-                  str(tmp / f"buffers_{accelerator.process_index}.safetensors"))
+        save_file(_packed(buffers), str(tmp / f"buffers_{accelerator.process_index}.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if main_tensors:
             for name, tensors in main_tensors.items():
-                save_file(tensors, str(tmp / name))
+                save_file(_packed(tensors), str(tmp / name))
         (tmp / "config.yaml").write_text(config_yaml)
         _write_json(tmp / "trainer_state.json", trainer_state)  # last file: marks the folder complete
         _fsync_dir(tmp)
@@ -83,6 +82,11 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: 
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _packed(tensors: dict) -> dict:
+    """Contiguous CPU copies: safetensors refuses strided tensors, and channels_last weights are strided."""
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
 def remove_partial(run_dir: str | Path) -> list[Path]:
