@@ -8,6 +8,7 @@
     dist-dejpeg restore IN... -o OUT_DIR --model runs/debug [--tile 512 --overlap 64 --device auto]
     dist-dejpeg evaluate --model runs/debug --images photos/ --quality 10 20 30 40 -o eval/ [--y-only]
     dist-dejpeg report --model runs/debug --images photos/ -o report.html
+    dist-dejpeg export --model runs/debug --onnx model.onnx
 
 train exits 0 when done, 2 on a config, weights or busy-run-folder error, 3 when a non-finite loss stopped
 it (checkpoint kept), 75 when SIGUSR1/SIGTERM stopped it (checkpoint kept; rerun to continue).
@@ -266,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("-o", "--out", required=True, help="the HTML file to write (tables go beside it)")
     rp.add_argument("--crop", type=int, default=192, help="crop size in pixels")
     rp.set_defaults(func=_report)
+
+    from dist_dejpeg.onnx_export import add_parser as add_export
+
+    add_export(sub)
 
     from dist_dejpeg.bench import add_parser as add_bench
 
