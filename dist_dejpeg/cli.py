@@ -67,6 +67,12 @@ def _prepare(args: argparse.Namespace) -> int:
           f"({len(splits['train']['shards'])} + {len(splits['val']['shards'])} shards) to {args.out}")
     for item in manifest["rejected"]:
         print(f"rejected {item['source']}: {item['reason']}", file=sys.stderr)
+    if splits["val"]["samples"] == 0:
+        usable = len(manifest.get("sources", {}))
+        print(f"warning: no validation tiles were written ({usable} usable photo(s) of at least {tile} px, all "
+              f"used for training): training needs val-*.tar shards. Add another photo of at least {tile} x {tile} "
+              f"px (one is held out whenever there are two), lower --tile, or point data.val_glob at other "
+              f"shards.", file=sys.stderr)
     return 0
 
 

@@ -572,3 +572,40 @@ def test_stream_of_tiles_smaller_than_the_crop_fails_instead_of_spinning(sample_
     loader = TorchLoader(make_stream(sample_shards, crop=128), 2, 0, torch.device("cpu"))
     with pytest.raises(RuntimeError, match=r"all \d+ samples of epoch 0 were skipped.*'too_small': \d+"):
         take(loader, 1)
+
+
+def test_prepare_folder_always_holds_out_a_usable_photo(tmp_path):
+    """Two usable photos and one too small for a tile: whichever photo the shuffle holds out, a usable one
+    ends in validation (the seeds cover the small one being held out first) and training keeps the other."""
+    from dist_dejpeg.data.shards import prepare_folder
+
+    import skimage.data
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(skimage.data.astronaut()[:160, :160]).save(src / "a.png")
+    Image.fromarray(skimage.data.coffee()[:160, :160]).save(src / "b.png")
+    Image.fromarray(skimage.data.chelsea()[:40, :40]).save(src / "small.png")
+    for seed in range(6):
+        manifest = prepare_folder(src, tmp_path / f"out{seed}", tile=64, train_step=64, shard_size=8, seed=seed,
+                                  val_fraction=0.34)
+        val = [n for n, info in manifest["sources"].items() if info["split"] == "val"]
+        assert len(val) == 1 and manifest["splits"]["val"]["samples"] > 0, seed
+        assert manifest["splits"]["train"]["samples"] > 0 and manifest["rejected"][0]["source"] == "small"
+
+
+def test_prepare_folder_says_when_no_validation_split_is_written(tmp_path, capsys):
+    from dist_dejpeg.cli import main
+
+    import skimage.data
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(skimage.data.astronaut()[:160, :160]).save(src / "a.png")
+    Image.fromarray(skimage.data.chelsea()[:40, :40]).save(src / "small.png")
+    for seed in range(3):  # whichever the shuffle holds out, the one usable photo trains
+        out = tmp_path / f"out{seed}"
+        assert main(["prepare", "folder", "--src", str(src), "--out", str(out), "--tile", "64", "--seed", str(seed)]) == 0
+        err = capsys.readouterr().err
+        assert "no validation tiles were written" in err and "Add another photo" in err
+        assert shard_keys(list_shards(out, "train-*.tar")[0])

@@ -214,8 +214,19 @@ def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step
         used[stem] = used.get(stem, 0) + 1
         name = stem if used[stem] == 1 else f"{stem}-{used[stem]}"
         sources.append((name, "val" if path in val else "train", partial(lambda p: decode_rgb8(p.read_bytes()), path)))
-    return write_dataset(out, sources, dataset=f"folder {src}", tile=tile, train_step=train_step,
-                         shard_size=shard_size, seed=seed, fmt=fmt)
+    write = partial(write_dataset, out, dataset=f"folder {src}", tile=tile, train_step=train_step,
+                    shard_size=shard_size, seed=seed, fmt=fmt)
+    manifest = write(sources)
+    usable = list(manifest["sources"])  # accepted photos, in the shuffled order
+    splits = manifest["splits"]
+    if n_val and usable and (splits["val"]["samples"] == 0 or splits["train"]["samples"] == 0):
+        # rejected photos (too small, undecodable) emptied a split: split the usable ones again, holding out
+        # one or more whenever there are two; a single usable photo trains (prepare then says: no validation)
+        chosen = set(usable[:min(n_val, len(usable) - 1)])
+        log.warning("prepare folder: rejected photos left the %s split empty; validation photos now: %s",
+                    "val" if splits["val"]["samples"] == 0 else "train", ", ".join(sorted(chosen)) or "none")
+        manifest = write([(name, "val" if name in chosen else "train", load) for name, _, load in sources])
+    return manifest
 
 
 def list_shards(root: str | Path, pattern: str) -> list[str]:
