@@ -132,21 +132,8 @@ class MetricSet:
                 self.unavailable[name] = str(err)
 
     def __call__(self, img: np.ndarray, ref: np.ndarray) -> dict[str, float | None]:
-        m, b = self.m, self.crop_border
-        a, r = m._crop(img, b), m._crop(ref, b)
-        out = {"psnr": m.psnr(a, r, y_only=self.y_only), "psnr_b": m.psnr_b(a, r, y_only=self.y_only),
-               "ssim": m.ssim(a, r, y_only=self.y_only),
-               "lpips": None if self.lpips is None else m.lpips_value(self.lpips, a, r)}
-        for name in ("brisque", "niqe"):
-            if name in self.unavailable:
-                out[name] = None
-                continue
-            try:
-                out[name] = float(getattr(m, name)(a))
-            except ValueError as err:  # e.g. NIQE is undefined below two 96 x 96 blocks
-                out[name] = None
-                self.undefined.setdefault(name, {"reason": str(err), "count": 0})["count"] += 1
-        return out
+        return self.m.image_metrics(img, ref, y_only=self.y_only, crop_border=self.crop_border, lpips=self.lpips,
+                                    skip=self.unavailable, undefined=self.undefined)
 
 
 def _mean(values: list) -> float | None:

@@ -466,18 +466,29 @@ def niqe(img, *, params_file: str | Path | None = None) -> float:
 
 # --- all of them --------------------------------------------------------------------------------------------
 
-def image_metrics(img, ref, *, y_only: bool = False, crop_border: int = 0,
-                  lpips: LPIPS | None = None) -> dict[str, float | None]:
+def image_metrics(img, ref, *, y_only: bool = False, crop_border: int = 0, lpips: LPIPS | None = None,
+                  skip: tuple[str, ...] | set[str] | dict = (), undefined: dict | None = None) -> dict[str, float | None]:
     """All six metrics of ``img`` (restored or JPEG) against ``ref`` (clean): psnr, psnr_b, ssim (on Y when
     ``y_only``), lpips (RGB; None when ``lpips`` is None), brisque and niqe (no-reference, on ``img``
     alone, on the RGB image as their reference implementations take it). ``crop_border`` applies to all.
-    BRISQUE/NIQE raise MetricUnavailable when their package or parameter file is missing."""
+    Names in ``skip`` (e.g. metrics found unavailable) are None. BRISQUE/NIQE raise MetricUnavailable when
+    their package or parameter file is missing; where one is undefined for this image (NIQE below two 96 x 96
+    blocks) it is None, and with ``undefined`` given, counted there as ``{name: {"reason", "count"}}``."""
     a, b = _crop(np.asarray(img), crop_border), _crop(np.asarray(ref), crop_border)
-    return {
+    out = {
         "psnr": psnr(a, b, y_only=y_only),
         "psnr_b": psnr_b(a, b, y_only=y_only),
         "ssim": ssim(a, b, y_only=y_only),
-        "lpips": None if lpips is None else lpips_value(lpips, a, b),
-        "brisque": brisque(a),
-        "niqe": niqe(a),
+        "lpips": None if lpips is None or "lpips" in skip else lpips_value(lpips, a, b),
     }
+    for name, fn in (("brisque", brisque), ("niqe", niqe)):
+        out[name] = None
+        if name in skip:
+            continue
+        try:
+            out[name] = float(fn(a))
+        except ValueError as err:
+            if undefined is None:
+                raise
+            undefined.setdefault(name, {"reason": str(err), "count": 0})["count"] += 1
+    return out

@@ -123,56 +123,94 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def test_restore_folder_with_bad_files(tmp_path, model_file, capsys):
-    """The bad-input matrix through the CLI: every good file restored (right size, mode, alpha), every bad one
-    reported with its reason at the end, exit status 1, and the run never stops at the first failure."""
-    rgb = _photo(72, 100)
-    src = tmp_path / "in"
-    jpeg = _jpeg_bytes(rgb)
-    _write(src / "good.jpg", jpeg)
-    _write(src / "sub" / "nested.png", _png(Image.fromarray(rgb)))
-    _write(src / "gray.jpg", _jpeg_bytes(rgb[..., 0]))
-    cmyk = io.BytesIO()
-    Image.fromarray(rgb).convert("CMYK").save(cmyk, format="JPEG", quality=30)
-    _write(src / "cmyk.jpg", cmyk.getvalue())
-    alpha = np.full(rgb.shape[:2], 128, np.uint8)
-    _write(src / "rgba.png", _png(Image.fromarray(np.dstack([rgb, alpha]), "RGBA")))
-    _write(src / "palette.png", _png(Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE)))
-    _write(src / "tiny.png", _png(Image.fromarray(rgb[:1, :1])))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90 CW to display
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=40, exif=exif)
-    _write(src / "rotated.jpg", buf.getvalue())
-    # bad ones
-    _write(src / "notes.jpg", b"this is not an image\n")
-    _write(src / "empty.png", b"")
-    _write(src / "truncated.jpg", jpeg[: len(jpeg) // 2])
-    deep = io.BytesIO()
-    Image.fromarray((np.random.default_rng(0).random((20, 30)) * 65535).astype(np.uint16)).save(deep, format="PNG")
-    _write(src / "deep16.png", deep.getvalue())
-    (src / "README.txt").write_text("not an image suffix: ignored in a folder")
+RGB = None
 
+
+def _rgb() -> np.ndarray:
+    global RGB
+    if RGB is None:
+        RGB = _photo(72, 100)
+    return RGB
+
+
+def _cmyk() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(_rgb()).convert("CMYK").save(buf, format="JPEG", quality=30)
+    return buf.getvalue()
+
+
+def _rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    Image.fromarray(_rgb()).save(buf, format="JPEG", quality=40, exif=exif)
+    return buf.getvalue()
+
+
+def _deep16() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((20, 30)) * 65535).astype(np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+ALPHA = np.full((72, 100), 128, np.uint8)
+# name -> (file bytes, check of the output image, or the words the error must contain)
+CASES = {
+    "good.jpg": (lambda: _jpeg_bytes(_rgb()), lambda im: im.size == (100, 72) and im.mode == "RGB"),
+    "gray.jpg": (lambda: _jpeg_bytes(_rgb()[..., 0]), lambda im: im.mode == "L" and im.size == (100, 72)),
+    "cmyk.jpg": (_cmyk, lambda im: im.mode == "RGB" and im.size == (100, 72)),
+    "rgba.png": (lambda: _png(Image.fromarray(np.dstack([_rgb(), ALPHA]), "RGBA")),
+                 lambda im: im.mode == "RGBA" and np.array_equal(np.asarray(im)[..., 3], ALPHA)),
+    "palette.png": (lambda: _png(Image.fromarray(_rgb()).convert("P", palette=Image.Palette.ADAPTIVE)),
+                    lambda im: im.mode == "RGB" and im.size == (100, 72)),
+    "tiny.png": (lambda: _png(Image.fromarray(_rgb()[:1, :1])), lambda im: im.size == (1, 1)),
+    "rotated.jpg": (_rotated, lambda im: im.size == (72, 100)),  # EXIF orientation applied
+    "notes.jpg": (lambda: b"this is not an image\n", "not an image PIL can read"),
+    "empty.png": (lambda: b"", "not an image PIL can read"),
+    "truncated.jpg": (lambda: (data := _jpeg_bytes(_rgb()))[:len(data) // 2], "cannot decode"),
+    "deep16.png": (_deep16, "16-bit"),
+}
+
+
+@pytest.fixture(scope="module")
+def restorer(model_file) -> Restorer:
+    return Restorer(str(model_file), tile=64, overlap=16)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_matrix(tmp_path, restorer, name):
+    """Each odd input: a correct result (size, mode, alpha, orientation) or a clear error; never a crash."""
+    from dist_dejpeg.infer import restore_files
+
+    make, expect = CASES[name]
+    src = _write(tmp_path / "in" / name, make())
+    (result,) = restore_files(restorer, [str(src)], tmp_path / "out", progress=False)
+    if isinstance(expect, str):
+        assert result.output is None and expect in result.error, result.error
+        assert not (tmp_path / "out" / Path(name).with_suffix(".png")).exists()
+    else:
+        assert result.error is None, result.error
+        assert expect(Image.open(result.output))
+
+
+def test_restore_folder_with_bad_files(tmp_path, model_file, capsys):
+    """A folder (recursive) with every case in it: the good ones restored, every bad one reported with its
+    reason at the end, exit status 1; the run never stops at the first failure and leaves no temporaries."""
+    src = tmp_path / "in"
+    for name, (make, _) in CASES.items():
+        _write(src / ("sub" if name.startswith("g") else "") / name, make())
+    (src / "README.txt").write_text("not an image suffix: ignored in a folder")
     out = tmp_path / "out"
     code = main(["restore", str(src), "-o", str(out), "--model", str(model_file), "--quiet", "--tile", "64",
                  "--overlap", "16"])
     err = capsys.readouterr()
+    bad = [n for n, (_, e) in CASES.items() if isinstance(e, str)]
     assert code == 1
-    assert "restored 8 image(s)" in err.out and "4 failed" in err.out
-    for name in ("notes.jpg", "empty.png", "truncated.jpg", "deep16.png"):
+    assert f"restored {len(CASES) - len(bad)} image(s)" in err.out and f"{len(bad)} failed" in err.out
+    for name in bad:
         assert f"{name}:" in err.err, name
-    assert "16-bit" in err.err and "cannot decode" in err.err
-    assert Image.open(out / "good.png").size == (100, 72)
-    assert Image.open(out / "sub" / "nested.png").size == (100, 72)
-    assert Image.open(out / "gray.png").mode == "L"
-    assert Image.open(out / "cmyk.png").mode == "RGB"
-    restored_rgba = Image.open(out / "rgba.png")
-    assert restored_rgba.mode == "RGBA" and np.array_equal(np.asarray(restored_rgba)[..., 3], alpha)
-    assert Image.open(out / "palette.png").mode == "RGB"
-    assert Image.open(out / "tiny.png").size == (1, 1)
-    assert Image.open(out / "rotated.png").size == (72, 100)  # EXIF orientation applied
+    assert (out / "sub" / "good.png").is_file() and (out / "rgba.png").is_file()
     assert not list(out.rglob(".*tmp*"))  # atomic writes leave no temporaries
-    assert (src / "good.jpg").read_bytes() == jpeg  # inputs untouched
 
 
 def test_restore_glob_and_all_good_exit_zero(tmp_path, model_file, capsys):

@@ -265,7 +265,8 @@ def test_image_metrics_keys_crop_and_info():
     assert out["psnr"] == M.psnr(cropped_img, cropped_ref) == M.psnr(img, clean, crop_border=c)
     assert out["psnr_b"] == M.psnr_b(cropped_img, cropped_ref)
     assert out["ssim"] == M.ssim(cropped_img, cropped_ref)
-    assert out["brisque"] == M.brisque(cropped_img) and out["niqe"] == M.niqe(cropped_img)
+    # BRISQUE goes through OpenCV filters whose threaded sums can differ in the last bits between calls
+    assert out["brisque"] == pytest.approx(M.brisque(cropped_img), rel=1e-9) and out["niqe"] == M.niqe(cropped_img)
     y = M.image_metrics(img, clean, y_only=True)
     assert y["psnr"] == M.psnr(img, clean, y_only=True) != out["psnr"]
     assert not M.METRIC_INFO["niqe"][0] and not M.METRIC_INFO["brisque"][0] and M.METRIC_INFO["psnr_b"][0]
