@@ -277,13 +277,16 @@ PYEOF
 
 step_evaluate() {  # the trained run's generator on the GPU: restore + the six metrics (LPIPS unavailable offline)
     [[ -s $OUT/run/generator.safetensors ]] || { echo "gpu_check: no generator from the train step"; exit 1; }
+    local n=8 size=2000x1500
+    ((QUICK)) && n=2 size=320x240
     "$PY" -m dist_dejpeg.cli evaluate --model "$OUT/run" --images "$DATA"/val-*.tar --quality 10 40 \
-        --max-images 8 -o "$OUT/evaluate" --quiet || exit $?
+        --max-images $n -o "$OUT/evaluate" --quiet || exit $?
     head -n 24 "$OUT/evaluate/metrics.md"
-    # restore of a 2000 x 1500 photo on the GPU (bf16, tiles): the command's own ms-per-megapixel line
+    # restore of a photo (2000 x 1500; --quick 320 x 240) through the CLI: its own ms-per-megapixel line
     "$PY" -c 'import sys, skimage.data; from PIL import Image
-Image.fromarray(skimage.data.astronaut()).resize((2000, 1500)).save(sys.argv[1])' "$WORK/astronaut_2000x1500.png" || exit $?
-    "$PY" -m dist_dejpeg.cli restore "$WORK/astronaut_2000x1500.png" -o "$WORK/restored" --model "$OUT/run" --quiet || exit $?
+w, h = map(int, sys.argv[2].split("x"))
+Image.fromarray(skimage.data.astronaut()).resize((w, h)).save(sys.argv[1])' "$WORK/astronaut.png" "$size" || exit $?
+    "$PY" -m dist_dejpeg.cli restore "$WORK/astronaut.png" -o "$WORK/restored" --model "$OUT/run" --quiet || exit $?
 }
 export -f step_env step_install step_cuda step_pytest_gpu step_bench_train step_bench_data step_bench_infer step_train \
     step_evaluate
