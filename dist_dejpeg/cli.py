@@ -79,8 +79,9 @@ def _prepare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from dist_dejpeg.config import ConfigError, load_config, to_yaml
 
+    overrides = list(args.overrides) + ([f"train.log_level={args.log_level}"] if args.log_level else [])
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -111,6 +112,10 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingStopped as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # one closing line per run, not one per rank
+        return 0
     lowest = min(results, key=lambda k: int(k[1:]))
     r = results[lowest]
     print(f"done: {lowest} PSNR {r['jpeg']['psnr']:.3f} (JPEG) -> {r['restored']['psnr']:.3f} dB (restored); "
@@ -240,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue from the newest checkpoint of train.run_dir (what train.auto_resume does by "
                          "default), or from the given folder")
     tr.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    tr.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                    help="log level of rank 0 (train.log_level; other ranks log warnings and errors)")
     tr.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. train.run_dir) and exit")
     tr.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. data.batch_size=8)")
     tr.set_defaults(func=_train)

@@ -122,7 +122,9 @@ class TrainConfig:
     image_every: int = 0  # steps between TensorBoard image grids (0: at each validation)
     ckpt_every: int = 1000  # steps between checkpoints (and one at the end of every phase)
     keep_last: int = 3  # checkpoints kept (oldest removed first)
-    progress: bool = True  # rank-0 progress bar
+    progress: bool = True  # rank-0 progress bar on a terminal (without one: a plain log line every log_every steps)
+    log_level: str = "info"  # debug | info | warning | error (rank 0; other ranks log warnings and errors)
+    log_with: List[str] = field(default_factory=lambda: ["tensorboard"])  # Accelerate trackers: tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive, trackio
     auto_resume: bool = True  # continue from the newest checkpoint in run_dir when there is one (requeued jobs)
     dist_timeout_s: int = 900  # a collective that waits longer fails the run instead of hanging (dead rank)
     compile: bool = False  # torch.compile the generator and critic (eager, with a warning, where compiling fails)
@@ -195,6 +197,8 @@ def validate(cfg: Config) -> None:
     _one_of("data.backend", d.backend, ("auto", "dali", "torch"))
     _one_of("data.auto_prepare", d.auto_prepare, ("none", "samples"))
     _one_of("train.mixed_precision", t.mixed_precision, ("no", "bf16", "fp16"))
+    t.log_level = t.log_level.lower()
+    _one_of("train.log_level", t.log_level, ("debug", "info", "warning", "error"))
     _one_of("loss.lpips_net", cfg.loss.lpips_net, ("vgg", "alex"))
     _one_of("loss.metric_net", cfg.loss.metric_net, ("vgg", "alex"))
     _one_of("loss.adversarial", cfg.loss.adversarial, ("bce", "hinge"))

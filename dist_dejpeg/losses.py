@@ -9,6 +9,7 @@ epsilon underflows to zero, which is where NaNs come from; in float32 neither ca
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,12 @@ class LPIPS(nn.Module):
 
         # pnet_rand=True: build the backbone without lpips' own download; weights are loaded below, the
         # standard way, or the run says (in `pretrained`) that the backbone is random.
-        self.inner = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+        with warnings.catch_warnings():
+            # lpips 0.1.4 builds its backbone with torchvision's deprecated `pretrained=` argument; the warning
+            # speaks of lpips' internals, not of anything the user can change (the weights are loaded below)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\.models\._utils",
+                                    message=r"(The parameter 'pretrained' is deprecated|Arguments other than a weight enum)")
+            self.inner = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
         if pretrained:
             load_lpips_backbone(self.inner.net, lpips_backbone_state(net, weights_file, key))
         self.net_name = net

@@ -54,7 +54,19 @@ def build_accelerator(cfg: Config) -> Accelerator:
         # rank 0 at each forward breaks when a model runs twice before a backward.
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
                          InitProcessGroupKwargs(timeout=timeout)],
+        **_tracking(cfg),
     )
+
+
+def _tracking(cfg: Config) -> dict:
+    """Accelerate's experiment trackers (train.log_with), checked before anything else starts."""
+    from pathlib import Path
+
+    from dist_dejpeg.train.monitor import check_trackers, tracker_objects
+
+    check_trackers(list(cfg.train.log_with))
+    run_dir = Path(cfg.train.run_dir)
+    return {"log_with": tracker_objects(list(cfg.train.log_with), run_dir), "project_dir": str(run_dir)}
 
 
 def _launcher_deepspeed_stage() -> int | None:
@@ -111,16 +123,25 @@ def _deepspeed_accelerator(cfg: Config, cpu: bool, timeout: timedelta) -> Accele
         mixed_precision="no",  # the run's bf16 is applied by autocast in the steps (Trainer.autocast)
         deepspeed_plugins=plugins,
         kwargs_handlers=[group],
+        **_tracking(cfg),
     )
     if acc.num_processes != world:
         raise RuntimeError(f"DeepSpeed: {acc.num_processes} processes, but WORLD_SIZE said {world}")
     return acc
 
 
-def setup_logging(accelerator: Accelerator) -> None:
-    level = logging.INFO if accelerator.is_main_process else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("dist_dejpeg").setLevel(level)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(accelerator: Accelerator, level: str = "info") -> None:
+    """One format for every logger; ``level`` on the main process, warnings and errors on the others."""
+    value = getattr(logging, level.upper()) if accelerator.is_main_process else logging.WARNING
+    logging.basicConfig(level=value, format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger().setLevel(value)
+    logging.getLogger("dist_dejpeg").setLevel(value)
+    # accelerate narrates every checkpoint file at INFO (six lines per save); the trainer says "checkpoint:
+    # <folder>" once. Its warnings and errors still show; --log-level debug shows everything.
+    logging.getLogger("accelerate").setLevel(value if value <= logging.DEBUG else max(value, logging.WARNING))
 
 
 def _innermost(optimizer):

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
-from tqdm.auto import tqdm
 
 from dist_dejpeg.config import Config, ConfigError, PhaseConfig, to_yaml
 from dist_dejpeg.data import build_train_loader, build_val_set, ensure_samples
@@ -41,6 +40,7 @@ from dist_dejpeg.models.sync_bn import convert_sync_batchnorm
 from dist_dejpeg.models.unet import build_generator
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train.accelerator import _innermost, _refresh_master_weights, build_accelerator, setup_logging
+from dist_dejpeg.train.monitor import Monitor
 from dist_dejpeg.train.phases import StopRule, gan_turn, lr_at, trains_critic, trains_generator, uses_lpips
 from dist_dejpeg.train.steps import DeviceFlags, NonFiniteLoss, critic_step, generator_step
 from dist_dejpeg.train.validation import image_grid, mean_restored_lpips, validate
@@ -125,7 +125,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.train.run_dir)
         self.accelerator = acc = build_accelerator(cfg)
-        setup_logging(acc)
+        setup_logging(acc, cfg.train.log_level)
         phases = [cfg.train.phases[name] for name in cfg.train.order]
         need_critic = any(trains_critic(p) for p in phases)
         self.lock = ckpt.RunLock(self.run_dir)
@@ -206,11 +206,9 @@ class Trainer:
             if any(skipped.values()):
                 log.warning("validation shards: skipped %s", skipped)
         self.val_set = val_set
-        self.writer = None
-        if acc.is_main_process:
-            from torch.utils.tensorboard import SummaryWriter
+        from omegaconf import OmegaConf
 
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self.monitor = Monitor(acc, cfg, self.run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)))
         self.state = TrainerState()
         self.best_generator: dict | None = None
         self.signals = ckpt.StopSignals()
@@ -219,9 +217,8 @@ class Trainer:
         self.last_train_scalars: dict = {}  # phase -> its newest logged window (images/s, data wait, losses)
 
     def close(self) -> None:
-        """Release the run folder and TensorBoard (fit does this itself; for callers that only step)."""
-        if self.writer is not None:
-            self.writer.close()
+        """Release the run folder and the trackers (fit does this itself; for callers that only step)."""
+        self.monitor.close()
         self.lock.release()
 
     # -- helpers --------------------------------------------------------------------------------------
@@ -242,11 +239,6 @@ class Trainer:
     @property
     def critic_raw(self):
         return self.accelerator.unwrap_model(self.critic) if self.critic is not None else None
-
-    def _log_scalars(self, values: dict, step: int) -> None:
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(key, value, step)
 
     def _data_skipped(self) -> dict:
         counts = getattr(self.loader, "skipped", lambda: {})()
@@ -315,17 +307,10 @@ class Trainer:
         self._average_bn_stats()
         results = validate(self.accelerator, self.gen_raw, self.val_set, self.metric_lpips, self.cfg.data.val_batch_size)
         step = self.state.global_step
-        for q, groups in results.items():
-            for group, values in groups.items():
-                self._log_scalars({f"val_{q}/{group}_{m}": v for m, v in values.items()}, step)
-        grid = image_grid(self.accelerator, self.gen_raw, self.val_set) if self.writer is not None else None
-        if grid is not None:
-            self.writer.add_image(f"val/jpeg_restored_clean_{tag}", grid, step)
+        self.monitor.validation(tag, results, step)
         if self.accelerator.is_main_process:
-            lowest = min(results, key=lambda k: int(k[1:]))
-            r = results[lowest]
-            log.info("val %s @%d %s: PSNR jpeg %.3f -> restored %.3f dB, LPIPS %.4f -> %.4f", tag, step, lowest,
-                     r["jpeg"]["psnr"], r["restored"]["psnr"], r["jpeg"]["lpips"], r["restored"]["lpips"])
+            self.monitor.image(f"val/jpeg_restored_clean_{tag}", image_grid(self.accelerator, self.gen_raw,
+                                                                             self.val_set), step)
         return results
 
     # -- the phase loop -------------------------------------------------------------------------------
@@ -348,8 +333,7 @@ class Trainer:
         if self.critic is not None:
             self.critic.train(trains_critic(phase))
         val_every = phase.val_every or cfg.train.val_every
-        bar = tqdm(total=phase.steps, initial=st.phase_step, desc=name, dynamic_ncols=True,
-                   disable=not (acc.is_main_process and cfg.train.progress))
+        self.monitor.start_phase(name, st.phase_index, st.phase_step, st.global_step)
         window: dict[str, torch.Tensor] = {}
         window_steps, images, t0 = 0, 0, time.perf_counter()
         per_step = cfg.data.batch_size * cfg.train.grad_accum * acc.num_processes
@@ -369,7 +353,7 @@ class Trainer:
             window_steps += 1
             for k, v in logs.items():
                 window[k] = window.get(k, 0) + v
-            bar.update(1)
+            self.monitor.advance()
             validating = val_every and st.phase_step % val_every == 0 and st.phase_step < phase.steps
             saving = cfg.train.ckpt_every and st.global_step % cfg.train.ckpt_every == 0 and st.phase_step < phase.steps
             # the host reads the flags every sync_every steps, and always before anything is validated or saved
@@ -386,9 +370,8 @@ class Trainer:
                     scalars["train/data_wait_frac"] = (batches.waited - waited0) / max(elapsed, 1e-9)
                     waited0 = batches.waited
                 scalars["train/lr"] = lr
-                self._log_scalars(scalars, st.global_step)
+                self.monitor.window(name, scalars, st.phase_step, st.global_step, elapsed / max(window_steps, 1))
                 self.last_train_scalars[name] = dict(scalars, step=st.global_step)
-                bar.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in scalars.items() if "acc" not in k})
                 window, window_steps, images, t0 = {}, 0, 0, time.perf_counter()
             if validating:
                 stopped = self._validate_in_phase(name, phase, stop)
@@ -397,13 +380,14 @@ class Trainer:
                 st.stop = stop.state_dict()
                 saved = self.save()
             if stop_now:
-                bar.close()
                 st.stop = stop.state_dict()
                 path = saved or self.save()
-                raise Preempted(f"stopped by {self.signals.name or 'a signal on another rank'} after step "
-                                f"{st.phase_step} of phase '{name}' (global step {st.global_step}); the checkpoint "
-                                f"{path} resumes it: run the same command again (train.auto_resume)", path)
-        bar.close()
+                message = (f"stopped by {self.signals.name or 'a signal on another rank'} after step "
+                           f"{st.phase_step} of phase '{name}' (global step {st.global_step}); the checkpoint "
+                           f"{path} resumes it: run the same command again (train.auto_resume)")
+                self.monitor.finish("preempted", message, st.global_step)
+                raise Preempted(message, path)
+        self.monitor.end_phase(name, st.global_step)
         if phase.kind == "gan":
             if not stopped:
                 self._validate_in_phase(name, phase, stop)
@@ -469,6 +453,7 @@ class Trainer:
         if phase.kind != "gan":
             return False
         improved, should_stop = stop.update(value, self.state.phase_step)
+        self.monitor.set_best({"metric": "lpips", "value": stop.best, "step": stop.best_step, "phase": name})
         if improved:
             self.best_generator = {k: v.detach().to("cpu", copy=True) for k, v in self.gen_raw.state_dict().items()}
         if should_stop:
@@ -494,8 +479,6 @@ class Trainer:
         try:
             while self.state.phase_index < len(cfg.train.order):
                 name = cfg.train.order[self.state.phase_index]
-                log.info("phase %s (%s): steps %d..%d", name, cfg.train.phases[name].kind, self.state.phase_step,
-                         cfg.train.phases[name].steps)
                 self.run_phase(name, cfg.train.phases[name], batches)
         except NonFiniteLoss as err:
             name = cfg.train.order[self.state.phase_index]
@@ -509,14 +492,13 @@ class Trainer:
                        f"(global step {self.state.global_step}); {state} is saved in {path}. "
                        f"Lower the phase's lr, set max_grad_norm, or use bf16 instead of fp16, then --resume.")
             log.error(message)
+            self.monitor.finish("stopped", message, self.state.global_step)
             raise TrainingStopped(message) from None
         except Preempted as err:
             log.info("%s", err)
             raise
         finally:
             self.signals.restore()
-            if self.writer is not None:
-                self.writer.flush()
         return self.finish()
 
     def finish(self) -> dict:
@@ -547,8 +529,8 @@ class Trainer:
             save_generator(self.gen_raw, self.cfg.model, self.run_dir / "generator.safetensors",
                            extra={"lpips": self.metric_lpips.description, "global_step": self.state.global_step})
             log.info("wrote %s and %s", self.run_dir / "metrics.json", self.run_dir / "generator.safetensors")
-        if self.writer is not None:
-            self.writer.close()
+        self.monitor.finish("finished", "", self.state.global_step)
+        self.monitor.close()
         acc.wait_for_everyone()
         return results
 

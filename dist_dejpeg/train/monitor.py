@@ -1,0 +1,234 @@
+"""What a training run tells the people watching it, from rank 0: the console, the experiment trackers and
+``progress.json``.
+
+- Console: on a terminal, a tqdm bar per phase with the latest losses; without one (a SLURM log file, a pipe),
+  no bar and instead one plain log line every ``train.log_every`` steps::
+
+      gen 300/1000 (30%) | gen/l1 0.0231 gen/lpips 0.0052 | 31.2 img/s | data wait 4% | lr 1.8e-03 | ETA phase 1m52s, run 2m10s
+
+  and one line per validation quality. Everything goes through ``logging`` (one format, level from
+  ``train.log_level`` or ``--log-level``).
+- Trackers: Accelerate's (``train.log_with``: tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive,
+  trackio); each gets the same scalars and the validation image grid. TensorBoard writes to ``<run_dir>/tb``.
+- ``progress.json`` (atomic rewrite at every log window, validation, phase boundary and at the end): where the
+  run stands, for ``dist-dejpeg status`` and scripts; see :data:`PROGRESS_KEYS`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("dist_dejpeg")
+
+PROGRESS = "progress.json"
+PROGRESS_KEYS = ("time", "status", "reason", "phase", "phase_index", "phases", "phase_step", "phase_steps",
+                 "global_step", "total_steps", "images_per_s", "data_wait_frac", "lr", "eta_phase_s", "eta_run_s",
+                 "losses", "last_val", "best", "host", "pid", "slurm_job")
+# tracker name -> the package it needs (what `pip install` names)
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim",
+                    "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "trackio": "trackio"}
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or not np.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every name known and its package importable, before any work (a ConfigError naming the fix)."""
+    import importlib.util
+
+    from dist_dejpeg.config import ConfigError
+
+    for name in names:
+        if name not in TRACKER_PACKAGES:
+            raise ConfigError(f"config key 'train.log_with': unknown tracker '{name}' (known: "
+                              f"{', '.join(TRACKER_PACKAGES)})")
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise ConfigError(f"config key 'train.log_with': tracker '{name}' needs the {TRACKER_PACKAGES[name]} "
+                              f"package, which is not installed: pip install {TRACKER_PACKAGES[name]}")
+
+
+def tracker_objects(names: list[str], run_dir: Path) -> list:
+    """Accelerate's ``log_with``: TensorBoard as an instance writing to ``<run_dir>/tb`` (the folder every
+    earlier run used), the others by name."""
+    from accelerate.tracking import TensorBoardTracker
+
+    return [TensorBoardTracker("tb", str(run_dir)) if n == "tensorboard" else n for n in names]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{key}."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out
+
+
+class Monitor:
+    """One per Trainer. Every method may be called on every rank; only rank 0 writes or prints."""
+
+    def __init__(self, accelerator, cfg, run_dir: Path, config_dict: dict):
+        self.acc, self.cfg, self.run_dir = accelerator, cfg, Path(run_dir)
+        self.main = accelerator.is_main_process
+        self.use_bar = bool(cfg.train.progress) and self.main and sys.stderr.isatty()
+        self.order = list(cfg.train.order)
+        self.steps = {n: cfg.train.phases[n].steps for n in self.order}
+        self.bar = None
+        self.closed = False
+        self.progress: dict = {"status": "running", "reason": "", "phases": self.order,
+                               "total_steps": sum(self.steps.values()), "host": socket.gethostname(),
+                               "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                               "losses": {}, "last_val": None, "best": None, "images_per_s": None,
+                               "data_wait_frac": None, "lr": None, "eta_phase_s": None, "eta_run_s": None}
+        try:
+            accelerator.init_trackers(self.run_dir.name or "dist_dejpeg", config=_flat(config_dict))
+        except Exception as err:  # noqa: BLE001 - a tracker that cannot start: say so now, not hours later
+            from dist_dejpeg.config import ConfigError
+
+            raise ConfigError(f"config key 'train.log_with': a tracker of {cfg.train.log_with} could not start "
+                              f"({type(err).__name__}: {err})") from err
+
+    # -- trackers --------------------------------------------------------------------------------------
+    def scalars(self, values: dict, step: int) -> None:
+        if self.main:
+            self.acc.log(values, step=step)
+
+    def image(self, tag: str, grid, step: int) -> None:
+        """``grid``: 3 x H x W float in [0, 1] (torch). To every tracker that takes images."""
+        if not self.main:
+            return
+        chw = grid.detach().float().clamp(0, 1).cpu().numpy()
+        hwc = (chw.transpose(1, 2, 0) * 255).round().astype(np.uint8)
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(tag, chw, step)
+            elif tracker.name == "mlflow":
+                import mlflow
+
+                mlflow.log_image(hwc, key=tag.replace("/", "_"), step=step)
+            elif hasattr(tracker, "log_images"):
+                tracker.log_images({tag: [hwc]}, step=step)
+
+    # -- console and progress.json ------------------------------------------------------------------------
+    def start_phase(self, name: str, index: int, initial: int, global_step: int) -> None:
+        self.progress.update(phase=name, phase_index=index, phase_step=initial, phase_steps=self.steps[name],
+                             global_step=global_step)
+        if self.use_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.steps[name], initial=initial, desc=name, dynamic_ncols=True)
+        elif self.main:
+            log.info("phase %s (%d/%d): steps %d..%d", name, index + 1, len(self.order), initial, self.steps[name])
+        self._write()
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def window(self, name: str, scalars: dict, phase_step: int, global_step: int, seconds_per_step: float) -> None:
+        """One logged window: trackers, then the bar's postfix or a plain line, then progress.json."""
+        self.scalars(scalars, global_step)
+        if not self.main:
+            return
+        left_phase = self.steps[name] - phase_step
+        later = sum(self.steps[n] for n in self.order[self.order.index(name) + 1:])
+        eta_phase = left_phase * seconds_per_step
+        eta_run = (left_phase + later) * seconds_per_step  # later phases at this phase's rate: a rough figure
+        losses = {k[len("train/"):]: v for k, v in scalars.items()
+                  if k not in ("train/images_per_s", "train/data_wait_frac", "train/lr")}
+        self.progress.update(phase_step=phase_step, global_step=global_step, losses=losses,
+                             images_per_s=scalars.get("train/images_per_s"),
+                             data_wait_frac=scalars.get("train/data_wait_frac"), lr=scalars.get("train/lr"),
+                             eta_phase_s=eta_phase, eta_run_s=eta_run)
+        if self.bar is not None:
+            self.bar.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in scalars.items() if "acc" not in k})
+        else:
+            total = self.steps[name]
+            parts = [f"{name} {phase_step}/{total} ({100 * phase_step // max(total, 1)}%)",
+                     " ".join(f"{k} {v:.4g}" for k, v in sorted(losses.items()) if "acc" not in k)]
+            if scalars.get("train/images_per_s") is not None:
+                parts.append(f"{scalars['train/images_per_s']:.1f} img/s")
+            if scalars.get("train/data_wait_frac") is not None:
+                parts.append(f"data wait {100 * scalars['train/data_wait_frac']:.0f}%")
+            parts.append(f"lr {scalars.get('train/lr', 0):.2e}")
+            parts.append(f"ETA phase {duration(eta_phase)}, run {duration(eta_run)}")
+            log.info(" | ".join(p for p in parts if p))
+        self._write()
+
+    def validation(self, tag: str, results: dict, step: int) -> None:
+        """Per-quality results {q10: {jpeg: {...}, restored: {...}}}: trackers, one line per quality."""
+        for q, groups in results.items():
+            for group, values in groups.items():
+                self.scalars({f"val_{q}/{group}_{m}": v for m, v in values.items()}, step)
+        if not self.main:
+            return
+        for q in sorted(results, key=lambda k: int(k[1:])):
+            j, r = results[q]["jpeg"], results[q]["restored"]
+            self._emit(f"val {tag} @{step} {q}: PSNR {j['psnr']:.3f} -> {r['psnr']:.3f} dB, SSIM {j['ssim']:.4f} -> "
+                       f"{r['ssim']:.4f}, LPIPS {j['lpips']:.4f} -> {r['lpips']:.4f}")
+        self.progress["last_val"] = results
+        self._write()
+
+    def set_best(self, best: dict) -> None:
+        """The stop rule's best validation value so far ({metric, value, step, phase})."""
+        self.progress["best"] = best
+        self._write()
+
+    def end_phase(self, name: str, global_step: int) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.progress.update(phase_step=self.steps[name], global_step=global_step, eta_phase_s=0.0)
+        self._write()
+
+    def finish(self, status: str, reason: str = "", global_step: int | None = None) -> None:
+        """``status``: finished, preempted or stopped (a non-finite loss)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.progress.update(status=status, reason=reason)
+        if global_step is not None:
+            self.progress["global_step"] = global_step
+        if status == "finished":
+            self.progress.update(eta_phase_s=0.0, eta_run_s=0.0)
+        self._write()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if not self.closed:
+            self.closed = True
+            self.acc.end_training()
+
+    def _emit(self, line: str) -> None:
+        """A line that must not tear the bar apart on a terminal."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            log.info(line)
+
+    def _write(self) -> None:
+        if not self.main or not self.run_dir.is_dir():
+            return
+        self.progress["time"] = time.time()
+        path = self.run_dir / PROGRESS
+        tmp = path.with_name(f".{PROGRESS}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({k: self.progress.get(k) for k in PROGRESS_KEYS}, indent=1, default=float))
+        os.replace(tmp, path)

@@ -1,0 +1,116 @@
+"""What a run tells the people watching it: plain log lines without a terminal, progress.json, the LPIPS
+package's deprecation warnings silenced narrowly, and the experiment trackers through Accelerate (TensorBoard
+and MLflow's local file store)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import warnings
+
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+
+from dist_dejpeg.config import ConfigError
+from dist_dejpeg.data.shards import prepare_samples
+from dist_dejpeg.train.monitor import PROGRESS_KEYS, check_trackers, duration
+from dist_dejpeg.train.trainer import Trainer
+
+from test_trainer import tiny
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    prepare_samples(out, tile=64, train_step=64, shard_size=32)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_plain_lines_progress_json_and_tensorboard(tmp_path, shards, caplog):
+    """Without a terminal (pytest captures stderr): no bar, one line per log window with losses, images/s,
+    data wait, lr and the ETAs; one line per validation quality; progress.json says where the run is."""
+    run = tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="dist_dejpeg")
+    t = Trainer(tiny(run, shards, "train.log_every=2", "train.phases.gen.steps=4", "train.order=[gen]"))
+    assert not t.monitor.use_bar
+    t.fit()
+    lines = [r.getMessage() for r in caplog.records if r.name == "dist_dejpeg"]
+    window = [line for line in lines if line.startswith("gen 2/4") or line.startswith("gen 4/4")]
+    assert len(window) == 2, lines
+    assert re.search(r"gen 2/4 \(50%\) \| gen/l1 \S+ gen/lpips \S+ gen/total \S+ \| [\d.]+ img/s \| data wait \d+% "
+                     r"\| lr \S+ \| ETA phase \S+, run \S+", window[0]), window[0]
+    for q in ("q10", "q20", "q40"):
+        assert any(re.match(rf"val final @4 {q}: PSNR [\d.]+ -> [\d.]+ dB", line) for line in lines), q
+    progress = json.loads((run / "progress.json").read_text())
+    assert list(progress) == list(PROGRESS_KEYS)
+    assert progress["status"] == "finished" and progress["global_step"] == progress["total_steps"] == 4
+    assert progress["last_val"]["q10"]["restored"]["psnr"] > 0 and progress["images_per_s"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert {"train/gen/l1", "train/data_wait_frac", "val_q10/restored_psnr"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"], "the validation image grid reaches TensorBoard"
+
+
+def test_lpips_deprecation_warnings_are_silenced_narrowly():
+    import lpips
+
+    from dist_dejpeg.losses import LPIPS
+
+    with warnings.catch_warnings(record=True) as raw:
+        warnings.simplefilter("always")
+        lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
+    assert any("pretrained" in str(w.message) for w in raw), "the package itself warns (else this test is vacuous)"
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        LPIPS(net="alex", pretrained=False)
+        warnings.warn("an unrelated warning still shows", UserWarning)
+    messages = [str(w.message) for w in ours]
+    assert not any("pretrained" in m or "weight enum" in m for m in messages), messages
+    assert "an unrelated warning still shows" in messages
+
+
+def test_trackers_are_checked_before_anything_starts(tmp_path, shards, monkeypatch):
+    with pytest.raises(ConfigError, match="unknown tracker 'tensorbored'"):
+        check_trackers(["tensorbored"])
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match="needs the wandb package.*pip install wandb"):
+        Trainer(tiny(tmp_path / "run", shards, "train.log_with=[tensorboard,wandb]"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_mlflow_file_store_gets_the_scalars_and_the_grid(tmp_path, shards, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow is in the test extra")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "dist_dejpeg_test")
+    t = Trainer(tiny(tmp_path / "run", shards, "train.log_with=[tensorboard,mlflow]", "train.order=[gen]",
+                     "train.phases.gen.steps=2"))
+    t.fit()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("dist_dejpeg_test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert {"train/gen/l1", "train/images_per_s", "val_q10/restored_psnr"} <= set(run.data.metrics)
+    assert run.data.params["train.log_with"] == "['tensorboard', 'mlflow']"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["images"], "the validation grid"
+
+
+def test_duration_format():
+    assert duration(5) == "5s" and duration(125) == "2m05s" and duration(3 * 3600 + 60) == "3h01m"
+    assert duration(None) == "?"
