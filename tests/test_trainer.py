@@ -258,7 +258,7 @@ def test_data_wait_fraction_is_logged(tmp_path, shards):
     cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=4", "train.log_every=2")
     t = Trainer(cfg)
     logged = {}
-    t._log_scalars = lambda values, step: logged.update({(k, step): v for k, v in values.items()})
+    t.monitor.scalars = lambda values, step: logged.update({(k, step): v for k, v in values.items()})
     t.fit()
     fracs = [v for (k, _), v in logged.items() if k == "train/data_wait_frac"]
     assert len(fracs) == 2 and all(0.0 <= f <= 1.0 for f in fracs)
