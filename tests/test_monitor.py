@@ -114,3 +114,26 @@ def test_mlflow_file_store_gets_the_scalars_and_the_grid(tmp_path, shards, monke
 def test_duration_format():
     assert duration(5) == "5s" and duration(125) == "2m05s" and duration(3 * 3600 + 60) == "3h01m"
     assert duration(None) == "?"
+
+
+def test_a_run_logged_to_a_file_reads_as_plain_lines(tmp_path, shards):
+    """The issue's check: `dist-dejpeg train ... > log 2>&1` (as under SLURM) leaves plain lines: no carriage
+    returns, losses and ETA readable, no deprecation warnings, one closing line."""
+    import subprocess
+    import sys
+
+    from dist_dejpeg.config import to_yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(to_yaml(tiny(tmp_path / "run", shards, "train.progress=true", "train.log_every=2",
+                                   "train.phases.gen.steps=2", "train.order=[gen]")))
+    log_file = tmp_path / "train.log"
+    with open(log_file, "w") as out:
+        proc = subprocess.run([sys.executable, "-m", "dist_dejpeg.cli", "train", "--config", str(config)],
+                              stdout=out, stderr=subprocess.STDOUT, timeout=300)
+    text = log_file.read_text()
+    assert proc.returncode == 0, text
+    assert "\r" not in text
+    assert "deprecat" not in text.lower(), text
+    assert re.search(r"gen 2/2 \(100%\) \| gen/l1 \S+ .* \| ETA phase 0s, run 0s", text), text
+    assert text.count("done: q10") == 1
