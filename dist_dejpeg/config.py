@@ -57,6 +57,7 @@ class ModelConfig:
     self_attention: bool = True  # one self-attention block in the decoder
     attention_stride: int = 8  # output stride of the decoder block that gets self-attention
     spectral_norm: bool = True  # spectral norm on the decoder convolutions (plus batch norm, as DeOldify)
+    decoder_norm: str = "batch"  # decoder normalisation: batch (DeOldify), group (each image's own statistics), none
     channels_last: bool = False  # memory format for the models and batches (faster on tensor cores)
     sync_bn: bool = False  # several processes: batch-norm statistics over the global batch, not per device
 
@@ -197,6 +198,7 @@ def validate(cfg: Config) -> None:
     _one_of("data.backend", d.backend, ("auto", "dali", "torch"))
     _one_of("data.auto_prepare", d.auto_prepare, ("none", "samples"))
     _one_of("train.mixed_precision", t.mixed_precision, ("no", "bf16", "fp16"))
+    _one_of("model.decoder_norm", cfg.model.decoder_norm, ("batch", "group", "none"))
     t.log_level = t.log_level.lower()
     _one_of("train.log_level", t.log_level, ("debug", "info", "warning", "error"))
     _one_of("loss.lpips_net", cfg.loss.lpips_net, ("vgg", "alex"))

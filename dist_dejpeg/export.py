@@ -76,6 +76,7 @@ def _build_and_load(model_cfg: ModelConfig, state: dict, source: str) -> Generat
 
 def model_config_from_meta(meta: dict, source: str) -> ModelConfig:
     fields = json.loads(meta["model"])
+    fields.setdefault("decoder_norm", "batch")  # files written before the option existed had batch norm
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in fields.items() if k in known})
 

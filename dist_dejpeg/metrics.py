@@ -13,17 +13,29 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from dist_dejpeg.losses import LPIPS
 
-METRICS = ("psnr", "ssim", "lpips")
+METRICS = ("psnr", "ssim", "lpips", "psnr_y", "psnr_cb", "psnr_cr", "shift_r", "shift_g", "shift_b")
+# JFIF (JPEG's own) full-range YCbCr, rows Y, Cb, Cr, on RGB in [0, 1] (the +0.5 chroma offset cancels in errors)
+_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
 
 
 def per_image(image: torch.Tensor, clean: torch.Tensor, lpips: LPIPS) -> dict[str, torch.Tensor]:
-    """N-vectors of PSNR (dB), SSIM and LPIPS of ``image`` against ``clean`` (both [0, 1], float32)."""
+    """N-vectors of PSNR (dB), SSIM and LPIPS of ``image`` against ``clean`` (both [0, 1], float32); PSNR of the
+    Y, Cb and Cr planes (JFIF YCbCr, where JPEG's chroma subsampling acts); and the mean signed colour shift
+    of each RGB channel in 0-255 levels (a cast shows as a consistent sign)."""
     image, clean = image.float().clamp(0, 1), clean.float()
-    return {
+    out = {
         "psnr": peak_signal_noise_ratio(image, clean, data_range=1.0, reduction="none", dim=(1, 2, 3)),
         "ssim": structural_similarity_index_measure(image, clean, data_range=1.0, reduction="none"),
         "lpips": lpips(image, clean),
     }
+    diff = torch.einsum("ij,njhw->nihw", _YCBCR.to(image.device), image - clean)
+    mse = diff.pow(2).mean(dim=(2, 3)).clamp_min(1e-12)
+    for i, name in enumerate(("y", "cb", "cr")):
+        out[f"psnr_{name}"] = -10 * torch.log10(mse[:, i])
+    shift = (image - clean).mean(dim=(2, 3)) * 255
+    for i, name in enumerate("rgb"):
+        out[f"shift_{name}"] = shift[:, i]
+    return out
 
 
 class MetricSums:

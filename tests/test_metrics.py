@@ -270,3 +270,24 @@ def test_image_metrics_keys_crop_and_info():
     y = M.image_metrics(img, clean, y_only=True)
     assert y["psnr"] == M.psnr(img, clean, y_only=True) != out["psnr"]
     assert not M.METRIC_INFO["niqe"][0] and not M.METRIC_INFO["brisque"][0] and M.METRIC_INFO["psnr_b"][0]
+
+
+def test_validation_colour_metrics_see_a_cast():
+    """per_image's Y/Cb/Cr PSNR and signed per-channel shift: a +3 level red cast is a shift_r of 3, leaves
+    G and B at 0, and costs chroma PSNR more than luma PSNR (red moves Cr most)."""
+    import torch
+
+    from dist_dejpeg.metrics import per_image
+
+    class NoLpips:
+        def __call__(self, a, b):
+            return torch.zeros(a.shape[0])
+
+    clean = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1
+    cast = clean.clone()
+    cast[:, 0] += 3 / 255
+    out = per_image(cast, clean, NoLpips())
+    assert torch.allclose(out["shift_r"], torch.full((2,), 3.0), atol=1e-3)
+    assert out["shift_g"].abs().max() < 1e-4 and out["shift_b"].abs().max() < 1e-4
+    assert (out["psnr_cr"] < out["psnr_y"]).all()
+    assert torch.allclose(out["psnr_y"], torch.full((2,), -10 * math.log10((0.299 * 3 / 255) ** 2)), atol=1e-2)

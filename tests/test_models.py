@@ -485,3 +485,35 @@ def test_blur_equals_replication_pad_then_average(channels_last):
     reference = nn.Sequential(nn.ReplicationPad2d((1, 0, 1, 0)), nn.AvgPool2d(2, stride=1))(x)
     assert Blur()(x).shape == x.shape
     torch.testing.assert_close(Blur()(x), reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "none"])
+def test_decoder_without_batch_norm_uses_no_batch_statistics(norm):
+    """model.decoder_norm=group|none: no BatchNorm in the decoder, so in training an image's output does not
+    depend on the rest of the batch (and at test time no running statistics learned from the training crops
+    stand in for it). With batch (DeOldify's) it does. Spectral norm off: its power iteration moves per call."""
+    g = _generator(decoder_norm=norm, decoder_width=16, spectral_norm=False)
+    decoder = [m for name, m in g.named_modules() if not name.startswith("encoder")]
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in decoder) == (norm == "batch")
+    assert any(isinstance(m, nn.GroupNorm) for m in decoder) == (norm == "group")
+    nn.init.normal_(g.head.weight, std=0.05)
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    g.train()
+    g.encoder.eval()  # the encoder keeps timm's batch norm: frozen statistics here
+    with torch.no_grad():
+        alone, in_batch = g(x[:1]), g(x)[:1]
+    assert torch.allclose(alone, in_batch, atol=1e-5) == (norm != "batch")
+
+
+def test_generator_files_from_before_decoder_norm_load_as_batch_norm(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    g = _generator(decoder_width=16)
+    path = tmp_path / "old.safetensors"
+    save_generator(g, ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=16), path)
+    meta = read_metadata(path)
+    fields = json.loads(meta["model"])
+    del fields["decoder_norm"]
+    meta["model"] = json.dumps(fields)
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in load_generator(path).blocks.modules())

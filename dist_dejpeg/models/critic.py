@@ -22,7 +22,7 @@ class Critic(nn.Module):
         super().__init__()
 
         def block(ni, nf, ks, stride=1, attention=False):
-            return ConvBlock(ni, nf, ks, stride, sn=True, bn=False, attention=attention, slope=SLOPE)
+            return ConvBlock(ni, nf, ks, stride, sn=True, norm="none", attention=attention, slope=SLOPE)
 
         layers = [block(3, width, 4, 2), nn.Dropout2d(dropout / 2), block(width, width, 3)]
         nf = width

@@ -6,6 +6,8 @@ SAGAN), not copied.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,14 +31,30 @@ def conv(ni: int, nf: int, ks: int = 3, stride: int = 1, sn: bool = True, bias: 
     return spectral_norm(layer) if sn else layer
 
 
+NORMS = ("batch", "group", "none")
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """The decoder's normalisation: ``batch`` (DeOldify's; running statistics learned from the training crops),
+    ``group`` (GroupNorm, up to 8 groups: each image's own statistics, the same in training and at test time)
+    or ``none``."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(channels, 8), channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"decoder norm must be one of {', '.join(NORMS)}, got {kind!r}")
+
+
 class ConvBlock(nn.Sequential):
-    """conv (spectral norm) -> act -> batch norm -> optional self-attention, DeOldify's custom_conv_layer."""
+    """conv (spectral norm) -> act -> norm -> optional self-attention, DeOldify's custom_conv_layer."""
 
     def __init__(self, ni: int, nf: int, ks: int = 3, stride: int = 1, sn: bool = True,
-                 bn: bool = True, attention: bool = False, slope: float = ACT_SLOPE):
-        layers = [conv(ni, nf, ks, stride, sn=sn, bias=not bn, slope=slope), act(slope)]
-        if bn:
-            layers.append(nn.BatchNorm2d(nf))
+                 norm: str = "batch", attention: bool = False, slope: float = ACT_SLOPE):
+        layers = [conv(ni, nf, ks, stride, sn=sn, bias=norm == "none", slope=slope), act(slope)]
+        if norm != "none":
+            layers.append(norm_layer(norm, nf))
         if attention:
             layers.append(SelfAttention(nf, sn=sn))
         super().__init__(*layers)
@@ -116,9 +134,10 @@ class SelfAttention(nn.Module):
 class ResBlock(nn.Module):
     """Two conv blocks with an identity shortcut (DeOldify's res_block before the output conv)."""
 
-    def __init__(self, channels: int, sn: bool = True):
+    def __init__(self, channels: int, sn: bool = True, norm: str = "batch"):
         super().__init__()
-        self.body = nn.Sequential(ConvBlock(channels, channels, sn=sn), ConvBlock(channels, channels, sn=sn))
+        self.body = nn.Sequential(ConvBlock(channels, channels, sn=sn, norm=norm),
+                                  ConvBlock(channels, channels, sn=sn, norm=norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)

@@ -18,20 +18,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_dejpeg.models.layers import ConvBlock, PixelShuffleICNR, ResBlock, act
+from dist_dejpeg.models.layers import ConvBlock, PixelShuffleICNR, ResBlock, act, norm_layer
 from dist_dejpeg.weights import create_encoder
 
 
 class UpBlock(nn.Module):
     """DeOldify's UnetBlockWide: upsample the deeper features, batch-norm the skip, concat, conv."""
 
-    def __init__(self, up_in: int, skip_in: int, out: int, scale: int, blur: bool, sn: bool, attention: bool):
+    def __init__(self, up_in: int, skip_in: int, out: int, scale: int, blur: bool, sn: bool, attention: bool,
+                 norm: str = "batch"):
         super().__init__()
         half = max(out // 2, 8)
-        self.up = PixelShuffleICNR(up_in, half, scale, blur=blur, sn=sn) if scale > 1 else ConvBlock(up_in, half, 1, sn=sn)
-        self.skip_bn = nn.BatchNorm2d(skip_in)
+        self.up = (PixelShuffleICNR(up_in, half, scale, blur=blur, sn=sn) if scale > 1
+                   else ConvBlock(up_in, half, 1, sn=sn, norm=norm))
+        self.skip_bn = norm_layer(norm, skip_in)
         self.act = act()
-        self.conv = ConvBlock(half + skip_in, out, sn=sn, attention=attention)
+        self.conv = ConvBlock(half + skip_in, out, sn=sn, norm=norm, attention=attention)
 
     def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         up = self.up(deep)
@@ -43,7 +45,7 @@ class UpBlock(nn.Module):
 class Generator(nn.Module):
     def __init__(self, encoder: str = "mobilenetv3_large_100", pretrained: bool = False, encoder_weights: str = "",
                  decoder_width: int = 256, blur: bool = True, self_attention: bool = True,
-                 attention_stride: int = 8, spectral_norm: bool = True):
+                 attention_stride: int = 8, spectral_norm: bool = True, decoder_norm: str = "batch"):
         super().__init__()
         self.encoder = create_encoder(encoder, pretrained, encoder_weights)
         chans = self.encoder.feature_info.channels()
@@ -62,9 +64,10 @@ class Generator(nn.Module):
         self.strides = list(strides)
 
         width = decoder_width
-        self.middle = nn.Sequential(nn.BatchNorm2d(chans[-1]), act(),
-                                    ConvBlock(chans[-1], width, sn=spectral_norm),
-                                    ConvBlock(width, width, sn=spectral_norm))
+        norm = decoder_norm
+        self.middle = nn.Sequential(norm_layer(norm, chans[-1]), act(),
+                                    ConvBlock(chans[-1], width, sn=spectral_norm, norm=norm),
+                                    ConvBlock(width, width, sn=spectral_norm, norm=norm))
         # Put attention at the requested stride, or the nearest available one.
         skip_strides = strides[:-1]
         attn_at = min(skip_strides, key=lambda s: abs(math.log2(s) - math.log2(max(attention_stride, 1))))
@@ -72,11 +75,11 @@ class Generator(nn.Module):
         for i in range(len(chans) - 2, -1, -1):
             out = max(decoder_width >> (len(chans) - 1 - i), 16)
             blocks.append(UpBlock(prev, chans[i], out, prev_stride // strides[i], blur, spectral_norm,
-                                  attention=self_attention and strides[i] == attn_at))
+                                  attention=self_attention and strides[i] == attn_at, norm=norm))
             prev, prev_stride = out, strides[i]
         self.blocks = nn.ModuleList(blocks)
         self.final_up = PixelShuffleICNR(prev, prev, strides[0], blur=blur, sn=spectral_norm) if strides[0] > 1 else nn.Identity()
-        self.final_res = ResBlock(prev + 3, sn=spectral_norm)
+        self.final_res = ResBlock(prev + 3, sn=spectral_norm, norm=norm)
         self.head = nn.Conv2d(prev + 3, 3, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -108,4 +111,5 @@ def build_generator(model_cfg) -> Generator:
     return Generator(encoder=model_cfg.encoder, pretrained=model_cfg.pretrained,
                      encoder_weights=model_cfg.encoder_weights, decoder_width=model_cfg.decoder_width,
                      blur=model_cfg.blur, self_attention=model_cfg.self_attention,
-                     attention_stride=model_cfg.attention_stride, spectral_norm=model_cfg.spectral_norm)
+                     attention_stride=model_cfg.attention_stride, spectral_norm=model_cfg.spectral_norm,
+                     decoder_norm=model_cfg.decoder_norm)
