@@ -1,0 +1,253 @@
+"""``dist-dejpeg status``: read-only verdicts on real run folders (finished in this process; running, then
+killed with SIGKILL, and preempted with SIGUSR1, as separate training processes), the verdict rules as a
+pure function, and lock detection through /proc/locks without ever taking the lock."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_dejpeg import status as st
+from dist_dejpeg.config import to_yaml
+from dist_dejpeg.train.trainer import train
+
+from test_trainer import fresh_accelerator_state, shards, tiny  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).parents[1]
+LINUX = Path("/proc/locks").is_file()
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    st.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+def forbid_locking(monkeypatch) -> None:
+    """status must never lock (a trainer starting at that moment would fail): any flock call fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("status called flock/lockf")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    monkeypatch.setattr(fcntl, "lockf", refuse)
+
+
+@pytest.fixture
+def no_flock(monkeypatch):
+    forbid_locking(monkeypatch)
+
+
+# -- the verdict as a pure function ---------------------------------------------------------------------------
+def verdict(progress=None, age=5.0, held=False, finished=False, ckpts=True, config=True):
+    return st.verdict(has_config=config, progress=progress, progress_age_s=age if progress else None,
+                      lock_held=held, finished_files=finished, has_checkpoints=ckpts)[0]
+
+
+@pytest.mark.parametrize("progress, held, finished, ckpts, config, expected", [
+    ({"status": "running"}, True, False, True, True, "running"),
+    (None, True, False, False, False, "running"),  # lock held while the models are being built
+    ({"status": "finished"}, False, True, True, True, "finished"),
+    ({"status": "finished"}, False, False, True, True, "finished"),
+    (None, False, True, True, True, "finished"),  # an older run without progress.json
+    ({"status": "running"}, False, True, True, True, "finished"),
+    ({"status": "preempted", "reason": "SIGUSR1"}, False, False, True, True, "preempted"),
+    ({"status": "stopped", "reason": "non-finite"}, False, False, True, True, "stopped"),
+    ({"status": "running"}, False, False, True, True, "crashed or killed"),
+    (None, False, False, True, True, "crashed or killed"),
+    (None, False, False, False, True, "crashed or killed"),  # died before its first checkpoint
+    (None, False, False, False, False, "not started"),
+])
+def test_verdict_rules(progress, held, finished, ckpts, config, expected):
+    assert verdict(progress, held=held, finished=finished, ckpts=ckpts, config=config) == expected
+
+
+def test_verdict_when_the_lock_is_on_another_host():
+    assert verdict({"status": "running"}, age=30, held=None) == "running"
+    assert verdict({"status": "running"}, age=3 * st.STALE_S, held=None) == "crashed or killed"
+    assert verdict({"status": "preempted"}, age=3 * st.STALE_S, held=None) == "preempted"
+
+
+# -- lock detection -------------------------------------------------------------------------------------------
+def write_lock(folder: Path, host: str, pid: int) -> Path:
+    path = folder / ".lock"
+    path.write_text(json.dumps({"host": host, "pid": pid, "slurm_job": "4242", "since": "2026-01-01 00:00:00"}))
+    return path
+
+
+def test_lock_on_another_host_is_unknown_and_a_listed_inode_is_held(tmp_path, no_flock):
+    path = write_lock(tmp_path, "node17", 999999)
+    empty = tmp_path / "locks"
+    empty.write_text("")
+    lock = st.lock_status(tmp_path, proc_locks=str(empty), hostname="login1")
+    assert lock["held"] is None and "unknown (held by host node17? cannot check from here" in lock["detail"]
+    assert lock["slurm_job"] == "4242"
+    s = os.stat(path)
+    listed = tmp_path / "locks2"
+    listed.write_text(f"1: FLOCK  ADVISORY  WRITE 999999 {os.major(s.st_dev):02x}:{os.minor(s.st_dev):02x}:"
+                      f"{s.st_ino} 0 EOF\n2: -> FLOCK  ADVISORY  WRITE 12 00:00:1 0 EOF\n")
+    lock = st.lock_status(tmp_path, proc_locks=str(listed), hostname="login1")
+    assert lock["held"] is True and "node17" in lock["detail"] and "4242" in lock["detail"]
+    same = st.lock_status(tmp_path, proc_locks=str(empty), hostname="node17")
+    assert same["held"] is False  # this host, no lock in the kernel's table
+
+
+@pytest.mark.skipif(not LINUX, reason="/proc/locks is Linux's")
+def test_a_real_flock_is_seen_without_locking(tmp_path, monkeypatch):
+    path = write_lock(tmp_path, os.uname().nodename, os.getpid())
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the test holds it, as a trainer would
+    try:
+        forbid_locking(monkeypatch)
+        assert st.lock_status(tmp_path)["held"] is True
+    finally:
+        monkeypatch.undo()
+        os.close(fd)
+    assert st.lock_status(tmp_path)["held"] is False
+
+
+def test_fake_progress_drives_the_verdict_and_eta(tmp_path, no_flock):
+    (tmp_path / "config.yaml").write_text("train:\n  run_dir: runs/x\n  order: [gen]\n"
+                                          "  phases:\n    gen:\n      steps: 100\n")
+    now = time.time()
+    progress = {"time": now - 10, "status": "preempted", "reason": "SIGUSR1", "phase": "gen", "phase_index": 0,
+                "phases": ["gen"], "phase_step": 40, "phase_steps": 100, "global_step": 40, "total_steps": 100,
+                "images_per_s": 12.5, "data_wait_frac": 0.02, "lr": 1e-3, "eta_phase_s": 60.0, "eta_run_s": 60.0,
+                "losses": {"gen/l1": 0.1}, "best": {"metric": "lpips", "value": 0.25, "step": 30},
+                "last_val": {"q10": {"jpeg": {"psnr": 25.0, "ssim": 0.7, "lpips": 0.4},
+                                     "restored": {"psnr": 26.0, "ssim": 0.8, "lpips": 0.3}}},
+                "host": "node1", "pid": 1, "slurm_job": None}
+    (tmp_path / "progress.json").write_text(json.dumps(progress))
+    s = st.run_status(tmp_path, now=now)
+    assert s["state"] == "preempted" and s["eta"] is None and s["best"]["value"] == 0.25
+    assert s["position"]["phase_step"] == 40 and s["speed"]["images_per_s"] == 12.5
+    write_lock(tmp_path, "node1", 1)  # held on a host this machine cannot check: judged by progress age
+    progress["status"] = "running"
+    (tmp_path / "progress.json").write_text(json.dumps(progress))
+    s = st.run_status(tmp_path, now=now)
+    if s["lock"]["held"] is None:
+        assert s["state"] == "running" and s["eta"]["run_s"] == pytest.approx(50.0)
+    text = st.format_status(s)
+    assert "q10 PSNR 25.00->26.00" in text and "LPIPS 0.2500" in text and len(text.splitlines()) <= 16
+    progress["status"] = "stopped"
+    (tmp_path / "progress.json").write_text(json.dumps(progress))
+    assert st.run_status(tmp_path, now=now)["state"] == "stopped"
+
+
+def test_not_a_run_folder(tmp_path, capsys):
+    assert cli("status", str(tmp_path / "missing")) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert cli("status", str(tmp_path)) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert st.run_status(tmp_path)["state"] == "not started"
+
+
+# -- real run folders -----------------------------------------------------------------------------------------
+def test_finished_run(tmp_path, shards, capsys, monkeypatch):
+    run = tmp_path / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a busy 2-core machine, 2 threads fight the other processes (3 s against 50)
+    try:
+        train(tiny(run, shards, "train.ckpt_every=4"))
+    finally:
+        torch.set_num_threads(threads)
+    forbid_locking(monkeypatch)
+    before = snapshot(run)
+    s = st.run_status(run)
+    assert snapshot(run) == before, "status wrote into the run folder"
+    assert s["state"] == "finished", s["why"]
+    assert s["lock"]["exists"] and s["lock"]["held"] is False and s["lock"]["pid"] == os.getpid()
+    assert s["position"]["phases_done"] == ["gen", "critic", "gan"] and s["position"]["global_step"] == 9
+    assert s["checkpoint"]["name"] == "step-00000009" and s["checkpoint"]["age_s"] < 600
+    assert s["eta"] is None and s["best"] is not None and 0 <= s["best"]["value"] <= 2
+    assert set(s["last_val"]) == {"q10", "q20", "q40"} and "lpips" in s["last_val"]["q10"]["restored"]
+    c = s["config"]
+    assert (c["data_root"], c["batch_size"], c["crop"], c["mixed_precision"]) == (str(shards), 2, 32, "no")
+    assert (c["encoder"], c["pretrained"], c["processes"]) == ("mobilenetv3_small_050", False, 1)
+    assert [(p["name"], p["steps"]) for p in c["phases"]] == [("gen", 3), ("critic", 2), ("gan", 4)]
+    capsys.readouterr()  # what training printed
+    assert cli("status", str(run), "--json") == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "finished"
+    assert cli("status", str(run)) == 0
+    text = capsys.readouterr().out
+    assert "FINISHED" in text and "gen 3 done" in text and "mobilenetv3_small_050" in text
+
+
+def start_training(tmp_path: Path, shards: Path, name: str) -> tuple[subprocess.Popen, Path]:
+    run = tmp_path / name
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(to_yaml(tiny(run, shards, "train.phases.gen.steps=5000", "train.ckpt_every=2",
+                                   "train.keep_last=2")))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(tmp_path / f"{name}.log", "w") as log:  # a file, not a pipe nobody drains
+        proc = subprocess.Popen([sys.executable, "-m", "dist_dejpeg.cli", "train", "--config", str(config)],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return proc, run
+
+
+def log_tail(run: Path) -> str:
+    return (run.parent / f"{run.name}.log").read_text()[-3000:]
+
+
+def wait_until_running(proc: subprocess.Popen, run: Path) -> dict:
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        assert proc.poll() is None, f"training ended early: {log_tail(run)}"
+        if (run / "progress.json").is_file() or list((run / "checkpoints").glob("step-*/trainer_state.json")):
+            s = st.run_status(run)
+            if s["state"] == "running" and (s["progress"] is None or s["speed"]["images_per_s"] is not None):
+                return s  # (with progress.json: after the first logged window)
+        time.sleep(0.1)
+    raise AssertionError(f"no running run in {run}")
+
+
+@pytest.mark.skipif(not LINUX, reason="the lock check reads /proc/locks")
+def test_running_then_killed_and_preempted(tmp_path, shards, no_flock):
+    """Two training processes at once (2 cores): one is killed with SIGKILL, the other gets SIGUSR1."""
+    killed, run_k = start_training(tmp_path, shards, "killed")
+    preempted, run_p = start_training(tmp_path, shards, "preempted")
+    try:
+        s = wait_until_running(killed, run_k)
+        assert s["lock"]["held"] is True and s["lock"]["pid"] == killed.pid, s["lock"]
+        assert s["lock"]["checked_by"] == "/proc/locks"
+        assert s["position"]["phase"] == "gen" and s["position"]["phases_done"] == []
+        assert s["config"]["phases"][0]["steps"] == 5000
+        if s["progress"] is not None:  # written by trainers that have progress.json
+            assert s["speed"]["images_per_s"] > 0 and s["eta"] is not None and s["eta"]["run_s"] > 0
+        assert "RUNNING" in st.format_status(s)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        (run_k / "checkpoints" / ".tmp-step-99999999").mkdir(parents=True)  # as if killed while saving
+        s = st.run_status(run_k)
+        assert s["state"] == "crashed or killed", s
+        assert s["lock"]["held"] is False and s["lock"]["pid"] == killed.pid and s["eta"] is None
+        assert s["partial_checkpoints"] == [".tmp-step-99999999"] and "killed run" in s["warnings"][0]
+
+        wait_until_running(preempted, run_p)
+        preempted.send_signal(signal.SIGUSR1)
+        assert preempted.wait(timeout=60) == 75, log_tail(run_p)
+        s = st.run_status(run_p)
+        assert s["lock"]["held"] is False and s["checkpoint"] is not None
+        if s["progress"] is not None:
+            assert s["state"] == "preempted", s
+        else:  # an older trainer: nothing in the folder tells a preemption from a kill
+            assert s["state"] == "crashed or killed" and "look the same" in s["why"]
+    finally:
+        for proc in (killed, preempted):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
