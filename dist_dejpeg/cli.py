@@ -9,6 +9,7 @@
     dist-dejpeg evaluate --model runs/debug --images photos/ --quality 10 20 30 40 -o eval/ [--y-only]
     dist-dejpeg report --model runs/debug --images photos/ -o report.html
     dist-dejpeg export --model runs/debug --onnx model.onnx
+    dist-dejpeg status runs/debug [--json]
 
 train exits 0 when done, 2 on a config, weights or busy-run-folder error, 3 when a non-finite loss stopped
 it (checkpoint kept), 75 when SIGUSR1/SIGTERM stopped it (checkpoint kept; rerun to continue).
@@ -282,8 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=_report)
 
     from dist_dejpeg.onnx_export import add_parser as add_export
+    from dist_dejpeg.status import add_parser as add_status
 
     add_export(sub)
+    add_status(sub)
 
     from dist_dejpeg.bench import add_parser as add_bench
 
