@@ -199,8 +199,17 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int]) -> None:
+def _add_restorer_args(p: argparse.ArgumentParser) -> None:
+    """The model and how it runs: shared by restore, evaluate and report."""
     p.add_argument("--model", required=True, help="generator.safetensors, a run folder or a checkpoint folder")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--tile", type=int, default=512, help="tile size in pixels, a multiple of 32 (0: whole images)")
+    p.add_argument("--overlap", type=int, default=64, help="overlap between tiles, blended linearly")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+
+
+def _add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int]) -> None:
+    _add_restorer_args(p)
     p.add_argument("--images", required=True, nargs="+",
                    help="lossless reference photos: files, folders (recursive) or WebDataset shards (.tar)")
     p.add_argument("--quality", type=int, nargs="+", default=default_qualities, help="JPEG qualities (libjpeg, 4:2:0)")
@@ -210,10 +219,6 @@ def _add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int
                                                        "LPIPS when it is not in the torch hub cache")
     p.add_argument("--allow-lossy-reference", action="store_true", help="accept JPEG/WebP references")
     p.add_argument("--max-images", type=int, default=0, help="use at most this many reference images (0: all)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
-    p.add_argument("--tile", type=int, default=512, help="restore tile size (0: whole images)")
-    p.add_argument("--overlap", type=int, default=64, help="restore tile overlap")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -256,14 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "trained generator")
     rs.add_argument("inputs", nargs="+", help="image files, folders or globs (quote globs: 'photos/**/*.jpg')")
     rs.add_argument("-o", "--out", required=True, help="output folder (same relative names, lossless)")
-    rs.add_argument("--model", required=True, help="generator.safetensors, a run folder or a checkpoint folder")
+    _add_restorer_args(rs)
     rs.add_argument("--format", choices=["png", "tiff", "webp"], default="png", help="lossless output format")
-    rs.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     rs.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                     help="auto: bf16 autocast on CUDA, fp32 elsewhere")
-    rs.add_argument("--tile", type=int, default=512, help="tile size in pixels, a multiple of 32 (0: whole images)")
-    rs.add_argument("--overlap", type=int, default=64, help="overlap between tiles, blended linearly")
-    rs.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
     rs.add_argument("--max-pixels", type=int, default=100_000_000,
                     help="refuse larger images (decompression bombs); default 100 MP")
     rs.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist")

@@ -10,30 +10,12 @@ import re
 import warnings
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 
 from dist_dejpeg.config import ConfigError
-from dist_dejpeg.data.shards import prepare_samples
 from dist_dejpeg.train.monitor import PROGRESS_KEYS, check_trackers, duration
 from dist_dejpeg.train.trainer import Trainer
 
-from test_trainer import tiny
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    prepare_samples(out, tile=64, train_step=64, shard_size=32)
-    return out
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+from test_trainer import fresh_accelerator_state, shards, tiny  # noqa: F401 - fixtures shared with test_trainer
 
 
 def test_plain_lines_progress_json_and_tensorboard(tmp_path, shards, caplog):

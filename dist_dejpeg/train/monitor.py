@@ -215,7 +215,10 @@ class Monitor:
             self.bar = None
         if not self.closed:
             self.closed = True
-            self.acc.end_training()
+            # not accelerator.end_training(): it also destroys the process group, which the run still uses
+            # (a final barrier; benchmarks and tests that keep the Accelerator) and other ranks may be inside
+            for tracker in self.acc.trackers:
+                tracker.finish()
 
     def _emit(self, line: str) -> None:
         """A line that must not tear the bar apart on a terminal."""
