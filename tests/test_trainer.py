@@ -13,6 +13,7 @@ from accelerate.state import AcceleratorState, GradientState
 from dist_dejpeg.config import load_config
 from dist_dejpeg.data.shards import prepare_samples
 from dist_dejpeg.export import load_generator
+from dist_dejpeg.metrics import METRICS
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train import trainer as trainer_mod
 from dist_dejpeg.train.steps import critic_step, generator_step
@@ -103,7 +104,7 @@ def test_end_to_end_writes_metrics_checkpoint_and_events(tmp_path, shards):
     metrics = json.loads((run / "metrics.json").read_text())
     for q in ("q10", "q20", "q40"):
         for group in ("jpeg", "restored"):
-            assert set(metrics[q][group]) == {"psnr", "ssim", "lpips"}
+            assert set(metrics[q][group]) == set(METRICS)  # psnr, ssim, lpips, Y/Cb/Cr PSNR, colour shifts
             assert all(v == v for v in metrics[q][group].values())  # not NaN
     assert metrics["q10"] == results["q10"]
     assert "RANDOM" in metrics["meta"]["lpips"] and "random init" in metrics["meta"]["encoder"]
