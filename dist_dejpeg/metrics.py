@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from dist_dejpeg.data.images import JFIF_YCBCR
 from dist_dejpeg.losses import LPIPS
 
 METRICS = ("psnr", "ssim", "lpips", "psnr_y", "psnr_cb", "psnr_cr", "shift_r", "shift_g", "shift_b")
-# JFIF (JPEG's own) full-range YCbCr, rows Y, Cb, Cr, on RGB in [0, 1] (the +0.5 chroma offset cancels in errors)
-_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+_YCBCR = torch.tensor(JFIF_YCBCR)  # applied to differences, where the chroma offset cancels
 
 
 def per_image(image: torch.Tensor, clean: torch.Tensor, lpips: LPIPS) -> dict[str, torch.Tensor]:

@@ -22,10 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dist_dejpeg.data.images import jpeg_roundtrip
+from dist_dejpeg.data.images import JFIF_YCBCR, jpeg_roundtrip
 
-# JFIF YCbCr (BT.601 full range), as libjpeg converts
-_YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+_YCC = torch.tensor(JFIF_YCBCR)  # as libjpeg converts
 _RGB = torch.linalg.inv(_YCC)
 _NVJPEG_SUBSAMPLING: dict[str, int] = {}  # device -> PIL's get_sampling code of nvJPEG's output (0: 4:4:4, 2: 4:2:0)
 

@@ -15,6 +15,11 @@ IMAGE_EXTS = ("png", "raw", "jp2", "webp", "tif", "tiff", "ppm", "bmp", "jpg", "
 TILE_FORMATS = ("png", "raw", "jp2")
 
 
+# JFIF (JPEG's own) full-range RGB -> YCbCr, rows Y, Cb, Cr, without the +128 chroma offset: the GPU JPEG
+# path's 4:2:0 rebuild and validation's per-plane PSNR both use it
+JFIF_YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+
+
 class BadImage(ValueError):
     """Bytes that do not decode to an image."""
 
