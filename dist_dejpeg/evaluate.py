@@ -124,12 +124,10 @@ class MetricSet:
                                          f"--lpips-weights FILE (torchvision's alexnet-owt-7be5be79.pth).")
         else:
             self.lpips = self.lpips.to(device)
-        for name, check in (("brisque", metrics._brisque_model),
-                            ("niqe", lambda: metrics._niqe_params(metrics.niqe_params_path()))):
-            try:
-                check()
-            except metrics.MetricUnavailable as err:
-                self.unavailable[name] = str(err)
+        for name in ("brisque", "niqe"):
+            reason = metrics.unavailable_reason(name)
+            if reason:
+                self.unavailable[name] = reason
 
     def __call__(self, img: np.ndarray, ref: np.ndarray) -> dict[str, float | None]:
         return self.m.image_metrics(img, ref, y_only=self.y_only, crop_border=self.crop_border, lpips=self.lpips,

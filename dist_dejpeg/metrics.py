@@ -478,6 +478,16 @@ def niqe(img, *, params_file: str | Path | None = None) -> float:
 
 # --- all of them --------------------------------------------------------------------------------------------
 
+def unavailable_reason(name: str) -> str | None:
+    """Why the no-reference metric ``name`` (brisque, niqe) cannot run here (its package or parameter file is
+    missing), or None when it can; loads what it checks, so a later call reuses it."""
+    try:
+        _brisque_model() if name == "brisque" else _niqe_params(niqe_params_path())
+    except MetricUnavailable as err:
+        return str(err)
+    return None
+
+
 def image_metrics(img, ref, *, y_only: bool = False, crop_border: int = 0, lpips: LPIPS | None = None,
                   skip: tuple[str, ...] | set[str] | dict = (), undefined: dict | None = None) -> dict[str, float | None]:
     """All six metrics of ``img`` (restored or JPEG) against ``ref`` (clean): psnr, psnr_b, ssim (on Y when
