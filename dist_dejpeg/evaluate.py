@@ -26,10 +26,12 @@ import numpy as np
 
 from dist_dejpeg.data.images import IMAGE_EXTS, BadImage, decode_component, decode_rgb8, jpeg_roundtrip
 from dist_dejpeg.infer import IMAGE_SUFFIXES, Restorer
+from dist_dejpeg.metrics import COLOUR_NAMES  # where the error sits and the colour shift: a cast shows here
 
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("psnr", "psnr_b", "ssim", "lpips", "brisque", "niqe")
+ALL_NAMES = METRIC_NAMES + COLOUR_NAMES
 LOSSY_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".webp"}  # webp may be lossless; it cannot be told cheaply
 LOSSY_EXTS = {"jpg", "jpeg", "webp"}
 
@@ -130,8 +132,10 @@ class MetricSet:
                 self.unavailable[name] = reason
 
     def __call__(self, img: np.ndarray, ref: np.ndarray) -> dict[str, float | None]:
-        return self.m.image_metrics(img, ref, y_only=self.y_only, crop_border=self.crop_border, lpips=self.lpips,
-                                    skip=self.unavailable, undefined=self.undefined)
+        out = self.m.image_metrics(img, ref, y_only=self.y_only, crop_border=self.crop_border, lpips=self.lpips,
+                                   skip=self.unavailable, undefined=self.undefined)
+        out.update(self.m.colour_metrics(img, ref, crop_border=self.crop_border))
+        return out
 
 
 def _mean(values: list) -> float | None:
@@ -175,9 +179,9 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     per_quality = {}
     for q in qualities:
         sel = [r for r in rows if r["quality"] == q]
-        means = {kind: {m: _mean([r[kind][m] for r in sel]) for m in METRIC_NAMES} for kind in ("jpeg", "restored")}
+        means = {kind: {m: _mean([r[kind][m] for r in sel]) for m in ALL_NAMES} for kind in ("jpeg", "restored")}
         means["gain"] = {m: (None if means["restored"][m] is None or means["jpeg"][m] is None
-                             else means["restored"][m] - means["jpeg"][m]) for m in METRIC_NAMES}
+                             else means["restored"][m] - means["jpeg"][m]) for m in ALL_NAMES}
         means["images"] = len(sel)
         per_quality[str(q)] = means
     info = {k: v for k, v in restorer.info.items() if k != "model"}
@@ -246,6 +250,12 @@ def markdown(result: dict) -> str:
             arrow = "higher is better" if METRIC_INFO[m][0] else "lower is better"
             lines.append(f"| {q} | {m} ({arrow}) | {_fmt(means['jpeg'][m])} | {_fmt(means['restored'][m])} | "
                          f"{'+' if (means['gain'][m] or 0) > 0 else ''}{_fmt(means['gain'][m])} |")
+    lines += ["", "Where the error sits and colour shift (PSNR on JFIF Y/Cb/Cr; mean signed shift per RGB "
+              "channel in levels, 0-255: a cast is a shift the JPEG input does not have):", "",
+              "| quality | input | " + " | ".join(COLOUR_NAMES) + " |", "|---|---|" + "---|" * len(COLOUR_NAMES)]
+    for q, means in result["per_quality"].items():
+        for kind in ("jpeg", "restored"):
+            lines.append(f"| {q} | {kind} | " + " | ".join(_fmt(means[kind][m], 2) for m in COLOUR_NAMES) + " |")
     lines += ["", "Per image:", "", "| image | quality | " + " | ".join(f"{m} JPEG -> restored" for m in METRIC_NAMES)
               + " |", "|---|---|" + "---|" * len(METRIC_NAMES)]
     for r in result["per_image"]:
@@ -260,11 +270,11 @@ def write_tables(result: dict, out_dir: str | Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["image", "quality", "input", *METRIC_NAMES])
+    writer.writerow(["image", "quality", "input", *ALL_NAMES])
     for r in result["per_image"]:
         for kind in ("jpeg", "restored"):
-            writer.writerow([r["image"], r["quality"], kind, *("" if r[kind][m] is None else r[kind][m]
-                                                               for m in METRIC_NAMES)])
+            writer.writerow([r["image"], r["quality"], kind, *("" if r[kind].get(m) is None else r[kind][m]
+                                                               for m in ALL_NAMES)])
     files = {"metrics.json": json.dumps({k: v for k, v in result.items() if k != "records"}, indent=2,
                                         default=float),
              "metrics.csv": buf.getvalue(), "metrics.md": markdown(result)}

@@ -21,7 +21,8 @@ _YCBCR = torch.tensor(JFIF_YCBCR)  # applied to differences, where the chroma of
 def per_image(image: torch.Tensor, clean: torch.Tensor, lpips: LPIPS) -> dict[str, torch.Tensor]:
     """N-vectors of PSNR (dB), SSIM and LPIPS of ``image`` against ``clean`` (both [0, 1], float32); PSNR of the
     Y, Cb and Cr planes (JFIF YCbCr, where JPEG's chroma subsampling acts); and the mean signed colour shift
-    of each RGB channel in 0-255 levels (a cast shows as a consistent sign)."""
+    of each RGB channel in 0-255 levels (a cast shows as a consistent sign). Chroma PSNR of a grayscale crop is
+    NaN (it has no chroma; MetricSums leaves it out of the mean)."""
     image, clean = image.float().clamp(0, 1), clean.float()
     out = {
         "psnr": peak_signal_noise_ratio(image, clean, data_range=1.0, reduction="none", dim=(1, 2, 3)),
@@ -30,8 +31,10 @@ def per_image(image: torch.Tensor, clean: torch.Tensor, lpips: LPIPS) -> dict[st
     }
     diff = torch.einsum("ij,njhw->nihw", _YCBCR.to(image.device), image - clean)
     mse = diff.pow(2).mean(dim=(2, 3)).clamp_min(1e-12)
+    gray = (clean[:, 0] == clean[:, 1]).all(dim=(1, 2)) & (clean[:, 1] == clean[:, 2]).all(dim=(1, 2))
     for i, name in enumerate(("y", "cb", "cr")):
-        out[f"psnr_{name}"] = -10 * torch.log10(mse[:, i])
+        psnr = -10 * torch.log10(mse[:, i])
+        out[f"psnr_{name}"] = psnr if name == "y" else psnr.masked_fill(gray, float("nan"))
     shift = (image - clean).mean(dim=(2, 3)) * 255
     for i, name in enumerate("rgb"):
         out[f"shift_{name}"] = shift[:, i]
@@ -39,31 +42,27 @@ def per_image(image: torch.Tensor, clean: torch.Tensor, lpips: LPIPS) -> dict[st
 
 
 class MetricSums:
-    """Running per-(group, metric) sums on one rank; ``compute`` all-reduces and returns means."""
+    """Running per-(group, metric) sums and counts on one rank; ``compute`` all-reduces and returns means.
+    Non-finite values (chroma PSNR of a grayscale crop, which has no chroma) are left out of their mean."""
 
     def __init__(self, groups: tuple[str, ...], device: torch.device):
         self.groups = groups
-        self.sums = torch.zeros(len(groups), len(METRICS), dtype=torch.float64, device=device)
-        self.count = torch.zeros(1, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(2, len(groups), len(METRICS), dtype=torch.float64, device=device)  # sum, count
 
     def add(self, group: str, values: dict[str, torch.Tensor]) -> None:
         g = self.groups.index(group)
         for m, name in enumerate(METRICS):
-            self.sums[g, m] += values[name].double().sum()
-
-    def add_count(self, n: int) -> None:
-        self.count += n
+            v = values[name].double()
+            finite = torch.isfinite(v)
+            self.sums[0, g, m] += torch.where(finite, v, 0.0).sum()
+            self.sums[1, g, m] += finite.sum()
 
     def compute(self, accelerator=None) -> dict[str, dict[str, float]]:
-        packed = torch.cat([self.sums.flatten(), self.count])
+        packed = self.sums
         if accelerator is not None and accelerator.num_processes > 1:
             packed = accelerator.reduce(packed, reduction="sum")
-        count = packed[-1].item()
-        sums = packed[:-1].view(len(self.groups), len(METRICS))
-        if count == 0:
-            return {g: dict.fromkeys(METRICS, float("nan")) for g in self.groups}
-        return {g: {name: sums[i, m].item() / count for m, name in enumerate(METRICS)}
-                for i, g in enumerate(self.groups)}
+        means = (packed[0] / packed[1]).tolist()  # 0/0: nan, where a metric had no finite value
+        return {g: {name: means[i][m] for m, name in enumerate(METRICS)} for i, g in enumerate(self.groups)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,6 +166,28 @@ def psnr(img, ref, *, y_only: bool = False, crop_border: int = 0) -> float:
     test_y_channel). ``crop_border`` pixels are dropped on each side. Identical images give ``math.inf``."""
     a, b = _pair(img, ref, y_only, crop_border)
     return _psnr_from_mse(float(np.mean((a - b) ** 2)))
+
+
+COLOUR_NAMES = ("psnr_y", "psnr_cb", "psnr_cr", "shift_r", "shift_g", "shift_b")
+
+
+def colour_metrics(img, ref, *, crop_border: int = 0) -> dict[str, float | None]:
+    """Where the error sits and whether the colours moved: PSNR on the JFIF Y, Cb and Cr planes (JPEG's own
+    colour space, where its 4:2:0 subsampling acts; 0-255, not rounded) and the mean signed shift of each RGB
+    channel in levels (a colour cast: restored brighter in R and B and darker in G reads +, -, +). The same
+    quantities as validation's (:func:`per_image`), on whole uint8 images. Against a grayscale reference the
+    chroma PSNRs are None (its chroma error is rounding noise, ~150 dB, that would swamp any mean)."""
+    a, b = _pair(img, ref, False, crop_border)
+    if a.ndim != 3:
+        raise ValueError("colour metrics need an H x W x 3 image")
+    m = np.asarray(JFIF_YCBCR)
+    diff = a - b
+    planes = diff @ m.T  # linear: the YCbCr difference is the transformed RGB difference
+    out = {f"psnr_{p}": _psnr_from_mse(float(np.mean(planes[..., i] ** 2))) for i, p in enumerate(("y", "cb", "cr"))}
+    if np.array_equal(b[..., 0], b[..., 1]) and np.array_equal(b[..., 1], b[..., 2]):
+        out["psnr_cb"] = out["psnr_cr"] = None  # a grayscale reference has no chroma to get right
+    out.update({f"shift_{c}": float(diff[..., i].mean()) for i, c in enumerate("rgb")})
+    return out
 
 
 def _ssim_mean(x, y) -> float:

@@ -164,6 +164,22 @@ def test_prepare_again_leaves_no_stale_shards(tmp_path):
     assert len(all_keys(found)) == m["splits"]["train"]["samples"]
 
 
+def test_auto_prepare_rewrites_samples_of_an_older_photo_list(tmp_path, monkeypatch):
+    from dist_dejpeg.config import load_config
+    from dist_dejpeg.data import ensure_samples
+
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.auto_prepare=samples"])
+    monkeypatch.setattr(shards, "SAMPLE_TRAIN", ("astronaut",))
+    monkeypatch.setattr(shards, "SAMPLE_VAL", ("coins",))
+    shards.prepare_samples(tmp_path, tile=96, train_step=96, shard_size=16)
+    assert not ensure_samples(cfg)  # same list: left alone
+    monkeypatch.setattr(shards, "SAMPLE_TRAIN", ("astronaut", "camera"))
+    assert shards.samples_stale(tmp_path)
+    assert ensure_samples(cfg)
+    assert set(manifest_of(tmp_path)["sources"]) == {"astronaut", "camera", "coins"}
+    assert not shards.samples_stale(tmp_path)
+
+
 # -- loader contract --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_loader_batch_contract(sample_shards, num_workers):

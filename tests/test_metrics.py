@@ -291,3 +291,58 @@ def test_validation_colour_metrics_see_a_cast():
     assert out["shift_g"].abs().max() < 1e-4 and out["shift_b"].abs().max() < 1e-4
     assert (out["psnr_cr"] < out["psnr_y"]).all()
     assert torch.allclose(out["psnr_y"], torch.full((2,), -10 * math.log10((0.299 * 3 / 255) ** 2)), atol=1e-2)
+
+
+def test_whole_image_colour_metrics_agree_with_validation(pair):
+    """evaluate's colour_metrics (numpy, uint8 images) and validation's per_image (torch, [0,1]) are the same
+    quantities: on a JPEG with a red cast added they agree to 1e-3."""
+    import torch
+
+    from dist_dejpeg.metrics import colour_metrics, per_image
+
+    class NoLpips:
+        def __call__(self, a, b):
+            return torch.zeros(a.shape[0])
+
+    jpeg, clean = pair
+    cast = np.clip(jpeg.astype(int) + np.array([4, 0, -2]), 0, 255).astype(np.uint8)
+    ours = colour_metrics(cast, clean)
+    to_t = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].double() / 255  # noqa: E731
+    theirs = per_image(to_t(cast), to_t(clean), NoLpips())
+    for name, value in ours.items():
+        assert value == pytest.approx(float(theirs[name][0]), abs=1e-3), name
+    before = colour_metrics(jpeg, clean)  # the JPEG's own (small) shift; the cast adds about +4 / 0 / -2
+    assert ours["shift_r"] - before["shift_r"] > 3 and ours["shift_b"] - before["shift_b"] < -1
+
+
+def test_colour_metrics_of_a_grayscale_reference_have_no_chroma_psnr():
+    from dist_dejpeg.metrics import colour_metrics
+
+    gray = np.repeat(data.camera()[:128, :128, None], 3, axis=2)
+    out = colour_metrics(jpeg(gray, 20), gray)
+    assert out["psnr_cb"] is None and out["psnr_cr"] is None and 20 < out["psnr_y"] < 60
+
+
+def test_validation_means_leave_grayscale_crops_out_of_chroma():
+    """A grayscale crop has no chroma: its Cb/Cr PSNR is NaN and left out of the mean (not a 120 dB value that
+    swamps the colour crops'), while its other metrics count."""
+    import torch
+
+    from dist_dejpeg.metrics import METRICS, MetricSums, per_image
+
+    class NoLpips:
+        def __call__(self, a, b):
+            return torch.zeros(a.shape[0])
+
+    g = torch.Generator().manual_seed(1)
+    clean = torch.rand(2, 3, 16, 16, generator=g)
+    clean[1] = clean[1, :1]  # sample 1 grayscale
+    noisy = (clean + 0.02 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
+    values = per_image(noisy, clean, NoLpips())
+    assert torch.isnan(values["psnr_cb"][1]) and torch.isfinite(values["psnr_cb"][0])
+    sums = MetricSums(("restored",), torch.device("cpu"))
+    sums.add("restored", values)
+    means = sums.compute()["restored"]
+    assert means["psnr_cb"] == pytest.approx(float(values["psnr_cb"][0]))
+    assert means["psnr_y"] == pytest.approx(float(values["psnr_y"].mean()))
+    assert set(means) == set(METRICS)

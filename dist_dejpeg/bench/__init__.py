@@ -1,6 +1,7 @@
 """``dist-dejpeg bench {train,data,infer,scaling,all}``: throughput as measured, reproducible numbers.
 
     dist-dejpeg bench all                          # every benchmark on this machine -> benchmarks/results/
+    dist-dejpeg bench colour                       # colour fidelity vs training length (real trainings: long)
     dist-dejpeg bench train --config configs/div2k.yaml data.crop=256 model.pretrained=false loss.lpips_pretrained=false
 
 Each benchmark writes ``<results>/<name>.json`` and ``.md`` naming the machine (CPU model and cores, GPU and
@@ -60,6 +61,12 @@ def main(args) -> int:
     overrides = [*defaults, *args.overrides]
     which = args.which
     reports = {}
+    if which == "colour":  # quality, not throughput: not part of "all"
+        from dist_dejpeg.bench import colour
+
+        reports["colour"] = colour.run(args.config or CPU_CONFIG[0], args.overrides, out, norms=tuple(args.norms),
+                                       gen_steps=tuple(args.gen_steps), qualities=tuple(args.qualities),
+                                       work=args.work, name=args.name or "colour")
     if which in ("train", "all"):
         from dist_dejpeg.bench import train
 
@@ -88,7 +95,8 @@ def main(args) -> int:
 def add_parser(sub) -> None:
     """The ``bench`` sub-command's arguments (called by dist_dejpeg.cli.build_parser)."""
     b = sub.add_parser("bench", help="throughput benchmarks (results in benchmarks/results/)")
-    b.add_argument("which", choices=["train", "data", "infer", "scaling", "all"])
+    b.add_argument("which", choices=["train", "data", "infer", "scaling", "all", "colour"],
+                   help="all: the four throughput benchmarks; colour: colour fidelity vs training length")
     b.add_argument("--config", help="training config (default: configs/debug.yaml on CPU; configs/div2k.yaml at "
                                     "256 px with random-init backbones on a GPU)")
     b.add_argument("--results", default=DEFAULT_RESULTS, help="folder for the .json/.md results")
@@ -104,5 +112,9 @@ def add_parser(sub) -> None:
     b.add_argument("--tiles", type=int, nargs="+", default=[288, 480], help="data: tile sizes of the sample shards")
     b.add_argument("--crop", type=int, default=256, help="data: crop size (at most the smallest tile)")
     b.add_argument("--formats", nargs="+", default=["png", "raw", "jp2"], help="data: shard formats")
+    b.add_argument("--norms", nargs="+", default=["batch", "group", "none"], help="colour: decoder norms")
+    b.add_argument("--gen-steps", type=int, nargs="+", default=[1000, 5000], help="colour: gen steps per run")
+    b.add_argument("--qualities", type=int, nargs="+", default=[10, 20, 40], help="colour: JPEG qualities")
+    b.add_argument("--work", default="runs/bench-colour", help="colour: folder for the runs")
     b.add_argument("overrides", nargs="*", help="config overrides, key=value")
     b.set_defaults(func=main)

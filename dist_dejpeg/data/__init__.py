@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from dist_dejpeg.config import Config
-from dist_dejpeg.data.shards import list_shards, prepare_samples
+from dist_dejpeg.data.shards import list_shards, prepare_samples, samples_stale
 from dist_dejpeg.data.torch_loader import ShardStream, TorchLoader, load_val_set
 
 
 def ensure_samples(cfg: Config) -> bool:
     """``data.auto_prepare=samples``: write the bundled sample shards into data.root if it has no training
-    shards. Returns True when it wrote them. Call on one process only."""
-    if cfg.data.auto_prepare != "samples" or list(Path(cfg.data.root).glob(cfg.data.train_glob)):
+    shards, or sample shards of an older photo list. Returns True when it wrote them. Call on one process only."""
+    if cfg.data.auto_prepare != "samples":
         return False
+    if list(Path(cfg.data.root).glob(cfg.data.train_glob)):
+        if not samples_stale(cfg.data.root):
+            return False
+        logging.getLogger(__name__).warning("%s holds sample shards of an older photo list: writing them again",
+                                            cfg.data.root)
     prepare_samples(cfg.data.root)
     return True
 

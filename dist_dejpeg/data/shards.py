@@ -39,9 +39,15 @@ SHARD_NAME = "{split}-{index:06d}.tar"
 MANIFEST = "manifest.json"
 
 # Real photographs inside scikit-image's wheel (lossless PNG only: a JPEG source would carry artefacts
-# into the "clean" target). Validation photographs are never used for training.
-SAMPLE_TRAIN = ("astronaut", "motorcycle_left", "ihc", "camera", "brick", "grass", "gravel", "moon", "page")
+# into the "clean" target). Validation photographs are never used for training. Every lossless colour photo
+# the wheel ships is here: astronaut, both views of the motorcycle stereo pair (one scene: both train) and
+# the stained slide (ihc) train; the cat (chelsea) and the coffee cup, whose warm browns and reds no training
+# photo has, validate. Left out: color.png (a synthetic colour wheel), logo and horse (graphics), the
+# chessboards and phantom (synthetic); rocket/retina/hubble are JPEGs.
+SAMPLE_TRAIN = ("astronaut", "motorcycle_left", "motorcycle_right", "ihc", "camera", "brick", "grass", "gravel",
+                "moon", "page")
 SAMPLE_VAL = ("chelsea", "coffee", "coins")
+SAMPLE_DATASET = "samples (scikit-image bundled photographs)"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -187,8 +193,20 @@ def prepare_samples(out: str | Path, tile: int = 128, train_step: int = 64, shar
     """Write train/val shards of lossless tiles of scikit-image's bundled photographs (no download)."""
     sources = [(name, split, partial(_sample_photo, name))
                for split, names in (("train", SAMPLE_TRAIN), ("val", SAMPLE_VAL)) for name in names]
-    return write_dataset(out, sources, dataset="samples (scikit-image bundled photographs)", tile=tile,
+    return write_dataset(out, sources, dataset=SAMPLE_DATASET, tile=tile,
                          train_step=train_step, shard_size=shard_size, seed=seed, fmt=fmt)
+
+
+def samples_stale(root: str | Path) -> bool:
+    """True when ``root`` holds sample shards written from another photo list than this version's."""
+    try:
+        manifest = json.loads((Path(root) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("dataset") != SAMPLE_DATASET:
+        return False
+    have = set(manifest.get("sources", {})) | {r.get("source") for r in manifest.get("rejected", [])}
+    return have != set(SAMPLE_TRAIN) | set(SAMPLE_VAL)
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".ppm", ".jp2"}

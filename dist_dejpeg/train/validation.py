@@ -29,7 +29,6 @@ def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: 
                     restored = generator(batch["jpeg"])
                     sums.add("jpeg", per_image(batch["jpeg"], batch["clean"], lpips))
                     sums.add("restored", per_image(restored, batch["clean"], lpips))
-                sums.add_count(batch["jpeg"].shape[0])
             results[f"q{quality}"] = sums.compute(accelerator)
     finally:
         generator.train(was_training)
