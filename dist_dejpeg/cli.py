@@ -131,17 +131,23 @@ def _restore(args: argparse.Namespace) -> int:
     try:
         check_output_dir(args.out)
         restorer = Restorer(args.model, device=args.device, tile=args.tile, overlap=args.overlap,
-                            batch_size=args.batch_size, precision=args.precision)
+                            batch_size=args.batch_size, precision=args.precision, guard=not args.no_guard)
+        if args.quality is not None and not 1 <= args.quality <= 100:
+            raise ValueError(f"--quality must be in 1..100, got {args.quality}")
     except (ModelFileError, InputImageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results = restore_files(restorer, args.inputs, args.out, fmt=args.format, max_pixels=args.max_pixels,
-                            skip_existing=args.skip_existing, progress=not args.quiet)
+                            skip_existing=args.skip_existing, progress=not args.quiet, quality=args.quality)
     failed = [r for r in results if r.error]
     done = [r for r in results if r.output]
     seconds, megapixels = sum(r.seconds for r in done), sum(r.megapixels for r in done)
     rate = f", {1000 * seconds / megapixels:.0f} ms per megapixel" if megapixels else ""
     print(f"restored {len(done)} image(s) into {args.out} on {restorer.device}{rate}; {len(failed)} failed")
+    for r in done:
+        if r.passthrough or r.quality is None or args.verbose:
+            q = f"q{r.quality} ({r.quality_from})" if r.quality is not None else r.quality_from
+            print(f"{'passed through' if r.passthrough else 'restored'}: {r.source}: {q}; {r.note}")
     for r in failed:
         print(f"failed: {r.source}: {r.error}", file=sys.stderr)
     return 1 if failed else 0
@@ -155,8 +161,9 @@ def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
 
     try:
         restorer = Restorer(args.model, device=args.device, tile=args.tile, overlap=args.overlap,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, guard=not args.no_guard)
         return evaluate(restorer, args.images, args.quality, None if keep_images else args.out, y_only=args.y_only,
+                        blind=args.blind,
                         crop_border=args.crop_border, lpips_weights=args.lpips_weights,
                         allow_lossy_reference=args.allow_lossy_reference, max_images=args.max_images,
                         keep_images=keep_images, progress=not args.quiet)
@@ -206,6 +213,8 @@ def _add_restorer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=int, default=512, help="tile size in pixels, a multiple of 32 (0: whole images)")
     p.add_argument("--overlap", type=int, default=64, help="overlap between tiles, blended linearly")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    p.add_argument("--no-guard", action="store_true", help="restore every image, even where the model's "
+                                                           "validation predicts no gain at its quality")
 
 
 def _add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int]) -> None:
@@ -219,6 +228,7 @@ def _add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int
                                                        "LPIPS when it is not in the torch hub cache")
     p.add_argument("--allow-lossy-reference", action="store_true", help="accept JPEG/WebP references")
     p.add_argument("--max-images", type=int, default=0, help="use at most this many reference images (0: all)")
+    p.add_argument("--blind", action="store_true", help="do not tell the model the quality (as for a PNG input)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -263,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("-o", "--out", required=True, help="output folder (same relative names, lossless)")
     _add_restorer_args(rs)
     rs.add_argument("--format", choices=["png", "tiff", "webp"], default="png", help="lossless output format")
+    rs.add_argument("--quality", type=int, default=None,
+                    help="the inputs' JPEG quality (default: read from each JPEG's quantization tables)")
+    rs.add_argument("--verbose", action="store_true", help="one line per image: its quality and the decision")
     rs.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                     help="auto: bf16 autocast on CUDA, fp32 elsewhere")
     rs.add_argument("--max-pixels", type=int, default=100_000_000,

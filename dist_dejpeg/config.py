@@ -58,6 +58,8 @@ class ModelConfig:
     attention_stride: int = 8  # output stride of the decoder block that gets self-attention
     spectral_norm: bool = True  # spectral norm on the decoder convolutions (plus batch norm, as DeOldify)
     decoder_norm: str = "batch"  # decoder normalisation: batch (DeOldify), group (each image's own statistics), none
+    quality_conditioning: bool = False  # the decoder takes the JPEG quality (FiLM); 0/unknown runs blind
+    quality_blind_prob: float = 0.25  # conditioned training: share of samples whose quality is hidden (blind mode)
     channels_last: bool = False  # memory format for the models and batches (faster on tensor cores)
     sync_bn: bool = False  # several processes: batch-norm statistics over the global batch, not per device
 
@@ -199,6 +201,8 @@ def validate(cfg: Config) -> None:
     _one_of("data.auto_prepare", d.auto_prepare, ("none", "samples"))
     _one_of("train.mixed_precision", t.mixed_precision, ("no", "bf16", "fp16"))
     _one_of("model.decoder_norm", cfg.model.decoder_norm, ("batch", "group", "none"))
+    if not 0.0 <= cfg.model.quality_blind_prob <= 1.0:
+        raise ConfigError("config key 'model.quality_blind_prob': must be in [0, 1]")
     t.log_level = t.log_level.lower()
     _one_of("train.log_level", t.log_level, ("debug", "info", "warning", "error"))
     _one_of("loss.lpips_net", cfg.loss.lpips_net, ("vgg", "alex"))

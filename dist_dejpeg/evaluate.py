@@ -146,9 +146,10 @@ def _mean(values: list) -> float | None:
 def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path | None, *, y_only: bool = False,
              crop_border: int = 0, lpips_weights: str = "", allow_lossy_reference: bool = False,
              max_images: int = 0, keep_images: bool = False, restorer_kwargs: dict | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, blind: bool = False) -> dict:
     """Run the evaluation; write the three tables into ``out_dir`` (if given) and return the metrics.json
-    content. ``keep_images``: also return the images as ``records`` (for the HTML report)."""
+    content. ``keep_images``: also return the images as ``records`` (for the HTML report). The restorer is
+    told each JPEG's quality (as ``restore`` reads it from the file's tables) unless ``blind``."""
     from tqdm import tqdm
 
     import PIL
@@ -165,10 +166,12 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
         for q in qualities:
             jpeg = jpeg_roundtrip(clean, q)
             start = time.perf_counter()
-            restored = restorer.restore_array(jpeg)
+            restored = restorer.restore_array(jpeg, None if blind else q)
             restore_seconds += time.perf_counter() - start
+            decision = restorer.last_decision
             megapixels += clean.shape[0] * clean.shape[1] / 1e6
             row = {"image": name, "quality": q, "height": clean.shape[0], "width": clean.shape[1],
+                   "passthrough": decision.passthrough,
                    "jpeg": metric(jpeg, clean), "restored": metric(restored, clean)}
             rows.append(row)
             if keep_images:
@@ -183,6 +186,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
         means["gain"] = {m: (None if means["restored"][m] is None or means["jpeg"][m] is None
                              else means["restored"][m] - means["jpeg"][m]) for m in ALL_NAMES}
         means["images"] = len(sel)
+        means["passed_through"] = sum(r["passthrough"] for r in sel)
         per_quality[str(q)] = means
     info = {k: v for k, v in restorer.info.items() if k != "model"}
     result = {
@@ -197,6 +201,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
             "undefined": metric.undefined,
             "lpips": "lpips-alex (ImageNet AlexNet backbone)" if metric.lpips is not None else "unavailable",
             "device": str(restorer.device), "tile": restorer.tile, "overlap": restorer.overlap,
+            "quality_given": not blind, "conditioned": restorer.conditioned, "guard": restorer.guard,
             "restore_ms_per_megapixel": 1000 * restore_seconds / megapixels if megapixels else None,
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         },
@@ -237,7 +242,12 @@ def markdown(result: dict) -> str:
              f"Images: {meta['images']} lossless references ({len(meta['skipped'])} skipped); compression: "
              f"{meta['compression']}; full-reference metrics on {meta['channel']}, border crop {meta['crop_border']}.",
              f"Restored on {meta['device']} (tile {meta['tile']}, overlap {meta['overlap']}), "
-             f"{_fmt(meta['restore_ms_per_megapixel'], 0)} ms per megapixel.", ""]
+             f"{_fmt(meta['restore_ms_per_megapixel'], 0)} ms per megapixel.",
+             f"Quality-conditioned model: {'yes' if meta.get('conditioned') else 'no'}; quality told to it: "
+             f"{'yes' if meta.get('quality_given') else 'no (blind)'}; do-no-harm guard: "
+             f"{'on' if meta.get('guard') else 'off'}" + "".join(
+                 f"; q{q}: {m['passed_through']} of {m['images']} passed through unchanged"
+                 for q, m in result["per_quality"].items() if m.get("passed_through")) + ".", ""]
     for name, why in meta["unavailable"].items():
         lines.append(f"- {name}: unavailable: {why}")
     for name, what in meta["undefined"].items():

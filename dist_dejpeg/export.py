@@ -115,7 +115,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ge
     generator = load_generator(path, device)
     model_cfg = model_config_from_meta(meta, str(path))
     info = {"source": str(path), "format": "generator.safetensors", "global_step": _int(meta.get("global_step")),
-            "lpips": meta.get("lpips", "")}
+            "lpips": meta.get("lpips", ""), "val_psnr_gain": _gains(meta.get("val_psnr_gain"))}
     return generator, _describe(info, model_cfg)
 
 
@@ -142,6 +142,14 @@ def _describe(info: dict, model_cfg: ModelConfig) -> dict:
     info.update(encoder=model_cfg.encoder, encoder_init="ImageNet" if model_cfg.pretrained else "random init",
                 model=dataclasses.asdict(model_cfg))
     return info
+
+
+def _gains(text: str | None) -> dict[int, float]:
+    """The validated RGB PSNR gain per quality a generator file keeps ({} for files without it)."""
+    try:
+        return {int(q): float(g) for q, g in json.loads(text or "{}").items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
 
 
 def _int(value) -> int | None:

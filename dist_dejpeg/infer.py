@@ -13,6 +13,14 @@ self-attention block), so a tiled result is close to, not identical with, the wh
 tests/test_infer.py bounds the difference on a real photo. Windows are multiples of 32 (the encoder's stride),
 so no window is padded inside the model.
 
+Quality and doing no harm: a JPEG's quality is read from its quantization tables (dist_dejpeg.jpeg_quality)
+unless given; a quality-conditioned generator gets it (a blind one does not need it). The generator file
+keeps the RGB PSNR gain its final validation measured at each quality; an image whose quality is above the
+validated range, or where the gain interpolated between validated qualities is not positive, is passed
+through unchanged (``guard``, on by default): restoration never returns what it predicts to be worse than
+its input. An image of unknown quality (PNG input, tables that match no libjpeg quality) is restored blind,
+and the result says that no prediction was possible.
+
 Files (``load_image`` / ``save_image``): EXIF orientation is applied; grayscale, palette, RGBA/LA (alpha kept
 and written back unchanged), CMYK and YCbCr JPEGs are read; grayscale input gives grayscale output. 16-bit
 images are refused (a JPEG is 8-bit: a 16-bit file never was one), as are images over ``max_pixels`` (checked
@@ -32,6 +40,7 @@ import torch
 from PIL import Image, ImageOps
 
 from dist_dejpeg.export import load_model
+from dist_dejpeg.jpeg_quality import estimate_quality
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP; PIL's own limit (89.5 MP) only warns below twice its value
 
@@ -168,13 +177,35 @@ def _device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+@dataclass
+class Decision:
+    """What restoring one image does: its quality (None: unknown) and where it came from, and whether the
+    image is passed through unchanged (``passthrough``) with the reason."""
+    quality: int | None
+    source: str  # "given", "file tables", "unknown"
+    passthrough: bool = False
+    reason: str = ""
+
+
+def predicted_gain(gains: dict[int, float], quality: int) -> float | None:
+    """The validated RGB PSNR gain at ``quality``: linear between the validated qualities, the lowest one's
+    below them, None above the highest (not validated)."""
+    qs = sorted(gains)
+    if not qs or quality > qs[-1]:
+        return None
+    if quality <= qs[0]:
+        return gains[qs[0]]
+    return float(np.interp(quality, qs, [gains[q] for q in qs]))
+
+
 class Restorer:
     """A generator ready to restore images. ``model``: a path (generator file, run or checkpoint folder) or a
     Generator module. ``tile``/``overlap`` in pixels (``tile`` 0: whole images, no tiling); ``batch_size``:
-    tiles per forward pass; ``precision``: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16"."""
+    tiles per forward pass; ``precision``: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16";
+    ``guard``: pass through images of a known quality where the model's validation predicts no gain."""
 
     def __init__(self, model, *, device: str | torch.device = "auto", tile: int = 512, overlap: int = 64,
-                 batch_size: int = 4, precision: str = "auto"):
+                 batch_size: int = 4, precision: str = "auto", guard: bool = True):
         self.device = _device(device)
         if isinstance(model, (str, Path)):
             self.generator, self.info = load_model(model, self.device)
@@ -188,30 +219,62 @@ class Restorer:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
         self.tile, self.overlap, self.batch_size = tile, overlap, max(1, batch_size)
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.guard = guard
+        self.conditioned = bool(getattr(self.generator, "conditioned", False))
+        self.gains = {int(q): float(g) for q, g in (self.info.get("val_psnr_gain") or {}).items()}
+        self.last_decision: Decision | None = None
+
+    def decide(self, quality: int | None, source: str = "given") -> Decision:
+        """Restore or pass through an image of ``quality`` (None: unknown)."""
+        if quality is None:
+            return Decision(None, "unknown", reason="quality unknown: restored blind, no gain could be predicted")
+        if not 1 <= int(quality) <= 100:
+            raise ValueError(f"quality must be in 1..100, got {quality}")
+        quality = int(quality)
+        if not self.guard:
+            return Decision(quality, source)
+        if not self.gains:
+            return Decision(quality, source, reason="the model file holds no validated gains: restored unchecked")
+        gain = predicted_gain(self.gains, quality)
+        if gain is None:
+            return Decision(quality, source, True, f"q{quality} is above the validated qualities "
+                                                   f"(up to q{max(self.gains)}): passed through unchanged")
+        if gain <= 0:
+            return Decision(quality, source, True, f"validation predicts {gain:+.2f} dB at q{quality}: "
+                                                   f"passed through unchanged")
+        return Decision(quality, source, reason=f"validation predicts {gain:+.2f} dB at q{quality}")
 
     # -- tensors -----------------------------------------------------------------------------------------
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+    def _forward(self, batch: torch.Tensor, quality: int | None = None) -> torch.Tensor:
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16
                     else contextlib.nullcontext())
+        q = None
+        if self.conditioned:
+            q = torch.full((batch.shape[0],), float(quality or 0), device=batch.device)
         with torch.inference_mode(), autocast:
-            return self.generator(batch).float()
+            return self.generator(batch, q).float()
 
-    def restore_tensor(self, image: torch.Tensor) -> torch.Tensor:
-        """3 x H x W (or 1 x 3 x H x W) float in [0, 1] -> the same shape, restored, on the CPU."""
+    def restore_tensor(self, image: torch.Tensor, quality: int | None = None) -> torch.Tensor:
+        """3 x H x W (or N x 3 x H x W) float in [0, 1] -> the same shape, restored, on the CPU. ``quality``: the
+        images' JPEG quality (None: unknown); passed through unchanged where ``decide`` says so."""
         squeeze = image.dim() == 3
         x = image.unsqueeze(0) if squeeze else image
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected 3 x H x W or N x 3 x H x W, got {tuple(image.shape)}")
-        out = torch.stack([self._restore_one(im) for im in x])
+        decision = self.last_decision = self.decide(quality)
+        if decision.passthrough:
+            out = x.detach().float().cpu().clone()
+        else:
+            out = torch.stack([self._restore_one(im, decision.quality) for im in x])
         return out[0] if squeeze else out
 
-    def _restore_one(self, x: torch.Tensor) -> torch.Tensor:
+    def _restore_one(self, x: torch.Tensor, quality: int | None = None) -> torch.Tensor:
         """One 3 x H x W image: moved to the device once, cut, restored and blended there, returned on the CPU."""
         _, h, w = x.shape
         tile = self.tile
         x = x.to(self.device, non_blocking=True)
         if not tile or (h <= tile and w <= tile):
-            return self._forward(x[None])[0].cpu()
+            return self._forward(x[None], quality)[0].cpu()
         th, tw = min(tile, h), min(tile, w)
         ys, xs = tile_starts(h, th, self.overlap), tile_starts(w, tw, self.overlap)
         out = torch.zeros(3, h, w, device=self.device)
@@ -220,7 +283,7 @@ class Restorer:
         ramps = {}
         for i in range(0, len(windows), self.batch_size):
             chunk = windows[i:i + self.batch_size]
-            restored = self._forward(torch.stack([x[:, y:y + th, x0:x0 + tw] for y, x0 in chunk]))
+            restored = self._forward(torch.stack([x[:, y:y + th, x0:x0 + tw] for y, x0 in chunk]), quality)
             for (y, x0), r in zip(chunk, restored):
                 key = (y == 0, y + th == h, x0 == 0, x0 + tw == w)
                 if key not in ramps:
@@ -232,31 +295,39 @@ class Restorer:
         return (out / weight).cpu()
 
     # -- arrays and PIL images -----------------------------------------------------------------------------
-    def restore_array(self, rgb: np.ndarray) -> np.ndarray:
-        """H x W x 3 (or H x W grayscale) uint8 -> the same shape, uint8."""
+    def restore_array(self, rgb: np.ndarray, quality: int | None = None) -> np.ndarray:
+        """H x W x 3 (or H x W grayscale) uint8 -> the same shape, uint8 (the input itself, copied, where the
+        image is passed through)."""
         if rgb.dtype != np.uint8:
             raise ValueError(f"expected uint8 pixels, got {rgb.dtype} (use restore_tensor for float images)")
         gray = rgb.ndim == 2
         rgb3 = np.repeat(rgb[..., None], 3, axis=2) if gray else rgb
         if rgb3.ndim != 3 or rgb3.shape[2] != 3:
             raise ValueError(f"expected H x W x 3 or H x W, got {rgb.shape}")
+        decision = self.decide(quality)
+        if decision.passthrough:
+            self.last_decision = decision
+            return rgb.copy()
         x = torch.from_numpy(np.array(rgb3, dtype=np.float32)).permute(2, 0, 1).div_(255)  # a copy: PIL arrays are read-only
-        y = self.restore_tensor(x)
+        y = self.restore_tensor(x, quality)
         out = y.mul_(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
         if gray:
             return np.rint(out.astype(np.float32).mean(axis=2)).astype(np.uint8)
         return out
 
-    def restore(self, image):
+    def restore(self, image, quality: int | None = None):
         """A PIL image (any mode; alpha kept, grayscale stays grayscale) or a uint8 numpy array, restored, in
-        the same kind; a float tensor goes through restore_tensor."""
+        the same kind; a float tensor goes through restore_tensor. ``quality`` None: a PIL image opened from a
+        JPEG has its quality read from its tables; otherwise unknown. ``last_decision`` says what was done."""
         if isinstance(image, torch.Tensor):
-            return self.restore_tensor(image)
+            return self.restore_tensor(image, quality)
         if isinstance(image, np.ndarray):
-            return self.restore_array(image)
+            return self.restore_array(image, quality)
         if isinstance(image, Image.Image):
+            if quality is None:
+                quality = estimate_quality(image).quality
             rgb, alpha, grayscale = split_image(image)
-            return join_image(self.restore_array(rgb), alpha, grayscale)
+            return join_image(self.restore_array(rgb, quality), alpha, grayscale)
         raise TypeError(f"restore takes a PIL image, a uint8 numpy array or a float tensor, not {type(image).__name__}")
 
 
@@ -273,6 +344,10 @@ class RestoreResult:
     error: str | None = None
     seconds: float = 0.0
     megapixels: float = 0.0
+    quality: int | None = None  # the JPEG quality used (None: unknown)
+    quality_from: str = ""  # "given" (--quality), "file tables", or why it is unknown
+    passthrough: bool = False  # written unchanged: no gain predicted at this quality
+    note: str = ""  # the restore decision's reason
 
 
 def collect_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path]], list[RestoreResult]]:
@@ -323,9 +398,10 @@ def check_output_dir(out_dir: str | Path) -> Path:
 
 def restore_files(restorer: Restorer, inputs: list[str], out_dir: str | Path, *, fmt: str = "png",
                   max_pixels: int = DEFAULT_MAX_PIXELS, skip_existing: bool = False,
-                  progress: bool = True) -> list[RestoreResult]:
+                  progress: bool = True, quality: int | None = None) -> list[RestoreResult]:
     """Restore every image ``inputs`` names into ``out_dir`` (same relative name, ``fmt`` suffix). Never stops
-    at a bad file: each result carries its error. The output folder is checked before anything runs."""
+    at a bad file: each result carries its error. The output folder is checked before anything runs. Each
+    image's quality is ``quality`` when given, else read from its JPEG tables, else unknown."""
     import time
 
     from tqdm import tqdm
@@ -354,7 +430,16 @@ def restore_files(restorer: Restorer, inputs: list[str], out_dir: str | Path, *,
         start = time.perf_counter()
         try:
             image = load_image(path, max_pixels)
-            restored = restorer.restore_array(image.rgb)
+            if quality is not None:
+                result.quality, result.quality_from = int(quality), "given"
+            else:
+                est = estimate_quality(image.image) if image.image is not None else None
+                result.quality = est.quality if est else None
+                result.quality_from = ("file tables" if result.quality is not None
+                                       else (est.reason if est else f"not a JPEG ({image.format})"))
+            restored = restorer.restore_array(image.rgb, result.quality)
+            decision = restorer.last_decision
+            result.passthrough, result.note = decision.passthrough, decision.reason
             target.parent.mkdir(parents=True, exist_ok=True)
             save_image(restored, target, alpha=image.alpha, grayscale=image.grayscale)
         except (InputImageError, OSError, ValueError, RuntimeError) as err:

@@ -7,7 +7,10 @@
     result["max_abs_diff"]   # {"1x3x200x152": 1.2e-07, "2x3x96x160": 1.8e-07}: onnxruntime vs PyTorch
 
 The ONNX model: input ``degraded`` (float32 N x 3 x H x W in [0, 1]), output ``restored`` (same shape, in
-[0, 1]); dims named batch, height, width. H and W above 16: the graph pads with reflect, which needs the pad
+[0, 1]); dims named batch, height, width. A quality-conditioned generator has a second input ``quality``
+(float32 N: each image's JPEG quality 1..100, 0 for unknown). The metadata holds the model config and the
+validated RGB PSNR gain per quality (``val_psnr_gain``), from which a runtime can pass through images of a
+quality the model does not improve, as ``restore`` does. H and W above 16: the graph pads with reflect, which needs the pad
 (up to 31) below the size; PyTorch replicates instead for such tiny images, onnxruntime rejects them ("Pad
 reflect: post-pad exceeds maximum allowed"). Needs ``pip install 'dist_dejpeg[onnx]'``.
 
@@ -41,7 +44,7 @@ from torch.nn.utils import parametrize
 
 ONNX_FORMAT = "dist_dejpeg.onnx.v1"
 INSTALL_HINT = "pip install 'dist_dejpeg[onnx]'"
-INPUT, OUTPUT = "degraded", "restored"
+INPUT, OUTPUT, QUALITY = "degraded", "restored", "quality"
 # (batch, height, width) of the onnxruntime check: one size not a multiple of 32, and a batch of 2
 CHECK_SIZES = ((1, 200, 152), (2, 96, 160))
 # float32 on [0, 1]: 1e-4 is 1/39 of an 8-bit step (1/255); the two runtimes differ only in summation order
@@ -96,10 +99,10 @@ class PaddedGenerator(nn.Module):
         self.generator = generator
         self.pad_to = generator.pad_to
 
-    def forward(self, degraded: torch.Tensor) -> torch.Tensor:
+    def forward(self, degraded: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
         h, w = degraded.shape[-2:]
         padded = F.pad(degraded, (0, (-w) % self.pad_to, 0, (-h) % self.pad_to), mode="reflect")
-        return self.generator(padded)[..., :h, :w]
+        return self.generator(padded, quality)[..., :h, :w]
 
 
 def load_check_image(check_image=None) -> np.ndarray:
@@ -139,7 +142,7 @@ def _cfg_dict(model_cfg) -> dict:
 
 def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = None, check_image=None,
                 model_cfg=None, source: str = "", check_sizes=CHECK_SIZES, tolerance: float = TOLERANCE,
-                log=print) -> dict:
+                log=print, val_psnr_gain: dict | None = None) -> dict:
     """Export ``generator`` to ``path`` (atomically, after the onnxruntime check passed).
 
     ``model_cfg`` (a ModelConfig or its dict) and ``source`` go into the ONNX metadata_props with the format
@@ -160,15 +163,24 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
 
     # the example: 2 x 3 x 64 x 96 (batch 2 and sizes != 1 and != each other, so nothing specializes to it)
     example = torch.from_numpy(check_batch(image, 2, 64, 96))
-    dims = {0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim("height", min=MIN_SIZE, max=16384),
+    batch_dim = torch.export.Dim("batch", min=1, max=4096)
+    dims = {0: batch_dim, 2: torch.export.Dim("height", min=MIN_SIZE, max=16384),
             3: torch.export.Dim("width", min=MIN_SIZE, max=16384)}
+    conditioned = bool(getattr(reference, "conditioned", False))
+    args, names, shapes = (example,), [INPUT], {INPUT: dims}
+    if conditioned:
+        args, names = (example, torch.tensor([20.0, 0.0])), [INPUT, QUALITY]
+        shapes = {INPUT: dims, QUALITY: {0: batch_dim}}
     start = time.perf_counter()
-    program = torch.onnx.export(exported, (example,), None, dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
-                                dynamic_shapes={INPUT: dims}, opset_version=opset, external_data=False,
+    program = torch.onnx.export(exported, args, None, dynamo=True, input_names=names, output_names=[OUTPUT],
+                                dynamic_shapes=shapes, opset_version=opset, external_data=False,
                                 optimize=True, verbose=False)
     export_s = time.perf_counter() - start
     proto = program.model_proto
-    for value in list(proto.graph.input) + list(proto.graph.output):  # name the output's dims like the input's
+    for value in [*proto.graph.input, *proto.graph.output]:  # name the output's dims like the input's
+        if value.name == QUALITY:
+            value.type.tensor_type.shape.dim[0].dim_param = "batch"
+            continue
         for i, name in ((0, "batch"), (2, "height"), (3, "width")):
             dim = value.type.tensor_type.shape.dim[i]
             if dim.dim_value:
@@ -177,7 +189,10 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
     meta = {"format": ONNX_FORMAT, "encoder": str(cfg.get("encoder", "")), "model": json.dumps(cfg),
             "source": str(source), "dist_dejpeg": version, "torch": torch.__version__,
             "input": f"{INPUT}: float32 N x 3 x H x W in [0, 1], H and W > 16",
-            "output": f"{OUTPUT}: float32 N x 3 x H x W in [0, 1]"}
+            "output": f"{OUTPUT}: float32 N x 3 x H x W in [0, 1]",
+            "val_psnr_gain": json.dumps({str(k): v for k, v in (val_psnr_gain or {}).items()})}
+    if conditioned:
+        meta["input"] += f"; {QUALITY}: float32 N, JPEG quality 1..100 (0: unknown)"
     del proto.metadata_props[:]
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
@@ -187,9 +202,14 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     diffs = {}
     for label, batch in batches.items():
+        feeds = {INPUT: batch}
+        quality = None
+        if conditioned:  # a known and an unknown quality in each checked batch (one image: known)
+            feeds[QUALITY] = np.array([(10.0 + 30 * i) if i % 2 == 0 else 0.0 for i in range(len(batch))], np.float32)
+            quality = torch.from_numpy(feeds[QUALITY])
         with torch.no_grad():
-            expected = reference(torch.from_numpy(batch)).numpy()
-        (got,) = session.run([OUTPUT], {INPUT: batch})
+            expected = reference(torch.from_numpy(batch), quality).numpy()
+        (got,) = session.run([OUTPUT], feeds)
         if got.shape != expected.shape:
             raise OnnxCheckError(f"{label}: onnxruntime returned shape {got.shape}, PyTorch {expected.shape}")
         diffs[label] = float(np.abs(got - expected).max())
@@ -226,7 +246,8 @@ def _export(args: argparse.Namespace) -> int:
         if args.check_image and not Path(args.check_image).is_file():
             raise FileNotFoundError(f"--check-image {args.check_image}: no such file")
         result = export_onnx(generator, args.onnx, opset=args.opset, check_image=args.check_image,
-                             model_cfg=info["model"], source=info["source"])
+                             model_cfg=info["model"], source=info["source"],
+                             val_psnr_gain=info.get("val_psnr_gain"))
     except (ModelFileError, OnnxUnavailable, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

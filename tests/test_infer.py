@@ -326,3 +326,68 @@ def test_restore_on_cuda_in_bf16_matches_cpu_fp32():
     psnr = 10 * np.log10(255.0 ** 2 / max(((gpu - cpu) ** 2).mean(), 1e-12))
     print(f"restore cuda bf16 vs cpu fp32: {psnr:.1f} dB")
     assert psnr > 35.0, psnr
+
+
+# -- quality and doing no harm -------------------------------------------------------------------------------
+GAINS = {10: 0.6, 20: 0.3, 40: 0.1, 60: -0.2}
+
+
+@pytest.fixture(scope="module")
+def guarded_file(tmp_path_factory) -> Path:
+    """A quality-conditioned generator whose file says what validation measured at 10, 20, 40 and 60."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**TINY, quality_conditioning=True)
+    g = build_generator(cfg)
+    nn.init.normal_(g.head.weight, std=0.02)
+    nn.init.normal_(g.film.heads.weight, std=0.2)
+    path = tmp_path_factory.mktemp("guarded") / "generator.safetensors"
+    save_generator(g.eval(), cfg, path, extra={"global_step": 9, "val_psnr_gain": json.dumps(GAINS)})
+    return path
+
+
+def test_guard_passes_through_where_validation_predicts_no_gain(guarded_file):
+    restorer = Restorer(guarded_file, device="cpu", tile=0)
+    assert restorer.conditioned and restorer.gains == GAINS
+    rgb = _photo(64, 96)
+    for q, passes in ((10, False), (30, False), (50, True), (60, True), (80, True), (5, False)):
+        out = restorer.restore_array(rgb, q)
+        d = restorer.last_decision
+        assert d.passthrough == passes and d.quality == q, (q, d)
+        assert np.array_equal(out, rgb) == passes, q
+    assert "above the validated qualities" in restorer.decide(80).reason
+    assert "-0.05 dB" in restorer.decide(50).reason  # 0.1 + (50 - 40) / 20 * (-0.3)
+    out = restorer.restore_array(rgb)  # unknown quality: restored blind, and it says so
+    assert not np.array_equal(out, rgb) and "quality unknown" in restorer.last_decision.reason
+    unguarded = Restorer(guarded_file, device="cpu", tile=0, guard=False)
+    assert not np.array_equal(unguarded.restore_array(rgb, 80), rgb)
+
+
+def test_conditioned_restorer_tells_the_model_the_quality(guarded_file):
+    restorer = Restorer(guarded_file, device="cpu", tile=64, overlap=16, guard=False)
+    rgb = _photo(96, 128)
+    at10, at40, blind = (restorer.restore_array(rgb, q) for q in (10, 40, None))
+    assert not np.array_equal(at10, at40) and not np.array_equal(at10, blind)
+    jpeg = Image.open(io.BytesIO(_jpeg_bytes(rgb, 10)))
+    assert np.array_equal(np.asarray(restorer.restore(jpeg)), restorer.restore_array(np.asarray(jpeg.convert("RGB")), 10))
+
+
+def test_restore_command_reads_each_jpeg_quality_and_passes_through(tmp_path, guarded_file, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    rgb = _photo(64, 96)
+    (src / "q15.jpg").write_bytes(_jpeg_bytes(rgb, 15))
+    (src / "q75.jpg").write_bytes(_jpeg_bytes(rgb, 75, subsampling=0))
+    Image.fromarray(rgb).save(src / "clean.png")
+    assert main(["restore", str(src), "-o", str(tmp_path / "out"), "--model", str(guarded_file), "--quiet",
+                 "--verbose", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "restored: " in out and "q15 (file tables)" in out
+    assert "passed through: " in out and "q75 (file tables)" in out
+    assert "not a JPEG (PNG)" in out
+    q75 = np.asarray(Image.open(src / "q75.jpg").convert("RGB"))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "q75.png")), q75)  # unchanged pixels
+    # --quality overrides the tables: q15 given for all, nothing passes through
+    assert main(["restore", str(src / "q75.jpg"), "-o", str(tmp_path / "out2"), "--model", str(guarded_file),
+                 "--quiet", "--verbose", "--quality", "15", "--device", "cpu"]) == 0
+    assert "restored: " in capsys.readouterr().out
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "out2" / "q75.png")), q75)

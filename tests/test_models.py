@@ -517,3 +517,70 @@ def test_generator_files_from_before_decoder_norm_load_as_batch_norm(tmp_path):
     meta["model"] = json.dumps(fields)
     save_file(load_file(str(path)), str(path), metadata=meta)
     assert any(isinstance(m, nn.BatchNorm2d) for m in load_generator(path).blocks.modules())
+
+
+# ------------------------------------------------------------------------------------ quality conditioning
+
+
+def _kick(g: Generator) -> Generator:
+    """Non-zero FiLM heads and output head, as after some training."""
+    with torch.no_grad():
+        g.head.weight.normal_(0, 0.1)
+        if g.film is not None:
+            g.film.heads.weight.normal_(0, 0.2)
+    return g.eval()
+
+
+def test_conditioned_generator_starts_as_the_blind_one():
+    """Same seed: the blind generator's weights load into the conditioned one (which only adds the FiLM
+    embedding) and, with the FiLM heads at their zero init, every quality gives the blind output."""
+    blind, cond = _generator(), _generator(quality_conditioning=True)
+    result = cond.load_state_dict(blind.state_dict(), strict=False)
+    assert result.missing_keys and all(k.startswith("film.") for k in result.missing_keys)
+    assert not result.unexpected_keys
+    _kick(blind)
+    cond.head.load_state_dict(blind.head.state_dict())
+    cond.eval()
+    x = torch.rand(3, 3, 40, 56, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = blind(x)
+        for q in (None, torch.tensor([10, 50, 0]), 90):
+            assert torch.allclose(cond(x, q), ref, atol=1e-6)
+        assert torch.equal(blind(x, torch.tensor([10, 20, 30])), ref)  # a blind one ignores the quality
+
+
+def test_conditioning_changes_output_per_sample_and_unknown_is_its_own():
+    g = _kick(_generator(quality_conditioning=True))
+    x = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(2)).expand(4, -1, -1, -1)
+    with torch.no_grad():
+        out = g(x, torch.tensor([10, 10, 90, 0]))
+        assert torch.equal(out[0], out[1])
+        assert not torch.allclose(out[0], out[2], atol=1e-4)  # the quality matters
+        assert not torch.allclose(out[3], out[0], atol=1e-4) and not torch.allclose(out[3], out[2], atol=1e-4)
+        assert torch.allclose(g(x[:1], None), out[3:], atol=1e-6)  # None is "unknown"
+        assert torch.allclose(g(x[:2], 10), out[:2], atol=1e-6)  # one quality for the batch
+
+
+def test_every_conditioning_parameter_gets_a_gradient_from_any_batch():
+    """DDP needs every parameter used in every step: the known and the unknown path both take part,
+    whether the batch holds only known, only unknown or mixed qualities."""
+    g = _kick(_generator(quality_conditioning=True)).train()
+    x = torch.rand(2, 3, 32, 32)
+    for q in (torch.tensor([10, 40]), torch.tensor([0, 0]), torch.tensor([0, 70])):
+        g.zero_grad()
+        g(x, q).sum().backward()
+        for name, p in g.film.named_parameters():
+            assert p.grad is not None, (name, q)
+
+
+def test_conditioned_generator_file_round_trip(tmp_path):
+    cfg = ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=WIDTH,
+                      quality_conditioning=True)
+    torch.manual_seed(0)
+    g = _kick(build_generator(cfg))
+    save_generator(g, cfg, tmp_path / "g.safetensors")
+    loaded = load_generator(tmp_path / "g.safetensors")
+    assert loaded.conditioned and loaded.film is not None
+    x = torch.rand(2, 3, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, torch.tensor([15, 0])), g(x, torch.tensor([15, 0])))

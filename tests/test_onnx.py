@@ -1,5 +1,6 @@
 """ONNX export (dist-dejpeg export): dynamic batch/height/width, onnxruntime vs PyTorch on a real photo,
-metadata, exit codes. One export for the module (the dynamo exporter is the slow part)."""
+metadata, exit codes. One export for the module (the dynamo exporter is the slow part), of a
+quality-conditioned generator: its graph has both inputs; a blind one is the same graph without ``quality``."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from dist_dejpeg.models.unet import build_generator  # noqa: E402
 from dist_dejpeg.onnx_export import (ONNX_FORMAT, TOLERANCE, add_parser, check_batch, fold_spectral_norm,  # noqa: E402
                                      load_check_image, read_onnx_metadata)
 
-CFG = ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=32)
+CFG = ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=32, quality_conditioning=True)
+GAINS = {10: 0.5, 40: 0.1, 60: -0.2}
 
 
 def _cli(argv: list[str]) -> int:
@@ -41,6 +43,7 @@ def _trained_like_generator():
     g = build_generator(CFG)
     with torch.no_grad():
         torch.nn.init.normal_(g.head.weight, std=0.05)
+        torch.nn.init.normal_(g.film.heads.weight, std=0.2)
         for m in g.modules():
             if hasattr(m, "gamma"):
                 m.gamma.fill_(0.5)
@@ -57,7 +60,8 @@ def _trained_like_generator():
 def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("onnx")
     model, onnx_path = folder / "generator.safetensors", folder / "model.onnx"
-    save_generator(_trained_like_generator(), CFG, model, extra={"global_step": 7})
+    save_generator(_trained_like_generator(), CFG, model,
+                   extra={"global_step": 7, "val_psnr_gain": json.dumps(GAINS)})
     return model, onnx_path
 
 
@@ -76,18 +80,22 @@ def test_export_matches_pytorch_on_a_photo_at_two_sizes(exported, capsys):
     generator, _ = load_model(model)
     batch = check_batch(load_check_image(), 3, 72, 100)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    (got,) = session.run(["restored"], {"degraded": batch})
+    quality = np.array([15, 0, 80], np.float32)
+    (got,) = session.run(["restored"], {"degraded": batch, "quality": quality})
     with torch.no_grad():
-        expected = generator(torch.from_numpy(batch)).numpy()
+        expected = generator(torch.from_numpy(batch), torch.from_numpy(quality)).numpy()
         correction = np.abs(expected - batch).max()
+        (other,) = session.run(["restored"], {"degraded": batch, "quality": np.array([90, 15, 0], np.float32)})
+    assert np.abs(other - got).max() > 1e-3  # the quality input reaches the graph
     diff = float(np.abs(got - expected).max())
     with capsys.disabled():
         print(f"3x3x72x100: max abs difference {diff:.3g} (largest correction {correction:.3g})")
     assert got.shape == batch.shape and diff < TOLERANCE
     assert correction > 0.05  # the comparison is not between two identities
 
-    inp, outp = session.get_inputs()[0], session.get_outputs()[0]
+    (inp, qin), outp = session.get_inputs(), session.get_outputs()[0]
     assert (inp.name, inp.shape) == ("degraded", ["batch", 3, "height", "width"])
+    assert (qin.name, qin.shape) == ("quality", ["batch"])
     assert (outp.name, outp.shape) == ("restored", ["batch", 3, "height", "width"])
 
     meta = read_onnx_metadata(onnx_path)
@@ -95,6 +103,8 @@ def test_export_matches_pytorch_on_a_photo_at_two_sizes(exported, capsys):
     assert meta["encoder"] == CFG.encoder
     assert json.loads(meta["model"]) == dataclasses.asdict(CFG)
     assert meta["source"] == str(model)
+    assert {int(k): v for k, v in json.loads(meta["val_psnr_gain"]).items()} == GAINS
+    assert "quality" in meta["input"]
     assert session.get_modelmeta().custom_metadata_map["format"] == ONNX_FORMAT
 
 

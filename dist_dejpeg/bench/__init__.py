@@ -2,6 +2,7 @@
 
     dist-dejpeg bench all                          # every benchmark on this machine -> benchmarks/results/
     dist-dejpeg bench colour                       # colour fidelity vs training length (real trainings: long)
+    dist-dejpeg bench quality                      # blind vs quality-conditioned, 3 seeds (real trainings: long)
     dist-dejpeg bench train --config configs/div2k.yaml data.crop=256 model.pretrained=false loss.lpips_pretrained=false
 
 Each benchmark writes ``<results>/<name>.json`` and ``.md`` naming the machine (CPU model and cores, GPU and
@@ -65,8 +66,14 @@ def main(args) -> int:
         from dist_dejpeg.bench import colour
 
         reports["colour"] = colour.run(args.config or CPU_CONFIG[0], args.overrides, out, norms=tuple(args.norms),
-                                       gen_steps=tuple(args.gen_steps), qualities=tuple(args.qualities),
-                                       work=args.work, name=args.name or "colour")
+                                       gen_steps=tuple(args.gen_steps), qualities=tuple(args.qualities or (10, 20, 40)),
+                                       work=args.work or "runs/bench-colour", name=args.name or "colour")
+    if which == "quality":
+        from dist_dejpeg.bench import quality
+
+        reports["quality"] = quality.run(args.config or CPU_CONFIG[0], args.overrides, out, seeds=tuple(args.seeds),
+                                         qualities=tuple(args.qualities or quality.QUALITIES),
+                                         work=args.work or "runs/bench-quality", name=args.name or "quality")
     if which in ("train", "all"):
         from dist_dejpeg.bench import train
 
@@ -95,8 +102,9 @@ def main(args) -> int:
 def add_parser(sub) -> None:
     """The ``bench`` sub-command's arguments (called by dist_dejpeg.cli.build_parser)."""
     b = sub.add_parser("bench", help="throughput benchmarks (results in benchmarks/results/)")
-    b.add_argument("which", choices=["train", "data", "infer", "scaling", "all", "colour"],
-                   help="all: the four throughput benchmarks; colour: colour fidelity vs training length")
+    b.add_argument("which", choices=["train", "data", "infer", "scaling", "all", "colour", "quality"],
+                   help="all: the four throughput benchmarks; colour: colour fidelity vs training length; "
+                        "quality: blind vs quality-conditioned over seeds (colour and quality train real models)")
     b.add_argument("--config", help="training config (default: configs/debug.yaml on CPU; configs/div2k.yaml at "
                                     "256 px with random-init backbones on a GPU)")
     b.add_argument("--results", default=DEFAULT_RESULTS, help="folder for the .json/.md results")
@@ -114,7 +122,9 @@ def add_parser(sub) -> None:
     b.add_argument("--formats", nargs="+", default=["png", "raw", "jp2"], help="data: shard formats")
     b.add_argument("--norms", nargs="+", default=["batch", "group", "none"], help="colour: decoder norms")
     b.add_argument("--gen-steps", type=int, nargs="+", default=[1000, 5000], help="colour: gen steps per run")
-    b.add_argument("--qualities", type=int, nargs="+", default=[10, 20, 40], help="colour: JPEG qualities")
-    b.add_argument("--work", default="runs/bench-colour", help="colour: folder for the runs")
-    b.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    b.add_argument("--qualities", type=int, nargs="+", help="colour/quality: JPEG qualities (10 20 40 / 10 ... 90)")
+    b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="quality: training seeds")
+    b.add_argument("--work", default="", help="colour/quality: folder for the runs (runs/bench-<name>)")
+    b.add_argument("overrides", nargs="*", help="config overrides, key=value (before options that take "
+                                                "several values, such as --norms)")
     b.set_defaults(func=main)

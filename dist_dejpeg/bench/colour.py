@@ -13,53 +13,12 @@ cores) and writes ``colour.json`` / ``colour.md`` with the machine named.
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 NORMS = ("batch", "group", "none")
-
-
-def validation_images(config, work: Path) -> list[str]:
-    """Whole validation photos when data.root holds the bundled samples (written as PNG into ``work``),
-    otherwise the validation shards."""
-    from PIL import Image
-
-    from dist_dejpeg.data import shards
-
-    root = Path(config.data.root)
-    try:
-        dataset = json.loads((root / shards.MANIFEST).read_text()).get("dataset")
-    except (OSError, ValueError):
-        dataset = None
-    if dataset == shards.SAMPLE_DATASET:
-        work.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for name in shards.SAMPLE_VAL:
-            path = work / f"{name}.png"
-            if not path.exists():
-                Image.fromarray(shards._sample_photo(name)).save(path)
-            paths.append(str(path))
-        return paths
-    return [str(p) for p in shards.list_shards(root, config.data.val_glob)]
-
-
-def train_once(config: str, overrides: list[str], run_dir: Path, log_file: Path) -> float:
-    """One ``dist-dejpeg train`` in a child process (a fresh Accelerate state each time); returns seconds."""
-    cmd = [sys.executable, "-m", "dist_dejpeg.cli", "train", "--config", config, *overrides,
-           f"train.run_dir={run_dir}"]
-    start = time.perf_counter()
-    with open(log_file, "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        tail = log_file.read_text()[-3000:]
-        raise RuntimeError(f"training failed ({' '.join(cmd)}), log {log_file}:\n{tail}")
-    return time.perf_counter() - start
 
 
 def summarise(result: dict, q: str) -> dict:
@@ -74,7 +33,7 @@ def summarise(result: dict, q: str) -> dict:
 
 def run(config: str, overrides: list[str], out_dir: str | Path, *, norms=NORMS, gen_steps=(1000, 5000),
         qualities=(10, 20, 40), work: str | Path = "runs/bench-colour", name: str = "colour") -> dict:
-    from dist_dejpeg.bench.common import write_results
+    from dist_dejpeg.bench.common import train_once, validation_images, write_results
     from dist_dejpeg.config import load_config
     from dist_dejpeg.data import ensure_samples
     from dist_dejpeg.evaluate import evaluate

@@ -7,6 +7,12 @@
 
 The output conv starts at zero, so an untrained generator returns its input (a good start for artefact
 removal); LeakyReLU in front of it keeps that head from dying (see layers.ACT_SLOPE).
+
+Quality conditioning (``quality_conditioning=True``): the per-sample JPEG quality (1..100; 0 or None:
+unknown) goes through a small embedding whose output scales and shifts (FiLM) the middle and each up
+block's features. An unknown quality uses a learned "unknown" embedding, trained by hiding the quality of
+some samples (``train`` does that), so one model runs with or without the quality. The FiLM heads start
+at zero: a new conditioned generator computes exactly what the unconditioned one would.
 Any H x W works: the input is padded to the encoder's largest stride and the output cropped back.
 """
 
@@ -42,10 +48,39 @@ class UpBlock(nn.Module):
         return self.conv(self.act(torch.cat([up, self.skip_bn(skip)], dim=1)))
 
 
+class QualityFiLM(nn.Module):
+    """JPEG quality -> one (scale, shift) pair per channel of each conditioned decoder stage (FiLM, Perez et al.
+    2018). Known qualities are embedded from q/100; unknown ones (q <= 0) use a learned vector. Both paths are
+    computed for every batch (blended by a mask), so every parameter takes part in every step (DDP needs it)."""
+
+    def __init__(self, channels: list[int], dim: int = 64):
+        super().__init__()
+        self.channels = list(channels)
+        self.known = nn.Linear(1, dim)
+        self.unknown = nn.Parameter(torch.randn(dim) * 0.5)
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim), nn.SiLU())
+        self.heads = nn.Linear(dim, 2 * sum(channels))
+        nn.init.zeros_(self.heads.weight)
+        nn.init.zeros_(self.heads.bias)
+
+    def forward(self, quality: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        q = quality.float().view(-1, 1)
+        known = (q > 0).to(self.unknown.dtype)
+        emb = known * self.known(q.clamp(0, 100) / 100) + (1 - known) * self.unknown
+        out = self.heads(self.mlp(emb))
+        films, start = [], 0
+        for c in self.channels:
+            scale, shift = out[:, start:start + c], out[:, start + c:start + 2 * c]
+            films.append((1 + scale[..., None, None], shift[..., None, None]))
+            start += 2 * c
+        return films
+
+
 class Generator(nn.Module):
     def __init__(self, encoder: str = "mobilenetv3_large_100", pretrained: bool = False, encoder_weights: str = "",
                  decoder_width: int = 256, blur: bool = True, self_attention: bool = True,
-                 attention_stride: int = 8, spectral_norm: bool = True, decoder_norm: str = "batch"):
+                 attention_stride: int = 8, spectral_norm: bool = True, decoder_norm: str = "batch",
+                 quality_conditioning: bool = False):
         super().__init__()
         self.encoder = create_encoder(encoder, pretrained, encoder_weights)
         chans = self.encoder.feature_info.channels()
@@ -71,20 +106,24 @@ class Generator(nn.Module):
         # Put attention at the requested stride, or the nearest available one.
         skip_strides = strides[:-1]
         attn_at = min(skip_strides, key=lambda s: abs(math.log2(s) - math.log2(max(attention_stride, 1))))
-        blocks, prev, prev_stride = [], width, strides[-1]
+        blocks, outs, prev, prev_stride = [], [], width, strides[-1]
         for i in range(len(chans) - 2, -1, -1):
             out = max(decoder_width >> (len(chans) - 1 - i), 16)
             blocks.append(UpBlock(prev, chans[i], out, prev_stride // strides[i], blur, spectral_norm,
                                   attention=self_attention and strides[i] == attn_at, norm=norm))
             prev, prev_stride = out, strides[i]
+            outs.append(out)
         self.blocks = nn.ModuleList(blocks)
         self.final_up = PixelShuffleICNR(prev, prev, strides[0], blur=blur, sn=spectral_norm) if strides[0] > 1 else nn.Identity()
         self.final_res = ResBlock(prev + 3, sn=spectral_norm, norm=norm)
         self.head = nn.Conv2d(prev + 3, 3, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        # last, so that the other layers draw the same initial weights with or without it
+        self.conditioned = quality_conditioning
+        self.film = QualityFiLM([width, *outs]) if quality_conditioning else None
 
-    def correction(self, degraded: torch.Tensor) -> torch.Tensor:
+    def correction(self, degraded: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
         h, w = degraded.shape[-2:]
         ph, pw = (-h) % self.pad_to, (-w) % self.pad_to
         x = degraded
@@ -94,17 +133,32 @@ class Generator(nn.Module):
         normed = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         feats = self.encoder(normed)
         y = self.middle(feats[-1])
-        for block, skip in zip(self.blocks, reversed(feats[:-1])):
+        films = self.film(self._quality(quality, degraded)) if self.film is not None else None
+        if films is not None:
+            y = y * films[0][0].to(y.dtype) + films[0][1].to(y.dtype)
+        for i, (block, skip) in enumerate(zip(self.blocks, reversed(feats[:-1]))):
             y = block(y, skip)
+            if films is not None:
+                y = y * films[i + 1][0].to(y.dtype) + films[i + 1][1].to(y.dtype)
         y = self.final_up(y)
         if y.shape[-2:] != x.shape[-2:]:
             y = F.interpolate(y, size=x.shape[-2:], mode="nearest")
         y = self.final_res(torch.cat([y, normed], dim=1))
         return self.head(y)[..., :h, :w]
 
-    def forward(self, degraded: torch.Tensor) -> torch.Tensor:
-        """degraded: N x 3 x H x W in [0, 1]; returns the restored image, same shape, in [0, 1]."""
-        return (degraded + self.correction(degraded)).clamp(0.0, 1.0)
+    @staticmethod
+    def _quality(quality, degraded: torch.Tensor) -> torch.Tensor:
+        n = degraded.shape[0]
+        if quality is None:
+            return torch.zeros(n, device=degraded.device)
+        q = torch.as_tensor(quality, device=degraded.device).float().reshape(-1)
+        return q.expand(n) if q.numel() == 1 else q
+
+    def forward(self, degraded: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
+        """degraded: N x 3 x H x W in [0, 1]; quality: the JPEG quality per sample (N values, or one for all;
+        0 or None: unknown), used by a conditioned generator and ignored by a blind one. Returns the restored
+        image, same shape, in [0, 1]."""
+        return (degraded + self.correction(degraded, quality)).clamp(0.0, 1.0)
 
 
 def build_generator(model_cfg) -> Generator:
@@ -112,4 +166,4 @@ def build_generator(model_cfg) -> Generator:
                      encoder_weights=model_cfg.encoder_weights, decoder_width=model_cfg.decoder_width,
                      blur=model_cfg.blur, self_attention=model_cfg.self_attention,
                      attention_stride=model_cfg.attention_stride, spectral_norm=model_cfg.spectral_norm,
-                     decoder_norm=model_cfg.decoder_norm)
+                     decoder_norm=model_cfg.decoder_norm, quality_conditioning=model_cfg.quality_conditioning)

@@ -115,16 +115,26 @@ def _update(accelerator: Accelerator, model, optimizer, batches: Iterator[dict],
     return logged
 
 
+def quality_input(batch: dict, blind_prob: float) -> torch.Tensor:
+    """The batch's per-sample JPEG quality for a conditioned generator, with a ``blind_prob`` share hidden
+    (0 = unknown) so that the same model learns to restore without it."""
+    q = batch["quality"]
+    if blind_prob > 0:
+        q = q.masked_fill(torch.rand(q.shape, device=q.device) < blind_prob, 0)
+    return q
+
+
 def generator_step(accelerator: Accelerator, generator, optimizer, batches: Iterator[dict], *,
                    grad_accum: int, w_pixel: float, w_lpips: float, w_adv: float = 0.0,
                    lpips: LPIPS | None = None, critic_raw=None, adversarial: str = "bce",
                    max_grad_norm: float = 0.0, autocast=None, deepspeed: bool = False,
-                   flags: DeviceFlags | None = None) -> dict:
-    """Generator update: w_pixel * L1 + w_lpips * LPIPS (+ w_adv * adversarial through the frozen critic)."""
+                   flags: DeviceFlags | None = None, blind_prob: float = 0.0) -> dict:
+    """Generator update: w_pixel * L1 + w_lpips * LPIPS (+ w_adv * adversarial through the frozen critic).
+    The generator gets the batch's quality (a blind one ignores it), ``blind_prob`` of it hidden."""
     weights = {"l1": w_pixel, "lpips": w_lpips, "adv": w_adv}
 
     def losses(batch: dict) -> dict:
-        restored = generator(batch["jpeg"])
+        restored = generator(batch["jpeg"], quality_input(batch, blind_prob))
         parts = {}
         if w_pixel:
             parts["l1"] = pixel_loss(restored, batch["clean"])
@@ -146,12 +156,12 @@ def generator_step(accelerator: Accelerator, generator, optimizer, batches: Iter
 
 def critic_step(accelerator: Accelerator, critic, optimizer, batches: Iterator[dict], *, generator_raw,
                 grad_accum: int, adversarial: str = "bce", max_grad_norm: float = 0.0, autocast=None,
-                deepspeed: bool = False, flags: DeviceFlags | None = None) -> dict:
+                deepspeed: bool = False, flags: DeviceFlags | None = None, blind_prob: float = 0.0) -> dict:
     """Critic update on clean (real) vs generated (fake, detached) images."""
 
     def losses(batch: dict) -> dict:
         with torch.no_grad():
-            fake = generator_raw(batch["jpeg"])
+            fake = generator_raw(batch["jpeg"], quality_input(batch, blind_prob))
         logits = critic(torch.cat([batch["clean"], fake.to(batch["clean"].dtype)]))
         real_logits, fake_logits = logits.chunk(2)
         return {"loss": critic_loss(real_logits, fake_logits, adversarial),

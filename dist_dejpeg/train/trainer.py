@@ -147,6 +147,7 @@ class Trainer:
 
         set_seed(cfg.train.seed)  # same initial weights on every rank
         generator = build_generator(cfg.model)
+        self.blind_prob = cfg.model.quality_blind_prob if cfg.model.quality_conditioning else 0.0
         if cfg.model.sync_bn and acc.num_processes > 1:
             generator = convert_sync_batchnorm(generator, cuda=acc.device.type == "cuda")
         critic = build_critic(cfg.critic) if need_critic else None
@@ -411,12 +412,13 @@ class Trainer:
                                   w_adv=phase.w_adv if phase.kind == "gan" else 0.0, lpips=self.lpips,
                                   critic_raw=self.critic_raw if phase.kind == "gan" else None,
                                   adversarial=cfg.loss.adversarial, max_grad_norm=phase.max_grad_norm,
-                                  autocast=self.autocast, deepspeed=self.deepspeed, flags=self.flags)
+                                  autocast=self.autocast, deepspeed=self.deepspeed, flags=self.flags,
+                                  blind_prob=self.blind_prob)
         else:
             logs = critic_step(acc, self.critic, self.c_opt, batches, generator_raw=self.gen_raw,
                                grad_accum=cfg.train.grad_accum, adversarial=cfg.loss.adversarial,
                                max_grad_norm=phase.max_grad_norm, autocast=self.autocast,
-                               deepspeed=self.deepspeed, flags=self.flags)
+                               deepspeed=self.deepspeed, flags=self.flags, blind_prob=self.blind_prob)
         self._unchecked += 1
         self._unchecked_from = self._unchecked_from or self.state.global_step + 1
         return logs
@@ -526,8 +528,11 @@ class Trainer:
             }
             out = dict(results, meta=meta)
             (self.run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
+            # the RGB PSNR gain at each validated quality: restore passes through where it predicts none
+            gains = {k[1:]: r["restored"]["psnr"] - r["jpeg"]["psnr"] for k, r in results.items()}
             save_generator(self.gen_raw, self.cfg.model, self.run_dir / "generator.safetensors",
-                           extra={"lpips": self.metric_lpips.description, "global_step": self.state.global_step})
+                           extra={"lpips": self.metric_lpips.description, "global_step": self.state.global_step,
+                                  "val_psnr_gain": json.dumps(gains)})
             log.info("wrote %s and %s", self.run_dir / "metrics.json", self.run_dir / "generator.safetensors")
         self.monitor.finish("finished", "", self.state.global_step)
         self.monitor.close()

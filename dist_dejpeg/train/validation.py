@@ -26,7 +26,7 @@ def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: 
                 batch = to_device({"jpeg": jpeg_u8[start:start + batch_size], "clean": clean_u8[start:start + batch_size],
                                    "quality": [quality] * len(jpeg_u8[start:start + batch_size])}, accelerator.device)
                 with accelerator.autocast():
-                    restored = generator(batch["jpeg"])
+                    restored = generator(batch["jpeg"], batch["quality"])
                     sums.add("jpeg", per_image(batch["jpeg"], batch["clean"], lpips))
                     sums.add("restored", per_image(restored, batch["clean"], lpips))
             results[f"q{quality}"] = sums.compute(accelerator)
@@ -56,7 +56,7 @@ def image_grid(accelerator, generator, val_set: ValSet, count: int = 4) -> torch
     generator.eval()
     try:
         with accelerator.autocast():
-            restored = generator(batch["jpeg"]).float()
+            restored = generator(batch["jpeg"], batch["quality"]).float()
     finally:
         generator.train(was_training)
     rows = torch.stack([batch["jpeg"], restored, batch["clean"]], dim=1).flatten(0, 1)
