@@ -32,6 +32,8 @@ class DataConfig:
     backend: str = "auto"  # loader: "dali", "torch" (webdataset + PIL workers), "auto" (DALI if installed)
     dali_threads: int = 4  # DALI CPU worker threads per device
     gpu_jpeg: bool = True  # torch backend on CUDA: JPEG-degrade batches on the GPU (nvJPEG), not in workers
+    gpu_jpeg_qualities: int = 4  # GPU degradation: distinct qualities per batch (each uniform; 0: one per sample)
+    gpu_jpeg_ahead: int = 2  # GPU degradation: batches degraded ahead in a thread on a side stream (0: inline)
     prefetch_factor: int = 4  # torch backend: batches each worker prepares ahead
     pin_memory: bool = True  # torch backend on CUDA: page-locked batches, copied to the GPU asynchronously
     dali_prefetch: int = 2  # DALI: prefetch queue depth (batches the pipeline runs ahead of the trainer)

@@ -521,6 +521,62 @@ def test_batch_degradation_plumbing_matches_worker_degradation(sample_shards):
         assert all(torch.equal(a[k], b[k]) for k in ("jpeg", "clean", "quality"))
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_grouped_qualities_run_ahead_and_exact_resume(sample_shards, num_workers):
+    """The GPU path's batching (here with libjpeg in place of nvJPEG): at most K distinct qualities per batch,
+    each in the range and spread over it; degrading ahead in a thread gives the same batches as inline, and a
+    resume after batches taken while others were degraded ahead is exact."""
+    from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cpu
+
+    def new_loader(ahead):
+        return TorchLoader(make_stream(sample_shards, seed=4, num_workers=num_workers), 6, num_workers, CPU,
+                           degrade_batch=jpeg_roundtrip_cpu, quality_groups=2, run_ahead=ahead)
+
+    inline = take(new_loader(0), 7)
+    seen = set()
+    for b in inline:
+        qs = set(b["quality"].tolist())
+        assert 1 <= len(qs) <= 2 and all(QRANGE[0] <= q <= QRANGE[1] for q in qs)
+        seen |= qs
+    assert len(seen) > 4  # the groups are drawn anew for every batch
+    # the jpeg of each sample is the libjpeg round trip at the quality the batch reports for it
+    b = inline[0]
+    clean_u8 = (b["clean"] * 255).round().to(torch.uint8)
+    assert torch.equal((b["jpeg"] * 255).round().to(torch.uint8), jpeg_roundtrip_cpu(clean_u8, b["quality"]))
+
+    first = new_loader(3)
+    head = take(first, 4)  # the thread has degraded batches beyond these
+    assert all(batches_equal(x, y) for x, y in zip(head, inline[:4]))
+    assert first.state_dict()["consumed"] == 4
+    resumed = new_loader(3)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    tail = take(resumed, 3)
+    assert [batches_equal(x, y) for x, y in zip(tail, inline[4:])] == [True] * 3
+
+
+@pytest.mark.gpu
+def test_nvjpeg_run_ahead_on_a_side_stream_matches_inline(sample_shards):
+    from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cuda
+
+    def new_loader(ahead):
+        return TorchLoader(make_stream(sample_shards, seed=2), 8, 0, torch.device("cuda"),
+                           degrade_batch=jpeg_roundtrip_cuda, quality_groups=3, run_ahead=ahead)
+
+    inline, ahead = take(new_loader(0), 5), take(new_loader(2), 5)
+    for a, b in zip(inline, ahead):
+        assert b["jpeg"].device.type == "cuda" and torch.equal(a["quality"], b["quality"])
+        assert torch.equal(a["jpeg"], b["jpeg"]) and torch.equal(a["clean"], b["clean"])
+
+
+def test_run_ahead_hands_a_worker_error_to_the_trainer(sample_shards):
+    def broken(clean, quality):
+        raise RuntimeError("nvjpeg exploded")
+
+    loader = TorchLoader(make_stream(sample_shards), 4, 0, CPU, degrade_batch=broken, run_ahead=2)
+    with pytest.raises(RuntimeError, match="nvjpeg exploded"):
+        take(loader, 1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("quality", [10, 20, 40, 80])
 def test_nvjpeg_degradation_within_half_a_db_of_libjpeg(sample_shards, quality):

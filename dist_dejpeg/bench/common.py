@@ -165,14 +165,25 @@ def validation_images(config, work: Path) -> list[str]:
     return [str(p) for p in shards.list_shards(root, config.data.val_glob)]
 
 
-def train_once(config: str, overrides: list[str], run_dir: Path, log_file: Path) -> float:
-    """One ``dist-dejpeg train`` in a child process (a fresh Accelerate state each time); returns seconds."""
+def train_once(config: str, overrides: list[str], run_dir: Path, log_file: Path) -> float | None:
+    """One ``dist-dejpeg train`` in a child process (a fresh Accelerate state each time); returns seconds. A
+    run folder that a finished earlier call left (``bench_train.json`` beside its generator, same command) is
+    reused, so an interrupted benchmark goes on where it stopped."""
     cmd = [sys.executable, "-m", "dist_dejpeg.cli", "train", "--config", config, *overrides,
            f"train.run_dir={run_dir}"]
+    marker = Path(run_dir) / "bench_train.json"
+    try:
+        done = json.loads(marker.read_text())
+        if done.get("args") == cmd[3:] and (Path(run_dir) / "generator.safetensors").is_file():
+            return done.get("seconds")
+    except (OSError, ValueError):
+        pass
     start = time.perf_counter()
     with open(log_file, "w") as out:
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode:
         tail = log_file.read_text()[-3000:]
         raise RuntimeError(f"training failed ({' '.join(cmd)}), log {log_file}:\n{tail}")
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    marker.write_text(json.dumps({"args": cmd[3:], "seconds": seconds}))
+    return seconds

@@ -51,7 +51,8 @@ def build_train_loader(cfg: Config, rank: int, world: int, device: torch.device)
     if d.gpu_jpeg and device.type == "cuda":
         from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cuda as degrade
     return TorchLoader(stream, d.batch_size, d.num_workers, device, channels_last=cfg.model.channels_last,
-                       degrade_batch=degrade, prefetch_factor=d.prefetch_factor, pin_memory=d.pin_memory)
+                       degrade_batch=degrade, prefetch_factor=d.prefetch_factor, pin_memory=d.pin_memory,
+                       quality_groups=d.gpu_jpeg_qualities, run_ahead=d.gpu_jpeg_ahead)
 
 
 def build_val_set(cfg: Config, rank: int, world: int):

@@ -11,12 +11,24 @@ position), not from a running generator, and each batch carries its slot's strea
 ``state_dict()`` records the position after the last batch the trainer took; on resume every slot skips
 to it without decoding, and the slot played by DataLoader worker 0 is rotated so batches come in the same
 order as in an uninterrupted run. (Same ranks and workers required; otherwise it restarts the epoch.)
+
+Batch-level degradation (``degrade_batch``, the GPU path: nvJPEG): workers send clean crops and the batch is
+degraded on the device. nvJPEG's encoder takes one quality per call, so each distinct quality in a batch
+costs a round trip (two for the 4:2:0 rebuild): ``quality_groups`` K > 0 draws K qualities per batch
+(uniform in the range, from an RNG seeded by the batch's index: exact on resume) and deals them to the
+samples in turn, so every sample's quality is still uniform over the range while a batch needs at most K
+round trips. ``run_ahead`` R > 0 degrades up to R batches ahead in a background thread, on its own CUDA
+stream, so the round trips overlap the training step instead of adding to it; the loader's state still
+counts only the batches the trainer took.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import random
+import threading
 from typing import Callable, Iterator
 
 import numpy as np
@@ -151,11 +163,13 @@ class TorchLoader:
     nvJPEG) instead of per sample in the workers."""
 
     def __init__(self, stream: ShardStream, batch_size: int, num_workers: int, device: torch.device,
-                 channels_last: bool = False, degrade_batch=None, prefetch_factor: int = 4, pin_memory: bool = True):
+                 channels_last: bool = False, degrade_batch=None, prefetch_factor: int = 4, pin_memory: bool = True,
+                 quality_groups: int = 0, run_ahead: int = 0):
         self.stream, self.batch_size, self.num_workers = stream, batch_size, num_workers
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.device, self.channels_last = device, channels_last
         self.degrade_batch = degrade_batch
+        self.quality_groups, self.run_ahead = quality_groups, run_ahead
         stream.degrade = degrade_batch is None
         self.consumed = 0  # batches handed to the trainer, over the whole run
         self.positions: dict[int, tuple[int, int]] = {}
@@ -187,14 +201,92 @@ class TorchLoader:
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             generator=torch.Generator().manual_seed(self.stream.seed),
                             worker_init_fn=_ignore_stop_signals)
-        for batch in loader:
-            slot, epoch, nxt = int(batch["_slot"][-1]), int(batch["_epoch"][-1]), int(batch["_next"][-1])
-            self.positions[slot] = (epoch, nxt)
-            self.consumed += 1
-            if self.degrade_batch is not None:
-                clean = batch["clean"].to(self.device, non_blocking=True)
-                batch = dict(batch, clean=clean, jpeg=self.degrade_batch(clean, batch["quality"]))
-            yield to_device(batch, self.device, self.channels_last)
+        if self.degrade_batch is None:
+            for batch in loader:
+                self._took(batch)
+                yield to_device(batch, self.device, self.channels_last)
+            return
+        index = self.consumed
+        if self.run_ahead <= 0:
+            for batch in loader:
+                jpeg = self._degrade(batch, index)
+                index += 1
+                self._took(batch)
+                yield to_device(jpeg, self.device, self.channels_last)
+            return
+        yield from self._ahead(loader, index)
+
+    def _took(self, batch: dict) -> None:
+        """The trainer takes ``batch``: the state moves past it."""
+        slot, epoch, nxt = int(batch["_slot"][-1]), int(batch["_epoch"][-1]), int(batch["_next"][-1])
+        self.positions[slot] = (epoch, nxt)
+        self.consumed += 1
+
+    def _degrade(self, batch: dict, index: int) -> dict:
+        """The batch with its clean crops on the device and degraded there (qualities grouped, see the module
+        docstring); still uint8."""
+        quality = batch["quality"]
+        if self.quality_groups > 0:
+            rng = np.random.default_rng([self.stream.seed, self.stream.rank, index, 7])
+            levels = rng.integers(self.stream.qmin, self.stream.qmax + 1, size=self.quality_groups)
+            quality = torch.as_tensor(levels[np.arange(len(quality)) % self.quality_groups], dtype=torch.int64)
+        clean = batch["clean"].to(self.device, non_blocking=True)
+        return dict(batch, clean=clean, quality=quality, jpeg=self.degrade_batch(clean, quality))
+
+    def _ahead(self, loader, index: int) -> Iterator[dict]:
+        """Degrade up to ``run_ahead`` batches ahead in a thread (its own CUDA stream on a GPU)."""
+        cuda = self.device.type == "cuda"
+        side = torch.cuda.Stream(self.device) if cuda else None
+        ready: queue.Queue = queue.Queue(maxsize=self.run_ahead)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        batches = iter(loader)  # the worker processes start here, in the main thread
+
+        def work() -> None:
+            i = index
+            try:
+                with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                    for batch in batches:
+                        out = self._degrade(batch, i)
+                        i += 1
+                        event = None
+                        if cuda:
+                            event = torch.cuda.Event()
+                            event.record(side)
+                        if not put(("batch", out, event)):
+                            return
+                put(("end", None, None))
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+                put(("error", err, None))
+
+        thread = threading.Thread(target=work, name="degrade-ahead", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, out, event = ready.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise out
+                if event is not None:  # the device waits for the side stream; the host does not
+                    main = torch.cuda.current_stream(self.device)
+                    main.wait_event(event)
+                    for key in ("clean", "jpeg"):
+                        out[key].record_stream(main)
+                self._took(out)
+                yield to_device(out, self.device, self.channels_last)
+        finally:
+            stop.set()
+            thread.join(timeout=10)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
