@@ -14,7 +14,7 @@
 #                 8 minutes; each step also has its own timeout)
 #    --steps A,B  run only these of the optional steps, in this order (env, install and cuda always run first)
 #    --tests EXPR pytest_gpu runs only the gpu tests matching this -k expression
-# Steps, in order: env, install, cuda, pytest_gpu, bench_train, train, evaluate, bench_data, bench_infer. Each one runs even when an
+# Steps, in order: env, install, cuda, pytest_gpu, bench_train, train, evaluate, data_wait, bench_data, bench_infer. Each one runs even when an
 # earlier one failed, under `timeout`, with its stdout+stderr in OUT/<step>.log; OUT/summary.md gets a row per
 # step (exit code, seconds, result) and, under the table, the last lines of each failing step's log.
 # Also in OUT: results/ (bench train.json/.md, data.json/.md), run/ (the training run) and metrics.json.
@@ -59,7 +59,7 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
 SUMMARY=$OUT/summary.md
-OPTIONAL=(pytest_gpu bench_train train evaluate bench_data bench_infer)
+OPTIONAL=(pytest_gpu bench_train train evaluate data_wait bench_data bench_infer)
 if [[ -n $ONLY ]]; then
     IFS=, read -r -a CHOSEN <<< "$ONLY"
     for s in "${CHOSEN[@]}"; do
@@ -252,15 +252,16 @@ step_train() {
               data.val_crop=64 train.ckpt_every=100)
     else
         # the real recipe's model and batch (configs/div2k.yaml: 256 px crops, batch 32, LPIPS-VGG) on the sample
-        # photos cut into 288 px tiles, random-init backbones (no download), the data wait measured on the GPU path
+        # photos cut into 288 px tiles, random-init backbones (no download), the data wait measured on the GPU path,
+        # the decoder conditioned on the JPEG quality (its FiLM path under bf16)
         config=configs/div2k.yaml
-        "$PY" -m dist_dejpeg.cli prepare samples --out "$DATA" --tile 288 --step 64 || exit $?
+        prepare_288 || exit $?
         # eager: compiling every model and mode takes minutes; bench train and the gpu tests cover compile
         mode=(data.auto_prepare=none model.pretrained=false loss.lpips_pretrained=false data.crop=256 train.compile=false
               data.num_workers=8 data.val_crop=256 data.val_max_images=32 train.mixed_precision=bf16
               train.phases.gen.steps=200 train.phases.critic.steps=20 train.phases.gan.steps=20
               train.phases.gan.val_every=10 train.phases.gan.patience=2 train.val_every=100 train.ckpt_every=100
-              train.log_every=25)
+              train.log_every=25 model.quality_conditioning=true)
     fi
     (set -x; "$PY" -m dist_dejpeg.cli train --config "$config" train.run_dir="$OUT/run" data.root="$DATA" \
         data.backend=torch data.gpu_jpeg=true train.progress=false "${mode[@]}") || exit $?
@@ -272,6 +273,46 @@ meta = json.load(open(sys.argv[1]))["meta"]
 for phase, log in (meta.get("last_train_log") or {}).items():
     print(f"gpu_check: {phase} phase, last log window: data_wait_frac {log.get('train/data_wait_frac')}, "
           f"images/s {log.get('train/images_per_s')}")
+PYEOF
+}
+
+prepare_288() {  # the sample photos in 288 px tiles (256 px crops), once per check
+    [[ -s $DATA/manifest.json ]] || "$PY" -m dist_dejpeg.cli prepare samples --out "$DATA" --tile 288 --step 64
+}
+
+step_data_wait() {
+    # The share of the gen step spent waiting for data on the torch loader's GPU path, side by side in one
+    # check: one nvJPEG round trip pair per distinct quality and degraded inline (as before), qualities grouped
+    # per batch, and grouped + degraded ahead on a side stream (the defaults). 150 gen steps each.
+    local config=configs/div2k.yaml steps=150 common
+    common=(data.auto_prepare=none model.pretrained=false loss.lpips_pretrained=false data.crop=256
+            train.compile=false data.num_workers=8 data.val_crop=256 data.val_max_images=8 train.mixed_precision=bf16
+            train.order=[gen] train.val_every=100000 train.ckpt_every=100000 train.log_every=25 train.progress=false
+            data.backend=torch data.gpu_jpeg=true)
+    if ((QUICK || !HAVE_CUDA)); then
+        config=configs/debug.yaml steps=4
+        common=(train.mixed_precision=no data.batch_size=2 data.crop=64 data.num_workers=1 train.order=[gen]
+                train.val_every=100 train.ckpt_every=100 data.val_crop=64 data.val_max_images=2 train.progress=false)
+    else
+        prepare_288 || exit $?
+    fi
+    local variant groups ahead
+    for variant in "per-sample,0,0" "grouped,4,0" "grouped+ahead,4,2"; do
+        IFS=, read -r name groups ahead <<< "$variant"
+        (set -x; "$PY" -m dist_dejpeg.cli train --config "$config" train.run_dir="$WORK/wait-$name" data.root="$DATA" \
+            "${common[@]}" train.phases.gen.steps=$steps data.gpu_jpeg_qualities=$groups data.gpu_jpeg_ahead=$ahead) \
+            || exit $?
+        cp "$WORK/wait-$name/metrics.json" "$OUT/data_wait-$name.json" || exit $?
+    done
+    "$PY" - "$OUT" << 'PYEOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+lines = ["| GPU degradation | data_wait_frac | images/s |", "|---|---|---|"]
+for name in ("per-sample", "grouped", "grouped+ahead"):
+    log = json.loads((out / f"data_wait-{name}.json").read_text())["meta"]["last_train_log"]["gen"]
+    lines.append(f"| {name} | {log.get('train/data_wait_frac')} | {log.get('train/images_per_s')} |")
+(out / "data_wait.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
 PYEOF
 }
 
@@ -289,7 +330,7 @@ Image.fromarray(skimage.data.astronaut()).resize((w, h)).save(sys.argv[1])' "$WO
     "$PY" -m dist_dejpeg.cli restore "$WORK/astronaut.png" -o "$WORK/restored" --model "$OUT/run" --quiet || exit $?
 }
 export -f step_env step_install step_cuda step_pytest_gpu step_bench_train step_bench_data step_bench_infer step_train \
-    step_evaluate
+    step_evaluate step_data_wait prepare_288
 
 FAILED=()
 row() {  # step exit seconds result
@@ -343,6 +384,7 @@ for s in "${OPTIONAL[@]}"; do
         bench_train) run_step bench_train 240 ;;
         train) run_step train 180 ;;
         evaluate) run_step evaluate 90 ;;
+        data_wait) run_step data_wait 200 ;;
         bench_data) run_step bench_data 120 ;;
         bench_infer)
             if ((QUICK)); then

@@ -22,7 +22,7 @@ CHECK_SH = REPO / "benchmarks" / "gpu_check.sh"
 PREFIXES = ("lpips", "webdataset", "braceexpand", "omegaconf", "antlr4_python3_runtime", "dist_dejpeg")
 # The CPU flow runs the steps that only the check exercises; `bench train/data/infer` are the same commands that
 # tests/test_bench.py runs (and --steps is what a GPU session uses to put the most telling steps first).
-FLOW = "pytest_gpu,train,evaluate"
+FLOW = "pytest_gpu,train,evaluate,data_wait"
 STEPS = ("env", "install", "cuda", *FLOW.split(","))
 SKIPPED = {"cuda": "skipped: no CUDA"}
 
@@ -125,6 +125,8 @@ def test_check_flow_on_cpu(wheels, tmp_path):
         assert (out / f"{step}.log").is_file(), step
     assert "dist_dejpeg from" in (out / "install.log").read_text()
     assert json.loads((out / "evaluate" / "metrics.json").read_text())["meta"]["images"] == 2
+    table = (out / "data_wait.md").read_text().splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["per-sample", "grouped", "grouped+ahead"], table
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads((out / "run" / "metrics.json").read_text())
     assert not left, left  # the check's scratch folder (installed wheels, sample shards, TMPDIR) is gone
