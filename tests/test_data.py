@@ -558,11 +558,14 @@ def test_grouped_qualities_run_ahead_and_exact_resume(sample_shards, num_workers
 def test_nvjpeg_run_ahead_on_a_side_stream_matches_inline(sample_shards):
     from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cuda
 
-    def new_loader(ahead):
-        return TorchLoader(make_stream(sample_shards, seed=2), 8, 0, torch.device("cuda"),
-                           degrade_batch=jpeg_roundtrip_cuda, quality_groups=3, run_ahead=ahead)
+    from functools import partial
 
-    inline, ahead = take(new_loader(0), 5), take(new_loader(2), 5)
+    def new_loader(ahead, workers=0):
+        return TorchLoader(make_stream(sample_shards, seed=2, num_workers=workers), 8, workers, torch.device("cuda"),
+                           degrade_batch=partial(jpeg_roundtrip_cuda, device_sync=ahead > 0), quality_groups=3,
+                           run_ahead=ahead)
+
+    inline, ahead = take(new_loader(0, 2), 12), take(new_loader(2, 2), 12)
     for a, b in zip(inline, ahead):
         assert b["jpeg"].device.type == "cuda" and torch.equal(a["quality"], b["quality"])
         assert torch.equal(a["jpeg"], b["jpeg"]) and torch.equal(a["clean"], b["clean"])

@@ -17,6 +17,7 @@ pixels (tests/test_data.py).
 from __future__ import annotations
 
 import io
+from functools import partial
 
 import numpy as np
 import torch
@@ -29,18 +30,30 @@ _RGB = torch.linalg.inv(_YCC)
 _NVJPEG_SUBSAMPLING: dict[str, int] = {}  # device -> PIL's get_sampling code of nvJPEG's output (0: 4:4:4, 2: 4:2:0)
 
 
-def _nvjpeg_444(images: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
-    """nvJPEG round trip as the encoder writes it (per-quality groups)."""
+def _nvjpeg_444(images: torch.Tensor, quality: torch.Tensor, device_sync: bool = False) -> torch.Tensor:
+    """nvJPEG round trip as the encoder writes it (per-quality groups). ``device_sync``: synchronize the whole
+    device around each encode and decode. torchvision's cached nvJPEG encoder and decoder run on streams of
+    their own, ordered against the stream that was current when they were created; called from another
+    stream (the loader's degrade-ahead thread) the bytes were read back before the encoder had written them
+    ("Failed to get image info", seen on an H100). A device-wide sync in that thread blocks only the thread."""
     from torchvision.io import decode_jpeg, encode_jpeg
+
+    def sync():
+        if device_sync:
+            torch.cuda.synchronize(images.device)
 
     out = torch.empty_like(images)
     quality = quality.cpu()  # grouped on the host: the loader hands over its CPU copy, so no device sync here
     for q in torch.unique(quality).tolist():
         index = torch.nonzero(quality == q).flatten().tolist()
+        sync()
         encoded = encode_jpeg([images[i].contiguous() for i in index], quality=int(q))
+        sync()
         # nvJPEG's encoder leaves the bytes on the GPU; the decoder takes them from the host (a few KB each)
         encoded = [data.cpu() for data in encoded]
-        for i, decoded in zip(index, decode_jpeg(encoded, device=images.device)):
+        decoded_all = decode_jpeg(encoded, device=images.device)
+        sync()
+        for i, decoded in zip(index, decoded_all):
             out[i] = decoded
     return out
 
@@ -77,12 +90,14 @@ def subsample_420(images: torch.Tensor, quality: torch.Tensor, roundtrip_444) ->
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def jpeg_roundtrip_cuda(images: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+def jpeg_roundtrip_cuda(images: torch.Tensor, quality: torch.Tensor, device_sync: bool = False) -> torch.Tensor:
     """images: N x 3 x H x W uint8 on a CUDA device; quality: N ints. Returns the decoded JPEGs, same shape,
-    with libjpeg's 4:2:0 chroma subsampling whatever nvJPEG writes (see the module docstring)."""
+    with libjpeg's 4:2:0 chroma subsampling whatever nvJPEG writes (see the module docstring). ``device_sync``:
+    for calls from a thread on a side stream (see _nvjpeg_444)."""
+    roundtrip = partial(_nvjpeg_444, device_sync=device_sync)
     if nvjpeg_subsampling(images.device) == 2:
-        return _nvjpeg_444(images, quality)  # already 4:2:0
-    return subsample_420(images, quality, _nvjpeg_444)
+        return roundtrip(images, quality)  # already 4:2:0
+    return subsample_420(images, quality, roundtrip)
 
 
 def jpeg_roundtrip_cpu(images: torch.Tensor, quality: torch.Tensor, subsampling: int = -1) -> torch.Tensor:
