@@ -297,7 +297,7 @@ step_data_wait() {
         prepare_288 || exit $?
     fi
     local variant groups ahead
-    for variant in "per-sample,0,0" "grouped,4,0" "grouped+ahead,4,2"; do
+    for variant in "per-sample,0,0" "grouped,4,0" "grouped-ahead,4,2"; do
         IFS=, read -r name groups ahead <<< "$variant"
         (set -x; "$PY" -m dist_dejpeg.cli train --config "$config" train.run_dir="$WORK/wait-$name" data.root="$DATA" \
             "${common[@]}" train.phases.gen.steps=$steps data.gpu_jpeg_qualities=$groups data.gpu_jpeg_ahead=$ahead) \
@@ -308,7 +308,7 @@ step_data_wait() {
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 lines = ["| GPU degradation | data_wait_frac | images/s |", "|---|---|---|"]
-for name in ("per-sample", "grouped", "grouped+ahead"):
+for name in ("per-sample", "grouped", "grouped-ahead"):
     log = json.loads((out / f"data_wait-{name}.json").read_text())["meta"]["last_train_log"]["gen"]
     lines.append(f"| {name} | {log.get('train/data_wait_frac')} | {log.get('train/images_per_s')} |")
 (out / "data_wait.md").write_text("\n".join(lines) + "\n")
