@@ -75,12 +75,18 @@ def test_trackers_are_checked_before_anything_starts(tmp_path, shards, monkeypat
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_mlflow_file_store_gets_the_scalars_and_the_grid(tmp_path, shards, monkeypatch):
+def test_mlflow_and_wandb_offline_get_the_scalars_and_the_grid(tmp_path, shards, monkeypatch):
+    """One run logged to TensorBoard, MLflow's local file store and wandb in offline mode (no server, no
+    account): the same scalars and the validation grid reach MLflow and wandb."""
     pytest.importorskip("mlflow", reason="mlflow is in the test extra")
+    pytest.importorskip("wandb", reason="wandb is in the test extra")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "dist_dejpeg_test")
-    t = Trainer(tiny(tmp_path / "run", shards, "train.log_with=[tensorboard,mlflow]", "train.order=[gen]",
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    t = Trainer(tiny(tmp_path / "run", shards, "train.log_with=[tensorboard,mlflow,wandb]", "train.order=[gen]",
                      "train.phases.gen.steps=2"))
     t.fit()
     from mlflow.tracking import MlflowClient
@@ -89,8 +95,17 @@ def test_mlflow_file_store_gets_the_scalars_and_the_grid(tmp_path, shards, monke
     experiment = client.get_experiment_by_name("dist_dejpeg_test")
     (run,) = client.search_runs([experiment.experiment_id])
     assert {"train/gen/l1", "train/images_per_s", "val_q10/restored_psnr"} <= set(run.data.metrics)
-    assert run.data.params["train.log_with"] == "['tensorboard', 'mlflow']"
+    assert run.data.params["train.log_with"] == "['tensorboard', 'mlflow', 'wandb']"
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["images"], "the validation grid"
+
+    # wandb's offline run: its record log (run-*.wandb, protobuf records holding each history row's keys and
+    # JSON values; wandb 0.31 ships no reader for it) and the media files
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")
+    (records,) = offline.glob("run-*.wandb")
+    data = records.read_bytes()
+    for key in ("train/gen/l1", "train/images_per_s", "val_q10/restored_psnr", "train.log_with"):
+        assert key.encode() in data, key
+    assert list(offline.glob("files/media/images/val/*.png")), "the validation grid"
 
 
 def test_duration_format():
