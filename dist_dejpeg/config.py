@@ -41,7 +41,7 @@ class DataConfig:
     batch_size: int = 16  # per device, per micro-step
     num_workers: int = 4  # DataLoader worker processes per device
     quality_min: int = 10  # JPEG quality range for training degradations (inclusive)
-    quality_max: int = 50  # upper end of that range (inclusive)
+    quality_max: int = 95  # upper end of that range (inclusive): light compression too, where restore must do no harm
     shuffle_buffer: int = 256  # samples held in each worker's shuffle buffer
     val_crop: int = 256  # fixed centre crop of each validation tile
     val_qualities: List[int] = field(default_factory=lambda: [10, 20, 40])  # validation JPEG qualities
@@ -59,7 +59,7 @@ class ModelConfig:
     self_attention: bool = True  # one self-attention block in the decoder
     attention_stride: int = 8  # output stride of the decoder block that gets self-attention
     spectral_norm: bool = True  # spectral norm on the decoder convolutions (plus batch norm, as DeOldify)
-    decoder_norm: str = "batch"  # decoder normalisation: batch (DeOldify), group (each image's own statistics), none
+    decoder_norm: str = "group"  # decoder normalisation: group (each image's own statistics), batch (DeOldify's), none
     quality_conditioning: bool = False  # the decoder takes the JPEG quality (FiLM); 0/unknown runs blind
     quality_blind_prob: float = 0.25  # conditioned training: share of samples whose quality is hidden (blind mode)
     channels_last: bool = False  # memory format for the models and batches (faster on tensor cores)

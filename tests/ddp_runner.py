@@ -31,7 +31,8 @@ def fixed_batches(n_batches: int, global_batch: int, crop: int, rank: int, world
         clean = torch.nn.functional.interpolate(clean, size=(crop, crop), mode="bilinear")  # smooth images
         jpeg = (clean + 0.05 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
         mine = slice(rank * per, (rank + 1) * per)
-        out.append({"jpeg": jpeg[mine], "clean": clean[mine], "quality": torch.full((per,), 10)})
+        quality = 10 + 20 * (torch.arange(global_batch) % 4)  # per sample: each FiLM path gets used
+        out.append({"jpeg": jpeg[mine], "clean": clean[mine], "quality": quality[mine]})
     return out
 
 
@@ -105,7 +106,10 @@ GLOBAL_BATCH = 8
 OVERRIDES = ("model.sync_bn=true", "critic.dropout=0", "data.batch_size=4", "data.val_max_images=7",
              "data.val_batch_size=2", "train.phases.gen.steps=3", "train.phases.critic.steps=2",
              "train.phases.gan.steps=3", "train.phases.gan.critic_iters=1", "train.phases.gan.gen_iters=1",
-             "train.phases.gan.val_every=1", "train.ckpt_every=6", "train.keep_last=10")
+             "train.phases.gan.val_every=1", "train.ckpt_every=6", "train.keep_last=10",
+             # the quality-conditioned decoder (FiLM) under DDP and ZeRO; no hidden qualities: the masks would be
+             # drawn per rank, and the runs compared must see the same inputs
+             "model.quality_conditioning=true", "model.quality_blind_prob=0")
 # checkpoints at global steps 3 and 5 (phase ends), 6 (mid-gan), 8 (end)
 
 

@@ -40,7 +40,7 @@ def test_yaml_file_then_overrides(tmp_path):
     # phases the file did not touch keep their per-phase defaults (merged, not replaced)
     assert cfg.train.phases["critic"].lr == pytest.approx(1e-4)
     assert cfg.train.phases["gan"].betas == [0.0, 0.9]
-    assert cfg.data.quality_max == 50
+    assert cfg.data.quality_max == 95
 
 
 def test_overrides_without_file():
