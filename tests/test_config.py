@@ -237,4 +237,4 @@ def test_div2k_recipe_loads_and_names_the_seed_settings():
     assert cfg.model.encoder.startswith("mobilenetv3") and cfg.model.pretrained
     assert cfg.loss.lpips_net == "vgg" and cfg.train.phases["gan"].betas == [0.0, 0.9]
     assert (cfg.train.phases["gan"].critic_iters, cfg.train.phases["gan"].gen_iters) == (5, 2)
-    assert cfg.data.val_qualities == [10, 20, 30, 40]
+    assert cfg.data.val_qualities == [10, 20, 30, 40, 60, 80, 90]
