@@ -82,6 +82,7 @@ class LossConfig:
     lpips_weights: str = ""  # explicit torchvision backbone file for lpips_net; "" = torch hub cache
     metric_weights: str = ""  # explicit torchvision backbone file for metric_net; "" = torch hub cache
     adversarial: str = "bce"  # "bce" (BCE-with-logits, the seed's) or "hinge"
+    chroma_weight: float = 1.0  # pixel loss: 1 = L1 on RGB; else L1 on Y, Cb, Cr with the chroma planes weighted
 
 
 @dataclass
@@ -210,6 +211,8 @@ def validate(cfg: Config) -> None:
     _one_of("loss.lpips_net", cfg.loss.lpips_net, ("vgg", "alex"))
     _one_of("loss.metric_net", cfg.loss.metric_net, ("vgg", "alex"))
     _one_of("loss.adversarial", cfg.loss.adversarial, ("bce", "hinge"))
+    if cfg.loss.chroma_weight <= 0:
+        raise ConfigError("config key 'loss.chroma_weight': must be > 0")
     if not 1 <= d.quality_min <= d.quality_max <= 100:
         raise ConfigError(f"config keys 'data.quality_min'/'data.quality_max': need 1 <= min <= max <= 100, "
                           f"got {d.quality_min}, {d.quality_max}")

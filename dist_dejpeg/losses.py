@@ -72,8 +72,17 @@ def _unit(feat: torch.Tensor) -> torch.Tensor:
     return feat / (feat.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
 
 
-def pixel_loss(restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-    return F.l1_loss(restored.float(), clean.float())
+def pixel_loss(restored: torch.Tensor, clean: torch.Tensor, chroma_weight: float = 1.0) -> torch.Tensor:
+    """L1 on RGB; with ``chroma_weight`` != 1, L1 on JPEG's Y, Cb, Cr planes with Cb and Cr weighted by it
+    (normalised by the mean weight): the chroma that 4:2:0 throws away counts more (or less)."""
+    if chroma_weight == 1.0:
+        return F.l1_loss(restored.float(), clean.float())
+    from dist_dejpeg.data.images import JFIF_YCBCR
+
+    m = torch.tensor(JFIF_YCBCR, device=restored.device)
+    diff = torch.einsum("ij,njhw->nihw", m, restored.float() - clean.float()).abs().mean(dim=(0, 2, 3))
+    w = torch.tensor([1.0, chroma_weight, chroma_weight], device=restored.device)
+    return (diff * w).sum() / w.sum()
 
 
 def critic_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "bce") -> torch.Tensor:

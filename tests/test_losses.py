@@ -154,3 +154,22 @@ def test_generator_adv_loss():
     fake = torch.tensor([0.3, -0.7], requires_grad=True)
     generator_adv_loss(fake, "bce").backward()
     assert (fake.grad < 0).all()  # pushes the fake logits up (towards "real")
+
+
+def test_chroma_weighted_pixel_loss():
+    """chroma_weight 1 is plain RGB L1; otherwise L1 on Y/Cb/Cr with the chroma planes weighted: an error
+    that is pure chroma (luma unchanged) costs more with weight 4 than with 0.25."""
+    import torch
+
+    from dist_dejpeg.data.images import JFIF_YCBCR
+    from dist_dejpeg.losses import pixel_loss
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(2, 3, 8, 8, generator=g) * 0.5 + 0.25
+    assert pixel_loss(clean + 0.1, clean) == pytest.approx(0.1)
+    rgb_of_cb = torch.linalg.inv(torch.tensor(JFIF_YCBCR))[:, 1]  # RGB direction that moves only Cb
+    chroma_err = clean + 0.05 * rgb_of_cb.view(1, 3, 1, 1)
+    heavy, light = pixel_loss(chroma_err, clean, 4.0), pixel_loss(chroma_err, clean, 0.25)
+    assert heavy == pytest.approx(0.05 * 4 / 9, rel=1e-4) and light == pytest.approx(0.05 * 0.25 / 1.5, rel=1e-4)
+    luma_err = clean + 0.05  # grey shift: Y only
+    assert pixel_loss(luma_err, clean, 4.0) == pytest.approx(0.05 / 9, rel=1e-4)

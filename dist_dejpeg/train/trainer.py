@@ -413,7 +413,7 @@ class Trainer:
                                   critic_raw=self.critic_raw if phase.kind == "gan" else None,
                                   adversarial=cfg.loss.adversarial, max_grad_norm=phase.max_grad_norm,
                                   autocast=self.autocast, deepspeed=self.deepspeed, flags=self.flags,
-                                  blind_prob=self.blind_prob)
+                                  blind_prob=self.blind_prob, chroma_weight=cfg.loss.chroma_weight)
         else:
             logs = critic_step(acc, self.critic, self.c_opt, batches, generator_raw=self.gen_raw,
                                grad_accum=cfg.train.grad_accum, adversarial=cfg.loss.adversarial,
