@@ -95,3 +95,78 @@ def test_bench_scaling_launches_one_and_two_processes(tmp_path, repo_root, monke
     gen = report["measured"]["gen"]
     assert gen["images_per_s_1"] > 0 and gen["images_per_s_2"] > 0
     assert math.isclose(gen["efficiency"], gen["images_per_s_2"] / (2 * gen["images_per_s_1"]))
+
+
+# -- quality benchmarks (bench colour, bench quality): the trainings and evaluations are faked here (each real
+# one takes minutes); what is tested is which runs they ask for and the tables they make of the results
+def _fake_eval(gains_by_run: dict):
+    names = ("psnr", "psnr_y", "psnr_cb", "psnr_cr", "shift_r", "shift_g", "shift_b")
+
+    def evaluate(model, images, qualities, out_dir, progress=True, blind=False, **kw):
+        run = str(getattr(model, "source", model))
+        key = next(k for k in gains_by_run if k in run)
+        per_quality = {}
+        for q in qualities:
+            g = gains_by_run[key](q, blind)
+            per_quality[str(q)] = {"gain": {n: g for n in names}, "jpeg": {n: 0.0 for n in names},
+                                   "restored": {n: g / 10 for n in names}, "images": 3,
+                                   "passed_through": int(g <= 0)}
+        return {"per_quality": per_quality}
+    return evaluate
+
+
+def test_bench_quality_tables_blind_vs_conditioned(tmp_path, monkeypatch):
+    from dist_dejpeg import evaluate as evaluate_mod
+    from dist_dejpeg import infer
+    from dist_dejpeg.bench import common, quality
+
+    calls = []
+
+    def train_once(config, overrides, run_dir, log_file):
+        calls.append(overrides)
+        return 60.0
+
+    class FakeRestorer:
+        def __init__(self, source, device="cpu", guard=True):
+            self.source, self.gains = f"{source}-{'guard' if guard else 'raw'}", {10: 1.0}
+
+    seed_of = {"blind-s0": 0.5, "blind-s1": 0.7, "conditioned-s0": 0.9, "conditioned-s1": 1.1}
+    monkeypatch.setattr(common, "train_once", train_once)
+    monkeypatch.setattr(common, "validation_images", lambda cfg, work: ["a.png", "b.png"])
+    monkeypatch.setattr("dist_dejpeg.data.ensure_samples", lambda cfg: False)
+    monkeypatch.setattr(infer, "Restorer", FakeRestorer)
+    monkeypatch.setattr(evaluate_mod, "evaluate", _fake_eval(
+        {k: (lambda v: lambda q, blind: v - q / 100 - (0.2 if blind else 0))(v) for k, v in seed_of.items()}))
+    report = quality.run("configs/debug.yaml", [], tmp_path / "res", seeds=(0, 1), qualities=(10, 90),
+                         work=tmp_path / "work")
+    assert [o[-2:] for o in calls] == [["train.seed=0", "model.quality_conditioning=false"],
+                                       ["train.seed=1", "model.quality_conditioning=false"],
+                                       ["train.seed=0", "model.quality_conditioning=true"],
+                                       ["train.seed=1", "model.quality_conditioning=true"]]
+    t = report["table"]
+    assert t["blind"]["10"]["rgb_mean"] == pytest.approx(0.5) and t["blind"]["10"]["rgb_spread"] == pytest.approx(0.2)
+    assert t["conditioned"]["90"]["rgb_mean"] == pytest.approx(0.1)
+    assert t["conditioned, told nothing"]["10"]["rgb_mean"] == pytest.approx(0.7)
+    assert t["blind"]["90"]["passed_through"] == 2 and t["blind"]["90"]["images"] == 6  # both seeds lose at q90
+    md = (tmp_path / "res" / "quality.md").read_text()
+    assert "| conditioned | 10 | +0.90 ± 0.10 |" in md and report["machine"] in md
+
+
+def test_bench_colour_rows(tmp_path, monkeypatch):
+    from dist_dejpeg import evaluate as evaluate_mod
+    from dist_dejpeg.bench import colour, common
+
+    calls = []
+    monkeypatch.setattr(common, "train_once", lambda c, o, run_dir, log: calls.append(o) or 120.0)
+    monkeypatch.setattr(common, "validation_images", lambda cfg, work: ["a.png"])
+    monkeypatch.setattr("dist_dejpeg.data.ensure_samples", lambda cfg: False)
+    monkeypatch.setattr(evaluate_mod, "evaluate", _fake_eval(
+        {"batch-": lambda q, b: 0.3, "group-1000": lambda q, b: 0.5, "group-5000": lambda q, b: 0.8}))
+    report = colour.run("configs/debug.yaml", [], tmp_path / "res", norms=("batch", "group"), gen_steps=(1000, 5000),
+                        qualities=(10,), work=tmp_path / "work")
+    assert [o[-2:] for o in calls][:2] == [["model.decoder_norm=batch", "train.phases.gen.steps=1000"],
+                                            ["model.decoder_norm=batch", "train.phases.gen.steps=5000"]]
+    assert all("train.order=[gen]" in o for o in calls)
+    r = report["results"]["group-5000"]["per_quality"]["10"]
+    assert r["gain_psnr"] == pytest.approx(0.8) and r["max_abs_shift"] == pytest.approx(0.08)
+    assert "| group | 5000 | 10 | +0.80 |" in (tmp_path / "res" / "colour.md").read_text()
