@@ -113,21 +113,22 @@ class MetricSet:
     """The six metrics with what is unavailable here and why (LPIPS without its AlexNet backbone, BRISQUE or
     NIQE without their package or parameter file): those are None in every row, with the reason."""
 
-    def __init__(self, lpips_weights: str = "", y_only: bool = False, crop_border: int = 0, device: str = "cpu"):
+    def __init__(self, lpips_weights: str = "", y_only: bool = False, crop_border: int = 0, device: str = "cpu",
+                 only: tuple[str, ...] | None = None):
         from dist_dejpeg import metrics
 
         self.m = metrics
         self.y_only, self.crop_border = y_only, crop_border
-        self.lpips, reason = metrics.load_lpips_metric(lpips_weights)
-        self.unavailable: dict[str, str] = {}
+        self.unavailable: dict[str, str] = {n: "not requested" for n in METRIC_NAMES if only and n not in only}
+        self.lpips, reason = (None, "") if "lpips" in self.unavailable else metrics.load_lpips_metric(lpips_weights)
         self.undefined: dict[str, dict] = {}  # metric -> {"reason", "count"}: values left out for some images
-        if self.lpips is None:
+        if self.lpips is None and "lpips" not in self.unavailable:
             self.unavailable["lpips"] = (f"{reason.splitlines()[0]} Give the AlexNet backbone with "
                                          f"--lpips-weights FILE (torchvision's alexnet-owt-7be5be79.pth).")
-        else:
+        elif self.lpips is not None:
             self.lpips = self.lpips.to(device)
         for name in ("brisque", "niqe"):
-            reason = metrics.unavailable_reason(name)
+            reason = None if name in self.unavailable else metrics.unavailable_reason(name)
             if reason:
                 self.unavailable[name] = reason
 
@@ -146,10 +147,11 @@ def _mean(values: list) -> float | None:
 def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path | None, *, y_only: bool = False,
              crop_border: int = 0, lpips_weights: str = "", allow_lossy_reference: bool = False,
              max_images: int = 0, keep_images: bool = False, restorer_kwargs: dict | None = None,
-             progress: bool = True, blind: bool = False) -> dict:
+             progress: bool = True, blind: bool = False, only: tuple[str, ...] | None = None) -> dict:
     """Run the evaluation; write the three tables into ``out_dir`` (if given) and return the metrics.json
     content. ``keep_images``: also return the images as ``records`` (for the HTML report). The restorer is
-    told each JPEG's quality (as ``restore`` reads it from the file's tables) unless ``blind``."""
+    told each JPEG's quality (as ``restore`` reads it from the file's tables) unless ``blind``. ``only``: measure
+    just these of the six metrics (the others are "not requested"); the colour columns are always there."""
     from tqdm import tqdm
 
     import PIL
@@ -158,7 +160,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
         raise EvaluateError(f"qualities must be in 1..100, got {qualities}")
     restorer = model if isinstance(model, Restorer) else Restorer(model, **(restorer_kwargs or {}))
     refs, skipped = read_references(images, allow_lossy_reference, max_images)
-    metric = MetricSet(lpips_weights, y_only, crop_border, str(restorer.device))
+    metric = MetricSet(lpips_weights, y_only, crop_border, str(restorer.device), only)
     rows, records = [], []
     restore_seconds, megapixels = 0.0, 0.0
     bar = tqdm(total=len(refs) * len(qualities), desc="evaluate", unit="image", disable=not progress)

@@ -520,8 +520,8 @@ def image_metrics(img, ref, *, y_only: bool = False, crop_border: int = 0, lpips
     a, b = _crop(np.asarray(img), crop_border), _crop(np.asarray(ref), crop_border)
     out = {
         "psnr": psnr(a, b, y_only=y_only),
-        "psnr_b": psnr_b(a, b, y_only=y_only),
-        "ssim": ssim(a, b, y_only=y_only),
+        "psnr_b": None if "psnr_b" in skip else psnr_b(a, b, y_only=y_only),
+        "ssim": None if "ssim" in skip else ssim(a, b, y_only=y_only),
         "lpips": None if lpips is None or "lpips" in skip else lpips_value(lpips, a, b),
     }
     for name, fn in (("brisque", brisque), ("niqe", niqe)):

@@ -130,6 +130,11 @@ def test_bench_quality_tables_blind_vs_conditioned(tmp_path, monkeypatch):
         def __init__(self, source, device="cpu", guard=True):
             self.source, self.gains = f"{source}-{'guard' if guard else 'raw'}", {10: 1.0}
 
+        def decide(self, q):  # validation said: no gain at q90
+            from types import SimpleNamespace
+
+            return SimpleNamespace(passthrough=q >= 90)
+
     seed_of = {"blind-s0": 0.5, "blind-s1": 0.7, "conditioned-s0": 0.9, "conditioned-s1": 1.1}
     monkeypatch.setattr(common, "train_once", train_once)
     monkeypatch.setattr(common, "validation_images", lambda cfg, work: ["a.png", "b.png"])
@@ -145,9 +150,12 @@ def test_bench_quality_tables_blind_vs_conditioned(tmp_path, monkeypatch):
                                        ["train.seed=1", "model.quality_conditioning=true"]]
     t = report["table"]
     assert t["blind"]["10"]["rgb_mean"] == pytest.approx(0.5) and t["blind"]["10"]["rgb_spread"] == pytest.approx(0.2)
-    assert t["conditioned"]["90"]["rgb_mean"] == pytest.approx(0.1)
+    assert t["conditioned, no guard"]["90"]["rgb_mean"] == pytest.approx(0.1)
+    assert t["blind, no guard"]["90"]["rgb_mean"] == pytest.approx(-0.3)
+    assert t["conditioned"]["90"]["rgb_mean"] == 0.0 and t["blind"]["90"]["rgb_mean"] == 0.0  # passed through
     assert t["conditioned, told nothing"]["10"]["rgb_mean"] == pytest.approx(0.7)
-    assert t["blind"]["90"]["passed_through"] == 2 and t["blind"]["90"]["images"] == 6  # both seeds lose at q90
+    assert t["conditioned, told nothing"]["90"]["rgb_mean"] == pytest.approx(-0.1)  # no quality: no guard
+    assert t["blind"]["90"]["passed_through"] == 6 and t["blind"]["90"]["images"] == 6
     md = (tmp_path / "res" / "quality.md").read_text()
     assert "| conditioned | 10 | +0.90 ± 0.10 |" in md and report["machine"] in md
 

@@ -90,6 +90,12 @@ def test_y_only_and_border_crop_change_the_numbers(tmp_path, model_file, photos)
     assert y["meta"]["channel"].startswith("Y") and y["meta"]["crop_border"] == 4
     # Y carries less of the chroma error that 4:2:0 adds: its PSNR is higher than RGB's for the JPEG input
     assert y["per_quality"]["20"]["jpeg"]["psnr"] > rgb["per_quality"]["20"]["jpeg"]["psnr"]
+    # only PSNR requested (the benchmarks): the rest is None and says why; the colour columns stay
+    psnr = evaluate(restorer, [str(photos / "chelsea.png")], [20], None, progress=False, only=("psnr",))
+    row = psnr["per_image"][0]["restored"]
+    assert row["psnr"] == rgb["per_image"][0]["restored"]["psnr"] and row["psnr_cb"] is not None
+    assert all(row[m] is None for m in ("psnr_b", "ssim", "lpips", "brisque", "niqe"))
+    assert psnr["meta"]["unavailable"]["niqe"] == "not requested"
 
 
 def test_lossy_references_refused_unless_allowed(tmp_path):

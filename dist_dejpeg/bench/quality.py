@@ -18,7 +18,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 QUALITIES = (10, 20, 30, 40, 60, 80, 90)
-# (label, conditioned model, evaluate with the guard, tell the quality)
+# (label, conditioned model, with the guard, told the quality)
 VARIANTS = (("blind", False, True, True), ("blind, no guard", False, False, True),
             ("conditioned", True, True, True), ("conditioned, no guard", True, False, True),
             ("conditioned, told nothing", True, True, False))
@@ -50,16 +50,24 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, seeds=(0, 1, 
                                           f"model.quality_conditioning={str(conditioned).lower()}"],
                                  run_dir, work / f"{tag}.log")
             runs[tag] = {"seed": seed, "conditioned": conditioned, "train_seconds": seconds, "eval": {}}
-            for label, cond, guard, told in VARIANTS:
-                if cond != conditioned:
-                    continue
-                restorer = Restorer(str(run_dir), device="cpu", guard=guard)
-                result = evaluate(restorer, images, list(qualities), run_dir / f"eval-{label.replace(', ', '-')}",
-                                  progress=False, blind=not told)
-                runs[tag]["eval"][label] = {
-                    q: {"rgb": r["gain"]["psnr"], "y": r["gain"]["psnr_y"], "passed_through": r["passed_through"],
-                        "images": r["images"]} for q, r in result["per_quality"].items()}
-            runs[tag]["val_psnr_gain"] = restorer.gains
+            # The raw model is evaluated once per way of telling it the quality; the guarded numbers follow from
+            # the guard's decision at each quality (it passes a whole quality through or none of it: gain 0).
+            guarded = Restorer(str(run_dir), device="cpu", guard=True)
+            raw = Restorer(str(run_dir), device="cpu", guard=False)
+            for told in ((True, False) if conditioned else (True,)):
+                result = evaluate(raw, images, list(qualities), run_dir / f"eval-{'told' if told else 'blind'}",
+                                  progress=False, blind=not told, only=("psnr",))
+                for label, cond, guard, told_v in VARIANTS:
+                    if cond != conditioned or told_v != told:
+                        continue
+                    rows_q = {}
+                    for q, r in result["per_quality"].items():
+                        passes = guard and told and guarded.decide(int(q)).passthrough
+                        rows_q[q] = {"rgb": 0.0 if passes else r["gain"]["psnr"],
+                                     "y": 0.0 if passes else r["gain"]["psnr_y"],
+                                     "passed_through": r["images"] if passes else 0, "images": r["images"]}
+                    runs[tag]["eval"][label] = rows_q
+            runs[tag]["val_psnr_gain"] = guarded.gains
             log.info("quality bench: %s done (%.1f min)", tag, seconds / 60)
     table, rows = {}, []
     for label, cond, _, _ in VARIANTS:
