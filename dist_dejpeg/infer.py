@@ -248,10 +248,10 @@ class Restorer:
     def _forward(self, batch: torch.Tensor, quality: int | None = None) -> torch.Tensor:
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16
                     else contextlib.nullcontext())
-        q = None
-        if self.conditioned:
-            q = torch.full((batch.shape[0],), float(quality or 0), device=batch.device)
         with torch.inference_mode(), autocast:
+            if not self.conditioned:  # any module that maps images to images
+                return self.generator(batch).float()
+            q = torch.full((batch.shape[0],), float(quality or 0), device=batch.device)
             return self.generator(batch, q).float()
 
     def restore_tensor(self, image: torch.Tensor, quality: int | None = None) -> torch.Tensor:

