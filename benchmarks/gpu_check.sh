@@ -249,7 +249,7 @@ step_train() {
         config=configs/debug.yaml
         mode=(train.mixed_precision=no data.batch_size=2 data.crop=64 data.num_workers=1 train.phases.gen.steps=4
               train.phases.critic.steps=2 train.phases.gan.steps=2 train.phases.gan.val_every=2 train.val_every=2
-              data.val_crop=64 train.ckpt_every=100)
+              data.val_crop=64 data.val_max_images=4 train.ckpt_every=100 'data.val_qualities=[10,40]')
     else
         # the real recipe's model and batch (configs/div2k.yaml: 256 px crops, batch 32, LPIPS-VGG) on the sample
         # photos cut into 288 px tiles, random-init backbones (no download), the data wait measured on the GPU path,
@@ -292,7 +292,8 @@ step_data_wait() {
     if ((QUICK || !HAVE_CUDA)); then
         config=configs/debug.yaml steps=4
         common=(train.mixed_precision=no data.batch_size=2 data.crop=64 data.num_workers=1 train.order=[gen]
-                train.val_every=100 train.ckpt_every=100 data.val_crop=64 data.val_max_images=2 train.progress=false)
+                train.val_every=100 train.ckpt_every=100 data.val_crop=64 data.val_max_images=2 train.progress=false
+                'data.val_qualities=[10]')
     else
         prepare_288 || exit $?
     fi
