@@ -262,11 +262,14 @@ class Restorer:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected 3 x H x W or N x 3 x H x W, got {tuple(image.shape)}")
         decision = self.last_decision = self.decide(quality)
-        if decision.passthrough:
-            out = x.detach().float().cpu().clone()
-        else:
-            out = torch.stack([self._restore_one(im, decision.quality) for im in x])
+        out = self._restore_batch(x, decision)
         return out[0] if squeeze else out
+
+    def _restore_batch(self, x: torch.Tensor, decision: Decision) -> torch.Tensor:
+        """N x 3 x H x W as ``decision`` says: passed through (a CPU float copy) or restored."""
+        if decision.passthrough:
+            return x.detach().float().cpu().clone()
+        return torch.stack([self._restore_one(im, decision.quality) for im in x])
 
     def _restore_one(self, x: torch.Tensor, quality: int | None = None) -> torch.Tensor:
         """One 3 x H x W image: moved to the device once, cut, restored and blended there, returned on the CPU."""
@@ -304,12 +307,11 @@ class Restorer:
         rgb3 = np.repeat(rgb[..., None], 3, axis=2) if gray else rgb
         if rgb3.ndim != 3 or rgb3.shape[2] != 3:
             raise ValueError(f"expected H x W x 3 or H x W, got {rgb.shape}")
-        decision = self.decide(quality)
+        decision = self.last_decision = self.decide(quality)
         if decision.passthrough:
-            self.last_decision = decision
             return rgb.copy()
         x = torch.from_numpy(np.array(rgb3, dtype=np.float32)).permute(2, 0, 1).div_(255)  # a copy: PIL arrays are read-only
-        y = self.restore_tensor(x, quality)
+        y = self._restore_batch(x[None], decision)[0]
         out = y.mul_(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
         if gray:
             return np.rint(out.astype(np.float32).mean(axis=2)).astype(np.uint8)
