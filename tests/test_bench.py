@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -178,3 +179,63 @@ def test_bench_colour_rows(tmp_path, monkeypatch):
     r = report["results"]["group-5000"]["per_quality"]["10"]
     assert r["gain_psnr"] == pytest.approx(0.8) and r["max_abs_shift"] == pytest.approx(0.08)
     assert "| group | 5000 | 10 | +0.80 |" in (tmp_path / "res" / "colour.md").read_text()
+
+
+def test_chroma_share_from_the_jfif_inverse():
+    import numpy as np
+
+    from dist_dejpeg.bench import chroma
+    from dist_dejpeg.data.images import JFIF_YCBCR
+
+    inv = np.linalg.inv(np.array(JFIF_YCBCR))  # YCbCr difference -> RGB difference
+    assert chroma.CB_TO_RGB == pytest.approx((inv[:, 1] ** 2).sum() / 3, rel=1e-4)
+    assert chroma.CR_TO_RGB == pytest.approx((inv[:, 2] ** 2).sum() / 3, rel=1e-4)
+    same = chroma.chroma_share({"psnr_y": 30.0, "psnr_cb": 30.0, "psnr_cr": 30.0})
+    assert same == pytest.approx((chroma.CB_TO_RGB + chroma.CR_TO_RGB) / (chroma.CB_TO_RGB + chroma.CR_TO_RGB + 1))
+    # chroma 10 dB better than Y: each plane's MSE is a tenth, so the share falls accordingly
+    better = chroma.chroma_share({"psnr_y": 30.0, "psnr_cb": 40.0, "psnr_cr": 40.0})
+    k = (chroma.CB_TO_RGB + chroma.CR_TO_RGB) / 10
+    assert better == pytest.approx(k / (k + 1))
+    assert chroma.chroma_share({"psnr_y": 30.0, "psnr_cb": None, "psnr_cr": None}) is None  # grayscale
+
+
+def test_bench_chroma_runs_and_table(tmp_path, monkeypatch):
+    from dist_dejpeg import evaluate as evaluate_mod
+    from dist_dejpeg.bench import chroma, common
+
+    calls = []
+    monkeypatch.setattr(common, "train_once", lambda c, o, run_dir, log: calls.append((Path(run_dir).name, o)) or 180.0)
+    monkeypatch.setattr(common, "validation_images", lambda cfg, work: ["a.png", "gray.png"])
+    monkeypatch.setattr("dist_dejpeg.data.ensure_samples", lambda cfg: False)
+    cb_gain = {"conditioned-s0": 0.2, "conditioned-s1": 0.4, "conditioned-cw2-s0": 0.6, "conditioned-cw2-s1": 0.8}
+
+    def evaluate(model, images, qualities, out_dir, **kw):
+        assert kw["restorer_kwargs"]["guard"] is False  # the raw model
+        tag = Path(model).name
+        g = cb_gain[tag]
+        per_quality, per_image = {}, []
+        for q in qualities:
+            gain = {"psnr": g / 2, "psnr_y": 0.5, "psnr_cb": g, "psnr_cr": g}
+            per_quality[str(q)] = {"gain": gain}
+            jpeg = {"psnr_y": 30.0, "psnr_cb": 30.0, "psnr_cr": 30.0}
+            restored = {"psnr_y": 30.5, "psnr_cb": 30.0 + g, "psnr_cr": 30.0 + g}
+            per_image += [{"image": "a", "quality": q, "jpeg": jpeg, "restored": restored},
+                          {"image": "gray", "quality": q, "jpeg": {**jpeg, "psnr_cb": None, "psnr_cr": None},
+                           "restored": {**restored, "psnr_cb": None, "psnr_cr": None}}]
+        return {"per_quality": per_quality, "per_image": per_image}
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", evaluate)
+    report = chroma.run("configs/debug.yaml", ["data.crop=32"], tmp_path / "res", weights=(1.0, 2.0), seeds=(0, 1),
+                        qualities=(10,), work=tmp_path / "work")
+    # weight 1 is bench quality's conditioned run, same name and command (so that it is reused)
+    assert calls[0] == ("conditioned-s0", ["data.crop=32", "train.seed=0", "model.quality_conditioning=true"])
+    assert calls[3] == ("conditioned-cw2-s1", ["data.crop=32", "train.seed=1", "model.quality_conditioning=true",
+                                               "loss.chroma_weight=2"])
+    cell = report["table"]["2"]["10"]
+    assert cell["gain_psnr_cb"]["mean"] == pytest.approx(0.7) and cell["gain_psnr_cb"]["spread"] == pytest.approx(0.2)
+    assert cell["gain_psnr"]["mean"] == pytest.approx(0.35)
+    share = report["table"]["1"]["10"]["chroma_share_jpeg"]["mean"]  # the grayscale photo is left out
+    assert share == pytest.approx(chroma.chroma_share({"psnr_y": 30.0, "psnr_cb": 30.0, "psnr_cr": 30.0}))
+    assert report["table"]["2"]["10"]["chroma_share_restored"]["mean"] < share  # better chroma, smaller share
+    md = (tmp_path / "res" / "chroma.md").read_text()
+    assert "| 2 | 10 | +0.35 ± 0.05 | +0.50 ± 0.00 | +0.70 ± 0.10 |" in md

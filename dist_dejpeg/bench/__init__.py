@@ -3,6 +3,7 @@
     dist-dejpeg bench all                          # every benchmark on this machine -> benchmarks/results/
     dist-dejpeg bench colour                       # colour fidelity vs training length (real trainings: long)
     dist-dejpeg bench quality                      # blind vs quality-conditioned, 3 seeds (real trainings: long)
+    dist-dejpeg bench chroma                       # chroma-weighted loss vs RGB L1, 3 seeds (real trainings: long)
     dist-dejpeg bench train --config configs/div2k.yaml data.crop=256 model.pretrained=false loss.lpips_pretrained=false
 
 Each benchmark writes ``<results>/<name>.json`` and ``.md`` naming the machine (CPU model and cores, GPU and
@@ -74,6 +75,12 @@ def main(args) -> int:
         reports["quality"] = quality.run(args.config or CPU_CONFIG[0], args.overrides, out, seeds=tuple(args.seeds),
                                          qualities=tuple(args.qualities or quality.QUALITIES),
                                          work=args.work or "runs/bench-quality", name=args.name or "quality")
+    if which == "chroma":
+        from dist_dejpeg.bench import chroma
+
+        reports["chroma"] = chroma.run(args.config or CPU_CONFIG[0], args.overrides, out, weights=tuple(args.chroma_weights),
+                                       seeds=tuple(args.seeds), qualities=tuple(args.qualities or chroma.QUALITIES),
+                                       work=args.work or "runs/bench-quality", name=args.name or "chroma")
     if which in ("train", "all"):
         from dist_dejpeg.bench import train
 
@@ -102,9 +109,10 @@ def main(args) -> int:
 def add_parser(sub) -> None:
     """The ``bench`` sub-command's arguments (called by dist_dejpeg.cli.build_parser)."""
     b = sub.add_parser("bench", help="throughput benchmarks (results in benchmarks/results/)")
-    b.add_argument("which", choices=["train", "data", "infer", "scaling", "all", "colour", "quality"],
+    b.add_argument("which", choices=["train", "data", "infer", "scaling", "all", "colour", "quality", "chroma"],
                    help="all: the four throughput benchmarks; colour: colour fidelity vs training length; "
-                        "quality: blind vs quality-conditioned over seeds (colour and quality train real models)")
+                        "quality: blind vs quality-conditioned over seeds; chroma: chroma-weighted loss vs RGB L1 "
+                        "(colour, quality and chroma train real models)")
     b.add_argument("--config", help="training config (default: configs/debug.yaml on CPU; configs/div2k.yaml at "
                                     "256 px with random-init backbones on a GPU)")
     b.add_argument("--results", default=DEFAULT_RESULTS, help="folder for the .json/.md results")
@@ -123,8 +131,11 @@ def add_parser(sub) -> None:
     b.add_argument("--norms", nargs="+", default=["batch", "group", "none"], help="colour: decoder norms")
     b.add_argument("--gen-steps", type=int, nargs="+", default=[1000, 5000], help="colour: gen steps per run")
     b.add_argument("--qualities", type=int, nargs="+", help="colour/quality: JPEG qualities (10 20 40 / 10 ... 90)")
-    b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="quality: training seeds")
-    b.add_argument("--work", default="", help="colour/quality: folder for the runs (runs/bench-<name>)")
+    b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="quality/chroma: training seeds")
+    b.add_argument("--chroma-weights", type=float, nargs="+", default=[1.0, 2.0, 4.0],
+                   help="chroma: loss.chroma_weight values (1: L1 on RGB, the recipe's)")
+    b.add_argument("--work", default="", help="colour/quality/chroma: folder for the runs (runs/bench-<name>; chroma: "
+                                                    "runs/bench-quality, whose conditioned runs it reuses)")
     b.add_argument("overrides", nargs="*", help="config overrides, key=value (before options that take "
                                                 "several values, such as --norms)")
     b.set_defaults(func=main)
