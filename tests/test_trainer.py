@@ -184,11 +184,33 @@ def test_stop_rule_ends_gan_phase_and_keeps_best(tmp_path, shards, monkeypatch):
         return out
 
     t._validate_in_phase = spy
-    t.fit()
+    final = t.fit()
     # values 0.5 (step 1), 0.4 (step 2, best), 0.45, 0.41 -> two checks without improvement -> stop at step 4
     assert t.state.stopped_early == {"gan": 4}
     assert seen_steps[:3] == [1, 2, 3] and t.state.global_step == 4
     assert not changed(spy.best, params(t.gen_raw)), "the best generator (step 2) must be kept"
+    # the kept generator is not the one validated last (step 4): the final validation measures it again
+    assert final["q10"]["restored"]["lpips"] == 0.9
+
+
+def test_final_validation_reuses_the_last_one_when_nothing_changed(tmp_path, shards, monkeypatch):
+    scripted = iter([0.5, 0.4, 0.3, 0.9])
+    calls = []
+
+    def fake_validate(accelerator, generator, val_set, lpips, batch_size):
+        calls.append(params(generator))
+        value = next(scripted)
+        return {"q10": {"jpeg": dict(psnr=1.0, ssim=1.0, lpips=1.0), "restored": dict(psnr=1.0, ssim=1.0, lpips=value)}}
+
+    monkeypatch.setattr(trainer_mod, "validate", fake_validate)
+    cfg = tiny(tmp_path / "run", shards, "train.order=[gan]", "train.phases.gan.steps=3",
+               "train.phases.gan.val_every=1", "train.phases.gan.patience=2", "train.phases.gan.critic_iters=0",
+               "train.phases.gan.gen_iters=1")
+    final = Trainer(cfg).fit()
+    # validated after steps 1, 2, 3; the last one (0.3) is the best and is kept: the final result is that one
+    assert len(calls) == 3 and final["q10"]["restored"]["lpips"] == 0.3
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["q10"]["restored"]["lpips"] == 0.3
 
 
 class NaNAfter:

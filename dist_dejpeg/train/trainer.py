@@ -212,6 +212,8 @@ class Trainer:
         self.monitor = Monitor(acc, cfg, self.run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)))
         self.state = TrainerState()
         self.best_generator: dict | None = None
+        # the newest validation's global step and results, while the generator is still the one it measured
+        self._validated: tuple[int, dict] | None = None
         self.signals = ckpt.StopSignals()
         self.config_yaml = to_yaml(cfg)
         self._unchecked, self._unchecked_from = 0, 0  # steps since the last host check, the first of them
@@ -305,9 +307,17 @@ class Trainer:
 
     # -- validation -----------------------------------------------------------------------------------
     def run_validation(self, tag: str) -> dict:
-        self._average_bn_stats()
-        results = validate(self.accelerator, self.gen_raw, self.val_set, self.metric_lpips, self.cfg.data.val_batch_size)
         step = self.state.global_step
+        if tag == "final" and self._validated is not None and self._validated[0] == step:
+            # no update since the last validation (a gan phase's end validates the generator it keeps): the same
+            # weights on the same images give the same numbers, so they are not computed again
+            results = self._validated[1]
+            log.info("final validation: the generator validated at step %d, unchanged since", step)
+        else:
+            self._average_bn_stats()
+            results = validate(self.accelerator, self.gen_raw, self.val_set, self.metric_lpips,
+                               self.cfg.data.val_batch_size)
+            self._validated = (step, results)
         self.monitor.validation(tag, results, step)
         if self.accelerator.is_main_process:
             self.monitor.image(f"val/jpeg_restored_clean_{tag}", image_grid(self.accelerator, self.gen_raw,
@@ -395,6 +405,7 @@ class Trainer:
             if self.best_generator is not None and stop.best_step != st.phase_step:
                 log.info("%s: keeping the best generator (step %d, LPIPS %.4f)", name, stop.best_step, stop.best)
                 self.gen_raw.load_state_dict({k: v.to(acc.device) for k, v in self.best_generator.items()})
+                self._validated = None  # other weights than the last validation measured
                 if self.deepspeed:
                     _refresh_master_weights(self.g_opt)
         st.stop = stop.state_dict()
