@@ -59,7 +59,9 @@ def slurm():
 
 
 def sbatch(script: str, config: Path, *args: str) -> int:
-    env = dict(os.environ, PYTHON=sys.executable)
+    # one OpenMP thread per training process: the test nodes share this machine's cores (two jobs of two nodes
+    # at once), and spinning OpenMP threads of several processes on the same cores slow every one of them down
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     env.pop("ACCELERATE_USE_CPU", None)
     # the scripts ask for 16 CPUs per task, as on a GPU node; the test nodes have nproc each
     done = subprocess.run(["sbatch", "--parsable", f"--cpus-per-task={os.cpu_count()}",
