@@ -42,9 +42,6 @@ def chroma_share(metrics: dict) -> float | None:
     return chroma / (chroma + _mse(metrics["psnr_y"]))
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (max(values) - min(values)) if len(values) > 1 else 0.0
-
 
 def _tag(weight: float, seed: int) -> str:
     # weight 1 is the recipe itself: the name bench quality gives its conditioned runs, so that they are reused
@@ -66,16 +63,10 @@ def summarise(result: dict) -> dict:
 
 def run(config: str, overrides: list[str], out_dir: str | Path, *, weights=WEIGHTS, seeds=(0, 1, 2),
         qualities=QUALITIES, work: str | Path = "runs/bench-quality", name: str = "chroma") -> dict:
-    from dist_dejpeg.bench.common import train_once, validation_images, write_results
-    from dist_dejpeg.config import load_config
-    from dist_dejpeg.data import ensure_samples
+    from dist_dejpeg.bench.common import mean_spread, quality_bench_setup, train_once, write_results
     from dist_dejpeg.evaluate import evaluate
 
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(config, overrides)
-    ensure_samples(cfg)
-    images = validation_images(cfg, work / "val_photos")
+    work, images = quality_bench_setup(config, overrides, work)
     runs: dict[str, dict] = {}
     for weight in weights:
         for seed in seeds:
@@ -98,7 +89,7 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, weights=WEIGH
                         "chroma_share_restored"):
                 values = [runs[t]["per_quality"][q][key] for t in tags]
                 values = [v for v in values if v is not None]
-                cells[key] = _stats(values) if values else (float("nan"), 0.0)
+                cells[key] = mean_spread(values) if values else (float("nan"), 0.0)
             table[f"{weight:g}"][q] = {k: {"mean": m, "spread": s} for k, (m, s) in cells.items()}
             rows.append([f"{weight:g}", q, *(f"{cells[k][0]:+.2f} ± {cells[k][1] / 2:.2f}" for k in
                                             ("gain_psnr", "gain_psnr_y", "gain_psnr_cb", "gain_psnr_cr")),

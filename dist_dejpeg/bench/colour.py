@@ -33,17 +33,11 @@ def summarise(result: dict, q: str) -> dict:
 
 def run(config: str, overrides: list[str], out_dir: str | Path, *, norms=NORMS, gen_steps=(1000, 5000),
         qualities=(10, 20, 40), work: str | Path = "runs/bench-colour", name: str = "colour") -> dict:
-    from dist_dejpeg.bench.common import train_once, validation_images, write_results
-    from dist_dejpeg.config import load_config
-    from dist_dejpeg.data import ensure_samples
+    from dist_dejpeg.bench.common import quality_bench_setup, train_once, write_results
     from dist_dejpeg.evaluate import evaluate
 
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
     base = [*overrides, "train.order=[gen]"]
-    cfg = load_config(config, base)
-    ensure_samples(cfg)  # once, before the runs (each would otherwise check on its own)
-    images = validation_images(cfg, work / "val_photos")
+    work, images = quality_bench_setup(config, base, work)
     results, rows = {}, []
     for norm in norms:
         for steps in gen_steps:

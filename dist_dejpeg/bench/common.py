@@ -165,6 +165,24 @@ def validation_images(config, work: Path) -> list[str]:
     return [str(p) for p in shards.list_shards(root, config.data.val_glob)]
 
 
+def quality_bench_setup(config: str, overrides: list[str], work: str | Path) -> tuple[Path, list[str]]:
+    """The run folder (made) and the validation images of a quality benchmark; the sample shards are prepared
+    once here, before the runs (each would otherwise check on its own)."""
+    from dist_dejpeg.config import load_config
+    from dist_dejpeg.data import ensure_samples
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(config, overrides)
+    ensure_samples(cfg)
+    return work, validation_images(cfg, work / "val_photos")
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and spread (max - min; 0 for one value) over seeds."""
+    return statistics.fmean(values), (max(values) - min(values)) if len(values) > 1 else 0.0
+
+
 def train_once(config: str, overrides: list[str], run_dir: Path, log_file: Path) -> float | None:
     """One ``dist-dejpeg train`` in a child process (a fresh Accelerate state each time); returns seconds. A
     run folder that a finished earlier call left (``bench_train.json`` beside its generator, same command) is

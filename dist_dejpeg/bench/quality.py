@@ -12,7 +12,6 @@ input). Writes ``quality.json`` / ``quality.md``: RGB and Y PSNR gains over the 
 from __future__ import annotations
 
 import logging
-import statistics
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -24,23 +23,14 @@ VARIANTS = (("blind", False, True, True), ("blind, no guard", False, False, True
             ("conditioned, told nothing", True, True, False))
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (max(values) - min(values)) if len(values) > 1 else 0.0
-
 
 def run(config: str, overrides: list[str], out_dir: str | Path, *, seeds=(0, 1, 2), qualities=QUALITIES,
         work: str | Path = "runs/bench-quality", name: str = "quality") -> dict:
-    from dist_dejpeg.bench.common import train_once, validation_images, write_results
-    from dist_dejpeg.config import load_config
-    from dist_dejpeg.data import ensure_samples
+    from dist_dejpeg.bench.common import mean_spread, quality_bench_setup, train_once, write_results
     from dist_dejpeg.evaluate import evaluate
     from dist_dejpeg.infer import Restorer
 
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(config, overrides)
-    ensure_samples(cfg)
-    images = validation_images(cfg, work / "val_photos")
+    work, images = quality_bench_setup(config, overrides, work)
     runs: dict[str, dict] = {}
     for conditioned in (False, True):
         for seed in seeds:
@@ -74,8 +64,8 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, seeds=(0, 1, 
         tags = [t for t, r in runs.items() if r["conditioned"] == cond]
         table[label] = {}
         for q in map(str, qualities):
-            rgb = _stats([runs[t]["eval"][label][q]["rgb"] for t in tags])
-            y = _stats([runs[t]["eval"][label][q]["y"] for t in tags])
+            rgb = mean_spread([runs[t]["eval"][label][q]["rgb"] for t in tags])
+            y = mean_spread([runs[t]["eval"][label][q]["y"] for t in tags])
             passed = sum(runs[t]["eval"][label][q]["passed_through"] for t in tags)
             total = sum(runs[t]["eval"][label][q]["images"] for t in tags)
             table[label][q] = {"rgb_mean": rgb[0], "rgb_spread": rgb[1], "y_mean": y[0], "y_spread": y[1],
