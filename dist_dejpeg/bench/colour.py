@@ -45,7 +45,7 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, norms=NORMS, 
             run_dir = work / tag
             seconds = train_once(config, [*base, f"model.decoder_norm={norm}", f"train.phases.gen.steps={steps}"],
                                  run_dir, work / f"{tag}.log")
-            result = evaluate(str(run_dir), images, list(qualities), run_dir / "eval", progress=False)
+            result = evaluate(str(run_dir), images, list(qualities), run_dir / "eval", progress=False, only=("psnr",))
             results[tag] = {"norm": norm, "gen_steps": steps, "train_seconds": seconds,
                             "per_quality": {q: summarise(result, q) for q in result["per_quality"]}}
             for q, r in results[tag]["per_quality"].items():
