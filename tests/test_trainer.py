@@ -198,7 +198,7 @@ def test_final_validation_reuses_the_last_one_when_nothing_changed(tmp_path, sha
     calls = []
 
     def fake_validate(accelerator, generator, val_set, lpips, batch_size):
-        calls.append(params(generator))
+        calls.append(batch_size)
         value = next(scripted)
         return {"q10": {"jpeg": dict(psnr=1.0, ssim=1.0, lpips=1.0), "restored": dict(psnr=1.0, ssim=1.0, lpips=value)}}
 

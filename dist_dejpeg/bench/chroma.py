@@ -42,7 +42,6 @@ def chroma_share(metrics: dict) -> float | None:
     return chroma / (chroma + _mse(metrics["psnr_y"]))
 
 
-
 def _tag(weight: float, seed: int) -> str:
     # weight 1 is the recipe itself: the name bench quality gives its conditioned runs, so that they are reused
     return f"conditioned-s{seed}" if weight == 1.0 else f"conditioned-cw{weight:g}-s{seed}"

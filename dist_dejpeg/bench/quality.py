@@ -23,7 +23,6 @@ VARIANTS = (("blind", False, True, True), ("blind, no guard", False, False, True
             ("conditioned, told nothing", True, True, False))
 
 
-
 def run(config: str, overrides: list[str], out_dir: str | Path, *, seeds=(0, 1, 2), qualities=QUALITIES,
         work: str | Path = "runs/bench-quality", name: str = "quality") -> dict:
     from dist_dejpeg.bench.common import mean_spread, quality_bench_setup, train_once, write_results

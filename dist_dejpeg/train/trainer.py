@@ -308,11 +308,11 @@ class Trainer:
     # -- validation -----------------------------------------------------------------------------------
     def run_validation(self, tag: str) -> dict:
         step = self.state.global_step
-        if tag == "final" and self._validated is not None and self._validated[0] == step:
-            # no update since the last validation (a gan phase's end validates the generator it keeps): the same
-            # weights on the same images give the same numbers, so they are not computed again
+        if self._validated is not None and self._validated[0] == step:
+            # no update since the last validation (e.g. the final one after a gan phase that ended on a validation of
+            # the generator it keeps): the same weights on the same images give the same numbers
             results = self._validated[1]
-            log.info("final validation: the generator validated at step %d, unchanged since", step)
+            log.info("%s validation: the generator validated at step %d, unchanged since", tag, step)
         else:
             self._average_bn_stats()
             results = validate(self.accelerator, self.gen_raw, self.val_set, self.metric_lpips,
