@@ -281,14 +281,14 @@ prepare_288() {  # the sample photos in 288 px tiles (256 px crops), once per ch
 }
 
 step_data_wait() {
-    # The share of the gen step spent waiting for data on the torch loader's GPU path, side by side in one
-    # check: one nvJPEG round trip pair per distinct quality and degraded inline (as before), qualities grouped
-    # per batch, and grouped + degraded ahead on a side stream (the defaults). 150 gen steps each.
+    # The share of the gen step spent waiting for data on the torch loader, side by side in one check (150 gen
+    # steps each): nvJPEG image by image, degraded ahead (the defaults before packing); nvJPEG with one round trip
+    # per quality on a canvas of the batch's tiles, ahead (the defaults) and inline; libjpeg in the 8 workers.
     local config=configs/div2k.yaml steps=150 common
     common=(data.auto_prepare=none model.pretrained=false loss.lpips_pretrained=false data.crop=256
             train.compile=false data.num_workers=8 data.val_crop=256 data.val_max_images=8 train.mixed_precision=bf16
             train.order=[gen] train.val_every=100000 train.ckpt_every=100000 train.log_every=25 train.progress=false
-            data.backend=torch data.gpu_jpeg=true)
+            data.backend=torch data.gpu_jpeg_qualities=4)
     if ((QUICK || !HAVE_CUDA)); then
         config=configs/debug.yaml steps=4
         common=(train.mixed_precision=no data.batch_size=2 data.crop=64 data.num_workers=1 train.order=[gen]
@@ -297,28 +297,31 @@ step_data_wait() {
     else
         prepare_288 || exit $?
     fi
-    local variant groups ahead variants=("per-sample,0,0" "grouped,4,0" "grouped-ahead,4,2")
-    # without CUDA the three differ in nothing (no GPU degradation): the flow runs once
-    ((QUICK || !HAVE_CUDA)) && variants=("grouped-ahead,4,2")
+    local variant name overrides names=()
+    local variants=("image-by-image-ahead|data.gpu_jpeg=true data.gpu_jpeg_pack=false data.gpu_jpeg_ahead=2"
+                    "packed-ahead|data.gpu_jpeg=true data.gpu_jpeg_pack=true data.gpu_jpeg_ahead=2"
+                    "cpu-workers|data.gpu_jpeg=false"
+                    "packed-inline|data.gpu_jpeg=true data.gpu_jpeg_pack=true data.gpu_jpeg_ahead=0")
+    # without CUDA they differ in nothing (no GPU degradation): the flow runs once
+    ((QUICK || !HAVE_CUDA)) && variants=("packed-ahead|data.gpu_jpeg=true")
     for variant in "${variants[@]}"; do
-        IFS=, read -r name groups ahead <<< "$variant"
+        IFS='|' read -r name overrides <<< "$variant"
+        read -r -a overrides <<< "$overrides"
         (set -x; "$PY" -m dist_dejpeg.cli train --config "$config" train.run_dir="$WORK/wait-$name" data.root="$DATA" \
-            "${common[@]}" train.phases.gen.steps=$steps data.gpu_jpeg_qualities=$groups data.gpu_jpeg_ahead=$ahead) \
-            || exit $?
+            "${common[@]}" train.phases.gen.steps=$steps "${overrides[@]}") || exit $?
         cp "$WORK/wait-$name/metrics.json" "$OUT/data_wait-$name.json" || exit $?
-    done
-    "$PY" - "$OUT" << 'PYEOF'
+        names+=("$name")
+        "$PY" - "$OUT" "${names[@]}" << 'PYEOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-lines = ["| GPU degradation | data_wait_frac | images/s |", "|---|---|---|"]
-for name in ("per-sample", "grouped", "grouped-ahead"):
-    if not (out / f"data_wait-{name}.json").exists():
-        continue
+lines = ["| JPEG degradation | data_wait_frac | images/s |", "|---|---|---|"]
+for name in sys.argv[2:]:
     log = json.loads((out / f"data_wait-{name}.json").read_text())["meta"]["last_train_log"]["gen"]
     lines.append(f"| {name} | {log.get('train/data_wait_frac')} | {log.get('train/images_per_s')} |")
 (out / "data_wait.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PYEOF
+    done
 }
 
 step_evaluate() {  # the trained run's generator on the GPU: restore + the six metrics (LPIPS unavailable offline)
@@ -389,7 +392,7 @@ for s in "${OPTIONAL[@]}"; do
         bench_train) run_step bench_train 240 ;;
         train) run_step train 180 ;;
         evaluate) run_step evaluate 90 ;;
-        data_wait) run_step data_wait 200 ;;
+        data_wait) run_step data_wait 260 ;;
         bench_data) run_step bench_data 120 ;;
         bench_infer)
             if ((QUICK)); then

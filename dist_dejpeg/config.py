@@ -33,6 +33,7 @@ class DataConfig:
     dali_threads: int = 4  # DALI CPU worker threads per device
     gpu_jpeg: bool = True  # torch backend on CUDA: JPEG-degrade batches on the GPU (nvJPEG), not in workers
     gpu_jpeg_qualities: int = 4  # GPU degradation: distinct qualities per batch (each uniform; 0: one per sample)
+    gpu_jpeg_pack: bool = True  # GPU degradation: one nvJPEG round trip per quality on a canvas of the tiles
     gpu_jpeg_ahead: int = 2  # GPU degradation: batches degraded ahead in a thread on a side stream (0: inline)
     prefetch_factor: int = 4  # torch backend: batches each worker prepares ahead
     pin_memory: bool = True  # torch backend on CUDA: page-locked batches, copied to the GPU asynchronously

@@ -126,7 +126,7 @@ def test_check_flow_on_cpu(wheels, tmp_path):
     assert "dist_dejpeg from" in (out / "install.log").read_text()
     assert json.loads((out / "evaluate" / "metrics.json").read_text())["meta"]["images"] == 2
     table = (out / "data_wait.md").read_text().splitlines()
-    assert [row.split("|")[1].strip() for row in table[2:]] == ["grouped-ahead"], table  # one run without CUDA
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["packed-ahead"], table  # one run without CUDA
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads((out / "run" / "metrics.json").read_text())
     assert not left, left  # the check's scratch folder (installed wheels, sample shards, TMPDIR) is gone

@@ -21,6 +21,8 @@ rows measured in this one run.
 
 from __future__ import annotations
 
+from functools import partial
+
 import multiprocessing as mp
 import os
 import re
@@ -121,8 +123,10 @@ def _loader_rows(tag: str, root: Path, crop: int, batch: int, threads: int, batc
         from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cuda
 
         gpu = torch.device("cuda", 0)
-        rows[f"torch loader + nvJPEG on GPU [{tag}]"] = rate(
-            TorchLoader(stream(), batch, threads, gpu, degrade_batch=jpeg_roundtrip_cuda), batch, batches, warmup, gpu)
+        for label, pack in (("", True), (", image by image", False)):
+            rows[f"torch loader + nvJPEG on GPU{label} [{tag}]"] = rate(
+                TorchLoader(stream(), batch, threads, gpu, degrade_batch=partial(jpeg_roundtrip_cuda, pack=pack)),
+                batch, batches, warmup, gpu)
     if fmt == "png":
         folder = tmp / f"pngs-{tag.replace(' ', '-')}"
         folder.mkdir(exist_ok=True)

@@ -1,6 +1,6 @@
 """JPEG degradation of a whole batch on the GPU with torchvision's nvJPEG encode/decode, for the torch
-backend where DALI is not installed (``data.gpu_jpeg``). Per-sample quality: one batched encode and
-decode per distinct quality in the batch.
+backend where DALI is not installed (``data.gpu_jpeg``). Per-sample quality: one encode and decode per
+distinct quality in the batch, its images laid out on one canvas (``packed_roundtrip``).
 
 Chroma subsampling. libjpeg (PIL, OpenCV) writes 4:2:0 by default, and so do the published benchmarks and
 ``evaluate``; torchvision's nvJPEG encoder writes 4:4:4 (its quantization tables are libjpeg's; measured on an
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 from functools import partial
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,32 +31,98 @@ _RGB = torch.linalg.inv(_YCC)
 _NVJPEG_SUBSAMPLING: dict[str, int] = {}  # device -> PIL's get_sampling code of nvJPEG's output (0: 4:4:4, 2: 4:2:0)
 
 
-def _nvjpeg_444(images: torch.Tensor, quality: torch.Tensor, device_sync: bool = False) -> torch.Tensor:
-    """nvJPEG round trip as the encoder writes it (per-quality groups). ``device_sync``: synchronize the whole
-    device around each encode and decode. torchvision's cached nvJPEG encoder and decoder run on streams of
-    their own, ordered against the stream that was current when they were created; called from another
-    stream (the loader's degrade-ahead thread) the bytes were read back before the encoder had written them
+# one round trip of one image (3 x H x W uint8) at one quality -> the decoded image, same shape and device
+CanvasRoundTrip = Callable[[torch.Tensor, int], torch.Tensor]
+
+_BLOCK = 8  # a 4:4:4 JPEG codes 8 x 8 blocks independently (no chroma upsampling across them)
+_MAX_CANVAS = 1 << 24  # pixels per packed canvas (4096^2): far below JPEG's 65535 px per side
+
+
+def _nvjpeg_one(image: torch.Tensor, quality: int, device_sync: bool = False) -> torch.Tensor:
+    """nvJPEG round trip of one image as the encoder writes it. ``device_sync``: synchronize the whole device
+    around the encode and the decode. torchvision's cached nvJPEG encoder runs on a stream of its own and
+    copies the bytes out on the legacy default stream; neither is ordered against a side stream, so called
+    from the loader's degrade-ahead thread the bytes were read back before the encoder had written them
     ("Failed to get image info", seen on an H100). A device-wide sync in that thread blocks only the thread."""
     from torchvision.io import decode_jpeg, encode_jpeg
 
-    def sync():
-        if device_sync:
-            torch.cuda.synchronize(images.device)
+    if device_sync:
+        torch.cuda.synchronize(image.device)
+    encoded = encode_jpeg(image.contiguous(), quality=int(quality))
+    if device_sync:
+        torch.cuda.synchronize(image.device)
+    # nvJPEG's encoder leaves the bytes on the GPU; the decoder takes them from the host (a few KB)
+    decoded = decode_jpeg(encoded.cpu(), device=image.device)
+    if device_sync:
+        torch.cuda.synchronize(image.device)
+    return decoded
 
-    out = torch.empty_like(images)
-    quality = quality.cpu()  # grouped on the host: the loader hands over its CPU copy, so no device sync here
-    for q in torch.unique(quality).tolist():
-        index = torch.nonzero(quality == q).flatten().tolist()
-        sync()
-        encoded = encode_jpeg([images[i].contiguous() for i in index], quality=int(q))
-        sync()
-        # nvJPEG's encoder leaves the bytes on the GPU; the decoder takes them from the host (a few KB each)
-        encoded = [data.cpu() for data in encoded]
-        decoded_all = decode_jpeg(encoded, device=images.device)
-        sync()
-        for i, decoded in zip(index, decoded_all):
-            out[i] = decoded
-    return out
+
+def libjpeg_one(image: torch.Tensor, quality: int, subsampling: int = -1) -> torch.Tensor:
+    """libjpeg's (PIL's) round trip of one image; ``subsampling``: PIL's code (-1: its default, 4:2:0; 0: 4:4:4)."""
+    from PIL import Image
+
+    rgb = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
+    if subsampling == -1:
+        out = jpeg_roundtrip(rgb, int(quality))
+    else:
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=int(quality), subsampling=subsampling)
+        out = np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return torch.from_numpy(out).permute(2, 0, 1).to(image.device)
+
+
+def _packable(tiles: list[torch.Tensor]) -> bool:
+    return all(t.shape[-1] % _BLOCK == 0 and t.shape[-2] % _BLOCK == 0 for t in tiles)
+
+
+def _shelf_places(sizes: list[tuple[int, int]], width: int) -> tuple[list[tuple[int, int]], int]:
+    """Top-left corners of tiles laid left to right on shelves of ``width`` (tallest first), and the height."""
+    places: list[tuple[int, int]] = [(0, 0)] * len(sizes)
+    y = x = shelf = 0
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i][0]):
+        h, w = sizes[i]
+        if x + w > width:
+            y, x, shelf = y + shelf, 0, 0
+        places[i] = (y, x)
+        x, shelf = x + w, max(shelf, h)
+    return places, y + shelf
+
+
+def packed_roundtrip(tiles: list[torch.Tensor], quality: int, one: CanvasRoundTrip) -> list[torch.Tensor]:
+    """One round trip (``one``) of many tiles at one quality, laid out on one canvas: a 4:4:4 JPEG codes every
+    8 x 8 block on its own, so with every tile's size and place on the 8-pixel grid each tile decodes exactly
+    as if it had been coded alone (tests/test_data.py checks it pixel for pixel with libjpeg). One nvJPEG call
+    per quality instead of one per image: torchvision encodes image by image, each with two host syncs."""
+    sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tiles]
+    area = sum(h * w for h, w in sizes)
+    if len(tiles) == 1 or area > _MAX_CANVAS:
+        if len(tiles) > 1:  # split in halves until each canvas fits
+            half = len(tiles) // 2
+            return packed_roundtrip(tiles[:half], quality, one) + packed_roundtrip(tiles[half:], quality, one)
+        return [one(tiles[0], quality)]
+    # about square: nvJPEG and libjpeg both take either, but a square canvas wastes less on the last shelf
+    width = max(max(w for _, w in sizes), -(-int(area ** 0.5) // _BLOCK) * _BLOCK)
+    places, height = _shelf_places(sizes, width)
+    canvas = tiles[0].new_zeros(3, height, width)
+    for t, (y, x), (h, w) in zip(tiles, places, sizes):
+        canvas[:, y:y + h, x:x + w] = t
+    out = one(canvas, quality)
+    return [out[:, y:y + h, x:x + w] for (y, x), (h, w) in zip(places, sizes)]
+
+
+def roundtrip_by_quality(tiles: list[torch.Tensor], quality: list[int], one: CanvasRoundTrip,
+                         pack: bool = True) -> list[torch.Tensor]:
+    """Each tile's round trip at its own quality: tiles grouped by quality, each group packed on one canvas
+    (``pack`` and 8-aligned sizes; only valid where ``one`` writes 4:4:4) or coded tile by tile."""
+    out: list[torch.Tensor | None] = [None] * len(tiles)
+    for q in sorted(set(quality)):
+        index = [i for i, qi in enumerate(quality) if qi == q]
+        group = [tiles[i] for i in index]
+        decoded = packed_roundtrip(group, q, one) if pack and _packable(group) else [one(t, q) for t in group]
+        for i, d in zip(index, decoded):
+            out[i] = d
+    return out  # type: ignore[return-value]
 
 
 def _sampling_of(jpeg_bytes: bytes) -> int:
@@ -75,13 +142,15 @@ def nvjpeg_subsampling(device: torch.device) -> int:
     return _NVJPEG_SUBSAMPLING[key]
 
 
-def subsample_420(images: torch.Tensor, quality: torch.Tensor, roundtrip_444) -> torch.Tensor:
-    """libjpeg's 4:2:0 round trip built from a 4:4:4 one (``roundtrip_444(images, quality)``): luma of the
-    full-size round trip, chroma of the 2 x 2 box-averaged one, upsampled bilinearly. N x 3 x H x W uint8."""
-    h, w = images.shape[-2:]
-    full = roundtrip_444(images, quality)
+def subsample_420(images: torch.Tensor, quality: torch.Tensor, one: CanvasRoundTrip, pack: bool = True) -> torch.Tensor:
+    """libjpeg's 4:2:0 round trip built from 4:4:4 ones (``one(image, quality)``, see roundtrip_by_quality):
+    luma of the full-size round trip, chroma of the 2 x 2 box-averaged one, upsampled bilinearly; both sizes at
+    one quality share a canvas. N x 3 x H x W uint8."""
+    n, (h, w) = images.shape[0], images.shape[-2:]
     half = F.avg_pool2d(images.float(), 2, ceil_mode=True).round_().clamp_(0, 255).to(torch.uint8)
-    half = roundtrip_444(half, quality)
+    qs = [int(q) for q in quality.cpu().tolist()]  # the loader hands over its CPU copy: no device sync
+    decoded = roundtrip_by_quality(list(images) + list(half), qs + qs, one, pack)
+    full, half = torch.stack(decoded[:n]), torch.stack(decoded[n:])
     ycc, rgb = _YCC.to(images.device), _RGB.to(images.device)
     luma = torch.einsum("j,njhw->nhw", ycc[0], full.float())[:, None]
     chroma = torch.einsum("ij,njhw->nihw", ycc[1:], half.float())
@@ -90,28 +159,21 @@ def subsample_420(images: torch.Tensor, quality: torch.Tensor, roundtrip_444) ->
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def jpeg_roundtrip_cuda(images: torch.Tensor, quality: torch.Tensor, device_sync: bool = False) -> torch.Tensor:
+def jpeg_roundtrip_cuda(images: torch.Tensor, quality: torch.Tensor, device_sync: bool = False,
+                        pack: bool = True) -> torch.Tensor:
     """images: N x 3 x H x W uint8 on a CUDA device; quality: N ints. Returns the decoded JPEGs, same shape,
     with libjpeg's 4:2:0 chroma subsampling whatever nvJPEG writes (see the module docstring). ``device_sync``:
-    for calls from a thread on a side stream (see _nvjpeg_444)."""
-    roundtrip = partial(_nvjpeg_444, device_sync=device_sync)
-    if nvjpeg_subsampling(images.device) == 2:
-        return roundtrip(images, quality)  # already 4:2:0
-    return subsample_420(images, quality, roundtrip)
+    for calls from a thread on a side stream (see _nvjpeg_one); ``pack``: one nvJPEG round trip per quality on
+    a canvas of the batch's tiles (see packed_roundtrip) instead of one per image."""
+    one = partial(_nvjpeg_one, device_sync=device_sync)
+    if nvjpeg_subsampling(images.device) == 2:  # already 4:2:0: tiles would share chroma across their edges
+        qs = [int(q) for q in quality.cpu().tolist()]
+        return torch.stack(roundtrip_by_quality(list(images), qs, one, pack=False))
+    return subsample_420(images, quality, one, pack)
 
 
 def jpeg_roundtrip_cpu(images: torch.Tensor, quality: torch.Tensor, subsampling: int = -1) -> torch.Tensor:
     """The same contract with libjpeg (PIL), one image at a time: the reference for the CUDA path.
     ``subsampling``: PIL's code (-1: its default, 4:2:0; 0: 4:4:4)."""
-    def one(img, q):
-        rgb = np.ascontiguousarray(img.permute(1, 2, 0).cpu().numpy())
-        if subsampling == -1:
-            return torch.from_numpy(jpeg_roundtrip(rgb, int(q)))
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.fromarray(rgb).save(buf, format="JPEG", quality=int(q), subsampling=subsampling)
-        return torch.from_numpy(np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
-
-    out = [one(img, q) for img, q in zip(images, quality)]
-    return torch.stack(out).permute(0, 3, 1, 2).contiguous().to(images.device)
+    out = [libjpeg_one(img, int(q), subsampling) for img, q in zip(images, quality)]
+    return torch.stack(out).contiguous().to(images.device)
