@@ -49,6 +49,31 @@ def test_bench_train_ladder_writes_rows_and_ratios(tmp_path, repo_root, monkeypa
     assert model["gradient_bytes"]["generator"] > model["gradient_bytes"]["critic"] > 0
 
 
+def test_bench_train_keeps_its_rows_when_cut_short(tmp_path, repo_root, monkeypatch):
+    """The tables are written after every variant: a run stopped by a time limit (a GPU check's step) keeps
+    what it measured and says what is missing."""
+    monkeypatch.chdir(repo_root)
+    from dist_dejpeg.bench import train
+
+    calls = []
+
+    def fake(cfg, rows, **_):
+        calls.append(cfg)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what the time limit's signal ends the run with
+        ms = 10.0 * len(calls)
+        return {update: {"ms_per_call": ms, "images_per_s_per_device": 1000 / ms, "spread": 0.0} for update, *_ in rows}
+
+    monkeypatch.setattr(train, "bench_variant", fake)
+    with pytest.raises(KeyboardInterrupt):
+        train.run("configs/debug.yaml", TINY, tmp_path)
+    report, md = read(tmp_path, "train")
+    assert list(report["results"]) == [label for label, _ in train.LADDER[:2]]
+    assert report["results"][train.LADDER[1][0]]["gen"]["x_naive"] == 0.5
+    assert report["pending"][0] == train.LADDER[2][0] and report["pending"][-1] == train.AGAIN
+    assert "Incomplete: still to measure" in md and train.TUNED in md
+
+
 def test_bench_data_and_infer(tmp_path, repo_root, monkeypatch):
     monkeypatch.chdir(repo_root)
     with pytest.raises(ValueError, match="need tiles of at least 256 px"):

@@ -167,17 +167,30 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
     if ladder:
         variants.append((AGAIN, naive_cfg, gen_rows[:1]))
     errors: dict[str, str] = {}
-    for label, cfg, rows in variants:
+    flops = count_flops(base)
+    peak = bf16_peak_flops() if device.type == "cuda" else None
+    naive_label = naive_label_of(ladder)
+    report: dict = {}
+    for i, (label, cfg, rows) in enumerate(variants):
         print(f"bench train: {label} ...", flush=True)
         try:
             results[label] = bench_variant(cfg, rows, warmup=warmup, steps=steps, repeats=repeats)
         except Exception as err:  # one broken variant (a compiler failure, say) must not lose the other rows
             traceback.print_exc()
             errors[label] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
-    if naive_label_of(ladder) not in results:
+        if naive_label in results:  # the tables after every row: a run cut short (a time limit) keeps what it measured
+            pending = [v[0] for v in variants[i + 1:]]
+            report = _write_report(config, overrides, out_dir, name, base, device, results, errors, flops, peak,
+                                   ladder, pending, echo=not pending, warmup=warmup, steps=steps, repeats=repeats)
+    if naive_label not in results:
         raise RuntimeError(f"bench train: the baseline failed: {errors}")
-    flops = count_flops(base)
-    peak = bf16_peak_flops() if device.type == "cuda" else None
+    return report
+
+
+def _write_report(config: str, overrides: list[str], out_dir: str | Path, name: str, base: Config,
+                  device: torch.device, results: dict, errors: dict, flops: float, peak: float | None, ladder: bool,
+                  pending: list[str], *, echo: bool, warmup: int, steps: int, repeats: int) -> dict:
+    """bench train's tables from the rows measured so far (``pending``: the variants still to come)."""
     naive_label = naive_label_of(ladder)
     table, summary = [], {}
     for label, rows in results.items():
@@ -207,7 +220,7 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
                         "fused_adamw": t.fused_adamw, "compile": t.compile, "sync_every": t.sync_every},
               "gflops_per_gen_step": flops / 1e9, "bf16_peak_tflops": peak / 1e12 if peak else None,
               "warmup": warmup, "steps": steps, "repeats": repeats, "summary": summary, "results": results,
-              "errors": errors}
+              "errors": errors, "pending": pending}
     share = "; ".join(f"LPIPS share of the gen step ({k.rsplit('_', 1)[1]}): {100 * v:.0f}%"
                       for k, v in summary.items() if k.startswith("lpips"))
     ratio = f"tuned gen / naive gen: {summary['tuned_gen_x_naive']:.2f}x. " if "tuned_gen_x_naive" in summary else ""
@@ -219,7 +232,9 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
             f"Tuned = precision {t.mixed_precision}, channels_last {base.model.channels_last}, fused AdamW "
             f"{t.fused_adamw}, compile {t.compile}, host checks every {t.sync_every} steps. {ratio}{share}. "
             f"Median of {repeats} blocks of {steps} steps after {warmup} warm-up steps; ratios within this run.")
+    if pending:
+        note += f" **Incomplete: still to measure: {'; '.join(pending)}.**"
     write_results(out_dir, name, report, "Train-step throughput", note,
                   ["update", "variant", "images/s per device", "ms/step", "spread", "x naive", "TFLOP/s", "MFU (bf16)"],
-                  table)
+                  table, echo=echo)
     return report
