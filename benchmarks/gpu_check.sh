@@ -210,7 +210,8 @@ step_pytest_gpu() {
     local per_test=()
     "$PY" -c "import pytest_timeout" 2> /dev/null && per_test=(--timeout 75)
     [[ -n $TESTS ]] && per_test+=(-k "$TESTS")
-    "$PY" -m pytest -m gpu -v -rA --tb=line -p no:cacheprovider --continue-on-collection-errors "${per_test[@]}" tests
+    # -o addopts=: not the suite's `-n 2` (pytest-xdist is not on the GPU machine; GPU tests run one at a time)
+    "$PY" -m pytest -o addopts= -m gpu -v -rA --tb=line -p no:cacheprovider --continue-on-collection-errors "${per_test[@]}" tests
     local rc=$?
     ((rc == 5)) && echo "gpu_check: pytest exit 5: no test collected (counted as a failure)"
     return $rc

@@ -3,11 +3,36 @@ and the ``gpu`` marker turning into a skip on machines without CUDA."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two pytest-xdist workers on a 2-core machine: one thread each (and in the processes they start), or
+    # OpenMP's spinning threads oversubscribe the cores and small runs slow down many times over
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Tests that start several processes: they rendezvous on accelerate's fixed port (29500) or submit jobs to the
+# one local SLURM, and test_distributed/test_deepspeed share one session-scoped 2-process run, so under
+# pytest-xdist they all run on one worker, one after another (the scheduler below).
+PROCESS_GROUP = ("tests/test_distributed.py", "tests/test_deepspeed.py", "tests/test_slurm.py",
+                 "tests/test_bench.py::test_bench_scaling_launches_one_and_two_processes")
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: ignored where xdist is not installed
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's load-by-scope scheduling with one scope per test, except PROCESS_GROUP's tests: one scope.
+    (xdist's own ``--dist loadgroup`` marks groups by renaming node ids, which pytest 9.2 no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ProcessTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "processes" if nodeid.startswith(PROCESS_GROUP) else nodeid
+
+    return ProcessTestsTogether(config, log)
 
 
 def pytest_collection_modifyitems(config, items):

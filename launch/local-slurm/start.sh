@@ -6,7 +6,7 @@
 # Env:
 #   LOCAL_SLURM_NODES  number of nodes, named node1..nodeN, all on 127.0.0.1 (default 2)
 #   LOCAL_SLURM_BASE   state, spool, logs and pid files (default /tmp/dist-dejpeg-slurm)
-#   LOCAL_SLURM_CPUS   CPUs declared per node (default: nproc)
+#   LOCAL_SLURM_CPUS   CPUs declared per node (default: the CPUs nproc sees, whatever OMP_NUM_THREADS says)
 #
 # Tuned for fast tests: requeued jobs restart in ~10 s, cores may be shared by up to 4 jobs.
 # Stop with stop.sh (same env).
@@ -14,7 +14,7 @@ set -euo pipefail
 HERE=$(dirname "$(readlink -f "$0")")
 N=${LOCAL_SLURM_NODES:-2}
 BASE=${LOCAL_SLURM_BASE:-/tmp/dist-dejpeg-slurm}
-CPUS=${LOCAL_SLURM_CPUS:-$(nproc)}
+CPUS=${LOCAL_SLURM_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}
 CONF=/etc/slurm/slurm.conf
 HOST=$(hostname -s)
 MARK="# dist-dejpeg-local-slurm"   # tags the generated slurm.conf and our /etc/hosts line
