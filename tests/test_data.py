@@ -508,6 +508,23 @@ def test_loader_moves_batches_to_cuda(sample_shards):
     assert batch["jpeg"].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.gpu
+def test_to_device_queues_the_copy_without_waiting_for_the_gpu():
+    """Handing a batch to the GPU must not block the host behind the kernels already queued (the previous
+    step): that wait was booked as data wait. Pinned crops as the DataLoader gives them, the qualities as a
+    host list as the degrade-ahead thread and DALI give them."""
+    from dist_dejpeg.data.torch_loader import to_device
+
+    crops = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8).pin_memory()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued ahead of the copy
+    out = to_device({"jpeg": crops, "clean": crops, "quality": [10, 20]}, torch.device("cuda"))
+    still_busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert still_busy, "to_device waited for the GPU"
+    assert out["quality"].tolist() == [10, 20] and torch.equal(out["jpeg"].cpu(), crops.float() / 255)
+
+
 # -- batch-level degradation (the torch backend's GPU path) --------------------------------------------------
 def test_batch_degradation_plumbing_matches_worker_degradation(sample_shards):
     """With degrade_batch, workers send clean crops and the consumer degrades; with the libjpeg reference

@@ -304,7 +304,12 @@ def to_device(batch: dict, device: torch.device, channels_last: bool = False) ->
     out = {}
     for key in ("jpeg", "clean"):
         out[key] = batch[key].to(device, non_blocking=True).float().div_(255).contiguous(memory_format=fmt)
-    out["quality"] = torch.as_tensor(batch["quality"], dtype=torch.int64).to(device)
+    quality = torch.as_tensor(batch["quality"], dtype=torch.int64)
+    if device.type == "cuda" and quality.device.type == "cpu" and not quality.is_pinned():
+        # from pageable memory the copy blocks the host until the GPU has run everything queued before it (the
+        # last step): booked as data wait, and the GPU then idles while the host launches the next step
+        quality = quality.pin_memory()
+    out["quality"] = quality.to(device, non_blocking=True)
     return out
 
 
