@@ -619,7 +619,7 @@ def test_420_rebuilt_from_444_round_trips_matches_libjpeg(sample_shards):
     while plain 4:4:4 is 0.3 dB (q10) to 2 dB (q90) off."""
     from functools import partial
 
-    from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cpu, libjpeg_one, subsample_420
+    from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cpu, libjpeg_coder, subsample_420
 
     clean = take(TorchLoader(make_stream(sample_shards), 8, 0, torch.device("cpu")), 1)[0]["clean"]
     clean_u8 = (clean * 255).round().to(torch.uint8)
@@ -630,7 +630,7 @@ def test_420_rebuilt_from_444_round_trips_matches_libjpeg(sample_shards):
     for quality in (10, 40, 90):
         q = torch.full((8,), quality)
         libjpeg = jpeg_roundtrip_cpu(clean_u8, q)
-        rebuilt = subsample_420(clean_u8, q, partial(libjpeg_one, subsampling=0))
+        rebuilt = subsample_420(clean_u8, q, partial(libjpeg_coder, subsampling=0))
         plain = jpeg_roundtrip_cpu(clean_u8, q, subsampling=0)
         gap = psnr(rebuilt, clean_u8) - psnr(libjpeg, clean_u8)
         assert abs(gap) < 0.1, (quality, gap)
@@ -641,46 +641,47 @@ def test_420_rebuilt_from_444_round_trips_matches_libjpeg(sample_shards):
 def test_packed_444_round_trips_equal_one_image_at_a_time(sample_shards, monkeypatch):
     """One round trip per quality on a canvas of the batch's tiles decodes every tile exactly as coding it alone
     (4:4:4 JPEG codes 8 x 8 blocks independently), for mixed tile sizes and when a group is split over several
-    canvases; tiles off the 8-pixel grid are coded one by one. libjpeg's 4:4:4 stands in for nvJPEG."""
+    canvases; tiles off the 8-pixel grid are handed to the coder as they are. libjpeg's 4:4:4 stands in for
+    nvJPEG."""
     from functools import partial
 
     from dist_dejpeg.data import gpu_jpeg
 
     calls = []
+    alone_444 = partial(gpu_jpeg.libjpeg_coder, subsampling=0)
 
-    def one(image, quality):
-        calls.append(tuple(image.shape))
-        return gpu_jpeg.libjpeg_one(image, quality, subsampling=0)
+    def coder(images, quality):
+        calls.append([tuple(image.shape) for image in images])
+        return alone_444(images, quality)
 
     clean = take(TorchLoader(make_stream(sample_shards), 6, 0, CPU), 1)[0]["clean"]
     u8 = (clean * 255).round().to(torch.uint8)
     tiles = list(u8) + [u8[0, :, :32, :48], u8[1, :, 8:40, :16]]
     quality = [10, 50, 10, 10, 50, 90, 10, 50]
-    alone = [gpu_jpeg.libjpeg_one(t, q, subsampling=0) for t, q in zip(tiles, quality)]
-    packed = gpu_jpeg.roundtrip_by_quality(tiles, quality, one)
-    assert len(calls) == 3  # one canvas per quality
+    alone = [alone_444([t], q)[0] for t, q in zip(tiles, quality)]
+    packed = gpu_jpeg.roundtrip_by_quality(tiles, quality, coder)
+    assert len(calls) == 3 and all(len(c) == 1 for c in calls)  # one canvas per quality
     assert all(torch.equal(a, b) for a, b in zip(alone, packed))
     assert not all(torch.equal(a, t) for a, t in zip(alone, tiles))  # the round trip did change them
 
     monkeypatch.setattr(gpu_jpeg, "_MAX_CANVAS", CROP * CROP * 2)  # at most two full tiles per canvas
     calls.clear()
-    split = gpu_jpeg.roundtrip_by_quality(tiles, quality, one)
+    split = gpu_jpeg.roundtrip_by_quality(tiles, quality, coder)
     assert len(calls) > 3 and all(torch.equal(a, b) for a, b in zip(alone, split))
 
-    odd = [u8[0, :, :30, :30], u8[1, :, :30, :30]]  # off the grid: one by one
+    odd = [u8[0, :, :30, :30], u8[1, :, :30, :30]]  # off the grid: as they are, not on a canvas
     calls.clear()
-    assert all(torch.equal(a, gpu_jpeg.libjpeg_one(t, 20, subsampling=0))
-               for a, t in zip(gpu_jpeg.roundtrip_by_quality(odd, [20, 20], one), odd))
-    assert calls == [(3, 30, 30), (3, 30, 30)]
+    assert all(torch.equal(a, alone_444([t], 20)[0])
+               for a, t in zip(gpu_jpeg.roundtrip_by_quality(odd, [20, 20], coder), odd))
+    assert calls == [[(3, 30, 30), (3, 30, 30)]]
 
     q = torch.tensor([10, 40, 10, 40, 90, 90])
-    assert torch.equal(gpu_jpeg.subsample_420(u8, q, partial(gpu_jpeg.libjpeg_one, subsampling=0)),
-                       gpu_jpeg.subsample_420(u8, q, partial(gpu_jpeg.libjpeg_one, subsampling=0), pack=False))
+    assert torch.equal(gpu_jpeg.subsample_420(u8, q, alone_444), gpu_jpeg.subsample_420(u8, q, alone_444, pack=False))
 
 
 @pytest.mark.gpu
 def test_nvjpeg_packed_matches_image_by_image(sample_shards):
-    """nvJPEG on one canvas per quality gives the pixels of nvJPEG image by image (printed: how many differ;
+    """nvJPEG on one canvas per quality gives the pixels of nvJPEG on the images as a list (printed: how many differ;
     the decoder may pick another backend for a large canvas, so +-1 level is allowed, no more)."""
     from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cuda
 

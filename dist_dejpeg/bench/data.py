@@ -21,14 +21,13 @@ rows measured in this one run.
 
 from __future__ import annotations
 
-from functools import partial
-
 import multiprocessing as mp
 import os
 import re
 import shutil
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +122,7 @@ def _loader_rows(tag: str, root: Path, crop: int, batch: int, threads: int, batc
         from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cuda
 
         gpu = torch.device("cuda", 0)
-        for label, pack in (("", True), (", image by image", False)):
+        for label, pack in (("", True), (", images as a list", False)):
             rows[f"torch loader + nvJPEG on GPU{label} [{tag}]"] = rate(
                 TorchLoader(stream(), batch, threads, gpu, degrade_batch=partial(jpeg_roundtrip_cuda, pack=pack)),
                 batch, batches, warmup, gpu)

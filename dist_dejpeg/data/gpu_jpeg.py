@@ -31,45 +31,40 @@ _RGB = torch.linalg.inv(_YCC)
 _NVJPEG_SUBSAMPLING: dict[str, int] = {}  # device -> PIL's get_sampling code of nvJPEG's output (0: 4:4:4, 2: 4:2:0)
 
 
-# one round trip of one image (3 x H x W uint8) at one quality -> the decoded image, same shape and device
-CanvasRoundTrip = Callable[[torch.Tensor, int], torch.Tensor]
+# round trips of images (each 3 x H x W uint8) at one quality -> the decoded images, same shapes and device
+RoundTrip = Callable[[list[torch.Tensor], int], list[torch.Tensor]]
 
 _BLOCK = 8  # a 4:4:4 JPEG codes 8 x 8 blocks independently (no chroma upsampling across them)
 _MAX_CANVAS = 1 << 24  # pixels per packed canvas (4096^2): far below JPEG's 65535 px per side
 
 
-def _nvjpeg_one(image: torch.Tensor, quality: int, device_sync: bool = False) -> torch.Tensor:
-    """nvJPEG round trip of one image as the encoder writes it. ``device_sync``: synchronize the whole device
-    around the encode and the decode. torchvision's cached nvJPEG encoder runs on a stream of its own and
-    copies the bytes out on the legacy default stream; neither is ordered against a side stream, so called
-    from the loader's degrade-ahead thread the bytes were read back before the encoder had written them
-    ("Failed to get image info", seen on an H100). A device-wide sync in that thread blocks only the thread."""
+def _nvjpeg_coder(images: list[torch.Tensor], quality: int, device_sync: bool = False) -> list[torch.Tensor]:
+    """nvJPEG round trip of images at one quality, as the encoder writes them: one encode and one decode call.
+    ``device_sync``: synchronize the whole device around the encode and the decode. torchvision's cached
+    nvJPEG encoder runs on a stream of its own and copies the bytes out on the legacy default stream; neither
+    is ordered against a side stream, so called from the loader's degrade-ahead thread the bytes were read
+    back before the encoder had written them ("Failed to get image info", seen on an H100). A device-wide sync
+    in that thread blocks only the thread."""
     from torchvision.io import decode_jpeg, encode_jpeg
 
+    device = images[0].device
     if device_sync:
-        torch.cuda.synchronize(image.device)
-    encoded = encode_jpeg(image.contiguous(), quality=int(quality))
+        torch.cuda.synchronize(device)
+    encoded = encode_jpeg([image.contiguous() for image in images], quality=int(quality))
     if device_sync:
-        torch.cuda.synchronize(image.device)
-    # nvJPEG's encoder leaves the bytes on the GPU; the decoder takes them from the host (a few KB)
-    decoded = decode_jpeg(encoded.cpu(), device=image.device)
+        torch.cuda.synchronize(device)
+    # nvJPEG's encoder leaves the bytes on the GPU; the decoder takes them from the host (a few KB each)
+    decoded = decode_jpeg([data.cpu() for data in encoded], device=device)
     if device_sync:
-        torch.cuda.synchronize(image.device)
+        torch.cuda.synchronize(device)
     return decoded
 
 
-def libjpeg_one(image: torch.Tensor, quality: int, subsampling: int = -1) -> torch.Tensor:
-    """libjpeg's (PIL's) round trip of one image; ``subsampling``: PIL's code (-1: its default, 4:2:0; 0: 4:4:4)."""
-    from PIL import Image
-
-    rgb = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
-    if subsampling == -1:
-        out = jpeg_roundtrip(rgb, int(quality))
-    else:
-        buf = io.BytesIO()
-        Image.fromarray(rgb).save(buf, format="JPEG", quality=int(quality), subsampling=subsampling)
-        out = np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-    return torch.from_numpy(out).permute(2, 0, 1).to(image.device)
+def libjpeg_coder(images: list[torch.Tensor], quality: int, subsampling: int = -1) -> list[torch.Tensor]:
+    """libjpeg's (PIL's) round trip of images at one quality, one by one; ``subsampling``: PIL's code (-1: its
+    default, 4:2:0; 0: 4:4:4)."""
+    return [torch.from_numpy(jpeg_roundtrip(np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()), quality,
+                                            subsampling)).permute(2, 0, 1).to(image.device) for image in images]
 
 
 def _packable(tiles: list[torch.Tensor]) -> bool:
@@ -89,8 +84,8 @@ def _shelf_places(sizes: list[tuple[int, int]], width: int) -> tuple[list[tuple[
     return places, y + shelf
 
 
-def packed_roundtrip(tiles: list[torch.Tensor], quality: int, one: CanvasRoundTrip) -> list[torch.Tensor]:
-    """One round trip (``one``) of many tiles at one quality, laid out on one canvas: a 4:4:4 JPEG codes every
+def packed_roundtrip(tiles: list[torch.Tensor], quality: int, coder: RoundTrip) -> list[torch.Tensor]:
+    """One round trip (``coder``) of many tiles at one quality, laid out on one canvas: a 4:4:4 JPEG codes every
     8 x 8 block on its own, so with every tile's size and place on the 8-pixel grid each tile decodes exactly
     as if it had been coded alone (tests/test_data.py checks it pixel for pixel with libjpeg). One nvJPEG call
     per quality instead of one per image: torchvision encodes image by image, each with two host syncs."""
@@ -99,27 +94,27 @@ def packed_roundtrip(tiles: list[torch.Tensor], quality: int, one: CanvasRoundTr
     if len(tiles) == 1 or area > _MAX_CANVAS:
         if len(tiles) > 1:  # split in halves until each canvas fits
             half = len(tiles) // 2
-            return packed_roundtrip(tiles[:half], quality, one) + packed_roundtrip(tiles[half:], quality, one)
-        return [one(tiles[0], quality)]
+            return packed_roundtrip(tiles[:half], quality, coder) + packed_roundtrip(tiles[half:], quality, coder)
+        return coder(tiles, quality)
     # about square: nvJPEG and libjpeg both take either, but a square canvas wastes less on the last shelf
     width = max(max(w for _, w in sizes), -(-int(area ** 0.5) // _BLOCK) * _BLOCK)
     places, height = _shelf_places(sizes, width)
     canvas = tiles[0].new_zeros(3, height, width)
     for t, (y, x), (h, w) in zip(tiles, places, sizes):
         canvas[:, y:y + h, x:x + w] = t
-    out = one(canvas, quality)
+    out = coder([canvas], quality)[0]
     return [out[:, y:y + h, x:x + w] for (y, x), (h, w) in zip(places, sizes)]
 
 
-def roundtrip_by_quality(tiles: list[torch.Tensor], quality: list[int], one: CanvasRoundTrip,
+def roundtrip_by_quality(tiles: list[torch.Tensor], quality: list[int], coder: RoundTrip,
                          pack: bool = True) -> list[torch.Tensor]:
     """Each tile's round trip at its own quality: tiles grouped by quality, each group packed on one canvas
-    (``pack`` and 8-aligned sizes; only valid where ``one`` writes 4:4:4) or coded tile by tile."""
+    (``pack`` and 8-aligned sizes; only valid where ``coder`` writes 4:4:4) or handed to ``coder`` as a list."""
     out: list[torch.Tensor | None] = [None] * len(tiles)
     for q in sorted(set(quality)):
         index = [i for i, qi in enumerate(quality) if qi == q]
         group = [tiles[i] for i in index]
-        decoded = packed_roundtrip(group, q, one) if pack and _packable(group) else [one(t, q) for t in group]
+        decoded = packed_roundtrip(group, q, coder) if pack and _packable(group) else coder(group, q)
         for i, d in zip(index, decoded):
             out[i] = d
     return out  # type: ignore[return-value]
@@ -142,14 +137,14 @@ def nvjpeg_subsampling(device: torch.device) -> int:
     return _NVJPEG_SUBSAMPLING[key]
 
 
-def subsample_420(images: torch.Tensor, quality: torch.Tensor, one: CanvasRoundTrip, pack: bool = True) -> torch.Tensor:
-    """libjpeg's 4:2:0 round trip built from 4:4:4 ones (``one(image, quality)``, see roundtrip_by_quality):
+def subsample_420(images: torch.Tensor, quality: torch.Tensor, coder: RoundTrip, pack: bool = True) -> torch.Tensor:
+    """libjpeg's 4:2:0 round trip built from 4:4:4 ones (``coder(images, quality)``, see roundtrip_by_quality):
     luma of the full-size round trip, chroma of the 2 x 2 box-averaged one, upsampled bilinearly; both sizes at
     one quality share a canvas. N x 3 x H x W uint8."""
     n, (h, w) = images.shape[0], images.shape[-2:]
     half = F.avg_pool2d(images.float(), 2, ceil_mode=True).round_().clamp_(0, 255).to(torch.uint8)
     qs = [int(q) for q in quality.cpu().tolist()]  # the loader hands over its CPU copy: no device sync
-    decoded = roundtrip_by_quality(list(images) + list(half), qs + qs, one, pack)
+    decoded = roundtrip_by_quality(list(images) + list(half), qs + qs, coder, pack)
     full, half = torch.stack(decoded[:n]), torch.stack(decoded[n:])
     ycc, rgb = _YCC.to(images.device), _RGB.to(images.device)
     luma = torch.einsum("j,njhw->nhw", ycc[0], full.float())[:, None]
@@ -163,17 +158,18 @@ def jpeg_roundtrip_cuda(images: torch.Tensor, quality: torch.Tensor, device_sync
                         pack: bool = True) -> torch.Tensor:
     """images: N x 3 x H x W uint8 on a CUDA device; quality: N ints. Returns the decoded JPEGs, same shape,
     with libjpeg's 4:2:0 chroma subsampling whatever nvJPEG writes (see the module docstring). ``device_sync``:
-    for calls from a thread on a side stream (see _nvjpeg_one); ``pack``: one nvJPEG round trip per quality on
-    a canvas of the batch's tiles (see packed_roundtrip) instead of one per image."""
-    one = partial(_nvjpeg_one, device_sync=device_sync)
+    for calls from a thread on a side stream (see _nvjpeg_coder); ``pack``: one nvJPEG round trip per quality on a
+    canvas of the batch's tiles (see packed_roundtrip) instead of the images as a list (nvJPEG codes the list
+    image by image)."""
+    coder = partial(_nvjpeg_coder, device_sync=device_sync)
     if nvjpeg_subsampling(images.device) == 2:  # already 4:2:0: tiles would share chroma across their edges
         qs = [int(q) for q in quality.cpu().tolist()]
-        return torch.stack(roundtrip_by_quality(list(images), qs, one, pack=False))
-    return subsample_420(images, quality, one, pack)
+        return torch.stack(roundtrip_by_quality(list(images), qs, coder, pack=False))
+    return subsample_420(images, quality, coder, pack)
 
 
 def jpeg_roundtrip_cpu(images: torch.Tensor, quality: torch.Tensor, subsampling: int = -1) -> torch.Tensor:
     """The same contract with libjpeg (PIL), one image at a time: the reference for the CUDA path.
     ``subsampling``: PIL's code (-1: its default, 4:2:0; 0: 4:4:4)."""
-    out = [libjpeg_one(img, int(q), subsampling) for img, q in zip(images, quality)]
+    out = [libjpeg_coder([img], int(q), subsampling)[0] for img, q in zip(images, quality)]
     return torch.stack(out).contiguous().to(images.device)

@@ -56,10 +56,11 @@ def decode_rgb8(data: bytes) -> np.ndarray:
         raise BadImage(f"{type(err).__name__}: {err}") from None
 
 
-def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
-    """Encode with libjpeg at ``quality`` (PIL defaults: 4:2:0 chroma subsampling) and decode again."""
+def jpeg_roundtrip(rgb: np.ndarray, quality: int, subsampling: int = -1) -> np.ndarray:
+    """Encode with libjpeg at ``quality`` and decode again. ``subsampling``: PIL's code (-1: its default,
+    4:2:0 chroma subsampling; 0: 4:4:4)."""
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=int(quality))
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=int(quality), subsampling=subsampling)
     return np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
 
 
