@@ -283,9 +283,10 @@ prepare_288() {  # the sample photos in 288 px tiles (256 px crops), once per ch
 
 step_data_wait() {
     # The share of the gen step spent waiting for data on the torch loader, side by side in one check (150 gen
-    # steps each): nvJPEG on each quality's images as a list, degraded ahead (the defaults before packing);
-    # nvJPEG with one round trip per quality on a canvas of the batch's tiles, ahead (the defaults) and inline;
-    # libjpeg in the 8 workers.
+    # steps each): nvJPEG with one round trip per quality on a canvas of the batch's tiles, degraded ahead, the
+    # training on a CUDA stream of its own (the defaults) and on stream 0 (train.cuda_stream=false, where the
+    # degrade thread's wait for nvJPEG's bytes also waits for the queued steps); nvJPEG on each quality's images
+    # as a list (the defaults before packing); libjpeg in the 8 workers.
     local config=configs/div2k.yaml steps=150 common
     common=(data.auto_prepare=none model.pretrained=false loss.lpips_pretrained=false data.crop=256
             train.compile=false data.num_workers=8 data.val_crop=256 data.val_max_images=8 train.mixed_precision=bf16
@@ -300,10 +301,10 @@ step_data_wait() {
         prepare_288 || exit $?
     fi
     local variant name overrides names=()
-    local variants=("list-ahead|data.gpu_jpeg=true data.gpu_jpeg_pack=false data.gpu_jpeg_ahead=2"
-                    "packed-ahead|data.gpu_jpeg=true data.gpu_jpeg_pack=true data.gpu_jpeg_ahead=2"
-                    "cpu-workers|data.gpu_jpeg=false"
-                    "packed-inline|data.gpu_jpeg=true data.gpu_jpeg_pack=true data.gpu_jpeg_ahead=0")
+    local variants=("packed-ahead|data.gpu_jpeg=true data.gpu_jpeg_pack=true data.gpu_jpeg_ahead=2"
+                    "packed-ahead-stream0|data.gpu_jpeg=true data.gpu_jpeg_pack=true data.gpu_jpeg_ahead=2 train.cuda_stream=false"
+                    "list-ahead|data.gpu_jpeg=true data.gpu_jpeg_pack=false data.gpu_jpeg_ahead=2"
+                    "cpu-workers|data.gpu_jpeg=false")
     # without CUDA they differ in nothing (no GPU degradation): the flow runs once
     ((QUICK || !HAVE_CUDA)) && variants=("packed-ahead|data.gpu_jpeg=true")
     for variant in "${variants[@]}"; do

@@ -137,6 +137,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the generator and critic (eager, with a warning, where compiling fails)
     fused_adamw: bool = True  # fused AdamW kernel (CUDA and CPU; one kernel per step); DeepSpeed keeps its own
     sync_every: int = 25  # steps between host reads of the non-finite and stop flags on CUDA (1: every step)
+    cuda_stream: bool = True  # CUDA: train on a stream of its own, not stream 0 (where nvJPEG copies out; see trainer)
     deepspeed_stage: int = 0  # ZeRO stage for both models via Accelerate's DeepSpeed (one plugin per model); 0: plain DDP
 
 

@@ -571,21 +571,50 @@ def test_grouped_qualities_run_ahead_and_exact_resume(sample_shards, num_workers
     assert [batches_equal(x, y) for x, y in zip(tail, inline[4:])] == [True] * 3
 
 
-@pytest.mark.gpu
-def test_nvjpeg_run_ahead_on_a_side_stream_matches_inline(sample_shards):
+def _nvjpeg_loader(sample_shards, ahead: int, workers: int = 2):
     from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cuda
 
-    from functools import partial
+    return TorchLoader(make_stream(sample_shards, seed=2, num_workers=workers), 8, workers, torch.device("cuda"),
+                       degrade_batch=jpeg_roundtrip_cuda, quality_groups=3, run_ahead=ahead)
 
-    def new_loader(ahead, workers=0):
-        return TorchLoader(make_stream(sample_shards, seed=2, num_workers=workers), 8, workers, torch.device("cuda"),
-                           degrade_batch=partial(jpeg_roundtrip_cuda, device_sync=ahead > 0), quality_groups=3,
-                           run_ahead=ahead)
 
-    inline, ahead = take(new_loader(0, 2), 12), take(new_loader(2, 2), 12)
+@pytest.mark.gpu
+@pytest.mark.parametrize("training_stream", ["default", "own"])
+def test_nvjpeg_run_ahead_on_a_side_stream_matches_inline(sample_shards, training_stream):
+    """Degraded ahead in a thread while the GPU is busy with queued work on the training's stream (the default
+    stream, or a stream of its own as the trainer uses on CUDA), the batches equal those degraded inline on an
+    idle GPU: torchvision's encoder reads and writes on streams of its own (see gpu_jpeg._nvjpeg_coder)."""
+    inline = take(_nvjpeg_loader(sample_shards, 0), 12)
+    stream = torch.cuda.Stream() if training_stream == "own" else torch.cuda.default_stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        batches = iter(_nvjpeg_loader(sample_shards, 2))
+        ahead = []
+        for _ in range(12):
+            torch.cuda._sleep(20_000_000)  # ~10 ms of "training" queued before each batch is taken
+            ahead.append(next(batches))
+        torch.cuda.synchronize()
     for a, b in zip(inline, ahead):
         assert b["jpeg"].device.type == "cuda" and torch.equal(a["quality"], b["quality"])
         assert torch.equal(a["jpeg"], b["jpeg"]) and torch.equal(a["clean"], b["clean"])
+
+
+@pytest.mark.gpu
+def test_degrading_ahead_does_not_wait_for_a_training_on_its_own_stream(sample_shards):
+    """The degrade-ahead thread's nvJPEG round trips wait for their own stream and stream 0 only: with the
+    training's work queued on a stream of its own, batches keep coming while that work runs. (A device-wide
+    sync there waited for every queued training step, and the trainer then waited for data.)"""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        batches = iter(_nvjpeg_loader(sample_shards, 2))
+        next(batches)  # workers started, nvJPEG initialised
+        torch.cuda.synchronize()
+        torch.cuda._sleep(10_000_000_000)  # several seconds of GPU time queued on the training's stream
+        got = [next(batches) for _ in range(4)]
+        still_busy = not stream.query()
+        torch.cuda.synchronize()
+    assert still_busy, "the degrade-ahead thread waited for the training's stream"
+    assert all(b["jpeg"].device.type == "cuda" for b in got)
 
 
 def test_run_ahead_hands_a_worker_error_to_the_trainer(sample_shards):

@@ -327,7 +327,11 @@ def test_fast_path_trains_all_phases_on_cuda(tmp_path, shards):
     t = Trainer(cuda_fast(tmp_path, shards, "train.compile=false"))
     assert t.accelerator.device.type == "cuda" and t.fused and t.flags is not None
     before = params(t.gen_raw)
+    streams, fit = [], t._fit
+    t._fit = lambda: streams.append(torch.cuda.current_stream()) or fit()
     results = t.fit()
+    assert streams[0] != torch.cuda.default_stream(), "train.cuda_stream: the run on a stream of its own"
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
     after = params(t.gen_raw)
     assert changed(before, after), "the generator trained"
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())

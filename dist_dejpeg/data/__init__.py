@@ -53,7 +53,7 @@ def build_train_loader(cfg: Config, rank: int, world: int, device: torch.device)
 
         from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cuda
 
-        degrade = partial(jpeg_roundtrip_cuda, device_sync=d.gpu_jpeg_ahead > 0, pack=d.gpu_jpeg_pack)
+        degrade = partial(jpeg_roundtrip_cuda, pack=d.gpu_jpeg_pack)
     return TorchLoader(stream, d.batch_size, d.num_workers, device, channels_last=cfg.model.channels_last,
                        degrade_batch=degrade, prefetch_factor=d.prefetch_factor, pin_memory=d.pin_memory,
                        quality_groups=d.gpu_jpeg_qualities, run_ahead=d.gpu_jpeg_ahead)

@@ -17,7 +17,6 @@ pixels (tests/test_data.py).
 from __future__ import annotations
 
 import io
-from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -38,26 +37,32 @@ _BLOCK = 8  # a 4:4:4 JPEG codes 8 x 8 blocks independently (no chroma upsamplin
 _MAX_CANVAS = 1 << 24  # pixels per packed canvas (4096^2): far below JPEG's 65535 px per side
 
 
-def _nvjpeg_coder(images: list[torch.Tensor], quality: int, device_sync: bool = False) -> list[torch.Tensor]:
-    """nvJPEG round trip of images at one quality, as the encoder writes them: one encode and one decode call.
-    ``device_sync``: synchronize the whole device around the encode and the decode. torchvision's cached
-    nvJPEG encoder runs on a stream of its own and copies the bytes out on the legacy default stream; neither
-    is ordered against a side stream, so called from the loader's degrade-ahead thread the bytes were read
-    back before the encoder had written them ("Failed to get image info", seen on an H100). A device-wide sync
-    in that thread blocks only the thread."""
-    from torchvision.io import decode_jpeg, encode_jpeg
+def _nvjpeg_encode(images: list[torch.Tensor], quality: int) -> list[torch.Tensor]:
+    """torchvision's nvJPEG encode of images (3 x H x W uint8, one device), the bytes on that device and written.
+
+    Streams (torchvision's encode_jpegs_cuda.cpp): the cached encoder reads the images on a pool stream of its
+    own, not ordered after the caller's stream, and copies the bytes out on the legacy default stream (stream 0),
+    not ordered before it. So the caller's stream is synchronized before the encode (its images must be written)
+    and stream 0 after it. Both waits are per stream: called from the loader's degrade-ahead thread they wait for
+    that thread's work and for stream 0, never for a training that runs on a stream of its own
+    (``train.cuda_stream``). The previous device-wide syncs waited for every queued training step."""
+    from torchvision.io import encode_jpeg
 
     device = images[0].device
-    if device_sync:
-        torch.cuda.synchronize(device)
-    encoded = encode_jpeg([image.contiguous() for image in images], quality=int(quality))
-    if device_sync:
-        torch.cuda.synchronize(device)
+    images = [image.contiguous() for image in images]
+    torch.cuda.current_stream(device).synchronize()
+    encoded = encode_jpeg(images, quality=int(quality))
+    torch.cuda.default_stream(device).synchronize()
+    return encoded
+
+
+def _nvjpeg_coder(images: list[torch.Tensor], quality: int) -> list[torch.Tensor]:
+    """nvJPEG round trip of images at one quality, as the encoder writes them: one encode and one decode call.
+    The decoder synchronizes its own stream and orders the caller's stream after it (decode_jpegs_cuda.cpp)."""
+    from torchvision.io import decode_jpeg
+
     # nvJPEG's encoder leaves the bytes on the GPU; the decoder takes them from the host (a few KB each)
-    decoded = decode_jpeg([data.cpu() for data in encoded], device=device)
-    if device_sync:
-        torch.cuda.synchronize(device)
-    return decoded
+    return decode_jpeg([data.cpu() for data in _nvjpeg_encode(images, quality)], device=images[0].device)
 
 
 def libjpeg_coder(images: list[torch.Tensor], quality: int, subsampling: int = -1) -> list[torch.Tensor]:
@@ -130,10 +135,8 @@ def nvjpeg_subsampling(device: torch.device) -> int:
     """PIL's sampling code of what nvJPEG writes on ``device`` (0: 4:4:4, 1: 4:2:2, 2: 4:2:0), probed once."""
     key = str(device)
     if key not in _NVJPEG_SUBSAMPLING:
-        from torchvision.io import encode_jpeg
-
         probe = torch.zeros(3, 16, 16, dtype=torch.uint8, device=device)
-        _NVJPEG_SUBSAMPLING[key] = _sampling_of(bytes(encode_jpeg(probe, quality=75).cpu().numpy()))
+        _NVJPEG_SUBSAMPLING[key] = _sampling_of(bytes(_nvjpeg_encode([probe], 75)[0].cpu().numpy()))
     return _NVJPEG_SUBSAMPLING[key]
 
 
@@ -154,14 +157,12 @@ def subsample_420(images: torch.Tensor, quality: torch.Tensor, coder: RoundTrip,
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def jpeg_roundtrip_cuda(images: torch.Tensor, quality: torch.Tensor, device_sync: bool = False,
-                        pack: bool = True) -> torch.Tensor:
+def jpeg_roundtrip_cuda(images: torch.Tensor, quality: torch.Tensor, pack: bool = True) -> torch.Tensor:
     """images: N x 3 x H x W uint8 on a CUDA device; quality: N ints. Returns the decoded JPEGs, same shape,
-    with libjpeg's 4:2:0 chroma subsampling whatever nvJPEG writes (see the module docstring). ``device_sync``:
-    for calls from a thread on a side stream (see _nvjpeg_coder); ``pack``: one nvJPEG round trip per quality on a
-    canvas of the batch's tiles (see packed_roundtrip) instead of the images as a list (nvJPEG codes the list
-    image by image)."""
-    coder = partial(_nvjpeg_coder, device_sync=device_sync)
+    with libjpeg's 4:2:0 chroma subsampling whatever nvJPEG writes (see the module docstring). ``pack``: one nvJPEG
+    round trip per quality on a canvas of the batch's tiles (see packed_roundtrip) instead of the images as a list
+    (nvJPEG codes the list image by image)."""
+    coder = _nvjpeg_coder
     if nvjpeg_subsampling(images.device) == 2:  # already 4:2:0: tiles would share chroma across their edges
         qs = [int(q) for q in quality.cpu().tolist()]
         return torch.stack(roundtrip_by_quality(list(images), qs, coder, pack=False))

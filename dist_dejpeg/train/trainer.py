@@ -479,9 +479,28 @@ class Trainer:
         """Run the remaining phases, then the final validation; returns the final metrics. The run folder's
         lock is released at the end, however the run ends."""
         try:
-            return self._fit()
+            with self._training_stream():
+                return self._fit()
         finally:
             self.lock.release()
+
+    @contextlib.contextmanager
+    def _training_stream(self):
+        """On CUDA with ``train.cuda_stream``: the run's device work goes on a stream of its own instead of the
+        default (legacy) stream 0, where torchvision's nvJPEG encoder copies out its bytes. The loader's
+        degrade-ahead thread waits for stream 0 after each encode (gpu_jpeg._nvjpeg_encode): with the training
+        on stream 0 that wait lasted until every queued step had run, and the next batch was late."""
+        device = self.accelerator.device
+        if device.type != "cuda" or not self.cfg.train.cuda_stream:
+            yield
+            return
+        default, stream = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+        stream.wait_stream(default)  # the models, optimizers and any resumed state were written on stream 0
+        try:
+            with torch.cuda.stream(stream):
+                yield
+        finally:
+            default.wait_stream(stream)
 
     def _fit(self) -> dict:
         acc, cfg = self.accelerator, self.cfg
