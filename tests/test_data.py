@@ -516,6 +516,9 @@ def test_to_device_queues_the_copy_without_waiting_for_the_gpu():
     from dist_dejpeg.data.torch_loader import to_device
 
     crops = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8).pin_memory()
+    # once first, as in training: the first launch of each kernel loads its module, and with CUDA's lazy loading
+    # that may wait for the device (seen on an H100); the pinned host memory is cached from then on too
+    to_device({"jpeg": crops, "clean": crops, "quality": [10, 20]}, torch.device("cuda"))
     torch.cuda.synchronize()
     torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued ahead of the copy
     out = to_device({"jpeg": crops, "clean": crops, "quality": [10, 20]}, torch.device("cuda"))

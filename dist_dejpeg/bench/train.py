@@ -71,8 +71,11 @@ def _phase(cfg: Config, kind: str):
     return next((p for p in cfg.train.phases.values() if p.kind == kind), None)
 
 
-def _rows_for(cfg: Config) -> list[tuple[str, str, object]]:
-    """(update name, turn, phase) of each update this config trains."""
+UPDATES = {"gen": ("gen", "gen without LPIPS"), "critic": ("critic",), "gan": ("gan generator turn",)}
+
+
+def _rows_for(cfg: Config, updates: tuple[str, ...] = tuple(UPDATES)) -> list[tuple[str, str, object]]:
+    """(update name, turn, phase) of each of ``updates`` (keys of UPDATES) that this config trains."""
     gen, critic, gan = _phase(cfg, "gen"), _phase(cfg, "critic"), _phase(cfg, "gan")
     rows = [("gen", "gen", gen)]
     if gen is not None and gen.w_lpips > 0:
@@ -83,7 +86,8 @@ def _rows_for(cfg: Config) -> list[tuple[str, str, object]]:
         rows.append(("critic", "critic", critic))
     if gan is not None:
         rows.append(("gan generator turn", "gen", gan))
-    return [r for r in rows if r[2] is not None]
+    names = {name for u in updates for name in UPDATES[u]}
+    return [r for r in rows if r[2] is not None and r[0] in names]
 
 
 def count_flops(cfg: Config) -> float:
@@ -151,10 +155,12 @@ def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: i
 
 
 def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int = 3, steps: int = 10,
-        repeats: int = 3, ladder: bool = True, name: str = "train") -> dict:
+        repeats: int = 3, ladder: bool = True, updates: tuple[str, ...] = tuple(UPDATES), name: str = "train") -> dict:
     base = load_config(config, list(overrides) + ["train.progress=false"])
     device = _device(base)
-    rows_all = _rows_for(base)
+    if ladder and "gen" not in updates:
+        raise ValueError("bench train: the ladder times the gen update; add gen to --updates or use --no-ladder")
+    rows_all = _rows_for(base, updates)
     gen_rows = [r for r in rows_all if r[0].startswith("gen")]
     results: dict[str, dict[str, dict]] = {}
     naive_cfg, done = _with(base, NAIVE), {}
