@@ -511,17 +511,18 @@ def test_loader_moves_batches_to_cuda(sample_shards):
 @pytest.mark.gpu
 def test_to_device_queues_the_copy_without_waiting_for_the_gpu():
     """Handing a batch to the GPU must not block the host behind the kernels already queued (the previous
-    step): that wait was booked as data wait. Pinned crops as the DataLoader gives them, the qualities as a
-    host list as the degrade-ahead thread and DALI give them."""
+    step): that wait was booked as data wait. Crops and qualities pinned, as the DataLoader gives them (the
+    degrade-ahead thread hands its qualities over on the GPU already)."""
     from dist_dejpeg.data.torch_loader import to_device
 
     crops = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8).pin_memory()
+    batch = {"jpeg": crops, "clean": crops, "quality": torch.tensor([10, 20]).pin_memory()}
     # once first, as in training: the first launch of each kernel loads its module, and with CUDA's lazy loading
-    # that may wait for the device (seen on an H100); the pinned host memory is cached from then on too
-    to_device({"jpeg": crops, "clean": crops, "quality": [10, 20]}, torch.device("cuda"))
+    # that may wait for the device
+    to_device(batch, torch.device("cuda"))
     torch.cuda.synchronize()
     torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued ahead of the copy
-    out = to_device({"jpeg": crops, "clean": crops, "quality": [10, 20]}, torch.device("cuda"))
+    out = to_device(batch, torch.device("cuda"))
     still_busy = not torch.cuda.current_stream().query()
     torch.cuda.synchronize()
     assert still_busy, "to_device waited for the GPU"

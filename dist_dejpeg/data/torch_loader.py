@@ -231,7 +231,13 @@ class TorchLoader:
             levels = rng.integers(self.stream.qmin, self.stream.qmax + 1, size=self.quality_groups)
             quality = torch.as_tensor(levels[np.arange(len(quality)) % self.quality_groups], dtype=torch.int64)
         clean = batch["clean"].to(self.device, non_blocking=True)
-        return dict(batch, clean=clean, quality=quality, jpeg=self.degrade_batch(clean, quality))
+        jpeg = self.degrade_batch(clean, quality)
+        if self.device.type == "cuda":
+            # here, not in to_device: in the degrade-ahead thread this copy from pageable memory waits for the
+            # thread's own stream only, and no page-locked memory is allocated per batch (pin_memory), which an
+            # H100 check suggests can wait for the whole device
+            quality = quality.to(self.device)
+        return dict(batch, clean=clean, quality=quality, jpeg=jpeg)
 
     def _ahead(self, loader, index: int) -> Iterator[dict]:
         """Degrade up to ``run_ahead`` batches ahead in a thread (its own CUDA stream on a GPU)."""
@@ -280,7 +286,7 @@ class TorchLoader:
                 if event is not None:  # the device waits for the side stream; the host does not
                     main = torch.cuda.current_stream(self.device)
                     main.wait_event(event)
-                    for key in ("clean", "jpeg"):
+                    for key in ("clean", "jpeg", "quality"):
                         out[key].record_stream(main)
                 self._took(out)
                 yield to_device(out, self.device, self.channels_last)
@@ -307,7 +313,8 @@ def to_device(batch: dict, device: torch.device, channels_last: bool = False) ->
     quality = torch.as_tensor(batch["quality"], dtype=torch.int64)
     if device.type == "cuda" and quality.device.type == "cpu" and not quality.is_pinned():
         # from pageable memory the copy blocks the host until the GPU has run everything queued before it (the
-        # last step): booked as data wait, and the GPU then idles while the host launches the next step
+        # last step). The DataLoader pins its batches and the degrade-ahead thread hands its qualities over on
+        # the GPU; a pinned copy here allocates page-locked memory, which may wait too (seen on an H100)
         quality = quality.pin_memory()
     out["quality"] = quality.to(device, non_blocking=True)
     return out
