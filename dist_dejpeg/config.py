@@ -135,6 +135,7 @@ class TrainConfig:
     auto_resume: bool = True  # continue from the newest checkpoint in run_dir when there is one (requeued jobs)
     dist_timeout_s: int = 900  # a collective that waits longer fails the run instead of hanging (dead rank)
     compile: bool = False  # torch.compile the generator and critic (eager, with a warning, where compiling fails)
+    compile_cache: str = "compile_cache"  # inductor's cache folder, relative to run_dir (a requeued run reuses it); '': its /tmp default
     fused_adamw: bool = True  # fused AdamW kernel (CUDA and CPU; one kernel per step); DeepSpeed keeps its own
     sync_every: int = 25  # steps between host reads of the non-finite and stop flags on CUDA (1: every step)
     cuda_stream: bool = True  # CUDA: train on a stream of its own, not stream 0 (where nvJPEG copies out; see trainer)

@@ -4,6 +4,7 @@ stop rule, exact resume, the NaN stop, and the files an end-to-end run leaves be
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -285,6 +286,38 @@ def test_data_wait_fraction_is_logged(tmp_path, shards):
     t.fit()
     fracs = [v for (k, _), v in logged.items() if k == "train/data_wait_frac"]
     assert len(fracs) == 2 and all(0.0 <= f <= 1.0 for f in fracs)
+
+
+@pytest.mark.parametrize("setting", ["default", "empty", "user"])
+def test_compiled_kernels_are_cached_in_the_run_folder(tmp_path, shards, monkeypatch, setting):
+    """When compiling starts, inductor's cache is the run folder's compile_cache (a requeued run finds its
+    kernels there); with train.compile_cache='' inductor's own default; a TORCHINDUCTOR_CACHE_DIR the user set
+    before the run is left alone."""
+    seen = []
+
+    def recording_backend(graph_module, example_inputs):  # what inductor would read, at the moment it compiles
+        seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        return graph_module.forward
+
+    monkeypatch.setattr(trainer_mod, "COMPILE_BACKEND", recording_backend)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    overrides = ["train.compile_cache=''"] if setting == "empty" else []
+    if setting == "user":
+        monkeypatch.setattr(trainer_mod, "_USER_COMPILE_CACHE", str(tmp_path / "mine"))
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=1", "train.compile=true",
+               *overrides)
+    trainer = Trainer(cfg)
+    if setting == "default":  # compiling is lazy: the first step compiles (the others check the setting only)
+        trainer.fit()
+    else:
+        seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        trainer.close()
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    expected = {"default": str((tmp_path / "run" / "compile_cache").absolute()), "empty": default_cache_dir(),
+                "user": str(tmp_path / "mine")}[setting]
+    assert seen and {d or default_cache_dir() for d in seen} == {expected}  # unset: inductor takes its default
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, shards, monkeypatch, caplog):

@@ -156,7 +156,8 @@ def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: i
 
 def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int = 3, steps: int = 10,
         repeats: int = 3, ladder: bool = True, updates: tuple[str, ...] = tuple(UPDATES), name: str = "train") -> dict:
-    base = load_config(config, list(overrides) + ["train.progress=false"])
+    # rows share inductor's default cache (each row's run folder is a temporary one): later compiled rows reuse kernels
+    base = load_config(config, list(overrides) + ["train.progress=false", "train.compile_cache=''"])
     device = _device(base)
     if ladder and "gen" not in updates:
         raise ValueError("bench train: the ladder times the gen update; add gen to --updates or use --no-ladder")

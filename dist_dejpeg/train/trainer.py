@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,40 @@ class TimedBatches:
 COMPILE_BACKEND = "inductor"  # torch.compile's backend (tests swap in a failing one)
 
 
+def _user_compile_cache() -> str | None:
+    """A TORCHINDUCTOR_CACHE_DIR set before the run started is the user's choice: train.compile_cache leaves it
+    alone. Inductor writes its default there itself once it has looked it up (an import may do that first)."""
+    value = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if value is None:
+        return None
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return None if os.path.abspath(value) == os.path.abspath(default_cache_dir()) else value
+
+
+_USER_COMPILE_CACHE = _user_compile_cache()
+
+
+def compile_cache_dir(cfg: Config) -> Path | None:
+    """Where inductor keeps what it compiled (``train.compile_cache``, relative to the run folder; None: the
+    library's default, a folder under /tmp on this node, or the user's TORCHINDUCTOR_CACHE_DIR). In the run
+    folder, a requeued or resumed run on any node finds its kernels compiled: on the 2-core CPU the first step
+    of the compiled div2k model took 292 s cold and 12.6 s from the cache."""
+    if _USER_COMPILE_CACHE is not None or not cfg.train.compile_cache:
+        return None
+    return Path(cfg.train.run_dir) / cfg.train.compile_cache
+
+
+def _use_compile_cache(path: Path | None) -> None:
+    """Point inductor at ``path`` (read when it first compiles, after this); None: back to its default."""
+    if _USER_COMPILE_CACHE is not None:
+        return
+    if path is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path.absolute())
+
+
 def _compile(model: torch.nn.Module) -> None:
     """``torch.compile`` in place (same module, same state_dict keys, so checkpoints and DDP are unchanged).
     Compilation is lazy; where it fails at the first call, dynamo's suppress_errors runs that frame eagerly
@@ -166,6 +201,7 @@ class Trainer:
             critic = critic.to(memory_format=fmt)
             c_opt = adamw(critic)
         if cfg.train.compile:
+            _use_compile_cache(compile_cache_dir(cfg))
             for model in (generator, critic):
                 if model is not None:
                     _compile(model)
