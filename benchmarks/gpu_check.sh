@@ -293,7 +293,7 @@ step_data_wait() {
     # as a list (the defaults before packing); libjpeg in the 8 workers.
     local config=configs/div2k.yaml steps=150 common
     common=(data.auto_prepare=none model.pretrained=false loss.lpips_pretrained=false data.crop=256
-            train.compile=$COMPILE data.num_workers=8 data.val_crop=256 data.val_max_images=8 train.mixed_precision=bf16
+            train.compile=$COMPILE "train.compile_cache=''" data.num_workers=8 data.val_crop=256 data.val_max_images=8 train.mixed_precision=bf16
             train.order=[gen] train.val_every=100000 train.ckpt_every=100000 train.log_every=25 train.progress=false
             data.backend=torch data.gpu_jpeg_qualities=4)
     if ((QUICK || !HAVE_CUDA)); then
