@@ -11,6 +11,7 @@ import pytest
 
 from dist_dejpeg.bench import scaling
 from dist_dejpeg.cli import main
+from dist_dejpeg.config import load_config
 
 TINY = ["data.batch_size=2", "data.crop=64", "model.decoder_width=16", "critic.width=8",
         "model.encoder=mobilenetv3_small_050"]
@@ -44,9 +45,23 @@ def test_bench_train_ladder_writes_rows_and_ratios(tmp_path, repo_root, monkeypa
     assert math.isclose(report["summary"]["lpips_share_tuned"],
                         1 - tuned["gen without LPIPS"]["ms_per_call"] / tuned["gen"]["ms_per_call"])
     assert "+ fused AdamW" in md and "tuned gen / naive gen" in md
+    # the first step of each row is timed on its own (where compilation happens), and shown
+    assert all(r["first_step_s"] > 0 for rows in report["results"].values() for r in rows.values())
+    assert "| first step s |" in md
     model, md = read(tmp_path, "scaling_model")
     assert report["machine"] in model["from"]
     assert model["gradient_bytes"]["generator"] > model["gradient_bytes"]["critic"] > 0
+
+
+def test_bench_train_updates_pick_the_rows(repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    from dist_dejpeg.bench import train
+
+    cfg = load_config("configs/debug.yaml")
+    assert [r[0] for r in train._rows_for(cfg, ("gen",))] == ["gen", "gen without LPIPS"]
+    assert [r[0] for r in train._rows_for(cfg, ("critic", "gan"))] == ["critic", "gan generator turn"]
+    with pytest.raises(ValueError, match="add gen to --updates"):
+        train.run("configs/debug.yaml", TINY, repo_root / "unused", updates=("critic",))
 
 
 def test_bench_train_keeps_its_rows_when_cut_short(tmp_path, repo_root, monkeypatch):

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
 import torch
 
-from dist_dejpeg.bench.common import bf16_peak_flops, measure, write_results
+from dist_dejpeg.bench.common import bf16_peak_flops, measure, sync, write_results
 from dist_dejpeg.config import Config, load_config
 
 NAIVE = {"train.mixed_precision": "no", "model.channels_last": "false", "train.fused_adamw": "false",
@@ -146,9 +147,15 @@ def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: i
 
         try:
             for name, turn, phase in rows:
-                timing = measure(lambda: step(phase, turn), warmup=warmup, steps=steps, repeats=repeats,
+                # the first step on its own: it pays the compilation, if any (what a short run pays too)
+                start = time.perf_counter()
+                step(phase, turn)
+                sync(trainer.accelerator.device)
+                first = time.perf_counter() - start
+                timing = measure(lambda: step(phase, turn), warmup=max(warmup - 1, 0), steps=steps, repeats=repeats,
                                  device=trainer.accelerator.device)
-                out[name] = dict(timing.as_dict(), images_per_s_per_device=images / timing.seconds_per_call)
+                out[name] = dict(timing.as_dict(), first_step_s=first,
+                                 images_per_s_per_device=images / timing.seconds_per_call)
         finally:
             trainer.close()
         return out
@@ -209,13 +216,14 @@ def _write_report(config: str, overrides: list[str], out_dir: str | Path, name: 
                 r["mfu_bf16"] = flops / (r["ms_per_call"] / 1000) / peak if peak else None
             table.append([update, label, f"{r['images_per_s_per_device']:.1f}", f"{r['ms_per_call']:.1f}",
                           f"{100 * r['spread']:.0f}%", f"{r['x_naive']:.2f}" if r["x_naive"] else "",
+                          f"{r['first_step_s']:.1f}" if r.get("first_step_s") is not None else "",
                           f"{r['achieved_tflops']:.3f}" if "achieved_tflops" in r else "",
                           f"{100 * r['mfu_bf16']:.1f}%" if r.get("mfu_bf16") else ""])
         if "gen without LPIPS" in rows:
             summary[f"lpips_share_{'naive' if label == naive_label else 'tuned'}"] = \
                 1 - rows["gen without LPIPS"]["ms_per_call"] / rows["gen"]["ms_per_call"]
     for label, error in errors.items():
-        table.append(["all", label, "failed", "", "", "", "", error.replace("|", "/")])
+        table.append(["all", label, "failed", "", "", "", "", "", error.replace("|", "/")])
     if ladder and TUNED in results:
         summary["tuned_gen_x_naive"] = results[TUNED]["gen"]["x_naive"]
     if AGAIN in results:
@@ -238,10 +246,12 @@ def _write_report(config: str, overrides: list[str], out_dir: str | Path, name: 
             f"synthetic batches on {device}; {flops / 1e9:.2f} GFLOP per gen step (flop_counter, fp32 eager). "
             f"Tuned = precision {t.mixed_precision}, channels_last {base.model.channels_last}, fused AdamW "
             f"{t.fused_adamw}, compile {t.compile}, host checks every {t.sync_every} steps. {ratio}{share}. "
-            f"Median of {repeats} blocks of {steps} steps after {warmup} warm-up steps; ratios within this run.")
+            f"Median of {repeats} blocks of {steps} steps after {warmup} warm-up steps (the first one, with any "
+            f"compilation, timed on its own: first step s); ratios within this run.")
     if pending:
         note += f" **Incomplete: still to measure: {'; '.join(pending)}.**"
     write_results(out_dir, name, report, "Train-step throughput", note,
-                  ["update", "variant", "images/s per device", "ms/step", "spread", "x naive", "TFLOP/s", "MFU (bf16)"],
+                  ["update", "variant", "images/s per device", "ms/step", "spread", "x naive", "first step s", "TFLOP/s",
+                   "MFU (bf16)"],
                   table, echo=echo)
     return report
