@@ -64,6 +64,32 @@ def test_bench_train_updates_pick_the_rows(repo_root, monkeypatch):
         train.run("configs/debug.yaml", TINY, repo_root / "unused", updates=("critic",))
 
 
+def test_bench_train_rounds_report_the_median_round(tmp_path, repo_root, monkeypatch):
+    """--rounds N measures the list of variants N times in turn; each row is its median round."""
+    monkeypatch.chdir(repo_root)
+    from dist_dejpeg.bench import train
+
+    monkeypatch.setattr(train, "LADDER", train.LADDER[:2])  # naive, + channels_last, then tuned and naive again
+    times = iter([10, 20, 30, 40, 30, 20, 10, 20, 20, 40, 20, 60])  # ms of each variant, round after round
+
+    def fake(cfg, rows, **_):
+        ms = float(next(times))
+        return {update: {"ms_per_call": ms, "images_per_s_per_device": 1000 / ms, "spread": 0.0,
+                         "first_step_s": 1.0, "calls": 30} for update, *_ in rows}
+
+    monkeypatch.setattr(train, "bench_variant", fake)
+    report = train.run("configs/debug.yaml", TINY, tmp_path, rounds=3)
+    results = report["results"]
+    naive = results[train.LADDER[0][0]]["gen"]
+    assert naive["ms_per_round"] == [10, 30, 20] and naive["ms_per_call"] == 20 and naive["rounds"] == 3
+    assert naive["spread"] == 1.0 and naive["calls"] == 90 and naive["images_per_s_per_device"] == 50
+    assert results[train.LADDER[1][0]]["gen"]["ms_per_call"] == 20  # 20, 20, 40
+    assert results[train.TUNED]["gen"]["x_naive"] == 1.0  # 30, 10, 20
+    assert report["summary"]["baseline_repeat_ratio"] == 0.5  # 40, 20, 60
+    assert report["rounds"] == 3 and report["pending"] == []
+    assert "measured in 3 rounds" in read(tmp_path, "train")[1]
+
+
 def test_bench_train_keeps_its_rows_when_cut_short(tmp_path, repo_root, monkeypatch):
     """The tables are written after every variant: a run stopped by a time limit (a GPU check's step) keeps
     what it measured and says what is missing."""

@@ -86,7 +86,7 @@ def main(args) -> int:
 
         reports["train"] = train.run(config, overrides, out, warmup=args.warmup, steps=args.steps,
                                      repeats=args.repeats, ladder=not args.no_ladder,
-                                     updates=tuple(args.updates), name=args.name or "train")
+                                     updates=tuple(args.updates), rounds=args.rounds, name=args.name or "train")
         if (which == "all" or args.scaling_model) and train.TUNED in reports["train"]["results"]:
             scaling_model(reports["train"], config, overrides, out)
     if which in ("data", "all"):
@@ -121,6 +121,8 @@ def add_parser(sub) -> None:
     b.add_argument("--warmup", type=int, default=5, help="train: warm-up steps (compile happens here)")
     b.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
     b.add_argument("--no-ladder", action="store_true", help="train: only the tuned row (the config's settings)")
+    b.add_argument("--rounds", type=int, default=1,
+                   help="train: measure every variant this many times in turn and report the median round")
     b.add_argument("--updates", nargs="+", choices=["gen", "critic", "gan"], default=["gen", "critic", "gan"],
                    help="train: the updates to time (gen includes its row without LPIPS)")
     b.add_argument("--scaling-model", action="store_true", help="train: also write the predicted DDP efficiency")

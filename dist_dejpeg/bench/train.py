@@ -161,16 +161,35 @@ def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: i
         return out
 
 
+def _over_rounds(samples: list[dict]) -> dict:
+    """One row from its measurements in several rounds: the median round (by ms/step); spread: across rounds
+    (within the block medians when there is one round); first_step_s: the first round's (it compiled)."""
+    if len(samples) == 1:
+        return dict(samples[0], rounds=1)
+    ms = sorted(r["ms_per_call"] for r in samples)
+    median = ms[len(ms) // 2] if len(ms) % 2 else (ms[len(ms) // 2 - 1] + ms[len(ms) // 2]) / 2
+    images = samples[0]["images_per_s_per_device"] * samples[0]["ms_per_call"]  # images per step x 1000
+    return {"ms_per_call": median, "spread": (ms[-1] - ms[0]) / median, "images_per_s_per_device": images / median,
+            "first_step_s": samples[0].get("first_step_s"), "calls": sum(r.get("calls", 0) for r in samples),
+            "rounds": len(samples), "ms_per_round": [r["ms_per_call"] for r in samples]}
+
+
 def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int = 3, steps: int = 10,
-        repeats: int = 3, ladder: bool = True, updates: tuple[str, ...] = tuple(UPDATES), name: str = "train") -> dict:
+        repeats: int = 3, ladder: bool = True, updates: tuple[str, ...] = tuple(UPDATES), rounds: int = 1,
+        name: str = "train") -> dict:
+    """``rounds`` > 1 measures the whole list of variants that many times, one after the other, and reports each
+    row's median round: on a machine whose speed drifts, every variant then sees the drift alike."""
     # rows share inductor's default cache (each row's run folder is a temporary one): later compiled rows reuse kernels
     base = load_config(config, list(overrides) + ["train.progress=false", "train.compile_cache=''"])
     device = _device(base)
     if ladder and "gen" not in updates:
         raise ValueError("bench train: the ladder times the gen update; add gen to --updates or use --no-ladder")
+    if rounds < 1:
+        raise ValueError("bench train: --rounds must be >= 1")
     rows_all = _rows_for(base, updates)
     gen_rows = [r for r in rows_all if r[0].startswith("gen")]
     results: dict[str, dict[str, dict]] = {}
+    samples: dict[str, dict[str, list[dict]]] = {}
     naive_cfg, done = _with(base, NAIVE), {}
     variants = []
     if ladder:
@@ -185,17 +204,23 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
     peak = bf16_peak_flops() if device.type == "cuda" else None
     naive_label = naive_label_of(ladder)
     report: dict = {}
-    for i, (label, cfg, rows) in enumerate(variants):
-        print(f"bench train: {label} ...", flush=True)
+    schedule = [(r, v) for r in range(rounds) for v in variants]
+    for i, (round_index, (label, cfg, rows)) in enumerate(schedule):
+        print(f"bench train: {label}" + (f" (round {round_index + 1} of {rounds})" if rounds > 1 else "") + " ...",
+              flush=True)
         try:
-            results[label] = bench_variant(cfg, rows, warmup=warmup, steps=steps, repeats=repeats)
+            measured = bench_variant(cfg, rows, warmup=warmup, steps=steps, repeats=repeats)
+            for update, row in measured.items():
+                samples.setdefault(label, {}).setdefault(update, []).append(row)
+            results[label] = {update: _over_rounds(rs) for update, rs in samples[label].items()}
         except Exception as err:  # one broken variant (a compiler failure, say) must not lose the other rows
             traceback.print_exc()
             errors[label] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
         if naive_label in results:  # the tables after every row: a run cut short (a time limit) keeps what it measured
-            pending = [v[0] for v in variants[i + 1:]]
+            pending = [f"{v[0]} (round {r + 1})" if rounds > 1 else v[0] for r, v in schedule[i + 1:]]
             report = _write_report(config, overrides, out_dir, name, base, device, results, errors, flops, peak,
-                                   ladder, pending, echo=not pending, warmup=warmup, steps=steps, repeats=repeats)
+                                   ladder, pending, echo=not pending, warmup=warmup, steps=steps, repeats=repeats,
+                                   rounds=rounds)
     if naive_label not in results:
         raise RuntimeError(f"bench train: the baseline failed: {errors}")
     return report
@@ -203,7 +228,7 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
 
 def _write_report(config: str, overrides: list[str], out_dir: str | Path, name: str, base: Config,
                   device: torch.device, results: dict, errors: dict, flops: float, peak: float | None, ladder: bool,
-                  pending: list[str], *, echo: bool, warmup: int, steps: int, repeats: int) -> dict:
+                  pending: list[str], *, echo: bool, warmup: int, steps: int, repeats: int, rounds: int = 1) -> dict:
     """bench train's tables from the rows measured so far (``pending``: the variants still to come)."""
     naive_label = naive_label_of(ladder)
     table, summary = [], {}
@@ -234,7 +259,8 @@ def _write_report(config: str, overrides: list[str], out_dir: str | Path, name: 
               "tuned": {"mixed_precision": t.mixed_precision, "channels_last": base.model.channels_last,
                         "fused_adamw": t.fused_adamw, "compile": t.compile, "sync_every": t.sync_every},
               "gflops_per_gen_step": flops / 1e9, "bf16_peak_tflops": peak / 1e12 if peak else None,
-              "warmup": warmup, "steps": steps, "repeats": repeats, "summary": summary, "results": results,
+              "warmup": warmup, "steps": steps, "repeats": repeats, "rounds": rounds, "summary": summary,
+              "results": results,
               "errors": errors, "pending": pending}
     share = "; ".join(f"LPIPS share of the gen step ({k.rsplit('_', 1)[1]}): {100 * v:.0f}%"
                       for k, v in summary.items() if k.startswith("lpips"))
@@ -247,7 +273,9 @@ def _write_report(config: str, overrides: list[str], out_dir: str | Path, name: 
             f"Tuned = precision {t.mixed_precision}, channels_last {base.model.channels_last}, fused AdamW "
             f"{t.fused_adamw}, compile {t.compile}, host checks every {t.sync_every} steps. {ratio}{share}. "
             f"Median of {repeats} blocks of {steps} steps after {warmup} warm-up steps (the first one, with any "
-            f"compilation, timed on its own: first step s); ratios within this run.")
+            f"compilation, timed on its own: first step s)"
+            + (f"; every variant measured in {rounds} rounds, the median round shown, spread across rounds"
+               if rounds > 1 else "") + "; ratios within this run.")
     if pending:
         note += f" **Incomplete: still to measure: {'; '.join(pending)}.**"
     write_results(out_dir, name, report, "Train-step throughput", note,
