@@ -587,7 +587,7 @@ def _nvjpeg_loader(sample_shards, ahead: int, workers: int = 2):
 def test_nvjpeg_run_ahead_on_a_side_stream_matches_inline(sample_shards, training_stream):
     """Degraded ahead in a thread while the GPU is busy with queued work on the training's stream (the default
     stream, or a stream of its own as the trainer uses on CUDA), the batches equal those degraded inline on an
-    idle GPU: torchvision's encoder reads and writes on streams of its own (see gpu_jpeg._nvjpeg_coder)."""
+    idle GPU: torchvision's encoder reads and writes on streams of its own (see gpu_jpeg._nvjpeg_encode)."""
     inline = take(_nvjpeg_loader(sample_shards, 0), 12)
     stream = torch.cuda.Stream() if training_stream == "own" else torch.cuda.default_stream()
     torch.cuda.synchronize()

@@ -16,6 +16,7 @@ t(gen), both measured on the same Trainer.
 from __future__ import annotations
 
 import copy
+import statistics
 import tempfile
 import time
 import traceback
@@ -167,7 +168,7 @@ def _over_rounds(samples: list[dict]) -> dict:
     if len(samples) == 1:
         return dict(samples[0], rounds=1)
     ms = sorted(r["ms_per_call"] for r in samples)
-    median = ms[len(ms) // 2] if len(ms) % 2 else (ms[len(ms) // 2 - 1] + ms[len(ms) // 2]) / 2
+    median = statistics.median(ms)
     images = samples[0]["images_per_s_per_device"] * samples[0]["ms_per_call"]  # images per step x 1000
     return {"ms_per_call": median, "spread": (ms[-1] - ms[0]) / median, "images_per_s_per_device": images / median,
             "first_step_s": samples[0].get("first_step_s"), "calls": sum(r.get("calls", 0) for r in samples),

@@ -162,11 +162,10 @@ def jpeg_roundtrip_cuda(images: torch.Tensor, quality: torch.Tensor, pack: bool 
     with libjpeg's 4:2:0 chroma subsampling whatever nvJPEG writes (see the module docstring). ``pack``: one nvJPEG
     round trip per quality on a canvas of the batch's tiles (see packed_roundtrip) instead of the images as a list
     (nvJPEG codes the list image by image)."""
-    coder = _nvjpeg_coder
     if nvjpeg_subsampling(images.device) == 2:  # already 4:2:0: tiles would share chroma across their edges
         qs = [int(q) for q in quality.cpu().tolist()]
-        return torch.stack(roundtrip_by_quality(list(images), qs, coder, pack=False))
-    return subsample_420(images, quality, coder, pack)
+        return torch.stack(roundtrip_by_quality(list(images), qs, _nvjpeg_coder, pack=False))
+    return subsample_420(images, quality, _nvjpeg_coder, pack)
 
 
 def jpeg_roundtrip_cpu(images: torch.Tensor, quality: torch.Tensor, subsampling: int = -1) -> torch.Tensor:
