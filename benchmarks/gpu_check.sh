@@ -16,6 +16,10 @@
 #    --tests EXPR pytest_gpu runs only the gpu tests matching this -k expression
 #    --compile    data_wait trains with train.compile=true (a shorter step: the data path must keep up with
 #                 it); run bench_train first in the same check and inductor's cache makes these compiles quick
+#    --rungs      bench_train times the whole ladder (every rung, each compiled row minutes of compiling);
+#                 without it, the naive baseline and the config's tuned row (the 2.5x target's ratio) only
+#    --wait A,B   data_wait runs only these of its variants (packed-ahead, packed-ahead-stream0, list-ahead,
+#                 cpu-workers), in this order
 # Steps, in order: env, install, cuda, pytest_gpu, bench_train, train, evaluate, data_wait, bench_data, bench_infer. Each one runs even when an
 # earlier one failed, under `timeout`, with its stdout+stderr in OUT/<step>.log; OUT/summary.md gets a row per
 # step (exit code, seconds, result) and, under the table, the last lines of each failing step's log.
@@ -32,7 +36,7 @@ set -u
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 
 ARGS=$(printf ' %q' "$@")
-WHEELS="" OUT="" ALLOW_CPU=0 QUICK=0 BUDGET=470 ONLY="" TESTS="" COMPILE=false
+WHEELS="" OUT="" ALLOW_CPU=0 QUICK=0 BUDGET=470 ONLY="" TESTS="" COMPILE=false RUNGS=0 WAIT=""
 while (($#)); do
     case $1 in
         --wheels) WHEELS=${2-}; shift 2 || break ;;
@@ -43,6 +47,8 @@ while (($#)); do
         --steps) ONLY=${2-}; shift 2 || break ;;
         --tests) TESTS=${2-}; shift 2 || break ;;
         --compile) COMPILE=true; shift ;;
+        --rungs) RUNGS=1; shift ;;
+        --wait) WAIT=${2-}; shift 2 || break ;;
         -h | --help) usage; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
     esac
@@ -109,7 +115,7 @@ mkdir -p "$SITE" "$WORK/t" "$WORK/cache"
 # a short TMPDIR: multiprocessing puts AF_UNIX sockets (108-byte path limit) under it
 export TMPDIR=$WORK/t TRITON_CACHE_DIR=$WORK/cache/triton MPLCONFIGDIR=$WORK/cache/matplotlib
 export PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-export ROOT OUT WHEELS SITE DATA WORK PY QUICK HAVE_CUDA TESTS COMPILE
+export ROOT OUT WHEELS SITE DATA WORK PY QUICK HAVE_CUDA TESTS COMPILE RUNGS WAIT
 
 {
     echo "# GPU check ($MODE)"
@@ -226,8 +232,11 @@ step_bench_train() {
         "$PY" -m dist_dejpeg.cli bench --results "$OUT/results" --no-ladder --steps 1 --repeats 1 --warmup 1 \
             --config configs/debug.yaml train data.batch_size=2 data.crop=64 || exit $?
     else
-        # the gen update only (the 2.5x target's): the compiled critic and gan rows would not fit a check
-        "$PY" -m dist_dejpeg.cli bench --results "$OUT/results" --updates=gen train || exit $?
+        # the gen update only (the 2.5x target's): the compiled critic and gan rows would not fit a check; and
+        # without --rungs only the naive baseline and the tuned row (the compiled rung would compile a second time)
+        local rungs=(--no-rungs)
+        ((RUNGS)) && rungs=()
+        "$PY" -m dist_dejpeg.cli bench --results "$OUT/results" --updates=gen "${rungs[@]}" train || exit $?
     fi
     [[ -s $OUT/results/train.json ]] || { echo "gpu_check: no $OUT/results/train.json"; exit 1; }
 }
@@ -311,6 +320,15 @@ step_data_wait() {
                     "cpu-workers|data.gpu_jpeg=false")
     # without CUDA they differ in nothing (no GPU degradation): the flow runs once
     ((QUICK || !HAVE_CUDA)) && variants=("packed-ahead|data.gpu_jpeg=true")
+    if [[ -n $WAIT ]]; then  # --wait: the named ones, in that order
+        local chosen=() want v
+        IFS=, read -r -a want <<< "$WAIT"
+        for name in "${want[@]}"; do
+            for v in "${variants[@]}"; do [[ ${v%%|*} == "$name" ]] && chosen+=("$v"); done
+        done
+        ((${#chosen[@]})) || { echo "gpu_check: --wait '$WAIT' names none of this run's data_wait variants"; exit 2; }
+        variants=("${chosen[@]}")
+    fi
     for variant in "${variants[@]}"; do
         IFS='|' read -r name overrides <<< "$variant"
         read -r -a overrides <<< "$overrides"
@@ -396,7 +414,7 @@ fi
 for s in "${OPTIONAL[@]}"; do
     case $s in
         pytest_gpu) if ((QUICK)); then run_step pytest_gpu 120; else run_step pytest_gpu 180; fi ;;
-        bench_train) run_step bench_train 330 ;;  # the ladder with compiled rows: over 240 s on an H200
+        bench_train) run_step bench_train 420 ;;  # compiling the conditioned gen step: over 150 s on an H100
         train) run_step train 180 ;;
         evaluate) run_step evaluate 90 ;;
         data_wait) run_step data_wait 260 ;;

@@ -90,6 +90,29 @@ def test_bench_train_rounds_report_the_median_round(tmp_path, repo_root, monkeyp
     assert "measured in 3 rounds" in read(tmp_path, "train")[1]
 
 
+def test_bench_train_without_rungs_times_the_baseline_and_the_tuned_row(tmp_path, repo_root, monkeypatch):
+    """--no-rungs: the naive baseline, the tuned row and the baseline again, nothing between (a GPU check)."""
+    monkeypatch.chdir(repo_root)
+    from dist_dejpeg.bench import train
+
+    seen = []
+
+    def fake(cfg, rows, **_):
+        seen.append((cfg.train.mixed_precision, cfg.train.compile, cfg.model.channels_last))
+        ms = {"no": 30.0}.get(cfg.train.mixed_precision, 10.0)
+        return {update: {"ms_per_call": ms, "images_per_s_per_device": 1000 / ms, "spread": 0.0,
+                         "first_step_s": 1.0, "calls": 30} for update, *_ in rows}
+
+    monkeypatch.setattr(train, "bench_variant", fake)
+    assert main(["bench", "train", "--config", "configs/debug.yaml", "--no-rungs", "--updates", "gen",
+                 "--results", str(tmp_path), *TINY, "train.mixed_precision=bf16", "train.compile=true"]) == 0
+    report, md = read(tmp_path, "train")
+    assert list(report["results"]) == [train.LADDER[0][0], train.TUNED, train.AGAIN]
+    assert seen == [("no", False, False), ("bf16", True, True), ("no", False, False)]
+    assert report["results"][train.TUNED]["gen"]["x_naive"] == 3.0
+    assert "+ channels_last" not in md
+
+
 def test_bench_train_keeps_its_rows_when_cut_short(tmp_path, repo_root, monkeypatch):
     """The tables are written after every variant: a run stopped by a time limit (a GPU check's step) keeps
     what it measured and says what is missing."""

@@ -153,6 +153,9 @@ def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: i
                 step(phase, turn)
                 sync(trainer.accelerator.device)
                 first = time.perf_counter() - start
+                if cfg.train.compile:  # where the first step's compiling went (dynamo's phases, cumulative)
+                    print(f"bench train: {name}: first step {first:.1f} s; torch._dynamo compile times:\n"
+                          f"{torch._dynamo.utils.compile_times()}", flush=True)
                 timing = measure(lambda: step(phase, turn), warmup=max(warmup - 1, 0), steps=steps, repeats=repeats,
                                  device=trainer.accelerator.device)
                 out[name] = dict(timing.as_dict(), first_step_s=first,
@@ -177,9 +180,11 @@ def _over_rounds(samples: list[dict]) -> dict:
 
 def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int = 3, steps: int = 10,
         repeats: int = 3, ladder: bool = True, updates: tuple[str, ...] = tuple(UPDATES), rounds: int = 1,
-        name: str = "train") -> dict:
+        name: str = "train", rungs: bool = True) -> dict:
     """``rounds`` > 1 measures the whole list of variants that many times, one after the other, and reports each
-    row's median round: on a machine whose speed drifts, every variant then sees the drift alike."""
+    row's median round: on a machine whose speed drifts, every variant then sees the drift alike. ``rungs`` False
+    keeps of the ladder only its naive baseline (the tuned row's ratio without the rungs between: what fits a
+    GPU check whose compiled rows take minutes each)."""
     # rows share inductor's default cache (each row's run folder is a temporary one): later compiled rows reuse kernels
     base = load_config(config, list(overrides) + ["train.progress=false", "train.compile_cache=''"])
     device = _device(base)
@@ -194,7 +199,7 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
     naive_cfg, done = _with(base, NAIVE), {}
     variants = []
     if ladder:
-        for label, step in LADDER:
+        for label, step in LADDER if rungs else LADDER[:1]:
             done.update(step)
             variants.append((label, _with(naive_cfg, done), rows_all if label.startswith("naive") else gen_rows))
     variants.append((TUNED, base, rows_all))
