@@ -95,22 +95,40 @@ def test_bench_train_without_rungs_times_the_baseline_and_the_tuned_row(tmp_path
     monkeypatch.chdir(repo_root)
     from dist_dejpeg.bench import train
 
-    seen = []
+    seen, profiled = [], []
 
-    def fake(cfg, rows, **_):
+    def fake(cfg, rows, profile_to=None, **_):
         seen.append((cfg.train.mixed_precision, cfg.train.compile, cfg.model.channels_last))
+        profiled.append(profile_to.name)
         ms = {"no": 30.0}.get(cfg.train.mixed_precision, 10.0)
         return {update: {"ms_per_call": ms, "images_per_s_per_device": 1000 / ms, "spread": 0.0,
                          "first_step_s": 1.0, "calls": 30} for update, *_ in rows}
 
     monkeypatch.setattr(train, "bench_variant", fake)
-    assert main(["bench", "train", "--config", "configs/debug.yaml", "--no-rungs", "--updates", "gen",
+    assert main(["bench", "train", "--config", "configs/debug.yaml", "--no-rungs", "--updates", "gen", "--profile",
                  "--results", str(tmp_path), *TINY, "train.mixed_precision=bf16", "train.compile=true"]) == 0
     report, md = read(tmp_path, "train")
     assert list(report["results"]) == [train.LADDER[0][0], train.TUNED, train.AGAIN]
     assert seen == [("no", False, False), ("bf16", True, True), ("no", False, False)]
+    assert profiled == ["train_profile_1", "train_profile_2", "train_profile_3"]  # one file per variant
     assert report["results"][train.TUNED]["gen"]["x_naive"] == 3.0
     assert "+ channels_last" not in md
+
+
+def test_profile_writes_the_operator_tables(tmp_path):
+    """bench train --profile's helper on the CPU (no kernels: no busy time), and the busy time's union of
+    overlapping kernel intervals."""
+    import torch
+
+    from dist_dejpeg.bench.common import covered, profile
+
+    a = torch.randn(64, 64)
+    out = profile(lambda: a @ a, tmp_path / "p.txt", steps=3)
+    assert out["steps"] == 3 and out["wall_ms"] > 0 and out["device_busy_ms"] is None
+    text = (tmp_path / "p.txt").read_text()
+    assert "by self host time" in text and "aten::mm" in text
+    assert covered([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+    assert covered([]) == 0
 
 
 def test_bench_train_keeps_its_rows_when_cut_short(tmp_path, repo_root, monkeypatch):

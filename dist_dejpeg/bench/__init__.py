@@ -87,7 +87,7 @@ def main(args) -> int:
         reports["train"] = train.run(config, overrides, out, warmup=args.warmup, steps=args.steps,
                                      repeats=args.repeats, ladder=not args.no_ladder,
                                      updates=tuple(args.updates), rounds=args.rounds, name=args.name or "train",
-                                     rungs=not args.no_rungs)
+                                     rungs=not args.no_rungs, profile=args.profile)
         if (which == "all" or args.scaling_model) and train.TUNED in reports["train"]["results"]:
             scaling_model(reports["train"], config, overrides, out)
     if which in ("data", "all"):
@@ -124,6 +124,9 @@ def add_parser(sub) -> None:
     b.add_argument("--no-ladder", action="store_true", help="train: only the tuned row (the config's settings)")
     b.add_argument("--no-rungs", action="store_true",
                    help="train: of the ladder only the naive baseline, then the tuned row (no rungs between)")
+    b.add_argument("--profile", action="store_true",
+                   help="train: also profile each variant's gen steps (torch.profiler: operator tables in "
+                        "<name>_profile_<n>.txt, the share of the step the GPU was busy in the table)")
     b.add_argument("--rounds", type=int, default=1,
                    help="train: measure every variant this many times in turn and report the median round")
     b.add_argument("--updates", nargs="+", choices=["gen", "critic", "gan"], default=["gen", "critic", "gan"],

@@ -119,6 +119,49 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, steps: int = 10, repea
     return Timing(median, (max(blocks) - min(blocks)) / median if median > 0 else 0.0, steps * repeats)
 
 
+def covered(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, end) intervals: the time some kernel ran, counting kernels that
+    overlap (on several streams) once."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def profile(fn: Callable[[], object], path: str | Path, *, steps: int = 5,
+            device: torch.device | str | None = None) -> dict:
+    """Run ``fn`` ``steps`` times under torch.profiler (after the caller's warm-up) and write ``path``: the top
+    operators by self device time and by self host time. Returns the wall time per call and, where a GPU ran
+    kernels, the time per call during which at least one kernel ran (``device_busy_ms``): a busy share well
+    under 1 means the host (Python, launches, syncs) and not the GPU sets the pace."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with torch_profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        wall = (time.perf_counter() - start) / steps
+    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    out = {"steps": steps, "wall_ms": wall * 1e3, "kernels_per_step": len(kernels) / steps,
+           "device_busy_ms": covered(kernels) / 1e3 / steps if kernels else None}
+    out["device_busy_frac"] = out["device_busy_ms"] / out["wall_ms"] if kernels else None
+    table = prof.key_averages()
+    text = [f"{k}: {v}" for k, v in out.items()]
+    if kernels:
+        text += ["", "## by self device time", table.table(sort_by="self_device_time_total", row_limit=30)]
+    text += ["", "## by self host time", table.table(sort_by="self_cpu_time_total", row_limit=30)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(text) + "\n")
+    return out
+
+
 def write_results(out_dir: str | Path, name: str, report: dict, title: str, note: str, header: list[str],
                   rows: list[list[str]], echo: bool = True) -> Path:
     """``out_dir/name.json`` (the report plus the machine) and ``out_dir/name.md`` (title naming the machine, a

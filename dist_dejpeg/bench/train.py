@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dist_dejpeg.bench.common import bf16_peak_flops, measure, sync, write_results
+from dist_dejpeg.bench.common import bf16_peak_flops, measure, profile, sync, write_results
 from dist_dejpeg.config import Config, load_config
 
 NAIVE = {"train.mixed_precision": "no", "model.channels_last": "false", "train.fused_adamw": "false",
@@ -127,8 +127,9 @@ def _with(cfg: Config, overrides: dict) -> Config:
 
 
 def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: int, steps: int,
-                  repeats: int) -> dict[str, dict]:
-    """Build one Trainer with ``cfg`` and time each (update, turn, phase) row on it."""
+                  repeats: int, profile_to: Path | None = None) -> dict[str, dict]:
+    """Build one Trainer with ``cfg`` and time each (update, turn, phase) row on it; with ``profile_to`` (a file
+    name stem) also profile the gen row's steps after timing them (``<stem>.txt``)."""
     from dist_dejpeg.train.trainer import Trainer
 
     _reset_accelerate()
@@ -160,6 +161,9 @@ def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: i
                                  device=trainer.accelerator.device)
                 out[name] = dict(timing.as_dict(), first_step_s=first,
                                  images_per_s_per_device=images / timing.seconds_per_call)
+                if profile_to is not None and name == "gen":
+                    out[name]["profile"] = profile(lambda: step(phase, turn), profile_to.with_suffix(".txt"),
+                                                   steps=steps, device=trainer.accelerator.device)
         finally:
             trainer.close()
         return out
@@ -180,11 +184,12 @@ def _over_rounds(samples: list[dict]) -> dict:
 
 def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int = 3, steps: int = 10,
         repeats: int = 3, ladder: bool = True, updates: tuple[str, ...] = tuple(UPDATES), rounds: int = 1,
-        name: str = "train", rungs: bool = True) -> dict:
+        name: str = "train", rungs: bool = True, profile: bool = False) -> dict:
     """``rounds`` > 1 measures the whole list of variants that many times, one after the other, and reports each
     row's median round: on a machine whose speed drifts, every variant then sees the drift alike. ``rungs`` False
     keeps of the ladder only its naive baseline (the tuned row's ratio without the rungs between: what fits a
-    GPU check whose compiled rows take minutes each)."""
+    GPU check whose compiled rows take minutes each). ``profile``: each variant's gen steps are also profiled,
+    the operator tables in ``<name>_profile_<n>.txt`` and the device-busy share in the table."""
     # rows share inductor's default cache (each row's run folder is a temporary one): later compiled rows reuse kernels
     base = load_config(config, list(overrides) + ["train.progress=false", "train.compile_cache=''"])
     device = _device(base)
@@ -215,7 +220,8 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
         print(f"bench train: {label}" + (f" (round {round_index + 1} of {rounds})" if rounds > 1 else "") + " ...",
               flush=True)
         try:
-            measured = bench_variant(cfg, rows, warmup=warmup, steps=steps, repeats=repeats)
+            stem = Path(out_dir) / f"{name}_profile_{i % len(variants) + 1}" if profile else None
+            measured = bench_variant(cfg, rows, warmup=warmup, steps=steps, repeats=repeats, profile_to=stem)
             for update, row in measured.items():
                 samples.setdefault(label, {}).setdefault(update, []).append(row)
             results[label] = {update: _over_rounds(rs) for update, rs in samples[label].items()}
@@ -282,6 +288,13 @@ def _write_report(config: str, overrides: list[str], out_dir: str | Path, name: 
             f"compilation, timed on its own: first step s)"
             + (f"; every variant measured in {rounds} rounds, the median round shown, spread across rounds"
                if rounds > 1 else "") + "; ratios within this run.")
+    profiled = [f"{label}: {p['wall_ms']:.1f} ms/step, {p['kernels_per_step']:.0f} kernels, GPU busy "
+                f"{p['device_busy_ms']:.1f} ms ({100 * p['device_busy_frac']:.0f}%)"
+                for label, rows in results.items() if (p := rows.get("gen", {}).get("profile"))
+                and p.get("device_busy_ms") is not None]
+    if profiled:
+        note += (" Profiled gen steps (torch.profiler, the time some kernel ran; the operator tables in "
+                 f"{name}_profile_<n>.txt): " + "; ".join(profiled) + ".")
     if pending:
         note += f" **Incomplete: still to measure: {'; '.join(pending)}.**"
     write_results(out_dir, name, report, "Train-step throughput", note,
