@@ -115,6 +115,11 @@ def _default_phases() -> Dict[str, PhaseConfig]:
     }
 
 
+# torch.compile's modes; the two with CUDA graphs need a step marker per iteration (Trainer.cudagraphs)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/default"  # everything a run writes goes here
@@ -135,6 +140,7 @@ class TrainConfig:
     auto_resume: bool = True  # continue from the newest checkpoint in run_dir when there is one (requeued jobs)
     dist_timeout_s: int = 900  # a collective that waits longer fails the run instead of hanging (dead rank)
     compile: bool = False  # torch.compile the generator and critic (eager, with a warning, where compiling fails)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs: the step's kernels replayed, far fewer host launches) | max-autotune | max-autotune-no-cudagraphs
     compile_cache: str = "compile_cache"  # inductor's cache folder, relative to run_dir (a requeued run reuses it); '': its /tmp default
     fused_adamw: bool = True  # fused AdamW kernel (CUDA and CPU; one kernel per step); DeepSpeed keeps its own
     sync_every: int = 25  # steps between host reads of the non-finite and stop flags on CUDA (1: every step)
@@ -206,6 +212,7 @@ def validate(cfg: Config) -> None:
     _one_of("data.backend", d.backend, ("auto", "dali", "torch"))
     _one_of("data.auto_prepare", d.auto_prepare, ("none", "samples"))
     _one_of("train.mixed_precision", t.mixed_precision, ("no", "bf16", "fp16"))
+    _one_of("train.compile_mode", t.compile_mode, COMPILE_MODES)
     _one_of("model.decoder_norm", cfg.model.decoder_norm, ("batch", "group", "none"))
     if not 0.0 <= cfg.model.quality_blind_prob <= 1.0:
         raise ConfigError("config key 'model.quality_blind_prob': must be in [0, 1]")

@@ -90,8 +90,9 @@ def test_bench_train_rounds_report_the_median_round(tmp_path, repo_root, monkeyp
     assert "measured in 3 rounds" in read(tmp_path, "train")[1]
 
 
-def test_bench_train_without_rungs_times_the_baseline_and_the_tuned_row(tmp_path, repo_root, monkeypatch):
-    """--no-rungs: the naive baseline, the tuned row and the baseline again, nothing between (a GPU check)."""
+def test_bench_train_rungs_pick_the_ladder_rows(tmp_path, repo_root, monkeypatch):
+    """--rungs none: the naive baseline, the tuned row and the baseline again, nothing between (a GPU check);
+    --rungs A B: those rungs, each with the pieces of the rungs before it; the CUDA graphs rung needs CUDA."""
     monkeypatch.chdir(repo_root)
     from dist_dejpeg.bench import train
 
@@ -99,20 +100,32 @@ def test_bench_train_without_rungs_times_the_baseline_and_the_tuned_row(tmp_path
 
     def fake(cfg, rows, profile_to=None, **_):
         seen.append((cfg.train.mixed_precision, cfg.train.compile, cfg.model.channels_last))
-        profiled.append(profile_to.name)
+        profiled.append(profile_to and profile_to.name)
         ms = {"no": 30.0}.get(cfg.train.mixed_precision, 10.0)
         return {update: {"ms_per_call": ms, "images_per_s_per_device": 1000 / ms, "spread": 0.0,
                          "first_step_s": 1.0, "calls": 30} for update, *_ in rows}
 
     monkeypatch.setattr(train, "bench_variant", fake)
-    assert main(["bench", "train", "--config", "configs/debug.yaml", "--no-rungs", "--updates", "gen", "--profile",
+    assert main(["bench", "train", "--config", "configs/debug.yaml", "--rungs", "none", "--updates", "gen", "--profile",
                  "--results", str(tmp_path), *TINY, "train.mixed_precision=bf16", "train.compile=true"]) == 0
     report, md = read(tmp_path, "train")
     assert list(report["results"]) == [train.LADDER[0][0], train.TUNED, train.AGAIN]
     assert seen == [("no", False, False), ("bf16", True, True), ("no", False, False)]
     assert profiled == ["train_profile_1", "train_profile_2", "train_profile_3"]  # one file per variant
+    profiled.clear()
     assert report["results"][train.TUNED]["gen"]["x_naive"] == 3.0
     assert "+ channels_last" not in md
+
+    seen.clear()
+    report = train.run("configs/debug.yaml", TINY, tmp_path, updates=("gen",), rungs=("fused_adamw", "compile"))
+    labels = list(report["results"])
+    assert labels == [train.LADDER[0][0], "+ fused AdamW", "+ torch.compile", train.TUNED, train.AGAIN]
+    assert seen[1] == ("bf16", False, True) and seen[2] == ("bf16", True, True)  # the pieces below them included
+    assert train.rung_names()[-1] == "compile_mode"
+    report = train.run("configs/debug.yaml", TINY, tmp_path, updates=("gen",), rungs=("compile_mode",))
+    assert "+ CUDA graphs (compile mode reduce-overhead)" not in report["results"]  # this CPU: nothing to replay
+    with pytest.raises(ValueError, match="unknown rung.*'cuda_graphs'"):
+        train.run("configs/debug.yaml", TINY, tmp_path, rungs=("cuda_graphs",))
 
 
 def test_profile_writes_the_operator_tables(tmp_path):

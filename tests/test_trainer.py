@@ -11,7 +11,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
-from dist_dejpeg.config import load_config
+from dist_dejpeg.config import ConfigError, load_config
 from dist_dejpeg.data.shards import prepare_samples
 from dist_dejpeg.export import load_generator
 from dist_dejpeg.metrics import METRICS
@@ -334,6 +334,33 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, shards, mo
     assert "broken on purpose" in caplog.text
 
 
+def test_compile_mode_reaches_the_compiler_and_cuda_graphs_mark_each_step(tmp_path, shards, monkeypatch):
+    """train.compile_mode is torch.compile's mode for every compiled model; with CUDA graphs (CUDA only) each
+    training step and each validation forward starts a new replay (their outputs are not kept across one)."""
+    modes = []
+
+    def recording_backend(graph_module, example_inputs, mode=None):
+        modes.append(mode)
+        return graph_module.forward
+
+    monkeypatch.setattr(trainer_mod, "COMPILE_BACKEND", recording_backend)
+    torch._dynamo.reset()  # frames compiled by earlier tests with other backends: their cache would answer
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=2", "train.compile=true",
+               "train.compile_mode=reduce-overhead", "train.val_every=100", "data.val_max_images=2",
+               "data.val_qualities=[10,40]", "data.val_batch_size=4")
+    t = Trainer(cfg)
+    assert not t.cudagraphs, "no CUDA graphs on a CPU"
+    t.cudagraphs = True  # as on CUDA: the step marks (the CPU compiles without graphs all the same)
+    t.fit()
+    assert modes and set(modes) == {"reduce-overhead"}
+    # 2 steps, the end-of-phase validation (2 qualities x 1 batch) and its image grid
+    assert len(marks) == 2 + 2 + 1
+    with pytest.raises(ConfigError, match="train.compile_mode"):
+        tiny(tmp_path / "bad", shards, "train.compile_mode=fast")
+
+
 def cuda_fast(tmp_path: Path, shards: Path, *overrides: str):
     """The tiny config on the GPU with the whole fast path on (bf16, channels_last, compile, fused AdamW,
     deferred host checks, nvJPEG degradation in the torch loader)."""
@@ -353,6 +380,22 @@ def test_compiled_generator_trains_on_cuda(tmp_path, shards):
     after = params(t.gen_raw)
     assert changed(before, after)
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_train_and_validate_on_cuda(tmp_path, shards):
+    """train.compile_mode=reduce-overhead: the gen phase trains and validates with CUDA graphs (the outputs of
+    one replay are not read after the next)."""
+    t = Trainer(cuda_fast(tmp_path, shards, "train.order=[gen]", "train.phases.gen.steps=4",
+                          "train.compile_mode=reduce-overhead"))
+    assert t.cudagraphs
+    before = params(t.gen_raw)
+    results = t.fit()
+    after = params(t.gen_raw)
+    assert changed(before, after)
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    for q, groups in results.items():
+        assert all(torch.isfinite(torch.tensor(v)) for v in groups["restored"].values()), q
 
 
 @pytest.mark.gpu

@@ -87,7 +87,8 @@ def main(args) -> int:
         reports["train"] = train.run(config, overrides, out, warmup=args.warmup, steps=args.steps,
                                      repeats=args.repeats, ladder=not args.no_ladder,
                                      updates=tuple(args.updates), rounds=args.rounds, name=args.name or "train",
-                                     rungs=not args.no_rungs, profile=args.profile)
+                                     rungs=None if "all" in args.rungs else tuple(r for r in args.rungs if r != "none"),
+                                     profile=args.profile)
         if (which == "all" or args.scaling_model) and train.TUNED in reports["train"]["results"]:
             scaling_model(reports["train"], config, overrides, out)
     if which in ("data", "all"):
@@ -122,8 +123,10 @@ def add_parser(sub) -> None:
     b.add_argument("--warmup", type=int, default=5, help="train: warm-up steps (compile happens here)")
     b.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
     b.add_argument("--no-ladder", action="store_true", help="train: only the tuned row (the config's settings)")
-    b.add_argument("--no-rungs", action="store_true",
-                   help="train: of the ladder only the naive baseline, then the tuned row (no rungs between)")
+    b.add_argument("--rungs", nargs="+", default=["all"], metavar="RUNG",
+                   help="train: the ladder's rungs to time, by the config key each sets (channels_last "
+                        "mixed_precision fused_adamw sync_every compile compile_mode; each keeps the pieces of the "
+                        "rungs before it); none: only the naive baseline and the tuned row; default all")
     b.add_argument("--profile", action="store_true",
                    help="train: also profile each variant's gen steps (torch.profiler: operator tables in "
                         "<name>_profile_<n>.txt, the share of the step the GPU was busy in the table)")

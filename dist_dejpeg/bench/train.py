@@ -28,8 +28,9 @@ from dist_dejpeg.bench.common import bf16_peak_flops, measure, profile, sync, wr
 from dist_dejpeg.config import Config, load_config
 
 NAIVE = {"train.mixed_precision": "no", "model.channels_last": "false", "train.fused_adamw": "false",
-         "train.sync_every": "1", "train.compile": "false"}
-# Each rung adds one piece to the one before (the combinations that matter, not the full product).
+         "train.sync_every": "1", "train.compile": "false", "train.compile_mode": "default"}
+# Each rung adds one piece to the one before (the combinations that matter, not the full product). A rung is
+# named by the config key it sets (--rungs picks some: each keeps the pieces of the rungs before it).
 LADDER = [
     ("naive: fp32, eager, foreach AdamW, host checks every step", {}),
     ("+ channels_last", {"model.channels_last": "true"}),
@@ -37,7 +38,18 @@ LADDER = [
     ("+ fused AdamW", {"train.fused_adamw": "true"}),
     ("+ host checks every 25 steps", {"train.sync_every": "25"}),
     ("+ torch.compile", {"train.compile": "true"}),
+    # CUDA only (nothing to replay on a CPU): the compiled step launches ~1600 kernels from the host
+    ("+ CUDA graphs (compile mode reduce-overhead)", {"train.compile_mode": "reduce-overhead"}),
 ]
+
+
+def rung_name(overrides: dict) -> str:
+    """A rung's name: the last part of the config key it sets (compile, compile_mode, ...)."""
+    return next(iter(overrides)).rsplit(".", 1)[1]
+
+
+def rung_names() -> list[str]:
+    return [rung_name(step) for _, step in LADDER[1:]]
 TUNED = "tuned: the config's own settings"
 # The baseline measured again after everything else: the gap between its two measurements is how much one
 # configuration moves between Trainer builds in this run; ratios smaller than that are noise.
@@ -184,11 +196,12 @@ def _over_rounds(samples: list[dict]) -> dict:
 
 def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int = 3, steps: int = 10,
         repeats: int = 3, ladder: bool = True, updates: tuple[str, ...] = tuple(UPDATES), rounds: int = 1,
-        name: str = "train", rungs: bool = True, profile: bool = False) -> dict:
+        name: str = "train", rungs: tuple[str, ...] | None = None, profile: bool = False) -> dict:
     """``rounds`` > 1 measures the whole list of variants that many times, one after the other, and reports each
-    row's median round: on a machine whose speed drifts, every variant then sees the drift alike. ``rungs`` False
-    keeps of the ladder only its naive baseline (the tuned row's ratio without the rungs between: what fits a
-    GPU check whose compiled rows take minutes each). ``profile``: each variant's gen steps are also profiled,
+    row's median round: on a machine whose speed drifts, every variant then sees the drift alike. ``rungs``: the
+    ladder's rungs to time (names from rung_names(); None: all; (): only the naive baseline, then the tuned row:
+    what fits a GPU check whose compiled rows take minutes each). A rung keeps the pieces of the rungs before it,
+    timed or not. The CUDA graphs rung is left out on a CPU. ``profile``: each variant's gen steps are also profiled,
     the operator tables in ``<name>_profile_<n>.txt`` and the device-busy share in the table."""
     # rows share inductor's default cache (each row's run folder is a temporary one): later compiled rows reuse kernels
     base = load_config(config, list(overrides) + ["train.progress=false", "train.compile_cache=''"])
@@ -197,6 +210,9 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
         raise ValueError("bench train: the ladder times the gen update; add gen to --updates or use --no-ladder")
     if rounds < 1:
         raise ValueError("bench train: --rounds must be >= 1")
+    unknown = sorted(set(rungs or ()) - set(rung_names()))
+    if unknown:
+        raise ValueError(f"bench train: unknown rung(s) {unknown}; the rungs: {', '.join(rung_names())}")
     rows_all = _rows_for(base, updates)
     gen_rows = [r for r in rows_all if r[0].startswith("gen")]
     results: dict[str, dict[str, dict]] = {}
@@ -204,8 +220,11 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
     naive_cfg, done = _with(base, NAIVE), {}
     variants = []
     if ladder:
-        for label, step in LADDER if rungs else LADDER[:1]:
+        for label, step in LADDER:
             done.update(step)
+            if step and ((rungs is not None and rung_name(step) not in rungs)
+                         or (device.type != "cuda" and "train.compile_mode" in step)):
+                continue
             variants.append((label, _with(naive_cfg, done), rows_all if label.startswith("naive") else gen_rows))
     variants.append((TUNED, base, rows_all))
     if ladder:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
 
-from dist_dejpeg.config import Config, ConfigError, PhaseConfig, to_yaml
+from dist_dejpeg.config import CUDAGRAPH_MODES, Config, ConfigError, PhaseConfig, to_yaml
 from dist_dejpeg.data import build_train_loader, build_val_set, ensure_samples
 from dist_dejpeg.export import save_generator
 from dist_dejpeg.losses import LPIPS
@@ -145,14 +145,14 @@ def _use_compile_cache(path: Path | None) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path.absolute())
 
 
-def _compile(model: torch.nn.Module) -> None:
+def _compile(model: torch.nn.Module, mode: str = "default") -> None:
     """``torch.compile`` in place (same module, same state_dict keys, so checkpoints and DDP are unchanged).
     Compilation is lazy; where it fails at the first call, dynamo's suppress_errors runs that frame eagerly
-    and logs a warning instead of stopping the run."""
+    and logs a warning instead of stopping the run. ``mode``: train.compile_mode."""
     import torch._dynamo
 
     torch._dynamo.config.suppress_errors = True
-    model.compile(backend=COMPILE_BACKEND)
+    model.compile(backend=COMPILE_BACKEND, mode=None if mode == "default" else mode)
 
 
 class Trainer:
@@ -200,11 +200,15 @@ class Trainer:
         if critic is not None:
             critic = critic.to(memory_format=fmt)
             c_opt = adamw(critic)
+        # CUDA graphs replay a compiled step's kernels from one launch each (the compiled gen step is bound by
+        # its ~1600 host launches on an H200: benchmarks/results/gpu-nvidia-h200-2026-11-27); a replay reuses
+        # its output memory, so every training step and validation forward starts a new one (mark_step_begin)
+        self.cudagraphs = cfg.train.compile and cfg.train.compile_mode in CUDAGRAPH_MODES and acc.device.type == "cuda"
         if cfg.train.compile:
             _use_compile_cache(compile_cache_dir(cfg))
             for model in (generator, critic):
                 if model is not None:
-                    _compile(model)
+                    _compile(model, cfg.train.compile_mode)
         # Deferred host checks need the fused AdamW's on-device skip; elsewhere every step checks at once.
         self.sync_every = cfg.train.sync_every if self.fused and acc.device.type in DEFERRED_CHECK_DEVICES else 1
         self.flags = DeviceFlags() if self.sync_every > 1 else None
@@ -233,7 +237,7 @@ class Trainer:
         for loss_net in {id(m): m for m in (self.lpips, self.metric_lpips) if m is not None}.values():
             loss_net.to(memory_format=fmt)
             if cfg.train.compile:  # frozen, but most of the gen step's time (bench train: LPIPS share)
-                _compile(loss_net)
+                _compile(loss_net, cfg.train.compile_mode)
         set_seed(cfg.train.seed + acc.process_index)  # per-rank randomness (dropout, ...)
 
         rank, world = acc.process_index, acc.num_processes
@@ -352,12 +356,12 @@ class Trainer:
         else:
             self._average_bn_stats()
             results = validate(self.accelerator, self.gen_raw, self.val_set, self.metric_lpips,
-                               self.cfg.data.val_batch_size)
+                               self.cfg.data.val_batch_size, cudagraphs=self.cudagraphs)
             self._validated = (step, results)
         self.monitor.validation(tag, results, step)
         if self.accelerator.is_main_process:
             self.monitor.image(f"val/jpeg_restored_clean_{tag}", image_grid(self.accelerator, self.gen_raw,
-                                                                             self.val_set), step)
+                                                                             self.val_set, cudagraphs=self.cudagraphs), step)
         return results
 
     # -- the phase loop -------------------------------------------------------------------------------
@@ -453,6 +457,8 @@ class Trainer:
         """One optimizer update of ``turn``'s model ("gen" or "critic") under ``phase``'s loss weights; returns
         the detached losses. The learning rate is the caller's (run_phase sets it from the schedule)."""
         cfg, acc = self.cfg, self.accelerator
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         if turn == "gen":
             logs = generator_step(acc, self.generator, self.g_opt, batches, grad_accum=cfg.train.grad_accum,
                                   w_pixel=phase.w_pixel, w_lpips=phase.w_lpips,

@@ -13,9 +13,10 @@ ValSet = dict  # {quality: (jpeg uint8 N x 3 x H x W, clean uint8 N x 3 x H x W)
 
 
 @torch.no_grad()
-def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: int) -> dict:
+def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: int, cudagraphs: bool = False) -> dict:
     """Returns {"q10": {"jpeg": {psnr, ssim, lpips}, "restored": {...}}, ...}, reduced over all ranks.
-    ``generator`` is the unwrapped module; it is put in eval mode and returned to its previous mode."""
+    ``generator`` is the unwrapped module; it is put in eval mode and returned to its previous mode.
+    ``cudagraphs``: the models were compiled with CUDA graphs (each forward starts a new replay)."""
     was_training = generator.training
     generator.eval()
     results = {}
@@ -25,6 +26,8 @@ def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: 
             for start in range(0, jpeg_u8.shape[0], batch_size):
                 batch = to_device({"jpeg": jpeg_u8[start:start + batch_size], "clean": clean_u8[start:start + batch_size],
                                    "quality": [quality] * len(jpeg_u8[start:start + batch_size])}, accelerator.device)
+                if cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with accelerator.autocast():
                     restored = generator(batch["jpeg"], batch["quality"])
                 # the metrics in fp32, outside autocast: SSIM's variances under bf16 lose everything (a q10
@@ -45,7 +48,7 @@ def mean_restored_lpips(results: dict) -> float:
 
 
 @torch.no_grad()
-def image_grid(accelerator, generator, val_set: ValSet, count: int = 4) -> torch.Tensor | None:
+def image_grid(accelerator, generator, val_set: ValSet, count: int = 4, cudagraphs: bool = False) -> torch.Tensor | None:
     """Rows of JPEG | restored | clean for the first ``count`` crops of the lowest validation quality."""
     if not val_set:
         return None
@@ -58,6 +61,8 @@ def image_grid(accelerator, generator, val_set: ValSet, count: int = 4) -> torch
     was_training = generator.training
     generator.eval()
     try:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with accelerator.autocast():
             restored = generator(batch["jpeg"], batch["quality"]).float()
     finally:
