@@ -343,7 +343,8 @@ def reference_markdown() -> str:
             name, typ, _, comment = match.groups()
             value = getattr(defaults, name)
             shown = "(gen, critic, gan; see below)" if name == "phases" else repr(value)
-            out.append(f"| `{prefix}.{name}` | {typ.strip()} | `{shown}` | {comment.strip()} |")
+            meaning = comment.strip().replace("|", "\\|")  # "a | b" in a comment would split the table's cell
+            out.append(f"| `{prefix}.{name}` | {typ.strip()} | `{shown}` | {meaning} |")
         out.append("")
     return "\n".join(out)
 
