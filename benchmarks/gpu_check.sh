@@ -122,7 +122,7 @@ export ROOT OUT WHEELS SITE DATA WORK PY QUICK HAVE_CUDA TESTS COMPILE RUNGS WAI
     echo "# GPU check ($MODE)"
     echo
     echo "- command: \`benchmarks/gpu_check.sh$ARGS\` (wheels $WHEELS)"
-    echo "- host: $(hostname), $(date -u '+%Y-%m-%d %H:%M:%S UTC'), repo $(git -C "$ROOT" rev-parse --short HEAD 2> /dev/null || echo '?')"
+    echo "- host: $(hostname), $(date -u '+%Y-%m-%d %H:%M:%S UTC'), repo $(git -C "$ROOT" describe --always --dirty 2> /dev/null || echo '?') (-dirty: the working tree differs from that commit)"
     device="no CUDA (--allow-cpu)"
     if ((HAVE_CUDA)); then
         device=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2> /dev/null | head -n 1)

@@ -102,8 +102,11 @@ def test_bench_train_rungs_pick_the_ladder_rows(tmp_path, repo_root, monkeypatch
         seen.append((cfg.train.mixed_precision, cfg.train.compile, cfg.model.channels_last))
         profiled.append(profile_to and profile_to.name)
         ms = {"no": 30.0}.get(cfg.train.mixed_precision, 10.0)
-        return {update: {"ms_per_call": ms, "images_per_s_per_device": 1000 / ms, "spread": 0.0,
-                         "first_step_s": 1.0, "calls": 30} for update, *_ in rows}
+        out = {update: {"ms_per_call": ms, "images_per_s_per_device": 1000 / ms, "spread": 0.0,
+                        "first_step_s": 1.0, "calls": 30} for update, *_ in rows}
+        if profile_to is not None:  # as a GPU's profile: 6 ms of kernels in a profiled step of 40 ms
+            out["gen"]["profile"] = {"kernels_per_step": 1612, "device_busy_ms": 6.0, "wall_ms": 40.0}
+        return out
 
     monkeypatch.setattr(train, "bench_variant", fake)
     assert main(["bench", "train", "--config", "configs/debug.yaml", "--rungs", "none", "--updates", "gen", "--profile",
@@ -115,6 +118,8 @@ def test_bench_train_rungs_pick_the_ladder_rows(tmp_path, repo_root, monkeypatch
     profiled.clear()
     assert report["results"][train.TUNED]["gen"]["x_naive"] == 3.0
     assert "+ channels_last" not in md
+    # the busy share is taken against the unprofiled step (the profiler lengthens the profiled one)
+    assert "1612 kernels, GPU busy 6.0 ms of the 10.0 ms step (60%; profiled step 40.0 ms)" in md
 
     seen.clear()
     report = train.run("configs/debug.yaml", TINY, tmp_path, updates=("gen",), rungs=("fused_adamw", "compile"))
@@ -133,10 +138,10 @@ def test_profile_writes_the_operator_tables(tmp_path):
     overlapping kernel intervals."""
     import torch
 
-    from dist_dejpeg.bench.common import covered, profile
+    from dist_dejpeg.bench.common import covered, profile_calls
 
     a = torch.randn(64, 64)
-    out = profile(lambda: a @ a, tmp_path / "p.txt", steps=3)
+    out = profile_calls(lambda: a @ a, tmp_path / "p.txt", steps=3)
     assert out["steps"] == 3 and out["wall_ms"] > 0 and out["device_busy_ms"] is None
     text = (tmp_path / "p.txt").read_text()
     assert "by self host time" in text and "aten::mm" in text

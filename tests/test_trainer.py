@@ -166,7 +166,7 @@ def test_stop_rule_ends_gan_phase_and_keeps_best(tmp_path, shards, monkeypatch):
     scripted = iter([0.5, 0.4, 0.45, 0.41, 0.9, 0.9, 0.9])
     seen_steps = []
 
-    def fake_validate(accelerator, generator, val_set, lpips, batch_size):
+    def fake_validate(accelerator, generator, val_set, lpips, batch_size, cudagraphs=False):
         value = next(scripted)
         return {"q10": {"jpeg": dict(psnr=1.0, ssim=1.0, lpips=1.0), "restored": dict(psnr=1.0, ssim=1.0, lpips=value)}}
 
@@ -198,7 +198,7 @@ def test_final_validation_reuses_the_last_one_when_nothing_changed(tmp_path, sha
     scripted = iter([0.5, 0.4, 0.3, 0.9])
     calls = []
 
-    def fake_validate(accelerator, generator, val_set, lpips, batch_size):
+    def fake_validate(accelerator, generator, val_set, lpips, batch_size, cudagraphs=False):
         calls.append(batch_size)
         value = next(scripted)
         return {"q10": {"jpeg": dict(psnr=1.0, ssim=1.0, lpips=1.0), "restored": dict(psnr=1.0, ssim=1.0, lpips=value)}}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dist_dejpeg.bench.common import bf16_peak_flops, measure, profile, sync, write_results
+from dist_dejpeg.bench.common import bf16_peak_flops, measure, profile_calls, sync, write_results
 from dist_dejpeg.config import Config, load_config
 
 NAIVE = {"train.mixed_precision": "no", "model.channels_last": "false", "train.fused_adamw": "false",
@@ -50,6 +50,8 @@ def rung_name(overrides: dict) -> str:
 
 def rung_names() -> list[str]:
     return [rung_name(step) for _, step in LADDER[1:]]
+
+
 TUNED = "tuned: the config's own settings"
 # The baseline measured again after everything else: the gap between its two measurements is how much one
 # configuration moves between Trainer builds in this run; ratios smaller than that are noise.
@@ -174,8 +176,8 @@ def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: i
                 out[name] = dict(timing.as_dict(), first_step_s=first,
                                  images_per_s_per_device=images / timing.seconds_per_call)
                 if profile_to is not None and name == "gen":
-                    out[name]["profile"] = profile(lambda: step(phase, turn), profile_to.with_suffix(".txt"),
-                                                   steps=steps, device=trainer.accelerator.device)
+                    out[name]["profile"] = profile_calls(lambda: step(phase, turn), profile_to.with_suffix(".txt"),
+                                                         steps=steps, device=trainer.accelerator.device)
         finally:
             trainer.close()
         return out
@@ -307,12 +309,14 @@ def _write_report(config: str, overrides: list[str], out_dir: str | Path, name: 
             f"compilation, timed on its own: first step s)"
             + (f"; every variant measured in {rounds} rounds, the median round shown, spread across rounds"
                if rounds > 1 else "") + "; ratios within this run.")
-    profiled = [f"{label}: {p['wall_ms']:.1f} ms/step, {p['kernels_per_step']:.0f} kernels, GPU busy "
-                f"{p['device_busy_ms']:.1f} ms ({100 * p['device_busy_frac']:.0f}%)"
-                for label, rows in results.items() if (p := rows.get("gen", {}).get("profile"))
+    # the busy share against the unprofiled step: the profiler's own overhead lengthens the profiled one
+    profiled = [f"{label}: {p['kernels_per_step']:.0f} kernels, GPU busy {p['device_busy_ms']:.1f} ms of the "
+                f"{r['ms_per_call']:.1f} ms step ({100 * p['device_busy_ms'] / r['ms_per_call']:.0f}%; profiled step "
+                f"{p['wall_ms']:.1f} ms)"
+                for label, rows in results.items() if (r := rows.get("gen")) and (p := r.get("profile"))
                 and p.get("device_busy_ms") is not None]
     if profiled:
-        note += (" Profiled gen steps (torch.profiler, the time some kernel ran; the operator tables in "
+        note += (" Profiled gen steps (torch.profiler; busy: some kernel running; the operator tables in "
                  f"{name}_profile_<n>.txt): " + "; ".join(profiled) + ".")
     if pending:
         note += f" **Incomplete: still to measure: {'; '.join(pending)}.**"
