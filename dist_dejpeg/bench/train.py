@@ -170,7 +170,7 @@ def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: i
                 first = time.perf_counter() - start
                 if cfg.train.compile:  # where the first step's compiling went (dynamo's phases, cumulative)
                     print(f"bench train: {name}: first step {first:.1f} s; torch._dynamo compile times:\n"
-                          f"{torch._dynamo.utils.compile_times()}", flush=True)
+                          f"{torch._dynamo.utils.compile_times(aggregate=True)}", flush=True)
                 timing = measure(lambda: step(phase, turn), warmup=max(warmup - 1, 0), steps=steps, repeats=repeats,
                                  device=trainer.accelerator.device)
                 out[name] = dict(timing.as_dict(), first_step_s=first,
