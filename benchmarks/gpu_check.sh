@@ -238,7 +238,9 @@ step_bench_train() {
         # benchmarks/results/gpu-nvidia-h200-2026-11-27); the compile rung would be the tuned row compiled twice
         local rungs=(--rungs=compile_mode)
         ((RUNGS)) && rungs=()
-        "$PY" -m dist_dejpeg.cli bench --results "$OUT/results" --updates=gen "${rungs[@]}" train || exit $?
+        # TORCH_LOGS=cudagraphs: why inductor ran a region without CUDA graphs, where it did (the row counts them)
+        TORCH_LOGS=cudagraphs "$PY" -m dist_dejpeg.cli bench --results "$OUT/results" --updates=gen "${rungs[@]}" train \
+            || exit $?
     fi
     [[ -s $OUT/results/train.json ]] || { echo "gpu_check: no $OUT/results/train.json"; exit 1; }
 }

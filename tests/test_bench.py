@@ -106,6 +106,8 @@ def test_bench_train_rungs_pick_the_ladder_rows(tmp_path, repo_root, monkeypatch
                         "first_step_s": 1.0, "calls": 30} for update, *_ in rows}
         if profile_to is not None:  # as a GPU's profile: 6 ms of kernels in a profiled step of 40 ms
             out["gen"]["profile"] = {"kernels_per_step": 1612, "device_busy_ms": 6.0, "wall_ms": 40.0}
+        if cfg.train.compile:  # as a GPU's CUDA graphs row where inductor could not graph two regions
+            out["gen"]["cudagraph_skips"] = 2
         return out
 
     monkeypatch.setattr(train, "bench_variant", fake)
@@ -120,6 +122,7 @@ def test_bench_train_rungs_pick_the_ladder_rows(tmp_path, repo_root, monkeypatch
     assert "+ channels_last" not in md
     # the busy share is taken against the unprofiled step (the profiler lengthens the profiled one)
     assert "1612 kernels, GPU busy 6.0 ms of the 10.0 ms step (60%; profiled step 40.0 ms)" in md
+    assert f"without CUDA graphs (TORCH_LOGS=cudagraphs says why): {train.TUNED} / gen: 2." in md
 
     seen.clear()
     report = train.run("configs/debug.yaml", TINY, tmp_path, updates=("gen",), rungs=("fused_adamw", "compile"))

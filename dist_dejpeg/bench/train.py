@@ -161,9 +161,12 @@ def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: i
             if trainer.checks_due:
                 trainer.host_checks()
 
+        from torch._dynamo.utils import counters
+
         try:
             for name, turn, phase in rows:
                 # the first step on its own: it pays the compilation, if any (what a short run pays too)
+                skips = counters["inductor"]["cudagraph_skips"]
                 start = time.perf_counter()
                 step(phase, turn)
                 sync(trainer.accelerator.device)
@@ -175,6 +178,8 @@ def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: i
                                  device=trainer.accelerator.device)
                 out[name] = dict(timing.as_dict(), first_step_s=first,
                                  images_per_s_per_device=images / timing.seconds_per_call)
+                if trainer.cudagraphs:  # inductor falls back to plain compiled code where it cannot graph a region
+                    out[name]["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
                 if profile_to is not None and name == "gen":
                     out[name]["profile"] = profile_calls(lambda: step(phase, turn), profile_to.with_suffix(".txt"),
                                                          steps=steps, device=trainer.accelerator.device)
@@ -318,6 +323,11 @@ def _write_report(config: str, overrides: list[str], out_dir: str | Path, name: 
     if profiled:
         note += (" Profiled gen steps (torch.profiler; busy: some kernel running; the operator tables in "
                  f"{name}_profile_<n>.txt): " + "; ".join(profiled) + ".")
+    skipped = [f"{label} / {update}: {r['cudagraph_skips']}" for label, rows in results.items()
+               for update, r in rows.items() if r.get("cudagraph_skips")]
+    if skipped:
+        note += (" Regions inductor ran without CUDA graphs (TORCH_LOGS=cudagraphs says why): "
+                 + "; ".join(skipped) + ".")
     if pending:
         note += f" **Incomplete: still to measure: {'; '.join(pending)}.**"
     write_results(out_dir, name, report, "Train-step throughput", note,
