@@ -383,6 +383,7 @@ def test_compiled_generator_trains_on_cuda(tmp_path, shards):
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(300)  # compiling (as the test above), and again for CUDA graphs' eval-mode validation
 def test_cuda_graphs_train_and_validate_on_cuda(tmp_path, shards):
     """train.compile_mode=reduce-overhead: the gen phase trains and validates with CUDA graphs (the outputs of
     one replay are not read after the next)."""
