@@ -344,17 +344,24 @@ def test_compile_mode_reaches_the_compiler_and_cuda_graphs_mark_each_step(tmp_pa
         return graph_module.forward
 
     monkeypatch.setattr(trainer_mod, "COMPILE_BACKEND", recording_backend)
-    torch._dynamo.reset()  # frames compiled by earlier tests with other backends: their cache would answer
+    torch._dynamo.reset()  # frames compiled by earlier tests with other backends: their cache could answer
+    layer = torch.nn.Linear(2, 2)
+    trainer_mod._compile(layer, "reduce-overhead")
+    layer(torch.randn(1, 2))
+    assert modes == ["reduce-overhead"]
+    # the Trainer hands the config's mode to every model it compiles (run eagerly here: the marks are the point)
+    compiled = []
+    monkeypatch.setattr(trainer_mod, "_compile", lambda model, mode="default": compiled.append(mode))
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=2", "train.compile=true",
                "train.compile_mode=reduce-overhead", "train.val_every=100", "data.val_max_images=2",
                "data.val_qualities=[10,40]", "data.val_batch_size=4")
     t = Trainer(cfg)
+    assert len(compiled) >= 2 and set(compiled) == {"reduce-overhead"}  # generator, critic, LPIPS
     assert not t.cudagraphs, "no CUDA graphs on a CPU"
-    t.cudagraphs = True  # as on CUDA: the step marks (the CPU compiles without graphs all the same)
+    t.cudagraphs = True  # as on CUDA: the step marks
     t.fit()
-    assert modes and set(modes) == {"reduce-overhead"}
     # 2 steps, the end-of-phase validation (2 qualities x 1 batch) and its image grid
     assert len(marks) == 2 + 2 + 1
     with pytest.raises(ConfigError, match="train.compile_mode"):
