@@ -131,7 +131,7 @@ def covered(intervals: list[tuple[float, float]]) -> float:
 
 
 def profile_calls(fn: Callable[[], object], path: str | Path, *, steps: int = 5,
-            device: torch.device | str | None = None) -> dict:
+                  device: torch.device | str | None = None) -> dict:
     """Run ``fn`` ``steps`` times under torch.profiler (after the caller's warm-up) and write ``path``: the top
     operators by self device time and by self host time. Returns the wall time per call and, where a GPU ran
     kernels, the time per call during which at least one kernel ran (``device_busy_ms``): a busy share well

@@ -161,7 +161,7 @@ def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: i
             if trainer.checks_due:
                 trainer.host_checks()
 
-        from torch._dynamo.utils import counters
+        from torch._dynamo.utils import compile_times, counters
 
         try:
             for name, turn, phase in rows:
@@ -173,7 +173,7 @@ def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: i
                 first = time.perf_counter() - start
                 if cfg.train.compile:  # where the first step's compiling went (dynamo's phases, cumulative)
                     print(f"bench train: {name}: first step {first:.1f} s; torch._dynamo compile times:\n"
-                          f"{torch._dynamo.utils.compile_times(aggregate=True)}", flush=True)
+                          f"{compile_times(aggregate=True)}", flush=True)
                 timing = measure(lambda: step(phase, turn), warmup=max(warmup - 1, 0), steps=steps, repeats=repeats,
                                  device=trainer.accelerator.device)
                 out[name] = dict(timing.as_dict(), first_step_s=first,
