@@ -10,7 +10,7 @@ __all__ = ["Restorer"]
 
 def __getattr__(name):  # lazy: `import dist_dejpeg` stays cheap (no torch) for the CLI's argument parsing
     if name == "Restorer":
-        from dist_dejpeg.infer import Restorer
+        from dist_dejpeg.restore.restorer import Restorer
 
         return Restorer
     raise AttributeError(f"module 'dist_dejpeg' has no attribute {name!r}")

@@ -25,7 +25,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dist_dejpeg.data.images import TILE_FORMATS
+from dist_dejpeg.jpeg.formats import TILE_FORMATS
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint; the same command continues the run
 
@@ -98,9 +98,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    from dist_dejpeg.train.checkpoint import RunDirBusy
+    from dist_dejpeg.run.lock import RunDirBusy
     from dist_dejpeg.train.trainer import Preempted, TrainingStopped, train
-    from dist_dejpeg.weights import WeightsError
+    from dist_dejpeg.models.weights import WeightsError
 
     try:
         results = train(cfg, resume=args.resume)
@@ -125,8 +125,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from dist_dejpeg.export import ModelFileError
-    from dist_dejpeg.infer import InputImageError, Restorer, check_output_dir, restore_files
+    from dist_dejpeg.models.generator_file import ModelFileError
+    from dist_dejpeg.restore.restorer import InputImageError, Restorer, check_output_dir, restore_files
 
     try:
         check_output_dir(args.out)
@@ -155,9 +155,9 @@ def _restore(args: argparse.Namespace) -> int:
 
 def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
     """evaluate()'s result, or an exit status after printing the error."""
-    from dist_dejpeg.evaluate import EvaluateError, evaluate
-    from dist_dejpeg.export import ModelFileError
-    from dist_dejpeg.infer import Restorer
+    from dist_dejpeg.evaluation.evaluate import EvaluateError, evaluate
+    from dist_dejpeg.models.generator_file import ModelFileError
+    from dist_dejpeg.restore.restorer import Restorer
 
     try:
         restorer = Restorer(args.model, device=args.device, tile=args.tile, overlap=args.overlap,
@@ -187,8 +187,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from dist_dejpeg.evaluate import write_tables
-    from dist_dejpeg.report import write_report
+    from dist_dejpeg.evaluation.evaluate import write_tables
+    from dist_dejpeg.evaluation.report import write_report
 
     result = _evaluation(args, keep_images=True)
     if isinstance(result, int):
@@ -296,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--crop", type=int, default=192, help="crop size in pixels")
     rp.set_defaults(func=_report)
 
-    from dist_dejpeg.onnx_export import add_parser as add_export
-    from dist_dejpeg.status import add_parser as add_status
+    from dist_dejpeg.models.onnx_export import add_parser as add_export
+    from dist_dejpeg.run.status import add_parser as add_status
 
     add_export(sub)
     add_status(sub)

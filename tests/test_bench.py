@@ -245,8 +245,8 @@ def _fake_eval(gains_by_run: dict):
 
 
 def test_bench_quality_tables_blind_vs_conditioned(tmp_path, monkeypatch):
-    from dist_dejpeg import evaluate as evaluate_mod
-    from dist_dejpeg import infer
+    from dist_dejpeg.evaluation import evaluate as evaluate_mod
+    from dist_dejpeg.restore import restorer as infer
     from dist_dejpeg.bench import common, quality
 
     calls = []
@@ -290,7 +290,7 @@ def test_bench_quality_tables_blind_vs_conditioned(tmp_path, monkeypatch):
 
 
 def test_bench_colour_rows(tmp_path, monkeypatch):
-    from dist_dejpeg import evaluate as evaluate_mod
+    from dist_dejpeg.evaluation import evaluate as evaluate_mod
     from dist_dejpeg.bench import colour, common
 
     calls = []
@@ -313,7 +313,7 @@ def test_chroma_share_from_the_jfif_inverse():
     import numpy as np
 
     from dist_dejpeg.bench import chroma
-    from dist_dejpeg.data.images import JFIF_YCBCR
+    from dist_dejpeg.jpeg.formats import JFIF_YCBCR
 
     inv = np.linalg.inv(np.array(JFIF_YCBCR))  # YCbCr difference -> RGB difference
     assert chroma.CB_TO_RGB == pytest.approx((inv[:, 1] ** 2).sum() / 3, rel=1e-4)
@@ -328,7 +328,7 @@ def test_chroma_share_from_the_jfif_inverse():
 
 
 def test_bench_chroma_runs_and_table(tmp_path, monkeypatch):
-    from dist_dejpeg import evaluate as evaluate_mod
+    from dist_dejpeg.evaluation import evaluate as evaluate_mod
     from dist_dejpeg.bench import chroma, common
 
     calls = []

@@ -14,8 +14,8 @@ from PIL import Image
 
 from dist_dejpeg.cli import main
 from dist_dejpeg.config import ModelConfig
-from dist_dejpeg.evaluate import ALL_NAMES, read_references
-from dist_dejpeg.export import save_generator
+from dist_dejpeg.evaluation.evaluate import ALL_NAMES, read_references
+from dist_dejpeg.models.generator_file import save_generator
 
 TINY = dict(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=16)
 
@@ -81,8 +81,8 @@ def test_evaluate_writes_three_tables_with_six_metrics(tmp_path, model_file, pho
 
 
 def test_y_only_and_border_crop_change_the_numbers(tmp_path, model_file, photos):
-    from dist_dejpeg.evaluate import evaluate
-    from dist_dejpeg.infer import Restorer
+    from dist_dejpeg.evaluation.evaluate import evaluate
+    from dist_dejpeg.restore.restorer import Restorer
 
     restorer = Restorer(str(model_file), tile=0)
     rgb = evaluate(restorer, [str(photos / "chelsea.png")], [20], None, progress=False)
@@ -102,7 +102,7 @@ def test_lossy_references_refused_unless_allowed(tmp_path):
     import skimage.data
 
     Image.fromarray(skimage.data.coffee()[:64, :64]).save(tmp_path / "ref.jpg", quality=95)
-    from dist_dejpeg.evaluate import EvaluateError
+    from dist_dejpeg.evaluation.evaluate import EvaluateError
 
     with pytest.raises(EvaluateError, match="lossy reference"):
         read_references([str(tmp_path)])

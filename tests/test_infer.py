@@ -15,8 +15,8 @@ from torch import nn
 
 from dist_dejpeg.cli import main
 from dist_dejpeg.config import Config, ModelConfig, to_yaml
-from dist_dejpeg.export import ModelFileError, load_model, save_generator
-from dist_dejpeg.infer import InputImageError, Restorer, load_image, tile_starts
+from dist_dejpeg.models.generator_file import ModelFileError, load_model, save_generator
+from dist_dejpeg.restore.restorer import InputImageError, Restorer, load_image, tile_starts
 from dist_dejpeg.models.unet import build_generator
 
 TINY = dict(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=16)
@@ -184,7 +184,7 @@ def restorer(model_file) -> Restorer:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_matrix(tmp_path, restorer, name):
     """Each odd input: a correct result (size, mode, alpha, orientation) or a clear error; never a crash."""
-    from dist_dejpeg.infer import restore_files
+    from dist_dejpeg.restore.restorer import restore_files
 
     make, expect = CASES[name]
     src = _write(tmp_path / "in" / name, make())
@@ -273,7 +273,7 @@ def test_model_with_an_encoder_timm_does_not_have(tmp_path):
 
     good = tmp_path / "good.safetensors"
     save_generator(_model(), ModelConfig(**TINY), good)
-    from dist_dejpeg.export import read_metadata
+    from dist_dejpeg.models.generator_file import read_metadata
 
     meta = read_metadata(good)
     cfg = json.loads(meta["model"])

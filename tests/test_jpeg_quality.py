@@ -1,4 +1,4 @@
-"""The JPEG quality read back from a file's quantization tables (dist_dejpeg.jpeg_quality)."""
+"""The JPEG quality read back from a file's quantization tables (dist_dejpeg.jpeg.quality)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dist_dejpeg.jpeg_quality import BASE_LUMA, estimate_quality, libjpeg_table
+from dist_dejpeg.jpeg.quality import BASE_LUMA, estimate_quality, libjpeg_table
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (24, 32, 3), dtype=np.uint8)

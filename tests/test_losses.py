@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from dist_dejpeg.losses import LPIPS, critic_loss, generator_adv_loss, pixel_loss
+from dist_dejpeg.models.lpips import LPIPS
+from dist_dejpeg.train.losses import critic_loss, generator_adv_loss, pixel_loss
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +162,8 @@ def test_chroma_weighted_pixel_loss():
     that is pure chroma (luma unchanged) costs more with weight 4 than with 0.25."""
     import torch
 
-    from dist_dejpeg.data.images import JFIF_YCBCR
-    from dist_dejpeg.losses import pixel_loss
+    from dist_dejpeg.jpeg.formats import JFIF_YCBCR
+    from dist_dejpeg.train.losses import pixel_loss
 
     g = torch.Generator().manual_seed(0)
     clean = torch.rand(2, 3, 8, 8, generator=g) * 0.5 + 0.25

@@ -16,11 +16,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from dist_dejpeg.config import ModelConfig
-from dist_dejpeg.export import FORMAT, load_generator, read_metadata, save_generator
+from dist_dejpeg.models.generator_file import FORMAT, load_generator, read_metadata, save_generator
 from dist_dejpeg.models.critic import Critic
 from dist_dejpeg.models.layers import PixelShuffleICNR, SelfAttention, icnr_
 from dist_dejpeg.models.unet import Generator, build_generator
-from dist_dejpeg.weights import WeightsError, create_encoder
+from dist_dejpeg.models.weights import WeightsError, create_encoder
 
 ENCODERS = ["mobilenetv3_large_100", "mobilenetv3_small_050", "resnet18", "efficientnet_b0", "convnext_atto"]
 SIZES = [(37, 53), (64, 64), (33, 97), (8, 8)]
@@ -406,7 +406,7 @@ def _fake_failed_download(calls):
 
 
 def test_lpips_pretrained_missing_backbone_names_file_and_key(tmp_path, monkeypatch):
-    from dist_dejpeg.losses import LPIPS
+    from dist_dejpeg.models.lpips import LPIPS
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     calls = []
@@ -429,7 +429,7 @@ def test_lpips_pretrained_missing_backbone_names_file_and_key(tmp_path, monkeypa
 def test_lpips_backbone_from_explicit_file(tmp_path):
     import torchvision
 
-    from dist_dejpeg.losses import LPIPS
+    from dist_dejpeg.models.lpips import LPIPS
 
     torch.manual_seed(5)
     alex = torchvision.models.alexnet()
@@ -451,7 +451,7 @@ def test_lpips_backbone_from_explicit_file(tmp_path):
 def test_lpips_backbone_from_torch_hub_cache(tmp_path, monkeypatch):
     import torchvision
 
-    from dist_dejpeg.losses import LPIPS
+    from dist_dejpeg.models.lpips import LPIPS
 
     torch.manual_seed(7)
     features = {f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}
@@ -467,7 +467,7 @@ def test_lpips_backbone_from_torch_hub_cache(tmp_path, monkeypatch):
 
 
 def test_lpips_backbone_file_with_wrong_keys(tmp_path):
-    from dist_dejpeg.losses import LPIPS
+    from dist_dejpeg.models.lpips import LPIPS
 
     path = tmp_path / "bogus.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, path)

@@ -12,7 +12,8 @@ import warnings
 import pytest
 
 from dist_dejpeg.config import ConfigError
-from dist_dejpeg.train.monitor import PROGRESS_KEYS, check_trackers, duration
+from dist_dejpeg.run.layout import PROGRESS_KEYS
+from dist_dejpeg.train.monitor import check_trackers, duration
 from dist_dejpeg.train.trainer import Trainer
 
 from test_trainer import fresh_accelerator_state, shards, tiny  # noqa: F401 - fixtures shared with test_trainer
@@ -48,7 +49,7 @@ def test_plain_lines_progress_json_and_tensorboard(tmp_path, shards, caplog):
 def test_lpips_deprecation_warnings_are_silenced_narrowly():
     import lpips
 
-    from dist_dejpeg.losses import LPIPS
+    from dist_dejpeg.models.lpips import LPIPS
 
     with warnings.catch_warnings(record=True) as raw:
         warnings.simplefilter("always")

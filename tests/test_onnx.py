@@ -20,9 +20,9 @@ pytest.importorskip("onnxscript")
 import onnxruntime as ort  # noqa: E402
 
 from dist_dejpeg.config import ModelConfig  # noqa: E402
-from dist_dejpeg.export import load_model, save_generator  # noqa: E402
+from dist_dejpeg.models.generator_file import load_model, save_generator  # noqa: E402
 from dist_dejpeg.models.unet import build_generator  # noqa: E402
-from dist_dejpeg.onnx_export import (ONNX_FORMAT, TOLERANCE, add_parser, check_batch, fold_spectral_norm,  # noqa: E402
+from dist_dejpeg.models.onnx_export import (ONNX_FORMAT, TOLERANCE, add_parser, check_batch, fold_spectral_norm,  # noqa: E402
                                      load_check_image, read_onnx_metadata)
 
 CFG = ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=32, quality_conditioning=True)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from dist_dejpeg.config import to_yaml
 from dist_dejpeg.data import build_train_loader
+from dist_dejpeg.run.lock import RunDirBusy, RunLock
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train.trainer import Preempted, Trainer, train
 
@@ -113,7 +114,7 @@ def test_a_run_folder_has_one_writer(tmp_path, shards):
     first = Trainer(cfg)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    with pytest.raises(ckpt.RunDirBusy, match=f"in use by another training run.*pid.*{os.getpid()}"):
+    with pytest.raises(RunDirBusy, match=f"in use by another training run.*pid.*{os.getpid()}"):
         Trainer(cfg)
     first.fit()  # releases the lock when it ends
     AcceleratorState._reset_state(True)
@@ -123,17 +124,17 @@ def test_a_run_folder_has_one_writer(tmp_path, shards):
 
 def test_a_lock_held_by_another_process_is_refused_and_dies_with_it(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
-                               "from dist_dejpeg.train.checkpoint import RunLock\n"
+                               "from dist_dejpeg.run.lock import RunLock\n"
                                f"lock = RunLock({str(tmp_path)!r}); lock.acquire(); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(ckpt.RunDirBusy, match=str(holder.pid)):
-            ckpt.RunLock(tmp_path).acquire()
+        with pytest.raises(RunDirBusy, match=str(holder.pid)):
+            RunLock(tmp_path).acquire()
     finally:
         holder.kill()
         holder.wait()
-    lock = ckpt.RunLock(tmp_path)
+    lock = RunLock(tmp_path)
     lock.acquire()  # kill -9 leaves no stale lock
     lock.release()
 

@@ -1,4 +1,4 @@
-"""The HTML comparison report (dist_dejpeg.report): the page's structure from real photos (skimage.data, JPEG
+"""The HTML comparison report (dist_dejpeg.evaluation.report): the page's structure from real photos (skimage.data, JPEG
 via PIL, "restored" = a slight blur; no model), the crop rule, and the page opened in headless Chromium
 (every image decoded, the table there, the zoom control working, a screenshot saved).
 
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from dist_dejpeg.report import error_crop, summarize, write_report
+from dist_dejpeg.evaluation.report import error_crop, summarize, write_report
 
 QUALITIES = (10, 40)
 CROP = 96

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_dejpeg import status as st
+from dist_dejpeg.run import status as st
 from dist_dejpeg.config import to_yaml
 from dist_dejpeg.train.trainer import train
 

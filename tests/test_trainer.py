@@ -13,7 +13,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from dist_dejpeg.config import ConfigError, load_config
 from dist_dejpeg.data.shards import prepare_samples
-from dist_dejpeg.export import load_generator
+from dist_dejpeg.models.generator_file import load_generator
 from dist_dejpeg.metrics import METRICS
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train import trainer as trainer_mod

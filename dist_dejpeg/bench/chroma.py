@@ -63,7 +63,7 @@ def summarise(result: dict) -> dict:
 def run(config: str, overrides: list[str], out_dir: str | Path, *, weights=WEIGHTS, seeds=(0, 1, 2),
         qualities=QUALITIES, work: str | Path = "runs/bench-quality", name: str = "chroma") -> dict:
     from dist_dejpeg.bench.common import mean_spread, quality_bench_setup, train_once, write_results
-    from dist_dejpeg.evaluate import evaluate
+    from dist_dejpeg.evaluation.evaluate import evaluate
 
     work, images = quality_bench_setup(config, overrides, work)
     runs: dict[str, dict] = {}

@@ -34,7 +34,7 @@ def summarise(result: dict, q: str) -> dict:
 def run(config: str, overrides: list[str], out_dir: str | Path, *, norms=NORMS, gen_steps=(1000, 5000),
         qualities=(10, 20, 40), work: str | Path = "runs/bench-colour", name: str = "colour") -> dict:
     from dist_dejpeg.bench.common import quality_bench_setup, train_once, write_results
-    from dist_dejpeg.evaluate import evaluate
+    from dist_dejpeg.evaluation.evaluate import evaluate
 
     base = [*overrides, "train.order=[gen]"]
     work, images = quality_bench_setup(config, base, work)

@@ -29,7 +29,7 @@ def _devices() -> list[torch.device]:
 
 def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int = 3, name: str = "infer",
         sizes: dict | None = None, modes: dict | None = None) -> dict:
-    from dist_dejpeg.infer import Restorer
+    from dist_dejpeg.restore.restorer import Restorer
     from dist_dejpeg.models.unet import build_generator
 
     cfg = load_config(config, list(overrides))

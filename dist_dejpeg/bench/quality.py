@@ -26,8 +26,8 @@ VARIANTS = (("blind", False, True, True), ("blind, no guard", False, False, True
 def run(config: str, overrides: list[str], out_dir: str | Path, *, seeds=(0, 1, 2), qualities=QUALITIES,
         work: str | Path = "runs/bench-quality", name: str = "quality") -> dict:
     from dist_dejpeg.bench.common import mean_spread, quality_bench_setup, train_once, write_results
-    from dist_dejpeg.evaluate import evaluate
-    from dist_dejpeg.infer import Restorer
+    from dist_dejpeg.evaluation.evaluate import evaluate
+    from dist_dejpeg.restore.restorer import Restorer
 
     work, images = quality_bench_setup(config, overrides, work)
     runs: dict[str, dict] = {}

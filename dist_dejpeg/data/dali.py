@@ -25,6 +25,7 @@ import torch
 from dist_dejpeg.data.index import check_indexes
 from dist_dejpeg.data.shards import read_manifest
 from dist_dejpeg.data.torch_loader import to_device
+from dist_dejpeg.jpeg.formats import ENCODED_SHARD_EXTS
 
 
 try:
@@ -35,7 +36,7 @@ try:
 except ImportError:  # pragma: no cover - exercised where DALI is not installed
     HAVE_DALI = False
 
-EXTENSIONS = "png;jp2;jpg;jpeg;webp;tif;tiff;bmp"  # one output: whichever encoded image a sample has
+EXTENSIONS = ";".join(ENCODED_SHARD_EXTS)  # one output: whichever encoded image a sample has
 
 
 def first_unreadable_tar(shards: list[str]) -> tuple[str, str] | None:

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dist_dejpeg.data.images import JFIF_YCBCR, jpeg_roundtrip
+from dist_dejpeg.data.images import jpeg_roundtrip
+from dist_dejpeg.jpeg.formats import JFIF_YCBCR
 
 _YCC = torch.tensor(JFIF_YCBCR)  # as libjpeg converts
 _RGB = torch.linalg.inv(_YCC)

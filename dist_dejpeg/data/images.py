@@ -8,16 +8,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
-# Extensions a shard sample may carry its image under, in order of preference. "raw" is an uncompressed
-# square H x W x 3 uint8 tile (no decode at all; the side follows from the byte count).
-IMAGE_EXTS = ("png", "raw", "jp2", "webp", "tif", "tiff", "ppm", "bmp", "jpg", "jpeg")
-# Lossless formats a shard can be written in (`prepare --format`).
-TILE_FORMATS = ("png", "raw", "jp2")
+from dist_dejpeg.jpeg.formats import SHARD_EXTS, TILE_FORMATS
 
-
-# JFIF (JPEG's own) full-range RGB -> YCbCr, rows Y, Cb, Cr, without the +128 chroma offset: the GPU JPEG
-# path's 4:2:0 rebuild and validation's per-plane PSNR both use it
-JFIF_YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
 
 
 class BadImage(ValueError):
@@ -97,7 +89,7 @@ def decode_component(ext: str, data: bytes) -> np.ndarray:
 
 def image_bytes(sample: dict) -> tuple[str, bytes] | None:
     """The (extension, bytes) of the first image component of a webdataset sample, or None."""
-    for ext in IMAGE_EXTS:
+    for ext in SHARD_EXTS:
         if ext in sample and isinstance(sample[ext], (bytes, bytearray)):
             return ext, bytes(sample[ext])
     return None

@@ -32,6 +32,7 @@ import webdataset as wds
 
 from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile
 from dist_dejpeg.data.index import write_indexes
+from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,6 @@ def samples_stale(root: str | Path) -> bool:
     return have != set(SAMPLE_TRAIN) | set(SAMPLE_VAL)
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".ppm", ".jp2"}
 
 
 def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step: int = 128, shard_size: int = 256,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_dejpeg.models.layers import ConvBlock, PixelShuffleICNR, ResBlock, act, norm_layer
-from dist_dejpeg.weights import create_encoder
+from dist_dejpeg.models.weights import create_encoder
 
 
 class UpBlock(nn.Module):

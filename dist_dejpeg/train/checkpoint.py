@@ -20,33 +20,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-STEP_DIR = re.compile(r"^step-(\d{8})$")
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)
-             and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
+from dist_dejpeg.run.files import fsync_dir
+from dist_dejpeg.run.layout import (CONFIG, TRAINER_STATE, checkpoint_dir, latest_checkpoint, list_checkpoints,
+                                    partial_checkpoints, partial_name, step_name)
 
 def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: int, trainer_state: dict,
                     loader_state: dict, config_yaml: str, keep_last: int, buffers: dict | None = None,
@@ -54,8 +36,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: 
     """Collective: every rank calls it. ``buffers``: this rank's model buffers; ``main_tensors``: extra
     safetensors files (name -> tensors) written by the main process. Returns the final folder."""
     root = checkpoint_dir(run_dir)
-    final = root / f"step-{global_step:08d}"
-    tmp = root / f".tmp-step-{global_step:08d}"
+    final = root / step_name(global_step)
+    tmp = root / partial_name(global_step)
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -71,13 +53,13 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: 
         if main_tensors:
             for name, tensors in main_tensors.items():
                 save_file(_packed(tensors), str(tmp / name))
-        (tmp / "config.yaml").write_text(config_yaml)
-        _write_json(tmp / "trainer_state.json", trainer_state)  # last file: marks the folder complete
-        _fsync_dir(tmp)
+        (tmp / CONFIG).write_text(config_yaml)
+        _write_json(tmp / TRAINER_STATE, trainer_state)  # last file: marks the folder complete
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. a NaN stop right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -92,8 +74,7 @@ def _packed(tensors: dict) -> dict:
 def remove_partial(run_dir: str | Path) -> list[Path]:
     """Delete ``.tmp-step-*`` folders a killed run left half-written. Only the holder of the run folder's lock
     may call it (another live writer could be filling one)."""
-    root = checkpoint_dir(run_dir)
-    partial = sorted(root.glob(".tmp-step-*")) if root.is_dir() else []
+    partial = partial_checkpoints(run_dir)
     for path in partial:
         shutil.rmtree(path, ignore_errors=True)
     return partial
@@ -103,10 +84,10 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, d
     """Collective. Restores models, optimizers, scaler and RNG; returns (trainer_state, loader_state, this
     rank's buffers or {})."""
     path = Path(path)
-    if not (path / "trainer_state.json").is_file():
+    if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"not a complete checkpoint (no trainer_state.json): {path}")
     accelerator.load_state(str(path))
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    trainer_state = json.loads((path / TRAINER_STATE).read_text())
     loader_file = path / f"loader_{accelerator.process_index}.json"
     loader_state = json.loads(loader_file.read_text()) if loader_file.is_file() else None
     buffer_file = path / f"buffers_{accelerator.process_index}.safetensors"
@@ -133,17 +114,6 @@ def _write_json(path: Path, data: dict) -> None:
         json.dump(data, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- preemption -------------------------------------------------------------------------------------------
@@ -189,45 +159,3 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-
-class RunDirBusy(RuntimeError):
-    """Another live process holds the run folder's lock."""
-
-
-class RunLock:
-    """One writer per run folder: an exclusive ``flock`` on ``<run_dir>/.lock``, held by the main process for
-    the whole run and released by the kernel when the process ends (no stale locks after a kill -9 or a
-    requeue). The file names the holder, for the error the second writer gets."""
-
-    def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / ".lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        import fcntl
-        import socket
-        import time
-
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunDirBusy(f"run folder {self.path.parent} is in use by another training run ({holder}); two "
-                             f"runs would overwrite each other's checkpoints. Stop that run, or set another "
-                             f"train.run_dir.") from None
-        os.ftruncate(fd, 0)
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
-                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.write(fd, json.dumps(holder).encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-
-    def __del__(self):
-        self.release()

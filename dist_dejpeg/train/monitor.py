@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -26,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_dejpeg.run.files import atomic_write_json
+from dist_dejpeg.run.layout import PROGRESS, PROGRESS_KEYS
+
 log = logging.getLogger("dist_dejpeg")
 
-PROGRESS = "progress.json"
-PROGRESS_KEYS = ("time", "status", "reason", "phase", "phase_index", "phases", "phase_step", "phase_steps",
-                 "global_step", "total_steps", "images_per_s", "data_wait_frac", "lr", "eta_phase_s", "eta_run_s",
-                 "losses", "last_val", "best", "host", "pid", "slurm_job")
 # tracker name -> the package it needs (what `pip install` names)
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim",
                     "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "trackio": "trackio"}
@@ -231,7 +229,5 @@ class Monitor:
         if not self.main or not self.run_dir.is_dir():
             return
         self.progress["time"] = time.time()
-        path = self.run_dir / PROGRESS
-        tmp = path.with_name(f".{PROGRESS}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({k: self.progress.get(k) for k in PROGRESS_KEYS}, indent=1, default=float))
-        os.replace(tmp, path)
+        atomic_write_json(self.run_dir / PROGRESS, {k: self.progress.get(k) for k in PROGRESS_KEYS}, indent=1,
+                          default=float)

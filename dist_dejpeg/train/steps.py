@@ -26,8 +26,9 @@ from typing import Callable, ContextManager, Iterator
 import torch
 from accelerate import Accelerator
 
-from dist_dejpeg.losses import LPIPS, critic_loss, generator_adv_loss, pixel_loss
-from dist_dejpeg.train.accelerator import _innermost
+from dist_dejpeg.models.lpips import LPIPS
+from dist_dejpeg.train.losses import critic_loss, generator_adv_loss, pixel_loss
+from dist_dejpeg.train.build import _innermost
 
 
 class NonFiniteLoss(RuntimeError):

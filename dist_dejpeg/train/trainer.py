@@ -34,13 +34,15 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from dist_dejpeg.config import CUDAGRAPH_MODES, Config, ConfigError, PhaseConfig, to_yaml
 from dist_dejpeg.data import build_train_loader, build_val_set, ensure_samples
-from dist_dejpeg.export import save_generator
-from dist_dejpeg.losses import LPIPS
+from dist_dejpeg.models.generator_file import save_generator
+from dist_dejpeg.models.lpips import LPIPS
 from dist_dejpeg.models.critic import build_critic
 from dist_dejpeg.models.sync_bn import convert_sync_batchnorm
 from dist_dejpeg.models.unet import build_generator
+from dist_dejpeg.run.layout import latest_checkpoint
+from dist_dejpeg.run.lock import RunDirBusy, RunLock
 from dist_dejpeg.train import checkpoint as ckpt
-from dist_dejpeg.train.accelerator import _innermost, _refresh_master_weights, build_accelerator, setup_logging
+from dist_dejpeg.train.build import _innermost, _refresh_master_weights, build_accelerator, setup_logging
 from dist_dejpeg.train.monitor import Monitor
 from dist_dejpeg.train.phases import StopRule, gan_turn, lr_at, trains_critic, trains_generator, uses_lpips
 from dist_dejpeg.train.steps import DeviceFlags, NonFiniteLoss, critic_step, generator_step
@@ -163,13 +165,13 @@ class Trainer:
         setup_logging(acc, cfg.train.log_level)
         phases = [cfg.train.phases[name] for name in cfg.train.order]
         need_critic = any(trains_critic(p) for p in phases)
-        self.lock = ckpt.RunLock(self.run_dir)
+        self.lock = RunLock(self.run_dir)
         busy = None
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             try:
                 self.lock.acquire()
-            except ckpt.RunDirBusy as err:
+            except RunDirBusy as err:
                 busy = str(err)
             if busy is None and ckpt.remove_partial(self.run_dir):
                 log.info("removed half-written checkpoint folders of an earlier, killed run")
@@ -178,7 +180,7 @@ class Trainer:
         if acc.num_processes > 1:
             busy = broadcast_object_list([busy])[0]  # every rank fails, none waits for the others
         if busy is not None:
-            raise ckpt.RunDirBusy(busy)
+            raise RunDirBusy(busy)
 
         set_seed(cfg.train.seed)  # same initial weights on every rank
         generator = build_generator(cfg.model)
@@ -618,7 +620,7 @@ def train(cfg: Config, resume: str | None = None, train_loader=None, val_set=Non
     trainer = Trainer(cfg, train_loader=train_loader, val_set=val_set)
     path = ckpt.resolve_resume(trainer.run_dir, resume)
     if path is None and cfg.train.auto_resume:
-        path = ckpt.latest_checkpoint(trainer.run_dir)
+        path = latest_checkpoint(trainer.run_dir)
         if path is not None:
             log.info("train.auto_resume: continuing the run in %s from %s", trainer.run_dir, path.name)
     if path is not None:

@@ -6,7 +6,7 @@ import torch
 from torchvision.utils import make_grid
 
 from dist_dejpeg.data.torch_loader import to_device
-from dist_dejpeg.losses import LPIPS
+from dist_dejpeg.models.lpips import LPIPS
 from dist_dejpeg.metrics import MetricSums, per_image
 
 ValSet = dict  # {quality: (jpeg uint8 N x 3 x H x W, clean uint8 N x 3 x H x W)} of this rank's share

@@ -24,16 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_dejpeg.data.images import IMAGE_EXTS, BadImage, decode_component, decode_rgb8, jpeg_roundtrip
-from dist_dejpeg.infer import IMAGE_SUFFIXES, Restorer
+from dist_dejpeg.data.images import BadImage, decode_component, decode_rgb8, jpeg_roundtrip
+from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES, LOSSY_SHARD_EXTS, LOSSY_SUFFIXES, SHARD_EXTS
+from dist_dejpeg.restore.restorer import Restorer
 from dist_dejpeg.metrics import COLOUR_NAMES  # where the error sits and the colour shift: a cast shows here
 
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("psnr", "psnr_b", "ssim", "lpips", "brisque", "niqe")
 ALL_NAMES = METRIC_NAMES + COLOUR_NAMES
-LOSSY_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".webp"}  # webp may be lossless; it cannot be told cheaply
-LOSSY_EXTS = {"jpg", "jpeg", "webp"}
 
 
 class EvaluateError(ValueError):
@@ -61,7 +60,7 @@ def read_references(images: list[str], allow_lossy: bool = False, max_images: in
     for path in paths:
         if path.suffix == ".tar":
             for key, ext, data in _shard_images(path):
-                if ext in LOSSY_EXTS and not allow_lossy:
+                if ext in LOSSY_SHARD_EXTS and not allow_lossy:
                     lossy.append(f"{path.name}:{key}.{ext}")
                     continue
                 try:
@@ -104,7 +103,7 @@ def _shard_images(path: Path):
             if not member.isfile():
                 continue
             key, _, ext = member.name.partition(".")
-            if ext.lower() in IMAGE_EXTS and key not in seen:
+            if ext.lower() in SHARD_EXTS and key not in seen:
                 seen.add(key)
                 yield Path(key).name, ext.lower(), tar.extractfile(member).read()
 

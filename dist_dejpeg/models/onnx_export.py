@@ -2,7 +2,7 @@
 
     dist-dejpeg export --model runs/debug --onnx dejpeg.onnx [--opset 20] [--check-image photo.png]
 
-    from dist_dejpeg.onnx_export import export_onnx
+    from dist_dejpeg.models.onnx_export import export_onnx
     result = export_onnx(generator, "dejpeg.onnx", model_cfg=info["model"], source=info["source"])
     result["max_abs_diff"]   # {"1x3x200x152": 1.2e-07, "2x3x96x160": 1.8e-07}: onnxruntime vs PyTorch
 
@@ -238,7 +238,7 @@ def read_onnx_metadata(path: str | Path) -> dict:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from dist_dejpeg.export import ModelFileError, load_model
+    from dist_dejpeg.models.generator_file import ModelFileError, load_model
 
     try:
         require_onnx()
@@ -261,7 +261,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``export`` on the ``dist-dejpeg`` subparsers (``from dist_dejpeg.onnx_export import add_parser``)."""
+    """Register ``export`` on the ``dist-dejpeg`` subparsers (``from dist_dejpeg.models.onnx_export import add_parser``)."""
     ex = subparsers.add_parser("export", help="export the generator to ONNX (dynamic batch/height/width), "
                                               "checked in onnxruntime")
     ex.add_argument("--model", required=True,

@@ -29,28 +29,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import re
 import socket
 import sys
 import time
 from pathlib import Path
 
-STEP_DIR = re.compile(r"^step-(\d{8})$")  # as dist_dejpeg.train.checkpoint (not imported: it pulls in torch)
+from dist_dejpeg.run.files import read_json
+from dist_dejpeg.run.layout import (CONFIG, GENERATOR, LOCK, METRICS, PROGRESS, TENSORBOARD, TRAINER_STATE,
+                                    CHECKPOINTS, list_checkpoints, partial_checkpoints)
+from dist_dejpeg.run.lock import lock_status
+
 STALE_S = 900.0  # progress older than this while the lock cannot be checked: judged not running
 STATES = ("running", "finished", "stopped", "preempted", "crashed or killed", "not started")
 
 
 # -- reading ------------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict | None:
-    """A JSON file, or None when missing, unreadable or half-written (never raises)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _read_yaml(path: Path) -> dict | None:
     try:
         import yaml
@@ -66,112 +59,6 @@ def _mtime(path: Path) -> float | None:
         return path.stat().st_mtime
     except OSError:
         return None
-
-
-def _checkpoints(run_dir: Path) -> tuple[list[Path], list[str]]:
-    """(complete checkpoint folders oldest first, names of partial .tmp-step-* folders)."""
-    root = run_dir / "checkpoints"
-    try:
-        entries = list(root.iterdir())
-    except OSError:
-        return [], []
-    done = sorted((p for p in entries if p.is_dir() and STEP_DIR.match(p.name)
-                   and (p / "trainer_state.json").is_file()), key=lambda p: int(STEP_DIR.match(p.name).group(1)))
-    partial = sorted(p.name for p in entries if p.name.startswith(".tmp-step-"))
-    return done, partial
-
-
-# -- the lock -----------------------------------------------------------------------------------------------
-def _proc_locks(path: str = "/proc/locks") -> list[dict] | None:
-    """FLOCK entries of /proc/locks as [{pid, dev: (major, minor), inode}], or None where it cannot be read."""
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        return None
-    found = []
-    for line in text.splitlines():
-        fields = line.split()
-        if "->" in fields:  # a waiter blocked on a lock, not a holder
-            continue
-        if len(fields) < 6 or fields[1] != "FLOCK":
-            continue
-        try:
-            pid = int(fields[4])
-            major, minor, inode = fields[5].split(":")
-            found.append({"pid": pid, "dev": (int(major, 16), int(minor, 16)), "inode": int(inode)})
-        except ValueError:
-            continue
-    return found
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def lock_status(run_dir: str | Path, proc_locks: str = "/proc/locks", hostname: str | None = None) -> dict:
-    """Whether ``<run_dir>/.lock`` is held, without locking it. ``held``: True, False, or None (unknown)."""
-    path = Path(run_dir) / ".lock"
-    out = {"exists": False, "held": False, "host": None, "pid": None, "slurm_job": None, "since": None,
-           "checked_by": None, "detail": "no lock file (the run never started a trainer)"}
-    try:
-        st = path.stat()
-        raw = path.read_text(errors="replace").strip()
-    except OSError:
-        return out
-    out["exists"] = True
-    try:
-        holder = json.loads(raw) if raw else {}
-    except ValueError:
-        holder = {}
-    if isinstance(holder, dict):
-        out.update({k: holder.get(k) for k in ("host", "pid", "slurm_job", "since")})
-    here = hostname or socket.gethostname()
-    host = out["host"] if isinstance(out["host"], str) and out["host"] else None
-    pid = out["pid"] if isinstance(out["pid"], int) and not isinstance(out["pid"], bool) else None
-    same_host = host is None or host == here or host.split(".")[0] == here.split(".")[0]
-    locks = _proc_locks(proc_locks)
-    if locks is not None:
-        dev = (os.major(st.st_dev), os.minor(st.st_dev))
-        # the inode on the same device; an inode-only match (overlay filesystems report another device) counts
-        # when its pid is the one the lock file names
-        match = [e for e in locks if e["inode"] == st.st_ino and (e["dev"] == dev or (pid and e["pid"] == pid))]
-        if match:
-            out.update(held=True, checked_by="/proc/locks")
-            if pid is None and match[0]["pid"] > 0:
-                out["pid"] = match[0]["pid"]
-        elif same_host:  # this kernel would list the lock of a process on this host
-            out.update(held=False, checked_by="/proc/locks")
-        else:  # a shared filesystem: this node's /proc/locks does not list another node's locks
-            out.update(held=None, checked_by=None)
-    elif same_host and pid:  # no /proc/locks (not Linux): a live holder pid on this host
-        out.update(held=_pid_alive(pid), checked_by="pid")
-    else:
-        out.update(held=None, checked_by=None)
-    who = f"host {host or '?'}, pid {out['pid'] if out['pid'] is not None else '?'}"
-    if out["slurm_job"]:
-        who += f", SLURM job {out['slurm_job']}"
-    out["pid_alive"] = _pid_alive(pid) if same_host and pid else None
-    if out["held"] is True:
-        out["detail"] = f"held by {who} since {out['since'] or '?'}"
-        if out["checked_by"] == "pid":
-            out["detail"] += " (pid alive; /proc/locks unreadable)"
-        elif out["pid_alive"] is False:  # a forked child (data worker) still has the locked file open
-            out["detail"] += f" (pid {pid} is gone; a child process it left still holds the lock)"
-    elif out["held"] is False:
-        out["detail"] = f"not held (last holder: {who})"
-        if out["pid_alive"]:
-            out["detail"] += f"; pid {pid} is alive but no longer holds it"
-    else:
-        out["detail"] = f"unknown (held by host {host or '?'}? cannot check from here; last holder: {who})"
-    return out
 
 
 # -- config -------------------------------------------------------------------------------------------------
@@ -260,36 +147,35 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     warnings: list[str] = []
 
-    checkpoints, partial = _checkpoints(run_dir)
+    checkpoints, partial = list_checkpoints(run_dir), [p.name for p in partial_checkpoints(run_dir)]
     newest = checkpoints[-1] if checkpoints else None
-    tstate = _read_json(newest / "trainer_state.json") if newest else None
-    config_path = run_dir / "config.yaml"
+    tstate = read_json(newest / TRAINER_STATE) if newest else None
+    config_path = run_dir / CONFIG
     cfg = _read_yaml(config_path)
     if cfg is None and newest is not None:
-        config_path = newest / "config.yaml"
+        config_path = newest / CONFIG
         cfg = _read_yaml(config_path)
     config = _config_summary(cfg, config_path) if cfg is not None else None
-    progress = _read_json(run_dir / "progress.json")
-    if (run_dir / "progress.json").exists() and progress is None:
+    progress = read_json(run_dir / PROGRESS)
+    if (run_dir / PROGRESS).exists() and progress is None:
         warnings.append("progress.json is unreadable")
-    metrics = _read_json(run_dir / "metrics.json")
-    finished_files = metrics is not None and (run_dir / "generator.safetensors").is_file()
+    metrics = read_json(run_dir / METRICS)
+    finished_files = metrics is not None and (run_dir / GENERATOR).is_file()
     lock = lock_status(run_dir)
     ptime = _finite((progress or {}).get("time"))
     progress_age = max(0.0, now - ptime) if ptime is not None else None
     if finished_files and ptime is not None and (progress or {}).get("status") == "running":
         # progress.json written after the end: the finished run was started again (e.g. with more steps)
-        finished_files = ptime <= (_mtime(run_dir / "metrics.json") or 0.0) + 1.0
+        finished_files = ptime <= (_mtime(run_dir / METRICS) or 0.0) + 1.0
     activity_age = progress_age
     if progress is None:  # an older run: the newest of its checkpoint, TensorBoard events and config.yaml
-        times = [_mtime(p) for p in [*(run_dir / "tb").glob("events.out.tfevents.*"), run_dir / "config.yaml",
-                                     *([newest / "trainer_state.json"] if newest else [])]]
+        times = [_mtime(p) for p in [*(run_dir / TENSORBOARD).glob("events.out.tfevents.*"), run_dir / CONFIG,
+                                     *([newest / TRAINER_STATE] if newest else [])]]
         times = [t for t in times if t is not None]
         activity_age = max(0.0, now - max(times)) if times else None
-    run_folder = any((run_dir / n).exists() for n in ("config.yaml", "progress.json", "metrics.json", ".lock",
-                                                       "checkpoints"))
+    run_folder = any((run_dir / n).exists() for n in (CONFIG, PROGRESS, METRICS, LOCK, CHECKPOINTS))
 
-    state, why = verdict(has_config=(run_dir / "config.yaml").is_file(), progress=progress,
+    state, why = verdict(has_config=(run_dir / CONFIG).is_file(), progress=progress,
                          progress_age_s=activity_age, lock_held=lock["held"], finished_files=finished_files,
                          has_checkpoints=bool(checkpoints))
     if state == "crashed or killed" and not progress and tstate:
@@ -340,7 +226,7 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
 
     checkpoint = None
     if newest is not None:
-        written = _mtime(newest / "trainer_state.json")
+        written = _mtime(newest / TRAINER_STATE)
         checkpoint = {"name": newest.name, "path": str(newest), "global_step": (tstate or {}).get("global_step"),
                       "time": written, "age_s": max(0.0, now - written) if written else None,
                       "kept": [p.name for p in checkpoints]}
@@ -411,8 +297,7 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
         "state": state, "why": why, "config": config, "position": position, "progress": progress_out,
         "checkpoint": checkpoint, "partial_checkpoints": partial, "lock": lock, "speed": speed, "eta": eta,
         "best": best, "last_val": last_val, "last_val_source": last_val_source,
-        "finished_files": {"metrics.json": metrics is not None,
-                           "generator.safetensors": (run_dir / "generator.safetensors").is_file()},
+        "finished_files": {METRICS: metrics is not None, GENERATOR: (run_dir / GENERATOR).is_file()},
         "warnings": warnings,
     }
     return _clean(out)

@@ -13,7 +13,7 @@ Photoshop, mozjpeg's tuned tables) scale other tables: the estimate is the q who
 nearest (mean absolute difference of the log table entries, luma and chroma together) and ``error`` says
 how near; over ``MAX_LOG_ERROR`` nothing matches well and the quality is reported unknown.
 
-    from dist_dejpeg.jpeg_quality import estimate_quality
+    from dist_dejpeg.jpeg.quality import estimate_quality
     est = estimate_quality("photo.jpg")     # or a PIL image read from a JPEG
     est.quality, est.exact, est.error, est.reason
 """

@@ -1,6 +1,6 @@
 """The trained generator as one safetensors file that carries its own model config (no pickle).
 
-    from dist_dejpeg.export import load_generator, load_model
+    from dist_dejpeg.models.generator_file import load_generator, load_model
     generator = load_generator("runs/debug/generator.safetensors")   # eval mode, CPU
     generator, info = load_model("runs/debug")    # a generator file, a run folder or a checkpoint folder
 """
@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from dist_dejpeg.config import ModelConfig
 from dist_dejpeg.models.unet import Generator, build_generator
+from dist_dejpeg.run.layout import CHECKPOINT_MODEL, CONFIG, GENERATOR, TRAINER_STATE, latest_checkpoint
 
 FORMAT = "dist_dejpeg.generator.v1"
 
@@ -98,12 +99,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ge
     global_step, lpips (the validation LPIPS of the run), model (the model config as a dict)."""
     path = Path(path)
     if path.is_dir():
-        if (path / "generator.safetensors").is_file():
-            return load_model(path / "generator.safetensors", device)
-        if (path / "trainer_state.json").is_file():
+        if (path / GENERATOR).is_file():
+            return load_model(path / GENERATOR, device)
+        if (path / TRAINER_STATE).is_file():
             return _load_checkpoint_generator(path, device)
-        from dist_dejpeg.train.checkpoint import latest_checkpoint
-
         newest = latest_checkpoint(path)
         if newest is not None:
             return _load_checkpoint_generator(newest, device)
@@ -122,7 +121,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ge
 def _load_checkpoint_generator(folder: Path, device) -> tuple[Generator, dict]:
     from dist_dejpeg.config import ConfigError, load_config
 
-    weights, config = folder / "model.safetensors", folder / "config.yaml"
+    weights, config = folder / CHECKPOINT_MODEL, folder / CONFIG
     if not weights.is_file() or not config.is_file():
         lacking = [p.name for p in (weights, config) if not p.is_file()]
         raise ModelFileError(f"{folder}: a checkpoint folder without {' and '.join(lacking)} (a DeepSpeed "
@@ -132,7 +131,7 @@ def _load_checkpoint_generator(folder: Path, device) -> tuple[Generator, dict]:
     except ConfigError as err:
         raise ModelFileError(f"{config}: {err}") from None
     generator = _build_and_load(cfg.model, load_file(str(weights), device="cpu"), str(weights)).to(device).eval()
-    state = json.loads((folder / "trainer_state.json").read_text())
+    state = json.loads((folder / TRAINER_STATE).read_text())
     info = {"source": str(folder), "format": "checkpoint", "global_step": _int(state.get("global_step")),
             "lpips": ""}
     return generator, _describe(info, cfg.model)

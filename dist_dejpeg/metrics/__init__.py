@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from dist_dejpeg.data.images import JFIF_YCBCR
-from dist_dejpeg.losses import LPIPS
+from dist_dejpeg.jpeg.formats import JFIF_YCBCR
+from dist_dejpeg.models.lpips import LPIPS
 
 METRICS = ("psnr", "ssim", "lpips", "psnr_y", "psnr_cb", "psnr_cr", "shift_r", "shift_g", "shift_b")
 _YCBCR = torch.tensor(JFIF_YCBCR)  # applied to differences, where the chroma offset cancels
@@ -77,7 +77,7 @@ class MetricSums:
 #   investigated); the code here agrees with scikit-image to < 1e-6 (tested), PSNR to 1e-9 dB.
 # * PSNR-B: written here (a dozen lines of numpy). sewar 0.4.10 has a psnrb; it was not compared with.
 #   Tested on a worked example computed by hand and on its known properties.
-# * LPIPS: dist_dejpeg.losses.LPIPS with torchvision's pretrained AlexNet. Never a random backbone here.
+# * LPIPS: dist_dejpeg.models.lpips.LPIPS with torchvision's pretrained AlexNet. Never a random backbone here.
 # * BRISQUE: the maintained `brisque` package (0.2.0; 155 KB wheel that ships its libsvm model, works
 #   offline; needs libsvm-official, built from source by pip in ~10 s, and OpenCV). Its 0.2.0 fails on
 #   numpy >= 2.4 at one line (float() of a 1-element array in scale_features; numpy 2.4 turned that
@@ -271,7 +271,7 @@ def load_lpips_metric(weights_file: str = "") -> tuple[LPIPS | None, str]:
     """LPIPS with torchvision's pretrained AlexNet backbone: ``(model, "")``, or ``(None, reason)`` when
     the backbone cannot be loaded (no file at ``weights_file``, nothing in the torch hub cache, no
     network). Never falls back to a random backbone: LPIPS is reported only when it is LPIPS."""
-    from dist_dejpeg.weights import WeightsError
+    from dist_dejpeg.models.weights import WeightsError
 
     try:
         return LPIPS(net="alex", pretrained=True, weights_file=weights_file, key="--lpips-weights"), ""

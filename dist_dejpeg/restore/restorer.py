@@ -13,7 +13,7 @@ self-attention block), so a tiled result is close to, not identical with, the wh
 tests/test_infer.py bounds the difference on a real photo. Windows are multiples of 32 (the encoder's stride),
 so no window is padded inside the model.
 
-Quality and doing no harm: a JPEG's quality is read from its quantization tables (dist_dejpeg.jpeg_quality)
+Quality and doing no harm: a JPEG's quality is read from its quantization tables (dist_dejpeg.jpeg.quality)
 unless given; a quality-conditioned generator gets it (a blind one does not need it). The generator file
 keeps the RGB PSNR gain its final validation measured at each quality; an image whose quality is above the
 validated range, or where the gain interpolated between validated qualities is not positive, is passed
@@ -39,8 +39,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from dist_dejpeg.export import load_model
-from dist_dejpeg.jpeg_quality import estimate_quality
+from dist_dejpeg.models.generator_file import load_model
+from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES
+from dist_dejpeg.jpeg.quality import estimate_quality
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP; PIL's own limit (89.5 MP) only warns below twice its value
 
@@ -334,8 +335,6 @@ class Restorer:
 
 
 # -- many files --------------------------------------------------------------------------------------------
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".ppm", ".pgm",
-                  ".pnm", ".gif", ".jp2"}
 OUTPUT_FORMATS = ("png", "tiff", "webp")  # lossless only (webp written with lossless=True)
 
 

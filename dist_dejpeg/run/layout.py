@@ -1,0 +1,107 @@
+"""The run folder, defined once: its file names, the checkpoint folders' names, and the ``metrics.json``
+schema. Torch-free, so ``status`` reads a live run without importing the trainer; the trainer, export and
+restore use the same names.
+
+    <run_dir>/
+        config.yaml               the resolved config (written at the start)
+        progress.json             where the run stands (rank 0 rewrites it at every log window; monitor.py)
+        checkpoints/step-%08d/    whole-state checkpoints (train/checkpoint.py); .tmp-step-* while written
+        metrics.json              the final validation, with MetricsMeta under "meta" (written at the end)
+        generator.safetensors     the trained generator with its config (models/generator_file.py)
+        .lock                     the flock of the run's writer (run/lock.py)
+        tb/                       TensorBoard events
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIG = "config.yaml"
+PROGRESS = "progress.json"
+PROGRESS_KEYS = ("time", "status", "reason", "phase", "phase_index", "phases", "phase_step", "phase_steps",
+                 "global_step", "total_steps", "images_per_s", "data_wait_frac", "lr", "eta_phase_s", "eta_run_s",
+                 "losses", "last_val", "best", "host", "pid", "slurm_job")
+METRICS = "metrics.json"
+GENERATOR = "generator.safetensors"
+LOCK = ".lock"
+CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tb"
+# inside a checkpoint folder
+TRAINER_STATE = "trainer_state.json"  # written last: its presence marks the folder complete
+BEST_GENERATOR = "best_generator.safetensors"
+CHECKPOINT_MODEL = "model.safetensors"  # accelerate's save_state: the generator (the first prepared model)
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+PARTIAL_PREFIX = ".tmp-step-"
+
+
+def step_name(global_step: int) -> str:
+    return f"step-{global_step:08d}"
+
+
+def partial_name(global_step: int) -> str:
+    return f"{PARTIAL_PREFIX}{global_step:08d}"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders (a ``trainer_state.json`` inside), oldest first."""
+    try:
+        entries = list(checkpoint_dir(run_dir).iterdir())
+    except OSError:
+        return []
+    found = [p for p in entries if p.is_dir() and STEP_DIR.match(p.name) and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def partial_checkpoints(run_dir: str | Path) -> list[Path]:
+    """``.tmp-step-*`` folders: being written now, or left half-written by a killed run."""
+    root = checkpoint_dir(run_dir)
+    return sorted(root.glob(PARTIAL_PREFIX + "*")) if root.is_dir() else []
+
+
+@dataclass
+class MetricsMeta:
+    """``metrics.json``'s ``meta``: what the final validation measured and how the run got there. The trainer
+    writes it; ``status`` reads it (older files may lack keys: :meth:`from_dict` takes what it knows)."""
+
+    lpips: str = ""  # the validation LPIPS network, e.g. "lpips-alex" or "... (RANDOM backbone ...)"
+    encoder: str = ""  # "mobilenetv3_large_100 (ImageNet)" or "(random init)"
+    steps: dict = field(default_factory=dict)  # phase -> configured steps
+    stopped_early: dict = field(default_factory=dict)  # phase -> step where the stop rule fired
+    global_step: int | None = None
+    processes: int | None = None
+    val_images_per_quality: int | None = None
+    data_skipped: dict = field(default_factory=dict)  # reason -> samples skipped, summed over ranks
+    loss_lpips: str = ""  # the training loss's LPIPS network
+    last_train_log: dict = field(default_factory=dict)  # phase -> rank 0's newest logged window
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data) -> "MetricsMeta":
+        if not isinstance(data, dict):
+            return cls()
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kept = {}
+        for name, value in data.items():
+            f = known.get(name)
+            if f is None:
+                continue
+            wanted = dict if f.default_factory is dict else (int if name in ("global_step", "processes",
+                                                                             "val_images_per_quality") else str)
+            if isinstance(value, wanted) and not isinstance(value, bool):
+                kept[name] = value
+        return cls(**kept)

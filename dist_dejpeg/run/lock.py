@@ -1,0 +1,150 @@
+"""One writer per run folder: an exclusive ``flock`` on ``<run_dir>/.lock`` (:class:`RunLock`), and whether it
+is held, read without locking (:func:`lock_status`, for ``status`` on a live run). Torch-free.
+
+Whether the lock is held is read from the ``.lock`` file's inode among the FLOCK entries of ``/proc/locks``
+(Linux; the kernel drops the flock when the holder dies, so a killed run shows none), and, when the file names
+this host as the holder, whether that pid is alive. A holder on another host cannot be seen from here on most
+shared filesystems (``/proc/locks`` lists this node's locks only); the lock is then "unknown".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from dist_dejpeg.run.layout import LOCK
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+class RunLock:
+    """One writer per run folder: an exclusive ``flock`` on ``<run_dir>/.lock``, held by the main process for
+    the whole run and released by the kernel when the process ends (no stale locks after a kill -9 or a
+    requeue). The file names the holder, for the error the second writer gets."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import time
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirBusy(f"run folder {self.path.parent} is in use by another training run ({holder}); two "
+                             f"runs would overwrite each other's checkpoints. Stop that run, or set another "
+                             f"train.run_dir.") from None
+        os.ftruncate(fd, 0)
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.write(fd, json.dumps(holder).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __del__(self):
+        self.release()
+
+
+def _proc_locks(path: str = "/proc/locks") -> list[dict] | None:
+    """FLOCK entries of /proc/locks as [{pid, dev: (major, minor), inode}], or None where it cannot be read."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    found = []
+    for line in text.splitlines():
+        fields = line.split()
+        if "->" in fields:  # a waiter blocked on a lock, not a holder
+            continue
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        try:
+            pid = int(fields[4])
+            major, minor, inode = fields[5].split(":")
+            found.append({"pid": pid, "dev": (int(major, 16), int(minor, 16)), "inode": int(inode)})
+        except ValueError:
+            continue
+    return found
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def lock_status(run_dir: str | Path, proc_locks: str = "/proc/locks", hostname: str | None = None) -> dict:
+    """Whether ``<run_dir>/.lock`` is held, without locking it. ``held``: True, False, or None (unknown)."""
+    path = Path(run_dir) / LOCK
+    out = {"exists": False, "held": False, "host": None, "pid": None, "slurm_job": None, "since": None,
+           "checked_by": None, "detail": "no lock file (the run never started a trainer)"}
+    try:
+        st = path.stat()
+        raw = path.read_text(errors="replace").strip()
+    except OSError:
+        return out
+    out["exists"] = True
+    try:
+        holder = json.loads(raw) if raw else {}
+    except ValueError:
+        holder = {}
+    if isinstance(holder, dict):
+        out.update({k: holder.get(k) for k in ("host", "pid", "slurm_job", "since")})
+    here = hostname or socket.gethostname()
+    host = out["host"] if isinstance(out["host"], str) and out["host"] else None
+    pid = out["pid"] if isinstance(out["pid"], int) and not isinstance(out["pid"], bool) else None
+    same_host = host is None or host == here or host.split(".")[0] == here.split(".")[0]
+    locks = _proc_locks(proc_locks)
+    if locks is not None:
+        dev = (os.major(st.st_dev), os.minor(st.st_dev))
+        # the inode on the same device; an inode-only match (overlay filesystems report another device) counts
+        # when its pid is the one the lock file names
+        match = [e for e in locks if e["inode"] == st.st_ino and (e["dev"] == dev or (pid and e["pid"] == pid))]
+        if match:
+            out.update(held=True, checked_by="/proc/locks")
+            if pid is None and match[0]["pid"] > 0:
+                out["pid"] = match[0]["pid"]
+        elif same_host:  # this kernel would list the lock of a process on this host
+            out.update(held=False, checked_by="/proc/locks")
+        else:  # a shared filesystem: this node's /proc/locks does not list another node's locks
+            out.update(held=None, checked_by=None)
+    elif same_host and pid:  # no /proc/locks (not Linux): a live holder pid on this host
+        out.update(held=_pid_alive(pid), checked_by="pid")
+    else:
+        out.update(held=None, checked_by=None)
+    who = f"host {host or '?'}, pid {out['pid'] if out['pid'] is not None else '?'}"
+    if out["slurm_job"]:
+        who += f", SLURM job {out['slurm_job']}"
+    out["pid_alive"] = _pid_alive(pid) if same_host and pid else None
+    if out["held"] is True:
+        out["detail"] = f"held by {who} since {out['since'] or '?'}"
+        if out["checked_by"] == "pid":
+            out["detail"] += " (pid alive; /proc/locks unreadable)"
+        elif out["pid_alive"] is False:  # a forked child (data worker) still has the locked file open
+            out["detail"] += f" (pid {pid} is gone; a child process it left still holds the lock)"
+    elif out["held"] is False:
+        out["detail"] = f"not held (last holder: {who})"
+        if out["pid_alive"]:
+            out["detail"] += f"; pid {pid} is alive but no longer holds it"
+    else:
+        out["detail"] = f"unknown (held by host {host or '?'}? cannot check from here; last holder: {who})"
+    return out

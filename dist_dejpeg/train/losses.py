@@ -1,0 +1,38 @@
+"""Training losses: L1 pixel loss (RGB, or YCbCr with a chroma weight) and the adversarial losses.
+LPIPS, the perceptual loss, is a frozen network: dist_dejpeg.models.lpips.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pixel_loss(restored: torch.Tensor, clean: torch.Tensor, chroma_weight: float = 1.0) -> torch.Tensor:
+    """L1 on RGB; with ``chroma_weight`` != 1, L1 on JPEG's Y, Cb, Cr planes with Cb and Cr weighted by it
+    (normalised by the mean weight): the chroma that 4:2:0 throws away counts more (or less)."""
+    if chroma_weight == 1.0:
+        return F.l1_loss(restored.float(), clean.float())
+    from dist_dejpeg.jpeg.formats import JFIF_YCBCR
+
+    m = torch.tensor(JFIF_YCBCR, device=restored.device)
+    diff = torch.einsum("ij,njhw->nihw", m, restored.float() - clean.float()).abs().mean(dim=(0, 2, 3))
+    w = torch.tensor([1.0, chroma_weight, chroma_weight], device=restored.device)
+    return (diff * w).sum() / w.sum()
+
+
+def critic_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+    """Critic: real -> 1, fake -> 0 (BCE-with-logits), or the hinge loss."""
+    real_logits, fake_logits = real_logits.float(), fake_logits.float()
+    if kind == "hinge":
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+
+
+def generator_adv_loss(fake_logits: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+    """Generator: make the critic call its output real."""
+    fake_logits = fake_logits.float()
+    if kind == "hinge":
+        return -fake_logits.mean()
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
