@@ -4,7 +4,7 @@
     dist-dejpeg prepare folder --src ~/photos --out data/photos
     dist-dejpeg prepare div2k --root data/div2k_src --out data/div2k --download
     dist-dejpeg train --config configs/debug.yaml [--resume [CKPT]] [--dry-run] [key=value ...]
-    dist-dejpeg bench {train,data,infer,scaling,all} [--config C] [key=value ...]
+    dist-dejpeg bench {train,data,data-wait,infer,scaling,all,gpu-check} [--config C] [key=value ...]
     dist-dejpeg restore IN... -o OUT_DIR --model runs/debug [--tile 512 --overlap 64 --device auto]
     dist-dejpeg evaluate --model runs/debug --images photos/ --quality 10 20 30 40 -o eval/ [--y-only]
     dist-dejpeg report --model runs/debug --images photos/ -o report.html
@@ -25,7 +25,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dist_dejpeg.jpeg.formats import TILE_FORMATS
+from dist_dejpeg.jpeg.formats import OUTPUT_FORMATS, TILE_FORMATS
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint; the same command continues the run
 
@@ -126,7 +126,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _restore(args: argparse.Namespace) -> int:
     from dist_dejpeg.models.generator_file import ModelFileError
-    from dist_dejpeg.restore.restorer import InputImageError, Restorer, check_output_dir, restore_files
+    from dist_dejpeg.restore.files import check_output_dir, restore_files
+    from dist_dejpeg.restore.images import InputImageError
+    from dist_dejpeg.restore.restorer import Restorer
 
     try:
         check_output_dir(args.out)
@@ -232,76 +234,141 @@ def _add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _export(args: argparse.Namespace) -> int:
+    from dist_dejpeg.models.generator_file import ModelFileError
+    from dist_dejpeg.models.onnx_export import OnnxCheckError, OnnxUnavailable, export_model
+
+    try:
+        result, info = export_model(args.model, args.onnx, opset=args.opset, check_image=args.check_image)
+    except (ModelFileError, OnnxUnavailable, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OnnxCheckError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {result['path']} ({result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, encoder "
+          f"{info['encoder']}, export {result['export_s']} s); max abs difference from PyTorch: "
+          + ", ".join(f"{k} {v:.3g}" for k, v in result["max_abs_diff"].items()))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from dist_dejpeg.run.layout import CHECKPOINTS, CONFIG, LOCK, METRICS, PROGRESS
+    from dist_dejpeg.run.status import run_status
+    from dist_dejpeg.run.text import format_status
+
+    try:
+        status = run_status(args.run_dir)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not status["run_folder"]:
+        print(f"error: {args.run_dir} is not a run folder (no {CONFIG}, {CHECKPOINTS}/, {PROGRESS}, {METRICS} or "
+              f"{LOCK}); give the folder a run's train.run_dir points at", file=sys.stderr)
+        return 2
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def _prepare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", choices=["samples", "folder", "div2k"],
+                   help="samples: photographs bundled with scikit-image; folder: your own images (--src); "
+                        "div2k: the DIV2K HR archives (--root, --download)")
+    p.add_argument("--root", help="div2k: folder with DIV2K_{train,valid}_HR.zip or their extracted folders")
+    p.add_argument("--download", action="store_true", help="div2k: fetch missing archives (resumable, verified)")
+    p.add_argument("--workers", type=int, default=0, help="div2k: tiling processes (0: one per core, max 16)")
+    p.add_argument("--keep-staging", action="store_true", help="div2k: keep the per-image tile tars")
+    p.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    p.add_argument("--src", help="folder: the images (searched recursively; lossless formats preferred)")
+    p.add_argument("--tile", type=int, default=0, help="tile size in pixels (samples 128, folder 256, div2k 480)")
+    p.add_argument("--step", type=int, default=0, help="stride between training tiles (tile/2)")
+    p.add_argument("--shard-size", type=int, default=0, help="samples per shard (samples 64, folder 256)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="folder: share of images held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    p.add_argument("--format", choices=TILE_FORMATS, default="raw",
+                   help="lossless tile format: png, raw (uncompressed, no decode), jp2 (GPU-decodable in DALI)")
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (see configs/); schema defaults otherwise")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from the newest checkpoint of train.run_dir (what train.auto_resume does by "
+                        "default), or from the given folder")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="log level of rank 0 (train.log_level; other ranks log warnings and errors)")
+    p.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. train.run_dir) and exit")
+    p.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. data.batch_size=8)")
+
+
+def _restore_arguments(p: argparse.ArgumentParser) -> None:
+    from dist_dejpeg.restore.images import DEFAULT_MAX_PIXELS  # numpy and PIL, no torch
+
+    p.add_argument("inputs", nargs="+", help="image files, folders or globs (quote globs: 'photos/**/*.jpg')")
+    p.add_argument("-o", "--out", required=True, help="output folder (same relative names, lossless)")
+    _add_restorer_args(p)
+    p.add_argument("--format", choices=OUTPUT_FORMATS, default="png", help="lossless output format")
+    p.add_argument("--quality", type=int, default=None,
+                   help="the inputs' JPEG quality (default: read from each JPEG's quantization tables)")
+    p.add_argument("--verbose", action="store_true", help="one line per image: its quality and the decision")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse larger images (decompression bombs); default {DEFAULT_MAX_PIXELS / 1e6:.0f} MP")
+    p.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    _add_evaluation_args(p, [10, 20, 30, 40])
+    p.add_argument("-o", "--out", required=True, help="folder for metrics.json, metrics.csv, metrics.md")
+
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    _add_evaluation_args(p, [10, 40])
+    p.add_argument("-o", "--out", required=True, help="the HTML file to write (tables go beside it)")
+    p.add_argument("--crop", type=int, default=192, help="crop size in pixels")
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="generator.safetensors, a run folder or a checkpoint folder")
+    p.add_argument("--onnx", required=True, metavar="OUT", help="the ONNX file to write")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (the exporter's default otherwise)")
+    p.add_argument("--check-image", metavar="PATH", default=None,
+                   help="photo for the onnxruntime-vs-PyTorch check (default: scikit-image's astronaut)")
+
+
+def _status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="the run folder (train.run_dir)")
+    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+
+
+# The subcommands, in the order --help lists them: name -> (help, add its arguments, run it). `bench` brings
+# its own parser, one sub-parser per benchmark (dist_dejpeg.bench).
+COMMANDS = {
+    "prepare": ("write WebDataset shards of lossless tiles", _prepare_arguments, _prepare),
+    "train": ("run the NoGAN phases (resumable)", _train_arguments, _train),
+    "restore": ("restore images (files, folders searched recursively, globs) with a trained generator",
+                _restore_arguments, _restore),
+    "evaluate": ("JPEG-compress lossless photos, restore them, and measure both with PSNR, PSNR-B, SSIM, LPIPS, "
+                 "BRISQUE and NIQE", _evaluate_arguments, _evaluate),
+    "report": ("a self-contained HTML page: clean | JPEG | restored crops with the metrics", _report_arguments,
+               _report),
+    "export": ("export the generator to ONNX (dynamic batch/height/width), checked in onnxruntime",
+               _export_arguments, _export),
+    "status": ("where a run stands, read from its folder (safe on a live run)", _status_arguments, _status),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-dejpeg", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
-    prep = sub.add_parser("prepare", help="write WebDataset shards of lossless tiles")
-    prep.add_argument("dataset", choices=["samples", "folder", "div2k"],
-                      help="samples: photographs bundled with scikit-image; folder: your own images (--src); "
-                           "div2k: the DIV2K HR archives (--root, --download)")
-    prep.add_argument("--root", help="div2k: folder with DIV2K_{train,valid}_HR.zip or their extracted folders")
-    prep.add_argument("--download", action="store_true", help="div2k: fetch missing archives (resumable, verified)")
-    prep.add_argument("--workers", type=int, default=0, help="div2k: tiling processes (0: one per core, max 16)")
-    prep.add_argument("--keep-staging", action="store_true", help="div2k: keep the per-image tile tars")
-    prep.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
-    prep.add_argument("--src", help="folder: the images (searched recursively; lossless formats preferred)")
-    prep.add_argument("--tile", type=int, default=0, help="tile size in pixels (samples 128, folder 256, div2k 480)")
-    prep.add_argument("--step", type=int, default=0, help="stride between training tiles (tile/2)")
-    prep.add_argument("--shard-size", type=int, default=0, help="samples per shard (samples 64, folder 256)")
-    prep.add_argument("--val-fraction", type=float, default=0.1, help="folder: share of images held out for validation")
-    prep.add_argument("--seed", type=int, default=0, help="shuffle seed")
-    prep.add_argument("--format", choices=TILE_FORMATS, default="raw",
-                      help="lossless tile format: png, raw (uncompressed, no decode), jp2 (GPU-decodable in DALI)")
-    prep.set_defaults(func=_prepare)
-
-    tr = sub.add_parser("train", help="run the NoGAN phases (resumable)")
-    tr.add_argument("--config", help="YAML config (see configs/); schema defaults otherwise")
-    tr.add_argument("--resume", nargs="?", const="latest", default=None,
-                    help="continue from the newest checkpoint of train.run_dir (what train.auto_resume does by "
-                         "default), or from the given folder")
-    tr.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    tr.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                    help="log level of rank 0 (train.log_level; other ranks log warnings and errors)")
-    tr.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. train.run_dir) and exit")
-    tr.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. data.batch_size=8)")
-    tr.set_defaults(func=_train)
-
-    rs = sub.add_parser("restore", help="restore images (files, folders searched recursively, globs) with a "
-                                       "trained generator")
-    rs.add_argument("inputs", nargs="+", help="image files, folders or globs (quote globs: 'photos/**/*.jpg')")
-    rs.add_argument("-o", "--out", required=True, help="output folder (same relative names, lossless)")
-    _add_restorer_args(rs)
-    rs.add_argument("--format", choices=["png", "tiff", "webp"], default="png", help="lossless output format")
-    rs.add_argument("--quality", type=int, default=None,
-                    help="the inputs' JPEG quality (default: read from each JPEG's quantization tables)")
-    rs.add_argument("--verbose", action="store_true", help="one line per image: its quality and the decision")
-    rs.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                    help="auto: bf16 autocast on CUDA, fp32 elsewhere")
-    rs.add_argument("--max-pixels", type=int, default=100_000_000,
-                    help="refuse larger images (decompression bombs); default 100 MP")
-    rs.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist")
-    rs.add_argument("--quiet", action="store_true", help="no progress bar")
-    rs.set_defaults(func=_restore)
-
-    ev = sub.add_parser("evaluate", help="JPEG-compress lossless photos, restore them, and measure both with "
-                                         "PSNR, PSNR-B, SSIM, LPIPS, BRISQUE and NIQE")
-    _add_evaluation_args(ev, [10, 20, 30, 40])
-    ev.add_argument("-o", "--out", required=True, help="folder for metrics.json, metrics.csv, metrics.md")
-    ev.set_defaults(func=_evaluate)
-
-    rp = sub.add_parser("report", help="a self-contained HTML page: clean | JPEG | restored crops with the metrics")
-    _add_evaluation_args(rp, [10, 40])
-    rp.add_argument("-o", "--out", required=True, help="the HTML file to write (tables go beside it)")
-    rp.add_argument("--crop", type=int, default=192, help="crop size in pixels")
-    rp.set_defaults(func=_report)
-
-    from dist_dejpeg.models.onnx_export import add_parser as add_export
-    from dist_dejpeg.run.status import add_parser as add_status
-
-    add_export(sub)
-    add_status(sub)
-
+    for name, (text, add_arguments, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=text)
+        add_arguments(p)
+        p.set_defaults(func=run)
     from dist_dejpeg.bench import add_parser as add_bench
 
     add_bench(sub)

@@ -59,7 +59,7 @@ class ModelConfig:
     blur: bool = True  # blur after each pixel shuffle (removes checkerboard artefacts)
     self_attention: bool = True  # one self-attention block in the decoder
     attention_stride: int = 8  # output stride of the decoder block that gets self-attention
-    spectral_norm: bool = True  # spectral norm on the decoder convolutions (plus batch norm, as DeOldify)
+    spectral_norm: bool = True  # spectral norm on the decoder convolutions (DeOldify; the norm layer: decoder_norm)
     decoder_norm: str = "group"  # decoder normalisation: group (each image's own statistics), batch (DeOldify's), none
     quality_conditioning: bool = False  # the decoder takes the JPEG quality (FiLM); 0/unknown runs blind
     quality_blind_prob: float = 0.25  # conditioned training: share of samples whose quality is hidden (blind mode)
@@ -83,7 +83,7 @@ class LossConfig:
     lpips_weights: str = ""  # explicit torchvision backbone file for lpips_net; "" = torch hub cache
     metric_weights: str = ""  # explicit torchvision backbone file for metric_net; "" = torch hub cache
     adversarial: str = "bce"  # "bce" (BCE-with-logits, the seed's) or "hinge"
-    chroma_weight: float = 1.0  # pixel loss: 1 = L1 on RGB; else L1 on Y, Cb, Cr with the chroma planes weighted (measured worse: README, Chroma)
+    chroma_weight: float = 1.0  # pixel loss: 1 = L1 on RGB; else L1 on Y, Cb, Cr with the chroma planes weighted (measured worse: benchmarks/RESULTS.md, Chroma)
 
 
 @dataclass
@@ -131,7 +131,7 @@ class TrainConfig:
     order: List[str] = field(default_factory=lambda: ["gen", "critic", "gan"])  # phases to run, in order
     log_every: int = 50  # steps between scalar logs
     val_every: int = 500  # steps between validations (phases may override)
-    image_every: int = 0  # steps between TensorBoard image grids (0: at each validation)
+    image_every: int = 0  # steps between TensorBoard image grids, plus one at the end (0: at each validation)
     ckpt_every: int = 1000  # steps between checkpoints (and one at the end of every phase)
     keep_last: int = 3  # checkpoints kept (oldest removed first)
     progress: bool = True  # rank-0 progress bar on a terminal (without one: a plain log line every log_every steps)
@@ -324,8 +324,12 @@ def from_dict(data: dict) -> Config:
 
 
 def reference_markdown() -> str:
-    """The config reference (one table per section) built from the schema's field comments; the README
-    embeds it and a test keeps the two in sync.  python -m dist_dejpeg.config"""
+    """The config reference (one table per section) built from the schema's field comments; docs/CONFIG.md
+    holds it between markers and tests/test_docs.py keeps the two in sync.
+
+        python -m dist_dejpeg.config                          # print the tables
+        python -m dist_dejpeg.config --write docs/CONFIG.md   # replace them between the file's markers
+    """
     import inspect
     import re
 
@@ -350,4 +354,13 @@ def reference_markdown() -> str:
 
 
 if __name__ == "__main__":
-    print(reference_markdown())
+    import sys
+    from pathlib import Path
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--write":  # the page's prose stays; the tables between its markers change
+        start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+        head, rest = Path(sys.argv[2]).read_text().split(start, 1)
+        tail = rest.split(end, 1)[1]
+        Path(sys.argv[2]).write_text(f"{head}{start}\n{reference_markdown().strip()}\n{end}{tail}")
+    else:
+        print(reference_markdown())

@@ -3,6 +3,7 @@ machine, the ratios come from rows of the same run, and the scaling model's arit
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -13,6 +14,7 @@ from dist_dejpeg.bench import scaling
 from dist_dejpeg.cli import main
 from dist_dejpeg.config import load_config
 
+EXPERIMENTS = Path(__file__).parents[1] / "benchmarks" / "experiments"
 TINY = ["data.batch_size=2", "data.crop=64", "model.decoder_width=16", "critic.width=8",
         "model.encoder=mobilenetv3_small_050"]
 
@@ -23,6 +25,70 @@ def read(folder, name):
     assert report["machine"] in md and "torch" in md
     assert report["machine_info"]["cpu_cores"] >= 1
     return report, md
+
+
+# Command lines as the README, benchmarks/gpu_check.sh and configs/gpu_check.yaml write them: options may come
+# before the benchmark's name, overrides before or after the options
+@pytest.mark.parametrize("line, expected", [
+    ("bench --results R --no-ladder --steps 1 --repeats 1 --warmup 1 --config configs/debug.yaml train "
+     "data.batch_size=2 data.crop=64",
+     {"which": "train", "results": "R", "no_ladder": True, "steps": 1, "repeats": 1, "warmup": 1,
+      "config": "configs/debug.yaml", "overrides": ["data.batch_size=2", "data.crop=64"]}),
+    ("bench --results R --updates=gen --rungs=compile_mode train", {"updates": ["gen"], "rungs": ["compile_mode"]}),
+    ("bench --updates gen --rungs none train", {"which": "train", "updates": ["gen"], "rungs": ["none"]}),
+    ("bench train --updates gen --rounds 3", {"updates": ["gen"], "rounds": 3, "name": "train", "warmup": 5}),
+    ("bench train --config configs/div2k.yaml data.crop=256 model.pretrained=false --profile "
+     "loss.lpips_pretrained=false",
+     {"config": "configs/div2k.yaml", "profile": True,
+      "overrides": ["data.crop=256", "model.pretrained=false", "loss.lpips_pretrained=false"]}),
+    ("bench --name data train", {"which": "train", "name": "data"}),  # an option's value is not the name
+    ("bench --results R --tiles 288 --formats raw --batches 2 --threads 1 data",
+     {"which": "data", "tiles": [288], "formats": ["raw"], "batches": 2, "threads": 1, "crop": 256, "name": "data"}),
+    ("bench --results R --formats raw png --batches 10 data", {"which": "data", "formats": ["raw", "png"]}),
+    ("bench infer --results R", {"which": "infer", "results": "R", "repeats": 3, "config": None, "overrides": []}),
+    ("bench scaling --config configs/debug.yaml --steps 1 data.crop=64", {"steps": 1, "overrides": ["data.crop=64"]}),
+    ("bench all --no-ladder --tiles 288", {"which": "all", "no_ladder": True, "tiles": [288], "repeats": 3}),
+])
+def test_bench_command_lines_parse(line, expected):
+    from dist_dejpeg.cli import build_parser
+
+    args, extra = build_parser().parse_known_args(line.split())
+    assert extra == [] and args.command == "bench"
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("line", ["bench data --config configs/debug.yaml", "bench data data.crop=64",
+                                  "bench infer --no-ladder", "bench scaling --tiles 288", "bench train --norms group",
+                                  "bench colour", "bench all --name x"])
+def test_each_benchmark_takes_only_its_flags(line, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(line.split())
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err or "invalid choice: 'colour'" in err
+
+
+def test_bench_help_shows_defaults_and_imports_no_benchmark(capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    # the parser lists the benchmarks without importing any of them, nor torch: `dist-dejpeg --help` stays quick
+    code = ("import sys; from dist_dejpeg.bench import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('dist_dejpeg.bench.', 'torch'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    with pytest.raises(SystemExit):
+        main(["bench", "train", "--help"])
+    text = capsys.readouterr().out
+    assert "dist-dejpeg bench train --config" in text  # the module's docstring, its commands as written
+    assert "--warmup WARMUP" in text and "(default: 5)" in text and "--tiles" not in text
+
+    # a benchmark whose module does not exist (yet) is left out; the others still work
+    import dist_dejpeg.bench as bench
+
+    monkeypatch.setitem(bench.BENCHMARKS, "missing", ("dist_dejpeg.bench.missing", "not written yet"))
+    names = set(bench.build_parser().benchmarks)
+    assert "missing" not in names and {"train", "data", "infer", "scaling", "all"} <= names
 
 
 def test_bench_train_ladder_writes_rows_and_ratios(tmp_path, repo_root, monkeypatch):
@@ -226,8 +292,16 @@ def test_bench_scaling_launches_one_and_two_processes(tmp_path, repo_root, monke
     assert math.isclose(gen["efficiency"], gen["images_per_s_2"] / (2 * gen["images_per_s_1"]))
 
 
-# -- quality benchmarks (bench colour, bench quality): the trainings and evaluations are faked here (each real
-# one takes minutes); what is tested is which runs they ask for and the tables they make of the results
+# -- the ablations (benchmarks/experiments/colour.py, quality.py, chroma.py): the trainings and evaluations are faked
+# here (each real one takes minutes); what is tested is which runs they ask for and the tables they make of the results
+@pytest.fixture
+def experiment(monkeypatch):
+    """Imports an ablation script as ``python benchmarks/experiments/NAME.py`` runs it: its folder first on sys.path
+    (where it finds common.py)."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    return importlib.import_module
+
+
 def _fake_eval(gains_by_run: dict):
     names = ("psnr", "psnr_y", "psnr_cb", "psnr_cr", "shift_r", "shift_g", "shift_b")
 
@@ -244,10 +318,11 @@ def _fake_eval(gains_by_run: dict):
     return evaluate
 
 
-def test_bench_quality_tables_blind_vs_conditioned(tmp_path, monkeypatch):
+def test_bench_quality_tables_blind_vs_conditioned(tmp_path, monkeypatch, experiment):
     from dist_dejpeg.evaluation import evaluate as evaluate_mod
     from dist_dejpeg.restore import restorer as infer
-    from dist_dejpeg.bench import common, quality
+
+    common, quality = experiment("common"), experiment("quality")
 
     calls = []
 
@@ -289,9 +364,10 @@ def test_bench_quality_tables_blind_vs_conditioned(tmp_path, monkeypatch):
     assert "| conditioned | 10 | +0.90 ± 0.10 |" in md and report["machine"] in md
 
 
-def test_bench_colour_rows(tmp_path, monkeypatch):
+def test_bench_colour_rows(tmp_path, monkeypatch, experiment):
     from dist_dejpeg.evaluation import evaluate as evaluate_mod
-    from dist_dejpeg.bench import colour, common
+
+    colour, common = experiment("colour"), experiment("common")
 
     calls = []
     monkeypatch.setattr(common, "train_once", lambda c, o, run_dir, log: calls.append(o) or 120.0)
@@ -309,11 +385,12 @@ def test_bench_colour_rows(tmp_path, monkeypatch):
     assert "| group | 5000 | 10 | +0.80 |" in (tmp_path / "res" / "colour.md").read_text()
 
 
-def test_chroma_share_from_the_jfif_inverse():
+def test_chroma_share_from_the_jfif_inverse(experiment):
     import numpy as np
 
-    from dist_dejpeg.bench import chroma
     from dist_dejpeg.jpeg.formats import JFIF_YCBCR
+
+    chroma = experiment("chroma")
 
     inv = np.linalg.inv(np.array(JFIF_YCBCR))  # YCbCr difference -> RGB difference
     assert chroma.CB_TO_RGB == pytest.approx((inv[:, 1] ** 2).sum() / 3, rel=1e-4)
@@ -327,9 +404,10 @@ def test_chroma_share_from_the_jfif_inverse():
     assert chroma.chroma_share({"psnr_y": 30.0, "psnr_cb": None, "psnr_cr": None}) is None  # grayscale
 
 
-def test_bench_chroma_runs_and_table(tmp_path, monkeypatch):
+def test_bench_chroma_runs_and_table(tmp_path, monkeypatch, experiment):
     from dist_dejpeg.evaluation import evaluate as evaluate_mod
-    from dist_dejpeg.bench import chroma, common
+
+    chroma, common = experiment("chroma"), experiment("common")
 
     calls = []
     monkeypatch.setattr(common, "train_once", lambda c, o, run_dir, log: calls.append((Path(run_dir).name, o)) or 180.0)
@@ -367,3 +445,26 @@ def test_bench_chroma_runs_and_table(tmp_path, monkeypatch):
     assert report["table"]["2"]["10"]["chroma_share_restored"]["mean"] < share  # better chroma, smaller share
     md = (tmp_path / "res" / "chroma.md").read_text()
     assert "| 2 | 10 | +0.35 ± 0.05 | +0.50 ± 0.00 | +0.70 ± 0.10 |" in md
+
+
+@pytest.mark.parametrize("name, argv, expected", [
+    ("quality", ["data.crop=32", "--seeds", "0", "--qualities", "10", "40"],
+     {"overrides": ["data.crop=32"], "seeds": (0,), "qualities": (10, 40), "work": "runs/bench-quality"}),
+    ("colour", ["--norms", "group", "--gen-steps", "10", "--work", "W", "train.seed=1"],
+     {"overrides": ["train.seed=1"], "norms": ("group",), "gen_steps": (10,), "qualities": (10, 20, 40), "work": "W"}),
+    ("chroma", ["--chroma-weights", "1", "2", "--name", "c2"],
+     {"weights": (1.0, 2.0), "seeds": (0, 1, 2), "work": "runs/bench-quality", "name": "c2"}),
+])
+def test_experiment_scripts_pass_their_flags(name, argv, expected, experiment, monkeypatch):
+    import subprocess
+    import sys
+
+    script = experiment(name)
+    seen = {}
+    monkeypatch.setattr(script, "run", lambda config, overrides, out_dir, **kw: seen.update(kw, overrides=overrides,
+                                                                                           config=config))
+    assert script.main(argv) == 0
+    assert seen["config"] == "configs/debug.yaml" and {k: seen[k] for k in expected} == expected
+    # runnable by its path, as its docstring says
+    out = subprocess.run([sys.executable, str(EXPERIMENTS / f"{name}.py"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and f"python benchmarks/experiments/{name}.py" in out.stdout

@@ -1,19 +1,47 @@
-"""The README's config reference matches the schema, and every schema field is documented."""
+"""The docs cannot drift: docs/CONFIG.md matches the schema, every schema field is documented, and every command
+the README shows parses with the real CLI (a training command also resolves its config with --dry-run) and names
+files that exist. What each command does is tested where it lives (tests/test_infer.py restore, test_evaluate.py,
+test_report.py, test_onnx.py, test_status.py, test_monitor.py trackers, test_data.py and test_div2k.py prepare,
+test_slurm.py the sbatch scripts, test_distributed.py the gloo launcher config, test_bench.py, test_gpu_check.py,
+test_debug_recipe.py the main job, `.ci/run` the test command)."""
 
 import dataclasses
+import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 from dist_dejpeg import config
+from dist_dejpeg.cli import build_parser, main
 
-README = Path(__file__).parents[1] / "README.md"
+ROOT = Path(__file__).parents[1]
+README = ROOT / "README.md"
+CONFIG_PAGE = ROOT / "docs" / "CONFIG.md"
+MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:end -->")
+MAX_README_LINES = 350  # a user guide; the measurement history lives in benchmarks/RESULTS.md
 
 
-def test_readme_config_reference_is_current():
-    text = README.read_text()
-    start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
-    embedded = text[text.index(start) + len(start):text.index(end)].strip()
-    assert embedded == config.reference_markdown().strip(), (
-        "README config reference is stale: regenerate it with `python -m dist_dejpeg.config`")
+def _between_markers(text: str) -> str:
+    start, end = MARKERS
+    return text[text.index(start) + len(start):text.index(end)].strip()
+
+
+def test_config_reference_is_current():
+    assert _between_markers(CONFIG_PAGE.read_text()) == config.reference_markdown().strip(), (
+        "docs/CONFIG.md is stale: regenerate it with `python -m dist_dejpeg.config --write docs/CONFIG.md`")
+
+
+def test_config_reference_regenerates_between_the_markers(tmp_path):
+    """The documented regenerate command rewrites the tables and keeps the page's own prose."""
+    page = tmp_path / "CONFIG.md"
+    page.write_text(f"intro\n\n{MARKERS[0]}\nstale table\n{MARKERS[1]}\n\noutro\n")
+    subprocess.run([sys.executable, "-m", "dist_dejpeg.config", "--write", str(page)], check=True, cwd=ROOT)
+    text = page.read_text()
+    assert text.startswith("intro\n\n") and text.endswith("\n\noutro\n")
+    assert _between_markers(text) == config.reference_markdown().strip()
 
 
 def test_every_config_field_has_a_documented_row():
@@ -26,5 +54,67 @@ def test_every_config_field_has_a_documented_row():
 
 
 def test_readme_commands_match_ci():
-    ci = (Path(__file__).parents[1] / ".ci" / "run").read_text().strip().splitlines()[-1]
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci in README.read_text(), "`.ci/run` must run exactly the README's test command"
+
+
+def test_readme_is_a_user_guide():
+    text = README.read_text()
+    assert len(text.splitlines()) <= MAX_README_LINES, "measurements belong in benchmarks/RESULTS.md"
+    assert "docs/CONFIG.md" in text and "benchmarks/RESULTS.md" in text
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):  # relative markdown links resolve
+        if "://" not in target:
+            assert (ROOT / target).exists(), f"README links to {target}, which does not exist"
+
+
+def _readme_commands() -> list[list[str]]:
+    """Each command of the README's bash blocks as argv: continuation lines joined, comments and leading
+    VAR=value assignments dropped, `a && b` split."""
+    blocks = re.findall(r"^ *```bash\n(.*?)^ *```", README.read_text(), flags=re.S | re.M)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            while words:
+                cut = words.index("&&") if "&&" in words else len(words)
+                command, words = words[:cut], words[cut + 1:]
+                while command and re.fullmatch(r"[A-Z_]+=\S*", command[0]):
+                    command = command[1:]
+                if command:
+                    commands.append(command)
+    return commands
+
+
+def _cli_args(command: list[str]) -> list[str] | None:
+    """The dist-dejpeg arguments of a command (direct, or under `accelerate launch -m dist_dejpeg.cli`)."""
+    if command[0] == "dist-dejpeg":
+        return command[1:]
+    if command[:2] == ["accelerate", "launch"] and "dist_dejpeg.cli" in command:
+        return command[command.index("dist_dejpeg.cli") + 1:]
+    return None
+
+
+def test_readme_commands_parse_and_name_real_files(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    commands = _readme_commands()
+    cli = [args for args in map(_cli_args, commands) if args is not None]
+    assert len(cli) >= 15, "the README's dist-dejpeg commands were not found"
+    parser = build_parser()
+    for args in cli:
+        try:  # as cli.main parses: key=value overrides after the options come back as extras
+            parsed, extra = parser.parse_known_args(args)
+        except SystemExit:
+            pytest.fail(f"the README's `dist-dejpeg {shlex.join(args)}` does not parse: {capsys.readouterr().err}")
+        assert not extra or (getattr(parsed, "overrides", None) is not None
+                             and all("=" in e and not e.startswith("-") for e in extra)), (
+            f"the README's `dist-dejpeg {shlex.join(args)}`: unrecognized arguments {extra}")
+        if args[0] == "train":  # the config and every override resolve
+            assert main(["train", "--dry-run", *args[1:]]) == 0, f"dist-dejpeg {shlex.join(args)}"
+    for command in commands:
+        named = [w for w in command if re.match(r"(configs|launch|benchmarks)/", w)]
+        if command[0] == "sbatch":  # script, training config, overrides: as the script hands them to train
+            script = next(w for w in command if w.endswith(".sbatch"))
+            rest = command[command.index(script) + 1:]
+            config.load_config(rest[0], rest[1:])
+        for path in named:
+            assert (ROOT / path).exists(), f"the README's `{shlex.join(command)}` names {path}, which is missing"

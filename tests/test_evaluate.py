@@ -14,7 +14,8 @@ from PIL import Image
 
 from dist_dejpeg.cli import main
 from dist_dejpeg.config import ModelConfig
-from dist_dejpeg.evaluation.evaluate import ALL_NAMES, read_references
+from dist_dejpeg.evaluation.evaluate import read_references
+from dist_dejpeg.metrics.registry import EVALUATED
 from dist_dejpeg.models.generator_file import save_generator
 
 TINY = dict(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=16)
@@ -62,7 +63,7 @@ def test_evaluate_writes_three_tables_with_six_metrics(tmp_path, model_file, pho
     assert len(result["per_image"]) == 4
     for row in result["per_image"]:
         for kind in ("jpeg", "restored"):
-            assert set(row[kind]) == set(ALL_NAMES)
+            assert set(row[kind]) == set(EVALUATED)
             assert row[kind]["lpips"] is None
             for m in ("psnr", "psnr_b", "ssim", "brisque", "niqe"):
                 assert np.isfinite(row[kind][m]), (m, row)
@@ -71,7 +72,7 @@ def test_evaluate_writes_three_tables_with_six_metrics(tmp_path, model_file, pho
     assert q10["jpeg"]["psnr"] < q40["jpeg"]["psnr"]  # the compression really happened at two qualities
     assert q10["images"] == 2
     rows = list(csv.DictReader(io.StringIO((out / "metrics.csv").read_text())))
-    assert len(rows) == 8 and set(rows[0]) == {"image", "quality", "input", *ALL_NAMES}
+    assert len(rows) == 8 and set(rows[0]) == {"image", "quality", "input", *EVALUATED}
     assert {r["image"] for r in rows} == {"chelsea", "coffee"}
     jpeg10 = [float(r["psnr"]) for r in rows if r["quality"] == "10" and r["input"] == "jpeg"]
     assert abs(np.mean(jpeg10) - q10["jpeg"]["psnr"]) < 1e-9

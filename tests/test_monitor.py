@@ -13,7 +13,8 @@ import pytest
 
 from dist_dejpeg.config import ConfigError
 from dist_dejpeg.run.layout import PROGRESS_KEYS
-from dist_dejpeg.train.monitor import check_trackers, duration
+from dist_dejpeg.run.text import duration
+from dist_dejpeg.train.monitor import check_trackers
 from dist_dejpeg.train.trainer import Trainer
 
 from test_trainer import fresh_accelerator_state, shards, tiny  # noqa: F401 - fixtures shared with test_trainer

@@ -4,7 +4,6 @@ quality-conditioned generator: its graph has both inputs; a blind one is the sam
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -22,18 +21,16 @@ import onnxruntime as ort  # noqa: E402
 from dist_dejpeg.config import ModelConfig  # noqa: E402
 from dist_dejpeg.models.generator_file import load_model, save_generator  # noqa: E402
 from dist_dejpeg.models.unet import build_generator  # noqa: E402
-from dist_dejpeg.models.onnx_export import (ONNX_FORMAT, TOLERANCE, add_parser, check_batch, fold_spectral_norm,  # noqa: E402
-                                     load_check_image, read_onnx_metadata)
+from dist_dejpeg.cli import main  # noqa: E402
+from dist_dejpeg.models.onnx_export import (ONNX_FORMAT, TOLERANCE, check_batch, fold_spectral_norm,  # noqa: E402
+                                            load_check_image, read_onnx_metadata)
 
 CFG = ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=32, quality_conditioning=True)
 GAINS = {10: 0.5, 40: 0.1, 60: -0.2}
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dist-dejpeg")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 def _trained_like_generator():

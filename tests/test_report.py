@@ -152,6 +152,28 @@ def test_no_warning_for_pretrained_and_given_summary(tmp_path):
     assert not (tmp_path / "x.html").exists()
 
 
+def test_every_evaluated_metric_has_its_registry_direction(tmp_path):
+    """The report reads the metric registry: every column evaluate writes (the six and the colour ones) is shown
+    with its caption and direction, in the registry's order; a name it does not know still prints, last."""
+    from dist_dejpeg.metrics.registry import BY_NAME, EVALUATED
+
+    rec = _records()[0]
+    values = {"jpeg": {m: 1.0 for m in EVALUATED} | {"shift_r": -2.0, "extra": 1.0},
+              "restored": {m: 2.0 for m in EVALUATED} | {"shift_r": 0.5, "extra": 2.0}}
+    text = write_report([{**rec, "metrics": values}], tmp_path / "r.html", title="t", meta={}, crop=CROP).read_text()
+    page = _Page()
+    page.feed(text)
+    assert [m for _, m in page.rows["summary"]] == [*EVALUATED, "extra"]
+    legend = text.split('id="legend"')[1].split("</table>")[0]
+    assert legend.count("direction unknown") == 1 and "<td>extra</td><td>direction unknown</td>" in legend
+    for m in EVALUATED:
+        assert f"<td>{html.escape(BY_NAME[m].caption)} <span class=\"dir\" title=\"{BY_NAME[m].phrase}\">" in legend
+    # shift R moved from -2 to +0.5 levels: closer to 0, so better although the value rose; shift G from 1 to 2
+    assert re.search(r'data-metric="shift_r">.*?<td class="num delta better">\+2\.5000</td>', text)
+    assert re.search(r'data-metric="shift_g">.*?<td class="num delta worse">\+1\.0000</td>', text)
+    assert re.search(r'data-metric="psnr_y">.*?<td class="num delta better">\+1\.0000</td>', text)
+
+
 def test_error_crop_finds_the_worst_window():
     rng = np.random.default_rng(0)
     clean = rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)

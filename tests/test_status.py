@@ -4,7 +4,6 @@ pure function, and lock detection through /proc/locks without ever taking the lo
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import os
@@ -17,7 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_dejpeg.cli import main
 from dist_dejpeg.run import status as st
+from dist_dejpeg.run.lock import lock_status
+from dist_dejpeg.run.text import format_status
 from dist_dejpeg.config import to_yaml
 from dist_dejpeg.train.trainer import train
 
@@ -28,10 +30,7 @@ LINUX = Path("/proc/locks").is_file()
 
 
 def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    st.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    return args.func(args)
+    return main(list(argv))
 
 
 def snapshot(folder: Path) -> dict:
@@ -93,16 +92,16 @@ def test_lock_on_another_host_is_unknown_and_a_listed_inode_is_held(tmp_path, no
     path = write_lock(tmp_path, "node17", 999999)
     empty = tmp_path / "locks"
     empty.write_text("")
-    lock = st.lock_status(tmp_path, proc_locks=str(empty), hostname="login1")
+    lock = lock_status(tmp_path, proc_locks=str(empty), hostname="login1")
     assert lock["held"] is None and "unknown (held by host node17? cannot check from here" in lock["detail"]
     assert lock["slurm_job"] == "4242"
     s = os.stat(path)
     listed = tmp_path / "locks2"
     listed.write_text(f"1: FLOCK  ADVISORY  WRITE 999999 {os.major(s.st_dev):02x}:{os.minor(s.st_dev):02x}:"
                       f"{s.st_ino} 0 EOF\n2: -> FLOCK  ADVISORY  WRITE 12 00:00:1 0 EOF\n")
-    lock = st.lock_status(tmp_path, proc_locks=str(listed), hostname="login1")
+    lock = lock_status(tmp_path, proc_locks=str(listed), hostname="login1")
     assert lock["held"] is True and "node17" in lock["detail"] and "4242" in lock["detail"]
-    same = st.lock_status(tmp_path, proc_locks=str(empty), hostname="node17")
+    same = lock_status(tmp_path, proc_locks=str(empty), hostname="node17")
     assert same["held"] is False  # this host, no lock in the kernel's table
 
 
@@ -113,11 +112,11 @@ def test_a_real_flock_is_seen_without_locking(tmp_path, monkeypatch):
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the test holds it, as a trainer would
     try:
         forbid_locking(monkeypatch)
-        assert st.lock_status(tmp_path)["held"] is True
+        assert lock_status(tmp_path)["held"] is True
     finally:
         monkeypatch.undo()
         os.close(fd)
-    assert st.lock_status(tmp_path)["held"] is False
+    assert lock_status(tmp_path)["held"] is False
 
 
 def test_fake_progress_drives_the_verdict_and_eta(tmp_path, no_flock):
@@ -141,7 +140,7 @@ def test_fake_progress_drives_the_verdict_and_eta(tmp_path, no_flock):
     s = st.run_status(tmp_path, now=now)
     if s["lock"]["held"] is None:
         assert s["state"] == "running" and s["eta"]["run_s"] == pytest.approx(50.0)
-    text = st.format_status(s)
+    text = format_status(s)
     assert "q10 PSNR 25.00->26.00" in text and "LPIPS 0.2500" in text and len(text.splitlines()) <= 16
     progress["status"] = "stopped"
     (tmp_path / "progress.json").write_text(json.dumps(progress))
@@ -228,7 +227,7 @@ def test_running_then_killed_and_preempted(tmp_path, shards, no_flock):
         assert s["config"]["phases"][0]["steps"] == 5000
         if s["progress"] is not None:  # written by trainers that have progress.json
             assert s["speed"]["images_per_s"] > 0 and s["eta"] is not None and s["eta"]["run_s"] > 0
-        assert "RUNNING" in st.format_status(s)
+        assert "RUNNING" in format_status(s)
         killed.send_signal(signal.SIGKILL)
         killed.wait()
         (run_k / "checkpoints" / ".tmp-step-99999999").mkdir(parents=True)  # as if killed while saving

@@ -14,8 +14,10 @@ from accelerate.state import AcceleratorState, GradientState
 from dist_dejpeg.config import ConfigError, load_config
 from dist_dejpeg.data.shards import prepare_samples
 from dist_dejpeg.models.generator_file import load_generator
-from dist_dejpeg.metrics import METRICS
+from dist_dejpeg.metrics.registry import VALIDATED as METRICS
 from dist_dejpeg.train import checkpoint as ckpt
+from dist_dejpeg.train import build as build_mod
+from dist_dejpeg.train import compile as compile_mod
 from dist_dejpeg.train import trainer as trainer_mod
 from dist_dejpeg.train.steps import critic_step, generator_step
 from dist_dejpeg.train.trainer import Trainer, TrainingStopped, train
@@ -249,7 +251,7 @@ def test_nan_loss_stops_with_checkpoint_and_message(tmp_path, shards):
 def test_deferred_checks_skip_nonfinite_updates_then_stop(tmp_path, shards, monkeypatch):
     """The CUDA fast path, run on the CPU: no host read inside a step; the NaN step's update is skipped on the
     device (fused AdamW's found_inf), and the run stops with a checkpoint at the next host check."""
-    monkeypatch.setattr(trainer_mod, "DEFERRED_CHECK_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(build_mod, "DEFERRED_CHECK_DEVICES", ("cuda", "cpu"))
     cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=10", "train.sync_every=4",
                "train.log_every=100")
     from dist_dejpeg.data import build_train_loader
@@ -288,6 +290,60 @@ def test_data_wait_fraction_is_logged(tmp_path, shards):
     assert len(fracs) == 2 and all(0.0 <= f <= 1.0 for f in fracs)
 
 
+def test_log_window_means_over_steps_images_per_second_and_data_wait():
+    """The window the loop logs every train.log_every steps: device sums, read once, then a fresh window."""
+    import time
+    from types import SimpleNamespace
+
+    from dist_dejpeg.train.window import LogWindow, TimedBatches, sum_over_ranks
+
+    def slow():
+        while True:
+            time.sleep(0.01)
+            yield {}
+
+    batches = TimedBatches(slow())
+    window = LogWindow(SimpleNamespace(num_processes=1), images_per_step=8, batches=batches)
+    for value in (1.0, 3.0):
+        next(batches)
+        window.add({"gen/l1": torch.tensor(value), "gen/total": torch.tensor(2 * value)})
+    scalars, seconds_per_step = window.read(lr=1e-3)
+    assert scalars["train/gen/l1"] == 2.0 and scalars["train/gen/total"] == 4.0 and scalars["train/lr"] == 1e-3
+    assert seconds_per_step >= 0.01 and scalars["train/images_per_s"] == pytest.approx(8 / seconds_per_step)
+    assert 0.5 < scalars["train/data_wait_frac"] <= 1.0  # nearly all of it was spent in next()
+    window.reset()
+    window.add({"gen/l1": torch.tensor(5.0)})
+    scalars, _ = window.read(lr=0.0)
+    assert scalars["train/gen/l1"] == 5.0 and scalars["train/data_wait_frac"] < 0.5  # no batch waited for
+    assert sum_over_ranks(SimpleNamespace(num_processes=1), {"bad_jpeg": 2}) == {"bad_jpeg": 2}
+
+
+def test_build_accelerator_returns_the_effective_config_and_leaves_its_input_alone(tmp_path, shards, monkeypatch):
+    """An accelerate launcher's DeepSpeed stage becomes the run's (train.deepspeed_stage=0 takes it) in the
+    returned config; the caller's config keeps what it said. A stage the trainer cannot run is a config error."""
+    cfg = tiny(tmp_path / "run", shards)
+    monkeypatch.setattr(build_mod, "_launcher_deepspeed_stage", lambda: 2)
+    monkeypatch.setattr(build_mod, "_deepspeed_accelerator", lambda cfg, cpu, timeout: cfg.train.deepspeed_stage)
+    stage, effective = build_mod.build_accelerator(cfg)
+    assert stage == effective.train.deepspeed_stage == 2 and cfg.train.deepspeed_stage == 0
+    monkeypatch.setattr(build_mod, "_launcher_deepspeed_stage", lambda: 3)
+    with pytest.raises(ConfigError, match="train.deepspeed_stage.*ZeRO stage 3"):
+        build_mod.build_accelerator(cfg)
+    assert cfg.train.deepspeed_stage == 0
+
+
+def test_image_grids_every_image_every_steps(tmp_path, shards):
+    """train.image_every=N: an image grid every N global steps instead of at each validation, and the final one."""
+    cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=4", "train.image_every=2",
+               "train.val_every=3", "train.log_every=100")
+    t = Trainer(cfg)
+    images = []
+    t.monitor.image = lambda tag, grid, step: images.append((tag, step, tuple(grid.shape[:1])))
+    t.fit()
+    assert images == [("val/jpeg_restored_clean_gen", 2, (3,)), ("val/jpeg_restored_clean_gen", 4, (3,)),
+                      ("val/jpeg_restored_clean_final", 4, (3,))]
+
+
 @pytest.mark.parametrize("setting", ["default", "empty", "user"])
 def test_compiled_kernels_are_cached_in_the_run_folder(tmp_path, shards, monkeypatch, setting):
     """When compiling starts, inductor's cache is the run folder's compile_cache (a requeued run finds its
@@ -299,11 +355,11 @@ def test_compiled_kernels_are_cached_in_the_run_folder(tmp_path, shards, monkeyp
         seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
         return graph_module.forward
 
-    monkeypatch.setattr(trainer_mod, "COMPILE_BACKEND", recording_backend)
+    monkeypatch.setattr(compile_mod, "COMPILE_BACKEND", recording_backend)
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     overrides = ["train.compile_cache=''"] if setting == "empty" else []
     if setting == "user":
-        monkeypatch.setattr(trainer_mod, "_USER_COMPILE_CACHE", str(tmp_path / "mine"))
+        monkeypatch.setattr(compile_mod, "USER_COMPILE_CACHE", str(tmp_path / "mine"))
         monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=1", "train.compile=true",
                *overrides)
@@ -324,7 +380,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, shards, mo
     def broken_backend(graph_module, example_inputs):
         raise RuntimeError("this compiler is broken on purpose")
 
-    monkeypatch.setattr(trainer_mod, "COMPILE_BACKEND", broken_backend)
+    monkeypatch.setattr(compile_mod, "COMPILE_BACKEND", broken_backend)
     cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=2", "train.compile=true")
     t = Trainer(cfg)
     before = params(t.gen_raw)
@@ -343,15 +399,15 @@ def test_compile_mode_reaches_the_compiler_and_cuda_graphs_mark_each_step(tmp_pa
         modes.append(mode)
         return graph_module.forward
 
-    monkeypatch.setattr(trainer_mod, "COMPILE_BACKEND", recording_backend)
+    monkeypatch.setattr(compile_mod, "COMPILE_BACKEND", recording_backend)
     torch._dynamo.reset()  # frames compiled by earlier tests with other backends: their cache could answer
     layer = torch.nn.Linear(2, 2)
-    trainer_mod._compile(layer, "reduce-overhead")
+    compile_mod.compile_model(layer, "reduce-overhead")
     layer(torch.randn(1, 2))
     assert modes == ["reduce-overhead"]
     # the Trainer hands the config's mode to every model it compiles (run eagerly here: the marks are the point)
     compiled = []
-    monkeypatch.setattr(trainer_mod, "_compile", lambda model, mode="default": compiled.append(mode))
+    monkeypatch.setattr(build_mod, "compile_model", lambda model, mode="default": compiled.append(mode))
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=2", "train.compile=true",

@@ -1,154 +1,125 @@
-"""``dist-dejpeg bench {train,data,infer,scaling,all}``: throughput as measured, reproducible numbers.
+"""``dist-dejpeg bench NAME``: the product's benchmarks, reproducible numbers; each benchmark has its own flags.
 
-    dist-dejpeg bench all                          # every benchmark on this machine -> benchmarks/results/
-    dist-dejpeg bench colour                       # colour fidelity vs training length (real trainings: long)
-    dist-dejpeg bench quality                      # blind vs quality-conditioned, 3 seeds (real trainings: long)
-    dist-dejpeg bench chroma                       # chroma-weighted loss vs RGB L1, 3 seeds (real trainings: long)
+    dist-dejpeg bench all                          # train, data, infer, scaling on this machine -> benchmarks/results/
     dist-dejpeg bench train --config configs/div2k.yaml data.crop=256 model.pretrained=false loss.lpips_pretrained=false
+    dist-dejpeg bench data --tiles 288 --formats raw
+    dist-dejpeg bench train --help                 # one benchmark's flags and their defaults
 
 Each benchmark writes ``<results>/<name>.json`` and ``.md`` naming the machine (CPU model and cores, GPU and
-driver), torch version and settings; ratios come only from rows of one run. Timing, warm-up, device
-synchronisation and the results files live in :mod:`dist_dejpeg.bench.common`, shared by all of them.
+driver), torch version and settings; ratios come only from rows of one run. The common flags, timing, warm-up,
+device synchronisation and the results files live in :mod:`dist_dejpeg.bench.common`, shared by all of them.
+The research ablations (colour, quality, chroma) are scripts in benchmarks/experiments/.
+
+A benchmark is a module with ``add_arguments(parser)`` and ``main(args) -> int``, named in BENCHMARKS; it is
+imported only when its command runs or shows its help, so that other commands import no torch.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import argparse
+import importlib
+import importlib.util
+import sys
 
 DEFAULT_RESULTS = "benchmarks/results"  # relative to where the command runs (the repository root)
 
-# Without a GPU: the CPU debug recipe. With one: configs/div2k.yaml at 256 px crops (the throughput target's
-# settings), random-init backbones so that no download is needed (speed does not depend on the weights).
-CPU_CONFIG = ("configs/debug.yaml", [])
-GPU_CONFIG = ("configs/div2k.yaml", ["data.crop=256", "model.pretrained=false", "loss.lpips_pretrained=false"])
+# name -> (module, one line for `dist-dejpeg bench --help`)
+BENCHMARKS = {
+    "train": ("dist_dejpeg.bench.train", "training-step images/s per device, naive path -> fast-path ladder -> tuned"),
+    "data": ("dist_dejpeg.bench.data", "data-pipeline crops/s of every loader on the same shards and cores"),
+    "data-wait": ("dist_dejpeg.bench.data_wait", "the share of training time spent waiting for batches, per "
+                                                  "data-path variant (short training runs)"),
+    "infer": ("dist_dejpeg.bench.infer", "restore latency per image and per megapixel, whole and tiled"),
+    "scaling": ("dist_dejpeg.bench.scaling", "1 -> 2 processes measured on the CPU; DDP efficiency modelled"),
+    "all": ("dist_dejpeg.bench.suite", "train, data, infer and scaling in a row, and the scaling model"),
+    "gpu-check": ("dist_dejpeg.bench.gpu_check", "every GPU path in one command, on a GPU machine without network"),
+}
 
 
-def default_config() -> tuple[str, list[str]]:
-    import torch
-
-    return GPU_CONFIG if torch.cuda.is_available() else CPU_CONFIG
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each flag's default after its help; the module docstring (its commands) as written."""
 
 
-def scaling_model(train_report: dict, config: str, overrides: list[str], out_dir: str | Path,
-                  name: str = "scaling_model") -> dict:
-    """The predicted DDP efficiency at 8/64/256 GPUs from a ``bench train`` report's tuned step times."""
-    from dist_dejpeg.bench import scaling
-    from dist_dejpeg.bench.common import write_results
-    from dist_dejpeg.bench.train import TUNED
+class BenchmarkParser(argparse.ArgumentParser):
+    """One benchmark's parser: its flags come from its module's add_arguments, imported the first time the
+    parser is used."""
 
-    tuned = train_report["results"][TUNED]
-    grads = scaling.gradient_bytes(config, overrides)
-    steps = {"generator": tuned["gen"]["ms_per_call"] / 1000}
-    if "critic" in tuned:
-        steps["critic"] = tuned["critic"]["ms_per_call"] / 1000
-    rows = scaling.model_table(steps, grads)
-    report = {"from": train_report.get("machine"), "config": config, "overrides": overrides,
-              "step_seconds": steps, "gradient_bytes": grads, "links": scaling.LINKS,
-              "backward_share": scaling.BACKWARD_SHARE, "bucket_bytes": scaling.BUCKET_BYTES}
-    note = (f"Step times: the tuned rows of `bench train` on {train_report.get('machine')} (`{config}` "
-            f"{' '.join(overrides)}). Ring all-reduce of fp32 gradients, NVLink {scaling.LINKS['nvlink']['bw_gbs']:.0f} "
-            f"GB/s within a node of {scaling.GPUS_PER_NODE}, InfiniBand {scaling.LINKS['infiniband']['bw_gbs']:.0f} "
-            f"GB/s per GPU across nodes; cells: efficiency without / with overlap of communication and backward. "
-            f"Formula in dist_dejpeg/bench/scaling.py and the README.")
-    write_results(out_dir, name, report, "Predicted DDP efficiency (model, not measured)", note,
-                  ["model", "step ms", "gradient MB", "8 GPUs", "64 GPUs", "256 GPUs"], rows)
-    return report
+    def __init__(self, *args, module: str, **kwargs):
+        self.one_value: set[str] = set()  # options that take one value (filled by add_argument)
+        super().__init__(*args, **kwargs)
+        self.module, self.loaded = module, False
+
+    def load(self) -> None:
+        if self.loaded:
+            return
+        self.loaded = True
+        benchmark = importlib.import_module(self.module)
+        self.description = benchmark.__doc__
+        benchmark.add_arguments(self)
+        self.set_defaults(func=benchmark.main)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings and action.nargs is None:
+            self.one_value.update(action.option_strings)
+        return action
+
+    def takes_one_value(self, option: str) -> bool:
+        self.load()
+        return option in self.one_value
+
+    def format_usage(self) -> str:
+        self.load()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self.load()
+        return super().format_help()
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.load()
+        namespace, extras = super().parse_known_args(args, namespace)
+        if isinstance(getattr(namespace, "overrides", None), list):
+            # overrides after options come back as extras: argparse closes a positional at the first option
+            late = [e for e in extras if "=" in e and not e.startswith("-")]
+            namespace.overrides = [*namespace.overrides, *late]
+            extras = [e for e in extras if e not in late]
+        return namespace, extras
 
 
-def main(args) -> int:
-    """Entry point of ``dist-dejpeg bench`` (arguments from dist_dejpeg.cli)."""
-    out = Path(args.results)
-    # the default config's own overrides first, the command line's after (a new list: the defaults stay as they are)
-    config, defaults = (args.config, []) if args.config else default_config()
-    overrides = [*defaults, *args.overrides]
-    which = args.which
-    reports = {}
-    if which == "colour":  # quality, not throughput: not part of "all"
-        from dist_dejpeg.bench import colour
+class BenchParser(argparse.ArgumentParser):
+    """``dist-dejpeg bench``. The benchmark's name may come after options too, as in the command lines of
+    benchmarks/gpu_check.sh and configs/gpu_check.yaml (``bench --results R --updates=gen train k=v``)."""
 
-        reports["colour"] = colour.run(args.config or CPU_CONFIG[0], args.overrides, out, norms=tuple(args.norms),
-                                       gen_steps=tuple(args.gen_steps), qualities=tuple(args.qualities or (10, 20, 40)),
-                                       work=args.work or "runs/bench-colour", name=args.name or "colour")
-    if which == "quality":
-        from dist_dejpeg.bench import quality
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.benchmarks: dict[str, BenchmarkParser] = {}
 
-        reports["quality"] = quality.run(args.config or CPU_CONFIG[0], args.overrides, out, seeds=tuple(args.seeds),
-                                         qualities=tuple(args.qualities or quality.QUALITIES),
-                                         work=args.work or "runs/bench-quality", name=args.name or "quality")
-    if which == "chroma":
-        from dist_dejpeg.bench import chroma
+    def name_first(self, args: list[str]) -> list[str]:
+        """``args`` with the benchmark's name moved to the front: the first name that is not an option's value."""
+        for i, word in enumerate(args):
+            if word in self.benchmarks and not (i and self.benchmarks[word].takes_one_value(args[i - 1])):
+                return [word, *args[:i], *args[i + 1:]]
+        return args
 
-        reports["chroma"] = chroma.run(args.config or CPU_CONFIG[0], args.overrides, out, weights=tuple(args.chroma_weights),
-                                       seeds=tuple(args.seeds), qualities=tuple(args.qualities or chroma.QUALITIES),
-                                       work=args.work or "runs/bench-quality", name=args.name or "chroma")
-    if which in ("train", "all"):
-        from dist_dejpeg.bench import train
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(self.name_first(args), namespace)
 
-        reports["train"] = train.run(config, overrides, out, warmup=args.warmup, steps=args.steps,
-                                     repeats=args.repeats, ladder=not args.no_ladder,
-                                     updates=tuple(args.updates), rounds=args.rounds, name=args.name or "train",
-                                     rungs=None if "all" in args.rungs else tuple(r for r in args.rungs if r != "none"),
-                                     profile=args.profile)
-        if (which == "all" or args.scaling_model) and train.TUNED in reports["train"]["results"]:
-            scaling_model(reports["train"], config, overrides, out)
-    if which in ("data", "all"):
-        from dist_dejpeg.bench import data
 
-        reports["data"] = data.run(out, root=args.root, crop=args.crop, batches=args.batches, threads=args.threads or None,
-                                   tiles=tuple(args.tiles), formats=tuple(args.formats), name=args.name or "data")
-    if which in ("infer", "all"):
-        from dist_dejpeg.bench import infer
-
-        reports["infer"] = infer.run(config, overrides, out, repeats=args.repeats, name=args.name or "infer")
-    if which in ("scaling", "all"):
-        from dist_dejpeg.bench import scaling
-
-        cpu_config, cpu_overrides = (config, overrides) if args.config else CPU_CONFIG
-        reports["scaling"] = scaling.run(cpu_config, cpu_overrides, out, steps=args.steps, name=args.name or "scaling")
-    return 0
+def build_parser(prog: str = "dist-dejpeg bench") -> BenchParser:
+    parser = BenchParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    subs = parser.add_subparsers(dest="which", required=True, parser_class=BenchmarkParser)
+    for name, (module, line) in BENCHMARKS.items():
+        if importlib.util.find_spec(module) is None:  # a benchmark not written yet leaves the others working
+            continue
+        parser.benchmarks[name] = subs.add_parser(name, help=line, module=module, formatter_class=HelpFormatter)
+    return parser
 
 
 def add_parser(sub) -> None:
-    """The ``bench`` sub-command's arguments (called by dist_dejpeg.cli.build_parser)."""
-    b = sub.add_parser("bench", help="throughput benchmarks (results in benchmarks/results/)")
-    b.add_argument("which", choices=["train", "data", "infer", "scaling", "all", "colour", "quality", "chroma"],
-                   help="all: the four throughput benchmarks; colour: colour fidelity vs training length; "
-                        "quality: blind vs quality-conditioned over seeds; chroma: chroma-weighted loss vs RGB L1 "
-                        "(colour, quality and chroma train real models)")
-    b.add_argument("--config", help="training config (default: configs/debug.yaml on CPU; configs/div2k.yaml at "
-                                    "256 px with random-init backbones on a GPU)")
-    b.add_argument("--results", default=DEFAULT_RESULTS, help="folder for the .json/.md results")
-    b.add_argument("--name", default="", help="results file name (default: the benchmark's)")
-    b.add_argument("--steps", type=int, default=10, help="train/scaling: timed steps per block")
-    b.add_argument("--warmup", type=int, default=5, help="train: warm-up steps (compile happens here)")
-    b.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
-    b.add_argument("--no-ladder", action="store_true", help="train: only the tuned row (the config's settings)")
-    b.add_argument("--rungs", nargs="+", default=["all"], metavar="RUNG",
-                   help="train: the ladder's rungs to time, by the config key each sets (channels_last "
-                        "mixed_precision fused_adamw sync_every compile compile_mode; each keeps the pieces of the "
-                        "rungs before it); none: only the naive baseline and the tuned row; default all")
-    b.add_argument("--profile", action="store_true",
-                   help="train: also profile each variant's gen steps (torch.profiler: operator tables in "
-                        "<name>_profile_<n>.txt, the share of the step the GPU was busy in the table)")
-    b.add_argument("--rounds", type=int, default=1,
-                   help="train: measure every variant this many times in turn and report the median round")
-    b.add_argument("--updates", nargs="+", choices=["gen", "critic", "gan"], default=["gen", "critic", "gan"],
-                   help="train: the updates to time (gen includes its row without LPIPS)")
-    b.add_argument("--scaling-model", action="store_true", help="train: also write the predicted DDP efficiency")
-    b.add_argument("--root", help="data: prepared shards instead of the sample photos")
-    b.add_argument("--batches", type=int, default=20, help="data: timed batches per loader")
-    b.add_argument("--threads", type=int, default=0, help="data: threads/workers per loader (0: all cores)")
-    b.add_argument("--tiles", type=int, nargs="+", default=[288, 480], help="data: tile sizes of the sample shards")
-    b.add_argument("--crop", type=int, default=256, help="data: crop size (at most the smallest tile)")
-    b.add_argument("--formats", nargs="+", default=["png", "raw", "jp2"], help="data: shard formats")
-    b.add_argument("--norms", nargs="+", default=["batch", "group", "none"], help="colour: decoder norms")
-    b.add_argument("--gen-steps", type=int, nargs="+", default=[1000, 5000], help="colour: gen steps per run")
-    b.add_argument("--qualities", type=int, nargs="+", help="colour/quality: JPEG qualities (10 20 40 / 10 ... 90)")
-    b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="quality/chroma: training seeds")
-    b.add_argument("--chroma-weights", type=float, nargs="+", default=[1.0, 2.0, 4.0],
-                   help="chroma: loss.chroma_weight values (1: L1 on RGB, the recipe's)")
-    b.add_argument("--work", default="", help="colour/quality/chroma: folder for the runs (runs/bench-<name>; chroma: "
-                                                    "runs/bench-quality, whose conditioned runs it reuses)")
-    b.add_argument("overrides", nargs="*", help="config overrides, key=value (before options that take "
-                                                "several values, such as --norms)")
-    b.set_defaults(func=main)
+    """``bench`` in dist-dejpeg's parser (called by dist_dejpeg.cli.build_parser with its sub-parsers)."""
+    bench = build_parser()
+    sub.add_parser("bench", help=f"benchmarks: {', '.join(bench.benchmarks)} (results in benchmarks/results/)")
+    # add_parser made a plain ArgumentParser: the BenchParser in its place also finds the name after options
+    sub.choices["bench"] = bench

@@ -1,26 +1,69 @@
-"""What every benchmark shares: the machine's description, warm-up + device sync + repeated timing, and the
+"""What every benchmark shares: its common flags (``--results``, ``--name``, ``--config`` and ``key=value``
+overrides) and the default config, the machine's description, warm-up + device sync + repeated timing, and the
 results files (``<name>.json`` with everything, ``<name>.md`` with the table and the machine's name).
 
 Timing rule: run ``warmup`` calls, synchronize the device, then time ``repeats`` blocks of ``steps`` calls,
 synchronizing before each clock read; the reported time is the median block, the spread is (max - min) /
 median. Ratios between rows are only ever computed from rows of one run (one results file).
+
+torch is imported inside the functions that use it: the flags are added without it (``dist-dejpeg bench
+NAME --help``, and the GPU check before its install step).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+from dist_dejpeg.bench import DEFAULT_RESULTS
+
+if TYPE_CHECKING:
+    import torch
+
+# Without a GPU: the CPU debug recipe. With one: configs/div2k.yaml at 256 px crops (the throughput target's
+# settings), random-init backbones so that no download is needed (speed does not depend on the weights).
+CPU_CONFIG = ("configs/debug.yaml", [])
+GPU_CONFIG = ("configs/div2k.yaml", ["data.crop=256", "model.pretrained=false", "loss.lpips_pretrained=false"])
+
+# The label of bench train's row with the config's own settings: bench scaling and the scaling model read it
+TUNED = "tuned: the config's own settings"
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, name: str | None, *, config: bool = True) -> None:
+    """The flags benchmarks share: --results; --name (``name``: the default file name; None: no such flag);
+    with ``config`` (the benchmark builds models from a training config), --config and the key=value overrides."""
+    parser.add_argument("--results", default=DEFAULT_RESULTS, help="folder for the .json/.md results")
+    if name:
+        parser.add_argument("--name", default=name, help="results file name (<name>.json and <name>.md)")
+    if config:
+        parser.add_argument("--config", help="training config (none: configs/debug.yaml on a CPU; on a GPU "
+                                             "configs/div2k.yaml at 256 px with random-init backbones)")
+        parser.add_argument("overrides", nargs="*", default=[],
+                            help="config overrides, key=value (anywhere but right after an option "
+                                 "that takes several values)")
+
+
+def default_config() -> tuple[str, list[str]]:
+    import torch
+
+    return GPU_CONFIG if torch.cuda.is_available() else CPU_CONFIG
+
+
+def config_of(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The config and overrides a benchmark runs: --config, or the machine's default config with its own
+    overrides first; the command line's overrides after them (a new list: the defaults stay as they are)."""
+    config, defaults = (args.config, []) if args.config else default_config()
+    return config, [*defaults, *args.overrides]
+
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), for model-FLOPs
 # utilisation. Matched by substring of torch.cuda.get_device_name(); DIST_DEJPEG_PEAK_TFLOPS overrides.
@@ -54,12 +97,15 @@ def _gpu_driver() -> str:
 
 def machine_info() -> dict:
     """CPU model and cores, GPU and driver (when CUDA is there), torch/CUDA versions: stored in every result."""
+    import torch
+
     info = {"cpu": _cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "gpu": None}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_count=torch.cuda.device_count(), gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda, driver=_gpu_driver(), bf16=torch.cuda.is_bf16_supported())
+        info.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
+                    gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    driver=_gpu_driver(), bf16=torch.cuda.is_bf16_supported())
     return info
 
 
@@ -76,6 +122,8 @@ def bf16_peak_flops() -> float | None:
     """The card's dense bf16 peak in FLOP/s, or None when unknown (then no utilisation is reported)."""
     if os.environ.get("DIST_DEJPEG_PEAK_TFLOPS"):
         return float(os.environ["DIST_DEJPEG_PEAK_TFLOPS"]) * 1e12
+    import torch
+
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(0)
@@ -87,6 +135,8 @@ def bf16_peak_flops() -> float | None:
 
 def sync(device: torch.device | str | None = None) -> None:
     """Wait for queued device work, so that a host clock read measures it."""
+    import torch
+
     device = torch.device(device) if device is not None else None
     if (device is None or device.type == "cuda") and torch.cuda.is_available():
         torch.cuda.synchronize(device)
@@ -136,6 +186,7 @@ def profile_calls(fn: Callable[[], object], path: str | Path, *, steps: int = 5,
     operators by self device time and by self host time. Returns the wall time per call and, where a GPU ran
     kernels, the time per call during which at least one kernel ran (``device_busy_ms``): a busy share well
     under 1 means the host (Python, launches, syncs) and not the GPU sets the pace."""
+    import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -173,7 +224,8 @@ def write_results(out_dir: str | Path, name: str, report: dict, title: str, note
     report.clear()
     report.update(about, **body)  # in place: the caller's report names the machine too
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
-    lines = [f"# {title}", "", f"Machine: {report['machine']}; torch {torch.__version__}; {report['date']}", "",
+    lines = [f"# {title}", "", f"Machine: {report['machine']}; torch {report['machine_info']['torch']}; "
+             f"{report['date']}", "",
              note, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     md = out_dir / f"{name}.md"
@@ -181,70 +233,3 @@ def write_results(out_dir: str | Path, name: str, report: dict, title: str, note
     if echo:
         print("\n".join(lines), flush=True)
     return md
-
-
-# -- quality benchmarks (bench colour, bench quality): real trainings, then evaluate -----------------------
-def validation_images(config, work: Path) -> list[str]:
-    """Whole validation photos when data.root holds the bundled samples (written as PNG into ``work``),
-    otherwise the validation shards."""
-    from PIL import Image
-
-    from dist_dejpeg.data import shards
-
-    root = Path(config.data.root)
-    try:
-        dataset = json.loads((root / shards.MANIFEST).read_text()).get("dataset")
-    except (OSError, ValueError):
-        dataset = None
-    if dataset == shards.SAMPLE_DATASET:
-        work.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for name in shards.SAMPLE_VAL:
-            path = work / f"{name}.png"
-            if not path.exists():
-                Image.fromarray(shards._sample_photo(name)).save(path)
-            paths.append(str(path))
-        return paths
-    return [str(p) for p in shards.list_shards(root, config.data.val_glob)]
-
-
-def quality_bench_setup(config: str, overrides: list[str], work: str | Path) -> tuple[Path, list[str]]:
-    """The run folder (made) and the validation images of a quality benchmark; the sample shards are prepared
-    once here, before the runs (each would otherwise check on its own)."""
-    from dist_dejpeg.config import load_config
-    from dist_dejpeg.data import ensure_samples
-
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(config, overrides)
-    ensure_samples(cfg)
-    return work, validation_images(cfg, work / "val_photos")
-
-
-def mean_spread(values: list[float]) -> tuple[float, float]:
-    """Mean and spread (max - min; 0 for one value) over seeds."""
-    return statistics.fmean(values), (max(values) - min(values)) if len(values) > 1 else 0.0
-
-
-def train_once(config: str, overrides: list[str], run_dir: Path, log_file: Path) -> float | None:
-    """One ``dist-dejpeg train`` in a child process (a fresh Accelerate state each time); returns seconds. A
-    run folder that a finished earlier call left (``bench_train.json`` beside its generator, same command) is
-    reused, so an interrupted benchmark goes on where it stopped."""
-    cmd = [sys.executable, "-m", "dist_dejpeg.cli", "train", "--config", config, *overrides,
-           f"train.run_dir={run_dir}"]
-    marker = Path(run_dir) / "bench_train.json"
-    try:
-        done = json.loads(marker.read_text())
-        if done.get("args") == cmd[3:] and (Path(run_dir) / "generator.safetensors").is_file():
-            return done.get("seconds")
-    except (OSError, ValueError):
-        pass
-    start = time.perf_counter()
-    with open(log_file, "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        tail = log_file.read_text()[-3000:]
-        raise RuntimeError(f"training failed ({' '.join(cmd)}), log {log_file}:\n{tail}")
-    seconds = time.perf_counter() - start
-    marker.write_text(json.dumps({"args": cmd[3:], "seconds": seconds}))
-    return seconds

@@ -21,6 +21,7 @@ rows measured in this one run.
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import os
 import re
@@ -35,7 +36,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
-from dist_dejpeg.bench.common import sync, write_results
+from dist_dejpeg.bench.common import add_common_arguments, sync, write_results
 from dist_dejpeg.data.shards import list_shards, prepare_samples, read_manifest
 from dist_dejpeg.data.torch_loader import ShardStream, TorchLoader
 
@@ -153,7 +154,8 @@ def run(out_dir: str | Path, *, root: str | None = None, crop: int = 256, batch:
     on each, and the libjpeg ceiling; write ``name``.json/.md into ``out_dir``."""
     threads = threads or os.cpu_count()
     if not root and min(tiles) < crop:
-        raise ValueError(f"bench data: {crop} px crops need tiles of at least {crop} px, got {min(tiles)} (--tiles/--crop)")
+        raise ValueError(f"bench data: {crop} px crops need tiles of at least {crop} px, got {min(tiles)} "
+                         f"(--tiles/--crop)")
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
     roots: dict[str, Path] = {}
     if root:
@@ -189,3 +191,29 @@ def run(out_dir: str | Path, *, root: str | None = None, crop: int = 256, batch:
                   ["loader", "crops/s", "x BasicSR-style peer (same tiles)"],
                   [[k, f"{v:.0f}", f"{v / peer_of(k):.2f}"] for k, v in rows.items()])
     return report
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """bench data's own flags (bench all takes them too)."""
+    parser.add_argument("--root", help="prepared shards instead of the sample photos")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per loader")
+    parser.add_argument("--threads", type=int, default=0, help="threads/workers per loader (0: all cores)")
+    parser.add_argument("--tiles", type=int, nargs="+", default=[288, 480], help="tile sizes of the sample shards")
+    parser.add_argument("--crop", type=int, default=256, help="crop size (at most the smallest tile)")
+    parser.add_argument("--formats", nargs="+", default=["png", "raw", "jp2"], help="shard formats")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, "data", config=False)  # no model: the loaders' settings are the flags
+    add_options(parser)
+
+
+def run_from_args(args: argparse.Namespace, name: str = "data") -> dict:
+    """run() with add_options' flags."""
+    return run(Path(args.results), root=args.root, crop=args.crop, batches=args.batches, threads=args.threads or None,
+               tiles=tuple(args.tiles), formats=tuple(args.formats), name=name)
+
+
+def main(args: argparse.Namespace) -> int:
+    run_from_args(args, args.name)
+    return 0

@@ -11,12 +11,13 @@ The model is the config's generator with random weights: speed does not depend o
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dist_dejpeg.bench.common import measure, write_results
+from dist_dejpeg.bench.common import add_common_arguments, config_of, measure, write_results
 from dist_dejpeg.config import load_config
 
 SIZES = {"512 x 512": (512, 512), "2040 x 1356 (DIV2K 2K)": (1356, 2040)}
@@ -57,7 +58,8 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int 
                     print(f"bench infer: {key}: {ms:.1f} ms", flush=True)
     report = {"config": config, "overrides": list(overrides), "encoder": cfg.model.encoder,
               "decoder_width": cfg.model.decoder_width, "channels_last": cfg.model.channels_last,
-              "what": "Restorer.restore_array on a uint8 image, batch 1 image", "modes": {k: dict(v) for k, v in modes.items()},
+              "what": "Restorer.restore_array on a uint8 image, batch 1 image",
+              "modes": {k: dict(v) for k, v in modes.items()},
               "results": results}
     note = (f"`{config}` {' '.join(overrides)}: {cfg.model.encoder}, decoder width {cfg.model.decoder_width}, "
             f"channels_last {cfg.model.channels_last}, random weights. `Restorer.restore_array` on a uint8 image "
@@ -66,3 +68,14 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int 
     write_results(out_dir, name, report, "Restore latency", note,
                   ["device", "precision", "mode", "image", "ms per image", "ms per megapixel", "spread"], table)
     return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, "infer")
+    parser.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
+
+
+def main(args: argparse.Namespace) -> int:
+    config, overrides = config_of(args)
+    run(config, overrides, Path(args.results), repeats=args.repeats, name=args.name)
+    return 0

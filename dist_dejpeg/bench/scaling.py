@@ -2,6 +2,7 @@
 efficiency at 8, 64 and 256 GPUs.
 
     dist-dejpeg bench scaling --config configs/debug.yaml
+    dist-dejpeg bench train --scaling-model        # the model alone, from this machine's tuned step times
 
 Measured: the same ``bench train`` (tuned row only) runs under ``accelerate launch`` with 1 and with 2
 processes of one thread each, so the two runs use the same cores per process; efficiency = (images/s of 2
@@ -19,6 +20,7 @@ overlaps buckets with it), k: DDP's buckets (25 MB each); the last bucket never 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -27,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dist_dejpeg.bench.common import write_results
+from dist_dejpeg.bench.common import CPU_CONFIG, TUNED, add_common_arguments, config_of, write_results
 
 # Bus bandwidths (GB/s) and per-hop latencies that NCCL's all-reduce reaches on current clusters (stated
 # assumptions, not measurements of this project): H100 SXM NVLink 4, NDR InfiniBand 400 Gb/s per GPU.
@@ -79,7 +81,8 @@ def gradient_bytes(config: str, overrides: list[str]) -> dict[str, float]:
 def _launch(processes: int, config: str, overrides: list[str], out: Path, steps: int) -> dict:
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
-           "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+           "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no"]
     cmd += ["--multi_gpu"] if processes > 1 else ["--cpu"]
     cmd += ["-m", "dist_dejpeg.cli", "bench", "train", "--no-ladder", "--steps", str(steps), "--results", str(out),
             "--name", f"scaling_{processes}", "--config", config, *overrides, "train.cpu=true"]
@@ -92,8 +95,6 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, steps: int = 
         one = _launch(1, config, overrides, Path(tmp), steps)
         two = _launch(2, config, overrides, Path(tmp), steps)
     measured, table = {}, []
-    from dist_dejpeg.bench.train import TUNED
-
     for update, r1 in one["results"][TUNED].items():
         r2 = two["results"][TUNED][update]
         eff = r2["images_per_s_per_device"] / r1["images_per_s_per_device"]
@@ -109,3 +110,41 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, steps: int = 
     write_results(out_dir, name, report, "Scaling, measured 1 -> 2 processes", note,
                   ["update", "images/s, 1 process", "images/s, 2 processes (total)", "efficiency"], table)
     return report
+
+
+def scaling_model(train_report: dict, config: str, overrides: list[str], out_dir: str | Path,
+                  name: str = "scaling_model") -> dict:
+    """The predicted DDP efficiency at 8/64/256 GPUs from a ``bench train`` report's tuned step times."""
+    tuned = train_report["results"][TUNED]
+    grads = gradient_bytes(config, overrides)
+    steps = {"generator": tuned["gen"]["ms_per_call"] / 1000}
+    if "critic" in tuned:
+        steps["critic"] = tuned["critic"]["ms_per_call"] / 1000
+    rows = model_table(steps, grads)
+    report = {"from": train_report.get("machine"), "config": config, "overrides": overrides,
+              "step_seconds": steps, "gradient_bytes": grads, "links": LINKS,
+              "backward_share": BACKWARD_SHARE, "bucket_bytes": BUCKET_BYTES}
+    note = (f"Step times: the tuned rows of `bench train` on {train_report.get('machine')} (`{config}` "
+            f"{' '.join(overrides)}). Ring all-reduce of fp32 gradients, NVLink {LINKS['nvlink']['bw_gbs']:.0f} "
+            f"GB/s within a node of {GPUS_PER_NODE}, InfiniBand {LINKS['infiniband']['bw_gbs']:.0f} "
+            f"GB/s per GPU across nodes; cells: efficiency without / with overlap of communication and backward. "
+            f"Formula in dist_dejpeg/bench/scaling.py and the README.")
+    write_results(out_dir, name, report, "Predicted DDP efficiency (model, not measured)", note,
+                  ["model", "step ms", "gradient MB", "8 GPUs", "64 GPUs", "256 GPUs"], rows)
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, "scaling")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per block of each bench train")
+
+
+def cpu_config_of(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The config and overrides of the measured part, which runs on the CPU whatever the machine: the CPU debug
+    recipe unless --config names a config."""
+    return config_of(args) if args.config else (CPU_CONFIG[0], [*CPU_CONFIG[1], *args.overrides])
+
+
+def main(args: argparse.Namespace) -> int:
+    run(*cpu_config_of(args), Path(args.results), steps=args.steps, name=args.name)
+    return 0

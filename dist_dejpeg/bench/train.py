@@ -4,6 +4,7 @@ path (fp32, eager, foreach AdamW, host checks every step) up the fast-path ladde
     dist-dejpeg bench train --config configs/debug.yaml                       # this machine, synthetic batches
     dist-dejpeg bench train --config configs/div2k.yaml data.crop=256 model.pretrained=false loss.lpips_pretrained=false
     accelerate launch -m dist_dejpeg.cli bench train --config configs/div2k.yaml   # per-device rate under DDP
+    dist-dejpeg bench train --updates gen --rungs none --profile   # naive vs tuned gen step, operator tables
 
 Every row builds the real Trainer (same models, optimizers, autocast, DDP wrapping, host checks) with the
 row's overrides and calls its ``train_step``; batches are synthetic and already on the device, so the number
@@ -15,6 +16,7 @@ t(gen), both measured on the same Trainer.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import tempfile
@@ -24,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from dist_dejpeg.bench.common import bf16_peak_flops, measure, profile_calls, sync, write_results
+from dist_dejpeg.bench.common import (TUNED, add_common_arguments, bf16_peak_flops, config_of, measure, profile_calls,
+                                      sync, write_results)
 from dist_dejpeg.config import Config, load_config
 
 NAIVE = {"train.mixed_precision": "no", "model.channels_last": "false", "train.fused_adamw": "false",
@@ -52,7 +55,6 @@ def rung_names() -> list[str]:
     return [rung_name(step) for _, step in LADDER[1:]]
 
 
-TUNED = "tuned: the config's own settings"
 # The baseline measured again after everything else: the gap between its two measurements is how much one
 # configuration moves between Trainer builds in this run; ratios smaller than that are noise.
 AGAIN = "naive again (the same baseline, measured last)"
@@ -253,7 +255,8 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
             results[label] = {update: _over_rounds(rs) for update, rs in samples[label].items()}
         except Exception as err:  # one broken variant (a compiler failure, say) must not lose the other rows
             traceback.print_exc()
-            errors[label] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+            first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+            errors[label] = f"{type(err).__name__}: {first_line}"
         if naive_label in results:  # the tables after every row: a run cut short (a time limit) keeps what it measured
             pending = [f"{v[0]} (round {r + 1})" if rounds > 1 else v[0] for r, v in schedule[i + 1:]]
             report = _write_report(config, overrides, out_dir, name, base, device, results, errors, flops, peak,
@@ -331,7 +334,50 @@ def _write_report(config: str, overrides: list[str], out_dir: str | Path, name: 
     if pending:
         note += f" **Incomplete: still to measure: {'; '.join(pending)}.**"
     write_results(out_dir, name, report, "Train-step throughput", note,
-                  ["update", "variant", "images/s per device", "ms/step", "spread", "x naive", "first step s", "TFLOP/s",
-                   "MFU (bf16)"],
+                  ["update", "variant", "images/s per device", "ms/step", "spread", "x naive", "first step s",
+                   "TFLOP/s", "MFU (bf16)"],
                   table, echo=echo)
     return report
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """bench train's own flags (bench all takes them too)."""
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per block")
+    parser.add_argument("--warmup", type=int, default=5, help="warm-up steps (compile happens here)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
+    parser.add_argument("--no-ladder", action="store_true", help="only the tuned row (the config's settings)")
+    parser.add_argument("--rungs", nargs="+", default=["all"], metavar="RUNG",
+                        help=f"the ladder's rungs to time, by the config key each sets ({' '.join(rung_names())}; "
+                             f"each keeps the pieces of the rungs before it); none: only the naive baseline and the "
+                             f"tuned row")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile each variant's gen steps (torch.profiler: operator tables in "
+                             "<name>_profile_<n>.txt, the share of the step the GPU was busy in the table)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every variant this many times in turn and report the median round")
+    parser.add_argument("--updates", nargs="+", choices=list(UPDATES), default=list(UPDATES),
+                        help="the updates to time (gen includes its row without LPIPS)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, "train")
+    add_options(parser)
+    parser.add_argument("--scaling-model", action="store_true", help="also write the predicted DDP efficiency")
+
+
+def run_from_args(args: argparse.Namespace, config: str, overrides: list[str], name: str = "train") -> dict:
+    """run() with add_options' flags."""
+    rungs = None if "all" in args.rungs else tuple(r for r in args.rungs if r != "none")
+    return run(config, overrides, Path(args.results), warmup=args.warmup, steps=args.steps, repeats=args.repeats,
+               ladder=not args.no_ladder, updates=tuple(args.updates), rounds=args.rounds, name=name, rungs=rungs,
+               profile=args.profile)
+
+
+def main(args: argparse.Namespace) -> int:
+    config, overrides = config_of(args)
+    report = run_from_args(args, config, overrides, args.name)
+    if args.scaling_model and TUNED in report["results"]:
+        from dist_dejpeg.bench.scaling import scaling_model
+
+        scaling_model(report, config, overrides, args.results)
+    return 0

@@ -26,20 +26,21 @@ import numpy as np
 
 from dist_dejpeg.data.images import BadImage, decode_component, decode_rgb8, jpeg_roundtrip
 from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES, LOSSY_SHARD_EXTS, LOSSY_SUFFIXES, SHARD_EXTS
+from dist_dejpeg.metrics.fullref import colour_metrics
+from dist_dejpeg.metrics.noref import unavailable_reason
+from dist_dejpeg.metrics.registry import BY_NAME, COLOUR, EVALUATED, NO_REFERENCE, QUALITY
+from dist_dejpeg.metrics.whole_image import image_metrics, load_lpips_metric
 from dist_dejpeg.restore.restorer import Restorer
-from dist_dejpeg.metrics import COLOUR_NAMES  # where the error sits and the colour shift: a cast shows here
 
 log = logging.getLogger(__name__)
-
-METRIC_NAMES = ("psnr", "psnr_b", "ssim", "lpips", "brisque", "niqe")
-ALL_NAMES = METRIC_NAMES + COLOUR_NAMES
 
 
 class EvaluateError(ValueError):
     """Inputs evaluate cannot use (no images, lossy references, ...)."""
 
 
-def read_references(images: list[str], allow_lossy: bool = False, max_images: int = 0) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
+def read_references(images: list[str], allow_lossy: bool = False,
+                    max_images: int = 0) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
     """(name, H x W x 3 uint8) for each reference image: files, folders (recursive), WebDataset shards (.tar
     files, or a folder of them). Returns the images and the files skipped with their reasons."""
     import glob
@@ -114,27 +115,24 @@ class MetricSet:
 
     def __init__(self, lpips_weights: str = "", y_only: bool = False, crop_border: int = 0, device: str = "cpu",
                  only: tuple[str, ...] | None = None):
-        from dist_dejpeg import metrics
-
-        self.m = metrics
         self.y_only, self.crop_border = y_only, crop_border
-        self.unavailable: dict[str, str] = {n: "not requested" for n in METRIC_NAMES if only and n not in only}
-        self.lpips, reason = (None, "") if "lpips" in self.unavailable else metrics.load_lpips_metric(lpips_weights)
+        self.unavailable: dict[str, str] = {n: "not requested" for n in QUALITY if only and n not in only}
+        self.lpips, reason = (None, "") if "lpips" in self.unavailable else load_lpips_metric(lpips_weights)
         self.undefined: dict[str, dict] = {}  # metric -> {"reason", "count"}: values left out for some images
         if self.lpips is None and "lpips" not in self.unavailable:
             self.unavailable["lpips"] = (f"{reason.splitlines()[0]} Give the AlexNet backbone with "
                                          f"--lpips-weights FILE (torchvision's alexnet-owt-7be5be79.pth).")
         elif self.lpips is not None:
             self.lpips = self.lpips.to(device)
-        for name in ("brisque", "niqe"):
-            reason = None if name in self.unavailable else metrics.unavailable_reason(name)
+        for name in NO_REFERENCE:
+            reason = None if name in self.unavailable else unavailable_reason(name)
             if reason:
                 self.unavailable[name] = reason
 
     def __call__(self, img: np.ndarray, ref: np.ndarray) -> dict[str, float | None]:
-        out = self.m.image_metrics(img, ref, y_only=self.y_only, crop_border=self.crop_border, lpips=self.lpips,
-                                   skip=self.unavailable, undefined=self.undefined)
-        out.update(self.m.colour_metrics(img, ref, crop_border=self.crop_border))
+        out = image_metrics(img, ref, y_only=self.y_only, crop_border=self.crop_border, lpips=self.lpips,
+                            skip=self.unavailable, undefined=self.undefined)
+        out.update(colour_metrics(img, ref, crop_border=self.crop_border))
         return out
 
 
@@ -183,9 +181,9 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     per_quality = {}
     for q in qualities:
         sel = [r for r in rows if r["quality"] == q]
-        means = {kind: {m: _mean([r[kind][m] for r in sel]) for m in ALL_NAMES} for kind in ("jpeg", "restored")}
+        means = {kind: {m: _mean([r[kind][m] for r in sel]) for m in EVALUATED} for kind in ("jpeg", "restored")}
         means["gain"] = {m: (None if means["restored"][m] is None or means["jpeg"][m] is None
-                             else means["restored"][m] - means["jpeg"][m]) for m in ALL_NAMES}
+                             else means["restored"][m] - means["jpeg"][m]) for m in EVALUATED}
         means["images"] = len(sel)
         means["passed_through"] = sum(r["passthrough"] for r in sel)
         per_quality[str(q)] = means
@@ -233,8 +231,6 @@ def _fmt(v, digits: int = 4) -> str:
 
 
 def markdown(result: dict) -> str:
-    from dist_dejpeg.metrics import METRIC_INFO
-
     meta = result["meta"]
     model = meta["model"]
     lines = [f"# Evaluation of {model.get('source')}", "",
@@ -257,21 +253,21 @@ def markdown(result: dict) -> str:
         lines.append("")
     lines += ["| quality | metric | JPEG | restored | restored - JPEG |", "|---|---|---|---|---|"]
     for q, means in result["per_quality"].items():
-        for m in METRIC_NAMES:
-            arrow = "higher is better" if METRIC_INFO[m][0] else "lower is better"
-            lines.append(f"| {q} | {m} ({arrow}) | {_fmt(means['jpeg'][m])} | {_fmt(means['restored'][m])} | "
+        for m in QUALITY:
+            lines.append(f"| {q} | {m} ({BY_NAME[m].phrase}) | {_fmt(means['jpeg'][m])} | "
+                         f"{_fmt(means['restored'][m])} | "
                          f"{'+' if (means['gain'][m] or 0) > 0 else ''}{_fmt(means['gain'][m])} |")
     lines += ["", "Where the error sits and colour shift (PSNR on JFIF Y/Cb/Cr; mean signed shift per RGB "
               "channel in levels, 0-255: a cast is a shift the JPEG input does not have):", "",
-              "| quality | input | " + " | ".join(COLOUR_NAMES) + " |", "|---|---|" + "---|" * len(COLOUR_NAMES)]
+              "| quality | input | " + " | ".join(COLOUR) + " |", "|---|---|" + "---|" * len(COLOUR)]
     for q, means in result["per_quality"].items():
         for kind in ("jpeg", "restored"):
-            lines.append(f"| {q} | {kind} | " + " | ".join(_fmt(means[kind][m], 2) for m in COLOUR_NAMES) + " |")
-    lines += ["", "Per image:", "", "| image | quality | " + " | ".join(f"{m} JPEG -> restored" for m in METRIC_NAMES)
-              + " |", "|---|---|" + "---|" * len(METRIC_NAMES)]
+            lines.append(f"| {q} | {kind} | " + " | ".join(_fmt(means[kind][m], 2) for m in COLOUR) + " |")
+    lines += ["", "Per image:", "", "| image | quality | " + " | ".join(f"{m} JPEG -> restored" for m in QUALITY)
+              + " |", "|---|---|" + "---|" * len(QUALITY)]
     for r in result["per_image"]:
         lines.append(f"| {r['image']} | {r['quality']} | " + " | ".join(
-            f"{_fmt(r['jpeg'][m], 3)} -> {_fmt(r['restored'][m], 3)}" for m in METRIC_NAMES) + " |")
+            f"{_fmt(r['jpeg'][m], 3)} -> {_fmt(r['restored'][m], 3)}" for m in QUALITY) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -281,11 +277,11 @@ def write_tables(result: dict, out_dir: str | Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["image", "quality", "input", *ALL_NAMES])
+    writer.writerow(["image", "quality", "input", *EVALUATED])
     for r in result["per_image"]:
         for kind in ("jpeg", "restored"):
             writer.writerow([r["image"], r["quality"], kind, *("" if r[kind].get(m) is None else r[kind][m]
-                                                               for m in ALL_NAMES)])
+                                                               for m in EVALUATED)])
     files = {"metrics.json": json.dumps({k: v for k, v in result.items() if k != "records"}, indent=2,
                                         default=float),
              "metrics.csv": buf.getvalue(), "metrics.md": markdown(result)}

@@ -17,8 +17,9 @@ Summary rows (optional; per-quality means over the photos; derived from the reco
 
     {"quality": 10, "metric": "psnr", "jpeg": 27.1, "restored": 27.6, "n": 2}   # "n" optional
 
-Metric names: psnr, psnr_b, ssim, lpips, brisque, niqe (others are shown as given, direction unknown). A value
-of ``None`` (or NaN) prints as "n/a", with the reason from ``meta["unavailable"][metric]`` when given.
+Metric names: those of the registry (dist_dejpeg.metrics.registry), shown in its order with its labels, units,
+directions and decimals; others are shown as given after them, direction unknown. A value of ``None`` (or NaN)
+prints as "n/a", with the reason from ``meta["unavailable"][metric]`` when given.
 
 ``meta`` is a dict of model facts shown at the top in order (label -> value), e.g. ``{"source": ...,
 "encoder": "resnet34", "encoder_init": "random init" | "ImageNet", "steps": 1200, "lpips": "unavailable
@@ -47,15 +48,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-# name -> (label, higher_is_better, decimals, description)
-METRIC_INFO: dict[str, tuple[str, bool, int, str]] = {
-    "psnr": ("PSNR (dB)", True, 2, "peak signal-to-noise ratio vs the clean photo"),
-    "psnr_b": ("PSNR-B (dB)", True, 2, "PSNR with a blocking-effect penalty"),
-    "ssim": ("SSIM", True, 4, "structural similarity vs the clean photo"),
-    "lpips": ("LPIPS", False, 4, "learned perceptual distance to the clean photo"),
-    "brisque": ("BRISQUE", False, 2, "no-reference quality score"),
-    "niqe": ("NIQE", False, 3, "no-reference naturalness score"),
-}
+from dist_dejpeg.metrics.registry import BY_NAME, HIGHER, LOWER, METRICS, ZERO
+
+ARROWS = {HIGHER: "&uarr;", LOWER: "&darr;", ZERO: "&rarr;0"}
+UNKNOWN_DECIMALS = 4  # a metric the registry does not know
 KINDS = ("clean", "jpeg", "restored")
 THUMB = 256
 
@@ -132,35 +128,40 @@ def _fmt(metric: str, v: float | None, reasons: dict) -> str:
             return (f'<span class="na" title="{html.escape(str(reason))}">n/a'
                     f'<a class="fn" href="#na-{html.escape(metric)}">*</a></span>')
         return '<span class="na">n/a</span>'
-    return f"{v:.{METRIC_INFO.get(metric, ('', True, 4, ''))[2]}f}"
+    return f"{v:.{_decimals(metric)}f}"
+
+
+def _decimals(metric: str) -> int:
+    return BY_NAME[metric].decimals if metric in BY_NAME else UNKNOWN_DECIMALS
 
 
 def _direction(metric: str) -> str:
-    info = METRIC_INFO.get(metric)
+    info = BY_NAME.get(metric)
     if info is None:
         return ""
-    return ' <span class="dir" title="higher is better">&uarr;</span>' if info[1] else \
-        ' <span class="dir" title="lower is better">&darr;</span>'
+    return f' <span class="dir" title="{info.phrase}">{ARROWS[info.direction]}</span>'
+
+
+def _caption(metric: str) -> str:
+    return BY_NAME[metric].caption if metric in BY_NAME else metric
 
 
 def _label(metric: str) -> str:
-    return html.escape(METRIC_INFO.get(metric, (metric,))[0]) + _direction(metric)
+    return html.escape(_caption(metric)) + _direction(metric)
 
 
 def _delta_cell(metric: str, jpeg: float | None, restored: float | None) -> str:
     if jpeg is None or restored is None:
         return '<td class="num">&ndash;</td>'
     d = restored - jpeg
-    info = METRIC_INFO.get(metric)
-    cls = ""
-    if info is not None and d != 0:
-        cls = " better" if (d > 0) == info[1] else " worse"
-    return f'<td class="num delta{cls}">{d:+.{info[2] if info else 4}f}</td>'
+    better = BY_NAME[metric].improved(jpeg, restored) if metric in BY_NAME else None
+    cls = "" if better is None else " better" if better else " worse"
+    return f'<td class="num delta{cls}">{d:+.{_decimals(metric)}f}</td>'
 
 
 def _metric_order(names) -> list[str]:
-    known = [m for m in METRIC_INFO if m in names]
-    return known + sorted(n for n in names if n not in METRIC_INFO)
+    known = [m.name for m in METRICS if m.name in names]
+    return known + sorted(n for n in names if n not in BY_NAME)
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -248,8 +249,8 @@ def _random_init(meta: dict) -> bool:
 def _legend(names: list[str]) -> str:
     rows = []
     for m in names:
-        label, hb, _, desc = METRIC_INFO.get(m, (m, None, 4, ""))
-        way = "higher is better" if hb is True else "lower is better" if hb is False else "direction unknown"
+        info = BY_NAME.get(m)
+        way, desc = (info.phrase, info.description) if info else ("direction unknown", "")
         rows.append(f"<tr><td>{_label(m)}</td><td>{way}</td><td>{html.escape(desc)}</td></tr>")
     head = "<tr><th>metric</th><th>direction</th><th></th></tr>"
     return f'<table class="legend" id="legend">{head}{"".join(rows)}</table>'
@@ -273,7 +274,7 @@ def _summary_html(summary: list[dict], reasons: dict) -> str:
 def _na_notes(reasons: dict) -> str:
     if not reasons:
         return ""
-    items = "".join(f'<li id="na-{html.escape(m)}"><b>{html.escape(METRIC_INFO.get(m, (m,))[0])}</b> n/a: '
+    items = "".join(f'<li id="na-{html.escape(m)}"><b>{html.escape(_caption(m))}</b> n/a: '
                     f"{html.escape(str(r))}</li>" for m, r in reasons.items())
     return f'<ul class="notes" id="na-notes">{items}</ul>'
 

@@ -11,6 +11,9 @@ JPEG_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
 # Not usable as a reference: compressed already (webp may be lossless; it cannot be told cheaply).
 LOSSY_SUFFIXES = JPEG_SUFFIXES | {".webp"}
 
+# What restore writes: lossless only (webp written with lossless=True).
+OUTPUT_FORMATS = ("png", "tiff", "webp")
+
 # Extensions a shard sample may carry its image under, in order of preference. "raw" is an uncompressed
 # square H x W x 3 uint8 tile (no decode at all; the side follows from the byte count).
 SHARD_EXTS = ("png", "raw", "jp2", "webp", "tif", "tiff", "ppm", "bmp", "jpg", "jpeg")

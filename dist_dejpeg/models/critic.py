@@ -12,13 +12,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dist_dejpeg.config import CriticConfig
 from dist_dejpeg.models.layers import ConvBlock, conv
 
 SLOPE = 0.2
 
 
 class Critic(nn.Module):
-    def __init__(self, width: int = 64, n_blocks: int = 3, dropout: float = 0.15, self_attention: bool = True):
+    """The defaults are CriticConfig's (the one source of them); :func:`build_critic` builds one from a config."""
+
+    def __init__(self, width: int = CriticConfig.width, n_blocks: int = CriticConfig.n_blocks,
+                 dropout: float = CriticConfig.dropout, self_attention: bool = CriticConfig.self_attention):
         super().__init__()
 
         def block(ni, nf, ks, stride=1, attention=False):
@@ -42,6 +46,6 @@ class Critic(nn.Module):
         return self.net(image * 2 - 1)
 
 
-def build_critic(critic_cfg) -> Critic:
+def build_critic(critic_cfg: CriticConfig) -> Critic:
     return Critic(width=critic_cfg.width, n_blocks=critic_cfg.n_blocks, dropout=critic_cfg.dropout,
                   self_attention=critic_cfg.self_attention)

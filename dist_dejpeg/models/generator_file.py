@@ -9,29 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from dist_dejpeg.config import ModelConfig
+from dist_dejpeg.config import ConfigError, ModelConfig, load_config
 from dist_dejpeg.models.unet import Generator, build_generator
+from dist_dejpeg.run.files import atomic_write_bytes
 from dist_dejpeg.run.layout import CHECKPOINT_MODEL, CONFIG, GENERATOR, TRAINER_STATE, latest_checkpoint
 
 FORMAT = "dist_dejpeg.generator.v1"
 
 
 def save_generator(generator: Generator, model_cfg: ModelConfig, path: str | Path, extra: dict | None = None) -> None:
-    """Atomic write of the weights plus ``model_cfg`` (and ``extra`` strings) as safetensors metadata."""
-    path = Path(path)
+    """Atomic write of the weights plus ``model_cfg`` (and ``extra`` strings) as safetensors metadata: serialized
+    in memory (a generator is tens of MB), then run.files.atomic_write_bytes."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in generator.state_dict().items()}
     meta = {"format": FORMAT, "model": json.dumps(dataclasses.asdict(model_cfg))}
     meta.update({k: str(v) for k, v in (extra or {}).items()})
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(state, metadata=meta))
 
 
 class ModelFileError(ValueError):
@@ -119,8 +117,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ge
 
 
 def _load_checkpoint_generator(folder: Path, device) -> tuple[Generator, dict]:
-    from dist_dejpeg.config import ConfigError, load_config
-
     weights, config = folder / CHECKPOINT_MODEL, folder / CONFIG
     if not weights.is_file() or not config.is_file():
         lacking = [p.name for p in (weights, config) if not p.is_file()]

@@ -2,7 +2,8 @@
 
     dist-dejpeg export --model runs/debug --onnx dejpeg.onnx [--opset 20] [--check-image photo.png]
 
-    from dist_dejpeg.models.onnx_export import export_onnx
+    from dist_dejpeg.models.onnx_export import export_model, export_onnx
+    result, info = export_model("runs/debug", "dejpeg.onnx")   # from a generator file, a run or checkpoint folder
     result = export_onnx(generator, "dejpeg.onnx", model_cfg=info["model"], source=info["source"])
     result["max_abs_diff"]   # {"1x3x200x152": 1.2e-07, "2x3x96x160": 1.8e-07}: onnxruntime vs PyTorch
 
@@ -10,9 +11,9 @@ The ONNX model: input ``degraded`` (float32 N x 3 x H x W in [0, 1]), output ``r
 [0, 1]); dims named batch, height, width. A quality-conditioned generator has a second input ``quality``
 (float32 N: each image's JPEG quality 1..100, 0 for unknown). The metadata holds the model config and the
 validated RGB PSNR gain per quality (``val_psnr_gain``), from which a runtime can pass through images of a
-quality the model does not improve, as ``restore`` does. H and W above 16: the graph pads with reflect, which needs the pad
-(up to 31) below the size; PyTorch replicates instead for such tiny images, onnxruntime rejects them ("Pad
-reflect: post-pad exceeds maximum allowed"). Needs ``pip install 'dist_dejpeg[onnx]'``.
+quality the model does not improve, as ``restore`` does. H and W above 16: the graph pads with reflect, which
+needs the pad (up to 31) below the size; PyTorch replicates instead for such tiny images, onnxruntime rejects
+them ("Pad reflect: post-pad exceeds maximum allowed"). Needs ``pip install 'dist_dejpeg[onnx]'``.
 
 How: torch.onnx's dynamo exporter (``torch.export``): the TorchScript exporter traces the generator's
 pad-to-a-multiple-of-32 amounts as constants, so its graph only fits the example size. ``Generator.correction``
@@ -27,12 +28,9 @@ two sizes against the PyTorch generator before the file is written (atomically).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -41,6 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+
+from dist_dejpeg.models.generator_file import load_model
+from dist_dejpeg.run.files import atomic_write_bytes
 
 ONNX_FORMAT = "dist_dejpeg.onnx.v1"
 INSTALL_HINT = "pip install 'dist_dejpeg[onnx]'"
@@ -184,7 +185,8 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
         for i, name in ((0, "batch"), (2, "height"), (3, "width")):
             dim = value.type.tensor_type.shape.dim[i]
             if dim.dim_value:
-                raise OnnxCheckError(f"the exported {value.name} has a fixed {name} ({dim.dim_value}), not a dynamic one")
+                raise OnnxCheckError(f"the exported {value.name} has a fixed {name} ({dim.dim_value}), "
+                                     f"not a dynamic one")
             dim.dim_param = name
     meta = {"format": ONNX_FORMAT, "encoder": str(cfg.get("encoder", "")), "model": json.dumps(cfg),
             "source": str(source), "dist_dejpeg": version, "torch": torch.__version__,
@@ -220,12 +222,7 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
                              f"({path} not written)")
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, data)
     opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
     return {"path": str(path), "opset": opsets.get("ai.onnx"), "max_abs_diff": diffs, "tolerance": tolerance,
             "export_s": round(export_s, 1), "bytes": len(data), "metadata": meta}
@@ -237,38 +234,16 @@ def read_onnx_metadata(path: str | Path) -> dict:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
-def _export(args: argparse.Namespace) -> int:
-    from dist_dejpeg.models.generator_file import ModelFileError, load_model
-
-    try:
-        require_onnx()
-        generator, info = load_model(args.model)
-        if args.check_image and not Path(args.check_image).is_file():
-            raise FileNotFoundError(f"--check-image {args.check_image}: no such file")
-        result = export_onnx(generator, args.onnx, opset=args.opset, check_image=args.check_image,
-                             model_cfg=info["model"], source=info["source"],
-                             val_psnr_gain=info.get("val_psnr_gain"))
-    except (ModelFileError, OnnxUnavailable, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OnnxCheckError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {result['path']} ({result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, encoder "
-          f"{info['encoder']}, export {result['export_s']} s); max abs difference from PyTorch: "
-          + ", ".join(f"{k} {v:.3g}" for k, v in result["max_abs_diff"].items()))
-    return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``export`` on the ``dist-dejpeg`` subparsers (``from dist_dejpeg.models.onnx_export import add_parser``)."""
-    ex = subparsers.add_parser("export", help="export the generator to ONNX (dynamic batch/height/width), "
-                                              "checked in onnxruntime")
-    ex.add_argument("--model", required=True,
-                    help="generator.safetensors, a run folder or a checkpoint folder")
-    ex.add_argument("--onnx", required=True, metavar="OUT", help="the ONNX file to write")
-    ex.add_argument("--opset", type=int, default=None, help="ONNX opset (the exporter's default otherwise)")
-    ex.add_argument("--check-image", metavar="PATH", default=None,
-                    help="photo for the onnxruntime-vs-PyTorch check (default: scikit-image's astronaut)")
-    ex.set_defaults(func=_export)
-    return ex
+def export_model(model: str | Path, onnx_path: str | Path, *, opset: int | None = None, check_image=None,
+                 log=print) -> tuple[dict, dict]:
+    """Export the generator at ``model`` (a generator file, a run or a checkpoint folder) to ``onnx_path``, its
+    config, source and validated gains in the metadata. Returns (export_onnx's result, load_model's info); raises
+    ModelFileError, OnnxUnavailable (checked before the model is built), FileNotFoundError (``check_image``) or
+    OnnxCheckError."""
+    require_onnx()
+    generator, info = load_model(model)
+    if check_image and not Path(check_image).is_file():
+        raise FileNotFoundError(f"--check-image {check_image}: no such file")
+    result = export_onnx(generator, onnx_path, opset=opset, check_image=check_image, model_cfg=info["model"],
+                         source=info["source"], log=log, val_psnr_gain=info.get("val_psnr_gain"))
+    return result, info

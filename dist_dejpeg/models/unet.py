@@ -18,12 +18,14 @@ Any H x W works: the input is padded to the encoder's largest stride and the out
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_dejpeg.config import ModelConfig
 from dist_dejpeg.models.layers import ConvBlock, PixelShuffleICNR, ResBlock, act, norm_layer
 from dist_dejpeg.models.weights import create_encoder
 
@@ -32,7 +34,7 @@ class UpBlock(nn.Module):
     """DeOldify's UnetBlockWide: upsample the deeper features, batch-norm the skip, concat, conv."""
 
     def __init__(self, up_in: int, skip_in: int, out: int, scale: int, blur: bool, sn: bool, attention: bool,
-                 norm: str = "batch"):
+                 norm: str):
         super().__init__()
         half = max(out // 2, 8)
         self.up = (PixelShuffleICNR(up_in, half, scale, blur=blur, sn=sn) if scale > 1
@@ -77,10 +79,15 @@ class QualityFiLM(nn.Module):
 
 
 class Generator(nn.Module):
-    def __init__(self, encoder: str = "mobilenetv3_large_100", pretrained: bool = False, encoder_weights: str = "",
-                 decoder_width: int = 256, blur: bool = True, self_attention: bool = True,
-                 attention_stride: int = 8, spectral_norm: bool = True, decoder_norm: str = "batch",
-                 quality_conditioning: bool = False):
+    """The defaults are ModelConfig's (the one source of them): ``Generator()`` builds what a user of the default
+    config trains. :func:`build_generator` builds one from a ModelConfig."""
+
+    def __init__(self, encoder: str = ModelConfig.encoder, pretrained: bool = ModelConfig.pretrained,
+                 encoder_weights: str = ModelConfig.encoder_weights, decoder_width: int = ModelConfig.decoder_width,
+                 blur: bool = ModelConfig.blur, self_attention: bool = ModelConfig.self_attention,
+                 attention_stride: int = ModelConfig.attention_stride, spectral_norm: bool = ModelConfig.spectral_norm,
+                 decoder_norm: str = ModelConfig.decoder_norm,
+                 quality_conditioning: bool = ModelConfig.quality_conditioning):
         super().__init__()
         self.encoder = create_encoder(encoder, pretrained, encoder_weights)
         chans = self.encoder.feature_info.channels()
@@ -114,7 +121,8 @@ class Generator(nn.Module):
             prev, prev_stride = out, strides[i]
             outs.append(out)
         self.blocks = nn.ModuleList(blocks)
-        self.final_up = PixelShuffleICNR(prev, prev, strides[0], blur=blur, sn=spectral_norm) if strides[0] > 1 else nn.Identity()
+        self.final_up = (PixelShuffleICNR(prev, prev, strides[0], blur=blur, sn=spectral_norm) if strides[0] > 1
+                         else nn.Identity())
         self.final_res = ResBlock(prev + 3, sn=spectral_norm, norm=norm)
         self.head = nn.Conv2d(prev + 3, 3, 1)
         nn.init.zeros_(self.head.weight)
@@ -161,9 +169,9 @@ class Generator(nn.Module):
         return (degraded + self.correction(degraded, quality)).clamp(0.0, 1.0)
 
 
-def build_generator(model_cfg) -> Generator:
-    return Generator(encoder=model_cfg.encoder, pretrained=model_cfg.pretrained,
-                     encoder_weights=model_cfg.encoder_weights, decoder_width=model_cfg.decoder_width,
-                     blur=model_cfg.blur, self_attention=model_cfg.self_attention,
-                     attention_stride=model_cfg.attention_stride, spectral_norm=model_cfg.spectral_norm,
-                     decoder_norm=model_cfg.decoder_norm, quality_conditioning=model_cfg.quality_conditioning)
+# the ModelConfig keys that describe the module (the others are training settings: channels_last, sync_bn, ...)
+GENERATOR_KEYS = tuple(inspect.signature(Generator).parameters)
+
+
+def build_generator(model_cfg: ModelConfig) -> Generator:
+    return Generator(**{key: getattr(model_cfg, key) for key in GENERATOR_KEYS})

@@ -9,7 +9,7 @@ restore use the same names.
         metrics.json              the final validation, with MetricsMeta under "meta" (written at the end)
         generator.safetensors     the trained generator with its config (models/generator_file.py)
         .lock                     the flock of the run's writer (run/lock.py)
-        tb/                       TensorBoard events
+        tb/                       TensorBoard events (events.out.tfevents.*)
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ GENERATOR = "generator.safetensors"
 LOCK = ".lock"
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tb"
+TENSORBOARD_EVENTS = "events.out.tfevents.*"  # the event files' pattern inside tb/
 # inside a checkpoint folder
 TRAINER_STATE = "trainer_state.json"  # written last: its presence marks the folder complete
+LOADER_STATE = "loader_{rank}.json"  # each rank's data-stream position: one file per process
 BEST_GENERATOR = "best_generator.safetensors"
 CHECKPOINT_MODEL = "model.safetensors"  # accelerate's save_state: the generator (the first prepared model)
 
@@ -40,6 +42,10 @@ PARTIAL_PREFIX = ".tmp-step-"
 
 def step_name(global_step: int) -> str:
     return f"step-{global_step:08d}"
+
+
+def loader_state_name(rank: int) -> str:
+    return LOADER_STATE.format(rank=rank)
 
 
 def partial_name(global_step: int) -> str:
@@ -71,6 +77,10 @@ def partial_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(root.glob(PARTIAL_PREFIX + "*")) if root.is_dir() else []
 
 
+# a MetricsMeta field's annotation -> the JSON type its value must have (an int may be null)
+META_TYPES = {"str": str, "dict": dict, "int | None": int}
+
+
 @dataclass
 class MetricsMeta:
     """``metrics.json``'s ``meta``: what the final validation measured and how the run got there. The trainer
@@ -92,16 +102,13 @@ class MetricsMeta:
 
     @classmethod
     def from_dict(cls, data) -> "MetricsMeta":
+        """The known keys whose values have the field's type; anything else (junk, a newer key) is dropped."""
         if not isinstance(data, dict):
             return cls()
-        known = {f.name: f for f in dataclasses.fields(cls)}
         kept = {}
-        for name, value in data.items():
-            f = known.get(name)
-            if f is None:
-                continue
-            wanted = dict if f.default_factory is dict else (int if name in ("global_step", "processes",
-                                                                             "val_images_per_quality") else str)
-            if isinstance(value, wanted) and not isinstance(value, bool):
-                kept[name] = value
+        for f in dataclasses.fields(cls):
+            value = data.get(f.name)
+            if isinstance(value, META_TYPES[f.type]) and not isinstance(value, bool):
+                kept[f.name] = value
         return cls(**kept)
+

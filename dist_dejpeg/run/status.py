@@ -26,34 +26,21 @@ Verdict (``state``), first match wins:
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import socket
-import sys
 import time
 from pathlib import Path
 
-from dist_dejpeg.run.files import read_json
-from dist_dejpeg.run.layout import (CONFIG, GENERATOR, LOCK, METRICS, PROGRESS, TENSORBOARD, TRAINER_STATE,
-                                    CHECKPOINTS, list_checkpoints, partial_checkpoints)
-from dist_dejpeg.run.lock import lock_status
+from dist_dejpeg.run.folder import RunFolder, read_folder
+from dist_dejpeg.run.layout import (CHECKPOINTS, CONFIG, GENERATOR, LOADER_STATE, LOCK, METRICS, PROGRESS, TENSORBOARD,
+                                    TENSORBOARD_EVENTS, TRAINER_STATE)
+from dist_dejpeg.run.text import duration
 
 STALE_S = 900.0  # progress older than this while the lock cannot be checked: judged not running
 STATES = ("running", "finished", "stopped", "preempted", "crashed or killed", "not started")
 
 
-# -- reading ------------------------------------------------------------------------------------------------
-def _read_yaml(path: Path) -> dict | None:
-    try:
-        import yaml
-
-        data = yaml.safe_load(path.read_text())
-    except Exception:  # noqa: BLE001 - a damaged file is reported as missing, not a crash of `status`
-        return None
-    return data if isinstance(data, dict) else None
-
-
+# -- helpers ------------------------------------------------------------------------------------------------
 def _mtime(path: Path) -> float | None:
     try:
         return path.stat().st_mtime
@@ -61,37 +48,6 @@ def _mtime(path: Path) -> float | None:
         return None
 
 
-# -- config -------------------------------------------------------------------------------------------------
-def _config_summary(cfg: dict, source: Path) -> dict:
-    data, model, train = (cfg.get(k) if isinstance(cfg.get(k), dict) else {} for k in ("data", "model", "train"))
-    phases_cfg = train.get("phases") if isinstance(train.get("phases"), dict) else {}
-    order = train.get("order") if isinstance(train.get("order"), list) else list(phases_cfg)
-    phases = []
-    for name in order:
-        p = phases_cfg.get(name) if isinstance(phases_cfg.get(name), dict) else {}
-        phases.append({"name": name, "kind": p.get("kind") or name, "steps": p.get("steps")})
-    run_dir = train.get("run_dir")
-    return {
-        "source": str(source),
-        "name": Path(run_dir).name if run_dir else None,
-        "run_dir": run_dir,
-        "data_root": data.get("root"),
-        "backend": data.get("backend"),
-        "batch_size": data.get("batch_size"),
-        "grad_accum": train.get("grad_accum"),
-        "crop": data.get("crop"),
-        "mixed_precision": train.get("mixed_precision"),
-        "deepspeed_stage": train.get("deepspeed_stage"),
-        "encoder": model.get("encoder"),
-        "pretrained": model.get("pretrained"),
-        "phases": phases,
-        "total_steps": sum(p["steps"] for p in phases if isinstance(p["steps"], int)),
-        "log_every": train.get("log_every"),
-        "ckpt_every": train.get("ckpt_every"),
-    }
-
-
-# -- the whole picture --------------------------------------------------------------------------------------
 def _finite(value):
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
@@ -107,6 +63,7 @@ def _clean(obj):
     return obj
 
 
+# -- the verdict --------------------------------------------------------------------------------------------
 def verdict(*, has_config: bool, progress: dict | None, progress_age_s: float | None, lock_held: bool | None,
             finished_files: bool, has_checkpoints: bool, stale_s: float = STALE_S) -> tuple[str, str]:
     """(state, why) from what the folder holds; a pure function (the rules are in the module docstring).
@@ -117,27 +74,196 @@ def verdict(*, has_config: bool, progress: dict | None, progress_age_s: float | 
     if lock_held is True:
         return "running", "the run's lock is held"
     if pstatus == "finished":
-        return "finished", "progress.json says finished"
+        return "finished", f"{PROGRESS} says finished"
     if finished_files and pstatus in (None, "running"):
-        return "finished", "metrics.json and generator.safetensors are written"
+        return "finished", f"{METRICS} and {GENERATOR} are written"
     if pstatus == "stopped":
         return "stopped", f"a non-finite loss stopped it ({reason}); a checkpoint is kept, --resume continues"
     if pstatus == "preempted":
         return "preempted", f"{reason}; the same command continues it from the checkpoint"
     if lock_held is None and (pstatus == "running" or (progress is None and (has_config or has_checkpoints))):
-        what = "progress.json" if progress is not None else "the run folder"
+        what = PROGRESS if progress is not None else "the run folder"
         if progress_age_s is not None and progress_age_s < stale_s:
             return "running", (f"the lock cannot be checked from this host; {what} was updated "
-                                f"{_duration(progress_age_s)} ago")
+                                f"{duration(progress_age_s)} ago")
         if progress_age_s is not None:
             return "crashed or killed", (f"the lock cannot be checked from this host and {what} has not "
-                                         f"changed for {_duration(progress_age_s)}")
+                                         f"changed for {duration(progress_age_s)}")
         return "crashed or killed", "the lock cannot be checked from this host and nothing tells its age (guess)"
     if pstatus == "running" or has_checkpoints or has_config:
         return "crashed or killed", "the run started but its lock is not held (the process is gone)"
-    return "not started", "no config.yaml, checkpoint or progress.json"
+    return "not started", f"no {CONFIG}, checkpoint or {PROGRESS}"
 
 
+def _progress_age(run: RunFolder, now: float) -> float | None:
+    ptime = _finite((run.progress or {}).get("time"))
+    return max(0.0, now - ptime) if ptime is not None else None
+
+
+def _activity_age(run: RunFolder, now: float) -> float | None:
+    """Seconds since the run last wrote: progress.json; for an older run without one, the newest of its
+    checkpoint, TensorBoard events and config.yaml."""
+    if run.progress is not None:
+        return _progress_age(run, now)
+    newest = [run.newest / TRAINER_STATE] if run.newest else []
+    times = [_mtime(p) for p in [*(run.path / TENSORBOARD).glob(TENSORBOARD_EVENTS), run.path / CONFIG, *newest]]
+    times = [t for t in times if t is not None]
+    return max(0.0, now - max(times)) if times else None
+
+
+def _finished_files(run: RunFolder) -> bool:
+    """metrics.json and the generator are written, by this session of the run (not an earlier one's)."""
+    if run.metrics is None or not (run.path / GENERATOR).is_file():
+        return False
+    ptime = _finite((run.progress or {}).get("time"))
+    if ptime is not None and run.progress.get("status") == "running":
+        # progress.json written after the end: the finished run was started again (e.g. with more steps)
+        return ptime <= (_mtime(run.path / METRICS) or 0.0) + 1.0
+    return True
+
+
+def _judge(run: RunFolder, now: float) -> tuple[str, str]:
+    state, why = verdict(has_config=(run.path / CONFIG).is_file(), progress=run.progress,
+                         progress_age_s=_activity_age(run, now), lock_held=run.lock["held"],
+                         finished_files=_finished_files(run), has_checkpoints=bool(run.checkpoints))
+    if state == "crashed or killed" and not run.progress and run.trainer_state:
+        why += f"; without {PROGRESS} a preemption or a non-finite-loss stop looks the same"
+    return state, why
+
+
+# -- position -----------------------------------------------------------------------------------------------
+def _processes(run: RunFolder) -> int | None:
+    """metrics.json's meta says it; else the newest checkpoint holds one loader state per rank."""
+    if run.meta.processes is not None:
+        return run.meta.processes
+    if run.newest is not None:
+        return len(list(run.newest.glob(LOADER_STATE.format(rank="*")))) or None
+    return None
+
+
+def _position(run: RunFolder, state: str) -> dict | None:
+    """Where the run is: phase, steps, the phases done and those the stop rule ended early."""
+    position, phases = _read_position(run)
+    if position is None:
+        return None
+    index = position["phase_index"] if isinstance(position["phase_index"], int) else 0
+    if state == "finished":
+        index = len(phases)
+        position.update(phase=None, phase_index=index)
+    position["phases_done"] = phases[:index]
+    stopped_early = (run.trainer_state or {}).get("stopped_early") or run.meta.stopped_early
+    position["stopped_early"] = stopped_early if isinstance(stopped_early, dict) else {}
+    return position
+
+
+def _read_position(run: RunFolder) -> tuple[dict | None, list]:
+    """(position, phase names) from progress.json, else the newest checkpoint (also when that is as new: a
+    preemption's or a stop's checkpoint is exact), else metrics.json's meta."""
+    config, tstate, progress = run.config, run.trainer_state, run.progress
+    phases = [p["name"] for p in config["phases"]] if config else list((tstate or {}).get("phase_names") or [])
+    total = config["total_steps"] if config else None
+    pstep, pstatus = (progress or {}).get("global_step") or 0, (progress or {}).get("status")
+    ckpt_newer = tstate is not None and isinstance(tstate.get("global_step"), int) and (
+        tstate["global_step"] > pstep or (tstate["global_step"] == pstep and pstatus in ("preempted", "stopped")))
+    if progress and isinstance(progress.get("phase_index"), int) and not ckpt_newer:
+        position = {k: progress.get(k) for k in ("phase", "phase_index", "phase_step", "phase_steps", "global_step",
+                                                 "total_steps")}
+        return {**position, "source": PROGRESS}, list(progress.get("phases") or phases)
+    if tstate is not None:
+        phases = list(tstate.get("phase_names") or phases)
+        steps_of = {p["name"]: p["steps"] for p in config["phases"]} if config else {}
+        index = tstate.get("phase_index", 0)
+        name = phases[index] if index < len(phases) else None
+        return {"phase": name, "phase_index": index, "phase_step": tstate.get("phase_step"),
+                "phase_steps": steps_of.get(name) if name else None, "global_step": tstate.get("global_step"),
+                "total_steps": total, "source": f"checkpoint {run.newest.name}"}, phases
+    if run.metrics is not None:
+        return {"phase": None, "phase_index": len(phases), "phase_step": 0, "phase_steps": None,
+                "global_step": run.meta.global_step, "total_steps": total, "source": METRICS}, phases
+    return None, phases
+
+
+def _checkpoint(run: RunFolder, now: float) -> dict | None:
+    """The newest complete checkpoint, its age, and the ones kept."""
+    if run.newest is None:
+        return None
+    written = _mtime(run.newest / TRAINER_STATE)
+    return {"name": run.newest.name, "path": str(run.newest),
+            "global_step": (run.trainer_state or {}).get("global_step"), "time": written,
+            "age_s": max(0.0, now - written) if written else None, "kept": [p.name for p in run.checkpoints]}
+
+
+# -- speed and ETA ------------------------------------------------------------------------------------------
+def _speed(run: RunFolder) -> dict:
+    """images/s, data wait and lr: progress.json's, or for an older run the newest window metrics.json kept."""
+    progress = run.progress or {}
+    speed = {"images_per_s": _finite(progress.get("images_per_s")),
+             "data_wait_frac": _finite(progress.get("data_wait_frac")),
+             "lr": _finite(progress.get("lr")), "source": PROGRESS if run.progress else None}
+    last = run.meta.last_train_log
+    if run.progress is None and last:
+        window = last[list(last)[-1]] if isinstance(last[list(last)[-1]], dict) else {}
+        speed = {"images_per_s": _finite(window.get("train/images_per_s")),
+                 "data_wait_frac": _finite(window.get("train/data_wait_frac")),
+                 "lr": _finite(window.get("train/lr")), "source": f"{METRICS} (last window)"}
+    return speed
+
+
+def _eta(run: RunFolder, config: dict | None, position: dict | None, speed: dict, processes: int | None,
+         now: float) -> dict | None:
+    """Seconds left in the phase and the run, counted from now (progress.json's ETAs were as of its writing);
+    without the trainer's ETA, the steps left at the current speed."""
+    progress = run.progress
+    if not progress:
+        return None
+    run_s, phase_s = _finite(progress.get("eta_run_s")), _finite(progress.get("eta_phase_s"))
+    age = _progress_age(run, now) or 0.0
+    if run_s is None and speed["images_per_s"] and config and processes and position:
+        per_step = (config["batch_size"] or 0) * (config["grad_accum"] or 1) * processes
+        left = (position.get("total_steps") or 0) - (position.get("global_step") or 0)
+        run_s = left * per_step / speed["images_per_s"] if per_step and left >= 0 else None
+    if run_s is None and phase_s is None:
+        return None
+    eta = {"phase_s": max(0.0, phase_s - age) if phase_s is not None else None,
+           "run_s": max(0.0, run_s - age) if run_s is not None else None}
+    eta["finish_at"] = now + eta["run_s"] if eta["run_s"] is not None else None
+    return eta
+
+
+# -- validation ---------------------------------------------------------------------------------------------
+def _best(run: RunFolder) -> dict | None:
+    """The best validation: progress.json's, else the newest checkpoint's stop rule or validation history."""
+    pbest, tstate = (run.progress or {}).get("best"), run.trainer_state
+    if isinstance(pbest, dict) and _finite(pbest.get("value")) is not None:
+        return {"metric": pbest.get("metric", "lpips"), "value": pbest["value"], "step": pbest.get("step"),
+                "phase": pbest.get("phase"), "source": f"{PROGRESS} (phase step)"}
+    if tstate is None:
+        return None
+    stop = tstate.get("stop") if isinstance(tstate.get("stop"), dict) else {}
+    history = [h for h in tstate.get("history") or [] if isinstance(h, list) and len(h) == 3
+               and _finite(h[2]) is not None]
+    if _finite(stop.get("best")) is not None:
+        named = [h[0] for h in history if h[2] == stop["best"] and h[1] == stop.get("best_step")]
+        return {"metric": "lpips", "value": stop["best"], "step": stop.get("best_step"),
+                "phase": named[-1] if named else None, "source": f"stop rule in {run.newest.name} (phase step)"}
+    if history:
+        name, step, value = min(history, key=lambda h: h[2])
+        return {"metric": "lpips", "value": value, "step": step, "phase": name,
+                "source": f"validation history in {run.newest.name} (phase step)"}
+    return None
+
+
+def _last_validation(run: RunFolder) -> tuple[dict | None, str | None]:
+    """(per quality results, where they came from): progress.json's last validation, else metrics.json's."""
+    last_val = (run.progress or {}).get("last_val")
+    if isinstance(last_val, dict) and last_val:
+        return last_val, PROGRESS
+    if run.metrics is not None:
+        return {k: v for k, v in run.metrics.items() if k != "meta" and isinstance(v, dict)}, METRICS
+    return None, None
+
+
+# -- the whole picture --------------------------------------------------------------------------------------
 def run_status(run_dir: str | Path, now: float | None = None) -> dict:
     """Everything ``status`` shows, as a JSON-ready dict. Raises FileNotFoundError when ``run_dir`` is not a
     folder. ``run_folder`` is False when the folder holds nothing of a run."""
@@ -145,266 +271,37 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no such folder: {run_dir}")
     now = time.time() if now is None else now
-    warnings: list[str] = []
-
-    checkpoints, partial = list_checkpoints(run_dir), [p.name for p in partial_checkpoints(run_dir)]
-    newest = checkpoints[-1] if checkpoints else None
-    tstate = read_json(newest / TRAINER_STATE) if newest else None
-    config_path = run_dir / CONFIG
-    cfg = _read_yaml(config_path)
-    if cfg is None and newest is not None:
-        config_path = newest / CONFIG
-        cfg = _read_yaml(config_path)
-    config = _config_summary(cfg, config_path) if cfg is not None else None
-    progress = read_json(run_dir / PROGRESS)
-    if (run_dir / PROGRESS).exists() and progress is None:
-        warnings.append("progress.json is unreadable")
-    metrics = read_json(run_dir / METRICS)
-    finished_files = metrics is not None and (run_dir / GENERATOR).is_file()
-    lock = lock_status(run_dir)
-    ptime = _finite((progress or {}).get("time"))
-    progress_age = max(0.0, now - ptime) if ptime is not None else None
-    if finished_files and ptime is not None and (progress or {}).get("status") == "running":
-        # progress.json written after the end: the finished run was started again (e.g. with more steps)
-        finished_files = ptime <= (_mtime(run_dir / METRICS) or 0.0) + 1.0
-    activity_age = progress_age
-    if progress is None:  # an older run: the newest of its checkpoint, TensorBoard events and config.yaml
-        times = [_mtime(p) for p in [*(run_dir / TENSORBOARD).glob("events.out.tfevents.*"), run_dir / CONFIG,
-                                     *([newest / TRAINER_STATE] if newest else [])]]
-        times = [t for t in times if t is not None]
-        activity_age = max(0.0, now - max(times)) if times else None
-    run_folder = any((run_dir / n).exists() for n in (CONFIG, PROGRESS, METRICS, LOCK, CHECKPOINTS))
-
-    state, why = verdict(has_config=(run_dir / CONFIG).is_file(), progress=progress,
-                         progress_age_s=activity_age, lock_held=lock["held"], finished_files=finished_files,
-                         has_checkpoints=bool(checkpoints))
-    if state == "crashed or killed" and not progress and tstate:
-        why += "; without progress.json a preemption or a non-finite-loss stop looks the same"
-
-    # processes: the checkpoint holds one loader_<rank>.json per rank; metrics.json's meta says it too
-    processes = None
-    meta = (metrics or {}).get("meta") if isinstance((metrics or {}).get("meta"), dict) else {}
-    if isinstance(meta.get("processes"), int):
-        processes = meta["processes"]
-    elif newest is not None:
-        ranks = list(newest.glob("loader_*.json"))
-        processes = len(ranks) or None
+    run = read_folder(run_dir)
+    warnings = [f"{PROGRESS} is unreadable"] if run.progress_unreadable else []
+    state, why = _judge(run, now)
+    processes, config = _processes(run), run.config
     if config is not None:
         config["processes"] = processes
-
-    # position: progress.json, else the newest checkpoint, else metrics.json's meta
-    phases = [p["name"] for p in config["phases"]] if config else list((tstate or {}).get("phase_names") or [])
-    steps_of = {p["name"]: p["steps"] for p in config["phases"]} if config else {}
-    position = None
-    pstep, pstatus = (progress or {}).get("global_step") or 0, (progress or {}).get("status")
-    ckpt_newer = tstate is not None and isinstance(tstate.get("global_step"), int) and (
-        tstate["global_step"] > pstep or (tstate["global_step"] == pstep and pstatus in ("preempted", "stopped")))
-    if progress and isinstance(progress.get("phase_index"), int) and not ckpt_newer:
-        phases = list(progress.get("phases") or phases)
-        position = {k: progress.get(k) for k in ("phase", "phase_index", "phase_step", "phase_steps", "global_step",
-                                                 "total_steps")}
-        position["source"] = "progress.json"
-    elif tstate is not None:  # also when the checkpoint is as new (a preemption's or a stop's checkpoint is exact)
-        phases = list(tstate.get("phase_names") or phases)
-        index = tstate.get("phase_index", 0)
-        name = phases[index] if index < len(phases) else None
-        position = {"phase": name, "phase_index": index, "phase_step": tstate.get("phase_step"),
-                    "phase_steps": steps_of.get(name) if name else None, "global_step": tstate.get("global_step"),
-                    "total_steps": config["total_steps"] if config else None, "source": f"checkpoint {newest.name}"}
-    elif metrics is not None:
-        position = {"phase": None, "phase_index": len(phases), "phase_step": 0, "phase_steps": None,
-                    "global_step": meta.get("global_step"), "total_steps": config["total_steps"] if config else None,
-                    "source": "metrics.json"}
-    if position is not None:
-        index = position["phase_index"] if isinstance(position["phase_index"], int) else 0
-        if state == "finished":
-            index = len(phases)
-            position.update(phase=None, phase_index=index)
-        position["phases_done"] = phases[:index]
-        stopped_early = (tstate or {}).get("stopped_early") or meta.get("stopped_early") or {}
-        position["stopped_early"] = stopped_early if isinstance(stopped_early, dict) else {}
-
-    checkpoint = None
-    if newest is not None:
-        written = _mtime(newest / TRAINER_STATE)
-        checkpoint = {"name": newest.name, "path": str(newest), "global_step": (tstate or {}).get("global_step"),
-                      "time": written, "age_s": max(0.0, now - written) if written else None,
-                      "kept": [p.name for p in checkpoints]}
-    if partial:
-        note = "half-written checkpoint folder(s) " + ", ".join(partial)
+    position = _position(run, state)
+    if run.partial:
+        note = "half-written checkpoint folder(s) " + ", ".join(run.partial)
         warnings.append(note + (" (being written now, or left by a killed run)" if state == "running" else
                                 " left by a killed run; the next start removes them"))
-
-    speed = {"images_per_s": _finite((progress or {}).get("images_per_s")),
-             "data_wait_frac": _finite((progress or {}).get("data_wait_frac")),
-             "lr": _finite((progress or {}).get("lr")), "source": "progress.json" if progress else None}
-    if progress is None:  # an older run: the newest window metrics.json kept, if any
-        last = meta.get("last_train_log") if isinstance(meta.get("last_train_log"), dict) else {}
-        if last:
-            window = last[list(last)[-1]] if isinstance(last[list(last)[-1]], dict) else {}
-            speed = {"images_per_s": _finite(window.get("train/images_per_s")),
-                     "data_wait_frac": _finite(window.get("train/data_wait_frac")),
-                     "lr": _finite(window.get("train/lr")), "source": "metrics.json (last window)"}
-
-    eta = None
-    if state == "running" and progress:
-        run_s, phase_s = _finite(progress.get("eta_run_s")), _finite(progress.get("eta_phase_s"))
-        age = progress_age or 0.0
-        if run_s is None and speed["images_per_s"] and config and processes and position:
-            per_step = (config["batch_size"] or 0) * (config["grad_accum"] or 1) * processes
-            left = (position.get("total_steps") or 0) - (position.get("global_step") or 0)
-            run_s = left * per_step / speed["images_per_s"] if per_step and left >= 0 else None
-        if run_s is not None or phase_s is not None:
-            eta = {"phase_s": max(0.0, phase_s - age) if phase_s is not None else None,
-                   "run_s": max(0.0, run_s - age) if run_s is not None else None}
-            eta["finish_at"] = now + eta["run_s"] if eta["run_s"] is not None else None
+    speed = _speed(run)
+    eta = _eta(run, config, position, speed, processes, now) if state == "running" else None
+    progress_age = _progress_age(run, now)
     if state == "running" and progress_age is not None and progress_age > STALE_S:
-        warnings.append(f"the lock is held but progress.json has not changed for {_duration(progress_age)} "
+        warnings.append(f"the lock is held but {PROGRESS} has not changed for {duration(progress_age)} "
                         f"(hung? a long validation?)")
-
-    best = None
-    pbest = (progress or {}).get("best")
-    if isinstance(pbest, dict) and _finite(pbest.get("value")) is not None:
-        best = {"metric": pbest.get("metric", "lpips"), "value": pbest["value"], "step": pbest.get("step"),
-                "phase": pbest.get("phase"), "source": "progress.json (phase step)"}
-    elif tstate is not None:
-        stop = tstate.get("stop") if isinstance(tstate.get("stop"), dict) else {}
-        history = [h for h in tstate.get("history") or [] if isinstance(h, list) and len(h) == 3
-                   and _finite(h[2]) is not None]
-        if _finite(stop.get("best")) is not None:
-            named = [h[0] for h in history if h[2] == stop["best"] and h[1] == stop.get("best_step")]
-            best = {"metric": "lpips", "value": stop["best"], "step": stop.get("best_step"),
-                    "phase": named[-1] if named else None, "source": f"stop rule in {newest.name} (phase step)"}
-        elif history:
-            name, step, value = min(history, key=lambda h: h[2])
-            best = {"metric": "lpips", "value": value, "step": step, "phase": name,
-                    "source": f"validation history in {newest.name} (phase step)"}
-
-    last_val, last_val_source = None, None
-    if isinstance((progress or {}).get("last_val"), dict) and progress["last_val"]:
-        last_val, last_val_source = progress["last_val"], "progress.json"
-    elif metrics is not None:
-        last_val = {k: v for k, v in metrics.items() if k != "meta" and isinstance(v, dict)}
-        last_val_source = "metrics.json"
-
+    last_val, last_val_source = _last_validation(run)
     progress_out = None
-    if progress is not None:
-        progress_out = {k: progress.get(k) for k in ("status", "reason", "time", "losses", "host", "pid", "slurm_job")}
-        progress_out["age_s"] = progress_age
-
-    out = {
-        "run_dir": str(run_dir), "run_folder": run_folder, "checked_at": now, "host": socket.gethostname(),
+    if run.progress is not None:
+        keys = ("status", "reason", "time", "losses", "host", "pid", "slurm_job")
+        progress_out = {**{k: run.progress.get(k) for k in keys}, "age_s": progress_age}
+    has_generator = (run_dir / GENERATOR).is_file()
+    return _clean({
+        "run_dir": str(run_dir),
+        "run_folder": any((run_dir / n).exists() for n in (CONFIG, PROGRESS, METRICS, LOCK, CHECKPOINTS)),
+        "checked_at": now, "host": socket.gethostname(),
         "state": state, "why": why, "config": config, "position": position, "progress": progress_out,
-        "checkpoint": checkpoint, "partial_checkpoints": partial, "lock": lock, "speed": speed, "eta": eta,
-        "best": best, "last_val": last_val, "last_val_source": last_val_source,
-        "finished_files": {METRICS: metrics is not None, GENERATOR: (run_dir / GENERATOR).is_file()},
-        "warnings": warnings,
-    }
-    return _clean(out)
+        "checkpoint": _checkpoint(run, now), "partial_checkpoints": run.partial, "lock": run.lock,
+        "speed": speed, "eta": eta, "best": _best(run), "last_val": last_val, "last_val_source": last_val_source,
+        "finished_files": {METRICS: run.metrics is not None, GENERATOR: has_generator}, "warnings": warnings,
+    })
 
 
-# -- text ---------------------------------------------------------------------------------------------------
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def _num(value, fmt: str = ".4g") -> str:
-    return "?" if value is None else format(value, fmt)
-
-
-def format_status(status: dict) -> str:
-    """A compact block for people (about a dozen lines)."""
-    s, lines = status, []
-    cfg, pos, lock = s.get("config") or {}, s.get("position") or {}, s["lock"]
-    name = cfg.get("name") or Path(s["run_dir"]).name
-    lines.append(f"run        {s['run_dir']} ({name}): {s['state'].upper()} - {s['why']}")
-    if cfg:
-        processes = f" x {cfg['processes']} processes" if cfg.get("processes") else ""
-        accum = f" x accum {cfg['grad_accum']}" if (cfg.get("grad_accum") or 1) > 1 else ""
-        encoder = f"{cfg.get('encoder')} ({'ImageNet' if cfg.get('pretrained') else 'random init'})"
-        lines.append(f"config     data {cfg.get('data_root')} | batch {cfg.get('batch_size')}{accum}{processes} | "
-                     f"crop {cfg.get('crop')} | precision {cfg.get('mixed_precision')} | encoder {encoder}")
-        done = set(pos.get("phases_done") or [])
-        parts = []
-        for p in cfg.get("phases") or []:
-            mark = " done" if p["name"] in done else (" <- now" if p["name"] == pos.get("phase") else "")
-            early = (pos.get("stopped_early") or {}).get(p["name"])
-            parts.append(f"{p['name']} {p['steps']}{mark}" + (f" (stopped early at {early})" if early else ""))
-        lines.append(f"phases     {' | '.join(parts)}  (total {cfg.get('total_steps')} steps)")
-    else:
-        lines.append("config     no config.yaml")
-    if pos:
-        count = len(cfg.get("phases") or []) or "?"
-        where = (f"phase {pos['phase']} ({(pos.get('phase_index') or 0) + 1}/{count}) "
-                 f"step {pos.get('phase_step')}/{pos.get('phase_steps') or '?'}, "
-                 if pos.get("phase") else "all phases done, ")
-        lines.append(f"position   {where}global step {pos.get('global_step')}/{pos.get('total_steps') or '?'} "
-                     f"(from {pos.get('source')})")
-    prog = s.get("progress")
-    sp = s.get("speed") or {}
-    if prog or sp.get("images_per_s") is not None:
-        wait = f"{sp['data_wait_frac'] * 100:.0f}%" if sp.get("data_wait_frac") is not None else "?"
-        updated = f"updated {_duration(prog['age_s'])} ago ({prog.get('status')}) | " if prog else ""
-        lines.append(f"progress   {updated}{_num(sp.get('images_per_s'), '.1f')} images/s | data wait {wait} | "
-                     f"lr {_num(sp.get('lr'), '.3g')}")
-    else:
-        lines.append("progress   no progress.json (an older run)")
-    eta = s.get("eta")
-    if eta:
-        at = time.strftime("%Y-%m-%d %H:%M", time.localtime(eta["finish_at"])) if eta.get("finish_at") else "?"
-        lines.append(f"eta        phase {_duration(eta.get('phase_s'))} | run {_duration(eta.get('run_s'))} "
-                     f"(about {at})")
-    ck = s.get("checkpoint")
-    lines.append(f"checkpoint {ck['name']}, {_duration(ck['age_s'])} ago ({len(ck['kept'])} kept)" if ck
-                 else "checkpoint none yet")
-    lines.append(f"lock       {lock['detail']}")
-    best = s.get("best")
-    if best:
-        where = f" at {best['phase'] + ' ' if best.get('phase') else ''}step {best['step']}"
-        lines.append(f"best       validation {best.get('metric', 'lpips').upper()} {best['value']:.4f}{where}")
-    val = s.get("last_val")
-    if val:
-        parts = []
-        for q in sorted(val, key=lambda k: int(k[1:]) if k[1:].isdigit() else 0):
-            j, r = val[q].get("jpeg") or {}, val[q].get("restored") or {}
-            parts.append(f"{q} PSNR {_num(j.get('psnr'), '.2f')}->{_num(r.get('psnr'), '.2f')} "
-                         f"LPIPS {_num(j.get('lpips'), '.4f')}->{_num(r.get('lpips'), '.4f')}")
-        lines.append(f"last val   {' | '.join(parts)} (jpeg->restored, {s.get('last_val_source')})")
-    losses = (prog or {}).get("losses")
-    if isinstance(losses, dict) and losses:
-        lines.append("losses     " + " | ".join(f"{k} {_num(v, '.4g')}" for k, v in sorted(losses.items())))
-    for warning in s.get("warnings") or []:
-        lines.append(f"warning    {warning}")
-    return "\n".join(lines)
-
-
-# -- command ------------------------------------------------------------------------------------------------
-def _status(args: argparse.Namespace) -> int:
-    try:
-        status = run_status(args.run_dir)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not status["run_folder"]:
-        print(f"error: {args.run_dir} is not a run folder (no config.yaml, checkpoints/, progress.json, "
-              f"metrics.json or .lock); give the folder a run's train.run_dir points at", file=sys.stderr)
-        return 2
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
-    return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("status", help="where a run stands, read from its folder (safe on a live run)")
-    p.add_argument("run_dir", help="the run folder (train.run_dir)")
-    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
-    p.set_defaults(func=_status)
-    return p

@@ -1,67 +1,93 @@
-"""The Accelerator in front of the training loop, and the optimizer wrappers it puts around AdamW.
+"""Everything the training loop needs before its first step: the Accelerator (DDP, one process, CPU, or one
+DeepSpeed engine per model), the models, their optimizers and the LPIPS networks, prepared once.
 
-    acc = build_accelerator(cfg)   # Accelerate (DDP / one process / CPU), or one DeepSpeed engine per model
-    setup_logging(acc)             # INFO on the main process, WARNING on the others
-    _innermost(opt)                # the torch AdamW under Accelerate's and DeepSpeed's optimizer wrappers
+    acc, cfg = build_accelerator(cfg)   # cfg: a copy with the precision and ZeRO stage the run really uses
+    setup_logging(acc)                  # INFO on the main process, WARNING on the others
+    claim_run_dir(acc, cfg, lock, write_samples=True)   # the run folder's lock, on every rank's behalf
+    parts = build_parts(cfg, acc)       # prepared generator/critic and optimizers, LPIPS, fast-path settings
+    innermost_optimizer(opt)            # the torch AdamW under Accelerate's and DeepSpeed's optimizer wrappers
 
 ``train.deepspeed_stage`` 1 or 2 (or an ``accelerate launch`` DeepSpeed config, whose stage must agree)
 selects Accelerate's multi-model DeepSpeed: one plugin per model, "gen" and, when a phase trains it,
-"critic"; the trainer prepares them one after the other. Otherwise a plain Accelerator with the run's
-mixed precision and gradient accumulation. Config errors name the config key.
+"critic", prepared one after the other. Otherwise a plain Accelerator with the run's mixed precision and
+gradient accumulation. Config errors name the config key. Nothing here changes the config it is given.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, broadcast_object_list, set_seed
 
-from dist_dejpeg.config import Config, ConfigError, clip_norms
-from dist_dejpeg.train.phases import trains_critic
+from dist_dejpeg.config import CUDAGRAPH_MODES, Config, ConfigError, PhaseConfig, clip_norms
+from dist_dejpeg.data import ensure_samples
+from dist_dejpeg.models.critic import build_critic
+from dist_dejpeg.models.lpips import LPIPS
+from dist_dejpeg.models.sync_bn import convert_sync_batchnorm
+from dist_dejpeg.models.unet import build_generator
+from dist_dejpeg.run.lock import RunDirBusy, RunLock
+from dist_dejpeg.train.checkpoint import remove_partial
+from dist_dejpeg.train.compile import compile_cache_dir, compile_model, use_compile_cache
+from dist_dejpeg.train.phases import trains_critic, uses_lpips
+
+log = logging.getLogger("dist_dejpeg")
+
+# Devices with a fused AdamW kernel (on the 2-core CPU: 3.2 ms per step against foreach's 14.1 ms).
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+# Devices where host reads are deferred to every train.sync_every steps: on CUDA a read waits for the queued
+# work; on the CPU nothing is queued, so reading every step costs nothing (tests add "cpu" to cover it).
+DEFERRED_CHECK_DEVICES = ("cuda",)
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
+def build_accelerator(cfg: Config) -> tuple[Accelerator, Config]:
+    """The Accelerator, and the config the run really has: a copy of ``cfg`` whose ``train.mixed_precision``
+    (bf16 becomes "no" on a GPU without it) and ``train.deepspeed_stage`` (0 takes an accelerate launcher's
+    DeepSpeed stage) are the effective ones. ``cfg`` itself is left as it was."""
     t = cfg.train
+    precision, stage = t.mixed_precision, t.deepspeed_stage
     cpu = t.cpu or not torch.cuda.is_available()
-    if cpu and t.mixed_precision == "fp16":
+    if cpu and precision == "fp16":
         raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; use bf16 or no on CPU")
-    if not cpu and t.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if not cpu and precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         # pre-Ampere cards emulate bf16 slowly: the default bf16 becomes fp32 there, said once, not silently
-        logging.getLogger("dist_dejpeg").warning("train.mixed_precision=bf16: %s has no bf16; training in fp32 "
-                                                 "(set fp16 to use its tensor cores)", torch.cuda.get_device_name())
-        t.mixed_precision = "no"
+        log.warning("train.mixed_precision=bf16: %s has no bf16; training in fp32 (set fp16 to use its tensor cores)",
+                    torch.cuda.get_device_name())
+        precision = "no"
     # a dead or stuck rank fails every collective after this long instead of hanging
     timeout = timedelta(seconds=t.dist_timeout_s)
     launched = _launcher_deepspeed_stage()
     if launched is not None:
-        if t.deepspeed_stage == 0:
-            t.deepspeed_stage = launched
-        if t.deepspeed_stage != launched or launched not in (1, 2):
-            raise ConfigError(f"config key 'train.deepspeed_stage': {t.deepspeed_stage}, but the accelerate launcher "
+        stage = stage or launched
+        if stage != launched or launched not in (1, 2):
+            raise ConfigError(f"config key 'train.deepspeed_stage': {stage}, but the accelerate launcher "
                               f"config asks for ZeRO stage {launched}; the trainer supports 1 and 2")
-    if t.deepspeed_stage:
-        return _deepspeed_accelerator(cfg, cpu, timeout)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, mixed_precision=precision, deepspeed_stage=stage))
+    if stage:
+        return _deepspeed_accelerator(cfg, cpu, timeout), cfg
     return Accelerator(
         cpu=cpu,
-        mixed_precision=t.mixed_precision,
+        mixed_precision=precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_with_dataloader=False),
         # Spectral-norm (u, v) and batch-norm buffers change in every forward; broadcasting them from
         # rank 0 at each forward breaks when a model runs twice before a backward.
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
                          InitProcessGroupKwargs(timeout=timeout)],
         **_tracking(cfg),
-    )
+    ), cfg
 
 
 def _tracking(cfg: Config) -> dict:
     """Accelerate's experiment trackers (train.log_with), checked before anything else starts."""
-    from pathlib import Path
-
     from dist_dejpeg.train.monitor import check_trackers, tracker_objects
 
     check_trackers(list(cfg.train.log_with))
@@ -144,7 +170,131 @@ def setup_logging(accelerator: Accelerator, level: str = "info") -> None:
     logging.getLogger("accelerate").setLevel(value if value <= logging.DEBUG else max(value, logging.WARNING))
 
 
-def _innermost(optimizer):
+def claim_run_dir(acc: Accelerator, cfg: Config, lock: RunLock, write_samples: bool) -> None:
+    """The main process takes the run folder's lock (when another run holds it, every rank fails at once, none
+    waits for the others), removes what a killed run half-wrote, and writes the sample shards if asked."""
+    busy, run_dir = None, Path(cfg.train.run_dir)
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire()
+        except RunDirBusy as err:
+            busy = str(err)
+        if busy is None and remove_partial(run_dir):
+            log.info("removed half-written checkpoint folders of an earlier, killed run")
+        if busy is None and write_samples and ensure_samples(cfg):
+            log.info("wrote the sample shards into %s", cfg.data.root)
+    if acc.num_processes > 1:
+        busy = broadcast_object_list([busy])[0]
+    if busy is not None:
+        raise RunDirBusy(busy)
+
+
+@dataclass
+class Parts:
+    """What :func:`build_parts` returns: the prepared models and optimizers (the critic's are None when no
+    phase trains it), the LPIPS networks, and the fast-path settings the trainer's steps run with."""
+
+    generator: torch.nn.Module
+    g_opt: torch.optim.Optimizer
+    critic: torch.nn.Module | None
+    c_opt: torch.optim.Optimizer | None
+    lpips: LPIPS | None  # the training loss's; None when no phase uses LPIPS
+    metric_lpips: LPIPS  # validation's (the same object when the nets and weights agree)
+    autocast: Callable[[], ContextManager]  # the training autocast context factory
+    deepspeed: bool  # one DeepSpeed engine per model
+    fused: bool  # fused AdamW
+    sync_every: int  # steps between host reads of the device flags (1: every step)
+    cudagraphs: bool  # compiled with CUDA graphs: each step and validation forward starts a new replay
+
+
+def build_parts(cfg: Config, acc: Accelerator) -> Parts:
+    """Seed, build the generator (and the critic when a phase trains it) and their AdamWs, compile them if asked,
+    ``prepare`` them once, then the LPIPS networks. ``cfg``: the effective config from build_accelerator."""
+    t, fmt = cfg.train, torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    phases = [t.phases[name] for name in t.order]
+    set_seed(t.seed)  # same initial weights on every rank
+    generator = build_generator(cfg.model)
+    if cfg.model.sync_bn and acc.num_processes > 1:
+        generator = convert_sync_batchnorm(generator, cuda=acc.device.type == "cuda")
+    critic = build_critic(cfg.critic) if any(trains_critic(p) for p in phases) else None
+    if critic is not None and cfg.data.crop < critic.min_size:
+        raise ConfigError(f"config key 'data.crop': {cfg.data.crop} px is below the critic's minimum "
+                          f"{critic.min_size} px (lower critic.n_blocks)")
+    deepspeed = t.deepspeed_stage > 0
+    # fused: one kernel per step instead of one per parameter group and op; under DeepSpeed the ZeRO
+    # optimizer steps its own flat partitions, so it keeps the default implementation
+    fused = t.fused_adamw and acc.device.type in FUSED_ADAMW_DEVICES and not deepspeed
+    models = [m.to(memory_format=fmt) for m in (generator, critic) if m is not None]
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=fused or None) for m in models]
+    # CUDA graphs replay a compiled step's kernels from one launch each (the compiled gen step is bound by
+    # its ~1600 host launches on an H200: benchmarks/results/gpu-nvidia-h200-2026-11-27); a replay reuses
+    # its output memory, so every training step and validation forward starts a new one (mark_step_begin)
+    cudagraphs = t.compile and t.compile_mode in CUDAGRAPH_MODES and acc.device.type == "cuda"
+    if t.compile:
+        use_compile_cache(compile_cache_dir(cfg))
+        for model in models:
+            compile_model(model, t.compile_mode)
+    if deepspeed:
+        # One engine per model, each prepared under its own plugin; the order (gen, then critic) must be
+        # the same when a checkpoint is saved and loaded.
+        prepared = list(acc.prepare(models[0], optimizers[0]))
+        if critic is not None:
+            acc.state.select_deepspeed_plugin("critic")
+            prepared += acc.prepare(models[1], optimizers[1])
+            acc.state.select_deepspeed_plugin("gen")
+    else:
+        prepared = list(acc.prepare(*[x for pair in zip(models, optimizers) for x in pair]))
+    generator, g_opt, critic, c_opt = prepared + [None] * (4 - len(prepared))
+
+    lo = cfg.loss
+    lpips = (LPIPS(lo.lpips_net, lo.lpips_pretrained, lo.lpips_weights, "loss.lpips_weights").to(acc.device)
+             if any(uses_lpips(p) for p in phases) else None)
+    same = lpips is not None and lo.metric_net == lo.lpips_net and lo.metric_weights == lo.lpips_weights
+    metric_lpips = lpips if same else LPIPS(lo.metric_net, lo.lpips_pretrained, lo.metric_weights,
+                                            "loss.metric_weights").to(acc.device)
+    for loss_net in {id(m): m for m in (lpips, metric_lpips) if m is not None}.values():
+        loss_net.to(memory_format=fmt)
+        if t.compile:  # frozen, but most of the gen step's time (bench train: LPIPS share)
+            compile_model(loss_net, t.compile_mode)
+    # Deferred host checks need the fused AdamW's on-device skip; elsewhere every step checks at once.
+    sync_every = t.sync_every if fused and acc.device.type in DEFERRED_CHECK_DEVICES else 1
+    autocast = training_autocast(acc, deepspeed, t.mixed_precision)
+    return Parts(generator, g_opt, critic, c_opt, lpips, metric_lpips, autocast, deepspeed, fused, sync_every,
+                 cudagraphs)
+
+
+def training_autocast(acc: Accelerator, deepspeed: bool, mixed_precision: str) -> Callable[[], ContextManager]:
+    """The training autocast. DDP: Accelerate's (from train.mixed_precision). DeepSpeed: the engines keep fp32
+    parameters and the Accelerator runs with mixed_precision="no", so bf16 is a plain torch.autocast."""
+    if not deepspeed:
+        return acc.autocast
+    if mixed_precision == "bf16":
+        device = acc.device.type
+        return lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+@contextlib.contextmanager
+def training_stream(device: torch.device, enabled: bool):
+    """On CUDA with ``train.cuda_stream``: the run's device work goes on a stream of its own instead of the
+    default (legacy) stream 0, where torchvision's nvJPEG encoder copies out its bytes. The loader's
+    degrade-ahead thread waits for stream 0 after each encode (gpu_jpeg._nvjpeg_encode): with the training
+    on stream 0 that wait lasted until every queued step had run, and the next batch was late."""
+    if device.type != "cuda" or not enabled:
+        yield
+        return
+    default, stream = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    stream.wait_stream(default)  # the models, optimizers and any resumed state were written on stream 0
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        default.wait_stream(stream)
+
+
+# -- the optimizers under their wrappers -------------------------------------------------------------------
+def innermost_optimizer(optimizer):
     """The torch optimizer under Accelerate's wrapper (DDP: AcceleratedOptimizer -> AdamW) or DeepSpeed's
     (DeepSpeedOptimizerWrapper -> DeepSpeedZeroOptimizer -> AdamW, over the flat fp32 partitions)."""
     while hasattr(optimizer, "optimizer"):
@@ -152,7 +302,21 @@ def _innermost(optimizer):
     return optimizer
 
 
-def _refresh_master_weights(optimizer) -> None:
+def start_phase_optimizer(optimizer, phase: PhaseConfig, lr: float, reset: bool) -> None:
+    """The phase's lr, betas and weight decay; ``reset``: a fresh optimizer state, as the seed's separate fits."""
+    inner = innermost_optimizer(optimizer)
+    if reset:
+        inner.state.clear()
+    for group in inner.param_groups:
+        group.update(lr=lr, betas=tuple(phase.betas), weight_decay=phase.weight_decay)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in innermost_optimizer(optimizer).param_groups:
+        group["lr"] = lr
+
+
+def refresh_master_weights(optimizer) -> None:
     """After writing a DeepSpeed model's parameters directly: ZeRO-1/2 keep their own fp32 master copy, which
     the next step (and a checkpoint's resume) would otherwise restore over what was written."""
     while optimizer is not None:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from dist_dejpeg.run.files import fsync_dir
 from dist_dejpeg.run.layout import (CONFIG, TRAINER_STATE, checkpoint_dir, latest_checkpoint, list_checkpoints,
-                                    partial_checkpoints, partial_name, step_name)
+                                    loader_state_name, partial_checkpoints, partial_name, step_name)
 
 def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: int, trainer_state: dict,
                     loader_state: dict, config_yaml: str, keep_last: int, buffers: dict | None = None,
@@ -45,7 +45,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: 
         tmp.mkdir()
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
-    _write_json(tmp / f"loader_{accelerator.process_index}.json", loader_state)
+    _write_json(tmp / loader_state_name(accelerator.process_index), loader_state)
     if buffers:
         save_file(_packed(buffers), str(tmp / f"buffers_{accelerator.process_index}.safetensors"))
     accelerator.wait_for_everyone()
@@ -71,6 +71,20 @@ def _packed(tensors: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
+def rank_buffers(models: dict) -> dict:
+    """This rank's model buffers ({"generator": module, ...} -> {"generator.<name>": tensor}): DDP here does not
+    broadcast buffers, so batch-norm running statistics follow each rank's own batches, and an exact resume
+    must give every rank its own back (:func:`load_rank_buffers`)."""
+    return {f"{m}.{k}": v for m, model in models.items() for k, v in model.named_buffers()}
+
+
+def load_rank_buffers(models: dict, buffers: dict) -> None:
+    own = rank_buffers(models)  # the live buffer tensors, under the same names
+    for key, value in buffers.items():
+        if key in own:
+            own[key].copy_(value)
+
+
 def remove_partial(run_dir: str | Path) -> list[Path]:
     """Delete ``.tmp-step-*`` folders a killed run left half-written. Only the holder of the run folder's lock
     may call it (another live writer could be filling one)."""
@@ -88,7 +102,7 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, d
         raise FileNotFoundError(f"not a complete checkpoint (no trainer_state.json): {path}")
     accelerator.load_state(str(path))
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
-    loader_file = path / f"loader_{accelerator.process_index}.json"
+    loader_file = path / loader_state_name(accelerator.process_index)
     loader_state = json.loads(loader_file.read_text()) if loader_file.is_file() else None
     buffer_file = path / f"buffers_{accelerator.process_index}.safetensors"
     buffers = {}
@@ -117,6 +131,18 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 # -- preemption -------------------------------------------------------------------------------------------
+class TrainingStopped(RuntimeError):
+    """Training ended early on an error that left a checkpoint behind (e.g. a non-finite loss)."""
+
+
+class Preempted(TrainingStopped):
+    """A stop signal (SIGUSR1/SIGTERM) ended the run after a step; the checkpoint in ``path`` resumes it."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
+
+
 class StopSignals:
     """SIGUSR1 (SLURM's advance warning, ``--signal``) and SIGTERM (scancel, preemption, the launcher
     passing either on) ask the run to stop: the handler only records the signal, and the trainer checks

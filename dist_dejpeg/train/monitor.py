@@ -27,21 +27,13 @@ import numpy as np
 
 from dist_dejpeg.run.files import atomic_write_json
 from dist_dejpeg.run.layout import PROGRESS, PROGRESS_KEYS
+from dist_dejpeg.run.text import duration
 
 log = logging.getLogger("dist_dejpeg")
 
 # tracker name -> the package it needs (what `pip install` names)
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim",
                     "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "trackio": "trackio"}
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None or not np.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def check_trackers(names: list[str]) -> None:

@@ -28,7 +28,7 @@ from accelerate import Accelerator
 
 from dist_dejpeg.models.lpips import LPIPS
 from dist_dejpeg.train.losses import critic_loss, generator_adv_loss, pixel_loss
-from dist_dejpeg.train.build import _innermost
+from dist_dejpeg.train.build import innermost_optimizer
 
 
 class NonFiniteLoss(RuntimeError):
@@ -64,6 +64,46 @@ class DeviceFlags:
         return count
 
 
+class HostChecks:
+    """What the device (:class:`DeviceFlags`) and the stop-signal handlers (``signals.requested()``) flagged,
+    read by the host once ``sync_every`` steps have run (1: after every step), or sooner when the trainer must
+    know (before a validation, a save, the end of a phase), in one all-reduce so that every rank decides the
+    same."""
+
+    def __init__(self, accelerator: Accelerator, signals, sync_every: int):
+        self.accelerator, self.signals, self.sync_every = accelerator, signals, sync_every
+        self.flags = DeviceFlags() if sync_every > 1 else None  # None: each step checks its loss at once
+        self.unchecked, self.first = 0, 0  # steps since the last read, the global step of the first of them
+
+    def stepped(self, global_step: int) -> None:
+        self.unchecked += 1
+        self.first = self.first or global_step
+
+    @property
+    def due(self) -> bool:
+        return self.unchecked >= self.sync_every
+
+    def read(self, global_step: int) -> bool:
+        """Raises NonFiniteLoss when a non-finite loss was counted (deferred mode; those updates were skipped on
+        the device); returns whether any rank got a stop signal. ``global_step``: the newest step."""
+        first, self.unchecked, self.first = self.first, 0, 0
+        flag = float(self.signals.requested())
+        bad = self.flags.take() if self.flags is not None else None
+        if self.accelerator.num_processes == 1 and bad is None:
+            return flag > 0
+        device = self.accelerator.device
+        values = torch.stack([torch.tensor(flag, device=device),
+                              bad.float() if bad is not None else torch.zeros((), device=device)])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        stop, nonfinite = values.tolist()
+        if nonfinite > 0:
+            raise NonFiniteLoss("", {}, message=f"{int(nonfinite)} non-finite loss(es) between global steps {first} "
+                                                f"and {global_step}; their updates were skipped on the device",
+                                skipped=True)
+        return stop > 0
+
+
 def _skip_update_if_nonfinite(accelerator: Accelerator, model, optimizer, norm) -> None:
     """Give the fused AdamW a device flag that makes its step a no-op (parameters, moments and step count
     untouched) when the gradients are not finite. fp16 leaves this to Accelerate's GradScaler."""
@@ -72,7 +112,7 @@ def _skip_update_if_nonfinite(accelerator: Accelerator, model, optimizer, norm) 
     if not isinstance(norm, torch.Tensor):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=accelerator.device)
-    inner = _innermost(optimizer)
+    inner = innermost_optimizer(optimizer)
     inner.grad_scale = None
     inner.found_inf = (~torch.isfinite(norm)).float()
 

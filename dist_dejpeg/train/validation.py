@@ -7,7 +7,7 @@ from torchvision.utils import make_grid
 
 from dist_dejpeg.data.torch_loader import to_device
 from dist_dejpeg.models.lpips import LPIPS
-from dist_dejpeg.metrics import MetricSums, per_image
+from dist_dejpeg.metrics.sums import MetricSums, per_image
 
 ValSet = dict  # {quality: (jpeg uint8 N x 3 x H x W, clean uint8 N x 3 x H x W)} of this rank's share
 
@@ -24,8 +24,9 @@ def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: 
         for quality, (jpeg_u8, clean_u8) in val_set.items():
             sums = MetricSums(("jpeg", "restored"), accelerator.device)
             for start in range(0, jpeg_u8.shape[0], batch_size):
-                batch = to_device({"jpeg": jpeg_u8[start:start + batch_size], "clean": clean_u8[start:start + batch_size],
-                                   "quality": [quality] * len(jpeg_u8[start:start + batch_size])}, accelerator.device)
+                part = slice(start, start + batch_size)
+                batch = to_device({"jpeg": jpeg_u8[part], "clean": clean_u8[part],
+                                   "quality": [quality] * len(jpeg_u8[part])}, accelerator.device)
                 if cudagraphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 with accelerator.autocast():
@@ -41,6 +42,17 @@ def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: 
     return results
 
 
+def average_bn_stats(accelerator, models: dict) -> None:
+    """Average batch-norm running statistics over ranks before they are used (validation, a frozen generator
+    in the critic phase, export), so every rank evaluates the same model. Averaging is linear, like the
+    running-average updates, so when it happens does not change the averaged result."""
+    if accelerator.num_processes > 1:
+        from timm.utils import distribute_bn
+
+        for model in models.values():
+            distribute_bn(model, accelerator.num_processes, reduce=True)
+
+
 def mean_restored_lpips(results: dict) -> float:
     """The stop rule's number: restored LPIPS averaged over the validation qualities."""
     values = [r["restored"]["lpips"] for r in results.values()]
@@ -48,7 +60,8 @@ def mean_restored_lpips(results: dict) -> float:
 
 
 @torch.no_grad()
-def image_grid(accelerator, generator, val_set: ValSet, count: int = 4, cudagraphs: bool = False) -> torch.Tensor | None:
+def image_grid(accelerator, generator, val_set: ValSet, count: int = 4,
+               cudagraphs: bool = False) -> torch.Tensor | None:
     """Rows of JPEG | restored | clean for the first ``count`` crops of the lowest validation quality."""
     if not val_set:
         return None
@@ -56,8 +69,8 @@ def image_grid(accelerator, generator, val_set: ValSet, count: int = 4, cudagrap
     jpeg_u8, clean_u8 = val_set[quality]
     if jpeg_u8.shape[0] == 0:
         return None
-    batch = to_device({"jpeg": jpeg_u8[:count], "clean": clean_u8[:count], "quality": [quality] * min(count, len(jpeg_u8))},
-                      accelerator.device)
+    batch = to_device({"jpeg": jpeg_u8[:count], "clean": clean_u8[:count],
+                       "quality": [quality] * min(count, len(jpeg_u8))}, accelerator.device)
     was_training = generator.training
     generator.eval()
     try:

@@ -1,4 +1,7 @@
-"""``dist-dejpeg bench colour``: does the restored image keep its colours, and does the gain grow with training?
+"""Colour ablation: does the restored image keep its colours, and does the gain grow with training?
+
+    python benchmarks/experiments/colour.py                                  # from the repository root
+    python benchmarks/experiments/colour.py --norms group --gen-steps 1000 --qualities 10
 
 For each decoder normalisation (``model.decoder_norm``: batch, group, none) the config's ``gen`` phase is
 trained for each step count (default 1000 and 5000; separate runs, each with its own one-cycle schedule),
@@ -8,13 +11,18 @@ shift of each RGB channel in 0-255 levels. A cast is a shift the JPEG input does
 under 1 level at every step count, with the RGB gain growing from the short run to the long one.
 
 This measures quality, not speed: it runs real trainings (the CPU debug recipe: ~3 min per 1000 steps on 2
-cores) and writes ``colour.json`` / ``colour.md`` with the machine named.
+cores) and writes ``benchmarks/results/colour.json`` / ``colour.md`` with the machine named.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
+
+from dist_dejpeg.bench.common import write_results
+
+import common  # common.py beside this script
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +41,17 @@ def summarise(result: dict, q: str) -> dict:
 
 def run(config: str, overrides: list[str], out_dir: str | Path, *, norms=NORMS, gen_steps=(1000, 5000),
         qualities=(10, 20, 40), work: str | Path = "runs/bench-colour", name: str = "colour") -> dict:
-    from dist_dejpeg.bench.common import quality_bench_setup, train_once, write_results
     from dist_dejpeg.evaluation.evaluate import evaluate
 
     base = [*overrides, "train.order=[gen]"]
-    work, images = quality_bench_setup(config, base, work)
+    work, images = common.quality_bench_setup(config, base, work)
     results, rows = {}, []
     for norm in norms:
         for steps in gen_steps:
             tag = f"{norm}-{steps}"
             run_dir = work / tag
-            seconds = train_once(config, [*base, f"model.decoder_norm={norm}", f"train.phases.gen.steps={steps}"],
-                                 run_dir, work / f"{tag}.log")
+            seconds = common.train_once(config, [*base, f"model.decoder_norm={norm}",
+                                                 f"train.phases.gen.steps={steps}"], run_dir, work / f"{tag}.log")
             result = evaluate(str(run_dir), images, list(qualities), run_dir / "eval", progress=False, only=("psnr",))
             results[tag] = {"norm": norm, "gen_steps": steps, "train_seconds": seconds,
                             "per_quality": {q: summarise(result, q) for q in result["per_quality"]}}
@@ -65,3 +72,17 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, norms=NORMS, 
                   ["decoder norm", "gen steps", "quality", "RGB gain", "Y gain", "Cb gain", "Cr gain",
                    "shift R / G / B", "max abs shift", "train min"], rows)
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser(__doc__, "colour", work="runs/bench-colour", qualities=(10, 20, 40))
+    p.add_argument("--norms", nargs="+", default=list(NORMS), help="decoder norms (model.decoder_norm)")
+    p.add_argument("--gen-steps", type=int, nargs="+", default=[1000, 5000], help="gen steps per run")
+    args = common.parse(p, argv)
+    run(args.config, args.overrides, args.results, norms=tuple(args.norms), gen_steps=tuple(args.gen_steps),
+        qualities=tuple(args.qualities), work=args.work, name=args.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,7 @@
-"""``dist-dejpeg bench chroma``: where does the RGB error remain, and does weighting chroma in the loss help?
+"""Chroma ablation: where does the RGB error remain, and does weighting chroma in the loss help?
+
+    python benchmarks/experiments/chroma.py                                  # from the repository root
+    python benchmarks/experiments/chroma.py --chroma-weights 1 2 --seeds 0 --qualities 10
 
 JPEG at 4:2:0 keeps chroma at a quarter of the resolution, and the restored image's RGB gain is smaller than
 its gain on Y. For each ``loss.chroma_weight`` (1: L1 on RGB, the recipe's; w != 1: L1 on JPEG's Y, Cb, Cr
@@ -8,15 +11,21 @@ quality. Reported, mean over the seeds ± half the spread: RGB, Y, Cb and Cr gai
 the share of the restored image's RGB squared error that its chroma carries: the RGB MSE its Cb/Cr errors
 alone would make, over that plus the MSE its Y error alone would make (colour photos only).
 
-The weight-1 runs are exactly ``bench quality``'s conditioned runs (same command, same folder names):
-point ``--work`` at that benchmark's folder to reuse them instead of training them again.
+The weight-1 runs are exactly quality.py's conditioned runs (same command, same folder names): ``--work``
+defaults to that script's folder, so they are reused instead of trained again. Writes
+``benchmarks/results/chroma.json`` / ``chroma.md``.
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
+import sys
 from pathlib import Path
+
+from dist_dejpeg.bench.common import write_results
+
+import common  # common.py beside this script
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +52,7 @@ def chroma_share(metrics: dict) -> float | None:
 
 
 def _tag(weight: float, seed: int) -> str:
-    # weight 1 is the recipe itself: the name bench quality gives its conditioned runs, so that they are reused
+    # weight 1 is the recipe itself: the name quality.py gives its conditioned runs, so that they are reused
     return f"conditioned-s{seed}" if weight == 1.0 else f"conditioned-cw{weight:g}-s{seed}"
 
 
@@ -62,18 +71,17 @@ def summarise(result: dict) -> dict:
 
 def run(config: str, overrides: list[str], out_dir: str | Path, *, weights=WEIGHTS, seeds=(0, 1, 2),
         qualities=QUALITIES, work: str | Path = "runs/bench-quality", name: str = "chroma") -> dict:
-    from dist_dejpeg.bench.common import mean_spread, quality_bench_setup, train_once, write_results
     from dist_dejpeg.evaluation.evaluate import evaluate
 
-    work, images = quality_bench_setup(config, overrides, work)
+    work, images = common.quality_bench_setup(config, overrides, work)
     runs: dict[str, dict] = {}
     for weight in weights:
         for seed in seeds:
             tag = _tag(weight, seed)
             run_dir = work / tag
             extra = [] if weight == 1.0 else [f"loss.chroma_weight={weight:g}"]
-            seconds = train_once(config, [*overrides, f"train.seed={seed}", "model.quality_conditioning=true", *extra],
-                                 run_dir, work / f"{tag}.log")
+            seconds = common.train_once(config, [*overrides, f"train.seed={seed}", "model.quality_conditioning=true",
+                                                 *extra], run_dir, work / f"{tag}.log")
             result = evaluate(str(run_dir), images, list(qualities), run_dir / "eval-chroma", progress=False,
                               restorer_kwargs={"device": "cpu", "guard": False}, only=("psnr",))
             runs[tag] = {"weight": weight, "seed": seed, "train_seconds": seconds, "per_quality": summarise(result)}
@@ -88,7 +96,7 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, weights=WEIGH
                         "chroma_share_restored"):
                 values = [runs[t]["per_quality"][q][key] for t in tags]
                 values = [v for v in values if v is not None]
-                cells[key] = mean_spread(values) if values else (float("nan"), 0.0)
+                cells[key] = common.mean_spread(values) if values else (float("nan"), 0.0)
             table[f"{weight:g}"][q] = {k: {"mean": m, "spread": s} for k, (m, s) in cells.items()}
             rows.append([f"{weight:g}", q, *(f"{cells[k][0]:+.2f} ± {cells[k][1] / 2:.2f}" for k in
                                             ("gain_psnr", "gain_psnr_y", "gain_psnr_cb", "gain_psnr_cr")),
@@ -109,3 +117,18 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, weights=WEIGH
                   ["chroma weight", "quality", "RGB gain", "Y gain", "Cb gain", "Cr gain", "chroma share (JPEG)",
                    "chroma share (restored)"], rows)
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser(__doc__, "chroma", work="runs/bench-quality", qualities=QUALITIES)
+    p.add_argument("--chroma-weights", type=float, nargs="+", default=list(WEIGHTS),
+                   help="loss.chroma_weight values (1: L1 on RGB, the recipe's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    args = common.parse(p, argv)
+    run(args.config, args.overrides, args.results, weights=tuple(args.chroma_weights), seeds=tuple(args.seeds),
+        qualities=tuple(args.qualities), work=args.work, name=args.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,18 +1,26 @@
-"""``dist-dejpeg bench quality``: does telling the model the JPEG quality help, and does restore ever do harm?
+"""Quality ablation: does telling the model the JPEG quality help, and does restore ever do harm?
+
+    python benchmarks/experiments/quality.py                                 # from the repository root
+    python benchmarks/experiments/quality.py train.phases.gen.steps=200 --seeds 0 --qualities 10 40
 
 Trains the config (the whole recipe: gen, critic, gan) once per seed as a blind model and once as a
 quality-conditioned one (``model.quality_conditioning``), and evaluates each on the validation photos at
 each quality (libjpeg 4:2:0), as ``restore`` runs it: with the do-no-harm guard (images of a quality where
 the model's own validation measured no gain are passed through) and without it (the raw model). The
 conditioned model is evaluated a third time without being told the quality (blind mode, as for a PNG
-input). Writes ``quality.json`` / ``quality.md``: RGB and Y PSNR gains over the JPEG input, mean and spread
-(max - min) over the seeds, and each run's training time.
+input). Writes ``benchmarks/results/quality.json`` / ``quality.md``: RGB and Y PSNR gains over the JPEG
+input, mean and spread (max - min) over the seeds, and each run's training time.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
+
+from dist_dejpeg.bench.common import write_results
+
+import common  # common.py beside this script
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +33,18 @@ VARIANTS = (("blind", False, True, True), ("blind, no guard", False, False, True
 
 def run(config: str, overrides: list[str], out_dir: str | Path, *, seeds=(0, 1, 2), qualities=QUALITIES,
         work: str | Path = "runs/bench-quality", name: str = "quality") -> dict:
-    from dist_dejpeg.bench.common import mean_spread, quality_bench_setup, train_once, write_results
     from dist_dejpeg.evaluation.evaluate import evaluate
     from dist_dejpeg.restore.restorer import Restorer
 
-    work, images = quality_bench_setup(config, overrides, work)
+    work, images = common.quality_bench_setup(config, overrides, work)
     runs: dict[str, dict] = {}
     for conditioned in (False, True):
         for seed in seeds:
             tag = f"{'conditioned' if conditioned else 'blind'}-s{seed}"
             run_dir = work / tag
-            seconds = train_once(config, [*overrides, f"train.seed={seed}",
-                                          f"model.quality_conditioning={str(conditioned).lower()}"],
-                                 run_dir, work / f"{tag}.log")
+            seconds = common.train_once(config, [*overrides, f"train.seed={seed}",
+                                                 f"model.quality_conditioning={str(conditioned).lower()}"],
+                                        run_dir, work / f"{tag}.log")
             runs[tag] = {"seed": seed, "conditioned": conditioned, "train_seconds": seconds, "eval": {}}
             # The raw model is evaluated once per way of telling it the quality; the guarded numbers follow from
             # the guard's decision at each quality (it passes a whole quality through or none of it: gain 0).
@@ -63,8 +70,8 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, seeds=(0, 1, 
         tags = [t for t, r in runs.items() if r["conditioned"] == cond]
         table[label] = {}
         for q in map(str, qualities):
-            rgb = mean_spread([runs[t]["eval"][label][q]["rgb"] for t in tags])
-            y = mean_spread([runs[t]["eval"][label][q]["y"] for t in tags])
+            rgb = common.mean_spread([runs[t]["eval"][label][q]["rgb"] for t in tags])
+            y = common.mean_spread([runs[t]["eval"][label][q]["y"] for t in tags])
             passed = sum(runs[t]["eval"][label][q]["passed_through"] for t in tags)
             total = sum(runs[t]["eval"][label][q]["images"] for t in tags)
             table[label][q] = {"rgb_mean": rgb[0], "rgb_spread": rgb[1], "y_mean": y[0], "y_spread": y[1],
@@ -85,3 +92,16 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, seeds=(0, 1, 
     write_results(out_dir, name, report, "Blind vs quality-conditioned restoration, with and without the guard",
                   note, ["model / restore", "quality", "RGB gain (dB)", "Y gain (dB)", "passed through"], rows)
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser(__doc__, "quality", work="runs/bench-quality", qualities=QUALITIES)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    args = common.parse(p, argv)
+    run(args.config, args.overrides, args.results, seeds=tuple(args.seeds),
+        qualities=tuple(args.qualities), work=args.work, name=args.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

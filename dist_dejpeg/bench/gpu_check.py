@@ -1,0 +1,348 @@
+"""The GPU check: every GPU path of dist_dejpeg in one command, for a machine with one NVIDIA GPU, PyTorch
+already installed and no network (../shared/ENV.md, "A GPU machine without network": Python 3.12, torch +
+CUDA, torchvision, timm, accelerate, pyyaml, ... but no lpips, webdataset, omegaconf, DALI, nor this project).
+
+1. Here, where pip reaches PyPI, make the wheel folder (pure-Python wheels, under 1 MB):
+       benchmarks/gpu_wheels.sh /path/to/wheels
+2. Carry the checkout and that folder to the GPU machine; there, from the repository root:
+       python -m dist_dejpeg.bench.gpu_check --wheels /path/to/wheels --out /path/to/out [--quick] [--allow-cpu]
+   (or `benchmarks/gpu_check.sh ...`; `dist-dejpeg bench gpu-check ...` where the package is installed)
+
+Steps, in order: env, install, cuda, pytest_gpu, bench_train, train, evaluate, data_wait, bench_data, bench_infer.
+Each runs in a child process (dist_dejpeg/bench/gpu_check_steps.py) in a process group of its own under its own
+timeout, even when an earlier one failed, with its stdout+stderr in OUT/<step>.log; OUT/summary.md gets a row per
+step (exit code, seconds, result) and, under the table, the last lines of each failing step's log. Also in OUT:
+results/ (bench train.json/.md, data.json/.md, infer.json/.md), run/ (the training run), metrics.json,
+data_wait.md/.json, and gpu-summary.json (the headline numbers, each null where no step of this check measured it).
+What each step adds to the configs (override lists, bench options, timeouts) is in configs/gpu_check.yaml.
+The wheels are installed with `pip --target` into a temporary folder put first on PYTHONPATH (nothing is
+installed into the machine's Python); that folder, the sample data and TMPDIR are removed at the end. This
+module imports only the standard library (PyYAML when it reads the settings): omegaconf and torch are imported
+only by the steps, after the install. PYTHON names the interpreter of the steps (default: this one).
+Exit: 0 every step passed, 1 some step failed, 2 usage error, 3 no CUDA (and no --allow-cpu).
+
+NVIDIA DALI is not in the wheel folder: with its nvimgcodec/nvjpeg wheels it is about 300 MB, too big to
+carry. The GPU tests that need DALI skip themselves, `bench data` leaves out its DALI rows, and training
+uses data.backend=torch with the GPU (nvJPEG) JPEG degradation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dist_dejpeg.bench.data_wait import load_settings, resolve
+from dist_dejpeg.bench.gpu_check_steps import write_gpu_summary
+from dist_dejpeg.run.layout import METRICS
+
+FIRST = ("env", "install", "cuda")  # always run, in this order, before the chosen steps
+OPTIONAL = ("pytest_gpu", "bench_train", "train", "evaluate", "data_wait", "bench_data", "bench_infer")
+DEFAULT_BUDGET = 470  # s: the whole check ends within 8 minutes
+KILL_GRACE = 10  # s between a step's SIGTERM and its SIGKILL (coreutils' `timeout -k 10`)
+PROBE = ("import json, torch; ok = torch.cuda.is_available(); print(json.dumps({'cuda': ok, "
+         "'torch': torch.__version__, 'built': torch.version.cuda, "
+         "'card': torch.cuda.get_device_name(0) if ok else None}))")
+
+
+def repo_root() -> Path:
+    """The checkout this module sits in (the check runs its tests and configs); the working folder otherwise."""
+    here = Path(__file__).resolve().parents[2]
+    return here if (here / "configs" / "gpu_check.yaml").is_file() else Path.cwd()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The check's options (``dist-dejpeg bench gpu-check`` and ``python -m dist_dejpeg.bench.gpu_check``)."""
+    parser.add_argument("--wheels", required=True, metavar="DIR", help="the wheel folder of benchmarks/gpu_wheels.sh")
+    parser.add_argument("--out", required=True, metavar="OUTDIR", help="folder for the logs, summary and results")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings everywhere (a smoke test; about a minute on a GPU)")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="run the flow without CUDA (the cuda step is skipped; train and data_wait use --quick's "
+                             "settings); without it, no CUDA means exit 3 at once")
+    parser.add_argument("--budget", type=_seconds, default=DEFAULT_BUDGET, metavar="S",
+                        help="stop starting steps once S seconds have gone (the default: the whole check ends within "
+                             "8 minutes; each step also has its own timeout)")
+    parser.add_argument("--steps", default="", metavar="A,B",
+                        help=f"run only these of the optional steps, in this order ('': all, {','.join(OPTIONAL)}; "
+                             f"env, install and cuda always run first)")
+    parser.add_argument("--tests", default="", metavar="EXPR",
+                        help="pytest_gpu runs only the gpu tests matching this -k expression")
+    parser.add_argument("--compile", action="store_true",
+                        help="data_wait trains with train.compile=true (a shorter step: the data path must keep up "
+                             "with it); run bench_train first in the same check and inductor's cache makes it quick")
+    parser.add_argument("--rungs", action="store_true",
+                        help="bench_train times the whole ladder (each compiled row minutes of compiling); without it: "
+                             "the naive baseline, the CUDA graphs rung and the config's tuned row")
+    parser.add_argument("--wait", default="", metavar="A,B",
+                        help="data_wait runs only these of its variants (configs/gpu_check.yaml), in this order")
+    parser.add_argument("--settings", default="", metavar="YAML",
+                        help="the steps' settings ('': configs/gpu_check.yaml of the checkout)")
+    parser.add_argument("--commit", default="",
+                        help="the commit named in the summaries ('': git describe --always --dirty)")
+
+
+def _seconds(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError("--budget takes whole seconds")
+    return int(text)
+
+
+def _error(message: str, code: int = 2) -> int:
+    print(f"gpu_check: {message}", file=sys.stderr)
+    return code
+
+
+def _out(cmd: list[str], timeout: float = 30, **kwargs) -> tuple[int, str]:
+    """(exit code, stdout + stderr) of a short command; 127 when it is not there, 124 when it hangs."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+        return proc.returncode, proc.stdout + proc.stderr
+    except FileNotFoundError:
+        return 127, f"{cmd[0]}: not found"
+    except subprocess.TimeoutExpired:
+        return 124, f"{' '.join(cmd)}: no answer within {timeout:.0f} s"
+
+
+def probe_cuda(py: str) -> tuple[dict | None, str]:
+    """What the steps' Python sees: ({cuda, torch, built, card}, "") or (None, why torch did not answer)."""
+    rc, text = _out([py, "-c", PROBE], timeout=120)
+    last = text.strip().splitlines()[-1] if text.strip() else ""
+    try:
+        return (json.loads(last), "") if rc == 0 else (None, f"PyTorch cannot be imported by {py} (exit {rc}): {last}")
+    except ValueError:
+        return None, f"the CUDA probe of {py} printed no answer: {last}"
+
+
+def _no_cuda_why(probe: dict) -> str:
+    rc, smi = _out(["nvidia-smi", "-L"])
+    smi = "nvidia-smi: not found" if rc == 127 else "nvidia-smi: " + (smi.strip().splitlines() or [""])[0]
+    return (f"CUDA is not available: torch.cuda.is_available() is False (torch {probe['torch']}, built for CUDA "
+            f"{probe['built']}); {smi}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the check (the module docstring says what it does); returns its exit code."""
+    started = time.time()
+    chosen = [s for s in args.steps.split(",") if s] if args.steps else list(OPTIONAL)
+    unknown = [s for s in chosen if s not in OPTIONAL]
+    if unknown:
+        return _error(f"unknown step '{unknown[0]}' (steps: {' '.join(OPTIONAL)})")
+    if not sorted(Path(args.wheels).glob("*.whl")):
+        return _error(f"no wheels in '{args.wheels}' (make them with benchmarks/gpu_wheels.sh DIR where pip reaches "
+                      f"PyPI)")
+    root = repo_root()
+    settings_path = Path(args.settings).resolve() if args.settings else root / "configs" / "gpu_check.yaml"
+    try:
+        settings = load_settings(settings_path)
+    except Exception as err:  # missing, unreadable, not YAML (yaml.YAMLError), no PyYAML
+        return _error(f"cannot read the settings {settings_path}: {type(err).__name__}: {err}")
+    wheels, out = Path(args.wheels).resolve(), Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    steps = [*FIRST, *chosen]
+    for stale in [*(out / f"{s}.log" for s in (*FIRST, *OPTIONAL)), *out.glob("data_wait*"), out / METRICS,
+                  out / "summary.md", out / "gpu-summary.json", out / "run", out / "results", out / "evaluate"]:
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    py = os.environ.get("PYTHON") or sys.executable
+    summary = out / "summary.md"
+    probe, why = probe_cuda(py)
+    have_cuda = bool(probe and probe.get("cuda"))
+    if not have_cuda:
+        why = why or _no_cuda_why(probe)
+        if not args.allow_cpu:
+            summary.write_text(f"# GPU check: not run\n\n{why}\n\nNo CUDA device: nothing was run (pass --allow-cpu to "
+                               f"run the flow on the CPU).\n")
+            _error(why)
+            return _error("this check needs a CUDA GPU (pass --allow-cpu to run the flow on the CPU anyway)", 3)
+        print(f"gpu_check: {why} -- running on the CPU (--allow-cpu)", flush=True)
+    commit = args.commit or _commit(root)
+    date = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    work = Path(tempfile.mkdtemp(prefix="gpu_check."))  # under TMPDIR
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        ctx = _context(args, settings, settings_path, root=root, out=out, wheels=wheels, work=work, py=py,
+                       have_cuda=have_cuda)
+        env = _step_env(work)
+        _write_header(summary, args, wheels, commit, date, have_cuda, probe)
+        failed = Runner(out, summary, ctx, env, deadline=started + args.budget, budget=args.budget).run(steps)
+        _write_footer(summary, out, failed, len(steps), started)
+        write_gpu_summary(out, card=probe.get("card") if have_cuda else None, date=date, commit=commit,
+                          device="cuda" if have_cuda else "cpu",
+                          first_variant=next(iter(ctx["steps"]["data_wait"].get("variants") or {}), None))
+    except KeyboardInterrupt:
+        return _error("interrupted", 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"gpu_check: summary in {summary}")
+    return 1 if failed else 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the running step's group is killed, the scratch folder removed
+
+
+def _commit(root: Path) -> str:
+    rc, text = _out(["git", "-C", str(root), "describe", "--always", "--dirty"])
+    return text.strip() if rc == 0 and text.strip() else "?"
+
+
+def _context(args, settings: dict, settings_path: Path, *, root: Path, out: Path, wheels: Path, work: Path,
+             py: str, have_cuda: bool) -> dict:
+    """What a step's child process is told (written to WORK/context.json): folders, options and each step's
+    settings resolved for this run's mode."""
+    steps = {}
+    for name in (*FIRST, *OPTIONAL):
+        section = settings.get(name) or {}
+        quick = args.quick or (not have_cuda and bool(section.get("quick_without_cuda")))
+        steps[name] = dict(resolve(section, quick), quick=quick)
+    ctx = {"root": str(root), "out": str(out), "wheels": str(wheels), "work": str(work), "site": str(work / "site"),
+           "data": str(work / "data"), "py": py, "quick": args.quick, "have_cuda": have_cuda, "tests": args.tests,
+           "compile": args.compile, "rungs": args.rungs, "wait": args.wait, "settings": str(settings_path),
+           "prepare": [str(a) for a in settings.get("prepare") or []], "steps": steps}
+    for sub in ("site", "t", "cache"):
+        (work / sub).mkdir()
+    (work / "context.json").write_text(json.dumps(ctx, indent=1))
+    return ctx
+
+
+def _step_env(work: Path) -> dict:
+    env = dict(os.environ)
+    # a short TMPDIR: multiprocessing puts AF_UNIX sockets (108-byte path limit) under it
+    env.update(TMPDIR=str(work / "t"), TRITON_CACHE_DIR=str(work / "cache" / "triton"),
+               MPLCONFIGDIR=str(work / "cache" / "matplotlib"), PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1",
+               PYTHONUNBUFFERED="1")
+    return env
+
+
+def _write_header(summary: Path, args, wheels: Path, commit: str, date: str, have_cuda: bool, probe: dict | None):
+    device = "no CUDA (--allow-cpu)"
+    if have_cuda:
+        rc, text = _out(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"])
+        device = text.strip().splitlines()[0] if rc == 0 and text.strip() else f"{probe['card']} (nvidia-smi not found)"
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    summary.write_text(
+        f"# GPU check ({'quick' if args.quick else 'full'})\n\n"
+        f"- command: `{command}` (wheels {wheels})\n"
+        f"- host: {socket.gethostname()}, {date}, repo {commit} (-dirty: the working tree differs from that commit)\n"
+        f"- device: {device}\n"
+        f"- budget: {args.budget} s; logs: <step>.log in this folder\n\n"
+        "| step | exit code | seconds | result |\n|---|---|---|---|\n")
+
+
+class Runner:
+    """Runs the steps one after the other, each in a child process group under its timeout, and adds their rows."""
+
+    def __init__(self, out: Path, summary: Path, ctx: dict, env: dict, *, deadline: float, budget: int):
+        self.out, self.summary, self.ctx, self.env = out, summary, ctx, env
+        self.deadline, self.budget = deadline, budget
+        self.failed: list[str] = []
+
+    def run(self, steps: list[str]) -> list[str]:
+        for name in steps:  # most telling first: when the budget runs out, the later steps are reported as not run
+            settings = self.ctx["steps"][name]
+            if name == "install":  # for install's own import check and every later step
+                self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.ctx["site"], os.environ.get("PYTHONPATH")]))
+            if name == "cuda" and not self.ctx["have_cuda"]:
+                self.skip(name, "no CUDA", "no CUDA (--allow-cpu)")
+            elif settings.get("skip"):
+                self.skip(name, settings["skip"], f"{settings['skip']} ({settings.get('why', '')})")
+            else:
+                self.step(name, int(settings.get("timeout_s", 120)))
+        return self.failed
+
+    def row(self, name: str, code: int, seconds: str, result: str) -> None:
+        with self.summary.open("a") as f:
+            f.write(f"| {name} | {code} | {seconds} | {result} |\n")
+        print(f"gpu_check: {name}: {result} (exit {code}, {seconds} s)", flush=True)
+
+    def skip(self, name: str, short: str, long: str) -> None:
+        (self.out / f"{name}.log").write_text(f"skipped: {long}\n")
+        self.row(name, 0, "0", f"skipped: {short}")
+
+    def step(self, name: str, limit: int) -> None:
+        log = self.out / f"{name}.log"
+        left = int(self.deadline - time.time()) - KILL_GRACE - 2  # the kill grace plus bookkeeping
+        if left < 10:
+            log.write_text(f"not run: the check's {self.budget} s budget is spent\n")
+            self.failed.append(name)
+            return self.row(name, 124, "0", f"FAILED: not run, the {self.budget} s budget is spent")
+        limit = min(limit, left)
+        print(f"gpu_check: {name} (timeout {limit} s) ...", flush=True)
+        t0 = time.perf_counter()
+        cmd = [self.ctx["py"], "-m", "dist_dejpeg.bench.gpu_check_steps", name,
+               str(Path(self.ctx["work"]) / "context.json")]
+        with log.open("w") as f:
+            # a group of its own: a timeout (or Ctrl-C) ends the trainer, its loader workers and compilers with it
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+                                    cwd=self.ctx["root"], start_new_session=True)
+            try:
+                rc = _wait(proc, limit)
+            finally:
+                _kill_group(proc.pid, signal.SIGKILL)  # whatever of the step is left (a trainer saving after SIGTERM)
+        result = {0: "ok", 124: f"FAILED: timed out after {limit} s", 137: f"FAILED: timed out after {limit} s"}
+        result = result.get(rc, "FAILED")
+        if rc == 5 and name == "pytest_gpu":
+            result = "FAILED: no test collected"
+        if rc:
+            self.failed.append(name)
+        self.row(name, rc, f"{time.perf_counter() - t0:.1f}", result)
+
+
+def _wait(proc: subprocess.Popen, limit: float) -> int:
+    """The step's exit code; 124 when it ran out of time and stopped on SIGTERM, 137 when it needed SIGKILL."""
+    try:
+        rc = proc.wait(timeout=limit)
+        return 128 - rc if rc < 0 else rc  # killed by a signal (the OOM killer, say): as a shell reports it
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=KILL_GRACE)
+            return 124
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return 137
+    except KeyboardInterrupt:
+        _kill_group(proc.pid, signal.SIGKILL)
+        raise
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _write_footer(summary: Path, out: Path, failed: list[str], total: int, started: float) -> None:
+    lines = ["", f"Total: {int(time.time() - started)} s; {len(failed)} of {total} steps failed"
+             + (f": {' '.join(failed)}." if failed else ".")]
+    for name in failed:
+        log = out / f"{name}.log"
+        tail = log.read_text(errors="replace").splitlines()[-15:] if log.is_file() else []
+        lines += ["", f"### {name}: last lines of {name}.log", "", "```text", *tail, "```"]
+    with summary.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dist_dejpeg.bench import HelpFormatter  # as `dist-dejpeg bench gpu-check --help` shows it
+
+    parser = argparse.ArgumentParser(prog="python -m dist_dejpeg.bench.gpu_check", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))

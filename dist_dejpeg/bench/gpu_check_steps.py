@@ -1,0 +1,314 @@
+"""The GPU check's steps, one per child process (dist_dejpeg/bench/gpu_check.py starts them, each in a process
+group of its own under its timeout, stdout+stderr into OUT/<step>.log):
+
+    python -m dist_dejpeg.bench.gpu_check_steps STEP WORK/context.json
+
+The context (written by the check) names the folders, the check's options and each step's settings from
+configs/gpu_check.yaml, resolved for the run's mode. Only the standard library at the top: the env step runs
+before the wheels are installed; torch is imported inside the steps that probe it, and the project's commands
+run as their own processes (``python -m dist_dejpeg.cli ...``), each command echoed first (``+ ...``).
+At the end the check itself calls write_gpu_summary (here beside the files it reads, which the steps write).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from dist_dejpeg.bench.data_wait import RESULTS_JSON
+from dist_dejpeg.run.layout import GENERATOR, METRICS
+
+# install's import check, run outside the repository: the project and the wheels' packages must come from the
+# install folder, and omegaconf's antlr grammar must work (an interpolation)
+IMPORT_CHECK = """
+import os
+import antlr4, dist_dejpeg, lpips, omegaconf, webdataset
+from importlib.metadata import version
+for m, dist in ((dist_dejpeg, "dist_dejpeg"), (lpips, "lpips"), (webdataset, "webdataset"), (omegaconf, "omegaconf"),
+                (antlr4, "antlr4-python3-runtime")):
+    print(f"{dist:24s} {version(dist):8s} {m.__file__}")
+cfg = omegaconf.OmegaConf.create({"a": "${b}", "b": 3})
+assert cfg.a == 3, cfg
+site = os.path.realpath(os.environ["GPU_CHECK_SITE"])
+where = os.path.realpath(dist_dejpeg.__file__)
+assert where.startswith(site + os.sep), f"dist_dejpeg imported from {where}, not from {site}"
+print("ok: dist_dejpeg from", site)
+"""
+
+
+def sh(*cmd, cwd: str | None = None, env: dict | None = None) -> int:
+    """Run one command with the step's output (``set -x`` style: echoed first); its exit code."""
+    cmd = [str(c) for c in cmd]
+    print("+ " + shlex.join(cmd), flush=True)
+    try:
+        return subprocess.run(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL).returncode
+    except FileNotFoundError:
+        print(f"gpu_check: {cmd[0]}: not found", flush=True)
+        return 127
+
+
+def cli(ctx, *args) -> list[str]:
+    return [ctx.py, "-m", "dist_dejpeg.cli", *map(str, args)]
+
+
+def missing(path: Path) -> int:
+    """1 with a line when a step's expected output is not there (or empty), else 0."""
+    if path.is_file() and path.stat().st_size:
+        return 0
+    print(f"gpu_check: no {path}", flush=True)
+    return 1
+
+
+def env(ctx, s: dict) -> int:
+    print("## machine", flush=True)
+    sh("date", "-u")
+    print(" ".join(platform.uname()))
+    print(f"cores: {os.cpu_count()}", flush=True)
+    if shutil.which("free"):
+        sh("free", "-g")
+    print("## repository", flush=True)
+    sh("git", "-C", ctx.root, "log", "-1", "--oneline")
+    status = subprocess.run(["git", "-C", ctx.root, "status", "--short"], capture_output=True, text=True)
+    print("\n".join(status.stdout.splitlines()[:40]), flush=True)
+    print("## nvidia-smi", flush=True)
+    if shutil.which("nvidia-smi"):
+        sh("nvidia-smi")
+    else:
+        print("nvidia-smi: not found", flush=True)
+    print("## python / torch", flush=True)
+    import torch
+
+    print("python", sys.version.replace("\n", " "), platform.machine())
+    print("torch", torch.__version__, "| CUDA (build)", torch.version.cuda, "| cuDNN", torch.backends.cudnn.version())
+    print("cuda available", torch.cuda.is_available(), "| devices", torch.cuda.device_count())
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        print(f"  cuda:{i} {p.name}, capability {p.major}.{p.minor}, {p.total_memory / 2**30:.1f} GiB")
+    print("## pip list", flush=True)
+    if rc := sh(ctx.py, "-m", "pip", "list"):
+        print(f"gpu_check: pip list failed (exit {rc})", flush=True)
+    print("## wheels to install", flush=True)
+    for wheel in sorted(Path(ctx.wheels).iterdir()):
+        print(f"{wheel.stat().st_size:10d}  {wheel.name}")
+    return 0
+
+
+def install(ctx, s: dict) -> int:
+    import zipfile
+
+    wheels = sorted(Path(ctx.wheels).glob("*.whl"))
+    if subprocess.run([ctx.py, "-m", "pip", "--version"], capture_output=True).returncode == 0:
+        if rc := sh(ctx.py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+                    "--target", ctx.site, *wheels):
+            return rc
+    else:  # all the wheels are pure Python: unpacked onto PYTHONPATH they import the same
+        print(f"gpu_check: no pip for {ctx.py}; unpacking the wheels into {ctx.site} instead", flush=True)
+        for wheel in wheels:
+            zipfile.ZipFile(wheel).extractall(ctx.site)
+    print(f"installed into {ctx.site}:", *sorted(p.name for p in Path(ctx.site).iterdir()), sep="\n", flush=True)
+    print(f"## imports from outside the repository (cwd {ctx.work}): dist_dejpeg must come from {ctx.site}", flush=True)
+    if rc := sh(ctx.py, "-c", IMPORT_CHECK, cwd=ctx.work, env=dict(os.environ, GPU_CHECK_SITE=ctx.site)):
+        return rc
+    print(f"## from the repository root (cwd {ctx.root}; what the later steps import)", flush=True)
+    return sh(ctx.py, "-c", 'import dist_dejpeg; print("dist_dejpeg", dist_dejpeg.__file__)')
+
+
+def cuda(ctx, s: dict) -> int:
+    import time
+
+    import torch
+
+    assert torch.cuda.is_available(), "torch.cuda.is_available() is False"
+    dev = torch.device("cuda", 0)
+    p = torch.cuda.get_device_properties(0)
+    print("device:", torch.cuda.get_device_name(0), f"capability {p.major}.{p.minor}, {p.total_memory / 2**30:.1f} GiB")
+    print("bf16 supported:", torch.cuda.is_bf16_supported())
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(512, 512, generator=g, dtype=torch.float64)
+    b = torch.randn(512, 512, generator=g, dtype=torch.float64)
+    ref = a @ b
+    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2)):
+        err = (((a.to(dev, dtype) @ b.to(dev, dtype)).double().cpu() - ref).abs().max() / ref.abs().max()).item()
+        print(f"matmul {dtype}: max relative error {err:.2e} (limit {tol:g})")
+        assert err < tol, f"{dtype} matmul on the GPU is wrong: {err:.2e}"
+    x = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
+    x @ x
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        x @ x
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / 20
+    print(f"bf16 4096^3 matmul: {dt * 1e3:.2f} ms, {2 * 4096**3 / dt / 1e12:.0f} TFLOP/s")
+    assert torch.cuda.is_bf16_supported(), "no bf16 on this GPU"
+    print("ok")
+    return 0
+
+
+def pytest_gpu(ctx, s: dict) -> int:
+    import importlib.util
+
+    # -rA and the short tracebacks print each failure's message right after the test, not only at the end;
+    # -o addopts=: not the suite's `-n 2` (pytest-xdist is not on the GPU machine; GPU tests run one at a time)
+    options = ["--timeout", s["per_test_timeout_s"]] if importlib.util.find_spec("pytest_timeout") else []
+    options += ["-k", ctx.tests] if ctx.tests else []
+    rc = sh(ctx.py, "-m", "pytest", "-o", "addopts=", "-m", "gpu", "-v", "-rA", "--tb=line", "-p", "no:cacheprovider",
+            "--continue-on-collection-errors", *options, "tests")
+    if rc == 5:
+        print("gpu_check: pytest exit 5: no test collected (counted as a failure)")
+    return rc
+
+
+def bench(ctx, s: dict, which: str, *extra) -> int:
+    """``dist-dejpeg bench``: options before the benchmark's name, overrides after it (what every version parses)."""
+    results = Path(ctx.out) / "results"
+    cmd = cli(ctx, "bench", "--results", results, *s.get("args", []), *extra, which, *s.get("overrides", []))
+    if rc := sh(*cmd, env=dict(os.environ, **s.get("env", {}))):
+        return rc
+    return missing(results / f"{which}.json")
+
+
+def bench_train(ctx, s: dict) -> int:
+    return bench(ctx, s, "train", *([] if ctx.rungs else s.get("rungs", [])))
+
+
+def bench_data(ctx, s: dict) -> int:
+    return bench(ctx, s, "data")
+
+
+def bench_infer(ctx, s: dict) -> int:
+    return bench(ctx, s, "infer")
+
+
+def prepare(ctx) -> int:
+    """The sample photos in the settings' tiles, once per check (the full train and data_wait share them)."""
+    if (Path(ctx.data) / "manifest.json").is_file():
+        return 0
+    return sh(*cli(ctx, "prepare", *ctx.prepare, "--out", ctx.data))
+
+
+def train(ctx, s: dict) -> int:
+    if s.get("prepare") and (rc := prepare(ctx)):
+        return rc
+    run = Path(ctx.out) / "run"
+    if rc := sh(*cli(ctx, "train", "--config", s["config"], f"train.run_dir={run}", f"data.root={ctx.data}",
+                     *s.get("overrides", []))):
+        return rc
+    shutil.copyfile(run / METRICS, Path(ctx.out) / METRICS)
+    print(f"gpu_check: copied {METRICS} to {ctx.out}")
+    meta = json.loads((run / METRICS).read_text())["meta"]
+    for phase, log in (meta.get("last_train_log") or {}).items():
+        print(f"gpu_check: {phase} phase, last log window: data_wait_frac {log.get('train/data_wait_frac')}, "
+              f"images/s {log.get('train/images_per_s')}")
+    return 0
+
+
+def evaluate(ctx, s: dict) -> int:
+    """The trained run's generator: the metrics, then a restore of a photo through the CLI."""
+    run, out = Path(ctx.out) / "run", Path(ctx.out) / "evaluate"
+    if missing(run / GENERATOR):
+        print("gpu_check: no generator from the train step")
+        return 1
+    shards = sorted(str(p) for p in Path(ctx.data).glob("val-*.tar"))
+    if rc := sh(*cli(ctx, "evaluate", "--model", run, "--images", *shards, "--quality", *s["qualities"],
+                     "--max-images", s["max_images"], "-o", out, "--quiet")):
+        return rc
+    print("\n".join((out / "metrics.md").read_text().splitlines()[:24]), flush=True)
+    photo = Path(ctx.work) / "astronaut.png"
+    make = ("import sys, skimage.data; from PIL import Image\n"
+            "Image.fromarray(skimage.data.astronaut()).resize((int(sys.argv[2]), int(sys.argv[3]))).save(sys.argv[1])")
+    if rc := sh(ctx.py, "-c", make, photo, *s["photo"]):
+        return rc
+    return sh(*cli(ctx, "restore", photo, "-o", Path(ctx.work) / "restored", "--model", run, "--quiet"))
+
+
+def data_wait(ctx, s: dict) -> int:
+    """The data-wait benchmark (dist_dejpeg/bench/data_wait.py) with this check's settings file and mode."""
+    if s.get("prepare") and (rc := prepare(ctx)):
+        return rc
+    options = ["--quick"] if s["quick"] else []
+    options += ["--settings", ctx.settings]
+    options += ["--compile"] if ctx.compile else []
+    options += ["--variants", ctx.wait] if ctx.wait else []
+    return sh(ctx.py, "-m", "dist_dejpeg.bench.data_wait", *options, "--results", ctx.out, "--work", ctx.work,
+              f"data.root={ctx.data}")
+
+
+# --- gpu-summary.json, from the files the steps wrote -------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _first(mapping: dict, prefix: str) -> dict:
+    """The first value whose key starts with ``prefix``: bench train's and bench infer's rows are keyed by their
+    labels (bench/common.py's TUNED, bench/infer.py's MODES x SIZES: modules that import torch, so the prefixes are
+    written here and tests/test_gpu_check.py holds them to those labels)."""
+    return next((v for k, v in mapping.items() if k.startswith(prefix) and isinstance(v, dict)), {})
+
+
+def _number(value) -> float | None:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _pytest_counts(log: Path) -> tuple[int | None, int | None]:
+    """(passed, skipped) from pytest's closing line in the pytest_gpu log; (None, None) when it has none."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    closing = [line for line in text.splitlines() if re.match(r"^=+ .* in [\d.]+s", line)]
+    if not closing:
+        return None, None
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", closing[-1])}
+    return counts.get("passed", 0), counts.get("skipped", 0)
+
+
+def write_gpu_summary(out: Path, *, card: str | None, date: str, commit: str, device: str,
+                      first_variant: str | None) -> dict:
+    """OUT/gpu-summary.json: the headline numbers this check measured (stale outputs were removed at its start, so
+    every file read here is this check's), each null where no step measured it. Sources: bench train's tuned row
+    (gen/gan images per s per device; the GPU-busy share only where that row was profiled), data_wait's first
+    variant (the config's own loader settings), bench infer's 2K image tiled as restore runs it (bf16 autocast on
+    CUDA, fp32 on a CPU; and fp32), the pytest_gpu log's closing line."""
+    tuned = _first(_read_json(out / "results" / "train.json").get("results") or {}, "tuned")
+    infer = _read_json(out / "results" / "infer.json").get("results") or {}
+    waits = (_read_json(out / RESULTS_JSON).get("variants") or {}).get(first_variant) or {}
+    auto = "bf16" if device == "cuda" else "fp32"
+    passed, skipped = _pytest_counts(out / "pytest_gpu.log")
+    report = {
+        "card": card, "date": date, "commit": commit,
+        "gen_img_s": _number((tuned.get("gen") or {}).get("images_per_s_per_device")),
+        "gan_img_s": _number((tuned.get("gan") or {}).get("images_per_s_per_device")),
+        "gpu_busy_frac": _number(((tuned.get("gen") or {}).get("profile") or {}).get("device_busy_frac")),
+        "data_wait_frac": _number(waits.get("data_wait_frac")),
+        "restore_2k_ms": _number(_first(infer, f"{device} {auto} tiled 512/64 2040").get("ms_per_call")),
+        "restore_2k_fp32_ms": _number(_first(infer, f"{device} fp32 tiled 512/64 2040").get("ms_per_call")),
+        "gpu_tests_passed": passed, "gpu_tests_skipped": skipped,
+    }
+    (out / "gpu-summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+STEPS = {f.__name__: f for f in (env, install, cuda, pytest_gpu, bench_train, train, evaluate, data_wait, bench_data,
+                                 bench_infer)}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in STEPS:
+        print(f"usage: python -m dist_dejpeg.bench.gpu_check_steps {{{','.join(STEPS)}}} CONTEXT_JSON", file=sys.stderr)
+        return 2
+    ctx = SimpleNamespace(**json.loads(Path(argv[1]).read_text()))
+    return STEPS[argv[0]](ctx, ctx.steps[argv[0]])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,167 @@
+"""Full-reference metrics on whole images: PSNR (RGB or Y), PSNR-B, SSIM, and the colour metrics (PSNR of the
+JFIF Y/Cb/Cr planes, the mean signed shift of each RGB channel). Images are uint8 H x W x 3 RGB (or H x W
+grayscale) numpy arrays on the 0-255 scale. :func:`ssim_map` is the one SSIM: validation runs it on torch
+batches (``metrics/sums.py``), the ``evaluate`` command on these arrays.
+
+Where each number comes from, and why (measured on this project's 2-core CPU machine, numpy 2.4.6, scipy 1.17):
+
+* PSNR (numpy float64) and SSIM (float64; numpy on the CPU, the same code takes torch CUDA tensors).
+  torchmetrics' SSIM was tried first and differed from scikit-image's structural_similarity(
+  gaussian_weights=True, sigma=1.5, use_sample_covariance=False) by 1.3e-3 on a q10 JPEG (it averages
+  over the whole image with reflect padding, where scikit-image leaves the 5-pixel border out); the code
+  here agrees with scikit-image to < 1e-6 (tested), PSNR to 1e-9 dB.
+* PSNR-B: written here (a dozen lines of numpy). sewar 0.4.10 has a psnrb; it was not compared with.
+  Tested on a worked example computed by hand and on its known properties.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from dist_dejpeg.jpeg.formats import JFIF_YCBCR
+
+# SSIM's Gaussian window: 11 taps, sigma 1.5, as Python floats so that one code serves numpy and torch
+_WINDOW = np.exp(-0.5 * (np.arange(-5, 6) / 1.5) ** 2)
+_WINDOW = [float(v) for v in _WINDOW / _WINDOW.sum()]
+
+
+def _as_float(img) -> np.ndarray:
+    a = np.asarray(img)
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] != 3):
+        raise ValueError(f"expected an H x W x 3 RGB or H x W grayscale image, got shape {a.shape}")
+    return a.astype(np.float64)
+
+
+def cropped(a: np.ndarray, crop_border: int) -> np.ndarray:
+    """``a`` without ``crop_border`` pixels on each side (the usual border crop of the published tables)."""
+    if crop_border < 0:
+        raise ValueError(f"crop_border must be >= 0, got {crop_border}")
+    if crop_border == 0:
+        return a
+    if min(a.shape[:2]) <= 2 * crop_border:
+        raise ValueError(f"crop_border={crop_border} leaves nothing of a {a.shape[0]}x{a.shape[1]} image")
+    return a[crop_border:-crop_border, crop_border:-crop_border]
+
+
+def rgb_to_y(rgb) -> np.ndarray:
+    """ITU-R BT.601 luma as MATLAB's rgb2ycbcr computes it, on 0-255 RGB (uint8 or float in 0..255):
+    Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255, in [16, 235], float64, not rounded."""
+    a = np.asarray(rgb, dtype=np.float64)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"rgb_to_y expects H x W x 3, got shape {a.shape}")
+    return 16.0 + (65.481 * a[..., 0] + 128.553 * a[..., 1] + 24.966 * a[..., 2]) / 255.0
+
+
+def _pair(img, ref, y_only: bool, crop_border: int) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _as_float(img), _as_float(ref)
+    if a.shape != b.shape:
+        raise ValueError(f"image and reference differ in shape: {a.shape} vs {b.shape}")
+    if y_only and a.ndim == 3:
+        a, b = rgb_to_y(a), rgb_to_y(b)
+    return cropped(a, crop_border), cropped(b, crop_border)
+
+
+def _psnr_from_mse(mse: float) -> float:
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+
+
+def psnr(img, ref, *, y_only: bool = False, crop_border: int = 0) -> float:
+    """PSNR in dB of ``img`` against ``ref`` (0-255 scale, data range 255). RGB: one MSE over all three
+    channels; ``y_only``: on MATLAB-style BT.601 Y (:func:`rgb_to_y`, not rounded, like BasicSR's
+    test_y_channel). ``crop_border`` pixels are dropped on each side. Identical images give ``math.inf``."""
+    a, b = _pair(img, ref, y_only, crop_border)
+    return _psnr_from_mse(float(np.mean((a - b) ** 2)))
+
+
+def colour_metrics(img, ref, *, crop_border: int = 0) -> dict[str, float | None]:
+    """Where the error sits and whether the colours moved: PSNR on the JFIF Y, Cb and Cr planes (JPEG's own
+    colour space, where its 4:2:0 subsampling acts; 0-255, not rounded) and the mean signed shift of each RGB
+    channel in levels (a colour cast: restored brighter in R and B and darker in G reads +, -, +). The same
+    quantities as validation's (:func:`dist_dejpeg.metrics.sums.per_image`), on whole uint8 images. Against a
+    grayscale reference the chroma PSNRs are None (its chroma error is rounding noise, ~150 dB, that would
+    swamp any mean)."""
+    a, b = _pair(img, ref, False, crop_border)
+    if a.ndim != 3:
+        raise ValueError("colour metrics need an H x W x 3 image")
+    m = np.asarray(JFIF_YCBCR)
+    diff = a - b
+    planes = diff @ m.T  # linear: the YCbCr difference is the transformed RGB difference
+    out = {f"psnr_{p}": _psnr_from_mse(float(np.mean(planes[..., i] ** 2))) for i, p in enumerate(("y", "cb", "cr"))}
+    if np.array_equal(b[..., 0], b[..., 1]) and np.array_equal(b[..., 1], b[..., 2]):
+        out["psnr_cb"] = out["psnr_cr"] = None  # a grayscale reference has no chroma to get right
+    out.update({f"shift_{c}": float(diff[..., i].mean()) for i, c in enumerate("rgb")})
+    return out
+
+
+def ssim_map(x, y, data_range: float = 255.0):
+    """The SSIM map of ``x`` against ``y`` over their last two axes, numpy arrays or torch tensors alike (the
+    same code runs on CUDA tensors and on batches N x C x H x W): Gaussian window 11 x 11, sigma 1.5, K1 0.01,
+    K2 0.03, population covariances, only the positions where the whole window fits (H - 10 x W - 10)."""
+
+    def blur(t):  # separable 'valid' Gaussian filtering: 11 shifted multiply-adds per axis
+        h, w = t.shape[-2:]
+        t = sum(_WINDOW[k] * t[..., :, k:w - 10 + k] for k in range(11))
+        return sum(_WINDOW[k] * t[..., k:h - 10 + k, :] for k in range(11))
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+
+
+def ssim(img, ref, *, y_only: bool = False, crop_border: int = 0) -> float:
+    """SSIM (Wang et al. 2004) of :func:`ssim_map`, data range 255, averaged over the positions where the
+    whole window fits (the 5-pixel border left out, as scikit-image does). RGB: the mean over channels,
+    computed channel by channel (a few image-sized float64 maps at the peak). On the CPU numpy is used:
+    torch's float64 elementwise ops ran ~20x slower than numpy's on this 2-core machine under load (its
+    thread pool), and float64 conv2d ~1 s for 192x192."""
+    a, b = _pair(img, ref, y_only, crop_border)
+    if a.ndim == 2:
+        a, b = a[..., None], b[..., None]
+    if min(a.shape[:2]) < 11:
+        raise ValueError(f"SSIM needs at least 11x11 pixels, got {a.shape[0]}x{a.shape[1]}")
+    return float(np.mean([float(ssim_map(a[..., c], b[..., c]).mean()) for c in range(a.shape[2])]))
+
+
+def blocking_effect_factor(x: np.ndarray, block: int = 8) -> float:
+    """BEF of Yim & Bovik 2011 on one channel: eta * (D_B - D_Bc), eta = log2(B) / log2(min(H, W)) when
+    D_B > D_Bc, else 0. D_B: mean squared difference of horizontally and vertically adjacent pixel pairs
+    that straddle an 8x8 block boundary (columns/rows 7|8, 15|16, ...); D_Bc: the same over all other
+    adjacent pairs."""
+    h, w = x.shape
+    dh = np.diff(x, axis=1) ** 2  # pair (col j, col j+1) -> index j
+    dv = np.diff(x, axis=0) ** 2
+    bh = (np.arange(w - 1) + 1) % block == 0
+    bv = (np.arange(h - 1) + 1) % block == 0
+    n_b = h * bh.sum() + w * bv.sum()
+    n_bc = h * (~bh).sum() + w * (~bv).sum()
+    if n_b == 0 or n_bc == 0:
+        return 0.0
+    d_b = (dh[:, bh].sum() + dv[bv, :].sum()) / n_b
+    d_bc = (dh[:, ~bh].sum() + dv[~bv, :].sum()) / n_bc
+    if d_b <= d_bc:
+        return 0.0
+    return float(math.log2(block) / math.log2(min(h, w)) * (d_b - d_bc))
+
+
+def psnr_b(img, ref, *, y_only: bool = False, crop_border: int = 0) -> float:
+    """PSNR-B (Yim & Bovik 2011) in dB: 10 log10(255^2 / (MSE + BEF)), the blocking effect factor BEF
+    measured on the TESTED image ``img`` over its 8x8 block boundaries (see :func:`blocking_effect_factor`).
+
+    Colour: computed per channel (each with its own MSE and BEF) and the per-channel PSNR-B values
+    averaged, as KAIR/FBCNN's calculate_psnrb does; ``y_only``: once on MATLAB-style Y. Other
+    implementations use RGB MSE plus the Y channel's BEF, and their values differ by up to several dB:
+    PSNR-B values are comparable only within one implementation. ``crop_border`` shifts the 8x8 grid
+    unless it is a multiple of 8 (the block grid is that of the cropped image, as in KAIR). PSNR-B <= PSNR
+    always; equal when the block-boundary differences are no larger than the others. Identical images
+    give ``math.inf``."""
+    a, b = _pair(img, ref, y_only, crop_border)
+    if a.ndim == 2:
+        a, b = a[..., None], b[..., None]
+    values = []
+    for c in range(a.shape[2]):
+        mse = float(np.mean((a[..., c] - b[..., c]) ** 2))
+        values.append(_psnr_from_mse(mse + blocking_effect_factor(a[..., c])))
+    return float(np.mean(values))

