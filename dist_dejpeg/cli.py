@@ -11,8 +11,9 @@
     dist-dejpeg export --model runs/debug --onnx model.onnx
     dist-dejpeg status runs/debug [--json]
 
-train exits 0 when done, 2 on a config, weights or busy-run-folder error, 3 when a non-finite loss stopped
-it (checkpoint kept), 75 when SIGUSR1/SIGTERM stopped it (checkpoint kept; rerun to continue).
+train exits 0 when done; 2 on a config, weights, busy-run-folder, damaged-checkpoint or too-many-bad-samples error; 3 when a non-finite
+loss or a full disk stopped it (the last good checkpoint is kept: fix the cause and rerun); 75 when
+SIGUSR1/SIGTERM stopped it (checkpoint kept; rerun to continue).
     accelerate launch -m dist_dejpeg.cli train --config configs/div2k.yaml
 
 Thin: parses arguments and calls the modules that do the work.
@@ -25,7 +26,8 @@ import logging
 import sys
 from pathlib import Path
 
-from dist_dejpeg.jpeg.formats import OUTPUT_FORMATS, TILE_FORMATS
+from dist_dejpeg.cli_args import (evaluate_arguments, export_arguments, prepare_arguments, report_arguments,
+                                   restore_arguments, status_arguments, train_arguments)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint; the same command continues the run
 
@@ -98,13 +100,14 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
+    from dist_dejpeg.data.verify import TooManyBadSamples
+    from dist_dejpeg.models.weights import WeightsError
     from dist_dejpeg.run.lock import RunDirBusy
     from dist_dejpeg.train.trainer import Preempted, TrainingStopped, train
-    from dist_dejpeg.models.weights import WeightsError
 
     try:
         results = train(cfg, resume=args.resume)
-    except (ConfigError, WeightsError, FileNotFoundError, RunDirBusy) as err:
+    except (ConfigError, WeightsError, FileNotFoundError, RunDirBusy, TooManyBadSamples) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Preempted as err:
@@ -142,12 +145,14 @@ def _restore(args: argparse.Namespace) -> int:
     results = restore_files(restorer, args.inputs, args.out, fmt=args.format, max_pixels=args.max_pixels,
                             skip_existing=args.skip_existing, progress=not args.quiet, quality=args.quality)
     failed = [r for r in results if r.error]
-    done = [r for r in results if r.output]
+    done = [r for r in results if r.output and not r.skipped]
+    skipped = sum(r.skipped for r in results)
     seconds, megapixels = sum(r.seconds for r in done), sum(r.megapixels for r in done)
     rate = f", {1000 * seconds / megapixels:.0f} ms per megapixel" if megapixels else ""
-    print(f"restored {len(done)} image(s) into {args.out} on {restorer.device}{rate}; {len(failed)} failed")
-    for r in done:
-        if r.passthrough or r.quality is None or args.verbose:
+    print(f"restored {len(done)} image(s) into {args.out} on {restorer.device}{rate}; "
+          + (f"skipped {skipped} existing; " if skipped else "") + f"{len(failed)} failed")
+    for r in done:  # none under --quiet unless --verbose; none for skipped outputs
+        if args.verbose or (not args.quiet and (r.passthrough or r.quality is None)):
             q = f"q{r.quality} ({r.quality_from})" if r.quality is not None else r.quality_from
             print(f"{'passed through' if r.passthrough else 'restored'}: {r.source}: {q}; {r.note}")
     for r in failed:
@@ -158,10 +163,13 @@ def _restore(args: argparse.Namespace) -> int:
 def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
     """evaluate()'s result, or an exit status after printing the error."""
     from dist_dejpeg.evaluation.evaluate import EvaluateError, evaluate
+    from dist_dejpeg.evaluation.report import check_report_output
     from dist_dejpeg.models.generator_file import ModelFileError
+    from dist_dejpeg.restore.files import check_output_dir
     from dist_dejpeg.restore.restorer import Restorer
 
-    try:
+    try:  # the outputs first: one that cannot be written fails before any computation
+        check_report_output(args.out) if keep_images else check_output_dir(args.out)
         restorer = Restorer(args.model, device=args.device, tile=args.tile, overlap=args.overlap,
                             batch_size=args.batch_size, guard=not args.no_guard)
         return evaluate(restorer, args.images, args.quality, None if keep_images else args.out, y_only=args.y_only,
@@ -190,7 +198,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from dist_dejpeg.evaluation.evaluate import write_tables
-    from dist_dejpeg.evaluation.report import write_report
+    from dist_dejpeg.evaluation.report import check_report_output, write_report
 
     result = _evaluation(args, keep_images=True)
     if isinstance(result, int):
@@ -203,35 +211,9 @@ def _report(args: argparse.Namespace) -> int:
              "unavailable": meta["unavailable"], "date": meta["date"]}
     path = write_report(result.pop("records"), args.out, title=f"dist_dejpeg: {Path(str(model.get('source'))).name}",
                         meta=shown, crop=args.crop)
-    write_tables(result, Path(args.out).with_suffix(""))
-    print(f"wrote {path} and its tables in {Path(args.out).with_suffix('')}/")
+    write_tables(result, tables := check_report_output(args.out))
+    print(f"wrote {path} and its tables in {tables}/")
     return 0
-
-
-def _add_restorer_args(p: argparse.ArgumentParser) -> None:
-    """The model and how it runs: shared by restore, evaluate and report."""
-    p.add_argument("--model", required=True, help="generator.safetensors, a run folder or a checkpoint folder")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--tile", type=int, default=512, help="tile size in pixels, a multiple of 32 (0: whole images)")
-    p.add_argument("--overlap", type=int, default=64, help="overlap between tiles, blended linearly")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
-    p.add_argument("--no-guard", action="store_true", help="restore every image, even where the model's "
-                                                           "validation predicts no gain at its quality")
-
-
-def _add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int]) -> None:
-    _add_restorer_args(p)
-    p.add_argument("--images", required=True, nargs="+",
-                   help="lossless reference photos: files, folders (recursive) or WebDataset shards (.tar)")
-    p.add_argument("--quality", type=int, nargs="+", default=default_qualities, help="JPEG qualities (libjpeg, 4:2:0)")
-    p.add_argument("--y-only", action="store_true", help="full-reference metrics on BT.601 Y (as published tables)")
-    p.add_argument("--crop-border", type=int, default=0, help="pixels cut from each border before measuring")
-    p.add_argument("--lpips-weights", default="", help="torchvision's AlexNet file (alexnet-owt-7be5be79.pth) for "
-                                                       "LPIPS when it is not in the torch hub cache")
-    p.add_argument("--allow-lossy-reference", action="store_true", help="accept JPEG/WebP references")
-    p.add_argument("--max-images", type=int, default=0, help="use at most this many reference images (0: all)")
-    p.add_argument("--blind", action="store_true", help="do not tell the model the quality (as for a PNG input)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -272,93 +254,20 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dataset", choices=["samples", "folder", "div2k"],
-                   help="samples: photographs bundled with scikit-image; folder: your own images (--src); "
-                        "div2k: the DIV2K HR archives (--root, --download)")
-    p.add_argument("--root", help="div2k: folder with DIV2K_{train,valid}_HR.zip or their extracted folders")
-    p.add_argument("--download", action="store_true", help="div2k: fetch missing archives (resumable, verified)")
-    p.add_argument("--workers", type=int, default=0, help="div2k: tiling processes (0: one per core, max 16)")
-    p.add_argument("--keep-staging", action="store_true", help="div2k: keep the per-image tile tars")
-    p.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
-    p.add_argument("--src", help="folder: the images (searched recursively; lossless formats preferred)")
-    p.add_argument("--tile", type=int, default=0, help="tile size in pixels (samples 128, folder 256, div2k 480)")
-    p.add_argument("--step", type=int, default=0, help="stride between training tiles (tile/2)")
-    p.add_argument("--shard-size", type=int, default=0, help="samples per shard (samples 64, folder 256)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="folder: share of images held out for validation")
-    p.add_argument("--seed", type=int, default=0, help="shuffle seed")
-    p.add_argument("--format", choices=TILE_FORMATS, default="raw",
-                   help="lossless tile format: png, raw (uncompressed, no decode), jp2 (GPU-decodable in DALI)")
-
-
-def _train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (see configs/); schema defaults otherwise")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the newest checkpoint of train.run_dir (what train.auto_resume does by "
-                        "default), or from the given folder")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                   help="log level of rank 0 (train.log_level; other ranks log warnings and errors)")
-    p.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. train.run_dir) and exit")
-    p.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. data.batch_size=8)")
-
-
-def _restore_arguments(p: argparse.ArgumentParser) -> None:
-    from dist_dejpeg.restore.images import DEFAULT_MAX_PIXELS  # numpy and PIL, no torch
-
-    p.add_argument("inputs", nargs="+", help="image files, folders or globs (quote globs: 'photos/**/*.jpg')")
-    p.add_argument("-o", "--out", required=True, help="output folder (same relative names, lossless)")
-    _add_restorer_args(p)
-    p.add_argument("--format", choices=OUTPUT_FORMATS, default="png", help="lossless output format")
-    p.add_argument("--quality", type=int, default=None,
-                   help="the inputs' JPEG quality (default: read from each JPEG's quantization tables)")
-    p.add_argument("--verbose", action="store_true", help="one line per image: its quality and the decision")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 elsewhere")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse larger images (decompression bombs); default {DEFAULT_MAX_PIXELS / 1e6:.0f} MP")
-    p.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    _add_evaluation_args(p, [10, 20, 30, 40])
-    p.add_argument("-o", "--out", required=True, help="folder for metrics.json, metrics.csv, metrics.md")
-
-
-def _report_arguments(p: argparse.ArgumentParser) -> None:
-    _add_evaluation_args(p, [10, 40])
-    p.add_argument("-o", "--out", required=True, help="the HTML file to write (tables go beside it)")
-    p.add_argument("--crop", type=int, default=192, help="crop size in pixels")
-
-
-def _export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="generator.safetensors, a run folder or a checkpoint folder")
-    p.add_argument("--onnx", required=True, metavar="OUT", help="the ONNX file to write")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (the exporter's default otherwise)")
-    p.add_argument("--check-image", metavar="PATH", default=None,
-                   help="photo for the onnxruntime-vs-PyTorch check (default: scikit-image's astronaut)")
-
-
-def _status_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="the run folder (train.run_dir)")
-    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
-
-
 # The subcommands, in the order --help lists them: name -> (help, add its arguments, run it). `bench` brings
 # its own parser, one sub-parser per benchmark (dist_dejpeg.bench).
 COMMANDS = {
-    "prepare": ("write WebDataset shards of lossless tiles", _prepare_arguments, _prepare),
-    "train": ("run the NoGAN phases (resumable)", _train_arguments, _train),
+    "prepare": ("write WebDataset shards of lossless tiles", prepare_arguments, _prepare),
+    "train": ("run the NoGAN phases (resumable)", train_arguments, _train),
     "restore": ("restore images (files, folders searched recursively, globs) with a trained generator",
-                _restore_arguments, _restore),
+                restore_arguments, _restore),
     "evaluate": ("JPEG-compress lossless photos, restore them, and measure both with PSNR, PSNR-B, SSIM, LPIPS, "
-                 "BRISQUE and NIQE", _evaluate_arguments, _evaluate),
-    "report": ("a self-contained HTML page: clean | JPEG | restored crops with the metrics", _report_arguments,
+                 "BRISQUE and NIQE", evaluate_arguments, _evaluate),
+    "report": ("a self-contained HTML page: clean | JPEG | restored crops with the metrics", report_arguments,
                _report),
     "export": ("export the generator to ONNX (dynamic batch/height/width), checked in onnxruntime",
-               _export_arguments, _export),
-    "status": ("where a run stands, read from its folder (safe on a live run)", _status_arguments, _status),
+               export_arguments, _export),
+    "status": ("where a run stands, read from its folder (safe on a live run)", status_arguments, _status),
 }
 
 

@@ -44,6 +44,7 @@ class DataConfig:
     quality_min: int = 10  # JPEG quality range for training degradations (inclusive)
     quality_max: int = 95  # upper end of that range (inclusive): light compression too, where restore must do no harm
     shuffle_buffer: int = 256  # samples held in each worker's shuffle buffer
+    max_bad_samples: int = 100  # bad training samples (undecodable, too small, no image) tolerated in one pass over the data; one more stops the run with the count (torch: per process, as met; DALI: all shards, checked at start); -1: no limit
     val_crop: int = 256  # fixed centre crop of each validation tile
     val_qualities: List[int] = field(default_factory=lambda: [10, 20, 40])  # validation JPEG qualities
     val_max_images: int = 0  # cap on validation tiles (0: all)
@@ -138,12 +139,14 @@ class TrainConfig:
     log_level: str = "info"  # debug | info | warning | error (rank 0; other ranks log warnings and errors)
     log_with: List[str] = field(default_factory=lambda: ["tensorboard"])  # Accelerate trackers: tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive, trackio
     auto_resume: bool = True  # continue from the newest checkpoint in run_dir when there is one (requeued jobs)
+    resume_allow_batch_change: bool = False  # resume although the global batch (data.batch_size x grad_accum x processes) or process count differs from the checkpoint's
     dist_timeout_s: int = 900  # a collective that waits longer fails the run instead of hanging (dead rank)
     compile: bool = False  # torch.compile the generator and critic (eager, with a warning, where compiling fails)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs: the step's kernels replayed, far fewer host launches) | max-autotune | max-autotune-no-cudagraphs
     compile_cache: str = "compile_cache"  # inductor's cache folder, relative to run_dir (a requeued run reuses it); '': its /tmp default
     fused_adamw: bool = True  # fused AdamW kernel (CUDA and CPU; one kernel per step); DeepSpeed keeps its own
     sync_every: int = 25  # steps between host reads of the non-finite and stop flags on CUDA (1: every step)
+    preempt_budget_s: float = 90.0  # CUDA: fewer steps between stop-flag reads when slow, so steps + save fit (SLURM warns 120 s ahead)
     cuda_stream: bool = True  # CUDA: train on a stream of its own, not stream 0 (where nvJPEG copies out; see trainer)
     deepspeed_stage: int = 0  # ZeRO stage for both models via Accelerate's DeepSpeed (one plugin per model); 0: plain DDP
 
@@ -238,6 +241,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.grad_accum': must be >= 1")
     if t.sync_every < 1:
         raise ConfigError("config key 'train.sync_every': must be >= 1 (steps)")
+    if t.preempt_budget_s <= 0:
+        raise ConfigError("config key 'train.preempt_budget_s': must be > 0 (seconds)")
     if d.prefetch_factor < 1 or d.dali_prefetch < 1:
         raise ConfigError("config keys 'data.prefetch_factor'/'data.dali_prefetch': must be >= 1")
     if t.dist_timeout_s < 1:

@@ -19,7 +19,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # one local SLURM, and test_distributed/test_deepspeed share one session-scoped 2-process run, so under
 # pytest-xdist they all run on one worker, one after another (the scheduler below).
 PROCESS_GROUP = ("tests/test_distributed.py", "tests/test_deepspeed.py", "tests/test_slurm.py",
-                 "tests/test_bench.py::test_bench_scaling_launches_one_and_two_processes")
+                 "tests/test_faults_ranks.py", "tests/test_bench.py::test_bench_scaling_launches_one_and_two_processes")
 
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: ignored where xdist is not installed

@@ -91,7 +91,7 @@ def report(tmp_path_factory):
 def test_page_structure(report):
     out, recs = report
     text = out.read_text(encoding="utf-8")
-    assert not list(out.parent.glob(".*.tmp")), "temp file left behind"
+    assert not list(out.parent.glob(".*tmp*")), "temp file left behind"
     page = _Page()
     page.feed(text)
 

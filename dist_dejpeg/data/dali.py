@@ -13,10 +13,19 @@ Resume: DALI's stream is not resumed sample-exactly (the torch loader is). After
 starts a new pass with a seed derived from the number of batches already consumed, so a resumed run does
 not replay the batches it has seen; models, optimizers and RNG are restored exactly as with any backend.
 Validation does not go through DALI: both backends share the same fixed validation set.
+
+Bad samples: DALI cannot skip a sample it fails on (one truncated PNG or one tile smaller than the crop ends
+its pipeline), so the loader checks every sample once before the first batch (data/verify.py, cached beside
+each shard) and leaves the bad ones out of the index files the reader gets; they are counted like the torch
+loader's skips, and more than ``data.max_bad_samples`` stops the run on every rank with the count.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +34,7 @@ import torch
 from dist_dejpeg.data.index import check_indexes
 from dist_dejpeg.data.shards import read_manifest
 from dist_dejpeg.data.torch_loader import to_device
+from dist_dejpeg.data.verify import SKIP_REASONS, dali_usable, over_limit, scan_shards, too_many, write_index
 from dist_dejpeg.jpeg.formats import ENCODED_SHARD_EXTS
 
 
@@ -37,6 +47,7 @@ except ImportError:  # pragma: no cover - exercised where DALI is not installed
     HAVE_DALI = False
 
 EXTENSIONS = ";".join(ENCODED_SHARD_EXTS)  # one output: whichever encoded image a sample has
+log = logging.getLogger(__name__)
 
 
 def first_unreadable_tar(shards: list[str]) -> tuple[str, str] | None:
@@ -92,7 +103,7 @@ class DaliLoader:
     def __init__(self, shards: list[str], crop: int, quality_range: tuple[int, int], batch_size: int, *,
                  seed: int = 0, rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"),
                  num_threads: int = 2, initial_fill: int = 256, channels_last: bool = False, augment: bool = True,
-                 raw_tile: int | None = None, prefetch: int = 2):
+                 raw_tile: int | None = None, prefetch: int = 2, max_bad_samples: int | None = None):
         if not HAVE_DALI:
             raise ImportError("data.backend=dali needs NVIDIA DALI: pip install 'dist_dejpeg[dali]' "
                               "(or data.backend=torch)")
@@ -107,6 +118,30 @@ class DaliLoader:
         self.channels_last, self.augment, self.raw_tile = channels_last, augment, raw_tile
         self.prefetch = prefetch  # DALI's prefetch_queue_depth: batches the pipeline runs ahead
         self.consumed = 0
+        self.bad = self._leave_out_bad_samples(max_bad_samples)
+
+    def _leave_out_bad_samples(self, limit: int | None) -> dict[str, int]:
+        """Check every sample once (data/verify.py: DALI cannot skip one it fails on); bad ones are counted and
+        left out of the index files the reader gets. Over ``limit`` (or none usable): an error, on every rank."""
+        usable = dali_usable(scan_shards(self.shards, self.num_threads), self.crop, self.raw_tile)
+        if usable.broken:
+            raise RuntimeError(f"DALI could not read the shards: {usable.broken[0]} is unreadable ({usable.broken[1]})")
+        if over_limit(usable.bad, limit):
+            raise too_many(usable.bad, usable.counts, usable.examples, limit, f"in {len(self.shards)} shards")
+        if usable.good == 0:
+            raise RuntimeError(f"all {usable.bad} samples of the {len(self.shards)} shards were skipped "
+                               f"({usable.counts}); e.g. {usable.examples[0] if usable.examples else ''}")
+        if usable.bad:
+            log.warning("DALI loader: leaving out %d bad samples %s; e.g. %s", usable.bad, usable.counts,
+                        "; ".join(usable.examples[:3]))
+            folder = Path(tempfile.mkdtemp(prefix="dist-dejpeg-idx-"))
+            weakref.finalize(self, shutil.rmtree, folder, True)
+            self.shards = [s for s in self.shards if usable.samples[s]]  # DALI refuses an empty index
+            self.index_paths = []
+            for i, shard in enumerate(self.shards):
+                self.index_paths.append(str(folder / f"{i:06d}.idx"))
+                write_index(Path(self.index_paths[-1]), usable.samples[shard])
+        return usable.counts
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "backend": "dali"}
@@ -115,7 +150,9 @@ class DaliLoader:
         self.consumed = int(state.get("consumed", 0))
 
     def skipped(self) -> dict[str, int]:
-        return {}  # DALI skips samples without an image component silently; prepare rejects bad images
+        """Bad samples left out of the data set, on rank 0 only (every rank counts all shards; the trainer sums
+        over ranks). Counted once, not at every epoch as the torch loader counts the samples it meets."""
+        return dict(self.bad) if self.rank == 0 else dict.fromkeys(SKIP_REASONS, 0)
 
     def _build(self):
         gpu = self.device.type == "cuda"

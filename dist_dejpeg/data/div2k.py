@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 
 from dist_dejpeg.data.download import download, sha256_file
 from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile
-from dist_dejpeg.data.shards import (MANIFEST, SHARD_NAME, atomic_write_bytes, finish_split_files, remove_shards,
+from dist_dejpeg.data.shards import (MANIFEST, SHARD_NAME, finish_split_files, remove_shards,
                                      sample_key, tiles, write_shard)
+from dist_dejpeg.run.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,8 @@ import logging
 import os
 from pathlib import Path
 
+from dist_dejpeg.run.files import temp_path
+
 log = logging.getLogger(__name__)
 
 
@@ -25,7 +27,7 @@ def write_index(shard: str | Path) -> Path:
     """DALI index file for one shard (``wds2idx``), written atomically next to it."""
     shard = Path(shard)
     final = index_path(shard)
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    tmp = temp_path(final)
     from wds2idx import IndexCreator  # ships with DALI
 
     creator = IndexCreator(str(shard), str(tmp), verbose=False)

@@ -5,6 +5,7 @@
 Layout (shared with the DIV2K shards):
     <out>/train-000000.tar, train-000001.tar, ...   samples {"__key__": "<stem>_s<idx>", "<format>": bytes}
     <out>/train-000000.idx, ...                      DALI index files (when DALI is installed)
+    <out>/train-000000.scan.json, ...                the DALI loader's check of each sample (data/verify.py)
     <out>/val-000000.tar, ...
     <out>/manifest.json                              counts, shards, tile settings, format, sources
 
@@ -32,7 +33,9 @@ import webdataset as wds
 
 from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile
 from dist_dejpeg.data.index import write_indexes
+from dist_dejpeg.data.verify import scan_path
 from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES
+from dist_dejpeg.run.files import atomic_write_bytes, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +54,9 @@ SAMPLE_VAL = ("chelsea", "coffee", "coins")
 SAMPLE_DATASET = "samples (scikit-image bundled photographs)"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_shard(path: Path, samples: Iterable[tuple[str, bytes]], ext: str = "png") -> int:
     """Write (key, image bytes) pairs as one tar, atomically (temp file + rename). Returns the count."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_path(path)
     count = 0
     with open(tmp, "wb") as f:
         with wds.TarWriter(f) as sink:
@@ -174,6 +168,7 @@ def remove_shards(out: Path, split: str, keep: set[str] = frozenset()) -> None:
         if shard.name not in keep:
             shard.unlink()
             shard.with_suffix(".idx").unlink(missing_ok=True)
+            scan_path(shard).unlink(missing_ok=True)
 
 
 def sample_key(name: str) -> str:

@@ -37,10 +37,10 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_dejpeg.data.images import BadImage, center_crop, decode_component, image_bytes, jpeg_roundtrip
+from dist_dejpeg.data.verify import EXAMPLES, SKIP_REASONS, TooManyBadSamples, over_limit, too_many
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("corrupt", "too_small", "no_image", "bad_tar")
 _MAX_WARNINGS = 20  # per slot; counts keep going after the log stops
 
 
@@ -64,7 +64,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: list[str], crop: int, quality_range: tuple[int, int], seed: int = 0,
                  rank: int = 0, world: int = 1, num_workers: int = 0, shuffle_buffer: int = 256,
-                 epochs: int | None = None):
+                 epochs: int | None = None, max_bad_samples: int | None = None):
         self.shards = sorted(shards)
         self.crop = crop
         self.qmin, self.qmax = quality_range
@@ -77,6 +77,10 @@ class ShardStream(IterableDataset):
         self.rotation = 0  # DataLoader worker w plays local slot (w + rotation) % n_local
         # One row per worker, so workers never race; shared memory so the main process can read it.
         self.skipped = torch.zeros(self.n_local, len(SKIP_REASONS), dtype=torch.int64).share_memory_()
+        # The limit is on the bad samples met in one pass (epoch, count per row), not on a total that grows each epoch
+        self.max_bad_samples = max_bad_samples
+        self.epoch_bad = torch.zeros(self.n_local, 2, dtype=torch.int64).share_memory_()
+        self.examples: list[str] = []  # this process's first reasons, quoted when the limit stops the run
 
     # -- the raw (undecoded) stream of one slot in one epoch -------------------------------------------
     def _epoch_raw(self, epoch: int, slot: int, n_slots: int, row: int) -> Iterator[dict]:
@@ -102,6 +106,15 @@ class ShardStream(IterableDataset):
         self.skipped[row, SKIP_REASONS.index(reason)] += 1
         if int(self.skipped[row].sum()) <= _MAX_WARNINGS:
             log.warning("skipping sample: %s", message)
+        if len(self.examples) < EXAMPLES:
+            self.examples.append(message)
+        self.epoch_bad[row, 1] += 1
+        epoch = self.epoch_bad[row, 0]
+        in_pass = int(self.epoch_bad[self.epoch_bad[:, 0] == epoch, 1].sum())  # this rank's workers, this epoch
+        if over_limit(in_pass, self.max_bad_samples):
+            counts = dict(zip(SKIP_REASONS, (int(c) for c in self.skipped.sum(dim=0).tolist())))
+            raise too_many(in_pass, counts, self.examples, self.max_bad_samples,
+                           f"met in epoch {int(epoch)} by rank {self.rank}") from None
 
     def _make(self, raw: dict, epoch: int, slot: int, pos: int, row: int) -> dict | None:
         where = f"{raw.get('__key__')} in {raw.get('__url__')}"
@@ -138,6 +151,7 @@ class ShardStream(IterableDataset):
         epoch, skip = self.start.get(local, (0, 0))
         while self.epochs is None or epoch < self.epochs:
             seen = made = 0
+            self.epoch_bad[worker] = torch.tensor([epoch, 0])
             for pos, raw in enumerate(self._epoch_raw(epoch, slot, n_slots, worker)):
                 seen += 1
                 if pos < skip:
@@ -201,20 +215,21 @@ class TorchLoader:
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             generator=torch.Generator().manual_seed(self.stream.seed),
                             worker_init_fn=_ignore_stop_signals)
+        batches = _stop_cleanly(iter(loader))  # the worker processes start here, in the main thread
         if self.degrade_batch is None:
-            for batch in loader:
+            for batch in batches:
                 self._took(batch)
                 yield to_device(batch, self.device, self.channels_last)
             return
         index = self.consumed
         if self.run_ahead <= 0:
-            for batch in loader:
+            for batch in batches:
                 jpeg = self._degrade(batch, index)
                 index += 1
                 self._took(batch)
                 yield to_device(jpeg, self.device, self.channels_last)
             return
-        yield from self._ahead(loader, index)
+        yield from self._ahead(batches, index)
 
     def _took(self, batch: dict) -> None:
         """The trainer takes ``batch``: the state moves past it."""
@@ -239,7 +254,7 @@ class TorchLoader:
             quality = quality.to(self.device)
         return dict(batch, clean=clean, quality=quality, jpeg=jpeg)
 
-    def _ahead(self, loader, index: int) -> Iterator[dict]:
+    def _ahead(self, batches: Iterator[dict], index: int) -> Iterator[dict]:
         """Degrade up to ``run_ahead`` batches ahead in a thread (its own CUDA stream on a GPU)."""
         cuda = self.device.type == "cuda"
         side = torch.cuda.Stream(self.device) if cuda else None
@@ -254,8 +269,6 @@ class TorchLoader:
                 except queue.Full:
                     continue
             return False
-
-        batches = iter(loader)  # the worker processes start here, in the main thread
 
         def work() -> None:
             i = index
@@ -293,6 +306,21 @@ class TorchLoader:
         finally:
             stop.set()
             thread.join(timeout=10)
+
+
+def _stop_cleanly(batches: Iterator[dict]) -> Iterator[dict]:
+    """``batches`` (a DataLoader's iterator), its workers shut down when it stops, however it stops (they ignore
+    SIGTERM, below: left running, they would block multiprocessing's exit handler for ever), and a worker's
+    TooManyBadSamples raised again with the worker's own message."""
+    try:
+        yield from batches
+    except TooManyBadSamples as err:
+        message = str(err).rsplit("TooManyBadSamples: ", 1)[-1].strip()
+    else:
+        return
+    finally:
+        getattr(batches, "_shutdown_workers", lambda: None)()  # what the iterator's __del__ calls
+    raise TooManyBadSamples(message)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -17,7 +17,6 @@ import csv
 import io
 import json
 import logging
-import os
 import tarfile
 import time
 from pathlib import Path
@@ -30,7 +29,9 @@ from dist_dejpeg.metrics.fullref import colour_metrics
 from dist_dejpeg.metrics.noref import unavailable_reason
 from dist_dejpeg.metrics.registry import BY_NAME, COLOUR, EVALUATED, NO_REFERENCE, QUALITY
 from dist_dejpeg.metrics.whole_image import image_metrics, load_lpips_metric
+from dist_dejpeg.restore.files import check_output_dir
 from dist_dejpeg.restore.restorer import Restorer
+from dist_dejpeg.run.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,8 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
 
     if not qualities or any(not 1 <= q <= 100 for q in qualities):
         raise EvaluateError(f"qualities must be in 1..100, got {qualities}")
+    if out_dir is not None:
+        check_output_dir(out_dir)  # before any computation: an OutputError (a ValueError) names the folder
     restorer = model if isinstance(model, Restorer) else Restorer(model, **(restorer_kwargs or {}))
     refs, skipped = read_references(images, allow_lossy_reference, max_images)
     metric = MetricSet(lpips_weights, y_only, crop_border, str(restorer.device), only)
@@ -272,7 +275,7 @@ def markdown(result: dict) -> str:
 
 
 def write_tables(result: dict, out_dir: str | Path) -> None:
-    """metrics.json, metrics.csv and metrics.md, each written atomically."""
+    """metrics.json, metrics.csv and metrics.md, each written atomically (run.files.atomic_write_bytes)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -286,6 +289,4 @@ def write_tables(result: dict, out_dir: str | Path) -> None:
                                         default=float),
              "metrics.csv": buf.getvalue(), "metrics.md": markdown(result)}
     for name, text in files.items():
-        tmp = out / f".{name}.tmp{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        atomic_write_bytes(out / name, text.encode())

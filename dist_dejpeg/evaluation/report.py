@@ -41,14 +41,13 @@ import base64
 import html
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from dist_dejpeg.metrics.registry import BY_NAME, HIGHER, LOWER, METRICS, ZERO
+from dist_dejpeg.run.files import atomic_write_bytes
 
 ARROWS = {HIGHER: "&uarr;", LOWER: "&darr;", ZERO: "&rarr;0"}
 UNKNOWN_DECIMALS = 4  # a metric the registry does not know
@@ -355,23 +354,24 @@ def render_report(records: list[dict], *, title: str, meta: dict, summary: list[
             + "\n".join(parts) + f"\n<script>{_JS}</script>\n</body></html>\n")
 
 
+def check_report_output(out_path) -> Path:
+    """Prove the page ``out_path`` and its tables' folder beside it (the name without its suffix) can be written,
+    before any computation; returns that folder. An OutputError (a ValueError) says what is wrong."""
+    from dist_dejpeg.restore.files import OutputError, check_output_dir, check_output_file
+
+    out = Path(out_path)
+    if not out.suffix:
+        raise OutputError(f"report {out}: give the page a file name with a suffix (report.html): its tables go "
+                          f"into the folder named without it")
+    return check_output_dir(check_output_file(out).with_suffix(""))
+
+
 def write_report(records: list[dict], out_path, *, title: str, meta: dict, summary: list[dict] | None = None,
                  crop: int = 192) -> Path:
-    """Write the self-contained comparison page to ``out_path`` atomically (temp file + ``os.replace``);
+    """Write the self-contained comparison page to ``out_path`` atomically (run.files.atomic_write_bytes);
     returns the path. Shapes of ``records``, ``summary`` and ``meta``: see the module docstring."""
     out = Path(out_path)
     page = render_report(records, title=title, meta=meta, summary=summary, crop=crop)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_bytes(out, page.encode("utf-8"))  # mode as the umask makes it, like every other output
     return out

@@ -18,15 +18,25 @@ from safetensors.torch import load_file, save
 from dist_dejpeg.config import ConfigError, ModelConfig, load_config
 from dist_dejpeg.models.unet import Generator, build_generator
 from dist_dejpeg.run.files import atomic_write_bytes
-from dist_dejpeg.run.layout import CHECKPOINT_MODEL, CONFIG, GENERATOR, TRAINER_STATE, latest_checkpoint
+from dist_dejpeg.run.layout import CHECKPOINT_MODEL, CONFIG, GENERATOR, TRAINER_STATE, list_checkpoints
+from dist_dejpeg.run.manifest import verify_checkpoint
 
 FORMAT = "dist_dejpeg.generator.v1"
 
 
+class NonFiniteWeights(ValueError):
+    """A generator with a NaN or an infinity in its weights or buffers: it would restore images to garbage."""
+
+
 def save_generator(generator: Generator, model_cfg: ModelConfig, path: str | Path, extra: dict | None = None) -> None:
     """Atomic write of the weights plus ``model_cfg`` (and ``extra`` strings) as safetensors metadata: serialized
-    in memory (a generator is tens of MB), then run.files.atomic_write_bytes."""
+    in memory (a generator is tens of MB), then run.files.atomic_write_bytes. A non-finite tensor is a
+    NonFiniteWeights error naming it, and nothing is written."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in generator.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NonFiniteWeights(f"{path}: not written: {len(bad)} tensor(s) of the generator hold NaN or infinite "
+                               f"values ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
     meta = {"format": FORMAT, "model": json.dumps(dataclasses.asdict(model_cfg))}
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     atomic_write_bytes(path, save(state, metadata=meta))
@@ -101,7 +111,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ge
             return load_model(path / GENERATOR, device)
         if (path / TRAINER_STATE).is_file():
             return _load_checkpoint_generator(path, device)
-        newest = latest_checkpoint(path)
+        # the newest checkpoint whose files match their manifest's sizes (a truncated newest one is skipped)
+        newest = next((c for c in reversed(list_checkpoints(path)) if verify_checkpoint(c, hashes=False).ok), None)
         if newest is not None:
             return _load_checkpoint_generator(newest, device)
         raise ModelFileError(f"{path}: a folder with neither generator.safetensors nor checkpoints/step-*: "

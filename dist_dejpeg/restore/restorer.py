@@ -100,9 +100,9 @@ class Restorer:
         if gain is None:
             return Decision(quality, source, True, f"q{quality} is above the validated qualities "
                                                    f"(up to q{max(self.gains)}): passed through unchanged")
-        if gain <= 0:
-            return Decision(quality, source, True, f"validation predicts {gain:+.2f} dB at q{quality}: "
-                                                   f"passed through unchanged")
+        if not gain > 0:  # NaN (a run that diverged) is harm too: `nan <= 0` is False
+            what = f"predicts {gain:+.2f} dB" if gain == gain else "measured no finite gain (NaN)"
+            return Decision(quality, source, True, f"validation {what} at q{quality}: passed through unchanged")
         return Decision(quality, source, reason=f"validation predicts {gain:+.2f} dB at q{quality}")
 
     # -- tensors -----------------------------------------------------------------------------------------
@@ -127,10 +127,19 @@ class Restorer:
         return out[0] if squeeze else out
 
     def _restore_batch(self, x: torch.Tensor, decision: Decision) -> torch.Tensor:
-        """N x 3 x H x W as ``decision`` says: passed through (a CPU float copy) or restored."""
+        """N x 3 x H x W as ``decision`` says: passed through (a CPU float copy) or restored. A restored image
+        with a NaN or an infinity (a broken model) is never returned: that image is passed through, and
+        ``last_decision`` says so."""
         if decision.passthrough:
             return x.detach().float().cpu().clone()
-        return torch.stack([self._restore_one(im, decision.quality) for im in x])
+        out = torch.stack([self._restore_one(im, decision.quality) for im in x])
+        broken = ~torch.isfinite(out).flatten(1).all(dim=1)
+        if broken.any():
+            out[broken] = x.detach().float().cpu()[broken]
+            self.last_decision = Decision(decision.quality, decision.source, True,
+                                          f"the model restored {int(broken.sum())} of {len(out)} image(s) to "
+                                          f"non-finite values (a broken model file?): passed through unchanged")
+        return out
 
     def _restore_one(self, x: torch.Tensor, quality: int | None = None) -> torch.Tensor:
         """One 3 x H x W image: moved to the device once, cut, restored and blended there, returned on the CPU."""

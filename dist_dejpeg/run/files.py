@@ -1,18 +1,39 @@
 """Writing a file so that a crash leaves the old one or the new one, never half of either; reading one that
-may be missing or half-written without raising. Torch-free: every layer uses it."""
+may be missing or half-written without raising; telling a full disk from other write errors. Torch-free: every
+layer uses it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
 from pathlib import Path
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# what libraries say when a write runs out of room without raising an OSError: safetensors' Rust writer ("No space
+# left on device (os error 28)"), and torch's zip writer, whose short write shows only as "unexpected pos N vs M"
+# or "file write failed" (the one common cause of a short write to a local file is a full disk or quota)
+DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122", "unexpected pos",
+                  "file write failed")
+
+
+# The hidden temp file a write goes through, beside its target: ".NAME.tmpPID". A process killed mid-write leaves
+# it; restore removes those of its own outputs whose writer is gone (restore.files).
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")
+
+
+def temp_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
     """Write ``data`` to a hidden temp file beside ``path``, fsync it, then rename it into place. ``mode``:
     the file's permission bits (None: as the umask makes them)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -21,8 +42,10 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no temp file behind
+        if isinstance(err, OSError) and err.filename is None:
+            err.filename = str(path)  # a write's ENOSPC names no file: name the one being written
         raise
 
 
@@ -53,3 +76,41 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or an exception it was raised from) is a write that ran out of room: ENOSPC or EDQUOT,
+    or a library's message for one (:data:`DISK_FULL_TEXT`)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            return True
+        if not isinstance(err, OSError) and any(t in str(err).lower() for t in DISK_FULL_TEXT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes (for unprivileged users) on the filesystem of ``path`` or of its nearest existing parent; None
+    when not even that can be read. A quota (EDQUOT) can be exhausted with the filesystem far from full."""
+    path = Path(path).absolute()
+    for folder in (path, *path.parents):
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            continue
+    return None
+
+
+def size_text(n: int | None) -> str:
+    """``0 B``, ``512 B``, ``3.1 KiB``, ``20.0 MiB``, ``1.5 GiB``; ``?`` when unknown."""
+    if n is None:
+        return "?"
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"

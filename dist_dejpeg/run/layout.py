@@ -5,7 +5,9 @@ restore use the same names.
     <run_dir>/
         config.yaml               the resolved config (written at the start)
         progress.json             where the run stands (rank 0 rewrites it at every log window; monitor.py)
-        checkpoints/step-%08d/    whole-state checkpoints (train/checkpoint.py); .tmp-step-* while written
+        checkpoints/step-%08d/    whole-state checkpoints (train/checkpoint.py); .tmp-step-* while written;
+                                  manifest.json inside lists each file's size and sha256 (run/manifest.py)
+        checkpoints/abandoned-*/  later checkpoints a resume from an older one set aside (one timeline)
         metrics.json              the final validation, with MetricsMeta under "meta" (written at the end)
         generator.safetensors     the trained generator with its config (models/generator_file.py)
         .lock                     the flock of the run's writer (run/lock.py)
@@ -23,7 +25,7 @@ CONFIG = "config.yaml"
 PROGRESS = "progress.json"
 PROGRESS_KEYS = ("time", "status", "reason", "phase", "phase_index", "phases", "phase_step", "phase_steps",
                  "global_step", "total_steps", "images_per_s", "data_wait_frac", "lr", "eta_phase_s", "eta_run_s",
-                 "losses", "last_val", "best", "host", "pid", "slurm_job")
+                 "losses", "last_val", "best", "host", "pid", "slurm_job", "write_errors")
 METRICS = "metrics.json"
 GENERATOR = "generator.safetensors"
 LOCK = ".lock"
@@ -35,6 +37,12 @@ TRAINER_STATE = "trainer_state.json"  # written last: its presence marks the fol
 LOADER_STATE = "loader_{rank}.json"  # each rank's data-stream position: one file per process
 BEST_GENERATOR = "best_generator.safetensors"
 CHECKPOINT_MODEL = "model.safetensors"  # accelerate's save_state: the generator (the first prepared model)
+MANIFEST = "manifest.json"  # every other file's size and sha256, written just before trainer_state.json
+BUFFERS = "buffers_{rank}.safetensors"  # each rank's model buffers (batch-norm statistics differ per rank)
+RANDOM_STATES = "random_states_{rank}.pkl"  # accelerate's save_state: each rank's RNG streams
+# the files each rank writes for itself (the main process writes every other file of a checkpoint)
+RANK_FILE = re.compile(r"^(?:loader_(\d+)\.json|buffers_(\d+)\.safetensors|random_states_(\d+)\.pkl)$")
+ABANDONED_PREFIX = "abandoned-"  # checkpoints/abandoned-<time>/: later checkpoints set aside by a rollback
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 PARTIAL_PREFIX = ".tmp-step-"
@@ -46,6 +54,16 @@ def step_name(global_step: int) -> str:
 
 def loader_state_name(rank: int) -> str:
     return LOADER_STATE.format(rank=rank)
+
+
+def buffers_name(rank: int) -> str:
+    return BUFFERS.format(rank=rank)
+
+
+def rank_of_file(name: str) -> int | None:
+    """The rank whose own file ``name`` is (loader, buffers, RNG states), or None for the main process's files."""
+    match = RANK_FILE.match(name)
+    return None if match is None else int(next(g for g in match.groups() if g is not None))
 
 
 def partial_name(global_step: int) -> str:
@@ -64,6 +82,12 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in entries if p.is_dir() and STEP_DIR.match(p.name) and (p / TRAINER_STATE).is_file()]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def step_of(path: str | Path) -> int | None:
+    """The global step in a checkpoint folder's name (``step-00001200`` -> 1200), or None for another name."""
+    match = STEP_DIR.match(Path(path).name)
+    return int(match.group(1)) if match else None
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -96,6 +120,8 @@ class MetricsMeta:
     data_skipped: dict = field(default_factory=dict)  # reason -> samples skipped, summed over ranks
     loss_lpips: str = ""  # the training loss's LPIPS network
     last_train_log: dict = field(default_factory=dict)  # phase -> rank 0's newest logged window
+    # side writes that failed and were skipped, on rank 0: "progress", "tracker.<name>", "image.<name>", "console"
+    write_errors: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ shared filesystems (``/proc/locks`` lists this node's locks only); the lock is t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -19,6 +20,11 @@ from dist_dejpeg.run.layout import LOCK
 
 class RunDirBusy(RuntimeError):
     """Another live process holds the run folder's lock."""
+
+
+class RunDirLockFailed(RunDirBusy):
+    """The run folder's filesystem refused the lock itself (ENOLCK, EOPNOTSUPP, ...): no other run is known to
+    hold it. A RunDirBusy, so every caller that stops a run on a busy folder (all ranks, exit 2) stops on it."""
 
 
 class RunLock:
@@ -37,7 +43,17 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # only these mean "held by another"
+                os.close(fd)
+                raise RunDirLockFailed(
+                    f"cannot lock run folder {self.path.parent}: flock failed with "
+                    f"{errno.errorcode.get(err.errno, err.errno)} ({err.strerror}) on its filesystem ({filesystem(self.path)}): "
+                    f"not another run holding it, but a filesystem that refuses file locks (some network "
+                    f"filesystems do: NFS without lockd, Lustre or FUSE mounts without flock), so two runs could "
+                    f"not be kept from overwriting each other's checkpoints. Set train.run_dir to a folder on a "
+                    f"filesystem with working locks (a local disk, or ask your admins which shared one has "
+                    f"them).") from None
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise RunDirBusy(f"run folder {self.path.parent} is in use by another training run ({holder}); two "
@@ -56,6 +72,25 @@ class RunLock:
 
     def __del__(self):
         self.release()
+
+
+def filesystem(path: str | Path, mounts: str = "/proc/self/mounts") -> str:
+    """The type and mount point of the filesystem holding ``path`` ("nfs4 at /home"), read from the mount
+    table (Linux); "unknown" where it cannot be read."""
+    try:
+        target = os.path.realpath(path)
+        best = ("", "")
+        for line in Path(mounts).read_text().splitlines():
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            point = fields[1].replace("\\040", " ")
+            inside = target == point or target.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best[0]):
+                best = (point, fields[2])
+    except OSError:
+        return "unknown"
+    return f"{best[1]} at {best[0]}" if best[0] else "unknown"
 
 
 def _proc_locks(path: str = "/proc/locks") -> list[dict] | None:
@@ -80,14 +115,17 @@ def _proc_locks(path: str = "/proc/locks") -> list[dict] | None:
     return found
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (another user's counts)."""
+    if pid <= 0:  # kill(0) and kill(-n) signal process groups, not a process
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    except OSError:
+    except (OSError, OverflowError):  # OverflowError: a number no pid can be
         return False
     return True
 
@@ -128,13 +166,13 @@ def lock_status(run_dir: str | Path, proc_locks: str = "/proc/locks", hostname: 
         else:  # a shared filesystem: this node's /proc/locks does not list another node's locks
             out.update(held=None, checked_by=None)
     elif same_host and pid:  # no /proc/locks (not Linux): a live holder pid on this host
-        out.update(held=_pid_alive(pid), checked_by="pid")
+        out.update(held=pid_alive(pid), checked_by="pid")
     else:
         out.update(held=None, checked_by=None)
     who = f"host {host or '?'}, pid {out['pid'] if out['pid'] is not None else '?'}"
     if out["slurm_job"]:
         who += f", SLURM job {out['slurm_job']}"
-    out["pid_alive"] = _pid_alive(pid) if same_host and pid else None
+    out["pid_alive"] = pid_alive(pid) if same_host and pid else None
     if out["held"] is True:
         out["detail"] = f"held by {who} since {out['since'] or '?'}"
         if out["checked_by"] == "pid":

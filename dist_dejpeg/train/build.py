@@ -27,7 +27,7 @@ from typing import Callable, ContextManager
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
 
 from dist_dejpeg.config import CUDAGRAPH_MODES, Config, ConfigError, PhaseConfig, clip_norms
 from dist_dejpeg.data import ensure_samples
@@ -35,8 +35,9 @@ from dist_dejpeg.models.critic import build_critic
 from dist_dejpeg.models.lpips import LPIPS
 from dist_dejpeg.models.sync_bn import convert_sync_batchnorm
 from dist_dejpeg.models.unet import build_generator
-from dist_dejpeg.run.lock import RunDirBusy, RunLock
+from dist_dejpeg.run.lock import RunLock
 from dist_dejpeg.train.checkpoint import remove_partial
+from dist_dejpeg.train.collective import all_ranks_or_raise
 from dist_dejpeg.train.compile import compile_cache_dir, compile_model, use_compile_cache
 from dist_dejpeg.train.phases import trains_critic, uses_lpips
 
@@ -171,23 +172,22 @@ def setup_logging(accelerator: Accelerator, level: str = "info") -> None:
 
 
 def claim_run_dir(acc: Accelerator, cfg: Config, lock: RunLock, write_samples: bool) -> None:
-    """The main process takes the run folder's lock (when another run holds it, every rank fails at once, none
-    waits for the others), removes what a killed run half-wrote, and writes the sample shards if asked."""
-    busy, run_dir = None, Path(cfg.train.run_dir)
-    if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        try:
+    """The main process takes the run folder's lock, removes what a killed run half-wrote, and writes the sample
+    shards if asked. Whatever fails there (another run holds the lock, a folder that cannot be written) fails
+    every rank at once with the same error: none waits for the others (collective.all_ranks_or_raise)."""
+    run_dir = Path(cfg.train.run_dir)
+    with all_ranks_or_raise(acc):
+        if acc.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
-        except RunDirBusy as err:
-            busy = str(err)
-        if busy is None and remove_partial(run_dir):
-            log.info("removed half-written checkpoint folders of an earlier, killed run")
-        if busy is None and write_samples and ensure_samples(cfg):
-            log.info("wrote the sample shards into %s", cfg.data.root)
-    if acc.num_processes > 1:
-        busy = broadcast_object_list([busy])[0]
-    if busy is not None:
-        raise RunDirBusy(busy)
+            try:
+                if remove_partial(run_dir):
+                    log.info("removed half-written checkpoint folders of an earlier, killed run")
+                if write_samples and ensure_samples(cfg):
+                    log.info("wrote the sample shards into %s", cfg.data.root)
+            except BaseException:
+                lock.release()
+                raise
 
 
 @dataclass

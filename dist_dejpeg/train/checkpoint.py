@@ -10,25 +10,36 @@
                                                        statistics differ per rank under DDP; the model
                                                        files hold rank 0's only)
         config.yaml                                   the resolved config of the run
+        manifest.json                                 every other file's size and sha256 (run/manifest.py),
+                                                      written after them and before trainer_state.json
 
 Everything is written into ``.tmp-step-*`` and renamed into place once every rank has finished, so a
-crash mid-write leaves no folder that looks complete. Learning rates are a pure function of the phase
+crash mid-write leaves no folder that looks complete. Each rank fsyncs the files it wrote (accelerate's
+save_state does not), then the main process hashes them all into the manifest, so a resume can check that
+nothing was truncated or changed since (train/resume.py). Learning rates are a pure function of the phase
 step (phases.lr_at), so there is no scheduler state to save.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
+from dist_dejpeg.config import ConfigError
 from dist_dejpeg.run.files import fsync_dir
-from dist_dejpeg.run.layout import (CONFIG, TRAINER_STATE, checkpoint_dir, latest_checkpoint, list_checkpoints,
-                                    loader_state_name, partial_checkpoints, partial_name, step_name)
+from dist_dejpeg.run.layout import (ABANDONED_PREFIX, CONFIG, STEP_DIR, TRAINER_STATE, buffers_name,  # noqa: F401
+                                    checkpoint_dir, latest_checkpoint, list_checkpoints, loader_state_name,
+                                    partial_checkpoints, partial_name, step_name, step_of)
+from dist_dejpeg.run.manifest import fsync_dirs, fsync_own_files, write_manifest
+from dist_dejpeg.train.collective import all_ranks_or_raise
 
 def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: int, trainer_state: dict,
                     loader_state: dict, config_yaml: str, keep_last: int, buffers: dict | None = None,
@@ -38,31 +49,40 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: 
     root = checkpoint_dir(run_dir)
     final = root / step_name(global_step)
     tmp = root / partial_name(global_step)
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    _write_json(tmp / loader_state_name(accelerator.process_index), loader_state)
-    if buffers:
-        save_file(_packed(buffers), str(tmp / f"buffers_{accelerator.process_index}.safetensors"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if main_tensors:
-            for name, tensors in main_tensors.items():
-                save_file(_packed(tensors), str(tmp / name))
-        (tmp / CONFIG).write_text(config_yaml)
-        _write_json(tmp / TRAINER_STATE, trainer_state)  # last file: marks the folder complete
-        fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. a NaN stop right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    with all_ranks_or_raise(accelerator):  # a full disk on rank 0 fails every rank at once, not at the timeout
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+    # Under DDP only rank 0 writes the models and optimizers, so that is where a full disk strikes: every rank
+    # fails with it. DeepSpeed's save_state has collectives of its own inside (each rank writes its partition):
+    # a rank failing before one of them cannot be met by a collective of ours, so its barrier stays plain.
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    with contextlib.nullcontext() if deepspeed else all_ranks_or_raise(accelerator):
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        _write_json(tmp / loader_state_name(accelerator.process_index), loader_state)
+        if buffers:
+            save_file(_packed(buffers), str(tmp / buffers_name(accelerator.process_index)))
+        if accelerator.is_main_process:
+            if main_tensors:
+                for name, tensors in main_tensors.items():
+                    save_file(_packed(tensors), str(tmp / name))
+            (tmp / CONFIG).write_text(config_yaml)
+        fsync_own_files(tmp, accelerator.process_index)  # by the rank that wrote each (save_state does not fsync)
+    if deepspeed:
+        accelerator.wait_for_everyone()
+    with all_ranks_or_raise(accelerator):  # an error here on rank 0 fails every rank at once, not at the timeout
+        if accelerator.is_main_process:
+            write_manifest(tmp)  # after every rank's files: their sizes and sha256
+            _write_json(tmp / TRAINER_STATE, trainer_state)  # last file: marks the folder complete
+            fsync_dirs(tmp)
+            if final.exists():  # the same step saved again (e.g. a NaN stop right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(root)
+            for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -100,27 +120,50 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, d
     path = Path(path)
     if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"not a complete checkpoint (no trainer_state.json): {path}")
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except Exception as err:  # a raw "size mismatch" or a truncated file's parse error: say what it means
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if any(s in str(err) for s in ("size mismatch", "Missing key", "Unexpected key")):
+            raise ConfigError(f"--resume {path}: the checkpoint holds other tensors than the models this config "
+                              f"builds ({first[:300]}); model.* and critic.* must be the ones the run began "
+                              f"with") from err
+        raise CheckpointError(f"--resume {path}: the checkpoint cannot be loaded ({type(err).__name__}: "
+                              f"{first[:300]}); resume from an older one (--resume <folder>)") from err
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
     loader_file = path / loader_state_name(accelerator.process_index)
     loader_state = json.loads(loader_file.read_text()) if loader_file.is_file() else None
-    buffer_file = path / f"buffers_{accelerator.process_index}.safetensors"
+    buffer_file = path / buffers_name(accelerator.process_index)
     buffers = {}
     if buffer_file.is_file():
         buffers = load_file(str(buffer_file))
     return trainer_state, loader_state, buffers
 
 
-def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
-    """``--resume``: "latest" (or "") means the newest checkpoint of the run; otherwise a folder path."""
-    if resume is None:
+def set_aside_later(run_dir: str | Path, resumed: str | Path, global_step: int) -> Path | None:
+    """One timeline: a run resumed from ``resumed`` (its ``global_step``) moves this run's checkpoints of that
+    step or later (but ``resumed`` itself) into ``checkpoints/abandoned-<time>/``, so keep-last pruning and the
+    next auto-resume never mix them with the new ones. Moved, not deleted: a rollback by mistake (or a damaged
+    newer checkpoint a resume skipped) stays recoverable and inspectable; deleting the folder is the user's
+    call. Main process only. Returns the folder they went to, or None when there were none."""
+    root, resumed = checkpoint_dir(run_dir), Path(resumed).resolve()
+    try:
+        later = sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)
+                       and step_of(p) >= global_step and p.resolve() != resumed)
+    except OSError:
         return None
-    if resume in ("", "latest"):
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {checkpoint_dir(run_dir)}")
-        return found
-    return Path(resume)
+    if not later:
+        return None
+    aside = root / f"{ABANDONED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while aside.exists():
+        aside, n = root / f"{ABANDONED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
+    aside.mkdir()
+    for path in later:
+        os.replace(path, aside / path.name)
+    fsync_dir(aside)
+    fsync_dir(root)
+    return aside
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -128,6 +171,11 @@ def _write_json(path: Path, data: dict) -> None:
         json.dump(data, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from (damaged, or none under the run that verifies): the command
+    ends with exit 2, as for a config error, and the message names the folder and what is wrong."""
 
 
 # -- preemption -------------------------------------------------------------------------------------------

@@ -12,10 +12,21 @@
   trackio); each gets the same scalars and the validation image grid. TensorBoard writes to ``<run_dir>/tb``.
 - ``progress.json`` (atomic rewrite at every log window, validation, phase boundary and at the end): where the
   run stands, for ``dist-dejpeg status`` and scripts; see :data:`PROGRESS_KEYS`.
+
+Side writes never end a run: a failure of ``progress.json``, a tracker's ``log`` or ``finish``, an image grid or
+the console bar (an OSError; for trackers any exception: wandb, mlflow and TensorBoard's writer thread raise
+their own) is logged once per kind with its reason, then only counted (:attr:`Monitor.write_errors`, in
+``progress.json`` and ``metrics.json``'s meta as ``write_errors``), and the run goes on. A full disk there is
+said as such; the writes that hold the run's state (checkpoints, ``config.yaml``, ``metrics.json``, the
+generator file) are not side writes: when one finds the disk full the run stops with :class:`DiskFull` (exit 3),
+a message naming the path, the free space and the newest complete checkpoint, and no half-written checkpoint
+folder (:meth:`Monitor.disk_full_error`), instead of torch's "unexpected pos".
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -25,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_dejpeg.run.files import atomic_write_json
-from dist_dejpeg.run.layout import PROGRESS, PROGRESS_KEYS
+from dist_dejpeg.run.files import atomic_write_json, atomic_write_text, free_bytes, is_disk_full, size_text
+from dist_dejpeg.run.layout import CONFIG, METRICS, PROGRESS, PROGRESS_KEYS, latest_checkpoint, partial_checkpoints
 from dist_dejpeg.run.text import duration
+from dist_dejpeg.train.checkpoint import TrainingStopped, remove_partial
 
 log = logging.getLogger("dist_dejpeg")
 
@@ -70,6 +82,18 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+WRITE_ERRORS = "write_errors"  # progress.json's and metrics.json meta's key: side write -> failures (rank 0)
+CONSOLE_ERRORS = (OSError, ValueError)  # a closed or broken stderr (ValueError: I/O on a closed file)
+
+
+class DiskFull(TrainingStopped):
+    """A write that holds the run's state found the disk full (or the quota used up); ``path``: where."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
+
+
 class Monitor:
     """One per Trainer. Every method may be called on every rank; only rank 0 writes or prints."""
 
@@ -81,11 +105,13 @@ class Monitor:
         self.steps = {n: cfg.train.phases[n].steps for n in self.order}
         self.bar = None
         self.closed = False
+        self.write_errors: dict[str, int] = {}  # side write ("progress", "tracker.<name>", ...) -> failures
         self.progress: dict = {"status": "running", "reason": "", "phases": self.order,
                                "total_steps": sum(self.steps.values()), "host": socket.gethostname(),
                                "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
                                "losses": {}, "last_val": None, "best": None, "images_per_s": None,
-                               "data_wait_frac": None, "lr": None, "eta_phase_s": None, "eta_run_s": None}
+                               "data_wait_frac": None, "lr": None, "eta_phase_s": None, "eta_run_s": None,
+                               WRITE_ERRORS: {}}
         try:
             accelerator.init_trackers(self.run_dir.name or "dist_dejpeg", config=_flat(config_dict))
         except Exception as err:  # noqa: BLE001 - a tracker that cannot start: say so now, not hours later
@@ -94,10 +120,65 @@ class Monitor:
             raise ConfigError(f"config key 'train.log_with': a tracker of {cfg.train.log_with} could not start "
                               f"({type(err).__name__}: {err})") from err
 
+    # -- side writes ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def side_write(self, kind: str, catch: tuple = (OSError,), path: Path | None = None):
+        """A block whose ``catch`` errors are logged (the first of each ``kind``) and counted, not raised."""
+        try:
+            yield
+        except catch as err:
+            self.write_errors[kind] = self.write_errors.get(kind, 0) + 1
+            self.progress[WRITE_ERRORS] = dict(self.write_errors)
+            if self.write_errors[kind] > 1:
+                return
+            later = f"later {kind} failures are counted in {PROGRESS} and {METRICS} ({WRITE_ERRORS}), not logged"
+            if is_disk_full(err):
+                where = getattr(err, "filename", None) or path or self.run_dir
+                log.warning("disk full: %s, %s free: a %s write failed; training goes on without it, but a checkpoint "
+                            "that finds the disk still full stops the run (the newest complete one is kept); %s",
+                            where, size_text(free_bytes(where)), kind, later)
+            else:
+                log.warning("a %s write failed (%s: %s); training goes on without it; %s", kind, type(err).__name__,
+                            str(err)[:300], later)
+
+    def write_config(self, config_yaml: str) -> None:
+        """``config.yaml`` (main process): the run's state, so a full disk here stops the run (not a side write)."""
+        if self.main:
+            atomic_write_text(self.run_dir / CONFIG, config_yaml)
+
+    def write_metrics(self, results: dict, meta) -> None:
+        """``metrics.json`` (main process): the final validation with ``meta`` (a MetricsMeta) and the side-write
+        failure counts. Not a side write: it raises."""
+        if self.main:
+            meta = dataclasses.replace(meta, write_errors=dict(self.write_errors))
+            atomic_write_json(self.run_dir / METRICS, dict(results, meta=meta.to_dict()))
+
+    def disk_full_error(self, err: BaseException) -> BaseException:
+        """What a run that failed with ``err`` raises: a :class:`DiskFull` with the message users need when ``err``
+        is a full disk (the main process first removes the half-written checkpoint folder), else ``err``."""
+        if isinstance(err, TrainingStopped) or not is_disk_full(err):
+            return err
+        partial = partial_checkpoints(self.run_dir)
+        where = Path(getattr(err, "filename", None) or (partial[-1] if partial else self.run_dir))
+        free = free_bytes(where)  # before the partial folder is removed: the space there was when it failed
+        if self.main:
+            remove_partial(self.run_dir)  # the lock is still held (fit releases it after this)
+        last = latest_checkpoint(self.run_dir)
+        rerun = "rerun the same command" if self.cfg.train.auto_resume else "rerun it with --resume"
+        message = (f"disk full: {where}, {size_text(free)} free; free space and {rerun} "
+                   + (f"(the last complete checkpoint is {last})" if last else "(there is no checkpoint yet)"))
+        log.error("%s", message)
+        self.finish("stopped", message)
+        stop = DiskFull(message, where)
+        stop.__cause__ = err
+        return stop
+
     # -- trackers --------------------------------------------------------------------------------------
     def scalars(self, values: dict, step: int) -> None:
         if self.main:
-            self.acc.log(values, step=step)
+            for tracker in self.acc.trackers:  # as accelerator.log, but one failing tracker stops neither the others
+                with self.side_write(f"tracker.{tracker.name}", (Exception,)):  # nor the run
+                    tracker.log(values, step=step)
 
     def image(self, tag: str, grid, step: int) -> None:
         """``grid``: 3 x H x W float in [0, 1] (torch). To every tracker that takes images."""
@@ -106,14 +187,15 @@ class Monitor:
         chw = grid.detach().float().clamp(0, 1).cpu().numpy()
         hwc = (chw.transpose(1, 2, 0) * 255).round().astype(np.uint8)
         for tracker in self.acc.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image(tag, chw, step)
-            elif tracker.name == "mlflow":
-                import mlflow
+            with self.side_write(f"image.{tracker.name}", (Exception,)):
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_image(tag, chw, step)
+                elif tracker.name == "mlflow":
+                    import mlflow
 
-                mlflow.log_image(hwc, key=tag.replace("/", "_"), step=step)
-            elif hasattr(tracker, "log_images"):
-                tracker.log_images({tag: [hwc]}, step=step)
+                    mlflow.log_image(hwc, key=tag.replace("/", "_"), step=step)
+                elif hasattr(tracker, "log_images"):
+                    tracker.log_images({tag: [hwc]}, step=step)
 
     # -- console and progress.json ------------------------------------------------------------------------
     def start_phase(self, name: str, index: int, initial: int, global_step: int) -> None:
@@ -122,14 +204,14 @@ class Monitor:
         if self.use_bar:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.steps[name], initial=initial, desc=name, dynamic_ncols=True)
-        elif self.main:
+            with self.side_write("console", CONSOLE_ERRORS):
+                self.bar = tqdm(total=self.steps[name], initial=initial, desc=name, dynamic_ncols=True)
+        if self.bar is None and self.main:
             log.info("phase %s (%d/%d): steps %d..%d", name, index + 1, len(self.order), initial, self.steps[name])
         self._write()
 
     def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
+        self._bar(lambda bar: bar.update(1))
 
     def window(self, name: str, scalars: dict, phase_step: int, global_step: int, seconds_per_step: float) -> None:
         """One logged window: trackers, then the bar's postfix or a plain line, then progress.json."""
@@ -146,9 +228,8 @@ class Monitor:
                              images_per_s=scalars.get("train/images_per_s"),
                              data_wait_frac=scalars.get("train/data_wait_frac"), lr=scalars.get("train/lr"),
                              eta_phase_s=eta_phase, eta_run_s=eta_run)
-        if self.bar is not None:
-            self.bar.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in scalars.items() if "acc" not in k})
-        else:
+        postfix = {k.split("/", 1)[1]: f"{v:.4g}" for k, v in scalars.items() if "acc" not in k}
+        if not self._bar(lambda bar: bar.set_postfix(postfix)):
             total = self.steps[name]
             parts = [f"{name} {phase_step}/{total} ({100 * phase_step // max(total, 1)}%)",
                      " ".join(f"{k} {v:.4g}" for k, v in sorted(losses.items()) if "acc" not in k)]
@@ -181,17 +262,16 @@ class Monitor:
         self._write()
 
     def end_phase(self, name: str, global_step: int) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        self._close_bar()
         self.progress.update(phase_step=self.steps[name], global_step=global_step, eta_phase_s=0.0)
         self._write()
 
     def finish(self, status: str, reason: str = "", global_step: int | None = None) -> None:
-        """``status``: finished, preempted or stopped (a non-finite loss)."""
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        """``status``: finished, preempted or stopped (a non-finite loss, a full disk)."""
+        self._close_bar()
+        if self.write_errors and self.main:
+            log.warning("side writes that failed in this run (counted, not logged after the first): %s",
+                        ", ".join(f"{k} {n}" for k, n in self.write_errors.items()))
         self.progress.update(status=status, reason=reason)
         if global_step is not None:
             self.progress["global_step"] = global_step
@@ -200,26 +280,39 @@ class Monitor:
         self._write()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        self._close_bar()
         if not self.closed:
             self.closed = True
             # not accelerator.end_training(): it also destroys the process group, which the run still uses
             # (a final barrier; benchmarks and tests that keep the Accelerator) and other ranks may be inside
             for tracker in self.acc.trackers:
-                tracker.finish()
+                with self.side_write(f"tracker.{tracker.name}", (Exception,)):  # e.g. TensorBoard's last flush
+                    tracker.finish()
+
+    def _bar(self, action) -> bool:
+        """``action(bar)`` on the console bar; whether there was one. A bar whose stream fails is dropped: plain
+        log lines follow."""
+        if self.bar is None:
+            return False
+        with self.side_write("console", CONSOLE_ERRORS):
+            action(self.bar)
+            return True
+        self.bar, self.use_bar = None, False
+        return False
+
+    def _close_bar(self) -> None:
+        self._bar(lambda bar: bar.close())
+        self.bar = None
 
     def _emit(self, line: str) -> None:
         """A line that must not tear the bar apart on a terminal."""
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stderr)
-        else:
+        if not self._bar(lambda bar: bar.write(line, file=sys.stderr)):
             log.info(line)
 
     def _write(self) -> None:
         if not self.main or not self.run_dir.is_dir():
             return
         self.progress["time"] = time.time()
-        atomic_write_json(self.run_dir / PROGRESS, {k: self.progress.get(k) for k in PROGRESS_KEYS}, indent=1,
-                          default=float)
+        data = {k: self.progress.get(k) for k in PROGRESS_KEYS}
+        with self.side_write("progress", path=self.run_dir / PROGRESS):
+            atomic_write_json(self.run_dir / PROGRESS, data, indent=1, default=float)

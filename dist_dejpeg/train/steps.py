@@ -12,6 +12,14 @@ update is skipped on the device when the (all-reduced, so identical on every ran
 through the fused AdamW's ``found_inf`` input (what GradScaler uses); the trainer reads the count every
 ``train.sync_every`` steps and stops the run then. Either way no update is made from a non-finite loss.
 
+A step that is not made leaves no trace. A micro-step is bad when its loss, the batch's ``jpeg`` or ``clean``, or
+a running statistic its forward produced is not finite; then the whole update (all ``grad_accum`` micro-steps)
+is skipped, and the forward's side effects on both models (batch-norm running statistics, spectral norm's
+power-iteration vectors: the other model runs in train mode in the gan phase) are put back as they were
+before the update (:class:`BufferGuard`). Deferred, a bad rank's backward is multiplied by NaN, so the
+all-reduced gradients skip the update on every rank together, and the buffers are put back on the device
+(``torch.where``, no host read).
+
 DDP notes: the generator step runs the critic *unwrapped* with its parameters frozen, and the critic step
 runs the generator *unwrapped* under no_grad, so neither backward touches the other model's DDP reducer.
 The critic sees real and fake in one forward over the concatenated batch (one set of spectral-norm power
@@ -40,12 +48,69 @@ class NonFiniteLoss(RuntimeError):
         self.values, self.skipped = values, skipped
 
 
-def _check_finite(accelerator: Accelerator, what: str, total: torch.Tensor, parts: dict) -> None:
-    bad = (~torch.isfinite(total.detach())).float().reshape(1)
+INPUTS = ("jpeg", "clean")  # the batch's images: one inf pixel poisons the running statistics of a forward
+
+
+class BufferGuard:
+    """The modules' buffers (batch-norm running statistics and step counts, spectral norm's power-iteration
+    vectors) as they were before an update, put back when the update is not made. Kept as one flat copy per
+    dtype and device: a handful of kernels per update whatever the number of layers, and no host read."""
+
+    def __init__(self, modules):
+        groups: dict = {}
+        for module in modules:
+            for buffer in module.buffers() if module is not None else ():
+                groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+        self.groups = [(buffers, self._flat(buffers)) for buffers in groups.values()]
+
+    @staticmethod
+    def _flat(buffers: list) -> torch.Tensor:
+        return torch.cat([b.detach().reshape(-1) for b in buffers])
+
+    def nonfinite(self) -> torch.Tensor | None:
+        """A device bool: some floating buffer holds a non-finite value now (None: no floating buffers)."""
+        flags = [~torch.isfinite(self._flat(buffers)).all() for buffers, saved in self.groups
+                 if saved.is_floating_point()]
+        return torch.stack(flags).any() if flags else None
+
+    @torch.no_grad()
+    def restore(self, where: torch.Tensor | None = None) -> None:
+        """Put the saved buffers back: all of them, or (``where``: a device bool) only if it is True."""
+        for buffers, saved in self.groups:
+            if where is not None:
+                saved = torch.where(where, saved, self._flat(buffers))
+            torch._foreach_copy_(buffers, [s.view(b.shape) for s, b in
+                                           zip(saved.split([b.numel() for b in buffers]), buffers)])
+
+
+def _nonfinite(total: torch.Tensor, batch: dict, guard: BufferGuard) -> torch.Tensor:
+    """A device bool: this micro-step's loss, one of its input images or a running statistic is not finite."""
+    bad = ~torch.isfinite(total.detach())
+    for key in INPUTS:
+        if isinstance(batch.get(key), torch.Tensor):
+            bad = bad | ~torch.isfinite(batch[key]).all()
+    buffers = guard.nonfinite()
+    return bad if buffers is None else bad | buffers
+
+
+def _check_finite(accelerator: Accelerator, what: str, total: torch.Tensor, parts: dict, bad: torch.Tensor,
+                  batch: dict, guard: BufferGuard) -> None:
+    """Immediate mode: one host read of every rank's flag; on a bad step the buffers are put back (the
+    update's earlier micro-steps included) before NonFiniteLoss is raised."""
+    flag = bad.float().reshape(1)
     if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    if bad.item() > 0:
-        raise NonFiniteLoss(what, {k: v.detach() for k, v in parts.items()} | {"total": total.detach()})
+        flag = accelerator.reduce(flag, reduction="sum")
+    if flag.item() > 0:
+        values = {k: v.detach() for k, v in parts.items()} | {"total": total.detach()}
+        inputs = [k for k in INPUTS if isinstance(batch.get(k), torch.Tensor) and not torch.isfinite(batch[k]).all()]
+        buffers = guard.nonfinite()
+        notes = ([f"non-finite values in the batch's {' and '.join(inputs)}"] if inputs else []) + (
+            ["the forward made running statistics non-finite"] if buffers is not None and buffers.item() else []
+        ) + (["on another rank"] if not bad.item() else [])
+        guard.restore()
+        message = (f"non-finite {what} loss: " + ", ".join(f"{k}={float(v):.4g}" for k, v in values.items())
+                   + (f" ({'; '.join(notes)})" if notes else ""))
+        raise NonFiniteLoss(what, values, message=message)
 
 
 class DeviceFlags:
@@ -54,8 +119,9 @@ class DeviceFlags:
     def __init__(self):
         self.count: torch.Tensor | None = None
 
-    def add(self, total: torch.Tensor) -> None:
-        bad = (~torch.isfinite(total.detach())).sum()
+    def add(self, bad: torch.Tensor) -> None:
+        """``bad``: a device bool, True for a micro-step with a non-finite loss, input or running statistic."""
+        bad = bad.sum()
         self.count = bad if self.count is None else self.count + bad
 
     def take(self) -> torch.Tensor | None:
@@ -99,60 +165,73 @@ class HostChecks:
         stop, nonfinite = values.tolist()
         if nonfinite > 0:
             raise NonFiniteLoss("", {}, message=f"{int(nonfinite)} non-finite loss(es) between global steps {first} "
-                                                f"and {global_step}; their updates were skipped on the device",
+                                                f"and {global_step} (or inputs, or running statistics); their "
+                                                f"updates were skipped on the device, running statistics put back",
                                 skipped=True)
         return stop > 0
 
 
-def _skip_update_if_nonfinite(accelerator: Accelerator, model, optimizer, norm) -> None:
+def _skip_update_if_nonfinite(accelerator: Accelerator, model, optimizer, norm) -> torch.Tensor:
     """Give the fused AdamW a device flag that makes its step a no-op (parameters, moments and step count
-    untouched) when the gradients are not finite. fp16 leaves this to Accelerate's GradScaler."""
-    if accelerator.scaler is not None:
-        return
+    untouched) when the gradients are not finite. fp16 leaves this to Accelerate's GradScaler. Returns the
+    flag (a device bool: the same on every rank, the gradients being all-reduced)."""
     if not isinstance(norm, torch.Tensor):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=accelerator.device)
-    inner = innermost_optimizer(optimizer)
-    inner.grad_scale = None
-    inner.found_inf = (~torch.isfinite(norm)).float()
+    found_inf = ~torch.isfinite(norm)
+    if accelerator.scaler is None:
+        inner = innermost_optimizer(optimizer)
+        inner.grad_scale = None
+        inner.found_inf = found_inf.float()
+    return found_inf
 
 
 def _update(accelerator: Accelerator, model, optimizer, batches: Iterator[dict], grad_accum: int,
             loss_fn: Callable[[dict], dict], weights: dict, what: str, max_grad_norm: float,
             autocast: Callable[[], ContextManager] | None = None, deepspeed: bool = False,
-            flags: DeviceFlags | None = None) -> dict:
+            flags: DeviceFlags | None = None, also_guard=None) -> dict:
+    """``also_guard``: the other model, whose buffers the forward may change too (run in train mode)."""
     autocast = autocast or accelerator.autocast
     accelerator.step = 0  # align accumulate()'s counter: the last of grad_accum micro-steps syncs
     logged: dict[str, torch.Tensor] = {}
+    guard = BufferGuard([model, also_guard])
+    bad_any = skipped = None  # deferred mode: device bools (a micro-step of this rank was bad; the update skipped)
     for _ in range(grad_accum):
         batch = next(batches)
         with contextlib.nullcontext() if deepspeed else accelerator.accumulate(model):
             with autocast():
                 parts = loss_fn(batch)
             total = sum(weights[k] * v for k, v in parts.items())
+            bad = _nonfinite(total, batch, guard)
+            backward = total
             if flags is None:
-                _check_finite(accelerator, what, total, parts)
+                _check_finite(accelerator, what, total, parts, bad, batch, guard)
             else:
-                flags.add(total)
+                flags.add(bad)
+                bad_any = bad if bad_any is None else bad_any | bad
+                # NaN gradients from a bad rank reach every rank through the all-reduce: all skip together
+                backward = total * torch.where(bad, float("nan"), 1.0).to(total.dtype)
             if deepspeed:
                 # ``model`` is this model's DeepSpeed engine: its backward divides by grad_accum and its step
                 # updates (clipping at the config's gradient_clipping) on the accumulation boundary.
                 # accelerator.backward would reach the first engine only; the prepared optimizer's
                 # step/zero_grad and accelerator.clip_grad_norm_ do nothing under DeepSpeed.
-                model.backward(total)
+                model.backward(backward)
                 model.step()
             else:
-                accelerator.backward(total)
+                accelerator.backward(backward)
                 norm = None
                 if max_grad_norm > 0 and accelerator.sync_gradients:
                     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
                 if flags is not None and accelerator.sync_gradients:
-                    _skip_update_if_nonfinite(accelerator, model, optimizer, norm)
+                    skipped = _skip_update_if_nonfinite(accelerator, model, optimizer, norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         for k, v in parts.items():
             logged[f"{what}/{k}"] = logged.get(f"{what}/{k}", 0) + v.detach() / grad_accum
         logged[f"{what}/total"] = logged.get(f"{what}/total", 0) + total.detach() / grad_accum
+    if bad_any is not None:  # a skipped update (this rank's flag or, through the gradients, another's)
+        guard.restore(bad_any if skipped is None else bad_any | skipped)
     return logged
 
 
@@ -189,7 +268,7 @@ def generator_step(accelerator: Accelerator, generator, optimizer, batches: Iter
         critic_raw.requires_grad_(False)
     try:
         return _update(accelerator, generator, optimizer, batches, grad_accum, losses, weights, "gen",
-                       max_grad_norm, autocast, deepspeed, flags)
+                       max_grad_norm, autocast, deepspeed, flags, also_guard=critic_raw)
     finally:
         if critic_raw is not None:
             critic_raw.requires_grad_(True)
@@ -211,4 +290,4 @@ def critic_step(accelerator: Accelerator, critic, optimizer, batches: Iterator[d
 
     return _update(accelerator, critic, optimizer, batches, grad_accum, losses,
                    {"loss": 1.0, "real_acc": 0.0, "fake_acc": 0.0}, "critic", max_grad_norm, autocast, deepspeed,
-                   flags)
+                   flags, also_guard=generator_raw)

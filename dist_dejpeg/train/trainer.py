@@ -1,13 +1,13 @@
 """The NoGAN training loop under Accelerate: build, prepare once, run the phases, validate, checkpoint.
 
-    dist-dejpeg train --config configs/debug.yaml                      # one process, CPU or one GPU
+    dist-dejpeg train --config configs/debug.yaml                      # one process, CPU or one GPU; reruns resume
     accelerate launch -m dist_dejpeg.cli train --config configs/div2k.yaml
-    dist-dejpeg train --config configs/debug.yaml --resume             # continue from the newest checkpoint
 
 Order (as the Accelerate examples): Accelerator, seed, models, optimizers, one ``prepare`` (build.py), per-rank
 seed, loaders, then the phase loop; a phase that trains one model never runs the other's forward or optimizer.
 Scalars are reduced over ranks (window.py); the main process alone writes files. On CUDA nothing reads the
-device inside a step: the non-finite and stop-signal flags are read every ``train.sync_every`` steps (steps.py).
+device inside a step: the non-finite and stop-signal flags are read at most every ``train.sync_every`` steps
+(steps.py, collective.py).
 """
 
 from __future__ import annotations
@@ -21,18 +21,20 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from dist_dejpeg.config import Config, ConfigError, PhaseConfig, to_dict, to_yaml
+from dist_dejpeg.config import Config, PhaseConfig, to_dict, to_yaml
 from dist_dejpeg.data import build_train_loader, build_val_set
 from dist_dejpeg.models.generator_file import save_generator
-from dist_dejpeg.run.files import atomic_write_json, atomic_write_text
-from dist_dejpeg.run.layout import BEST_GENERATOR, CONFIG, GENERATOR, METRICS, MetricsMeta, latest_checkpoint
+from dist_dejpeg.run.layout import BEST_GENERATOR, GENERATOR, METRICS, MetricsMeta
 from dist_dejpeg.run.lock import RunLock
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train.checkpoint import Preempted, TrainingStopped
+from dist_dejpeg.train.faults import check_finite_state, save_last_good
 from dist_dejpeg.train.build import (build_accelerator, build_parts, claim_run_dir, refresh_master_weights, set_lr,
                                      setup_logging, start_phase_optimizer, training_stream)
+from dist_dejpeg.train.collective import PacedChecks, all_ranks_or_raise
 from dist_dejpeg.train.monitor import Monitor
 from dist_dejpeg.train.phases import StopRule, gan_turn, lr_at, trains_critic, trains_generator
+from dist_dejpeg.train.resume import choose_checkpoint, resume_from
 from dist_dejpeg.train.steps import HostChecks, NonFiniteLoss, critic_step, generator_step
 from dist_dejpeg.train.validation import average_bn_stats, image_grid, mean_restored_lpips, validate
 from dist_dejpeg.train.window import LogWindow, TimedBatches, sum_over_ranks
@@ -63,22 +65,21 @@ class Trainer:
         self.lpips, self.metric_lpips, self.autocast = parts.lpips, parts.metric_lpips, parts.autocast
         self.deepspeed, self.fused, self.cudagraphs = parts.deepspeed, parts.fused, parts.cudagraphs
         self.signals = ckpt.StopSignals()
-        self.checks = HostChecks(acc, self.signals, parts.sync_every)
+        self.checks = PacedChecks(HostChecks(acc, self.signals, parts.sync_every), cfg.train.preempt_budget_s)
         self.sync_every, self.flags = parts.sync_every, self.checks.flags
         self.blind_prob = cfg.model.quality_blind_prob if cfg.model.quality_conditioning else 0.0
         set_seed(cfg.train.seed + acc.process_index)  # per-rank randomness (dropout, ...)
-
-        self.loader = train_loader or build_train_loader(cfg, acc.process_index, acc.num_processes, acc.device)
-        if val_set is None:
-            val_set, skipped = build_val_set(cfg, acc.process_index, acc.num_processes)
-            if any(skipped.values()):
-                log.warning("validation shards: skipped %s", skipped)
-        self.val_set = val_set
-        self.monitor = Monitor(acc, cfg, self.run_dir, to_dict(cfg))
+        with all_ranks_or_raise(acc):  # one rank's shards or rank 0's trackers failing: every rank stops now
+            self.loader = train_loader or build_train_loader(cfg, acc.process_index, acc.num_processes, acc.device)
+            if val_set is None:
+                val_set, skipped = build_val_set(cfg, acc.process_index, acc.num_processes)
+                if any(skipped.values()):
+                    log.warning("validation shards: skipped %s", skipped)
+            self.val_set = val_set
+            self.monitor = Monitor(acc, cfg, self.run_dir, to_dict(cfg))
         self.state = TrainerState()
         self.best_generator: dict | None = None
-        # the newest validation's global step and results, while the generator is still the one it measured
-        self._validated: tuple[int, dict] | None = None
+        self._validated: tuple[int, dict] | None = None  # (global step, results) of the newest validation, if current
         self.config_yaml = to_yaml(cfg)
         self.last_train_scalars: dict = {}  # phase -> its newest logged window (images/s, data wait, losses)
 
@@ -102,7 +103,9 @@ class Trainer:
         return {"generator": self.gen_raw, **({"critic": self.critic_raw} if self.critic is not None else {})}
 
     def save(self) -> Path:
-        state = dict(vars(self.state), phase_names=list(self.cfg.train.order), data_skipped=self._data_skipped())
+        check_finite_state(self.accelerator, self._models(), (self.g_opt, self.c_opt), self.best_generator)
+        state = dict(vars(self.state), phase_names=list(self.cfg.train.order), data_skipped=self._data_skipped(),
+                     processes=self.accelerator.num_processes)
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else {}
         best = {BEST_GENERATOR: self.best_generator} if self.best_generator is not None else None
         path = ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state.global_step, state, loader_state,
@@ -112,11 +115,9 @@ class Trainer:
         return path
 
     def resume(self, path: Path) -> None:
-        trainer_state, loader_state, buffers = ckpt.load_checkpoint(self.accelerator, path)
+        # the config checked against the checkpoint's, then loaded; this run's later checkpoints set aside
+        trainer_state, loader_state, buffers = resume_from(self.accelerator, self.cfg, path, self.critic is not None)
         ckpt.load_rank_buffers(self._models(), buffers)
-        if trainer_state.get("phase_names") != list(self.cfg.train.order):
-            raise ConfigError(f"--resume: the checkpoint's phases {trainer_state.get('phase_names')} differ from "
-                              f"train.order {list(self.cfg.train.order)}")
         known = set(vars(TrainerState()))
         self.state = TrainerState(**{k: v for k, v in trainer_state.items() if k in known})
         if loader_state and hasattr(self.loader, "load_state_dict"):
@@ -274,13 +275,14 @@ class Trainer:
         try:
             with training_stream(self.accelerator.device, self.cfg.train.cuda_stream):
                 return self._fit()
+        except Exception as err:  # a full disk (a checkpoint, the final files): DiskFull's message, exit 3
+            raise self.monitor.disk_full_error(err)  # (err itself for any other error)
         finally:
             self.lock.release()
 
     def _fit(self) -> dict:
-        acc, cfg = self.accelerator, self.cfg
-        if acc.is_main_process:
-            atomic_write_text(self.run_dir / CONFIG, self.config_yaml)
+        cfg = self.cfg
+        self.monitor.write_config(self.config_yaml)  # main process
         batches = TimedBatches(iter(self.loader))
         self.signals.install()
         try:
@@ -291,11 +293,9 @@ class Trainer:
             name = cfg.train.order[self.state.phase_index]
             for optimizer in [o for o in (self.g_opt, self.c_opt) if o is not None]:
                 optimizer.zero_grad(set_to_none=True)
-            path = self.save()
-            state = ("the state after it (no update was made from a non-finite loss)" if err.skipped
-                     else "the state before that step")
+            saved = save_last_good(self.save, err, self.run_dir)  # nothing non-finite is saved (faults.py)
             message = (f"training stopped: {err} in phase '{name}' at step {self.state.phase_step} "
-                       f"(global step {self.state.global_step}); {state} is saved in {path}. "
+                       f"(global step {self.state.global_step}); {saved}. "
                        f"Lower the phase's lr, set max_grad_norm, or use bf16 instead of fp16, then --resume.")
             log.error(message)
             self.monitor.finish("stopped", message, self.state.global_step)
@@ -312,39 +312,39 @@ class Trainer:
         n_val = sum_over_ranks(acc, {"images": local})["images"]
         if any(skipped.values()):
             log.warning("training data: skipped %s", skipped)
-        if acc.is_main_process:
-            m, lo = self.cfg.model, self.cfg.loss
-            meta = MetricsMeta(
-                lpips=self.metric_lpips.description,
-                encoder=f"{m.encoder} ({'ImageNet' if m.pretrained else 'random init'})",
-                steps={n: self.cfg.train.phases[n].steps for n in self.cfg.train.order},
-                stopped_early=self.state.stopped_early, global_step=self.state.global_step,
-                processes=acc.num_processes, val_images_per_quality=n_val, data_skipped=skipped,
-                loss_lpips=f"lpips-{lo.lpips_net}" + ("" if lo.lpips_pretrained else " (random backbone)"),
-                last_train_log=self.last_train_scalars,  # per phase, rank 0's newest window (this session)
-            )
-            atomic_write_json(self.run_dir / METRICS, dict(results, meta=meta.to_dict()))
-            # the RGB PSNR gain at each validated quality: restore passes through where it predicts none
-            gains = {k[1:]: r["restored"]["psnr"] - r["jpeg"]["psnr"] for k, r in results.items()}
-            save_generator(self.gen_raw, self.cfg.model, self.run_dir / GENERATOR,
-                           extra={"lpips": self.metric_lpips.description, "global_step": self.state.global_step,
-                                  "val_psnr_gain": json.dumps(gains)})
-            log.info("wrote %s and %s", self.run_dir / METRICS, self.run_dir / GENERATOR)
-        self.monitor.finish("finished", "", self.state.global_step)
-        self.monitor.close()
-        acc.wait_for_everyone()
+        with all_ranks_or_raise(acc):  # rank 0's files failing fails every rank now; also the last barrier
+            if acc.is_main_process:
+                m, lo = self.cfg.model, self.cfg.loss
+                meta = MetricsMeta(
+                    lpips=self.metric_lpips.description,
+                    encoder=f"{m.encoder} ({'ImageNet' if m.pretrained else 'random init'})",
+                    steps={n: self.cfg.train.phases[n].steps for n in self.cfg.train.order},
+                    stopped_early=self.state.stopped_early, global_step=self.state.global_step,
+                    processes=acc.num_processes, val_images_per_quality=n_val, data_skipped=skipped,
+                    loss_lpips=f"lpips-{lo.lpips_net}" + ("" if lo.lpips_pretrained else " (random backbone)"),
+                    last_train_log=self.last_train_scalars,  # per phase, rank 0's newest window (this session)
+                )
+                self.monitor.write_metrics(results, meta)  # with the counts of failed side writes
+                # the RGB PSNR gain at each validated quality: restore passes through where it predicts none
+                gains = {k[1:]: r["restored"]["psnr"] - r["jpeg"]["psnr"] for k, r in results.items()}
+                save_generator(self.gen_raw, self.cfg.model, self.run_dir / GENERATOR,
+                               extra={"lpips": self.metric_lpips.description, "global_step": self.state.global_step,
+                                      "val_psnr_gain": json.dumps(gains)})
+                log.info("wrote %s and %s", self.run_dir / METRICS, self.run_dir / GENERATOR)
+            self.monitor.finish("finished", "", self.state.global_step)
+            self.monitor.close()
         return results
 
 
 def train(cfg: Config, resume: str | None = None, train_loader=None, val_set=None) -> dict:
     """Build a Trainer, resume (``"latest"``, a checkpoint folder, or by ``train.auto_resume`` the run folder's
-    newest checkpoint), run to the end."""
+    newest checkpoint that verifies: train/resume.py), run to the end."""
     trainer = Trainer(cfg, train_loader=train_loader, val_set=val_set)
-    path = ckpt.resolve_resume(trainer.run_dir, resume)
-    if path is None and cfg.train.auto_resume:
-        path = latest_checkpoint(trainer.run_dir)
+    try:
+        path = choose_checkpoint(trainer.accelerator, trainer.run_dir, resume, cfg.train.auto_resume)
         if path is not None:
-            log.info("train.auto_resume: continuing the run in %s from %s", trainer.run_dir, path.name)
-    if path is not None:
-        trainer.resume(path)
+            trainer.resume(path)
+    except BaseException:
+        trainer.close()  # the run folder's lock and the trackers: a corrected command can run in this process
+        raise
     return trainer.fit()

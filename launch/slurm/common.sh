@@ -7,6 +7,8 @@
 # - USR1 (the advance warning from `#SBATCH --signal=B:USR1@120`): every training process gets SIGTERM,
 #   finishes its step, writes a checkpoint and exits; then this job requeues itself. The requeued job runs
 #   the same command, and the trainer resumes from the newest checkpoint of the run folder (auto_resume).
+#   The trainer reads the stop flag often enough that its steps plus the checkpoint fit in
+#   train.preempt_budget_s (default 90 s: keep it below the --signal lead time; train/collective.py).
 # - TERM (scancel, preemption): passed on the same way, but no requeue (preemption requeues by itself).
 
 dd_setup() {

@@ -1,0 +1,181 @@
+"""Which checkpoint a run resumes from, and whether this config may continue it.
+
+    dist-dejpeg train --config configs/div2k.yaml                   # train.auto_resume: the newest that verifies
+    dist-dejpeg train --config configs/div2k.yaml --resume          # the same, and an error when there is none
+    dist-dejpeg train --config configs/div2k.yaml --resume runs/div2k/checkpoints/step-00004000
+
+The main process checks each candidate against its manifest (run/manifest.py: sizes and sha256, before
+accelerate or DeepSpeed unpickles anything) and the ranks load the one it chose. The newest checkpoint that
+verifies wins; a damaged newer one is skipped with a warning naming its bad files, and set aside with any
+later ones (checkpoint.set_aside_later), so one timeline continues. A named folder that does not verify is an
+error (exit 2). The checkpoint's config.yaml is compared with this config: a key that changes a model's tensor
+shapes is an error naming it; another global batch or process count needs train.resume_allow_batch_change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+from pathlib import Path
+
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from dist_dejpeg.config import Config, ConfigError, to_dict
+from dist_dejpeg.models.critic import Critic
+from dist_dejpeg.models.unet import GENERATOR_KEYS
+from dist_dejpeg.run.layout import CONFIG, LOADER_STATE, TRAINER_STATE, checkpoint_dir, list_checkpoints
+from dist_dejpeg.run.manifest import Verdict, verify_checkpoint
+from dist_dejpeg.train.checkpoint import CheckpointError, load_checkpoint, set_aside_later
+from dist_dejpeg.train.collective import all_ranks_or_raise, on_main
+
+log = logging.getLogger("dist_dejpeg")
+
+# the model keys that change no tensor's shape: the initial weights, and a dropout rate
+_NO_SHAPE = ("pretrained", "encoder_weights", "dropout")
+GENERATOR_SHAPE_KEYS = tuple(f"model.{k}" for k in GENERATOR_KEYS if k not in _NO_SHAPE)
+CRITIC_SHAPE_KEYS = tuple(f"critic.{k}" for k in inspect.signature(Critic).parameters if k not in _NO_SHAPE)
+# keys whose change says nothing about the run's continuity (where it writes, how it logs)
+_NOT_COMPARED = ("train.run_dir", "train.auto_resume", "train.resume_allow_batch_change", "train.log_level",
+                 "train.progress")
+
+
+def choose_checkpoint(accelerator: Accelerator, run_dir: str | Path, resume: str | None,
+                      auto_resume: bool) -> Path | None:
+    """Collective. ``resume``: None (train.auto_resume decides), "latest"/"" (the newest that verifies), or a
+    checkpoint folder. The main process verifies and chooses; every rank gets its choice or raises its error."""
+    chosen = on_main(accelerator, lambda: _choose(Path(run_dir), resume, auto_resume))
+    return None if chosen is None else Path(chosen)
+
+
+def _choose(run_dir: Path, resume: str | None, auto_resume: bool) -> str | None:
+    if resume not in (None, "", "latest"):
+        path = Path(resume)
+        if not (path / TRAINER_STATE).is_file():
+            raise FileNotFoundError(f"not a complete checkpoint (no {TRAINER_STATE}): {path}")
+        verdict = verify_checkpoint(path)
+        if not verdict.ok:
+            raise CheckpointError(f"--resume {path}: the checkpoint is damaged: {'; '.join(verdict.problems)}. "
+                                  f"Resume from another one (--resume alone picks the newest that verifies)")
+        _note_unverified(verdict)
+        return str(path)
+    if resume is None and not auto_resume:
+        return None
+    found = list_checkpoints(run_dir)
+    if not found:
+        if resume is None:
+            return None
+        raise FileNotFoundError(f"--resume: no checkpoint under {checkpoint_dir(run_dir)}")
+    skipped: list[Verdict] = []
+    for path in reversed(found):
+        verdict = verify_checkpoint(path)
+        if verdict.ok:
+            break
+        log.warning("resume: skipping the damaged checkpoint %s", verdict.describe())
+        skipped.append(verdict)
+    else:
+        raise CheckpointError(f"no checkpoint under {checkpoint_dir(run_dir)} verifies: "
+                              + " | ".join(v.describe() for v in skipped)
+                              + ". Move the checkpoints folder aside to start the run over")
+    _note_unverified(verdict)
+    how = "--resume" if resume is not None else "train.auto_resume"
+    older = f" (newer, damaged: {', '.join(v.folder.name for v in skipped)})" if skipped else ""
+    log.info("%s: continuing the run in %s from %s%s", how, run_dir, path.name, older)
+    return str(path)
+
+
+def _note_unverified(verdict: Verdict) -> None:
+    if not verdict.has_manifest:
+        log.warning("resume: %s has no manifest (written by an older version): loading it unverified",
+                    verdict.folder)
+
+
+def resume_from(accelerator: Accelerator, cfg: Config, path: str | Path, has_critic: bool):
+    """Collective. Check that ``cfg`` may continue the checkpoint at ``path``, load it, and set this run's later
+    checkpoints aside (one timeline). Returns load_checkpoint's (trainer_state, loader_state, buffers)."""
+    path = Path(path)
+    if not (path / TRAINER_STATE).is_file():
+        raise FileNotFoundError(f"not a complete checkpoint (no {TRAINER_STATE}): {path}")
+    saved_state = json.loads((path / TRAINER_STATE).read_text())
+    check_resume_config(cfg, path, saved_state, accelerator.num_processes, has_critic)
+    # a file one rank cannot load fails every rank at once; DeepSpeed's loading has collectives of its own, which
+    # a rank failing before them could not meet in ours (as checkpoint.save_checkpoint's save_state)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    with contextlib.nullcontext() if deepspeed else all_ranks_or_raise(accelerator):
+        trainer_state, loader_state, buffers = load_checkpoint(accelerator, path)
+    on_main(accelerator, lambda: _one_timeline(cfg.train.run_dir, path, int(trainer_state.get("global_step", 0))))
+    return trainer_state, loader_state, buffers
+
+
+def _one_timeline(run_dir: str, path: Path, global_step: int) -> None:
+    aside = set_aside_later(run_dir, path, global_step)
+    if aside is not None:
+        log.warning("resume: %s is not this run's newest checkpoint: moved the later ones (%s) to %s, so the run "
+                    "continues one timeline; delete that folder when you no longer need it",
+                    path.name, ", ".join(sorted(p.name for p in aside.iterdir())), aside)
+
+
+def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: int, has_critic: bool) -> None:
+    """Raise ConfigError where ``cfg`` cannot continue the checkpoint: other phases, a key that changes a
+    model's tensor shapes, or (without train.resume_allow_batch_change) another global batch or process count."""
+    if saved_state.get("phase_names") != list(cfg.train.order):
+        raise ConfigError(f"--resume: the checkpoint's phases {saved_state.get('phase_names')} differ from "
+                          f"train.order {list(cfg.train.order)}")
+    try:
+        saved = _flat(yaml.safe_load((path / CONFIG).read_text()))
+    except (OSError, yaml.YAMLError, AttributeError):
+        log.warning("resume: %s has no readable %s: the config is not compared with it", path, CONFIG)
+        return
+    now = _flat(to_dict(cfg))
+    keys = GENERATOR_SHAPE_KEYS + (CRITIC_SHAPE_KEYS if has_critic else ())
+    shape = [k for k in keys if k in saved and saved[k] != now.get(k)]
+    if shape:
+        changes = ", ".join(f"{k} {saved[k]!r} -> {now.get(k)!r}" for k in shape)
+        raise ConfigError(f"--resume {path}: {changes}: these keys change the shapes of the model's tensors, so "
+                          f"the checkpoint cannot continue with this config. Set them back to the checkpoint's "
+                          f"values, or start a new run (another train.run_dir)")
+    _check_batch(cfg, path, saved, saved_state, processes)
+    other = [k for k in sorted(now) if k in saved and saved[k] != now[k] and k not in _NOT_COMPARED]
+    if other:
+        log.info("resume: config changed since the checkpoint: %s",
+                 ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in other))
+
+
+def _check_batch(cfg: Config, path: Path, saved: dict, saved_state: dict, processes: int) -> None:
+    old_procs = saved_state.get("processes") or len(list(path.glob(LOADER_STATE.format(rank="*")))) or None
+    old_b, old_a = saved.get("data.batch_size"), saved.get("train.grad_accum")
+    if not isinstance(old_b, int) or not isinstance(old_a, int):
+        return
+    new_b, new_a = cfg.data.batch_size, cfg.train.grad_accum
+    old_procs = old_procs or processes  # unknown (no loader files): assume it did not change
+    old_global, new_global = old_b * old_a * old_procs, new_b * new_a * processes
+    if old_global == new_global and old_procs == processes:
+        return
+    message = (f"--resume {path}: the global batch (data.batch_size x train.grad_accum x processes) changes from "
+               f"{old_global} ({old_b} x {old_a} x {old_procs}) to {new_global} ({new_b} x {new_a} x {processes}). "
+               f"Learning rates follow the optimizer step, not the images seen, and are not rescaled: each step now "
+               f"averages {new_global} images instead of {old_global}")
+    if old_procs != processes:
+        message += (f"; the process count changes ({old_procs} -> {processes}), and the data loaders' positions "
+                    f"are per rank: the torch loader restarts its data stream at epoch 0, DALI reshards")
+    if not cfg.train.resume_allow_batch_change:
+        raise ConfigError(message + ". Set train.resume_allow_batch_change=true to continue anyway, or resume "
+                                    "with the checkpoint's batch size and process count")
+    log.warning("%s (train.resume_allow_batch_change)", message)
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    """Nested dicts -> {"a.b.c": value}."""
+    if not isinstance(tree, dict):
+        raise AttributeError("not a mapping")
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out

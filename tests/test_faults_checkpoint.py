@@ -1,0 +1,205 @@
+"""Faults 2, 3 and 7 of issue 21 on CPU: a damaged newest checkpoint (truncated model, optimizer or RNG file)
+is skipped for the newest one that verifies, and the run ends with the weights an uninterrupted run has;
+a named damaged checkpoint is a clear error (exit 2); rolling back to an older checkpoint sets the later ones
+aside, so pruning and the next auto-resume stay on one timeline; a resume whose config changes a model's
+shapes, or the global batch without train.resume_allow_batch_change, is a ConfigError that names the keys."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from dist_dejpeg.cli import main as cli_main
+from dist_dejpeg.config import ConfigError, to_yaml
+from dist_dejpeg.run.lock import RunLock
+from dist_dejpeg.run.layout import MANIFEST, TRAINER_STATE, checkpoint_dir, list_checkpoints, step_name
+from dist_dejpeg.run.manifest import checkpoint_files, verify_checkpoint
+from dist_dejpeg.train.checkpoint import CheckpointError
+from dist_dejpeg.train.resume import check_resume_config, choose_checkpoint
+from dist_dejpeg.train.steps import generator_step
+from dist_dejpeg.train.trainer import Trainer, train
+
+from test_trainer import fresh_accelerator_state, shards, tiny  # noqa: F401 (fixtures)
+
+# one phase of 6 generator steps, a checkpoint every 2: step-2, step-4, step-6 (the end of the phase)
+OVER = ("train.order=[gen]", "train.phases.gen.steps=6", "train.ckpt_every=2", "train.keep_last=5",
+        "train.log_with=[]")
+MAIN_PROCESS = SimpleNamespace(is_main_process=True, num_processes=1)  # choose_checkpoint's view of a one-process run
+
+
+def reset() -> None:
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def base(shards, tmp_path_factory) -> tuple[Path, dict]:
+    """An uninterrupted run's folder (checkpoints at steps 2, 4, 6) and its final generator weights."""
+    reset()
+    run = tmp_path_factory.mktemp("base") / "run"
+    train(tiny(run, shards, *OVER))
+    assert [p.name for p in list_checkpoints(run)] == [step_name(s) for s in (2, 4, 6)]
+    return run, weights(checkpoint_dir(run) / step_name(6))
+
+
+def copy_run(base_run: Path, to: Path) -> Path:
+    shutil.copytree(base_run, to)
+    return to
+
+
+def truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def test_manifest_lists_every_file_and_catches_truncation_and_changed_bytes(base, tmp_path):
+    run = copy_run(base[0], tmp_path / "run")
+    step6 = checkpoint_dir(run) / step_name(6)
+    listed = json.loads((step6 / MANIFEST).read_text())["files"]
+    assert set(listed) == set(checkpoint_files(step6)) and "optimizer.bin" in listed
+    assert verify_checkpoint(step6).ok
+    data = bytearray((step6 / "optimizer.bin").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the hash sees it
+    (step6 / "optimizer.bin").write_bytes(bytes(data))
+    assert verify_checkpoint(step6, hashes=False).ok
+    assert verify_checkpoint(step6).problems == ["optimizer.bin: sha256 differs from the one written (changed on disk)"]
+    truncate(step6 / "model.safetensors")
+    problems = verify_checkpoint(step6, hashes=False).problems
+    assert len(problems) == 1 and problems[0].startswith("model.safetensors: ") and "(truncated)" in problems[0]
+
+
+def test_every_file_of_a_checkpoint_is_fsynced(shards, tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    t = Trainer(tiny(tmp_path / "run", shards, *OVER))
+    try:
+        monkeypatch.setattr(os, "fsync", spy)
+        path = t.save()
+    finally:
+        monkeypatch.undo()
+        t.close()
+    names = {re.sub(r"^\.(.+)\.tmp\d+$", r"\1", Path(p).name) for p in synced}  # atomic writes: their temp file
+    assert set(checkpoint_files(path)) | {MANIFEST, TRAINER_STATE} <= names
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.bin", "random_states_0.pkl"])
+def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one(base, shards, tmp_path, caplog, damaged):
+    base_run, uninterrupted = base
+    run = copy_run(base_run, tmp_path / "run")
+    truncate(checkpoint_dir(run) / step_name(6) / damaged)
+    reset()
+    with caplog.at_level(logging.INFO, logger="dist_dejpeg"):
+        train(tiny(run, shards, *OVER))  # the same command again: train.auto_resume
+    assert f"skipping the damaged checkpoint {step_name(6)}: {damaged}: " in caplog.text
+    assert f"continuing the run in {run} from {step_name(4)} (newer, damaged: {step_name(6)})" in caplog.text
+    # the damaged one is set aside (not deleted), and steps 5 and 6 were trained again to the same weights
+    aside = list(checkpoint_dir(run).glob("abandoned-*/" + step_name(6)))
+    assert len(aside) == 1 and not verify_checkpoint(aside[0]).ok
+    again = weights(checkpoint_dir(run) / step_name(6))
+    assert verify_checkpoint(checkpoint_dir(run) / step_name(6)).ok
+    assert not [k for k in uninterrupted if not torch.equal(uninterrupted[k], again[k])]
+
+
+def test_resume_of_a_named_damaged_checkpoint_exits_2(base, shards, tmp_path, capsys):
+    run = copy_run(base[0], tmp_path / "run")
+    step6 = checkpoint_dir(run) / step_name(6)
+    truncate(step6 / "random_states_0.pkl")
+    config = tmp_path / "config.yaml"
+    config.write_text(to_yaml(tiny(run, shards, *OVER)))
+    reset()
+    assert cli_main(["train", "--config", str(config), "--resume", str(step6)]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume {step6}: the checkpoint is damaged: random_states_0.pkl: " in err
+    assert "Traceback" not in err
+
+
+def test_choice_without_a_manifest_and_when_nothing_verifies(base, tmp_path, caplog):
+    run = copy_run(base[0], tmp_path / "run")
+    for step in (2, 4, 6):
+        (checkpoint_dir(run) / step_name(step) / MANIFEST).unlink()  # as an older version wrote them
+    with caplog.at_level(logging.WARNING, logger="dist_dejpeg"):
+        assert choose_checkpoint(MAIN_PROCESS, run, None, True) == checkpoint_dir(run) / step_name(6)
+    assert "has no manifest" in caplog.text and "unverified" in caplog.text
+    other = copy_run(base[0], tmp_path / "other")
+    for step in (2, 4, 6):
+        truncate(checkpoint_dir(other) / step_name(step) / "optimizer.bin")
+    with pytest.raises(CheckpointError, match="no checkpoint under .* verifies: step-00000006: optimizer.bin"):
+        choose_checkpoint(MAIN_PROCESS, other, "latest", True)
+    assert choose_checkpoint(MAIN_PROCESS, other, None, False) is None  # auto_resume off: nothing is read
+
+
+def test_rolling_back_keeps_one_timeline(base, shards, tmp_path):
+    """keep_last=2 and [4, 6]: --resume step-4, one save; the next auto-resume continues from 5, not from 6."""
+    run = copy_run(base[0], tmp_path / "run")
+    shutil.rmtree(checkpoint_dir(run) / step_name(2))
+    cfg = tiny(run, shards, *OVER, "train.keep_last=2")
+    reset()
+    t = Trainer(cfg)
+    try:
+        t.resume(choose_checkpoint(t.accelerator, run, str(checkpoint_dir(run) / step_name(4)), True))
+        t.generator.train()
+        generator_step(t.accelerator, t.generator, t.g_opt, iter(t.loader), grad_accum=1, w_pixel=1.0,
+                       w_lpips=0.1, lpips=t.lpips)
+        t.state.phase_step += 1
+        t.state.global_step += 1
+        t.save()
+    finally:
+        t.close()
+    assert [p.name for p in list_checkpoints(run)] == [step_name(4), step_name(5)]
+    assert [p.name for p in checkpoint_dir(run).glob("abandoned-*/*")] == [step_name(6)]
+    assert choose_checkpoint(MAIN_PROCESS, run, None, True) == checkpoint_dir(run) / step_name(5)
+
+
+def test_a_model_shape_change_is_a_config_error_naming_the_key(base, shards, tmp_path):
+    run = copy_run(base[0], tmp_path / "run")
+    reset()
+    with pytest.raises(ConfigError, match=r"model\.decoder_width 16 -> 32: these keys change the shapes"):
+        train(tiny(run, shards, *OVER, "model.decoder_width=32"))
+    # nothing was loaded or moved, and the run folder's lock was released (a corrected command may run)
+    assert [p.name for p in list_checkpoints(run)] == [step_name(s) for s in (2, 4, 6)]
+    lock = RunLock(run)
+    lock.acquire()
+    lock.release()
+
+
+def test_a_batch_change_needs_the_flag(base, shards, tmp_path, caplog):
+    run = copy_run(base[0], tmp_path / "run")
+    over = (*OVER, "data.batch_size=4")
+    reset()
+    with pytest.raises(ConfigError, match=r"global batch .* changes from 2 \(2 x 1 x 1\) to 4 \(4 x 1 x 1\)"):
+        train(tiny(run, shards, *over))
+    reset()
+    t = Trainer(tiny(run, shards, *over, "train.resume_allow_batch_change=true"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="dist_dejpeg"):
+            t.resume(checkpoint_dir(run) / step_name(4))
+    finally:
+        t.close()
+    assert "changes from 2 (2 x 1 x 1) to 4 (4 x 1 x 1)" in caplog.text and t.state.global_step == 4
+
+
+def test_a_process_count_change_says_where_the_data_stream_restarts(base, shards):
+    step4 = checkpoint_dir(base[0]) / step_name(4)
+    state = json.loads((step4 / TRAINER_STATE).read_text())
+    cfg = tiny(base[0], shards, *OVER, "data.batch_size=1")  # 1 x 1 x 2 processes: the same 2
+    with pytest.raises(ConfigError, match="process count changes .1 -> 2.*restarts its data stream at epoch 0"):
+        check_resume_config(cfg, step4, state, processes=2, has_critic=False)

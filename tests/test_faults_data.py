@@ -1,0 +1,185 @@
+"""Fault 5 of issue 21: one bad sample must not end a run, and many must.
+
+A shard with a truncated PNG and a 16 px tile among good tiles: the DALI loader (CPU) leaves both out and
+counts them (DALI cannot skip a sample it fails to decode, so its loader checks every sample before the first
+batch: data/verify.py); the torch loader skips and counts them as it meets them; over data.max_bad_samples
+both stop with the count and the reasons."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dist_dejpeg.config import load_config
+from dist_dejpeg.data import build_train_loader
+from dist_dejpeg.data.dali import HAVE_DALI
+from dist_dejpeg.data.torch_loader import SKIP_REASONS, ShardStream, TorchLoader
+from dist_dejpeg.data.verify import TooManyBadSamples, scan_path
+
+requires_dali = pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed (pip install -e '.[test]')")
+
+CPU = torch.device("cpu")
+CROP = 32
+N_GOOD = 6
+
+
+def png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def good_tiles() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(N_GOOD)]
+
+
+@pytest.fixture
+def bad_shard(tmp_path, write_tar):
+    """A shard of six good 48 px PNG tiles, a truncated PNG and a 16 px tile (2 bad samples)."""
+    tiles = good_tiles()
+    full = png(tiles[0])
+    samples = [(f"good{i}", {"png": png(t)}) for i, t in enumerate(tiles)]
+    bad = [("truncated0", {"png": full[: len(full) // 2]}),
+           ("small0", {"png": png(np.full((16, 16, 3), 90, np.uint8))})]
+    return str(write_tar(tmp_path / "train-000000.tar", samples[:2] + bad[:1] + samples[2:4] + bad[1:] + samples[4:]))
+
+
+def digest(rgb: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(rgb).tobytes()).hexdigest()
+
+
+def dali_epoch(loader) -> list[np.ndarray]:
+    """Every crop of one pass of a DaliLoader (batch size 1, centred crops: ``augment=False``)."""
+    return [out["clean"][0].numpy() for (out,) in loader._build()]
+
+
+# -- DALI ---------------------------------------------------------------------------------------------------
+@requires_dali
+def test_dali_leaves_out_and_counts_a_truncated_png_and_a_small_tile(bad_shard, monkeypatch):
+    from dist_dejpeg.data import verify
+    from dist_dejpeg.data.dali import DaliLoader
+
+    loader = DaliLoader([bad_shard], CROP, (50, 50), 1, augment=False, num_threads=1, max_bad_samples=2)
+    assert loader.skipped() == {"corrupt": 1, "too_small": 1, "no_image": 0, "bad_tar": 0}
+    crops = dali_epoch(loader)  # "Critical error in pipeline" before the check
+    top = (48 - CROP) // 2
+    assert sorted(digest(c) for c in crops) == sorted(digest(t[top:top + CROP, top:top + CROP]) for t in good_tiles())
+    batches = [b for _, b in zip(range(4), DaliLoader([bad_shard], CROP, (10, 40), 4, num_threads=1))]
+    assert all(b["clean"].shape == (4, 3, CROP, CROP) for b in batches)  # training batches, epoch after epoch
+    # the check is cached beside the shard: a second start decodes nothing
+    assert scan_path(bad_shard).is_file()
+    monkeypatch.setattr(verify, "scan_shard", lambda shard: pytest.fail("scanned again"))
+    assert DaliLoader([bad_shard], CROP, (50, 50), 1, num_threads=1, rank=1, world=2).skipped() == \
+        dict.fromkeys(SKIP_REASONS, 0)  # counted on rank 0 only: the trainer sums over ranks
+
+
+@requires_dali
+def test_dali_raw_tiles_of_another_size_are_left_out(tmp_path, write_tar):
+    """Raw tiles are reshaped to the manifest's side without a decode: a 16 px or a cut-off tile is left out."""
+    from dist_dejpeg.data.dali import DaliLoader
+
+    tiles = good_tiles()
+    samples = [(f"good{i}", {"raw": t.tobytes()}) for i, t in enumerate(tiles)]
+    bad = [("small0", {"raw": np.zeros((16, 16, 3), np.uint8).tobytes()}), ("cut0", {"raw": tiles[0].tobytes()[:100]})]
+    shard = str(write_tar(tmp_path / "train-000000.tar", bad[:1] + samples + bad[1:]))
+    loader = DaliLoader([shard], CROP, (50, 50), 1, augment=False, num_threads=1, raw_tile=48)
+    assert loader.skipped() == {"corrupt": 2, "too_small": 0, "no_image": 0, "bad_tar": 0}
+    assert len(dali_epoch(loader)) == N_GOOD
+
+
+@requires_dali
+def test_dali_over_the_limit_stops_with_the_count_and_the_samples(bad_shard):
+    from dist_dejpeg.data.dali import DaliLoader
+
+    with pytest.raises(TooManyBadSamples, match=r"2 bad training samples .*max_bad_samples=1.*'corrupt': 1, "
+                                                r"'too_small': 1.*truncated0.*small0"):
+        DaliLoader([bad_shard], CROP, (50, 50), 1, num_threads=1, max_bad_samples=1)
+
+
+# -- torch --------------------------------------------------------------------------------------------------
+def torch_loader(shard: str, num_workers: int, limit: int | None, epochs: int = 1) -> TorchLoader:
+    stream = ShardStream([shard], CROP, (10, 40), num_workers=num_workers, shuffle_buffer=4, epochs=epochs,
+                         max_bad_samples=limit)
+    return TorchLoader(stream, 2, num_workers, CPU)
+
+
+def test_torch_loader_skips_and_counts_them_within_the_limit(bad_shard):
+    # three epochs meet each bad sample three times: the limit is per pass, so 2 bad samples pass a limit of 2
+    loader = torch_loader(bad_shard, 0, limit=2, epochs=3)
+    assert sum(b["clean"].shape[0] for b in loader) == 3 * N_GOOD
+    assert loader.skipped() == {"corrupt": 3, "too_small": 3, "no_image": 0, "bad_tar": 0}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_torch_loader_over_the_limit_stops_with_the_count_and_the_samples(bad_shard, num_workers):
+    # two workers read every other sample: each quotes the one it met; the count is over both
+    with pytest.raises(TooManyBadSamples, match=r"^2 bad training samples met in epoch 0 .*max_bad_samples=1"
+                                                r".*'corrupt': 1, 'too_small': 1.*(truncated0|small0)"):
+        list(torch_loader(bad_shard, num_workers, limit=1))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=requires_dali)])
+def test_the_config_key_sets_the_limit_of_either_backend(bad_shard, backend):
+    from pathlib import Path
+
+    cfg = load_config(None, [f"data.root={Path(bad_shard).parent}", f"data.backend={backend}", f"data.crop={CROP}",
+                             "data.batch_size=2", "data.num_workers=0", "data.dali_threads=1",
+                             "data.shuffle_buffer=4", "data.max_bad_samples=1"])
+    with pytest.raises(TooManyBadSamples, match="max_bad_samples=1"):
+        for _, _ in zip(range(N_GOOD // 2 + 1), build_train_loader(cfg, 0, 1, CPU)):  # into the second pass
+            pass
+    cfg.data.max_bad_samples = -1  # no limit: skipped and counted
+    loader = build_train_loader(cfg, 0, 1, CPU)
+    batches = [b for _, b in zip(range(N_GOOD // 2 + 1), loader)]  # into the second pass: both met
+    assert all(b["clean"].shape == (2, 3, CROP, CROP) for b in batches)
+    assert loader.skipped()["corrupt"] >= 1 and loader.skipped()["too_small"] >= 1
+
+
+def test_prepare_removes_the_checks_of_shards_it_removes(tmp_path, bad_shard):
+    from pathlib import Path
+
+    from dist_dejpeg.data.shards import remove_shards
+    from dist_dejpeg.data.verify import scan_shards
+
+    scan_shards([bad_shard])
+    assert scan_path(bad_shard).is_file()
+    remove_shards(Path(bad_shard).parent, "train")
+    assert not Path(bad_shard).exists() and not scan_path(bad_shard).exists()
+
+
+def test_a_process_stopped_by_bad_samples_exits_instead_of_waiting_for_its_workers(bad_shard):
+    """DataLoader workers ignore SIGTERM (SLURM signals every process): left running after the error, they
+    would block multiprocessing's exit handler for ever."""
+    import subprocess
+    import sys
+
+    script = ("import torch\n"
+              "from dist_dejpeg.data.torch_loader import ShardStream, TorchLoader\n"
+              f"stream = ShardStream([{bad_shard!r}], {CROP}, (10, 40), num_workers=2, max_bad_samples=1)\n"
+              "for batch in TorchLoader(stream, 2, 2, torch.device('cpu')):\n"
+              "    pass\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "TooManyBadSamples: 2 bad training samples" in done.stderr, done.stderr[-2000:]
+
+
+def test_train_over_the_limit_exits_2_with_one_line(bad_shard, write_tar, tmp_path, capsys):
+    """Through the command: the stop is an error line and exit 2 (bad input), not a traceback."""
+    from test_trainer import tiny
+
+    from dist_dejpeg.cli import main
+    from dist_dejpeg.config import to_yaml
+
+    write_tar(tmp_path / "val-000000.tar", [(f"val{i}", {"png": png(t)}) for i, t in enumerate(good_tiles()[:2])])
+    cfg = tiny(tmp_path / "run", tmp_path, "data.max_bad_samples=1", "data.shuffle_buffer=0",
+               "data.auto_prepare=none")
+    path = tmp_path / "bad.yaml"
+    path.write_text(to_yaml(cfg))
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "2 bad training samples" in err and "Traceback" not in err

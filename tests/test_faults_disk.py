@@ -1,0 +1,302 @@
+"""Fault 4, a full disk: side writes (progress.json, the trackers' scalars and image grids, the console bar)
+fail without ending the run and are counted; a write that holds the run's state (a checkpoint, the generator
+file) and finds the disk full stops the run with "disk full: <path>, <free> free; ..." and exit 3, never torch's
+"unexpected pos", leaves no half-written checkpoint folder, and the same command continues from the newest
+complete checkpoint. One test fills a real (tmpfs) disk where this machine lets it mount one."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import json
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_dejpeg.cli import main as cli_main
+from dist_dejpeg.config import to_yaml
+from dist_dejpeg.models.generator_file import load_generator
+from dist_dejpeg.run import files as files_mod
+from dist_dejpeg.run.files import atomic_write_text, free_bytes, is_disk_full, size_text
+from dist_dejpeg.run.layout import STEP_DIR, TRAINER_STATE, checkpoint_dir, list_checkpoints, partial_checkpoints
+from dist_dejpeg.train.build import build_accelerator
+from dist_dejpeg.train.monitor import DiskFull, Monitor
+from dist_dejpeg.train.trainer import Trainer, TrainingStopped, train
+
+from test_trainer import fresh_accelerator_state, shards, tiny  # noqa: F401 - fixtures shared with test_trainer
+
+TORCH_SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
+
+
+def enospc(path="") -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path) or None)
+
+
+def steps_done(run: Path) -> list[int]:
+    return [int(STEP_DIR.match(p.name).group(1)) for p in list_checkpoints(run)]
+
+
+def assert_no_half_checkpoint(run: Path) -> None:
+    """No temp folder, and every step-* folder complete (its trainer_state.json, written last, is there)."""
+    assert not partial_checkpoints(run)
+    for folder in checkpoint_dir(run).iterdir():
+        if STEP_DIR.match(folder.name):
+            assert (folder / TRAINER_STATE).is_file(), folder
+
+
+# -- run/files.py ------------------------------------------------------------------------------------------------
+def test_a_write_that_finds_the_disk_full_names_its_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    """A real write's ENOSPC names no file; the disk-full message needs it (the temp file's cleanup and the old
+    file kept are test_run_layout's)."""
+    target = tmp_path / "generator.safetensors"
+    target.write_text("old")
+
+    class FullFile:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(files_mod, "open", lambda *a, **k: FullFile(builtins.open(*a, **k)), raising=False)
+    with pytest.raises(OSError) as raised:
+        atomic_write_text(target, "new")
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_disk_full_is_told_from_other_errors():
+    class SafetensorError(Exception):  # safetensors' Rust error: no errno, only the text
+        pass
+
+    assert is_disk_full(enospc("/x")) and is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert is_disk_full(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert is_disk_full(RuntimeError(TORCH_SHORT_WRITE))
+    try:  # wrapped: the cause counts
+        try:
+            raise enospc()
+        except OSError as inner:
+            raise RuntimeError("saving failed") from inner
+    except RuntimeError as outer:
+        assert is_disk_full(outer)
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not is_disk_full(OSError(errno.EIO, "unexpected pos"))  # an OSError says what it is by its errno
+    assert not is_disk_full(ValueError("bad value"))
+    assert free_bytes("/no/such/folder/at/all") is not None  # its nearest existing parent's
+    assert [size_text(n) for n in (0, 1500, 3 * 2**20, None)] == ["0 B", "1.5 KiB", "3.0 MiB", "?"]
+
+
+# -- side writes --------------------------------------------------------------------------------------------------
+def test_failing_progress_tracker_and_image_writes_never_end_the_run(tmp_path, shards, monkeypatch, caplog):
+    """Every progress.json write hits ENOSPC, TensorBoard's log raises, its image grid hits ENOSPC: the run
+    finishes, its checkpoints and metrics are complete, each failure is logged once and counted in metrics.json."""
+    from accelerate.tracking import TensorBoardTracker
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "run"
+    cfg = tiny(run, shards, "train.order=[gen]", "train.phases.gen.steps=4", "train.ckpt_every=2",
+               "train.image_every=2")
+    real_replace, failed, at_metrics = os.replace, [], []
+
+    def replace(src, dst):
+        if Path(dst).name == "progress.json":
+            failed.append(dst)
+            raise enospc(dst)
+        if Path(dst).name == "metrics.json":
+            at_metrics.append(len(failed))
+        return real_replace(src, dst)
+
+    def tracker_down(self, values, step=None, **kwargs):
+        raise RuntimeError("tracker server unreachable")
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(TensorBoardTracker, "log", tracker_down)
+    monkeypatch.setattr(SummaryWriter, "add_image", lambda *a, **k: (_ for _ in ()).throw(enospc(run / "tb")))
+    caplog.set_level(logging.INFO, logger="dist_dejpeg")
+    results = train(cfg)
+    assert results["q10"]["restored"]["psnr"] > 0
+    assert steps_done(run) == [2, 4]
+    assert_no_half_checkpoint(run)
+    meta = json.loads((run / "metrics.json").read_text())["meta"]
+    assert meta["global_step"] == 4 and (run / "generator.safetensors").is_file()
+    errors = meta["write_errors"]
+    assert errors["progress"] == at_metrics[0] >= 6  # phase start, 4 windows, validation: every one counted
+    assert errors["tracker.tensorboard"] >= 4 and errors["image.tensorboard"] >= 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("a progress write failed" in w for w in warnings) == 1, warnings  # once, with the reason
+    assert any(w.startswith("disk full: ") and "a progress write failed" in w for w in warnings), warnings
+    told = "a tracker.tensorboard write failed (RuntimeError: tracker server unreachable)"
+    assert sum(told in w for w in warnings) == 1, warnings
+    assert not list(run.glob(".progress.json.tmp*")), "a failed atomic write leaves no temp file"
+    assert not (run / "progress.json").exists()
+
+
+def test_a_console_bar_that_cannot_write_is_dropped_for_plain_lines(tmp_path, shards, caplog):
+    cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.log_with=[]")
+    acc, cfg = build_accelerator(cfg)
+    (tmp_path / "run").mkdir()
+    monitor = Monitor(acc, cfg, tmp_path / "run", {})
+
+    class BrokenBar:
+        def __getattr__(self, name):
+            def fail(*args, **kwargs):
+                raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+            return fail
+
+    caplog.set_level(logging.INFO, logger="dist_dejpeg")
+    monitor.start_phase("gen", 0, 0, 0)
+    monitor.bar, monitor.use_bar = BrokenBar(), True
+    monitor.advance()
+    monitor.advance()
+    monitor.window("gen", {"train/gen/l1": 0.5, "train/lr": 1e-3}, 2, 2, 0.1)
+    monitor.finish("finished", "", 2)
+    assert monitor.write_errors == {"console": 1} and monitor.bar is None
+    assert any(r.getMessage().startswith("gen 2/") for r in caplog.records), "plain lines after the bar broke"
+    assert json.loads((tmp_path / "run" / "progress.json").read_text())["write_errors"] == {"console": 1}
+
+
+# -- writes that hold the run's state -----------------------------------------------------------------------------
+def test_disk_full_in_a_checkpoint_stops_with_a_clear_message_and_the_previous_one_resumes(
+        tmp_path, shards, monkeypatch, capsys, caplog):
+    """torch's zip writer says only "unexpected pos" when the disk fills under optimizer.bin: the run stops
+    with exit 3 and a disk-full message naming the newest complete checkpoint, which the same command resumes."""
+    run = tmp_path / "run"
+    cfg = tiny(run, shards, "train.order=[gen]", "train.phases.gen.steps=4", "train.ckpt_every=2",
+               "train.keep_last=5")
+    config = tmp_path / "run.yaml"
+    config.write_text(to_yaml(cfg))
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if ".tmp-step-00000004" in str(f):
+            Path(f).write_bytes(b"PK\x03\x04 half a zip")  # what torch leaves: part of the file
+            raise RuntimeError(TORCH_SHORT_WRITE)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert cli_main(["train", "--config", str(config)]) == 3
+    err = capsys.readouterr().err
+    assert "error: disk full: " in err and "unexpected pos" not in err, err
+    assert f"the last complete checkpoint is {run / 'checkpoints' / 'step-00000002'}" in err, err
+    assert "free space and rerun the same command" in err
+    assert not list(checkpoint_dir(run).glob("**/*.tmp*"))
+    assert steps_done(run) == [2]
+    assert_no_half_checkpoint(run)
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["status"] == "stopped" and progress["reason"].startswith("disk full: ")
+
+    monkeypatch.setattr(torch, "save", real_save)  # space freed: the same command continues from step 2
+    caplog.set_level(logging.INFO, logger="dist_dejpeg")
+    fresh_accelerator_state_reset()
+    assert cli_main(["train", "--config", str(config)]) == 0
+    assert any("step-00000002" in r.getMessage() and "resumed from" in r.getMessage() for r in caplog.records)
+    assert steps_done(run) == [2, 4]
+    assert json.loads((run / "metrics.json").read_text())["meta"]["global_step"] == 4
+
+
+def test_disk_full_writing_the_generator_file_stops_and_a_rerun_writes_it(tmp_path, shards, monkeypatch):
+    run = tmp_path / "run"
+    cfg = tiny(run, shards, "train.order=[gen]", "train.phases.gen.steps=2")
+    real_open = builtins.open
+
+    def full_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if "generator.safetensors" in str(file) and "w" in mode:
+            f.close()
+            raise enospc()  # as a write would: no file name (atomic_write_bytes adds it)
+        return f
+
+    monkeypatch.setattr(files_mod, "open", full_open, raising=False)
+    with pytest.raises(DiskFull) as stopped:
+        train(cfg)
+    message = str(stopped.value)
+    assert isinstance(stopped.value, TrainingStopped)  # the CLI's exit 3
+    assert message.startswith(f"disk full: {run / 'generator.safetensors'}, ") and " free; " in message, message
+    assert f"the last complete checkpoint is {run / 'checkpoints' / 'step-00000002'}" in message
+    assert not (run / "generator.safetensors").exists() and not list(run.glob(".generator.safetensors.tmp*"))
+
+    monkeypatch.undo()
+    fresh_accelerator_state_reset()
+    train(cfg)  # resumes at the end of the last phase: only the final validation and files
+    generator = load_generator(run / "generator.safetensors")
+    assert generator(torch.rand(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    assert json.loads((run / "metrics.json").read_text())["meta"]["global_step"] == 2
+
+
+def fresh_accelerator_state_reset() -> None:
+    """Between two runs inside one test (the autouse fixture resets only around a test)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+# -- a real full disk -----------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 48 MiB tmpfs (needs root and mount rights: skipped where the machine gives neither)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_disk_that_fills_mid_run_stops_it_with_its_last_checkpoint(small_disk, tmp_path, shards, monkeypatch):
+    """The disk fills after step 3: progress and TensorBoard writes fail quietly, the checkpoint at the phase's
+    end (step 4) finds no room and stops the run with the disk-full message; freed, the same command finishes
+    from step 2."""
+    run = small_disk / "run"
+    cfg = tiny(run, shards, "train.order=[gen]", "train.phases.gen.steps=4", "train.ckpt_every=2",
+               "train.keep_last=5")
+    filler = small_disk / "filler"
+    real_step = Trainer.train_step
+
+    def step_then_fill(self, *args, **kwargs):
+        logs = real_step(self, *args, **kwargs)
+        if self.state.global_step + 1 == 3 and not filler.exists():
+            with open(filler, "wb") as f:  # everything the tmpfs has left
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError as err:
+                    assert err.errno == errno.ENOSPC
+        return logs
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_fill)
+    with pytest.raises(DiskFull) as stopped:
+        train(cfg)
+    assert str(stopped.value).startswith("disk full: "), stopped.value
+    assert f"the last complete checkpoint is {run / 'checkpoints' / 'step-00000002'}" in str(stopped.value)
+    assert steps_done(run) == [2]
+    assert_no_half_checkpoint(run)
+    # the last progress.json that fitted, whole (its "stopped" fits only where the removed half checkpoint freed
+    # room), and no temp file of the ones that did not
+    assert json.loads((run / "progress.json").read_text())["status"] in ("running", "stopped")
+    assert not list(run.glob(".*.tmp*"))
+
+    filler.unlink()
+    monkeypatch.undo()
+    fresh_accelerator_state_reset()
+    train(cfg)
+    assert steps_done(run) == [2, 4]
+    assert json.loads((run / "metrics.json").read_text())["meta"]["global_step"] == 4

@@ -1,0 +1,322 @@
+"""Issue 21's restore-side faults, each run and its outcome asserted: restore keeps the ICC profile and EXIF
+(orientation applied once), converts CMYK through its embedded profile; evaluate and report check their
+outputs before any computation; a killed restore's temp files are removed by the next one; --skip-existing
+skips only complete outputs and says so; written files are as readable as the umask allows; a flock error
+that is not "busy" is not reported as another run."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms, ImageOps
+
+from dist_dejpeg.cli import main
+from dist_dejpeg.config import ModelConfig
+from dist_dejpeg.models.generator_file import save_generator
+from dist_dejpeg.restore.files import OutputError, remove_stale_temps, restore_files
+from dist_dejpeg.restore.images import load_image, output_complete
+from dist_dejpeg.run.lock import RunDirBusy, RunDirLockFailed, RunLock, filesystem
+
+TINY = dict(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=16)
+ORIENTATION, EXIF_IFD, GPS_IFD = 0x0112, 0x8769, 0x8825
+GPS = {1: "N", 2: (52.0, 22.0, 30.5), 3: "E", 4: (4.0, 53.0, 1.0), 6: 12.5}
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    import torch
+    from torch import nn
+
+    from dist_dejpeg.models.unet import build_generator
+
+    torch.manual_seed(0)
+    g = build_generator(ModelConfig(**TINY))
+    nn.init.normal_(g.head.weight, std=0.01)
+    path = tmp_path_factory.mktemp("model") / "generator.safetensors"
+    save_generator(g.eval(), ModelConfig(**TINY), path)
+    return path
+
+
+class Identity:
+    """A restorer whose output is its input: the metadata and orientation checks compare pixels exactly (the
+    commands below run the real model)."""
+
+    device = "cpu"
+
+    def restore_array(self, rgb: np.ndarray, quality: int | None = None) -> np.ndarray:
+        self.last_decision = SimpleNamespace(passthrough=False, reason="identity")
+        return rgb.copy()
+
+
+@pytest.fixture
+def restorer() -> Identity:
+    return Identity()
+
+
+def _photo(h: int = 72, w: int = 100) -> np.ndarray:
+    import skimage.data
+
+    return np.ascontiguousarray(skimage.data.astronaut()[30:30 + h, 140:140 + w])
+
+
+def _camera_jpeg(rgb: np.ndarray, icc: bytes, orientation: int = 6) -> bytes:
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110], exif[0x0132] = "Canon", "EOS 5D", "2024:05:06 07:08:09"
+    exif[ORIENTATION] = orientation
+    exif[EXIF_IFD] = {0x9003: "2024:05:06 07:08:09", 0xA002: rgb.shape[1], 0xA003: rgb.shape[0]}
+    exif[GPS_IFD] = GPS
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=30, exif=exif, icc_profile=icc)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["png", "tiff", "webp"])
+def test_restore_keeps_icc_and_exif_with_orientation_applied_once(tmp_path, restorer, fmt):
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    rgb = _photo()
+    src = tmp_path / "in" / "camera.jpg"
+    src.parent.mkdir()
+    src.write_bytes(_camera_jpeg(rgb, icc))
+    (result,) = restore_files(restorer, [str(src)], tmp_path / "out", fmt=fmt, progress=False)
+    assert result.error is None, result.error
+    out = Image.open(result.output)
+    out.load()
+    assert out.info.get("icc_profile") == icc
+    exif = out.getexif()
+    assert exif[0x010F] == "Canon" and exif[0x0110] == "EOS 5D" and exif[0x0132] == "2024:05:06 07:08:09"
+    assert exif[ORIENTATION] == 1
+    assert exif.get_ifd(GPS_IFD) == GPS
+    sub = exif.get_ifd(EXIF_IFD)
+    assert sub[0x9003] == "2024:05:06 07:08:09" and (sub[0xA002], sub[0xA003]) == (72, 100)  # the output's size
+    # pixels turned once, clockwise as orientation 6 says; a viewer honouring the EXIF turns nothing more
+    decoded = np.asarray(Image.open(src).convert("RGB"))
+    assert np.array_equal(np.asarray(out.convert("RGB")), np.rot90(decoded, -1))
+    assert np.array_equal(np.asarray(ImageOps.exif_transpose(out)), np.asarray(out))
+
+
+def cmyk_profile(grid: int = 3, tint=(1.0, 0.85, 0.6)) -> bytes:
+    """A CMYK -> Lab output profile (ICC v2, lut8 A2B0) that renders RGB = (1 - C)(1 - K), ... times ``tint``:
+    a profile no naive conversion matches. No CMYK profile ships with the test environment."""
+    from skimage.color import rgb2lab
+
+    axis = np.linspace(0, 1, grid)
+    c, m, y, k = np.meshgrid(axis, axis, axis, axis, indexing="ij")
+    rgb = np.stack([(1 - c) * (1 - k), (1 - m) * (1 - k), (1 - y) * (1 - k)], -1) * np.array(tint)
+    lab = rgb2lab(rgb.reshape(-1, 1, 3), illuminant="D50").reshape(-1, 3)
+    clut = np.clip(np.rint(np.stack([lab[:, 0] * 2.55, lab[:, 1] + 128, lab[:, 2] + 128], -1)), 0, 255)
+    ramp, white = bytes(range(256)), struct.pack(">iii", 63190, 65536, 54061)
+    identity = b"".join(struct.pack(">i", v) for v in (65536, 0, 0, 0, 65536, 0, 0, 0, 65536))
+    tags = [(b"desc", b"desc" + bytes(4) + struct.pack(">I", 10) + b"test CMYK\0" + bytes(79)),
+            (b"wtpt", b"XYZ " + bytes(4) + white), (b"cprt", b"text" + bytes(4) + b"none\0"),
+            (b"A2B0", b"mft1" + bytes(4) + bytes([4, 3, grid, 0]) + identity + ramp * 4
+             + clut.astype(np.uint8).tobytes() + ramp * 3)]
+    table, data, start = b"", b"", 128 + 4 + 12 * len(tags)
+    for sig, body in tags:
+        data += bytes(-(start + len(data)) % 4)
+        table += sig + struct.pack(">II", start + len(data), len(body))
+        data += body
+    body = struct.pack(">I", len(tags)) + table + data
+    header = (struct.pack(">I", 128 + len(body)) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"prtrCMYKLab " + bytes(12)
+              + b"acspAPPL" + bytes(24) + white + bytes(48))
+    return header + body
+
+
+def test_cmyk_is_converted_through_its_embedded_profile(tmp_path, restorer):
+    """CMYK with a profile: LittleCMS through that profile, the output tagged sRGB; without one: PIL's naive
+    conversion, no profile; a profile that does not describe the output's colours is not carried."""
+    icc = cmyk_profile()
+    cmyk = Image.fromarray(_photo()).convert("CMYK")
+    for name, kw in (("profiled.jpg", {"icc_profile": icc}), ("plain.jpg", {})):
+        cmyk.save(tmp_path / name, format="JPEG", quality=40, **kw)
+    rgb_icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(_photo()[..., 0]).save(tmp_path / "gray_rgb_profile.jpg", quality=40, icc_profile=rgb_icc)
+
+    profiled = load_image(tmp_path / "profiled.jpg")
+    opened = Image.open(tmp_path / "profiled.jpg")
+    srgb = ImageCms.createProfile("sRGB")
+    expected = np.asarray(ImageCms.profileToProfile(opened, ImageCms.ImageCmsProfile(io.BytesIO(icc)), srgb,
+                                                    outputMode="RGB"))
+    naive = np.asarray(opened.convert("RGB")).astype(int)
+    assert np.array_equal(profiled.rgb, expected)
+    assert naive[..., 2].mean() - profiled.rgb[..., 2].mean() > 15  # the profile's warm tint, not naive
+    assert np.array_equal(load_image(tmp_path / "plain.jpg").rgb, np.asarray(Image.open(tmp_path / "plain.jpg")
+                                                                             .convert("RGB")))
+    results = restore_files(restorer, [str(tmp_path / "*.jpg")], tmp_path / "out", progress=False)
+    assert all(r.error is None for r in results), [r.error for r in results]
+    out = {Path(r.output).name: Image.open(r.output) for r in results}
+    tagged = ImageCms.ImageCmsProfile(io.BytesIO(out["profiled.png"].info["icc_profile"]))
+    assert out["profiled.png"].mode == "RGB" and "sRGB" in ImageCms.getProfileDescription(tagged)
+    assert "icc_profile" not in out["plain.png"].info
+    assert out["gray_rgb_profile.png"].mode == "L" and "icc_profile" not in out["gray_rgb_profile.png"].info
+
+
+# -- outputs checked first --------------------------------------------------------------------------------------
+def test_evaluate_and_report_check_their_outputs_before_any_computation(tmp_path, model_file, monkeypatch, capsys):
+    import dist_dejpeg.restore.restorer as restorer_module
+    from dist_dejpeg.evaluation.evaluate import evaluate
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("computation started before the output was checked")
+
+    monkeypatch.setattr(restorer_module.Restorer, "__init__", no_work)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    (tmp_path / "folder.html").mkdir()
+    images = ["--images", str(tmp_path / "no_images_here"), "--quiet", "--model", str(model_file)]
+    cases = [(["evaluate", "-o", str(blocker / "eval")], "not writable"),
+             (["report", "-o", str(blocker / "report.html")], "not writable"),
+             (["report", "-o", str(tmp_path / "folder.html")], "is a folder"),
+             (["report", "-o", str(tmp_path / "report")], "with a suffix")]
+    for argv, words in cases:
+        assert main(argv + images) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and "computation started" not in err, (argv, err)
+    with pytest.raises(OutputError, match="not writable"):  # the Python API too: before reading any image
+        evaluate(object(), [str(tmp_path / "no_images_here")], [10], blocker / "eval")
+
+
+# -- a killed restore, --skip-existing ----------------------------------------------------------------------------
+def _killed_writer(out: Path, name: str) -> int:
+    """Run atomic_write_bytes in a child killed (SIGKILL) between writing its temp file and renaming it."""
+    code = ("import os, signal\n"
+            "from dist_dejpeg.run import files\n"
+            "os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"files.atomic_write_bytes({str(out / name)!r}, b'half an image')\n")
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    assert child.wait(60) == -signal.SIGKILL
+    return child.pid
+
+
+def test_a_killed_restores_temp_files_are_removed_by_the_next_one(tmp_path, model_file, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    for i in range(2):
+        Image.fromarray(_photo(40, 48)).save(src / f"p{i}.jpg", quality=20)
+    dead = _killed_writer(out, "p0.png")
+    assert (out / f".p0.png.tmp{dead}").is_file()  # what the kill leaves
+    old = out / f".p1.png.tmp{os.getpid()}"  # a live pid, but an hour old: a reused pid
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    young = out / f".p1.png.tmp{os.getppid()}"  # a live writer right now: left alone
+    foreign = out / f".notes.png.tmp{dead}"  # not an output of this restore: left alone
+    for path in (young, foreign):
+        path.write_bytes(b"x")
+    assert main(["restore", str(src), "-o", str(out), "--model", str(model_file), "--quiet"]) == 0
+    left = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    assert left == sorted([young.name, foreign.name]), left
+    assert output_complete(out / "p0.png") and output_complete(out / "p1.png")
+    assert remove_stale_temps([out / "p1.png"], max_age_s=0) == [young]
+
+
+def test_skip_existing_skips_only_complete_outputs_and_says_so(tmp_path, model_file, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(2):
+        Image.fromarray(_photo(40, 48 + 8 * i)).save(src / f"p{i}.jpg", quality=20)
+    run = ["restore", str(src), "-o", str(out), "--model", str(model_file), "--quiet", "--skip-existing"]
+    assert main(run) == 0
+    assert "restored 2 image(s)" in capsys.readouterr().out
+    whole = (out / "p0.png").read_bytes()
+    (out / "p0.png").write_bytes(whole[:len(whole) // 2])  # truncated: a copy cut short, a full disk ...
+    kept = (out / "p1.png").stat()
+    assert main(run) == 0
+    text = capsys.readouterr().out
+    assert "restored 1 image(s)" in text and "skipped 1 existing" in text and "restored: " not in text
+    assert (out / "p0.png").read_bytes() == whole  # restored again, whole
+    assert (out / "p1.png").stat().st_mtime_ns == kept.st_mtime_ns  # untouched
+    assert main(run + ["--verbose"]) == 0  # all complete: no per-image line, even with --verbose
+    text = capsys.readouterr().out
+    assert "restored 0 image(s)" in text and "skipped 2 existing" in text and "restored: " not in text
+    # what "complete" means: decodes to the end as its suffix's format; a PNG ends with IEND
+    (out / "no_iend.png").write_bytes(whole[:-12])
+    (out / "jpeg_bytes.png").write_bytes((src / "p0.jpg").read_bytes())
+    assert output_complete(out / "p0.png")
+    assert not any(output_complete(out / n) for n in ("no_iend.png", "jpeg_bytes.png", "missing.png"))
+
+
+def test_per_image_lines_only_without_quiet_or_with_verbose(tmp_path, model_file, capsys):
+    src = tmp_path / "p.png"  # not a JPEG: quality unknown, a per-image line without --quiet
+    Image.fromarray(_photo(40, 48)).save(src)
+    base = ["restore", str(src), "--model", str(model_file)]
+    assert main(base + ["-o", str(tmp_path / "a"), "--quiet"]) == 0
+    assert "restored: " not in capsys.readouterr().out
+    assert main(base + ["-o", str(tmp_path / "b")]) == 0
+    assert "restored: " in capsys.readouterr().out
+
+
+# -- file modes --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_are_as_readable_as_the_umask_allows(tmp_path, model_file, restorer, umask, mode):
+    """Every file restore, evaluate, report and the trainer's generator export write: 0666 & ~umask."""
+    from dist_dejpeg.evaluation.evaluate import write_tables
+    from dist_dejpeg.evaluation.report import write_report
+    from dist_dejpeg.models.generator_file import load_generator
+
+    src = tmp_path / "p.jpg"
+    Image.fromarray(_photo()).save(src, quality=20)
+    img = _photo(32, 32)
+    record = {"image": "p", "quality": 10, "clean": img, "jpeg": img, "restored": img,
+              "metrics": {"jpeg": {"psnr": 30.0}, "restored": {"psnr": 31.0}}}
+    saved = os.umask(umask)
+    try:
+        save_generator(load_generator(model_file), ModelConfig(**TINY), tmp_path / "generator.safetensors")
+        (result,) = restore_files(restorer, [str(src)], tmp_path / "out", progress=False)
+        write_report([record], tmp_path / "report.html", title="t", meta={}, crop=16)
+        write_tables({"meta": {"model": {}, "unavailable": {}, "undefined": {}, "channel": "RGB", "images": 1,
+                               "skipped": [], "compression": "", "crop_border": 0, "device": "cpu", "tile": 0,
+                               "overlap": 0, "restore_ms_per_megapixel": None, "backbones": ""},
+                      "per_quality": {}, "per_image": []}, tmp_path / "tables")
+    finally:
+        os.umask(saved)
+    written = [tmp_path / "generator.safetensors", Path(result.output), tmp_path / "report.html",
+               tmp_path / "tables" / "metrics.json", tmp_path / "tables" / "metrics.md"]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(mode) for p in written}
+
+
+# -- the run folder's lock ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EBADF, errno.EOPNOTSUPP])
+def test_lock_error_that_is_not_busy_names_the_filesystem(tmp_path, monkeypatch, code):
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with pytest.raises(RunDirLockFailed) as caught:
+        RunLock(tmp_path).acquire()
+    text = str(caught.value)
+    assert isinstance(caught.value, RunDirBusy)  # stops every rank with exit 2 where a busy folder does
+    assert errno.errorcode[code] in text and "train.run_dir" in text and "in use by another" not in text
+    assert filesystem(tmp_path) in text and filesystem(tmp_path) != "unknown"
+
+
+def test_lock_held_by_another_is_busy(tmp_path, monkeypatch):
+    import fcntl
+
+    def busy(fd, op):
+        raise BlockingIOError(errno.EWOULDBLOCK, os.strerror(errno.EWOULDBLOCK))
+
+    monkeypatch.setattr(fcntl, "flock", busy)
+    with pytest.raises(RunDirBusy, match="in use by another training run") as caught:
+        RunLock(tmp_path).acquire()
+    assert not isinstance(caught.value, RunDirLockFailed)
+
+
+def test_lock_filesystem_is_read_from_the_mount_table(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/sda1 / ext4 rw 0 0\nserver:/export /mnt/my\\040share nfs4 rw 0 0\n")
+    assert filesystem("/mnt/my share/runs/a", str(mounts)) == "nfs4 at /mnt/my share"
+    assert filesystem("/home/x", str(mounts)) == "ext4 at /"
+    assert filesystem("/x", str(tmp_path / "none")) == "unknown"
