@@ -27,18 +27,11 @@ from dist_dejpeg.train.faults import NonFiniteState, save_last_good
 from dist_dejpeg.train.steps import NonFiniteLoss, critic_step, generator_step
 from dist_dejpeg.train.trainer import Trainer, TrainingStopped, train
 
-from test_trainer import shards, tiny  # noqa: F401 - the module-scoped shards fixture
+from test_trainer import fresh_accelerator_state, shards, tiny  # noqa: F401 - fixtures (autouse state reset)
 
 TINY = dict(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=16)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 class InfAt:

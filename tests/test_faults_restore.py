@@ -28,24 +28,10 @@ from dist_dejpeg.restore.files import OutputError, remove_stale_temps, restore_f
 from dist_dejpeg.restore.images import load_image, output_complete
 from dist_dejpeg.run.lock import RunDirBusy, RunDirLockFailed, RunLock, filesystem
 
-TINY = dict(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=16)
+from test_evaluate import TINY, model_file  # noqa: F401 - the module-scoped tiny generator file
+
 ORIENTATION, EXIF_IFD, GPS_IFD = 0x0112, 0x8769, 0x8825
 GPS = {1: "N", 2: (52.0, 22.0, 30.5), 3: "E", 4: (4.0, 53.0, 1.0), 6: 12.5}
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    import torch
-    from torch import nn
-
-    from dist_dejpeg.models.unet import build_generator
-
-    torch.manual_seed(0)
-    g = build_generator(ModelConfig(**TINY))
-    nn.init.normal_(g.head.weight, std=0.01)
-    path = tmp_path_factory.mktemp("model") / "generator.safetensors"
-    save_generator(g.eval(), ModelConfig(**TINY), path)
-    return path
 
 
 class Identity:

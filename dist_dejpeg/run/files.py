@@ -66,16 +66,21 @@ def read_json(path: str | Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def fsync_dir(path: str | Path) -> None:
-    """Make a rename inside ``path`` durable (where the platform has directory descriptors)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a folder by name (a folder: makes a rename inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside ``path`` durable (where the platform has directory descriptors)."""
+    try:
+        fsync_path(path)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
 
 
 def is_disk_full(err: BaseException) -> bool:

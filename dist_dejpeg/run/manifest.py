@@ -14,11 +14,10 @@ save (from the page cache) and on resume.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_dejpeg.run.files import atomic_write_json, fsync_dir, read_json
+from dist_dejpeg.run.files import atomic_write_json, fsync_dir, fsync_path, read_json
 from dist_dejpeg.run.layout import MANIFEST, TRAINER_STATE, rank_of_file
 
 MANIFEST_VERSION = 1
@@ -57,13 +56,9 @@ def fsync_own_files(folder: str | Path, rank: int) -> int:
         if owner is not None and owner != rank:
             continue
         try:
-            fd = os.open(folder / rel, os.O_RDONLY)
+            fsync_path(folder / rel)
         except FileNotFoundError:  # pragma: no cover - removed while we walked
             continue
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         count += 1
     return count
 
