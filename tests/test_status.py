@@ -234,7 +234,9 @@ def test_running_then_killed_and_preempted(tmp_path, shards, no_flock):
         s = st.run_status(run_k)
         assert s["state"] == "crashed or killed", s
         assert s["lock"]["held"] is False and s["lock"]["pid"] == killed.pid and s["eta"] is None
-        assert s["partial_checkpoints"] == [".tmp-step-99999999"] and "killed run" in s["warnings"][0]
+        # the kill may also land while the run writes a checkpoint: that half-written folder is listed as well
+        assert ".tmp-step-99999999" in s["partial_checkpoints"] and "killed run" in s["warnings"][0]
+        assert all(p.startswith(".tmp-step-") for p in s["partial_checkpoints"]), s["partial_checkpoints"]
 
         wait_until_running(preempted, run_p)
         preempted.send_signal(signal.SIGUSR1)
