@@ -5,8 +5,9 @@
     dist-dejpeg prepare div2k --root data/div2k_src --out data/div2k --download
     dist-dejpeg train --config configs/debug.yaml [--resume [CKPT]] [--dry-run] [key=value ...]
     dist-dejpeg bench {train,data,data-wait,infer,scaling,all,gpu-check} [--config C] [key=value ...]
-    dist-dejpeg restore IN... -o OUT_DIR --model runs/debug [--tile 512 --overlap 64 --device auto]
-    dist-dejpeg evaluate --model runs/debug --images photos/ --quality 10 20 30 40 -o eval/ [--y-only]
+    dist-dejpeg restore IN... -o OUT_DIR --model runs/debug [--format png|jpg|webp|tiff|same] [--suffix S]
+    dist-dejpeg restore -i photos/ -o out/ --model runs/debug --ext jpg --tile 512 --tile-pad 32 --fp32
+    dist-dejpeg evaluate --model runs/debug --images photos/ --qualities 10 20 30 40 -o eval/ [--y-only]
     dist-dejpeg report --model runs/debug --images photos/ -o report.html
     dist-dejpeg export --model runs/debug --onnx model.onnx
     dist-dejpeg status runs/debug [--json]
@@ -26,9 +27,14 @@ import logging
 import sys
 from pathlib import Path
 
-from dist_dejpeg.cli_args import (evaluate_arguments, export_arguments, prepare_arguments, report_arguments,
-                                   restore_arguments, status_arguments, train_arguments)
+from dist_dejpeg import version
+from dist_dejpeg.cli_args import (HelpFormatter, evaluate_arguments, export_arguments, prepare_arguments,
+                                  report_arguments, restore_arguments, status_arguments, train_arguments)
 
+DESCRIPTION = ("Train a JPEG-artifact remover (NoGAN, on one or many GPUs) and restore photos with it. "
+               "dist-dejpeg COMMAND --help shows a command's options and their defaults.")
+# Libraries that log every step at INFO (the ONNX exporter: hundreds of lines); their warnings still show.
+CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo", "torch._export")
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint; the same command continues the run
 
 
@@ -128,56 +134,81 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from dist_dejpeg.models.generator_file import ModelFileError
+    # torch-free down to the model: an ONNX model restores without importing torch (restore/onnx_backend.py)
+    from dist_dejpeg.models.names import ModelFileError, OnnxUnavailable
+    from dist_dejpeg.restore import open_restorer
     from dist_dejpeg.restore.files import check_output_dir, restore_files
     from dist_dejpeg.restore.images import InputImageError
-    from dist_dejpeg.restore.restorer import Restorer
 
+    inputs = [*args.inputs, *args.more_inputs]
+    if not inputs:
+        args.usage_error("give the images to restore: files, folders or globs (as arguments or with -i)")
+    fmt = "same" if args.format == "auto" else args.format
+    if args.output_quality is not None and fmt not in ("jpg", "webp", "same"):
+        args.usage_error(f"--output-quality is for jpg and webp outputs; --format {fmt} is lossless")
+    overlap = args.overlap
+    if hasattr(args, "tile_pad"):  # Real-ESRGAN's padding on each side: the two tiles around a seam share 2P
+        if "--overlap" in args.given and overlap != 2 * args.tile_pad:
+            args.usage_error(f"--tile-pad {args.tile_pad} means --overlap {2 * args.tile_pad}, and --overlap "
+                             f"{overlap} was given too: give one of them")
+        overlap = 2 * args.tile_pad
     try:
         check_output_dir(args.out)
-        restorer = Restorer(args.model, device=args.device, tile=args.tile, overlap=args.overlap,
-                            batch_size=args.batch_size, precision=args.precision, guard=not args.no_guard)
-        if args.quality is not None and not 1 <= args.quality <= 100:
-            raise ValueError(f"--quality must be in 1..100, got {args.quality}")
-    except (ModelFileError, InputImageError, ValueError) as err:
+        restorer = open_restorer(args.model, device=args.device, tile=args.tile, overlap=overlap,
+                                 batch_size=args.batch_size, precision=args.precision, guard=not args.no_guard)
+    except (ModelFileError, InputImageError, OnnxUnavailable, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    results = restore_files(restorer, args.inputs, args.out, fmt=args.format, max_pixels=args.max_pixels,
-                            skip_existing=args.skip_existing, progress=not args.quiet, quality=args.quality)
+    results = restore_files(restorer, inputs, args.out, fmt=fmt, max_pixels=args.max_pixels,
+                            skip_existing=args.skip_existing, progress=not args.quiet, quality=args.input_quality,
+                            suffix=args.suffix, output_quality=args.output_quality)
+    print_restore_summary(results, args, restorer.device)
+    return 1 if any(r.error for r in results) else 0
+
+
+def print_restore_summary(results: list, args: argparse.Namespace, device) -> None:
+    """One line of counts (restored, passed through, skipped, failed); per image (not under --quiet; all with
+    --verbose): what was passed through or restored without a known quality, what was skipped; every failure."""
     failed = [r for r in results if r.error]
-    done = [r for r in results if r.output and not r.skipped]
-    skipped = sum(r.skipped for r in results)
-    seconds, megapixels = sum(r.seconds for r in done), sum(r.megapixels for r in done)
+    skipped = [r for r in results if r.skipped]
+    written = [r for r in results if r.output and not r.skipped]
+    restored = [r for r in written if not r.passthrough]
+    seconds, megapixels = sum(r.seconds for r in restored), sum(r.megapixels for r in restored)
     rate = f", {1000 * seconds / megapixels:.0f} ms per megapixel" if megapixels else ""
-    print(f"restored {len(done)} image(s) into {args.out} on {restorer.device}{rate}; "
-          + (f"skipped {skipped} existing; " if skipped else "") + f"{len(failed)} failed")
-    for r in done:  # none under --quiet unless --verbose; none for skipped outputs
-        if args.verbose or (not args.quiet and (r.passthrough or r.quality is None)):
+    passed = len(written) - len(restored)
+    print(f"restored {len(restored)} image(s) into {args.out} on {device}{rate}; "
+          + (f"passed {passed} through unchanged; " if passed else "")
+          + (f"skipped {len(skipped)} existing; " if skipped else "") + f"{len(failed)} failed")
+    if args.quiet and not args.verbose:
+        written, skipped = [], []
+    for r in written:
+        if args.verbose or r.passthrough or r.quality is None:
             q = f"q{r.quality} ({r.quality_from})" if r.quality is not None else r.quality_from
             print(f"{'passed through' if r.passthrough else 'restored'}: {r.source}: {q}; {r.note}")
+    for r in skipped if args.verbose else []:
+        print(f"skipped: {r.source}: {r.output} exists")
     for r in failed:
         print(f"failed: {r.source}: {r.error}", file=sys.stderr)
-    return 1 if failed else 0
 
 
 def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
     """evaluate()'s result, or an exit status after printing the error."""
     from dist_dejpeg.evaluation.evaluate import EvaluateError, evaluate
     from dist_dejpeg.evaluation.report import check_report_output
-    from dist_dejpeg.models.generator_file import ModelFileError
+    from dist_dejpeg.models.names import ModelFileError, OnnxUnavailable
+    from dist_dejpeg.restore import open_restorer
     from dist_dejpeg.restore.files import check_output_dir
-    from dist_dejpeg.restore.restorer import Restorer
 
     try:  # the outputs first: one that cannot be written fails before any computation
         check_report_output(args.out) if keep_images else check_output_dir(args.out)
-        restorer = Restorer(args.model, device=args.device, tile=args.tile, overlap=args.overlap,
-                            batch_size=args.batch_size, guard=not args.no_guard)
-        return evaluate(restorer, args.images, args.quality, None if keep_images else args.out, y_only=args.y_only,
+        restorer = open_restorer(args.model, device=args.device, tile=args.tile, overlap=args.overlap,
+                                 batch_size=args.batch_size, guard=not args.no_guard)
+        return evaluate(restorer, args.images, args.qualities, None if keep_images else args.out, y_only=args.y_only,
                         blind=args.blind,
                         crop_border=args.crop_border, lpips_weights=args.lpips_weights,
                         allow_lossy_reference=args.allow_lossy_reference, max_images=args.max_images,
                         keep_images=keep_images, progress=not args.quiet)
-    except (ModelFileError, EvaluateError, ValueError) as err:
+    except (ModelFileError, EvaluateError, OnnxUnavailable, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -220,6 +251,8 @@ def _export(args: argparse.Namespace) -> int:
     from dist_dejpeg.models.generator_file import ModelFileError
     from dist_dejpeg.models.onnx_export import OnnxCheckError, OnnxUnavailable, export_model
 
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         result, info = export_model(args.model, args.onnx, opset=args.opset, check_image=args.check_image)
     except (ModelFileError, OnnxUnavailable, FileNotFoundError) as err:
@@ -241,15 +274,18 @@ def _status(args: argparse.Namespace) -> int:
     from dist_dejpeg.run.status import run_status
     from dist_dejpeg.run.text import format_status
 
+    def fail(message: str) -> int:  # --json: scripts get a JSON object on errors too
+        print(json.dumps({"error": message}) if args.json else f"error: {message}",
+              file=sys.stdout if args.json else sys.stderr)
+        return 2
+
     try:
         status = run_status(args.run_dir)
     except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err))
     if not status["run_folder"]:
-        print(f"error: {args.run_dir} is not a run folder (no {CONFIG}, {CHECKPOINTS}/, {PROGRESS}, {METRICS} or "
-              f"{LOCK}); give the folder a run's train.run_dir points at", file=sys.stderr)
-        return 2
+        return fail(f"{args.run_dir} is not a run folder (no {CONFIG}, {CHECKPOINTS}/, {PROGRESS}, {METRICS} or "
+                    f"{LOCK}); give the folder a run's train.run_dir points at")
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
@@ -272,27 +308,41 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dist-dejpeg", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    examples = __doc__.split("\n\n")[1]  # the command lines above
+    parser = argparse.ArgumentParser(prog="dist-dejpeg", description=DESCRIPTION, epilog=f"examples:\n{examples}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (text, add_arguments, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
         add_arguments(p)
         p.set_defaults(func=run)
     from dist_dejpeg.bench import add_parser as add_bench
 
     add_bench(sub)
+    parser.commands = sub.choices  # name -> its parser (command_parser)
     return parser
+
+
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command ``args`` ran: an error in its arguments comes with its usage."""
+    found = parser.commands.get(getattr(args, "command", None), parser)
+    benchmarks = getattr(found, "benchmarks", None)  # bench: one parser per benchmark
+    return benchmarks.get(getattr(args, "which", None), found) if benchmarks else found
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
+    command = command_parser(parser, args)
     # `bench WHICH --options key=value`: argparse has already closed the positionals when overrides follow
     # the options, so they come back as extras here
     if extra and getattr(args, "overrides", None) is not None and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = list(args.overrides) + extra
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.usage_error, args.given = command.error, {a.split("=")[0] for a in argv if a.startswith("--")}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

@@ -1,20 +1,49 @@
 """The arguments of each ``dist-dejpeg`` subcommand (dist_dejpeg.cli holds the table that uses them): argparse
-only, importing no torch, so that ``--help`` is instant."""
+only, importing no torch, so that ``--help`` is instant. Every option's help ends with its default."""
 
 from __future__ import annotations
 
 import argparse
 
-from dist_dejpeg.jpeg.formats import OUTPUT_FORMATS, TILE_FORMATS
+from dist_dejpeg.jpeg.formats import OUTPUT_FORMATS, SAME_FORMAT, TILE_FORMATS
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help, where it has one to show (not None, False or empty); the
+    description as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or default in (None, False, "") or default is argparse.SUPPRESS
+                or default == [] or not (action.option_strings or action.nargs in ("?", "*"))):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+def jpeg_quality(text: str) -> int:
+    """argparse type: a JPEG quality, 1..100."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"a JPEG quality is a whole number in 1..100, not {text!r}")
+    return value
 
 
 def add_restorer_args(p: argparse.ArgumentParser) -> None:
     """The model and how it runs: shared by restore, evaluate and report."""
-    p.add_argument("--model", required=True, help="generator.safetensors, a run folder or a checkpoint folder")
+    p.add_argument("--model", required=True, help="generator.safetensors, a run folder, a checkpoint folder, or "
+                                                  "an exported .onnx file (run on onnxruntime)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--tile", type=int, default=512, help="tile size in pixels, a multiple of 32 (0: whole images)")
-    p.add_argument("--overlap", type=int, default=64, help="overlap between tiles, blended linearly")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    p.add_argument("--tile", type=int, default=512,
+                   help="tile size in pixels: a multiple of 32, at least 64; 0: the whole image at once")
+    p.add_argument("--overlap", type=int, default=64,
+                   help="pixels neighbouring tiles share, blended linearly (less than half the tile)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tiles per forward pass (default: 1 on the CPU, faster there and half the memory; 4 on a GPU)")
     p.add_argument("--no-guard", action="store_true", help="restore every image, even where the model's "
                                                            "validation predicts no gain at its quality")
 
@@ -23,14 +52,17 @@ def add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int]
     add_restorer_args(p)
     p.add_argument("--images", required=True, nargs="+",
                    help="lossless reference photos: files, folders (recursive) or WebDataset shards (.tar)")
-    p.add_argument("--quality", type=int, nargs="+", default=default_qualities, help="JPEG qualities (libjpeg, 4:2:0)")
+    p.add_argument("--qualities", type=jpeg_quality, nargs="+", default=default_qualities, metavar="Q",
+                   help="the JPEG qualities to compress the references at (libjpeg, 4:2:0)")
+    p.add_argument("--quality", dest="qualities", type=jpeg_quality, nargs="+", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the name before --qualities
     p.add_argument("--y-only", action="store_true", help="full-reference metrics on BT.601 Y (as published tables)")
     p.add_argument("--crop-border", type=int, default=0, help="pixels cut from each border before measuring")
     p.add_argument("--lpips-weights", default="", help="torchvision's AlexNet file (alexnet-owt-7be5be79.pth) for "
                                                        "LPIPS when it is not in the torch hub cache")
     p.add_argument("--allow-lossy-reference", action="store_true", help="accept JPEG/WebP references")
     p.add_argument("--max-images", type=int, default=0, help="use at most this many reference images (0: all)")
-    p.add_argument("--blind", action="store_true", help="do not tell the model the quality (as for a PNG input)")
+    p.add_argument("--blind", action="store_true", help="do not tell the model the quality")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -44,9 +76,9 @@ def prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-staging", action="store_true", help="div2k: keep the per-image tile tars")
     p.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
     p.add_argument("--src", help="folder: the images (searched recursively; lossless formats preferred)")
-    p.add_argument("--tile", type=int, default=0, help="tile size in pixels (samples 128, folder 256, div2k 480)")
-    p.add_argument("--step", type=int, default=0, help="stride between training tiles (tile/2)")
-    p.add_argument("--shard-size", type=int, default=0, help="samples per shard (samples 64, folder 256)")
+    p.add_argument("--tile", type=int, default=0, help="tile size in pixels (0: samples 128, folder 256, div2k 480)")
+    p.add_argument("--step", type=int, default=0, help="stride between training tiles (0: half the tile)")
+    p.add_argument("--shard-size", type=int, default=0, help="samples per shard (0: samples 64, folder and div2k 256)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="folder: share of images held out for validation")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     p.add_argument("--format", choices=TILE_FORMATS, default="raw",
@@ -68,19 +100,45 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 def restore_arguments(p: argparse.ArgumentParser) -> None:
     from dist_dejpeg.restore.images import DEFAULT_MAX_PIXELS  # numpy and PIL, no torch
 
-    p.add_argument("inputs", nargs="+", help="image files, folders or globs (quote globs: 'photos/**/*.jpg')")
-    p.add_argument("-o", "--out", required=True, help="output folder (same relative names, lossless)")
+    p.add_argument("inputs", nargs="*", help="image files, folders (searched recursively) or globs (quote them: "
+                                             "'photos/**/*.jpg')")
+    p.add_argument("-i", "--input", dest="more_inputs", action="extend", nargs="+", default=[], metavar="IN",
+                   help="more inputs, as the positional ones (Real-ESRGAN's -i; repeatable)")
+    p.add_argument("-o", "--out", "--output", dest="out", required=True,
+                   help="output folder: outputs keep the inputs' names and sub-folders (below a folder, or below "
+                        "a glob's fixed part); inputs that would share a name each keep their extension in it "
+                        "(a.jpg, a.png -> a.jpg.png, a.png.png)")
     add_restorer_args(p)
-    p.add_argument("--format", choices=OUTPUT_FORMATS, default="png", help="lossless output format")
-    p.add_argument("--quality", type=int, default=None,
-                   help="the inputs' JPEG quality (default: read from each JPEG's quantization tables)")
+    p.add_argument("--tile-pad", "--tile_pad", dest="tile_pad", type=int, default=argparse.SUPPRESS, metavar="P",
+                   help="Real-ESRGAN's tile padding: P pixels of context on each side of a tile; here the same as "
+                        "--overlap 2P (neighbouring tiles share 2P pixels, blended linearly)")
+    formats = [*OUTPUT_FORMATS, SAME_FORMAT]
+    p.add_argument("--format", choices=formats, default="png",
+                   help="png: lossless; jpg: quality 95, 4:4:4 (full-resolution chroma), optimized; webp: "
+                        "lossless; tiff: lossless, deflate-compressed; same: a JPEG stays a JPEG (q95, 4:4:4), a "
+                        "PNG a PNG, a WebP a WebP, under its own suffix, anything else png")
+    p.add_argument("--ext", dest="format", choices=["auto", *OUTPUT_FORMATS], default=argparse.SUPPRESS,
+                   help="Real-ESRGAN's name for --format (auto: same)")
+    p.add_argument("--output-quality", type=jpeg_quality, default=None, metavar="Q",
+                   help="write jpg and webp outputs at quality Q (default: jpg 95, webp lossless)")
+    p.add_argument("--suffix", default="", metavar="S",
+                   help="added to every output's name: photo.jpg -> photo_S.png (no '_' added when S starts "
+                        "with another character: -S, .S)")
+    p.add_argument("--input-quality", type=jpeg_quality, default=None, metavar="Q",
+                   help="the inputs' JPEG quality, for all of them (default: estimated per image, from its "
+                        "quantization tables or its pixels)")
+    p.add_argument("--quality", dest="input_quality", type=jpeg_quality, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the name before --input-quality
     p.add_argument("--verbose", action="store_true", help="one line per image: its quality and the decision")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    p.add_argument("--fp32", dest="precision", action="store_const", const="fp32", default=argparse.SUPPRESS,
+                   help="--precision fp32 (Real-ESRGAN's name)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse larger images (decompression bombs); default {DEFAULT_MAX_PIXELS / 1e6:.0f} MP")
-    p.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist and decode fully")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+                   help="refuse larger images (decompression bombs)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="leave outputs that already exist and decode fully (counted as skipped)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no per-image lines")
 
 
 def evaluate_arguments(p: argparse.ArgumentParser) -> None:

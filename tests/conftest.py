@@ -21,16 +21,23 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 PROCESS_GROUP = ("tests/test_distributed.py", "tests/test_deepspeed.py", "tests/test_slurm.py",
                  "tests/test_faults_ranks.py", "tests/test_bench.py::test_bench_scaling_launches_one_and_two_processes")
 
+# Tests that share an expensive module-scoped fixture: one scope per file, so that one worker builds it once
+# (test_onnx's export takes ~45 s: per worker, it was paid twice).
+SHARED_FIXTURE_FILES = ("tests/test_onnx.py",)
+
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: ignored where xdist is not installed
 def pytest_xdist_make_scheduler(config, log):
-    """xdist's load-by-scope scheduling with one scope per test, except PROCESS_GROUP's tests: one scope.
+    """xdist's load-by-scope scheduling with one scope per test, except PROCESS_GROUP's tests (one scope) and
+    SHARED_FIXTURE_FILES' (one per file).
     (xdist's own ``--dist loadgroup`` marks groups by renaming node ids, which pytest 9.2 no longer reads.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class ProcessTestsTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "processes" if nodeid.startswith(PROCESS_GROUP) else nodeid
+            if nodeid.startswith(PROCESS_GROUP):
+                return "processes"
+            return nodeid.split("::")[0] if nodeid.startswith(SHARED_FIXTURE_FILES) else nodeid
 
     return ProcessTestsTogether(config, log)
 

@@ -4,6 +4,7 @@ LPIPS marked unavailable offline (never a random backbone), lossy references ref
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 from pathlib import Path
@@ -15,7 +16,7 @@ from PIL import Image
 from dist_dejpeg.cli import main
 from dist_dejpeg.config import ModelConfig
 from dist_dejpeg.evaluation.evaluate import read_references
-from dist_dejpeg.metrics.registry import EVALUATED
+from dist_dejpeg.metrics.registry import BY_NAME, EVALUATED, PHRASES
 from dist_dejpeg.models.generator_file import save_generator
 
 TINY = dict(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=16)
@@ -52,7 +53,12 @@ def test_evaluate_writes_three_tables_with_six_metrics(tmp_path, model_file, pho
     out = tmp_path / "eval"
     code = main(["evaluate", "--model", str(model_file), "--images", str(photos), "--quality", "10", "40",
                  "-o", str(out), "--quiet"])
-    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    # --quiet: stdout holds the result lines only; torch.hub's "Downloading: https://..." (LPIPS trying its
+    # backbone offline) goes to stderr, once at most
+    assert all(line.startswith(("q10:", "q40:", "wrote ")) for line in captured.out.splitlines()), captured.out
+    assert captured.err.count("Downloading") <= 1
     result = json.loads((out / "metrics.json").read_text())
     meta = result["meta"]
     assert meta["images"] == 2 and meta["qualities"] == [10, 40]
@@ -64,6 +70,7 @@ def test_evaluate_writes_three_tables_with_six_metrics(tmp_path, model_file, pho
     for row in result["per_image"]:
         for kind in ("jpeg", "restored"):
             assert set(row[kind]) == set(EVALUATED)
+            assert all(BY_NAME[m].phrase in PHRASES.values() for m in row[kind])  # a direction for every one
             assert row[kind]["lpips"] is None
             for m in ("psnr", "psnr_b", "ssim", "brisque", "niqe"):
                 assert np.isfinite(row[kind][m]), (m, row)
@@ -117,12 +124,19 @@ def test_references_from_shards(sample_shards):
     assert all(r.shape == (96, 96, 3) and r.dtype == np.uint8 for _, r in refs)
 
 
-def test_report_page_from_the_cli(tmp_path, model_file, photos):
+def test_report_page_from_the_cli(tmp_path, model_file, photos, capsys):
     page = tmp_path / "report.html"
     code = main(["report", "--model", str(model_file), "--images", str(photos), "--quality", "10",
-                 "-o", str(page), "--quiet", "--crop", "64"])
-    assert code == 0
+                 "-o", str(page), "--crop", "64"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "report: 100%" in err and "evaluate:" not in err  # the progress bar names the command run
     text = page.read_text()
     assert text.count("data:image/png;base64,") >= 2 * 3  # two photos, clean | JPEG | restored each
     assert "random" in text.lower() and "chelsea" in text and "coffee" in text
     assert (tmp_path / "report" / "metrics.json").is_file()
+    # every metric evaluate measured has its direction; LPIPS's reason (offline here) is on the page once;
+    # the gain per quality is drawn
+    assert "direction unknown" not in text
+    reason = json.loads((tmp_path / "report" / "metrics.json").read_text())["meta"]["unavailable"]["lpips"]
+    assert text.count(html.escape(reason)) == 1 and 'id="plot-psnr"' in text

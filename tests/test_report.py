@@ -124,15 +124,26 @@ def test_page_structure(report):
     assert expect[0]["jpeg"] == pytest.approx(np.mean([r["metrics"]["jpeg"]["psnr"] for r in recs[::2]]))
     assert f"{expect[0]['jpeg']:.2f}" in text and expect[1]["jpeg"] is None
 
-    # None prints as n/a with the reason; directions are shown; random init is flagged; names are escaped.
-    na = f'<span class="na" title="{LPIPS_REASON}">n/a<a class="fn" href="#na-lpips">*</a></span>'
+    # None prints as n/a linked to the reason, which the page says once; directions are shown; random init is
+    # flagged; names are escaped.
+    na = '<span class="na" title="unavailable: see the note under the summary">n/a<a class="fn" href="#na-lpips">'
     assert text.count(na) == 2 * (len(QUALITIES) + len(recs))
     assert re.search(rf'<li id="na-lpips"><b>LPIPS</b> n/a: {LPIPS_REASON}</li>', text)
+    assert text.count(LPIPS_REASON) == 1 and '<a href="#na-lpips">LPIPS</a>' in text  # the meta row links to it
     assert re.search(r">n/a</span>", text)  # SSIM: no reason given
     assert "higher is better" in text and "lower is better" in text
     assert 'id="random-init-warning"' in text and "not comparable to pretrained results" in text
     assert html.escape('coffee <&"x>.png') in text and 'coffee <&"x>' not in text
     assert "<title>dejpeg &lt;test&gt;</title>" in text
+
+    # The gain plot: PSNR only (SSIM and LPIPS have no values); a mean marker per quality, a dot per photo.
+    svg = text.split('<svg class="plot" id="plot-psnr"')[1].split("</svg>")[0]
+    assert "plot-ssim" not in text and "plot-lpips" not in text
+    assert svg.count('<circle class="mean"') == len(QUALITIES) and svg.count('<circle class="each"') == len(recs)
+    assert "JPEG quality of the input" in svg and "PSNR gain (dB), restored" in svg and "higher is better" in svg
+    for q in QUALITIES:  # the plotted means are the summary's (restored - JPEG)
+        row = next(r for r in expect if r["quality"] == q and r["metric"] == "psnr")
+        assert f"q{q}: mean {row['restored'] - row['jpeg']:+.2f} dB over 2 photos</title>" in svg
 
 
 def test_no_warning_for_pretrained_and_given_summary(tmp_path):
@@ -172,6 +183,11 @@ def test_every_evaluated_metric_has_its_registry_direction(tmp_path):
     assert re.search(r'data-metric="shift_r">.*?<td class="num delta better">\+2\.5000</td>', text)
     assert re.search(r'data-metric="shift_g">.*?<td class="num delta worse">\+1\.0000</td>', text)
     assert re.search(r'data-metric="psnr_y">.*?<td class="num delta better">\+1\.0000</td>', text)
+    # plots for PSNR, SSIM and LPIPS, coloured by direction: +1 is a gain for SSIM, a loss for LPIPS
+    assert text.count('<svg class="plot"') == 3
+    ssim, lpips = (text.split(f'id="plot-{m}"')[1].split("</svg>")[0] for m in ("ssim", "lpips"))
+    assert 'class="mean" cx' in ssim and 'fill="#11772d"><title>q10: mean +1.0000' in ssim
+    assert 'fill="#b3261e"><title>q10: mean +1.0000' in lpips and "lower is better" in lpips
 
 
 def test_error_crop_finds_the_worst_window():
@@ -232,6 +248,9 @@ window.addEventListener('load', function () {
     images: imgs.length,
     decoded: imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length,
     summary_rows: document.querySelectorAll('#summary tr.row').length,
+    plot: (function (svg) { var r = svg.getBoundingClientRect(), line = svg.querySelector('polyline.mean');
+      return [r.width, r.height, line.getBBox().width > 100, svg.querySelectorAll('text').length]; })(
+      document.querySelector('svg.plot')),
     warning: !!document.getElementById('random-init-warning'),
     zoom: [w1, w2, w3], errors: window.__errors || []});
 });
@@ -262,6 +281,8 @@ def test_report_in_headless_chromium(report, chromium, tmp_path):
     assert res["images"] == N_IMAGES and res["decoded"] == N_IMAGES, res
     assert res["summary_rows"] == len(QUALITIES) * 3 and res["warning"] and not res["errors"], res
     assert res["zoom"] == [CROP, 2 * CROP, 2 * CROP], res  # the page control, then the row's own (2x)
+    w, h, drawn, texts = res["plot"]  # the gain plot laid out at its size, its line drawn, its labels there
+    assert (w, h, drawn) == (440, 270, True) and texts >= 8, res
 
     size = (1280, 1600)
     shot = tmp_path / "report.png"

@@ -105,7 +105,7 @@ class DaliLoader:
                  num_threads: int = 2, initial_fill: int = 256, channels_last: bool = False, augment: bool = True,
                  raw_tile: int | None = None, prefetch: int = 2, max_bad_samples: int | None = None):
         if not HAVE_DALI:
-            raise ImportError("data.backend=dali needs NVIDIA DALI: pip install 'dist_dejpeg[dali]' "
+            raise ImportError("data.backend=dali needs NVIDIA DALI: pip install -e '.[dali]' "
                               "(or data.backend=torch)")
         self.shards = sorted(shards)
         self.index_paths = check_indexes(self.shards)

@@ -145,11 +145,15 @@ def _mean(values: list) -> float | None:
 def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path | None, *, y_only: bool = False,
              crop_border: int = 0, lpips_weights: str = "", allow_lossy_reference: bool = False,
              max_images: int = 0, keep_images: bool = False, restorer_kwargs: dict | None = None,
-             progress: bool = True, blind: bool = False, only: tuple[str, ...] | None = None) -> dict:
+             progress: bool = True, blind: bool = False, only: tuple[str, ...] | None = None,
+             description: str | None = None) -> dict:
     """Run the evaluation; write the three tables into ``out_dir`` (if given) and return the metrics.json
     content. ``keep_images``: also return the images as ``records`` (for the HTML report). The restorer is
-    told each JPEG's quality (as ``restore`` reads it from the file's tables) unless ``blind``. ``only``: measure
-    just these of the six metrics (the others are "not requested"); the colour columns are always there."""
+    told each JPEG's quality (as ``restore`` reads it from the file's tables) unless ``blind`` (then the raw blind
+    model is measured: the guard cannot judge an image of unknown quality). ``only``: measure
+    just these of the six metrics (the others are "not requested"); the colour columns are always there.
+    ``description``: the progress bar's label, the command the user ran ("report" when ``keep_images``, which
+    is what the report asks for, else "evaluate")."""
     from tqdm import tqdm
 
     import PIL
@@ -158,17 +162,25 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
         raise EvaluateError(f"qualities must be in 1..100, got {qualities}")
     if out_dir is not None:
         check_output_dir(out_dir)  # before any computation: an OutputError (a ValueError) names the folder
-    restorer = model if isinstance(model, Restorer) else Restorer(model, **(restorer_kwargs or {}))
+    restorer = model if hasattr(model, "restore_array") else Restorer(model, **(restorer_kwargs or {}))
     refs, skipped = read_references(images, allow_lossy_reference, max_images)
-    metric = MetricSet(lpips_weights, y_only, crop_border, str(restorer.device), only)
+    metric = MetricSet(lpips_weights, y_only, crop_border, str(restorer.device).split(" ")[0], only)
     rows, records = [], []
     restore_seconds, megapixels = 0.0, 0.0
-    bar = tqdm(total=len(refs) * len(qualities), desc="evaluate", unit="image", disable=not progress)
+    desc = description or ("report" if keep_images else "evaluate")
+    bar = tqdm(total=len(refs) * len(qualities), desc=desc, unit="image", disable=not progress)
     for name, clean in refs:
         for q in qualities:
             jpeg = jpeg_roundtrip(clean, q)
             start = time.perf_counter()
-            restored = restorer.restore_array(jpeg, None if blind else q)
+            if blind:  # the raw blind model: with no quality, the guard would pass every image through
+                guard, restorer.guard = restorer.guard, False
+                try:
+                    restored = restorer.restore_array(jpeg, None, source="blind (evaluate --blind)")
+                finally:
+                    restorer.guard = guard
+            else:
+                restored = restorer.restore_array(jpeg, q, source="given")
             restore_seconds += time.perf_counter() - start
             decision = restorer.last_decision
             megapixels += clean.shape[0] * clean.shape[1] / 1e6
@@ -203,7 +215,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
             "undefined": metric.undefined,
             "lpips": "lpips-alex (ImageNet AlexNet backbone)" if metric.lpips is not None else "unavailable",
             "device": str(restorer.device), "tile": restorer.tile, "overlap": restorer.overlap,
-            "quality_given": not blind, "conditioned": restorer.conditioned, "guard": restorer.guard,
+            "quality_given": not blind, "conditioned": restorer.conditioned, "guard": restorer.guard and not blind,
             "restore_ms_per_megapixel": 1000 * restore_seconds / megapixels if megapixels else None,
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         },

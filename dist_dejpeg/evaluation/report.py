@@ -19,7 +19,9 @@ Summary rows (optional; per-quality means over the photos; derived from the reco
 
 Metric names: those of the registry (dist_dejpeg.metrics.registry), shown in its order with its labels, units,
 directions and decimals; others are shown as given after them, direction unknown. A value of ``None`` (or NaN)
-prints as "n/a", with the reason from ``meta["unavailable"][metric]`` when given.
+prints as "n/a", linked to the reason from ``meta["unavailable"][metric]`` when given: each reason is written
+once on the page, in the notes under the summary table. Above the tables, plots of the gain per quality
+(restored - JPEG: PSNR, and SSIM and LPIPS where measured; inline SVG, evaluation/gain_plot.py).
 
 ``meta`` is a dict of model facts shown at the top in order (label -> value), e.g. ``{"source": ...,
 "encoder": "resnet34", "encoder_init": "random init" | "ImageNet", "steps": 1200, "lpips": "unavailable
@@ -46,6 +48,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dist_dejpeg.evaluation.gain_plot import gain_plots
 from dist_dejpeg.metrics.registry import BY_NAME, HIGHER, LOWER, METRICS, ZERO
 from dist_dejpeg.run.files import atomic_write_bytes
 
@@ -123,8 +126,8 @@ def _num(v) -> float | None:
 def _fmt(metric: str, v: float | None, reasons: dict) -> str:
     if v is None:
         reason = reasons.get(metric)
-        if reason:  # the reason as a tooltip and, once per page, in the notes under the summary (#na-<metric>)
-            return (f'<span class="na" title="{html.escape(str(reason))}">n/a'
+        if reason:  # the reason is written once per page, in the notes under the summary (#na-<metric>)
+            return (f'<span class="na" title="unavailable: see the note under the summary">n/a'
                     f'<a class="fn" href="#na-{html.escape(metric)}">*</a></span>')
         return '<span class="na">n/a</span>'
     return f"{v:.{_decimals(metric)}f}"
@@ -204,6 +207,7 @@ img.crop { image-rendering: pixelated; image-rendering: crisp-edges; cursor: zoo
 .rec.z2 img.crop { width: calc(var(--w) * 2px); } .rec.z4 img.crop { width: calc(var(--w) * 4px); }
 figure.thumb { display: inline-block; } .thumb img { display: block; }
 .legend td:first-child { white-space: nowrap; }
+.plots { display: flex; flex-wrap: wrap; gap: 1em; } svg.plot { background: #fff; }
 """
 
 _JS = """
@@ -234,9 +238,11 @@ _JS = """
 def _meta_html(meta: dict) -> str:
     rows = []
     for k, v in meta.items():
-        if k == "unavailable" and isinstance(v, dict):
-            v = "; ".join(f"{m}: {r}" for m, r in v.items()) or "none"
-            k = "unavailable metrics"
+        if k == "unavailable" and isinstance(v, dict):  # names only: the reasons are in the notes, once
+            links = ", ".join(f'<a href="#na-{html.escape(str(m))}">{html.escape(_caption(str(m)))}</a>' for m in v)
+            rows.append(f"<tr><th>unavailable metrics</th><td>{links + ' (why: under the summary)' if v else 'none'}"
+                        "</td></tr>")
+            continue
         rows.append(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>")
     return f'<table class="meta" id="meta">{"".join(rows)}</table>' if rows else ""
 
@@ -318,6 +324,9 @@ def render_report(records: list[dict], *, title: str, meta: dict, summary: list[
                      "started from random weights, not ImageNet. The numbers below come from a random-init "
                      "backbone and are not comparable to pretrained results.</div>")
     parts.append(_meta_html(meta))
+    plots = gain_plots(records, summary)
+    if plots:
+        parts.append("<h2>Gain per quality</h2>" + plots)
     parts.append("<h2>Metrics</h2>" + _legend(names))
     parts.append("<h2>Mean per quality</h2>" + _summary_html(summary, reasons) + _na_notes(reasons))
     parts.append('<div class="zoom">Zoom: <button data-z="1" class="on">1x</button> <button data-z="2">2x</button> '

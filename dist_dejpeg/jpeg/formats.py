@@ -11,8 +11,49 @@ JPEG_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
 # Not usable as a reference: compressed already (webp may be lossless; it cannot be told cheaply).
 LOSSY_SUFFIXES = JPEG_SUFFIXES | {".webp"}
 
-# What restore writes: lossless only (webp written with lossless=True).
-OUTPUT_FORMATS = ("png", "tiff", "webp")
+# What restore writes: name -> (suffix, Pillow format, Pillow save options). png: lossless, the default; jpg:
+# quality 95 with full-resolution chroma (4:4:4) and optimized Huffman tables; webp: lossless; tiff: lossless,
+# deflate-compressed with a predictor. A quality (`restore --output-quality Q`) makes jpg and webp write at Q (webp lossy).
+OUTPUT_FORMATS = {
+    "png": (".png", "PNG", {}),
+    "jpg": (".jpg", "JPEG", {"quality": 95, "subsampling": 0, "optimize": True}),
+    "webp": (".webp", "WEBP", {"lossless": True}),
+    # tag 317 = 2: horizontal differencing before deflate (photos: about a quarter smaller)
+    "tiff": (".tiff", "TIFF", {"compression": "tiff_adobe_deflate", "tiffinfo": {317: 2}}),
+}
+SAME_FORMAT = "same"  # each input written in its own format where restore can write it (see output_format)
+# `--format same`: the input suffixes written in their own format (under their own suffix); any other: png
+SAME_FORMAT_OF = {**{s: "jpg" for s in JPEG_SUFFIXES}, ".png": "png", ".webp": "webp"}
+# The Pillow format each output suffix is written in (a `same` output keeps its input's suffix: .jpeg, .JPG)
+OUTPUT_SUFFIXES = {**{s: "JPEG" for s in JPEG_SUFFIXES}, **{v[0]: v[1] for v in OUTPUT_FORMATS.values()},
+                   ".tif": "TIFF"}
+# Pillow formats that can hold an alpha channel
+ALPHA_FORMATS = frozenset({"PNG", "WEBP", "TIFF"})
+
+
+def output_format(fmt: str, source_suffix: str) -> tuple[str, str]:
+    """(format name, output suffix) of an input with ``source_suffix`` written as ``fmt`` (an OUTPUT_FORMATS
+    name, or SAME_FORMAT: a JPEG, PNG or WebP input keeps its format and its own suffix, any other is png)."""
+    if fmt == SAME_FORMAT:
+        same = SAME_FORMAT_OF.get(source_suffix.lower())
+        return (same, source_suffix) if same else ("png", OUTPUT_FORMATS["png"][0])
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"output format must be one of {', '.join([*OUTPUT_FORMATS, SAME_FORMAT])}, got {fmt!r}")
+    return fmt, OUTPUT_FORMATS[fmt][0]
+
+
+def save_options(suffix: str, quality: int | None = None) -> tuple[str, dict]:
+    """(Pillow format, save options) for an output file with ``suffix``; ``quality``: jpg and webp written at
+    that quality (webp then lossy) instead of their defaults."""
+    pil = OUTPUT_SUFFIXES.get(suffix.lower())
+    if pil is None:
+        raise ValueError(f"unknown output suffix {suffix!r}: one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
+    options = dict(next(v[2] for v in OUTPUT_FORMATS.values() if v[1] == pil))
+    if quality is not None and pil in ("JPEG", "WEBP"):
+        options.update(quality=int(quality))
+        if pil == "WEBP":
+            options["lossless"] = False
+    return pil, options
 
 # Extensions a shard sample may carry its image under, in order of preference. "raw" is an uncompressed
 # square H x W x 3 uint8 tile (no decode at all; the side follows from the byte count).

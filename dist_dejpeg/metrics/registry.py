@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-EVAL_EXTRA_HINT = "pip install 'dist_dejpeg[eval]'"
+EVAL_EXTRA_HINT = "pip install -e '.[eval]'"  # as the README installs extras, from the checkout
 
 HIGHER, LOWER, ZERO = "higher", "lower", "zero"  # which way is better; ZERO: a signed value, best at 0
 PHRASES = {HIGHER: "higher is better", LOWER: "lower is better", ZERO: "closer to 0 is better"}

@@ -3,6 +3,7 @@
     from dist_dejpeg.models.generator_file import load_generator, load_model
     generator = load_generator("runs/debug/generator.safetensors")   # eval mode, CPU
     generator, info = load_model("runs/debug")    # a generator file, a run folder or a checkpoint folder
+    generator = ready_for_inference(generator)    # for restoring only (restore.restorer.Restorer does this)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from dist_dejpeg.config import ConfigError, ModelConfig, load_config
+from dist_dejpeg.models.names import ModelFileError  # torch-free home (the ONNX runtime raises it too)
 from dist_dejpeg.models.unet import Generator, build_generator
 from dist_dejpeg.run.files import atomic_write_bytes
 from dist_dejpeg.run.layout import CHECKPOINT_MODEL, CONFIG, GENERATOR, TRAINER_STATE, list_checkpoints
@@ -40,10 +42,6 @@ def save_generator(generator: Generator, model_cfg: ModelConfig, path: str | Pat
     meta = {"format": FORMAT, "model": json.dumps(dataclasses.asdict(model_cfg))}
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     atomic_write_bytes(path, save(state, metadata=meta))
-
-
-class ModelFileError(ValueError):
-    """A model path that does not hold a generator this installation can build."""
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -96,6 +94,22 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
         raise ModelFileError(f"{path}: not a dist_dejpeg generator file (format {meta.get('format')!r})")
     generator = _build_and_load(model_config_from_meta(meta, str(path)), load_file(str(path), device="cpu"), str(path))
     return generator.to(device).eval()
+
+
+def ready_for_inference(generator: torch.nn.Module) -> torch.nn.Module:
+    """``generator`` (in eval mode) changed in place for restoring, computing the same outputs: each spectral
+    norm's weight / sigma computed once into a plain weight (in eval mode it is a constant the parametrization
+    recomputed at every call), and channels_last (oneDNN's convolutions and the blur's pooling run ~20 % faster
+    on the CPU without layout conversions; the results differ from NCHW's by float rounding only). Not for a
+    generator that will be trained or saved again: its state dict keys change."""
+    from torch.nn.utils import parametrize
+
+    generator.eval()
+    for module in generator.modules():
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return generator.to(memory_format=torch.channels_last)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict]:

@@ -8,6 +8,8 @@ epsilon underflows to zero, which is where NaNs come from; in float32 neither ca
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import warnings
 
 import torch
@@ -33,7 +35,11 @@ class LPIPS(nn.Module):
                                     message=r"(The parameter 'pretrained' is deprecated|Arguments other than a weight enum)")
             self.inner = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
         if pretrained:
-            load_lpips_backbone(self.inner.net, lpips_backbone_state(net, weights_file, key))
+            # torch.hub writes 'Downloading: "https://..."' on stdout, where a command's results go (evaluate
+            # --quiet prints nothing else there): it is a progress note, so stderr, once per model built
+            with contextlib.redirect_stdout(sys.stderr):
+                state = lpips_backbone_state(net, weights_file, key)
+            load_lpips_backbone(self.inner.net, state)
         self.net_name = net
         self.pretrained = pretrained
         self.requires_grad_(False)

@@ -13,7 +13,13 @@ The ONNX model: input ``degraded`` (float32 N x 3 x H x W in [0, 1]), output ``r
 validated RGB PSNR gain per quality (``val_psnr_gain``), from which a runtime can pass through images of a
 quality the model does not improve, as ``restore`` does. H and W above 16: the graph pads with reflect, which
 needs the pad (up to 31) below the size; PyTorch replicates instead for such tiny images, onnxruntime rejects
-them ("Pad reflect: post-pad exceeds maximum allowed"). Needs ``pip install 'dist_dejpeg[onnx]'``.
+them ("Pad reflect: post-pad exceeds maximum allowed"). Needs ``pip install -e '.[onnx]'``.
+
+What the guard needs is in the file's metadata_props, each a string: ``val_psnr_gain`` (JSON ``{quality: dB}``),
+``conditioned`` ("true"/"false"), ``encoder``, ``encoder_init``, ``global_step``, ``lpips``, ``pad_to``, ``model``
+(the config as JSON), ``source``; :func:`read_onnx_metadata` reads them back. ``dist-dejpeg restore --model
+dejpeg.onnx`` runs the file on onnxruntime with the same tiling, blending and guard as the PyTorch model
+(restore/onnx_backend.py, without importing torch): a tiled restore is what matches, not one forward pass over the whole image.
 
 How: torch.onnx's dynamo exporter (``torch.export``): the TorchScript exporter traces the generator's
 pad-to-a-multiple-of-32 amounts as constants, so its graph only fits the example size. ``Generator.correction``
@@ -41,33 +47,19 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from dist_dejpeg.models.generator_file import load_model
+# the names and errors a runtime needs without torch (re-exported here under their old home)
+from dist_dejpeg.models.names import (INPUT, MIN_SIZE, ONNX_FORMAT, OUTPUT, QUALITY, OnnxUnavailable,  # noqa: F401
+                                      require_onnx)
 from dist_dejpeg.run.files import atomic_write_bytes
 
-ONNX_FORMAT = "dist_dejpeg.onnx.v1"
-INSTALL_HINT = "pip install 'dist_dejpeg[onnx]'"
-INPUT, OUTPUT, QUALITY = "degraded", "restored", "quality"
 # (batch, height, width) of the onnxruntime check: one size not a multiple of 32, and a batch of 2
 CHECK_SIZES = ((1, 200, 152), (2, 96, 160))
 # float32 on [0, 1]: 1e-4 is 1/39 of an 8-bit step (1/255); the two runtimes differ only in summation order
 TOLERANCE = 1e-4
-MIN_SIZE = 32  # the exported range's lower end: from 32 on, torch.export proves the reflect pad valid
-
-
-class OnnxUnavailable(ImportError):
-    """onnx, onnxruntime or onnxscript (the dynamo exporter's translator) is not installed."""
 
 
 class OnnxCheckError(RuntimeError):
     """onnxruntime's output differs from PyTorch's by more than the tolerance (the file is not written)."""
-
-
-def require_onnx() -> None:
-    for name in ("onnx", "onnxruntime", "onnxscript"):
-        try:
-            __import__(name)
-        except ImportError as err:
-            raise OnnxUnavailable(f"ONNX export needs onnx, onnxruntime and onnxscript ({name} is not installed: "
-                                  f"{err}); {INSTALL_HINT}") from None
 
 
 def fold_spectral_norm(generator: nn.Module) -> nn.Module:
@@ -143,12 +135,14 @@ def _cfg_dict(model_cfg) -> dict:
 
 def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = None, check_image=None,
                 model_cfg=None, source: str = "", check_sizes=CHECK_SIZES, tolerance: float = TOLERANCE,
-                log=print, val_psnr_gain: dict | None = None) -> dict:
+                log=print, val_psnr_gain: dict | None = None, info: dict | None = None) -> dict:
     """Export ``generator`` to ``path`` (atomically, after the onnxruntime check passed).
 
-    ``model_cfg`` (a ModelConfig or its dict) and ``source`` go into the ONNX metadata_props with the format
-    version and the encoder. Returns ``{"path", "opset", "max_abs_diff": {"NxCxHxW": float}, "tolerance",
-    "export_s", "bytes"}``; raises OnnxUnavailable, or OnnxCheckError when a difference exceeds ``tolerance``."""
+    ``model_cfg`` (a ModelConfig or its dict), ``source``, ``val_psnr_gain`` and, from ``info`` (load_model's),
+    encoder_init, global_step and lpips go into the ONNX metadata_props with the format version, the encoder,
+    ``conditioned`` and ``pad_to`` (see the module docstring). Returns ``{"path", "opset", "max_abs_diff":
+    {"NxCxHxW": float}, "tolerance", "export_s", "bytes", "metadata"}``; raises OnnxUnavailable, or
+    OnnxCheckError when a difference exceeds ``tolerance``."""
     require_onnx()
     import onnx
     import onnxruntime as ort
@@ -192,7 +186,11 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
             "source": str(source), "dist_dejpeg": version, "torch": torch.__version__,
             "input": f"{INPUT}: float32 N x 3 x H x W in [0, 1], H and W > 16",
             "output": f"{OUTPUT}: float32 N x 3 x H x W in [0, 1]",
-            "val_psnr_gain": json.dumps({str(k): v for k, v in (val_psnr_gain or {}).items()})}
+            "val_psnr_gain": json.dumps({str(k): v for k, v in (val_psnr_gain or {}).items()}),
+            "conditioned": json.dumps(conditioned), "pad_to": str(exported.pad_to),
+            "encoder_init": str((info or {}).get("encoder_init") or ("ImageNet" if cfg.get("pretrained") else
+                                                                     "random init")),
+            "global_step": json.dumps((info or {}).get("global_step")), "lpips": str((info or {}).get("lpips") or "")}
     if conditioned:
         meta["input"] += f"; {QUALITY}: float32 N, JPEG quality 1..100 (0: unknown)"
     del proto.metadata_props[:]
@@ -229,6 +227,7 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
 
 
 def read_onnx_metadata(path: str | Path) -> dict:
+    """The export's metadata_props as strings (JSON for val_psnr_gain, model, conditioned, global_step)."""
     import onnx
 
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
@@ -245,5 +244,5 @@ def export_model(model: str | Path, onnx_path: str | Path, *, opset: int | None 
     if check_image and not Path(check_image).is_file():
         raise FileNotFoundError(f"--check-image {check_image}: no such file")
     result = export_onnx(generator, onnx_path, opset=opset, check_image=check_image, model_cfg=info["model"],
-                         source=info["source"], log=log, val_psnr_gain=info.get("val_psnr_gain"))
+                         source=info["source"], log=log, val_psnr_gain=info.get("val_psnr_gain"), info=info)
     return result, info

@@ -1,3 +1,21 @@
 """Restoring images with a trained generator, starting from the generator file (never from the trainer):
-``images`` (files in and out), ``tiling`` (windows and blending), ``restorer`` (the ``Restorer`` API and the
-do-no-harm guard), ``files`` (folders and globs into an output folder)."""
+``images`` (files in and out), ``tiling`` (windows and blending), ``guard`` (restore or pass through),
+``base`` (what every restorer shares), ``restorer`` (the PyTorch ``Restorer``), ``onnx_backend`` (an exported
+model on onnxruntime, torch-free), ``files`` (folders and globs into an output folder).
+
+    from dist_dejpeg.restore import open_restorer
+    restorer = open_restorer("model.onnx", tile=512)   # OnnxRestorer: onnxruntime, torch never imported
+    restorer = open_restorer("runs/debug")             # Restorer: PyTorch
+"""
+
+
+def open_restorer(model, **kwargs):
+    """The restorer for ``model``: an OnnxRestorer for an exported ``.onnx`` file (torch is not imported), else
+    a PyTorch Restorer (a generator file, a run or checkpoint folder, or a module). ``kwargs``: Restorer's."""
+    from dist_dejpeg.restore.onnx_backend import OnnxRestorer, is_onnx
+
+    if is_onnx(model):
+        return OnnxRestorer(model, **kwargs)
+    from dist_dejpeg.restore.restorer import Restorer
+
+    return Restorer(model, **kwargs)

@@ -2,7 +2,13 @@
 folder under the same relative names, never stopping at a bad file.
 
     from dist_dejpeg.restore.files import restore_files
-    results = restore_files(Restorer("runs/debug"), ["photos/", "*.jpg"], "restored/")
+    results = restore_files(Restorer("runs/debug"), ["photos/", "*.jpg"], "restored/", fmt="jpg")
+
+Names: a file's output is its name with the output format's suffix (``suffix`` added to the stem); a folder's
+files and a glob's matches keep their path below the folder or below the glob's fixed prefix ('in/**/a*.jpg':
+the part after in/). Inputs that would get the same output name (a.jpg, a.JPEG and a.png as png) each keep their
+own extension in it (a.jpg.png, a.JPEG.png, a.png.png), so every input gets an output; an output that would
+overwrite an input is refused.
 
 Each output is written atomically (a hidden ``.NAME.tmpPID`` renamed into place), so an output that exists is
 whole unless something else wrote it. A killed restore can leave those temp files: the next restore into the
@@ -18,14 +24,14 @@ import glob
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES, OUTPUT_FORMATS
+from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, IMAGE_SUFFIXES, output_format, save_options
 from dist_dejpeg.jpeg.quality import estimate_quality
 from dist_dejpeg.restore.images import DEFAULT_MAX_PIXELS, InputImageError, load_image, output_complete, save_image
-from dist_dejpeg.restore.restorer import Restorer
+from dist_dejpeg.restore.base import ImageRestorer  # Restorer (PyTorch) or OnnxRestorer: no torch import here
 from dist_dejpeg.run.files import TEMP_NAME
 from dist_dejpeg.run.lock import pid_alive
 
@@ -46,7 +52,7 @@ class RestoreResult:
     seconds: float = 0.0
     megapixels: float = 0.0
     quality: int | None = None  # the JPEG quality used (None: unknown)
-    quality_from: str = ""  # "given" (--quality), "file tables", or why it is unknown
+    quality_from: str = ""  # "given" (--input-quality), how it was estimated ("file tables", ...), or why unknown
     passthrough: bool = False  # written unchanged: no gain predicted at this quality
     note: str = ""  # the restore decision's reason
     skipped: bool = False  # a complete output existed (skip_existing): nothing was done
@@ -78,9 +84,44 @@ def collect_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path]], list[Res
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
             if not matches:
                 failures.append(RestoreResult(item, error="no such file, and no file matches it as a glob"))
+            prefix = glob_prefix(item)
             for p in matches:
-                add(p, Path(p.name))
+                add(p, below(p, prefix))
     return found, failures
+
+
+def glob_prefix(pattern: str) -> Path:
+    """The folder a glob searches in: its leading parts without wildcards ('in/**/a*.jpg' -> in)."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts) - 1)
+    return Path(*parts[:fixed]) if fixed else Path()
+
+
+def below(path: Path, folder: Path) -> Path:
+    """``path`` relative to ``folder`` (a glob's prefix), or its name where that would leave the output folder."""
+    try:
+        rel = path.relative_to(folder)
+    except ValueError:
+        return Path(path.name)
+    return rel if rel.parts and ".." not in rel.parts and not rel.is_absolute() else Path(path.name)
+
+
+def output_names(rels: list[Path], fmt: str = "png", suffix: str = "") -> list[Path]:
+    """Each input's output path relative to the output folder, from its relative path ``rels``: the stem, then
+    ``suffix`` (after a "_" unless it starts with a character that is not a letter or digit: "restored" and
+    "_restored" both give photo_restored.png), then the output format's suffix (output_format: ``fmt`` "same"
+    keeps a JPEG's, PNG's or WebP's own). Inputs that would share an output name each keep their own extension
+    in it (a.jpg -> a.jpg.png, a.png -> a.png.png), whatever their order."""
+    if suffix and suffix[0].isalnum():
+        suffix = "_" + suffix
+
+    def name(rel: Path, keep_extension: bool) -> Path:
+        extension = output_format(fmt, rel.suffix)[1]
+        return rel.with_name((rel.name if keep_extension else rel.stem) + suffix + extension)
+
+    plain = [name(rel, False) for rel in rels]
+    shared = Counter(plain)
+    return [name(rel, True) if shared[out] > 1 else out for rel, out in zip(rels, plain)]
 
 
 def check_output_dir(out_dir: str | Path) -> Path:
@@ -137,30 +178,33 @@ def remove_stale_temps(targets: list[Path], max_age_s: float = STALE_TEMP_S, kee
     return removed
 
 
-def restore_files(restorer: Restorer, inputs: list[str], out_dir: str | Path, *, fmt: str = "png",
-                  max_pixels: int = DEFAULT_MAX_PIXELS, skip_existing: bool = False,
-                  progress: bool = True, quality: int | None = None) -> list[RestoreResult]:
-    """Restore every image ``inputs`` names into ``out_dir`` (same relative name, ``fmt`` suffix). Never stops
-    at a bad file: each result carries its error. The output folder is checked before anything runs. Each
-    image's quality is ``quality`` when given, else read from its JPEG tables, else unknown."""
+def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path, *, fmt: str = "png",
+                  max_pixels: int = DEFAULT_MAX_PIXELS, skip_existing: bool = False, progress: bool = True,
+                  quality: int | None = None, suffix: str = "", output_quality: int | None = None
+                  ) -> list[RestoreResult]:
+    """Restore every image ``inputs`` names into ``out_dir`` (names: output_names; ``fmt`` an OUTPUT_FORMATS
+    name or "same"; ``output_quality``: jpg and webp outputs at that quality). Never stops at a bad file: each
+    result carries its error. The output folder is checked before anything runs. Each image's quality is
+    ``quality`` when given, else estimated (jpeg.quality.estimate_quality: the file's tables, else its
+    pixels), else unknown."""
     from tqdm import tqdm
 
-    if fmt not in OUTPUT_FORMATS:
-        raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+    output_format(fmt, ".png")  # a ValueError for an unknown format, before any work
     out = check_output_dir(out_dir)
     files, results = collect_inputs(inputs)
     sources = {p.resolve() for p, _ in files}
-    targets = [out / rel.with_suffix(f".{fmt}") for _, rel in files]
+    targets = [out / rel for rel in output_names([rel for _, rel in files], fmt, suffix)]
     stale = remove_stale_temps(targets, keep=sources)
     if stale:
         log.info("removed %d temp file(s) a killed restore left in %s", len(stale), out)
     claimed: dict[Path, Path] = {}
-    for (path, rel), target in tqdm(list(zip(files, targets)), desc="restore", unit="image", disable=not progress):
+    for (path, _), target in tqdm(list(zip(files, targets)), desc="restore", unit="image", disable=not progress):
         result = RestoreResult(str(path))
         results.append(result)
         key = target.resolve()
         if key in sources:
-            result.error = f"refusing to overwrite an input: the output would be {target}"
+            result.error = (f"refusing to overwrite an input: the output would be {target} (give another output "
+                            f"folder, or --suffix)")
             continue
         if key in claimed:
             result.error = f"output {target} is also the output of {claimed[key]}: restore them into different folders"
@@ -175,19 +219,16 @@ def restore_files(restorer: Restorer, inputs: list[str], out_dir: str | Path, *,
         start = time.perf_counter()
         try:
             image = load_image(path, max_pixels)
-            if quality is not None:
-                result.quality, result.quality_from = int(quality), "given"
-            else:
-                est = estimate_quality(image.image) if image.image is not None else None
-                result.quality = est.quality if est else None
-                result.quality_from = ("file tables" if result.quality is not None
-                                       else (est.reason if est else f"not a JPEG ({image.format})"))
-            restored = restorer.restore_array(image.rgb, result.quality)
+            if image.alpha is not None and save_options(target.suffix)[0] not in ALPHA_FORMATS:
+                raise InputImageError(f"{path}: has an alpha channel (transparency), which {target.suffix} cannot "
+                                      f"hold: write it as png, webp or tiff (--format, or --format same)")
+            source = read_quality(result, image, quality)
+            restored = restorer.restore_array(image.rgb, result.quality, source=source)
             decision = restorer.last_decision
             result.passthrough, result.note = decision.passthrough, decision.reason
             target.parent.mkdir(parents=True, exist_ok=True)
             save_image(restored, target, alpha=image.alpha, grayscale=image.grayscale,
-                       icc_profile=image.icc_profile, exif=image.exif)
+                       icc_profile=image.icc_profile, exif=image.exif, quality=output_quality)
         except (InputImageError, OSError, ValueError, RuntimeError) as err:
             result.error = str(err) if isinstance(err, InputImageError) else f"{type(err).__name__}: {err}"
             continue
@@ -195,3 +236,20 @@ def restore_files(restorer: Restorer, inputs: list[str], out_dir: str | Path, *,
         result.seconds = time.perf_counter() - start
         result.megapixels = image.rgb.shape[0] * image.rgb.shape[1] / 1e6
     return results
+
+
+def read_quality(result: RestoreResult, image, quality: int | None) -> str:
+    """Fill ``result.quality`` and ``quality_from`` for a loaded image: ``quality`` when given, else estimated
+    from its tables or pixels; returns the source the restorer records ("given", "file tables", ...)."""
+    if quality is not None:
+        result.quality, result.quality_from = int(quality), "given"
+        return "given"
+    est = estimate_quality(image.image, image.rgb)
+    result.quality = est.quality
+    if est.quality is None:
+        result.quality_from = est.reason or "quality unknown"
+    elif "double" in est.source:  # the tables say one quality, the pixels an earlier, coarser one: say both
+        result.quality_from = f"{est.source}: {est.reason}" if est.reason else est.source
+    else:
+        result.quality_from = est.source or "estimated"
+    return est.source or "unknown"

@@ -1,13 +1,15 @@
 """Image files in and out of restoration: ``load_image`` refuses what cannot be restored with a reason,
-``save_image`` writes losslessly and atomically. Torch-free.
+``save_image`` writes atomically in the format its suffix names (jpeg/formats.py: OUTPUT_FORMATS). Torch-free.
 
 EXIF orientation is applied; grayscale, palette, RGBA/LA (alpha kept and written back unchanged), CMYK and
 YCbCr JPEGs are read; grayscale input gives grayscale output. 16-bit images are refused (a JPEG is 8-bit: a
 16-bit file never was one), as are images over ``max_pixels`` (checked from the header, before decoding:
 decompression bombs).
 
-Metadata: the input's ICC profile and EXIF (camera, dates, GPS, ...) go into the output (PNG iCCP + eXIf, TIFF
-tags, WebP ICCP/EXIF chunks). The EXIF orientation is applied to the pixels once, so the written EXIF says
+Metadata: the input's ICC profile and EXIF (camera, dates, GPS, ...) go into the output (PNG iCCP + eXIf, JPEG
+APP2 + APP1, TIFF tags, WebP ICCP/EXIF chunks). A TIFF is written deflate-compressed, except where the EXIF has
+sub-IFDs (the Exif and GPS ones: dates, exposure, location), which Pillow's compressed-TIFF writer (libtiff)
+cannot write: that TIFF is written uncompressed, so that nothing is lost. The EXIF orientation is applied to the pixels once, so the written EXIF says
 Orientation 1 (and the Exif IFD's pixel dimensions are the output's); the thumbnail (IFD1) and XMP are not
 carried. A profile is carried only where it describes the output's colours: RGB for RGB output, GRAY for
 grayscale. A CMYK input with an embedded profile is converted to sRGB through that profile (LittleCMS via
@@ -22,18 +24,21 @@ import functools
 import io
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, save_options
 from dist_dejpeg.run.files import atomic_write_bytes
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP; PIL's own limit (89.5 MP) only warns below twice its value
 GRAY_MODES = ("L", "LA", "1")  # single-channel inputs: written back single-channel
 ORIENTATION = 0x0112  # EXIF tag
 EXIF_IFD, PIXEL_X, PIXEL_Y = 0x8769, 0xA002, 0xA003  # the Exif sub-IFD and its pixel dimensions
+SUB_IFDS = (EXIF_IFD, 0x8825, 0xA005)  # pointers to the Exif, GPS and Interoperability sub-IFDs
 # TIFF tags that describe how a file's pixels are stored, not the photo: a TIFF input's getexif() holds them,
 # and written into another file they would describe the wrong pixels (in a TIFF output, corrupt it)
 STORAGE_TAGS = frozenset({254, 255, 256, 257, 258, 259, 262, 266, 273, 277, 278, 279, 284, 292, 293, 317, 320,
@@ -51,7 +56,7 @@ class LoadedImage:
     grayscale: bool  # the file was single-channel: write single-channel
     mode: str  # the file's PIL mode
     format: str  # the file's format (JPEG, PNG, ...)
-    image: Image.Image | None = None  # the opened file (for its JPEG quantization tables)
+    image: Image.Image | None = None  # the opened file, any format (its JPEG tables, info; pixels in ``rgb``)
     icc_profile: bytes | None = None  # the profile to write with the output (see the module docstring)
     exif: bytes | None = None  # the EXIF to write with the output, Orientation reset to 1
 
@@ -144,7 +149,7 @@ def output_metadata(img: Image.Image, grayscale: bool) -> tuple[bytes | None, by
             del exif[tag]
         if ORIENTATION in exif:
             exif[ORIENTATION] = 1  # applied to the pixels once
-        sub = exif.get_ifd(EXIF_IFD)
+        sub = exif.get_ifd(EXIF_IFD) if EXIF_IFD in exif else {}  # get_ifd would add an empty one
         if PIXEL_X in sub or PIXEL_Y in sub:
             w, h = img.size
             sub[PIXEL_X], sub[PIXEL_Y] = (h, w) if turned else (w, h)
@@ -190,47 +195,70 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
         icc, exif = output_metadata(img, img.mode in GRAY_MODES)  # before split_image turns the pixels
         rgb, alpha, grayscale = split_image(img, str(path))
         return LoadedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, mode=mode, format=fmt,
-                           image=img if fmt == "JPEG" else None, icc_profile=icc, exif=exif)
+                           image=img, icc_profile=icc, exif=exif)
 
 
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # a PNG's last chunk
+JPEG_END = b"\xff\xd9"  # a JPEG's EOI marker (what restore writes ends with it)
 
 
 def output_complete(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
     """Whether ``path`` holds a whole image in the format its suffix names: the header opens, the pixels decode
-    to the end (a truncated file raises), and a PNG ends with its IEND chunk. A full decode costs little next to
-    a restore and its encode (seen on one CPU core, 12 MP: PNG 24 ms per megapixel, WebP 39, TIFF 4), and only
-    it sees every byte."""
+    to the end (a truncated file raises), a PNG ends with its IEND chunk, a JPEG with its EOI marker, a WebP is
+    as long as its RIFF header says, and PIL gives no warning (a TIFF whose directory is cut short only warns;
+    at worst a complete file is restored again). A full decode costs little next to a restore and its encode
+    (seen on one CPU core, 12 MP: PNG 24 ms per megapixel, WebP 39, TIFF 4), and only it sees every byte."""
     path = Path(path)
     try:
-        with _pixel_limit(max_pixels), Image.open(path) as img:
-            if img.format != Image.registered_extensions().get(path.suffix.lower()):
-                return False
-            if img.format == "PNG":
+        with warnings.catch_warnings(), _pixel_limit(max_pixels):
+            warnings.simplefilter("error")
+            with Image.open(path) as img:
+                if img.format != Image.registered_extensions().get(path.suffix.lower()):
+                    return False
                 with open(path, "rb") as f:
+                    head = f.read(12)
                     f.seek(-len(PNG_END), os.SEEK_END)
-                    if f.read() != PNG_END:
-                        return False
-            img.load()
+                    tail, size = f.read(), f.tell()
+                if ((img.format == "PNG" and tail != PNG_END) or (img.format == "JPEG" and tail[-2:] != JPEG_END)
+                        or (img.format == "WEBP" and struct.unpack("<I", head[4:8])[0] + 8 != size)):
+                    return False
+                img.load()
     except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError ... for broken files
         return False
     return True
 
 
 def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = None, grayscale: bool = False,
-               icc_profile: bytes | None = None, exif: bytes | None = None) -> None:
-    """Write losslessly (PNG unless ``path`` says otherwise), atomically: encoded first, then a temporary file
-    renamed into place (run.files.atomic_write_bytes). ``icc_profile`` and ``exif`` (LoadedImage's) are
-    embedded when given."""
+               icc_profile: bytes | None = None, exif: bytes | None = None, quality: int | None = None) -> None:
+    """Write in the format ``path``'s suffix names, with its OUTPUT_FORMATS options (``quality``: jpg and webp
+    at that quality), atomically: encoded first, then a temporary file renamed into place
+    (run.files.atomic_write_bytes). ``icc_profile`` and ``exif`` (LoadedImage's) are embedded when given. An
+    alpha channel for a format that cannot hold one (JPEG) is an InputImageError, never dropped silently."""
     path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise InputImageError(f"{path}: unknown output format '{path.suffix}'")
-    buf = io.BytesIO()
-    options = {"lossless": True} if fmt == "WEBP" else {}
+    try:
+        fmt, options = save_options(path.suffix, quality)
+    except ValueError as err:
+        raise InputImageError(f"{path}: {err}") from None
+    if alpha is not None and fmt not in ALPHA_FORMATS:
+        raise InputImageError(f"{path}: the image has an alpha channel (transparency), which {fmt} cannot hold; "
+                              f"write it as png, webp or tiff (--format, or --format same)")
+    if exif and fmt == "TIFF":
+        options = _tiff_with_exif(options, exif)
+    elif exif:
+        options["exif"] = exif
     if icc_profile:
         options["icc_profile"] = icc_profile
-    if exif:
-        options["exif"] = exif
+    buf = io.BytesIO()
     join_image(rgb, alpha, grayscale).save(buf, format=fmt, **options)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _tiff_with_exif(options: dict, exif: bytes) -> dict:
+    """TIFF save options carrying ``exif``: its tags beside the compressed format's own (``exif=`` is ignored
+    once ``tiffinfo`` is given), or, where it has sub-IFDs that libtiff cannot write, uncompressed."""
+    tags = Image.Exif()
+    tags.load(exif)
+    if any(tags.get_ifd(pointer) for pointer in SUB_IFDS if pointer in tags):
+        return {"exif": exif}
+    plain = {tag: value for tag, value in tags.items() if tag not in SUB_IFDS}  # pointers to empty sub-IFDs
+    return {**options, "tiffinfo": {**plain, **options.get("tiffinfo", {})}}

@@ -133,7 +133,7 @@ def _deepspeed_accelerator(cfg: Config, cpu: bool, timeout: timedelta) -> Accele
         from accelerate.utils import DeepSpeedPlugin
     except ImportError:
         raise ConfigError("config key 'train.deepspeed_stage': DeepSpeed is not installed; "
-                          "pip install 'dist-dejpeg[deepspeed]' (or set train.deepspeed_stage=0)") from None
+                          "pip install -e '.[deepspeed]' (or set train.deepspeed_stage=0)") from None
     if cfg.train.cpu and torch.cuda.is_available():
         # Accelerator(cpu=True) silently turns DeepSpeed off
         raise ConfigError("config keys 'train.cpu'/'train.deepspeed_stage': DeepSpeed on the CPU of a GPU machine is "

@@ -1,0 +1,144 @@
+"""What every restorer shares, whatever runs the model (PyTorch: restore/restorer.py; onnxruntime:
+restore/onnx_backend.py): the tiling options, the do-no-harm guard (restore/guard.py), uint8 arrays and PIL
+images in and out, and the check that a broken model never returns non-finite pixels. Torch-free.
+
+A backend gives ``arrays`` (restore/tiling.py's Arrays for its kind of array), ``chw(hwc)`` (a 3 x H x W view of an
+H x W x 3 numpy array in that kind), ``forward(batch, quality)`` and ``inference()`` (the context a restore runs
+in); the rest is here, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from dist_dejpeg.jpeg.quality import estimate_quality
+from dist_dejpeg.restore.guard import Decision, decide
+from dist_dejpeg.restore.images import join_image, output_metadata, split_image
+from dist_dejpeg.restore.tiling import NUMPY, Arrays, restore_tiled
+
+
+def check_tiling(tile: int, overlap: int) -> None:
+    """A ValueError for a tile the model cannot take or an overlap the blend cannot use."""
+    if tile and (tile % 32 or tile < 64):
+        raise ValueError(f"tile must be 0 (whole image) or a multiple of 32 of at least 64, got {tile}")
+    if tile and not 0 <= overlap < tile // 2:
+        raise ValueError(f"overlap must be in [0, tile/2), got {overlap} for tile {tile}")
+
+
+class ImageRestorer:
+    """A model ready to restore images, tile by tile (``tile`` 0: whole images), ``batch_size`` tiles per call,
+    guarded by the gains its validation measured (``info["val_psnr_gain"]``; ``guard`` False: restore all).
+    Subclasses set ``device`` and ``conditioned`` and give ``forward`` (and ``arrays``, ``chw``, ``inference``
+    where their arrays are not numpy's)."""
+
+    arrays: Arrays = NUMPY
+    device: Any = "cpu"
+    conditioned: bool = False
+
+    def setup(self, info: dict, *, tile: int, overlap: int, batch_size: int, guard: bool) -> None:
+        check_tiling(tile, overlap)
+        self.info = info
+        self.tile, self.overlap, self.batch_size = tile, overlap, max(1, batch_size)
+        self.guard = guard
+        self.gains = {int(q): float(g) for q, g in (info.get("val_psnr_gain") or {}).items()}
+        self.last_decision: Decision | None = None
+
+    # -- what a backend gives -------------------------------------------------------------------------------
+    def forward(self, batch, quality: int | None):
+        """N x 3 x h x w float32 in [0, 1] -> the same shape, restored (told ``quality`` if conditioned)."""
+        raise NotImplementedError
+
+    def chw(self, hwc: np.ndarray):
+        """A 3 x H x W view of the H x W x 3 numpy array ``hwc``, in the kind of array ``forward`` takes."""
+        return hwc.transpose(2, 0, 1)
+
+    def inference(self):
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def all_finite(rows) -> bool:
+        return bool(np.isfinite(rows).all())
+
+    @staticmethod
+    def to_uint8(rows, out) -> None:
+        """``rows`` (float 0..1, may be changed) rounded into ``out`` (uint8)."""
+        rows *= 255
+        out[...] = np.clip(np.rint(rows, out=rows), 0, 255, out=rows)
+
+    # -- the guard ------------------------------------------------------------------------------------------
+    def decide(self, quality: int | None, source: str = "given") -> Decision:
+        """Restore or pass through an image of ``quality`` (None: unknown), found as ``source`` says."""
+        return decide(self.gains, quality, source, self.guard)
+
+    def broken(self, decision: Decision, count: int, of: int) -> None:
+        self.last_decision = Decision(decision.quality, decision.source, True,
+                                      f"the model restored {count} of {of} image(s) to non-finite values (a "
+                                      f"broken model file?): passed through unchanged")
+
+    # -- restoring ------------------------------------------------------------------------------------------
+    def restore_tiled(self, image, quality: int | None, write: Callable[[int, int, Any], None]) -> bool:
+        """One 3 x H x W image (uint8 or float 0..1, in ``arrays``' kind) restored, its rows handed to ``write``
+        as tiling.restore_tiled does; False when a restored value was NaN or infinite (a broken model), after
+        which nothing more is written."""
+        finite = True
+
+        def checked(y0: int, y1: int, rows) -> None:
+            nonlocal finite
+            finite = finite and self.all_finite(rows)
+            if finite:
+                write(y0, y1, rows)
+
+        with self.inference():  # torch: the blending too (the model's outputs are weighted in place)
+            restore_tiled(lambda batch: self.forward(batch, quality), image, self.tile, self.overlap,
+                          self.batch_size, checked, self.arrays)
+        return finite
+
+    def restore_array(self, rgb: np.ndarray, quality: int | None = None, source: str = "given") -> np.ndarray:
+        """H x W x 3 (or H x W grayscale) uint8 -> the same shape, uint8 (the input itself, copied, where the
+        image is passed through). ``source``: where ``quality`` came from, kept in ``last_decision``."""
+        if rgb.dtype != np.uint8:
+            raise ValueError(f"expected uint8 pixels, got {rgb.dtype} (use restore_tensor for float images)")
+        gray = rgb.ndim == 2
+        rgb3 = np.repeat(rgb[..., None], 3, axis=2) if gray else rgb
+        if rgb3.ndim != 3 or rgb3.shape[2] != 3:
+            raise ValueError(f"expected H x W x 3 or H x W, got {rgb.shape}")
+        decision = self.last_decision = self.decide(quality, source)
+        if decision.passthrough:
+            return rgb.copy()
+        out = np.empty(rgb3.shape, np.uint8)
+        out_chw = self.chw(out)
+
+        def write(y0: int, y1: int, rows) -> None:
+            self.to_uint8(rows, out_chw[:, y0:y1])
+
+        # each window is converted to float as it is copied into the batch: no float copy of the whole image
+        if not self.restore_tiled(self.chw(rgb3), decision.quality, write):
+            self.broken(decision, 1, 1)
+            return rgb.copy()
+        if gray:
+            return np.rint(out.astype(np.float32).mean(axis=2)).astype(np.uint8)
+        return out
+
+    def restore(self, image, quality: int | None = None):
+        """A PIL image (any mode; alpha kept, grayscale stays grayscale) or a uint8 numpy array, restored, in
+        the same kind. ``quality`` None: a PIL image's quality is estimated (jpeg.quality.estimate_quality: a
+        JPEG's tables, else its pixels) and its source kept in ``last_decision``; an array's is unknown. A PIL
+        image comes back with the input's ICC profile and EXIF in ``.info`` ("icc_profile", "exif"; orientation
+        applied, as restore/images.py writes them), so ``out.save(path, **out.info)`` keeps them."""
+        if isinstance(image, np.ndarray):
+            return self.restore_array(image, quality)
+        if isinstance(image, Image.Image):
+            rgb, alpha, grayscale = split_image(image)
+            source = "given"
+            if quality is None:
+                est = estimate_quality(image, rgb)
+                quality, source = est.quality, (getattr(est, "source", "") or "unknown")
+            restored = join_image(self.restore_array(rgb, quality, source), alpha, grayscale)
+            icc, exif = output_metadata(image, grayscale)
+            restored.info.update({k: v for k, v in (("icc_profile", icc), ("exif", exif)) if v})
+            return restored
+        raise TypeError(f"restore takes a PIL image, a uint8 numpy array or a float tensor, not {type(image).__name__}")

@@ -1,0 +1,65 @@
+"""The do-no-harm guard: restore an image, or pass it through unchanged, from its JPEG quality and the gains
+the model's final validation measured (kept in the generator file and in an ONNX export's metadata). Torch-free:
+the PyTorch Restorer and the onnxruntime one (restore/onnx_backend.py) decide alike.
+
+    decision = decide(gains, quality=20, source="file tables")   # Decision(20, "file tables", False, "...")
+
+An image whose quality is above the validated range, or where the gain interpolated between validated
+qualities is not positive (NaN included), is passed through; so is one of unknown quality (no gain can be
+predicted for it) unless the guard is off, which restores it blind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Decision:
+    """What restoring one image does: its quality (None: unknown) and where it came from, and whether the
+    image is passed through unchanged (``passthrough``) with the reason."""
+    quality: int | None
+    source: str  # "given", or estimate_quality's source ("file tables", "pixels", ...), or "unknown"
+    passthrough: bool = False
+    reason: str = ""
+
+
+def predicted_gain(gains: dict[int, float], quality: int) -> float | None:
+    """The validated RGB PSNR gain at ``quality``: linear between the validated qualities, the lowest one's
+    below them, None above the highest (not validated)."""
+    qs = sorted(gains)
+    if not qs or quality > qs[-1]:
+        return None
+    if quality <= qs[0]:
+        return gains[qs[0]]
+    return float(np.interp(quality, qs, [gains[q] for q in qs]))
+
+
+def decide(gains: dict[int, float], quality: int | None, source: str = "given", guard: bool = True) -> Decision:
+    """Restore or pass through an image of ``quality`` (None: unknown), found as ``source`` says, with a model
+    whose validation measured ``gains`` ({quality: dB}; empty: restored unchecked); ``guard`` False: always
+    restore."""
+    if quality is None:
+        source = "unknown" if source in ("given", "") else source
+        if guard:
+            return Decision(None, source, True, "quality unknown and no JPEG compression found: passed "
+                                                "through; give --input-quality Q to restore it as quality Q")
+        return Decision(None, source, reason="quality unknown: restored blind (guard off), no gain could "
+                                             "be predicted")
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"quality must be in 1..100, got {quality}")
+    quality = int(quality)
+    if not guard:
+        return Decision(quality, source)
+    if not gains:
+        return Decision(quality, source, reason="the model file holds no validated gains: restored unchecked")
+    gain = predicted_gain(gains, quality)
+    if gain is None:
+        return Decision(quality, source, True, f"q{quality} is above the validated qualities "
+                                               f"(up to q{max(gains)}): passed through unchanged")
+    if not gain > 0:  # NaN (a run that diverged) is harm too: `nan <= 0` is False
+        what = f"predicts {gain:+.2f} dB" if gain == gain else "measured no finite gain (NaN)"
+        return Decision(quality, source, True, f"validation {what} at q{quality}: passed through unchanged")
+    return Decision(quality, source, reason=f"validation predicts {gain:+.2f} dB at q{quality}")

@@ -1,0 +1,162 @@
+"""An exported generator (``dist-dejpeg export``) run on onnxruntime, without torch: the same tiling, blending,
+batching and do-no-harm guard as the PyTorch Restorer (restore/base.py, restore/tiling.py), on numpy arrays.
+
+    dist-dejpeg restore --model dejpeg.onnx photos/ -o restored/    # imports neither torch nor timm
+
+    from dist_dejpeg.restore import open_restorer
+    restorer = open_restorer("dejpeg.onnx")             # an OnnxRestorer (Restorer("dejpeg.onnx") gives one too)
+    clean = restorer.restore_array(rgb, quality=20)    # H x W x 3 uint8 -> the same
+
+Why: ``import torch, timm`` alone takes ~5 s and ~650 MB on a 2-core CPU, longer than restoring a 512 px photo;
+``import onnxruntime`` takes 0.2 s. Why through the tiles and not a whole image at a time: the generator's
+receptive field is large, so a tiled restore differs from a whole-image one by up to ~13 levels at the tile
+seams; on the same tiles with the same blend, onnxruntime and PyTorch agree to a level or so
+(tests/test_onnx.py). The guard reads the validated gains the export wrote into the file's metadata
+(``val_psnr_gain``). Needs onnxruntime only (``pip install -e '.[onnx]'``); the CUDA provider is used when the
+device is "cuda" (or "auto") and this onnxruntime has it.
+
+Session options: intra-op threads = the cores this process may use, sequential execution (one convolution
+after another, each over all cores; the graph has no parallel branches worth a second pool), every graph
+optimization, onnxruntime's memory arena and pattern planning (all windows of an image have one shape, so the
+buffers of the first call are reused by the next).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from dist_dejpeg.models.names import (INPUT, MIN_SIZE, ONNX_FORMAT, OUTPUT, QUALITY, ModelFileError,
+                                      OnnxUnavailable, require_onnx)
+from dist_dejpeg.restore.base import ImageRestorer
+
+# The export's self-attention holds its whole score matrix (L x L floats, L = the positions at its stride; PyTorch
+# runs a blocked kernel instead): a whole 1024 x 1024 image peaked at 2.5 GB, a 2040 x 1356 one ran a 24 GB machine
+# out of memory. A window whose matrix would exceed this is refused with the advice to tile (512 px: 64 MB).
+MAX_SCORES_BYTES = 1 << 30
+
+
+def is_onnx(model) -> bool:
+    """``model`` names an exported ONNX file (a path ending in .onnx), which OnnxRestorer runs."""
+    return isinstance(model, (str, os.PathLike)) and str(model).lower().endswith(".onnx")
+
+
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def providers(device: str) -> list:
+    """onnxruntime providers for ``device`` ("cpu", "cuda[:N]" or "auto"): CUDA first when asked for (or "auto")
+    and this onnxruntime has it; a "cuda" device without it is a ModelFileError saying so."""
+    import onnxruntime as ort
+
+    device = str(device)
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device.startswith("cuda") and not has_cuda:
+        raise ModelFileError(f"--device {device}: this onnxruntime has no CUDA provider (install onnxruntime-gpu, "
+                             f"or restore on the CPU)")
+    if device.startswith("cuda") or (device == "auto" and has_cuda):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    if device not in ("cpu", "auto"):
+        raise ValueError(f"device must be cpu, cuda[:N] or auto for an ONNX model, got {device!r}")
+    return ["CPUExecutionProvider"]
+
+
+def onnx_info(path, meta: dict[str, str], session) -> dict:
+    """What ``load_model`` tells about a generator, read from the export's metadata: source, format, encoder,
+    encoder_init, global_step, lpips, val_psnr_gain ({quality: dB}), model (the config dict), provider, pad_to."""
+    def parsed(key, default):
+        try:
+            return json.loads(meta[key])
+        except (KeyError, ValueError):
+            return default
+
+    gains = parsed("val_psnr_gain", {})
+    model = parsed("model", {})
+    step = parsed("global_step", None)
+    return {"source": str(path), "format": "onnx", "exported_from": meta.get("source", ""),
+            "global_step": step if isinstance(step, int) else None, "lpips": meta.get("lpips", ""),
+            "val_psnr_gain": {int(q): float(g) for q, g in gains.items()} if isinstance(gains, dict) else {},
+            "encoder": meta.get("encoder", model.get("encoder", "")),
+            "encoder_init": meta.get("encoder_init") or ("ImageNet" if model.get("pretrained") else "random init"),
+            "model": model, "provider": session.get_providers()[0], "pad_to": int(meta.get("pad_to") or 32)}
+
+
+def open_session(path, device: str = "cpu", threads: int | None = None):
+    """(onnxruntime session, info as :func:`onnx_info`) for the export at ``path``. A file that is missing, not
+    ONNX or not a dist_dejpeg export, or an onnxruntime that is not installed, is a ModelFileError saying which
+    (and, for onnxruntime, how to install it)."""
+    try:
+        require_onnx(("onnxruntime",), "restoring with an ONNX model")
+    except OnnxUnavailable as err:
+        raise ModelFileError(str(err)) from None
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or cores()
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: not a warning per unused initializer
+    chosen = providers(device)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=chosen)
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for missing or bad files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelFileError(f"{path}: onnxruntime cannot load it ({first})") from None
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    names = {i.name for i in session.get_inputs()}
+    if meta.get("format") != ONNX_FORMAT or INPUT not in names:
+        raise ModelFileError(f"{path}: not a dist_dejpeg export (format {meta.get('format')!r}, inputs "
+                             f"{sorted(names)}); write one with dist-dejpeg export")
+    return session, onnx_info(path, meta, session)
+
+
+class OnnxRestorer(ImageRestorer):
+    """An exported generator on onnxruntime with the Restorer's surface: restore_array, restore (PIL images and
+    arrays), decide, last_decision, info, gains, guard, tile, overlap, batch_size, conditioned, and ``device``
+    ("cpu (onnxruntime)"). ``batch_size`` None: 1 on the CPU (as PyTorch's; bench infer), 4 on CUDA;
+    ``precision``: the export is float32 ("auto" or "fp32"; "bf16" is for PyTorch models); ``threads``: intra-op
+    threads (None: the cores this process may use)."""
+
+    def __init__(self, model, *, device: str = "auto", tile: int = 512, overlap: int = 64,
+                 batch_size: int | None = None, precision: str = "auto", guard: bool = True,
+                 threads: int | None = None):
+        if precision not in ("auto", "fp32"):
+            raise ValueError(f"an ONNX model runs in float32: precision must be auto or fp32, got {precision!r} "
+                             f"(bf16 is for PyTorch models)")
+        self.session, info = open_session(model, device, threads)
+        self.conditioned = QUALITY in {i.name for i in self.session.get_inputs()}
+        self.pad_to = info["pad_to"]
+        model_cfg = info["model"] or {}
+        self.attention_stride = max(int(model_cfg.get("attention_stride", 8)), 2) if model_cfg.get(
+            "self_attention", True) else 0
+        cuda = info["provider"] == "CUDAExecutionProvider"
+        self.device = f"{'cuda' if cuda else 'cpu'} (onnxruntime)"
+        self.setup(info, tile=tile, overlap=overlap, batch_size=batch_size or (4 if cuda else 1), guard=guard)
+
+    def forward(self, batch: np.ndarray, quality: int | None = None) -> np.ndarray:
+        """N x 3 x h x w float32 in [0, 1] -> the same, restored. Below the exported range (h or w under 32) the
+        batch is padded as Generator.correction pads (reflect, or replicate where reflect cannot) and cropped back."""
+        h, w = batch.shape[-2:]
+        if self.attention_stride:
+            positions = -(-h // self.attention_stride) * -(-w // self.attention_stride)
+            if batch.shape[0] * positions ** 2 * 4 > MAX_SCORES_BYTES:
+                raise ValueError(f"a {w} x {h} window is too large for the ONNX model: its self-attention would "
+                                 f"hold a {batch.shape[0] * positions ** 2 * 4 / 2 ** 30:.1f} GB score matrix; "
+                                 f"restore in tiles (--tile 512, the default)")
+        x = batch
+        if h < MIN_SIZE or w < MIN_SIZE:
+            ph, pw = (-h) % self.pad_to, (-w) % self.pad_to
+            x = np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)), mode="reflect" if ph < h and pw < w else "edge")
+        feeds = {INPUT: np.ascontiguousarray(x, dtype=np.float32)}
+        if self.conditioned:
+            feeds[QUALITY] = np.full(x.shape[0], float(quality or 0), np.float32)
+        (out,) = self.session.run([OUTPUT], feeds)
+        return out[..., :h, :w]

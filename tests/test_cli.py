@@ -1,0 +1,252 @@
+"""The `dist-dejpeg` command as a user runs it (issue 22): the console script's --version, errors with the
+subcommand's usage, status --json errors as JSON; restore's Real-ESRGAN aliases, output names (sub-folders of
+folders and globs, --suffix, colliding names kept apart), output formats with their metadata, and
+--skip-existing reported as skipped. What needs no console script runs in-process (cli.main)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms, JpegImagePlugin
+
+import dist_dejpeg
+from dist_dejpeg.cli import build_parser, main
+from dist_dejpeg.jpeg.quality import estimate_from_tables
+from dist_dejpeg.restore.files import output_names, restore_files
+from dist_dejpeg.restore.images import output_complete
+
+from test_evaluate import model_file  # noqa: F401 - the module-scoped tiny generator file
+from test_faults_restore import GPS, GPS_IFD, Identity, _photo
+
+ROOT = Path(__file__).resolve().parents[1]
+SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def console_script() -> str:
+    found = shutil.which("dist-dejpeg") or str(Path(sys.executable).parent / "dist-dejpeg")
+    if not Path(found).exists():
+        pytest.skip("the dist-dejpeg console script is not installed (pip install -e .)")
+    return found
+
+
+def run_shell(script: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(console_script()).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def camera_jpeg(path: Path, rgb: np.ndarray, quality: int = 30, gps: bool = True) -> Path:
+    """A JPEG with a camera's EXIF (IFD0; the GPS sub-IFD when ``gps``) and an sRGB profile."""
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "Canon", "EOS 5D"
+    if gps:
+        exif[GPS_IFD] = GPS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path, format="JPEG", quality=quality, exif=exif, icc_profile=SRGB)
+    return path
+
+
+def is_libjpeg_444(path: Path, quality: int) -> bool:
+    with Image.open(path) as im:
+        est = estimate_from_tables(im.quantization)
+        return im.format == "JPEG" and est.exact and est.quality == quality and JpegImagePlugin.get_sampling(im) == 0
+
+
+def test_console_script_version_errors_and_status_json(tmp_path):
+    """Three commands users type first, none importing torch: one shell, three starts."""
+    done = run_shell("dist-dejpeg --version; dist-dejpeg restore in -o out --model m --bogus; echo rc=$?; "
+                     "dist-dejpeg status nowhere --json; echo rc=$?", tmp_path)
+    out = done.stdout.splitlines()
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert dist_dejpeg.__version__ == declared  # the fallback agrees with the package metadata's source
+    assert out[0] == f"dist-dejpeg {dist_dejpeg.version()}" and dist_dejpeg.version() == declared, out
+    assert out[1] == "rc=2" and out[3] == "rc=2", out
+    # the subcommand's usage and error, not the top level's
+    assert "usage: dist-dejpeg restore" in done.stderr and "dist-dejpeg restore: error: unrecognized arguments: --bogus" \
+        in done.stderr, done.stderr
+    assert "{prepare,train" not in done.stderr and "COMMAND ..." not in done.stderr
+    error = json.loads(out[2])
+    assert list(error) == ["error"] and "nowhere" in error["error"], out[2]
+
+
+def test_console_script_restore_aliases_names_jpeg_metadata_and_skip_existing(tmp_path, model_file):  # noqa: F811
+    """`restore GLOB -i FOLDER -o OUT --format jpg --suffix restored`, then the same with Real-ESRGAN's names
+    (--input, --output, --ext) and --skip-existing --quiet: every input gets its own output, sub-folders kept
+    for the folder and the glob, the JPEG outputs keep EXIF and ICC; the second run skips them all and says so,
+    on one line."""
+    rgb = _photo(40, 56)
+    camera_jpeg(tmp_path / "in" / "camera.jpg", rgb)
+    for name in ("good.jpg", "good.JPEG"):
+        Image.fromarray(rgb).save(tmp_path / "in" / name, format="JPEG", quality=25)
+    Image.fromarray(rgb).save(tmp_path / "in" / "good.png")
+    for where in ("sub folder/inner1.jpg", "other/outer.jpg"):
+        (tmp_path / "glob" / where).parent.mkdir(parents=True)
+        Image.fromarray(rgb).save(tmp_path / "glob" / where, quality=25)
+    model = str(model_file)
+    done = run_shell(f"dist-dejpeg restore 'glob/**/inner*.jpg' -i in -o out --format jpg --suffix restored "
+                     f"--model '{model}' --tile 0 --no-guard --quiet; echo rc=$?; "
+                     f"dist-dejpeg restore 'glob/**/inner*.jpg' --input in --output out --ext jpg --suffix restored "
+                     f"--model '{model}' --tile 0 --skip-existing --quiet; echo rc=$?", tmp_path)
+    first, second = done.stdout.split("rc=0\n")[:2]
+    expected = {"camera_restored.jpg", "good.jpg_restored.jpg", "good.JPEG_restored.jpg", "good.png_restored.jpg",
+                "sub folder/inner1_restored.jpg"}
+    written = {str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert written == expected, (written, done.stdout, done.stderr)
+    assert first.strip().startswith("restored 5 image(s)") and first.strip().endswith("0 failed"), done.stderr
+    assert all(is_libjpeg_444(tmp_path / "out" / name, 95) for name in expected)
+    with Image.open(tmp_path / "out" / "camera_restored.jpg") as out:
+        exif = out.getexif()
+        assert out.info.get("icc_profile") == SRGB and exif[0x010F] == "Canon" and exif.get_ifd(GPS_IFD) == GPS
+    lines = second.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("restored 0 image(s)") and "skipped 5 existing" in lines[0], second
+
+
+def test_restore_aliases_mean_the_native_options(tmp_path, monkeypatch, capsys):
+    """-i with positionals, --ext auto (= same), --fp32, --tile-pad P (= --overlap 2P), the hidden --quality:
+    the restorer and restore_files get what the native names give; contradictions are usage errors (exit 2)."""
+    import dist_dejpeg.restore.restorer as restorer_module
+
+    made = []
+
+    class Fake(Identity):
+        def __init__(self, model, **kwargs):
+            made.append(kwargs)
+
+    seen = []
+    monkeypatch.setattr(restorer_module, "Restorer", Fake)
+    monkeypatch.setattr(Fake, "restore_array", lambda self, rgb, quality=None, source="given": (
+        seen.append((quality, source)), Identity.restore_array(self, rgb, quality, source))[1])
+    src = tmp_path / "a"
+    src.mkdir()
+    Image.fromarray(_photo(24, 24)).save(src / "x.jpg", quality=40)
+    Image.fromarray(_photo(24, 32)).save(tmp_path / "y.png")
+    assert main(["restore", str(tmp_path / "y.png"), "-i", str(src), "--output", str(tmp_path / "out"), "--ext",
+                 "auto", "--fp32", "--tile-pad", "16", "--quality", "30", "--model", "m", "--quiet"]) == 0
+    assert made[-1]["precision"] == "fp32" and made[-1]["overlap"] == 32
+    assert seen == [(30, "given"), (30, "given")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.jpg", "y.png"]  # auto: their own formats
+    capsys.readouterr()
+    for bad in (["--tile-pad", "16", "--overlap", "64"], ["--format", "png", "--output-quality", "80"],
+                ["--input-quality", "0"]):
+        with pytest.raises(SystemExit) as caught:
+            main(["restore", str(src), "-o", str(tmp_path / "o2"), "--model", "m", *bad])
+        assert caught.value.code == 2, bad
+        assert "usage: dist-dejpeg restore" in capsys.readouterr().err, bad
+    parsed = build_parser().parse_args(["evaluate", "--model", "m", "--images", "p", "-o", "e", "--quality", "10", "20"])
+    assert parsed.qualities == [10, 20]  # the old name, hidden
+
+
+def test_every_help_shows_defaults_and_plain_text():
+    parser = build_parser()
+    top = parser.format_help()
+    assert "``" not in top and "`" not in top and "restore" in top and "--version" in top
+    for name, command in parser.commands.items():
+        text = command.format_help()
+        assert "(default: None)" not in text and "(default: False)" not in text, name
+        assert "(default: " in text or name in ("train", "export", "status", "bench"), name  # those: none to show
+    restore = parser.commands["restore"].format_help()
+    for words in ("a multiple of 32, at least 64", "(default: 512)", "(default: 64)", "1 on the CPU",
+                  "4:4:4", "--tile-pad", "--input-quality", "--suffix", "--ext", "--fp32"):
+        assert words in restore, words
+    assert "--quality " not in restore and "--quality " not in parser.commands["evaluate"].format_help()
+    assert "(default: 192)" in parser.commands["report"].format_help()
+
+
+def test_output_names_keep_sub_folders_and_every_input_apart():
+    rels = [Path(p) for p in ("good.jpg", "good.JPEG", "good.png", "sub/good.jpg", "scan.tif", "x.webp")]
+    assert [str(p) for p in output_names(rels)] == ["good.jpg.png", "good.JPEG.png", "good.png.png",
+                                                    "sub/good.png", "scan.png", "x.png"]
+    # the rule does not depend on the order of the inputs
+    assert output_names(rels[::-1]) == output_names(rels)[::-1]
+    assert [str(p) for p in output_names(rels, "same", "-r")] == ["good-r.jpg", "good-r.JPEG", "good-r.png",
+                                                                 "sub/good-r.jpg", "scan-r.png", "x-r.webp"]
+
+
+def test_output_formats_and_their_metadata(tmp_path):
+    """Each format as the help says; EXIF and ICC kept in each; TIFF compressed; alpha never dropped silently;
+    a cut-short output of any format is not complete."""
+    rgb = _photo(48, 64)
+    plain = camera_jpeg(tmp_path / "in" / "plain.jpg", rgb, gps=False)
+    Image.fromarray(rgb).save(tmp_path / "in" / "lossless.png")
+    Image.fromarray(rgb).save(tmp_path / "in" / "lossless.webp", lossless=True)
+    Image.fromarray(rgb).save(tmp_path / "in" / "old.bmp")
+    decoded = np.asarray(Image.open(plain).convert("RGB"))
+    identity = Identity()
+    sizes = {}
+    for fmt, quality in (("png", None), ("jpg", None), ("jpg", 80), ("webp", None), ("webp", 80), ("tiff", None)):
+        out = tmp_path / f"{fmt}{quality}"
+        (result,) = restore_files(identity, [str(plain)], out, fmt=fmt, output_quality=quality, progress=False)
+        path = Path(result.output)
+        assert result.error is None and output_complete(path), result.error
+        sizes[fmt, quality] = path.stat().st_size
+        with Image.open(path) as im:
+            assert im.info.get("icc_profile") == SRGB and im.getexif()[0x010F] == "Canon", (fmt, quality)
+            pixels = np.asarray(im.convert("RGB"))
+            if fmt == "tiff":
+                assert im.tag_v2[259] == 8 and im.tag_v2[317] == 2  # deflate, with the horizontal predictor
+        lossless = fmt in ("png", "tiff") or (fmt == "webp" and quality is None)
+        assert np.array_equal(pixels, decoded) == lossless, (fmt, quality)
+        if fmt == "jpg":
+            assert is_libjpeg_444(path, quality or 95)
+        whole = path.read_bytes()
+        path.write_bytes(whole[:len(whole) - 40])
+        assert not output_complete(path), (fmt, quality)
+    assert sizes["webp", 80] < sizes["webp", None] and sizes["jpg", 80] < sizes["jpg", None]
+    # same: each input in its own format and suffix (anything else png)
+    results = restore_files(identity, [str(tmp_path / "in")], tmp_path / "same", fmt="same", progress=False)
+    formats = {Path(r.output).name: Image.open(r.output).format for r in results}
+    assert formats == {"plain.jpg": "JPEG", "lossless.png": "PNG", "lossless.webp": "WEBP", "old.png": "PNG"}
+    assert is_libjpeg_444(tmp_path / "same" / "plain.jpg", 95)
+    # a TIFF whose EXIF has a GPS sub-IFD (which libtiff cannot write): uncompressed, nothing lost
+    (result,) = restore_files(identity, [str(camera_jpeg(tmp_path / "gps.jpg", rgb))], tmp_path / "t", fmt="tiff",
+                              progress=False)
+    with Image.open(result.output) as im:
+        assert im.getexif().get_ifd(GPS_IFD) == GPS and im.tag_v2[259] == 1
+    # alpha: JPEG cannot hold it; the file fails with the reason, before any restore
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 9, np.uint8)])).save(tmp_path / "rgba.png")
+    (result,) = restore_files(identity, [str(tmp_path / "rgba.png")], tmp_path / "a", fmt="jpg", progress=False)
+    assert result.output is None and "alpha channel" in result.error and not (tmp_path / "a" / "rgba.jpg").exists()
+
+
+def test_export_quiets_the_exporters_info_lines(tmp_path, capsys):
+    names = ("onnxscript", "onnx_ir", "torch.onnx")
+    saved = {n: logging.getLogger(n).level for n in names}
+    try:
+        assert main(["export", "--model", str(tmp_path / "missing"), "--onnx", str(tmp_path / "m.onnx")]) == 2
+        assert all(logging.getLogger(n).getEffectiveLevel() == logging.WARNING for n in names)
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+    assert "error:" in capsys.readouterr().err
+
+
+def test_each_result_says_where_its_quality_came_from(tmp_path):
+    """restore's per-image line: the estimate's source (the restorer is told it too), the double compression's
+    reason, the given quality, or why the quality is unknown."""
+    import skimage.data
+
+    rgb = np.ascontiguousarray(skimage.data.coffee()[:256, :256])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(rgb).save(folder / "q30.jpg", quality=30)
+    Image.open(folder / "q30.jpg").save(folder / "resaved.jpg", quality=90)  # q30, then q90: double compressed
+    Image.fromarray(rgb).save(folder / "clean.png")
+    identity = Identity()
+    results = {Path(r.source).name: r for r in restore_files(identity, [str(folder)], tmp_path / "out", progress=False)}
+    assert (results["q30.jpg"].quality, results["q30.jpg"].quality_from) == (30, "file tables")
+    double = results["resaved.jpg"]
+    assert double.quality_from.startswith("pixels (double compressed): ") and "q90" in double.quality_from, double
+    assert double.quality is not None and double.quality < 60, double
+    assert results["clean.png"].quality is None and "not a JPEG (PNG)" in results["clean.png"].quality_from
+    assert identity.last_decision.source == "pixels (double compressed)"  # resaved.jpg, the last in the folder
+    (given,) = restore_files(identity, [str(folder / "resaved.jpg")], tmp_path / "o2", quality=42, progress=False)
+    assert (given.quality, given.quality_from, identity.last_decision.source) == (42, "given", "given")
