@@ -148,6 +148,8 @@ class TrainConfig:
     sync_every: int = 25  # steps between host reads of the non-finite and stop flags on CUDA (1: every step)
     preempt_budget_s: float = 90.0  # CUDA: fewer steps between stop-flag reads when slow, so steps + save fit (SLURM warns 120 s ahead)
     cuda_stream: bool = True  # CUDA: train on a stream of its own, not stream 0 (where nvJPEG copies out; see trainer)
+    ema_decay: float = 0.999  # EMA of the generator's weights, used for validation and the generator file; 0: no EMA
+    ema_warmup: bool = True  # the EMA's decay at its t-th update is min(ema_decay, (1 + t) / (10 + t)): early updates forget the init
     deepspeed_stage: int = 0  # ZeRO stage for both models via Accelerate's DeepSpeed (one plugin per model); 0: plain DDP
 
 
@@ -245,6 +247,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.preempt_budget_s': must be > 0 (seconds)")
     if d.prefetch_factor < 1 or d.dali_prefetch < 1:
         raise ConfigError("config keys 'data.prefetch_factor'/'data.dali_prefetch': must be >= 1")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError("config key 'train.ema_decay': must be in [0, 1) (0: no EMA)")
     if t.dist_timeout_s < 1:
         raise ConfigError("config key 'train.dist_timeout_s': must be >= 1 (seconds)")
     if not t.order:

@@ -81,6 +81,11 @@ def run(config_path: str, global_batch: int) -> dict:
 
     def finish(self):
         results = original_finish(self)
+        if self.ema.enabled:  # every rank's own EMA: the tests check that the ranks' agree
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.ema.state_dict().items()},
+                      str(self.run_dir / f"ema_rank{self.accelerator.process_index}.safetensors"))
         if self.critic is not None and self.accelerator.is_main_process:
             from safetensors.torch import save_file
 

@@ -31,7 +31,8 @@ ROOT = Path(__file__).parents[1]
 
 def final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     latest = ckpt.latest_checkpoint(run_dir)
-    return {name: load_file(str(latest / name)) for name in ("model.safetensors", "model_1.safetensors")}
+    names = ("model.safetensors", "model_1.safetensors", "ema_generator.safetensors")  # the EMA's too
+    return {name: load_file(str(latest / name)) for name in names}
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

@@ -138,7 +138,7 @@ def test_resume_mid_phase_is_bit_identical(tmp_path, shards):
     assert full.name == again.name
     from safetensors.torch import load_file
 
-    for name in ("model.safetensors", "model_1.safetensors"):
+    for name in ("model.safetensors", "model_1.safetensors", "ema_generator.safetensors"):  # the EMA's too
         a, b = load_file(str(full / name)), load_file(str(again / name))
         assert a.keys() == b.keys()
         diff = [k for k in a if not torch.equal(a[k], b[k])]
@@ -210,10 +210,12 @@ def test_final_validation_reuses_the_last_one_when_nothing_changed(tmp_path, sha
                "train.phases.gan.val_every=1", "train.phases.gan.patience=2", "train.phases.gan.critic_iters=0",
                "train.phases.gan.gen_iters=1")
     final = Trainer(cfg).fit()
-    # validated after steps 1, 2, 3; the last one (0.3) is the best and is kept: the final result is that one
-    assert len(calls) == 3 and final["q10"]["restored"]["lpips"] == 0.3
+    # validated after steps 1, 2, 3; the last one (0.3) is the best and is kept: the final result is that one;
+    # then the raw (non-EMA) generator once, for metrics.json's meta (0.9)
+    assert len(calls) == 4 and final["q10"]["restored"]["lpips"] == 0.3
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["q10"]["restored"]["lpips"] == 0.3
+    assert metrics["meta"]["ema"]["raw"]["q10"]["restored"]["lpips"] == 0.9
 
 
 class NaNAfter:
@@ -418,8 +420,8 @@ def test_compile_mode_reaches_the_compiler_and_cuda_graphs_mark_each_step(tmp_pa
     assert not t.cudagraphs, "no CUDA graphs on a CPU"
     t.cudagraphs = True  # as on CUDA: the step marks
     t.fit()
-    # 2 steps, the end-of-phase validation (2 qualities x 1 batch) and its image grid
-    assert len(marks) == 2 + 2 + 1
+    # 2 steps, the end-of-phase validation (2 qualities x 1 batch) and its image grid, the raw generator's (2)
+    assert len(marks) == 2 + 2 + 1 + 2
     with pytest.raises(ConfigError, match="train.compile_mode"):
         tiny(tmp_path / "bad", shards, "train.compile_mode=fast")
 

@@ -160,8 +160,8 @@ def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: i
 
         def step(phase, turn):  # as the training loop does: the update, then the host checks when due
             trainer.train_step(phase, turn, batches)
-            if trainer.checks_due:
-                trainer.host_checks()
+            if trainer.checks.due:
+                trainer.checks.read(trainer.state.global_step)
 
         from torch._dynamo.utils import compile_times, counters
 

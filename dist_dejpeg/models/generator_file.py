@@ -20,7 +20,8 @@ from dist_dejpeg.config import ConfigError, ModelConfig, load_config
 from dist_dejpeg.models.names import ModelFileError  # torch-free home (the ONNX runtime raises it too)
 from dist_dejpeg.models.unet import Generator, build_generator
 from dist_dejpeg.run.files import atomic_write_bytes
-from dist_dejpeg.run.layout import CHECKPOINT_MODEL, CONFIG, GENERATOR, TRAINER_STATE, list_checkpoints
+from dist_dejpeg.run.layout import (CHECKPOINT_MODEL, CONFIG, EMA_GENERATOR, EMA_UPDATES, GENERATOR, TRAINER_STATE,
+                                    list_checkpoints)
 from dist_dejpeg.run.manifest import verify_checkpoint
 
 FORMAT = "dist_dejpeg.generator.v1"
@@ -115,7 +116,8 @@ def ready_for_inference(generator: torch.nn.Module) -> torch.nn.Module:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict]:
     """The generator at ``path`` (eval mode) and what is known about it. ``path`` is a ``generator.safetensors``
     file, a run folder (its ``generator.safetensors``, else its newest checkpoint) or a checkpoint folder
-    (``checkpoints/step-*``: ``model.safetensors`` with the run's ``config.yaml``).
+    (``checkpoints/step-*``: ``model.safetensors`` with the run's ``config.yaml``, its parameters replaced by the
+    EMA's where the checkpoint has ``ema_generator.safetensors``, as the run validated and exports them).
 
     ``info``: source, format, encoder, encoder_init ("ImageNet" or "random init" at the start of training),
     global_step, lpips (the validation LPIPS of the run), model (the model config as a dict)."""
@@ -151,10 +153,13 @@ def _load_checkpoint_generator(folder: Path, device) -> tuple[Generator, dict]:
         cfg = load_config(config)
     except ConfigError as err:
         raise ModelFileError(f"{config}: {err}") from None
-    generator = _build_and_load(cfg.model, load_file(str(weights), device="cpu"), str(weights)).to(device).eval()
+    tensors = load_file(str(weights), device="cpu")
+    ema = load_file(str(folder / EMA_GENERATOR), device="cpu") if (folder / EMA_GENERATOR).is_file() else {}
+    ema.pop(EMA_UPDATES, None)
+    generator = _build_and_load(cfg.model, tensors | ema, str(weights)).to(device).eval()
     state = json.loads((folder / TRAINER_STATE).read_text())
     info = {"source": str(folder), "format": "checkpoint", "global_step": _int(state.get("global_step")),
-            "lpips": ""}
+            "lpips": "", "weights": "ema" if ema else "raw"}
     return generator, _describe(info, cfg.model)
 
 

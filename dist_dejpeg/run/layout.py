@@ -36,6 +36,8 @@ TENSORBOARD_EVENTS = "events.out.tfevents.*"  # the event files' pattern inside 
 TRAINER_STATE = "trainer_state.json"  # written last: its presence marks the folder complete
 LOADER_STATE = "loader_{rank}.json"  # each rank's data-stream position: one file per process
 BEST_GENERATOR = "best_generator.safetensors"
+EMA_GENERATOR = "ema_generator.safetensors"  # the EMA of the generator's parameters and its update count
+EMA_UPDATES = "num_updates"  # the EMA file's update count (its other keys: the generator's parameter names)
 CHECKPOINT_MODEL = "model.safetensors"  # accelerate's save_state: the generator (the first prepared model)
 MANIFEST = "manifest.json"  # every other file's size and sha256, written just before trainer_state.json
 BUFFERS = "buffers_{rank}.safetensors"  # each rank's model buffers (batch-norm statistics differ per rank)
@@ -122,6 +124,9 @@ class MetricsMeta:
     last_train_log: dict = field(default_factory=dict)  # phase -> rank 0's newest logged window
     # side writes that failed and were skipped, on rank 0: "progress", "tracker.<name>", "image.<name>", "console"
     write_errors: dict = field(default_factory=dict)
+    # train.ema_decay > 0: {"decay", "warmup", "updates", "raw": the raw (non-EMA) generator's final validation};
+    # the metrics above are the EMA's
+    ema: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

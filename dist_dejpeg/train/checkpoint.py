@@ -9,6 +9,9 @@
         buffers_<rank>.safetensors                    each rank's model buffers (batch-norm running
                                                        statistics differ per rank under DDP; the model
                                                        files hold rank 0's only)
+        ema_generator.safetensors                     the generator's EMA parameters and update count
+                                                      (train/ema.py; none with train.ema_decay=0)
+        best_generator.safetensors                    the gan phase's best generator so far (and its EMA)
         config.yaml                                   the resolved config of the run
         manifest.json                                 every other file's size and sha256 (run/manifest.py),
                                                       written after them and before trainer_state.json

@@ -32,6 +32,7 @@ from dist_dejpeg.train.faults import check_finite_state, save_last_good
 from dist_dejpeg.train.build import (build_accelerator, build_parts, claim_run_dir, refresh_master_weights, set_lr,
                                      setup_logging, start_phase_optimizer, training_stream)
 from dist_dejpeg.train.collective import PacedChecks, all_ranks_or_raise
+from dist_dejpeg.train.ema import GeneratorEma
 from dist_dejpeg.train.monitor import Monitor
 from dist_dejpeg.train.phases import StopRule, gan_turn, lr_at, trains_critic, trains_generator
 from dist_dejpeg.train.resume import choose_checkpoint, resume_from
@@ -68,6 +69,7 @@ class Trainer:
         self.checks = PacedChecks(HostChecks(acc, self.signals, parts.sync_every), cfg.train.preempt_budget_s)
         self.sync_every, self.flags = parts.sync_every, self.checks.flags
         self.blind_prob = cfg.model.quality_blind_prob if cfg.model.quality_conditioning else 0.0
+        self.ema = GeneratorEma(self.gen_raw, cfg.train.ema_decay, cfg.train.ema_warmup)  # train/ema.py
         set_seed(cfg.train.seed + acc.process_index)  # per-rank randomness (dropout, ...)
         with all_ranks_or_raise(acc):  # one rank's shards or rank 0's trackers failing: every rank stops now
             self.loader = train_loader or build_train_loader(cfg, acc.process_index, acc.num_processes, acc.device)
@@ -107,10 +109,10 @@ class Trainer:
         state = dict(vars(self.state), phase_names=list(self.cfg.train.order), data_skipped=self._data_skipped(),
                      processes=self.accelerator.num_processes)
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else {}
-        best = {BEST_GENERATOR: self.best_generator} if self.best_generator is not None else None
+        files = ({BEST_GENERATOR: self.best_generator} if self.best_generator is not None else {}) | self.ema.files()
         path = ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state.global_step, state, loader_state,
                                     self.config_yaml, self.cfg.train.keep_last,
-                                    buffers=ckpt.rank_buffers(self._models()), main_tensors=best)
+                                    buffers=ckpt.rank_buffers(self._models()), main_tensors=files or None)
         log.info("checkpoint: %s", path)
         return path
 
@@ -124,6 +126,7 @@ class Trainer:
             self.loader.load_state_dict(loader_state)
         if (path / BEST_GENERATOR).is_file():
             self.best_generator = load_file(str(path / BEST_GENERATOR))
+        self.ema.resume(path, self.gen_raw)
         log.info("resumed from %s: phase %d (%s) step %d", path, self.state.phase_index,
                  self.cfg.train.order[min(self.state.phase_index, len(self.cfg.train.order) - 1)],
                  self.state.phase_step)
@@ -137,7 +140,7 @@ class Trainer:
             log.info("%s validation: the generator validated at step %d, unchanged since", tag, step)
         else:
             average_bn_stats(self.accelerator, self._models())
-            results = validate(self.accelerator, self.gen_raw, self.val_set, self.metric_lpips,
+            results = validate(self.accelerator, self.ema.model(self.gen_raw), self.val_set, self.metric_lpips,
                                self.cfg.data.val_batch_size, cudagraphs=self.cudagraphs)
             self._validated = (step, results)
         self.monitor.validation(tag, results, step)
@@ -149,7 +152,7 @@ class Trainer:
         """Rows of JPEG | restored | clean validation crops to the trackers (main process): at each validation,
         or with ``train.image_every`` every that many global steps instead (and at the final validation)."""
         if self.accelerator.is_main_process:
-            grid = image_grid(self.accelerator, self.gen_raw, self.val_set, cudagraphs=self.cudagraphs)
+            grid = image_grid(self.accelerator, self.ema.model(self.gen_raw), self.val_set, cudagraphs=self.cudagraphs)
             if grid is not None:
                 self.monitor.image(f"val/jpeg_restored_clean_{tag}", grid, self.state.global_step)
 
@@ -187,7 +190,8 @@ class Trainer:
             validating = val_every and st.phase_step % val_every == 0 and not last
             saving = t.ckpt_every and st.global_step % t.ckpt_every == 0 and not last
             # the host reads the flags every sync_every steps, and always before anything is validated or saved
-            stop_now = self.host_checks() if self.checks_due or validating or saving or last else False
+            # (steps.HostChecks: raises NonFiniteLoss, or returns whether any rank got a stop signal)
+            stop_now = self.checks.read(st.global_step) if self.checks.due or validating or saving or last else False
             if st.phase_step % t.log_every == 0 or last:
                 scalars, seconds_per_step = window.read(lr)
                 self.monitor.window(name, scalars, st.phase_step, st.global_step, seconds_per_step)
@@ -216,7 +220,7 @@ class Trainer:
                 self._validate_in_phase(name, phase, stop)
             if self.best_generator is not None and stop.best_step != st.phase_step:
                 log.info("%s: keeping the best generator (step %d, LPIPS %.4f)", name, stop.best_step, stop.best)
-                self.gen_raw.load_state_dict({k: v.to(acc.device) for k, v in self.best_generator.items()})
+                self.ema.restore(self.gen_raw, self.best_generator, acc.device)  # and the EMA's at that step
                 self._validated = None  # other weights than the last validation measured
                 if self.deepspeed:
                     refresh_master_weights(self.g_opt)
@@ -239,19 +243,11 @@ class Trainer:
                                   w_lpips=phase.w_lpips, w_adv=phase.w_adv if gan else 0.0, lpips=self.lpips,
                                   critic_raw=self.critic_raw if gan else None, chroma_weight=cfg.loss.chroma_weight,
                                   **common)
+            self.ema.update(self.gen_raw, self.g_opt)  # (not after a skipped step)
         else:
             logs = critic_step(acc, self.critic, self.c_opt, batches, generator_raw=self.gen_raw, **common)
         self.checks.stepped(self.state.global_step + 1)
         return logs
-
-    @property
-    def checks_due(self) -> bool:
-        return self.checks.due
-
-    def host_checks(self) -> bool:
-        """Read the device's and the signal handlers' flags (steps.HostChecks): raises NonFiniteLoss, or returns
-        whether any rank got a stop signal."""
-        return self.checks.read(self.state.global_step)
 
     def _validate_in_phase(self, name: str, phase: PhaseConfig, stop: StopRule) -> bool:
         results = self.run_validation(name)
@@ -262,7 +258,7 @@ class Trainer:
         improved, should_stop = stop.update(value, self.state.phase_step)
         self.monitor.set_best({"metric": "lpips", "value": stop.best, "step": stop.best_step, "phase": name})
         if improved:
-            self.best_generator = {k: v.detach().to("cpu", copy=True) for k, v in self.gen_raw.state_dict().items()}
+            self.best_generator = self.ema.snapshot(self.gen_raw)
         if should_stop:
             log.info("%s: validation LPIPS has not improved for %d checks; stopping at step %d (best %.4f at %d)",
                      name, stop.patience, self.state.phase_step, stop.best, stop.best_step)
@@ -306,7 +302,9 @@ class Trainer:
 
     def finish(self) -> dict:
         acc = self.accelerator
-        results = self.run_validation("final")
+        results = self.run_validation("final")  # the EMA's; the raw generator's once more, for the meta
+        ema = self.ema.meta(lambda: validate(acc, self.gen_raw, self.val_set, self.metric_lpips,
+                                             self.cfg.data.val_batch_size, cudagraphs=self.cudagraphs))
         skipped = self._data_skipped()
         local = next(iter(self.val_set.values()))[0].shape[0] if self.val_set else 0
         n_val = sum_over_ranks(acc, {"images": local})["images"]
@@ -323,13 +321,14 @@ class Trainer:
                     processes=acc.num_processes, val_images_per_quality=n_val, data_skipped=skipped,
                     loss_lpips=f"lpips-{lo.lpips_net}" + ("" if lo.lpips_pretrained else " (random backbone)"),
                     last_train_log=self.last_train_scalars,  # per phase, rank 0's newest window (this session)
+                    ema=ema,
                 )
                 self.monitor.write_metrics(results, meta)  # with the counts of failed side writes
                 # the RGB PSNR gain at each validated quality: restore passes through where it predicts none
                 gains = {k[1:]: r["restored"]["psnr"] - r["jpeg"]["psnr"] for k, r in results.items()}
-                save_generator(self.gen_raw, self.cfg.model, self.run_dir / GENERATOR,
+                save_generator(self.ema.model(self.gen_raw), self.cfg.model, self.run_dir / GENERATOR,
                                extra={"lpips": self.metric_lpips.description, "global_step": self.state.global_step,
-                                      "val_psnr_gain": json.dumps(gains)})
+                                      "val_psnr_gain": json.dumps(gains), "ema_decay": self.cfg.train.ema_decay})
                 log.info("wrote %s and %s", self.run_dir / METRICS, self.run_dir / GENERATOR)
             self.monitor.finish("finished", "", self.state.global_step)
             self.monitor.close()
