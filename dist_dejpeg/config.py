@@ -322,6 +322,18 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested dicts (a to_dict result, a config.yaml read back) -> {"a.b.c": value}; an empty dict stays a value."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 def from_dict(data: dict) -> Config:
     """Rebuild a Config from :func:`to_dict` output (e.g. stored beside exported weights); strict."""
     try:

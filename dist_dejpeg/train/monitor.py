@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_dejpeg.config import flatten
 from dist_dejpeg.run.files import atomic_write_json, atomic_write_text, free_bytes, is_disk_full, size_text
 from dist_dejpeg.run.layout import CONFIG, METRICS, PROGRESS, PROGRESS_KEYS, latest_checkpoint, partial_checkpoints
 from dist_dejpeg.run.text import duration
@@ -71,15 +72,10 @@ def tracker_objects(names: list[str], run_dir: Path) -> list:
     return [TensorBoardTracker("tb", str(run_dir)) if n == "tensorboard" else n for n in names]
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{key}."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-    return out
+def tracker_config(config_dict: dict) -> dict:
+    """The config as trackers take it: dotted keys, scalar values (others as text; empty sections left out)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+            for k, v in flatten(config_dict).items() if v != {}}
 
 
 WRITE_ERRORS = "write_errors"  # progress.json's and metrics.json meta's key: side write -> failures (rank 0)
@@ -113,7 +109,7 @@ class Monitor:
                                "data_wait_frac": None, "lr": None, "eta_phase_s": None, "eta_run_s": None,
                                WRITE_ERRORS: {}}
         try:
-            accelerator.init_trackers(self.run_dir.name or "dist_dejpeg", config=_flat(config_dict))
+            accelerator.init_trackers(self.run_dir.name or "dist_dejpeg", config=tracker_config(config_dict))
         except Exception as err:  # noqa: BLE001 - a tracker that cannot start: say so now, not hours later
             from dist_dejpeg.config import ConfigError
 

@@ -24,7 +24,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from dist_dejpeg.config import Config, ConfigError, to_dict
+from dist_dejpeg.config import Config, ConfigError, flatten, to_dict
 from dist_dejpeg.models.critic import Critic
 from dist_dejpeg.models.unet import GENERATOR_KEYS
 from dist_dejpeg.run.layout import CONFIG, LOADER_STATE, TRAINER_STATE, checkpoint_dir, list_checkpoints
@@ -125,11 +125,14 @@ def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: i
         raise ConfigError(f"--resume: the checkpoint's phases {saved_state.get('phase_names')} differ from "
                           f"train.order {list(cfg.train.order)}")
     try:
-        saved = _flat(yaml.safe_load((path / CONFIG).read_text()))
-    except (OSError, yaml.YAMLError, AttributeError):
+        saved = yaml.safe_load((path / CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict):
         log.warning("resume: %s has no readable %s: the config is not compared with it", path, CONFIG)
         return
-    now = _flat(to_dict(cfg))
+    saved = flatten(saved)
+    now = flatten(to_dict(cfg))
     keys = GENERATOR_SHAPE_KEYS + (CRITIC_SHAPE_KEYS if has_critic else ())
     shape = [k for k in keys if k in saved and saved[k] != now.get(k)]
     if shape:
@@ -165,17 +168,3 @@ def _check_batch(cfg: Config, path: Path, saved: dict, saved_state: dict, proces
         raise ConfigError(message + ". Set train.resume_allow_batch_change=true to continue anyway, or resume "
                                     "with the checkpoint's batch size and process count")
     log.warning("%s (train.resume_allow_batch_change)", message)
-
-
-def _flat(tree, prefix: str = "") -> dict:
-    """Nested dicts -> {"a.b.c": value}."""
-    if not isinstance(tree, dict):
-        raise AttributeError("not a mapping")
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, name + "."))
-        else:
-            out[name] = value
-    return out
