@@ -17,7 +17,7 @@ from PIL import Image
 
 from dist_dejpeg.jpeg.quality import estimate_quality
 from dist_dejpeg.restore.guard import Decision, decide
-from dist_dejpeg.restore.images import join_image, output_metadata, split_image
+from dist_dejpeg.restore.images import join_image, output_metadata, split_image, to_gray
 from dist_dejpeg.restore.tiling import NUMPY, Arrays, restore_tiled
 
 
@@ -120,7 +120,7 @@ class ImageRestorer:
             self.broken(decision, 1, 1)
             return rgb.copy()
         if gray:
-            return np.rint(out.astype(np.float32).mean(axis=2)).astype(np.uint8)
+            return to_gray(out)
         return out
 
     def restore(self, image, quality: int | None = None):
@@ -136,7 +136,7 @@ class ImageRestorer:
             source = "given"
             if quality is None:
                 est = estimate_quality(image, rgb)
-                quality, source = est.quality, (getattr(est, "source", "") or "unknown")
+                quality, source = est.quality, est.source or "unknown"
             restored = join_image(self.restore_array(rgb, quality, source), alpha, grayscale)
             icc, exif = output_metadata(image, grayscale)
             restored.info.update({k: v for k, v in (("icc_profile", icc), ("exif", exif)) if v})

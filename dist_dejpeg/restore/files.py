@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, IMAGE_SUFFIXES, output_format, save_options
-from dist_dejpeg.jpeg.quality import estimate_quality
+from dist_dejpeg.jpeg.quality import DOUBLE, estimate_quality
 from dist_dejpeg.restore.images import DEFAULT_MAX_PIXELS, InputImageError, load_image, output_complete, save_image
 from dist_dejpeg.restore.base import ImageRestorer  # Restorer (PyTorch) or OnnxRestorer: no torch import here
 from dist_dejpeg.run.files import TEMP_NAME
@@ -248,7 +248,7 @@ def read_quality(result: RestoreResult, image, quality: int | None) -> str:
     result.quality = est.quality
     if est.quality is None:
         result.quality_from = est.reason or "quality unknown"
-    elif "double" in est.source:  # the tables say one quality, the pixels an earlier, coarser one: say both
+    elif est.source == DOUBLE:  # the tables say one quality, the pixels an earlier, coarser one: say both
         result.quality_from = f"{est.source}: {est.reason}" if est.reason else est.source
     else:
         result.quality_from = est.source or "estimated"

@@ -158,10 +158,15 @@ def output_metadata(img: Image.Image, grayscale: bool) -> tuple[bytes | None, by
         return icc, None
 
 
+def to_gray(rgb: np.ndarray) -> np.ndarray:
+    """H x W x 3 uint8 -> H x W uint8: the mean of the channels (a grayscale input restored as RGB goes back)."""
+    return np.rint(rgb.astype(np.float32).mean(axis=2)).astype(np.uint8)
+
+
 def join_image(rgb: np.ndarray, alpha: np.ndarray | None = None, grayscale: bool = False) -> Image.Image:
     """The inverse of split_image: grayscale back to L (the mean of the restored channels), alpha put back."""
     if grayscale:
-        gray = np.rint(rgb.astype(np.float32).mean(axis=2)).astype(np.uint8)
+        gray = to_gray(rgb)
         return Image.fromarray(gray, "L") if alpha is None else Image.fromarray(np.dstack([gray, alpha]), "LA")
     return Image.fromarray(rgb, "RGB") if alpha is None else Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
 
