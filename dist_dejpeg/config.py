@@ -43,6 +43,8 @@ class DataConfig:
     num_workers: int = 4  # DataLoader worker processes per device
     quality_min: int = 10  # JPEG quality range for training degradations (inclusive)
     quality_max: int = 95  # upper end of that range (inclusive): light compression too, where restore must do no harm
+    quality_power: float = 0.0  # training qualities drawn with P(q) proportional to q^-quality_power over quality_min..quality_max: 0 uniform, 1 as 1/q (more heavy compression); 0..4
+    rot90: bool = False  # augmentation: besides the horizontal mirror, turn each training crop by a random multiple of 90 degrees (before the JPEG degradation)
     shuffle_buffer: int = 256  # samples held in each worker's shuffle buffer
     max_bad_samples: int = 100  # bad training samples (undecodable, too small, no image) tolerated in one pass over the data; one more stops the run with the count (torch: per process, as met; DALI: all shards, checked at start); -1: no limit
     val_crop: int = 256  # fixed centre crop of each validation tile
@@ -85,6 +87,7 @@ class LossConfig:
     metric_weights: str = ""  # explicit torchvision backbone file for metric_net; "" = torch hub cache
     adversarial: str = "bce"  # "bce" (BCE-with-logits, the seed's) or "hinge"
     chroma_weight: float = 1.0  # pixel loss: 1 = L1 on RGB; else L1 on Y, Cb, Cr with the chroma planes weighted (measured worse: benchmarks/RESULTS.md, Chroma)
+    pixel: str = "l1"  # pixel loss penalty: "l1" or "charbonnier" (sqrt(d^2 + 1e-3^2), mean: smooth at 0, ~L1 elsewhere); per plane with chroma_weight
 
 
 @dataclass
@@ -228,6 +231,10 @@ def validate(cfg: Config) -> None:
     _one_of("loss.adversarial", cfg.loss.adversarial, ("bce", "hinge"))
     if cfg.loss.chroma_weight <= 0:
         raise ConfigError("config key 'loss.chroma_weight': must be > 0")
+    _one_of("loss.pixel", cfg.loss.pixel, ("l1", "charbonnier"))
+    if not 0 <= d.quality_power <= 4:  # also false for nan
+        raise ConfigError(f"config key 'data.quality_power': must be a finite number in [0, 4] (0: uniform), "
+                          f"got {d.quality_power}")
     if not 1 <= d.quality_min <= d.quality_max <= 100:
         raise ConfigError(f"config keys 'data.quality_min'/'data.quality_max': need 1 <= min <= max <= 100, "
                           f"got {d.quality_min}, {d.quality_max}")

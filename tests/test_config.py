@@ -131,6 +131,7 @@ def test_custom_phase_needs_kind():
     ("data.backend=x", "data.backend"),
     ("loss.lpips_net=resnet", "loss.lpips_net"),
     ("loss.adversarial=wgan", "loss.adversarial"),
+    ("loss.pixel=l2", "loss.pixel"),
     ("train.phases.gen.schedule=linear", "train.phases.gen.schedule"),
     ("train.phases.gen.kind=dis", "train.phases.gen.kind"),
 ])
@@ -153,6 +154,10 @@ def test_quality_min_above_max_is_error():
     ("data.batch_size=0", "data.batch_size"),
     ("data.val_qualities=[10,101]", "data.val_qualities"),
     ("train.grad_accum=0", "train.grad_accum"),
+    ("data.quality_power=-0.5", "data.quality_power"),
+    ("data.quality_power=4.5", "data.quality_power"),
+    ("data.quality_power=nan", "data.quality_power"),
+    ("data.quality_power=inf", "data.quality_power"),
 ])
 def test_other_range_checks(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -191,6 +196,14 @@ def test_dict_round_trip(overrides):
     again = from_dict(data)
     assert again == cfg
     assert data == snapshot  # from_dict does not mutate its input
+
+
+def test_recipe_knobs_default_off_and_load():
+    """data.quality_power, data.rot90 and loss.pixel are off by default (today's recipe) and take their values."""
+    cfg = load_config()
+    assert (cfg.data.quality_power, cfg.data.rot90, cfg.loss.pixel) == (0.0, False, "l1")
+    cfg = load_config(None, ["data.quality_power=4", "data.rot90=true", "loss.pixel=charbonnier"])
+    assert (cfg.data.quality_power, cfg.data.rot90, cfg.loss.pixel) == (4.0, True, "charbonnier")
 
 
 def test_from_dict_is_strict():

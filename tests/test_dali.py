@@ -119,6 +119,72 @@ def test_degradation_weakens_as_quality_rises(sample_shards):
     assert psnrs == sorted(psnrs) and psnrs[-1] - psnrs[0] > 5
 
 
+def test_rotate90_is_np_rot90():
+    """The pipeline's turn is exact: a DALI-rotated image equals np.rot90 of it with k = angle / 90, pixel for
+    pixel, for every angle drawn (non-square content inside the square, so a wrong direction shows)."""
+    from nvidia.dali import fn, pipeline_def
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(16)]
+
+    @pipeline_def(batch_size=16, num_threads=1, device_id=None, seed=5)
+    def turn():
+        source = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        angle = fn.random.choice([0.0, 90.0, 180.0, 270.0])
+        return dali.rotate90(source, angle), angle
+
+    pipe = turn()
+    pipe.build()
+    turned, angles = pipe.run()
+    ks = [int(float(np.array(angles[i])) // 90) for i in range(16)]
+    assert set(ks) == {0, 1, 2, 3}
+    for i, k in enumerate(ks):
+        assert np.array_equal(np.array(turned[i]), np.rot90(images[i], k)), (i, k)
+
+
+def test_rot90_turns_the_crop_before_degrading_it(sample_shards):
+    """data.rot90 in the pipeline: each clean crop is a 90-degree turn of the crop the same seed gives without
+    it, all four turns occur, and the JPEG input is the turned crop degraded (libjpeg's pixels)."""
+    def batches(**knobs):
+        return take(DaliLoader(train_shards(sample_shards), 32, (10, 40), 8, seed=2, num_threads=1, **knobs), 3)
+
+    seen = set()
+    for plain, turned in zip(batches(), batches(rot90=True)):
+        for clean, rotated, jpeg, q in zip(plain["clean"], turned["clean"], turned["jpeg"], turned["quality"]):
+            seen.add(next(k for k in range(4) if np.array_equal(u8(rotated), np.rot90(u8(clean), k))))
+            assert np.array_equal(u8(jpeg), jpeg_roundtrip(u8(rotated), int(q)))
+    assert seen == {0, 1, 2, 3}
+
+
+def test_quality_power_draws_more_heavy_compression(sample_shards):
+    """data.quality_power 2 in the pipeline: 512 qualities in 10..40 with a mean near the torch loader's expected
+    ~18.0 (far below uniform's 25); at 0 (the default) the batches are those of a loader built without it."""
+    from dist_dejpeg.data.torch_loader import quality_weights
+
+    values, p = quality_weights(10, 40, 2.0)
+    loader = DaliLoader(train_shards(sample_shards), 32, (10, 40), 32, seed=4, num_threads=2, quality_power=2.0)
+    qualities = torch.cat([b["quality"] for b in take(loader, 16)]).numpy()
+    assert len(qualities) == 512 and 10 <= qualities.min() and qualities.max() <= 40
+    assert abs(qualities.mean() - float((values * p).sum())) < 1.5 and qualities.mean() < 21
+    assert np.bincount(qualities).argmax() == 10
+
+    def two(**knobs):
+        return take(DaliLoader(train_shards(sample_shards), 32, (10, 40), 4, seed=4, num_threads=1, **knobs), 2)
+
+    for a, b in zip(two(), two(quality_power=0.0, rot90=False)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_knobs_reach_the_dali_loader(sample_shards):
+    from dist_dejpeg.config import load_config
+    from dist_dejpeg.data import build_train_loader
+
+    cfg = load_config(None, [f"data.root={sample_shards}", "data.backend=dali", "data.dali_threads=1", "data.crop=32",
+                             "data.quality_power=1.5", "data.rot90=true"])
+    loader = build_train_loader(cfg, 0, 1, torch.device("cpu"))
+    assert isinstance(loader, DaliLoader) and (loader.quality_power, loader.rot90) == (1.5, True)
+
+
 def test_index_files_written_at_prepare_and_checked(tmp_path):
     from dist_dejpeg.data.shards import prepare_samples
 

@@ -19,7 +19,7 @@ from PIL import Image
 from dist_dejpeg.data import images, shards
 from dist_dejpeg.data.images import decode_rgb8, encode_png, jpeg_roundtrip
 from dist_dejpeg.data.shards import list_shards, shard_keys
-from dist_dejpeg.data.torch_loader import SKIP_REASONS, ShardStream, TorchLoader, load_val_set
+from dist_dejpeg.data.torch_loader import SKIP_REASONS, ShardStream, TorchLoader, load_val_set, quality_weights
 
 CPU = torch.device("cpu")
 CROP = 32
@@ -39,9 +39,10 @@ def all_keys(paths) -> list[str]:
     return [k for p in paths for k in shard_keys(p)]
 
 
-def make_stream(root, seed=0, num_workers=0, rank=0, world=1, epochs=None, crop=CROP, buffer=32):
+def make_stream(root, seed=0, num_workers=0, rank=0, world=1, epochs=None, crop=CROP, buffer=32, **knobs):
+    """The sample shards' training stream; ``knobs``: ShardStream's recipe options (quality_power, rot90)."""
     return ShardStream(train_shards(root), crop, QRANGE, seed=seed, rank=rank, world=world,
-                       num_workers=num_workers, shuffle_buffer=buffer, epochs=epochs)
+                       num_workers=num_workers, shuffle_buffer=buffer, epochs=epochs, **knobs)
 
 
 def take(loader, n: int) -> list[dict]:
@@ -297,10 +298,11 @@ def test_epochs_limit_stream_length(sample_shards):
 
 
 # -- exact resume ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_loader_resume_is_exact(sample_shards, num_workers):
+@pytest.mark.parametrize("num_workers, knobs", [(0, {}), (2, {}), (2, {"quality_power": 1.0, "rot90": True})],
+                         ids=["0-workers", "2-workers", "2-workers-knobs"])
+def test_loader_resume_is_exact(sample_shards, num_workers, knobs):
     def new_loader():
-        return TorchLoader(make_stream(sample_shards, seed=3, num_workers=num_workers), 4, num_workers, CPU)
+        return TorchLoader(make_stream(sample_shards, seed=3, num_workers=num_workers, **knobs), 4, num_workers, CPU)
 
     uninterrupted = take(new_loader(), 8)
 
@@ -347,6 +349,81 @@ def test_resume_with_other_worker_count_restarts(sample_shards):
     assert other.consumed == 0
     again = take(other, 2)
     assert all(batches_equal(x, y) for x, y in zip(again, start))
+
+
+# -- recipe knobs (data.quality_power, data.rot90) -----------------------------------------------------------
+TILE = 96  # conftest's sample_shards tiles
+
+
+def test_knobs_off_draw_exactly_as_before(sample_shards):
+    """quality_power 0 and rot90 off: the samples of a stream built without them, whose qualities are still
+    each sample RNG's 4th draw (rng.integers after crop and mirror), and the GPU path's grouped qualities
+    still rng.integers of the batch's RNG: checkpoints and earlier results hold."""
+    from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cpu
+
+    plain = list(itertools.islice(make_stream(sample_shards, seed=6), 12))
+    off = list(itertools.islice(make_stream(sample_shards, seed=6, quality_power=0.0, rot90=False), 12))
+    for a, b in zip(plain, off):
+        assert all(torch.equal(a[k], b[k]) for k in ("jpeg", "clean")) and a["quality"] == b["quality"]
+        rng = np.random.default_rng([6, 0, 0, a["_next"] - 1])  # seed, epoch, slot, position
+        rng.integers(0, TILE - CROP + 1, size=2)  # top, left
+        rng.random()  # mirror
+        assert a["quality"] == rng.integers(QRANGE[0], QRANGE[1] + 1)
+
+    grouped = TorchLoader(make_stream(sample_shards, seed=6, quality_power=0.0), 4, 0, CPU,
+                          degrade_batch=jpeg_roundtrip_cpu, quality_groups=2)
+    for index, batch in enumerate(take(grouped, 3)):
+        levels = np.random.default_rng([6, 0, index, 7]).integers(QRANGE[0], QRANGE[1] + 1, size=2)
+        assert batch["quality"].tolist() == levels[[0, 1, 0, 1]].tolist()
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_quality_power_draws_more_heavy_compression(sample_shards, grouped):
+    """quality_power 2 (P(q) ~ q^-2 over 10..40): ~500 qualities, all in the range, mean near the expected ~18.0
+    and far below uniform's 25, q10 the most frequent; in the workers and in the GPU path's grouped draws."""
+    from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cpu
+
+    values, p = quality_weights(*QRANGE, 2.0)
+    assert p.sum() == pytest.approx(1.0) and np.all(np.diff(p) < 0)
+    expected = float((values * p).sum())
+    assert 17.5 < expected < 18.5
+    stream = make_stream(sample_shards, seed=1, quality_power=2.0)
+    if grouped:
+        loader = TorchLoader(stream, 8, 0, CPU, degrade_batch=jpeg_roundtrip_cpu, quality_groups=8)
+        qualities = np.concatenate([b["quality"].numpy() for b in take(loader, 63)])
+    else:
+        qualities = np.array([s["quality"] for s in itertools.islice(stream, 500)])
+    assert len(qualities) >= 500 and QRANGE[0] <= qualities.min() and qualities.max() <= QRANGE[1]
+    assert abs(qualities.mean() - expected) < 1.5  # standard error ~0.35
+    assert qualities.mean() < 21
+    counts = np.bincount(qualities, minlength=QRANGE[1] + 1)
+    assert counts.argmax() == QRANGE[0]
+
+
+def test_rot90_turns_the_crop_before_degrading_it(sample_shards):
+    """rot90: every clean crop is a 90-degree turn (np.rot90, k = 0..3) of the crop the same stream gives without
+    it (same crop, mirror and quality: the turn is drawn last), all four turns occur, and the JPEG input is the
+    turned crop degraded (the 8x8 grid starts at the crop's corner)."""
+    plain = itertools.islice(make_stream(sample_shards, seed=2), 32)
+    turned = itertools.islice(make_stream(sample_shards, seed=2, rot90=True), 32)
+    seen = set()
+    for a, b in zip(plain, turned):
+        assert a["quality"] == b["quality"]
+        clean, rotated = a["clean"].permute(1, 2, 0).numpy(), b["clean"].permute(1, 2, 0).numpy()
+        k = next(k for k in range(4) if np.array_equal(rotated, np.rot90(clean, k)))
+        seen.add(k)
+        assert np.array_equal(b["jpeg"].permute(1, 2, 0).numpy(), jpeg_roundtrip(rotated, b["quality"]))
+    assert seen == {0, 1, 2, 3}
+
+
+def test_config_knobs_reach_the_torch_loader(sample_shards):
+    from dist_dejpeg.config import load_config
+    from dist_dejpeg.data import build_train_loader
+
+    cfg = load_config(None, [f"data.root={sample_shards}", "data.backend=torch", "data.num_workers=0", "data.crop=32",
+                             "data.quality_power=1.5", "data.rot90=true"])
+    stream = build_train_loader(cfg, 0, 1, CPU).stream
+    assert (stream.quality_power, stream.rot90) == (1.5, True)
 
 
 # -- bad input --------------------------------------------------------------------------------------------

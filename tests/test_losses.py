@@ -174,3 +174,46 @@ def test_chroma_weighted_pixel_loss():
     assert heavy == pytest.approx(0.05 * 4 / 9, rel=1e-4) and light == pytest.approx(0.05 * 0.25 / 1.5, rel=1e-4)
     luma_err = clean + 0.05  # grey shift: Y only
     assert pixel_loss(luma_err, clean, 4.0) == pytest.approx(0.05 / 9, rel=1e-4)
+
+
+def test_charbonnier_is_l1_away_from_zero_and_smooth_at_zero():
+    """loss.pixel=charbonnier: mean sqrt(d^2 + 1e-3^2); within eps^2 / 2|d| of L1 for large differences, eps at
+    d = 0 with a zero (finite) gradient there, where L1's is undefined."""
+    from dist_dejpeg.train.losses import CHARBONNIER_EPS
+
+    g = torch.Generator().manual_seed(1)
+    clean = torch.rand(2, 3, 8, 8, generator=g)
+    sign = torch.randint(0, 2, clean.shape, generator=g) * 2 - 1
+    restored = clean + sign * (0.1 + 0.4 * torch.rand(clean.shape, generator=g))  # |d| in [0.1, 0.5]
+    l1, charb = pixel_loss(restored, clean), pixel_loss(restored, clean, pixel="charbonnier")
+    assert 0 < (charb - l1).item() < CHARBONNIER_EPS ** 2 / (2 * 0.1) + 1e-6
+    assert charb.item() == pytest.approx(torch.sqrt((restored - clean) ** 2 + 1e-6).mean().item(), rel=1e-6)
+
+    same = clean.clone().requires_grad_(True)
+    at_zero = pixel_loss(same, clean, pixel="charbonnier")
+    assert at_zero.item() == pytest.approx(CHARBONNIER_EPS)
+    at_zero.backward()
+    assert torch.isfinite(same.grad).all() and same.grad.abs().max().item() == 0.0
+    tiny = (clean + 1e-4).requires_grad_(True)  # inside eps: a gradient ~ d / eps, far below L1's 1 / n
+    pixel_loss(tiny, clean, pixel="charbonnier").backward()
+    assert tiny.grad.max().item() == pytest.approx(0.1 / clean.numel(), rel=0.01)
+    assert pixel_loss(restored.bfloat16(), clean.bfloat16(), pixel="charbonnier").dtype == torch.float32
+    with pytest.raises(ValueError, match="huber"):
+        pixel_loss(restored, clean, pixel="huber")
+
+
+def test_charbonnier_with_chroma_weight_penalises_each_plane():
+    """The YCbCr branch applies the same penalty per plane: a pure Cb error costs ~its Charbonnier value times
+    the chroma share of the weights, as L1 does, and an error-free image costs eps."""
+    from dist_dejpeg.jpeg.formats import JFIF_YCBCR
+    from dist_dejpeg.train.losses import CHARBONNIER_EPS
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(2, 3, 8, 8, generator=g) * 0.5 + 0.25
+    rgb_of_cb = torch.linalg.inv(torch.tensor(JFIF_YCBCR))[:, 1]
+    chroma_err = clean + 0.05 * rgb_of_cb.view(1, 3, 1, 1)
+    plane = math.sqrt(0.05 ** 2 + CHARBONNIER_EPS ** 2)  # the Cb plane's penalty; Y and Cr cost eps
+    heavy = pixel_loss(chroma_err, clean, 4.0, pixel="charbonnier")
+    assert heavy.item() == pytest.approx((CHARBONNIER_EPS + 4 * plane + 4 * CHARBONNIER_EPS) / 9, rel=1e-3)
+    assert heavy > pixel_loss(chroma_err, clean, 0.25, pixel="charbonnier")
+    assert pixel_loss(clean, clean, 4.0, pixel="charbonnier").item() == pytest.approx(CHARBONNIER_EPS)

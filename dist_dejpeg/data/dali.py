@@ -1,5 +1,6 @@
-"""The DALI data path: sharded WebDataset reader, decode (GPU when there is one), random crop and mirror,
-JPEG degradation at a per-sample random quality, the batch contract.
+"""The DALI data path: sharded WebDataset reader, decode (GPU when there is one), random crop and mirror
+(and a turn by a random multiple of 90 degrees with ``data.rot90``), JPEG degradation at a per-sample random
+quality (uniform, or weighted by ``data.quality_power`` as in the torch loader), the batch contract.
 
     data.backend=dali   (or auto: DALI when it imports, torch otherwise)
 
@@ -29,11 +30,12 @@ import weakref
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from dist_dejpeg.data.index import check_indexes
 from dist_dejpeg.data.shards import read_manifest
-from dist_dejpeg.data.torch_loader import to_device
+from dist_dejpeg.data.torch_loader import quality_weights, to_device
 from dist_dejpeg.data.verify import SKIP_REASONS, dali_usable, over_limit, scan_shards, too_many, write_index
 from dist_dejpeg.jpeg.formats import ENCODED_SHARD_EXTS
 
@@ -67,10 +69,24 @@ def first_unreadable_tar(shards: list[str]) -> tuple[str, str] | None:
 
 if HAVE_DALI:
 
+    def rotate90(images, angle):
+        """``images`` (square, HWC) turned by ``angle`` degrees, a per-sample multiple of 90: exact (nearest
+        neighbour on a square keeps every pixel), counter-clockwise as np.rot90 with k = angle / 90."""
+        return fn.rotate(images, angle=angle, interp_type=types.INTERP_NN, keep_size=True)
+
+    def train_quality(quality_range, quality_power):
+        """A per-sample training quality: uniform over the range (quality_power 0, the draws of earlier runs), or
+        weighted as the torch loader draws it (torch_loader.quality_weights)."""
+        if quality_power == 0:
+            return fn.random.uniform(values=list(range(quality_range[0], quality_range[1] + 1)), dtype=types.INT32)
+        values, p = quality_weights(*quality_range, quality_power)
+        return fn.random.choice(values.astype(np.int32), p=p.tolist())
+
     def degrade_graph(paths, index_paths, crop, quality_range, shard_id, num_shards, initial_fill, gpu, augment=True,
-                      raw_tile=0):
+                      raw_tile=0, quality_power=0.0, rot90=False):
         """The pipeline graph (wrapped once by ``pipeline_def`` below). ``raw_tile``: the shards hold
-        uncompressed square tiles of that side (no decode), else encoded images."""
+        uncompressed square tiles of that side (no decode), else encoded images. ``quality_power``, ``rot90``:
+        the data config's options (off: the graph, and so every draw, of runs before they existed)."""
         encoded = fn.readers.webdataset(
             paths=paths, index_paths=index_paths, ext=["raw" if raw_tile else EXTENSIONS],
             missing_component_behavior="skip", shard_id=shard_id, num_shards=num_shards, random_shuffle=augment,
@@ -86,7 +102,9 @@ if HAVE_DALI:
             clean = fn.crop_mirror_normalize(images, crop=(crop, crop), crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
                                              crop_pos_y=fn.random.uniform(range=(0.0, 1.0)),
                                              mirror=fn.random.coin_flip(), dtype=types.UINT8, output_layout="HWC")
-            quality = fn.random.uniform(values=list(range(quality_range[0], quality_range[1] + 1)), dtype=types.INT32)
+            quality = train_quality(quality_range, quality_power)
+            if rot90:  # before the degradation: the crop's own 8x8 JPEG grid is unaffected
+                clean = rotate90(clean, fn.random.choice([0.0, 90.0, 180.0, 270.0]))
         else:
             clean = fn.crop(images, crop=(crop, crop))  # centred, for tests of the reader's sharding
             quality = fn.random.uniform(values=[quality_range[0]], dtype=types.INT32)
@@ -103,7 +121,8 @@ class DaliLoader:
     def __init__(self, shards: list[str], crop: int, quality_range: tuple[int, int], batch_size: int, *,
                  seed: int = 0, rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"),
                  num_threads: int = 2, initial_fill: int = 256, channels_last: bool = False, augment: bool = True,
-                 raw_tile: int | None = None, prefetch: int = 2, max_bad_samples: int | None = None):
+                 raw_tile: int | None = None, prefetch: int = 2, max_bad_samples: int | None = None,
+                 quality_power: float = 0.0, rot90: bool = False):
         if not HAVE_DALI:
             raise ImportError("data.backend=dali needs NVIDIA DALI: pip install -e '.[dali]' "
                               "(or data.backend=torch)")
@@ -117,6 +136,7 @@ class DaliLoader:
             raw_tile = int(manifest["tile"]) if manifest.get("format") == "raw" else 0
         self.channels_last, self.augment, self.raw_tile = channels_last, augment, raw_tile
         self.prefetch = prefetch  # DALI's prefetch_queue_depth: batches the pipeline runs ahead
+        self.quality_power, self.rot90 = quality_power, rot90
         self.consumed = 0
         self.bad = self._leave_out_bad_samples(max_bad_samples)
 
@@ -159,7 +179,7 @@ class DaliLoader:
         pipe = degrade_pipeline(
             paths=self.shards, index_paths=self.index_paths or [], crop=self.crop, quality_range=self.quality_range,
             shard_id=self.rank, num_shards=self.world, initial_fill=self.initial_fill, gpu=gpu, augment=self.augment,
-            raw_tile=self.raw_tile,
+            raw_tile=self.raw_tile, quality_power=self.quality_power, rot90=self.rot90,
             batch_size=self.batch_size, num_threads=self.num_threads, prefetch_queue_depth=self.prefetch,
             device_id=(self.device.index or 0) if gpu else None,
             seed=(self.seed * 1_000_003 + self.rank * 7_919 + self.consumed) % (2**31 - 1))

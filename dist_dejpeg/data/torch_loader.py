@@ -6,20 +6,21 @@ Sharding: every (rank, worker) pair is a *slot*. Each epoch the shard list is sh
 by all ranks, then dealt to slots (whole shards when there are at least as many shards as slots, otherwise
 every slot reads all shards and keeps every n-th sample), so within an epoch no sample is seen twice.
 
-Exact resume: a sample's crop, mirror and JPEG quality come from an RNG seeded by (seed, epoch, slot,
-position), not from a running generator, and each batch carries its slot's stream position. The loader's
-``state_dict()`` records the position after the last batch the trainer took; on resume every slot skips
-to it without decoding, and the slot played by DataLoader worker 0 is rotated so batches come in the same
-order as in an uninterrupted run. (Same ranks and workers required; otherwise it restarts the epoch.)
+Exact resume: a sample's crop, mirror, JPEG quality (and turn, with ``rot90``) come from an RNG seeded by
+(seed, epoch, slot, position), not from a running generator, and each batch carries its slot's stream
+position. The loader's ``state_dict()`` records the position after the last batch the trainer took; on
+resume every slot skips to it without decoding, and the slot played by DataLoader worker 0 is rotated so
+batches come in the same order as in an uninterrupted run. (Same ranks and workers required; otherwise it
+restarts the epoch.)
 
 Batch-level degradation (``degrade_batch``, the GPU path: nvJPEG): workers send clean crops and the batch is
 degraded on the device. nvJPEG's encoder takes one quality per call, so each distinct quality in a batch
 costs a round trip (two for the 4:2:0 rebuild): ``quality_groups`` K > 0 draws K qualities per batch
-(uniform in the range, from an RNG seeded by the batch's index: exact on resume) and deals them to the
-samples in turn, so every sample's quality is still uniform over the range while a batch needs at most K
-round trips. ``run_ahead`` R > 0 degrades up to R batches ahead in a background thread, on its own CUDA
-stream, so the round trips overlap the training step instead of adding to it; the loader's state still
-counts only the batches the trainer took.
+(as the workers draw them, see :func:`draw_quality`, from an RNG seeded by the batch's index: exact on resume)
+and deals them to the samples in turn, so every sample's quality still has the workers' distribution while a
+batch needs at most K round trips. ``run_ahead`` R > 0 degrades up to R batches ahead in a background
+thread, on its own CUDA stream, so the round trips overlap the training step instead of adding to it; the
+loader's state still counts only the batches the trainer took.
 """
 
 from __future__ import annotations
@@ -59,15 +60,35 @@ def once_per_shard(shards: list[str], report: Callable[[str | None, Exception], 
     return handler
 
 
+def quality_weights(qmin: int, qmax: int, power: float) -> tuple[np.ndarray, np.ndarray]:
+    """The training qualities qmin..qmax and their probabilities, P(q) proportional to q ** -power
+    (``data.quality_power``: more heavy compression as it grows)."""
+    values = np.arange(qmin, qmax + 1)
+    weights = values.astype(np.float64) ** -power
+    return values, weights / weights.sum()
+
+
+def draw_quality(rng: np.random.Generator, qmin: int, qmax: int, power: float, size: int | None = None):
+    """Training JPEG qualities in qmin..qmax (one, or an array of ``size``): uniform with ``power`` 0, drawn
+    exactly as before quality_power existed (so resumes and earlier results hold), else by quality_weights."""
+    if power == 0:
+        return rng.integers(qmin, qmax + 1, size=size)
+    values, p = quality_weights(qmin, qmax, power)
+    return rng.choice(values, size=size, p=p)
+
+
 class ShardStream(IterableDataset):
-    """Endless (or ``epochs``-long) stream of degraded/clean crops from one rank's slots."""
+    """Endless (or ``epochs``-long) stream of degraded/clean crops from one rank's slots. ``quality_power``:
+    see :func:`draw_quality`; ``rot90``: each crop also turned by a random multiple of 90 degrees."""
 
     def __init__(self, shards: list[str], crop: int, quality_range: tuple[int, int], seed: int = 0,
                  rank: int = 0, world: int = 1, num_workers: int = 0, shuffle_buffer: int = 256,
-                 epochs: int | None = None, max_bad_samples: int | None = None):
+                 epochs: int | None = None, max_bad_samples: int | None = None, quality_power: float = 0.0,
+                 rot90: bool = False):
         self.shards = sorted(shards)
         self.crop = crop
         self.qmin, self.qmax = quality_range
+        self.quality_power, self.rot90 = quality_power, rot90
         self.seed, self.rank, self.world = seed, rank, world
         self.n_local = max(num_workers, 1)
         self.shuffle_buffer = shuffle_buffer
@@ -134,10 +155,12 @@ class ShardStream(IterableDataset):
         rng = np.random.default_rng([self.seed, epoch, slot, pos])
         top, left = int(rng.integers(0, h - self.crop + 1)), int(rng.integers(0, w - self.crop + 1))
         clean = rgb[top:top + self.crop, left:left + self.crop]
-        if rng.random() < 0.5:  # horizontal mirror only, as the DALI pipeline (photos have an up)
+        if rng.random() < 0.5:  # horizontal mirror (photos have an up: turning them is the rot90 option)
             clean = clean[:, ::-1]
+        quality = int(draw_quality(rng, self.qmin, self.qmax, self.quality_power))
+        if self.rot90:  # drawn last, so that without it every sample draws as before
+            clean = np.rot90(clean, int(rng.integers(4)))  # square crop; JPEG's 8x8 grid comes after
         clean = np.array(clean)  # a writable, contiguous copy
-        quality = int(rng.integers(self.qmin, self.qmax + 1))
         sample = {"clean": torch.from_numpy(clean).permute(2, 0, 1), "quality": quality}
         if self.degrade:
             sample["jpeg"] = torch.from_numpy(jpeg_roundtrip(clean, quality)).permute(2, 0, 1)
@@ -243,7 +266,8 @@ class TorchLoader:
         quality = batch["quality"]
         if self.quality_groups > 0:
             rng = np.random.default_rng([self.stream.seed, self.stream.rank, index, 7])
-            levels = rng.integers(self.stream.qmin, self.stream.qmax + 1, size=self.quality_groups)
+            levels = draw_quality(rng, self.stream.qmin, self.stream.qmax, self.stream.quality_power,
+                                  size=self.quality_groups)
             quality = torch.as_tensor(levels[np.arange(len(quality)) % self.quality_groups], dtype=torch.int64)
         clean = batch["clean"].to(self.device, non_blocking=True)
         jpeg = self.degrade_batch(clean, quality)

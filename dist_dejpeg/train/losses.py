@@ -1,5 +1,5 @@
-"""Training losses: L1 pixel loss (RGB, or YCbCr with a chroma weight) and the adversarial losses.
-LPIPS, the perceptual loss, is a frozen network: dist_dejpeg.models.lpips.
+"""Training losses: the pixel loss (L1 or Charbonnier; RGB, or YCbCr with a chroma weight) and the adversarial
+losses. LPIPS, the perceptual loss, is a frozen network: dist_dejpeg.models.lpips.
 """
 
 from __future__ import annotations
@@ -7,16 +7,32 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+CHARBONNIER_EPS = 1e-3  # sqrt(d^2 + eps^2): MPRNet's / Restormer's Charbonnier constant for [0, 1] images
 
-def pixel_loss(restored: torch.Tensor, clean: torch.Tensor, chroma_weight: float = 1.0) -> torch.Tensor:
-    """L1 on RGB; with ``chroma_weight`` != 1, L1 on JPEG's Y, Cb, Cr planes with Cb and Cr weighted by it
-    (normalised by the mean weight): the chroma that 4:2:0 throws away counts more (or less)."""
+
+def penalty(diff: torch.Tensor, pixel: str) -> torch.Tensor:
+    """Per-element pixel penalty: |d| ("l1") or sqrt(d^2 + eps^2) ("charbonnier": ~|d| away from 0, smooth at 0,
+    so small residuals get small gradients instead of L1's constant push)."""
+    if pixel == "l1":
+        return diff.abs()
+    if pixel == "charbonnier":
+        return torch.sqrt(diff * diff + CHARBONNIER_EPS ** 2)
+    raise ValueError(f"pixel loss {pixel!r} is not one of ['l1', 'charbonnier']")
+
+
+def pixel_loss(restored: torch.Tensor, clean: torch.Tensor, chroma_weight: float = 1.0,
+               pixel: str = "l1") -> torch.Tensor:
+    """Mean ``pixel`` penalty (see :func:`penalty`) on RGB; with ``chroma_weight`` != 1, on JPEG's Y, Cb, Cr
+    planes with Cb and Cr weighted by it (normalised by the mean weight): the chroma that 4:2:0 throws away
+    counts more (or less)."""
     if chroma_weight == 1.0:
-        return F.l1_loss(restored.float(), clean.float())
+        if pixel == "l1":
+            return F.l1_loss(restored.float(), clean.float())
+        return penalty(restored.float() - clean.float(), pixel).mean()
     from dist_dejpeg.jpeg.formats import JFIF_YCBCR
 
     m = torch.tensor(JFIF_YCBCR, device=restored.device)
-    diff = torch.einsum("ij,njhw->nihw", m, restored.float() - clean.float()).abs().mean(dim=(0, 2, 3))
+    diff = penalty(torch.einsum("ij,njhw->nihw", m, restored.float() - clean.float()), pixel).mean(dim=(0, 2, 3))
     w = torch.tensor([1.0, chroma_weight, chroma_weight], device=restored.device)
     return (diff * w).sum() / w.sum()
 

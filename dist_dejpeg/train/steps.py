@@ -248,8 +248,10 @@ def generator_step(accelerator: Accelerator, generator, optimizer, batches: Iter
                    grad_accum: int, w_pixel: float, w_lpips: float, w_adv: float = 0.0,
                    lpips: LPIPS | None = None, critic_raw=None, adversarial: str = "bce",
                    max_grad_norm: float = 0.0, autocast=None, deepspeed: bool = False,
-                   flags: DeviceFlags | None = None, blind_prob: float = 0.0, chroma_weight: float = 1.0) -> dict:
-    """Generator update: w_pixel * L1 + w_lpips * LPIPS (+ w_adv * adversarial through the frozen critic).
+                   flags: DeviceFlags | None = None, blind_prob: float = 0.0, chroma_weight: float = 1.0,
+                   pixel: str = "l1") -> dict:
+    """Generator update: w_pixel * pixel loss (``pixel``: L1 or Charbonnier; logged as "l1") + w_lpips * LPIPS
+    (+ w_adv * adversarial through the frozen critic).
     The generator gets the batch's quality (a blind one ignores it), ``blind_prob`` of it hidden."""
     weights = {"l1": w_pixel, "lpips": w_lpips, "adv": w_adv}
 
@@ -257,7 +259,7 @@ def generator_step(accelerator: Accelerator, generator, optimizer, batches: Iter
         restored = generator(batch["jpeg"], quality_input(batch, blind_prob))
         parts = {}
         if w_pixel:
-            parts["l1"] = pixel_loss(restored, batch["clean"], chroma_weight)
+            parts["l1"] = pixel_loss(restored, batch["clean"], chroma_weight, pixel)
         if w_lpips:
             parts["lpips"] = lpips(restored, batch["clean"]).mean()
         if w_adv:
