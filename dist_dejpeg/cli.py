@@ -4,7 +4,7 @@
     dist-dejpeg prepare folder --src ~/photos --out data/photos
     dist-dejpeg prepare div2k --root data/div2k_src --out data/div2k --download
     dist-dejpeg train --config configs/debug.yaml [--resume [CKPT]] [--dry-run] [key=value ...]
-    dist-dejpeg bench {train,data,data-wait,infer,scaling,all,gpu-check} [--config C] [key=value ...]
+    dist-dejpeg bench {train,data,data-wait,infer,scaling,quality,all,gpu-check} [--config C] [key=value ...]
     dist-dejpeg restore IN... -o OUT_DIR --model runs/debug [--format png|jpg|webp|tiff|same] [--suffix S]
     dist-dejpeg restore -i photos/ -o out/ --model runs/debug --ext jpg --tile 512 --tile-pad 32 --fp32
     dist-dejpeg evaluate --model runs/debug --images photos/ --qualities 10 20 30 40 -o eval/ [--y-only]

@@ -341,7 +341,7 @@ def test_bench_quality_tables_blind_vs_conditioned(tmp_path, monkeypatch, experi
 
     seed_of = {"blind-s0": 0.5, "blind-s1": 0.7, "conditioned-s0": 0.9, "conditioned-s1": 1.1}
     monkeypatch.setattr(common, "train_once", train_once)
-    monkeypatch.setattr(common, "validation_images", lambda cfg, work: ["a.png", "b.png"])
+    monkeypatch.setattr("dist_dejpeg.bench.common.validation_images", lambda cfg, work: ["a.png", "b.png"])
     monkeypatch.setattr("dist_dejpeg.data.ensure_samples", lambda cfg: False)
     monkeypatch.setattr(infer, "Restorer", FakeRestorer)
     monkeypatch.setattr(evaluate_mod, "evaluate", _fake_eval(
@@ -371,7 +371,7 @@ def test_bench_colour_rows(tmp_path, monkeypatch, experiment):
 
     calls = []
     monkeypatch.setattr(common, "train_once", lambda c, o, run_dir, log: calls.append(o) or 120.0)
-    monkeypatch.setattr(common, "validation_images", lambda cfg, work: ["a.png"])
+    monkeypatch.setattr("dist_dejpeg.bench.common.validation_images", lambda cfg, work: ["a.png"])
     monkeypatch.setattr("dist_dejpeg.data.ensure_samples", lambda cfg: False)
     monkeypatch.setattr(evaluate_mod, "evaluate", _fake_eval(
         {"batch-": lambda q, b: 0.3, "group-1000": lambda q, b: 0.5, "group-5000": lambda q, b: 0.8}))
@@ -411,7 +411,7 @@ def test_bench_chroma_runs_and_table(tmp_path, monkeypatch, experiment):
 
     calls = []
     monkeypatch.setattr(common, "train_once", lambda c, o, run_dir, log: calls.append((Path(run_dir).name, o)) or 180.0)
-    monkeypatch.setattr(common, "validation_images", lambda cfg, work: ["a.png", "gray.png"])
+    monkeypatch.setattr("dist_dejpeg.bench.common.validation_images", lambda cfg, work: ["a.png", "gray.png"])
     monkeypatch.setattr("dist_dejpeg.data.ensure_samples", lambda cfg: False)
     cb_gain = {"conditioned-s0": 0.2, "conditioned-s1": 0.4, "conditioned-cw2-s0": 0.6, "conditioned-cw2-s1": 0.8}
 

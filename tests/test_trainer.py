@@ -3,9 +3,11 @@ stop rule, exact resume, the NaN stop, and the files an end-to-end run leaves be
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -120,15 +122,23 @@ def test_end_to_end_writes_metrics_checkpoint_and_events(tmp_path, shards):
     assert generator(x).shape == x.shape
 
 
-def test_resume_mid_phase_is_bit_identical(tmp_path, shards):
+def test_resume_mid_phase_is_bit_identical(tmp_path, shards, monkeypatch):
     over = ("train.order=[gen,critic]", "train.phases.gen.steps=6", "train.ckpt_every=4", "train.keep_last=5",
             "data.num_workers=1")
+    # the trainer's clock ticks one second per read: each step (start and end read) adds exactly 1.0 train_seconds,
+    # whatever validation or saving takes
+    monkeypatch.setattr(trainer_mod, "time", SimpleNamespace(perf_counter=itertools.count().__next__))
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
     train(tiny(full_dir, shards, *over))
     mid = ckpt.checkpoint_dir(full_dir) / f"step-{4:08d}"
     assert mid.is_dir()
     state = json.loads((mid / "trainer_state.json").read_text())
     assert (state["phase_index"], state["phase_step"]) == (0, 4)
+    # train_seconds: in every checkpoint, growing with the steps (gen 6 then critic 2), and in metrics.json's meta
+    seconds = [json.loads((c / "trainer_state.json").read_text())["train_seconds"]
+               for c in ckpt.list_checkpoints(full_dir)]
+    assert seconds == [4.0, 6.0, 8.0]
+    assert json.loads((full_dir / "metrics.json").read_text())["meta"]["train_seconds"] == 8.0
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -145,6 +155,8 @@ def test_resume_mid_phase_is_bit_identical(tmp_path, shards):
         assert not diff, f"{name}: {diff[:5]}"
     assert (json.loads((full_dir / "metrics.json").read_text())["q10"]
             == json.loads((resumed_dir / "metrics.json").read_text())["q10"])
+    # the resumed run goes on from the checkpoint's 4 s: 4 more steps make 8, as the uninterrupted run
+    assert json.loads((resumed_dir / "metrics.json").read_text())["meta"]["train_seconds"] == 8.0
 
 
 def test_resume_gives_the_same_next_loss(tmp_path, shards):

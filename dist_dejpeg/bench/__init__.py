@@ -31,6 +31,8 @@ BENCHMARKS = {
                                                   "data-path variant (short training runs)"),
     "infer": ("dist_dejpeg.bench.infer", "restore latency per image and per megapixel, whole and tiled"),
     "scaling": ("dist_dejpeg.bench.scaling", "1 -> 2 processes measured on the CPU; DDP efficiency modelled"),
+    "quality": ("dist_dejpeg.bench.quality", "time to quality: minutes and images until the q10 gain on held-out "
+                                              "photos reaches +0.3/+0.5/+1.0 dB"),
     "all": ("dist_dejpeg.bench.suite", "train, data, infer and scaling in a row, and the scaling model"),
     "gpu-check": ("dist_dejpeg.bench.gpu_check", "every GPU path in one command, on a GPU machine without network"),
 }

@@ -1,6 +1,8 @@
 """What every benchmark shares: its common flags (``--results``, ``--name``, ``--config`` and ``key=value``
 overrides) and the default config, the machine's description, warm-up + device sync + repeated timing, and the
-results files (``<name>.json`` with everything, ``<name>.md`` with the table and the machine's name).
+results files (``<name>.json`` with everything, ``<name>.md`` with the table and the machine's name). For the
+quality benchmarks (``bench quality`` and the ablations in benchmarks/experiments/): trainings in child processes,
+the held-out photos they are evaluated on, the mean and spread over seeds.
 
 Timing rule: run ``warmup`` calls, synchronize the device, then time ``repeats`` blocks of ``steps`` calls,
 synchronizing before each clock read; the reported time is the median block, the spread is (max - min) /
@@ -19,12 +21,14 @@ import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from dist_dejpeg.bench import DEFAULT_RESULTS
+from dist_dejpeg.run.layout import GENERATOR
 
 if TYPE_CHECKING:
     import torch
@@ -233,3 +237,73 @@ def write_results(out_dir: str | Path, name: str, report: dict, title: str, note
     if echo:
         print("\n".join(lines), flush=True)
     return md
+
+
+# -- quality benchmarks (bench quality, benchmarks/experiments/): trainings in child processes, held-out photos ---
+def validation_images(config, work: Path) -> list[str]:
+    """Whole validation photos when data.root holds the bundled samples (written as PNG into ``work``),
+    otherwise the validation shards."""
+    import skimage.data
+    from PIL import Image
+
+    from dist_dejpeg.data import shards
+    from dist_dejpeg.data.images import decode_rgb8
+
+    root = Path(config.data.root)
+    try:
+        dataset = json.loads((root / shards.MANIFEST).read_text()).get("dataset")
+    except (OSError, ValueError):
+        dataset = None
+    if dataset == shards.SAMPLE_DATASET:
+        work.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name in shards.SAMPLE_VAL:
+            path = work / f"{name}.png"
+            if not path.exists():  # the photo the sample shards were cut from, from scikit-image's wheel
+                photo = decode_rgb8((Path(skimage.data.__file__).parent / f"{name}.png").read_bytes())
+                Image.fromarray(photo).save(path)
+            paths.append(str(path))
+        return paths
+    return [str(p) for p in shards.list_shards(root, config.data.val_glob)]
+
+
+def quality_bench_setup(config: str, overrides: list[str], work: str | Path) -> tuple[Path, list[str]]:
+    """The run folder (made) and the validation images of a quality benchmark; the sample shards are prepared
+    once here, before the runs (each would otherwise check on its own)."""
+    from dist_dejpeg.config import load_config
+    from dist_dejpeg.data import ensure_samples
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(config, overrides)
+    ensure_samples(cfg)
+    return work, validation_images(cfg, work / "val_photos")
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and spread (max - min; 0 for one value) over seeds."""
+    return statistics.fmean(values), (max(values) - min(values)) if len(values) > 1 else 0.0
+
+
+def train_once(config: str, overrides: list[str], run_dir: Path, log_file: Path) -> float | None:
+    """One ``dist-dejpeg train`` in a child process (a fresh Accelerate state each time); returns seconds. A
+    run folder that a finished earlier call left (``bench_train.json`` beside its generator, same command) is
+    reused, so an interrupted benchmark goes on where it stopped."""
+    cmd = [sys.executable, "-m", "dist_dejpeg.cli", "train", "--config", config, *overrides,
+           f"train.run_dir={run_dir}"]
+    marker = Path(run_dir) / "bench_train.json"
+    try:
+        done = json.loads(marker.read_text())
+        if done.get("args") == cmd[3:] and (Path(run_dir) / GENERATOR).is_file():
+            return done.get("seconds")
+    except (OSError, ValueError):
+        pass
+    start = time.perf_counter()
+    with open(log_file, "w") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        tail = log_file.read_text()[-3000:]
+        raise RuntimeError(f"training failed ({' '.join(cmd)}), log {log_file}:\n{tail}")
+    seconds = time.perf_counter() - start
+    marker.write_text(json.dumps({"args": cmd[3:], "seconds": seconds}))
+    return seconds

@@ -104,7 +104,7 @@ def partial_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 # a MetricsMeta field's annotation -> the JSON type its value must have (an int may be null)
-META_TYPES = {"str": str, "dict": dict, "int | None": int}
+META_TYPES = {"str": str, "dict": dict, "int | None": int, "float": (int, float)}
 
 
 @dataclass
@@ -127,6 +127,7 @@ class MetricsMeta:
     # train.ema_decay > 0: {"decay", "warmup", "updates", "raw": the raw (non-EMA) generator's final validation};
     # the metrics above are the EMA's
     ema: dict = field(default_factory=dict)
+    train_seconds: float = 0.0  # wall seconds in training steps, over all phases and resumes (TrainerState's)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

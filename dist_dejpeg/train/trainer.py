@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,9 @@ class TrainerState:
     stop: dict = field(default_factory=lambda: StopRule().state_dict())
     history: list = field(default_factory=list)  # (phase, step, mean restored LPIPS) per validation
     stopped_early: dict = field(default_factory=dict)  # phase name -> step where the stop rule fired
+    # wall seconds in training steps over all phases and resumes (not validation, image logging or checkpoints):
+    # the x axis of time to quality (bench/quality.py)
+    train_seconds: float = 0.0
 
 
 class Trainer:
@@ -179,6 +183,7 @@ class Trainer:
         window = LogWindow(acc, cfg.data.batch_size * t.grad_accum * acc.num_processes, batches)
         stopped = not fresh and name in st.stopped_early  # resumed after the stop rule fired
         while st.phase_step < phase.steps and not stopped:
+            start = time.perf_counter()
             turn = phase.kind if phase.kind != "gan" else gan_turn(phase, st.phase_step)
             lr = lr_at(phase, st.phase_step)
             set_lr(self.g_opt if turn == "gen" else self.c_opt, lr if turn == "gen" else lr * mult)
@@ -197,6 +202,8 @@ class Trainer:
                 self.monitor.window(name, scalars, st.phase_step, st.global_step, seconds_per_step)
                 self.last_train_scalars[name] = dict(scalars, step=st.global_step)
                 window.reset()
+            # the step, its bookkeeping and the flag read (on CUDA the host waits there for the queued steps)
+            st.train_seconds += time.perf_counter() - start
             if t.image_every and st.global_step % t.image_every == 0:
                 self.log_image(name)
             if validating:
@@ -242,7 +249,7 @@ class Trainer:
             logs = generator_step(acc, self.generator, self.g_opt, batches, w_pixel=phase.w_pixel,
                                   w_lpips=phase.w_lpips, w_adv=phase.w_adv if gan else 0.0, lpips=self.lpips,
                                   critic_raw=self.critic_raw if gan else None, chroma_weight=cfg.loss.chroma_weight,
-                                  **common)
+                                  pixel=cfg.loss.pixel, **common)
             self.ema.update(self.gen_raw, self.g_opt)  # (not after a skipped step)
         else:
             logs = critic_step(acc, self.critic, self.c_opt, batches, generator_raw=self.gen_raw, **common)
@@ -321,7 +328,7 @@ class Trainer:
                     processes=acc.num_processes, val_images_per_quality=n_val, data_skipped=skipped,
                     loss_lpips=f"lpips-{lo.lpips_net}" + ("" if lo.lpips_pretrained else " (random backbone)"),
                     last_train_log=self.last_train_scalars,  # per phase, rank 0's newest window (this session)
-                    ema=ema,
+                    ema=ema, train_seconds=self.state.train_seconds,
                 )
                 self.monitor.write_metrics(results, meta)  # with the counts of failed side writes
                 # the RGB PSNR gain at each validated quality: restore passes through where it predicts none
