@@ -394,13 +394,15 @@ def test_guard_passes_through_where_validation_predicts_no_gain(guarded_file):
     restorer = Restorer(guarded_file, device="cpu", tile=0)
     assert restorer.conditioned and restorer.gains == GAINS
     rgb = _photo(64, 96)
-    for q, passes in ((10, False), (30, False), (50, True), (60, True), (80, True), (5, False)):
+    # q45: +0.025 dB interpolated, but between a gain (q40) and a loss (q60): passed through
+    for q, passes in ((10, False), (30, False), (45, True), (50, True), (60, True), (80, True), (5, False)):
         out = restorer.restore_array(rgb, q)
         d = restorer.last_decision
         assert d.passthrough == passes and d.quality == q, (q, d)
         assert np.array_equal(out, rgb) == passes, q
     assert "above the validated qualities" in restorer.decide(80).reason
-    assert "-0.05 dB" in restorer.decide(50).reason  # 0.1 + (50 - 40) / 20 * (-0.3)
+    assert "-0.20 dB at q60" in restorer.decide(45).reason
+    assert "+0.20 dB at q30" in restorer.decide(30).reason  # 0.3 + (30 - 20) / 20 * (0.1 - 0.3)
     out = restorer.restore_array(rgb)  # unknown quality: no gain can be predicted, passed through
     d = restorer.last_decision
     assert np.array_equal(out, rgb) and d.passthrough and d.source == "unknown" and "--input-quality" in d.reason

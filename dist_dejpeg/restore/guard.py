@@ -4,9 +4,10 @@ the PyTorch Restorer and the onnxruntime one (restore/onnx_backend.py) decide al
 
     decision = decide(gains, quality=20, source="file tables")   # Decision(20, "file tables", False, "...")
 
-An image whose quality is above the validated range, or where the gain interpolated between validated
-qualities is not positive (NaN included), is passed through; so is one of unknown quality (no gain can be
-predicted for it) unless the guard is off, which restores it blind.
+An image whose quality is above the validated range is passed through, and so is one between two validated
+qualities unless validation measured a gain at both (between a gain and a loss the harm can start anywhere:
+the gain is not interpolated across zero), or one at a validated quality without a gain (NaN included); so
+is one of unknown quality (no gain can be predicted for it) unless the guard is off, which restores it blind.
 """
 
 from __future__ import annotations
@@ -59,7 +60,19 @@ def decide(gains: dict[int, float], quality: int | None, source: str = "given", 
     if gain is None:
         return Decision(quality, source, True, f"q{quality} is above the validated qualities "
                                                f"(up to q{max(gains)}): passed through unchanged")
-    if not gain > 0:  # NaN (a run that diverged) is harm too: `nan <= 0` is False
-        what = f"predicts {gain:+.2f} dB" if gain == gain else "measured no finite gain (NaN)"
-        return Decision(quality, source, True, f"validation {what} at q{quality}: passed through unchanged")
+    losing = [q for q in _neighbours(gains, quality) if not gains[q] > 0]  # NaN (a run that diverged) is harm too
+    if losing:
+        measured = ", ".join(f"{gains[q]:+.2f} dB at q{q}" if gains[q] == gains[q] else f"no finite gain (NaN) at q{q}"
+                             for q in losing)
+        return Decision(quality, source, True, f"validation measured {measured}: q{quality} passed through unchanged")
     return Decision(quality, source, reason=f"validation predicts {gain:+.2f} dB at q{quality}")
+
+
+def _neighbours(gains: dict[int, float], quality: int) -> list[int]:
+    """The validated qualities the prediction at ``quality`` rests on: itself, or the two around it (the
+    lowest one below the range)."""
+    qs = sorted(gains)
+    if quality in gains or quality <= qs[0]:
+        return [quality if quality in gains else qs[0]]
+    above = next(q for q in qs if q > quality)
+    return [max(q for q in qs if q < quality), above]
