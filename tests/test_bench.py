@@ -468,3 +468,29 @@ def test_experiment_scripts_pass_their_flags(name, argv, expected, experiment, m
     # runnable by its path, as its docstring says
     out = subprocess.run([sys.executable, str(EXPERIMENTS / f"{name}.py"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and f"python benchmarks/experiments/{name}.py" in out.stdout
+
+
+def test_gan_phase_picks_the_generator_from_before_the_gan_phase(experiment, tmp_path):
+    """The gen-only generator is the newest checkpoint saved before the gan phase's first step (the critic phase
+    leaves the generator as the gen phase did); a run that kept none says what is missing."""
+    import shutil
+    import subprocess
+    import sys
+
+    gan_phase = experiment("gan_phase")
+    run = tmp_path / "run"
+    order = ["gen", "critic", "gan"]
+    for step, phase_index, phase_step in ((500, 0, 500), (1000, 1, 0), (1040, 2, 0), (1070, 2, 30), (1100, 3, 0)):
+        folder = run / "checkpoints" / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "phase_index": phase_index,
+                                                               "phase_step": phase_step}))
+    assert gan_phase.gen_only_checkpoint(run, order).name == "step-00001040"
+    for late in ("step-00001040", "step-00001000", "step-00000500"):
+        shutil.rmtree(run / "checkpoints" / late)
+    with pytest.raises(SystemExit, match="no checkpoint from before its gan phase"):
+        gan_phase.gen_only_checkpoint(run, order)
+    with pytest.raises(SystemExit, match="has no gan phase"):
+        gan_phase.gen_only_checkpoint(run, ["gen"])
+    out = subprocess.run([sys.executable, str(EXPERIMENTS / "gan_phase.py"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "python benchmarks/experiments/gan_phase.py" in out.stdout
