@@ -22,6 +22,7 @@ from dist_dejpeg.run.manifest import write_manifest
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train import trainer as trainer_mod
 from dist_dejpeg.train.ema import UPDATES, GeneratorEma, warmup_decay
+from dist_dejpeg.train.phases import gan_turn
 from dist_dejpeg.train.trainer import Trainer
 
 from test_trainer import fresh_accelerator_state, shards, tiny  # noqa: F401 (fixtures)
@@ -190,3 +191,34 @@ def test_ema_decay_zero_trains_and_exports_the_raw_generator(shards, tmp_path):
     raw = t.gen_raw.state_dict()
     assert all(torch.equal(exported[k], raw[k]) for k in raw)
     assert json.loads((run / "metrics.json").read_text())["meta"]["ema"] == {}
+
+
+def test_restart_starts_the_average_afresh_from_the_live_weights():
+    live = small()
+    ema = GeneratorEma(live, 0.999)
+    set_params(live, 2.0)
+    ema.update(live)
+    ema.update(live)
+    assert ema.updates == 2 and any(not torch.equal(p, q) for p, q in zip(ema.ema.module.parameters(),
+                                                                           live.parameters()))
+    ema.restart(live)
+    assert ema.updates == 0
+    assert all(torch.equal(p, q) for p, q in zip(ema.ema.module.parameters(), live.parameters()))
+
+
+def test_each_generator_phase_has_its_own_average(shards, tmp_path):
+    """The gan phase's EMA starts from the weights the gen phase left (warm-up again), so its validation, best
+    choice and the generator file follow the GAN's weights instead of a 0.999 average of the gen phase's."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    t = Trainer(tiny(tmp_path / "run", shards, "train.phases.gen.lr=1e-2", "train.phases.gan.lr=1e-2",
+                     "train.phases.gan.steps=7"))  # 5 critic, then 2 generator updates
+    starts = []
+    real = t.ema.restart
+    t.ema.restart = lambda generator: starts.append((t.state.phase_index, t.ema.updates)) or real(generator)
+    t.fit()
+    gan = t.cfg.train.phases["gan"]
+    gan_gen_steps = sum(gan_turn(gan, s) == "gen" for s in range(gan.steps))
+    assert starts == [(0, 0), (2, 3)]  # the gen phase (3 updates), then the gan phase
+    meta = json.loads((tmp_path / "run" / "metrics.json").read_text())["meta"]["ema"]
+    assert t.ema.updates == meta["updates"] == gan_gen_steps > 0

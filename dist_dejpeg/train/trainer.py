@@ -169,6 +169,8 @@ class Trainer:
             st.stop = StopRule(patience=phase.patience if phase.kind == "gan" else 0).state_dict()
             if phase.kind == "gan":
                 self.best_generator = None
+            if trains_generator(phase):
+                self.ema.restart(self.gen_raw)  # this phase's own average (train/ema.py)
         mult = phase.critic_lr_mult if phase.kind == "gan" else 1.0  # the critic's lr over the schedule's
         if trains_generator(phase):
             start_phase_optimizer(self.g_opt, phase, lr_at(phase, st.phase_step), reset=fresh)
