@@ -97,8 +97,9 @@ def test_bench_train_ladder_writes_rows_and_ratios(tmp_path, repo_root, monkeypa
     from dist_dejpeg.bench import train
 
     monkeypatch.setattr(train, "LADDER", [train.LADDER[0], next(r for r in train.LADDER if "fused" in r[0])])
+    # LPIPS in the gen loss (the debug recipe has none since 2026-12-05), so that its share is measured
     assert main(["bench", "train", "--config", "configs/debug.yaml", "--steps", "1", "--repeats", "2", "--warmup", "1",
-                 "--results", str(tmp_path), "--scaling-model", *TINY]) == 0
+                 "--results", str(tmp_path), "--scaling-model", *TINY, "train.phases.gen.w_lpips=0.1"]) == 0
     report, md = read(tmp_path, "train")
     naive, tuned = report["results"][train.LADDER[0][0]], report["results"][train.TUNED]
     assert set(tuned) == {"gen", "gen without LPIPS", "critic", "gan generator turn"}
@@ -123,8 +124,10 @@ def test_bench_train_updates_pick_the_rows(repo_root, monkeypatch):
     monkeypatch.chdir(repo_root)
     from dist_dejpeg.bench import train
 
-    cfg = load_config("configs/debug.yaml")
-    assert [r[0] for r in train._rows_for(cfg, ("gen",))] == ["gen", "gen without LPIPS"]
+    cfg = load_config("configs/debug.yaml")  # no LPIPS in its gen loss: nothing to take out
+    assert [r[0] for r in train._rows_for(cfg, ("gen",))] == ["gen"]
+    with_lpips = load_config("configs/debug.yaml", ["train.phases.gen.w_lpips=0.1"])
+    assert [r[0] for r in train._rows_for(with_lpips, ("gen",))] == ["gen", "gen without LPIPS"]
     assert [r[0] for r in train._rows_for(cfg, ("critic", "gan"))] == ["critic", "gan generator turn"]
     with pytest.raises(ValueError, match="add gen to --updates"):
         train.run("configs/debug.yaml", TINY, repo_root / "unused", updates=("critic",))

@@ -159,7 +159,7 @@ def test_rot90_turns_the_crop_before_degrading_it(sample_shards):
 def test_quality_power_draws_more_heavy_compression(sample_shards):
     """data.quality_power 2 in the pipeline: 512 qualities in 10..40 with a mean near the torch loader's expected
     ~18.0 (far below uniform's 25); at 0 (the default) the batches are those of a loader built without it."""
-    from dist_dejpeg.data.torch_loader import quality_weights
+    from dist_dejpeg.data.contract import quality_weights
 
     values, p = quality_weights(10, 40, 2.0)
     loader = DaliLoader(train_shards(sample_shards), 32, (10, 40), 32, seed=4, num_threads=2, quality_power=2.0)

@@ -19,7 +19,8 @@ from PIL import Image
 from dist_dejpeg.data import images, shards
 from dist_dejpeg.data.images import decode_rgb8, encode_png, jpeg_roundtrip
 from dist_dejpeg.data.shards import list_shards, shard_keys
-from dist_dejpeg.data.torch_loader import SKIP_REASONS, ShardStream, TorchLoader, load_val_set, quality_weights
+from dist_dejpeg.data.contract import quality_weights
+from dist_dejpeg.data.torch_loader import SKIP_REASONS, ShardStream, TorchLoader, load_val_set
 
 CPU = torch.device("cpu")
 CROP = 32
@@ -590,7 +591,7 @@ def test_to_device_queues_the_copy_without_waiting_for_the_gpu():
     """Handing a batch to the GPU must not block the host behind the kernels already queued (the previous
     step): that wait was booked as data wait. Crops and qualities pinned, as the DataLoader gives them (the
     degrade-ahead thread hands its qualities over on the GPU already)."""
-    from dist_dejpeg.data.torch_loader import to_device
+    from dist_dejpeg.data.contract import to_device
 
     crops = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8).pin_memory()
     batch = {"jpeg": crops, "clean": crops, "quality": torch.tensor([10, 20]).pin_memory()}

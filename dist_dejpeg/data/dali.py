@@ -35,7 +35,7 @@ import torch
 
 from dist_dejpeg.data.index import check_indexes
 from dist_dejpeg.data.shards import read_manifest
-from dist_dejpeg.data.torch_loader import quality_weights, to_device
+from dist_dejpeg.data.contract import quality_weights, to_device
 from dist_dejpeg.data.verify import SKIP_REASONS, dali_usable, over_limit, scan_shards, too_many, write_index
 from dist_dejpeg.jpeg.formats import ENCODED_SHARD_EXTS
 
@@ -76,7 +76,7 @@ if HAVE_DALI:
 
     def train_quality(quality_range, quality_power):
         """A per-sample training quality: uniform over the range (quality_power 0, the draws of earlier runs), or
-        weighted as the torch loader draws it (torch_loader.quality_weights)."""
+        weighted as the torch loader draws it (contract.quality_weights)."""
         if quality_power == 0:
             return fn.random.uniform(values=list(range(quality_range[0], quality_range[1] + 1)), dtype=types.INT32)
         values, p = quality_weights(*quality_range, quality_power)

@@ -2,25 +2,24 @@
 
     batch = {"jpeg": N x 3 x H x W float [0,1], "clean": same, "quality": N int64}   on the device
 
-Sharding: every (rank, worker) pair is a *slot*. Each epoch the shard list is shuffled with a seed shared
-by all ranks, then dealt to slots (whole shards when there are at least as many shards as slots, otherwise
-every slot reads all shards and keeps every n-th sample), so within an epoch no sample is seen twice.
+Sharding: every (rank, worker) pair is a *slot*. Each epoch the shard list is shuffled with a seed shared by all
+ranks, then dealt to slots (whole shards when there are at least as many shards as slots, otherwise every slot reads
+all shards and keeps every n-th sample), so within an epoch no sample is seen twice.
 
-Exact resume: a sample's crop, mirror, JPEG quality (and turn, with ``rot90``) come from an RNG seeded by
-(seed, epoch, slot, position), not from a running generator, and each batch carries its slot's stream
-position. The loader's ``state_dict()`` records the position after the last batch the trainer took; on
-resume every slot skips to it without decoding, and the slot played by DataLoader worker 0 is rotated so
-batches come in the same order as in an uninterrupted run. (Same ranks and workers required; otherwise it
-restarts the epoch.)
+Exact resume: a sample's crop, mirror, JPEG quality (and turn, with ``rot90``) come from an RNG seeded by (seed,
+epoch, slot, position), not from a running generator, and each batch carries its slot's stream position. The
+loader's ``state_dict()`` records the position after the last batch the trainer took; on resume every slot skips to
+it without decoding, and the slot played by DataLoader worker 0 is rotated so batches come in the same order as in
+an uninterrupted run. (Same ranks and workers required; otherwise it restarts the epoch.)
 
 Batch-level degradation (``degrade_batch``, the GPU path: nvJPEG): workers send clean crops and the batch is
-degraded on the device. nvJPEG's encoder takes one quality per call, so each distinct quality in a batch
-costs a round trip (two for the 4:2:0 rebuild): ``quality_groups`` K > 0 draws K qualities per batch
-(as the workers draw them, see :func:`draw_quality`, from an RNG seeded by the batch's index: exact on resume)
-and deals them to the samples in turn, so every sample's quality still has the workers' distribution while a
-batch needs at most K round trips. ``run_ahead`` R > 0 degrades up to R batches ahead in a background
-thread, on its own CUDA stream, so the round trips overlap the training step instead of adding to it; the
-loader's state still counts only the batches the trainer took.
+degraded on the device. nvJPEG's encoder takes one quality per call, so each distinct quality in a batch costs a
+round trip (two for the 4:2:0 rebuild): ``quality_groups`` K > 0 draws K qualities per batch (as the workers draw
+them, see contract.draw_quality, from an RNG seeded by the batch's index: exact on resume) and deals them to the
+samples in turn, so every sample's quality still has the workers' distribution while a batch needs at most K round
+trips. ``run_ahead`` R > 0 degrades up to R batches ahead in a background thread, on its own CUDA stream, so the
+round trips overlap the training step instead of adding to it; the loader's state still counts only the batches the
+trainer took.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_dejpeg.data.images import BadImage, center_crop, decode_component, image_bytes, jpeg_roundtrip
+from dist_dejpeg.data.contract import draw_quality, to_device
 from dist_dejpeg.data.verify import EXAMPLES, SKIP_REASONS, TooManyBadSamples, over_limit, too_many
 
 log = logging.getLogger(__name__)
@@ -60,26 +60,9 @@ def once_per_shard(shards: list[str], report: Callable[[str | None, Exception], 
     return handler
 
 
-def quality_weights(qmin: int, qmax: int, power: float) -> tuple[np.ndarray, np.ndarray]:
-    """The training qualities qmin..qmax and their probabilities, P(q) proportional to q ** -power
-    (``data.quality_power``: more heavy compression as it grows)."""
-    values = np.arange(qmin, qmax + 1)
-    weights = values.astype(np.float64) ** -power
-    return values, weights / weights.sum()
-
-
-def draw_quality(rng: np.random.Generator, qmin: int, qmax: int, power: float, size: int | None = None):
-    """Training JPEG qualities in qmin..qmax (one, or an array of ``size``): uniform with ``power`` 0, drawn
-    exactly as before quality_power existed (so resumes and earlier results hold), else by quality_weights."""
-    if power == 0:
-        return rng.integers(qmin, qmax + 1, size=size)
-    values, p = quality_weights(qmin, qmax, power)
-    return rng.choice(values, size=size, p=p)
-
-
 class ShardStream(IterableDataset):
-    """Endless (or ``epochs``-long) stream of degraded/clean crops from one rank's slots. ``quality_power``:
-    see :func:`draw_quality`; ``rot90``: each crop also turned by a random multiple of 90 degrees."""
+    """Endless (or ``epochs``-long) stream of degraded/clean crops from one rank's slots (``quality_power``: see
+    contract.draw_quality; ``rot90``: each crop also turned by a random multiple of 90 degrees)."""
 
     def __init__(self, shards: list[str], crop: int, quality_range: tuple[int, int], seed: int = 0,
                  rank: int = 0, world: int = 1, num_workers: int = 0, shuffle_buffer: int = 256,
@@ -354,22 +337,6 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
-
-
-def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
-    """uint8 N x 3 x H x W -> float [0, 1] on ``device`` (the conversion runs there, after the copy)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = {}
-    for key in ("jpeg", "clean"):
-        out[key] = batch[key].to(device, non_blocking=True).float().div_(255).contiguous(memory_format=fmt)
-    quality = torch.as_tensor(batch["quality"], dtype=torch.int64)
-    if device.type == "cuda" and quality.device.type == "cpu" and not quality.is_pinned():
-        # from pageable memory the copy blocks the host until the GPU has run everything queued before it (the
-        # last step). The DataLoader pins its batches and the degrade-ahead thread hands its qualities over on
-        # the GPU; a pinned copy here allocates page-locked memory, which may wait too (seen on an H100)
-        quality = quality.pin_memory()
-    out["quality"] = quality.to(device, non_blocking=True)
-    return out
 
 
 def load_val_set(shards: list[str], crop: int, qualities: list[int], rank: int = 0, world: int = 1,

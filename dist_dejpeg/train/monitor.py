@@ -26,7 +26,6 @@ folder (:meth:`Monitor.disk_full_error`), instead of torch's "unexpected pos".
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import socket
@@ -38,7 +37,8 @@ import numpy as np
 
 from dist_dejpeg.config import flatten
 from dist_dejpeg.run.files import atomic_write_json, atomic_write_text, free_bytes, is_disk_full, size_text
-from dist_dejpeg.run.layout import CONFIG, METRICS, PROGRESS, PROGRESS_KEYS, latest_checkpoint, partial_checkpoints
+from dist_dejpeg.run.layout import (CONFIG, METRICS, PROGRESS, PROGRESS_KEYS, MetricsMeta, latest_checkpoint,
+                                    partial_checkpoints)
 from dist_dejpeg.run.text import duration
 from dist_dejpeg.train.checkpoint import TrainingStopped, remove_partial
 
@@ -142,12 +142,21 @@ class Monitor:
         if self.main:
             atomic_write_text(self.run_dir / CONFIG, config_yaml)
 
-    def write_metrics(self, results: dict, meta) -> None:
-        """``metrics.json`` (main process): the final validation with ``meta`` (a MetricsMeta) and the side-write
-        failure counts. Not a side write: it raises."""
-        if self.main:
-            meta = dataclasses.replace(meta, write_errors=dict(self.write_errors))
-            atomic_write_json(self.run_dir / METRICS, dict(results, meta=meta.to_dict()))
+    def write_metrics(self, results: dict, *, lpips: str, state, val_images: int, skipped: dict, last_train: dict,
+                      ema: dict) -> None:
+        """``metrics.json`` (main process): the final validation with its meta (run/layout.MetricsMeta: how the run
+        got there; ``state``: the TrainerState) and the side-write failure counts. Not a side write: it raises."""
+        if not self.main:
+            return
+        m, lo, t = self.cfg.model, self.cfg.loss, self.cfg.train
+        meta = MetricsMeta(
+            lpips=lpips, encoder=f"{m.encoder} ({'ImageNet' if m.pretrained else 'random init'})",
+            steps={n: t.phases[n].steps for n in t.order}, stopped_early=state.stopped_early,
+            global_step=state.global_step, processes=self.acc.num_processes, val_images_per_quality=val_images,
+            data_skipped=skipped, last_train_log=last_train,  # last_train: per phase, rank 0's newest window
+            loss_lpips=f"lpips-{lo.lpips_net}" + ("" if lo.lpips_pretrained else " (random backbone)"),
+            write_errors=dict(self.write_errors), ema=ema, train_seconds=state.train_seconds)
+        atomic_write_json(self.run_dir / METRICS, dict(results, meta=meta.to_dict()))
 
     def disk_full_error(self, err: BaseException) -> BaseException:
         """What a run that failed with ``err`` raises: a :class:`DiskFull` with the message users need when ``err``

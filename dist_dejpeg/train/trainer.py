@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from dist_dejpeg.config import Config, PhaseConfig, to_dict, to_yaml
 from dist_dejpeg.data import build_train_loader, build_val_set
 from dist_dejpeg.models.generator_file import save_generator
-from dist_dejpeg.run.layout import BEST_GENERATOR, GENERATOR, METRICS, MetricsMeta
+from dist_dejpeg.run.layout import BEST_GENERATOR, GENERATOR, METRICS
 from dist_dejpeg.run.lock import RunLock
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train.checkpoint import Preempted, TrainingStopped
@@ -321,18 +321,8 @@ class Trainer:
             log.warning("training data: skipped %s", skipped)
         with all_ranks_or_raise(acc):  # rank 0's files failing fails every rank now; also the last barrier
             if acc.is_main_process:
-                m, lo = self.cfg.model, self.cfg.loss
-                meta = MetricsMeta(
-                    lpips=self.metric_lpips.description,
-                    encoder=f"{m.encoder} ({'ImageNet' if m.pretrained else 'random init'})",
-                    steps={n: self.cfg.train.phases[n].steps for n in self.cfg.train.order},
-                    stopped_early=self.state.stopped_early, global_step=self.state.global_step,
-                    processes=acc.num_processes, val_images_per_quality=n_val, data_skipped=skipped,
-                    loss_lpips=f"lpips-{lo.lpips_net}" + ("" if lo.lpips_pretrained else " (random backbone)"),
-                    last_train_log=self.last_train_scalars,  # per phase, rank 0's newest window (this session)
-                    ema=ema, train_seconds=self.state.train_seconds,
-                )
-                self.monitor.write_metrics(results, meta)  # with the counts of failed side writes
+                self.monitor.write_metrics(results, lpips=self.metric_lpips.description, state=self.state, ema=ema,
+                                           val_images=n_val, skipped=skipped, last_train=self.last_train_scalars)
                 # the RGB PSNR gain at each validated quality: restore passes through where it predicts none
                 gains = {k[1:]: r["restored"]["psnr"] - r["jpeg"]["psnr"] for k, r in results.items()}
                 save_generator(self.ema.model(self.gen_raw), self.cfg.model, self.run_dir / GENERATOR,

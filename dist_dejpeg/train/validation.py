@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchvision.utils import make_grid
 
-from dist_dejpeg.data.torch_loader import to_device
+from dist_dejpeg.data.contract import to_device
 from dist_dejpeg.models.lpips import LPIPS
 from dist_dejpeg.metrics.sums import MetricSums, per_image
 
