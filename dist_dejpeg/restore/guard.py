@@ -30,12 +30,10 @@ class Decision:
 def predicted_gain(gains: dict[int, float], quality: int) -> float | None:
     """The validated RGB PSNR gain at ``quality``: linear between the validated qualities, the lowest one's
     below them, None above the highest (not validated)."""
-    qs = sorted(gains)
-    if not qs or quality > qs[-1]:
+    if not gains or quality > max(gains):
         return None
-    if quality <= qs[0]:
-        return gains[qs[0]]
-    return float(np.interp(quality, qs, [gains[q] for q in qs]))
+    around = _neighbours(gains, quality)
+    return float(np.interp(quality, around, [gains[q] for q in around]))
 
 
 def decide(gains: dict[int, float], quality: int | None, source: str = "given", guard: bool = True) -> Decision:
