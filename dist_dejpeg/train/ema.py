@@ -134,8 +134,7 @@ class GeneratorEma:
             return
         path = Path(folder) / EMA_GENERATOR
         if not path.is_file():
-            self.ema.set(generator)
-            self.updates = 0
+            self.restart(generator)
             log.info("EMA: %s has no %s (written before the EMA existed): the EMA starts from the resumed "
                      "generator's weights", folder, EMA_GENERATOR)
             return
