@@ -65,6 +65,7 @@ class ModelConfig:
     spectral_norm: bool = True  # spectral norm on the decoder convolutions (DeOldify; the norm layer: decoder_norm)
     decoder_norm: str = "group"  # decoder normalisation: group (each image's own statistics), batch (DeOldify's), none
     quality_conditioning: bool = False  # the decoder takes the JPEG quality (FiLM); 0/unknown runs blind
+    keep_mean: bool = False  # the correction has zero mean per image (tile) and channel: the output keeps the JPEG's mean colour
     quality_blind_prob: float = 0.25  # conditioned training: share of samples whose quality is hidden (blind mode)
     channels_last: bool = False  # memory format for the models and batches (faster on tensor cores)
     sync_bn: bool = False  # several processes: batch-norm statistics over the global batch, not per device

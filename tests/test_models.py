@@ -597,3 +597,26 @@ def test_conditioned_generator_file_round_trip(tmp_path):
     x = torch.rand(2, 3, 40, 40)
     with torch.no_grad():
         assert torch.equal(loaded(x, torch.tensor([15, 0])), g(x, torch.tensor([15, 0])))
+
+
+def test_keep_mean_correction_has_zero_mean_per_image_and_channel(tmp_path):
+    """model.keep_mean: whatever the weights, each image's correction averages to zero per channel (the output
+    keeps the JPEG's mean colour, clamping aside), the image itself still changes, and the generator file
+    keeps the setting."""
+    cfg = ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=WIDTH,
+                      quality_conditioning=True, keep_mean=True)
+    torch.manual_seed(0)
+    g = _kick(build_generator(cfg))
+    x = torch.rand(2, 3, 37, 53) * 0.5 + 0.25
+    with torch.no_grad():
+        c = g.correction(x, torch.tensor([10, 0]))
+        assert c.abs().amax() > 1e-3  # a real correction ...
+        assert c.mean(dim=(-2, -1)).abs().amax() < 1e-6  # ... with no mean
+        g.keep_mean = False  # the same weights without the constraint move the mean
+        assert g.correction(x, torch.tensor([10, 0])).mean(dim=(-2, -1)).abs().amax() > 1e-4
+        g.keep_mean = True
+    save_generator(g, cfg, tmp_path / "g.safetensors")
+    loaded = load_generator(tmp_path / "g.safetensors")
+    assert loaded.keep_mean
+    with torch.no_grad():
+        assert torch.equal(loaded(x, torch.tensor([10, 0])), g(x, torch.tensor([10, 0])))

@@ -87,8 +87,9 @@ class Generator(nn.Module):
                  blur: bool = ModelConfig.blur, self_attention: bool = ModelConfig.self_attention,
                  attention_stride: int = ModelConfig.attention_stride, spectral_norm: bool = ModelConfig.spectral_norm,
                  decoder_norm: str = ModelConfig.decoder_norm,
-                 quality_conditioning: bool = ModelConfig.quality_conditioning):
+                 quality_conditioning: bool = ModelConfig.quality_conditioning, keep_mean: bool = ModelConfig.keep_mean):
         super().__init__()
+        self.keep_mean = keep_mean
         self.encoder = create_encoder(encoder, pretrained, encoder_weights)
         chans = self.encoder.feature_info.channels()
         strides = self.encoder.feature_info.reduction()
@@ -152,7 +153,10 @@ class Generator(nn.Module):
         if y.shape[-2:] != x.shape[-2:]:
             y = F.interpolate(y, size=x.shape[-2:], mode="nearest")
         y = self.final_res(torch.cat([y, normed], dim=1))
-        return self.head(y)[..., :h, :w]
+        correction = self.head(y)[..., :h, :w]
+        if self.keep_mean:  # each channel's correction sums to zero: the output keeps the input's mean colour
+            correction = correction - correction.mean(dim=(-2, -1), keepdim=True)
+        return correction
 
     @staticmethod
     def _quality(quality, degraded: torch.Tensor) -> torch.Tensor:
