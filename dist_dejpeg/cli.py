@@ -106,6 +106,14 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
+    from dist_dejpeg.train.launch import already_launched, launch, ranks_here
+
+    ranks = ranks_here(cfg.train.processes, cfg.train.cpu)
+    if ranks > 1 and not already_launched():  # the same command again, as `ranks` processes
+        argv = ["train", *(["--config", args.config] if args.config else []),
+                *(["--resume", args.resume] if args.resume else []),
+                *(["--log-level", args.log_level] if args.log_level else []), *args.overrides]
+        return launch(ranks, argv, EXIT_PREEMPTED)
     from dist_dejpeg.data.verify import TooManyBadSamples
     from dist_dejpeg.models.weights import WeightsError
     from dist_dejpeg.run.lock import RunDirBusy

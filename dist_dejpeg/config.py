@@ -131,6 +131,7 @@ class TrainConfig:
     seed: int = 0  # base seed; each rank adds its index
     mixed_precision: str = "bf16"  # "no" | "bf16" | "fp16"
     cpu: bool = False  # force CPU even when a GPU is present
+    processes: int = 1  # `dist-dejpeg train` starts this many ranks on this machine (torchrun --standalone) when no launcher did; on a CPU each gets cores/N threads
     grad_accum: int = 1  # micro-steps per optimizer step
     phases: Dict[str, PhaseConfig] = field(default_factory=_default_phases)  # phase name -> settings
     order: List[str] = field(default_factory=lambda: ["gen", "critic", "gan"])  # phases to run, in order
@@ -249,6 +250,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config keys 'data.crop'/'data.val_crop': must be multiples of 8 (the JPEG block)")
     if t.grad_accum < 1:
         raise ConfigError("config key 'train.grad_accum': must be >= 1")
+    if t.processes < 1:
+        raise ConfigError("config key 'train.processes': must be >= 1")
     if t.sync_every < 1:
         raise ConfigError("config key 'train.sync_every': must be >= 1 (steps)")
     if t.preempt_budget_s <= 0:

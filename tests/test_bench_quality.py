@@ -94,7 +94,7 @@ def test_bench_quality_end_to_end(tmp_path, sample_shards, monkeypatch):
             "data.val_crop=32", "data.val_max_images=2", "data.val_batch_size=2", "data.shuffle_buffer=8",
             "data.val_qualities=[10]", "model.encoder=mobilenetv3_small_050", "model.decoder_width=16",
             "train.order=[gen]", "train.phases.gen.steps=8", "train.val_every=0", "train.cpu=true",
-            "train.progress=false"]
+            "train.progress=false", "train.processes=1"]
     argv = ["bench", "quality", *tiny, "--results", str(res), "--work", str(work), "--seeds", "0", "--every", "4",
             "--qualities", "10", "--targets", "0.01", "5", "--budgets", "100"]
     assert main(argv) == 0
@@ -117,3 +117,20 @@ def test_bench_quality_end_to_end(tmp_path, sample_shards, monkeypatch):
     # a rerun reuses the finished run and the curve it measured (its checkpoints are gone)
     assert main(argv) == 0
     assert json.loads((res / f"{quality.NAME}.json").read_text())["runs"][0]["points"] == pts
+
+
+def test_bench_quality_of_a_two_process_recipe(tmp_path, sample_shards, monkeypatch):
+    """A recipe with ``train.processes=2`` trains each seed as two gloo ranks, and the images on the x axis
+    count both ranks' batches."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    res, work = tmp_path / "res", tmp_path / "work"
+    tiny = [f"data.root={sample_shards}", "data.crop=32", "data.batch_size=2", "data.num_workers=0",
+            "data.val_crop=32", "data.val_max_images=2", "data.val_batch_size=2", "data.shuffle_buffer=8",
+            "data.val_qualities=[10]", "model.encoder=mobilenetv3_small_050", "model.decoder_width=16",
+            "train.order=[gen]", "train.phases.gen.steps=4", "train.val_every=0", "train.progress=false",
+            "train.processes=2", "train.cpu=true"]
+    argv = ["bench", "quality", *tiny, "--results", str(res), "--work", str(work), "--seeds", "0",
+            "--every", "2", "--qualities", "10", "--targets", "5", "--budgets", "100"]
+    assert main(argv) == 0
+    report = json.loads((res / f"{quality.NAME}.json").read_text())
+    assert [p["images"] for p in report["runs"][0]["points"]] == [2 * 2 * 2, 4 * 2 * 2]  # step x batch x ranks

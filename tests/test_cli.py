@@ -250,3 +250,14 @@ def test_each_result_says_where_its_quality_came_from(tmp_path):
     assert identity.last_decision.source == "pixels (double compressed)"  # resaved.jpg, the last in the folder
     (given,) = restore_files(identity, [str(folder / "resaved.jpg")], tmp_path / "o2", quality=42, progress=False)
     assert (given.quality, given.quality_from, identity.last_decision.source) == (42, "given", "given")
+
+
+def test_train_processes_starts_ranks_and_returns_a_failing_ranks_exit_code(tmp_path, monkeypatch, capsys):
+    """``train.processes``: refused below 1 before anything starts; with 2, the command runs itself as two ranks
+    (torchrun, standalone) and the ranks' own exit code (2: no training shards) comes back as the command's."""
+    assert main(["train", "train.processes=0", "train.cpu=true"]) == 2
+    assert "train.processes" in capsys.readouterr().err
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert main(["train", "train.processes=2", "train.cpu=true", "model.pretrained=false", "loss.lpips_pretrained=false",
+                 f"data.root={tmp_path / 'no-shards'}", "data.auto_prepare=none", f"train.run_dir={tmp_path / 'run'}"]) == 2
+    assert not (tmp_path / "run" / "checkpoints").exists()

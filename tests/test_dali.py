@@ -231,7 +231,7 @@ def test_training_runs_with_the_dali_backend(tmp_path, sample_shards):
                f"train.run_dir={tmp_path / 'run'}", "train.progress=false", "data.dali_threads=1",
                "model.encoder=mobilenetv3_small_050", "model.decoder_width=16", "data.val_max_images=4",
                "train.phases.gen.steps=3", "train.phases.critic.steps=2", "train.phases.gan.steps=2",
-               "train.phases.gan.val_every=1"])
+               "train.phases.gan.val_every=1", "train.processes=1"])
     assert rc == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["meta"]["global_step"] == 7

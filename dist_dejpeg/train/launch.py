@@ -1,0 +1,72 @@
+"""``train.processes: N``: ``dist-dejpeg train`` runs itself as N ranks on this machine, through PyTorch's own
+launcher (``torchrun --standalone --nproc-per-node N``, called as a library so that the exit code of a failing
+rank comes back as the command's: 2 config/weights/folder errors, 3 stopped by a fault, 75 preempted). Under a
+launcher (``accelerate launch``, ``torchrun``, the sbatch scripts: LOCAL_RANK or WORLD_SIZE set) the key is
+ignored: the launcher decides the processes.
+
+On a CPU the processes are gloo DDP ranks with ``cores // N`` threads each: on 2 cores two 1-thread processes
+train ~1.6x the images per second of one 2-thread process (a small model's convolutions do not split well
+over threads; benchmarks/RESULTS.md, "Two processes on two cores"). On GPUs it is what ``accelerate launch
+--multi_gpu --num_processes N`` does (one GPU per process); SLURM runs go through the sbatch scripts instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import uuid
+
+log = logging.getLogger("dist_dejpeg")
+
+LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE")  # set by torchrun / accelerate launch / the sbatch scripts
+
+
+def already_launched() -> bool:
+    return any(name in os.environ for name in LAUNCHER_ENV)
+
+
+def ranks_here(processes: int, cpu: bool) -> int:
+    """The ranks to start: ``processes``, but on GPUs no more than there are (one GPU per rank)."""
+    import torch
+
+    if processes > 1 and not cpu and torch.cuda.is_available() and torch.cuda.device_count() < processes:
+        log.warning("train.processes=%d but this machine has %d GPU(s): starting %d", processes,
+                    torch.cuda.device_count(), torch.cuda.device_count())
+        return torch.cuda.device_count()
+    return processes
+
+
+def threads_per_process(processes: int) -> int:
+    """``OMP_NUM_THREADS`` when the user set it, else the usable cores shared out (at least one each)."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // processes)
+
+
+def launch(processes: int, argv: list[str], exit_preempted: int) -> int:
+    """Run ``python -m dist_dejpeg.cli *argv`` as ``processes`` ranks; returns the first failing rank's exit
+    code (``exit_preempted`` when a signal stopped the launcher: the ranks got it too and checkpointed)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    threads = threads_per_process(processes)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the ranks inherit it (torchrun would otherwise say it set 1)
+    log.info("train: %d processes of %d thread(s) each (torch.distributed.run, standalone)", processes, threads)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)("-m", "dist_dejpeg.cli", *argv)
+    except ChildFailedError as err:
+        _, failure = err.get_first_failure()
+        code = failure.exitcode
+        return 128 - code if code < 0 else code  # killed by signal S: 128 + S, as a shell reports it
+    except SignalException as err:
+        log.warning("train: %s stopped the launcher; the processes were signalled too",
+                    signal.Signals(err.sigval).name)
+        return exit_preempted
+    return 0
