@@ -5,21 +5,27 @@ The wheel folder is made once for the module (it needs PyPI); then the offline i
 does it, the check's usage errors (exit 2) and refusal without CUDA (exit 3, through the benchmarks/gpu_check.sh
 wrapper), a failing and a timed-out step recorded while the others run, the settings in configs/gpu_check.yaml
 against the config schema, gpu-summary.json's sources, and the whole check flow on the CPU (--allow-cpu --quick).
+DALI's parts (gpu_wheels.sh --pack, as --dali --split writes them) are made of small fake wheels, no download:
+split, checked, joined and installed, and each way a set of parts can be broken fails the install step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
+from dist_dejpeg.bench.dali_wheels import DALI_PARTS, DALI_SUMS, DALI_TAR, WheelsError, dali_wheels
 from dist_dejpeg.bench.data_wait import load_settings, resolve
 from dist_dejpeg.bench.gpu_check import OPTIONAL
 from dist_dejpeg.bench.gpu_check_steps import write_gpu_summary
@@ -257,3 +263,139 @@ def test_check_flow_on_cpu(wheels, tmp_path):
     assert report["data_wait_frac"] == waits["packed-ahead"]["data_wait_frac"]
     assert report["gpu_tests_passed"] == 0 and report["gpu_tests_skipped"] > 0  # every gpu test skips on a CPU
     assert not left, left  # the check's scratch folder (installed wheels, sample shards, TMPDIR) is gone
+
+
+# --- DALI's wheels as parts (gpu_wheels.sh --dali --split; here --pack of fake wheels: no download) ---------------
+FAKE_DALI = "nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl"
+REMAKE = "gpu_wheels.sh --dali --split 57"
+
+
+def _pack(out: Path, mib: int, *wheels: Path) -> subprocess.CompletedProcess:
+    return _run(["bash", WHEELS_SH, "--pack", mib, out, *wheels], timeout=60, env=_env())
+
+
+def _tiny_wheel(folder: Path, name: str) -> Path:
+    """A wheel pip installs: one module and its dist-info."""
+    info = f"{name}-1.0.dist-info"
+    files = {f"{name}.py": "VALUE = 7\n", f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{path},,\n" for path in files) + f"{info}/RECORD,,\n"
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for member, text in {**files, f"{info}/RECORD": record}.items():
+            z.writestr(member, text)
+    return path
+
+
+@pytest.fixture
+def dali_parts(tmp_path) -> tuple[Path, dict[str, bytes]]:
+    """A folder with gpu_wheels.sh's parts of at most 1 MiB (three) of two fake wheels; their bytes by name."""
+    src, out = tmp_path / "src", tmp_path / "wheels"
+    src.mkdir()
+    members = {FAKE_DALI: os.urandom(2_300_000), "gast-0.6.0-py3-none-any.whl": b"gast"}
+    for name, data in members.items():
+        (src / name).write_bytes(data)
+    proc = _pack(out, 1, *(src / name for name in members))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, members
+
+
+def test_wheels_pack_splits_into_checked_parts(dali_parts, tmp_path):
+    """Parts of at most the size, named in order; the .sha256 file lists each and the joined tar, `sha256sum -c`
+    accepts them all once joined, and the joined tar holds the wheels byte for byte. Bad sizes are refused."""
+    out, members = dali_parts
+    parts = sorted(out.glob(DALI_PARTS + "*"))
+    assert [p.name for p in parts] == [f"{DALI_PARTS}{i:02d}" for i in range(3)]
+    assert all(p.stat().st_size <= 2**20 for p in parts) and parts[0].stat().st_size == 2**20
+    joined = b"".join(p.read_bytes() for p in parts)
+    (out / DALI_TAR).write_bytes(joined)
+    proc = _run(["sha256sum", "-c", DALI_SUMS], timeout=60, cwd=out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(": OK") == 4 and f"{DALI_TAR}: OK" in proc.stdout
+    assert hashlib.sha256(joined).hexdigest() in (out / DALI_SUMS).read_text()
+    with tarfile.open(out / DALI_TAR) as tar:
+        assert {m.name: tar.extractfile(m).read() for m in tar} == members
+    for argv, message in ((["--dali", "--split", "58"], "1 to 57"), (["--split", "5"], "pass --dali"),
+                          (["--pack", "0", tmp_path / "p", parts[0]], "1 to 57")):
+        proc = _run(["bash", WHEELS_SH, *argv, tmp_path / "never"], timeout=60, env=_env())
+        assert proc.returncode == 1 and message in proc.stderr, (argv, proc.stderr)
+    assert not (tmp_path / "never").exists()
+
+
+def test_dali_parts_verified_joined_and_extracted(dali_parts, tmp_path):
+    """The parts, or the tar joined by hand, give the wheels byte for byte; plain DALI wheels (unpacked by hand)
+    beside the checksum file, or no DALI files at all, leave the plain wheels to the install."""
+    out, members = dali_parts
+    wheels = dali_wheels(out, tmp_path / "scratch")
+    assert {w.name: w.read_bytes() for w in wheels} == members
+    assert not (tmp_path / "scratch" / DALI_TAR).exists()  # the joined copy is removed after extracting
+    by_hand = tmp_path / "by_hand"
+    by_hand.mkdir()
+    shutil.copy(out / DALI_SUMS, by_hand)
+    (by_hand / DALI_TAR).write_bytes(b"".join(p.read_bytes() for p in sorted(out.glob(DALI_PARTS + "*"))))
+    assert {w.name: w.read_bytes() for w in dali_wheels(by_hand, tmp_path / "scratch2")} == members
+    (by_hand / DALI_TAR).unlink()
+    (by_hand / FAKE_DALI).write_bytes(members[FAKE_DALI])
+    assert dali_wheels(by_hand, tmp_path / "scratch3") == []
+    assert dali_wheels(tmp_path / "src", tmp_path / "scratch4") == []
+
+
+def _corrupt(folder: Path) -> None:
+    part = folder / f"{DALI_PARTS}01"
+    data = bytearray(part.read_bytes())
+    data[1000] ^= 1
+    part.write_bytes(bytes(data))
+
+
+def _wrong_tar_sum(folder: Path) -> None:
+    sums = folder / DALI_SUMS
+    sums.write_text("".join(line if not line.endswith(f" {DALI_TAR}\n") else "0" * 64 + f"  {DALI_TAR}\n"
+                            for line in sums.read_text().splitlines(keepends=True)))
+
+
+BROKEN = {  # how the parts are broken -> (what is done, what the message names)
+    "corrupt part": (_corrupt, f"{DALI_PARTS}01: wrong sha256"),
+    "missing part": (lambda f: (f / f"{DALI_PARTS}02").unlink(), f"{DALI_PARTS}02: missing"),
+    "all parts missing": (lambda f: [p.unlink() for p in f.glob(DALI_PARTS + "*")], f"{DALI_PARTS}00: missing"),
+    "missing sha256": (lambda f: (f / DALI_SUMS).unlink(), f"{DALI_SUMS}: missing"),
+    "unlisted part": (lambda f: shutil.copy(f / f"{DALI_PARTS}00", f / f"{DALI_PARTS}03"),
+                      f"{DALI_PARTS}03: a part {DALI_SUMS} does not list"),
+    "wrong tar sum": (_wrong_tar_sum, f"{DALI_TAR} (joined from 3 parts): wrong sha256"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_broken_dali_parts_fail_naming_the_file(dali_parts, tmp_path, case):
+    out, _ = dali_parts
+    breaks, message = BROKEN[case]
+    breaks(out)
+    with pytest.raises(WheelsError) as err:
+        dali_wheels(out, tmp_path / "scratch")
+    assert message in str(err.value) and REMAKE in str(err.value), str(err.value)
+
+
+def test_install_step_installs_dali_parts_with_the_wheels(wheels, tmp_path):
+    """The install step (as the check runs it) joins verified parts and installs their wheels into the install
+    folder with the others; a corrupt part fails it at once, naming the part, with nothing installed."""
+    folder, src = tmp_path / "wheels", tmp_path / "src"
+    shutil.copytree(wheels, folder)
+    src.mkdir()
+    assert _pack(folder, 1, _tiny_wheel(src, "fake_dali_dep")).returncode == 0
+    work = tmp_path / "work"
+    ctx = {"root": str(REPO), "wheels": str(folder), "work": str(work), "site": str(work / "site"),
+           "py": sys.executable, "steps": {"install": {}}}
+    work.mkdir()
+    (work / "context.json").write_text(json.dumps(ctx))
+    step = [sys.executable, "-m", "dist_dejpeg.bench.gpu_check_steps", "install", work / "context.json"]
+    env = _env(PYTHONPATH=ctx["site"])  # as the check's runner sets it for install and the later steps
+    proc = _run(step, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"verified {DALI_PARTS}00 and the {DALI_TAR}" in proc.stdout and "dist_dejpeg from" in proc.stdout
+    assert (work / "site" / "fake_dali_dep.py").is_file() and (work / "site" / "omegaconf").is_dir()
+    assert "no DALI wheels" in proc.stdout  # a dependency alone: DALI's import check is not run
+    shutil.rmtree(work / "site")
+    first = folder / f"{DALI_PARTS}00"
+    first.write_bytes(first.read_bytes()[:-1])
+    proc = _run(step, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 1 and f"{DALI_PARTS}00: wrong sha256" in proc.stdout, proc.stdout + proc.stderr
+    assert not (work / "site").exists()

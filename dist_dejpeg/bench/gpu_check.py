@@ -2,8 +2,9 @@
 already installed and no network (../shared/ENV.md, "A GPU machine without network": Python 3.12, torch +
 CUDA, torchvision, timm, accelerate, pyyaml, ... but no lpips, webdataset, omegaconf, DALI, nor this project).
 
-1. Here, where pip reaches PyPI, make the wheel folder (pure-Python wheels, under 1 MB):
-       benchmarks/gpu_wheels.sh /path/to/wheels
+1. Here, where pip reaches PyPI, make the wheel folder (pure-Python wheels, under 1 MB; with NVIDIA DALI, about
+   250 MB more, as parts of at most 57 MiB for a machine that takes files of limited size):
+       benchmarks/gpu_wheels.sh [--dali --split 57] /path/to/wheels
 2. Carry the checkout and that folder to the GPU machine; there, from the repository root:
        python -m dist_dejpeg.bench.gpu_check --wheels /path/to/wheels --out /path/to/out [--quick] [--allow-cpu]
    (or `benchmarks/gpu_check.sh ...`; `dist-dejpeg bench gpu-check ...` where the package is installed)
@@ -21,9 +22,14 @@ module imports only the standard library (PyYAML when it reads the settings): om
 only by the steps, after the install. PYTHON names the interpreter of the steps (default: this one).
 Exit: 0 every step passed, 1 some step failed, 2 usage error, 3 no CUDA (and no --allow-cpu).
 
-NVIDIA DALI is not in the wheel folder: with its nvimgcodec/nvjpeg wheels it is about 300 MB, too big to
-carry. The GPU tests that need DALI skip themselves, `bench data` leaves out its DALI rows, and training
-uses data.backend=torch with the GPU (nvJPEG) JPEG degradation.
+NVIDIA DALI (with its nvimgcodec, nvcomp and nvJPEG wheels, about 250 MB) is in the wheel folder only with
+gpu_wheels.sh --dali: with --split, as dali-wheels.tar.part-00, -01, ... and dali-wheels.sha256. The install step
+checks every part and the joined tar against that file, joins the parts in name order, and installs the wheels in
+the tar with the others; a missing part or checksum file, a part it does not list or a wrong checksum fails the
+step, naming the file. DALI's wheels found plain in the folder (parts joined and unpacked by hand), or a
+dali-wheels.tar joined there, install too. With DALI, install also imports it from the install folder, the GPU
+tests that need it run and `bench data` has its DALI GPU rows; without it those tests skip themselves, `bench data`
+leaves out its DALI rows, and training uses data.backend=torch with the GPU (nvJPEG) JPEG degradation either way.
 """
 
 from __future__ import annotations

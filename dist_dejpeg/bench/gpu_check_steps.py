@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+from dist_dejpeg.bench.dali_wheels import WheelsError, dali_wheels
 from dist_dejpeg.bench.data_wait import RESULTS_JSON
 from dist_dejpeg.run.layout import GENERATOR, METRICS
 
@@ -43,7 +44,17 @@ assert where.startswith(site + os.sep), f"dist_dejpeg imported from {where}, not
 print("ok: dist_dejpeg from", site)
 """
 
-
+# install's DALI check, where DALI's wheels were installed: the GPU tests and bench data's DALI rows need it to import
+# from the install folder, with the PyTorch plugin the project's loader uses
+DALI_CHECK = """
+import os
+import nvidia.dali, nvidia.dali.plugin.pytorch
+from dist_dejpeg.data.dali import HAVE_DALI
+where = os.path.realpath(nvidia.dali.__file__)
+print("nvidia.dali", nvidia.dali.__version__, where)
+assert where.startswith(os.path.realpath(os.environ["GPU_CHECK_SITE"]) + os.sep), f"DALI imported from {where}"
+assert HAVE_DALI, "dist_dejpeg.data.dali does not see DALI"
+"""
 def sh(*cmd, cwd: str | None = None, env: dict | None = None) -> int:
     """Run one command with the step's output (``set -x`` style: echoed first); its exit code."""
     cmd = [str(c) for c in cmd]
@@ -104,12 +115,18 @@ def env(ctx, s: dict) -> int:
 def install(ctx, s: dict) -> int:
     import zipfile
 
-    wheels = sorted(Path(ctx.wheels).glob("*.whl"))
+    try:
+        dali = dali_wheels(Path(ctx.wheels), Path(ctx.work) / "dali")
+    except WheelsError as err:
+        print(f"gpu_check: {err}", flush=True)
+        return 1
+    # a wheel both plain in the folder and in the parts: the verified one
+    wheels = list({w.name: w for w in [*sorted(Path(ctx.wheels).glob("*.whl")), *dali]}.values())
     if subprocess.run([ctx.py, "-m", "pip", "--version"], capture_output=True).returncode == 0:
         if rc := sh(ctx.py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
                     "--target", ctx.site, *wheels):
             return rc
-    else:  # all the wheels are pure Python: unpacked onto PYTHONPATH they import the same
+    else:  # unpacked onto PYTHONPATH, the wheels import the same (no console scripts)
         print(f"gpu_check: no pip for {ctx.py}; unpacking the wheels into {ctx.site} instead", flush=True)
         for wheel in wheels:
             zipfile.ZipFile(wheel).extractall(ctx.site)
@@ -118,7 +135,13 @@ def install(ctx, s: dict) -> int:
     if rc := sh(ctx.py, "-c", IMPORT_CHECK, cwd=ctx.work, env=dict(os.environ, GPU_CHECK_SITE=ctx.site)):
         return rc
     print(f"## from the repository root (cwd {ctx.root}; what the later steps import)", flush=True)
-    return sh(ctx.py, "-c", 'import dist_dejpeg; print("dist_dejpeg", dist_dejpeg.__file__)')
+    if rc := sh(ctx.py, "-c", 'import dist_dejpeg; print("dist_dejpeg", dist_dejpeg.__file__)'):
+        return rc
+    if not any(w.name.startswith("nvidia_dali") for w in wheels):
+        print("## no DALI wheels (gpu_wheels.sh --dali adds them): the GPU tests that need DALI skip", flush=True)
+        return 0
+    print(f"## DALI, from {ctx.site}", flush=True)
+    return sh(ctx.py, "-c", DALI_CHECK, cwd=ctx.work, env=dict(os.environ, GPU_CHECK_SITE=ctx.site))
 
 
 def cuda(ctx, s: dict) -> int:
