@@ -12,11 +12,17 @@ its quality comes from the tables and it is restored (not passed through). Timed
 model load, decoding, restoring, PNG encoding); peak RSS and minor page faults are the child's own
 (``os.wait4`` in a small launcher process: see LAUNCHER). Restore rows: ``Restorer.restore_array`` on a uint8 image (conversion, tiling, blending
 included; decoding and encoding not), median of ``--repeats``; whole (one pass) and tiled (512 px tiles,
-64 px overlap, the Restorer's batch: 1 on the CPU, 4 on a GPU), fp32 and bf16 autocast; the ONNX export's in
+64 px overlap, the Restorer's batch: 1 on the CPU, 8 on a GPU), fp32 and bf16 autocast; the ONNX export's in
 fp32 on the CPU. The generator is the config's with random weights (speed does not depend on them), written to
 a generator file and loaded from it as ``restore`` loads one; the ONNX rows export it once (``dist-dejpeg
 export``'s code, ~1.5 min on 2 cores) and are skipped, with the reason in the results, where onnx, onnxruntime
 or onnxscript is not installed.
+
+Order (issue 24): the GPU rows run first, in a section of the table of their own, and their results are written
+as soon as they are measured (``infer.json`` then says the CPU rows are pending); the CPU rows (shell, ONNX
+export, restore) come after, so a step that is stopped for time still has its GPU rows, and ``--no-cpu``
+leaves them out. On a GPU the tiled rows run with the Restorer's CUDA graphs, and once more without them
+(``GPU_MODES``), in the same run, to show what the graphs give.
 """
 
 from __future__ import annotations
@@ -37,15 +43,16 @@ from dist_dejpeg.config import load_config
 
 SIZES = {"512 x 512": (512, 512), "2040 x 1356 (DIV2K 2K)": (1356, 2040)}
 MODES = {"whole": dict(tile=0), "tiled 512/64": dict(tile=512, overlap=64)}
+GPU_MODES = {"tiled 512/64 eager (no CUDA graphs)": dict(tile=512, overlap=64, cuda_graphs=False)}  # GPU rows only
 # the issue's targets on 2 cores (issue 22): (height, width) -> wall seconds, peak RSS GB from the shell
 SHELL_SIZES = {"512 x 512": (512, 512), "2000 x 1500": (1500, 2000), "12 MP (4000 x 3000)": (3000, 4000)}
 QUALITY = 20  # the photos' JPEG quality: read from the tables, restored
 
 
-def _devices() -> list:
+def _gpus() -> list:
     import torch
 
-    return [torch.device("cpu")] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else [])
+    return [torch.device("cuda", 0)] if torch.cuda.is_available() else []
 
 
 def jpeg_photo(h: int, w: int) -> bytes:
@@ -117,10 +124,13 @@ def export_for_bench(model: Path, onnx_path: Path) -> tuple[Path | None, dict]:
 
 
 def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int = 3, name: str = "infer",
-        sizes: dict | None = None, modes: dict | None = None, shell: dict | None = None, onnx: bool = False) -> dict:
-    """The restore rows for ``sizes`` x ``modes`` on each device and precision; with ``shell`` (label ->
-    (h, w), e.g. SHELL_SIZES), the shell rows first; with ``onnx``, the same for the model's ONNX export (CPU,
-    fp32; each shell row right after PyTorch's)."""
+        sizes: dict | None = None, modes: dict | None = None, shell: dict | None = None, onnx: bool = False,
+        cpu: bool = True, gpus: list | None = None) -> dict:
+    """The restore rows for ``sizes`` x ``modes`` on each device and precision, the GPUs' first (with
+    ``GPU_MODES`` where ``modes`` is not given); then, with ``cpu``, the CPU's: with ``shell`` (label -> (h, w),
+    e.g. SHELL_SIZES), the shell rows first; with ``onnx``, the same for the model's ONNX export (CPU, fp32;
+    each shell row right after PyTorch's). ``gpus``: the GPUs to measure (None: CUDA device 0 where there is
+    one)."""
     import torch
 
     from dist_dejpeg.models.generator_file import save_generator
@@ -128,63 +138,87 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int 
     from dist_dejpeg.restore import open_restorer
 
     cfg = load_config(config, list(overrides))
+    gpu_modes = {**(modes or MODES), **({} if modes else GPU_MODES)}
     sizes, modes = sizes or SIZES, modes or MODES
-    results, shell_results, table = {}, {}, []
+    gpus = [torch.device(d) for d in (_gpus() if gpus is None else gpus)]
+    if not cpu and not gpus:
+        raise ValueError("--no-cpu on a machine without a GPU leaves nothing to measure")
+    results, shell_results, onnx_report = {}, {}, {}
+    sections: dict[str, list] = {"GPU": [], "CPU": []}  # table rows
+
+    def restore_rows(device, precision: str, path: Path, device_modes: dict) -> None:
+        cpu_row = device.type == "cpu"
+        for mode, kwargs in device_modes.items():
+            if precision == "onnx" and not kwargs.get("tile"):  # onnx_backend.MAX_SCORES_BYTES: tiles only
+                continue
+            restorer = open_restorer(path, device=str(device), precision=precision.replace("onnx", "fp32"),
+                                     **kwargs)
+            for label, (h, w) in sizes.items():
+                image = photo(h, w)
+                timing = measure(lambda: restorer.restore_array(image, QUALITY), warmup=1 if cpu_row else 2,
+                                 steps=1 if cpu_row else 5, repeats=repeats, device=device)
+                megapixels = h * w / 1e6
+                key = f"{device.type} {precision} {mode} {label}"
+                ms = timing.as_dict()["ms_per_call"]
+                results[key] = dict(timing.as_dict(), ms_per_megapixel=ms / megapixels)
+                what = "OnnxRestorer" if precision == "onnx" else "Restorer"
+                sections["CPU" if cpu_row else "GPU"].append(
+                    [device.type, precision.replace("onnx", "fp32"), f"{what} {mode}", label, f"{ms:.0f}",
+                     f"{ms / megapixels:.0f}", "", f"{100 * timing.spread:.0f}% spread"])
+                print(f"bench infer: {key}: {ms:.1f} ms", flush=True)
+
+    def write(pending: str | None) -> dict:
+        report = {"config": config, "overrides": list(overrides), "encoder": cfg.model.encoder,
+                  "decoder_width": cfg.model.decoder_width, "torch_threads": torch.get_num_threads(),
+                  "what": "shell: dist-dejpeg restore of one q20 JPEG in a fresh process; restore: "
+                          "Restorer.restore_array on a uint8 image, warm",
+                  "modes": {k: dict(v) for k, v in modes.items()},
+                  "gpu_modes": {k: dict(v) for k, v in gpu_modes.items()}, "onnx": onnx_report,
+                  "shell": shell_results, "results": results, "pending": pending}
+        skipped = f" ONNX rows skipped: {onnx_report['skipped']}." if "skipped" in onnx_report else ""
+        note = (f"`{config}` {' '.join(overrides)}: {cfg.model.encoder}, decoder width {cfg.model.decoder_width}, "
+                f"random weights, {torch.get_num_threads()} torch threads. GPU rows first, then the CPU rows, each "
+                f"in its own section. Shell: `dist-dejpeg restore photo.jpg -o OUT --model M --device cpu` in a "
+                f"fresh process (imports, model load, decode, restore, PNG encode), its wall time and peak RSS; M "
+                f"the generator file (PyTorch) or its ONNX export (onnxruntime: torch is not imported). Restorer / "
+                f"OnnxRestorer: `restore_array` on a uint8 image, warm (tiling, blending included; decoding/"
+                f"encoding not), median of {repeats}. Whole: one pass (not for ONNX, whose attention holds its "
+                f"whole score matrix: a 2K image needs > 20 GB); tiled: 512 px tiles overlapping 64 px (on a GPU "
+                f"8 per batch, replayed as a CUDA graph; eager: without the graph). Other processes running at "
+                f"the same time slow the wall times: see the date and compare rows of one file only.{skipped}"
+                + (f" Incomplete: {pending} still to measure." if pending else ""))
+        table = [row for title, rows in sections.items() if rows
+                 for row in [[f"**{title} rows**"] + [""] * 7] + rows]
+        write_results(out_dir, name, report, "Restore speed", note,
+                      ["device", "precision", "what", "image", "ms", "ms per megapixel", "peak RSS MB", "spread"],
+                      table, echo=pending is None)
+        return report
+
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
         model = Path(tmp) / "generator.safetensors"
         save_generator(build_generator(cfg.model).eval(), cfg.model, model)
-        onnx_path, onnx_report = export_for_bench(model, Path(tmp) / "generator.onnx") if onnx else (None, {})
-        backends = {"PyTorch": model, **({"onnxruntime": onnx_path} if onnx_path else {})}
-        for label, (h, w) in (shell or {}).items():
-            for backend, path in backends.items():
-                row = shell_restore(path, h, w, Path(tmp))
-                shell_results[f"{backend} {label}"] = row
-                table.append(["cpu (shell)", "fp32", f"dist-dejpeg restore ({backend})", label,
-                              f"{1000 * row['wall_s']:.0f}", f"{row['ms_per_megapixel']:.0f}",
-                              f"{row['max_rss_mb']:.0f}", "1 run"])
-                print(f"bench infer: shell {backend} {label}: {row['wall_s']:.1f} s, {row['max_rss_mb']:.0f} MB",
-                      flush=True)
-        rows = [(device, precision, model) for device in _devices() for precision in ("fp32", "bf16")]
-        rows += [(torch.device("cpu"), "onnx", onnx_path)] if onnx_path else []
-        for device, precision, path in rows:
-            cpu = device.type == "cpu"
-            for mode, kwargs in modes.items():
-                if precision == "onnx" and not kwargs.get("tile"):  # onnx_backend.MAX_SCORES_BYTES: tiles only
-                    continue
-                restorer = open_restorer(path, device=str(device), precision=precision.replace("onnx", "fp32"),
-                                         **kwargs)
-                for label, (h, w) in sizes.items():
-                    image = photo(h, w)
-                    timing = measure(lambda: restorer.restore_array(image, QUALITY), warmup=1 if cpu else 2,
-                                     steps=1 if cpu else 5, repeats=repeats, device=device)
-                    megapixels = h * w / 1e6
-                    key = f"{device.type} {precision} {mode} {label}"
-                    ms = timing.as_dict()["ms_per_call"]
-                    results[key] = dict(timing.as_dict(), ms_per_megapixel=ms / megapixels)
-                    what = "OnnxRestorer" if precision == "onnx" else "Restorer"
-                    table.append([device.type, precision.replace("onnx", "fp32"), f"{what} {mode}", label,
-                                  f"{ms:.0f}", f"{ms / megapixels:.0f}", "", f"{100 * timing.spread:.0f}% spread"])
-                    print(f"bench infer: {key}: {ms:.1f} ms", flush=True)
-    report = {"config": config, "overrides": list(overrides), "encoder": cfg.model.encoder,
-              "decoder_width": cfg.model.decoder_width, "torch_threads": torch.get_num_threads(),
-              "what": "shell: dist-dejpeg restore of one q20 JPEG in a fresh process; restore: "
-                      "Restorer.restore_array on a uint8 image, warm",
-              "modes": {k: dict(v) for k, v in modes.items()}, "onnx": onnx_report, "shell": shell_results,
-              "results": results}
-    skipped = f" ONNX rows skipped: {onnx_report['skipped']}." if "skipped" in onnx_report else ""
-    note = (f"`{config}` {' '.join(overrides)}: {cfg.model.encoder}, decoder width {cfg.model.decoder_width}, "
-            f"random weights, {torch.get_num_threads()} torch threads. Shell: `dist-dejpeg restore photo.jpg -o OUT "
-            f"--model M --device cpu` in a fresh process (imports, model load, decode, restore, PNG encode), its "
-            f"wall time and peak RSS; M the generator file (PyTorch) or its ONNX export (onnxruntime: torch is "
-            f"not imported). Restorer / OnnxRestorer: `restore_array` on a uint8 image, warm (tiling, blending "
-            f"included; decoding/encoding not), median of {repeats}. Whole: one pass (not for ONNX, whose "
-            f"attention holds its whole score matrix: a 2K image needs > 20 GB); tiled: 512 px tiles "
-            f"overlapping 64 px. Other processes running at the same time slow the wall times: see the date "
-            f"and compare rows of one file only.{skipped}")
-    write_results(out_dir, name, report, "Restore speed", note,
-                  ["device", "precision", "what", "image", "ms", "ms per megapixel", "peak RSS MB", "spread"],
-                  table)
-    return report
+        for device in gpus:  # first: a step's time goes to them before any CPU row
+            for precision in ("fp32", "bf16"):
+                restore_rows(device, precision, model, gpu_modes)
+        if gpus and cpu:
+            write("the CPU rows")
+        if cpu:
+            onnx_path, onnx_report = export_for_bench(model, Path(tmp) / "generator.onnx") if onnx else (None, {})
+            backends = {"PyTorch": model, **({"onnxruntime": onnx_path} if onnx_path else {})}
+            for label, (h, w) in (shell or {}).items():
+                for backend, path in backends.items():
+                    row = shell_restore(path, h, w, Path(tmp))
+                    shell_results[f"{backend} {label}"] = row
+                    sections["CPU"].append(["cpu (shell)", "fp32", f"dist-dejpeg restore ({backend})", label,
+                                            f"{1000 * row['wall_s']:.0f}", f"{row['ms_per_megapixel']:.0f}",
+                                            f"{row['max_rss_mb']:.0f}", "1 run"])
+                    print(f"bench infer: shell {backend} {label}: {row['wall_s']:.1f} s, "
+                          f"{row['max_rss_mb']:.0f} MB", flush=True)
+            for precision in ("fp32", "bf16"):
+                restore_rows(torch.device("cpu"), precision, model, modes)
+            if onnx_path:
+                restore_rows(torch.device("cpu"), "onnx", onnx_path, modes)
+    return write(None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -194,10 +228,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the shell rows (dist-dejpeg restore of a 512 px, 2000 x 1500 and 12 MP photo)")
     parser.add_argument("--no-onnx", action="store_true",
                         help="skip the ONNX rows (they export the model first: ~1.5 min on 2 cores)")
+    parser.add_argument("--no-cpu", action="store_true",
+                        help="skip every CPU row (shell, ONNX, Restorer on the CPU): the GPU rows alone")
 
 
 def main(args: argparse.Namespace) -> int:
     config, overrides = config_of(args)
+    if args.no_cpu and not _gpus():
+        print("bench infer: --no-cpu on a machine without a GPU leaves nothing to measure", file=sys.stderr)
+        return 2
     run(config, overrides, Path(args.results), repeats=args.repeats, name=args.name,
-        shell=None if args.no_shell else SHELL_SIZES, onnx=not args.no_onnx)
+        shell=None if args.no_shell else SHELL_SIZES, onnx=not args.no_onnx, cpu=not args.no_cpu)
     return 0

@@ -4,7 +4,8 @@ images in and out, and the check that a broken model never returns non-finite pi
 
 A backend gives ``arrays`` (restore/tiling.py's Arrays for its kind of array), ``chw(hwc)`` (a 3 x H x W view of an
 H x W x 3 numpy array in that kind), ``forward(batch, quality)`` and ``inference()`` (the context a restore runs
-in); the rest is here, once.
+in); the rest is here, once. A backend whose arrays live elsewhere (a GPU) overrides ``restore_rgb`` to move
+the pixels there and back; ``full_batches`` asks tiling for batches of one shape (restore/tiling.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class ImageRestorer:
     arrays: Arrays = NUMPY
     device: Any = "cpu"
     conditioned: bool = False
+    full_batches: bool = False  # every batch batch_size windows (one shape for a captured graph): restore_tiled
 
     def setup(self, info: dict, *, tile: int, overlap: int, batch_size: int, guard: bool) -> None:
         check_tiling(tile, overlap)
@@ -94,8 +96,20 @@ class ImageRestorer:
 
         with self.inference():  # torch: the blending too (the model's outputs are weighted in place)
             restore_tiled(lambda batch: self.forward(batch, quality), image, self.tile, self.overlap,
-                          self.batch_size, checked, self.arrays)
+                          self.batch_size, checked, self.arrays, self.full_batches)
         return finite
+
+    def restore_rgb(self, rgb: np.ndarray, quality: int | None) -> np.ndarray | None:
+        """H x W x 3 uint8 restored into a new H x W x 3 uint8 array; None where a restored value was NaN or
+        infinite (a broken model). Each window is converted to float as it is copied into the batch and each
+        finished band straight into the output: no float copy of the whole image."""
+        out = np.empty(rgb.shape, np.uint8)
+        out_chw = self.chw(out)
+
+        def write(y0: int, y1: int, rows) -> None:
+            self.to_uint8(rows, out_chw[:, y0:y1])
+
+        return out if self.restore_tiled(self.chw(rgb), quality, write) else None
 
     def restore_array(self, rgb: np.ndarray, quality: int | None = None, source: str = "given") -> np.ndarray:
         """H x W x 3 (or H x W grayscale) uint8 -> the same shape, uint8 (the input itself, copied, where the
@@ -109,14 +123,8 @@ class ImageRestorer:
         decision = self.last_decision = self.decide(quality, source)
         if decision.passthrough:
             return rgb.copy()
-        out = np.empty(rgb3.shape, np.uint8)
-        out_chw = self.chw(out)
-
-        def write(y0: int, y1: int, rows) -> None:
-            self.to_uint8(rows, out_chw[:, y0:y1])
-
-        # each window is converted to float as it is copied into the batch: no float copy of the whole image
-        if not self.restore_tiled(self.chw(rgb3), decision.quality, write):
+        out = self.restore_rgb(rgb3, decision.quality)
+        if out is None:
             self.broken(decision, 1, 1)
             return rgb.copy()
         if gray:

@@ -16,6 +16,12 @@ same folder removes the ones of its own outputs that are stale, i.e. whose write
 host or that are older than ``STALE_TEMP_S`` (a write takes seconds; the age covers a reused pid). Restores
 from two hosts into one folder at once are not supported: they would overwrite each other's outputs anyway.
 ``skip_existing`` skips an output only when it decodes fully as its format (``output_complete``).
+
+Overlap (issue 24): with ``workers`` threads (default: 2 where the restorer runs on a GPU, none on a CPU, whose
+cores the model already uses), the next files are decoded (and their quality read) and the finished ones
+encoded and written in a small thread pool while the model restores the current one; the restores stay on the
+calling thread, in input order. The results, outputs (byte for byte) and messages are those of the sequential
+loop (workers 0), which runs the same code with each task done at once.
 """
 
 from __future__ import annotations
@@ -24,13 +30,16 @@ import glob
 import logging
 import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, IMAGE_SUFFIXES, output_format, save_options
 from dist_dejpeg.jpeg.quality import DOUBLE, estimate_quality
-from dist_dejpeg.restore.images import DEFAULT_MAX_PIXELS, InputImageError, load_image, output_complete, save_image
+from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, pixel_limit, load_image,
+                                        output_complete, save_image)
 from dist_dejpeg.restore.base import ImageRestorer  # Restorer (PyTorch) or OnnxRestorer: no torch import here
 from dist_dejpeg.run.files import TEMP_NAME
 from dist_dejpeg.run.lock import pid_alive
@@ -49,7 +58,7 @@ class RestoreResult:
     source: str
     output: str | None = None
     error: str | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # waiting for its decode and restoring it (its encode overlaps the next restore)
     megapixels: float = 0.0
     quality: int | None = None  # the JPEG quality used (None: unknown)
     quality_from: str = ""  # "given" (--input-quality), how it was estimated ("file tables", ...), or why unknown
@@ -178,15 +187,39 @@ def remove_stale_temps(targets: list[Path], max_age_s: float = STALE_TEMP_S, kee
     return removed
 
 
+class Inline:
+    """An executor that runs each task at once on the calling thread: the sequential restore loop (workers 0)."""
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # noqa: BLE001 - kept for result(), as a pool's future keeps it
+            future.set_exception(err)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+RESTORE_ERRORS = (InputImageError, OSError, ValueError, RuntimeError)  # a file's failure: reported, never fatal
+
+
+def error_text(err: Exception) -> str:
+    """A file's failure as its result says it: an InputImageError's own words, else the type and message."""
+    return str(err) if isinstance(err, InputImageError) else f"{type(err).__name__}: {err}"
+
+
 def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path, *, fmt: str = "png",
                   max_pixels: int = DEFAULT_MAX_PIXELS, skip_existing: bool = False, progress: bool = True,
-                  quality: int | None = None, suffix: str = "", output_quality: int | None = None
-                  ) -> list[RestoreResult]:
+                  quality: int | None = None, suffix: str = "", output_quality: int | None = None,
+                  workers: int | None = None) -> list[RestoreResult]:
     """Restore every image ``inputs`` names into ``out_dir`` (names: output_names; ``fmt`` an OUTPUT_FORMATS
     name or "same"; ``output_quality``: jpg and webp outputs at that quality). Never stops at a bad file: each
     result carries its error. The output folder is checked before anything runs. Each image's quality is
     ``quality`` when given, else estimated (jpeg.quality.estimate_quality: the file's tables, else its
-    pixels), else unknown."""
+    pixels), else unknown. ``workers``: decode/encode threads beside the restores (None: 2 for a restorer on
+    a GPU, 0 on a CPU; 0: one file after another)."""
     from tqdm import tqdm
 
     output_format(fmt, ".png")  # a ValueError for an unknown format, before any work
@@ -198,43 +231,88 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
     if stale:
         log.info("removed %d temp file(s) a killed restore left in %s", len(stale), out)
     claimed: dict[Path, Path] = {}
-    for (path, _), target in tqdm(list(zip(files, targets)), desc="restore", unit="image", disable=not progress):
+    jobs: list[tuple[RestoreResult, Path, Path]] = []  # (result, input, output) of the files to restore
+    bar = tqdm(total=len(files), desc="restore", unit="image", disable=not progress)
+    for path, target in zip((p for p, _ in files), targets):
         result = RestoreResult(str(path))
         results.append(result)
         key = target.resolve()
         if key in sources:
             result.error = (f"refusing to overwrite an input: the output would be {target} (give another output "
                             f"folder, or --suffix)")
-            continue
-        if key in claimed:
+        elif key in claimed:
             result.error = f"output {target} is also the output of {claimed[key]}: restore them into different folders"
-            continue
-        claimed[key] = path
-        if skip_existing and target.exists():
-            if output_complete(target, max_pixels):
-                result.output, result.skipped = str(target), True
+        else:
+            claimed[key] = path
+            if skip_existing and target.exists():
+                if output_complete(target, max_pixels):
+                    result.output, result.skipped = str(target), True
+                else:
+                    log.warning("%s exists but does not decode fully (a truncated or foreign file): restoring it "
+                                "again", target)
+            if not result.skipped:
+                jobs.append((result, path, target))
                 continue
-            log.warning("%s exists but does not decode fully (a truncated or foreign file): restoring it again",
-                        target)
-        start = time.perf_counter()
+        bar.update()
+    if workers is None:
+        workers = 2 if "cuda" in str(restorer.device) else 0
+
+    def load(path: Path, target: Path, result: RestoreResult) -> tuple[LoadedImage, str]:
+        image = load_image(path, max_pixels)
+        if image.alpha is not None and save_options(target.suffix)[0] not in ALPHA_FORMATS:
+            raise InputImageError(f"{path}: has an alpha channel (transparency), which {target.suffix} cannot "
+                                  f"hold: write it as png, webp or tiff (--format, or --format same)")
+        return image, read_quality(result, image, quality)
+
+    def save(restored, image: LoadedImage, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_image(restored, target, alpha=image.alpha, grayscale=image.grayscale, icc_profile=image.icc_profile,
+                   exif=image.exif, quality=output_quality)
+
+    def saved(result: RestoreResult, target: Path, image: LoadedImage, future: Future) -> None:
         try:
-            image = load_image(path, max_pixels)
-            if image.alpha is not None and save_options(target.suffix)[0] not in ALPHA_FORMATS:
-                raise InputImageError(f"{path}: has an alpha channel (transparency), which {target.suffix} cannot "
-                                      f"hold: write it as png, webp or tiff (--format, or --format same)")
-            source = read_quality(result, image, quality)
-            restored = restorer.restore_array(image.rgb, result.quality, source=source)
-            decision = restorer.last_decision
-            result.passthrough, result.note = decision.passthrough, decision.reason
-            target.parent.mkdir(parents=True, exist_ok=True)
-            save_image(restored, target, alpha=image.alpha, grayscale=image.grayscale,
-                       icc_profile=image.icc_profile, exif=image.exif, quality=output_quality)
-        except (InputImageError, OSError, ValueError, RuntimeError) as err:
-            result.error = str(err) if isinstance(err, InputImageError) else f"{type(err).__name__}: {err}"
-            continue
-        result.output = str(target)
-        result.seconds = time.perf_counter() - start
-        result.megapixels = image.rgb.shape[0] * image.rgb.shape[1] / 1e6
+            future.result()
+        except RESTORE_ERRORS as err:
+            result.error = error_text(err)
+        else:
+            result.output = str(target)
+            result.megapixels = image.rgb.shape[0] * image.rgb.shape[1] / 1e6
+        bar.update()
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="restore-io") if workers else Inline()
+    loads: deque = deque()  # (job, decode future): the current file's and up to ``workers`` ahead
+    saves: deque = deque()  # (result, target, image, encode future), at most ``workers`` unfinished
+    pending = iter(jobs)
+    # PIL's pixel limit (a global that load_image raises and restores around each open) is raised here, once,
+    # so that the threads' own raises and restores all write this one value
+    with pixel_limit(max_pixels):
+        try:
+            while True:
+                while len(loads) <= workers and (job := next(pending, None)) is not None:
+                    result, path, target = job
+                    loads.append((job, pool.submit(load, path, target, result)))
+                if not loads:
+                    break
+                (result, path, target), loading = loads.popleft()
+                start = time.perf_counter()
+                try:
+                    image, source = loading.result()
+                    restored = restorer.restore_array(image.rgb, result.quality, source=source)
+                except RESTORE_ERRORS as err:
+                    result.error = error_text(err)
+                    bar.update()
+                    continue
+                decision = restorer.last_decision
+                result.passthrough, result.note = decision.passthrough, decision.reason
+                result.seconds = time.perf_counter() - start
+                saves.append((result, target, image, pool.submit(save, restored, image, target)))
+                while len(saves) > workers:
+                    saved(*saves.popleft())
+            while saves:
+                saved(*saves.popleft())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
     return results
 
 

@@ -70,7 +70,7 @@ def _png_bit_depth(path: Path) -> int | None:
 
 
 @contextlib.contextmanager
-def _pixel_limit(max_pixels: int):
+def pixel_limit(max_pixels: int):
     """PIL's own decompression-bomb limit raised to ``max_pixels`` while one file is opened (we check first)."""
     saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max(max_pixels, saved or 0)
@@ -175,7 +175,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
     """Read ``path`` for restoration; every refusal is an InputImageError that says why."""
     path = Path(path)
     try:
-        with _pixel_limit(max_pixels):
+        with pixel_limit(max_pixels):
             img = Image.open(path)
     except FileNotFoundError:
         raise InputImageError(f"{path}: no such file") from None
@@ -193,7 +193,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
                                   f"it to 8 bits first if it holds a decoded JPEG")
         mode, fmt = img.mode, img.format or path.suffix.lstrip(".").upper()
         try:
-            with _pixel_limit(max_pixels):
+            with pixel_limit(max_pixels):
                 img.load()
         except Exception as err:  # noqa: BLE001 - truncated or corrupt data
             raise InputImageError(f"{path}: cannot decode ({type(err).__name__}: {err})") from None
@@ -215,7 +215,7 @@ def output_complete(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> b
     (seen on one CPU core, 12 MP: PNG 24 ms per megapixel, WebP 39, TIFF 4), and only it sees every byte."""
     path = Path(path)
     try:
-        with warnings.catch_warnings(), _pixel_limit(max_pixels):
+        with warnings.catch_warnings(), pixel_limit(max_pixels):
             warnings.simplefilter("error")
             with Image.open(path) as img:
                 if img.format != Image.registered_extensions().get(path.suffix.lower()):

@@ -24,11 +24,22 @@ either without importing torch for an ONNX file).
 Speed (CPU, issue 22): a generator loaded from a file is made ready for inference once (spectral norms
 computed into plain weights, channels_last); windows are batched into one reused buffer and blended band by
 band (restore/tiling.py), so a uint8 image never exists as a whole-image float copy.
+
+Speed (CUDA, issue 24): the uint8 image goes up once, through a pinned host buffer with a non-blocking copy;
+windows are cut, converted, batched (channels_last) and blended on the GPU, and the uint8 output comes back the
+same way, one copy. Batches always hold ``batch_size`` windows of ``tile`` px (tiling's ``full_batches``), so
+one shape serves every image of at least a tile each way, and the generator's forward for a shape seen twice is
+captured as a CUDA graph (``cuda_graphs``) and replayed: one launch instead of a thousand kernel launches from
+Python, which bound the eager forward on an H200. A capture that fails (a module that syncs with the host)
+turns graphs off for that Restorer, with a warning, and the forward runs eagerly. At most ``MAX_GRAPHS``
+shapes keep a graph (each holds its activations' memory); a shape seen once (a whole image, tile 0) never gets
+one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +50,10 @@ from dist_dejpeg.restore.base import ImageRestorer
 from dist_dejpeg.restore.guard import Decision, predicted_gain  # noqa: F401 - their old home
 from dist_dejpeg.restore.onnx_backend import OnnxRestorer, is_onnx
 from dist_dejpeg.restore.tiling import Arrays
+
+log = logging.getLogger(__name__)
+
+MAX_GRAPHS = 4  # captured forward shapes kept per Restorer (the oldest goes first)
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -59,9 +74,10 @@ class Restorer(ImageRestorer):
     exported ``.onnx`` file: then an OnnxRestorer, on onnxruntime) or a Generator module. ``tile``/``overlap`` in
     pixels (``tile`` 0: whole images, no tiling); ``batch_size``: tiles per forward pass (None: 1 on the CPU, where
     larger batches were slower and peaked higher (12 MP, 2 cores: 11.9 s and 1.13 GB at 1, 15.6 s and 1.55 GB at
-    4: tensors over glibc's 32 MB mmap ceiling are page-faulted in afresh at every call), 4 on a GPU);
-    ``precision``: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16"; ``guard``: pass through
-    images where the model's validation predicts no gain, and images of unknown quality."""
+    4: tensors over glibc's 32 MB mmap ceiling are page-faulted in afresh at every call), 8 on a GPU, every
+    batch full there); ``precision``: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16";
+    ``guard``: pass through images where the model's validation predicts no gain, and images of unknown
+    quality; ``cuda_graphs``: replay the forward as a captured CUDA graph (None: on CUDA)."""
 
     def __new__(cls, model=None, **kwargs):
         if is_onnx(model):  # one ONNX runtime path: the torch-free one
@@ -69,9 +85,11 @@ class Restorer(ImageRestorer):
         return super().__new__(cls)
 
     def __init__(self, model, *, device: str | torch.device = "auto", tile: int = 512, overlap: int = 64,
-                 batch_size: int | None = None, precision: str = "auto", guard: bool = True):
+                 batch_size: int | None = None, precision: str = "auto", guard: bool = True,
+                 cuda_graphs: bool | None = None):
         self.device = _device(device)
-        self.memory_format = torch.contiguous_format
+        cuda = self.device.type == "cuda"
+        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
         if isinstance(model, (str, Path)):
             generator, info = load_model(model, self.device)
             # ours alone (a module the caller gives is left as it is): weights fixed, channels_last
@@ -80,22 +98,77 @@ class Restorer(ImageRestorer):
             self.generator, info = model.to(self.device).eval(), {"source": type(model).__name__}
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+        if cuda_graphs and not cuda:
+            raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device}")
         if batch_size is None:
-            batch_size = 1 if self.device.type == "cpu" else 4
+            batch_size = 8 if cuda else 1
         self.setup(info, tile=tile, overlap=overlap, batch_size=batch_size, guard=guard)
-        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.bf16 = precision == "bf16" or (precision == "auto" and cuda)
         self.conditioned = bool(getattr(self.generator, "conditioned", False))
         self.arrays = torch_arrays(self.device, self.memory_format)
+        self.full_batches = cuda
+        self.cuda_graphs = cuda if cuda_graphs is None else cuda_graphs
+        self.graphs: dict[tuple, tuple] = {}  # (shape, strides) -> (input, quality, graph, output), oldest first
+        self.seen: set[tuple] = set()  # the shapes run once (eagerly)
+        self.pinned: dict[str, torch.Tensor] = {}  # "in"/"out" -> pinned uint8 host buffer, grown as needed
 
     # -- what ImageRestorer asks of a backend ----------------------------------------------------------------
     def forward(self, batch: torch.Tensor, quality: int | None = None) -> torch.Tensor:
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16
+        if self.cuda_graphs and (out := self.replay(batch, quality)) is not None:
+            return out
+        q = torch.full((batch.shape[0],), float(quality or 0), device=batch.device) if self.conditioned else None
+        return self.run(batch, q)
+
+    def run(self, batch: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
+        """The generator's output (float32) for ``batch`` and the qualities ``q`` (a conditioned one's). The
+        autocast keeps no cache of cast weights: each is used once per forward, and a captured graph needs none."""
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False) if self.bf16
                     else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
-            if not self.conditioned:  # any module that maps images to images
-                return self.generator(batch).float()
-            q = torch.full((batch.shape[0],), float(quality or 0), device=batch.device)
-            return self.generator(batch, q).float()
+            return (self.generator(batch, q) if self.conditioned else self.generator(batch)).float()
+
+    def replay(self, batch: torch.Tensor, quality: int | None) -> torch.Tensor | None:
+        """``forward`` through the CUDA graph of ``batch``'s shape, captured at the shape's second call; None at
+        its first (run it eagerly) or where capture failed. The output is the graph's own tensor, valid until
+        the next call."""
+        key = (tuple(batch.shape), batch.stride())
+        entry = self.graphs.get(key)
+        if entry is None and key in self.seen:
+            entry = self.capture(batch)
+        if entry is None:
+            self.seen.add(key)
+            return None
+        static_in, static_q, graph, static_out = entry
+        static_in.copy_(batch)
+        static_q.fill_(float(quality or 0))
+        graph.replay()
+        return static_out
+
+    def capture(self, batch: torch.Tensor) -> tuple | None:
+        """The forward for ``batch``'s shape captured as a CUDA graph (after a warm-up on a side stream, as
+        torch.cuda.graphs asks): (input, quality, graph, output); None, and graphs off, where capture fails."""
+        static_in, static_q = batch.clone(), torch.zeros(batch.shape[0], device=batch.device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.device(self.device):  # the graph's device (cuda:1), not the current one
+                side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    self.run(static_in, static_q)
+                main.wait_stream(side)
+                # thread_local: CUDA calls of other threads (an application's) do not break this capture
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    static_out = self.run(static_in, static_q)
+        except RuntimeError as err:
+            log.warning("restore: capturing the generator as a CUDA graph failed (%s): running it eagerly",
+                        str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+            self.cuda_graphs = False
+            return None
+        if len(self.graphs) >= MAX_GRAPHS:
+            self.graphs.pop(next(iter(self.graphs)))
+        key = (tuple(batch.shape), batch.stride())
+        self.graphs[key] = entry = (static_in, static_q, graph, static_out)
+        return entry
 
     def chw(self, hwc: np.ndarray) -> torch.Tensor:
         # arrays from PIL are read-only, which torch.from_numpy warns about: those are copied (as uint8)
@@ -111,6 +184,37 @@ class Restorer(ImageRestorer):
     @staticmethod
     def to_uint8(rows: torch.Tensor, out: torch.Tensor) -> None:
         out[...] = rows.mul_(255).round_().clamp_(0, 255).to(device=out.device, dtype=torch.uint8)
+
+    def restore_rgb(self, rgb: np.ndarray, quality: int | None) -> np.ndarray | None:
+        """ImageRestorer.restore_rgb; on CUDA the uint8 pixels go up and the output comes down whole, each
+        through a pinned host buffer with a non-blocking copy, and the image is cut, blended and converted on
+        the GPU."""
+        if self.device.type != "cuda":
+            return super().restore_rgb(rgb, quality)
+        # the buffers are free: the previous call waited for its last copy (same stream) before it returned
+        staged = self.host_buffer("in", rgb.shape)
+        np.copyto(staged.numpy(), rgb)
+        image = staged.to(self.device, non_blocking=True)
+        out = torch.empty(rgb.shape, dtype=torch.uint8, device=self.device)
+        out_chw = out.permute(2, 0, 1)
+
+        def write(y0: int, y1: int, rows: torch.Tensor) -> None:
+            self.to_uint8(rows, out_chw[:, y0:y1])
+
+        if not self.restore_tiled(image.permute(2, 0, 1), quality, write):
+            return None
+        back = self.host_buffer("out", rgb.shape)
+        back.copy_(out, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return back.numpy().copy()  # the pinned buffer is the next call's
+
+    def host_buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A pinned uint8 host tensor of ``shape``: the start of the buffer ``name``, grown when too small."""
+        size = int(np.prod(shape))
+        buf = self.pinned.get(name)
+        if buf is None or buf.numel() < size:
+            buf = self.pinned[name] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        return buf[:size].view(shape)
 
     # -- tensors ---------------------------------------------------------------------------------------------
     def restore_tensor(self, image: torch.Tensor, quality: int | None = None, source: str = "given") -> torch.Tensor:
@@ -133,7 +237,8 @@ class Restorer(ImageRestorer):
             def write(y0, y1, rows, dst=dst):
                 dst[:, y0:y1] = rows
 
-            if not self.restore_tiled(im, decision.quality, write):
+            # one upload per image (a no-op on the CPU), not one per window
+            if not self.restore_tiled(im.to(self.device, non_blocking=True), decision.quality, write):
                 dst.copy_(im)
                 broken += 1
         if broken:

@@ -9,6 +9,14 @@ self-attention block), so a tiled result is close to, not identical with, the wh
 tests/test_infer.py bounds the difference on a real photo. Windows are multiples of 32 (the encoder's stride),
 so no window is padded inside the model.
 
+Shapes: every window of an image has one shape (``tile`` x ``tile``, or the image's side where it is smaller), and
+they go through the model ``batch_size`` at a time. With ``full_batches`` the last, partial batch is filled up
+(its extra windows zeroed, their outputs dropped), so every call of an image with several windows has the
+shape ``batch_size`` x 3 x ``tile`` x ``tile`` whatever the image's size: one captured CUDA graph (or one
+compiled shape) serves every image at least a tile in each direction (restore/restorer.py turns it on for
+CUDA; on the CPU the filled slots would be wasted work). An image of one window goes alone, as itself.
+The windows' outputs are independent of each other, so batching changes no result (tests/test_tiling_batched.py).
+
 Memory: windows go through the model in row-major order, so the rows above the current row of windows are
 final. The weighted sums are kept for one band of ``tile`` rows only (not for the whole image) and each
 finished band is handed to ``write``; the windows are copied (and converted from uint8) into one batch buffer
@@ -77,28 +85,30 @@ def _into(window, out):
 
 
 def restore_tiled(forward: Callable[[Any], Any], image, tile: int, overlap: int, batch_size: int,
-                  write: Callable[[int, int, Any], None], arrays: Arrays = NUMPY) -> None:
+                  write: Callable[[int, int, Any], None], arrays: Arrays = NUMPY, full_batches: bool = False) -> None:
     """Restore one 3 x H x W image (uint8 0..255, e.g. a view of an H x W x 3 array, or float 0..1; a numpy
     array or a torch tensor, as ``arrays`` makes them) with ``forward`` (N x 3 x h x w float32 -> the same
     shape, which this function may change) on ``tile``-sized windows (0: the whole image in one pass),
-    ``batch_size`` windows per call. Finished rows are handed over top to bottom as ``write(y0, y1, rows)``,
+    ``batch_size`` windows per call (``full_batches``: always ``batch_size``, the last batch filled up, where
+    the image has several windows). Finished rows are handed over top to bottom as ``write(y0, y1, rows)``,
     ``rows`` 3 x (y1 - y0) x W float32 (the caller may change it)."""
     _, h, w = image.shape
     th, tw = (min(tile, h), min(tile, w)) if tile else (h, w)
     ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
     windows = [(y, x) for y in ys for x in xs]
-    buf = arrays.batch((min(batch_size, len(windows)), 3, th, tw))
     if len(windows) == 1:
-        write(0, h, forward(_into(image[None], buf))[0])
+        write(0, h, forward(_into(image[None], arrays.batch((1, 3, th, tw))))[0])
         return
+    buf = arrays.batch((batch_size if full_batches else min(batch_size, len(windows)), 3, th, tw))
     acc = arrays.zeros((3, th, w))  # weighted sums of image rows top .. top + th
     weight = arrays.zeros((1, th, w))
     top, ramps = 0, {}
     for i in range(0, len(windows), batch_size):
         chunk = windows[i:i + batch_size]
-        batch = buf[:len(chunk)]
+        batch = buf if full_batches else buf[:len(chunk)]
         for j, (y, x0) in enumerate(chunk):
             _into(image[:, y:y + th, x0:x0 + tw], batch[j])
+        batch[len(chunk):] = 0  # the filled-up slots of a last batch: defined values, outputs dropped by zip
         restored = forward(batch)
         for (y, x0), r in zip(chunk, restored):
             if y != top:  # a new row of windows: the rows above it are final; move the band down in place

@@ -1,0 +1,88 @@
+"""bench infer's order (issue 24): the GPU rows run first and stand in a section of their own, their results are on
+disk before any CPU row runs, and --no-cpu leaves the CPU rows out. A fake GPU list and a fake restorer stand in
+for CUDA (tests/test_bench.py runs the real CPU rows)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dist_dejpeg.cli import main
+
+TINY = ["model.decoder_width=16", "model.encoder=mobilenetv3_small_050"]
+SIZES = {"32 x 48": (32, 48)}
+MODES = {"whole": dict(tile=0), "tiled": dict(tile=64, overlap=16)}
+
+
+class Fake:
+    """A restorer that records where it was opened and copies its input (or fails on ``fail_on``)."""
+
+    calls: list = []
+    fail_on: str | None = None
+
+    def __init__(self, path, device="cpu", precision="fp32", **kwargs):
+        self.device = device
+        Fake.calls.append((device, precision, kwargs))
+
+    def restore_array(self, rgb: np.ndarray, quality=None) -> np.ndarray:
+        if self.device == Fake.fail_on:
+            raise RuntimeError(f"stopped on {self.device}")
+        return rgb.copy()
+
+
+@pytest.fixture
+def fake(monkeypatch, repo_root):
+    monkeypatch.chdir(repo_root)
+    monkeypatch.setattr("dist_dejpeg.restore.open_restorer", Fake)
+    Fake.calls, Fake.fail_on = [], None
+    return Fake
+
+
+def test_gpu_rows_first_in_their_own_section(tmp_path, fake):
+    from dist_dejpeg.bench import infer
+
+    report = infer.run("configs/debug.yaml", TINY, tmp_path, repeats=1, sizes=SIZES, gpus=["cuda:0"])
+    # (fp32, bf16) x (whole, tiled, and on the GPU tiled without graphs): the GPU's first
+    assert [(device, precision) for device, precision, _ in fake.calls] == (
+        [("cuda:0", "fp32")] * 3 + [("cuda:0", "bf16")] * 3 + [("cpu", "fp32")] * 2 + [("cpu", "bf16")] * 2)
+    assert fake.calls[2][2] == dict(tile=512, overlap=64, cuda_graphs=False)
+    keys = list(report["results"])
+    assert keys[:3] == ["cuda fp32 whole 32 x 48", "cuda fp32 tiled 512/64 32 x 48",
+                        "cuda fp32 tiled 512/64 eager (no CUDA graphs) 32 x 48"]
+    assert [k.split()[0] for k in keys] == ["cuda"] * 6 + ["cpu"] * 4
+    md = (tmp_path / "infer.md").read_text().splitlines()
+    gpu, cpu = md.index("| **GPU rows** |  |  |  |  |  |  |  |"), md.index("| **CPU rows** |  |  |  |  |  |  |  |")
+    assert gpu < cpu and all(line.startswith("| cuda |") for line in md[gpu + 1:cpu])
+    assert all(line.startswith("| cpu |") for line in md[cpu + 1:]) and len(md) - cpu - 1 == 4
+    assert report["pending"] is None and "Incomplete" not in "\n".join(md)
+
+
+def test_gpu_results_are_written_before_the_cpu_rows(tmp_path, fake):
+    """A CPU row that fails (or a step stopped for time during the CPU rows) leaves the GPU rows on disk."""
+    from dist_dejpeg.bench import infer
+
+    fake.fail_on = "cpu"
+    with pytest.raises(RuntimeError, match="stopped on cpu"):
+        infer.run("configs/debug.yaml", TINY, tmp_path, repeats=1, sizes=SIZES, modes=MODES, gpus=["cuda:0"])
+    report = json.loads((tmp_path / "infer.json").read_text())
+    assert report["pending"] == "the CPU rows" and list(report["results"]) == [
+        "cuda fp32 whole 32 x 48", "cuda fp32 tiled 32 x 48", "cuda bf16 whole 32 x 48", "cuda bf16 tiled 32 x 48"]
+    md = (tmp_path / "infer.md").read_text()
+    assert "Incomplete: the CPU rows still to measure" in md and "**CPU rows**" not in md
+
+
+def test_no_cpu_runs_the_gpu_rows_alone(tmp_path, fake, capsys):
+    from dist_dejpeg.bench import infer
+
+    report = infer.run("configs/debug.yaml", TINY, tmp_path, repeats=1, sizes=SIZES, modes=MODES, gpus=["cuda:0"],
+                       shell={"32 x 48": (32, 48)}, onnx=True, cpu=False)
+    assert {device for device, _, _ in fake.calls} == {"cuda:0"} and report["shell"] == {} and report["onnx"] == {}
+    assert all(k.startswith("cuda ") for k in report["results"]) and len(report["results"]) == 4
+    with pytest.raises(ValueError, match="leaves nothing to measure"):
+        infer.run("configs/debug.yaml", TINY, tmp_path, sizes=SIZES, modes=MODES, gpus=[], cpu=False)
+    if not torch.cuda.is_available():  # the flag, on a machine without a GPU: a usage error, nothing measured
+        assert main(["bench", "infer", "--no-cpu", "--results", str(tmp_path / "none")]) == 2
+        assert "leaves nothing to measure" in capsys.readouterr().err and not (tmp_path / "none").exists()

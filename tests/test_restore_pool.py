@@ -1,0 +1,151 @@
+"""Folder restores with decode and encode in a thread pool (issue 24): the same outputs byte for byte, the same
+results in the same order, and a bad file's clear error, as the sequential loop; and the pool really overlaps
+the next file's decode with the current restore."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from dist_dejpeg.config import ModelConfig
+from dist_dejpeg.models.unet import build_generator
+from dist_dejpeg.restore import files
+from dist_dejpeg.restore.files import restore_files
+from dist_dejpeg.restore.restorer import Restorer
+
+TINY = dict(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=16)
+
+
+@pytest.fixture(scope="module")
+def restorer() -> Restorer:
+    """A tiny generator with a randomised head (it changes the pixels), every image restored (no guard)."""
+    torch.manual_seed(0)
+    g = build_generator(ModelConfig(**TINY))
+    nn.init.normal_(g.head.weight, std=0.02)
+    return Restorer(g.eval(), device="cpu", tile=64, overlap=16, guard=False)
+
+
+def _folder(root: Path) -> Path:
+    """Six images of different sizes and kinds (JPEGs at two qualities, a grayscale JPEG, a PNG, an RGBA PNG)
+    with an unreadable "JPEG" in the middle, one of them in a subfolder."""
+    import skimage.data
+
+    photo = skimage.data.astronaut()
+    src = root / "in"
+    (src / "sub").mkdir(parents=True)
+    for i, (name, h, w, q) in enumerate([("a.jpg", 64, 80, 20), ("b.jpg", 96, 70, 40), ("sub/e.jpg", 72, 72, 30)]):
+        Image.fromarray(photo[10 * i:10 * i + h, 50:50 + w]).save(src / name, quality=q)
+    Image.fromarray(photo[:80, :60, 0]).save(src / "d_gray.jpg", quality=25)
+    Image.fromarray(photo[100:164, 100:164]).save(src / "f.png")
+    rgba = np.dstack([photo[:50, :70], np.full((50, 70), 200, np.uint8)])
+    Image.fromarray(rgba).save(src / "g_alpha.png")
+    (src / "c_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    return src
+
+
+def _run(restorer, src: Path, out: Path, workers: int) -> list:
+    return restore_files(restorer, [str(src)], out, progress=False, workers=workers)
+
+
+def test_pool_gives_the_sequential_outputs_and_errors(tmp_path, restorer):
+    src = _folder(tmp_path)
+    runs = {workers: _run(restorer, src, tmp_path / f"out{workers}", workers) for workers in (0, 2, 3)}
+    plain = runs[0]
+    names = [Path(r.source).name for r in plain]
+    assert names == ["a.jpg", "b.jpg", "c_broken.jpg", "d_gray.jpg", "f.png", "g_alpha.png", "e.jpg"]
+    broken = plain[2]
+    assert broken.output is None and "c_broken.jpg: not an image PIL can read" in broken.error
+    written = [r for r in plain if r.output]
+    assert len(written) == 6 and all(r.error is None for r in written)
+    assert not (tmp_path / "out0" / "c_broken.png").exists()
+    # the model changed the pixels: equal outputs are not equal inputs copied through
+    a = np.asarray(Image.open(tmp_path / "out0" / "a.png"), np.int16)
+    assert np.abs(a - np.asarray(Image.open(src / "a.jpg"), np.int16)).max() > 2
+    fields = ("error", "quality", "quality_from", "passthrough", "note", "skipped", "megapixels")
+    for workers in (2, 3):
+        pooled = runs[workers]
+        assert [r.source for r in pooled] == [r.source for r in plain]
+        for x, y in zip(plain, pooled):
+            assert {f: getattr(x, f) for f in fields} == {f: getattr(y, f) for f in fields}
+            if x.output:
+                rel = Path(x.output).relative_to(tmp_path / "out0")
+                assert Path(y.output) == tmp_path / f"out{workers}" / rel
+                assert Path(x.output).read_bytes() == Path(y.output).read_bytes(), rel
+        produced = sorted(p.relative_to(tmp_path / f"out{workers}") for p in (tmp_path / f"out{workers}").rglob("*"))
+        assert produced == sorted(p.relative_to(tmp_path / "out0") for p in (tmp_path / "out0").rglob("*"))
+
+
+def test_pool_decodes_the_next_file_while_the_current_one_is_restored(tmp_path, monkeypatch):
+    """With workers, file 2's decode starts while file 1 is being restored (the restore waits for it, on the
+    calling thread); files are decoded off that thread, and a failing encode is that file's error."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("1.png", "2.png", "3.png"):
+        Image.fromarray(np.full((32, 40, 3), 90, np.uint8)).save(src / name)
+    started: dict[str, threading.Event] = {name: threading.Event() for name in ("1.png", "2.png", "3.png")}
+    threads = []
+    load_image = files.load_image
+
+    def load(path, max_pixels):
+        threads.append(threading.current_thread().name)
+        started[Path(path).name].set()
+        return load_image(path, max_pixels)
+
+    class Waiting:
+        device = "cpu"
+
+        def __init__(self):
+            self.overlapped = []
+
+        def restore_array(self, rgb, quality=None, source="given"):
+            from dist_dejpeg.restore.guard import Decision
+
+            self.overlapped.append(all(e.wait(10) for e in started.values()))  # every decode began meanwhile
+            self.last_decision = Decision(quality, source, False, "restored")
+            return 255 - rgb
+
+    def save(rgb, path, **kwargs):
+        if Path(path).name == "2.png":
+            raise OSError(28, "No space left on device")
+        Path(path).write_bytes(b"")
+
+    monkeypatch.setattr(files, "load_image", load)
+    monkeypatch.setattr(files, "save_image", save)
+    waiting = Waiting()
+    results = restore_files(waiting, [str(src)], tmp_path / "out", progress=False, workers=2)
+    assert waiting.overlapped[0] and all(name.startswith("restore-io") for name in threads)
+    assert [r.error for r in results] == [None, "OSError: [Errno 28] No space left on device", None]
+    assert [bool(r.output) for r in results] == [True, False, True]
+
+
+def test_cuda_restorer_gets_the_pool_by_default(tmp_path, monkeypatch):
+    """The default: two decode/encode threads for a restorer on a GPU, none (the calling thread) on a CPU."""
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "x.png")
+    seen = []
+    load_image = files.load_image
+    monkeypatch.setattr(files, "load_image",
+                        lambda *a: (seen.append(threading.current_thread().name), load_image(*a))[1])
+
+    class Copy:
+        def __init__(self, device):
+            self.device = device
+
+        def restore_array(self, rgb, quality=None, source="given"):
+            from dist_dejpeg.restore.guard import Decision
+
+            self.last_decision = Decision(quality, source, False, "copied")
+            return rgb.copy()
+
+    for device in ("cpu", "cuda:0", "cuda (onnxruntime)"):
+        (result,) = restore_files(Copy(device), [str(src)], tmp_path / device.replace(" ", "_"), progress=False)
+        assert result.output and result.error is None
+    assert seen[0] == threading.current_thread().name and all(s.startswith("restore-io") for s in seen[1:])
+    assert len(seen) == 3
