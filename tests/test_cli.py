@@ -257,7 +257,12 @@ def test_train_processes_starts_ranks_and_returns_a_failing_ranks_exit_code(tmp_
     (torchrun, standalone) and the ranks' own exit code (2: no training shards) comes back as the command's."""
     assert main(["train", "train.processes=0", "train.cpu=true"]) == 2
     assert "train.processes" in capsys.readouterr().err
+    import signal
+
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     assert main(["train", "train.processes=2", "train.cpu=true", "model.pretrained=false", "loss.lpips_pretrained=false",
                  f"data.root={tmp_path / 'no-shards'}", "data.auto_prepare=none", f"train.run_dir={tmp_path / 'run'}"]) == 2
     assert not (tmp_path / "run" / "checkpoints").exists()
+    # the launcher's signal handlers do not outlive the launch (the caller's process goes on as it was)
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers and os.environ["OMP_NUM_THREADS"] == "1"

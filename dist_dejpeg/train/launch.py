@@ -54,11 +54,13 @@ def launch(processes: int, argv: list[str], exit_preempted: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    threads = threads_per_process(processes)
+    threads, omp = threads_per_process(processes), os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the ranks inherit it (torchrun would otherwise say it set 1)
     log.info("train: %d processes of %d thread(s) each (torch.distributed.run, standalone)", processes, threads)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    handled = [getattr(signal, name) for name in config.signals_to_handle.split(",") if hasattr(signal, name)]
+    saved = {sig: signal.getsignal(sig) for sig in handled}  # the launcher installs its own and leaves them
     try:
         elastic_launch(config, sys.executable)("-m", "dist_dejpeg.cli", *argv)
     except ChildFailedError as err:
@@ -69,4 +71,11 @@ def launch(processes: int, argv: list[str], exit_preempted: int) -> int:
         log.warning("train: %s stopped the launcher; the processes were signalled too",
                     signal.Signals(err.sigval).name)
         return exit_preempted
+    finally:  # this process as it was (a caller in Python, e.g. a test, goes on)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
     return 0
