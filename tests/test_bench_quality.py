@@ -83,6 +83,15 @@ def test_bad_flags_config_and_missing_matplotlib_exit_2(tmp_path, capsys, monkey
     assert "pip install matplotlib" in capsys.readouterr().err
 
 
+def tiny_recipe(shards, steps: int, processes: int) -> list[str]:
+    """The debug recipe (bench quality's default config) shrunk to seconds: a tiny generator, gen phase only."""
+    return [f"data.root={shards}", "data.crop=32", "data.batch_size=2", "data.num_workers=0", "data.val_crop=32",
+            "data.val_max_images=2", "data.val_batch_size=2", "data.shuffle_buffer=8", "data.val_qualities=[10]",
+            "model.encoder=mobilenetv3_small_050", "model.decoder_width=16", "train.order=[gen]",
+            f"train.phases.gen.steps={steps}", "train.val_every=0", "train.cpu=true", "train.progress=false",
+            f"train.processes={processes}"]
+
+
 def test_bench_quality_end_to_end(tmp_path, sample_shards, monkeypatch):
     from PIL import Image
 
@@ -90,11 +99,7 @@ def test_bench_quality_end_to_end(tmp_path, sample_shards, monkeypatch):
     # 2-core machine made its 8 steps take 45 s instead of 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     res, work = tmp_path / "res", tmp_path / "work"
-    tiny = [f"data.root={sample_shards}", "data.crop=32", "data.batch_size=2", "data.num_workers=0",
-            "data.val_crop=32", "data.val_max_images=2", "data.val_batch_size=2", "data.shuffle_buffer=8",
-            "data.val_qualities=[10]", "model.encoder=mobilenetv3_small_050", "model.decoder_width=16",
-            "train.order=[gen]", "train.phases.gen.steps=8", "train.val_every=0", "train.cpu=true",
-            "train.progress=false", "train.processes=1"]
+    tiny = tiny_recipe(sample_shards, steps=8, processes=1)
     argv = ["bench", "quality", *tiny, "--results", str(res), "--work", str(work), "--seeds", "0", "--every", "4",
             "--qualities", "10", "--targets", "0.01", "5", "--budgets", "100"]
     assert main(argv) == 0
@@ -124,11 +129,7 @@ def test_bench_quality_of_a_two_process_recipe(tmp_path, sample_shards, monkeypa
     count both ranks' batches."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     res, work = tmp_path / "res", tmp_path / "work"
-    tiny = [f"data.root={sample_shards}", "data.crop=32", "data.batch_size=2", "data.num_workers=0",
-            "data.val_crop=32", "data.val_max_images=2", "data.val_batch_size=2", "data.shuffle_buffer=8",
-            "data.val_qualities=[10]", "model.encoder=mobilenetv3_small_050", "model.decoder_width=16",
-            "train.order=[gen]", "train.phases.gen.steps=4", "train.val_every=0", "train.progress=false",
-            "train.processes=2", "train.cpu=true"]
+    tiny = tiny_recipe(sample_shards, steps=4, processes=2)
     argv = ["bench", "quality", *tiny, "--results", str(res), "--work", str(work), "--seeds", "0",
             "--every", "2", "--qualities", "10", "--targets", "5", "--budgets", "100"]
     assert main(argv) == 0
