@@ -134,7 +134,7 @@ class Restorer(ImageRestorer):
         key = (tuple(batch.shape), batch.stride())
         entry = self.graphs.get(key)
         if entry is None and key in self.seen:
-            entry = self.capture(batch)
+            entry = self.capture(batch, key)
         if entry is None:
             self.seen.add(key)
             return None
@@ -144,8 +144,8 @@ class Restorer(ImageRestorer):
         graph.replay()
         return static_out
 
-    def capture(self, batch: torch.Tensor) -> tuple | None:
-        """The forward for ``batch``'s shape captured as a CUDA graph (after a warm-up on a side stream, as
+    def capture(self, batch: torch.Tensor, key: tuple) -> tuple | None:
+        """The forward for ``batch``'s shape (``key``) captured as a CUDA graph (after a warm-up on a side stream, as
         torch.cuda.graphs asks): (input, quality, graph, output); None, and graphs off, where capture fails."""
         static_in, static_q = batch.clone(), torch.zeros(batch.shape[0], device=batch.device)
         graph = torch.cuda.CUDAGraph()
@@ -166,7 +166,6 @@ class Restorer(ImageRestorer):
             return None
         if len(self.graphs) >= MAX_GRAPHS:
             self.graphs.pop(next(iter(self.graphs)))
-        key = (tuple(batch.shape), batch.stride())
         self.graphs[key] = entry = (static_in, static_q, graph, static_out)
         return entry
 
