@@ -155,7 +155,11 @@ def test_kill_9_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_
     while len(ckpt.list_checkpoints(tmp_path / "crash")) < kill_after and time.time() < deadline:
         assert crashed.poll() is None, "the run ended before it could be killed"
         time.sleep(0.02)
-    time.sleep(rng.uniform(0, 0.5))  # anywhere in a step, or in the middle of writing a checkpoint
+    # anywhere in a step, or in the middle of writing a checkpoint, but before the next one is complete: on an
+    # idle machine the tiny run wrote its last 3 checkpoints within one fixed 0.5 s pause and ended unkilled
+    pause = time.time() + rng.uniform(0, 0.5)
+    while time.time() < pause and len(ckpt.list_checkpoints(tmp_path / "crash")) <= kill_after:
+        time.sleep(0.002)
     crashed.send_signal(signal.SIGKILL)
     crashed.wait()
     partial = ckpt.checkpoint_dir(tmp_path / "crash") / ".tmp-step-99999999"  # as if killed while saving
