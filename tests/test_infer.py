@@ -412,6 +412,27 @@ def test_guard_passes_through_where_validation_predicts_no_gain(guarded_file):
     assert "restored blind" in unguarded.last_decision.reason and not unguarded.last_decision.passthrough
 
 
+def test_guard_trusts_a_gain_only_where_its_lower_bound_is_above_zero(guarded_file, tmp_path):
+    """A file with the validation's lower bounds: a quality whose mean gain is positive but not surely (its bound
+    at or below zero) is passed through, and the qualities between it and its neighbours too."""
+    from safetensors.torch import load_file, save_file
+
+    from dist_dejpeg.models.generator_file import read_metadata
+
+    lows = {10: 0.5, 20: -0.01, 40: 0.05, 60: -0.3}
+    path = tmp_path / "generator.safetensors"
+    save_file(load_file(str(guarded_file)), str(path), metadata={**read_metadata(guarded_file),
+                                                                 "val_psnr_gain_low": json.dumps(lows)})
+    restorer = Restorer(path, device="cpu", tile=0)
+    assert restorer.gains == GAINS and restorer.lows == lows
+    rgb = _photo(64, 96)
+    for q, passes in ((10, False), (15, True), (20, True), (30, True), (40, False), (45, True)):
+        out = restorer.restore_array(rgb, q)
+        assert restorer.last_decision.passthrough == passes and np.array_equal(out, rgb) == passes, q
+    assert "+0.30 dB at q20, not surely a gain (lower bound -0.01 dB)" in restorer.decide(20).reason
+    assert not Restorer(guarded_file, device="cpu", tile=0).decide(20).passthrough  # by the mean, without bounds
+
+
 def test_conditioned_restorer_tells_the_model_the_quality(guarded_file):
     restorer = Restorer(guarded_file, device="cpu", tile=64, overlap=16, guard=False)
     rgb = _photo(96, 128)

@@ -388,6 +388,44 @@ def test_validation_metrics_are_fp32_under_bf16_autocast():
         assert out["bf16"][name] == pytest.approx(out["no"][name], abs=1e-4), name
 
 
+def test_validation_gain_has_a_lower_bound_from_the_per_crop_spread():
+    """validate() reports each quality's RGB PSNR gain over the crops (restored minus JPEG) and its lower bound,
+    the mean minus two standard errors of the per-crop gains, over batches that do not divide the set."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    from dist_dejpeg.train.validation import GAIN_BOUND_SE, gain_summary, validate
+
+    class NoLpips:
+        def __call__(self, a, b):
+            return torch.zeros(a.shape[0], device=a.device)
+
+    class Blur(torch.nn.Module):  # helps some crops, harms others: a spread to measure
+        def forward(self, x, quality=None):
+            return torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+    crops = [PHOTOS[n][y:y + 48, x:x + 48] for n in PHOTOS for y, x in ((0, 0), (96, 64), (144, 136))]
+    clean = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+    jpeg_u8 = torch.from_numpy(np.stack([jpeg(c, 20) for c in crops])).permute(0, 3, 1, 2).contiguous()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    gain = validate(Accelerator(cpu=True), Blur(), {20: (jpeg_u8, clean)}, NoLpips(), 4)["q20"]["gain"]
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+    def psnr(x):
+        return peak_signal_noise_ratio(x, clean.float() / 255, data_range=1.0, reduction="none", dim=(1, 2, 3))
+
+    d = (psnr(Blur()(jpeg_u8.float() / 255).clamp(0, 1)) - psnr(jpeg_u8.float() / 255)).double().numpy()
+    assert (d > 0).any() and (d < 0).any() and gain["count"] == 6
+    assert gain["psnr"] == pytest.approx(d.mean(), abs=1e-4)
+    assert gain["psnr_low"] == pytest.approx(d.mean() - GAIN_BOUND_SE * d.std(ddof=1) / 6 ** 0.5, abs=1e-4)
+    assert gain_summary(torch.tensor([0.7, 0.49, 1.0]))["psnr_low"] == pytest.approx(0.7)  # one crop: no spread
+    assert gain_summary(torch.zeros(3))["psnr_low"] != gain_summary(torch.zeros(3))["psnr_low"]  # none: NaN
+
+
 def test_validation_ssim_is_evaluate_ssim(pair):
     """One SSIM: validation's per_image (torch, float32, [0, 1]) and evaluate's ssim (numpy, float64, 0-255)
     run the same ssim_map and agree to float32 precision."""

@@ -30,6 +30,7 @@ from dist_dejpeg.models.onnx_export import (ONNX_FORMAT, TOLERANCE, check_batch,
 
 CFG = ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=32, quality_conditioning=True)
 GAINS = {10: 0.5, 40: 0.1, 60: -0.2}
+LOWS = {10: 0.4, 40: -0.05, 60: -0.3}  # q40's gain is not surely one
 
 
 def _cli(argv: list[str]) -> int:
@@ -62,7 +63,7 @@ def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("onnx")
     model, onnx_path = folder / "generator.safetensors", folder / "model.onnx"
     save_generator(_trained_like_generator(), CFG, model,
-                   extra={"global_step": 7, "val_psnr_gain": json.dumps(GAINS)})
+                   extra={"global_step": 7, "val_psnr_gain": json.dumps(GAINS), "val_psnr_gain_low": json.dumps(LOWS)})
     with contextlib.redirect_stdout(io.StringIO()) as out:
         code = _cli(["export", "--model", str(model), "--onnx", str(onnx_path)])
     return model, onnx_path, code, out.getvalue()
@@ -106,6 +107,7 @@ def test_export_matches_pytorch_on_a_photo_at_two_sizes(exported, capsys):
     assert json.loads(meta["model"]) == dataclasses.asdict(CFG)
     assert meta["source"] == str(model)
     assert {int(k): v for k, v in json.loads(meta["val_psnr_gain"]).items()} == GAINS
+    assert {int(k): v for k, v in json.loads(meta["val_psnr_gain_low"]).items()} == LOWS
     assert "quality" in meta["input"]
     # what the guard and the Restorer need, for any runtime: conditioned, the training step, the stride
     assert (meta["conditioned"], meta["global_step"], meta["pad_to"]) == ("true", "7", "32")
@@ -213,7 +215,7 @@ def test_onnx_restore_tiles_blends_and_guards_like_pytorch(exported, tmp_path, c
     torch_tiled = Restorer(str(model), **tiled).restore_array(jpeg, 10)
     onnx = open_restorer(onnx_path, **tiled)
     assert isinstance(onnx, OnnxRestorer) and isinstance(Restorer(onnx_path, tile=0), OnnxRestorer)
-    assert onnx.conditioned and onnx.gains == GAINS and onnx.info["global_step"] == 7
+    assert onnx.conditioned and onnx.gains == GAINS and onnx.lows == LOWS and onnx.info["global_step"] == 7
     assert onnx.device == "cpu (onnxruntime)" and onnx.batch_size == 1
     assert onnx.info["encoder"] == CFG.encoder and onnx.info["encoder_init"] == "random init"
     onnx_tiled = onnx.restore_array(jpeg, 10, source="file tables")
@@ -231,6 +233,7 @@ def test_onnx_restore_tiles_blends_and_guards_like_pytorch(exported, tmp_path, c
     passed = onnx.restore_array(jpeg, 60)
     assert onnx.last_decision.passthrough and "-0.20 dB" in onnx.last_decision.reason
     np.testing.assert_array_equal(passed, jpeg)
+    assert onnx.decide(40).passthrough and "lower bound -0.05 dB" in onnx.decide(40).reason
     # a grayscale image and one below the exported range (padded as the generator pads, cropped back)
     gray = onnx.restore_array(jpeg[..., 0], 10)
     assert gray.shape == jpeg.shape[:2] and np.abs(gray.astype(int) - jpeg[..., 0]).max() > 5

@@ -15,7 +15,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from dist_dejpeg.config import ConfigError, load_config
 from dist_dejpeg.data.shards import prepare_samples
-from dist_dejpeg.models.generator_file import load_generator
+from dist_dejpeg.models.generator_file import load_generator, read_metadata
 from dist_dejpeg.metrics.registry import VALIDATED as METRICS
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train import build as build_mod
@@ -117,6 +117,13 @@ def test_end_to_end_writes_metrics_checkpoint_and_events(tmp_path, shards):
     assert ckpt.latest_checkpoint(run).name == f"step-{9:08d}"
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert (run / "config.yaml").read_text().startswith("data:")
+    for q in ("q10", "q20", "q40"):  # the gain over the crops and its lower bound, which restore's guard trusts
+        gain = metrics[q]["gain"]
+        assert gain["psnr"] == pytest.approx(metrics[q]["restored"]["psnr"] - metrics[q]["jpeg"]["psnr"], abs=1e-6)
+        assert gain["psnr_low"] < gain["psnr"]
+    meta = read_metadata(run / "generator.safetensors")
+    lows = {q[1:]: metrics[q]["gain"]["psnr_low"] for q in ("q10", "q20", "q40")}
+    assert json.loads(meta["val_psnr_gain_low"]) == lows
     generator = load_generator(run / "generator.safetensors")
     x = torch.rand(1, 3, 40, 24)
     assert generator(x).shape == x.shape

@@ -181,7 +181,7 @@ def final(run_dir: Path, images: list[str], qualities, images_per_step: int) -> 
     gains = {}
     for q in map(int, qualities):
         gain = result["per_quality"][str(q)]["gain"]["psnr"]
-        passes = decide(raw.gains, q, "given", guard=True).passthrough
+        passes = decide(raw.gains, q, "given", guard=True, lows=raw.lows).passthrough
         gains[str(q)] = {"raw": gain, "guard": 0.0 if passes else gain, "passed_through": passes}
     shifts = [max(abs(r["restored"][f"shift_{c}"]) for c in "rgb") for r in result["per_image"]
               if r["quality"] == CURVE_QUALITY]

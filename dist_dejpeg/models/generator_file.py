@@ -139,7 +139,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ge
     generator = load_generator(path, device)
     model_cfg = model_config_from_meta(meta, str(path))
     info = {"source": str(path), "format": "generator.safetensors", "global_step": _int(meta.get("global_step")),
-            "lpips": meta.get("lpips", ""), "val_psnr_gain": _gains(meta.get("val_psnr_gain"))}
+            "lpips": meta.get("lpips", ""), "val_psnr_gain": _gains(meta.get("val_psnr_gain")),
+            "val_psnr_gain_low": _gains(meta.get("val_psnr_gain_low"))}
     return generator, _describe(info, model_cfg)
 
 
@@ -170,7 +171,8 @@ def _describe(info: dict, model_cfg: ModelConfig) -> dict:
 
 
 def _gains(text: str | None) -> dict[int, float]:
-    """The validated RGB PSNR gain per quality a generator file keeps ({} for files without it)."""
+    """The validated RGB PSNR gain (or its lower bound) per quality a generator file keeps ({} for files without
+    it)."""
     try:
         return {int(q): float(g) for q, g in json.loads(text or "{}").items()}
     except (ValueError, TypeError, AttributeError):

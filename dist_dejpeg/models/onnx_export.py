@@ -10,12 +10,14 @@
 The ONNX model: input ``degraded`` (float32 N x 3 x H x W in [0, 1]), output ``restored`` (same shape, in
 [0, 1]); dims named batch, height, width. A quality-conditioned generator has a second input ``quality``
 (float32 N: each image's JPEG quality 1..100, 0 for unknown). The metadata holds the model config and the
-validated RGB PSNR gain per quality (``val_psnr_gain``), from which a runtime can pass through images of a
-quality the model does not improve, as ``restore`` does. H and W above 16: the graph pads with reflect, which
-needs the pad (up to 31) below the size; PyTorch replicates instead for such tiny images, onnxruntime rejects
-them ("Pad reflect: post-pad exceeds maximum allowed"). Needs ``pip install -e '.[onnx]'``.
+validated RGB PSNR gain per quality (``val_psnr_gain``) and its lower bound (``val_psnr_gain_low``), from which a
+runtime can pass through images of a quality the model does not improve, as ``restore`` does. H and W above 16:
+the graph pads with reflect, which needs the pad (up to 31) below the size; PyTorch replicates instead for such
+tiny images, onnxruntime rejects them ("Pad reflect: post-pad exceeds maximum allowed"). Needs
+``pip install -e '.[onnx]'``.
 
-What the guard needs is in the file's metadata_props, each a string: ``val_psnr_gain`` (JSON ``{quality: dB}``),
+What the guard needs is in the file's metadata_props, each a string: ``val_psnr_gain`` and ``val_psnr_gain_low``
+(JSON ``{quality: dB}``),
 ``conditioned`` ("true"/"false"), ``encoder``, ``encoder_init``, ``global_step``, ``lpips``, ``pad_to``, ``model``
 (the config as JSON), ``source``; :func:`read_onnx_metadata` reads them back. ``dist-dejpeg restore --model
 dejpeg.onnx`` runs the file on onnxruntime with the same tiling, blending and guard as the PyTorch model
@@ -139,9 +141,9 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
     """Export ``generator`` to ``path`` (atomically, after the onnxruntime check passed).
 
     ``model_cfg`` (a ModelConfig or its dict), ``source``, ``val_psnr_gain`` and, from ``info`` (load_model's),
-    encoder_init, global_step and lpips go into the ONNX metadata_props with the format version, the encoder,
-    ``conditioned`` and ``pad_to`` (see the module docstring). Returns ``{"path", "opset", "max_abs_diff":
-    {"NxCxHxW": float}, "tolerance", "export_s", "bytes", "metadata"}``; raises OnnxUnavailable, or
+    val_psnr_gain_low, encoder_init, global_step and lpips go into the ONNX metadata_props with the format version,
+    the encoder, ``conditioned`` and ``pad_to`` (see the module docstring). Returns ``{"path", "opset",
+    "max_abs_diff": {"NxCxHxW": float}, "tolerance", "export_s", "bytes", "metadata"}``; raises OnnxUnavailable, or
     OnnxCheckError when a difference exceeds ``tolerance``."""
     require_onnx()
     import onnx
@@ -187,6 +189,8 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
             "input": f"{INPUT}: float32 N x 3 x H x W in [0, 1], H and W > 16",
             "output": f"{OUTPUT}: float32 N x 3 x H x W in [0, 1]",
             "val_psnr_gain": json.dumps({str(k): v for k, v in (val_psnr_gain or {}).items()}),
+            "val_psnr_gain_low": json.dumps({str(k): v for k, v in
+                                             ((info or {}).get("val_psnr_gain_low") or {}).items()}),
             "conditioned": json.dumps(conditioned), "pad_to": str(exported.pad_to),
             "encoder_init": str((info or {}).get("encoder_init") or ("ImageNet" if cfg.get("pretrained") else
                                                                      "random init")),

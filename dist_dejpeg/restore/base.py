@@ -32,7 +32,8 @@ def check_tiling(tile: int, overlap: int) -> None:
 
 class ImageRestorer:
     """A model ready to restore images, tile by tile (``tile`` 0: whole images), ``batch_size`` tiles per call,
-    guarded by the gains its validation measured (``info["val_psnr_gain"]``; ``guard`` False: restore all).
+    guarded by the gains its validation measured (``info["val_psnr_gain"]`` and their lower bounds
+    ``info["val_psnr_gain_low"]``; ``guard`` False: restore all).
     Subclasses set ``device`` and ``conditioned`` and give ``forward`` (and ``arrays``, ``chw``, ``inference``
     where their arrays are not numpy's)."""
 
@@ -47,6 +48,7 @@ class ImageRestorer:
         self.tile, self.overlap, self.batch_size = tile, overlap, max(1, batch_size)
         self.guard = guard
         self.gains = {int(q): float(g) for q, g in (info.get("val_psnr_gain") or {}).items()}
+        self.lows = {int(q): float(g) for q, g in (info.get("val_psnr_gain_low") or {}).items()}
         self.last_decision: Decision | None = None
 
     # -- what a backend gives -------------------------------------------------------------------------------
@@ -74,7 +76,7 @@ class ImageRestorer:
     # -- the guard ------------------------------------------------------------------------------------------
     def decide(self, quality: int | None, source: str = "given") -> Decision:
         """Restore or pass through an image of ``quality`` (None: unknown), found as ``source`` says."""
-        return decide(self.gains, quality, source, self.guard)
+        return decide(self.gains, quality, source, self.guard, self.lows)
 
     def broken(self, decision: Decision, count: int, of: int) -> None:
         self.last_decision = Decision(decision.quality, decision.source, True,

@@ -71,19 +71,23 @@ def providers(device: str) -> list:
 
 def onnx_info(path, meta: dict[str, str], session) -> dict:
     """What ``load_model`` tells about a generator, read from the export's metadata: source, format, encoder,
-    encoder_init, global_step, lpips, val_psnr_gain ({quality: dB}), model (the config dict), provider, pad_to."""
+    encoder_init, global_step, lpips, val_psnr_gain and val_psnr_gain_low ({quality: dB}), model (the config
+    dict), provider, pad_to."""
     def parsed(key, default):
         try:
             return json.loads(meta[key])
         except (KeyError, ValueError):
             return default
 
-    gains = parsed("val_psnr_gain", {})
+    def gains(key):
+        value = parsed(key, {})
+        return {int(q): float(g) for q, g in value.items()} if isinstance(value, dict) else {}
+
     model = parsed("model", {})
     step = parsed("global_step", None)
     return {"source": str(path), "format": "onnx", "exported_from": meta.get("source", ""),
             "global_step": step if isinstance(step, int) else None, "lpips": meta.get("lpips", ""),
-            "val_psnr_gain": {int(q): float(g) for q, g in gains.items()} if isinstance(gains, dict) else {},
+            "val_psnr_gain": gains("val_psnr_gain"), "val_psnr_gain_low": gains("val_psnr_gain_low"),
             "encoder": meta.get("encoder", model.get("encoder", "")),
             "encoder_init": meta.get("encoder_init") or ("ImageNet" if model.get("pretrained") else "random init"),
             "model": model, "provider": session.get_providers()[0], "pad_to": int(meta.get("pad_to") or 32)}

@@ -323,11 +323,13 @@ class Trainer:
             if acc.is_main_process:
                 self.monitor.write_metrics(results, lpips=self.metric_lpips.description, state=self.state, ema=ema,
                                            val_images=n_val, skipped=skipped, last_train=self.last_train_scalars)
-                # the RGB PSNR gain at each validated quality: restore passes through where it predicts none
+                # the RGB PSNR gain per validated quality and its lower bound, by which restore's guard decides
                 gains = {k[1:]: r["restored"]["psnr"] - r["jpeg"]["psnr"] for k, r in results.items()}
+                lows = {k[1:]: r["gain"]["psnr_low"] for k, r in results.items()}
                 save_generator(self.ema.model(self.gen_raw), self.cfg.model, self.run_dir / GENERATOR,
                                extra={"lpips": self.metric_lpips.description, "global_step": self.state.global_step,
-                                      "val_psnr_gain": json.dumps(gains), "ema_decay": self.cfg.train.ema_decay})
+                                      "ema_decay": self.cfg.train.ema_decay, "val_psnr_gain": json.dumps(gains),
+                                      "val_psnr_gain_low": json.dumps(lows)})
                 log.info("wrote %s and %s", self.run_dir / METRICS, self.run_dir / GENERATOR)
             self.monitor.finish("finished", "", self.state.global_step)
             self.monitor.close()

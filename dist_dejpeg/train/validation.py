@@ -1,4 +1,5 @@
-"""Validation on fixed crops at fixed JPEG qualities: metrics of the JPEG input and of the restored output."""
+"""Validation on fixed crops at fixed JPEG qualities: metrics of the JPEG input and of the restored output, and
+the RGB PSNR gain with a lower bound on its mean that restore's guard trusts (restore/guard.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,30 @@ from dist_dejpeg.metrics.sums import MetricSums, per_image
 
 ValSet = dict  # {quality: (jpeg uint8 N x 3 x H x W, clean uint8 N x 3 x H x W)} of this rank's share
 
+# The guard restores a quality only where the mean gain is surely above zero: the mean minus this many standard
+# errors of the per-crop gains (one-sided ~98% under a normal approximation). The mean alone was not enough: a
+# model whose 41 crops gained +0.07 dB on average at q90 (11 of them lost) lost 0.13 dB on the whole photos;
+# its bound, -0.06 dB, passes q90 through (benchmarks/RESULTS.md, "The guard's lower bound").
+GAIN_BOUND_SE = 2.0
+
+
+def gain_summary(stats: torch.Tensor) -> dict[str, float]:
+    """{psnr: mean gain, psnr_low: its lower bound, count} from [sum, sum of squares, count] of per-image gains;
+    with fewer than two images the spread is unknown and the bound is the mean."""
+    total, squares, count = stats.tolist()
+    if count == 0:
+        return {"psnr": float("nan"), "psnr_low": float("nan"), "count": 0}
+    mean = total / count
+    if count < 2:
+        return {"psnr": mean, "psnr_low": mean, "count": int(count)}
+    var = max(squares - count * mean * mean, 0.0) / (count - 1)
+    return {"psnr": mean, "psnr_low": mean - GAIN_BOUND_SE * (var / count) ** 0.5, "count": int(count)}
+
 
 @torch.no_grad()
 def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: int, cudagraphs: bool = False) -> dict:
-    """Returns {"q10": {"jpeg": {psnr, ssim, lpips}, "restored": {...}}, ...}, reduced over all ranks.
+    """Returns {"q10": {"jpeg": {psnr, ssim, lpips, ...}, "restored": {...}, "gain": gain_summary's}, ...},
+    reduced over all ranks.
     ``generator`` is the unwrapped module; it is put in eval mode and returned to its previous mode.
     ``cudagraphs``: the models were compiled with CUDA graphs (each forward starts a new replay)."""
     was_training = generator.training
@@ -23,6 +44,7 @@ def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: 
     try:
         for quality, (jpeg_u8, clean_u8) in val_set.items():
             sums = MetricSums(("jpeg", "restored"), accelerator.device)
+            gain = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # sum, sum of squares, count
             for start in range(0, jpeg_u8.shape[0], batch_size):
                 part = slice(start, start + batch_size)
                 batch = to_device({"jpeg": jpeg_u8[part], "clean": clean_u8[part],
@@ -34,9 +56,17 @@ def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: 
                 # the metrics in fp32, outside autocast: SSIM's variances under bf16 lose everything (a q10
                 # JPEG measured SSIM 0.09 instead of ~0.7 on an H100)
                 with torch.autocast(accelerator.device.type, enabled=False):
-                    sums.add("jpeg", per_image(batch["jpeg"], batch["clean"], lpips))
-                    sums.add("restored", per_image(restored.float(), batch["clean"], lpips))
+                    before = per_image(batch["jpeg"], batch["clean"], lpips)
+                    after = per_image(restored.float(), batch["clean"], lpips)
+                    sums.add("jpeg", before)
+                    sums.add("restored", after)
+                    d = (after["psnr"] - before["psnr"]).double()  # inf - inf (a perfect crop): left out
+                    d = d[torch.isfinite(d)]
+                    gain += torch.stack([d.sum(), d.pow(2).sum(), d.new_tensor(float(d.numel()))])
             results[f"q{quality}"] = sums.compute(accelerator)
+            if accelerator.num_processes > 1:
+                gain = accelerator.reduce(gain, reduction="sum")
+            results[f"q{quality}"]["gain"] = gain_summary(gain)
     finally:
         generator.train(was_training)
     return results
