@@ -122,14 +122,11 @@ def _train(args: argparse.Namespace) -> int:
     try:
         results = train(cfg, resume=args.resume)
     except (ConfigError, WeightsError, FileNotFoundError, RunDirBusy, TooManyBadSamples) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _stopped(f"error: {err}", 2)
     except Preempted as err:
-        print(f"stopped: {err}", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return _stopped(f"stopped: {err}", EXIT_PREEMPTED)
     except TrainingStopped as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+        return _stopped(f"error: {err}", 3)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # one closing line per run, not one per rank
@@ -139,6 +136,14 @@ def _train(args: argparse.Namespace) -> int:
     print(f"done: {lowest} PSNR {r['jpeg']['psnr']:.3f} (JPEG) -> {r['restored']['psnr']:.3f} dB (restored); "
           f"metrics in {cfg.train.run_dir}/metrics.json")
     return 0
+
+
+def _stopped(message: str, code: int) -> int:
+    from dist_dejpeg.train.launch import leave_process_group
+
+    print(message, file=sys.stderr)
+    leave_process_group()
+    return code
 
 
 def _restore(args: argparse.Namespace) -> int:

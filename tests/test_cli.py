@@ -252,17 +252,39 @@ def test_each_result_says_where_its_quality_came_from(tmp_path):
     assert (given.quality, given.quality_from, identity.last_decision.source) == (42, "given", "given")
 
 
-def test_train_processes_starts_ranks_and_returns_a_failing_ranks_exit_code(tmp_path, monkeypatch, capsys):
+def test_train_processes_starts_ranks_and_returns_a_failing_ranks_exit_code(tmp_path, monkeypatch, capfd,
+                                                                           sample_shards):
     """``train.processes``: refused below 1 before anything starts; with 2, the command runs itself as two ranks
-    (torchrun, standalone) and the ranks' own exit code (2: no training shards) comes back as the command's."""
+    (torchrun, standalone) and the ranks' own exit code (2: --resume names no checkpoint, found after the process
+    group is up) comes back as the command's. Seen once before the fix, not every time: one rank aborted on its
+    way out ("terminate called without an active exception") and the command said 134; now each rank leaves its
+    process group on the error, and a rank's own code counts over a signal's (the next test)."""
     assert main(["train", "train.processes=0", "train.cpu=true"]) == 2
-    assert "train.processes" in capsys.readouterr().err
+    assert "train.processes" in capfd.readouterr().err
     import signal
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    assert main(["train", "train.processes=2", "train.cpu=true", "model.pretrained=false", "loss.lpips_pretrained=false",
-                 f"data.root={tmp_path / 'no-shards'}", "data.auto_prepare=none", f"train.run_dir={tmp_path / 'run'}"]) == 2
+    (tmp_path / "not-a-checkpoint").mkdir()
+    assert main(["train", "--resume", str(tmp_path / "not-a-checkpoint"), "train.processes=2", "train.cpu=true",
+                 "model.pretrained=false", "loss.lpips_pretrained=false", f"data.root={sample_shards}",
+                 "data.crop=64", "data.val_crop=64", f"train.run_dir={tmp_path / 'run'}"]) == 2
+    err = "".join(capfd.readouterr())  # the ranks' output, as the launcher passes it on
+    assert "not a complete checkpoint" in err and "terminate called" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()
     # the launcher's signal handlers do not outlive the launch (the caller's process goes on as it was)
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers and os.environ["OMP_NUM_THREADS"] == "1"
+
+
+def test_the_command_says_a_ranks_own_exit_code_before_a_signal():
+    """Of the ranks that failed, the one that chose its exit code (2) counts over one that died by a signal while
+    the launcher stopped the others (-6, -15), whichever the launcher saw first."""
+    from types import SimpleNamespace
+
+    from dist_dejpeg.train.launch import failed_code
+
+    def err(*codes):
+        failures = {rank: SimpleNamespace(exitcode=c) for rank, c in enumerate(codes)}
+        return SimpleNamespace(failures=failures, get_first_failure=lambda: (0, failures[0]))
+
+    assert failed_code(err(-6, 2)) == 2 and failed_code(err(3, 2)) == 3 and failed_code(err(-6, -15)) == 134

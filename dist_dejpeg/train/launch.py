@@ -47,6 +47,28 @@ def threads_per_process(processes: int) -> int:
     return max(1, cores // processes)
 
 
+def failed_code(err) -> int:
+    """The command's exit code from the launcher's ChildFailedError: a rank's own code (2, 3, 75: what the rank
+    decided) before a signal's (128 + S, as a shell reports it: a rank killed, or aborted on its way out while the
+    launcher stopped the others); among equals, the first failure's."""
+    _, first = err.get_first_failure()
+    chosen = min(err.failures.values(), key=lambda f: (f.exitcode <= 0, f is not first))
+    return 128 - chosen.exitcode if chosen.exitcode < 0 else chosen.exitcode
+
+
+def leave_process_group() -> None:
+    """A rank that stops on an error leaves its process group before it exits: the others' collectives fail at
+    once instead of waiting out a timeout, and gloo's threads stop before the interpreter does (left running,
+    they abort the process: "terminate called without an active exception", exit -6)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as err:  # leaving is best effort: the error that stopped the rank is what counts
+            log.debug("leaving the process group: %s", err)
+
+
 def launch(processes: int, argv: list[str], exit_preempted: int) -> int:
     """Run ``python -m dist_dejpeg.cli *argv`` as ``processes`` ranks; returns the first failing rank's exit
     code (``exit_preempted`` when a signal stopped the launcher: the ranks got it too and checkpointed)."""
@@ -64,9 +86,7 @@ def launch(processes: int, argv: list[str], exit_preempted: int) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", "dist_dejpeg.cli", *argv)
     except ChildFailedError as err:
-        _, failure = err.get_first_failure()
-        code = failure.exitcode
-        return 128 - code if code < 0 else code  # killed by signal S: 128 + S, as a shell reports it
+        return failed_code(err)
     except SignalException as err:
         log.warning("train: %s stopped the launcher; the processes were signalled too",
                     signal.Signals(err.sigval).name)
