@@ -369,6 +369,9 @@ def test_create_encoder_loads_explicit_weights_file(tmp_path):
     assert not torch.equal(rand.conv_stem.weight, state["conv_stem.weight"])
     for k, v in enc.state_dict().items():  # every encoder tensor came from the file
         assert torch.equal(v, state[k]), k
+    shallow = create_encoder("mobilenetv3_small_050", pretrained=True, weights_file=str(path), depth=3)
+    assert 0 < len(shallow.state_dict()) < len(enc.state_dict())  # model.encoder_depth: the blocks it uses
+    assert all(torch.equal(v, state[k]) for k, v in shallow.state_dict().items())
 
     # and through the generator / its config
     g = Generator("mobilenetv3_small_050", pretrained=True, encoder_weights=str(path), decoder_width=WIDTH)
@@ -620,3 +623,31 @@ def test_keep_mean_correction_has_zero_mean_per_image_and_channel(tmp_path):
     assert loaded.keep_mean
     with torch.no_grad():
         assert torch.equal(loaded(x, torch.tensor([10, 0])), g(x, torch.tensor([10, 0])))
+
+
+def test_encoder_depth_builds_a_shallower_u_net_without_the_unused_blocks(tmp_path):
+    """model.encoder_depth: the U-Net uses the encoder's first stages only, and the encoder keeps only the blocks
+    they need (timm's MobileNetV3 feature model runs every block otherwise): its features equal the full
+    encoder's, the generator pads to the last stage's stride, and its file rebuilds the same model."""
+    import timm
+
+    torch.manual_seed(0)
+    full = timm.create_model("mobilenetv3_small_050", features_only=True, pretrained=False).eval()
+    torch.manual_seed(0)
+    shallow = create_encoder("mobilenetv3_small_050", pretrained=False, depth=3).eval()
+    assert shallow.feature_info.reduction() == [2, 4, 8] and len(shallow.blocks) < len(full.blocks)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(full(x), shallow(x)))
+    cfg = ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=WIDTH, encoder_depth=4)
+    g = _kick(build_generator(cfg))
+    assert g.pad_to == 16 and g.strides == [2, 4, 8, 16]
+    assert sum(p.numel() for p in g.parameters()) < sum(p.numel() for p in _kick(build_generator(
+        ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=WIDTH))).parameters())
+    y = torch.rand(1, 3, 37, 53)
+    save_generator(g.eval(), cfg, tmp_path / "g.safetensors")
+    loaded = load_generator(tmp_path / "g.safetensors")
+    with torch.no_grad():
+        assert loaded.pad_to == 16 and torch.equal(loaded(y), g(y)) and g(y).shape == y.shape
+    with pytest.raises(ValueError, match="encoder_depth"):
+        Generator("mobilenetv3_small_050", pretrained=False, encoder_depth=1)

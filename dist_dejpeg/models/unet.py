@@ -83,14 +83,17 @@ class Generator(nn.Module):
     config trains. :func:`build_generator` builds one from a ModelConfig."""
 
     def __init__(self, encoder: str = ModelConfig.encoder, pretrained: bool = ModelConfig.pretrained,
-                 encoder_weights: str = ModelConfig.encoder_weights, decoder_width: int = ModelConfig.decoder_width,
+                 encoder_weights: str = ModelConfig.encoder_weights, encoder_depth: int = ModelConfig.encoder_depth,
+                 decoder_width: int = ModelConfig.decoder_width,
                  blur: bool = ModelConfig.blur, self_attention: bool = ModelConfig.self_attention,
                  attention_stride: int = ModelConfig.attention_stride, spectral_norm: bool = ModelConfig.spectral_norm,
                  decoder_norm: str = ModelConfig.decoder_norm,
                  quality_conditioning: bool = ModelConfig.quality_conditioning, keep_mean: bool = ModelConfig.keep_mean):
         super().__init__()
         self.keep_mean = keep_mean
-        self.encoder = create_encoder(encoder, pretrained, encoder_weights)
+        if encoder_depth == 1 or encoder_depth < 0:
+            raise ValueError(f"encoder_depth must be 0 (all stages) or at least 2, got {encoder_depth}")
+        self.encoder = create_encoder(encoder, pretrained, encoder_weights, encoder_depth)
         chans = self.encoder.feature_info.channels()
         strides = self.encoder.feature_info.reduction()
         for a, b in zip(strides, strides[1:]):

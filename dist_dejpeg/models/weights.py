@@ -35,25 +35,45 @@ def _hf_cached_file(repo_id: str) -> str | None:
     return None
 
 
-def create_encoder(name: str, pretrained: bool, weights_file: str = "") -> nn.Module:
-    """A timm ``features_only`` encoder. ``pretrained`` loads ImageNet weights from ``weights_file``,
-    else from the timm / Hugging Face cache, else downloads them; offline it fails with what to do."""
+def create_encoder(name: str, pretrained: bool, weights_file: str = "", depth: int = 0) -> nn.Module:
+    """A timm ``features_only`` encoder of its first ``depth`` stages (0: all; the blocks after the last one used
+    are dropped, not just left unused). ``pretrained`` loads ImageNet weights from ``weights_file``, else from
+    the timm / Hugging Face cache, else downloads them; offline it fails with what to do."""
+    return _keep_used_blocks(_create_encoder(name, pretrained, weights_file, depth))
+
+
+def _stages(depth: int) -> dict:
+    return {"out_indices": tuple(range(depth))} if depth > 0 else {}
+
+
+def _keep_used_blocks(model: nn.Module) -> nn.Module:
+    """timm's EfficientNet-family feature models (MobileNetV3 among them) run every block whatever
+    ``out_indices`` asks for; drop the blocks after the last stage returned (timm's other feature wrappers
+    already stop there)."""
+    stage_ends = getattr(model, "_stage_out_idx", None)
+    if stage_ends and getattr(model, "feature_hooks", None) is None and isinstance(getattr(model, "blocks", None),
+                                                                                    nn.Sequential):
+        model.blocks = model.blocks[:max(stage_ends)]
+    return model
+
+
+def _create_encoder(name: str, pretrained: bool, weights_file: str, depth: int) -> nn.Module:
     import timm
 
     if not pretrained:
-        return timm.create_model(name, features_only=True, pretrained=False)
+        return timm.create_model(name, features_only=True, pretrained=False, **_stages(depth))
     if weights_file:
         if not Path(weights_file).is_file():
             raise WeightsError(f"model.encoder_weights: file not found: {weights_file}")
-        return _encoder_from_file(name, str(weights_file))
+        return _encoder_from_file(name, str(weights_file), depth)
     cfg = timm.models.get_pretrained_cfg(name)
     repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     cached = _hf_cached_file(repo) if repo else None
     if cached:
         log.info("encoder %s: ImageNet weights from the Hugging Face cache: %s", name, cached)
-        return _encoder_from_file(name, cached)
+        return _encoder_from_file(name, cached, depth)
     try:
-        return timm.create_model(name, features_only=True, pretrained=True)
+        return timm.create_model(name, features_only=True, pretrained=True, **_stages(depth))
     except Exception as err:  # noqa: BLE001 - any failure here means "weights not available"
         where = f"Hugging Face repo '{repo}'" if repo else "timm's download address"
         from huggingface_hub import constants
@@ -67,11 +87,12 @@ def create_encoder(name: str, pretrained: bool, weights_file: str = "") -> nn.Mo
         ) from None
 
 
-def _encoder_from_file(name: str, path: str) -> nn.Module:
+def _encoder_from_file(name: str, path: str, depth: int = 0) -> nn.Module:
     """timm loads ``features_only`` weights non-strictly; check that the file really held them."""
     import timm
 
-    model = timm.create_model(name, features_only=True, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    model = timm.create_model(name, features_only=True, pretrained=True, pretrained_cfg_overlay=dict(file=path),
+                              **_stages(depth))
     stored = {k.removeprefix("module.") for k in timm.models.load_state_dict(path).keys()}
     missing = [k for k in model.state_dict() if not k.endswith("num_batches_tracked") and k not in stored]
     if missing:
