@@ -23,7 +23,7 @@ def test_debug_recipe_beats_jpeg_at_q10(tmp_path):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     run = tmp_path / "run"
-    # the README's command (two ranks, train.processes) with a shorter gen phase (GEN_STEPS of the recipe's 2400,
+    # the README's command (two ranks, train.processes) with a shorter gen phase (GEN_STEPS of the recipe's 2300,
     # the same one-cycle schedule compressed) and validation at q10 and q20 only (what is asserted; q20 also lets the guard judge the q20 photos below): every phase, the sample preparation and the
     # outputs as a newcomer gets them, in less than half the time; the full recipe's numbers come from
     # `dist-dejpeg bench quality` (benchmarks/results/quality.md), not from a test
