@@ -58,8 +58,8 @@ def failed_code(err) -> int:
 
 def leave_process_group() -> None:
     """A rank that stops on an error leaves its process group before it exits: the others' collectives fail at
-    once instead of waiting out a timeout, and gloo's threads stop before the interpreter does (left running,
-    they abort the process: "terminate called without an active exception", exit -6)."""
+    once instead of waiting out a timeout, and gloo's threads stop before the interpreter does (seen once without
+    this: a rank aborted on its way out, "terminate called without an active exception", exit -6)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
