@@ -183,13 +183,20 @@ def test_resume_gives_the_same_next_loss(tmp_path, shards):
     assert got["gen/total"].item() == expected["gen/total"].item()
 
 
+def _validated(restored_lpips: float) -> dict:
+    """What validate() returns, for one quality: the JPEG's and the restored crops' metrics, and the gain."""
+    return {"q10": {"jpeg": dict(psnr=1.0, ssim=1.0, lpips=1.0),
+                    "restored": dict(psnr=1.0, ssim=1.0, lpips=restored_lpips),
+                    "gain": dict(psnr=0.0, psnr_low=0.0, count=1)}}
+
+
 def test_stop_rule_ends_gan_phase_and_keeps_best(tmp_path, shards, monkeypatch):
     scripted = iter([0.5, 0.4, 0.45, 0.41, 0.9, 0.9, 0.9])
     seen_steps = []
 
     def fake_validate(accelerator, generator, val_set, lpips, batch_size, cudagraphs=False):
         value = next(scripted)
-        return {"q10": {"jpeg": dict(psnr=1.0, ssim=1.0, lpips=1.0), "restored": dict(psnr=1.0, ssim=1.0, lpips=value)}}
+        return _validated(value)
 
     monkeypatch.setattr(trainer_mod, "validate", fake_validate)
     cfg = tiny(tmp_path / "run", shards, "train.order=[gan]", "train.phases.gan.steps=20",
@@ -222,7 +229,7 @@ def test_final_validation_reuses_the_last_one_when_nothing_changed(tmp_path, sha
     def fake_validate(accelerator, generator, val_set, lpips, batch_size, cudagraphs=False):
         calls.append(batch_size)
         value = next(scripted)
-        return {"q10": {"jpeg": dict(psnr=1.0, ssim=1.0, lpips=1.0), "restored": dict(psnr=1.0, ssim=1.0, lpips=value)}}
+        return _validated(value)
 
     monkeypatch.setattr(trainer_mod, "validate", fake_validate)
     cfg = tiny(tmp_path / "run", shards, "train.order=[gan]", "train.phases.gan.steps=3",
