@@ -268,7 +268,9 @@ def test_train_processes_starts_ranks_and_returns_a_failing_ranks_exit_code(tmp_
     (tmp_path / "not-a-checkpoint").mkdir()
     assert main(["train", "--resume", str(tmp_path / "not-a-checkpoint"), "train.processes=2", "train.cpu=true",
                  "model.pretrained=false", "loss.lpips_pretrained=false", f"data.root={sample_shards}",
-                 "data.crop=64", "data.val_crop=64", f"train.run_dir={tmp_path / 'run'}"]) == 2
+                 "data.crop=64", "data.val_crop=64", "data.val_max_images=4", "model.encoder=mobilenetv3_small_050",
+                 "model.decoder_width=16", "critic.width=8", "loss.lpips_net=alex", "loss.metric_net=alex",
+                 f"train.run_dir={tmp_path / 'run'}"]) == 2
     err = "".join(capfd.readouterr())  # the ranks' output, as the launcher passes it on
     assert "not a complete checkpoint" in err and "terminate called" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()
