@@ -22,8 +22,8 @@ PROCESS_GROUP = ("tests/test_distributed.py", "tests/test_deepspeed.py", "tests/
                  "tests/test_faults_ranks.py", "tests/test_bench.py::test_bench_scaling_launches_one_and_two_processes")
 
 # Tests that share an expensive module-scoped fixture: one scope per file, so that one worker builds it once
-# (test_onnx's export takes ~45 s: per worker, it was paid twice).
-SHARED_FIXTURE_FILES = ("tests/test_onnx.py",)
+# (test_onnx's export takes ~25 s, test_gpu_check's wheel folder ~20 s: per worker, each was paid twice).
+SHARED_FIXTURE_FILES = ("tests/test_onnx.py", "tests/test_gpu_check.py")
 
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: ignored where xdist is not installed

@@ -93,13 +93,15 @@ def tiny_recipe(shards, steps: int, processes: int) -> list[str]:
 
 
 def test_bench_quality_end_to_end(tmp_path, sample_shards, monkeypatch):
+    """A recipe with ``train.processes=2`` trains each seed as two gloo ranks: the curve's points, their
+    images (both ranks' batches), the targets and budgets, the table and the plot; a rerun reuses the run."""
     from PIL import Image
 
-    # the training child: one thread, as under pytest-xdist (conftest.py); OpenMP's spinning threads on a busy
-    # 2-core machine made its 8 steps take 45 s instead of 1
+    # the training children: one thread each, as under pytest-xdist (conftest.py); OpenMP's spinning threads on a
+    # busy 2-core machine made its 8 steps take 45 s instead of 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     res, work = tmp_path / "res", tmp_path / "work"
-    tiny = tiny_recipe(sample_shards, steps=8, processes=1)
+    tiny = tiny_recipe(sample_shards, steps=8, processes=2)
     argv = ["bench", "quality", *tiny, "--results", str(res), "--work", str(work), "--seeds", "0", "--every", "4",
             "--qualities", "10", "--targets", "0.01", "5", "--budgets", "100"]
     assert main(argv) == 0
@@ -108,7 +110,7 @@ def test_bench_quality_end_to_end(tmp_path, sample_shards, monkeypatch):
     assert [p["step"] for p in pts] == [4, 8]  # the checkpoint at 4; the generator file stands for the one at 8
     seconds = [p["train_seconds"] for p in pts]
     assert 0 < seconds[0] < seconds[1]
-    assert [p["images"] for p in pts] == [4 * 2, 8 * 2]  # step x batch (one process, no accumulation)
+    assert [p["images"] for p in pts] == [4 * 2 * 2, 8 * 2 * 2]  # step x batch x ranks (no accumulation)
     assert report["summary"]["targets"]["5.0"]["minutes"]["mean"] is None  # 5 dB in 8 steps: not reached
     assert report["summary"]["budgets"]["100.0"]["missing"] == [quality.SHORTER]
     assert report["held_out"] == ["chelsea", "coffee", "coins"]
@@ -122,16 +124,3 @@ def test_bench_quality_end_to_end(tmp_path, sample_shards, monkeypatch):
     # a rerun reuses the finished run and the curve it measured (its checkpoints are gone)
     assert main(argv) == 0
     assert json.loads((res / f"{quality.NAME}.json").read_text())["runs"][0]["points"] == pts
-
-
-def test_bench_quality_of_a_two_process_recipe(tmp_path, sample_shards, monkeypatch):
-    """A recipe with ``train.processes=2`` trains each seed as two gloo ranks, and the images on the x axis
-    count both ranks' batches."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    res, work = tmp_path / "res", tmp_path / "work"
-    tiny = tiny_recipe(sample_shards, steps=4, processes=2)
-    argv = ["bench", "quality", *tiny, "--results", str(res), "--work", str(work), "--seeds", "0",
-            "--every", "2", "--qualities", "10", "--targets", "5", "--budgets", "100"]
-    assert main(argv) == 0
-    report = json.loads((res / f"{quality.NAME}.json").read_text())
-    assert [p["images"] for p in report["runs"][0]["points"]] == [2 * 2 * 2, 4 * 2 * 2]  # step x batch x ranks

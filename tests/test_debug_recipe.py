@@ -16,6 +16,7 @@ from dist_dejpeg.cli import main
 CONFIG = Path(__file__).parents[1] / "configs" / "debug.yaml"
 MARGIN_DB = 0.2
 GEN_STEPS = 150  # x 8 images (2 ranks): 1,200 images; the full recipe passed +0.3 dB at q10 after 1,280
+CRITIC_STEPS, GAN_STEPS = 20, 30  # half the recipe's: each phase runs, the gan phase validates once before its end
 
 
 @pytest.mark.slow
@@ -23,12 +24,13 @@ def test_debug_recipe_beats_jpeg_at_q10(tmp_path):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     run = tmp_path / "run"
-    # the README's command (two ranks, train.processes) with a shorter gen phase (GEN_STEPS of the recipe's 2300,
+    # the README's command (two ranks, train.processes) with shorter phases (GEN_STEPS of the recipe's 2300,
     # the same one-cycle schedule compressed) and validation at q10 and q20 only (what is asserted; q20 also lets the guard judge the q20 photos below): every phase, the sample preparation and the
     # outputs as a newcomer gets them, in less than half the time; the full recipe's numbers come from
     # `dist-dejpeg bench quality` (benchmarks/results/quality.md), not from a test
     rc = main(["train", "--config", str(CONFIG), f"train.run_dir={run}", f"data.root={tmp_path / 'samples'}",
-               "train.progress=false", "data.val_qualities=[10,20]", f"train.phases.gen.steps={GEN_STEPS}"])
+               "train.progress=false", "data.val_qualities=[10,20]", f"train.phases.gen.steps={GEN_STEPS}",
+               f"train.phases.critic.steps={CRITIC_STEPS}", f"train.phases.gan.steps={GAN_STEPS}"])
     assert rc == 0
     assert (tmp_path / "samples" / "manifest.json").is_file(), "the sample shards are prepared when missing"
     metrics = json.loads((run / "metrics.json").read_text())

@@ -9,7 +9,6 @@ without padding).
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from dist_dejpeg.jpeg.formats import JFIF_YCBCR
 from dist_dejpeg.metrics.fullref import ssim_map
@@ -25,6 +24,10 @@ def per_image(image: torch.Tensor, clean: torch.Tensor, lpips: LPIPS) -> dict[st
     of each RGB channel in 0-255 levels (a cast shows as a consistent sign). SSIM is evaluate's
     (:func:`dist_dejpeg.metrics.fullref.ssim_map`, the 5-pixel border left out), in float32. Chroma PSNR of a
     grayscale crop is NaN (it has no chroma; MetricSums leaves it out of the mean)."""
+    # imported here: torchmetrics' package import is ~2.6 s of a training rank's start (scipy, its text metrics),
+    # paid only by the ranks that validate
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     image, clean = image.float().clamp(0, 1), clean.float()
     out = {
         "psnr": peak_signal_noise_ratio(image, clean, data_range=1.0, reduction="none", dim=(1, 2, 3)),
