@@ -349,7 +349,7 @@ def test_validation_means_leave_grayscale_crops_out_of_chroma():
     assert torch.isnan(values["psnr_cb"][1]) and torch.isfinite(values["psnr_cb"][0])
     sums = MetricSums(("restored",), torch.device("cpu"))
     sums.add("restored", values)
-    means = sums.compute()["restored"]
+    means = sums.compute()[0]["restored"]
     assert means["psnr_cb"] == pytest.approx(float(values["psnr_cb"][0]))
     assert means["psnr_y"] == pytest.approx(float(values["psnr_y"].mean()))
     assert list(means) == list(R.VALIDATED)

@@ -47,12 +47,14 @@ def per_image(image: torch.Tensor, clean: torch.Tensor, lpips: LPIPS) -> dict[st
 
 
 class MetricSums:
-    """Running per-(group, metric) sums and counts on one rank; ``compute`` all-reduces and returns means.
+    """Running per-(group, metric) sums and counts on one rank, and ``extra`` running sums of the caller's
+    (float64, any shape); ``compute`` all-reduces both in one collective and returns the means.
     Non-finite values (chroma PSNR of a grayscale crop, which has no chroma) are left out of their mean."""
 
-    def __init__(self, groups: tuple[str, ...], device: torch.device):
+    def __init__(self, groups: tuple[str, ...], device: torch.device, extra: tuple[int, ...] = (0,)):
         self.groups = groups
         self.sums = torch.zeros(2, len(groups), len(VALIDATED), dtype=torch.float64, device=device)  # sum, count
+        self.extra = torch.zeros(extra, dtype=torch.float64, device=device)
 
     def add(self, group: str, values: dict[str, torch.Tensor]) -> None:
         g = self.groups.index(group)
@@ -62,9 +64,12 @@ class MetricSums:
             self.sums[0, g, m] += torch.where(finite, v, 0.0).sum()
             self.sums[1, g, m] += finite.sum()
 
-    def compute(self, accelerator=None) -> dict[str, dict[str, float]]:
-        packed = self.sums
+    def compute(self, accelerator=None) -> tuple[dict[str, dict[str, float]], torch.Tensor]:
+        """({group: {metric: mean over all ranks}}, ``extra`` summed over all ranks)."""
+        packed = torch.cat([self.sums.flatten(), self.extra.flatten()])
         if accelerator is not None and accelerator.num_processes > 1:
             packed = accelerator.reduce(packed, reduction="sum")
-        means = (packed[0] / packed[1]).tolist()  # 0/0: nan, where a metric had no finite value
-        return {g: {name: means[i][m] for m, name in enumerate(VALIDATED)} for i, g in enumerate(self.groups)}
+        sums = packed[:self.sums.numel()].view_as(self.sums)
+        means = (sums[0] / sums[1]).tolist()  # 0/0: nan, where a metric had no finite value
+        return ({g: {name: means[i][m] for m, name in enumerate(VALIDATED)} for i, g in enumerate(self.groups)},
+                packed[self.sums.numel():].view_as(self.extra))

@@ -40,11 +40,13 @@ def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: 
     ``cudagraphs``: the models were compiled with CUDA graphs (each forward starts a new replay)."""
     was_training = generator.training
     generator.eval()
-    results = {}
+    qualities = list(val_set)
+    # every quality's sums in one collective: jpeg and restored metrics, and [sum, sum of squares, count] of the
+    # per-crop gains
+    sums = MetricSums(tuple(f"q{q}/{k}" for q in qualities for k in ("jpeg", "restored")), accelerator.device,
+                      extra=(len(qualities), 3))
     try:
-        for quality, (jpeg_u8, clean_u8) in val_set.items():
-            sums = MetricSums(("jpeg", "restored"), accelerator.device)
-            gain = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # sum, sum of squares, count
+        for i, (quality, (jpeg_u8, clean_u8)) in enumerate(val_set.items()):
             for start in range(0, jpeg_u8.shape[0], batch_size):
                 part = slice(start, start + batch_size)
                 batch = to_device({"jpeg": jpeg_u8[part], "clean": clean_u8[part],
@@ -58,18 +60,16 @@ def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: 
                 with torch.autocast(accelerator.device.type, enabled=False):
                     before = per_image(batch["jpeg"], batch["clean"], lpips)
                     after = per_image(restored.float(), batch["clean"], lpips)
-                    sums.add("jpeg", before)
-                    sums.add("restored", after)
+                    sums.add(f"q{quality}/jpeg", before)
+                    sums.add(f"q{quality}/restored", after)
                     d = (after["psnr"] - before["psnr"]).double()  # inf - inf (a perfect crop): left out
                     d = d[torch.isfinite(d)]
-                    gain += torch.stack([d.sum(), d.pow(2).sum(), d.new_tensor(float(d.numel()))])
-            results[f"q{quality}"] = sums.compute(accelerator)
-            if accelerator.num_processes > 1:
-                gain = accelerator.reduce(gain, reduction="sum")
-            results[f"q{quality}"]["gain"] = gain_summary(gain)
+                    sums.extra[i] += torch.stack([d.sum(), d.pow(2).sum(), d.new_tensor(float(d.numel()))])
+        means, gains = sums.compute(accelerator)
     finally:
         generator.train(was_training)
-    return results
+    return {f"q{q}": {"jpeg": means[f"q{q}/jpeg"], "restored": means[f"q{q}/restored"], "gain": gain_summary(gains[i])}
+            for i, q in enumerate(qualities)}
 
 
 def average_bn_stats(accelerator, models: dict) -> None:
