@@ -45,6 +45,7 @@ class DataConfig:
     quality_max: int = 95  # upper end of that range (inclusive): light compression too, where restore must do no harm
     quality_power: float = 0.0  # training qualities drawn with P(q) proportional to q^-quality_power over quality_min..quality_max: 0 uniform, 1 as 1/q (more heavy compression); 0..4
     rot90: bool = False  # augmentation: besides the horizontal mirror, turn each training crop by a random multiple of 90 degrees (before the JPEG degradation)
+    channel_shuffle: float = 0.0  # augmentation: the share of training crops whose R, G, B planes are put in a random order (before the JPEG degradation); 0..1
     shuffle_buffer: int = 256  # samples held in each worker's shuffle buffer
     max_bad_samples: int = 100  # bad training samples (undecodable, too small, no image) tolerated in one pass over the data; one more stops the run with the count (torch: per process, as met; DALI: all shards, checked at start); -1: no limit
     val_crop: int = 256  # fixed centre crop of each validation tile
@@ -238,6 +239,8 @@ def validate(cfg: Config) -> None:
     if not 0 <= d.quality_power <= 4:  # also false for nan
         raise ConfigError(f"config key 'data.quality_power': must be a finite number in [0, 4] (0: uniform), "
                           f"got {d.quality_power}")
+    if not 0 <= d.channel_shuffle <= 1:  # also false for nan
+        raise ConfigError(f"config key 'data.channel_shuffle': must be a share in [0, 1], got {d.channel_shuffle}")
     if not 1 <= d.quality_min <= d.quality_max <= 100:
         raise ConfigError(f"config keys 'data.quality_min'/'data.quality_max': need 1 <= min <= max <= 100, "
                           f"got {d.quality_min}, {d.quality_max}")
@@ -249,12 +252,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'data.{name}': must be >= 1")
     if d.crop % 8 or d.val_crop % 8:
         raise ConfigError("config keys 'data.crop'/'data.val_crop': must be multiples of 8 (the JPEG block)")
-    if t.grad_accum < 1:
-        raise ConfigError("config key 'train.grad_accum': must be >= 1")
-    if t.processes < 1:
-        raise ConfigError("config key 'train.processes': must be >= 1")
-    if t.sync_every < 1:
-        raise ConfigError("config key 'train.sync_every': must be >= 1 (steps)")
+    for name, unit in (("grad_accum", ""), ("processes", ""), ("sync_every", " (steps)")):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"config key 'train.{name}': must be >= 1{unit}")
     if t.preempt_budget_s <= 0:
         raise ConfigError("config key 'train.preempt_budget_s': must be > 0 (seconds)")
     if d.prefetch_factor < 1 or d.dali_prefetch < 1:

@@ -155,6 +155,7 @@ def test_quality_min_above_max_is_error():
     ("data.val_qualities=[10,101]", "data.val_qualities"),
     ("train.grad_accum=0", "train.grad_accum"),
     ("data.quality_power=-0.5", "data.quality_power"),
+    ("data.channel_shuffle=1.5", "data.channel_shuffle"),
     ("data.quality_power=4.5", "data.quality_power"),
     ("data.quality_power=nan", "data.quality_power"),
     ("data.quality_power=inf", "data.quality_power"),
@@ -199,11 +200,13 @@ def test_dict_round_trip(overrides):
 
 
 def test_recipe_knobs_default_off_and_load():
-    """data.quality_power, data.rot90 and loss.pixel are off by default (today's recipe) and take their values."""
+    """data.quality_power, data.rot90, data.channel_shuffle and loss.pixel are off by default and take their
+    values."""
     cfg = load_config()
-    assert (cfg.data.quality_power, cfg.data.rot90, cfg.loss.pixel) == (0.0, False, "l1")
-    cfg = load_config(None, ["data.quality_power=4", "data.rot90=true", "loss.pixel=charbonnier"])
-    assert (cfg.data.quality_power, cfg.data.rot90, cfg.loss.pixel) == (4.0, True, "charbonnier")
+    assert (cfg.data.quality_power, cfg.data.rot90, cfg.data.channel_shuffle, cfg.loss.pixel) == (0.0, False, 0.0, "l1")
+    cfg = load_config(None, ["data.quality_power=4", "data.rot90=true", "data.channel_shuffle=1", "loss.pixel=charbonnier"])
+    assert (cfg.data.quality_power, cfg.data.rot90, cfg.data.channel_shuffle, cfg.loss.pixel) == (4.0, True, 1.0,
+                                                                                                   "charbonnier")
 
 
 def test_from_dict_is_strict():

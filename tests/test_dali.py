@@ -156,6 +156,27 @@ def test_rot90_turns_the_crop_before_degrading_it(sample_shards):
     assert seen == {0, 1, 2, 3}
 
 
+def test_channel_shuffle_reorders_the_crop_before_degrading_it(sample_shards):
+    """data.channel_shuffle 1 in the pipeline: each clean crop is the crop the same seed gives without it with its
+    RGB planes in one of the 6 orders, several orders occur, and the JPEG input is the reordered crop degraded."""
+    import itertools
+
+    orders = list(itertools.permutations(range(3)))
+
+    def batches(**knobs):
+        return take(DaliLoader(train_shards(sample_shards), 32, (10, 40), 8, seed=2, num_threads=1, **knobs), 4)
+
+    seen = set()
+    for plain, shuffled in zip(batches(), batches(channel_shuffle=1.0)):
+        for clean, reordered, jpeg, q in zip(plain["clean"], shuffled["clean"], shuffled["jpeg"], shuffled["quality"]):
+            a, b = u8(clean), u8(reordered)
+            order = next(o for o in orders if np.array_equal(b, a[:, :, list(o)]))
+            if not (np.array_equal(a[:, :, 0], a[:, :, 1]) and np.array_equal(a[:, :, 1], a[:, :, 2])):
+                seen.add(order)  # (a gray crop looks the same in every order)
+            assert np.array_equal(u8(jpeg), jpeg_roundtrip(b, int(q)))
+    assert len(seen) >= 3, seen
+
+
 def test_quality_power_draws_more_heavy_compression(sample_shards):
     """data.quality_power 2 in the pipeline: 512 qualities in 10..40 with a mean near the torch loader's expected
     ~18.0 (far below uniform's 25); at 0 (the default) the batches are those of a loader built without it."""
@@ -171,7 +192,7 @@ def test_quality_power_draws_more_heavy_compression(sample_shards):
     def two(**knobs):
         return take(DaliLoader(train_shards(sample_shards), 32, (10, 40), 4, seed=4, num_threads=1, **knobs), 2)
 
-    for a, b in zip(two(), two(quality_power=0.0, rot90=False)):
+    for a, b in zip(two(), two(quality_power=0.0, rot90=False, channel_shuffle=0.0)):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 

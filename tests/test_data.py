@@ -41,7 +41,8 @@ def all_keys(paths) -> list[str]:
 
 
 def make_stream(root, seed=0, num_workers=0, rank=0, world=1, epochs=None, crop=CROP, buffer=32, **knobs):
-    """The sample shards' training stream; ``knobs``: ShardStream's recipe options (quality_power, rot90)."""
+    """The sample shards' training stream; ``knobs``: ShardStream's recipe options (quality_power, rot90,
+    channel_shuffle)."""
     return ShardStream(train_shards(root), crop, QRANGE, seed=seed, rank=rank, world=world,
                        num_workers=num_workers, shuffle_buffer=buffer, epochs=epochs, **knobs)
 
@@ -299,7 +300,8 @@ def test_epochs_limit_stream_length(sample_shards):
 
 
 # -- exact resume ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("num_workers, knobs", [(0, {}), (2, {}), (2, {"quality_power": 1.0, "rot90": True})],
+@pytest.mark.parametrize("num_workers, knobs", [(0, {}), (2, {}),
+                                                (2, {"quality_power": 1.0, "rot90": True, "channel_shuffle": 0.5})],
                          ids=["0-workers", "2-workers", "2-workers-knobs"])
 def test_loader_resume_is_exact(sample_shards, num_workers, knobs):
     def new_loader():
@@ -417,14 +419,44 @@ def test_rot90_turns_the_crop_before_degrading_it(sample_shards):
     assert seen == {0, 1, 2, 3}
 
 
+def test_channel_shuffle_reorders_the_crop_before_degrading_it(sample_shards):
+    """channel_shuffle 1: every clean crop is the crop the same stream gives without it (same crop, mirror and
+    quality: the order is drawn last) with its RGB planes in one of the 6 orders, all of them occur, and the JPEG
+    input is the reordered crop degraded; with 0.5 about half the colour crops keep their order."""
+    orders = list(itertools.permutations(range(3)))
+
+    def order_of(plain, shuffled) -> tuple | None:  # None: a gray crop, where every order looks the same
+        if np.array_equal(plain[:, :, 0], plain[:, :, 1]) and np.array_equal(plain[:, :, 1], plain[:, :, 2]):
+            return None
+        return next(o for o in orders if np.array_equal(shuffled, plain[:, :, list(o)]))
+
+    def hwc(t):
+        return t.permute(1, 2, 0).numpy()
+
+    seen, kept = set(), []
+    for share in (1.0, 0.5):
+        plain = itertools.islice(make_stream(sample_shards, seed=5), 96)
+        shuffled = itertools.islice(make_stream(sample_shards, seed=5, channel_shuffle=share), 96)
+        for a, b in zip(plain, shuffled):
+            assert a["quality"] == b["quality"]
+            order = order_of(hwc(a["clean"]), hwc(b["clean"]))
+            assert np.array_equal(hwc(b["jpeg"]), jpeg_roundtrip(hwc(b["clean"]), b["quality"]))
+            if order is not None and share == 1.0:
+                seen.add(order)
+            elif order is not None:
+                kept.append(order == (0, 1, 2))
+    assert seen == set(orders)
+    assert 0.45 < np.mean(kept) < 0.8, (len(kept), np.mean(kept))  # 1/2 + 1/2 x 1/6 = 0.58 keep their order
+
+
 def test_config_knobs_reach_the_torch_loader(sample_shards):
     from dist_dejpeg.config import load_config
     from dist_dejpeg.data import build_train_loader
 
     cfg = load_config(None, [f"data.root={sample_shards}", "data.backend=torch", "data.num_workers=0", "data.crop=32",
-                             "data.quality_power=1.5", "data.rot90=true"])
+                             "data.quality_power=1.5", "data.rot90=true", "data.channel_shuffle=0.25"])
     stream = build_train_loader(cfg, 0, 1, CPU).stream
-    assert (stream.quality_power, stream.rot90) == (1.5, True)
+    assert (stream.quality_power, stream.rot90, stream.channel_shuffle) == (1.5, True, 0.25)
 
 
 # -- bad input --------------------------------------------------------------------------------------------

@@ -44,11 +44,11 @@ def build_train_loader(cfg: Config, rank: int, world: int, device: torch.device)
                           seed=cfg.train.seed, rank=rank, world=world, device=device, num_threads=d.dali_threads,
                           initial_fill=d.shuffle_buffer, channels_last=cfg.model.channels_last,
                           prefetch=d.dali_prefetch, max_bad_samples=d.max_bad_samples,
-                          quality_power=d.quality_power, rot90=d.rot90)
+                          quality_power=d.quality_power, rot90=d.rot90, channel_shuffle=d.channel_shuffle)
     stream = ShardStream(list_shards(d.root, d.train_glob), d.crop, (d.quality_min, d.quality_max),
                          seed=cfg.train.seed, rank=rank, world=world, num_workers=d.num_workers,
                          shuffle_buffer=d.shuffle_buffer, max_bad_samples=d.max_bad_samples,
-                         quality_power=d.quality_power, rot90=d.rot90)
+                         quality_power=d.quality_power, rot90=d.rot90, channel_shuffle=d.channel_shuffle)
     degrade = None
     if d.gpu_jpeg and device.type == "cuda":
         from functools import partial

@@ -1,5 +1,6 @@
 """The DALI data path: sharded WebDataset reader, decode (GPU when there is one), random crop and mirror
-(and a turn by a random multiple of 90 degrees with ``data.rot90``), JPEG degradation at a per-sample random
+(a turn by a random multiple of 90 degrees with ``data.rot90``, RGB planes in a random order with
+``data.channel_shuffle``), JPEG degradation at a per-sample random
 quality (uniform, or weighted by ``data.quality_power`` as in the torch loader), the batch contract.
 
     data.backend=dali   (or auto: DALI when it imports, torch otherwise)
@@ -23,6 +24,7 @@ loader's skips, and more than ``data.max_bad_samples`` stops the run on every ra
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import tempfile
@@ -83,9 +85,10 @@ if HAVE_DALI:
         return fn.random.choice(values.astype(np.int32), p=p.tolist())
 
     def degrade_graph(paths, index_paths, crop, quality_range, shard_id, num_shards, initial_fill, gpu, augment=True,
-                      raw_tile=0, quality_power=0.0, rot90=False):
+                      raw_tile=0, quality_power=0.0, rot90=False, channel_shuffle=0.0):
         """The pipeline graph (wrapped once by ``pipeline_def`` below). ``raw_tile``: the shards hold
-        uncompressed square tiles of that side (no decode), else encoded images. ``quality_power``, ``rot90``:
+        uncompressed square tiles of that side (no decode), else encoded images. ``quality_power``, ``rot90``,
+        ``channel_shuffle``:
         the data config's options (off: the graph, and so every draw, of runs before they existed)."""
         encoded = fn.readers.webdataset(
             paths=paths, index_paths=index_paths, ext=["raw" if raw_tile else EXTENSIONS],
@@ -105,12 +108,24 @@ if HAVE_DALI:
             quality = train_quality(quality_range, quality_power)
             if rot90:  # before the degradation: the crop's own 8x8 JPEG grid is unaffected
                 clean = rotate90(clean, fn.random.choice([0.0, 90.0, 180.0, 270.0]))
+            if channel_shuffle:
+                clean = shuffle_channels(clean, channel_shuffle)
         else:
             clean = fn.crop(images, crop=(crop, crop))  # centred, for tests of the reader's sharding
             quality = fn.random.uniform(values=[quality_range[0]], dtype=types.INT32)
         jpeg = fn.jpeg_compression_distortion(clean, quality=quality)
         # uint8 HWC out: the float conversion runs in torch on the training device (4x less to copy)
         return jpeg, clean, quality
+
+    def shuffle_channels(images, share):
+        """``images`` (HWC) with their RGB planes in one of the 6 orders (the same one included) drawn for a
+        ``share`` of the samples; the others unchanged. The order is a per-sample permutation matrix applied to
+        each pixel's channels (``fn.coord_transform``: exact on uint8)."""
+        orders = [np.eye(3, dtype=np.float32)[list(p)] for p in itertools.permutations(range(3))]  # [0]: same
+        p = [1 - share + share / len(orders)] + [share / len(orders)] * (len(orders) - 1)
+        pick = fn.random.choice(list(range(len(orders))), p=p)
+        matrix = sum(fn.cast(pick == k, dtype=types.FLOAT) * types.Constant(m) for k, m in enumerate(orders))
+        return fn.coord_transform(images, M=matrix, dtype=types.UINT8)
 
     degrade_pipeline = pipeline_def(degrade_graph)
 
@@ -122,7 +137,7 @@ class DaliLoader:
                  seed: int = 0, rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"),
                  num_threads: int = 2, initial_fill: int = 256, channels_last: bool = False, augment: bool = True,
                  raw_tile: int | None = None, prefetch: int = 2, max_bad_samples: int | None = None,
-                 quality_power: float = 0.0, rot90: bool = False):
+                 quality_power: float = 0.0, rot90: bool = False, channel_shuffle: float = 0.0):
         if not HAVE_DALI:
             raise ImportError("data.backend=dali needs NVIDIA DALI: pip install -e '.[dali]' "
                               "(or data.backend=torch)")
@@ -136,7 +151,7 @@ class DaliLoader:
             raw_tile = int(manifest["tile"]) if manifest.get("format") == "raw" else 0
         self.channels_last, self.augment, self.raw_tile = channels_last, augment, raw_tile
         self.prefetch = prefetch  # DALI's prefetch_queue_depth: batches the pipeline runs ahead
-        self.quality_power, self.rot90 = quality_power, rot90
+        self.quality_power, self.rot90, self.channel_shuffle = quality_power, rot90, channel_shuffle
         self.consumed = 0
         self.bad = self._leave_out_bad_samples(max_bad_samples)
 
@@ -180,6 +195,7 @@ class DaliLoader:
             paths=self.shards, index_paths=self.index_paths or [], crop=self.crop, quality_range=self.quality_range,
             shard_id=self.rank, num_shards=self.world, initial_fill=self.initial_fill, gpu=gpu, augment=self.augment,
             raw_tile=self.raw_tile, quality_power=self.quality_power, rot90=self.rot90,
+            channel_shuffle=self.channel_shuffle,
             batch_size=self.batch_size, num_threads=self.num_threads, prefetch_queue_depth=self.prefetch,
             device_id=(self.device.index or 0) if gpu else None,
             seed=(self.seed * 1_000_003 + self.rank * 7_919 + self.consumed) % (2**31 - 1))

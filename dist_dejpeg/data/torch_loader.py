@@ -6,11 +6,12 @@ Sharding: every (rank, worker) pair is a *slot*. Each epoch the shard list is sh
 ranks, then dealt to slots (whole shards when there are at least as many shards as slots, otherwise every slot reads
 all shards and keeps every n-th sample), so within an epoch no sample is seen twice.
 
-Exact resume: a sample's crop, mirror, JPEG quality (and turn, with ``rot90``) come from an RNG seeded by (seed,
-epoch, slot, position), not from a running generator, and each batch carries its slot's stream position. The
-loader's ``state_dict()`` records the position after the last batch the trainer took; on resume every slot skips to
-it without decoding, and the slot played by DataLoader worker 0 is rotated so batches come in the same order as in
-an uninterrupted run. (Same ranks and workers required; otherwise it restarts the epoch.)
+Exact resume: a sample's crop, mirror, JPEG quality (and turn, channel order, with ``rot90``, ``channel_shuffle``)
+come from an RNG seeded by (seed, epoch, slot, position), not from a running generator, and each batch carries its
+slot's stream position. The loader's ``state_dict()`` records the position after the last batch the trainer took;
+on resume every slot skips to it without decoding, and the slot played by DataLoader worker 0 is rotated so
+batches come in the same order as in an uninterrupted run. (Same ranks and workers required; otherwise it restarts
+the epoch.)
 
 Batch-level degradation (``degrade_batch``, the GPU path: nvJPEG): workers send clean crops and the batch is
 degraded on the device. nvJPEG's encoder takes one quality per call, so each distinct quality in a batch costs a
@@ -62,16 +63,17 @@ def once_per_shard(shards: list[str], report: Callable[[str | None, Exception], 
 
 class ShardStream(IterableDataset):
     """Endless (or ``epochs``-long) stream of degraded/clean crops from one rank's slots (``quality_power``: see
-    contract.draw_quality; ``rot90``: each crop also turned by a random multiple of 90 degrees)."""
+    contract.draw_quality; ``rot90``: each crop also turned by a random multiple of 90 degrees;
+    ``channel_shuffle``: the share of crops whose RGB planes are put in a random order)."""
 
     def __init__(self, shards: list[str], crop: int, quality_range: tuple[int, int], seed: int = 0,
                  rank: int = 0, world: int = 1, num_workers: int = 0, shuffle_buffer: int = 256,
                  epochs: int | None = None, max_bad_samples: int | None = None, quality_power: float = 0.0,
-                 rot90: bool = False):
+                 rot90: bool = False, channel_shuffle: float = 0.0):
         self.shards = sorted(shards)
         self.crop = crop
         self.qmin, self.qmax = quality_range
-        self.quality_power, self.rot90 = quality_power, rot90
+        self.quality_power, self.rot90, self.channel_shuffle = quality_power, rot90, channel_shuffle
         self.seed, self.rank, self.world = seed, rank, world
         self.n_local = max(num_workers, 1)
         self.shuffle_buffer = shuffle_buffer
@@ -143,6 +145,8 @@ class ShardStream(IterableDataset):
         quality = int(draw_quality(rng, self.qmin, self.qmax, self.quality_power))
         if self.rot90:  # drawn last, so that without it every sample draws as before
             clean = np.rot90(clean, int(rng.integers(4)))  # square crop; JPEG's 8x8 grid comes after
+        if self.channel_shuffle and rng.random() < self.channel_shuffle:  # after the others, likewise
+            clean = clean[:, :, rng.permutation(3)]  # one of the 6 orders (the same one included)
         clean = np.array(clean)  # a writable, contiguous copy
         sample = {"clean": torch.from_numpy(clean).permute(2, 0, 1), "quality": quality}
         if self.degrade:
