@@ -1,7 +1,7 @@
 """The DALI data path: sharded WebDataset reader, decode (GPU when there is one), random crop and mirror
 (a turn by a random multiple of 90 degrees with ``data.rot90``, RGB planes in a random order with
-``data.channel_shuffle``), JPEG degradation at a per-sample random
-quality (uniform, or weighted by ``data.quality_power`` as in the torch loader), the batch contract.
+``data.channel_shuffle``), JPEG degradation at a per-sample random quality (uniform, or weighted by
+``data.quality_power`` as in the torch loader), the batch contract.
 
     data.backend=dali   (or auto: DALI when it imports, torch otherwise)
 
@@ -88,8 +88,8 @@ if HAVE_DALI:
                       raw_tile=0, quality_power=0.0, rot90=False, channel_shuffle=0.0):
         """The pipeline graph (wrapped once by ``pipeline_def`` below). ``raw_tile``: the shards hold
         uncompressed square tiles of that side (no decode), else encoded images. ``quality_power``, ``rot90``,
-        ``channel_shuffle``:
-        the data config's options (off: the graph, and so every draw, of runs before they existed)."""
+        ``channel_shuffle``: the data config's options (off: the graph, and so every draw, of runs before they
+        existed)."""
         encoded = fn.readers.webdataset(
             paths=paths, index_paths=index_paths, ext=["raw" if raw_tile else EXTENSIONS],
             missing_component_behavior="skip", shard_id=shard_id, num_shards=num_shards, random_shuffle=augment,
