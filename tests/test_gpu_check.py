@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dist_dejpeg.bench.compile_cache import pack, parts_of, unpack
 from dist_dejpeg.bench.dali_wheels import DALI_PARTS, DALI_SUMS, DALI_TAR, WheelsError, dali_wheels
 from dist_dejpeg.bench.data_wait import load_settings, resolve
 from dist_dejpeg.bench.gpu_check import OPTIONAL
@@ -122,7 +123,11 @@ def test_usage_errors_exit_2(tmp_path):
     cases = {"required": ([], "--wheels"), "budget": (["--wheels", tmp_path, "--out", out, "--budget", "9m"], "whole"),
              "step": (["--wheels", tmp_path, "--out", out, "--steps", "train,nope"], "unknown step 'nope'"),
              "wheels": (["--wheels", empty, "--out", out], "no wheels"),
-             "settings": (["--wheels", tmp_path, "--out", out, "--settings", tmp_path / "none.yaml"], "settings")}
+             "settings": (["--wheels", tmp_path, "--out", out, "--settings", tmp_path / "none.yaml"], "settings"),
+             "split": (["--wheels", tmp_path, "--out", out, "--compile-cache-split", "15"], "needs --compile-cache"),
+             "split size": (["--wheels", tmp_path, "--out", out, "--compile-cache", tmp_path / "c.tgz",
+                             "--compile-cache-split", "0"], "whole MiB"),
+             "cache folder": (["--wheels", tmp_path, "--out", out, "--compile-cache", empty], "is a folder")}
     for case, (argv, message) in cases.items():
         proc = _run([*CHECK, *argv], timeout=60, cwd=REPO, env=_env())
         assert proc.returncode == 2, (case, proc.stdout, proc.stderr)
@@ -233,9 +238,14 @@ def test_check_flow_on_cpu(wheels, tmp_path):
     out = tmp_path / "out"
     # a short TMPDIR of its own (multiprocessing's AF_UNIX sockets go there), to see that the check cleans it
     tmp = Path(tempfile.mkdtemp(prefix="gpuchk"))
+    # a compile cache from an earlier check (one file of inductor's), carried in as one file, back as parts
+    (tmp_path / "cache" / "inductor" / "ab").mkdir(parents=True)
+    (tmp_path / "cache" / "inductor" / "ab" / "entry").write_text("compiled before")
+    carried = tmp_path / "carry" / "compile.tar.gz"
+    pack(tmp_path / "cache", carried)
     try:
         proc = _run([*CHECK, "--wheels", wheels, "--out", out, "--allow-cpu", "--quick", "--budget", "900",
-                     "--steps", FLOW],
+                     "--steps", FLOW, "--compile-cache", carried, "--compile-cache-split", "1"],
                     timeout=1000, cwd=REPO, env=_env(TMPDIR=str(tmp)))
         left = list(tmp.iterdir())
     finally:
@@ -250,6 +260,12 @@ def test_check_flow_on_cpu(wheels, tmp_path):
     for step in rows:
         assert (out / f"{step}.log").is_file(), step
     assert "dist_dejpeg from" in (out / "install.log").read_text()
+    # every step saw the carried cache; it went back (whatever the steps compiled beside it) as parts
+    assert "TORCHINDUCTOR_CACHE_DIR=" in (env_log := (out / "env.log").read_text()) and "(1 files)" in env_log, env_log
+    assert f"- compile cache: 1 files (0.0 MiB) unpacked from {carried}" in summary, summary
+    assert "Compile cache: " in summary and not carried.exists() and parts_of(carried), summary
+    unpack(carried, tmp_path / "back")
+    assert (tmp_path / "back" / "inductor" / "ab" / "entry").read_text() == "compiled before"
     assert json.loads((out / "evaluate" / "metrics.json").read_text())["meta"]["images"] == 2
     table = (out / "data_wait.md").read_text().splitlines()
     assert [row.split("|")[1].strip() for row in table[2:]] == ["packed-ahead"], table  # one run without CUDA

@@ -16,8 +16,11 @@ step (exit code, seconds, result) and, under the table, the last lines of each f
 results/ (bench train.json/.md, data.json/.md, infer.json/.md), run/ (the training run), metrics.json,
 data_wait.md/.json, and gpu-summary.json (the headline numbers, each null where no step of this check measured it).
 What each step adds to the configs (override lists, bench options, timeouts) is in configs/gpu_check.yaml.
-The wheels are installed with `pip --target` into a temporary folder put first on PYTHONPATH (nothing is
-installed into the machine's Python); that folder, the sample data and TMPDIR are removed at the end. This
+With --compile-cache FILE inductor's and Triton's caches are unpacked from FILE before the first step, shared by
+every step, and packed back into FILE at the end (dist_dejpeg/bench/compile_cache.py): rows compiled in one check
+are read back in the next, on a machine that keeps nothing between calls. The wheels are installed with
+`pip --target` into a temporary folder put first on PYTHONPATH (nothing is installed into the machine's Python);
+that folder, the sample data and TMPDIR are removed at the end. This
 module imports only the standard library (PyYAML when it reads the settings): omegaconf and torch are imported
 only by the steps, after the install. PYTHON names the interpreter of the steps (default: this one).
 Exit: 0 every step passed, 1 some step failed, 2 usage error, 3 no CUDA (and no --allow-cpu).
@@ -47,6 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dist_dejpeg.bench.compile_cache import MAX_SPLIT_MIB, cache_env, pack, unpack
 from dist_dejpeg.bench.data_wait import load_settings, resolve
 from dist_dejpeg.bench.gpu_check_steps import write_gpu_summary
 from dist_dejpeg.run.layout import METRICS
@@ -91,6 +95,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the naive baseline, the CUDA graphs rung and the config's tuned row")
     parser.add_argument("--wait", default="", metavar="A,B",
                         help="data_wait runs only these of its variants (configs/gpu_check.yaml), in this order")
+    parser.add_argument("--compile-cache", default="", metavar="FILE",
+                        help="inductor's and Triton's caches kept in FILE (a .tar.gz) between checks: unpacked before "
+                             "the first step where it exists (or its parts FILE.part-NN), packed back at the end, so a "
+                             "row compiled in one check is read back in the next (dist_dejpeg/bench/compile_cache.py)")
+    parser.add_argument("--compile-cache-split", type=_split, default=0, metavar="MIB",
+                        help="write the compile cache as parts FILE.part-00, -01, ... of at most MIB MiB (for a "
+                             "machine that returns files of limited size)")
     parser.add_argument("--settings", default="", metavar="YAML",
                         help="the steps' settings ('': configs/gpu_check.yaml of the checkout)")
     parser.add_argument("--commit", default="",
@@ -100,6 +111,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _seconds(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError("--budget takes whole seconds")
+    return int(text)
+
+
+def _split(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_SPLIT_MIB:
+        raise argparse.ArgumentTypeError(f"--compile-cache-split takes whole MiB from 1 to {MAX_SPLIT_MIB}")
     return int(text)
 
 
@@ -146,6 +163,10 @@ def main(args: argparse.Namespace) -> int:
     if not sorted(Path(args.wheels).glob("*.whl")):
         return _error(f"no wheels in '{args.wheels}' (make them with benchmarks/gpu_wheels.sh DIR where pip reaches "
                       f"PyPI)")
+    if args.compile_cache_split and not args.compile_cache:
+        return _error("--compile-cache-split needs --compile-cache FILE")
+    if args.compile_cache and Path(args.compile_cache).is_dir():
+        return _error(f"--compile-cache names a file (a .tar.gz), and '{args.compile_cache}' is a folder")
     root = repo_root()
     settings_path = Path(args.settings).resolve() if args.settings else root / "configs" / "gpu_check.yaml"
     try:
@@ -177,20 +198,32 @@ def main(args: argparse.Namespace) -> int:
     try:
         ctx = _context(args, settings, settings_path, root=root, out=out, wheels=wheels, work=work, py=py,
                        have_cuda=have_cuda)
-        env = _step_env(work)
-        _write_header(summary, args, wheels, commit, date, have_cuda, probe)
+        env, notes = _step_env(work), []
+        if args.compile_cache:
+            notes.append(f"compile cache: {unpack(Path(args.compile_cache).resolve(), work / 'cache' / 'compile')}")
+            env.update(cache_env(work / "cache" / "compile"))
+        _write_header(summary, args, wheels, commit, date, have_cuda, probe, notes)
         failed = Runner(out, summary, ctx, env, deadline=started + args.budget, budget=args.budget).run(steps)
-        _write_footer(summary, out, failed, len(steps), started)
+        notes = [f"Compile cache: {_pack_cache(args, work)}."] if args.compile_cache else []
+        _write_footer(summary, out, failed, len(steps), started, notes)
         write_gpu_summary(out, card=probe.get("card") if have_cuda else None, date=date, commit=commit,
                           device="cuda" if have_cuda else "cpu",
                           first_variant=next(iter(ctx["steps"]["data_wait"].get("variants") or {}), None))
     except KeyboardInterrupt:
+        if args.compile_cache and (work / "cache" / "compile").is_dir():
+            _pack_cache(args, work)  # what was compiled before the interruption is whole: inductor writes atomically
         return _error("interrupted", 130)
     finally:
         signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(work, ignore_errors=True)
     print(f"gpu_check: summary in {summary}")
     return 1 if failed else 0
+
+
+def _pack_cache(args, work: Path) -> str:
+    line = pack(work / "cache" / "compile", Path(args.compile_cache).resolve(), args.compile_cache_split)
+    print(f"gpu_check: compile cache: {line}", flush=True)
+    return line
 
 
 def _interrupt(signum, frame):
@@ -230,7 +263,8 @@ def _step_env(work: Path) -> dict:
     return env
 
 
-def _write_header(summary: Path, args, wheels: Path, commit: str, date: str, have_cuda: bool, probe: dict | None):
+def _write_header(summary: Path, args, wheels: Path, commit: str, date: str, have_cuda: bool, probe: dict | None,
+                  notes: list[str]):
     device = "no CUDA (--allow-cpu)"
     if have_cuda:
         rc, text = _out(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"])
@@ -241,7 +275,8 @@ def _write_header(summary: Path, args, wheels: Path, commit: str, date: str, hav
         f"- command: `{command}` (wheels {wheels})\n"
         f"- host: {socket.gethostname()}, {date}, repo {commit} (-dirty: the working tree differs from that commit)\n"
         f"- device: {device}\n"
-        f"- budget: {args.budget} s; logs: <step>.log in this folder\n\n"
+        f"- budget: {args.budget} s; logs: <step>.log in this folder\n"
+        + "".join(f"- {note}\n" for note in notes) + "\n"
         "| step | exit code | seconds | result |\n|---|---|---|---|\n")
 
 
@@ -330,9 +365,9 @@ def _kill_group(pgid: int, sig: int) -> None:
         pass
 
 
-def _write_footer(summary: Path, out: Path, failed: list[str], total: int, started: float) -> None:
+def _write_footer(summary: Path, out: Path, failed: list[str], total: int, started: float, notes: list[str]) -> None:
     lines = ["", f"Total: {int(time.time() - started)} s; {len(failed)} of {total} steps failed"
-             + (f": {' '.join(failed)}." if failed else ".")]
+             + (f": {' '.join(failed)}." if failed else "."), *notes]
     for name in failed:
         log = out / f"{name}.log"
         tail = log.read_text(errors="replace").splitlines()[-15:] if log.is_file() else []

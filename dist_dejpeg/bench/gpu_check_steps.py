@@ -103,6 +103,11 @@ def env(ctx, s: dict) -> int:
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
         print(f"  cuda:{i} {p.name}, capability {p.major}.{p.minor}, {p.total_memory / 2**30:.1f} GiB")
+    print("## compile caches (gpu_check --compile-cache sets them)", flush=True)
+    for key in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        value = os.environ.get(key)
+        files = sum(p.is_file() for p in Path(value).rglob("*")) if value and Path(value).is_dir() else 0
+        print(f"{key}={value or '<unset>'} ({files} files)", flush=True)
     print("## pip list", flush=True)
     if rc := sh(ctx.py, "-m", "pip", "list"):
         print(f"gpu_check: pip list failed (exit {rc})", flush=True)

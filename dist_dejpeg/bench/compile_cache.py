@@ -1,0 +1,124 @@
+"""Inductor's and Triton's caches kept between GPU checks, for machines that keep nothing between calls:
+
+    gpu_check ... --compile-cache cache/compile.tar.gz [--compile-cache-split 15]
+
+Before the first step the archive (or its parts, ``compile.tar.gz.part-00``, ``-01``, ... joined in name order) is
+unpacked into the check's scratch folder, and every step compiles with ``TORCHINDUCTOR_CACHE_DIR`` and
+``TRITON_CACHE_DIR`` pointing into it (inductor's FX graph and AOTAutograd caches switched on), so a row compiled
+in one call is read back in the next; after the last step the folder is packed back into the same path (with
+``--compile-cache-split MIB``: as parts of at most MIB MiB, for a machine that returns files of limited size). The
+old archive is replaced only once the new one is complete. A cache is only ever a shortcut: one that is missing,
+truncated or corrupt (a gzip CRC or tar error) is reported in the summary and the steps compile from scratch; a
+member outside ``inductor/`` and ``triton/`` (or a link, a device) is refused the same way. Triton's kernels are
+keyed by their source and the card, so they are found again on any machine with the same card and software;
+inductor's own entries also key on its inputs (the torch version, the graph).
+
+Standard library only: the check runs this before anything is installed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import re
+import shutil
+import tarfile
+import zlib
+from pathlib import Path
+
+PARTS = ".part-"  # + 00, 01, ...
+MEMBERS = ("inductor", "triton")  # the two caches, as folders of the archive and of the unpacked cache
+MAX_SPLIT_MIB = 1024
+
+
+def cache_env(folder: Path) -> dict[str, str]:
+    """The variables that make every step's compiler read and write ``folder``'s caches."""
+    return {"TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"), "TRITON_CACHE_DIR": str(folder / "triton"),
+            "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+
+
+def parts_of(archive: Path) -> list[Path]:
+    """The archive's parts in order (``--compile-cache-split``'s files), [] when it has none."""
+    pattern = re.compile(re.escape(archive.name + PARTS) + r"\d+")
+    found = [p for p in archive.parent.glob(archive.name + PARTS + "*") if pattern.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(p.name[len(archive.name + PARTS):]))
+
+
+def _size(folder: Path) -> tuple[int, int]:
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def unpack(archive: Path, folder: Path) -> str:
+    """Fill ``folder`` (made empty first) from the archive or its parts; a line for the summary saying what."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for name in MEMBERS:
+        (folder / name).mkdir(parents=True)
+    parts = parts_of(archive)
+    sources = parts or ([archive] if archive.is_file() else [])
+    if not sources:
+        return f"none at {archive} yet: every compiled step compiles (packed there at the end)"
+    numbers = [int(p.name[len(archive.name + PARTS):]) for p in parts]
+    try:
+        if numbers != list(range(len(numbers))):
+            gap = next(i for i, n in enumerate(numbers) if n != i)
+            raise ValueError(f"part {gap:02d} is missing (found {', '.join(p.name for p in parts)})")
+        data = b"".join(p.read_bytes() for p in sources)
+        # decompressed whole first: gzip's CRC and length are checked at the stream's end, which tarfile never reads
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(data)), mode="r:") as tar:
+            members = tar.getmembers()
+            bad = [m.name for m in members if not (m.isfile() or m.isdir()) or Path(m.name).parts[:1] not in
+                   [(name,) for name in MEMBERS] or ".." in Path(m.name).parts]
+            if bad:
+                raise ValueError(f"it holds {bad[0]}, not a file of the {' or '.join(MEMBERS)} caches")
+            tar.extractall(folder, filter="data")
+    except (OSError, EOFError, ValueError, tarfile.TarError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        shutil.rmtree(folder, ignore_errors=True)
+        for name in MEMBERS:
+            (folder / name).mkdir(parents=True)
+        return f"{archive} not used ({type(err).__name__}: {err}): every compiled step compiles from scratch"
+    files, size = _size(folder)
+    source = f"{len(parts)} parts" if parts else "one file"
+    return f"{files} files ({_mb(size)}) unpacked from {archive} ({source}, {_mb(len(data))})"
+
+
+def pack(folder: Path, archive: Path, split_mib: int = 0) -> str:
+    """Write ``folder``'s caches to the archive (one .tar.gz, or parts of at most ``split_mib`` MiB), replacing the
+    old one (file and parts) only once the new one is written; a line for the summary saying what."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    tmp = archive.with_name(archive.name + ".writing")
+    with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+        for name in MEMBERS:
+            if (folder / name).is_dir():
+                tar.add(folder / name, arcname=name, filter=_plain)
+    size = tmp.stat().st_size
+    new = [tmp]
+    if split_mib:
+        step, new = split_mib * 2**20, []
+        with tmp.open("rb") as src:
+            while chunk := src.read(step):
+                part = tmp.with_name(f"{tmp.name}{PARTS}{len(new):02d}")
+                part.write_bytes(chunk)
+                new.append(part)
+        tmp.unlink()
+    for old in [archive, *parts_of(archive)]:
+        old.unlink(missing_ok=True)
+    for path in new:
+        os.replace(path, archive.with_name(archive.name + path.name[len(tmp.name):]))
+    files, _ = _size(folder)
+    where = f"{len(new)} parts {archive.name}{PARTS}NN" if split_mib else "one file"
+    return f"{files} files packed into {archive} ({where}, {_mb(size)})"
+
+
+def _plain(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    """Files and folders only, owned by no one in particular (a cache has no links worth keeping)."""
+    if not (info.isfile() or info.isdir()):
+        return None
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
