@@ -415,3 +415,45 @@ def test_install_step_installs_dali_parts_with_the_wheels(wheels, tmp_path):
     proc = _run(step, timeout=300, cwd=REPO, env=env)
     assert proc.returncode == 1 and f"{DALI_PARTS}00: wrong sha256" in proc.stdout, proc.stdout + proc.stderr
     assert not (work / "site").exists()
+
+
+# --- benchmarks/lease.sh: the calls of a lent GPU machine (stage, check, keep), here with --allow-cpu -------------
+LEASE_SH = REPO / "benchmarks" / "lease.sh"
+
+
+def test_lease_stages_checks_and_keeps(wheels, tmp_path):
+    """Two staging calls carry the wheels in pieces into one folder; check runs the GPU check there and leaves one
+    archive of its folder (weights left out) and the compile cache's parts in OUT; keep puts the parts where the
+    next call carries them from and the check's folder under the results, named by card and date."""
+    carried, at, cache, results, out = (tmp_path / n for n in ("carried", "at", "cache", "results", "out"))
+    env = _env(LEASE_WHEELS=str(carried), LEASE_CACHE=str(cache), LEASE_RESULTS=str(results), WHEELS_AT=str(at),
+               OUT=str(out))
+    names = sorted(w.name for w in wheels.glob("*.whl"))
+    for call in (names[:3], names[3:]):  # what each call carries replaces what the one before carried
+        shutil.rmtree(carried, ignore_errors=True)
+        (carried / "plain").mkdir(parents=True)
+        for name in call:
+            shutil.copy(wheels / name, carried / "plain")
+        proc = _run(["bash", LEASE_SH, "stage"], timeout=60, env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in at.iterdir()) == names
+    out.mkdir()
+    proc = _run(["bash", LEASE_SH, "check", "--allow-cpu", "--quick", "--steps", "bench_infer", "--commit", "abc"],
+                timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    back = sorted(p.name for p in out.iterdir())
+    assert back == ["check.tar.gz", "compile.tar.gz.part-00"], back
+    with tarfile.open(out / "check.tar.gz") as tar:
+        members = tar.getnames()
+    assert "check/summary.md" in members and "check/gpu-summary.json" in members, members
+    assert not any(m.endswith((".safetensors", ".pt")) for m in members), members
+    proc = _run(["bash", LEASE_SH, "keep", out], timeout=60, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [p.name for p in cache.iterdir()] == ["compile.tar.gz.part-00"]
+    kept = list(results.iterdir())
+    assert len(kept) == 1 and kept[0].name.startswith("gpu-cpu-20"), kept  # no card without CUDA
+    summary = (kept[0] / "summary.md").read_text()
+    assert "| install | 0 |" in summary and "repo abc" in summary, summary
+    assert "compile cache: none at" in summary, summary  # the first call: nothing carried yet
+    proc = _run(["bash", LEASE_SH, "keep", out], timeout=60, env=env)  # a second keep never overwrites the first
+    assert proc.returncode == 0 and len(list(results.iterdir())) == 2, proc.stdout + proc.stderr
