@@ -433,6 +433,28 @@ def test_guard_trusts_a_gain_only_where_its_lower_bound_is_above_zero(guarded_fi
     assert not Restorer(guarded_file, device="cpu", tile=0).decide(20).passthrough  # by the mean, without bounds
 
 
+def test_gain_tables_read_one_way_for_every_backend(guarded_file, tmp_path):
+    """One reader of the gain tables (models/names.py): JSON text or a dict, keys as ints; an unreadable table in a
+    file counts as none (the guard says the file holds no validated gains); a caller's unreadable table is an error."""
+    from safetensors.torch import load_file, save_file
+
+    from dist_dejpeg.models.generator_file import read_metadata
+    from dist_dejpeg.models.names import file_gains, read_gains
+
+    assert read_gains('{"10": 0.5, "20": -0.1}') == read_gains({"10": "0.5", 20: -0.1}) == {10: 0.5, 20: -0.1}
+    assert read_gains(None) == {}
+    for bad in ("[1, 2]", "{not json", '{"q10": 1}', 7):
+        with pytest.raises(ValueError, match="not a table of gains"):
+            read_gains(bad)
+    assert file_gains({"val_psnr_gain": "{not json", "val_psnr_gain_low": '{"10": 0.2}'}) == {
+        "val_psnr_gain": {}, "val_psnr_gain_low": {10: 0.2}}
+    path = tmp_path / "generator.safetensors"
+    save_file(load_file(str(guarded_file)), str(path), metadata={**read_metadata(guarded_file),
+                                                                 "val_psnr_gain": "{truncated"})
+    restorer = Restorer(path, device="cpu", tile=0)
+    assert restorer.gains == {} and "holds no validated gains" in restorer.decide(20).reason
+
+
 def test_conditioned_restorer_tells_the_model_the_quality(guarded_file):
     restorer = Restorer(guarded_file, device="cpu", tile=64, overlap=16, guard=False)
     rgb = _photo(96, 128)

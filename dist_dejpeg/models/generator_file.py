@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from dist_dejpeg.config import ConfigError, ModelConfig, load_config
-from dist_dejpeg.models.names import ModelFileError  # torch-free home (the ONNX runtime raises it too)
+from dist_dejpeg.models.names import ModelFileError, file_gains  # torch-free home (the ONNX runtime uses them too)
 from dist_dejpeg.models.unet import Generator, build_generator
 from dist_dejpeg.run.files import atomic_write_bytes
 from dist_dejpeg.run.layout import (CHECKPOINT_MODEL, CONFIG, EMA_GENERATOR, EMA_UPDATES, GENERATOR, TRAINER_STATE,
@@ -139,8 +139,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ge
     generator = load_generator(path, device)
     model_cfg = model_config_from_meta(meta, str(path))
     info = {"source": str(path), "format": "generator.safetensors", "global_step": _int(meta.get("global_step")),
-            "lpips": meta.get("lpips", ""), "val_psnr_gain": _gains(meta.get("val_psnr_gain")),
-            "val_psnr_gain_low": _gains(meta.get("val_psnr_gain_low"))}
+            "lpips": meta.get("lpips", ""), **file_gains(meta)}
     return generator, _describe(info, model_cfg)
 
 
@@ -168,15 +167,6 @@ def _describe(info: dict, model_cfg: ModelConfig) -> dict:
     info.update(encoder=model_cfg.encoder, encoder_init="ImageNet" if model_cfg.pretrained else "random init",
                 model=dataclasses.asdict(model_cfg))
     return info
-
-
-def _gains(text: str | None) -> dict[int, float]:
-    """The validated RGB PSNR gain (or its lower bound) per quality a generator file keeps ({} for files without
-    it)."""
-    try:
-        return {int(q): float(g) for q, g in json.loads(text or "{}").items()}
-    except (ValueError, TypeError, AttributeError):
-        return {}
 
 
 def _int(value) -> int | None:

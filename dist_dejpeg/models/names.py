@@ -6,10 +6,40 @@ onnxruntime alone (restore/onnx_backend.py), so these live here, not in onnx_exp
 
 from __future__ import annotations
 
+import json
+
 ONNX_FORMAT = "dist_dejpeg.onnx.v1"
 INSTALL_HINT = "pip install -e '.[onnx]'"  # as the README installs extras
 INPUT, OUTPUT, QUALITY = "degraded", "restored", "quality"
 MIN_SIZE = 32  # the exported range's lower end: from 32 on, torch.export proves the reflect pad valid
+
+
+# the generator file's (and the export's) metadata keys of the validated RGB PSNR gain per quality and its lower bound
+GAIN_KEYS = ("val_psnr_gain", "val_psnr_gain_low")
+
+
+def read_gains(value) -> dict[int, float]:
+    """{quality: dB} from a model file's gain entry: its JSON text, or the dict it was read into; {} for None.
+    ValueError for anything else (a loader that must open older or foreign files catches it: no gains)."""
+    try:
+        value = json.loads(value) if isinstance(value, (str, bytes)) else value
+        if value is None:
+            return {}
+        return {int(q): float(g) for q, g in value.items()}
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"not a table of gains per quality: {str(value)[:80]!r} ({err})") from None
+
+
+def file_gains(meta: dict) -> dict[str, dict[int, float]]:
+    """Both gain tables of a model file's metadata, each {} where it is missing or unreadable (files written before
+    the guard, or by hand): the guard then says the file holds no validated gains."""
+    tables = {}
+    for key in GAIN_KEYS:
+        try:
+            tables[key] = read_gains(meta.get(key))
+        except ValueError:
+            tables[key] = {}
+    return tables
 
 
 class ModelFileError(ValueError):

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from dist_dejpeg.jpeg.quality import estimate_quality
+from dist_dejpeg.models.names import GAIN_KEYS, read_gains
 from dist_dejpeg.restore.guard import Decision, decide
 from dist_dejpeg.restore.images import join_image, output_metadata, split_image, to_gray
 from dist_dejpeg.restore.tiling import NUMPY, Arrays, restore_tiled
@@ -47,8 +48,7 @@ class ImageRestorer:
         self.info = info
         self.tile, self.overlap, self.batch_size = tile, overlap, max(1, batch_size)
         self.guard = guard
-        self.gains = {int(q): float(g) for q, g in (info.get("val_psnr_gain") or {}).items()}
-        self.lows = {int(q): float(g) for q, g in (info.get("val_psnr_gain_low") or {}).items()}
+        self.gains, self.lows = (read_gains(info.get(key)) for key in GAIN_KEYS)
         self.last_decision: Decision | None = None
 
     # -- what a backend gives -------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import os
 import numpy as np
 
 from dist_dejpeg.models.names import (INPUT, MIN_SIZE, ONNX_FORMAT, OUTPUT, QUALITY, ModelFileError,
-                                      OnnxUnavailable, require_onnx)
+                                      OnnxUnavailable, file_gains, require_onnx)
 from dist_dejpeg.restore.base import ImageRestorer
 
 # The export's self-attention holds its whole score matrix (L x L floats, L = the positions at its stride; PyTorch
@@ -79,15 +79,11 @@ def onnx_info(path, meta: dict[str, str], session) -> dict:
         except (KeyError, ValueError):
             return default
 
-    def gains(key):
-        value = parsed(key, {})
-        return {int(q): float(g) for q, g in value.items()} if isinstance(value, dict) else {}
-
     model = parsed("model", {})
     step = parsed("global_step", None)
     return {"source": str(path), "format": "onnx", "exported_from": meta.get("source", ""),
             "global_step": step if isinstance(step, int) else None, "lpips": meta.get("lpips", ""),
-            "val_psnr_gain": gains("val_psnr_gain"), "val_psnr_gain_low": gains("val_psnr_gain_low"),
+            **file_gains(meta),
             "encoder": meta.get("encoder", model.get("encoder", "")),
             "encoder_init": meta.get("encoder_init") or ("ImageNet" if model.get("pretrained") else "random init"),
             "model": model, "provider": session.get_providers()[0], "pad_to": int(meta.get("pad_to") or 32)}
