@@ -42,6 +42,7 @@ def read(folder, name):
      {"config": "configs/div2k.yaml", "profile": True,
       "overrides": ["data.crop=256", "model.pretrained=false", "loss.lpips_pretrained=false"]}),
     ("bench --name data train", {"which": "train", "name": "data"}),  # an option's value is not the name
+    ("bench --updates=gen --batch-sizes 64 128 train", {"which": "train", "batch_sizes": [64, 128]}),
     ("bench --results R --tiles 288 --formats raw --batches 2 --threads 1 data",
      {"which": "data", "tiles": [288], "formats": ["raw"], "batches": 2, "threads": 1, "crop": 256, "name": "data"}),
     ("bench --results R --formats raw png --batches 10 data", {"which": "data", "formats": ["raw", "png"]}),
@@ -154,7 +155,7 @@ def test_bench_train_rounds_report_the_median_round(tmp_path, repo_root, monkeyp
     assert naive["ms_per_round"] == [10, 30, 20] and naive["ms_per_call"] == 20 and naive["rounds"] == 3
     assert naive["spread"] == 1.0 and naive["calls"] == 90 and naive["images_per_s_per_device"] == 50
     assert results[train.LADDER[1][0]]["gen"]["ms_per_call"] == 20  # 20, 20, 40
-    assert results[train.TUNED]["gen"]["x_naive"] == 1.0  # 30, 10, 20
+    assert math.isclose(results[train.TUNED]["gen"]["x_naive"], 1.0)  # 30, 10, 20
     assert report["summary"]["baseline_repeat_ratio"] == 0.5  # 40, 20, 60
     assert report["rounds"] == 3 and report["pending"] == []
     assert "measured in 3 rounds" in read(tmp_path, "train")[1]
@@ -204,6 +205,44 @@ def test_bench_train_rungs_pick_the_ladder_rows(tmp_path, repo_root, monkeypatch
     assert "+ CUDA graphs (compile mode reduce-overhead)" not in report["results"]  # this CPU: nothing to replay
     with pytest.raises(ValueError, match="unknown rung.*'cuda_graphs'"):
         train.run("configs/debug.yaml", TINY, tmp_path, rungs=("cuda_graphs",))
+
+
+def test_bench_train_batch_sizes_add_tuned_rows(tmp_path, repo_root, monkeypatch):
+    """--batch-sizes 4 8: the tuned gen update again at each per-device batch, x naive as a ratio of images/s (the
+    naive row ran at batch 2), dynamo's memory cleared before a row of another batch (never a dynamic-batch graph);
+    and one real row at another batch on this CPU."""
+    monkeypatch.chdir(repo_root)
+    from dist_dejpeg.bench import train
+
+    seen = []
+
+    def fake(cfg, rows, fresh_compile=False, **_):
+        seen.append((cfg.data.batch_size, fresh_compile, [r[0] for r in rows]))
+        ms = 10.0 * cfg.data.batch_size ** 0.5  # a larger batch: more images per second
+        return {update: {"ms_per_call": ms, "images_per_s_per_device": 1000 * cfg.data.batch_size / ms,
+                         "spread": 0.0, "first_step_s": 1.0, "calls": 3} for update, *_ in rows}
+
+    monkeypatch.setattr(train, "bench_variant", fake)
+    assert main(["bench", "train", "--config", "configs/debug.yaml", "--rungs", "none", "--batch-sizes", "4", "8",
+                 "--results", str(tmp_path), *TINY, "train.phases.gen.w_lpips=0.1"]) == 0
+    report, md = read(tmp_path, "train")
+    assert list(report["results"]) == [train.LADDER[0][0], train.TUNED, f"{train.TUNED}, batch 4",
+                                       f"{train.TUNED}, batch 8", train.AGAIN]
+    assert [(b, fresh) for b, fresh, _ in seen] == [(2, False), (2, False), (4, True), (8, True), (2, True)]
+    assert seen[2][2] == ["gen"]  # the gen update alone (not its row without LPIPS)
+    rows = report["results"]
+    assert math.isclose(rows[f"{train.TUNED}, batch 8"]["gen"]["x_naive"], 8 ** 0.5 / 2 ** 0.5)
+    assert f"| gen | {train.TUNED}, batch 8 |" in md
+    with pytest.raises(ValueError, match="must be >= 1"):
+        train.run("configs/debug.yaml", TINY, tmp_path, batch_sizes=(0,))
+    with pytest.raises(ValueError, match="add gen to --updates"):
+        train.run("configs/debug.yaml", TINY, tmp_path, ladder=False, updates=("critic",), batch_sizes=(4,))
+    monkeypatch.undo()
+    monkeypatch.chdir(repo_root)
+    report = train.run("configs/debug.yaml", TINY, tmp_path, ladder=False, updates=("gen",), batch_sizes=(3,),
+                       warmup=1, steps=1, repeats=1)
+    row = report["results"][f"{train.TUNED}, batch 3"]["gen"]
+    assert math.isclose(row["images_per_s_per_device"], 3 * 1000 / row["ms_per_call"])
 
 
 def test_profile_writes_the_operator_tables(tmp_path):

@@ -28,7 +28,7 @@ import torch
 
 from dist_dejpeg.bench.common import (TUNED, add_common_arguments, bf16_peak_flops, config_of, measure, profile_calls,
                                       sync, write_results)
-from dist_dejpeg.config import Config, load_config
+from dist_dejpeg.config import Config, apply_overrides, load_config
 
 NAIVE = {"train.mixed_precision": "no", "model.channels_last": "false", "train.fused_adamw": "false",
          "train.sync_every": "1", "train.compile": "false", "train.compile_mode": "default"}
@@ -137,18 +137,20 @@ def _device(cfg: Config) -> torch.device:
 
 
 def _with(cfg: Config, overrides: dict) -> Config:
-    from dist_dejpeg.config import apply_overrides
-
     return apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()])
 
 
 def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: int, steps: int,
-                  repeats: int, profile_to: Path | None = None) -> dict[str, dict]:
+                  repeats: int, profile_to: Path | None = None, fresh_compile: bool = False) -> dict[str, dict]:
     """Build one Trainer with ``cfg`` and time each (update, turn, phase) row on it; with ``profile_to`` (a file
-    name stem) also profile the gen row's steps after timing them (``<stem>.txt``)."""
+    name stem) also profile the gen row's steps after timing them (``<stem>.txt``). ``fresh_compile``: forget what
+    dynamo compiled for the rows before (a row of another batch size would otherwise get a graph with a dynamic
+    batch dimension, which training at one batch size never runs; inductor's kernel cache on disk stays)."""
     from dist_dejpeg.train.trainer import Trainer
 
     _reset_accelerate()
+    if fresh_compile and cfg.train.compile:
+        torch._dynamo.reset()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = copy.deepcopy(cfg)
         cfg.train.run_dir = tmp
@@ -205,20 +207,25 @@ def _over_rounds(samples: list[dict]) -> dict:
 
 def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int = 3, steps: int = 10,
         repeats: int = 3, ladder: bool = True, updates: tuple[str, ...] = tuple(UPDATES), rounds: int = 1,
-        name: str = "train", rungs: tuple[str, ...] | None = None, profile: bool = False) -> dict:
+        name: str = "train", rungs: tuple[str, ...] | None = None, profile: bool = False,
+        batch_sizes: tuple[int, ...] = ()) -> dict:
     """``rounds`` > 1 measures the whole list of variants that many times, one after the other, and reports each
     row's median round: on a machine whose speed drifts, every variant then sees the drift alike. ``rungs``: the
     ladder's rungs to time (names from rung_names(); None: all; (): only the naive baseline, then the tuned row:
     what fits a GPU check whose compiled rows take minutes each). A rung keeps the pieces of the rungs before it,
     timed or not. The CUDA graphs rung is left out on a CPU. ``profile``: each variant's gen steps are also profiled,
-    the operator tables in ``<name>_profile_<n>.txt`` and the device-busy share in the table."""
+    the operator tables in ``<name>_profile_<n>.txt`` and the device-busy share in the table. ``batch_sizes``: the
+    tuned gen update again at each of these per-device batch sizes (does a larger batch raise images/s?); x naive
+    is always a ratio of images/s, so rows of other batch sizes compare with the naive one."""
     # rows share inductor's default cache (each row's run folder is a temporary one): later compiled rows reuse kernels
     base = load_config(config, list(overrides) + ["train.progress=false", "train.compile_cache=''"])
     device = _device(base)
     if ladder and "gen" not in updates:
         raise ValueError("bench train: the ladder times the gen update; add gen to --updates or use --no-ladder")
-    if rounds < 1:
-        raise ValueError("bench train: --rounds must be >= 1")
+    if rounds < 1 or any(b < 1 for b in batch_sizes):
+        raise ValueError(f"bench train: --rounds and --batch-sizes must be >= 1, got {rounds}, {list(batch_sizes)}")
+    if batch_sizes and "gen" not in updates:
+        raise ValueError("bench train: --batch-sizes times the gen update; add gen to --updates")
     unknown = sorted(set(rungs or ()) - set(rung_names()))
     if unknown:
         raise ValueError(f"bench train: unknown rung(s) {unknown}; the rungs: {', '.join(rung_names())}")
@@ -236,6 +243,8 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
                 continue
             variants.append((label, _with(naive_cfg, done), rows_all if label.startswith("naive") else gen_rows))
     variants.append((TUNED, base, rows_all))
+    for size in batch_sizes:
+        variants.append((f"{TUNED}, batch {size}", _with(base, {"data.batch_size": size}), gen_rows[:1]))
     if ladder:
         variants.append((AGAIN, naive_cfg, gen_rows[:1]))
     errors: dict[str, str] = {}
@@ -249,7 +258,9 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
               flush=True)
         try:
             stem = Path(out_dir) / f"{name}_profile_{i % len(variants) + 1}" if profile else None
-            measured = bench_variant(cfg, rows, warmup=warmup, steps=steps, repeats=repeats, profile_to=stem)
+            fresh = i > 0 and cfg.data.batch_size != schedule[i - 1][1][1].data.batch_size
+            measured = bench_variant(cfg, rows, warmup=warmup, steps=steps, repeats=repeats, profile_to=stem,
+                                     fresh_compile=fresh)
             for update, row in measured.items():
                 samples.setdefault(label, {}).setdefault(update, []).append(row)
             results[label] = {update: _over_rounds(rs) for update, rs in samples[label].items()}
@@ -276,7 +287,9 @@ def _write_report(config: str, overrides: list[str], out_dir: str | Path, name: 
     for label, rows in results.items():
         for update, r in rows.items():
             base_row = results[naive_label].get(update)
-            r["x_naive"] = base_row["ms_per_call"] / r["ms_per_call"] if base_row else None
+            # images/s over the naive row's (its ms ratio where the batches match; rows of other batch sizes too)
+            r["x_naive"] = (r["images_per_s_per_device"] / base_row["images_per_s_per_device"] if base_row
+                            else None)
             if update == "gen":
                 r["achieved_tflops"] = flops / (r["ms_per_call"] / 1000) / 1e12
                 r["mfu_bf16"] = flops / (r["ms_per_call"] / 1000) / peak if peak else None
@@ -355,6 +368,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                              "<name>_profile_<n>.txt, the share of the step the GPU was busy in the table)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every variant this many times in turn and report the median round")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[], metavar="N",
+                        help="also time the tuned gen update at each of these per-device batch sizes (e.g. 64 128: "
+                             "does a larger batch raise images/s?)")
     parser.add_argument("--updates", nargs="+", choices=list(UPDATES), default=list(UPDATES),
                         help="the updates to time (gen includes its row without LPIPS)")
 
@@ -370,7 +386,7 @@ def run_from_args(args: argparse.Namespace, config: str, overrides: list[str], n
     rungs = None if "all" in args.rungs else tuple(r for r in args.rungs if r != "none")
     return run(config, overrides, Path(args.results), warmup=args.warmup, steps=args.steps, repeats=args.repeats,
                ladder=not args.no_ladder, updates=tuple(args.updates), rounds=args.rounds, name=name, rungs=rungs,
-               profile=args.profile)
+               profile=args.profile, batch_sizes=tuple(args.batch_sizes))
 
 
 def main(args: argparse.Namespace) -> int:
