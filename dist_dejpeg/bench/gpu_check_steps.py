@@ -188,8 +188,11 @@ def pytest_gpu(ctx, s: dict) -> int:
     # -o addopts=: not the suite's `-n 2` (pytest-xdist is not on the GPU machine; GPU tests run one at a time)
     options = ["--timeout", s["per_test_timeout_s"]] if importlib.util.find_spec("pytest_timeout") else []
     options += ["-k", ctx.tests] if ctx.tests else []
+    # only the files that mark a test gpu: collecting the whole suite imports every module for nothing (15 s on 2 cores)
+    files = sorted(str(f.relative_to(ctx.root)) for f in (Path(ctx.root) / "tests").glob("test_*.py")
+                   if "mark.gpu" in f.read_text(errors="replace"))
     rc = sh(ctx.py, "-m", "pytest", "-o", "addopts=", "-m", "gpu", "-v", "-rA", "--tb=line", "-p", "no:cacheprovider",
-            "--continue-on-collection-errors", *options, "tests")
+            "--continue-on-collection-errors", *options, *(files or ["tests"]))
     if rc == 5:
         print("gpu_check: pytest exit 5: no test collected (counted as a failure)")
     return rc
