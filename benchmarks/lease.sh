@@ -18,7 +18,8 @@
 # Here again, with the reply's files_at:
 #   benchmarks/lease.sh keep FILES_AT
 #       the cache's parts into .gpu_cache/ (the next check call carries them: rows compiled once are not compiled
-#       again), the check's folder into benchmarks/results/gpu-<card>-<date>/ (commit it).
+#       again), the check's folder into benchmarks/results/gpu-<card>-<date>/ and its gpu-summary.json to
+#       benchmarks/results/gpu-summary.json (commit both).
 #
 # Without DALI (plain wheels only, one call): prepare --no-dali, then check carrying .gpu_wheels/plain and .gpu_cache.
 # LEASE_WHEELS, LEASE_CACHE, LEASE_RESULTS, WHEELS_AT move .gpu_wheels, .gpu_cache, benchmarks/results and
@@ -101,6 +102,8 @@ EOF
         dest=$RESULTS/$name n=2
         while [[ -e $dest ]]; do dest=$RESULTS/$name-$n; n=$((n + 1)); done
         mkdir -p "$RESULTS" && mv "$tmp/check" "$dest" && chmod -R u+w "$dest" || fail "cannot write $dest"
+        # the newest headline numbers beside the folders (issue 24: results/gpu-summary.json, committed with its folder)
+        [[ -f $dest/gpu-summary.json ]] && cp "$dest/gpu-summary.json" "$RESULTS/gpu-summary.json"
         echo "lease.sh: the check's folder in $dest; ${#parts[@]} cache parts in $CACHE" ;;
     *) usage 2 ;;
 esac

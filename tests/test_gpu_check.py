@@ -450,10 +450,12 @@ def test_lease_stages_checks_and_keeps(wheels, tmp_path):
     proc = _run(["bash", LEASE_SH, "keep", out], timeout=60, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [p.name for p in cache.iterdir()] == ["compile.tar.gz.part-00"]
-    kept = list(results.iterdir())
-    assert len(kept) == 1 and kept[0].name.startswith("gpu-cpu-20"), kept  # no card without CUDA
+    kept = sorted(results.iterdir())
+    assert [k.name for k in kept][1:] == ["gpu-summary.json"] and kept[0].name.startswith("gpu-cpu-20"), kept
+    assert (results / "gpu-summary.json").read_bytes() == (kept[0] / "gpu-summary.json").read_bytes()
+    kept = [k for k in kept if k.is_dir()]
     summary = (kept[0] / "summary.md").read_text()
     assert "| install | 0 |" in summary and "repo abc" in summary, summary
     assert "compile cache: none at" in summary, summary  # the first call: nothing carried yet
     proc = _run(["bash", LEASE_SH, "keep", out], timeout=60, env=env)  # a second keep never overwrites the first
-    assert proc.returncode == 0 and len(list(results.iterdir())) == 2, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and len(list(results.glob("gpu-cpu-*"))) == 2, proc.stdout + proc.stderr
