@@ -491,6 +491,33 @@ def test_cuda_graphs_train_and_validate_on_cuda(tmp_path, shards):
 
 
 @pytest.mark.gpu
+def test_the_step_never_waits_for_the_gpu_on_cuda(tmp_path, shards):
+    """Issue 24, no host syncs in the step: between due host checks the gen, critic and gan updates (bf16, fused
+    AdamW, LPIPS, EMA, the chroma-weighted pixel loss, the blind-quality mask) make no call that waits for the GPU.
+    CUDA's sync debug mode raises at any such call (an .item(), a blocking copy, a tensor made from Python numbers
+    on the device), naming it; batches already on the GPU, so only the step is checked."""
+    from dist_dejpeg.bench.train import Synthetic
+
+    cfg = cuda_fast(tmp_path, shards, "train.compile=false", "train.sync_every=1000", "loss.chroma_weight=2",
+                    "model.quality_conditioning=true", "model.quality_blind_prob=0.5")
+    t = Trainer(cfg, train_loader=Synthetic(cfg, torch.device("cuda")), val_set={})
+    batches = iter(t.loader)
+    kinds = {p.kind: p for p in cfg.train.phases.values()}
+    turns = [(kinds["gen"], "gen"), (kinds["critic"], "critic"), (kinds["gan"], "gen"), (kinds["gan"], "critic")]
+    try:
+        for phase, turn in turns:  # first calls: allocations, cuDNN's algorithm search, lazy initialisation
+            t.train_step(phase, turn, batches)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        for phase, turn in turns * 2:
+            t.train_step(phase, turn, batches)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        t.close()
+    assert all(torch.isfinite(v).all() for v in params(t.gen_raw).values() if v.is_floating_point())
+
+
+@pytest.mark.gpu
 def test_fast_path_trains_all_phases_on_cuda(tmp_path, shards):
     t = Trainer(cuda_fast(tmp_path, shards, "train.compile=false"))
     assert t.accelerator.device.type == "cuda" and t.fused and t.flags is not None

@@ -4,6 +4,8 @@ losses. LPIPS, the perceptual loss, is a frozen network: dist_dejpeg.models.lpip
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -29,12 +31,19 @@ def pixel_loss(restored: torch.Tensor, clean: torch.Tensor, chroma_weight: float
         if pixel == "l1":
             return F.l1_loss(restored.float(), clean.float())
         return penalty(restored.float() - clean.float(), pixel).mean()
+    m, w = _plane_weights(restored.device, chroma_weight)
+    diff = penalty(torch.einsum("ij,njhw->nihw", m, restored.float() - clean.float()), pixel).mean(dim=(0, 2, 3))
+    return (diff * w).sum() / w.sum()
+
+
+@functools.lru_cache(maxsize=8)
+def _plane_weights(device: torch.device, chroma_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RGB -> YCbCr matrix and the planes' weights on ``device``, made once: a tensor made from Python numbers
+    on a GPU is a blocking copy, and the step must never wait for the GPU (issue 24)."""
     from dist_dejpeg.jpeg.formats import JFIF_YCBCR
 
-    m = torch.tensor(JFIF_YCBCR, device=restored.device)
-    diff = penalty(torch.einsum("ij,njhw->nihw", m, restored.float() - clean.float()), pixel).mean(dim=(0, 2, 3))
-    w = torch.tensor([1.0, chroma_weight, chroma_weight], device=restored.device)
-    return (diff * w).sum() / w.sum()
+    return (torch.tensor(JFIF_YCBCR, device=device),
+            torch.tensor([1.0, chroma_weight, chroma_weight], device=device))
 
 
 def critic_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "bce") -> torch.Tensor:
