@@ -113,9 +113,9 @@ def test_bench_quality_end_to_end(tmp_path, sample_shards, monkeypatch):
     assert [p["images"] for p in pts] == [4 * 2 * 2, 8 * 2 * 2]  # step x batch x ranks (no accumulation)
     assert report["summary"]["targets"]["5.0"]["minutes"]["mean"] is None  # 5 dB in 8 steps: not reached
     assert report["summary"]["budgets"]["100.0"]["missing"] == [quality.SHORTER]
-    assert report["held_out"] == ["chelsea", "coffee", "coins"]
+    assert report["held_out"] == ["chelsea", "coffee", "coins_halved"]
     md = (res / f"{quality.NAME}.md").read_text()
-    assert "chelsea, coffee, coins" in md and "not reached" in md and report["machine"] in md
+    assert "chelsea, coffee, coins_halved" in md and "not reached" in md and report["machine"] in md
     with Image.open(res / f"{quality.NAME}.png") as png:
         assert png.format == "PNG" and png.size[0] > 100
         png.verify()

@@ -243,11 +243,9 @@ def write_results(out_dir: str | Path, name: str, report: dict, title: str, note
 def validation_images(config, work: Path) -> list[str]:
     """Whole validation photos when data.root holds the bundled samples (written as PNG into ``work``),
     otherwise the validation shards."""
-    import skimage.data
     from PIL import Image
 
     from dist_dejpeg.data import shards
-    from dist_dejpeg.data.images import decode_rgb8
 
     root = Path(config.data.root)
     try:
@@ -260,8 +258,7 @@ def validation_images(config, work: Path) -> list[str]:
         for name in shards.SAMPLE_VAL:
             path = work / f"{name}.png"
             if not path.exists():  # the photo the sample shards were cut from, from scikit-image's wheel
-                photo = decode_rgb8((Path(skimage.data.__file__).parent / f"{name}.png").read_bytes())
-                Image.fromarray(photo).save(path)
+                Image.fromarray(shards.sample_photo(name)).save(path)
             paths.append(str(path))
         return paths
     return [str(p) for p in shards.list_shards(root, config.data.val_glob)]

@@ -48,9 +48,15 @@ MANIFEST = "manifest.json"
 # the stained slide (ihc) train; the cat (chelsea) and the coffee cup, whose warm browns and reds no training
 # photo has, validate. Left out: color.png (a synthetic colour wheel), logo and horse (graphics), the
 # chessboards and phantom (synthetic); rocket/retina/hubble are JPEGs.
-SAMPLE_TRAIN = ("astronaut", "motorcycle_left", "motorcycle_right", "ihc", "camera", "brick", "grass", "gravel",
-                "moon", "page")
-SAMPLE_VAL = ("chelsea", "coffee", "coins")
+# Three PNGs of the wheel were JPEGs once: their 8x8 DCT coefficients cluster at libjpeg's steps of q74 (ihc), q85
+# (coins) and q89 (page) (jpeg.quality.estimate_from_pixels). As targets they teach JPEG artefacts, and as references
+# they make high qualities unmeasurable: a q92 JPEG of coins is 50 dB from it (its q85 grid again), so any
+# correction measures as harm (RESULTS.md, "The samples' three JPEGs"). ihc and coins are used halved (2x2 area mean,
+# which erases the old block grid: the estimate then finds no compression); page, halved, is smaller than a tile.
+HALVED = "_halved"  # a source name ending so is that photo halved (sample_photo)
+SAMPLE_TRAIN = ("astronaut", "motorcycle_left", "motorcycle_right", "ihc" + HALVED, "camera", "brick", "grass",
+                "gravel", "moon")
+SAMPLE_VAL = ("chelsea", "coffee", "coins" + HALVED)
 SAMPLE_DATASET = "samples (scikit-image bundled photographs)"
 
 
@@ -176,10 +182,16 @@ def sample_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9-]+", "", Path(name).stem) or "img"
 
 
-def _sample_photo(name: str) -> np.ndarray:
-    """A PNG from scikit-image's data folder, read from the installed wheel (never fetched)."""
+def sample_photo(name: str) -> np.ndarray:
+    """A PNG from scikit-image's data folder, read from the installed wheel (never fetched); ``name`` + HALVED: that
+    photo halved by a 2x2 area mean (rounded to uint8)."""
     import skimage.data
 
+    if name.endswith(HALVED):
+        rgb = sample_photo(name[: -len(HALVED)]).astype(np.float64)
+        h, w = rgb.shape[0] // 2 * 2, rgb.shape[1] // 2 * 2
+        rgb = rgb[:h, :w]
+        return np.round((rgb[0::2, 0::2] + rgb[1::2, 0::2] + rgb[0::2, 1::2] + rgb[1::2, 1::2]) / 4).astype(np.uint8)
     path = Path(skimage.data.__file__).parent / f"{name}.png"
     return decode_rgb8(path.read_bytes())
 
@@ -187,7 +199,7 @@ def _sample_photo(name: str) -> np.ndarray:
 def prepare_samples(out: str | Path, tile: int = 128, train_step: int = 64, shard_size: int = 64,
                     seed: int = 0, fmt: str = "raw") -> dict:
     """Write train/val shards of lossless tiles of scikit-image's bundled photographs (no download)."""
-    sources = [(name, split, partial(_sample_photo, name))
+    sources = [(name, split, partial(sample_photo, name))
                for split, names in (("train", SAMPLE_TRAIN), ("val", SAMPLE_VAL)) for name in names]
     return write_dataset(out, sources, dataset=SAMPLE_DATASET, tile=tile,
                          train_step=train_step, shard_size=shard_size, seed=seed, fmt=fmt)
