@@ -76,6 +76,12 @@ def _prepare(args: argparse.Namespace) -> int:
           f"({len(splits['train']['shards'])} + {len(splits['val']['shards'])} shards) to {args.out}")
     for item in manifest["rejected"]:
         print(f"rejected {item['source']}: {item['reason']}", file=sys.stderr)
+    if jpeg := manifest.get("jpeg_sources"):
+        named = ", ".join(f"{n} (q{q})" for n, q in list(jpeg.items())[:5]) + (", ..." if len(jpeg) > 5 else "")
+        print(f"warning: {len(jpeg)} of {len(manifest['sources'])} photo(s) carry JPEG compression in their pixels: "
+              f"{named}. Their artefacts become the clean targets the model learns to produce; prefer lossless "
+              f"originals, or halve these (2x2 area mean) first, which erases the 8x8 grid (manifest.json: "
+              f"jpeg_sources).", file=sys.stderr)
     if splits["val"]["samples"] == 0:
         usable = len(manifest.get("sources", {}))
         print(f"warning: no validation tiles were written ({usable} usable photo(s) of at least {tile} px, all "

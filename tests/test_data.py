@@ -920,3 +920,26 @@ def test_prepare_folder_says_when_no_validation_split_is_written(tmp_path, capsy
         err = capsys.readouterr().err
         assert "no validation tiles were written" in err and "Add another photo" in err
         assert shard_keys(list_shards(out, "train-*.tar")[0])
+
+
+def test_prepare_folder_names_the_photos_that_carry_jpeg_compression(tmp_path, capsys):
+    """A JPEG file, and a PNG saved from a JPEG, are listed in the manifest's jpeg_sources with the quality their
+    pixels show, and prepare warns: their artefacts become clean targets. A lossless photo is not listed."""
+    from dist_dejpeg.cli import main
+
+    import skimage.data
+
+    src = tmp_path / "src"
+    src.mkdir()
+    photo = skimage.data.astronaut()[:256, :256]
+    Image.fromarray(photo).save(src / "lossless.png")
+    Image.fromarray(photo).save(src / "file.jpg", quality=60)
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.coffee()[:256, :256]).save(buf, "JPEG", quality=80)
+    Image.open(buf).save(src / "was_jpeg.png")
+    assert main(["prepare", "folder", "--src", str(src), "--out", str(tmp_path / "out"), "--tile", "64"]) == 0
+    err = capsys.readouterr().err
+    manifest = manifest_of(tmp_path / "out")
+    assert manifest["jpeg_sources"] == {"file": 60, "wasjpeg": 80}, manifest["jpeg_sources"]
+    assert "warning: 2 of 3 photo(s) carry JPEG compression in their pixels" in err and "wasjpeg (q80)" in err, err
+    assert set(manifest["sources"]) == {"lossless", "file", "wasjpeg"}  # kept: a warning, not a rejection

@@ -35,6 +35,7 @@ from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile
 from dist_dejpeg.data.index import write_indexes
 from dist_dejpeg.data.verify import scan_path
 from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES
+from dist_dejpeg.jpeg.quality import estimate_from_pixels
 from dist_dejpeg.run.files import atomic_write_bytes, temp_path
 
 log = logging.getLogger(__name__)
@@ -130,12 +131,14 @@ class ShardSink:
 def write_dataset(out: str | Path, sources: list[tuple[str, str, Callable[[], np.ndarray]]], *, dataset: str,
                   tile: int, train_step: int, shard_size: int, seed: int = 0, fmt: str = "raw") -> dict:
     """Tile each source (name, split, load) into lossless tiles of ``fmt`` and write the train/val shards
-    and the manifest. Sources that do not decode, or are smaller than a tile, are listed under "rejected"."""
+    and the manifest. Sources that do not decode, or are smaller than a tile, are listed under "rejected"; sources
+    whose pixels show a JPEG's quantization (jpeg.quality.estimate_from_pixels: a JPEG file, or a PNG saved from
+    one) under "jpeg_sources" with the quality found, and a warning: their artefacts are in the "clean" tiles."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sinks = {"train": ShardSink(out, "train", shard_size, buffer=shard_size * 16, seed=seed, ext=fmt),
              "val": ShardSink(out, "val", shard_size, ext=fmt)}
-    manifest_sources, rejected = {}, []
+    manifest_sources, rejected, jpeg_sources = {}, [], {}
     for name, split, load in sources:
         try:
             rgb = load()
@@ -147,13 +150,19 @@ def write_dataset(out: str | Path, sources: list[tuple[str, str, Callable[[], np
             continue
         manifest_sources[name] = {"split": split, "height": rgb.shape[0], "width": rgb.shape[1],
                                   "sha256": hashlib.sha256(rgb.tobytes()).hexdigest()}
+        if (found := estimate_from_pixels(rgb).quality) is not None:  # ~0.05 s: a 1024 px window at most
+            jpeg_sources[name] = found
         step = train_step if split == "train" else tile
         for i, t in enumerate(tiles(rgb, tile, step)):
             sinks[split].add(f"{sample_key(name)}_s{i:03d}", encode_tile(np.ascontiguousarray(t), fmt))
     splits = {split: sink.close() for split, sink in sinks.items()}
     finish_split_files(out, splits)
     manifest = {"dataset": dataset, "format": fmt, "tile": tile, "train_step": train_step, "val_step": tile,
-                "shard_size": shard_size, "splits": splits, "sources": manifest_sources, "rejected": rejected}
+                "shard_size": shard_size, "splits": splits, "sources": manifest_sources, "rejected": rejected,
+                "jpeg_sources": jpeg_sources}
+    if jpeg_sources:
+        log.warning("%d of %d sources carry JPEG compression in their pixels (%s): its artefacts become clean targets",
+                    len(jpeg_sources), len(manifest_sources), ", ".join(f"{n} q{q}" for n, q in jpeg_sources.items()))
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode())
     log.info("wrote %d train / %d val tiles to %s (%d sources rejected)", splits["train"]["samples"],
              splits["val"]["samples"], out, len(rejected))
