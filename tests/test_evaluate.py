@@ -118,6 +118,23 @@ def test_lossy_references_refused_unless_allowed(tmp_path):
     assert len(refs) == 1 and refs[0][1].shape == (64, 64, 3)
 
 
+def test_a_png_saved_from_a_jpeg_is_a_lossy_reference(tmp_path):
+    """scikit-image's coins.png was a q85 JPEG once: as a reference it is refused like a .jpg (naming the quality its
+    pixels show), skipped beside lossless ones, and used with --allow-lossy-reference."""
+    import skimage.data
+
+    from dist_dejpeg.evaluation.evaluate import EvaluateError
+
+    Image.fromarray(skimage.data.coins()).save(tmp_path / "coins.png")
+    with pytest.raises(EvaluateError, match=r"lossy reference.*coins.png \(a JPEG's q85 grid in its pixels\)"):
+        read_references([str(tmp_path)])
+    Image.fromarray(skimage.data.chelsea()).save(tmp_path / "chelsea.png")
+    refs, skipped = read_references([str(tmp_path)])
+    assert [n for n, _ in refs] == ["chelsea"] and "coins.png" in skipped[0] and "allow-lossy" in skipped[0]
+    refs, skipped = read_references([str(tmp_path)], allow_lossy=True)
+    assert [n for n, _ in refs] == ["chelsea", "coins"] and not skipped
+
+
 def test_references_from_shards(sample_shards):
     refs, skipped = read_references([str(sample_shards / "val-*.tar")], max_images=3)
     assert len(refs) == 3 and not skipped

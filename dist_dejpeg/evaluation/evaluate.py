@@ -8,7 +8,8 @@ Writes ``metrics.json`` (everything: settings, the model's metadata, per-quality
 ``metrics.csv`` (one row per image, quality and input) and ``metrics.md`` (the per-quality tables). The
 compression is Pillow's libjpeg at 4:2:0 chroma subsampling, as PIL and OpenCV write by default and as the
 published JPEG-restoration tables use. References must be lossless: a JPEG ground truth already holds
-artifacts, so it is refused unless ``--allow-lossy-reference``.
+artifacts, so it is refused unless ``--allow-lossy-reference``; so is a lossless file whose pixels show a JPEG's
+8x8 quantization (a PNG saved from a JPEG).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 
 from dist_dejpeg.data.images import BadImage, decode_component, decode_rgb8, jpeg_roundtrip
 from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES, LOSSY_SHARD_EXTS, LOSSY_SUFFIXES, SHARD_EXTS
+from dist_dejpeg.jpeg.quality import estimate_from_pixels
 from dist_dejpeg.metrics.fullref import colour_metrics
 from dist_dejpeg.metrics.noref import unavailable_reason
 from dist_dejpeg.metrics.registry import BY_NAME, COLOUR, EVALUATED, NO_REFERENCE, QUALITY
@@ -66,17 +68,27 @@ def read_references(images: list[str], allow_lossy: bool = False,
                     lossy.append(f"{path.name}:{key}.{ext}")
                     continue
                 try:
-                    refs.append((key, decode_component(ext, data)))
+                    rgb = decode_component(ext, data)
                 except BadImage as err:
                     skipped.append(f"{path.name}:{key}: {err}")
+                    continue
+                if not allow_lossy and (grid := _jpeg_grid(rgb)):
+                    lossy.append(f"{path.name}:{key}.{ext} ({grid})")
+                    continue
+                refs.append((key, rgb))
         else:
             if path.suffix.lower() in LOSSY_SUFFIXES and not allow_lossy:
                 lossy.append(str(path))
                 continue
             try:
-                refs.append((path.stem, decode_rgb8(path.read_bytes())))
+                rgb = decode_rgb8(path.read_bytes())
             except BadImage as err:
                 skipped.append(f"{path}: {err}")
+                continue
+            if not allow_lossy and (grid := _jpeg_grid(rgb)):
+                lossy.append(f"{path} ({grid})")
+                continue
+            refs.append((path.stem, rgb))
         if max_images and len(refs) >= max_images:
             refs = refs[:max_images]
             break
@@ -95,6 +107,14 @@ def read_references(images: list[str], allow_lossy: bool = False,
     if len(set(names)) != len(names):  # the same stem in two folders: keep both, told apart by position
         refs = [(f"{n}-{i}", r) for i, (n, r) in enumerate(refs)]
     return refs, skipped
+
+
+def _jpeg_grid(rgb: np.ndarray) -> str:
+    """'' for a reference without a JPEG's quantization in its pixels; else what was found. A PNG saved from a JPEG
+    is a lossy reference too: scikit-image's coins.png (a q85 JPEG once) made every gain at q >= 85 a loss, since a
+    JPEG near q85 nearly reproduces it (benchmarks/RESULTS.md, "The samples' three JPEGs")."""
+    found = estimate_from_pixels(rgb).quality
+    return "" if found is None else f"a JPEG's q{found} grid in its pixels"
 
 
 def _shard_images(path: Path):
