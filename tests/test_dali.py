@@ -92,14 +92,19 @@ def test_resume_is_deterministic_and_does_not_replay(sample_shards):
 
 
 def test_two_ranks_see_disjoint_samples_that_cover_the_set(sample_shards):
+    """Each rank's epoch: its own samples, as many batches as the other rank (DDP steps in lockstep), together the
+    whole set but the remainder of an uneven split (total % ranks samples)."""
     shards = train_shards(sample_shards)
     total = sum(len(shard_keys(s)) for s in shards)
-    seen = []
+    seen, counts = [], []
     for rank in (0, 1):
         loader = DaliLoader(shards, TILE, (50, 50), 1, rank=rank, world=2, augment=False, num_threads=1)
-        seen.append({hashlib.sha1(t.tobytes()).hexdigest() for t in one_epoch(loader)})
+        epoch = one_epoch(loader)
+        counts.append(len(epoch))
+        seen.append({hashlib.sha1(t.tobytes()).hexdigest() for t in epoch})
     assert not seen[0] & seen[1]
-    assert len(seen[0]) + len(seen[1]) == total
+    assert counts == [total // 2] * 2 and [len(s) for s in seen] == counts, (counts, total)
+    assert len(seen[0]) + len(seen[1]) == total - total % 2
 
 
 @pytest.mark.parametrize("quality", [10, 50])
