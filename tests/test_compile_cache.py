@@ -132,3 +132,27 @@ def test_inductor_reads_the_cache_the_variables_name(tmp_path):
     assert second.returncode == 0, second.stderr
     assert second.stdout.splitlines()[0] == first.stdout.splitlines()[0]
     assert "hits 1 misses 0" in second.stdout, second.stdout + second.stderr
+
+
+def test_a_failed_pack_leaves_the_old_archive_and_no_half_files(tmp_path, monkeypatch):
+    """A full disk while packing: the error is raised (the check reports it), the half-written files are removed and
+    the archive of the last good pack is still there, whole."""
+    files = _cache(tmp_path / "a")
+    archive = tmp_path / "compile.tar.gz"
+    pack(tmp_path / "a", archive, 1)
+    before = {p.name: p.read_bytes() for p in parts_of(archive)}
+    real = Path.write_bytes
+
+    def full_disk(self, data):
+        if ".writing" in self.name and self.name.endswith("01"):
+            raise OSError(28, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        pack(tmp_path / "a", archive, 1)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in parts_of(archive)} == before
+    assert not list(tmp_path.glob("*.writing*"))
+    unpack(archive, tmp_path / "b")
+    assert _files(tmp_path / "b") == files

@@ -92,20 +92,25 @@ def pack(folder: Path, archive: Path, split_mib: int = 0) -> str:
     old one (file and parts) only once the new one is written; a line for the summary saying what."""
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(archive.name + ".writing")
-    with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
-        for name in MEMBERS:
-            if (folder / name).is_dir():
-                tar.add(folder / name, arcname=name, filter=_plain)
-    size = tmp.stat().st_size
-    new = [tmp]
-    if split_mib:
-        step, new = split_mib * 2**20, []
-        with tmp.open("rb") as src:
-            while chunk := src.read(step):
-                part = tmp.with_name(f"{tmp.name}{PARTS}{len(new):02d}")
-                part.write_bytes(chunk)
-                new.append(part)
-        tmp.unlink()
+    try:
+        with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+            for name in MEMBERS:
+                if (folder / name).is_dir():
+                    tar.add(folder / name, arcname=name, filter=_plain)
+        size = tmp.stat().st_size
+        new = [tmp]
+        if split_mib:
+            step, new = split_mib * 2**20, []
+            with tmp.open("rb") as src:
+                while chunk := src.read(step):
+                    part = tmp.with_name(f"{tmp.name}{PARTS}{len(new):02d}")
+                    part.write_bytes(chunk)
+                    new.append(part)
+            tmp.unlink()
+    except OSError:  # a full disk: the half-written files go, the old archive stays
+        for half in [tmp, *tmp.parent.glob(tmp.name + PARTS + "*")]:
+            half.unlink(missing_ok=True)
+        raise
     for old in [archive, *parts_of(archive)]:
         old.unlink(missing_ok=True)
     for path in new:

@@ -221,7 +221,12 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _pack_cache(args, work: Path) -> str:
-    line = pack(work / "cache" / "compile", Path(args.compile_cache).resolve(), args.compile_cache_split)
+    """Pack the steps' compile caches into --compile-cache; a failure (a full disk) is reported, never raised: the
+    check's own results come first, and the old archive stays as it was."""
+    try:
+        line = pack(work / "cache" / "compile", Path(args.compile_cache).resolve(), args.compile_cache_split)
+    except OSError as err:
+        line = f"not written ({type(err).__name__}: {err}); {args.compile_cache} left as it was"
     print(f"gpu_check: compile cache: {line}", flush=True)
     return line
 
