@@ -29,6 +29,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 from PIL import Image, JpegPresets
 
+from dist_dejpeg.data.images import halve
 from dist_dejpeg.jpeg.quality import (
     BASE_CHROMA,
     BASE_LUMA,
@@ -53,12 +54,6 @@ def photos(quick: bool) -> dict[str, np.ndarray]:
     out["immunohistochemistry/2"] = halve(data.immunohistochemistry())
     out["coins/2"] = np.repeat(halve(data.coins())[..., None], 3, axis=2)
     return dict(list(out.items())[:3]) if quick else out
-
-
-def halve(a: np.ndarray) -> np.ndarray:
-    h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
-    a = a[:h, :w].astype(np.float32)
-    return np.rint((a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]) / 4).astype(np.uint8)
 
 
 def jpeg(arr: np.ndarray, **kw) -> Image.Image:

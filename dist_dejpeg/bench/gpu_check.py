@@ -20,9 +20,8 @@ With --compile-cache FILE inductor's and Triton's caches are unpacked from FILE 
 every step, and packed back into FILE at the end (dist_dejpeg/bench/compile_cache.py): rows compiled in one check
 are read back in the next, on a machine that keeps nothing between calls. The wheels are installed with
 `pip --target` into a temporary folder put first on PYTHONPATH (nothing is installed into the machine's Python);
-that folder, the sample data and TMPDIR are removed at the end. This
-module imports only the standard library (PyYAML when it reads the settings): omegaconf and torch are imported
-only by the steps, after the install. PYTHON names the interpreter of the steps (default: this one).
+that folder, the sample data and TMPDIR are removed at the end. This module imports only the standard library
+(PyYAML when it reads the settings): omegaconf and torch are imported only by the steps, after the install. PYTHON names the interpreter of the steps (default: this one).
 Exit: 0 every step passed, 1 some step failed, 2 usage error, 3 no CUDA (and no --allow-cpu).
 
 NVIDIA DALI (with its nvimgcodec, nvcomp and nvJPEG wheels, about 250 MB) is in the wheel folder only with

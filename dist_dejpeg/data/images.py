@@ -56,6 +56,14 @@ def jpeg_roundtrip(rgb: np.ndarray, quality: int, subsampling: int = -1) -> np.n
     return np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
 
 
+def halve(image: np.ndarray) -> np.ndarray:
+    """An 8-bit image (H x W or H x W x C) at half its size by the mean of each 2x2 block, rounded: it erases an
+    earlier JPEG's 8x8 grid (the pixel quality estimate then finds none). An odd last row or column is dropped."""
+    h, w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
+    a = image[:h, :w].astype(np.float32)  # sums of four uint8 values: exact
+    return np.rint((a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]) / 4).astype(np.uint8)
+
+
 def encode_png(rgb: np.ndarray, compress_level: int = 6) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG", compress_level=compress_level)

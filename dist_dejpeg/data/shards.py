@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import webdataset as wds
 
-from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile
+from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile, halve
 from dist_dejpeg.data.index import write_indexes
 from dist_dejpeg.data.verify import scan_path
 from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES
@@ -197,10 +197,7 @@ def sample_photo(name: str) -> np.ndarray:
     import skimage.data
 
     if name.endswith(HALVED):
-        rgb = sample_photo(name[: -len(HALVED)]).astype(np.float64)
-        h, w = rgb.shape[0] // 2 * 2, rgb.shape[1] // 2 * 2
-        rgb = rgb[:h, :w]
-        return np.round((rgb[0::2, 0::2] + rgb[1::2, 0::2] + rgb[0::2, 1::2] + rgb[1::2, 1::2]) / 4).astype(np.uint8)
+        return halve(sample_photo(name[: -len(HALVED)]))
     path = Path(skimage.data.__file__).parent / f"{name}.png"
     return decode_rgb8(path.read_bytes())
 
