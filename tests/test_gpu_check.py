@@ -459,3 +459,13 @@ def test_lease_stages_checks_and_keeps(wheels, tmp_path):
     assert "compile cache: none at" in summary, summary  # the first call: nothing carried yet
     proc = _run(["bash", LEASE_SH, "keep", out], timeout=60, env=env)  # a second keep never overwrites the first
     assert proc.returncode == 0 and len(list(results.glob("gpu-cpu-*"))) == 2, proc.stdout + proc.stderr
+
+
+def test_lease_folders_are_ignored_by_git():
+    """.gpu_wheels/ (~250 MB of wheels) and .gpu_cache/ travel to the device only where a call names them in
+    `carry`: the device tool copies every file git does not ignore, so they must be ignored."""
+    if not (REPO / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    paths = [".gpu_wheels/plain/x.whl", ".gpu_wheels/dali-wheels.tar.part-00", ".gpu_cache/compile.tar.gz.part-00"]
+    proc = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True)
+    assert sorted(proc.stdout.split()) == sorted(paths), proc.stdout + proc.stderr
