@@ -67,7 +67,8 @@ def _prepare(args: argparse.Namespace) -> int:
             return 2
         try:
             manifest = prepare_folder(args.src, args.out, tile=tile, train_step=step, shard_size=shard_size,
-                                      val_fraction=args.val_fraction, seed=args.seed, fmt=args.format)
+                                      val_fraction=args.val_fraction, seed=args.seed, fmt=args.format,
+                                      jpeg=args.jpeg_sources)
         except FileNotFoundError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -78,10 +79,13 @@ def _prepare(args: argparse.Namespace) -> int:
         print(f"rejected {item['source']}: {item['reason']}", file=sys.stderr)
     if jpeg := manifest.get("jpeg_sources"):
         named = ", ".join(f"{n} (q{q})" for n, q in list(jpeg.items())[:5]) + (", ..." if len(jpeg) > 5 else "")
-        print(f"warning: {len(jpeg)} of {len(manifest['sources'])} photo(s) carry JPEG compression in their pixels: "
-              f"{named}. Their artefacts become the clean targets the model learns to produce; prefer lossless "
-              f"originals, or halve these (2x2 area mean) first, which erases the 8x8 grid (manifest.json: "
-              f"jpeg_sources).", file=sys.stderr)
+        done = {"halve": "used at half size (a quarter below q30), where a 2x2 area mean erases the 8x8 grid "
+                         "(--jpeg-sources keep: as they are; skip: left out)",
+                "keep": "kept as they are (--jpeg-sources keep): their artefacts become the clean targets the "
+                        "model learns to produce",
+                "skip": "left out (--jpeg-sources skip)"}[manifest.get("jpeg_action", "keep")]
+        print(f"warning: {len(jpeg)} photo(s) carry JPEG compression in their pixels: {named}; {done}. Lossless "
+              f"originals are better (manifest.json: jpeg_sources).", file=sys.stderr)
     if splits["val"]["samples"] == 0:
         usable = len(manifest.get("sources", {}))
         print(f"warning: no validation tiles were written ({usable} usable photo(s) of at least {tile} px, all "

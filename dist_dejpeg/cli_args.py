@@ -81,6 +81,10 @@ def prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=int, default=0, help="stride between training tiles (0: half the tile)")
     p.add_argument("--shard-size", type=int, default=0, help="samples per shard (0: samples 64, folder and div2k 256)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="folder: share of images held out for validation")
+    p.add_argument("--jpeg-sources", choices=("halve", "keep", "skip"), default="halve",
+                   help="folder: photos whose pixels show JPEG compression (a .jpg, or a PNG saved from one) are "
+                        "used halved (a 2x2 area mean erases the 8x8 grid; twice below q30), kept as they are, or "
+                        "left out")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     p.add_argument("--format", choices=TILE_FORMATS, default="raw",
                    help="lossless tile format: png, raw (uncompressed, no decode), jp2 (GPU-decodable in DALI)")

@@ -922,10 +922,26 @@ def test_prepare_folder_says_when_no_validation_split_is_written(tmp_path, capsy
         assert shard_keys(list_shards(out, "train-*.tar")[0])
 
 
-def test_prepare_folder_names_the_photos_that_carry_jpeg_compression(tmp_path, capsys):
+def _tiles_by_source(root: Path) -> dict[str, list[np.ndarray]]:
+    """Every tile in a prepared folder's shards, by its source's key stem, in index order."""
+    found: dict[str, dict[int, np.ndarray]] = {}
+    for path in list_shards(root, "*.tar"):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                stem, idx = key.rsplit("_s", 1)
+                found.setdefault(stem, {})[int(idx)] = images.decode_component(ext, tar.extractfile(member).read())
+    return {stem: [t for _, t in sorted(d.items())] for stem, d in found.items()}
+
+
+@pytest.mark.parametrize("action", ["halve", "keep", "skip"])
+def test_prepare_folder_halves_keeps_or_skips_the_photos_that_carry_jpeg_compression(tmp_path, capsys, action):
     """A JPEG file, and a PNG saved from a JPEG, are listed in the manifest's jpeg_sources with the quality their
-    pixels show, and prepare warns: their artefacts become clean targets. A lossless photo is not listed."""
+    pixels show, and prepare says what it did with them. By default (halve) each is tiled at half size and its
+    tiles show no JPEG grid; keep tiles it as it is (the grid is in the "clean" tiles); skip rejects it. A
+    lossless photo is neither listed nor changed."""
     from dist_dejpeg.cli import main
+    from dist_dejpeg.jpeg.quality import estimate_from_pixels
 
     import skimage.data
 
@@ -937,9 +953,35 @@ def test_prepare_folder_names_the_photos_that_carry_jpeg_compression(tmp_path, c
     buf = io.BytesIO()
     Image.fromarray(skimage.data.coffee()[:256, :256]).save(buf, "JPEG", quality=80)
     Image.open(buf).save(src / "was_jpeg.png")
-    assert main(["prepare", "folder", "--src", str(src), "--out", str(tmp_path / "out"), "--tile", "64"]) == 0
+    Image.fromarray(skimage.data.chelsea()[:256, :256]).resize((512, 512)).save(src / "low.jpg", quality=20)
+    args = ["prepare", "folder", "--src", str(src), "--out", str(tmp_path / "out"), "--tile", "128"]
+    assert main(args + ([] if action == "halve" else ["--jpeg-sources", action])) == 0
     err = capsys.readouterr().err
     manifest = manifest_of(tmp_path / "out")
-    assert manifest["jpeg_sources"] == {"file": 60, "wasjpeg": 80}, manifest["jpeg_sources"]
-    assert "warning: 2 of 3 photo(s) carry JPEG compression in their pixels" in err and "wasjpeg (q80)" in err, err
-    assert set(manifest["sources"]) == {"lossless", "file", "wasjpeg"}  # kept: a warning, not a rejection
+    assert manifest["jpeg_sources"] == {"file": 60, "wasjpeg": 80, "low": 20}, manifest["jpeg_sources"]
+    assert manifest["jpeg_action"] == action
+    assert "warning: 3 photo(s) carry JPEG compression in their pixels" in err and "wasjpeg (q80)" in err, err
+    tiles = _tiles_by_source(tmp_path / "out")
+    assert manifest["sources"]["lossless"]["height"] == 256 and "halved" not in manifest["sources"]["lossless"]
+    assert estimate_from_pixels(tiles["lossless"][0]).quality is None
+    if action == "skip":
+        assert set(manifest["sources"]) == {"lossless"} and set(tiles) == {"lossless"}
+        assert {r["source"] for r in manifest["rejected"]} == {"file", "wasjpeg", "low"}
+        assert "rejected file: JPEG compression in its pixels (q60)" in err, err
+        return
+    assert set(manifest["sources"]) == {"lossless", "file", "wasjpeg", "low"}
+    for name, size, times in (("file", 256, 1), ("wasjpeg", 256, 1), ("low", 512, 2)):  # twice below q30
+        info = manifest["sources"][name]
+        if action == "halve":
+            size //= 2 ** times
+        assert (info["height"], info["width"], info.get("halved", 0)) == (size, size, times if action == "halve"
+                                                                           else 0), info
+        found = [estimate_from_pixels(t).quality for t in tiles[name]]
+        per_side = (size - 128) // (64 if info["split"] == "train" else 128) + 1
+        assert len(found) == per_side ** 2, (name, info, len(found))
+        if action == "halve":
+            assert found == [None], f"{name}: a JPEG grid is left in its halved tile ({found})"
+            assert "used at half size (a quarter below q30)" in err
+        else:
+            assert all(q is not None and abs(q - manifest["jpeg_sources"][name]) <= 2 for q in found), (name, found)
+            assert "their artefacts become the clean targets" in err

@@ -59,6 +59,13 @@ SAMPLE_TRAIN = ("astronaut", "motorcycle_left", "motorcycle_right", "ihc" + HALV
                 "gravel", "moon")
 SAMPLE_VAL = ("chelsea", "coffee", "coins" + HALVED)
 SAMPLE_DATASET = "samples (scikit-image bundled photographs)"
+# What prepare does with a source whose pixels show a JPEG's 8x8 quantization (a JPEG file, or a PNG saved from one):
+# "halve" (the default) uses it at half size, whose 2x2 area mean erases the grid, and at a quarter below q30
+# (benchmarks/experiments/halved_jpeg.py: a halved JPEG is as close to the halved original as a JPEG of it at q86
+# from q30, q93 from q50; from q10 and q20 halving once leaves q35 / q77, twice q83 / q96); "keep" uses it as it is
+# (its artefacts become clean targets); "skip" rejects it.
+JPEG_ACTIONS = ("halve", "keep", "skip")
+HALVE_TWICE_BELOW = 30
 
 
 def write_shard(path: Path, samples: Iterable[tuple[str, bytes]], ext: str = "png") -> int:
@@ -129,11 +136,14 @@ class ShardSink:
 
 
 def write_dataset(out: str | Path, sources: list[tuple[str, str, Callable[[], np.ndarray]]], *, dataset: str,
-                  tile: int, train_step: int, shard_size: int, seed: int = 0, fmt: str = "raw") -> dict:
+                  tile: int, train_step: int, shard_size: int, seed: int = 0, fmt: str = "raw",
+                  jpeg: str = "halve") -> dict:
     """Tile each source (name, split, load) into lossless tiles of ``fmt`` and write the train/val shards
     and the manifest. Sources that do not decode, or are smaller than a tile, are listed under "rejected"; sources
     whose pixels show a JPEG's quantization (jpeg.quality.estimate_from_pixels: a JPEG file, or a PNG saved from
-    one) under "jpeg_sources" with the quality found, and a warning: their artefacts are in the "clean" tiles."""
+    one) under "jpeg_sources" with the quality found, and used as ``jpeg`` (one of JPEG_ACTIONS) says."""
+    if jpeg not in JPEG_ACTIONS:
+        raise ValueError(f"jpeg must be one of {', '.join(JPEG_ACTIONS)}, got {jpeg!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sinks = {"train": ShardSink(out, "train", shard_size, buffer=shard_size * 16, seed=seed, ext=fmt),
@@ -145,13 +155,23 @@ def write_dataset(out: str | Path, sources: list[tuple[str, str, Callable[[], np
         except BadImage as err:
             rejected.append({"source": name, "reason": f"undecodable: {err}"})
             continue
-        if min(rgb.shape[:2]) < tile:
-            rejected.append({"source": name, "reason": f"smaller than the {tile} px tile ({rgb.shape[1]}x{rgb.shape[0]})"})
-            continue
-        manifest_sources[name] = {"split": split, "height": rgb.shape[0], "width": rgb.shape[1],
-                                  "sha256": hashlib.sha256(rgb.tobytes()).hexdigest()}
         if (found := estimate_from_pixels(rgb).quality) is not None:  # ~0.05 s: a 1024 px window at most
             jpeg_sources[name] = found
+            if jpeg == "skip":
+                rejected.append({"source": name, "reason": f"JPEG compression in its pixels (q{found}): "
+                                                           f"--jpeg-sources halve or keep would use it"})
+                continue
+            times = (2 if found < HALVE_TWICE_BELOW else 1) if jpeg == "halve" else 0
+            for _ in range(times):
+                rgb = halve(rgb)
+        halved = " after halving its JPEG grid away" if found is not None and jpeg == "halve" else ""
+        if min(rgb.shape[:2]) < tile:
+            rejected.append({"source": name, "reason": f"smaller than the {tile} px tile{halved} "
+                                                       f"({rgb.shape[1]}x{rgb.shape[0]})"})
+            continue
+        manifest_sources[name] = {"split": split, "height": rgb.shape[0], "width": rgb.shape[1],
+                                  "sha256": hashlib.sha256(rgb.tobytes()).hexdigest()} | (
+                                      {"halved": times} if halved else {})
         step = train_step if split == "train" else tile
         for i, t in enumerate(tiles(rgb, tile, step)):
             sinks[split].add(f"{sample_key(name)}_s{i:03d}", encode_tile(np.ascontiguousarray(t), fmt))
@@ -159,10 +179,11 @@ def write_dataset(out: str | Path, sources: list[tuple[str, str, Callable[[], np
     finish_split_files(out, splits)
     manifest = {"dataset": dataset, "format": fmt, "tile": tile, "train_step": train_step, "val_step": tile,
                 "shard_size": shard_size, "splits": splits, "sources": manifest_sources, "rejected": rejected,
-                "jpeg_sources": jpeg_sources}
+                "jpeg_sources": jpeg_sources, "jpeg_action": jpeg}
     if jpeg_sources:
-        log.warning("%d of %d sources carry JPEG compression in their pixels (%s): its artefacts become clean targets",
-                    len(jpeg_sources), len(manifest_sources), ", ".join(f"{n} q{q}" for n, q in jpeg_sources.items()))
+        log.warning("%d of %d sources carry JPEG compression in their pixels (%s): %s", len(jpeg_sources),
+                    len(sources), ", ".join(f"{n} q{q}" for n, q in jpeg_sources.items()),
+                    {"halve": "used halved", "keep": "its artefacts become clean targets", "skip": "left out"}[jpeg])
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode())
     log.info("wrote %d train / %d val tiles to %s (%d sources rejected)", splits["train"]["samples"],
              splits["val"]["samples"], out, len(rejected))
@@ -226,10 +247,11 @@ def samples_stale(root: str | Path) -> bool:
 
 
 def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step: int = 128, shard_size: int = 256,
-                   val_fraction: float = 0.1, seed: int = 0, fmt: str = "raw") -> dict:
+                   val_fraction: float = 0.1, seed: int = 0, fmt: str = "raw", jpeg: str = "halve") -> dict:
     """Shards from a folder of your own images (searched recursively). Validation images are whole
-    photographs held out before tiling (never tiles of a training photograph). Prefer lossless sources:
-    a JPEG source puts its own artefacts into the "clean" target."""
+    photographs held out before tiling (never tiles of a training photograph). Prefer lossless sources: a JPEG
+    source would put its own artefacts into the "clean" target; ``jpeg`` (JPEG_ACTIONS) says what is done with
+    those whose pixels show it (by default they are used halved)."""
     src = Path(src)
     files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -246,7 +268,7 @@ def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step
         name = stem if used[stem] == 1 else f"{stem}-{used[stem]}"
         sources.append((name, "val" if path in val else "train", partial(lambda p: decode_rgb8(p.read_bytes()), path)))
     write = partial(write_dataset, out, dataset=f"folder {src}", tile=tile, train_step=train_step,
-                    shard_size=shard_size, seed=seed, fmt=fmt)
+                    shard_size=shard_size, seed=seed, fmt=fmt, jpeg=jpeg)
     manifest = write(sources)
     usable = list(manifest["sources"])  # accepted photos, in the shuffled order
     splits = manifest["splits"]
