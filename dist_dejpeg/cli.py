@@ -227,7 +227,7 @@ def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
         restorer = open_restorer(args.model, device=args.device, tile=args.tile, overlap=args.overlap,
                                  batch_size=args.batch_size, guard=not args.no_guard)
         return evaluate(restorer, args.images, args.qualities, None if keep_images else args.out, y_only=args.y_only,
-                        blind=args.blind,
+                        blind=args.blind, subsampling=args.subsampling,
                         crop_border=args.crop_border, lpips_weights=args.lpips_weights,
                         allow_lossy_reference=args.allow_lossy_reference, max_images=args.max_images,
                         keep_images=keep_images, progress=not args.quiet)

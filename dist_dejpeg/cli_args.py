@@ -54,7 +54,10 @@ def add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int]
     p.add_argument("--images", required=True, nargs="+",
                    help="lossless reference photos: files, folders (recursive) or WebDataset shards (.tar)")
     p.add_argument("--qualities", type=jpeg_quality, nargs="+", default=default_qualities, metavar="Q",
-                   help="the JPEG qualities to compress the references at (libjpeg, 4:2:0)")
+                   help="the JPEG qualities to compress the references at (libjpeg)")
+    p.add_argument("--subsampling", choices=("4:2:0", "4:2:2", "4:4:4"), default="4:2:0",
+                   help="the JPEGs' chroma subsampling (4:2:0: libjpeg's default, the published benchmarks'; "
+                        "4:4:4: high-quality exports of some editors and cameras)")
     p.add_argument("--quality", dest="qualities", type=jpeg_quality, nargs="+", default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # the name before --qualities
     p.add_argument("--y-only", action="store_true", help="full-reference metrics on BT.601 Y (as published tables)")

@@ -106,6 +106,24 @@ def test_y_only_and_border_crop_change_the_numbers(tmp_path, model_file, photos)
     assert psnr["meta"]["unavailable"]["niqe"] == "not requested"
 
 
+def test_subsampling_compresses_the_references_as_asked(tmp_path, model_file, photos, capsys):
+    """--subsampling 4:4:4 keeps the chroma at full resolution: the JPEG input is closer to the reference than
+    4:2:0's, the metadata says which, and a value outside the three is refused."""
+    from dist_dejpeg.evaluation.evaluate import EvaluateError, evaluate
+
+    psnr = {}
+    for sub in ("4:2:0", "4:4:4"):
+        out = tmp_path / sub.replace(":", "")
+        assert main(["evaluate", "--model", str(model_file), "--images", str(photos / "chelsea.png"), "--qualities",
+                     "30", "--subsampling", sub, "-o", str(out), "--quiet"]) == 0, capsys.readouterr().err
+        result = json.loads((out / "metrics.json").read_text())
+        assert f"{sub} chroma subsampling" in result["meta"]["compression"]
+        psnr[sub] = result["per_quality"]["30"]["jpeg"]["psnr_cb"]
+    assert psnr["4:4:4"] > psnr["4:2:0"] + 0.5, psnr
+    with pytest.raises(EvaluateError, match="subsampling"):
+        evaluate(str(model_file), [str(photos / "chelsea.png")], [30], None, progress=False, subsampling="4:1:1")
+
+
 def test_lossy_references_refused_unless_allowed(tmp_path):
     import skimage.data
 

@@ -7,7 +7,7 @@ and measure the JPEG input and the restored output against the original with the
 Writes ``metrics.json`` (everything: settings, the model's metadata, per-quality means, per-image values),
 ``metrics.csv`` (one row per image, quality and input) and ``metrics.md`` (the per-quality tables). The
 compression is Pillow's libjpeg at 4:2:0 chroma subsampling, as PIL and OpenCV write by default and as the
-published JPEG-restoration tables use. References must be lossless: a JPEG ground truth already holds
+published JPEG-restoration tables use (``--subsampling 4:2:2`` / ``4:4:4``: as other encoders write). References must be lossless: a JPEG ground truth already holds
 artifacts, so it is refused unless ``--allow-lossy-reference``; so is a lossless file whose pixels show a JPEG's
 8x8 quantization (a PNG saved from a JPEG).
 """
@@ -36,6 +36,8 @@ from dist_dejpeg.restore.restorer import Restorer
 from dist_dejpeg.run.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+SUBSAMPLING = {"4:2:0": 2, "4:2:2": 1, "4:4:4": 0}  # chroma subsampling -> Pillow's code for it
 
 
 class EvaluateError(ValueError):
@@ -166,18 +168,20 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
              crop_border: int = 0, lpips_weights: str = "", allow_lossy_reference: bool = False,
              max_images: int = 0, keep_images: bool = False, restorer_kwargs: dict | None = None,
              progress: bool = True, blind: bool = False, only: tuple[str, ...] | None = None,
-             description: str | None = None) -> dict:
+             description: str | None = None, subsampling: str = "4:2:0") -> dict:
     """Run the evaluation; write the three tables into ``out_dir`` (if given) and return the metrics.json
     content. ``keep_images``: also return the images as ``records`` (for the HTML report). The restorer is
     told each JPEG's quality (as ``restore`` reads it from the file's tables) unless ``blind`` (then the raw blind
     model is measured: the guard cannot judge an image of unknown quality). ``only``: measure
     just these of the six metrics (the others are "not requested"); the colour columns are always there.
     ``description``: the progress bar's label, the command the user ran ("report" when ``keep_images``, which
-    is what the report asks for, else "evaluate")."""
+    is what the report asks for, else "evaluate"). ``subsampling``: the JPEGs' chroma subsampling (SUBSAMPLING)."""
     from tqdm import tqdm
 
     import PIL
 
+    if subsampling not in SUBSAMPLING:
+        raise EvaluateError(f"subsampling must be one of {', '.join(SUBSAMPLING)}, got {subsampling!r}")
     if not qualities or any(not 1 <= q <= 100 for q in qualities):
         raise EvaluateError(f"qualities must be in 1..100, got {qualities}")
     if out_dir is not None:
@@ -191,7 +195,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     bar = tqdm(total=len(refs) * len(qualities), desc=desc, unit="image", disable=not progress)
     for name, clean in refs:
         for q in qualities:
-            jpeg = jpeg_roundtrip(clean, q)
+            jpeg = jpeg_roundtrip(clean, q, SUBSAMPLING[subsampling])
             start = time.perf_counter()
             if blind:  # the raw blind model: with no quality, the guard would pass every image through
                 guard, restorer.guard = restorer.guard, False
@@ -227,7 +231,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
         "meta": {
             "model": info, "model_config": restorer.info.get("model"),
             "backbones": _backbone_note(info),
-            "compression": f"libjpeg via Pillow {PIL.__version__}, 4:2:0 chroma subsampling",
+            "compression": f"libjpeg via Pillow {PIL.__version__}, {subsampling} chroma subsampling",
             "qualities": list(qualities), "images": len(refs), "skipped": skipped,
             "channel": "Y (ITU-R BT.601, MATLAB-style)" if y_only else "RGB",
             "crop_border": crop_border,
