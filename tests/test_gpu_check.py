@@ -42,8 +42,9 @@ PREFIXES = ("lpips", "webdataset", "braceexpand", "omegaconf", "antlr4_python3_r
 FLOW = "pytest_gpu,train,evaluate,data_wait"
 STEPS = ("env", "install", "cuda", *OPTIONAL)
 SKIPPED = {"cuda": "skipped: no CUDA"}
-SUMMARY_KEYS = ("card", "date", "commit", "gen_img_s", "gan_img_s", "gpu_busy_frac", "data_wait_frac", "restore_2k_ms",
-                "restore_2k_fp32_ms", "gpu_tests_passed", "gpu_tests_skipped")
+SUMMARY_KEYS = ("card", "date", "commit", "gen_img_s", "gan_img_s", "train_compiled", "bench_gen_img_s", "bench_gan_img_s",
+                "gpu_busy_frac", "data_wait_frac", "restore_2k_ms", "restore_2k_fp32_ms", "gpu_tests_passed",
+                "gpu_tests_skipped")
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -193,14 +194,17 @@ def test_settings_resolve_and_parse():
     for mode in (False, True):
         train, wait = resolve(settings["train"], mode), resolve(settings["data_wait"], mode)
         load_config(REPO / train["config"], train["overrides"])
+        compiled = load_config(REPO / train["config"], [*train["overrides"], *train.get("compile", [])])
+        assert compiled.train.compile == (not mode), "--compile trains the full recipe compiled, as div2k.yaml does"
         assert list(wait["variants"])[0] == "packed-ahead"  # the first variant: the config's own loader settings
         for overrides in wait["variants"].values():
             load_config(REPO / wait["config"], [*wait["overrides"], *wait["compile"], *overrides])
 
 
 def test_gpu_summary_sources(tmp_path):
-    """gpu-summary.json reads the rows bench train and bench infer name (their own labels), data_wait's first
-    variant and pytest's closing line; a number nobody measured stays null."""
+    """gpu-summary.json reads the training run's own log (the last window of its gen and gan phases, and whether
+    it was compiled), the rows bench train and bench infer name (their own labels), data_wait's first variant where
+    the run did not log a data wait, and pytest's closing line; a number nobody measured stays null."""
     from dist_dejpeg.bench.infer import MODES, SIZES
     from dist_dejpeg.bench.common import TUNED
     from dist_dejpeg.bench.train import LADDER
@@ -218,19 +222,28 @@ def test_gpu_summary_sources(tmp_path):
     (tmp_path / "data_wait.json").write_text(json.dumps({"variants": {"list-ahead": {"data_wait_frac": 0.3},
                                                                       "packed-ahead": {"data_wait_frac": 0.01}}}))
     (tmp_path / "pytest_gpu.log").write_text("PASSED x\n===== 19 passed, 2 skipped, 388 deselected in 80.12s =====\n")
+    logged = {"gen": {"train/images_per_s": 1600.0, "train/data_wait_frac": 0.015},
+              "critic": {"train/images_per_s": 2000.0}, "gan": {"train/images_per_s": 850.0}}
+    (tmp_path / "metrics.json").write_text(json.dumps({"meta": {"last_train_log": logged}}))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("train:\n  compile: true\n  log_every: 25\n")
     report = write_gpu_summary(tmp_path, card="NVIDIA H200", date="d", commit="c", device="cuda",
                                first_variant="packed-ahead")
-    assert report == {"card": "NVIDIA H200", "date": "d", "commit": "c", "gen_img_s": 770.0, "gan_img_s": 300.0,
-                      "gpu_busy_frac": 0.8, "data_wait_frac": 0.01, "restore_2k_ms": 50.0, "restore_2k_fp32_ms": 80.0,
+    assert report == {"card": "NVIDIA H200", "date": "d", "commit": "c", "gen_img_s": 1600.0, "gan_img_s": 850.0,
+                      "train_compiled": True, "bench_gen_img_s": 770.0, "bench_gan_img_s": 300.0,
+                      "gpu_busy_frac": 0.8, "data_wait_frac": 0.015, "restore_2k_ms": 50.0, "restore_2k_fp32_ms": 80.0,
                       "gpu_tests_passed": 19, "gpu_tests_skipped": 2}
+    assert tuple(report) == SUMMARY_KEYS
     assert json.loads((tmp_path / "gpu-summary.json").read_text()) == report
     del train[TUNED]["gan"], train[TUNED]["gen"]["profile"]
     (tmp_path / "results" / "train.json").write_text(json.dumps({"results": train}))
     (tmp_path / "pytest_gpu.log").write_text("collecting ...\n")  # killed before its closing line
-    report = write_gpu_summary(tmp_path, card=None, date="d", commit="c", device="cpu", first_variant=None)
-    assert report["gen_img_s"] == 770.0 and report["restore_2k_ms"] == report["restore_2k_fp32_ms"] == 9000.0
-    assert [report[k] for k in ("gan_img_s", "gpu_busy_frac", "data_wait_frac", "gpu_tests_passed",
-                                "gpu_tests_skipped")] == [None] * 5
+    (tmp_path / "metrics.json").unlink()  # no training run: its numbers are null, data_wait's wait stands in
+    report = write_gpu_summary(tmp_path, card=None, date="d", commit="c", device="cpu", first_variant="packed-ahead")
+    assert report["bench_gen_img_s"] == 770.0 and report["restore_2k_ms"] == report["restore_2k_fp32_ms"] == 9000.0
+    assert report["data_wait_frac"] == 0.01
+    assert [report[k] for k in ("gen_img_s", "gan_img_s", "train_compiled", "bench_gan_img_s", "gpu_busy_frac",
+                                "gpu_tests_passed", "gpu_tests_skipped")] == [None] * 7
 
 
 @pytest.mark.slow
@@ -275,8 +288,11 @@ def test_check_flow_on_cpu(wheels, tmp_path):
     assert metrics == json.loads((out / "run" / "metrics.json").read_text())
     report = json.loads((out / "gpu-summary.json").read_text())
     assert tuple(report) == SUMMARY_KEYS
-    assert report["card"] is None and report["gen_img_s"] is None and report["restore_2k_ms"] is None  # not run
-    assert report["data_wait_frac"] == waits["packed-ahead"]["data_wait_frac"]
+    assert report["card"] is None and report["bench_gen_img_s"] is None and report["restore_2k_ms"] is None  # not run
+    logged = metrics["meta"]["last_train_log"]  # the training run's own log, eager (no --compile)
+    assert report["gen_img_s"] == logged["gen"]["train/images_per_s"] > 0 and report["train_compiled"] is False
+    assert report["gan_img_s"] == logged["gan"]["train/images_per_s"] > 0
+    assert report["data_wait_frac"] == logged["gen"]["train/data_wait_frac"]
     assert report["gpu_tests_passed"] == 0 and report["gpu_tests_skipped"] > 0  # every gpu test skips on a CPU
     assert not left, left  # the check's scratch folder (installed wheels, sample shards, TMPDIR) is gone
 

@@ -9,7 +9,7 @@ CUDA, torchvision, timm, accelerate, pyyaml, ... but no lpips, webdataset, omega
        python -m dist_dejpeg.bench.gpu_check --wheels /path/to/wheels --out /path/to/out [--quick] [--allow-cpu]
    (or `benchmarks/gpu_check.sh ...`; `dist-dejpeg bench gpu-check ...` where the package is installed)
 
-Steps, in order: env, install, cuda, pytest_gpu, bench_train, train, evaluate, data_wait, bench_data, bench_infer.
+Steps, in order: env, install, cuda, pytest_gpu, bench_infer, bench_train, train, evaluate, bench_data, data_wait.
 Each runs in a child process (dist_dejpeg/bench/gpu_check_steps.py) in a process group of its own under its own
 timeout, even when an earlier one failed, with its stdout+stderr in OUT/<step>.log; OUT/summary.md gets a row per
 step (exit code, seconds, result) and, under the table, the last lines of each failing step's log. Also in OUT:
@@ -55,7 +55,10 @@ from dist_dejpeg.bench.gpu_check_steps import write_gpu_summary
 from dist_dejpeg.run.layout import METRICS
 
 FIRST = ("env", "install", "cuda")  # always run, in this order, before the chosen steps
-OPTIONAL = ("pytest_gpu", "bench_train", "train", "evaluate", "data_wait", "bench_data", "bench_infer")
+# most telling first: when the budget runs out the later steps are reported as not run. The cheap rows never measured
+# come before bench_train's compiled ones (each minutes of compiling without a carried cache); data_wait compares
+# loader variants, which train's own log already measures for the config's loader
+OPTIONAL = ("pytest_gpu", "bench_infer", "bench_train", "train", "evaluate", "bench_data", "data_wait")
 DEFAULT_BUDGET = 470  # s: the whole check ends within 8 minutes
 KILL_GRACE = 10  # s between a step's SIGTERM and its SIGKILL (coreutils' `timeout -k 10`)
 PROBE = ("import json, torch; ok = torch.cuda.is_available(); print(json.dumps({'cuda': ok, "
@@ -87,8 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tests", default="", metavar="EXPR",
                         help="pytest_gpu runs only the gpu tests matching this -k expression")
     parser.add_argument("--compile", action="store_true",
-                        help="data_wait trains with train.compile=true (a shorter step: the data path must keep up "
-                             "with it); run bench_train first in the same check and inductor's cache makes it quick")
+                        help="train and data_wait train compiled (train: as configs/div2k.yaml does; data_wait: the "
+                             "data path must keep up with a shorter step); bench_train runs first in the same check "
+                             "(or --compile-cache carries its kernels) and inductor's cache makes it quicker")
     parser.add_argument("--rungs", action="store_true",
                         help="bench_train times the whole ladder (each compiled row minutes of compiling); without it: "
                              "the naive baseline, the CUDA graphs rung and the config's tuned row")

@@ -231,7 +231,7 @@ def train(ctx, s: dict) -> int:
         return rc
     run = Path(ctx.out) / "run"
     if rc := sh(*cli(ctx, "train", "--config", s["config"], f"train.run_dir={run}", f"data.root={ctx.data}",
-                     *s.get("overrides", []))):
+                     *s.get("overrides", []), *(s.get("compile", []) if ctx.compile else []))):
         return rc
     shutil.copyfile(run / METRICS, Path(ctx.out) / METRICS)
     print(f"gpu_check: copied {METRICS} to {ctx.out}")
@@ -303,24 +303,43 @@ def _pytest_counts(log: Path) -> tuple[int | None, int | None]:
     return counts.get("passed", 0), counts.get("skipped", 0)
 
 
+def _compiled(run: Path) -> bool | None:
+    """Whether the run in ``run`` trained compiled (its resolved config.yaml's train.compile); None: unknown."""
+    try:
+        import yaml
+
+        value = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("train", {}).get("compile")
+    except (OSError, ImportError, ValueError, AttributeError):  # no run, no PyYAML, not YAML (yaml.YAMLError)
+        return None
+    return value if isinstance(value, bool) else None
+
+
 def write_gpu_summary(out: Path, *, card: str | None, date: str, commit: str, device: str,
                       first_variant: str | None) -> dict:
     """OUT/gpu-summary.json: the headline numbers this check measured (stale outputs were removed at its start, so
-    every file read here is this check's), each null where no step measured it. Sources: bench train's tuned row
-    (gen/gan images per s per device; the GPU-busy share only where that row was profiled), data_wait's first
-    variant (the config's own loader settings), bench infer's 2K image tiled as restore runs it (bf16 autocast on
-    CUDA, fp32 on a CPU; and fp32), the pytest_gpu log's closing line."""
+    every file read here is this check's), each null where no step measured it. Sources: the train step's own log
+    (gen/gan images per s per device and the gen phase's data wait, from the last window of each phase in its
+    metrics.json, as issue 24 asks; ``train_compiled`` says whether that run was compiled), bench train's tuned row
+    (``bench_*``; the GPU-busy share only where that row was profiled), data_wait's first variant (the config's own
+    loader settings) where the train step did not run, bench infer's 2K image tiled as restore runs it (bf16
+    autocast on CUDA, fp32 on a CPU; and fp32), the pytest_gpu log's closing line."""
     tuned = _first(_read_json(out / "results" / "train.json").get("results") or {}, "tuned")
     infer = _read_json(out / "results" / "infer.json").get("results") or {}
     waits = (_read_json(out / RESULTS_JSON).get("variants") or {}).get(first_variant) or {}
+    logged = (_read_json(out / METRICS).get("meta") or {}).get("last_train_log") or {}
+    gen, gan = logged.get("gen") or {}, logged.get("gan") or {}
     auto = "bf16" if device == "cuda" else "fp32"
     passed, skipped = _pytest_counts(out / "pytest_gpu.log")
+    wait = _number(gen.get("train/data_wait_frac"))
     report = {
         "card": card, "date": date, "commit": commit,
-        "gen_img_s": _number((tuned.get("gen") or {}).get("images_per_s_per_device")),
-        "gan_img_s": _number((tuned.get("gan") or {}).get("images_per_s_per_device")),
+        "gen_img_s": _number(gen.get("train/images_per_s")),
+        "gan_img_s": _number(gan.get("train/images_per_s")),
+        "train_compiled": _compiled(out / "run") if logged else None,
+        "bench_gen_img_s": _number((tuned.get("gen") or {}).get("images_per_s_per_device")),
+        "bench_gan_img_s": _number((tuned.get("gan") or {}).get("images_per_s_per_device")),
         "gpu_busy_frac": _number(((tuned.get("gen") or {}).get("profile") or {}).get("device_busy_frac")),
-        "data_wait_frac": _number(waits.get("data_wait_frac")),
+        "data_wait_frac": wait if wait is not None else _number(waits.get("data_wait_frac")),
         "restore_2k_ms": _number(_first(infer, f"{device} {auto} tiled 512/64 2040").get("ms_per_call")),
         "restore_2k_fp32_ms": _number(_first(infer, f"{device} fp32 tiled 512/64 2040").get("ms_per_call")),
         "gpu_tests_passed": passed, "gpu_tests_skipped": skipped,
