@@ -201,6 +201,28 @@ def test_settings_resolve_and_parse():
             load_config(REPO / wait["config"], [*wait["overrides"], *wait["compile"], *overrides])
 
 
+def test_data_wait_leaves_out_the_dali_variant_without_dali(tmp_path, monkeypatch, capsys):
+    """The full data_wait compares DALI's GPU loader with the torch loader (issue 24: DALI becomes the default where it
+    trains at least as fast); where DALI is not installed that variant is left out and said so, not a failure
+    that stops the variants after it."""
+    import argparse
+
+    from dist_dejpeg.bench import data_wait
+
+    full = resolve(load_settings(SETTINGS)["data_wait"], False)
+    assert full["variants"]["dali"] == ["data.backend=dali"] and list(full["variants"])[:2] == ["packed-ahead", "dali"]
+    monkeypatch.setattr(data_wait, "have_dali", lambda: False)
+    trained = []
+    monkeypatch.setattr(data_wait.subprocess, "run", lambda cmd, **kw: trained.append(cmd))
+    args = argparse.Namespace(settings=str(SETTINGS), quick=False, variants="dali", config="", steps=0, compile=False,
+                              results=str(tmp_path), work=str(tmp_path / "work"), overrides=[])
+    assert data_wait.main(args) == 0
+    assert trained == [] and "dali: left out, NVIDIA DALI is not installed" in capsys.readouterr().out
+    report = json.loads((tmp_path / data_wait.RESULTS_JSON).read_text())
+    assert report["variants"] == {} and report["left_out"] == ["dali"]
+    assert "| dali | left out: NVIDIA DALI is not installed | |" in (tmp_path / data_wait.RESULTS_MD).read_text()
+
+
 def test_gpu_summary_sources(tmp_path):
     """gpu-summary.json reads the training run's own log (the last window of its gen and gan phases, and whether
     it was compiled), the rows bench train and bench infer name (their own labels), data_wait's first variant where

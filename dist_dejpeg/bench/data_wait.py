@@ -19,6 +19,7 @@ the training that failed (the variants after it are not run). Torch-free: the tr
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shlex
 import shutil
@@ -88,12 +89,21 @@ def window(run_dir: Path) -> dict:
 
 
 def write_tables(out: Path, report: dict) -> None:
-    lines = ["| JPEG degradation | data_wait_frac | images/s |", "|---|---|---|"]
+    lines = ["| loader and JPEG degradation | data_wait_frac | images/s |", "|---|---|---|"]
     lines += [f"| {name} | {row['data_wait_frac']} | {row['images_per_s']} |"
               for name, row in report["variants"].items()]
+    lines += [f"| {name} | left out: NVIDIA DALI is not installed | |" for name in report.get("left_out", [])]
     (out / RESULTS_MD).write_text("\n".join(lines) + "\n")
     (out / RESULTS_JSON).write_text(json.dumps(report, indent=2) + "\n")
     print("\n".join(lines), flush=True)
+
+
+def have_dali() -> bool:
+    """Whether NVIDIA DALI can be imported (found, not imported: this module stays torch-free)."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ImportError:  # no "nvidia" package at all
+        return False
 
 
 def main(args: argparse.Namespace) -> int:
@@ -125,6 +135,11 @@ def main(args: argparse.Namespace) -> int:
     report = {"config": config, "steps": steps, "overrides": [*shared, *args.overrides], "variants": {}}
     try:
         for name, overrides in variants.items():
+            if "data.backend=dali" in overrides and not have_dali():
+                print(f"bench data-wait: {name}: left out, NVIDIA DALI is not installed", flush=True)
+                report["left_out"] = [*report.get("left_out", []), name]
+                write_tables(out, report)
+                continue
             run_dir = work / f"wait-{name}"
             cmd = [sys.executable, "-m", "dist_dejpeg.cli", "train", "--config", config, f"train.run_dir={run_dir}",
                    *shared, f"train.phases.{PHASE}.steps={steps}", *overrides, *args.overrides]
