@@ -308,6 +308,29 @@ def test_bench_data_and_infer(tmp_path, repo_root, monkeypatch):
     assert report["results"]["cpu bf16 tiled 64 x 96"]["ms_per_megapixel"] > 0
 
 
+def test_bench_infer_gpu_rows_run_their_flow_on_the_cpu(tmp_path, repo_root, monkeypatch):
+    """The GPU section's own rows (issue 24: a tensor on the device in and out, file to file, bf16 against fp32's
+    PSNR), run here with the CPU standing in for the GPU: every row is timed and named as gpu-summary.json reads it."""
+    import torch
+
+    from dist_dejpeg.bench import infer
+    from dist_dejpeg.bench.gpu_check_steps import _first
+
+    monkeypatch.chdir(repo_root)
+    report = infer.run("configs/debug.yaml", TINY, tmp_path, repeats=1, sizes={"64 x 96": (64, 96)},
+                       modes={"tiled": dict(tile=64, overlap=16)}, cpu=False, gpus=[torch.device("cpu")])
+    rows = report["results"]
+    for precision in ("fp32", "bf16"):
+        assert rows[f"cpu {precision} {infer.TENSOR} 64 x 96"]["ms_per_call"] > 0
+    assert rows[f"cpu fp32 {infer.FILE} 64 x 96"]["ms_per_call"] > 0  # restore's default on a CPU: fp32
+    versus = rows["cpu bf16 vs fp32 64 x 96"]
+    assert 10 < versus["psnr_fp32_db"] < 60 and versus["bf16_minus_fp32_db"] == versus["psnr_bf16_db"] - versus[
+        "psnr_fp32_db"]
+    assert _first(rows, f"cpu bf16 {infer.TENSOR} 64")["ms_per_call"] == rows[f"cpu bf16 {infer.TENSOR} 64 x 96"][
+        "ms_per_call"]
+    assert (tmp_path / "out_gpu").exists() is False  # the file rows write into the run's own temporary folder
+
+
 def test_allreduce_model_worked_example():
     # 100 MB over 8 GPUs on NVLink (400 GB/s, 5 us per hop): 2 * 7/8 * 1e8 / 4e11 s + 14 * 5 us
     assert math.isclose(scaling.allreduce_seconds(8, 1e8), 2 * 7 / 8 * 1e8 / 400e9 + 14 * 5e-6)

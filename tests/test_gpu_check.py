@@ -43,7 +43,8 @@ FLOW = "pytest_gpu,train,evaluate,data_wait"
 STEPS = ("env", "install", "cuda", *OPTIONAL)
 SKIPPED = {"cuda": "skipped: no CUDA"}
 SUMMARY_KEYS = ("card", "date", "commit", "gen_img_s", "gan_img_s", "train_compiled", "bench_gen_img_s", "bench_gan_img_s",
-                "gpu_busy_frac", "data_wait_frac", "restore_2k_ms", "restore_2k_fp32_ms", "gpu_tests_passed",
+                "gpu_busy_frac", "data_wait_frac", "restore_2k_ms", "restore_2k_fp32_ms", "restore_2k_array_ms",
+                "restore_2k_file_ms", "restore_12mp_ms", "restore_bf16_minus_fp32_db", "gpu_tests_passed",
                 "gpu_tests_skipped")
 
 
@@ -227,10 +228,12 @@ def test_gpu_summary_sources(tmp_path):
     """gpu-summary.json reads the training run's own log (the last window of its gen and gan phases, and whether
     it was compiled), the rows bench train and bench infer name (their own labels), data_wait's first variant where
     the run did not log a data wait, and pytest's closing line; a number nobody measured stays null."""
-    from dist_dejpeg.bench.infer import MODES, SIZES
+    from dist_dejpeg.bench import gpu_check_steps
+    from dist_dejpeg.bench.infer import FILE, GPU_SIZES, MODES, SIZES, TENSOR
     from dist_dejpeg.bench.common import TUNED
     from dist_dejpeg.bench.train import LADDER
 
+    assert gpu_check_steps.TENSOR == TENSOR
     (tmp_path / "results").mkdir()
     train = {LADDER[0][0]: {"gen": {"images_per_s_per_device": 100.0}},
              TUNED: {"gen": {"images_per_s_per_device": 770.0, "profile": {"device_busy_frac": 0.8}},
@@ -240,6 +243,9 @@ def test_gpu_summary_sources(tmp_path):
     rows = (("cpu", "fp32", tiled, 9000.0), ("cuda", "fp32", "whole", 1.0), ("cuda", "fp32", tiled, 80.0),
             ("cuda", "bf16", tiled, 50.0))
     infer = {f"{dev} {prec} {mode} {size}": {"ms_per_call": ms} for dev, prec, mode, ms in rows}
+    infer |= {f"cuda bf16 {TENSOR} {size}": {"ms_per_call": 25.0}, f"cuda fp32 {TENSOR} {size}": {"ms_per_call": 40.0},
+              f"cuda bf16 {FILE} {size}": {"ms_per_call": 300.0}, f"cuda bf16 {TENSOR} {list(GPU_SIZES)[0]}":
+              {"ms_per_call": 140.0}, f"cuda bf16 vs fp32 {size}": {"bf16_minus_fp32_db": -0.01}}
     (tmp_path / "results" / "infer.json").write_text(json.dumps({"results": infer}))
     (tmp_path / "data_wait.json").write_text(json.dumps({"variants": {"list-ahead": {"data_wait_frac": 0.3},
                                                                       "packed-ahead": {"data_wait_frac": 0.01}}}))
@@ -253,8 +259,9 @@ def test_gpu_summary_sources(tmp_path):
                                first_variant="packed-ahead")
     assert report == {"card": "NVIDIA H200", "date": "d", "commit": "c", "gen_img_s": 1600.0, "gan_img_s": 850.0,
                       "train_compiled": True, "bench_gen_img_s": 770.0, "bench_gan_img_s": 300.0,
-                      "gpu_busy_frac": 0.8, "data_wait_frac": 0.015, "restore_2k_ms": 50.0, "restore_2k_fp32_ms": 80.0,
-                      "gpu_tests_passed": 19, "gpu_tests_skipped": 2}
+                      "gpu_busy_frac": 0.8, "data_wait_frac": 0.015, "restore_2k_ms": 25.0, "restore_2k_fp32_ms": 40.0,
+                      "restore_2k_array_ms": 50.0, "restore_2k_file_ms": 300.0, "restore_12mp_ms": 140.0,
+                      "restore_bf16_minus_fp32_db": -0.01, "gpu_tests_passed": 19, "gpu_tests_skipped": 2}
     assert tuple(report) == SUMMARY_KEYS
     assert json.loads((tmp_path / "gpu-summary.json").read_text()) == report
     del train[TUNED]["gan"], train[TUNED]["gen"]["profile"]
@@ -262,7 +269,8 @@ def test_gpu_summary_sources(tmp_path):
     (tmp_path / "pytest_gpu.log").write_text("collecting ...\n")  # killed before its closing line
     (tmp_path / "metrics.json").unlink()  # no training run: its numbers are null, data_wait's wait stands in
     report = write_gpu_summary(tmp_path, card=None, date="d", commit="c", device="cpu", first_variant="packed-ahead")
-    assert report["bench_gen_img_s"] == 770.0 and report["restore_2k_ms"] == report["restore_2k_fp32_ms"] == 9000.0
+    assert report["bench_gen_img_s"] == 770.0 and report["restore_2k_array_ms"] == 9000.0
+    assert report["restore_2k_ms"] is None  # the CPU rows have no tensor row: only the GPU section does
     assert report["data_wait_frac"] == 0.01
     assert [report[k] for k in ("gen_img_s", "gan_img_s", "train_compiled", "bench_gan_img_s", "gpu_busy_frac",
                                 "gpu_tests_passed", "gpu_tests_skipped")] == [None] * 7

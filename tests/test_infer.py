@@ -373,6 +373,23 @@ def test_restore_on_cuda_in_bf16_matches_cpu_fp32():
     assert psnr > 35.0, psnr
 
 
+@pytest.mark.gpu
+def test_a_tensor_on_the_gpu_is_restored_there():
+    """Issue 24, restore at the GPU's speed: a float tensor already on the restorer's GPU comes back on that GPU
+    (never through the host), with the same pixels as the same tensor given from the CPU, which still comes back
+    on the CPU; a passed-through one stays where it was too."""
+    x = torch.from_numpy(_photo(224, 200).astype(np.float32) / 255).permute(2, 0, 1)
+    restorer = Restorer(_model(), device="cuda", tile=128, overlap=32, precision="fp32", guard=False)
+    on_gpu = restorer.restore_tensor(x.cuda())
+    from_cpu = restorer.restore_tensor(x)
+    assert on_gpu.device.type == "cuda" and from_cpu.device.type == "cpu" and on_gpu.shape == x.shape
+    assert torch.allclose(on_gpu.cpu(), from_cpu, atol=1e-5)
+    assert not torch.allclose(from_cpu, x, atol=1e-3)  # restored, not passed through
+    guarded = Restorer(_model(), device="cuda", tile=128, overlap=32)
+    passed = guarded.restore_tensor(x.cuda(), None)  # unknown quality: passed through
+    assert guarded.last_decision.passthrough and passed.device.type == "cuda" and torch.equal(passed.cpu(), x)
+
+
 # -- quality and doing no harm -------------------------------------------------------------------------------
 GAINS = {10: 0.6, 20: 0.3, 40: 0.1, 60: -0.2}
 

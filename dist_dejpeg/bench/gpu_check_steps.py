@@ -314,6 +314,9 @@ def _compiled(run: Path) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
+TENSOR = "tensor in/out, tiled 512/64"  # bench/infer.py's TENSOR label (tests hold the two equal)
+
+
 def write_gpu_summary(out: Path, *, card: str | None, date: str, commit: str, device: str,
                       first_variant: str | None) -> dict:
     """OUT/gpu-summary.json: the headline numbers this check measured (stale outputs were removed at its start, so
@@ -321,8 +324,10 @@ def write_gpu_summary(out: Path, *, card: str | None, date: str, commit: str, de
     (gen/gan images per s per device and the gen phase's data wait, from the last window of each phase in its
     metrics.json, as issue 24 asks; ``train_compiled`` says whether that run was compiled), bench train's tuned row
     (``bench_*``; the GPU-busy share only where that row was profiled), data_wait's first variant (the config's own
-    loader settings) where the train step did not run, bench infer's 2K image tiled as restore runs it (bf16
-    autocast on CUDA, fp32 on a CPU; and fp32), the pytest_gpu log's closing line."""
+    loader settings) where the train step did not run, bench infer's GPU rows at 2K tiled as restore runs them
+    (bf16 autocast on CUDA, fp32 on a CPU; and fp32): a tensor on the GPU in and out (``restore_2k_ms``, issue
+    24's measure), a uint8 array from the host, file to file, and its bf16 and fp32 outputs' PSNR difference; the
+    12 MP tensor row; the pytest_gpu log's closing line."""
     tuned = _first(_read_json(out / "results" / "train.json").get("results") or {}, "tuned")
     infer = _read_json(out / "results" / "infer.json").get("results") or {}
     waits = (_read_json(out / RESULTS_JSON).get("variants") or {}).get(first_variant) or {}
@@ -340,8 +345,12 @@ def write_gpu_summary(out: Path, *, card: str | None, date: str, commit: str, de
         "bench_gan_img_s": _number((tuned.get("gan") or {}).get("images_per_s_per_device")),
         "gpu_busy_frac": _number(((tuned.get("gen") or {}).get("profile") or {}).get("device_busy_frac")),
         "data_wait_frac": wait if wait is not None else _number(waits.get("data_wait_frac")),
-        "restore_2k_ms": _number(_first(infer, f"{device} {auto} tiled 512/64 2040").get("ms_per_call")),
-        "restore_2k_fp32_ms": _number(_first(infer, f"{device} fp32 tiled 512/64 2040").get("ms_per_call")),
+        "restore_2k_ms": _number(_first(infer, f"{device} {auto} {TENSOR} 2040").get("ms_per_call")),
+        "restore_2k_fp32_ms": _number(_first(infer, f"{device} fp32 {TENSOR} 2040").get("ms_per_call")),
+        "restore_2k_array_ms": _number(_first(infer, f"{device} {auto} tiled 512/64 2040").get("ms_per_call")),
+        "restore_2k_file_ms": _number(_first(infer, f"{device} {auto} file to file").get("ms_per_call")),
+        "restore_12mp_ms": _number(_first(infer, f"{device} {auto} {TENSOR} 12 MP").get("ms_per_call")),
+        "restore_bf16_minus_fp32_db": _number(_first(infer, f"{device} bf16 vs fp32 2040").get("bf16_minus_fp32_db")),
         "gpu_tests_passed": passed, "gpu_tests_skipped": skipped,
     }
     (out / "gpu-summary.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -22,7 +22,10 @@ Order (issue 24): the GPU rows run first, in a section of the table of their own
 as soon as they are measured (``infer.json`` then says the CPU rows are pending); the CPU rows (shell, ONNX
 export, restore) come after, so a step that is stopped for time still has its GPU rows, and ``--no-cpu``
 leaves them out. On a GPU the tiled rows run with the Restorer's CUDA graphs, and once more without them
-(``GPU_MODES``), in the same run, to show what the graphs give.
+(``GPU_MODES``), in the same run, to show what the graphs give; a 12 MP photo is restored too (``GPU_SIZES``),
+a float tensor already on the GPU in and out (``TENSOR``: no host copies), one file to file (``FILE``: decode,
+restore, PNG encode) at restore's default precision, and the fp32 and bf16 outputs' PSNR against the clean photo
+(issue 24: bf16 faster than fp32, and within 0.05 dB of it).
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ from dist_dejpeg.config import load_config
 SIZES = {"512 x 512": (512, 512), "2040 x 1356 (DIV2K 2K)": (1356, 2040)}
 MODES = {"whole": dict(tile=0), "tiled 512/64": dict(tile=512, overlap=64)}
 GPU_MODES = {"tiled 512/64 eager (no CUDA graphs)": dict(tile=512, overlap=64, cuda_graphs=False)}  # GPU rows only
+# GPU rows only (issue 24's targets): a 12 MP photo too (tiled: whole, its attention would not fit), and at 2K a float
+# tensor already on the GPU in and out (TENSOR: restore_2k_ms in gpu-summary.json) and file to file (FILE)
+GPU_SIZES = {"12 MP (4000 x 3000)": (3000, 4000)}
+WHOLE_MAX_PIXELS = 4_000_000
+TILED = dict(tile=512, overlap=64)
+TENSOR, FILE = "tensor in/out, tiled 512/64", "file to file (q20 JPEG -> PNG), tiled 512/64"
 # the issue's targets on 2 cores (issue 22): (height, width) -> wall seconds, peak RSS GB from the shell
 SHELL_SIZES = {"512 x 512": (512, 512), "2000 x 1500": (1500, 2000), "12 MP (4000 x 3000)": (3000, 4000)}
 QUALITY = 20  # the photos' JPEG quality: read from the tables, restored
@@ -55,14 +64,26 @@ def _gpus() -> list:
     return [torch.device("cuda", 0)] if torch.cuda.is_available() else []
 
 
-def jpeg_photo(h: int, w: int) -> bytes:
-    """A real photo (skimage's astronaut) resized to h x w, as a q20 JPEG file's bytes."""
+def clean_photo(h: int, w: int) -> np.ndarray:
+    """A real photo (skimage's astronaut) resized to h x w."""
     import skimage.data
     from PIL import Image
 
+    return np.asarray(Image.fromarray(skimage.data.astronaut()).resize((w, h), Image.BICUBIC))
+
+
+def jpeg_photo(h: int, w: int) -> bytes:
+    """clean_photo as a q20 JPEG file's bytes."""
+    from PIL import Image
+
     buf = io.BytesIO()
-    Image.fromarray(skimage.data.astronaut()).resize((w, h), Image.BICUBIC).save(buf, format="JPEG", quality=QUALITY)
+    Image.fromarray(clean_photo(h, w)).save(buf, format="JPEG", quality=QUALITY)
     return buf.getvalue()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 10 * float(np.log10(255.0 ** 2 / mse)) if mse > 0 else float("inf")
 
 
 def photo(h: int, w: int) -> np.ndarray:
@@ -139,6 +160,7 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int 
 
     cfg = load_config(config, list(overrides))
     gpu_modes = {**(modes or MODES), **({} if modes else GPU_MODES)}
+    gpu_sizes = {**(sizes or SIZES), **({} if sizes else GPU_SIZES)}
     sizes, modes = sizes or SIZES, modes or MODES
     gpus = [torch.device(d) for d in (_gpus() if gpus is None else gpus)]
     if not cpu and not gpus:
@@ -146,26 +168,59 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int 
     results, shell_results, onnx_report = {}, {}, {}
     sections: dict[str, list] = {"GPU": [], "CPU": []}  # table rows
 
-    def restore_rows(device, precision: str, path: Path, device_modes: dict) -> None:
+    def add_row(device, precision: str, mode: str, label: str, h: int, w: int, timing) -> None:
+        megapixels = h * w / 1e6
+        key = f"{device.type} {precision} {mode} {label}"
+        ms = timing.as_dict()["ms_per_call"]
+        results[key] = dict(timing.as_dict(), ms_per_megapixel=ms / megapixels)
+        what = "OnnxRestorer" if precision == "onnx" else "Restorer"
+        sections["CPU" if device.type == "cpu" else "GPU"].append(
+            [device.type, precision.replace("onnx", "fp32"), f"{what} {mode}", label, f"{ms:.0f}",
+             f"{ms / megapixels:.0f}", "", f"{100 * timing.spread:.0f}% spread"])
+        print(f"bench infer: {key}: {ms:.1f} ms", flush=True)
+
+    def restore_rows(device, precision: str, path: Path, device_modes: dict, device_sizes: dict) -> None:
         cpu_row = device.type == "cpu"
         for mode, kwargs in device_modes.items():
             if precision == "onnx" and not kwargs.get("tile"):  # onnx_backend.MAX_SCORES_BYTES: tiles only
                 continue
             restorer = open_restorer(path, device=str(device), precision=precision.replace("onnx", "fp32"),
                                      **kwargs)
-            for label, (h, w) in sizes.items():
+            for label, (h, w) in device_sizes.items():
+                if not kwargs.get("tile") and h * w > WHOLE_MAX_PIXELS:
+                    continue
                 image = photo(h, w)
-                timing = measure(lambda: restorer.restore_array(image, QUALITY), warmup=1 if cpu_row else 2,
-                                 steps=1 if cpu_row else 5, repeats=repeats, device=device)
-                megapixels = h * w / 1e6
-                key = f"{device.type} {precision} {mode} {label}"
-                ms = timing.as_dict()["ms_per_call"]
-                results[key] = dict(timing.as_dict(), ms_per_megapixel=ms / megapixels)
-                what = "OnnxRestorer" if precision == "onnx" else "Restorer"
-                sections["CPU" if cpu_row else "GPU"].append(
-                    [device.type, precision.replace("onnx", "fp32"), f"{what} {mode}", label, f"{ms:.0f}",
-                     f"{ms / megapixels:.0f}", "", f"{100 * timing.spread:.0f}% spread"])
-                print(f"bench infer: {key}: {ms:.1f} ms", flush=True)
+                add_row(device, precision, mode, label, h, w,
+                        measure(lambda: restorer.restore_array(image, QUALITY), warmup=1 if cpu_row else 2,
+                                steps=1 if cpu_row else 5, repeats=repeats, device=device))
+
+    def gpu_rows(device, path: Path, folder: Path) -> None:
+        """A tensor on the GPU in and out (every GPU size) in fp32 and bf16, the two precisions' PSNR against
+        the clean photo at 2K (issue 24: bf16 within 0.05 dB of fp32), and file to file at the default."""
+        from dist_dejpeg.restore.files import restore_files
+
+        label = next((k for k in gpu_sizes if k.startswith("2040")), list(gpu_sizes)[-1])  # (tests: a small one)
+        h, w = gpu_sizes[label]
+        outputs = {}
+        for precision in ("fp32", "bf16"):
+            restorer = open_restorer(path, device=str(device), precision=precision, **TILED)
+            for size, (hh, ww) in gpu_sizes.items():
+                x = torch.from_numpy(photo(hh, ww)).to(device).permute(2, 0, 1).float().div_(255)
+                add_row(device, precision, TENSOR, size, hh, ww,
+                        measure(lambda: restorer.restore_tensor(x, QUALITY), warmup=2, steps=5, repeats=repeats,
+                                device=device))
+            outputs[precision] = restorer.restore_array(photo(h, w), QUALITY)
+        clean = clean_photo(h, w)
+        fp32, bf16 = psnr(outputs["fp32"], clean), psnr(outputs["bf16"], clean)
+        results[f"{device.type} bf16 vs fp32 {label}"] = {"psnr_fp32_db": fp32, "psnr_bf16_db": bf16,
+                                                          "bf16_minus_fp32_db": bf16 - fp32}
+        print(f"bench infer: {label} PSNR against the clean photo: fp32 {fp32:.3f} dB, bf16 {bf16:.3f} dB", flush=True)
+        restorer = open_restorer(path, device=str(device), **TILED)  # restore's default precision on this device
+        src = folder / "photo_2k.jpg"
+        src.write_bytes(jpeg_photo(h, w))
+        add_row(device, "bf16" if restorer.bf16 else "fp32", FILE, label, h, w,
+                measure(lambda: restore_files(restorer, [str(src)], folder / "out_gpu", progress=False), warmup=1,
+                        steps=1, repeats=repeats, device=device))
 
     def write(pending: str | None) -> dict:
         report = {"config": config, "overrides": list(overrides), "encoder": cfg.model.encoder,
@@ -199,7 +254,8 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int 
         save_generator(build_generator(cfg.model).eval(), cfg.model, model)
         for device in gpus:  # first: a step's time goes to them before any CPU row
             for precision in ("fp32", "bf16"):
-                restore_rows(device, precision, model, gpu_modes)
+                restore_rows(device, precision, model, gpu_modes, gpu_sizes)
+            gpu_rows(device, model, Path(tmp))
         if gpus and cpu:
             write("the CPU rows")
         if cpu:
@@ -215,9 +271,9 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int 
                     print(f"bench infer: shell {backend} {label}: {row['wall_s']:.1f} s, "
                           f"{row['max_rss_mb']:.0f} MB", flush=True)
             for precision in ("fp32", "bf16"):
-                restore_rows(torch.device("cpu"), precision, model, modes)
+                restore_rows(torch.device("cpu"), precision, model, modes, sizes)
             if onnx_path:
-                restore_rows(torch.device("cpu"), "onnx", onnx_path, modes)
+                restore_rows(torch.device("cpu"), "onnx", onnx_path, modes, sizes)
     return write(None)
 
 

@@ -217,16 +217,16 @@ class Restorer(ImageRestorer):
 
     # -- tensors ---------------------------------------------------------------------------------------------
     def restore_tensor(self, image: torch.Tensor, quality: int | None = None, source: str = "given") -> torch.Tensor:
-        """3 x H x W (or N x 3 x H x W) float in [0, 1] -> the same shape, restored, on the CPU. ``quality``: the
-        images' JPEG quality (None: unknown); passed through unchanged where ``decide`` says so. A restored
-        image with a NaN or an infinity (a broken model) is never returned: that image is passed through, and
-        ``last_decision`` says so."""
+        """3 x H x W (or N x 3 x H x W) float in [0, 1] -> the same shape, restored, on the input's device (a
+        tensor already on the restorer's GPU never visits the host). ``quality``: the images' JPEG quality (None:
+        unknown); passed through unchanged where ``decide`` says so. A restored image with a NaN or an infinity
+        (a broken model) is never returned: that image is passed through, and ``last_decision`` says so."""
         squeeze = image.dim() == 3
         x = image.unsqueeze(0) if squeeze else image
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected 3 x H x W or N x 3 x H x W, got {tuple(image.shape)}")
         decision = self.last_decision = self.decide(quality, source)
-        x = x.detach().float().cpu()
+        x = x.detach().float()
         if decision.passthrough:
             x = x.clone()
             return x[0] if squeeze else x
@@ -236,7 +236,7 @@ class Restorer(ImageRestorer):
             def write(y0, y1, rows, dst=dst):
                 dst[:, y0:y1] = rows
 
-            # one upload per image (a no-op on the CPU), not one per window
+            # one upload per image (a no-op where it is on the restorer's device already), not one per window
             if not self.restore_tiled(im.to(self.device, non_blocking=True), decision.quality, write):
                 dst.copy_(im)
                 broken += 1
