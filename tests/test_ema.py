@@ -99,6 +99,29 @@ def test_a_skipped_step_leaves_the_ema_alone(device):
         assert torch.allclose(p, 0.9 * before[k] + 0.1 * 3.0)
 
 
+def test_the_update_reads_nothing_back_and_copies_no_buffer():
+    """Issue 24, no host syncs in the step: with the deferred checks' device flag as the skip signal, the EMA update
+    makes no host read (no .item(), which on a GPU waits for it) and no per-buffer copy; a few multi-tensor ops."""
+    from torch.profiler import profile
+
+    live = small()
+    ema = GeneratorEma(live, 0.9, warmup=False)
+    flag = Skipping(found_inf=torch.tensor(0.0))
+    ema.update(live, flag)  # first call outside the profile
+    with profile() as prof:
+        ema.update(live, flag)
+        ema.update(live)  # a float weight: one foreach lerp
+    names = [e.name for e in prof.events()]
+    assert not {"aten::item", "aten::_local_scalar_dense"} & set(names), sorted(set(names))
+    assert {"aten::_foreach_mul_", "aten::_foreach_lerp_"} <= set(names), sorted(set(names))
+    before = {k: v.clone() for k, v in ema.ema.module.named_buffers()}
+    live.train()(torch.rand(4, 3))  # new power-iteration vectors and running statistics in the live generator
+    ema.update(live, flag)
+    assert all(torch.equal(v, before[k]) for k, v in ema.ema.module.named_buffers())  # not copied at each step
+    used = ema.model(live)  # but whenever the EMA is used
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(used.buffers(), live.buffers()))
+
+
 def test_ema_decay_zero_is_the_raw_generator():
     live = small()
     ema = GeneratorEma(live, 0.0)

@@ -28,7 +28,8 @@ being held back by them for thousands of steps (0.9 at the first update, 0.99 at
 A skipped optimizer step does not move the EMA: fp16's GradScaler (and DeepSpeed's overflow) say so on the
 host; the deferred finite checks skip on the device (fused AdamW's ``found_inf``, steps.py), and there the
 EMA's weight is multiplied by the same device flag (no host read). Such a step still counts towards the
-warm-up (the host does not know of it; the run stops at the next host check anyway).
+warm-up (the host does not know of it; the run stops at the next host check anyway). The update reads nothing
+back to the host and copies no buffers (:meth:`GeneratorEma._average`).
 """
 
 from __future__ import annotations
@@ -88,11 +89,26 @@ class GeneratorEma:
         skipped = step_skipped(optimizer) if optimizer is not None else False
         if skipped is True:
             return
-        decay = warmup_decay(self.decay, self.updates, self.warmup)
+        weight = 1.0 - warmup_decay(self.decay, self.updates, self.warmup)  # the live weights' share
         if isinstance(skipped, torch.Tensor):  # weight 0 where the device skipped the step
-            decay = 1.0 - (1.0 - decay) * (1.0 - skipped.float())
-        self.ema.apply_update_no_buffers_(generator, decay)
+            weight = weight * (1.0 - skipped.float())
+        self._average(generator, weight)
         self.updates += 1
+
+    @torch.no_grad()
+    def _average(self, generator: torch.nn.Module, weight: float | torch.Tensor) -> None:
+        """The parameters' lerp towards ``generator``'s by ``weight``, in a few multi-tensor kernels. Not timm's
+        apply_update_no_buffers_: it also copies every buffer at every step (a kernel each; :meth:`model` copies
+        them when the EMA is used), and a device tensor as the weight of torch._foreach_lerp_ is read to the host
+        (``.item()``: a wait for the GPU at every step); with one, (live - ema) * weight is added instead."""
+        ema = list(self.ema.module.parameters())
+        live = [p if p.dtype == e.dtype else p.to(e.dtype) for p, e in zip(generator.parameters(), ema)]
+        if isinstance(weight, torch.Tensor):
+            step = torch._foreach_sub(live, ema)
+            torch._foreach_mul_(step, weight)
+            torch._foreach_add_(ema, step)
+        else:
+            torch._foreach_lerp_(ema, live, weight)
 
     @torch.no_grad()
     def restart(self, generator: torch.nn.Module) -> None:
