@@ -276,6 +276,52 @@ def test_nan_loss_stops_with_checkpoint_and_message(tmp_path, shards):
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
+# ops that make the host wait for a GPU: a tensor read into Python (.item(), float(), bool()) or a result whose
+# size depends on the data (nonzero: boolean indexing, masked_select)
+HOST_READS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::masked_select",
+              "aten::unique", "aten::_unique2"}
+
+
+def inside_fused_adamw(event) -> bool:
+    """Whether a profiled op runs inside the fused AdamW kernel: its CPU kernel reads its step and found_inf
+    scalars in C++ (aten::item), where the CUDA kernel reads them on the device."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == "aten::_fused_adamw_":
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def test_the_step_reads_nothing_back_between_host_checks(tmp_path, shards, monkeypatch):
+    """Issue 24, no host syncs in the step, checked on the CPU: with the deferred checks (the CUDA fast path) the
+    gen, critic and gan updates, EMA, chroma-weighted pixel loss, blind-quality mask and LPIPS included, run no op
+    that reads a tensor back to the host (on a GPU each would wait for the queued work). The GPU test under CUDA's
+    sync debug mode (test_the_step_never_waits_for_the_gpu_on_cuda) also catches blocking copies."""
+    from torch.profiler import profile
+
+    from dist_dejpeg.bench.train import Synthetic
+
+    monkeypatch.setattr(build_mod, "DEFERRED_CHECK_DEVICES", ("cuda", "cpu"))
+    cfg = tiny(tmp_path / "run", shards, "train.sync_every=1000", "loss.chroma_weight=2", "train.fused_adamw=true",
+               "model.quality_conditioning=true", "model.quality_blind_prob=0.5", "train.ema_decay=0.999")
+    t = Trainer(cfg, train_loader=Synthetic(cfg, torch.device("cpu")), val_set={})
+    try:
+        assert t.flags is not None and t.ema.enabled
+        batches = iter(t.loader)
+        kinds = {p.kind: p for p in cfg.train.phases.values()}
+        turns = [(kinds["gen"], "gen"), (kinds["critic"], "critic"), (kinds["gan"], "gen"), (kinds["gan"], "critic")]
+        for phase, turn in turns:  # first calls: lazy initialisation
+            t.train_step(phase, turn, batches)
+        for phase, turn in turns:
+            with profile() as prof:
+                t.train_step(phase, turn, batches)
+            reads = sorted({e.name for e in prof.events() if e.name in HOST_READS and not inside_fused_adamw(e)})
+            assert not reads, f"{phase.kind}/{turn}: {reads}"
+    finally:
+        t.close()
+
+
 def test_deferred_checks_skip_nonfinite_updates_then_stop(tmp_path, shards, monkeypatch):
     """The CUDA fast path, run on the CPU: no host read inside a step; the NaN step's update is skipped on the
     device (fused AdamW's found_inf), and the run stops with a checkpoint at the next host check."""
