@@ -373,6 +373,25 @@ def test_restore_on_cuda_in_bf16_matches_cpu_fp32():
     assert psnr > 35.0, psnr
 
 
+def test_an_image_reads_one_flag_back_whatever_its_bands():
+    """Issue 24, restore at the GPU's speed: the finite check of each band of tiles stays on the device and is read
+    once per image (a read per band would make the host wait for the GPU between bands), checked on the CPU with
+    the profiler on an image of several bands."""
+    from torch.profiler import profile
+
+    restorer = Restorer(_model(), device="cpu", tile=64, overlap=16, guard=False)
+    rgb = _photo(200, 168)
+    x = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)
+    bands = []
+    restorer.restore_tiled(x, 20, lambda y0, y1, rows: bands.append((y0, y1)))
+    assert len(bands) >= 3, bands
+    for restore in (lambda: restorer.restore_tensor(x, 20), lambda: restorer.restore_array(rgb, 20)):
+        with profile() as prof:
+            restore()
+        reads = [e.name for e in prof.events() if e.name in ("aten::item", "aten::is_nonzero", "aten::nonzero")]
+        assert reads.count("aten::is_nonzero") == 1 and reads.count("aten::item") <= 1, reads
+
+
 @pytest.mark.gpu
 def test_a_tensor_on_the_gpu_is_restored_there():
     """Issue 24, restore at the GPU's speed: a float tensor already on the restorer's GPU comes back on that GPU
