@@ -156,3 +156,33 @@ def test_a_failed_pack_leaves_the_old_archive_and_no_half_files(tmp_path, monkey
     assert not list(tmp_path.glob("*.writing*"))
     unpack(archive, tmp_path / "b")
     assert _files(tmp_path / "b") == files
+
+
+def test_triton_finds_its_kernels_after_the_cache_moved(tmp_path, monkeypatch):
+    """Triton's group files name a kernel's files by absolute path and miss when one is not there: a cache written
+    in one scratch folder and unpacked into another is pointed at its new place, and Triton (its own cache
+    manager) finds the kernel there; the same archive unpacked without that step would miss."""
+    triton_cache = pytest.importorskip("triton.runtime.cache")
+
+    first = tmp_path / "first" / "triton"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(first))
+    manager = triton_cache.FileCacheManager("KEYA")
+    group = {name: manager.put(data, name) for name, data in (("k.cubin", b"\x7fELF"), ("k.json", '{"name": "k"}'))}
+    manager.put_group("k.json", group)
+    assert manager.get_group("k.json") == group  # as Triton wrote it
+    archive = tmp_path / "compile.tar.gz"
+    pack(tmp_path / "first", archive)
+    second = tmp_path / "second"
+    line = unpack(archive, second)
+    assert "1 Triton kernel groups pointed at their new place" in line, line
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(second / "triton"))
+    found = triton_cache.FileCacheManager("KEYA").get_group("k.json")
+    assert found is not None and all(Path(p).parent == second / "triton" / "KEYA" for p in found.values()), found
+    assert Path(found["k.cubin"]).read_bytes() == b"\x7fELF"
+    import shutil
+
+    shutil.rmtree(tmp_path / "first")  # where the old paths pointed
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "third", filter="data")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "third" / "triton"))
+    assert triton_cache.FileCacheManager("KEYA").get_group("k.json") is None  # unrelocated: a miss

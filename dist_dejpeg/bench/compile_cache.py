@@ -11,7 +11,9 @@ old archive is replaced only once the new one is complete. A cache is only ever 
 truncated or corrupt (a gzip CRC or tar error) is reported in the summary and the steps compile from scratch; a
 member outside ``inductor/`` and ``triton/`` (or a link, a device) is refused the same way. Triton's kernels are
 keyed by their source and the card, so they are found again on any machine with the same card and software;
-inductor's own entries also key on its inputs (the torch version, the graph).
+inductor's own entries also key on its inputs (the torch version, the graph). Triton's group files
+(``__grp__*.json``) name each kernel's files by absolute path, and Triton treats a group whose files are not at
+those paths as a miss: unpacking points them at the files' new place (the check's scratch folder is new each time).
 
 Standard library only: the check runs this before anything is installed.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import re
 import shutil
@@ -84,7 +87,28 @@ def unpack(archive: Path, folder: Path) -> str:
         return f"{archive} not used ({type(err).__name__}: {err}): every compiled step compiles from scratch"
     files, size = _size(folder)
     source = f"{len(parts)} parts" if parts else "one file"
-    return f"{files} files ({_mb(size)}) unpacked from {archive} ({source}, {_mb(len(data))})"
+    moved = relocate_triton_groups(folder / "triton")
+    return (f"{files} files ({_mb(size)}) unpacked from {archive} ({source}, {_mb(len(data))})"
+            + (f"; {moved} Triton kernel groups pointed at their new place" if moved else ""))
+
+
+def relocate_triton_groups(triton: Path) -> int:
+    """Point every Triton group file under ``triton`` (``<key>/__grp__<name>.json``: {"child_paths": {file: absolute
+    path}}) at the files beside it, as Triton wrote them in a folder that may have moved since; returns how many
+    it changed. A group that is not such a table is left alone (Triton reads it as a miss)."""
+    changed = 0
+    for group in triton.glob("*/__grp__*.json"):
+        try:
+            data = json.loads(group.read_text())
+            paths = data["child_paths"]
+            moved = {name: str(group.parent / Path(old).name) for name, old in paths.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if moved != paths:
+            data["child_paths"] = moved
+            group.write_text(json.dumps(data))
+            changed += 1
+    return changed
 
 
 def pack(folder: Path, archive: Path, split_mib: int = 0) -> str:
