@@ -1,6 +1,7 @@
 """bench infer's order (issue 24): the GPU rows run first and stand in a section of their own, their results are on
 disk before any CPU row runs, and --no-cpu leaves the CPU rows out. A fake GPU list and a fake restorer stand in
-for CUDA (tests/test_bench.py runs the real CPU rows)."""
+for CUDA, and a recorder for the GPU section's own rows (tests/test_bench.py runs the real CPU rows, and those GPU
+rows with the CPU standing in)."""
 
 from __future__ import annotations
 
@@ -35,8 +36,12 @@ class Fake:
 
 @pytest.fixture
 def fake(monkeypatch, repo_root):
+    from dist_dejpeg.bench import infer
+
     monkeypatch.chdir(repo_root)
     monkeypatch.setattr("dist_dejpeg.restore.open_restorer", Fake)
+    # infer.gpu_rows (a tensor on the device, file to file): recorded where it is called, after the GPU's rows
+    monkeypatch.setattr(infer, "gpu_rows", lambda device, *args: Fake.calls.append((str(device), "gpu_rows", {})))
     Fake.calls, Fake.fail_on = [], None
     return Fake
 
@@ -47,7 +52,8 @@ def test_gpu_rows_first_in_their_own_section(tmp_path, fake):
     report = infer.run("configs/debug.yaml", TINY, tmp_path, repeats=1, sizes=SIZES, gpus=["cuda:0"])
     # (fp32, bf16) x (whole, tiled, and on the GPU tiled without graphs): the GPU's first
     assert [(device, precision) for device, precision, _ in fake.calls] == (
-        [("cuda:0", "fp32")] * 3 + [("cuda:0", "bf16")] * 3 + [("cpu", "fp32")] * 2 + [("cpu", "bf16")] * 2)
+        [("cuda:0", "fp32")] * 3 + [("cuda:0", "bf16")] * 3 + [("cuda:0", "gpu_rows")] + [("cpu", "fp32")] * 2
+        + [("cpu", "bf16")] * 2)
     assert fake.calls[2][2] == dict(tile=512, overlap=64, cuda_graphs=False)
     keys = list(report["results"])
     assert keys[:3] == ["cuda fp32 whole 32 x 48", "cuda fp32 tiled 512/64 32 x 48",
@@ -80,6 +86,7 @@ def test_no_cpu_runs_the_gpu_rows_alone(tmp_path, fake, capsys):
     report = infer.run("configs/debug.yaml", TINY, tmp_path, repeats=1, sizes=SIZES, modes=MODES, gpus=["cuda:0"],
                        shell={"32 x 48": (32, 48)}, onnx=True, cpu=False)
     assert {device for device, _, _ in fake.calls} == {"cuda:0"} and report["shell"] == {} and report["onnx"] == {}
+    assert fake.calls[-1] == ("cuda:0", "gpu_rows", {})
     assert all(k.startswith("cuda ") for k in report["results"]) and len(report["results"]) == 4
     with pytest.raises(ValueError, match="leaves nothing to measure"):
         infer.run("configs/debug.yaml", TINY, tmp_path, sizes=SIZES, modes=MODES, gpus=[], cpu=False)

@@ -144,6 +144,40 @@ def export_for_bench(model: Path, onnx_path: Path) -> tuple[Path | None, dict]:
     return onnx_path, {"export_s": result["export_s"], "max_abs_diff": result["max_abs_diff"]}
 
 
+def gpu_rows(device, path: Path, folder: Path, sizes: dict, repeats: int, add_row, results: dict) -> None:
+    """The GPU section's own rows (issue 24), after its restore rows: a float tensor on the device in and out (every
+    size in ``sizes``) in fp32 and bf16, the two precisions' PSNR against the clean photo at 2K (bf16 within 0.05 dB
+    of fp32), and file to file at restore's default precision. ``add_row(device, precision, mode, label, h, w,
+    timing)`` files a timed row; ``results`` takes the PSNR entry."""
+    import torch
+
+    from dist_dejpeg.restore import open_restorer
+    from dist_dejpeg.restore.files import restore_files
+
+    label = next((k for k in sizes if k.startswith("2040")), list(sizes)[-1])  # (tests: a small one)
+    h, w = sizes[label]
+    outputs = {}
+    for precision in ("fp32", "bf16"):
+        restorer = open_restorer(path, device=str(device), precision=precision, **TILED)
+        for size, (hh, ww) in sizes.items():
+            x = torch.from_numpy(photo(hh, ww)).to(device).permute(2, 0, 1).float().div_(255)
+            add_row(device, precision, TENSOR, size, hh, ww,
+                    measure(lambda: restorer.restore_tensor(x, QUALITY), warmup=2, steps=5, repeats=repeats,
+                            device=device))
+        outputs[precision] = restorer.restore_array(photo(h, w), QUALITY)
+    clean = clean_photo(h, w)
+    fp32, bf16 = psnr(outputs["fp32"], clean), psnr(outputs["bf16"], clean)
+    results[f"{device.type} bf16 vs fp32 {label}"] = {"psnr_fp32_db": fp32, "psnr_bf16_db": bf16,
+                                                      "bf16_minus_fp32_db": bf16 - fp32}
+    print(f"bench infer: {label} PSNR against the clean photo: fp32 {fp32:.3f} dB, bf16 {bf16:.3f} dB", flush=True)
+    restorer = open_restorer(path, device=str(device), **TILED)  # restore's default precision on this device
+    src = folder / "photo_2k.jpg"
+    src.write_bytes(jpeg_photo(h, w))
+    add_row(device, "bf16" if restorer.bf16 else "fp32", FILE, label, h, w,
+            measure(lambda: restore_files(restorer, [str(src)], folder / "out_gpu", progress=False), warmup=1,
+                    steps=1, repeats=repeats, device=device))
+
+
 def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int = 3, name: str = "infer",
         sizes: dict | None = None, modes: dict | None = None, shell: dict | None = None, onnx: bool = False,
         cpu: bool = True, gpus: list | None = None) -> dict:
@@ -194,34 +228,6 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int 
                         measure(lambda: restorer.restore_array(image, QUALITY), warmup=1 if cpu_row else 2,
                                 steps=1 if cpu_row else 5, repeats=repeats, device=device))
 
-    def gpu_rows(device, path: Path, folder: Path) -> None:
-        """A tensor on the GPU in and out (every GPU size) in fp32 and bf16, the two precisions' PSNR against
-        the clean photo at 2K (issue 24: bf16 within 0.05 dB of fp32), and file to file at the default."""
-        from dist_dejpeg.restore.files import restore_files
-
-        label = next((k for k in gpu_sizes if k.startswith("2040")), list(gpu_sizes)[-1])  # (tests: a small one)
-        h, w = gpu_sizes[label]
-        outputs = {}
-        for precision in ("fp32", "bf16"):
-            restorer = open_restorer(path, device=str(device), precision=precision, **TILED)
-            for size, (hh, ww) in gpu_sizes.items():
-                x = torch.from_numpy(photo(hh, ww)).to(device).permute(2, 0, 1).float().div_(255)
-                add_row(device, precision, TENSOR, size, hh, ww,
-                        measure(lambda: restorer.restore_tensor(x, QUALITY), warmup=2, steps=5, repeats=repeats,
-                                device=device))
-            outputs[precision] = restorer.restore_array(photo(h, w), QUALITY)
-        clean = clean_photo(h, w)
-        fp32, bf16 = psnr(outputs["fp32"], clean), psnr(outputs["bf16"], clean)
-        results[f"{device.type} bf16 vs fp32 {label}"] = {"psnr_fp32_db": fp32, "psnr_bf16_db": bf16,
-                                                          "bf16_minus_fp32_db": bf16 - fp32}
-        print(f"bench infer: {label} PSNR against the clean photo: fp32 {fp32:.3f} dB, bf16 {bf16:.3f} dB", flush=True)
-        restorer = open_restorer(path, device=str(device), **TILED)  # restore's default precision on this device
-        src = folder / "photo_2k.jpg"
-        src.write_bytes(jpeg_photo(h, w))
-        add_row(device, "bf16" if restorer.bf16 else "fp32", FILE, label, h, w,
-                measure(lambda: restore_files(restorer, [str(src)], folder / "out_gpu", progress=False), warmup=1,
-                        steps=1, repeats=repeats, device=device))
-
     def write(pending: str | None) -> dict:
         report = {"config": config, "overrides": list(overrides), "encoder": cfg.model.encoder,
                   "decoder_width": cfg.model.decoder_width, "torch_threads": torch.get_num_threads(),
@@ -255,7 +261,7 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int 
         for device in gpus:  # first: a step's time goes to them before any CPU row
             for precision in ("fp32", "bf16"):
                 restore_rows(device, precision, model, gpu_modes, gpu_sizes)
-            gpu_rows(device, model, Path(tmp))
+            gpu_rows(device, model, Path(tmp), gpu_sizes, repeats, add_row, results)
         if gpus and cpu:
             write("the CPU rows")
         if cpu:

@@ -64,8 +64,14 @@ class ImageRestorer:
         return contextlib.nullcontext()
 
     @staticmethod
-    def all_finite(rows) -> bool:
+    def finite(rows):
+        """Whether ``rows`` are all finite: a bool here; Restorer's is a device flag, read once per image."""
         return bool(np.isfinite(rows).all())
+
+    @staticmethod
+    def all_finite(flags: list) -> bool:
+        """One image's ``finite`` flags, read."""
+        return all(flags)
 
     @staticmethod
     def to_uint8(rows, out) -> None:
@@ -86,20 +92,21 @@ class ImageRestorer:
     # -- restoring ------------------------------------------------------------------------------------------
     def restore_tiled(self, image, quality: int | None, write: Callable[[int, int, Any], None]) -> bool:
         """One 3 x H x W image (uint8 or float 0..1, in ``arrays``' kind) restored, its rows handed to ``write``
-        as tiling.restore_tiled does; False when a restored value was NaN or infinite (a broken model), after
-        which nothing more is written."""
-        finite = True
+        as tiling.restore_tiled does; False when a restored value was NaN or infinite (a broken model): the
+        callers then pass the image through. Each band's check is ``finite``'s: a host bool stops the writing at
+        the first non-finite band; a device flag (on a GPU, a read per band would make the host wait between
+        bands) is read once, at the end, and every band is written."""
+        flags = []
 
         def checked(y0: int, y1: int, rows) -> None:
-            nonlocal finite
-            finite = finite and self.all_finite(rows)
-            if finite:
+            flags.append(self.finite(rows))  # before write, which may change rows in place
+            if not any(flag is False for flag in flags):
                 write(y0, y1, rows)
 
         with self.inference():  # torch: the blending too (the model's outputs are weighted in place)
             restore_tiled(lambda batch: self.forward(batch, quality), image, self.tile, self.overlap,
                           self.batch_size, checked, self.arrays, self.full_batches)
-        return finite
+        return self.all_finite(flags)
 
     def restore_rgb(self, rgb: np.ndarray, quality: int | None) -> np.ndarray | None:
         """H x W x 3 uint8 restored into a new H x W x 3 uint8 array; None where a restored value was NaN or

@@ -49,7 +49,7 @@ from dist_dejpeg.models.generator_file import load_model, ready_for_inference
 from dist_dejpeg.restore.base import ImageRestorer
 from dist_dejpeg.restore.guard import Decision, predicted_gain  # noqa: F401 - their old home
 from dist_dejpeg.restore.onnx_backend import OnnxRestorer, is_onnx
-from dist_dejpeg.restore.tiling import Arrays, restore_tiled
+from dist_dejpeg.restore.tiling import Arrays
 
 log = logging.getLogger(__name__)
 
@@ -176,19 +176,12 @@ class Restorer(ImageRestorer):
     def inference(self):
         return torch.inference_mode()  # no version counters: the outputs are weighted and written in place
 
-    def restore_tiled(self, image: torch.Tensor, quality: int | None, write) -> bool:
-        """ImageRestorer.restore_tiled, with each band's finite check kept on the device and read once, after the
-        last band: a read per band would make the host wait for the GPU between bands. Every band is written;
-        on False (a NaN or an infinity somewhere) the callers pass the image through instead."""
-        flags = []
+    @staticmethod
+    def finite(rows: torch.Tensor) -> torch.Tensor:
+        return torch.isfinite(rows).all()  # a device flag: no wait for the GPU at each band
 
-        def checked(y0: int, y1: int, rows: torch.Tensor) -> None:
-            flags.append(torch.isfinite(rows).all())  # before write, which may change rows in place
-            write(y0, y1, rows)
-
-        with self.inference():  # the blending too (the model's outputs are weighted in place)
-            restore_tiled(lambda batch: self.forward(batch, quality), image, self.tile, self.overlap,
-                          self.batch_size, checked, self.arrays, self.full_batches)
+    @staticmethod
+    def all_finite(flags: list) -> bool:
         return bool(torch.stack(flags).all()) if flags else True
 
     @staticmethod
