@@ -21,6 +21,7 @@ from skimage import data
 
 from dist_dejpeg.data.images import halve
 from dist_dejpeg.jpeg.quality import estimate_from_pixels
+from dist_dejpeg.metrics.fullref import psnr
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "stereo_motorcycle")
 QUALITIES = (10, 20, 30, 50, 75, 90)
@@ -31,10 +32,6 @@ def jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, "JPEG", quality=quality)
     return np.asarray(Image.open(buf).convert("RGB"))
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255.0 ** 2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 
 def photos() -> dict[str, np.ndarray]:

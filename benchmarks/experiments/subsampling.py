@@ -20,13 +20,10 @@ from PIL import Image
 
 from dist_dejpeg.data.shards import SAMPLE_VAL, sample_photo
 from dist_dejpeg.evaluation.evaluate import SUBSAMPLING
+from dist_dejpeg.metrics.fullref import psnr
 from dist_dejpeg.restore.restorer import Restorer
 
 QUALITIES = (10, 20, 30, 40, 60, 80, 90)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255.0 ** 2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 
 def main() -> None:

@@ -43,6 +43,7 @@ import numpy as np
 
 from dist_dejpeg.bench.common import add_common_arguments, config_of, measure, write_results
 from dist_dejpeg.config import load_config
+from dist_dejpeg.metrics.fullref import psnr
 
 SIZES = {"512 x 512": (512, 512), "2040 x 1356 (DIV2K 2K)": (1356, 2040)}
 MODES = {"whole": dict(tile=0), "tiled 512/64": dict(tile=512, overlap=64)}
@@ -79,11 +80,6 @@ def jpeg_photo(h: int, w: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(clean_photo(h, w)).save(buf, format="JPEG", quality=QUALITY)
     return buf.getvalue()
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * float(np.log10(255.0 ** 2 / mse)) if mse > 0 else float("inf")
 
 
 def photo(h: int, w: int) -> np.ndarray:
