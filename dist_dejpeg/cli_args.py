@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from dist_dejpeg.jpeg.formats import OUTPUT_FORMATS, SAME_FORMAT, TILE_FORMATS
+from dist_dejpeg.jpeg.formats import JPEG_SOURCE_ACTIONS, OUTPUT_FORMATS, SAME_FORMAT, SUBSAMPLING, TILE_FORMATS
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -55,7 +55,7 @@ def add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int]
                    help="lossless reference photos: files, folders (recursive) or WebDataset shards (.tar)")
     p.add_argument("--qualities", type=jpeg_quality, nargs="+", default=default_qualities, metavar="Q",
                    help="the JPEG qualities to compress the references at (libjpeg)")
-    p.add_argument("--subsampling", choices=("4:2:0", "4:2:2", "4:4:4"), default="4:2:0",
+    p.add_argument("--subsampling", choices=tuple(SUBSAMPLING), default="4:2:0",
                    help="the JPEGs' chroma subsampling (4:2:0: libjpeg's default, the published benchmarks'; "
                         "4:4:4: high-quality exports of some editors and cameras)")
     p.add_argument("--quality", dest="qualities", type=jpeg_quality, nargs="+", default=argparse.SUPPRESS,
@@ -84,7 +84,7 @@ def prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=int, default=0, help="stride between training tiles (0: half the tile)")
     p.add_argument("--shard-size", type=int, default=0, help="samples per shard (0: samples 64, folder and div2k 256)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="folder: share of images held out for validation")
-    p.add_argument("--jpeg-sources", choices=("halve", "keep", "skip"), default="halve",
+    p.add_argument("--jpeg-sources", choices=JPEG_SOURCE_ACTIONS, default="halve",
                    help="folder: photos whose pixels show JPEG compression (a .jpg, or a PNG saved from one) are "
                         "used halved (a 2x2 area mean erases the 8x8 grid; twice below q30), kept as they are, or "
                         "left out")

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from dist_dejpeg.data.shards import SAMPLE_VAL, sample_photo
-from dist_dejpeg.evaluation.evaluate import SUBSAMPLING
+from dist_dejpeg.jpeg.formats import SUBSAMPLING
 from dist_dejpeg.metrics.fullref import psnr
 from dist_dejpeg.restore.restorer import Restorer
 

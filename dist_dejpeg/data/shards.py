@@ -34,7 +34,7 @@ import webdataset as wds
 from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile, halve
 from dist_dejpeg.data.index import write_indexes
 from dist_dejpeg.data.verify import scan_path
-from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES
+from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES, JPEG_SOURCE_ACTIONS
 from dist_dejpeg.jpeg.quality import estimate_from_pixels
 from dist_dejpeg.run.files import atomic_write_bytes, temp_path
 
@@ -64,7 +64,6 @@ SAMPLE_DATASET = "samples (scikit-image bundled photographs)"
 # (benchmarks/experiments/halved_jpeg.py: a halved JPEG is as close to the halved original as a JPEG of it at q86
 # from q30, q93 from q50; from q10 and q20 halving once leaves q35 / q77, twice q83 / q96); "keep" uses it as it is
 # (its artefacts become clean targets); "skip" rejects it.
-JPEG_ACTIONS = ("halve", "keep", "skip")
 HALVE_TWICE_BELOW = 30
 
 
@@ -141,9 +140,9 @@ def write_dataset(out: str | Path, sources: list[tuple[str, str, Callable[[], np
     """Tile each source (name, split, load) into lossless tiles of ``fmt`` and write the train/val shards
     and the manifest. Sources that do not decode, or are smaller than a tile, are listed under "rejected"; sources
     whose pixels show a JPEG's quantization (jpeg.quality.estimate_from_pixels: a JPEG file, or a PNG saved from
-    one) under "jpeg_sources" with the quality found, and used as ``jpeg`` (one of JPEG_ACTIONS) says."""
-    if jpeg not in JPEG_ACTIONS:
-        raise ValueError(f"jpeg must be one of {', '.join(JPEG_ACTIONS)}, got {jpeg!r}")
+    one) under "jpeg_sources" with the quality found, and used as ``jpeg`` (one of JPEG_SOURCE_ACTIONS) says."""
+    if jpeg not in JPEG_SOURCE_ACTIONS:
+        raise ValueError(f"jpeg must be one of {', '.join(JPEG_SOURCE_ACTIONS)}, got {jpeg!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sinks = {"train": ShardSink(out, "train", shard_size, buffer=shard_size * 16, seed=seed, ext=fmt),
@@ -250,7 +249,7 @@ def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step
                    val_fraction: float = 0.1, seed: int = 0, fmt: str = "raw", jpeg: str = "halve") -> dict:
     """Shards from a folder of your own images (searched recursively). Validation images are whole
     photographs held out before tiling (never tiles of a training photograph). Prefer lossless sources: a JPEG
-    source would put its own artefacts into the "clean" target; ``jpeg`` (JPEG_ACTIONS) says what is done with
+    source would put its own artefacts into the "clean" target; ``jpeg`` (JPEG_SOURCE_ACTIONS) says what is done with
     those whose pixels show it (by default they are used halved)."""
     src = Path(src)
     files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

@@ -7,9 +7,9 @@ and measure the JPEG input and the restored output against the original with the
 Writes ``metrics.json`` (everything: settings, the model's metadata, per-quality means, per-image values),
 ``metrics.csv`` (one row per image, quality and input) and ``metrics.md`` (the per-quality tables). The
 compression is Pillow's libjpeg at 4:2:0 chroma subsampling, as PIL and OpenCV write by default and as the
-published JPEG-restoration tables use (``--subsampling 4:2:2`` / ``4:4:4``: as other encoders write). References must be lossless: a JPEG ground truth already holds
-artifacts, so it is refused unless ``--allow-lossy-reference``; so is a lossless file whose pixels show a JPEG's
-8x8 quantization (a PNG saved from a JPEG).
+published JPEG-restoration tables use (``--subsampling 4:2:2`` / ``4:4:4``: as other encoders write). References
+must be lossless: a JPEG ground truth already holds artifacts, so it is refused unless ``--allow-lossy-reference``;
+so is a lossless file whose pixels show a JPEG's 8x8 quantization (a PNG saved from a JPEG).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_dejpeg.data.images import BadImage, decode_component, decode_rgb8, jpeg_roundtrip
-from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES, LOSSY_SHARD_EXTS, LOSSY_SUFFIXES, SHARD_EXTS
+from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES, LOSSY_SHARD_EXTS, LOSSY_SUFFIXES, SHARD_EXTS, SUBSAMPLING
 from dist_dejpeg.jpeg.quality import estimate_from_pixels
 from dist_dejpeg.metrics.fullref import colour_metrics
 from dist_dejpeg.metrics.noref import unavailable_reason
@@ -36,8 +36,6 @@ from dist_dejpeg.restore.restorer import Restorer
 from dist_dejpeg.run.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
-
-SUBSAMPLING = {"4:2:0": 2, "4:2:2": 1, "4:4:4": 0}  # chroma subsampling -> Pillow's code for it
 
 
 class EvaluateError(ValueError):
