@@ -9,19 +9,21 @@
 #       in .gpu_wheels/cache for the next prepare). .gpu_wheels/ and .gpu_cache/ are ignored by git.
 # There, each call as soon as the last returns (the machine keeps /tmp only while it is warm, ~30 s):
 #   benchmarks/lease.sh stage        carry: .gpu_wheels/plain .gpu_wheels/dali-wheels.tar.part-00
-#   benchmarks/lease.sh stage        carry: .gpu_wheels/dali-wheels.tar.part-01   (then -02, -03)
-#   benchmarks/lease.sh check [gpu_check options]        carry: .gpu_wheels/dali-wheels.tar.part-04 .gpu_cache
+#   benchmarks/lease.sh stage        carry: .gpu_wheels/dali-wheels.tar.part-01   (then -02, -03, -04)
+#   benchmarks/lease.sh check [gpu_check options]        carry: .gpu_cache
 #       stage copies what the call carried into /tmp/gpu_wheels. check stages too, then runs the GPU check on that
-#       folder with inductor's and Triton's caches from and back into .gpu_cache/compile.tar.gz (parts of 15 MiB),
-#       and leaves in $OUT: check.tar.gz (the check's folder without weights: summary.md, logs, results,
-#       gpu-summary.json) and the cache's parts (at most 7 come back). Its exit code is the check's.
+#       folder with inductor's and Triton's caches from and back into .gpu_cache/compile.tar.gz (parts of 15 MiB,
+#       at most 56 MiB: what comes back is 64 MiB in all and what travels 64 MiB with the ~3 MiB checkout; a bigger
+#       cache goes without Triton's folder, or stays as it was), and leaves in $OUT: check.tar.gz (the check's
+#       folder without weights: summary.md, logs, results, gpu-summary.json) and the cache's parts (at most 4).
+#       Its exit code is the check's.
 # Here again, with the reply's files_at:
 #   benchmarks/lease.sh keep FILES_AT
 #       the cache's parts into .gpu_cache/ (the next check call carries them: rows compiled once are not compiled
 #       again), the check's folder into benchmarks/results/gpu-<card>-<date>/ and its gpu-summary.json to
 #       benchmarks/results/gpu-summary.json (commit both).
 #
-# A lease's 15 minutes: ~2-3 to start the machine, ~1 for the four stage calls, so one check call of at most
+# A lease's 15 minutes: ~2-3 to start the machine, ~1 for the five stage calls, so one check call of at most
 # `--budget 540` (run's timeout_s 600). Its steps go cheapest-new first (gpu tests, bench infer, then bench train's
 # compiled rows, which fill what is left); the compile cache that comes back makes the next lease's rows quick:
 # then `check --steps bench_train,train --compile` trains the recipe compiled as configs/div2k.yaml does.
@@ -37,7 +39,8 @@ RESULTS=${LEASE_RESULTS:-$ROOT/benchmarks/results}
 AT=${WHEELS_AT:-/tmp/gpu_wheels}
 PYTHON=${PYTHON:-python3}
 CACHE_FILE=compile.tar.gz
-SPLIT_MIB=15  # 8 files of 16 MiB come back: check.tar.gz and up to 7 parts
+SPLIT_MIB=15  # files of at most 16 MiB come back (8 of them)
+MAX_MIB=56    # ... and 64 MiB in all: check.tar.gz (logs and tables) and at most 4 parts; the next call carries them
 
 usage() {
     awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
@@ -76,7 +79,8 @@ case ${1:-} in
         mkdir -p "$CACHE"
         cd "$ROOT" || fail "cannot enter $ROOT"
         PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} "$PYTHON" -m dist_dejpeg.bench.gpu_check --wheels "$AT" \
-            --out "$OUT/check" --compile-cache "$CACHE/$CACHE_FILE" --compile-cache-split "$SPLIT_MIB" "$@"
+            --out "$OUT/check" --compile-cache "$CACHE/$CACHE_FILE" --compile-cache-split "$SPLIT_MIB" \
+            --compile-cache-max "$MAX_MIB" "$@"
         rc=$?
         # weights and checkpoints stay behind (tens of MB; a file back is at most 16 MiB): logs, tables and JSON come
         tar -czf "$OUT/check.tar.gz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.pth' --exclude='*.bin' \

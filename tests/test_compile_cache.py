@@ -187,3 +187,44 @@ def test_triton_finds_its_kernels_after_the_cache_moved(tmp_path, monkeypatch):
         tar.extractall(tmp_path / "third", filter="data")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "third" / "triton"))
     assert triton_cache.FileCacheManager("KEYA").get_group("k.json") is None  # unrelocated: a miss
+
+
+def test_over_the_limit_packs_without_triton_or_keeps_the_old_archive(tmp_path):
+    """--compile-cache-max: 2.5 MB of Triton's (random, incompressible) over 1 MiB: packed without Triton's folder,
+    and said so; inductor's own entries over it too: nothing written, the last archive kept whole."""
+    files = _cache(tmp_path / "a")
+    archive = tmp_path / "compile.tar.gz"
+    line = pack(tmp_path / "a", archive, 1, max_mib=1)
+    assert "2 files packed" in line and "is over --compile-cache-max 1 MiB" in line, line
+    assert "without Triton's folder" in line, line
+    assert len(parts_of(archive)) == 1
+    unpack(archive, tmp_path / "b")
+    assert _files(tmp_path / "b") == {k: v for k, v in files.items() if k.startswith("inductor/")}
+    before = {p.name: p.read_bytes() for p in parts_of(archive)}
+    (tmp_path / "a" / "inductor" / "fxgraph" / "ab" / "big").write_bytes(os.urandom(1_200_000))
+    line = pack(tmp_path / "a", archive, 1, max_mib=1)
+    assert line.startswith("not written") and f"{archive} left as it was" in line, line
+    assert {p.name: p.read_bytes() for p in parts_of(archive)} == before
+    assert not list(tmp_path.glob("*.writing*"))
+    line = pack(tmp_path / "a", archive, 1, max_mib=8)  # under the limit: everything
+    assert "5 files packed" in line and "Triton" not in line, line
+
+
+def test_packing_drops_tritons_irs_and_triton_still_finds_the_kernel(tmp_path, monkeypatch):
+    """A kernel as Triton caches it (metadata, binary and four IRs, one group): packed without the IRs, it is
+    still a hit for Triton's own cache manager after the move, with the metadata and the binary it loads."""
+    triton_cache = pytest.importorskip("triton.runtime.cache")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "first" / "triton"))
+    manager = triton_cache.FileCacheManager("KEYB")
+    made = {"k.json": '{"name": "k"}', "k.cubin": b"\x7fELF" + os.urandom(100), "k.ptx": "//" + "x" * 5000,
+            "k.ttir": "module {}", "k.ttgir": "module {}", "k.llir": "; llvm"}
+    manager.put_group("k.json", {name: manager.put(data, name) for name, data in made.items()})
+    line = pack(tmp_path / "first", tmp_path / "compile.tar.gz")
+    assert "Triton's intermediate IRs dropped" in line, line
+    unpack(tmp_path / "compile.tar.gz", tmp_path / "second")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "second" / "triton"))
+    found = triton_cache.FileCacheManager("KEYB").get_group("k.json")
+    assert found is not None and sorted(found) == ["k.cubin", "k.json"], found
+    assert Path(found["k.cubin"]).read_bytes() == made["k.cubin"]
+    assert sorted(p.name for p in (tmp_path / "second" / "triton" / "KEYB").iterdir()) == [
+        "__grp__k.json", "k.cubin", "k.json"]

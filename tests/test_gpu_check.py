@@ -126,9 +126,12 @@ def test_usage_errors_exit_2(tmp_path):
              "step": (["--wheels", tmp_path, "--out", out, "--steps", "train,nope"], "unknown step 'nope'"),
              "wheels": (["--wheels", empty, "--out", out], "no wheels"),
              "settings": (["--wheels", tmp_path, "--out", out, "--settings", tmp_path / "none.yaml"], "settings"),
-             "split": (["--wheels", tmp_path, "--out", out, "--compile-cache-split", "15"], "needs --compile-cache"),
+             "split": (["--wheels", tmp_path, "--out", out, "--compile-cache-split", "15"], "need --compile-cache"),
              "split size": (["--wheels", tmp_path, "--out", out, "--compile-cache", tmp_path / "c.tgz",
-                             "--compile-cache-split", "0"], "whole MiB"),
+                             "--compile-cache-split", "0"], "--compile-cache-split: takes whole MiB"),
+             "max": (["--wheels", tmp_path, "--out", out, "--compile-cache-max", "56"], "need --compile-cache"),
+             "max size": (["--wheels", tmp_path, "--out", out, "--compile-cache", tmp_path / "c.tgz",
+                           "--compile-cache-max", "5x"], "--compile-cache-max: takes whole MiB"),
              "cache folder": (["--wheels", tmp_path, "--out", out, "--compile-cache", empty], "is a folder")}
     for case, (argv, message) in cases.items():
         proc = _run([*CHECK, *argv], timeout=60, cwd=REPO, env=_env())

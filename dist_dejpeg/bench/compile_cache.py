@@ -15,6 +15,11 @@ inductor's own entries also key on its inputs (the torch version, the graph). Tr
 (``__grp__*.json``) name each kernel's files by absolute path, and Triton treats a group whose files are not at
 those paths as a miss: unpacking points them at the files' new place (the check's scratch folder is new each time).
 
+What travels is kept small: packing drops each Triton kernel's intermediate IRs (Triton loads a cached kernel from
+its metadata and binary alone), and with ``--compile-cache-max MIB`` an archive over MIB MiB is written without
+Triton's folder (inductor's FX graph entries carry their kernels' winning configs, ``bundle_triton_into_fx_graph_
+cache``, on by default), or not at all (the old one stays), so it always fits a machine's limits on what comes back.
+
 Standard library only: the check runs this before anything is installed.
 """
 
@@ -31,6 +36,9 @@ import zlib
 from pathlib import Path
 
 PARTS = ".part-"  # + 00, 01, ...
+# the intermediate IRs Triton keeps beside a kernel's metadata (.json) and binary (.cubin, .hsaco, .zebin): a cache
+# hit reads every file its group names, but only the binary is loaded (triton/compiler/compiler.py: CompiledKernel)
+TRITON_IRS = frozenset({"source", "ttir", "ttgir", "llir", "ptx", "amdgcn", "spv"})
 MEMBERS = ("inductor", "triton")  # the two caches, as folders of the archive and of the unpacked cache
 MAX_SPLIT_MIB = 1024
 
@@ -111,17 +119,54 @@ def relocate_triton_groups(triton: Path) -> int:
     return changed
 
 
-def pack(folder: Path, archive: Path, split_mib: int = 0) -> str:
+def prune_triton_irs(triton: Path) -> int:
+    """Drop the intermediate IRs (``TRITON_IRS``) of every kernel group under ``triton`` and their lines in the
+    group, so that Triton still finds the kernel (its metadata and binary); returns the bytes freed. A group that
+    is not such a table, or that would keep no metadata and binary, is left whole."""
+    freed = 0
+    for group in triton.glob("*/__grp__*.json"):
+        try:
+            data = json.loads(group.read_text())
+            paths = dict(data["child_paths"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        keep = {name: path for name, path in paths.items() if name.rpartition(".")[2] not in TRITON_IRS}
+        if len(keep) == len(paths) or len(keep) < 2 or not any(name.endswith(".json") for name in keep):
+            continue
+        data["child_paths"] = keep
+        group.write_text(json.dumps(data))
+        for name in paths.keys() - keep.keys():
+            ir = group.parent / Path(name).name
+            if ir.is_file():
+                freed += ir.stat().st_size
+                ir.unlink()
+    return freed
+
+
+def pack(folder: Path, archive: Path, split_mib: int = 0, max_mib: int = 0) -> str:
     """Write ``folder``'s caches to the archive (one .tar.gz, or parts of at most ``split_mib`` MiB), replacing the
-    old one (file and parts) only once the new one is written; a line for the summary saying what."""
+    old one (file and parts) only once the new one is written; a line for the summary saying what. Triton's
+    kernels lose their intermediate IRs first (in ``folder``); with ``max_mib`` an archive over it is written
+    without Triton's folder, or, still over, not at all (the old archive stays)."""
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(archive.name + ".writing")
+    freed = prune_triton_irs(folder / "triton") if (folder / "triton").is_dir() else 0
+    notes = [f"Triton's intermediate IRs dropped ({_mb(freed)})"] if freed else []
     try:
-        with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
-            for name in MEMBERS:
-                if (folder / name).is_dir():
-                    tar.add(folder / name, arcname=name, filter=_plain)
-        size = tmp.stat().st_size
+        for members in [MEMBERS, MEMBERS[:1]] if max_mib else [MEMBERS]:
+            with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+                for name in members:
+                    if (folder / name).is_dir():
+                        tar.add(folder / name, arcname=name, filter=_plain)
+            size = tmp.stat().st_size
+            if not max_mib or size <= max_mib * 2**20:
+                break
+            notes.append(f"{_mb(size)} with {' and '.join(members)} is over --compile-cache-max {max_mib} MiB")
+        else:
+            tmp.unlink()
+            return f"not written: {'; '.join(notes)}; {archive} left as it was"
+        if members != MEMBERS:
+            notes.append("packed without Triton's folder (inductor's FX graph entries carry their kernels)")
         new = [tmp]
         if split_mib:
             step, new = split_mib * 2**20, []
@@ -139,9 +184,9 @@ def pack(folder: Path, archive: Path, split_mib: int = 0) -> str:
         old.unlink(missing_ok=True)
     for path in new:
         os.replace(path, archive.with_name(archive.name + path.name[len(tmp.name):]))
-    files, _ = _size(folder)
+    files = sum(_size(folder / name)[0] for name in members)
     where = f"{len(new)} parts {archive.name}{PARTS}NN" if split_mib else "one file"
-    return f"{files} files packed into {archive} ({where}, {_mb(size)})"
+    return f"{files} files packed into {archive} ({where}, {_mb(size)})" + "".join(f"; {n}" for n in notes)
 
 
 def _plain(info: tarfile.TarInfo) -> tarfile.TarInfo | None:

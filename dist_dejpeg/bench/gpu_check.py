@@ -105,6 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-cache-split", type=_split, default=0, metavar="MIB",
                         help="write the compile cache as parts FILE.part-00, -01, ... of at most MIB MiB (for a "
                              "machine that returns files of limited size)")
+    parser.add_argument("--compile-cache-max", type=_split, default=0, metavar="MIB",
+                        help="over MIB MiB the cache is packed without Triton's folder, or not at all (old one kept)")
     parser.add_argument("--settings", default="", metavar="YAML",
                         help="the steps' settings ('': configs/gpu_check.yaml of the checkout)")
     parser.add_argument("--commit", default="",
@@ -119,7 +121,7 @@ def _seconds(text: str) -> int:
 
 def _split(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= MAX_SPLIT_MIB:
-        raise argparse.ArgumentTypeError(f"--compile-cache-split takes whole MiB from 1 to {MAX_SPLIT_MIB}")
+        raise argparse.ArgumentTypeError(f"takes whole MiB from 1 to {MAX_SPLIT_MIB}")
     return int(text)
 
 
@@ -166,8 +168,8 @@ def main(args: argparse.Namespace) -> int:
     if not sorted(Path(args.wheels).glob("*.whl")):
         return _error(f"no wheels in '{args.wheels}' (make them with benchmarks/gpu_wheels.sh DIR where pip reaches "
                       f"PyPI)")
-    if args.compile_cache_split and not args.compile_cache:
-        return _error("--compile-cache-split needs --compile-cache FILE")
+    if (args.compile_cache_split or args.compile_cache_max) and not args.compile_cache:
+        return _error("--compile-cache-split and --compile-cache-max need --compile-cache FILE")
     if args.compile_cache and Path(args.compile_cache).is_dir():
         return _error(f"--compile-cache names a file (a .tar.gz), and '{args.compile_cache}' is a folder")
     root = repo_root()
@@ -227,7 +229,8 @@ def _pack_cache(args, work: Path) -> str:
     """Pack the steps' compile caches into --compile-cache; a failure (a full disk) is reported, never raised: the
     check's own results come first, and the old archive stays as it was."""
     try:
-        line = pack(work / "cache" / "compile", Path(args.compile_cache).resolve(), args.compile_cache_split)
+        line = pack(work / "cache" / "compile", Path(args.compile_cache).resolve(), args.compile_cache_split,
+                    args.compile_cache_max)
     except OSError as err:
         line = f"not written ({type(err).__name__}: {err}); {args.compile_cache} left as it was"
     print(f"gpu_check: compile cache: {line}", flush=True)
