@@ -560,3 +560,34 @@ def test_gan_phase_picks_the_generator_from_before_the_gan_phase(experiment, tmp
         gan_phase.gen_only_checkpoint(run, ["gen"])
     out = subprocess.run([sys.executable, str(EXPERIMENTS / "gan_phase.py"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "python benchmarks/experiments/gan_phase.py" in out.stdout
+
+
+def test_before_after_alternates_sides_and_tables_medians(tmp_path, monkeypatch, experiment):
+    """benchmarks/experiments/before_after.py: the old commit runs from a worktree of its own (removed after), the
+    rounds alternate old, new, new, old, and each row's median per side and new / old are tabled (benches faked)."""
+    import shutil
+    import subprocess
+
+    repo = Path(__file__).parents[1]
+    if shutil.which("git") is None or subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD~1"],
+                                                     capture_output=True).returncode:
+        pytest.skip("needs a git checkout with history")
+    before_after = experiment("before_after")
+    calls, trees = [], []
+
+    def fake(tree, which, out, name, extra):
+        side = "old" if tree != before_after.REPO else "new"
+        calls.append((side, which))
+        trees.append(tree)
+        assert (tree / "dist_dejpeg" / "__init__.py").is_file()
+        value = {"old": [10.0, 30.0, 20.0], "new": [5.0, 9.0, 7.0]}[side][sum(c == (side, which) for c in calls) - 1]
+        return {f"{which}: row": value}
+
+    monkeypatch.setattr(before_after, "run_side", fake)
+    assert before_after.main(["HEAD~1", "--rounds", "3", "--results", str(tmp_path), "--name", "ab"]) == 0
+    assert [side for side, which in calls if which == "train"] == ["old", "new", "new", "old", "old", "new"]
+    assert not any(t.exists() for t in trees if t != before_after.REPO)  # the worktree is gone
+    report = json.loads((tmp_path / "ab.json").read_text())
+    row = report["results"]["train: row"]
+    assert (row["old_ms"], row["new_ms"]) == (20.0, 7.0) and math.isclose(row["new_over_old"], 0.35)
+    assert "| train: row | 20.0 | 7.0 | 0.35 |" in (tmp_path / "ab.md").read_text()
