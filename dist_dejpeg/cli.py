@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from dist_dejpeg import version
+from dist_dejpeg.jpeg.formats import JPEG_SOURCE_ACTIONS
 from dist_dejpeg.cli_args import (HelpFormatter, evaluate_arguments, export_arguments, prepare_arguments,
                                   report_arguments, restore_arguments, status_arguments, train_arguments)
 
@@ -79,11 +80,9 @@ def _prepare(args: argparse.Namespace) -> int:
         print(f"rejected {item['source']}: {item['reason']}", file=sys.stderr)
     if jpeg := manifest.get("jpeg_sources"):
         named = ", ".join(f"{n} (q{q})" for n, q in list(jpeg.items())[:5]) + (", ..." if len(jpeg) > 5 else "")
-        done = {"halve": "used at half size (a quarter below q30), where a 2x2 area mean erases the 8x8 grid "
-                         "(--jpeg-sources keep: as they are; skip: left out)",
-                "keep": "kept as they are (--jpeg-sources keep): their artefacts become the clean targets the "
-                        "model learns to produce",
-                "skip": "left out (--jpeg-sources skip)"}[manifest.get("jpeg_action", "keep")]
+        action = manifest.get("jpeg_action", "keep")
+        others = " or ".join(a for a in JPEG_SOURCE_ACTIONS if a != action)
+        done = f"{JPEG_SOURCE_ACTIONS[action]} (--jpeg-sources {action}; the others: {others})"
         print(f"warning: {len(jpeg)} photo(s) carry JPEG compression in their pixels: {named}; {done}. Lossless "
               f"originals are better (manifest.json: jpeg_sources).", file=sys.stderr)
     if splits["val"]["samples"] == 0:

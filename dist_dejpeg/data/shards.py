@@ -182,7 +182,7 @@ def write_dataset(out: str | Path, sources: list[tuple[str, str, Callable[[], np
     if jpeg_sources:
         log.warning("%d of %d sources carry JPEG compression in their pixels (%s): %s", len(jpeg_sources),
                     len(sources), ", ".join(f"{n} q{q}" for n, q in jpeg_sources.items()),
-                    {"halve": "used halved", "keep": "its artefacts become clean targets", "skip": "left out"}[jpeg])
+                    JPEG_SOURCE_ACTIONS[jpeg])
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode())
     log.info("wrote %d train / %d val tiles to %s (%d sources rejected)", splits["train"]["samples"],
              splits["val"]["samples"], out, len(rejected))
