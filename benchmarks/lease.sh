@@ -6,10 +6,12 @@
 #   benchmarks/lease.sh prepare
 #       the wheel folder of gpu_wheels.sh --dali --split 57, laid out for carrying: .gpu_wheels/plain/ (the small
 #       wheels and DALI's sha256 file) and .gpu_wheels/dali-wheels.tar.part-00 ... -04 (DALI's downloads are kept
-#       in .gpu_wheels/cache for the next prepare). .gpu_wheels/ and .gpu_cache/ are ignored by git.
+#       in .gpu_wheels/cache for the next prepare). .gpu_wheels/ and .gpu_cache/ are ignored by git. Then plan.
+#   benchmarks/lease.sh plan
+#       the calls below with what each carries and its size with the checkout (exit 1 where one is over 64 MiB).
 # There, each call as soon as the last returns (the machine keeps /tmp only while it is warm, ~30 s):
-#   benchmarks/lease.sh stage        carry: .gpu_wheels/plain .gpu_wheels/dali-wheels.tar.part-00
-#   benchmarks/lease.sh stage        carry: .gpu_wheels/dali-wheels.tar.part-01   (then -02, -03, -04)
+#   benchmarks/lease.sh stage        carry: .gpu_wheels/dali-wheels.tar.part-00   (then -01, -02, -03)
+#   benchmarks/lease.sh stage        carry: .gpu_wheels/plain .gpu_wheels/dali-wheels.tar.part-04   (the smallest)
 #   benchmarks/lease.sh check [gpu_check options]        carry: .gpu_cache
 #       stage copies what the call carried into /tmp/gpu_wheels. check stages too, then runs the GPU check on that
 #       folder with inductor's and Triton's caches from and back into .gpu_cache/compile.tar.gz (parts of 15 MiB,
@@ -47,6 +49,42 @@ usage() {
     exit "$1"
 }
 fail() { echo "lease.sh: error: $*" >&2; exit 1; }
+CARRY_MIB=64  # what one call carries: the checkout's files that git does not ignore, and the paths of `carry`
+
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+
+bytes_of() {  # the apparent size of files and folders, summed
+    (( $# )) || { echo 0; return; }
+    du -cbs "$@" 2>/dev/null | tail -1 | cut -f1
+}
+
+plan() {
+    local tree calls=() call i=0 over=0 size
+    # the checkout as the device tool sends it: tracked files and the untracked ones git does not ignore
+    tree=$(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null \
+           | tail -1 | cut -f1)
+    [[ $tree =~ ^[0-9]+$ ]] || fail "cannot size the checkout $ROOT (not a git checkout?)"
+    shopt -s nullglob
+    local parts=("$WHEELS"/dali-wheels.tar.part-*)
+    if (( ${#parts[@]} )); then
+        for part in "${parts[@]::${#parts[@]}-1}"; do calls+=("stage|$part"); done
+        calls+=("stage|$WHEELS/plain ${parts[-1]}")  # the last part is the smallest
+        calls+=("check|$CACHE")
+    else
+        calls+=("check|$WHEELS/plain $CACHE")
+    fi
+    echo "lease.sh: the calls, each as soon as the last returns (the checkout: $(mib "$tree") MiB of each):"
+    for call in "${calls[@]}"; do
+        i=$((i + 1))
+        read -ra carried <<< "${call#*|}"
+        size=$((tree + $(bytes_of "${carried[@]}")))
+        printf '  %d. lease.sh %-6s carry: %s  (%s MiB of %d)%s\n' "$i" "${call%%|*}" "${carried[*]#"$ROOT"/}" \
+            "$(mib "$size")" "$CARRY_MIB" "$( ((size > CARRY_MIB * 1048576)) && echo "  OVER" )"
+        ((size > CARRY_MIB * 1048576)) && over=1
+    done
+    ((over)) && echo "lease.sh: a call is over ${CARRY_MIB} MiB: split smaller (gpu_wheels.sh --split) or trim the checkout" >&2
+    return "$over"
+}
 
 stage() {
     mkdir -p "$AT" || fail "cannot make $AT"
@@ -69,8 +107,8 @@ case ${1:-} in
         shopt -s nullglob
         parts=("$WHEELS"/plain/dali-wheels.tar.part-*)
         (( ${#parts[@]} )) && mv "${parts[@]}" "$WHEELS/"
-        echo "lease.sh: carry $WHEELS/plain ($(du -sh "$WHEELS/plain" | cut -f1))" \
-             "$( (( ${#parts[@]} )) && echo "with the first of DALI's parts: ${parts[*]##*/}" || echo "(no DALI)")" ;;
+        plan ;;
+    plan) plan ;;
     stage) stage ;;
     check)
         shift

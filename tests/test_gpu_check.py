@@ -510,6 +510,37 @@ def test_lease_stages_checks_and_keeps(wheels, tmp_path):
     assert proc.returncode == 0 and len(list(results.glob("gpu-cpu-*"))) == 2, proc.stdout + proc.stderr
 
 
+def test_lease_plan_sizes_each_call_with_the_checkout(tmp_path):
+    """`lease.sh plan` lists the calls (a stage call per DALI part, the small wheels with the last, smallest part,
+    then check with the cache) and each call's size with the checkout; one over 64 MiB fails, named."""
+    if not (REPO / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    wheels, cache = tmp_path / "wheels", tmp_path / "cache"
+    (wheels / "plain").mkdir(parents=True)
+    cache.mkdir()
+    (wheels / "plain" / "a.whl").write_bytes(b"x" * 2**20)
+    for i, mib in enumerate((57, 57, 20)):
+        with open(wheels / f"dali-wheels.tar.part-{i:02d}", "wb") as f:
+            f.truncate(mib * 2**20)  # sparse: the apparent size is what travels
+    env = _env(LEASE_WHEELS=str(wheels), LEASE_CACHE=str(cache))
+    proc = _run(["bash", LEASE_SH, "plan"], timeout=60, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = [line.split("carry: ")[1] for line in proc.stdout.splitlines() if "carry: " in line]
+    assert [c.split("  (")[0] for c in calls] == [
+        f"{wheels}/dali-wheels.tar.part-00", f"{wheels}/dali-wheels.tar.part-01",
+        f"{wheels}/plain {wheels}/dali-wheels.tar.part-02", str(cache)], calls
+    checkout = float(proc.stdout.split("(the checkout: ")[1].split(" MiB")[0])
+    assert 0.5 < checkout < 20, proc.stdout
+    first = float(calls[0].split("  (")[1].split(" MiB")[0])
+    assert abs(first - (57 + checkout)) < 0.2, (first, checkout)
+    with open(wheels / "dali-wheels.tar.part-01", "wb") as f:
+        f.truncate(63 * 2**20)
+    proc = _run(["bash", LEASE_SH, "plan"], timeout=60, env=env)
+    assert proc.returncode == 1 and "is over 64 MiB" in proc.stderr, proc.stdout + proc.stderr
+    assert [line.endswith("OVER") for line in proc.stdout.splitlines() if "carry: " in line] == [
+        False, True, False, False], proc.stdout
+
+
 def test_lease_folders_are_ignored_by_git():
     """.gpu_wheels/ (~250 MB of wheels) and .gpu_cache/ travel to the device only where a call names them in
     `carry`: the device tool copies every file git does not ignore, so they must be ignored."""
