@@ -26,9 +26,10 @@
 #       benchmarks/results/gpu-summary.json (commit both).
 #
 # A lease's 15 minutes: ~2-3 to start the machine, ~1 for the five stage calls, so one check call of at most
-# `--budget 540` (run's timeout_s 600). Its steps go cheapest-new first (gpu tests, bench infer, then bench train's
-# compiled rows, which fill what is left); the compile cache that comes back makes the next lease's rows quick:
-# then `check --steps bench_train,train --compile` trains the recipe compiled as configs/div2k.yaml does.
+# `--budget 540` (run's timeout_s 600). Its steps go cheapest-new first: the gpu tests (up to 300 s on a cold
+# cache: two of them compile), bench infer (~1-2 min), then bench train's compiled rows, which fill what is left;
+# the compile cache that comes back makes the next lease's compiled tests and rows quick: then
+# `check --steps bench_train,train --compile` trains the recipe compiled as configs/div2k.yaml does.
 # Without DALI (plain wheels only, one call): prepare --no-dali, then check carrying .gpu_wheels/plain and .gpu_cache.
 # LEASE_WHEELS, LEASE_CACHE, LEASE_RESULTS, WHEELS_AT move .gpu_wheels, .gpu_cache, benchmarks/results and
 # /tmp/gpu_wheels; PYTHON names the interpreter (default python3).

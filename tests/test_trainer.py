@@ -507,36 +507,6 @@ def cuda_fast(tmp_path: Path, shards: Path, *overrides: str):
 
 
 @pytest.mark.gpu
-@pytest.mark.timeout(300)  # compiling generator and LPIPS took over 75 s on an H100 machine
-def test_compiled_generator_trains_on_cuda(tmp_path, shards):
-    """torch.compile of generator and LPIPS in a gen phase (the all-phases test runs eagerly: compiling every
-    mode of both models took over 100 s on an H200 machine's 16 cores)."""
-    t = Trainer(cuda_fast(tmp_path, shards, "train.order=[gen]", "train.phases.gen.steps=3"))
-    before = params(t.gen_raw)
-    t.fit()
-    after = params(t.gen_raw)
-    assert changed(before, after)
-    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
-
-
-@pytest.mark.gpu
-@pytest.mark.timeout(300)  # compiling (as the test above), and again for CUDA graphs' eval-mode validation
-def test_cuda_graphs_train_and_validate_on_cuda(tmp_path, shards):
-    """train.compile_mode=reduce-overhead: the gen phase trains and validates with CUDA graphs (the outputs of
-    one replay are not read after the next)."""
-    t = Trainer(cuda_fast(tmp_path, shards, "train.order=[gen]", "train.phases.gen.steps=4",
-                          "train.compile_mode=reduce-overhead"))
-    assert t.cudagraphs
-    before = params(t.gen_raw)
-    results = t.fit()
-    after = params(t.gen_raw)
-    assert changed(before, after)
-    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
-    for q, groups in results.items():
-        assert all(torch.isfinite(torch.tensor(v)) for v in groups["restored"].values()), q
-
-
-@pytest.mark.gpu
 def test_the_step_never_waits_for_the_gpu_on_cuda(tmp_path, shards):
     """Issue 24, no host syncs in the step: between due host checks the gen, critic and gan updates (bf16, fused
     AdamW, LPIPS, EMA, the chroma-weighted pixel loss, the blind-quality mask) make no call that waits for the GPU.
@@ -592,6 +562,38 @@ def test_deferred_checks_skip_nonfinite_updates_on_cuda(tmp_path, shards):
         t.fit()
     assert ckpt.latest_checkpoint(tmp_path / "run").name == f"step-{4:08d}"
     assert all(torch.isfinite(v).all() for v in params(t.gen_raw).values() if v.is_floating_point())
+
+
+# the two compiled GPU tests come after the others: if the GPU check's pytest step runs out of time while they
+# compile (cold, over a minute each), every other GPU test has run
+@pytest.mark.gpu
+@pytest.mark.timeout(300)  # compiling generator and LPIPS took over 75 s on an H100 machine
+def test_compiled_generator_trains_on_cuda(tmp_path, shards):
+    """torch.compile of generator and LPIPS in a gen phase (the all-phases test runs eagerly: compiling every
+    mode of both models took over 100 s on an H200 machine's 16 cores)."""
+    t = Trainer(cuda_fast(tmp_path, shards, "train.order=[gen]", "train.phases.gen.steps=3"))
+    before = params(t.gen_raw)
+    t.fit()
+    after = params(t.gen_raw)
+    assert changed(before, after)
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)  # compiling (as the test above), and again for CUDA graphs' eval-mode validation
+def test_cuda_graphs_train_and_validate_on_cuda(tmp_path, shards):
+    """train.compile_mode=reduce-overhead: the gen phase trains and validates with CUDA graphs (the outputs of
+    one replay are not read after the next)."""
+    t = Trainer(cuda_fast(tmp_path, shards, "train.order=[gen]", "train.phases.gen.steps=4",
+                          "train.compile_mode=reduce-overhead"))
+    assert t.cudagraphs
+    before = params(t.gen_raw)
+    results = t.fit()
+    after = params(t.gen_raw)
+    assert changed(before, after)
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    for q, groups in results.items():
+        assert all(torch.isfinite(torch.tensor(v)) for v in groups["restored"].values()), q
 
 
 def test_checkpoint_saves_channels_last_tensors(tmp_path):
