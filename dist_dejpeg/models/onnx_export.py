@@ -87,7 +87,9 @@ def fold_spectral_norm(generator: nn.Module) -> nn.Module:
 
 
 class PaddedGenerator(nn.Module):
-    """What gets exported: pad to the generator's largest stride (reflect), run it, crop back."""
+    """What gets exported: pad to the generator's largest stride (reflect), run it, crop back (the generator's own
+    padding is a branch on the input's size, which an export with dynamic sizes cannot hold). The correction is
+    cropped before keep_mean centres it, as the generator does: its mean over the padding would shift the colours."""
 
     def __init__(self, generator: nn.Module):
         super().__init__()
@@ -97,7 +99,7 @@ class PaddedGenerator(nn.Module):
     def forward(self, degraded: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
         h, w = degraded.shape[-2:]
         padded = F.pad(degraded, (0, (-w) % self.pad_to, 0, (-h) % self.pad_to), mode="reflect")
-        return self.generator(padded, quality)[..., :h, :w]
+        return (degraded + self.generator.correction(padded, quality, size=(h, w))).clamp(0.0, 1.0)
 
 
 def load_check_image(check_image=None) -> np.ndarray:

@@ -135,9 +135,11 @@ class Generator(nn.Module):
         self.conditioned = quality_conditioning
         self.film = QualityFiLM([width, *outs]) if quality_conditioning else None
 
-    def correction(self, degraded: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
-        h, w = degraded.shape[-2:]
-        ph, pw = (-h) % self.pad_to, (-w) % self.pad_to
+    def correction(self, degraded: torch.Tensor, quality: torch.Tensor | None = None, size=None) -> torch.Tensor:
+        """The restoring correction of ``degraded``, cropped to ``size`` (h, w; default: the input's own) before
+        keep_mean centres it: an input padded by the caller (the ONNX export's) is centred over the image alone."""
+        h, w = size or degraded.shape[-2:]
+        ph, pw = (-degraded.shape[-2]) % self.pad_to, (-degraded.shape[-1]) % self.pad_to
         x = degraded
         if ph or pw:
             mode = "reflect" if ph < h and pw < w else "replicate"

@@ -135,6 +135,7 @@ class OnnxRestorer(ImageRestorer):
         self.conditioned = QUALITY in {i.name for i in self.session.get_inputs()}
         self.pad_to = info["pad_to"]
         model_cfg = info["model"] or {}
+        self.keep_mean = bool(model_cfg.get("keep_mean", False))
         self.attention_stride = max(int(model_cfg.get("attention_stride", 8)), 2) if model_cfg.get(
             "self_attention", True) else 0
         cuda = info["provider"] == "CUDAExecutionProvider"
@@ -143,7 +144,9 @@ class OnnxRestorer(ImageRestorer):
 
     def forward(self, batch: np.ndarray, quality: int | None = None) -> np.ndarray:
         """N x 3 x h x w float32 in [0, 1] -> the same, restored. Below the exported range (h or w under 32) the
-        batch is padded as Generator.correction pads (reflect, or replicate where reflect cannot) and cropped back."""
+        batch is padded as Generator.correction pads (reflect, or replicate where reflect cannot) and cropped back;
+        a keep_mean model then centred its correction over the padding too: it is centred again over the image
+        (exact where no restored value was clipped to 0 or 1, which the shift is measured without)."""
         h, w = batch.shape[-2:]
         if self.attention_stride:
             positions = -(-h // self.attention_stride) * -(-w // self.attention_stride)
@@ -159,4 +162,10 @@ class OnnxRestorer(ImageRestorer):
         if self.conditioned:
             feeds[QUALITY] = np.full(x.shape[0], float(quality or 0), np.float32)
         (out,) = self.session.run([OUTPUT], feeds)
-        return out[..., :h, :w]
+        out = out[..., :h, :w]
+        if self.keep_mean and x is not batch:
+            inside = (out > 0) & (out < 1)
+            shift = np.where(inside, out - batch, 0).sum((-2, -1), keepdims=True) / np.maximum(
+                inside.sum((-2, -1), keepdims=True), 1)
+            out = np.clip(out - shift, 0.0, 1.0)
+        return out
