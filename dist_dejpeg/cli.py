@@ -159,7 +159,8 @@ def _restore(args: argparse.Namespace) -> int:
     # torch-free down to the model: an ONNX model restores without importing torch (restore/onnx_backend.py)
     from dist_dejpeg.models.names import ModelFileError, OnnxUnavailable
     from dist_dejpeg.restore import open_restorer
-    from dist_dejpeg.restore.files import check_output_dir, restore_files
+    from dist_dejpeg.restore.files import (check_output_dir, check_output_file, collect_inputs, names_a_file,
+                                           restore_files)
     from dist_dejpeg.restore.images import InputImageError
 
     inputs = [*args.inputs, *args.more_inputs]
@@ -174,8 +175,10 @@ def _restore(args: argparse.Namespace) -> int:
             args.usage_error(f"--tile-pad {args.tile_pad} means --overlap {2 * args.tile_pad}, and --overlap "
                              f"{overlap} was given too: give one of them")
         overlap = 2 * args.tile_pad
+    if names_a_file(args.out) and (n := sum(map(len, collect_inputs(inputs)))) != 1:
+        args.usage_error(f"-o {args.out} names one image file, and {n} images were given: give an output folder")
     try:
-        check_output_dir(args.out)
+        check_output_file(args.out) if names_a_file(args.out) else check_output_dir(args.out)
         restorer = open_restorer(args.model, device=args.device, tile=args.tile, overlap=overlap,
                                  batch_size=args.batch_size, precision=args.precision, guard=not args.no_guard)
     except (ModelFileError, InputImageError, OnnxUnavailable, ValueError) as err:
@@ -242,7 +245,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     for q, means in result["per_quality"].items():
         j, r = means["jpeg"], means["restored"]
         print(f"q{q}: PSNR {j['psnr']:.3f} -> {r['psnr']:.3f} dB, SSIM {j['ssim']:.4f} -> {r['ssim']:.4f} "
-              f"({means['images']} images, {result['meta']['channel']})")
+              f"({means['images']} image{'s' if means['images'] != 1 else ''}, {result['meta']['channel']})")
     for name, why in result["meta"]["unavailable"].items():
         print(f"{name} unavailable: {why.splitlines()[0]}", file=sys.stderr)
     print(f"wrote metrics.json, metrics.csv and metrics.md to {args.out}")

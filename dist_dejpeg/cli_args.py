@@ -115,7 +115,8 @@ def restore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", "--output", dest="out", required=True,
                    help="output folder: outputs keep the inputs' names and sub-folders (below a folder, or below "
                         "a glob's fixed part); inputs that would share a name each keep their extension in it "
-                        "(a.jpg, a.png -> a.jpg.png, a.png.png)")
+                        "(a.jpg, a.png -> a.jpg.png, a.png.png). For one image, a file name with an image suffix "
+                        "(photo.png, photo.jpg, ...) is the output file, in that suffix's format")
     add_restorer_args(p)
     p.add_argument("--tile-pad", "--tile_pad", dest="tile_pad", type=int, default=argparse.SUPPRESS, metavar="P",
                    help="Real-ESRGAN's tile padding: P pixels of context on each side of a tile; here the same as "

@@ -149,3 +149,25 @@ def test_cuda_restorer_gets_the_pool_by_default(tmp_path, monkeypatch):
         assert result.output and result.error is None
     assert seen[0] == threading.current_thread().name and all(s.startswith("restore-io") for s in seen[1:])
     assert len(seen) == 3
+
+
+def test_one_image_into_a_named_file(tmp_path, restorer):
+    """-o photo.jpg with one input: that file, in its suffix's format, the same pixels as the folder's output; more
+    than one input for a file name is an error before any work; an existing folder with such a name stays a folder."""
+    from dist_dejpeg.restore.files import OutputError, names_a_file
+
+    src = _folder(tmp_path)
+    folder = restore_files(restorer, [str(src / "a.jpg")], tmp_path / "folder", progress=False)
+    one = restore_files(restorer, [str(src / "a.jpg")], tmp_path / "new" / "clean.webp", progress=False)
+    assert [r.output for r in one] == [str(tmp_path / "new" / "clean.webp")] and not one[0].error
+    with Image.open(tmp_path / "new" / "clean.webp") as got, Image.open(folder[0].output) as png:
+        assert got.format == "WEBP"
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(png))  # webp lossless
+    with pytest.raises(OutputError, match="names one file, and 2 images were given"):
+        restore_files(restorer, [str(src / "a.jpg"), str(src / "b.jpg")], tmp_path / "two.png", progress=False)
+    assert not (tmp_path / "two.png").exists()
+    (tmp_path / "dir.png").mkdir()
+    assert names_a_file(tmp_path / "x.PNG") and not names_a_file(tmp_path / "dir.png")
+    assert not names_a_file(tmp_path / "out") and not names_a_file(tmp_path / "x.txt")
+    kept = restore_files(restorer, [str(src / "a.jpg")], tmp_path / "dir.png", progress=False)
+    assert Path(kept[0].output) == tmp_path / "dir.png" / "a.png"

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, IMAGE_SUFFIXES, output_format, save_options
+from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, IMAGE_SUFFIXES, OUTPUT_SUFFIXES, output_format, save_options
 from dist_dejpeg.jpeg.quality import DOUBLE, estimate_quality
 from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, pixel_limit, load_image,
                                         output_complete, save_image)
@@ -210,23 +210,35 @@ def error_text(err: Exception) -> str:
     return str(err) if isinstance(err, InputImageError) else f"{type(err).__name__}: {err}"
 
 
+def names_a_file(out: str | Path) -> bool:
+    """Whether restore's output ``out`` names one image file (an image suffix, not an existing folder)."""
+    return Path(out).suffix.lower() in OUTPUT_SUFFIXES and not Path(out).is_dir()
+
+
 def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path, *, fmt: str = "png",
                   max_pixels: int = DEFAULT_MAX_PIXELS, skip_existing: bool = False, progress: bool = True,
                   quality: int | None = None, suffix: str = "", output_quality: int | None = None,
                   workers: int | None = None) -> list[RestoreResult]:
     """Restore every image ``inputs`` names into ``out_dir`` (names: output_names; ``fmt`` an OUTPUT_FORMATS
-    name or "same"; ``output_quality``: jpg and webp outputs at that quality). Never stops at a bad file: each
-    result carries its error. The output folder is checked before anything runs. Each image's quality is
-    ``quality`` when given, else estimated (jpeg.quality.estimate_quality: the file's tables, else its
-    pixels), else unknown. ``workers``: decode/encode threads beside the restores (None: 2 for a restorer on
-    a GPU, 0 on a CPU; 0: one file after another)."""
+    name or "same"; ``output_quality``: jpg and webp outputs at that quality), or, where ``out_dir`` names a
+    file (``names_a_file``: photo.png), the one image ``inputs`` names into that file, in its suffix's format
+    (an OutputError for more than one). Never stops at a bad file: each result carries its error. The output
+    folder is checked before anything runs. Each image's quality is ``quality`` when given, else estimated
+    (jpeg.quality.estimate_quality: the file's tables, else its pixels), else unknown. ``workers``:
+    decode/encode threads beside the restores (None: 2 for a restorer on a GPU, 0 on a CPU; 0: one file after
+    another)."""
     from tqdm import tqdm
 
     output_format(fmt, ".png")  # a ValueError for an unknown format, before any work
-    out = check_output_dir(out_dir)
+    one_file = names_a_file(out_dir)
+    out = check_output_file(out_dir).parent if one_file else check_output_dir(out_dir)
     files, results = collect_inputs(inputs)
+    if one_file and len(files) + len(results) != 1:
+        raise OutputError(f"output {out_dir} names one file, and {len(files) + len(results)} images were given: "
+                          f"give an output folder")
     sources = {p.resolve() for p, _ in files}
-    targets = [out / rel for rel in output_names([rel for _, rel in files], fmt, suffix)]
+    targets = [Path(out_dir)] if one_file else [out / rel for rel in output_names([rel for _, rel in files], fmt,
+                                                                                  suffix)]
     stale = remove_stale_temps(targets, keep=sources)
     if stale:
         log.info("removed %d temp file(s) a killed restore left in %s", len(stale), out)
