@@ -100,7 +100,7 @@ def read_references(images: list[str], allow_lossy: bool = False,
         if not refs:
             raise EvaluateError(msg)
         skipped += [f"{name}: lossy reference (--allow-lossy-reference to use it)" for name in lossy]
-        log.warning(msg)
+        log.warning("%s; evaluated on the other %d image(s) without them", msg, len(refs))
     if not refs:
         raise EvaluateError(f"none of the {len(paths)} file(s) decoded as an image: " + "; ".join(skipped[:3]))
     names = [n for n, _ in refs]

@@ -48,8 +48,9 @@ def decide(gains: dict[int, float], quality: int | None, source: str = "given", 
     if quality is None:
         source = "unknown" if source in ("given", "") else source
         if guard:
-            return Decision(None, source, True, "quality unknown and no JPEG compression found: passed "
-                                                "through; give --input-quality Q to restore it as quality Q")
+            # (the file's own reason, beside it, says why: no JPEG compression in its pixels, no pixels to read)
+            return Decision(None, source, True, "quality unknown: passed through; give --input-quality Q to restore "
+                                                "it as quality Q")
         return Decision(None, source, reason="quality unknown: restored blind (guard off), no gain could "
                                              "be predicted")
     if not 1 <= int(quality) <= 100:
