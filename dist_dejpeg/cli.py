@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 
 from dist_dejpeg import version
-from dist_dejpeg.jpeg.formats import JPEG_SOURCE_ACTIONS
 from dist_dejpeg.cli_args import (HelpFormatter, evaluate_arguments, export_arguments, prepare_arguments,
                                   report_arguments, restore_arguments, status_arguments, train_arguments)
 
@@ -42,6 +41,13 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint; the s
 def _prepare(args: argparse.Namespace) -> int:
     from dist_dejpeg.data.shards import prepare_folder, prepare_samples
 
+    if args.source:  # `prepare folder photos/`, `prepare div2k data/div2k`: the option's folder, positional
+        key = {"folder": "src", "div2k": "root"}.get(args.dataset)
+        if key is None or getattr(args, key) not in (None, args.source):
+            print(f"error: prepare {args.dataset} takes " + (f"one folder: {args.source} or --{key} "
+                  f"{getattr(args, key)}" if key else f"no folder (got {args.source})"), file=sys.stderr)
+            return 2
+        setattr(args, key, args.source)
     tile = args.tile or {"samples": 128, "folder": 256, "div2k": 480}[args.dataset]
     step = args.step or tile // 2
     shard_size = args.shard_size or (64 if args.dataset == "samples" else 256)
@@ -78,13 +84,6 @@ def _prepare(args: argparse.Namespace) -> int:
           f"({len(splits['train']['shards'])} + {len(splits['val']['shards'])} shards) to {args.out}")
     for item in manifest["rejected"]:
         print(f"rejected {item['source']}: {item['reason']}", file=sys.stderr)
-    if jpeg := manifest.get("jpeg_sources"):
-        named = ", ".join(f"{n} (q{q})" for n, q in list(jpeg.items())[:5]) + (", ..." if len(jpeg) > 5 else "")
-        action = manifest.get("jpeg_action", "keep")
-        others = " or ".join(a for a in JPEG_SOURCE_ACTIONS if a != action)
-        done = f"{JPEG_SOURCE_ACTIONS[action]} (--jpeg-sources {action}; the others: {others})"
-        print(f"warning: {len(jpeg)} photo(s) carry JPEG compression in their pixels: {named}; {done}. Lossless "
-              f"originals are better (manifest.json: jpeg_sources).", file=sys.stderr)
     if splits["val"]["samples"] == 0:
         usable = len(manifest.get("sources", {}))
         print(f"warning: no validation tiles were written ({usable} usable photo(s) of at least {tile} px, all "

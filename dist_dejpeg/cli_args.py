@@ -74,6 +74,8 @@ def prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", choices=["samples", "folder", "div2k"],
                    help="samples: photographs bundled with scikit-image; folder: your own images (--src); "
                         "div2k: the DIV2K HR archives (--root, --download)")
+    p.add_argument("source", nargs="?", metavar="FOLDER",
+                   help="folder: the images' folder (as --src); div2k: the archives' folder (as --root)")
     p.add_argument("--root", help="div2k: folder with DIV2K_{train,valid}_HR.zip or their extracted folders")
     p.add_argument("--download", action="store_true", help="div2k: fetch missing archives (resumable, verified)")
     p.add_argument("--workers", type=int, default=0, help="div2k: tiling processes (0: one per core, max 16)")

@@ -935,7 +935,8 @@ def _tiles_by_source(root: Path) -> dict[str, list[np.ndarray]]:
 
 
 @pytest.mark.parametrize("action", ["halve", "keep", "skip"])
-def test_prepare_folder_halves_keeps_or_skips_the_photos_that_carry_jpeg_compression(tmp_path, capsys, action):
+def test_prepare_folder_halves_keeps_or_skips_the_photos_that_carry_jpeg_compression(tmp_path, capsys, caplog,
+                                                                                      action):
     """A JPEG file, and a PNG saved from a JPEG, are listed in the manifest's jpeg_sources with the quality their
     pixels show, and prepare says what it did with them. By default (halve) each is tiled at half size and its
     tiles show no JPEG grid; keep tiles it as it is (the grid is in the "clean" tiles); skip rejects it. A
@@ -960,7 +961,11 @@ def test_prepare_folder_halves_keeps_or_skips_the_photos_that_carry_jpeg_compres
     manifest = manifest_of(tmp_path / "out")
     assert manifest["jpeg_sources"] == {"file": 60, "wasjpeg": 80, "low": 20}, manifest["jpeg_sources"]
     assert manifest["jpeg_action"] == action
-    assert "warning: 3 photo(s) carry JPEG compression in their pixels" in err and "wasjpeg (q80)" in err, err
+    said = [r.getMessage() for r in caplog.records if "carry JPEG compression" in r.getMessage()]
+    # the log's warning (once per tiling: skip tiles twice, its first validation split being empty), not again
+    assert said and "carry JPEG compression" not in err, (said, err)
+    assert said[-1].startswith("3 of 4 photos carry JPEG compression in their pixels") and "wasjpeg (q80)" in said[-1]
+    err += said[-1]
     tiles = _tiles_by_source(tmp_path / "out")
     assert manifest["sources"]["lossless"]["height"] == 256 and "halved" not in manifest["sources"]["lossless"]
     assert estimate_from_pixels(tiles["lossless"][0]).quality is None
@@ -985,3 +990,21 @@ def test_prepare_folder_halves_keeps_or_skips_the_photos_that_carry_jpeg_compres
         else:
             assert all(q is not None and abs(q - manifest["jpeg_sources"][name]) <= 2 for q in found), (name, found)
             assert "their artefacts become the clean targets" in err
+
+
+def test_prepare_takes_its_folder_as_an_argument(tmp_path, capsys):
+    """`prepare folder photos/` as `--src photos/` (and div2k's as --root); a second, different folder or one for the
+    samples is a clear error (exit 2) before anything is written."""
+    from dist_dejpeg.cli import main
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (160, 160, 3), np.uint8)).save(src / f"{i}.png")
+    assert main(["prepare", "folder", str(src), "--out", str(tmp_path / "a"), "--tile", "128"]) == 0
+    assert manifest_of(tmp_path / "a")["splits"]["train"]["samples"] > 0
+    assert main(["prepare", "folder", str(src), "--src", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert f"takes one folder: {src} or --src {tmp_path}" in capsys.readouterr().err
+    assert main(["prepare", "samples", str(src), "--out", str(tmp_path / "c")]) == 2
+    assert "prepare samples takes no folder" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

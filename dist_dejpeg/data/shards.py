@@ -180,9 +180,12 @@ def write_dataset(out: str | Path, sources: list[tuple[str, str, Callable[[], np
                 "shard_size": shard_size, "splits": splits, "sources": manifest_sources, "rejected": rejected,
                 "jpeg_sources": jpeg_sources, "jpeg_action": jpeg}
     if jpeg_sources:
-        log.warning("%d of %d sources carry JPEG compression in their pixels (%s): %s", len(jpeg_sources),
-                    len(sources), ", ".join(f"{n} q{q}" for n, q in jpeg_sources.items()),
-                    JPEG_SOURCE_ACTIONS[jpeg])
+        shown = ", ".join(f"{n} (q{q})" for n, q in list(jpeg_sources.items())[:5]) + (
+            ", ..." if len(jpeg_sources) > 5 else "")
+        log.warning("%d of %d photos carry JPEG compression in their pixels: %s; %s (--jpeg-sources %s; the others: "
+                    "%s). Lossless originals are better (manifest.json: jpeg_sources)", len(jpeg_sources),
+                    len(sources), shown, JPEG_SOURCE_ACTIONS[jpeg], jpeg,
+                    " or ".join(a for a in JPEG_SOURCE_ACTIONS if a != jpeg))
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode())
     log.info("wrote %d train / %d val tiles to %s (%d sources rejected)", splits["train"]["samples"],
              splits["val"]["samples"], out, len(rejected))
