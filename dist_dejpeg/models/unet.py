@@ -138,11 +138,12 @@ class Generator(nn.Module):
     def correction(self, degraded: torch.Tensor, quality: torch.Tensor | None = None, size=None) -> torch.Tensor:
         """The restoring correction of ``degraded``, cropped to ``size`` (h, w; default: the input's own) before
         keep_mean centres it: an input padded by the caller (the ONNX export's) is centred over the image alone."""
-        h, w = size or degraded.shape[-2:]
-        ph, pw = (-degraded.shape[-2]) % self.pad_to, (-degraded.shape[-1]) % self.pad_to
+        H, W = degraded.shape[-2:]
+        h, w = size or (H, W)
+        ph, pw = (-H) % self.pad_to, (-W) % self.pad_to
         x = degraded
         if ph or pw:
-            mode = "reflect" if ph < h and pw < w else "replicate"
+            mode = "reflect" if ph < H and pw < W else "replicate"
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
         normed = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         feats = self.encoder(normed)
