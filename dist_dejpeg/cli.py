@@ -174,8 +174,12 @@ def _restore(args: argparse.Namespace) -> int:
             args.usage_error(f"--tile-pad {args.tile_pad} means --overlap {2 * args.tile_pad}, and --overlap "
                              f"{overlap} was given too: give one of them")
         overlap = 2 * args.tile_pad
-    if names_a_file(args.out) and (n := sum(map(len, collect_inputs(inputs)))) != 1:
-        args.usage_error(f"-o {args.out} names one image file, and {n} images were given: give an output folder")
+    if names_a_file(args.out):
+        if (n := sum(map(len, collect_inputs(inputs)))) != 1:
+            args.usage_error(f"-o {args.out} names one image file, and {n} images were given: give an output folder")
+        if given := sorted(args.given & {"--format", "--ext", "--suffix"}):
+            args.usage_error(f"-o {args.out} names the output file, whose suffix is its format: {given[0]} is for an "
+                             f"output folder")
     try:
         check_output_file(args.out) if names_a_file(args.out) else check_output_dir(args.out)
         restorer = open_restorer(args.model, device=args.device, tile=args.tile, overlap=overlap,

@@ -151,7 +151,7 @@ def test_cuda_restorer_gets_the_pool_by_default(tmp_path, monkeypatch):
     assert len(seen) == 3
 
 
-def test_one_image_into_a_named_file(tmp_path, restorer):
+def test_one_image_into_a_named_file(tmp_path, restorer, capsys):
     """-o photo.jpg with one input: that file, in its suffix's format, the same pixels as the folder's output; more
     than one input for a file name is an error before any work; an existing folder with such a name stays a folder."""
     from dist_dejpeg.restore.files import OutputError, names_a_file
@@ -171,3 +171,12 @@ def test_one_image_into_a_named_file(tmp_path, restorer):
     assert not names_a_file(tmp_path / "out") and not names_a_file(tmp_path / "x.txt")
     kept = restore_files(restorer, [str(src / "a.jpg")], tmp_path / "dir.png", progress=False)
     assert Path(kept[0].output) == tmp_path / "dir.png" / "a.png"
+    from dist_dejpeg.cli import main  # the command says so before it loads a model
+
+    for extra, said in ((["--format", "jpg"], "--format is for an output folder"),
+                        (["-i", str(src / "b.jpg")], "names one image file, and 2 images were given")):
+        with pytest.raises(SystemExit) as stop:
+            main(["restore", "--model", str(tmp_path / "none"), str(src / "a.jpg"), "-o", str(tmp_path / "y.png"),
+                  *extra])
+        assert stop.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "y.png").exists()
