@@ -541,6 +541,26 @@ def test_lease_plan_sizes_each_call_with_the_checkout(tmp_path):
         False, True, False, False], proc.stdout
 
 
+def test_an_installed_package_from_another_tree_is_named(tmp_path):
+    """The install step fails where the wheel's dist_dejpeg is not the checkout's (built before a change: the steps
+    would measure old code): the files that differ, that are new, or gone, by relative path."""
+    from dist_dejpeg.bench.gpu_check_steps import changed_files
+
+    installed, source = tmp_path / "site" / "pkg", tmp_path / "repo" / "pkg"
+    for root in (installed, source):
+        (root / "sub").mkdir(parents=True)
+        (root / "a.py").write_text("x = 1\n")
+        (root / "sub" / "b.py").write_text("y = 2\n")
+        (root / "sub" / "b.txt").write_text("not code")
+    assert changed_files(installed, source) == []
+    (source / "sub" / "b.py").write_text("y = 3\n")
+    (source / "new.py").write_text("")
+    (installed / "old.py").write_text("")
+    (installed / "sub" / "b.txt").write_text("other")
+    assert changed_files(installed, source) == ["new.py", "old.py", "sub/b.py"]
+    assert changed_files(installed, tmp_path / "no-checkout") == []
+
+
 def test_lease_folders_are_ignored_by_git():
     """.gpu_wheels/ (~250 MB of wheels) and .gpu_cache/ travel to the device only where a call names them in
     `carry`: the device tool copies every file git does not ignore, so they must be ignored."""

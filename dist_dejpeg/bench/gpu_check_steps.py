@@ -27,6 +27,16 @@ from dist_dejpeg.bench.dali_wheels import WheelsError, dali_wheels
 from dist_dejpeg.bench.data_wait import RESULTS_JSON
 from dist_dejpeg.run.layout import GENERATOR, METRICS
 
+def changed_files(installed: Path, source: Path) -> list[str]:
+    """The .py files (relative paths) that differ between an installed package and the source folder it should have
+    been built from, or that only one of them has; [] where there is no source folder (a check outside a checkout)."""
+    if not source.is_dir():
+        return []
+    a, b = ({p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*.py")}
+            for root in (installed, source))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
 # install's import check, run outside the repository: the project and the wheels' packages must come from the
 # install folder, and omegaconf's antlr grammar must work (an interpolation)
 IMPORT_CHECK = """
@@ -142,6 +152,11 @@ def install(ctx, s: dict) -> int:
     print(f"## from the repository root (cwd {ctx.root}; what the later steps import)", flush=True)
     if rc := sh(ctx.py, "-c", 'import dist_dejpeg; print("dist_dejpeg", dist_dejpeg.__file__)'):
         return rc
+    if stale := changed_files(Path(ctx.site) / "dist_dejpeg", Path(ctx.root) / "dist_dejpeg"):
+        print(f"gpu_check: the installed dist_dejpeg is not this checkout's ({len(stale)} files differ: "
+              f"{', '.join(stale[:3])}): its wheel was built from another tree, and the steps would measure that "
+              f"code; rebuild it (benchmarks/gpu_wheels.sh DIR, or benchmarks/lease.sh prepare)", flush=True)
+        return 1
     if not any(w.name.startswith("nvidia_dali") for w in wheels):
         print("## no DALI wheels (gpu_wheels.sh --dali adds them): the GPU tests that need DALI skip", flush=True)
         return 0
