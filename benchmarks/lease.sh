@@ -60,7 +60,7 @@ bytes_of() {  # the apparent size of files and folders, summed
 }
 
 plan() {
-    local tree calls=() call i=0 over=0 size
+    local tree calls=() call i=0 over=0 size flag
     # the checkout as the device tool sends it: tracked files and the untracked ones git does not ignore
     tree=$(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null \
            | tail -1 | cut -f1)
@@ -79,9 +79,10 @@ plan() {
         i=$((i + 1))
         read -ra carried <<< "${call#*|}"
         size=$((tree + $(bytes_of "${carried[@]}")))
+        flag=""
+        ((size > CARRY_MIB * 1048576)) && { flag="  OVER"; over=1; }
         printf '  %d. lease.sh %-6s carry: %s  (%s MiB of %d)%s\n' "$i" "${call%%|*}" "${carried[*]#"$ROOT"/}" \
-            "$(mib "$size")" "$CARRY_MIB" "$( ((size > CARRY_MIB * 1048576)) && echo "  OVER" )"
-        ((size > CARRY_MIB * 1048576)) && over=1
+            "$(mib "$size")" "$CARRY_MIB" "$flag"
     done
     ((over)) && echo "lease.sh: a call is over ${CARRY_MIB} MiB: split smaller (gpu_wheels.sh --split) or trim the checkout" >&2
     return "$over"

@@ -105,13 +105,8 @@ def relocate_triton_groups(triton: Path) -> int:
     path}}) at the files beside it, as Triton wrote them in a folder that may have moved since; returns how many
     it changed. A group that is not such a table is left alone (Triton reads it as a miss)."""
     changed = 0
-    for group in triton.glob("*/__grp__*.json"):
-        try:
-            data = json.loads(group.read_text())
-            paths = data["child_paths"]
-            moved = {name: str(group.parent / Path(old).name) for name, old in paths.items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue
+    for group, data, paths in _triton_groups(triton):
+        moved = {name: str(group.parent / Path(old).name) for name, old in paths.items()}
         if moved != paths:
             data["child_paths"] = moved
             group.write_text(json.dumps(data))
@@ -119,17 +114,25 @@ def relocate_triton_groups(triton: Path) -> int:
     return changed
 
 
+def _triton_groups(triton: Path):
+    """(group file, its table, its child_paths) for every Triton group file under ``triton`` that reads as one
+    (``{"child_paths": {file: path}}``); the others are skipped (Triton reads them as a miss)."""
+    for group in triton.glob("*/__grp__*.json"):
+        try:
+            data = json.loads(group.read_text())
+            paths = data["child_paths"]
+            if isinstance(paths, dict) and all(isinstance(p, str) for p in paths.values()):
+                yield group, data, dict(paths)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+
+
 def prune_triton_irs(triton: Path) -> int:
     """Drop the intermediate IRs (``TRITON_IRS``) of every kernel group under ``triton`` and their lines in the
     group, so that Triton still finds the kernel (its metadata and binary); returns the bytes freed. A group that
     is not such a table, or that would keep no metadata and binary, is left whole."""
     freed = 0
-    for group in triton.glob("*/__grp__*.json"):
-        try:
-            data = json.loads(group.read_text())
-            paths = dict(data["child_paths"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+    for group, data, paths in _triton_groups(triton):
         keep = {name: path for name, path in paths.items() if name.rpartition(".")[2] not in TRITON_IRS}
         if len(keep) == len(paths) or len(keep) < 2 or not any(name.endswith(".json") for name in keep):
             continue

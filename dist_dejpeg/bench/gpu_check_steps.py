@@ -27,6 +27,7 @@ from dist_dejpeg.bench.dali_wheels import WheelsError, dali_wheels
 from dist_dejpeg.bench.data_wait import RESULTS_JSON
 from dist_dejpeg.run.layout import GENERATOR, METRICS
 
+
 def changed_files(installed: Path, source: Path) -> list[str]:
     """The .py files (relative paths) that differ between an installed package and the source folder it should have
     been built from, or that only one of them has; [] where there is no source folder (a check outside a checkout)."""

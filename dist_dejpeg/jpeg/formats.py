@@ -63,7 +63,7 @@ TILE_FORMATS = ("png", "raw", "jp2")
 # chroma subsampling -> Pillow's code for it (evaluate/report --subsampling; 4:2:0 is libjpeg's default)
 SUBSAMPLING = {"4:2:0": 2, "4:2:2": 1, "4:4:4": 0}
 # what prepare folder does with a photo whose pixels show JPEG compression (--jpeg-sources; data/shards.py), as its
-# warning says it (the library's log and the command's)
+# warning says it
 JPEG_SOURCE_ACTIONS = {"halve": "used at half size (a quarter below q30), where a 2x2 area mean erases the 8x8 grid",
                        "keep": "kept as they are: their artefacts become the clean targets the model learns to produce",
                        "skip": "left out"}
