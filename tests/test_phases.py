@@ -167,3 +167,34 @@ def test_phase_kinds():
     assert (trains_generator(gan), trains_critic(gan), uses_lpips(gan)) == (True, True, True)
     assert not uses_lpips(_phase(kind="gen", w_lpips=0.0))
     assert not uses_lpips(_phase(kind="gan", w_lpips=0.0))
+
+
+# ------------------------------------------------------------------ resume with more steps for a finished phase
+def _steps(gen: int, critic: int, gan: int):
+    from dist_dejpeg.config import load_config
+
+    return load_config(None, [f"train.phases.gen.steps={gen}", f"train.phases.critic.steps={critic}",
+                              f"train.phases.gan.steps={gan}"])
+
+
+SAVED = {"train.phases.gen.steps": 10, "train.phases.critic.steps": 4, "train.phases.gan.steps": 6}
+
+
+def test_longer_phases_reopens_only_the_phase_that_ended_last():
+    from dist_dejpeg.config import ConfigError
+    from dist_dejpeg.train.resume import longer_phases
+
+    finished = {"phase_index": 3, "phase_step": 0, "stopped_early": {}}
+    assert longer_phases(_steps(10, 4, 9), SAVED, finished) == {"phase_index": 2, "phase_step": 6}
+    assert longer_phases(_steps(10, 4, 6), SAVED, finished) == {}  # unchanged
+    assert longer_phases(_steps(8, 2, 6), SAVED, finished) == {}  # shorter: the phases are done all the same
+    assert longer_phases(_steps(12, 4, 6), SAVED, {"phase_index": 1, "phase_step": 0}) == \
+        {"phase_index": 0, "phase_step": 10}  # the critic phase not begun: gen goes on
+    with pytest.raises(ConfigError, match="phase 'critic' has trained since"):
+        longer_phases(_steps(12, 4, 6), SAVED, {"phase_index": 1, "phase_step": 2})
+    with pytest.raises(ConfigError, match="phase 'critic' has trained since"):
+        longer_phases(_steps(12, 4, 6), SAVED, finished)
+    with pytest.raises(ConfigError, match="its stop rule ended it at step 3"):
+        longer_phases(_steps(10, 4, 9), SAVED, dict(finished, stopped_early={"gan": 3}))
+    # the phase in progress may grow or shrink: the loop runs to its new length
+    assert longer_phases(_steps(10, 4, 9), SAVED, {"phase_index": 2, "phase_step": 2}) == {}

@@ -183,6 +183,39 @@ def test_resume_gives_the_same_next_loss(tmp_path, shards):
     assert got["gen/total"].item() == expected["gen/total"].item()
 
 
+def test_a_finished_run_given_more_steps_continues_its_last_phase(tmp_path, shards, caplog):
+    # constant lr: a run of 3 steps extended to 5 is the uninterrupted 5-step run, bit for bit
+    over = ("train.order=[gen]", "train.phases.gen.schedule=constant", "train.phases.gen.warmup=0")
+    train(tiny(tmp_path / "short", shards, *over))
+    assert ckpt.latest_checkpoint(tmp_path / "short").name == f"step-{3:08d}"
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with caplog.at_level("INFO", logger="dist_dejpeg"):
+        train(tiny(tmp_path / "short", shards, *over, "train.phases.gen.steps=5"))  # auto_resume: the same folder
+    assert "train.phases.gen.steps 3 -> 5: phase 'gen' ended at step 3" in caplog.text, caplog.text
+    assert json.loads((tmp_path / "short" / "metrics.json").read_text())["meta"]["global_step"] == 5
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train(tiny(tmp_path / "long", shards, *over, "train.phases.gen.steps=5"))
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "short" / "generator.safetensors"))
+    b = load_file(str(tmp_path / "long" / "generator.safetensors"))
+    assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_a_finished_phase_with_later_phases_cannot_grow(tmp_path, shards):
+    over = ("train.order=[gen,critic]", "train.phases.gen.steps=2", "train.phases.critic.steps=1")
+    train(tiny(tmp_path / "run", shards, *over))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    before = sorted(p.name for p in ckpt.checkpoint_dir(tmp_path / "run").iterdir())
+    with pytest.raises(ConfigError, match=r"train.phases.gen.steps 2 -> 4, but phase 'gen' is finished and phase "
+                                          r"'critic' has trained since.*train.phases.gen.steps=2"):
+        train(tiny(tmp_path / "run", shards, *over, "train.phases.gen.steps=4"))
+    assert sorted(p.name for p in ckpt.checkpoint_dir(tmp_path / "run").iterdir()) == before  # nothing lost
+
+
 def _validated(restored_lpips: float) -> dict:
     """What validate() returns, for one quality: the JPEG's and the restored crops' metrics, and the gain."""
     return {"q10": {"jpeg": dict(psnr=1.0, ssim=1.0, lpips=1.0),

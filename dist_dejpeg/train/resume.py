@@ -10,6 +10,7 @@ verifies wins; a damaged newer one is skipped with a warning naming its bad file
 later ones (checkpoint.set_aside_later), so one timeline continues. A named folder that does not verify is an
 error (exit 2). The checkpoint's config.yaml is compared with this config: a key that changes a model's tensor
 shapes is an error naming it; another global batch or process count needs train.resume_allow_batch_change.
+More steps for the phase that ended last (a finished run's gan phase) reopen it; for an earlier phase, an error.
 """
 
 from __future__ import annotations
@@ -100,12 +101,14 @@ def resume_from(accelerator: Accelerator, cfg: Config, path: str | Path, has_cri
     if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"not a complete checkpoint (no {TRAINER_STATE}): {path}")
     saved_state = json.loads((path / TRAINER_STATE).read_text())
-    check_resume_config(cfg, path, saved_state, accelerator.num_processes, has_critic)
+    saved = check_resume_config(cfg, path, saved_state, accelerator.num_processes, has_critic)
+    reopened = longer_phases(cfg, saved or {}, saved_state)
     # a file one rank cannot load fails every rank at once; DeepSpeed's loading has collectives of its own, which
     # a rank failing before them could not meet in ours (as checkpoint.save_checkpoint's save_state)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     with contextlib.nullcontext() if deepspeed else all_ranks_or_raise(accelerator):
         trainer_state, loader_state, buffers = load_checkpoint(accelerator, path)
+    trainer_state.update(reopened)
     on_main(accelerator, lambda: _one_timeline(cfg.train.run_dir, path, int(trainer_state.get("global_step", 0))))
     return trainer_state, loader_state, buffers
 
@@ -118,9 +121,34 @@ def _one_timeline(run_dir: str, path: Path, global_step: int) -> None:
                     path.name, ", ".join(sorted(p.name for p in aside.iterdir())), aside)
 
 
-def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: int, has_critic: bool) -> None:
+def longer_phases(cfg: Config, saved: dict, state: dict) -> dict:
+    """The trainer state's changes where ``cfg`` gives a finished phase more steps than the checkpoint's config
+    (``saved``, flat): the phase that ended last, with nothing trained after it, is reopened at the step where it
+    ended (its schedule now spans its new length); any other finished phase cannot grow: ConfigError."""
+    order, done, step = list(cfg.train.order), int(state.get("phase_index", 0)), int(state.get("phase_step", 0))
+    for index, name in enumerate(order[:done]):
+        key = f"train.phases.{name}.steps"
+        old, new = saved.get(key), cfg.train.phases[name].steps
+        if not isinstance(old, int) or new <= old:
+            continue
+        stopped = state.get("stopped_early", {}).get(name)
+        if stopped is None and index == done - 1 and step == 0:
+            log.info("resume: %s %d -> %d: phase '%s' ended at step %d with nothing trained after it, so it "
+                     "continues for %d more steps (its lr schedule now spans %d)", key, old, new, name, old,
+                     new - old, new)
+            return {"phase_index": index, "phase_step": old}
+        why = (f"its stop rule ended it at step {stopped} (validation LPIPS had stopped improving)" if stopped
+               is not None else f"phase '{order[index + 1]}' has trained since")
+        raise ConfigError(f"--resume: {key} {old} -> {new}, but phase '{name}' is finished and {why}: more steps "
+                          f"cannot be added to it in this run. Set {key}={old} to continue the run, or start a new "
+                          f"run (another train.run_dir)")
+    return {}
+
+
+def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: int, has_critic: bool) -> dict | None:
     """Raise ConfigError where ``cfg`` cannot continue the checkpoint: other phases, a key that changes a
-    model's tensor shapes, or (without train.resume_allow_batch_change) another global batch or process count."""
+    model's tensor shapes, or (without train.resume_allow_batch_change) another global batch or process count.
+    Returns the checkpoint's config, flattened (None where it has none that reads)."""
     if saved_state.get("phase_names") != list(cfg.train.order):
         raise ConfigError(f"--resume: the checkpoint's phases {saved_state.get('phase_names')} differ from "
                           f"train.order {list(cfg.train.order)}")
@@ -130,7 +158,7 @@ def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: i
         saved = None
     if not isinstance(saved, dict):
         log.warning("resume: %s has no readable %s: the config is not compared with it", path, CONFIG)
-        return
+        return None
     saved = flatten(saved)
     now = flatten(to_dict(cfg))
     keys = GENERATOR_SHAPE_KEYS + (CRITIC_SHAPE_KEYS if has_critic else ())
@@ -145,6 +173,7 @@ def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: i
     if other:
         log.info("resume: config changed since the checkpoint: %s",
                  ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in other))
+    return saved
 
 
 def _check_batch(cfg: Config, path: Path, saved: dict, saved_state: dict, processes: int) -> None:

@@ -131,9 +131,9 @@ class Trainer:
         if (path / BEST_GENERATOR).is_file():
             self.best_generator = load_file(str(path / BEST_GENERATOR))
         self.ema.resume(path, self.gen_raw)
-        log.info("resumed from %s: phase %d (%s) step %d", path, self.state.phase_index,
-                 self.cfg.train.order[min(self.state.phase_index, len(self.cfg.train.order) - 1)],
-                 self.state.phase_step)
+        order, i = self.cfg.train.order, self.state.phase_index
+        where = f"phase {i + 1} ({order[i]}) step {self.state.phase_step}" if i < len(order) else "every phase done"
+        log.info("resumed from %s: %s", path, where)
 
     # -- validation -----------------------------------------------------------------------------------
     def run_validation(self, tag: str) -> dict:
