@@ -68,6 +68,21 @@ def test_unknown_key_is_error_naming_it(override, key):
     assert f"'{key}'" in str(info.value)
 
 
+@pytest.mark.parametrize("override, where", [
+    ("train.lr=1e-3", "'train.phases.<name>.lr'"),  # a phase's key at the train level
+    ("model.batch_size=8", "'data.batch_size'"),
+    ("train.phases.gan.crop=64", "'data.crop'"),
+    ("data.batchsize=8", "'batch_size'"),  # a typo: OmegaConf's own suggestion, not a second one
+])
+def test_a_key_in_the_wrong_section_says_where_it_is(override, where):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value).count("id you mean") == 1 and where in str(info.value), str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.phases.gen.learning_rate=1"])  # nowhere: no suggestion
+    assert "mean" not in str(info.value)
+
+
 @pytest.mark.parametrize("override, key", [
     ("data.crop=abc", "data.crop"),
     ("train.phases.gen.steps=many", "train.phases.gen.steps"),

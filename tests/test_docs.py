@@ -50,7 +50,7 @@ def test_every_config_field_has_a_documented_row():
                 "loss": config.LossConfig, "train": config.TrainConfig, "train.phases.<name>": config.PhaseConfig}
     for prefix, cls in sections.items():
         for f in dataclasses.fields(cls):
-            assert f"`{prefix}.{f.name}`" in reference, f"{prefix}.{f.name} has no comment in config.py"
+            assert f"`{prefix}.{f.name}`" in reference, f"{prefix}.{f.name} has no comment in dist_dejpeg/config/schema.py"
 
 
 def test_readme_commands_match_ci():

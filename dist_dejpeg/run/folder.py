@@ -51,8 +51,8 @@ def read_folder(run_dir: Path) -> RunFolder:
 
 
 def config_summary(cfg: dict, source: Path) -> dict:
-    """The keys ``status`` shows, from the config as a plain dict: not through config.py, so a config written by
-    an older or newer version (unknown or missing keys) still reads."""
+    """The keys ``status`` shows, from the config as a plain dict: not through dist_dejpeg.config, so a config
+    written by an older or newer version (unknown or missing keys) still reads."""
     data, model, train = (cfg.get(k) if isinstance(cfg.get(k), dict) else {} for k in ("data", "model", "train"))
     phases_cfg = train.get("phases") if isinstance(train.get("phases"), dict) else {}
     order = train.get("order") if isinstance(train.get("order"), list) else list(phases_cfg)

@@ -1,0 +1,110 @@
+"""Typed configuration: dataclasses + OmegaConf structured config, YAML files and ``key=value`` overrides.
+
+    dist-dejpeg train --config configs/debug.yaml train.run_dir=runs/try1 data.batch_size=8
+
+Every field is typed and has a default. Loading is strict: an unknown key or a value of the wrong type is a
+:class:`ConfigError` that names the key (and where a key of that name is, for one put in the wrong section).
+Nothing here mutates what it was given. schema.py holds the fields, checks.py what their types cannot say,
+reference.py docs/CONFIG.md's tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from dist_dejpeg.config.checks import clip_norms, validate
+from dist_dejpeg.config.reference import reference_markdown
+from dist_dejpeg.config.schema import (COMPILE_MODES, CUDAGRAPH_MODES, PHASE_KINDS, Config, ConfigError, CriticConfig,
+                                       DataConfig, LossConfig, ModelConfig, PhaseConfig, TrainConfig, default_phases)
+
+__all__ = ["COMPILE_MODES", "CUDAGRAPH_MODES", "PHASE_KINDS", "Config", "ConfigError", "CriticConfig", "DataConfig",
+           "LossConfig", "ModelConfig", "PhaseConfig", "TrainConfig", "apply_overrides", "clip_norms",
+           "default_phases", "flatten", "from_dict", "load_config", "reference_markdown", "to_dict", "to_yaml",
+           "validate"]
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Schema defaults, then the YAML file (if any), then ``key=value`` overrides; validated."""
+    try:
+        merged = OmegaConf.structured(Config)
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        merged = OmegaConf.merge(merged, _dotlist(overrides))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _config_error(err) from None
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """A new Config: ``cfg`` with ``key=value`` overrides applied, validated the same way as load_config."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), _dotlist(overrides))
+        out = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _config_error(err) from None
+    validate(out)
+    return out
+
+
+def _dotlist(overrides: Sequence[str]):
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def _config_error(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None)
+    first = str(err).splitlines()[0]
+    if key and isinstance(err, ConfigKeyError) and "Did you mean" not in first:
+        first += _elsewhere(key)
+    return ConfigError(f"config key '{key}': {first}" if key else first)
+
+
+def _elsewhere(key: str) -> str:
+    """An unknown key whose last part is a key of another section: where it is (``train.lr`` is a phase's)."""
+    leaf = key.rpartition(".")[2]
+    found = sorted({re.sub(r"^train\.phases\.[^.]+\.", "train.phases.<name>.", k)
+                    for k in flatten(to_dict(Config())) if k.rpartition(".")[2] == leaf})
+    return f". Did you mean {' or '.join(repr(k) for k in found)}?" if found else ""
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested dicts (a to_dict result, a config.yaml read back) -> {"a.b.c": value}; an empty dict stays a value."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from :func:`to_dict` output (e.g. stored beside exported weights); strict."""
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data)))
+    except OmegaConfBaseException as err:
+        raise _config_error(err) from None
+    validate(cfg)
+    return cfg

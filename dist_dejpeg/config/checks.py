@@ -1,0 +1,122 @@
+"""The config's checks that a type alone cannot express (values in range, one of a set, phases that fit
+together); each failure is a ConfigError naming the key."""
+
+from __future__ import annotations
+
+from dist_dejpeg.config.schema import PHASE_KINDS, COMPILE_MODES, Config, ConfigError, TrainConfig, default_phases
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{name}': {value!r} is not one of {list(allowed)}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that a type alone cannot express. Fills each phase's ``kind`` from its name when empty."""
+    d, t = cfg.data, cfg.train
+    # YAML 1.1 reads an unquoted `no` as false, which OmegaConf then turns into the string "False".
+    if t.mixed_precision.lower() in ("false", "fp32", "none", "off"):
+        t.mixed_precision = "no"
+    _one_of("data.backend", d.backend, ("auto", "dali", "torch"))
+    _one_of("data.auto_prepare", d.auto_prepare, ("none", "samples"))
+    _one_of("train.mixed_precision", t.mixed_precision, ("no", "bf16", "fp16"))
+    _one_of("train.compile_mode", t.compile_mode, COMPILE_MODES)
+    _one_of("model.decoder_norm", cfg.model.decoder_norm, ("batch", "group", "none"))
+    if not 0.0 <= cfg.model.quality_blind_prob <= 1.0:
+        raise ConfigError("config key 'model.quality_blind_prob': must be in [0, 1]")
+    t.log_level = t.log_level.lower()
+    _one_of("train.log_level", t.log_level, ("debug", "info", "warning", "error"))
+    _one_of("loss.lpips_net", cfg.loss.lpips_net, ("vgg", "alex"))
+    _one_of("loss.metric_net", cfg.loss.metric_net, ("vgg", "alex"))
+    _one_of("loss.adversarial", cfg.loss.adversarial, ("bce", "hinge"))
+    if cfg.loss.chroma_weight <= 0:
+        raise ConfigError("config key 'loss.chroma_weight': must be > 0")
+    _one_of("loss.pixel", cfg.loss.pixel, ("l1", "charbonnier"))
+    if not 0 <= d.quality_power <= 4:  # also false for nan
+        raise ConfigError(f"config key 'data.quality_power': must be a finite number in [0, 4] (0: uniform), "
+                          f"got {d.quality_power}")
+    if not 0 <= d.channel_shuffle <= 1:  # also false for nan
+        raise ConfigError(f"config key 'data.channel_shuffle': must be a share in [0, 1], got {d.channel_shuffle}")
+    if not 1 <= d.quality_min <= d.quality_max <= 100:
+        raise ConfigError(f"config keys 'data.quality_min'/'data.quality_max': need 1 <= min <= max <= 100, "
+                          f"got {d.quality_min}, {d.quality_max}")
+    for q in d.val_qualities:
+        if not 1 <= q <= 100:
+            raise ConfigError(f"config key 'data.val_qualities': quality {q} outside 1..100")
+    for name in ("crop", "batch_size", "val_crop", "val_batch_size"):
+        if getattr(d, name) < 1:
+            raise ConfigError(f"config key 'data.{name}': must be >= 1")
+    if d.crop % 8 or d.val_crop % 8:
+        raise ConfigError("config keys 'data.crop'/'data.val_crop': must be multiples of 8 (the JPEG block)")
+    for name, unit in (("grad_accum", ""), ("processes", ""), ("sync_every", " (steps)")):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"config key 'train.{name}': must be >= 1{unit}")
+    if t.preempt_budget_s <= 0:
+        raise ConfigError("config key 'train.preempt_budget_s': must be > 0 (seconds)")
+    if d.prefetch_factor < 1 or d.dali_prefetch < 1:
+        raise ConfigError("config keys 'data.prefetch_factor'/'data.dali_prefetch': must be >= 1")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError("config key 'train.ema_decay': must be in [0, 1) (0: no EMA)")
+    if t.dist_timeout_s < 1:
+        raise ConfigError("config key 'train.dist_timeout_s': must be >= 1 (seconds)")
+    if not t.order:
+        raise ConfigError("config key 'train.order': no phases to run")
+    if t.deepspeed_stage == 3:
+        raise ConfigError("config key 'train.deepspeed_stage': ZeRO-3 is not supported: the trainer runs each model's "
+                          "raw module inside the other model's step (the frozen critic in the generator's loss, the "
+                          "generator under no_grad for the critic's fakes), and ZeRO-3 partitions the parameters so "
+                          "that only its own engine's forward can gather them. Use 1 or 2.")
+    _one_of("train.deepspeed_stage", t.deepspeed_stage, (0, 1, 2))
+    if t.deepspeed_stage and t.mixed_precision == "fp16":
+        raise ConfigError("config key 'train.mixed_precision': fp16 with train.deepspeed_stage > 0 has no gradient "
+                          "scaler (DeepSpeed keeps fp32 parameters here and the steps autocast); use bf16")
+    defaults = default_phases()
+    for name in t.order:
+        if name not in t.phases:
+            raise ConfigError(f"config key 'train.order': phase '{name}' is not defined in train.phases")
+    for name, phase in t.phases.items():
+        if name not in t.order and name not in defaults:
+            raise ConfigError(f"config key 'train.phases.{name}': defined but not listed in train.order "
+                              f"(a typo in a phase name?)")
+        if not phase.kind:
+            if name not in PHASE_KINDS:
+                raise ConfigError(f"config key 'train.phases.{name}.kind': must be set to one of {list(PHASE_KINDS)}")
+            phase.kind = name
+        _one_of(f"train.phases.{name}.kind", phase.kind, PHASE_KINDS)
+        _one_of(f"train.phases.{name}.schedule", phase.schedule, ("onecycle", "cosine", "constant"))
+        if phase.steps < 0:
+            raise ConfigError(f"config key 'train.phases.{name}.steps': must be >= 0")
+        if len(phase.betas) != 2:
+            raise ConfigError(f"config key 'train.phases.{name}.betas': needs two values")
+        adv = phase.w_adv if phase.kind == "gan" else 0.0  # the gen phase has no critic
+        if phase.kind in ("gen", "gan") and phase.w_pixel <= 0 and phase.w_lpips <= 0 and adv <= 0:
+            raise ConfigError(f"config keys 'train.phases.{name}.w_pixel/w_lpips': the generator needs a loss")
+        if phase.kind == "gan" and phase.critic_iters + phase.gen_iters < 1:
+            raise ConfigError(f"config keys 'train.phases.{name}.critic_iters/gen_iters': both zero")
+    if t.deepspeed_stage:
+        _same_clipping(t)
+
+
+def _phases_training(t: TrainConfig) -> dict[str, list[str]]:
+    """The phases (in order) that train each model: "gen" (gen and gan phases) and "critic" (critic and gan)."""
+    return {model: [n for n in t.order if t.phases[n].kind in kinds]
+            for model, kinds in (("gen", ("gen", "gan")), ("critic", ("critic", "gan")))}
+
+
+def _same_clipping(t: TrainConfig) -> None:
+    """DeepSpeed clips inside its engine with the config's ``gradient_clipping``, fixed per model when the engine
+    is built; so every phase that trains a model must ask for the same max_grad_norm."""
+    for model, names in _phases_training(t).items():
+        if len({t.phases[n].max_grad_norm for n in names}) > 1:
+            model = "generator" if model == "gen" else model
+            keys = ", ".join(f"'train.phases.{n}.max_grad_norm' = {t.phases[n].max_grad_norm}" for n in names)
+            raise ConfigError(f"config keys {keys}: with train.deepspeed_stage > 0 the {model}'s gradient clipping is "
+                              f"fixed when its DeepSpeed engine is built, so every phase that trains the {model} "
+                              f"needs the same max_grad_norm")
+
+
+def clip_norms(t: TrainConfig) -> dict[str, float]:
+    """The max_grad_norm of each model ("gen", "critic") over the phases that train it (0.0: off); with DeepSpeed
+    these are equal within a model (checked by :func:`validate`)."""
+    return {model: float(t.phases[names[0]].max_grad_norm) if names else 0.0
+            for model, names in _phases_training(t).items()}

@@ -1,0 +1,46 @@
+"""docs/CONFIG.md's tables, built from the schema's field comments (config/schema.py).
+
+    python -m dist_dejpeg.config                          # print the tables
+    python -m dist_dejpeg.config --write docs/CONFIG.md   # replace them between the file's markers
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+from dist_dejpeg.config.schema import CriticConfig, DataConfig, LossConfig, ModelConfig, PhaseConfig, TrainConfig
+
+MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:end -->")
+
+
+def reference_markdown() -> str:
+    """The config reference (one table per section) built from the schema's field comments; docs/CONFIG.md
+    holds it between markers and tests/test_docs.py keeps the two in sync."""
+    pattern = re.compile(r"^\s+(\w+):\s*([^=]+?)\s*=\s*(.+?)\s*#\s*(.+)$")
+    sections = [("data", DataConfig), ("model", ModelConfig), ("critic", CriticConfig), ("loss", LossConfig),
+                ("train", TrainConfig), ("train.phases.<name>", PhaseConfig)]
+    out = []
+    for prefix, cls in sections:
+        out += [f"**{prefix}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        defaults = cls()
+        for line in inspect.getsource(cls).splitlines():
+            match = pattern.match(line)
+            if not match:
+                continue
+            name, typ, _, comment = match.groups()
+            value = getattr(defaults, name)
+            shown = "(gen, critic, gan; see below)" if name == "phases" else repr(value)
+            meaning = comment.strip().replace("|", "\\|")  # "a | b" in a comment would split the table's cell
+            out.append(f"| `{prefix}.{name}` | {typ.strip()} | `{shown}` | {meaning} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_reference(page: str | Path) -> None:
+    """Replace the tables between the page's markers; its prose stays."""
+    page = Path(page)
+    head, rest = page.read_text().split(MARKERS[0], 1)
+    tail = rest.split(MARKERS[1], 1)[1]
+    page.write_text(f"{head}{MARKERS[0]}\n{reference_markdown().strip()}\n{MARKERS[1]}{tail}")
