@@ -216,6 +216,29 @@ def test_a_finished_phase_with_later_phases_cannot_grow(tmp_path, shards):
     assert sorted(p.name for p in ckpt.checkpoint_dir(tmp_path / "run").iterdir()) == before  # nothing lost
 
 
+def test_a_new_run_starts_from_a_trained_generator(tmp_path, shards):
+    train(tiny(tmp_path / "a", shards, "train.order=[gen]"))
+    source = tmp_path / "a" / "generator.safetensors"
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    # model.pretrained=true would need ImageNet's file (offline here: an error); the source's weights replace it
+    # and its lineage (random init) is what the run records
+    cfg = tiny(tmp_path / "b", shards, "train.order=[gen]", "train.phases.gen.steps=0", "model.pretrained=true",
+               f"model.init_from={tmp_path / 'a'}")
+    train(cfg)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(source)), load_file(str(tmp_path / "b" / "generator.safetensors"))
+    assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+    assert "random init" in json.loads((tmp_path / "b" / "metrics.json").read_text())["meta"]["encoder"]
+    for override, match in ((f"model.init_from={source}", r"model.decoder_width 16 \(here 32\)"),
+                            (f"model.init_from={tmp_path / 'none'}", r"'model.init_from'.*no such file")):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        with pytest.raises(ConfigError, match=match):
+            train(tiny(tmp_path / "c", shards, "train.order=[gen]", "model.decoder_width=32", override))
+
+
 def _validated(restored_lpips: float) -> dict:
     """What validate() returns, for one quality: the JPEG's and the restored crops' metrics, and the gain."""
     return {"q10": {"jpeg": dict(psnr=1.0, ssim=1.0, lpips=1.0),

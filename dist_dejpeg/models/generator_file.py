@@ -121,26 +121,49 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ge
 
     ``info``: source, format, encoder, encoder_init ("ImageNet" or "random init" at the start of training),
     global_step, lpips (the validation LPIPS of the run), model (the model config as a dict)."""
-    path = Path(path)
+    path = resolve_model_path(path)
     if path.is_dir():
-        if (path / GENERATOR).is_file():
-            return load_model(path / GENERATOR, device)
-        if (path / TRAINER_STATE).is_file():
-            return _load_checkpoint_generator(path, device)
-        # the newest checkpoint whose files match their manifest's sizes (a truncated newest one is skipped)
-        newest = next((c for c in reversed(list_checkpoints(path)) if verify_checkpoint(c, hashes=False).ok), None)
-        if newest is not None:
-            return _load_checkpoint_generator(newest, device)
-        raise ModelFileError(f"{path}: a folder with neither generator.safetensors nor checkpoints/step-*: "
-                             f"give a generator file, a run folder or a checkpoint folder")
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such file or folder")
+        return _load_checkpoint_generator(path, device)
     meta = read_metadata(path)
     generator = load_generator(path, device)
     model_cfg = model_config_from_meta(meta, str(path))
     info = {"source": str(path), "format": "generator.safetensors", "global_step": _int(meta.get("global_step")),
             "lpips": meta.get("lpips", ""), **file_gains(meta)}
     return generator, _describe(info, model_cfg)
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """The generator file or checkpoint folder that ``path`` (a generator file, a run folder or a checkpoint
+    folder) names, as :func:`load_model` reads it; a ModelFileError where there is none."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / GENERATOR).is_file():
+            return path / GENERATOR
+        if (path / TRAINER_STATE).is_file():
+            return path
+        # the newest checkpoint whose files match their manifest's sizes (a truncated newest one is skipped)
+        newest = next((c for c in reversed(list_checkpoints(path)) if verify_checkpoint(c, hashes=False).ok), None)
+        if newest is not None:
+            return newest
+        raise ModelFileError(f"{path}: a folder with neither generator.safetensors nor checkpoints/step-*: "
+                             f"give a generator file, a run folder or a checkpoint folder")
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file or folder")
+    return path
+
+
+def model_config_at(path: str | Path) -> ModelConfig:
+    """The model config of the generator ``path`` names (see :func:`resolve_model_path`), without its weights."""
+    path = resolve_model_path(path)
+    if path.is_dir():
+        try:
+            return load_config(path / CONFIG).model
+        except ConfigError as err:
+            raise ModelFileError(f"{path / CONFIG}: {err}") from None
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not a dist_dejpeg generator file (format {meta.get('format')!r})")
+    return model_config_from_meta(meta, str(path))
 
 
 def _load_checkpoint_generator(folder: Path, device) -> tuple[Generator, dict]:

@@ -29,10 +29,12 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
 
-from dist_dejpeg.config import CUDAGRAPH_MODES, Config, ConfigError, PhaseConfig, clip_norms
+from dist_dejpeg.config import CUDAGRAPH_MODES, Config, ConfigError, ModelConfig, PhaseConfig, clip_norms
 from dist_dejpeg.data import ensure_samples
 from dist_dejpeg.models.critic import build_critic
+from dist_dejpeg.models.generator_file import load_model, model_config_at, resolve_model_path
 from dist_dejpeg.models.lpips import LPIPS
+from dist_dejpeg.models.names import ModelFileError
 from dist_dejpeg.models.sync_bn import convert_sync_batchnorm
 from dist_dejpeg.models.unet import build_generator
 from dist_dejpeg.run.lock import RunLock
@@ -40,6 +42,7 @@ from dist_dejpeg.train.checkpoint import remove_partial
 from dist_dejpeg.train.collective import all_ranks_or_raise
 from dist_dejpeg.train.compile import compile_cache_dir, compile_model, use_compile_cache
 from dist_dejpeg.train.phases import trains_critic, uses_lpips
+from dist_dejpeg.train.resume import GENERATOR_SHAPE_KEYS
 
 log = logging.getLogger("dist_dejpeg")
 
@@ -72,7 +75,8 @@ def build_accelerator(cfg: Config) -> tuple[Accelerator, Config]:
         if stage != launched or launched not in (1, 2):
             raise ConfigError(f"config key 'train.deepspeed_stage': {stage}, but the accelerate launcher "
                               f"config asks for ZeRO stage {launched}; the trainer supports 1 and 2")
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, mixed_precision=precision, deepspeed_stage=stage))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, mixed_precision=precision, deepspeed_stage=stage),
+                              model=_model_from(cfg.model))
     if stage:
         return _deepspeed_accelerator(cfg, cpu, timeout), cfg
     return Accelerator(
@@ -85,6 +89,24 @@ def build_accelerator(cfg: Config) -> tuple[Accelerator, Config]:
                          InitProcessGroupKwargs(timeout=timeout)],
         **_tracking(cfg),
     ), cfg
+
+
+def _model_from(model: ModelConfig) -> ModelConfig:
+    """``model`` as a run starting from ``model.init_from`` has it: the source's encoder lineage (``pretrained``:
+    whether its encoder began as ImageNet's; no weights file is read for it). A source whose tensor shapes
+    differ from ``model``'s (the generator's shape keys) is a ConfigError naming them."""
+    if not model.init_from:
+        return model
+    try:
+        source = model_config_at(model.init_from)
+    except ModelFileError as err:
+        raise ConfigError(f"config key 'model.init_from': {err}") from None
+    differ = [k for k in GENERATOR_SHAPE_KEYS if getattr(source, k[6:]) != getattr(model, k[6:])]
+    if differ:
+        raise ConfigError(f"config key 'model.init_from': {model.init_from} is a generator of other shapes: "
+                          + ", ".join(f"{k} {getattr(source, k[6:])!r} (here {getattr(model, k[6:])!r})" for k in differ)
+                          + ": set them to the source's values to start from it")
+    return dataclasses.replace(model, pretrained=source.pretrained, encoder_weights="")
 
 
 def _tracking(cfg: Config) -> dict:
@@ -214,7 +236,11 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
     t, fmt = cfg.train, torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     phases = [t.phases[name] for name in t.order]
     set_seed(t.seed)  # same initial weights on every rank
-    generator = build_generator(cfg.model)
+    if cfg.model.init_from:  # (a resumed run's checkpoint replaces them in turn)
+        generator = load_model(cfg.model.init_from)[0].train()
+        log.info("model.init_from: the generator starts from %s", resolve_model_path(cfg.model.init_from))
+    else:
+        generator = build_generator(cfg.model)
     if cfg.model.sync_bn and acc.num_processes > 1:
         generator = convert_sync_batchnorm(generator, cuda=acc.device.type == "cuda")
     critic = build_critic(cfg.critic) if any(trains_critic(p) for p in phases) else None
