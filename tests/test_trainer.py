@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -183,20 +184,30 @@ def test_resume_gives_the_same_next_loss(tmp_path, shards):
     assert got["gen/total"].item() == expected["gen/total"].item()
 
 
-def test_a_finished_run_given_more_steps_continues_its_last_phase(tmp_path, shards, caplog):
-    # constant lr: a run of 3 steps extended to 5 is the uninterrupted 5-step run, bit for bit
-    over = ("train.order=[gen]", "train.phases.gen.schedule=constant", "train.phases.gen.warmup=0")
-    train(tiny(tmp_path / "short", shards, *over))
-    assert ckpt.latest_checkpoint(tmp_path / "short").name == f"step-{3:08d}"
+CONSTANT = ("train.order=[gen]", "train.phases.gen.schedule=constant", "train.phases.gen.warmup=0")
+
+
+@pytest.fixture(scope="module")
+def gen_run(tmp_path_factory, shards) -> Path:
+    """A finished 3-step gen-only run at a constant lr (read-only: tests copy it)."""
+    run = tmp_path_factory.mktemp("gen_run") / "run"
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    train(tiny(run, shards, *CONSTANT))
+    return run
+
+
+def test_a_finished_run_given_more_steps_continues_its_last_phase(tmp_path, shards, gen_run, caplog):
+    # constant lr: a run of 3 steps extended to 5 is the uninterrupted 5-step run, bit for bit
+    shutil.copytree(gen_run, tmp_path / "short")
+    assert ckpt.latest_checkpoint(tmp_path / "short").name == f"step-{3:08d}"
     with caplog.at_level("INFO", logger="dist_dejpeg"):
-        train(tiny(tmp_path / "short", shards, *over, "train.phases.gen.steps=5"))  # auto_resume: the same folder
+        train(tiny(tmp_path / "short", shards, *CONSTANT, "train.phases.gen.steps=5"))  # auto_resume: the same folder
     assert "train.phases.gen.steps 3 -> 5: phase 'gen' ended at step 3" in caplog.text, caplog.text
     assert json.loads((tmp_path / "short" / "metrics.json").read_text())["meta"]["global_step"] == 5
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    train(tiny(tmp_path / "long", shards, *over, "train.phases.gen.steps=5"))
+    train(tiny(tmp_path / "long", shards, *CONSTANT, "train.phases.gen.steps=5"))
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "short" / "generator.safetensors"))
@@ -216,15 +227,12 @@ def test_a_finished_phase_with_later_phases_cannot_grow(tmp_path, shards):
     assert sorted(p.name for p in ckpt.checkpoint_dir(tmp_path / "run").iterdir()) == before  # nothing lost
 
 
-def test_a_new_run_starts_from_a_trained_generator(tmp_path, shards):
-    train(tiny(tmp_path / "a", shards, "train.order=[gen]"))
-    source = tmp_path / "a" / "generator.safetensors"
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+def test_a_new_run_starts_from_a_trained_generator(tmp_path, shards, gen_run):
+    source = gen_run / "generator.safetensors"
     # model.pretrained=true would need ImageNet's file (offline here: an error); the source's weights replace it
     # and its lineage (random init) is what the run records
     cfg = tiny(tmp_path / "b", shards, "train.order=[gen]", "train.phases.gen.steps=0", "model.pretrained=true",
-               f"model.init_from={tmp_path / 'a'}")
+               f"model.init_from={gen_run}")
     train(cfg)
     from safetensors.torch import load_file
 
