@@ -5,6 +5,7 @@ loses at most the steps since the last checkpoint; one run folder never gets two
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -85,6 +86,48 @@ def test_stop_signals_are_recorded_not_acted_on():
     finally:
         signals.restore()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_ctrl_c_asks_to_stop_and_a_second_one_stops_at_once(monkeypatch):
+    for name in ("LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    signals = ckpt.StopSignals().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # would raise KeyboardInterrupt without the handler
+        assert signals.requested() and signals.name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # (the handler runs between bytecodes)
+        monkeypatch.setenv("LOCAL_RANK", "0")  # a rank: its launcher passes the first Ctrl-C on again
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.name == "SIGINT"
+    finally:
+        signals.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_on_a_two_rank_run_checkpoints_and_exits(tmp_path, shards):
+    """Ctrl-C at a terminal signals the whole foreground process group: the launcher, both ranks and any
+    loader workers. The ranks finish their step, agree on a checkpoint and exit 75; no traceback."""
+    config = tmp_path / "run.yaml"
+    config.write_text(to_yaml(tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=100000",
+                                   "train.processes=2", "data.num_workers=1", "train.log_every=1")))
+    run = subprocess.Popen([sys.executable, "-m", "dist_dejpeg.cli", "train", "--config", str(config)], cwd=ROOT,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in run.stdout:  # the first steps are logged: both ranks are training
+            if "gen 3/100000" in line:
+                break
+        os.killpg(run.pid, signal.SIGINT)
+        out = run.communicate(timeout=120)[0]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 75, out[-3000:]
+    assert "Traceback" not in out and "stopped by SIGINT after step" in out, out[-3000:]
+    saved = ckpt.latest_checkpoint(tmp_path / "run")
+    assert saved is not None and json.loads((tmp_path / "run" / "progress.json").read_text())["status"] == "preempted"
 
 
 def test_signal_checkpoints_after_the_step_and_the_rerun_resumes_to_the_same_weights(tmp_path, shards,

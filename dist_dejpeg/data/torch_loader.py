@@ -335,11 +335,12 @@ def _stop_cleanly(batches: Iterator[dict]) -> Iterator[dict]:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """SLURM signals every process of a job step: a worker killed by SIGTERM would fail the main process's
-    next batch before it can checkpoint. Workers leave stopping to the main process (they exit with it)."""
+    """SLURM signals every process of a job step, and Ctrl-C the terminal's whole process group: a worker killed
+    by SIGTERM or SIGINT would fail the main process's next batch before it can checkpoint. Workers leave stopping
+    to the main process (they exit with it)."""
     import signal
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 

@@ -43,6 +43,8 @@ from dist_dejpeg.run.layout import (ABANDONED_PREFIX, CONFIG, STEP_DIR, TRAINER_
                                     partial_checkpoints, partial_name, step_name, step_of)
 from dist_dejpeg.run.manifest import fsync_dirs, fsync_own_files, write_manifest
 from dist_dejpeg.train.collective import all_ranks_or_raise
+from dist_dejpeg.train.launch import already_launched
+
 
 def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: int, trainer_state: dict,
                     loader_state: dict, config_yaml: str, keep_last: int, buffers: dict | None = None,
@@ -195,12 +197,14 @@ class Preempted(TrainingStopped):
 
 
 class StopSignals:
-    """SIGUSR1 (SLURM's advance warning, ``--signal``) and SIGTERM (scancel, preemption, the launcher
-    passing either on) ask the run to stop: the handler only records the signal, and the trainer checks
-    :meth:`requested` after each optimizer step, so the step in flight finishes, a checkpoint is written, and
-    the process exits. Installed in the main thread only; ``restore`` puts the previous handlers back."""
+    """SIGUSR1 (SLURM's advance warning, ``--signal``), SIGTERM (scancel, preemption, the launcher passing
+    either on) and SIGINT (Ctrl-C) ask the run to stop: the handler only records the signal, and the trainer
+    checks :meth:`requested` after each optimizer step, so the step in flight finishes, a checkpoint is
+    written, and the process exits. A second Ctrl-C stops a process that no launcher started at once (under
+    one, the launcher passes the first on again, and ends the ranks itself after its grace period). Installed
+    in the main thread only; ``restore`` puts the previous handlers back."""
 
-    SIGNALS = ("SIGUSR1", "SIGTERM")
+    SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
 
     def __init__(self):
         self.received: int | None = None
@@ -217,9 +221,16 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame) -> None:
+        import signal
+
+        alone = not already_launched()
         if self.received is None:
             self.received = signum
-            os.write(2, f"dist_dejpeg: got signal {signum}; stopping after this step with a checkpoint\n".encode())
+            again = " (Ctrl-C again: stop now, without one)" if signum == signal.SIGINT and alone else ""
+            os.write(2, f"dist_dejpeg: got {signal.Signals(signum).name}; stopping after this step with a "
+                        f"checkpoint{again}\n".encode())
+        elif signum == signal.SIGINT and alone:
+            raise KeyboardInterrupt
 
     def requested(self) -> bool:
         return self.received is not None
