@@ -521,3 +521,70 @@ def test_restore_command_reads_each_jpeg_quality_and_passes_through(tmp_path, gu
                  "--quiet", "--verbose", "--input-quality", "15", "--device", "cpu"]) == 0
     assert "restored: " in capsys.readouterr().out
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "out2" / "q75.png")), q75)
+
+
+# --- restore_tensor's inputs (a user's exploration found a uint8 tensor restored to white) --------------------
+def test_restore_tensor_takes_uint8_and_float_dtypes_and_refuses_what_it_cannot_read():
+    rgb = _photo(64, 80)
+    restorer = Restorer(_model(), tile=0, guard=False)
+    as_uint8 = torch.from_numpy(rgb).permute(2, 0, 1)
+    got = restorer.restore_tensor(as_uint8, 20)
+    assert got.dtype == torch.uint8 and torch.equal(got.permute(1, 2, 0), torch.from_numpy(restorer.restore_array(rgb, 20)))
+    assert torch.equal(restorer.restore(as_uint8[None], 20)[0], got)  # restore() dispatches a batch the same way
+    as_float = as_uint8.double() / 255
+    restored = restorer.restore_tensor(as_float, 20)
+    assert restored.dtype == torch.float64 and (restored * 255 - got).abs().max() < 0.51
+    for bad, match in ((as_uint8.float(), r"span 0\.\.250 \(0\.\.255 values\?"), (as_uint8.int(), "uint8 .* or float"),
+                       (torch.where(as_float > 0.5, float("nan"), as_float), "NaN")):
+        with pytest.raises(ValueError, match=match):
+            restorer.restore_tensor(bad, 20)
+    for quality in ([20, 30], torch.tensor([20, 30]), 30.7, True):  # one quality per call
+        with pytest.raises(ValueError, match="one JPEG quality"):
+            restorer.restore_tensor(as_float, quality)
+    assert torch.equal(restorer.restore_tensor(as_float, np.int64(20)), restorer.restore_tensor(as_float, 20.0))
+
+
+def test_the_onnx_backend_restores_tensors_too():
+    """OnnxRestorer has restore_tensor (through numpy on the host), as Restorer does; a fake session is the model."""
+    from dist_dejpeg.restore.onnx_backend import OnnxRestorer
+
+    class Session:
+        def run(self, names, feeds):
+            return [Pointwise()(torch.from_numpy(feeds["degraded"])).numpy()]
+
+    onnx = object.__new__(OnnxRestorer)
+    onnx.session, onnx.conditioned, onnx.pad_to, onnx.attention_stride, onnx.keep_mean = Session(), False, 16, 0, False
+    onnx.setup({}, tile=64, overlap=16, batch_size=2, guard=False)
+    x = torch.from_numpy(_photo(100, 90)).permute(2, 0, 1)
+    expected = Restorer(Pointwise(), tile=64, overlap=16, guard=False).restore_tensor(x[None])
+    got = onnx.restore(x[None], 20)
+    assert got.dtype == torch.uint8 and got.shape == expected.shape and (got.int() - expected.int()).abs().max() <= 1
+    assert (got.int() - x.int()).abs().max() > 10  # restored, not passed through
+
+
+def test_a_cuda_device_this_machine_lacks_is_a_clear_error(model_file, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the error needs a machine without it")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        Restorer(model_file, device="cuda")
+    with pytest.raises(ValueError, match="device 'gpu0'"):
+        Restorer(model_file, device="gpu0")
+    path = tmp_path / "a.jpg"
+    path.write_bytes(_jpeg_bytes(_photo(64, 64)))
+    assert main(["restore", str(path), "-o", str(tmp_path / "out"), "--model", str(model_file), "--device", "cuda"]) == 2
+    assert "error: device cuda: this machine has no CUDA devices" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode, transparency", [("RGB", (0, 0, 0)), ("L", 0)])
+def test_a_transparent_colour_becomes_alpha_and_is_kept(mode, transparency):
+    """PNG's tRNS chunk (one colour transparent) in an RGB or grayscale image: the output keeps those pixels
+    transparent (as alpha), as it keeps an alpha channel."""
+    rgb = _photo(64, 64).copy()
+    rgb[:8] = 0  # a transparent band
+    image = Image.fromarray(rgb).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", transparency=transparency)
+    restored = Restorer(Pointwise(), tile=0, guard=False).restore(Image.open(io.BytesIO(buf.getvalue())), 20)
+    assert restored.mode == ("RGBA" if mode == "RGB" else "LA")
+    alpha = np.asarray(restored.getchannel("A"))
+    assert (alpha[:8] == 0).all() and (alpha[8:] == 255).mean() > 0.99

@@ -31,6 +31,34 @@ def check_tiling(tile: int, overlap: int) -> None:
         raise ValueError(f"overlap must be in [0, tile/2), got {overlap} for tile {tile}")
 
 
+def tensor_batch(image) -> tuple[Any, bool, Callable[[Any], Any]]:
+    """restore_tensor's input checked and made N x 3 x H x W float32 in 0..1, on its own device: (batch,
+    squeeze, back); ``back`` turns a restored float32 batch into the input's dtype (uint8: 0..255, rounded).
+    A ValueError for another dtype or shape, a NaN or an infinity, or float pixels far outside 0..1 (0..255
+    given as floats): one read of the device for a float tensor."""
+    import torch  # the caller's own: it holds a tensor
+
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"restore_tensor takes a torch tensor, not {type(image).__name__}")
+    x = image.detach()
+    x = x.unsqueeze(0) if x.dim() == 3 else x
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected 3 x H x W or N x 3 x H x W, got {tuple(image.shape)}")
+    if image.dtype == torch.uint8:
+        return x.float().div_(255), image.dim() == 3, lambda out: out.mul(255).round_().clamp_(0, 255).byte()
+    if not image.dtype.is_floating_point:
+        raise ValueError(f"expected uint8 (0..255) or float (0..1) pixels, got {image.dtype}")
+    x = x.float()
+    if x.numel():
+        bad, lo, hi = torch.stack([(~torch.isfinite(x)).any().float(), x.amin(), x.amax()]).tolist()
+        if bad:
+            raise ValueError("the input holds NaN or infinite pixels")
+        if lo < -0.5 or hi > 1.5:
+            raise ValueError(f"float pixels are 0..1, these span {lo:g}..{hi:g} (0..255 values? divide them by "
+                             f"255, or give uint8)")
+    return x, image.dim() == 3, lambda out: out.to(image.dtype)
+
+
 class ImageRestorer:
     """A model ready to restore images, tile by tile (``tile`` 0: whole images), ``batch_size`` tiles per call,
     guarded by the gains its validation measured (``info["val_psnr_gain"]`` and their lower bounds
@@ -140,6 +168,37 @@ class ImageRestorer:
             return to_gray(out)
         return out
 
+    def restore_tensor(self, image, quality: int | None = None, source: str = "given"):
+        """3 x H x W (or N x 3 x H x W) torch tensor, float 0..1 or uint8 0..255 -> the same shape and dtype,
+        restored, on the input's device (``tensor_batch`` checks it). ``quality``: the images' JPEG quality
+        (None: unknown); passed through unchanged where ``decide`` says so. A restored image with a NaN or an
+        infinity (a broken model) is never returned: that image is passed through, and ``last_decision`` says so."""
+        x, squeeze, back = tensor_batch(image)
+        decision = self.last_decision = self.decide(quality, source)
+        if decision.passthrough:
+            return image.detach().clone()
+        images, out, finish = self.tensor_io(x)
+        broken = 0
+        for i, im in enumerate(images):
+            def write(y0, y1, rows, dst=out[i]):
+                dst[:, y0:y1] = rows
+
+            if not self.restore_tiled(im, decision.quality, write):
+                out[i][...] = im
+                broken += 1
+        if broken:
+            self.broken(decision, broken, len(out))
+        out = back(finish(out))
+        return out[0] if squeeze else out
+
+    def tensor_io(self, x):
+        """restore_tensor's images in ``arrays``' kind, its output batch, and what makes that a tensor on ``x``'s
+        device: here numpy on the host (Restorer keeps a GPU tensor on the GPU)."""
+        import torch
+
+        batch = x.cpu().numpy()
+        return batch, np.empty_like(batch), lambda out: torch.from_numpy(out).to(x.device)
+
     def restore(self, image, quality: int | None = None):
         """A PIL image (any mode; alpha kept, grayscale stays grayscale) or a uint8 numpy array, restored, in
         the same kind. ``quality`` None: a PIL image's quality is estimated (jpeg.quality.estimate_quality: a
@@ -148,6 +207,8 @@ class ImageRestorer:
         applied, as restore/images.py writes them), so ``out.save(path, **out.info)`` keeps them."""
         if isinstance(image, np.ndarray):
             return self.restore_array(image, quality)
+        if type(image).__module__.startswith("torch"):
+            return self.restore_tensor(image, quality)
         if isinstance(image, Image.Image):
             rgb, alpha, grayscale = split_image(image)
             source = "given"
@@ -158,4 +219,4 @@ class ImageRestorer:
             icc, exif = output_metadata(image, grayscale)
             restored.info.update({k: v for k, v in (("icc_profile", icc), ("exif", exif)) if v})
             return restored
-        raise TypeError(f"restore takes a PIL image, a uint8 numpy array or a float tensor, not {type(image).__name__}")
+        raise TypeError(f"restore takes a PIL image, a uint8 numpy array or a torch tensor, not {type(image).__name__}")

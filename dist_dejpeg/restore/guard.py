@@ -40,6 +40,19 @@ def predicted_gain(gains: dict[int, float], quality: int) -> float | None:
     return float(np.interp(quality, around, [gains[q] for q in around]))
 
 
+def one_quality(quality) -> int:
+    """``quality`` as an int in 1..100: an int, a whole float or a one-value array or tensor; a ValueError for
+    anything else (a bool, 30.7, one quality per image: a call restores its images at one quality)."""
+    try:
+        value = float(quality) if not isinstance(quality, bool) else None  # (a one-value array or tensor too)
+    except (TypeError, ValueError, RuntimeError):  # (torch: RuntimeError for a tensor of several values)
+        value = None
+    if value is None or not value.is_integer() or not 1 <= value <= 100:
+        raise ValueError(f"quality must be one JPEG quality, a whole number in 1..100 (or None: unknown) for all "
+                         f"the images of a call, got {quality!r}")
+    return int(value)
+
+
 def decide(gains: dict[int, float], quality: int | None, source: str = "given", guard: bool = True,
            lows: dict[int, float] | None = None) -> Decision:
     """Restore or pass through an image of ``quality`` (None: unknown), found as ``source`` says, with a model
@@ -53,9 +66,7 @@ def decide(gains: dict[int, float], quality: int | None, source: str = "given", 
                                                 "it as quality Q")
         return Decision(None, source, reason="quality unknown: restored blind (guard off), no gain could "
                                              "be predicted")
-    if not 1 <= int(quality) <= 100:
-        raise ValueError(f"quality must be in 1..100, got {quality}")
-    quality = int(quality)
+    quality = one_quality(quality)
     if not guard:
         return Decision(quality, source)
     if not gains:

@@ -90,7 +90,8 @@ def split_image(img: Image.Image, source: str = "image") -> tuple[np.ndarray, np
     icc = img.info.get("icc_profile")
     img = ImageOps.exif_transpose(img)
     alpha = None
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    # alpha, premultiplied alpha, or a transparent colour (tRNS: a palette entry, a grey level or an RGB colour)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         alpha = np.ascontiguousarray(np.asarray(rgba)[..., 3])
         rgb = np.asarray(rgba.convert("RGB"))

@@ -119,8 +119,8 @@ def open_session(path, device: str = "cpu", threads: int | None = None):
 
 
 class OnnxRestorer(ImageRestorer):
-    """An exported generator on onnxruntime with the Restorer's surface: restore_array, restore (PIL images and
-    arrays), decide, last_decision, info, gains, guard, tile, overlap, batch_size, conditioned, and ``device``
+    """An exported generator on onnxruntime with the Restorer's surface: restore_array, restore (PIL images,
+    arrays and tensors), restore_tensor (through numpy on the host), decide, last_decision, info, gains, guard, tile, overlap, batch_size, conditioned, and ``device``
     ("cpu (onnxruntime)"). ``batch_size`` None: 1 on the CPU (as PyTorch's; bench infer), 4 on CUDA;
     ``precision``: the export is float32 ("auto" or "fp32"; "bf16" is for PyTorch models); ``threads``: intra-op
     threads (None: the cores this process may use)."""

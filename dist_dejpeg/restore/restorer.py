@@ -57,9 +57,18 @@ MAX_GRAPHS = 4  # captured forward shapes kept per Restorer (the oldest goes fir
 
 
 def _device(device: str | torch.device) -> torch.device:
+    """``device`` ("auto": CUDA where there is one), checked: a ValueError for a device this machine lacks."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r}: {str(err).splitlines()[0]}") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ValueError(f"device {device}: this machine has {count or 'no'} CUDA device{'s' * (count != 1)} "
+                         f"(torch {torch.__version__}); use cpu or auto")
+    return device
 
 
 def torch_arrays(device: torch.device, memory_format: torch.memory_format = torch.contiguous_format) -> Arrays:
@@ -220,36 +229,8 @@ class Restorer(ImageRestorer):
         return buf[:size].view(shape)
 
     # -- tensors ---------------------------------------------------------------------------------------------
-    def restore_tensor(self, image: torch.Tensor, quality: int | None = None, source: str = "given") -> torch.Tensor:
-        """3 x H x W (or N x 3 x H x W) float in [0, 1] -> the same shape, restored, on the input's device (a
-        tensor already on the restorer's GPU never visits the host). ``quality``: the images' JPEG quality (None:
-        unknown); passed through unchanged where ``decide`` says so. A restored image with a NaN or an infinity
-        (a broken model) is never returned: that image is passed through, and ``last_decision`` says so."""
-        squeeze = image.dim() == 3
-        x = image.unsqueeze(0) if squeeze else image
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected 3 x H x W or N x 3 x H x W, got {tuple(image.shape)}")
-        decision = self.last_decision = self.decide(quality, source)
-        x = x.detach().float()
-        if decision.passthrough:
-            x = x.clone()
-            return x[0] if squeeze else x
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        broken = 0
-        for im, dst in zip(x, out):
-            def write(y0, y1, rows, dst=dst):
-                dst[:, y0:y1] = rows
-
-            # one upload per image (a no-op where it is on the restorer's device already), not one per window
-            if not self.restore_tiled(im.to(self.device, non_blocking=True), decision.quality, write):
-                dst.copy_(im)
-                broken += 1
-        if broken:
-            self.broken(decision, broken, len(out))
-        return out[0] if squeeze else out
-
-    def restore(self, image, quality: int | None = None):
-        """ImageRestorer.restore (PIL images, uint8 arrays), and a float tensor through restore_tensor."""
-        if isinstance(image, torch.Tensor):
-            return self.restore_tensor(image, quality)
-        return super().restore(image, quality)
+    def tensor_io(self, x: torch.Tensor):
+        """restore_tensor's images each moved to the restorer's device as the loop reaches it (one upload per
+        image, a no-op where it is there already: a GPU tensor never visits the host), the output on ``x``'s."""
+        images = (im.to(self.device, non_blocking=True) for im in x)
+        return images, torch.empty_like(x, memory_format=torch.contiguous_format), lambda out: out
