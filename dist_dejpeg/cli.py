@@ -277,10 +277,14 @@ def _report(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from dist_dejpeg.models.generator_file import ModelFileError
-    from dist_dejpeg.models.onnx_export import OnnxCheckError, OnnxUnavailable, export_model
+    from dist_dejpeg.models.onnx_export import OnnxCheckError, OnnxUnavailable, export_model, export_target_problem
 
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    problem = export_target_problem(args.model, args.onnx, args.opset)  # (before a minute of exporting)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         result, info = export_model(args.model, args.onnx, opset=args.opset, check_image=args.check_image)
     except (ModelFileError, OnnxUnavailable, FileNotFoundError) as err:

@@ -285,3 +285,19 @@ def test_onnx_backend_centres_a_padded_windows_correction_over_the_image(monkeyp
     np.testing.assert_allclose(got, batch + c - c.mean((-2, -1), keepdims=True), atol=1e-6)
     onnx.keep_mean = False  # an export without keep_mean: what the session gave, cropped
     assert np.abs(onnx.forward(batch.copy()) - got).max() > 1e-3
+
+
+def test_export_refuses_at_once_what_would_fail_after_exporting(tmp_path, capsys):
+    """An ONNX file as the model, a folder or an unwritable place as the output, an opset the exporter cannot
+    write: exit 2 before the minute of exporting and checking (the folder was a traceback after it)."""
+
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    for args, message in ((["--model", "m.onnx", "--onnx", str(tmp_path / "x.onnx")], "is an ONNX export already"),
+                          (["--model", "runs/x", "--onnx", str(folder)], "is a folder; give a file name"),
+                          (["--model", "runs/x", "--onnx", str(tmp_path / "y.onnx"), "--opset", "5"],
+                           "writes opset 18 or newer"),
+                          (["--model", "runs/x", "--onnx", "/proc/nope/x.onnx"], "cannot write to /proc/nope")):
+        assert main(["export", *args]) == 2
+        assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [folder]

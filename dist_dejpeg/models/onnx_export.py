@@ -37,6 +37,7 @@ two sizes against the PyTorch generator before the file is written (atomically).
 from __future__ import annotations
 
 import copy
+import os
 import dataclasses
 import json
 import time
@@ -237,6 +238,29 @@ def read_onnx_metadata(path: str | Path) -> dict:
     import onnx
 
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+MIN_OPSET = 18  # torch.onnx's dynamo exporter writes no older opset (asked for one, it warns and writes 18)
+
+
+def export_target_problem(model: str | Path, onnx_path: str | Path, opset: int | None) -> str | None:
+    """What would make :func:`export_model` fail after its minute of exporting and checking, said before: an
+    ONNX file as the model, a folder or an unwritable place as the output, an opset the exporter cannot write.
+    Creates the output's parent folder."""
+    out = Path(onnx_path)
+    if str(model).lower().endswith(".onnx"):
+        return f"--model {model} is an ONNX export already; give the generator file or run folder it came from"
+    if out.is_dir():
+        return f"--onnx {out} is a folder; give a file name, e.g. {out / 'dejpeg.onnx'}"
+    if opset is not None and opset < MIN_OPSET:
+        return f"--opset {opset}: the exporter (torch.onnx, dynamo) writes opset {MIN_OPSET} or newer"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out.parent, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as err:
+        return f"--onnx {out}: cannot write to {out.parent} ({err})"
+    return None
 
 
 def export_model(model: str | Path, onnx_path: str | Path, *, opset: int | None = None, check_image=None,
