@@ -588,3 +588,30 @@ def test_a_transparent_colour_becomes_alpha_and_is_kept(mode, transparency):
     assert restored.mode == ("RGBA" if mode == "RGB" else "LA")
     alpha = np.asarray(restored.getchannel("A"))
     assert (alpha[:8] == 0).all() and (alpha[8:] == 255).mean() > 0.99
+
+
+def test_the_api_says_what_it_takes(tmp_path, model_file):
+    restorer = Restorer(Pointwise(), tile=0, guard=False)
+    for call, error, match in ((lambda: Restorer(None), TypeError, "a path .* or a torch module"),
+                               (lambda: Restorer(Pointwise(), tile="512"), ValueError, "whole number of pixels"),
+                               (lambda: Restorer(Pointwise(), tile=64), ValueError, r"for tile 64 \(e.g. 16\)"),
+                               (lambda: restorer.restore_array([[1, 2]]), TypeError, "numpy array, not list"),
+                               (lambda: restorer.restore_array(np.zeros((0, 10, 3), np.uint8), 20), ValueError, "not empty"),
+                               (lambda: restorer.restore_tensor(torch.zeros(3, 0, 5), 20), ValueError, "not empty")):
+        with pytest.raises(error, match=match):
+            call()
+    assert restorer.restore_tensor(torch.zeros(0, 3, 8, 8), 20).shape == (0, 3, 8, 8)  # an empty batch is fine
+    # a checkpoint's weights file is not a generator file: the message names the folder to give instead
+    (ckpt := tmp_path / "step-00000001").mkdir()
+    (ckpt / "trainer_state.json").write_text("{}")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(ckpt / "best_generator.safetensors"))
+    with pytest.raises(ModelFileError, match=f"checkpoint folder.*give the folder, {ckpt}"):
+        load_model(ckpt / "best_generator.safetensors")
+    out = tmp_path / "a_file.txt"
+    out.write_text("x")
+    from dist_dejpeg.restore.files import OutputError, check_output_dir
+
+    with pytest.raises(OutputError, match="is a file"):
+        check_output_dir(out)

@@ -89,10 +89,17 @@ def model_config_from_meta(meta: dict, source: str) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in fields.items() if k in known})
 
 
+def _not_a_generator(path: str | Path, meta: dict) -> ModelFileError:
+    inside = (Path(path).parent / TRAINER_STATE).is_file()
+    hint = (f"; it lies in a checkpoint folder, whose weights files hold no model config: give the folder, "
+            f"{Path(path).parent}") if inside else ""
+    return ModelFileError(f"{path}: not a dist_dejpeg generator file (format {meta.get('format')!r}){hint}")
+
+
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: not a dist_dejpeg generator file (format {meta.get('format')!r})")
+        raise _not_a_generator(path, meta)
     generator = _build_and_load(model_config_from_meta(meta, str(path)), load_file(str(path), device="cpu"), str(path))
     return generator.to(device).eval()
 
@@ -162,7 +169,7 @@ def model_config_at(path: str | Path) -> ModelConfig:
             raise ModelFileError(f"{path / CONFIG}: {err}") from None
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: not a dist_dejpeg generator file (format {meta.get('format')!r})")
+        raise _not_a_generator(path, meta)
     return model_config_from_meta(meta, str(path))
 
 

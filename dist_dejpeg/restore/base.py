@@ -25,10 +25,13 @@ from dist_dejpeg.restore.tiling import NUMPY, Arrays, restore_tiled
 
 def check_tiling(tile: int, overlap: int) -> None:
     """A ValueError for a tile the model cannot take or an overlap the blend cannot use."""
+    for name, value in (("tile", tile), ("overlap", overlap)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be a whole number of pixels, got {value!r}")
     if tile and (tile % 32 or tile < 64):
         raise ValueError(f"tile must be 0 (whole image) or a multiple of 32 of at least 64, got {tile}")
     if tile and not 0 <= overlap < tile // 2:
-        raise ValueError(f"overlap must be in [0, tile/2), got {overlap} for tile {tile}")
+        raise ValueError(f"overlap must be in [0, tile/2), got {overlap} for tile {tile} (e.g. {tile // 4})")
 
 
 def tensor_batch(image) -> tuple[Any, bool, Callable[[Any], Any]]:
@@ -42,8 +45,8 @@ def tensor_batch(image) -> tuple[Any, bool, Callable[[Any], Any]]:
         raise TypeError(f"restore_tensor takes a torch tensor, not {type(image).__name__}")
     x = image.detach()
     x = x.unsqueeze(0) if x.dim() == 3 else x
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"expected 3 x H x W or N x 3 x H x W, got {tuple(image.shape)}")
+    if x.dim() != 4 or x.shape[1] != 3 or not (x.shape[2] and x.shape[3]):
+        raise ValueError(f"expected 3 x H x W or N x 3 x H x W (not empty), got {tuple(image.shape)}")
     if image.dtype == torch.uint8:
         return x.float().div_(255), image.dim() == 3, lambda out: out.mul(255).round_().clamp_(0, 255).byte()
     if not image.dtype.is_floating_point:
@@ -151,12 +154,14 @@ class ImageRestorer:
     def restore_array(self, rgb: np.ndarray, quality: int | None = None, source: str = "given") -> np.ndarray:
         """H x W x 3 (or H x W grayscale) uint8 -> the same shape, uint8 (the input itself, copied, where the
         image is passed through). ``source``: where ``quality`` came from, kept in ``last_decision``."""
+        if not isinstance(rgb, np.ndarray):
+            raise TypeError(f"restore_array takes a numpy array, not {type(rgb).__name__}")
         if rgb.dtype != np.uint8:
             raise ValueError(f"expected uint8 pixels, got {rgb.dtype} (use restore_tensor for float images)")
         gray = rgb.ndim == 2
         rgb3 = np.repeat(rgb[..., None], 3, axis=2) if gray else rgb
-        if rgb3.ndim != 3 or rgb3.shape[2] != 3:
-            raise ValueError(f"expected H x W x 3 or H x W, got {rgb.shape}")
+        if rgb3.ndim != 3 or rgb3.shape[2] != 3 or not rgb3.size:
+            raise ValueError(f"expected H x W x 3 or H x W (not empty), got {rgb.shape}")
         decision = self.last_decision = self.decide(quality, source)
         if decision.passthrough:
             return rgb.copy()

@@ -137,6 +137,8 @@ def check_output_dir(out_dir: str | Path) -> Path:
     """Create ``out_dir`` and prove it is writable before any work is done (restore, evaluate, report); an
     OutputError otherwise."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output folder {out} is not writable: it is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".dist_dejpeg_write_test{os.getpid()}"

@@ -99,6 +99,9 @@ class Restorer(ImageRestorer):
         self.device = _device(device)
         cuda = self.device.type == "cuda"
         self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        if not isinstance(model, (str, Path, torch.nn.Module)):
+            raise TypeError(f"model: a path (generator file, run or checkpoint folder, .onnx export) or a torch "
+                            f"module, not {type(model).__name__}")
         if isinstance(model, (str, Path)):
             generator, info = load_model(model, self.device)
             # ours alone (a module the caller gives is left as it is): weights fixed, channels_last
