@@ -221,24 +221,31 @@ def print_restore_summary(results: list, args: argparse.Namespace, device) -> No
 
 def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
     """evaluate()'s result, or an exit status after printing the error."""
-    from dist_dejpeg.evaluation.evaluate import EvaluateError, evaluate
+    from dist_dejpeg.evaluation.evaluate import EvaluateError, evaluate, new_folders, remove_empty
     from dist_dejpeg.evaluation.report import check_report_output
     from dist_dejpeg.models.names import ModelFileError, OnnxUnavailable
     from dist_dejpeg.restore import open_restorer
     from dist_dejpeg.restore.files import check_output_dir
 
+    out, result = Path(args.out), 2
+    made = new_folders(out.parent, out.with_suffix("")) if keep_images else new_folders(out)
     try:  # the outputs first: one that cannot be written fails before any computation
         check_report_output(args.out) if keep_images else check_output_dir(args.out)
         restorer = open_restorer(args.model, device=args.device, tile=args.tile, overlap=args.overlap,
                                  batch_size=args.batch_size, guard=not args.no_guard)
-        return evaluate(restorer, args.images, args.qualities, None if keep_images else args.out, y_only=args.y_only,
-                        blind=args.blind, subsampling=args.subsampling,
-                        crop_border=args.crop_border, lpips_weights=args.lpips_weights,
-                        allow_lossy_reference=args.allow_lossy_reference, max_images=args.max_images,
-                        keep_images=keep_images, progress=not args.quiet)
+        result = evaluate(restorer, args.images, args.qualities, None if keep_images else args.out,
+                          y_only=args.y_only, blind=args.blind, subsampling=args.subsampling,
+                          crop_border=args.crop_border, lpips_weights=args.lpips_weights,
+                          allow_lossy_reference=args.allow_lossy_reference, max_images=args.max_images,
+                          keep_images=keep_images, progress=not args.quiet)
     except (ModelFileError, EvaluateError, OnnxUnavailable, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+    finally:
+        if isinstance(result, int):  # failed (or stopped): no empty folder of its making is left behind
+            remove_empty(made)
+    for why in result["meta"]["skipped"] if isinstance(result, dict) else []:
+        print(f"skipped: {why}", file=sys.stderr)
+    return result
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -267,6 +274,7 @@ def _report(args: argparse.Namespace) -> int:
              "training steps": model.get("global_step"), "backbones": meta["backbones"],
              "compression": meta["compression"], "metrics on": meta["channel"], "border crop": meta["crop_border"],
              "restored on": f"{meta['device']} (tile {meta['tile']}, overlap {meta['overlap']})",
+             "do-no-harm guard": "on" if meta["guard"] else "off",
              "unavailable": meta["unavailable"], "date": meta["date"]}
     path = write_report(result.pop("records"), args.out, title=f"dist_dejpeg: {Path(str(model.get('source'))).name}",
                         meta=shown, crop=args.crop)

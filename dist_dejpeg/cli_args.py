@@ -50,6 +50,11 @@ def add_restorer_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int]) -> None:
+    def count(text: str) -> int:  # argparse type: a whole number >= 0 (--crop-border, --max-images)
+        if not text.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"a whole number >= 0, not {text!r}")
+        return int(text)
+
     add_restorer_args(p)
     p.add_argument("--images", required=True, nargs="+",
                    help="lossless reference photos: files, folders (recursive) or WebDataset shards (.tar)")
@@ -61,11 +66,11 @@ def add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int]
     p.add_argument("--quality", dest="qualities", type=jpeg_quality, nargs="+", default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # the name before --qualities
     p.add_argument("--y-only", action="store_true", help="full-reference metrics on BT.601 Y (as published tables)")
-    p.add_argument("--crop-border", type=int, default=0, help="pixels cut from each border before measuring")
+    p.add_argument("--crop-border", type=count, default=0, help="pixels cut from each border before measuring")
     p.add_argument("--lpips-weights", default="", help="torchvision's AlexNet file (alexnet-owt-7be5be79.pth) for "
                                                        "LPIPS when it is not in the torch hub cache")
     p.add_argument("--allow-lossy-reference", action="store_true", help="accept JPEG/WebP references")
-    p.add_argument("--max-images", type=int, default=0, help="use at most this many reference images (0: all)")
+    p.add_argument("--max-images", type=count, default=0, help="use at most this many reference images (0: all)")
     p.add_argument("--blind", action="store_true", help="do not tell the model the quality")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -158,9 +163,14 @@ def evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def report_arguments(p: argparse.ArgumentParser) -> None:
+    def crop_size(text: str) -> int:  # argparse type: a whole number of pixels, at least 1
+        if not text.strip().isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"a crop size is a whole number of pixels >= 1, not {text!r}")
+        return int(text)
+
     add_evaluation_args(p, [10, 40])
     p.add_argument("-o", "--out", required=True, help="the HTML file to write (tables go beside it)")
-    p.add_argument("--crop", type=int, default=192, help="crop size in pixels")
+    p.add_argument("--crop", type=crop_size, default=192, help="crop size in pixels")
 
 
 def export_arguments(p: argparse.ArgumentParser) -> None:

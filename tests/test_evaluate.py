@@ -148,15 +148,16 @@ def test_a_png_saved_from_a_jpeg_is_a_lossy_reference(tmp_path):
         read_references([str(tmp_path)])
     Image.fromarray(skimage.data.chelsea()).save(tmp_path / "chelsea.png")
     refs, skipped = read_references([str(tmp_path)])
-    assert [n for n, _ in refs] == ["chelsea"] and "coins.png" in skipped[0] and "allow-lossy" in skipped[0]
+    assert [r.name for r in refs] == ["chelsea"] and "coins.png" in skipped[0] and "allow-lossy" in skipped[0]
     refs, skipped = read_references([str(tmp_path)], allow_lossy=True)
-    assert [n for n, _ in refs] == ["chelsea", "coins"] and not skipped
+    assert [r.name for r in refs] == ["chelsea", "coins"] and not skipped
 
 
 def test_references_from_shards(sample_shards):
     refs, skipped = read_references([str(sample_shards / "val-*.tar")], max_images=3)
     assert len(refs) == 3 and not skipped
-    assert all(r.shape == (96, 96, 3) and r.dtype == np.uint8 for _, r in refs)
+    assert all(r.rgb.shape == (96, 96, 3) and r.rgb.dtype == np.uint8 for r in refs)
+    assert all(r.source.startswith("val-") and ".tar:" in r.source for r in refs)
 
 
 def test_report_page_from_the_cli(tmp_path, model_file, photos, capsys):
@@ -175,3 +176,121 @@ def test_report_page_from_the_cli(tmp_path, model_file, photos, capsys):
     assert "direction unknown" not in text
     reason = json.loads((tmp_path / "report" / "metrics.json").read_text())["meta"]["unavailable"]["lpips"]
     assert text.count(html.escape(reason)) == 1 and 'id="plot-psnr"' in text
+
+
+def _evaluate_cli(capsys, *args) -> tuple[int, str]:
+    code = main(["evaluate", *args, "--quiet"])
+    return code, capsys.readouterr().err
+
+
+def test_an_image_too_small_to_measure_is_skipped_and_named(tmp_path, model_file, photos, capsys):
+    """An image too small for SSIM, or one a --crop-border leaves nothing of, is skipped like a truncated file: listed
+    with its path and reason in metrics.json and metrics.md and one console line each; the rest is measured. With
+    nothing measurable left, the error names the reason and no empty output folder stays behind."""
+    import shutil
+
+    import skimage.data
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(photos / "chelsea.png", folder / "chelsea.png")
+    Image.fromarray(skimage.data.astronaut()[:12, :10]).save(folder / "tiny.png")
+    data = (photos / "chelsea.png").read_bytes()
+    (folder / "cut.png").write_bytes(data[: len(data) // 2])
+    code, err = _evaluate_cli(capsys, "--model", str(model_file), "--images", str(folder), "--qualities", "20",
+                              "-o", str(tmp_path / "out"))
+    assert code == 0, err
+    assert f"skipped: {folder / 'tiny.png'}: SSIM needs at least 11x11 pixels, got 12x10" in err.splitlines()
+    assert any(line.startswith(f"skipped: {folder / 'cut.png'}: ") for line in err.splitlines()), err
+    meta = json.loads((tmp_path / "out" / "metrics.json").read_text())["meta"]
+    assert meta["images"] == 1 and len(meta["skipped"]) == 2 and any("tiny.png: SSIM" in s for s in meta["skipped"])
+    md = (tmp_path / "out" / "metrics.md").read_text()
+    assert "(2 skipped)" in md and f"- skipped: {folder / 'tiny.png'}: SSIM needs" in md
+    # a border crop that leaves nothing of the small one: skipped, the other measured
+    code, err = _evaluate_cli(capsys, "--model", str(model_file), "--images", str(folder / "tiny.png"),
+                              str(folder / "chelsea.png"), "--qualities", "20", "--crop-border", "6",
+                              "-o", str(tmp_path / "border"))
+    assert code == 0 and "tiny.png: crop_border=6 leaves nothing of a 12x10 image" in err, err
+    # nothing measurable: an error naming the file and the reason; the folders it made are gone again
+    code, err = _evaluate_cli(capsys, "--model", str(model_file), "--images", str(folder / "tiny.png"),
+                              "-o", str(tmp_path / "none" / "out"))
+    assert code == 2 and err.splitlines()[-1] == (f"error: none of the 1 image(s) could be measured: "
+                                                  f"{folder / 'tiny.png'}: SSIM needs at least 11x11 pixels, got 12x10")
+    assert not (tmp_path / "none").exists()
+    assert main(["report", "--model", str(model_file), "--images", str(folder / "tiny.png"), "--quiet",
+                 "-o", str(tmp_path / "rp" / "c0" / "r.html")]) == 2
+    assert "could be measured" in capsys.readouterr().err and not (tmp_path / "rp").exists()
+
+
+def test_lpips_too_small_is_unmeasurable_not_a_crash():
+    """AlexNet's features (LPIPS) need 31 pixels a side: a smaller image is Unmeasurable, with the reason."""
+    from dist_dejpeg.evaluation.evaluate import MetricSet, Unmeasurable
+    from dist_dejpeg.models.lpips import LPIPS
+
+    metric = MetricSet(only=("psnr",))  # no download tried; then a random backbone (offline), enough for the sizes
+    metric.lpips, _ = LPIPS(net="alex", pretrained=False), metric.unavailable.pop("lpips")
+    img = np.random.default_rng(0).integers(0, 256, (31, 40, 3), dtype=np.uint8)
+    assert metric(img, img[::-1].copy(), {})["lpips"] > 0
+    with pytest.raises(Unmeasurable, match="LPIPS needs at least 31x31 pixels, got 30x40"):
+        metric(img[:30], img[:30], {})
+
+
+def test_inputs_and_qualities_counted_once(tmp_path, model_file, photos):
+    """A file named twice is read once; repeated qualities are measured once, in the order given; files of one name
+    in two folders are told apart by their folders; NIQE left out is counted per image, its values said as such."""
+    from dist_dejpeg.evaluation.evaluate import evaluate, markdown
+    from dist_dejpeg.restore.restorer import Restorer
+
+    refs, _ = read_references([str(photos / "chelsea.png"), str(photos), str(photos / "more" / ".." / "chelsea.png")])
+    assert [r.name for r in refs] == ["chelsea", "coffee"]
+    assert [r.source for r in refs] == [str(photos / "chelsea.png"), str(photos / "more" / "coffee.png")]
+    import skimage.data
+
+    for sub, rows in (("one", slice(0, 128)), ("two", slice(128, 256))):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(skimage.data.astronaut()[rows, :128]).save(tmp_path / sub / "astro.png")
+    refs, _ = read_references([str(tmp_path / "one"), str(tmp_path / "two")])
+    assert [r.name for r in refs] == ["one/astro", "two/astro"]
+    Image.fromarray(skimage.data.astronaut()[:128, 128:256]).save(tmp_path / "two" / "astro.tiff")
+    refs, _ = read_references([str(tmp_path / "one"), str(tmp_path / "two")])
+    assert [r.name for r in refs] == ["one/astro.png", "two/astro.png", "two/astro.tiff"]
+
+    result = evaluate(Restorer(str(model_file), tile=0), [str(tmp_path / "one"), str(tmp_path / "one" / "astro.png")],
+                      [20, 20, 10], None, progress=False, only=("psnr", "niqe"))
+    assert result["meta"]["qualities"] == [20, 10] and list(result["per_quality"]) == ["20", "10"]
+    assert [(r["image"], r["quality"]) for r in result["per_image"]] == [("astro", 20), ("astro", 10)]
+    # 128 x 128 is below NIQE's two 96 x 96 blocks: 1 image, 4 values (JPEG and restored at 2 qualities)
+    assert result["meta"]["undefined"]["niqe"] | {"reason": ""} == {"reason": "", "count": 4, "images": 1}
+    assert "- niqe: left out for 1 of 1 image(s) (4 values: JPEG and restored, at each quality)" in markdown(result)
+
+
+@pytest.mark.parametrize("args", [["report", "--crop", "0"], ["report", "--crop", "-3"],
+                                  ["evaluate", "--max-images", "-1"], ["evaluate", "--crop-border", "-1"]])
+def test_negative_sizes_refused_up_front(tmp_path, args, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main([args[0], "--model", "m", "--images", "x", "-o", str(tmp_path / "o" / "r.html"), *args[1:]])
+    assert caught.value.code == 2 and f"argument {args[1]}: " in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_says_what_the_guard_passed_through(tmp_path, model_file, photos, capsys):
+    """A model whose validation measured gains up to q40 passes q95 through: the page says so for the quality and
+    for the photo, as metrics.md does; q10 is restored."""
+    import torch
+
+    from dist_dejpeg.models.generator_file import load_generator
+
+    guarded = tmp_path / "guarded.safetensors"
+    save_generator(load_generator(model_file), ModelConfig(**TINY), guarded,
+                   extra={"val_psnr_gain": json.dumps({"10": 0.5, "40": 0.2})})
+    page = tmp_path / "r.html"
+    with torch.inference_mode():
+        code = main(["report", "--model", str(guarded), "--images", str(photos / "chelsea.png"), "--quiet",
+                     "--qualities", "10", "95", "-o", str(page), "--crop", "32"])
+    assert code == 0, capsys.readouterr().err
+    text = page.read_text()
+    assert ('<li class="pass" id="passed-q95">quality 95: 1 of 1 photo(s) passed through unchanged by the '
+            "do-no-harm guard") in text and "passed-q10" not in text
+    assert text.count('<span class="pass">passed through unchanged') == 1 and "restored (= JPEG)" in text
+    assert "<th>do-no-harm guard</th><td>on</td>" in text
+    assert "q95: 1 of 1 passed through unchanged" in (tmp_path / "r" / "metrics.md").read_text()

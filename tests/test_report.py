@@ -163,6 +163,21 @@ def test_no_warning_for_pretrained_and_given_summary(tmp_path):
     assert not (tmp_path / "x.html").exists()
 
 
+def test_passed_through_said_per_quality_and_per_photo(report, tmp_path):
+    """Where the do-no-harm guard passed a photo through, the page says so under the summary (per quality: how many
+    of the photos) and at the photo's row (restored = JPEG), not only "+0.00"; nothing where none was."""
+    assert "passthrough-notes" not in report[0].read_text() and 'class="pass"' not in report[0].read_text()
+    recs = [{**r, "restored": r["jpeg"], "passthrough": True} if r["quality"] == 40 and r["image"] == "astronaut.png"
+            else r for r in _records()]
+    text = write_report(recs, tmp_path / "r.html", title="t", meta={}, crop=CROP).read_text()
+    notes = text.split('<ul class="notes" id="passthrough-notes">')[1].split("</ul>")[0]
+    assert notes.count("<li") == 1 and '<li class="pass" id="passed-q40">quality 40: 1 of 2 photo(s) passed ' \
+        "through unchanged by the do-no-harm guard" in notes and "restored image is the JPEG" in notes
+    section = text.split('<div class="rec" data-quality="40">')[1].split('<div class="rec"')[0]
+    assert '<h3>quality 40 <span class="pass">passed through unchanged (do-no-harm guard)</span></h3>' in section
+    assert "<figcaption>restored (= JPEG)</figcaption>" in section and text.count("restored (= JPEG)") == 1
+
+
 def test_every_evaluated_metric_has_its_registry_direction(tmp_path):
     """The report reads the metric registry: every column evaluate writes (the six and the colour ones) is shown
     with its caption and direction, in the registry's order; a name it does not know still prints, last."""

@@ -14,6 +14,7 @@ so is a lossless file whose pixels show a JPEG's 8x8 quantization (a PNG saved f
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -21,6 +22,7 @@ import logging
 import tarfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -42,10 +44,20 @@ class EvaluateError(ValueError):
     """Inputs evaluate cannot use (no images, lossy references, ...)."""
 
 
+class Unmeasurable(EvaluateError):
+    """A reference the metrics cannot measure (too small for one, or nothing left after --crop-border)."""
+
+
+# name: in the tables (the file's stem, with the folders that tell it from another of that stem); rgb: H x W x 3
+# uint8; source: where it came from, as given (a path, or "shard.tar:key")
+Reference = NamedTuple("Reference", [("name", str), ("rgb", np.ndarray), ("source", str)])
+
+
 def read_references(images: list[str], allow_lossy: bool = False,
-                    max_images: int = 0) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
-    """(name, H x W x 3 uint8) for each reference image: files, folders (recursive), WebDataset shards (.tar
-    files, or a folder of them). Returns the images and the files skipped with their reasons."""
+                    max_images: int = 0) -> tuple[list[Reference], list[str]]:
+    """A Reference for each image: files, folders (recursive), WebDataset shards (.tar files, or a folder of
+    them); a file named twice (itself and in a folder, or by two paths) is read once. Returns the images and
+    the files skipped with their reasons."""
     import glob
 
     refs, skipped, lossy = [], [], []
@@ -61,34 +73,26 @@ def read_references(images: list[str], allow_lossy: bool = False,
             paths += sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
     if not paths:
         raise EvaluateError(f"no images or shards found in {' '.join(images)}")
+    unique: dict[Path, Path] = {}
+    for path in paths:  # a file named twice is read once, where first named
+        unique.setdefault(path.resolve(), path)
+    paths = list(unique.values())
     for path in paths:
-        if path.suffix == ".tar":
-            for key, ext, data in _shard_images(path):
-                if ext in LOSSY_SHARD_EXTS and not allow_lossy:
-                    lossy.append(f"{path.name}:{key}.{ext}")
-                    continue
-                try:
-                    rgb = decode_component(ext, data)
-                except BadImage as err:
-                    skipped.append(f"{path.name}:{key}: {err}")
-                    continue
-                if not allow_lossy and (grid := _jpeg_grid(rgb)):
-                    lossy.append(f"{path.name}:{key}.{ext} ({grid})")
-                    continue
-                refs.append((key, rgb))
-        else:
-            if path.suffix.lower() in LOSSY_SUFFIXES and not allow_lossy:
-                lossy.append(str(path))
+        shard = path.suffix == ".tar"
+        for key, ext, data in _shard_images(path) if shard else [("", path.suffix.lower(), b"")]:
+            label, named = (f"{path.name}:{key}", f"{path.name}:{key}.{ext}") if shard else (str(path), str(path))
+            if ext in (LOSSY_SHARD_EXTS if shard else LOSSY_SUFFIXES) and not allow_lossy:
+                lossy.append(named)
                 continue
             try:
-                rgb = decode_rgb8(path.read_bytes())
+                rgb = decode_component(ext, data) if shard else decode_rgb8(path.read_bytes())
             except BadImage as err:
-                skipped.append(f"{path}: {err}")
+                skipped.append(f"{label}: {err}")
                 continue
             if not allow_lossy and (grid := _jpeg_grid(rgb)):
-                lossy.append(f"{path} ({grid})")
+                lossy.append(f"{named} ({grid})")
                 continue
-            refs.append((path.stem, rgb))
+            refs.append((path / key, rgb, label))  # a file's key is "": path / "" is the path
         if max_images and len(refs) >= max_images:
             refs = refs[:max_images]
             break
@@ -103,10 +107,26 @@ def read_references(images: list[str], allow_lossy: bool = False,
         log.warning("%s; evaluated on the other %d image(s) without them", msg, len(refs))
     if not refs:
         raise EvaluateError(f"none of the {len(paths)} file(s) decoded as an image: " + "; ".join(skipped[:3]))
-    names = [n for n, _ in refs]
-    if len(set(names)) != len(names):  # the same stem in two folders: keep both, told apart by position
-        refs = [(f"{n}-{i}", r) for i, (n, r) in enumerate(refs)]
-    return refs, skipped
+    names = _names([p for p, _, _ in refs])
+    return [Reference(n, rgb, src) for n, (_, rgb, src) in zip(names, refs)], skipped
+
+
+def _names(paths: list[Path]) -> list[str]:
+    """Each image's name: its stem; where several share one, with as many of their last folders as tell them
+    apart (one/astro, two/astro), else with their suffixes (astro.png, astro.tif); else numbered."""
+    names = [p.stem for p in paths]
+    for stem in {n for n in names if names.count(n) > 1}:
+        group = [i for i, n in enumerate(names) if n == stem]
+        longest = max(len(paths[i].parts) for i in group)
+        for k, suffix in [(k, s) for s in (False, True) for k in range(1, longest + 1)]:
+            labels = ["/".join((paths[i] if suffix else paths[i].with_suffix("")).parts[-k:]) for i in group]
+            if len(set(labels)) == len(labels):
+                break
+        for i, label in zip(group, labels):
+            names[i] = label
+    if len(set(names)) != len(names):  # one path's label is another's stem: told apart by position
+        names = [f"{n}-{i}" for i, n in enumerate(names)]
+    return names
 
 
 def _jpeg_grid(rgb: np.ndarray) -> str:
@@ -134,12 +154,16 @@ class MetricSet:
     """The six metrics with what is unavailable here and why (LPIPS without its AlexNet backbone, BRISQUE or
     NIQE without their package or parameter file): those are None in every row, with the reason."""
 
+    # AlexNet's features (LPIPS): an 11-pixel stride-4 convolution, two 3-pixel stride-2 max-pools: 31 pixels
+    LPIPS_MIN_SIDE = 31
+
     def __init__(self, lpips_weights: str = "", y_only: bool = False, crop_border: int = 0, device: str = "cpu",
                  only: tuple[str, ...] | None = None):
         self.y_only, self.crop_border = y_only, crop_border
         self.unavailable: dict[str, str] = {n: "not requested" for n in QUALITY if only and n not in only}
         self.lpips, reason = (None, "") if "lpips" in self.unavailable else load_lpips_metric(lpips_weights)
-        self.undefined: dict[str, dict] = {}  # metric -> {"reason", "count"}: values left out for some images
+        # metric -> {"reason", "count": values left out, "images": of how many images}; see tally()
+        self.undefined: dict[str, dict] = {}
         if self.lpips is None and "lpips" not in self.unavailable:
             self.unavailable["lpips"] = (f"{reason.splitlines()[0]} Give the AlexNet backbone with "
                                          f"--lpips-weights FILE (torchvision's alexnet-owt-7be5be79.pth).")
@@ -150,11 +174,27 @@ class MetricSet:
             if reason:
                 self.unavailable[name] = reason
 
-    def __call__(self, img: np.ndarray, ref: np.ndarray) -> dict[str, float | None]:
-        out = image_metrics(img, ref, y_only=self.y_only, crop_border=self.crop_border, lpips=self.lpips,
-                            skip=self.unavailable, undefined=self.undefined)
-        out.update(colour_metrics(img, ref, crop_border=self.crop_border))
+    def __call__(self, img: np.ndarray, ref: np.ndarray, undefined: dict) -> dict[str, float | None]:
+        """The metrics of ``img`` against ``ref``; values left out (NIQE on a small image) are counted in
+        ``undefined`` (one image's, for :meth:`tally`). Unmeasurable: an image too small for a metric, or
+        nothing left of it after the border crop."""
+        h, w = (n - 2 * self.crop_border for n in ref.shape[:2])
+        if self.lpips is not None and 0 < min(h, w) < self.LPIPS_MIN_SIDE:
+            raise Unmeasurable(f"LPIPS needs at least {self.LPIPS_MIN_SIDE}x{self.LPIPS_MIN_SIDE} pixels, got {h}x{w}")
+        try:
+            out = image_metrics(img, ref, y_only=self.y_only, crop_border=self.crop_border, lpips=self.lpips,
+                                skip=self.unavailable, undefined=undefined)
+            out.update(colour_metrics(img, ref, crop_border=self.crop_border))
+        except ValueError as err:  # SSIM below 11x11 pixels, a border crop that leaves nothing
+            raise Unmeasurable(str(err)) from None
         return out
+
+    def tally(self, undefined: dict) -> None:
+        """Add one measured image's values left out (``undefined`` as filled by the calls on it)."""
+        for name, what in undefined.items():
+            entry = self.undefined.setdefault(name, {"reason": what["reason"], "count": 0, "images": 0})
+            entry["count"] += what["count"]
+            entry["images"] += 1
 
 
 def _mean(values: list) -> float | None:
@@ -173,7 +213,9 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     model is measured: the guard cannot judge an image of unknown quality). ``only``: measure
     just these of the six metrics (the others are "not requested"); the colour columns are always there.
     ``description``: the progress bar's label, the command the user ran ("report" when ``keep_images``, which
-    is what the report asks for, else "evaluate"). ``subsampling``: the JPEGs' chroma subsampling (SUBSAMPLING)."""
+    is what the report asks for, else "evaluate"). ``subsampling``: the JPEGs' chroma subsampling (SUBSAMPLING).
+    An image the metrics cannot measure (below SSIM's 11x11 or LPIPS's 31x31 pixels, or nothing left after the border
+    crop) is skipped and listed in ``meta["skipped"]`` as an undecodable file is; a repeated quality counts once."""
     from tqdm import tqdm
 
     import PIL
@@ -182,39 +224,54 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
         raise EvaluateError(f"subsampling must be one of {', '.join(SUBSAMPLING)}, got {subsampling!r}")
     if not qualities or any(not 1 <= q <= 100 for q in qualities):
         raise EvaluateError(f"qualities must be in 1..100, got {qualities}")
+    qualities = list(dict.fromkeys(int(q) for q in qualities))  # each once, in the order given
     if out_dir is not None:
         check_output_dir(out_dir)  # before any computation: an OutputError (a ValueError) names the folder
     restorer = model if hasattr(model, "restore_array") else Restorer(model, **(restorer_kwargs or {}))
     refs, skipped = read_references(images, allow_lossy_reference, max_images)
     metric = MetricSet(lpips_weights, y_only, crop_border, str(restorer.device).split(" ")[0], only)
-    rows, records = [], []
+    rows, records, measured = [], [], 0
     restore_seconds, megapixels = 0.0, 0.0
     desc = description or ("report" if keep_images else "evaluate")
     bar = tqdm(total=len(refs) * len(qualities), desc=desc, unit="image", disable=not progress)
-    for name, clean in refs:
-        for q in qualities:
-            jpeg = jpeg_roundtrip(clean, q, SUBSAMPLING[subsampling])
-            start = time.perf_counter()
-            if blind:  # the raw blind model: with no quality, the guard would pass every image through
-                guard, restorer.guard = restorer.guard, False
-                try:
-                    restored = restorer.restore_array(jpeg, None, source="blind (evaluate --blind)")
-                finally:
-                    restorer.guard = guard
-            else:
-                restored = restorer.restore_array(jpeg, q, source="given")
-            restore_seconds += time.perf_counter() - start
-            decision = restorer.last_decision
-            megapixels += clean.shape[0] * clean.shape[1] / 1e6
-            row = {"image": name, "quality": q, "height": clean.shape[0], "width": clean.shape[1],
-                   "passthrough": decision.passthrough,
-                   "jpeg": metric(jpeg, clean), "restored": metric(restored, clean)}
-            rows.append(row)
-            if keep_images:
-                records.append({"image": name, "quality": q, "clean": clean, "jpeg": jpeg, "restored": restored,
-                                "metrics": {"jpeg": row["jpeg"], "restored": row["restored"]}})
-            bar.update()
+    for name, clean, source in refs:
+        these, kept, undefined = [], [], {}
+        try:
+            for q in qualities:
+                jpeg = jpeg_roundtrip(clean, q, SUBSAMPLING[subsampling])
+                jpeg_metrics = metric(jpeg, clean, undefined)  # first: an image too small is found before restoring
+                start = time.perf_counter()
+                if blind:  # the raw blind model: with no quality, the guard would pass every image through
+                    guard, restorer.guard = restorer.guard, False
+                    try:
+                        restored = restorer.restore_array(jpeg, None, source="blind (evaluate --blind)")
+                    finally:
+                        restorer.guard = guard
+                else:
+                    restored = restorer.restore_array(jpeg, q, source="given")
+                restore_seconds += time.perf_counter() - start
+                megapixels += clean.shape[0] * clean.shape[1] / 1e6
+                decision = restorer.last_decision
+                row = {"image": name, "quality": q, "height": clean.shape[0], "width": clean.shape[1],
+                       "passthrough": decision.passthrough,
+                       "jpeg": jpeg_metrics, "restored": metric(restored, clean, undefined)}
+                these.append(row)
+                if keep_images:
+                    kept.append({"image": name, "quality": q, "clean": clean, "jpeg": jpeg, "restored": restored,
+                                 "passthrough": decision.passthrough,
+                                 "metrics": {"jpeg": row["jpeg"], "restored": row["restored"]}})
+                bar.update()
+        except Unmeasurable as err:  # skipped and listed as an undecodable file is; the others are measured
+            skipped.append(f"{source}: {err}")
+            bar.update(len(qualities) - len(these))
+            continue
+        rows += these
+        records += kept
+        metric.tally(undefined)
+        measured += 1
     bar.close()
+    if not measured:
+        raise EvaluateError(f"none of the {len(refs)} image(s) could be measured: " + "; ".join(skipped[-3:]))
     per_quality = {}
     for q in qualities:
         sel = [r for r in rows if r["quality"] == q]
@@ -230,11 +287,9 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
             "model": info, "model_config": restorer.info.get("model"),
             "backbones": _backbone_note(info),
             "compression": f"libjpeg via Pillow {PIL.__version__}, {subsampling} chroma subsampling",
-            "qualities": list(qualities), "images": len(refs), "skipped": skipped,
+            "qualities": qualities, "images": measured, "skipped": skipped,
             "channel": "Y (ITU-R BT.601, MATLAB-style)" if y_only else "RGB",
-            "crop_border": crop_border,
-            "unavailable": metric.unavailable,
-            "undefined": metric.undefined,
+            "crop_border": crop_border, "unavailable": metric.unavailable, "undefined": metric.undefined,
             "lpips": "lpips-alex (ImageNet AlexNet backbone)" if metric.lpips is not None else "unavailable",
             "device": str(restorer.device), "tile": restorer.tile, "overlap": restorer.overlap,
             "quality_given": not blind, "conditioned": restorer.conditioned, "guard": restorer.guard and not blind,
@@ -285,8 +340,10 @@ def markdown(result: dict) -> str:
     for name, why in meta["unavailable"].items():
         lines.append(f"- {name}: unavailable: {why}")
     for name, what in meta["undefined"].items():
-        lines.append(f"- {name}: left out for {what['count']} image(s): {what['reason']}")
-    if meta["unavailable"] or meta["undefined"]:
+        lines.append(f"- {name}: left out for {what.get('images', '?')} of {meta['images']} image(s) "
+                     f"({what['count']} values: JPEG and restored, at each quality): {what['reason']}")
+    lines += [f"- skipped: {why}" for why in meta["skipped"]]
+    if meta["unavailable"] or meta["undefined"] or meta["skipped"]:
         lines.append("")
     lines += ["| quality | metric | JPEG | restored | restored - JPEG |", "|---|---|---|---|---|"]
     for q, means in result["per_quality"].items():
@@ -324,3 +381,17 @@ def write_tables(result: dict, out_dir: str | Path) -> None:
              "metrics.csv": buf.getvalue(), "metrics.md": markdown(result)}
     for name, text in files.items():
         atomic_write_bytes(out / name, text.encode())
+
+
+def new_folders(*folders) -> list[Path]:
+    """``folders`` and their parents that do not exist yet, deepest first: what a failed run removes again."""
+    made = {f for folder in folders for f in (Path(folder).absolute(), *Path(folder).absolute().parents)
+            if not f.exists()}
+    return sorted(made, key=lambda f: len(f.parts), reverse=True)
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first, as new_folders lists them) that is still empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):  # not empty (something else wrote there), or gone
+            folder.rmdir()

@@ -10,6 +10,7 @@ Records (one per photo and quality)::
     {"image": "astronaut.png",            # shown escaped; records of one photo share a section
      "quality": 10,                       # JPEG quality the degraded input was encoded at
      "clean": uint8 HxWx3, "jpeg": uint8 HxWx3, "restored": uint8 HxWx3,   # same shape
+     "passthrough": False,                # optional: True where the guard passed the JPEG through unchanged
      "metrics": {"jpeg":     {"psnr": 27.1, "ssim": 0.81, "lpips": None, ...},   # JPEG vs clean
                  "restored": {"psnr": 27.6, "ssim": 0.83, "lpips": None, ...}}}  # restored vs clean
 
@@ -191,7 +192,7 @@ h1 { font-size: 1.5em; margin: 0 0 .4em; } h2 { font-size: 1.2em; margin: 1.4em 
 table { border-collapse: collapse; margin: .4em 0; }
 th, td { border: 1px solid #ccc; padding: 2px 8px; } th { background: #f3f3f3; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.better { color: #11772d; } td.worse { color: #b3261e; }
+td.better { color: #11772d; } td.worse { color: #b3261e; } .pass { color: #8a5a00; font-weight: 600; }
 .na { color: #888; } a.fn { color: inherit; text-decoration: none; vertical-align: super; font-size: .8em; }
 .notes { color: #555; margin: .2em 0; padding-left: 1.4em; }
 .warn { border: 2px solid #b3261e; background: #fdecea; padding: .6em .9em; margin: .6em 0; font-weight: 600; }
@@ -284,6 +285,16 @@ def _na_notes(reasons: dict) -> str:
     return f'<ul class="notes" id="na-notes">{items}</ul>'
 
 
+def _passthrough_notes(records: list[dict]) -> str:
+    """A note per quality at which the guard passed photos through unchanged (restored = JPEG, a gain of 0)."""
+    by_q = {q: [bool(r.get("passthrough")) for r in records if int(r["quality"]) == q]
+            for q in sorted({int(r["quality"]) for r in records})}
+    items = "".join(f'<li class="pass" id="passed-q{q}">quality {q}: {sum(v)} of {len(v)} photo(s) passed through '
+                    "unchanged by the do-no-harm guard (the model's validation shows no sure gain at this quality): "
+                    "their restored image is the JPEG, their &Delta; 0</li>" for q, v in by_q.items() if any(v))
+    return f'<ul class="notes" id="passthrough-notes">{items}</ul>' if items else ""
+
+
 def _record_table(rec: dict, reasons: dict) -> str:
     mj, mr = rec["metrics"].get("jpeg", {}), rec["metrics"].get("restored", {})
     rows = []
@@ -328,7 +339,8 @@ def render_report(records: list[dict], *, title: str, meta: dict, summary: list[
     if plots:
         parts.append("<h2>Gain per quality</h2>" + plots)
     parts.append("<h2>Metrics</h2>" + _legend(names))
-    parts.append("<h2>Mean per quality</h2>" + _summary_html(summary, reasons) + _na_notes(reasons))
+    parts.append("<h2>Mean per quality</h2>" + _summary_html(summary, reasons) + _na_notes(reasons)
+                 + _passthrough_notes(records))
     parts.append('<div class="zoom">Zoom: <button data-z="1" class="on">1x</button> <button data-z="2">2x</button> '
                  '<button data-z="4">4x</button> <small>(click a crop to zoom its row; crops are lossless PNG, '
                  "cut where |JPEG &minus; clean| is largest)</small></div>")
@@ -349,12 +361,13 @@ def render_report(records: list[dict], *, title: str, meta: dict, summary: list[
                              f"{cw}&times;{ch} px</figcaption></figure>")
             t, l, ch, cw = rbox
             q = int(rec["quality"])
-            figs = []
-            for k, cap in zip(KINDS, ("clean", f"JPEG q{q}", "restored")):
+            figs, passed = [], bool(rec.get("passthrough"))
+            for k, cap in zip(KINDS, ("clean", f"JPEG q{q}", "restored (= JPEG)" if passed else "restored")):
                 figs.append(f'<figure><img class="crop" style="--w: {cw}" width="{cw}" height="{ch}" '
                             f'alt="{html.escape(name)} q{q} {k}" src="{_png_uri(rec[k][t:t + ch, l:l + cw])}">'
                             f"<figcaption>{cap}</figcaption></figure>")
-            parts.append(f'<div class="rec" data-quality="{q}"><div><h3>quality {q}</h3>'
+            note = ' <span class="pass">passed through unchanged (do-no-harm guard)</span>' if passed else ""
+            parts.append(f'<div class="rec" data-quality="{q}"><div><h3>quality {q}{note}</h3>'
                          f'<div class="crops">{"".join(figs)}</div></div>{_record_table(rec, reasons)}</div>')
         parts.append("</section>")
 
