@@ -221,11 +221,12 @@ def print_restore_summary(results: list, args: argparse.Namespace, device) -> No
 
 def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
     """evaluate()'s result, or an exit status after printing the error."""
-    from dist_dejpeg.evaluation.evaluate import EvaluateError, evaluate, new_folders, remove_empty
+    from dist_dejpeg.evaluation.evaluate import EvaluateError, evaluate
     from dist_dejpeg.evaluation.report import check_report_output
     from dist_dejpeg.models.names import ModelFileError, OnnxUnavailable
     from dist_dejpeg.restore import open_restorer
     from dist_dejpeg.restore.files import check_output_dir
+    from dist_dejpeg.run.files import new_folders, remove_empty
 
     out, result = Path(args.out), 2
     made = new_folders(out.parent, out.with_suffix("")) if keep_images else new_folders(out)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from dist_dejpeg.cli import main
 from dist_dejpeg.config import ModelConfig
-from dist_dejpeg.evaluation.evaluate import read_references
+from dist_dejpeg.evaluation.references import read_references
 from dist_dejpeg.metrics.registry import BY_NAME, EVALUATED, PHRASES
 from dist_dejpeg.models.generator_file import save_generator
 

@@ -1,9 +1,10 @@
 """Writing a file so that a crash leaves the old one or the new one, never half of either; reading one that
-may be missing or half-written without raising; telling a full disk from other write errors. Torch-free: every
-layer uses it."""
+may be missing or half-written without raising; telling a full disk from other write errors; the folders a
+command made, removed again when it fails. Torch-free: every layer uses it."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -119,3 +120,17 @@ def size_text(n: int | None) -> str:
             break
         value /= 1024
     return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def new_folders(*folders) -> list[Path]:
+    """``folders`` and their parents that do not exist yet, deepest first: what a failed run removes again."""
+    made = {f for folder in folders for f in (Path(folder).absolute(), *Path(folder).absolute().parents)
+            if not f.exists()}
+    return sorted(made, key=lambda f: len(f.parts), reverse=True)
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first, as new_folders lists them) that is still empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):  # not empty (something else wrote there), or gone
+            folder.rmdir()

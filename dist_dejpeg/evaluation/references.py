@@ -1,0 +1,124 @@
+"""The reference photos evaluate and report measure against: lossless files, folders (searched recursively) and
+WebDataset shards, each read once, lossy ones refused (a JPEG, or a PNG whose pixels hold a JPEG's grid) unless
+allowed, and named so that two files of one name in two folders stay apart."""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from dist_dejpeg.data.images import BadImage, decode_component, decode_rgb8
+from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES, LOSSY_SHARD_EXTS, LOSSY_SUFFIXES, SHARD_EXTS
+from dist_dejpeg.jpeg.quality import estimate_from_pixels
+
+log = logging.getLogger(__name__)
+
+
+class EvaluateError(ValueError):
+    """Inputs evaluate cannot use (no images, lossy references, ...)."""
+
+
+# name: in the tables (the file's stem, with the folders that tell it from another of that stem); rgb: H x W x 3
+# uint8; source: where it came from, as given (a path, or "shard.tar:key")
+Reference = NamedTuple("Reference", [("name", str), ("rgb", np.ndarray), ("source", str)])
+
+
+def read_references(images: list[str], allow_lossy: bool = False,
+                    max_images: int = 0) -> tuple[list[Reference], list[str]]:
+    """A Reference for each image: files, folders (recursive), WebDataset shards (.tar files, or a folder of
+    them); a file named twice (itself and in a folder, or by two paths) is read once. Returns the images and
+    the files skipped with their reasons."""
+    import glob
+
+    refs, skipped, lossy = [], [], []
+    paths: list[Path] = []
+    for item in images:
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            paths += files or sorted(p.glob("*.tar"))
+        elif p.is_file():
+            paths.append(p)
+        else:
+            paths += sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
+    if not paths:
+        raise EvaluateError(f"no images or shards found in {' '.join(images)}")
+    unique: dict[Path, Path] = {}
+    for path in paths:  # a file named twice is read once, where first named
+        unique.setdefault(path.resolve(), path)
+    paths = list(unique.values())
+    for path in paths:
+        shard = path.suffix == ".tar"
+        for key, ext, data in _shard_images(path) if shard else [("", path.suffix.lower(), b"")]:
+            label, named = (f"{path.name}:{key}", f"{path.name}:{key}.{ext}") if shard else (str(path), str(path))
+            if ext in (LOSSY_SHARD_EXTS if shard else LOSSY_SUFFIXES) and not allow_lossy:
+                lossy.append(named)
+                continue
+            try:
+                rgb = decode_component(ext, data) if shard else decode_rgb8(path.read_bytes())
+            except BadImage as err:
+                skipped.append(f"{label}: {err}")
+                continue
+            if not allow_lossy and (grid := _jpeg_grid(rgb)):
+                lossy.append(f"{named} ({grid})")
+                continue
+            refs.append((path / key, rgb, label))  # a file's key is "": path / "" is the path
+        if max_images and len(refs) >= max_images:
+            refs = refs[:max_images]
+            break
+    if lossy:
+        shown = ", ".join(lossy[:3]) + (f" and {len(lossy) - 3} more" if len(lossy) > 3 else "")
+        msg = (f"{len(lossy)} lossy reference image(s) ({shown}): a JPEG ground truth already holds compression "
+               f"artifacts, so the metrics would reward reproducing them; use lossless photos (PNG, TIFF, ...) "
+               f"or pass --allow-lossy-reference")
+        if not refs:
+            raise EvaluateError(msg)
+        skipped += [f"{name}: lossy reference (--allow-lossy-reference to use it)" for name in lossy]
+        log.warning("%s; evaluated on the other %d image(s) without them", msg, len(refs))
+    if not refs:
+        raise EvaluateError(f"none of the {len(paths)} file(s) decoded as an image: " + "; ".join(skipped[:3]))
+    names = _names([p for p, _, _ in refs])
+    return [Reference(n, rgb, src) for n, (_, rgb, src) in zip(names, refs)], skipped
+
+
+def _names(paths: list[Path]) -> list[str]:
+    """Each image's name: its stem; where several share one, with as many of their last folders as tell them
+    apart (one/astro, two/astro), else with their suffixes (astro.png, astro.tif); else numbered."""
+    names = [p.stem for p in paths]
+    for stem in {n for n in names if names.count(n) > 1}:
+        group = [i for i, n in enumerate(names) if n == stem]
+        longest = max(len(paths[i].parts) for i in group)
+        for k, suffix in [(k, s) for s in (False, True) for k in range(1, longest + 1)]:
+            labels = ["/".join((paths[i] if suffix else paths[i].with_suffix("")).parts[-k:]) for i in group]
+            if len(set(labels)) == len(labels):
+                break
+        for i, label in zip(group, labels):
+            names[i] = label
+    if len(set(names)) != len(names):  # one path's label is another's stem: told apart by position
+        names = [f"{n}-{i}" for i, n in enumerate(names)]
+    return names
+
+
+def _jpeg_grid(rgb: np.ndarray) -> str:
+    """'' for a reference without a JPEG's quantization in its pixels; else what was found. A PNG saved from a JPEG
+    is a lossy reference too: scikit-image's coins.png (a q85 JPEG once) made every gain at q >= 85 a loss, since a
+    JPEG near q85 nearly reproduces it (benchmarks/RESULTS.md, "The samples' three JPEGs")."""
+    found = estimate_from_pixels(rgb).quality
+    return "" if found is None else f"a JPEG's q{found} grid in its pixels"
+
+
+def _shard_images(path: Path):
+    """(key, ext, bytes) of every sample's image in a WebDataset tar (the first image extension per key)."""
+    seen = set()
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            if ext.lower() in SHARD_EXTS and key not in seen:
+                seen.add(key)
+                yield Path(key).name, ext.lower(), tar.extractfile(member).read()
