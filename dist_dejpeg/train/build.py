@@ -31,6 +31,7 @@ from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs,
 
 from dist_dejpeg.config import CUDAGRAPH_MODES, Config, ConfigError, ModelConfig, PhaseConfig, clip_norms
 from dist_dejpeg.data import ensure_samples
+from dist_dejpeg.data.shards import list_shards
 from dist_dejpeg.models.critic import build_critic
 from dist_dejpeg.models.generator_file import load_model, model_config_at, resolve_model_path
 from dist_dejpeg.models.lpips import LPIPS
@@ -200,6 +201,9 @@ def claim_run_dir(acc: Accelerator, cfg: Config, lock: RunLock, write_samples: b
     run_dir = Path(cfg.train.run_dir)
     with all_ranks_or_raise(acc):
         if acc.is_main_process:
+            if write_samples and cfg.data.auto_prepare != "samples":  # a wrong data.root: said before anything is
+                for pattern in (cfg.data.train_glob, cfg.data.val_glob):  # made or loaded (weights, downloads)
+                    list_shards(cfg.data.root, pattern)
             run_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
             try:
