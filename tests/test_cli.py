@@ -290,3 +290,14 @@ def test_the_command_says_a_ranks_own_exit_code_before_a_signal():
         return SimpleNamespace(failures=failures, get_first_failure=lambda: (0, failures[0]))
 
     assert failed_code(err(-6, 2)) == 2 and failed_code(err(3, 2)) == 3 and failed_code(err(-6, -15)) == 134
+
+
+def test_ctrl_c_outside_a_training_step_ends_the_command_without_a_traceback(tmp_path, capsys, monkeypatch):
+    import dist_dejpeg.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "status", (*cli.COMMANDS["status"][:2], interrupted))
+    assert main(["status", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "status: interrupted"
