@@ -314,7 +314,7 @@ def test_bench_infer_gpu_rows_run_their_flow_on_the_cpu(tmp_path, repo_root, mon
     import torch
 
     from dist_dejpeg.bench import infer
-    from dist_dejpeg.bench.gpu_check_steps import _first
+    from dist_dejpeg.bench.gpu_summary import _first
 
     monkeypatch.chdir(repo_root)
     report = infer.run("configs/debug.yaml", TINY, tmp_path, repeats=1, sizes={"64 x 96": (64, 96)},

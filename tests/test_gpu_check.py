@@ -29,7 +29,7 @@ from dist_dejpeg.bench.compile_cache import pack, parts_of, unpack
 from dist_dejpeg.bench.dali_wheels import DALI_PARTS, DALI_SUMS, DALI_TAR, WheelsError, dali_wheels
 from dist_dejpeg.bench.data_wait import load_settings, resolve
 from dist_dejpeg.bench.gpu_check import OPTIONAL
-from dist_dejpeg.bench.gpu_check_steps import write_gpu_summary
+from dist_dejpeg.bench.gpu_summary import write_gpu_summary
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS_SH = REPO / "benchmarks" / "gpu_wheels.sh"
@@ -110,7 +110,8 @@ def test_check_imports_only_the_standard_library():
     """The GPU machine lacks omegaconf (and this package) until the install step: the check's own process and the
     step runner import nothing else (torch, yaml and the rest only inside the steps' children). -S: no
     site-packages at all, only the checkout and the standard library."""
-    code = ("import sys, dist_dejpeg.bench.gpu_check, dist_dejpeg.bench.gpu_check_steps, dist_dejpeg.bench.data_wait; "
+    code = ("import sys, dist_dejpeg.bench.gpu_check, dist_dejpeg.bench.gpu_check_steps, dist_dejpeg.bench.data_wait, "
+            "dist_dejpeg.bench.gpu_summary; "
             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - {*sys.stdlib_module_names, '__main__'})))")
     proc = _run([sys.executable, "-S", "-c", code], timeout=60, cwd=REPO, env=_env())
     assert proc.returncode == 0, proc.stderr
@@ -231,12 +232,12 @@ def test_gpu_summary_sources(tmp_path):
     """gpu-summary.json reads the training run's own log (the last window of its gen and gan phases, and whether
     it was compiled), the rows bench train and bench infer name (their own labels), data_wait's first variant where
     the run did not log a data wait, and pytest's closing line; a number nobody measured stays null."""
-    from dist_dejpeg.bench import gpu_check_steps
+    from dist_dejpeg.bench import gpu_summary
     from dist_dejpeg.bench.infer import FILE, GPU_SIZES, MODES, SIZES, TENSOR
     from dist_dejpeg.bench.common import TUNED
     from dist_dejpeg.bench.train import LADDER
 
-    assert gpu_check_steps.TENSOR == TENSOR
+    assert gpu_summary.TENSOR == TENSOR
     (tmp_path / "results").mkdir()
     train = {LADDER[0][0]: {"gen": {"images_per_s_per_device": 100.0}},
              TUNED: {"gen": {"images_per_s_per_device": 770.0, "profile": {"device_busy_frac": 0.8}},

@@ -52,7 +52,7 @@ from pathlib import Path
 from dist_dejpeg.bench.compile_cache import MAX_SPLIT_MIB, cache_env, pack, unpack
 from dist_dejpeg.bench.data_wait import load_settings, resolve
 from dist_dejpeg.bench.gpu_check_runner import Runner, write_footer
-from dist_dejpeg.bench.gpu_check_steps import write_gpu_summary
+from dist_dejpeg.bench.gpu_summary import write_gpu_summary
 from dist_dejpeg.run.layout import METRICS
 
 FIRST = ("env", "install", "cuda")  # always run, in this order, before the chosen steps
