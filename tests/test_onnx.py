@@ -290,7 +290,6 @@ def test_onnx_backend_centres_a_padded_windows_correction_over_the_image(monkeyp
 def test_export_refuses_at_once_what_would_fail_after_exporting(tmp_path, capsys):
     """An ONNX file as the model, a folder or an unwritable place as the output, an opset the exporter cannot
     write: exit 2 before the minute of exporting and checking (the folder was a traceback after it)."""
-
     folder = tmp_path / "a_folder"
     folder.mkdir()
     for args, message in ((["--model", "m.onnx", "--onnx", str(tmp_path / "x.onnx")], "is an ONNX export already"),
