@@ -94,6 +94,11 @@ def test_wrong_type_is_error_naming_it(override, key):
     assert key in str(info.value)
 
 
+def test_a_list_key_given_one_value_says_it_takes_a_list():
+    with pytest.raises(ConfigError, match=r"'data.val_qualities': expects a list, e.g. data.val_qualities=\[a,b\]"):
+        load_config(None, ["data.val_qualities=10"])
+
+
 def test_unknown_key_in_yaml_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("data:\n  crop: 64\n  bogus_key: 3\n")
@@ -174,6 +179,10 @@ def test_quality_min_above_max_is_error():
     ("data.quality_power=4.5", "data.quality_power"),
     ("data.quality_power=nan", "data.quality_power"),
     ("data.quality_power=inf", "data.quality_power"),
+    ("data.val_qualities=[]", "data.val_qualities"),  # (crashed at the first gan validation)
+    ("train.log_every=0", "train.log_every"),  # (a modulo by zero at the first step)
+    ("train.keep_last=-1", "train.keep_last"),
+    ("train.order=[gen,gan,gan]", "train.order"),  # (the step totals and status counted the phase once)
 ])
 def test_other_range_checks(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

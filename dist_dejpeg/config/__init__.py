@@ -69,6 +69,8 @@ def _config_error(err: OmegaConfBaseException) -> ConfigError:
     first = str(err).splitlines()[0]
     if key and isinstance(err, ConfigKeyError) and "Did you mean" not in first:
         first += _elsewhere(key)
+    if "is not a ListConfig" in first:  # a list key given one value
+        first = f"expects a list, e.g. {key}=[a,b] (in quotes on a shell command line)"
     return ConfigError(f"config key '{key}': {first}" if key else first)
 
 

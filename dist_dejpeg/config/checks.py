@@ -40,6 +40,9 @@ def validate(cfg: Config) -> None:
     if not 1 <= d.quality_min <= d.quality_max <= 100:
         raise ConfigError(f"config keys 'data.quality_min'/'data.quality_max': need 1 <= min <= max <= 100, "
                           f"got {d.quality_min}, {d.quality_max}")
+    if not d.val_qualities:
+        raise ConfigError("config key 'data.val_qualities': needs at least one quality (validation, the gan phase's "
+                          "stop rule and restore's guard measure at these)")
     for q in d.val_qualities:
         if not 1 <= q <= 100:
             raise ConfigError(f"config key 'data.val_qualities': quality {q} outside 1..100")
@@ -59,6 +62,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.ema_decay': must be in [0, 1) (0: no EMA)")
     if t.dist_timeout_s < 1:
         raise ConfigError("config key 'train.dist_timeout_s': must be >= 1 (seconds)")
+    if t.log_every < 1:
+        raise ConfigError("config key 'train.log_every': must be >= 1 (steps)")
+    if t.keep_last < 0:
+        raise ConfigError("config key 'train.keep_last': must be >= 0 (0: keep every checkpoint)")
+    if len(set(t.order)) != len(t.order):
+        twice = sorted({n for n in t.order if t.order.count(n) > 1})
+        raise ConfigError(f"config key 'train.order': phase {', '.join(repr(n) for n in twice)} listed twice; a phase "
+                          f"runs once: define another (e.g. train.phases.gan2.kind=gan) and list that")
     if not t.order:
         raise ConfigError("config key 'train.order': no phases to run")
     if t.deepspeed_stage == 3:

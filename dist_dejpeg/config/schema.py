@@ -132,7 +132,7 @@ class TrainConfig:
     val_every: int = 500  # steps between validations (phases may override)
     image_every: int = 0  # steps between TensorBoard image grids, plus one at the end (0: at each validation)
     ckpt_every: int = 1000  # steps between checkpoints (and one at the end of every phase)
-    keep_last: int = 3  # checkpoints kept (oldest removed first)
+    keep_last: int = 3  # checkpoints kept (oldest removed first; 0: all)
     progress: bool = True  # rank-0 progress bar on a terminal (without one: a plain log line every log_every steps)
     log_level: str = "info"  # debug | info | warning | error (rank 0; other ranks log warnings and errors)
     log_with: List[str] = field(default_factory=lambda: ["tensorboard"])  # Accelerate trackers: tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive, trackio
