@@ -686,3 +686,10 @@ def test_a_wrong_data_root_is_said_before_models_load_or_the_run_folder_is_made(
         with pytest.raises(FileNotFoundError, match="no shards match"):
             Trainer(tiny(tmp_path / "run", shards, f"{glob_key}={value}"))
         assert not (tmp_path / "run").exists()
+
+
+def test_validation_tiles_smaller_than_the_val_crop_are_an_error_at_the_start(tmp_path, shards):
+    """All 64 px val tiles skipped as smaller than a 128 px val_crop: the run trained to the end and 'succeeded' with
+    NaN metrics and a generator file whose gains the guard could not use."""
+    with pytest.raises(ConfigError, match=r"no validation tile .*too_small \d+.*data.val_crop=128 must not exceed"):
+        Trainer(tiny(tmp_path / "run", shards, "data.val_crop=128"))

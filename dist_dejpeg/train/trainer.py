@@ -23,15 +23,16 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from dist_dejpeg.config import Config, PhaseConfig, to_dict, to_yaml
-from dist_dejpeg.data import build_train_loader, build_val_set
+from dist_dejpeg.data import build_train_loader
 from dist_dejpeg.models.generator_file import save_generator
 from dist_dejpeg.run.layout import BEST_GENERATOR, GENERATOR, METRICS
 from dist_dejpeg.run.lock import RunLock
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train.checkpoint import Preempted, TrainingStopped
 from dist_dejpeg.train.faults import check_finite_state, save_last_good
-from dist_dejpeg.train.build import (build_accelerator, build_parts, claim_run_dir, refresh_master_weights, set_lr,
-                                     setup_logging, start_phase_optimizer, training_stream)
+from dist_dejpeg.train.build import (build_accelerator, build_parts, checked_val_set, claim_run_dir,
+                                     refresh_master_weights, set_lr, setup_logging, start_phase_optimizer,
+                                     training_stream)
 from dist_dejpeg.train.collective import PacedChecks, all_ranks_or_raise
 from dist_dejpeg.train.ema import GeneratorEma
 from dist_dejpeg.train.monitor import Monitor
@@ -77,11 +78,7 @@ class Trainer:
         set_seed(cfg.train.seed + acc.process_index)  # per-rank randomness (dropout, ...)
         with all_ranks_or_raise(acc):  # one rank's shards or rank 0's trackers failing: every rank stops now
             self.loader = train_loader or build_train_loader(cfg, acc.process_index, acc.num_processes, acc.device)
-            if val_set is None:
-                val_set, skipped = build_val_set(cfg, acc.process_index, acc.num_processes)
-                if any(skipped.values()):
-                    log.warning("validation shards: skipped %s", skipped)
-            self.val_set = val_set
+            self.val_set = val_set if val_set is not None else checked_val_set(cfg, acc)
             self.monitor = Monitor(acc, cfg, self.run_dir, to_dict(cfg))
         self.state = TrainerState()
         self.best_generator: dict | None = None
