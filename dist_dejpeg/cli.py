@@ -121,15 +121,17 @@ def _train(args: argparse.Namespace) -> int:
                 *(["--resume", args.resume] if args.resume else []),
                 *(["--log-level", args.log_level] if args.log_level else []), *args.overrides]
         return launch(ranks, argv, EXIT_PREEMPTED)
-    from dist_dejpeg.data.verify import TooManyBadSamples
+    from dist_dejpeg.data.verify import TooFewSamples, TooManyBadSamples
     from dist_dejpeg.models.weights import WeightsError
     from dist_dejpeg.run.lock import RunDirBusy
     from dist_dejpeg.train.trainer import Preempted, TrainingStopped, train
 
     try:
         results = train(cfg, resume=args.resume)
-    except (ConfigError, WeightsError, FileNotFoundError, RunDirBusy, TooManyBadSamples) as err:
-        return _stopped(f"error: {err}", 2)
+    except (ConfigError, WeightsError, FileNotFoundError, RunDirBusy, TooManyBadSamples, TooFewSamples) as err:
+        text = str(err)  # raised in a DataLoader worker: rebuilt here around the worker's traceback, its last line
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in text else text
+        return _stopped(f"error: {text}", 2)
     except Preempted as err:
         return _stopped(f"stopped: {err}", EXIT_PREEMPTED)
     except TrainingStopped as err:

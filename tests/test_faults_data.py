@@ -183,3 +183,22 @@ def test_train_over_the_limit_exits_2_with_one_line(bad_shard, write_tar, tmp_pa
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "error: " in err and "2 bad training samples" in err and "Traceback" not in err
+
+
+def test_fewer_training_tiles_than_loader_workers_exits_2_with_one_line(write_tar, tmp_path, capsys):
+    """Shards without a manifest (made elsewhere) holding 1 training tile for 2 loader workers: the worker's error
+    comes back as one line and exit 2, not a RuntimeError wrapped around the worker's traceback (exit 1)."""
+    from test_trainer import tiny
+
+    from dist_dejpeg.cli import main
+    from dist_dejpeg.config import to_yaml
+
+    tiles = good_tiles()
+    write_tar(tmp_path / "train-000000.tar", [("only", {"png": png(tiles[0])})])
+    write_tar(tmp_path / "val-000000.tar", [(f"val{i}", {"png": png(t)}) for i, t in enumerate(tiles[1:3])])
+    cfg = tiny(tmp_path / "run", tmp_path, "data.num_workers=2", "data.shuffle_buffer=0", "data.auto_prepare=none")
+    path = tmp_path / "few.yaml"
+    path.write_text(to_yaml(cfg))
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "error: data slot 1 of 2 got no samples in epoch 0" in err and "Traceback" not in err, err[-2000:]

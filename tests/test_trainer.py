@@ -693,3 +693,25 @@ def test_validation_tiles_smaller_than_the_val_crop_are_an_error_at_the_start(tm
     NaN metrics and a generator file whose gains the guard could not use."""
     with pytest.raises(ConfigError, match=r"no validation tile .*too_small \d+.*data.val_crop=128 must not exceed"):
         Trainer(tiny(tmp_path / "run", shards, "data.val_crop=128"))
+
+
+def test_what_prepares_manifest_says_is_checked_before_training(tmp_path, shards, monkeypatch):
+    """Tiles smaller than the crop, or fewer training tiles than loader slots: said at the start from prepare's
+    manifest.json (the loader's error came from inside a worker, after the models were built)."""
+    def never(*args, **kwargs):
+        raise AssertionError("the models were built before the data was checked")
+
+    monkeypatch.setattr(trainer_mod, "build_parts", never)
+    with pytest.raises(ConfigError, match=r"'data.crop': 128 px, but the tiles in .* are 64 px"):
+        Trainer(tiny(tmp_path / "a", shards, "data.crop=128"))
+    manifest = json.loads((shards / "manifest.json").read_text())
+    count = manifest["splits"]["train"]["samples"]
+    few = tmp_path / "few"
+    few.mkdir()
+    for shard in shards.glob("*.tar"):
+        (few / shard.name).symlink_to(shard)
+    manifest["splits"]["train"]["samples"] = 3  # as if prepare had cut 3 training tiles
+    (few / "manifest.json").write_text(json.dumps(manifest))
+    assert count > 3
+    with pytest.raises(ConfigError, match=r"holds 3 training tile\(s\), fewer than the 4 loader slots"):
+        Trainer(tiny(tmp_path / "b", shards, f"data.root={few}", "data.num_workers=4"))

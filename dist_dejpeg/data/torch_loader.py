@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_dejpeg.data.images import BadImage, center_crop, decode_component, image_bytes, jpeg_roundtrip
 from dist_dejpeg.data.contract import draw_quality, to_device
-from dist_dejpeg.data.verify import EXAMPLES, SKIP_REASONS, TooManyBadSamples, over_limit, too_many
+from dist_dejpeg.data.verify import EXAMPLES, SKIP_REASONS, TooFewSamples, TooManyBadSamples, over_limit, too_many
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +172,11 @@ class ShardStream(IterableDataset):
                     sample.update(_slot=local, _epoch=epoch, _next=pos + 1)
                     yield sample
             if seen == 0:
-                raise RuntimeError(f"data slot {slot} of {n_slots} got no samples in epoch {epoch}: fewer "
+                raise TooFewSamples(f"data slot {slot} of {n_slots} got no samples in epoch {epoch}: fewer "
                                    f"samples than ranks x workers ({len(self.shards)} shards)")
             if made == 0 and seen > skip:  # every sample it tried was skipped: the next epoch would be the same
                 counts = dict(zip(SKIP_REASONS, (int(c) for c in self.skipped[worker].tolist())))
-                raise RuntimeError(f"data slot {slot} of {n_slots}: all {seen - skip} samples of epoch {epoch} were "
+                raise TooFewSamples(f"data slot {slot} of {n_slots}: all {seen - skip} samples of epoch {epoch} were "
                                    f"skipped ({counts}); e.g. tiles smaller than the {self.crop} px crop")
             epoch, skip = epoch + 1, 0
 

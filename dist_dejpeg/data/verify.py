@@ -39,6 +39,11 @@ class TooManyBadSamples(RuntimeError):
     worker's exception is rebuilt from its message in the main process."""
 
 
+class TooFewSamples(RuntimeError):
+    """A loader slot (a rank's worker) that got no training sample in a pass: fewer samples than slots, or every
+    one skipped. One message argument only, as TooManyBadSamples."""
+
+
 def too_many(total: int, counts: dict[str, int], examples: list[str], limit: int, scope: str) -> TooManyBadSamples:
     shown = "; ".join(examples[:EXAMPLES])
     return TooManyBadSamples(

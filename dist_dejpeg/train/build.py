@@ -30,8 +30,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
 
 from dist_dejpeg.config import CUDAGRAPH_MODES, Config, ConfigError, ModelConfig, PhaseConfig, clip_norms
-from dist_dejpeg.data import build_val_set, ensure_samples
-from dist_dejpeg.data.shards import list_shards
+from dist_dejpeg.data import ensure_samples
 from dist_dejpeg.models.critic import build_critic
 from dist_dejpeg.models.generator_file import load_model, model_config_at, resolve_model_path
 from dist_dejpeg.models.lpips import LPIPS
@@ -42,9 +41,9 @@ from dist_dejpeg.run.lock import RunLock
 from dist_dejpeg.train.checkpoint import remove_partial
 from dist_dejpeg.train.collective import all_ranks_or_raise
 from dist_dejpeg.train.compile import compile_cache_dir, compile_model, use_compile_cache
+from dist_dejpeg.train.data_checks import check_shards_exist, check_train_tiles
 from dist_dejpeg.train.phases import trains_critic, uses_lpips
 from dist_dejpeg.train.resume import GENERATOR_SHAPE_KEYS
-from dist_dejpeg.train.window import sum_over_ranks
 
 log = logging.getLogger("dist_dejpeg")
 
@@ -203,8 +202,7 @@ def claim_run_dir(acc: Accelerator, cfg: Config, lock: RunLock, write_samples: b
     with all_ranks_or_raise(acc):
         if acc.is_main_process:
             if write_samples and cfg.data.auto_prepare != "samples":  # a wrong data.root: said before anything is
-                for pattern in (cfg.data.train_glob, cfg.data.val_glob):  # made or loaded (weights, downloads)
-                    list_shards(cfg.data.root, pattern)
+                check_shards_exist(cfg)  # made or loaded (weights, downloads)
             run_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
             try:
@@ -212,24 +210,11 @@ def claim_run_dir(acc: Accelerator, cfg: Config, lock: RunLock, write_samples: b
                     log.info("removed half-written checkpoint folders of an earlier, killed run")
                 if write_samples and ensure_samples(cfg):
                     log.info("wrote the sample shards into %s", cfg.data.root)
+                if write_samples:
+                    check_train_tiles(cfg, acc.num_processes)
             except BaseException:
                 lock.release()
                 raise
-
-
-def checked_val_set(cfg: Config, acc: Accelerator) -> dict:
-    """Collective. This rank's validation crops (data.build_val_set); none on any rank (every tile smaller than
-    data.val_crop, say) is a ConfigError now, not NaN metrics and a guard that cannot judge after training."""
-    val_set, skipped = build_val_set(cfg, acc.process_index, acc.num_processes)
-    if any(skipped.values()):
-        log.warning("validation shards: skipped %s", skipped)
-    local = next(iter(val_set.values()))[0].shape[0] if val_set else 0
-    if not sum_over_ranks(acc, {"tiles": local})["tiles"]:
-        reasons = ", ".join(f"{k} {v}" for k, v in skipped.items() if v) or "the shards hold none"
-        raise ConfigError(f"no validation tile to validate on in {cfg.data.root}/{cfg.data.val_glob} ({reasons}): "
-                          f"data.val_crop={cfg.data.val_crop} must not exceed the val tiles' size (lower it, or "
-                          f"prepare larger tiles)")
-    return val_set
 
 
 @dataclass

@@ -30,10 +30,10 @@ from dist_dejpeg.run.lock import RunLock
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train.checkpoint import Preempted, TrainingStopped
 from dist_dejpeg.train.faults import check_finite_state, save_last_good
-from dist_dejpeg.train.build import (build_accelerator, build_parts, checked_val_set, claim_run_dir,
-                                     refresh_master_weights, set_lr, setup_logging, start_phase_optimizer,
-                                     training_stream)
+from dist_dejpeg.train.build import (build_accelerator, build_parts, claim_run_dir, refresh_master_weights, set_lr,
+                                     setup_logging, start_phase_optimizer, training_stream)
 from dist_dejpeg.train.collective import PacedChecks, all_ranks_or_raise
+from dist_dejpeg.train.data_checks import checked_val_set
 from dist_dejpeg.train.ema import GeneratorEma
 from dist_dejpeg.train.monitor import Monitor
 from dist_dejpeg.train.phases import StopRule, gan_turn, lr_at, trains_critic, trains_generator

@@ -1,0 +1,55 @@
+"""What a run's data must satisfy, said before anything is built or trained: shards that exist, tiles at least
+the crop and at least one per loader slot (from prepare's manifest.json), a validation tile somewhere."""
+
+from __future__ import annotations
+
+import logging
+
+from accelerate import Accelerator
+
+from dist_dejpeg.config import Config, ConfigError, DataConfig
+from dist_dejpeg.data import build_val_set, resolve_backend
+from dist_dejpeg.data.shards import list_shards, read_manifest
+from dist_dejpeg.train.window import sum_over_ranks
+
+log = logging.getLogger("dist_dejpeg")
+
+
+def check_shards_exist(cfg: Config) -> None:
+    """A FileNotFoundError naming the pattern where data.train_glob or data.val_glob matches nothing."""
+    for pattern in (cfg.data.train_glob, cfg.data.val_glob):
+        list_shards(cfg.data.root, pattern)
+
+
+def check_train_tiles(cfg: Config, processes: int) -> None:
+    """What the shards' manifest (prepare's) tells before the first batch: tiles smaller than the crop, or fewer
+    training tiles than the loader's slots (each rank's loader workers; DALI: each rank) would each need one.
+    Shards without a manifest, or read through another glob, are not checked here (the loader says it then)."""
+    d = cfg.data
+    manifest = read_manifest(d.root) or {}
+    if d.train_glob != DataConfig().train_glob or not manifest:
+        return
+    tile, count = manifest.get("tile"), (manifest.get("splits", {}).get("train") or {}).get("samples")
+    if isinstance(tile, int) and tile < d.crop:
+        raise ConfigError(f"config key 'data.crop': {d.crop} px, but the tiles in {d.root} are {tile} px (its "
+                          f"manifest.json): lower data.crop, or prepare the photos again with --tile {d.crop} or more")
+    per = max(1, d.num_workers) if resolve_backend(d.backend) == "torch" else 1  # DALI: one reader per rank
+    if isinstance(count, int) and count < processes * per:
+        raise ConfigError(f"{d.root} holds {count} training tile(s), fewer than the {processes * per} loader slots "
+                          f"that each need one ({processes} process(es) x {per} loader worker(s)): lower "
+                          f"data.num_workers or train.processes, or prepare more tiles")
+
+
+def checked_val_set(cfg: Config, acc: Accelerator) -> dict:
+    """Collective. This rank's validation crops (data.build_val_set); none on any rank (every tile smaller than
+    data.val_crop, say) is a ConfigError now, not NaN metrics and a guard that cannot judge after training."""
+    val_set, skipped = build_val_set(cfg, acc.process_index, acc.num_processes)
+    if any(skipped.values()):
+        log.warning("validation shards: skipped %s", skipped)
+    local = next(iter(val_set.values()))[0].shape[0] if val_set else 0
+    if not sum_over_ranks(acc, {"tiles": local})["tiles"]:
+        reasons = ", ".join(f"{k} {v}" for k, v in skipped.items() if v) or "the shards hold none"
+        raise ConfigError(f"no validation tile to validate on in {cfg.data.root}/{cfg.data.val_glob} ({reasons}): "
+                          f"data.val_crop={cfg.data.val_crop} must not exceed the val tiles' size (lower it, or "
+                          f"prepare larger tiles)")
+    return val_set
