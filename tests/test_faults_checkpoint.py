@@ -203,3 +203,18 @@ def test_a_process_count_change_says_where_the_data_stream_restarts(base, shards
     cfg = tiny(base[0], shards, *OVER, "data.batch_size=1")  # 1 x 1 x 2 processes: the same 2
     with pytest.raises(ConfigError, match="process count changes .1 -> 2.*restarts its data stream at epoch 0"):
         check_resume_config(cfg, step4, state, processes=2, has_critic=False)
+
+
+def test_resume_takes_a_run_folder_and_refuses_another_runs_checkpoint_over_its_own(base, tmp_path):
+    """--resume OTHER_RUN/checkpoints/step-4 on a run with checkpoints of its own set this run's step-4 and step-6
+    aside as 'later' and went on from the other run's state; now refused, nothing moved. A fresh run folder may
+    start from another run's checkpoint; a run folder names its newest checkpoint; a missing path says so."""
+    run, other = copy_run(base[0], tmp_path / "run"), copy_run(base[0], tmp_path / "other")
+    assert choose_checkpoint(MAIN_PROCESS, run, str(run), True) == checkpoint_dir(run) / step_name(6)
+    with pytest.raises(CheckpointError, match=r"is a checkpoint of another run, .* \(newest step-00000006\)"):
+        choose_checkpoint(MAIN_PROCESS, run, str(checkpoint_dir(other) / step_name(4)), True)
+    assert [p.name for p in checkpoint_dir(run).iterdir()] and \
+        [p.name for p in list_checkpoints(run)] == [step_name(s) for s in (2, 4, 6)]
+    assert choose_checkpoint(MAIN_PROCESS, tmp_path / "fresh", str(other), True) == checkpoint_dir(other) / step_name(6)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        choose_checkpoint(MAIN_PROCESS, run, str(tmp_path / "nope"), True)

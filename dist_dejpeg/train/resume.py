@@ -55,8 +55,23 @@ def choose_checkpoint(accelerator: Accelerator, run_dir: str | Path, resume: str
 def _choose(run_dir: Path, resume: str | None, auto_resume: bool) -> str | None:
     if resume not in (None, "", "latest"):
         path = Path(resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume {path}: no such folder (give a checkpoint folder, checkpoints/step-*, "
+                                    f"or a run folder for its newest)")
+        if not (path / TRAINER_STATE).is_file() and list_checkpoints(path):  # a run folder: its newest checkpoint
+            if path.resolve() == run_dir.resolve():
+                return _choose(run_dir, "latest", auto_resume)
+            path = list_checkpoints(path)[-1]
         if not (path / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"not a complete checkpoint (no {TRAINER_STATE}): {path}")
+        own = list_checkpoints(run_dir)
+        if path.resolve().parent != checkpoint_dir(run_dir).resolve():
+            if own:  # another run's checkpoint would set this run's own ones aside: a mistake far more often
+                raise CheckpointError(f"--resume {path} is a checkpoint of another run, and this run ({run_dir}) "
+                                      f"has checkpoints of its own (newest {own[-1].name}): resume one of those "
+                                      f"(--resume alone: the newest), or start from {path} in another "
+                                      f"train.run_dir")
+            log.info("--resume: run %s starts from %s, another run's checkpoint", run_dir, path)
         verdict = verify_checkpoint(path)
         if not verdict.ok:
             raise CheckpointError(f"--resume {path}: the checkpoint is damaged: {'; '.join(verdict.problems)}. "
