@@ -170,7 +170,7 @@ def export_command(args: argparse.Namespace) -> int:
 def status_command(args: argparse.Namespace) -> int:
     import json
 
-    from dist_dejpeg.run.layout import CHECKPOINTS, CONFIG, LOCK, METRICS, PROGRESS
+    from dist_dejpeg.run.layout import CHECKPOINTS, CONFIG, LOCK, METRICS, PROGRESS, TRAINER_STATE
     from dist_dejpeg.run.status import run_status
     from dist_dejpeg.run.text import format_status
 
@@ -179,6 +179,8 @@ def status_command(args: argparse.Namespace) -> int:
               file=sys.stdout if args.json else sys.stderr)
         return 2
 
+    if (Path(args.run_dir) / TRAINER_STATE).is_file():
+        return fail(f"{args.run_dir} is a checkpoint folder; give its run folder, {Path(args.run_dir).parent.parent}")
     try:
         status = run_status(args.run_dir)
     except FileNotFoundError as err:
@@ -188,7 +190,3 @@ def status_command(args: argparse.Namespace) -> int:
                     f"{LOCK}); give the folder a run's train.run_dir points at")
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
-
-
-# The subcommands, in the order --help lists them: name -> (help, add its arguments, run it). `bench` brings
-# its own parser, one sub-parser per benchmark (dist_dejpeg.bench).

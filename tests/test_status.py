@@ -153,6 +153,11 @@ def test_not_a_run_folder(tmp_path, capsys):
     assert cli("status", str(tmp_path)) == 2
     assert "not a run folder" in capsys.readouterr().err
     assert st.run_status(tmp_path)["state"] == "not started"
+    step = tmp_path / "run" / "checkpoints" / "step-00000035"  # (said 'CRASHED OR KILLED', exit 0)
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    assert cli("status", str(step)) == 2
+    assert f"is a checkpoint folder; give its run folder, {tmp_path / 'run'}" in capsys.readouterr().err
 
 
 # -- real run folders -----------------------------------------------------------------------------------------
