@@ -47,7 +47,11 @@ def checked_val_set(cfg: Config, acc: Accelerator) -> dict:
     if any(skipped.values()):
         log.warning("validation shards: skipped %s", skipped)
     local = next(iter(val_set.values()))[0].shape[0] if val_set else 0
-    if not sum_over_ranks(acc, {"tiles": local})["tiles"]:
+    total = sum_over_ranks(acc, {"tiles": local})["tiles"]
+    if total == 1:
+        log.warning("one validation tile: the gain per quality has no spread to bound it by, so restore's guard will "
+                    "pass every image through (--no-guard restores anyway); prepare more validation tiles")
+    if not total:
         reasons = ", ".join(f"{k} {v}" for k, v in skipped.items() if v) or "the shards hold none"
         raise ConfigError(f"no validation tile to validate on in {cfg.data.root}/{cfg.data.val_glob} ({reasons}): "
                           f"data.val_crop={cfg.data.val_crop} must not exceed the val tiles' size (lower it, or "

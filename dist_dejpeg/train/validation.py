@@ -21,13 +21,14 @@ GAIN_BOUND_SE = 2.0
 
 def gain_summary(stats: torch.Tensor) -> dict[str, float]:
     """{psnr: mean gain, psnr_low: its lower bound, count} from [sum, sum of squares, count] of per-image gains;
-    with fewer than two images the spread is unknown and the bound is the mean."""
+    with fewer than two images the spread is unknown, and so is the bound (NaN: restore's guard then never trusts
+    the gain, as the README promises: not surely positive)."""
     total, squares, count = stats.tolist()
     if count == 0:
         return {"psnr": float("nan"), "psnr_low": float("nan"), "count": 0}
     mean = total / count
     if count < 2:
-        return {"psnr": mean, "psnr_low": mean, "count": int(count)}
+        return {"psnr": mean, "psnr_low": float("nan"), "count": int(count)}
     var = max(squares - count * mean * mean, 0.0) / (count - 1)
     return {"psnr": mean, "psnr_low": mean - GAIN_BOUND_SE * (var / count) ** 0.5, "count": int(count)}
 
