@@ -715,3 +715,10 @@ def test_what_prepares_manifest_says_is_checked_before_training(tmp_path, shards
     assert count > 3
     with pytest.raises(ConfigError, match=r"holds 3 training tile\(s\), fewer than the 4 loader slots"):
         Trainer(tiny(tmp_path / "b", shards, f"data.root={few}", "data.num_workers=4"))
+
+
+def test_a_critic_phase_does_not_validate_the_generator_it_leaves_unchanged(tmp_path, shards):
+    t = Trainer(tiny(tmp_path / "run", shards, "train.order=[gen,critic]", "train.phases.critic.steps=3",
+                     "train.val_every=1"))
+    t.fit()
+    assert [(name, step) for name, step, _ in t.state.history] == [("gen", 1), ("gen", 2)]

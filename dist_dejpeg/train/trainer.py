@@ -191,7 +191,8 @@ class Trainer:
             st.global_step += 1
             self.monitor.advance()
             last = st.phase_step == phase.steps
-            validating = val_every and st.phase_step % val_every == 0 and not last
+            # (a critic phase leaves the generator as it was: validating it there would measure the same numbers)
+            validating = val_every and st.phase_step % val_every == 0 and not last and trains_generator(phase)
             saving = t.ckpt_every and st.global_step % t.ckpt_every == 0 and not last
             # the host reads the flags every sync_every steps, and always before anything is validated or saved
             # (steps.HostChecks: raises NonFiniteLoss, or returns whether any rank got a stop signal)
