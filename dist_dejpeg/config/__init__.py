@@ -20,13 +20,14 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from dist_dejpeg.config.checks import clip_norms, validate
 from dist_dejpeg.config.reference import reference_markdown
-from dist_dejpeg.config.schema import (COMPILE_MODES, CUDAGRAPH_MODES, PHASE_KINDS, Config, ConfigError, CriticConfig,
-                                       DataConfig, LossConfig, ModelConfig, PhaseConfig, TrainConfig, default_phases)
+from dist_dejpeg.config.schema import (COMPILE_MODES, CUDAGRAPH_MODES, PHASE_KINDS, TRACKER_PACKAGES, Config, ConfigError,
+                                       CriticConfig, DataConfig, LossConfig, ModelConfig, PhaseConfig, TrainConfig,
+                                       default_phases)
 
-__all__ = ["COMPILE_MODES", "CUDAGRAPH_MODES", "PHASE_KINDS", "Config", "ConfigError", "CriticConfig", "DataConfig",
-           "LossConfig", "ModelConfig", "PhaseConfig", "TrainConfig", "apply_overrides", "clip_norms",
-           "default_phases", "flatten", "from_dict", "load_config", "reference_markdown", "to_dict", "to_yaml",
-           "validate"]
+__all__ = ["COMPILE_MODES", "CUDAGRAPH_MODES", "PHASE_KINDS", "TRACKER_PACKAGES", "Config", "ConfigError",
+           "CriticConfig", "DataConfig", "LossConfig", "ModelConfig", "PhaseConfig", "TrainConfig", "apply_overrides",
+           "clip_norms", "default_phases", "flatten", "from_dict", "load_config", "reference_markdown", "to_dict",
+           "to_yaml", "validate"]
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:

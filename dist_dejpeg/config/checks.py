@@ -3,7 +3,8 @@ together); each failure is a ConfigError naming the key."""
 
 from __future__ import annotations
 
-from dist_dejpeg.config.schema import PHASE_KINDS, COMPILE_MODES, Config, ConfigError, TrainConfig, default_phases
+from dist_dejpeg.config.schema import (COMPILE_MODES, PHASE_KINDS, TRACKER_PACKAGES, Config, ConfigError, TrainConfig,
+                                       default_phases)
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -62,6 +63,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.ema_decay': must be in [0, 1) (0: no EMA)")
     if t.dist_timeout_s < 1:
         raise ConfigError("config key 'train.dist_timeout_s': must be >= 1 (seconds)")
+    unknown = [name for name in t.log_with if name not in TRACKER_PACKAGES]
+    if unknown:  # (whether each one's package is installed: when the run starts, train/monitor.py)
+        raise ConfigError(f"config key 'train.log_with': unknown tracker(s) {', '.join(map(repr, unknown))} (known: "
+                          f"{', '.join(TRACKER_PACKAGES)})")
     if t.log_every < 1:
         raise ConfigError("config key 'train.log_every': must be >= 1 (steps)")
     if t.keep_last < 0:

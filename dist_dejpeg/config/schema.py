@@ -113,6 +113,10 @@ def default_phases() -> Dict[str, PhaseConfig]:
     }
 
 
+# train.log_with's trackers -> the package each needs (what `pip install` names; train/monitor.py checks it)
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim",
+                    "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "trackio": "trackio"}
+
 # torch.compile's modes; the two with CUDA graphs need a step marker per iteration (Trainer.cudagraphs)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")

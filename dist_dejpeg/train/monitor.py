@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_dejpeg.config import flatten
+from dist_dejpeg.config import TRACKER_PACKAGES, flatten
 from dist_dejpeg.run.files import atomic_write_json, atomic_write_text, free_bytes, is_disk_full, size_text
 from dist_dejpeg.run.layout import (CONFIG, METRICS, PROGRESS, PROGRESS_KEYS, MetricsMeta, latest_checkpoint,
                                     partial_checkpoints)
@@ -44,9 +44,6 @@ from dist_dejpeg.train.checkpoint import TrainingStopped, remove_partial
 
 log = logging.getLogger("dist_dejpeg")
 
-# tracker name -> the package it needs (what `pip install` names)
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim",
-                    "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "trackio": "trackio"}
 
 
 def check_trackers(names: list[str]) -> None:
