@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from dist_dejpeg import version
@@ -38,7 +39,10 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint; the s
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from dist_dejpeg.data.shards import prepare_folder, prepare_samples
+    from pathlib import Path
+
+    from dist_dejpeg.data.folder import prepare_folder
+    from dist_dejpeg.data.shards import PrepareError, prepare_samples
 
     if args.source:  # `prepare folder photos/`, `prepare div2k data/div2k`: the option's folder, positional
         key = {"folder": "src", "div2k": "root"}.get(args.dataset)
@@ -47,8 +51,11 @@ def _prepare(args: argparse.Namespace) -> int:
                   f"{getattr(args, key)}" if key else f"no folder (got {args.source})"), file=sys.stderr)
             return 2
         setattr(args, key, args.source)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"error: --out {args.out} is a file, not a folder", file=sys.stderr)
+        return 2
     tile = args.tile or {"samples": 128, "folder": 256, "div2k": 480}[args.dataset]
-    step = args.step or tile // 2
+    step = args.step or max(1, tile // 2)
     shard_size = args.shard_size or (64 if args.dataset == "samples" else 256)
     if args.dataset == "div2k":
         from dist_dejpeg.data.div2k import prepare_div2k
@@ -61,12 +68,16 @@ def _prepare(args: argparse.Namespace) -> int:
             manifest = prepare_div2k(args.root, args.out, download_missing=args.download, tile=tile, step=step,
                                      shard_size=shard_size, workers=args.workers, seed=args.seed,
                                      keep_staging=args.keep_staging, fmt=args.format)
-        except (FileNotFoundError, DownloadError) as err:
+        except (FileNotFoundError, DownloadError, PrepareError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     elif args.dataset == "samples":
-        manifest = prepare_samples(args.out, tile=tile, train_step=step, shard_size=shard_size, seed=args.seed,
-                                   fmt=args.format)
+        try:
+            manifest = prepare_samples(args.out, tile=tile, train_step=step, shard_size=shard_size, seed=args.seed,
+                                       fmt=args.format)
+        except PrepareError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     else:
         if not args.src:
             print("error: prepare folder needs --src <folder of images>", file=sys.stderr)
@@ -75,14 +86,14 @@ def _prepare(args: argparse.Namespace) -> int:
             manifest = prepare_folder(args.src, args.out, tile=tile, train_step=step, shard_size=shard_size,
                                       val_fraction=args.val_fraction, seed=args.seed, fmt=args.format,
                                       jpeg=args.jpeg_sources)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, PrepareError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     splits = manifest["splits"]
     print(f"wrote {splits['train']['samples']} train and {splits['val']['samples']} val tiles "
           f"({len(splits['train']['shards'])} + {len(splits['val']['shards'])} shards) to {args.out}")
     for item in manifest["rejected"]:
-        print(f"rejected {item['source']}: {item['reason']}", file=sys.stderr)
+        print(f"rejected {item.get('path', item['source'])}: {item['reason']}", file=sys.stderr)
     if splits["val"]["samples"] == 0:
         usable = len(manifest.get("sources", {}))
         print(f"warning: no validation tiles were written ({usable} usable photo(s) of at least {tile} px, all "
@@ -155,6 +166,8 @@ def _stopped(message: str, code: int) -> int:
     return code
 
 
+# The subcommands, in the order --help lists them: name -> (help, add its arguments, run it). `bench` brings
+# its own parser, one sub-parser per benchmark (dist_dejpeg.bench).
 COMMANDS = {
     "prepare": ("write WebDataset shards of lossless tiles", prepare_arguments, _prepare),
     "train": ("run the NoGAN phases (resumable)", train_arguments, _train),
@@ -208,10 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     args.usage_error, args.given = command.error, {a.split("=")[0] for a in argv if a.startswith("--")}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader that left (a pipe into head) is handled below
+        return code
     except KeyboardInterrupt:  # Ctrl-C where no step handles it (training's steps checkpoint first): no traceback
         print(f"\n{args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `dist-dejpeg status RUN | head`: the reader left; nothing more to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's own flush at exit would fail too)
+        return 141  # 128 + SIGPIPE, as a shell reports a writer the pipe ended
 
 
 if __name__ == "__main__":

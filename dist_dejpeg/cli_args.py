@@ -76,6 +76,24 @@ def add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int]
 
 
 def prepare_arguments(p: argparse.ArgumentParser) -> None:
+    def count(text: str) -> int:  # argparse type: a whole number >= 0 (0: the default)
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"a whole number >= 0, not {text!r}")
+        return value
+
+    def fraction(text: str) -> float:  # argparse type: a share in [0, 1)
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not 0 <= value < 1:  # NaN too
+            raise argparse.ArgumentTypeError(f"a fraction in [0, 1), not {text!r}")
+        return value
+
     p.add_argument("dataset", choices=["samples", "folder", "div2k"],
                    help="samples: photographs bundled with scikit-image; folder: your own images (--src); "
                         "div2k: the DIV2K HR archives (--root, --download)")
@@ -83,14 +101,14 @@ def prepare_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder: the images' folder (as --src); div2k: the archives' folder (as --root)")
     p.add_argument("--root", help="div2k: folder with DIV2K_{train,valid}_HR.zip or their extracted folders")
     p.add_argument("--download", action="store_true", help="div2k: fetch missing archives (resumable, verified)")
-    p.add_argument("--workers", type=int, default=0, help="div2k: tiling processes (0: one per core, max 16)")
+    p.add_argument("--workers", type=count, default=0, help="div2k: tiling processes (0: one per core, max 16)")
     p.add_argument("--keep-staging", action="store_true", help="div2k: keep the per-image tile tars")
     p.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
     p.add_argument("--src", help="folder: the images (searched recursively; lossless formats preferred)")
-    p.add_argument("--tile", type=int, default=0, help="tile size in pixels (0: samples 128, folder 256, div2k 480)")
-    p.add_argument("--step", type=int, default=0, help="stride between training tiles (0: half the tile)")
-    p.add_argument("--shard-size", type=int, default=0, help="samples per shard (0: samples 64, folder and div2k 256)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="folder: share of images held out for validation")
+    p.add_argument("--tile", type=count, default=0, help="tile size in pixels (0: samples 128, folder 256, div2k 480)")
+    p.add_argument("--step", type=count, default=0, help="stride between training tiles (0: half the tile)")
+    p.add_argument("--shard-size", type=count, default=0, help="samples per shard (0: samples 64, folder and div2k 256)")
+    p.add_argument("--val-fraction", type=fraction, default=0.1, help="folder: share of images held out for validation")
     p.add_argument("--jpeg-sources", choices=JPEG_SOURCE_ACTIONS, default="halve",
                    help="folder: photos whose pixels show JPEG compression (a .jpg, or a PNG saved from one) are "
                         "used halved (a 2x2 area mean erases the 8x8 grid; twice below q30), kept as they are, or "

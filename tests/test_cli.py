@@ -301,3 +301,19 @@ def test_ctrl_c_outside_a_training_step_ends_the_command_without_a_traceback(tmp
     monkeypatch.setitem(cli.COMMANDS, "status", (*cli.COMMANDS["status"][:2], interrupted))
     assert main(["status", str(tmp_path)]) == 130
     assert capsys.readouterr().err.strip() == "status: interrupted"
+
+
+def test_status_into_a_closed_pipe_and_an_unknown_tracker_in_a_dry_run(tmp_path):
+    """`status RUN | head` ended in a BrokenPipeError traceback when the reader had left; `train --dry-run
+    'train.log_with=[foo]'` printed the config, the unknown tracker refused only after the ranks had started."""
+    import shlex
+    import subprocess
+    import sys
+
+    (tmp_path / "config.yaml").write_text("train:\n  run_dir: x\n")  # a run folder, as status reads one
+    script = f"import sys, time\ntime.sleep(1)\nfrom dist_dejpeg.cli import main\nsys.exit(main(['status', {str(tmp_path)!r}]))"
+    proc = subprocess.run(f"{shlex.quote(sys.executable)} -c {shlex.quote(script)} | true; echo ${{PIPESTATUS[0]}}",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.stdout.strip() == "141"
+    assert main(["train", "--dry-run", "train.log_with=[foo]"]) == 2

@@ -888,7 +888,7 @@ def test_stream_of_tiles_smaller_than_the_crop_fails_instead_of_spinning(sample_
 def test_prepare_folder_always_holds_out_a_usable_photo(tmp_path):
     """Two usable photos and one too small for a tile: whichever photo the shuffle holds out, a usable one
     ends in validation (the seeds cover the small one being held out first) and training keeps the other."""
-    from dist_dejpeg.data.shards import prepare_folder
+    from dist_dejpeg.data.folder import prepare_folder
 
     import skimage.data
 
@@ -972,7 +972,7 @@ def test_prepare_folder_halves_keeps_or_skips_the_photos_that_carry_jpeg_compres
     if action == "skip":
         assert set(manifest["sources"]) == {"lossless"} and set(tiles) == {"lossless"}
         assert {r["source"] for r in manifest["rejected"]} == {"file", "wasjpeg", "low"}
-        assert "rejected file: JPEG compression in its pixels (q60)" in err, err
+        assert "rejected file.jpg: JPEG compression in its pixels (q60)" in err, err
         return
     assert set(manifest["sources"]) == {"lossless", "file", "wasjpeg", "low"}
     for name, size, times in (("file", 256, 1), ("wasjpeg", 256, 1), ("low", 512, 2)):  # twice below q30
@@ -1008,3 +1008,193 @@ def test_prepare_takes_its_folder_as_an_argument(tmp_path, capsys):
     assert main(["prepare", "samples", str(src), "--out", str(tmp_path / "c")]) == 2
     assert "prepare samples takes no folder" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+# -- prepare folder: names, duplicates, bad files, limits, settings, an interrupted run -----------------------
+def _noise(path: Path, seed: int, size: int = 80) -> Path:
+    """A lossless photo of random pixels (no JPEG grid), ``size`` px square, at ``path`` (folders made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), np.uint8)).save(path)
+    return path
+
+
+def _folder_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_prepare_folder_sample_keys_are_unique_and_sources_keep_their_paths(tmp_path):
+    """A suffix for a repeated name never takes a real file's name (x, x.webp, x-2; a/holiday, b/holiday,
+    a/holiday-2): every key is unique, the manifest lists every file with its path below --src."""
+    from dist_dejpeg.data.folder import prepare_folder, unique_names
+
+    assert unique_names(["x", "x", "x-2", "x"]) == ["x", "x-3", "x-2", "x-4"]
+    src = tmp_path / "src"
+    files = ["x.png", "x.webp", "x-2.png", "a/holiday.png", "b/holiday.png", "a/holiday-2.png", "ünïcødé 日本.png"]
+    for i, name in enumerate(files):
+        _noise(src / name, i)
+    if not Image.open(src / "x.webp").format == "WEBP":
+        pytest.skip("Pillow without WebP")
+    manifest = prepare_folder(src, tmp_path / "out", tile=32, train_step=32, shard_size=8, val_fraction=0.3)
+    keys = all_keys(list_shards(tmp_path / "out", "*.tar"))
+    assert len(keys) == len(set(keys)) == sum(manifest["splits"][s]["samples"] for s in ("train", "val"))
+    assert sorted(info["path"] for info in manifest["sources"].values()) == sorted(files)
+    assert {k.rsplit("_s", 1)[0] for k in keys} == set(manifest["sources"])
+    assert manifest["sources"]["x-2"]["path"] == "x-2.png" and manifest["sources"]["ncd"]["path"] == files[-1]
+
+
+def test_prepare_folder_drops_duplicates_before_the_split_and_rejects_unreadable_files(tmp_path, capsys):
+    """A byte-identical copy and a symlink to a file also present are listed as duplicates of the first by path
+    (and never reach train and val both); a file of the same pixels in another format too; an unreadable file
+    (here a symlink to /proc/self/mem: EIO) is rejected with its reason, the rest prepared."""
+    from dist_dejpeg.cli import main
+
+    src = tmp_path / "src"
+    first = _noise(src / "a.png", 0)
+    (src / "b.png").write_bytes(first.read_bytes())
+    (src / "link.png").symlink_to(first)
+    Image.open(first).save(src / "same_pixels.bmp")
+    _noise(src / "c.png", 1)
+    _noise(src / "d.png", 2)
+    unreadable = Path("/proc/self/mem").exists()
+    if unreadable:
+        (src / "mem.png").symlink_to("/proc/self/mem")
+    for seed in range(4):
+        out = tmp_path / f"out{seed}"
+        assert main(["prepare", "folder", str(src), "--out", str(out), "--tile", "32", "--val-fraction", "0.5",
+                     "--seed", str(seed)]) == 0
+        manifest = manifest_of(out)
+        assert {i["path"] for i in manifest["sources"].values()} <= {"a.png", "same_pixels.bmp", "c.png", "d.png"}
+        reasons = {r["path"]: r["reason"] for r in manifest["rejected"]}
+        assert reasons["b.png"] == reasons["link.png"] == "duplicate of a.png"
+        assert len(manifest["sources"]) == 3 and any("(the same pixels)" in r for r in reasons.values()), reasons
+        digests = {s: {i["sha256"] for i in manifest["sources"].values() if i["split"] == s} for s in ("train", "val")}
+        assert digests["train"] and digests["val"] and not digests["train"] & digests["val"]
+        if unreadable:
+            assert reasons["mem.png"].startswith("unreadable: OSError"), reasons
+            assert "rejected mem.png: unreadable" in capsys.readouterr().err
+
+
+def test_prepare_folder_takes_photos_up_to_the_pixel_limit_of_restore(tmp_path, monkeypatch):
+    """PIL's own decompression-bomb limit (89.5 MP; lowered here) does not reject a photo below prepare's limit (the
+    one restore uses, 100 MP; lowered here too); one above it is rejected, saying so."""
+    from dist_dejpeg.data.folder import prepare_folder
+    from dist_dejpeg.jpeg import formats
+    from dist_dejpeg.restore import images as restore_images
+
+    assert restore_images.DEFAULT_MAX_PIXELS == formats.DEFAULT_MAX_PIXELS == 100_000_000
+    import inspect
+
+    assert inspect.signature(prepare_folder).parameters["max_pixels"].default == formats.DEFAULT_MAX_PIXELS
+    src = tmp_path / "src"
+    _noise(src / "fits.png", 0, 150)  # 22500 px: over twice PIL's lowered limit, under prepare's
+    _noise(src / "large.png", 1, 200)  # 40000 px: over prepare's
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    manifest = prepare_folder(src, tmp_path / "out", tile=64, train_step=64, shard_size=8, max_pixels=30000)
+    assert set(manifest["sources"]) == {"fits"}
+    assert manifest["rejected"] == [{"source": "large", "path": "large.png",
+                                     "reason": "too large: 200 x 200 = 0.0 MP, over the 0.03 MP limit"}]
+    assert Image.MAX_IMAGE_PIXELS == 5000  # put back
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--shard-size", "-1"], "argument --shard-size: a whole number >= 0"),
+    (["--step", "-5"], "argument --step: a whole number >= 0"),
+    (["--tile", "-1"], "argument --tile: a whole number >= 0"),
+    (["--val-fraction", "-0.5"], "argument --val-fraction: a fraction in [0, 1)"),
+    (["--val-fraction", "nan"], "argument --val-fraction: a fraction in [0, 1)"),
+    (["--val-fraction", "1.5"], "argument --val-fraction: a fraction in [0, 1)"),
+])
+def test_prepare_refuses_bad_numbers_before_any_work(tmp_path, capsys, args, says):
+    from dist_dejpeg.cli import main
+
+    _noise(tmp_path / "src" / "a.png", 0)
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "folder", str(tmp_path / "src"), "--out", str(tmp_path / "out"), *args])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_refuses_a_bad_out_or_src_and_the_api_a_shard_size_below_one(tmp_path, capsys):
+    from dist_dejpeg.cli import main
+    from dist_dejpeg.data.folder import prepare_folder
+
+    src = tmp_path / "src"
+    _noise(src / "a.png", 0)
+    (tmp_path / "file").write_text("x")
+    cases = [(["--src", str(src), "--out", str(tmp_path / "file")], f"--out {tmp_path / 'file'} is a file, not a folder"),
+             (["--src", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], f"no such folder: {tmp_path / 'missing'}"),
+             (["--src", str(tmp_path / "file"), "--out", str(tmp_path / "o")], "is a file, not a folder of images")]
+    for args, says in cases:
+        assert main(["prepare", "folder", *args]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.startswith("error: ") and "Traceback" not in err, err
+    for bad in (0, -1):
+        with pytest.raises(shards.PrepareError, match="shard_size must be a whole number >= 1"):
+            prepare_folder(src, tmp_path / "o", tile=32, train_step=32, shard_size=bad)
+        with pytest.raises(ValueError, match="shard_size must be >= 1"):
+            shards.ShardSink(tmp_path, "train", bad)
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_without_a_training_tile_fails_saying_why(tmp_path, capsys):
+    """Every image smaller than the tile: exit 2, the counts and the reason, nothing written (not even --out)."""
+    from dist_dejpeg.cli import main
+
+    src = tmp_path / "src"
+    for i in range(2):
+        _noise(src / f"{i}.png", i, 40)
+    (src / "bad.png").write_bytes(b"not a png")
+    assert main(["prepare", "folder", str(src), "--out", str(tmp_path / "out"), "--tile", "64"]) == 2
+    err = capsys.readouterr().err
+    assert ("error: no training tile was written: 3 of 3 images rejected (2 smaller than the 64 px tile, "
+            "1 undecodable); lower --tile (now 64 px)") in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_prepare_leaves_the_folder_as_it_was_and_a_finished_one_cleans_up(tmp_path, monkeypatch):
+    from dist_dejpeg.data import folder
+
+    src = tmp_path / "src"
+    for i in range(4):
+        _noise(src / f"{i}.png", i, 96)
+    out = tmp_path / "out"
+    first = folder.prepare_folder(src, out, tile=32, train_step=16, shard_size=4)
+    assert len(first["splits"]["train"]["shards"]) > 2
+    before = _folder_files(out)
+    read, calls = folder.read_source, []
+
+    def interrupted(path, max_pixels):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return read(path, max_pixels)
+
+    monkeypatch.setattr(folder, "read_source", interrupted)
+    for target in (out, tmp_path / "fresh" / "out"):  # a rerun into a prepared folder, a first run
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            folder.prepare_folder(src, target, tile=64, train_step=64, shard_size=64)
+    assert _folder_files(out) == before, "an interrupted rerun changed the folder"
+    assert not (tmp_path / "fresh").exists() and sorted(p.name for p in out.iterdir()) == sorted(before)
+    monkeypatch.setattr(folder, "read_source", read)
+    # a killed run's staging folder and temp files: a finished run removes them, and every old shard
+    (out / shards.STAGING).mkdir()
+    (out / shards.STAGING / "train-000000.tar").write_bytes(b"half")
+    for name in (".val-000013.tar.tmp5340", ".manifest.json.tmp7", ".train-000001.idx.tmp9"):
+        (out / name).write_bytes(b"half")
+    (out / "train-000099.idx").write_bytes(b"stale")
+    (out / "notes.txt").write_text("mine")
+    again = folder.prepare_folder(src, out, tile=64, train_step=64, shard_size=64)
+    shards_now = again["splits"]["train"]["shards"] + again["splits"]["val"]["shards"]
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(shards_now)
+    assert not list(out.glob(".*")) and not list(out.glob("train-000099*")) and (out / "notes.txt").is_file()
+    assert len(all_keys(list_shards(out, "train-*.tar"))) == again["splits"]["train"]["samples"]
+
+
+def test_list_shards_takes_the_root_literally(sample_shards, tmp_path):
+    """A data.root with glob characters (data/set[1]) finds its shards: only the pattern globs."""
+    import shutil
+
+    root = tmp_path / "set[1]"
+    shutil.copytree(sample_shards, root)
+    assert [Path(p).name for p in list_shards(root, "train-*.tar")] == manifest_of(root)["splits"]["train"]["shards"]

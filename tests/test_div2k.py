@@ -227,3 +227,48 @@ def test_div2k_recipe_trains_on_prepared_shards(tmp_path, archives):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics) == {"q10", "q20", "q30", "q40", "q60", "q80", "q90", "meta"}
     assert metrics["meta"]["val_images_per_quality"] == 3
+
+
+def test_prepare_div2k_rerun_with_other_settings_never_leaves_a_stale_manifest(tmp_path, archives, monkeypatch):
+    """A rerun with other settings removes the old manifest before it changes any shard: interrupted, the folder
+    has no manifest (a rerun finishes it), never one that describes other shards; finished, no temp file is left."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for split in ("train", "val"):
+        (src / f"{div2k.ARCHIVE[split]}.zip").write_bytes(archives[split])
+    out = tmp_path / "shards"
+    kw = dict(tile=TILE, step=STEP, workers=1, progress=False)
+    div2k.prepare_div2k(src, out, shard_size=16, keep_staging=True, **kw)
+    pack = div2k._pack
+
+    def interrupted(out_, split, *args):
+        if split == "val":
+            raise KeyboardInterrupt
+        return pack(out_, split, *args)
+
+    monkeypatch.setattr(div2k, "_pack", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        div2k.prepare_div2k(src, out, shard_size=8, **kw)
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(div2k, "_pack", pack)
+    (out / ".manifest.json.tmp123").write_bytes(b"half")
+    manifest = div2k.prepare_div2k(src, out, shard_size=8, **kw)
+    for split in ("train", "val"):
+        assert [Path(p).name for p in list_shards(out, f"{split}-*.tar")] == manifest["splits"][split]["shards"]
+    assert not list(out.glob(".*.tmp*"))
+
+
+def test_div2k_names_are_unique_and_settings_checked_first(tmp_path):
+    """Two files of one name in sub-folders of the extracted folder keep one sample-key stem each; a shard size
+    below 1 is refused before anything is made."""
+    from dist_dejpeg.data.shards import PrepareError
+
+    folder = tmp_path / div2k.ARCHIVE["train"]
+    for rel in ("0001.png", "a/0001.png", "0001-2.png"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(b"x")
+    sources, _ = div2k.find_sources(tmp_path, "train")
+    assert sorted(s.name for s in sources) == ["0001", "0001-2", "0001-3"]
+    with pytest.raises(PrepareError, match="shard_size"):
+        div2k.prepare_div2k(tmp_path, tmp_path / "out", shard_size=-1)
+    assert not (tmp_path / "out").exists()

@@ -34,9 +34,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dist_dejpeg.data.download import download, sha256_file
+from dist_dejpeg.data.folder import unique_names
 from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile
-from dist_dejpeg.data.shards import (MANIFEST, SHARD_NAME, finish_split_files, remove_shards,
-                                     sample_key, tiles, write_shard)
+from dist_dejpeg.data.shards import (MANIFEST, SHARD_NAME, check_settings, finish_split_files, remove_shards,
+                                     remove_stale_temps, require_training_tiles, sample_key, tiles, write_shard)
+from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS
 from dist_dejpeg.run.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -79,13 +81,16 @@ def find_sources(root: Path, split: str) -> tuple[list[Source], dict]:
     """Sources of one split from the archive or its extracted folder; also the archive's identity."""
     base = ARCHIVE[split]
     zip_path, folder = root / f"{base}.zip", root / base
-    if folder.is_dir():
+    if folder.is_dir():  # names unique (folder.unique_names): two files of one name in sub-folders keep both
         files = sorted(p for p in folder.rglob("*.png"))
-        return [Source(sample_key(p.name), split, str(p)) for p in files], {"folder": str(folder), "files": len(files)}
+        names = unique_names([sample_key(p.name) for p in files])
+        return ([Source(n, split, str(p)) for n, p in zip(names, files)],
+                {"folder": str(folder), "files": len(files)})
     if zip_path.is_file():
         with zipfile.ZipFile(zip_path) as archive:
             members = sorted(n for n in archive.namelist() if n.lower().endswith(".png") and not n.endswith("/"))
-        return ([Source(sample_key(m.rsplit("/", 1)[-1]), split, str(zip_path), m) for m in members],
+        names = unique_names([sample_key(m.rsplit("/", 1)[-1]) for m in members])
+        return ([Source(n, split, str(zip_path), m) for n, m in zip(names, members)],
                 {"archive": zip_path.name, "size": zip_path.stat().st_size, "sha256": sha256_file(zip_path)})
     raise FileNotFoundError(f"DIV2K {split}: neither {zip_path} nor {folder} exists (pass --download to fetch "
                             f"{OFFICIAL[split].url})")
@@ -96,13 +101,17 @@ def _tile_one(source: Source, staging: Path, tile: int, step: int, fmt: str) -> 
     done = staging / f"{source.name}.json"
     if done.is_file():
         return json.loads(done.read_text())
-    data = source.read()
-    record = {"name": source.name, "source": source.member or source.path,
-              "sha256": hashlib.sha256(data).hexdigest()}
+    record = {"name": source.name, "source": source.member or source.path}
     try:
-        rgb = decode_rgb8(data)
+        data = source.read()
+    except OSError as err:  # permissions, an I/O error: this source is rejected, not the whole run
+        record["rejected"] = f"unreadable: {type(err).__name__}: {err.strerror or err}"
+        return record  # not marked finished: a rerun tries again
+    record["sha256"] = hashlib.sha256(data).hexdigest()
+    try:
+        rgb = decode_rgb8(data, DEFAULT_MAX_PIXELS)
     except BadImage as err:
-        record["rejected"] = f"undecodable: {err}"
+        record["rejected"] = f"{err.kind}: {err}"
     else:
         record.update(height=int(rgb.shape[0]), width=int(rgb.shape[1]))
         if min(rgb.shape[:2]) < tile:
@@ -153,6 +162,7 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
                   keep_staging: bool = False, remote: dict[str, RemoteFile] | None = None,
                   progress: bool = True, fmt: str = "raw") -> dict:
     """Build DIV2K train/val shards and the manifest in ``out``; see the module docstring."""
+    check_settings(tile, step, shard_size)
     root, out = Path(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     remote = remote or OFFICIAL
@@ -165,6 +175,7 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
                                                    for s in sp["shards"]):
             log.info("%s is already prepared with these settings", out)
             return old
+    manifest_path.unlink(missing_ok=True)  # before any shard changes: no manifest describes other shards
     workers = workers or max(1, min(os.cpu_count() or 1, 16))
     manifest = {"dataset": "DIV2K HR", "settings": settings, **settings, "splits": {},
                 "sources": {}, "inputs": {}, "rejected": []}
@@ -199,7 +210,9 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
         names = _pack(out, split, staging, plan["shards"], fmt)
         manifest["splits"][split] = {"samples": len(keys), "shards": names}
         finish_split_files(out, {split: manifest["splits"][split]})
+    require_training_tiles(manifest)  # a PrepareError (no manifest written) when every image was rejected
     atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
+    remove_stale_temps(out)
     if not keep_staging:
         shutil.rmtree(out / ".staging", ignore_errors=True)
     log.info("DIV2K: %d train / %d val tiles in %s (%d sources rejected)", manifest["splits"]["train"]["samples"],

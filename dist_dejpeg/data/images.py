@@ -13,7 +13,15 @@ from dist_dejpeg.jpeg.formats import SHARD_EXTS, TILE_FORMATS
 
 
 class BadImage(ValueError):
-    """Bytes that do not decode to an image."""
+    """Bytes that do not decode to an image. ``kind`` starts the reason prepare records for it."""
+
+    kind = "undecodable"
+
+
+class TooManyPixels(BadImage):
+    """An image over the pixel limit decode_rgb8 was given (checked from its header, before decoding)."""
+
+    kind = "too large"
 
 
 def to_rgb8(img: Image.Image) -> np.ndarray:
@@ -36,16 +44,27 @@ def to_rgb8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def decode_rgb8(data: bytes) -> np.ndarray:
-    """Decode image bytes fully (truncated files are errors, not grey padding) to H x W x 3 uint8."""
+def decode_rgb8(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """Decode image bytes fully (truncated files are errors, not grey padding) to H x W x 3 uint8. ``max_pixels``:
+    refuse larger images (TooManyPixels, from the header) instead of PIL's own decompression-bomb limit."""
+    saved = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if max_pixels is not None:
+                Image.MAX_IMAGE_PIXELS = None  # checked here instead, from the header
             img = Image.open(io.BytesIO(data))
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise TooManyPixels(f"{img.width} x {img.height} = {img.width * img.height / 1e6:.1f} MP, over "
+                                    f"the {max_pixels / 1e6:g} MP limit")
             img.load()
         return to_rgb8(img)
+    except TooManyPixels:
+        raise
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
         raise BadImage(f"{type(err).__name__}: {err}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def jpeg_roundtrip(rgb: np.ndarray, quality: int, subsampling: int = -1) -> np.ndarray:

@@ -8,6 +8,7 @@ Layout (shared with the DIV2K shards):
     <out>/train-000000.scan.json, ...                the DALI loader's check of each sample (data/verify.py)
     <out>/val-000000.tar, ...
     <out>/manifest.json                              counts, shards, tile settings, format, sources
+    <out>/.prepare-staging/                          where a preparation writes until it publishes (STAGING)
 
 Keys hold no dots (webdataset splits a key from its extension at the first dot). Tiles are extracted once
 here, BasicSR-style, so a loader decodes a small tile per training crop instead of a whole photograph.
@@ -17,6 +18,7 @@ loader in benchmarks/results/data.md, at about 1.8x PNG's disk size), "png", "jp
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -24,6 +26,7 @@ import logging
 import os
 import random
 import re
+import shutil
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -33,15 +36,18 @@ import webdataset as wds
 
 from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile, halve
 from dist_dejpeg.data.index import write_indexes
-from dist_dejpeg.data.verify import scan_path
-from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES, JPEG_SOURCE_ACTIONS
+from dist_dejpeg.jpeg.formats import JPEG_SOURCE_ACTIONS
 from dist_dejpeg.jpeg.quality import estimate_from_pixels
-from dist_dejpeg.run.files import atomic_write_bytes, temp_path
+from dist_dejpeg.run.files import (TEMP_NAME, atomic_write_bytes, fsync_dir, new_folders, remove_empty,
+                                   temp_path)
 
 log = logging.getLogger(__name__)
 
 SHARD_NAME = "{split}-{index:06d}.tar"
 MANIFEST = "manifest.json"
+# A shard's files: the tar, its DALI index (data/index.py) and its DALI scan (data/verify.py)
+SPLIT_FILE = re.compile(r"^(?P<stem>(?P<split>train|val)-[^.]+)\.(tar|idx|scan\.json)$")
+STAGING = ".prepare-staging"  # inside --out: prepare folder/samples write here, then publish (hidden from globs)
 
 # Real photographs inside scikit-image's wheel (lossless PNG only: a JPEG source would carry artefacts
 # into the "clean" target). Validation photographs are never used for training. Every lossless colour photo
@@ -87,6 +93,8 @@ def write_shard(path: Path, samples: Iterable[tuple[str, bytes]], ext: str = "pn
 def tile_positions(length: int, tile: int, step: int) -> list[int]:
     """Start offsets covering ``length`` with ``tile``-sized windows every ``step`` px, last one flush
     with the edge (BasicSR's extract_subimages rule)."""
+    if tile < 1 or step < 1:
+        raise ValueError(f"tile and step must be >= 1, got {tile} and {step}")
     if length < tile:
         return []
     pos = list(range(0, length - tile + 1, step))
@@ -107,6 +115,8 @@ class ShardSink:
     shuffle buffer of ``buffer`` samples (readers shuffle only within a small buffer, so mix here)."""
 
     def __init__(self, out: Path, split: str, shard_size: int, buffer: int = 0, seed: int = 0, ext: str = "png"):
+        if shard_size < 1:  # a shard would never fill: one empty tar after another
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.out, self.split, self.shard_size, self.ext = out, split, shard_size, ext
         self.buffer_size = max(buffer, shard_size)
         self.rng = random.Random(f"{seed}-{split}")
@@ -134,51 +144,88 @@ class ShardSink:
         return {"samples": self.samples, "shards": self.shards}
 
 
+class PrepareError(ValueError):
+    """Settings prepare refuses, or a preparation that would write no training tile: nothing is published."""
+
+
+def check_settings(tile: int, train_step: int, shard_size: int) -> None:
+    """Refuse a tile, step or shard size below 1 before any work (a shard size below 1 never fills a shard)."""
+    for what, value in (("tile", tile), ("train_step", train_step), ("shard_size", shard_size)):
+        if not isinstance(value, int) or value < 1:
+            raise PrepareError(f"{what} must be a whole number >= 1, got {value!r}")
+
+
 def write_dataset(out: str | Path, sources: list[tuple[str, str, Callable[[], np.ndarray]]], *, dataset: str,
                   tile: int, train_step: int, shard_size: int, seed: int = 0, fmt: str = "raw",
-                  jpeg: str = "halve") -> dict:
-    """Tile each source (name, split, load) into lossless tiles of ``fmt`` and write the train/val shards
-    and the manifest. Sources that do not decode, or are smaller than a tile, are listed under "rejected"; sources
-    whose pixels show a JPEG's quantization (jpeg.quality.estimate_from_pixels: a JPEG file, or a PNG saved from
-    one) under "jpeg_sources" with the quality found, and used as ``jpeg`` (one of JPEG_SOURCE_ACTIONS) says."""
+                  jpeg: str = "halve", **more) -> dict:
+    """Tile ``sources`` (tile_sources) into a staging folder inside ``out`` and publish them there (publish): a
+    preparation that fails or is interrupted leaves ``out`` as it was. ``more``: tile_sources' keywords."""
+    check_settings(tile, train_step, shard_size)
+    with staged(out) as staging:
+        manifest = tile_sources(staging, sources, dataset=dataset, tile=tile, train_step=train_step,
+                                shard_size=shard_size, seed=seed, fmt=fmt, jpeg=jpeg, **more)
+        require_training_tiles(manifest)
+        publish(staging, out, manifest)
+    return manifest
+
+
+def tile_sources(staging: Path, sources: list[tuple[str, str, Callable[[], np.ndarray]]], *, dataset: str,
+                 tile: int, train_step: int, shard_size: int, seed: int = 0, fmt: str = "raw", jpeg: str = "halve",
+                 paths: dict[str, str] | None = None, rejected: list[dict] | None = None) -> dict:
+    """Tile each source (name, split, load) into lossless tiles of ``fmt``, write the train/val shards (and DALI
+    index files) into ``staging`` (emptied first) and return the manifest. Sources that do not load (BadImage: they
+    do not decode, or are too large), are smaller than a tile or repeat an earlier source's pixels are listed under
+    "rejected" (after ``rejected``, those found before); sources whose pixels show a JPEG's quantization
+    (jpeg.quality.estimate_from_pixels: a JPEG file, or a PNG saved from one) under "jpeg_sources" with the quality
+    found, and used as ``jpeg`` (one of JPEG_SOURCE_ACTIONS) says. ``paths``: each name's file, recorded beside it."""
     if jpeg not in JPEG_SOURCE_ACTIONS:
         raise ValueError(f"jpeg must be one of {', '.join(JPEG_SOURCE_ACTIONS)}, got {jpeg!r}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    sinks = {"train": ShardSink(out, "train", shard_size, buffer=shard_size * 16, seed=seed, ext=fmt),
-             "val": ShardSink(out, "val", shard_size, ext=fmt)}
-    manifest_sources, rejected, jpeg_sources = {}, [], {}
-    for name, split, load in sources:
+    keys = [sample_key(name) for name, _, _ in sources]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"sources share a sample key: {sorted(k for k in set(keys) if keys.count(k) > 1)}")
+    paths = paths or {}
+
+    def where(name: str) -> dict:
+        return {"path": paths[name]} if name in paths else {}
+
+    for old in staging.iterdir():  # an earlier tiling of these sources (prepare folder splits again)
+        old.unlink()
+    sinks = {"train": ShardSink(staging, "train", shard_size, buffer=shard_size * 16, seed=seed, ext=fmt),
+             "val": ShardSink(staging, "val", shard_size, ext=fmt)}
+    manifest_sources, rejected, jpeg_sources, pixels = {}, list(rejected or []), {}, {}
+    for (name, split, load), key in zip(sources, keys):
         try:
             rgb = load()
         except BadImage as err:
-            rejected.append({"source": name, "reason": f"undecodable: {err}"})
+            rejected.append({"source": name, **where(name), "reason": f"{err.kind}: {err}"})
             continue
         if (found := estimate_from_pixels(rgb).quality) is not None:  # ~0.05 s: a 1024 px window at most
             jpeg_sources[name] = found
             if jpeg == "skip":
-                rejected.append({"source": name, "reason": f"JPEG compression in its pixels (q{found}): "
-                                                           f"--jpeg-sources halve or keep would use it"})
+                rejected.append({"source": name, **where(name), "reason": f"JPEG compression in its pixels "
+                                 f"(q{found}): --jpeg-sources halve or keep would use it"})
                 continue
             times = (2 if found < HALVE_TWICE_BELOW else 1) if jpeg == "halve" else 0
             for _ in range(times):
                 rgb = halve(rgb)
         halved = " after halving its JPEG grid away" if found is not None and jpeg == "halve" else ""
         if min(rgb.shape[:2]) < tile:
-            rejected.append({"source": name, "reason": f"smaller than the {tile} px tile{halved} "
-                                                       f"({rgb.shape[1]}x{rgb.shape[0]})"})
+            rejected.append({"source": name, **where(name), "reason": f"smaller than the {tile} px tile{halved} "
+                                                                      f"({rgb.shape[1]}x{rgb.shape[0]})"})
             continue
-        manifest_sources[name] = {"split": split, "height": rgb.shape[0], "width": rgb.shape[1],
-                                  "sha256": hashlib.sha256(rgb.tobytes()).hexdigest()} | (
-                                      {"halved": times} if halved else {})
+        digest = hashlib.sha256(rgb.tobytes()).hexdigest()
+        if digest in pixels:  # another file of the same pixels (a lossless copy in another format)
+            rejected.append({"source": name, **where(name), "reason": f"duplicate of {pixels[digest]} (the same "
+                                                                      f"pixels)"})
+            continue
+        pixels[digest] = paths.get(name, name)
+        manifest_sources[name] = {"split": split, **where(name), "height": rgb.shape[0], "width": rgb.shape[1],
+                                  "sha256": digest} | ({"halved": times} if halved else {})
         step = train_step if split == "train" else tile
         for i, t in enumerate(tiles(rgb, tile, step)):
-            sinks[split].add(f"{sample_key(name)}_s{i:03d}", encode_tile(np.ascontiguousarray(t), fmt))
+            sinks[split].add(f"{key}_s{i:03d}", encode_tile(np.ascontiguousarray(t), fmt))
     splits = {split: sink.close() for split, sink in sinks.items()}
-    finish_split_files(out, splits)
-    manifest = {"dataset": dataset, "format": fmt, "tile": tile, "train_step": train_step, "val_step": tile,
-                "shard_size": shard_size, "splits": splits, "sources": manifest_sources, "rejected": rejected,
-                "jpeg_sources": jpeg_sources, "jpeg_action": jpeg}
+    write_indexes([staging / name for info in splits.values() for name in info["shards"]])
     if jpeg_sources:
         shown = ", ".join(f"{n} (q{q})" for n, q in list(jpeg_sources.items())[:5]) + (
             ", ..." if len(jpeg_sources) > 5 else "")
@@ -186,10 +233,72 @@ def write_dataset(out: str | Path, sources: list[tuple[str, str, Callable[[], np
                     "%s). Lossless originals are better (manifest.json: jpeg_sources)", len(jpeg_sources),
                     len(sources), shown, JPEG_SOURCE_ACTIONS[jpeg], jpeg,
                     " or ".join(a for a in JPEG_SOURCE_ACTIONS if a != jpeg))
+    return {"dataset": dataset, "format": fmt, "tile": tile, "train_step": train_step, "val_step": tile,
+            "shard_size": shard_size, "splits": splits, "sources": manifest_sources, "rejected": rejected,
+            "jpeg_sources": jpeg_sources, "jpeg_action": jpeg}
+
+
+def require_training_tiles(manifest: dict) -> None:
+    """A PrepareError saying why when ``manifest`` counts no training tile (every image too small, or rejected)."""
+    if manifest["splits"]["train"]["samples"]:
+        return
+    tile, rejected, usable = manifest["tile"], manifest["rejected"], len(manifest["sources"])
+    kinds: dict[str, int] = {}
+    for item in rejected:
+        reason = item["reason"]
+        kind = (f"smaller than the {tile} px tile" if reason.startswith("smaller than") else "duplicates"
+                if reason.startswith("duplicate of") else re.split(r"[:(]", reason)[0].strip())
+        kinds[kind] = kinds.get(kind, 0) + 1
+    why = f"{len(rejected)} of {len(rejected) + usable} images rejected" + (
+        f" ({', '.join(f'{n} {k}' for k, n in kinds.items())})" if kinds else "")
+    if usable:
+        why += f", the {usable} usable one(s) all held out for validation"
+    hint = f"; lower --tile (now {tile} px) or add larger photos" if any(k.startswith("smaller") for k in kinds) else ""
+    raise PrepareError(f"no training tile was written: {why}{hint}")
+
+
+@contextlib.contextmanager
+def staged(out: str | Path) -> Iterator[Path]:
+    """A fresh staging folder inside ``out`` (an interrupted run's is replaced) for a preparation to write into and
+    publish from; when the block fails, it is removed again, with ``out`` and its parents where they were made."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--out {out} is a file, not a folder")
+    made = new_folders(out)
+    staging = out / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        remove_empty(made)
+        raise
+
+
+def publish(staging: Path, out: str | Path, manifest: dict) -> None:
+    """Replace ``out``'s shards with those in ``staging``: the old manifest goes first and the new one comes last, so
+    no manifest ever describes other shards; then the staging folder and stale temp files go."""
+    out = Path(out)
+    (out / MANIFEST).unlink(missing_ok=True)
+    for split in ("train", "val"):
+        remove_shards(out, split)
+    for path in sorted(staging.iterdir()):
+        os.replace(path, out / path.name)
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode())
-    log.info("wrote %d train / %d val tiles to %s (%d sources rejected)", splits["train"]["samples"],
-             splits["val"]["samples"], out, len(rejected))
-    return manifest
+    fsync_dir(out)
+    staging.rmdir()
+    remove_stale_temps(out)
+    log.info("wrote %d train / %d val tiles to %s (%d sources rejected)", manifest["splits"]["train"]["samples"],
+             manifest["splits"]["val"]["samples"], out, len(manifest["rejected"]))
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Remove the temp files of shards, index files and manifests an interrupted writer left in ``out``."""
+    for path in out.glob(".*.tmp*"):
+        match = TEMP_NAME.match(path.name)
+        if match and (match["name"] == MANIFEST or SPLIT_FILE.match(match["name"])) and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def finish_split_files(out: Path, splits: dict) -> None:
@@ -201,12 +310,12 @@ def finish_split_files(out: Path, splits: dict) -> None:
 
 
 def remove_shards(out: Path, split: str, keep: set[str] = frozenset()) -> None:
-    """Delete ``<split>-*.tar`` shards (with their index files) in ``out`` whose names are not in ``keep``."""
-    for shard in out.glob(f"{split}-*.tar"):
-        if shard.name not in keep:
-            shard.unlink()
-            shard.with_suffix(".idx").unlink(missing_ok=True)
-            scan_path(shard).unlink(missing_ok=True)
+    """Delete ``<split>-*.tar`` shards in ``out`` whose names are not in ``keep``, with their index and scan files
+    (and those files where their shard is gone already)."""
+    for path in out.glob(f"{split}-*"):
+        match = SPLIT_FILE.match(path.name)
+        if match and match["split"] == split and f"{match['stem']}.tar" not in keep:
+            path.unlink(missing_ok=True)
 
 
 def sample_key(name: str) -> str:
@@ -246,49 +355,13 @@ def samples_stale(root: str | Path) -> bool:
     return have != set(SAMPLE_TRAIN) | set(SAMPLE_VAL)
 
 
-
-
-def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step: int = 128, shard_size: int = 256,
-                   val_fraction: float = 0.1, seed: int = 0, fmt: str = "raw", jpeg: str = "halve") -> dict:
-    """Shards from a folder of your own images (searched recursively). Validation images are whole
-    photographs held out before tiling (never tiles of a training photograph). Prefer lossless sources: a JPEG
-    source would put its own artefacts into the "clean" target; ``jpeg`` (JPEG_SOURCE_ACTIONS) says what is done with
-    those whose pixels show it (by default they are used halved)."""
-    src = Path(src)
-    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {src}")
-    order = list(files)
-    random.Random(seed).shuffle(order)
-    n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1) if len(order) > 1 and val_fraction > 0 else 0
-    val = set(order[:n_val])
-    used: dict[str, int] = {}
-    sources = []
-    for path in order:
-        stem = sample_key(path.name)
-        used[stem] = used.get(stem, 0) + 1
-        name = stem if used[stem] == 1 else f"{stem}-{used[stem]}"
-        sources.append((name, "val" if path in val else "train", partial(lambda p: decode_rgb8(p.read_bytes()), path)))
-    write = partial(write_dataset, out, dataset=f"folder {src}", tile=tile, train_step=train_step,
-                    shard_size=shard_size, seed=seed, fmt=fmt, jpeg=jpeg)
-    manifest = write(sources)
-    usable = list(manifest["sources"])  # accepted photos, in the shuffled order
-    splits = manifest["splits"]
-    if n_val and usable and (splits["val"]["samples"] == 0 or splits["train"]["samples"] == 0):
-        # rejected photos (too small, undecodable) emptied a split: split the usable ones again, holding out
-        # one or more whenever there are two; a single usable photo trains (prepare then says: no validation)
-        chosen = set(usable[:min(n_val, len(usable) - 1)])
-        log.warning("prepare folder: rejected photos left the %s split empty; validation photos now: %s",
-                    "val" if splits["val"]["samples"] == 0 else "train", ", ".join(sorted(chosen)) or "none")
-        manifest = write([(name, "val" if name in chosen else "train", load) for name, _, load in sources])
-    return manifest
-
-
 def list_shards(root: str | Path, pattern: str) -> list[str]:
-    """Shard files matching ``pattern`` (a glob, relative to ``root`` unless absolute), sorted.
-    Matching nothing is an error that names the pattern."""
-    full = pattern if os.path.isabs(pattern) else os.path.join(str(root), pattern)
-    found = sorted(p for p in glob.glob(full) if os.path.isfile(p))
+    """Shard files matching ``pattern`` (a glob, relative to ``root`` unless absolute: ``root`` itself is taken
+    literally, so a folder named ``set[1]`` works), sorted. Matching nothing is an error that names the pattern."""
+    absolute = os.path.isabs(pattern)
+    full = pattern if absolute else os.path.join(str(root), pattern)
+    found = sorted(p for p in glob.glob(pattern if absolute else os.path.join(glob.escape(str(root)), pattern))
+                   if os.path.isfile(p))
     if not found:
         raise FileNotFoundError(f"no shards match '{full}' (set data.root / data.train_glob / data.val_glob, "
                                 f"or write shards with `dist-dejpeg prepare`)")

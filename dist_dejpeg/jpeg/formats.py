@@ -10,6 +10,9 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", "
 JPEG_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
 # Not usable as a reference: compressed already (webp may be lossless; it cannot be told cheaply).
 LOSSY_SUFFIXES = JPEG_SUFFIXES | {".webp"}
+# The largest photo restore (--max-pixels' default) and prepare take: 100 MP; PIL's own decompression-bomb limit
+# (89.5 MP) warns above its value and refuses above twice it, so both check the header size against this instead.
+DEFAULT_MAX_PIXELS = 100_000_000
 
 # What restore writes: name -> (suffix, Pillow format, Pillow save options). png: lossless, the default; jpg:
 # quality 95 with full-resolution chroma (4:4:4) and optimized Huffman tables; webp: lossless; tiff: lossless,

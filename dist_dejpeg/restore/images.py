@@ -31,10 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, save_options
+from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, DEFAULT_MAX_PIXELS, save_options
 from dist_dejpeg.run.files import atomic_write_bytes
 
-DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP; PIL's own limit (89.5 MP) only warns below twice its value
 GRAY_MODES = ("L", "LA", "1")  # single-channel inputs: written back single-channel
 ORIENTATION = 0x0112  # EXIF tag
 EXIF_IFD, PIXEL_X, PIXEL_Y = 0x8769, 0xA002, 0xA003  # the Exif sub-IFD and its pixel dimensions

@@ -1,0 +1,127 @@
+"""`dist-dejpeg prepare folder`: shards from a folder of your own images (searched recursively).
+
+Each file gets a unique sample-key name (sanitised stem; a repeat gets -2, -3 ..., never a name another file has);
+unreadable files and byte-identical copies (a duplicate, a symlink to a file also present) are listed under the
+manifest's "rejected" before the split, so one photo never lands in both train and val. Validation images are whole
+photographs held out before tiling. Everything is written into a staging folder and published at the end
+(shards.write_dataset): a run that fails or is interrupted leaves --out as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from dist_dejpeg.data.images import BadImage, decode_rgb8
+from dist_dejpeg.data.shards import (PrepareError, check_settings, publish, require_training_tiles, sample_key, staged,
+                                     tile_sources)
+from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+
+class Unreadable(BadImage):
+    """A source file that cannot be read (permissions, I/O error)."""
+
+    kind = "unreadable"
+
+
+def read_source(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A source file decoded to H x W x 3 uint8; a read error is Unreadable, bad data BadImage, a photo over
+    ``max_pixels`` TooManyPixels."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise Unreadable(f"{type(err).__name__}: {err.strerror or err}") from None
+    return decode_rgb8(data, max_pixels)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def unique_names(stems: list[str]) -> list[str]:
+    """``stems`` made unique: the first of each keeps its own, later copies get ``-2``, ``-3`` ... skipping every
+    name that is taken, a real one included (x, x, x-2 -> x, x-3, x-2)."""
+    taken = set(stems)
+    names, seen = [], set()
+    for stem in stems:
+        name, n = stem, 2
+        if stem in seen:
+            while (name := f"{stem}-{n}") in taken:
+                n += 1
+            taken.add(name)
+        seen.add(stem)
+        names.append(name)
+    return names
+
+
+def find_sources(src: Path) -> tuple[list[tuple[Path, str, str]], list[dict]]:
+    """The image files under ``src`` as (path, unique name, path relative to src), in sorted order, less those that
+    cannot be read or repeat an earlier file's bytes (the first by sorted path is kept): those are the rejected."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} is a file, not a folder of images" if src.exists() else f"no such folder: {src}")
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {src}")
+    names = unique_names([sample_key(p.name) for p in files])
+    kept, rejected, first = [], [], {}
+    for path, name in zip(files, names):
+        rel = path.relative_to(src).as_posix()
+        try:
+            digest = file_sha256(path)
+        except OSError as err:
+            rejected.append({"source": name, "path": rel, "reason": f"{Unreadable.kind}: {type(err).__name__}: "
+                                                                    f"{err.strerror or err}"})
+            continue
+        if digest in first:
+            rejected.append({"source": name, "path": rel, "reason": f"duplicate of {first[digest]}"})
+            continue
+        first[digest] = rel
+        kept.append((path, name, rel))
+    return kept, rejected
+
+
+def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step: int = 128, shard_size: int = 256,
+                   val_fraction: float = 0.1, seed: int = 0, fmt: str = "raw", jpeg: str = "halve",
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
+    """Shards from a folder of your own images (see the module docstring). Prefer lossless sources: a JPEG source
+    would put its own artefacts into the "clean" target; ``jpeg`` (JPEG_SOURCE_ACTIONS) says what is done with those
+    whose pixels show it (by default they are used halved). Photos over ``max_pixels`` are rejected."""
+    check_settings(tile, train_step, shard_size)
+    if not 0 <= val_fraction < 1:  # NaN too
+        raise PrepareError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    src = Path(src)
+    found, rejected = find_sources(src)
+    order = list(found)
+    random.Random(seed).shuffle(order)
+    n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1) if len(order) > 1 and val_fraction > 0 else 0
+    val = {name for _, name, _ in order[:n_val]}
+    sources = [(name, "val" if name in val else "train", partial(read_source, path, max_pixels))
+               for path, name, _ in order]
+    paths = {name: rel for _, name, rel in found}
+    with staged(out) as staging:
+        write = partial(tile_sources, staging, dataset=f"folder {src}", tile=tile, train_step=train_step,
+                        shard_size=shard_size, seed=seed, fmt=fmt, jpeg=jpeg, paths=paths, rejected=rejected)
+        manifest = write(sources)
+        usable = list(manifest["sources"])  # accepted photos, in the shuffled order
+        splits = manifest["splits"]
+        if n_val and usable and (splits["val"]["samples"] == 0 or splits["train"]["samples"] == 0):
+            # rejected photos (too small, undecodable) emptied a split: split the usable ones again, holding out
+            # one or more whenever there are two; a single usable photo trains (prepare then says: no validation)
+            chosen = set(usable[:min(n_val, len(usable) - 1)])
+            log.warning("prepare folder: rejected photos left the %s split empty; validation photos now: %s",
+                        "val" if splits["val"]["samples"] == 0 else "train", ", ".join(sorted(chosen)) or "none")
+            manifest = write([(name, "val" if name in chosen else "train", load) for name, _, load in sources])
+        require_training_tiles(manifest)
+        publish(staging, out, manifest)
+    return manifest
