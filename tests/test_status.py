@@ -67,6 +67,7 @@ def verdict(progress=None, age=5.0, held=False, finished=False, ckpts=True, conf
     ({"status": "preempted", "reason": "SIGUSR1"}, False, False, True, True, "preempted"),
     ({"status": "stopped", "reason": "non-finite"}, False, False, True, True, "stopped"),
     ({"status": "running"}, False, False, True, True, "crashed or killed"),
+    ({"status": "crashed", "reason": "ZeroDivisionError: x"}, False, False, True, True, "crashed or killed"),
     (None, False, False, True, True, "crashed or killed"),
     (None, False, False, False, True, "crashed or killed"),  # died before its first checkpoint
     (None, False, False, False, False, "not started"),

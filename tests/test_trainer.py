@@ -722,3 +722,18 @@ def test_a_critic_phase_does_not_validate_the_generator_it_leaves_unchanged(tmp_
                      "train.val_every=1"))
     t.fit()
     assert [(name, step) for name, step, _ in t.state.history] == [("gen", 1), ("gen", 2)]
+
+
+def test_a_crash_leaves_its_reason_for_status(tmp_path, shards, monkeypatch):
+    from dist_dejpeg.run.status import run_status
+
+    def broken(self, phase, turn, batches):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(Trainer, "train_step", broken)
+    with pytest.raises(ZeroDivisionError):
+        train(tiny(tmp_path / "run", shards))
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert (progress["status"], progress["reason"]) == ("crashed", "ZeroDivisionError: division by zero")
+    status = run_status(tmp_path / "run")
+    assert status["state"] == "crashed or killed" and "ZeroDivisionError: division by zero" in status["why"], status

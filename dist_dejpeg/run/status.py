@@ -81,6 +81,8 @@ def verdict(*, has_config: bool, progress: dict | None, progress_age_s: float | 
         return "stopped", f"a non-finite loss stopped it ({reason}); a checkpoint is kept, --resume continues"
     if pstatus == "preempted":
         return "preempted", f"{reason}; the same command continues it from the checkpoint"
+    if pstatus == "crashed":
+        return "crashed or killed", f"it stopped on an error: {reason}"
     if lock_held is None and (pstatus == "running" or (progress is None and (has_config or has_checkpoints))):
         what = PROGRESS if progress is not None else "the run folder"
         if progress_age_s is not None and progress_age_s < stale_s:

@@ -158,7 +158,11 @@ class Monitor:
     def disk_full_error(self, err: BaseException) -> BaseException:
         """What a run that failed with ``err`` raises: a :class:`DiskFull` with the message users need when ``err``
         is a full disk (the main process first removes the half-written checkpoint folder), else ``err``."""
-        if isinstance(err, TrainingStopped) or not is_disk_full(err):
+        if isinstance(err, TrainingStopped):
+            return err
+        if not is_disk_full(err):  # a crash: progress.json says why, for `status` (when it can still be written)
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            self.finish("crashed", f"{type(err).__name__}: {first}" if first else type(err).__name__)
             return err
         partial = partial_checkpoints(self.run_dir)
         where = Path(getattr(err, "filename", None) or (partial[-1] if partial else self.run_dir))
@@ -269,7 +273,7 @@ class Monitor:
         self._write()
 
     def finish(self, status: str, reason: str = "", global_step: int | None = None) -> None:
-        """``status``: finished, preempted or stopped (a non-finite loss, a full disk)."""
+        """``status``: finished, preempted, stopped (a non-finite loss, a full disk) or crashed (an error)."""
         self._close_bar()
         if self.write_errors and self.main:
             log.warning("side writes that failed in this run (counted, not logged after the first): %s",
