@@ -1198,3 +1198,27 @@ def test_list_shards_takes_the_root_literally(sample_shards, tmp_path):
     root = tmp_path / "set[1]"
     shutil.copytree(sample_shards, root)
     assert [Path(p).name for p in list_shards(root, "train-*.tar")] == manifest_of(root)["splits"]["train"]["shards"]
+
+
+def test_prepare_folder_warns_when_validation_takes_most_tiles(tmp_path, caplog):
+    """Whole photos are held out: one large photo in validation can take most of the tiles (a user's 6000 x 4000
+    photo held 384 of 388); prepare says so."""
+    from dist_dejpeg.data.folder import prepare_folder
+
+    import skimage.data
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(skimage.data.astronaut()[:384, :384]).save(src / "big.png")
+    Image.fromarray(skimage.data.coffee()[:128, :128]).save(src / "small.png")
+    for seed in range(8):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dist_dejpeg"):
+            manifest = prepare_folder(src, tmp_path / f"out{seed}", tile=64, train_step=64, shard_size=64, seed=seed,
+                                      val_fraction=0.5)
+        big_held = manifest["sources"]["big"]["split"] == "val"
+        assert ("the validation photos hold" in caplog.text) == big_held, (seed, caplog.text)
+        if big_held:
+            break
+    else:
+        pytest.fail("no seed held the big photo out")

@@ -123,5 +123,9 @@ def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step
                         "val" if splits["val"]["samples"] == 0 else "train", ", ".join(sorted(chosen)) or "none")
             manifest = write([(name, "val" if name in chosen else "train", load) for name, _, load in sources])
         require_training_tiles(manifest)
+        n_train, n_held = manifest["splits"]["train"]["samples"], manifest["splits"]["val"]["samples"]
+        if n_held > n_train:  # whole photos are held out: a few large ones can take most of the tiles
+            log.warning("prepare folder: the validation photos hold %d of the %d tiles (photos of unequal size): "
+                        "another --seed holds out other photos", n_held, n_held + n_train)
         publish(staging, out, manifest)
     return manifest
