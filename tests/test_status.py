@@ -159,6 +159,8 @@ def test_not_a_run_folder(tmp_path, capsys):
     (step / "trainer_state.json").write_text("{}")
     assert cli("status", str(step)) == 2
     assert f"is a checkpoint folder; give its run folder, {tmp_path / 'run'}" in capsys.readouterr().err
+    (tmp_path / "run" / "config.yaml").write_text("train: [cut short\n")  # (said only 'no config.yaml')
+    assert "config.yaml is unreadable" in " ".join(st.run_status(tmp_path / "run")["warnings"])
 
 
 # -- real run folders -----------------------------------------------------------------------------------------

@@ -275,6 +275,8 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     run = read_folder(run_dir)
     warnings = [f"{PROGRESS} is unreadable"] if run.progress_unreadable else []
+    if run.config is None and (run_dir / CONFIG).is_file():
+        warnings.append(f"{CONFIG} is unreadable (not YAML, or cut short): the config lines are missing")
     state, why = _judge(run, now)
     processes, config = _processes(run), run.config
     if config is not None:
