@@ -226,13 +226,6 @@ def tile_sources(staging: Path, sources: list[tuple[str, str, Callable[[], np.nd
             sinks[split].add(f"{key}_s{i:03d}", encode_tile(np.ascontiguousarray(t), fmt))
     splits = {split: sink.close() for split, sink in sinks.items()}
     write_indexes([staging / name for info in splits.values() for name in info["shards"]])
-    if jpeg_sources:
-        shown = ", ".join(f"{n} (q{q})" for n, q in list(jpeg_sources.items())[:5]) + (
-            ", ..." if len(jpeg_sources) > 5 else "")
-        log.warning("%d of %d photos carry JPEG compression in their pixels: %s; %s (--jpeg-sources %s; the others: "
-                    "%s). Lossless originals are better (manifest.json: jpeg_sources)", len(jpeg_sources),
-                    len(sources), shown, JPEG_SOURCE_ACTIONS[jpeg], jpeg,
-                    " or ".join(a for a in JPEG_SOURCE_ACTIONS if a != jpeg))
     return {"dataset": dataset, "format": fmt, "tile": tile, "train_step": train_step, "val_step": tile,
             "shard_size": shard_size, "splits": splits, "sources": manifest_sources, "rejected": rejected,
             "jpeg_sources": jpeg_sources, "jpeg_action": jpeg}
@@ -289,6 +282,13 @@ def publish(staging: Path, out: str | Path, manifest: dict) -> None:
     fsync_dir(out)
     staging.rmdir()
     remove_stale_temps(out)
+    found, jpeg = manifest["jpeg_sources"], manifest["jpeg_action"]
+    if found:  # once, here: prepare folder may tile its sources twice (a split emptied by rejected photos)
+        shown = ", ".join(f"{n} (q{q})" for n, q in list(found.items())[:5]) + (", ..." if len(found) > 5 else "")
+        log.warning("%d of %d photos carry JPEG compression in their pixels: %s; %s (--jpeg-sources %s; the others: "
+                    "%s). Lossless originals are better (manifest.json: jpeg_sources)", len(found),
+                    len(manifest["sources"]) + len(manifest["rejected"]), shown, JPEG_SOURCE_ACTIONS[jpeg], jpeg,
+                    " or ".join(a for a in JPEG_SOURCE_ACTIONS if a != jpeg))
     log.info("wrote %d train / %d val tiles to %s (%d sources rejected)", manifest["splits"]["train"]["samples"],
              manifest["splits"]["val"]["samples"], out, len(manifest["rejected"]))
 
