@@ -182,14 +182,14 @@ class ImageRestorer:
         decision = self.last_decision = self.decide(quality, source)
         if decision.passthrough:
             return image.detach().clone()
-        images, out, finish = self.tensor_io(x)
+        images, originals, out, finish = self.tensor_io(x)
         broken = 0
         for i, im in enumerate(images):
             def write(y0, y1, rows, dst=out[i]):
                 dst[:, y0:y1] = rows
 
             if not self.restore_tiled(im, decision.quality, write):
-                out[i][...] = im
+                out[i][...] = originals[i]  # (on out's device: the input's, not the restorer's)
                 broken += 1
         if broken:
             self.broken(decision, broken, len(out))
@@ -197,12 +197,13 @@ class ImageRestorer:
         return out[0] if squeeze else out
 
     def tensor_io(self, x):
-        """restore_tensor's images in ``arrays``' kind, its output batch, and what makes that a tensor on ``x``'s
-        device: here numpy on the host (Restorer keeps a GPU tensor on the GPU)."""
+        """restore_tensor's images in ``arrays``' kind, the same images where the output is (for those passed
+        through), its output batch, and what makes that a tensor on ``x``'s device: here numpy on the host
+        (Restorer keeps a GPU tensor on the GPU)."""
         import torch
 
         batch = x.cpu().numpy()
-        return batch, np.empty_like(batch), lambda out: torch.from_numpy(out).to(x.device)
+        return batch, batch, np.empty_like(batch), lambda out: torch.from_numpy(out).to(x.device)
 
     def restore(self, image, quality: int | None = None):
         """A PIL image (any mode; alpha kept, grayscale stays grayscale) or a uint8 numpy array, restored, in

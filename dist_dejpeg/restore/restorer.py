@@ -236,4 +236,4 @@ class Restorer(ImageRestorer):
         """restore_tensor's images each moved to the restorer's device as the loop reaches it (one upload per
         image, a no-op where it is there already: a GPU tensor never visits the host), the output on ``x``'s."""
         images = (im.to(self.device, non_blocking=True) for im in x)
-        return images, torch.empty_like(x, memory_format=torch.contiguous_format), lambda out: out
+        return images, x, torch.empty_like(x, memory_format=torch.contiguous_format), lambda out: out
