@@ -591,3 +591,22 @@ def test_before_after_alternates_sides_and_tables_medians(tmp_path, monkeypatch,
     row = report["results"]["train: row"]
     assert (row["old_ms"], row["new_ms"]) == (20.0, 7.0) and math.isclose(row["new_over_old"], 0.35)
     assert "| train: row | 20.0 | 7.0 | 0.35 |" in (tmp_path / "ab.md").read_text()
+
+
+def test_bench_refuses_bad_counts_results_and_configs_before_measuring(tmp_path, capsys):
+    """Negative --steps wrote negative images/s into the results, --repeats 0 a median of nothing, --batches 0 a
+    hang; a --results that cannot be written failed after every row was measured; a missing config was a
+    traceback (exit 1). Now each is an error before any work, exit 2, and no results folder is left behind."""
+    from dist_dejpeg.cli import main
+
+    for args, message in ((["train", "--steps", "-3"], "--steps: a whole number >= 1, not '-3'"),
+                          (["data", "--batches", "0"], "--batches: a whole number >= 1"),
+                          (["infer", "--repeats", "0"], "--repeats: a whole number >= 1")):
+        with pytest.raises(SystemExit) as stop:
+            main(["bench", *args])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["bench", "train", "--results", str(tmp_path / "afile" / "sub")]) == 2
+    assert "error: --results " in capsys.readouterr().err
+    assert main(["bench", "train", "--results", str(tmp_path / "r"), "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "error: config file not found" in capsys.readouterr().err and not (tmp_path / "r").exists()

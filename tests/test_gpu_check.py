@@ -150,6 +150,13 @@ def test_check_without_cuda_exits_3(wheels, tmp_path):
     out = tmp_path / "out"
     assert not list(out.glob("*.log"))  # nothing was run
     assert "No CUDA device: nothing was run" in (out / "summary.md").read_text()
+    # an earlier check's results in OUT (a paid GPU run's) stay where they are: this run writes not-run.md beside them
+    (out / "summary.md").write_text("# GPU check (full)\n")
+    (out / "results").mkdir()
+    (out / "results" / "train.json").write_text("{}")
+    proc = _run(["bash", CHECK_SH, "--wheels", "w", "--out", "out"], timeout=300, cwd=tmp_path, env=_env())
+    assert proc.returncode == 3 and (out / "results" / "train.json").read_text() == "{}"
+    assert (out / "summary.md").read_text() == "# GPU check (full)\n" and "nothing was run" in (out / "not-run.md").read_text()
 
 
 def _summary_rows(text: str) -> dict[str, tuple[str, str, str]]:

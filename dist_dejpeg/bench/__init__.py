@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from functools import partial
+from pathlib import Path
 
 DEFAULT_RESULTS = "benchmarks/results"  # relative to where the command runs (the repository root)
 
@@ -41,6 +44,50 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Each flag's default after its help; the module docstring (its commands) as written."""
 
 
+# the benchmarks' counts and the least each takes (negative steps wrote negative images/s into the results; zero
+# repeats a median of nothing; zero batches a hang)
+COUNTS = {"--steps": 1, "--repeats": 1, "--rounds": 1, "--batches": 1, "--threads": 1, "--tiles": 1, "--crop": 8,
+          "--batch-sizes": 1, "--seeds": 0, "--warmup": 0}
+
+
+def at_least(low: int):
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"a whole number >= {low}, not {text!r}")
+        return value
+
+    return count
+
+
+def run_benchmark(main, args: argparse.Namespace) -> int:
+    """A benchmark's ``main``, after its results folder is made and proven writable (a wrong --results failed
+    only after every row was measured); a config that does not load is one ``error:`` line and exit 2."""
+    from dist_dejpeg.config import ConfigError
+    from dist_dejpeg.run.files import new_folders, remove_empty
+
+    results = getattr(args, "results", None)
+    made = new_folders(results) if results else []
+    if results:
+        try:
+            Path(results).mkdir(parents=True, exist_ok=True)
+            if not os.access(results, os.W_OK):
+                raise PermissionError("not writable")
+        except OSError as err:
+            print(f"error: --results {results}: cannot write there ({err})", file=sys.stderr)
+            return 2
+    try:
+        return main(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        remove_empty(made)  # a results folder this run made and left empty (it failed before writing)
+
+
 class BenchmarkParser(argparse.ArgumentParser):
     """One benchmark's parser: its flags come from its module's add_arguments, imported the first time the
     parser is used."""
@@ -57,9 +104,12 @@ class BenchmarkParser(argparse.ArgumentParser):
         benchmark = importlib.import_module(self.module)
         self.description = benchmark.__doc__
         benchmark.add_arguments(self)
-        self.set_defaults(func=benchmark.main)
+        self.set_defaults(func=partial(run_benchmark, benchmark.main))
 
     def add_argument(self, *args, **kwargs):
+        low = next((COUNTS[o] for o in args if o in COUNTS), None)
+        if kwargs.get("type") is int and low is not None:  # a count: refused below its least, before any work
+            kwargs["type"] = at_least(low)
         action = super().add_argument(*args, **kwargs)
         if action.option_strings and action.nargs is None:
             self.one_value.update(action.option_strings)

@@ -57,9 +57,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str | None, *, c
 
 
 def default_config() -> tuple[str, list[str]]:
+    """The machine's default config: relative to this folder where it is there (the repository root), else the
+    checkout's own (a benchmark run from another folder)."""
     import torch
 
-    return GPU_CONFIG if torch.cuda.is_available() else CPU_CONFIG
+    config, overrides = GPU_CONFIG if torch.cuda.is_available() else CPU_CONFIG
+    checkout = Path(__file__).resolve().parents[2] / config
+    return (config if Path(config).is_file() or not checkout.is_file() else str(checkout)), overrides
 
 
 def config_of(args: argparse.Namespace) -> tuple[str, list[str]]:

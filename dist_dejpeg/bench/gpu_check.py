@@ -181,21 +181,29 @@ def main(args: argparse.Namespace) -> int:
     wheels, out = Path(args.wheels).resolve(), Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     steps = [*FIRST, *chosen]
-    for stale in [*(out / f"{s}.log" for s in (*FIRST, *OPTIONAL)), *out.glob("data_wait*"), out / METRICS,
-                  out / "summary.md", out / "gpu-summary.json", out / "run", out / "results", out / "evaluate"]:
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
     py = os.environ.get("PYTHON") or sys.executable
     summary = out / "summary.md"
     probe, why = probe_cuda(py)
     have_cuda = bool(probe and probe.get("cuda"))
     if not have_cuda:
         why = why or _no_cuda_why(probe)
-        if not args.allow_cpu:
-            summary.write_text(f"# GPU check: not run\n\n{why}\n\nNo CUDA device: nothing was run (pass --allow-cpu to "
-                               f"run the flow on the CPU).\n")
+        if not args.allow_cpu:  # an earlier check's outputs in OUT stay as they are
+            (out / "not-run.md" if summary.exists() else summary).write_text(
+                f"# GPU check: not run\n\n{why}\n\nNo CUDA device: nothing was run (pass --allow-cpu to run the flow "
+                f"on the CPU).\n")
             _error(why)
             return _error("this check needs a CUDA GPU (pass --allow-cpu to run the flow on the CPU anyway)", 3)
         print(f"gpu_check: {why} -- running on the CPU (--allow-cpu)", flush=True)
+    # an earlier check's outputs (a paid GPU run's, maybe) are moved aside, not deleted: previous-<time>/
+    earlier = [p for p in [*(out / f"{s}.log" for s in (*FIRST, *OPTIONAL)), *out.glob("data_wait*"), out / METRICS,
+                           summary, out / "gpu-summary.json", out / "run", out / "results", out / "evaluate",
+                           out / "not-run.md"] if p.exists()]
+    if earlier:
+        aside = out / time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime())
+        aside.mkdir(exist_ok=True)
+        for path in earlier:
+            shutil.move(str(path), str(aside / path.name))
+        print(f"gpu_check: the earlier check's outputs moved to {aside}", flush=True)
     commit = args.commit or _commit(root)
     date = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     work = Path(tempfile.mkdtemp(prefix="gpu_check."))  # under TMPDIR
