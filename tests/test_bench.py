@@ -205,6 +205,8 @@ def test_bench_train_rungs_pick_the_ladder_rows(tmp_path, repo_root, monkeypatch
     assert "+ CUDA graphs (compile mode reduce-overhead)" not in report["results"]  # this CPU: nothing to replay
     with pytest.raises(ValueError, match="unknown rung.*'cuda_graphs'"):
         train.run("configs/debug.yaml", TINY, tmp_path, rungs=("cuda_graphs",))
+    report = train.run("configs/debug.yaml", TINY, tmp_path, updates=("gen",), ladder=False)
+    assert report["results"][train.TUNED]["gen"]["x_naive"] is None  # no naive row: no ratio (it said 1.00)
 
 
 def test_bench_train_batch_sizes_add_tuned_rows(tmp_path, repo_root, monkeypatch):

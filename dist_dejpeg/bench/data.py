@@ -181,15 +181,16 @@ def run(out_dir: str | Path, *, root: str | None = None, crop: int = 256, batch:
     # each row is compared with the peer on the same tile size; the ceiling row with the smallest tiles' peer
     peer = {int(re.search(r"\[(\d+) px", k).group(1)): v for k, v in rows.items() if k.startswith(PEER)}
     tile_of = lambda k: int(m.group(1)) if (m := re.search(r"\[(\d+) px", k)) else min(peer, default=0)  # noqa: E731
-    peer_of = lambda k: peer.get(tile_of(k), float("nan"))  # noqa: E731
+    # no peer row for those tiles (--formats without png, say): no ratio (null in the json, an empty cell)
+    ratio = {k: v / peer[tile_of(k)] if tile_of(k) in peer else None for k, v in rows.items()}
     report = {"threads": threads, "crop": crop, "batch": batch, "shards": list(roots) if not root else [root],
-              "crops_per_s": rows, "ratio_to_peer_same_tiles": {k: v / peer_of(k) for k, v in rows.items()}}
+              "crops_per_s": rows, "ratio_to_peer_same_tiles": ratio}
     note = (f"{crop} px crops, batch {batch}, JPEG q {QUALITY[0]}-{QUALITY[1]}, {threads} threads/workers each; "
             f"[tag] is the lossless tile size and shard format (the peer reads PNG files of the same tiles; the "
             f"ceiling row is compared with the smallest tiles' peer). Ratios from this one run.")
     write_results(out_dir, name, report, "Data pipeline throughput", note,
                   ["loader", "crops/s", "x BasicSR-style peer (same tiles)"],
-                  [[k, f"{v:.0f}", f"{v / peer_of(k):.2f}"] for k, v in rows.items()])
+                  [[k, f"{v:.0f}", "" if ratio[k] is None else f"{ratio[k]:.2f}"] for k, v in rows.items()])
     return report
 
 

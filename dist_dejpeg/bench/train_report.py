@@ -23,8 +23,9 @@ def write_report(config: str, overrides: list[str], out_dir: str | Path, name: s
         for update, r in rows.items():
             base_row = results[naive_label].get(update)
             # images/s over the naive row's (its ms ratio where the batches match; rows of other batch sizes too)
-            r["x_naive"] = (r["images_per_s_per_device"] / base_row["images_per_s_per_device"] if base_row
-                            else None)
+            # (without the ladder no naive row was measured: no ratio, not the tuned row over itself)
+            r["x_naive"] = (r["images_per_s_per_device"] / base_row["images_per_s_per_device"]
+                            if base_row and ladder else None)
             if update == "gen":
                 r["achieved_tflops"] = flops / (r["ms_per_call"] / 1000) / 1e12
                 r["mfu_bf16"] = flops / (r["ms_per_call"] / 1000) / peak if peak else None
