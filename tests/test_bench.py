@@ -603,7 +603,9 @@ def test_bench_refuses_bad_counts_results_and_configs_before_measuring(tmp_path,
 
     for args, message in ((["train", "--steps", "-3"], "--steps: a whole number >= 1, not '-3'"),
                           (["data", "--batches", "0"], "--batches: a whole number >= 1"),
-                          (["infer", "--repeats", "0"], "--repeats: a whole number >= 1")):
+                          (["infer", "--repeats", "0"], "--repeats: a whole number >= 1"),
+                          (["train", "--rungs", "none", "compile"], "all or none stands alone"),  # (ran compile)
+                          (["train", "--rungs", "bogus"], "unknown rung(s) bogus")):
         with pytest.raises(SystemExit) as stop:
             main(["bench", *args])
         assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -577,3 +577,23 @@ def test_lease_folders_are_ignored_by_git():
     paths = [".gpu_wheels/plain/x.whl", ".gpu_wheels/dali-wheels.tar.part-00", ".gpu_cache/compile.tar.gz.part-00"]
     proc = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True)
     assert sorted(proc.stdout.split()) == sorted(paths), proc.stdout + proc.stderr
+
+
+def test_steps_after_a_failed_install_are_skipped(tmp_path):
+    """With the install step failed, bench_train ran against whatever dist_dejpeg the machine had and its number
+    went into gpu-summary.json: the later steps are now skipped, saying why."""
+    from dist_dejpeg.bench.gpu_check_runner import Runner
+
+    summary = tmp_path / "summary.md"
+    summary.write_text("")
+    ctx = {"steps": {n: {} for n in ("install", "cuda", "bench_train")}, "have_cuda": True, "site": ""}
+    runner, ran = Runner(tmp_path, summary, ctx, {}, deadline=0, budget=1), []
+
+    def step(name, limit):
+        ran.append(name)
+        if name == "install":
+            runner.failed.append(name)
+
+    runner.step = step
+    assert runner.run(["install", "cuda", "bench_train"]) == ["install"] and ran == ["install"]
+    assert summary.read_text().count("skipped: install failed") == 2

@@ -28,6 +28,8 @@ class Runner:
                 self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.ctx["site"], os.environ.get("PYTHONPATH")]))
             if name == "cuda" and not self.ctx["have_cuda"]:
                 self.skip(name, "no CUDA", "no CUDA (--allow-cpu)")
+            elif "install" in self.failed:  # every later step would measure the machine's own packages, if any
+                self.skip(name, "install failed", "the install step failed: this step would not run this checkout")
             elif settings.get("skip"):
                 self.skip(name, settings["skip"], f"{settings['skip']} ({settings.get('why', '')})")
             else:

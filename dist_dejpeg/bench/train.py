@@ -306,10 +306,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace, config: str, overrides: list[str], name: str = "train") -> dict:
     """run() with add_options' flags."""
+    unknown = sorted(set(args.rungs) - {"all", "none", *rung_names()})
+    if unknown or (len(args.rungs) > 1 and {"all", "none"} & set(args.rungs)):  # (`none compile` ran compile)
+        problem = (f"unknown rung(s) {' '.join(unknown)} (the rungs: {' '.join(rung_names())})" if unknown else
+                   f"all or none stands alone, not with other rungs: {' '.join(args.rungs)}")
+        (getattr(args, "usage_error", None) or _raise)(f"argument --rungs: {problem}")
     rungs = None if "all" in args.rungs else tuple(r for r in args.rungs if r != "none")
     return run(config, overrides, Path(args.results), warmup=args.warmup, steps=args.steps, repeats=args.repeats,
                ladder=not args.no_ladder, updates=tuple(args.updates), rounds=args.rounds, name=name, rungs=rungs,
                profile=args.profile, batch_sizes=tuple(args.batch_sizes))
+
+
+def _raise(message: str):
+    raise ValueError(message)
 
 
 def main(args: argparse.Namespace) -> int:
