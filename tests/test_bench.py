@@ -305,9 +305,10 @@ def test_bench_data_and_infer(tmp_path, repo_root, monkeypatch):
 
     infer.run("configs/debug.yaml", TINY, tmp_path, repeats=1, sizes={"64 x 96": (64, 96)},
               modes={"whole": dict(tile=0), "tiled": dict(tile=64, overlap=16)})
-    report, _ = read(tmp_path, "infer")
+    report, md = read(tmp_path, "infer")
     assert report["results"]["cpu fp32 whole 64 x 96"]["ms_per_megapixel"] > 0
     assert report["results"]["cpu bf16 tiled 64 x 96"]["ms_per_megapixel"] > 0
+    assert "Not measured in this run: the shell, ONNX rows" in md  # (bench all's infer said nothing of it)
 
 
 def test_bench_infer_gpu_rows_run_their_flow_on_the_cpu(tmp_path, repo_root, monkeypatch):

@@ -233,6 +233,9 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int 
                   "gpu_modes": {k: dict(v) for k, v in gpu_modes.items()}, "onnx": onnx_report,
                   "shell": shell_results, "results": results, "pending": pending}
         skipped = f" ONNX rows skipped: {onnx_report['skipped']}." if "skipped" in onnx_report else ""
+        not_run = [what for what, ran in (("shell", shell), ("ONNX", onnx), ("CPU", cpu)) if not ran]
+        if not_run:  # (bench all, --no-shell, --no-onnx, --no-cpu): said, not left for the reader to notice
+            skipped += f" Not measured in this run: the {', '.join(not_run)} rows (`bench infer` runs them)."
         note = (f"`{config}` {' '.join(overrides)}: {cfg.model.encoder}, decoder width {cfg.model.decoder_width}, "
                 f"random weights, {torch.get_num_threads()} torch threads. GPU rows first, then the CPU rows, each "
                 f"in its own section. Shell: `dist-dejpeg restore photo.jpg -o OUT --model M --device cpu` in a "
