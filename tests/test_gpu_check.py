@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -322,7 +323,10 @@ def test_check_flow_on_cpu(wheels, tmp_path):
     assert (tmp_path / "back" / "inductor" / "ab" / "entry").read_text() == "compiled before"
     assert json.loads((out / "evaluate" / "metrics.json").read_text())["meta"]["images"] == 2
     table = (out / "data_wait.md").read_text().splitlines()
-    assert [row.split("|")[1].strip() for row in table[2:]] == ["packed-ahead"], table  # one run without CUDA
+    rows = [line for line in table if line.startswith("| ")][1:]  # below the header row
+    assert [row.split("|")[1].strip() for row in rows] == ["packed-ahead"], table  # one run without CUDA
+    assert table[2].startswith("Machine: ") and "no GPU" in table[2], table  # (it named no machine)
+    assert re.fullmatch(r"\| packed-ahead \| \d\.\d{3} \| \d+\.\d \|", rows[0]), rows  # (raw floats)
     waits = json.loads((out / "data_wait.json").read_text())["variants"]
     assert list(waits) == ["packed-ahead"] and (out / "data_wait-packed-ahead.json").is_file()
     metrics = json.loads((out / "metrics.json").read_text())

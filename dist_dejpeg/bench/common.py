@@ -92,15 +92,28 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _gpu_driver() -> str:
+def _nvidia_smi(field: str) -> list[str]:
+    """``field`` of each GPU as nvidia-smi lists it; [] without nvidia-smi (or when it fails)."""
     if shutil.which("nvidia-smi") is None:
-        return ""
+        return []
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+        return out.stdout.strip().splitlines() if out.returncode == 0 else []
     except (OSError, subprocess.TimeoutExpired):
-        return ""
+        return []
+
+
+def _gpu_driver() -> str:
+    return (_nvidia_smi("driver_version") or [""])[0]
+
+
+def machine_name_without_torch() -> str:
+    """The machine named as machine_name does, from /proc/cpuinfo and nvidia-smi: for a process that must not
+    import torch or hold a CUDA context (bench data-wait's parent, between its trainings)."""
+    gpus, cpu = _nvidia_smi("name"), f"{_cpu_model()} ({os.cpu_count()} cores)"
+    driver = f", driver {_gpu_driver()}" if gpus and _gpu_driver() else ""
+    return f"{gpus[0]} x{len(gpus)}{driver}; {cpu}" if gpus else f"{cpu}, no GPU"
 
 
 def machine_info() -> dict:

@@ -89,8 +89,17 @@ def window(run_dir: Path) -> dict:
 
 
 def write_tables(out: Path, report: dict) -> None:
-    lines = ["| loader and JPEG degradation | data_wait_frac | images/s |", "|---|---|---|"]
-    lines += [f"| {name} | {row['data_wait_frac']} | {row['images_per_s']} |"
+    from dist_dejpeg.bench.common import machine_name_without_torch  # (this process holds no CUDA context)
+
+    report.setdefault("machine", machine_name_without_torch())
+    report["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+    def number(value, fmt: str) -> str:
+        return format(value, fmt) if isinstance(value, (int, float)) else "?"
+
+    lines = ["# Data wait per loader variant", "", f"Machine: {report['machine']}; {report['date']}", "",
+             "| loader and JPEG degradation | data_wait_frac | images/s |", "|---|---|---|"]
+    lines += [f"| {name} | {number(row['data_wait_frac'], '.3f')} | {number(row['images_per_s'], '.1f')} |"
               for name, row in report["variants"].items()]
     lines += [f"| {name} | left out: NVIDIA DALI is not installed | |" for name in report.get("left_out", [])]
     (out / RESULTS_MD).write_text("\n".join(lines) + "\n")
