@@ -140,9 +140,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         results = train(cfg, resume=args.resume)
     except (ConfigError, WeightsError, FileNotFoundError, RunDirBusy, TooManyBadSamples, TooFewSamples) as err:
-        text = str(err)  # raised in a DataLoader worker: rebuilt here around the worker's traceback, its last line
-        text = text.strip().splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in text else text
-        return _stopped(f"error: {text}", 2)
+        return _stopped(f"error: {err}", 2)
     except Preempted as err:
         return _stopped(f"stopped: {err}", EXIT_PREEMPTED)
     except TrainingStopped as err:

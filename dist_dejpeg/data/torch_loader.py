@@ -322,16 +322,17 @@ class TorchLoader:
 def _stop_cleanly(batches: Iterator[dict]) -> Iterator[dict]:
     """``batches`` (a DataLoader's iterator), its workers shut down when it stops, however it stops (they ignore
     SIGTERM, below: left running, they would block multiprocessing's exit handler for ever), and a worker's
-    TooManyBadSamples raised again with the worker's own message."""
+    TooManyBadSamples or TooFewSamples raised again with the worker's own message (the DataLoader rebuilds it
+    around the worker's traceback)."""
     try:
         yield from batches
-    except TooManyBadSamples as err:
-        message = str(err).rsplit("TooManyBadSamples: ", 1)[-1].strip()
+    except (TooManyBadSamples, TooFewSamples) as err:
+        kind, message = type(err), str(err).rsplit(f"{type(err).__name__}: ", 1)[-1].strip()
     else:
         return
     finally:
         getattr(batches, "_shutdown_workers", lambda: None)()  # what the iterator's __del__ calls
-    raise TooManyBadSamples(message)
+    raise kind(message)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
