@@ -33,6 +33,20 @@ def jpeg_quality(text: str) -> int:
     return value
 
 
+def at_least(low: int):
+    """An argparse type: a whole number >= ``low`` (counts and sizes: refused before any work)."""
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"a whole number >= {low}, not {text!r}")
+        return value
+
+    return whole
+
+
 def add_restorer_args(p: argparse.ArgumentParser) -> None:
     """The model and how it runs: shared by restore, evaluate and report."""
     p.add_argument("--model", required=True, help="generator.safetensors, a run folder, a checkpoint folder, or "
@@ -50,11 +64,6 @@ def add_restorer_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int]) -> None:
-    def count(text: str) -> int:  # argparse type: a whole number >= 0 (--crop-border, --max-images)
-        if not text.strip().isdigit():
-            raise argparse.ArgumentTypeError(f"a whole number >= 0, not {text!r}")
-        return int(text)
-
     add_restorer_args(p)
     p.add_argument("--images", required=True, nargs="+",
                    help="lossless reference photos: files, folders (recursive) or WebDataset shards (.tar)")
@@ -66,25 +75,16 @@ def add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int]
     p.add_argument("--quality", dest="qualities", type=jpeg_quality, nargs="+", default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # the name before --qualities
     p.add_argument("--y-only", action="store_true", help="full-reference metrics on BT.601 Y (as published tables)")
-    p.add_argument("--crop-border", type=count, default=0, help="pixels cut from each border before measuring")
+    p.add_argument("--crop-border", type=at_least(0), default=0, help="pixels cut from each border before measuring")
     p.add_argument("--lpips-weights", default="", help="torchvision's AlexNet file (alexnet-owt-7be5be79.pth) for "
                                                        "LPIPS when it is not in the torch hub cache")
     p.add_argument("--allow-lossy-reference", action="store_true", help="accept JPEG/WebP references")
-    p.add_argument("--max-images", type=count, default=0, help="use at most this many reference images (0: all)")
+    p.add_argument("--max-images", type=at_least(0), default=0, help="use at most this many reference images (0: all)")
     p.add_argument("--blind", action="store_true", help="do not tell the model the quality")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def prepare_arguments(p: argparse.ArgumentParser) -> None:
-    def count(text: str) -> int:  # argparse type: a whole number >= 0 (0: the default)
-        try:
-            value = int(text)
-        except ValueError:
-            value = -1
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"a whole number >= 0, not {text!r}")
-        return value
-
     def fraction(text: str) -> float:  # argparse type: a share in [0, 1)
         try:
             value = float(text)
@@ -101,13 +101,13 @@ def prepare_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder: the images' folder (as --src); div2k: the archives' folder (as --root)")
     p.add_argument("--root", help="div2k: folder with DIV2K_{train,valid}_HR.zip or their extracted folders")
     p.add_argument("--download", action="store_true", help="div2k: fetch missing archives (resumable, verified)")
-    p.add_argument("--workers", type=count, default=0, help="div2k: tiling processes (0: one per core, max 16)")
+    p.add_argument("--workers", type=at_least(0), default=0, help="div2k: tiling processes (0: one per core, max 16)")
     p.add_argument("--keep-staging", action="store_true", help="div2k: keep the per-image tile tars")
     p.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
     p.add_argument("--src", help="folder: the images (searched recursively; lossless formats preferred)")
-    p.add_argument("--tile", type=count, default=0, help="tile size in pixels (0: samples 128, folder 256, div2k 480)")
-    p.add_argument("--step", type=count, default=0, help="stride between training tiles (0: half the tile)")
-    p.add_argument("--shard-size", type=count, default=0, help="samples per shard (0: samples 64, folder and div2k 256)")
+    p.add_argument("--tile", type=at_least(0), default=0, help="tile size in pixels (0: samples 128, folder 256, div2k 480)")
+    p.add_argument("--step", type=at_least(0), default=0, help="stride between training tiles (0: half the tile)")
+    p.add_argument("--shard-size", type=at_least(0), default=0, help="samples per shard (0: samples 64, folder and div2k 256)")
     p.add_argument("--val-fraction", type=fraction, default=0.1, help="folder: share of images held out for validation")
     p.add_argument("--jpeg-sources", choices=JPEG_SOURCE_ACTIONS, default="halve",
                    help="folder: photos whose pixels show JPEG compression (a .jpg, or a PNG saved from one) are "
@@ -181,14 +181,9 @@ def evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def report_arguments(p: argparse.ArgumentParser) -> None:
-    def crop_size(text: str) -> int:  # argparse type: a whole number of pixels, at least 1
-        if not text.strip().isdigit() or int(text) < 1:
-            raise argparse.ArgumentTypeError(f"a crop size is a whole number of pixels >= 1, not {text!r}")
-        return int(text)
-
     add_evaluation_args(p, [10, 40])
     p.add_argument("-o", "--out", required=True, help="the HTML file to write (tables go beside it)")
-    p.add_argument("--crop", type=crop_size, default=192, help="crop size in pixels")
+    p.add_argument("--crop", type=at_least(1), default=192, help="crop size in pixels")
 
 
 def export_arguments(p: argparse.ArgumentParser) -> None:

@@ -23,6 +23,8 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from dist_dejpeg.cli_args import at_least
+
 DEFAULT_RESULTS = "benchmarks/results"  # relative to where the command runs (the repository root)
 
 # name -> (module, one line for `dist-dejpeg bench --help`)
@@ -48,19 +50,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 # repeats a median of nothing; zero batches a hang)
 COUNTS = {"--steps": 1, "--repeats": 1, "--rounds": 1, "--batches": 1, "--threads": 1, "--tiles": 1, "--crop": 8,
           "--batch-sizes": 1, "--seeds": 0, "--warmup": 0}
-
-
-def at_least(low: int):
-    def count(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"a whole number >= {low}, not {text!r}")
-        return value
-
-    return count
 
 
 def run_benchmark(main, args: argparse.Namespace) -> int:
