@@ -44,12 +44,12 @@ def inject(fault: str, run_dir: Path) -> None:
 
         os.replace = replace
     elif fault == "finish":
-        from dist_dejpeg.train import trainer as trainer_mod
+        from dist_dejpeg.train import final as final_mod
 
         def save_generator(*args, **kwargs):
             raise failing("cannot write the generator file")
 
-        trainer_mod.save_generator = save_generator
+        final_mod.save_generator = save_generator
     else:
         raise ValueError(f"unknown fault {fault!r}")
 

@@ -21,6 +21,7 @@ from dist_dejpeg.run.layout import EMA_GENERATOR, MANIFEST
 from dist_dejpeg.run.manifest import write_manifest
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train import trainer as trainer_mod
+from dist_dejpeg.train import final as final_mod
 from dist_dejpeg.train.ema import UPDATES, GeneratorEma, warmup_decay
 from dist_dejpeg.train.phases import gan_turn
 from dist_dejpeg.train.trainer import Trainer
@@ -140,19 +141,19 @@ def ema_run(shards, tmp_path_factory):
     """One tiny gen-only run with the EMA on (the default), every validation's module recorded."""
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    seen, real = [], trainer_mod.validate
+    seen, real = [], trainer_mod.validate  # (the final raw validation is final.py's)
 
     def recording(accelerator, generator, *args, **kwargs):
         seen.append(generator)
         return real(accelerator, generator, *args, **kwargs)
 
-    trainer_mod.validate = recording
+    trainer_mod.validate = final_mod.validate = recording
     try:
         run = tmp_path_factory.mktemp("ema") / "run"
         t = Trainer(tiny(run, shards, *OVER))
         t.fit()
     finally:
-        trainer_mod.validate = real
+        trainer_mod.validate = final_mod.validate = real
     return run, t, seen
 
 

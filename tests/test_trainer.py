@@ -21,6 +21,7 @@ from dist_dejpeg.metrics.registry import VALIDATED as METRICS
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train import build as build_mod
 from dist_dejpeg.train import compile as compile_mod
+from dist_dejpeg.train import final as final_mod
 from dist_dejpeg.train import trainer as trainer_mod
 from dist_dejpeg.train.steps import critic_step, generator_step
 from dist_dejpeg.train.trainer import Trainer, TrainingStopped, train
@@ -296,6 +297,7 @@ def test_final_validation_reuses_the_last_one_when_nothing_changed(tmp_path, sha
         return _validated(value)
 
     monkeypatch.setattr(trainer_mod, "validate", fake_validate)
+    monkeypatch.setattr(final_mod, "validate", fake_validate)  # the raw generator's, for the meta
     cfg = tiny(tmp_path / "run", shards, "train.order=[gan]", "train.phases.gan.steps=3",
                "train.phases.gan.val_every=1", "train.phases.gan.patience=2", "train.phases.gan.critic_iters=0",
                "train.phases.gan.gen_iters=1")

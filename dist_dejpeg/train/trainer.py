@@ -12,7 +12,6 @@ device inside a step: the non-finite and stop-signal flags are read at most ever
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,8 +23,7 @@ from safetensors.torch import load_file
 
 from dist_dejpeg.config import Config, PhaseConfig, to_dict, to_yaml
 from dist_dejpeg.data import build_train_loader
-from dist_dejpeg.models.generator_file import save_generator
-from dist_dejpeg.run.layout import BEST_GENERATOR, GENERATOR, METRICS
+from dist_dejpeg.run.layout import BEST_GENERATOR
 from dist_dejpeg.run.lock import RunLock
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train.checkpoint import Preempted, TrainingStopped
@@ -35,6 +33,7 @@ from dist_dejpeg.train.build import (build_accelerator, build_parts, claim_run_d
 from dist_dejpeg.train.collective import PacedChecks, all_ranks_or_raise
 from dist_dejpeg.train.data_checks import checked_val_set
 from dist_dejpeg.train.ema import GeneratorEma
+from dist_dejpeg.train.final import finish_run
 from dist_dejpeg.train.monitor import Monitor
 from dist_dejpeg.train.phases import StopRule, gan_turn, lr_at, trains_critic, trains_generator
 from dist_dejpeg.train.resume import choose_checkpoint, resume_from
@@ -99,7 +98,7 @@ class Trainer:
     def critic_raw(self):
         return self.accelerator.unwrap_model(self.critic) if self.critic is not None else None
 
-    def _data_skipped(self) -> dict:
+    def data_skipped(self) -> dict:
         return sum_over_ranks(self.accelerator, getattr(self.loader, "skipped", lambda: {})())
 
     def _models(self) -> dict:
@@ -107,7 +106,7 @@ class Trainer:
 
     def save(self) -> Path:
         check_finite_state(self.accelerator, self._models(), (self.g_opt, self.c_opt), self.best_generator)
-        state = dict(vars(self.state), phase_names=list(self.cfg.train.order), data_skipped=self._data_skipped(),
+        state = dict(vars(self.state), phase_names=list(self.cfg.train.order), data_skipped=self.data_skipped(),
                      processes=self.accelerator.num_processes)
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else {}
         files = ({BEST_GENERATOR: self.best_generator} if self.best_generator is not None else {}) | self.ema.files()
@@ -305,33 +304,7 @@ class Trainer:
             raise TrainingStopped(message) from None
         finally:
             self.signals.restore()
-        return self.finish()
-
-    def finish(self) -> dict:
-        acc = self.accelerator
-        results = self.run_validation("final")  # the EMA's; the raw generator's once more, for the meta
-        ema = self.ema.meta(lambda: validate(acc, self.gen_raw, self.val_set, self.metric_lpips,
-                                             self.cfg.data.val_batch_size, cudagraphs=self.cudagraphs))
-        skipped = self._data_skipped()
-        local = next(iter(self.val_set.values()))[0].shape[0] if self.val_set else 0
-        n_val = sum_over_ranks(acc, {"images": local})["images"]
-        if any(skipped.values()):
-            log.warning("training data: skipped %s", skipped)
-        with all_ranks_or_raise(acc):  # rank 0's files failing fails every rank now; also the last barrier
-            if acc.is_main_process:
-                self.monitor.write_metrics(results, lpips=self.metric_lpips.description, state=self.state, ema=ema,
-                                           val_images=n_val, skipped=skipped, last_train=self.last_train_scalars)
-                # the RGB PSNR gain per validated quality and its lower bound, by which restore's guard decides
-                gains = {k[1:]: r["restored"]["psnr"] - r["jpeg"]["psnr"] for k, r in results.items()}
-                lows = {k[1:]: r["gain"]["psnr_low"] for k, r in results.items()}
-                save_generator(self.ema.model(self.gen_raw), self.cfg.model, self.run_dir / GENERATOR,
-                               extra={"lpips": self.metric_lpips.description, "global_step": self.state.global_step,
-                                      "ema_decay": self.cfg.train.ema_decay, "val_psnr_gain": json.dumps(gains),
-                                      "val_psnr_gain_low": json.dumps(lows)})
-                log.info("wrote %s and %s", self.run_dir / METRICS, self.run_dir / GENERATOR)
-            self.monitor.finish("finished", "", self.state.global_step)
-            self.monitor.close()
-        return results
+        return finish_run(self)  # final.py: the final validation, metrics.json, the generator file
 
 
 def train(cfg: Config, resume: str | None = None, train_loader=None, val_set=None) -> dict:

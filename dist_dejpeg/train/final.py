@@ -1,0 +1,48 @@
+"""The end of a run: the final validation (the EMA's generator, and the raw one's for ``metrics.json``'s meta),
+``metrics.json`` and the generator file with the validated gains restore's guard decides by (main process).
+Every rank takes part: the validation is sharded, and a failure writing rank 0's files fails every rank."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from dist_dejpeg.models.generator_file import save_generator
+from dist_dejpeg.run.layout import GENERATOR, METRICS
+from dist_dejpeg.train.collective import all_ranks_or_raise
+from dist_dejpeg.train.validation import validate
+from dist_dejpeg.train.window import sum_over_ranks
+
+log = logging.getLogger("dist_dejpeg")
+
+
+def guard_gains(results: dict) -> dict:
+    """The generator file's metadata by which restore's guard decides: the RGB PSNR gain per validated quality
+    and its lower bound (as JSON strings: safetensors metadata holds strings)."""
+    gains = {k[1:]: r["restored"]["psnr"] - r["jpeg"]["psnr"] for k, r in results.items()}
+    lows = {k[1:]: r["gain"]["psnr_low"] for k, r in results.items()}
+    return {"val_psnr_gain": json.dumps(gains), "val_psnr_gain_low": json.dumps(lows)}
+
+
+def finish_run(trainer) -> dict:
+    """Validate a finished run's generator and write its files; returns the final validation's results."""
+    acc, cfg, state = trainer.accelerator, trainer.cfg, trainer.state
+    results = trainer.run_validation("final")  # the EMA's; the raw generator's once more, for the meta
+    ema = trainer.ema.meta(lambda: validate(acc, trainer.gen_raw, trainer.val_set, trainer.metric_lpips,
+                                            cfg.data.val_batch_size, cudagraphs=trainer.cudagraphs))
+    skipped = trainer.data_skipped()
+    local = next(iter(trainer.val_set.values()))[0].shape[0] if trainer.val_set else 0
+    n_val = sum_over_ranks(acc, {"images": local})["images"]
+    if any(skipped.values()):
+        log.warning("training data: skipped %s", skipped)
+    with all_ranks_or_raise(acc):  # rank 0's files failing fails every rank now; also the last barrier
+        if acc.is_main_process:
+            trainer.monitor.write_metrics(results, lpips=trainer.metric_lpips.description, state=state, ema=ema,
+                                          val_images=n_val, skipped=skipped, last_train=trainer.last_train_scalars)
+            save_generator(trainer.ema.model(trainer.gen_raw), cfg.model, trainer.run_dir / GENERATOR,
+                           extra={"lpips": trainer.metric_lpips.description, "global_step": state.global_step,
+                                  "ema_decay": cfg.train.ema_decay, **guard_gains(results)})
+            log.info("wrote %s and %s", trainer.run_dir / METRICS, trainer.run_dir / GENERATOR)
+        trainer.monitor.finish("finished", "", state.global_step)
+        trainer.monitor.close()
+    return results
