@@ -248,6 +248,15 @@ def test_missing_niqe_parameters_are_named(tmp_path, monkeypatch):
         N.niqe(PHOTOS["coffee"])
 
 
+def test_brisque_refuses_images_too_small_for_its_features():
+    # 15 px: the package's score is one constant for every image (so a 'gain' of 0 would be reported)
+    small = [PHOTOS["coffee"][:15, :15], PHOTOS["astronaut"][100:115, 50:65]]
+    for img in small:
+        with pytest.raises(ValueError, match=r"BRISQUE needs at least 32x32 pixels, got 15x15"):
+            N.brisque(img)
+    assert np.isfinite(N.brisque(PHOTOS["coffee"][:32, :40]))
+
+
 def test_missing_brisque_model_is_named(tmp_path, monkeypatch):
     with pytest.raises(N.MetricUnavailable, match=r"svm\.txt not found.*pip install -e '\.\[eval\]'"):
         N._load_brisque(object, {"svm": tmp_path / "svm.txt", "normalize": tmp_path / "normalize.pickle"})

@@ -41,6 +41,7 @@ class MetricUnavailable(RuntimeError):
 # --- BRISQUE ------------------------------------------------------------------------------------------------
 
 _BRISQUE = None
+BRISQUE_MIN_SIDE = 32
 
 
 def _brisque_model():
@@ -86,6 +87,11 @@ def brisque(img) -> float:
         a = np.repeat(a[..., None], 3, axis=2)  # rgb2gray of equal channels is that channel
     if a.ndim != 3 or a.shape[2] != 3:
         raise ValueError(f"expected an H x W x 3 RGB or H x W grayscale image, got shape {a.shape}")
+    if min(a.shape[:2]) < BRISQUE_MIN_SIDE:
+        # its features (7x7 Gaussian windows at full and half scale) degenerate: NaN at 8 px, one constant
+        # value (155.845) for any 15 px image, JPEG and restored alike
+        raise ValueError(f"BRISQUE needs at least {BRISQUE_MIN_SIDE}x{BRISQUE_MIN_SIDE} pixels, got "
+                         f"{a.shape[0]}x{a.shape[1]}")
     return float(_brisque_model().score(a))
 
 
