@@ -214,12 +214,32 @@ def test_an_image_too_small_to_measure_is_skipped_and_named(tmp_path, model_file
     # nothing measurable: an error naming the file and the reason; the folders it made are gone again
     code, err = _evaluate_cli(capsys, "--model", str(model_file), "--images", str(folder / "tiny.png"),
                               "-o", str(tmp_path / "none" / "out"))
-    assert code == 2 and err.splitlines()[-1] == (f"error: none of the 1 image(s) could be measured: "
+    assert code == 2 and err.splitlines()[-1] == (f"error: none of the 1 file(s) could be measured: "
                                                   f"{folder / 'tiny.png'}: SSIM needs at least 11x11 pixels, got 12x10")
     assert not (tmp_path / "none").exists()
     assert main(["report", "--model", str(model_file), "--images", str(folder / "tiny.png"), "--quiet",
                  "-o", str(tmp_path / "rp" / "c0" / "r.html")]) == 2
     assert "could be measured" in capsys.readouterr().err and not (tmp_path / "rp").exists()
+
+
+def test_max_images_counts_only_measurable_images(tmp_path, model_file, photos, capsys):
+    """--max-images N measures N images: one too small for the metrics is skipped before it is counted (it took
+    a place, and `--max-images 1` over a folder that starts with a thumbnail measured nothing)."""
+    import skimage.data
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(skimage.data.astronaut()[:12, :10]).save(folder / "a-thumb.png")  # first in the sorted order
+    Image.fromarray(np.asarray(Image.open(photos / "chelsea.png"))).save(folder / "b-chelsea.png")
+    Image.fromarray(np.asarray(Image.open(photos / "more" / "coffee.png"))).save(folder / "c-coffee.png")
+    code, err = _evaluate_cli(capsys, "--model", str(model_file), "--images", str(folder), "--qualities", "20",
+                              "--max-images", "1", "-o", str(tmp_path / "out"))
+    assert code == 0, err
+    meta = json.loads((tmp_path / "out" / "metrics.json").read_text())["meta"]
+    assert meta["images"] == 1 and meta["skipped"] == [f"{folder / 'a-thumb.png'}: SSIM needs at least 11x11 "
+                                                       f"pixels, got 12x10"]
+    per_image = json.loads((tmp_path / "out" / "metrics.json").read_text())["per_image"]
+    assert {row["image"] for row in per_image} == {"b-chelsea"}
 
 
 def test_lpips_too_small_is_unmeasurable_not_a_crash():

@@ -26,7 +26,7 @@ import numpy as np
 from dist_dejpeg.data.images import jpeg_roundtrip
 from dist_dejpeg.evaluation.references import EvaluateError, read_references
 from dist_dejpeg.jpeg.formats import SUBSAMPLING
-from dist_dejpeg.metrics.fullref import colour_metrics
+from dist_dejpeg.metrics.fullref import SSIM_MIN_SIDE, colour_metrics
 from dist_dejpeg.metrics.noref import unavailable_reason
 from dist_dejpeg.metrics.registry import BY_NAME, COLOUR, EVALUATED, NO_REFERENCE, QUALITY
 from dist_dejpeg.metrics.whole_image import image_metrics, load_lpips_metric
@@ -69,9 +69,8 @@ class MetricSet:
         """The metrics of ``img`` against ``ref``; values left out (NIQE on a small image) are counted in
         ``undefined`` (one image's, for :meth:`tally`). Unmeasurable: an image too small for a metric, or
         nothing left of it after the border crop."""
-        h, w = (n - 2 * self.crop_border for n in ref.shape[:2])
-        if self.lpips is not None and 0 < min(h, w) < self.LPIPS_MIN_SIDE:
-            raise Unmeasurable(f"LPIPS needs at least {self.LPIPS_MIN_SIDE}x{self.LPIPS_MIN_SIDE} pixels, got {h}x{w}")
+        if problem := self.size_problem(ref):
+            raise Unmeasurable(problem)
         try:
             out = image_metrics(img, ref, y_only=self.y_only, crop_border=self.crop_border, lpips=self.lpips,
                                 skip=self.unavailable, undefined=undefined)
@@ -79,6 +78,18 @@ class MetricSet:
         except ValueError as err:  # SSIM below 11x11 pixels, a border crop that leaves nothing
             raise Unmeasurable(str(err)) from None
         return out
+
+    def size_problem(self, ref: np.ndarray) -> str | None:
+        """Why a reference of this size cannot be measured (the border crop leaves nothing, below LPIPS's 31x31 or
+        SSIM's 11x11 pixels), or None: known from its size alone, so it is skipped before it counts."""
+        h, w = (n - 2 * self.crop_border for n in ref.shape[:2])
+        if min(h, w) <= 0:
+            return f"crop_border={self.crop_border} leaves nothing of a {ref.shape[0]}x{ref.shape[1]} image"
+        if self.lpips is not None and min(h, w) < self.LPIPS_MIN_SIDE:
+            return f"LPIPS needs at least {self.LPIPS_MIN_SIDE}x{self.LPIPS_MIN_SIDE} pixels, got {h}x{w}"
+        if "ssim" not in self.unavailable and min(h, w) < SSIM_MIN_SIDE:
+            return f"SSIM needs at least {SSIM_MIN_SIDE}x{SSIM_MIN_SIDE} pixels, got {h}x{w}"
+        return None
 
     def tally(self, undefined: dict) -> None:
         """Add one measured image's values left out (``undefined`` as filled by the calls on it)."""
@@ -119,8 +130,9 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     if out_dir is not None:
         check_output_dir(out_dir)  # before any computation: an OutputError (a ValueError) names the folder
     restorer = model if hasattr(model, "restore_array") else Restorer(model, **(restorer_kwargs or {}))
-    refs, skipped = read_references(images, allow_lossy_reference, max_images)
     metric = MetricSet(lpips_weights, y_only, crop_border, str(restorer.device).split(" ")[0], only)
+    # (an image too small for the metrics is skipped before --max-images counts it)
+    refs, skipped = read_references(images, allow_lossy_reference, max_images, metric.size_problem)
     rows, records, measured = [], [], 0
     restore_seconds, megapixels = 0.0, 0.0
     desc = description or ("report" if keep_images else "evaluate")

@@ -28,10 +28,11 @@ Reference = NamedTuple("Reference", [("name", str), ("rgb", np.ndarray), ("sourc
 
 
 def read_references(images: list[str], allow_lossy: bool = False,
-                    max_images: int = 0) -> tuple[list[Reference], list[str]]:
+                    max_images: int = 0, problem=None) -> tuple[list[Reference], list[str]]:
     """A Reference for each image: files, folders (recursive), WebDataset shards (.tar files, or a folder of
-    them); a file named twice (itself and in a folder, or by two paths) is read once. Returns the images and
-    the files skipped with their reasons."""
+    them); a file named twice (itself and in a folder, or by two paths) is read once. ``problem(rgb)``: why an
+    image cannot be used (skipped, not counted for ``max_images``), or None. Returns the images and the files
+    skipped with their reasons."""
     import glob
 
     refs, skipped, lossy = [], [], []
@@ -66,6 +67,9 @@ def read_references(images: list[str], allow_lossy: bool = False,
             if not allow_lossy and (grid := _jpeg_grid(rgb)):
                 lossy.append(f"{named} ({grid})")
                 continue
+            if problem is not None and (why := problem(rgb)):
+                skipped.append(f"{label}: {why}")
+                continue
             refs.append((path / key, rgb, label))  # a file's key is "": path / "" is the path
         if max_images and len(refs) >= max_images:
             refs = refs[:max_images]
@@ -80,7 +84,7 @@ def read_references(images: list[str], allow_lossy: bool = False,
         skipped += [f"{name}: lossy reference (--allow-lossy-reference to use it)" for name in lossy]
         log.warning("%s; evaluated on the other %d image(s) without them", msg, len(refs))
     if not refs:
-        raise EvaluateError(f"none of the {len(paths)} file(s) decoded as an image: " + "; ".join(skipped[:3]))
+        raise EvaluateError(f"none of the {len(paths)} file(s) could be measured: " + "; ".join(skipped[:3]))
     names = _names([p for p, _, _ in refs])
     return [Reference(n, rgb, src) for n, (_, rgb, src) in zip(names, refs)], skipped
 

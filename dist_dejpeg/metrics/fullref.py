@@ -22,6 +22,7 @@ import numpy as np
 
 from dist_dejpeg.jpeg.formats import JFIF_YCBCR
 
+SSIM_MIN_SIDE = 11  # its Gaussian window's size ('valid' filtering)
 # SSIM's Gaussian window: 11 taps, sigma 1.5, as Python floats so that one code serves numpy and torch
 _WINDOW = np.exp(-0.5 * (np.arange(-5, 6) / 1.5) ** 2)
 _WINDOW = [float(v) for v in _WINDOW / _WINDOW.sum()]
@@ -120,8 +121,8 @@ def ssim(img, ref, *, y_only: bool = False, crop_border: int = 0) -> float:
     a, b = _pair(img, ref, y_only, crop_border)
     if a.ndim == 2:
         a, b = a[..., None], b[..., None]
-    if min(a.shape[:2]) < 11:
-        raise ValueError(f"SSIM needs at least 11x11 pixels, got {a.shape[0]}x{a.shape[1]}")
+    if min(a.shape[:2]) < SSIM_MIN_SIDE:
+        raise ValueError(f"SSIM needs at least {SSIM_MIN_SIDE}x{SSIM_MIN_SIDE} pixels, got {a.shape[0]}x{a.shape[1]}")
     return float(np.mean([float(ssim_map(a[..., c], b[..., c]).mean()) for c in range(a.shape[2])]))
 
 
