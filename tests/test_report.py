@@ -176,6 +176,11 @@ def test_passed_through_said_per_quality_and_per_photo(report, tmp_path):
     section = text.split('<div class="rec" data-quality="40">')[1].split('<div class="rec"')[0]
     assert '<h3>quality 40 <span class="pass">passed through unchanged (do-no-harm guard)</span></h3>' in section
     assert "<figcaption>restored (= JPEG)</figcaption>" in section and text.count("restored (= JPEG)") == 1
+    # the gain plot draws that photo hollow (its 0 is the guard's choice), says so, and names it in the caption
+    svg = text.split('<svg class="plot" id="plot-psnr"')[1].split("</svg>")[0]
+    assert svg.count('<circle class="each pass"') == 1 and svg.count('<circle class="each"') == len(recs) - 1
+    assert "<title>q40: passed through unchanged (do-no-harm guard)</title>" in svg and ", 1 passed through</title>" in svg
+    assert "hollow: passed through unchanged" in text and "hollow:" not in report[0].read_text()
 
 
 def test_every_evaluated_metric_has_its_registry_direction(tmp_path):

@@ -2,12 +2,13 @@
 plotting library, no external resource, drawn by any browser.
 
     from dist_dejpeg.evaluation.gain_plot import gain_svg, gains_by_quality
-    points = gains_by_quality(records, summary, "psnr")   # {quality: (mean gain, [each photo's gain])}
+    points = gains_by_quality(records, summary, "psnr")   # {quality: (mean gain, [each photo's gain], [passed])}
     svg = gain_svg("psnr", points)                          # "<svg class="plot" ...>...</svg>"
 
 One plot per metric: the mean gain per quality as a line with markers (green where the mean is better than the
 JPEG input by the metric's direction, red where worse), each photo's gain as a grey dot and the spread of the
-photos as a vertical bar, a dashed line at 0 (the JPEG input), axis labels with the unit and the direction.
+photos as a vertical bar (hollow: a photo the do-no-harm guard passed through, its gain 0 by that choice, not
+the model's), a dashed line at 0 (the JPEG input), axis labels with the unit and the direction.
 """
 
 from __future__ import annotations
@@ -29,16 +30,18 @@ def _finite(v) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def gains_by_quality(records: list[dict], summary: list[dict], metric: str) -> dict[int, tuple[float, list[float]]]:
-    """``{quality: (mean gain, [each photo's gain])}`` of ``metric`` (restored - JPEG), qualities with a value
-    only. The mean is the summary's (restored mean - JPEG mean, what the table prints) where it has both, else
-    the mean of the photos' gains."""
+def gains_by_quality(records: list[dict], summary: list[dict], metric: str) -> dict[int, tuple]:
+    """``{quality: (mean gain, [each photo's gain], [whether the guard passed that photo through])}`` of
+    ``metric`` (restored - JPEG), qualities with a value only. The mean is the summary's (restored mean - JPEG
+    mean, what the table prints) where it has both, else the mean of the photos' gains."""
     each: dict[int, list[float]] = {}
+    passed: dict[int, list[bool]] = {}
     for r in records:
         m = r.get("metrics", {})
         j, x = _finite(m.get("jpeg", {}).get(metric)), _finite(m.get("restored", {}).get(metric))
         if j is not None and x is not None:
             each.setdefault(int(r["quality"]), []).append(x - j)
+            passed.setdefault(int(r["quality"]), []).append(bool(r.get("passthrough")))
     means = {int(s["quality"]): x - j for s in summary if str(s.get("metric")) == metric
              and (j := _finite(s.get("jpeg"))) is not None and (x := _finite(s.get("restored"))) is not None}
     out = {}
@@ -46,7 +49,7 @@ def gains_by_quality(records: list[dict], summary: list[dict], metric: str) -> d
         vals = each.get(q, [])
         mean = means.get(q, sum(vals) / len(vals) if vals else None)
         if mean is not None:
-            out[q] = (mean, vals)
+            out[q] = (mean, vals, passed.get(q, []))
     return out
 
 
@@ -65,7 +68,7 @@ def _text(x: float, y: float, s: str, anchor: str = "middle", extra: str = "") -
     return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{extra}>{html.escape(s)}</text>'
 
 
-def gain_svg(metric: str, points: dict[int, tuple[float, list[float]]]) -> str:
+def gain_svg(metric: str, points: dict[int, tuple]) -> str:
     """One plot (see the module docstring) of ``points`` as :func:`gains_by_quality` gives them; "" when empty."""
     if not points:
         return ""
@@ -99,18 +102,24 @@ def gain_svg(metric: str, points: dict[int, tuple[float, list[float]]]) -> str:
         if len(vals) > 1:  # the photos' spread
             parts.append(f'<line class="spread" x1="{sx(q):.1f}" x2="{sx(q):.1f}" y1="{sy(min(vals)):.1f}" '
                          f'y2="{sy(max(vals)):.1f}" stroke="{EACH}" stroke-width="3" stroke-opacity=".45"/>')
-        for v in vals:
-            parts.append(f'<circle class="each" cx="{sx(q) + 7:.1f}" cy="{sy(v):.1f}" r="2.5" fill="{EACH}"/>')
+        for v, passed in zip(vals, points[q][2]):
+            if passed:  # hollow, with why: the guard's choice, not the model's result
+                parts.append(f'<circle class="each pass" cx="{sx(q) + 7:.1f}" cy="{sy(v):.1f}" r="2.5" fill="#fff" '
+                             f'stroke="{EACH}"><title>q{q}: passed through unchanged (do-no-harm guard)</title>'
+                             "</circle>")
+            else:
+                parts.append(f'<circle class="each" cx="{sx(q) + 7:.1f}" cy="{sy(v):.1f}" r="2.5" fill="{EACH}"/>')
     line = " ".join(f"{sx(q):.1f},{sy(points[q][0]):.1f}" for q in qs)
     parts.append(f'<polyline class="mean" points="{line}" fill="none" stroke="{MEAN}" stroke-width="2"/>')
     for q in qs:
         mean = points[q][0]
         better = info.improved(0.0, mean) if info and info.direction != "zero" else None
         colour = MEAN if better is None else GOOD if better else BAD
-        n = len(points[q][1])
+        n, n_passed = len(points[q][1]), sum(points[q][2])
         parts.append(f'<circle class="mean" cx="{sx(q):.1f}" cy="{sy(mean):.1f}" r="4.5" fill="{colour}">'
                      f"<title>q{q}: mean {mean:+.{info.decimals if info else 4}f}{' ' + unit if unit else ''}"
-                     f"{f' over {n} photos' if n else ''}</title></circle>")
+                     f"{f' over {n} photos' if n else ''}{f', {n_passed} passed through' if n_passed else ''}"
+                     "</title></circle>")
     name = f"{label} gain" + (f" ({unit})" if unit else "")
     parts.append(_text(LEFT + pw / 2, HEIGHT - 8, "JPEG quality of the input"))
     parts.append(_text(16, TOP + ph / 2, f"{name}, restored \u2212 JPEG", extra=f' transform="rotate(-90 16 '
@@ -128,6 +137,8 @@ def gain_plots(records: list[dict], summary: list[dict], metrics=("psnr", "ssim"
     svgs = [s for m in metrics if (s := gain_svg(m, gains_by_quality(records, summary, m)))]
     if not svgs:
         return ""
+    hollow = ("; hollow: passed through unchanged by the do-no-harm guard (its gain is 0 by that choice)"
+              if any(r.get("passthrough") for r in records) else "")
     return ('<div class="plots" id="gain-plots">' + "".join(svgs) + '</div><p class="notes">Line: the mean over '
-            "the photos (green: better than the JPEG input, red: worse); grey: each photo and their spread; "
+            f"the photos (green: better than the JPEG input, red: worse); grey: each photo and their spread{hollow}; "
             "dashed: no change.</p>")
