@@ -361,6 +361,31 @@ def test_bench_scaling_launches_one_and_two_processes(tmp_path, repo_root, monke
     assert math.isclose(gen["efficiency"], gen["images_per_s_2"] / (2 * gen["images_per_s_1"]))
 
 
+def test_bench_all_times_only_the_updates_asked_for_in_scaling(tmp_path, repo_root, monkeypatch):
+    """`bench all --updates gen`: its scaling part times the gen update alone too (it timed every update, the
+    longest part of the suite on a CPU). The four benchmarks are faked; the scaling launches are recorded."""
+    from dist_dejpeg.bench import data, infer, train
+    from dist_dejpeg.bench.common import TUNED
+
+    monkeypatch.chdir(repo_root)
+    monkeypatch.setattr(train, "run_from_args", lambda *a, **k: {"results": {}})
+    monkeypatch.setattr(data, "run_from_args", lambda *a, **k: None)
+    monkeypatch.setattr(infer, "run", lambda *a, **k: None)
+    launched = []
+
+    def launch(cmd, env, check):
+        launched.append(cmd)
+        name = cmd[cmd.index("--name") + 1]
+        rows = {"gen": {"images_per_s_per_device": 10.0 if name.endswith("_1") else 8.0}}
+        (Path(cmd[cmd.index("--results") + 1]) / f"{name}.json").write_text(json.dumps({"results": {TUNED: rows}}))
+
+    monkeypatch.setattr(scaling.subprocess, "run", launch)
+    assert main(["bench", "all", "--updates", "gen", "--results", str(tmp_path)]) == 0
+    assert len(launched) == 2 and all(cmd[cmd.index("--updates") + 1:][:2] == ["gen", "--config"] for cmd in launched)
+    report, _ = read(tmp_path, "scaling")
+    assert report["measured"]["gen"]["efficiency"] == pytest.approx(0.8)
+
+
 # -- the ablations (benchmarks/experiments/colour.py, quality.py, chroma.py): the trainings and evaluations are faked
 # here (each real one takes minutes); what is tested is which runs they ask for and the tables they make of the results
 @pytest.fixture

@@ -78,22 +78,27 @@ def gradient_bytes(config: str, overrides: list[str]) -> dict[str, float]:
     return {"generator": 4.0 * count(build_generator(cfg.model)), "critic": 4.0 * count(build_critic(cfg.critic))}
 
 
-def _launch(processes: int, config: str, overrides: list[str], out: Path, steps: int) -> dict:
+def _launch(processes: int, config: str, overrides: list[str], out: Path, steps: int,
+            updates: tuple[str, ...] = ()) -> dict:
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
            "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no"]
     cmd += ["--multi_gpu"] if processes > 1 else ["--cpu"]
     cmd += ["-m", "dist_dejpeg.cli", "bench", "train", "--no-ladder", "--steps", str(steps), "--results", str(out),
-            "--name", f"scaling_{processes}", "--config", config, *overrides, "train.cpu=true"]
+            "--name", f"scaling_{processes}", *(["--updates", *updates] if updates else []), "--config", config,
+            *overrides, "train.cpu=true"]
     subprocess.run(cmd, env=env, check=True)
     return json.loads((out / f"scaling_{processes}.json").read_text())
 
 
-def run(config: str, overrides: list[str], out_dir: str | Path, *, steps: int = 10, name: str = "scaling") -> dict:
+def run(config: str, overrides: list[str], out_dir: str | Path, *, steps: int = 10, name: str = "scaling",
+        updates: tuple[str, ...] = ()) -> dict:
+    """Time bench train's tuned row in 1 and 2 CPU processes; ``updates``: only those (bench train's --updates;
+    empty: all that the config trains)."""
     with tempfile.TemporaryDirectory() as tmp:
-        one = _launch(1, config, overrides, Path(tmp), steps)
-        two = _launch(2, config, overrides, Path(tmp), steps)
+        one = _launch(1, config, overrides, Path(tmp), steps, updates)
+        two = _launch(2, config, overrides, Path(tmp), steps, updates)
     measured, table = {}, []
     for update, r1 in one["results"][TUNED].items():
         r2 = two["results"][TUNED][update]

@@ -4,7 +4,7 @@ scaling model from bench train's tuned step times, each into its own results fil
     dist-dejpeg bench all                          # this machine -> benchmarks/results/{train,data,infer,scaling}.*
     dist-dejpeg bench all --no-ladder --tiles 288  # the tuned train row only, the small tiles only
 
-It takes bench train's and bench data's flags; infer uses --repeats, scaling --steps. Scaling runs on the CPU
+It takes bench train's and bench data's flags; infer uses --repeats, scaling --steps and --updates. Scaling runs on the CPU
 (the debug recipe unless --config names a config).
 """
 
@@ -30,5 +30,5 @@ def main(args: argparse.Namespace) -> int:
         scaling.scaling_model(report, config, overrides, args.results)
     data.run_from_args(args)
     infer.run(config, overrides, Path(args.results), repeats=args.repeats)
-    scaling.run(*scaling.cpu_config_of(args), Path(args.results), steps=args.steps)
+    scaling.run(*scaling.cpu_config_of(args), Path(args.results), steps=args.steps, updates=tuple(args.updates))
     return 0
