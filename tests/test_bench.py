@@ -99,10 +99,14 @@ def test_bench_train_ladder_writes_rows_and_ratios(tmp_path, repo_root, monkeypa
     from dist_dejpeg.bench import train
 
     monkeypatch.setattr(train, "LADDER", [train.LADDER[0], next(r for r in train.LADDER if "fused" in r[0])])
+    # an earlier --profile run's operator tables: replaced with the results (another name's stay)
+    (tmp_path / "train_profile_3.txt").write_text("an earlier run's")
+    (tmp_path / "other_profile_1.txt").write_text("another benchmark name's")
     # LPIPS in the gen loss (the debug recipe has none since 2026-12-05), so that its share is measured
     assert main(["bench", "train", "--config", "configs/debug.yaml", "--steps", "1", "--repeats", "2", "--warmup", "1",
                  "--results", str(tmp_path), "--scaling-model", *TINY, "train.phases.gen.w_lpips=0.1"]) == 0
     report, md = read(tmp_path, "train")
+    assert not (tmp_path / "train_profile_3.txt").exists() and (tmp_path / "other_profile_1.txt").exists()
     naive, tuned = report["results"][train.LADDER[0][0]], report["results"][train.TUNED]
     assert set(tuned) == {"gen", "gen without LPIPS", "critic", "gan generator turn"}
     assert naive["gen"]["x_naive"] == 1.0

@@ -246,6 +246,10 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
     if ladder:
         variants.append((AGAIN, naive_cfg, gen_rows[:1]))
     errors: dict[str, str] = {}
+    # this run replaces its name's results, and its operator tables too: an earlier run's left beside the new
+    # tables (a --profile run, then one without) were read as this run's
+    for stale in Path(out_dir).glob(f"{name}_profile_*.txt"):
+        stale.unlink()
     flops = count_flops(base)
     peak = bf16_peak_flops() if device.type == "cuda" else None
     naive_label = naive_label_of(ladder)
