@@ -47,6 +47,17 @@ def at_least(low: int):
     return whole
 
 
+def positive_number(text: str) -> float:
+    """argparse type: a number above 0 (minutes, dB)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):  # (NaN too)
+        raise argparse.ArgumentTypeError(f"a number above 0, not {text!r}")
+    return value
+
+
 def add_restorer_args(p: argparse.ArgumentParser) -> None:
     """The model and how it runs: shared by restore, evaluate and report."""
     p.add_argument("--model", required=True, help="generator.safetensors, a run folder, a checkpoint folder, or "

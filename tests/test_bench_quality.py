@@ -70,11 +70,12 @@ def test_summary_and_table_over_two_seeds():
 
 
 def test_bad_flags_config_and_missing_matplotlib_exit_2(tmp_path, capsys, monkeypatch):
-    for flags in (["--every", "0"], ["--qualities", "101"], ["--budgets", "-1"]):
+    for flags in (["--every", "0"], ["--qualities", "101"], ["--budgets", "-1"], ["--targets", "nan"]):
         with pytest.raises(SystemExit) as exit_:
             main(["bench", "quality", *flags])
         assert exit_.value.code == 2
-    assert "a JPEG quality is 1..100" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "a JPEG quality is a whole number in 1..100, not '101'" in err and "a number above 0, not 'nan'" in err
     argv = ["bench", "quality", "train.grad_accum=0", "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r")]
     assert main(argv) == 2
     assert "train.grad_accum" in capsys.readouterr().err and not (tmp_path / "w").exists()  # nothing trained

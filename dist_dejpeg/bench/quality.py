@@ -34,6 +34,7 @@ from pathlib import Path
 from dist_dejpeg.bench.common import (add_common_arguments, mean_spread, quality_bench_setup, train_once,
                                       write_results)
 from dist_dejpeg.bench.scaling import cpu_config_of
+from dist_dejpeg.cli_args import at_least, jpeg_quality, positive_number
 from dist_dejpeg.run.layout import GENERATOR, METRICS, TRAINER_STATE, checkpoint_dir, list_checkpoints
 
 log = logging.getLogger(__name__)
@@ -287,36 +288,18 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, seeds=(0, 1, 
 
 
 # -- the command ---------------------------------------------------------------------------------------------------
-def _positive(kind):
-    """An argparse type: a ``kind`` (int or float) above 0."""
-    def positive(text: str):
-        value = kind(text)  # a ValueError: argparse's "invalid positive int value: ..."
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    positive.__name__ = f"positive {kind.__name__}"
-    return positive
-
-
-def _quality(text: str) -> int:
-    q = int(text)
-    if not 1 <= q <= 100:
-        raise argparse.ArgumentTypeError(f"a JPEG quality is 1..100, got {text}")
-    return q
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, NAME, config=False)
     parser.add_argument("--config", help="training config (none: configs/debug.yaml, on any machine)")
     parser.add_argument("overrides", nargs="*", default=[], help="config overrides, key=value (anywhere but right "
                                                                  "after an option that takes several values)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    parser.add_argument("--every", type=_positive(int), default=None,
+    parser.add_argument("--every", type=at_least(1), default=None,
                         help=f"checkpoint (curve point) every N global steps (default: the run's steps // {POINTS})")
-    parser.add_argument("--targets", type=_positive(float), nargs="+", default=list(TARGETS), help="q10 gains, dB")
-    parser.add_argument("--budgets", type=_positive(float), nargs="+", default=list(BUDGETS),
+    parser.add_argument("--targets", type=positive_number, nargs="+", default=list(TARGETS), help="q10 gains, dB")
+    parser.add_argument("--budgets", type=positive_number, nargs="+", default=list(BUDGETS),
                         help="minutes of training")
-    parser.add_argument("--qualities", type=_quality, nargs="+", default=list(QUALITIES),
+    parser.add_argument("--qualities", type=jpeg_quality, nargs="+", default=list(QUALITIES),
                         help="JPEG qualities of the final generator's gains")
     parser.add_argument("--work", default="runs/bench-quality", help="folder for the runs (ttq-<recipe>-s<seed>)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoint folders")
