@@ -39,8 +39,6 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint; the s
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from dist_dejpeg.data.folder import prepare_folder
     from dist_dejpeg.data.shards import PrepareError, prepare_samples
 
@@ -51,9 +49,6 @@ def _prepare(args: argparse.Namespace) -> int:
                   f"{getattr(args, key)}" if key else f"no folder (got {args.source})"), file=sys.stderr)
             return 2
         setattr(args, key, args.source)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        print(f"error: --out {args.out} is a file, not a folder", file=sys.stderr)
-        return 2
     tile = args.tile or {"samples": 128, "folder": 256, "div2k": 480}[args.dataset]
     step = args.step or max(1, tile // 2)
     shard_size = args.shard_size or (64 if args.dataset == "samples" else 256)
@@ -131,7 +126,7 @@ def _train(args: argparse.Namespace) -> int:
         argv = ["train", *(["--config", args.config] if args.config else []),
                 *(["--resume", args.resume] if args.resume else []),
                 *(["--log-level", args.log_level] if args.log_level else []), *args.overrides]
-        return launch(ranks, argv, EXIT_PREEMPTED)
+        return launch(ranks, argv)
     from dist_dejpeg.data.verify import TooFewSamples, TooManyBadSamples
     from dist_dejpeg.models.weights import WeightsError
     from dist_dejpeg.run.lock import RunDirBusy

@@ -272,3 +272,7 @@ def test_div2k_names_are_unique_and_settings_checked_first(tmp_path):
     with pytest.raises(PrepareError, match="shard_size"):
         div2k.prepare_div2k(tmp_path, tmp_path / "out", shard_size=-1)
     assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("x")  # the API too, not only the CLI, says what is wrong with --out
+    with pytest.raises(PrepareError, match=r"--out .*file is a file, not a folder"):
+        div2k.prepare_div2k(tmp_path, tmp_path / "file")
+    assert main(["prepare", "div2k", "--root", str(tmp_path), "--out", str(tmp_path / "file")]) == 2

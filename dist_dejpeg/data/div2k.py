@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from dist_dejpeg.data.download import download, sha256_file
 from dist_dejpeg.data.folder import unique_names
 from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile
-from dist_dejpeg.data.shards import (MANIFEST, SHARD_NAME, check_settings, finish_split_files, remove_shards,
+from dist_dejpeg.data.shards import (MANIFEST, SHARD_NAME, PrepareError, check_settings, finish_split_files, remove_shards,
                                      remove_stale_temps, require_training_tiles, sample_key, tiles, write_shard)
 from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS
 from dist_dejpeg.run.files import atomic_write_bytes
@@ -164,6 +164,8 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
     """Build DIV2K train/val shards and the manifest in ``out``; see the module docstring."""
     check_settings(tile, step, shard_size)
     root, out = Path(root), Path(out)
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     remote = remote or OFFICIAL
     settings = {"tile": tile, "train_step": step, "val_step": tile, "shard_size": shard_size, "seed": seed,
