@@ -17,8 +17,7 @@ def restore_command(args: argparse.Namespace) -> int:
     # torch-free down to the model: an ONNX model restores without importing torch (restore/onnx_backend.py)
     from dist_dejpeg.models.names import ModelFileError, OnnxUnavailable
     from dist_dejpeg.restore import open_restorer
-    from dist_dejpeg.restore.files import (check_output_dir, check_output_file, collect_inputs, names_a_file,
-                                           restore_files)
+    from dist_dejpeg.restore.files import check_restore_output, collect_inputs, names_a_file, restore_files
     from dist_dejpeg.restore.images import InputImageError
 
     inputs = [*args.inputs, *args.more_inputs]
@@ -40,7 +39,7 @@ def restore_command(args: argparse.Namespace) -> int:
             args.usage_error(f"-o {args.out} names the output file, whose suffix is its format: {given[0]} is for an "
                              f"output folder")
     try:
-        check_output_file(args.out) if names_a_file(args.out) else check_output_dir(args.out)
+        check_restore_output(args.out)
         restorer = open_restorer(args.model, device=args.device, tile=args.tile, overlap=overlap,
                                  batch_size=args.batch_size, precision=args.precision, guard=not args.no_guard)
     except (ModelFileError, InputImageError, OnnxUnavailable, ValueError) as err:
@@ -75,7 +74,7 @@ def print_restore_summary(results: list, args: argparse.Namespace, device) -> No
     for r in skipped if args.verbose else []:
         print(f"skipped: {r.source}: {r.output} exists")
     for r in failed:
-        print(f"failed: {r.source}: {r.error}", file=sys.stderr)
+        print(f"failed: {r.source}: {r.error.removeprefix(f'{r.source}: ')}", file=sys.stderr)  # named once
 
 
 def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:

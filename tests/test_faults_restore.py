@@ -38,10 +38,11 @@ class Identity:
     """A restorer whose output is its input: the metadata and orientation checks compare pixels exactly (the
     commands below run the real model)."""
 
-    device = "cpu"
+    device, passthrough = "cpu", False
 
     def restore_array(self, rgb: np.ndarray, quality: int | None = None, source: str = "given") -> np.ndarray:
-        self.last_decision = SimpleNamespace(passthrough=False, reason="identity", quality=quality, source=source)
+        self.last_decision = SimpleNamespace(passthrough=self.passthrough, reason="identity", quality=quality,
+                                             source=source)
         return rgb.copy()
 
 
@@ -56,14 +57,14 @@ def _photo(h: int = 72, w: int = 100) -> np.ndarray:
     return np.ascontiguousarray(skimage.data.astronaut()[30:30 + h, 140:140 + w])
 
 
-def _camera_jpeg(rgb: np.ndarray, icc: bytes, orientation: int = 6) -> bytes:
+def _camera_jpeg(rgb: np.ndarray, icc: bytes, orientation: int = 6, dpi=(300, 150)) -> bytes:
     exif = Image.Exif()
     exif[0x010F], exif[0x0110], exif[0x0132] = "Canon", "EOS 5D", "2024:05:06 07:08:09"
     exif[ORIENTATION] = orientation
     exif[EXIF_IFD] = {0x9003: "2024:05:06 07:08:09", 0xA002: rgb.shape[1], 0xA003: rgb.shape[0]}
     exif[GPS_IFD] = GPS
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=30, exif=exif, icc_profile=icc)
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=30, exif=exif, icc_profile=icc, dpi=dpi)
     return buf.getvalue()
 
 
@@ -85,6 +86,8 @@ def test_restore_keeps_icc_and_exif_with_orientation_applied_once(tmp_path, rest
     assert exif.get_ifd(GPS_IFD) == GPS
     sub = exif.get_ifd(EXIF_IFD)
     assert sub[0x9003] == "2024:05:06 07:08:09" and (sub[0xA002], sub[0xA003]) == (72, 100)  # the output's size
+    if fmt != "webp":  # the scan's print size: 300 x 150 dpi, turned with the pixels (WebP has no field for it)
+        assert np.allclose(out.info["dpi"], (150, 300), atol=0.05), out.info.get("dpi")
     # pixels turned once, clockwise as orientation 6 says; a viewer honouring the EXIF turns nothing more
     decoded = np.rot90(np.asarray(Image.open(src).convert("RGB")), -1)
     if fmt == "jpg":  # q95 4:4:4: near, not equal; turned the other way it would be far off
@@ -148,6 +151,48 @@ def test_cmyk_is_converted_through_its_embedded_profile(tmp_path, restorer):
     assert out["profiled.png"].mode == "RGB" and "sRGB" in ImageCms.getProfileDescription(tagged)
     assert "icc_profile" not in out["plain.png"].info
     assert out["gray_rgb_profile.png"].mode == "L" and "icc_profile" not in out["gray_rgb_profile.png"].info
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_searched(tmp_path, restorer):
+    """-o photos/restored, run again (--skip-existing after a stop): the earlier outputs are not inputs, so
+    nothing is restored into restored/restored/ and no original fails as 'would overwrite an input'."""
+    src = tmp_path / "photos"
+    (src / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "sub/b.jpg"):
+        Image.fromarray(_photo()).save(src / name, quality=30)
+    out = src / "restored"
+    for _ in range(2):
+        for inputs in ([str(src)], [str(src / "**" / "*.jpg")]):
+            results = restore_files(restorer, inputs, out, fmt="same", skip_existing=True, progress=False)
+            assert sorted(Path(r.source).name for r in results) == ["a.jpg", "b.jpg"]
+            assert all(r.error is None for r in results), [r.error for r in results]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["a.jpg", "sub", "sub/b.jpg"]
+    # the output folder given as the input folder itself is searched (outputs told apart by --suffix)
+    (result,) = restore_files(restorer, [str(out / "sub")], out / "sub", suffix="x", progress=False)
+    assert result.error is None and result.output == str(out / "sub" / "b_x.png")
+    # a folder inside the output folder (not the other way round) is searched as given
+    results = restore_files(restorer, [str(out / "sub")], out, suffix="y", progress=False)
+    assert sorted(r.output for r in results) == [str(out / "b_x_y.png"), str(out / "b_y.png")]
+
+
+def test_a_passed_through_image_is_written_as_the_input_file(tmp_path, restorer):
+    """Passed through into its own format: the input file byte for byte (a JPEG never re-encoded at q95, its
+    EXIF orientation left for viewers, as in the input); into another format: its pixels, orientation applied."""
+    restorer.passthrough = True
+    src = tmp_path / "camera.jpg"
+    src.write_bytes(_camera_jpeg(_photo(), ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()))
+    for fmt in ("same", "jpg", "png"):
+        (result,) = restore_files(restorer, [str(src)], tmp_path / fmt, fmt=fmt, output_quality=80, progress=False)
+        assert result.error is None and result.passthrough, result.error
+        if fmt == "png":
+            out = Image.open(result.output)
+            assert out.getexif()[ORIENTATION] == 1
+            assert np.array_equal(np.asarray(out), np.asarray(ImageOps.exif_transpose(Image.open(src))))
+        else:
+            assert Path(result.output).read_bytes() == src.read_bytes()
+    restorer.passthrough = False
+    (result,) = restore_files(restorer, [str(src)], tmp_path / "restored", fmt="same", progress=False)
+    assert Path(result.output).read_bytes() != src.read_bytes()  # restored: encoded, orientation applied
 
 
 # -- outputs checked first --------------------------------------------------------------------------------------

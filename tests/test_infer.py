@@ -189,6 +189,13 @@ def _rotated() -> bytes:
     return buf.getvalue()
 
 
+def _animated() -> bytes:
+    frames = [Image.fromarray(_rgb()).convert("P"), Image.fromarray(_rgb()[::-1]).convert("P")]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    return buf.getvalue()
+
+
 def _deep16() -> bytes:
     buf = io.BytesIO()
     Image.fromarray((np.random.default_rng(0).random((20, 30)) * 65535).astype(np.uint16)).save(buf, format="PNG")
@@ -203,14 +210,16 @@ CASES = {
     "cmyk.jpg": (_cmyk, lambda im: im.mode == "RGB" and im.size == (100, 72)),
     "rgba.png": (lambda: _png(Image.fromarray(np.dstack([_rgb(), ALPHA]), "RGBA")),
                  lambda im: im.mode == "RGBA" and np.array_equal(np.asarray(im)[..., 3], ALPHA)),
+    # quality unknown (never a JPEG): passed through, so the file itself, palette and all
     "palette.png": (lambda: _png(Image.fromarray(_rgb()).convert("P", palette=Image.Palette.ADAPTIVE)),
-                    lambda im: im.mode == "RGB" and im.size == (100, 72)),
+                    lambda im: im.mode == "P" and im.size == (100, 72)),
     "tiny.png": (lambda: _png(Image.fromarray(_rgb()[:1, :1])), lambda im: im.size == (1, 1)),
     "rotated.jpg": (_rotated, lambda im: im.size == (72, 100)),  # EXIF orientation applied
     "notes.jpg": (lambda: b"this is not an image\n", "not an image PIL can read"),
     "empty.png": (lambda: b"", "not an image PIL can read"),
     "truncated.jpg": (lambda: (data := _jpeg_bytes(_rgb()))[:len(data) // 2], "cannot decode"),
     "deep16.png": (_deep16, "16-bit"),
+    "animated.gif": (_animated, "an animated GIF (2 frames)"),  # one image written: the frames would be lost
 }
 
 
@@ -254,6 +263,7 @@ def test_restore_folder_with_bad_files(tmp_path, model_file, capsys):
     assert int(counts[1]) + int(counts[2] or 0) == len(CASES) - len(bad) and int(counts[3]) == len(bad), err.out
     for name in bad:
         assert f"{name}:" in err.err, name
+    assert f"failed: {src / 'notes.jpg'}: not an image PIL can read" in err.err  # the file named once
     assert (out / "sub" / "good.png").is_file() and (out / "rgba.png").is_file()
     assert not list(out.rglob(".*tmp*"))  # atomic writes leave no temporaries
 
@@ -285,6 +295,14 @@ def test_unwritable_output_folder_fails_before_any_work(tmp_path, model_file, ca
     src = _write(tmp_path / "in.jpg", _jpeg_bytes(_photo(64, 64)))
     code = main(["restore", str(src), "-o", str(blocker / "out"), "--model", str(model_file), "--quiet"])
     assert code == 2 and "not writable" in capsys.readouterr().err
+
+
+def test_an_output_file_restore_cannot_write_is_refused_not_made_a_folder(tmp_path, model_file, capsys):
+    src = _write(tmp_path / "in.jpg", _jpeg_bytes(_photo(64, 64)))
+    for name in ("out.bmp", "out.gif"):
+        code = main(["restore", str(src), "-o", str(tmp_path / name), "--model", str(model_file), "--quiet"])
+        assert code == 2 and f"restore cannot write {name[3:]} files" in capsys.readouterr().err
+        assert not (tmp_path / name).exists()
 
 
 def test_decompression_bomb_is_refused(tmp_path):

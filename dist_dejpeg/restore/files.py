@@ -8,7 +8,9 @@ Names: a file's output is its name with the output format's suffix (``suffix`` a
 files and a glob's matches keep their path below the folder or below the glob's fixed prefix ('in/**/a*.jpg':
 the part after in/). Inputs that would get the same output name (a.jpg, a.JPEG and a.png as png) each keep their
 own extension in it (a.jpg.png, a.JPEG.png, a.png.png), so every input gets an output; an output that would
-overwrite an input is refused.
+overwrite an input is refused. An output folder inside a folder searched is not searched (its files are the
+outputs of an earlier run). An image the guard passes through is written as the input file itself, byte for
+byte, where the output has the input's format (--format same, or jpg for a JPEG): "unchanged", never re-encoded.
 
 Each output is written atomically (a hidden ``.NAME.tmpPID`` renamed into place), so an output that exists is
 whole unless something else wrote it. A killed restore can leave those temp files: the next restore into the
@@ -41,7 +43,7 @@ from dist_dejpeg.jpeg.quality import DOUBLE, estimate_quality
 from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, pixel_limit, load_image,
                                         output_complete, save_image)
 from dist_dejpeg.restore.base import ImageRestorer  # Restorer (PyTorch) or OnnxRestorer: no torch import here
-from dist_dejpeg.run.files import TEMP_NAME
+from dist_dejpeg.run.files import TEMP_NAME, atomic_write_bytes
 from dist_dejpeg.run.lock import pid_alive
 
 log = logging.getLogger(__name__)
@@ -67,14 +69,20 @@ class RestoreResult:
     skipped: bool = False  # a complete output existed (skip_existing): nothing was done
 
 
-def collect_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path]], list[RestoreResult]]:
+def collect_inputs(inputs: list[str], out_dir: str | Path | None = None
+                   ) -> tuple[list[tuple[Path, Path]], list[RestoreResult]]:
     """(file, output path relative to the output folder) for every image named by ``inputs`` (files, folders
     searched recursively for image suffixes, globs), in order, each once; and a failure for each input that
-    names nothing."""
+    names nothing. A folder's or glob's files inside ``out_dir``, where that lies below the folder searched,
+    are earlier outputs, not inputs (-o photos/restored, run twice); a file named by itself always counts."""
     found, failures, seen = [], [], set()
+    out = Path(out_dir).resolve() if out_dir is not None else None
 
-    def add(path: Path, rel: Path) -> None:
+    def add(path: Path, rel: Path, searched: Path | None = None) -> None:
         key = path.resolve()
+        if (searched is not None and out is not None and out != (top := searched.resolve()) and out.is_relative_to(top)
+                and key.is_relative_to(out)):
+            return
         if key not in seen:
             seen.add(key)
             found.append((path, rel))
@@ -86,7 +94,7 @@ def collect_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path]], list[Res
             if not files:
                 failures.append(RestoreResult(item, error=f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder"))
             for p in files:
-                add(p, p.relative_to(path))
+                add(p, p.relative_to(path), path)
         elif path.is_file():
             add(path, Path(path.name))
         else:
@@ -95,7 +103,7 @@ def collect_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path]], list[Res
                 failures.append(RestoreResult(item, error="no such file, and no file matches it as a glob"))
             prefix = glob_prefix(item)
             for p in matches:
-                add(p, below(p, prefix))
+                add(p, below(p, prefix), prefix)
     return found, failures
 
 
@@ -217,6 +225,17 @@ def names_a_file(out: str | Path) -> bool:
     return Path(out).suffix.lower() in OUTPUT_SUFFIXES and not Path(out).is_dir()
 
 
+def check_restore_output(out: str | Path) -> Path:
+    """The folder restore writes into, made and proved writable: ``out`` itself, or the folder of the one file
+    it names. An OutputError for a file restore cannot write (x.bmp, x.gif), never a folder made of that name."""
+    if names_a_file(out):
+        return check_output_file(out).parent
+    if Path(out).suffix.lower() in IMAGE_SUFFIXES and not Path(out).is_dir():
+        raise OutputError(f"restore cannot write {Path(out).suffix} files: name the output file with one of "
+                          f"{', '.join(sorted(set(OUTPUT_SUFFIXES) - {'.jpe', '.jfif'}))}, or give a folder")
+    return check_output_dir(out)
+
+
 def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path, *, fmt: str = "png",
                   max_pixels: int = DEFAULT_MAX_PIXELS, skip_existing: bool = False, progress: bool = True,
                   quality: int | None = None, suffix: str = "", output_quality: int | None = None,
@@ -233,8 +252,8 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
 
     output_format(fmt, ".png")  # a ValueError for an unknown format, before any work
     one_file = names_a_file(out_dir)
-    out = check_output_file(out_dir).parent if one_file else check_output_dir(out_dir)
-    files, results = collect_inputs(inputs)
+    out = check_restore_output(out_dir)
+    files, results = collect_inputs(inputs, out)
     if one_file and len(files) + len(results) != 1:
         raise OutputError(f"output {out_dir} names one file, and {len(files) + len(results)} images were given: "
                           f"give an output folder")
@@ -278,10 +297,13 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
                                   f"hold: write it as png, webp or tiff (--format, or --format same)")
         return image, read_quality(result, image, quality)
 
-    def save(restored, image: LoadedImage, target: Path) -> None:
+    def save(restored, image: LoadedImage, target: Path, path: Path, passthrough: bool) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
+        if passthrough and image.format == save_options(target.suffix)[0]:  # unchanged: the file, not a re-encode
+            atomic_write_bytes(target, path.read_bytes())
+            return
         save_image(restored, target, alpha=image.alpha, grayscale=image.grayscale, icc_profile=image.icc_profile,
-                   exif=image.exif, quality=output_quality)
+                   exif=image.exif, quality=output_quality, dpi=image.dpi)
 
     def saved(result: RestoreResult, target: Path, image: LoadedImage, future: Future) -> None:
         try:
@@ -319,7 +341,8 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
                 decision = restorer.last_decision
                 result.passthrough, result.note = decision.passthrough, decision.reason
                 result.seconds = time.perf_counter() - start
-                saves.append((result, target, image, pool.submit(save, restored, image, target)))
+                encoding = pool.submit(save, restored, image, target, path, decision.passthrough)
+                saves.append((result, target, image, encoding))
                 while len(saves) > workers:
                     saved(*saves.popleft())
             while saves:

@@ -4,14 +4,16 @@
 EXIF orientation is applied; grayscale, palette, RGBA/LA (alpha kept and written back unchanged), CMYK and
 YCbCr JPEGs are read; grayscale input gives grayscale output. 16-bit images are refused (a JPEG is 8-bit: a
 16-bit file never was one), as are images over ``max_pixels`` (checked from the header, before decoding:
-decompression bombs).
+decompression bombs) and animations (GIF, APNG, WebP: one image is written, so the other frames would be lost;
+a camera's MPO keeps its first image, the photo).
 
 Metadata: the input's ICC profile and EXIF (camera, dates, GPS, ...) go into the output (PNG iCCP + eXIf, JPEG
 APP2 + APP1, TIFF tags, WebP ICCP/EXIF chunks). A TIFF is written deflate-compressed, except where the EXIF has
 sub-IFDs (the Exif and GPS ones: dates, exposure, location), which Pillow's compressed-TIFF writer (libtiff)
 cannot write: that TIFF is written uncompressed, so that nothing is lost. The EXIF orientation is applied to the pixels once, so the written EXIF says
 Orientation 1 (and the Exif IFD's pixel dimensions are the output's); the thumbnail (IFD1) and XMP are not
-carried. A profile is carried only where it describes the output's colours: RGB for RGB output, GRAY for
+carried. The pixel density (dpi: JFIF, pHYs, TIFF resolution) is carried too, x and y swapped by a quarter
+turn. A profile is carried only where it describes the output's colours: RGB for RGB output, GRAY for
 grayscale. A CMYK input with an embedded profile is converted to sRGB through that profile (LittleCMS via
 PIL.ImageCms, perceptual intent) and the output carries the sRGB profile LittleCMS builds; a CMYK input without
 one is converted as PIL does (naively) and carries no profile.
@@ -37,6 +39,7 @@ from dist_dejpeg.run.files import atomic_write_bytes
 GRAY_MODES = ("L", "LA", "1")  # single-channel inputs: written back single-channel
 ORIENTATION = 0x0112  # EXIF tag
 EXIF_IFD, PIXEL_X, PIXEL_Y = 0x8769, 0xA002, 0xA003  # the Exif sub-IFD and its pixel dimensions
+X_RESOLUTION = 282  # TIFF tag: without it PIL reads a TIFF as 1 dpi, which the file never said
 SUB_IFDS = (EXIF_IFD, 0x8825, 0xA005)  # pointers to the Exif, GPS and Interoperability sub-IFDs
 # TIFF tags that describe how a file's pixels are stored, not the photo: a TIFF input's getexif() holds them,
 # and written into another file they would describe the wrong pixels (in a TIFF output, corrupt it)
@@ -58,6 +61,7 @@ class LoadedImage:
     image: Image.Image | None = None  # the opened file, any format (its JPEG tables, info; pixels in ``rgb``)
     icc_profile: bytes | None = None  # the profile to write with the output (see the module docstring)
     exif: bytes | None = None  # the EXIF to write with the output, Orientation reset to 1
+    dpi: tuple[float, float] | None = None  # the pixel density to write with the output (output_dpi)
 
 
 def _png_bit_depth(path: Path) -> int | None:
@@ -158,6 +162,19 @@ def output_metadata(img: Image.Image, grayscale: bool) -> tuple[bytes | None, by
         return icc, None
 
 
+def output_dpi(img: Image.Image) -> tuple[float, float] | None:
+    """The pixel density (x, y dpi) of ``img`` (the opened file) for its output, swapped where the EXIF
+    orientation turns the pixels a quarter; None where the file gives none."""
+    dpi = img.info.get("dpi")
+    if not dpi or min(dpi) <= 0 or (img.format == "TIFF" and X_RESOLUTION not in img.tag_v2):
+        return None
+    try:
+        turned = img.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 - malformed EXIF: output_metadata drops it too
+        turned = False
+    return (float(dpi[1]), float(dpi[0])) if turned else (float(dpi[0]), float(dpi[1]))
+
+
 def to_gray(rgb: np.ndarray) -> np.ndarray:
     """H x W x 3 uint8 -> H x W uint8: the mean of the channels (a grayscale input restored as RGB goes back)."""
     return np.rint(rgb.astype(np.float32).mean(axis=2)).astype(np.uint8)
@@ -192,6 +209,9 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
             raise InputImageError(f"{path}: a 16-bit PNG: JPEG is 8-bit, so this file never was a JPEG; convert "
                                   f"it to 8 bits first if it holds a decoded JPEG")
         mode, fmt = img.mode, img.format or path.suffix.lstrip(".").upper()
+        if fmt in ("GIF", "PNG", "WEBP") and getattr(img, "is_animated", False):
+            raise InputImageError(f"{path}: an animated {fmt} ({img.n_frames} frames): restore writes one image, so "
+                                  f"all but the first frame would be lost; save the frames as separate images")
         try:
             with pixel_limit(max_pixels):
                 img.load()
@@ -200,7 +220,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
         icc, exif = output_metadata(img, img.mode in GRAY_MODES)  # before split_image turns the pixels
         rgb, alpha, grayscale = split_image(img, str(path))
         return LoadedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, mode=mode, format=fmt,
-                           image=img, icc_profile=icc, exif=exif)
+                           image=img, icc_profile=icc, exif=exif, dpi=output_dpi(img))
 
 
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # a PNG's last chunk
@@ -234,11 +254,13 @@ def output_complete(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> b
 
 
 def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = None, grayscale: bool = False,
-               icc_profile: bytes | None = None, exif: bytes | None = None, quality: int | None = None) -> None:
+               icc_profile: bytes | None = None, exif: bytes | None = None, quality: int | None = None,
+               dpi: tuple[float, float] | None = None) -> None:
     """Write in the format ``path``'s suffix names, with its OUTPUT_FORMATS options (``quality``: jpg and webp
     at that quality), atomically: encoded first, then a temporary file renamed into place
     (run.files.atomic_write_bytes). ``icc_profile`` and ``exif`` (LoadedImage's) are embedded when given. An
-    alpha channel for a format that cannot hold one (JPEG) is an InputImageError, never dropped silently."""
+    alpha channel for a format that cannot hold one (JPEG) is an InputImageError, never dropped silently.
+    ``dpi``: the pixel density written (a WebP has no field for it)."""
     path = Path(path)
     try:
         fmt, options = save_options(path.suffix, quality)
@@ -253,6 +275,8 @@ def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = 
         options["exif"] = exif
     if icc_profile:
         options["icc_profile"] = icc_profile
+    if dpi:
+        options["dpi"] = dpi
     buf = io.BytesIO()
     join_image(rgb, alpha, grayscale).save(buf, format=fmt, **options)
     atomic_write_bytes(path, buf.getvalue())
