@@ -54,3 +54,95 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, sa
         for metric in ("psnr", "ssim"):
             assert m2[q]["jpeg"][metric] == pytest.approx(m1[q]["jpeg"][metric], rel=1e-9, abs=1e-9)
             assert m2[q]["restored"][metric] == pytest.approx(m1[q]["restored"][metric], rel=1e-4)
+
+
+# -- train.processes: the launcher's stop signals (train/launch.py) ----------------------------------------
+FAKE_RANK = """
+import os, signal, sys, time
+out, hold = sys.argv[-2], float(sys.argv[-1])
+got = []
+signal.signal(signal.SIGINT, lambda *a: got.append(1))
+signal.signal(signal.SIGTERM, lambda *a: got.append(1))
+open(os.path.join(out, f"up-{os.getpid()}"), "w").close()
+while not got:
+    time.sleep(0.05)
+time.sleep(hold)  # the step, a validation and the checkpoint a real rank finishes first
+open(os.path.join(out, f"saved-{os.getpid()}"), "w").close()
+sys.exit(75)
+"""
+
+
+def _fake_ranks(tmp_path, monkeypatch):
+    """``launch`` starting two stand-ins for training ranks: each stops ``hold`` s after its first stop signal
+    with exit 75, as a rank that checkpoints does (its command line names dist_dejpeg.cli like a real one's)."""
+    import sys
+
+    script = tmp_path / "rank.py"
+    script.write_text(FAKE_RANK)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} {script} "$@"\n')
+    python.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(python))
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "1")  # torch's launcher: SIGKILL 1 s after its signal
+
+
+def _signal_when_up(tmp_path, times: int):
+    """Ctrl-C to this process up to ``times`` times, 0.3 s apart, once both ranks are up, until the returned
+    event is set (launch returned)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def send():
+        while len(list(tmp_path.glob("up-*"))) < 2:
+            time.sleep(0.05)
+        for _ in range(times):
+            if not done.is_set():
+                os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)
+
+    done = threading.Event()
+    threading.Thread(target=send, daemon=True).start()
+    return done
+
+
+def test_ctrl_c_waits_for_the_ranks_checkpoint_and_returns_their_exit_code(tmp_path, monkeypatch):
+    from dist_dejpeg.train.launch import launch, ranks_of_this_launcher
+
+    _fake_ranks(tmp_path, monkeypatch)
+    done = _signal_when_up(tmp_path, 1)
+    code = launch(2, [str(tmp_path), "3"])
+    done.set()
+    assert code == 75
+    # torch's launcher alone killed them after its shutdown timeout, before they saved, and said 75 all the same
+    assert len(list(tmp_path.glob("saved-*"))) == 2
+    assert ranks_of_this_launcher() == []
+
+
+def test_a_second_ctrl_c_stops_the_ranks_at_once_and_leaves_none_running(tmp_path, monkeypatch):
+    import time
+
+    from dist_dejpeg.train.launch import launch, ranks_of_this_launcher
+
+    _fake_ranks(tmp_path, monkeypatch)
+    done = _signal_when_up(tmp_path, 3)  # an impatient user: torch's launcher returned at the third, ranks running
+    start = time.time()
+    code = launch(2, [str(tmp_path), "60"])
+    done.set()
+    assert code == 130
+    assert time.time() - start < 30
+    assert ranks_of_this_launcher() == [] and not list(tmp_path.glob("saved-*"))
+
+
+def test_accelerate_launch_with_the_one_process_config_is_a_launcher(monkeypatch):
+    """`accelerate launch --config_file launch/accelerate/cpu.yaml` (or single_gpu.yaml) runs one process and sets
+    no LOCAL_RANK: configs/debug.yaml's train.processes=2 must not start two more inside it (it did, with the
+    launcher's 2 OpenMP threads each on 2 cores)."""
+    from dist_dejpeg.train.launch import already_launched
+
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.delenv(name, raising=False)
+    assert not already_launched()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what accelerate's one-process launcher always sets
+    assert already_launched()

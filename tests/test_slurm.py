@@ -198,3 +198,25 @@ def test_a_dead_rank_ends_the_job_instead_of_hanging(slurm, sample_shards, tmp_p
     state = wait_for_end(job, 120)
     assert state in ("FAILED", "CANCELLED"), state
     assert time.time() - killed < 90, f"the job took {time.time() - killed:.0f} s to end after the kill"
+
+
+def test_the_launcher_waits_for_the_checkpoint_until_slurm_kills(tmp_path):
+    """No cluster needed: common.sh's setup as the batch shell runs it. scancel's TERM reaches `accelerate launch`
+    too, and torch's launcher SIGKILLs the ranks 30 s later (TORCH_ELASTIC_SHUTDOWN_TIMEOUT): shorter than the
+    stop a rank may take (train.preempt_budget_s), so the checkpoint would be lost; it must wait past the budget,
+    up to SLURM's --signal lead time."""
+    from dist_dejpeg.config import load_config
+
+    script = (ROOT / "launch" / "slurm" / "train_multi_node.sbatch").read_text()
+    lead = int(re.search(r"#SBATCH --signal=B:USR1@(\d+)", script).group(1))
+    budget = load_config(ROOT / "configs" / "div2k.yaml", []).train.preempt_budget_s
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCH_ELASTIC"))}
+    env.update(SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_ID="7", SLURM_JOB_NODELIST="node1", PYTHON=sys.executable)
+    run_dir = tmp_path / "run"
+    shell = ('CONFIG=configs/div2k.yaml; OVERRIDES=("train.run_dir=$1"); source launch/slurm/common.sh; dd_setup; '
+             'echo "timeout=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT"')
+    done = subprocess.run(["bash", "-c", shell, "bash", str(run_dir)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    found = re.search(r"timeout=(\d+)", (run_dir / "logs" / "job-7.log").read_text())
+    assert found and budget < int(found.group(1)) < lead, found

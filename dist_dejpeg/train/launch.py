@@ -1,7 +1,8 @@
 """``train.processes: N``: ``dist-dejpeg train`` runs itself as N ranks on this machine, through PyTorch's own
 launcher (``torchrun --standalone --nproc-per-node N``, called as a library so that the exit code of a failing
 rank comes back as the command's: 2 config/weights/folder errors, 3 stopped by a fault, 75 preempted). Under a
-launcher (``accelerate launch``, ``torchrun``, the sbatch scripts: LOCAL_RANK or WORLD_SIZE set) the key is
+launcher (``accelerate launch``, ``torchrun``, the sbatch scripts: LOCAL_RANK or WORLD_SIZE set, or
+ACCELERATE_MIXED_PRECISION from accelerate's one-process launcher, as with launch/accelerate/cpu.yaml) the key is
 ignored: the launcher decides the processes.
 
 On a CPU the processes are gloo DDP ranks with ``cores // N`` threads each: on 2 cores two 1-thread processes
@@ -20,7 +21,8 @@ import uuid
 
 log = logging.getLogger("dist_dejpeg")
 
-LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE")  # set by torchrun / accelerate launch / the sbatch scripts
+# set by torchrun / accelerate launch / the sbatch scripts; the last by accelerate launch's one-process launcher too
+LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION")
 
 
 def already_launched() -> bool:
@@ -69,33 +71,89 @@ def leave_process_group() -> None:
             log.debug("leaving the process group: %s", err)
 
 
-def launch(processes: int, argv: list[str], exit_preempted: int) -> int:
+class StopForwarder:
+    """The launcher's own SIGINT/SIGTERM/SIGUSR1 handling: the first signal goes on to every rank, and the launcher
+    keeps waiting for them, however long their step, validation and checkpoint take (torch's launcher would kill
+    them after its 30 s shutdown timeout, and a third Ctrl-C would leave it with the ranks still running); their
+    exit code (75 with a checkpoint) is then the command's. A second Ctrl-C kills the ranks at once."""
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: int | None = None
+        self.killed = False
+
+    def install(self) -> dict:
+        return {sig: signal.signal(sig, self._handle) for sig in (getattr(signal, n) for n in self.SIGNALS)}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+            for rank in ranks_of_this_launcher():
+                _signal(rank, signum, group=False)
+        elif signum == signal.SIGINT:  # Ctrl-C again: now, without a checkpoint (loader workers too)
+            self.killed = True
+            for rank in ranks_of_this_launcher():
+                _signal(rank, signal.SIGKILL, group=True)
+
+
+def ranks_of_this_launcher() -> list[int]:
+    """The pids of the training processes this process started (torch's launcher starts each in its own session)."""
+    import psutil  # (accelerate's dependency)
+
+    found = []
+    for child in psutil.Process().children():
+        try:
+            if "dist_dejpeg.cli" in child.cmdline():
+                found.append(child.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _signal(pid: int, signum: int, group: bool) -> None:
+    try:
+        os.killpg(pid, signum) if group and os.getpgid(pid) == pid else os.kill(pid, signum)
+    except OSError:  # ended meanwhile
+        pass
+
+
+def launch(processes: int, argv: list[str]) -> int:
     """Run ``python -m dist_dejpeg.cli *argv`` as ``processes`` ranks; returns the first failing rank's exit
-    code (``exit_preempted`` when a signal stopped the launcher: the ranks got it too and checkpointed)."""
+    code (75 when a stop signal made them checkpoint; 130 when a second Ctrl-C killed them)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    threads, omp = threads_per_process(processes), os.environ.get("OMP_NUM_THREADS")
+    env = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "TORCHELASTIC_SIGNALS_TO_HANDLE")}
+    threads = threads_per_process(processes)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the ranks inherit it (torchrun would otherwise say it set 1)
     log.info("train: %d processes of %d thread(s) each (torch.distributed.run, standalone)", processes, threads)
+    # torch's launcher keeps only the signals no rank handles (a closed terminal); StopForwarder the others
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          signals_to_handle="SIGHUP,SIGQUIT")
     handled = [getattr(signal, name) for name in config.signals_to_handle.split(",") if hasattr(signal, name)]
     saved = {sig: signal.getsignal(sig) for sig in handled}  # the launcher installs its own and leaves them
+    stops = StopForwarder()
+    saved.update(stops.install())
     try:
         elastic_launch(config, sys.executable)("-m", "dist_dejpeg.cli", *argv)
     except ChildFailedError as err:
+        if stops.killed:
+            log.warning("train: stopped at once by a second Ctrl-C, without a checkpoint; the run continues from "
+                        "its newest checkpoint")
+            return 128 + signal.SIGINT
         return failed_code(err)
-    except SignalException as err:
-        log.warning("train: %s stopped the launcher; the processes were signalled too",
-                    signal.Signals(err.sigval).name)
-        return exit_preempted
+    except SignalException as err:  # SIGHUP, SIGQUIT: the launcher ended the ranks with it
+        log.warning("train: %s stopped the launcher and the processes", signal.Signals(err.sigval).name)
+        return 128 + err.sigval
     finally:  # this process as it was (a caller in Python, e.g. a test, goes on)
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-        if omp is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = omp
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return 0

@@ -26,6 +26,9 @@ dd_setup() {
   GPUS=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
   [ "${GPUS:-0}" -ge 1 ] || export ACCELERATE_USE_CPU=1
   PROCS=${PROCS_PER_NODE:-$(( ${GPUS:-0} > 0 ? GPUS : 1 ))}
+  # scancel's TERM reaches the launcher too, and torch's launcher SIGKILLs the processes 30 s after it, before a
+  # checkpoint that needs up to train.preempt_budget_s (90 s): let it wait until SLURM's own kill instead
+  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-115}
   TRAIN=(-m dist_dejpeg.cli train --config "$CONFIG" "${OVERRIDES[@]}")
 }
 
