@@ -220,3 +220,24 @@ def test_the_launcher_waits_for_the_checkpoint_until_slurm_kills(tmp_path):
     assert done.returncode == 0, done.stderr
     found = re.search(r"timeout=(\d+)", (run_dir / "logs" / "job-7.log").read_text())
     assert found and budget < int(found.group(1)) < lead, found
+
+
+def test_a_preempted_step_reports_its_own_exit_code_and_requeues(tmp_path):
+    """No cluster needed: dd_run_step with stand-ins for srun, scancel and scontrol. USR1 arrives; the trap's
+    scancel stops the step (exit 75, as checkpointing ranks do) while the trap is still running: the status
+    reported is the step's 75, not the interrupted wait's 138, and the job is requeued."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {"srun": 'echo $$ > "$T/srun.pid"; trap "exit 75" TERM; while :; do sleep 0.05; done',
+             "scancel": 'kill -TERM "$(cat "$T/srun.pid")"; sleep 1',  # the step ends before the trap returns
+             "scontrol": 'echo "$*" >> "$T/scontrol.log"'}
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    shell = ('source launch/slurm/common.sh; LOG_DIR="$T"; SLURM_JOB_ID=7; '
+             '(while [ ! -s "$T/srun.pid" ]; do sleep 0.05; done; kill -USR1 $$) & '
+             'dd_run_step python train.py; echo "rc=$?"')
+    env = dict(os.environ, T=str(tmp_path), PATH=f"{bin_dir}:{os.environ['PATH']}")
+    done = subprocess.run(["bash", "-c", shell], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert "training step ended with status 75" in done.stdout and done.stdout.rstrip().endswith("rc=75"), done
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "7"]

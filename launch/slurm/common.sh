@@ -50,6 +50,8 @@ dd_run_step() {
     wait "$step" && rc=0 || rc=$?
     kill -0 "$step" 2>/dev/null || break  # a trap interrupted the wait: keep waiting for the step
   done
+  # a step that ended while a trap ran: that wait's status was the signal's (138, 143), the step's is still to collect
+  if [ "$rc" -gt 128 ]; then wait "$step" 2>/dev/null; local last=$?; [ "$last" = 127 ] || rc=$last; fi
   echo "[$(date +%FT%T)] training step ended with status $rc"
   if [ "$DD_REQUEUE" = 1 ]; then
     echo "[$(date +%FT%T)] requeueing job $SLURM_JOB_ID; it resumes from the newest checkpoint in $RUN_DIR"
