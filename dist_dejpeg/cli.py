@@ -123,6 +123,14 @@ def _train(args: argparse.Namespace) -> int:
 
     ranks = ranks_here(cfg.train.processes, cfg.train.cpu)
     if ranks > 1 and not already_launched():  # the same command again, as `ranks` processes
+        from dist_dejpeg.run.lock import lock_status
+
+        held = lock_status(cfg.train.run_dir)  # said now, not once per rank after their start-up (~20 s)
+        if held["held"] is True:
+            print(f"error: run folder {cfg.train.run_dir} is in use by another training run ({held['detail']}); two "
+                  f"runs would overwrite each other's checkpoints. Stop that run, or set another train.run_dir.",
+                  file=sys.stderr)
+            return 2
         argv = ["train", *(["--config", args.config] if args.config else []),
                 *(["--resume", args.resume] if args.resume else []),
                 *(["--log-level", args.log_level] if args.log_level else []), *args.overrides]

@@ -183,6 +183,30 @@ def test_a_lock_held_by_another_process_is_refused_and_dies_with_it(tmp_path):
     lock.release()
 
 
+def test_train_processes_refuses_a_busy_run_folder_before_starting_ranks(tmp_path, capsys, monkeypatch):
+    """`train.processes=2` on a run folder another run holds: one error at once, no rank started (each rank
+    found the lock only after its start-up, ~20 s, and said so once per rank)."""
+    from dist_dejpeg.cli import main
+    from dist_dejpeg.train import launch as launch_mod
+
+    monkeypatch.setattr(launch_mod, "launch", lambda *a: pytest.fail("ranks were started"))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = RunLock(run)
+    lock.acquire()
+    try:
+        code = main(["train", "--config", str(ROOT / "configs" / "debug.yaml"), f"train.run_dir={run}",
+                     "train.processes=2", "train.cpu=true"])
+    finally:
+        lock.release()
+    err = capsys.readouterr().err
+    assert code == 2 and f"run folder {run} is in use by another training run (held by host" in err, err
+    assert f"pid {os.getpid()}" in err
+
+
 def test_kill_9_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_path, shards, uninterrupted):
     """The real thing: a separate process is killed with SIGKILL at a random moment after a random checkpoint;
     rerunning the same command resumes from the newest complete checkpoint and ends with the same weights."""
