@@ -215,6 +215,10 @@ def test_output_formats_and_their_metadata(tmp_path):
     Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 9, np.uint8)])).save(tmp_path / "rgba.png")
     (result,) = restore_files(identity, [str(tmp_path / "rgba.png")], tmp_path / "a", fmt="jpg", progress=False)
     assert result.output is None and "alpha channel" in result.error and not (tmp_path / "a" / "rgba.jpg").exists()
+    assert result.error.endswith("write it as png, webp or tiff (--format, or --format same)")
+    # one output file named: the hint names the suffix (--format is refused with -o FILE)
+    (result,) = restore_files(identity, [str(tmp_path / "rgba.png")], tmp_path / "one.jpg", progress=False)
+    assert result.error.endswith("which .jpg cannot hold: name the output .png, .webp or .tiff"), result.error
 
 
 def test_export_quiets_the_exporters_info_lines(tmp_path, capsys):

@@ -293,8 +293,10 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
     def load(path: Path, target: Path, result: RestoreResult) -> tuple[LoadedImage, str]:
         image = load_image(path, max_pixels)
         if image.alpha is not None and save_options(target.suffix)[0] not in ALPHA_FORMATS:
+            how = ("name the output .png, .webp or .tiff" if one_file
+                   else "write it as png, webp or tiff (--format, or --format same)")
             raise InputImageError(f"{path}: has an alpha channel (transparency), which {target.suffix} cannot "
-                                  f"hold: write it as png, webp or tiff (--format, or --format same)")
+                                  f"hold: {how}")
         return image, read_quality(result, image, quality)
 
     def save(restored, image: LoadedImage, target: Path, path: Path, passthrough: bool) -> None:
