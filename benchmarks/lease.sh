@@ -8,28 +8,39 @@
 #       wheels and DALI's sha256 file) and .gpu_wheels/dali-wheels.tar.part-00 ... -04 (DALI's downloads are kept
 #       in .gpu_wheels/cache for the next prepare). .gpu_wheels/ and .gpu_cache/ are ignored by git. Then plan.
 #   benchmarks/lease.sh plan
-#       the calls below with what each carries and its size with the checkout (exit 1 where one is over 64 MiB).
+#       the calls below with what each carries and its size with the checkout (exit 1 where one is over 64 MiB), the
+#       check's --commit (the copy there is no checkout of this commit: its summaries would name another). Run it
+#       right before the lease, after the last commit.
 # There, each call as soon as the last returns (the machine keeps /tmp only while it is warm, ~30 s):
 #   benchmarks/lease.sh stage        carry: .gpu_wheels/dali-wheels.tar.part-00   (then -01, -02, -03)
 #   benchmarks/lease.sh stage        carry: .gpu_wheels/plain .gpu_wheels/dali-wheels.tar.part-04   (the smallest)
 #   benchmarks/lease.sh check [gpu_check options]        carry: .gpu_cache
-#       stage copies what the call carried into /tmp/gpu_wheels. check stages too, then runs the GPU check on that
+#       stage copies what the call carried into /tmp/gpu_wheels (the last one also checks DALI's parts: a reply with
+#       warm false, a restarted machine, lost the earlier ones). check stages too, then runs the GPU check on that
 #       folder with inductor's and Triton's caches from and back into .gpu_cache/compile.tar.gz (parts of 15 MiB,
 #       at most 56 MiB: what comes back is 64 MiB in all and what travels 64 MiB with the ~3 MiB checkout; a bigger
 #       cache goes without Triton's folder, or stays as it was), and leaves in $OUT: check.tar.gz (the check's
-#       folder without weights: summary.md, logs, results, gpu-summary.json) and the cache's parts (at most 4).
-#       Its exit code is the check's.
+#       folder without weights and TensorBoard's events: summary.md, logs, results, gpu-summary.json) and the
+#       cache's parts (at most 4; none where all would be over 64 MiB). Its exit code is the check's (DALI's parts
+#       missing or broken, or a wheel of dist_dejpeg built before a change, fail the install step, and the other
+#       steps still run).
 # Here again, with the reply's files_at:
 #   benchmarks/lease.sh keep FILES_AT
 #       the cache's parts into .gpu_cache/ (the next check call carries them: rows compiled once are not compiled
 #       again), the check's folder into benchmarks/results/gpu-<card>-<date>/ and its gpu-summary.json to
 #       benchmarks/results/gpu-summary.json (commit both).
 #
-# A lease's 15 minutes: ~2-3 to start the machine, ~1 for the five stage calls, so one check call of at most
-# `--budget 540` (run's timeout_s 600). Its steps go cheapest-new first: the gpu tests (up to 300 s on a cold
-# cache: two of them compile), bench infer (~1-2 min), then bench train's compiled rows, which fill what is left;
+# A lease's 15 minutes (900 s of device time, start, idle and transfers included; a call cut by them returns
+# nothing): ~1-3 to start the machine, ~1-2 for the five stage calls, so before the check call read status's
+# budget_left_s, L: `--budget` L-90 (at most 540), run's timeout_s L-30 (at most 600); after it, give_back.
+# DALI's five stage calls cost ~2 minutes and need each call within ~30 s of the last: without DALI (below) the
+# check has them for its steps, and only the DALI GPU tests and DALI rows go. The check's steps go cheapest-new
+# first: the gpu tests (up to 300 s on a cold cache: two of them compile), bench infer (~1-2 min), then bench
+# train's compiled rows, which fill what is left;
 # the compile cache that comes back makes the next lease's compiled tests and rows quick: then
-# `check --steps bench_train,train --compile` trains the recipe compiled as configs/div2k.yaml does.
+# `check --steps bench_train,train --compile` trains the recipe compiled as configs/div2k.yaml does. In that order
+# a cold lease never reaches train, the only source of gpu-summary.json's gen_img_s, gan_img_s and data_wait_frac:
+# for those first, `--steps train,bench_infer,pytest_gpu,bench_train` (train ~1.5 min eager, bench infer ~1-2).
 # Without DALI (plain wheels only, one call): prepare --no-dali, then check carrying .gpu_wheels/plain and .gpu_cache.
 # LEASE_WHEELS, LEASE_CACHE, LEASE_RESULTS, WHEELS_AT move .gpu_wheels, .gpu_cache, benchmarks/results and
 # /tmp/gpu_wheels; PYTHON names the interpreter (default python3).
@@ -42,6 +53,7 @@ RESULTS=${LEASE_RESULTS:-$ROOT/benchmarks/results}
 AT=${WHEELS_AT:-/tmp/gpu_wheels}
 PYTHON=${PYTHON:-python3}
 CACHE_FILE=compile.tar.gz
+SUMS=dali-wheels.sha256  # gpu_wheels.sh --split's checksums of DALI's parts (dist_dejpeg/bench/dali_wheels.py)
 SPLIT_MIB=15  # files of at most 16 MiB come back (8 of them)
 MAX_MIB=56    # ... and 64 MiB in all: check.tar.gz (logs and tables) and at most 4 parts; the next call carries them
 
@@ -74,6 +86,8 @@ plan() {
     else
         calls+=("check|$WHEELS/plain $CACHE")
     fi
+    # the copy there is not this checkout (its git metadata, where any, is the session's first commit): name it
+    commit=$(git -C "$ROOT" describe --always --dirty 2>/dev/null) || commit=""
     echo "lease.sh: the calls, each as soon as the last returns (the checkout: $(mib "$tree") MiB of each):"
     for call in "${calls[@]}"; do
         i=$((i + 1))
@@ -81,9 +95,13 @@ plan() {
         size=$((tree + $(bytes_of "${carried[@]}")))
         flag=""
         ((size > CARRY_MIB * 1048576)) && { flag="  OVER"; over=1; }
-        printf '  %d. lease.sh %-6s carry: %s  (%s MiB of %d)%s\n' "$i" "${call%%|*}" "${carried[*]#"$ROOT"/}" \
-            "$(mib "$size")" "$CARRY_MIB" "$flag"
+        what=${call%%|*}
+        [[ $what == check && -n $commit ]] && what="check --commit $commit"
+        printf '  %d. bash benchmarks/lease.sh %s  carry: %s  (%s MiB of %d)%s\n' "$i" "$what" \
+            "${carried[*]#"$ROOT"/}" "$(mib "$size")" "$CARRY_MIB" "$flag"
     done
+    echo "lease.sh: before the check call, status's budget_left_s (L): add --budget L-90 (at most 540) and give it" \
+         "timeout_s L-30 (at most 600); then give_back"
     ((over)) && echo "lease.sh: a call is over ${CARRY_MIB} MiB: split smaller (gpu_wheels.sh --split) or trim the checkout" >&2
     return "$over"
 }
@@ -95,6 +113,18 @@ stage() {
     (( ${#carried[@]} )) && { cp -f "${carried[@]}" "$AT/" || fail "cannot copy into $AT (disk full?)"; }
     echo "lease.sh: $AT now holds:"
     ls -l "$AT" | awk 'NR > 1 {printf "%10d  %s\n", $5, $NF}'
+    [[ -f $AT/$SUMS ]] || return 0
+    # with the checksums here (the last stage call): say now which DALI parts a restarted machine lost, not in the check
+    local part bad=()
+    for part in $(awk '$2 ~ /\.part-/ { print $2 }' "$AT/$SUMS"); do
+        [[ -f $AT/$part ]] || bad+=("$part (missing)")
+    done
+    if (( ${#bad[@]} == 0 )) && (cd "$AT" && grep '\.part-' "$SUMS" | sha256sum -c --quiet -); then
+        echo "lease.sh: every DALI part $SUMS lists is here, its sha256 checked"
+    else
+        echo "lease.sh: warning: DALI's parts are not whole: ${bad[*]:-a wrong sha256 (above)}; stage them again," \
+             "or the check installs without DALI" >&2
+    fi
 }
 
 case ${1:-} in
@@ -122,10 +152,16 @@ case ${1:-} in
             --out "$OUT/check" --compile-cache "$CACHE/$CACHE_FILE" --compile-cache-split "$SPLIT_MIB" \
             --compile-cache-max "$MAX_MIB" "$@"
         rc=$?
-        # weights and checkpoints stay behind (tens of MB; a file back is at most 16 MiB): logs, tables and JSON come
+        # weights, checkpoints and TensorBoard's events (sample images: MBs) stay behind (a file back is at most
+        # 16 MiB, all 64 MiB with the cache's 56 at most): logs, tables and JSON come
         tar -czf "$OUT/check.tar.gz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.pth' --exclude='*.bin' \
-            --exclude='*.onnx' -C "$OUT" check && rm -rf "$OUT/check"
+            --exclude='*.onnx' --exclude='*.tfevents.*' -C "$OUT" check && rm -rf "$OUT/check"
         cp "$CACHE/$CACHE_FILE".part-* "$OUT/" 2>/dev/null
+        back=$(bytes_of "$OUT"/*)
+        if ((back > 64 * 1048576)); then  # the results before the cache: not all of it would come back
+            echo "lease.sh: warning: $(mib "$back") MiB to come back; the compile cache's parts stay behind" >&2
+            rm -f "$OUT/$CACHE_FILE".part-*
+        fi
         echo "lease.sh: back in \$OUT: $(cd "$OUT" && ls | tr '\n' ' ')(the check exited $rc)"
         exit "$rc" ;;
     keep)

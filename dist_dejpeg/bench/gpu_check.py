@@ -27,8 +27,10 @@ Exit: 0 every step passed, 1 some step failed, 2 usage error, 3 no CUDA (and no 
 NVIDIA DALI (with its nvimgcodec, nvcomp and nvJPEG wheels, about 250 MB) is in the wheel folder only with
 gpu_wheels.sh --dali: with --split, as dali-wheels.tar.part-00, -01, ... and dali-wheels.sha256. The install step
 checks every part and the joined tar against that file, joins the parts in name order, and installs the wheels in
-the tar with the others; a missing part or checksum file, a part it does not list or a wrong checksum fails the
-step, naming the file. DALI's wheels found plain in the folder (parts joined and unpacked by hand), or a
+the tar after the others; a missing part or checksum file, a part it does not list or a wrong checksum fails the
+step in part, naming the file: the project is installed without DALI and the later steps run (so do they where
+DALI does not install or import, or the project's wheel is not this checkout's: the steps import the checkout's
+code from its root). DALI's wheels found plain in the folder (parts joined and unpacked by hand), or a
 dali-wheels.tar joined there, install too. With DALI, install also imports it from the install folder, the GPU
 tests that need it run and `bench data` has its DALI GPU rows; without it those tests skip themselves, `bench data`
 leaves out its DALI rows, and training uses data.backend=torch with the GPU (nvJPEG) JPEG degradation either way.
@@ -207,7 +209,7 @@ def main(args: argparse.Namespace) -> int:
     commit = args.commit or _commit(root)
     date = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     work = Path(tempfile.mkdtemp(prefix="gpu_check."))  # under TMPDIR
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous, ctx = signal.signal(signal.SIGTERM, _interrupt), None
     try:
         ctx = _context(args, settings, settings_path, root=root, out=out, wheels=wheels, work=work, py=py,
                        have_cuda=have_cuda)
@@ -219,12 +221,11 @@ def main(args: argparse.Namespace) -> int:
         failed = Runner(out, summary, ctx, env, deadline=started + args.budget, budget=args.budget).run(steps)
         notes = [f"Compile cache: {_pack_cache(args, work)}."] if args.compile_cache else []
         write_footer(summary, out, failed, len(steps), started, notes)
-        write_gpu_summary(out, card=probe.get("card") if have_cuda else None, date=date, commit=commit,
-                          device="cuda" if have_cuda else "cpu",
-                          first_variant=next(iter(ctx["steps"]["data_wait"].get("variants") or {}), None))
+        _headline(out, ctx, probe if have_cuda else None, date, commit)
     except KeyboardInterrupt:
         if args.compile_cache and (work / "cache" / "compile").is_dir():
             _pack_cache(args, work)  # what was compiled before the interruption is whole: inductor writes atomically
+        _headline(out, ctx, probe if have_cuda else None, date, commit)  # the steps that ended measured
         return _error("interrupted", 130)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -243,6 +244,13 @@ def _pack_cache(args, work: Path) -> str:
         line = f"not written ({type(err).__name__}: {err}); {args.compile_cache} left as it was"
     print(f"gpu_check: compile cache: {line}", flush=True)
     return line
+
+
+def _headline(out: Path, ctx: dict | None, probe: dict | None, date: str, commit: str) -> None:
+    """gpu-summary.json from what the steps wrote; ``probe``: the CUDA probe's answer, None without CUDA."""
+    variants = (ctx["steps"]["data_wait"].get("variants") or {}) if ctx else {}
+    write_gpu_summary(out, card=(probe or {}).get("card"), date=date, commit=commit, device="cuda" if probe else "cpu",
+                      first_variant=next(iter(variants), None))
 
 
 def _interrupt(signum, frame):

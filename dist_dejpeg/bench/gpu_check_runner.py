@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 KILL_GRACE = 10  # s between a step's SIGTERM and its SIGKILL (coreutils' `timeout -k 10`)
+# install's exit code where the project runs but not all is right (DALI left out, the project's wheel from another
+# tree): the step failed, and the later steps run all the same (a lease's minutes are not thrown away)
+PARTIAL = 10
 
 
 class Runner:
@@ -20,6 +23,7 @@ class Runner:
         self.out, self.summary, self.ctx, self.env = out, summary, ctx, env
         self.deadline, self.budget = deadline, budget
         self.failed: list[str] = []
+        self.blocked = False  # the install step failed: the later steps would not run this checkout
 
     def run(self, steps: list[str]) -> list[str]:
         for name in steps:  # most telling first: when the budget runs out, the later steps are reported as not run
@@ -28,7 +32,7 @@ class Runner:
                 self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.ctx["site"], os.environ.get("PYTHONPATH")]))
             if name == "cuda" and not self.ctx["have_cuda"]:
                 self.skip(name, "no CUDA", "no CUDA (--allow-cpu)")
-            elif "install" in self.failed:  # every later step would measure the machine's own packages, if any
+            elif self.blocked:  # every later step would measure the machine's own packages, if any
                 self.skip(name, "install failed", "the install step failed: this step would not run this checkout")
             elif settings.get("skip"):
                 self.skip(name, settings["skip"], f"{settings['skip']} ({settings.get('why', '')})")
@@ -69,8 +73,11 @@ class Runner:
         result = result.get(rc, "FAILED")
         if rc == 5 and name == "pytest_gpu":
             result = "FAILED: no test collected"
+        if name == "install" and rc == PARTIAL:
+            result = "FAILED: in part (its log says what; the later steps run)"
         if rc:
             self.failed.append(name)
+            self.blocked |= name == "install" and rc != PARTIAL
         self.row(name, rc, f"{time.perf_counter() - t0:.1f}", result)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from dist_dejpeg.bench.dali_wheels import WheelsError, dali_wheels
+from dist_dejpeg.bench.gpu_check_runner import PARTIAL
 from dist_dejpeg.run.layout import GENERATOR, METRICS
 
 
@@ -126,24 +127,32 @@ def env(ctx, s: dict) -> int:
     return 0
 
 
-def install(ctx, s: dict) -> int:
+def _pip_install(ctx, wheels: list[Path]) -> int:
+    """Install the wheels into the install folder (pip --target; unpacked where the steps' Python has no pip)."""
     import zipfile
 
-    try:
-        dali = dali_wheels(Path(ctx.wheels), Path(ctx.work) / "dali")
-    except WheelsError as err:
-        print(f"gpu_check: {err}", flush=True)
-        return 1
-    # a wheel both plain in the folder and in the parts: the verified one
-    wheels = list({w.name: w for w in [*sorted(Path(ctx.wheels).glob("*.whl")), *dali]}.values())
     if subprocess.run([ctx.py, "-m", "pip", "--version"], capture_output=True).returncode == 0:
-        if rc := sh(ctx.py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-                    "--target", ctx.site, *wheels):
-            return rc
-    else:  # unpacked onto PYTHONPATH, the wheels import the same (no console scripts)
-        print(f"gpu_check: no pip for {ctx.py}; unpacking the wheels into {ctx.site} instead", flush=True)
-        for wheel in wheels:
-            zipfile.ZipFile(wheel).extractall(ctx.site)
+        return sh(ctx.py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+                  "--target", ctx.site, *wheels)
+    print(f"gpu_check: no pip for {ctx.py}; unpacking the wheels into {ctx.site} instead", flush=True)
+    for wheel in wheels:  # unpacked onto PYTHONPATH, the wheels import the same (no console scripts)
+        zipfile.ZipFile(wheel).extractall(ctx.site)
+    return 0
+
+
+def install(ctx, s: dict) -> int:
+    """The wheels, then the imports the later steps need: exit 1 where the project cannot run (every later step is
+    skipped), PARTIAL where it can but DALI is left out or the project's wheel is not this checkout's (a lease's
+    other steps still measure: they import the checkout's own code, from its root)."""
+    try:
+        dali, partial = dali_wheels(Path(ctx.wheels), Path(ctx.work) / "dali"), False
+    except WheelsError as err:
+        print(f"gpu_check: {err}\ngpu_check: installing without DALI (its GPU tests skip)", flush=True)
+        dali, partial = [], True
+    # a wheel both plain in the folder and in the parts: the verified one, installed with DALI's
+    plain = [w for w in sorted(Path(ctx.wheels).glob("*.whl")) if w.name not in {d.name for d in dali}]
+    if rc := _pip_install(ctx, plain):
+        return rc
     print(f"installed into {ctx.site}:", *sorted(p.name for p in Path(ctx.site).iterdir()), sep="\n", flush=True)
     print(f"## imports from outside the repository (cwd {ctx.work}): dist_dejpeg must come from {ctx.site}", flush=True)
     if rc := sh(ctx.py, "-c", IMPORT_CHECK, cwd=ctx.work, env=dict(os.environ, GPU_CHECK_SITE=ctx.site)):
@@ -153,14 +162,22 @@ def install(ctx, s: dict) -> int:
         return rc
     if stale := changed_files(Path(ctx.site) / "dist_dejpeg", Path(ctx.root) / "dist_dejpeg"):
         print(f"gpu_check: the installed dist_dejpeg is not this checkout's ({len(stale)} files differ: "
-              f"{', '.join(stale[:3])}): its wheel was built from another tree, and the steps would measure that "
-              f"code; rebuild it (benchmarks/gpu_wheels.sh DIR, or benchmarks/lease.sh prepare)", flush=True)
-        return 1
-    if not any(w.name.startswith("nvidia_dali") for w in wheels):
+              f"{', '.join(stale[:3])}): its wheel was built from another tree; the steps import the checkout's code "
+              f"from its root, but a process started elsewhere would run the wheel's; rebuild it "
+              f"(benchmarks/gpu_wheels.sh DIR, or benchmarks/lease.sh prepare)", flush=True)
+        partial = True
+    if dali and (rc := _pip_install(ctx, dali)):
+        print(f"gpu_check: DALI's wheels did not install (exit {rc}): the GPU tests that need DALI skip", flush=True)
+        partial = True
+    elif not any(w.name.startswith("nvidia_dali") for w in [*plain, *dali]):
         print("## no DALI wheels (gpu_wheels.sh --dali adds them): the GPU tests that need DALI skip", flush=True)
-        return 0
-    print(f"## DALI, from {ctx.site}", flush=True)
-    return sh(ctx.py, "-c", DALI_CHECK, cwd=ctx.work, env=dict(os.environ, GPU_CHECK_SITE=ctx.site))
+    else:
+        print(f"## DALI, from {ctx.site}", flush=True)
+        if rc := sh(ctx.py, "-c", DALI_CHECK, cwd=ctx.work, env=dict(os.environ, GPU_CHECK_SITE=ctx.site)):
+            print(f"gpu_check: DALI does not import (exit {rc}): its GPU tests and bench data's DALI rows fail",
+                  flush=True)
+            partial = True
+    return PARTIAL if partial else 0
 
 
 def cuda(ctx, s: dict) -> int:
