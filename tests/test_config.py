@@ -278,3 +278,10 @@ def test_div2k_recipe_loads_and_names_the_seed_settings():
     assert cfg.loss.lpips_net == "vgg" and cfg.train.phases["gan"].betas == [0.0, 0.9]
     assert (cfg.train.phases["gan"].critic_iters, cfg.train.phases["gan"].gen_iters) == (5, 2)
     assert cfg.data.val_qualities == [10, 20, 30, 40, 60, 80, 90]
+
+
+@pytest.mark.parametrize("depth", [1, -1])
+def test_an_encoder_depth_without_a_u_net_is_a_config_error(depth):
+    """One stage has no skip to join (and -1 no stage): refused with the key at load, not at build."""
+    with pytest.raises(ConfigError, match=rf"'model.encoder_depth': must be 0 \(all stages\) or at least 2, got {depth}"):
+        load_config(None, [f"model.encoder_depth={depth}"])

@@ -20,7 +20,7 @@ from dist_dejpeg.models.generator_file import FORMAT, load_generator, read_metad
 from dist_dejpeg.models.critic import Critic
 from dist_dejpeg.models.layers import PixelShuffleICNR, SelfAttention, icnr_
 from dist_dejpeg.models.unet import GENERATOR_KEYS, Generator, build_generator
-from dist_dejpeg.models.weights import WeightsError, create_encoder
+from dist_dejpeg.models.weights import EncoderError, WeightsError, create_encoder
 
 ENCODERS = ["mobilenetv3_large_100", "mobilenetv3_small_050", "resnet18", "efficientnet_b0", "convnext_atto"]
 SIZES = [(37, 53), (64, 64), (33, 97), (8, 8)]
@@ -651,3 +651,22 @@ def test_encoder_depth_builds_a_shallower_u_net_without_the_unused_blocks(tmp_pa
         assert loaded.pad_to == 16 and torch.equal(loaded(y), g(y)) and g(y).shape == y.shape
     with pytest.raises(ValueError, match="encoder_depth"):
         Generator("mobilenetv3_small_050", pretrained=False, encoder_depth=1)
+
+
+@pytest.mark.parametrize("encoder, match", [
+    ("mobilenetv3_large", r"timm has no model 'mobilenetv3_large' \(close: mobilenetv3_large_100"),
+    ("vit_tiny_patch16_224", r"'vit_tiny_patch16_224' cannot encode a 16 x 32 px input .*doesn't match model "
+                             r"\(224\); use a convolutional encoder"),
+    ("levit_128s", "cannot encode a 64 x 128 px input"),
+])
+def test_an_encoder_the_u_net_cannot_use_is_refused_at_build_with_its_name(encoder, match):
+    """A misspelt timm name, a ViT's fixed patch grid, an attention that needs a fixed token count: each is an
+    EncoderError (a ValueError) naming the encoder when the generator is built, not timm's assertion at the
+    first step (or, for an unknown name, a RuntimeError from deep inside timm)."""
+    with pytest.raises(EncoderError, match=match):
+        Generator(encoder=encoder, pretrained=False, decoder_width=16)
+
+
+def test_encoder_depth_beyond_the_encoders_stages_names_the_key():
+    with pytest.raises(EncoderError, match=r"'levit_128s' .*model.encoder_depth=4 stages: feature index 3 is out"):
+        create_encoder("levit_128s", pretrained=False, depth=4)

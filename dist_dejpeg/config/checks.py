@@ -23,6 +23,9 @@ def validate(cfg: Config) -> None:
     _one_of("train.mixed_precision", t.mixed_precision, ("no", "bf16", "fp16"))
     _one_of("train.compile_mode", t.compile_mode, COMPILE_MODES)
     _one_of("model.decoder_norm", cfg.model.decoder_norm, ("batch", "group", "none"))
+    if cfg.model.encoder_depth == 1 or cfg.model.encoder_depth < 0:  # a U-Net needs a skip and a deeper stage
+        raise ConfigError(f"config key 'model.encoder_depth': must be 0 (all stages) or at least 2, got "
+                          f"{cfg.model.encoder_depth}")
     if not 0.0 <= cfg.model.quality_blind_prob <= 1.0:
         raise ConfigError("config key 'model.quality_blind_prob': must be in [0, 1]")
     t.log_level = t.log_level.lower()

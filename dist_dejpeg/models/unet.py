@@ -27,7 +27,7 @@ from torch import nn
 
 from dist_dejpeg.config import ModelConfig
 from dist_dejpeg.models.layers import ConvBlock, PixelShuffleICNR, ResBlock, act, norm_layer
-from dist_dejpeg.models.weights import create_encoder
+from dist_dejpeg.models.weights import EncoderError, check_any_size, create_encoder
 
 
 class UpBlock(nn.Module):
@@ -98,9 +98,10 @@ class Generator(nn.Module):
         strides = self.encoder.feature_info.reduction()
         for a, b in zip(strides, strides[1:]):
             if b % a or (b // a) & (b // a - 1):
-                raise ValueError(f"encoder '{encoder}': stage strides {strides} are not powers-of-two steps")
+                raise EncoderError(f"encoder '{encoder}': stage strides {strides} are not powers-of-two steps")
         if strides[0] & (strides[0] - 1):
-            raise ValueError(f"encoder '{encoder}': first stage stride {strides[0]} is not a power of two")
+            raise EncoderError(f"encoder '{encoder}': first stage stride {strides[0]} is not a power of two")
+        check_any_size(self.encoder, encoder, strides[-1])
         cfg = getattr(self.encoder, "pretrained_cfg", {}) or {}
         mean = cfg.get("mean", (0.485, 0.456, 0.406))
         std = cfg.get("std", (0.229, 0.224, 0.225))

@@ -9,6 +9,7 @@ fallback to random init: random init is asked for with ``model.pretrained=false`
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from pathlib import Path
@@ -21,6 +22,10 @@ log = logging.getLogger(__name__)
 
 class WeightsError(RuntimeError):
     """Pretrained weights that were asked for and cannot be found or fetched."""
+
+
+class EncoderError(ValueError):
+    """A model.encoder that timm does not know, or one the U-Net cannot use (no features at any image size)."""
 
 
 def _hf_cached_file(repo_id: str) -> str | None:
@@ -39,7 +44,36 @@ def create_encoder(name: str, pretrained: bool, weights_file: str = "", depth: i
     """A timm ``features_only`` encoder of its first ``depth`` stages (0: all; the blocks after the last one used
     are dropped, not just left unused). ``pretrained`` loads ImageNet weights from ``weights_file``, else from
     the timm / Hugging Face cache, else downloads them; offline it fails with what to do."""
-    return _keep_used_blocks(_create_encoder(name, pretrained, weights_file, depth))
+    import timm
+
+    if ":" not in name and not timm.is_model(name):  # ("hf-hub:..." and "local-dir:..." are timm's to resolve)
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise EncoderError(f"timm has no model '{name}'"
+                           + (f" (close: {', '.join(close)})" if close else ""))
+    try:
+        return _keep_used_blocks(_create_encoder(name, pretrained, weights_file, depth))
+    except (AssertionError, IndexError) as err:  # timm's checks of out_indices, features_only
+        raise EncoderError(f"timm cannot build '{name}' as a features_only encoder"
+                           + (f" of model.encoder_depth={depth} stages" if depth else "") + f": {err}") from None
+
+
+def check_any_size(encoder: nn.Module, name: str, stride: int) -> None:
+    """The U-Net pads each image to a multiple of the encoder's largest ``stride``, so the encoder must take any
+    such size: a ViT's fixed patch grid, a window that needs 256 px or valid convolutions that shrink a small
+    input to nothing fail here, at build, with a message, not at the first step with timm's traceback."""
+    was = encoder.training
+    encoder.eval()  # (batch norm of one sample; no running statistics touched)
+    try:
+        with torch.no_grad():
+            encoder(torch.zeros(1, 3, stride, 2 * stride))
+    except (AssertionError, RuntimeError, ValueError) as err:
+        first = str(err).splitlines()[0].rstrip(".") if str(err) else type(err).__name__
+        raise EncoderError(f"'{name}' cannot encode a {stride} x {2 * stride} px input (a multiple "
+                           f"of its stride {stride}, as the U-Net pads any image to): {first}; use a convolutional "
+                           f"encoder that takes any image size (mobilenetv3_large_100, resnet18, efficientnet_b0, "
+                           f"convnext_atto, ...)") from None
+    finally:
+        encoder.train(was)
 
 
 def _stages(depth: int) -> dict:

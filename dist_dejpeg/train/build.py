@@ -37,6 +37,7 @@ from dist_dejpeg.models.lpips import LPIPS
 from dist_dejpeg.models.names import ModelFileError
 from dist_dejpeg.models.sync_bn import convert_sync_batchnorm
 from dist_dejpeg.models.unet import build_generator
+from dist_dejpeg.models.weights import EncoderError
 from dist_dejpeg.run.lock import RunLock
 from dist_dejpeg.train.checkpoint import remove_partial
 from dist_dejpeg.train.collective import all_ranks_or_raise
@@ -245,7 +246,10 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
         generator = load_model(cfg.model.init_from)[0].train()
         log.info("model.init_from: the generator starts from %s", resolve_model_path(cfg.model.init_from))
     else:
-        generator = build_generator(cfg.model)
+        try:
+            generator = build_generator(cfg.model)
+        except EncoderError as err:  # one line for the user, as any config error
+            raise ConfigError(f"config key 'model.encoder': {err}") from None
     if cfg.model.sync_bn and acc.num_processes > 1:
         generator = convert_sync_batchnorm(generator, cuda=acc.device.type == "cuda")
     critic = build_critic(cfg.critic) if any(trains_critic(p) for p in phases) else None
