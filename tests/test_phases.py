@@ -8,7 +8,8 @@ import math
 import pytest
 
 from dist_dejpeg.config import PhaseConfig
-from dist_dejpeg.train.phases import StopRule, gan_turn, lr_at, trains_critic, trains_generator, uses_lpips
+from dist_dejpeg.train.phases import (StopRule, gan_turn, generator_updates, lr_at, trains_critic, trains_generator,
+                                      uses_lpips)
 
 LR = 1e-3
 
@@ -98,6 +99,42 @@ def test_gan_turn_other_ratios():
     assert all(gan_turn(p, s) == "gen" for s in range(10))
     p = _phase(kind="gan", critic_iters=2, gen_iters=0)
     assert all(gan_turn(p, s) == "critic" for s in range(10))
+
+
+def test_generator_updates_counts_the_gan_phases_gen_turns():
+    for critic_iters, gen_iters in ((5, 2), (1, 1), (0, 3), (2, 0), (3, 1)):
+        for steps in range(0, 20):
+            p = _phase(kind="gan", critic_iters=critic_iters, gen_iters=gen_iters, steps=steps)
+            assert generator_updates(p) == sum(gan_turn(p, s) == "gen" for s in range(steps)), (critic_iters, steps)
+    assert generator_updates(_phase(kind="gen", steps=7)) == 7 and generator_updates(_phase(kind="critic", steps=7)) == 0
+
+
+def test_a_gan_phase_without_generator_updates_is_warned_of(caplog):
+    """train.phases.gan.steps=3 with critic_iters=5 (a quick test run): every step a critic update, the generator
+    file exactly what the earlier phases left, +0.000 dB from the gan phase, without a word."""
+    import logging
+    from pathlib import Path
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from dist_dejpeg.config import load_config
+    from dist_dejpeg.train.build import build_parts
+
+    AcceleratorState._reset_state(True)  # (another test's accelerator in this process)
+    GradientState._reset_state()
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "debug.yaml",
+                      ["model.encoder=mobilenetv3_small_050", "model.decoder_width=16", "train.cpu=true",
+                       "train.phases.gan.steps=3", "train.phases.gan.critic_iters=5"])
+    with caplog.at_level(logging.WARNING, logger="dist_dejpeg"):
+        build_parts(cfg, Accelerator(cpu=True))
+    assert "train.phases.gan: its 3 steps are all critic updates" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dist_dejpeg"):
+        build_parts(load_config(Path(__file__).parents[1] / "configs" / "debug.yaml",
+                                ["model.encoder=mobilenetv3_small_050", "model.decoder_width=16", "train.cpu=true"]),
+                    Accelerator(cpu=True))
+    assert "critic updates" not in caplog.text
 
 
 # --------------------------------------------------------------------------------------------- StopRule

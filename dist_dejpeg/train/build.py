@@ -43,7 +43,7 @@ from dist_dejpeg.train.checkpoint import remove_partial
 from dist_dejpeg.train.collective import all_ranks_or_raise
 from dist_dejpeg.train.compile import compile_cache_dir, compile_model, use_compile_cache
 from dist_dejpeg.train.data_checks import check_shards_exist, check_train_tiles
-from dist_dejpeg.train.phases import trains_critic, uses_lpips
+from dist_dejpeg.train.phases import generator_updates, trains_critic, uses_lpips
 from dist_dejpeg.train.resume import GENERATOR_SHAPE_KEYS
 
 log = logging.getLogger("dist_dejpeg")
@@ -241,6 +241,12 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
     ``prepare`` them once, then the LPIPS networks. ``cfg``: the effective config from build_accelerator."""
     t, fmt = cfg.train, torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     phases = [t.phases[name] for name in t.order]
+    for name in t.order:  # (a short test run's gan phase: all its steps are critic turns)
+        phase = t.phases[name]
+        if phase.kind == "gan" and phase.steps and not generator_updates(phase) and acc.is_main_process:
+            log.warning("train.phases.%s: its %d steps are all critic updates (each cycle starts with "
+                        "critic_iters=%d): the generator is not trained in it; give it more steps", name, phase.steps,
+                        phase.critic_iters)
     set_seed(t.seed)  # same initial weights on every rank
     if cfg.model.init_from:  # (a resumed run's checkpoint replaces them in turn)
         generator = load_model(cfg.model.init_from)[0].train()

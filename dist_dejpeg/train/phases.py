@@ -33,6 +33,15 @@ def gan_turn(phase: PhaseConfig, step: int) -> str:
     return "critic" if step % cycle < phase.critic_iters else "gen"
 
 
+def generator_updates(phase: PhaseConfig) -> int:
+    """How many of the phase's steps update the generator (a gan phase: its gen turns)."""
+    if phase.kind != "gan":
+        return phase.steps if trains_generator(phase) else 0
+    cycle = phase.critic_iters + phase.gen_iters
+    whole, rest = divmod(phase.steps, cycle)
+    return whole * phase.gen_iters + max(0, rest - phase.critic_iters)
+
+
 def lr_at(phase: PhaseConfig, step: int, base_lr: float | None = None) -> float:
     """Learning rate at optimizer step ``step`` of the phase (a pure function of the step, so resume
     needs no scheduler state). onecycle: cosine warm-up from lr/25, cosine decay to lr/1e4 (fastai's
