@@ -670,3 +670,27 @@ def test_an_encoder_the_u_net_cannot_use_is_refused_at_build_with_its_name(encod
 def test_encoder_depth_beyond_the_encoders_stages_names_the_key():
     with pytest.raises(EncoderError, match=r"'levit_128s' .*model.encoder_depth=4 stages: feature index 3 is out"):
         create_encoder("levit_128s", pretrained=False, depth=4)
+
+
+def test_pretrained_encoder_errors_are_told_apart(monkeypatch):
+    """With model.pretrained=true, timm's own check of the model (an encoder_depth beyond its stages) is named as
+    such, not as 'weights not in the cache'; a failed download says how an offline machine fails at once."""
+    import timm
+
+    import dist_dejpeg.models.weights as W
+
+    monkeypatch.setattr(W, "_hf_cached_file", lambda repo: None)
+
+    def out_of_range(*args, **kwargs):
+        raise AssertionError("feature index 3 is out of range")
+
+    monkeypatch.setattr(timm, "create_model", out_of_range)
+    with pytest.raises(EncoderError, match=r"model.encoder_depth=4 stages: feature index 3 is out of range"):
+        create_encoder("levit_128s", pretrained=True, depth=4)
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(W.WeightsError, match=r"(?s)could not be downloaded.*HF_HUB_OFFLINE=1 says this at once"):
+        create_encoder("mobilenetv3_large_100", pretrained=True)

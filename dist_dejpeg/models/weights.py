@@ -108,7 +108,9 @@ def _create_encoder(name: str, pretrained: bool, weights_file: str, depth: int) 
         return _encoder_from_file(name, cached, depth)
     try:
         return timm.create_model(name, features_only=True, pretrained=True, **_stages(depth))
-    except Exception as err:  # noqa: BLE001 - any failure here means "weights not available"
+    except (AssertionError, IndexError):  # timm's own checks of the model (out_indices): create_encoder names them
+        raise
+    except Exception as err:  # noqa: BLE001 - any other failure here means "weights not available"
         where = f"Hugging Face repo '{repo}'" if repo else "timm's download address"
         from huggingface_hub import constants
         raise WeightsError(
@@ -117,7 +119,8 @@ def _create_encoder(name: str, pretrained: bool, weights_file: str, depth: int) 
             f"Fix one of: run once with internet access so timm caches them (in {constants.HF_HUB_CACHE}); "
             f"or download the weights file and set "
             f"model.encoder_weights=/path/to/model.safetensors; or set model.pretrained=false for a "
-            f"random-init encoder (tests and debugging only)."
+            f"random-init encoder (tests and debugging only). On a machine without internet, HF_HUB_OFFLINE=1 "
+            f"says this at once instead of after the download's retries."
         ) from None
 
 
