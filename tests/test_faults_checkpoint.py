@@ -201,8 +201,15 @@ def test_a_process_count_change_says_where_the_data_stream_restarts(base, shards
     step4 = checkpoint_dir(base[0]) / step_name(4)
     state = json.loads((step4 / TRAINER_STATE).read_text())
     cfg = tiny(base[0], shards, *OVER, "data.batch_size=1")  # 1 x 1 x 2 processes: the same 2
-    with pytest.raises(ConfigError, match="process count changes .1 -> 2.*restarts its data stream at epoch 0"):
+    with pytest.raises(ConfigError, match="process count changes .1 -> 2.*restarts its data stream at epoch 0") as err:
         check_resume_config(cfg, step4, state, processes=2, has_critic=False)
+    # the global batch does not change: said so (it said "changes from 2 ... to 2 ...: each step now averages 2
+    # images instead of 2")
+    assert "the global batch stays 2: 2 x 1 x 1 -> 1 x 1 x 2" in str(err.value), str(err.value)
+    assert "changes from" not in str(err.value) and "instead of" not in str(err.value)
+    other_order = tiny(base[0], shards, *OVER, "train.order=[gen,critic]")
+    with pytest.raises(ConfigError, match=r"phases \['gen'\] differ from train.order .*set train.order back"):
+        check_resume_config(other_order, step4, state, processes=1, has_critic=True)
 
 
 def test_resume_takes_a_run_folder_and_refuses_another_runs_checkpoint_over_its_own(base, tmp_path):
@@ -218,3 +225,46 @@ def test_resume_takes_a_run_folder_and_refuses_another_runs_checkpoint_over_its_
     assert choose_checkpoint(MAIN_PROCESS, tmp_path / "fresh", str(other), True) == checkpoint_dir(other) / step_name(6)
     with pytest.raises(FileNotFoundError, match="no such folder"):
         choose_checkpoint(MAIN_PROCESS, run, str(tmp_path / "nope"), True)
+
+
+def test_saving_a_step_again_keeps_the_old_folder_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    """A run preempted at a phase's last step saves that step again once resumed (the phase's end). With
+    keep_last=1, a kill while the old folder was being deleted left the run without any checkpoint (the new
+    one still a .tmp-step-* folder, which the next start removes)."""
+    from accelerate import Accelerator
+
+    from dist_dejpeg.train import checkpoint as ckpt
+
+    acc = Accelerator(cpu=True)
+    first = ckpt.save_checkpoint(acc, tmp_path, 6, {"global_step": 6, "phase_index": 0}, {}, "x: 1\n", keep_last=1)
+    real = shutil.rmtree
+
+    def killed_once_deleted(path, *args, **kwargs):  # the process dies right after a folder is deleted
+        if Path(path).exists():
+            real(path, *args, **kwargs)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_once_deleted)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(acc, tmp_path, 6, {"global_step": 6, "phase_index": 1}, {}, "x: 1\n", keep_last=1)
+    assert list_checkpoints(tmp_path) == [first]
+    assert json.loads((first / TRAINER_STATE).read_text())["phase_index"] == 1, "the new one, in place"
+
+    # killed between the two renames (the old folder aside, the new one not yet named): the next start puts the
+    # old one back rather than removing both as half-written
+    real_replace = os.replace
+
+    def killed_after_the_first_rename(src, dst):
+        if Path(dst).name == step_name(6):  # the new folder about to take the name
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real)
+    monkeypatch.setattr(ckpt.os, "replace", killed_after_the_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(acc, tmp_path, 6, {"global_step": 6, "phase_index": 2}, {}, "x: 1\n", keep_last=1)
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert list_checkpoints(tmp_path) == []  # (only the two .tmp-step-* folders)
+    ckpt.remove_partial(tmp_path)
+    assert list_checkpoints(tmp_path) == [first] and not list(checkpoint_dir(tmp_path).glob(".tmp-*"))
+    assert json.loads((first / TRAINER_STATE).read_text())["phase_index"] == 1, "the complete one set aside"

@@ -136,3 +136,29 @@ def test_a_run_logged_to_a_file_reads_as_plain_lines(tmp_path, shards):
     assert "deprecat" not in text.lower(), text
     assert re.search(r"gen 2/2 \(100%\) \| gen/l1 \S+ .* \| ETA phase 0s, run 0s", text), text
     assert text.count("done: q10") == 1
+
+
+def test_a_resumed_run_logs_each_step_once_and_keeps_each_phases_last_window(tmp_path, shards):
+    """A run resumed from an older checkpoint (a kill -9 after it, or a rollback) logs the lost steps again:
+    TensorBoard must show them once, not twice with the curve going back in time. metrics.json's
+    last_train_log keeps the phases an earlier session trained (it held only the resumed session's)."""
+    from accelerate.state import AcceleratorState, GradientState
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dist_dejpeg.train.trainer import train
+
+    run = tmp_path / "run"
+    over = ("train.order=[gen,critic]", "train.phases.gen.steps=4", "train.phases.critic.steps=1",
+            "train.ckpt_every=2", "train.keep_last=5", "data.val_max_images=2", "data.val_qualities=[10]")
+    train(tiny(run, shards, *over))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train(tiny(run, shards, *over), resume=str(run / "checkpoints" / "step-00000004"))  # the critic step again
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    points = events.Scalars("train/images_per_s")
+    assert [p.step for p in points] == [1, 2, 3, 4, 5], [p.step for p in points]
+    assert [p.wall_time for p in points] == sorted(p.wall_time for p in points)
+    assert [p.step for p in events.Images("val/jpeg_restored_clean_final")] == [5]
+    logged = json.loads((run / "metrics.json").read_text())["meta"]["last_train_log"]
+    assert logged["gen"]["step"] == 4 and logged["critic"]["step"] == 5, logged

@@ -739,3 +739,10 @@ def test_a_crash_leaves_its_reason_for_status(tmp_path, shards, monkeypatch):
     assert (progress["status"], progress["reason"]) == ("crashed", "ZeroDivisionError: division by zero")
     status = run_status(tmp_path / "run")
     assert status["state"] == "crashed or killed" and "ZeroDivisionError: division by zero" in status["why"], status
+
+
+def test_an_encoder_the_u_net_cannot_use_is_a_config_error_naming_the_key(tmp_path, shards):
+    """The CLI prints a ConfigError as one line (exit 2); a ViT's fixed input size was timm's AssertionError with a
+    traceback at the first step."""
+    with pytest.raises(ConfigError, match=r"config key 'model.encoder': 'vit_tiny_patch16_224' cannot encode"):
+        train(tiny(tmp_path / "run", shards, "model.encoder=vit_tiny_patch16_224"))

@@ -38,12 +38,14 @@ from safetensors.torch import load_file, save_file
 
 from dist_dejpeg.config import ConfigError
 from dist_dejpeg.run.files import fsync_dir
-from dist_dejpeg.run.layout import (ABANDONED_PREFIX, CONFIG, STEP_DIR, TRAINER_STATE, buffers_name,  # noqa: F401
-                                    checkpoint_dir, latest_checkpoint, list_checkpoints, loader_state_name,
-                                    partial_checkpoints, partial_name, step_name, step_of)
+from dist_dejpeg.run.layout import (ABANDONED_PREFIX, CONFIG, PARTIAL_PREFIX, STEP_DIR, TRAINER_STATE,  # noqa: F401
+                                    buffers_name, checkpoint_dir, latest_checkpoint, list_checkpoints,
+                                    loader_state_name, partial_checkpoints, partial_name, step_name, step_of)
 from dist_dejpeg.run.manifest import fsync_dirs, fsync_own_files, write_manifest
 from dist_dejpeg.train.collective import all_ranks_or_raise
 from dist_dejpeg.train.launch import already_launched
+
+REPLACED = ".replaced"  # + a partial name: a complete checkpoint set aside while its step is saved again
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: int, trainer_state: dict,
@@ -82,10 +84,16 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, global_step: 
             write_manifest(tmp)  # after every rank's files: their sizes and sha256
             _write_json(tmp / TRAINER_STATE, trainer_state)  # last file: marks the folder complete
             fsync_dirs(tmp)
-            if final.exists():  # the same step saved again (e.g. a NaN stop right after a periodic save)
-                shutil.rmtree(final)
+            # the same step saved again (a NaN stop right after a periodic save; a run preempted at a phase's last
+            # step, then resumed): the old folder is deleted only once the new one is in place, so that a kill
+            # meanwhile leaves a checkpoint (the aside's .tmp-step-* name: the next start removes it if left)
+            replaced = root / f"{tmp.name}{REPLACED}"
+            if final.exists():
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.replace(final, replaced)
             os.replace(tmp, final)
             fsync_dir(root)
+            shutil.rmtree(replaced, ignore_errors=True)
             for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
     return final
@@ -111,8 +119,14 @@ def load_rank_buffers(models: dict, buffers: dict) -> None:
 
 
 def remove_partial(run_dir: str | Path) -> list[Path]:
-    """Delete ``.tmp-step-*`` folders a killed run left half-written. Only the holder of the run folder's lock
-    may call it (another live writer could be filling one)."""
+    """Delete ``.tmp-step-*`` folders a killed run left half-written; a complete checkpoint set aside for the same
+    step saved again (``...REPLACED``) goes back to its name where the kill came before the new one took it. Only
+    the holder of the run folder's lock may call it (another live writer could be filling one)."""
+    for aside in partial_checkpoints(run_dir):
+        digits = aside.name[len(PARTIAL_PREFIX):].removesuffix(REPLACED)
+        final = aside.parent / step_name(int(digits)) if aside.name.endswith(REPLACED) and digits.isdigit() else None
+        if final is not None and not final.exists():  # the kill came between the two renames
+            os.replace(aside, final)
     partial = partial_checkpoints(run_dir)
     for path in partial:
         shutil.rmtree(path, ignore_errors=True)

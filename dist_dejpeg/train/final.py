@@ -38,7 +38,7 @@ def finish_run(trainer) -> dict:
     with all_ranks_or_raise(acc):  # rank 0's files failing fails every rank now; also the last barrier
         if acc.is_main_process:
             trainer.monitor.write_metrics(results, lpips=trainer.metric_lpips.description, state=state, ema=ema,
-                                          val_images=n_val, skipped=skipped, last_train=trainer.last_train_scalars)
+                                          val_images=n_val, skipped=skipped, last_train=state.last_train_log)
             save_generator(trainer.ema.model(trainer.gen_raw), cfg.model, trainer.run_dir / GENERATOR,
                            extra={"lpips": trainer.metric_lpips.description, "global_step": state.global_step,
                                   "ema_decay": cfg.train.ema_decay, **guard_gains(results)})

@@ -9,7 +9,8 @@
   and one line per validation quality. Everything goes through ``logging`` (one format, level from
   ``train.log_level`` or ``--log-level``).
 - Trackers: Accelerate's (``train.log_with``: tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive,
-  trackio); each gets the same scalars and the validation image grid. TensorBoard writes to ``<run_dir>/tb``.
+  trackio); each gets the same scalars and the validation image grid. TensorBoard writes to ``<run_dir>/tb``;
+  a resumed run has it drop what an earlier session logged after the checkpoint (:meth:`Monitor.resumed`).
 - ``progress.json`` (atomic rewrite at every log window, validation, phase boundary and at the end): where the
   run stands, for ``dist-dejpeg status`` and scripts; see :data:`PROGRESS_KEYS`.
 
@@ -185,6 +186,18 @@ class Monitor:
             for tracker in self.acc.trackers:  # as accelerator.log, but one failing tracker stops neither the others
                 with self.side_write(f"tracker.{tracker.name}", (Exception,)):  # nor the run
                     tracker.log(values, step=step)
+
+    def resumed(self, global_step: int) -> None:
+        """A run resumed from the checkpoint at ``global_step``: TensorBoard drops what an earlier session logged
+        after it (steps a kill or crash lost; a rollback's abandoned ones), so no curve has two points per step
+        or goes back in time. A new writer with ``purge_step`` records the restart in the event files."""
+        if not self.main:
+            return
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                with self.side_write(f"tracker.{tracker.name}", (Exception,)):
+                    tracker.writer.close()
+                    tracker.writer = type(tracker.writer)(tracker.logging_dir, purge_step=global_step + 1)
 
     def image(self, tag: str, grid, step: int) -> None:
         """``grid``: 3 x H x W float in [0, 1] (torch). To every tracker that takes images."""

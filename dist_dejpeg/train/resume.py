@@ -165,8 +165,9 @@ def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: i
     model's tensor shapes, or (without train.resume_allow_batch_change) another global batch or process count.
     Returns the checkpoint's config, flattened (None where it has none that reads)."""
     if saved_state.get("phase_names") != list(cfg.train.order):
-        raise ConfigError(f"--resume: the checkpoint's phases {saved_state.get('phase_names')} differ from "
-                          f"train.order {list(cfg.train.order)}")
+        raise ConfigError(f"--resume {path}: the checkpoint's phases {saved_state.get('phase_names')} differ from "
+                          f"train.order {list(cfg.train.order)}: set train.order back to continue the run, or start "
+                          f"a new run (another train.run_dir)")
     try:
         saved = yaml.safe_load((path / CONFIG).read_text())
     except (OSError, yaml.YAMLError):
@@ -201,13 +202,18 @@ def _check_batch(cfg: Config, path: Path, saved: dict, saved_state: dict, proces
     old_global, new_global = old_b * old_a * old_procs, new_b * new_a * processes
     if old_global == new_global and old_procs == processes:
         return
-    message = (f"--resume {path}: the global batch (data.batch_size x train.grad_accum x processes) changes from "
-               f"{old_global} ({old_b} x {old_a} x {old_procs}) to {new_global} ({new_b} x {new_a} x {processes}). "
-               f"Learning rates follow the optimizer step, not the images seen, and are not rescaled: each step now "
-               f"averages {new_global} images instead of {old_global}")
+    old_parts, new_parts = f"{old_b} x {old_a} x {old_procs}", f"{new_b} x {new_a} x {processes}"
+    changes = []
+    if old_global != new_global:
+        changes.append(f"the global batch (data.batch_size x train.grad_accum x processes) changes from {old_global} "
+                       f"({old_parts}) to {new_global} ({new_parts}). Learning rates follow the optimizer step, not "
+                       f"the images seen, and are not rescaled: each step now averages {new_global} images instead "
+                       f"of {old_global}")
     if old_procs != processes:
-        message += (f"; the process count changes ({old_procs} -> {processes}), and the data loaders' positions "
-                    f"are per rank: the torch loader restarts its data stream at epoch 0, DALI reshards")
+        same = "" if changes else f"; the global batch stays {new_global}: {old_parts} -> {new_parts}"
+        changes.append(f"the process count changes ({old_procs} -> {processes}{same}), and the data loaders' "
+                       f"positions are per rank: the torch loader restarts its data stream at epoch 0, DALI reshards")
+    message = f"--resume {path}: " + "; ".join(changes)
     if not cfg.train.resume_allow_batch_change:
         raise ConfigError(message + ". Set train.resume_allow_batch_change=true to continue anyway, or resume "
                                     "with the checkpoint's batch size and process count")

@@ -55,6 +55,8 @@ class TrainerState:
     # wall seconds in training steps over all phases and resumes (not validation, image logging or checkpoints):
     # the x axis of time to quality (bench/quality.py)
     train_seconds: float = 0.0
+    # phase -> its newest logged window (losses, images/s, data wait; rank 0's): metrics.json meta, over resumes
+    last_train_log: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -83,7 +85,6 @@ class Trainer:
         self.best_generator: dict | None = None
         self._validated: tuple[int, dict] | None = None  # (global step, results) of the newest validation, if current
         self.config_yaml = to_yaml(cfg)
-        self.last_train_scalars: dict = {}  # phase -> its newest logged window (images/s, data wait, losses)
 
     def close(self) -> None:
         """Release the run folder and the trackers (fit does this itself; for callers that only step)."""
@@ -127,6 +128,7 @@ class Trainer:
         if (path / BEST_GENERATOR).is_file():
             self.best_generator = load_file(str(path / BEST_GENERATOR))
         self.ema.resume(path, self.gen_raw)
+        self.monitor.resumed(self.state.global_step)  # TensorBoard forgets the steps logged after the checkpoint
         order, i = self.cfg.train.order, self.state.phase_index
         where = f"phase {i + 1} ({order[i]}) step {self.state.phase_step}" if i < len(order) else "every phase done"
         log.info("resumed from %s: %s", path, where)
@@ -199,7 +201,7 @@ class Trainer:
             if st.phase_step % t.log_every == 0 or last:
                 scalars, seconds_per_step = window.read(lr)
                 self.monitor.window(name, scalars, st.phase_step, st.global_step, seconds_per_step)
-                self.last_train_scalars[name] = dict(scalars, step=st.global_step)
+                st.last_train_log[name] = dict(scalars, step=st.global_step)
                 window.reset()
             # the step, its bookkeeping and the flag read (on CUDA the host waits there for the queued steps)
             st.train_seconds += time.perf_counter() - start
