@@ -320,3 +320,37 @@ def test_truncated_tar_is_an_error_naming_the_file(tmp_path):
         index_path(s).unlink()
     with pytest.raises(RuntimeError, match=Path(shards[0]).name):
         take(DaliLoader(shards, 32, (10, 40), 4, num_threads=1), 1)
+
+
+def test_raw_shards_without_their_manifest_are_read(tmp_path):
+    """Raw training shards copied without manifest.json (``cp data/x/train-*.tar /scratch``): every tile was a bad
+    sample ("no image component DALI reads (has ['raw'])") and the run stopped; the torch loader read them. The
+    tile side now comes from the shards; a PNG shard among raw ones is named as the other kind."""
+    from dist_dejpeg.data.shards import prepare_samples
+
+    prepare_samples(tmp_path / "raw", tile=64, train_step=64, shard_size=64, fmt="raw")
+    prepare_samples(tmp_path / "png", tile=64, train_step=64, shard_size=64, fmt="png")
+    (tmp_path / "raw" / "manifest.json").unlink()
+    shards = train_shards(tmp_path / "raw")
+    loader = DaliLoader(shards, 32, (10, 40), 2, num_threads=1, max_bad_samples=0)
+    assert loader.raw_tile == 64 and take(loader, 1)[0]["clean"].shape == (2, 3, 32, 32)
+    source, png = train_shards(tmp_path / "png")[0], str(tmp_path / "raw" / "train-000099.tar")
+    os.replace(index_path(source), index_path(png))
+    os.replace(source, png)  # after its index: the index must not be older than the tar
+    mixed = DaliLoader(shards + [png], 32, (10, 40), 2, num_threads=1, max_bad_samples=-1)
+    assert mixed.skipped()["no_image"] == len(shard_keys(png))
+
+
+def test_a_shuffle_buffer_of_zero_does_not_crash_the_process(sample_shards):
+    """data.shuffle_buffer=0 (the torch loader: no shuffling) became DALI's initial_fill 0: a segfault at the first
+    batch, no message. Run in a child process, so that a crash fails this test only."""
+    import subprocess
+    import sys
+
+    script = ("from dist_dejpeg.data.dali import DaliLoader\n"
+              "from dist_dejpeg.data.shards import list_shards\n"
+              f"loader = DaliLoader(list_shards({str(sample_shards)!r}, 'train-*.tar'), 32, (10, 40), 2, "
+              "num_threads=1, initial_fill=0)\n"
+              "print(tuple(next(iter(loader))['clean'].shape))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "(2, 3, 32, 32)" in done.stdout, (done.returncode, done.stderr[-2000:])

@@ -1222,3 +1222,85 @@ def test_prepare_folder_warns_when_validation_takes_most_tiles(tmp_path, caplog)
             break
     else:
         pytest.fail("no seed held the big photo out")
+
+
+@pytest.mark.parametrize("change", ["removed", "added", "rewritten"])
+def test_resume_over_other_shards_restarts_instead_of_replaying(sample_shards, tmp_path, caplog, change):
+    """Each slot's saved position counts samples of its share of the shards: over a shard list with one shard
+    more, one fewer or one of another size, the same positions hold other samples (half the crops after a resume
+    were tiles already seen this epoch), so the loader says so and restarts the stream, as for another layout."""
+    import shutil
+
+    folder = tmp_path / "shards"
+    shutil.copytree(sample_shards, folder)
+    saved = TorchLoader(make_stream(folder, seed=3, num_workers=2), 4, 2, CPU)
+    take(saved, 5)
+    state = json.loads(json.dumps(saved.state_dict()))
+    moved = tmp_path / "moved"  # the same shards elsewhere (a node-local copy): still exact
+    shutil.copytree(folder, moved)
+    same = TorchLoader(make_stream(moved, seed=3, num_workers=2), 4, 2, CPU)
+    same.load_state_dict(state)
+    assert same.consumed == 5 and "restarting" not in caplog.text
+    paths = train_shards(folder)
+    if change == "removed":
+        Path(paths[-1]).unlink()
+    elif change == "added":
+        shutil.copy(paths[0], folder / "train-000099.tar")
+    else:
+        with tarfile.open(paths[0], "a") as tar:  # one sample more in the first shard
+            info = tarfile.TarInfo("extra_s000.png")
+            data = random_png(np.random.default_rng(0), 96, 96)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    other = TorchLoader(make_stream(folder, seed=3, num_workers=2), 4, 2, CPU)
+    other.load_state_dict(state)
+    assert other.consumed == 0 and other.positions == {}
+    assert re.search(r"saved over \d+ training shards, now \d+.*restarting the data stream", caplog.text)
+
+
+def _tar_with_a_corrupt_header(write_tar, tmp_path) -> tuple[Path, set[str]]:
+    """Six PNG samples, the fourth member's header overwritten: Python's tarfile reads that as the end of the tar."""
+    rng = np.random.default_rng(4)
+    path = write_tar(tmp_path / "hdr-000000.tar", [(f"good{i}", {"png": random_png(rng, 64, 64)}) for i in range(6)])
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    data = bytearray(path.read_bytes())
+    data[members[3].offset:members[3].offset + 100] = b"\x55" * 100
+    path.write_bytes(bytes(data))
+    return path, {m.name.split(".")[0] for m in members[:3]}
+
+
+def test_a_corrupt_tar_header_is_counted_not_the_end_of_the_shard(tmp_path, write_tar, caplog):
+    """Half a shard behind a corrupt header was dropped without a word or a count (tarfile stops there as at the
+    end of the archive): both the training stream and the validation set count it as an unreadable tar."""
+    path, before = _tar_with_a_corrupt_header(write_tar, tmp_path)
+    loader = TorchLoader(ShardStream([str(path)], CROP, QRANGE, shuffle_buffer=4, epochs=1), 1, 0, CPU)
+    assert count_samples(loader) == len(before) == 3
+    assert loader.skipped() == {"corrupt": 0, "too_small": 0, "no_image": 0, "bad_tar": 1}
+    assert f"unreadable tar data in {path} (corrupt tar header at byte" in caplog.text
+    sets, skipped = load_val_set([str(path)], CROP, [20])
+    assert sets[20][1].shape[0] == 3 and skipped["bad_tar"] == 1
+
+
+def test_a_truncated_tar_is_counted_once_and_named(tmp_path, write_tar, caplog):
+    """webdataset raises twice for one cut-off tar (the member, then the file; the first without the shard's
+    name): one count, and the warning names the shard, not "None"."""
+    path, complete = _truncated_tar(write_tar, tmp_path)
+    loader = TorchLoader(ShardStream([str(path)], CROP, QRANGE, shuffle_buffer=4, epochs=1), 1, 0, CPU)
+    assert count_samples(loader) >= len(complete)
+    assert loader.skipped()["bad_tar"] == 1
+    assert f"unreadable tar data in {path}" in caplog.text and "in None" not in caplog.text
+
+
+@pytest.mark.parametrize("overrides", [["data.train_glob='*.tar'"], ["data.val_glob='*-000000.tar'"]])
+def test_validation_shards_that_are_training_shards_are_refused(sample_shards, overrides):
+    """A glob that matches both splits trained on the validation tiles (or validated on training ones) without a
+    word: the gains validation measures, and restore's guard trusts, were then gains on seen tiles."""
+    from dist_dejpeg.config import ConfigError, load_config
+    from dist_dejpeg.data import build_val_set
+
+    cfg = load_config(None, [f"data.root={sample_shards}", "data.val_crop=64", *overrides])
+    with pytest.raises(ConfigError, match=r"\d shard\(s\) match both .*(train|val)-000000\.tar"):
+        build_val_set(cfg, 0, 1)
+    cfg = load_config(None, [f"data.root={sample_shards}", "data.val_crop=64", "data.val_max_images=2"])
+    assert build_val_set(cfg, 0, 1)[0][10][0].shape[0] == 2

@@ -202,3 +202,38 @@ def test_fewer_training_tiles_than_loader_workers_exits_2_with_one_line(write_ta
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "error: data slot 1 of 2 got no samples in epoch 0" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_a_process_whose_own_code_fails_mid_epoch_exits_instead_of_waiting_for_its_workers(bad_shard):
+    """An error in the consumer (a training step's CUDA OOM, a bug) that escapes with the batch iterator alive in
+    its traceback: multiprocessing's exit handler terminates the workers with SIGTERM, which they ignore, and then
+    waits for them for ever (a SLURM job idle until its time limit) unless the loader shuts them down first."""
+    import subprocess
+    import sys
+
+    script = ("import torch\n"
+              "from dist_dejpeg.data.torch_loader import ShardStream, TorchLoader\n"
+              f"stream = ShardStream([{bad_shard!r}], {CROP}, (10, 40), num_workers=2, max_bad_samples=-1)\n"
+              "def fit(loader):\n"
+              "    batches = iter(loader)  # a local of the failing frame, kept alive by the traceback\n"
+              "    next(batches)\n"
+              "    raise KeyError('a bug in the training step')\n"
+              "fit(TorchLoader(stream, 2, 2, torch.device('cpu')))\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError("the process did not exit within 60 s after its error") from err
+    assert done.returncode == 1 and "KeyError: 'a bug in the training step'" in done.stderr, done.stderr[-2000:]
+
+
+@requires_dali
+def test_dali_names_a_shard_whose_corrupt_header_hides_its_other_members(tmp_path, write_tar):
+    """Without index files DALI parses the tar itself and fails on the corrupt header with "Current pipeline object
+    is no longer valid", and Python's tarfile saw nothing wrong: the check of every sample now names the shard."""
+    from test_data import _tar_with_a_corrupt_header
+
+    from dist_dejpeg.data.dali import DaliLoader
+
+    path, _ = _tar_with_a_corrupt_header(write_tar, tmp_path)
+    with pytest.raises(RuntimeError, match=rf"{path} is unreadable \(corrupt tar header at byte \d+"):
+        DaliLoader([str(path)], CROP, (50, 50), 1, num_threads=1)

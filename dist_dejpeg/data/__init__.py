@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 
-from dist_dejpeg.config import Config
+from dist_dejpeg.config import Config, ConfigError
 from dist_dejpeg.data.shards import list_shards, prepare_samples, samples_stale
 from dist_dejpeg.data.torch_loader import ShardStream, TorchLoader, load_val_set
 
@@ -62,6 +63,13 @@ def build_train_loader(cfg: Config, rank: int, world: int, device: torch.device)
 
 
 def build_val_set(cfg: Config, rank: int, world: int):
+    """This rank's validation crops; shards that data.train_glob matches too are an error (``*.tar``): validation
+    would measure tiles the model trained on, and restore's guard would trust those gains."""
     d = cfg.data
-    return load_val_set(list_shards(d.root, d.val_glob), d.val_crop, list(d.val_qualities), rank, world,
-                        d.val_max_images)
+    val = list_shards(d.root, d.val_glob)
+    both = sorted(set(map(os.path.realpath, val)) & set(map(os.path.realpath, list_shards(d.root, d.train_glob))))
+    if both:
+        raise ConfigError(f"config keys 'data.train_glob'/'data.val_glob': {len(both)} shard(s) match both "
+                          f"('{d.train_glob}', '{d.val_glob}'; e.g. {both[0]}): validation would measure tiles the "
+                          f"model trains on; make the globs disjoint")
+    return load_val_set(val, d.val_crop, list(d.val_qualities), rank, world, d.val_max_images)

@@ -38,7 +38,8 @@ import torch
 from dist_dejpeg.data.index import check_indexes
 from dist_dejpeg.data.shards import read_manifest
 from dist_dejpeg.data.contract import quality_weights, to_device
-from dist_dejpeg.data.verify import SKIP_REASONS, dali_usable, over_limit, scan_shards, too_many, write_index
+from dist_dejpeg.data.verify import (SKIP_REASONS, dali_usable, over_limit, raw_side, scan_shards, too_many,
+                                     write_index)
 from dist_dejpeg.jpeg.formats import ENCODED_SHARD_EXTS
 
 
@@ -145,9 +146,10 @@ class DaliLoader:
         self.index_paths = check_indexes(self.shards)
         self.crop, self.quality_range, self.batch_size = crop, quality_range, batch_size
         self.seed, self.rank, self.world, self.device = seed, rank, world, device
-        self.num_threads, self.initial_fill = num_threads, initial_fill
-        if raw_tile is None:  # the manifest next to the shards says how they are stored
-            manifest = read_manifest(Path(self.shards[0]).parent) or {}
+        # DALI's shuffling reader crashes the process (a segfault) with initial_fill 0; 1 shuffles nothing, as
+        # data.shuffle_buffer 0 does in the torch loader
+        self.num_threads, self.initial_fill = num_threads, max(1, initial_fill)
+        if raw_tile is None and (manifest := read_manifest(Path(self.shards[0]).parent)):  # how they are stored
             raw_tile = int(manifest["tile"]) if manifest.get("format") == "raw" else 0
         self.channels_last, self.augment, self.raw_tile = channels_last, augment, raw_tile
         self.prefetch = prefetch  # DALI's prefetch_queue_depth: batches the pipeline runs ahead
@@ -158,7 +160,10 @@ class DaliLoader:
     def _leave_out_bad_samples(self, limit: int | None) -> dict[str, int]:
         """Check every sample once (data/verify.py: DALI cannot skip one it fails on); bad ones are counted and
         left out of the index files the reader gets. Over ``limit`` (or none usable): an error, on every rank."""
-        usable = dali_usable(scan_shards(self.shards, self.num_threads), self.crop, self.raw_tile)
+        scans = scan_shards(self.shards, self.num_threads)
+        if self.raw_tile is None:  # no manifest (shards copied without it, made elsewhere): as the shards hold them
+            self.raw_tile = raw_side(scans)
+        usable = dali_usable(scans, self.crop, self.raw_tile)
         if usable.broken:
             raise RuntimeError(f"DALI could not read the shards: {usable.broken[0]} is unreadable ({usable.broken[1]})")
         if over_limit(usable.bad, limit):

@@ -10,8 +10,8 @@ Exact resume: a sample's crop, mirror, JPEG quality (and turn, channel order, wi
 come from an RNG seeded by (seed, epoch, slot, position), not from a running generator, and each batch carries its
 slot's stream position. The loader's ``state_dict()`` records the position after the last batch the trainer took;
 on resume every slot skips to it without decoding, and the slot played by DataLoader worker 0 is rotated so
-batches come in the same order as in an uninterrupted run. (Same ranks and workers required; otherwise it restarts
-the epoch.)
+batches come in the same order as in an uninterrupted run. (Same ranks, workers and shards, by name and size,
+required; otherwise it restarts the stream at epoch 0.)
 
 Batch-level degradation (``degrade_batch``, the GPU path: nvJPEG): workers send clean crops and the batch is
 degraded on the device. nvJPEG's encoder takes one quality per call, so each distinct quality in a batch costs a
@@ -26,7 +26,9 @@ trainer took.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import os
 import queue
 import random
 import threading
@@ -39,26 +41,38 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_dejpeg.data.images import BadImage, center_crop, decode_component, image_bytes, jpeg_roundtrip
 from dist_dejpeg.data.contract import draw_quality, to_device
-from dist_dejpeg.data.verify import EXAMPLES, SKIP_REASONS, TooFewSamples, TooManyBadSamples, over_limit, too_many
+from dist_dejpeg.data.verify import EXAMPLES, SKIP_REASONS, TooFewSamples, over_limit, tar_stops_early, too_many
+from dist_dejpeg.data.workers import ignore_stop_signals, stop_cleanly
 
 log = logging.getLogger(__name__)
 
 _MAX_WARNINGS = 20  # per slot; counts keep going after the log stops
 
 
-def once_per_shard(shards: list[str], report: Callable[[str | None, Exception], None]) -> Callable[[Exception], bool]:
-    """A webdataset error handler that skips the rest of an unreadable tar and reports each shard once
-    (webdataset raises twice for one cut-off tar: for the member, then for the file)."""
-    failed: set = set()
+def shard_samples(shards: list[str], report: Callable[[str, str], None]) -> Iterator[dict]:
+    """The samples of ``shards``, in order; ``report(shard, reason)`` once for a shard not read to its end: a cut-off
+    or corrupt tar (webdataset raises for it, twice: for the member, then for the file; its other samples are
+    read), or one whose corrupt header tarfile takes for its end (verify.tar_stops_early, checked after it)."""
+    for shard in shards:
+        errors: list[Exception] = []
 
-    def handler(err: Exception) -> bool:
-        url = next((a for a in err.args if isinstance(a, str) and a in shards), None)
-        if url is None or url not in failed:
-            failed.add(url)
-            report(url, err)
-        return True
+        def handler(err: Exception) -> bool:
+            errors.append(err)
+            return True
 
-    return handler
+        yield from (sample for sample in wds.tariterators.tarfile_samples([{"url": shard}], handler=handler) if sample)
+        reason = type(errors[0]).__name__ if errors else tar_stops_early(shard)
+        if reason:
+            report(shard, reason)
+
+
+def shard_list_digest(shards: list[str]) -> str:
+    """The shards' names and sizes, not their folder (a copy elsewhere resumes exactly): which samples each stream
+    position holds depends on them, so a resume checks them."""
+    digest = hashlib.sha256()
+    for shard in sorted(shards):
+        digest.update(f"{os.path.basename(shard)}\0{os.path.getsize(shard)}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 class ShardStream(IterableDataset):
@@ -71,6 +85,7 @@ class ShardStream(IterableDataset):
                  epochs: int | None = None, max_bad_samples: int | None = None, quality_power: float = 0.0,
                  rot90: bool = False, channel_shuffle: float = 0.0):
         self.shards = sorted(shards)
+        self.digest = shard_list_digest(self.shards)
         self.crop = crop
         self.qmin, self.qmax = quality_range
         self.quality_power, self.rot90, self.channel_shuffle = quality_power, rot90, channel_shuffle
@@ -98,11 +113,10 @@ class ShardStream(IterableDataset):
         else:
             every = n_slots
 
-        def report(url: str | None, err: Exception) -> None:
-            self._count(row, "bad_tar", f"unreadable tar data in {url} ({type(err).__name__})")
+        def report(shard: str, reason: str) -> None:
+            self._count(row, "bad_tar", f"unreadable tar data in {shard} ({reason})")
 
-        raw = wds.tariterators.tarfile_samples([{"url": s} for s in shards], handler=once_per_shard(shards, report))
-        raw = (s for s in raw if s)  # drop end-of-shard markers
+        raw = shard_samples(shards, report)
         if every > 1:
             raw = (s for i, s in enumerate(raw) if i % every == slot)
         rng = random.Random(f"{self.seed}-buffer-{epoch}-{slot}")
@@ -200,13 +214,20 @@ class TorchLoader:
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "positions": {str(k): list(v) for k, v in self.positions.items()},
-                "num_workers": self.num_workers, "world": self.stream.world, "rank": self.stream.rank}
+                "num_workers": self.num_workers, "world": self.stream.world, "rank": self.stream.rank,
+                "shards": [len(self.stream.shards), self.stream.digest]}
 
     def load_state_dict(self, state: dict) -> None:
+        restart = "restarting the data stream at epoch 0 instead of resuming it exactly"
         if state.get("num_workers") != self.num_workers or state.get("world") != self.stream.world:
-            log.warning("data loader state was saved with %s workers x %s ranks, now %s x %s: "
-                        "restarting the data stream at epoch 0 instead of resuming it exactly",
-                        state.get("num_workers"), state.get("world"), self.num_workers, self.stream.world)
+            log.warning("data loader state was saved with %s workers x %s ranks, now %s x %s: %s",
+                        state.get("num_workers"), state.get("world"), self.num_workers, self.stream.world, restart)
+            return
+        count, digest = state.get("shards") or (len(self.stream.shards), self.stream.digest)  # older: unchecked
+        if digest != self.stream.digest:  # another sample at each position: resuming would replay and skip samples
+            log.warning("data loader state was saved over %d training shards, now %d%s: %s", count,
+                        len(self.stream.shards), " (others, or of other sizes)" if count == len(self.stream.shards)
+                        else "", restart)
             return
         self.consumed = int(state["consumed"])
         self.positions = {int(k): (int(v[0]), int(v[1])) for k, v in state["positions"].items()}
@@ -224,8 +245,8 @@ class TorchLoader:
                             pin_memory=self.pin_memory and self.device.type == "cuda", persistent_workers=False,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             generator=torch.Generator().manual_seed(self.stream.seed),
-                            worker_init_fn=_ignore_stop_signals)
-        batches = _stop_cleanly(iter(loader))  # the worker processes start here, in the main thread
+                            worker_init_fn=ignore_stop_signals)
+        batches = stop_cleanly(iter(loader))  # the worker processes start here, in the main thread
         if self.degrade_batch is None:
             for batch in batches:
                 self._took(batch)
@@ -319,32 +340,6 @@ class TorchLoader:
             thread.join(timeout=10)
 
 
-def _stop_cleanly(batches: Iterator[dict]) -> Iterator[dict]:
-    """``batches`` (a DataLoader's iterator), its workers shut down when it stops, however it stops (they ignore
-    SIGTERM, below: left running, they would block multiprocessing's exit handler for ever), and a worker's
-    TooManyBadSamples or TooFewSamples raised again with the worker's own message (the DataLoader rebuilds it
-    around the worker's traceback)."""
-    try:
-        yield from batches
-    except (TooManyBadSamples, TooFewSamples) as err:
-        kind, message = type(err), str(err).rsplit(f"{type(err).__name__}: ", 1)[-1].strip()
-    else:
-        return
-    finally:
-        getattr(batches, "_shutdown_workers", lambda: None)()  # what the iterator's __del__ calls
-    raise kind(message)
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """SLURM signals every process of a job step, and Ctrl-C the terminal's whole process group: a worker killed
-    by SIGTERM or SIGINT would fail the main process's next batch before it can checkpoint. Workers leave stopping
-    to the main process (they exit with it)."""
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-
-
 def load_val_set(shards: list[str], crop: int, qualities: list[int], rank: int = 0, world: int = 1,
                  max_images: int = 0) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], dict[str, int]]:
     """Fixed validation crops: the centre ``crop`` of each val tile (tiles i with i % world == rank),
@@ -353,15 +348,11 @@ def load_val_set(shards: list[str], crop: int, qualities: list[int], rank: int =
     clean = []
     index = 0
 
-    def report(url: str | None, err: Exception) -> None:
+    def report(shard: str, reason: str) -> None:
         skipped["bad_tar"] += 1
-        log.warning("validation shard %s: unreadable tar data (%s); using what came before it", url,
-                    type(err).__name__)
+        log.warning("validation shard %s: unreadable tar data (%s); using what came before it", shard, reason)
 
-    handler = once_per_shard(shards, report)
-    for raw in wds.tariterators.tarfile_samples([{"url": s} for s in sorted(shards)], handler=handler):
-        if not raw:
-            continue
+    for raw in shard_samples(sorted(shards), report):
         if max_images and index >= max_images:
             break
         found = image_bytes(raw)

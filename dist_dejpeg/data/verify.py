@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +31,9 @@ from dist_dejpeg.run.files import atomic_write_json, read_json
 log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("corrupt", "too_small", "no_image", "bad_tar")
-SCAN_VERSION = 1
+SCAN_VERSION = 2  # 2: a corrupt header before the end of a shard is found (verify.unread_tail)
 EXAMPLES = 5  # reasons quoted in a message
+KINDS = ("encoded", "raw")  # what DALI reads of a data set, by whether its tiles are raw (dali_usable)
 
 
 class TooManyBadSamples(RuntimeError):
@@ -67,6 +69,30 @@ def split_name(name: str) -> tuple[str, str]:
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
 
 
+def unread_tail(f, end: int) -> str | None:
+    """Why the bytes of tar file ``f`` after ``end`` (where Python's tarfile stopped reading members) are not the
+    archive's zero padding, or None. tarfile, and so webdataset, takes a corrupt header after the first member for
+    the end of the archive: the samples after it would be lost without a word."""
+    f.seek(end)
+    while chunk := f.read(1 << 16):
+        if chunk.strip(b"\0"):
+            return f"corrupt tar header at byte {end}: the members after it are unreadable"
+    return None
+
+
+def tar_stops_early(shard: str | Path) -> str | None:
+    """Why ``shard`` cannot be read to its end (truncated, corrupt), or None; reads its headers only."""
+    with open(shard, "rb") as f:
+        try:
+            with tarfile.open(fileobj=f) as tar:
+                last = tar.getmembers()[-1:]
+                if last and last[0].offset_data + last[0].size > os.fstat(f.fileno()).st_size:
+                    return "truncated"
+                return unread_tail(f, tar.offset)
+        except (tarfile.TarError, OSError) as err:
+            return f"{type(err).__name__}: {err}"
+
+
 def scan_shard(shard: str | Path) -> dict:
     """Every sample of one shard: its components (ext, data offset, size, member name), the extension of the
     image it would be read from (SHARD_EXTS order, as the torch loader picks it), that image's shorter side,
@@ -90,6 +116,8 @@ def scan_shard(shard: str | Path) -> dict:
                     if not samples or samples[-1]["key"] != key:
                         samples.append({"key": key, "components": []})
                     samples[-1]["components"].append([ext, member.offset_data, member.size, member.name])
+                else:
+                    broken = unread_tail(f, tar.offset)
         except (tarfile.TarError, OSError) as err:
             broken = f"{type(err).__name__}: {err}"
         for sample in samples:
@@ -163,6 +191,13 @@ class Usable:
             self.examples.append(message)
 
 
+def raw_side(scans: dict[str, dict]) -> int:
+    """The side of the raw tiles most of the scanned samples are, or 0 when most hold encoded images."""
+    kinds = Counter(s["side"] if s["image"] == "raw" else 0 for scan in scans.values() for s in scan["samples"]
+                    if s["image"] and not s["error"])
+    return kinds.most_common(1)[0][0] if kinds else 0
+
+
 def dali_usable(scans: dict[str, dict], crop: int, raw_tile: int = 0) -> Usable:
     """Sort the scanned samples into those DALI can read (its reader takes "raw" when ``raw_tile``, else the
     encoded extensions) and the bad ones, counted by reason as the torch loader counts them."""
@@ -175,12 +210,14 @@ def dali_usable(scans: dict[str, dict], crop: int, raw_tile: int = 0) -> Usable:
             where = f"{sample['key']} in {shard}"
             image = sample["image"]
             if image is None or (image == "raw") != bool(raw_tile):
-                usable.count("no_image", f"{where}: no image component DALI reads "
-                                         f"(has {sorted(c[0] for c in sample['components'])})")
+                usable.count("no_image", f"{where}: no image component DALI reads (has "
+                                         f"{sorted(c[0] for c in sample['components'])}" + (
+                                             f"; DALI reads one kind per data set, here {KINDS[bool(raw_tile)]} "
+                                             f"tiles: data.backend=torch reads both)" if image else ")"))
             elif sample["error"]:
                 usable.count("corrupt", f"{where}: {sample['error']}")
             elif raw_tile and sample["side"] != raw_tile:
-                usable.count("corrupt", f"{where}: a {sample['side']} px raw tile, the manifest says {raw_tile} px")
+                usable.count("corrupt", f"{where}: a {sample['side']} px raw tile among {raw_tile} px ones")
             elif sample["side"] < crop:
                 usable.count("too_small", f"{where}: {sample['side']} px is smaller than the {crop} px crop")
             else:
