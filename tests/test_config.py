@@ -182,6 +182,11 @@ def test_quality_min_above_max_is_error():
     ("data.val_qualities=[]", "data.val_qualities"),  # (crashed at the first gan validation)
     ("train.log_every=0", "train.log_every"),  # (a modulo by zero at the first step)
     ("train.keep_last=-1", "train.keep_last"),
+    ("data.shuffle_buffer=-1", "data.shuffle_buffer"),
+    ("data.num_workers=-2", "data.num_workers"),
+    ("data.val_max_images=-1", "data.val_max_images"),
+    ("data.max_bad_samples=-2", "data.max_bad_samples"),
+    ("data.val_qualities=[10,20", "data.val_qualities"),  # (a YAML ParserError traceback)
     ("train.order=[gen,gan,gan]", "train.order"),  # (the step totals and status counted the phase once)
 ])
 def test_other_range_checks(override, key):
@@ -285,3 +290,10 @@ def test_an_encoder_depth_without_a_u_net_is_a_config_error(depth):
     """One stage has no skip to join (and -1 no stage): refused with the key at load, not at build."""
     with pytest.raises(ConfigError, match=rf"'model.encoder_depth': must be 0 \(all stages\) or at least 2, got {depth}"):
         load_config(None, [f"model.encoder_depth={depth}"])
+
+
+def test_an_override_value_starting_with_a_yaml_indicator_is_the_text_itself():
+    """data.train_glob=*.tar was a YAML alias (a ScannerError traceback); &x an anchor (the value silently None)."""
+    cfg = load_config(None, ["data.train_glob=*.tar", "data.val_glob=&val*.tar", "train.run_dir=@runs/x"])
+    assert (cfg.data.train_glob, cfg.data.val_glob, cfg.train.run_dir) == ("*.tar", "&val*.tar", "@runs/x")
+    assert load_config(None, ['data.train_glob="*.tar"']).data.train_glob == "*.tar"  # quoted, as before

@@ -11,10 +11,12 @@ reference.py docs/CONFIG.md's tables.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Sequence
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -58,11 +60,27 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     return out
 
 
+# YAML indicators that start no config value but a glob or a path can (data.train_glob=*.tar): such a value is the
+# text itself, not a YAML alias (a traceback) or anchor (silently None)
+LITERAL_STARTS = tuple("*&!%@`|>")
+
+
 def _dotlist(overrides: Sequence[str]):
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
-    return OmegaConf.from_dotlist(list(overrides))
+    parts = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if value.startswith(LITERAL_STARTS):
+            override = f"{key}={json.dumps(value)}"  # a JSON string is a YAML string
+        try:
+            parts.append(OmegaConf.from_dotlist([override]))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config key '{key}': cannot read the value {value!r} "
+                              f"({str(err).splitlines()[0]}); a list is [a,b], a text with YAML's "
+                              f"characters goes in quotes: '{key}=\"...\"'") from None
+    return OmegaConf.merge(*parts) if parts else OmegaConf.create()
 
 
 def _config_error(err: OmegaConfBaseException) -> ConfigError:

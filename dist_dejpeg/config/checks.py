@@ -53,6 +53,11 @@ def validate(cfg: Config) -> None:
     for name in ("crop", "batch_size", "val_crop", "val_batch_size"):
         if getattr(d, name) < 1:
             raise ConfigError(f"config key 'data.{name}': must be >= 1")
+    for name in ("num_workers", "shuffle_buffer", "val_max_images"):  # (0: none, no shuffling, all)
+        if getattr(d, name) < 0:
+            raise ConfigError(f"config key 'data.{name}': must be >= 0, got {getattr(d, name)}")
+    if d.max_bad_samples < -1:
+        raise ConfigError(f"config key 'data.max_bad_samples': must be >= 0, or -1 (no limit), got {d.max_bad_samples}")
     if d.crop % 8 or d.val_crop % 8:
         raise ConfigError("config keys 'data.crop'/'data.val_crop': must be multiples of 8 (the JPEG block)")
     for name, unit in (("grad_accum", ""), ("processes", ""), ("sync_every", " (steps)")):
