@@ -77,7 +77,7 @@ def run(config_path: str, global_batch: int) -> dict:
         rank, world = state.process_index, state.num_processes
     steps = sum(cfg.train.phases[name].steps for name in cfg.train.order)
     batches = fixed_batches(steps * cfg.train.grad_accum, global_batch, cfg.data.crop, rank, world)
-    original_finish = trainer_mod.Trainer.finish
+    original_finish = trainer_mod.finish_run  # (train/final.py's, as the trainer calls it)
 
     def finish(self):
         results = original_finish(self)
@@ -93,11 +93,11 @@ def run(config_path: str, global_batch: int) -> dict:
                       str(self.run_dir / "critic.safetensors"))
         return results
 
-    trainer_mod.Trainer.finish = finish
+    trainer_mod.finish_run = finish
     try:
         return trainer_mod.train(cfg, train_loader=FixedLoader(batches))
     finally:
-        trainer_mod.Trainer.finish = original_finish
+        trainer_mod.finish_run = original_finish
 
 
 if __name__ == "__main__":
