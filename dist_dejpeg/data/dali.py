@@ -159,7 +159,8 @@ class DaliLoader:
 
     def _leave_out_bad_samples(self, limit: int | None) -> dict[str, int]:
         """Check every sample once (data/verify.py: DALI cannot skip one it fails on); bad ones are counted and
-        left out of the index files the reader gets. Over ``limit`` (or none usable): an error, on every rank."""
+        left out of the index files the reader gets, which are written from the scan where a sample is bad or the
+        shards have no current set of their own. Over ``limit`` (or none usable): an error, on every rank."""
         scans = scan_shards(self.shards, self.num_threads)
         if self.raw_tile is None:  # no manifest (shards copied without it, made elsewhere): as the shards hold them
             self.raw_tile = raw_side(scans)
@@ -174,6 +175,7 @@ class DaliLoader:
         if usable.bad:
             log.warning("DALI loader: leaving out %d bad samples %s; e.g. %s", usable.bad, usable.counts,
                         "; ".join(usable.examples[:3]))
+        if usable.bad or self.index_paths is None:
             folder = Path(tempfile.mkdtemp(prefix="dist-dejpeg-idx-"))
             weakref.finalize(self, shutil.rmtree, folder, True)
             self.shards = [s for s in self.shards if usable.samples[s]]  # DALI refuses an empty index
