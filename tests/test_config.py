@@ -297,3 +297,5 @@ def test_an_override_value_starting_with_a_yaml_indicator_is_the_text_itself():
     cfg = load_config(None, ["data.train_glob=*.tar", "data.val_glob=&val*.tar", "train.run_dir=@runs/x"])
     assert (cfg.data.train_glob, cfg.data.val_glob, cfg.train.run_dir) == ("*.tar", "&val*.tar", "@runs/x")
     assert load_config(None, ['data.train_glob="*.tar"']).data.train_glob == "*.tar"  # quoted, as before
+    # key= (what a shell makes of key=''): the empty text, not None ("Incompatible value 'None'")
+    assert load_config(None, ["train.compile_cache="]).train.compile_cache == ""

@@ -72,7 +72,7 @@ def _dotlist(overrides: Sequence[str]):
     parts = []
     for override in overrides:
         key, _, value = override.partition("=")
-        if value.startswith(LITERAL_STARTS):
+        if value.startswith(LITERAL_STARTS) or not value:  # (key= : the empty text, as a shell leaves key='')
             override = f"{key}={json.dumps(value)}"  # a JSON string is a YAML string
         try:
             parts.append(OmegaConf.from_dotlist([override]))
