@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
 from PIL import Image
 
 from dist_dejpeg.jpeg.formats import SHARD_EXTS, TILE_FORMATS
-
 
 
 class BadImage(ValueError):
@@ -62,7 +62,8 @@ def decode_rgb8(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     except TooManyPixels:
         raise
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
-        raise BadImage(f"{type(err).__name__}: {err}") from None
+        # (PIL names the buffer it read: "<_io.BytesIO object at 0x...>", nothing a reader can use)
+        raise BadImage(re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", f"{type(err).__name__}: {err}")) from None
     finally:
         Image.MAX_IMAGE_PIXELS = saved
 
