@@ -61,8 +61,9 @@ def write_report(config: str, overrides: list[str], out_dir: str | Path, name: s
     note = (f"`{config}` {' '.join(overrides)}; batch {b.batch_size} x {b.crop} px per device, {base.model.encoder}, "
             f"synthetic batches on {device}; {flops / 1e9:.2f} GFLOP per gen step (flop_counter, fp32 eager). "
             f"Tuned = precision {t.mixed_precision}, channels_last {base.model.channels_last}, fused AdamW "
-            f"{t.fused_adamw}, compile {t.compile}, host checks every {t.sync_every} steps. {ratio}{share}. "
-            f"Median of {repeats} blocks of {steps} steps after {warmup} warm-up steps (the first one, with any "
+            f"{t.fused_adamw}, compile {t.compile}, host checks every {t.sync_every} steps. {ratio}"
+            + (f"{share}. " if share else "")
+            + f"Median of {repeats} blocks of {steps} steps after {warmup} warm-up steps (the first one, with any "
             f"compilation, timed on its own: first step s)"
             + (f"; every variant measured in {rounds} rounds, the median round shown, spread across rounds"
                if rounds > 1 else "") + "; ratios within this run.")
