@@ -15,7 +15,7 @@ included; decoding and encoding not), median of ``--repeats``; whole (one pass) 
 64 px overlap, the Restorer's batch: 1 on the CPU, 8 on a GPU), fp32 and bf16 autocast; the ONNX export's in
 fp32 on the CPU. The generator is the config's with random weights (speed does not depend on them), written to
 a generator file and loaded from it as ``restore`` loads one; the ONNX rows export it once (``dist-dejpeg
-export``'s code, ~1.5 min on 2 cores) and are skipped, with the reason in the results, where onnx, onnxruntime
+export``'s code, ~1 min on 2 cores) and are skipped, with the reason in the results, where onnx, onnxruntime
 or onnxscript is not installed.
 
 Order (issue 24): the GPU rows run first, in a section of the table of their own, and their results are written
@@ -288,7 +288,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-shell", action="store_true",
                         help="skip the shell rows (dist-dejpeg restore of a 512 px, 2000 x 1500 and 12 MP photo)")
     parser.add_argument("--no-onnx", action="store_true",
-                        help="skip the ONNX rows (they export the model first: ~1.5 min on 2 cores)")
+                        help="skip the ONNX rows (they export the model first: ~1 min on 2 cores)")
     parser.add_argument("--no-cpu", action="store_true",
                         help="skip every CPU row (shell, ONNX, Restorer on the CPU): the GPU rows alone")
 

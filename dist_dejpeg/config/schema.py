@@ -95,7 +95,7 @@ class PhaseConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])  # Adam betas
     weight_decay: float = 1e-3  # AdamW weight decay
     w_lpips: float = 1.0  # generator loss weight of LPIPS
-    w_pixel: float = 1.0  # generator loss weight of L1
+    w_pixel: float = 1.0  # generator loss weight of the pixel loss (loss.pixel: L1 or Charbonnier; logged as gen/l1)
     w_adv: float = 1.5  # gan phase: generator loss weight of the adversarial term
     critic_iters: int = 5  # gan phase: critic updates per cycle
     gen_iters: int = 2  # gan phase: generator updates per cycle

@@ -227,7 +227,8 @@ class Trainer:
             if not stopped:
                 self._validate_in_phase(name, phase, stop)
             if self.best_generator is not None and stop.best_step != st.phase_step:
-                log.info("%s: keeping the best generator (step %d, LPIPS %.4f)", name, stop.best_step, stop.best)
+                log.info("%s: keeping the best generator (its step %d, global step %d; LPIPS %.4f)", name,
+                         stop.best_step, st.global_step - st.phase_step + stop.best_step, stop.best)
                 self.ema.restore(self.gen_raw, self.best_generator, acc.device)  # and the EMA's at that step
                 self._validated = None  # other weights than the last validation measured
                 if self.deepspeed:
