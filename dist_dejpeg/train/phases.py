@@ -34,12 +34,10 @@ def gan_turn(phase: PhaseConfig, step: int) -> str:
 
 
 def generator_updates(phase: PhaseConfig) -> int:
-    """How many of the phase's steps update the generator (a gan phase: its gen turns)."""
+    """How many of the phase's steps update the generator (a gan phase: its gen turns, by gan_turn)."""
     if phase.kind != "gan":
         return phase.steps if trains_generator(phase) else 0
-    cycle = phase.critic_iters + phase.gen_iters
-    whole, rest = divmod(phase.steps, cycle)
-    return whole * phase.gen_iters + max(0, rest - phase.critic_iters)
+    return sum(gan_turn(phase, step) == "gen" for step in range(phase.steps))
 
 
 def lr_at(phase: PhaseConfig, step: int, base_lr: float | None = None) -> float:
