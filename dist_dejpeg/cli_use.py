@@ -122,7 +122,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from dist_dejpeg.evaluation.evaluate import write_tables
+    from dist_dejpeg.evaluation.evaluate import seen_note, write_tables
     from dist_dejpeg.evaluation.report import check_report_output, write_report
 
     result = _evaluation(args, keep_images=True)
@@ -135,6 +135,8 @@ def report_command(args: argparse.Namespace) -> int:
              "restored on": f"{meta['device']} (tile {meta['tile']}, overlap {meta['overlap']})",
              "do-no-harm guard": "on" if meta["guard"] else "off",
              "unavailable": meta["unavailable"], "date": meta["date"]}
+    if meta.get("seen_in_training"):
+        shown["seen in training"] = seen_note(meta["seen_in_training"], meta["images"])
     path = write_report(result.pop("records"), args.out, title=f"dist_dejpeg: {Path(str(model.get('source'))).name}",
                         meta=shown, crop=args.crop)
     write_tables(result, tables := check_report_output(args.out))

@@ -314,3 +314,47 @@ def test_report_says_what_the_guard_passed_through(tmp_path, model_file, photos,
     assert text.count('<span class="pass">passed through unchanged') == 1 and "restored (= JPEG)" in text
     assert "<th>do-no-harm guard</th><td>on</td>" in text
     assert "q95: 1 of 1 passed through unchanged" in (tmp_path / "r" / "metrics.md").read_text()
+
+
+def test_images_the_model_trained_on_are_named_in_the_tables_and_the_report(tmp_path, sample_shards, capsys, caplog):
+    """Evaluating on the run's own training shards (data/samples holds train and val shards side by side) gives
+    gains the model's unseen photos never get: the tiles from shards its generator file names (by name and size) are
+    counted and warned of in metrics.json, metrics.md, on the console and at the top of the report; validation
+    shards, and another set's shard of the same name, are not."""
+    import shutil
+
+    import torch
+
+    from dist_dejpeg.config import DataConfig
+    from dist_dejpeg.models.generator_file import training_shards
+    from dist_dejpeg.models.unet import build_generator
+
+    torch.manual_seed(0)
+    model = tmp_path / "generator.safetensors"
+    save_generator(build_generator(ModelConfig(**TINY)), ModelConfig(**TINY), model,
+                   extra=training_shards(DataConfig(root=str(sample_shards))))
+    train, val = sorted(sample_shards.glob("train-*.tar"))[0], sorted(sample_shards.glob("val-*.tar"))[0]
+    code = main(["evaluate", "--model", str(model), "--images", str(train), str(val), "--max-images", "20",
+                 "--quality", "20", "-o", str(tmp_path / "eval"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    meta = json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]
+    assert meta["seen_in_training"] == {"images": 16, "shards": [train.name]}  # 16 tiles a shard, 4 from val
+    assert any("16 of the 20 images come from shards the model trained on" in r.message for r in caplog.records)
+    assert f"seen in training: 16 of the 20 images come from shards the model trained on ({train.name})" in \
+        (tmp_path / "eval" / "metrics.md").read_text()
+
+    code = main(["report", "--model", str(model), "--images", str(train), "--max-images", "2", "--quality", "20",
+                 "-o", str(tmp_path / "report.html"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert 'id="seen-in-training-warning"' in (tmp_path / "report.html").read_text()
+
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(val, other / train.name)  # another set's shard with a training shard's name: not the same file
+    for images in ([str(val)], [str(other / train.name)]):
+        code = main(["evaluate", "--model", str(model), "--images", *images, "--max-images", "2", "--quality", "20",
+                     "-o", str(tmp_path / "eval2"), "--quiet"])
+        assert code == 0, capsys.readouterr().err
+        assert json.loads((tmp_path / "eval2" / "metrics.json").read_text())["meta"]["seen_in_training"] == {}
+        assert "seen in training" not in (tmp_path / "eval2" / "metrics.md").read_text()

@@ -66,7 +66,8 @@ def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("onnx")
     model, onnx_path = folder / "generator.safetensors", folder / "model.onnx"
     save_generator(_trained_like_generator(), CFG, model,
-                   extra={"global_step": 7, "val_psnr_gain": json.dumps(GAINS), "val_psnr_gain_low": json.dumps(LOWS)})
+                   extra={"global_step": 7, "val_psnr_gain": json.dumps(GAINS), "val_psnr_gain_low": json.dumps(LOWS),
+                          "train_shards": json.dumps({"train-000000.tar": "10240:0123456789abcdef"})})
     with contextlib.redirect_stdout(io.StringIO()) as out:
         code = _cli(["export", "--model", str(model), "--onnx", str(onnx_path)])
     return model, onnx_path, code, out.getvalue()
@@ -115,6 +116,7 @@ def test_export_matches_pytorch_on_a_photo_at_two_sizes(exported, capsys):
     # what the guard and the Restorer need, for any runtime: conditioned, the training step, the stride
     assert (meta["conditioned"], meta["global_step"], meta["pad_to"]) == ("true", "7", "8")
     assert meta["encoder_init"] == "random init"
+    assert json.loads(meta["train_shards"]) == {"train-000000.tar": "10240:0123456789abcdef"}  # evaluate's "seen in training"
     assert session.get_modelmeta().custom_metadata_map["format"] == ONNX_FORMAT
 
 

@@ -17,6 +17,7 @@ from accelerate.state import AcceleratorState, GradientState
 from dist_dejpeg.config import ConfigError, load_config
 from dist_dejpeg.data.shards import prepare_samples
 from dist_dejpeg.models.generator_file import load_generator, read_metadata
+from dist_dejpeg.models.names import shard_fingerprint
 from dist_dejpeg.metrics.registry import VALIDATED as METRICS
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train import build as build_mod
@@ -126,6 +127,8 @@ def test_end_to_end_writes_metrics_checkpoint_and_events(tmp_path, shards):
     meta = read_metadata(run / "generator.safetensors")
     lows = {q[1:]: metrics[q]["gain"]["psnr_low"] for q in ("q10", "q20", "q40")}
     assert json.loads(meta["val_psnr_gain_low"]) == lows
+    # what it trained on, by which evaluate tells seen images from unseen ones
+    assert json.loads(meta["train_shards"]) == {p.name: shard_fingerprint(p) for p in Path(shards).glob("train-*.tar")}
     generator = load_generator(run / "generator.safetensors")
     x = torch.rand(1, 3, 40, 24)
     assert generator(x).shape == x.shape

@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from dist_dejpeg.data.images import jpeg_roundtrip
-from dist_dejpeg.evaluation.references import EvaluateError, read_references
+from dist_dejpeg.evaluation.references import EvaluateError, read_references, seen_in_training
 from dist_dejpeg.jpeg.formats import SUBSAMPLING
 from dist_dejpeg.metrics.fullref import SSIM_MIN_SIDE, colour_metrics
 from dist_dejpeg.metrics.noref import unavailable_reason
 from dist_dejpeg.metrics.registry import BY_NAME, COLOUR, EVALUATED, NO_REFERENCE, QUALITY
 from dist_dejpeg.metrics.whole_image import image_metrics, load_lpips_metric
+from dist_dejpeg.models.names import TRAIN_SHARDS
 from dist_dejpeg.restore.files import check_output_dir
 from dist_dejpeg.restore.restorer import Restorer
 from dist_dejpeg.run.files import atomic_write_bytes
@@ -133,6 +134,8 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     metric = MetricSet(lpips_weights, y_only, crop_border, str(restorer.device).split(" ")[0], only)
     # (an image too small for the metrics is skipped before --max-images counts it)
     refs, skipped = read_references(images, allow_lossy_reference, max_images, metric.size_problem)
+    if seen := seen_in_training(images, refs, restorer.info.get(TRAIN_SHARDS) or {}):
+        log.warning("%s", seen_note(seen, len(refs)))
     rows, records, measured = [], [], 0
     restore_seconds, megapixels = 0.0, 0.0
     desc = description or ("report" if keep_images else "evaluate")
@@ -190,7 +193,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
             "model": info, "model_config": restorer.info.get("model"),
             "backbones": _backbone_note(info),
             "compression": f"libjpeg via Pillow {PIL.__version__}, {subsampling} chroma subsampling",
-            "qualities": qualities, "images": measured, "skipped": skipped,
+            "qualities": qualities, "images": measured, "skipped": skipped, "seen_in_training": seen,
             "channel": "Y (ITU-R BT.601, MATLAB-style)" if y_only else "RGB",
             "crop_border": crop_border, "unavailable": metric.unavailable, "undefined": metric.undefined,
             "lpips": "lpips-alex (ImageNet AlexNet backbone)" if metric.lpips is not None else "unavailable",
@@ -207,6 +210,13 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     if keep_images:
         result["records"] = records
     return result
+
+
+def seen_note(seen: dict, total: int) -> str:
+    """The warning for ``meta["seen_in_training"]`` (see references.seen_in_training) of ``total`` images."""
+    return (f"{seen['images']} of the {total} images come from shards the model trained on "
+            f"({', '.join(seen['shards'])}): their gains overstate what photos it never saw get; evaluate on its "
+            f"validation shards or other photos")
 
 
 def _backbone_note(info: dict) -> str:
@@ -246,7 +256,9 @@ def markdown(result: dict) -> str:
         lines.append(f"- {name}: left out for {what.get('images', '?')} of {meta['images']} image(s) "
                      f"({what['count']} values: JPEG and restored, at each quality): {what['reason']}")
     lines += [f"- skipped: {why}" for why in meta["skipped"]]
-    if meta["unavailable"] or meta["undefined"] or meta["skipped"]:
+    if seen := meta.get("seen_in_training"):
+        lines.append(f"- seen in training: {seen_note(seen, meta['images'])}")
+    if meta["unavailable"] or meta["undefined"] or meta["skipped"] or seen:
         lines.append("")
     lines += ["| quality | metric | JPEG | restored | restored - JPEG |", "|---|---|---|---|---|"]
     for q, means in result["per_quality"].items():

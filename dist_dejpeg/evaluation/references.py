@@ -14,6 +14,7 @@ import numpy as np
 from dist_dejpeg.data.images import BadImage, decode_component, decode_rgb8
 from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES, LOSSY_SHARD_EXTS, LOSSY_SUFFIXES, SHARD_EXTS
 from dist_dejpeg.jpeg.quality import estimate_from_pixels
+from dist_dejpeg.models.names import shard_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -33,25 +34,8 @@ def read_references(images: list[str], allow_lossy: bool = False,
     them); a file named twice (itself and in a folder, or by two paths) is read once. ``problem(rgb)``: why an
     image cannot be used (skipped, not counted for ``max_images``), or None. Returns the images and the files
     skipped with their reasons."""
-    import glob
-
     refs, skipped, lossy = [], [], []
-    paths: list[Path] = []
-    for item in images:
-        p = Path(item)
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            paths += files or sorted(p.glob("*.tar"))
-        elif p.is_file():
-            paths.append(p)
-        else:
-            paths += sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
-    if not paths:
-        raise EvaluateError(f"no images or shards found in {' '.join(images)}")
-    unique: dict[Path, Path] = {}
-    for path in paths:  # a file named twice is read once, where first named
-        unique.setdefault(path.resolve(), path)
-    paths = list(unique.values())
+    paths = _input_paths(images)
     for path in paths:
         shard = path.suffix == ".tar"
         for key, ext, data in _shard_images(path) if shard else [("", path.suffix.lower(), b"")]:
@@ -87,6 +71,40 @@ def read_references(images: list[str], allow_lossy: bool = False,
         raise EvaluateError(f"none of the {len(paths)} file(s) could be measured: " + "; ".join(skipped[:3]))
     names = _names([p for p, _, _ in refs])
     return [Reference(n, rgb, src) for n, (_, rgb, src) in zip(names, refs)], skipped
+
+
+def seen_in_training(images: list[str], refs: list[Reference], train_shards: dict[str, str]) -> dict:
+    """The references read from shards the model trained on (files of the name and fingerprint its generator file
+    records): gains measured on them overstate what photos it never saw get. {"images": how many, "shards":
+    their names}, or {} where none is (or the model file does not say what it trained on)."""
+    if not train_shards:
+        return {}
+    seen = sorted({p.name for p in _input_paths(images)
+                   if p.suffix == ".tar" and p.name in train_shards and shard_fingerprint(p) == train_shards[p.name]})
+    count = sum(1 for r in refs if r.source.split(":")[0] in seen)
+    return {"images": count, "shards": seen} if count else {}
+
+
+def _input_paths(images: list[str]) -> list[Path]:
+    """The files ``images`` names (files, folders searched recursively, else their shards, globs), each once."""
+    import glob
+
+    paths: list[Path] = []
+    for item in images:
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            paths += files or sorted(p.glob("*.tar"))
+        elif p.is_file():
+            paths.append(p)
+        else:
+            paths += sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
+    if not paths:
+        raise EvaluateError(f"no images or shards found in {' '.join(images)}")
+    unique: dict[Path, Path] = {}
+    for path in paths:  # a file named twice is read once, where first named
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def _names(paths: list[Path]) -> list[str]:

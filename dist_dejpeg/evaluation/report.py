@@ -26,9 +26,10 @@ once on the page, in the notes under the summary table. Above the tables, plots 
 
 ``meta`` is a dict of model facts shown at the top in order (label -> value), e.g. ``{"source": ...,
 "encoder": "resnet34", "encoder_init": "random init" | "ImageNet", "steps": 1200, "lpips": "unavailable
-(...)"}``. Two keys are also read: ``encoder_init`` (a value containing "random" puts a warning at the top: the
-numbers come from a random-init backbone and are not comparable to pretrained results) and ``unavailable``
-(``{metric: reason}``, the reasons printed next to "n/a").
+(...)"}``. Three keys are also read: ``encoder_init`` (a value containing "random" puts a warning at the top: the
+numbers come from a random-init backbone and are not comparable to pretrained results), ``seen in training``
+(a warning at the top: some photos come from the model's training shards) and ``unavailable`` (``{metric:
+reason}``, the reasons printed next to "n/a").
 
 Crop rule (:func:`error_crop`): per photo, the crop-sized window with the largest mean absolute JPEG error
 ``|jpeg - clean|`` (averaged over RGB, summed over all the photo's qualities so every quality shows the same
@@ -284,6 +285,9 @@ def render_report(records: list[dict], *, title: str, meta: dict, summary: list[
         parts.append('<div class="warn" id="random-init-warning">Random-init backbone: the encoder of this model '
                      "started from random weights, not ImageNet. The numbers below come from a random-init "
                      "backbone and are not comparable to pretrained results.</div>")
+    if meta.get("seen in training"):
+        parts.append(f'<div class="warn" id="seen-in-training-warning">Images seen in training: '
+                     f'{html.escape(str(meta["seen in training"]))}.</div>')
     parts.append(_meta_html(meta))
     plots = gain_plots(records, summary)
     if plots:

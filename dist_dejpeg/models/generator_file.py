@@ -17,7 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from dist_dejpeg.config import ConfigError, ModelConfig, load_config
-from dist_dejpeg.models.names import ModelFileError, file_gains  # torch-free home (the ONNX runtime uses them too)
+# torch-free home of these (the ONNX runtime uses them too)
+from dist_dejpeg.models.names import TRAIN_SHARDS, ModelFileError, file_gains, file_train_shards, shard_fingerprint
 from dist_dejpeg.models.unet import Generator, build_generator
 from dist_dejpeg.run.files import atomic_write_bytes
 from dist_dejpeg.run.layout import (CHECKPOINT_MODEL, CONFIG, EMA_GENERATOR, EMA_UPDATES, GENERATOR, TRAINER_STATE,
@@ -43,6 +44,19 @@ def save_generator(generator: Generator, model_cfg: ModelConfig, path: str | Pat
     meta = {"format": FORMAT, "model": json.dumps(dataclasses.asdict(model_cfg))}
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     atomic_write_bytes(path, save(state, metadata=meta))
+
+
+def training_shards(data_cfg) -> dict[str, str]:
+    """The generator file's record of the shards it trained on (``data.root`` / ``data.train_glob``: {file name:
+    fingerprint}), by which evaluate and report tell images it saw from images it never saw; {} where they are
+    gone."""
+    from dist_dejpeg.data.shards import list_shards
+
+    try:
+        prints = {Path(p).name: shard_fingerprint(p) for p in list_shards(data_cfg.root, data_cfg.train_glob)}
+    except OSError:  # (FileNotFoundError: no shards there any more)
+        return {}
+    return {TRAIN_SHARDS: json.dumps(prints)}
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -135,7 +149,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ge
     generator = load_generator(path, device)
     model_cfg = model_config_from_meta(meta, str(path))
     info = {"source": str(path), "format": "generator.safetensors", "global_step": _int(meta.get("global_step")),
-            "lpips": meta.get("lpips", ""), **file_gains(meta)}
+            "lpips": meta.get("lpips", ""), **file_gains(meta), TRAIN_SHARDS: file_train_shards(meta)}
     return generator, _describe(info, model_cfg)
 
 
@@ -189,7 +203,7 @@ def _load_checkpoint_generator(folder: Path, device) -> tuple[Generator, dict]:
     generator = _build_and_load(cfg.model, tensors | ema, str(weights)).to(device).eval()
     state = json.loads((folder / TRAINER_STATE).read_text())
     info = {"source": str(folder), "format": "checkpoint", "global_step": _int(state.get("global_step")),
-            "lpips": "", "weights": "ema" if ema else "raw"}
+            "lpips": "", "weights": "ema" if ema else "raw", TRAIN_SHARDS: file_train_shards(training_shards(cfg.data))}
     return generator, _describe(info, cfg.model)
 
 

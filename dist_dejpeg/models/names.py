@@ -42,6 +42,31 @@ def file_gains(meta: dict) -> dict[str, dict[int, float]]:
     return tables
 
 
+# the generator file's (and the export's) metadata key of the shards the model trained on: {file name: fingerprint}
+TRAIN_SHARDS = "train_shards"
+
+
+def shard_fingerprint(path) -> str:
+    """A shard file's size and the SHA-256 of its first MiB: the same for a copy, different for another set's shard
+    of the same name (tar files are padded to 10 KiB records, so equal sizes alone are common)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+        size = f.seek(0, 2)
+    return f"{size}:{hashlib.sha256(head).hexdigest()[:16]}"
+
+
+def file_train_shards(meta: dict) -> dict[str, str]:
+    """{shard file name: :func:`shard_fingerprint`} of the shards a model file says it trained on; {} where it does
+    not say (files written before it did, exports of those, or files written by hand)."""
+    try:
+        value = json.loads(meta.get(TRAIN_SHARDS) or "{}")
+        return {str(name): str(print_) for name, print_ in value.items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
 class ModelFileError(ValueError):
     """A model path that does not hold a generator this installation can build."""
 

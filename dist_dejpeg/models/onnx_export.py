@@ -19,7 +19,8 @@ tiny images, onnxruntime rejects them ("Pad reflect: post-pad exceeds maximum al
 What the guard needs is in the file's metadata_props, each a string: ``val_psnr_gain`` and ``val_psnr_gain_low``
 (JSON ``{quality: dB}``),
 ``conditioned`` ("true"/"false"), ``encoder``, ``encoder_init``, ``global_step``, ``lpips``, ``pad_to``, ``model``
-(the config as JSON), ``source``; :func:`read_onnx_metadata` reads them back. ``dist-dejpeg restore --model
+(the config as JSON), ``source``, ``train_shards`` (JSON ``{shard file name: size}``: what evaluate calls seen in
+training); :func:`read_onnx_metadata` reads them back. ``dist-dejpeg restore --model
 dejpeg.onnx`` runs the file on onnxruntime with the same tiling, blending and guard as the PyTorch model
 (restore/onnx_backend.py, without importing torch): a tiled restore is what matches, not one forward pass over the whole image.
 
@@ -51,8 +52,8 @@ from torch.nn.utils import parametrize
 
 from dist_dejpeg.models.generator_file import load_model
 # the names and errors a runtime needs without torch (re-exported here under their old home)
-from dist_dejpeg.models.names import (INPUT, MIN_SIZE, ONNX_FORMAT, OUTPUT, QUALITY, OnnxUnavailable,  # noqa: F401
-                                      require_onnx)
+from dist_dejpeg.models.names import (INPUT, MIN_SIZE, ONNX_FORMAT, OUTPUT, QUALITY, TRAIN_SHARDS,  # noqa: F401
+                                      OnnxUnavailable, require_onnx)
 from dist_dejpeg.run.files import atomic_write_bytes
 
 # (batch, height, width) of the onnxruntime check: one size not a multiple of 32, and a batch of 2
@@ -197,7 +198,8 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
             "conditioned": json.dumps(conditioned), "pad_to": str(exported.pad_to),
             "encoder_init": str((info or {}).get("encoder_init") or ("ImageNet" if cfg.get("pretrained") else
                                                                      "random init")),
-            "global_step": json.dumps((info or {}).get("global_step")), "lpips": str((info or {}).get("lpips") or "")}
+            "global_step": json.dumps((info or {}).get("global_step")), "lpips": str((info or {}).get("lpips") or ""),
+            TRAIN_SHARDS: json.dumps((info or {}).get(TRAIN_SHARDS) or {})}
     if conditioned:
         meta["input"] += f"; {QUALITY}: float32 N, JPEG quality 1..100 (0: unknown)"
     del proto.metadata_props[:]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 
-from dist_dejpeg.models.generator_file import save_generator
+from dist_dejpeg.models.generator_file import save_generator, training_shards
 from dist_dejpeg.run.layout import GENERATOR, METRICS
 from dist_dejpeg.train.collective import all_ranks_or_raise
 from dist_dejpeg.train.validation import validate
@@ -41,7 +41,8 @@ def finish_run(trainer) -> dict:
                                           val_images=n_val, skipped=skipped, last_train=state.last_train_log)
             save_generator(trainer.ema.model(trainer.gen_raw), cfg.model, trainer.run_dir / GENERATOR,
                            extra={"lpips": trainer.metric_lpips.description, "global_step": state.global_step,
-                                  "ema_decay": cfg.train.ema_decay, **guard_gains(results)})
+                                  "ema_decay": cfg.train.ema_decay, **guard_gains(results),
+                                  **training_shards(cfg.data)})
             log.info("wrote %s and %s", trainer.run_dir / METRICS, trainer.run_dir / GENERATOR)
         trainer.monitor.finish("finished", "", state.global_step)
         trainer.monitor.close()
