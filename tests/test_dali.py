@@ -361,3 +361,17 @@ def test_a_shuffle_buffer_of_zero_does_not_crash_the_process(sample_shards):
               "print(tuple(next(iter(loader))['clean'].shape))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "(2, 3, 32, 32)" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+def test_raw_shards_under_a_stale_manifest_are_read(tmp_path):
+    """A manifest.json saying PNG tiles of another size (the shards rewritten as raw 64 px tiles since): DALI reads
+    the tiles as the shards hold them; by the manifest every one was a bad sample and the run stopped."""
+    import json
+
+    from dist_dejpeg.data.shards import prepare_samples
+
+    prepare_samples(tmp_path, tile=64, train_step=64, shard_size=64, fmt="raw")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps(dict(manifest, format="png", tile=128)))
+    loader = DaliLoader(train_shards(tmp_path), 32, (10, 40), 2, num_threads=1, max_bad_samples=0)
+    assert loader.raw_tile == 64 and take(loader, 1)[0]["clean"].shape == (2, 3, 32, 32)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
+import random
 import re
 import tarfile
 from functools import lru_cache
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 
 from dist_dejpeg.data import images, shards
@@ -276,6 +279,82 @@ def test_slots_are_disjoint_and_cover_all(sample_shards, n_slots, epoch):
         sizes = [len(s) for s in per_slot]
         assert max(sizes) - min(sizes) <= 1
     assert stream.skipped.sum() == 0
+
+
+def _bytes_read() -> int:
+    return int(re.search(r"rchar: (\d+)", Path("/proc/self/io").read_text())[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts bytes read with Linux's /proc/self/io")
+def test_slots_sharing_few_shards_read_only_their_own_samples(sample_shards):
+    """Fewer shards than slots: a slot keeps every n-th sample. It gets the samples (keys and bytes) a read of whole
+    shards would give it, and reads about its share of the bytes, not every shard (n times the I/O)."""
+    paths = train_shards(sample_shards)
+    n_slots = 4 * len(paths)
+    stream = make_stream(sample_shards, buffer=0)
+    whole = [s for p in paths for s in wds.tariterators.tarfile_samples([{"url": p}]) if s]
+    for slot in (0, 5):
+        got = list(stream._epoch_raw(3, slot, n_slots, row=0))
+        order = list(paths)
+        random.Random("0-shards-3").shuffle(order)
+        want = [s for i, s in enumerate(s for p in order for s in whole if s["__url__"] == p) if i % n_slots == slot]
+        assert [(s["__key__"], s["raw"]) for s in got] == [(s["__key__"], s["raw"]) for s in want]
+    before = _bytes_read()
+    assert len(list(stream._epoch_raw(4, 1, n_slots, row=0))) >= 1
+    total = sum(Path(p).stat().st_size for p in paths)
+    assert _bytes_read() - before < total / 8, "a slot read far more than its share of the shards"
+
+
+def test_a_shard_is_checked_for_a_corrupt_tail_once_until_it_changes(sample_shards, tmp_path, monkeypatch):
+    """Whole shards: whether a shard reads to its end is checked once per version of it, not every epoch."""
+    from dist_dejpeg.data import reading
+
+    for p in train_shards(sample_shards)[:2]:
+        (tmp_path / Path(p).name).write_bytes(Path(p).read_bytes())
+    checked = []
+    monkeypatch.setattr(reading, "tar_stops_early", lambda shard: checked.append(shard))
+    stream = make_stream(tmp_path)
+    for epoch in range(3):
+        list(stream._epoch_raw(epoch, 0, 1, row=0))
+    assert len(checked) == 2
+    first = train_shards(tmp_path)[0]
+    os.utime(first, ns=(0, Path(first).stat().st_mtime_ns + 10**9))  # rewritten: checked again
+    list(stream._epoch_raw(3, 0, 1, row=0))
+    assert checked[2:] == [first]
+
+
+@pytest.mark.parametrize("n_slots,unread", [(1, 2), (4, 1)])
+def test_shards_deleted_mid_run_are_skipped_and_named(sample_shards, tmp_path, n_slots, unread, caplog):
+    """The shards removed while a slot reads one of them (a purged scratch folder): a warning naming each shard it
+    could not read to its end, no traceback. (Whole shards: the one being read is checked after it; shared
+    shards: it is read to its end, as Linux keeps a deleted file open.)"""
+    for p in train_shards(sample_shards)[:2]:
+        (tmp_path / Path(p).name).write_bytes(Path(p).read_bytes())
+    stream = make_stream(tmp_path, buffer=0)
+    list(stream._epoch_raw(0, 0, n_slots, row=0))  # a whole epoch read once: the slot knows the shards
+    raw = stream._epoch_raw(1, 0, n_slots, row=0)
+    reading = next(raw)["__url__"]
+    for p in train_shards(tmp_path):
+        os.remove(p)
+    list(raw)
+    assert stream.skipped[0, SKIP_REASONS.index("bad_tar")] == unread
+    assert "No such file or directory" in caplog.text
+    assert unread == 1 or f"unreadable tar data in {reading}" in caplog.text
+
+
+def test_shards_all_gone_mid_run_is_said_so(sample_shards, tmp_path):
+    """Every shard gone (the data folder unmounted): the error says they could not be read, not that there are
+    fewer samples than slots."""
+    from dist_dejpeg.data.verify import TooFewSamples
+
+    (tmp_path / "train-000000.tar").write_bytes(Path(train_shards(sample_shards)[0]).read_bytes())
+    stream = make_stream(tmp_path, buffer=0)
+    samples = iter(stream)
+    list(itertools.islice(samples, 16))  # epoch 0, read to its end
+    os.remove(tmp_path / "train-000000.tar")
+    with pytest.raises(TooFewSamples, match=r"got no samples in epoch 1: its shards could not be read \(e\.g\. "
+                                            r"unreadable tar data in .*FileNotFoundError"):
+        next(samples)
 
 
 def test_shard_order_changes_between_epochs(sample_shards):

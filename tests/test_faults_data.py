@@ -81,7 +81,7 @@ def test_dali_leaves_out_and_counts_a_truncated_png_and_a_small_tile(bad_shard, 
 
 @requires_dali
 def test_dali_raw_tiles_of_another_size_are_left_out(tmp_path, write_tar):
-    """Raw tiles are reshaped to the manifest's side without a decode: a 16 px or a cut-off tile is left out."""
+    """Raw tiles are reshaped to the data set's side without a decode: a 16 px or a cut-off tile is left out."""
     from dist_dejpeg.data.dali import DaliLoader
 
     tiles = good_tiles()
@@ -237,3 +237,33 @@ def test_dali_names_a_shard_whose_corrupt_header_hides_its_other_members(tmp_pat
     path, _ = _tar_with_a_corrupt_header(write_tar, tmp_path)
     with pytest.raises(RuntimeError, match=rf"{path} is unreadable \(corrupt tar header at byte \d+"):
         DaliLoader([str(path)], CROP, (50, 50), 1, num_threads=1)
+
+
+@pytest.mark.parametrize("change", ["rewritten", "added"])
+def test_a_manifest_older_than_its_shards_does_not_judge_them(tmp_path, change):
+    """prepare's manifest.json says 3 tiles of 16 px; the shards were then rewritten or added to by hand and hold
+    enough 64 px tiles: the start of a run does not refuse them by the stale counts (the loader judges them). A
+    copy of the folder (new modification times) is still described by its manifest."""
+    import json
+    import shutil
+
+    from dist_dejpeg.data.shards import prepare_samples
+    from dist_dejpeg.config import ConfigError
+    from dist_dejpeg.train.data_checks import check_train_tiles
+
+    prepare_samples(tmp_path, tile=64, train_step=64, shard_size=64)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["tile"], manifest["splits"]["train"]["samples"] = 16, 3
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.backend=torch", "data.num_workers=4", "data.crop=32"])
+    with pytest.raises(ConfigError, match="are 16 px"):  # as long as it describes them, it is trusted
+        check_train_tiles(cfg, 1)
+    copy = shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-copy", copy_function=shutil.copy)
+    with pytest.raises(ConfigError, match="are 16 px"):
+        check_train_tiles(load_config(None, [f"data.root={copy}", "data.num_workers=4", "data.crop=32"]), 1)
+    shard = tmp_path / "train-000000.tar"
+    if change == "rewritten":  # (here: two more empty tar records; by hand: other tiles)
+        shard.write_bytes(shard.read_bytes() + bytes(2 * 10240))
+    else:
+        (tmp_path / "train-000099.tar").write_bytes(shard.read_bytes())
+    check_train_tiles(cfg, 1)

@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from dist_dejpeg.data.index import check_indexes
-from dist_dejpeg.data.shards import read_manifest
 from dist_dejpeg.data.contract import quality_weights, to_device
 from dist_dejpeg.data.verify import (SKIP_REASONS, dali_usable, over_limit, raw_side, scan_shards, too_many,
                                      write_index)
@@ -149,8 +148,6 @@ class DaliLoader:
         # DALI's shuffling reader crashes the process (a segfault) with initial_fill 0; 1 shuffles nothing, as
         # data.shuffle_buffer 0 does in the torch loader
         self.num_threads, self.initial_fill = num_threads, max(1, initial_fill)
-        if raw_tile is None and (manifest := read_manifest(Path(self.shards[0]).parent)):  # how they are stored
-            raw_tile = int(manifest["tile"]) if manifest.get("format") == "raw" else 0
         self.channels_last, self.augment, self.raw_tile = channels_last, augment, raw_tile
         self.prefetch = prefetch  # DALI's prefetch_queue_depth: batches the pipeline runs ahead
         self.quality_power, self.rot90, self.channel_shuffle = quality_power, rot90, channel_shuffle
@@ -162,7 +159,7 @@ class DaliLoader:
         left out of the index files the reader gets, which are written from the scan where a sample is bad or the
         shards have no current set of their own. Over ``limit`` (or none usable): an error, on every rank."""
         scans = scan_shards(self.shards, self.num_threads)
-        if self.raw_tile is None:  # no manifest (shards copied without it, made elsewhere): as the shards hold them
+        if self.raw_tile is None:  # as the shards hold them, not as a manifest says (shards changed by hand since)
             self.raw_tile = raw_side(scans)
         usable = dali_usable(scans, self.crop, self.raw_tile)
         if usable.broken:

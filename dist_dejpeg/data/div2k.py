@@ -210,7 +210,8 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
             remove_shards(out, split)  # shards of another plan: rebuild them all
             atomic_write_bytes(plan_path, json.dumps(plan).encode())
         names = _pack(out, split, staging, plan["shards"], fmt)
-        manifest["splits"][split] = {"samples": len(keys), "shards": names}
+        manifest["splits"][split] = {"samples": len(keys), "shards": names,
+                                     "bytes": {n: (out / n).stat().st_size for n in names}}
         finish_split_files(out, {split: manifest["splits"][split]})
     require_training_tiles(manifest)  # a PrepareError (no manifest written) when every image was rejected
     atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())

@@ -124,6 +124,7 @@ class ShardSink:
         self.pending: list[tuple[str, bytes]] = []
         self.shards: list[str] = []
         self.samples = 0
+        self.bytes: dict[str, int] = {}
 
     def add(self, key: str, data: bytes) -> None:
         self.pending.append((key, data))
@@ -137,11 +138,14 @@ class ShardSink:
         path = self.out / SHARD_NAME.format(split=self.split, index=len(self.shards))
         self.samples += write_shard(path, chunk, self.ext)
         self.shards.append(path.name)
+        self.bytes[path.name] = path.stat().st_size
 
     def close(self) -> dict:
+        """The split's manifest entry: its sample count, shard names and their sizes (by which a run tells whether
+        the manifest still describes the shards beside it: train.data_checks)."""
         while self.pending:
             self._write(self.shard_size)
-        return {"samples": self.samples, "shards": self.shards}
+        return {"samples": self.samples, "shards": self.shards, "bytes": self.bytes}
 
 
 class PrepareError(ValueError):

@@ -3,8 +3,8 @@
     batch = {"jpeg": N x 3 x H x W float [0,1], "clean": same, "quality": N int64}   on the device
 
 Sharding: every (rank, worker) pair is a *slot*. Each epoch the shard list is shuffled with a seed shared by all
-ranks, then dealt to slots (whole shards when there are at least as many shards as slots, otherwise every slot reads
-all shards and keeps every n-th sample), so within an epoch no sample is seen twice.
+ranks, then dealt to slots (whole shards when there are at least as many shards as slots, otherwise every slot keeps
+every n-th sample of all shards, reading only those: data/reading.py), so within an epoch no sample is seen twice.
 
 Exact resume: a sample's crop, mirror, JPEG quality (and turn, channel order, with ``rot90``, ``channel_shuffle``)
 come from an RNG seeded by (seed, epoch, slot, position), not from a running generator, and each batch carries its
@@ -32,7 +32,7 @@ import os
 import queue
 import random
 import threading
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -41,29 +41,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_dejpeg.data.images import BadImage, center_crop, decode_component, image_bytes, jpeg_roundtrip
 from dist_dejpeg.data.contract import draw_quality, to_device
-from dist_dejpeg.data.verify import EXAMPLES, SKIP_REASONS, TooFewSamples, over_limit, tar_stops_early, too_many
+from dist_dejpeg.data.reading import dealt_samples, shard_samples
+from dist_dejpeg.data.verify import EXAMPLES, SKIP_REASONS, TooFewSamples, over_limit, too_many
 from dist_dejpeg.data.workers import ignore_stop_signals, stop_cleanly
 
 log = logging.getLogger(__name__)
 
 _MAX_WARNINGS = 20  # per slot; counts keep going after the log stops
-
-
-def shard_samples(shards: list[str], report: Callable[[str, str], None]) -> Iterator[dict]:
-    """The samples of ``shards``, in order; ``report(shard, reason)`` once for a shard not read to its end: a cut-off
-    or corrupt tar (webdataset raises for it, twice: for the member, then for the file; its other samples are
-    read), or one whose corrupt header tarfile takes for its end (verify.tar_stops_early, checked after it)."""
-    for shard in shards:
-        errors: list[Exception] = []
-
-        def handler(err: Exception) -> bool:
-            errors.append(err)
-            return True
-
-        yield from (sample for sample in wds.tariterators.tarfile_samples([{"url": shard}], handler=handler) if sample)
-        reason = type(errors[0]).__name__ if errors else tar_stops_early(shard)
-        if reason:
-            report(shard, reason)
 
 
 def shard_list_digest(shards: list[str]) -> str:
@@ -116,9 +100,7 @@ class ShardStream(IterableDataset):
         def report(shard: str, reason: str) -> None:
             self._count(row, "bad_tar", f"unreadable tar data in {shard} ({reason})")
 
-        raw = shard_samples(shards, report)
-        if every > 1:
-            raw = (s for i, s in enumerate(raw) if i % every == slot)
+        raw = shard_samples(shards, report) if every == 1 else dealt_samples(shards, every, slot, report)
         rng = random.Random(f"{self.seed}-buffer-{epoch}-{slot}")
         return wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 64), rng=rng)(iter(raw))
 
@@ -186,8 +168,9 @@ class ShardStream(IterableDataset):
                     sample.update(_slot=local, _epoch=epoch, _next=pos + 1)
                     yield sample
             if seen == 0:
-                raise TooFewSamples(f"data slot {slot} of {n_slots} got no samples in epoch {epoch}: fewer "
-                                   f"samples than ranks x workers ({len(self.shards)} shards)")
+                why = (f"its shards could not be read (e.g. {self.examples[-1]})" if self.epoch_bad[worker, 1]
+                       else f"fewer samples than ranks x workers ({len(self.shards)} shards)")
+                raise TooFewSamples(f"data slot {slot} of {n_slots} got no samples in epoch {epoch}: {why}")
             if made == 0 and seen > skip:  # every sample it tried was skipped: the next epoch would be the same
                 counts = dict(zip(SKIP_REASONS, (int(c) for c in self.skipped[worker].tolist())))
                 raise TooFewSamples(f"data slot {slot} of {n_slots}: all {seen - skip} samples of epoch {epoch} were "

@@ -4,12 +4,13 @@ the crop and at least one per loader slot (from prepare's manifest.json), a vali
 from __future__ import annotations
 
 import logging
+import os
 
 from accelerate import Accelerator
 
 from dist_dejpeg.config import Config, ConfigError, DataConfig
 from dist_dejpeg.data import build_val_set, resolve_backend
-from dist_dejpeg.data.shards import list_shards, read_manifest
+from dist_dejpeg.data.shards import MANIFEST, list_shards, read_manifest
 from dist_dejpeg.train.window import sum_over_ranks
 
 log = logging.getLogger("dist_dejpeg")
@@ -24,10 +25,11 @@ def check_shards_exist(cfg: Config) -> None:
 def check_train_tiles(cfg: Config, processes: int) -> None:
     """What the shards' manifest (prepare's) tells before the first batch: tiles smaller than the crop, or fewer
     training tiles than the loader's slots (each rank's loader workers; DALI: each rank) would each need one.
-    Shards without a manifest, or read through another glob, are not checked here (the loader says it then)."""
+    Shards without a manifest, read through another glob, or changed since it was written are not checked here (the
+    loader says it then)."""
     d = cfg.data
     manifest = read_manifest(d.root) or {}
-    if d.train_glob != DataConfig().train_glob or not manifest:
+    if d.train_glob != DataConfig().train_glob or not manifest or not describes(manifest, d.root):
         return
     tile, count = manifest.get("tile"), (manifest.get("splits", {}).get("train") or {}).get("samples")
     if isinstance(tile, int) and tile < d.crop:
@@ -38,6 +40,20 @@ def check_train_tiles(cfg: Config, processes: int) -> None:
         raise ConfigError(f"{d.root} holds {count} training tile(s), fewer than the {processes * per} loader slots "
                           f"that each need one ({processes} process(es) x {per} loader worker(s)): lower "
                           f"data.num_workers or train.processes, or prepare more tiles")
+
+
+def describes(manifest: dict, root: str) -> bool:
+    """Whether ``manifest`` still describes the training shards in ``root``: the same names and sizes (manifests
+    written before prepare recorded sizes: the names). Shards added, removed or rewritten by hand would be judged by
+    counts and a tile size they no longer have: a run refused that would train, or let through to fail later."""
+    found = {os.path.basename(p): os.path.getsize(p) for p in list_shards(root, DataConfig().train_glob)}
+    train = manifest.get("splits", {}).get("train") or {}
+    sizes = train.get("bytes") or {name: found.get(name) for name in train.get("shards") or []}
+    if sizes == found:
+        return True
+    log.info("%s/%s does not describe the training shards beside it (others, or other sizes): not judging them by "
+             "it; `dist-dejpeg prepare` again to refresh it", root, MANIFEST)
+    return False
 
 
 def checked_val_set(cfg: Config, acc: Accelerator) -> dict:
