@@ -194,6 +194,15 @@ def test_other_range_checks(override, key):
         load_config(None, [override])
 
 
+def test_a_conditioned_model_that_never_sees_a_quality_is_refused():
+    """quality_blind_prob=1 with conditioning: the quality embedding would get no gradient, yet validation, the
+    guard's gains and restore all tell the model each quality (a path never trained); blind is its own setting."""
+    with pytest.raises(ConfigError, match=r"model\.quality_blind_prob': 1 hides every.*quality_conditioning=false"):
+        load_config(None, ["model.quality_conditioning=true", "model.quality_blind_prob=1"])
+    assert load_config(None, ["model.quality_blind_prob=1"]).model.quality_blind_prob == 1  # (not conditioned)
+    assert load_config(None, ["model.quality_conditioning=true", "model.quality_blind_prob=0.99"]).model.quality_conditioning
+
+
 def test_debug_yaml_loads():
     """Every value written in configs/debug.yaml arrives in the typed config."""
     from omegaconf import OmegaConf

@@ -28,6 +28,10 @@ def validate(cfg: Config) -> None:
                           f"{cfg.model.encoder_depth}")
     if not 0.0 <= cfg.model.quality_blind_prob <= 1.0:
         raise ConfigError("config key 'model.quality_blind_prob': must be in [0, 1]")
+    if cfg.model.quality_conditioning and cfg.model.quality_blind_prob == 1.0:  # validation, guard, restore tell it
+        raise ConfigError("config key 'model.quality_blind_prob': 1 hides every sample's quality, so the "
+                          "quality-conditioned path that validation and restore use is never trained; for a blind "
+                          "model set model.quality_conditioning=false")
     t.log_level = t.log_level.lower()
     _one_of("train.log_level", t.log_level, ("debug", "info", "warning", "error"))
     _one_of("loss.lpips_net", cfg.loss.lpips_net, ("vgg", "alex"))
