@@ -255,6 +255,34 @@ def test_lpips_too_small_is_unmeasurable_not_a_crash():
         metric(img[:30], img[:30], {})
 
 
+def test_lpips_offline_says_nothing_of_a_download_that_did_not_happen(tmp_path, monkeypatch, capsys):
+    """Offline, torch.hub's 'Downloading: "https://..."' came first, as if the backbone were on its way, then
+    the project's message that it is unavailable: only the reason is left. A download that succeeds leaves its
+    note on stderr, never on stdout (where evaluate's results go)."""
+    import torch
+    import torchvision
+
+    from dist_dejpeg.metrics.whole_image import load_lpips_metric
+
+    def download(url, **kwargs):
+        print(f'Downloading: "{url}" to {tmp_path}')
+        if not online:
+            raise OSError("Network is unreachable")
+        return torchvision.models.alexnet().state_dict()
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # nothing in the cache
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", download)
+    online = False
+    model, reason = load_lpips_metric()
+    captured = capsys.readouterr()
+    assert model is None and "could not be downloaded" in reason
+    assert "Downloading" not in captured.out + captured.err, captured
+    online = True
+    model, reason = load_lpips_metric()
+    captured = capsys.readouterr()
+    assert model is not None and not reason
+    assert "Downloading" in captured.err and "Downloading" not in captured.out
+
 def test_inputs_and_qualities_counted_once(tmp_path, model_file, photos):
     """A file named twice is read once; repeated qualities are measured once, in the order given; files of one name
     in two folders are told apart by their folders; NIQE left out is counted per image, its values said as such."""
@@ -358,3 +386,13 @@ def test_images_the_model_trained_on_are_named_in_the_tables_and_the_report(tmp_
         assert code == 0, capsys.readouterr().err
         assert json.loads((tmp_path / "eval2" / "metrics.json").read_text())["meta"]["seen_in_training"] == {}
         assert "seen in training" not in (tmp_path / "eval2" / "metrics.md").read_text()
+
+
+def test_a_quoted_glob_finds_upper_case_suffixes_as_a_folder_search_does(tmp_path):
+    import skimage.data
+
+    Image.fromarray(skimage.data.chelsea()[:64, :64]).save(tmp_path / "a.png")
+    Image.fromarray(skimage.data.coffee()[:64, :64]).save(tmp_path / "IMG_0001.PNG")
+    by_glob = read_references([str(tmp_path / "*.png")])[0]
+    assert sorted(r.name for r in by_glob) == ["IMG_0001", "a"]
+    assert sorted(r.name for r in read_references([str(tmp_path)])[0]) == ["IMG_0001", "a"]

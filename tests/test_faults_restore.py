@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import io
+import logging
 import os
 import signal
 import struct
@@ -30,7 +31,7 @@ from dist_dejpeg.run.lock import RunDirBusy, RunDirLockFailed, RunLock, filesyst
 
 from test_evaluate import TINY, model_file  # noqa: F401 - the module-scoped tiny generator file
 
-ORIENTATION, EXIF_IFD, GPS_IFD = 0x0112, 0x8769, 0x8825
+ORIENTATION, EXIF_IFD, GPS_IFD, XMP_TAG = 0x0112, 0x8769, 0x8825, 700
 GPS = {1: "N", 2: (52.0, 22.0, 30.5), 3: "E", 4: (4.0, 53.0, 1.0), 6: 12.5}
 
 
@@ -194,6 +195,97 @@ def test_a_passed_through_image_is_written_as_the_input_file(tmp_path, restorer)
     (result,) = restore_files(restorer, [str(src)], tmp_path / "restored", fmt="same", progress=False)
     assert Path(result.output).read_bytes() != src.read_bytes()  # restored: encoded, orientation applied
 
+
+XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+       b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" xmlns:xmp="http://ns.adobe.com/xap/1.0/" '
+       b'tiff:Orientation="6" xmp:Rating="5"><dc:creator xmlns:dc="http://purl.org/dc/elements/1.1/">Ann Lee'
+       b'</dc:creator></rdf:Description></rdf:RDF></x:xmpmeta>')
+
+
+@pytest.mark.parametrize("fmt", ["png", "tiff", "webp", "jpg"])
+def test_restore_keeps_xmp_with_its_orientation_removed(tmp_path, restorer, fmt):
+    """A photographer's ratings, keywords and captions live in the XMP: kept in every output format, its
+    tiff:Orientation removed as the EXIF's is applied (a viewer reading the XMP would turn the pixels again)."""
+    src = tmp_path / "camera.jpg"
+    jpeg = Image.open(io.BytesIO(_camera_jpeg(_photo(), b"", orientation=6)))
+    jpeg.save(src, quality=30, exif=jpeg.info["exif"], xmp=XMP)
+    (result,) = restore_files(restorer, [str(src)], tmp_path / "out", fmt=fmt, progress=False)
+    assert result.error is None, result.error
+    out = Image.open(result.output)
+    xmp = out.info.get("xmp")
+    xmp = xmp.encode() if isinstance(xmp, str) else xmp
+    assert xmp == XMP.replace(b' tiff:Orientation="6"', b" "), xmp
+    assert out.getexif()[ORIENTATION] == 1 and XMP_TAG not in out.getexif().get_ifd(EXIF_IFD)
+
+
+def test_an_exif_or_xmp_over_64_kb_is_trimmed_for_a_jpeg_output_with_a_warning(tmp_path, restorer, caplog):
+    """A PNG or TIFF may carry more metadata than a JPEG's 64 KB marker holds (a big maker note, a Photoshop
+    block): written as JPEG, the largest values go with a warning naming them, the rest (camera, GPS) stays and
+    the image is written; other formats keep everything."""
+    exif = Image.Exif()
+    exif[0x010F], exif[GPS_IFD] = "Canon", GPS
+    exif[EXIF_IFD] = {0x927C: b"M" * 70_000, 0x9003: "2024:05:06 07:08:09"}  # MakerNote
+    (tmp_path / "in").mkdir()
+    Image.fromarray(_photo()).save(tmp_path / "in" / "maker.png", exif=exif)
+    Image.fromarray(_photo()).save(tmp_path / "in" / "xmp.tif", tiffinfo={XMP_TAG: XMP + b" " * 70_000})
+    with caplog.at_level(logging.WARNING):
+        results = restore_files(restorer, [str(tmp_path / "in")], tmp_path / "jpg", fmt="jpg", progress=False)
+    assert [r.error for r in results] == [None, None]
+    out = Image.open(tmp_path / "jpg" / "maker.jpg").getexif()
+    assert out[0x010F] == "Canon" and out.get_ifd(GPS_IFD) == GPS
+    assert out.get_ifd(EXIF_IFD) == {0x9003: "2024:05:06 07:08:09"}
+    assert "written without the EXIF's MakerNote" in caplog.text and "written without its XMP" in caplog.text
+    assert "xmp" not in Image.open(tmp_path / "jpg" / "xmp.jpg").info
+    (result,) = restore_files(restorer, [str(tmp_path / "in" / "maker.png")], tmp_path / "png", progress=False)
+    assert len(Image.open(result.output).getexif().get_ifd(EXIF_IFD)[0x927C]) == 70_000
+
+
+def test_a_tiff_of_several_pages_is_refused_as_an_animation_is(tmp_path, restorer):
+    """A multi-page TIFF (a scanned document, a stack) would lose all but its first page: refused with the
+    reason; pages marked reduced-resolution (previews of the first) do not count."""
+    pages = [Image.fromarray(_photo()), Image.fromarray(_photo()[::-1].copy())]
+    pages[0].save(tmp_path / "scan.tif", save_all=True, append_images=pages[1:])
+    pages[0].save(tmp_path / "preview.tif", save_all=True, append_images=pages[1:], tiffinfo={254: 1})
+    preview, scan = restore_files(restorer, [str(tmp_path / "preview.tif"), str(tmp_path / "scan.tif")],
+                                  tmp_path / "out", progress=False)
+    assert scan.output is None and "a TIFF of 2 pages" in scan.error and "separate images" in scan.error
+    assert preview.error is None and np.array_equal(np.asarray(Image.open(preview.output)), _photo())
+    cut = tmp_path / "cut.tif"  # its later pages' directories cut off: a failure of that file, never a crash
+    cut.write_bytes((tmp_path / "scan.tif").read_bytes()[:-30_000])
+    (result,) = restore_files(restorer, [str(cut)], tmp_path / "out", progress=False)
+    assert result.output is None and "cannot decode" in result.error, result.error
+
+
+def _tiff_rgb16(rgb16: np.ndarray) -> bytes:
+    """An uncompressed 16-bit RGB TIFF (as Lightroom or a scanner exports): PIL cannot write one."""
+    (h, w, _), data = rgb16.shape, rgb16.astype("<u2").tobytes()
+    tags = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 3, 8 + 2 + 10 * 12 + 4), (259, 3, 1, 1), (262, 3, 1, 2),
+            (273, 4, 1, 8 + 2 + 10 * 12 + 4 + 6), (277, 3, 1, 3), (278, 4, 1, h), (279, 4, 1, len(data)),
+            (284, 3, 1, 1)]
+    ifd = b"".join(struct.pack("<HHII" if kind == 4 or count > 1 else "<HHIHxx", tag, kind, count, value)
+                   for tag, kind, count, value in tags)
+    return b"II*\0" + struct.pack("<IH", 8, len(tags)) + ifd + struct.pack("<I3H", 0, 16, 16, 16) + data
+
+
+def test_a_16_bit_tiff_is_refused_as_a_16_bit_png_is(tmp_path, restorer):
+    """PIL opens a 16-bit RGB TIFF as 8-bit RGB without a word: it was restored (or passed through) as an 8-bit
+    PNG, its low bits lost, where 16-bit images are documented as refused."""
+    rgb16 = _photo().astype(np.uint16) * 257 + 3
+    (tmp_path / "scan.tif").write_bytes(_tiff_rgb16(rgb16))
+    assert Image.open(tmp_path / "scan.tif").mode == "RGB"  # what PIL makes of it
+    (result,) = restore_files(restorer, [str(tmp_path / "scan.tif")], tmp_path / "out", progress=False)
+    assert result.output is None and "a 16-bit TIFF: JPEG is 8-bit" in result.error, result.error
+    assert not (tmp_path / "out" / "scan.png").exists()
+
+def test_a_quoted_glob_finds_a_cameras_upper_case_suffixes(tmp_path, restorer):
+    """'photos/*.jpg' finds IMG_0001.JPG as the folder search does (cameras write upper case); a name without
+    wildcards stays exact."""
+    for name in ("IMG_0001.JPG", "b.jpg", "c.Jpg", "d.png"):
+        Image.fromarray(_photo()).save(tmp_path / name, format="JPEG" if name != "d.png" else "PNG")
+    results = restore_files(restorer, [str(tmp_path / "*.jpg")], tmp_path / "out", progress=False)
+    assert sorted(Path(r.source).name for r in results if r.error is None) == ["IMG_0001.JPG", "b.jpg", "c.Jpg"]
+    (missing,) = restore_files(restorer, [str(tmp_path / "img_0001.jpg")], tmp_path / "out", progress=False)
+    assert missing.output is None and "no such file" in missing.error
 
 # -- outputs checked first --------------------------------------------------------------------------------------
 def test_evaluate_and_report_check_their_outputs_before_any_computation(tmp_path, model_file, monkeypatch, capsys):

@@ -37,7 +37,7 @@ def read_references(images: list[str], allow_lossy: bool = False,
     refs, skipped, lossy = [], [], []
     paths = _input_paths(images)
     for path in paths:
-        shard = path.suffix == ".tar"
+        shard = path.suffix.lower() == ".tar"
         for key, ext, data in _shard_images(path) if shard else [("", path.suffix.lower(), b"")]:
             label, named = (f"{path.name}:{key}", f"{path.name}:{key}.{ext}") if shard else (str(path), str(path))
             if ext in (LOSSY_SHARD_EXTS if shard else LOSSY_SUFFIXES) and not allow_lossy:
@@ -80,25 +80,25 @@ def seen_in_training(images: list[str], refs: list[Reference], train_shards: dic
     if not train_shards:
         return {}
     seen = sorted({p.name for p in _input_paths(images)
-                   if p.suffix == ".tar" and p.name in train_shards and shard_fingerprint(p) == train_shards[p.name]})
+                   if p.suffix.lower() == ".tar" and p.name in train_shards and shard_fingerprint(p) == train_shards[p.name]})
     count = sum(1 for r in refs if r.source.split(":")[0] in seen)
     return {"images": count, "shards": seen} if count else {}
 
 
 def _input_paths(images: list[str]) -> list[Path]:
     """The files ``images`` names (files, folders searched recursively, else their shards, globs), each once."""
-    import glob
+    from dist_dejpeg.restore.files import glob_files
 
     paths: list[Path] = []
     for item in images:
         p = Path(item)
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            paths += files or sorted(p.glob("*.tar"))
+            paths += files or sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() == ".tar")
         elif p.is_file():
             paths.append(p)
         else:
-            paths += sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
+            paths += glob_files(item)  # ('*.png' finds a camera's IMG_0001.PNG too, as a folder search does)
     if not paths:
         raise EvaluateError(f"no images or shards found in {' '.join(images)}")
     unique: dict[Path, Path] = {}

@@ -9,6 +9,7 @@ epsilon underflows to zero, which is where NaNs come from; in float32 neither ca
 from __future__ import annotations
 
 import contextlib
+import io
 import sys
 import warnings
 
@@ -36,9 +37,12 @@ class LPIPS(nn.Module):
             self.inner = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
         if pretrained:
             # torch.hub writes 'Downloading: "https://..."' on stdout, where a command's results go (evaluate
-            # --quiet prints nothing else there): it is a progress note, so stderr, once per model built
-            with contextlib.redirect_stdout(sys.stderr):
+            # --quiet prints nothing else there): a note kept until the download is done, then on stderr; a
+            # failed one says nothing of a download that did not happen (the WeightsError says why)
+            note = io.StringIO()
+            with contextlib.redirect_stdout(note):
                 state = lpips_backbone_state(net, weights_file, key)
+            sys.stderr.write(note.getvalue())
             load_lpips_backbone(self.inner.net, state)
         self.net_name = net
         self.pretrained = pretrained

@@ -98,13 +98,22 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None
         elif path.is_file():
             add(path, Path(path.name))
         else:
-            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
+            matches = glob_files(item)
             if not matches:
                 failures.append(RestoreResult(item, error="no such file, and no file matches it as a glob"))
             prefix = glob_prefix(item)
             for p in matches:
                 add(p, below(p, prefix), prefix)
     return found, failures
+
+
+def glob_files(pattern: str) -> list[Path]:
+    """The files a glob matches, sorted, its image suffix in either case as a folder search takes it ('*.jpg'
+    finds a camera's IMG_0001.JPG too; a name without wildcards stays exact)."""
+    stem, suffix = os.path.splitext(pattern)
+    if glob.has_magic(pattern) and suffix.lower() in IMAGE_SUFFIXES:
+        pattern = stem + "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in suffix)
+    return sorted(Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file())
 
 
 def glob_prefix(pattern: str) -> Path:
@@ -305,7 +314,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
             atomic_write_bytes(target, path.read_bytes())
             return
         save_image(restored, target, alpha=image.alpha, grayscale=image.grayscale, icc_profile=image.icc_profile,
-                   exif=image.exif, quality=output_quality, dpi=image.dpi)
+                   exif=image.exif, quality=output_quality, dpi=image.dpi, xmp=image.xmp)
 
     def saved(result: RestoreResult, target: Path, image: LoadedImage, future: Future) -> None:
         try:

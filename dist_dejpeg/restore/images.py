@@ -4,19 +4,23 @@
 EXIF orientation is applied; grayscale, palette, RGBA/LA (alpha kept and written back unchanged), CMYK and
 YCbCr JPEGs are read; grayscale input gives grayscale output. 16-bit images are refused (a JPEG is 8-bit: a
 16-bit file never was one), as are images over ``max_pixels`` (checked from the header, before decoding:
-decompression bombs) and animations (GIF, APNG, WebP: one image is written, so the other frames would be lost;
-a camera's MPO keeps its first image, the photo).
+decompression bombs), animations (GIF, APNG, WebP: one image is written, so the other frames would be lost)
+and TIFFs of several pages (reduced-resolution pages, previews, do not count); a camera's MPO keeps its first
+image, the photo.
 
-Metadata: the input's ICC profile and EXIF (camera, dates, GPS, ...) go into the output (PNG iCCP + eXIf, JPEG
-APP2 + APP1, TIFF tags, WebP ICCP/EXIF chunks). A TIFF is written deflate-compressed, except where the EXIF has
-sub-IFDs (the Exif and GPS ones: dates, exposure, location), which Pillow's compressed-TIFF writer (libtiff)
-cannot write: that TIFF is written uncompressed, so that nothing is lost. The EXIF orientation is applied to the pixels once, so the written EXIF says
-Orientation 1 (and the Exif IFD's pixel dimensions are the output's); the thumbnail (IFD1) and XMP are not
-carried. The pixel density (dpi: JFIF, pHYs, TIFF resolution) is carried too, x and y swapped by a quarter
-turn. A profile is carried only where it describes the output's colours: RGB for RGB output, GRAY for
-grayscale. A CMYK input with an embedded profile is converted to sRGB through that profile (LittleCMS via
-PIL.ImageCms, perceptual intent) and the output carries the sRGB profile LittleCMS builds; a CMYK input without
-one is converted as PIL does (naively) and carries no profile.
+Metadata: the input's ICC profile, EXIF (camera, dates, GPS, ...) and XMP (ratings, keywords, captions, edits) go
+into the output (PNG iCCP + eXIf + iTXt, JPEG APP2 + APP1, TIFF tags, WebP ICCP/EXIF/XMP chunks). A JPEG holds at
+most 64 KB of each of EXIF and XMP (one marker segment): a larger EXIF loses its largest values (a maker note, a
+Photoshop block) until it fits, a larger XMP is left out, each with a warning; the image is still written. A TIFF is
+written deflate-compressed, except where the EXIF has sub-IFDs (the Exif and GPS ones: dates, exposure, location),
+which Pillow's compressed-TIFF writer (libtiff) cannot write: that TIFF is written uncompressed, so that nothing is
+lost. The EXIF orientation is applied to the pixels once, so the written EXIF says Orientation 1 (and the Exif IFD's
+pixel dimensions are the output's), and the XMP's tiff:Orientation is removed (as PIL's exif_transpose does); the
+thumbnail (IFD1) and IPTC (a JPEG's APP13) are not carried. The pixel density (dpi: JFIF, pHYs, TIFF resolution) is
+carried too, x and y swapped by a quarter turn. A profile is carried only where it describes the output's colours:
+RGB for RGB output, GRAY for grayscale. A CMYK input with an embedded profile is converted to sRGB through that
+profile (LittleCMS via PIL.ImageCms, perceptual intent) and the output carries the sRGB profile LittleCMS builds; a
+CMYK input without one is converted as PIL does (naively) and carries no profile.
 """
 
 from __future__ import annotations
@@ -24,17 +28,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import os
+import re
 import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
 
 from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, DEFAULT_MAX_PIXELS, save_options
 from dist_dejpeg.run.files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 GRAY_MODES = ("L", "LA", "1")  # single-channel inputs: written back single-channel
 ORIENTATION = 0x0112  # EXIF tag
@@ -45,6 +54,11 @@ SUB_IFDS = (EXIF_IFD, 0x8825, 0xA005)  # pointers to the Exif, GPS and Interoper
 # and written into another file they would describe the wrong pixels (in a TIFF output, corrupt it)
 STORAGE_TAGS = frozenset({254, 255, 256, 257, 258, 259, 262, 266, 273, 277, 278, 279, 284, 292, 293, 317, 320,
                           322, 323, 324, 325, 330, 338, 339, 347, 513, 514, 529, 530, 531, 532, 34675})
+XMP_TAG = 700  # a TIFF's XMP, in its getexif(): carried as the output's XMP (output_xmp), not inside its EXIF
+TURNED = (2, 3, 4, 5, 6, 7, 8)  # EXIF orientations exif_transpose applies to the pixels
+XMP_ORIENTATION = re.compile(rb'tiff:Orientation="[0-9]"|<tiff:Orientation>[0-9]</tiff:Orientation>')
+JPEG_MARKER_MAX = 65533  # the data one JPEG marker segment holds: all of a JPEG's EXIF (APP1), or its XMP
+XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"  # what a JPEG's XMP segment starts with
 
 
 class InputImageError(ValueError):
@@ -61,14 +75,21 @@ class LoadedImage:
     image: Image.Image | None = None  # the opened file, any format (its JPEG tables, info; pixels in ``rgb``)
     icc_profile: bytes | None = None  # the profile to write with the output (see the module docstring)
     exif: bytes | None = None  # the EXIF to write with the output, Orientation reset to 1
+    xmp: bytes | None = None  # the XMP packet to write with the output, its orientation removed (output_xmp)
     dpi: tuple[float, float] | None = None  # the pixel density to write with the output (output_dpi)
 
 
-def _png_bit_depth(path: Path) -> int | None:
+def _bit_depth(img: Image.Image, path: Path) -> int:
+    """Bits per sample as the file stores them: PIL opens a 16-bit RGB PNG or TIFF as 8-bit RGB, silently."""
+    if img.format == "TIFF":
+        bits = img.tag_v2.get(258, 8)
+        return max(bits) if isinstance(bits, tuple) else int(bits)
+    if img.format != "PNG":
+        return 8
     with open(path, "rb") as f:
         head = f.read(33)
     if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        return None
+        return 8
     return struct.unpack(">B", head[24:25])[0]
 
 
@@ -149,7 +170,7 @@ def output_metadata(img: Image.Image, grayscale: bool) -> tuple[bytes | None, by
         exif = Image.Exif()
         exif.load(found.tobytes())
         turned = exif.get(ORIENTATION, 1) in (5, 6, 7, 8)
-        for tag in STORAGE_TAGS & set(exif):
+        for tag in (STORAGE_TAGS | {XMP_TAG}) & set(exif):
             del exif[tag]
         if ORIENTATION in exif:
             exif[ORIENTATION] = 1  # applied to the pixels once
@@ -160,6 +181,20 @@ def output_metadata(img: Image.Image, grayscale: bool) -> tuple[bytes | None, by
         return icc, exif.tobytes()
     except Exception:  # noqa: BLE001 - PIL raises many types for malformed EXIF
         return icc, None
+
+
+def output_xmp(img: Image.Image) -> bytes | None:
+    """The XMP packet of ``img`` (the opened file) for its output, or None: its tiff:Orientation removed where
+    the EXIF orientation turns the pixels (applied once, as PIL's exif_transpose removes it)."""
+    xmp = img.info.get("xmp")
+    if not xmp:
+        return None
+    xmp = xmp.encode() if isinstance(xmp, str) else bytes(xmp)
+    try:
+        turned = img.getexif().get(ORIENTATION, 1) in TURNED
+    except Exception:  # noqa: BLE001 - malformed EXIF: nothing is turned
+        turned = False
+    return XMP_ORIENTATION.sub(b"", xmp) if turned else xmp
 
 
 def output_dpi(img: Image.Image) -> tuple[float, float] | None:
@@ -205,22 +240,37 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
         if w * h > max_pixels:
             raise InputImageError(f"{path}: {w} x {h} = {w * h / 1e6:.1f} megapixels is over the limit of "
                                   f"{max_pixels / 1e6:.1f} (a decompression bomb?); raise it with --max-pixels")
-        if img.format == "PNG" and _png_bit_depth(path) == 16:
-            raise InputImageError(f"{path}: a 16-bit PNG: JPEG is 8-bit, so this file never was a JPEG; convert "
-                                  f"it to 8 bits first if it holds a decoded JPEG")
+        if (bits := _bit_depth(img, path)) > 8:
+            raise InputImageError(f"{path}: a {bits}-bit {img.format}: JPEG is 8-bit, so this file never was a JPEG; "
+                                  f"convert it to 8 bits first if it holds a decoded JPEG")
         mode, fmt = img.mode, img.format or path.suffix.lstrip(".").upper()
         if fmt in ("GIF", "PNG", "WEBP") and getattr(img, "is_animated", False):
             raise InputImageError(f"{path}: an animated {fmt} ({img.n_frames} frames): restore writes one image, so "
                                   f"all but the first frame would be lost; save the frames as separate images")
         try:
             with pixel_limit(max_pixels):
+                pages = _tiff_pages(img) if fmt == "TIFF" else 1
                 img.load()
         except Exception as err:  # noqa: BLE001 - truncated or corrupt data
             raise InputImageError(f"{path}: cannot decode ({type(err).__name__}: {err})") from None
+        if pages > 1:
+            raise InputImageError(f"{path}: a TIFF of {pages} pages: restore writes one image, so all but the first "
+                                  f"page would be lost; save the pages as separate images")
         icc, exif = output_metadata(img, img.mode in GRAY_MODES)  # before split_image turns the pixels
         rgb, alpha, grayscale = split_image(img, str(path))
-        return LoadedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, mode=mode, format=fmt,
-                           image=img, icc_profile=icc, exif=exif, dpi=output_dpi(img))
+        return LoadedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, mode=mode, format=fmt, image=img,
+                           icc_profile=icc, exif=exif, xmp=output_xmp(img), dpi=output_dpi(img))
+
+
+def _tiff_pages(img: Image.Image) -> int:
+    """How many full images a TIFF holds: its pages, less the reduced-resolution ones (NewSubfileType bit 0:
+    previews of the first); left on the first page."""
+    pages = 1
+    for page in range(1, getattr(img, "n_frames", 1)):
+        img.seek(page)
+        pages += not img.tag_v2.get(254, 0) & 1
+    img.seek(0)
+    return pages
 
 
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # a PNG's last chunk
@@ -255,12 +305,13 @@ def output_complete(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> b
 
 def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = None, grayscale: bool = False,
                icc_profile: bytes | None = None, exif: bytes | None = None, quality: int | None = None,
-               dpi: tuple[float, float] | None = None) -> None:
+               dpi: tuple[float, float] | None = None, xmp: bytes | None = None) -> None:
     """Write in the format ``path``'s suffix names, with its OUTPUT_FORMATS options (``quality``: jpg and webp
     at that quality), atomically: encoded first, then a temporary file renamed into place
-    (run.files.atomic_write_bytes). ``icc_profile`` and ``exif`` (LoadedImage's) are embedded when given. An
-    alpha channel for a format that cannot hold one (JPEG) is an InputImageError, never dropped silently.
-    ``dpi``: the pixel density written (a WebP has no field for it)."""
+    (run.files.atomic_write_bytes). ``icc_profile``, ``exif`` and ``xmp`` (LoadedImage's) are embedded when
+    given; in a JPEG, within its 64 KB per marker (see the module docstring). An alpha channel for a format that
+    cannot hold one (JPEG) is an InputImageError, never dropped silently. ``dpi``: the pixel density written (a
+    WebP has no field for it)."""
     path = Path(path)
     try:
         fmt, options = save_options(path.suffix, quality)
@@ -269,10 +320,20 @@ def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = 
     if alpha is not None and fmt not in ALPHA_FORMATS:
         raise InputImageError(f"{path}: the image has an alpha channel (transparency), which {fmt} cannot hold; "
                               f"write it as png, webp or tiff (--format, or --format same)")
-    if exif and fmt == "TIFF":
-        options = _tiff_with_exif(options, exif)
+    if fmt == "JPEG" and exif and len(exif) > JPEG_MARKER_MAX:
+        exif = _fit_exif(exif, path)
+    if fmt == "JPEG" and xmp and len(XMP_HEADER) + len(xmp) > JPEG_MARKER_MAX:
+        log.warning("%s: written without its XMP: %d KB, over the 64 KB a JPEG holds", path, len(xmp) // 1024)
+        xmp = None
+    if fmt == "TIFF" and (exif or xmp):
+        options = _tiff_with_exif(options, exif, xmp)
     elif exif:
         options["exif"] = exif
+    if xmp and fmt == "PNG":
+        options["pnginfo"] = PngInfo()
+        options["pnginfo"].add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
+    elif xmp and fmt != "TIFF":
+        options["xmp"] = xmp
     if icc_profile:
         options["icc_profile"] = icc_profile
     if dpi:
@@ -282,12 +343,38 @@ def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = 
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _tiff_with_exif(options: dict, exif: bytes) -> dict:
-    """TIFF save options carrying ``exif``: its tags beside the compressed format's own (``exif=`` is ignored
-    once ``tiffinfo`` is given), or, where it has sub-IFDs that libtiff cannot write, uncompressed."""
+def _fit_exif(exif: bytes, path: Path) -> bytes | None:
+    """``exif`` within one JPEG marker segment: its largest values (of IFD0 and the Exif IFD: a maker note, a
+    Photoshop block) left out, largest first, until it fits, with a warning naming them; None where none is left."""
     tags = Image.Exif()
     tags.load(exif)
+    ifds = (tags, tags.get_ifd(EXIF_IFD)) if EXIF_IFD in tags else (tags,)
+    dropped = []
+    while len(exif) > JPEG_MARKER_MAX:
+        sizes = [(len(value), ifd, tag) for ifd in ifds for tag, value in ifd.items()
+                 if isinstance(value, (bytes, str))]
+        if not sizes:
+            log.warning("%s: written without its EXIF: over the 64 KB a JPEG holds", path)
+            return None
+        _, ifd, tag = max(sizes, key=lambda size: size[0])
+        del ifd[tag]
+        dropped.append(ExifTags.TAGS.get(tag, f"tag {tag}"))
+        exif = tags.tobytes()
+    log.warning("%s: written without the EXIF's %s: the EXIF was over the 64 KB a JPEG holds", path,
+                ", ".join(dropped))
+    return exif
+
+
+def _tiff_with_exif(options: dict, exif: bytes | None, xmp: bytes | None) -> dict:
+    """TIFF save options carrying ``exif`` and ``xmp`` (tag 700): their tags beside the compressed format's own
+    (``exif=`` is ignored once ``tiffinfo`` is given), or, where the EXIF has sub-IFDs that libtiff cannot write,
+    uncompressed."""
+    tags = Image.Exif()
+    if exif:
+        tags.load(exif)
+    if xmp:
+        tags[XMP_TAG] = xmp
     if any(tags.get_ifd(pointer) for pointer in SUB_IFDS if pointer in tags):
-        return {"exif": exif}
+        return {"exif": tags.tobytes()}
     plain = {tag: value for tag, value in tags.items() if tag not in SUB_IFDS}  # pointers to empty sub-IFDs
     return {**options, "tiffinfo": {**plain, **options.get("tiffinfo", {})}}
