@@ -84,7 +84,8 @@ def test_python_api_records_the_quality_source_and_keeps_icc_and_exif(guarded_fi
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     exif = Image.Exif()
     exif[0x010F] = "TestCam"  # Make
-    jpeg = Image.open(io.BytesIO(_jpeg_bytes(rgb, 20, icc_profile=icc, exif=exif)))
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF/></x:xmpmeta>'
+    jpeg = Image.open(io.BytesIO(_jpeg_bytes(rgb, 20, icc_profile=icc, exif=exif, xmp=xmp)))
     out = restorer.restore(jpeg)
     d = restorer.last_decision
     assert d.quality == 20 and d.source == "file tables" and not d.passthrough, d
@@ -95,6 +96,9 @@ def test_python_api_records_the_quality_source_and_keeps_icc_and_exif(guarded_fi
     out.save(saved, format="PNG", **out.info)
     again = Image.open(saved)
     assert again.info.get("icc_profile") == icc and again.getexif().get(0x010F) == "TestCam"
+    assert out.info["xmp"] == xmp
+    out.save(saved := io.BytesIO(), format="JPEG", **out.info)
+    assert Image.open(saved).info.get("xmp") == xmp
 
     assert restorer.restore(jpeg, quality=10) and restorer.last_decision.source == "given"
     clean = Image.fromarray(rgb)  # never compressed: no quality, nothing to predict
