@@ -61,8 +61,9 @@ FAKE_RANK = """
 import os, signal, sys, time
 out, hold = sys.argv[-2], float(sys.argv[-1])
 got = []
-signal.signal(signal.SIGINT, lambda *a: got.append(1))
-signal.signal(signal.SIGTERM, lambda *a: got.append(1))
+if hold >= 0:  # (hold < 0: a rank still building, no handler yet: a stop signal ends it)
+    signal.signal(signal.SIGINT, lambda *a: got.append(1))
+    signal.signal(signal.SIGTERM, lambda *a: got.append(1))
 open(os.path.join(out, f"up-{os.getpid()}"), "w").close()
 while not got:
     time.sleep(0.05)
@@ -74,7 +75,8 @@ sys.exit(75)
 
 def _fake_ranks(tmp_path, monkeypatch):
     """``launch`` starting two stand-ins for training ranks: each stops ``hold`` s after its first stop signal
-    with exit 75, as a rank that checkpoints does (its command line names dist_dejpeg.cli like a real one's)."""
+    with exit 75, as a rank that checkpoints does (its command line names dist_dejpeg.train.launch like a real
+    one's); ``hold`` < 0: a rank that a stop signal ends at once, as one still building its models does."""
     import sys
 
     script = tmp_path / "rank.py"
@@ -86,9 +88,9 @@ def _fake_ranks(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "1")  # torch's launcher: SIGKILL 1 s after its signal
 
 
-def _signal_when_up(tmp_path, times: int):
-    """Ctrl-C to this process up to ``times`` times, 0.3 s apart, once both ranks are up, until the returned
-    event is set (launch returned)."""
+def _signal_when_up(tmp_path, times: int, sig=None):
+    """Ctrl-C (or ``sig``) to this process up to ``times`` times, 0.3 s apart, once both ranks are up, until the
+    returned event is set (launch returned)."""
     import os
     import signal
     import threading
@@ -99,7 +101,7 @@ def _signal_when_up(tmp_path, times: int):
             time.sleep(0.05)
         for _ in range(times):
             if not done.is_set():
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), sig or signal.SIGINT)
             time.sleep(0.3)
 
     done = threading.Event()
@@ -133,6 +135,56 @@ def test_a_second_ctrl_c_stops_the_ranks_at_once_and_leaves_none_running(tmp_pat
     assert code == 130
     assert time.time() - start < 30
     assert ranks_of_this_launcher() == [] and not list(tmp_path.glob("saved-*"))
+
+
+def test_sigterm_before_the_ranks_handle_it_exits_75_with_one_line_and_no_torch_failure_line(tmp_path, monkeypatch,
+                                                                                             caplog):
+    """SIGTERM while the ranks still build (no stop handler yet) ends them at once, with nothing to save: the
+    command says so and exits 75 like any stop (the same command continues), not 143; and torch's launcher's
+    "failed (exitcode ...)" line is not shown."""
+    import signal
+
+    from dist_dejpeg.train.launch import launch
+
+    _fake_ranks(tmp_path, monkeypatch)
+    done = _signal_when_up(tmp_path, 1, signal.SIGTERM)
+    with caplog.at_level("INFO"):
+        code = launch(2, [str(tmp_path), "-1"])
+    done.set()
+    assert code == 75
+    assert "SIGTERM stopped the processes where they could not checkpoint" in caplog.text
+    assert "failed (exitcode" not in caplog.text
+
+
+def test_a_rank_dies_with_its_launcher(tmp_path):
+    """kill -9 of the launcher (the process the user started): its ranks get SIGTERM from the kernel (a stop
+    signal: one in training checkpoints first) instead of training on as orphans that hold the run folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dist_dejpeg.train.launch import RANK_MODULE
+
+    rank = (f"import os, signal, sys, time; from {RANK_MODULE} import die_with_parent; "
+            f"signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1] + '/term', 'w').close(), sys.exit(75))); "
+            f"die_with_parent(os.getppid()); open(sys.argv[1] + '/up', 'w').close(); time.sleep(60)")
+    launcher = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen(sys.argv[1:]); "
+                                 "time.sleep(60)", sys.executable, "-c", rank, str(tmp_path)])
+    try:
+        deadline = time.time() + 30
+        while not (tmp_path / "up").exists():
+            assert time.time() < deadline and launcher.poll() is None
+            time.sleep(0.05)
+        os.kill(launcher.pid, signal.SIGKILL)
+        deadline = time.time() + 10
+        while not (tmp_path / "term").exists():
+            assert time.time() < deadline, "the rank outlived its launcher"
+            time.sleep(0.05)
+    finally:
+        launcher.kill()
+        launcher.wait()
 
 
 def test_accelerate_launch_with_the_one_process_config_is_a_launcher(monkeypatch):

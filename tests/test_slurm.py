@@ -241,3 +241,30 @@ def test_a_preempted_step_reports_its_own_exit_code_and_requeues(tmp_path):
     done = subprocess.run(["bash", "-c", shell], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert "training step ended with status 75" in done.stdout and done.stdout.rstrip().endswith("rc=75"), done
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "7"]
+
+
+def test_a_preempted_accelerate_launch_step_exits_75_not_its_launchers_143(tmp_path):
+    """No cluster needed: as above, but the step is what `accelerate launch` does: torch's launcher waits for its
+    ranks' checkpoint and then exits 128 + SIGTERM = 143 (it reports the TERM it got, not the ranks' 75). After a
+    stop signal the job must end with the documented 75 and requeue; a step that fails on its own keeps its code."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {"srun": 'echo $$ > "$T/srun.pid"; trap "exit 143" TERM; while [ ! -e "$T/fail" ]; do sleep 0.05; done; '
+                     'exit 143',
+             "scancel": 'kill -TERM "$(cat "$T/srun.pid")"',
+             "scontrol": 'echo "$*" >> "$T/scontrol.log"'}
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, T=str(tmp_path), PATH=f"{bin_dir}:{os.environ['PATH']}")
+    preempt = ('source launch/slurm/common.sh; LOG_DIR="$T"; SLURM_JOB_ID=7; '
+               '(while [ ! -s "$T/srun.pid" ]; do sleep 0.05; done; kill -USR1 $$) & '
+               'dd_run_step python train.py; echo "rc=$?"')
+    done = subprocess.run(["bash", "-c", preempt], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.rstrip().endswith("rc=75"), done
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "7"]
+
+    (tmp_path / "fail").touch()  # no signal: a 143 of its own (a launcher killed from outside) stays 143
+    alone = 'source launch/slurm/common.sh; LOG_DIR="$T"; SLURM_JOB_ID=8; dd_run_step python train.py; echo "rc=$?"'
+    done = subprocess.run(["bash", "-c", alone], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.rstrip().endswith("rc=143"), done

@@ -76,6 +76,22 @@ def test_verdict_rules(progress, held, finished, ckpts, config, expected):
     assert verdict(progress, held=held, finished=finished, ckpts=ckpts, config=config) == expected
 
 
+def test_a_crash_on_a_lost_peer_names_another_process_as_the_cause():
+    """One rank killed (kill -9, the OOM killer): rank 0, which writes progress.json, then fails in its next
+    collective with gloo's "Connection reset by peer". That is the symptom; status must not present it as the
+    cause."""
+    gloo = ("RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+            "[127.0.0.1]:31927: Connection reset by peer. This is typically caused by a remote worker hanging")
+    for reason in (gloo, "DistBackendError: NCCL error: remote process exited or there was a network error"):
+        state, why = st.verdict(has_config=True, progress={"status": "crashed", "reason": reason}, progress_age_s=5,
+                                lock_held=False, finished_files=False, has_checkpoints=True)
+        assert state == "crashed or killed"
+        assert why.startswith("another process of the run probably died first"), why
+    _, why = st.verdict(has_config=True, progress={"status": "crashed", "reason": "ZeroDivisionError: x"},
+                        progress_age_s=5, lock_held=False, finished_files=False, has_checkpoints=True)
+    assert why == "it stopped on an error: ZeroDivisionError: x"
+
+
 def test_verdict_when_the_lock_is_on_another_host():
     assert verdict({"status": "running"}, age=30, held=None) == "running"
     assert verdict({"status": "running"}, age=3 * st.STALE_S, held=None) == "crashed or killed"

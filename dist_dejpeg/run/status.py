@@ -20,13 +20,15 @@ Verdict (``state``), first match wins:
     finished           progress.json says finished, or metrics.json and generator.safetensors are there
     stopped            progress.json says a non-finite loss stopped it (a checkpoint was kept; --resume)
     preempted          progress.json says preempted (SIGUSR1/SIGTERM; the same command continues it)
-    crashed or killed  started (progress "running", checkpoints or config.yaml) but the lock is not held
+    crashed or killed  started (progress "running", checkpoints or config.yaml) but the lock is not held; where
+                       rank 0 crashed on a lost peer (gloo, NCCL), another process probably died first: said so
     not started        no config.yaml, no checkpoint, no progress
 """
 
 from __future__ import annotations
 
 import math
+import re
 import socket
 import time
 from pathlib import Path
@@ -37,6 +39,10 @@ from dist_dejpeg.run.layout import (CHECKPOINTS, CONFIG, GENERATOR, LOADER_STATE
 from dist_dejpeg.run.text import duration
 
 STALE_S = 900.0  # progress older than this while the lock cannot be checked: judged not running
+# what rank 0 (the one that writes progress.json) reports when another process of the run died or dropped out first:
+# gloo's and NCCL's lost-peer errors, the symptom and not the cause
+LOST_PEER = re.compile(r"(Connection (reset|closed) by peer|Broken pipe|remote process exited|communicator was "
+                       r"aborted|DistNetworkError|DistBackendError)", re.IGNORECASE)
 STATES = ("running", "finished", "stopped", "preempted", "crashed or killed", "not started")
 
 
@@ -81,6 +87,10 @@ def verdict(*, has_config: bool, progress: dict | None, progress_age_s: float | 
         return "stopped", f"a non-finite loss stopped it ({reason}); a checkpoint is kept, --resume continues"
     if pstatus == "preempted":
         return "preempted", f"{reason}; the same command continues it from the checkpoint"
+    if pstatus == "crashed" and LOST_PEER.search(str(progress.get("reason"))):
+        return "crashed or killed", (f"another process of the run probably died first (the cause is then in its own "
+                                     f"output: the launcher's, or logs/train-*.log under SLURM); rank 0 then lost "
+                                     f"it: {reason}")
     if pstatus == "crashed":
         return "crashed or killed", f"it stopped on an error: {reason}"
     if lock_held is None and (pstatus == "running" or (progress is None and (has_config or has_checkpoints))):

@@ -9,6 +9,9 @@ On a CPU the processes are gloo DDP ranks with ``cores // N`` threads each: on 2
 train ~1.6x the images per second of one 2-thread process (a small model's convolutions do not split well
 over threads; benchmarks/RESULTS.md, "Two processes on two cores"). On GPUs it is what ``accelerate launch
 --multi_gpu --num_processes N`` does (one GPU per process); SLURM runs go through the sbatch scripts instead.
+
+Each rank runs ``python -m dist_dejpeg.train.launch`` (the CLI behind :func:`die_with_parent`): a launcher that
+dies (kill -9) takes its ranks with it instead of leaving them training as orphans that hold the run folder.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ log = logging.getLogger("dist_dejpeg")
 
 # set by torchrun / accelerate launch / the sbatch scripts; the last by accelerate launch's one-process launcher too
 LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION")
+RANK_MODULE = "dist_dejpeg.train.launch"  # what each rank runs: the CLI, ended with its launcher (__main__ below)
+LAUNCHER_PID = "DIST_DEJPEG_LAUNCHER_PID"
+EXIT_PREEMPTED = 75  # (the CLI's: stopped by a signal, the same command continues the run)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def already_launched() -> bool:
@@ -49,13 +56,55 @@ def threads_per_process(processes: int) -> int:
     return max(1, cores // processes)
 
 
-def failed_code(err) -> int:
+def failed_code(err, stop: int | None = None) -> int:
     """The command's exit code from the launcher's ChildFailedError: a rank's own code (2, 3, 75: what the rank
     decided) before a signal's (128 + S, as a shell reports it: a rank killed, or aborted on its way out while the
-    launcher stopped the others); among equals, the first failure's."""
+    launcher stopped the others); among equals, the first failure's. ``stop``: the stop signal the launcher passed
+    on; ranks that ended by it (no handler yet: building, loading) or by Ctrl-C's KeyboardInterrupt (130) stopped
+    as asked, with nothing to save: 75, as a stop with a checkpoint (the same command continues the run)."""
     _, first = err.get_first_failure()
     chosen = min(err.failures.values(), key=lambda f: (f.exitcode <= 0, f is not first))
-    return 128 - chosen.exitcode if chosen.exitcode < 0 else chosen.exitcode
+    code = 128 - chosen.exitcode if chosen.exitcode < 0 else chosen.exitcode
+    if stop is not None and code in (128 + stop, 128 + signal.SIGINT):
+        log.warning("train: %s stopped the processes where they could not checkpoint (before training began, or "
+                    "after it ended); the same command continues the run from its newest checkpoint",
+                    signal.Signals(stop).name)
+        return EXIT_PREEMPTED
+    return code
+
+
+def first_failure_line(err) -> str | None:
+    """One line on the rank that failed first when its exit says nothing by itself (a signal, an unknown code);
+    None for the codes a rank explains in its own output (2, 3, 75) and a traceback's 1."""
+    rank, failure = err.get_first_failure()
+    if failure.exitcode in (1, 2, 3, EXIT_PREEMPTED):
+        return None
+    how = (f"was killed by {signal.Signals(-failure.exitcode).name}" if failure.exitcode < 0
+           else f"exited with {failure.exitcode}")
+    return f"train: rank {rank} (pid {failure.pid}) {how}, the first to fail; the others stopped with it"
+
+
+class _NoFailureLine(logging.Filter):
+    """torch's launcher logs "failed (exitcode: N) local_rank: R ... of binary: python" for any exit but 0, a
+    stop's 75 and a rank's own error included, and "Sending process P closing signal SIGTERM" for each rank still
+    running then: :func:`launch` says what matters instead (first_failure_line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("failed (exitcode", "Sending process"))
+
+
+def die_with_parent(parent: int) -> None:
+    """A rank ends with the launcher that started it: on Linux the kernel sends it SIGTERM when the launcher dies
+    (a kill -9, the OOM killer), a stop signal like any other (a rank in training checkpoints, then exits 75;
+    one still building ends at once), so no orphan keeps training, the GPU and the run folder's lock."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    elif parent and os.getppid() != parent:  # the launcher ended before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def leave_process_group() -> None:
@@ -104,7 +153,7 @@ def ranks_of_this_launcher() -> list[int]:
     found = []
     for child in psutil.Process().children():
         try:
-            if "dist_dejpeg.cli" in child.cmdline():
+            if RANK_MODULE in child.cmdline():
                 found.append(child.pid)
         except psutil.Error:
             continue
@@ -125,9 +174,11 @@ def launch(processes: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    env = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "TORCHELASTIC_SIGNALS_TO_HANDLE")}
+    env = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "TORCHELASTIC_SIGNALS_TO_HANDLE",
+                                                    LAUNCHER_PID)}
     threads = threads_per_process(processes)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the ranks inherit it (torchrun would otherwise say it set 1)
+    os.environ[LAUNCHER_PID] = str(os.getpid())
     log.info("train: %d processes of %d thread(s) each (torch.distributed.run, standalone)", processes, threads)
     # torch's launcher keeps only the signals no rank handles (a closed terminal); StopForwarder the others
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
@@ -135,20 +186,26 @@ def launch(processes: int, argv: list[str]) -> int:
                           signals_to_handle="SIGHUP,SIGQUIT")
     handled = [getattr(signal, name) for name in config.signals_to_handle.split(",") if hasattr(signal, name)]
     saved = {sig: signal.getsignal(sig) for sig in handled}  # the launcher installs its own and leaves them
-    stops = StopForwarder()
+    stops, quiet = StopForwarder(), _NoFailureLine()
     saved.update(stops.install())
+    torch_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    torch_log.addFilter(quiet)
     try:
-        elastic_launch(config, sys.executable)("-m", "dist_dejpeg.cli", *argv)
+        elastic_launch(config, sys.executable)("-m", RANK_MODULE, *argv)
     except ChildFailedError as err:
         if stops.killed:
             log.warning("train: stopped at once by a second Ctrl-C, without a checkpoint; the run continues from "
                         "its newest checkpoint")
             return 128 + signal.SIGINT
-        return failed_code(err)
+        line = first_failure_line(err) if stops.received is None else None
+        if line:
+            log.error("%s", line)
+        return failed_code(err, stops.received)
     except SignalException as err:  # SIGHUP, SIGQUIT: the launcher ended the ranks with it
         log.warning("train: %s stopped the launcher and the processes", signal.Signals(err.sigval).name)
         return 128 + err.sigval
     finally:  # this process as it was (a caller in Python, e.g. a test, goes on)
+        torch_log.removeFilter(quiet)
         for sig, handler in saved.items():
             signal.signal(sig, handler)
         for name, value in env.items():
@@ -157,3 +214,10 @@ def launch(processes: int, argv: list[str]) -> int:
             else:
                 os.environ[name] = value
     return 0
+
+
+if __name__ == "__main__":  # a rank of launch(): the CLI, as `python -m dist_dejpeg.cli` would run it
+    import runpy
+
+    die_with_parent(int(os.environ.get(LAUNCHER_PID, "0")))
+    runpy.run_module("dist_dejpeg.cli", run_name="__main__", alter_sys=True)

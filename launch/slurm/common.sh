@@ -10,6 +10,8 @@
 #   The trainer reads the stop flag often enough that its steps plus the checkpoint fit in
 #   train.preempt_budget_s (default 90 s: keep it below the --signal lead time; train/collective.py).
 # - TERM (scancel, preemption): passed on the same way, but no requeue (preemption requeues by itself).
+# - either way the job exits 75 (EX_TEMPFAIL, as the trainer: stopped, the same command continues), also where
+#   `accelerate launch` exits 143 (128 + TERM: torch's launcher reports the TERM it got, not its ranks' 75).
 
 dd_setup() {
   cd "${SLURM_SUBMIT_DIR:?submit this script with sbatch}" || exit 1
@@ -34,13 +36,14 @@ dd_setup() {
 
 dd_on_signal() {
   [ "$1" = USR1 ] && DD_REQUEUE=1
+  DD_STOPPED=1
   echo "[$(date +%FT%T)] got SIG$1: the training processes checkpoint after their current step and stop"
   scancel --signal=TERM "$SLURM_JOB_ID"  # the job's steps (every process in them), not this shell
 }
 
 # dd_run_step SRUN_ARGS... : run one srun step, wait for it through signals, requeue after USR1.
 dd_run_step() {
-  DD_REQUEUE=0
+  DD_REQUEUE=0 DD_STOPPED=0
   trap 'dd_on_signal USR1' USR1
   trap 'dd_on_signal TERM' TERM
   # --kill-on-bad-exit: a node whose training fails takes the others down instead of leaving them waiting
@@ -53,6 +56,12 @@ dd_run_step() {
   # a step that ended while a trap ran: that wait's status was the signal's (138, 143), the step's is still to collect
   if [ "$rc" -gt 128 ]; then wait "$step" 2>/dev/null; local last=$?; [ "$last" = 127 ] || rc=$last; fi
   echo "[$(date +%FT%T)] training step ended with status $rc"
+  if [ "$DD_STOPPED" = 1 ] && [ "$rc" = 143 ]; then
+    # the launcher's own exit on the TERM passed on; its ranks stopped after checkpointing (their log says where),
+    # or, still building, with nothing new to save: either way the same command continues the run
+    echo "[$(date +%FT%T)] (143: the launcher's code for the TERM it got) stopped by the signal: exit 75"
+    rc=75
+  fi
   if [ "$DD_REQUEUE" = 1 ]; then
     echo "[$(date +%FT%T)] requeueing job $SLURM_JOB_ID; it resumes from the newest checkpoint in $RUN_DIR"
     scontrol requeue "$SLURM_JOB_ID"
