@@ -131,10 +131,21 @@ def _train(args: argparse.Namespace) -> int:
                   f"runs would overwrite each other's checkpoints. Stop that run, or set another train.run_dir.",
                   file=sys.stderr)
             return 2
+        from dist_dejpeg.train.resume import check_before_start
+
+        try:  # what resuming would refuse: said now, once, not by every rank after its start-up
+            check_before_start(cfg, args.resume, ranks)
+        except (ConfigError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         argv = ["train", *(["--config", args.config] if args.config else []),
                 *(["--resume", args.resume] if args.resume else []),
                 *(["--log-level", args.log_level] if args.log_level else []), *args.overrides]
         return launch(ranks, argv)
+    if "LOCAL_RANK" in os.environ:  # a rank of accelerate launch or torchrun: ended with it, not left an orphan
+        from dist_dejpeg.train.launch import die_with_parent
+
+        die_with_parent(os.getppid())
     from dist_dejpeg.data.verify import TooFewSamples, TooManyBadSamples
     from dist_dejpeg.models.weights import WeightsError
     from dist_dejpeg.run.lock import RunDirBusy
@@ -143,11 +154,11 @@ def _train(args: argparse.Namespace) -> int:
     try:
         results = train(cfg, resume=args.resume)
     except (ConfigError, WeightsError, FileNotFoundError, RunDirBusy, TooManyBadSamples, TooFewSamples) as err:
-        return _stopped(f"error: {err}", 2)
+        return _stopped("error", err, 2)
     except Preempted as err:
-        return _stopped(f"stopped: {err}", EXIT_PREEMPTED)
+        return _stopped("stopped", err, EXIT_PREEMPTED)
     except TrainingStopped as err:
-        return _stopped(f"error: {err}", 3)
+        return _stopped("error", err, 3)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # one closing line per run, not one per rank
@@ -159,10 +170,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stopped(message: str, code: int) -> int:
+def _stopped(what: str, err: Exception, code: int) -> int:
+    """Say why training stopped, on the rank that raised it: the other ranks raise a copy (train/collective.py),
+    which would print the same line once per rank."""
     from dist_dejpeg.train.launch import leave_process_group
 
-    print(message, file=sys.stderr)
+    if getattr(err, "copied_from_rank", None) is None:
+        print(f"{what}: {err}", file=sys.stderr)
     leave_process_group()
     return code
 

@@ -207,6 +207,70 @@ def test_train_processes_refuses_a_busy_run_folder_before_starting_ranks(tmp_pat
     assert f"pid {os.getpid()}" in err
 
 
+def test_train_processes_says_a_resume_error_once_before_starting_ranks(tmp_path, capsys, monkeypatch):
+    """`train.processes=2 --resume` that cannot resume (no such checkpoint; one of other phases): one error line at
+    once, no rank started (each rank said it after its start-up, ~20 s, then torch's launcher its failure)."""
+    import json
+
+    from dist_dejpeg.cli import main
+    from dist_dejpeg.train import launch as launch_mod
+
+    monkeypatch.setattr(launch_mod, "launch", lambda *a: pytest.fail("ranks were started"))
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.delenv(name, raising=False)
+    run = tmp_path / "run"
+    command = ["train", "--config", str(ROOT / "configs" / "debug.yaml"), f"train.run_dir={run}",
+               "train.processes=2", "train.cpu=true"]
+    assert main([*command, "--resume", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.count("no such folder") == 1
+    step = run / "checkpoints" / "step-00000005"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps({"phase_names": ["gen"], "global_step": 5}))
+    assert main([*command, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "the checkpoint's phases ['gen'] differ from train.order" in err, err
+
+
+def test_an_error_every_rank_raises_is_said_by_the_rank_that_raised_it(tmp_path, capsys, monkeypatch):
+    """The ranks that raise a copy of another rank's error (train/collective.py) do not print it again: one line
+    per run, not one per rank."""
+    from dist_dejpeg.cli import main
+    from dist_dejpeg.config import ConfigError
+    from dist_dejpeg.train import trainer as trainer_mod
+
+    copy = ConfigError("--resume: no checkpoint under run/checkpoints")
+    for copied_from in (None, 0):
+        if copied_from is not None:
+            copy.copied_from_rank = copied_from
+
+        def fail(*a, **k):
+            raise copy
+
+        monkeypatch.setattr(trainer_mod, "train", fail)
+        assert main(["train", "--config", str(ROOT / "configs" / "debug.yaml"), f"train.run_dir={tmp_path}",
+                     "train.processes=1", "train.cpu=true"]) == 2
+        assert capsys.readouterr().err.count("no checkpoint under") == (copied_from is None)
+
+
+def test_a_rank_of_any_launcher_asks_to_die_with_it(tmp_path, monkeypatch):
+    """A rank of accelerate launch or torchrun (LOCAL_RANK set) asks the kernel to end it with its launcher, as the
+    ranks of train.processes do (a kill -9 of the launcher left them training, holding the GPU and the lock)."""
+    from dist_dejpeg.cli import main
+    from dist_dejpeg.config import ConfigError
+    from dist_dejpeg.train import launch as launch_mod
+    from dist_dejpeg.train import trainer as trainer_mod
+
+    asked = []
+    monkeypatch.setattr(launch_mod, "die_with_parent", asked.append)
+    monkeypatch.setattr(trainer_mod, "train", lambda *a, **k: (_ for _ in ()).throw(ConfigError("stop here")))
+    command = ["train", "--config", str(ROOT / "configs" / "debug.yaml"), f"train.run_dir={tmp_path}",
+               "train.processes=1", "train.cpu=true"]
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert main(command) == 2 and asked == []
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(command) == 2 and asked == [os.getppid()]
+
+
 def test_kill_9_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_path, shards, uninterrupted):
     """The real thing: a separate process is killed with SIGKILL at a random moment after a random checkpoint;
     rerunning the same command resumes from the newest complete checkpoint and ends with the same weights."""

@@ -73,6 +73,7 @@ class _Together(contextlib.ContextDecorator):
             if sent is not None:
                 if hasattr(sent, "add_note"):  # Python 3.11+
                     sent.add_note(f"(raised on rank {rank}; rank {self.acc.process_index} stops with it)")
+                sent.copied_from_rank = rank  # (the CLI says an error once: where it was raised)
                 raise sent from None
         return False
 

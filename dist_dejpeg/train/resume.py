@@ -32,6 +32,7 @@ from dist_dejpeg.run.layout import CONFIG, LOADER_STATE, TRAINER_STATE, checkpoi
 from dist_dejpeg.run.manifest import Verdict, verify_checkpoint
 from dist_dejpeg.train.checkpoint import CheckpointError, load_checkpoint, set_aside_later
 from dist_dejpeg.train.collective import all_ranks_or_raise, on_main
+from dist_dejpeg.train.phases import trains_critic
 
 log = logging.getLogger("dist_dejpeg")
 
@@ -50,6 +51,26 @@ def choose_checkpoint(accelerator: Accelerator, run_dir: str | Path, resume: str
     checkpoint folder. The main process verifies and chooses; every rank gets its choice or raises its error."""
     chosen = on_main(accelerator, lambda: _choose(Path(run_dir), resume, auto_resume))
     return None if chosen is None else Path(chosen)
+
+
+def check_before_start(cfg: Config, resume: str | None, processes: int) -> None:
+    """What resuming would refuse (no checkpoint to resume, a damaged one, a config or a process count that
+    cannot continue it), found by a launcher before it starts ``processes`` ranks, each of which would say it after
+    its start-up. Quiet: the ranks log what they choose; a checkpoint whose state does not read is left to them."""
+    was, log.disabled = log.disabled, True
+    try:
+        chosen = _choose(Path(cfg.train.run_dir), resume, cfg.train.auto_resume)
+        if chosen is None:
+            return
+        try:
+            saved_state = json.loads((Path(chosen) / TRAINER_STATE).read_text())
+        except (OSError, ValueError):
+            return
+        has_critic = any(trains_critic(cfg.train.phases[name]) for name in cfg.train.order)
+        saved = check_resume_config(cfg, Path(chosen), saved_state, processes, has_critic)
+        longer_phases(cfg, saved or {}, saved_state)
+    finally:
+        log.disabled = was
 
 
 def _choose(run_dir: Path, resume: str | None, auto_resume: bool) -> str | None:
