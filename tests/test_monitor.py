@@ -43,7 +43,7 @@ def test_plain_lines_progress_json_and_tensorboard(tmp_path, shards, caplog):
 
     events = EventAccumulator(str(run / "tb"))
     events.Reload()
-    assert {"train/gen/l1", "train/data_wait_frac", "val_q10/restored_psnr"} <= set(events.Tags()["scalars"])
+    assert {"train/gen/l1", "train/data_wait_frac", "final/q10_restored_psnr"} <= set(events.Tags()["scalars"])
     assert events.Tags()["images"], "the validation image grid reaches TensorBoard"
 
 
@@ -79,14 +79,17 @@ def test_trackers_are_checked_before_anything_starts(tmp_path, shards, monkeypat
 
 def test_mlflow_and_wandb_offline_get_the_scalars_and_the_grid(tmp_path, shards, monkeypatch):
     """One run logged to TensorBoard, MLflow's local file store and wandb in offline mode (no server, no
-    account): the same scalars and the validation grid reach MLflow and wandb."""
+    account): the same scalars and the validation grid reach MLflow and wandb; wandb's files go to the run
+    folder, not to the working directory (where every run's landed in one ./wandb)."""
     pytest.importorskip("mlflow", reason="mlflow is in the test extra")
     pytest.importorskip("wandb", reason="wandb is in the test extra")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "dist_dejpeg_test")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     monkeypatch.setenv("WANDB_SILENT", "true")
     t = Trainer(tiny(tmp_path / "run", shards, "train.log_with=[tensorboard,mlflow,wandb]", "train.order=[gen]",
                      "train.phases.gen.steps=2"))
@@ -96,16 +99,17 @@ def test_mlflow_and_wandb_offline_get_the_scalars_and_the_grid(tmp_path, shards,
     client = MlflowClient()
     experiment = client.get_experiment_by_name("dist_dejpeg_test")
     (run,) = client.search_runs([experiment.experiment_id])
-    assert {"train/gen/l1", "train/images_per_s", "val_q10/restored_psnr"} <= set(run.data.metrics)
+    assert {"train/gen/l1", "train/images_per_s", "final/q10_restored_psnr"} <= set(run.data.metrics)
     assert run.data.params["train.log_with"] == "['tensorboard', 'mlflow', 'wandb']"
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["images"], "the validation grid"
 
     # wandb's offline run: its record log (run-*.wandb, protobuf records holding each history row's keys and
     # JSON values; wandb 0.31 ships no reader for it) and the media files
-    (offline,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert not list((tmp_path / "cwd").iterdir())
+    (offline,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
     (records,) = offline.glob("run-*.wandb")
     data = records.read_bytes()
-    for key in ("train/gen/l1", "train/images_per_s", "val_q10/restored_psnr", "train.log_with"):
+    for key in ("train/gen/l1", "train/images_per_s", "final/q10_restored_psnr", "train.log_with"):
         assert key.encode() in data, key
     assert list(offline.glob("files/media/images/val/*.png")), "the validation grid"
 
@@ -141,7 +145,8 @@ def test_a_run_logged_to_a_file_reads_as_plain_lines(tmp_path, shards):
 def test_a_resumed_run_logs_each_step_once_and_keeps_each_phases_last_window(tmp_path, shards):
     """A run resumed from an older checkpoint (a kill -9 after it, or a rollback) logs the lost steps again:
     TensorBoard must show them once, not twice with the curve going back in time. metrics.json's
-    last_train_log keeps the phases an earlier session trained (it held only the resumed session's)."""
+    last_train_log keeps the phases an earlier session trained (it held only the resumed session's). The
+    config goes to tb/ itself as hparams: each start made two tb/<time>/ folders, each a run in TensorBoard."""
     from accelerate.state import AcceleratorState, GradientState
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -160,5 +165,85 @@ def test_a_resumed_run_logs_each_step_once_and_keeps_each_phases_last_window(tmp
     assert [p.step for p in points] == [1, 2, 3, 4, 5], [p.step for p in points]
     assert [p.wall_time for p in points] == sorted(p.wall_time for p in points)
     assert [p.step for p in events.Images("val/jpeg_restored_clean_final")] == [5]
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+    assert not [p.name for p in (run / "tb").iterdir() if p.is_dir()]
     logged = json.loads((run / "metrics.json").read_text())["meta"]["last_train_log"]
     assert logged["gen"]["step"] == 4 and logged["critic"]["step"] == 5, logged
+
+
+def _scalars(run, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    return [(p.step, p.value) for p in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def test_the_final_validation_has_its_own_tags_and_the_critic_its_own_lr(tmp_path, shards, monkeypatch, caplog):
+    """A gan phase that keeps its best generator (step 1) validates it again at the end, at the step of the
+    phase's last validation: that number must not land on val_q10/... at the same step (TensorBoard drew two
+    points there, or one over the other). The critic turns' learning rate (lr x critic_lr_mult) is logged too."""
+    from dist_dejpeg.train import final as final_mod
+    from dist_dejpeg.train import trainer as trainer_mod
+
+    from test_trainer import _validated
+
+    scripted = iter([0.4, 0.5, 0.6, 0.9, 0.8])  # steps 1, 2, 3; the kept step-1 generator; the raw one
+    fake = lambda *a, **k: _validated(next(scripted))  # noqa: E731
+    monkeypatch.setattr(trainer_mod, "validate", fake)
+    monkeypatch.setattr(final_mod, "validate", fake)
+    caplog.set_level(logging.INFO, logger="dist_dejpeg")
+    run = tmp_path / "run"
+    Trainer(tiny(run, shards, "train.order=[gan]", "train.phases.gan.steps=3", "train.phases.gan.val_every=1",
+                 "train.phases.gan.critic_iters=1", "train.phases.gan.gen_iters=1", "train.phases.gan.lr=1e-3",
+                 "train.phases.gan.critic_lr_mult=5", "train.phases.gan.schedule=constant",
+                 "train.phases.gan.warmup=0", "train.phases.gan.patience=0")).fit()
+    assert _scalars(run, "val_q10/restored_lpips") == [(1, pytest.approx(0.4)), (2, pytest.approx(0.5)),
+                                                       (3, pytest.approx(0.6))]
+    assert _scalars(run, "final/q10_restored_lpips") == [(3, pytest.approx(0.9))]
+    assert [v for _, v in _scalars(run, "train/lr")] == [pytest.approx(1e-3)] * 3
+    assert [v for _, v in _scalars(run, "train/critic_lr")] == [pytest.approx(5e-3)] * 3
+    lines = [r.getMessage() for r in caplog.records if r.name == "dist_dejpeg"]
+    assert any(re.search(r"gan 3/3 .* \| lr 1.00e-03, critic 5.00e-03 \|", line) for line in lines), lines
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["lr"] == pytest.approx(1e-3) and "critic_lr" not in progress["losses"]
+
+
+def test_images_per_s_and_data_wait_leave_out_validation_and_checkpoints():
+    """A log window holding a validation (or a checkpoint) showed images/s and data wait as a fraction of the
+    training's (debug recipe: 5.9 img/s after a validation, 55 otherwise, and an ETA ten times too long)."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from dist_dejpeg.train.window import LogWindow, TimedBatches
+
+    batches = TimedBatches(iter(range(10)))
+    window = LogWindow(SimpleNamespace(num_processes=1), images_per_step=8, batches=batches)
+    for _ in range(2):
+        next(batches)
+        time.sleep(0.05)
+        window.add({"gen/l1": torch.tensor(1.0)})
+    with window.paused():
+        time.sleep(0.5)
+    scalars, seconds_per_step = window.read(1e-3)
+    assert 100 < scalars["train/images_per_s"] <= 160, scalars  # 16 images in ~0.1 s of training, not ~0.6 s
+    assert 0.3 < seconds_per_step < 0.4  # the ETA's rate: the phase's wall time, validation spread over its steps
+    assert "train/critic_lr" not in scalars and window.read(1e-3, 5e-3)[0]["train/critic_lr"] == 5e-3
+
+
+def test_a_gan_windows_losses_are_means_over_the_turns_that_logged_them():
+    """A gan window of 5 critic and 2 gen turns divided gen/l1's sum by all 7 steps: the gan phase's generator
+    losses read 3.5x too small (7/5 for the critic's), and changed with each window's mix of turns."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dist_dejpeg.train.window import LogWindow
+
+    window = LogWindow(SimpleNamespace(num_processes=1), images_per_step=8)
+    for turn in ["critic"] * 5 + ["gen"] * 2:
+        window.add({"critic/loss": torch.tensor(1.5)} if turn == "critic" else {"gen/l1": torch.tensor(0.02)})
+    scalars, _ = window.read(1e-4)
+    assert scalars["train/gen/l1"] == pytest.approx(0.02) and scalars["train/critic/loss"] == pytest.approx(1.5)

@@ -9,8 +9,10 @@
   and one line per validation quality. Everything goes through ``logging`` (one format, level from
   ``train.log_level`` or ``--log-level``).
 - Trackers: Accelerate's (``train.log_with``: tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive,
-  trackio); each gets the same scalars and the validation image grid. TensorBoard writes to ``<run_dir>/tb``;
-  a resumed run has it drop what an earlier session logged after the checkpoint (:meth:`Monitor.resumed`).
+  trackio); each gets the same scalars and the validation image grid. TensorBoard writes to ``<run_dir>/tb``
+  (one folder, the config as its hparams), wandb to ``<run_dir>/wandb``; a resumed run has TensorBoard drop what
+  an earlier session logged after the checkpoint (:meth:`Monitor.resumed`). The final validation's scalars are
+  ``final/q10_restored_psnr`` etc., the in-phase ones ``val_q10/restored_psnr``.
 - ``progress.json`` (atomic rewrite at every log window, validation, phase boundary and at the end): where the
   run stands, for ``dist-dejpeg status`` and scripts; see :data:`PROGRESS_KEYS`.
 
@@ -67,7 +69,19 @@ def tracker_objects(names: list[str], run_dir: Path) -> list:
     earlier run used), the others by name."""
     from accelerate.tracking import TensorBoardTracker
 
-    return [TensorBoardTracker("tb", str(run_dir)) if n == "tensorboard" else n for n in names]
+    class OneFolderTensorBoard(TensorBoardTracker):
+        """The config as hparams in the run's own event files: Accelerate's writes them, and an hparams.yml,
+        to two new ``tb/<time>/`` folders at every start and resume, each a run of its own in TensorBoard's list
+        (``config.yaml`` beside ``tb/`` is the run's config file)."""
+
+        def store_init_configuration(self, values: dict) -> None:
+            from torch.utils.tensorboard.summary import hparams
+
+            for summary in hparams(values, {}):
+                self.writer.file_writer.add_summary(summary)
+            self.writer.flush()
+
+    return [OneFolderTensorBoard("tb", str(run_dir)) if n == "tensorboard" else n for n in names]
 
 
 def tracker_config(config_dict: dict) -> dict:
@@ -106,8 +120,11 @@ class Monitor:
                                "losses": {}, "last_val": None, "best": None, "images_per_s": None,
                                "data_wait_frac": None, "lr": None, "eta_phase_s": None, "eta_run_s": None,
                                WRITE_ERRORS: {}}
+        # wandb's files (offline runs too) in <run_dir>/wandb, not in the working directory (WANDB_DIR wins)
+        init = {} if os.environ.get("WANDB_DIR") else {"wandb": {"dir": str(self.run_dir)}}
         try:
-            accelerator.init_trackers(self.run_dir.name or "dist_dejpeg", config=tracker_config(config_dict))
+            accelerator.init_trackers(self.run_dir.name or "dist_dejpeg", config=tracker_config(config_dict),
+                                      init_kwargs=init)
         except Exception as err:  # noqa: BLE001 - a tracker that cannot start: say so now, not hours later
             from dist_dejpeg.config import ConfigError
 
@@ -242,7 +259,7 @@ class Monitor:
         eta_phase = left_phase * seconds_per_step
         eta_run = (left_phase + later) * seconds_per_step  # later phases at this phase's rate: a rough figure
         losses = {k[len("train/"):]: v for k, v in scalars.items()
-                  if k not in ("train/images_per_s", "train/data_wait_frac", "train/lr")}
+                  if k not in ("train/images_per_s", "train/data_wait_frac", "train/lr", "train/critic_lr")}
         self.progress.update(phase_step=phase_step, global_step=global_step, losses=losses,
                              images_per_s=scalars.get("train/images_per_s"),
                              data_wait_frac=scalars.get("train/data_wait_frac"), lr=scalars.get("train/lr"),
@@ -256,16 +273,21 @@ class Monitor:
                 parts.append(f"{scalars['train/images_per_s']:.1f} img/s")
             if scalars.get("train/data_wait_frac") is not None:
                 parts.append(f"data wait {100 * scalars['train/data_wait_frac']:.0f}%")
-            parts.append(f"lr {scalars.get('train/lr', 0):.2e}")
+            critic_lr = scalars.get("train/critic_lr")  # a gan phase's critic: its own lr
+            parts.append(f"lr {scalars.get('train/lr', 0):.2e}"
+                         + ("" if critic_lr is None else f", critic {critic_lr:.2e}"))
             parts.append(f"ETA phase {duration(eta_phase)}, run {duration(eta_run)}")
             log.info(" | ".join(p for p in parts if p))
         self._write()
 
     def validation(self, tag: str, results: dict, step: int) -> None:
-        """Per-quality results {q10: {jpeg: {...}, restored: {...}}}: trackers, one line per quality."""
+        """Per-quality results {q10: {jpeg: {...}, restored: {...}}}: trackers, one line per quality. The final
+        validation has its own tags (``final/q10_restored_psnr``): it shares its step with the gan phase's last
+        validation, and measures the kept best generator, not always the weights that one measured."""
         for q, groups in results.items():
             for group, values in groups.items():
-                self.scalars({f"val_{q}/{group}_{m}": v for m, v in values.items()}, step)
+                name = f"final/{q}_{group}" if tag == "final" else f"val_{q}/{group}"
+                self.scalars({f"{name}_{m}": v for m, v in values.items()}, step)
         if not self.main:
             return
         for q in sorted(results, key=lambda k: int(k[1:])):

@@ -199,20 +199,21 @@ class Trainer:
             # (steps.HostChecks: raises NonFiniteLoss, or returns whether any rank got a stop signal)
             stop_now = self.checks.read(st.global_step) if self.checks.due or validating or saving or last else False
             if st.phase_step % t.log_every == 0 or last:
-                scalars, seconds_per_step = window.read(lr)
+                scalars, seconds_per_step = window.read(lr, lr * mult if phase.kind == "gan" else None)
                 self.monitor.window(name, scalars, st.phase_step, st.global_step, seconds_per_step)
                 st.last_train_log[name] = dict(scalars, step=st.global_step)
                 window.reset()
             # the step, its bookkeeping and the flag read (on CUDA the host waits there for the queued steps)
             st.train_seconds += time.perf_counter() - start
-            if t.image_every and st.global_step % t.image_every == 0:
-                self.log_image(name)
-            if validating:
-                stopped = self._validate_in_phase(name, phase, stop)
             saved = None
-            if saving:
-                st.stop = stop.state_dict()
-                saved = self.save()
+            with window.paused():  # not training time: images/s and data wait stay the training's own
+                if t.image_every and st.global_step % t.image_every == 0:
+                    self.log_image(name)
+                if validating:
+                    stopped = self._validate_in_phase(name, phase, stop)
+                if saving:
+                    st.stop = stop.state_dict()
+                    saved = self.save()
             if stop_now:
                 st.stop = stop.state_dict()
                 path = saved or self.save()
