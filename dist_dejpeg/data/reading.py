@@ -95,7 +95,9 @@ def shard_samples(shards: list[str], report: Callable[[str, str], None]) -> Iter
             return True
 
         yield from (sample for sample in wds.tariterators.tarfile_samples([{"url": shard}], handler=handler) if sample)
-        reason = type(errors[0]).__name__ if errors else stops_early(shard)
+        # (webdataset's message ends " @ <the file object>": the shard is named already)
+        reason = (f"{type(errors[0]).__name__}: {str(errors[0]).split(' @ ')[0][:200]}" if errors
+                  else stops_early(shard))
         if reason:
             report(shard, reason)
 
