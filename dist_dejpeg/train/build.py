@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -81,6 +82,9 @@ def build_accelerator(cfg: Config) -> tuple[Accelerator, Config]:
                               model=_model_from(cfg.model))
     if stage:
         return _deepspeed_accelerator(cfg, cpu, timeout), cfg
+    # torch 2.14's DDP calls broadcast_buffers deprecated (once per rank and model) for forward_sync_buffers, which
+    # Accelerate cannot pass yet and older torch lacks; False is meant, below
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     return Accelerator(
         cpu=cpu,
         mixed_precision=precision,
