@@ -8,7 +8,8 @@
 #       wheels and DALI's sha256 file) and .gpu_wheels/dali-wheels.tar.part-00 ... -04 (DALI's downloads are kept
 #       in .gpu_wheels/cache for the next prepare). .gpu_wheels/ and .gpu_cache/ are ignored by git. Then plan.
 #   benchmarks/lease.sh plan
-#       the calls below with what each carries and its size with the checkout (exit 1 where one is over 64 MiB), the
+#       the calls below with what each carries and its size with the checkout (exit 1 where one is over 64 MiB, or
+#       a wheel the check installs is missing; a warning where dist_dejpeg's is not this checkout's), the
 #       check's --commit (the copy there is no checkout of this commit: its summaries would name another). Run it
 #       right before the lease, after the last commit.
 # There, each call as soon as the last returns (the machine keeps /tmp only while it is warm, ~30 s):
@@ -103,7 +104,35 @@ plan() {
     echo "lease.sh: before the check call, status's budget_left_s (L): add --budget L-90 (at most 540) and give it" \
          "timeout_s L-30 (at most 600); then give_back"
     ((over)) && echo "lease.sh: a call is over ${CARRY_MIB} MiB: split smaller (gpu_wheels.sh --split) or trim the checkout" >&2
+    wheels_ready || over=1
     return "$over"
+}
+
+# the small wheels the check installs (gpu_wheels.sh's PREFIXES): without one its install step fails and every later
+# step is skipped, a lease's start-up spent for nothing; a dist_dejpeg wheel of another tree fails it in part
+wheels_ready() {
+    local p lacking=() stale
+    for p in lpips webdataset braceexpand omegaconf antlr4_python3_runtime dist_dejpeg; do
+        compgen -G "$WHEELS/plain/$p-*.whl" > /dev/null || lacking+=("$p")
+    done
+    if (( ${#lacking[@]} )); then
+        echo "lease.sh: error: no wheel of ${lacking[*]} in $WHEELS/plain (the check would install nothing and" \
+             "run no step): benchmarks/lease.sh prepare first" >&2
+        return 1
+    fi
+    stale=$(PYTHONPATH=$ROOT "$PYTHON" - "$ROOT" "$WHEELS"/plain/dist_dejpeg-*.whl <<'EOF'
+import sys, tempfile, zipfile
+from pathlib import Path
+from dist_dejpeg.bench.gpu_check_steps import changed_files
+with tempfile.TemporaryDirectory() as tmp:
+    zipfile.ZipFile(sys.argv[-1]).extractall(tmp)
+    changed = changed_files(Path(tmp) / "dist_dejpeg", Path(sys.argv[1]) / "dist_dejpeg")
+print(f"{len(changed)} files differ: {', '.join(changed[:3])}" if changed else "")
+EOF
+) || stale="it could not be read"
+    [[ -z $stale ]] || echo "lease.sh: warning: the dist_dejpeg wheel in $WHEELS/plain is not this checkout's" \
+        "($stale): the check's install step will fail in part; benchmarks/lease.sh prepare again" >&2
+    return 0
 }
 
 stage() {

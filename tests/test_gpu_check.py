@@ -548,13 +548,26 @@ def test_lease_stages_checks_and_keeps(wheels, tmp_path):
     assert proc.returncode == 0 and len(list(results.glob("gpu-cpu-*"))) == 2, proc.stdout + proc.stderr
 
 
+def _plain_wheels(folder: Path) -> Path:
+    """Stand-ins for gpu_wheels.sh's small wheels in ``folder`` (each an empty zip; dist_dejpeg's holds this checkout's
+    package files, as one built from it does); returns dist_dejpeg's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix in PREFIXES[:-1]:
+        zipfile.ZipFile(folder / f"{prefix}-1.0-py3-none-any.whl", "w").close()
+    ours = folder / "dist_dejpeg-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(ours, "w") as z:
+        for path in (REPO / "dist_dejpeg").rglob("*.py"):
+            z.write(path, path.relative_to(REPO).as_posix())
+    return ours
+
+
 def test_lease_plan_sizes_each_call_with_the_checkout(tmp_path):
     """`lease.sh plan` lists the calls (a stage call per DALI part, the small wheels with the last, smallest part,
     then check with the cache) and each call's size with the checkout; one over 64 MiB fails, named."""
     if not (REPO / ".git").exists() or shutil.which("git") is None:
         pytest.skip("not a git checkout")
     wheels, cache = tmp_path / "wheels", tmp_path / "cache"
-    (wheels / "plain").mkdir(parents=True)
+    _plain_wheels(wheels / "plain")
     cache.mkdir()
     (wheels / "plain" / "a.whl").write_bytes(b"x" * 2**20)
     for i, mib in enumerate((57, 57, 20)):
@@ -580,6 +593,29 @@ def test_lease_plan_sizes_each_call_with_the_checkout(tmp_path):
     assert proc.returncode == 1 and "is over 64 MiB" in proc.stderr, proc.stdout + proc.stderr
     assert [line.endswith("OVER") for line in proc.stdout.splitlines() if "carry: " in line] == [
         False, True, False, False], proc.stdout
+
+
+def test_lease_plan_refuses_a_wheel_folder_the_check_cannot_install(tmp_path):
+    """Without one of the small wheels (no `lease.sh prepare`, or a partial one) the check's install step fails and
+    every later step is skipped: plan fails naming them, before a lease is started for nothing. A dist_dejpeg wheel
+    of another tree (built before the last change) is a warning naming a file that differs."""
+    if not (REPO / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    wheels, cache = tmp_path / "wheels", tmp_path / "cache"
+    env = _env(LEASE_WHEELS=str(wheels), LEASE_CACHE=str(cache))
+    proc = _run(["bash", LEASE_SH, "plan"], timeout=60, env=env)
+    assert proc.returncode == 1 and "no wheel of lpips webdataset" in proc.stderr, proc.stdout + proc.stderr
+    ours = _plain_wheels(wheels / "plain")
+    (wheels / "plain" / "omegaconf-1.0-py3-none-any.whl").unlink()
+    proc = _run(["bash", LEASE_SH, "plan"], timeout=60, env=env)
+    assert proc.returncode == 1 and "no wheel of omegaconf in" in proc.stderr, proc.stdout + proc.stderr
+    _plain_wheels(wheels / "plain")
+    proc = _run(["bash", LEASE_SH, "plan"], timeout=60, env=env)
+    assert proc.returncode == 0 and "lease.sh: " not in proc.stderr, proc.stdout + proc.stderr
+    with zipfile.ZipFile(ours, "a") as z:
+        z.writestr("dist_dejpeg/gone_since.py", "")
+    proc = _run(["bash", LEASE_SH, "plan"], timeout=60, env=env)
+    assert proc.returncode == 0 and "not this checkout's (1 files differ: gone_since.py)" in proc.stderr, proc.stderr
 
 
 def test_lease_stage_says_which_dali_parts_are_lost(dali_parts, tmp_path):
