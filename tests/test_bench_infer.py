@@ -93,3 +93,20 @@ def test_no_cpu_runs_the_gpu_rows_alone(tmp_path, fake, capsys):
     if not torch.cuda.is_available():  # the flag, on a machine without a GPU: a usage error, nothing measured
         assert main(["bench", "infer", "--no-cpu", "--results", str(tmp_path / "none")]) == 2
         assert "leaves nothing to measure" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_the_gpu_rows_bf16_deviation_is_that_of_a_model_that_changes_the_image(tmp_path):
+    """gpu_rows, run here on the CPU (bf16 autocast works there too): the bench's generator changes the image, so
+    bf16's PSNR deviation from fp32 is measured, not 0 by construction (a zero-init head returns the input)."""
+    from dist_dejpeg.bench import infer
+    from dist_dejpeg.config import load_config
+
+    cfg = load_config(None, ["model.encoder=mobilenetv3_small_050", "model.pretrained=false",
+                             "model.decoder_width=16"])
+    model = infer.save_bench_generator(cfg.model, tmp_path / "generator.safetensors")
+    results, rows = {}, []
+    infer.gpu_rows(torch.device("cpu"), model, tmp_path, {"2040 x 1356 (small)": (64, 96)}, 1,
+                   lambda *row: rows.append(row), results)
+    entry = results["cpu bf16 vs fp32 2040 x 1356 (small)"]
+    assert entry["psnr_fp32_db"] != entry["psnr_bf16_db"] and abs(entry["bf16_minus_fp32_db"]) < 1.0
+    assert [(r[1], r[2]) for r in rows][:2] == [("fp32", infer.TENSOR), ("bf16", infer.TENSOR)]
