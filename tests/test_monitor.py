@@ -233,6 +233,24 @@ def test_images_per_s_and_data_wait_leave_out_validation_and_checkpoints():
     assert "train/critic_lr" not in scalars and window.read(1e-3, 5e-3)[0]["train/critic_lr"] == 5e-3
 
 
+def test_a_paused_block_on_cuda_waits_for_the_queued_steps_first(monkeypatch):
+    """On CUDA the steps queued before a paused block (an image grid at a step without a host check) are training
+    time: the block waits for them before its own clock starts."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dist_dejpeg.train.window import LogWindow
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    cuda = SimpleNamespace(type="cuda")
+    with LogWindow(SimpleNamespace(num_processes=1, device=cuda), images_per_step=8).paused():
+        assert synced == [cuda]
+    with LogWindow(SimpleNamespace(num_processes=1, device=torch.device("cpu")), images_per_step=8).paused():
+        assert synced == [cuda]
+
+
 def test_a_gan_windows_losses_are_means_over_the_turns_that_logged_them():
     """A gan window of 5 critic and 2 gen turns divided gen/l1's sum by all 7 steps: the gan phase's generator
     losses read 3.5x too small (7/5 for the critic's), and changed with each window's mix of turns."""

@@ -56,7 +56,12 @@ class LogWindow:
 
     @contextlib.contextmanager
     def paused(self):
-        """A block whose time is not training time (validation, image grids, checkpoints)."""
+        """A block whose time is not training time (validation, image grids, checkpoints). On CUDA the steps
+        queued before it are waited for first: their GPU time is training time (an image grid at a step with no
+        host check would otherwise leave it out, and images/s would read high)."""
+        device = getattr(self.accelerator, "device", None)
+        if getattr(device, "type", None) == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         try:
             yield
