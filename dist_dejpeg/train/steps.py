@@ -284,7 +284,8 @@ def critic_step(accelerator: Accelerator, critic, optimizer, batches: Iterator[d
     def losses(batch: dict) -> dict:
         with torch.no_grad():
             fake = generator_raw(batch["jpeg"], quality_input(batch, blind_prob))
-        logits = critic(torch.cat([batch["clean"], fake.to(batch["clean"].dtype)]))
+        # paired: a real crop and its fake share the critic's dropout masks (models/critic.py)
+        logits = critic(torch.cat([batch["clean"], fake.to(batch["clean"].dtype)]), paired=True)
         real_logits, fake_logits = logits.chunk(2)
         return {"loss": critic_loss(real_logits, fake_logits, adversarial),
                 "real_acc": (real_logits.detach().float() > 0).float().mean(),
