@@ -153,6 +153,69 @@ def test_signal_checkpoints_after_the_step_and_the_rerun_resumes_to_the_same_wei
     assert (tmp_path / "cut" / "metrics.json").is_file()
 
 
+@pytest.fixture
+def stop_noted():
+    """A SIGTERM handler that only notes the signal: a trainer that does not take the signal itself fails the test
+    instead of killing pytest. Yields the signals noted."""
+    noted = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_stop_before_training_begins_ends_the_run_at_once_as_a_stop(tmp_path, shards, monkeypatch, stop_noted):
+    """SIGTERM while the run builds, opens its data or loads its checkpoint: one process ended with the signal
+    (143, no word, a checkpoint load taken for a damaged checkpoint); now Preempted at once (exit 75)."""
+    from dist_dejpeg.run import status
+    from dist_dejpeg.train import trainer as trainer_mod
+
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def slow_choice(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(20)  # the stop interrupts it
+
+    monkeypatch.setattr(trainer_mod, "choose_checkpoint", slow_choice)
+    start = time.time()
+    with pytest.raises(Preempted, match="stopped by SIGTERM before training began; nothing to save yet"):
+        train(tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=1"))
+    assert time.time() - start < 20 and not stop_noted
+    assert signal.getsignal(signal.SIGTERM) == handler, "train() must put the old handler back"
+    RunLock(tmp_path / "run").acquire()  # released
+    s = status.run_status(tmp_path / "run")
+    assert s["state"] == "preempted" and "before training began" in s["why"], s["why"]
+
+
+def test_a_stop_during_the_final_validation_keeps_the_checkpoint_and_the_rerun_finishes(tmp_path, shards,
+                                                                                        monkeypatch, stop_noted):
+    from dist_dejpeg.run import status
+    from dist_dejpeg.train import final
+
+    validate = final.validate
+
+    def stopped_validation(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(final, "validate", stopped_validation)
+    cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=2", "data.val_max_images=1",
+               "data.val_qualities=[10]")
+    with pytest.raises(Preempted, match="during the final validation; .*step-00000002 holds every phase") as stop:
+        train(cfg)
+    assert stop.value.path.name == "step-00000002" and not stop_noted
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    s = status.run_status(tmp_path / "run")
+    assert s["state"] == "preempted" and s["position"]["phase"] is None, s  # (said: crashed, phase gen 2/2 now)
+    monkeypatch.undo()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train(cfg)  # the same command: validates the checkpoint's generator and writes the files
+    assert status.run_status(tmp_path / "run")["state"] == "finished"
+    assert (tmp_path / "run" / "generator.safetensors").is_file()
+
+
 def test_a_run_folder_has_one_writer(tmp_path, shards):
     cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=1")
     first = Trainer(cfg)

@@ -276,3 +276,87 @@ def test_running_then_killed_and_preempted(tmp_path, shards, no_flock):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+# -- what the numbers mean ------------------------------------------------------------------------------------
+def fake_run(folder: Path, history: list, lpips_pretrained: bool = True) -> Path:
+    """A run folder at its checkpoint step 30 (gen 30 done, critic next) with the given validation history."""
+    folder.mkdir(exist_ok=True)
+    (folder / "config.yaml").write_text(
+        "train:\n  run_dir: runs/x\n  order: [gen, critic, gan]\n  phases:\n    gen: {steps: 30}\n"
+        "    critic: {steps: 10}\n    gan: {steps: 40}\n"
+        f"loss:\n  metric_net: alex\n  lpips_pretrained: {str(lpips_pretrained).lower()}\n")
+    step = folder / "checkpoints" / "step-00000030"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps({
+        "phase_index": 1, "phase_step": 0, "global_step": 30, "history": history,
+        "phase_names": ["gen", "critic", "gan"],
+        "stop": {"patience": 0, "best": float("inf"), "best_step": -1, "bad_checks": 0}}))
+    return folder
+
+
+def test_best_is_the_gan_phases_and_a_random_backbone_lpips_says_so(tmp_path, no_flock):
+    """'best validation LPIPS 0.0035 at gen step 30': best is the generator the gan phase keeps (the gen phase
+    keeps its last one). And a random-init LPIPS (configs/debug.yaml) was shown as if it were LPIPS."""
+    run = fake_run(tmp_path / "a", [["gen", 30, 0.0035]])
+    s = st.run_status(run)
+    assert s["best"] is None and "\nbest " not in format_status(s)
+    assert s["lpips"]["pretrained"] is True and not any("LPIPS" in w for w in s["warnings"])
+    run = fake_run(tmp_path / "b", [["gen", 30, 0.0035], ["gan", 20, 0.004], ["gan", 40, 0.005]], False)
+    s = st.run_status(run)
+    assert (s["best"]["phase"], s["best"]["step"], s["best"]["value"]) == ("gan", 20, 0.004)
+    text = format_status(s)
+    assert "LPIPS (RANDOM BACKBONE) 0.0040 at gan step 20" in text
+    assert "RANDOM-init backbone (loss.lpips_pretrained=false): not real LPIPS" in text
+    (run / "config.yaml").unlink()  # metrics.json's meta says it too
+    (run / "metrics.json").write_text(json.dumps({"meta": {"lpips": "lpips-alex (RANDOM backbone: not real LPIPS)"}}))
+    assert st.run_status(run)["lpips"] == {"network": "lpips-alex", "pretrained": False, "source": "metrics.json"}
+
+
+@pytest.mark.skipif(not LINUX, reason="the lock check reads /proc/locks")
+def test_a_run_starting_again_is_told_from_its_earlier_session(tmp_path, no_flock, monkeypatch):
+    """Started again (building, loading its checkpoint), a run showed the killed session's progress.json:
+    running at its last step, with its ETA, though it resumes from the checkpoint before that."""
+    run = fake_run(tmp_path, [])
+    here, now = os.uname().nodename, time.time()
+    (run / "progress.json").write_text(json.dumps({
+        "time": now - 600, "status": "running", "phase": "critic", "phase_index": 1, "phases": ["gen", "critic", "gan"],
+        "phase_step": 8, "phase_steps": 10, "global_step": 38, "total_steps": 80, "eta_run_s": 900.0, "host": here,
+        "pid": 999999}))
+    monkeypatch.undo()  # (the test takes the lock, as the new session does)
+    fd = os.open(write_lock(run, here, os.getpid()), os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        forbid_locking(monkeypatch)
+        s = st.run_status(run, now=now)
+    finally:
+        os.close(fd)
+    assert s["state"] == "running" and "starting again" in s["why"], s["why"]
+    assert (s["position"]["global_step"], s["position"]["source"]) == (30, "checkpoint step-00000030")
+    assert s["eta"] is None
+    s = st.run_status(run, now=now)  # that start ended before its first phase: the earlier session's verdict
+    assert s["state"] == "crashed or killed" and "ended before its first phase began" in " ".join(s["warnings"])
+    write_lock(run, "node17", 4242)  # a new session on another host, lock just taken: not judged by the old file
+    s = st.run_status(run, now=time.time())
+    assert s["lock"]["held"] is None and s["state"] == "running" and "starting again" in s["why"], s["why"]
+
+
+def test_a_copied_or_moved_run_folder_says_which_folder_its_command_continues(tmp_path, no_flock):
+    """A preempted run copied elsewhere: 'the same command continues it' would continue (or start anew) the
+    folder its config names, not this one."""
+    moved = fake_run(tmp_path / "moved", [])
+    warning = [w for w in st.run_status(moved)["warnings"] if "train.run_dir" in w]
+    assert warning and f"add train.run_dir={moved} to continue this one" in warning[0]
+    assert not [w for w in st.run_status(fake_run(tmp_path / "x", []))["warnings"] if "train.run_dir" in w]
+
+
+def test_a_run_killed_after_a_phase_ended_is_at_the_next_phase(tmp_path, no_flock):
+    """Killed after a phase's end was saved (as the next phase's step 0; e.g. in the final validation): status
+    read progress.json's last word on the ended phase and said 'gen 30 <- now'."""
+    run = fake_run(tmp_path / "x", [])
+    (run / "progress.json").write_text(json.dumps({
+        "time": time.time(), "status": "running", "phase": "gen", "phase_index": 0, "phases": ["gen", "critic", "gan"],
+        "phase_step": 30, "phase_steps": 30, "global_step": 30, "total_steps": 80, "pid": 1, "host": "node1"}))
+    s = st.run_status(run)
+    assert s["state"] == "crashed or killed"
+    assert (s["position"]["phase"], s["position"]["phase_step"], s["position"]["phases_done"]) == ("critic", 0, ["gen"])

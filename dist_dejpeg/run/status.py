@@ -16,7 +16,9 @@ seen from here on most shared filesystems (``/proc/locks`` lists this node's loc
 "unknown" and the verdict falls back on how recently ``progress.json`` was updated.
 
 Verdict (``state``), first match wins:
-    running            the lock is held (or, held on another host and unverifiable, progress.json is fresh)
+    running            the lock is held (or, held on another host and unverifiable, progress.json is fresh); where
+                       the lock names another process than progress.json, starting again (building, loading its
+                       checkpoint): the position is then the checkpoint's
     finished           progress.json says finished, or metrics.json and generator.safetensors are there
     stopped            progress.json says a non-finite loss stopped it (a checkpoint was kept; --resume)
     preempted          progress.json says preempted (SIGUSR1/SIGTERM; the same command continues it)
@@ -33,7 +35,7 @@ import socket
 import time
 from pathlib import Path
 
-from dist_dejpeg.run.folder import RunFolder, read_folder
+from dist_dejpeg.run.folder import RunFolder, read_folder, read_yaml
 from dist_dejpeg.run.layout import (CHECKPOINTS, CONFIG, GENERATOR, LOADER_STATE, LOCK, METRICS, PROGRESS, TENSORBOARD,
                                     TENSORBOARD_EVENTS, TRAINER_STATE)
 from dist_dejpeg.run.text import duration
@@ -134,12 +136,29 @@ def _finished_files(run: RunFolder) -> bool:
     return True
 
 
+def _newer_start(run: RunFolder) -> bool:
+    """Whether the run was started again after progress.json was written: the lock names another process than
+    progress.json does (a new session building its models or loading its checkpoint, which writes progress.json
+    at its first phase line; or one that ended before that: stopped, or failed while starting)."""
+    lock, progress = run.lock, run.progress or {}
+    return isinstance(lock.get("pid"), int) and isinstance(progress.get("pid"), int) and (
+        (lock["pid"], lock.get("host")) != (progress["pid"], progress.get("host")))
+
+
 def _judge(run: RunFolder, now: float) -> tuple[str, str]:
-    state, why = verdict(has_config=(run.path / CONFIG).is_file(), progress=run.progress,
-                         progress_age_s=_activity_age(run, now), lock_held=run.lock["held"],
+    newer = _newer_start(run)
+    # progress.json of an earlier session says nothing about a newer one the lock cannot tell about (another host):
+    # judged as a folder without one, by when the newer one took the lock
+    unknown = newer and run.lock["held"] is None
+    lock_age = max(0.0, now - (_mtime(run.path / LOCK) or 0.0))
+    state, why = verdict(has_config=(run.path / CONFIG).is_file(), progress=None if unknown else run.progress,
+                         progress_age_s=lock_age if unknown else _activity_age(run, now), lock_held=run.lock["held"],
                          finished_files=_finished_files(run), has_checkpoints=bool(run.checkpoints))
     if state == "crashed or killed" and not run.progress and run.trainer_state:
         why += f"; without {PROGRESS} a preemption or a non-finite-loss stop looks the same"
+    if newer and state == "running":
+        why += (f"; starting again (pid {run.lock['pid']}, since {run.lock.get('since') or '?'}): building, loading "
+                f"its checkpoint; {PROGRESS} is the earlier session's until the first phase begins")
     return state, why
 
 
@@ -155,7 +174,7 @@ def _processes(run: RunFolder) -> int | None:
 
 def _position(run: RunFolder, state: str) -> dict | None:
     """Where the run is: phase, steps, the phases done and those the stop rule ended early."""
-    position, phases = _read_position(run)
+    position, phases = _read_position(run, earlier=_newer_start(run))
     if position is None:
         return None
     index = position["phase_index"] if isinstance(position["phase_index"], int) else 0
@@ -168,16 +187,21 @@ def _position(run: RunFolder, state: str) -> dict | None:
     return position
 
 
-def _read_position(run: RunFolder) -> tuple[dict | None, list]:
+def _read_position(run: RunFolder, earlier: bool = False) -> tuple[dict | None, list]:
     """(position, phase names) from progress.json, else the newest checkpoint (also when that is as new: a
-    preemption's or a stop's checkpoint is exact), else metrics.json's meta."""
+    preemption's or a stop's checkpoint is exact; always where progress.json is an ``earlier`` session's: a
+    new one resumes from the checkpoint), else metrics.json's meta."""
     config, tstate, progress = run.config, run.trainer_state, run.progress
     phases = [p["name"] for p in config["phases"]] if config else list((tstate or {}).get("phase_names") or [])
     total = config["total_steps"] if config else None
     pstep, pstatus = (progress or {}).get("global_step") or 0, (progress or {}).get("status")
+    pindex = (progress or {}).get("phase_index")
+    # (as new: a phase's end is saved as the next phase's step 0, after progress.json's last word on that phase)
+    later_phase = isinstance(pindex, int) and isinstance(tstate, dict) and tstate.get("phase_index", 0) > pindex
     ckpt_newer = tstate is not None and isinstance(tstate.get("global_step"), int) and (
-        tstate["global_step"] > pstep or (tstate["global_step"] == pstep and pstatus in ("preempted", "stopped")))
-    if progress and isinstance(progress.get("phase_index"), int) and not ckpt_newer:
+        tstate["global_step"] > pstep or (tstate["global_step"] == pstep and (
+            pstatus in ("preempted", "stopped") or later_phase)))
+    if progress and isinstance(progress.get("phase_index"), int) and not ckpt_newer and not earlier:
         position = {k: progress.get(k) for k in ("phase", "phase_index", "phase_step", "phase_steps", "global_step",
                                                  "total_steps")}
         return {**position, "source": PROGRESS}, list(progress.get("phases") or phases)
@@ -243,26 +267,44 @@ def _eta(run: RunFolder, config: dict | None, position: dict | None, speed: dict
 
 
 # -- validation ---------------------------------------------------------------------------------------------
-def _best(run: RunFolder) -> dict | None:
-    """The best validation: progress.json's, else the newest checkpoint's stop rule or validation history."""
+def _best(run: RunFolder, lpips: dict) -> dict | None:
+    """The gan phase's best validation (the generator it keeps; the other phases keep their last one):
+    progress.json's, else the newest checkpoint's stop rule, else the best of its gan validations."""
     pbest, tstate = (run.progress or {}).get("best"), run.trainer_state
+    metric = "lpips" if lpips["pretrained"] is not False else "lpips (random backbone)"
     if isinstance(pbest, dict) and _finite(pbest.get("value")) is not None:
-        return {"metric": pbest.get("metric", "lpips"), "value": pbest["value"], "step": pbest.get("step"),
+        return {"metric": metric, "value": pbest["value"], "step": pbest.get("step"),
                 "phase": pbest.get("phase"), "source": f"{PROGRESS} (phase step)"}
     if tstate is None:
         return None
     stop = tstate.get("stop") if isinstance(tstate.get("stop"), dict) else {}
+    kinds = {p["name"]: p["kind"] for p in (run.config or {}).get("phases") or []}
     history = [h for h in tstate.get("history") or [] if isinstance(h, list) and len(h) == 3
-               and _finite(h[2]) is not None]
+               and _finite(h[2]) is not None and kinds.get(h[0], h[0]) == "gan"]
     if _finite(stop.get("best")) is not None:
         named = [h[0] for h in history if h[2] == stop["best"] and h[1] == stop.get("best_step")]
-        return {"metric": "lpips", "value": stop["best"], "step": stop.get("best_step"),
+        return {"metric": metric, "value": stop["best"], "step": stop.get("best_step"),
                 "phase": named[-1] if named else None, "source": f"stop rule in {run.newest.name} (phase step)"}
     if history:
         name, step, value = min(history, key=lambda h: h[2])
-        return {"metric": "lpips", "value": value, "step": step, "phase": name,
+        return {"metric": metric, "value": value, "step": step, "phase": name,
                 "source": f"validation history in {run.newest.name} (phase step)"}
     return None
+
+
+def _lpips(run: RunFolder) -> dict:
+    """The validation LPIPS network and whether its backbone is pretrained (None: unknown): metrics.json's meta
+    says it, else config.yaml's loss keys (a random backbone's numbers are not LPIPS: a debug run's, offline)."""
+    if run.meta.lpips:
+        return {"network": run.meta.lpips.split(" (")[0], "pretrained": "RANDOM" not in run.meta.lpips.upper(),
+                "source": METRICS}
+    for path in (run.path / CONFIG, *([run.newest / CONFIG] if run.newest else [])):
+        loss = (read_yaml(path) or {}).get("loss")
+        if isinstance(loss, dict):
+            pretrained = loss.get("lpips_pretrained", True) is not False
+            return {"network": f"lpips-{loss.get('metric_net', 'alex')}", "pretrained": pretrained,
+                    "source": str(path.relative_to(run.path))}
+    return {"network": None, "pretrained": None, "source": None}
 
 
 def _last_validation(run: RunFolder) -> tuple[dict | None, str | None]:
@@ -273,6 +315,12 @@ def _last_validation(run: RunFolder) -> tuple[dict | None, str | None]:
     if run.metrics is not None:
         return {k: v for k, v in run.metrics.items() if k != "meta" and isinstance(v, dict)}, METRICS
     return None, None
+
+
+def _elsewhere(run_dir: Path, configured: str) -> bool:
+    """Whether config.yaml's train.run_dir names another folder than ``run_dir`` (a relative one: by its name)."""
+    here, there = run_dir.resolve(), Path(configured).expanduser()
+    return there.name != here.name or (there.is_absolute() and there.resolve() != here)
 
 
 # -- the whole picture --------------------------------------------------------------------------------------
@@ -296,13 +344,26 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
         note = "half-written checkpoint folder(s) " + ", ".join(run.partial)
         warnings.append(note + (" (being written now, or left by a killed run)" if state == "running" else
                                 " left by a killed run; the next start removes them"))
-    speed = _speed(run)
-    eta = _eta(run, config, position, speed, processes, now) if state == "running" else None
+    speed, newer = _speed(run), _newer_start(run)
+    eta = _eta(run, config, position, speed, processes, now) if state == "running" and not newer else None
     progress_age = _progress_age(run, now)
-    if state == "running" and progress_age is not None and progress_age > STALE_S:
+    if state == "running" and not newer and progress_age is not None and progress_age > STALE_S:
         warnings.append(f"the lock is held but {PROGRESS} has not changed for {duration(progress_age)} "
                         f"(hung? a long validation?)")
+    configured = (config or {}).get("run_dir")
+    if configured and _elsewhere(run_dir, str(configured)):
+        warnings.append(f"this folder is not the run's train.run_dir ({configured}): a copy, or moved; the run's "
+                        f"command continues that folder (or starts anew there): add train.run_dir={run_dir} to "
+                        f"continue this one")
+    if newer and state != "running":
+        warnings.append(f"the newest start (pid {run.lock['pid']}, since {run.lock.get('since') or '?'}) ended before "
+                        f"its first phase began (stopped, or failed while starting: see its output); {PROGRESS} "
+                        f"is the earlier session's")
     last_val, last_val_source = _last_validation(run)
+    lpips = _lpips(run)
+    if lpips["pretrained"] is False and (last_val or run.trainer_state):
+        warnings.append(f"LPIPS here is {lpips['network']} with a RANDOM-init backbone (loss.lpips_pretrained=false): "
+                        f"not real LPIPS, comparable only with runs measured the same way")
     progress_out = None
     if run.progress is not None:
         keys = ("status", "reason", "time", "losses", "host", "pid", "slurm_job")
@@ -314,7 +375,8 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
         "checked_at": now, "host": socket.gethostname(),
         "state": state, "why": why, "config": config, "position": position, "progress": progress_out,
         "checkpoint": _checkpoint(run, now), "partial_checkpoints": run.partial, "lock": run.lock,
-        "speed": speed, "eta": eta, "best": _best(run), "last_val": last_val, "last_val_source": last_val_source,
+        "speed": speed, "eta": eta, "lpips": lpips, "best": _best(run, lpips), "last_val": last_val,
+        "last_val_source": last_val_source,
         "finished_files": {METRICS: run.metrics is not None, GENERATOR: has_generator}, "warnings": warnings,
     })
 

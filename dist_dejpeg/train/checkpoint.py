@@ -45,6 +45,7 @@ from dist_dejpeg.run.manifest import fsync_dirs, fsync_own_files, write_manifest
 from dist_dejpeg.train.collective import all_ranks_or_raise
 from dist_dejpeg.train.launch import already_launched
 
+FINAL_STAGE = "during the final validation"  # (StopSignals.at_once: train/final.py)
 REPLACED = ".replaced"  # + a partial name: a complete checkpoint set aside while its step is saved again
 
 
@@ -203,36 +204,65 @@ class TrainingStopped(RuntimeError):
 
 
 class Preempted(TrainingStopped):
-    """A stop signal (SIGUSR1/SIGTERM) ended the run after a step; the checkpoint in ``path`` resumes it."""
+    """A stop signal (SIGUSR1/SIGTERM/SIGINT) ended the run after a step, or where it had nothing to save (before
+    training, in the final validation); the checkpoint in ``path`` resumes it (None: there is none yet)."""
 
-    def __init__(self, message: str, path: Path):
+    def __init__(self, message: str, path: Path | None):
         super().__init__(message)
         self.path = path
+
+
+class StopNow(BaseException):
+    """A stop signal where nothing would be saved by waiting for a step (before training began, during the final
+    validation): raised by the handler at once, like KeyboardInterrupt, so that no ``except Exception`` on the way
+    (a checkpoint load's) takes it for an error; train() turns it into :class:`Preempted` (:func:`stopped_at_once`)."""
+
+    def __init__(self, signal_name: str, stage: str):
+        super().__init__(f"{signal_name} {stage}")
+        self.signal_name, self.stage = signal_name, stage
 
 
 class StopSignals:
     """SIGUSR1 (SLURM's advance warning, ``--signal``), SIGTERM (scancel, preemption, the launcher passing
     either on) and SIGINT (Ctrl-C) ask the run to stop: the handler only records the signal, and the trainer
     checks :meth:`requested` after each optimizer step, so the step in flight finishes, a checkpoint is
-    written, and the process exits. A second Ctrl-C stops a process that no launcher started at once (under
-    one, the launcher passes the first on again, and ends the ranks itself after its grace period). Installed
-    in the main thread only; ``restore`` puts the previous handlers back."""
+    written, and the process exits. Inside :meth:`at_once` the handler raises :class:`StopNow` instead. A second
+    Ctrl-C stops a process that no launcher started at once (under one, the launcher passes the first on again,
+    and ends the ranks itself after its grace period). Installed in the main thread only; installs nest, and the
+    outermost ``restore`` puts the previous handlers back."""
 
     SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
 
     def __init__(self):
         self.received: int | None = None
+        self.stage: str | None = None  # set: a signal raises StopNow (at_once)
         self._previous: dict[int, object] = {}
+        self._depth = 0
 
     def install(self) -> "StopSignals":
         import signal
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                sig = getattr(signal, name)
-                self._previous[sig] = signal.signal(sig, self._handle)
+            self._depth += 1
+            if self._depth == 1:
+                for name in self.SIGNALS:
+                    sig = getattr(signal, name)
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    @contextlib.contextmanager
+    def at_once(self, stage: str):
+        """A stop signal in the block (or one received before it) raises StopNow(``stage``): where the run has
+        nothing to save. Without installed handlers (several processes: their launcher maps a rank that a
+        signal ended to exit 75, train/launch.py) the block runs as it is."""
+        if self._depth and self.received is not None:
+            raise StopNow(self.name, stage)
+        self.stage = stage if self._depth else None
+        try:
+            yield self
+        finally:
+            self.stage = None
 
     def _handle(self, signum, frame) -> None:
         import signal
@@ -240,6 +270,9 @@ class StopSignals:
         alone = not already_launched()
         if self.received is None:
             self.received = signum
+            if self.stage is not None:
+                stage, self.stage = self.stage, None
+                raise StopNow(signal.Signals(signum).name, stage)
             again = " (Ctrl-C again: stop now, without one)" if signum == signal.SIGINT and alone else ""
             os.write(2, f"dist_dejpeg: got {signal.Signals(signum).name}; stopping after this step with a "
                         f"checkpoint{again}\n".encode())
@@ -258,6 +291,25 @@ class StopSignals:
     def restore(self) -> None:
         import signal
 
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous.clear()
+
+
+def stopped_at_once(stop: StopNow, run_dir: str | Path, trainer=None) -> Preempted:
+    """The Preempted that a StopNow ends the run with (exit 75: the same command continues), told to ``status``
+    through progress.json where the trainer got as far as its monitor; the trainer's lock and trackers released."""
+    last = latest_checkpoint(run_dir)
+    if stop.stage == FINAL_STAGE and last is not None:
+        then = f"{last} holds every phase: the same command validates it again and writes the run's files"
+    elif last is not None:
+        then = f"nothing new to save; the same command continues the run from {last}"
+    else:
+        then = "nothing to save yet; the same command starts the run"
+    message = f"stopped by {stop.signal_name} {stop.stage}; {then}"
+    if trainer is not None:
+        trainer.monitor.finish("preempted", message)
+        trainer.close()
+    return Preempted(message, last)

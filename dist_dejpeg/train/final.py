@@ -9,6 +9,7 @@ import logging
 
 from dist_dejpeg.models.generator_file import save_generator, training_shards
 from dist_dejpeg.run.layout import GENERATOR, METRICS
+from dist_dejpeg.train.checkpoint import FINAL_STAGE
 from dist_dejpeg.train.collective import all_ranks_or_raise
 from dist_dejpeg.train.validation import validate
 from dist_dejpeg.train.window import sum_over_ranks
@@ -25,25 +26,28 @@ def guard_gains(results: dict) -> dict:
 
 
 def finish_run(trainer) -> dict:
-    """Validate a finished run's generator and write its files; returns the final validation's results."""
+    """Validate a finished run's generator and write its files; returns the final validation's results. A stop
+    signal meanwhile ends one process at once (StopSignals.at_once; exit 75): the last checkpoint holds every
+    phase, and the same command does this again."""
     acc, cfg, state = trainer.accelerator, trainer.cfg, trainer.state
-    results = trainer.run_validation("final")  # the EMA's; the raw generator's once more, for the meta
-    ema = trainer.ema.meta(lambda: validate(acc, trainer.gen_raw, trainer.val_set, trainer.metric_lpips,
-                                            cfg.data.val_batch_size, cudagraphs=trainer.cudagraphs))
-    skipped = trainer.data_skipped()
-    local = next(iter(trainer.val_set.values()))[0].shape[0] if trainer.val_set else 0
-    n_val = sum_over_ranks(acc, {"images": local})["images"]
-    if any(skipped.values()):
-        log.warning("training data: skipped %s", skipped)
-    with all_ranks_or_raise(acc):  # rank 0's files failing fails every rank now; also the last barrier
-        if acc.is_main_process:
-            trainer.monitor.write_metrics(results, lpips=trainer.metric_lpips.description, state=state, ema=ema,
-                                          val_images=n_val, skipped=skipped, last_train=state.last_train_log)
-            save_generator(trainer.ema.model(trainer.gen_raw), cfg.model, trainer.run_dir / GENERATOR,
-                           extra={"lpips": trainer.metric_lpips.description, "global_step": state.global_step,
-                                  "ema_decay": cfg.train.ema_decay, **guard_gains(results),
-                                  **training_shards(cfg.data)})
-            log.info("wrote %s and %s", trainer.run_dir / METRICS, trainer.run_dir / GENERATOR)
-        trainer.monitor.finish("finished", "", state.global_step)
-        trainer.monitor.close()
+    with trainer.signals.at_once(FINAL_STAGE):
+        results = trainer.run_validation("final")  # the EMA's; the raw generator's once more, for the meta
+        ema = trainer.ema.meta(lambda: validate(acc, trainer.gen_raw, trainer.val_set, trainer.metric_lpips,
+                                                cfg.data.val_batch_size, cudagraphs=trainer.cudagraphs))
+        skipped = trainer.data_skipped()
+        local = next(iter(trainer.val_set.values()))[0].shape[0] if trainer.val_set else 0
+        n_val = sum_over_ranks(acc, {"images": local})["images"]
+        if any(skipped.values()):
+            log.warning("training data: skipped %s", skipped)
+        with all_ranks_or_raise(acc):  # rank 0's files failing fails every rank now; also the last barrier
+            if acc.is_main_process:  # (each file atomic: a stop between them leaves a run that validates again)
+                trainer.monitor.write_metrics(results, lpips=trainer.metric_lpips.description, state=state, ema=ema,
+                                              val_images=n_val, skipped=skipped, last_train=state.last_train_log)
+                save_generator(trainer.ema.model(trainer.gen_raw), cfg.model, trainer.run_dir / GENERATOR,
+                               extra={"lpips": trainer.metric_lpips.description, "global_step": state.global_step,
+                                      "ema_decay": cfg.train.ema_decay, **guard_gains(results),
+                                      **training_shards(cfg.data)})
+                log.info("wrote %s and %s", trainer.run_dir / METRICS, trainer.run_dir / GENERATOR)
+    trainer.monitor.finish("finished", "", state.global_step)
+    trainer.monitor.close()
     return results

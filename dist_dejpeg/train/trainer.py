@@ -13,6 +13,7 @@ device inside a step: the non-finite and stop-signal flags are read at most ever
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,7 @@ class TrainerState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, train_loader=None, val_set=None):
+    def __init__(self, cfg: Config, train_loader=None, val_set=None, signals: ckpt.StopSignals | None = None):
         # self.cfg: the effective config (the precision and ZeRO stage the run really has); ``cfg`` is not changed
         self.accelerator, self.cfg = acc, cfg = build_accelerator(cfg)
         self.run_dir = Path(cfg.train.run_dir)
@@ -71,7 +72,7 @@ class Trainer:
         self.generator, self.g_opt, self.critic, self.c_opt = parts.generator, parts.g_opt, parts.critic, parts.c_opt
         self.lpips, self.metric_lpips, self.autocast = parts.lpips, parts.metric_lpips, parts.autocast
         self.deepspeed, self.fused, self.cudagraphs = parts.deepspeed, parts.fused, parts.cudagraphs
-        self.signals = ckpt.StopSignals()
+        self.signals = signals or ckpt.StopSignals()  # train()'s: installed for the whole run
         self.checks = PacedChecks(HostChecks(acc, self.signals, parts.sync_every), cfg.train.preempt_budget_s)
         self.sync_every, self.flags = parts.sync_every, self.checks.flags
         self.blind_prob = cfg.model.quality_blind_prob if cfg.model.quality_conditioning else 0.0
@@ -313,13 +314,26 @@ class Trainer:
 
 def train(cfg: Config, resume: str | None = None, train_loader=None, val_set=None) -> dict:
     """Build a Trainer, resume (``"latest"``, a checkpoint folder, or by ``train.auto_resume`` the run folder's
-    newest checkpoint that verifies: train/resume.py), run to the end."""
-    trainer = Trainer(cfg, train_loader=train_loader, val_set=val_set)
+    newest checkpoint that verifies: train/resume.py), run to the end. One process (no launcher's WORLD_SIZE
+    over 1) takes the stop signals for the whole run: one before training begins or during the final validation
+    ends it at once as Preempted (exit 75; nothing is lost there), not by the signal with no word."""
+    signals, trainer = ckpt.StopSignals(), None
+    alone = int(os.environ.get("WORLD_SIZE") or 1) <= 1
+    if alone:
+        signals.install()
     try:
-        path = choose_checkpoint(trainer.accelerator, trainer.run_dir, resume, cfg.train.auto_resume)
-        if path is not None:
-            trainer.resume(path)
-    except BaseException:
-        trainer.close()  # the run folder's lock and the trackers: a corrected command can run in this process
-        raise
-    return trainer.fit()
+        with signals.at_once("before training began"):
+            trainer = Trainer(cfg, train_loader=train_loader, val_set=val_set, signals=signals)
+            try:
+                path = choose_checkpoint(trainer.accelerator, trainer.run_dir, resume, cfg.train.auto_resume)
+                if path is not None:
+                    trainer.resume(path)
+            except BaseException:
+                trainer.close()  # the run folder's lock and the trackers: a corrected command can run in this process
+                raise
+        return trainer.fit()
+    except ckpt.StopNow as stop:
+        raise ckpt.stopped_at_once(stop, cfg.train.run_dir, trainer) from None
+    finally:
+        if alone:
+            signals.restore()
