@@ -360,3 +360,12 @@ def test_a_run_killed_after_a_phase_ended_is_at_the_next_phase(tmp_path, no_floc
     s = st.run_status(run)
     assert s["state"] == "crashed or killed"
     assert (s["position"]["phase"], s["position"]["phase_step"], s["position"]["phases_done"]) == ("critic", 0, ["gen"])
+
+
+def test_the_last_validation_line_names_a_random_backbone_lpips():
+    from dist_dejpeg.run.text import result_lines
+
+    val = {"q10": {"jpeg": {"psnr": 27.0, "lpips": 0.0077}, "restored": {"psnr": 27.9, "lpips": 0.0070}}}
+    for pretrained, name in ((False, "LPIPS(random) 0.0077->0.0070"), (True, "LPIPS 0.0077->0.0070")):
+        line = result_lines({"lpips": {"pretrained": pretrained}, "last_val": val, "last_val_source": "x"})[-1]
+        assert line.startswith("last val") and name in line, line

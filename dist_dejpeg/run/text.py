@@ -92,9 +92,11 @@ def result_lines(s: dict) -> list[str]:
         lines.append(f"best       validation {best.get('metric', 'lpips').upper()} {best['value']:.4f}{where}")
     if val:
         parts = []
+        # a random-init backbone's numbers are not LPIPS: said where they are shown (status.py's "lpips")
+        name = "LPIPS(random)" if (s.get("lpips") or {}).get("pretrained") is False else "LPIPS"
         for q in sorted(val, key=lambda k: int(k[1:]) if k[1:].isdigit() else 0):
             j, r = val[q].get("jpeg") or {}, val[q].get("restored") or {}
             parts.append(f"{q} PSNR {number(j.get('psnr'), '.2f')}->{number(r.get('psnr'), '.2f')} "
-                         f"LPIPS {number(j.get('lpips'), '.4f')}->{number(r.get('lpips'), '.4f')}")
+                         f"{name} {number(j.get('lpips'), '.4f')}->{number(r.get('lpips'), '.4f')}")
         lines.append(f"last val   {' | '.join(parts)} (jpeg->restored, {s.get('last_val_source')})")
     return lines
