@@ -146,7 +146,8 @@ def report_command(args: argparse.Namespace) -> int:
 
 def export_command(args: argparse.Namespace) -> int:
     from dist_dejpeg.models.generator_file import ModelFileError
-    from dist_dejpeg.models.onnx_export import OnnxCheckError, OnnxUnavailable, export_model, export_target_problem
+    from dist_dejpeg.models.onnx_export import (CheckImageError, OnnxCheckError, OnnxUnavailable, export_model,
+                                                export_target_problem)
 
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -156,7 +157,7 @@ def export_command(args: argparse.Namespace) -> int:
         return 2
     try:
         result, info = export_model(args.model, args.onnx, opset=args.opset, check_image=args.check_image)
-    except (ModelFileError, OnnxUnavailable, FileNotFoundError) as err:
+    except (ModelFileError, OnnxUnavailable, FileNotFoundError, CheckImageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OnnxCheckError as err:

@@ -138,6 +138,13 @@ def test_kind_inferred_from_name_in_yaml(tmp_path):
     assert cfg.train.phases["gan"].steps == 4
 
 
+def test_a_phase_named_final_is_refused():
+    """Its in-phase validations were logged under the final validation's TensorBoard tags (final/qN_*) and image
+    name, two sets of numbers on one curve."""
+    with pytest.raises(ConfigError, match=r"'train\.order': a phase cannot be named 'final'"):
+        load_config(None, ["train.phases.final.kind=gan", "train.phases.final.steps=3", "train.order=[gen,final]"])
+
+
 def test_custom_phase_needs_kind():
     with pytest.raises(ConfigError, match=r"train\.phases\.mygen\.kind"):
         load_config(None, ["train.phases.mygen.steps=3", "train.order=[gen,mygen]"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import warnings
 
@@ -14,7 +15,7 @@ import pytest
 from dist_dejpeg.config import ConfigError
 from dist_dejpeg.run.layout import PROGRESS_KEYS
 from dist_dejpeg.run.text import duration
-from dist_dejpeg.train.monitor import check_trackers
+from dist_dejpeg.train.trackers import check_trackers
 from dist_dejpeg.train.trainer import Trainer
 
 from test_trainer import fresh_accelerator_state, shards, tiny  # noqa: F401 - fixtures shared with test_trainer
@@ -265,3 +266,113 @@ def test_a_gan_windows_losses_are_means_over_the_turns_that_logged_them():
         window.add({"critic/loss": torch.tensor(1.5)} if turn == "critic" else {"gen/l1": torch.tensor(0.02)})
     scalars, _ = window.read(1e-4)
     assert scalars["train/gen/l1"] == pytest.approx(0.02) and scalars["train/critic/loss"] == pytest.approx(1.5)
+
+
+def _session(run, shards, *over):
+    """One session of a run's trackers, as a Trainer starts them, logging two steps and the grid."""
+    import torch
+
+    from dist_dejpeg.config import to_dict
+    from dist_dejpeg.train.build import build_accelerator
+    from dist_dejpeg.train.monitor import Monitor
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)  # (a second session in this process: as test_trainer's fixture does)
+    GradientState._reset_state()
+    acc, cfg = build_accelerator(tiny(run, shards, "train.order=[gen]", *over))
+    run.mkdir(exist_ok=True)
+    monitor = Monitor(acc, cfg, run, to_dict(cfg))
+    for step in (1, 2):
+        monitor.scalars({"train/gen/l1": 0.1 * step}, step)
+    monitor.image("val/grid", torch.rand(3, 8, 8), 2)
+    monitor.close()
+    return monitor, acc
+
+
+def test_a_resumed_run_logs_to_the_same_wandb_and_mlflow_runs(tmp_path, shards, monkeypatch):
+    """Each session of a run (a start, each resume after a preemption) made a new wandb run and a new MLflow run;
+    a second session, even with a changed config (a longer phase: MLflow refuses a changed param), continues
+    the first one's: their ids are kept in the run folder. Nothing lands in the working directory."""
+    pytest.importorskip("mlflow", reason="mlflow is in the test extra")
+    pytest.importorskip("wandb", reason="wandb is in the test extra")
+    from mlflow.tracking import MlflowClient
+
+    from dist_dejpeg.train.trackers import TRACKER_RUNS
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true")):
+        monkeypatch.setenv(name, value)
+    for name in ("WANDB_DIR", "WANDB_RUN_ID", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    run, over = tmp_path / "run", ("train.log_with=[mlflow,wandb]",)
+    _, acc = _session(run, shards, *over)
+    first = {t.name: t for t in acc.trackers}
+    ids = json.loads((run / TRACKER_RUNS).read_text())
+    assert ids["wandb"] == first["wandb"].run.id and ids["mlflow"]["run_id"] == first["mlflow"].active_run.info.run_id
+    _, acc = _session(run, shards, *over, "train.phases.gen.steps=7")
+    second = {t.name: t for t in acc.trackers}
+    assert second["wandb"].run.id == ids["wandb"]
+    assert second["mlflow"].active_run.info.run_id == ids["mlflow"]["run_id"]
+    client = MlflowClient()
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("run").experiment_id])
+    assert len(client.get_metric_history(mlflow_run.info.run_id, "train/gen/l1")) == 4  # both sessions' steps
+    assert mlflow_run.data.params["train.phases.gen.steps"] == "3", "the first session's params are kept"
+    assert {p.name.rsplit("-", 1)[-1] for p in (run / "wandb").glob("offline-run-*")} == {ids["wandb"]}
+    assert not list((tmp_path / "cwd").iterdir())
+
+
+def test_mlflow_without_a_tracking_uri_keeps_its_store_in_the_run_folder(tmp_path, shards, monkeypatch):
+    """Without MLFLOW_TRACKING_URI, MLflow 3 wrote ./mlflow.db (and the image grid under ./mlruns) in the
+    working directory: every run's in one database wherever the command ran. Now <run_dir>/mlflow/; the
+    process-wide store (and MLflow's env var, which it sets) is unset again after the run."""
+    pytest.importorskip("mlflow", reason="mlflow is in the test extra")
+    pytest.importorskip("sqlalchemy", reason="MLflow's SQLite store: in mlflow, not in mlflow-skinny")
+    pytest.importorskip("alembic", reason="MLflow's SQLite store: in mlflow, not in mlflow-skinny")
+    from mlflow.tracking import MlflowClient
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    run = tmp_path / "run"
+    _session(run, shards, "train.log_with=[mlflow]")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert not list((tmp_path / "cwd").iterdir())
+    client = MlflowClient(f"sqlite:///{run / 'mlflow' / 'mlflow.db'}")
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("run").experiment_id])
+    assert len(client.get_metric_history(mlflow_run.info.run_id, "train/gen/l1")) == 2
+    assert list((run / "mlflow" / "artifacts").rglob("*.png")), "the grid, in the run folder"
+
+
+def test_tracker_files_and_runs_follow_the_run_folder_unless_the_libraries_env_says(tmp_path, monkeypatch):
+    """dvclive wrote ./dvclive (and deleted what an earlier session logged there); wandb's, MLflow's own env
+    vars still win; an MLflow run id is reused only in the store it belongs to."""
+    from dist_dejpeg.train.trackers import TRACKER_RUNS, check_trackers, tracker_init
+
+    for name in ("WANDB_DIR", "WANDB_RUN_ID", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    init, store = tracker_init(["wandb", "mlflow", "dvclive", "tensorboard"], run)
+    assert init["dvclive"] == {"dir": str(run / "dvclive"), "resume": True}
+    assert init["wandb"] == {"dir": str(run)} and store == f"sqlite:///{run.resolve() / 'mlflow' / 'mlflow.db'}"
+    assert init["mlflow"] == {"logging_dir": (run / "mlflow" / "artifacts").resolve().as_uri()}
+    (run / TRACKER_RUNS).write_text(json.dumps({"wandb": "abc123", "mlflow": {"run_id": "r1", "store": store}}))
+    init, _ = tracker_init(["wandb", "mlflow"], run)
+    assert init["wandb"] == {"dir": str(run), "id": "abc123", "resume": "allow"} and init["mlflow"]["run_id"] == "r1"
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("WANDB_RUN_ID", "mine")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert tracker_init(["wandb", "mlflow"], run) == ({"wandb": {}, "mlflow": {}}, None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
+    if real("mlflow") is not None:
+        with pytest.raises(ConfigError, match="needs sqlalchemy.*pip install mlflow, or set MLFLOW_TRACKING_URI"):
+            check_trackers(["mlflow"])

@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -62,20 +63,25 @@ def _trained_like_generator():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """The generator file and its export by the CLI (once for the module): (model, onnx, exit code, stdout)."""
+    """The generator file and its export by the CLI (once for the module): (model, onnx, exit code, stdout,
+    the warnings it raised)."""
     folder = tmp_path_factory.mktemp("onnx")
     model, onnx_path = folder / "generator.safetensors", folder / "model.onnx"
     save_generator(_trained_like_generator(), CFG, model,
                    extra={"global_step": 7, "val_psnr_gain": json.dumps(GAINS), "val_psnr_gain_low": json.dumps(LOWS),
                           "train_shards": json.dumps({"train-000000.tar": "10240:0123456789abcdef"})})
-    with contextlib.redirect_stdout(io.StringIO()) as out:
+    with contextlib.redirect_stdout(io.StringIO()) as out, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         code = _cli(["export", "--model", str(model), "--onnx", str(onnx_path)])
-    return model, onnx_path, code, out.getvalue()
+    return model, onnx_path, code, out.getvalue(), [str(w.message) for w in caught]
 
 
 def test_export_matches_pytorch_on_a_photo_at_two_sizes(exported, capsys):
-    model, onnx_path, code, out = exported
+    model, onnx_path, code, out, raised = exported
     assert code == 0, out
+    # torch's "The axis name: batch will not be used, since it shares the same shape constraints with another
+    # axis: batch." on every export of a conditioned model: its two inputs share the batch Dim, as meant
+    assert not [m for m in raised if "axis name" in m], raised
     diffs = {m[0]: float(m[1]) for m in re.findall(r"(\d+x3x\d+x\d+): max abs difference ([0-9.e+-]+)", out)}
     with capsys.disabled():
         print(f"\nonnxruntime vs PyTorch (max abs difference on [0, 1]): {diffs}")
@@ -207,7 +213,7 @@ def test_onnx_restore_tiles_blends_and_guards_like_pytorch(exported, tmp_path, c
     from dist_dejpeg.restore.onnx_backend import OnnxRestorer
     from dist_dejpeg.restore.restorer import Restorer
 
-    model, onnx_path, code, _ = exported
+    model, onnx_path, code, *_ = exported
     assert code == 0
     data, jpeg = _jpeg_photo(10)
     photo, out = tmp_path / "photo.jpg", tmp_path / "out"
@@ -302,3 +308,16 @@ def test_export_refuses_at_once_what_would_fail_after_exporting(tmp_path, capsys
         assert main(["export", *args]) == 2
         assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [folder]
+
+
+def test_a_check_image_that_is_not_an_image_is_exit_2_before_the_export(tmp_path, capsys, monkeypatch):
+    """``--check-image notes.txt``: a PIL traceback (exit 1); now one line, exit 2, before the model is even
+    loaded (load_model is not reached)."""
+    from dist_dejpeg.models import onnx_export
+
+    monkeypatch.setattr(onnx_export, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    assert main(["export", "--model", "runs/x", "--onnx", str(tmp_path / "x.onnx"), "--check-image", str(bad)]) == 2
+    assert "--check-image" in (err := capsys.readouterr().err) and "not an image that Pillow reads" in err, err
+    assert not (tmp_path / "x.onnx").exists()

@@ -102,6 +102,9 @@ def validate(cfg: Config) -> None:
     for name in t.order:
         if name not in t.phases:
             raise ConfigError(f"config key 'train.order': phase '{name}' is not defined in train.phases")
+        if name == "final":  # its validations would be logged as the final one's (final/qN_* scalars, image)
+            raise ConfigError("config key 'train.order': a phase cannot be named 'final', the final validation's "
+                              "name (its final/qN_* scalars and image); give the phase another name")
     for name, phase in t.phases.items():
         if name not in t.order and name not in defaults:
             raise ConfigError(f"config key 'train.phases.{name}': defined but not listed in train.order "

@@ -9,9 +9,9 @@
   and one line per validation quality. Everything goes through ``logging`` (one format, level from
   ``train.log_level`` or ``--log-level``).
 - Trackers: Accelerate's (``train.log_with``: tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive,
-  trackio); each gets the same scalars and the validation image grid. TensorBoard writes to ``<run_dir>/tb``
-  (one folder, the config as its hparams), wandb to ``<run_dir>/wandb``; a resumed run has TensorBoard drop what
-  an earlier session logged after the checkpoint (:meth:`Monitor.resumed`). The final validation's scalars are
+  trackio); each gets the same scalars and the validation image grid. Their files go to the run folder, and a
+  resumed run continues the same wandb and MLflow runs (train/trackers.py); it has TensorBoard drop what an
+  earlier session logged after the checkpoint (:meth:`Monitor.resumed`). The final validation's scalars are
   ``final/q10_restored_psnr`` etc., the in-phase ones ``val_q10/restored_psnr``.
 - ``progress.json`` (atomic rewrite at every log window, validation, phase boundary and at the end): where the
   run stands, for ``dist-dejpeg status`` and scripts; see :data:`PROGRESS_KEYS`.
@@ -38,56 +38,16 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_dejpeg.config import TRACKER_PACKAGES, flatten
-from dist_dejpeg.run.files import atomic_write_json, atomic_write_text, free_bytes, is_disk_full, size_text
+from dist_dejpeg.run.files import (atomic_write_json, atomic_write_text, free_bytes, is_disk_full, read_json,
+                                   size_text)
 from dist_dejpeg.run.layout import (CONFIG, METRICS, PROGRESS, PROGRESS_KEYS, MetricsMeta, latest_checkpoint,
                                     partial_checkpoints)
 from dist_dejpeg.run.text import duration
 from dist_dejpeg.train.checkpoint import TrainingStopped, remove_partial
+from dist_dejpeg.train.trackers import (TRACKER_RUNS, check_trackers, set_mlflow_store, tracker_config,  # noqa: F401
+                                        tracker_init, tracker_objects)  # (build.py imports the two from here)
 
 log = logging.getLogger("dist_dejpeg")
-
-
-
-def check_trackers(names: list[str]) -> None:
-    """Every name known and its package importable, before any work (a ConfigError naming the fix)."""
-    import importlib.util
-
-    from dist_dejpeg.config import ConfigError
-
-    for name in names:
-        if name not in TRACKER_PACKAGES:
-            raise ConfigError(f"config key 'train.log_with': unknown tracker '{name}' (known: "
-                              f"{', '.join(TRACKER_PACKAGES)})")
-        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
-            raise ConfigError(f"config key 'train.log_with': tracker '{name}' needs the {TRACKER_PACKAGES[name]} "
-                              f"package, which is not installed: pip install {TRACKER_PACKAGES[name]}")
-
-
-def tracker_objects(names: list[str], run_dir: Path) -> list:
-    """Accelerate's ``log_with``: TensorBoard as an instance writing to ``<run_dir>/tb`` (the folder every
-    earlier run used), the others by name."""
-    from accelerate.tracking import TensorBoardTracker
-
-    class OneFolderTensorBoard(TensorBoardTracker):
-        """The config as hparams in the run's own event files: Accelerate's writes them, and an hparams.yml,
-        to two new ``tb/<time>/`` folders at every start and resume, each a run of its own in TensorBoard's list
-        (``config.yaml`` beside ``tb/`` is the run's config file)."""
-
-        def store_init_configuration(self, values: dict) -> None:
-            from torch.utils.tensorboard.summary import hparams
-
-            for summary in hparams(values, {}):
-                self.writer.file_writer.add_summary(summary)
-            self.writer.flush()
-
-    return [OneFolderTensorBoard("tb", str(run_dir)) if n == "tensorboard" else n for n in names]
-
-
-def tracker_config(config_dict: dict) -> dict:
-    """The config as trackers take it: dotted keys, scalar values (others as text; empty sections left out)."""
-    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-            for k, v in flatten(config_dict).items() if v != {}}
 
 
 WRITE_ERRORS = "write_errors"  # progress.json's and metrics.json meta's key: side write -> failures (rank 0)
@@ -120,16 +80,28 @@ class Monitor:
                                "losses": {}, "last_val": None, "best": None, "images_per_s": None,
                                "data_wait_frac": None, "lr": None, "eta_phase_s": None, "eta_run_s": None,
                                WRITE_ERRORS: {}}
-        # wandb's files (offline runs too) in <run_dir>/wandb, not in the working directory (WANDB_DIR wins)
-        init = {} if os.environ.get("WANDB_DIR") else {"wandb": {"dir": str(self.run_dir)}}
+        init, self.mlflow_store = tracker_init(list(cfg.train.log_with), self.run_dir)
         try:
-            accelerator.init_trackers(self.run_dir.name or "dist_dejpeg", config=tracker_config(config_dict),
-                                      init_kwargs=init)
+            if self.mlflow_store:
+                (self.run_dir / "mlflow").mkdir(exist_ok=True)
+                set_mlflow_store(self.mlflow_store)
+            accelerator.init_trackers(self.run_dir.name or "dist_dejpeg", init_kwargs=init)
+            for tracker in accelerator.trackers if self.main else []:
+                run = tracker.active_run.data.params if tracker.name == "mlflow" else None
+                tracker.store_init_configuration(tracker_config(config_dict, run))
         except Exception as err:  # noqa: BLE001 - a tracker that cannot start: say so now, not hours later
             from dist_dejpeg.config import ConfigError
 
+            if self.mlflow_store:
+                set_mlflow_store(None)
             raise ConfigError(f"config key 'train.log_with': a tracker of {cfg.train.log_with} could not start "
                               f"({type(err).__name__}: {err})") from err
+        store = self.mlflow_store or os.environ.get("MLFLOW_TRACKING_URI")  # the run ids, for the next session
+        runs = {t.name: t.run.id if t.name == "wandb" else {"run_id": t.active_run.info.run_id, "store": store}
+                for t in (accelerator.trackers if self.main else []) if t.name in ("wandb", "mlflow")}
+        if runs and runs != read_json(self.run_dir / TRACKER_RUNS):
+            with self.side_write("trackers", path=self.run_dir / TRACKER_RUNS):
+                atomic_write_json(self.run_dir / TRACKER_RUNS, runs)
 
     # -- side writes ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -329,6 +301,8 @@ class Monitor:
             for tracker in self.acc.trackers:
                 with self.side_write(f"tracker.{tracker.name}", (Exception,)):  # e.g. TensorBoard's last flush
                     tracker.finish()
+            if self.mlflow_store:
+                set_mlflow_store(None)
 
     def _bar(self, action) -> bool:
         """``action(bar)`` on the console bar; whether there was one. A bar whose stream fails is dropped: plain

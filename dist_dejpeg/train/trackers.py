@@ -1,0 +1,97 @@
+"""The experiment trackers of a run (``train.log_with``, through Accelerate): checked before any work, their files
+in the run folder, and one tracker run per run folder over all its sessions.
+
+- Files: TensorBoard in ``<run_dir>/tb`` (one folder, the config as its hparams), wandb in ``<run_dir>/wandb``,
+  MLflow in ``<run_dir>/mlflow/`` (``mlflow.db``, SQLite, and ``artifacts/``), dvclive in ``<run_dir>/dvclive``,
+  not in the working directory (their defaults: every run's in one ``./wandb``, ``./mlflow.db``...). Where the
+  library's own env var says where (WANDB_DIR, MLFLOW_TRACKING_URI), it wins.
+- Sessions: a resumed run (a requeued job, a longer phase) logs to the wandb run (``id``, ``resume="allow"``) and
+  the MLflow run (``run_id``; one of the same store) of its first session: :data:`TRACKER_RUNS` keeps their ids
+  (WANDB_RUN_ID and MLFLOW_RUN_ID win); dvclive appends (``resume=True``). Steps that an earlier session logged
+  after the checkpoint the run resumed from come again: TensorBoard drops the old ones (``Monitor.resumed``),
+  wandb the new ones (its steps only go forward), MLflow keeps both.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from dist_dejpeg.config import TRACKER_PACKAGES, ConfigError, flatten
+from dist_dejpeg.run.files import read_json
+
+TRACKER_RUNS = "trackers.json"  # <run_dir>/: {"wandb": id, "mlflow": {"run_id", "store"}} of the run's trackers
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every name known and its packages importable, before any work (a ConfigError naming the fix)."""
+    for name in names:
+        if name not in TRACKER_PACKAGES:
+            raise ConfigError(f"config key 'train.log_with': unknown tracker '{name}' (known: "
+                              f"{', '.join(TRACKER_PACKAGES)})")
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise ConfigError(f"config key 'train.log_with': tracker '{name}' needs the {TRACKER_PACKAGES[name]} "
+                              f"package, which is not installed: pip install {TRACKER_PACKAGES[name]}")
+        missing = [p for p in ("sqlalchemy", "alembic") if importlib.util.find_spec(p) is None]
+        if name == "mlflow" and missing and not os.environ.get("MLFLOW_TRACKING_URI"):
+            raise ConfigError(f"config key 'train.log_with': mlflow without MLFLOW_TRACKING_URI keeps the run in "
+                              f"<run_dir>/mlflow/mlflow.db (SQLite), which needs {' and '.join(missing)} (mlflow-skinny "
+                              f"lacks them): pip install mlflow, or set MLFLOW_TRACKING_URI (e.g. an MLflow server)")
+
+
+def tracker_objects(names: list[str], run_dir: Path) -> list:
+    """Accelerate's ``log_with``: TensorBoard as an instance writing to ``<run_dir>/tb``, the others by name."""
+    from accelerate.tracking import TensorBoardTracker
+
+    class OneFolderTensorBoard(TensorBoardTracker):
+        """The config as hparams in the run's own event files: Accelerate's writes them, and an hparams.yml,
+        to two new ``tb/<time>/`` folders at every start and resume, each a run of its own in TensorBoard's list
+        (``config.yaml`` beside ``tb/`` is the run's config file)."""
+
+        def store_init_configuration(self, values: dict) -> None:
+            from torch.utils.tensorboard.summary import hparams
+
+            for summary in hparams(values, {}):
+                self.writer.file_writer.add_summary(summary)
+            self.writer.flush()
+
+    return [OneFolderTensorBoard("tb", str(run_dir)) if n == "tensorboard" else n for n in names]
+
+
+def tracker_init(names: list[str], run_dir: Path) -> tuple[dict, str | None]:
+    """Accelerate's ``init_kwargs`` for ``names``, and the MLflow store to set (None: MLFLOW_TRACKING_URI's or
+    no MLflow): files in the run folder, earlier sessions' runs continued (see the module's doc)."""
+    env, init, store = os.environ, {}, None
+    runs = read_json(run_dir / TRACKER_RUNS) or {}
+    if "wandb" in names:
+        init["wandb"] = {} if env.get("WANDB_DIR") else {"dir": str(run_dir)}
+        if runs.get("wandb") and not env.get("WANDB_RUN_ID"):
+            init["wandb"].update(id=runs["wandb"], resume="allow")
+    if "mlflow" in names:
+        init["mlflow"] = {}
+        if not env.get("MLFLOW_TRACKING_URI"):  # (MLflow's default: ./mlflow.db, its artifacts in ./mlruns)
+            store = f"sqlite:///{(run_dir / 'mlflow' / 'mlflow.db').resolve()}"
+            init["mlflow"]["logging_dir"] = (run_dir / "mlflow" / "artifacts").resolve().as_uri()
+        if (runs.get("mlflow") or {}).get("store") == (store or env.get("MLFLOW_TRACKING_URI")):
+            init["mlflow"]["run_id"] = runs["mlflow"]["run_id"]
+    if "dvclive" in names:  # resume: Live() otherwise deletes what the earlier sessions logged
+        init["dvclive"] = {"dir": str(run_dir / "dvclive"), "resume": True}
+    return init, store
+
+
+def set_mlflow_store(uri: str | None) -> None:
+    """MLflow's store is process-wide (and sets its env var): this run's, then None again after it (ending its
+    active run first: MLflow's exit hook would end it in the default store, ./mlflow.db)."""
+    import mlflow
+
+    if uri is None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(uri)
+
+
+def tracker_config(config_dict: dict, params: dict | None = None) -> dict:
+    """The config as trackers take it: dotted keys, scalar values (others as text; empty sections left out);
+    without the keys in ``params`` (a continued MLflow run's: MLflow refuses a changed value, a longer phase's)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+            for k, v in flatten(config_dict).items() if v != {} and k not in (params or {})}
