@@ -12,6 +12,8 @@ restore use the same names.
         generator.safetensors     the trained generator with its config (models/generator_file.py)
         .lock                     the flock of the run's writer (run/lock.py)
         tb/                       TensorBoard events (events.out.tfevents.*)
+        wandb/, mlflow/, dvclive/ the other trackers' files, where train.log_with names them (train/trackers.py)
+        trackers.json             their run ids, so a resumed run logs to the same wandb and MLflow runs
 """
 
 from __future__ import annotations
