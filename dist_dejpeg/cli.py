@@ -80,7 +80,7 @@ def _prepare(args: argparse.Namespace) -> int:
         try:
             manifest = prepare_folder(args.src, args.out, tile=tile, train_step=step, shard_size=shard_size,
                                       val_fraction=args.val_fraction, seed=args.seed, fmt=args.format,
-                                      jpeg=args.jpeg_sources)
+                                      jpeg=args.jpeg_sources, max_pixels=args.max_pixels)
         except (FileNotFoundError, PrepareError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -98,7 +98,36 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def stop_while_starting() -> dict:
+    """Until the run takes the stop signals itself (train()'s StopSignals, the launcher's StopForwarder: after the
+    imports and the config, ~5-8 s), SIGTERM, SIGUSR1 or Ctrl-C end the command at once as a stop (exit 75: nothing
+    is saved yet, the same command starts or continues the run), not with 143 and no word. Returns the handlers it
+    replaced (the caller puts them back)."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        os.write(2, f"stopped by {signal.Signals(signum).name} while starting; nothing new to save; the same command "
+                    f"continues the run\n".encode())
+        os._exit(EXIT_PREEMPTED)
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+
+
 def _train(args: argparse.Namespace) -> int:
+    import signal
+
+    previous = stop_while_starting()
+    try:
+        return _train_command(args)
+    finally:  # (a caller in Python, e.g. a test, goes on with its own handlers)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _train_command(args: argparse.Namespace) -> int:
     from dist_dejpeg.config import ConfigError, load_config, to_yaml
 
     overrides = list(args.overrides) + ([f"train.log_level={args.log_level}"] if args.log_level else [])

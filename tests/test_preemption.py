@@ -366,3 +366,27 @@ def test_kill_9_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp_
     assert f"continuing the run in {tmp_path / 'crash'} from step-" in resumed.stderr
     assert not list(ckpt.checkpoint_dir(tmp_path / "crash").glob(".tmp-*")), "a half-written checkpoint remains"
     assert_same_weights(uninterrupted, final_weights(tmp_path / "crash"))
+
+
+def test_a_stop_while_the_command_starts_is_a_stop_not_143(tmp_path):
+    """SIGTERM in the seconds of imports and config before the run takes the stop signals ended the command with
+    143 and no word: now the stop's exit 75 (nothing saved yet) and one line saying so."""
+    import signal
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", "import os, signal, time\n"
+                           "from dist_dejpeg.cli import stop_while_starting\n"
+                           "stop_while_starting()\n"
+                           "os.kill(os.getpid(), signal.SIGTERM)\n"
+                           "time.sleep(30)\n"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 75, (done.returncode, done.stderr)
+    assert done.stderr.strip() == ("stopped by SIGTERM while starting; nothing new to save; the same command "
+                                   "continues the run")
+    from dist_dejpeg.cli import main  # in a Python caller, the command leaves the caller's handlers as they were
+
+    mine = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, mine)
