@@ -376,3 +376,22 @@ def test_tracker_files_and_runs_follow_the_run_folder_unless_the_libraries_env_s
     if real("mlflow") is not None:
         with pytest.raises(ConfigError, match="needs sqlalchemy.*pip install mlflow, or set MLFLOW_TRACKING_URI"):
             check_trackers(["mlflow"])
+
+
+def test_a_tracker_run_gone_from_its_store_names_the_file_to_delete(tmp_path, shards, monkeypatch):
+    """trackers.json names an MLflow run its store no longer has (deleted by hand): the start fails, saying which
+    file makes it continue that run and that deleting it starts new ones."""
+    pytest.importorskip("mlflow", reason="mlflow is in the test extra")
+    from dist_dejpeg.config import ConfigError
+    from dist_dejpeg.train.trackers import TRACKER_RUNS, tracker_init
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    _, store = tracker_init(["mlflow"], run)
+    (run / TRACKER_RUNS).write_text(json.dumps({"mlflow": {"run_id": "0123456789abcdef", "store": store}}))
+    with pytest.raises(ConfigError, match=f"could not start.*continues the runs named in {run / TRACKER_RUNS}: "
+                                          f"delete that file to start new ones"):
+        _session(run, shards, "train.log_with=[mlflow]")

@@ -94,8 +94,10 @@ class Monitor:
 
             if self.mlflow_store:
                 set_mlflow_store(None)
+            again = (f"; it continues the runs named in {self.run_dir / TRACKER_RUNS}: delete that file to start "
+                     f"new ones" if (self.run_dir / TRACKER_RUNS).is_file() else "")
             raise ConfigError(f"config key 'train.log_with': a tracker of {cfg.train.log_with} could not start "
-                              f"({type(err).__name__}: {err})") from err
+                              f"({type(err).__name__}: {err}){again}") from err
         store = self.mlflow_store or os.environ.get("MLFLOW_TRACKING_URI")  # the run ids, for the next session
         runs = {t.name: t.run.id if t.name == "wandb" else {"run_id": t.active_run.info.run_id, "store": store}
                 for t in (accelerator.trackers if self.main else []) if t.name in ("wandb", "mlflow")}
