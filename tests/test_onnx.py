@@ -302,6 +302,8 @@ def test_export_refuses_at_once_what_would_fail_after_exporting(tmp_path, capsys
     folder.mkdir()
     for args, message in ((["--model", "m.onnx", "--onnx", str(tmp_path / "x.onnx")], "is an ONNX export already"),
                           (["--model", "runs/x", "--onnx", str(folder)], "is a folder; give a file name"),
+                          (["--model", "runs/x", "--onnx", str(tmp_path / "dejpeg")],
+                           "give the file the .onnx suffix"),  # (restore would read it as a generator file)
                           (["--model", "runs/x", "--onnx", str(tmp_path / "y.onnx"), "--opset", "5"],
                            "writes opset 18 or newer"),
                           (["--model", "runs/x", "--onnx", "/proc/nope/x.onnx"], "cannot write to /proc/nope")):

@@ -258,13 +258,17 @@ MIN_OPSET = 18  # torch.onnx's dynamo exporter writes no older opset (asked for 
 
 def export_target_problem(model: str | Path, onnx_path: str | Path, opset: int | None) -> str | None:
     """What would make :func:`export_model` fail after its minute of exporting and checking, said before: an
-    ONNX file as the model, a folder or an unwritable place as the output, an opset the exporter cannot write.
+    ONNX file as the model, a folder, a name without .onnx or an unwritable place as the output, an opset the
+    exporter cannot write.
     Creates the output's parent folder."""
     out = Path(onnx_path)
     if str(model).lower().endswith(".onnx"):
         return f"--model {model} is an ONNX export already; give the generator file or run folder it came from"
     if out.is_dir():
         return f"--onnx {out} is a folder; give a file name, e.g. {out / 'dejpeg.onnx'}"
+    if out.suffix.lower() != ".onnx":  # restore, evaluate and report run a --model as ONNX by its suffix
+        return f"--onnx {out}: give the file the .onnx suffix ({out.with_name(out.name + '.onnx')}): restore runs a " \
+               f"model file as ONNX by it"
     if opset is not None and opset < MIN_OPSET:
         return f"--opset {opset}: the exporter (torch.onnx, dynamo) writes opset {MIN_OPSET} or newer"
     try:
