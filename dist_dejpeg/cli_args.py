@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from dist_dejpeg.jpeg.formats import JPEG_SOURCE_ACTIONS, OUTPUT_FORMATS, SAME_FORMAT, SUBSAMPLING, TILE_FORMATS
+from dist_dejpeg.jpeg.formats import (DEFAULT_MAX_PIXELS, JPEG_SOURCE_ACTIONS, OUTPUT_FORMATS, SAME_FORMAT, SUBSAMPLING,
+                                      TILE_FORMATS)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -124,6 +125,8 @@ def prepare_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder: photos whose pixels show JPEG compression (a .jpg, or a PNG saved from one) are "
                         "used halved (a 2x2 area mean erases the 8x8 grid; twice below q30), kept as they are, or "
                         "left out")
+    p.add_argument("--max-pixels", type=at_least(1), default=DEFAULT_MAX_PIXELS,
+                   help="folder: photos with more pixels are rejected (decompression bombs)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     p.add_argument("--format", choices=TILE_FORMATS, default="raw",
                    help="lossless tile format: png, raw (uncompressed, no decode), jp2 (GPU-decodable in DALI)")

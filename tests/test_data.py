@@ -1095,7 +1095,7 @@ def test_prepare_takes_its_folder_as_an_argument(tmp_path, capsys):
 def _noise(path: Path, seed: int, size: int = 80) -> Path:
     """A lossless photo of random pixels (no JPEG grid), ``size`` px square, at ``path`` (folders made)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), np.uint8)).save(path)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), np.uint8)).save(path, lossless=True)
     return path
 
 
@@ -1173,8 +1173,90 @@ def test_prepare_folder_takes_photos_up_to_the_pixel_limit_of_restore(tmp_path, 
     manifest = prepare_folder(src, tmp_path / "out", tile=64, train_step=64, shard_size=8, max_pixels=30000)
     assert set(manifest["sources"]) == {"fits"}
     assert manifest["rejected"] == [{"source": "large", "path": "large.png",
-                                     "reason": "too large: 200 x 200 = 0.0 MP, over the 0.03 MP limit"}]
+                                     "reason": "too large: 200 x 200 = 0.0 MP, over the 0.03 MP limit (--max-pixels)"}]
     assert Image.MAX_IMAGE_PIXELS == 5000  # put back
+
+
+def test_prepare_folder_cli_max_pixels_lets_larger_photos_in(tmp_path, capsys):
+    """A photo over the limit is rejected with the option that raises it, and --max-pixels raises it (a 102 MP
+    medium-format camera is over the 100 MP default)."""
+    from dist_dejpeg.cli import main
+
+    src = tmp_path / "src"
+    for i in range(3):
+        _noise(src / f"p{i}.png", i, 80)  # 6400 px each
+    assert main(["prepare", "folder", str(src), "--out", str(tmp_path / "a"), "--tile", "32", "--max-pixels", "6399"]) == 2
+    assert "3 too large); raise --max-pixels" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main(["prepare", "folder", str(src), "--out", str(tmp_path / "b"), "--tile", "32", "--max-pixels", "6400"]) == 0
+    assert len(manifest_of(tmp_path / "b")["sources"]) == 3
+
+
+@pytest.mark.parametrize("action", ["halve", "keep"])
+def test_prepare_folder_rejects_a_lossy_webp_but_takes_a_lossless_one(tmp_path, action):
+    """A lossy WebP has no JPEG grid for the pixel check to find: its file says it is lossy, and it is rejected
+    unless --jpeg-sources keep; a lossless WebP is a clean source. (Animated lossy frames are looked into too.)"""
+    from dist_dejpeg.data.folder import prepare_folder
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rgb = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), np.uint8) for i in range(3)]
+    Image.fromarray(rgb[0]).save(src / "lossless.webp", lossless=True)
+    Image.fromarray(rgb[1]).save(src / "lossy.WEBP", quality=90)
+    Image.fromarray(rgb[2]).save(src / "frames.webp", quality=90, save_all=True,
+                                 append_images=[Image.fromarray(rgb[0][::-1].copy())])
+    manifest = prepare_folder(src, tmp_path / "out", tile=32, train_step=32, shard_size=8, jpeg=action)
+    rejected = {r["path"]: r["reason"] for r in manifest["rejected"]}
+    if action == "keep":
+        assert not rejected and set(manifest["sources"]) == {"lossless", "lossy", "frames"}
+    else:
+        assert set(manifest["sources"]) == {"lossless"}
+        assert set(rejected) == {"lossy.WEBP", "frames.webp"}
+        assert all(r.startswith("lossy WebP: ") and "--jpeg-sources keep" in r for r in rejected.values())
+
+
+def test_prepare_folder_follows_linked_folders_once_and_names_photos_it_cannot_read(tmp_path, caplog):
+    """A symlinked sub-folder's photos are used (each real folder once: a link loop ends); HEIC/RAW files are
+    counted in a warning, and a folder of nothing else is an error that names them."""
+    from dist_dejpeg.data.folder import prepare_folder
+
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    _noise(src / "a.png", 0)
+    _noise(elsewhere / "b.png", 1)
+    (src / "linked").symlink_to(elsewhere)
+    (src / "loop").symlink_to(src)
+    (src / "IMG_1.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
+    (src / "IMG_2.heic").write_bytes(b"\0\0\0\x18ftypheic")
+    (src / "Thumbs.db").write_bytes(b"x")
+    with caplog.at_level("WARNING"):
+        manifest = prepare_folder(src, tmp_path / "out", tile=32, train_step=32, shard_size=8, val_fraction=0.5)
+    assert sorted(i["path"] for i in manifest["sources"].values()) == ["a.png", "linked/b.png"]
+    assert not manifest["rejected"]
+    assert "left out 2 .heic under" in caplog.text and "Thumbs" not in caplog.text
+    only = tmp_path / "iphone"
+    only.mkdir()
+    (only / "IMG_3.HEIC").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=r"found 1 \.heic, which prepare cannot read"):
+        prepare_folder(only, tmp_path / "out2")
+
+
+def test_prepare_folder_tiles_an_exif_rotated_photo_upright(tmp_path):
+    """A camera's portrait photo is stored sideways with an EXIF orientation: its tiles are taken upright (as
+    restore reads it; photos have an up, the loader turns crops only with rot90), its size recorded upright."""
+    from dist_dejpeg.data.folder import prepare_folder
+
+    src = tmp_path / "src"
+    src.mkdir()
+    stored = np.random.default_rng(0).integers(0, 255, (32, 64, 3), np.uint8)  # landscape as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    Image.fromarray(stored).save(src / "portrait.png", exif=exif)
+    _noise(src / "other.png", 1, 64)
+    manifest = prepare_folder(src, tmp_path / "out", tile=32, train_step=32, shard_size=8, val_fraction=0.5, seed=1)
+    info = manifest["sources"]["portrait"]
+    assert (info["height"], info["width"]) == (64, 32)
+    upright = np.rot90(stored, -1)
+    got = _tiles_by_source(tmp_path / "out")["portrait"]
+    assert [t.tobytes() for t in got] == [upright[:32].tobytes(), upright[32:].tobytes()]
 
 
 @pytest.mark.parametrize("args, says", [
@@ -1244,11 +1326,11 @@ def test_an_interrupted_prepare_leaves_the_folder_as_it_was_and_a_finished_one_c
     before = _folder_files(out)
     read, calls = folder.read_source, []
 
-    def interrupted(path, max_pixels):
+    def interrupted(path, *more):
         calls.append(path)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return read(path, max_pixels)
+        return read(path, *more)
 
     monkeypatch.setattr(folder, "read_source", interrupted)
     for target in (out, tmp_path / "fresh" / "out"):  # a rerun into a prepared folder, a first run

@@ -276,3 +276,41 @@ def test_div2k_names_are_unique_and_settings_checked_first(tmp_path):
     with pytest.raises(PrepareError, match=r"--out .*file is a file, not a folder"):
         div2k.prepare_div2k(tmp_path, tmp_path / "file")
     assert main(["prepare", "div2k", "--root", str(tmp_path), "--out", str(tmp_path / "file")]) == 2
+
+
+def test_prepare_div2k_offline_says_how_to_bring_the_archives_in(tmp_path, capsys, monkeypatch):
+    """A cluster node without internet: one line that says where to put the zips, not a urlopen error alone."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: the connection is refused, as offline
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = {split: div2k.RemoteFile(f"http://127.0.0.1:{port}/{div2k.ARCHIVE[split]}.zip", None, None)
+            for split in ("train", "val")}
+    monkeypatch.setattr(div2k, "OFFICIAL", dead)
+    rc = main(["prepare", "div2k", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--download"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "cannot connect" in err and f"put DIV2K_train_HR.zip (or its extracted folder) into {tmp_path / 'src'}" in err
+
+
+def test_prepare_div2k_a_cut_short_zip_is_one_line_and_a_damaged_member_is_rejected(tmp_path, archives, capsys):
+    """An interrupted copy of the zip (no table of contents) is a one-line error naming it; a member whose bytes are
+    damaged (CRC) is a rejected source, not a traceback from the tiling pool."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "DIV2K_valid_HR.zip").write_bytes(archives["val"])
+    (src / "DIV2K_train_HR.zip").write_bytes(archives["train"][: len(archives["train"]) // 2])
+    rc = main(["prepare", "div2k", str(src), "--out", str(tmp_path / "out"), "--tile", str(TILE), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "DIV2K_train_HR.zip is not a whole zip archive" in err
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
+        for name, photo in (("0001", "astronaut"), ("0002", "coffee")):
+            archive.writestr(f"DIV2K_train_HR/{name}.png", png_bytes(photo))
+    data = bytearray(buf.getvalue())
+    data[200] ^= 0xFF  # inside 0001.png's stored bytes
+    (src / "DIV2K_train_HR.zip").write_bytes(bytes(data))
+    manifest = div2k.prepare_div2k(src, tmp_path / "out", tile=TILE, step=STEP, workers=1, progress=False)
+    assert [r["source"] for r in manifest["rejected"]] == ["DIV2K_train_HR/0001.png"]
+    assert "unreadable: BadZipFile" in manifest["rejected"][0]["reason"] and "0002" in manifest["sources"]

@@ -27,13 +27,14 @@ import random
 import shutil
 import tarfile
 import zipfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from dist_dejpeg.data.download import download, sha256_file
+from dist_dejpeg.data.download import DownloadError, download, sha256_file
 from dist_dejpeg.data.folder import unique_names
 from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile
 from dist_dejpeg.data.shards import (MANIFEST, SHARD_NAME, PrepareError, check_settings, finish_split_files, remove_shards,
@@ -87,8 +88,13 @@ def find_sources(root: Path, split: str) -> tuple[list[Source], dict]:
         return ([Source(n, split, str(p)) for n, p in zip(names, files)],
                 {"folder": str(folder), "files": len(files)})
     if zip_path.is_file():
-        with zipfile.ZipFile(zip_path) as archive:
-            members = sorted(n for n in archive.namelist() if n.lower().endswith(".png") and not n.endswith("/"))
+        try:
+            with zipfile.ZipFile(zip_path) as archive:
+                members = sorted(n for n in archive.namelist() if n.lower().endswith(".png") and not n.endswith("/"))
+        except zipfile.BadZipFile:  # a copy or download cut short: its table of contents (at the end) is missing
+            raise PrepareError(f"DIV2K {split}: {zip_path} is not a whole zip archive ({zip_path.stat().st_size} "
+                               f"bytes; the official one has {OFFICIAL[split].size}): copy it again, or delete it "
+                               f"and pass --download") from None
         names = unique_names([sample_key(m.rsplit("/", 1)[-1]) for m in members])
         return ([Source(n, split, str(zip_path), m) for n, m in zip(names, members)],
                 {"archive": zip_path.name, "size": zip_path.stat().st_size, "sha256": sha256_file(zip_path)})
@@ -104,8 +110,9 @@ def _tile_one(source: Source, staging: Path, tile: int, step: int, fmt: str) -> 
     record = {"name": source.name, "source": source.member or source.path}
     try:
         data = source.read()
-    except OSError as err:  # permissions, an I/O error: this source is rejected, not the whole run
-        record["rejected"] = f"unreadable: {type(err).__name__}: {err.strerror or err}"
+    except (OSError, zipfile.BadZipFile, zlib.error) as err:  # permissions, I/O, a damaged zip member: this source
+        # is rejected, not the whole run
+        record["rejected"] = f"unreadable: {type(err).__name__}: {getattr(err, 'strerror', None) or err}"
         return record  # not marked finished: a rerun tries again
     record["sha256"] = hashlib.sha256(data).hexdigest()
     try:
@@ -184,7 +191,11 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
     for split in ("train", "val"):
         if download_missing and not (root / ARCHIVE[split]).is_dir():
             info = remote[split]
-            download(info.url, root / f"{ARCHIVE[split]}.zip", info.sha256, info.size, progress=progress)
+            try:
+                download(info.url, root / f"{ARCHIVE[split]}.zip", info.sha256, info.size, progress=progress)
+            except DownloadError as err:  # offline clusters: say how to bring the archive in by hand
+                raise DownloadError(f"{err}. Without internet access here, fetch {info.url} elsewhere and put "
+                                    f"{ARCHIVE[split]}.zip (or its extracted folder) into {root}") from None
         sources, identity = find_sources(root, split)
         manifest["inputs"][split] = identity
         split_step = split_step_for(split, step, tile)

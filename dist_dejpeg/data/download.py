@@ -50,8 +50,8 @@ def download(url: str, dest: Path, sha256: str | None = None, size: int | None =
             response = None
         else:
             raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from None
-    except (urllib.error.URLError, OSError) as err:
-        raise DownloadError(f"{url}: {err}") from None
+    except (urllib.error.URLError, OSError) as err:  # no network, no name resolution, refused, timed out
+        raise DownloadError(f"{url}: cannot connect ({getattr(err, 'reason', None) or err})") from None
     if response is not None:
         with response:
             resumed = have and response.status == 206
@@ -62,9 +62,13 @@ def download(url: str, dest: Path, sha256: str | None = None, size: int | None =
             total = have + int(length) if length is not None else size
             with open(part, "ab" if resumed else "wb") as f, tqdm(
                     total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
-                for block in iter(lambda: response.read(CHUNK), b""):
-                    f.write(block)
-                    bar.update(len(block))
+                try:
+                    for block in iter(lambda: response.read(CHUNK), b""):
+                        f.write(block)
+                        bar.update(len(block))
+                except (urllib.error.URLError, ConnectionError, TimeoutError) as err:  # the part file is kept
+                    raise DownloadError(f"{url}: connection lost after {bar.n} bytes ({err}); rerun to resume") \
+                        from None
                 f.flush()
                 os.fsync(f.fileno())
     _verify(part, sha256, size, delete=True)

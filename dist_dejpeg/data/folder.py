@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from dist_dejpeg.data.images import BadImage, decode_rgb8
+from dist_dejpeg.data.images import BadImage, decode_rgb8, webp_is_lossy
 from dist_dejpeg.data.shards import (PrepareError, check_settings, publish, require_training_tiles, sample_key, staged,
                                      tile_sources)
 from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
+# Photo formats a folder may hold that PIL does not decode (or not losslessly): counted and named, not passed over
+UNREAD_PHOTO_SUFFIXES = frozenset({".heic", ".heif", ".avif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf",
+                                   ".rw2", ".raf", ".pef", ".srw", ".psd", ".exr"}) - IMAGE_SUFFIXES
 
 
 class Unreadable(BadImage):
@@ -31,14 +35,23 @@ class Unreadable(BadImage):
     kind = "unreadable"
 
 
-def read_source(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """A source file decoded to H x W x 3 uint8; a read error is Unreadable, bad data BadImage, a photo over
-    ``max_pixels`` TooManyPixels."""
+class LossyWebP(BadImage):
+    """A lossy WebP source: its codec leaves no JPEG grid for the pixel check to find, so its file says it."""
+
+    kind = "lossy WebP"
+
+
+def read_source(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, lossy_webp: bool = False) -> np.ndarray:
+    """A source file decoded to H x W x 3 uint8, upright (EXIF orientation applied); a read error is Unreadable, bad
+    data BadImage, a photo over ``max_pixels`` TooManyPixels, a lossy WebP LossyWebP unless ``lossy_webp``."""
     try:
         data = path.read_bytes()
     except OSError as err:
         raise Unreadable(f"{type(err).__name__}: {err.strerror or err}") from None
-    return decode_rgb8(data, max_pixels)
+    if not lossy_webp and webp_is_lossy(data):
+        raise LossyWebP("its compression artefacts would become clean targets (--jpeg-sources keep uses it as it "
+                        "is; a lossless WebP is used)")
+    return decode_rgb8(data, max_pixels, upright=True)
 
 
 def file_sha256(path: Path) -> str:
@@ -65,14 +78,38 @@ def unique_names(stems: list[str]) -> list[str]:
     return names
 
 
+def walk_files(src: Path) -> list[Path]:
+    """The files under ``src``, symlinked sub-folders followed (each real folder once: a link loop ends)."""
+    found, seen = [], set()
+    for folder, dirs, names in os.walk(src, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs.sort()
+        found += [p for p in (Path(folder, n) for n in names) if p.is_file()]
+    return found
+
+
 def find_sources(src: Path) -> tuple[list[tuple[Path, str, str]], list[dict]]:
     """The image files under ``src`` as (path, unique name, path relative to src), in sorted order, less those that
     cannot be read or repeat an earlier file's bytes (the first by sorted path is kept): those are the rejected."""
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is a file, not a folder of images" if src.exists() else f"no such folder: {src}")
-    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    every = walk_files(src)
+    files = sorted(p for p in every if p.suffix.lower() in IMAGE_SUFFIXES)
+    others: dict[str, int] = {}
+    for path in every:
+        if path.suffix.lower() in UNREAD_PHOTO_SUFFIXES:
+            others[path.suffix.lower()] = others.get(path.suffix.lower(), 0) + 1
+    unread = ", ".join(f"{n} {suffix}" for suffix, n in sorted(others.items()))
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {src}")
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {src}" + (
+            f"; found {unread}, which prepare cannot read: convert them to PNG or TIFF" if unread else ""))
+    if unread:
+        log.warning("prepare folder: left out %s under %s (formats prepare cannot read: convert them to PNG or TIFF "
+                    "to use them)", unread, src)
     names = unique_names([sample_key(p.name) for p in files])
     kept, rejected, first = [], [], {}
     for path, name in zip(files, names):
@@ -106,7 +143,7 @@ def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step
     random.Random(seed).shuffle(order)
     n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1) if len(order) > 1 and val_fraction > 0 else 0
     val = {name for _, name, _ in order[:n_val]}
-    sources = [(name, "val" if name in val else "train", partial(read_source, path, max_pixels))
+    sources = [(name, "val" if name in val else "train", partial(read_source, path, max_pixels, jpeg == "keep"))
                for path, name, _ in order]
     paths = {name: rel for _, name, rel in found}
     with staged(out) as staging:

@@ -7,7 +7,7 @@ import re
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dist_dejpeg.jpeg.formats import SHARD_EXTS, TILE_FORMATS
 
@@ -22,6 +22,20 @@ class TooManyPixels(BadImage):
     """An image over the pixel limit decode_rgb8 was given (checked from its header, before decoding)."""
 
     kind = "too large"
+
+
+def webp_is_lossy(data: bytes) -> bool:
+    """Whether WebP bytes hold a lossy (VP8) image, from its RIFF chunks: a lossless one (VP8L) cannot be told from
+    its pixels, a lossy one has no JPEG grid for jpeg.quality to find. An animation's frames (ANMF) are looked into."""
+    def lossy(start: int, end: int) -> bool:
+        while start + 8 <= end:
+            fourcc, size = data[start:start + 4], int.from_bytes(data[start + 4:start + 8], "little")
+            if fourcc == b"VP8 " or (fourcc == b"ANMF" and lossy(start + 24, min(end, start + 8 + size))):
+                return True
+            start += 8 + size + (size & 1)
+        return False
+
+    return data[:4] == b"RIFF" and data[8:12] == b"WEBP" and lossy(12, len(data))
 
 
 def to_rgb8(img: Image.Image) -> np.ndarray:
@@ -44,9 +58,10 @@ def to_rgb8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def decode_rgb8(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+def decode_rgb8(data: bytes, max_pixels: int | None = None, upright: bool = False) -> np.ndarray:
     """Decode image bytes fully (truncated files are errors, not grey padding) to H x W x 3 uint8. ``max_pixels``:
-    refuse larger images (TooManyPixels, from the header) instead of PIL's own decompression-bomb limit."""
+    refuse larger images (TooManyPixels, from the header) instead of PIL's own decompression-bomb limit.
+    ``upright``: apply the EXIF orientation (a camera's portrait photo is stored sideways; tiles have an up)."""
     saved = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
@@ -56,8 +71,10 @@ def decode_rgb8(data: bytes, max_pixels: int | None = None) -> np.ndarray:
             img = Image.open(io.BytesIO(data))
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise TooManyPixels(f"{img.width} x {img.height} = {img.width * img.height / 1e6:.1f} MP, over "
-                                    f"the {max_pixels / 1e6:g} MP limit")
+                                    f"the {max_pixels / 1e6:g} MP limit (--max-pixels)")
             img.load()
+            if upright:
+                img = ImageOps.exif_transpose(img)
         return to_rgb8(img)
     except TooManyPixels:
         raise

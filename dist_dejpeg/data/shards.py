@@ -251,6 +251,7 @@ def require_training_tiles(manifest: dict) -> None:
     if usable:
         why += f", the {usable} usable one(s) all held out for validation"
     hint = f"; lower --tile (now {tile} px) or add larger photos" if any(k.startswith("smaller") for k in kinds) else ""
+    hint += "; raise --max-pixels for photos that large" if "too large" in kinds else ""
     raise PrepareError(f"no training tile was written: {why}{hint}")
 
 
