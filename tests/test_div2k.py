@@ -292,6 +292,11 @@ def test_prepare_div2k_offline_says_how_to_bring_the_archives_in(tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert "cannot connect" in err and f"put DIV2K_train_HR.zip (or its extracted folder) into {tmp_path / 'src'}" in err
+    assert not (tmp_path / "out").exists()  # (an empty --out was left behind)
+    (tmp_path / "old").mkdir()  # a folder prepared with other settings keeps its manifest when nothing can be built
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps({"settings": {"tile": 96}, "splits": {}}))
+    assert main(["prepare", "div2k", str(tmp_path / "src"), "--out", str(tmp_path / "old"), "--download"]) == 2
+    assert (tmp_path / "old" / "manifest.json").is_file()
 
 
 def test_prepare_div2k_a_cut_short_zip_is_one_line_and_a_damaged_member_is_rejected(tmp_path, archives, capsys):

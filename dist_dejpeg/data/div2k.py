@@ -173,7 +173,6 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
     root, out = Path(root), Path(out)
     if out.exists() and not out.is_dir():
         raise PrepareError(f"--out {out} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
     remote = remote or OFFICIAL
     settings = {"tile": tile, "train_step": step, "val_step": tile, "shard_size": shard_size, "seed": seed,
                 "format": fmt}
@@ -184,10 +183,7 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
                                                    for s in sp["shards"]):
             log.info("%s is already prepared with these settings", out)
             return old
-    manifest_path.unlink(missing_ok=True)  # before any shard changes: no manifest describes other shards
-    workers = workers or max(1, min(os.cpu_count() or 1, 16))
-    manifest = {"dataset": "DIV2K HR", "settings": settings, **settings, "splits": {},
-                "sources": {}, "inputs": {}, "rejected": []}
+    inputs = {}  # both splits' archives there and readable before --out changes: a failed download loses nothing
     for split in ("train", "val"):
         if download_missing and not (root / ARCHIVE[split]).is_dir():
             info = remote[split]
@@ -196,7 +192,14 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
             except DownloadError as err:  # offline clusters: say how to bring the archive in by hand
                 raise DownloadError(f"{err}. Without internet access here, fetch {info.url} elsewhere and put "
                                     f"{ARCHIVE[split]}.zip (or its extracted folder) into {root}") from None
-        sources, identity = find_sources(root, split)
+        inputs[split] = find_sources(root, split)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path.unlink(missing_ok=True)  # before any shard changes: no manifest describes other shards
+    workers = workers or max(1, min(os.cpu_count() or 1, 16))
+    manifest = {"dataset": "DIV2K HR", "settings": settings, **settings, "splits": {},
+                "sources": {}, "inputs": {}, "rejected": []}
+    for split in ("train", "val"):
+        sources, identity = inputs[split]
         manifest["inputs"][split] = identity
         split_step = split_step_for(split, step, tile)
         staging = out / ".staging" / f"{split}-{tile}-{split_step}-{fmt}"
