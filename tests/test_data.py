@@ -1310,7 +1310,8 @@ def test_prepare_without_a_training_tile_fails_saying_why(tmp_path, capsys):
     assert main(["prepare", "folder", str(src), "--out", str(tmp_path / "out"), "--tile", "64"]) == 2
     err = capsys.readouterr().err
     assert ("error: no training tile was written: 3 of 3 images rejected (2 smaller than the 64 px tile, "
-            "1 undecodable); lower --tile (now 64 px)") in err, err
+            "1 undecodable); lower --tile (now 64 px) or add larger photos (e.g. ") in err, err
+    assert "bad: undecodable: UnidentifiedImageError" in err  # each file's own reason: a run that fails lists no "rejected" lines
     assert not (tmp_path / "out").exists()
 
 

@@ -252,7 +252,9 @@ def require_training_tiles(manifest: dict) -> None:
         why += f", the {usable} usable one(s) all held out for validation"
     hint = f"; lower --tile (now {tile} px) or add larger photos" if any(k.startswith("smaller") for k in kinds) else ""
     hint += "; raise --max-pixels for photos that large" if "too large" in kinds else ""
-    raise PrepareError(f"no training tile was written: {why}{hint}")
+    shown = "; ".join(f"{item['source']}: {item['reason']}" for item in rejected[:3])  # (a run that fails lists
+    examples = f" (e.g. {shown}{'; ...' if len(rejected) > 3 else ''})" if shown else ""  # no rejected line)
+    raise PrepareError(f"no training tile was written: {why}{hint}{examples}")
 
 
 @contextlib.contextmanager
