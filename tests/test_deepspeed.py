@@ -1,11 +1,13 @@
 """DeepSpeed ZeRO-2 for both models (Accelerate's multi-model DeepSpeed, one plugin per model), two CPU
 processes: all three NoGAN phases through the project's Trainer end with the same parameters as plain DDP on
-the same per-rank batches, and a checkpoint saved mid-run under DeepSpeed resumes to the same end.
+the same per-rank batches, and a checkpoint saved mid-run under DeepSpeed resumes to the same end; with
+channels_last and an inf batch, both ranks stop at once with every saved tensor finite.
 
 The DDP run is the one test_distributed.py compares with one process (conftest's ddp_two_processes): the same
 config (tests/ddp_runner.py), the same per-rank batches, synchronised batch norm in both."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -78,3 +80,88 @@ def test_deepspeed_stage_is_checked(tmp_path):
     assert cfg.train.deepspeed_stage == 1
     # plain DDP keeps per-phase clipping
     load_config(None, ["train.phases.gen.max_grad_norm=1.0"])
+
+
+def test_deepspeed_without_a_launcher_is_a_config_error(tmp_path, monkeypatch):
+    """One process that no launcher started: Accelerate sets no process group up for DeepSpeed, and the
+    Accelerator failed with a raw "Default process group has not been initialized" traceback."""
+    from dist_dejpeg.train.build import build_accelerator
+
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = load_config(None, ["train.deepspeed_stage=2", f"train.run_dir={tmp_path / 'run'}", "train.log_with=[]"])
+    with pytest.raises(ConfigError, match="train.deepspeed_stage.*needs a launcher.*torchrun.*train.processes"):
+        build_accelerator(cfg)
+
+
+# rank 0's sixth batch (the second micro-batch of the third update, grad_accum 2) gets an inf pixel
+INF_RUNNER = """
+import sys
+import ddp_runner
+
+fixed = ddp_runner.fixed_batches
+
+def with_inf(n, global_batch, crop, rank, world):
+    batches = fixed(n, global_batch, crop, rank, world)
+    if rank == 0:
+        batches[5]["jpeg"][0, 0, 0, 0] = float("inf")
+    return batches
+
+ddp_runner.fixed_batches = with_inf
+ddp_runner.run(sys.argv[1], int(sys.argv[2]))
+"""
+
+
+def _deepspeed_files(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Every floating tensor of the DeepSpeed engines' files (models and ZeRO partitions) under ``run_dir``."""
+    found = {}
+
+    def walk(value, name):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            found[name] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{name}.{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{name}.{i}")
+
+    for path in sorted(run_dir.rglob("*.pt")):  # DeepSpeed pickles its loss scaler: not weights_only
+        walk(torch.load(path, map_location="cpu", weights_only=False), str(path.relative_to(run_dir)))
+    for path in sorted(run_dir.rglob("*.safetensors")):
+        found.update({f"{path.relative_to(run_dir)}:{k}": v for k, v in load_file(str(path)).items()})
+    return found
+
+
+def test_zero2_channels_last_stops_on_an_inf_batch_with_the_last_good_state(tmp_path, sample_shards):
+    """ZeRO-2 with model.channels_last (the debug and div2k recipes' setting: DeepSpeed's engine failed to start,
+    "self.stride(-1) must be 1 to view Float as Byte") and grad_accum 2; an inf pixel in rank 0's second
+    micro-batch of update 3 (through sync batch norm, rank 1's statistics too) stops both ranks at once with the
+    project's message, the state after update 2 saved (its step saved again), and every tensor on disk finite."""
+    import os
+    import subprocess
+    import sys
+
+    runner = tmp_path / "inf_runner.py"
+    runner.write_text(INF_RUNNER)
+    config = write_config(tmp_path, sample_shards, "inf", "train.deepspeed_stage=2", "model.channels_last=true",
+                          "train.order=[gen]", "train.phases.gen.steps=4", "train.grad_accum=2", "train.ckpt_every=1")
+    tests = Path(__file__).parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(tests))
+    env.pop("ACCELERATE_USE_CPU", None)  # it would turn DeepSpeed off
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(tests.parent / "launch" / "accelerate" / "cpu_multi.yaml"), str(runner), str(config),
+                           "8"], cwd=tests.parent, env=env, capture_output=True, text=True, timeout=300)
+    run = tmp_path / "inf"
+    assert done.returncode != 0
+    assert "self.stride(-1)" not in done.stderr, done.stderr[-3000:]
+    assert re.search(r"training stopped: non-finite gen loss.*non-finite values in the batch's jpeg.*at step 2 "
+                     r"\(global step 2\); the state before that step is saved in \S+step-00000002", done.stderr), \
+        done.stderr[-3000:]
+    assert done.stderr.count("ERROR dist_dejpeg: training stopped") == 2  # rank 1 with it, not at a timeout
+    assert "mismatch" not in done.stderr and "engine reference" not in done.stderr  # accelerate's false alarms
+    assert [p.name for p in ckpt.list_checkpoints(run)] == [f"step-{s:08d}" for s in (1, 2)]
+    assert json.loads((run / "progress.json").read_text())["status"] == "stopped"
+    tensors = _deepspeed_files(run / "checkpoints")
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    assert len(tensors) > 100 and not bad, bad[:5]

@@ -268,3 +268,51 @@ def test_saving_a_step_again_keeps_the_old_folder_until_the_new_one_is_in_place(
     ckpt.remove_partial(tmp_path)
     assert list_checkpoints(tmp_path) == [first] and not list(checkpoint_dir(tmp_path).glob(".tmp-*"))
     assert json.loads((first / TRAINER_STATE).read_text())["phase_index"] == 1, "the complete one set aside"
+
+
+def test_resume_across_deepspeed_and_ddp_or_process_counts_is_a_config_error(tmp_path):
+    """A DeepSpeed checkpoint (an engine folder, the optimizer partitioned per process) under train.deepspeed_stage=0
+    or another process count, and a DDP one under DeepSpeed: a ConfigError saying why, before either library
+    fails on the other's layout (an AssertionError, a missing file, ZeRO's "DP world size" error, each shown as
+    "resume from an older one", which would fail the same)."""
+    from accelerate.utils import DistributedType
+
+    from dist_dejpeg.train.checkpoint import load_checkpoint
+
+    def fake(deepspeed: bool, processes: int):
+        def load_state(path):
+            raise AssertionError  # as DeepSpeed's loader on a DDP checkpoint
+        return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED if deepspeed else DistributedType.MULTI_CPU,
+                               num_processes=processes, process_index=0, load_state=load_state)
+
+    zero, ddp = tmp_path / "zero", tmp_path / "ddp"
+    for rank in (0, 1):
+        (zero / "pytorch_model").mkdir(parents=True, exist_ok=True)
+        (zero / "pytorch_model" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    ddp.mkdir()
+    (ddp / "model.safetensors").write_bytes(b"x")
+    for folder in (zero, ddp):
+        (folder / TRAINER_STATE).write_text("{}")
+    with pytest.raises(ConfigError, match=r"written under DeepSpeed, this run uses train.deepspeed_stage=0.*back"):
+        load_checkpoint(fake(False, 2), zero)
+    with pytest.raises(ConfigError, match=r"written without DeepSpeed \(train.deepspeed_stage=0\), this run uses "
+                                          r"DeepSpeed"):
+        load_checkpoint(fake(True, 2), ddp)
+    with pytest.raises(ConfigError, match=r"a DeepSpeed checkpoint of 2 processes, this run has 3.*"
+                                          r"train.processes=2"):
+        load_checkpoint(fake(True, 3), zero)
+    with pytest.raises(CheckpointError, match="cannot be loaded"):  # the same layout and count: loaded
+        load_checkpoint(fake(True, 2), zero)
+
+
+def test_init_from_a_deepspeed_run_is_a_config_error(shards, tmp_path):  # noqa: F811
+    """An unfinished DeepSpeed run (its checkpoint: a config, the engines' files, no model.safetensors) as
+    model.init_from: a ConfigError naming the key, where a ModelFileError traceback came from every rank."""
+    source = tmp_path / "ds" / "checkpoints" / step_name(4)
+    (source / "pytorch_model").mkdir(parents=True)
+    (source / "pytorch_model" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (source / "config.yaml").write_text(to_yaml(tiny(tmp_path / "ds", shards, *OVER)))
+    (source / TRAINER_STATE).write_text("{}")
+    with pytest.raises(ConfigError, match=r"model.init_from.*step-00000004: a checkpoint folder without "
+                                          r"model.safetensors"):
+        Trainer(tiny(tmp_path / "run", shards, *OVER, f"model.init_from={tmp_path / 'ds'}"))

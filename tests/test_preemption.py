@@ -292,6 +292,10 @@ def test_train_processes_says_a_resume_error_once_before_starting_ranks(tmp_path
     assert main([*command, "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.count("error: ") == 1 and "the checkpoint's phases ['gen'] differ from train.order" in err, err
+    (step / "trainer_state.json").write_text(json.dumps({"phase_names": ["gen", "critic", "gan"], "global_step": 5}))
+    (step / "pytorch_model").mkdir()  # a DeepSpeed checkpoint, resumed without DeepSpeed
+    assert main([*command, "--resume"]) == 2
+    assert "the checkpoint was written under DeepSpeed, this run uses train.deepspeed_stage=0" in capsys.readouterr().err
 
 
 def test_an_error_every_rank_raises_is_said_by_the_rank_that_raised_it(tmp_path, capsys, monkeypatch):

@@ -157,7 +157,7 @@ def deepspeed_config(cfg: Config, world: int, max_grad_norm: float) -> dict:
 def _deepspeed_accelerator(cfg: Config, cpu: bool, timeout: timedelta) -> Accelerator:
     """Accelerate's multi-model DeepSpeed: one plugin (one engine) per model, "gen" selected by default."""
     try:
-        import deepspeed  # noqa: F401
+        import deepspeed.ops
         from accelerate.utils import DeepSpeedPlugin
     except ImportError:
         raise ConfigError("config key 'train.deepspeed_stage': DeepSpeed is not installed; "
@@ -166,6 +166,13 @@ def _deepspeed_accelerator(cfg: Config, cpu: bool, timeout: timedelta) -> Accele
         # Accelerator(cpu=True) silently turns DeepSpeed off
         raise ConfigError("config keys 'train.cpu'/'train.deepspeed_stage': DeepSpeed on the CPU of a GPU machine is "
                           "not supported; hide the GPUs (CUDA_VISIBLE_DEVICES=) or set train.cpu=false")
+    if "LOCAL_RANK" not in os.environ:  # (Accelerate sets DeepSpeed's process group up only under a launcher)
+        raise ConfigError("config key 'train.deepspeed_stage': DeepSpeed needs a launcher, even for one process: "
+                          "torchrun --nproc-per-node N -m dist_dejpeg.cli train ... (train.processes=N does it for "
+                          "N > 1), or accelerate launch; or train.deepspeed_stage=0 (ZeRO partitions nothing over one)")
+    ops = getattr(deepspeed.ops, "__compatible_ops__", None)  # (DeepSpeed's registry of ops it may build)
+    if cpu and isinstance(ops, dict):  # gloo does the collectives: not the shared-memory op, g++-built at start (~80 s)
+        ops["deepspeed_shm_comm"] = False
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by the launcher; train_batch_size must be explicit
     norms = clip_norms(cfg.train)
     phases = [cfg.train.phases[name] for name in cfg.train.order]
@@ -176,6 +183,7 @@ def _deepspeed_accelerator(cfg: Config, cpu: bool, timeout: timedelta) -> Accele
     acc = Accelerator(
         cpu=False,  # cpu=True (or ACCELERATE_USE_CPU=1) disables DeepSpeed; without a GPU it runs on the CPU
         mixed_precision="no",  # the run's bf16 is applied by autocast in the steps (Trainer.autocast)
+        gradient_accumulation_steps=cfg.train.grad_accum,  # the engines' (Accelerate warns of any other)
         deepspeed_plugins=plugins,
         kwargs_handlers=[group],
         **_tracking(cfg),
@@ -253,7 +261,10 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
                         phase.critic_iters)
     set_seed(t.seed)  # same initial weights on every rank
     if cfg.model.init_from:  # (a resumed run's checkpoint replaces them in turn)
-        generator = load_model(cfg.model.init_from)[0].train()
+        try:  # (a DeepSpeed checkpoint has a config but no model file)
+            generator = load_model(cfg.model.init_from)[0].train()
+        except ModelFileError as err:
+            raise ConfigError(f"config key 'model.init_from': {err}") from None
         log.info("model.init_from: the generator starts from %s", resolve_model_path(cfg.model.init_from))
     else:
         try:
@@ -270,7 +281,10 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
     # fused: one kernel per step instead of one per parameter group and op; under DeepSpeed the ZeRO
     # optimizer steps its own flat partitions, so it keeps the default implementation
     fused = t.fused_adamw and acc.device.type in FUSED_ADAMW_DEVICES and not deepspeed
-    models = [m.to(memory_format=fmt) for m in (generator, critic) if m is not None]
+    # DeepSpeed broadcasts each parameter as bytes (a channels_last one cannot be viewed so) and ZeRO makes it a view
+    # of a flat buffer anyway: contiguous there (channels_last batches still run the convolutions channels_last)
+    models = [m.to(memory_format=torch.contiguous_format if deepspeed else fmt) for m in (generator, critic)
+              if m is not None]
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=fused or None) for m in models]
     # CUDA graphs replay a compiled step's kernels from one launch each (the compiled gen step is bound by
     # its ~1600 host launches on an H200: benchmarks/results/gpu-nvidia-h200-2026-11-27); a replay reuses
@@ -286,7 +300,9 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
         prepared = list(acc.prepare(models[0], optimizers[0]))
         if critic is not None:
             acc.state.select_deepspeed_plugin("critic")
-            prepared += acc.prepare(models[1], optimizers[1])
+            # (Accelerate warns that accelerator.backward reaches the first engine only: the steps use each engine's)
+            with _without_warnings("accelerate.accelerator"):
+                prepared += acc.prepare(models[1], optimizers[1])
             acc.state.select_deepspeed_plugin("gen")
     else:
         prepared = list(acc.prepare(*[x for pair in zip(models, optimizers) for x in pair]))
@@ -307,6 +323,17 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
     autocast = training_autocast(acc, deepspeed, t.mixed_precision)
     return Parts(generator, g_opt, critic, c_opt, lpips, metric_lpips, autocast, deepspeed, fused, sync_every,
                  cudagraphs)
+
+
+@contextlib.contextmanager
+def _without_warnings(logger: str):
+    quiet = logging.getLogger(logger)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quiet.setLevel(level)
 
 
 def training_autocast(acc: Accelerator, deepspeed: bool, mixed_precision: str) -> Callable[[], ContextManager]:

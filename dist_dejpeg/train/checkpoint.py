@@ -140,6 +140,7 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, d
     path = Path(path)
     if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"not a complete checkpoint (no trainer_state.json): {path}")
+    check_deepspeed_layout(path, accelerator.distributed_type == DistributedType.DEEPSPEED, accelerator.num_processes)
     try:
         accelerator.load_state(str(path))
     except Exception as err:  # a raw "size mismatch" or a truncated file's parse error: say what it means
@@ -158,6 +159,30 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, d
     if buffer_file.is_file():
         buffers = load_file(str(buffer_file))
     return trainer_state, loader_state, buffers
+
+
+DEEPSPEED_ENGINE = "pytorch_model"  # accelerate's folder for the first model's DeepSpeed engine
+ZERO_PARTITION = "zero_pp_rank_*_optim_states.pt"  # one per process: its share of the optimizer states
+
+
+def check_deepspeed_layout(path: Path, deepspeed: bool, processes: int) -> None:
+    """A DeepSpeed checkpoint (an engine folder per model, the optimizer states partitioned over its processes)
+    loads only under DeepSpeed with as many processes (ZeRO-1 and -2 share the layout but cannot repartition),
+    and Accelerate's model files only without it: a ConfigError that says so, where either library would fail on
+    the other's layout with an AssertionError or a missing file."""
+    engine = path / DEEPSPEED_ENGINE
+    if engine.is_dir() != deepspeed:
+        saved, now = ("under DeepSpeed", "train.deepspeed_stage=0") if engine.is_dir() else \
+            ("without DeepSpeed (train.deepspeed_stage=0)", "DeepSpeed")
+        raise ConfigError(f"--resume {path}: the checkpoint was written {saved}, this run uses {now}: the models "
+                          f"and optimizers are stored differently. Set train.deepspeed_stage back to continue the "
+                          f"run (ZeRO-1 and -2 read each other's), or start a new run (another train.run_dir)")
+    saved_processes = len(list(engine.glob(ZERO_PARTITION))) if deepspeed else 0
+    if saved_processes and saved_processes != processes:
+        raise ConfigError(f"--resume {path}: a DeepSpeed checkpoint of {saved_processes} processes, this run has "
+                          f"{processes}: ZeRO cannot repartition its optimizer states (whatever "
+                          f"train.resume_allow_batch_change says). Resume with {saved_processes} processes "
+                          f"(train.processes={saved_processes}, or the launcher's count)")
 
 
 def set_aside_later(run_dir: str | Path, resumed: str | Path, global_step: int) -> Path | None:

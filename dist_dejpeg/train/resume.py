@@ -30,7 +30,7 @@ from dist_dejpeg.models.critic import Critic
 from dist_dejpeg.models.unet import GENERATOR_KEYS
 from dist_dejpeg.run.layout import CONFIG, LOADER_STATE, TRAINER_STATE, checkpoint_dir, list_checkpoints
 from dist_dejpeg.run.manifest import Verdict, verify_checkpoint
-from dist_dejpeg.train.checkpoint import CheckpointError, load_checkpoint, set_aside_later
+from dist_dejpeg.train.checkpoint import CheckpointError, check_deepspeed_layout, load_checkpoint, set_aside_later
 from dist_dejpeg.train.collective import all_ranks_or_raise, on_main
 from dist_dejpeg.train.phases import trains_critic
 
@@ -66,6 +66,7 @@ def check_before_start(cfg: Config, resume: str | None, processes: int) -> None:
             saved_state = json.loads((Path(chosen) / TRAINER_STATE).read_text())
         except (OSError, ValueError):
             return
+        check_deepspeed_layout(Path(chosen), cfg.train.deepspeed_stage > 0, processes)
         has_critic = any(trains_critic(cfg.train.phases[name]) for name in cfg.train.order)
         saved = check_resume_config(cfg, Path(chosen), saved_state, processes, has_critic)
         longer_phases(cfg, saved or {}, saved_state)
@@ -137,6 +138,8 @@ def resume_from(accelerator: Accelerator, cfg: Config, path: str | Path, has_cri
     if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"not a complete checkpoint (no {TRAINER_STATE}): {path}")
     saved_state = json.loads((path / TRAINER_STATE).read_text())
+    # first: a DeepSpeed checkpoint's process count cannot change, whatever the batch check would allow
+    check_deepspeed_layout(path, accelerator.distributed_type == DistributedType.DEEPSPEED, accelerator.num_processes)
     saved = check_resume_config(cfg, path, saved_state, accelerator.num_processes, has_critic)
     reopened = longer_phases(cfg, saved or {}, saved_state)
     # a file one rank cannot load fails every rank at once; DeepSpeed's loading has collectives of its own, which
