@@ -303,7 +303,8 @@ class Trainer:
             saved = save_last_good(self.save, err, self.run_dir)  # nothing non-finite is saved (faults.py)
             message = (f"training stopped: {err} in phase '{name}' at step {self.state.phase_step} "
                        f"(global step {self.state.global_step}); {saved}. "
-                       f"Lower the phase's lr, set max_grad_norm, or use bf16 instead of fp16, then --resume.")
+                       f"Lower the phase's lr, set max_grad_norm, or use bf16 instead of fp16, then --resume (if "
+                       f"it stops again at once, the saved state had diverged already: --resume an older checkpoint)")
             log.error(message)
             self.monitor.finish("stopped", message, self.state.global_step)
             raise TrainingStopped(message) from None
