@@ -37,6 +37,12 @@ def test_zero2_two_processes_match_ddp_and_resume(tmp_path, sample_shards, ddp_t
     assert metrics["meta"]["global_step"] == 8
     assert (tmp_path / "ds" / "generator.safetensors").is_file()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "ds")] == [f"step-{s:08d}" for s in (3, 5, 6, 8)]
+    # (a2) a checkpoint of a DeepSpeed run restores, exports and starts init_from as any other (before its end
+    # there is no generator.safetensors): the generator's model.safetensors beside the engines' files
+    from dist_dejpeg.models.generator_file import load_model
+
+    generator, info = load_model(tmp_path / "ds" / "checkpoints" / f"step-{5:08d}")
+    assert info["format"] == "checkpoint" and generator(torch.rand(1, 3, 64, 48)).shape == (1, 3, 64, 48)
 
     # (b) the same parameters as DDP, within the float tolerance of test_distributed.py (Adam turns
     # summation-order noise in near-zero gradients into a fraction of one lr-sized step)

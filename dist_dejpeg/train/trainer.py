@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from dist_dejpeg.config import Config, PhaseConfig, to_dict, to_yaml
 from dist_dejpeg.data import build_train_loader
-from dist_dejpeg.run.layout import BEST_GENERATOR
+from dist_dejpeg.run.layout import BEST_GENERATOR, CHECKPOINT_MODEL
 from dist_dejpeg.run.lock import RunLock
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train.checkpoint import Preempted, TrainingStopped
@@ -112,6 +112,8 @@ class Trainer:
                      processes=self.accelerator.num_processes)
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else {}
         files = ({BEST_GENERATOR: self.best_generator} if self.best_generator is not None else {}) | self.ema.files()
+        if self.deepspeed:  # its engines' files: no model.safetensors for restore, export, init_from to read
+            files[CHECKPOINT_MODEL] = self.gen_raw.state_dict()
         path = ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state.global_step, state, loader_state,
                                     self.config_yaml, self.cfg.train.keep_last,
                                     buffers=ckpt.rank_buffers(self._models()), main_tensors=files or None)
