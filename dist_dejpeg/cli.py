@@ -101,14 +101,15 @@ def _prepare(args: argparse.Namespace) -> int:
 def stop_while_starting() -> dict:
     """Until the run takes the stop signals itself (train()'s StopSignals, the launcher's StopForwarder: after the
     imports and the config, ~5-8 s), SIGTERM, SIGUSR1 or Ctrl-C end the command at once as a stop (exit 75: nothing
-    is saved yet, the same command starts or continues the run), not with 143 and no word. Returns the handlers it
-    replaced (the caller puts them back)."""
+    is saved yet, the same command starts or continues the run), not with 143 and no word; so do they in a rank of
+    several after its training loop (the loop's StopSignals put these back). Returns the handlers it replaced (the
+    caller puts them back)."""
     import signal
     import threading
 
     def stop(signum, frame):
-        os.write(2, f"stopped by {signal.Signals(signum).name} while starting; nothing new to save; the same command "
-                    f"continues the run\n".encode())
+        os.write(2, f"stopped by {signal.Signals(signum).name} where the run had nothing new to save (starting, or "
+                    f"a rank finishing); the same command continues the run\n".encode())
         os._exit(EXIT_PREEMPTED)
 
     if threading.current_thread() is not threading.main_thread():

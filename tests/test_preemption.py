@@ -384,8 +384,8 @@ def test_a_stop_while_the_command_starts_is_a_stop_not_143(tmp_path):
                            "os.kill(os.getpid(), signal.SIGTERM)\n"
                            "time.sleep(30)\n"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 75, (done.returncode, done.stderr)
-    assert done.stderr.strip() == ("stopped by SIGTERM while starting; nothing new to save; the same command "
-                                   "continues the run")
+    assert done.stderr.strip() == ("stopped by SIGTERM where the run had nothing new to save (starting, or a rank "
+                                   "finishing); the same command continues the run")
     from dist_dejpeg.cli import main  # in a Python caller, the command leaves the caller's handlers as they were
 
     mine = signal.signal(signal.SIGTERM, signal.SIG_DFL)
