@@ -149,7 +149,7 @@ def _train_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    from dist_dejpeg.train.launch import already_launched, launch, ranks_here
+    from dist_dejpeg.train.launch import already_launched, launch, ranks_here, record_stop
 
     ranks = ranks_here(cfg.train.processes, cfg.train.cpu)
     if ranks > 1 and not already_launched():  # the same command again, as `ranks` processes
@@ -171,7 +171,10 @@ def _train_command(args: argparse.Namespace) -> int:
         argv = ["train", *(["--config", args.config] if args.config else []),
                 *(["--resume", args.resume] if args.resume else []),
                 *(["--log-level", args.log_level] if args.log_level else []), *args.overrides]
-        return launch(ranks, argv)
+        code = launch(ranks, argv)
+        if code == EXIT_PREEMPTED:  # (ranks a stop ended with nothing to save wrote no word of it)
+            record_stop(cfg.train.run_dir)
+        return code
     if "LOCAL_RANK" in os.environ:  # a rank of accelerate launch or torchrun: ended with it, not left an orphan
         from dist_dejpeg.train.launch import die_with_parent
 

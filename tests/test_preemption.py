@@ -394,3 +394,27 @@ def test_a_stop_while_the_command_starts_is_a_stop_not_143(tmp_path):
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, mine)
+
+
+def test_a_multi_rank_stop_with_nothing_to_save_is_recorded_for_status(tmp_path, monkeypatch):
+    """train.processes=2 stopped where the ranks had nothing new to save (building, the final validation): they
+    wrote no word, progress.json said "running", and status called the run crashed; the launcher records the stop."""
+    import json
+
+    from dist_dejpeg.cli import main
+    from dist_dejpeg.run.status import run_status
+    from dist_dejpeg.train import launch as launch_mod
+
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.delenv(name, raising=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    command = ["train", "--config", str(ROOT / "configs" / "debug.yaml"), f"train.run_dir={run}",
+               "train.processes=2", "train.cpu=true"]
+    for code, before, after in ((2, "running", "running"), (75, "preempted", "preempted"), (75, "running", "preempted")):
+        (run / "progress.json").write_text(json.dumps({"status": before, "reason": "earlier", "time": 1.0}))
+        monkeypatch.setattr(launch_mod, "launch", lambda *a, code=code: code)
+        assert main(command) == code
+        progress = json.loads((run / "progress.json").read_text())
+        assert progress["status"] == after and (progress["reason"] == "earlier") == (before == after)
+    assert run_status(run)["state"] == "preempted"

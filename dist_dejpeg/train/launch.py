@@ -20,7 +20,9 @@ import logging
 import os
 import signal
 import sys
+import time
 import uuid
+from pathlib import Path
 
 log = logging.getLogger("dist_dejpeg")
 
@@ -71,6 +73,24 @@ def failed_code(err, stop: int | None = None) -> int:
                     signal.Signals(stop).name)
         return EXIT_PREEMPTED
     return code
+
+
+def record_stop(run_dir: str | Path) -> None:
+    """After the ranks stopped on a stop signal (exit 75), a progress.json still "running" says so: ranks the signal
+    ended where they had nothing new to save (building, the final validation) wrote no word, and ``status`` would
+    call the run crashed. A progress.json that cannot be read or written is left as it is."""
+    from dist_dejpeg.run.files import atomic_write_json, read_json
+    from dist_dejpeg.run.layout import PROGRESS
+
+    path = Path(run_dir) / PROGRESS
+    try:
+        progress = read_json(path)
+        if isinstance(progress, dict) and progress.get("status") == "running":
+            progress.update(status="preempted", time=time.time(), reason="stopped by a signal where the run had "
+                            "nothing new to save (starting, or in the final validation)")
+            atomic_write_json(path, progress, indent=1)
+    except (OSError, ValueError):
+        pass
 
 
 def first_failure_line(err) -> str | None:
