@@ -66,12 +66,20 @@ def check_before_start(cfg: Config, resume: str | None, processes: int) -> None:
             saved_state = json.loads((Path(chosen) / TRAINER_STATE).read_text())
         except (OSError, ValueError):
             return
-        check_deepspeed_layout(Path(chosen), cfg.train.deepspeed_stage > 0, processes)
         has_critic = any(trains_critic(cfg.train.phases[name]) for name in cfg.train.order)
-        saved = check_resume_config(cfg, Path(chosen), saved_state, processes, has_critic)
-        longer_phases(cfg, saved or {}, saved_state)
+        check_continuation(cfg, Path(chosen), saved_state, cfg.train.deepspeed_stage > 0, processes, has_critic)
     finally:
         log.disabled = was
+
+
+def check_continuation(cfg: Config, path: Path, saved_state: dict, deepspeed: bool, processes: int,
+                       has_critic: bool) -> dict:
+    """Raise where ``cfg`` cannot continue the checkpoint at ``path`` (its DeepSpeed layout first: its process count
+    cannot change, whatever the batch check would allow; then check_resume_config, longer_phases); returns the
+    trainer state the checkpoint's finished phases reopen with (longer_phases)."""
+    check_deepspeed_layout(path, deepspeed, processes)
+    saved = check_resume_config(cfg, path, saved_state, processes, has_critic)
+    return longer_phases(cfg, saved or {}, saved_state)
 
 
 def _choose(run_dir: Path, resume: str | None, auto_resume: bool) -> str | None:
@@ -138,13 +146,10 @@ def resume_from(accelerator: Accelerator, cfg: Config, path: str | Path, has_cri
     if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"not a complete checkpoint (no {TRAINER_STATE}): {path}")
     saved_state = json.loads((path / TRAINER_STATE).read_text())
-    # first: a DeepSpeed checkpoint's process count cannot change, whatever the batch check would allow
-    check_deepspeed_layout(path, accelerator.distributed_type == DistributedType.DEEPSPEED, accelerator.num_processes)
-    saved = check_resume_config(cfg, path, saved_state, accelerator.num_processes, has_critic)
-    reopened = longer_phases(cfg, saved or {}, saved_state)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    reopened = check_continuation(cfg, path, saved_state, deepspeed, accelerator.num_processes, has_critic)
     # a file one rank cannot load fails every rank at once; DeepSpeed's loading has collectives of its own, which
     # a rank failing before them could not meet in ours (as checkpoint.save_checkpoint's save_state)
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     with contextlib.nullcontext() if deepspeed else all_ranks_or_raise(accelerator):
         trainer_state, loader_state, buffers = load_checkpoint(accelerator, path)
     trainer_state.update(reopened)
