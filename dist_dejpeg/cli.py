@@ -31,11 +31,10 @@ from dist_dejpeg import version
 from dist_dejpeg.cli_args import (HelpFormatter, evaluate_arguments, export_arguments, prepare_arguments,
                                   report_arguments, restore_arguments, status_arguments, train_arguments)
 from dist_dejpeg.cli_use import evaluate_command, export_command, report_command, restore_command, status_command
+from dist_dejpeg.train.launch import EXIT_PREEMPTED  # (torch-free: the launcher's stdlib half)
 
 DESCRIPTION = ("Train a JPEG-artifact remover (NoGAN, on one or many GPUs) and restore photos with it. "
                "dist-dejpeg COMMAND --help shows a command's options and their defaults.")
-# Libraries that log every step at INFO (the ONNX exporter: hundreds of lines); their warnings still show.
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint; the same command continues the run
 
 
 def _prepare(args: argparse.Namespace) -> int:

@@ -30,7 +30,8 @@ log = logging.getLogger("dist_dejpeg")
 LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION")
 RANK_MODULE = "dist_dejpeg.train.launch"  # what each rank runs: the CLI, ended with its launcher (__main__ below)
 LAUNCHER_PID = "DIST_DEJPEG_LAUNCHER_PID"
-EXIT_PREEMPTED = 75  # (the CLI's: stopped by a signal, the same command continues the run)
+# EX_TEMPFAIL: stopped by a signal (after a checkpoint, or with nothing new to save); the same command continues the run
+EXIT_PREEMPTED = 75
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
