@@ -268,3 +268,96 @@ def test_a_preempted_accelerate_launch_step_exits_75_not_its_launchers_143(tmp_p
     alone = 'source launch/slurm/common.sh; LOG_DIR="$T"; SLURM_JOB_ID=8; dd_run_step python train.py; echo "rc=$?"'
     done = subprocess.run(["bash", "-c", alone], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.stdout.rstrip().endswith("rc=143"), done
+
+
+def _submit_with_stubs(tmp_path: Path, script: str, *args: str, **env_over: str) -> tuple[subprocess.CompletedProcess, str]:
+    """No cluster needed: the whole sbatch script as a batch shell runs it, with stand-ins for srun (records its
+    arguments, runs nothing), scontrol and scancel. Returns the script's result and srun's arguments ('' if none)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fakes = {"srun": 'printf "%s\\n" "$@" > "$T/srun.args"', "scontrol": 'printf "node1\\nnode2\\n"', "scancel": ":"}
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCH_ELASTIC", "SRUN_"))}
+    env.update({"T": str(tmp_path), "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
+                "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[1-2]",
+                "SLURM_CPUS_PER_TASK": "16", "SLURM_GPUS_ON_NODE": "4", **env_over})
+    done = subprocess.run(["bash", str(ROOT / "launch" / "slurm" / script), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    called = tmp_path / "srun.args"
+    return done, called.read_text() if called.exists() else ""
+
+
+@pytest.mark.parametrize("script", ["train_single_node.sbatch", "train_multi_node.sbatch"])
+def test_the_training_step_gets_the_cpus_the_job_asked_for(tmp_path, script):
+    """Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task: without it on the srun line, the step
+    (the launcher, every rank of the node and their data workers) gets one core."""
+    done, srun = _submit_with_stubs(tmp_path, script, "configs/div2k.yaml", f"train.run_dir={tmp_path}/run")
+    assert done.returncode == 0, done.stderr
+    assert "--cpus-per-task=16" in srun.splitlines(), srun
+
+
+def test_a_larger_preempt_budget_gives_the_launcher_longer_to_wait(tmp_path):
+    """The trainer's advice for slow checkpoints is more --signal lead time and a larger train.preempt_budget_s:
+    torch's launcher must then wait that much longer before it SIGKILLs the checkpointing ranks."""
+    run_dir = tmp_path / "run"
+    shell = ('CONFIG=configs/div2k.yaml; OVERRIDES=("train.run_dir=$1" train.preempt_budget_s=300); '
+             'source launch/slurm/common.sh; dd_setup; echo "timeout=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT"')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCH_ELASTIC"))}
+    env.update(SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_ID="8", SLURM_JOB_NODELIST="node1", PYTHON=sys.executable)
+    done = subprocess.run(["bash", "-c", shell, "bash", str(run_dir)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    found = re.search(r"timeout=(\d+)", (run_dir / "logs" / "job-8.log").read_text())
+    assert found and int(found.group(1)) > 300, found
+
+
+def _one_error_line(done: subprocess.CompletedProcess) -> str:
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done
+    return lines[0]
+
+
+def test_a_script_submitted_from_another_folder_says_so_in_one_line(tmp_path):
+    done, srun = _submit_with_stubs(tmp_path, "train_multi_node.sbatch", str(ROOT / "configs" / "div2k.yaml"),
+                                    SLURM_SUBMIT_DIR=str(tmp_path))
+    assert "repository root" in _one_error_line(done) and not srun
+
+
+def test_an_environment_without_the_project_fails_in_one_line_before_any_step(tmp_path):
+    """sbatch from a shell whose venv is not active (or a cluster that does not pass PATH on): a python that cannot
+    import the project stops the job on the batch node with one line, not a traceback on every node."""
+    bare = tmp_path / "bare-python"  # site-packages off: torch, accelerate and numpy are missing, as outside the venv
+    bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    bare.chmod(0o755)
+    for python in (str(bare), str(tmp_path / "no-such-venv" / "bin" / "python")):
+        done, srun = _submit_with_stubs(tmp_path, "train_multi_node.sbatch", "configs/div2k.yaml", PYTHON=python)
+        assert "PYTHON" in _one_error_line(done) and not srun, done.stderr
+
+
+def test_a_run_folder_that_cannot_be_created_fails_before_any_step(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    done, srun = _submit_with_stubs(tmp_path, "train_multi_node.sbatch", "configs/div2k.yaml",
+                                    f"train.run_dir={tmp_path}/a-file/run")
+    assert "a-file/run/logs" in _one_error_line(done) and not srun
+
+
+def test_a_step_that_finished_before_the_stop_is_not_requeued(tmp_path):
+    """USR1 arrives as the training finishes (its last validation done, the ranks exiting 0): requeueing would run
+    the job again, wait for nodes, and validate the finished run once more."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {"srun": 'echo $$ > "$T/srun.pid"; trap "exit 0" TERM; while :; do sleep 0.05; done',
+             "scancel": 'kill -TERM "$(cat "$T/srun.pid")"',
+             "scontrol": 'echo "$*" >> "$T/scontrol.log"'}
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    shell = ('source launch/slurm/common.sh; LOG_DIR="$T"; SLURM_JOB_ID=7; '
+             '(while [ ! -s "$T/srun.pid" ]; do sleep 0.05; done; kill -USR1 $$) & '
+             'dd_run_step python train.py; echo "rc=$?"')
+    env = dict(os.environ, T=str(tmp_path), PATH=f"{bin_dir}:{os.environ['PATH']}")
+    done = subprocess.run(["bash", "-c", shell], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.rstrip().endswith("rc=0"), done
+    assert not (tmp_path / "scontrol.log").exists(), (tmp_path / "scontrol.log").read_text()

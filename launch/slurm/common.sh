@@ -5,20 +5,33 @@
 # - the run folder is resolved from the config; the job's output and one log per node go to <run_dir>/logs/
 # - the step runs in the background so that the batch shell can take signals while it waits
 # - USR1 (the advance warning from `#SBATCH --signal=B:USR1@120`): every training process gets SIGTERM,
-#   finishes its step, writes a checkpoint and exits; then this job requeues itself. The requeued job runs
-#   the same command, and the trainer resumes from the newest checkpoint of the run folder (auto_resume).
+#   finishes its step, writes a checkpoint and exits; then this job requeues itself (not where the run finished
+#   meanwhile, exit 0). The requeued job runs the same command, and the trainer resumes from the newest
+#   checkpoint of the run folder (auto_resume).
 #   The trainer reads the stop flag often enough that its steps plus the checkpoint fit in
 #   train.preempt_budget_s (default 90 s: keep it below the --signal lead time; train/collective.py).
 # - TERM (scancel, preemption): passed on the same way, but no requeue (preemption requeues by itself).
 # - either way the job exits 75 (EX_TEMPFAIL, as the trainer: stopped, the same command continues), also where
 #   `accelerate launch` exits 143 (128 + TERM: torch's launcher reports the TERM it got, not its ranks' 75).
 
+dd_fail() {
+  echo "error: $*" >&2
+  exit 2
+}
+
 dd_setup() {
   cd "${SLURM_SUBMIT_DIR:?submit this script with sbatch}" || exit 1
   PYTHON=${PYTHON:-python}  # the environment's python: sbatch passes on the submitting shell's PATH
+  # a python without the project fails here, in one line, not with a traceback on every node (find_spec: no imports)
+  "$PYTHON" -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))' \
+    dist_dejpeg accelerate torch 2>/dev/null \
+    || dd_fail "PYTHON=$PYTHON cannot import dist_dejpeg, accelerate and torch: activate the project's environment" \
+               "before sbatch, or set PYTHON=/path/to/venv/bin/python"
   RUN_DIR=$("$PYTHON" -m dist_dejpeg.cli train --config "$CONFIG" "${OVERRIDES[@]}" --get train.run_dir) || exit 2
+  BUDGET=$("$PYTHON" -m dist_dejpeg.cli train --config "$CONFIG" "${OVERRIDES[@]}" --get train.preempt_budget_s) || exit 2
   LOG_DIR=$RUN_DIR/logs
-  mkdir -p "$LOG_DIR"
+  mkdir -p "$LOG_DIR" 2>/dev/null && : 2>/dev/null >>"$LOG_DIR/job-$SLURM_JOB_ID.log" \
+    || dd_fail "cannot write the run folder's logs in $LOG_DIR (train.run_dir)"
   echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): run folder $RUN_DIR, logs in $LOG_DIR"
   exec >>"$LOG_DIR/job-$SLURM_JOB_ID.log" 2>&1
   echo "[$(date +%FT%T)] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"
@@ -29,8 +42,9 @@ dd_setup() {
   [ "${GPUS:-0}" -ge 1 ] || export ACCELERATE_USE_CPU=1
   PROCS=${PROCS_PER_NODE:-$(( ${GPUS:-0} > 0 ? GPUS : 1 ))}
   # scancel's TERM reaches the launcher too, and torch's launcher SIGKILLs the processes 30 s after it, before a
-  # checkpoint that needs up to train.preempt_budget_s (90 s): let it wait until SLURM's own kill instead
-  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-115}
+  # checkpoint that needs up to train.preempt_budget_s (90 s): let it wait 25 s past the budget (115 s of SLURM's
+  # 120; a budget raised with --signal's lead time raises it too)
+  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-$(( ${BUDGET%.*} + 25 ))}
   TRAIN=(-m dist_dejpeg.cli train --config "$CONFIG" "${OVERRIDES[@]}")
 }
 
@@ -46,8 +60,10 @@ dd_run_step() {
   DD_REQUEUE=0 DD_STOPPED=0
   trap 'dd_on_signal USR1' USR1
   trap 'dd_on_signal TERM' TERM
-  # --kill-on-bad-exit: a node whose training fails takes the others down instead of leaving them waiting
-  srun --kill-on-bad-exit=1 --output="$LOG_DIR/train-$SLURM_JOB_ID-node%n.log" --open-mode=append "$@" &
+  # --kill-on-bad-exit: a node whose training fails takes the others down instead of leaving them waiting.
+  # --cpus-per-task: since Slurm 22.05 a step no longer inherits the job's; without it, one core per node
+  srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
+    --output="$LOG_DIR/train-$SLURM_JOB_ID-node%n.log" --open-mode=append "$@" &
   local step=$! rc=0
   while :; do
     wait "$step" && rc=0 || rc=$?
@@ -62,7 +78,9 @@ dd_run_step() {
     echo "[$(date +%FT%T)] (143: the launcher's code for the TERM it got) stopped by the signal: exit 75"
     rc=75
   fi
-  if [ "$DD_REQUEUE" = 1 ]; then
+  if [ "$DD_REQUEUE" = 1 ] && [ "$rc" = 0 ]; then
+    echo "[$(date +%FT%T)] the run finished before the stop: no requeue"
+  elif [ "$DD_REQUEUE" = 1 ]; then
     echo "[$(date +%FT%T)] requeueing job $SLURM_JOB_ID; it resumes from the newest checkpoint in $RUN_DIR"
     scontrol requeue "$SLURM_JOB_ID"
   fi
