@@ -1214,6 +1214,56 @@ def test_prepare_folder_rejects_a_lossy_webp_but_takes_a_lossless_one(tmp_path, 
         assert all(r.startswith("lossy WebP: ") and "--jpeg-sources keep" in r for r in rejected.values())
 
 
+@pytest.mark.parametrize("action", ["halve", "keep"])
+def test_prepare_folder_names_an_avif_as_lossy_and_a_jpeg_xl_it_cannot_decode(tmp_path, action):
+    """An AVIF is rejected as lossy, like a lossy WebP (kept with --jpeg-sources keep), and a JPEG XL that this
+    Pillow cannot decode is named as such: neither was left out as a format prepare "cannot read"."""
+    from PIL import features
+
+    from dist_dejpeg.data.folder import prepare_folder
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow writes no AVIF")
+    src = tmp_path / "src"
+    src.mkdir()
+    photo = source_photo("astronaut")
+    for i, name in enumerate(("a.png", "b.png")):
+        Image.fromarray(photo[:64, 64 * i:64 * i + 64]).save(src / name)
+    Image.fromarray(photo[64:128, :64]).save(src / "phone.AVIF", quality=90)
+    (src / "export.jxl").write_bytes(b"\xff\x0a" + bytes(64))  # a JPEG XL codestream's signature
+    manifest = prepare_folder(src, tmp_path / "out", tile=32, train_step=32, shard_size=8, jpeg=action)
+    rejected = {r["path"]: r["reason"] for r in manifest["rejected"]}
+    assert rejected["export.jxl"].startswith("JPEG XL: convert to PNG first"), rejected
+    if action == "keep":
+        assert "phone.AVIF" not in rejected and "phone" in manifest["sources"]
+    else:
+        assert rejected["phone.AVIF"].startswith("lossy AVIF: its compression artefacts would become clean targets")
+        assert set(manifest["sources"]) == {"a", "b"}
+
+
+def test_prepare_folder_reads_colours_as_restore_does(tmp_path):
+    """A CMYK photo with its profile is tiled in the sRGB pixels restore reads (through the profile, not PIL's
+    naive conversion); an RGB photo with a profile keeps its own values in both."""
+    from PIL import ImageCms
+
+    from dist_dejpeg.data.folder import prepare_folder
+    from dist_dejpeg.restore.images import load_image
+    from test_faults_restore import cmyk_profile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    photo = source_photo("astronaut")[100:164, 180:244]
+    Image.fromarray(photo).convert("CMYK").save(src / "print.tif", icc_profile=cmyk_profile())
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(photo[:, ::-1]).save(src / "tagged.png", icc_profile=srgb)
+    prepare_folder(src, tmp_path / "out", tile=32, train_step=32, shard_size=8, val_fraction=0)
+    tiles = _tiles_by_source(tmp_path / "out")
+    for name in ("print", "tagged"):
+        rgb = load_image(next(src.glob(f"{name}.*"))).rgb
+        assert [t.tobytes() for t in tiles[name]] == [rgb[y:y + 32, x:x + 32].tobytes() for y in (0, 32)
+                                                      for x in (0, 32)], name
+
+
 def test_prepare_folder_follows_linked_folders_once_and_names_photos_it_cannot_read(tmp_path, caplog):
     """A symlinked sub-folder's photos are used (each real folder once: a link loop ends); HEIC/RAW files are
     counted in a warning, and a folder of nothing else is an error that names them."""

@@ -154,6 +154,54 @@ def test_cmyk_is_converted_through_its_embedded_profile(tmp_path, restorer):
     assert out["gray_rgb_profile.png"].mode == "L" and "icc_profile" not in out["gray_rgb_profile.png"].info
 
 
+def _iptc_segment(**records: bytes) -> bytes:
+    """An APP13 payload as Photoshop writes one: an IPTC-NAA resource (8BIM 0x0404) of application records."""
+    tags = {"caption": 120, "copyright": 116}
+    iptc = b"".join(b"\x1c\x02" + bytes([tags[k]]) + struct.pack(">H", len(v)) + v for k, v in records.items())
+    return (b"Photoshop 3.0\x00" + b"8BIM" + struct.pack(">HHI", 0x0404, 0, len(iptc)) + iptc
+            + bytes(len(iptc) % 2))
+
+
+def test_a_jpegs_comment_and_iptc_go_into_a_jpeg_output_and_its_comment_into_a_png(tmp_path, restorer):
+    """Captions and copyright live in a JPEG's COM and APP13 (IPTC) segments: a JPEG output carries both (read
+    back by Pillow's IPTC reader, the EXIF and profile beside them intact), a PNG the comment as its text."""
+    from PIL import IptcImagePlugin
+
+    from dist_dejpeg.restore.images import save_image
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    jpeg = _camera_jpeg(_photo(), icc)
+    app13 = _iptc_segment(caption="Kinderdijk, zonsopgang".encode(), copyright="\u00a9 2024 J. Jansen".encode())
+    at = jpeg.index(b"\xff\xdb")  # before the quantization tables, after Pillow's APPn segments
+    src = tmp_path / "captioned.jpg"
+    src.write_bytes(jpeg[:at] + b"\xff\xfe" + struct.pack(">H", 11) + b"a comment" + b"\xff\xed"
+                    + struct.pack(">H", len(app13) + 2) + app13 + jpeg[at:])
+    image = load_image(src)
+    for name in ("out.jpg", "out.png"):
+        save_image(image.rgb, tmp_path / name, icc_profile=image.icc_profile, exif=image.exif, xmp=image.xmp,
+                   dpi=image.dpi, comment=image.comment, iptc=image.iptc)
+        assert output_complete(tmp_path / name)
+        out = Image.open(tmp_path / name)
+        assert out.info.get("icc_profile") == icc and out.getexif()[0x010F] == "Canon"
+        if name == "out.jpg":
+            assert out.info["comment"] == b"a comment"
+            assert IptcImagePlugin.getiptcinfo(out) == {(2, 120): "Kinderdijk, zonsopgang".encode(),
+                                                        (2, 116): "\u00a9 2024 J. Jansen".encode()}
+            assert [m for m, _ in out.applist].count("APP13") == 1
+        else:
+            assert out.info["Comment"] == "a comment"
+    (result,) = restore_files(restorer, [str(src)], tmp_path / "cli", fmt="jpg", progress=False)  # the command too
+    assert result.error is None, result.error
+    out = Image.open(result.output)
+    assert out.info["comment"] == b"a comment"
+    assert IptcImagePlugin.getiptcinfo(out)[(2, 120)] == "Kinderdijk, zonsopgang".encode()
+    mpo = io.BytesIO()  # a camera's MPO: its first image, the photo, is restored, with its comment
+    Image.fromarray(_photo()).save(mpo, format="MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))],
+                                   comment=b"3D shot")
+    (src := tmp_path / "stereo.jpg").write_bytes(mpo.getvalue())
+    assert load_image(src).format == "MPO" and load_image(src).comment == b"3D shot"
+
+
 def test_an_output_folder_inside_the_input_folder_is_not_searched(tmp_path, restorer):
     """-o photos/restored, run again (--skip-existing after a stop): the earlier outputs are not inputs, so
     nothing is restored into restored/restored/ and no original fails as 'would overwrite an input'."""

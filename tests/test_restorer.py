@@ -75,7 +75,7 @@ def test_restorer_from_a_file_matches_the_plain_module_on_a_real_photo(tmp_path)
 
 def test_python_api_records_the_quality_source_and_keeps_icc_and_exif(guarded_file):  # noqa: F811
     """Restorer.restore(PIL): the quality read from the file's tables is recorded as such (not 'given'); the
-    output carries the input's ICC profile and EXIF as the restore command writes them; an image without JPEG
+    output carries the input's ICC profile, EXIF, XMP and JPEG comment as the restore command writes them; an image without JPEG
     compression is passed through (its quality is unknown), and restored blind only with the guard off."""
     from PIL import ImageCms
 
@@ -85,7 +85,7 @@ def test_python_api_records_the_quality_source_and_keeps_icc_and_exif(guarded_fi
     exif = Image.Exif()
     exif[0x010F] = "TestCam"  # Make
     xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF/></x:xmpmeta>'
-    jpeg = Image.open(io.BytesIO(_jpeg_bytes(rgb, 20, icc_profile=icc, exif=exif, xmp=xmp)))
+    jpeg = Image.open(io.BytesIO(_jpeg_bytes(rgb, 20, icc_profile=icc, exif=exif, xmp=xmp, comment=b"caption")))
     out = restorer.restore(jpeg)
     d = restorer.last_decision
     assert d.quality == 20 and d.source == "file tables" and not d.passthrough, d
@@ -98,7 +98,7 @@ def test_python_api_records_the_quality_source_and_keeps_icc_and_exif(guarded_fi
     assert again.info.get("icc_profile") == icc and again.getexif().get(0x010F) == "TestCam"
     assert out.info["xmp"] == xmp
     out.save(saved := io.BytesIO(), format="JPEG", **out.info)
-    assert Image.open(saved).info.get("xmp") == xmp
+    assert Image.open(saved).info.get("xmp") == xmp and Image.open(saved).info.get("comment") == b"caption"
 
     assert restorer.restore(jpeg, quality=10) and restorer.last_decision.source == "given"
     clean = Image.fromarray(rgb)  # never compressed: no quality, nothing to predict

@@ -18,15 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_dejpeg.data.images import BadImage, decode_rgb8, webp_is_lossy
+from dist_dejpeg.data.images import BadImage, decode_rgb8, is_avif, is_jpeg_xl, webp_is_lossy
 from dist_dejpeg.data.shards import (PrepareError, check_settings, publish, require_training_tiles, sample_key, staged,
                                      tile_sources)
 from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
+# Photo formats taken as sources beside IMAGE_SUFFIXES, each rejected with its own reason where it cannot be used
+# (read_source): AVIF as lossy, a JPEG XL this Pillow cannot decode as such
+NAMED_SOURCE_SUFFIXES = frozenset({".avif", ".jxl"}) - IMAGE_SUFFIXES
+SOURCE_SUFFIXES = IMAGE_SUFFIXES | NAMED_SOURCE_SUFFIXES
 # Photo formats a folder may hold that PIL does not decode (or not losslessly): counted and named, not passed over
-UNREAD_PHOTO_SUFFIXES = frozenset({".heic", ".heif", ".avif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf",
-                                   ".rw2", ".raf", ".pef", ".srw", ".psd", ".exr"}) - IMAGE_SUFFIXES
+UNREAD_PHOTO_SUFFIXES = frozenset({".heic", ".heif", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf",
+                                   ".pef", ".srw", ".psd", ".exr"}) - SOURCE_SUFFIXES
 
 
 class Unreadable(BadImage):
@@ -41,17 +45,37 @@ class LossyWebP(BadImage):
     kind = "lossy WebP"
 
 
+class LossyAVIF(BadImage):
+    """An AVIF source: AV1 compression (lossless AVIF is rare and cannot be told cheaply), no JPEG grid to find."""
+
+    kind = "lossy AVIF"
+
+
+class JpegXL(BadImage):
+    """A JPEG XL source that this Pillow cannot decode (it needs a plugin): named, not "undecodable"."""
+
+    kind = "JPEG XL"
+
+
 def read_source(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, lossy_webp: bool = False) -> np.ndarray:
     """A source file decoded to H x W x 3 uint8, upright (EXIF orientation applied); a read error is Unreadable, bad
-    data BadImage, a photo over ``max_pixels`` TooManyPixels, a lossy WebP LossyWebP unless ``lossy_webp``."""
+    data BadImage, a photo over ``max_pixels`` TooManyPixels, a lossy WebP or an AVIF LossyWebP or LossyAVIF unless
+    ``lossy_webp``, a JPEG XL that Pillow cannot decode JpegXL."""
     try:
         data = path.read_bytes()
     except OSError as err:
         raise Unreadable(f"{type(err).__name__}: {err.strerror or err}") from None
+    keep = "(--jpeg-sources keep uses it as it is"
     if not lossy_webp and webp_is_lossy(data):
-        raise LossyWebP("its compression artefacts would become clean targets (--jpeg-sources keep uses it as it "
-                        "is; a lossless WebP is used)")
-    return decode_rgb8(data, max_pixels, upright=True)
+        raise LossyWebP(f"its compression artefacts would become clean targets {keep}; a lossless WebP is used)")
+    if not lossy_webp and is_avif(data):
+        raise LossyAVIF(f"its compression artefacts would become clean targets {keep})")
+    try:
+        return decode_rgb8(data, max_pixels, upright=True)
+    except BadImage as err:
+        if is_jpeg_xl(data) and type(err) is BadImage:
+            raise JpegXL(f"convert to PNG first (this Pillow cannot decode it: {err})") from None
+        raise
 
 
 def file_sha256(path: Path) -> str:
@@ -98,14 +122,14 @@ def find_sources(src: Path) -> tuple[list[tuple[Path, str, str]], list[dict]]:
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is a file, not a folder of images" if src.exists() else f"no such folder: {src}")
     every = walk_files(src)
-    files = sorted(p for p in every if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in every if p.suffix.lower() in SOURCE_SUFFIXES)
     others: dict[str, int] = {}
     for path in every:
         if path.suffix.lower() in UNREAD_PHOTO_SUFFIXES:
             others[path.suffix.lower()] = others.get(path.suffix.lower(), 0) + 1
     unread = ", ".join(f"{n} {suffix}" for suffix, n in sorted(others.items()))
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {src}" + (
+        raise FileNotFoundError(f"no images ({', '.join(sorted(SOURCE_SUFFIXES))}) under {src}" + (
             f"; found {unread}, which prepare cannot read: convert them to PNG or TIFF" if unread else ""))
     if unread:
         log.warning("prepare folder: left out %s under %s (formats prepare cannot read: convert them to PNG or TIFF "

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from dist_dejpeg.jpeg.formats import SHARD_EXTS, TILE_FORMATS
+from dist_dejpeg.jpeg.formats import SHARD_EXTS, TILE_FORMATS, rgb_image
 
 
 class BadImage(ValueError):
@@ -38,8 +38,23 @@ def webp_is_lossy(data: bytes) -> bool:
     return data[:4] == b"RIFF" and data[8:12] == b"WEBP" and lossy(12, len(data))
 
 
+def is_avif(data: bytes) -> bool:
+    """Whether bytes hold an AVIF (an ISO-BMFF file whose ftyp box names the avif or avis brand): AV1 frames,
+    lossy all but always, with no JPEG grid for jpeg.quality to find."""
+    if data[4:8] != b"ftyp":
+        return False
+    box = data[8:min(int.from_bytes(data[:4], "big"), 256)]  # major brand, minor version, compatible brands
+    return any(box[i:i + 4] in (b"avif", b"avis") for i in range(0, len(box) - 3, 4) if i != 4)
+
+
+def is_jpeg_xl(data: bytes) -> bool:
+    """Whether bytes hold a JPEG XL image (a bare codestream or the ISO-BMFF container)."""
+    return data[:2] == b"\xff\x0a" or data[:12] == b"\0\0\0\x0cJXL \r\n\x87\n"
+
+
 def to_rgb8(img: Image.Image) -> np.ndarray:
-    """Any PIL image (grayscale, RGBA, palette, 16-bit, ...) as an H x W x 3 uint8 array."""
+    """Any PIL image (grayscale, RGBA, palette, 16-bit, CMYK, ...) as an H x W x 3 uint8 array, its colours read
+    as restore reads them (jpeg.formats.rgb_image)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
@@ -55,7 +70,7 @@ def to_rgb8(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         base = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(base, rgba).convert("RGB"))
-    return np.asarray(img.convert("RGB"))
+    return np.asarray(rgb_image(img, img.info.get("icc_profile")))  # CMYK through its profile, as restore reads it
 
 
 def decode_rgb8(data: bytes, max_pixels: int | None = None, upright: bool = False) -> np.ndarray:

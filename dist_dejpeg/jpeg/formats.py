@@ -1,8 +1,11 @@
 """Image files and formats, each set defined once (tests/test_layout.py fails if a second copy appears):
 what a folder search picks up, which suffixes are lossy, what a shard sample may hold, and the JFIF colour
-transform. Torch-free."""
+transform; the one rule by which prepare and restore read a photo's colours (rgb_image). Torch-free."""
 
 from __future__ import annotations
+
+import functools
+import io
 
 # Photos a folder search picks up (prepare folder, restore, evaluate): what Pillow decodes.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".ppm",
@@ -63,6 +66,45 @@ def save_options(suffix: str, quality: int | None = None) -> tuple[str, dict]:
 SHARD_EXTS = ("png", "raw", "jp2", "webp", "tif", "tiff", "ppm", "bmp", "jpg", "jpeg")
 # Lossless formats a shard can be written in (`prepare --format`).
 TILE_FORMATS = ("png", "raw", "jp2")
+
+
+def icc_space(icc: bytes | None) -> str | None:
+    """The colour space an ICC profile describes ("RGB", "GRAY", "CMYK", ...), from its header."""
+    if not icc or len(icc) < 128 or icc[36:40] != b"acsp":
+        return None
+    return icc[16:20].decode("ascii", "replace").strip()
+
+
+@functools.cache
+def srgb_profile():
+    """LittleCMS's built-in sRGB profile, built once (its header carries the creation time)."""
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def cmyk_to_srgb(icc: bytes | None):
+    """A LittleCMS transform from the embedded CMYK profile to sRGB (perceptual), or None: no profile, another
+    colour space, one LittleCMS cannot use, or a Pillow built without LittleCMS (then PIL's naive conversion)."""
+    if icc_space(icc) != "CMYK":
+        return None
+    try:
+        from PIL import ImageCms
+
+        return ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(icc)), srgb_profile(), "CMYK", "RGB")
+    except Exception:  # noqa: BLE001 - ImportError without LittleCMS, PyCMSError for a broken profile
+        return None
+
+
+def rgb_image(img, icc: bytes | None = None):
+    """An opaque PIL image as RGB by the one rule prepare's tiles and restore's inputs share: RGB keeps its own
+    values whatever its profile (Adobe RGB, Display P3: a JPEG of it holds its artefacts in those values, and sRGB
+    would clip the wider gamut; restore writes the profile back), CMYK goes to sRGB through its embedded profile
+    ``icc`` (LittleCMS), without one and any other mode (grayscale, palette, Lab, YCbCr) as PIL converts it."""
+    transform = cmyk_to_srgb(icc) if img.mode == "CMYK" else None
+    return transform.apply(img) if transform is not None else img.convert("RGB")
+
+
 # chroma subsampling -> Pillow's code for it (evaluate/report --subsampling; 4:2:0 is libjpeg's default)
 SUBSAMPLING = {"4:2:0": 2, "4:2:2": 1, "4:4:4": 0}
 # what prepare folder does with a photo whose pixels show JPEG compression (--jpeg-sources; data/shards.py), as its

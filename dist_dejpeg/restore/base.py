@@ -19,7 +19,8 @@ from PIL import Image
 from dist_dejpeg.jpeg.quality import estimate_quality
 from dist_dejpeg.models.names import GAIN_KEYS, read_gains
 from dist_dejpeg.restore.guard import Decision, decide
-from dist_dejpeg.restore.images import join_image, output_dpi, output_metadata, output_xmp, split_image, to_gray
+from dist_dejpeg.restore.images import (jpeg_notes, join_image, output_dpi, output_metadata, output_xmp, split_image,
+                                        to_gray)
 from dist_dejpeg.restore.tiling import NUMPY, Arrays, restore_tiled
 
 
@@ -209,9 +210,10 @@ class ImageRestorer:
         """A PIL image (any mode; alpha kept, grayscale stays grayscale) or a uint8 numpy array, restored, in
         the same kind. ``quality`` None: a PIL image's quality is estimated (jpeg.quality.estimate_quality: a
         JPEG's tables, else its pixels) and its source kept in ``last_decision``; an array's is unknown. A PIL
-        image comes back with the input's ICC profile, EXIF, dpi and XMP in ``.info`` ("icc_profile", "exif", "dpi",
-        "xmp"; orientation applied, as restore/images.py writes them), so ``out.save(path, **out.info)`` keeps them
-        (Pillow writes ``xmp=`` into JPEG and WebP files; restore/images.save_image into PNG and TIFF too)."""
+        image comes back with the input's ICC profile, EXIF, dpi, XMP and a JPEG's comment in ``.info``
+        ("icc_profile", "exif", "dpi", "xmp", "comment"; orientation applied, as restore/images.py writes them), so
+        ``out.save(path, **out.info)`` keeps them (Pillow writes ``xmp=`` into JPEG and WebP files, ``comment=`` into
+        JPEG; restore/images.save_image into PNG and TIFF too, and a JPEG's IPTC: jpeg_notes)."""
         if isinstance(image, np.ndarray):
             return self.restore_array(image, quality)
         if type(image).__module__.startswith("torch"):
@@ -225,6 +227,7 @@ class ImageRestorer:
             restored = join_image(self.restore_array(rgb, quality, source), alpha, grayscale)
             icc, exif = output_metadata(image, grayscale)
             restored.info.update({k: v for k, v in (("icc_profile", icc), ("exif", exif), ("dpi", output_dpi(image)),
-                                                    ("xmp", output_xmp(image))) if v})
+                                                    ("xmp", output_xmp(image)), ("comment", jpeg_notes(image)[0]))
+                                  if v})
             return restored
         raise TypeError(f"restore takes a PIL image, a uint8 numpy array or a torch tensor, not {type(image).__name__}")

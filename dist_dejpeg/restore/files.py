@@ -314,7 +314,8 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
             atomic_write_bytes(target, path.read_bytes())
             return
         save_image(restored, target, alpha=image.alpha, grayscale=image.grayscale, icc_profile=image.icc_profile,
-                   exif=image.exif, quality=output_quality, dpi=image.dpi, xmp=image.xmp)
+                   exif=image.exif, quality=output_quality, dpi=image.dpi, xmp=image.xmp, comment=image.comment,
+                   iptc=image.iptc)
 
     def saved(result: RestoreResult, target: Path, image: LoadedImage, future: Future) -> None:
         try:

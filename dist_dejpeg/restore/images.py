@@ -16,17 +16,20 @@ written deflate-compressed, except where the EXIF has sub-IFDs (the Exif and GPS
 which Pillow's compressed-TIFF writer (libtiff) cannot write: that TIFF is written uncompressed, so that nothing is
 lost. The EXIF orientation is applied to the pixels once, so the written EXIF says Orientation 1 (and the Exif IFD's
 pixel dimensions are the output's), and the XMP's tiff:Orientation is removed (as PIL's exif_transpose does); the
-thumbnail (IFD1) and IPTC (a JPEG's APP13) are not carried. The pixel density (dpi: JFIF, pHYs, TIFF resolution) is
-carried too, x and y swapped by a quarter turn. A profile is carried only where it describes the output's colours:
-RGB for RGB output, GRAY for grayscale. A CMYK input with an embedded profile is converted to sRGB through that
-profile (LittleCMS via PIL.ImageCms, perceptual intent) and the output carries the sRGB profile LittleCMS builds; a
-CMYK input without one is converted as PIL does (naively) and carries no profile.
+thumbnail (IFD1) is not carried. A JPEG's comment (COM) and its APP13 segments (IPTC captions, credits, copyright
+in Photoshop resource blocks, carried whole) go into a JPEG output; a PNG gets the comment as its "Comment" text and
+no IPTC; WebP and TIFF outputs neither. The pixel density (dpi: JFIF, pHYs, TIFF resolution) is carried too, x and y
+swapped by a quarter turn. Colours are read by the rule prepare's tiles share (jpeg.formats.rgb_image): RGB keeps its
+own values and its profile (Adobe RGB, Display P3: restored where its JPEG artefacts are, no gamut clipped); a
+profile is carried only where it describes the output's colours: RGB for RGB output, GRAY for grayscale. A CMYK
+input with an embedded profile is converted to sRGB through that profile (LittleCMS via PIL.ImageCms, perceptual
+intent) and the output carries the sRGB profile LittleCMS builds; a CMYK input without one is converted as PIL does
+(naively) and carries no profile.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import logging
 import os
@@ -40,7 +43,8 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, DEFAULT_MAX_PIXELS, save_options
+from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, DEFAULT_MAX_PIXELS, cmyk_to_srgb, icc_space, rgb_image, save_options,
+                                      srgb_profile)
 from dist_dejpeg.run.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -77,6 +81,8 @@ class LoadedImage:
     exif: bytes | None = None  # the EXIF to write with the output, Orientation reset to 1
     xmp: bytes | None = None  # the XMP packet to write with the output, its orientation removed (output_xmp)
     dpi: tuple[float, float] | None = None  # the pixel density to write with the output (output_dpi)
+    comment: bytes | None = None  # a JPEG's comment (COM) to write with the output (jpeg_notes)
+    iptc: tuple[bytes, ...] = ()  # a JPEG's APP13 segments (IPTC in Photoshop resource blocks): jpeg_notes
 
 
 def _bit_depth(img: Image.Image, path: Path) -> int:
@@ -119,48 +125,18 @@ def split_image(img: Image.Image, source: str = "image") -> tuple[np.ndarray, np
         rgba = img.convert("RGBA")
         alpha = np.ascontiguousarray(np.asarray(rgba)[..., 3])
         rgb = np.asarray(rgba.convert("RGB"))
-    elif img.mode == "CMYK" and (transform := _cmyk_to_srgb(icc)) is not None:
-        rgb = np.asarray(transform.apply(img))
     else:
-        rgb = np.asarray(img.convert("RGB"))
+        rgb = np.asarray(rgb_image(img, icc))
     return np.ascontiguousarray(rgb), alpha, img.mode in GRAY_MODES
-
-
-def _cmyk_to_srgb(icc: bytes | None):
-    """A LittleCMS transform from the embedded CMYK profile to sRGB (perceptual), or None: no profile, another
-    colour space, one LittleCMS cannot use, or a Pillow built without LittleCMS (then PIL's naive conversion)."""
-    if _icc_space(icc) != "CMYK":
-        return None
-    try:
-        from PIL import ImageCms
-
-        return ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(icc)), _srgb(), "CMYK", "RGB")
-    except Exception:  # noqa: BLE001 - ImportError without LittleCMS, PyCMSError for a broken profile
-        return None
-
-
-def _icc_space(icc: bytes | None) -> str | None:
-    """The colour space an ICC profile describes ("RGB", "GRAY", "CMYK", ...), from its header."""
-    if not icc or len(icc) < 128 or icc[36:40] != b"acsp":
-        return None
-    return icc[16:20].decode("ascii", "replace").strip()
-
-
-@functools.cache
-def _srgb():
-    """LittleCMS's built-in sRGB profile, built once (its header carries the creation time)."""
-    from PIL import ImageCms
-
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 def output_metadata(img: Image.Image, grayscale: bool) -> tuple[bytes | None, bytes | None]:
     """(ICC profile, EXIF bytes) for the restored output of ``img`` (the opened file, before orientation is
     applied): see the module docstring. Unreadable EXIF is dropped, never an error."""
     icc = img.info.get("icc_profile") or None
-    space = _icc_space(icc)
+    space = icc_space(icc)
     if img.mode == "CMYK":
-        icc = _srgb().tobytes() if _cmyk_to_srgb(icc) is not None else None
+        icc = srgb_profile().tobytes() if cmyk_to_srgb(icc) is not None else None
     elif space != ("GRAY" if grayscale else "RGB"):
         icc = None
     try:
@@ -195,6 +171,24 @@ def output_xmp(img: Image.Image) -> bytes | None:
     except Exception:  # noqa: BLE001 - malformed EXIF: nothing is turned
         turned = False
     return XMP_ORIENTATION.sub(b"", xmp) if turned else xmp
+
+
+def jpeg_notes(img: Image.Image) -> tuple[bytes | None, tuple[bytes, ...]]:
+    """(comment, APP13 segments) of ``img`` (the opened file) where it is a JPEG (or a camera's MPO): its COM text
+    (Pillow keeps the last of several) and its APP13 segments (Photoshop's resource blocks: the IPTC caption,
+    credit, copyright)."""
+    if img.format not in ("JPEG", "MPO"):
+        return None, ()
+    return img.info.get("comment") or None, tuple(data for marker, data in img.applist if marker == "APP13")
+
+
+def with_app13(jpeg: bytes, segments: tuple[bytes, ...]) -> bytes:
+    """The JPEG ``jpeg`` (as Pillow writes one: SOI, then its APPn segments) with the APP13 ``segments`` put after
+    its APPn segments, where Photoshop and exiftool write them: Pillow has no save option for them."""
+    at = 2
+    while jpeg[at] == 0xFF and 0xE0 <= jpeg[at + 1] <= 0xEF:
+        at += 2 + int.from_bytes(jpeg[at + 2:at + 4], "big")
+    return jpeg[:at] + b"".join(b"\xff\xed" + (len(s) + 2).to_bytes(2, "big") + s for s in segments) + jpeg[at:]
 
 
 def output_dpi(img: Image.Image) -> tuple[float, float] | None:
@@ -258,8 +252,10 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
                                   f"page would be lost; save the pages as separate images")
         icc, exif = output_metadata(img, img.mode in GRAY_MODES)  # before split_image turns the pixels
         rgb, alpha, grayscale = split_image(img, str(path))
+        comment, iptc = jpeg_notes(img)
         return LoadedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, mode=mode, format=fmt, image=img,
-                           icc_profile=icc, exif=exif, xmp=output_xmp(img), dpi=output_dpi(img))
+                           icc_profile=icc, exif=exif, xmp=output_xmp(img), dpi=output_dpi(img), comment=comment,
+                           iptc=iptc)
 
 
 def _tiff_pages(img: Image.Image) -> int:
@@ -305,13 +301,15 @@ def output_complete(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> b
 
 def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = None, grayscale: bool = False,
                icc_profile: bytes | None = None, exif: bytes | None = None, quality: int | None = None,
-               dpi: tuple[float, float] | None = None, xmp: bytes | None = None) -> None:
+               dpi: tuple[float, float] | None = None, xmp: bytes | None = None, comment: bytes | None = None,
+               iptc: tuple[bytes, ...] = ()) -> None:
     """Write in the format ``path``'s suffix names, with its OUTPUT_FORMATS options (``quality``: jpg and webp
     at that quality), atomically: encoded first, then a temporary file renamed into place
     (run.files.atomic_write_bytes). ``icc_profile``, ``exif`` and ``xmp`` (LoadedImage's) are embedded when
     given; in a JPEG, within its 64 KB per marker (see the module docstring). An alpha channel for a format that
     cannot hold one (JPEG) is an InputImageError, never dropped silently. ``dpi``: the pixel density written (a
-    WebP has no field for it)."""
+    WebP has no field for it). ``comment`` and ``iptc`` (a JPEG input's, jpeg_notes): a JPEG gets both, a PNG the
+    comment as its "Comment" text; WebP and TIFF neither."""
     path = Path(path)
     try:
         fmt, options = save_options(path.suffix, quality)
@@ -329,18 +327,23 @@ def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = 
         options = _tiff_with_exif(options, exif, xmp)
     elif exif:
         options["exif"] = exif
-    if xmp and fmt == "PNG":
+    if fmt == "PNG" and (xmp or comment):
         options["pnginfo"] = PngInfo()
-        options["pnginfo"].add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
+        if xmp:
+            options["pnginfo"].add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
+        if comment:  # PNG's own keyword; tEXt where Latin-1 holds it, else iTXt
+            options["pnginfo"].add_text("Comment", comment.decode("utf-8", "replace"))
     elif xmp and fmt != "TIFF":
         options["xmp"] = xmp
+    if comment and fmt == "JPEG":
+        options["comment"] = comment
     if icc_profile:
         options["icc_profile"] = icc_profile
     if dpi:
         options["dpi"] = dpi
     buf = io.BytesIO()
     join_image(rgb, alpha, grayscale).save(buf, format=fmt, **options)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, with_app13(buf.getvalue(), iptc) if iptc and fmt == "JPEG" else buf.getvalue())
 
 
 def _fit_exif(exif: bytes, path: Path) -> bytes | None:
