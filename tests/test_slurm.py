@@ -313,6 +313,38 @@ def test_a_larger_preempt_budget_gives_the_launcher_longer_to_wait(tmp_path):
     assert found and int(found.group(1)) > 300, found
 
 
+@pytest.mark.parametrize(("given", "procs"), [
+    ({"SLURM_GPUS_ON_NODE": "2", "SLURM_GPUS_PER_NODE": "h100:4"}, "2"),
+    ({"SLURM_GPUS_PER_NODE": "h100:4"}, "4"),
+    ({"SLURM_GPUS_PER_NODE": "3"}, "3"),
+    ({"CUDA_VISIBLE_DEVICES": "0,3"}, "2"),
+    ({}, "1 cpu"),
+])
+def test_one_process_per_gpu_the_job_got_on_the_node(tmp_path, given, procs):
+    """The GPU count comes from what SLURM gave the job (an older Slurm sets only --gpus-per-node's "h100:4", or
+    CUDA_VISIBLE_DEVICES), not from nvidia-smi, which lists the node's GPUs that other jobs hold too; with none,
+    the job log says it trains on CPU processes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: NVIDIA H100\"; done\n")
+    smi.chmod(0o755)
+    shell = ('CONFIG=configs/div2k.yaml; OVERRIDES=("train.run_dir=$1"); source launch/slurm/common.sh; dd_setup; '
+             'echo "procs=$PROCS${ACCELERATE_USE_CPU:+ cpu}"')
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "TORCH_ELASTIC", "ACCELERATE_")) and k != "CUDA_VISIBLE_DEVICES"}
+    env.update(SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_ID="9", SLURM_JOB_NODELIST="node1", PYTHON=sys.executable,
+               PATH=f"{bin_dir}:{env['PATH']}", **given)
+    if not given:
+        smi.write_text("#!/bin/sh\nexit 9\n")  # no driver: no GPU
+    done = subprocess.run(["bash", "-c", shell, "bash", str(tmp_path / "run")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    log = (tmp_path / "run" / "logs" / "job-9.log").read_text()
+    assert f"procs={procs}\n" in log, log
+    assert ("no GPU on this node" in log) == (procs == "1 cpu"), log
+
+
 def _one_error_line(done: subprocess.CompletedProcess) -> str:
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done

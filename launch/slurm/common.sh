@@ -36,10 +36,21 @@ dd_setup() {
   exec >>"$LOG_DIR/job-$SLURM_JOB_ID.log" 2>&1
   echo "[$(date +%FT%T)] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"
 
-  # processes per node: one per GPU. No GPU: CPU processes over gloo (one, or PROCS_PER_NODE), for
-  # debugging; ACCELERATE_USE_CPU makes `--multi_gpu` start real CPU processes instead of lone ones.
-  GPUS=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
-  [ "${GPUS:-0}" -ge 1 ] || export ACCELERATE_USE_CPU=1
+  # processes per node: one per GPU the job got there: SLURM_GPUS_ON_NODE, else --gpus-per-node's "[type:]N",
+  # else CUDA_VISIBLE_DEVICES, and only then what nvidia-smi lists (every GPU of the node, the job's or not).
+  # No GPU: CPU processes over gloo (one, or PROCS_PER_NODE), for debugging; ACCELERATE_USE_CPU makes
+  # `--multi_gpu` start real CPU processes instead of lone ones.
+  GPUS=${SLURM_GPUS_ON_NODE:-}
+  [ -n "$GPUS" ] || { GPUS=${SLURM_GPUS_PER_NODE:-}; GPUS=${GPUS##*:}; }
+  if [ -z "$GPUS" ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    IFS=, read -ra DD_VISIBLE <<<"$CUDA_VISIBLE_DEVICES"
+    GPUS=${#DD_VISIBLE[@]}
+  fi
+  [ -n "$GPUS" ] || GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  if [ "${GPUS:-0}" -lt 1 ]; then
+    echo "[$(date +%FT%T)] no GPU on this node for the job (sbatch --gpus-per-node=N): CPU processes over gloo"
+    export ACCELERATE_USE_CPU=1
+  fi
   PROCS=${PROCS_PER_NODE:-$(( ${GPUS:-0} > 0 ? GPUS : 1 ))}
   # scancel's TERM reaches the launcher too, and torch's launcher SIGKILLs the processes 30 s after it, before a
   # checkpoint that needs up to train.preempt_budget_s (90 s): let it wait 25 s past the budget (115 s of SLURM's
