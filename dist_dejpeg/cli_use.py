@@ -111,9 +111,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
     result = _evaluation(args, keep_images=False)
     if isinstance(result, int):
         return result
+    from dist_dejpeg.evaluation.evaluate import format_value as fmt  # "n/a" where a mean is undefined (blank photos)
+
     for q, means in result["per_quality"].items():
         j, r = means["jpeg"], means["restored"]
-        print(f"q{q}: PSNR {j['psnr']:.3f} -> {r['psnr']:.3f} dB, SSIM {j['ssim']:.4f} -> {r['ssim']:.4f} "
+        print(f"q{q}: PSNR {fmt(j['psnr'], 3)} -> {fmt(r['psnr'], 3)} dB, SSIM {fmt(j['ssim'])} -> {fmt(r['ssim'])} "
               f"({means['images']} image{'s' if means['images'] != 1 else ''}, {result['meta']['channel']})")
     for name, why in result["meta"]["unavailable"].items():
         print(f"{name} unavailable: {why.splitlines()[0]}", file=sys.stderr)

@@ -396,3 +396,68 @@ def test_a_quoted_glob_finds_upper_case_suffixes_as_a_folder_search_does(tmp_pat
     by_glob = read_references([str(tmp_path / "*.png")])[0]
     assert sorted(r.name for r in by_glob) == ["IMG_0001", "a"]
     assert sorted(r.name for r in read_references([str(tmp_path)])[0]) == ["IMG_0001", "a"]
+
+
+def test_a_grayscale_photo_is_measured_as_restore_writes_it(tmp_path, model_file):
+    """A grayscale reference is compressed as a one-channel JPEG (as any tool saves a grayscale photo) and its
+    restored image is what `restore` writes for one, the mean of the model's channels: evaluate measured the colour
+    image the model returns instead, whose tint counted as error (0.5 dB here) though no user ever sees it."""
+    import skimage.data
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from dist_dejpeg.evaluation.evaluate import evaluate
+    from dist_dejpeg.restore.restorer import Restorer
+
+    gray = skimage.data.camera()[100:260, 150:310]
+    Image.fromarray(gray).save(tmp_path / "camera.png")
+    restorer = Restorer(str(model_file), tile=0)
+    result = evaluate(restorer, [str(tmp_path / "camera.png")], [20], None, keep_images=True, progress=False,
+                      only=("psnr",))
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, "JPEG", quality=20)
+    jpeg = np.asarray(Image.open(buf))
+    restored = restorer.restore_array(jpeg, 20, source="given")
+    assert restored.ndim == 2  # restore's own answer for a grayscale image
+    row, record = result["per_image"][0], result["records"][0]
+    assert np.array_equal(record["jpeg"][..., 0], jpeg) and np.array_equal(record["restored"][..., 0], restored)
+    assert row["jpeg"]["psnr"] == pytest.approx(peak_signal_noise_ratio(gray, jpeg, data_range=255), abs=1e-9)
+    assert row["restored"]["psnr"] == pytest.approx(peak_signal_noise_ratio(gray, restored, data_range=255),
+                                                    abs=1e-9)
+
+
+def test_a_flat_image_identical_after_jpeg_leaves_both_means(tmp_path, model_file, photos):
+    """A flat grey image survives JPEG exactly (PSNR inf): its JPEG value left the JPEG mean but its restored value
+    stayed in the restored mean, so "restored - JPEG" mixed two image sets. Now both leave, the gain is the other
+    photo's own gain, and the tables say why."""
+    import shutil
+
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from dist_dejpeg.evaluation.evaluate import evaluate
+    from dist_dejpeg.restore.restorer import Restorer
+
+    shutil.copy(photos / "chelsea.png", tmp_path / "chelsea.png")
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(tmp_path / "blank.png")
+    result = evaluate(Restorer(str(model_file), tile=0), [str(tmp_path)], [30], tmp_path / "out", keep_images=True,
+                      progress=False, only=("psnr",))
+    blank = next(r for r in result["per_image"] if r["image"] == "blank")
+    assert blank["jpeg"]["psnr"] == float("inf") and np.isfinite(blank["restored"]["psnr"])
+    rec = next(r for r in result["records"] if r["image"] == "chelsea")
+    gain = (peak_signal_noise_ratio(rec["clean"], rec["restored"], data_range=255)
+            - peak_signal_noise_ratio(rec["clean"], rec["jpeg"], data_range=255))
+    assert result["per_quality"]["30"]["gain"]["psnr"] == pytest.approx(gain, abs=1e-9)
+    assert "infinite" in result["meta"]["undefined"]["psnr"]["reason"]
+    md = (tmp_path / "out" / "metrics.md").read_text()
+    assert "- psnr: left out for 1 of 2 image(s)" in md and "the mean of per-image PSNRs" in md
+
+
+def test_evaluate_of_only_flat_images_prints_na_instead_of_a_traceback(tmp_path, model_file, capsys):
+    """Every image identical after JPEG (blank scans): the PSNR means are undefined, and the command's summary
+    line says n/a where it raised a TypeError formatting None."""
+    from dist_dejpeg.cli import main
+
+    Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(tmp_path / "white.png")
+    code = main(["evaluate", "--model", str(model_file), "--images", str(tmp_path / "white.png"), "--quality", "30",
+                 "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 0
+    assert "q30: PSNR n/a -> n/a dB" in capsys.readouterr().out

@@ -257,6 +257,35 @@ def test_brisque_refuses_images_too_small_for_its_features():
     assert np.isfinite(N.brisque(PHOTOS["coffee"][:32, :40]))
 
 
+def test_no_reference_metrics_of_a_flat_image_say_why_they_are_undefined():
+    """A flat image (a blank page) has no texture for BRISQUE's or NIQE's features: BRISQUE gave NaN, which evaluate's
+    means silently dropped on one side only, and NIQE a bare "SVD did not converge", each with a spray of numpy
+    warnings. Now each is a ValueError (evaluate: left out, with this reason) and nothing is printed."""
+    import warnings
+
+    flat = np.full((200, 200, 3), 128, np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="BRISQUE is undefined for an image without texture"):
+            N.brisque(flat)
+        with pytest.raises(ValueError, match="NIQE is undefined for an image without texture: 0 of its 4 96x96"):
+            N.niqe(flat)
+        assert np.isfinite(N.niqe(np.vstack([flat[:96], data.coffee()[:192, :200]])))  # two textured blocks
+
+
+def test_psnr_y_is_told_from_the_published_psnr_y():
+    """The colour table's psnr_y is on full-range JFIF Y; the PSNR-Y of JPEG-restoration papers is on BT.601 Y
+    (16-235), --y-only's PSNR, 20 log10(255/219) = 1.32 dB higher for any image. Labelled "PSNR-Y", the report
+    showed a researcher two different PSNR-Ys side by side; its label and description now say which is which."""
+    img, ref = jpeg(PHOTOS["coffee"], 20), PHOTOS["coffee"]
+    published = peak_signal_noise_ratio(F.rgb_to_y(ref), F.rgb_to_y(img), data_range=255)
+    jfif = F.colour_metrics(img, ref)["psnr_y"]
+    assert published - jfif == pytest.approx(20 * math.log10(255 / 219), abs=1e-9)
+    y = R.BY_NAME["psnr_y"]
+    assert y.label != "PSNR-Y" and "JFIF" in y.label
+    assert "--y-only" in y.description and "1.32 dB" in y.description
+
+
 def test_missing_brisque_model_is_named(tmp_path, monkeypatch):
     with pytest.raises(N.MetricUnavailable, match=r"svm\.txt not found.*pip install -e '\.\[eval\]'"):
         N._load_brisque(object, {"svm": tmp_path / "svm.txt", "normalize": tmp_path / "normalize.pickle"})

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from dist_dejpeg.evaluation.report import error_crop, summarize, write_report
+from dist_dejpeg.evaluation.report import error_crop, render_report, summarize, write_report
 
 QUALITIES = (10, 40)
 CROP = 96
@@ -208,6 +208,22 @@ def test_every_evaluated_metric_has_its_registry_direction(tmp_path):
     ssim, lpips = (text.split(f'id="plot-{m}"')[1].split("</svg>")[0] for m in ("ssim", "lpips"))
     assert 'class="mean" cx' in ssim and 'fill="#11772d"><title>q10: mean +1.0000' in ssim
     assert 'fill="#b3261e"><title>q10: mean +1.0000' in lpips and "lower is better" in lpips
+
+
+def test_summary_means_pair_each_photo_s_jpeg_and_restored_values():
+    """A photo whose JPEG equals its reference (PSNR inf: a blank page) made the JPEG mean inf while the restored
+    mean was finite, and a value missing on one side (BRISQUE of a flat JPEG) left one mean but not the other: the
+    delta then compared two different sets of photos. Each mean is now over the photos with both values."""
+    rec = _records()[0]
+    two = [{**rec, "image": "blank", "metrics": {"jpeg": {"psnr": float("inf"), "brisque": None},
+                                                 "restored": {"psnr": 45.0, "brisque": 80.0}}},
+           {**rec, "image": "photo", "metrics": {"jpeg": {"psnr": 30.0, "brisque": 40.0},
+                                                 "restored": {"psnr": 31.0, "brisque": 35.0}}}]
+    rows = {r["metric"]: r for r in summarize(two)}
+    assert (rows["psnr"]["jpeg"], rows["psnr"]["restored"], rows["psnr"]["n"]) == (30.0, 31.0, 1)
+    assert (rows["brisque"]["jpeg"], rows["brisque"]["restored"]) == (40.0, 35.0)
+    page = render_report(two, title="t", meta={}, crop=CROP)
+    assert "the mean of per-photo PSNRs, not the PSNR of the mean error" in page
 
 
 def test_error_crop_finds_the_worst_window():

@@ -7,7 +7,8 @@ and measure the JPEG input and the restored output against the original with the
 Writes ``metrics.json`` (everything: settings, the model's metadata, per-quality means, per-image values),
 ``metrics.csv`` (one row per image, quality and input) and ``metrics.md`` (the per-quality tables). The
 compression is Pillow's libjpeg at 4:2:0 chroma subsampling, as PIL and OpenCV write by default and as the
-published JPEG-restoration tables use (``--subsampling 4:2:2`` / ``4:4:4``: as other encoders write). References
+published JPEG-restoration tables use (``--subsampling 4:2:2`` / ``4:4:4``: as other encoders write); a grayscale
+photo becomes a one-channel JPEG and is restored as ``restore`` writes it, grayscale. References
 must be lossless: a JPEG ground truth already holds artifacts, so it is refused unless ``--allow-lossy-reference``;
 so is a lossless file whose pixels show a JPEG's 8x8 quantization (a PNG saved from a JPEG).
 """
@@ -36,6 +37,9 @@ from dist_dejpeg.restore.restorer import Restorer
 from dist_dejpeg.run.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+
+INFINITE = "infinite: the image equals its reference exactly (a flat image's JPEG can); left out with its pair"
 
 
 class Unmeasurable(EvaluateError):
@@ -100,9 +104,20 @@ class MetricSet:
             entry["images"] += 1
 
 
-def _mean(values: list) -> float | None:
-    vals = [v for v in values if v is not None and np.isfinite(v)]
-    return float(np.mean(vals)) if vals else None
+def _finite(v) -> bool:
+    return v is not None and bool(np.isfinite(v))
+
+
+def _paired_means(rows: list[dict], metric: str) -> dict[str, float | None]:
+    """The JPEG and restored means of ``metric`` over the images where both values are finite: an image left out
+    on one side (infinite PSNR where the JPEG is its reference exactly, NIQE undefined) is left out on the other
+    too, so that restored - JPEG is the mean of the images' own gains."""
+    pairs = [(r["jpeg"][metric], r["restored"][metric]) for r in rows]
+    pairs = [p for p in pairs if _finite(p[0]) and _finite(p[1])]
+    if not pairs:
+        return {"jpeg": None, "restored": None}
+    jpeg, restored = np.mean(pairs, axis=0)
+    return {"jpeg": float(jpeg), "restored": float(restored)}
 
 
 def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path | None, *, y_only: bool = False,
@@ -142,25 +157,34 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     bar = tqdm(total=len(refs) * len(qualities), desc=desc, unit="image", disable=not progress)
     for name, clean, source in refs:
         these, kept, undefined = [], [], {}
+        # a grayscale photo is saved as a one-channel JPEG and restore writes it back grayscale (the mean of the
+        # restored channels): it is measured so, not as the colour image the model returns
+        gray = bool((clean[..., 0] == clean[..., 1]).all() and (clean[..., 1] == clean[..., 2]).all())
         try:
             for q in qualities:
-                jpeg = jpeg_roundtrip(clean, q, SUBSAMPLING[subsampling])
+                jpeg = jpeg_roundtrip(clean[..., 0] if gray else clean, q, SUBSAMPLING[subsampling])
                 jpeg_metrics = metric(jpeg, clean, undefined)  # first: an image too small is found before restoring
                 start = time.perf_counter()
                 if blind:  # the raw blind model: with no quality, the guard would pass every image through
                     guard, restorer.guard = restorer.guard, False
                     try:
-                        restored = restorer.restore_array(jpeg, None, source="blind (evaluate --blind)")
+                        restored = restorer.restore_array(jpeg[..., 0] if gray else jpeg, None,
+                                                          source="blind (evaluate --blind)")
                     finally:
                         restorer.guard = guard
                 else:
-                    restored = restorer.restore_array(jpeg, q, source="given")
+                    restored = restorer.restore_array(jpeg[..., 0] if gray else jpeg, q, source="given")
                 restore_seconds += time.perf_counter() - start
+                if gray:
+                    restored = np.repeat(restored[..., None], 3, axis=2)
                 megapixels += clean.shape[0] * clean.shape[1] / 1e6
                 decision = restorer.last_decision
                 row = {"image": name, "quality": q, "height": clean.shape[0], "width": clean.shape[1],
                        "passthrough": decision.passthrough,
                        "jpeg": jpeg_metrics, "restored": metric(restored, clean, undefined)}
+                for m in EVALUATED:  # an infinite value leaves the means with its pair (_paired_means)
+                    if any(v is not None and not _finite(v) for v in (row["jpeg"][m], row["restored"][m])):
+                        undefined.setdefault(m, {"reason": INFINITE, "count": 0})["count"] += 2
                 these.append(row)
                 if keep_images:
                     kept.append({"image": name, "quality": q, "clean": clean, "jpeg": jpeg, "restored": restored,
@@ -181,7 +205,8 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     per_quality = {}
     for q in qualities:
         sel = [r for r in rows if r["quality"] == q]
-        means = {kind: {m: _mean([r[kind][m] for r in sel]) for m in EVALUATED} for kind in ("jpeg", "restored")}
+        paired = {m: _paired_means(sel, m) for m in EVALUATED}
+        means = {kind: {m: paired[m][kind] for m in EVALUATED} for kind in ("jpeg", "restored")}
         means["gain"] = {m: (None if means["restored"][m] is None or means["jpeg"][m] is None
                              else means["restored"][m] - means["jpeg"][m]) for m in EVALUATED}
         means["images"] = len(sel)
@@ -227,7 +252,7 @@ def _backbone_note(info: dict) -> str:
     return f"the generator's encoder started from {init} weights"
 
 
-def _fmt(v, digits: int = 4) -> str:
+def format_value(v, digits: int = 4) -> str:
     if v is None:
         return "n/a"
     if not np.isfinite(v):
@@ -244,7 +269,7 @@ def markdown(result: dict) -> str:
              f"Images: {meta['images']} lossless references ({len(meta['skipped'])} skipped); compression: "
              f"{meta['compression']}; full-reference metrics on {meta['channel']}, border crop {meta['crop_border']}.",
              f"Restored on {meta['device']} (tile {meta['tile']}, overlap {meta['overlap']}), "
-             f"{_fmt(meta['restore_ms_per_megapixel'], 0)} ms per megapixel.",
+             f"{format_value(meta['restore_ms_per_megapixel'], 0)} ms per megapixel.",
              f"Quality-conditioned model: {'yes' if meta.get('conditioned') else 'no'}; quality told to it: "
              f"{'yes' if meta.get('quality_given') else 'no (blind)'}; do-no-harm guard: "
              f"{'on' if meta.get('guard') else 'off'}" + "".join(
@@ -260,23 +285,26 @@ def markdown(result: dict) -> str:
         lines.append(f"- seen in training: {seen_note(seen, meta['images'])}")
     if meta["unavailable"] or meta["undefined"] or meta["skipped"] or seen:
         lines.append("")
-    lines += ["| quality | metric | JPEG | restored | restored - JPEG |", "|---|---|---|---|---|"]
+    lines += ["Means over the images of each image's value (PSNR: the mean of per-image PSNRs, as published tables "
+              "average, not the PSNR of the mean error), over the images with a finite JPEG and restored value.", "",
+              "| quality | metric | JPEG | restored | restored - JPEG |", "|---|---|---|---|---|"]
     for q, means in result["per_quality"].items():
         for m in QUALITY:
-            lines.append(f"| {q} | {m} ({BY_NAME[m].phrase}) | {_fmt(means['jpeg'][m])} | "
-                         f"{_fmt(means['restored'][m])} | "
-                         f"{'+' if (means['gain'][m] or 0) > 0 else ''}{_fmt(means['gain'][m])} |")
-    lines += ["", "Where the error sits and colour shift (PSNR on JFIF Y/Cb/Cr; mean signed shift per RGB "
-              "channel in levels, 0-255: a cast is a shift the JPEG input does not have):", "",
+            lines.append(f"| {q} | {m} ({BY_NAME[m].phrase}) | {format_value(means['jpeg'][m])} | "
+                         f"{format_value(means['restored'][m])} | "
+                         f"{'+' if (means['gain'][m] or 0) > 0 else ''}{format_value(means['gain'][m])} |")
+    lines += ["", "Where the error sits and colour shift (PSNR on full-range JFIF Y/Cb/Cr: its psnr_y is 1.32 dB "
+              "below the published PSNR-Y, --y-only's BT.601 16-235 Y; mean signed shift per RGB channel in levels, "
+              "0-255: a cast is a shift the JPEG input does not have):", "",
               "| quality | input | " + " | ".join(COLOUR) + " |", "|---|---|" + "---|" * len(COLOUR)]
     for q, means in result["per_quality"].items():
         for kind in ("jpeg", "restored"):
-            lines.append(f"| {q} | {kind} | " + " | ".join(_fmt(means[kind][m], 2) for m in COLOUR) + " |")
+            lines.append(f"| {q} | {kind} | " + " | ".join(format_value(means[kind][m], 2) for m in COLOUR) + " |")
     lines += ["", "Per image:", "", "| image | quality | " + " | ".join(f"{m} JPEG -> restored" for m in QUALITY)
               + " |", "|---|---|" + "---|" * len(QUALITY)]
     for r in result["per_image"]:
         lines.append(f"| {r['image']} | {r['quality']} | " + " | ".join(
-            f"{_fmt(r['jpeg'][m], 3)} -> {_fmt(r['restored'][m], 3)}" for m in QUALITY) + " |")
+            f"{format_value(r['jpeg'][m], 3)} -> {format_value(r['restored'][m], 3)}" for m in QUALITY) + " |")
     return "\n".join(lines) + "\n"
 
 

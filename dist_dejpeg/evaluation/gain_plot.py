@@ -23,7 +23,8 @@ LEFT, RIGHT, TOP, BOTTOM = 64, 16, 30, 46  # margins: room for the y tick labels
 GOOD, BAD, MEAN, EACH = "#11772d", "#b3261e", "#1f4e9c", "#8a8a8a"
 
 
-def _finite(v) -> float | None:
+def finite(v) -> float | None:
+    """``v`` as a float, or None where it is None, NaN or infinite."""
     if v is None:
         return None
     v = float(v)
@@ -38,12 +39,12 @@ def gains_by_quality(records: list[dict], summary: list[dict], metric: str) -> d
     passed: dict[int, list[bool]] = {}
     for r in records:
         m = r.get("metrics", {})
-        j, x = _finite(m.get("jpeg", {}).get(metric)), _finite(m.get("restored", {}).get(metric))
+        j, x = finite(m.get("jpeg", {}).get(metric)), finite(m.get("restored", {}).get(metric))
         if j is not None and x is not None:
             each.setdefault(int(r["quality"]), []).append(x - j)
             passed.setdefault(int(r["quality"]), []).append(bool(r.get("passthrough")))
     means = {int(s["quality"]): x - j for s in summary if str(s.get("metric")) == metric
-             and (j := _finite(s.get("jpeg"))) is not None and (x := _finite(s.get("restored"))) is not None}
+             and (j := finite(s.get("jpeg"))) is not None and (x := finite(s.get("restored"))) is not None}
     out = {}
     for q in sorted(set(each) | set(means)):
         vals = each.get(q, [])

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dist_dejpeg.evaluation.gain_plot import gain_plots
+from dist_dejpeg.evaluation.gain_plot import finite, gain_plots
 from dist_dejpeg.evaluation.report_style import CSS, JS
 from dist_dejpeg.metrics.registry import BY_NAME, HIGHER, LOWER, METRICS, ZERO
 from dist_dejpeg.run.files import atomic_write_bytes
@@ -170,17 +170,21 @@ def _metric_order(names) -> list[str]:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """Per-quality means of the records' metrics, in the summary-row shape (None where no value exists)."""
+    """Per-quality means of the records' metrics, in the summary-row shape (None where no value exists). Where a
+    metric has JPEG and restored values, both means are over the photos finite in both (as evaluate's tables):
+    a photo's infinite PSNR on one side leaves the other side's mean too, so the delta is the photos' mean gain."""
     out = []
     for q in sorted({int(r["quality"]) for r in records}):
         rs = [r for r in records if int(r["quality"]) == q]
         names = _metric_order({m for r in rs for k in ("jpeg", "restored") for m in r["metrics"].get(k, {})})
         for m in names:
             row = {"quality": q, "metric": m}
-            for k in ("jpeg", "restored"):
-                vals = [v for r in rs if (v := _num(r["metrics"].get(k, {}).get(m))) is not None]
+            values = [[finite(r["metrics"].get(k, {}).get(m)) for k in ("jpeg", "restored")] for r in rs]
+            pairs = [v for v in values if None not in v]
+            for i, k in enumerate(("jpeg", "restored")):
+                vals = [v[i] for v in pairs] if pairs else [v[i] for v in values if v[i] is not None]
                 row[k] = sum(vals) / len(vals) if vals else None
-            row["n"] = len(rs)
+            row["n"] = len(pairs) if pairs else len(rs)
             out.append(row)
     return out
 
@@ -293,7 +297,9 @@ def render_report(records: list[dict], *, title: str, meta: dict, summary: list[
     if plots:
         parts.append("<h2>Gain per quality</h2>" + plots)
     parts.append("<h2>Metrics</h2>" + _legend(names))
-    parts.append("<h2>Mean per quality</h2>" + _summary_html(summary, reasons) + _na_notes(reasons)
+    parts.append("<h2>Mean per quality</h2><p><small>Means over the photos of each photo's value (PSNR: the mean of "
+                 "per-photo PSNRs, not the PSNR of the mean error), over the photos with a finite JPEG and restored "
+                 "value.</small></p>" + _summary_html(summary, reasons) + _na_notes(reasons)
                  + _passthrough_notes(records))
     parts.append('<div class="zoom">Zoom: <button data-z="1" class="on">1x</button> <button data-z="2">2x</button> '
                  '<button data-z="4">4x</button> <small>(click a crop to zoom its row; crops are lossless PNG, '

@@ -92,7 +92,11 @@ def brisque(img) -> float:
         # value (155.845) for any 15 px image, JPEG and restored alike
         raise ValueError(f"BRISQUE needs at least {BRISQUE_MIN_SIDE}x{BRISQUE_MIN_SIDE} pixels, got "
                          f"{a.shape[0]}x{a.shape[1]}")
-    return float(_brisque_model().score(a))
+    with np.errstate(all="ignore"):
+        value = float(_brisque_model().score(a))
+    if not math.isfinite(value):  # its features divide by the local contrast, which a flat image lacks
+        raise ValueError("BRISQUE is undefined for an image without texture (a flat image)")
+    return value
 
 
 # --- NIQE ---------------------------------------------------------------------------------------------------
@@ -230,11 +234,15 @@ def niqe(img, *, params_file: str | Path | None = None) -> float:
         mscn = (a - mu) / (sigma + 1)
         b = bs // scale
         blocks = mscn.reshape(nh, b, nw, b).transpose(0, 2, 1, 3).reshape(-1, b, b)
-        feats.append(_niqe_features(blocks))
+        with np.errstate(all="ignore"):  # a flat block's fit is NaN, left out below
+            feats.append(_niqe_features(blocks))
         if scale == 1:
             a = _imresize_half_matrix(a.shape[0]) @ a @ _imresize_half_matrix(a.shape[1]).T
     dist = np.concatenate(feats, axis=1)
     dist = dist[~np.isnan(dist).any(axis=1)]
+    if len(dist) < 2:  # the covariance of their features needs two blocks
+        raise ValueError(f"NIQE is undefined for an image without texture: {len(dist)} of its {nh * nw} "
+                         f"{bs}x{bs} blocks have texture, it needs two")
     mu_dist = dist.mean(axis=0)
     cov_dist = np.cov(dist, rowvar=False)
     diff = mu_pris - mu_dist

