@@ -25,7 +25,7 @@ from dist_dejpeg.run.lock import RunLock
 from dist_dejpeg.run.layout import MANIFEST, TRAINER_STATE, checkpoint_dir, list_checkpoints, step_name
 from dist_dejpeg.run.manifest import checkpoint_files, verify_checkpoint
 from dist_dejpeg.train.checkpoint import CheckpointError
-from dist_dejpeg.train.resume import check_resume_config, choose_checkpoint
+from dist_dejpeg.train.resume import check_before_start, check_resume_config, choose_checkpoint
 from dist_dejpeg.train.steps import generator_step
 from dist_dejpeg.train.trainer import Trainer, train
 
@@ -144,7 +144,8 @@ def test_choice_without_a_manifest_and_when_nothing_verifies(base, tmp_path, cap
         truncate(checkpoint_dir(other) / step_name(step) / "optimizer.bin")
     with pytest.raises(CheckpointError, match="no checkpoint under .* verifies: step-00000006: optimizer.bin"):
         choose_checkpoint(MAIN_PROCESS, other, "latest", True)
-    assert choose_checkpoint(MAIN_PROCESS, other, None, False) is None  # auto_resume off: nothing is read
+    with pytest.raises(ConfigError, match="false starts a new run"):  # auto_resume off: a new run, refused there
+        choose_checkpoint(MAIN_PROCESS, other, None, False)
 
 
 def test_rolling_back_keeps_one_timeline(base, shards, tmp_path):
@@ -316,3 +317,28 @@ def test_init_from_a_deepspeed_run_is_a_config_error(shards, tmp_path):  # noqa:
     with pytest.raises(ConfigError, match=r"model.init_from.*step-00000004: a checkpoint folder without "
                                           r"model.safetensors"):
         Trainer(tiny(tmp_path / "run", shards, *OVER, f"model.init_from={tmp_path / 'ds'}"))
+
+
+def test_a_new_run_in_a_folder_holding_a_run_is_refused_and_changes_nothing(base, shards, tmp_path, capsys):
+    """train.auto_resume=false in a run folder with checkpoints started a new run among the old run's: keep_last
+    deleted the new run's lower steps at once (old 4 and 6 kept, new 2 gone) and the next auto-resume took the old
+    run's newest. Now a one-line error naming the folder and both ways out, before anything is written; --resume
+    still continues the run, and the launcher of train.processes says the same before its ranks start."""
+    run = copy_run(base[0], tmp_path / "run")
+    before = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and "tb" not in p.parts}
+    config = tmp_path / "config.yaml"
+    config.write_text(to_yaml(tiny(run, shards, *OVER, "train.keep_last=2")))
+    reset()
+    assert cli_main(["train", "--config", str(config), "train.auto_resume=false"]) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert f"false starts a new run, but {run} holds a run already (newest checkpoint step-00000006)" in line, err
+    assert "(train.auto_resume=true, or --resume), or start the new one in another train.run_dir" in line, err
+    assert "Traceback" not in err
+    after = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and "tb" not in p.parts}
+    assert after.keys() - {Path(".lock")} == before.keys() - {Path(".lock")}
+    assert all(after[k] == before[k] for k in before if k.name != ".lock")
+    with pytest.raises(ConfigError, match=f"{run} holds a run already"):
+        check_before_start(tiny(run, shards, *OVER, "train.auto_resume=false"), None, 2)
+    assert choose_checkpoint(MAIN_PROCESS, run, "latest", False) == checkpoint_dir(run) / step_name(6)
+    assert choose_checkpoint(MAIN_PROCESS, tmp_path / "new", None, False) is None  # an empty folder: a new run

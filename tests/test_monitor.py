@@ -290,6 +290,15 @@ def _session(run, shards, *over):
     return monitor, acc
 
 
+def _checkpoint(run, step: int = 2):
+    """A complete checkpoint folder as list_checkpoints sees one: the run has a checkpoint to resume."""
+    from dist_dejpeg.run.layout import TRAINER_STATE, checkpoint_dir, step_name
+
+    folder = checkpoint_dir(run) / step_name(step)
+    folder.mkdir(parents=True)
+    (folder / TRAINER_STATE).write_text("{}")
+
+
 def test_a_resumed_run_logs_to_the_same_wandb_and_mlflow_runs(tmp_path, shards, monkeypatch):
     """Each session of a run (a start, each resume after a preemption) made a new wandb run and a new MLflow run;
     a second session, even with a changed config (a longer phase: MLflow refuses a changed param), continues
@@ -313,6 +322,7 @@ def test_a_resumed_run_logs_to_the_same_wandb_and_mlflow_runs(tmp_path, shards, 
     first = {t.name: t for t in acc.trackers}
     ids = json.loads((run / TRACKER_RUNS).read_text())
     assert ids["wandb"] == first["wandb"].run.id and ids["mlflow"]["run_id"] == first["mlflow"].active_run.info.run_id
+    _checkpoint(run)  # (what the second session resumes)
     _, acc = _session(run, shards, *over, "train.phases.gen.steps=7")
     second = {t.name: t for t in acc.trackers}
     assert second["wandb"].run.id == ids["wandb"]
@@ -362,6 +372,8 @@ def test_tracker_files_and_runs_follow_the_run_folder_unless_the_libraries_env_s
     assert init["wandb"] == {"dir": str(run)} and store == f"sqlite:///{run.resolve() / 'mlflow' / 'mlflow.db'}"
     assert init["mlflow"] == {"logging_dir": (run / "mlflow" / "artifacts").resolve().as_uri()}
     (run / TRACKER_RUNS).write_text(json.dumps({"wandb": "abc123", "mlflow": {"run_id": "r1", "store": store}}))
+    assert tracker_init(["wandb", "mlflow"], run)[0] == {"wandb": {"dir": str(run)}, "mlflow": init["mlflow"]}
+    _checkpoint(run)  # a session that resumes one continues the runs; one without starts the run over: new runs
     init, _ = tracker_init(["wandb", "mlflow"], run)
     assert init["wandb"] == {"dir": str(run), "id": "abc123", "resume": "allow"} and init["mlflow"]["run_id"] == "r1"
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
@@ -392,6 +404,100 @@ def test_a_tracker_run_gone_from_its_store_names_the_file_to_delete(tmp_path, sh
     run.mkdir()
     _, store = tracker_init(["mlflow"], run)
     (run / TRACKER_RUNS).write_text(json.dumps({"mlflow": {"run_id": "0123456789abcdef", "store": store}}))
+    _checkpoint(run)
     with pytest.raises(ConfigError, match=f"could not start.*continues the runs named in {run / TRACKER_RUNS}: "
                                           f"delete that file to start new ones"):
         _session(run, shards, "train.log_with=[mlflow]")
+
+
+def test_a_session_that_starts_the_run_over_gets_new_tracker_runs_and_a_clean_tensorboard(tmp_path, shards,
+                                                                                          monkeypatch):
+    """A session with no checkpoint to resume (the first was killed before one, or its checkpoints were moved
+    aside) trains steps 1, 2... again: it continued the first session's wandb run (which dropped those steps, its
+    steps only go forward) and MLflow run, and TensorBoard drew the first session's points beside the new ones.
+    Now new wandb and MLflow runs (trackers.json names them for the sessions that resume), and TensorBoard drops
+    what the earlier session logged."""
+    pytest.importorskip("mlflow", reason="mlflow is in the test extra")
+    pytest.importorskip("wandb", reason="wandb is in the test extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dist_dejpeg.train.trackers import TRACKER_RUNS
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true")):
+        monkeypatch.setenv(name, value)
+    for name in ("WANDB_DIR", "WANDB_RUN_ID", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    run, over = tmp_path / "run", ("train.log_with=[tensorboard,mlflow,wandb]",)
+    _session(run, shards, *over)
+    first = json.loads((run / TRACKER_RUNS).read_text())
+    _, acc = _session(run, shards, *over)
+    second = {t.name: t for t in acc.trackers}
+    assert second["wandb"].run.id != first["wandb"]
+    assert second["mlflow"].active_run.info.run_id != first["mlflow"]["run_id"]
+    ids = json.loads((run / TRACKER_RUNS).read_text())
+    assert ids["wandb"] == second["wandb"].run.id and ids["mlflow"]["run_id"] == second["mlflow"].active_run.info.run_id
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [p.step for p in events.Images("val/grid")] == [2], "the first session's grid is dropped"
+    assert [p.step for p in events.Scalars("train/gen/l1")] == [1, 2]
+
+
+def test_a_resume_before_steps_an_earlier_session_logged_says_what_wandb_drops(tmp_path, shards, monkeypatch,
+                                                                               caplog):
+    """wandb keeps the steps an earlier session logged after the checkpoint (a kill -9, a rollback) and drops the
+    new ones up to there, silently: the resume says which steps, where wandb is a tracker."""
+    pytest.importorskip("wandb", reason="wandb is in the test extra")
+    from dist_dejpeg.config import to_dict
+    from dist_dejpeg.train.build import build_accelerator
+    from dist_dejpeg.train.monitor import Monitor
+
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true")):
+        monkeypatch.setenv(name, value)
+    for name in ("WANDB_DIR", "WANDB_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    run = tmp_path / "run"
+    _checkpoint(run, 4)
+    (run / "progress.json").write_text(json.dumps({"status": "running", "global_step": 6}))  # the killed session's
+    acc, cfg = build_accelerator(tiny(run, shards, "train.order=[gen]", "train.log_with=[tensorboard,wandb]"))
+    monitor = Monitor(acc, cfg, run, to_dict(cfg))
+    try:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dist_dejpeg"):
+            monitor.resumed(6)
+            said = [r.getMessage() for r in caplog.records if r.name == "dist_dejpeg"]
+            assert not said, "nothing was logged after the checkpoint: nothing to say"
+            monitor.resumed(4)
+    finally:
+        monitor.close()
+    (said,) = [r.getMessage() for r in caplog.records if r.name == "dist_dejpeg"]
+    assert said.startswith("resume: an earlier session logged steps 5..6, after this checkpoint: wandb keeps those "
+                           "and drops what this session logs up to step 6"), said
+
+
+def test_deepspeeds_all_gather_deprecation_is_silenced_narrowly(tmp_path, shards, monkeypatch):
+    """Every DeepSpeed run printed torch 2.14's "all_gather_into_tensor is deprecated" from inside DeepSpeed's
+    ZeRO (once per rank): filtered where DDP's broadcast_buffers one is, by its message and category only."""
+    import torch
+
+    from dist_dejpeg.train.build import build_accelerator
+
+    def gather():  # torch warns, then finds no process group
+        with pytest.raises(ValueError, match="process group"):
+            torch.distributed.all_gather_into_tensor(torch.zeros(2), torch.zeros(1))
+
+    with warnings.catch_warnings(record=True) as raw:
+        warnings.simplefilter("always")
+        gather()
+    assert any("all_gather_into_tensor` is deprecated" in str(w.message) for w in raw), "else this test is vacuous"
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        with pytest.raises(ConfigError, match="DeepSpeed"):  # (no launcher: it stops before any engine)
+            build_accelerator(tiny(tmp_path / "run", shards, "train.deepspeed_stage=2"))
+        gather()
+        warnings.warn("an unrelated FutureWarning still shows", FutureWarning)
+    messages = [str(w.message) for w in ours]
+    assert not any("all_gather_into_tensor" in m for m in messages), messages
+    assert "an unrelated FutureWarning still shows" in messages

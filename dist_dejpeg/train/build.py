@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -44,6 +43,7 @@ from dist_dejpeg.train.checkpoint import remove_partial
 from dist_dejpeg.train.collective import all_ranks_or_raise
 from dist_dejpeg.train.compile import compile_cache_dir, compile_model, use_compile_cache
 from dist_dejpeg.train.data_checks import check_shards_exist, check_train_tiles
+from dist_dejpeg.train.library_warnings import silence_library_warnings
 from dist_dejpeg.train.phases import generator_updates, trains_critic, uses_lpips
 from dist_dejpeg.train.resume import GENERATOR_SHAPE_KEYS
 
@@ -80,11 +80,9 @@ def build_accelerator(cfg: Config) -> tuple[Accelerator, Config]:
                               f"config asks for ZeRO stage {launched}; the trainer supports 1 and 2")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, mixed_precision=precision, deepspeed_stage=stage),
                               model=_model_from(cfg.model))
+    silence_library_warnings()  # DDP's broadcast_buffers and DeepSpeed's all_gather_into_tensor deprecations
     if stage:
         return _deepspeed_accelerator(cfg, cpu, timeout), cfg
-    # torch 2.14's DDP calls broadcast_buffers deprecated (once per rank and model) for forward_sync_buffers, which
-    # Accelerate cannot pass yet and older torch lacks; False is meant, below
-    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     return Accelerator(
         cpu=cpu,
         mixed_precision=precision,

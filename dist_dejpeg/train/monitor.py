@@ -11,7 +11,8 @@
 - Trackers: Accelerate's (``train.log_with``: tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive,
   trackio); each gets the same scalars and the validation image grid. Their files go to the run folder, and a
   resumed run continues the same wandb and MLflow runs (train/trackers.py); it has TensorBoard drop what an
-  earlier session logged after the checkpoint (:meth:`Monitor.resumed`). The final validation's scalars are
+  earlier session logged after the checkpoint (:meth:`Monitor.resumed`), and a session that starts the run over
+  (no checkpoint) all that earlier sessions logged. The final validation's scalars are
   ``final/q10_restored_psnr`` etc., the in-phase ones ``val_q10/restored_psnr``.
 - ``progress.json`` (atomic rewrite at every log window, validation, phase boundary and at the end): where the
   run stands, for ``dist-dejpeg status`` and scripts; see :data:`PROGRESS_KEYS`.
@@ -40,12 +41,12 @@ import numpy as np
 
 from dist_dejpeg.run.files import (atomic_write_json, atomic_write_text, free_bytes, is_disk_full, read_json,
                                    size_text)
-from dist_dejpeg.run.layout import (CONFIG, METRICS, PROGRESS, PROGRESS_KEYS, MetricsMeta, latest_checkpoint,
-                                    partial_checkpoints)
+from dist_dejpeg.run.layout import (CONFIG, METRICS, PROGRESS, PROGRESS_KEYS, TENSORBOARD_EVENTS, MetricsMeta,
+                                    latest_checkpoint, list_checkpoints, partial_checkpoints)
 from dist_dejpeg.run.text import duration
 from dist_dejpeg.train.checkpoint import TrainingStopped, remove_partial
-from dist_dejpeg.train.trackers import (TRACKER_RUNS, check_trackers, set_mlflow_store, tracker_config,  # noqa: F401
-                                        tracker_init, tracker_objects)  # (build.py imports the two from here)
+from dist_dejpeg.train.trackers import (TRACKER_RUNS, check_trackers, continued_runs, set_mlflow_store,  # noqa: F401
+                                        tracker_config, tracker_init, tracker_objects)  # (build.py: two from here)
 
 log = logging.getLogger("dist_dejpeg")
 
@@ -86,6 +87,8 @@ class Monitor:
                 (self.run_dir / "mlflow").mkdir(exist_ok=True)
                 set_mlflow_store(self.mlflow_store)
             accelerator.init_trackers(self.run_dir.name or "dist_dejpeg", init_kwargs=init)
+            if not list_checkpoints(self.run_dir):  # this session starts the run over (train/trackers.py)
+                self._restart_tensorboard(0, earlier_only=True)
             for tracker in accelerator.trackers if self.main else []:
                 run = tracker.active_run.data.params if tracker.name == "mlflow" else None
                 tracker.store_init_configuration(tracker_config(config_dict, run))
@@ -95,7 +98,7 @@ class Monitor:
             if self.mlflow_store:
                 set_mlflow_store(None)
             again = (f"; it continues the runs named in {self.run_dir / TRACKER_RUNS}: delete that file to start "
-                     f"new ones" if (self.run_dir / TRACKER_RUNS).is_file() else "")
+                     f"new ones" if continued_runs(self.run_dir) else "")
             raise ConfigError(f"config key 'train.log_with': a tracker of {cfg.train.log_with} could not start "
                               f"({type(err).__name__}: {err}){again}") from err
         store = self.mlflow_store or os.environ.get("MLFLOW_TRACKING_URI")  # the run ids, for the next session
@@ -181,14 +184,28 @@ class Monitor:
     def resumed(self, global_step: int) -> None:
         """A run resumed from the checkpoint at ``global_step``: TensorBoard drops what an earlier session logged
         after it (steps a kill or crash lost; a rollback's abandoned ones), so no curve has two points per step
-        or goes back in time. A new writer with ``purge_step`` records the restart in the event files."""
+        or goes back in time. wandb cannot (its steps only go forward): said, with the steps it will drop."""
         if not self.main:
             return
-        for tracker in self.acc.trackers:
-            if tracker.name == "tensorboard":
-                with self.side_write(f"tracker.{tracker.name}", (Exception,)):
-                    tracker.writer.close()
-                    tracker.writer = type(tracker.writer)(tracker.logging_dir, purge_step=global_step + 1)
+        self._restart_tensorboard(global_step + 1)
+        earlier = (read_json(self.run_dir / PROGRESS) or {}).get("global_step")  # (the last session's, until ours)
+        if "wandb" in [t.name for t in self.acc.trackers] and isinstance(earlier, int) and earlier > global_step:
+            log.warning("resume: an earlier session logged steps %d..%d, after this checkpoint: wandb keeps those and "
+                        "drops what this session logs up to step %d (its steps only go forward); TensorBoard shows "
+                        "this session's, MLflow both", global_step + 1, earlier, earlier)
+
+    def _restart_tensorboard(self, purge_step: int, earlier_only: bool = False) -> None:
+        """A new TensorBoard writer whose ``purge_step`` records a restart in the event files: TensorBoard drops
+        what earlier files logged at that step or later. ``earlier_only``: only where earlier sessions wrote files
+        (the writer Accelerate started has one of its own)."""
+        for tracker in self.acc.trackers if self.main else []:
+            if tracker.name != "tensorboard":
+                continue
+            if earlier_only and len(list(Path(tracker.logging_dir).glob(TENSORBOARD_EVENTS))) <= 1:
+                continue
+            with self.side_write(f"tracker.{tracker.name}", (Exception,)):
+                tracker.writer.close()
+                tracker.writer = type(tracker.writer)(tracker.logging_dir, purge_step=purge_step)
 
     def image(self, tag: str, grid, step: int) -> None:
         """``grid``: 3 x H x W float in [0, 1] (torch). To every tracker that takes images."""

@@ -11,6 +11,8 @@ later ones (checkpoint.set_aside_later), so one timeline continues. A named fold
 error (exit 2). The checkpoint's config.yaml is compared with this config: a key that changes a model's tensor
 shapes is an error naming it; another global batch or process count needs train.resume_allow_batch_change.
 More steps for the phase that ended last (a finished run's gan phase) reopen it; for an earlier phase, an error.
+train.auto_resume=false without --resume starts a new run, which a folder holding checkpoints refuses (a new run
+there goes to another train.run_dir).
 """
 
 from __future__ import annotations
@@ -109,6 +111,12 @@ def _choose(run_dir: Path, resume: str | None, auto_resume: bool) -> str | None:
         _note_unverified(verdict)
         return str(path)
     if resume is None and not auto_resume:
+        own = list_checkpoints(run_dir)
+        if own:  # a new run's checkpoints among the old run's: keep_last and the next auto-resume would mix them
+            raise ConfigError(f"config key 'train.auto_resume': false starts a new run, but {run_dir} holds a run "
+                              f"already (newest checkpoint {own[-1].name}), whose checkpoints keep_last and a later "
+                              f"resume would mix with the new run's: continue that run (train.auto_resume=true, or "
+                              f"--resume), or start the new one in another train.run_dir (or move {run_dir} aside)")
         return None
     found = list_checkpoints(run_dir)
     if not found:

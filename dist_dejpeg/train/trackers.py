@@ -7,9 +7,11 @@ in the run folder, and one tracker run per run folder over all its sessions.
   library's own env var says where (WANDB_DIR, MLFLOW_TRACKING_URI), it wins.
 - Sessions: a resumed run (a requeued job, a longer phase) logs to the wandb run (``id``, ``resume="allow"``) and
   the MLflow run (``run_id``; one of the same store) of its first session: :data:`TRACKER_RUNS` keeps their ids
-  (WANDB_RUN_ID and MLFLOW_RUN_ID win); dvclive appends (``resume=True``). Steps that an earlier session logged
-  after the checkpoint the run resumed from come again: TensorBoard drops the old ones (``Monitor.resumed``),
-  wandb the new ones (its steps only go forward), MLflow keeps both.
+  (WANDB_RUN_ID and MLFLOW_RUN_ID win); dvclive appends (``resume=True``). A session with no checkpoint of the run
+  to resume (the first, or one after a kill before any checkpoint) starts the run over: new wandb and MLflow runs
+  (their steps 1, 2... again would go to the old ones), and TensorBoard drops what earlier sessions logged. Steps
+  that an earlier session logged after the checkpoint the run resumed from come again: TensorBoard drops the old
+  ones (``Monitor.resumed``), wandb the new ones (its steps only go forward; the resume warns), MLflow keeps both.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from dist_dejpeg.config import TRACKER_PACKAGES, ConfigError, flatten
 from dist_dejpeg.run.files import read_json
+from dist_dejpeg.run.layout import list_checkpoints
 
 TRACKER_RUNS = "trackers.json"  # <run_dir>/: {"wandb": id, "mlflow": {"run_id", "store"}} of the run's trackers
 
@@ -63,7 +66,7 @@ def tracker_init(names: list[str], run_dir: Path) -> tuple[dict, str | None]:
     """Accelerate's ``init_kwargs`` for ``names``, and the MLflow store to set (None: MLFLOW_TRACKING_URI's or
     no MLflow): files in the run folder, earlier sessions' runs continued (see the module's doc)."""
     env, init, store = os.environ, {}, None
-    runs = read_json(run_dir / TRACKER_RUNS) or {}
+    runs = continued_runs(run_dir)
     if "wandb" in names:
         init["wandb"] = {} if env.get("WANDB_DIR") else {"dir": str(run_dir)}
         if runs.get("wandb") and not env.get("WANDB_RUN_ID"):
@@ -78,6 +81,12 @@ def tracker_init(names: list[str], run_dir: Path) -> tuple[dict, str | None]:
     if "dvclive" in names:  # resume: Live() otherwise deletes what the earlier sessions logged
         init["dvclive"] = {"dir": str(run_dir / "dvclive"), "resume": True}
     return init, store
+
+
+def continued_runs(run_dir: Path) -> dict:
+    """The tracker runs this session continues: :data:`TRACKER_RUNS`' where the run has a checkpoint to resume,
+    else none (a session that starts the run over starts new ones)."""
+    return (read_json(run_dir / TRACKER_RUNS) or {}) if list_checkpoints(run_dir) else {}
 
 
 def set_mlflow_store(uri: str | None) -> None:
