@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from dist_dejpeg.config import PhaseConfig
-from dist_dejpeg.train.phases import (StopRule, gan_turn, generator_updates, lr_at, trains_critic, trains_generator,
-                                      uses_lpips)
+from dist_dejpeg.config import ConfigError, PhaseConfig, load_config
+from dist_dejpeg.train.phases import (StopRule, gan_rule, gan_turn, generator_updates, lr_at, select_metric,
+                                      trains_critic, trains_generator, uses_lpips)
 
 LR = 1e-3
 
@@ -179,7 +179,7 @@ def test_stop_rule_state_round_trip():
     for step, v in enumerate([0.5, 0.3, 0.35]):
         rule.update(v, step)
     state = rule.state_dict()
-    assert state == {"patience": 3, "best": 0.3, "best_step": 1, "bad_checks": 1}
+    assert state == {"patience": 3, "best": 0.3, "best_step": 1, "bad_checks": 1, "metric": "lpips"}
     restored = StopRule.from_state(json.loads(json.dumps(state)))
     assert restored == rule
     # both go on identically
@@ -190,6 +190,44 @@ def test_stop_rule_state_round_trip():
     fresh = StopRule()
     assert StopRule.from_state(json.loads(json.dumps(fresh.state_dict()))) == fresh
     assert fresh.best == math.inf
+
+
+def test_stop_rule_on_psnr_takes_higher_as_better():
+    rule = StopRule.start(2, "psnr")
+    assert rule.best == -math.inf and StopRule.from_state(json.loads(json.dumps(rule.state_dict()))) == rule
+    results = [rule.update(v, step) for step, v in enumerate([20.0, 21.0, 20.5, 20.9])]
+    assert results == [(True, False), (True, False), (False, False), (False, True)]
+    assert (rule.best, rule.best_step) == (21.0, 1)
+
+
+def test_select_on_auto_follows_lpips_only_when_its_backbone_is_pretrained():
+    """A random-backbone LPIPS (loss.lpips_pretrained=false, configs/debug.yaml) ranks generators arbitrarily:
+    auto keeps the best by PSNR there."""
+    gan = _phase(kind="gan")
+    assert gan.select_on == "auto"
+    assert select_metric("gan", gan, lpips_pretrained=True) == "lpips"
+    assert select_metric("gan", gan, lpips_pretrained=False) == "psnr"
+    assert select_metric("gan", _phase(kind="gan", select_on="lpips"), lpips_pretrained=False) == "lpips"
+    assert select_metric("gan", _phase(kind="gan", select_on="psnr"), lpips_pretrained=True) == "psnr"
+    with pytest.raises(ConfigError, match=r"'train.phases.gan.select_on': 'ssim' is not one of"):  # when loaded
+        load_config(None, ["train.phases.gan.select_on=ssim"])
+
+
+def test_a_resumed_rule_from_before_select_on_loads_and_follows_this_runs_metric(caplog):
+    old = {"patience": 2, "best": 0.4, "best_step": 20, "bad_checks": 1}  # a checkpoint's, before the metric field
+    assert StopRule.from_state(old).metric == "lpips"
+    gan = _phase(kind="gan", patience=5)
+    with caplog.at_level("INFO", logger="dist_dejpeg"):
+        rule = gan_rule("gan", gan, old, fresh=False, decided=False, lpips_pretrained=False)
+    assert "gan: keeping the best generator by validation PSNR (the validation LPIPS backbone is random)" in caplog.text
+    assert rule == StopRule.start(5, "psnr")  # the LPIPS best means nothing to PSNR: the next validation is the best
+    caplog.clear()
+    with caplog.at_level("INFO", logger="dist_dejpeg"):
+        kept = gan_rule("gan", gan, old, fresh=False, decided=True, lpips_pretrained=False)  # the stop already fired
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "rank generators arbitrarily" in caplog.text
+    assert (kept.metric, kept.best, kept.best_step) == ("lpips", 0.4, 20)
+    same = gan_rule("gan", gan, old, fresh=False, decided=False, lpips_pretrained=True)
+    assert (same.best, same.bad_checks, same.patience) == (0.4, 1, 5)  # this run's patience
 
 
 # --------------------------------------------------------------------------------------------- kinds

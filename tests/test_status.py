@@ -196,7 +196,8 @@ def test_finished_run(tmp_path, shards, capsys, monkeypatch):
     assert s["lock"]["exists"] and s["lock"]["held"] is False and s["lock"]["pid"] == os.getpid()
     assert s["position"]["phases_done"] == ["gen", "critic", "gan"] and s["position"]["global_step"] == 9
     assert s["checkpoint"]["name"] == "step-00000009" and s["checkpoint"]["age_s"] < 600
-    assert s["eta"] is None and s["best"] is not None and 0 <= s["best"]["value"] <= 2
+    assert s["eta"] is None and s["best"] is not None and s["best"]["step"] == 4
+    assert s["best"]["metric"] == "psnr" and s["best"]["value"] > 10  # its LPIPS backbone is random: kept by PSNR
     assert set(s["last_val"]) == {"q10", "q20", "q40"} and "lpips" in s["last_val"]["q10"]["restored"]
     c = s["config"]
     assert (c["data_root"], c["batch_size"], c["crop"], c["mixed_precision"]) == (str(shards), 2, 32, "no")
@@ -311,6 +312,29 @@ def test_best_is_the_gan_phases_and_a_random_backbone_lpips_says_so(tmp_path, no
     (run / "config.yaml").unlink()  # metrics.json's meta says it too
     (run / "metrics.json").write_text(json.dumps({"meta": {"lpips": "lpips-alex (RANDOM backbone: not real LPIPS)"}}))
     assert st.run_status(run)["lpips"] == {"network": "lpips-alex", "pretrained": False, "source": "metrics.json"}
+
+
+def test_best_names_the_metric_the_gan_phase_selects_on(tmp_path, no_flock):
+    """With a random-backbone LPIPS the gan phase keeps its best by PSNR (select_on auto): status said 'best
+    validation LPIPS (RANDOM BACKBONE) 22.0000' of a PSNR, and picked its best from the LPIPS history."""
+    history = [["gan", 20, 0.004], ["gan", 40, 0.005]]
+    run = fake_run(tmp_path, history, lpips_pretrained=False)
+    state_file = next((run / "checkpoints").glob("step-*")) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["stop"] = {"patience": 2, "best": 22.0, "best_step": 40, "bad_checks": 0, "metric": "psnr"}
+    state_file.write_text(json.dumps(state))
+    s = st.run_status(run)
+    assert (s["best"]["metric"], s["best"]["value"], s["best"]["phase"], s["best"]["step"]) == ("psnr", 22.0, "gan", 40)
+    assert "best       validation PSNR 22.0000 at gan step 40" in format_status(s)
+    state["stop"] = {"patience": 2, "best": float("-inf"), "best_step": -1, "bad_checks": 0, "metric": "psnr"}
+    state_file.write_text(json.dumps(state))
+    assert st.run_status(run)["best"] is None  # not the LPIPS history's minimum: that is not what the phase keeps
+    (run / "progress.json").write_text(json.dumps({"status": "running", "best": {"metric": "psnr", "value": 21.5,
+                                                                                 "step": 30, "phase": "gan"}}))
+    assert st.run_status(run)["best"]["metric"] == "psnr"
+    (run / "progress.json").write_text(json.dumps({"status": "running", "best": {"metric": "lpips", "value": 0.3,
+                                                                                 "step": 30, "phase": "gan"}}))
+    assert st.run_status(run)["best"]["metric"] == "lpips (random backbone)"
 
 
 @pytest.mark.skipif(not LINUX, reason="the lock check reads /proc/locks")

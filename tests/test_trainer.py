@@ -251,10 +251,10 @@ def test_a_new_run_starts_from_a_trained_generator(tmp_path, shards, gen_run):
             train(tiny(tmp_path / "c", shards, "train.order=[gen]", "model.decoder_width=32", override))
 
 
-def _validated(restored_lpips: float) -> dict:
+def _validated(restored_lpips: float, restored_psnr: float = 1.0) -> dict:
     """What validate() returns, for one quality: the JPEG's and the restored crops' metrics, and the gain."""
     return {"q10": {"jpeg": dict(psnr=1.0, ssim=1.0, lpips=1.0),
-                    "restored": dict(psnr=1.0, ssim=1.0, lpips=restored_lpips),
+                    "restored": dict(psnr=restored_psnr, ssim=1.0, lpips=restored_lpips),
                     "gain": dict(psnr=0.0, psnr_low=0.0, count=1)}}
 
 
@@ -269,7 +269,7 @@ def test_stop_rule_ends_gan_phase_and_keeps_best(tmp_path, shards, monkeypatch):
     monkeypatch.setattr(trainer_mod, "validate", fake_validate)
     cfg = tiny(tmp_path / "run", shards, "train.order=[gan]", "train.phases.gan.steps=20",
                "train.phases.gan.val_every=1", "train.phases.gan.patience=2", "train.phases.gan.critic_iters=0",
-               "train.phases.gan.gen_iters=1", "train.phases.gan.lr=1e-2")
+               "train.phases.gan.gen_iters=1", "train.phases.gan.lr=1e-2", "train.phases.gan.select_on=lpips")
     t = Trainer(cfg)
     real_validate_in_phase = t._validate_in_phase
 
@@ -290,6 +290,33 @@ def test_stop_rule_ends_gan_phase_and_keeps_best(tmp_path, shards, monkeypatch):
     assert final["q10"]["restored"]["lpips"] == 0.9
 
 
+def test_a_random_backbone_lpips_does_not_pick_the_kept_generator(tmp_path, shards, monkeypatch):
+    """loss.lpips_pretrained=false (configs/debug.yaml): the gan phase keeps the best generator by validation PSNR
+    and stops on it (select_on auto), not by the random LPIPS, which here favours step 2."""
+    scripted = iter([(0.5, 20.0), (0.1, 19.0), (0.45, 22.0), (0.41, 21.0), (0.3, 21.5), (0.9, 0.0), (0.9, 0.0)])
+    monkeypatch.setattr(trainer_mod, "validate", lambda *a, **k: _validated(*next(scripted)))
+    cfg = tiny(tmp_path / "run", shards, "train.order=[gan]", "train.phases.gan.steps=20",
+               "train.phases.gan.val_every=1", "train.phases.gan.patience=2", "train.phases.gan.critic_iters=0",
+               "train.phases.gan.gen_iters=1", "train.phases.gan.lr=1e-2")
+    t = Trainer(cfg)
+    real_validate_in_phase, kept = t._validate_in_phase, {}
+
+    def spy(name, phase, stop):
+        out = real_validate_in_phase(name, phase, stop)
+        kept[t.state.phase_step] = params(t.gen_raw)
+        return out
+
+    t._validate_in_phase = spy
+    t.fit()
+    # PSNR 20, 19, 22 (step 3, best), 21, 21.5: two checks without improvement -> stop at step 5, step 3 kept
+    assert t.state.stopped_early == {"gan": 5}
+    assert not changed(kept[3], params(t.gen_raw)) and changed(kept[2], params(t.gen_raw))
+    assert t.state.stop["metric"] == "psnr" and (t.state.stop["best"], t.state.stop["best_step"]) == (22.0, 3)
+    assert [h[2] for h in t.state.history] == [0.5, 0.1, 0.45, 0.41, 0.3]  # the history stays LPIPS
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert progress["best"] == {"metric": "psnr", "value": 22.0, "step": 3, "phase": "gan"}
+
+
 def test_final_validation_reuses_the_last_one_when_nothing_changed(tmp_path, shards, monkeypatch):
     scripted = iter([0.5, 0.4, 0.3, 0.9])
     calls = []
@@ -303,7 +330,7 @@ def test_final_validation_reuses_the_last_one_when_nothing_changed(tmp_path, sha
     monkeypatch.setattr(final_mod, "validate", fake_validate)  # the raw generator's, for the meta
     cfg = tiny(tmp_path / "run", shards, "train.order=[gan]", "train.phases.gan.steps=3",
                "train.phases.gan.val_every=1", "train.phases.gan.patience=2", "train.phases.gan.critic_iters=0",
-               "train.phases.gan.gen_iters=1")
+               "train.phases.gan.gen_iters=1", "train.phases.gan.select_on=lpips")
     final = Trainer(cfg).fit()
     # validated after steps 1, 2, 3; the last one (0.3) is the best and is kept: the final result is that one;
     # then the raw (non-EMA) generator once, for metrics.json's meta (0.9)

@@ -114,6 +114,7 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"config key 'train.phases.{name}.kind': must be set to one of {list(PHASE_KINDS)}")
             phase.kind = name
         _one_of(f"train.phases.{name}.kind", phase.kind, PHASE_KINDS)
+        _one_of(f"train.phases.{name}.select_on", phase.select_on, ("auto", "lpips", "psnr"))
         _one_of(f"train.phases.{name}.schedule", phase.schedule, ("onecycle", "cosine", "constant"))
         if phase.steps < 0:
             raise ConfigError(f"config key 'train.phases.{name}.steps': must be >= 0")

@@ -100,7 +100,8 @@ class PhaseConfig:
     critic_iters: int = 5  # gan phase: critic updates per cycle
     gen_iters: int = 2  # gan phase: generator updates per cycle
     val_every: int = 0  # validate every N steps (0: train.val_every)
-    patience: int = 0  # gan phase: stop after this many validations without LPIPS improvement (0: never)
+    patience: int = 0  # gan phase: stop after this many validations without improvement of select_on's number (0: never)
+    select_on: str = "auto"  # gan phase: the validation number that picks the kept (best) generator and that patience watches, averaged over data.val_qualities: "lpips" (restored LPIPS, lower is better), "psnr" (restored RGB PSNR, higher is better), "auto" (lpips when loss.lpips_pretrained, else psnr: a random-backbone LPIPS ranks generators arbitrarily)
     max_grad_norm: float = 0.0  # gradient clipping (0: off)
 
 

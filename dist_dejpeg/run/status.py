@@ -268,24 +268,30 @@ def _eta(run: RunFolder, config: dict | None, position: dict | None, speed: dict
 
 # -- validation ---------------------------------------------------------------------------------------------
 def _best(run: RunFolder, lpips: dict) -> dict | None:
-    """The gan phase's best validation (the generator it keeps; the other phases keep their last one):
-    progress.json's, else the newest checkpoint's stop rule, else the best of its gan validations."""
+    """The gan phase's best validation (the generator it keeps; the other phases keep their last one) by the
+    metric it selects on (train.phases.<gan>.select_on; LPIPS before that key): progress.json's, else the newest
+    checkpoint's stop rule, else the best of its gan validations (their LPIPS)."""
     pbest, tstate = (run.progress or {}).get("best"), run.trainer_state
-    metric = "lpips" if lpips["pretrained"] is not False else "lpips (random backbone)"
+
+    def label(metric: str) -> str:
+        return "lpips (random backbone)" if metric == "lpips" and lpips["pretrained"] is False else metric
+
     if isinstance(pbest, dict) and _finite(pbest.get("value")) is not None:
-        return {"metric": metric, "value": pbest["value"], "step": pbest.get("step"),
-                "phase": pbest.get("phase"), "source": f"{PROGRESS} (phase step)"}
+        return {"metric": label(str(pbest.get("metric") or "lpips")), "value": pbest["value"],
+                "step": pbest.get("step"), "phase": pbest.get("phase"), "source": f"{PROGRESS} (phase step)"}
     if tstate is None:
         return None
     stop = tstate.get("stop") if isinstance(tstate.get("stop"), dict) else {}
+    metric = label(str(stop.get("metric") or "lpips"))
     kinds = {p["name"]: p["kind"] for p in (run.config or {}).get("phases") or []}
     history = [h for h in tstate.get("history") or [] if isinstance(h, list) and len(h) == 3
                and _finite(h[2]) is not None and kinds.get(h[0], h[0]) == "gan"]
     if _finite(stop.get("best")) is not None:
-        named = [h[0] for h in history if h[2] == stop["best"] and h[1] == stop.get("best_step")]
+        named = [h[0] for h in history if h[1] == stop.get("best_step")  # (the history holds LPIPS)
+                 and (h[2] == stop["best"] or not metric.startswith("lpips"))]
         return {"metric": metric, "value": stop["best"], "step": stop.get("best_step"),
                 "phase": named[-1] if named else None, "source": f"stop rule in {run.newest.name} (phase step)"}
-    if history:
+    if history and metric.startswith("lpips"):  # (the history holds LPIPS)
         name, step, value = min(history, key=lambda h: h[2])
         return {"metric": metric, "value": value, "step": step, "phase": name,
                 "source": f"validation history in {run.newest.name} (phase step)"}

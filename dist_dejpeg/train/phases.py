@@ -3,16 +3,22 @@
     gen     generator alone: w_lpips * LPIPS + w_pixel * L1
     critic  generator frozen (eval, no grad); critic learns clean (real) vs generated (fake)
     gan     both: critic_iters critic updates, then gen_iters generator updates (+ w_adv * adversarial),
-            validated every val_every steps; stops when validation LPIPS has not improved for `patience`
-            validations, and the best generator is kept
+            validated every val_every steps; stops when the validation number `select_on` names has not
+            improved for `patience` validations, and the best generator by it is kept
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
 from dist_dejpeg.config import PhaseConfig
+
+log = logging.getLogger("dist_dejpeg")
+
+# the gan phase's selection metrics (a validation's restored number averaged over the qualities) -> higher is better
+SELECT_METRICS = {"lpips": False, "psnr": True}
 
 
 def trains_generator(phase: PhaseConfig) -> bool:
@@ -62,18 +68,32 @@ def lr_at(phase: PhaseConfig, step: int, base_lr: float | None = None) -> float:
     return lr
 
 
+def select_metric(name: str, phase: PhaseConfig, lpips_pretrained: bool) -> str:
+    """The number a gan phase keeps its best generator by and stops on: ``select_on``, where "auto" is LPIPS
+    only when the validation LPIPS has a pretrained backbone (a random one's numbers rank generators
+    arbitrarily) and PSNR otherwise."""
+    if phase.select_on == "auto":
+        return "lpips" if lpips_pretrained else "psnr"
+    return phase.select_on  # (config/checks.py: one of auto, lpips, psnr)
+
+
 @dataclass
 class StopRule:
-    """Early stopping on validation LPIPS (lower is better)."""
+    """Early stopping on one validation number: mean restored LPIPS (lower is better) or PSNR (higher)."""
 
     patience: int = 0  # 0: never stop
     best: float = math.inf
     best_step: int = -1
     bad_checks: int = 0
+    metric: str = "lpips"  # SELECT_METRICS' key (a checkpoint's state from before this field: LPIPS's)
+
+    @classmethod
+    def start(cls, patience: int, metric: str = "lpips") -> "StopRule":
+        return cls(patience=patience, best=-math.inf if SELECT_METRICS[metric] else math.inf, metric=metric)
 
     def update(self, value: float, step: int) -> tuple[bool, bool]:
         """Record one validation; returns (improved, stop)."""
-        if value < self.best:
+        if value > self.best if SELECT_METRICS[self.metric] else value < self.best:
             self.best, self.best_step, self.bad_checks = value, step, 0
             return True, False
         self.bad_checks += 1
@@ -85,3 +105,24 @@ class StopRule:
     @classmethod
     def from_state(cls, state: dict) -> "StopRule":
         return cls(**state)
+
+
+def gan_rule(name: str, phase: PhaseConfig, state: dict, fresh: bool, decided: bool,
+             lpips_pretrained: bool) -> StopRule:
+    """A gan phase's stop rule at its start (says what it follows) or resumed from ``state`` with this run's
+    ``patience``. A resumed rule that followed another metric (a checkpoint from before select_on, or select_on
+    changed) starts again on this one, unless it has ``decided`` (the phase was stopped by it)."""
+    metric = select_metric(name, phase, lpips_pretrained)
+    rule = StopRule.start(phase.patience, metric) if fresh else StopRule.from_state(state)
+    rule.patience = phase.patience
+    if rule.metric != metric and not decided:
+        log.info("%s: the checkpoint's stop rule followed %s (best %.4f at step %d); it follows %s from here, so "
+                 "the next validation is the best so far", name, rule.metric.upper(), rule.best, rule.best_step,
+                 metric.upper())
+        rule = StopRule.start(phase.patience, metric)
+    arbitrary = not lpips_pretrained and rule.metric == "lpips"  # (select_on=lpips asked for it, or an older rule)
+    note = "" if lpips_pretrained else " (the validation LPIPS backbone is random" + (
+        ": its numbers rank generators arbitrarily)" if arbitrary else ")")
+    log.log(logging.WARNING if arbitrary else logging.INFO, "%s: keeping the best generator by validation %s%s", name,
+            rule.metric.upper(), note)
+    return rule

@@ -36,10 +36,10 @@ from dist_dejpeg.train.data_checks import checked_val_set
 from dist_dejpeg.train.ema import GeneratorEma
 from dist_dejpeg.train.final import finish_run
 from dist_dejpeg.train.monitor import Monitor
-from dist_dejpeg.train.phases import StopRule, gan_turn, lr_at, trains_critic, trains_generator
+from dist_dejpeg.train.phases import StopRule, gan_rule, gan_turn, lr_at, trains_critic, trains_generator
 from dist_dejpeg.train.resume import choose_checkpoint, resume_from
 from dist_dejpeg.train.steps import HostChecks, NonFiniteLoss, critic_step, generator_step
-from dist_dejpeg.train.validation import average_bn_stats, image_grid, mean_restored_lpips, validate
+from dist_dejpeg.train.validation import average_bn_stats, image_grid, mean_restored, validate
 from dist_dejpeg.train.window import LogWindow, TimedBatches, sum_over_ranks
 
 log = logging.getLogger("dist_dejpeg")
@@ -167,7 +167,7 @@ class Trainer:
         fresh = st.phase_step == 0
         if fresh:  # (a resumed phase got every rank's own statistics back from the checkpoint)
             average_bn_stats(acc, self._models())
-            st.stop = StopRule(patience=phase.patience if phase.kind == "gan" else 0).state_dict()
+            st.stop = StopRule().state_dict()
             if phase.kind == "gan":
                 self.best_generator = None
             if trains_generator(phase):
@@ -177,7 +177,8 @@ class Trainer:
             start_phase_optimizer(self.g_opt, phase, lr_at(phase, st.phase_step), reset=fresh)
         if trains_critic(phase):
             start_phase_optimizer(self.c_opt, phase, lr_at(phase, st.phase_step) * mult, reset=fresh)
-        stop = StopRule.from_state(st.stop)
+        stop = (gan_rule(name, phase, st.stop, fresh, name in st.stopped_early, self.metric_lpips.pretrained)
+                if phase.kind == "gan" else StopRule.from_state(st.stop))
         self.generator.train(trains_generator(phase))
         if self.critic is not None:
             self.critic.train(trains_critic(phase))
@@ -231,8 +232,8 @@ class Trainer:
             if not stopped:
                 self._validate_in_phase(name, phase, stop)
             if self.best_generator is not None and stop.best_step != st.phase_step:
-                log.info("%s: keeping the best generator (its step %d, global step %d; LPIPS %.4f)", name,
-                         stop.best_step, st.global_step - st.phase_step + stop.best_step, stop.best)
+                log.info("%s: keeping the best generator (its step %d, global step %d; %s %.4f)", name, stop.best_step,
+                         st.global_step - st.phase_step + stop.best_step, stop.metric.upper(), stop.best)
                 self.ema.restore(self.gen_raw, self.best_generator, acc.device)  # and the EMA's at that step
                 self._validated = None  # other weights than the last validation measured
                 if self.deepspeed:
@@ -264,17 +265,16 @@ class Trainer:
 
     def _validate_in_phase(self, name: str, phase: PhaseConfig, stop: StopRule) -> bool:
         results = self.run_validation(name)
-        value = mean_restored_lpips(results)
-        self.state.history.append([name, self.state.phase_step, value])
+        self.state.history.append([name, self.state.phase_step, mean_restored(results, "lpips")])
         if phase.kind != "gan":
             return False
-        improved, should_stop = stop.update(value, self.state.phase_step)
-        self.monitor.set_best({"metric": "lpips", "value": stop.best, "step": stop.best_step, "phase": name})
+        improved, should_stop = stop.update(mean_restored(results, stop.metric), self.state.phase_step)
+        self.monitor.set_best({"metric": stop.metric, "value": stop.best, "step": stop.best_step, "phase": name})
         if improved:
             self.best_generator = self.ema.snapshot(self.gen_raw)
         if should_stop:
-            log.info("%s: validation LPIPS has not improved for %d checks; stopping at step %d (best %.4f at %d)",
-                     name, stop.patience, self.state.phase_step, stop.best, stop.best_step)
+            log.info("%s: validation %s has not improved for %d checks; stopping at step %d (best %.4f at %d)",
+                     name, stop.metric.upper(), stop.patience, self.state.phase_step, stop.best, stop.best_step)
             self.state.stopped_early[name] = self.state.phase_step
         return should_stop
 

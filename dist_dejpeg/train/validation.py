@@ -84,9 +84,10 @@ def average_bn_stats(accelerator, models: dict) -> None:
             distribute_bn(model, accelerator.num_processes, reduce=True)
 
 
-def mean_restored_lpips(results: dict) -> float:
-    """The stop rule's number: restored LPIPS averaged over the validation qualities."""
-    values = [r["restored"]["lpips"] for r in results.values()]
+def mean_restored(results: dict, metric: str) -> float:
+    """The restored crops' ``metric`` (lpips, psnr) averaged over the validation qualities: the gan phase's stop rule
+    and best-generator choice (train.phases.<gan>.select_on)."""
+    values = [r["restored"][metric] for r in results.values()]
     return sum(values) / len(values)
 
 
