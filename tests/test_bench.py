@@ -293,13 +293,18 @@ def test_bench_train_keeps_its_rows_when_cut_short(tmp_path, repo_root, monkeypa
     assert "Incomplete: still to measure" in md and train.TUNED in md
 
 
-def test_bench_data_and_infer(tmp_path, repo_root, monkeypatch):
+def test_bench_data_and_infer(tmp_path, repo_root, monkeypatch, capsys):
+    import torch
+
     monkeypatch.chdir(repo_root)
-    with pytest.raises(ValueError, match="need tiles of at least 256 px"):
-        main(["bench", "data", "--tiles", "128", "--results", str(tmp_path)])
+    assert main(["bench", "data", "--tiles", "128", "--results", str(tmp_path)]) == 2  # (a traceback: exit 1)
+    assert "need tiles of at least 256 px" in capsys.readouterr().err
     assert main(["bench", "data", "--tiles", "128", "--crop", "64", "--formats", "png", "raw", "--batches", "2",
                  "--threads", "1", "--results", str(tmp_path)]) == 0
-    report, _ = read(tmp_path, "data")
+    report, md = read(tmp_path, "data")
+    if not torch.cuda.is_available():  # the GPU rows say why they are not there (they vanished)
+        assert report["not_measured"]["DALI GPU"].startswith("not measured: ")
+        assert "| torch loader + nvJPEG on GPU | not measured: no CUDA device |" in md
     rows = report["crops_per_s"]
     assert rows["torch loader (webdataset + PIL) [128 px raw]"] > 0
     peer = rows["BasicSR-style peer (cv2 in workers) [128 px png files]"]
@@ -314,6 +319,7 @@ def test_bench_data_and_infer(tmp_path, repo_root, monkeypatch):
     assert report["results"]["cpu fp32 whole 64 x 96"]["ms_per_megapixel"] > 0
     assert report["results"]["cpu bf16 tiled 64 x 96"]["ms_per_megapixel"] > 0
     assert "Not measured in this run: the shell, ONNX rows" in md  # (bench all's infer said nothing of it)
+    assert ("No GPU rows: no CUDA device" in md) is not torch.cuda.is_available()
 
 
 def test_bench_infer_gpu_rows_run_their_flow_on_the_cpu(tmp_path, repo_root, monkeypatch):
@@ -645,3 +651,97 @@ def test_bench_refuses_bad_counts_results_and_configs_before_measuring(tmp_path,
     assert "error: --results " in capsys.readouterr().err
     assert main(["bench", "train", "--results", str(tmp_path / "r"), "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "error: config file not found" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_results_name_the_commit_and_only_rank_0_writes_them(tmp_path, monkeypatch):
+    """A results file names the code it measured (git describe, -dirty where edited), beside the machine and
+    torch; under a launcher (`accelerate launch ... bench train`) only rank 0 writes (every rank wrote the same
+    files at once, and printed the tables once per rank)."""
+    import subprocess
+
+    from dist_dejpeg.bench.common import CHECKOUT, write_results
+
+    expected = subprocess.run(["git", "-C", str(CHECKOUT), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True).stdout.strip() if (CHECKOUT / ".git").exists() else None
+    monkeypatch.setenv("RANK", "1")
+    write_results(tmp_path, "r", {"x": 1}, "T", "note", ["a"], [["1"]])
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("RANK", "0")
+    write_results(tmp_path, "r", {"x": 1}, "T", "note", ["a"], [["1"]])
+    report, md = read(tmp_path, "r")
+    assert report["machine_info"]["commit"] == expected
+    assert f"commit {expected or 'unknown'}" in md.splitlines()[2]
+
+
+def test_bench_flag_mistakes_are_one_line_errors(tmp_path, capsys):
+    """A combination of flags a benchmark refuses, --root without shards, an unknown shard format: one error line,
+    exit 2, no traceback (they were ValueError/AttributeError tracebacks, exit 1; --formats tiff after the shards
+    of the other formats were written)."""
+    for args, message in ((["train", "--updates", "critic"], "error: bench train: the ladder times the gen update"),
+                          (["data", "--root", str(tmp_path)], "error: no shards match")):
+        assert main(["bench", *args, "--results", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "data", "--formats", "raw", "tiff"])
+    assert stop.value.code == 2 and "invalid choice: 'tiff'" in capsys.readouterr().err
+
+
+def test_bench_scaling_from_another_folder_checks_first_and_names_a_failed_launch(tmp_path, monkeypatch, capsys):
+    """bench scaling (and bench quality) without --config ran configs/debug.yaml relative to the current folder
+    (bench train finds the checkout's): outside the repository root both launches failed. A bad override was found
+    only by the launched processes, and a failed launch was a CalledProcessError traceback."""
+    from subprocess import CalledProcessError
+
+    from dist_dejpeg.bench.common import CPU_CONFIG
+
+    monkeypatch.chdir(tmp_path)
+    launched = []
+
+    def fail(cmd, **kwargs):
+        launched.append(cmd)
+        raise CalledProcessError(2, cmd)
+
+    monkeypatch.setattr(scaling.subprocess, "run", fail)
+    assert main(["bench", "scaling", "--results", str(tmp_path), "data.crop=abc"]) == 2
+    assert "data.crop" in capsys.readouterr().err and launched == []  # the config, checked before any launch
+    assert main(["bench", "scaling", "--results", str(tmp_path), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert len(launched) == 1 and "Traceback" not in err and "failed (exit 2); its output is above" in err
+    config = launched[0][launched[0].index("--config") + 1]
+    assert Path(config).is_absolute() and Path(config).is_file() and config.endswith(CPU_CONFIG[0])
+
+
+def test_bench_data_wait_cut_short_says_what_it_did_not_measure(tmp_path, monkeypatch):
+    """data_wait's tables are rewritten after each variant; a run that a variant's failure (or Ctrl-C) stopped
+    listed only the variants measured, a table that looked complete. Now the rest are rows that say why not."""
+    import argparse
+    import subprocess
+
+    from dist_dejpeg.bench import data_wait
+    from dist_dejpeg.run.layout import METRICS
+
+    settings = tmp_path / "s.yaml"
+    settings.write_text("data_wait:\n  config: configs/debug.yaml\n  steps: 2\n"
+                        "  variants: {one: [a=1], two: [b=2], three: [c=3]}\n")
+
+    def train(cmd, **kwargs):
+        run_dir = Path(next(c for c in cmd if c.startswith("train.run_dir="))[len("train.run_dir="):])
+        if "b=2" in cmd:
+            return subprocess.CompletedProcess(cmd, 3)
+        run_dir.mkdir(parents=True)
+        (run_dir / METRICS).write_text(json.dumps({"meta": {"last_train_log": {"gen": {
+            "train/data_wait_frac": 0.25, "train/images_per_s": 4.0}}}}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(data_wait.subprocess, "run", train)
+    args = argparse.Namespace(settings=str(settings), quick=False, variants="", config="", steps=0, compile=False,
+                              results=str(tmp_path / "r"), work=str(tmp_path / "w"), overrides=[])
+    assert data_wait.main(args) == 3
+    report = json.loads((tmp_path / "r" / data_wait.RESULTS_JSON).read_text())
+    md = (tmp_path / "r" / data_wait.RESULTS_MD).read_text()
+    assert list(report["variants"]) == ["one"] and "| one | 0.250 | 4.0 |" in md
+    assert report["pending"] == {"two": "failed: training failed (exit 3)",
+                                 "three": "not measured: the run stopped before it"}
+    assert "| two | failed: training failed (exit 3) | |" in md and "| three | not measured" in md
+    assert "commit " in md.splitlines()[2]

@@ -54,7 +54,11 @@ COUNTS = {"--steps": 1, "--repeats": 1, "--rounds": 1, "--batches": 1, "--thread
 
 def run_benchmark(main, args: argparse.Namespace) -> int:
     """A benchmark's ``main``, after its results folder is made and proven writable (a wrong --results failed
-    only after every row was measured); a config that does not load is one ``error:`` line and exit 2."""
+    only after every row was measured); a config that does not load, a bad combination of flags (ValueError) or
+    missing shards is one ``error:`` line and exit 2; a child process that failed (bench scaling's launches,
+    whose own output says why) one line naming it and exit 1."""
+    from subprocess import CalledProcessError
+
     from dist_dejpeg.config import ConfigError
     from dist_dejpeg.run.files import new_folders, remove_empty
 
@@ -70,9 +74,13 @@ def run_benchmark(main, args: argparse.Namespace) -> int:
             return 2
     try:
         return main(args)
-    except ConfigError as err:
+    except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except CalledProcessError as err:
+        print(f"error: {' '.join(map(str, err.cmd))} failed (exit {err.returncode}); its output is above",
+              file=sys.stderr)
+        return 1
     finally:
         remove_empty(made)  # a results folder this run made and left empty (it failed before writing)
 

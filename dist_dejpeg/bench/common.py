@@ -56,14 +56,21 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str | None, *, c
                                  "that takes several values)")
 
 
-def default_config() -> tuple[str, list[str]]:
-    """The machine's default config: relative to this folder where it is there (the repository root), else the
+CHECKOUT = Path(__file__).resolve().parents[2]  # the repository (an editable install's)
+
+
+def bundled(config: str) -> str:
+    """One of the repository's configs: relative to this folder where it is there (the repository root), else the
     checkout's own (a benchmark run from another folder)."""
+    return config if Path(config).is_file() or not (CHECKOUT / config).is_file() else str(CHECKOUT / config)
+
+
+def default_config() -> tuple[str, list[str]]:
+    """The machine's default config (bundled) and its overrides."""
     import torch
 
     config, overrides = GPU_CONFIG if torch.cuda.is_available() else CPU_CONFIG
-    checkout = Path(__file__).resolve().parents[2] / config
-    return (config if Path(config).is_file() or not checkout.is_file() else str(checkout)), overrides
+    return bundled(config), overrides
 
 
 def config_of(args: argparse.Namespace) -> tuple[str, list[str]]:
@@ -116,12 +123,38 @@ def machine_name_without_torch() -> str:
     return f"{gpus[0]} x{len(gpus)}{driver}; {cpu}" if gpus else f"{cpu}, no GPU"
 
 
+def commit() -> str | None:
+    """The code measured: ``git describe --always --dirty`` of the checkout this package runs from (-dirty: edited
+    since that commit); None outside a git checkout (an installed wheel)."""
+    if not (CHECKOUT / ".git").exists():  # (git -C would find a repository around a venv's site-packages)
+        return None
+    try:  # (Popen: the tests that fake subprocess.run for a benchmark's children still get the commit)
+        git = subprocess.Popen(["git", "-C", str(CHECKOUT), "describe", "--always", "--dirty"], text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+    try:
+        out = git.communicate(timeout=20)[0]
+    except subprocess.TimeoutExpired:
+        git.kill()
+        git.communicate()
+        return None
+    return (out.strip() or None) if git.returncode == 0 else None
+
+
+def is_writer() -> bool:
+    """Whether this process writes the results: rank 0 under a launcher (``accelerate launch ... bench train``:
+    every rank measures the same, and N ranks writing one file at once could leave it mixed), else the one process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def machine_info() -> dict:
-    """CPU model and cores, GPU and driver (when CUDA is there), torch/CUDA versions: stored in every result."""
+    """CPU model and cores, GPU and driver (when CUDA is there), torch/CUDA versions and the commit: stored in every
+    result."""
     import torch
 
     info = {"cpu": _cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "gpu": None}
+            "torch": torch.__version__, "python": platform.python_version(), "commit": commit(), "gpu": None}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
@@ -229,16 +262,20 @@ def profile_calls(fn: Callable[[], object], path: str | Path, *, steps: int = 5,
     if kernels:
         text += ["", "## by self device time", table.table(sort_by="self_device_time_total", row_limit=30)]
     text += ["", "## by self host time", table.table(sort_by="self_cpu_time_total", row_limit=30)]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(text) + "\n")
+    if is_writer():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text("\n".join(text) + "\n")
     return out
 
 
 def write_results(out_dir: str | Path, name: str, report: dict, title: str, note: str, header: list[str],
                   rows: list[list[str]], echo: bool = True) -> Path:
-    """``out_dir/name.json`` (the report plus the machine) and ``out_dir/name.md`` (title naming the machine, a
-    note, the table). Returns the Markdown path."""
+    """``out_dir/name.json`` (the report plus the machine) and ``out_dir/name.md`` (title naming the machine, the
+    commit, a note, the table); on rank 0 alone (is_writer). Returns the Markdown path."""
     out_dir = Path(out_dir)
+    md = out_dir / f"{name}.md"
+    if not is_writer():
+        return md
     out_dir.mkdir(parents=True, exist_ok=True)
     about = {"machine": machine_name(), "machine_info": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     body = {k: v for k, v in report.items() if k not in about}
@@ -246,10 +283,9 @@ def write_results(out_dir: str | Path, name: str, report: dict, title: str, note
     report.update(about, **body)  # in place: the caller's report names the machine too
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
     lines = [f"# {title}", "", f"Machine: {report['machine']}; torch {report['machine_info']['torch']}; "
-             f"{report['date']}", "",
+             f"commit {report['machine_info']['commit'] or 'unknown (not a git checkout)'}; {report['date']}", "",
              note, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    md = out_dir / f"{name}.md"
     md.write_text("\n".join(lines) + "\n")
     if echo:
         print("\n".join(lines), flush=True)

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from dist_dejpeg.bench.common import add_common_arguments, sync, write_results
 from dist_dejpeg.data.shards import list_shards, prepare_samples, read_manifest
 from dist_dejpeg.data.torch_loader import ShardStream, TorchLoader
+from dist_dejpeg.jpeg.formats import TILE_FORMATS
 
 PEER = "BasicSR-style peer (cv2 in workers)"
 QUALITY = (10, 50)
@@ -114,7 +115,7 @@ def _loader_rows(tag: str, root: Path, crop: int, batch: int, threads: int, batc
                  tmp: Path) -> dict[str, float]:
     """Every loader over one prepared shard folder (``tag``: tile size and format)."""
     cpu = torch.device("cpu")
-    fmt = read_manifest(root)["format"]
+    fmt = (read_manifest(root) or {}).get("format")
     shards = list_shards(root, "train-*.tar")
     stream = lambda: ShardStream(shards, crop, QUALITY, num_workers=threads, shuffle_buffer=64)  # noqa: E731
     rows = {f"torch loader (webdataset + PIL) [{tag}]": rate(TorchLoader(stream(), batch, threads, cpu), batch,
@@ -133,11 +134,9 @@ def _loader_rows(tag: str, root: Path, crop: int, batch: int, threads: int, batc
         peer = DataLoader(BasicSRStyle(extract_pngs(shards, folder), crop), batch_size=batch, shuffle=True,
                           num_workers=threads, drop_last=True, persistent_workers=True)
         rows[f"{PEER} [{tag} files]"] = rate(forever(peer), batch, batches, warmup, cpu)
-    try:
-        from dist_dejpeg.data.dali import HAVE_DALI, DaliLoader
-    except ImportError:
-        HAVE_DALI = False
-    if HAVE_DALI:
+    if _have_dali():
+        from dist_dejpeg.data.dali import DaliLoader
+
         rows[f"DALI CPU [{tag}]"] = rate(DaliLoader(shards, crop, QUALITY, batch, num_threads=threads), batch,
                                          batches, warmup, cpu)
         if torch.cuda.is_available():
@@ -145,6 +144,23 @@ def _loader_rows(tag: str, root: Path, crop: int, batch: int, threads: int, batc
             rows[f"DALI GPU [{tag}]"] = rate(DaliLoader(shards, crop, QUALITY, batch, device=gpu, num_threads=threads),
                                              batch, batches * 5, warmup, gpu)
     return rows
+
+
+def _have_dali() -> bool:
+    try:
+        from dist_dejpeg.data.dali import HAVE_DALI
+    except ImportError:
+        return False
+    return HAVE_DALI
+
+
+def not_measured() -> dict[str, str]:
+    """The loaders this machine cannot run, each with the reason: rows in the table that say so, not rows that
+    vanish (a CPU machine's table read as if DALI on the GPU had not been tried)."""
+    dali = "" if _have_dali() else "NVIDIA DALI is not installed (pip install -e '.[dali]')"
+    gpu = "" if torch.cuda.is_available() else "no CUDA device"
+    rows = {"torch loader + nvJPEG on GPU": gpu, "DALI CPU": dali, "DALI GPU": gpu or dali}
+    return {label: f"not measured: {why}" for label, why in rows.items() if why}
 
 
 def run(out_dir: str | Path, *, root: str | None = None, crop: int = 256, batch: int = 32,
@@ -159,8 +175,9 @@ def run(out_dir: str | Path, *, root: str | None = None, crop: int = 256, batch:
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
     roots: dict[str, Path] = {}
     if root:
-        m = read_manifest(root)
-        roots[f"{m.get('tile', '?')} px {m['format']}"] = Path(root)
+        list_shards(root, "train-*.tar")  # none there: an error now, not after the other rows
+        m = read_manifest(root) or {}  # (shards made elsewhere have none)
+        roots[f"{m.get('tile', '?')} px {m.get('format', '?')}"] = Path(root)
     else:
         for tile in tiles:
             # the small tiles in every format; DIV2K-sized ones in the formats worth their decode cost
@@ -183,14 +200,16 @@ def run(out_dir: str | Path, *, root: str | None = None, crop: int = 256, batch:
     tile_of = lambda k: int(m.group(1)) if (m := re.search(r"\[(\d+) px", k)) else min(peer, default=0)  # noqa: E731
     # no peer row for those tiles (--formats without png, say): no ratio (null in the json, an empty cell)
     ratio = {k: v / peer[tile_of(k)] if tile_of(k) in peer else None for k, v in rows.items()}
+    missing = not_measured()
     report = {"threads": threads, "crop": crop, "batch": batch, "shards": list(roots) if not root else [root],
-              "crops_per_s": rows, "ratio_to_peer_same_tiles": ratio}
+              "crops_per_s": rows, "ratio_to_peer_same_tiles": ratio, "not_measured": missing}
     note = (f"{crop} px crops, batch {batch}, JPEG q {QUALITY[0]}-{QUALITY[1]}, {threads} threads/workers each; "
             f"[tag] is the lossless tile size and shard format (the peer reads PNG files of the same tiles; the "
             f"ceiling row is compared with the smallest tiles' peer). Ratios from this one run.")
     write_results(out_dir, name, report, "Data pipeline throughput", note,
                   ["loader", "crops/s", "x BasicSR-style peer (same tiles)"],
-                  [[k, f"{v:.0f}", "" if ratio[k] is None else f"{ratio[k]:.2f}"] for k, v in rows.items()])
+                  [[k, f"{v:.0f}", "" if ratio[k] is None else f"{ratio[k]:.2f}"] for k, v in rows.items()]
+                  + [[k, why, ""] for k, why in missing.items()])
     return report
 
 
@@ -201,7 +220,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="threads/workers per loader (0: all cores)")
     parser.add_argument("--tiles", type=int, nargs="+", default=[288, 480], help="tile sizes of the sample shards")
     parser.add_argument("--crop", type=int, default=256, help="crop size (at most the smallest tile)")
-    parser.add_argument("--formats", nargs="+", default=["png", "raw", "jp2"], help="shard formats")
+    parser.add_argument("--formats", nargs="+", choices=list(TILE_FORMATS), default=list(TILE_FORMATS),
+                        help="shard formats of the sample shards (png: also the BasicSR-style peer's files)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

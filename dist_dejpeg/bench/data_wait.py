@@ -89,19 +89,22 @@ def window(run_dir: Path) -> dict:
 
 
 def write_tables(out: Path, report: dict) -> None:
-    from dist_dejpeg.bench.common import machine_name_without_torch  # (this process holds no CUDA context)
+    from dist_dejpeg.bench.common import commit, machine_name_without_torch  # (this process holds no CUDA context)
 
     report.setdefault("machine", machine_name_without_torch())
+    report.setdefault("commit", commit())
     report["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
     def number(value, fmt: str) -> str:
         return format(value, fmt) if isinstance(value, (int, float)) else "?"
 
-    lines = ["# Data wait per loader variant", "", f"Machine: {report['machine']}; {report['date']}", "",
+    lines = ["# Data wait per loader variant", "", f"Machine: {report['machine']}; commit "
+             f"{report['commit'] or 'unknown (not a git checkout)'}; {report['date']}", "",
              "| loader and JPEG degradation | data_wait_frac | images/s |", "|---|---|---|"]
     lines += [f"| {name} | {number(row['data_wait_frac'], '.3f')} | {number(row['images_per_s'], '.1f')} |"
               for name, row in report["variants"].items()]
     lines += [f"| {name} | left out: NVIDIA DALI is not installed | |" for name in report.get("left_out", [])]
+    lines += [f"| {name} | {why} | |" for name, why in report["pending"].items()]
     (out / RESULTS_MD).write_text("\n".join(lines) + "\n")
     (out / RESULTS_JSON).write_text(json.dumps(report, indent=2) + "\n")
     print("\n".join(lines), flush=True)
@@ -141,12 +144,15 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="data-wait-"))
-    report = {"config": config, "steps": steps, "overrides": [*shared, *args.overrides], "variants": {}}
+    # the variants not measured (yet), each with its reason: a run cut short or failed says so in its tables
+    report = {"config": config, "steps": steps, "overrides": [*shared, *args.overrides], "variants": {},
+              "pending": {name: "not measured: the run stopped before it" for name in variants}}
     try:
         for name, overrides in variants.items():
             if "data.backend=dali" in overrides and not have_dali():
                 print(f"bench data-wait: {name}: left out, NVIDIA DALI is not installed", flush=True)
                 report["left_out"] = [*report.get("left_out", []), name]
+                del report["pending"][name]
                 write_tables(out, report)
                 continue
             run_dir = work / f"wait-{name}"
@@ -156,15 +162,17 @@ def main(args: argparse.Namespace) -> int:
             print("+ " + shlex.join(cmd), flush=True)
             start = time.perf_counter()
             rc = subprocess.run(cmd, stdin=subprocess.DEVNULL).returncode
-            if rc:
-                print(f"bench data-wait: {name}: training failed (exit {rc})", file=sys.stderr)
-                return 128 - rc if rc < 0 else rc
-            if not (run_dir / METRICS).is_file():
-                print(f"bench data-wait: {name}: the run wrote no {run_dir / METRICS}", file=sys.stderr)
-                return 1
+            failure = (f"training failed (exit {rc})" if rc else
+                       f"the run wrote no {run_dir / METRICS}" if not (run_dir / METRICS).is_file() else None)
+            if failure:
+                print(f"bench data-wait: {name}: {failure}", file=sys.stderr)
+                report["pending"][name] = f"failed: {failure}"
+                write_tables(out, report)
+                return (128 - rc if rc < 0 else rc) or 1
             shutil.copyfile(run_dir / METRICS, out / f"data_wait-{name}.json")
             report["variants"][name] = {"overrides": list(overrides), **window(run_dir),
                                         "seconds": round(time.perf_counter() - start, 1)}
+            del report["pending"][name]
             write_tables(out, report)
     finally:
         if not args.work:

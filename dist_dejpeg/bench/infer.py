@@ -240,6 +240,7 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int 
     def write(pending: str | None) -> dict:
         report = {"config": config, "overrides": list(overrides), "encoder": cfg.model.encoder,
                   "decoder_width": cfg.model.decoder_width, "torch_threads": torch.get_num_threads(),
+                  "gpus": [str(d) for d in gpus],
                   "what": "shell: dist-dejpeg restore of one q20 JPEG in a fresh process; restore: "
                           "Restorer.restore_array on a uint8 image, warm",
                   "modes": {k: dict(v) for k, v in modes.items()},
@@ -249,6 +250,8 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int 
         not_run = [what for what, ran in (("shell", shell), ("ONNX", onnx), ("CPU", cpu)) if not ran]
         if not_run:  # (bench all, --no-shell, --no-onnx, --no-cpu): said, not left for the reader to notice
             skipped += f" Not measured in this run: the {', '.join(not_run)} rows (`bench infer` runs them)."
+        if not gpus:
+            skipped += " No GPU rows: no CUDA device on this machine."
         note = (f"`{config}` {' '.join(overrides)}: {cfg.model.encoder}, decoder width {cfg.model.decoder_width}, "
                 f"random weights, {torch.get_num_threads()} torch threads. GPU rows first, then the CPU rows, each "
                 f"in its own section. Shell: `dist-dejpeg restore photo.jpg -o OUT --model M --device cpu` in a "

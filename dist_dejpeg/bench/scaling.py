@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dist_dejpeg.bench.common import CPU_CONFIG, TUNED, add_common_arguments, config_of, write_results
+from dist_dejpeg.bench.common import CPU_CONFIG, TUNED, add_common_arguments, bundled, config_of, write_results
 
 # Bus bandwidths (GB/s) and per-hop latencies that NCCL's all-reduce reaches on current clusters (stated
 # assumptions, not measurements of this project): H100 SXM NVLink 4, NDR InfiniBand 400 Gb/s per GPU.
@@ -96,6 +96,7 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, steps: int = 
         updates: tuple[str, ...] = ()) -> dict:
     """Time bench train's tuned row in 1 and 2 CPU processes; ``updates``: only those (bench train's --updates;
     empty: all that the config trains)."""
+    grads = gradient_bytes(config, overrides)  # first: a config that does not load stops before the launches
     with tempfile.TemporaryDirectory() as tmp:
         one = _launch(1, config, overrides, Path(tmp), steps, updates)
         two = _launch(2, config, overrides, Path(tmp), steps, updates)
@@ -108,7 +109,7 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, steps: int = 
         table.append([update, f"{r1['images_per_s_per_device']:.1f}", f"{2 * r2['images_per_s_per_device']:.1f}",
                       f"{100 * eff:.0f}%"])
     report = {"config": config, "overrides": list(overrides), "threads_per_process": 1, "measured": measured,
-              "gradient_bytes": gradient_bytes(config, overrides)}
+              "gradient_bytes": grads}
     note = (f"`{config}` {' '.join(overrides)}; CPU, gloo, 1 thread per process, `accelerate launch` with 1 and 2 "
             f"processes (tuned row of `bench train`, synthetic batches). Efficiency = 2-process images/s / "
             f"(2 x 1-process images/s), both from this run.")
@@ -147,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def cpu_config_of(args: argparse.Namespace) -> tuple[str, list[str]]:
     """The config and overrides of the measured part, which runs on the CPU whatever the machine: the CPU debug
     recipe unless --config names a config."""
-    return config_of(args) if args.config else (CPU_CONFIG[0], [*CPU_CONFIG[1], *args.overrides])
+    return config_of(args) if args.config else (bundled(CPU_CONFIG[0]), [*CPU_CONFIG[1], *args.overrides])
 
 
 def main(args: argparse.Namespace) -> int:

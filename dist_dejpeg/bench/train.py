@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from dist_dejpeg.bench.common import (TUNED, add_common_arguments, bf16_peak_flops, config_of, measure, profile_calls,
-                                      sync)
+from dist_dejpeg.bench.common import (TUNED, add_common_arguments, bf16_peak_flops, config_of, is_writer, measure,
+                                      profile_calls, sync)
 from dist_dejpeg.bench.train_report import AGAIN, write_report
 from dist_dejpeg.config import Config, apply_overrides, load_config
 
@@ -248,7 +248,7 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, warmup: int =
     errors: dict[str, str] = {}
     # this run replaces its name's results, and its operator tables too: an earlier run's left beside the new
     # tables (a --profile run, then one without) were read as this run's
-    for stale in Path(out_dir).glob(f"{name}_profile_*.txt"):
+    for stale in Path(out_dir).glob(f"{name}_profile_*.txt") if is_writer() else ():
         stale.unlink()
     flops = count_flops(base)
     peak = bf16_peak_flops() if device.type == "cuda" else None
