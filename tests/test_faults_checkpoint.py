@@ -325,9 +325,9 @@ def test_a_new_run_in_a_folder_holding_a_run_is_refused_and_changes_nothing(base
     run's newest. Now a one-line error naming the folder and both ways out, before anything is written; --resume
     still continues the run, and the launcher of train.processes says the same before its ranks start."""
     run = copy_run(base[0], tmp_path / "run")
-    before = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and "tb" not in p.parts}
+    before = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
     config = tmp_path / "config.yaml"
-    config.write_text(to_yaml(tiny(run, shards, *OVER, "train.keep_last=2")))
+    config.write_text(to_yaml(tiny(run, shards, *OVER, "train.keep_last=2", "train.log_with=[tensorboard]")))
     reset()
     assert cli_main(["train", "--config", str(config), "train.auto_resume=false"]) == 2
     err = capsys.readouterr().err
@@ -335,7 +335,7 @@ def test_a_new_run_in_a_folder_holding_a_run_is_refused_and_changes_nothing(base
     assert f"false starts a new run, but {run} holds a run already (newest checkpoint step-00000006)" in line, err
     assert "(train.auto_resume=true, or --resume), or start the new one in another train.run_dir" in line, err
     assert "Traceback" not in err
-    after = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and "tb" not in p.parts}
+    after = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}  # no TensorBoard file
     assert after.keys() - {Path(".lock")} == before.keys() - {Path(".lock")}
     assert all(after[k] == before[k] for k in before if k.name != ".lock")
     with pytest.raises(ConfigError, match=f"{run} holds a run already"):

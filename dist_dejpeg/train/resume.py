@@ -111,12 +111,7 @@ def _choose(run_dir: Path, resume: str | None, auto_resume: bool) -> str | None:
         _note_unverified(verdict)
         return str(path)
     if resume is None and not auto_resume:
-        own = list_checkpoints(run_dir)
-        if own:  # a new run's checkpoints among the old run's: keep_last and the next auto-resume would mix them
-            raise ConfigError(f"config key 'train.auto_resume': false starts a new run, but {run_dir} holds a run "
-                              f"already (newest checkpoint {own[-1].name}), whose checkpoints keep_last and a later "
-                              f"resume would mix with the new run's: continue that run (train.auto_resume=true, or "
-                              f"--resume), or start the new one in another train.run_dir (or move {run_dir} aside)")
+        check_new_run(run_dir, resume, auto_resume)
         return None
     found = list_checkpoints(run_dir)
     if not found:
@@ -139,6 +134,17 @@ def _choose(run_dir: Path, resume: str | None, auto_resume: bool) -> str | None:
     older = f" (newer, damaged: {', '.join(v.folder.name for v in skipped)})" if skipped else ""
     log.info("%s: continuing the run in %s from %s%s", how, run_dir, path.name, older)
     return str(path)
+
+
+def check_new_run(run_dir: Path, resume: str | None, auto_resume: bool) -> None:
+    """train.auto_resume=false without --resume starts a new run: refused where ``run_dir`` holds a run's
+    checkpoints (keep_last and a later auto-resume would mix the two runs'). Cheap: train() asks first, before the
+    models are built and the trackers continue the folder's runs."""
+    if resume is None and not auto_resume and (own := list_checkpoints(run_dir)):
+        raise ConfigError(f"config key 'train.auto_resume': false starts a new run, but {run_dir} holds a run "
+                          f"already (newest checkpoint {own[-1].name}), whose checkpoints keep_last and a later "
+                          f"resume would mix with the new run's: continue that run (train.auto_resume=true, or "
+                          f"--resume), or start the new one in another train.run_dir (or move {run_dir} aside)")
 
 
 def _note_unverified(verdict: Verdict) -> None:
