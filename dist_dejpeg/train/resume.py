@@ -195,7 +195,7 @@ def longer_phases(cfg: Config, saved: dict, state: dict) -> dict:
                      "continues for %d more steps (its lr schedule now spans %d)", key, old, new, name, old,
                      new - old, new)
             return {"phase_index": index, "phase_step": old}
-        why = (f"its stop rule ended it at step {stopped} (validation LPIPS had stopped improving)" if stopped
+        why = (f"its stop rule ended it at step {stopped} (its validation number, select_on, had stopped improving)" if stopped
                is not None else f"phase '{order[index + 1]}' has trained since")
         raise ConfigError(f"--resume: {key} {old} -> {new}, but phase '{name}' is finished and {why}: more steps "
                           f"cannot be added to it in this run. Set {key}={old} to continue the run, or start a new "
