@@ -35,7 +35,8 @@ def test_plain_lines_progress_json_and_tensorboard(tmp_path, shards, caplog):
     assert re.search(r"gen 2/4 \(50%\) \| gen/l1 \S+ gen/lpips \S+ gen/total \S+ \| [\d.]+ img/s \| data wait \d+% "
                      r"\| lr \S+ \| ETA phase \S+, run \S+", window[0]), window[0]
     for q in ("q10", "q20", "q40"):
-        assert any(re.match(rf"val final @4 {q}: PSNR [\d.]+ -> [\d.]+ dB", line) for line in lines), q
+        assert any(re.match(rf"val final @4 {q}: PSNR [\d.]+ -> [\d.]+ dB, SSIM [\d.]+ -> [\d.]+, "
+                            rf"LPIPS\(random\) [\d.]+ -> [\d.]+$", line) for line in lines), q  # (tiny: random backbone)
     progress = json.loads((run / "progress.json").read_text())
     assert list(progress) == list(PROGRESS_KEYS)
     assert progress["status"] == "finished" and progress["global_step"] == progress["total_steps"] == 4

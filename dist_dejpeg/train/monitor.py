@@ -281,10 +281,11 @@ class Monitor:
                 self.scalars({f"{name}_{m}": v for m, v in values.items()}, step)
         if not self.main:
             return
+        lpips = "LPIPS" if self.cfg.loss.lpips_pretrained else "LPIPS(random)"  # as status labels it
         for q in sorted(results, key=lambda k: int(k[1:])):
             j, r = results[q]["jpeg"], results[q]["restored"]
             self._emit(f"val {tag} @{step} {q}: PSNR {j['psnr']:.3f} -> {r['psnr']:.3f} dB, SSIM {j['ssim']:.4f} -> "
-                       f"{r['ssim']:.4f}, LPIPS {j['lpips']:.4f} -> {r['lpips']:.4f}")
+                       f"{r['ssim']:.4f}, {lpips} {j['lpips']:.4f} -> {r['lpips']:.4f}")
         self.progress["last_val"] = results
         self._write()
 
