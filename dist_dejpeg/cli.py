@@ -31,7 +31,7 @@ from dist_dejpeg import version
 from dist_dejpeg.cli_args import (HelpFormatter, evaluate_arguments, export_arguments, prepare_arguments,
                                   report_arguments, restore_arguments, status_arguments, train_arguments)
 from dist_dejpeg.cli_use import evaluate_command, export_command, report_command, restore_command, status_command
-from dist_dejpeg.train.launch import EXIT_PREEMPTED  # (torch-free: the launcher's stdlib half)
+from dist_dejpeg.train.launch import EXIT_PREEMPTED, LAUNCHER_PID  # (torch-free: the launcher's stdlib half)
 
 DESCRIPTION = ("Train a JPEG-artifact remover (NoGAN, on one or many GPUs) and restore photos with it. "
                "dist-dejpeg COMMAND --help shows a command's options and their defaults.")
@@ -128,8 +128,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    from dist_dejpeg.config import ConfigError, load_config, to_yaml
+    from dist_dejpeg.config import ConfigError, did_you_mean, load_config, to_yaml
+    from dist_dejpeg.config.checks import order_warnings
 
+    if args.resume and "=" in args.resume and not os.path.exists(args.resume):  # `--resume key=value ...`: argparse
+        args.overrides, args.resume = [args.resume, *args.overrides], "latest"  # took an override for the folder
     overrides = list(args.overrides) + ([f"train.log_level={args.log_level}"] if args.log_level else [])
     try:
         cfg = load_config(args.config, overrides)
@@ -141,10 +144,13 @@ def _train_command(args: argparse.Namespace) -> int:
 
         value = OmegaConf.select(OmegaConf.structured(cfg), args.get, default=None)
         if value is None:
-            print(f"error: no config key '{args.get}'", file=sys.stderr)
+            print(f"error: no config key '{args.get}'{did_you_mean(cfg, args.get)}", file=sys.stderr)
             return 2
         print(OmegaConf.to_yaml(value).strip() if OmegaConf.is_config(value) else value)
         return 0
+    if os.environ.get("RANK", "0") == "0" and LAUNCHER_PID not in os.environ:  # once: rank 0 or train.processes
+        for warning in order_warnings(cfg):
+            print(f"warning: {warning}", file=sys.stderr)
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0

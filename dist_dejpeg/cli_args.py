@@ -16,8 +16,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("%(default)" in text or default in (None, False, "") or default is argparse.SUPPRESS
-                or default == [] or not (action.option_strings or action.nargs in ("?", "*"))):
+        if ("%(default)" in text or default is None or default is False or default in ("", [])  # (0 is shown)
+                or default is argparse.SUPPRESS or not (action.option_strings or action.nargs in ("?", "*"))):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         return f"{text} (default: {shown.replace('%', '%%')})"
@@ -68,7 +68,7 @@ def add_restorer_args(p: argparse.ArgumentParser) -> None:
                    help="tile size in pixels: a multiple of 32, at least 64; 0: the whole image at once")
     p.add_argument("--overlap", type=int, default=64,
                    help="pixels neighbouring tiles share, blended linearly (less than half the tile)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=at_least(1), default=None,
                    help="tiles per forward pass (default: 1 on the CPU, faster there and half the memory; 8 on a "
                         "GPU, every batch full so that one CUDA graph serves all images; ONNX on CUDA: 4)")
     p.add_argument("--no-guard", action="store_true", help="restore every image, even where the model's "
@@ -115,7 +115,7 @@ def prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="div2k: fetch missing archives (resumable, verified)")
     p.add_argument("--workers", type=at_least(0), default=0, help="div2k: tiling processes (0: one per core, max 16)")
     p.add_argument("--keep-staging", action="store_true", help="div2k: keep the per-image tile tars")
-    p.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    p.add_argument("-o", "--out", required=True, help="output folder for the shards and manifest.json")
     p.add_argument("--src", help="folder: the images (searched recursively; lossless formats preferred)")
     p.add_argument("--tile", type=at_least(0), default=0, help="tile size in pixels (0: samples 128, folder 256, div2k 480)")
     p.add_argument("--step", type=at_least(0), default=0, help="stride between training tiles (0: half the tile)")
@@ -142,6 +142,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                    help="log level of rank 0 (train.log_level; other ranks log warnings and errors)")
     p.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. train.run_dir) and exit")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. data.batch_size=8)")
+    p.epilog = ("exit codes: 0 done; 2 a config, weights, busy run folder, damaged checkpoint or too-many-bad-samples\n"
+                "error; 3 a non-finite loss or a full disk stopped it (the last good checkpoint is kept: fix the cause\n"
+                "and rerun); 75 a stop (SIGUSR1, SIGTERM, Ctrl-C): the checkpoint is kept, the same command continues")
 
 
 def restore_arguments(p: argparse.ArgumentParser) -> None:
@@ -182,11 +185,13 @@ def restore_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere")
     p.add_argument("--fp32", dest="precision", action="store_const", const="fp32", default=argparse.SUPPRESS,
                    help="--precision fp32 (Real-ESRGAN's name)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-pixels", type=at_least(1), default=DEFAULT_MAX_PIXELS,
                    help="refuse larger images (decompression bombs)")
     p.add_argument("--skip-existing", action="store_true",
                    help="leave outputs that already exist and decode fully (counted as skipped)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no per-image lines")
+    p.epilog = ("exit codes: 0 every image restored (or passed through, or skipped); 1 some failed (each is listed\n"
+                "with its reason; the others are written); 2 a usage error, a bad model or an unwritable output folder")
 
 
 def evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -202,7 +207,7 @@ def report_arguments(p: argparse.ArgumentParser) -> None:
 
 def export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="generator.safetensors, a run folder or a checkpoint folder")
-    p.add_argument("--onnx", required=True, metavar="OUT", help="the ONNX file to write")
+    p.add_argument("--onnx", "-o", "--out", dest="onnx", required=True, metavar="OUT", help="the ONNX file to write")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (the exporter's default otherwise)")
     p.add_argument("--check-image", metavar="PATH", default=None,
                    help="photo for the onnxruntime-vs-PyTorch check (default: scikit-image's astronaut)")

@@ -62,7 +62,7 @@ def is_libjpeg_444(path: Path, quality: int) -> bool:
 def test_console_script_version_errors_and_status_json(tmp_path):
     """Three commands users type first, none importing torch: one shell, three starts."""
     done = run_shell("dist-dejpeg --version; dist-dejpeg restore in -o out --model m --bogus; echo rc=$?; "
-                     "dist-dejpeg status nowhere --json; echo rc=$?", tmp_path)
+                     "dist-dejpeg status nowhere --json; echo rc=$?; python -m dist_dejpeg --version", tmp_path)
     out = done.stdout.splitlines()
     import tomllib
 
@@ -70,6 +70,7 @@ def test_console_script_version_errors_and_status_json(tmp_path):
     assert dist_dejpeg.__version__ == declared  # the fallback agrees with the package metadata's source
     assert out[0] == f"dist-dejpeg {dist_dejpeg.version()}" and dist_dejpeg.version() == declared, out
     assert out[1] == "rc=2" and out[3] == "rc=2", out
+    assert out[4] == out[0], out  # python -m dist_dejpeg: the same command
     # the subcommand's usage and error, not the top level's
     assert "usage: dist-dejpeg restore" in done.stderr and "dist-dejpeg restore: error: unrecognized arguments: --bogus" \
         in done.stderr, done.stderr
@@ -159,6 +160,38 @@ def test_every_help_shows_defaults_and_plain_text():
         assert words in restore, words
     assert "--quality " not in restore and "--quality " not in parser.commands["evaluate"].format_help()
     assert "(default: 192)" in parser.commands["report"].format_help()
+
+
+def test_help_shows_zero_defaults_and_exit_codes_and_counts_below_one_are_usage_errors(tmp_path, capsys):
+    """A default of 0 was hidden (0 == False); train and restore say their exit codes; -o works for prepare and
+    export as for the other commands; a batch of 0 tiles or a pixel limit of 0 was taken (every image then failed)."""
+    parser = build_parser()
+    prepare, evaluate = (parser.commands[name].format_help() for name in ("prepare", "evaluate"))
+    assert "shuffle seed (default: 0)" in " ".join(prepare.split()) and "-o OUT, --out OUT" in prepare
+    assert "(0: all) (default: 0)" in " ".join(evaluate.split())
+    for name, words in (("train", "75 a stop"), ("restore", "1 some failed")):
+        assert "exit codes: 0 " in parser.commands[name].format_help() and words in parser.commands[name].format_help()
+    assert parser.parse_args(["prepare", "samples", "-o", "d"]).out == "d"
+    assert parser.parse_args(["export", "--model", "m", "-o", "m.onnx"]).onnx == "m.onnx"
+    for bad in (["--batch-size", "0"], ["--batch-size", "-2"], ["--max-pixels", "0"]):
+        with pytest.raises(SystemExit) as caught:
+            main(["restore", "x.jpg", "-o", str(tmp_path / "out"), "--model", "m", *bad])
+        assert caught.value.code == 2 and "a whole number >= 1" in capsys.readouterr().err, bad
+
+
+def test_resume_followed_by_overrides_resumes_with_them(tmp_path, monkeypatch, capsys):
+    """`train --resume key=value`: argparse gave the override to --resume as its folder; it was dropped from the
+    config (--dry-run showed the file's value) and the run failed on "no such folder". Now it is an override."""
+    import dist_dejpeg.train.trainer as trainer
+
+    config = ROOT / "configs" / "debug.yaml"
+    assert main(["train", "--config", str(config), "--resume", "data.batch_size=3", "data.crop=32", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "batch_size: 3" in printed and "crop: 32" in printed
+    seen, done = [], {"q10": {"jpeg": {"psnr": 25.0}, "restored": {"psnr": 26.0}}}
+    monkeypatch.setattr(trainer, "train", lambda cfg, resume=None: seen.append((cfg.train.run_dir, resume)) or done)
+    main(["train", "--config", str(config), "--resume", f"train.run_dir={tmp_path}", "train.processes=1"])
+    assert seen == [(str(tmp_path), "latest")]
 
 
 def test_output_names_keep_sub_folders_and_every_input_apart():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,23 @@ def test_missing_file_and_malformed_override():
         load_config(None, ["data.batch_size"])
 
 
+@pytest.mark.parametrize("text, words", [
+    (b"data:\n  batch_size: [1\n", r"not valid YAML: did not find expected ',' or '\]' at line 3, column 1"),
+    (b"data:\n\tbatch_size: 3\n", r"not valid YAML: .* at line 2, column 1"),  # a tab
+    (b"- data\n- train\n", r"holds a list, not sections of keys"),
+    (b"3\n", r"cannot be read as a YAML config"),
+    (b"\x89PNG\r\n\x1a\n\xd0\xff", r"cannot be read as a YAML config \('utf-8' codec"),
+])
+def test_a_config_file_that_is_not_a_yaml_mapping_is_one_line(tmp_path, text, words):
+    """A YAML syntax error, a list, a number or a binary file given as --config: a ConfigError naming the file
+    (the CLI's exit 2 and one line), not the parser's traceback (exit 1)."""
+    path = tmp_path / "experiment.yaml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError, match=rf"^config file {re.escape(str(path))}: {words}") as caught:
+        load_config(path)
+    assert "\n" not in str(caught.value)
+
+
 def test_phase_typo_not_in_order_is_error():
     with pytest.raises(ConfigError) as info:
         load_config(None, ["train.phases.gne.steps=3"])
@@ -199,6 +217,32 @@ def test_quality_min_above_max_is_error():
 def test_other_range_checks(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.phases.gan.lr=-1e-5", r"gan\.lr': must be a finite number > 0, got -1e-05"),  # (the loss climbed)
+    ("train.phases.gen.lr=nan", r"gen\.lr': must be a finite number > 0, got nan"),
+    ("train.phases.gan.critic_lr_mult=0", r"gan\.critic_lr_mult': must be a finite number > 0"),
+    ("train.phases.gen.warmup=2", r"gen\.warmup': must be a share of the phase's steps in \[0, 1\), got 2"),
+    ("train.phases.gen.w_pixel=-1", r"gen\.w_pixel': must be a finite number >= 0, got -1"),
+    ("train.phases.gan.w_adv=inf", r"gan\.w_adv': must be a finite number >= 0, got inf"),
+    ("train.phases.gen.weight_decay=-0.1", r"gen\.weight_decay'"),
+    ("train.phases.gen.max_grad_norm=-1", r"gen\.max_grad_norm'"),
+    ("train.phases.gan.betas=[0.5,1.5]", r"gan\.betas': Adam's betas must each be in \[0, 1\)"),
+    ("train.phases.gan.critic_iters=-1", r"gan\.critic_iters': must be >= 0, got -1"),  # (every turn the gen's)
+    ("train.phases.gan.patience=-2", r"gan\.patience': must be >= 0"),
+    ("train.phases.gen.val_every=-5", r"gen\.val_every': must be >= 0"),
+    ("train.ckpt_every=-5", r"ckpt_every': must be >= 0 \(steps; 0: off\), got -5"),
+    ("train.val_every=-1", r"val_every'"),
+    ("train.image_every=-1", r"image_every'"),
+])
+def test_phase_numbers_training_would_misuse_are_refused(override, words):
+    """A negative lr, a warmup of 2, a negative count or weight: each was taken without a word (the loss climbed,
+    the peak lr was never reached, a rule ran backwards); now a ConfigError naming the key and the range."""
+    with pytest.raises(ConfigError, match=r"^config key 'train\.(phases\.)?" + words):
+        load_config(None, [override])
+    load_config(None, ["train.phases.gen.warmup=0.99", "train.phases.gan.critic_iters=0", "train.ckpt_every=0",
+                       "train.phases.critic.w_pixel=0", "train.phases.gan.betas=[0,0.999]"])  # the edges are fine
 
 
 def test_a_conditioned_model_that_never_sees_a_quality_is_refused():
@@ -315,3 +359,42 @@ def test_an_override_value_starting_with_a_yaml_indicator_is_the_text_itself():
     assert load_config(None, ['data.train_glob="*.tar"']).data.train_glob == "*.tar"  # quoted, as before
     # key= (what a shell makes of key=''): the empty text, not None ("Incompatible value 'None'")
     assert load_config(None, ["train.compile_cache="]).train.compile_cache == ""
+
+
+def test_cli_config_file_error_is_one_line_and_exit_2(tmp_path, capsys):
+    """A YAML typo in an experiment's file: exit 2 and one line naming the file and the place, no traceback."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  phases:\n    gan: {lr: 1e-5\n")
+    assert cli.main(["train", "--config", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: config file {path}: not valid YAML") and "line 4" in err and err.count("\n") == 1
+
+
+def test_cli_get_suggests_the_key_meant(capsys):
+    """--get with a typo (as scripts call it): exit 2 and the keys spelled alike, or where that name lives."""
+    for key, meant in (("data.batch_sise", "'data.batch_size'"), ("train.phases.gna.lr", "'train.phases.gan.lr'"),
+                       ("lr", "'train.phases.<name>.lr'"), ("trian", "'train'")):
+        assert cli.main(["train", "--config", str(DEBUG_YAML), "--get", key]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"error: no config key '{key}'. Did you mean ") and meant in captured.err, key
+        assert captured.out == ""
+    assert cli.main(["train", "--get", "data.val_qualities[1]", "data.val_qualities=[10,30]"]) == 0
+    assert capsys.readouterr().out == "30\n"
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["train.order=[gen,critic]"], ["phase 'critic' trains the critic, but no gan phase with steps runs after it"]),
+    (["train.order=[gan,gen]"], ["phase 'gan' starts from an untrained generator"]),
+    (["train.phases.gen.steps=0"], ["phase 'gan' starts from an untrained generator"]),  # (0 steps: absent)
+    (["train.phases.gen.steps=0", "train.phases.critic.steps=0", "train.phases.gan.steps=0"],
+     ["every phase of train.order ['gen', 'critic', 'gan'] has 0 steps"]),
+    (["train.order=[critic,gan]", "model.init_from=runs/old"], []),  # fine-tuning a trained generator
+    (["train.order=[gen]"], []),
+    ([], []),
+])
+def test_phase_orders_that_waste_a_run_are_warned_of(capsys, overrides, words):
+    """Orders the config accepts (tests and ablations use them) but where a real run's steps go nowhere: a
+    warning on stderr when the command starts (--dry-run shows it), the config still loads."""
+    assert cli.main(["train", "--config", str(DEBUG_YAML), "--dry-run", *overrides]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == len(words) and all(w in line for w, line in zip(words, warnings)), warnings

@@ -11,13 +11,14 @@ reference.py docs/CONFIG.md's tables.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import re
 from pathlib import Path
 from typing import Sequence
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from dist_dejpeg.config.checks import clip_norms, validate
@@ -28,8 +29,8 @@ from dist_dejpeg.config.schema import (COMPILE_MODES, CUDAGRAPH_MODES, PHASE_KIN
 
 __all__ = ["COMPILE_MODES", "CUDAGRAPH_MODES", "PHASE_KINDS", "TRACKER_PACKAGES", "Config", "ConfigError",
            "CriticConfig", "DataConfig", "LossConfig", "ModelConfig", "PhaseConfig", "TrainConfig", "apply_overrides",
-           "clip_norms", "default_phases", "flatten", "from_dict", "load_config", "reference_markdown", "to_dict",
-           "to_yaml", "validate"]
+           "clip_norms", "default_phases", "did_you_mean", "flatten", "from_dict", "load_config",
+           "reference_markdown", "to_dict", "to_yaml", "validate"]
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -38,15 +39,32 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         merged = OmegaConf.structured(Config)
         if path is not None:
             path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _read_file(path))
         merged = OmegaConf.merge(merged, _dotlist(overrides))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _config_error(err) from None
     validate(cfg)
     return cfg
+
+
+def _read_file(path: Path) -> DictConfig:
+    """A config file's sections; a missing file, a YAML syntax error or a file that is not sections of keys (a
+    list, binary) is a one-line ConfigError, not a parser's traceback."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path}: not valid YAML: {err.problem or err.context}{where}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:  # (binary, a bare number, no read permission)
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"config file {path}: cannot be read as a YAML config ({first})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path}: holds a list, not sections of keys (data:, model:, train: ...)")
+    return loaded
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
@@ -99,6 +117,15 @@ def _elsewhere(key: str) -> str:
     found = sorted({re.sub(r"^train\.phases\.[^.]+\.", "train.phases.<name>.", k)
                     for k in flatten(to_dict(Config())) if k.rpartition(".")[2] == leaf})
     return f". Did you mean {' or '.join(repr(k) for k in found)}?" if found else ""
+
+
+def did_you_mean(cfg: Config, key: str) -> str:
+    """For a key ``cfg`` lacks (``--get``): ". Did you mean ...?" naming keys or sections spelled alike, else
+    where a key of that last name is (``lr``: a phase's); "" when there is none."""
+    flat = flatten(to_dict(cfg))
+    names = sorted(set(flat) | {k.rsplit(".", n)[0] for k in flat for n in range(1, k.count(".") + 1)})
+    close = difflib.get_close_matches(key, names, n=2)
+    return f". Did you mean {' or '.join(map(repr, close))}?" if close else _elsewhere(key)
 
 
 def to_yaml(cfg: Config) -> str:

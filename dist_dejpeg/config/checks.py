@@ -3,8 +3,10 @@ together); each failure is a ConfigError naming the key."""
 
 from __future__ import annotations
 
-from dist_dejpeg.config.schema import (COMPILE_MODES, PHASE_KINDS, TRACKER_PACKAGES, Config, ConfigError, TrainConfig,
-                                       default_phases)
+import math
+
+from dist_dejpeg.config.schema import (COMPILE_MODES, PHASE_KINDS, TRACKER_PACKAGES, Config, ConfigError, PhaseConfig,
+                                       TrainConfig, default_phases)
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -79,6 +81,9 @@ def validate(cfg: Config) -> None:
     if unknown:  # (whether each one's package is installed: when the run starts, train/monitor.py)
         raise ConfigError(f"config key 'train.log_with': unknown tracker(s) {', '.join(map(repr, unknown))} (known: "
                           f"{', '.join(TRACKER_PACKAGES)})")
+    for name in ("val_every", "ckpt_every", "image_every"):  # (a negative one was taken as its absolute value)
+        if getattr(t, name) < 0:
+            raise ConfigError(f"config key 'train.{name}': must be >= 0 (steps; 0: off), got {getattr(t, name)}")
     if t.log_every < 1:
         raise ConfigError("config key 'train.log_every': must be >= 1 (steps)")
     if t.keep_last < 0:
@@ -118,6 +123,7 @@ def validate(cfg: Config) -> None:
         _one_of(f"train.phases.{name}.schedule", phase.schedule, ("onecycle", "cosine", "constant"))
         if phase.steps < 0:
             raise ConfigError(f"config key 'train.phases.{name}.steps': must be >= 0")
+        _phase_numbers(name, phase)
         if len(phase.betas) != 2:
             raise ConfigError(f"config key 'train.phases.{name}.betas': needs two values")
         adv = phase.w_adv if phase.kind == "gan" else 0.0  # the gen phase has no critic
@@ -127,6 +133,47 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config keys 'train.phases.{name}.critic_iters/gen_iters': both zero")
     if t.deepspeed_stage:
         _same_clipping(t)
+
+
+def _phase_numbers(name: str, phase: PhaseConfig) -> None:
+    """Numbers training would take without a word and misuse: a negative lr climbs the loss, a warmup of 1 or
+    more never reaches the peak lr, a negative count or weight turns its rule around."""
+    key = f"train.phases.{name}"
+    for field in ("lr", "critic_lr_mult"):
+        value = getattr(phase, field)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"config key '{key}.{field}': must be a finite number > 0, got {value}")
+    for field in ("weight_decay", "w_lpips", "w_pixel", "w_adv", "max_grad_norm"):
+        value = getattr(phase, field)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"config key '{key}.{field}': must be a finite number >= 0, got {value}")
+    if not 0 <= phase.warmup < 1:  # (NaN too)
+        raise ConfigError(f"config key '{key}.warmup': must be a share of the phase's steps in [0, 1), got "
+                          f"{phase.warmup}")
+    if not all(0 <= beta < 1 for beta in phase.betas):
+        raise ConfigError(f"config key '{key}.betas': Adam's betas must each be in [0, 1), got {phase.betas}")
+    for field in ("critic_iters", "gen_iters", "val_every", "patience"):
+        if getattr(phase, field) < 0:
+            raise ConfigError(f"config key '{key}.{field}': must be >= 0, got {getattr(phase, field)}")
+
+
+def order_warnings(cfg: Config) -> list[str]:
+    """Phase orders that validate (tests and ablations run single phases) but waste a real run: a critic trained
+    for no later gan phase (train.order cannot change on resume), a gan phase on an untrained generator, nothing
+    to train at all. Zero-step phases count as absent."""
+    order = [name for name in cfg.train.order if cfg.train.phases[name].steps > 0]
+    kinds = [cfg.train.phases[name].kind for name in order]
+    out = [] if order else [f"every phase of train.order {list(cfg.train.order)} has 0 steps: nothing is trained, "
+                            f"the run only validates and writes the generator it starts with"]
+    for i, (name, kind) in enumerate(zip(order, kinds)):
+        phase = f"phase '{name}'" + (f" (a {kind} phase)" if name != kind else "")
+        if kind == "critic" and "gan" not in kinds[i + 1:]:
+            out.append(f"{phase} trains the critic, but no gan phase with steps runs after it: its steps are "
+                       f"wasted (a resumed run cannot change train.order)")
+        if kind == "gan" and "gen" not in kinds[:i] and not cfg.model.init_from:
+            out.append(f"{phase} starts from an untrained generator: no gen phase with steps runs before it and "
+                       f"model.init_from is not set")
+    return out
 
 
 def _phases_training(t: TrainConfig) -> dict[str, list[str]]:
