@@ -103,6 +103,46 @@ def test_encoder_channels_and_strides_match_feature_info(encoder):
     assert len(g.blocks) == len(chans) - 1
 
 
+def test_encoder_input_is_normalised_with_the_encoders_own_mean_and_std():
+    """timm's pretrained_cfg, not ImageNet's numbers: TF-ported MobileNets expect [-1, 1] (mean = std = 0.5)."""
+    g = _generator("tf_mobilenetv3_small_minimal_100").eval()
+    assert g.mean.flatten().tolist() == g.std.flatten().tolist() == [0.5, 0.5, 0.5]
+    seen = []
+    g.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        g(torch.ones(1, 3, 32, 32))
+    assert torch.equal(seen[0], torch.ones(1, 3, 32, 32))  # white is 1 for it
+
+
+def test_an_encoder_with_channels_last_features_builds_and_trains():
+    """timm's MambaOut family hands its features over as N x H x W x C (its output_fmt): the U-Net takes them as
+    N x C x H x W like any other encoder's (it crashed in the decoder's first norm)."""
+    g = _generator("mambaout_femto", decoder_width=16).train()
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(g(x), x)  # the zero-initialised head: the identity
+    nn.init.normal_(g.head.weight, std=0.1)
+    (g(x) - 0.5).abs().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in g.encoder.stages_3.parameters())
+
+
+def test_generator_pixel_shuffles_start_checkerboard_free():
+    """ICNR in the built generator (not only in PixelShuffleICNR alone): without blur, every sub-pixel of each
+    s x s block of every pixel shuffle's output is the same at init, spectral norm or not."""
+    for sn in (True, False):
+        g = _generator("convnext_atto", blur=False, spectral_norm=sn)  # (its last pixel shuffle is 4x)
+        outs = []
+        for m in g.modules():
+            if isinstance(m, PixelShuffleICNR):
+                m.register_forward_hook(lambda mod, args, out: outs.append((mod.shuffle.upscale_factor, out)))
+        with torch.no_grad():
+            g(torch.rand(1, 3, 64, 64))
+        assert {s for s, _ in outs} == {2, 4}
+        for s, out in outs:
+            n, c, h, w = out.shape
+            blocks = out.reshape(n, c, h // s, s, w // s, s)
+            assert torch.equal(blocks, blocks[:, :, :, :1, :, :1].expand_as(blocks)), (sn, s, out.shape)
+
+
 def test_module_defaults_are_the_configs():
     """One source of defaults: Generator() and Critic() take ModelConfig's and CriticConfig's, so a model built
     without arguments (a test, a notebook) is the one the default config trains."""
@@ -424,6 +464,40 @@ def test_create_encoder_loads_explicit_weights_file(tmp_path):
     assert torch.equal(g.encoder.conv_stem.weight, state["conv_stem.weight"])
 
 
+def test_encoder_weights_load_into_feature_models_that_rename_their_layers(tmp_path, monkeypatch):
+    """timm's feature wrapper renames ConvNeXt's ``stages.0`` to ``stages_0``: its ImageNet file (explicit, or the
+    Hugging Face cache's) loads, where the check of the file's names refused it as 'not weights for this encoder'."""
+    import timm
+    from safetensors.torch import save_file
+
+    import dist_dejpeg.models.weights as W
+
+    torch.manual_seed(3)
+    state = {k: v.contiguous() + 0.5 for k, v in timm.create_model("convnext_atto", pretrained=False)
+             .state_dict().items()}
+    path = tmp_path / "convnext_atto.safetensors"
+    save_file(state, str(path))
+    enc = create_encoder("convnext_atto", pretrained=True, weights_file=str(path), depth=3)
+    assert torch.equal(enc.stem_0.weight, state["stem.0.weight"])
+    assert torch.equal(enc.stages_2.blocks[0].conv_dw.weight, state["stages.2.blocks.0.conv_dw.weight"])
+    monkeypatch.setattr(W, "_hf_cached_file", lambda repo: str(path))
+    assert torch.equal(create_encoder("convnext_atto", pretrained=True).stem_0.weight, state["stem.0.weight"])
+
+
+def test_encoder_weights_of_another_variant_are_a_one_line_error(tmp_path):
+    """A sibling's file (mobilenetv3_small_050's for mobilenetv3_small_100): a WeightsError naming the key, the
+    file and the encoder, not torch's page of size mismatches."""
+    import timm
+    from safetensors.torch import save_file
+
+    path = tmp_path / "small_050.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("mobilenetv3_small_050").state_dict().items()},
+              str(path))
+    with pytest.raises(WeightsError, match=r"model.encoder_weights: .*small_050.safetensors does not load into "
+                                           r"encoder 'mobilenetv3_small_100' \(RuntimeError: .*size mismatch"):
+        create_encoder("mobilenetv3_small_100", pretrained=True, weights_file=str(path))
+
+
 def test_create_encoder_rejects_file_without_encoder_weights(tmp_path):
     from safetensors.torch import save_file
 
@@ -716,6 +790,10 @@ def test_an_encoder_the_u_net_cannot_use_is_refused_at_build_with_its_name(encod
 def test_encoder_depth_beyond_the_encoders_stages_names_the_key():
     with pytest.raises(EncoderError, match=r"'levit_128s' .*model.encoder_depth=4 stages: feature index 3 is out"):
         create_encoder("levit_128s", pretrained=False, depth=4)
+    # timm's words for most encoders are "list index out of range": the error says how many stages there are
+    with pytest.raises(EncoderError, match=r"'convnext_atto' .*encoder_depth=5 .*it has 4 \(model.encoder_depth: "
+                                           r"0 for all, or 2..4\)"):
+        create_encoder("convnext_atto", pretrained=False, depth=5)
 
 
 def test_pretrained_encoder_errors_are_told_apart(monkeypatch):

@@ -1,7 +1,7 @@
 """Generator: U-Net with a timm ``features_only`` encoder and a DeOldify-style decoder, residual output.
 
-    degraded [0,1] --(ImageNet norm)--> encoder stages (strides s1..sn)
-        --> middle convs --> n-1 up blocks (ICNR pixel shuffle + blur, skip via BN, conv; one with
+    degraded [0,1] --(the encoder's pretrained_cfg mean, std)--> encoder stages (strides s1..sn; NCHW)
+        --> middle convs --> n-1 up blocks (ICNR pixel shuffle + blur, skip via decoder_norm, conv; one with
             self-attention) --> pixel shuffle to full size --> concat the input --> res block --> 1x1 conv
         --> correction;  restored = clamp(degraded + correction, 0, 1)
 
@@ -109,6 +109,8 @@ class Generator(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.pad_to = strides[-1]
         self.strides = list(strides)
+        # timm's channels-last families (MambaOut, ...) hand their features over as N x H x W x C
+        self.nhwc = getattr(self.encoder, "output_fmt", "NCHW") == "NHWC"  # (timm's Format is a str enum)
 
         width = decoder_width
         norm = decoder_norm
@@ -148,6 +150,8 @@ class Generator(nn.Module):
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
         normed = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         feats = self.encoder(normed)
+        if self.nhwc:
+            feats = [f.permute(0, 3, 1, 2) for f in feats]
         y = self.middle(feats[-1])
         films = self.film(self._quality(quality, degraded)) if self.film is not None else None
         if films is not None:

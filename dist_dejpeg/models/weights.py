@@ -54,7 +54,8 @@ def create_encoder(name: str, pretrained: bool, weights_file: str = "", depth: i
         return _keep_used_blocks(_create_encoder(name, pretrained, weights_file, depth))
     except (AssertionError, IndexError) as err:  # timm's checks of out_indices, features_only
         raise EncoderError(f"timm cannot build '{name}' as a features_only encoder"
-                           + (f" of model.encoder_depth={depth} stages" if depth else "") + f": {err}") from None
+                           + (f" of model.encoder_depth={depth} stages" if depth else "") + f": {err}"
+                           + (_stages_it_has(name) if depth else "")) from None
 
 
 def check_any_size(encoder: nn.Module, name: str, stride: int) -> None:
@@ -78,6 +79,17 @@ def check_any_size(encoder: nn.Module, name: str, stride: int) -> None:
 
 def _stages(depth: int) -> dict:
     return {"out_indices": tuple(range(depth))} if depth > 0 else {}
+
+
+def _stages_it_has(name: str) -> str:
+    """What an encoder_depth error adds (timm's own words for it are "list index out of range")."""
+    import timm
+
+    try:
+        n = len(timm.create_model(name, features_only=True, pretrained=False).feature_info)
+    except (AssertionError, IndexError, RuntimeError):
+        return ""
+    return f"; it has {n} (model.encoder_depth: 0 for all, or 2..{n})"
 
 
 def _keep_used_blocks(model: nn.Module) -> nn.Module:
@@ -105,7 +117,7 @@ def _create_encoder(name: str, pretrained: bool, weights_file: str, depth: int) 
     cached = _hf_cached_file(repo) if repo else None
     if cached:
         log.info("encoder %s: ImageNet weights from the Hugging Face cache: %s", name, cached)
-        return _encoder_from_file(name, cached, depth)
+        return _encoder_from_file(name, cached, depth, source=f"Hugging Face cache of '{repo}'")
     try:
         return timm.create_model(name, features_only=True, pretrained=True, **_stages(depth))
     except (AssertionError, IndexError):  # timm's own checks of the model (out_indices): create_encoder names them
@@ -124,18 +136,32 @@ def _create_encoder(name: str, pretrained: bool, weights_file: str, depth: int) 
         ) from None
 
 
-def _encoder_from_file(name: str, path: str, depth: int = 0) -> nn.Module:
+def _encoder_from_file(name: str, path: str, depth: int = 0, source: str = "model.encoder_weights") -> nn.Module:
     """timm loads ``features_only`` weights non-strictly; check that the file really held them."""
     import timm
 
-    model = timm.create_model(name, features_only=True, pretrained=True, pretrained_cfg_overlay=dict(file=path),
-                              **_stages(depth))
+    try:
+        model = timm.create_model(name, features_only=True, pretrained=True, pretrained_cfg_overlay=dict(file=path),
+                                  **_stages(depth))
+    except (AssertionError, IndexError):  # timm's checks of the model (out_indices): create_encoder names them
+        raise
+    except Exception as err:  # noqa: BLE001 - another model's file (sizes, names) or no weights file at all
+        raise WeightsError(f"{source}: {path} does not load into encoder '{name}' ({type(err).__name__}: "
+                           f"{' '.join(str(err).split())[:240]}): not weights for this encoder?") from None
     stored = {k.removeprefix("module.") for k in timm.models.load_state_dict(path).keys()}
-    missing = [k for k in model.state_dict() if not k.endswith("num_batches_tracked") and k not in stored]
+    missing = [k for k in model.state_dict()
+               if not k.endswith("num_batches_tracked") and stored.isdisjoint(_file_names(k))]
     if missing:
-        raise WeightsError(f"model.encoder_weights: {path} lacks {len(missing)} of encoder '{name}''s weights "
+        raise WeightsError(f"{source}: {path} lacks {len(missing)} of encoder '{name}''s weights "
                            f"(e.g. {', '.join(missing[:3])}): not weights for this encoder?")
     return model
+
+
+def _file_names(key: str) -> list[str]:
+    """The names a feature model's ``key`` may have in the classifier's file: timm's feature wrappers flatten the
+    model's top-level Sequentials into their own children (ConvNeXt's ``stages.0.x`` is their ``stages_0.x``)."""
+    first, dot, rest = key.partition(".")
+    return [key, *(f"{first[:i]}.{first[i + 1:]}{dot}{rest}" for i, c in enumerate(first) if c == "_")]
 
 
 def _torchvision_weights(net: str):
