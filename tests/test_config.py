@@ -213,6 +213,9 @@ def test_quality_min_above_max_is_error():
     ("data.max_bad_samples=-2", "data.max_bad_samples"),
     ("data.val_qualities=[10,20", "data.val_qualities"),  # (a YAML ParserError traceback)
     ("train.order=[gen,gan,gan]", "train.order"),  # (the step totals and status counted the phase once)
+    ("model.decoder_width=0", "model.decoder_width': must be >= 1, got 0"),  # (torch's RuntimeError at build)
+    ("critic.width=0", "critic.width': must be >= 1, got 0"),
+    ("critic.n_blocks=-1", "critic.n_blocks': must be >= 0, got -1"),
 ])
 def test_other_range_checks(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -28,6 +28,10 @@ def validate(cfg: Config) -> None:
     if cfg.model.encoder_depth == 1 or cfg.model.encoder_depth < 0:  # a U-Net needs a skip and a deeper stage
         raise ConfigError(f"config key 'model.encoder_depth': must be 0 (all stages) or at least 2, got "
                           f"{cfg.model.encoder_depth}")
+    for key, value, least in (("model.decoder_width", cfg.model.decoder_width, 1), ("critic.width", cfg.critic.width, 1),
+                              ("critic.n_blocks", cfg.critic.n_blocks, 0)):  # (else a layer of no channels: torch's error)
+        if value < least:
+            raise ConfigError(f"config key '{key}': must be >= {least}, got {value}")
     if not 0.0 <= cfg.model.quality_blind_prob <= 1.0:
         raise ConfigError("config key 'model.quality_blind_prob': must be in [0, 1]")
     if cfg.model.quality_conditioning and cfg.model.quality_blind_prob == 1.0:  # validation, guard, restore tell it
