@@ -60,7 +60,9 @@ def print_restore_summary(results: list, args: argparse.Namespace, device) -> No
     written = [r for r in results if r.output and not r.skipped]
     restored = [r for r in written if not r.passthrough]
     seconds, megapixels = sum(r.seconds for r in restored), sum(r.megapixels for r in restored)
-    rate = f", {1000 * seconds / megapixels:.0f} ms per megapixel" if megapixels else ""
+    # a rate from under a megapixel is mostly the first forward's warm-up: the time itself then
+    rate = "" if not megapixels else (f", {1000 * seconds / megapixels:.0f} ms per megapixel" if megapixels >= 1
+                                      else f" in {seconds:.1f} s ({megapixels:.2f} megapixels)")
     passed = len(written) - len(restored)
     print(f"restored {len(restored)} image(s) into {args.out} on {device}{rate}; "
           + (f"passed {passed} through unchanged; " if passed else "")
