@@ -401,3 +401,15 @@ def test_phase_orders_that_waste_a_run_are_warned_of(capsys, overrides, words):
     assert cli.main(["train", "--config", str(DEBUG_YAML), "--dry-run", *overrides]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == len(words) and all(w in line for w, line in zip(words, warnings)), warnings
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["data.val_crop=24"], r"'data.val_crop': 24 px is below the 31 px a side that LPIPS-alex \(loss.metric_net\)"),
+    (["data.crop=8", "train.phases.gen.w_lpips=1"], r"'data.crop': 8 px is below the 16 px a side that LPIPS-vgg"),
+])
+def test_crops_lpips_cannot_measure_are_refused_when_the_config_loads(overrides, words):
+    """LPIPS's pooling leaves nothing of a small crop: it failed inside the network (a validation crop at the first
+    validation, possibly hours in) with torch's words about channels."""
+    with pytest.raises(ConfigError, match=words):
+        load_config(None, overrides)
+    load_config(None, ["data.crop=8", "train.phases.gen.w_lpips=0", "train.phases.gan.w_lpips=0"])  # no LPIPS loss

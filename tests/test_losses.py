@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from dist_dejpeg.config.schema import LPIPS_MIN_SIDE as MIN_SIDE
 from dist_dejpeg.models.lpips import LPIPS
 from dist_dejpeg.train.losses import critic_loss, generator_adv_loss, pixel_loss
 
@@ -103,6 +104,18 @@ def test_lpips_gradient_flows_to_the_image(alex):
     assert a.grad is not None
     assert torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
     assert all(p.grad is None for p in alex.parameters())
+
+
+@pytest.mark.parametrize("net,side", [("alex", 24), ("vgg", 8)])
+def test_lpips_on_images_its_backbone_pools_to_nothing_is_a_clear_error(net, side):
+    """Crops that are multiples of 8 but below what the backbone's pooling needs (data.crop=24 with LPIPS-alex) are
+    a ValueError naming the size and the keys, not torch's "Output size is too small" from inside the backbone."""
+    lp = LPIPS(net, pretrained=False)
+    a, b = _pair(1, side, seed=6)
+    with pytest.raises(ValueError, match=rf"LPIPS-{net} needs images of at least \d+ px a side, got {side} x {side}"):
+        lp(a, b)
+    wide = torch.rand(1, 3, MIN_SIDE[net], 3 * MIN_SIDE[net])
+    assert torch.isfinite(lp(wide, wide.flip(-1))).all()  # the smallest side that works, non-square
 
 
 def test_lpips_description(alex):

@@ -99,6 +99,85 @@ def test_each_step_updates_only_its_model(tmp_path, shards):
     assert all(p.requires_grad for p in t.critic_raw.parameters())
 
 
+class _Gen(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, quality=None):
+        return (x + self.conv(x)).clamp(0, 1)
+
+
+class _Critic(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, x, paired=False):
+        return self.conv(x)
+
+
+def test_grad_accum_updates_as_one_big_batch():
+    """grad_accum micro-batches of B/grad_accum update each model as one batch of B does (Accelerate divides each
+    micro-step's loss; clipping sees the summed gradient once), every loss term (L1, LPIPS, adversarial) included."""
+    from accelerate import Accelerator
+
+    from dist_dejpeg.models.lpips import LPIPS
+
+    torch.manual_seed(0)
+    lpips = LPIPS("alex", pretrained=False)
+    g = torch.Generator().manual_seed(1)
+    clean = torch.rand(4, 3, 32, 32, generator=g)
+    batch = {"clean": clean, "jpeg": (clean + 0.1 * torch.randn(clean.shape, generator=g)).clamp(0, 1),
+             "quality": torch.tensor([10, 20, 30, 40])}
+
+    def updates(accum: int, max_grad_norm: float) -> list[torch.Tensor]:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        acc = Accelerator(cpu=True, gradient_accumulation_steps=accum)
+        torch.manual_seed(0)
+        gen, critic = _Gen(), _Critic()
+        gen, g_opt, critic, c_opt = acc.prepare(gen, torch.optim.SGD(gen.parameters(), lr=1.0), critic,
+                                                torch.optim.SGD(critic.parameters(), lr=1.0))
+        n = 4 // accum
+        parts = [{k: v[i:i + n] for k, v in batch.items()} for i in range(0, 4, n)]
+        before = [gen.conv.weight.detach().clone(), critic.conv.weight.detach().clone()]
+        generator_step(acc, gen, g_opt, iter(parts), grad_accum=accum, w_pixel=1.0, w_lpips=0.5, w_adv=0.3,
+                       lpips=lpips, critic_raw=critic, max_grad_norm=max_grad_norm)
+        critic_step(acc, critic, c_opt, iter(parts), generator_raw=gen, grad_accum=accum,
+                    max_grad_norm=max_grad_norm)
+        return [gen.conv.weight.detach() - before[0], critic.conv.weight.detach() - before[1]]
+
+    for max_grad_norm in (0.0, 0.01):  # off, and on: every update clipped
+        one = updates(1, max_grad_norm)
+        assert all(d.abs().max() > 1e-4 for d in one)
+        for accum in (2, 4):
+            for big, acc_d in zip(one, updates(accum, max_grad_norm)):
+                assert (acc_d - big).abs().max() < 2e-5 * big.abs().max(), (max_grad_norm, accum)
+
+
+def test_validation_measures_the_output_as_restore_writes_it():
+    """Validation rounds the restored crops to 8 bits, as restore and evaluate write them: a correction under half
+    a level writes the JPEG's own pixels, so its metrics are the JPEG's and its gain is zero (the float output's
+    PSNR differed, and the guard trusts that gain)."""
+    from accelerate import Accelerator
+
+    from dist_dejpeg.train.validation import validate
+
+    class SubLevel(torch.nn.Module):
+        def forward(self, x, quality=None):
+            return x + 0.4 / 255
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(20, 236, (6, 3, 24, 24), generator=g, dtype=torch.uint8)
+    jpeg = (clean.int() + torch.randint(-6, 7, clean.shape, generator=g)).to(torch.uint8)
+    no_lpips = lambda a, b: torch.zeros(a.shape[0])  # noqa: E731
+    out = validate(Accelerator(cpu=True), SubLevel(), {30: (jpeg, clean)}, no_lpips, 4)["q30"]
+    for name in ("psnr", "ssim", "psnr_y", "shift_r"):
+        assert out["restored"][name] == pytest.approx(out["jpeg"][name], abs=1e-9), name
+    assert out["gain"]["psnr"] == 0.0 and out["gain"]["count"] == 6
+
+
 def test_gen_only_run_builds_no_critic(tmp_path, shards):
     cfg = tiny(tmp_path / "run", shards, "train.order=[gen]")
     t = Trainer(cfg)

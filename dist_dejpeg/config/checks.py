@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from dist_dejpeg.config.schema import (COMPILE_MODES, PHASE_KINDS, TRACKER_PACKAGES, Config, ConfigError, PhaseConfig,
+from dist_dejpeg.config.schema import (COMPILE_MODES, LPIPS_MIN_SIDE, PHASE_KINDS, TRACKER_PACKAGES, Config, ConfigError, PhaseConfig,
                                        TrainConfig, default_phases)
 
 
@@ -137,6 +137,21 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config keys 'train.phases.{name}.critic_iters/gen_iters': both zero")
     if t.deepspeed_stage:
         _same_clipping(t)
+    _lpips_sides(cfg)
+
+
+def _lpips_sides(cfg: Config) -> None:
+    """Crops that LPIPS's pooling leaves no pixel of failed inside the network, a validation crop at the first
+    validation (possibly hours in): validation measures with loss.metric_net, a phase with w_lpips > 0 trains with
+    loss.lpips_net."""
+    lo, d = cfg.loss, cfg.data
+    uses = [(lo.metric_net, "data.val_crop", d.val_crop, "loss.metric_net")]
+    if any(p.kind in ("gen", "gan") and p.w_lpips > 0 for p in (cfg.train.phases[n] for n in cfg.train.order)):
+        uses.append((lo.lpips_net, "data.crop", d.crop, "loss.lpips_net"))
+    for net, key, side, net_key in uses:
+        if side < LPIPS_MIN_SIDE[net]:
+            raise ConfigError(f"config key '{key}': {side} px is below the {LPIPS_MIN_SIDE[net]} px a side that "
+                              f"LPIPS-{net} ({net_key}) needs: larger crops, or LPIPS-vgg (16 px)")
 
 
 def _phase_numbers(name: str, phase: PhaseConfig) -> None:

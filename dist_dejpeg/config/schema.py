@@ -72,6 +72,11 @@ class CriticConfig:
     self_attention: bool = True  # self-attention after the first downsampling block
 
 
+# the smallest image side each LPIPS backbone's pooling leaves a pixel of (AlexNet's stride-4 stem and two 3x3/2
+# pools; VGG's four 2x2 pools): config/checks.py, models/lpips.py, evaluate
+LPIPS_MIN_SIDE = {"alex": 31, "vgg": 16}
+
+
 @dataclass
 class LossConfig:
     lpips_net: str = "vgg"  # LPIPS backbone for the training loss: "vgg" (the seed's) or "alex"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_dejpeg.config.schema import LPIPS_MIN_SIDE as LPIPS_SIDES
 from dist_dejpeg.data.images import jpeg_roundtrip
 from dist_dejpeg.evaluation.references import EvaluateError, read_references, seen_in_training
 from dist_dejpeg.jpeg.formats import SUBSAMPLING
@@ -50,8 +51,7 @@ class MetricSet:
     """The six metrics with what is unavailable here and why (LPIPS without its AlexNet backbone, BRISQUE or
     NIQE without their package or parameter file): those are None in every row, with the reason."""
 
-    # AlexNet's features (LPIPS): an 11-pixel stride-4 convolution, two 3-pixel stride-2 max-pools: 31 pixels
-    LPIPS_MIN_SIDE = 31
+    LPIPS_MIN_SIDE = LPIPS_SIDES["alex"]  # (evaluate's LPIPS is AlexNet's)
 
     def __init__(self, lpips_weights: str = "", y_only: bool = False, crop_border: int = 0, device: str = "cpu",
                  only: tuple[str, ...] | None = None):

@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch import nn
 
+from dist_dejpeg.config.schema import LPIPS_MIN_SIDE
 from dist_dejpeg.models.weights import load_lpips_backbone, lpips_backbone_state
 
 
@@ -57,6 +58,11 @@ class LPIPS(nn.Module):
         return super().train(False)
 
     def forward(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if min(image.shape[-2:]) < LPIPS_MIN_SIDE.get(self.net_name, 1):  # (torch's pooling error names channels)
+            other = " or LPIPS-vgg (loss.lpips_net, loss.metric_net: 16 px)" if self.net_name == "alex" else ""
+            raise ValueError(f"LPIPS-{self.net_name} needs images of at least {LPIPS_MIN_SIDE[self.net_name]} px a "
+                             f"side, got {image.shape[-2]} x {image.shape[-1]}: use larger crops (data.crop, "
+                             f"data.val_crop){other}")
         inner = self.inner
         features = lambda x: inner.net(inner.scaling_layer(x * 2 - 1))  # noqa: E731 - under the caller's autocast
         # Two passes, the target's without autograd when it needs no gradient (the clean image of a training
