@@ -406,8 +406,10 @@ def test_phase_orders_that_waste_a_run_are_warned_of(capsys, overrides, words):
 @pytest.mark.parametrize("overrides, words", [
     (["data.val_crop=24"], r"'data.val_crop': 24 px is below the 31 px a side that LPIPS-alex \(loss.metric_net\)"),
     (["data.crop=8", "train.phases.gen.w_lpips=1"], r"'data.crop': 8 px is below the 16 px a side that LPIPS-vgg"),
+    (["loss.lpips_pretrained=false", "loss.metric_weights=alex.pth"],  # (the file was ignored: a random LPIPS)
+     r"'loss.metric_weights': a backbone file is given, but loss.lpips_pretrained is false"),
 ])
-def test_crops_lpips_cannot_measure_are_refused_when_the_config_loads(overrides, words):
+def test_lpips_settings_that_cannot_work_are_refused_when_the_config_loads(overrides, words):
     """LPIPS's pooling leaves nothing of a small crop: it failed inside the network (a validation crop at the first
     validation, possibly hours in) with torch's words about channels."""
     with pytest.raises(ConfigError, match=words):

@@ -145,6 +145,10 @@ def _lpips_sides(cfg: Config) -> None:
     validation (possibly hours in): validation measures with loss.metric_net, a phase with w_lpips > 0 trains with
     loss.lpips_net."""
     lo, d = cfg.loss, cfg.data
+    given = [k for k in ("lpips_weights", "metric_weights") if getattr(lo, k)]
+    if given and not lo.lpips_pretrained:  # (the file was left unread: a random backbone, labelled so)
+        raise ConfigError(f"config key 'loss.{given[0]}': a backbone file is given, but loss.lpips_pretrained is "
+                          f"false (random backbones): set loss.lpips_pretrained=true to use it, or drop the file")
     uses = [(lo.metric_net, "data.val_crop", d.val_crop, "loss.metric_net")]
     if any(p.kind in ("gen", "gan") and p.w_lpips > 0 for p in (cfg.train.phases[n] for n in cfg.train.order)):
         uses.append((lo.lpips_net, "data.crop", d.crop, "loss.lpips_net"))
