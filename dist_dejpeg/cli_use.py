@@ -45,6 +45,10 @@ def restore_command(args: argparse.Namespace) -> int:
     except (ModelFileError, InputImageError, OnnxUnavailable, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if restorer.guard and not restorer.gains:  # (said per image only under --verbose)
+        print(f"warning: {args.model} holds no validated gains (a checkpoint, or a run not yet finished: its "
+              f"generator.safetensors has them): the guard cannot pass images through, every image is restored "
+              f"unchecked", file=sys.stderr)
     results = restore_files(restorer, inputs, args.out, fmt=fmt, max_pixels=args.max_pixels,
                             skip_existing=args.skip_existing, progress=not args.quiet, quality=args.input_quality,
                             suffix=args.suffix, output_quality=args.output_quality)
