@@ -37,13 +37,18 @@ def save_generator(generator: Generator, model_cfg: ModelConfig, path: str | Pat
     in memory (a generator is tens of MB), then run.files.atomic_write_bytes. A non-finite tensor is a
     NonFiniteWeights error naming it, and nothing is written."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in generator.state_dict().items()}
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise NonFiniteWeights(f"{path}: not written: {len(bad)} tensor(s) of the generator hold NaN or infinite "
-                               f"values ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+    if bad := non_finite(state):
+        raise NonFiniteWeights(f"{path}: not written: {bad}")
     meta = {"format": FORMAT, "model": json.dumps(dataclasses.asdict(model_cfg))}
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     atomic_write_bytes(path, save(state, metadata=meta))
+
+
+def non_finite(state: dict) -> str:
+    """Which tensors of ``state`` hold a NaN or an infinity, said in words; "" where none does."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return f"{len(bad)} tensor(s) of the generator hold NaN or infinite values ({', '.join(bad[:3])}" \
+           f"{', ...' if len(bad) > 3 else ''})" if bad else ""
 
 
 def training_shards(data_cfg) -> dict[str, str]:
@@ -97,8 +102,17 @@ def _build_and_load(model_cfg: ModelConfig, state: dict, source: str) -> Generat
 
 
 def model_config_from_meta(meta: dict, source: str) -> ModelConfig:
-    fields = json.loads(meta["model"])
-    fields.setdefault("decoder_norm", "batch")  # files written before the option existed had batch norm
+    """The model config a generator file carries; a ModelFileError where it has none or not one that reads (a file
+    written by hand or cut short: it cannot be built)."""
+    try:
+        fields = json.loads(meta["model"])
+        fields.setdefault("decoder_norm", "batch")  # files written before the option existed had batch norm
+    except KeyError:
+        raise ModelFileError(f"{source}: a generator file without its model config (metadata 'model'): it cannot "
+                             f"be built") from None
+    except (ValueError, TypeError, AttributeError) as err:  # (json's JSONDecodeError is a ValueError; not a dict)
+        raise ModelFileError(f"{source}: the generator file's model config (metadata 'model') is not a JSON "
+                             f"object ({err})") from None
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in fields.items() if k in known})
 

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 
-from dist_dejpeg.models.names import (INPUT, MIN_SIZE, ONNX_FORMAT, OUTPUT, QUALITY, TRAIN_SHARDS, ModelFileError,
+from dist_dejpeg.models.names import (INPUT, ONNX_FORMAT, OUTPUT, QUALITY, TRAIN_SHARDS, ModelFileError,
                                       OnnxUnavailable, file_gains, file_train_shards, require_onnx)
 from dist_dejpeg.restore.base import ImageRestorer
 
@@ -57,6 +58,8 @@ def providers(device: str) -> list:
     import onnxruntime as ort
 
     device = str(device)
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", device):
+        raise ValueError(f"device must be cpu, cuda[:N] or auto for an ONNX model, got {device!r}")
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     if device.startswith("cuda") and not has_cuda:
         raise ModelFileError(f"--device {device}: this onnxruntime has no CUDA provider (install onnxruntime-gpu, "
@@ -64,8 +67,6 @@ def providers(device: str) -> list:
     if device.startswith("cuda") or (device == "auto" and has_cuda):
         index = int(device.split(":")[1]) if ":" in device else 0
         return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-    if device not in ("cpu", "auto"):
-        raise ValueError(f"device must be cpu, cuda[:N] or auto for an ONNX model, got {device!r}")
     return ["CPUExecutionProvider"]
 
 
@@ -110,6 +111,12 @@ def open_session(path, device: str = "cpu", threads: int | None = None):
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for missing or bad files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelFileError(f"{path}: onnxruntime cannot load it ({first})") from None
+    if str(device).startswith("cuda") and "CUDAExecutionProvider" not in session.get_providers():
+        # onnxruntime-gpu whose CUDA provider failed to start (its CUDA or cuDNN libraries, no such GPU) falls back
+        # to the CPU on its own: a restore asked to run on CUDA would run there, minutes per photo, saying "cpu"
+        raise ModelFileError(f"--device {device}: onnxruntime could not start its CUDA provider (its CUDA and cuDNN "
+                             f"libraries missing or of another version, or no such GPU); restore with "
+                             f"--device cpu")
     meta = dict(session.get_modelmeta().custom_metadata_map)
     names = {i.name for i in session.get_inputs()}
     if meta.get("format") != ONNX_FORMAT or INPUT not in names:
@@ -143,10 +150,12 @@ class OnnxRestorer(ImageRestorer):
         self.setup(info, tile=tile, overlap=overlap, batch_size=batch_size or (4 if cuda else 1), guard=guard)
 
     def forward(self, batch: np.ndarray, quality: int | None = None) -> np.ndarray:
-        """N x 3 x h x w float32 in [0, 1] -> the same, restored. Below the exported range (h or w under 32) the
-        batch is padded as Generator.correction pads (reflect, or replicate where reflect cannot) and cropped back;
-        a keep_mean model then centred its correction over the padding too: it is centred again over the image
-        (exact where no restored value was clipped to 0 or 1, which the shift is measured without)."""
+        """N x 3 x h x w float32 in [0, 1] -> the same, restored. The graph pads to its stride with reflect, as
+        Generator.correction does wherever the pad is below the size (the graph matches it there, under 32 px too);
+        where it is not (a side of a few pixels) the generator replicates, so the batch is padded so here (edge)
+        and cropped back; a keep_mean model then centred its correction over the padding too: it is centred again
+        over the image (exact where no restored value was clipped to 0 or 1, which the shift is measured
+        without)."""
         h, w = batch.shape[-2:]
         if self.attention_stride:
             positions = -(-h // self.attention_stride) * -(-w // self.attention_stride)
@@ -155,9 +164,9 @@ class OnnxRestorer(ImageRestorer):
                                  f"hold a {batch.shape[0] * positions ** 2 * 4 / 2 ** 30:.1f} GB score matrix; "
                                  f"restore in tiles (--tile 512, the default)")
         x = batch
-        if h < MIN_SIZE or w < MIN_SIZE:
-            ph, pw = (-h) % self.pad_to, (-w) % self.pad_to
-            x = np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)), mode="reflect" if ph < h and pw < w else "edge")
+        ph, pw = (-h) % self.pad_to, (-w) % self.pad_to
+        if ph >= h or pw >= w:
+            x = np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)), mode="edge")
         feeds = {INPUT: np.ascontiguousarray(x, dtype=np.float32)}
         if self.conditioned:
             feeds[QUALITY] = np.full(x.shape[0], float(quality or 0), np.float32)
