@@ -37,6 +37,8 @@ def test_plain_lines_progress_json_and_tensorboard(tmp_path, shards, caplog):
     for q in ("q10", "q20", "q40"):
         assert any(re.match(rf"val final @4 {q}: PSNR [\d.]+ -> [\d.]+ dB, SSIM [\d.]+ -> [\d.]+, "
                             rf"LPIPS\(random\) [\d.]+ -> [\d.]+$", line) for line in lines), q  # (tiny: random backbone)
+    logged = (run / "train.log").read_text()  # the run folder keeps what it said (a terminal's scrollback does not)
+    assert all(line in logged for line in window) and "val final @4 q10: PSNR" in logged, logged
     progress = json.loads((run / "progress.json").read_text())
     assert list(progress) == list(PROGRESS_KEYS)
     assert progress["status"] == "finished" and progress["global_step"] == progress["total_steps"] == 4
@@ -502,3 +504,41 @@ def test_deepspeeds_all_gather_deprecation_is_silenced_narrowly(tmp_path, shards
     messages = [str(w.message) for w in ours]
     assert not any("all_gather_into_tensor" in m for m in messages), messages
     assert "an unrelated FutureWarning still shows" in messages
+
+
+def test_train_log_gets_what_a_terminals_bar_shows_and_a_failed_write_is_said_once(tmp_path, shards, capsys):
+    """On a terminal the log windows and validation lines live in the progress bar (gone with the scrollback):
+    train.log gets them as lines; a train.log that cannot be written is said once, and the run goes on."""
+    from dist_dejpeg.train.build import build_accelerator
+    from dist_dejpeg.train.monitor import Monitor
+
+    run = tmp_path / "run"
+    acc, cfg = build_accelerator(tiny(run, shards, "train.order=[gen]", "train.log_with=[]"))
+    run.mkdir()
+    monitor = Monitor(acc, cfg, run, {})
+
+    class Bar:
+        def __init__(self):
+            self.shown = []
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: self.shown.append((name, args))
+
+    monitor.start_phase("gen", 0, 0, 0)
+    monitor.bar = Bar()
+    monitor.window("gen", {"train/gen/l1": 0.5, "train/lr": 1e-3}, 2, 2, 0.1)
+    monitor.validation("val", {"q10": {"jpeg": {"psnr": 25.0, "ssim": 0.7, "lpips": 0.3},
+                                       "restored": {"psnr": 26.0, "ssim": 0.8, "lpips": 0.2}}}, 2)
+    logged = (run / "train.log").read_text()
+    assert "phase gen (1/1): steps 0.." in logged and "gen 2/" in logged and "val val @2 q10: PSNR 25.000" in logged
+    assert not any(name == "write" and "gen 2/" in args[0] for name, args in monitor.bar.shown)  # (postfix only)
+    (run / "train.log").unlink()
+    (run / "train.log").mkdir()  # a train.log that cannot be opened for writing
+    monitor.run_log.close()  # (reopened at the next line)
+    monitor.window("gen", {"train/gen/l1": 0.4, "train/lr": 1e-3}, 4, 4, 0.1)
+    monitor.window("gen", {"train/gen/l1": 0.3, "train/lr": 1e-3}, 6, 6, 0.1)
+    monitor.close()
+    assert capsys.readouterr().err.count("warning: cannot write") == 1
+    import logging as stdlib_logging
+
+    assert monitor.run_log not in stdlib_logging.getLogger().handlers  # closed with the monitor

@@ -44,6 +44,7 @@ from dist_dejpeg.train.collective import all_ranks_or_raise
 from dist_dejpeg.train.compile import compile_cache_dir, compile_model, use_compile_cache
 from dist_dejpeg.train.data_checks import check_shards_exist, check_train_tiles
 from dist_dejpeg.train.library_warnings import silence_library_warnings
+from dist_dejpeg.train.run_log import LOG_FORMAT
 from dist_dejpeg.train.phases import generator_updates, trains_critic, uses_lpips
 from dist_dejpeg.train.resume import GENERATOR_SHAPE_KEYS
 
@@ -189,9 +190,6 @@ def _deepspeed_accelerator(cfg: Config, cpu: bool, timeout: timedelta) -> Accele
     if acc.num_processes != world:
         raise RuntimeError(f"DeepSpeed: {acc.num_processes} processes, but WORLD_SIZE said {world}")
     return acc
-
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging(accelerator: Accelerator, level: str = "info") -> None:

@@ -45,6 +45,7 @@ from dist_dejpeg.run.layout import (CONFIG, METRICS, PROGRESS, PROGRESS_KEYS, TE
                                     latest_checkpoint, list_checkpoints, partial_checkpoints)
 from dist_dejpeg.run.text import duration
 from dist_dejpeg.train.checkpoint import TrainingStopped, remove_partial
+from dist_dejpeg.train.run_log import close_run_log, open_run_log, to_run_log
 from dist_dejpeg.train.trackers import (TRACKER_RUNS, check_trackers, continued_runs, set_mlflow_store,  # noqa: F401
                                         tracker_config, tracker_init, tracker_objects)  # (build.py: two from here)
 
@@ -81,6 +82,7 @@ class Monitor:
                                "losses": {}, "last_val": None, "best": None, "images_per_s": None,
                                "data_wait_frac": None, "lr": None, "eta_phase_s": None, "eta_run_s": None,
                                WRITE_ERRORS: {}}
+        self.run_log = open_run_log(self.run_dir) if self.main else None  # <run_dir>/train.log (train/run_log.py)
         init, self.mlflow_store = tracker_init(list(cfg.train.log_with), self.run_dir)
         try:
             if self.mlflow_store:
@@ -97,6 +99,7 @@ class Monitor:
 
             if self.mlflow_store:
                 set_mlflow_store(None)
+            close_run_log(self.run_log)
             again = (f"; it continues the runs named in {self.run_dir / TRACKER_RUNS}: delete that file to start "
                      f"new ones" if continued_runs(self.run_dir) else "")
             raise ConfigError(f"config key 'train.log_with': a tracker of {cfg.train.log_with} could not start "
@@ -233,8 +236,11 @@ class Monitor:
 
             with self.side_write("console", CONSOLE_ERRORS):
                 self.bar = tqdm(total=self.steps[name], initial=initial, desc=name, dynamic_ncols=True)
+        line = f"phase {name} ({index + 1}/{len(self.order)}): steps {initial}..{self.steps[name]}"
         if self.bar is None and self.main:
-            log.info("phase %s (%d/%d): steps %d..%d", name, index + 1, len(self.order), initial, self.steps[name])
+            log.info(line)
+        else:
+            to_run_log(self.run_log, line)
         self._write()
 
     def advance(self) -> None:
@@ -256,19 +262,21 @@ class Monitor:
                              data_wait_frac=scalars.get("train/data_wait_frac"), lr=scalars.get("train/lr"),
                              eta_phase_s=eta_phase, eta_run_s=eta_run)
         postfix = {k.split("/", 1)[1]: f"{v:.4g}" for k, v in scalars.items() if "acc" not in k}
-        if not self._bar(lambda bar: bar.set_postfix(postfix)):
-            total = self.steps[name]
-            parts = [f"{name} {phase_step}/{total} ({100 * phase_step // max(total, 1)}%)",
-                     " ".join(f"{k} {v:.4g}" for k, v in sorted(losses.items()) if "acc" not in k)]
-            if scalars.get("train/images_per_s") is not None:
-                parts.append(f"{scalars['train/images_per_s']:.1f} img/s")
-            if scalars.get("train/data_wait_frac") is not None:
-                parts.append(f"data wait {100 * scalars['train/data_wait_frac']:.0f}%")
-            critic_lr = scalars.get("train/critic_lr")  # a gan phase's critic: its own lr
-            parts.append(f"lr {scalars.get('train/lr', 0):.2e}"
-                         + ("" if critic_lr is None else f", critic {critic_lr:.2e}"))
-            parts.append(f"ETA phase {duration(eta_phase)}, run {duration(eta_run)}")
-            log.info(" | ".join(p for p in parts if p))
+        total = self.steps[name]
+        parts = [f"{name} {phase_step}/{total} ({100 * phase_step // max(total, 1)}%)",
+                 " ".join(f"{k} {v:.4g}" for k, v in sorted(losses.items()) if "acc" not in k)]
+        if scalars.get("train/images_per_s") is not None:
+            parts.append(f"{scalars['train/images_per_s']:.1f} img/s")
+        if scalars.get("train/data_wait_frac") is not None:
+            parts.append(f"data wait {100 * scalars['train/data_wait_frac']:.0f}%")
+        critic_lr = scalars.get("train/critic_lr")  # a gan phase's critic: its own lr
+        parts.append(f"lr {scalars.get('train/lr', 0):.2e}" + ("" if critic_lr is None else f", critic {critic_lr:.2e}"))
+        parts.append(f"ETA phase {duration(eta_phase)}, run {duration(eta_run)}")
+        line = " | ".join(p for p in parts if p)
+        if self._bar(lambda bar: bar.set_postfix(postfix)):
+            to_run_log(self.run_log, line)
+        else:
+            log.info(line)
         self._write()
 
     def validation(self, tag: str, results: dict, step: int) -> None:
@@ -316,6 +324,7 @@ class Monitor:
         self._close_bar()
         if not self.closed:
             self.closed = True
+            close_run_log(self.run_log)  # (its last lines: the trackers' below go to the console only)
             # not accelerator.end_training(): it also destroys the process group, which the run still uses
             # (a final barrier; benchmarks and tests that keep the Accelerator) and other ranks may be inside
             for tracker in self.acc.trackers:
@@ -341,7 +350,9 @@ class Monitor:
 
     def _emit(self, line: str) -> None:
         """A line that must not tear the bar apart on a terminal."""
-        if not self._bar(lambda bar: bar.write(line, file=sys.stderr)):
+        if self._bar(lambda bar: bar.write(line, file=sys.stderr)):
+            to_run_log(self.run_log, line)
+        else:
             log.info(line)
 
     def _write(self) -> None:
