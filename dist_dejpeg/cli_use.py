@@ -129,6 +129,12 @@ def evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_name(source) -> str:
+    """What names a model on a shared page: its run folder for a run's generator.safetensors, else the path."""
+    path = Path(str(source)).resolve()
+    return str(path.parent if path.name == "generator.safetensors" else path)
+
+
 def report_command(args: argparse.Namespace) -> int:
     from dist_dejpeg.evaluation.evaluate import seen_note, write_tables
     from dist_dejpeg.evaluation.report import check_report_output, write_report
@@ -141,11 +147,19 @@ def report_command(args: argparse.Namespace) -> int:
              "training steps": model.get("global_step"), "backbones": meta["backbones"],
              "compression": meta["compression"], "metrics on": meta["channel"], "border crop": meta["crop_border"],
              "restored on": f"{meta['device']} (tile {meta['tile']}, overlap {meta['overlap']})",
-             "do-no-harm guard": "on" if meta["guard"] else "off",
+             "do-no-harm guard": ("off" if not meta["guard"] else "on" if model.get("val_psnr_gain") else
+                                  "on, but the model file holds no validated gains: every photo restored"),
+             "LPIPS here": meta["lpips"],
+             "LPIPS in training": model.get("lpips") or "not recorded",
              "unavailable": meta["unavailable"], "date": meta["date"]}
+    if meta["skipped"]:
+        shown["skipped"] = "; ".join(meta["skipped"])
+    if meta["undefined"]:
+        shown["left out"] = "; ".join(f"{m}: {w['images']} of {meta['images']} photos ({w['reason']})"
+                                      for m, w in meta["undefined"].items())
     if meta.get("seen_in_training"):
         shown["seen in training"] = seen_note(meta["seen_in_training"], meta["images"])
-    path = write_report(result.pop("records"), args.out, title=f"dist_dejpeg: {Path(str(model.get('source'))).name}",
+    path = write_report(result.pop("records"), args.out, title=f"dist_dejpeg: {_run_name(model.get('source'))}",
                         meta=shown, crop=args.crop)
     write_tables(result, tables := check_report_output(args.out))
     print(f"wrote {path} and its tables in {tables}/")

@@ -150,13 +150,14 @@ def test_no_warning_for_pretrained_and_given_summary(tmp_path):
     recs = _records()[:1]
     summary = [{"quality": 10, "metric": "psnr_b", "jpeg": 25.0, "restored": 26.5, "n": 1},
                {"quality": 10, "metric": "niqe", "jpeg": 6.0, "restored": None}]
-    text = write_report(recs, tmp_path / "r.html", title="t", meta={"encoder_init": "ImageNet"},
+    text = write_report(recs, tmp_path / "r.html", title="t", meta={"encoder_init": "ImageNet", "training steps": None},
                         summary=summary, crop=CROP).read_text()
     page = _Page()
     page.feed(text)
     assert "random-init-warning" not in text
     assert page.rows["summary"] == [("10", "psnr_b"), ("10", "niqe")]
     assert "+1.50" in text and "PSNR-B" in text and "NIQE" in text
+    assert "<th>training steps</th><td>unknown</td>" in text and "None" not in text  # a fact not recorded
     with pytest.raises(ValueError, match="uint8 HxWx3"):
         write_report([{**recs[0], "jpeg": recs[0]["jpeg"].astype(np.float32)}], tmp_path / "x.html",
                      title="t", meta={})
@@ -226,6 +227,20 @@ def test_summary_means_pair_each_photo_s_jpeg_and_restored_values():
     assert "the mean of per-photo PSNRs, not the PSNR of the mean error" in page
 
 
+def test_summary_photo_count_is_the_photos_a_mean_is_over():
+    """The summary's "photos" column said every photo for a metric measured on none (LPIPS n/a offline: "n/a n/a 2"
+    read as two photos measured); it counts the photos behind the means: 0 there, those with a value elsewhere."""
+    recs = _records()  # PSNR on both photos, SSIM and LPIPS on none
+    recs[0] = {**recs[0], "metrics": {"jpeg": {**recs[0]["metrics"]["jpeg"], "brisque": 40.0},
+                                      "restored": {**recs[0]["metrics"]["restored"], "brisque": None}}}
+    rows = {(r["quality"], r["metric"]): r["n"] for r in summarize(recs)}
+    assert rows[(10, "psnr")] == 2 and rows[(10, "lpips")] == 0 and rows[(10, "ssim")] == 0
+    assert rows[(10, "brisque")] == 1  # a value on one side only: that photo
+    page = render_report(recs, title="t", meta={}, crop=CROP)
+    lpips_row = page.split('<tr class="row" data-quality="40" data-metric="lpips">')[1].split("</tr>")[0]
+    assert lpips_row.endswith('<td class="num">0</td>')
+
+
 def test_error_crop_finds_the_worst_window():
     rng = np.random.default_rng(0)
     clean = rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)
@@ -274,11 +289,12 @@ def chromium() -> str:
 PROBE = """<pre id="probe">pending</pre><script>
 window.addEventListener('load', function () {
   var imgs = Array.prototype.slice.call(document.images), crop = document.querySelector('img.crop');
-  var w1 = crop.getBoundingClientRect().width;
-  document.querySelector('.zoom button[data-z="2"]').click();
-  var w2 = crop.getBoundingClientRect().width;
-  crop.click();  // the row's own zoom: 2x
-  var w3 = crop.getBoundingClientRect().width;
+  var zoom = [1, 2, 4].map(function (z) {  // at each page zoom: its width, then after each of 4 clicks on the crop
+    document.querySelector('.zoom button[data-z="' + z + '"]').click();
+    var widths = [crop.getBoundingClientRect().width];
+    for (var i = 0; i < 4; i++) { crop.click(); widths.push(crop.getBoundingClientRect().width); }
+    return widths;
+  });
   document.querySelector('.zoom button[data-z="1"]').click();
   document.getElementById('probe').textContent = JSON.stringify({
     images: imgs.length,
@@ -288,7 +304,7 @@ window.addEventListener('load', function () {
       return [r.width, r.height, line.getBBox().width > 100, svg.querySelectorAll('text').length]; })(
       document.querySelector('svg.plot')),
     warning: !!document.getElementById('random-init-warning'),
-    zoom: [w1, w2, w3], errors: window.__errors || []});
+    zoom: zoom, errors: window.__errors || []});
 });
 window.__errors = [];
 window.addEventListener('error', function (e) { window.__errors.push(String(e.message)); });
@@ -316,7 +332,11 @@ def test_report_in_headless_chromium(report, chromium, tmp_path):
     res = json.loads(html.unescape(m.group(1)))
     assert res["images"] == N_IMAGES and res["decoded"] == N_IMAGES, res
     assert res["summary_rows"] == len(QUALITIES) * 3 and res["warning"] and not res["errors"], res
-    assert res["zoom"] == [CROP, 2 * CROP, 2 * CROP], res  # the page control, then the row's own (2x)
+    # the page control, then the row's own: every click steps to the next of 1x -> 2x -> 4x -> 1x from what the row
+    # shows (it was 2x again at a page zoom of 2x, and 4x again at 4x: a click that did nothing)
+    c = CROP
+    assert res["zoom"] == [[c, 2 * c, 4 * c, c, 2 * c], [2 * c, 4 * c, c, 2 * c, 4 * c],
+                           [4 * c, c, 2 * c, 4 * c, c]], res
     w, h, drawn, texts = res["plot"]  # the gain plot laid out at its size, its line drawn, its labels there
     assert (w, h, drawn) == (440, 270, True) and texts >= 8, res
 

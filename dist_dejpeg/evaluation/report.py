@@ -172,7 +172,8 @@ def _metric_order(names) -> list[str]:
 def summarize(records: list[dict]) -> list[dict]:
     """Per-quality means of the records' metrics, in the summary-row shape (None where no value exists). Where a
     metric has JPEG and restored values, both means are over the photos finite in both (as evaluate's tables):
-    a photo's infinite PSNR on one side leaves the other side's mean too, so the delta is the photos' mean gain."""
+    a photo's infinite PSNR on one side leaves the other side's mean too, so the delta is the photos' mean gain.
+    ``n``: the photos the means are over (0 for a metric no photo has a value of, not every photo)."""
     out = []
     for q in sorted({int(r["quality"]) for r in records}):
         rs = [r for r in records if int(r["quality"]) == q]
@@ -184,7 +185,7 @@ def summarize(records: list[dict]) -> list[dict]:
             for i, k in enumerate(("jpeg", "restored")):
                 vals = [v[i] for v in pairs] if pairs else [v[i] for v in values if v[i] is not None]
                 row[k] = sum(vals) / len(vals) if vals else None
-            row["n"] = len(pairs) if pairs else len(rs)
+            row["n"] = len(pairs) if pairs else max(sum(v[i] is not None for v in values) for i in (0, 1))
             out.append(row)
     return out
 
@@ -199,7 +200,8 @@ def _meta_html(meta: dict) -> str:
             rows.append(f"<tr><th>unavailable metrics</th><td>{links + ' (why: under the summary)' if v else 'none'}"
                         "</td></tr>")
             continue
-        rows.append(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>")
+        shown = "unknown" if v is None else str(v)  # (a model file without a step count: not Python's "None")
+        rows.append(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(shown)}</td></tr>")
     return f'<table class="meta" id="meta">{"".join(rows)}</table>' if rows else ""
 
 

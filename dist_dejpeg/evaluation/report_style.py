@@ -20,7 +20,8 @@ td.better { color: #11772d; } td.worse { color: #b3261e; } .pass { color: #8a5a0
 figure { margin: 0; } figcaption { text-align: center; font-size: .9em; color: #444; }
 img.crop { image-rendering: pixelated; image-rendering: crisp-edges; cursor: zoom-in; display: block;
            width: calc(var(--w) * var(--zoom) * 1px); height: auto; }
-.rec.z2 img.crop { width: calc(var(--w) * 2px); } .rec.z4 img.crop { width: calc(var(--w) * 4px); }
+.rec.z1 img.crop { width: calc(var(--w) * 1px); } .rec.z2 img.crop { width: calc(var(--w) * 2px); }
+.rec.z4 img.crop { width: calc(var(--w) * 4px); }
 figure.thumb { display: inline-block; } .thumb img { display: block; }
 .legend td:first-child { white-space: nowrap; }
 .plots { display: flex; flex-wrap: wrap; gap: 1em; } svg.plot { background: #fff; }
@@ -28,23 +29,29 @@ figure.thumb { display: inline-block; } .thumb img { display: block; }
 
 JS = """
 (function () {
+  var LEVELS = [1, 2, 4], page = 1;
+  function rowZoom(r) {
+    var own = LEVELS.filter(function (z) { return r.classList.contains('z' + z); });
+    return own.length ? own[0] : page;
+  }
   function setZoom(z) {
+    page = z;
     document.documentElement.style.setProperty('--zoom', z);
     document.querySelectorAll('.zoom button').forEach(function (b) {
       b.classList.toggle('on', b.dataset.z === String(z));
     });
-    document.querySelectorAll('.rec').forEach(function (r) { r.classList.remove('z2', 'z4'); });
+    document.querySelectorAll('.rec').forEach(function (r) { r.classList.remove('z1', 'z2', 'z4'); });
   }
   document.querySelectorAll('.zoom button').forEach(function (b) {
     b.addEventListener('click', function () { setZoom(Number(b.dataset.z)); });
   });
-  // Click a crop: that photo/quality row cycles 1x -> 2x -> 4x -> page zoom.
+  // Click a crop: its photo/quality row steps to the next of 1x -> 2x -> 4x -> 1x from what it shows now (the
+  // page's zoom or its own), so every click changes it; the level equal to the page's follows the page again.
   document.querySelectorAll('img.crop').forEach(function (img) {
     img.addEventListener('click', function () {
-      var r = img.closest('.rec');
-      if (r.classList.contains('z4')) { r.classList.remove('z4'); }
-      else if (r.classList.contains('z2')) { r.classList.replace('z2', 'z4'); }
-      else { r.classList.add('z2'); }
+      var r = img.closest('.rec'), next = LEVELS[(LEVELS.indexOf(rowZoom(r)) + 1) % LEVELS.length];
+      r.classList.remove('z1', 'z2', 'z4');
+      if (next !== page) { r.classList.add('z' + next); }
     });
   });
 })();
