@@ -561,6 +561,12 @@ def test_restore_tensor_takes_uint8_and_float_dtypes_and_refuses_what_it_cannot_
         with pytest.raises(ValueError, match="one JPEG quality"):
             restorer.restore_tensor(as_float, quality)
     assert torch.equal(restorer.restore_tensor(as_float, np.int64(20)), restorer.restore_tensor(as_float, 20.0))
+    for quality in (np.array([20]), torch.tensor([20])):  # one value, as an array: numpy 2 refused float() of it
+        restorer.restore_tensor(as_float, quality)
+        assert restorer.last_decision.quality == 20
+    for quality in (np.bool_(True), torch.tensor(True)):
+        with pytest.raises(ValueError, match="one JPEG quality"):
+            restorer.restore_tensor(as_float, quality)
 
 
 def test_the_onnx_backend_restores_tensors_too():
@@ -614,6 +620,9 @@ def test_the_api_says_what_it_takes(tmp_path, model_file):
     for call, error, match in ((lambda: Restorer(None), TypeError, "a path .* or a torch module"),
                                (lambda: Restorer(Pointwise(), tile="512"), ValueError, "whole number of pixels"),
                                (lambda: Restorer(Pointwise(), tile=64), ValueError, r"for tile 64 \(e.g. 16\)"),
+                               (lambda: Restorer(Pointwise(), batch_size=2.5), ValueError, "batch_size must be a whole"),
+                               (lambda: Restorer(Pointwise(), batch_size=0), ValueError, "at least 1 tile, got 0"),
+                               (lambda: Restorer(Pointwise(), guard="no"), ValueError, "True or False, got 'no'"),
                                (lambda: restorer.restore_array([[1, 2]]), TypeError, "numpy array, not list"),
                                (lambda: restorer.restore_array(np.zeros((0, 10, 3), np.uint8), 20), ValueError, "not empty"),
                                (lambda: restorer.restore_tensor(torch.zeros(3, 0, 5), 20), ValueError, "not empty")):

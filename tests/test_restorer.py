@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -15,7 +16,7 @@ from dist_dejpeg.models.layers import SelfAttention
 from dist_dejpeg.restore.images import output_metadata
 from dist_dejpeg.restore.restorer import Restorer
 
-from test_infer import GAINS, TINY, _jpeg_bytes, _model, _photo, guarded_file  # noqa: F401 - a fixture
+from test_infer import GAINS, TINY, Pointwise, _jpeg_bytes, _model, _photo, guarded_file  # noqa: F401 - a fixture
 
 
 def test_ready_for_inference_keeps_the_generators_outputs():
@@ -107,3 +108,85 @@ def test_python_api_records_the_quality_source_and_keeps_icc_and_exif(guarded_fi
     assert d.passthrough and d.quality is None and "--input-quality" in d.reason
     blind = Restorer(guarded_file, device="cpu", tile=0, guard=False)
     assert not np.array_equal(np.asarray(blind.restore(clean)), rgb) and "blind" in blind.last_decision.reason
+
+
+def test_the_restore_package_gives_both_restorers():
+    """``from dist_dejpeg.restore import Restorer, open_restorer``, as the package's docstring shows, works (it
+    was an ImportError: only dist_dejpeg itself gave Restorer); the ONNX one comes from there too."""
+    import dist_dejpeg.restore as restore
+    from dist_dejpeg.restore import OnnxRestorer, open_restorer  # noqa: F401 - the import is the test
+    from dist_dejpeg.restore import Restorer as exported
+    from dist_dejpeg.restore.onnx_backend import OnnxRestorer as onnx
+
+    assert exported is Restorer and OnnxRestorer is onnx and set(restore.__all__) >= {"Restorer", "open_restorer"}
+
+
+def test_reversed_views_are_restored_like_their_copies():
+    """An OpenCV user's BGR -> RGB view (``[..., ::-1]``) and a flipped one have negative strides, which
+    torch.from_numpy refuses: they were a torch ValueError telling the user to copy; now they are restored."""
+    restorer = Restorer(Pointwise(), tile=64, overlap=16, guard=False)
+    bgr = _photo(80, 96)
+    for view in (bgr[..., ::-1], bgr[::-1], bgr[:, ::-2]):
+        assert np.array_equal(restorer.restore_array(view, 20), restorer.restore_array(view.copy(), 20))
+    assert np.array_equal(np.asarray(restorer.restore(bgr[..., ::-1], 20)), restorer.restore_array(bgr[..., ::-1].copy(), 20))
+
+
+def test_each_thread_reads_its_own_decision_and_images_take_turns_at_the_model():
+    """One Restorer shared by threads: ``last_decision`` is the calling thread's own (a thread's call no longer
+    overwrites what another thread reads), and two images are never in the model at once (on CUDA the pinned
+    buffers and captured graphs are the restorer's: two at once corrupted each other's pixels)."""
+    import threading
+    import time
+
+    inside, overlaps = [], []
+
+    class Slow(Pointwise):
+        def forward(self, x):
+            inside.append(1)
+            overlaps.append(len(inside) > 1)
+            time.sleep(0.02)
+            inside.pop()
+            return super().forward(x)
+
+    restorer = Restorer(Slow(), tile=64, overlap=16, guard=False)
+    rgb = _photo(96, 96)
+    expected = restorer.restore_array(rgb, 10)
+    assert restorer.last_decision.quality == 10
+    outputs = {}
+
+    def work(name, quality):
+        outputs[name] = restorer.restore_array(rgb, quality), restorer.last_decision.quality
+
+    threads = [threading.Thread(target=work, args=(name, q)) for name, q in (("a", 30), ("b", 40))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert restorer.last_decision.quality == 10  # this thread's call, not the others'
+    assert outputs["a"][1] == 30 and outputs["b"][1] == 40
+    assert all(np.array_equal(out, expected) for out, _ in outputs.values()) and len(overlaps) == 12
+    assert not any(overlaps)
+
+
+def test_devices_torch_cannot_run_on_here_are_one_line_errors():
+    """device="meta" or an accelerator this torch build lacks ("mps", "xpu" on Linux) was torch's own
+    RuntimeError, AssertionError or NotImplementedError from deep inside; now a ValueError naming the device."""
+    for device in ("meta", "mps", "xpu"):
+        accelerator = getattr(torch, "accelerator", None)
+        if accelerator and accelerator.is_available() and accelerator.current_accelerator().type == device:
+            continue
+        with pytest.raises(ValueError, match=f"device {device}: not a device this machine's torch"):
+            Restorer(Pointwise(), device=device)
+    assert Restorer(Pointwise(), device="cpu:0", tile=0).device == torch.device("cpu:0")
+
+
+def test_help_shows_the_arguments_restorer_takes():
+    """help(Restorer) and IDEs read the signature of ``__new__`` (``model=None, **kwargs``, for the ONNX
+    dispatch), which hid every argument; they show ``__init__``'s, and the docstring says what ``device`` is."""
+    import inspect
+    import pydoc
+
+    params = inspect.signature(Restorer).parameters
+    assert list(params)[:2] == ["model", "device"] and params["tile"].default == 512 and "guard" in params
+    text = pydoc.render_doc(Restorer, renderer=pydoc.plaintext)
+    assert "Restorer(model, *, device" in text and '``device``: "auto"' in text and "last_decision" in text

@@ -3,10 +3,24 @@
 ``base`` (what every restorer shares), ``restorer`` (the PyTorch ``Restorer``), ``onnx_backend`` (an exported
 model on onnxruntime, torch-free), ``files`` (folders and globs into an output folder).
 
-    from dist_dejpeg.restore import open_restorer
+    from dist_dejpeg.restore import Restorer, open_restorer
     restorer = open_restorer("model.onnx", tile=512)   # OnnxRestorer: onnxruntime, torch never imported
     restorer = open_restorer("runs/debug")             # Restorer: PyTorch
 """
+
+__all__ = ["OnnxRestorer", "Restorer", "open_restorer"]
+
+
+def __getattr__(name):  # lazy, as dist_dejpeg's: importing this package imports no torch (the ONNX path)
+    if name == "Restorer":
+        from dist_dejpeg.restore.restorer import Restorer
+
+        return Restorer
+    if name == "OnnxRestorer":
+        from dist_dejpeg.restore.onnx_backend import OnnxRestorer
+
+        return OnnxRestorer
+    raise AttributeError(f"module 'dist_dejpeg.restore' has no attribute {name!r}")
 
 
 def open_restorer(model, **kwargs):

@@ -11,6 +11,7 @@ the pixels there and back; ``full_batches`` asks tiling for batches of one shape
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -24,11 +25,13 @@ from dist_dejpeg.restore.images import (jpeg_notes, join_image, output_dpi, outp
 from dist_dejpeg.restore.tiling import NUMPY, Arrays, restore_tiled
 
 
-def check_tiling(tile: int, overlap: int) -> None:
-    """A ValueError for a tile the model cannot take or an overlap the blend cannot use."""
-    for name, value in (("tile", tile), ("overlap", overlap)):
+def check_tiling(tile: int, overlap: int, batch_size: int = 1) -> None:
+    """A ValueError for a tile the model cannot take, an overlap the blend cannot use or a batch of no tiles."""
+    for name, value in (("tile", tile), ("overlap", overlap), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"{name} must be a whole number of pixels, got {value!r}")
+            raise ValueError(f"{name} must be a whole number{' of pixels' * (name != 'batch_size')}, got {value!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 tile, got {batch_size}")
     if tile and (tile % 32 or tile < 64):
         raise ValueError(f"tile must be 0 (whole image) or a multiple of 32 of at least 64, got {tile}")
     if tile and not 0 <= overlap < tile // 2:
@@ -66,7 +69,9 @@ def tensor_batch(image) -> tuple[Any, bool, Callable[[Any], Any]]:
 class ImageRestorer:
     """A model ready to restore images, tile by tile (``tile`` 0: whole images), ``batch_size`` tiles per call,
     guarded by the gains its validation measured (``info["val_psnr_gain"]`` and their lower bounds
-    ``info["val_psnr_gain_low"]``; ``guard`` False: restore all).
+    ``info["val_psnr_gain_low"]``; ``guard`` False: restore all). Threads may share one: their images take turns
+    at the model (its buffers, pinned memory and CUDA graphs, are the restorer's), and each thread's
+    ``last_decision`` is its own calls'.
     Subclasses set ``device`` and ``conditioned`` and give ``forward`` (and ``arrays``, ``chw``, ``inference``
     where their arrays are not numpy's)."""
 
@@ -76,12 +81,25 @@ class ImageRestorer:
     full_batches: bool = False  # every batch batch_size windows (one shape for a captured graph): restore_tiled
 
     def setup(self, info: dict, *, tile: int, overlap: int, batch_size: int, guard: bool) -> None:
-        check_tiling(tile, overlap)
+        check_tiling(tile, overlap, batch_size)
+        if not isinstance(guard, (bool, np.bool_)):  # guard="no" would be true: the guard on, silently
+            raise ValueError(f"guard must be True or False, got {guard!r}")
         self.info = info
-        self.tile, self.overlap, self.batch_size = tile, overlap, max(1, batch_size)
-        self.guard = guard
+        self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
+        self.guard = bool(guard)
         self.gains, self.lows = (read_gains(info.get(key)) for key in GAIN_KEYS)
-        self.last_decision: Decision | None = None
+        self.lock = threading.Lock()  # one image through the model at a time: a backend's buffers are shared
+        self.decisions = threading.local()
+
+    @property
+    def last_decision(self) -> Decision | None:
+        """The guard's Decision for the last image this thread restored (None before one): its quality, where
+        that came from, and whether it was passed through and why. Each thread sees its own calls'."""
+        return getattr(self.decisions, "last", None)
+
+    @last_decision.setter
+    def last_decision(self, decision: Decision) -> None:
+        self.decisions.last = decision
 
     # -- what a backend gives -------------------------------------------------------------------------------
     def forward(self, batch, quality: int | None):
@@ -166,7 +184,8 @@ class ImageRestorer:
         decision = self.last_decision = self.decide(quality, source)
         if decision.passthrough:
             return rgb.copy()
-        out = self.restore_rgb(rgb3, decision.quality)
+        with self.lock:
+            out = self.restore_rgb(rgb3, decision.quality)
         if out is None:
             self.broken(decision, 1, 1)
             return rgb.copy()
@@ -185,13 +204,14 @@ class ImageRestorer:
             return image.detach().clone()
         images, originals, out, finish = self.tensor_io(x)
         broken = 0
-        for i, im in enumerate(images):
-            def write(y0, y1, rows, dst=out[i]):
-                dst[:, y0:y1] = rows
+        with self.lock:
+            for i, im in enumerate(images):
+                def write(y0, y1, rows, dst=out[i]):
+                    dst[:, y0:y1] = rows
 
-            if not self.restore_tiled(im, decision.quality, write):
-                out[i][...] = originals[i]  # (on out's device: the input's, not the restorer's)
-                broken += 1
+                if not self.restore_tiled(im, decision.quality, write):
+                    out[i][...] = originals[i]  # (on out's device: the input's, not the restorer's)
+                    broken += 1
         if broken:
             self.broken(decision, broken, len(out))
         out = back(finish(out))
@@ -207,8 +227,8 @@ class ImageRestorer:
         return batch, batch, np.empty_like(batch), lambda out: torch.from_numpy(out).to(x.device)
 
     def restore(self, image, quality: int | None = None):
-        """A PIL image (any mode; alpha kept, grayscale stays grayscale) or a uint8 numpy array, restored, in
-        the same kind. ``quality`` None: a PIL image's quality is estimated (jpeg.quality.estimate_quality: a
+        """A PIL image (any mode; alpha kept, grayscale stays grayscale), a uint8 numpy array (restore_array) or
+        a torch tensor (restore_tensor), restored, in the same kind. ``quality`` None: a PIL image's quality is estimated (jpeg.quality.estimate_quality: a
         JPEG's tables, else its pixels) and its source kept in ``last_decision``; an array's is unknown. A PIL
         image comes back with the input's ICC profile, EXIF, dpi, XMP and a JPEG's comment in ``.info``
         ("icc_profile", "exif", "dpi", "xmp", "comment"; orientation applied, as restore/images.py writes them), so

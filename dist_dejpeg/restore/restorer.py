@@ -39,6 +39,7 @@ one.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from pathlib import Path
 
@@ -68,6 +69,12 @@ def _device(device: str | torch.device) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= count:
         raise ValueError(f"device {device}: this machine has {count or 'no'} CUDA device{'s' * (count != 1)} "
                          f"(torch {torch.__version__}); use cpu or auto")
+    accelerator = getattr(torch, "accelerator", None)  # (torch 2.6 on) the one this torch build can use, if any
+    if device.type not in ("cpu", "cuda") and not (accelerator and accelerator.is_available()
+                                                   and accelerator.current_accelerator().type == device.type):
+        # (else torch's own RuntimeError, AssertionError or ModuleNotFoundError at the first tensor; meta has no data)
+        raise ValueError(f"device {device}: not a device this machine's torch {torch.__version__} can run on; "
+                         f"use cpu, cuda or auto")
     return device
 
 
@@ -80,13 +87,18 @@ def torch_arrays(device: torch.device, memory_format: torch.memory_format = torc
 
 class Restorer(ImageRestorer):
     """A generator ready to restore images. ``model``: a path (generator file, run or checkpoint folder, or an
-    exported ``.onnx`` file: then an OnnxRestorer, on onnxruntime) or a Generator module. ``tile``/``overlap`` in
+    exported ``.onnx`` file: then an OnnxRestorer, on onnxruntime) or a Generator module. ``device``: "auto"
+    (CUDA where there is one, else the CPU), "cpu", "cuda", "cuda:1" or a torch.device; a ValueError for one this
+    machine lacks. ``tile``/``overlap`` in
     pixels (``tile`` 0: whole images, no tiling); ``batch_size``: tiles per forward pass (None: 1 on the CPU, where
     larger batches were slower and peaked higher (12 MP, 2 cores: 11.9 s and 1.13 GB at 1, 15.6 s and 1.55 GB at
     4: tensors over glibc's 32 MB mmap ceiling are page-faulted in afresh at every call), 8 on a GPU, every
     batch full there); ``precision``: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16";
     ``guard``: pass through images where the model's validation predicts no gain, and images of unknown
-    quality; ``cuda_graphs``: replay the forward as a captured CUDA graph (None: on CUDA)."""
+    quality; ``cuda_graphs``: replay the forward as a captured CUDA graph (None: on CUDA).
+
+    ``restore(image, quality)`` takes a PIL image, a numpy array or a torch tensor and returns the same kind;
+    ``last_decision`` says what the guard did with the last one; ``info`` is the model file's metadata."""
 
     def __new__(cls, model=None, **kwargs):
         if is_onnx(model):  # one ONNX runtime path: the torch-free one
@@ -102,16 +114,16 @@ class Restorer(ImageRestorer):
         if not isinstance(model, (str, Path, torch.nn.Module)):
             raise TypeError(f"model: a path (generator file, run or checkpoint folder, .onnx export) or a torch "
                             f"module, not {type(model).__name__}")
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+        if cuda_graphs and not cuda:
+            raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device}")
         if isinstance(model, (str, Path)):
             generator, info = load_model(model, self.device)
             # ours alone (a module the caller gives is left as it is): weights fixed, channels_last
             self.generator, self.memory_format = ready_for_inference(generator), torch.channels_last
         else:
             self.generator, info = model.to(self.device).eval(), {"source": type(model).__name__}
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-        if cuda_graphs and not cuda:
-            raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device}")
         if batch_size is None:
             batch_size = 8 if cuda else 1
         self.setup(info, tile=tile, overlap=overlap, batch_size=batch_size, guard=guard)
@@ -123,6 +135,9 @@ class Restorer(ImageRestorer):
         self.graphs: dict[tuple, tuple] = {}  # (shape, strides) -> (input, quality, graph, output), oldest first
         self.seen: set[tuple] = set()  # the shapes run once (eagerly)
         self.pinned: dict[str, torch.Tensor] = {}  # "in"/"out" -> pinned uint8 host buffer, grown as needed
+
+    # help() and IDEs read a class's signature from __new__, whose **kwargs would hide __init__'s arguments
+    __new__.__signature__ = inspect.signature(__init__)
 
     # -- what ImageRestorer asks of a backend ----------------------------------------------------------------
     def forward(self, batch: torch.Tensor, quality: int | None = None) -> torch.Tensor:
@@ -182,8 +197,10 @@ class Restorer(ImageRestorer):
         return entry
 
     def chw(self, hwc: np.ndarray) -> torch.Tensor:
-        # arrays from PIL are read-only, which torch.from_numpy warns about: those are copied (as uint8)
-        return torch.from_numpy(hwc if hwc.flags.writeable else hwc.copy()).permute(2, 0, 1)
+        # arrays from PIL are read-only, which torch.from_numpy warns about, and a reversed view (BGR from
+        # OpenCV: [..., ::-1]) has negative strides, which it refuses: those are copied (as uint8)
+        usable = hwc.flags.writeable and min(hwc.strides) >= 0
+        return torch.from_numpy(hwc if usable else hwc.copy()).permute(2, 0, 1)
 
     def inference(self):
         return torch.inference_mode()  # no version counters: the outputs are weighted and written in place
