@@ -302,6 +302,16 @@ def _checkpoint(run, step: int = 2):
     (folder / TRAINER_STATE).write_text("{}")
 
 
+def _offline_trackers(monkeypatch, tmp_path) -> None:
+    """MLflow into a file store under tmp_path, wandb offline and silent, no run ids from the environment."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true")):
+        monkeypatch.setenv(name, value)
+    for name in ("WANDB_DIR", "WANDB_RUN_ID", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def test_a_resumed_run_logs_to_the_same_wandb_and_mlflow_runs(tmp_path, shards, monkeypatch):
     """Each session of a run (a start, each resume after a preemption) made a new wandb run and a new MLflow run;
     a second session, even with a changed config (a longer phase: MLflow refuses a changed param), continues
@@ -312,12 +322,7 @@ def test_a_resumed_run_logs_to_the_same_wandb_and_mlflow_runs(tmp_path, shards, 
 
     from dist_dejpeg.train.trackers import TRACKER_RUNS
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true")):
-        monkeypatch.setenv(name, value)
-    for name in ("WANDB_DIR", "WANDB_RUN_ID", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(name, raising=False)
+    _offline_trackers(monkeypatch, tmp_path)
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     run, over = tmp_path / "run", ("train.log_with=[mlflow,wandb]",)
@@ -426,12 +431,7 @@ def test_a_session_that_starts_the_run_over_gets_new_tracker_runs_and_a_clean_te
 
     from dist_dejpeg.train.trackers import TRACKER_RUNS
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true")):
-        monkeypatch.setenv(name, value)
-    for name in ("WANDB_DIR", "WANDB_RUN_ID", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(name, raising=False)
+    _offline_trackers(monkeypatch, tmp_path)
     run, over = tmp_path / "run", ("train.log_with=[tensorboard,mlflow,wandb]",)
     _session(run, shards, *over)
     first = json.loads((run / TRACKER_RUNS).read_text())

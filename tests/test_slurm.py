@@ -222,14 +222,13 @@ def test_the_launcher_waits_for_the_checkpoint_until_slurm_kills(tmp_path):
     assert found and budget < int(found.group(1)) < lead, found
 
 
-def test_a_preempted_step_reports_its_own_exit_code_and_requeues(tmp_path):
-    """No cluster needed: dd_run_step with stand-ins for srun, scancel and scontrol. USR1 arrives; the trap's
-    scancel stops the step (exit 75, as checkpointing ranks do) while the trap is still running: the status
-    reported is the step's 75, not the interrupted wait's 138, and the job is requeued."""
+def _step_stopped_by_usr1(tmp_path: Path, step_exit: int, scancel_after: str = "") -> subprocess.CompletedProcess:
+    """dd_run_step with stub srun/scancel/scontrol: USR1 arrives while the step runs; the step exits ``step_exit``
+    on its TERM; scontrol's calls are logged to scontrol.log."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fakes = {"srun": 'echo $$ > "$T/srun.pid"; trap "exit 75" TERM; while :; do sleep 0.05; done',
-             "scancel": 'kill -TERM "$(cat "$T/srun.pid")"; sleep 1',  # the step ends before the trap returns
+    fakes = {"srun": f'echo $$ > "$T/srun.pid"; trap "exit {step_exit}" TERM; while :; do sleep 0.05; done',
+             "scancel": 'kill -TERM "$(cat "$T/srun.pid")"' + scancel_after,
              "scontrol": 'echo "$*" >> "$T/scontrol.log"'}
     for name, body in fakes.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
@@ -238,7 +237,14 @@ def test_a_preempted_step_reports_its_own_exit_code_and_requeues(tmp_path):
              '(while [ ! -s "$T/srun.pid" ]; do sleep 0.05; done; kill -USR1 $$) & '
              'dd_run_step python train.py; echo "rc=$?"')
     env = dict(os.environ, T=str(tmp_path), PATH=f"{bin_dir}:{os.environ['PATH']}")
-    done = subprocess.run(["bash", "-c", shell], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(["bash", "-c", shell], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_preempted_step_reports_its_own_exit_code_and_requeues(tmp_path):
+    """No cluster needed: dd_run_step with stand-ins for srun, scancel and scontrol. USR1 arrives; the trap's
+    scancel stops the step (exit 75, as checkpointing ranks do) while the trap is still running: the status
+    reported is the step's 75, not the interrupted wait's 138, and the job is requeued."""
+    done = _step_stopped_by_usr1(tmp_path, step_exit=75, scancel_after="; sleep 1")  # (ends before the trap returns)
     assert "training step ended with status 75" in done.stdout and done.stdout.rstrip().endswith("rc=75"), done
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "7"]
 
@@ -378,18 +384,6 @@ def test_a_run_folder_that_cannot_be_created_fails_before_any_step(tmp_path):
 def test_a_step_that_finished_before_the_stop_is_not_requeued(tmp_path):
     """USR1 arrives as the training finishes (its last validation done, the ranks exiting 0): requeueing would run
     the job again, wait for nodes, and validate the finished run once more."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fakes = {"srun": 'echo $$ > "$T/srun.pid"; trap "exit 0" TERM; while :; do sleep 0.05; done',
-             "scancel": 'kill -TERM "$(cat "$T/srun.pid")"',
-             "scontrol": 'echo "$*" >> "$T/scontrol.log"'}
-    for name, body in fakes.items():
-        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
-        (bin_dir / name).chmod(0o755)
-    shell = ('source launch/slurm/common.sh; LOG_DIR="$T"; SLURM_JOB_ID=7; '
-             '(while [ ! -s "$T/srun.pid" ]; do sleep 0.05; done; kill -USR1 $$) & '
-             'dd_run_step python train.py; echo "rc=$?"')
-    env = dict(os.environ, T=str(tmp_path), PATH=f"{bin_dir}:{os.environ['PATH']}")
-    done = subprocess.run(["bash", "-c", shell], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    done = _step_stopped_by_usr1(tmp_path, step_exit=0)
     assert done.stdout.rstrip().endswith("rc=0"), done
     assert not (tmp_path / "scontrol.log").exists(), (tmp_path / "scontrol.log").read_text()
