@@ -5,7 +5,7 @@
 """
 
 __version__ = "0.1.0"  # pyproject.toml's (tests/test_cli.py checks they agree)
-__all__ = ["Restorer", "version"]
+__all__ = ["Restorer", "code_version", "source_commit", "version"]
 
 
 def version() -> str:
@@ -17,6 +17,36 @@ def version() -> str:
         return installed("dist_dejpeg")
     except PackageNotFoundError:
         return __version__
+
+
+def source_commit() -> str | None:
+    """The code that runs: ``git describe --always --dirty`` of the checkout this package is imported from
+    (-dirty: edited since that commit), for benchmark results and generator files; None outside a git checkout
+    (an installed wheel) or without git."""
+    import subprocess
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / ".git").exists():  # (git -C would find a repository around a venv's site-packages)
+        return None
+    try:  # (Popen: the tests that fake subprocess.run for a benchmark's children still get the commit)
+        git = subprocess.Popen(["git", "-C", str(checkout), "describe", "--always", "--dirty"], text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+    try:
+        out = git.communicate(timeout=20)[0]
+    except subprocess.TimeoutExpired:
+        git.kill()
+        git.communicate()
+        return None
+    return (out.strip() or None) if git.returncode == 0 else None
+
+
+def code_version() -> str:
+    """What a generator file records of the code that trained it: "dist_dejpeg 0.1.0 (3f22a0c-dirty)"."""
+    commit = source_commit()
+    return f"dist_dejpeg {version()}" + (f" ({commit})" if commit else "")
 
 
 def __getattr__(name):  # lazy: `import dist_dejpeg` stays cheap (no torch) for the CLI's argument parsing

@@ -144,7 +144,8 @@ def report_command(args: argparse.Namespace) -> int:
         return result
     meta, model = result["meta"], result["meta"]["model"]
     shown = {"model": model.get("source"), "encoder": model.get("encoder"), "encoder_init": model.get("encoder_init"),
-             "training steps": model.get("global_step"), "backbones": meta["backbones"],
+             "training steps": model.get("global_step"), "trained by": model.get("code") or "not recorded",
+             "backbones": meta["backbones"],
              "compression": meta["compression"], "metrics on": meta["channel"], "border crop": meta["crop_border"],
              "restored on": f"{meta['device']} (tile {meta['tile']}, overlap {meta['overlap']})",
              "do-no-harm guard": ("off" if not meta["guard"] else "on" if model.get("val_psnr_gain") else

@@ -179,7 +179,7 @@ def test_report_page_from_the_cli(tmp_path, model_file, photos, capsys):
     # a page shared with colleagues names the run (its folder, not "generator.safetensors"), the LPIPS measured
     # with here and in training, and a guard that had no gains to judge by
     assert f"<title>dist_dejpeg: {html.escape(str(model_file.parent.resolve()))}" in text
-    assert "LPIPS here" in text and "LPIPS in training" in text
+    assert "LPIPS here" in text and "LPIPS in training" in text and "trained by" in text
     assert "on, but the model file holds no validated gains" in text
 
 

@@ -208,6 +208,10 @@ def test_end_to_end_writes_metrics_checkpoint_and_events(tmp_path, shards):
     assert json.loads(meta["val_psnr_gain_low"]) == lows
     # what it trained on, by which evaluate tells seen images from unseen ones
     assert json.loads(meta["train_shards"]) == {p.name: shard_fingerprint(p) for p in Path(shards).glob("train-*.tar")}
+    import dist_dejpeg  # and the code that trained it: the version and, in a checkout, the commit
+
+    assert meta["code"] == dist_dejpeg.code_version()
+    assert meta["code"].startswith(f"dist_dejpeg {dist_dejpeg.version()}")
     generator = load_generator(run / "generator.safetensors")
     x = torch.rand(1, 3, 40, 24)
     assert generator(x).shape == x.shape

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from dist_dejpeg import source_commit
 from dist_dejpeg.bench import DEFAULT_RESULTS
 from dist_dejpeg.run.layout import GENERATOR
 
@@ -123,25 +124,6 @@ def machine_name_without_torch() -> str:
     return f"{gpus[0]} x{len(gpus)}{driver}; {cpu}" if gpus else f"{cpu}, no GPU"
 
 
-def commit() -> str | None:
-    """The code measured: ``git describe --always --dirty`` of the checkout this package runs from (-dirty: edited
-    since that commit); None outside a git checkout (an installed wheel)."""
-    if not (CHECKOUT / ".git").exists():  # (git -C would find a repository around a venv's site-packages)
-        return None
-    try:  # (Popen: the tests that fake subprocess.run for a benchmark's children still get the commit)
-        git = subprocess.Popen(["git", "-C", str(CHECKOUT), "describe", "--always", "--dirty"], text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    except OSError:
-        return None
-    try:
-        out = git.communicate(timeout=20)[0]
-    except subprocess.TimeoutExpired:
-        git.kill()
-        git.communicate()
-        return None
-    return (out.strip() or None) if git.returncode == 0 else None
-
-
 def is_writer() -> bool:
     """Whether this process writes the results: rank 0 under a launcher (``accelerate launch ... bench train``:
     every rank measures the same, and N ranks writing one file at once could leave it mixed), else the one process."""
@@ -154,7 +136,7 @@ def machine_info() -> dict:
     import torch
 
     info = {"cpu": _cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "commit": commit(), "gpu": None}
+            "torch": torch.__version__, "python": platform.python_version(), "commit": source_commit(), "gpu": None}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_count=torch.cuda.device_count(),

@@ -89,7 +89,8 @@ def window(run_dir: Path) -> dict:
 
 
 def write_tables(out: Path, report: dict) -> None:
-    from dist_dejpeg.bench.common import commit, machine_name_without_torch  # (this process holds no CUDA context)
+    from dist_dejpeg import source_commit as commit
+    from dist_dejpeg.bench.common import machine_name_without_torch  # (this process holds no CUDA context)
 
     report.setdefault("machine", machine_name_without_torch())
     report.setdefault("commit", commit())

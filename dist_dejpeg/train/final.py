@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 
+from dist_dejpeg import code_version
 from dist_dejpeg.models.generator_file import save_generator, training_shards
 from dist_dejpeg.run.layout import GENERATOR, METRICS
 from dist_dejpeg.train.checkpoint import FINAL_STAGE
@@ -46,7 +47,7 @@ def finish_run(trainer) -> dict:
                 save_generator(trainer.ema.model(trainer.gen_raw), cfg.model, trainer.run_dir / GENERATOR,
                                extra={"lpips": trainer.metric_lpips.description, "global_step": state.global_step,
                                       "ema_decay": cfg.train.ema_decay, **guard_gains(results),
-                                      **training_shards(cfg.data)})
+                                      **training_shards(cfg.data), "code": code_version()})
                 log.info("wrote %s and %s", trainer.run_dir / METRICS, trainer.run_dir / GENERATOR)
     trainer.monitor.finish("finished", "", state.global_step)
     trainer.monitor.close()
