@@ -41,6 +41,7 @@ class Identity:
     commands below run the real model)."""
 
     device, passthrough = "cpu", False
+    guard, gains = False, {}  # (as a restorer opened with --no-guard)
 
     def restore_array(self, rgb: np.ndarray, quality: int | None = None, source: str = "given") -> np.ndarray:
         self.last_decision = SimpleNamespace(passthrough=self.passthrough, reason="identity", quality=quality,
