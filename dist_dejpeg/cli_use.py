@@ -57,8 +57,9 @@ def restore_command(args: argparse.Namespace) -> int:
 
 
 def print_restore_summary(results: list, args: argparse.Namespace, device) -> None:
-    """One line of counts (restored, passed through, skipped, failed); per image (not under --quiet; all with
-    --verbose): what was passed through or restored without a known quality, what was skipped; every failure."""
+    """Per image (none under --quiet, which wins over --verbose; all with --verbose): what was passed through or
+    restored without a known quality, what was skipped; every failure; then one line of counts (restored, passed
+    through, skipped, failed), last: the line a user reads."""
     failed = [r for r in results if r.error]
     skipped = [r for r in results if r.skipped]
     written = [r for r in results if r.output and not r.skipped]
@@ -68,19 +69,17 @@ def print_restore_summary(results: list, args: argparse.Namespace, device) -> No
     rate = "" if not megapixels else (f", {1000 * seconds / megapixels:.0f} ms per megapixel" if megapixels >= 1
                                       else f" in {seconds:.1f} s ({megapixels:.2f} megapixels)")
     passed = len(written) - len(restored)
-    print(f"restored {len(restored)} image(s) into {args.out} on {device}{rate}; "
-          + (f"passed {passed} through unchanged; " if passed else "")
-          + (f"skipped {len(skipped)} existing; " if skipped else "") + f"{len(failed)} failed")
-    if args.quiet and not args.verbose:
-        written, skipped = [], []
-    for r in written:
+    for r in [] if args.quiet else written:
         if args.verbose or r.passthrough or r.quality is None:
             q = f"q{r.quality} ({r.quality_from})" if r.quality is not None else r.quality_from
             print(f"{'passed through' if r.passthrough else 'restored'}: {r.source}: {q}; {r.note}")
-    for r in skipped if args.verbose else []:
+    for r in skipped if args.verbose and not args.quiet else []:
         print(f"skipped: {r.source}: {r.output} exists")
     for r in failed:
         print(f"failed: {r.source}: {r.error.removeprefix(f'{r.source}: ')}", file=sys.stderr)  # named once
+    print(f"restored {len(restored)} image(s) into {args.out} on {device}{rate}; "
+          + (f"passed {passed} through unchanged; " if passed else "")
+          + (f"skipped {len(skipped)} existing; " if skipped else "") + f"{len(failed)} failed")
 
 
 def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:

@@ -436,6 +436,22 @@ def test_per_image_lines_only_without_quiet_or_with_verbose(tmp_path, model_file
     assert f"{src}: " in capsys.readouterr().out
 
 
+def test_quiet_wins_over_verbose_and_the_summary_is_the_last_line(tmp_path, model_file, capsys):
+    """--quiet's help says "no per-image lines": --verbose beside it printed them anyway; and the summary came
+    before the per-image lines, where a user reading the last line missed it."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        Image.fromarray(_photo(40, 48 + 8 * i)).save(src / f"p{i}.png")
+    base = ["restore", str(src), "--model", str(model_file), "--verbose"]
+    assert main(base + ["-o", str(tmp_path / "a"), "--quiet"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("restored ") and "2 through" in out[0], out
+    assert main(base + ["-o", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and all(str(src) in line for line in out[:2]) and out[-1].startswith("restored "), out
+
+
 # -- file modes --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_written_files_are_as_readable_as_the_umask_allows(tmp_path, model_file, restorer, umask, mode):

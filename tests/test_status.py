@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -393,3 +394,57 @@ def test_the_last_validation_line_names_a_random_backbone_lpips():
     for pretrained, name in ((False, "LPIPS(random) 0.0077->0.0070"), (True, "LPIPS 0.0077->0.0070")):
         line = result_lines({"lpips": {"pretrained": pretrained}, "last_val": val, "last_val_source": "x"})[-1]
         assert line.startswith("last val") and name in line, line
+
+
+def test_a_folder_that_never_began_training_says_so_and_not_an_older_run(tmp_path):
+    """A start that failed while building (only .lock, or .lock and config.yaml) or one still building was shown
+    as "no progress.json (an older run)"; progress.json is written when the first phase begins."""
+    run = tmp_path / "run"
+    run.mkdir()
+    path = write_lock(run, os.uname().nodename, 2**22 + 12345)  # (above pid_max's default: not alive)
+    s = st.run_status(run)
+    assert s["state"] == "not started" and "a start (pid 4206649" in s["why"] and "ended before writing" in s["why"]
+    assert s["progress_missing"].startswith("none: training never began")
+    (run / "config.yaml").write_text("train:\n  run_dir: run\n  order: [gen]\n  phases:\n    gen:\n      steps: 4\n")
+    s = st.run_status(run)
+    assert s["state"] == "crashed or killed" and s["progress_missing"].startswith("none: training never began")
+    text = format_status(s)
+    assert "older run" not in text and "progress   none: training never began" in text, text
+    if LINUX:  # held: still building its models
+        fd = os.open(path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            s = st.run_status(run)
+        finally:
+            os.close(fd)
+        assert s["state"] == "running" and s["progress_missing"].startswith("none yet: starting"), s["why"]
+    step = run / "checkpoints" / "step-00000002"  # checkpoints without progress.json: an older version's run
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps({"global_step": 2, "phase_index": 0, "phase_step": 2}))
+    assert st.run_status(run)["progress_missing"].startswith("no progress.json (a run of a version before it")
+
+
+def test_a_finished_run_without_speed_in_progress_shows_metrics_last_window_never_question_marks(tmp_path):
+    """A finished run started again validates without training: its progress.json has no images/s, data wait or
+    lr, and status printed "? images/s | data wait ? | lr ?"."""
+    (tmp_path / "config.yaml").write_text("train:\n  run_dir: x\n  order: [gen]\n  phases:\n    gen:\n      steps: 4\n")
+    progress = {"time": time.time(), "status": "finished", "phase": None, "phase_index": None, "phases": ["gen"],
+                "global_step": 4, "total_steps": 4, "images_per_s": None, "data_wait_frac": None, "lr": None}
+    (tmp_path / "progress.json").write_text(json.dumps(progress))
+    line = [ln for ln in format_status(st.run_status(tmp_path)).splitlines() if ln.startswith("progress")]
+    assert len(line) == 1 and re.fullmatch(r"progress   updated \d+s ago \(finished\)", line[0]), line
+    window = {"train/images_per_s": 65.59, "train/data_wait_frac": 0.042, "train/lr": 1e-5, "step": 4}
+    (tmp_path / "metrics.json").write_text(json.dumps({"meta": {"last_train_log": {"gen": window}}}))
+    s = st.run_status(tmp_path)
+    assert s["speed"] == {"images_per_s": 65.59, "data_wait_frac": 0.042, "lr": 1e-5,
+                          "source": "metrics.json (last window)"}
+    line = [ln for ln in format_status(s).splitlines() if ln.startswith("progress")][0]
+    assert "65.6 images/s | data wait 4% | lr 1e-05 | from metrics.json (last window)" in line and "?" not in line
+
+
+def test_a_phase_of_zero_steps_shows_its_zero():
+    """A phase configured with 0 steps (gan=0: a run without its GAN) showed "step 0/?" in the position line."""
+    s = {"run_dir": "r", "state": "running", "why": "w", "lock": {"detail": "held"}, "config": {},
+         "position": {"phase": "gan", "phase_index": 2, "phase_step": 0, "phase_steps": 0, "global_step": 60,
+                      "total_steps": 60, "source": "progress.json"}}
+    assert "phase gan (3/?) step 0/0, global step 60/60 (from progress.json)" in format_status(s)

@@ -154,6 +154,9 @@ def _judge(run: RunFolder, now: float) -> tuple[str, str]:
     state, why = verdict(has_config=(run.path / CONFIG).is_file(), progress=None if unknown else run.progress,
                          progress_age_s=lock_age if unknown else _activity_age(run, now), lock_held=run.lock["held"],
                          finished_files=_finished_files(run), has_checkpoints=bool(run.checkpoints))
+    if state == "not started" and isinstance(run.lock.get("pid"), int):  # (the lock is the first thing a start makes)
+        why += (f"; a start (pid {run.lock['pid']}, since {run.lock.get('since') or '?'}) ended before writing "
+                f"{CONFIG}: it failed or was stopped while starting (see its output)")
     if state == "crashed or killed" and not run.progress and run.trainer_state:
         why += f"; without {PROGRESS} a preemption or a non-finite-loss stop looks the same"
     if newer and state == "running":
@@ -230,19 +233,26 @@ def _checkpoint(run: RunFolder, now: float) -> dict | None:
 
 
 # -- speed and ETA ------------------------------------------------------------------------------------------
-def _speed(run: RunFolder) -> dict:
-    """images/s, data wait and lr: progress.json's, or for an older run the newest window metrics.json kept."""
-    progress = run.progress or {}
-    speed = {"images_per_s": _finite(progress.get("images_per_s")),
-             "data_wait_frac": _finite(progress.get("data_wait_frac")),
-             "lr": _finite(progress.get("lr")), "source": PROGRESS if run.progress else None}
-    last = run.meta.last_train_log
-    if run.progress is None and last:
-        window = last[list(last)[-1]] if isinstance(last[list(last)[-1]], dict) else {}
-        speed = {"images_per_s": _finite(window.get("train/images_per_s")),
-                 "data_wait_frac": _finite(window.get("train/data_wait_frac")),
-                 "lr": _finite(window.get("train/lr")), "source": f"{METRICS} (last window)"}
-    return speed
+def _speed(run: RunFolder, state: str) -> dict:
+    """images/s, data wait and lr: progress.json's, or the newest window metrics.json kept for an older run and for
+    a finished one whose progress.json has none (a finished run started again validates without training)."""
+    keys, last = ("images_per_s", "data_wait_frac", "lr"), run.meta.last_train_log
+    window, prefix, source = run.progress or {}, "", PROGRESS if run.progress else None
+    if last and (run.progress is None or (state == "finished" and all(_finite(window.get(k)) is None for k in keys))):
+        window, prefix, source = last[list(last)[-1]], "train/", f"{METRICS} (last window)"
+    window = window if isinstance(window, dict) else {}
+    return {**{k: _finite(window.get(prefix + k)) for k in keys}, "source": source}
+
+
+def _no_progress(run: RunFolder, state: str) -> str | None:
+    """Why there is no progress.json to show (None: there is one, or it is unreadable: a warning says so). The
+    trainer writes it when the first phase begins, before any checkpoint or metrics.json."""
+    if run.progress is not None or run.progress_unreadable:
+        return None
+    if run.checkpoints or run.metrics is not None:
+        return f"no {PROGRESS} (a run of a version before it, or the file was removed)"
+    return ("none yet: starting (building the models, reading the data); written when the first phase begins"
+            if state == "running" else "none: training never began (it failed or was stopped while starting)")
 
 
 def _eta(run: RunFolder, config: dict | None, position: dict | None, speed: dict, processes: int | None,
@@ -350,7 +360,7 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
         note = "half-written checkpoint folder(s) " + ", ".join(run.partial)
         warnings.append(note + (" (being written now, or left by a killed run)" if state == "running" else
                                 " left by a killed run; the next start removes them"))
-    speed, newer = _speed(run), _newer_start(run)
+    speed, newer = _speed(run, state), _newer_start(run)
     eta = _eta(run, config, position, speed, processes, now) if state == "running" and not newer else None
     progress_age = _progress_age(run, now)
     if state == "running" and not newer and progress_age is not None and progress_age > STALE_S:
@@ -380,6 +390,7 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
         "run_folder": any((run_dir / n).exists() for n in (CONFIG, PROGRESS, METRICS, LOCK, CHECKPOINTS)),
         "checked_at": now, "host": socket.gethostname(),
         "state": state, "why": why, "config": config, "position": position, "progress": progress_out,
+        "progress_missing": _no_progress(run, state),
         "checkpoint": _checkpoint(run, now), "partial_checkpoints": run.partial, "lock": run.lock,
         "speed": speed, "eta": eta, "lpips": lpips, "best": _best(run, lpips), "last_val": last_val,
         "last_val_source": last_val_source,

@@ -38,18 +38,23 @@ def format_status(status: dict) -> str:
     if pos:
         count = len(cfg.get("phases") or []) or "?"
         where = (f"phase {pos['phase']} ({(pos.get('phase_index') or 0) + 1}/{count}) "
-                 f"step {pos.get('phase_step')}/{pos.get('phase_steps') or '?'}, "
+                 f"step {pos.get('phase_step')}/{number(pos.get('phase_steps'), '')}, "
                  if pos.get("phase") else "all phases done, ")
-        lines.append(f"position   {where}global step {pos.get('global_step')}/{pos.get('total_steps') or '?'} "
+        lines.append(f"position   {where}global step {pos.get('global_step')}/{number(pos.get('total_steps'), '')} "
                      f"(from {pos.get('source')})")
     prog, sp = s.get("progress"), s.get("speed") or {}
-    if prog or sp.get("images_per_s") is not None:
-        wait = f"{sp['data_wait_frac'] * 100:.0f}%" if sp.get("data_wait_frac") is not None else "?"
-        updated = f"updated {duration(prog['age_s'])} ago ({prog.get('status')}) | " if prog else ""
-        lines.append(f"progress   {updated}{number(sp.get('images_per_s'), '.1f')} images/s | data wait {wait} | "
-                     f"lr {number(sp.get('lr'), '.3g')}")
-    else:
-        lines.append(f"progress   no {PROGRESS} (an older run)")
+    parts = [f"updated {duration(prog['age_s'])} ago ({prog.get('status')})" if prog else
+             s.get("progress_missing") or f"no {PROGRESS}"]
+    speed = []  # only the numbers known (a finished run started again trains no window: metrics.json's last, or none)
+    if sp.get("images_per_s") is not None:
+        speed.append(f"{sp['images_per_s']:.1f} images/s")
+    if sp.get("data_wait_frac") is not None:
+        speed.append(f"data wait {sp['data_wait_frac'] * 100:.0f}%")
+    if sp.get("lr") is not None:
+        speed.append(f"lr {sp['lr']:.3g}")
+    if speed and sp.get("source") != PROGRESS:
+        speed.append(f"from {sp['source']}")
+    lines.append("progress   " + " | ".join(parts + speed))
     eta = s.get("eta")
     if eta:
         at = time.strftime("%Y-%m-%d %H:%M", time.localtime(eta["finish_at"])) if eta.get("finish_at") else "?"
