@@ -166,11 +166,14 @@ def _train_command(args: argparse.Namespace) -> int:
                   f"runs would overwrite each other's checkpoints. Stop that run, or set another train.run_dir.",
                   file=sys.stderr)
             return 2
+        from dist_dejpeg.models.weights import WeightsError
+        from dist_dejpeg.train.launch import check_before_ranks
         from dist_dejpeg.train.resume import check_before_start
 
-        try:  # what resuming would refuse: said now, once, not by every rank after its start-up
+        try:  # what resuming would refuse, trackers, weights: said now, once, not by every rank after its start-up
             check_before_start(cfg, args.resume, ranks)
-        except (ConfigError, FileNotFoundError) as err:
+            check_before_ranks(cfg)
+        except (ConfigError, FileNotFoundError, WeightsError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         argv = ["train", *(["--config", args.config] if args.config else []),
@@ -210,10 +213,11 @@ def _train_command(args: argparse.Namespace) -> int:
 
 def _stopped(what: str, err: Exception, code: int) -> int:
     """Say why training stopped, on the rank that raised it: the other ranks raise a copy (train/collective.py),
-    which would print the same line once per rank."""
-    from dist_dejpeg.train.launch import leave_process_group
+    which would print the same line once per rank; ranks that raised the same error themselves (the same missing
+    file) say it once per node."""
+    from dist_dejpeg.train.launch import first_on_node, leave_process_group
 
-    if getattr(err, "copied_from_rank", None) is None:
+    if getattr(err, "copied_from_rank", None) is None and first_on_node(f"{what}: {err}"):
         print(f"{what}: {err}", file=sys.stderr)
     leave_process_group()
     return code

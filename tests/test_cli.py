@@ -354,3 +354,57 @@ def test_status_into_a_closed_pipe_and_an_unknown_tracker_in_a_dry_run(tmp_path)
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
     assert proc.stdout.strip() == "141"
     assert main(["train", "--dry-run", "train.log_with=[foo]"]) == 2
+
+
+def test_train_processes_names_every_missing_weights_file_before_it_starts_ranks(tmp_path, monkeypatch, capfd,
+                                                                                  sample_shards):
+    """Offline with `model.pretrained=true loss.lpips_pretrained=true` under `train.processes=2`: each rank said
+    only the first missing file it met, after its start-up and huggingface_hub's retries (~60 s, each block once
+    per rank). Now the launcher looks the files up before it starts the ranks and names every one, with the key
+    that points at it, in seconds; an MLflow server that does not answer is said there too."""
+    import importlib.util
+    import socket
+    import time
+    from types import SimpleNamespace
+
+    import torchvision
+    from huggingface_hub import constants
+
+    from dist_dejpeg.config import load_config
+    from dist_dejpeg.train import launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"  # refused at once: a host that does not answer
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # (whatever this machine has cached)
+    monkeypatch.setattr(torchvision.models, "get_weight", lambda name: SimpleNamespace(url=f"{closed}/{name[:3]}.pth"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    run = ["train", "train.processes=2", "train.cpu=true", f"data.root={sample_shards}", "model.pretrained=true",
+           "loss.lpips_pretrained=true", "loss.lpips_net=alex", "loss.metric_net=vgg", f"train.run_dir={tmp_path / 'run'}"]
+    start = time.monotonic()
+    assert main(run) == 2
+    err = capfd.readouterr().err
+    assert time.monotonic() - start < 30 and not (tmp_path / "run").exists()
+    assert err.count("error: ") == 1 and "127.0.0.1 does not answer" in err, err
+    assert "encoder 'mobilenetv3_large_100'" in err and "model.encoder_weights=/path/to/model.safetensors" in err
+    assert "loss.lpips_weights=/path/to/Ale.pth" in err and "loss.metric_weights=/path/to/VGG.pth" in err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main([*run, "model.encoder_weights=/nowhere/model.safetensors", "loss.lpips_pretrained=false"]) == 2
+    assert "model.encoder_weights: file not found: /nowhere/model.safetensors" in capfd.readouterr().err
+    assert main([*run, "loss.lpips_pretrained=false"]) == 2
+    assert "HF_HUB_OFFLINE is set" in capfd.readouterr().err
+    repo = tmp_path / "hf" / "models--timm--mobilenetv3_large_100.ra_in1k"  # cached: the ranks load them
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / "model.safetensors").write_bytes(b"")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    for name in ("Ale.pth", "VGG.pth"):
+        (tmp_path / "torch" / "hub" / "checkpoints" / name).write_bytes(b"")
+    assert launch.missing_weights(load_config(None, run[1:])) == []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", closed)
+    if importlib.util.find_spec("mlflow"):
+        assert main([*run, "model.pretrained=false", "train.log_with=[mlflow]"]) == 2
+        assert f"MLFLOW_TRACKING_URI={closed} did not answer" in capfd.readouterr().err

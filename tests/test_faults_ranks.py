@@ -186,3 +186,42 @@ def test_one_process_leaves_sync_every_one_alone(monkeypatch):
         paced.stepped(step)
         paced.read(step)
     assert paced.sync_every == 1 and paced.checks.reads == 19
+
+
+# -- an error every rank raises itself: said once per node ----------------------------------------------------
+def test_ranks_that_fail_alike_say_it_once_per_node(monkeypatch):
+    """Counted in the elastic agent's store (which outlives the ranks): the first rank of a node with a message
+    says it, another of the same node does not, another node's first does; no agent store: every rank says it."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from dist_dejpeg.train.launch import first_on_node
+
+    server = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10))
+    for name, value in {"LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(server.port), "GROUP_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    assert first_on_node("error: weights missing") and not first_on_node("error: weights missing")
+    assert first_on_node("error: another")
+    monkeypatch.setenv("GROUP_RANK", "1")
+    assert first_on_node("error: weights missing")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    assert first_on_node("error: another") and first_on_node("error: another")
+
+
+def test_a_weights_file_every_rank_fails_to_load_is_said_once(tmp_path, monkeypatch, capfd, sample_shards):
+    """`train.processes=2` with a model.encoder_weights file that is no weights file (found by the launcher, so
+    the ranks start): each rank raised its own WeightsError and printed it, one block per rank."""
+    from dist_dejpeg.cli import main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    junk = tmp_path / "model.safetensors"
+    junk.write_text("not weights")
+    assert main(["train", "train.processes=2", "train.cpu=true", "model.pretrained=true",
+                 f"model.encoder_weights={junk}", "loss.lpips_pretrained=false", f"data.root={sample_shards}",
+                 "data.crop=64", "data.val_crop=64", "data.val_max_images=4", "model.encoder=mobilenetv3_small_050",
+                 "model.decoder_width=16", "critic.width=8", "loss.lpips_net=alex", "loss.metric_net=alex",
+                 f"train.run_dir={tmp_path / 'run'}"]) == 2
+    err = "".join(capfd.readouterr())  # the ranks' output, as the launcher passes it on
+    assert err.count(f"{junk} does not load into encoder") == 1, err[-3000:]

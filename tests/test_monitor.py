@@ -4,10 +4,13 @@ and MLflow's local file store)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -506,6 +509,31 @@ def test_deepspeeds_all_gather_deprecation_is_silenced_narrowly(tmp_path, shards
     assert "an unrelated FutureWarning still shows" in messages
 
 
+DEEPSPEED_IMPORT = """
+import logging
+seen = []
+logging.getLogger("DeepSpeed").addFilter(lambda r: seen.append(r.getMessage()) or True)  # (runs before ours)
+from dist_dejpeg.train.library_warnings import silence_library_warnings
+silence_library_warnings()
+import deepspeed  # (as Accelerate's unwrap_model imports it, after build_accelerator silenced)
+logging.getLogger("DeepSpeed").warning("a DeepSpeed warning still shows")
+print("SEEN", [m for m in seen if m.startswith("Setting accelerator")])
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (the test extra)")
+def test_deepspeeds_cpu_accelerator_note_is_silenced_and_its_other_warnings_show():
+    """Every CPU training run printed DeepSpeed's "[real_accelerator.py:213:get_accelerator] Setting accelerator to
+    CPU..." once per rank (a logging record of its own logger, emitted when deepspeed is first imported)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # (a GPU machine emits it for a CPU run too)
+    out = subprocess.run([sys.executable, "-c", DEEPSPEED_IMPORT], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "SEEN ['Setting accelerator to CPU" in out.stdout, "else this test is vacuous: " + out.stdout[-2000:]
+    assert "Setting accelerator to CPU" not in out.stdout.replace("SEEN ['Setting accelerator to CPU", "")
+    assert "a DeepSpeed warning still shows" in out.stdout
+
+
 def test_train_log_gets_what_a_terminals_bar_shows_and_a_failed_write_is_said_once(tmp_path, shards, capsys):
     """On a terminal the log windows and validation lines live in the progress bar (gone with the scrollback):
     train.log gets them as lines; a train.log that cannot be written is said once, and the run goes on."""
@@ -542,3 +570,53 @@ def test_train_log_gets_what_a_terminals_bar_shows_and_a_failed_write_is_said_on
     import logging as stdlib_logging
 
     assert monitor.run_log not in stdlib_logging.getLogger().handlers  # closed with the monitor
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, never listening: a connect is refused at once
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_mlflow_server_that_does_not_answer_fails_the_start_at_once(tmp_path, shards, monkeypatch):
+    """MLFLOW_TRACKING_URI naming a server that is down: MLflow retried each request 7 times with backoff (over
+    90 s here before the first call gave up), so "fails the start at once" took minutes. Now one HEAD request with
+    a short timeout before Accelerate starts the tracker: a one-line ConfigError naming the URI (without its
+    password) and MLflow's retry settings; a server that answers, with any status, passes; a file store is not
+    probed."""
+    import http.server
+    import threading
+    import time
+
+    pytest.importorskip("mlflow", reason="mlflow is in the test extra")
+    down = f"http://user:secret@127.0.0.1:{_closed_port()}/mlflow"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", down)
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as raised:
+        Trainer(tiny(tmp_path / "run", shards, "train.log_with=[tensorboard,mlflow]"))
+    message = str(raised.value)
+    assert time.monotonic() - start < 30 and "\n" not in message
+    assert f"MLFLOW_TRACKING_URI=http://127.0.0.1:{down.rsplit(':', 1)[1]}" in message and "secret" not in message
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in message and "MLFLOW_HTTP_REQUEST_TIMEOUT" in message
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # (an MLflow behind a proxy may answer the root with anything: it answered)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_address[1]}")
+        check_trackers(["tensorboard", "mlflow"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")
+    check_trackers(["mlflow"])

@@ -33,6 +33,9 @@ LAUNCHER_PID = "DIST_DEJPEG_LAUNCHER_PID"
 # EX_TEMPFAIL: stopped by a signal (after a checkpoint, or with nothing new to save); the same command continues the run
 EXIT_PREEMPTED = 75
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# LPIPS's backbones as models/weights.py loads them (torchvision's ImageNet files, in torch hub's cache)
+LPIPS_BACKBONES = {"vgg": "VGG16_Weights.IMAGENET1K_V1", "alex": "AlexNet_Weights.IMAGENET1K_V1"}
+DOWNLOAD_PROBE_S = 5  # missing_weights: a weights host that does not answer in this long cannot serve a download
 
 
 def already_launched() -> bool:
@@ -103,6 +106,113 @@ def first_failure_line(err) -> str | None:
     how = (f"was killed by {signal.Signals(-failure.exitcode).name}" if failure.exitcode < 0
            else f"exited with {failure.exitcode}")
     return f"train: rank {rank} (pid {failure.pid}) {how}, the first to fail; the others stopped with it"
+
+
+def first_on_node(message: str) -> bool:
+    """Whether this rank is the first of its node to say ``message``: ranks that fail alike (every rank builds the
+    same model from the same disk: a missing weights file) say it once per node, not once per rank. Counted in the
+    store of torch's elastic agent (torchrun, accelerate launch, ``train.processes``), which outlives the ranks;
+    without one, or where it does not answer, every rank says it."""
+    env = os.environ
+    if int(env.get("LOCAL_WORLD_SIZE") or 1) <= 1 or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return True
+    import hashlib
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    key = "/".join(("dist_dejpeg_said", env.get("TORCHELASTIC_RESTART_COUNT", "0"), env.get("GROUP_RANK", ""),
+                    hashlib.sha256(message.encode()).hexdigest()))
+    try:
+        store = TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=5))
+        return store.add(key, 1) == 1
+    except (KeyError, ValueError, RuntimeError, OSError) as err:  # (a store gone: say it rather than not at all)
+        log.debug("the launcher's store: %s", err)
+        return True
+
+
+def check_before_ranks(cfg) -> None:
+    """What every rank would stop on after its start-up (~20 s), each saying it: a tracker that cannot start (an
+    MLflow server that does not answer) and every pretrained file that cannot be found (a WeightsError listing
+    them all)."""
+    from dist_dejpeg.models.weights import WeightsError
+    from dist_dejpeg.train.trackers import check_trackers
+
+    check_trackers(list(cfg.train.log_with))
+    missing = missing_weights(cfg)
+    if missing:
+        raise WeightsError("pretrained weights this run needs cannot be found:\n"
+                           + "\n".join(f"- {line}" for line in missing))
+
+
+def missing_weights(cfg) -> list[str]:
+    """The pretrained files the ranks would load (encoder, LPIPS backbones) that are neither where the config names
+    nor in their caches and cannot be downloaded (offline, or the host does not answer), found by file lookups
+    alone: a launcher says them all at once, in seconds, instead of every rank the first it meets after its
+    start-up (with huggingface_hub's retries, ~45 s offline). What can be downloaded is left to the ranks."""
+    from dist_dejpeg.train.phases import uses_lpips
+
+    found, m, lo = [], cfg.model, cfg.loss
+    if m.pretrained and not m.init_from:  # (init_from: the source generator's weights, no ImageNet file)
+        found += _missing_encoder(m.encoder, m.encoder_weights)
+    if lo.lpips_pretrained:
+        nets = {(lo.metric_net, lo.metric_weights): ["loss.metric_weights"]}
+        if any(uses_lpips(cfg.train.phases[name]) for name in cfg.train.order):
+            nets.setdefault((lo.lpips_net, lo.lpips_weights), []).insert(0, "loss.lpips_weights")
+        for (net, file), keys in nets.items():
+            found += _missing_lpips(net, file, keys)
+    return found
+
+
+def _missing_encoder(name: str, file: str) -> list[str]:
+    import timm
+    from huggingface_hub import constants, snapshot_download
+
+    if file:
+        return [] if Path(file).is_file() else [f"model.encoder_weights: file not found: {file}"]
+    if ":" in name or not timm.is_model(name):  # (hf-hub:/local-dir: names, unknown ones: the ranks say)
+        return []
+    repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
+    if not repo:
+        return []
+    try:  # (a cached snapshot with any weights file: the ranks judge it)
+        folder = Path(snapshot_download(repo, local_files_only=True))
+        if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
+            return []
+    except (OSError, ValueError):  # (LocalEntryNotFoundError: not cached)
+        pass
+    why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else _no_answer(constants.ENDPOINT)
+    if not why:
+        return []
+    return [f"ImageNet weights for encoder '{name}' (Hugging Face repo '{repo}'): not in {constants.HF_HUB_CACHE}, "
+            f"and {why}. Set model.encoder_weights=/path/to/model.safetensors, or run once with internet access "
+            f"so that timm caches them, or model.pretrained=false (random init: tests and debugging only)"]
+
+
+def _missing_lpips(net: str, file: str, keys: list[str]) -> list[str]:
+    import torch
+    import torchvision
+
+    if file:
+        return [] if Path(file).is_file() else [f"{' and '.join(keys)}: file not found: {file}"]
+    url = torchvision.models.get_weight(LPIPS_BACKBONES[net]).url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    why = None if cached.is_file() else _no_answer(url)
+    if not why:
+        return []
+    named = " and ".join(f"{key}=/path/to/{cached.name}" for key in keys)
+    return [f"LPIPS-{net}'s backbone {cached.name}: not at {cached}, and {why}. Place it there (or set TORCH_HOME), "
+            f"or set {named}, or loss.lpips_pretrained=false (random: tests and debugging only)"]
+
+
+def _no_answer(url: str) -> str | None:
+    """Why ``url``'s host cannot serve a download (None: it answers; through the environment's proxy, if any)."""
+    from urllib.parse import urlsplit
+
+    from dist_dejpeg.train.trackers import unreachable
+
+    why = unreachable(url, DOWNLOAD_PROBE_S)
+    return f"{urlsplit(url).hostname} does not answer ({why})" if why else None
 
 
 class _NoFailureLine(logging.Filter):

@@ -19,12 +19,14 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dist_dejpeg.config import TRACKER_PACKAGES, ConfigError, flatten
 from dist_dejpeg.run.files import read_json
 from dist_dejpeg.run.layout import list_checkpoints
 
 TRACKER_RUNS = "trackers.json"  # <run_dir>/: {"wandb": id, "mlflow": {"run_id", "store"}} of the run's trackers
+MLFLOW_PROBE_S = 10  # an MLflow server that does not answer in this long fails the start (check_mlflow_server)
 
 
 def check_trackers(names: list[str]) -> None:
@@ -41,6 +43,45 @@ def check_trackers(names: list[str]) -> None:
             raise ConfigError(f"config key 'train.log_with': mlflow without MLFLOW_TRACKING_URI keeps the run in "
                               f"<run_dir>/mlflow/mlflow.db (SQLite), which needs {' and '.join(missing)} (mlflow-skinny "
                               f"lacks them): pip install mlflow, or set MLFLOW_TRACKING_URI (e.g. an MLflow server)")
+        if name == "mlflow":
+            check_mlflow_server(os.environ.get("MLFLOW_TRACKING_URI", ""))
+
+
+def check_mlflow_server(uri: str) -> None:
+    """An http(s) tracking URI must answer now: MLflow retries each request 7 times with backoff and waits up to
+    120 s for each, so a server that is down or mistyped would hold the start for many minutes (and fail it
+    anyway). A file or database store is MLflow's to open; it is not probed."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    why = unreachable(uri, MLFLOW_PROBE_S)
+    if why:
+        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # (no credentials in a log)
+        raise ConfigError(f"config key 'train.log_with': the MLflow server MLFLOW_TRACKING_URI={shown} did not "
+                          f"answer within {MLFLOW_PROBE_S} s ({why}): start it or correct the URI, or leave mlflow "
+                          f"out of train.log_with (MLflow's own retries, MLFLOW_HTTP_REQUEST_MAX_RETRIES and "
+                          f"MLFLOW_HTTP_REQUEST_TIMEOUT, would have taken minutes to say so)")
+
+
+def unreachable(url: str, timeout: float) -> str | None:
+    """Why nothing at ``url`` answers one HEAD request within ``timeout`` s; None where something does: any HTTP
+    status, or a TLS error (the library may be told to trust other certificates). Through the proxy that the
+    environment names, as requests and httpx go."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as err:
+        return None if isinstance(err.reason, ssl.SSLError) else str(err.reason)
+    except ssl.SSLError:
+        return None
+    except (OSError, ValueError) as err:  # a timeout, a connection closed without an answer, a malformed URL
+        return str(err) or type(err).__name__
 
 
 def tracker_objects(names: list[str], run_dir: Path) -> list:
