@@ -180,7 +180,8 @@ def restore_arguments(p: argparse.ArgumentParser) -> None:
                         "quantization tables or its pixels)")
     p.add_argument("--quality", dest="input_quality", type=jpeg_quality, default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # the name before --input-quality
-    p.add_argument("--verbose", action="store_true", help="one line per image: its quality and the decision")
+    p.add_argument("--verbose", action="store_true",
+                   help="one line per image: its quality and the decision (not with --quiet)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere")
     p.add_argument("--fp32", dest="precision", action="store_const", const="fp32", default=argparse.SUPPRESS,
