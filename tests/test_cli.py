@@ -367,10 +367,10 @@ def test_train_processes_names_every_missing_weights_file_before_it_starts_ranks
     import time
     from types import SimpleNamespace
 
-    import torchvision
     from huggingface_hub import constants
 
     from dist_dejpeg.config import load_config
+    from dist_dejpeg.models import weights
     from dist_dejpeg.train import launch
 
     with socket.socket() as s:
@@ -379,7 +379,8 @@ def test_train_processes_names_every_missing_weights_file_before_it_starts_ranks
     monkeypatch.setattr(constants, "ENDPOINT", closed)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # (whatever this machine has cached)
-    monkeypatch.setattr(torchvision.models, "get_weight", lambda name: SimpleNamespace(url=f"{closed}/{name[:3]}.pth"))
+    monkeypatch.setattr(weights, "lpips_backbone_weights",
+                        lambda net: SimpleNamespace(url=f"{closed}/{ {'alex': 'Ale', 'vgg': 'VGG'}[net]}.pth"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     run = ["train", "train.processes=2", "train.cpu=true", f"data.root={sample_shards}", "model.pretrained=true",
            "loss.lpips_pretrained=true", "loss.lpips_net=alex", "loss.metric_net=vgg", f"train.run_dir={tmp_path / 'run'}"]

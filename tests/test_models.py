@@ -480,7 +480,7 @@ def test_encoder_weights_load_into_feature_models_that_rename_their_layers(tmp_p
     enc = create_encoder("convnext_atto", pretrained=True, weights_file=str(path), depth=3)
     assert torch.equal(enc.stem_0.weight, state["stem.0.weight"])
     assert torch.equal(enc.stages_2.blocks[0].conv_dw.weight, state["stages.2.blocks.0.conv_dw.weight"])
-    monkeypatch.setattr(W, "_hf_cached_file", lambda repo: str(path))
+    monkeypatch.setattr(W, "hf_cached_file", lambda repo: str(path))
     assert torch.equal(create_encoder("convnext_atto", pretrained=True).stem_0.weight, state["stem.0.weight"])
 
 
@@ -803,7 +803,7 @@ def test_pretrained_encoder_errors_are_told_apart(monkeypatch):
 
     import dist_dejpeg.models.weights as W
 
-    monkeypatch.setattr(W, "_hf_cached_file", lambda repo: None)
+    monkeypatch.setattr(W, "hf_cached_file", lambda repo: None)
 
     def out_of_range(*args, **kwargs):
         raise AssertionError("feature index 3 is out of range")

@@ -28,7 +28,8 @@ class EncoderError(ValueError):
     """A model.encoder that timm does not know, or one the U-Net cannot use (no features at any image size)."""
 
 
-def _hf_cached_file(repo_id: str) -> str | None:
+def hf_cached_file(repo_id: str) -> str | None:
+    """The cached weights file of a Hugging Face repo (timm's ImageNet weights), or None."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - timm depends on huggingface_hub
@@ -114,7 +115,7 @@ def _create_encoder(name: str, pretrained: bool, weights_file: str, depth: int) 
         return _encoder_from_file(name, str(weights_file), depth)
     cfg = timm.models.get_pretrained_cfg(name)
     repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    cached = _hf_cached_file(repo) if repo else None
+    cached = hf_cached_file(repo) if repo else None
     if cached:
         log.info("encoder %s: ImageNet weights from the Hugging Face cache: %s", name, cached)
         return _encoder_from_file(name, cached, depth, source=f"Hugging Face cache of '{repo}'")
@@ -164,7 +165,8 @@ def _file_names(key: str) -> list[str]:
     return [key, *(f"{first[:i]}.{first[i + 1:]}{dot}{rest}" for i, c in enumerate(first) if c == "_")]
 
 
-def _torchvision_weights(net: str):
+def lpips_backbone_weights(net: str):
+    """torchvision's ImageNet weights enum of LPIPS's ``net`` backbone (its url names the cached file)."""
     import torchvision
 
     return {"vgg": torchvision.models.VGG16_Weights.IMAGENET1K_V1,
@@ -178,7 +180,7 @@ def lpips_backbone_state(net: str, weights_file: str, key: str) -> dict:
         if not Path(weights_file).is_file():
             raise WeightsError(f"{key}: file not found: {weights_file}")
         return torch.load(weights_file, map_location="cpu", weights_only=True)
-    url = _torchvision_weights(net).url
+    url = lpips_backbone_weights(net).url
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     if cached.is_file():
         return torch.load(cached, map_location="cpu", weights_only=True)

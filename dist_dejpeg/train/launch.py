@@ -33,8 +33,6 @@ LAUNCHER_PID = "DIST_DEJPEG_LAUNCHER_PID"
 # EX_TEMPFAIL: stopped by a signal (after a checkpoint, or with nothing new to save); the same command continues the run
 EXIT_PREEMPTED = 75
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-# LPIPS's backbones as models/weights.py loads them (torchvision's ImageNet files, in torch hub's cache)
-LPIPS_BACKBONES = {"vgg": "VGG16_Weights.IMAGENET1K_V1", "alex": "AlexNet_Weights.IMAGENET1K_V1"}
 DOWNLOAD_PROBE_S = 5  # missing_weights: a weights host that does not answer in this long cannot serve a download
 
 
@@ -166,21 +164,17 @@ def missing_weights(cfg) -> list[str]:
 
 def _missing_encoder(name: str, file: str) -> list[str]:
     import timm
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
+
+    from dist_dejpeg.models.weights import hf_cached_file
 
     if file:
         return [] if Path(file).is_file() else [f"model.encoder_weights: file not found: {file}"]
     if ":" in name or not timm.is_model(name):  # (hf-hub:/local-dir: names, unknown ones: the ranks say)
         return []
     repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
-    if not repo:
+    if not repo or hf_cached_file(repo):  # (the file the ranks would load: they judge it)
         return []
-    try:  # (a cached snapshot with any weights file: the ranks judge it)
-        folder = Path(snapshot_download(repo, local_files_only=True))
-        if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
-            return []
-    except (OSError, ValueError):  # (LocalEntryNotFoundError: not cached)
-        pass
     why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else _no_answer(constants.ENDPOINT)
     if not why:
         return []
@@ -191,11 +185,12 @@ def _missing_encoder(name: str, file: str) -> list[str]:
 
 def _missing_lpips(net: str, file: str, keys: list[str]) -> list[str]:
     import torch
-    import torchvision
+
+    from dist_dejpeg.models.weights import lpips_backbone_weights
 
     if file:
         return [] if Path(file).is_file() else [f"{' and '.join(keys)}: file not found: {file}"]
-    url = torchvision.models.get_weight(LPIPS_BACKBONES[net]).url
+    url = lpips_backbone_weights(net).url
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     why = None if cached.is_file() else _no_answer(url)
     if not why:
