@@ -136,7 +136,7 @@ class TrainConfig:
     cpu: bool = False  # force CPU even when a GPU is present
     processes: int = 1  # `dist-dejpeg train` starts this many ranks on this machine (torchrun --standalone) when no launcher did; on a CPU each gets cores/N threads
     grad_accum: int = 1  # micro-steps per optimizer step
-    phases: Dict[str, PhaseConfig] = field(default_factory=default_phases)  # phase name -> settings
+    phases: Dict[str, PhaseConfig] = field(default_factory=default_phases)  # phase name -> settings; a phase added by name (e.g. gan2, kind: gan) takes the generic defaults below, not the built-in phase of its kind's (gan: lr 1e-5, betas [0, 0.9], constant schedule, no warmup, patience 5): give those keys
     order: List[str] = field(default_factory=lambda: ["gen", "critic", "gan"])  # phases to run, in order
     log_every: int = 50  # steps between scalar logs
     val_every: int = 500  # steps between validations (phases may override; 0: none but the final one)
