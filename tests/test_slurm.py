@@ -304,6 +304,15 @@ def test_the_training_step_gets_the_cpus_the_job_asked_for(tmp_path, script):
     assert "--cpus-per-task=16" in srun.splitlines(), srun
 
 
+def test_a_percent_sign_in_the_run_folder_reaches_srun_escaped(tmp_path):
+    """srun reads --output as a pattern (%j job id, %n node): a run folder named for a sweep's 50% point would have
+    its node logs written to another folder."""
+    done, srun = _submit_with_stubs(tmp_path, "train_single_node.sbatch", "configs/div2k.yaml",
+                                    f"train.run_dir={tmp_path}/lr-50%")
+    assert done.returncode == 0, done.stderr
+    assert f"--output={tmp_path}/lr-50%%/logs/train-7-node%n.log" in srun.splitlines(), srun
+
+
 def test_a_larger_preempt_budget_gives_the_launcher_longer_to_wait(tmp_path):
     """The trainer's advice for slow checkpoints is more --signal lead time and a larger train.preempt_budget_s:
     torch's launcher must then wait that much longer before it SIGKILLs the checkpointing ranks."""

@@ -74,7 +74,7 @@ dd_run_step() {
   # --kill-on-bad-exit: a node whose training fails takes the others down instead of leaving them waiting.
   # --cpus-per-task: since Slurm 22.05 a step no longer inherits the job's; without it, one core per node
   srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
-    --output="$LOG_DIR/train-$SLURM_JOB_ID-node%n.log" --open-mode=append "$@" &
+    --output="${LOG_DIR//%/%%}/train-$SLURM_JOB_ID-node%n.log" --open-mode=append "$@" &  # (% is srun's pattern sign)
   local step=$! rc=0
   while :; do
     wait "$step" && rc=0 || rc=$?
