@@ -412,6 +412,49 @@ def test_export_of_pretrained_config_loads_without_fetching_weights(tmp_path):
     assert torch.equal(loaded.state_dict()[enc_key], g.state_dict()[enc_key])
 
 
+def test_export_of_a_checkpoint_records_the_shards_the_run_trained_on(tmp_path, monkeypatch, sample_shards):
+    """`export --model runs/x/checkpoints/step-N` (and evaluate, report) read the run's `data.root` against the
+    current folder: from another folder it recorded no shards, or another set's that sat at that relative path.
+    It is resolved as training did (the folder the run started in); for a moved run, the nearest folder above it
+    that holds the shards; with none, nothing, and `train_shards_from` says so."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from dist_dejpeg.config import Config, to_yaml
+    from dist_dejpeg.models.generator_file import TRAIN_SHARDS_FROM, load_model
+    from dist_dejpeg.models.names import shard_fingerprint
+
+    start, other = tmp_path / "project", tmp_path / "elsewhere"
+    shutil.copytree(sample_shards, start / "data" / "set")
+    (other / "data" / "set").mkdir(parents=True)  # another set's shard of the same name where the user stands
+    (other / "data" / "set" / "train-000000.tar").write_bytes(b"another set")
+    trained = {p.name: shard_fingerprint(p) for p in sorted((start / "data" / "set").glob("train-*.tar"))}
+    cfg = Config()
+    cfg.model, cfg.data.root = ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, encoder_depth=2,
+                                           decoder_width=8), "data/set"
+
+    def checkpoint(run_dir: str, at) -> str:
+        cfg.train.run_dir = run_dir
+        folder = at / "checkpoints" / "step-00000012"
+        folder.mkdir(parents=True)
+        model = build_generator(cfg.model)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+        (folder / "config.yaml").write_text(to_yaml(cfg))
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": 12}))
+        return str(folder)
+
+    monkeypatch.chdir(other)
+    _, info = load_model(checkpoint("runs/x", start / "runs" / "x"))  # started in project/, read from elsewhere/
+    assert info["train_shards"] == trained and info[TRAIN_SHARDS_FROM] == str(start / "data" / "set")
+    _, info = load_model(checkpoint("/cluster/runs/y", start / "runs" / "moved" / "y"))  # a run moved here
+    assert info["train_shards"] == trained and info[TRAIN_SHARDS_FROM] == str(start / "data" / "set")
+    shutil.rmtree(start / "data")
+    _, info = load_model(start / "runs" / "x")
+    assert info["train_shards"] == {} and info[TRAIN_SHARDS_FROM].startswith("none: no train-*.tar in "
+                                                                             f"{start / 'data' / 'set'}")
+
+
 def test_load_generator_rejects_foreign_safetensors(tmp_path):
     from safetensors.torch import save_file
 
@@ -541,10 +584,81 @@ def _fake_failed_download(calls):
     return fake
 
 
-def test_lpips_pretrained_missing_backbone_names_file_and_key(tmp_path, monkeypatch):
+@pytest.fixture
+def answering_host():
+    """A local host that answers every request 404 (a download host that is up), and the paths asked of it."""
+    import http.server
+    import threading
+
+    asked = []
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # noqa: N802 - http.server's naming
+            asked.append(self.path)
+            self.send_error(404)
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", asked
+    server.shutdown()
+    server.server_close()
+
+
+def _closed_port() -> str:
+    """An address that refuses at once: a download host that does not answer."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_pretrained_encoder_without_an_answering_host_fails_at_once(tmp_path, monkeypatch, answering_host):
+    """`model.pretrained=true` on one process (or ranks under `accelerate launch`) with nothing cached and no network
+    but no HF_HUB_OFFLINE: huggingface_hub retried the failed lookup for ~45 s before the WeightsError. The host is
+    asked once, with a short timeout; one that answers gets the download, as before."""
+    import time
+
+    import timm
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "ENDPOINT", _closed_port())
+    downloads = []
+    real_create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: downloads.append(k) or real_create(*a, **k))
+    start = time.monotonic()
+    with pytest.raises(WeightsError, match=r"(?s)encoder 'mobilenetv3_small_050' .*could not be downloaded from "
+                                           r"Hugging Face repo 'timm/.*': 127.0.0.1 does not answer .*"
+                                           r"model.encoder_weights=/path/to/model.safetensors"):
+        create_encoder("mobilenetv3_small_050", pretrained=True)
+    assert time.monotonic() - start < 5 and not downloads
+    url, asked = answering_host
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    with pytest.raises(WeightsError, match=r"could not be downloaded from Hugging Face repo 'timm/.*' \("):
+        create_encoder("mobilenetv3_small_050", pretrained=True)
+    assert downloads and downloads[0]["pretrained"] and any("mobilenetv3_small_050" in p for p in asked), asked
+
+
+def test_lpips_pretrained_missing_backbone_names_file_and_key(tmp_path, monkeypatch, answering_host):
+    """A host that answers gets the download; one that does not is said at once (torch.hub's download has no
+    timeout: a network that drops packets held it for minutes)."""
+    from types import SimpleNamespace
+
+    from dist_dejpeg.models import weights
     from dist_dejpeg.models.lpips import LPIPS
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    host = answering_host[0]
+    monkeypatch.setattr(weights, "lpips_backbone_weights",
+                        lambda net: SimpleNamespace(url=f"{host}/models/alexnet-owt-7be5be79.pth"))
     calls = []
     # never really download (233 MB) even where a network exists; the failure is what is tested
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _fake_failed_download(calls))
@@ -560,6 +674,12 @@ def test_lpips_pretrained_missing_backbone_names_file_and_key(tmp_path, monkeypa
         LPIPS("alex", pretrained=True, key="loss.metric_weights")
     with pytest.raises(WeightsError, match="loss.lpips_weights: file not found: /nonexistent.pth"):
         LPIPS("alex", pretrained=True, weights_file="/nonexistent.pth")
+    calls.clear()
+    host = _closed_port()
+    with pytest.raises(WeightsError, match=r"(?s)alexnet-owt-7be5be79.pth.*\(127.0.0.1 does not answer .*"
+                                           r"loss.lpips_weights=/path/to/alexnet-owt-7be5be79.pth"):
+        LPIPS("alex", pretrained=True)
+    assert not calls
 
 
 def test_lpips_backbone_from_explicit_file(tmp_path):
@@ -796,14 +916,18 @@ def test_encoder_depth_beyond_the_encoders_stages_names_the_key():
         create_encoder("convnext_atto", pretrained=False, depth=5)
 
 
-def test_pretrained_encoder_errors_are_told_apart(monkeypatch):
+def test_pretrained_encoder_errors_are_told_apart(monkeypatch, answering_host):
     """With model.pretrained=true, timm's own check of the model (an encoder_depth beyond its stages) is named as
     such, not as 'weights not in the cache'; a failed download says how an offline machine fails at once."""
     import timm
 
+    from huggingface_hub import constants
+
     import dist_dejpeg.models.weights as W
 
     monkeypatch.setattr(W, "hf_cached_file", lambda repo: None)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", answering_host[0])  # (a host that answers: the download is tried)
 
     def out_of_range(*args, **kwargs):
         raise AssertionError("feature index 3 is out of range")

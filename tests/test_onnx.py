@@ -410,3 +410,42 @@ def test_a_generator_with_nan_weights_is_refused_before_the_export(exported, tmp
     err = capsys.readouterr().err
     assert "a broken model, not exported" in err and "head.weight" in err, err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_of_a_checkpoint_records_its_runs_shards_from_any_folder(tmp_path, monkeypatch, capsys, sample_shards):
+    """`export --model runs/x/checkpoints/step-N` from another folder recorded `train_shards` {} (data.root read
+    against the current folder); now the run's own shards and the folder they were read from. (The exporter's half
+    minute is replaced by its graph for an untrained generator, which returns its input exactly: checked as ever.)"""
+    import shutil
+    from types import SimpleNamespace
+
+    from onnx import TensorProto, helper
+    from safetensors.torch import save_file
+
+    from dist_dejpeg.config import Config, to_yaml
+    from dist_dejpeg.models.names import shard_fingerprint
+
+    start = tmp_path / "project"
+    shutil.copytree(sample_shards, start / "data" / "set")
+    trained = {p.name: shard_fingerprint(p) for p in (start / "data" / "set").glob("train-*.tar")}
+    cfg = Config()
+    cfg.model = ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, encoder_depth=2, decoder_width=8)
+    cfg.data.root, cfg.train.run_dir = "data/set", "runs/x"
+    ckpt = start / "runs" / "x" / "checkpoints" / "step-00000012"
+    ckpt.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in build_generator(cfg.model).state_dict().items()},
+              str(ckpt / "model.safetensors"))
+    (ckpt / "config.yaml").write_text(to_yaml(cfg))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 12}))
+    dims = ["batch", 3, "height", "width"]
+    graph = helper.make_graph([helper.make_node("Identity", ["degraded"], ["restored"])], "identity",
+                              [helper.make_tensor_value_info("degraded", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("restored", TensorProto.FLOAT, dims)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: SimpleNamespace(model_proto=proto))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert _cli(["export", "--model", str(ckpt), "--onnx", "model.onnx"]) == 0, capsys.readouterr()
+    meta = read_onnx_metadata("model.onnx")
+    assert json.loads(meta["train_shards"]) == trained and len(trained) > 0
+    assert meta["train_shards_from"] == str(start / "data" / "set")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -21,11 +22,13 @@ from dist_dejpeg.config import ConfigError, ModelConfig, load_config
 from dist_dejpeg.models.names import TRAIN_SHARDS, ModelFileError, file_gains, file_train_shards, shard_fingerprint
 from dist_dejpeg.models.unet import Generator, build_generator
 from dist_dejpeg.run.files import atomic_write_bytes
-from dist_dejpeg.run.layout import (CHECKPOINT_MODEL, CONFIG, EMA_GENERATOR, EMA_UPDATES, GENERATOR, TRAINER_STATE,
-                                    list_checkpoints)
+from dist_dejpeg.run.layout import (CHECKPOINT_MODEL, CHECKPOINTS, CONFIG, EMA_GENERATOR, EMA_UPDATES, GENERATOR,
+                                    TRAINER_STATE, list_checkpoints)
 from dist_dejpeg.run.manifest import verify_checkpoint
 
 FORMAT = "dist_dejpeg.generator.v1"
+# a checkpoint's info (and its export's metadata): the folder its train_shards were read from, or why there are none
+TRAIN_SHARDS_FROM = "train_shards_from"
 
 
 class NonFiniteWeights(ValueError):
@@ -62,6 +65,29 @@ def training_shards(data_cfg) -> dict[str, str]:
     except OSError:  # (FileNotFoundError: no shards there any more)
         return {}
     return {TRAIN_SHARDS: json.dumps(prints)}
+
+
+def checkpoint_shards(folder: Path, cfg) -> dict:
+    """:func:`training_shards` of the run that wrote checkpoint ``folder``, with ``data.root`` resolved as training
+    did: against the folder the run started in (the run folder's path less its relative train.run_dir), not the
+    current one. Where that cannot be told (an absolute train.run_dir, a moved run), the nearest folder above the
+    run folder that holds the shards. {} where none does; :data:`TRAIN_SHARDS_FROM` says where they were read."""
+    data = cfg.data
+    tried = [Path(data.root).expanduser()]
+    if not tried[0].is_absolute() and not os.path.isabs(data.train_glob):
+        folder = Path(os.path.abspath(folder))
+        run = next((p.parent for p in folder.parents if p.name == CHECKPOINTS), folder.parent)
+        configured = Path(os.path.normpath(Path(cfg.train.run_dir).expanduser()))
+        n = len(configured.parts)
+        started = not configured.is_absolute() and ".." not in configured.parts and \
+            run.parts[len(run.parts) - n:] == configured.parts
+        tried = [(run.parents[n - 1] if n else run) / data.root] if started else \
+            [above / data.root for above in run.parents]
+    for where in tried:
+        if shards := training_shards(dataclasses.replace(data, root=str(where))):
+            return {**shards, TRAIN_SHARDS_FROM: str(where)}
+    return {TRAIN_SHARDS_FROM: f"none: no {data.train_glob} in " + (
+        str(tried[0]) if len(tried) == 1 else f"data.root={data.root} of any folder above the run folder")}
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -216,8 +242,10 @@ def _load_checkpoint_generator(folder: Path, device) -> tuple[Generator, dict]:
     ema.pop(EMA_UPDATES, None)
     generator = _build_and_load(cfg.model, tensors | ema, str(weights)).to(device).eval()
     state = json.loads((folder / TRAINER_STATE).read_text())
+    shards = checkpoint_shards(folder, cfg)
     info = {"source": str(folder), "format": "checkpoint", "global_step": _int(state.get("global_step")),
-            "lpips": "", "weights": "ema" if ema else "raw", TRAIN_SHARDS: file_train_shards(training_shards(cfg.data))}
+            "lpips": "", "weights": "ema" if ema else "raw", TRAIN_SHARDS: file_train_shards(shards),
+            TRAIN_SHARDS_FROM: shards[TRAIN_SHARDS_FROM]}
     return generator, _describe(info, cfg.model)
 
 

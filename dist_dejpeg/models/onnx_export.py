@@ -19,8 +19,9 @@ tiny images, onnxruntime rejects them ("Pad reflect: post-pad exceeds maximum al
 What the guard needs is in the file's metadata_props, each a string: ``val_psnr_gain`` and ``val_psnr_gain_low``
 (JSON ``{quality: dB}``),
 ``conditioned`` ("true"/"false"), ``encoder``, ``encoder_init``, ``global_step``, ``lpips``, ``pad_to``, ``model``
-(the config as JSON), ``source``, ``train_shards`` (JSON ``{shard file name: size}``: what evaluate calls seen in
-training); :func:`read_onnx_metadata` reads them back. ``dist-dejpeg restore --model
+(the config as JSON), ``source``, ``train_shards`` (JSON ``{shard file name: size and hash of its start}``: what
+evaluate calls seen in training) and, exported from a checkpoint, ``train_shards_from`` (the folder they were read
+from, or "none: ..." and why); :func:`read_onnx_metadata` reads them back. ``dist-dejpeg restore --model
 dejpeg.onnx`` runs the file on onnxruntime with the same tiling, blending and guard as the PyTorch model
 (restore/onnx_backend.py, without importing torch): a tiled restore is what matches, not one forward pass over the whole image.
 
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from dist_dejpeg.models.generator_file import ModelFileError, load_model, non_finite
+from dist_dejpeg.models.generator_file import TRAIN_SHARDS_FROM, ModelFileError, load_model, non_finite
 # the names and errors a runtime needs without torch (re-exported here under their old home)
 from dist_dejpeg.models.names import (INPUT, MIN_SIZE, ONNX_FORMAT, OUTPUT, QUALITY, TRAIN_SHARDS,  # noqa: F401
                                       OnnxUnavailable, require_onnx)
@@ -212,6 +213,8 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
                                                                      "random init")),
             "global_step": json.dumps((info or {}).get("global_step")), "lpips": str((info or {}).get("lpips") or ""),
             TRAIN_SHARDS: json.dumps((info or {}).get(TRAIN_SHARDS) or {})}
+    if (info or {}).get(TRAIN_SHARDS_FROM):
+        meta[TRAIN_SHARDS_FROM] = str(info[TRAIN_SHARDS_FROM])
     if conditioned:
         meta["input"] += f"; {QUALITY}: float32 N, JPEG quality 1..100 (0: unknown)"
     del proto.metadata_props[:]

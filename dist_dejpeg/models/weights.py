@@ -2,7 +2,8 @@
 
 The encoder's ImageNet weights come from timm (the Hugging Face cache, or an explicit file); LPIPS's
 backbone comes from torchvision's files in the torch hub cache (or an explicit file). Offline with nothing
-found, the error names the missing file and the config key that points at one. There is no silent
+found (HF_HUB_OFFLINE, or a download host that does not answer within seconds: asked once, before the download's
+retries), the error names the missing file and the config key that points at one. There is no silent
 fallback to random init: random init is asked for with ``model.pretrained=false`` /
 ``loss.lpips_pretrained=false``, and everything the run writes says so.
 """
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from dist_dejpeg.run.net import no_download_from
 
 log = logging.getLogger(__name__)
 
@@ -119,22 +122,36 @@ def _create_encoder(name: str, pretrained: bool, weights_file: str, depth: int) 
     if cached:
         log.info("encoder %s: ImageNet weights from the Hugging Face cache: %s", name, cached)
         return _encoder_from_file(name, cached, depth, source=f"Hugging Face cache of '{repo}'")
+    from huggingface_hub import constants
+
+    host = constants.ENDPOINT if repo or name.startswith("hf-hub:") else getattr(cfg, "url", "")
+    why = host and not constants.is_offline_mode() and no_download_from(host)
+    if why:  # (huggingface_hub would retry a failed lookup for ~45 s before it says the same)
+        raise _encoder_unavailable(name, repo, f": {why}")
     try:
         return timm.create_model(name, features_only=True, pretrained=True, **_stages(depth))
     except (AssertionError, IndexError):  # timm's own checks of the model (out_indices): create_encoder names them
         raise
     except Exception as err:  # noqa: BLE001 - any other failure here means "weights not available"
-        where = f"Hugging Face repo '{repo}'" if repo else "timm's download address"
-        from huggingface_hub import constants
-        raise WeightsError(
-            f"ImageNet weights for encoder '{name}' are not in the local cache and could not be downloaded "
-            f"from {where} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).\n"
-            f"Fix one of: run once with internet access so timm caches them (in {constants.HF_HUB_CACHE}); "
-            f"or download the weights file and set "
-            f"model.encoder_weights=/path/to/model.safetensors; or set model.pretrained=false for a "
-            f"random-init encoder (tests and debugging only). On a machine without internet, HF_HUB_OFFLINE=1 "
-            f"says this at once instead of after the download's retries."
-        ) from None
+        raise _encoder_unavailable(name, repo, f" ({type(err).__name__}: "
+                                   f"{str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def _encoder_unavailable(name: str, repo: str | None, why: str) -> WeightsError:
+    """What to do about ImageNet weights that are neither cached nor downloadable (``why``: the end of the first
+    sentence)."""
+    from huggingface_hub import constants
+
+    where = f"Hugging Face repo '{repo}'" if repo else "timm's download address"
+    return WeightsError(
+        f"ImageNet weights for encoder '{name}' are not in the local cache and could not be downloaded "
+        f"from {where}{why}.\n"
+        f"Fix one of: run once with internet access so timm caches them (in {constants.HF_HUB_CACHE}); "
+        f"or download the weights file and set "
+        f"model.encoder_weights=/path/to/model.safetensors; or set model.pretrained=false for a "
+        f"random-init encoder (tests and debugging only). On a machine without internet, HF_HUB_OFFLINE=1 "
+        f"says this at once."
+    )
 
 
 def _encoder_from_file(name: str, path: str, depth: int = 0, source: str = "model.encoder_weights") -> nn.Module:
@@ -184,16 +201,19 @@ def lpips_backbone_state(net: str, weights_file: str, key: str) -> dict:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     if cached.is_file():
         return torch.load(cached, map_location="cpu", weights_only=True)
-    try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise WeightsError(
-            f"LPIPS-{net} needs torchvision's ImageNet backbone {cached.name}, which is not at {cached} and "
-            f"could not be downloaded from {url} ({type(err).__name__}).\n"
-            f"Fix one of: place the file there (or set TORCH_HOME); or set {key}=/path/to/{cached.name}; or "
-            f"set loss.lpips_pretrained=false for a random backbone (tests and debugging only: the LPIPS "
-            f"numbers are then not LPIPS)."
-        ) from None
+    why = no_download_from(url)  # (torch.hub's download has no timeout: a network that drops packets would hold it)
+    if not why:
+        try:
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure here means "weights not available"
+            why = type(err).__name__
+    raise WeightsError(
+        f"LPIPS-{net} needs torchvision's ImageNet backbone {cached.name}, which is not at {cached} and "
+        f"could not be downloaded from {url} ({why}).\n"
+        f"Fix one of: place the file there (or set TORCH_HOME); or set {key}=/path/to/{cached.name}; or "
+        f"set loss.lpips_pretrained=false for a random backbone (tests and debugging only: the LPIPS "
+        f"numbers are then not LPIPS)."
+    )
 
 
 def load_lpips_backbone(lpips_net: nn.Module, state: dict) -> None:

@@ -24,6 +24,8 @@ import time
 import uuid
 from pathlib import Path
 
+from dist_dejpeg.run.net import no_download_from
+
 log = logging.getLogger("dist_dejpeg")
 
 # set by torchrun / accelerate launch / the sbatch scripts; the last by accelerate launch's one-process launcher too
@@ -33,7 +35,6 @@ LAUNCHER_PID = "DIST_DEJPEG_LAUNCHER_PID"
 # EX_TEMPFAIL: stopped by a signal (after a checkpoint, or with nothing new to save); the same command continues the run
 EXIT_PREEMPTED = 75
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-DOWNLOAD_PROBE_S = 5  # missing_weights: a weights host that does not answer in this long cannot serve a download
 
 
 def already_launched() -> bool:
@@ -175,7 +176,7 @@ def _missing_encoder(name: str, file: str) -> list[str]:
     repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
     if not repo or hf_cached_file(repo):  # (the file the ranks would load: they judge it)
         return []
-    why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else _no_answer(constants.ENDPOINT)
+    why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else no_download_from(constants.ENDPOINT)
     if not why:
         return []
     return [f"ImageNet weights for encoder '{name}' (Hugging Face repo '{repo}'): not in {constants.HF_HUB_CACHE}, "
@@ -192,22 +193,12 @@ def _missing_lpips(net: str, file: str, keys: list[str]) -> list[str]:
         return [] if Path(file).is_file() else [f"{' and '.join(keys)}: file not found: {file}"]
     url = lpips_backbone_weights(net).url
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-    why = None if cached.is_file() else _no_answer(url)
+    why = None if cached.is_file() else no_download_from(url)
     if not why:
         return []
     named = " and ".join(f"{key}=/path/to/{cached.name}" for key in keys)
     return [f"LPIPS-{net}'s backbone {cached.name}: not at {cached}, and {why}. Place it there (or set TORCH_HOME), "
             f"or set {named}, or loss.lpips_pretrained=false (random: tests and debugging only)"]
-
-
-def _no_answer(url: str) -> str | None:
-    """Why ``url``'s host cannot serve a download (None: it answers; through the environment's proxy, if any)."""
-    from urllib.parse import urlsplit
-
-    from dist_dejpeg.train.trackers import unreachable
-
-    why = unreachable(url, DOWNLOAD_PROBE_S)
-    return f"{urlsplit(url).hostname} does not answer ({why})" if why else None
 
 
 class _NoFailureLine(logging.Filter):

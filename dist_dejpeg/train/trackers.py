@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from dist_dejpeg.config import TRACKER_PACKAGES, ConfigError, flatten
 from dist_dejpeg.run.files import read_json
 from dist_dejpeg.run.layout import list_checkpoints
+from dist_dejpeg.run.net import unreachable
 
 TRACKER_RUNS = "trackers.json"  # <run_dir>/: {"wandb": id, "mlflow": {"run_id", "store"}} of the run's trackers
 MLFLOW_PROBE_S = 10  # an MLflow server that does not answer in this long fails the start (check_mlflow_server)
@@ -61,27 +62,6 @@ def check_mlflow_server(uri: str) -> None:
                           f"answer within {MLFLOW_PROBE_S} s ({why}): start it or correct the URI, or leave mlflow "
                           f"out of train.log_with (MLflow's own retries, MLFLOW_HTTP_REQUEST_MAX_RETRIES and "
                           f"MLFLOW_HTTP_REQUEST_TIMEOUT, would have taken minutes to say so)")
-
-
-def unreachable(url: str, timeout: float) -> str | None:
-    """Why nothing at ``url`` answers one HEAD request within ``timeout`` s; None where something does: any HTTP
-    status, or a TLS error (the library may be told to trust other certificates). Through the proxy that the
-    environment names, as requests and httpx go."""
-    import ssl
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
-            return None
-    except urllib.error.HTTPError:
-        return None
-    except urllib.error.URLError as err:
-        return None if isinstance(err.reason, ssl.SSLError) else str(err.reason)
-    except ssl.SSLError:
-        return None
-    except (OSError, ValueError) as err:  # a timeout, a connection closed without an answer, a malformed URL
-        return str(err) or type(err).__name__
 
 
 def tracker_objects(names: list[str], run_dir: Path) -> list:
