@@ -101,7 +101,8 @@ def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
                           y_only=args.y_only, blind=args.blind, subsampling=args.subsampling,
                           crop_border=args.crop_border, lpips_weights=args.lpips_weights,
                           allow_lossy_reference=args.allow_lossy_reference, max_images=args.max_images,
-                          keep_images=keep_images, progress=not args.quiet)
+                          keep_images=keep_images, progress=not args.quiet,
+                          report_crop=args.crop if keep_images else None)  # (each photo cut to the page's parts)
     except (ModelFileError, EvaluateError, OnnxUnavailable, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
     finally:

@@ -160,7 +160,11 @@ def test_references_from_shards(sample_shards):
     assert all(r.source.startswith("val-") and ".tar:" in r.source for r in refs)
 
 
-def test_report_page_from_the_cli(tmp_path, model_file, photos, capsys):
+def test_report_page_from_the_cli(tmp_path, model_file, photos, capsys, monkeypatch):
+    import dist_dejpeg.evaluation.evaluate as evaluate_module
+
+    asked, real = [], evaluate_module.evaluate
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: asked.append(k) or real(*a, **k))
     page = tmp_path / "report.html"
     code = main(["report", "--model", str(model_file), "--images", str(photos), "--quality", "10",
                  "-o", str(page), "--crop", "64"])
@@ -181,6 +185,7 @@ def test_report_page_from_the_cli(tmp_path, model_file, photos, capsys):
     assert f"<title>dist_dejpeg: {html.escape(str(model_file.parent.resolve()))}" in text
     assert "LPIPS here" in text and "LPIPS in training" in text and "trained by" in text
     assert "on, but the model file holds no validated gains" in text
+    assert asked[0]["report_crop"] == 64  # each photo cut to the page's crops as it is done: memory for one photo
 
 
 def _evaluate_cli(capsys, *args) -> tuple[int, str]:
@@ -277,6 +282,7 @@ def test_lpips_offline_says_nothing_of_a_download_that_did_not_happen(tmp_path, 
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # nothing in the cache
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", download)
+    monkeypatch.setattr("dist_dejpeg.models.weights.no_download_from", lambda url: None)  # (the host answers)
     online = False
     model, reason = load_lpips_metric()
     captured = capsys.readouterr()
@@ -315,6 +321,24 @@ def test_inputs_and_qualities_counted_once(tmp_path, model_file, photos):
     # 128 x 128 is below NIQE's two 96 x 96 blocks: 1 image, 4 values (JPEG and restored at 2 qualities)
     assert result["meta"]["undefined"]["niqe"] | {"reason": ""} == {"reason": "", "count": 4, "images": 1}
     assert "- niqe: left out for 1 of 1 image(s) (4 values: JPEG and restored, at each quality)" in markdown(result)
+
+
+def test_report_records_hold_no_full_size_image(tmp_path, model_file, photos):
+    """The report kept every photo's full-size original, JPEG and restored image at every quality until the page
+    was written (~180 MB per 12 MP photo at two qualities: a folder of camera photos ran out of memory). With
+    report_crop each photo is cut to what the page shows as it is measured; the page is the same byte for byte."""
+    from dist_dejpeg.evaluation.evaluate import evaluate
+    from dist_dejpeg.evaluation.report import render_report
+    from dist_dejpeg.restore.restorer import Restorer
+
+    restorer = Restorer(str(model_file), tile=0)
+    run = dict(keep_images=True, progress=False, only=("psnr", "ssim"))
+    full = evaluate(restorer, [str(photos)], [10, 40], None, **run)["records"]
+    cut = evaluate(restorer, [str(photos)], [10, 40], None, **run, report_crop=64)["records"]
+    assert len(cut) == len(full) == 4
+    assert not any(isinstance(v, np.ndarray) for r in cut for v in r.values())
+    page = dict(title="t", meta={}, crop=64)
+    assert render_report(cut, **page) == render_report(full, **page)
 
 
 @pytest.mark.parametrize("args", [["report", "--crop", "0"], ["report", "--crop", "-3"],

@@ -255,6 +255,20 @@ def test_error_crop_finds_the_worst_window():
     assert error_crop(clean, [jpeg, jpeg2], 64)[:2] == (top, left)
 
 
+def test_records_cut_per_photo_render_the_same_page():
+    """evaluate hands the report each photo cut to its crops and thumbnail (photo_parts) as soon as it is measured,
+    not every photo's full-size images: the page is byte for byte the one rendered from the full records, and
+    records cut for another crop size are refused, not shown at the wrong size."""
+    from dist_dejpeg.evaluation.report import photo_parts
+
+    recs = _records()
+    cut = [r for name in _photos() for r in photo_parts([r for r in recs if r["image"] == name], CROP)]
+    assert not any(isinstance(v, np.ndarray) for r in cut for v in r.values())
+    assert render_report(cut, title="t", meta=META, crop=CROP) == render_report(recs, title="t", meta=META, crop=CROP)
+    with pytest.raises(ValueError, match=f"cut for crop={CROP}, not 64"):
+        render_report(cut, title="t", meta=META, crop=64)
+
+
 # ------------------------------------------------------------------------------------------ Chromium
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

@@ -27,6 +27,7 @@ import numpy as np
 from dist_dejpeg.config.schema import LPIPS_MIN_SIDE as LPIPS_SIDES
 from dist_dejpeg.data.images import jpeg_roundtrip
 from dist_dejpeg.evaluation.references import EvaluateError, read_references, seen_in_training
+from dist_dejpeg.evaluation.report import photo_parts
 from dist_dejpeg.jpeg.formats import SUBSAMPLING
 from dist_dejpeg.metrics.fullref import SSIM_MIN_SIDE, colour_metrics
 from dist_dejpeg.metrics.noref import unavailable_reason
@@ -124,7 +125,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
              crop_border: int = 0, lpips_weights: str = "", allow_lossy_reference: bool = False,
              max_images: int = 0, keep_images: bool = False, restorer_kwargs: dict | None = None,
              progress: bool = True, blind: bool = False, only: tuple[str, ...] | None = None,
-             description: str | None = None, subsampling: str = "4:2:0") -> dict:
+             description: str | None = None, subsampling: str = "4:2:0", report_crop: int | None = None) -> dict:
     """Run the evaluation; write the three tables into ``out_dir`` (if given) and return the metrics.json
     content. ``keep_images``: also return the images as ``records`` (for the HTML report). The restorer is
     told each JPEG's quality (as ``restore`` reads it from the file's tables) unless ``blind`` (then the raw blind
@@ -132,6 +133,10 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     just these of the six metrics (the others are "not requested"); the colour columns are always there.
     ``description``: the progress bar's label, the command the user ran ("report" when ``keep_images``, which
     is what the report asks for, else "evaluate"). ``subsampling``: the JPEGs' chroma subsampling (SUBSAMPLING).
+    ``report_crop``: each photo's records are cut to what the report shows at this crop size (report.photo_parts,
+    for write_report with that crop) as soon as the photo is measured: the full-size images of every photo and
+    quality, kept until the page is written, ran a report of many camera photos out of memory (~180 MB per 12 MP
+    photo at two qualities).
     An image the metrics cannot measure (below SSIM's 11x11 or LPIPS's 31x31 pixels, or nothing left after the border
     crop) is skipped and listed in ``meta["skipped"]`` as an undecodable file is; a repeated quality counts once."""
     from tqdm import tqdm
@@ -196,7 +201,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
             bar.update(len(qualities) - len(these))
             continue
         rows += these
-        records += kept
+        records += photo_parts(kept, report_crop) if kept and report_crop is not None else kept
         metric.tally(undefined)
         measured += 1
     bar.close()

@@ -14,6 +14,9 @@ Records (one per photo and quality)::
      "metrics": {"jpeg":     {"psnr": 27.1, "ssim": 0.81, "lpips": None, ...},   # JPEG vs clean
                  "restored": {"psnr": 27.6, "ssim": 0.83, "lpips": None, ...}}}  # restored vs clean
 
+or as :func:`photo_parts` cuts them (what ``evaluate(report_crop=...)`` hands over, one photo at a time): the three
+images replaced by what the page shows of them at that crop size (``size``, ``box``, ``thumb``, ``crops``, ``crop``).
+
 Summary rows (optional; per-quality means over the photos; derived from the records when ``None``)::
 
     {"quality": 10, "metric": "psnr", "jpeg": 27.1, "restored": 27.6, "n": 2}   # "n" optional
@@ -264,6 +267,25 @@ def _record_table(rec: dict, reasons: dict) -> str:
             + "".join(rows) + "</table>")
 
 
+def photo_parts(recs: list[dict], crop: int) -> list[dict]:
+    """One photo's records (all its qualities), quality ascending, cut down to what the page shows of them: its size,
+    the crop box, the thumbnail and the three crops as PNG data URIs, the numbers. evaluate cuts each photo as it is
+    measured, so a report of many camera photos holds one photo's full-size images at a time, not every photo's."""
+    recs = sorted(recs, key=lambda r: int(r["quality"]))
+    clean = recs[0]["clean"]
+    same = all(r["clean"].shape == clean.shape for r in recs)
+    box = error_crop(clean, [r["jpeg"] for r in recs], crop) if same else None
+    out = []
+    for rec in recs:
+        rbox = box or error_crop(rec["clean"], rec["jpeg"], crop)
+        t, l, ch, cw = rbox
+        thumb = _png_uri(_thumbnail(rec["clean"], rbox)) if rec is recs[0] or box is None else None
+        kept = {k: v for k, v in rec.items() if k not in KINDS}
+        out.append({**kept, "size": clean.shape[:2], "box": rbox, "thumb": thumb, "crop": crop,
+                    "crops": {k: _png_uri(rec[k][t:t + ch, l:l + cw]) for k in KINDS}})
+    return out
+
+
 def render_report(records: list[dict], *, title: str, meta: dict, summary: list[dict] | None = None,
                   crop: int = 192) -> str:
     """The page as a string (see the module docstring for the shapes); :func:`write_report` writes it."""
@@ -278,11 +300,16 @@ def render_report(records: list[dict], *, title: str, meta: dict, summary: list[
     # Group by photo, keeping first-seen order; qualities ascending inside a photo.
     photos: dict[str, list[dict]] = {}
     for i, rec in enumerate(records):
-        arrs = {k: _rgb(rec[k], f"record {i} ({rec.get('image')!r}, q{rec.get('quality')}) {k}") for k in KINDS}
-        if not (arrs["clean"].shape == arrs["jpeg"].shape == arrs["restored"].shape):
-            raise ValueError(f"record {i} ({rec.get('image')!r}): clean/jpeg/restored shapes differ: "
-                             f"{[arrs[k].shape for k in KINDS]}")
-        photos.setdefault(str(rec["image"]), []).append({**rec, **arrs})
+        if "crops" in rec:  # already cut (photo_parts), as evaluate hands them over
+            if rec.get("crop") != crop:
+                raise ValueError(f"record {i} ({rec.get('image')!r}) was cut for crop={rec.get('crop')}, not {crop}")
+        else:
+            arrs = {k: _rgb(rec[k], f"record {i} ({rec.get('image')!r}, q{rec.get('quality')}) {k}") for k in KINDS}
+            if not (arrs["clean"].shape == arrs["jpeg"].shape == arrs["restored"].shape):
+                raise ValueError(f"record {i} ({rec.get('image')!r}): clean/jpeg/restored shapes differ: "
+                                 f"{[arrs[k].shape for k in KINDS]}")
+            rec = {**rec, **arrs}
+        photos.setdefault(str(rec["image"]), []).append(rec)
 
     names = _metric_order({m for r in records for k in ("jpeg", "restored") for m in r["metrics"].get(k, {})}
                           | {str(s["metric"]) for s in summary})
@@ -308,25 +335,21 @@ def render_report(records: list[dict], *, title: str, meta: dict, summary: list[
                  "cut where |JPEG &minus; clean| is largest)</small></div>")
 
     for p, (name, recs) in enumerate(photos.items()):
-        recs.sort(key=lambda r: int(r["quality"]))
-        clean = recs[0]["clean"]
-        same = all(r["clean"].shape == clean.shape for r in recs)
-        box = error_crop(clean, [r["jpeg"] for r in recs], crop) if same else None
+        recs = recs if "crops" in recs[0] else photo_parts(recs, crop)
+        h, w = recs[0]["size"]
         parts.append(f'<section class="photo" id="photo-{p}"><h2>{html.escape(name)} '
-                     f'<small>({clean.shape[1]}&times;{clean.shape[0]})</small></h2>')
+                     f'<small>({w}&times;{h})</small></h2>')
         for rec in recs:
-            rbox = box or error_crop(rec["clean"], rec["jpeg"], crop)
-            if rec is recs[0] or box is None:
-                t, l, ch, cw = rbox
+            t, l, ch, cw = rec["box"]
+            if rec["thumb"]:
                 parts.append(f'<figure class="thumb"><img alt="{html.escape(name)}: whole photo, crop outlined" '
-                             f'src="{_png_uri(_thumbnail(rec["clean"], rbox))}"><figcaption>crop at x={l}, y={t}, '
+                             f'src="{rec["thumb"]}"><figcaption>crop at x={l}, y={t}, '
                              f"{cw}&times;{ch} px</figcaption></figure>")
-            t, l, ch, cw = rbox
             q = int(rec["quality"])
             figs, passed = [], bool(rec.get("passthrough"))
             for k, cap in zip(KINDS, ("clean", f"JPEG q{q}", "restored (= JPEG)" if passed else "restored")):
                 figs.append(f'<figure><img class="crop" style="--w: {cw}" width="{cw}" height="{ch}" '
-                            f'alt="{html.escape(name)} q{q} {k}" src="{_png_uri(rec[k][t:t + ch, l:l + cw])}">'
+                            f'alt="{html.escape(name)} q{q} {k}" src="{rec["crops"][k]}">'
                             f"<figcaption>{cap}</figcaption></figure>")
             note = ' <span class="pass">passed through unchanged (do-no-harm guard)</span>' if passed else ""
             parts.append(f'<div class="rec" data-quality="{q}"><div><h3>quality {q}{note}</h3>'
