@@ -427,6 +427,29 @@ def test_a_tensor_on_the_gpu_is_restored_there():
     assert guarded.last_decision.passthrough and passed.device.type == "cuda" and torch.equal(passed.cpu(), x)
 
 
+
+@pytest.mark.gpu
+def test_a_uint8_tensor_on_the_gpu_needs_no_more_gpu_memory_than_its_array():
+    """A uint8 tensor on the GPU goes through the tiling as uint8 (filled-up batches, CUDA graphs): the pixels of
+    its float copy (/ 255) rounded, within a level, and a peak of GPU memory no higher than restore_array's, which
+    uploads the image and its output as uint8 (whole float copies in and out were 12 bytes a pixel more)."""
+    rgb = np.ascontiguousarray(np.tile(_photo(256, 256), (4, 4, 1)))  # 1024 x 1024
+    x = torch.from_numpy(rgb).permute(2, 0, 1).cuda()
+    restorer = Restorer(_model(), device="cuda", tile=128, overlap=32, precision="fp32", guard=False)
+    for _ in range(2):  # the first call of a shape runs eagerly, the second captures its graph
+        got = restorer.restore_tensor(x, 20)
+    assert got.dtype == torch.uint8 and got.device.type == "cuda" and restorer.graphs
+    floats = restorer.restore_tensor(x.float() / 255, 20).mul(255).round().clamp(0, 255).byte()
+    assert (got.int() - floats.int()).abs().max() <= 1 and (got.int() - x.int()).abs().max() > 10
+    peaks = []
+    for restore in (lambda: restorer.restore_array(rgb, 20), lambda: restorer.restore_tensor(x, 20)):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        restore()
+        peaks.append(torch.cuda.max_memory_allocated() - start)
+    assert peaks[1] <= peaks[0], peaks
+
 # -- quality and doing no harm -------------------------------------------------------------------------------
 GAINS = {10: 0.6, 20: 0.3, 40: 0.1, 60: -0.2}
 
@@ -526,8 +549,8 @@ def test_restore_command_reads_each_jpeg_quality_and_passes_through(tmp_path, gu
     (src / "q15.jpg").write_bytes(_jpeg_bytes(rgb, 15))
     (src / "q75.jpg").write_bytes(_jpeg_bytes(rgb, 75, subsampling=0))
     Image.fromarray(rgb).save(src / "clean.png")
-    assert main(["restore", str(src), "-o", str(tmp_path / "out"), "--model", str(guarded_file), "--quiet",
-                 "--verbose", "--device", "cpu"]) == 0
+    assert main(["restore", str(src), "-o", str(tmp_path / "out"), "--model", str(guarded_file),
+                 "--verbose", "--device", "cpu"]) == 0  # (--quiet would win over --verbose)
     out, err = capsys.readouterr()
     assert "validated gains" not in err  # (a file that holds them: no warning)
     assert "restored: " in out and "q15 (file tables)" in out
@@ -537,7 +560,7 @@ def test_restore_command_reads_each_jpeg_quality_and_passes_through(tmp_path, gu
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "q75.png")), q75)  # unchanged pixels
     # --input-quality overrides the tables: q15 given for all, nothing passes through
     assert main(["restore", str(src / "q75.jpg"), "-o", str(tmp_path / "out2"), "--model", str(guarded_file),
-                 "--quiet", "--verbose", "--input-quality", "15", "--device", "cpu"]) == 0
+                 "--verbose", "--input-quality", "15", "--device", "cpu"]) == 0
     assert "restored: " in capsys.readouterr().out
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "out2" / "q75.png")), q75)
 

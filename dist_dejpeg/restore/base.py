@@ -39,10 +39,11 @@ def check_tiling(tile: int, overlap: int, batch_size: int = 1) -> None:
 
 
 def tensor_batch(image) -> tuple[Any, bool, Callable[[Any], Any]]:
-    """restore_tensor's input checked and made N x 3 x H x W float32 in 0..1, on its own device: (batch,
-    squeeze, back); ``back`` turns a restored float32 batch into the input's dtype (uint8: 0..255, rounded).
-    A ValueError for another dtype or shape, a NaN or an infinity, or float pixels far outside 0..1 (0..255
-    given as floats): one read of the device for a float tensor."""
+    """restore_tensor's input checked and made N x 3 x H x W, on its own device: (batch, squeeze, back). uint8
+    stays uint8 (tiling converts each window as it cuts it; a whole float copy of a 12 MP batch was 144 MB
+    a copy, twice), anything else is made float32 in 0..1 and ``back`` turns the restored float32 batch into
+    its dtype. A ValueError for another dtype or shape, a NaN or an infinity, or float pixels far outside 0..1
+    (0..255 given as floats): one read of the device for a float tensor."""
     import torch  # the caller's own: it holds a tensor
 
     if not isinstance(image, torch.Tensor):
@@ -52,7 +53,7 @@ def tensor_batch(image) -> tuple[Any, bool, Callable[[Any], Any]]:
     if x.dim() != 4 or x.shape[1] != 3 or not (x.shape[2] and x.shape[3]):
         raise ValueError(f"expected 3 x H x W or N x 3 x H x W (not empty), got {tuple(image.shape)}")
     if image.dtype == torch.uint8:
-        return x.float().div_(255), image.dim() == 3, lambda out: out.mul(255).round_().clamp_(0, 255).byte()
+        return x, image.dim() == 3, lambda out: out
     if not image.dtype.is_floating_point:
         raise ValueError(f"expected uint8 (0..255) or float (0..1) pixels, got {image.dtype}")
     x = x.float()
@@ -197,17 +198,22 @@ class ImageRestorer:
         """3 x H x W (or N x 3 x H x W) torch tensor, float 0..1 or uint8 0..255 -> the same shape and dtype,
         restored, on the input's device (``tensor_batch`` checks it). ``quality``: the images' JPEG quality
         (None: unknown); passed through unchanged where ``decide`` says so. A restored image with a NaN or an
-        infinity (a broken model) is never returned: that image is passed through, and ``last_decision`` says so."""
+        infinity (a broken model) is never returned: that image is passed through, and ``last_decision`` says so.
+        A uint8 batch goes through as restore_array's image does: no whole float copy of it, in or out."""
         x, squeeze, back = tensor_batch(image)
         decision = self.last_decision = self.decide(quality, source)
         if decision.passthrough:
             return image.detach().clone()
         images, originals, out, finish = self.tensor_io(x)
+        rounded = str(out.dtype).endswith("uint8")  # a uint8 batch: each finished band rounded straight into it
         broken = 0
         with self.lock:
             for i, im in enumerate(images):
                 def write(y0, y1, rows, dst=out[i]):
-                    dst[:, y0:y1] = rows
+                    if rounded:
+                        self.to_uint8(rows, dst[:, y0:y1])
+                    else:
+                        dst[:, y0:y1] = rows
 
                 if not self.restore_tiled(im, decision.quality, write):
                     out[i][...] = originals[i]  # (on out's device: the input's, not the restorer's)
