@@ -133,7 +133,7 @@ def test_lossy_references_refused_unless_allowed(tmp_path):
     with pytest.raises(EvaluateError, match="lossy reference"):
         read_references([str(tmp_path)])
     refs, _ = read_references([str(tmp_path)], allow_lossy=True)
-    assert len(refs) == 1 and refs[0][1].shape == (64, 64, 3)
+    assert len(refs) == 1 and refs[0].read().shape == (64, 64, 3)
 
 
 def test_a_png_saved_from_a_jpeg_is_a_lossy_reference(tmp_path):
@@ -154,10 +154,51 @@ def test_a_png_saved_from_a_jpeg_is_a_lossy_reference(tmp_path):
 
 
 def test_references_from_shards(sample_shards):
+    """A shard's tiles are read as files are: checked up front, each decoded from its tar member when measured."""
+    import tarfile
+
+    from dist_dejpeg.data.images import decode_component
+
     refs, skipped = read_references([str(sample_shards / "val-*.tar")], max_images=3)
     assert len(refs) == 3 and not skipped
-    assert all(r.rgb.shape == (96, 96, 3) and r.rgb.dtype == np.uint8 for r in refs)
+    assert not any(isinstance(v, np.ndarray) for r in refs for v in r)
+    assert all(r.read().shape == (96, 96, 3) and r.read().dtype == np.uint8 for r in refs)
     assert all(r.source.startswith("val-") and ".tar:" in r.source for r in refs)
+    shard, key = refs[2].source.split(":")
+    with tarfile.open(sample_shards / shard) as tar:
+        member = next(m for m in tar if m.name.partition(".")[0] == key)
+        tile = decode_component(member.name.partition(".")[2], tar.extractfile(member).read())
+    assert np.array_equal(refs[2].read(), tile)
+
+
+def test_photos_are_decoded_one_at_a_time_as_they_are_measured(tmp_path, model_file, photos, monkeypatch):
+    """Every reference photo was decoded up front and kept until all were measured (36 MB per 12 MP photo: ~1.8 GB
+    for 50 camera photos). Each is decoded to be checked, then again when it is measured: one in memory at a time,
+    with the same numbers. A photo gone in between is skipped with the reason, not a traceback losing the rest."""
+    import shutil
+
+    import dist_dejpeg.evaluation.evaluate as evaluate_module
+    import dist_dejpeg.evaluation.references as references
+    from dist_dejpeg.restore.restorer import Restorer
+
+    events, decode, roundtrip = [], references.decode_rgb8, evaluate_module.jpeg_roundtrip
+    monkeypatch.setattr(references, "decode_rgb8", lambda data: events.append("decode") or decode(data))
+    monkeypatch.setattr(evaluate_module, "jpeg_roundtrip", lambda *a: events.append("jpeg") or roundtrip(*a))
+    restorer, run = Restorer(str(model_file), tile=0), dict(progress=False, only=("psnr",))
+    result = evaluate_module.evaluate(restorer, [str(photos)], [20], None, **run)
+    assert events == ["decode", "decode"] + ["decode", "jpeg"] * 2  # checked, then each decoded as measured
+    assert result["meta"]["images"] == 2 and not result["meta"]["skipped"]
+    chelsea = np.asarray(Image.open(photos / "chelsea.png"))
+    row = next(r for r in result["per_image"] if r["image"] == "chelsea")
+    assert row["jpeg"]["psnr"] == evaluate_module.MetricSet(only=("psnr",))(roundtrip(chelsea, 20), chelsea, {})["psnr"]
+
+    shutil.copytree(photos, tmp_path / "in")
+    listed = evaluate_module.read_references
+    gone = lambda *a: (listed(*a), (tmp_path / "in" / "chelsea.png").unlink())[0]  # noqa: E731
+    monkeypatch.setattr(evaluate_module, "read_references", gone)
+    result = evaluate_module.evaluate(restorer, [str(tmp_path / "in")], [20], None, **run)
+    assert result["meta"]["images"] == 1 and [r["image"] for r in result["per_image"]] == ["coffee"]
+    assert result["meta"]["skipped"][0].startswith(f"{tmp_path / 'in' / 'chelsea.png'}: [Errno 2] No such file")
 
 
 def test_report_page_from_the_cli(tmp_path, model_file, photos, capsys, monkeypatch):
@@ -457,7 +498,8 @@ def test_a_grayscale_photo_is_measured_as_restore_writes_it(tmp_path, model_file
 def test_a_flat_image_identical_after_jpeg_leaves_both_means(tmp_path, model_file, photos):
     """A flat grey image survives JPEG exactly (PSNR inf): its JPEG value left the JPEG mean but its restored value
     stayed in the restored mean, so "restored - JPEG" mixed two image sets. Now both leave, the gain is the other
-    photo's own gain, and the tables say why."""
+    photo's own gain, and the tables say why. metrics.json is strict JSON: its PSNR is null there, where it was
+    written as Infinity, which jq and JavaScript's JSON.parse refuse."""
     import shutil
 
     from skimage.metrics import peak_signal_noise_ratio
@@ -478,6 +520,16 @@ def test_a_flat_image_identical_after_jpeg_leaves_both_means(tmp_path, model_fil
     assert "infinite" in result["meta"]["undefined"]["psnr"]["reason"]
     md = (tmp_path / "out" / "metrics.md").read_text()
     assert "- psnr: left out for 1 of 2 image(s)" in md and "the mean of per-image PSNRs" in md
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=refuse)
+    on_disk = next(r for r in written["per_image"] if r["image"] == "blank")
+    assert on_disk["jpeg"]["psnr"] is None and on_disk["restored"]["psnr"] == blank["restored"]["psnr"]
+    assert "infinite" in written["meta"]["undefined"]["psnr"]["reason"]
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "metrics.csv").read_text())))
+    assert float(next(r for r in rows if r["image"] == "blank" and r["input"] == "jpeg")["psnr"]) == float("inf")
 
 
 def test_evaluate_of_only_flat_images_prints_na_instead_of_a_traceback(tmp_path, model_file, capsys):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_dejpeg.config.schema import LPIPS_MIN_SIDE as LPIPS_SIDES
-from dist_dejpeg.data.images import jpeg_roundtrip
+from dist_dejpeg.data.images import BadImage, jpeg_roundtrip
 from dist_dejpeg.evaluation.references import EvaluateError, read_references, seen_in_training
 from dist_dejpeg.evaluation.report import photo_parts
 from dist_dejpeg.jpeg.formats import SUBSAMPLING
@@ -160,8 +160,14 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     restore_seconds, megapixels = 0.0, 0.0
     desc = description or ("report" if keep_images else "evaluate")
     bar = tqdm(total=len(refs) * len(qualities), desc=desc, unit="image", disable=not progress)
-    for name, clean, source in refs:
-        these, kept, undefined = [], [], {}
+    for ref in refs:
+        name, source, these, kept, undefined = ref.name, ref.source, [], [], {}
+        try:
+            clean = ref.read()  # now, one photo at a time: all of them held at once ran out of memory
+        except (BadImage, OSError) as err:  # changed or gone since read_references checked it
+            skipped.append(f"{source}: {err}")
+            bar.update(len(qualities))
+            continue
         # a grayscale photo is saved as a one-channel JPEG and restore writes it back grayscale (the mean of the
         # restored channels): it is measured so, not as the colour image the model returns
         gray = bool((clean[..., 0] == clean[..., 1]).all() and (clean[..., 1] == clean[..., 2]).all())
@@ -313,8 +319,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _strict_json(value):
+    """``value`` with its infinite and NaN numbers as None: json.dumps writes them as Infinity and NaN, which jq and
+    JSON.parse refuse (meta["undefined"] says why a value is left out)."""
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return None
+    return value
+
+
 def write_tables(result: dict, out_dir: str | Path) -> None:
-    """metrics.json, metrics.csv and metrics.md, each written atomically (run.files.atomic_write_bytes)."""
+    """metrics.json (strict JSON: an infinite value is null), metrics.csv ("inf", which Python and pandas read)
+    and metrics.md, each written atomically (run.files.atomic_write_bytes)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -324,8 +343,8 @@ def write_tables(result: dict, out_dir: str | Path) -> None:
         for kind in ("jpeg", "restored"):
             writer.writerow([r["image"], r["quality"], kind, *("" if r[kind].get(m) is None else r[kind][m]
                                                                for m in EVALUATED)])
-    files = {"metrics.json": json.dumps({k: v for k, v in result.items() if k != "records"}, indent=2,
-                                        default=float),
+    tables = _strict_json({k: v for k, v in result.items() if k != "records"})
+    files = {"metrics.json": json.dumps(tables, indent=2, default=float, allow_nan=False),
              "metrics.csv": buf.getvalue(), "metrics.md": markdown(result)}
     for name, text in files.items():
         atomic_write_bytes(out / name, text.encode())
