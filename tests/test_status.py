@@ -448,3 +448,76 @@ def test_a_phase_of_zero_steps_shows_its_zero():
          "position": {"phase": "gan", "phase_index": 2, "phase_step": 0, "phase_steps": 0, "global_step": 60,
                       "total_steps": 60, "source": "progress.json"}}
     assert "phase gan (3/?) step 0/0, global step 60/60 (from progress.json)" in format_status(s)
+
+
+@pytest.mark.skipif(not LINUX, reason="the lock check reads /proc/locks")
+def test_after_the_last_phase_status_says_what_the_run_is_doing(tmp_path, monkeypatch):
+    """After its last phase a run validates (minutes on a big validation set, no file written meanwhile), then
+    writes metrics.json and the generator file: status said "all phases done" and RUNNING all along, as for a
+    hung run, with an ETA of 0s."""
+    run = fake_run(tmp_path, [])  # its end saved as the checkpoint after the last phase
+    (run / "checkpoints" / "step-00000030" / "trainer_state.json").write_text(json.dumps({
+        "phase_index": 3, "phase_step": 0, "global_step": 80, "phase_names": ["gen", "critic", "gan"]}))
+    here, now = os.uname().nodename, time.time()
+    (run / "metrics.json").write_text("{}")  # an earlier session's end (a finished run started again)
+    os.utime(run / "metrics.json", (now - 3600, now - 3600))
+    progress = {"time": now, "status": "running", "phase": "gan", "phase_index": 2, "phases": ["gen", "critic", "gan"],
+                "phase_step": 40, "phase_steps": 40, "global_step": 80, "total_steps": 80, "eta_phase_s": 0.0,
+                "eta_run_s": 0.0, "host": here, "pid": os.getpid()}
+    (run / "progress.json").write_text(json.dumps(progress))
+    fd = os.open(write_lock(run, here, os.getpid()), os.O_RDONLY)  # this session's lock, held
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    seen = []
+    try:
+        forbid_locking(monkeypatch)
+        for write in (None, "metrics.json", "generator.safetensors"):  # in the order train/final.py writes them
+            if write:
+                (run / write).write_text("{}")
+            s = st.run_status(run)
+            assert s["state"] == "running" and s["eta"] is None, (s["why"], s["eta"])
+            seen.append([ln for ln in format_status(s).splitlines() if ln.startswith("position")][0])
+    finally:
+        os.close(fd)
+    assert seen == [f"position   all phases done, {stage}, global step 80/80 (from checkpoint step-00000030)"
+                    for stage in ("final validation running", "final validation done, writing generator.safetensors",
+                                  "metrics.json and generator.safetensors written, closing")]
+    (run / "progress.json").write_text(json.dumps(dict(progress, status="finished")))
+    s = st.run_status(run)  # the lock released
+    assert s["state"] == "finished" and s["position"]["stage"] == "finished"
+    assert "position   all phases done, finished, global step 80/80" in format_status(s)
+    (run / "generator.safetensors").unlink()
+    (run / "progress.json").write_text(json.dumps(progress))  # killed while writing the generator file
+    s = st.run_status(run)
+    assert s["state"] == "crashed or killed" and s["position"]["stage"] == "the final validation did not complete"
+
+
+@pytest.mark.skipif(not LINUX, reason="the lock check reads /proc/locks")
+def test_a_real_runs_final_validation_and_files_are_told_apart(tmp_path, shards, monkeypatch):
+    """The same, from what the trainer writes: status taken inside the final validation and before the generator
+    file is saved."""
+    from dist_dejpeg.train import final
+    from dist_dejpeg.train.trainer import Trainer
+
+    run, seen = tmp_path / "run", {}
+    validation, save = Trainer.run_validation, final.save_generator
+
+    def watched_validation(self, tag):
+        seen.setdefault(tag, st.run_status(run))
+        return validation(self, tag)
+
+    def watched_save(*args, **kwargs):
+        seen["save"] = st.run_status(run)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "run_validation", watched_validation)
+    monkeypatch.setattr(final, "save_generator", watched_save)
+    train(tiny(run, shards, "train.order=[gen]", "train.phases.gen.steps=2", "data.val_max_images=1",
+               "data.val_qualities=[10]"))
+    assert list(seen) == ["final", "save"]
+    for key, stage in (("final", "final validation running"),
+                       ("save", "final validation done, writing generator.safetensors")):
+        s = seen[key]
+        assert (s["state"], s["position"]["stage"], s["position"]["global_step"]) == ("running", stage, 2), s["why"]
+        assert f"all phases done, {stage}, global step 2/2" in format_status(s) and s["eta"] is None
+    s = st.run_status(run)
+    assert (s["state"], s["position"]["stage"]) == ("finished", "finished")

@@ -15,51 +15,25 @@ when the file names this host as the holder, whether that pid is alive. A holder
 seen from here on most shared filesystems (``/proc/locks`` lists this node's locks only); the lock is then
 "unknown" and the verdict falls back on how recently ``progress.json`` was updated.
 
-Verdict (``state``), first match wins:
-    running            the lock is held (or, held on another host and unverifiable, progress.json is fresh); where
-                       the lock names another process than progress.json, starting again (building, loading its
-                       checkpoint): the position is then the checkpoint's
-    finished           progress.json says finished, or metrics.json and generator.safetensors are there
-    stopped            progress.json says a non-finite loss stopped it (a checkpoint was kept; --resume)
-    preempted          progress.json says preempted (SIGUSR1/SIGTERM; the same command continues it)
-    crashed or killed  started (progress "running", checkpoints or config.yaml) but the lock is not held; where
-                       rank 0 crashed on a lost peer (gloo, NCCL), another process probably died first: said so
-    not started        no config.yaml, no checkpoint, no progress
+The verdict (``state``: running, finished, stopped, preempted, crashed or killed, not started) and what a run
+whose phases are all done is doing (``position.stage``) are decided in run/verdict.py.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import socket
 import time
 from pathlib import Path
 
 from dist_dejpeg.run.folder import RunFolder, read_folder, read_yaml
-from dist_dejpeg.run.layout import (CHECKPOINTS, CONFIG, GENERATOR, LOADER_STATE, LOCK, METRICS, PROGRESS, TENSORBOARD,
-                                    TENSORBOARD_EVENTS, TRAINER_STATE)
+from dist_dejpeg.run.layout import CHECKPOINTS, CONFIG, GENERATOR, LOADER_STATE, LOCK, METRICS, PROGRESS, TRAINER_STATE
 from dist_dejpeg.run.text import duration
-
-STALE_S = 900.0  # progress older than this while the lock cannot be checked: judged not running
-# what rank 0 (the one that writes progress.json) reports when another process of the run died or dropped out first:
-# gloo's and NCCL's lost-peer errors, the symptom and not the cause
-LOST_PEER = re.compile(r"(Connection (reset|closed) by peer|Broken pipe|remote process exited|communicator was "
-                       r"aborted|DistNetworkError|DistBackendError)", re.IGNORECASE)
-STATES = ("running", "finished", "stopped", "preempted", "crashed or killed", "not started")
+from dist_dejpeg.run.verdict import STALE_S, final_stage, finite, judge, mtime, newer_start, progress_age
+from dist_dejpeg.run.verdict import verdict  # noqa: F401 (status's API before verdict.py: tests call st.verdict)
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None
-
-
-def _finite(value):
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
-
-
 def _clean(obj):
     """JSON-safe: non-finite floats become None."""
     if isinstance(obj, float):
@@ -70,99 +44,6 @@ def _clean(obj):
         return [_clean(v) for v in obj]
     return obj
 
-
-# -- the verdict --------------------------------------------------------------------------------------------
-def verdict(*, has_config: bool, progress: dict | None, progress_age_s: float | None, lock_held: bool | None,
-            finished_files: bool, has_checkpoints: bool, stale_s: float = STALE_S) -> tuple[str, str]:
-    """(state, why) from what the folder holds; a pure function (the rules are in the module docstring).
-    ``progress_age_s``: seconds since progress.json was written (without one: since the run last wrote a
-    checkpoint or TensorBoard events), used only when the lock cannot be checked."""
-    pstatus = (progress or {}).get("status")
-    reason = str((progress or {}).get("reason") or "?").split(";")[0][:160]
-    if lock_held is True:
-        return "running", "the run's lock is held"
-    if pstatus == "finished":
-        return "finished", f"{PROGRESS} says finished"
-    if finished_files and pstatus in (None, "running"):
-        return "finished", f"{METRICS} and {GENERATOR} are written"
-    if pstatus == "stopped":
-        return "stopped", f"a non-finite loss stopped it ({reason}); a checkpoint is kept, --resume continues"
-    if pstatus == "preempted":
-        return "preempted", f"{reason}; the same command continues it from the checkpoint"
-    if pstatus == "crashed" and LOST_PEER.search(str(progress.get("reason"))):
-        return "crashed or killed", (f"another process of the run probably died first (the cause is then in its own "
-                                     f"output: the launcher's, or logs/train-*.log under SLURM); rank 0 then lost "
-                                     f"it: {reason}")
-    if pstatus == "crashed":
-        return "crashed or killed", f"it stopped on an error: {reason}"
-    if lock_held is None and (pstatus == "running" or (progress is None and (has_config or has_checkpoints))):
-        what = PROGRESS if progress is not None else "the run folder"
-        if progress_age_s is not None and progress_age_s < stale_s:
-            return "running", (f"the lock cannot be checked from this host; {what} was updated "
-                                f"{duration(progress_age_s)} ago")
-        if progress_age_s is not None:
-            return "crashed or killed", (f"the lock cannot be checked from this host and {what} has not "
-                                         f"changed for {duration(progress_age_s)}")
-        return "crashed or killed", "the lock cannot be checked from this host and nothing tells its age (guess)"
-    if pstatus == "running" or has_checkpoints or has_config:
-        return "crashed or killed", "the run started but its lock is not held (the process is gone)"
-    return "not started", f"no {CONFIG}, checkpoint or {PROGRESS}"
-
-
-def _progress_age(run: RunFolder, now: float) -> float | None:
-    ptime = _finite((run.progress or {}).get("time"))
-    return max(0.0, now - ptime) if ptime is not None else None
-
-
-def _activity_age(run: RunFolder, now: float) -> float | None:
-    """Seconds since the run last wrote: progress.json; for an older run without one, the newest of its
-    checkpoint, TensorBoard events and config.yaml."""
-    if run.progress is not None:
-        return _progress_age(run, now)
-    newest = [run.newest / TRAINER_STATE] if run.newest else []
-    times = [_mtime(p) for p in [*(run.path / TENSORBOARD).glob(TENSORBOARD_EVENTS), run.path / CONFIG, *newest]]
-    times = [t for t in times if t is not None]
-    return max(0.0, now - max(times)) if times else None
-
-
-def _finished_files(run: RunFolder) -> bool:
-    """metrics.json and the generator are written, by this session of the run (not an earlier one's)."""
-    if run.metrics is None or not (run.path / GENERATOR).is_file():
-        return False
-    ptime = _finite((run.progress or {}).get("time"))
-    if ptime is not None and run.progress.get("status") == "running":
-        # progress.json written after the end: the finished run was started again (e.g. with more steps)
-        return ptime <= (_mtime(run.path / METRICS) or 0.0) + 1.0
-    return True
-
-
-def _newer_start(run: RunFolder) -> bool:
-    """Whether the run was started again after progress.json was written: the lock names another process than
-    progress.json does (a new session building its models or loading its checkpoint, which writes progress.json
-    at its first phase line; or one that ended before that: stopped, or failed while starting)."""
-    lock, progress = run.lock, run.progress or {}
-    return isinstance(lock.get("pid"), int) and isinstance(progress.get("pid"), int) and (
-        (lock["pid"], lock.get("host")) != (progress["pid"], progress.get("host")))
-
-
-def _judge(run: RunFolder, now: float) -> tuple[str, str]:
-    newer = _newer_start(run)
-    # progress.json of an earlier session says nothing about a newer one the lock cannot tell about (another host):
-    # judged as a folder without one, by when the newer one took the lock
-    unknown = newer and run.lock["held"] is None
-    lock_age = max(0.0, now - (_mtime(run.path / LOCK) or 0.0))
-    state, why = verdict(has_config=(run.path / CONFIG).is_file(), progress=None if unknown else run.progress,
-                         progress_age_s=lock_age if unknown else _activity_age(run, now), lock_held=run.lock["held"],
-                         finished_files=_finished_files(run), has_checkpoints=bool(run.checkpoints))
-    if state == "not started" and isinstance(run.lock.get("pid"), int):  # (the lock is the first thing a start makes)
-        why += (f"; a start (pid {run.lock['pid']}, since {run.lock.get('since') or '?'}) ended before writing "
-                f"{CONFIG}: it failed or was stopped while starting (see its output)")
-    if state == "crashed or killed" and not run.progress and run.trainer_state:
-        why += f"; without {PROGRESS} a preemption or a non-finite-loss stop looks the same"
-    if newer and state == "running":
-        why += (f"; starting again (pid {run.lock['pid']}, since {run.lock.get('since') or '?'}): building, loading "
-                f"its checkpoint; {PROGRESS} is the earlier session's until the first phase begins")
-    return state, why
 
 
 # -- position -----------------------------------------------------------------------------------------------
@@ -176,14 +57,17 @@ def _processes(run: RunFolder) -> int | None:
 
 
 def _position(run: RunFolder, state: str) -> dict | None:
-    """Where the run is: phase, steps, the phases done and those the stop rule ended early."""
-    position, phases = _read_position(run, earlier=_newer_start(run))
+    """Where the run is: phase, steps, the phases done and those the stop rule ended early; once every phase is
+    done, its ``stage`` (the final validation, writing its files, finished: verdict.final_stage), else None."""
+    position, phases = _read_position(run, earlier=newer_start(run))
     if position is None:
         return None
     index = position["phase_index"] if isinstance(position["phase_index"], int) else 0
     if state == "finished":
         index = len(phases)
         position.update(phase=None, phase_index=index)
+    all_done = state == "finished" or (bool(phases) and index >= len(phases))
+    position["stage"] = final_stage(run, state) if all_done else None
     position["phases_done"] = phases[:index]
     stopped_early = (run.trainer_state or {}).get("stopped_early") or run.meta.stopped_early
     position["stopped_early"] = stopped_early if isinstance(stopped_early, dict) else {}
@@ -226,7 +110,7 @@ def _checkpoint(run: RunFolder, now: float) -> dict | None:
     """The newest complete checkpoint, its age, and the ones kept."""
     if run.newest is None:
         return None
-    written = _mtime(run.newest / TRAINER_STATE)
+    written = mtime(run.newest / TRAINER_STATE)
     return {"name": run.newest.name, "path": str(run.newest),
             "global_step": (run.trainer_state or {}).get("global_step"), "time": written,
             "age_s": max(0.0, now - written) if written else None, "kept": [p.name for p in run.checkpoints]}
@@ -238,10 +122,10 @@ def _speed(run: RunFolder, state: str) -> dict:
     a finished one whose progress.json has none (a finished run started again validates without training)."""
     keys, last = ("images_per_s", "data_wait_frac", "lr"), run.meta.last_train_log
     window, prefix, source = run.progress or {}, "", PROGRESS if run.progress else None
-    if last and (run.progress is None or (state == "finished" and all(_finite(window.get(k)) is None for k in keys))):
+    if last and (run.progress is None or (state == "finished" and all(finite(window.get(k)) is None for k in keys))):
         window, prefix, source = last[list(last)[-1]], "train/", f"{METRICS} (last window)"
     window = window if isinstance(window, dict) else {}
-    return {**{k: _finite(window.get(prefix + k)) for k in keys}, "source": source}
+    return {**{k: finite(window.get(prefix + k)) for k in keys}, "source": source}
 
 
 def _no_progress(run: RunFolder, state: str) -> str | None:
@@ -262,8 +146,8 @@ def _eta(run: RunFolder, config: dict | None, position: dict | None, speed: dict
     progress = run.progress
     if not progress:
         return None
-    run_s, phase_s = _finite(progress.get("eta_run_s")), _finite(progress.get("eta_phase_s"))
-    age = _progress_age(run, now) or 0.0
+    run_s, phase_s = finite(progress.get("eta_run_s")), finite(progress.get("eta_phase_s"))
+    age = progress_age(run, now) or 0.0
     if run_s is None and speed["images_per_s"] and config and processes and position:
         per_step = (config["batch_size"] or 0) * (config["grad_accum"] or 1) * processes
         left = (position.get("total_steps") or 0) - (position.get("global_step") or 0)
@@ -286,7 +170,7 @@ def _best(run: RunFolder, lpips: dict) -> dict | None:
     def label(metric: str) -> str:
         return "lpips (random backbone)" if metric == "lpips" and lpips["pretrained"] is False else metric
 
-    if isinstance(pbest, dict) and _finite(pbest.get("value")) is not None:
+    if isinstance(pbest, dict) and finite(pbest.get("value")) is not None:
         return {"metric": label(str(pbest.get("metric") or "lpips")), "value": pbest["value"],
                 "step": pbest.get("step"), "phase": pbest.get("phase"), "source": f"{PROGRESS} (phase step)"}
     if tstate is None:
@@ -295,8 +179,8 @@ def _best(run: RunFolder, lpips: dict) -> dict | None:
     metric = label(str(stop.get("metric") or "lpips"))
     kinds = {p["name"]: p["kind"] for p in (run.config or {}).get("phases") or []}
     history = [h for h in tstate.get("history") or [] if isinstance(h, list) and len(h) == 3
-               and _finite(h[2]) is not None and kinds.get(h[0], h[0]) == "gan"]
-    if _finite(stop.get("best")) is not None:
+               and finite(h[2]) is not None and kinds.get(h[0], h[0]) == "gan"]
+    if finite(stop.get("best")) is not None:
         named = [h[0] for h in history if h[1] == stop.get("best_step")  # (the history holds LPIPS)
                  and (h[2] == stop["best"] or not metric.startswith("lpips"))]
         return {"metric": metric, "value": stop["best"], "step": stop.get("best_step"),
@@ -351,7 +235,7 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
     warnings = [f"{PROGRESS} is unreadable"] if run.progress_unreadable else []
     if run.config is None and (run_dir / CONFIG).is_file():
         warnings.append(f"{CONFIG} is unreadable (not YAML, or cut short): the config lines are missing")
-    state, why = _judge(run, now)
+    state, why = judge(run, now)
     processes, config = _processes(run), run.config
     if config is not None:
         config["processes"] = processes
@@ -360,11 +244,13 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
         note = "half-written checkpoint folder(s) " + ", ".join(run.partial)
         warnings.append(note + (" (being written now, or left by a killed run)" if state == "running" else
                                 " left by a killed run; the next start removes them"))
-    speed, newer = _speed(run, state), _newer_start(run)
-    eta = _eta(run, config, position, speed, processes, now) if state == "running" and not newer else None
-    progress_age = _progress_age(run, now)
-    if state == "running" and not newer and progress_age is not None and progress_age > STALE_S:
-        warnings.append(f"the lock is held but {PROGRESS} has not changed for {duration(progress_age)} "
+    speed, newer = _speed(run, state), newer_start(run)
+    # (none after the last phase: progress.json's would say "0s" while the final validation takes minutes)
+    training = state == "running" and not newer and not (position or {}).get("stage")
+    eta = _eta(run, config, position, speed, processes, now) if training else None
+    age = progress_age(run, now)
+    if state == "running" and not newer and age is not None and age > STALE_S:
+        warnings.append(f"the lock is held but {PROGRESS} has not changed for {duration(age)} "
                         f"(hung? a long validation?)")
     configured = (config or {}).get("run_dir")
     if configured and _elsewhere(run_dir, str(configured)):
@@ -383,7 +269,7 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
     progress_out = None
     if run.progress is not None:
         keys = ("status", "reason", "time", "losses", "host", "pid", "slurm_job")
-        progress_out = {**{k: run.progress.get(k) for k in keys}, "age_s": progress_age}
+        progress_out = {**{k: run.progress.get(k) for k in keys}, "age_s": age}
     has_generator = (run_dir / GENERATOR).is_file()
     return _clean({
         "run_dir": str(run_dir),

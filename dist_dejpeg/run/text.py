@@ -39,7 +39,7 @@ def format_status(status: dict) -> str:
         count = len(cfg.get("phases") or []) or "?"
         where = (f"phase {pos['phase']} ({(pos.get('phase_index') or 0) + 1}/{count}) "
                  f"step {pos.get('phase_step')}/{number(pos.get('phase_steps'), '')}, "
-                 if pos.get("phase") else "all phases done, ")
+                 if pos.get("phase") else f"all phases done, {pos['stage'] + ', ' if pos.get('stage') else ''}")
         lines.append(f"position   {where}global step {pos.get('global_step')}/{number(pos.get('total_steps'), '')} "
                      f"(from {pos.get('source')})")
     prog, sp = s.get("progress"), s.get("speed") or {}

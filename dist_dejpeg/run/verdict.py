@@ -1,0 +1,156 @@
+"""Whether a run is running, finished, stopped, preempted, crashed or not started (its ``state``), and what one
+whose phases are all done is doing: read from its folder alone (run/folder.py), for ``dist-dejpeg status``
+(run/status.py). Pure reading; torch-free.
+
+Verdict (``state``), first match wins:
+    running            the lock is held (or, held on another host and unverifiable, progress.json is fresh); where
+                       the lock names another process than progress.json, starting again (building, loading its
+                       checkpoint): the position is then the checkpoint's
+    finished           progress.json says finished, or metrics.json and generator.safetensors are there
+    stopped            progress.json says a non-finite loss stopped it (a checkpoint was kept; --resume)
+    preempted          progress.json says preempted (SIGUSR1/SIGTERM; the same command continues it)
+    crashed or killed  started (progress "running", checkpoints or config.yaml) but the lock is not held; where
+                       rank 0 crashed on a lost peer (gloo, NCCL), another process probably died first: said so
+    not started        no config.yaml, no checkpoint, no progress
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from dist_dejpeg.run.folder import RunFolder
+from dist_dejpeg.run.layout import CONFIG, GENERATOR, LOCK, METRICS, PROGRESS, TENSORBOARD, TENSORBOARD_EVENTS, TRAINER_STATE
+from dist_dejpeg.run.text import duration
+
+STALE_S = 900.0  # progress older than this while the lock cannot be checked: judged not running
+# what rank 0 (the one that writes progress.json) reports when another process of the run died or dropped out first:
+# gloo's and NCCL's lost-peer errors, the symptom and not the cause
+LOST_PEER = re.compile(r"(Connection (reset|closed) by peer|Broken pipe|remote process exited|communicator was "
+                       r"aborted|DistNetworkError|DistBackendError)", re.IGNORECASE)
+STATES = ("running", "finished", "stopped", "preempted", "crashed or killed", "not started")
+
+
+def mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def finite(value):
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+# -- the verdict --------------------------------------------------------------------------------------------
+def verdict(*, has_config: bool, progress: dict | None, progress_age_s: float | None, lock_held: bool | None,
+            finished_files: bool, has_checkpoints: bool, stale_s: float = STALE_S) -> tuple[str, str]:
+    """(state, why) from what the folder holds; a pure function (the rules are in the module docstring).
+    ``progress_age_s``: seconds since progress.json was written (without one: since the run last wrote a
+    checkpoint or TensorBoard events), used only when the lock cannot be checked."""
+    pstatus = (progress or {}).get("status")
+    reason = str((progress or {}).get("reason") or "?").split(";")[0][:160]
+    if lock_held is True:
+        return "running", "the run's lock is held"
+    if pstatus == "finished":
+        return "finished", f"{PROGRESS} says finished"
+    if finished_files and pstatus in (None, "running"):
+        return "finished", f"{METRICS} and {GENERATOR} are written"
+    if pstatus == "stopped":
+        return "stopped", f"a non-finite loss stopped it ({reason}); a checkpoint is kept, --resume continues"
+    if pstatus == "preempted":
+        return "preempted", f"{reason}; the same command continues it from the checkpoint"
+    if pstatus == "crashed" and LOST_PEER.search(str(progress.get("reason"))):
+        return "crashed or killed", (f"another process of the run probably died first (the cause is then in its own "
+                                     f"output: the launcher's, or logs/train-*.log under SLURM); rank 0 then lost "
+                                     f"it: {reason}")
+    if pstatus == "crashed":
+        return "crashed or killed", f"it stopped on an error: {reason}"
+    if lock_held is None and (pstatus == "running" or (progress is None and (has_config or has_checkpoints))):
+        what = PROGRESS if progress is not None else "the run folder"
+        if progress_age_s is not None and progress_age_s < stale_s:
+            return "running", (f"the lock cannot be checked from this host; {what} was updated "
+                                f"{duration(progress_age_s)} ago")
+        if progress_age_s is not None:
+            return "crashed or killed", (f"the lock cannot be checked from this host and {what} has not "
+                                         f"changed for {duration(progress_age_s)}")
+        return "crashed or killed", "the lock cannot be checked from this host and nothing tells its age (guess)"
+    if pstatus == "running" or has_checkpoints or has_config:
+        return "crashed or killed", "the run started but its lock is not held (the process is gone)"
+    return "not started", f"no {CONFIG}, checkpoint or {PROGRESS}"
+
+
+def progress_age(run: RunFolder, now: float) -> float | None:
+    ptime = finite((run.progress or {}).get("time"))
+    return max(0.0, now - ptime) if ptime is not None else None
+
+
+def _activity_age(run: RunFolder, now: float) -> float | None:
+    """Seconds since the run last wrote: progress.json; for an older run without one, the newest of its
+    checkpoint, TensorBoard events and config.yaml."""
+    if run.progress is not None:
+        return progress_age(run, now)
+    newest = [run.newest / TRAINER_STATE] if run.newest else []
+    times = [mtime(p) for p in [*(run.path / TENSORBOARD).glob(TENSORBOARD_EVENTS), run.path / CONFIG, *newest]]
+    times = [t for t in times if t is not None]
+    return max(0.0, now - max(times)) if times else None
+
+
+def _finished_files(run: RunFolder) -> bool:
+    """metrics.json and the generator are written, by this session of the run (not an earlier one's)."""
+    if run.metrics is None or not (run.path / GENERATOR).is_file():
+        return False
+    ptime = finite((run.progress or {}).get("time"))
+    if ptime is not None and run.progress.get("status") == "running":
+        # progress.json written after the end: the finished run was started again (e.g. with more steps)
+        return ptime <= (mtime(run.path / METRICS) or 0.0) + 1.0
+    return True
+
+
+def newer_start(run: RunFolder) -> bool:
+    """Whether the run was started again after progress.json was written: the lock names another process than
+    progress.json does (a new session building its models or loading its checkpoint, which writes progress.json
+    at its first phase line; or one that ended before that: stopped, or failed while starting)."""
+    lock, progress = run.lock, run.progress or {}
+    return isinstance(lock.get("pid"), int) and isinstance(progress.get("pid"), int) and (
+        (lock["pid"], lock.get("host")) != (progress["pid"], progress.get("host")))
+
+
+def judge(run: RunFolder, now: float) -> tuple[str, str]:
+    """(state, why) of the run folder as read, as of ``now``."""
+    newer = newer_start(run)
+    # progress.json of an earlier session says nothing about a newer one the lock cannot tell about (another host):
+    # judged as a folder without one, by when the newer one took the lock
+    unknown = newer and run.lock["held"] is None
+    lock_age = max(0.0, now - (mtime(run.path / LOCK) or 0.0))
+    state, why = verdict(has_config=(run.path / CONFIG).is_file(), progress=None if unknown else run.progress,
+                         progress_age_s=lock_age if unknown else _activity_age(run, now), lock_held=run.lock["held"],
+                         finished_files=_finished_files(run), has_checkpoints=bool(run.checkpoints))
+    if state == "not started" and isinstance(run.lock.get("pid"), int):  # (the lock is the first thing a start makes)
+        why += (f"; a start (pid {run.lock['pid']}, since {run.lock.get('since') or '?'}) ended before writing "
+                f"{CONFIG}: it failed or was stopped while starting (see its output)")
+    if state == "crashed or killed" and not run.progress and run.trainer_state:
+        why += f"; without {PROGRESS} a preemption or a non-finite-loss stop looks the same"
+    if newer and state == "running":
+        why += (f"; starting again (pid {run.lock['pid']}, since {run.lock.get('since') or '?'}): building, loading "
+                f"its checkpoint; {PROGRESS} is the earlier session's until the first phase begins")
+    return state, why
+
+
+def final_stage(run: RunFolder, state: str) -> str:
+    """What a run whose phases are all done is doing (or did). Its end (train/final.py) writes nothing for the
+    minutes the final validation takes on a big validation set, then metrics.json, then the generator file, then
+    progress.json's "finished" before the trackers close; each file counts when written since this session took
+    the lock (a finished run started again has the earlier session's), so a run there is not taken for a hung one."""
+    if state == "finished":
+        return "finished"
+    if state != "running":
+        return "the final validation did not complete"
+    since = mtime(run.path / LOCK) or 0.0
+    metrics_at, generator_at = mtime(run.path / METRICS) or -1.0, mtime(run.path / GENERATOR) or -1.0
+    if (run.progress or {}).get("status") == "finished" or min(metrics_at, generator_at) >= since:
+        return f"{METRICS} and {GENERATOR} written, closing"
+    if metrics_at >= since:
+        return f"final validation done, writing {GENERATOR}"
+    return "final validation running"
