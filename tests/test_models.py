@@ -609,6 +609,46 @@ def answering_host():
     server.server_close()
 
 
+@pytest.fixture
+def stalling_host():
+    """A local host that answers HEAD (as a weights host would: size, ETag, the Hub's commit header), then on GET sends
+    the headers of a 100 MB weights file and 16 bytes of it, and nothing more for 20 s (a proxy that never sends the
+    body, a firewall dropping packets mid-transfer); the weights files it was asked for."""
+    import http.server
+    import threading
+
+    gets, stop = [], threading.Event()
+
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def _headers(self):
+            self.send_response(200)
+            for key, value in (("Content-Length", str(10**8)), ("ETag", '"stall"'), ("X-Repo-Commit", "a" * 40)):
+                self.send_header(key, value)
+            self.end_headers()
+
+        do_HEAD = _headers  # noqa: N815 - http.server's naming
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            if not self.path.endswith((".pth", ".safetensors")):  # (huggingface_hub's other calls: /api/...)
+                return self.send_error(404)
+            gets.append(self.path)
+            self._headers()
+            self.wfile.write(b"\0" * 16)
+            self.wfile.flush()
+            stop.wait(20)  # (the old code waited this out, then failed on the short body: the test fails, not hangs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", gets
+    stop.set()
+    server.shutdown()
+    server.server_close()
+
+
 def _closed_port() -> str:
     """An address that refuses at once: a download host that does not answer."""
     import socket
@@ -680,6 +720,65 @@ def test_lpips_pretrained_missing_backbone_names_file_and_key(tmp_path, monkeypa
                                            r"loss.lpips_weights=/path/to/alexnet-owt-7be5be79.pth"):
         LPIPS("alex", pretrained=True)
     assert not calls
+
+
+def test_weights_downloads_that_stall_fail_with_the_offline_message(tmp_path, monkeypatch, stalling_host):
+    """A host that answers the probe, then stops sending mid-download: torch.hub's download (LPIPS's backbone) has no
+    timeout and waited forever, every rank before its first step. Now nothing for DOWNLOAD_STALL_S is the offline
+    WeightsError naming the stall, the socket default as it was, no partial file in the torch hub cache."""
+    import socket
+    import time
+    from types import SimpleNamespace
+
+    from dist_dejpeg.models import weights
+    from dist_dejpeg.run import net
+
+    url, gets = stalling_host
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(weights, "lpips_backbone_weights",
+                        lambda name: SimpleNamespace(url=f"{url}/models/alexnet-owt-7be5be79.pth"))
+    monkeypatch.setattr(net, "DOWNLOAD_STALL_S", 1)
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(123.0)  # (whatever the process had must be back afterwards)
+    try:
+        start = time.monotonic()
+        with pytest.raises(WeightsError, match=r"(?s)alexnet-owt-7be5be79.pth.*\(the download stalled: 127.0.0.1 sent "
+                                               r"nothing for 1 s\).*loss.lpips_weights=/path/to/alexnet-owt"):
+            weights.lpips_backbone_state("alex", "", "loss.lpips_weights")
+        took = time.monotonic() - start
+        assert socket.getdefaulttimeout() == 123.0
+    finally:
+        socket.setdefaulttimeout(before)
+    assert gets == ["/models/alexnet-owt-7be5be79.pth"] and took < 10, (gets, took)
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    assert checkpoints.is_dir() and not list(checkpoints.iterdir())  # (no .partial, nothing a next run could load)
+
+
+def test_encoder_download_that_stalls_fails_with_the_offline_message(tmp_path, monkeypatch, stalling_host):
+    """The same from the Hugging Face Hub: huggingface_hub gives each read HF_HUB_DOWNLOAD_TIMEOUT and gives up after
+    7 tries that bring nothing (76 s at its 10 s; its partial file removed); the WeightsError says it stalled, not
+    "(ReadTimeout: timed out)"."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    url, gets = stalling_host
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.2)
+    before = socket.getdefaulttimeout()
+    start = time.monotonic()
+    with pytest.raises(WeightsError, match=r"(?s)encoder 'mobilenetv3_small_050' .*Hugging Face repo 'timm/.*': the "
+                                           r"download stalled: 127.0.0.1 sent nothing for 0.2 s\.\n.*"
+                                           r"model.encoder_weights=/path/to/model.safetensors"):
+        create_encoder("mobilenetv3_small_050", pretrained=True)
+    took = time.monotonic() - start
+    assert gets and all(path.endswith("/model.safetensors") for path in gets) and took < 20, (gets, took)
+    assert socket.getdefaulttimeout() == before
+    assert not [p for p in (tmp_path / "hf").rglob("*") if p.is_file() and "blobs" in p.parts], "a partial file left"
 
 
 def test_lpips_backbone_from_explicit_file(tmp_path):

@@ -3,8 +3,8 @@
 The encoder's ImageNet weights come from timm (the Hugging Face cache, or an explicit file); LPIPS's
 backbone comes from torchvision's files in the torch hub cache (or an explicit file). Offline with nothing
 found (HF_HUB_OFFLINE, or a download host that does not answer within seconds: asked once, before the download's
-retries), the error names the missing file and the config key that points at one. There is no silent
-fallback to random init: random init is asked for with ``model.pretrained=false`` /
+retries; or a download that then stalls), the error names the missing file and the config key that points at one.
+There is no silent fallback to random init: random init is asked for with ``model.pretrained=false`` /
 ``loss.lpips_pretrained=false``, and everything the run writes says so.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dist_dejpeg.run.net import no_download_from
+from dist_dejpeg.run.net import no_download_from, stall_timeout, stalled_download
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,16 @@ def _create_encoder(name: str, pretrained: bool, weights_file: str, depth: int) 
     if why:  # (huggingface_hub would retry a failed lookup for ~45 s before it says the same)
         raise _encoder_unavailable(name, repo, f": {why}")
     try:
-        return timm.create_model(name, features_only=True, pretrained=True, **_stages(depth))
+        # (a timm download address goes through torch.hub, which has no timeout of its own; huggingface_hub gives each
+        # read HF_HUB_DOWNLOAD_TIMEOUT, 10 s, and tries 7 times while no 10 MB chunk comes: 76 s, then a ReadTimeout,
+        # its partial file removed; 14 s seen here at 1 s a read)
+        with stall_timeout():
+            return timm.create_model(name, features_only=True, pretrained=True, **_stages(depth))
     except (AssertionError, IndexError):  # timm's own checks of the model (out_indices): create_encoder names them
         raise
     except Exception as err:  # noqa: BLE001 - any other failure here means "weights not available"
-        raise _encoder_unavailable(name, repo, f" ({type(err).__name__}: "
+        stalled = stalled_download(host, err, constants.HF_HUB_DOWNLOAD_TIMEOUT if host == constants.ENDPOINT else None)
+        raise _encoder_unavailable(name, repo, f": {stalled}" if stalled else f" ({type(err).__name__}: "
                                    f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
 
@@ -204,9 +209,12 @@ def lpips_backbone_state(net: str, weights_file: str, key: str) -> dict:
     why = no_download_from(url)  # (torch.hub's download has no timeout: a network that drops packets would hold it)
     if not why:
         try:
-            return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
+            # torch.hub writes into a .partial file and renames it when complete (removed on any error): a stalled
+            # download leaves nothing in the cache that a later run could take for the weights
+            with stall_timeout():
+                return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
         except Exception as err:  # noqa: BLE001 - any failure here means "weights not available"
-            why = type(err).__name__
+            why = stalled_download(url, err) or type(err).__name__
     raise WeightsError(
         f"LPIPS-{net} needs torchvision's ImageNet backbone {cached.name}, which is not at {cached} and "
         f"could not be downloaded from {url} ({why}).\n"
