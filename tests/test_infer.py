@@ -610,6 +610,43 @@ def test_the_onnx_backend_restores_tensors_too():
     assert (got.int() - x.int()).abs().max() > 10  # restored, not passed through
 
 
+def test_a_quality_given_as_text_is_refused_as_other_bad_qualities_are():
+    """float() parses text, so quality="20" (an argv or config value never converted) was taken for q20: a str or
+    bytes is refused with the message every bad quality gets, by each of the API's calls; numbers stay accepted."""
+    restorer = Restorer(Pointwise(), tile=0, guard=False)
+    rgb = _photo(64, 64)
+    x = torch.from_numpy(rgb).permute(2, 0, 1)
+    calls = (lambda q: restorer.restore_array(rgb, q), lambda q: restorer.restore_tensor(x, q),
+             lambda q: restorer.restore(Image.fromarray(rgb), q))
+    for quality in ("20", b"20", "q20", np.str_("20")):
+        for call in calls:
+            with pytest.raises(ValueError, match=r"one JPEG quality, a whole number in 1\.\.100 .* got "):
+                call(quality)
+    for quality in (20, 20.0, np.int64(20), torch.tensor(20)):
+        for call in calls:
+            call(quality)
+            assert restorer.last_decision.quality == 20 and type(restorer.last_decision.quality) is int
+
+
+def test_the_onnx_backend_restores_half_precision_tensors_as_their_float32_copies():
+    """The onnxruntime path's tensors go through numpy, which has no bfloat16: float16 and bfloat16 batches come
+    back in their dtype, with their float32 copy's pixels cast back; a fake session is the model."""
+    from dist_dejpeg.restore.onnx_backend import OnnxRestorer
+
+    class Session:
+        def run(self, names, feeds):
+            return [Pointwise()(torch.from_numpy(feeds["degraded"])).numpy()]
+
+    onnx = object.__new__(OnnxRestorer)
+    onnx.session, onnx.conditioned, onnx.pad_to, onnx.attention_stride, onnx.keep_mean = Session(), False, 16, 0, False
+    onnx.setup({}, tile=64, overlap=16, batch_size=2, guard=False)
+    x = torch.from_numpy(_photo(100, 90)).permute(2, 0, 1).float() / 255
+    for dtype in (torch.float16, torch.bfloat16):
+        got = onnx.restore_tensor(x.to(dtype), 20)
+        assert got.dtype == dtype and torch.equal(got, onnx.restore_tensor(x.to(dtype).float(), 20).to(dtype))
+        assert (got.float() - x).abs().max() > 0.04  # restored, not passed through
+
+
 def test_a_cuda_device_this_machine_lacks_is_a_clear_error(model_file, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the error needs a machine without it")

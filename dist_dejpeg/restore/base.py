@@ -38,12 +38,12 @@ def check_tiling(tile: int, overlap: int, batch_size: int = 1) -> None:
         raise ValueError(f"overlap must be in [0, tile/2), got {overlap} for tile {tile} (e.g. {tile // 4})")
 
 
-def tensor_batch(image) -> tuple[Any, bool, Callable[[Any], Any]]:
-    """restore_tensor's input checked and made N x 3 x H x W, on its own device: (batch, squeeze, back). uint8
-    stays uint8 (tiling converts each window as it cuts it; a whole float copy of a 12 MP batch was 144 MB
-    a copy, twice), anything else is made float32 in 0..1 and ``back`` turns the restored float32 batch into
-    its dtype. A ValueError for another dtype or shape, a NaN or an infinity, or float pixels far outside 0..1
-    (0..255 given as floats): one read of the device for a float tensor."""
+def tensor_batch(image) -> tuple[Any, bool]:
+    """restore_tensor's input checked and made N x 3 x H x W, on its own device and in its own dtype: (batch,
+    squeeze). No whole float32 copy of it: tiling converts each window as it cuts it (uint8: / 255) and each
+    restored band is written straight into an output of the input's dtype (a 12 MP batch's float32 copies, in
+    and out, were 144 MB each). A ValueError for another dtype or shape, a NaN or an infinity, or float pixels
+    far outside 0..1 (0..255 given as floats): one read of the device for a float tensor."""
     import torch  # the caller's own: it holds a tensor
 
     if not isinstance(image, torch.Tensor):
@@ -53,18 +53,17 @@ def tensor_batch(image) -> tuple[Any, bool, Callable[[Any], Any]]:
     if x.dim() != 4 or x.shape[1] != 3 or not (x.shape[2] and x.shape[3]):
         raise ValueError(f"expected 3 x H x W or N x 3 x H x W (not empty), got {tuple(image.shape)}")
     if image.dtype == torch.uint8:
-        return x, image.dim() == 3, lambda out: out
+        return x, image.dim() == 3
     if not image.dtype.is_floating_point:
         raise ValueError(f"expected uint8 (0..255) or float (0..1) pixels, got {image.dtype}")
-    x = x.float()
-    if x.numel():
-        bad, lo, hi = torch.stack([(~torch.isfinite(x)).any().float(), x.amin(), x.amax()]).tolist()
+    if x.numel():  # (in the input's dtype: float16's and bfloat16's values are exact in float32, so are these)
+        bad, lo, hi = torch.stack([(~torch.isfinite(x)).any().float(), x.amin().float(), x.amax().float()]).tolist()
         if bad:
             raise ValueError("the input holds NaN or infinite pixels")
         if lo < -0.5 or hi > 1.5:
             raise ValueError(f"float pixels are 0..1, these span {lo:g}..{hi:g} (0..255 values? divide them by "
                              f"255, or give uint8)")
-    return x, image.dim() == 3, lambda out: out.to(image.dtype)
+    return x, image.dim() == 3
 
 
 class ImageRestorer:
@@ -199,8 +198,9 @@ class ImageRestorer:
         restored, on the input's device (``tensor_batch`` checks it). ``quality``: the images' JPEG quality
         (None: unknown); passed through unchanged where ``decide`` says so. A restored image with a NaN or an
         infinity (a broken model) is never returned: that image is passed through, and ``last_decision`` says so.
-        A uint8 batch goes through as restore_array's image does: no whole float copy of it, in or out."""
-        x, squeeze, back = tensor_batch(image)
+        A uint8, float16 or bfloat16 batch goes through as restore_array's image does: no whole float32 copy of
+        it, in or out (the same pixels as its float32 copy's, cast back)."""
+        x, squeeze = tensor_batch(image)
         decision = self.last_decision = self.decide(quality, source)
         if decision.passthrough:
             return image.detach().clone()
@@ -220,17 +220,20 @@ class ImageRestorer:
                     broken += 1
         if broken:
             self.broken(decision, broken, len(out))
-        out = back(finish(out))
+        out = finish(out)
         return out[0] if squeeze else out
 
     def tensor_io(self, x):
         """restore_tensor's images in ``arrays``' kind, the same images where the output is (for those passed
-        through), its output batch, and what makes that a tensor on ``x``'s device: here numpy on the host
-        (Restorer keeps a GPU tensor on the GPU)."""
+        through), its output batch (in ``x``'s dtype: each band is cast as it is written), and what makes that a
+        tensor of ``x``'s dtype on ``x``'s device: here numpy on the host (Restorer keeps a GPU tensor on the GPU)."""
         import torch
 
+        dtype = x.dtype
+        if dtype == torch.bfloat16:  # numpy has no bfloat16: a whole float32 copy on this (onnxruntime's) path
+            x = x.float()
         batch = x.cpu().numpy()
-        return batch, batch, np.empty_like(batch), lambda out: torch.from_numpy(out).to(x.device)
+        return batch, batch, np.empty_like(batch), lambda out: torch.from_numpy(out).to(x.device, dtype)
 
     def restore(self, image, quality: int | None = None):
         """A PIL image (any mode; alpha kept, grayscale stays grayscale), a uint8 numpy array (restore_array) or

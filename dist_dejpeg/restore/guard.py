@@ -42,10 +42,11 @@ def predicted_gain(gains: dict[int, float], quality: int) -> float | None:
 
 def one_quality(quality) -> int:
     """``quality`` as an int in 1..100: an int, a whole float or a one-value array or tensor; a ValueError for
-    anything else (a bool, 30.7, one quality per image: a call restores its images at one quality)."""
+    anything else (a bool, 30.7, a string, one quality per image: a call restores its images at one quality)."""
     try:  # .item(): numpy 2 no longer makes a float of a one-value array of one dimension or more
         item = getattr(quality, "item", lambda: quality)()  # (a bool's item, numpy's or torch's, is a bool)
-        value = None if isinstance(item, bool) else float(item)
+        # float() parses text: "20" (an unconverted argv or config value) would pass, "q20" not; neither is a number
+        value = None if isinstance(item, (bool, str, bytes, bytearray)) else float(item)
     except (TypeError, ValueError, RuntimeError):  # (torch: RuntimeError for a tensor of several values)
         value = None
     if value is None or not value.is_integer() or not 1 <= value <= 100:

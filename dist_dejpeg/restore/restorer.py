@@ -251,6 +251,7 @@ class Restorer(ImageRestorer):
     # -- tensors ---------------------------------------------------------------------------------------------
     def tensor_io(self, x: torch.Tensor):
         """restore_tensor's images each moved to the restorer's device as the loop reaches it (one upload per
-        image, a no-op where it is there already: a GPU tensor never visits the host), the output on ``x``'s."""
+        image, a no-op where it is there already: a GPU tensor never visits the host), the output on ``x``'s, in
+        its dtype (float16: each band cast as it is written, no float32 copy of the batch)."""
         images = (im.to(self.device, non_blocking=True) for im in x)
         return images, x, torch.empty_like(x, memory_format=torch.contiguous_format), lambda out: out
