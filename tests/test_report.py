@@ -95,11 +95,14 @@ def test_page_structure(report):
     page = _Page()
     page.feed(text)
 
-    # Self-contained: every image is an embedded PNG of the expected size; no external resource at all.
+    # Self-contained: every image is an embedded PNG of the expected size, or names the one that embeds it (a crop
+    # shown again); no external resource at all.
     assert len(page.imgs) == N_IMAGES
     assert not re.search(r'(src|href)\s*=\s*"(?!data:|#)', text) and "url(" not in text and "@import" not in text
+    by_id = {a["id"]: a for a in page.imgs if "id" in a}
     sizes = []
     for a in page.imgs:
+        a = {**a, "src": by_id[a["data-same"]]["src"]} if "data-same" in a else a
         assert a["src"].startswith("data:image/png;base64,")
         im = Image.open(io.BytesIO(base64.b64decode(a["src"].split(",", 1)[1])))
         assert im.format == "PNG" and im.mode == "RGB"
@@ -267,6 +270,28 @@ def test_records_cut_per_photo_render_the_same_page():
     assert render_report(cut, title="t", meta=META, crop=CROP) == render_report(recs, title="t", meta=META, crop=CROP)
     with pytest.raises(ValueError, match=f"cut for crop={CROP}, not 64"):
         render_report(cut, title="t", meta=META, crop=64)
+
+
+def test_each_crop_is_embedded_once(tmp_path):
+    """The original's crop is the same at every quality, and was embedded once per quality (~100 KB of base64 for a
+    192 px crop of a camera photo, per quality). Now every distinct crop's bytes are on the page once: a second
+    quality adds its JPEG and restored crops and its numbers, less than another copy of the original's crop."""
+    recs = [r for r in _records() if r["image"] == "astronaut.png"]
+    one, two = (render_report(recs[:n], title="t", meta=META, crop=CROP) for n in (1, 2))
+    uris = re.findall(r'src="(data:image/png;base64,[^"]+)"', two)
+    assert len(uris) == len(set(uris)) == 1 + 1 + 2 * 2  # thumbnail, original crop, JPEG and restored at 2 qualities
+    top, left, h, w = error_crop(recs[0]["clean"], [r["jpeg"] for r in recs], CROP)
+    buf = io.BytesIO()
+    Image.fromarray(recs[0]["clean"][top:top + h, left:left + w]).save(buf, format="PNG")
+    clean_crop = base64.b64encode(buf.getvalue()).decode("ascii")
+    assert two.count(clean_crop) == 1
+    added = sum(len(u) for u in uris[-2:])  # the second quality's own JPEG and restored crops
+    assert len(two) - len(one) - added < len(clean_crop)  # its numbers, not another copy of the original crop
+    page = _Page()
+    page.feed(two)
+    same = [a for a in page.imgs if "data-same" in a]
+    assert [a["alt"] for a in same] == ["astronaut.png q40 clean"] and "src" not in same[0]
+    assert next(a for a in page.imgs if a.get("id") == same[0]["data-same"])["alt"] == "astronaut.png q10 clean"
 
 
 # ------------------------------------------------------------------------------------------ Chromium

@@ -1,6 +1,6 @@
-"""The HTML comparison report: one self-contained page (every image embedded as a base64 PNG, no external
-resource of any kind) showing, per photo and JPEG quality, side-by-side crops clean | JPEG | restored taken at
-the same place, zoomable, with the metrics.
+"""The HTML comparison report: one self-contained page (each distinct image embedded once as a base64 PNG, no
+external resource of any kind) showing, per photo and JPEG quality, side-by-side crops clean | JPEG | restored
+taken at the same place, zoomable, with the metrics.
 
 Independent of the model: the caller (``dist-dejpeg report``) restores and measures, then calls
 :func:`write_report` with plain arrays and numbers.
@@ -275,14 +275,17 @@ def photo_parts(recs: list[dict], crop: int) -> list[dict]:
     clean = recs[0]["clean"]
     same = all(r["clean"].shape == clean.shape for r in recs)
     box = error_crop(clean, [r["jpeg"] for r in recs], crop) if same else None
-    out = []
+    out, clean_crop = [], None
     for rec in recs:
         rbox = box or error_crop(rec["clean"], rec["jpeg"], crop)
         t, l, ch, cw = rbox
         thumb = _png_uri(_thumbnail(rec["clean"], rbox)) if rec is recs[0] or box is None else None
         kept = {k: v for k, v in rec.items() if k not in KINDS}
+        crops = {k: _png_uri(rec[k][t:t + ch, l:l + cw]) for k in KINDS[1:]}
+        if clean_crop is None or box is None:  # one box: the same original crop at every quality, encoded once
+            clean_crop = _png_uri(rec["clean"][t:t + ch, l:l + cw])
         out.append({**kept, "size": clean.shape[:2], "box": rbox, "thumb": thumb, "crop": crop,
-                    "crops": {k: _png_uri(rec[k][t:t + ch, l:l + cw]) for k in KINDS}})
+                    "crops": {"clean": clean_crop, **crops}})
     return out
 
 
@@ -334,6 +337,10 @@ def render_report(records: list[dict], *, title: str, meta: dict, summary: list[
                  '<button data-z="4">4x</button> <small>(click a crop to zoom its row; crops are lossless PNG, '
                  "cut where |JPEG &minus; clean| is largest)</small></div>")
 
+    # A crop shown more than once (the original at every quality, a passed-through JPEG as its restored image) is
+    # embedded once, in its first <img>; the others name it (data-same) and the page's script copies its source:
+    # a 12 MP photo's 192 px original crop is ~100 KB of base64 that each further quality repeated.
+    embedded: dict[str, str] = {}
     for p, (name, recs) in enumerate(photos.items()):
         recs = recs if "crops" in recs[0] else photo_parts(recs, crop)
         h, w = recs[0]["size"]
@@ -348,8 +355,14 @@ def render_report(records: list[dict], *, title: str, meta: dict, summary: list[
             q = int(rec["quality"])
             figs, passed = [], bool(rec.get("passthrough"))
             for k, cap in zip(KINDS, ("clean", f"JPEG q{q}", "restored (= JPEG)" if passed else "restored")):
+                uri = rec["crops"][k]
+                if uri in embedded:
+                    source = f'data-same="{embedded[uri]}"'
+                else:
+                    embedded[uri] = f"crop-{len(embedded)}"
+                    source = f'id="{embedded[uri]}" src="{uri}"'
                 figs.append(f'<figure><img class="crop" style="--w: {cw}" width="{cw}" height="{ch}" '
-                            f'alt="{html.escape(name)} q{q} {k}" src="{rec["crops"][k]}">'
+                            f'alt="{html.escape(name)} q{q} {k}" {source}>'
                             f"<figcaption>{cap}</figcaption></figure>")
             note = ' <span class="pass">passed through unchanged (do-no-harm guard)</span>' if passed else ""
             parts.append(f'<div class="rec" data-quality="{q}"><div><h3>quality {q}{note}</h3>'

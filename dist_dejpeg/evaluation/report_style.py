@@ -29,6 +29,10 @@ figure.thumb { display: inline-block; } .thumb img { display: block; }
 
 JS = """
 (function () {
+  // a crop shown again (the original at each quality) is embedded once: its other <img>s copy that one's source
+  document.querySelectorAll('img[data-same]').forEach(function (img) {
+    img.src = document.getElementById(img.dataset.same).src;
+  });
   var LEVELS = [1, 2, 4], page = 1;
   function rowZoom(r) {
     var own = LEVELS.filter(function (z) { return r.classList.contains('z' + z); });

@@ -12,6 +12,11 @@ Where each number comes from, and why (measured on this project's 2-core CPU mac
   here agrees with scikit-image to < 1e-6 (tested), PSNR to 1e-9 dB.
 * PSNR-B: written here (a dozen lines of numpy). sewar 0.4.10 has a psnrb; it was not compared with.
   Tested on a worked example computed by hand and on its known properties.
+* Memory: every metric here is a sum of per-pixel (SSIM: per-window) terms, so each is summed over bands of
+  BAND_ROWS rows, converted to float64 a band at a time. Whole-image float64 copies (8 bytes per value, several
+  alive at once) peaked at +0.8 GB (PSNR), +1.2 GB (colour metrics) and +1.3 GB (SSIM) on one 12 MP photo;
+  in bands each stays under +0.1 GB, with the same values (each term is computed as before; only the order of
+  the final sum differs, ~1e-15 relative; uint8 PSNR and PSNR-B sums are integers, exact either way).
 """
 
 from __future__ import annotations
@@ -23,16 +28,17 @@ import numpy as np
 from dist_dejpeg.jpeg.formats import JFIF_YCBCR
 
 SSIM_MIN_SIDE = 11  # its Gaussian window's size ('valid' filtering)
+BAND_ROWS = 256  # rows summed at a time: a 4000-px-wide float64 RGB band is 25 MB, a 12 MP image 288 MB
 # SSIM's Gaussian window: 11 taps, sigma 1.5, as Python floats so that one code serves numpy and torch
 _WINDOW = np.exp(-0.5 * (np.arange(-5, 6) / 1.5) ** 2)
 _WINDOW = [float(v) for v in _WINDOW / _WINDOW.sum()]
 
 
-def _as_float(img) -> np.ndarray:
+def _image(img) -> np.ndarray:
     a = np.asarray(img)
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] != 3):
         raise ValueError(f"expected an H x W x 3 RGB or H x W grayscale image, got shape {a.shape}")
-    return a.astype(np.float64)
+    return a
 
 
 def cropped(a: np.ndarray, crop_border: int) -> np.ndarray:
@@ -55,13 +61,28 @@ def rgb_to_y(rgb) -> np.ndarray:
     return 16.0 + (65.481 * a[..., 0] + 128.553 * a[..., 1] + 24.966 * a[..., 2]) / 255.0
 
 
-def _pair(img, ref, y_only: bool, crop_border: int) -> tuple[np.ndarray, np.ndarray]:
-    a, b = _as_float(img), _as_float(ref)
+def _pair(img, ref, crop_border: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both images checked and cropped, in their own dtype: :func:`_rows` converts them a band at a time."""
+    a, b = _image(img), _image(ref)
     if a.shape != b.shape:
         raise ValueError(f"image and reference differ in shape: {a.shape} vs {b.shape}")
-    if y_only and a.ndim == 3:
-        a, b = rgb_to_y(a), rgb_to_y(b)
     return cropped(a, crop_border), cropped(b, crop_border)
+
+
+def _bands(h: int, extra: int = 0):
+    """(start, stop) of consecutive BAND_ROWS-row bands covering rows 0..h-1, each stop moved ``extra`` rows on
+    (not past h): the rows that a band's terms also read (SSIM's window: 10, a vertical difference: 1)."""
+    for start in range(0, h, BAND_ROWS):
+        yield start, min(start + BAND_ROWS + extra, h)
+
+
+def _rows(a: np.ndarray, start: int, stop: int, y_only: bool) -> np.ndarray:
+    """Rows start..stop-1 of ``a`` in float64, H x W x C (C = 1 for grayscale or ``y_only``'s Y of colour)."""
+    band = a[start:stop]
+    if y_only and band.ndim == 3:
+        band = rgb_to_y(band)
+    band = band.astype(np.float64, copy=False)
+    return band[..., None] if band.ndim == 2 else band
 
 
 def _psnr_from_mse(mse: float) -> float:
@@ -72,8 +93,10 @@ def psnr(img, ref, *, y_only: bool = False, crop_border: int = 0) -> float:
     """PSNR in dB of ``img`` against ``ref`` (0-255 scale, data range 255). RGB: one MSE over all three
     channels; ``y_only``: on MATLAB-style BT.601 Y (:func:`rgb_to_y`, not rounded, like BasicSR's
     test_y_channel). ``crop_border`` pixels are dropped on each side. Identical images give ``math.inf``."""
-    a, b = _pair(img, ref, y_only, crop_border)
-    return _psnr_from_mse(float(np.mean((a - b) ** 2)))
+    a, b = _pair(img, ref, crop_border)
+    squares = sum(float(np.sum((_rows(a, i, j, y_only) - _rows(b, i, j, y_only)) ** 2)) for i, j in _bands(len(a)))
+    values = a.shape[0] * a.shape[1] * (1 if y_only or a.ndim == 2 else 3)
+    return _psnr_from_mse(squares / values)
 
 
 def colour_metrics(img, ref, *, crop_border: int = 0) -> dict[str, float | None]:
@@ -83,16 +106,21 @@ def colour_metrics(img, ref, *, crop_border: int = 0) -> dict[str, float | None]
     quantities as validation's (:func:`dist_dejpeg.metrics.sums.per_image`), on whole uint8 images. Against a
     grayscale reference the chroma PSNRs are None (its chroma error is rounding noise, ~150 dB, that would
     swamp any mean)."""
-    a, b = _pair(img, ref, False, crop_border)
+    a, b = _pair(img, ref, crop_border)
     if a.ndim != 3:
         raise ValueError("colour metrics need an H x W x 3 image")
     m = np.asarray(JFIF_YCBCR)
-    diff = a - b
-    planes = diff @ m.T  # linear: the YCbCr difference is the transformed RGB difference
-    out = {f"psnr_{p}": _psnr_from_mse(float(np.mean(planes[..., i] ** 2))) for i, p in enumerate(("y", "cb", "cr"))}
+    squares, sums = np.zeros(3), np.zeros(3)
+    for i, j in _bands(len(a)):
+        diff = _rows(a, i, j, False) - _rows(b, i, j, False)
+        planes = diff @ m.T  # linear: the YCbCr difference is the transformed RGB difference
+        squares += [float(np.sum(planes[..., c] ** 2)) for c in range(3)]
+        sums += [float(np.sum(diff[..., c])) for c in range(3)]
+    n = a.shape[0] * a.shape[1]
+    out = {f"psnr_{p}": _psnr_from_mse(squares[i] / n) for i, p in enumerate(("y", "cb", "cr"))}
     if np.array_equal(b[..., 0], b[..., 1]) and np.array_equal(b[..., 1], b[..., 2]):
         out["psnr_cb"] = out["psnr_cr"] = None  # a grayscale reference has no chroma to get right
-    out.update({f"shift_{c}": float(diff[..., i].mean()) for i, c in enumerate("rgb")})
+    out.update({f"shift_{c}": float(sums[i] / n) for i, c in enumerate("rgb")})
     return out
 
 
@@ -115,15 +143,20 @@ def ssim_map(x, y, data_range: float = 255.0):
 def ssim(img, ref, *, y_only: bool = False, crop_border: int = 0) -> float:
     """SSIM (Wang et al. 2004) of :func:`ssim_map`, data range 255, averaged over the positions where the
     whole window fits (the 5-pixel border left out, as scikit-image does). RGB: the mean over channels,
-    computed channel by channel (a few image-sized float64 maps at the peak). On the CPU numpy is used:
+    computed channel by channel over bands of map rows (each band reads the 10 rows below it too, as the
+    window does: every map value is the one of the whole image). On the CPU numpy is used:
     torch's float64 elementwise ops ran ~20x slower than numpy's on this 2-core machine under load (its
     thread pool), and float64 conv2d ~1 s for 192x192."""
-    a, b = _pair(img, ref, y_only, crop_border)
-    if a.ndim == 2:
-        a, b = a[..., None], b[..., None]
-    if min(a.shape[:2]) < SSIM_MIN_SIDE:
-        raise ValueError(f"SSIM needs at least {SSIM_MIN_SIDE}x{SSIM_MIN_SIDE} pixels, got {a.shape[0]}x{a.shape[1]}")
-    return float(np.mean([float(ssim_map(a[..., c], b[..., c]).mean()) for c in range(a.shape[2])]))
+    a, b = _pair(img, ref, crop_border)
+    h, w = a.shape[:2]
+    if min(h, w) < SSIM_MIN_SIDE:
+        raise ValueError(f"SSIM needs at least {SSIM_MIN_SIDE}x{SSIM_MIN_SIDE} pixels, got {h}x{w}")
+    edge = SSIM_MIN_SIDE - 1
+    sums = 0.0
+    for i, j in _bands(h - edge):  # map rows i..j-1 from image rows i..j+edge-1
+        x, y = _rows(a, i, j + edge, y_only), _rows(b, i, j + edge, y_only)
+        sums = sums + np.array([float(ssim_map(x[..., c], y[..., c]).sum()) for c in range(x.shape[2])])
+    return float(np.mean(sums / ((h - edge) * (w - edge))))
 
 
 def blocking_effect_factor(x: np.ndarray, block: int = 8) -> float:
@@ -131,17 +164,35 @@ def blocking_effect_factor(x: np.ndarray, block: int = 8) -> float:
     D_B > D_Bc, else 0. D_B: mean squared difference of horizontally and vertically adjacent pixel pairs
     that straddle an 8x8 block boundary (columns/rows 7|8, 15|16, ...); D_Bc: the same over all other
     adjacent pairs."""
-    h, w = x.shape
-    dh = np.diff(x, axis=1) ** 2  # pair (col j, col j+1) -> index j
-    dv = np.diff(x, axis=0) ** 2
+    x = np.asarray(x)
+    sums = np.zeros(2)
+    for i, j in _bands(len(x), extra=1):
+        sums += _boundary_sums(_rows(x, i, j, False)[..., 0], i, block)
+    return _bef(sums, x.shape, block)
+
+
+def _boundary_sums(band: np.ndarray, start: int, block: int) -> np.ndarray:
+    """(sum over block-boundary pairs, sum over the other pairs) of squared adjacent differences in ``band``, the
+    image's rows start.. (horizontal pairs on all but a band's extra last row, which only closes its vertical
+    pairs; the last band has none)."""
+    h, w = band.shape
+    dh = np.diff(band[:BAND_ROWS], axis=1) ** 2  # pair (col j, col j+1) -> index j
+    dv = np.diff(band, axis=0) ** 2  # pair (row start+i, start+i+1) -> index i
+    bh = (np.arange(w - 1) + 1) % block == 0
+    bv = (start + np.arange(h - 1) + 1) % block == 0
+    return np.array([dh[:, bh].sum() + dv[bv, :].sum(), dh[:, ~bh].sum() + dv[~bv, :].sum()])
+
+
+def _bef(sums: np.ndarray, shape: tuple[int, ...], block: int) -> float:
+    """BEF from :func:`_boundary_sums` summed over an H x W channel's bands."""
+    h, w = shape[:2]
     bh = (np.arange(w - 1) + 1) % block == 0
     bv = (np.arange(h - 1) + 1) % block == 0
     n_b = h * bh.sum() + w * bv.sum()
     n_bc = h * (~bh).sum() + w * (~bv).sum()
     if n_b == 0 or n_bc == 0:
         return 0.0
-    d_b = (dh[:, bh].sum() + dv[bv, :].sum()) / n_b
-    d_bc = (dh[:, ~bh].sum() + dv[~bv, :].sum()) / n_bc
+    d_b, d_bc = sums[0] / n_b, sums[1] / n_bc
     if d_b <= d_bc:
         return 0.0
     return float(math.log2(block) / math.log2(min(h, w)) * (d_b - d_bc))
@@ -158,11 +209,12 @@ def psnr_b(img, ref, *, y_only: bool = False, crop_border: int = 0) -> float:
     unless it is a multiple of 8 (the block grid is that of the cropped image, as in KAIR). PSNR-B <= PSNR
     always; equal when the block-boundary differences are no larger than the others. Identical images
     give ``math.inf``."""
-    a, b = _pair(img, ref, y_only, crop_border)
-    if a.ndim == 2:
-        a, b = a[..., None], b[..., None]
-    values = []
-    for c in range(a.shape[2]):
-        mse = float(np.mean((a[..., c] - b[..., c]) ** 2))
-        values.append(_psnr_from_mse(mse + blocking_effect_factor(a[..., c])))
-    return float(np.mean(values))
+    a, b = _pair(img, ref, crop_border)
+    channels = 1 if y_only or a.ndim == 2 else 3
+    squares, boundary = np.zeros(channels), np.zeros((channels, 2))
+    for i, j in _bands(len(a), extra=1):
+        x, y = _rows(a, i, j, y_only), _rows(b, i, j, y_only)
+        squares += ((x[:BAND_ROWS] - y[:BAND_ROWS]) ** 2).sum(axis=(0, 1))  # (its extra row is the next band's)
+        boundary += [_boundary_sums(x[..., c], i, 8) for c in range(channels)]
+    n = a.shape[0] * a.shape[1]
+    return float(np.mean([_psnr_from_mse(squares[c] / n + _bef(boundary[c], a.shape, 8)) for c in range(channels)]))
