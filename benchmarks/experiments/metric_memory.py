@@ -1,0 +1,122 @@
+"""Peak memory of each of `dist-dejpeg evaluate`'s metrics on one camera-sized photo, each in a fresh process.
+
+A 4000 x 3000 photo (four skimage.data photos tiled and upscaled, light noise for texture at pixel scale) and its
+libjpeg q20 round trip; each metric runs alone in a child process, which reports the rise of its peak resident
+memory over its start (VmHWM from /proc, reset at the start: ru_maxrss keeps the forking parent's peak across
+exec), the tracemalloc peak (numpy's allocations; torch's are not seen), its seconds and its value. LPIPS is
+AlexNet with random weights (the pretrained ones cannot be assumed here; memory and time are the same, the value
+is not LPIPS). Linux only.
+
+    python benchmarks/experiments/metric_memory.py [--size 4000x3000] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+METRICS = ("psnr", "psnr_y", "psnr_b", "ssim", "colour", "brisque", "niqe", "lpips")
+
+
+def photo_pair(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(clean, its q20 JPEG), both height x width x 3 uint8."""
+    from PIL import Image
+    from skimage import data
+
+    from dist_dejpeg.data.images import jpeg_roundtrip
+
+    canvas = np.zeros((height, width, 3), np.uint8)
+    for i, photo in enumerate((data.astronaut(), data.coffee(), data.chelsea(), data.rocket())):
+        r, c = divmod(i, 2)
+        rows, cols = slice(r * height // 2, (r + 1) * height // 2), slice(c * width // 2, (c + 1) * width // 2)
+        size = (cols.stop - cols.start, rows.stop - rows.start)
+        canvas[rows, cols] = np.asarray(Image.fromarray(photo).resize(size, Image.Resampling.BICUBIC))
+    noise = np.random.default_rng(0).integers(-3, 4, canvas.shape)
+    clean = np.clip(canvas.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+    return clean, jpeg_roundtrip(clean, 20)
+
+
+def _proc_mb(key: str) -> float:
+    return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+
+def child(name: str, height: int, width: int) -> dict:
+    """One metric measured in this process (the photo pair made before the start is taken)."""
+    import torch
+
+    from dist_dejpeg.metrics import fullref, noref, whole_image
+    from dist_dejpeg.models.lpips import LPIPS
+
+    torch.set_num_threads(1)
+    clean, jpeg = photo_pair(height, width)
+    calls = {"psnr": lambda: fullref.psnr(jpeg, clean), "psnr_y": lambda: fullref.psnr(jpeg, clean, y_only=True),
+             "psnr_b": lambda: fullref.psnr_b(jpeg, clean), "ssim": lambda: fullref.ssim(jpeg, clean),
+             "colour": lambda: fullref.colour_metrics(jpeg, clean), "brisque": lambda: noref.brisque(jpeg),
+             "niqe": lambda: noref.niqe(jpeg)}
+    if name == "lpips":
+        model = LPIPS(net="alex", pretrained=False).eval()
+        calls["lpips"] = lambda: whole_image.lpips_value(model, jpeg, clean)
+    elif name in ("brisque", "niqe"):  # their model files loaded before the start (a 288 px image)
+        getattr(noref, name)(np.ascontiguousarray(np.tile(jpeg[:96, :96], (3, 3, 1))))
+    with open("/proc/self/clear_refs", "w") as f:  # the peak so far (making the photo) is not the metric's
+        f.write("5")
+    start = _proc_mb("VmRSS")
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    value = calls[name]()
+    seconds = time.perf_counter() - t0
+    traced = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    return {"metric": name, "rise_mb": _proc_mb("VmHWM") - start, "tracemalloc_mb": traced, "seconds": seconds,
+            "value": value}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="4000x3000", help="WIDTHxHEIGHT of the photo")
+    p.add_argument("--out", default="benchmarks/results", help="folder for metric_memory.md / .json")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    if args.child:
+        print(json.dumps(child(args.child, height, width), default=float))
+        return
+    from dist_dejpeg.bench.common import machine_name_without_torch
+    from dist_dejpeg import source_commit
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    rows = []
+    for name in METRICS:
+        run = subprocess.run([sys.executable, __file__, "--size", args.size, "--child", name], capture_output=True,
+                             text=True, env=env)
+        lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+        if run.returncode or not lines:
+            raise SystemExit(f"{name} failed:\n{run.stderr[-2000:]}")
+        rows.append(json.loads(lines[-1]))
+        print(f"{name:8s} +{rows[-1]['rise_mb']:6.0f} MB (tracemalloc {rows[-1]['tracemalloc_mb']:6.0f} MB) "
+              f"{rows[-1]['seconds']:5.1f} s", flush=True)
+    machine, when = machine_name_without_torch(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    table = [f"# evaluate's metrics: peak memory on one {width} x {height} photo", "",
+             f"{machine}; commit {source_commit() or '?'}; {when}; one thread; each metric in a fresh process "
+             "(`python benchmarks/experiments/metric_memory.py`).", "",
+             "| metric | peak resident rise | tracemalloc peak | seconds |", "|---|---|---|---|"]
+    table += [f"| {r['metric']} | +{r['rise_mb']:.0f} MB | {r['tracemalloc_mb']:.0f} MB | {r['seconds']:.1f} |"
+              for r in rows]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "metric_memory.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    with open(os.path.join(args.out, "metric_memory.json"), "w") as f:
+        json.dump({"machine": machine, "date": when, "size": [width, height], "rows": rows}, f, indent=2,
+                  default=float)
+
+
+if __name__ == "__main__":
+    main()
