@@ -15,10 +15,8 @@ CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch.
 
 def restore_command(args: argparse.Namespace) -> int:
     # torch-free down to the model: an ONNX model restores without importing torch (restore/onnx_backend.py)
-    from dist_dejpeg.models.names import ModelFileError, OnnxUnavailable
-    from dist_dejpeg.restore import open_restorer
-    from dist_dejpeg.restore.files import check_restore_output, collect_inputs, names_a_file, restore_files
-    from dist_dejpeg.restore.images import InputImageError
+    from dist_dejpeg.restore.files import collect_inputs, names_a_file
+    from dist_dejpeg.run.files import new_folders, remove_empty
 
     inputs = [*args.inputs, *args.more_inputs]
     if not inputs:
@@ -38,6 +36,21 @@ def restore_command(args: argparse.Namespace) -> int:
         if given := sorted(args.given & {"--format", "--ext", "--suffix"}):
             args.usage_error(f"-o {args.out} names the output file, whose suffix is its format: {given[0]} is for an "
                              f"output folder")
+    # the output folder is made before the model loads (an unwritable one fails first); one that ends up empty (a
+    # bad model, no image found, Ctrl-C before the first output) is removed again, as evaluate's is
+    made = new_folders(Path(args.out).parent if names_a_file(args.out) else args.out)
+    try:
+        return _restore(args, inputs, fmt, overlap)
+    finally:
+        remove_empty(made)
+
+
+def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int) -> int:
+    from dist_dejpeg.models.names import ModelFileError, OnnxUnavailable
+    from dist_dejpeg.restore import open_restorer
+    from dist_dejpeg.restore.files import check_restore_output, restore_files
+    from dist_dejpeg.restore.images import InputImageError
+
     try:
         check_restore_output(args.out)
         restorer = open_restorer(args.model, device=args.device, tile=args.tile, overlap=overlap,
@@ -49,9 +62,15 @@ def restore_command(args: argparse.Namespace) -> int:
         print(f"warning: {args.model} holds no validated gains (a checkpoint, or a run not yet finished: its "
               f"generator.safetensors has them): the guard cannot pass images through, every image is restored "
               f"unchecked", file=sys.stderr)
-    results = restore_files(restorer, inputs, args.out, fmt=fmt, max_pixels=args.max_pixels,
-                            skip_existing=args.skip_existing, progress=not args.quiet, quality=args.input_quality,
-                            suffix=args.suffix, output_quality=args.output_quality)
+    try:
+        results = restore_files(restorer, inputs, args.out, fmt=fmt, max_pixels=args.max_pixels,
+                                skip_existing=args.skip_existing, progress=not args.quiet,
+                                quality=args.input_quality, suffix=args.suffix, output_quality=args.output_quality)
+    except KeyboardInterrupt:  # what a user stopping a long folder needs: is what is there whole, and how to go on
+        print(f"\nrestore: interrupted; every output written is whole (each is renamed into place once complete): "
+              f"the same command{'' if args.skip_existing else ' with --skip-existing'} continues with the rest",
+              file=sys.stderr)
+        return 130
     print_restore_summary(results, args, restorer.device)
     return 1 if any(r.error for r in results) else 0
 

@@ -426,6 +426,52 @@ def test_skip_existing_skips_only_complete_outputs_and_says_so(tmp_path, model_f
     assert not any(output_complete(out / n) for n in ("no_iend.png", "jpeg_bytes.png", "missing.png"))
 
 
+def test_ctrl_c_in_a_folder_leaves_whole_outputs_and_says_how_to_go_on(tmp_path, model_file, monkeypatch, capsys):
+    """Ctrl-C while a folder is restored: the outputs already written are whole, no temp file is left, and the
+    message says how to continue (it said only "restore: interrupted")."""
+    import dist_dejpeg.restore.files as files
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(_photo(40, 48)).save(src / f"p{i}.jpg", quality=20)
+    real_load, loads = files.load_image, []
+
+    def ctrl_c_at_the_third(path, *args):  # (the CPU restores one file after another: the third load is after
+        loads.append(path)  # two outputs are written)
+        if len(loads) == 3:
+            raise KeyboardInterrupt
+        return real_load(path, *args)
+
+    monkeypatch.setattr(files, "load_image", ctrl_c_at_the_third)
+    run = ["restore", str(src), "-o", str(out), "--model", str(model_file), "--quiet"]
+    assert main(run) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "every output written is whole" in err and "with --skip-existing" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["p0.png", "p1.png"]  # whole, and no .tmp file beside them
+    assert all(output_complete(out / n) for n in ("p0.png", "p1.png"))
+    monkeypatch.setattr(files, "load_image", real_load)
+    assert main(run + ["--skip-existing"]) == 0
+    assert "restored 1 image(s)" in capsys.readouterr().out and output_complete(out / "p2.png")
+
+
+def test_a_photo_given_as_the_model_is_named_as_such_and_no_empty_folder_is_left(tmp_path, capsys):
+    """`--model photo.jpg` said "not a safetensors file (... header too large)", a missing .onnx onnxruntime's
+    NO_SUCHFILE text; both left the output folder they had made behind, empty."""
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(_photo()).save(photo, quality=20)
+    out = tmp_path / "new" / "out"
+    assert main(["restore", str(photo), "-o", str(out), "--model", str(photo), "--quiet"]) == 2
+    assert f"{photo}: a JPEG image, not a model: give a generator file" in capsys.readouterr().err
+    assert main(["restore", str(photo), "-o", str(out), "--model", str(tmp_path / "gone.onnx"), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'gone.onnx'}: no such file"
+    assert main(["restore", str(tmp_path / "none.jpg"), "-o", str(out), "--model", str(photo), "--quiet"]) == 2
+    assert not (tmp_path / "new").exists()  # made for the outputs, none written: removed again
+    (tmp_path / "kept").mkdir()  # a folder the user made is theirs, empty or not
+    assert main(["restore", str(photo), "-o", str(tmp_path / "kept"), "--model", str(photo), "--quiet"]) == 2
+    assert (tmp_path / "kept").is_dir()
+
+
 def test_per_image_lines_only_without_quiet_or_with_verbose(tmp_path, model_file, capsys):
     src = tmp_path / "p.png"  # never a JPEG: quality unknown, a per-image line without --quiet
     Image.fromarray(_photo(40, 48)).save(src)

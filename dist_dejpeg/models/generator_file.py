@@ -97,7 +97,22 @@ def read_metadata(path: str | Path) -> dict:
     except FileNotFoundError:
         raise ModelFileError(f"{path}: no such file") from None
     except Exception as err:  # noqa: BLE001 - safetensors raises its own types for non-safetensors bytes
+        image = _image_format(path)  # the usual mix-up, a photo given as the model: said as such, not as a
+        if image:  # safetensors header "too large" (a JPEG's first bytes read as a header length)
+            raise ModelFileError(f"{path}: a {image} image, not a model: give a generator file "
+                                 f"(generator.safetensors), a run folder or a checkpoint folder") from None
         raise ModelFileError(f"{path}: not a safetensors file ({type(err).__name__}: {err})") from None
+
+
+def _image_format(path: str | Path) -> str | None:
+    """The format of the image at ``path`` ("JPEG", "PNG", ...) where PIL recognises one, else None."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.format
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def _build_and_load(model_cfg: ModelConfig, state: dict, source: str) -> Generator:

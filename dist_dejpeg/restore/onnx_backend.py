@@ -98,6 +98,8 @@ def open_session(path, device: str = "cpu", threads: int | None = None):
         require_onnx(("onnxruntime",), "restoring with an ONNX model")
     except OnnxUnavailable as err:
         raise ModelFileError(str(err)) from None
+    if not os.path.isfile(path):  # said as a missing generator file is, not in onnxruntime's words
+        raise ModelFileError(f"{path}: no such file")
     import onnxruntime as ort
 
     options = ort.SessionOptions()
