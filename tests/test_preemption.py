@@ -23,6 +23,7 @@ from dist_dejpeg.config import to_yaml
 from dist_dejpeg.data import build_train_loader
 from dist_dejpeg.run.lock import RunDirBusy, RunLock
 from dist_dejpeg.train import checkpoint as ckpt
+from dist_dejpeg.train.launch import LAUNCHER_PID
 from dist_dejpeg.train.trainer import Preempted, Trainer, train
 
 from test_trainer import fresh_accelerator_state, shards, tiny  # noqa: F401 (fixtures)
@@ -104,6 +105,25 @@ def test_ctrl_c_asks_to_stop_and_a_second_one_stops_at_once(monkeypatch):
     finally:
         signals.restore()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_stop_request_is_said_once_per_node_not_once_per_rank(monkeypatch, capfd):
+    """Ctrl-C signals every rank: each printed "got SIGINT; stopping after this step", two identical lines on a
+    two-rank CPU run. The first rank of each node says it (under train.processes' launcher, which stops at once
+    on a second Ctrl-C, with that hint, as a lone process says it); every rank still records the request."""
+    said = {}
+    monkeypatch.setenv(LAUNCHER_PID, str(os.getppid()))
+    for local_rank in ("1", "0"):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        signals = ckpt.StopSignals().install()
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert signals.requested() and signals.name == "SIGINT"
+        finally:
+            signals.restore()
+        said[local_rank] = capfd.readouterr().err
+    assert said["1"] == "" and "got SIGINT; stopping after this step with a checkpoint (Ctrl-C again: stop now" \
+        in said["0"], said
 
 
 def test_ctrl_c_on_a_two_rank_run_checkpoints_and_exits(tmp_path, shards):

@@ -43,7 +43,7 @@ from dist_dejpeg.run.layout import (ABANDONED_PREFIX, CONFIG, PARTIAL_PREFIX, ST
                                     loader_state_name, partial_checkpoints, partial_name, step_name, step_of)
 from dist_dejpeg.run.manifest import fsync_dirs, fsync_own_files, write_manifest
 from dist_dejpeg.train.collective import all_ranks_or_raise
-from dist_dejpeg.train.launch import already_launched
+from dist_dejpeg.train.launch import LAUNCHER_PID, already_launched
 
 FINAL_STAGE = "during the final validation"  # (StopSignals.at_once: train/final.py)
 REPLACED = ".replaced"  # + a partial name: a complete checkpoint set aside while its step is saved again
@@ -298,9 +298,12 @@ class StopSignals:
             if self.stage is not None:
                 stage, self.stage = self.stage, None
                 raise StopNow(signal.Signals(signum).name, stage)
-            again = " (Ctrl-C again: stop now, without one)" if signum == signal.SIGINT and alone else ""
-            os.write(2, f"dist_dejpeg: got {signal.Signals(signum).name}; stopping after this step with a "
-                        f"checkpoint{again}\n".encode())
+            # a second Ctrl-C stops at once alone, or under train.processes' launcher (it kills the ranks)
+            at_once = alone or LAUNCHER_PID in os.environ
+            again = " (Ctrl-C again: stop now, without one)" if signum == signal.SIGINT and at_once else ""
+            if os.environ.get("LOCAL_RANK", "0") == "0":  # once per node, not once per rank (Ctrl-C signals all)
+                os.write(2, f"dist_dejpeg: got {signal.Signals(signum).name}; stopping after this step with a "
+                            f"checkpoint{again}\n".encode())
         elif signum == signal.SIGINT and alone:
             raise KeyboardInterrupt
 
