@@ -44,6 +44,20 @@ def test_config_reference_regenerates_between_the_markers(tmp_path):
     assert _between_markers(text) == config.reference_markdown().strip()
 
 
+def test_the_config_reference_command_has_help_and_refuses_a_wrong_option(tmp_path):
+    """`--help`, `--write` without its page and a misspelt option each printed the whole reference, exit 0."""
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "dist_dejpeg.config", *args], cwd=ROOT, capture_output=True,
+                              text=True)
+
+    shown = run("--help")
+    assert shown.returncode == 0 and "--write PAGE" in shown.stdout and "| key |" not in shown.stdout
+    for wrong in (["--write"], ["--wirte", str(tmp_path / "CONFIG.md")]):
+        done = run(*wrong)
+        assert done.returncode == 2 and "error:" in done.stderr and "| key |" not in done.stdout, wrong
+    assert run().stdout.strip() == config.reference_markdown().strip()
+
+
 def test_every_config_field_has_a_documented_row():
     reference = config.reference_markdown()
     sections = {"data": config.DataConfig, "model": config.ModelConfig, "critic": config.CriticConfig,
