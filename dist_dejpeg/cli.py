@@ -83,9 +83,10 @@ def _prepare(args: argparse.Namespace) -> int:
         except (FileNotFoundError, PrepareError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    splits = manifest["splits"]
+    splits, rejected = manifest["splits"], len(manifest["rejected"])  # (said once: publish() logs no count)
     print(f"wrote {splits['train']['samples']} train and {splits['val']['samples']} val tiles "
-          f"({len(splits['train']['shards'])} + {len(splits['val']['shards'])} shards) to {args.out}")
+          f"({len(splits['train']['shards'])} + {len(splits['val']['shards'])} shards) to {args.out}"
+          + (f"; {rejected} source{'s' if rejected != 1 else ''} rejected" if rejected else ""))
     for item in manifest["rejected"]:
         print(f"rejected {item.get('path', item['source'])}: {item['reason']}", file=sys.stderr)
     if splits["val"]["samples"] == 0:

@@ -4,6 +4,7 @@ only, importing no torch, so that ``--help`` is instant. Every option's help end
 from __future__ import annotations
 
 import argparse
+import os
 
 from dist_dejpeg.jpeg.formats import (DEFAULT_MAX_PIXELS, JPEG_SOURCE_ACTIONS, OUTPUT_FORMATS, SAME_FORMAT, SUBSAMPLING,
                                       TILE_FORMATS)
@@ -32,6 +33,14 @@ def jpeg_quality(text: str) -> int:
     if not 1 <= value <= 100:
         raise argparse.ArgumentTypeError(f"a JPEG quality is a whole number in 1..100, not {text!r}")
     return value
+
+
+def html_page(text: str) -> str:
+    """argparse type: report's -o, a page a browser opens by its suffix (-o r.png wrote HTML into a .png)."""
+    if os.path.splitext(text)[1].lower() not in (".html", ".htm"):
+        raise argparse.ArgumentTypeError(f"the HTML page to write, a name ending in .html or .htm (report.html: its "
+                                         f"tables go into report/), not {text!r}")
+    return text
 
 
 def at_least(low: int):
@@ -202,7 +211,8 @@ def evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 def report_arguments(p: argparse.ArgumentParser) -> None:
     add_evaluation_args(p, [10, 40])
-    p.add_argument("-o", "--out", required=True, help="the HTML file to write (tables go beside it)")
+    p.add_argument("-o", "--out", required=True, type=html_page,
+                   help="the HTML file to write, .html or .htm (tables go beside it)")
     p.add_argument("--crop", type=at_least(1), default=192, help="crop size in pixels")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import os
 import random
 import re
@@ -1001,6 +1002,25 @@ def test_prepare_folder_says_when_no_validation_split_is_written(tmp_path, capsy
         err = capsys.readouterr().err
         assert "no validation tiles were written" in err and "Add another photo" in err
         assert shard_keys(list_shards(out, "train-*.tar")[0])
+
+
+def test_prepare_says_what_it_wrote_once_with_the_rejected_count(tmp_path, capsys, caplog):
+    """prepare printed "wrote N tiles" and logged it again, there as "1 sources rejected"."""
+    from dist_dejpeg.cli import main
+
+    import skimage.data
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(skimage.data.astronaut()[:160, :160]).save(src / "a.png")
+    Image.fromarray(skimage.data.coffee()[:160, :160]).save(src / "b.png")
+    Image.fromarray(skimage.data.chelsea()[:40, :40]).save(src / "small.png")
+    with caplog.at_level(logging.INFO):
+        assert main(["prepare", "folder", "--src", str(src), "--out", str(tmp_path / "out"), "--tile", "64"]) == 0
+    out = capsys.readouterr().out
+    said = out.splitlines() + [r.getMessage() for r in caplog.records]
+    assert [line for line in said if "wrote" in line] == [line for line in out.splitlines() if line.startswith("wrote")]
+    assert len(out.splitlines()) == 1 and out.rstrip().endswith(f"to {tmp_path / 'out'}; 1 source rejected"), out
 
 
 def _tiles_by_source(root: Path) -> dict[str, list[np.ndarray]]:

@@ -391,6 +391,16 @@ def test_negative_sizes_refused_up_front(tmp_path, args, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("out", ["r.png", "r", "r.html.txt"])
+def test_report_page_not_named_html_is_a_usage_error(tmp_path, out, capsys):
+    """-o r.png wrote the HTML page into r.png (an image viewer then fails on it): refused before any work."""
+    with pytest.raises(SystemExit) as caught:
+        main(["report", "--model", "m", "--images", "x", "-o", str(tmp_path / "o" / out)])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and "argument -o/--out: the HTML page to write, a name ending in .html or .htm" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_report_says_what_the_guard_passed_through(tmp_path, model_file, photos, capsys):
     """A model whose validation measured gains up to q40 passes q95 through: the page says so for the quality and
     for the photo, as metrics.md does; q10 is restored."""
@@ -466,6 +476,20 @@ def test_a_quoted_glob_finds_upper_case_suffixes_as_a_folder_search_does(tmp_pat
     by_glob = read_references([str(tmp_path / "*.png")])[0]
     assert sorted(r.name for r in by_glob) == ["IMG_0001", "a"]
     assert sorted(r.name for r in read_references([str(tmp_path)])[0]) == ["IMG_0001", "a"]
+
+
+def test_a_missing_path_is_said_as_missing_not_as_empty(tmp_path):
+    """A misspelt --images said "no images or shards found in nothere/", as if the folder were there and empty."""
+    from dist_dejpeg.evaluation.evaluate import EvaluateError
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "empty").mkdir()
+    for images in ([str(tmp_path / "nothere")], [str(tmp_path / "a.png"), str(tmp_path / "nothere")]):
+        with pytest.raises(EvaluateError, match=r"^no such file or folder: .*nothere$"):
+            read_references(images)
+    for images in ([str(tmp_path / "empty")], [str(tmp_path / "*.jpg")]):  # there, but nothing in it: as before
+        with pytest.raises(EvaluateError, match="no images or shards found in"):
+            read_references(images)
 
 
 def test_a_grayscale_photo_is_measured_as_restore_writes_it(tmp_path, model_file):

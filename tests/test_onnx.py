@@ -126,6 +126,14 @@ def test_export_matches_pytorch_on_a_photo_at_two_sizes(exported, capsys):
     assert session.get_modelmeta().custom_metadata_map["format"] == ONNX_FORMAT
 
 
+def test_export_says_each_check_once(exported):
+    """The three checks' lines were repeated in the closing line: each difference is said once, then the summary."""
+    out = exported[3]
+    for label in ("1x3x200x152", "2x3x96x160", "1x3x20x27"):
+        assert out.count(label) == 1, out
+    assert out.splitlines()[-1].endswith(f"the 3 onnxruntime checks above are within {TOLERANCE:g} of PyTorch"), out
+
+
 def test_fold_spectral_norm_keeps_outputs_and_leaves_the_original_alone():
     g = _trained_like_generator()
     folded = fold_spectral_norm(g)

@@ -181,6 +181,29 @@ def test_not_a_run_folder(tmp_path, capsys):
 
 
 # -- real run folders -----------------------------------------------------------------------------------------
+def test_a_file_is_said_to_be_a_file_and_a_runs_file_points_at_its_run(tmp_path, capsys):
+    """`status photo.jpg` said "no such folder" of a photo that was there."""
+    step = tmp_path / "run" / "checkpoints" / "step-00000035"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    (tmp_path / "run" / "config.yaml").write_text("train: {}\n")
+    for name in ("photo.jpg", "run/generator.safetensors", "run/checkpoints/step-00000035/model.safetensors"):
+        (tmp_path / name).write_bytes(b"x")
+    said = {}
+    for name in ("photo.jpg", "run/generator.safetensors", "run/checkpoints/step-00000035/model.safetensors"):
+        assert cli("status", str(tmp_path / name)) == 2
+        said[name] = capsys.readouterr().err
+        assert "no such folder" not in said[name]
+    assert "photo.jpg is a file, not a run folder" in said["photo.jpg"]
+    run = f"status takes its run folder: dist-dejpeg status {tmp_path / 'run'}\n"
+    assert "generator.safetensors is a generator file of a run" in said["run/generator.safetensors"]
+    assert said["run/generator.safetensors"].endswith(run)
+    assert "model.safetensors is a file of a checkpoint" in said["run/checkpoints/step-00000035/model.safetensors"]
+    assert said["run/checkpoints/step-00000035/model.safetensors"].endswith(run)
+    assert cli("status", "--json", str(tmp_path / "photo.jpg")) == 2
+    assert "is a file, not a run folder" in json.loads(capsys.readouterr().out)["error"]
+
+
 def test_finished_run(tmp_path, shards, capsys, monkeypatch):
     run = tmp_path / "run"
     threads = torch.get_num_threads()

@@ -296,8 +296,6 @@ def publish(staging: Path, out: str | Path, manifest: dict) -> None:
                     "%s). Lossless originals are better (manifest.json: jpeg_sources)", len(found),
                     len(manifest["sources"]) + len(manifest["rejected"]), shown, JPEG_SOURCE_ACTIONS[jpeg], jpeg,
                     " or ".join(a for a in JPEG_SOURCE_ACTIONS if a != jpeg))
-    log.info("wrote %d train / %d val tiles to %s (%d sources rejected)", manifest["splits"]["train"]["samples"],
-             manifest["splits"]["val"]["samples"], out, len(manifest["rejected"]))
 
 
 def remove_stale_temps(out: Path) -> None:

@@ -6,6 +6,7 @@ until the first was measured took 36 MB per 12 MP photo (~1.8 GB for 50 camera p
 
 from __future__ import annotations
 
+import glob
 import logging
 import tarfile
 from pathlib import Path
@@ -110,6 +111,8 @@ def _input_paths(images: list[str]) -> list[Path]:
             paths += files or sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() == ".tar")
         elif p.is_file():
             paths.append(p)
+        elif not glob.has_magic(item):  # a misspelt name said as such, not as an empty folder or glob
+            raise EvaluateError(f"no such file or folder: {item}")
         else:
             paths += glob_files(item)  # ('*.png' finds a camera's IMG_0001.PNG too, as a folder search does)
     if not paths:

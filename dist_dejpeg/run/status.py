@@ -223,11 +223,27 @@ def _elsewhere(run_dir: Path, configured: str) -> bool:
     return there.name != here.name or (there.is_absolute() and there.resolve() != here)
 
 
+def _not_a_folder(path: Path) -> str:
+    """What ``status FILE`` says (it said "no such folder" of a photo that was there): a file of a checkpoint or
+    of a run (its generator file, its train.log) points at the run folder status takes."""
+    folder = path.parent
+    if (folder / TRAINER_STATE).is_file():
+        folder = folder.parent.parent  # (run/checkpoints/step-N/model.safetensors)
+        return f"{path} is a file of a checkpoint; status takes its run folder: dist-dejpeg status {folder}"
+    what = "a generator file" if path.suffix == ".safetensors" else "a file"
+    if any((folder / n).exists() for n in (CONFIG, PROGRESS, CHECKPOINTS)):
+        return f"{path} is {what} of a run; status takes its run folder: dist-dejpeg status {folder}"
+    return f"{path} is {what}, not a run folder; status takes the folder train.run_dir points at"
+
+
 # -- the whole picture --------------------------------------------------------------------------------------
 def run_status(run_dir: str | Path, now: float | None = None) -> dict:
-    """Everything ``status`` shows, as a JSON-ready dict. Raises FileNotFoundError when ``run_dir`` is not a
-    folder. ``run_folder`` is False when the folder holds nothing of a run."""
+    """Everything ``status`` shows, as a JSON-ready dict. Raises FileNotFoundError when ``run_dir`` does not
+    exist, NotADirectoryError (saying what the file is) when it is a file. ``run_folder`` is False when the folder
+    holds nothing of a run."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise NotADirectoryError(_not_a_folder(run_dir))
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no such folder: {run_dir}")
     now = time.time() if now is None else now
