@@ -190,12 +190,16 @@ def _train_command(args: argparse.Namespace) -> int:
         die_with_parent(os.getppid())
     from dist_dejpeg.data.verify import TooFewSamples, TooManyBadSamples
     from dist_dejpeg.models.weights import WeightsError
+    from dist_dejpeg.run.files import new_folders, remove_empty
+    from dist_dejpeg.run.layout import LOCK
     from dist_dejpeg.run.lock import RunDirBusy
     from dist_dejpeg.train.trainer import Preempted, TrainingStopped, train
 
+    made = new_folders(cfg.train.run_dir) if os.environ.get("RANK", "0") == "0" else []  # (the main process makes it)
     try:
         results = train(cfg, resume=args.resume)
     except (ConfigError, WeightsError, FileNotFoundError, RunDirBusy, TooManyBadSamples, TooFewSamples) as err:
+        remove_empty(made, leftovers=(LOCK,))  # a start that failed (a misspelt encoder) leaves no run folder behind
         return _stopped("error", err, 2)
     except Preempted as err:
         return _stopped("stopped", err, EXIT_PREEMPTED)

@@ -315,6 +315,20 @@ def test_train_processes_starts_ranks_and_returns_a_failing_ranks_exit_code(tmp_
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers and os.environ["OMP_NUM_THREADS"] == "1"
 
 
+def test_a_start_that_fails_before_training_leaves_no_run_folder_it_made(tmp_path, capsys, sample_shards):
+    """A misspelt encoder: a clear error, and the run folder this start made (holding only its lock) is gone; a
+    folder that was there before stays, with what it held."""
+    args = ["train", "train.processes=1", "train.cpu=true", "model.pretrained=false", f"data.root={sample_shards}",
+            "data.crop=64", "data.val_crop=64", "model.encoder=mobilenetv3_larg_100"]
+    assert main([*args, f"train.run_dir={tmp_path / 'new' / 'run'}"]) == 2
+    assert "timm has no model 'mobilenetv3_larg_100'" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "notes.txt").write_text("mine")
+    assert main([*args, f"train.run_dir={tmp_path / 'old'}"]) == 2
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [".lock", "notes.txt"]
+
+
 def test_the_command_says_a_ranks_own_exit_code_before_a_signal():
     """Of the ranks that failed, the one that chose its exit code (2) counts over one that died by a signal while
     the launcher stopped the others (-6, -15), whichever the launcher saw first."""

@@ -164,7 +164,8 @@ def test_zero2_channels_last_stops_on_an_inf_batch_with_the_last_good_state(tmp_
     assert re.search(r"training stopped: non-finite gen loss.*non-finite values in the batch's jpeg.*at step 2 "
                      r"\(global step 2\); the state before that step is saved in \S+step-00000002", done.stderr), \
         done.stderr[-3000:]
-    assert done.stderr.count("ERROR dist_dejpeg: training stopped") == 2  # rank 1 with it, not at a timeout
+    assert done.stderr.count("TrainingStopped: training stopped") == 2  # rank 1 with it, not at a timeout
+    assert "ERROR dist_dejpeg: training stopped" in (tmp_path / "inf" / "train.log").read_text()  # (rank 0's)
     assert "mismatch" not in done.stderr and "engine reference" not in done.stderr  # accelerate's false alarms
     assert [p.name for p in ckpt.list_checkpoints(run)] == [f"step-{s:08d}" for s in (1, 2)]
     assert json.loads((run / "progress.json").read_text())["status"] == "stopped"

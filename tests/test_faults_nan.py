@@ -7,6 +7,7 @@ validated gain is NaN or its output is not finite."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,19 @@ def test_inf_batch_stops_with_the_last_good_state_and_resume_finishes_finite(tmp
     assert all(np.isfinite(v) for r in results.values() for group in r.values() for v in group.values())
     bad, _ = nonfinite_files(tmp_path / "run")
     assert not bad and (tmp_path / "run" / "generator.safetensors").is_file(), bad[:5]
+
+
+def test_the_stop_is_said_once_on_the_console_and_kept_in_train_log(tmp_path, shards, caplog):  # noqa: F811
+    """The trainer logged "training stopped: ..." and the command printed it: twice in a terminal. The message is
+    the exception's (the command prints it, once per node); train.log keeps it as an ERROR line."""
+    cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=2")
+    t = Trainer(cfg, train_loader=InfAt(build_train_loader(cfg, 0, 1, torch.device("cpu")), index=1))
+    caplog.set_level(logging.INFO)
+    with pytest.raises(TrainingStopped, match="^training stopped: ") as stopped:
+        t.fit()
+    assert not [r.getMessage() for r in caplog.records if "training stopped" in r.getMessage()]
+    log_lines = [line for line in (tmp_path / "run" / "train.log").read_text().splitlines() if "stopped" in line]
+    assert len(log_lines) == 1 and log_lines[0].endswith(f" ERROR dist_dejpeg: {stopped.value}"), log_lines
 
 
 def test_deferred_inf_skips_the_whole_accumulated_update(tmp_path, shards, monkeypatch):  # noqa: F811

@@ -129,8 +129,12 @@ def new_folders(*folders) -> list[Path]:
     return sorted(made, key=lambda f: len(f.parts), reverse=True)
 
 
-def remove_empty(folders: list[Path]) -> None:
-    """Remove each of ``folders`` (deepest first, as new_folders lists them) that is still empty."""
+def remove_empty(folders: list[Path], leftovers: tuple[str, ...] = ()) -> None:
+    """Remove each of ``folders`` (deepest first, as new_folders lists them) that is still empty, or that holds
+    nothing but files named in ``leftovers`` (a training start that failed leaves its released run lock)."""
     for folder in folders:
         with contextlib.suppress(OSError):  # not empty (something else wrote there), or gone
+            if all(p.name in leftovers and p.is_file() for p in folder.iterdir()):
+                for name in leftovers:
+                    (folder / name).unlink(missing_ok=True)
             folder.rmdir()

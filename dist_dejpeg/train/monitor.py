@@ -171,7 +171,6 @@ class Monitor:
         rerun = "rerun the same command" if self.cfg.train.auto_resume else "rerun it with --resume"
         message = (f"disk full: {where}, {size_text(free)} free; free space and {rerun} "
                    + (f"(the last complete checkpoint is {last})" if last else "(there is no checkpoint yet)"))
-        log.error("%s", message)
         self.finish("stopped", message)
         stop = DiskFull(message, where)
         stop.__cause__ = err
@@ -308,8 +307,12 @@ class Monitor:
         self._write()
 
     def finish(self, status: str, reason: str = "", global_step: int | None = None) -> None:
-        """``status``: finished, preempted, stopped (a non-finite loss, a full disk) or crashed (an error)."""
+        """``status``: finished, preempted, stopped (a non-finite loss, a full disk) or crashed (an error). A stop's
+        ``reason`` goes into train.log alone: the command it ends prints it (cli._stopped, once per node), so a
+        terminal reads it once, not logged and printed."""
         self._close_bar()
+        if status in ("stopped", "preempted") and not self.closed:
+            to_run_log(self.run_log, reason, level=logging.ERROR if status == "stopped" else logging.INFO)
         if self.write_errors and self.main:
             log.warning("side writes that failed in this run (counted, not logged after the first): %s",
                         ", ".join(f"{k} {n}" for k, n in self.write_errors.items()))

@@ -51,8 +51,8 @@ def close_run_log(handler: RunLog | None) -> None:
         handler.close()
 
 
-def to_run_log(handler: RunLog | None, line: str, name: str = "dist_dejpeg") -> None:
-    """A line the progress bar showed instead of logging it, into the file alone."""
+def to_run_log(handler: RunLog | None, line: str, name: str = "dist_dejpeg", level: int = logging.INFO) -> None:
+    """A line the console shows otherwise (the progress bar's, the command's own last word), into the file alone."""
     if handler is not None:
-        handler.handle(logging.makeLogRecord({"name": name, "levelno": logging.INFO, "levelname": "INFO",
+        handler.handle(logging.makeLogRecord({"name": name, "levelno": level, "levelname": logging.getLevelName(level),
                                               "msg": line}))

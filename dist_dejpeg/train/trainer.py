@@ -225,7 +225,6 @@ class Trainer:
                            f"{st.phase_step} of phase '{name}' (global step {st.global_step}); the checkpoint "
                            f"{path} resumes it: run the same command again (train.auto_resume)")
                 self.monitor.finish("preempted", message, st.global_step)
-                log.info("%s", message)
                 raise Preempted(message, path)
         self.monitor.end_phase(name, st.global_step)
         if phase.kind == "gan":
@@ -307,7 +306,6 @@ class Trainer:
                        f"(global step {self.state.global_step}); {saved}. "
                        f"Lower the phase's lr, set max_grad_norm, or use bf16 instead of fp16, then --resume (if "
                        f"it stops again at once, the saved state had diverged already: --resume an older checkpoint)")
-            log.error(message)
             self.monitor.finish("stopped", message, self.state.global_step)
             raise TrainingStopped(message) from None
         finally:
