@@ -315,7 +315,21 @@ def test_train_processes_starts_ranks_and_returns_a_failing_ranks_exit_code(tmp_
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers and os.environ["OMP_NUM_THREADS"] == "1"
 
 
-def test_a_start_that_fails_before_training_leaves_no_run_folder_it_made(tmp_path, capsys, sample_shards):
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's process-wide state reset before and after: a training run in this process sets its precision,
+    which another in-process run of this worker with another precision may not change."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_a_start_that_fails_before_training_leaves_no_run_folder_it_made(tmp_path, capsys, sample_shards,
+                                                                        fresh_accelerate_state):
     """A misspelt encoder: a clear error, and the run folder this start made (holding only its lock) is gone; a
     folder that was there before stays, with what it held."""
     args = ["train", "train.processes=1", "train.cpu=true", "model.pretrained=false", f"data.root={sample_shards}",
