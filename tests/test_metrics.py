@@ -593,6 +593,37 @@ def test_validation_ssim_is_evaluate_ssim(pair):
     assert ours == pytest.approx(F.ssim(img, ref), abs=2e-5)  # seen ~3e-6 (float32 sums)
 
 
+# SSIM of the four skimage photos' q20 libjpeg JPEGs (RGB, Y) as the shifted multiply-add blur computed it, before
+# evaluate's numpy path moved to scipy's correlate1d (same filter, sums in another order: seen <= 6e-16 relative)
+SSIM_BEFORE_CORRELATE1D = {"astronaut": (0.869075025739849, 0.9257334498763496),
+                           "coffee": (0.7867131942928175, 0.8621121390406152),
+                           "chelsea": (0.8444084444514871, 0.880452652900367),
+                           "rocket": (0.8447103504824937, 0.9114883025138982)}
+
+
+@pytest.mark.parametrize("name", SSIM_BEFORE_CORRELATE1D)
+def test_ssim_values_unchanged_by_the_faster_blur(name):
+    from dist_dejpeg.data.images import jpeg_roundtrip
+
+    clean = getattr(data, name)()
+    degraded = jpeg_roundtrip(clean, 20)
+    rgb, y = SSIM_BEFORE_CORRELATE1D[name]
+    assert F.ssim(degraded, clean) == pytest.approx(rgb, rel=1e-12, abs=0)
+    assert F.ssim(degraded, clean, y_only=True) == pytest.approx(y, rel=1e-12, abs=0)
+
+
+def test_ssim_map_numpy_and_torch_paths_agree(pair):
+    """evaluate's numpy ssim_map (scipy correlate1d) and validation's torch one (shifted multiply-adds, kept for
+    CUDA tensors) are the same filter: float64 maps equal to rounding, the torch map still (H - 10) x (W - 10)."""
+    img, ref = (a[..., 1].astype(np.float64) for a in pair)
+    ours = F.ssim_map(img, ref)
+    theirs = F.ssim_map(torch.from_numpy(img), torch.from_numpy(ref))
+    assert isinstance(theirs, torch.Tensor)
+    assert ours.shape == tuple(theirs.shape) == (img.shape[0] - 10, img.shape[1] - 10)
+    # (a flat window's variance is a difference of near-equal sums: seen 1e-12 there, ~1e-16 elsewhere)
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-10, atol=1e-11)
+
+
 # --- the registry: one table -----------------------------------------------------------------------------------
 
 def test_registry_entries_are_complete():

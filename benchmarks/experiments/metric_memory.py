@@ -5,9 +5,10 @@ libjpeg q20 round trip; each metric runs alone in a child process, which reports
 memory over its start (VmHWM from /proc, reset at the start: ru_maxrss keeps the forking parent's peak across
 exec), the tracemalloc peak (numpy's allocations; torch's are not seen), its seconds and its value. LPIPS is
 AlexNet with random weights (the pretrained ones cannot be assumed here; memory and time are the same, the value
-is not LPIPS). Linux only.
+is not LPIPS). Linux only. ``--threads 2``: numpy's and torch's thread counts (evaluate runs with torch's default,
+the machine's cores).
 
-    python benchmarks/experiments/metric_memory.py [--size 4000x3000] [--out benchmarks/results]
+    python benchmarks/experiments/metric_memory.py [--size 4000x3000] [--threads 1] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -48,20 +49,21 @@ def _proc_mb(key: str) -> float:
     return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
 
 
-def child(name: str, height: int, width: int) -> dict:
+def child(name: str, height: int, width: int, threads: int = 1) -> dict:
     """One metric measured in this process (the photo pair made before the start is taken)."""
     import torch
 
     from dist_dejpeg.metrics import fullref, noref, whole_image
     from dist_dejpeg.models.lpips import LPIPS
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     clean, jpeg = photo_pair(height, width)
     calls = {"psnr": lambda: fullref.psnr(jpeg, clean), "psnr_y": lambda: fullref.psnr(jpeg, clean, y_only=True),
              "psnr_b": lambda: fullref.psnr_b(jpeg, clean), "ssim": lambda: fullref.ssim(jpeg, clean),
              "colour": lambda: fullref.colour_metrics(jpeg, clean), "brisque": lambda: noref.brisque(jpeg),
              "niqe": lambda: noref.niqe(jpeg)}
     if name == "lpips":
+        torch.manual_seed(0)  # the same random backbone in every run: values comparable before and after a change
         model = LPIPS(net="alex", pretrained=False).eval()
         calls["lpips"] = lambda: whole_image.lpips_value(model, jpeg, clean)
     elif name in ("brisque", "niqe"):  # their model files loaded before the start (a 288 px image)
@@ -83,20 +85,21 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="4000x3000", help="WIDTHxHEIGHT of the photo")
     p.add_argument("--out", default="benchmarks/results", help="folder for metric_memory.md / .json")
+    p.add_argument("--threads", type=int, default=1, help="numpy's and torch's threads in each child")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
     if args.child:
-        print(json.dumps(child(args.child, height, width), default=float))
+        print(json.dumps(child(args.child, height, width, args.threads), default=float))
         return
     from dist_dejpeg.bench.common import machine_name_without_torch
     from dist_dejpeg import source_commit
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     rows = []
     for name in METRICS:
-        run = subprocess.run([sys.executable, __file__, "--size", args.size, "--child", name], capture_output=True,
-                             text=True, env=env)
+        run = subprocess.run([sys.executable, __file__, "--size", args.size, "--threads", str(args.threads),
+                              "--child", name], capture_output=True, text=True, env=env)
         lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
         if run.returncode or not lines:
             raise SystemExit(f"{name} failed:\n{run.stderr[-2000:]}")
@@ -104,8 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:8s} +{rows[-1]['rise_mb']:6.0f} MB (tracemalloc {rows[-1]['tracemalloc_mb']:6.0f} MB) "
               f"{rows[-1]['seconds']:5.1f} s", flush=True)
     machine, when = machine_name_without_torch(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    threads = "one thread" if args.threads == 1 else f"{args.threads} threads"
     table = [f"# evaluate's metrics: peak memory on one {width} x {height} photo", "",
-             f"{machine}; commit {source_commit() or '?'}; {when}; one thread; each metric in a fresh process "
+             f"{machine}; commit {source_commit() or '?'}; {when}; {threads}; each metric in a fresh process "
              "(`python benchmarks/experiments/metric_memory.py`).", "",
              "| metric | peak resident rise | tracemalloc peak | seconds |", "|---|---|---|---|"]
     table += [f"| {r['metric']} | +{r['rise_mb']:.0f} MB | {r['tracemalloc_mb']:.0f} MB | {r['seconds']:.1f} |"
@@ -114,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     with open(os.path.join(args.out, "metric_memory.md"), "w") as f:
         f.write("\n".join(table) + "\n")
     with open(os.path.join(args.out, "metric_memory.json"), "w") as f:
-        json.dump({"machine": machine, "date": when, "size": [width, height], "rows": rows}, f, indent=2,
-                  default=float)
+        json.dump({"machine": machine, "date": when, "threads": args.threads, "size": [width, height], "rows": rows},
+                  f, indent=2, default=float)
 
 
 if __name__ == "__main__":
