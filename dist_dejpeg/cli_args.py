@@ -122,7 +122,9 @@ def prepare_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder: the images' folder (as --src); div2k: the archives' folder (as --root)")
     p.add_argument("--root", help="div2k: folder with DIV2K_{train,valid}_HR.zip or their extracted folders")
     p.add_argument("--download", action="store_true", help="div2k: fetch missing archives (resumable, verified)")
-    p.add_argument("--workers", type=at_least(0), default=0, help="div2k: tiling processes (0: one per core, max 16)")
+    p.add_argument("--workers", type=at_least(0), default=0,
+                   help="folder and div2k: decoding and tiling processes (0: one per core this process may use, at "
+                        "most 8 for folder, 16 for div2k; 1: none, all in this process)")
     p.add_argument("--keep-staging", action="store_true", help="div2k: keep the per-image tile tars")
     p.add_argument("-o", "--out", required=True, help="output folder for the shards and manifest.json")
     p.add_argument("--src", help="folder: the images (searched recursively; lossless formats preferred)")

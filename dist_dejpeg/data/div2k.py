@@ -22,14 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 import tarfile
 import zipfile
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 from dist_dejpeg.data.download import DownloadError, download, sha256_file
 from dist_dejpeg.data.folder import unique_names
 from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile
+from dist_dejpeg.data.pool import MAX_DEFAULT_WORKERS, map_in_order, pool_size
 from dist_dejpeg.data.shards import (MANIFEST, SHARD_NAME, PrepareError, check_settings, finish_split_files, remove_shards,
                                      remove_stale_temps, require_training_tiles, sample_key, tiles, write_shard)
 from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS
@@ -195,7 +195,7 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
         inputs[split] = find_sources(root, split)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path.unlink(missing_ok=True)  # before any shard changes: no manifest describes other shards
-    workers = workers or max(1, min(os.cpu_count() or 1, 16))
+    workers = pool_size(workers, MAX_DEFAULT_WORKERS["div2k"])
     manifest = {"dataset": "DIV2K HR", "settings": settings, **settings, "splits": {},
                 "sources": {}, "inputs": {}, "rejected": []}
     for split in ("train", "val"):
@@ -204,9 +204,9 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
         split_step = split_step_for(split, step, tile)
         staging = out / ".staging" / f"{split}-{tile}-{split_step}-{fmt}"
         staging.mkdir(parents=True, exist_ok=True)
-        with ProcessPoolExecutor(workers) as pool:
-            futures = [pool.submit(_tile_one, s, staging, tile, split_step, fmt) for s in sources]
-            records = [f.result() for f in tqdm(futures, desc=f"{split} tiles", unit="img", disable=not progress)]
+        cut = partial(_tile_one, staging=staging, tile=tile, step=split_step, fmt=fmt)
+        records = list(tqdm(map_in_order(cut, sources, workers, names=lambda source: source.member or source.path),
+                            total=len(sources), desc=f"{split} tiles", unit="img", disable=not progress))
         keys = []
         for record in records:
             if "rejected" in record:
@@ -232,6 +232,7 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
     remove_stale_temps(out)
     if not keep_staging:
         shutil.rmtree(out / ".staging", ignore_errors=True)
-    log.info("DIV2K: %d train / %d val tiles in %s (%d sources rejected)", manifest["splits"]["train"]["samples"],
-             manifest["splits"]["val"]["samples"], out, len(manifest["rejected"]))
+    rejected = len(manifest["rejected"])
+    log.info("DIV2K: %d train / %d val tiles in %s (%d source%s rejected)", manifest["splits"]["train"]["samples"],
+             manifest["splits"]["val"]["samples"], out, rejected, "" if rejected == 1 else "s")
     return manifest

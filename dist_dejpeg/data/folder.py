@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_dejpeg.data.images import BadImage, decode_rgb8, is_avif, is_jpeg_xl, webp_is_lossy
+from dist_dejpeg.data.pool import MAX_DEFAULT_WORKERS, pool_size
 from dist_dejpeg.data.shards import (PrepareError, check_settings, publish, require_training_tiles, sample_key, staged,
                                      tile_sources)
 from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
@@ -154,10 +155,12 @@ def find_sources(src: Path) -> tuple[list[tuple[Path, str, str]], list[dict]]:
 
 def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step: int = 128, shard_size: int = 256,
                    val_fraction: float = 0.1, seed: int = 0, fmt: str = "raw", jpeg: str = "halve",
-                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int = 1) -> dict:
     """Shards from a folder of your own images (see the module docstring). Prefer lossless sources: a JPEG source
     would put its own artefacts into the "clean" target; ``jpeg`` (JPEG_SOURCE_ACTIONS) says what is done with those
-    whose pixels show it (by default they are used halved). Photos over ``max_pixels`` are rejected."""
+    whose pixels show it (by default they are used halved). Photos over ``max_pixels`` are rejected. ``workers``
+    processes decode and tile the photos (1: this process, where a test's patched reader reaches; 0: pool.pool_size's
+    default, as the CLI's --workers), the shards coming out the same whatever their number."""
     check_settings(tile, train_step, shard_size)
     if not 0 <= val_fraction < 1:  # NaN too
         raise PrepareError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
@@ -172,7 +175,8 @@ def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step
     paths = {name: rel for _, name, rel in found}
     with staged(out) as staging:
         write = partial(tile_sources, staging, dataset=f"folder {src}", tile=tile, train_step=train_step,
-                        shard_size=shard_size, seed=seed, fmt=fmt, jpeg=jpeg, paths=paths, rejected=rejected)
+                        shard_size=shard_size, seed=seed, fmt=fmt, jpeg=jpeg, paths=paths, rejected=rejected,
+                        workers=min(pool_size(workers, MAX_DEFAULT_WORKERS["folder"]), len(sources)))
         manifest = write(sources)
         usable = list(manifest["sources"])  # accepted photos, in the shuffled order
         splits = manifest["splits"]

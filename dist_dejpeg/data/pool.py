@@ -1,0 +1,67 @@
+"""The tiling processes of `prepare` (folder and div2k): how many, and each source's result handed back in the
+sources' order, so that a pool writes the same shards as one process does."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable, Iterable, Iterator, TypeVar
+
+Item, Result = TypeVar("Item"), TypeVar("Result")
+# Default --workers (0) of each prepare: div2k's processes write their own tile tars; prepare folder's hand each photo
+# to one writer, which takes ~0.5 s to write a 12 MP photo's raw tiles (--step 128: 150 MB) on a 2-core VM, about as
+# long as a process takes to decode it, so many more processes there would mostly hold more photos in memory
+MAX_DEFAULT_WORKERS = {"div2k": 16, "folder": 8}
+
+
+class TilingProcessLost(BrokenProcessPool):
+    """A tiling process ended abruptly; the message names the sources in progress and what to do."""
+
+
+def pool_size(workers: int, cap: int) -> int:
+    """``workers``, or for 0 one process per core this process may use (its CPU affinity: a SLURM job's or
+    taskset's share, where os.cpu_count() counts the whole node), at most ``cap``."""
+    if workers:
+        return workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, cap))
+
+
+def leave_ctrl_c_to_the_parent() -> None:
+    """Pool initializer: Ctrl-C signals the terminal's whole process group; the parent stops the pool (its photos
+    in progress finish, the queued ones are dropped) instead of each worker printing its own traceback, or dying
+    idle and breaking the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def map_in_order(work: Callable[[Item], Result], items: Iterable[Item], workers: int,
+                 names: Callable[[Item], str] = str) -> Iterator[Result]:
+    """``work(item)`` for each item, in the items' order: in this process for ``workers`` <= 1, else in a pool of
+    ``workers`` processes holding at most 2 x ``workers`` items (and their results) at a time. A worker killed
+    (out of memory, a signal) is a TilingProcessLost naming the items in flight (``names``), not a hang; however the
+    caller stops (an error, Ctrl-C, closing this generator), the pool is shut down before this returns."""
+    if workers <= 1:
+        yield from map(work, items)
+        return
+    items = iter(items)
+    pool = ProcessPoolExecutor(workers, initializer=leave_ctrl_c_to_the_parent)
+    try:
+        flight = deque((item, pool.submit(work, item)) for item in itertools.islice(items, 2 * workers))
+        while flight:
+            item, future = flight.popleft()
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                held = ", ".join(names(i) for i in [item] + [i for i, _ in flight])
+                raise TilingProcessLost(f"a tiling process ended abruptly (killed: out of memory?) while these sources "
+                                        f"were in progress: {held}; nothing was published. Run again with fewer "
+                                        f"--workers (now {workers}), or --workers 1 to tile in this process") from None
+            for follower in itertools.islice(items, 1):  # keep the pool busy while the caller writes this result
+                flight.append((follower, pool.submit(work, follower)))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
