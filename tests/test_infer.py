@@ -592,8 +592,8 @@ def test_restore_tensor_takes_uint8_and_float_dtypes_and_refuses_what_it_cannot_
             restorer.restore_tensor(as_float, quality)
 
 
-def test_the_onnx_backend_restores_tensors_too():
-    """OnnxRestorer has restore_tensor (through numpy on the host), as Restorer does; a fake session is the model."""
+def _fake_onnx_restorer():
+    """An OnnxRestorer whose session is a fake running Pointwise (64 px tiles, overlap 16, batch 2, no guard)."""
     from dist_dejpeg.restore.onnx_backend import OnnxRestorer
 
     class Session:
@@ -603,6 +603,12 @@ def test_the_onnx_backend_restores_tensors_too():
     onnx = object.__new__(OnnxRestorer)
     onnx.session, onnx.conditioned, onnx.pad_to, onnx.attention_stride, onnx.keep_mean = Session(), False, 16, 0, False
     onnx.setup({}, tile=64, overlap=16, batch_size=2, guard=False)
+    return onnx
+
+
+def test_the_onnx_backend_restores_tensors_too():
+    """OnnxRestorer has restore_tensor (through numpy on the host), as Restorer does; a fake session is the model."""
+    onnx = _fake_onnx_restorer()
     x = torch.from_numpy(_photo(100, 90)).permute(2, 0, 1)
     expected = Restorer(Pointwise(), tile=64, overlap=16, guard=False).restore_tensor(x[None])
     got = onnx.restore(x[None], 20)
@@ -631,15 +637,7 @@ def test_a_quality_given_as_text_is_refused_as_other_bad_qualities_are():
 def test_the_onnx_backend_restores_half_precision_tensors_as_their_float32_copies():
     """The onnxruntime path's tensors go through numpy, which has no bfloat16: float16 and bfloat16 batches come
     back in their dtype, with their float32 copy's pixels cast back; a fake session is the model."""
-    from dist_dejpeg.restore.onnx_backend import OnnxRestorer
-
-    class Session:
-        def run(self, names, feeds):
-            return [Pointwise()(torch.from_numpy(feeds["degraded"])).numpy()]
-
-    onnx = object.__new__(OnnxRestorer)
-    onnx.session, onnx.conditioned, onnx.pad_to, onnx.attention_stride, onnx.keep_mean = Session(), False, 16, 0, False
-    onnx.setup({}, tile=64, overlap=16, batch_size=2, guard=False)
+    onnx = _fake_onnx_restorer()
     x = torch.from_numpy(_photo(100, 90)).permute(2, 0, 1).float() / 255
     for dtype in (torch.float16, torch.bfloat16):
         got = onnx.restore_tensor(x.to(dtype), 20)
