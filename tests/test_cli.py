@@ -25,6 +25,7 @@ from dist_dejpeg.restore.images import output_complete
 
 from test_evaluate import model_file  # noqa: F401 - the module-scoped tiny generator file
 from test_faults_restore import GPS, GPS_IFD, Identity, _photo
+from test_trainer import fresh_accelerator_state  # noqa: F401 - autouse: in-process runs reset Accelerate's state
 
 ROOT = Path(__file__).resolve().parents[1]
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -315,21 +316,7 @@ def test_train_processes_starts_ranks_and_returns_a_failing_ranks_exit_code(tmp_
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers and os.environ["OMP_NUM_THREADS"] == "1"
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate's process-wide state reset before and after: a training run in this process sets its precision,
-    which another in-process run of this worker with another precision may not change."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def test_a_start_that_fails_before_training_leaves_no_run_folder_it_made(tmp_path, capsys, sample_shards,
-                                                                        fresh_accelerate_state):
+def test_a_start_that_fails_before_training_leaves_no_run_folder_it_made(tmp_path, capsys, sample_shards):
     """A misspelt encoder: a clear error, and the run folder this start made (holding only its lock) is gone; a
     folder that was there before stays, with what it held."""
     args = ["train", "train.processes=1", "train.cpu=true", "model.pretrained=false", f"data.root={sample_shards}",

@@ -19,6 +19,7 @@ import torch
 
 from dist_dejpeg.cli import main
 from dist_dejpeg.run import status as st
+from dist_dejpeg.run import verdict as run_verdict
 from dist_dejpeg.run.lock import lock_status
 from dist_dejpeg.run.text import format_status
 from dist_dejpeg.config import to_yaml
@@ -54,7 +55,7 @@ def no_flock(monkeypatch):
 
 # -- the verdict as a pure function ---------------------------------------------------------------------------
 def verdict(progress=None, age=5.0, held=False, finished=False, ckpts=True, config=True):
-    return st.verdict(has_config=config, progress=progress, progress_age_s=age if progress else None,
+    return run_verdict.verdict(has_config=config, progress=progress, progress_age_s=age if progress else None,
                       lock_held=held, finished_files=finished, has_checkpoints=ckpts)[0]
 
 
@@ -84,19 +85,19 @@ def test_a_crash_on_a_lost_peer_names_another_process_as_the_cause():
     gloo = ("RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
             "[127.0.0.1]:31927: Connection reset by peer. This is typically caused by a remote worker hanging")
     for reason in (gloo, "DistBackendError: NCCL error: remote process exited or there was a network error"):
-        state, why = st.verdict(has_config=True, progress={"status": "crashed", "reason": reason}, progress_age_s=5,
+        state, why = run_verdict.verdict(has_config=True, progress={"status": "crashed", "reason": reason}, progress_age_s=5,
                                 lock_held=False, finished_files=False, has_checkpoints=True)
         assert state == "crashed or killed"
         assert why.startswith("another process of the run probably died first"), why
-    _, why = st.verdict(has_config=True, progress={"status": "crashed", "reason": "ZeroDivisionError: x"},
+    _, why = run_verdict.verdict(has_config=True, progress={"status": "crashed", "reason": "ZeroDivisionError: x"},
                         progress_age_s=5, lock_held=False, finished_files=False, has_checkpoints=True)
     assert why == "it stopped on an error: ZeroDivisionError: x"
 
 
 def test_verdict_when_the_lock_is_on_another_host():
     assert verdict({"status": "running"}, age=30, held=None) == "running"
-    assert verdict({"status": "running"}, age=3 * st.STALE_S, held=None) == "crashed or killed"
-    assert verdict({"status": "preempted"}, age=3 * st.STALE_S, held=None) == "preempted"
+    assert verdict({"status": "running"}, age=3 * run_verdict.STALE_S, held=None) == "crashed or killed"
+    assert verdict({"status": "preempted"}, age=3 * run_verdict.STALE_S, held=None) == "preempted"
 
 
 # -- lock detection -------------------------------------------------------------------------------------------

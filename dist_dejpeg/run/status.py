@@ -30,7 +30,6 @@ from dist_dejpeg.run.folder import RunFolder, read_folder, read_yaml
 from dist_dejpeg.run.layout import CHECKPOINTS, CONFIG, GENERATOR, LOADER_STATE, LOCK, METRICS, PROGRESS, TRAINER_STATE
 from dist_dejpeg.run.text import duration
 from dist_dejpeg.run.verdict import STALE_S, final_stage, finite, judge, mtime, newer_start, progress_age
-from dist_dejpeg.run.verdict import verdict  # noqa: F401 (status's API before verdict.py: tests call st.verdict)
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
