@@ -112,6 +112,18 @@ def test_a_killed_worker_is_a_clear_error_not_a_hang():
     assert multiprocessing.active_children() == []
 
 
+def test_work_that_cannot_be_pickled_is_a_clear_error_not_a_hang():
+    """A local function (as a test or a Python caller may give as a photo's loader) cannot reach a process: a
+    TypeError naming the item at once, where the pool's feeder thread failed and its shutdown could wait forever."""
+    faulthandler.dump_traceback_later(120, exit=True)
+    try:
+        with pytest.raises(TypeError, match=r"photo0: its work cannot be sent to a tiling process .*workers=1"):
+            list(map_in_order(_slow_echo, [(0, lambda: None)], workers=2, names=lambda item: f"photo{item[0]}"))
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert multiprocessing.active_children() == []
+
+
 def _read_or_die(path: Path, *args) -> np.ndarray:
     if path.name == "p3.png":
         os.kill(os.getpid(), signal.SIGKILL)

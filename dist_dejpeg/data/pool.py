@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
 import signal
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -49,8 +50,19 @@ def map_in_order(work: Callable[[Item], Result], items: Iterable[Item], workers:
         return
     items = iter(items)
     pool = ProcessPoolExecutor(workers, initializer=leave_ctrl_c_to_the_parent)
+
+    def submit(item):
+        # a task that cannot be pickled (a lambda or local function as the work or an item's loader) fails in the
+        # pool's feeder thread, which could leave Python 3.11's shutdown waiting forever: said here, before it goes
+        try:
+            pickle.dumps((work, item))
+        except (pickle.PicklingError, AttributeError, TypeError) as err:
+            raise TypeError(f"{names(item)}: its work cannot be sent to a tiling process ({err}); use functions "
+                            f"defined at a module's top level, or workers=1") from None
+        return item, pool.submit(work, item)
+
     try:
-        flight = deque((item, pool.submit(work, item)) for item in itertools.islice(items, 2 * workers))
+        flight = deque(submit(item) for item in itertools.islice(items, 2 * workers))
         while flight:
             item, future = flight.popleft()
             try:
@@ -61,7 +73,7 @@ def map_in_order(work: Callable[[Item], Result], items: Iterable[Item], workers:
                                         f"were in progress: {held}; nothing was published. Run again with fewer "
                                         f"--workers (now {workers}), or --workers 1 to tile in this process") from None
             for follower in itertools.islice(items, 1):  # keep the pool busy while the caller writes this result
-                flight.append((follower, pool.submit(work, follower)))
+                flight.append(submit(follower))
             yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
