@@ -70,11 +70,12 @@ def _pair(img, ref, crop_border: int) -> tuple[np.ndarray, np.ndarray]:
     return cropped(a, crop_border), cropped(b, crop_border)
 
 
-def _bands(h: int, extra: int = 0):
-    """(start, stop) of consecutive BAND_ROWS-row bands covering rows 0..h-1, each stop moved ``extra`` rows on
-    (not past h): the rows that a band's terms also read (SSIM's window: 10, a vertical difference: 1)."""
-    for start in range(0, h, BAND_ROWS):
-        yield start, min(start + BAND_ROWS + extra, h)
+def row_bands(h: int, rows: int, extra: int = 0):
+    """(start, stop) of consecutive ``rows``-row bands covering rows 0..h-1, each stop moved ``extra`` rows on
+    (not past h): the rows that a band's terms also read (SSIM's window: 10, a vertical difference: 1). The
+    banded metrics' one loop (here, metrics/noref.py, LPIPS in metrics/whole_image.py)."""
+    for start in range(0, h, rows):
+        yield start, min(start + rows + extra, h)
 
 
 def _rows(a: np.ndarray, start: int, stop: int, y_only: bool) -> np.ndarray:
@@ -95,7 +96,8 @@ def psnr(img, ref, *, y_only: bool = False, crop_border: int = 0) -> float:
     channels; ``y_only``: on MATLAB-style BT.601 Y (:func:`rgb_to_y`, not rounded, like BasicSR's
     test_y_channel). ``crop_border`` pixels are dropped on each side. Identical images give ``math.inf``."""
     a, b = _pair(img, ref, crop_border)
-    squares = sum(float(np.sum((_rows(a, i, j, y_only) - _rows(b, i, j, y_only)) ** 2)) for i, j in _bands(len(a)))
+    squares = sum(float(np.sum((_rows(a, i, j, y_only) - _rows(b, i, j, y_only)) ** 2))
+                  for i, j in row_bands(len(a), BAND_ROWS))
     values = a.shape[0] * a.shape[1] * (1 if y_only or a.ndim == 2 else 3)
     return _psnr_from_mse(squares / values)
 
@@ -112,7 +114,7 @@ def colour_metrics(img, ref, *, crop_border: int = 0) -> dict[str, float | None]
         raise ValueError("colour metrics need an H x W x 3 image")
     m = np.asarray(JFIF_YCBCR)
     squares, sums = np.zeros(3), np.zeros(3)
-    for i, j in _bands(len(a)):
+    for i, j in row_bands(len(a), BAND_ROWS):
         diff = _rows(a, i, j, False) - _rows(b, i, j, False)
         planes = diff @ m.T  # linear: the YCbCr difference is the transformed RGB difference
         squares += [float(np.sum(planes[..., c] ** 2)) for c in range(3)]
@@ -167,7 +169,7 @@ def ssim(img, ref, *, y_only: bool = False, crop_border: int = 0) -> float:
         raise ValueError(f"SSIM needs at least {SSIM_MIN_SIDE}x{SSIM_MIN_SIDE} pixels, got {h}x{w}")
     edge, channels = SSIM_MIN_SIDE - 1, 1 if y_only or a.ndim == 2 else 3
     sums = np.zeros(channels)
-    for i, j in _bands(h - edge):  # map rows i..j-1 from image rows i..j+edge-1
+    for i, j in row_bands(h - edge, BAND_ROWS):  # map rows i..j-1 from image rows i..j+edge-1
         for c in range(channels):  # a channel at a time: a contiguous float64 copy, a third of the RGB band's memory
             x, y = (_rows(v if channels == 1 else v[..., c], i, j + edge, y_only)[..., 0] for v in (a, b))
             sums[c] += float(ssim_map(x, y).sum())
@@ -181,7 +183,7 @@ def blocking_effect_factor(x: np.ndarray, block: int = 8) -> float:
     adjacent pairs."""
     x = np.asarray(x)
     sums = np.zeros(2)
-    for i, j in _bands(len(x), extra=1):
+    for i, j in row_bands(len(x), BAND_ROWS, extra=1):
         sums += _boundary_sums(_rows(x, i, j, False)[..., 0], i, block)
     return _bef(sums, x.shape, block)
 
@@ -227,7 +229,7 @@ def psnr_b(img, ref, *, y_only: bool = False, crop_border: int = 0) -> float:
     a, b = _pair(img, ref, crop_border)
     channels = 1 if y_only or a.ndim == 2 else 3
     squares, boundary = np.zeros(channels), np.zeros((channels, 2))
-    for i, j in _bands(len(a), extra=1):
+    for i, j in row_bands(len(a), BAND_ROWS, extra=1):
         x, y = _rows(a, i, j, y_only), _rows(b, i, j, y_only)
         squares += ((x[:BAND_ROWS] - y[:BAND_ROWS]) ** 2).sum(axis=(0, 1))  # (its extra row is the next band's)
         boundary += [_boundary_sums(x[..., c], i, 8) for c in range(channels)]

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_dejpeg.metrics.fullref import row_bands
 from dist_dejpeg.metrics.registry import EVAL_EXTRA_HINT
 
 
@@ -101,7 +102,7 @@ def brisque(img) -> float:
 
     with np.errstate(all="ignore"):
         gray = None
-        for start, stop in _row_bands(a.shape[0]):  # a whole float64 RGB copy would be 3x the gray image
+        for start, stop in row_bands(a.shape[0], BAND_ROWS):  # a whole float64 RGB copy would be 3x the gray image
             rows = a[start:stop] if a.ndim == 3 else np.repeat(a[start:stop, :, None], 3, axis=2)
             rows = rgb2gray(rows)  # (rgb2gray of equal channels is that channel)
             gray = np.empty(a.shape[:2], rows.dtype) if gray is None else gray
@@ -116,12 +117,6 @@ def brisque(img) -> float:
     return value
 
 
-def _row_bands(h: int):
-    """(start, stop) of consecutive BAND_ROWS-row bands covering rows 0..h-1."""
-    for start in range(0, h, BAND_ROWS):
-        yield start, min(start + BAND_ROWS, h)
-
-
 def _brisque_features(model, gray: np.ndarray) -> list:
     """The package's calculate_brisque_features (18 values for one scale), without its whole-image arrays.
 
@@ -134,7 +129,7 @@ def _brisque_features(model, gray: np.ndarray) -> list:
     score(), once unused): 1.24 GB at the peak for a 4000x3000 photo."""
     h = gray.shape[0]
     sums = np.zeros((5, 7))  # per distribution: size, sum |x|, sum x^2, sum and count of x^2 for x < 0, x >= 0
-    for start, stop in _row_bands(h):
+    for start, stop in row_bands(h, BAND_ROWS):
         below = min(stop + 1, h)  # the first row of the next band: its pairs with this band's last row
         lo, hi = max(start - 3, 0), min(below + 3, h)
         mscn = model.calculate_mscn_coefficients(gray[lo:hi], 7, 7 / 6)[start - lo:below - lo]
@@ -248,7 +243,7 @@ def _imresize_half(a: np.ndarray) -> np.ndarray:
     dense matrix products to float rounding: their sums run in another order)."""
     rows, cols = _imresize_half_matrix(a.shape[0]), _imresize_half_matrix(a.shape[1])
     half = np.empty((rows.shape[0], cols.shape[0]))
-    for start, stop in _row_bands(len(half)):
+    for start, stop in row_bands(len(half), BAND_ROWS):
         half[start:stop] = (cols @ (rows[start:stop] @ a).T).T
     return half
 
@@ -330,7 +325,7 @@ def _niqe_luminance(a: np.ndarray) -> np.ndarray:
     if a.ndim == 2:
         return np.round(np.asarray(a, dtype=np.float64))
     y = np.empty(a.shape[:2])
-    for start, stop in _row_bands(a.shape[0]):
+    for start, stop in row_bands(a.shape[0], BAND_ROWS):
         y[start:stop] = np.asarray(a[start:stop], dtype=np.float64) @ np.array([0.299, 0.587, 0.114])
     return np.round(y, out=y)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dist_dejpeg.metrics.fullref import cropped, psnr, psnr_b, ssim
+from dist_dejpeg.metrics.fullref import cropped, psnr, psnr_b, row_bands, ssim
 from dist_dejpeg.metrics.noref import brisque, niqe
 from dist_dejpeg.metrics.registry import NO_REFERENCE
 from dist_dejpeg.models.lpips import LPIPS
@@ -66,9 +66,8 @@ def _banded_lpips(model: LPIPS, a: np.ndarray, b: np.ndarray, device) -> float:
 
     inner, h = model.inner, a.shape[0]
     sums, rows, width = [0.0] * 5, [0] * 5, [0] * 5
-    for start in range(0, h, LPIPS_BAND_ROWS):
-        stop, top = min(start + LPIPS_BAND_ROWS, h), max(0, start - LPIPS_HALO)
-        bottom = h if stop == h else min(h, stop + LPIPS_HALO)
+    for start, stop in row_bands(h, LPIPS_BAND_ROWS):
+        top, bottom = max(0, start - LPIPS_HALO), min(h, stop + LPIPS_HALO)
         x, y = (inner.net(inner.scaling_layer(_to_tensor01(v[top:bottom]).to(device) * 2 - 1)) for v in (a, b))
         for k, (fx, fy, stride) in enumerate(zip(x, y, (4, 8, 16, 16, 16))):
             first, last = -(-start // stride) - top // stride, -(-stop // stride) - top // stride
