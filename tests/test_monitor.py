@@ -342,7 +342,10 @@ def test_a_resumed_run_logs_to_the_same_wandb_and_mlflow_runs(tmp_path, shards, 
     (mlflow_run,) = client.search_runs([client.get_experiment_by_name("run").experiment_id])
     assert len(client.get_metric_history(mlflow_run.info.run_id, "train/gen/l1")) == 4  # both sessions' steps
     assert mlflow_run.data.params["train.phases.gen.steps"] == "3", "the first session's params are kept"
-    assert {p.name.rsplit("-", 1)[-1] for p in (run / "wandb").glob("offline-run-*")} == {ids["wandb"]}
+    # offline-run-<date>_<time>-<id>, with "-1" after it where both sessions started in the same second (wandb_init)
+    folders = [re.fullmatch(r"offline-run-\d{8}_\d{6}-(\w+)(-\d+)?", p.name)
+               for p in (run / "wandb").glob("offline-run-*")]
+    assert all(folders) and {m.group(1) for m in folders} == {ids["wandb"]}
     assert not list((tmp_path / "cwd").iterdir())
 
 
