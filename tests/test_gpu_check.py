@@ -337,6 +337,10 @@ def test_check_flow_on_cpu(wheels, tmp_path):
     for step in rows:
         assert (out / f"{step}.log").is_file(), step
     assert "dist_dejpeg from" in (out / "install.log").read_text()
+    # the header names the commit, and says the working tree differs only when git says so
+    commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
+                            text=True).stdout.strip()
+    assert f"repo {commit}" in summary and ("differs from that commit" in summary) == commit.endswith("-dirty")
     # every step saw the carried cache; it went back (whatever the steps compiled beside it) as parts
     assert "TORCHINDUCTOR_CACHE_DIR=" in (env_log := (out / "env.log").read_text()) and "(1 files)" in env_log, env_log
     assert f"- compile cache: 1 files (0.0 MiB) unpacked from {carried}" in summary, summary

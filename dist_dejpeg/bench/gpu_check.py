@@ -300,7 +300,8 @@ def _write_header(summary: Path, args, wheels: Path, commit: str, date: str, hav
     summary.write_text(
         f"# GPU check ({'quick' if args.quick else 'full'})\n\n"
         f"- command: `{command}` (wheels {wheels})\n"
-        f"- host: {socket.gethostname()}, {date}, repo {commit} (-dirty: the working tree differs from that commit)\n"
+        f"- host: {socket.gethostname()}, {date}, repo {commit}"
+        f"{' (the working tree differs from that commit)' if commit.endswith('-dirty') else ''}\n"
         f"- device: {device}\n"
         f"- budget: {args.budget} s; logs: <step>.log in this folder\n"
         + "".join(f"- {note}\n" for note in notes) + "\n"
