@@ -231,6 +231,36 @@ def test_lpips_of_a_tall_image_runs_in_bands_of_the_same_value(monkeypatch):
     assert len(heights) == 2 * 7 and max(heights) <= 64 + 2 * W.LPIPS_HALO
 
 
+def test_lpips_of_several_images_reads_the_references_features_once(monkeypatch):
+    """evaluate measures the JPEG and its restored image against the clean photo together: the clean photo's
+    backbone pass is made once for both (3 passes, not 4), whole or in bands, each value what it is alone."""
+    from dist_dejpeg.models.lpips import LPIPS
+
+    torch.manual_seed(0)
+    to_t = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+    coffee = data.coffee()  # 400 x 600
+    # AlexNet whole and in bands of 64 rows (7); VGG, never banded, on a small crop (its passes are slow here)
+    for net, clean, settings in (("alex", coffee, ((1024, 1), (64, 7))), ("vgg", coffee[:64, :96], ((64, 1),))):
+        model = LPIPS(net=net, pretrained=False)
+        imgs = [jpeg(clean, 10), jpeg(clean, 40)]
+        with torch.no_grad():
+            alone = [model(to_t(img), to_t(clean)).item() for img in imgs]
+        passes = []
+        hook = model.inner.net.register_forward_pre_hook(lambda _, args: passes.append(args[0].shape[-2]))
+        for band_rows, bands in settings:
+            passes.clear()
+            monkeypatch.setattr(W, "LPIPS_BAND_ROWS", band_rows)
+            values = W.lpips_values(model, clean, imgs)
+            assert values == pytest.approx(alone, rel=1e-5) and values[0] > values[1] > 0, (net, band_rows)
+            assert len(passes) == 3 * bands, (net, band_rows, passes)
+        hook.remove()
+    undefined = {}
+    rows = W.images_metrics(imgs, clean, lpips=model, undefined=undefined)  # (VGG's crop: too small for NIQE)
+    assert [row["lpips"] for row in rows] == pytest.approx(alone, rel=1e-5)
+    assert rows == [W.image_metrics(img, clean, lpips=model, undefined={}) for img in imgs]
+    assert [row["niqe"] for row in rows] == [None, None] and undefined["niqe"]["count"] == 2
+
+
 # --- BRISQUE -------------------------------------------------------------------------------------------------
 
 def test_brisque_agrees_with_brisque_package():

@@ -5,7 +5,8 @@ libjpeg q20 round trip; each metric runs alone in a child process, which reports
 memory over its start (VmHWM from /proc, reset at the start: ru_maxrss keeps the forking parent's peak across
 exec), the tracemalloc peak (numpy's allocations; torch's are not seen), its seconds and its value. LPIPS is
 AlexNet with random weights (the pretrained ones cannot be assumed here; memory and time are the same, the value
-is not LPIPS). Linux only. ``--threads 2``: numpy's and torch's thread counts (evaluate runs with torch's default,
+is not LPIPS); its rows "lpips x2" and "lpips pair" measure two images against the photo, one call each and both
+in one call, as evaluate measures a JPEG and its restored image (the value: their sum). Linux only. ``--threads 2``: numpy's and torch's thread counts (evaluate runs with torch's default,
 the machine's cores).
 
     python benchmarks/experiments/metric_memory.py [--size 4000x3000] [--threads 1] [--out benchmarks/results]
@@ -24,7 +25,7 @@ import tracemalloc
 
 import numpy as np
 
-METRICS = ("psnr", "psnr_y", "psnr_b", "ssim", "colour", "brisque", "niqe", "lpips")
+METRICS = ("psnr", "psnr_y", "psnr_b", "ssim", "colour", "brisque", "niqe", "lpips", "lpips x2", "lpips pair")
 
 
 def photo_pair(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,6 +54,7 @@ def child(name: str, height: int, width: int, threads: int = 1) -> dict:
     """One metric measured in this process (the photo pair made before the start is taken)."""
     import torch
 
+    from dist_dejpeg.data.images import jpeg_roundtrip
     from dist_dejpeg.metrics import fullref, noref, whole_image
     from dist_dejpeg.models.lpips import LPIPS
 
@@ -62,10 +64,15 @@ def child(name: str, height: int, width: int, threads: int = 1) -> dict:
              "psnr_b": lambda: fullref.psnr_b(jpeg, clean), "ssim": lambda: fullref.ssim(jpeg, clean),
              "colour": lambda: fullref.colour_metrics(jpeg, clean), "brisque": lambda: noref.brisque(jpeg),
              "niqe": lambda: noref.niqe(jpeg)}
-    if name == "lpips":
+    if name.startswith("lpips"):
         torch.manual_seed(0)  # the same random backbone in every run: values comparable before and after a change
         model = LPIPS(net="alex", pretrained=False).eval()
+        # evaluate measures a JPEG and its restored image (here a q40 JPEG stands in) against the clean photo:
+        # "lpips x2" one call each, "lpips pair" both in one call (the clean photo's features made once)
+        other = jpeg_roundtrip(clean, 40)
         calls["lpips"] = lambda: whole_image.lpips_value(model, jpeg, clean)
+        calls["lpips x2"] = lambda: sum(whole_image.lpips_value(model, img, clean) for img in (jpeg, other))
+        calls["lpips pair"] = lambda: sum(whole_image.lpips_values(model, clean, [jpeg, other]))
     elif name in ("brisque", "niqe"):  # their model files loaded before the start (a 288 px image)
         getattr(noref, name)(np.ascontiguousarray(np.tile(jpeg[:96, :96], (3, 3, 1))))
     with open("/proc/self/clear_refs", "w") as f:  # the peak so far (making the photo) is not the metric's
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         if run.returncode or not lines:
             raise SystemExit(f"{name} failed:\n{run.stderr[-2000:]}")
         rows.append(json.loads(lines[-1]))
-        print(f"{name:8s} +{rows[-1]['rise_mb']:6.0f} MB (tracemalloc {rows[-1]['tracemalloc_mb']:6.0f} MB) "
+        print(f"{name:10s} +{rows[-1]['rise_mb']:6.0f} MB (tracemalloc {rows[-1]['tracemalloc_mb']:6.0f} MB) "
               f"{rows[-1]['seconds']:5.1f} s", flush=True)
     machine, when = machine_name_without_torch(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     threads = "one thread" if args.threads == 1 else f"{args.threads} threads"

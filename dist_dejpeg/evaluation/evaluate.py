@@ -32,7 +32,7 @@ from dist_dejpeg.jpeg.formats import SUBSAMPLING
 from dist_dejpeg.metrics.fullref import SSIM_MIN_SIDE, colour_metrics
 from dist_dejpeg.metrics.noref import unavailable_reason
 from dist_dejpeg.metrics.registry import BY_NAME, COLOUR, EVALUATED, NO_REFERENCE, QUALITY
-from dist_dejpeg.metrics.whole_image import image_metrics, load_lpips_metric
+from dist_dejpeg.metrics.whole_image import images_metrics, load_lpips_metric
 from dist_dejpeg.models.names import TRAIN_SHARDS
 from dist_dejpeg.restore.files import check_output_dir
 from dist_dejpeg.restore.restorer import Restorer
@@ -72,15 +72,20 @@ class MetricSet:
                 self.unavailable[name] = reason
 
     def __call__(self, img: np.ndarray, ref: np.ndarray, undefined: dict) -> dict[str, float | None]:
-        """The metrics of ``img`` against ``ref``; values left out (NIQE on a small image) are counted in
-        ``undefined`` (one image's, for :meth:`tally`). Unmeasurable: an image too small for a metric, or
-        nothing left of it after the border crop."""
+        """The metrics of ``img`` against ``ref``: :meth:`many` of one image."""
+        return self.many([img], ref, undefined)[0]
+
+    def many(self, imgs: list[np.ndarray], ref: np.ndarray, undefined: dict) -> list[dict[str, float | None]]:
+        """The metrics of each of ``imgs`` against ``ref`` (LPIPS computes the reference's features once for all);
+        values left out (NIQE on a small image) are counted in ``undefined`` (one image's, for :meth:`tally`).
+        Unmeasurable: an image too small for a metric, or nothing left of it after the border crop."""
         if problem := self.size_problem(ref):
             raise Unmeasurable(problem)
         try:
-            out = image_metrics(img, ref, y_only=self.y_only, crop_border=self.crop_border, lpips=self.lpips,
-                                skip=self.unavailable, undefined=undefined)
-            out.update(colour_metrics(img, ref, crop_border=self.crop_border))
+            out = images_metrics(imgs, ref, y_only=self.y_only, crop_border=self.crop_border, lpips=self.lpips,
+                                 skip=self.unavailable, undefined=undefined)
+            for values, img in zip(out, imgs):
+                values.update(colour_metrics(img, ref, crop_border=self.crop_border))
         except ValueError as err:  # SSIM below 11x11 pixels, a border crop that leaves nothing
             raise Unmeasurable(str(err)) from None
         return out
@@ -174,7 +179,8 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
         try:
             for q in qualities:
                 jpeg = jpeg_roundtrip(clean[..., 0] if gray else clean, q, SUBSAMPLING[subsampling])
-                jpeg_metrics = metric(jpeg, clean, undefined)  # first: an image too small is found before restoring
+                if problem := metric.size_problem(clean):  # before restoring (read_references checked it too)
+                    raise Unmeasurable(problem)
                 start = time.perf_counter()
                 if blind:  # the raw blind model: with no quality, the guard would pass every image through
                     guard, restorer.guard = restorer.guard, False
@@ -190,9 +196,10 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
                     restored = np.repeat(restored[..., None], 3, axis=2)
                 megapixels += clean.shape[0] * clean.shape[1] / 1e6
                 decision = restorer.last_decision
+                # both against the clean photo at once: its LPIPS features are computed once for the pair
+                jpeg_metrics, restored_metrics = metric.many([jpeg, restored], clean, undefined)
                 row = {"image": name, "quality": q, "height": clean.shape[0], "width": clean.shape[1],
-                       "passthrough": decision.passthrough,
-                       "jpeg": jpeg_metrics, "restored": metric(restored, clean, undefined)}
+                       "passthrough": decision.passthrough, "jpeg": jpeg_metrics, "restored": restored_metrics}
                 for m in EVALUATED:  # an infinite value leaves the means with its pair (_paired_means)
                     if any(v is not None and not _finite(v) for v in (row["jpeg"][m], row["restored"][m])):
                         undefined.setdefault(m, {"reason": INFINITE, "count": 0})["count"] += 2

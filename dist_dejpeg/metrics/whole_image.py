@@ -46,68 +46,93 @@ def _to_tensor01(img) -> torch.Tensor:
 
 
 def lpips_value(model: LPIPS, img, ref) -> float:
-    """LPIPS distance of ``img`` to ``ref`` (uint8 0-255, no gradients): in one pass up to LPIPS_BAND_ROWS rows,
-    over bands of rows above (AlexNet; the same value to float32 rounding, ~1e-7 relative: see LPIPS_HALO)."""
-    device = next(model.parameters()).device
-    a, b = np.asarray(img), np.asarray(ref)
-    if a.shape[:2] != b.shape[:2]:
-        raise ValueError(f"image and reference differ in shape: {a.shape} vs {b.shape}")
-    with torch.inference_mode():
-        if model.net_name != "alex" or a.shape[0] <= LPIPS_BAND_ROWS:
-            return float(model(_to_tensor01(a).to(device), _to_tensor01(b).to(device))[0].item())
-        return _banded_lpips(model, a, b, device)
+    """LPIPS distance of ``img`` to ``ref`` (uint8 0-255, no gradients): :func:`lpips_values` of one image."""
+    return lpips_values(model, ref, [img])[0]
 
 
-def _banded_lpips(model: LPIPS, a: np.ndarray, b: np.ndarray, device) -> float:
-    """LPIPS.forward's arithmetic (features, lpips' unit normalisation, linear heads, a mean per layer) with each
-    layer's map summed over the bands' own rows: layer k's row i (stride 4, 8, 16, 16, 16) is a band's own when
-    image row i * stride is."""
+def lpips_values(model: LPIPS, ref, imgs) -> list[float]:
+    """LPIPS distance of each of ``imgs`` to ``ref`` (uint8 0-255, no gradients), the reference's features computed
+    once for all of them (evaluate measures the JPEG and its restored image together: 3 backbone passes, not 4).
+    AlexNet over bands of rows above LPIPS_BAND_ROWS (see LPIPS_HALO), otherwise in one pass: the arithmetic of
+    LPIPS.forward (features, lpips' unit normalisation, linear heads, a mean per layer), each layer's map summed
+    over the bands' own rows (layer k's row i, stride 4, 8, 16, 16, 16, is a band's own when image row i * stride
+    is); the same value as forward's to float32 rounding (~1e-7 relative)."""
     import lpips
 
-    inner, h = model.inner, a.shape[0]
-    sums, rows, width = [0.0] * 5, [0] * 5, [0] * 5
-    for start, stop in row_bands(h, LPIPS_BAND_ROWS):
-        top, bottom = max(0, start - LPIPS_HALO), min(h, stop + LPIPS_HALO)
-        x, y = (inner.net(inner.scaling_layer(_to_tensor01(v[top:bottom]).to(device) * 2 - 1)) for v in (a, b))
-        for k, (fx, fy, stride) in enumerate(zip(x, y, (4, 8, 16, 16, 16))):
-            first, last = -(-start // stride) - top // stride, -(-stop // stride) - top // stride
-            if first >= fx.shape[-2]:  # none left in the last band: the deepest maps stop short of the image's end
-                continue
-            d = inner.lins[k]((lpips.normalize_tensor(fx[..., first:last, :].float())
-                               - lpips.normalize_tensor(fy[..., first:last, :].float())) ** 2)
-            sums[k] += float(d.double().sum())
-            rows[k] += d.shape[-2]
-            width[k] = d.shape[-1]
-        del x, y
-    return sum(s / (n * w) for s, n, w in zip(sums, rows, width))
+    device = next(model.parameters()).device
+    b, arrays = np.asarray(ref), [np.asarray(img) for img in imgs]
+    for a in arrays:
+        if a.shape[:2] != b.shape[:2]:
+            raise ValueError(f"image and reference differ in shape: {a.shape} vs {b.shape}")
+    model.check_size(b.shape[:2])
+    inner, h = model.inner, b.shape[0]
+    banded = model.net_name == "alex" and h > LPIPS_BAND_ROWS
+    sums, rows, width = np.zeros((len(arrays), len(inner.lins))), [0] * len(inner.lins), [0] * len(inner.lins)
+    with torch.inference_mode():
+        for start, stop in row_bands(h, LPIPS_BAND_ROWS) if banded else [(0, h)]:
+            top, bottom = (max(0, start - LPIPS_HALO), min(h, stop + LPIPS_HALO)) if banded else (0, h)
+            own = []  # per layer, the feature rows that are this band's own
+            for k, stride in enumerate((4, 8, 16, 16, 16) if banded else [1] * len(inner.lins)):
+                first, last = (-(-start // stride) - top // stride, -(-stop // stride) - top // stride) if banded \
+                    else (0, None)
+                own.append(slice(first, last))
+
+            def units(v: np.ndarray) -> list[torch.Tensor | None]:
+                feats = inner.net(inner.scaling_layer(_to_tensor01(v[top:bottom]).to(device) * 2 - 1))
+                # (a layer with none of its rows left in the last band: the deepest maps stop short of the end)
+                return [lpips.normalize_tensor(f[..., r, :].float()) if r.start < f.shape[-2] else None
+                        for f, r in zip(feats, own)]
+
+            ref_units = units(b)
+            for i, a in enumerate(arrays):
+                for k, (ua, ub) in enumerate(zip(units(a), ref_units)):
+                    if ub is None:
+                        continue
+                    d = inner.lins[k]((ua - ub) ** 2)
+                    sums[i, k] += float(d.double().sum())
+                    if i == 0:
+                        rows[k] += d.shape[-2]
+                        width[k] = d.shape[-1]
+            del ref_units
+    return [float(sum(s / (n * w) for s, n, w in zip(row, rows, width))) for row in sums]
 
 
-def image_metrics(img, ref, *, y_only: bool = False, crop_border: int = 0, lpips: LPIPS | None = None,
-                  skip: tuple[str, ...] | set[str] | dict = (),
-                  undefined: dict | None = None) -> dict[str, float | None]:
-    """All six metrics of ``img`` (restored or JPEG) against ``ref`` (clean), in the registry's order: psnr,
-    psnr_b, ssim (on Y when ``y_only``), lpips (RGB; None when ``lpips`` is None), brisque and niqe
-    (no-reference, on ``img`` alone, on the RGB image as their reference implementations take it).
-    ``crop_border`` applies to all. Names in ``skip`` (e.g. metrics found unavailable) are None. BRISQUE/NIQE
-    raise MetricUnavailable when their package or parameter file is missing; where one is undefined for this
-    image (NIQE below two 96 x 96 blocks) it is None, and with ``undefined`` given, counted there as
-    ``{name: {"reason", "count"}}``."""
-    a, b = cropped(np.asarray(img), crop_border), cropped(np.asarray(ref), crop_border)
-    out = {
-        "psnr": psnr(a, b, y_only=y_only),
-        "psnr_b": None if "psnr_b" in skip else psnr_b(a, b, y_only=y_only),
-        "ssim": None if "ssim" in skip else ssim(a, b, y_only=y_only),
-        "lpips": None if lpips is None or "lpips" in skip else lpips_value(lpips, a, b),
-    }
+def image_metrics(img, ref, **options) -> dict[str, float | None]:
+    """All six metrics of ``img`` against ``ref``: :func:`images_metrics` of one image."""
+    return images_metrics([img], ref, **options)[0]
+
+
+def images_metrics(imgs, ref, *, y_only: bool = False, crop_border: int = 0, lpips: LPIPS | None = None,
+                   skip: tuple[str, ...] | set[str] | dict = (),
+                   undefined: dict | None = None) -> list[dict[str, float | None]]:
+    """All six metrics of each of ``imgs`` (restored or JPEG) against ``ref`` (clean), in the registry's order:
+    psnr, psnr_b, ssim (on Y when ``y_only``), lpips (RGB, the reference's features computed once for all the
+    images; None when ``lpips`` is None), brisque and niqe (no-reference, on the image alone, on the RGB image as
+    their reference implementations take it). ``crop_border`` applies to all. Names in ``skip`` (e.g. metrics
+    found unavailable) are None. BRISQUE/NIQE raise MetricUnavailable when their package or parameter file is
+    missing; where one is undefined for an image (NIQE below two 96 x 96 blocks) it is None, and with
+    ``undefined`` given, counted there as ``{name: {"reason", "count"}}``."""
+    b = cropped(np.asarray(ref), crop_border)
+    arrays = [cropped(np.asarray(img), crop_border) for img in imgs]
+    perceptual = [None] * len(arrays) if lpips is None or "lpips" in skip else lpips_values(lpips, b, arrays)
     no_reference = {"brisque": brisque, "niqe": niqe}
-    for name in NO_REFERENCE:
-        out[name] = None
-        if name in skip:
-            continue
-        try:
-            out[name] = float(no_reference[name](a))
-        except ValueError as err:
-            if undefined is None:
-                raise
-            undefined.setdefault(name, {"reason": str(err), "count": 0})["count"] += 1
-    return out
+    results = []
+    for a, distance in zip(arrays, perceptual):
+        out = {
+            "psnr": psnr(a, b, y_only=y_only),
+            "psnr_b": None if "psnr_b" in skip else psnr_b(a, b, y_only=y_only),
+            "ssim": None if "ssim" in skip else ssim(a, b, y_only=y_only),
+            "lpips": distance,
+        }
+        for name in NO_REFERENCE:
+            out[name] = None
+            if name in skip:
+                continue
+            try:
+                out[name] = float(no_reference[name](a))
+            except ValueError as err:
+                if undefined is None:
+                    raise
+                undefined.setdefault(name, {"reason": str(err), "count": 0})["count"] += 1
+        results.append(out)
+    return results

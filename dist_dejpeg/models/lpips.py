@@ -57,12 +57,16 @@ class LPIPS(nn.Module):
     def train(self, mode: bool = True) -> "LPIPS":  # noqa: ARG002 - frozen: never leaves eval mode
         return super().train(False)
 
-    def forward(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if min(image.shape[-2:]) < LPIPS_MIN_SIDE.get(self.net_name, 1):  # (torch's pooling error names channels)
+    def check_size(self, hw) -> None:
+        """A ValueError naming the smallest side the backbone takes, for images of ``hw`` (H, W) below it (torch's
+        pooling error would name channels)."""
+        if min(hw) < LPIPS_MIN_SIDE.get(self.net_name, 1):
             other = " or LPIPS-vgg (loss.lpips_net, loss.metric_net: 16 px)" if self.net_name == "alex" else ""
             raise ValueError(f"LPIPS-{self.net_name} needs images of at least {LPIPS_MIN_SIDE[self.net_name]} px a "
-                             f"side, got {image.shape[-2]} x {image.shape[-1]}: use larger crops (data.crop, "
-                             f"data.val_crop){other}")
+                             f"side, got {hw[0]} x {hw[1]}: use larger crops (data.crop, data.val_crop){other}")
+
+    def forward(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.check_size(tuple(image.shape[-2:]))
         inner = self.inner
         features = lambda x: inner.net(inner.scaling_layer(x * 2 - 1))  # noqa: E731 - under the caller's autocast
         # Two passes, the target's without autograd when it needs no gradient (the clean image of a training
