@@ -134,7 +134,7 @@ def judge(run: RunFolder, now: float) -> tuple[str, str]:
         why += f"; without {PROGRESS} a preemption or a non-finite-loss stop looks the same"
     if newer and state == "running":
         why += (f"; starting again (pid {run.lock['pid']}, since {run.lock.get('since') or '?'}): building, loading "
-                f"its checkpoint; {PROGRESS} is the earlier session's until the first phase begins")
+                f"its checkpoint; {PROGRESS} is the earlier session's until the new one writes it")
     return state, why
 
 
