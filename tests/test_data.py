@@ -202,6 +202,37 @@ def test_auto_prepare_rewrites_samples_of_an_older_photo_list(tmp_path, monkeypa
     assert not shards.samples_stale(tmp_path)
 
 
+def test_auto_prepare_never_writes_the_samples_among_photos_or_over_a_prepared_set(tmp_path):
+    """data.root=~/photos with the debug recipe (data.auto_prepare=samples): the sample shards and a manifest were
+    written among the user's photos and the run trained on the bundled samples, saying nothing. Such a folder, or
+    one prepared under other shard names than data.train_glob, is now refused, and left as it was."""
+    from PIL import Image
+    from skimage import data
+
+    from dist_dejpeg.config import ConfigError, load_config
+    from dist_dejpeg.data import ensure_samples
+
+    photos = tmp_path / "photos"
+    (photos / "2024").mkdir(parents=True)
+    Image.fromarray(data.astronaut()[:64, :64]).save(photos / "2024" / "beach.JPG")
+    cfg = load_config(None, [f"data.root={photos}", "data.auto_prepare=samples"])
+    with pytest.raises(ConfigError, match=r"data.root.*holds photos \(2024/beach.JPG\), not shards: prepare them "
+                                          r"first, `dist-dejpeg prepare folder .*photos --out DIR`.*auto_prepare=none"):
+        ensure_samples(cfg)
+    assert sorted(p.name for p in photos.rglob("*")) == ["2024", "beach.JPG"]  # nothing written among them
+    prepared = tmp_path / "prepared"
+    shards.prepare_samples(prepared, tile=96, train_step=96, shard_size=16)
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest["dataset"] = "folder /home/me/photos"
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    before = {p.name: p.read_bytes() for p in prepared.iterdir()}
+    cfg = load_config(None, [f"data.root={prepared}", "data.auto_prepare=samples", "data.train_glob=mine-*.tar"])
+    with pytest.raises(ConfigError, match=r"'mine-\*.tar' matches none of the shards prepared in .*folder /home/me"):
+        ensure_samples(cfg)
+    assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before
+    assert ensure_samples(load_config(None, [f"data.root={tmp_path / 'new'}", "data.auto_prepare=samples"]))
+
+
 # -- loader contract --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_loader_batch_contract(sample_shards, num_workers):

@@ -801,6 +801,13 @@ def test_a_wrong_data_root_is_said_before_models_load_or_the_run_folder_is_made(
         with pytest.raises(FileNotFoundError, match="no shards match"):
             Trainer(tiny(tmp_path / "run", shards, f"{glob_key}={value}"))
         assert not (tmp_path / "run").exists()
+    # a folder of photos given as data.root: said, with how to prepare them
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no shards match .*; .*photos holds photos \(a.png\), not shards: "
+                                                r"prepare them first, `dist-dejpeg prepare folder"):
+        Trainer(tiny(tmp_path / "run", shards, f"data.root={tmp_path / 'photos'}"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_validation_tiles_smaller_than_the_val_crop_are_an_error_at_the_start(tmp_path, shards):

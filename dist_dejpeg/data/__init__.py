@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from dist_dejpeg.config import Config, ConfigError
-from dist_dejpeg.data.shards import list_shards, prepare_samples, samples_stale
+from dist_dejpeg.data.folder import first_photos, photos_hint
+from dist_dejpeg.data.shards import SAMPLE_DATASET, list_shards, prepare_samples, read_manifest, samples_stale
 from dist_dejpeg.data.torch_loader import ShardStream, TorchLoader, load_val_set
 
 
@@ -18,13 +19,32 @@ def ensure_samples(cfg: Config) -> bool:
     shards, or sample shards of an older photo list. Returns True when it wrote them. Call on one process only."""
     if cfg.data.auto_prepare != "samples":
         return False
-    if list(Path(cfg.data.root).glob(cfg.data.train_glob)):
-        if not samples_stale(cfg.data.root):
+    root = Path(cfg.data.root)
+    if list(root.glob(cfg.data.train_glob)):
+        if not samples_stale(root):
             return False
-        logging.getLogger(__name__).warning("%s holds sample shards of an older photo list: writing them again",
-                                            cfg.data.root)
-    prepare_samples(cfg.data.root)
+        logging.getLogger(__name__).warning("%s holds sample shards of an older photo list: writing them again", root)
+    else:
+        refuse_foreign_folder(root, cfg.data.train_glob)
+    prepare_samples(root)
     return True
+
+
+def refuse_foreign_folder(root: Path, train_glob: str) -> None:
+    """A ConfigError where data.root holds something the sample shards must not be written into: the user's photos
+    (the run would train on the samples, and their folder get shards and a manifest among its photos), or a data
+    set prepared with other names than data.train_glob matches (its manifest.json would be written over)."""
+    photos = first_photos(root) if root.is_dir() else []
+    if photos:
+        raise ConfigError(f"config key 'data.root': {photos_hint(root, photos)} and data.auto_prepare=none; "
+                          f"data.auto_prepare=samples would write the bundled sample shards among them and train on "
+                          f"those")
+    manifest = read_manifest(root)
+    if manifest is not None and manifest.get("dataset") != SAMPLE_DATASET:
+        raise ConfigError(f"config key 'data.train_glob': '{train_glob}' matches none of the shards prepared in {root} "
+                          f"({manifest.get('dataset') or 'its manifest.json'}); set data.train_glob and "
+                          f"data.val_glob to their names, with data.auto_prepare=none (the sample shards are not "
+                          f"written over a prepared data set)")
 
 
 def resolve_backend(backend: str) -> str:

@@ -117,6 +117,25 @@ def walk_files(src: Path) -> list[Path]:
     return found
 
 
+def first_photos(root: str | Path, limit: int = 3) -> list[Path]:
+    """Up to ``limit`` of the image files under ``root`` that prepare folder takes, the walk stopped once found: a
+    folder of photos given where shards belong (data.root), told apart without reading a whole photo library."""
+    found: list[Path] = []
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        found += [Path(folder, n) for n in sorted(names) if Path(n).suffix.lower() in SOURCE_SUFFIXES]
+        if len(found) >= limit:
+            break
+    return found[:limit]
+
+
+def photos_hint(root: str | Path, photos: list[Path]) -> str:
+    """What to do with a folder of photos given as data.root: prepare them into shards first."""
+    shown = ", ".join(str(p.relative_to(root)) for p in photos)
+    return (f"{root} holds photos ({shown}{', ...' if len(photos) >= 3 else ''}), not shards: prepare them first, "
+            f"`dist-dejpeg prepare folder {root} --out DIR`, then train with data.root=DIR")
+
+
 def find_sources(src: Path) -> tuple[list[tuple[Path, str, str]], list[dict]]:
     """The image files under ``src`` as (path, unique name, path relative to src), in sorted order, less those that
     cannot be read or repeat an earlier file's bytes (the first by sorted path is kept): those are the rejected."""

@@ -10,6 +10,7 @@ from accelerate import Accelerator
 
 from dist_dejpeg.config import Config, ConfigError, DataConfig
 from dist_dejpeg.data import build_val_set, resolve_backend
+from dist_dejpeg.data.folder import first_photos, photos_hint
 from dist_dejpeg.data.shards import MANIFEST, list_shards, read_manifest
 from dist_dejpeg.train.window import sum_over_ranks
 
@@ -19,7 +20,13 @@ log = logging.getLogger("dist_dejpeg")
 def check_shards_exist(cfg: Config) -> None:
     """A FileNotFoundError naming the pattern where data.train_glob or data.val_glob matches nothing."""
     for pattern in (cfg.data.train_glob, cfg.data.val_glob):
-        list_shards(cfg.data.root, pattern)
+        try:
+            list_shards(cfg.data.root, pattern)
+        except FileNotFoundError as err:  # a folder of photos given as data.root: said so, with what to do
+            photos = first_photos(cfg.data.root) if os.path.isdir(cfg.data.root) else []
+            if photos:
+                raise FileNotFoundError(f"{err}; {photos_hint(cfg.data.root, photos)}") from None
+            raise
 
 
 def check_train_tiles(cfg: Config, processes: int) -> None:
