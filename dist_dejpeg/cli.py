@@ -39,7 +39,7 @@ DESCRIPTION = ("Train a JPEG-artifact remover (NoGAN, on one or many GPUs) and r
 
 def _prepare(args: argparse.Namespace) -> int:
     from dist_dejpeg.data.folder import prepare_folder
-    from dist_dejpeg.data.pool import TilingProcessLost
+    from dist_dejpeg.run.pool import TilingProcessLost
     from dist_dejpeg.data.shards import PrepareError, prepare_samples
 
     if args.source:  # `prepare folder photos/`, `prepare div2k data/div2k`: the option's folder, positional

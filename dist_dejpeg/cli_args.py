@@ -95,6 +95,9 @@ def add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int]
                         "4:4:4: high-quality exports of some editors and cameras)")
     p.add_argument("--quality", dest="qualities", type=jpeg_quality, nargs="+", default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # the name before --qualities
+    p.add_argument("--workers", type=at_least(0), default=0,
+                   help="metrics processes beside the one restoring (0: one per core this process may use, at most "
+                        "8; 1: measure in this process)")
     p.add_argument("--y-only", action="store_true", help="full-reference metrics on BT.601 Y (as published tables)")
     p.add_argument("--crop-border", type=at_least(0), default=0, help="pixels cut from each border before measuring")
     p.add_argument("--lpips-weights", default="", help="torchvision's AlexNet file (alexnet-owt-7be5be79.pth) for "

@@ -178,19 +178,20 @@ def test_photos_are_decoded_one_at_a_time_as_they_are_measured(tmp_path, model_f
     import shutil
 
     import dist_dejpeg.evaluation.evaluate as evaluate_module
+    import dist_dejpeg.evaluation.measure as measure_module
     import dist_dejpeg.evaluation.references as references
     from dist_dejpeg.restore.restorer import Restorer
 
-    events, decode, roundtrip = [], references.decode_rgb8, evaluate_module.jpeg_roundtrip
+    events, decode, roundtrip = [], references.decode_rgb8, measure_module.jpeg_roundtrip
     monkeypatch.setattr(references, "decode_rgb8", lambda data: events.append("decode") or decode(data))
-    monkeypatch.setattr(evaluate_module, "jpeg_roundtrip", lambda *a: events.append("jpeg") or roundtrip(*a))
+    monkeypatch.setattr(measure_module, "jpeg_roundtrip", lambda *a: events.append("jpeg") or roundtrip(*a))
     restorer, run = Restorer(str(model_file), tile=0), dict(progress=False, only=("psnr",))
     result = evaluate_module.evaluate(restorer, [str(photos)], [20], None, **run)
     assert events == ["decode", "decode"] + ["decode", "jpeg"] * 2  # checked, then each decoded as measured
     assert result["meta"]["images"] == 2 and not result["meta"]["skipped"]
     chelsea = np.asarray(Image.open(photos / "chelsea.png"))
     row = next(r for r in result["per_image"] if r["image"] == "chelsea")
-    assert row["jpeg"]["psnr"] == evaluate_module.MetricSet(only=("psnr",))(roundtrip(chelsea, 20), chelsea, {})["psnr"]
+    assert row["jpeg"]["psnr"] == measure_module.MetricSet(only=("psnr",))(roundtrip(chelsea, 20), chelsea, {})["psnr"]
 
     shutil.copytree(photos, tmp_path / "in")
     listed = evaluate_module.read_references
@@ -295,7 +296,7 @@ def test_max_images_counts_only_measurable_images(tmp_path, model_file, photos, 
 
 def test_lpips_too_small_is_unmeasurable_not_a_crash():
     """AlexNet's features (LPIPS) need 31 pixels a side: a smaller image is Unmeasurable, with the reason."""
-    from dist_dejpeg.evaluation.evaluate import MetricSet, Unmeasurable
+    from dist_dejpeg.evaluation.measure import MetricSet, Unmeasurable
     from dist_dejpeg.models.lpips import LPIPS
 
     metric = MetricSet(only=("psnr",))  # no download tried; then a random backbone (offline), enough for the sizes
@@ -566,3 +567,67 @@ def test_evaluate_of_only_flat_images_prints_na_instead_of_a_traceback(tmp_path,
                  "--out", str(tmp_path / "out"), "--quiet"])
     assert code == 0
     assert "q30: PSNR n/a -> n/a dB" in capsys.readouterr().out
+
+
+class _KillThisProcess:
+    """Stands in for a metrics process's Measure: the process dies as one killed for memory does."""
+
+    skip = frozenset()
+
+    def __call__(self, *args):
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_metrics_processes_give_the_tables_of_one_process(tmp_path, model_file, photos, capsys, monkeypatch):
+    """evaluate --workers: the metrics but LPIPS measured in processes (torch-free: they start without it) while
+    this one restores the next photos. The same rows in the same order as in one process (BRISQUE's parallel sums
+    round differently with another OpenMP team: 1e-13), a photo a metric cannot measure skipped as in one process,
+    and a killed metrics process an error that names what was in progress, not a hang or a traceback."""
+    import subprocess
+    import sys
+
+    import dist_dejpeg.evaluation.pairs as pairs
+    from dist_dejpeg.evaluation.evaluate import evaluate
+    from dist_dejpeg.evaluation.measure import MetricSet
+    from dist_dejpeg.restore.restorer import Restorer
+
+    code = "import sys, dist_dejpeg.evaluation.pairs, dist_dejpeg.run.pool; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    restorer = Restorer(str(model_file), tile=0)
+    one, two = (evaluate(restorer, [str(photos)], [10, 40], None, progress=False, workers=w) for w in (1, 2))
+    assert [(r["image"], r["quality"]) for r in two["per_image"]] == [(r["image"], r["quality"])
+                                                                      for r in one["per_image"]]
+    for a, b in zip(one["per_image"], two["per_image"]):
+        for kind in ("jpeg", "restored"):
+            assert b[kind].keys() == a[kind].keys() and b[kind]["lpips"] is a[kind]["lpips"] is None  # (offline)
+            assert [b[kind][m] for m in a[kind] if m != "lpips"] == pytest.approx(
+                [a[kind][m] for m in a[kind] if m != "lpips"], rel=1e-9), (kind, a, b)
+    assert two["per_quality"]["10"]["images"] == 2 and two["meta"]["undefined"] == one["meta"]["undefined"]
+
+    # a photo the metrics cannot measure (a ValueError where they run): skipped with the reason, the other measured
+    real = pairs.Measure.__call__
+
+    def fails_on_coffee(self, imgs, ref, undefined):
+        if ref.shape[:2] == (200, 200) and ref[0, 0, 0] == coffee[0, 0, 0] and (ref == coffee).all():
+            raise ValueError("no good")
+        return real(self, imgs, ref, undefined)
+
+    coffee = np.asarray(Image.open(photos / "more" / "coffee.png"))
+    monkeypatch.setattr(pairs.Measure, "__call__", fails_on_coffee)
+    result = evaluate(restorer, [str(photos)], [10, 40], None, progress=False, workers=1)
+    assert [r["image"] for r in result["per_image"]] == ["chelsea", "chelsea"]
+    assert result["meta"]["skipped"] == [f"{photos / 'more' / 'coffee.png'}: no good"]
+    monkeypatch.undo()
+
+    # a metrics process killed: an error naming the pairs in flight; the CLI says it, exit 2, no tables written
+    monkeypatch.setattr(MetricSet, "measure", property(lambda self: _KillThisProcess()))
+    out = tmp_path / "killed"
+    code = main(["evaluate", "--model", str(model_file), "--images", str(photos), "--qualities", "10",
+                 "--workers", "2", "-o", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: a metrics process ended abruptly (killed: out of memory?) while these were in " \
+                         "progress: chelsea q10" in err and "no tables were written" in err, err
+    assert "--workers (now 2)" in err and not out.exists()

@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 
 from dist_dejpeg.cli import main
-from dist_dejpeg.data import folder, pool, shards
-from dist_dejpeg.data.pool import TilingProcessLost, map_in_order, pool_size
+from dist_dejpeg.data import folder, shards
+from dist_dejpeg.run import pool
+from dist_dejpeg.run.pool import TilingProcessLost, map_in_order, pool_size
 
 
 def _photo(path: Path, seed: int, size: tuple[int, int], jpeg_quality: int = 0) -> None:

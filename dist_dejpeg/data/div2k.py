@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from dist_dejpeg.data.download import DownloadError, download, sha256_file
 from dist_dejpeg.data.folder import unique_names
 from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile
-from dist_dejpeg.data.pool import MAX_DEFAULT_WORKERS, map_in_order, pool_size
+from dist_dejpeg.run.pool import MAX_DEFAULT_WORKERS, map_in_order, pool_size
 from dist_dejpeg.data.shards import (MANIFEST, SHARD_NAME, PrepareError, check_settings, finish_split_files, remove_shards,
                                      remove_stale_temps, require_training_tiles, sample_key, tiles, write_shard)
 from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS

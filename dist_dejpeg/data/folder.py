@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_dejpeg.data.images import BadImage, decode_rgb8, is_avif, is_jpeg_xl, webp_is_lossy
-from dist_dejpeg.data.pool import MAX_DEFAULT_WORKERS, pool_size
+from dist_dejpeg.run.pool import MAX_DEFAULT_WORKERS, pool_size
 from dist_dejpeg.data.shards import (PrepareError, check_settings, publish, require_training_tiles, sample_key, staged,
                                      tile_sources)
 from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES

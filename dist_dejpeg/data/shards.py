@@ -36,7 +36,7 @@ import webdataset as wds
 
 from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile, halve
 from dist_dejpeg.data.index import write_indexes
-from dist_dejpeg.data.pool import map_in_order
+from dist_dejpeg.run.pool import map_in_order
 from dist_dejpeg.jpeg.formats import JPEG_SOURCE_ACTIONS
 from dist_dejpeg.jpeg.quality import estimate_from_pixels
 from dist_dejpeg.run.files import (TEMP_NAME, atomic_write_bytes, fsync_dir, new_folders, remove_empty,

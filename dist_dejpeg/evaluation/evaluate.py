@@ -20,19 +20,18 @@ import io
 import json
 import logging
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 
-from dist_dejpeg.config.schema import LPIPS_MIN_SIDE as LPIPS_SIDES
-from dist_dejpeg.data.images import BadImage, jpeg_roundtrip
+from dist_dejpeg.run.pool import map_in_order
+from dist_dejpeg.evaluation.measure import MetricSet, restored_pairs
+from dist_dejpeg.evaluation.pairs import measure_pair, one_thread
 from dist_dejpeg.evaluation.references import EvaluateError, read_references, seen_in_training
 from dist_dejpeg.evaluation.report import photo_parts
 from dist_dejpeg.jpeg.formats import SUBSAMPLING
-from dist_dejpeg.metrics.fullref import SSIM_MIN_SIDE, colour_metrics
-from dist_dejpeg.metrics.noref import unavailable_reason
-from dist_dejpeg.metrics.registry import BY_NAME, COLOUR, EVALUATED, NO_REFERENCE, QUALITY
-from dist_dejpeg.metrics.whole_image import images_metrics, load_lpips_metric
+from dist_dejpeg.metrics.registry import BY_NAME, COLOUR, EVALUATED, QUALITY
 from dist_dejpeg.models.names import TRAIN_SHARDS
 from dist_dejpeg.restore.files import check_output_dir
 from dist_dejpeg.restore.restorer import Restorer
@@ -42,72 +41,6 @@ log = logging.getLogger(__name__)
 
 
 INFINITE = "infinite: the image equals its reference exactly (a flat image's JPEG can); left out with its pair"
-
-
-class Unmeasurable(EvaluateError):
-    """A reference the metrics cannot measure (too small for one, or nothing left after --crop-border)."""
-
-
-class MetricSet:
-    """The six metrics with what is unavailable here and why (LPIPS without its AlexNet backbone, BRISQUE or
-    NIQE without their package or parameter file): those are None in every row, with the reason."""
-
-    LPIPS_MIN_SIDE = LPIPS_SIDES["alex"]  # (evaluate's LPIPS is AlexNet's)
-
-    def __init__(self, lpips_weights: str = "", y_only: bool = False, crop_border: int = 0, device: str = "cpu",
-                 only: tuple[str, ...] | None = None):
-        self.y_only, self.crop_border = y_only, crop_border
-        self.unavailable: dict[str, str] = {n: "not requested" for n in QUALITY if only and n not in only}
-        self.lpips, reason = (None, "") if "lpips" in self.unavailable else load_lpips_metric(lpips_weights)
-        # metric -> {"reason", "count": values left out, "images": of how many images}; see tally()
-        self.undefined: dict[str, dict] = {}
-        if self.lpips is None and "lpips" not in self.unavailable:
-            self.unavailable["lpips"] = (f"{reason.splitlines()[0]} Give the AlexNet backbone with "
-                                         f"--lpips-weights FILE (torchvision's alexnet-owt-7be5be79.pth).")
-        elif self.lpips is not None:
-            self.lpips = self.lpips.to(device)
-        for name in NO_REFERENCE:
-            reason = None if name in self.unavailable else unavailable_reason(name)
-            if reason:
-                self.unavailable[name] = reason
-
-    def __call__(self, img: np.ndarray, ref: np.ndarray, undefined: dict) -> dict[str, float | None]:
-        """The metrics of ``img`` against ``ref``: :meth:`many` of one image."""
-        return self.many([img], ref, undefined)[0]
-
-    def many(self, imgs: list[np.ndarray], ref: np.ndarray, undefined: dict) -> list[dict[str, float | None]]:
-        """The metrics of each of ``imgs`` against ``ref`` (LPIPS computes the reference's features once for all);
-        values left out (NIQE on a small image) are counted in ``undefined`` (one image's, for :meth:`tally`).
-        Unmeasurable: an image too small for a metric, or nothing left of it after the border crop."""
-        if problem := self.size_problem(ref):
-            raise Unmeasurable(problem)
-        try:
-            out = images_metrics(imgs, ref, y_only=self.y_only, crop_border=self.crop_border, lpips=self.lpips,
-                                 skip=self.unavailable, undefined=undefined)
-            for values, img in zip(out, imgs):
-                values.update(colour_metrics(img, ref, crop_border=self.crop_border))
-        except ValueError as err:  # SSIM below 11x11 pixels, a border crop that leaves nothing
-            raise Unmeasurable(str(err)) from None
-        return out
-
-    def size_problem(self, ref: np.ndarray) -> str | None:
-        """Why a reference of this size cannot be measured (the border crop leaves nothing, below LPIPS's 31x31 or
-        SSIM's 11x11 pixels), or None: known from its size alone, so it is skipped before it counts."""
-        h, w = (n - 2 * self.crop_border for n in ref.shape[:2])
-        if min(h, w) <= 0:
-            return f"crop_border={self.crop_border} leaves nothing of a {ref.shape[0]}x{ref.shape[1]} image"
-        if self.lpips is not None and min(h, w) < self.LPIPS_MIN_SIDE:
-            return f"LPIPS needs at least {self.LPIPS_MIN_SIDE}x{self.LPIPS_MIN_SIDE} pixels, got {h}x{w}"
-        if "ssim" not in self.unavailable and min(h, w) < SSIM_MIN_SIDE:
-            return f"SSIM needs at least {SSIM_MIN_SIDE}x{SSIM_MIN_SIDE} pixels, got {h}x{w}"
-        return None
-
-    def tally(self, undefined: dict) -> None:
-        """Add one measured image's values left out (``undefined`` as filled by the calls on it)."""
-        for name, what in undefined.items():
-            entry = self.undefined.setdefault(name, {"reason": what["reason"], "count": 0, "images": 0})
-            entry["count"] += what["count"]
-            entry["images"] += 1
 
 
 def _finite(v) -> bool:
@@ -130,7 +63,8 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
              crop_border: int = 0, lpips_weights: str = "", allow_lossy_reference: bool = False,
              max_images: int = 0, keep_images: bool = False, restorer_kwargs: dict | None = None,
              progress: bool = True, blind: bool = False, only: tuple[str, ...] | None = None,
-             description: str | None = None, subsampling: str = "4:2:0", report_crop: int | None = None) -> dict:
+             description: str | None = None, subsampling: str = "4:2:0", report_crop: int | None = None,
+             workers: int = 1) -> dict:
     """Run the evaluation; write the three tables into ``out_dir`` (if given) and return the metrics.json
     content. ``keep_images``: also return the images as ``records`` (for the HTML report). The restorer is
     told each JPEG's quality (as ``restore`` reads it from the file's tables) unless ``blind`` (then the raw blind
@@ -138,7 +72,8 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     just these of the six metrics (the others are "not requested"); the colour columns are always there.
     ``description``: the progress bar's label, the command the user ran ("report" when ``keep_images``, which
     is what the report asks for, else "evaluate"). ``subsampling``: the JPEGs' chroma subsampling (SUBSAMPLING).
-    ``report_crop``: each photo's records are cut to what the report shows at this crop size (report.photo_parts,
+    ``workers``: processes measuring all but LPIPS while this one restores (1: here; MAX_DEFAULT_WORKERS
+    in measure.py says why not many more). ``report_crop``: each photo's records are cut to what the report shows at this crop size (report.photo_parts,
     for write_report with that crop) as soon as the photo is measured: the full-size images of every photo and
     quality, kept until the page is written, ran a report of many camera photos out of memory (~180 MB per 12 MP
     photo at two qualities).
@@ -161,63 +96,49 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     refs, skipped = read_references(images, allow_lossy_reference, max_images, metric.size_problem)
     if seen := seen_in_training(images, refs, restorer.info.get(TRAIN_SHARDS) or {}):
         log.warning("%s", seen_note(seen, len(refs)))
-    rows, records, measured = [], [], 0
-    restore_seconds, megapixels = 0.0, 0.0
     desc = description or ("report" if keep_images else "evaluate")
     bar = tqdm(total=len(refs) * len(qualities), desc=desc, unit="image", disable=not progress)
-    for ref in refs:
-        name, source, these, kept, undefined = ref.name, ref.source, [], [], {}
-        try:
-            clean = ref.read()  # now, one photo at a time: all of them held at once ran out of memory
-        except (BadImage, OSError) as err:  # changed or gone since read_references checked it
-            skipped.append(f"{source}: {err}")
-            bar.update(len(qualities))
+    timing = {"restore_seconds": 0.0, "megapixels": 0.0}
+    pending: deque[dict] = deque()  # what the rows need beside each pair's values, in the pairs' order
+    rows, records, measured, photo = [], [], 0, None
+    pairs = restored_pairs(refs, qualities, restorer, metric, blind, SUBSAMPLING[subsampling], keep_images, pending,
+                            timing, skipped, bar)
+    # the pairs measured in metrics processes (--workers) while the next images are restored here, in their order
+    for result in map_in_order(measure_pair, pairs, workers, names=lambda pair: pair.name, role="metrics",
+                               outcome="no tables were written", start="spawn", setup=one_thread):
+        item = pending.popleft()
+        if photo is None or item["ref"] is not photo["ref"]:
+            photo = {"ref": item["ref"], "rows": [], "kept": [], "undefined": {}, "failed": False}
+        problem = result.get("unmeasurable") or item["lpips_error"]
+        if problem and not photo["failed"]:  # skipped and listed as an undecodable file is; the others are measured
+            photo["failed"] = True
+            skipped.append(f"{item['ref'].source}: {problem}")
+        bar.update()
+        if photo["failed"]:
             continue
-        # a grayscale photo is saved as a one-channel JPEG and restore writes it back grayscale (the mean of the
-        # restored channels): it is measured so, not as the colour image the model returns
-        gray = bool((clean[..., 0] == clean[..., 1]).all() and (clean[..., 1] == clean[..., 2]).all())
-        try:
-            for q in qualities:
-                jpeg = jpeg_roundtrip(clean[..., 0] if gray else clean, q, SUBSAMPLING[subsampling])
-                if problem := metric.size_problem(clean):  # before restoring (read_references checked it too)
-                    raise Unmeasurable(problem)
-                start = time.perf_counter()
-                if blind:  # the raw blind model: with no quality, the guard would pass every image through
-                    guard, restorer.guard = restorer.guard, False
-                    try:
-                        restored = restorer.restore_array(jpeg[..., 0] if gray else jpeg, None,
-                                                          source="blind (evaluate --blind)")
-                    finally:
-                        restorer.guard = guard
-                else:
-                    restored = restorer.restore_array(jpeg[..., 0] if gray else jpeg, q, source="given")
-                restore_seconds += time.perf_counter() - start
-                if gray:
-                    restored = np.repeat(restored[..., None], 3, axis=2)
-                megapixels += clean.shape[0] * clean.shape[1] / 1e6
-                decision = restorer.last_decision
-                # both against the clean photo at once: its LPIPS features are computed once for the pair
-                jpeg_metrics, restored_metrics = metric.many([jpeg, restored], clean, undefined)
-                row = {"image": name, "quality": q, "height": clean.shape[0], "width": clean.shape[1],
-                       "passthrough": decision.passthrough, "jpeg": jpeg_metrics, "restored": restored_metrics}
-                for m in EVALUATED:  # an infinite value leaves the means with its pair (_paired_means)
-                    if any(v is not None and not _finite(v) for v in (row["jpeg"][m], row["restored"][m])):
-                        undefined.setdefault(m, {"reason": INFINITE, "count": 0})["count"] += 2
-                these.append(row)
-                if keep_images:
-                    kept.append({"image": name, "quality": q, "clean": clean, "jpeg": jpeg, "restored": restored,
-                                 "passthrough": decision.passthrough,
-                                 "metrics": {"jpeg": row["jpeg"], "restored": row["restored"]}})
-                bar.update()
-        except Unmeasurable as err:  # skipped and listed as an undecodable file is; the others are measured
-            skipped.append(f"{source}: {err}")
-            bar.update(len(qualities) - len(these))
-            continue
-        rows += these
-        records += photo_parts(kept, report_crop) if kept and report_crop is not None else kept
-        metric.tally(undefined)
-        measured += 1
+        for name, what in result["undefined"].items():
+            entry = photo["undefined"].setdefault(name, {"reason": what["reason"], "count": 0})
+            entry["count"] += what["count"]
+        measures = result["values"]
+        for values, distance in zip(measures, item["lpips"]):
+            values["lpips"] = distance
+        row = {**item["row"], "jpeg": measures[0], "restored": measures[1]}
+        for m in EVALUATED:  # an infinite value leaves the means with its pair (_paired_means)
+            if any(v is not None and not _finite(v) for v in (row["jpeg"][m], row["restored"][m])):
+                photo["undefined"].setdefault(m, {"reason": INFINITE, "count": 0})["count"] += 2
+        photo["rows"].append(row)
+        if keep_images:
+            photo["kept"].append({**item["images"], "image": row["image"], "quality": row["quality"],
+                                  "passthrough": row["passthrough"],
+                                  "metrics": {"jpeg": row["jpeg"], "restored": row["restored"]}})
+        if item["last"]:
+            rows += photo["rows"]
+            kept = photo["kept"]
+            records += photo_parts(kept, report_crop) if kept and report_crop is not None else kept
+            metric.tally(photo["undefined"])
+            measured += 1
     bar.close()
+    restore_seconds, megapixels = timing["restore_seconds"], timing["megapixels"]
     if not measured:
         raise EvaluateError(f"none of the {len(refs)} image(s) could be measured: " + "; ".join(skipped[-3:]))
     per_quality = {}

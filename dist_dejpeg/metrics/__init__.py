@@ -4,6 +4,7 @@
                     requires); every name list is derived from it. Torch-free.
     fullref.py      PSNR (RGB or Y), PSNR-B, SSIM (the one implementation, numpy or torch), colour metrics
     noref.py        BRISQUE and NIQE with their offline parameter files; MetricUnavailable
+    numeric.py      the evaluate command's six but LPIPS, torch-free (what its metrics processes import)
     whole_image.py  LPIPS on uint8 arrays and image_metrics: the evaluate command's six, per image
     sums.py         validation's per-image values on batches and their sums, reduced over ranks
 

@@ -1,5 +1,5 @@
 """Every metric of one whole image, for the ``evaluate`` command: LPIPS on uint8 arrays, and
-:func:`image_metrics`, evaluate's six (full-reference from ``fullref``, no-reference from ``noref``).
+:func:`image_metrics`, evaluate's six (the others from ``numeric``: full-reference and no-reference).
 
 LPIPS is dist_dejpeg.models.lpips.LPIPS with torchvision's pretrained AlexNet, never a random backbone here.
 """
@@ -9,9 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dist_dejpeg.metrics.fullref import cropped, psnr, psnr_b, row_bands, ssim
-from dist_dejpeg.metrics.noref import brisque, niqe
-from dist_dejpeg.metrics.registry import NO_REFERENCE
+from dist_dejpeg.metrics.fullref import cropped, row_bands
+from dist_dejpeg.metrics.numeric import numeric_metrics
 from dist_dejpeg.models.lpips import LPIPS
 
 
@@ -42,7 +41,8 @@ def _to_tensor01(img) -> torch.Tensor:
         a = np.repeat(a[..., None], 3, axis=2)
     if a.ndim != 3 or a.shape[2] != 3:
         raise ValueError(f"expected an H x W x 3 RGB or H x W grayscale image, got shape {a.shape}")
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float() / 255.0
+    a = np.ascontiguousarray(a) if a.flags.writeable else a.copy()  # (torch warns of a read-only array: a JPEG's)
+    return torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255.0
 
 
 def lpips_value(model: LPIPS, img, ref) -> float:
@@ -105,34 +105,12 @@ def image_metrics(img, ref, **options) -> dict[str, float | None]:
 def images_metrics(imgs, ref, *, y_only: bool = False, crop_border: int = 0, lpips: LPIPS | None = None,
                    skip: tuple[str, ...] | set[str] | dict = (),
                    undefined: dict | None = None) -> list[dict[str, float | None]]:
-    """All six metrics of each of ``imgs`` (restored or JPEG) against ``ref`` (clean), in the registry's order:
-    psnr, psnr_b, ssim (on Y when ``y_only``), lpips (RGB, the reference's features computed once for all the
-    images; None when ``lpips`` is None), brisque and niqe (no-reference, on the image alone, on the RGB image as
-    their reference implementations take it). ``crop_border`` applies to all. Names in ``skip`` (e.g. metrics
-    found unavailable) are None. BRISQUE/NIQE raise MetricUnavailable when their package or parameter file is
-    missing; where one is undefined for an image (NIQE below two 96 x 96 blocks) it is None, and with
-    ``undefined`` given, counted there as ``{name: {"reason", "count"}}``."""
-    b = cropped(np.asarray(ref), crop_border)
-    arrays = [cropped(np.asarray(img), crop_border) for img in imgs]
-    perceptual = [None] * len(arrays) if lpips is None or "lpips" in skip else lpips_values(lpips, b, arrays)
-    no_reference = {"brisque": brisque, "niqe": niqe}
-    results = []
-    for a, distance in zip(arrays, perceptual):
-        out = {
-            "psnr": psnr(a, b, y_only=y_only),
-            "psnr_b": None if "psnr_b" in skip else psnr_b(a, b, y_only=y_only),
-            "ssim": None if "ssim" in skip else ssim(a, b, y_only=y_only),
-            "lpips": distance,
-        }
-        for name in NO_REFERENCE:
-            out[name] = None
-            if name in skip:
-                continue
-            try:
-                out[name] = float(no_reference[name](a))
-            except ValueError as err:
-                if undefined is None:
-                    raise
-                undefined.setdefault(name, {"reason": str(err), "count": 0})["count"] += 1
-        results.append(out)
-    return results
+    """All six metrics of each of ``imgs`` (restored or JPEG) against ``ref`` (clean): metrics/numeric.py's, and
+    LPIPS (RGB, the reference's features computed once for all the images; None when ``lpips`` is None or
+    "lpips" is in ``skip``). The arguments as numeric_metrics takes them."""
+    out = numeric_metrics(imgs, ref, y_only=y_only, crop_border=crop_border, skip=skip, undefined=undefined)
+    if lpips is not None and "lpips" not in skip:
+        b = cropped(np.asarray(ref), crop_border)
+        for values, distance in zip(out, lpips_values(lpips, b, [cropped(np.asarray(i), crop_border) for i in imgs])):
+            values["lpips"] = distance
+    return out

@@ -1,9 +1,10 @@
-"""The tiling processes of `prepare` (folder and div2k): how many, and each source's result handed back in the
-sources' order, so that a pool writes the same shards as one process does."""
+"""The tiling processes of `prepare` (folder and div2k), and evaluate's metrics processes: how many, and each item's
+result handed back in the items' order, so that a pool writes the same shards (and tables) as one process does."""
 
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import os
 import pickle
 import signal
@@ -20,7 +21,7 @@ MAX_DEFAULT_WORKERS = {"div2k": 16, "folder": 8}
 
 
 class TilingProcessLost(BrokenProcessPool):
-    """A tiling process ended abruptly; the message names the sources in progress and what to do."""
+    """A tiling (or metrics) process ended abruptly; the message names the items in progress and what to do."""
 
 
 def pool_size(workers: int, cap: int) -> int:
@@ -39,17 +40,30 @@ def leave_ctrl_c_to_the_parent() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _start_worker(setup: Callable[[], None] | None) -> None:
+    leave_ctrl_c_to_the_parent()
+    if setup is not None:
+        setup()
+
+
 def map_in_order(work: Callable[[Item], Result], items: Iterable[Item], workers: int,
-                 names: Callable[[Item], str] = str) -> Iterator[Result]:
+                 names: Callable[[Item], str] = str, role: str = "tiling",
+                 outcome: str = "nothing was published", start: str | None = None,
+                 setup: Callable[[], None] | None = None) -> Iterator[Result]:
     """``work(item)`` for each item, in the items' order: in this process for ``workers`` <= 1, else in a pool of
     ``workers`` processes holding at most 2 x ``workers`` items (and their results) at a time. A worker killed
-    (out of memory, a signal) is a TilingProcessLost naming the items in flight (``names``), not a hang; however the
-    caller stops (an error, Ctrl-C, closing this generator), the pool is shut down before this returns."""
+    (out of memory, a signal) is a TilingProcessLost naming the items in flight (``names``), the processes' ``role``
+    and the ``outcome`` for the caller's output, not a hang; however the caller stops (an error, Ctrl-C, closing
+    this generator), the pool is shut down before this returns. (Also evaluate's metrics processes.) ``start``:
+    multiprocessing's start method ("spawn" where this process has run OpenMP code: a forked child that runs
+    OpenMP again, libsvm's BRISQUE, waits forever on the parent's thread team); None: the platform's default.
+    ``setup``: run in each process before its first item (a module-level function)."""
     if workers <= 1:
         yield from map(work, items)
         return
     items = iter(items)
-    pool = ProcessPoolExecutor(workers, initializer=leave_ctrl_c_to_the_parent)
+    pool = ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(setup,),
+                               mp_context=multiprocessing.get_context(start) if start else None)
 
     def submit(item):
         # a task that cannot be pickled (a lambda or local function as the work or an item's loader) fails in the
@@ -57,7 +71,7 @@ def map_in_order(work: Callable[[Item], Result], items: Iterable[Item], workers:
         try:
             pickle.dumps((work, item))
         except (pickle.PicklingError, AttributeError, TypeError) as err:
-            raise TypeError(f"{names(item)}: its work cannot be sent to a tiling process ({err}); use functions "
+            raise TypeError(f"{names(item)}: its work cannot be sent to a {role} process ({err}); use functions "
                             f"defined at a module's top level, or workers=1") from None
         return item, pool.submit(work, item)
 
@@ -69,9 +83,9 @@ def map_in_order(work: Callable[[Item], Result], items: Iterable[Item], workers:
                 result = future.result()
             except BrokenProcessPool:
                 held = ", ".join(names(i) for i in [item] + [i for i, _ in flight])
-                raise TilingProcessLost(f"a tiling process ended abruptly (killed: out of memory?) while these sources "
-                                        f"were in progress: {held}; nothing was published. Run again with fewer "
-                                        f"--workers (now {workers}), or --workers 1 to tile in this process") from None
+                raise TilingProcessLost(f"a {role} process ended abruptly (killed: out of memory?) while these were "
+                                        f"in progress: {held}; {outcome}. Run again with fewer --workers (now "
+                                        f"{workers}), or --workers 1 to work in this process") from None
             for follower in itertools.islice(items, 1):  # keep the pool busy while the caller writes this result
                 flight.append(submit(follower))
             yield result

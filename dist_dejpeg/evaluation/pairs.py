@@ -1,0 +1,68 @@
+"""What evaluate's metrics processes run, torch-free so that they start without torch (about a second each, and a
+fraction of the memory): the metrics but LPIPS of one JPEG and its restored image (:func:`measure_pair`). Those
+metrics are numpy and scipy code that holds the GIL (threads gave 1.05-1.2x), about 5 s a pair per 2K image on one
+core: on a GPU machine, where the restore takes milliseconds, one process would leave its other cores idle for most
+of an evaluation (``--workers``). LPIPS stays in the main process, on the restorer's device (measure.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from dist_dejpeg.metrics.fullref import colour_metrics
+from dist_dejpeg.metrics.numeric import numeric_metrics
+
+# A pair in flight holds three images (clean, JPEG, restored: 108 MB at 12 MP) in the main process and again in the
+# metrics process that measures it: more processes than this by default mostly hold more photos in memory
+MAX_DEFAULT_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class Measure:
+    """The metrics of images against their reference, less LPIPS (None) and the names in ``skip`` (None too)."""
+
+    y_only: bool = False
+    crop_border: int = 0
+    skip: frozenset = frozenset()
+
+    def __call__(self, imgs: list[np.ndarray], ref: np.ndarray, undefined: dict) -> list[dict[str, float | None]]:
+        """Each image's values, the colour metrics included; those left out (NIQE on a small image) counted in
+        ``undefined``. A ValueError where the images cannot be measured (below SSIM's 11x11 pixels, a border crop
+        that leaves nothing)."""
+        out = numeric_metrics(imgs, ref, y_only=self.y_only, crop_border=self.crop_border, skip=self.skip,
+                              undefined=undefined)
+        for values, img in zip(out, imgs):
+            values.update(colour_metrics(img, ref, crop_border=self.crop_border))
+        return out
+
+
+@dataclass
+class Pair:
+    """A metrics process's work: the JPEG and the restored image of ``clean`` (as they are measured)."""
+
+    measure: Measure
+    jpeg: np.ndarray
+    restored: np.ndarray
+    clean: np.ndarray
+    name: str = ""  # the photo and quality, for a lost process's message
+
+
+def one_thread() -> None:
+    """A metrics process's start: one OpenMP thread. libsvm's BRISQUE runs a parallel loop: several processes with
+    a team of one per core each oversubscribe the cores, and the team's size changes its sums' rounding (~1e-13)."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # read where an OpenMP runtime loads: libsvm's, after this
+    if "torch" in sys.modules:  # (a process started by fork has it, and its OpenMP runtime, already)
+        sys.modules["torch"].set_num_threads(1)
+
+
+def measure_pair(pair: Pair) -> dict:
+    """``{"values": [jpeg's, restored's], "undefined": {...}}``, or ``{"unmeasurable": why}``."""
+    undefined: dict = {}
+    try:
+        values = pair.measure([pair.jpeg, pair.restored], pair.clean, undefined)
+    except ValueError as err:
+        return {"unmeasurable": str(err)}
+    return {"values": values, "undefined": undefined}
