@@ -8,6 +8,7 @@ the median of each; the tables of every run must agree to 1e-9 relative (the poo
 not what they are; libsvm's parallel sums in BRISQUE round differently at ~1e-13 with another thread team).
 
     python benchmarks/experiments/evaluate_workers.py [--photos 4] [--size 2040x1356] [--workers 1 2] [--rounds 2]
+        [--instant]   (a restorer that returns its input, as fast as a GPU's in effect, and no LPIPS)
 """
 
 from __future__ import annotations
@@ -57,6 +58,20 @@ def make_inputs(folder: Path, photos: int, width: int, height: int) -> tuple[Pat
     return folder / "photos", generator, folder / "alexnet.pth"
 
 
+class InstantRestorer:
+    """``--instant``: a restorer that returns its input at once, standing in for a GPU's (milliseconds per image),
+    and no LPIPS: what is left is the metrics processes' work, the part of an evaluation on a GPU machine that the
+    pool spreads over its cores."""
+
+    info, device, tile, overlap, conditioned, guard = {}, "instant (stand-in)", 0, 0, False, False
+
+    class last_decision:  # noqa: N801 - as Restorer.last_decision reads
+        passthrough = False
+
+    def restore_array(self, img, quality, source=""):
+        return np.array(img)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--photos", type=int, default=4)
@@ -65,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results", help="folder for evaluate_workers.md / .json")
+    p.add_argument("--instant", action="store_true", help="a stand-in restorer that returns its input (a GPU's "
+                   "restore, in effect) and no LPIPS: the metrics processes' share alone")
     args = p.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
 
@@ -77,12 +94,14 @@ def main(argv: list[str] | None = None) -> None:
     tables = {}
     with tempfile.TemporaryDirectory() as tmp:
         photos, generator, alexnet = make_inputs(Path(tmp), args.photos, width, height)
-        restorer = Restorer(str(generator))
+        restorer = InstantRestorer() if args.instant else Restorer(str(generator))
+        lpips = "" if args.instant else str(alexnet)  # ("": unavailable offline)
         for r in range(args.rounds):
             for w in args.workers:
                 start = time.perf_counter()
-                result = evaluate(restorer, [str(photos)], args.qualities, None, lpips_weights=str(alexnet),
-                                  progress=False, workers=w)
+                result = evaluate(restorer, [str(photos)], args.qualities, None, lpips_weights=lpips,
+                                  progress=False, workers=w, only=("psnr", "psnr_b", "ssim", "brisque", "niqe")
+                                  if args.instant else None)
                 seconds[w].append(time.perf_counter() - start)
                 tables[(r, w)] = [(row["image"], row["quality"], kind, m, v) for row in result["per_image"]
                                   for kind in ("jpeg", "restored") for m, v in sorted(row[kind].items())]
@@ -96,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     machine, when = machine_name_without_torch(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     base = statistics.median(seconds[args.workers[0]])
     lines = [f"# evaluate --workers: {args.photos} photos of {width} x {height}, qualities "
-             f"{' '.join(map(str, args.qualities))}", "",
+             f"{' '.join(map(str, args.qualities))}" + (", instant stand-in restorer, no LPIPS" if args.instant else ""),
+             "",
              f"{machine}; commit {source_commit() or '?'}; {when}; torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}; "
              f"{args.rounds} rounds alternating, the median; the same tables in every run (1e-9) "
              "(`python benchmarks/experiments/evaluate_workers.py`).", "",
@@ -107,9 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(args.out, exist_ok=True)
-    Path(args.out, "evaluate_workers.md").write_text(text)
-    Path(args.out, "evaluate_workers.json").write_text(json.dumps(
-        {"machine": machine, "date": when, "photos": args.photos, "size": [width, height],
+    name = "evaluate_workers-instant" if args.instant else "evaluate_workers"
+    Path(args.out, f"{name}.md").write_text(text)
+    Path(args.out, f"{name}.json").write_text(json.dumps(
+        {"machine": machine, "date": when, "photos": args.photos, "size": [width, height], "instant": args.instant,
          "qualities": args.qualities, "seconds": {str(w): s for w, s in seconds.items()}}, indent=2))
 
 
