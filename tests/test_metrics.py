@@ -187,14 +187,10 @@ def test_lpips_missing_backbone_is_none_with_reason(tmp_path):
 def test_lpips_value_matches_lpips_package(tmp_path):
     # A stand-in AlexNet backbone file (the real one cannot be downloaded here), torchvision's layout:
     # features.{0,3,6,8,10}.{weight,bias}; it goes through the real loading path.
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for idx, (cout, cin, k) in {0: (64, 3, 11), 3: (192, 64, 5), 6: (384, 192, 3), 8: (256, 384, 3),
-                                10: (256, 256, 3)}.items():
-        state[f"features.{idx}.weight"] = torch.randn(cout, cin, k, k, generator=g) * (2 / (cin * k * k)) ** 0.5
-        state[f"features.{idx}.bias"] = torch.randn(cout, generator=g) * 0.01
+    from dist_dejpeg.bench.infer import save_stand_in_alexnet
+
     path = tmp_path / "alexnet.pth"
-    torch.save(state, path)
+    state = save_stand_in_alexnet(path)
     model, reason = W.load_lpips_metric(str(path))
     assert reason == "" and model is not None and model.pretrained and model.net_name == "alex"
     assert torch.equal(model.inner.net.slice1[0].weight, state["features.0.weight"])

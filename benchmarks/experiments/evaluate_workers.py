@@ -26,11 +26,10 @@ import numpy as np
 
 def make_inputs(folder: Path, photos: int, width: int, height: int) -> tuple[Path, Path, Path]:
     """(photo folder, generator file, AlexNet file) in ``folder``."""
-    import torch
     from PIL import Image
     from skimage import data
 
-    from dist_dejpeg.bench.infer import save_bench_generator
+    from dist_dejpeg.bench.infer import save_bench_generator, save_stand_in_alexnet
     from dist_dejpeg.config import load_config
 
     rng = np.random.default_rng(0)
@@ -48,13 +47,7 @@ def make_inputs(folder: Path, photos: int, width: int, height: int) -> tuple[Pat
         Image.fromarray(noisy).save(folder / "photos" / f"photo{i}.png")
     cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "debug.yaml"), [])
     generator = save_bench_generator(cfg.model, folder / "generator.safetensors")
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for idx, (cout, cin, k) in {0: (64, 3, 11), 3: (192, 64, 5), 6: (384, 192, 3), 8: (256, 384, 3),
-                                10: (256, 256, 3)}.items():
-        state[f"features.{idx}.weight"] = torch.randn(cout, cin, k, k, generator=g) * (2 / (cin * k * k)) ** 0.5
-        state[f"features.{idx}.bias"] = torch.randn(cout, generator=g) * 0.01
-    torch.save(state, folder / "alexnet.pth")
+    save_stand_in_alexnet(folder / "alexnet.pth")
     return folder / "photos", generator, folder / "alexnet.pth"
 
 

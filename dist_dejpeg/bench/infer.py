@@ -155,6 +155,22 @@ def save_bench_generator(model_cfg, path: Path) -> Path:
     return path
 
 
+def save_stand_in_alexnet(path: Path, seed: int = 0) -> dict:
+    """A random AlexNet file in torchvision's layout (features.{0,3,6,8,10}.{weight,bias}, He-scaled) at ``path``,
+    for timing evaluate's LPIPS where the ImageNet one cannot be downloaded: its time and memory are LPIPS's, its
+    values are not. Returns the state written."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for idx, (cout, cin, k) in {0: (64, 3, 11), 3: (192, 64, 5), 6: (384, 192, 3), 8: (256, 384, 3),
+                                10: (256, 256, 3)}.items():
+        state[f"features.{idx}.weight"] = torch.randn(cout, cin, k, k, generator=g) * (2 / (cin * k * k)) ** 0.5
+        state[f"features.{idx}.bias"] = torch.randn(cout, generator=g) * 0.01
+    torch.save(state, path)
+    return state
+
+
 def gpu_rows(device, path: Path, folder: Path, sizes: dict, repeats: int, add_row, results: dict) -> None:
     """The GPU section's own rows (issue 24), after its restore rows: a float tensor on the device in and out (every
     size in ``sizes``) in fp32 and bf16, the two precisions' PSNR against the clean photo at 2K (bf16 within 0.05 dB
