@@ -589,14 +589,17 @@ def test_metrics_processes_give_the_tables_of_one_process(tmp_path, model_file, 
     import subprocess
     import sys
 
+    import dist_dejpeg.evaluation.evaluate as evaluate_module
     import dist_dejpeg.evaluation.pairs as pairs
     from dist_dejpeg.evaluation.evaluate import evaluate
     from dist_dejpeg.evaluation.measure import MetricSet
     from dist_dejpeg.restore.restorer import Restorer
 
+    real_map = evaluate_module.map_in_order
     code = "import sys, dist_dejpeg.evaluation.pairs, dist_dejpeg.run.pool; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
     restorer = Restorer(str(model_file), tile=0)
+    monkeypatch.setattr(pairs, "POOL_MIN_MEGAPIXELS", 0.0)  # (a pool for these small photos too)
     one, two = (evaluate(restorer, [str(photos)], [10, 40], None, progress=False, workers=w) for w in (1, 2))
     assert [(r["image"], r["quality"]) for r in two["per_image"]] == [(r["image"], r["quality"])
                                                                       for r in one["per_image"]]
@@ -624,6 +627,7 @@ def test_metrics_processes_give_the_tables_of_one_process(tmp_path, model_file, 
 
     # a metrics process killed: an error naming the pairs in flight; the CLI says it, exit 2, no tables written
     monkeypatch.setattr(MetricSet, "measure", property(lambda self: _KillThisProcess()))
+    monkeypatch.setattr(pairs, "POOL_MIN_MEGAPIXELS", 0.0)
     out = tmp_path / "killed"
     code = main(["evaluate", "--model", str(model_file), "--images", str(photos), "--qualities", "10",
                  "--workers", "2", "-o", str(out), "--quiet"])
@@ -631,3 +635,9 @@ def test_metrics_processes_give_the_tables_of_one_process(tmp_path, model_file, 
     assert code == 2 and "error: a metrics process ended abruptly (killed: out of memory?) while these were in " \
                          "progress: chelsea q10" in err and "no tables were written" in err, err
     assert "--workers (now 2)" in err and not out.exists()
+    # less work than starting processes takes (0.16 megapixels of pairs here): measured in this process
+    monkeypatch.undo()
+    started = []
+    monkeypatch.setattr(evaluate_module, "map_in_order", lambda *a, **k: started.append(a[2]) or real_map(*a, **k))
+    evaluate(restorer, [str(photos)], [10, 40], None, progress=False, workers=8)
+    assert started == [1]

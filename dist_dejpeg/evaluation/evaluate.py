@@ -27,6 +27,7 @@ import numpy as np
 
 from dist_dejpeg.run.pool import map_in_order
 from dist_dejpeg.evaluation.measure import MetricSet, restored_pairs
+from dist_dejpeg.evaluation import pairs as pairs_module
 from dist_dejpeg.evaluation.pairs import measure_pair, one_thread
 from dist_dejpeg.evaluation.references import EvaluateError, read_references, seen_in_training
 from dist_dejpeg.evaluation.report import photo_parts
@@ -72,8 +73,8 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     just these of the six metrics (the others are "not requested"); the colour columns are always there.
     ``description``: the progress bar's label, the command the user ran ("report" when ``keep_images``, which
     is what the report asks for, else "evaluate"). ``subsampling``: the JPEGs' chroma subsampling (SUBSAMPLING).
-    ``workers``: processes measuring all but LPIPS while this one restores (1: here; MAX_DEFAULT_WORKERS
-    in measure.py says why not many more). ``report_crop``: each photo's records are cut to what the report shows at this crop size (report.photo_parts,
+    ``workers``: processes measuring all but LPIPS while this one restores (1: here, as is an evaluation of fewer
+    than POOL_MIN_MEGAPIXELS; MAX_DEFAULT_WORKERS in pairs.py says why not many more). ``report_crop``: each photo's records are cut to what the report shows at this crop size (report.photo_parts,
     for write_report with that crop) as soon as the photo is measured: the full-size images of every photo and
     quality, kept until the page is written, ran a report of many camera photos out of memory (~180 MB per 12 MP
     photo at two qualities).
@@ -93,7 +94,16 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     restorer = model if hasattr(model, "restore_array") else Restorer(model, **(restorer_kwargs or {}))
     metric = MetricSet(lpips_weights, y_only, crop_border, str(restorer.device).split(" ")[0], only)
     # (an image too small for the metrics is skipped before --max-images counts it)
-    refs, skipped = read_references(images, allow_lossy_reference, max_images, metric.size_problem)
+    accepted = []  # the pixels of each reference the size check accepts, in order
+
+    def size_problem(rgb: np.ndarray) -> str | None:
+        if (why := metric.size_problem(rgb)) is None:
+            accepted.append(rgb.shape[0] * rgb.shape[1])
+        return why
+
+    refs, skipped = read_references(images, allow_lossy_reference, max_images, size_problem)
+    if sum(accepted[:len(refs)]) / 1e6 * len(qualities) < pairs_module.POOL_MIN_MEGAPIXELS:
+        workers = 1  # (less work than starting the processes takes)
     if seen := seen_in_training(images, refs, restorer.info.get(TRAIN_SHARDS) or {}):
         log.warning("%s", seen_note(seen, len(refs)))
     desc = description or ("report" if keep_images else "evaluate")

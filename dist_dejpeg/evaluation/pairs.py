@@ -18,6 +18,9 @@ from dist_dejpeg.metrics.numeric import numeric_metrics
 # A pair in flight holds three images (clean, JPEG, restored: 108 MB at 12 MP) in the main process and again in the
 # metrics process that measures it: more processes than this by default mostly hold more photos in memory
 MAX_DEFAULT_WORKERS = 8
+# A metrics process takes 1-2 s to start; the metrics of one megapixel's pair take ~2 s on one core: an evaluation
+# with less work than this (megapixels of the references x qualities) is measured in the main process
+POOL_MIN_MEGAPIXELS = 4.0
 
 
 @dataclass(frozen=True)
