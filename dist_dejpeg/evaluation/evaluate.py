@@ -25,10 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_dejpeg.run.pool import map_in_order
+from dist_dejpeg.evaluation import pairs
 from dist_dejpeg.evaluation.measure import MetricSet, restored_pairs
-from dist_dejpeg.evaluation import pairs as pairs_module
-from dist_dejpeg.evaluation.pairs import measure_pair, one_thread
 from dist_dejpeg.evaluation.references import EvaluateError, read_references, seen_in_training
 from dist_dejpeg.evaluation.report import photo_parts
 from dist_dejpeg.jpeg.formats import SUBSAMPLING
@@ -37,6 +35,7 @@ from dist_dejpeg.models.names import TRAIN_SHARDS
 from dist_dejpeg.restore.files import check_output_dir
 from dist_dejpeg.restore.restorer import Restorer
 from dist_dejpeg.run.files import atomic_write_bytes
+from dist_dejpeg.run.pool import map_in_order
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,8 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     ``description``: the progress bar's label, the command the user ran ("report" when ``keep_images``, which
     is what the report asks for, else "evaluate"). ``subsampling``: the JPEGs' chroma subsampling (SUBSAMPLING).
     ``workers``: processes measuring all but LPIPS while this one restores (1: here, as is an evaluation of fewer
-    than POOL_MIN_MEGAPIXELS; MAX_DEFAULT_WORKERS in pairs.py says why not many more). ``report_crop``: each photo's records are cut to what the report shows at this crop size (report.photo_parts,
+    than POOL_MIN_MEGAPIXELS; MAX_DEFAULT_WORKERS in pairs.py says why not many more).
+    ``report_crop``: each photo's records are cut to what the report shows at this crop size (report.photo_parts,
     for write_report with that crop) as soon as the photo is measured: the full-size images of every photo and
     quality, kept until the page is written, ran a report of many camera photos out of memory (~180 MB per 12 MP
     photo at two qualities).
@@ -102,7 +102,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
         return why
 
     refs, skipped = read_references(images, allow_lossy_reference, max_images, size_problem)
-    if sum(accepted[:len(refs)]) / 1e6 * len(qualities) < pairs_module.POOL_MIN_MEGAPIXELS:
+    if sum(accepted[:len(refs)]) / 1e6 * len(qualities) < pairs.POOL_MIN_MEGAPIXELS:
         workers = 1  # (less work than starting the processes takes)
     if seen := seen_in_training(images, refs, restorer.info.get(TRAIN_SHARDS) or {}):
         log.warning("%s", seen_note(seen, len(refs)))
@@ -111,11 +111,11 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     timing = {"restore_seconds": 0.0, "megapixels": 0.0}
     pending: deque[dict] = deque()  # what the rows need beside each pair's values, in the pairs' order
     rows, records, measured, photo = [], [], 0, None
-    pairs = restored_pairs(refs, qualities, restorer, metric, blind, SUBSAMPLING[subsampling], keep_images, pending,
-                            timing, skipped, bar)
+    restored = restored_pairs(refs, qualities, restorer, metric, blind, SUBSAMPLING[subsampling], keep_images,
+                              pending, timing, skipped, bar)
     # the pairs measured in metrics processes (--workers) while the next images are restored here, in their order
-    for result in map_in_order(measure_pair, pairs, workers, names=lambda pair: pair.name, role="metrics",
-                               outcome="no tables were written", start="spawn", setup=one_thread):
+    for result in map_in_order(pairs.measure_pair, restored, workers, names=lambda pair: pair.name, role="metrics",
+                               outcome="no tables were written", start="spawn", setup=pairs.one_thread):
         item = pending.popleft()
         if photo is None or item["ref"] is not photo["ref"]:
             photo = {"ref": item["ref"], "rows": [], "kept": [], "undefined": {}, "failed": False}

@@ -47,19 +47,14 @@ class MetricSet:
                 self.unavailable[name] = reason
 
     def __call__(self, img: np.ndarray, ref: np.ndarray, undefined: dict) -> dict[str, float | None]:
-        """The metrics of ``img`` against ``ref``: :meth:`many` of one image."""
-        return self.many([img], ref, undefined)[0]
-
-    def many(self, imgs: list[np.ndarray], ref: np.ndarray, undefined: dict) -> list[dict[str, float | None]]:
-        """The metrics of each of ``imgs`` against ``ref`` (LPIPS computes the reference's features once for all);
-        values left out (NIQE on a small image) are counted in ``undefined`` (one image's, for :meth:`tally`).
-        Unmeasurable: an image too small for a metric, or nothing left of it after the border crop."""
+        """The metrics of ``img`` against ``ref``, as evaluate measures a pair; values left out (NIQE on a small
+        image) are counted in ``undefined`` (one image's, for :meth:`tally`). Unmeasurable: an image too small for
+        a metric, or nothing left of it after the border crop."""
         if problem := self.size_problem(ref):
             raise Unmeasurable(problem)
         try:
-            out = self.measure(imgs, ref, undefined)
-            for values, distance in zip(out, self.lpips_values(imgs, ref)):
-                values["lpips"] = distance
+            out = self.measure([img], ref, undefined)[0]
+            out["lpips"] = self.lpips_values([img], ref)[0]
         except ValueError as err:  # SSIM below 11x11 pixels, a border crop that leaves nothing
             raise Unmeasurable(str(err)) from None
         return out
