@@ -117,7 +117,10 @@ def walk_files(src: Path) -> list[Path]:
     return found
 
 
-def first_photos(root: str | Path, limit: int = 3) -> list[Path]:
+SHOWN_PHOTOS = 3  # a folder of photos given as data.root: the photos its error names
+
+
+def first_photos(root: str | Path, limit: int = SHOWN_PHOTOS + 1) -> list[Path]:
     """Up to ``limit`` of the image files under ``root`` that prepare folder takes, the walk stopped once found: a
     folder of photos given where shards belong (data.root), told apart without reading a whole photo library."""
     found: list[Path] = []
@@ -130,9 +133,10 @@ def first_photos(root: str | Path, limit: int = 3) -> list[Path]:
 
 
 def photos_hint(root: str | Path, photos: list[Path]) -> str:
-    """What to do with a folder of photos given as data.root: prepare them into shards first."""
-    shown = ", ".join(str(p.relative_to(root)) for p in photos)
-    return (f"{root} holds photos ({shown}{', ...' if len(photos) >= 3 else ''}), not shards: prepare them first, "
+    """What to do with a folder of photos given as data.root (``photos``: first_photos'): prepare them first."""
+    shown = ", ".join(str(p.relative_to(root)) for p in photos[:SHOWN_PHOTOS])
+    more = ", ..." if len(photos) > SHOWN_PHOTOS else ""
+    return (f"{root} holds photos ({shown}{more}), not shards: prepare them first, "
             f"`dist-dejpeg prepare folder {root} --out DIR`, then train with data.root=DIR")
 
 
