@@ -214,7 +214,19 @@ def _train_command(args: argparse.Namespace) -> int:
     r = results[lowest]
     print(f"done: {lowest} PSNR {r['jpeg']['psnr']:.3f} (JPEG) -> {r['restored']['psnr']:.3f} dB (restored); "
           f"metrics in {cfg.train.run_dir}/metrics.json")
+    print(_what_restore_does(results))
     return 0
+
+
+def _what_restore_does(results: dict) -> str:
+    """The guard's reading of the generator file just written: the gains as the file holds them, judged as
+    restore judges them."""
+    from dist_dejpeg.models.names import GAIN_KEYS, read_gains
+    from dist_dejpeg.restore.guard import guard_summary
+    from dist_dejpeg.train.final import guard_gains
+
+    entries = guard_gains(results)
+    return guard_summary(*(read_gains(entries[key]) for key in GAIN_KEYS))
 
 
 def _stopped(what: str, err: Exception, code: int) -> int:

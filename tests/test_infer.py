@@ -510,6 +510,25 @@ def test_guard_trusts_a_gain_only_where_its_lower_bound_is_above_zero(guarded_fi
     assert not Restorer(guarded_file, device="cpu", tile=0).decide(20).passthrough  # by the mean, without bounds
 
 
+def test_guard_summary_names_the_qualities_restore_acts_at_as_decide_judges_them():
+    """The closing line of training (cli.py): which JPEG qualities restore will restore, from the same decide()
+    every image goes through; a model validation found no sure gain for says restore will change nothing."""
+    from dist_dejpeg.restore.guard import decide, guard_summary
+
+    # GAINS: q10 +0.6, q20 +0.3, q40 +0.1, q60 -0.2 (no bounds: judged by the mean)
+    line = guard_summary(GAINS)
+    assert "restores JPEGs of q1-q40 and passes the others" in line, line
+    assert "q60 -0.20 dB" in line and "above q60: not validated" in line, line
+    lows = {10: 0.5, 20: -0.01, 40: 0.05, 60: -0.3}  # as the lower-bound test: q15-q39 and q41 up pass
+    line = guard_summary(GAINS, lows)
+    assert "restores JPEGs of q1-q10, q40 and passes" in line and "q20 +0.30 dB (lower bound -0.01)" in line, line
+    for q in range(1, 101):  # the span it names is decide()'s, quality by quality
+        assert decide(GAINS, q, lows=lows).passthrough == (q not in [*range(1, 11), 40]), q
+    nothing = guard_summary({10: -0.1, 20: float("nan")}, {10: -0.3, 20: float("nan")})
+    assert "passes every image through unchanged" in nothing and "q10 -0.10 dB, q20 NaN" in nothing, nothing
+    assert "unchecked" in guard_summary({})
+
+
 def test_gain_tables_read_one_way_for_every_backend(guarded_file, tmp_path):
     """One reader of the gain tables (models/names.py): JSON text or a dict, keys as ints; an unreadable table in a
     file counts as none (the guard says the file holds no validated gains); a caller's unreadable table is an error."""

@@ -147,6 +147,7 @@ def test_a_run_logged_to_a_file_reads_as_plain_lines(tmp_path, shards):
     assert "deprecat" not in text.lower(), text
     assert re.search(r"gen 2/2 \(100%\) \| gen/l1 \S+ .* \| ETA phase 0s, run 0s", text), text
     assert text.count("done: q10") == 1
+    assert re.search(r"^restore: (restores JPEGs of q\S+|validation found no sure gain)", text, re.M), text
 
 
 def test_a_resumed_run_logs_each_step_once_and_keeps_each_phases_last_window(tmp_path, shards):

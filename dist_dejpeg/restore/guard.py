@@ -85,6 +85,36 @@ def decide(gains: dict[int, float], quality: int | None, source: str = "given", 
     return Decision(quality, source, reason=f"validation predicts {gain:+.2f} dB at q{quality}")
 
 
+def guard_summary(gains: dict[int, float], lows: dict[int, float] | None = None) -> str:
+    """One line on what restore's guard does with a model whose final validation measured ``gains`` (and
+    ``lows``), for the end of training: the JPEG qualities it restores and why it passes the others through."""
+    if not gains:
+        return "restore: the model holds no validated gains; it restores every image unchecked"
+    acting = [q for q in range(1, 101) if not decide(gains, q, lows=lows).passthrough]
+    low = {q: (lows or {}).get(q, gains[q]) for q in gains}
+    losing = [q for q in sorted(gains) if not low[q] > 0]
+    why = ", ".join(f"q{q} NaN" if gains[q] != gains[q] else f"q{q} {gains[q]:+.2f} dB"
+                    + (f" (lower bound {low[q]:+.2f})" if gains[q] > 0 else "")
+                    for q in losing[:4]) + (", ..." if len(losing) > 4 else "")
+    if not acting:
+        return (f"restore: validation found no sure gain ({why}), so restore passes every image through "
+                f"unchanged: train longer, or restore with --no-guard")
+    above = f"above q{max(gains)}: not validated" if max(gains) < 100 else ""
+    reasons = "; ".join(r for r in (f"validation: {why}" if losing else "", above) if r)
+    return f"restore: restores JPEGs of {_ranges(acting)} and passes the others through unchanged ({reasons})"
+
+
+def _ranges(qualities: list[int]) -> str:
+    """'q1-q20, q41-q60' from sorted qualities."""
+    runs = []
+    for q in qualities:
+        if runs and q == runs[-1][1] + 1:
+            runs[-1][1] = q
+        else:
+            runs.append([q, q])
+    return ", ".join(f"q{a}" if a == b else f"q{a}-q{b}" for a, b in runs)
+
+
 def _measured(gain: float, low: float, quality: int) -> str:
     if gain != gain:
         return f"no finite gain (NaN) at q{quality}"
