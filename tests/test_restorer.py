@@ -110,6 +110,26 @@ def test_python_api_records_the_quality_source_and_keeps_icc_and_exif(guarded_fi
     assert not np.array_equal(np.asarray(blind.restore(clean)), rgb) and "blind" in blind.last_decision.reason
 
 
+def test_python_api_restores_a_file_given_by_its_path(guarded_file, tmp_path):  # noqa: F811
+    """restore("photo.jpg") (or a Path): what restore(Image.open(...)) gives, its quality read from the file's
+    tables, its metadata in .info; a file the restore command refuses is refused the same way, by name."""
+    from dist_dejpeg.restore.images import InputImageError
+
+    restorer = Restorer(guarded_file, device="cpu", tile=64, overlap=16)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(_jpeg_bytes(_photo(96, 128), 20, comment=b"caption"))  # (1.6 kB)
+    by_path = restorer.restore(str(path))
+    assert restorer.last_decision.source == "file tables" and restorer.last_decision.quality == 20
+    assert np.array_equal(np.asarray(by_path), np.asarray(restorer.restore(Image.open(path))))
+    assert by_path.info["comment"] == b"caption" and np.asarray(restorer.restore(path)).shape == (96, 128, 3)
+    (tmp_path / "cut.jpg").write_bytes(path.read_bytes()[:-600])  # its header whole, its scan cut
+    for bad, why in (("cut.jpg", "cannot decode"), ("none.jpg", "no such file")):
+        with pytest.raises(InputImageError, match=f"{bad}: {why}"):
+            restorer.restore(tmp_path / bad)
+    with pytest.raises(TypeError, match="an image file's path"):
+        restorer.restore(b"not a path")
+
+
 def test_the_restore_package_gives_both_restorers():
     """``from dist_dejpeg.restore import Restorer, open_restorer``, as the package's docstring shows, works (it
     was an ImportError: only dist_dejpeg itself gave Restorer); the ONNX one comes from there too."""

@@ -11,6 +11,7 @@ the pixels there and back; ``full_batches`` asks tiling for batches of one shape
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Any, Callable
 
@@ -20,8 +21,8 @@ from PIL import Image
 from dist_dejpeg.jpeg.quality import estimate_quality
 from dist_dejpeg.models.names import GAIN_KEYS, read_gains
 from dist_dejpeg.restore.guard import Decision, decide
-from dist_dejpeg.restore.images import (jpeg_notes, join_image, output_dpi, output_metadata, output_xmp, split_image,
-                                        to_gray)
+from dist_dejpeg.restore.images import (jpeg_notes, join_image, load_image, output_dpi, output_metadata, output_xmp,
+                                        split_image, to_gray)
 from dist_dejpeg.restore.tiling import NUMPY, Arrays, restore_tiled
 
 
@@ -236,13 +237,16 @@ class ImageRestorer:
         return batch, batch, np.empty_like(batch), lambda out: torch.from_numpy(out).to(x.device, dtype)
 
     def restore(self, image, quality: int | None = None):
-        """A PIL image (any mode; alpha kept, grayscale stays grayscale), a uint8 numpy array (restore_array) or
-        a torch tensor (restore_tensor), restored, in the same kind. ``quality`` None: a PIL image's quality is estimated (jpeg.quality.estimate_quality: a
+        """A PIL image (any mode; alpha kept, grayscale stays grayscale) or an image file's path (a PIL image
+        back; refused as ``restore`` refuses it: images.load_image), a uint8 numpy array (restore_array) or a
+        torch tensor (restore_tensor), restored, in the same kind. ``quality`` None: a PIL image's quality is estimated (jpeg.quality.estimate_quality: a
         JPEG's tables, else its pixels) and its source kept in ``last_decision``; an array's is unknown. A PIL
         image comes back with the input's ICC profile, EXIF, dpi, XMP and a JPEG's comment in ``.info``
         ("icc_profile", "exif", "dpi", "xmp", "comment"; orientation applied, as restore/images.py writes them), so
         ``out.save(path, **out.info)`` keeps them (Pillow writes ``xmp=`` into JPEG and WebP files, ``comment=`` into
         JPEG; restore/images.save_image into PNG and TIFF too, and a JPEG's IPTC: jpeg_notes)."""
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image).image  # its quality read from its file, as with Image.open's
         if isinstance(image, np.ndarray):
             return self.restore_array(image, quality)
         if type(image).__module__.startswith("torch"):
@@ -259,4 +263,5 @@ class ImageRestorer:
                                                     ("xmp", output_xmp(image)), ("comment", jpeg_notes(image)[0]))
                                   if v})
             return restored
-        raise TypeError(f"restore takes a PIL image, a uint8 numpy array or a torch tensor, not {type(image).__name__}")
+        raise TypeError(f"restore takes a PIL image, an image file's path, a uint8 numpy array or a torch tensor, "
+                        f"not {type(image).__name__}")
