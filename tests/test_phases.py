@@ -273,3 +273,15 @@ def test_longer_phases_reopens_only_the_phase_that_ended_last():
         longer_phases(_steps(10, 4, 9), SAVED, dict(finished, stopped_early={"gan": 3}))
     # the phase in progress may grow or shrink: the loop runs to its new length
     assert longer_phases(_steps(10, 4, 9), SAVED, {"phase_index": 2, "phase_step": 2}) == {}
+
+
+def test_shorter_phases_keep_the_steps_they_trained():
+    from dist_dejpeg.train.resume import shorter_phases
+
+    finished = {"phase_index": 3, "phase_step": 0}
+    assert shorter_phases(_steps(8, 4, 2), SAVED, finished) == {"gen": 10, "gan": 6}  # done: as trained
+    assert shorter_phases(_steps(10, 4, 9), SAVED, finished) == {}  # longer: longer_phases' business
+    in_gan = {"phase_index": 2, "phase_step": 5}
+    assert shorter_phases(_steps(10, 4, 3), SAVED, in_gan) == {"gan": 5}  # in progress: it ends where it is
+    assert shorter_phases(_steps(10, 4, 5), SAVED, in_gan) == {}  # ends at its new length, not yet reached
+    assert shorter_phases(_steps(1, 1, 3), {}, in_gan) == {"gan": 5}  # no readable config: done ones unjudged

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from accelerate.state import AcceleratorState, GradientState
 
 from dist_dejpeg.config import ConfigError, load_config
@@ -300,6 +301,18 @@ def test_a_finished_run_given_more_steps_continues_its_last_phase(tmp_path, shar
     a = load_file(str(tmp_path / "short" / "generator.safetensors"))
     b = load_file(str(tmp_path / "long" / "generator.safetensors"))
     assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_a_finished_run_given_fewer_steps_keeps_the_steps_it_trained(tmp_path, shards, gen_run, caplog):
+    """The first command again, after a run was given more steps: it validates again, and the run folder's
+    config and progress keep the length trained (they said "gen 2 done", step 3/2)."""
+    shutil.copytree(gen_run, tmp_path / "run")
+    with caplog.at_level("INFO", logger="dist_dejpeg"):
+        train(tiny(tmp_path / "run", shards, *CONSTANT, "train.phases.gen.steps=2"))
+    assert "train.phases.gen.steps 3 -> 2: phase 'gen' is finished, so it keeps 3 steps" in caplog.text, caplog.text
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert saved["train"]["phases"]["gen"]["steps"] == 3 and progress["total_steps"] == progress["global_step"] == 3
 
 
 def test_a_finished_phase_with_later_phases_cannot_grow(tmp_path, shards):

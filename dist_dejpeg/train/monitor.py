@@ -183,6 +183,11 @@ class Monitor:
                 with self.side_write(f"tracker.{tracker.name}", (Exception,)):  # nor the run
                     tracker.log(values, step=step)
 
+    def set_lengths(self, steps: dict[str, int]) -> None:
+        """The phases' lengths, where resuming kept a phase's trained steps over a shorter config (resume.py)."""
+        self.steps = dict(steps)
+        self.progress["total_steps"] = sum(self.steps.values())
+
     def resumed(self, global_step: int) -> None:
         """A run resumed from the checkpoint at ``global_step``: TensorBoard drops what an earlier session logged
         after it (steps a kill or crash lost; a rollback's abandoned ones), so no curve has two points per step

@@ -11,6 +11,7 @@ later ones (checkpoint.set_aside_later), so one timeline continues. A named fold
 error (exit 2). The checkpoint's config.yaml is compared with this config: a key that changes a model's tensor
 shapes is an error naming it; another global batch or process count needs train.resume_allow_batch_change.
 More steps for the phase that ended last (a finished run's gan phase) reopen it; for an earlier phase, an error.
+Fewer steps than a phase has trained keep the steps it trained (the phase in progress ends where it is).
 train.auto_resume=false without --resume starts a new run, which a folder holding checkpoints refuses (a new run
 there goes to another train.run_dir).
 """
@@ -18,6 +19,7 @@ there goes to another train.run_dir).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -75,13 +77,14 @@ def check_before_start(cfg: Config, resume: str | None, processes: int) -> None:
 
 
 def check_continuation(cfg: Config, path: Path, saved_state: dict, deepspeed: bool, processes: int,
-                       has_critic: bool) -> dict:
+                       has_critic: bool) -> tuple[dict, dict]:
     """Raise where ``cfg`` cannot continue the checkpoint at ``path`` (its DeepSpeed layout first: its process count
     cannot change, whatever the batch check would allow; then check_resume_config, longer_phases); returns the
-    trainer state the checkpoint's finished phases reopen with (longer_phases)."""
+    trainer state the checkpoint's finished phases reopen with (longer_phases) and the phase lengths that stay
+    as trained (shorter_phases)."""
     check_deepspeed_layout(path, deepspeed, processes)
-    saved = check_resume_config(cfg, path, saved_state, processes, has_critic)
-    return longer_phases(cfg, saved or {}, saved_state)
+    saved = check_resume_config(cfg, path, saved_state, processes, has_critic) or {}
+    return longer_phases(cfg, saved, saved_state), shorter_phases(cfg, saved, saved_state)
 
 
 def _choose(run_dir: Path, resume: str | None, auto_resume: bool) -> str | None:
@@ -161,7 +164,10 @@ def resume_from(accelerator: Accelerator, cfg: Config, path: str | Path, has_cri
         raise FileNotFoundError(f"not a complete checkpoint (no {TRAINER_STATE}): {path}")
     saved_state = json.loads((path / TRAINER_STATE).read_text())
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    reopened = check_continuation(cfg, path, saved_state, deepspeed, accelerator.num_processes, has_critic)
+    reopened, kept = check_continuation(cfg, path, saved_state, deepspeed, accelerator.num_processes, has_critic)
+    # (cfg: the trainer's effective config, whose train section is its own copy: build.build_accelerator)
+    cfg.train.phases = {**cfg.train.phases, **{n: dataclasses.replace(cfg.train.phases[n], steps=s)
+                                               for n, s in kept.items()}}
     # a file one rank cannot load fails every rank at once; DeepSpeed's loading has collectives of its own, which
     # a rank failing before them could not meet in ours (as checkpoint.save_checkpoint's save_state)
     with contextlib.nullcontext() if deepspeed else all_ranks_or_raise(accelerator):
@@ -201,6 +207,22 @@ def longer_phases(cfg: Config, saved: dict, state: dict) -> dict:
                           f"cannot be added to it in this run. Set {key}={old} to continue the run, or start a new "
                           f"run (another train.run_dir)")
     return {}
+
+
+def shorter_phases(cfg: Config, saved: dict, state: dict) -> dict[str, int]:
+    """{phase: steps} where ``cfg`` gives a phase fewer steps than it has trained: a finished phase keeps the
+    length it was trained with (the checkpoint's config, ``saved``, flat), the phase in progress ends at its step.
+    The run folder's config and status then say what the run did (they said "gan 60 done, step 2540/2400")."""
+    order, done, step = list(cfg.train.order), int(state.get("phase_index", 0)), int(state.get("phase_step", 0))
+    kept = {}
+    for index, name in enumerate(order[:done + 1]):
+        key, new = f"train.phases.{name}.steps", cfg.train.phases[name].steps
+        old = saved.get(key) if index < done else step
+        if isinstance(old, int) and new < old:
+            kept[name] = old
+            log.info("resume: %s %d -> %d: phase '%s' %s, so it keeps %d steps", key, saved.get(key, old), new, name,
+                     f"has trained {old} steps: it ends here" if index == done else "is finished", old)
+    return kept
 
 
 def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: int, has_critic: bool) -> dict | None:

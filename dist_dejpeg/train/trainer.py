@@ -123,6 +123,8 @@ class Trainer:
     def resume(self, path: Path) -> None:
         # the config checked against the checkpoint's, then loaded; this run's later checkpoints set aside
         trainer_state, loader_state, buffers = resume_from(self.accelerator, self.cfg, path, self.critic is not None)
+        self.config_yaml = to_yaml(self.cfg)  # (a phase shortened below what it trained keeps its length)
+        self.monitor.set_lengths({n: self.cfg.train.phases[n].steps for n in self.cfg.train.order})
         ckpt.load_rank_buffers(self._models(), buffers)
         known = set(vars(TrainerState()))
         self.state = TrainerState(**{k: v for k, v in trainer_state.items() if k in known})
