@@ -230,5 +230,6 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def status_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="the run folder (train.run_dir)")
-    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="the run folder (train.run_dir); several, or a folder of runs (a sweep's): one line each")
+    p.add_argument("--json", action="store_true", help="one JSON object (a list of them for several runs), for scripts")

@@ -218,23 +218,37 @@ def export_command(args: argparse.Namespace) -> int:
 def status_command(args: argparse.Namespace) -> int:
     import json
 
-    from dist_dejpeg.run.layout import CHECKPOINTS, CONFIG, LOCK, METRICS, PROGRESS, TRAINER_STATE
-    from dist_dejpeg.run.status import run_status
-    from dist_dejpeg.run.text import format_status
+    from dist_dejpeg.run.status import find_runs
+    from dist_dejpeg.run.text import format_status, format_table
 
-    def fail(message: str) -> int:  # --json: scripts get a JSON object on errors too
-        print(json.dumps({"error": message}) if args.json else f"error: {message}",
+    runs = find_runs(args.run_dirs)
+    statuses = [_one_status(path) for path in runs]
+    if len(statuses) == 1 and "error" not in statuses[0]:
+        print(json.dumps(statuses[0], indent=2) if args.json else format_status(statuses[0]))
+        return 0
+    if len(statuses) == 1:  # --json: scripts get a JSON object on errors too
+        print(json.dumps(statuses[0]) if args.json else f"error: {statuses[0]['error']}",
               file=sys.stdout if args.json else sys.stderr)
         return 2
+    print(json.dumps(statuses, indent=2) if args.json else format_table(statuses))
+    return 2 if any("error" in s for s in statuses) else 0
 
-    if (Path(args.run_dir) / TRAINER_STATE).is_file():
-        return fail(f"{args.run_dir} is a checkpoint folder; give its run folder, {Path(args.run_dir).parent.parent}")
+
+def _one_status(path: Path) -> dict:
+    """run_status's dict for ``path``, or {"run_dir", "error"} saying why it has none."""
+    from dist_dejpeg.run.layout import CHECKPOINTS, CONFIG, LOCK, METRICS, PROGRESS, TRAINER_STATE
+    from dist_dejpeg.run.status import run_status
+
+    def fail(message: str) -> dict:
+        return {"run_dir": str(path), "error": message}
+
+    if (path / TRAINER_STATE).is_file():
+        return fail(f"{path} is a checkpoint folder; give its run folder, {path.parent.parent}")
     try:
-        status = run_status(args.run_dir)
+        status = run_status(path)
     except (FileNotFoundError, NotADirectoryError) as err:
         return fail(str(err))
     if not status["run_folder"]:
-        return fail(f"{args.run_dir} is not a run folder (no {CONFIG}, {CHECKPOINTS}/, {PROGRESS}, {METRICS} or "
-                    f"{LOCK}); give the folder a run's train.run_dir points at")
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
-    return 0
+        return fail(f"{path} is not a run folder (no {CONFIG}, {CHECKPOINTS}/, {PROGRESS}, {METRICS} or {LOCK}); "
+                    f"give the folder a run's train.run_dir points at")
+    return status

@@ -77,7 +77,7 @@ def test_console_script_version_errors_and_status_json(tmp_path):
         in done.stderr, done.stderr
     assert "{prepare,train" not in done.stderr and "COMMAND ..." not in done.stderr
     error = json.loads(out[2])
-    assert list(error) == ["error"] and "nowhere" in error["error"], out[2]
+    assert list(error) == ["run_dir", "error"] and "nowhere" in error["error"], out[2]
 
 
 def test_console_script_restore_aliases_names_jpeg_metadata_and_skip_existing(tmp_path, model_file):  # noqa: F811
@@ -189,7 +189,7 @@ def test_resume_followed_by_overrides_resumes_with_them(tmp_path, monkeypatch, c
     assert main(["train", "--config", str(config), "--resume", "data.batch_size=3", "data.crop=32", "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "batch_size: 3" in printed and "crop: 32" in printed
-    seen, done = [], {"q10": {"jpeg": {"psnr": 25.0}, "restored": {"psnr": 26.0}}}
+    seen, done = [], {"q10": {"jpeg": {"psnr": 25.0}, "restored": {"psnr": 26.0}, "gain": {"psnr_low": 0.5}}}
     monkeypatch.setattr(trainer, "train", lambda cfg, resume=None: seen.append((cfg.train.run_dir, resume)) or done)
     main(["train", "--config", str(config), "--resume", f"train.run_dir={tmp_path}", "train.processes=1"])
     assert seen == [(str(tmp_path), "latest")]

@@ -321,6 +321,37 @@ def fake_run(folder: Path, history: list, lpips_pretrained: bool = True) -> Path
     return folder
 
 
+def test_several_runs_or_a_sweeps_folder_give_one_line_each(tmp_path, capsys, no_flock):
+    """`status runs/` (a job array's runs/sweep-N) or `status a b`: one line per run, in name order, with its
+    state, position, gain at the lowest validated quality and best; a path that is no run says why (exit 2)."""
+    sweep = tmp_path / "runs"
+    sweep.mkdir()
+    fake_run(sweep / "sweep-1", [["gen", 30, 0.0035], ["gan", 20, 0.004]])
+    fake_run(sweep / "sweep-0", [["gen", 30, 0.0035]])
+    (sweep / "sweep-0" / "progress.json").write_text(json.dumps({
+        "time": time.time() - 5, "status": "preempted", "phase": "critic", "phase_index": 1, "phase_step": 4,
+        "phase_steps": 10, "global_step": 34, "total_steps": 80, "images_per_s": 12.5,
+        "last_val": {"q20": {"jpeg": {"psnr": 30.0}, "restored": {"psnr": 30.5}},
+                     "q10": {"jpeg": {"psnr": 25.0}, "restored": {"psnr": 26.25}}}}))
+    (sweep / "notes.txt").write_text("not a run")
+    (sweep / "empty").mkdir()
+    assert [p.name for p in st.find_runs([str(sweep)])] == ["sweep-0", "sweep-1"]
+    assert st.find_runs([str(sweep / "sweep-1"), str(tmp_path / "none")]) == [sweep / "sweep-1", tmp_path / "none"]
+    assert cli("status", str(sweep)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["run", "state", "phase", "step"] and len(lines) == 3, lines
+    assert lines[1].startswith(str(sweep / "sweep-0")) and lines[2].startswith(str(sweep / "sweep-1"))
+    assert re.search(r"PREEMPTED +critic 4/10 +34/80 +12\.5 .* q10 \+1\.25 dB", lines[1]), lines[1]
+    assert re.search(r" LPIPS 0\.0040 @ gan 20$", lines[2]), lines[2]
+    assert cli("status", str(sweep / "sweep-1"), str(sweep / "empty"), str(tmp_path / "none")) == 2
+    out = capsys.readouterr().out
+    assert f"error: {sweep / 'empty'} is not a run folder" in out and f"no such folder: {tmp_path / 'none'}" in out
+    assert cli("status", "--json", str(sweep), str(sweep / "empty")) == 2
+    listed = json.loads(capsys.readouterr().out)
+    assert [s.get("state") for s in listed] == ["preempted", "crashed or killed", None] and "error" in listed[2], listed
+    assert cli("status", str(sweep / "empty")) == 2 and "is not a run folder" in capsys.readouterr().err
+
+
 def test_best_is_the_gan_phases_and_a_random_backbone_lpips_says_so(tmp_path, no_flock):
     """'best validation LPIPS 0.0035 at gen step 30': best is the generator the gan phase keeps (the gen phase
     keeps its last one). And a random-init LPIPS (configs/debug.yaml) was shown as if it were LPIPS."""

@@ -235,6 +235,24 @@ def _not_a_folder(path: Path) -> str:
     return f"{path} is {what}, not a run folder; status takes the folder train.run_dir points at"
 
 
+RUN_MARKERS = (CONFIG, PROGRESS, METRICS, LOCK, CHECKPOINTS)  # what makes a folder a run's
+
+
+def is_run_folder(path: Path) -> bool:
+    return any((path / name).exists() for name in RUN_MARKERS)
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    """The folders ``status`` reports on: each path given, where a folder that is no run but holds runs (a
+    sweep's ``runs/``) stands for the runs directly inside it, by name."""
+    found = []
+    for path in map(Path, paths):
+        inside = sorted(p for p in path.iterdir() if p.is_dir() and is_run_folder(p)) if (
+            path.is_dir() and not is_run_folder(path) and not (path / TRAINER_STATE).is_file()) else []
+        found += inside or [path]
+    return found
+
+
 # -- the whole picture --------------------------------------------------------------------------------------
 def run_status(run_dir: str | Path, now: float | None = None) -> dict:
     """Everything ``status`` shows, as a JSON-ready dict. Raises FileNotFoundError when ``run_dir`` does not
@@ -288,7 +306,7 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
     has_generator = (run_dir / GENERATOR).is_file()
     return _clean({
         "run_dir": str(run_dir),
-        "run_folder": any((run_dir / n).exists() for n in (CONFIG, PROGRESS, METRICS, LOCK, CHECKPOINTS)),
+        "run_folder": is_run_folder(run_dir),
         "checked_at": now, "host": socket.gethostname(),
         "state": state, "why": why, "config": config, "position": position, "progress": progress_out,
         "progress_missing": _no_progress(run, state),

@@ -72,6 +72,42 @@ def format_status(status: dict) -> str:
     return "\n".join(lines)
 
 
+def format_table(statuses: list[dict]) -> str:
+    """One line per run (``status RUN RUN ...``, a sweep's folder): state, position, speed, ETA, the gain at the
+    lowest validated quality and the best validation; a path that is no run says why (``{"error": ...}``)."""
+    head = ("run", "state", "phase", "step", "images/s", "eta", "updated", "last val gain", "best")
+    rows, errors = [], []
+    for s in statuses:
+        if "error" in s:
+            errors.append(s["error"])  # (each names its path)
+            continue
+        pos, prog, best = s.get("position") or {}, s.get("progress") or {}, s.get("best")
+        phase = (f"{pos['phase']} {pos.get('phase_step')}/{number(pos.get('phase_steps'), '')}" if pos.get("phase")
+                 else pos.get("stage") or ("done" if pos else "-"))
+        step = f"{pos.get('global_step')}/{number(pos.get('total_steps'), '')}" if pos else "-"
+        speed = (s.get("speed") or {}).get("images_per_s")
+        eta = (s.get("eta") or {}).get("run_s")
+        rows.append((s["run_dir"], s["state"].upper(), phase, step, "-" if speed is None else f"{speed:.1f}",
+                     "-" if eta is None else duration(eta),
+                     f"{duration(prog['age_s'])} ago" if prog.get("age_s") is not None else "-",
+                     _lowest_gain(s.get("last_val")),
+                     f"{best.get('metric', 'lpips').upper()} {best['value']:.4f} @ {best.get('phase') or 'step'} "
+                     f"{best['step']}" if best else "-"))
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]] if rows else []
+    return "\n".join(lines + [f"error: {e}" for e in errors])
+
+
+def _lowest_gain(val: dict | None) -> str:
+    """'q10 +0.86 dB': the RGB PSNR gain of the last validation at its lowest quality."""
+    qualities = sorted((int(k[1:]), k) for k in (val or {}) if k[1:].isdigit())
+    if not qualities:
+        return "-"
+    q = val[qualities[0][1]]
+    gain = ((q.get("restored") or {}).get("psnr") or math.nan) - ((q.get("jpeg") or {}).get("psnr") or math.nan)
+    return f"q{qualities[0][0]} {gain:+.2f} dB" if math.isfinite(gain) else f"q{qualities[0][0]} ?"
+
+
 def config_lines(cfg: dict, pos: dict) -> list[str]:
     """The config line and the phases line (each phase marked done, now, or stopped early)."""
     if not cfg:
