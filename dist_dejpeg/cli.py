@@ -9,6 +9,7 @@
     dist-dejpeg restore -i photos/ -o out/ --model runs/debug --ext jpg --tile 512 --tile-pad 32 --fp32
     dist-dejpeg evaluate --model runs/debug --images photos/ --qualities 10 20 30 40 -o eval/ [--y-only]
     dist-dejpeg report --model runs/debug --images photos/ -o report.html
+    dist-dejpeg compare eval_a/ eval_b/ [--metrics psnr ssim lpips] [-o compare.md]
     dist-dejpeg export --model runs/debug --onnx model.onnx
     dist-dejpeg status runs/debug [--json]
 
@@ -28,9 +29,11 @@ import os
 import sys
 
 from dist_dejpeg import version
-from dist_dejpeg.cli_args import (HelpFormatter, evaluate_arguments, export_arguments, prepare_arguments,
-                                  report_arguments, restore_arguments, status_arguments, train_arguments)
-from dist_dejpeg.cli_use import evaluate_command, export_command, report_command, restore_command, status_command
+from dist_dejpeg.cli_args import (HelpFormatter, compare_arguments, evaluate_arguments, export_arguments,
+                                  prepare_arguments, report_arguments, restore_arguments, status_arguments,
+                                  train_arguments)
+from dist_dejpeg.cli_use import (compare_command, evaluate_command, export_command, report_command, restore_command,
+                                 status_command)
 from dist_dejpeg.train.launch import EXIT_PREEMPTED, LAUNCHER_PID  # (torch-free: the launcher's stdlib half)
 
 DESCRIPTION = ("Train a JPEG-artifact remover (NoGAN, on one or many GPUs) and restore photos with it. "
@@ -252,6 +255,8 @@ COMMANDS = {
                  "BRISQUE and NIQE", evaluate_arguments, evaluate_command),
     "report": ("a self-contained HTML page: clean | JPEG | restored crops with the metrics", report_arguments,
                report_command),
+    "compare": ("compare models from their evaluate folders: per quality, photo by photo against the first",
+                compare_arguments, compare_command),
     "export": ("export the generator to ONNX (dynamic batch/height/width), checked in onnxruntime",
                export_arguments, export_command),
     "status": ("where a run stands, read from its folder (safe on a live run)", status_arguments, status_command),

@@ -233,3 +233,13 @@ def status_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="the run folder (train.run_dir); several, or a folder of runs (a sweep's): one line each")
     p.add_argument("--json", action="store_true", help="one JSON object (a list of them for several runs), for scripts")
+
+
+def compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("evaluations", nargs="+", metavar="EVAL",
+                   help="folders `evaluate -o` (or report, its tables folder) wrote, or their metrics.json; the "
+                        "first is the baseline")
+    p.add_argument("--metrics", nargs="+", default=["psnr", "ssim", "lpips"], metavar="M",
+                   help="which metrics: psnr, psnr_b, ssim, lpips, brisque, niqe, psnr_y, ...")
+    p.add_argument("-o", "--out", default=None, help="also write the tables to this markdown file")
+    p.add_argument("--json", action="store_true", help="the comparison as JSON, for scripts")

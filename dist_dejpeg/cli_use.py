@@ -215,6 +215,24 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare_command(args: argparse.Namespace) -> int:
+    import json
+
+    from dist_dejpeg.evaluation.compare import CompareError, compare, markdown, read_evaluation
+    from dist_dejpeg.run.files import atomic_write_bytes
+
+    try:
+        comparison = compare([read_evaluation(path) for path in args.evaluations], tuple(args.metrics))
+        text = markdown(comparison)
+        if args.out:
+            atomic_write_bytes(Path(args.out), text.encode())
+    except (CompareError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(comparison, indent=2) if args.json else text, end="" if not args.json else "\n")
+    return 0
+
+
 def status_command(args: argparse.Namespace) -> int:
     import json
 

@@ -1,0 +1,148 @@
+"""Compare models from what ``evaluate`` (or ``report``) wrote: the same photos at the same qualities, paired.
+
+    dist-dejpeg evaluate --model runs/a --images photos/ -o eval_a/     # (each on its own node, if you like)
+    dist-dejpeg evaluate --model runs/b --images photos/ -o eval_b/
+    dist-dejpeg compare eval_a/ eval_b/ --metrics psnr ssim            # B - A per quality, paired per photo
+
+The first evaluation is the baseline. Per metric and quality: the JPEG's mean, each model's mean (and its gain
+over the JPEG), and each other model's difference from the baseline as the mean of the per-photo differences
+with two standard errors of that mean (about a 95% interval: a difference whose interval holds zero is not
+shown to be one) and the photos on which it is better. Only photo-quality pairs every evaluation measured, with
+a finite value in each, count; evaluations measured differently (another colour channel, border crop, chroma
+subsampling or LPIPS backbone) are refused: their numbers do not compare. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from dist_dejpeg.metrics.registry import BY_NAME
+from dist_dejpeg.run.layout import METRICS as METRICS_JSON  # (evaluate writes the name a run's metrics have)
+
+# the settings that change what a number means: evaluations that differ in one are not compared
+SAME = {"channel": "colour channel (--y-only)", "crop_border": "border crop (--crop-border)",
+        "subsampling": "chroma subsampling of the JPEGs (--subsampling)", "lpips": "LPIPS backbone"}
+DEFAULT_METRICS = ("psnr", "ssim", "lpips")
+
+
+class CompareError(ValueError):
+    """Evaluations that cannot be compared, or a path that holds none; the message says which and why."""
+
+
+def read_evaluation(path: str | Path) -> dict:
+    """metrics.json from ``path``: the file, or the folder ``evaluate -o`` (or ``report``, its tables) wrote."""
+    path = Path(path)
+    file = path / METRICS_JSON if path.is_dir() else path
+    try:
+        result = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CompareError(f"{path}: no {METRICS_JSON} there: give the folder `dist-dejpeg evaluate -o` wrote, or "
+                           f"its {METRICS_JSON}") from None
+    except (OSError, ValueError) as err:
+        raise CompareError(f"{file}: not readable as evaluate's {METRICS_JSON} ({err})") from None
+    if not isinstance(result, dict) or not {"meta", "per_image"} <= set(result):
+        raise CompareError(f"{file}: not evaluate's {METRICS_JSON} (no meta and per_image)")
+    result["meta"]["path"] = str(path)
+    return result
+
+
+def _setting(meta: dict, key: str):
+    if key == "subsampling":  # "libjpeg via Pillow 11.0.0, 4:2:0 chroma subsampling": the Pillow version aside
+        return meta.get("compression", "").rpartition(", ")[2]
+    if key == "lpips" and meta.get(key) == "unavailable":
+        return None  # (its values are missing: the table says so, the others still compare)
+    return meta.get(key)
+
+
+def _values(result: dict, metric: str) -> dict[tuple, tuple[float, float]]:
+    """{(photo, height, width, quality): (JPEG value, restored value)} where both are finite."""
+    found = {}
+    for row in result["per_image"]:
+        pair = (row.get("jpeg", {}).get(metric), row.get("restored", {}).get(metric))
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair):
+            found[(row["image"], row.get("height"), row.get("width"), int(row["quality"]))] = pair
+    return found
+
+
+def compare(results: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> dict:
+    """The comparison of ``results`` (read_evaluation's; the first is the baseline) on ``metrics``: per metric,
+    per quality: photos, the JPEG's mean, each model's mean, and each other model's paired difference from the
+    baseline (mean, two standard errors, photos better). CompareError where they were measured differently."""
+    if len(results) < 2:
+        raise CompareError("compare needs two evaluations or more (the first is the baseline)")
+    if unknown := [m for m in metrics if m not in BY_NAME]:
+        raise CompareError(f"unknown metric(s) {', '.join(unknown)}: choose from {', '.join(BY_NAME)}")
+    for key, what in SAME.items():
+        settings = [_setting(r["meta"], key) for r in results]
+        differ = [r["meta"]["path"] for r, v in zip(results, settings) if v != settings[0] and None not in (v, settings[0])]
+        if differ:
+            raise CompareError(f"{', '.join(differ)} measured with another {what} than {results[0]['meta']['path']} "
+                               f"({settings[0]!r}): their numbers do not compare; evaluate them alike")
+    tables = {}
+    for metric in metrics:
+        each = [_values(r, metric) for r in results]
+        common = sorted(set.intersection(*(set(v) for v in each)))
+        rows = {}
+        for q in sorted({key[3] for key in common}):
+            keys = [k for k in common if k[3] == q]
+            jpeg = [each[0][k][0] for k in keys]
+            models = [[v[k][1] for k in keys] for v in each]
+            rows[str(q)] = {"photos": len(keys), "jpeg": _mean(jpeg), "models": [_mean(m) for m in models],
+                            "versus_first": [_paired(models[0], m, BY_NAME[metric]) for m in models[1:]]}
+        tables[metric] = {"label": BY_NAME[metric].caption, "phrase": BY_NAME[metric].phrase, "qualities": rows,
+                          "left_out": sum(len(v) for v in each) - len(common) * len(each),
+                          "not_measured": [i for i, v in enumerate(each) if not v]}
+    return {"evaluations": [_describe(r["meta"]) for r in results], "metrics": tables}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _paired(first: list[float], other: list[float], metric) -> dict:
+    """other - first, photo by photo: the mean difference, two standard errors of it (None for one photo), and
+    on how many photos ``other`` is better (metric.improved)."""
+    diffs = [b - a for a, b in zip(first, other)]
+    n, mean = len(diffs), _mean(diffs)
+    spread = (2 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)) if n > 1 else None
+    better = sum(bool(metric.improved(a, b)) for a, b in zip(first, other))
+    return {"mean": mean, "two_se": spread, "better": better, "photos": n}
+
+
+def _describe(meta: dict) -> dict:
+    model = meta.get("model") or {}
+    return {"path": meta["path"], "model": model.get("source"), "global_step": model.get("global_step"),
+            "encoder_init": model.get("encoder_init"), "guard": meta.get("guard"),
+            "quality_given": meta.get("quality_given"), "images": meta.get("images")}
+
+
+def markdown(comparison: dict) -> str:
+    """The comparison as markdown tables, one per metric (what ``compare`` prints and ``-o`` writes)."""
+    evals = comparison["evaluations"]
+    letters = [chr(ord("A") + i) if i < 26 else f"M{i}" for i in range(len(evals))]
+    lines = ["Evaluations (A is the baseline):", ""]
+    for letter, e in zip(letters, evals):
+        lines.append(f"- {letter}: {e['path']}: model {e['model']}, step {e['global_step']}, encoder "
+                     f"{e['encoder_init']}, guard {'on' if e['guard'] else 'off'}, quality "
+                     f"{'told' if e['quality_given'] else 'not told (blind)'}, {e['images']} photos")
+    for metric, table in comparison["metrics"].items():
+        lines += ["", f"{table['label']}, {table['phrase']}: mean over the photos every evaluation measured (gain "
+                      f"over the JPEG); difference from A photo by photo, +- two standard errors"
+                  + (f" ({table['left_out']} values not common to all left out)" if table["left_out"] else ""), "",
+                  "| quality | photos | JPEG | " + " | ".join(letters) + " | "
+                  + " | ".join(f"{x} - A" for x in letters[1:]) + " |",
+                  "|---|---|---|" + "---|" * (2 * len(letters) - 1)]
+        digits = 3 if BY_NAME[metric].unit == "dB" else BY_NAME[metric].decimals
+        for q, row in table["qualities"].items():
+            means = [f"{m:.{digits}f} ({m - row['jpeg']:+.{digits}f})" for m in row["models"]]
+            diffs = [f"{d['mean']:+.{digits}f}" + (f" +- {d['two_se']:.{digits}f}" if d["two_se"] is not None
+                                                   else "") + f" (better on {d['better']} of {d['photos']})"
+                     for d in row["versus_first"]]
+            lines.append(f"| q{q} | {row['photos']} | {row['jpeg']:.{digits}f} | " + " | ".join(means + diffs) + " |")
+        if table["not_measured"]:
+            lines.append(f"| not measured in {', '.join(letters[i] for i in table['not_measured'])} "
+                         f"(meta.unavailable in {METRICS_JSON} says why) |")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,98 @@
+"""``dist-dejpeg compare``: models compared from their evaluate folders, photo by photo against the first, and
+evaluations measured differently refused."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from dist_dejpeg.cli import main
+from dist_dejpeg.config import ModelConfig
+from dist_dejpeg.evaluation.compare import CompareError, compare, markdown, read_evaluation
+from dist_dejpeg.models.generator_file import save_generator
+
+from test_evaluate import TINY, model_file, photos  # noqa: F401 - fixtures
+
+
+def _row(image: str, quality: int, jpeg: dict, restored: dict) -> dict:
+    return {"image": image, "quality": quality, "height": 64, "width": 64, "jpeg": jpeg, "restored": restored}
+
+
+def _result(path: str, rows: list[dict], **meta) -> dict:
+    return {"meta": {"path": path, "channel": "RGB", "crop_border": 0, "lpips": "unavailable",
+                     "compression": "libjpeg via Pillow 11.0.0, 4:2:0 chroma subsampling", **meta},
+            "per_image": rows}
+
+
+def test_paired_differences_their_spread_and_the_photos_better_follow_each_metrics_direction():
+    a = _result("a", [_row(f"p{i}", 10, {"psnr": 20.0, "lpips": 0.5}, {"psnr": 21.0, "lpips": 0.4}) for i in range(3)])
+    b = _result("b", [_row(f"p{i}", 10, {"psnr": 20.0, "lpips": 0.5}, {"psnr": 21.0 + d, "lpips": 0.4 + d / 10})
+                      for i, d in enumerate((1.0, 2.0, 3.0))])
+    b["per_image"].append(_row("only_in_b", 10, {"psnr": 1.0, "lpips": 1.0}, {"psnr": 2.0, "lpips": 1.0}))
+    b["per_image"][0]["restored"]["lpips"] = None  # infinite or undefined in metrics.json: left out with its pair
+    got = compare([a, b], ("psnr", "lpips"))
+    psnr = got["metrics"]["psnr"]["qualities"]["10"]
+    assert psnr["photos"] == 3 and psnr["jpeg"] == 20.0 and psnr["models"] == [21.0, 23.0]
+    diff = psnr["versus_first"][0]
+    assert diff["mean"] == 2.0 and diff["two_se"] == pytest.approx(2 / math.sqrt(3)) and diff["better"] == 3
+    assert got["metrics"]["psnr"]["left_out"] == 1  # only_in_b
+    lpips = got["metrics"]["lpips"]["qualities"]["10"]["versus_first"][0]
+    assert lpips["photos"] == 2 and lpips["better"] == 0  # higher LPIPS is worse
+    text = markdown(got)
+    assert "| q10 | 3 | 20.000 | 21.000 (+1.000) | 23.000 (+3.000) | +2.000 +- 1.155 (better on 3 of 3) |" in text
+
+
+def test_evaluations_measured_differently_are_refused_by_name():
+    rows = [_row("p", 10, {"psnr": 20.0}, {"psnr": 21.0})]
+    base = _result("a", rows)
+    with pytest.raises(CompareError, match="two evaluations or more"):
+        compare([base])
+    with pytest.raises(CompareError, match="unknown metric.*bogus"):
+        compare([base, _result("b", rows)], ("bogus",))
+    for other, what in ((dict(channel="Y (ITU-R BT.601, MATLAB-style)"), "colour channel"),
+                        (dict(crop_border=4), "border crop"),
+                        (dict(compression="libjpeg via Pillow 11.0.0, 4:4:4 chroma subsampling"), "subsampling"),
+                        (dict(lpips="lpips-vgg"), "LPIPS backbone")):
+        with pytest.raises(CompareError, match=f"^b measured with another .*{what}.* than a"):
+            compare([_result("a", rows, lpips="lpips-alex"), _result("b", rows, **other)])
+    # another Pillow (the same libjpeg settings) and LPIPS measured on one side only still compare
+    got = compare([_result("a", rows, lpips="lpips-alex"),
+                   _result("b", rows, compression="libjpeg via Pillow 12.1.0, 4:2:0 chroma subsampling")])
+    assert got["metrics"]["lpips"]["not_measured"] == [0, 1] and got["metrics"]["psnr"]["qualities"]["10"]
+
+
+def test_compare_reads_what_evaluate_wrote(tmp_path, model_file, photos, capsys):  # noqa: F811
+    """Two models evaluated by the real evaluate, compared from their folders: the difference is the mean of
+    the per-photo differences of their metrics.json; a Y-only evaluation is refused; a missing folder is exit 2."""
+    import torch
+    from torch import nn
+
+    from dist_dejpeg.evaluation.evaluate import evaluate
+    from dist_dejpeg.models.unet import build_generator
+
+    torch.manual_seed(1)
+    other = build_generator(ModelConfig(**TINY))
+    nn.init.normal_(other.head.weight, std=0.02)
+    save_generator(other, ModelConfig(**TINY), other_file := tmp_path / "other.safetensors", extra={"global_step": 5})
+    images, only = [str(photos)], ("psnr", "ssim")
+    for name, model, y in (("a", model_file, False), ("b", other_file, False), ("y", model_file, True)):
+        evaluate(str(model), images, [10, 30], tmp_path / name, progress=False, only=only, y_only=y,
+                 restorer_kwargs={"tile": 0})
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b" / "metrics.json"), "--metrics", "psnr", "ssim",
+                 "-o", str(tmp_path / "compare.md"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    a, b = (read_evaluation(tmp_path / n) for n in "ab")
+    for q in (10, 30):
+        first, second = ([r["restored"]["psnr"] for r in e["per_image"] if r["quality"] == q] for e in (a, b))
+        diff = got["metrics"]["psnr"]["qualities"][str(q)]["versus_first"][0]
+        assert diff["photos"] == 2 and diff["mean"] == pytest.approx(np.mean(np.subtract(second, first)))
+        assert diff["better"] == sum(np.greater(second, first))
+    assert got["evaluations"][1]["global_step"] == 5
+    assert "| quality | photos | JPEG | A | B | B - A |" in (tmp_path / "compare.md").read_text()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "y")]) == 2
+    assert "y measured with another colour channel (--y-only) than " in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "none")]) == 2
+    assert "no metrics.json there" in capsys.readouterr().err
