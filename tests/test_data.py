@@ -1177,7 +1177,7 @@ def test_prepare_folder_sample_keys_are_unique_and_sources_keep_their_paths(tmp_
 def test_prepare_folder_drops_duplicates_before_the_split_and_rejects_unreadable_files(tmp_path, capsys):
     """A byte-identical copy and a symlink to a file also present are listed as duplicates of the first by path
     (and never reach train and val both); a file of the same pixels in another format too; an unreadable file
-    (here a symlink to /proc/self/mem: EIO) is rejected with its reason, the rest prepared."""
+    (here a symlink to /proc/self/mem: EIO) and a broken link are rejected with their reasons, the rest prepared."""
     from dist_dejpeg.cli import main
 
     src = tmp_path / "src"
@@ -1187,6 +1187,7 @@ def test_prepare_folder_drops_duplicates_before_the_split_and_rejects_unreadable
     Image.open(first).save(src / "same_pixels.bmp")
     _noise(src / "c.png", 1)
     _noise(src / "d.png", 2)
+    (src / "moved.png").symlink_to(tmp_path / "gone.png")  # a link whose photo was moved away
     unreadable = Path("/proc/self/mem").exists()
     if unreadable:
         (src / "mem.png").symlink_to("/proc/self/mem")
@@ -1198,6 +1199,7 @@ def test_prepare_folder_drops_duplicates_before_the_split_and_rejects_unreadable
         assert {i["path"] for i in manifest["sources"].values()} <= {"a.png", "same_pixels.bmp", "c.png", "d.png"}
         reasons = {r["path"]: r["reason"] for r in manifest["rejected"]}
         assert reasons["b.png"] == reasons["link.png"] == "duplicate of a.png"
+        assert reasons["moved.png"] == f"unreadable: a broken link (to {tmp_path / 'gone.png'}, which does not exist)"
         assert len(manifest["sources"]) == 3 and any("(the same pixels)" in r for r in reasons.values()), reasons
         digests = {s: {i["sha256"] for i in manifest["sources"].values() if i["split"] == s} for s in ("train", "val")}
         assert digests["train"] and digests["val"] and not digests["train"] & digests["val"]

@@ -104,7 +104,8 @@ def unique_names(stems: list[str]) -> list[str]:
 
 
 def walk_files(src: Path) -> list[Path]:
-    """The files under ``src``, symlinked sub-folders followed (each real folder once: a link loop ends)."""
+    """The files under ``src``, symlinked sub-folders followed (each real folder once: a link loop ends), and
+    broken links (find_sources rejects them by name: a photo moved away is not left out unsaid)."""
     found, seen = [], set()
     for folder, dirs, names in os.walk(src, followlinks=True):
         real = os.path.realpath(folder)
@@ -113,7 +114,7 @@ def walk_files(src: Path) -> list[Path]:
             continue
         seen.add(real)
         dirs.sort()
-        found += [p for p in (Path(folder, n) for n in names) if p.is_file()]
+        found += [p for p in (Path(folder, n) for n in names) if p.is_file() or (p.is_symlink() and not p.exists())]
     return found
 
 
@@ -162,6 +163,10 @@ def find_sources(src: Path) -> tuple[list[tuple[Path, str, str]], list[dict]]:
     kept, rejected, first = [], [], {}
     for path, name in zip(files, names):
         rel = path.relative_to(src).as_posix()
+        if not path.exists():
+            rejected.append({"source": name, "path": rel, "reason": f"{Unreadable.kind}: a broken link (to "
+                                                                    f"{os.readlink(path)}, which does not exist)"})
+            continue
         try:
             digest = file_sha256(path)
         except OSError as err:
