@@ -237,8 +237,8 @@ def status_arguments(p: argparse.ArgumentParser) -> None:
 
 def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("evaluations", nargs="+", metavar="EVAL",
-                   help="folders `evaluate -o` (or report, its tables folder) wrote, or their metrics.json; the "
-                        "first is the baseline")
+                   help="folders `evaluate -o` wrote (or their metrics.json, or report pages): the first is the "
+                        "baseline")
     p.add_argument("--metrics", nargs="+", default=["psnr", "ssim", "lpips"], metavar="M",
                    help="which metrics: psnr, psnr_b, ssim, lpips, brisque, niqe, psnr_y, ...")
     p.add_argument("-o", "--out", default=None, help="also write the tables to this markdown file")

@@ -92,6 +92,9 @@ def test_compare_reads_what_evaluate_wrote(tmp_path, model_file, photos, capsys)
         assert diff["better"] == sum(np.greater(second, first))
     assert got["evaluations"][1]["global_step"] == 5
     assert "| quality | photos | JPEG | A | B | B - A |" in (tmp_path / "compare.md").read_text()
+    (tmp_path / "a.html").write_text("<html>")  # a report page: its tables are in the folder named as it
+    assert main(["compare", str(tmp_path / "a.html"), str(tmp_path / "b")]) == 0
+    assert "| q30 | 2 |" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "y")]) == 2
     assert "y measured with another colour channel (--y-only) than " in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "none")]) == 2

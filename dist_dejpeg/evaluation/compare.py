@@ -1,7 +1,7 @@
 """Compare models from what ``evaluate`` (or ``report``) wrote: the same photos at the same qualities, paired.
 
     dist-dejpeg evaluate --model runs/a --images photos/ -o eval_a/     # (each on its own node, if you like)
-    dist-dejpeg evaluate --model runs/b --images photos/ -o eval_b/
+    dist-dejpeg evaluate --model runs/b --images photos/ -o eval_b/      # (or a report page: report_b.html)
     dist-dejpeg compare eval_a/ eval_b/ --metrics psnr ssim            # B - A per quality, paired per photo
 
 The first evaluation is the baseline. Per metric and quality: the JPEG's mean, each model's mean (and its gain
@@ -32,8 +32,11 @@ class CompareError(ValueError):
 
 
 def read_evaluation(path: str | Path) -> dict:
-    """metrics.json from ``path``: the file, or the folder ``evaluate -o`` (or ``report``, its tables) wrote."""
+    """metrics.json from ``path``: the file, the folder ``evaluate -o`` wrote, or a ``report`` page (its tables
+    are in the folder named as the page without its suffix)."""
     path = Path(path)
+    if path.suffix.lower() in (".html", ".htm"):
+        path = path.with_suffix("")
     file = path / METRICS_JSON if path.is_dir() else path
     try:
         result = json.loads(file.read_text())
