@@ -1,7 +1,7 @@
 """Compare models from what ``evaluate`` (or ``report``) wrote: the same photos at the same qualities, paired.
 
     dist-dejpeg evaluate --model runs/a --images photos/ -o eval_a/     # (each on its own node, if you like)
-    dist-dejpeg evaluate --model runs/b --images photos/ -o eval_b/      # (or a report page: report_b.html)
+    dist-dejpeg evaluate --model runs/b --images photos/ -o eval_b/     # (or report ... -o report_b.html)
     dist-dejpeg compare eval_a/ eval_b/ --metrics psnr ssim            # B - A per quality, paired per photo
 
 The first evaluation is the baseline. Per metric and quality: the JPEG's mean, each model's mean (and its gain
