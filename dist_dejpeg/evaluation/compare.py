@@ -9,7 +9,8 @@ over the JPEG), and each other model's difference from the baseline as the mean 
 with two standard errors of that mean (about a 95% interval: a difference whose interval holds zero is not
 shown to be one) and the photos on which it is better. Only photo-quality pairs every evaluation measured, with
 a finite value in each, count; evaluations measured differently (another colour channel, border crop, chroma
-subsampling or LPIPS backbone) are refused: their numbers do not compare. Torch-free.
+subsampling or LPIPS backbone) are refused: their numbers do not compare; so are photos whose JPEG inputs measure
+differently (another photo of the same name, or another compression). Torch-free.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def compare(results: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> 
         if differ:
             raise CompareError(f"{', '.join(differ)} measured with another {what} than {results[0]['meta']['path']} "
                                f"({settings[0]!r}): their numbers do not compare; evaluate them alike")
+    _check_same_inputs(results)
     tables = {}
     for metric in metrics:
         each = [_values(r, metric) for r in results]
@@ -98,6 +100,21 @@ def compare(results: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> 
                           "left_out": sum(len(v) for v in each) - len(common) * len(each),
                           "not_measured": [i for i, v in enumerate(each) if not v]}
     return {"evaluations": [_describe(r["meta"]) for r in results], "metrics": tables}
+
+
+def _check_same_inputs(results: list[dict], metric: str = "psnr") -> None:
+    """The JPEG inputs' PSNRs must agree: the same photo compressed alike measures the same, on any device (float64
+    numpy; its name and size alone could be another photo's), so a difference means other photos or another
+    compression."""
+    each = [_values(r, metric) for r in results]
+    for key in sorted(set.intersection(*(set(v) for v in each))):
+        first = each[0][key][0]
+        for result, values in zip(results[1:], each[1:]):
+            if abs(values[key][0] - first) > 1e-6 * max(1.0, abs(first)):
+                raise CompareError(
+                    f"photo {key[0]!r} at q{key[3]}: its JPEG's {metric} is {first!r} in {results[0]['meta']['path']} "
+                    f"but {values[key][0]!r} in {result['meta']['path']}: not the same photo (a name shared by "
+                    f"another), or compressed differently; compare evaluations of the same photos")
 
 
 def _mean(values: list[float]) -> float | None:
