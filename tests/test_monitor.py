@@ -350,6 +350,15 @@ def test_a_resumed_run_logs_to_the_same_wandb_and_mlflow_runs(tmp_path, shards, 
     assert not list((tmp_path / "cwd").iterdir())
 
 
+def test_no_trackers_start_without_a_warning_about_trackers(tmp_path, shards):
+    """train.log_with=[] (trackers off): Accelerate warned "`log_with=[]` was passed but no supported trackers are
+    currently installed" on every start, as if one were missing."""
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        _session(tmp_path / "run", shards, "train.log_with=[]")
+    assert not [str(w.message) for w in shown if "tracker" in str(w.message)]
+
+
 def test_mlflow_without_a_tracking_uri_keeps_its_store_in_the_run_folder(tmp_path, shards, monkeypatch):
     """Without MLFLOW_TRACKING_URI, MLflow 3 wrote ./mlflow.db (and the image grid under ./mlruns) in the
     working directory: every run's in one database wherever the command ran. Now <run_dir>/mlflow/; the
@@ -364,7 +373,10 @@ def test_mlflow_without_a_tracking_uri_keeps_its_store_in_the_run_folder(tmp_pat
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     run = tmp_path / "run"
-    _session(run, shards, "train.log_with=[mlflow]")
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        _session(run, shards, "train.log_with=[mlflow]")
+    assert not [w for w in shown if "noload" in str(w.message)], "SQLAlchemy's deprecation, inside MLflow's store"
     assert "MLFLOW_TRACKING_URI" not in os.environ
     assert not list((tmp_path / "cwd").iterdir())
     client = MlflowClient(f"sqlite:///{run / 'mlflow' / 'mlflow.db'}")

@@ -120,7 +120,8 @@ def _tracking(cfg: Config) -> dict:
 
     check_trackers(list(cfg.train.log_with))
     run_dir = Path(cfg.train.run_dir)
-    return {"log_with": tracker_objects(list(cfg.train.log_with), run_dir), "project_dir": str(run_dir)}
+    # (none: None, not []: Accelerate warns that "no supported trackers are installed" of an empty list)
+    return {"log_with": tracker_objects(list(cfg.train.log_with), run_dir) or None, "project_dir": str(run_dir)}
 
 
 def _launcher_deepspeed_stage() -> int | None:

@@ -19,10 +19,14 @@ def _not_cpu_accelerator_note(record: logging.LogRecord) -> bool:
 def silence_library_warnings() -> None:
     """torch 2.14's DDP calls broadcast_buffers deprecated (once per rank and model) for forward_sync_buffers, which
     Accelerate cannot pass yet and older torch lacks (build.py's False is meant); DeepSpeed's ZeRO calls
-    torch.distributed.all_gather_into_tensor, which torch 2.14 calls deprecated for all_gather_single. DeepSpeed's
-    CPU note is a logging record: filtered on its logger, which exists before deepspeed is imported (getLogger makes
-    it; DeepSpeed's set-up keeps its filters)."""
+    torch.distributed.all_gather_into_tensor, which torch 2.14 calls deprecated for all_gather_single; MLflow's
+    store uses a SQLAlchemy loader strategy deprecated in its 2.1. DeepSpeed's CPU note is a logging record:
+    filtered on its logger, which exists before deepspeed is imported (getLogger makes it; DeepSpeed's set-up keeps
+    its filters)."""
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
+    # MLflow's SQLite store (train.log_with=[mlflow]) sets up its tables with a SQLAlchemy loader deprecated in 2.1
+    warnings.filterwarnings("ignore", message=r"The ``noload`` loader strategy is deprecated",
+                            category=DeprecationWarning)
     logging.getLogger(DEEPSPEED_LOGGER).addFilter(_not_cpu_accelerator_note)  # (added once however often called)
