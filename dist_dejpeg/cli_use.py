@@ -248,8 +248,12 @@ def status_command(args: argparse.Namespace) -> int:
         print(json.dumps(statuses[0]) if args.json else f"error: {statuses[0]['error']}",
               file=sys.stdout if args.json else sys.stderr)
         return 2
-    print(json.dumps(statuses, indent=2) if args.json else format_table(statuses))
-    return 2 if any("error" in s for s in statuses) else 0
+    errors = [s["error"] for s in statuses if "error" in s]  # (each names its path)
+    if args.json or len(errors) < len(statuses):
+        print(json.dumps(statuses, indent=2) if args.json else format_table(statuses))
+    for error in [] if args.json else errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 2 if errors else 0
 
 
 def _one_status(path: Path) -> dict:

@@ -344,8 +344,10 @@ def test_several_runs_or_a_sweeps_folder_give_one_line_each(tmp_path, capsys, no
     assert re.search(r"PREEMPTED +critic 4/10 +34/80 +12\.5 .* q10 \+1\.25 dB", lines[1]), lines[1]
     assert re.search(r" LPIPS 0\.0040 @ gan 20$", lines[2]), lines[2]
     assert cli("status", str(sweep / "sweep-1"), str(sweep / "empty"), str(tmp_path / "none")) == 2
-    out = capsys.readouterr().out
-    assert f"error: {sweep / 'empty'} is not a run folder" in out and f"no such folder: {tmp_path / 'none'}" in out
+    said = capsys.readouterr()
+    assert len(said.out.splitlines()) == 2 and str(sweep / "sweep-1") in said.out  # the table: to stdout
+    assert f"error: {sweep / 'empty'} is not a run folder" in said.err
+    assert f"error: no such folder: {tmp_path / 'none'}" in said.err
     assert cli("status", "--json", str(sweep), str(sweep / "empty")) == 2
     listed = json.loads(capsys.readouterr().out)
     assert [s.get("state") for s in listed] == ["preempted", "crashed or killed", None] and "error" in listed[2], listed

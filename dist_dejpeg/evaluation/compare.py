@@ -80,7 +80,8 @@ def compare(results: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> 
         raise CompareError(f"unknown metric(s) {', '.join(unknown)}: choose from {', '.join(BY_NAME)}")
     for key, what in SAME.items():
         settings = [_setting(r["meta"], key) for r in results]
-        differ = [r["meta"]["path"] for r, v in zip(results, settings) if v != settings[0] and None not in (v, settings[0])]
+        differ = [r["meta"]["path"] for r, v in zip(results, settings)
+                  if v != settings[0] and None not in (v, settings[0])]
         if differ:
             raise CompareError(f"{', '.join(differ)} measured with another {what} than {results[0]['meta']['path']} "
                                f"({settings[0]!r}): their numbers do not compare; evaluate them alike")

@@ -74,12 +74,12 @@ def format_status(status: dict) -> str:
 
 def format_table(statuses: list[dict]) -> str:
     """One line per run (``status RUN RUN ...``, a sweep's folder): state, position, speed, ETA, the gain at the
-    lowest validated quality and the best validation; a path that is no run says why (``{"error": ...}``)."""
+    lowest validated quality and the best validation; a path that is no run (``{"error": ...}``) is left to the
+    caller to say."""
     head = ("run", "state", "phase", "step", "images/s", "eta", "updated", "last val gain", "best")
-    rows, errors = [], []
+    rows = []
     for s in statuses:
         if "error" in s:
-            errors.append(s["error"])  # (each names its path)
             continue
         pos, prog, best = s.get("position") or {}, s.get("progress") or {}, s.get("best")
         phase = (f"{pos['phase']} {pos.get('phase_step')}/{number(pos.get('phase_steps'), '')}" if pos.get("phase")
@@ -94,8 +94,7 @@ def format_table(statuses: list[dict]) -> str:
                      f"{best.get('metric', 'lpips').upper()} {best['value']:.4f} @ {best.get('phase') or 'step'} "
                      f"{best['step']}" if best else "-"))
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]] if rows else []
-    return "\n".join(lines + [f"error: {e}" for e in errors])
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]) if rows else ""
 
 
 def _lowest_gain(val: dict | None) -> str:
