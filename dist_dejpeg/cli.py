@@ -42,7 +42,7 @@ DESCRIPTION = ("Train a JPEG-artifact remover (NoGAN, on one or many GPUs) and r
 
 def _prepare(args: argparse.Namespace) -> int:
     from dist_dejpeg.data.folder import prepare_folder
-    from dist_dejpeg.run.pool import TilingProcessLost
+    from dist_dejpeg.run.pool import WorkerLost
     from dist_dejpeg.data.shards import PrepareError, prepare_samples
 
     if args.source:  # `prepare folder photos/`, `prepare div2k data/div2k`: the option's folder, positional
@@ -66,7 +66,7 @@ def _prepare(args: argparse.Namespace) -> int:
             manifest = prepare_div2k(args.root, args.out, download_missing=args.download, tile=tile, step=step,
                                      shard_size=shard_size, workers=args.workers, seed=args.seed,
                                      keep_staging=args.keep_staging, fmt=args.format)
-        except (FileNotFoundError, DownloadError, PrepareError, TilingProcessLost) as err:
+        except (FileNotFoundError, DownloadError, PrepareError, WorkerLost) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     elif args.dataset == "samples":
@@ -84,7 +84,7 @@ def _prepare(args: argparse.Namespace) -> int:
             manifest = prepare_folder(args.src, args.out, tile=tile, train_step=step, shard_size=shard_size,
                                       val_fraction=args.val_fraction, seed=args.seed, fmt=args.format,
                                       jpeg=args.jpeg_sources, max_pixels=args.max_pixels, workers=args.workers)
-        except (FileNotFoundError, PrepareError, TilingProcessLost) as err:
+        except (FileNotFoundError, PrepareError, WorkerLost) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     splits, rejected = manifest["splits"], len(manifest["rejected"])  # (said once: publish() logs no count)

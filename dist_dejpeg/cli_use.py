@@ -103,7 +103,7 @@ def print_restore_summary(results: list, args: argparse.Namespace, device) -> No
 
 def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
     """evaluate()'s result, or an exit status after printing the error."""
-    from dist_dejpeg.run.pool import TilingProcessLost, pool_size
+    from dist_dejpeg.run.pool import WorkerLost, pool_size
     from dist_dejpeg.evaluation.evaluate import EvaluateError, evaluate
     from dist_dejpeg.evaluation.pairs import MAX_DEFAULT_WORKERS
     from dist_dejpeg.evaluation.report import check_report_output
@@ -125,8 +125,8 @@ def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
                           keep_images=keep_images, progress=not args.quiet,
                           report_crop=args.crop if keep_images else None,  # (each photo cut to the page's parts)
                           workers=pool_size(args.workers, MAX_DEFAULT_WORKERS))
-    except (ModelFileError, EvaluateError, OnnxUnavailable, ValueError, TilingProcessLost) as err:
-        print(f"error: {err}", file=sys.stderr)  # (TilingProcessLost: a metrics process killed, out of memory?)
+    except (ModelFileError, EvaluateError, OnnxUnavailable, ValueError, WorkerLost) as err:
+        print(f"error: {err}", file=sys.stderr)  # (WorkerLost: a metrics process killed, out of memory?)
     finally:
         if isinstance(result, int):  # failed (or stopped): no empty folder of its making is left behind
             remove_empty(made)

@@ -20,7 +20,7 @@ from PIL import Image
 from dist_dejpeg.cli import main
 from dist_dejpeg.data import folder, shards
 from dist_dejpeg.run import pool
-from dist_dejpeg.run.pool import TilingProcessLost, map_in_order, pool_size
+from dist_dejpeg.run.pool import WorkerLost, map_in_order, pool_size
 
 
 def _photo(path: Path, seed: int, size: tuple[int, int], jpeg_quality: int = 0) -> None:
@@ -105,7 +105,7 @@ def _killed_on_the_third(item: int) -> int:
 def test_a_killed_worker_is_a_clear_error_not_a_hang():
     faulthandler.dump_traceback_later(120, exit=True)  # a hang fails the run instead of blocking it
     try:
-        with pytest.raises(TilingProcessLost, match=r"ended abruptly .* --workers \(now 2\)") as err:
+        with pytest.raises(WorkerLost, match=r"ended abruptly .* --workers \(now 2\)") as err:
             list(map_in_order(_killed_on_the_third, range(6), workers=2, names=lambda item: f"photo{item}"))
     finally:
         faulthandler.cancel_dump_traceback_later()

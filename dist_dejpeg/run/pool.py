@@ -20,8 +20,9 @@ Item, Result = TypeVar("Item"), TypeVar("Result")
 MAX_DEFAULT_WORKERS = {"div2k": 16, "folder": 8}
 
 
-class TilingProcessLost(BrokenProcessPool):
-    """A tiling (or metrics) process ended abruptly; the message names the items in progress and what to do."""
+class WorkerLost(BrokenProcessPool):
+    """A pool process (prepare's tiling, evaluate's metrics) ended abruptly; the message names the items in progress
+    and what to do."""
 
 
 def pool_size(workers: int, cap: int) -> int:
@@ -52,7 +53,7 @@ def map_in_order(work: Callable[[Item], Result], items: Iterable[Item], workers:
                  setup: Callable[[], None] | None = None) -> Iterator[Result]:
     """``work(item)`` for each item, in the items' order: in this process for ``workers`` <= 1, else in a pool of
     ``workers`` processes holding at most 2 x ``workers`` items (and their results) at a time. A worker killed
-    (out of memory, a signal) is a TilingProcessLost naming the items in flight (``names``), the processes' ``role``
+    (out of memory, a signal) is a WorkerLost naming the items in flight (``names``), the processes' ``role``
     and the ``outcome`` for the caller's output, not a hang; however the caller stops (an error, Ctrl-C, closing
     this generator), the pool is shut down before this returns. (Also evaluate's metrics processes.) ``start``:
     multiprocessing's start method ("spawn" where this process has run OpenMP code: a forked child that runs
@@ -83,7 +84,7 @@ def map_in_order(work: Callable[[Item], Result], items: Iterable[Item], workers:
                 result = future.result()
             except BrokenProcessPool:
                 held = ", ".join(names(i) for i in [item] + [i for i, _ in flight])
-                raise TilingProcessLost(f"a {role} process ended abruptly (killed: out of memory?) while these were "
+                raise WorkerLost(f"a {role} process ended abruptly (killed: out of memory?) while these were "
                                         f"in progress: {held}; {outcome}. Run again with fewer --workers (now "
                                         f"{workers}), or --workers 1 to work in this process") from None
             for follower in itertools.islice(items, 1):  # keep the pool busy while the caller writes this result
