@@ -11,7 +11,7 @@
     dist-dejpeg report --model runs/debug --images photos/ -o report.html
     dist-dejpeg compare eval_a/ eval_b/ [--metrics psnr ssim lpips] [-o compare.md]
     dist-dejpeg export --model runs/debug --onnx model.onnx
-    dist-dejpeg status runs/debug [--json]
+    dist-dejpeg status runs/debug [--json]          (several runs, or runs/: one line each)
 
 train exits 0 when done; 2 on a config, weights, busy-run-folder, damaged-checkpoint or too-many-bad-samples error; 3 when a non-finite
 loss or a full disk stopped it (the last good checkpoint is kept: fix the cause and rerun); 75 when
