@@ -386,6 +386,29 @@ def test_stop_rule_ends_gan_phase_and_keeps_best(tmp_path, shards, monkeypatch):
     assert final["q10"]["restored"]["lpips"] == 0.9
 
 
+def test_a_resumed_gan_phase_on_another_validation_set_starts_its_stop_rule_over(tmp_path, shards, monkeypatch,
+                                                                                  caplog):
+    """Shards prepared again (or data.val_* changed) between sessions: the best so far was measured on other crops,
+    so it no longer decides what is kept: the rule starts over (with the same validation: unchanged)."""
+    gan = ("train.order=[gan]", "train.phases.gan.val_every=1", "train.phases.gan.critic_iters=0",
+           "train.phases.gan.gen_iters=1", "train.phases.gan.select_on=lpips", "train.phases.gan.schedule=constant")
+    monkeypatch.setattr(trainer_mod, "validate", lambda *a, **k: _validated(next(scripted)))
+    scripted = itertools.chain([0.1], itertools.repeat(0.5))  # step 1 best (then the final validations)
+    train(tiny(tmp_path / "run", shards, *gan, "train.phases.gan.steps=2"))
+    shutil.copytree(tmp_path / "run", tmp_path / "same")
+    for run, other, best_step in (("same", (), 1), ("run", ("data.val_max_images=1",), 3)):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        scripted = itertools.chain([0.3], itertools.repeat(0.35))  # step 3 best, but worse than 0.1 (old crops)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="dist_dejpeg"):
+            train(tiny(tmp_path / run, shards, *gan, "train.phases.gan.steps=4", *other))
+        changed = "the validation set changed since the checkpoint" in caplog.text
+        assert changed == bool(other), caplog.text
+        state = json.loads((ckpt.latest_checkpoint(tmp_path / run) / "trainer_state.json").read_text())
+        assert state["stop"]["best_step"] == best_step and state["val_set"], (run, state["stop"])
+
+
 def test_a_random_backbone_lpips_does_not_pick_the_kept_generator(tmp_path, shards, monkeypatch):
     """loss.lpips_pretrained=false (configs/debug.yaml): the gan phase keeps the best generator by validation PSNR
     and stops on it (select_on auto), not by the random LPIPS, which here favours step 2."""

@@ -3,6 +3,8 @@ the crop and at least one per loader slot (from prepare's manifest.json), a vali
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 
@@ -12,6 +14,7 @@ from dist_dejpeg.config import Config, ConfigError, DataConfig
 from dist_dejpeg.data import build_val_set, resolve_backend
 from dist_dejpeg.data.folder import first_photos, photos_hint
 from dist_dejpeg.data.shards import MANIFEST, list_shards, read_manifest
+from dist_dejpeg.models.names import shard_fingerprint
 from dist_dejpeg.train.window import sum_over_ranks
 
 log = logging.getLogger("dist_dejpeg")
@@ -61,6 +64,19 @@ def describes(manifest: dict, root: str) -> bool:
     log.info("%s/%s does not describe the training shards beside it (others, or other sizes): not judging them by "
              "it; `dist-dejpeg prepare` again to refresh it", root, MANIFEST)
     return False
+
+
+def val_fingerprint(cfg: Config) -> str:
+    """What the validation measures: its shards (names and shard_fingerprint) and the data.val_* settings, hashed;
+    "" where the shards cannot be listed. A resumed run whose fingerprint differs validates other crops, so its
+    numbers from before (the gan phase's best) do not compare with those after (resume.py)."""
+    d = cfg.data
+    try:
+        shards = {os.path.basename(p): shard_fingerprint(p) for p in list_shards(d.root, d.val_glob)}
+    except OSError:
+        return ""
+    what = [shards, d.val_crop, list(d.val_qualities), d.val_max_images]
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def checked_val_set(cfg: Config, acc: Accelerator) -> dict:

@@ -108,14 +108,19 @@ class StopRule:
 
 
 def gan_rule(name: str, phase: PhaseConfig, state: dict, fresh: bool, decided: bool,
-             lpips_pretrained: bool) -> StopRule:
+             lpips_pretrained: bool, other_validation: bool = False) -> StopRule:
     """A gan phase's stop rule at its start (says what it follows) or resumed from ``state`` with this run's
     ``patience``. A resumed rule that followed another metric (a checkpoint from before select_on, or select_on
-    changed) starts again on this one, unless it has ``decided`` (the phase was stopped by it)."""
+    changed) starts again on this one, unless it has ``decided`` (the phase was stopped by it); so does one whose
+    numbers were measured on ``other_validation`` crops (resume.other_validation)."""
     metric = select_metric(name, phase, lpips_pretrained)
     rule = StopRule.start(phase.patience, metric) if fresh else StopRule.from_state(state)
     rule.patience = phase.patience
-    if rule.metric != metric and not decided:
+    if other_validation and not fresh and not decided:
+        log.info("%s: the checkpoint's best (%s %.4f at step %d) was measured on other validation crops: the next "
+                 "validation is the best so far", name, rule.metric.upper(), rule.best, rule.best_step)
+        rule = StopRule.start(phase.patience, metric)
+    elif rule.metric != metric and not decided:
         log.info("%s: the checkpoint's stop rule followed %s (best %.4f at step %d); it follows %s from here, so "
                  "the next validation is the best so far", name, rule.metric.upper(), rule.best, rule.best_step,
                  metric.upper())

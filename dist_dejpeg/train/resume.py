@@ -209,6 +209,17 @@ def longer_phases(cfg: Config, saved: dict, state: dict) -> dict:
     return {}
 
 
+def other_validation(saved: str, now: str) -> bool:
+    """Whether the checkpoint validated other crops than this run will (``saved`` and ``now``: their
+    data_checks.val_fingerprint; "" where unknown); said, once."""
+    if not saved or not now or saved == now:
+        return False
+    log.warning("resume: the validation set changed since the checkpoint (its shards, or data.val_* settings): "
+                "validations from before measured other crops, so a gan phase's best so far is not compared with "
+                "those after (its stop rule starts over)")
+    return True
+
+
 def shorter_phases(cfg: Config, saved: dict, state: dict) -> dict[str, int]:
     """{phase: steps} where ``cfg`` gives a phase fewer steps than it has trained: a finished phase keeps the
     length it was trained with (the checkpoint's config, ``saved``, flat), the phase in progress ends at its step.

@@ -32,12 +32,12 @@ from dist_dejpeg.train.faults import check_finite_state, save_last_good
 from dist_dejpeg.train.build import (build_accelerator, build_parts, claim_run_dir, refresh_master_weights, set_lr,
                                      setup_logging, start_phase_optimizer, training_stream)
 from dist_dejpeg.train.collective import PacedChecks, all_ranks_or_raise
-from dist_dejpeg.train.data_checks import checked_val_set
+from dist_dejpeg.train.data_checks import checked_val_set, val_fingerprint
 from dist_dejpeg.train.ema import GeneratorEma
 from dist_dejpeg.train.final import finish_run
 from dist_dejpeg.train.monitor import Monitor
 from dist_dejpeg.train.phases import StopRule, gan_rule, gan_turn, lr_at, trains_critic, trains_generator
-from dist_dejpeg.train.resume import check_new_run, choose_checkpoint, resume_from
+from dist_dejpeg.train.resume import check_new_run, choose_checkpoint, other_validation, resume_from
 from dist_dejpeg.train.steps import HostChecks, NonFiniteLoss, critic_step, generator_step
 from dist_dejpeg.train.validation import average_bn_stats, image_grid, mean_restored, validate
 from dist_dejpeg.train.window import LogWindow, TimedBatches, sum_over_ranks
@@ -53,6 +53,7 @@ class TrainerState:
     stop: dict = field(default_factory=lambda: StopRule().state_dict())
     history: list = field(default_factory=list)  # (phase, step, mean restored LPIPS) per validation
     stopped_early: dict = field(default_factory=dict)  # phase name -> step where the stop rule fired
+    val_set: str = ""  # data_checks.val_fingerprint of what the validation measured ("": not recorded)
     # wall seconds in training steps over all phases and resumes (not validation, image logging or checkpoints):
     # the x axis of time to quality (bench/quality.py)
     train_seconds: float = 0.0
@@ -82,7 +83,7 @@ class Trainer:
             self.loader = train_loader or build_train_loader(cfg, acc.process_index, acc.num_processes, acc.device)
             self.val_set = val_set if val_set is not None else checked_val_set(cfg, acc)
             self.monitor = Monitor(acc, cfg, self.run_dir, to_dict(cfg))
-        self.state = TrainerState()
+        self.state, self.val_changed = TrainerState(val_set=val_fingerprint(cfg)), False
         self.best_generator: dict | None = None
         self._validated: tuple[int, dict] | None = None  # (global step, results) of the newest validation, if current
         self.config_yaml = to_yaml(cfg)
@@ -127,7 +128,8 @@ class Trainer:
         self.monitor.set_lengths({n: self.cfg.train.phases[n].steps for n in self.cfg.train.order})
         ckpt.load_rank_buffers(self._models(), buffers)
         known = set(vars(TrainerState()))
-        self.state = TrainerState(**{k: v for k, v in trainer_state.items() if k in known})
+        now, self.state = self.state.val_set, TrainerState(**{k: v for k, v in trainer_state.items() if k in known})
+        self.val_changed, self.state.val_set = other_validation(self.state.val_set, now), now  # (said there)
         if loader_state and hasattr(self.loader, "load_state_dict"):
             self.loader.load_state_dict(loader_state)
         if (path / BEST_GENERATOR).is_file():
@@ -179,8 +181,8 @@ class Trainer:
             start_phase_optimizer(self.g_opt, phase, lr_at(phase, st.phase_step), reset=fresh)
         if trains_critic(phase):
             start_phase_optimizer(self.c_opt, phase, lr_at(phase, st.phase_step) * mult, reset=fresh)
-        stop = (gan_rule(name, phase, st.stop, fresh, name in st.stopped_early, self.metric_lpips.pretrained)
-                if phase.kind == "gan" else StopRule.from_state(st.stop))
+        stop = (gan_rule(name, phase, st.stop, fresh, name in st.stopped_early, self.metric_lpips.pretrained,
+                         self.val_changed) if phase.kind == "gan" else StopRule.from_state(st.stop))
         self.generator.train(trains_generator(phase))
         if self.critic is not None:
             self.critic.train(trains_critic(phase))
