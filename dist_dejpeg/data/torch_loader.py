@@ -208,9 +208,9 @@ class TorchLoader:
             return
         count, digest = state.get("shards") or (len(self.stream.shards), self.stream.digest)  # older: unchecked
         if digest != self.stream.digest:  # another sample at each position: resuming would replay and skip samples
-            log.warning("data loader state was saved over %d training shards, now %d%s: %s", count,
-                        len(self.stream.shards), " (others, or of other sizes)" if count == len(self.stream.shards)
-                        else "", restart)
+            log.warning("the training shards changed since the data loader's state was saved over %d training "
+                        "shards, now %d%s: %s", count, len(self.stream.shards),
+                        " (as many, but others or of other sizes)" if count == len(self.stream.shards) else "", restart)
             return
         self.consumed = int(state["consumed"])
         self.positions = {int(k): (int(v[0]), int(v[1])) for k, v in state["positions"].items()}
