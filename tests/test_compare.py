@@ -33,16 +33,19 @@ def test_paired_differences_their_spread_and_the_photos_better_follow_each_metri
                       for i, d in enumerate((1.0, 2.0, 3.0))])
     b["per_image"].append(_row("only_in_b", 10, {"psnr": 1.0, "lpips": 1.0}, {"psnr": 2.0, "lpips": 1.0}))
     b["per_image"][0]["restored"]["lpips"] = None  # infinite or undefined in metrics.json: left out with its pair
+    b["per_image"][2]["passthrough"] = True
     got = compare([a, b], ("psnr", "lpips"))
     psnr = got["metrics"]["psnr"]["qualities"]["10"]
     assert psnr["photos"] == 3 and psnr["jpeg"] == 20.0 and psnr["models"] == [21.0, 23.0]
+    assert psnr["passed_through"] == [0, 1]
     diff = psnr["versus_first"][0]
     assert diff["mean"] == 2.0 and diff["two_se"] == pytest.approx(2 / math.sqrt(3)) and diff["better"] == 3
     assert got["metrics"]["psnr"]["left_out"] == 1  # only_in_b
     lpips = got["metrics"]["lpips"]["qualities"]["10"]["versus_first"][0]
     assert lpips["photos"] == 2 and lpips["better"] == 0  # higher LPIPS is worse
     text = markdown(got)
-    assert "| q10 | 3 | 20.000 | 21.000 (+1.000) | 23.000 (+3.000) | +2.000 +- 1.155 (better on 3 of 3) |" in text
+    assert ("| q10 | 3 | 20.000 | 21.000 (+1.000) | 23.000 (+3.000, 1 passed through) | +2.000 +- 1.155 (better on 3 "
+            "of 3) |") in text
 
 
 def test_evaluations_measured_differently_are_refused_by_name():

@@ -60,20 +60,24 @@ def _setting(meta: dict, key: str):
     return meta.get(key)
 
 
+def _key(row: dict) -> tuple:
+    return row["image"], row.get("height"), row.get("width"), int(row["quality"])
+
+
 def _values(result: dict, metric: str) -> dict[tuple, tuple[float, float]]:
     """{(photo, height, width, quality): (JPEG value, restored value)} where both are finite."""
     found = {}
     for row in result["per_image"]:
         pair = (row.get("jpeg", {}).get(metric), row.get("restored", {}).get(metric))
         if all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair):
-            found[(row["image"], row.get("height"), row.get("width"), int(row["quality"]))] = pair
+            found[_key(row)] = pair
     return found
 
 
 def compare(results: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> dict:
     """The comparison of ``results`` (read_evaluation's; the first is the baseline) on ``metrics``: per metric,
-    per quality: photos, the JPEG's mean, each model's mean, and each other model's paired difference from the
-    baseline (mean, two standard errors, photos better). CompareError where they were measured differently."""
+    per quality: photos, the JPEG's mean, each model's mean and the photos its guard passed through unchanged, and
+    each other model's paired difference from the baseline (mean, two standard errors, photos better). CompareError where they were measured differently."""
     if len(results) < 2:
         raise CompareError("compare needs two evaluations or more (the first is the baseline)")
     if unknown := [m for m in metrics if m not in BY_NAME]:
@@ -86,6 +90,7 @@ def compare(results: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> 
             raise CompareError(f"{', '.join(differ)} measured with another {what} than {results[0]['meta']['path']} "
                                f"({settings[0]!r}): their numbers do not compare; evaluate them alike")
     _check_same_inputs(results)
+    passed = [{_key(row) for row in r["per_image"] if row.get("passthrough")} for r in results]
     tables = {}
     for metric in metrics:
         each = [_values(r, metric) for r in results]
@@ -96,6 +101,7 @@ def compare(results: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> 
             jpeg = [each[0][k][0] for k in keys]
             models = [[v[k][1] for k in keys] for v in each]
             rows[str(q)] = {"photos": len(keys), "jpeg": _mean(jpeg), "models": [_mean(m) for m in models],
+                            "passed_through": [len(p.intersection(keys)) for p in passed],
                             "versus_first": [_paired(models[0], m, BY_NAME[metric]) for m in models[1:]]}
         tables[metric] = {"label": BY_NAME[metric].caption, "phrase": BY_NAME[metric].phrase, "qualities": rows,
                           "left_out": sum(len(v) for v in each) - len(common) * len(each),
@@ -157,7 +163,8 @@ def markdown(comparison: dict) -> str:
                   "|---|---|---|" + "---|" * (2 * len(letters) - 1)]
         digits = 3 if BY_NAME[metric].unit == "dB" else BY_NAME[metric].decimals
         for q, row in table["qualities"].items():
-            means = [f"{m:.{digits}f} ({m - row['jpeg']:+.{digits}f})" for m in row["models"]]
+            means = [f"{m:.{digits}f} ({m - row['jpeg']:+.{digits}f}" + (f", {n} passed through)" if n else ")")
+                     for m, n in zip(row["models"], row["passed_through"])]
             diffs = [f"{d['mean']:+.{digits}f}" + (f" +- {d['two_se']:.{digits}f}" if d["two_se"] is not None
                                                    else "") + f" (better on {d['better']} of {d['photos']})"
                      for d in row["versus_first"]]
