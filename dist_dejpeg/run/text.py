@@ -74,9 +74,9 @@ def format_status(status: dict) -> str:
 
 def format_table(statuses: list[dict]) -> str:
     """One line per run (``status RUN RUN ...``, a sweep's folder): state, position, speed, ETA, the gain at the
-    lowest validated quality and the best validation; a path that is no run (``{"error": ...}``) is left to the
-    caller to say."""
-    head = ("run", "state", "phase", "step", "images/s", "eta", "updated", "last val gain", "best")
+    lowest validated quality, the best validation and how many warnings ``status RUN`` would show; a path that is
+    no run (``{"error": ...}``) is left to the caller to say."""
+    head = ("run", "state", "phase", "step", "images/s", "eta", "updated", "last val gain", "best", "warnings")
     rows = []
     for s in statuses:
         if "error" in s:
@@ -92,7 +92,7 @@ def format_table(statuses: list[dict]) -> str:
                      f"{duration(prog['age_s'])} ago" if prog.get("age_s") is not None else "-",
                      _lowest_gain(s.get("last_val")),
                      f"{best.get('metric', 'lpips').upper()} {best['value']:.4f} @ {best.get('phase') or 'step'} "
-                     f"{best['step']}" if best else "-"))
+                     f"{best['step']}" if best else "-", str(len(s.get("warnings") or []))))
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]) if rows else ""
 
