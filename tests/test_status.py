@@ -342,7 +342,7 @@ def test_several_runs_or_a_sweeps_folder_give_one_line_each(tmp_path, capsys, no
     assert lines[0].split()[:4] == ["run", "state", "phase", "step"] and len(lines) == 3, lines
     assert lines[1].startswith(str(sweep / "sweep-0")) and lines[2].startswith(str(sweep / "sweep-1"))
     assert re.search(r"PREEMPTED +critic 4/10 +34/80 +12\.5 .* q10 \+1\.25 dB", lines[1]), lines[1]
-    assert re.search(r" LPIPS 0\.0040 @ gan 20 +0$", lines[2]), lines[2]  # (no warnings)
+    assert re.search(r" LPIPS 0\.0040 @ gan 20 +1$", lines[2]), lines[2]  # (its run_dir runs/x: a copy, warned)
     assert cli("status", str(sweep / "sweep-1"), str(sweep / "empty"), str(tmp_path / "none")) == 2
     said = capsys.readouterr()
     assert len(said.out.splitlines()) == 2 and str(sweep / "sweep-1") in said.out  # the table: to stdout
