@@ -77,7 +77,8 @@ def _values(result: dict, metric: str) -> dict[tuple, tuple[float, float]]:
 def compare(results: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> dict:
     """The comparison of ``results`` (read_evaluation's; the first is the baseline) on ``metrics``: per metric,
     per quality: photos, the JPEG's mean, each model's mean and the photos its guard passed through unchanged, and
-    each other model's paired difference from the baseline (mean, two standard errors, photos better). CompareError where they were measured differently."""
+    each other model's paired difference from the baseline (mean, two standard errors, photos better).
+    CompareError where they were measured differently, or of other photos."""
     if len(results) < 2:
         raise CompareError("compare needs two evaluations or more (the first is the baseline)")
     if unknown := [m for m in metrics if m not in BY_NAME]:
