@@ -79,7 +79,8 @@ def print_restore_summary(results: list, args: argparse.Namespace, device) -> No
     """Per image (none under --quiet, which wins over --verbose; all with --verbose): what was passed through or
     restored without a known quality, what was skipped; every failure; then one line of counts (restored, passed
     through, skipped, failed), last: the line a user reads."""
-    failed = [r for r in results if r.error]
+    failed = [r for r in results if r.error and not r.stopped]
+    stopped = [r for r in results if r.stopped]
     skipped = [r for r in results if r.skipped]
     written = [r for r in results if r.output and not r.skipped]
     restored = [r for r in written if not r.passthrough]
@@ -96,9 +97,14 @@ def print_restore_summary(results: list, args: argparse.Namespace, device) -> No
         print(f"skipped: {r.source}: {r.output} exists")
     for r in failed:
         print(f"failed: {r.source}: {r.error.removeprefix(f'{r.source}: ')}", file=sys.stderr)  # named once
+    if stopped:  # one line, not one per image never begun
+        print(f"stopped: {stopped[0].error.removeprefix('not restored: ')}: {len(stopped)} image(s) not begun; free "
+              f"space, then run the same command{'' if args.skip_existing else ' with --skip-existing'} for the rest",
+              file=sys.stderr)
     print(f"restored {len(restored)} image(s) into {args.out} on {device}{rate}; "
           + (f"passed {passed} through unchanged; " if passed else "")
-          + (f"skipped {len(skipped)} existing; " if skipped else "") + f"{len(failed)} failed")
+          + (f"skipped {len(skipped)} existing; " if skipped else "") + f"{len(failed)} failed"
+          + (f"; {len(stopped)} not begun (disk full)" if stopped else ""))
 
 
 def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:

@@ -455,6 +455,61 @@ def test_ctrl_c_in_a_folder_leaves_whole_outputs_and_says_how_to_go_on(tmp_path,
     assert "restored 1 image(s)" in capsys.readouterr().out and output_complete(out / "p2.png")
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_full_disk_stops_a_folder_instead_of_restoring_each_image_to_fail(tmp_path, restorer, monkeypatch, workers):
+    """Once an output finds the disk full, nothing more is begun (it restored all 10,000 photos of a folder, each
+    failing its write): the images not begun say why; the written outputs are whole."""
+    import dist_dejpeg.restore.files as files
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(8):
+        Image.fromarray(_photo(40, 48)).save(src / f"p{i}.jpg", quality=20)
+    real_save, saves, restores = files.save_image, [], []
+
+    def full_from_the_second(restored, target, **kwargs):
+        saves.append(target)
+        if len(saves) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(restored, target, **kwargs)
+
+    monkeypatch.setattr(files, "save_image", full_from_the_second)
+    real_restore = restorer.restore_array
+    monkeypatch.setattr(restorer, "restore_array", lambda *a, **k: restores.append(1) or real_restore(*a, **k))
+    results = restore_files(restorer, [str(src)], tmp_path / "out", progress=False, workers=workers)
+    stopped = [r for r in results if r.stopped]
+    assert len(saves) <= 2 + workers and len(restores) <= 2 + workers  # (those in flight when the first failed)
+    assert len(stopped) == 8 - len(restores) >= 8 - 2 - workers
+    assert all(r.error.startswith("not restored: the disk is full (") and "No space left" in r.error for r in stopped)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["p0.png"] and output_complete(tmp_path / "out/p0.png")
+
+
+def test_the_restore_command_says_a_full_disk_once_and_how_to_go_on(tmp_path, model_file, monkeypatch, capsys):
+    import dist_dejpeg.restore.files as files
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(4):
+        Image.fromarray(_photo(40, 48)).save(src / f"p{i}.jpg", quality=20)
+    real_save = files.save_image
+
+    def full(restored, target, **kwargs):
+        if target.name != "p0.png":
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return real_save(restored, target, **kwargs)
+
+    monkeypatch.setattr(files, "save_image", full)
+    run = ["restore", str(src), "-o", str(out), "--model", str(model_file), "--quiet"]
+    assert main(run) == 1
+    said = capsys.readouterr()
+    assert said.err.count("failed: ") == 1 and said.err.count("stopped: the disk is full") == 1, said.err
+    assert "2 image(s) not begun; free space, then run the same command with --skip-existing" in said.err
+    assert said.out.strip().endswith("1 failed; 2 not begun (disk full)"), said.out
+    monkeypatch.setattr(files, "save_image", real_save)  # space freed
+    assert main(run + ["--skip-existing"]) == 0
+    assert "restored 3 image(s)" in capsys.readouterr().out and len(list(out.iterdir())) == 4
+
+
 def test_a_photo_given_as_the_model_is_named_as_such_and_no_empty_folder_is_left(tmp_path, capsys):
     """`--model photo.jpg` said "not a safetensors file (... header too large)", a missing .onnx onnxruntime's
     NO_SUCHFILE text; both left the output folder they had made behind, empty."""

@@ -43,7 +43,7 @@ from dist_dejpeg.jpeg.quality import DOUBLE, estimate_quality
 from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, pixel_limit, load_image,
                                         output_complete, save_image)
 from dist_dejpeg.restore.base import ImageRestorer  # Restorer (PyTorch) or OnnxRestorer: no torch import here
-from dist_dejpeg.run.files import TEMP_NAME, atomic_write_bytes
+from dist_dejpeg.run.files import TEMP_NAME, atomic_write_bytes, is_disk_full
 from dist_dejpeg.run.lock import pid_alive
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class RestoreResult:
     passthrough: bool = False  # written unchanged: no gain predicted at this quality
     note: str = ""  # the restore decision's reason
     skipped: bool = False  # a complete output existed (skip_existing): nothing was done
+    stopped: bool = False  # not attempted: an earlier output found the disk full (error says so)
 
 
 def collect_inputs(inputs: list[str], out_dir: str | Path | None = None
@@ -252,8 +253,10 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
     """Restore every image ``inputs`` names into ``out_dir`` (names: output_names; ``fmt`` an OUTPUT_FORMATS
     name or "same"; ``output_quality``: jpg and webp outputs at that quality), or, where ``out_dir`` names a
     file (``names_a_file``: photo.png), the one image ``inputs`` names into that file, in its suffix's format
-    (an OutputError for more than one). Never stops at a bad file: each result carries its error. The output
-    folder is checked before anything runs. Each image's quality is ``quality`` when given, else estimated
+    (an OutputError for more than one). Never stops at a bad file: each result carries its error; an output that
+    finds the disk full (or the quota used up) stops the run there, the files not yet begun ``stopped`` (their
+    error says why), instead of restoring each to fail its write. The output folder is checked before anything
+    runs. Each image's quality is ``quality`` when given, else estimated
     (jpeg.quality.estimate_quality: the file's tables, else its pixels), else unknown. ``workers``:
     decode/encode threads beside the restores (None: 2 for a restorer on a GPU, 0 on a CPU; 0: one file after
     another)."""
@@ -322,6 +325,8 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
             future.result()
         except RESTORE_ERRORS as err:
             result.error = error_text(err)
+            if is_disk_full(err):
+                full.append(result.error)
         else:
             result.output = str(target)
             result.megapixels = image.rgb.shape[0] * image.rgb.shape[1] / 1e6
@@ -331,11 +336,12 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
     loads: deque = deque()  # (job, decode future): the current file's and up to ``workers`` ahead
     saves: deque = deque()  # (result, target, image, encode future), at most ``workers`` unfinished
     pending = iter(jobs)
+    full: list[str] = []  # the errors of outputs that found the disk full: nothing more is begun
     # PIL's pixel limit (a global that load_image raises and restores around each open) is raised here, once,
     # so that the threads' own raises and restores all write this one value
     with pixel_limit(max_pixels):
         try:
-            while True:
+            while not full:
                 while len(loads) <= workers and (job := next(pending, None)) is not None:
                     result, path, target = job
                     loads.append((job, pool.submit(load, path, target, result)))
@@ -359,6 +365,9 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
                     saved(*saves.popleft())
             while saves:
                 saved(*saves.popleft())
+            for result, _, _ in [job for job, _ in loads] + list(pending) if full else []:
+                result.stopped, result.error = True, f"not restored: the disk is full ({full[0]})"
+                bar.update()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
