@@ -40,10 +40,43 @@ DESCRIPTION = ("Train a JPEG-artifact remover (NoGAN, on one or many GPUs) and r
                "dist-dejpeg COMMAND --help shows a command's options and their defaults.")
 
 
-def _prepare(args: argparse.Namespace) -> int:
+def _prepare_dataset(args: argparse.Namespace, tile: int, step: int, shard_size: int) -> dict:
+    """prepare's manifest for ``args.dataset``."""
+    if args.dataset == "div2k":
+        from dist_dejpeg.data.div2k import prepare_div2k
+
+        return prepare_div2k(args.root, args.out, download_missing=args.download, tile=tile, step=step,
+                             shard_size=shard_size, workers=args.workers, seed=args.seed,
+                             keep_staging=args.keep_staging, fmt=args.format)
+    if args.dataset == "samples":
+        from dist_dejpeg.data.shards import prepare_samples
+
+        return prepare_samples(args.out, tile=tile, train_step=step, shard_size=shard_size, seed=args.seed,
+                               fmt=args.format)
     from dist_dejpeg.data.folder import prepare_folder
+
+    return prepare_folder(args.src, args.out, tile=tile, train_step=step, shard_size=shard_size,
+                          val_fraction=args.val_fraction, seed=args.seed, fmt=args.format, jpeg=args.jpeg_sources,
+                          max_pixels=args.max_pixels, workers=args.workers)
+
+
+def _prepare_failed(err: OSError, out: str) -> int:
+    """The exit of a prepare that a write stopped: 3 where the disk (or the quota) is full, else 2; either way a
+    line, not a traceback. (--out keeps what it held: the new shards are published at the end.)"""
+    from dist_dejpeg.run.files import free_bytes, is_disk_full, size_text
+
+    if is_disk_full(err):
+        where = getattr(err, "filename", None) or out
+        print(f"error: disk full writing {where} ({size_text(free_bytes(where))} free there now that the unfinished "
+              f"files are removed); free space and run the same command again", file=sys.stderr)
+        return 3
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from dist_dejpeg.data.shards import PrepareError
     from dist_dejpeg.run.pool import WorkerLost
-    from dist_dejpeg.data.shards import PrepareError, prepare_samples
 
     if args.source:  # `prepare folder photos/`, `prepare div2k data/div2k`: the option's folder, positional
         key = {"folder": "src", "div2k": "root"}.get(args.dataset)
@@ -55,38 +88,19 @@ def _prepare(args: argparse.Namespace) -> int:
     tile = args.tile or {"samples": 128, "folder": 256, "div2k": 480}[args.dataset]
     step = args.step or max(1, tile // 2)
     shard_size = args.shard_size or (64 if args.dataset == "samples" else 256)
-    if args.dataset == "div2k":
-        from dist_dejpeg.data.div2k import prepare_div2k
-        from dist_dejpeg.data.download import DownloadError
+    if args.dataset != "samples" and not getattr(args, key := "root" if args.dataset == "div2k" else "src"):
+        print(f"error: prepare {args.dataset} needs --{key} " + ("<folder with the DIV2K zips or folders>"
+              if key == "root" else "<folder of images>"), file=sys.stderr)
+        return 2
+    from dist_dejpeg.data.download import DownloadError
 
-        if not args.root:
-            print("error: prepare div2k needs --root <folder with the DIV2K zips or folders>", file=sys.stderr)
-            return 2
-        try:
-            manifest = prepare_div2k(args.root, args.out, download_missing=args.download, tile=tile, step=step,
-                                     shard_size=shard_size, workers=args.workers, seed=args.seed,
-                                     keep_staging=args.keep_staging, fmt=args.format)
-        except (FileNotFoundError, DownloadError, PrepareError, WorkerLost) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    elif args.dataset == "samples":
-        try:
-            manifest = prepare_samples(args.out, tile=tile, train_step=step, shard_size=shard_size, seed=args.seed,
-                                       fmt=args.format)
-        except PrepareError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    else:
-        if not args.src:
-            print("error: prepare folder needs --src <folder of images>", file=sys.stderr)
-            return 2
-        try:
-            manifest = prepare_folder(args.src, args.out, tile=tile, train_step=step, shard_size=shard_size,
-                                      val_fraction=args.val_fraction, seed=args.seed, fmt=args.format,
-                                      jpeg=args.jpeg_sources, max_pixels=args.max_pixels, workers=args.workers)
-        except (FileNotFoundError, PrepareError, WorkerLost) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+    try:
+        manifest = _prepare_dataset(args, tile, step, shard_size)
+    except (FileNotFoundError, DownloadError, PrepareError, WorkerLost) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, an unwritable --out: said, not a traceback
+        return _prepare_failed(err, args.out)
     splits, rejected = manifest["splits"], len(manifest["rejected"])  # (said once: publish() logs no count)
     print(f"wrote {splits['train']['samples']} train and {splits['val']['samples']} val tiles "
           f"({len(splits['train']['shards'])} + {len(splits['val']['shards'])} shards) to {args.out}"

@@ -300,3 +300,31 @@ def test_a_disk_that_fills_mid_run_stops_it_with_its_last_checkpoint(small_disk,
     train(cfg)
     assert steps_done(run) == [2, 4]
     assert json.loads((run / "metrics.json").read_text())["meta"]["global_step"] == 4
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """A file taking all but about ``leave`` bytes of the tmpfs ``disk``."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        f.truncate(max(shutil.disk_usage(disk).free - leave, 0))
+    with open(filler, "r+b") as f:  # (a tmpfs allocates on write: write what truncate reserved only in name)
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        for _ in range(0, size, 1 << 20):
+            f.write(b"\1" * min(1 << 20, size - f.tell()))
+    return filler
+
+
+def test_prepare_on_a_full_disk_says_so_and_leaves_nothing(small_disk, capsys):
+    """prepare ended in a traceback of tarfile's ENOSPC (three chained); now one line, exit 3, and no temp file
+    or half-written shard; with room again the same command writes the set."""
+    filler = _fill(small_disk, 256 << 10)
+    out = small_disk / "samples"
+    assert cli_main(["prepare", "samples", "--out", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: disk full writing {out}") and "Traceback" not in err, err
+    assert "free space and run the same command again" in err
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"], list(small_disk.rglob("*"))
+    filler.unlink()
+    assert cli_main(["prepare", "samples", "--out", str(out)]) == 0
+    assert (out / "manifest.json").is_file()
