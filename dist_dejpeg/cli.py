@@ -33,7 +33,7 @@ from dist_dejpeg.cli_args import (HelpFormatter, compare_arguments, evaluate_arg
                                   prepare_arguments, report_arguments, restore_arguments, status_arguments,
                                   train_arguments)
 from dist_dejpeg.cli_use import (compare_command, evaluate_command, export_command, report_command, restore_command,
-                                 status_command)
+                                 status_command, write_failed)
 from dist_dejpeg.train.launch import EXIT_PREEMPTED, LAUNCHER_PID  # (torch-free: the launcher's stdlib half)
 
 DESCRIPTION = ("Train a JPEG-artifact remover (NoGAN, on one or many GPUs) and restore photos with it. "
@@ -58,20 +58,6 @@ def _prepare_dataset(args: argparse.Namespace, tile: int, step: int, shard_size:
     return prepare_folder(args.src, args.out, tile=tile, train_step=step, shard_size=shard_size,
                           val_fraction=args.val_fraction, seed=args.seed, fmt=args.format, jpeg=args.jpeg_sources,
                           max_pixels=args.max_pixels, workers=args.workers)
-
-
-def _prepare_failed(err: OSError, out: str) -> int:
-    """The exit of a prepare that a write stopped: 3 where the disk (or the quota) is full, else 2; either way a
-    line, not a traceback. (--out keeps what it held: the new shards are published at the end.)"""
-    from dist_dejpeg.run.files import free_bytes, is_disk_full, size_text
-
-    if is_disk_full(err):
-        where = getattr(err, "filename", None) or out
-        print(f"error: disk full writing {where} ({size_text(free_bytes(where))} free there now that the unfinished "
-              f"files are removed); free space and run the same command again", file=sys.stderr)
-        return 3
-    print(f"error: {err}", file=sys.stderr)
-    return 2
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -99,8 +85,8 @@ def _prepare(args: argparse.Namespace) -> int:
     except (FileNotFoundError, DownloadError, PrepareError, WorkerLost) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # a full disk, an unwritable --out: said, not a traceback
-        return _prepare_failed(err, args.out)
+    except OSError as err:  # a full disk, an unwritable --out: said, not a traceback (--out as it was)
+        return write_failed(err, args.out)
     splits, rejected = manifest["splits"], len(manifest["rejected"])  # (said once: publish() logs no count)
     print(f"wrote {splits['train']['samples']} train and {splits['val']['samples']} val tiles "
           f"({len(splits['train']['shards'])} + {len(splits['val']['shards'])} shards) to {args.out}"

@@ -124,7 +124,7 @@ def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
         check_report_output(args.out) if keep_images else check_output_dir(args.out)
         restorer = open_restorer(args.model, device=args.device, tile=args.tile, overlap=args.overlap,
                                  batch_size=args.batch_size, guard=not args.no_guard)
-        result = evaluate(restorer, args.images, args.qualities, None if keep_images else args.out,
+        result = evaluate(restorer, args.images, args.qualities, None,  # (the commands write: write_failed)
                           y_only=args.y_only, blind=args.blind, subsampling=args.subsampling,
                           crop_border=args.crop_border, lpips_weights=args.lpips_weights,
                           allow_lossy_reference=args.allow_lossy_reference, max_images=args.max_images,
@@ -153,8 +153,28 @@ def evaluate_command(args: argparse.Namespace) -> int:
               f"({means['images']} image{'s' if means['images'] != 1 else ''}, {result['meta']['channel']})")
     for name, why in result["meta"]["unavailable"].items():
         print(f"{name} unavailable: {why.splitlines()[0]}", file=sys.stderr)
+    from dist_dejpeg.evaluation.evaluate import write_tables
+
+    try:  # (the numbers above are printed whatever happens to the files)
+        write_tables(result, args.out)
+    except OSError as err:
+        return write_failed(err, args.out)
     print(f"wrote metrics.json, metrics.csv and metrics.md to {args.out}")
     return 0
+
+
+def write_failed(err: OSError, where) -> int:
+    """The exit of a command whose output write failed: 3 where the disk (or the quota) is full, else 2; either
+    way one line, not a traceback."""
+    from dist_dejpeg.run.files import free_bytes, is_disk_full, size_text
+
+    if is_disk_full(err):
+        where = getattr(err, "filename", None) or where
+        print(f"error: disk full writing {where} ({size_text(free_bytes(where))} free there now that the unfinished "
+              f"files are removed); free space and run the same command again", file=sys.stderr)
+        return 3
+    print(f"error: {err}", file=sys.stderr)
+    return 2
 
 
 def _run_name(source) -> str:
@@ -188,9 +208,12 @@ def report_command(args: argparse.Namespace) -> int:
                                       for m, w in meta["undefined"].items())
     if meta.get("seen_in_training"):
         shown["seen in training"] = seen_note(meta["seen_in_training"], meta["images"])
-    path = write_report(result.pop("records"), args.out, title=f"dist_dejpeg: {_run_name(model.get('source'))}",
-                        meta=shown, crop=args.crop)
-    write_tables(result, tables := check_report_output(args.out))
+    try:
+        path = write_report(result.pop("records"), args.out, title=f"dist_dejpeg: {_run_name(model.get('source'))}",
+                            meta=shown, crop=args.crop)
+        write_tables(result, tables := check_report_output(args.out))
+    except OSError as err:
+        return write_failed(err, args.out)
     print(f"wrote {path} and its tables in {tables}/")
     return 0
 

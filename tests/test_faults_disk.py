@@ -328,3 +328,29 @@ def test_prepare_on_a_full_disk_says_so_and_leaves_nothing(small_disk, capsys):
     filler.unlink()
     assert cli_main(["prepare", "samples", "--out", str(out)]) == 0
     assert (out / "manifest.json").is_file()
+
+
+def test_evaluate_and_report_on_a_full_disk_print_their_numbers_and_say_so(small_disk, tmp_path, capsys):
+    """Their tables are written after all the work: a full disk there ended in a traceback, the numbers lost; now
+    evaluate prints them anyway, and both say what failed in one line, exit 3."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    from test_evaluate import TINY
+    from dist_dejpeg.config import ModelConfig
+    from dist_dejpeg.models.generator_file import save_generator
+    from dist_dejpeg.models.unet import build_generator
+
+    model = tmp_path / "generator.safetensors"
+    save_generator(build_generator(ModelConfig(**TINY)), ModelConfig(**TINY), model)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.ascontiguousarray(skimage.data.astronaut()[:96, :128])).save(photo)
+    _fill(small_disk, 4 << 10)
+    common = ["--model", str(model), "--images", str(photo), "--qualities", "20", "--quiet"]
+    assert cli_main(["evaluate", *common, "-o", str(small_disk / "eval")]) == 3
+    said = capsys.readouterr()
+    assert said.out.startswith("q20: PSNR ") and f"error: disk full writing {small_disk / 'eval'}" in said.err
+    assert cli_main(["report", *common, "-o", str(small_disk / "report.html")]) == 3
+    assert f"error: disk full writing {small_disk / 'report.html'}" in capsys.readouterr().err
+    assert not [p for p in small_disk.rglob("*") if p.is_file() and p.name != "filler"]
