@@ -237,6 +237,8 @@ def export_command(args: argparse.Namespace) -> int:
     except OnnxCheckError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a full disk: one line, not a traceback after a minute of exporting
+        return write_failed(err, args.onnx)
     # (each check's difference is on its own line above, printed as it ran: not repeated here)
     print(f"wrote {result['path']} ({result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, encoder "
           f"{info['encoder']}, export {result['export_s']} s); the {len(result['max_abs_diff'])} onnxruntime checks "
@@ -255,9 +257,11 @@ def compare_command(args: argparse.Namespace) -> int:
         text = markdown(comparison)
         if args.out:
             atomic_write_bytes(Path(args.out), text.encode())
-    except (CompareError, OSError) as err:
+    except CompareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        return write_failed(err, args.out)
     print(json.dumps(comparison, indent=2) if args.json else text, end="" if not args.json else "\n")
     return 0
 

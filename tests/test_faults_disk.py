@@ -354,3 +354,23 @@ def test_evaluate_and_report_on_a_full_disk_print_their_numbers_and_say_so(small
     assert cli_main(["report", *common, "-o", str(small_disk / "report.html")]) == 3
     assert f"error: disk full writing {small_disk / 'report.html'}" in capsys.readouterr().err
     assert not [p for p in small_disk.rglob("*") if p.is_file() and p.name != "filler"]
+
+
+def test_export_and_compare_say_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
+    """The ONNX file is written after a minute of exporting and checking: ENOSPC there was a traceback."""
+    import dist_dejpeg.models.onnx_export as onnx_export
+
+    def full(*args, **kwargs):
+        raise enospc(tmp_path / "m.onnx")
+
+    monkeypatch.setattr(onnx_export, "export_target_problem", lambda *a: None)
+    monkeypatch.setattr(onnx_export, "export_model", full)
+    assert cli_main(["export", "--model", str(tmp_path / "run"), "--onnx", str(tmp_path / "m.onnx")]) == 3
+    assert capsys.readouterr().err.startswith(f"error: disk full writing {tmp_path / 'm.onnx'} (")
+    evaluation = {"meta": {"channel": "RGB"}, "per_image": []}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(evaluation))
+    monkeypatch.setattr(files_mod, "atomic_write_bytes", full)
+    assert cli_main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "c.md")]) == 3
+    assert "error: disk full writing" in capsys.readouterr().err
