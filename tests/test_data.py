@@ -233,6 +233,33 @@ def test_auto_prepare_never_writes_the_samples_among_photos_or_over_a_prepared_s
     assert ensure_samples(load_config(None, [f"data.root={tmp_path / 'new'}", "data.auto_prepare=samples"]))
 
 
+def test_runs_starting_at_once_write_the_samples_once_and_all_train_on_them(tmp_path):
+    """The runs of a SLURM array with auto_prepare=samples, started at once on a fresh checkout, all wrote into
+    data/samples' one staging folder, removing each other's files: every one failed. Now one writes (under
+    .prepare.lock), the others wait, find the shards and use them."""
+    import subprocess
+    import sys
+
+    code = (  # small sample lists, each shard's write slowed: without the lock the writers overlap for sure
+        "import sys, time, dist_dejpeg.data.shards as s\n"
+        "s.SAMPLE_TRAIN, s.SAMPLE_VAL = ('astronaut', 'camera'), ('coins',)\n"
+        "write = s.write_shard\n"
+        "s.write_shard = lambda *a, **k: time.sleep(0.3) or write(*a, **k)\n"
+        "from dist_dejpeg.config import load_config\n"
+        "from dist_dejpeg.data import ensure_samples\n"
+        "cfg = load_config(None, [f'data.root={sys.argv[1]}', 'data.auto_prepare=samples'])\n"
+        "print('wrote' if ensure_samples(cfg) else 'found')\n")
+    root = tmp_path / "data" / "samples"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    said = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), said
+    assert sorted(out.strip() for out, _ in said) == ["found", "found", "wrote"], said
+    m = manifest_of(root)
+    assert len(all_keys(sorted(map(str, root.glob("train-*.tar"))))) == m["splits"]["train"]["samples"] > 0
+    assert not (root / shards.STAGING).exists()
+
+
 # -- loader contract --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_loader_batch_contract(sample_shards, num_workers):
@@ -1454,7 +1481,8 @@ def test_an_interrupted_prepare_leaves_the_folder_as_it_was_and_a_finished_one_c
     again = folder.prepare_folder(src, out, tile=64, train_step=64, shard_size=64)
     shards_now = again["splits"]["train"]["shards"] + again["splits"]["val"]["shards"]
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(shards_now)
-    assert not list(out.glob(".*")) and not list(out.glob("train-000099*")) and (out / "notes.txt").is_file()
+    assert [p.name for p in out.glob(".*")] == [".prepare.lock"]  # (its writers' lock, empty: kept, as a run's)
+    assert not list(out.glob("train-000099*")) and (out / "notes.txt").is_file()
     assert len(all_keys(list_shards(out, "train-*.tar"))) == again["splits"]["train"]["samples"]
 
 

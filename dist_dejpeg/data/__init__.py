@@ -12,6 +12,7 @@ from dist_dejpeg.config import Config, ConfigError
 from dist_dejpeg.data.folder import first_photos, photos_hint
 from dist_dejpeg.data.shards import SAMPLE_DATASET, list_shards, prepare_samples, read_manifest, samples_stale
 from dist_dejpeg.data.torch_loader import ShardStream, TorchLoader, load_val_set
+from dist_dejpeg.run.lock import writing_into
 
 
 def ensure_samples(cfg: Config) -> bool:
@@ -20,13 +21,15 @@ def ensure_samples(cfg: Config) -> bool:
     if cfg.data.auto_prepare != "samples":
         return False
     root = Path(cfg.data.root)
-    if list(root.glob(cfg.data.train_glob)):
-        if not samples_stale(root):
-            return False
-        logging.getLogger(__name__).warning("%s holds sample shards of an older photo list: writing them again", root)
-    else:
-        refuse_foreign_folder(root, cfg.data.train_glob)
-    prepare_samples(root)
+    if not list(root.glob(cfg.data.train_glob)):
+        refuse_foreign_folder(root, cfg.data.train_glob)  # (before the lock makes the folder)
+    with writing_into(root):  # the runs of an array starting at once: one writes, the others wait, then read
+        if list(root.glob(cfg.data.train_glob)):
+            if not samples_stale(root):
+                return False
+            logging.getLogger(__name__).warning("%s holds sample shards of an older photo list: writing them again",
+                                                root)
+        prepare_samples(root)
     return True
 
 

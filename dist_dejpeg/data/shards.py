@@ -36,11 +36,11 @@ import webdataset as wds
 
 from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile, halve
 from dist_dejpeg.data.index import write_indexes
+from dist_dejpeg.run.lock import writing_into
 from dist_dejpeg.run.pool import map_in_order
 from dist_dejpeg.jpeg.formats import JPEG_SOURCE_ACTIONS
 from dist_dejpeg.jpeg.quality import estimate_from_pixels
-from dist_dejpeg.run.files import (TEMP_NAME, atomic_write_bytes, fsync_dir, new_folders, remove_empty,
-                                   temp_path)
+from dist_dejpeg.run.files import TEMP_NAME, atomic_write_bytes, fsync_dir, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -273,20 +273,20 @@ def require_training_tiles(manifest: dict) -> None:
 @contextlib.contextmanager
 def staged(out: str | Path) -> Iterator[Path]:
     """A fresh staging folder inside ``out`` (an interrupted run's is replaced) for a preparation to write into and
-    publish from; when the block fails, it is removed again, with ``out`` and its parents where they were made."""
+    publish from, one process at a time (run.lock.writing_into); when the block fails, it is removed again, with
+    ``out`` and its parents where they were made."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PrepareError(f"--out {out} is a file, not a folder")
-    made = new_folders(out)
-    staging = out / STAGING
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    except BaseException:
+    with writing_into(out):  # (one writer at a time; what it made is removed on a failure)
+        staging = out / STAGING
         shutil.rmtree(staging, ignore_errors=True)
-        remove_empty(made)
-        raise
+        staging.mkdir(parents=True)
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def publish(staging: Path, out: str | Path, manifest: dict) -> None:

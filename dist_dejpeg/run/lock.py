@@ -9,13 +9,18 @@ shared filesystems (``/proc/locks`` lists this node's locks only); the lock is t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
 import socket
 from pathlib import Path
+from typing import Iterator
 
 from dist_dejpeg.run.layout import LOCK
+
+log = logging.getLogger(__name__)
 
 
 class RunDirBusy(RuntimeError):
@@ -72,6 +77,48 @@ class RunLock:
 
     def __del__(self):
         self.release()
+
+
+PREPARE_LOCK = ".prepare.lock"  # in a data folder: one process writes shards there at a time
+_held: dict[str, int] = {}  # this process's data-folder locks (path -> depth): taken again inside, not waited for
+
+
+@contextlib.contextmanager
+def writing_into(folder: str | Path) -> Iterator[None]:
+    """One process at a time writes shards into ``folder`` (made if missing): an exclusive ``flock`` on its
+    ``.prepare.lock``, waited for (said once) while another holds it, e.g. the runs of a SLURM array that all
+    write the sample shards into the same data.root on their first start. Where the filesystem refuses flock,
+    the block runs unlocked, as before. A block that fails leaves no folder of its making (nor its lock file)."""
+    import fcntl
+
+    from dist_dejpeg.run.files import new_folders, remove_empty
+
+    key = os.path.realpath(folder)
+    if key in _held:  # (prepare_samples inside ensure_samples' check)
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    made = new_folders(folder)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(folder) / PREPARE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                log.info("waiting for another process writing shards into %s", folder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        _held[key] = 1
+        yield
+    except BaseException:
+        remove_empty(made, leftovers=(PREPARE_LOCK,))
+        raise
+    finally:
+        _held.pop(key, None)
+        os.close(fd)  # (drops the flock)
 
 
 def filesystem(path: str | Path, mounts: str = "/proc/self/mounts") -> str:
