@@ -1235,6 +1235,22 @@ def test_prepare_folder_drops_duplicates_before_the_split_and_rejects_unreadable
             assert "rejected mem.png: unreadable" in capsys.readouterr().err
 
 
+def test_prepare_folder_skips_hidden_files_and_folders(tmp_path):
+    """A .thumbnails copy sorted before its photo made the photo 'a duplicate of .thumbnails/a.png' (rejected) and
+    trained on the copy; macOS's ._a.png was rejected as undecodable. Hidden entries are skipped, as globs skip them."""
+    from dist_dejpeg.data.folder import prepare_folder
+
+    src = tmp_path / "src"
+    first = _noise(src / "a.png", 0)
+    (src / ".thumbnails").mkdir()
+    (src / ".thumbnails" / "a.png").write_bytes(first.read_bytes())
+    (src / "._a.png").write_bytes(b"\x00\x05\x16\x07Mac OS X")
+    _noise(src / "b.png", 1)
+    manifest = prepare_folder(src, tmp_path / "out", tile=32, train_step=32, shard_size=8, val_fraction=0.5)
+    assert sorted(i["path"] for i in manifest["sources"].values()) == ["a.png", "b.png"]
+    assert manifest["rejected"] == []
+
+
 def test_prepare_folder_takes_photos_up_to_the_pixel_limit_of_restore(tmp_path, monkeypatch):
     """PIL's own decompression-bomb limit (89.5 MP; lowered here) does not reject a photo below prepare's limit (the
     one restore uses, 100 MP; lowered here too); one above it is rejected, saying so."""

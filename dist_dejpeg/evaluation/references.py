@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from dist_dejpeg.data.images import BadImage, decode_component, decode_rgb8
-from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES, LOSSY_SHARD_EXTS, LOSSY_SUFFIXES, SHARD_EXTS
+from dist_dejpeg.jpeg.formats import LOSSY_SHARD_EXTS, LOSSY_SUFFIXES, SHARD_EXTS, images_in
 from dist_dejpeg.jpeg.quality import estimate_from_pixels
 from dist_dejpeg.models.names import shard_fingerprint
 
@@ -107,7 +107,7 @@ def _input_paths(images: list[str]) -> list[Path]:
     for item in images:
         p = Path(item)
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            files = images_in(p)
             paths += files or sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() == ".tar")
         elif p.is_file():
             paths.append(p)

@@ -10,6 +10,24 @@ import io
 # Photos a folder search picks up (prepare folder, restore, evaluate): what Pillow decodes.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".ppm",
                             ".pgm", ".pnm", ".gif", ".jp2"})
+
+
+def hidden(name: str) -> bool:
+    """A hidden file or folder, which a folder search skips as a shell glob does: macOS's AppleDouble ``._IMG.jpg``
+    (not an image), ``.thumbnails`` and ``.@__thumb`` copies (they repeat the photos)."""
+    return name.startswith(".")
+
+
+def images_in(folder) -> list:
+    """The image files below ``folder`` (IMAGE_SUFFIXES, in any case), sorted, hidden files and folders skipped
+    (a hidden one named by itself is used)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(hidden(part) for part in p.relative_to(folder).parts))
+
+
 JPEG_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
 # Not usable as a reference: compressed already (webp may be lossless; it cannot be told cheaply).
 LOSSY_SUFFIXES = JPEG_SUFFIXES | {".webp"}

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, IMAGE_SUFFIXES, OUTPUT_SUFFIXES, output_format, save_options
+from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, IMAGE_SUFFIXES, OUTPUT_SUFFIXES, images_in, output_format,
+                                      save_options)
 from dist_dejpeg.jpeg.quality import DOUBLE, estimate_quality
 from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, pixel_limit, load_image,
                                         output_complete, save_image)
@@ -91,7 +92,7 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = images_in(path)
             if not files:
                 failures.append(RestoreResult(item, error=f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder"))
             for p in files:
