@@ -513,7 +513,8 @@ def test_the_restore_command_says_a_full_disk_once_and_how_to_go_on(tmp_path, mo
 def test_a_folder_search_skips_hidden_files_and_folders_as_a_glob_does(tmp_path, restorer):
     """A photo folder from a Mac-formatted drive holds an AppleDouble ._IMG.jpg beside each photo (not an image:
     each one failed, exit 1), and a NAS's .thumbnails copies were restored too; evaluate read them alike. A folder
-    search now skips what a shell glob skips; a hidden file named by itself is still used."""
+    search now skips what a shell glob skips; a hidden file named by itself is still used. Linked folders are
+    searched, as prepare folder searches them (they were not)."""
     from dist_dejpeg.evaluation.references import _input_paths
 
     src = tmp_path / "drive"
@@ -522,13 +523,19 @@ def test_a_folder_search_skips_hidden_files_and_folders_as_a_glob_does(tmp_path,
     for name in ("a.jpg", "sub/b.jpg", ".thumbnails/a.jpg", ".hidden.jpg"):
         Image.fromarray(_photo(40, 48)).save(src / name, quality=20)
     (src / "._a.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    album = tmp_path / "album"  # and, as prepare folder does, a linked folder followed once (a link loop ends)
+    album.mkdir()
+    Image.fromarray(_photo(40, 48)).save(album / "c.jpg", quality=20)
+    (src / "linked").symlink_to(album)
+    (src / "sub" / "up").symlink_to(src)
     results = restore_files(restorer, [str(src)], tmp_path / "out", progress=False)
     assert not [r.error for r in results if r.error]
     assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.png")) == [
-        "a.png", "sub/b.png"]
-    globbed = restore_files(restorer, [f"{src}/**/*.jpg"], tmp_path / "globbed", progress=False)
+        "a.png", "linked/c.png", "sub/b.png"]
+    globbed = restore_files(restorer, [f"{src}/*.jpg", f"{src}/sub/*.jpg"], tmp_path / "globbed", progress=False)
     assert sorted(Path(r.source).name for r in globbed) == ["a.jpg", "b.jpg"]  # (what glob itself skips)
-    assert [p.relative_to(src).as_posix() for p in _input_paths([str(src)])] == ["a.jpg", "sub/b.jpg"]
+    assert [p.relative_to(src).as_posix() for p in _input_paths([str(src)])] == ["a.jpg", "linked/c.jpg",
+                                                                                  "sub/b.jpg"]
     named = restore_files(restorer, [str(src / ".thumbnails" / "a.jpg")], tmp_path / "named", progress=False)
     assert named[0].output and not named[0].error
 

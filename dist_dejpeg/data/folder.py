@@ -22,7 +22,7 @@ from dist_dejpeg.data.images import BadImage, decode_rgb8, is_avif, is_jpeg_xl, 
 from dist_dejpeg.run.pool import MAX_DEFAULT_WORKERS, pool_size
 from dist_dejpeg.data.shards import (PrepareError, check_settings, publish, require_training_tiles, sample_key, staged,
                                      tile_sources)
-from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, hidden
+from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, hidden, walk_files
 
 log = logging.getLogger(__name__)
 # Photo formats taken as sources beside IMAGE_SUFFIXES, each rejected with its own reason where it cannot be used
@@ -101,23 +101,6 @@ def unique_names(stems: list[str]) -> list[str]:
         seen.add(stem)
         names.append(name)
     return names
-
-
-def walk_files(src: Path) -> list[Path]:
-    """The files under ``src``, symlinked sub-folders followed (each real folder once: a link loop ends), and
-    broken links (find_sources rejects them by name: a photo moved away is not left out unsaid); hidden files and
-    folders skipped (formats.hidden: a thumbnail folder's copies would reject the photos as their duplicates)."""
-    found, seen = [], set()
-    for folder, dirs, names in os.walk(src, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            dirs.clear()
-            continue
-        seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not hidden(d))
-        found += [p for p in (Path(folder, n) for n in names if not hidden(n))
-                  if p.is_file() or (p.is_symlink() and not p.exists())]
-    return found
 
 
 SHOWN_PHOTOS = 3  # a folder of photos given as data.root: the photos its error names

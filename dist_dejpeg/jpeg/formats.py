@@ -18,14 +18,30 @@ def hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def images_in(folder) -> list:
-    """The image files below ``folder`` (IMAGE_SUFFIXES, in any case), sorted, hidden files and folders skipped
-    (a hidden one named by itself is used)."""
+def walk_files(folder) -> list:
+    """The files under ``folder`` as Paths: symlinked sub-folders followed (each real folder once: a link loop
+    ends), broken links kept (their readers say what is missing: a photo moved away is not left out unsaid), hidden
+    files and folders skipped (a hidden one named by itself is used)."""
+    import os
     from pathlib import Path
 
-    folder = Path(folder)
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(hidden(part) for part in p.relative_to(folder).parts))
+    found, seen = [], set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not hidden(d))
+        found += [p for p in (Path(top, n) for n in names if not hidden(n))
+                  if p.is_file() or (p.is_symlink() and not p.exists())]
+    return found
+
+
+def images_in(folder) -> list:
+    """The image files walk_files finds below ``folder`` (IMAGE_SUFFIXES, in any case), sorted: what restore and
+    evaluate take from a folder, as prepare folder does."""
+    return sorted(p for p in walk_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 JPEG_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
