@@ -194,7 +194,9 @@ def test_auto_prepare_rewrites_samples_of_an_older_photo_list(tmp_path, monkeypa
     monkeypatch.setattr(shards, "SAMPLE_TRAIN", ("astronaut",))
     monkeypatch.setattr(shards, "SAMPLE_VAL", ("coins",))
     shards.prepare_samples(tmp_path, tile=96, train_step=96, shard_size=16)
-    assert not ensure_samples(cfg)  # same list: left alone
+    (tmp_path / ".prepare.lock").unlink()
+    assert not ensure_samples(cfg)  # same list: left alone, nothing written (a read-only copy works)
+    assert not (tmp_path / ".prepare.lock").exists()
     monkeypatch.setattr(shards, "SAMPLE_TRAIN", ("astronaut", "camera"))
     assert shards.samples_stale(tmp_path)
     assert ensure_samples(cfg)

@@ -21,12 +21,18 @@ def ensure_samples(cfg: Config) -> bool:
     if cfg.data.auto_prepare != "samples":
         return False
     root = Path(cfg.data.root)
+
+    def current() -> bool:
+        return bool(list(root.glob(cfg.data.train_glob))) and not samples_stale(root)
+
+    if current():  # (no lock taken: a read-only copy of the shards is used as it is)
+        return False
     if not list(root.glob(cfg.data.train_glob)):
         refuse_foreign_folder(root, cfg.data.train_glob)  # (before the lock makes the folder)
     with writing_into(root):  # the runs of an array starting at once: one writes, the others wait, then read
+        if current():
+            return False
         if list(root.glob(cfg.data.train_glob)):
-            if not samples_stale(root):
-                return False
             logging.getLogger(__name__).warning("%s holds sample shards of an older photo list: writing them again",
                                                 root)
         prepare_samples(root)
