@@ -540,6 +540,23 @@ def test_a_folder_search_skips_hidden_files_and_folders_as_a_glob_does(tmp_path,
     assert named[0].output and not named[0].error
 
 
+def test_a_broken_link_in_a_folder_is_named_by_restore_and_skipped_by_evaluate(tmp_path, restorer):
+    """A link whose photo was moved away: restore's failure names it; evaluate skips it with the reason (its read
+    raised FileNotFoundError through the whole command)."""
+    from dist_dejpeg.evaluation.references import read_references
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    Image.fromarray(_photo(40, 48)).save(src / "a.png")
+    (src / "gone.png").symlink_to(tmp_path / "moved.png")
+    results = restore_files(restorer, [str(src)], tmp_path / "out", progress=False)
+    failed = [(Path(r.source).name, r.error) for r in results if r.error]
+    assert failed == [("gone.png", f"{src / 'gone.png'}: no such file")]
+    refs, skipped = read_references([str(src)], False, 0)
+    assert [r.source for r in refs] == [str(src / "a.png")]
+    assert skipped == [f"{src / 'gone.png'}: cannot be read (No such file or directory)"]
+
+
 def test_a_photo_given_as_the_model_is_named_as_such_and_no_empty_folder_is_left(tmp_path, capsys):
     """`--model photo.jpg` said "not a safetensors file (... header too large)", a missing .onnx onnxruntime's
     NO_SUCHFILE text; both left the output folder they had made behind, empty."""

@@ -62,6 +62,9 @@ def read_references(images: list[str], allow_lossy: bool = False,
             except BadImage as err:
                 skipped.append(f"{label}: {err}")
                 continue
+            except OSError as err:  # (a broken link in a folder searched, a file without read permission)
+                skipped.append(f"{label}: cannot be read ({err.strerror or err})")
+                continue
             if not allow_lossy and (grid := _jpeg_grid(rgb)):
                 lossy.append(f"{named} ({grid})")
                 continue
