@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import io
+import os
+from pathlib import Path
 
 # Photos a folder search picks up (prepare folder, restore, evaluate): what Pillow decodes.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".ppm",
@@ -18,13 +20,10 @@ def hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def walk_files(folder) -> list:
-    """The files under ``folder`` as Paths: symlinked sub-folders followed (each real folder once: a link loop
-    ends), broken links kept (their readers say what is missing: a photo moved away is not left out unsaid), hidden
-    files and folders skipped (a hidden one named by itself is used)."""
-    import os
-    from pathlib import Path
-
+def walk_files(folder) -> list[Path]:
+    """The files under ``folder``: symlinked sub-folders followed (each real folder once: a link loop ends), broken
+    links kept (their readers say what is missing: a photo moved away is not left out unsaid), hidden files and
+    folders skipped (a hidden one named by itself is used)."""
     found, seen = [], set()
     for top, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
@@ -38,7 +37,7 @@ def walk_files(folder) -> list:
     return found
 
 
-def images_in(folder) -> list:
+def images_in(folder) -> list[Path]:
     """The image files walk_files finds below ``folder`` (IMAGE_SUFFIXES, in any case), sorted: what restore and
     evaluate take from a folder, as prepare folder does."""
     return sorted(p for p in walk_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES)
