@@ -237,14 +237,14 @@ class ImageRestorer:
         return batch, batch, np.empty_like(batch), lambda out: torch.from_numpy(out).to(x.device, dtype)
 
     def restore(self, image, quality: int | None = None):
-        """A PIL image (any mode; alpha kept, grayscale stays grayscale) or an image file's path (a PIL image
-        back; refused as ``restore`` refuses it: images.load_image), a uint8 numpy array (restore_array) or a
-        torch tensor (restore_tensor), restored, in the same kind. ``quality`` None: a PIL image's quality is estimated (jpeg.quality.estimate_quality: a
-        JPEG's tables, else its pixels) and its source kept in ``last_decision``; an array's is unknown. A PIL
-        image comes back with the input's ICC profile, EXIF, dpi, XMP and a JPEG's comment in ``.info``
-        ("icc_profile", "exif", "dpi", "xmp", "comment"; orientation applied, as restore/images.py writes them), so
-        ``out.save(path, **out.info)`` keeps them (Pillow writes ``xmp=`` into JPEG and WebP files, ``comment=`` into
-        JPEG; restore/images.save_image into PNG and TIFF too, and a JPEG's IPTC: jpeg_notes)."""
+        """A PIL image (any mode; alpha kept, grayscale stays grayscale) or an image file's path (a PIL image back;
+        refused as ``restore`` refuses it: images.load_image), a uint8 numpy array (restore_array) or a torch tensor
+        (restore_tensor), restored, in the same kind. ``quality`` None: a PIL image's quality is estimated
+        (jpeg.quality.estimate_quality: a JPEG's tables, else its pixels) and its source kept in ``last_decision``; an
+        array's is unknown. A PIL image comes back with the input's ICC profile, EXIF, dpi, XMP and a JPEG's comment in
+        ``.info`` ("icc_profile", "exif", "dpi", "xmp", "comment"; orientation applied, as restore/images.py writes
+        them), so ``out.save(path, **out.info)`` keeps them (Pillow writes ``xmp=`` into JPEG and WebP files,
+        ``comment=`` into JPEG; restore/images.save_image into PNG and TIFF too, and a JPEG's IPTC: jpeg_notes)."""
         if isinstance(image, (str, os.PathLike)):
             image = load_image(image).image  # its quality read from its file, as with Image.open's
         if isinstance(image, np.ndarray):
