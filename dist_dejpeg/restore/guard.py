@@ -77,7 +77,7 @@ def decide(gains: dict[int, float], quality: int | None, source: str = "given", 
     if gain is None:
         return Decision(quality, source, True, f"q{quality} is above the validated qualities "
                                                f"(up to q{max(gains)}): passed through unchanged")
-    low = {q: (lows or {}).get(q, gains[q]) for q in gains}
+    low = lower_bounds(gains, lows)
     losing = [q for q in _neighbours(gains, quality) if not low[q] > 0]  # NaN (a run that diverged) is harm too
     if losing:
         measured = ", ".join(_measured(gains[q], low[q], q) for q in losing)
@@ -91,7 +91,7 @@ def guard_summary(gains: dict[int, float], lows: dict[int, float] | None = None)
     if not gains:
         return "restore: the model holds no validated gains; it restores every image unchecked"
     acting = [q for q in range(1, 101) if not decide(gains, q, lows=lows).passthrough]
-    low = {q: (lows or {}).get(q, gains[q]) for q in gains}
+    low = lower_bounds(gains, lows)
     losing = [q for q in sorted(gains) if not low[q] > 0]
     why = ", ".join(f"q{q} NaN" if gains[q] != gains[q] else f"q{q} {gains[q]:+.2f} dB"
                     + (f" (lower bound {low[q]:+.2f})" if gains[q] > 0 else "")
@@ -113,6 +113,11 @@ def _ranges(qualities: list[int]) -> str:
         else:
             runs.append([q, q])
     return ", ".join(f"q{a}" if a == b else f"q{a}-q{b}" for a, b in runs)
+
+
+def lower_bounds(gains: dict[int, float], lows: dict[int, float] | None) -> dict[int, float]:
+    """Each validated quality's lower bound: ``lows``' where given, else the gain itself (a file without bounds)."""
+    return {q: (lows or {}).get(q, gains[q]) for q in gains}
 
 
 def _measured(gain: float, low: float, quality: int) -> str:

@@ -18,6 +18,7 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
+from dist_dejpeg.run.files import new_folders, remove_empty
 from dist_dejpeg.run.layout import LOCK
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,6 @@ def writing_into(folder: str | Path) -> Iterator[None]:
     write the sample shards into the same data.root on their first start. Where the filesystem refuses flock,
     the block runs unlocked, as before. A block that fails leaves no folder of its making (nor its lock file)."""
     import fcntl
-
-    from dist_dejpeg.run.files import new_folders, remove_empty
 
     key = os.path.realpath(folder)
     if key in _held:  # (prepare_samples inside ensure_samples' check)
