@@ -138,7 +138,7 @@ def prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jpeg-sources", choices=JPEG_SOURCE_ACTIONS, default="halve",
                    help="folder: photos whose pixels show JPEG compression (a .jpg, or a PNG saved from one) are "
                         "used halved (a 2x2 area mean erases the 8x8 grid; twice below q30), kept as they are, or "
-                        "left out")
+                        "left out; keep also takes lossy WebP/AVIF files and restore's outputs, rejected otherwise")
     p.add_argument("--max-pixels", type=at_least(1), default=DEFAULT_MAX_PIXELS,
                    help="folder: photos with more pixels are rejected (decompression bombs)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")

@@ -15,7 +15,8 @@ CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch.
 
 def restore_command(args: argparse.Namespace) -> int:
     # torch-free down to the model: an ONNX model restores without importing torch (restore/onnx_backend.py)
-    from dist_dejpeg.restore.files import collect_inputs, names_a_file
+    from dist_dejpeg.restore.files import names_a_file
+    from dist_dejpeg.restore.inputs import collect_inputs
     from dist_dejpeg.run.files import new_folders, remove_empty
 
     inputs = [*args.inputs, *args.more_inputs]
@@ -82,6 +83,7 @@ def print_restore_summary(results: list, args: argparse.Namespace, device) -> No
     failed = [r for r in results if r.error and not r.stopped]
     stopped = [r for r in results if r.stopped]
     skipped = [r for r in results if r.skipped]
+    earlier = [r for r in results if r.earlier]
     written = [r for r in results if r.output and not r.skipped]
     restored = [r for r in written if not r.passthrough]
     seconds, megapixels = sum(r.seconds for r in restored), sum(r.megapixels for r in restored)
@@ -92,9 +94,11 @@ def print_restore_summary(results: list, args: argparse.Namespace, device) -> No
     for r in [] if args.quiet else written:
         if args.verbose or r.passthrough or r.quality is None:
             q = f"q{r.quality} ({r.quality_from})" if r.quality is not None else r.quality_from
-            print(f"{'passed through' if r.passthrough else 'restored'}: {r.source}: {q}; {r.note}")
+            print(f"{'passed through' if r.passthrough else 'restored'}: {r.source}: {q}" + (f"; {r.note}" if r.note else ""))
     for r in skipped if args.verbose and not args.quiet else []:
         print(f"skipped: {r.source}: {r.output} exists")
+    for r in earlier if args.verbose and not args.quiet else []:
+        print(f"skipped: {r.source}: an earlier restore wrote it into {args.out} (name it by itself to restore it)")
     for r in failed:
         print(f"failed: {r.source}: {r.error.removeprefix(f'{r.source}: ')}", file=sys.stderr)  # named once
     if stopped:  # one line, not one per image never begun
@@ -103,7 +107,8 @@ def print_restore_summary(results: list, args: argparse.Namespace, device) -> No
               file=sys.stderr)
     print(f"restored {len(restored)} image(s) into {args.out} on {device}{rate}; "
           + (f"passed {passed} through unchanged; " if passed else "")
-          + (f"skipped {len(skipped)} existing; " if skipped else "") + f"{len(failed)} failed"
+          + (f"skipped {len(skipped)} existing; " if skipped else "")
+          + (f"left {len(earlier)} earlier output(s) alone; " if earlier else "") + f"{len(failed)} failed"
           + (f"; {len(stopped)} not begun (disk full)" if stopped else ""))
 
 

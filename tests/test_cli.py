@@ -20,7 +20,8 @@ from PIL import Image, ImageCms, JpegImagePlugin
 import dist_dejpeg
 from dist_dejpeg.cli import build_parser, main
 from dist_dejpeg.jpeg.quality import estimate_from_tables
-from dist_dejpeg.restore.files import output_names, restore_files
+from dist_dejpeg.restore.files import restore_files
+from dist_dejpeg.restore.inputs import output_names
 from dist_dejpeg.restore.images import output_complete
 
 from test_evaluate import model_file  # noqa: F401 - the module-scoped tiny generator file

@@ -1339,6 +1339,29 @@ def test_prepare_folder_names_an_avif_as_lossy_and_a_jpeg_xl_it_cannot_decode(tm
         assert set(manifest["sources"]) == {"a", "b"}
 
 
+@pytest.mark.parametrize("action", ["halve", "keep"])
+def test_prepare_folder_refuses_what_restore_wrote_as_a_clean_target(tmp_path, action):
+    """A folder holding restore's outputs beside the photos (restore photos -o photos): each output, a model's
+    work, is rejected by name unless --jpeg-sources keep; its originals are used."""
+    from dist_dejpeg.data.folder import prepare_folder
+    from dist_dejpeg.restore.images import save_image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    photo = source_photo("astronaut")
+    for i, name in enumerate(("a.png", "b.png")):
+        Image.fromarray(photo[:64, 64 * i:64 * i + 64]).save(src / name)
+    save_image(photo[64:128, :64], src / "a_restored.png")  # as restore writes every output
+    save_image(photo[64:128, 64:128], src / "b_restored.jpg")
+    manifest = prepare_folder(src, tmp_path / "out", tile=32, train_step=32, shard_size=8, jpeg=action)
+    rejected = {r["path"]: r["reason"] for r in manifest["rejected"]}
+    if action == "keep":
+        assert not rejected and set(manifest["sources"]) == {"a", "b", "arestored", "brestored"}
+    else:
+        assert set(rejected) == {"a_restored.png", "b_restored.jpg"} and set(manifest["sources"]) == {"a", "b"}
+        assert all(r.startswith("restored by dist-dejpeg: ") and "--jpeg-sources keep" in r for r in rejected.values())
+
+
 def test_prepare_folder_reads_colours_as_restore_does(tmp_path):
     """A CMYK photo with its profile is tiled in the sRGB pixels restore reads (through the profile, not PIL's
     naive conversion); an RGB photo with a profile keeps its own values in both."""

@@ -218,12 +218,50 @@ def test_an_output_folder_inside_the_input_folder_is_not_searched(tmp_path, rest
             assert sorted(Path(r.source).name for r in results) == ["a.jpg", "b.jpg"]
             assert all(r.error is None for r in results), [r.error for r in results]
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["a.jpg", "sub", "sub/b.jpg"]
-    # the output folder given as the input folder itself is searched (outputs told apart by --suffix)
-    (result,) = restore_files(restorer, [str(out / "sub")], out / "sub", suffix="x", progress=False)
-    assert result.error is None and result.output == str(out / "sub" / "b_x.png")
+    # the output folder given as the input folder itself is searched (outputs told apart by --suffix); its
+    # files that restore wrote are left alone (test_restoring_a_folder_into_itself_...)
+    Image.fromarray(_photo()).save(out / "sub" / "c.jpg", quality=30)
+    earlier, result = restore_files(restorer, [str(out / "sub")], out / "sub", suffix="x", progress=False)
+    assert earlier.earlier and earlier.source == str(out / "sub" / "b.jpg") and not earlier.output
+    assert result.error is None and result.output == str(out / "sub" / "c_x.png")
     # a folder inside the output folder (not the other way round) is searched as given
     results = restore_files(restorer, [str(out / "sub")], out, suffix="y", progress=False)
-    assert sorted(r.output for r in results) == [str(out / "b_x_y.png"), str(out / "b_y.png")]
+    assert sorted(r.output for r in results) == [str(out / name) for name in ("b_y.png", "c_x_y.png", "c_y.png")]
+
+
+def test_restoring_a_folder_into_itself_again_leaves_its_outputs_alone(tmp_path, restorer):
+    """restore photos -o photos, run again after new photos came in: the first run's outputs (marked by restore,
+    or passed through byte for byte under their output names) are not restored again as new photos (no
+    a.png.png), while an original that merely shares an output's name is (c.jpg and c.png both photos)."""
+    src = tmp_path / "photos"
+    (src / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "sub/b.jpg", "c.jpg", "c.png"):
+        Image.fromarray(_photo()).save(src / name, **({"quality": 30} if name.endswith(".jpg") else {}))
+    originals = ["a.jpg", "c.jpg", "c.png", "sub/b.jpg"]
+    outputs = ["a.png", "c.jpg.png", "c.png.png", "sub/b.png"]
+    files = lambda: sorted(p.relative_to(src).as_posix() for p in src.rglob("*.*"))  # noqa: E731
+    results = restore_files(restorer, [str(src)], src, progress=False)
+    assert sorted(Path(r.output).relative_to(src).as_posix() for r in results) == outputs
+    Image.fromarray(_photo()).save(src / "d.jpg", quality=30)  # a new photo
+    for run, inputs in enumerate(([str(src)], [str(src / "**" / "*")])):
+        results = restore_files(restorer, inputs, src, progress=False)
+        assert sorted(Path(r.source).relative_to(src).as_posix() for r in results if r.earlier) == sorted(
+            outputs + ["d.png"] * run)
+        assert all(r.error is None for r in results), [r.error for r in results]
+        assert sorted(Path(r.output).relative_to(src).as_posix() for r in results if r.output) == [
+            "a.png", "c.jpg.png", "c.png.png", "d.png", "sub/b.png"]
+        assert files() == sorted(originals + outputs + ["d.jpg", "d.png"])
+    # a file named by itself is an input whoever wrote it
+    (result,) = restore_files(restorer, [str(src / "a.png")], tmp_path / "again", progress=False)
+    assert result.output and not result.earlier
+    # passed through byte for byte under its output name (--format same --suffix): an earlier output too
+    restorer.passthrough = True
+    for run in range(2):
+        results = restore_files(restorer, [str(src / "sub")], src / "sub", fmt="same", suffix="r", progress=False)
+        assert sorted((Path(r.source).name, r.earlier) for r in results) == sorted(
+            [("b.png", True), ("b.jpg", False)] + ([("b_r.jpg", True)] if run else []))
+    assert sorted(p.name for p in (src / "sub").iterdir()) == ["b.jpg", "b.png", "b_r.jpg"]
+    assert (src / "sub" / "b_r.jpg").read_bytes() == (src / "sub" / "b.jpg").read_bytes()
 
 
 def test_a_passed_through_image_is_written_as_the_input_file(tmp_path, restorer):

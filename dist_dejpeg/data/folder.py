@@ -22,7 +22,7 @@ from dist_dejpeg.data.images import BadImage, decode_rgb8, is_avif, is_jpeg_xl, 
 from dist_dejpeg.run.pool import MAX_DEFAULT_WORKERS, pool_size
 from dist_dejpeg.data.shards import (PrepareError, check_settings, publish, require_training_tiles, sample_key, staged,
                                      tile_sources)
-from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, hidden, walk_files
+from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, hidden, walk_files, written_by_restore
 
 log = logging.getLogger(__name__)
 # Photo formats taken as sources beside IMAGE_SUFFIXES, each rejected with its own reason where it cannot be used
@@ -52,6 +52,12 @@ class LossyAVIF(BadImage):
     kind = "lossy AVIF"
 
 
+class Restored(BadImage):
+    """A file dist-dejpeg restore wrote (its EXIF Software says so): a model's output, no clean target."""
+
+    kind = "restored by dist-dejpeg"
+
+
 class JpegXL(BadImage):
     """A JPEG XL source that this Pillow cannot decode (it needs a plugin): named, not "undecodable"."""
 
@@ -71,6 +77,9 @@ def read_source(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, lossy_w
         raise LossyWebP(f"its compression artefacts would become clean targets {keep}; a lossless WebP is used)")
     if not lossy_webp and is_avif(data):
         raise LossyAVIF(f"its compression artefacts would become clean targets {keep})")
+    if not lossy_webp and written_by_restore(data):
+        raise Restored(f"a model's output as the clean target would teach the model its own faults; give the original "
+                       f"photo {keep})")
     try:
         return decode_rgb8(data, max_pixels, upright=True)
     except BadImage as err:

@@ -104,7 +104,7 @@ def seen_in_training(images: list[str], refs: list[Reference], train_shards: dic
 
 def _input_paths(images: list[str]) -> list[Path]:
     """The files ``images`` names (files, folders searched recursively, else their shards, globs), each once."""
-    from dist_dejpeg.restore.files import glob_files
+    from dist_dejpeg.restore.inputs import glob_files
 
     paths: list[Path] = []
     for item in images:

@@ -12,6 +12,22 @@ from pathlib import Path
 # Photos a folder search picks up (prepare folder, restore, evaluate): what Pillow decodes.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".ppm",
                             ".pgm", ".pnm", ".gif", ".jp2"})
+# EXIF Software of every file restore writes (restore/images.py: save_image), as an image editor names itself: a
+# search of restore's output folder leaves those files alone (restore/inputs.py), prepare folder refuses them as
+# clean targets (a model's output, not a photo)
+SOFTWARE_TAG = 0x0131
+RESTORE_SOFTWARE = "dist-dejpeg restore"
+
+
+def written_by_restore(image: str | os.PathLike | bytes) -> bool:
+    """Whether the image file (a path, or its bytes) was written by restore: its EXIF Software says so."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
+            return str(img.getexif().get(SOFTWARE_TAG, "")).startswith(RESTORE_SOFTWARE)
+    except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError ... for a file it cannot read
+        return False
 
 
 def hidden(name: str) -> bool:

@@ -4,13 +4,11 @@ folder under the same relative names, never stopping at a bad file.
     from dist_dejpeg.restore.files import restore_files
     results = restore_files(Restorer("runs/debug"), ["photos/", "*.jpg"], "restored/", fmt="jpg")
 
-Names: a file's output is its name with the output format's suffix (``suffix`` added to the stem); a folder's
-files and a glob's matches keep their path below the folder or below the glob's fixed prefix ('in/**/a*.jpg':
-the part after in/). Inputs that would get the same output name (a.jpg, a.JPEG and a.png as png) each keep their
-own extension in it (a.jpg.png, a.JPEG.png, a.png.png), so every input gets an output; an output that would
-overwrite an input is refused. An output folder inside a folder searched is not searched (its files are the
-outputs of an earlier run). An image the guard passes through is written as the input file itself, byte for
-byte, where the output has the input's format (--format same, or jpg for a JPEG): "unchanged", never re-encoded.
+Which files are inputs, and each one's output name: restore/inputs.py (a file's name with the output format's
+suffix, keeping its path below a folder or a glob's fixed prefix; an output that would overwrite an input is
+refused; a search of the output folder itself leaves an earlier restore's outputs there alone). An image the guard
+passes through is written as the input file itself, byte for byte, where the output has the input's format
+(--format same, or jpg for a JPEG): "unchanged", never re-encoded.
 
 Each output is written atomically (a hidden ``.NAME.tmpPID`` renamed into place), so an output that exists is
 whole unless something else wrote it. A killed restore can leave those temp files: the next restore into the
@@ -28,21 +26,20 @@ loop (workers 0), which runs the same code with each task done at once.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import time
-from collections import Counter, defaultdict, deque
+from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, IMAGE_SUFFIXES, OUTPUT_SUFFIXES, images_in, output_format,
+from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, IMAGE_SUFFIXES, OUTPUT_SUFFIXES, output_format,
                                       save_options)
 from dist_dejpeg.jpeg.quality import DOUBLE, estimate_quality
 from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, pixel_limit, load_image,
                                         output_complete, save_image)
+from dist_dejpeg.restore.inputs import RestoreResult, collect_inputs, output_names
 from dist_dejpeg.restore.base import ImageRestorer  # Restorer (PyTorch) or OnnxRestorer: no torch import here
 from dist_dejpeg.run.files import TEMP_NAME, atomic_write_bytes, is_disk_full
 from dist_dejpeg.run.lock import pid_alive
@@ -54,102 +51,6 @@ STALE_TEMP_S = 600  # a temp file of an output this old is stale whatever its pi
 
 class OutputError(ValueError):
     """An output folder or file that cannot be written."""
-
-
-@dataclass
-class RestoreResult:
-    source: str
-    output: str | None = None
-    error: str | None = None
-    seconds: float = 0.0  # waiting for its decode and restoring it (its encode overlaps the next restore)
-    megapixels: float = 0.0
-    quality: int | None = None  # the JPEG quality used (None: unknown)
-    quality_from: str = ""  # "given" (--input-quality), how it was estimated ("file tables", ...), or why unknown
-    passthrough: bool = False  # written unchanged: no gain predicted at this quality
-    note: str = ""  # the restore decision's reason
-    skipped: bool = False  # a complete output existed (skip_existing): nothing was done
-    stopped: bool = False  # not attempted: an earlier output found the disk full (error says so)
-
-
-def collect_inputs(inputs: list[str], out_dir: str | Path | None = None
-                   ) -> tuple[list[tuple[Path, Path]], list[RestoreResult]]:
-    """(file, output path relative to the output folder) for every image named by ``inputs`` (files, folders
-    searched recursively for image suffixes, globs), in order, each once; and a failure for each input that
-    names nothing. A folder's or glob's files inside ``out_dir``, where that lies below the folder searched,
-    are earlier outputs, not inputs (-o photos/restored, run twice); a file named by itself always counts."""
-    found, failures, seen = [], [], set()
-    out = Path(out_dir).resolve() if out_dir is not None else None
-
-    def add(path: Path, rel: Path, searched: Path | None = None) -> None:
-        key = path.resolve()
-        if (searched is not None and out is not None and out != (top := searched.resolve()) and out.is_relative_to(top)
-                and key.is_relative_to(out)):
-            return
-        if key not in seen:
-            seen.add(key)
-            found.append((path, rel))
-
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files = images_in(path)
-            if not files:
-                failures.append(RestoreResult(item, error=f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder"))
-            for p in files:
-                add(p, p.relative_to(path), path)
-        elif path.is_file():
-            add(path, Path(path.name))
-        else:
-            matches = glob_files(item)
-            if not matches:
-                failures.append(RestoreResult(item, error="no such file, and no file matches it as a glob"))
-            prefix = glob_prefix(item)
-            for p in matches:
-                add(p, below(p, prefix), prefix)
-    return found, failures
-
-
-def glob_files(pattern: str) -> list[Path]:
-    """The files a glob matches, sorted, its image suffix in either case as a folder search takes it ('*.jpg'
-    finds a camera's IMG_0001.JPG too; a name without wildcards stays exact)."""
-    stem, suffix = os.path.splitext(pattern)
-    if glob.has_magic(pattern) and suffix.lower() in IMAGE_SUFFIXES:
-        pattern = stem + "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in suffix)
-    return sorted(Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file())
-
-
-def glob_prefix(pattern: str) -> Path:
-    """The folder a glob searches in: its leading parts without wildcards ('in/**/a*.jpg' -> in)."""
-    parts = Path(pattern).parts
-    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts) - 1)
-    return Path(*parts[:fixed]) if fixed else Path()
-
-
-def below(path: Path, folder: Path) -> Path:
-    """``path`` relative to ``folder`` (a glob's prefix), or its name where that would leave the output folder."""
-    try:
-        rel = path.relative_to(folder)
-    except ValueError:
-        return Path(path.name)
-    return rel if rel.parts and ".." not in rel.parts and not rel.is_absolute() else Path(path.name)
-
-
-def output_names(rels: list[Path], fmt: str = "png", suffix: str = "") -> list[Path]:
-    """Each input's output path relative to the output folder, from its relative path ``rels``: the stem, then
-    ``suffix`` (after a "_" unless it starts with a character that is not a letter or digit: "restored" and
-    "_restored" both give photo_restored.png), then the output format's suffix (output_format: ``fmt`` "same"
-    keeps a JPEG's, PNG's or WebP's own). Inputs that would share an output name each keep their own extension
-    in it (a.jpg -> a.jpg.png, a.png -> a.png.png), whatever their order."""
-    if suffix and suffix[0].isalnum():
-        suffix = "_" + suffix
-
-    def name(rel: Path, keep_extension: bool) -> Path:
-        extension = output_format(fmt, rel.suffix)[1]
-        return rel.with_name((rel.name if keep_extension else rel.stem) + suffix + extension)
-
-    plain = [name(rel, False) for rel in rels]
-    shared = Counter(plain)
-    return [name(rel, True) if shared[out] > 1 else out for rel, out in zip(rels, plain)]
 
 
 def check_output_dir(out_dir: str | Path) -> Path:
@@ -266,7 +167,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
     output_format(fmt, ".png")  # a ValueError for an unknown format, before any work
     one_file = names_a_file(out_dir)
     out = check_restore_output(out_dir)
-    files, results = collect_inputs(inputs, out)
+    files, results = collect_inputs(inputs, out, fmt, suffix)
     if one_file and len(files) + len(results) != 1:
         raise OutputError(f"output {out_dir} names one file, and {len(files) + len(results)} images were given: "
                           f"give an output folder")

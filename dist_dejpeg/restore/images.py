@@ -43,8 +43,8 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, DEFAULT_MAX_PIXELS, cmyk_to_srgb, icc_space, rgb_image, save_options,
-                                      srgb_profile)
+from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, DEFAULT_MAX_PIXELS, RESTORE_SOFTWARE, SOFTWARE_TAG, cmyk_to_srgb,
+                                      icc_space, rgb_image, save_options, srgb_profile)
 from dist_dejpeg.run.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,8 @@ def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = 
     given; in a JPEG, within its 64 KB per marker (see the module docstring). An alpha channel for a format that
     cannot hold one (JPEG) is an InputImageError, never dropped silently. ``dpi``: the pixel density written (a
     WebP has no field for it). ``comment`` and ``iptc`` (a JPEG input's, jpeg_notes): a JPEG gets both, a PNG the
-    comment as its "Comment" text; WebP and TIFF neither."""
+    comment as its "Comment" text; WebP and TIFF neither. Every output's EXIF Software names restore
+    (``marked``; a search of the output folder leaves such files alone: restore/inputs.py)."""
     path = Path(path)
     try:
         fmt, options = save_options(path.suffix, quality)
@@ -318,7 +319,8 @@ def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = 
     if alpha is not None and fmt not in ALPHA_FORMATS:
         raise InputImageError(f"{path}: the image has an alpha channel (transparency), which {fmt} cannot hold; "
                               f"write it as png, webp or tiff (--format, or --format same)")
-    if fmt == "JPEG" and exif and len(exif) > JPEG_MARKER_MAX:
+    exif = marked(exif)
+    if fmt == "JPEG" and len(exif) > JPEG_MARKER_MAX:
         exif = _fit_exif(exif, path)
     if fmt == "JPEG" and xmp and len(XMP_HEADER) + len(xmp) > JPEG_MARKER_MAX:
         log.warning("%s: written without its XMP: %d KB, over the 64 KB a JPEG holds", path, len(xmp) // 1024)
@@ -344,6 +346,15 @@ def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = 
     buf = io.BytesIO()
     join_image(rgb, alpha, grayscale).save(buf, format=fmt, **options)
     atomic_write_bytes(path, with_app13(buf.getvalue(), iptc) if iptc and fmt == "JPEG" else buf.getvalue())
+
+
+def marked(exif: bytes | None) -> bytes:
+    """``exif`` (or none) with its Software naming restore, as an image editor names itself in what it writes."""
+    tags = Image.Exif()
+    if exif:
+        tags.load(exif)
+    tags[SOFTWARE_TAG] = RESTORE_SOFTWARE
+    return tags.tobytes()
 
 
 def _fit_exif(exif: bytes, path: Path) -> bytes | None:

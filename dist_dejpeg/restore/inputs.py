@@ -1,0 +1,141 @@
+"""What restore reads and the names it writes: the images that files, folders (searched recursively) and globs
+name (collect_inputs), each one's output path below the output folder (output_names), and which of the files a
+search of the output folder itself finds an earlier restore into it wrote (earlier_outputs). Torch-free.
+
+Restoring a folder into itself (``restore photos -o photos``) and then again, after new photos came in, must not
+restore the first run's outputs as new photos (photo.png restored again into photo.png.png, each run adding a
+layer): a search of the output folder leaves alone the files restore wrote (save_image marks each with EXIF
+Software "dist-dejpeg restore", as image editors name themselves: jpeg/formats.py's written_by_restore) and the inputs it passed through byte for
+byte under their output names (--format same with --suffix). A photo that merely shares an output's name is
+still an input (photo.jpg and photo.png, both originals, keep their extensions in their outputs). An output
+folder inside a folder searched (-o photos/restored) is not searched at all; a file named by itself always counts.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import glob
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES, images_in, output_format, written_by_restore
+
+
+@dataclass
+class RestoreResult:
+    source: str
+    output: str | None = None
+    error: str | None = None
+    seconds: float = 0.0  # waiting for its decode and restoring it (its encode overlaps the next restore)
+    megapixels: float = 0.0
+    quality: int | None = None  # the JPEG quality used (None: unknown)
+    quality_from: str = ""  # "given" (--input-quality), how it was estimated ("file tables", ...), or why unknown
+    passthrough: bool = False  # written unchanged: no gain predicted at this quality
+    note: str = ""  # the restore decision's reason
+    skipped: bool = False  # a complete output existed (skip_existing): nothing was done
+    stopped: bool = False  # not attempted: an earlier output found the disk full (error says so)
+    earlier: bool = False  # an earlier restore's output, found searching the output folder itself: left alone
+
+
+def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: str = "png", suffix: str = ""
+                   ) -> tuple[list[tuple[Path, Path]], list[RestoreResult]]:
+    """(file, output path relative to the output folder) for every image named by ``inputs`` (files, folders
+    searched recursively for image suffixes, globs), in order, each once; and the results decided before any
+    work: a failure for each input that names nothing, an ``earlier`` result for each file a search of ``out_dir``
+    itself found that an earlier restore wrote there (earlier_outputs, for this run's ``fmt`` and ``suffix``). A
+    folder's or glob's files inside ``out_dir``, where that lies below the folder searched, are earlier outputs,
+    not searched (-o photos/restored, run twice); a file named by itself always counts."""
+    found, results, seen, in_out = [], [], set(), set()
+    out = Path(out_dir).resolve() if out_dir is not None else None
+
+    def add(path: Path, rel: Path, searched: Path | None = None) -> None:
+        key = path.resolve()
+        top = searched.resolve() if searched is not None and out is not None else None
+        if top is not None and out != top and out.is_relative_to(top) and key.is_relative_to(out):
+            return
+        if key not in seen:
+            seen.add(key)
+            if top is not None and out == top:
+                in_out.add(len(found))
+            found.append((path, rel))
+
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files = images_in(path)
+            if not files:
+                results.append(RestoreResult(item, error=f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder"))
+            for p in files:
+                add(p, p.relative_to(path), path)
+        elif path.is_file():
+            add(path, Path(path.name))
+        else:
+            matches = glob_files(item)
+            if not matches:
+                results.append(RestoreResult(item, error="no such file, and no file matches it as a glob"))
+            prefix = glob_prefix(item)
+            for p in matches:
+                add(p, below(p, prefix), prefix)
+    earlier = earlier_outputs(found, in_out, out, fmt, suffix) if in_out else set()
+    results += [RestoreResult(str(found[i][0]), earlier=True) for i in sorted(earlier)]
+    return [f for i, f in enumerate(found) if i not in earlier], results
+
+
+def earlier_outputs(found: list[tuple[Path, Path]], candidates: set[int], out: Path, fmt: str, suffix: str) -> set[int]:
+    """Which of ``found``'s files (indices among ``candidates``: found by a search of the output folder ``out``
+    itself) an earlier restore wrote there: those carrying restore's mark (written_by_restore), and those that
+    are another input passed through byte for byte under the name this run gives its output."""
+    own_output = {(out / output_names([rel], fmt, suffix)[0]).resolve(): path for path, rel in found}
+    earlier = set()
+    for i in sorted(candidates):
+        path = found[i][0]
+        source = own_output.get(path.resolve())
+        if written_by_restore(path) or (source is not None and source.resolve() != path.resolve()
+                                        and filecmp.cmp(source, path, shallow=False)):
+            earlier.add(i)
+    return earlier
+
+
+def glob_files(pattern: str) -> list[Path]:
+    """The files a glob matches, sorted, its image suffix in either case as a folder search takes it ('*.jpg'
+    finds a camera's IMG_0001.JPG too; a name without wildcards stays exact)."""
+    stem, suffix = os.path.splitext(pattern)
+    if glob.has_magic(pattern) and suffix.lower() in IMAGE_SUFFIXES:
+        pattern = stem + "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in suffix)
+    return sorted(Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file())
+
+
+def glob_prefix(pattern: str) -> Path:
+    """The folder a glob searches in: its leading parts without wildcards ('in/**/a*.jpg' -> in)."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts) - 1)
+    return Path(*parts[:fixed]) if fixed else Path()
+
+
+def below(path: Path, folder: Path) -> Path:
+    """``path`` relative to ``folder`` (a glob's prefix), or its name where that would leave the output folder."""
+    try:
+        rel = path.relative_to(folder)
+    except ValueError:
+        return Path(path.name)
+    return rel if rel.parts and ".." not in rel.parts and not rel.is_absolute() else Path(path.name)
+
+
+def output_names(rels: list[Path], fmt: str = "png", suffix: str = "") -> list[Path]:
+    """Each input's output path relative to the output folder, from its relative path ``rels``: the stem, then
+    ``suffix`` (after a "_" unless it starts with a character that is not a letter or digit: "restored" and
+    "_restored" both give photo_restored.png), then the output format's suffix (output_format: ``fmt`` "same"
+    keeps a JPEG's, PNG's or WebP's own). Inputs that would share an output name each keep their own extension
+    in it (a.jpg -> a.jpg.png, a.png -> a.png.png), whatever their order."""
+    if suffix and suffix[0].isalnum():
+        suffix = "_" + suffix
+
+    def name(rel: Path, keep_extension: bool) -> Path:
+        extension = output_format(fmt, rel.suffix)[1]
+        return rel.with_name((rel.name if keep_extension else rel.stem) + suffix + extension)
+
+    plain = [name(rel, False) for rel in rels]
+    shared = Counter(plain)
+    return [name(rel, True) if shared[out] > 1 else out for rel, out in zip(rels, plain)]
