@@ -138,7 +138,7 @@ def test_lossy_references_refused_unless_allowed(tmp_path):
 
 def test_a_png_saved_from_a_jpeg_is_a_lossy_reference(tmp_path):
     """scikit-image's coins.png was a q85 JPEG once: as a reference it is refused like a .jpg (naming the quality its
-    pixels show), skipped beside lossless ones, and used with --allow-lossy-reference."""
+    pixels show), skipped beside lossless ones, and used with --allow-lossy-reference; so is what restore wrote."""
     import skimage.data
 
     from dist_dejpeg.evaluation.evaluate import EvaluateError
@@ -151,6 +151,12 @@ def test_a_png_saved_from_a_jpeg_is_a_lossy_reference(tmp_path):
     assert [r.name for r in refs] == ["chelsea"] and "coins.png" in skipped[0] and "allow-lossy" in skipped[0]
     refs, skipped = read_references([str(tmp_path)], allow_lossy=True)
     assert [r.name for r in refs] == ["chelsea", "coins"] and not skipped
+    # restore's output (evaluate photos -o the references' folder) is no clean reference either, however clean it looks
+    from dist_dejpeg.restore.images import save_image
+
+    save_image(skimage.data.chelsea()[:64, :64], tmp_path / "chelsea_restored.png")
+    refs, skipped = read_references([str(tmp_path)])
+    assert [r.name for r in refs] == ["chelsea"] and "chelsea_restored.png (written by restore)" in " ".join(skipped)
 
 
 def test_references_from_shards(sample_shards):

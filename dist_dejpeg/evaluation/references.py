@@ -1,6 +1,6 @@
 """The reference photos evaluate and report measure against: lossless files, folders (searched recursively) and
-WebDataset shards, each read once, lossy ones refused (a JPEG, or a PNG whose pixels hold a JPEG's grid) unless
-allowed, and named so that two files of one name in two folders stay apart. Each is decoded to be checked, then
+WebDataset shards, each read once, lossy ones refused (a JPEG, a PNG whose pixels hold a JPEG's grid, what restore
+wrote) unless allowed, and named so that two files of one name in two folders stay apart. Each is decoded to be checked, then
 again when it is measured (Reference.read): memory holds one photo at a time, where keeping every decoded photo
 until the first was measured took 36 MB per 12 MP photo (~1.8 GB for 50 camera photos)."""
 
@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from dist_dejpeg.data.images import BadImage, decode_component, decode_rgb8
-from dist_dejpeg.jpeg.formats import LOSSY_SHARD_EXTS, LOSSY_SUFFIXES, SHARD_EXTS, images_in
+from dist_dejpeg.jpeg.formats import LOSSY_SHARD_EXTS, LOSSY_SUFFIXES, SHARD_EXTS, images_in, written_by_restore
 from dist_dejpeg.jpeg.quality import estimate_from_pixels
 from dist_dejpeg.models.names import shard_fingerprint
 
@@ -58,14 +58,15 @@ def read_references(images: list[str], allow_lossy: bool = False,
                 lossy.append(named)
                 continue
             try:
-                rgb = decode_component(ext, data) if shard else decode_rgb8(path.read_bytes())
+                data = data if shard else path.read_bytes()
+                rgb = decode_component(ext, data) if shard else decode_rgb8(data)
             except BadImage as err:
                 skipped.append(f"{label}: {err}")
                 continue
             except OSError as err:  # (a broken link in a folder searched, a file without read permission)
                 skipped.append(f"{label}: cannot be read ({err.strerror or err})")
                 continue
-            if not allow_lossy and (grid := _jpeg_grid(rgb)):
+            if not allow_lossy and (grid := "written by restore" if written_by_restore(data) else _jpeg_grid(rgb)):
                 lossy.append(f"{named} ({grid})")
                 continue
             if problem is not None and (why := problem(rgb)):
