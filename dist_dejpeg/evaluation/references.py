@@ -1,8 +1,8 @@
 """The reference photos evaluate and report measure against: lossless files, folders (searched recursively) and
 WebDataset shards, each read once, lossy ones refused (a JPEG, a PNG whose pixels hold a JPEG's grid, what restore
-wrote) unless allowed, and named so that two files of one name in two folders stay apart. Each is decoded to be checked, then
-again when it is measured (Reference.read): memory holds one photo at a time, where keeping every decoded photo
-until the first was measured took 36 MB per 12 MP photo (~1.8 GB for 50 camera photos)."""
+wrote) unless allowed, and named so that two files of one name in two folders stay apart. Each is decoded to be
+checked, then again when it is measured (Reference.read): memory holds one photo at a time, where keeping every
+decoded photo until the first was measured took 36 MB per 12 MP photo (~1.8 GB for 50 camera photos)."""
 
 from __future__ import annotations
 
