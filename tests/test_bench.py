@@ -673,10 +673,14 @@ def test_results_name_the_commit_and_only_rank_0_writes_them(tmp_path, monkeypat
     assert f"commit {expected or 'unknown'}" in md.splitlines()[2]
 
 
-def test_bench_flag_mistakes_are_one_line_errors(tmp_path, capsys):
+def test_bench_flag_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch):
     """A combination of flags a benchmark refuses, --root without shards, an unknown shard format: one error line,
     exit 2, no traceback (they were ValueError/AttributeError tracebacks, exit 1; --formats tiff after the shards
-    of the other formats were written)."""
+    of the other formats were written), and no temporary folder left behind."""
+    import tempfile
+
+    (temp := tmp_path / "temp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     for args, message in ((["train", "--updates", "critic"], "error: bench train: the ladder times the gen update"),
                           (["data", "--root", str(tmp_path)], "error: no shards match")):
         assert main(["bench", *args, "--results", str(tmp_path / "r")]) == 2
@@ -685,6 +689,7 @@ def test_bench_flag_mistakes_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["bench", "data", "--formats", "raw", "tiff"])
     assert stop.value.code == 2 and "invalid choice: 'tiff'" in capsys.readouterr().err
+    assert not list(temp.iterdir())
 
 
 def test_bench_scaling_from_another_folder_checks_first_and_names_a_failed_launch(tmp_path, monkeypatch, capsys):

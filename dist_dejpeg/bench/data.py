@@ -172,20 +172,19 @@ def run(out_dir: str | Path, *, root: str | None = None, crop: int = 256, batch:
     if not root and min(tiles) < crop:
         raise ValueError(f"bench data: {crop} px crops need tiles of at least {crop} px, got {min(tiles)} "
                          f"(--tiles/--crop)")
-    tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
     roots: dict[str, Path] = {}
     if root:
         list_shards(root, "train-*.tar")  # none there: an error now, not after the other rows
         m = read_manifest(root) or {}  # (shards made elsewhere have none)
         roots[f"{m.get('tile', '?')} px {m.get('format', '?')}"] = Path(root)
-    else:
-        for tile in tiles:
+    rows: dict[str, float] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    try:
+        for tile in () if root else tiles:
             # the small tiles in every format; DIV2K-sized ones in the formats worth their decode cost
             for fmt in formats if tile == min(tiles) else [f for f in formats if f != "jp2"]:
                 roots[f"{tile} px {fmt}"] = tmp / f"{tile}-{fmt}"
                 prepare_samples(roots[f"{tile} px {fmt}"], tile=tile, train_step=64, shard_size=32, fmt=fmt)
-    rows: dict[str, float] = {}
-    try:
         for tag, folder in roots.items():
             print(f"bench data: {tag} ...", flush=True)
             rows.update(_loader_rows(tag, folder, crop, batch, threads, batches, warmup, tmp))
