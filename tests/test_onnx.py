@@ -197,12 +197,20 @@ def _jpeg_photo(quality: int) -> tuple[bytes, np.ndarray]:
         return buf.getvalue(), np.asarray(im.convert("RGB"))
 
 
-# `dist-dejpeg restore --model model.onnx` as a fresh process runs it: the CLI, then what it imported
+# `dist-dejpeg restore --model model.onnx` as a fresh process runs it after the README's restore-only install
+# (onnxruntime, pillow, numpy, tqdm; the package with --no-deps): the training side's libraries cannot be imported
 TORCH_FREE_RESTORE = """
 import sys
+ABSENT = {"torch", "torchvision", "timm", "lpips", "webdataset", "accelerate", "torchmetrics", "omegaconf", "yaml",
+          "tensorboard", "safetensors", "skimage", "scipy"}
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ABSENT:
+            raise ModuleNotFoundError(f"No module named {name!r} (not in a restore-only install)", name=name)
+sys.meta_path.insert(0, NotInstalled())
 from dist_dejpeg.cli import main
 code = main(sys.argv[1:])
-heavy = sorted(m for m in ("torch", "timm", "torchvision", "accelerate") if m in sys.modules)
+heavy = sorted(m for m in ABSENT if m in sys.modules)
 print("imported:", heavy)
 sys.exit(code or (3 if heavy else 0))
 """
@@ -211,7 +219,7 @@ sys.exit(code or (3 if heavy else 0))
 def test_onnx_restore_tiles_blends_and_guards_like_pytorch(exported, tmp_path, capsys, monkeypatch):
     """The exported file through the Restorer: the same tiles and blend as PyTorch (within a level or two),
     where one whole-image pass differs by far more at the seams; the guard reads the gains from the metadata;
-    ``restore --model model.onnx`` never imports torch (nor timm, torchvision, accelerate)."""
+    ``restore --model model.onnx`` needs none of the training side's libraries (torch, timm, omegaconf, ...)."""
     import subprocess
     import sys
 
@@ -276,6 +284,12 @@ def test_onnx_restore_tiles_blends_and_guards_like_pytorch(exported, tmp_path, c
     (written,) = out.glob("photo*")
     with Image.open(written) as im:
         assert int(np.abs(np.asarray(im.convert("RGB")).astype(int) - torch_tiled).max()) <= 2
+    # the PyTorch generator file in the same install: one error line saying what is missing and the way round it
+    cli = subprocess.run([sys.executable, "-c", TORCH_FREE_RESTORE, "restore", "--model", str(model), str(photo),
+                          "-o", str(tmp_path / "pt"), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2 and cli.stderr.startswith("error: ") and "Traceback" not in cli.stderr, cli.stderr
+    assert "needs torch, which is not installed" in cli.stderr and "--onnx model.onnx" in cli.stderr
+    assert not (tmp_path / "pt").exists()
 
 
 def test_onnx_backend_centres_a_padded_windows_correction_over_the_image(monkeypatch):

@@ -30,6 +30,12 @@ def open_restorer(model, **kwargs):
 
     if is_onnx(model):
         return OnnxRestorer(model, **kwargs)
-    from dist_dejpeg.restore.restorer import Restorer
+    try:
+        from dist_dejpeg.restore.restorer import Restorer
+    except ModuleNotFoundError as err:  # the README's restore-only install: onnxruntime, not the training side
+        from dist_dejpeg.models.names import ModelFileError
 
+        raise ModelFileError(f"{model}: restoring with a PyTorch model needs {err.name}, which is not installed here "
+                             f"(pip install -e . installs it); or export it to ONNX where PyTorch is (dist-dejpeg "
+                             f"export --model {model} --onnx model.onnx) and restore with --model model.onnx") from None
     return Restorer(model, **kwargs)
