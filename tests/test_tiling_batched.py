@@ -123,6 +123,11 @@ def test_cuda_defaults_and_graph_replay_match_eager(model):
         a, b = gpu.restore_array(rgb).astype(int), eager.restore_array(rgb).astype(int)
         assert np.abs(a - b).max() <= 1
     assert gpu.cuda_graphs and [shape for shape, _ in gpu.graphs] == [(8, 3, 64, 64)]  # captured, not failed
+    assert gpu.capture_stream.device == gpu.device  # its own stream (torch's shared one: the first capture's device)
+    whole = Restorer(model, device="cuda", tile=0, precision="fp32")  # a whole image at once: never captured
+    for _ in range(3):
+        whole.restore_array(_photo(150, 100))
+    assert whole.cuda_graphs and not whole.graphs
     bf16 = Restorer(model, device="cuda", tile=64, overlap=16, precision="bf16")
     cpu = Restorer(model, device="cpu", tile=64, overlap=16, precision="fp32").restore_array(_photo(200, 168))
     for _ in range(2):  # eager, then captured
@@ -134,7 +139,8 @@ def test_cuda_defaults_and_graph_replay_match_eager(model):
 @pytest.mark.gpu
 def test_cuda_graph_takes_each_calls_quality_and_falls_back_where_capture_fails(caplog):
     """A conditioned generator replayed from its graph is told each call's quality (static input refilled); a
-    module that syncs with the host cannot be captured: a warning, graphs off, the same result eagerly."""
+    module that syncs with the host cannot be captured: a warning, graphs off, the same result eagerly, and the
+    calling thread back on its stream (torch.cuda.graph's exit left it on the capture stream)."""
     torch.manual_seed(1)
     g = build_generator(ModelConfig(**TINY, quality_conditioning=True))
     nn.init.normal_(g.head.weight, std=0.02)
@@ -158,4 +164,5 @@ def test_cuda_graph_takes_each_calls_quality_and_falls_back_where_capture_fails(
     for _ in range(3):
         out = syncing.restore_array(rgb)
     assert not syncing.cuda_graphs and "CUDA graph failed" in caplog.text
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # not left on the failed capture's stream
     assert np.abs(out.astype(int) - np.rint(rgb * 0.8 + 25.5).astype(int)).max() <= 1

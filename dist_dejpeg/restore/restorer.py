@@ -31,9 +31,12 @@ same way, one copy. Batches always hold ``batch_size`` windows of ``tile`` px (t
 one shape serves every image of at least a tile each way, and the generator's forward for a shape seen twice is
 captured as a CUDA graph (``cuda_graphs``) and replayed: one launch instead of a thousand kernel launches from
 Python, which bound the eager forward on an H200. A capture that fails (a module that syncs with the host)
-turns graphs off for that Restorer, with a warning, and the forward runs eagerly. At most ``MAX_GRAPHS``
-shapes keep a graph (each holds its activations' memory); a shape seen once (a whole image, tile 0) never gets
-one.
+turns graphs off for that Restorer, with a warning, and the forward runs eagerly, the calling thread back on
+the stream it was on. At most ``MAX_GRAPHS`` shapes keep a graph (each holds its activations' memory); only tiled
+windows are captured (tile 0, a whole image at once, would keep a 12 MP forward's memory per photo size). Each
+Restorer captures on a stream of its own device (torch's shared capture stream belongs to the device of the
+first capture in the process: a Restorer on cuda:1 would record an empty graph), one capture at a time in the
+process (CAPTURING).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +59,7 @@ from dist_dejpeg.restore.tiling import Arrays
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 4  # captured forward shapes kept per Restorer (the oldest goes first)
+CAPTURING = threading.Lock()  # torch captures one graph at a time per process (Restorers in several threads)
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -133,6 +138,7 @@ class Restorer(ImageRestorer):
         self.full_batches = cuda
         self.cuda_graphs = cuda if cuda_graphs is None else cuda_graphs
         self.graphs: dict[tuple, tuple] = {}  # (shape, strides) -> (input, quality, graph, output), oldest first
+        self.capture_stream = None  # the stream graphs are captured on, on self.device (made at the first capture)
         self.seen: set[tuple] = set()  # the shapes run once (eagerly)
         self.pinned: dict[str, torch.Tensor] = {}  # "in"/"out" -> pinned uint8 host buffer, grown as needed
 
@@ -155,12 +161,12 @@ class Restorer(ImageRestorer):
             return (self.generator(batch, q) if self.conditioned else self.generator(batch)).float()
 
     def replay(self, batch: torch.Tensor, quality: int | None) -> torch.Tensor | None:
-        """``forward`` through the CUDA graph of ``batch``'s shape, captured at the shape's second call; None at
-        its first (run it eagerly) or where capture failed. The output is the graph's own tensor, valid until
+        """``forward`` through the CUDA graph of ``batch``'s shape, captured at the shape's second call (tiled
+        windows only); None at its first (run it eagerly), for a whole image (tile 0) or where capture failed. The output is the graph's own tensor, valid until
         the next call."""
         key = (tuple(batch.shape), batch.stride())
         entry = self.graphs.get(key)
-        if entry is None and key in self.seen:
+        if entry is None and key in self.seen and self.tile:
             entry = self.capture(batch, key)
         if entry is None:
             self.seen.add(key)
@@ -176,15 +182,20 @@ class Restorer(ImageRestorer):
         torch.cuda.graphs asks): (input, quality, graph, output); None, and graphs off, where capture fails."""
         static_in, static_q = batch.clone(), torch.zeros(batch.shape[0], device=batch.device)
         graph = torch.cuda.CUDAGraph()
+        main = torch.cuda.current_stream(self.device)
         try:
-            with torch.cuda.device(self.device):  # the graph's device (cuda:1), not the current one
-                side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+            # the graph's device (cuda:1), not the current one; the outer stream context puts this thread back on
+            # ``main`` even where the capture's own exit fails before restoring it (torch.cuda.graph's __exit__)
+            with CAPTURING, torch.cuda.device(self.device), torch.cuda.stream(main):
+                if self.capture_stream is None:
+                    self.capture_stream = torch.cuda.Stream(self.device)
+                side = torch.cuda.Stream(self.device)
                 side.wait_stream(main)
                 with torch.cuda.stream(side):
                     self.run(static_in, static_q)
                 main.wait_stream(side)
                 # thread_local: CUDA calls of other threads (an application's) do not break this capture
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph, stream=self.capture_stream, capture_error_mode="thread_local"):
                     static_out = self.run(static_in, static_q)
         except RuntimeError as err:
             log.warning("restore: capturing the generator as a CUDA graph failed (%s): running it eagerly",
