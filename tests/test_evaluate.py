@@ -177,6 +177,24 @@ def test_references_from_shards(sample_shards):
     assert np.array_equal(refs[2].read(), tile)
 
 
+def test_a_shard_cut_short_or_not_a_tar_is_skipped_with_its_reason(sample_shards, tmp_path):
+    """A half-copied shard (its images before the cut are used) and a file named .tar that is none: each listed
+    with the reason beside the images that could be read (a tarfile.ReadError traceback lost the run)."""
+    from dist_dejpeg.evaluation.evaluate import EvaluateError
+
+    whole = sorted(sample_shards.glob("val-*.tar"))[0]
+    data = whole.read_bytes()
+    (half := tmp_path / "half.tar").write_bytes(data[:len(data) // 2])
+    (text := tmp_path / "notes.tar").write_text("not a tar")
+    all_refs, _ = read_references([str(whole)])
+    refs, skipped = read_references([str(half), str(text)])
+    assert 0 < len(refs) < len(all_refs) and all(r.read().shape == (96, 96, 3) for r in refs)
+    assert skipped == [f"{half}: a WebDataset tar cut short after {len(refs)} image(s) (unexpected end of data): the "
+                       f"rest skipped", f"{text}: not a readable WebDataset tar (file could not be opened successfully)"]
+    with pytest.raises(EvaluateError, match="none of the 1 file.*notes.tar: not a readable WebDataset tar"):
+        read_references([str(text)])
+
+
 def test_photos_are_decoded_one_at_a_time_as_they_are_measured(tmp_path, model_file, photos, monkeypatch):
     """Every reference photo was decoded up front and kept until all were measured (36 MB per 12 MP photo: ~1.8 GB
     for 50 camera photos). Each is decoded to be checked, then again when it is measured: one in memory at a time,

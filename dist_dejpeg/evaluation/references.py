@@ -51,28 +51,13 @@ def read_references(images: list[str], allow_lossy: bool = False,
     refs, skipped, lossy = [], [], []
     paths = _input_paths(images)
     for path in paths:
-        shard = path.suffix.lower() == ".tar"
-        for key, ext, member, data in _shard_images(path) if shard else [("", path.suffix.lower(), None, b"")]:
-            label, named = (f"{path.name}:{key}", f"{path.name}:{key}.{ext}") if shard else (str(path), str(path))
-            if ext in (LOSSY_SHARD_EXTS if shard else LOSSY_SUFFIXES) and not allow_lossy:
-                lossy.append(named)
-                continue
-            try:
-                data = data if shard else path.read_bytes()
-                rgb = decode_component(ext, data) if shard else decode_rgb8(data)
-            except BadImage as err:
-                skipped.append(f"{label}: {err}")
-                continue
-            except OSError as err:  # (a broken link in a folder searched, a file without read permission)
-                skipped.append(f"{label}: cannot be read ({err.strerror or err})")
-                continue
-            if not allow_lossy and (grid := "written by restore" if written_by_restore(data) else _jpeg_grid(rgb)):
-                lossy.append(f"{named} ({grid})")
-                continue
-            if problem is not None and (why := problem(rgb)):
-                skipped.append(f"{label}: {why}")
-                continue
-            refs.append((path / key, label, path, member))  # a file's key is "": path / "" is the path
+        try:
+            _check(path, refs, skipped, lossy, allow_lossy, problem)
+        except (tarfile.TarError, EOFError, OSError) as err:  # a shard cut short (half-copied) or not a tar at all
+            kept = sum(ref[2] == path for ref in refs)
+            detail = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(":")  # (tarfile's: 5 lines)
+            skipped.append(f"{path}: a WebDataset tar cut short after {kept} image(s) ({detail}): the rest skipped"
+                           if kept else f"{path}: not a readable WebDataset tar ({detail})")
         if max_images and len(refs) >= max_images:
             refs = refs[:max_images]
             break
@@ -89,6 +74,33 @@ def read_references(images: list[str], allow_lossy: bool = False,
         raise EvaluateError(f"none of the {len(paths)} file(s) could be measured: " + "; ".join(skipped[:3]))
     names = _names([ref[0] for ref in refs])
     return [Reference(name, *ref[1:]) for name, ref in zip(names, refs)], skipped
+
+
+def _check(path: Path, refs: list, skipped: list, lossy: list, allow_lossy: bool, problem) -> None:
+    """read_references' check of one file or shard: each usable image appended to ``refs``, the others to
+    ``skipped`` or ``lossy`` with their reasons. A shard that is no tar, or ends early, raises tarfile's errors."""
+    shard = path.suffix.lower() == ".tar"
+    for key, ext, member, data in _shard_images(path) if shard else [("", path.suffix.lower(), None, b"")]:
+        label, named = (f"{path.name}:{key}", f"{path.name}:{key}.{ext}") if shard else (str(path), str(path))
+        if ext in (LOSSY_SHARD_EXTS if shard else LOSSY_SUFFIXES) and not allow_lossy:
+            lossy.append(named)
+            continue
+        try:
+            data = data if shard else path.read_bytes()
+            rgb = decode_component(ext, data) if shard else decode_rgb8(data)
+        except BadImage as err:
+            skipped.append(f"{label}: {err}")
+            continue
+        except OSError as err:  # (a broken link in a folder searched, a file without read permission)
+            skipped.append(f"{label}: cannot be read ({err.strerror or err})")
+            continue
+        if not allow_lossy and (grid := "written by restore" if written_by_restore(data) else _jpeg_grid(rgb)):
+            lossy.append(f"{named} ({grid})")
+            continue
+        if problem is not None and (why := problem(rgb)):
+            skipped.append(f"{label}: {why}")
+            continue
+        refs.append((path / key, label, path, member))  # a file's key is "": path / "" is the path
 
 
 def seen_in_training(images: list[str], refs: list[Reference], train_shards: dict[str, str]) -> dict:
