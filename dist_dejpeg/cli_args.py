@@ -188,7 +188,7 @@ def restore_arguments(p: argparse.ArgumentParser) -> None:
                    help="write jpg and webp outputs at quality Q (default: jpg 95, webp lossless)")
     p.add_argument("--suffix", default="", metavar="S",
                    help="added to every output's name: photo.jpg -> photo_S.png (no '_' added when S starts "
-                        "with another character: -S, .S)")
+                        "with another character: --suffix=-S, --suffix=.S)")
     p.add_argument("--input-quality", type=jpeg_quality, default=None, metavar="Q",
                    help="the inputs' JPEG quality, for all of them (default: estimated per image, from its "
                         "quantization tables or its pixels)")

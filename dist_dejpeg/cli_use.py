@@ -15,6 +15,7 @@ CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch.
 
 def restore_command(args: argparse.Namespace) -> int:
     # torch-free down to the model: an ONNX model restores without importing torch (restore/onnx_backend.py)
+    from dist_dejpeg.jpeg.formats import LOSSY_SUFFIXES
     from dist_dejpeg.restore.files import names_a_file
     from dist_dejpeg.restore.inputs import collect_inputs
     from dist_dejpeg.run.files import new_folders, remove_empty
@@ -23,15 +24,21 @@ def restore_command(args: argparse.Namespace) -> int:
     if not inputs:
         args.usage_error("give the images to restore: files, folders or globs (as arguments or with -i)")
     fmt = "same" if args.format == "auto" else args.format
-    if args.output_quality is not None and fmt not in ("jpg", "webp", "same"):
-        args.usage_error(f"--output-quality is for jpg and webp outputs; --format {fmt} is lossless")
+    one_file = names_a_file(args.out)  # photo.jpg: the output file, in its suffix's format
+    if any(sep in args.suffix for sep in ("/", "\\", "\0")):
+        args.usage_error(f"--suffix {args.suffix!r} is added to file names: it cannot hold a / (name the output "
+                         f"folder with -o)")
+    if args.output_quality is not None and (Path(args.out).suffix.lower() not in LOSSY_SUFFIXES if one_file
+                                            else fmt not in ("jpg", "webp", "same")):
+        args.usage_error("--output-quality is for jpg and webp outputs; "
+                         + (f"{args.out} is lossless" if one_file else f"--format {fmt} is lossless"))
     overlap = args.overlap
     if hasattr(args, "tile_pad"):  # Real-ESRGAN's padding on each side: the two tiles around a seam share 2P
         if "--overlap" in args.given and overlap != 2 * args.tile_pad:
             args.usage_error(f"--tile-pad {args.tile_pad} means --overlap {2 * args.tile_pad}, and --overlap "
                              f"{overlap} was given too: give one of them")
         overlap = 2 * args.tile_pad
-    if names_a_file(args.out):
+    if one_file:
         if (n := sum(map(len, collect_inputs(inputs)))) != 1:
             args.usage_error(f"-o {args.out} names one image file, and {n} images were given: give an output folder")
         if given := sorted(args.given & {"--format", "--ext", "--suffix"}):

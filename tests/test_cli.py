@@ -144,6 +144,24 @@ def test_restore_aliases_mean_the_native_options(tmp_path, monkeypatch, capsys):
             main(["restore", str(src), "-o", str(tmp_path / "o2"), "--model", "m", *bad])
         assert caught.value.code == 2, bad
         assert "usage: dist-dejpeg restore" in capsys.readouterr().err, bad
+    for bad in (["--suffix", "a/b"], ["--suffix=../up"]):  # a ValueError traceback from pathlib, exit 1
+        with pytest.raises(SystemExit) as caught:
+            main(["restore", str(src), "-o", str(tmp_path / "o3"), "--model", "m", *bad])
+        assert caught.value.code == 2 and "cannot hold a /" in capsys.readouterr().err, bad
+    # one output file: --output-quality is its suffix's (it was refused as "--format png is lossless")
+    for name, quality, code in (("one.jpg", 80, 0), ("one.webp", 70, 0), ("one.png", 80, 2)):
+        if code:
+            with pytest.raises(SystemExit) as caught:
+                main(["restore", str(src / "x.jpg"), "-o", str(tmp_path / name), "--model", "m",
+                      "--output-quality", str(quality)])
+            assert caught.value.code == 2 and f"{tmp_path / name} is lossless" in capsys.readouterr().err
+            continue
+        assert main(["restore", str(src / "x.jpg"), "-o", str(tmp_path / name), "--model", "m", "--quiet",
+                     "--output-quality", str(quality)]) == 0
+    assert estimate_from_tables(Image.open(tmp_path / "one.jpg").quantization).quality == 80
+    # -o out.png/ is a folder, written as one: the output goes inside it under the input's name
+    assert main(["restore", str(src / "x.jpg"), "-o", str(tmp_path / "out.png") + "/", "--model", "m", "--quiet"]) == 0
+    assert (tmp_path / "out.png").is_dir() and (tmp_path / "out.png" / "x.png").is_file()
     parsed = build_parser().parse_args(["evaluate", "--model", "m", "--images", "p", "-o", "e", "--quality", "10", "20"])
     assert parsed.qualities == [10, 20]  # the old name, hidden
 

@@ -133,8 +133,14 @@ def error_text(err: Exception) -> str:
 
 
 def names_a_file(out: str | Path) -> bool:
-    """Whether restore's output ``out`` names one image file (an image suffix, not an existing folder)."""
-    return Path(out).suffix.lower() in OUTPUT_SUFFIXES and not Path(out).is_dir()
+    """Whether restore's output ``out`` names one image file (an image suffix, not an existing folder, not written
+    as a folder: ``out.png/``)."""
+    return Path(out).suffix.lower() in OUTPUT_SUFFIXES and not Path(out).is_dir() and not as_folder(out)
+
+
+def as_folder(out: str | Path) -> bool:
+    """Whether ``out`` is written as a folder (a trailing /), whatever its name."""
+    return str(out).endswith(("/", os.sep))
 
 
 def check_restore_output(out: str | Path) -> Path:
@@ -142,7 +148,7 @@ def check_restore_output(out: str | Path) -> Path:
     it names. An OutputError for a file restore cannot write (x.bmp, x.gif), never a folder made of that name."""
     if names_a_file(out):
         return check_output_file(out).parent
-    if Path(out).suffix.lower() in IMAGE_SUFFIXES and not Path(out).is_dir():
+    if Path(out).suffix.lower() in IMAGE_SUFFIXES and not Path(out).is_dir() and not as_folder(out):
         raise OutputError(f"restore cannot write {Path(out).suffix} files: name the output file with one of "
                           f"{', '.join(sorted(set(OUTPUT_SUFFIXES) - {'.jpe', '.jfif'}))}, or give a folder")
     return check_output_dir(out)
