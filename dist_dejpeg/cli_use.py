@@ -101,7 +101,8 @@ def print_restore_summary(results: list, args: argparse.Namespace, device) -> No
     for r in [] if args.quiet else written:
         if args.verbose or r.passthrough or r.quality is None:
             q = f"q{r.quality} ({r.quality_from})" if r.quality is not None else r.quality_from
-            print(f"{'passed through' if r.passthrough else 'restored'}: {r.source}: {q}" + (f"; {r.note}" if r.note else ""))
+            note = f"; {r.note}" if r.note else ""
+            print(f"{'passed through' if r.passthrough else 'restored'}: {r.source}: {q}{note}")
     for r in skipped if args.verbose and not args.quiet else []:
         print(f"skipped: {r.source}: {r.output} exists")
     for r in earlier if args.verbose and not args.quiet else []:
@@ -261,13 +262,17 @@ def export_command(args: argparse.Namespace) -> int:
 def compare_command(args: argparse.Namespace) -> int:
     import json
 
-    from dist_dejpeg.evaluation.compare import CompareError, compare, markdown, read_evaluation
+    from dist_dejpeg.evaluation.compare import CompareError, check_compare_output, compare, markdown, read_evaluation
     from dist_dejpeg.run.files import atomic_write_bytes
 
     try:
-        comparison = compare([read_evaluation(path) for path in args.evaluations], tuple(args.metrics))
+        results = [read_evaluation(path) for path in args.evaluations]
+        if args.out:  # checked before the comparison is printed
+            check_compare_output(Path(args.out), results)
+        comparison = compare(results, tuple(args.metrics))
         text = markdown(comparison)
         if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(Path(args.out), text.encode())
     except CompareError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -105,3 +105,29 @@ def test_compare_reads_what_evaluate_wrote(tmp_path, model_file, photos, capsys)
     assert "y measured with another colour channel (--y-only) than " in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "none")]) == 2
     assert "no metrics.json there" in capsys.readouterr().err
+
+
+def test_nothing_in_common_the_same_folder_twice_and_an_output_over_an_input_are_refused(tmp_path, capsys):
+    """Evaluations of other qualities (or photos) share no value: an error naming what each measured, not empty
+    tables and exit 0; one folder given twice is refused; -o onto an evaluation's own files (which then held
+    markdown: the next compare failed) or onto a folder is refused before anything is printed; -o into a
+    folder not yet made makes it."""
+    rows = {q: [_row(f"p{i}", q, {"psnr": 20.0 + q}, {"psnr": 21.0 + q}) for i in range(2)] for q in (10, 20)}
+    with pytest.raises(CompareError, match=r"no photo at any quality was measured in all of them \(a: 2 photo\(s\) at "
+                                           r"q10; b: 2 photo\(s\) at q20\)"):
+        compare([_result("a", rows[10]), _result("b", rows[20])])
+    for name, result in (("a", _result("a", rows[10] + rows[20])), ("b", _result("b", rows[10]))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(result))
+        (tmp_path / name / "metrics.md").write_text("evaluate's table")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main(["compare", a, str(tmp_path / "a" / ".." / "a")]) == 2
+    assert "given twice" in capsys.readouterr().err
+    for out, why in ((tmp_path / "b" / "metrics.md", "is part of the evaluation"),
+                     (tmp_path / "a" / "metrics.json", "is part of the evaluation"), (tmp_path / "b", "is a folder")):
+        assert main(["compare", a, b, "-o", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert why in captured.err and not captured.out, captured
+    assert (tmp_path / "b" / "metrics.md").read_text() == "evaluate's table"
+    assert main(["compare", a, b, "-o", str(tmp_path / "new" / "sub" / "compare.md")]) == 0
+    assert "| q10 | 2 |" in (tmp_path / "new" / "sub" / "compare.md").read_text()

@@ -52,6 +52,20 @@ def read_evaluation(path: str | Path) -> dict:
     return result
 
 
+def check_compare_output(out: Path, results: list[dict]) -> None:
+    """A CompareError where ``-o out`` is a folder, or would write over what an evaluation compared holds (its
+    metrics.json, .csv, .md or report page: the comparison's own input, lost)."""
+    if out.is_dir():
+        raise CompareError(f"-o {out} is a folder: give the file to write (compare.md)")
+    stem = METRICS_JSON.rsplit(".", 1)[0]
+    for result in results:
+        given = Path(result["meta"]["path"])  # the folder, its metrics.json, or a report page's folder
+        folder = given if given.is_dir() else given.parent
+        own = [given, given.with_suffix(".html"), *(folder / f"{stem}.{ext}" for ext in ("json", "csv", "md"))]
+        if out.resolve() in {p.resolve() for p in own}:
+            raise CompareError(f"-o {out} is part of the evaluation {given} compared: give another file")
+
+
 def _setting(meta: dict, key: str):
     if key == "subsampling":  # "libjpeg via Pillow 11.0.0, 4:2:0 chroma subsampling": the Pillow version aside
         return meta.get("compression", "").rpartition(", ")[2]
@@ -81,6 +95,9 @@ def compare(results: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> 
     CompareError where they were measured differently, or of other photos."""
     if len(results) < 2:
         raise CompareError("compare needs two evaluations or more (the first is the baseline)")
+    paths = [Path(r["meta"]["path"]).resolve() for r in results]
+    if twice := sorted({r["meta"]["path"] for r, p in zip(results, paths) if paths.count(p) > 1}):
+        raise CompareError(f"{', '.join(twice)} given twice: compare sets different evaluations side by side")
     if unknown := [m for m in metrics if m not in BY_NAME]:
         raise CompareError(f"unknown metric(s) {', '.join(unknown)}: choose from {', '.join(BY_NAME)}")
     for key, what in SAME.items():
@@ -91,6 +108,13 @@ def compare(results: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> 
             raise CompareError(f"{', '.join(differ)} measured with another {what} than {results[0]['meta']['path']} "
                                f"({settings[0]!r}): their numbers do not compare; evaluate them alike")
     _check_same_inputs(results)
+    measured = [{_key(row) for row in r["per_image"]} for r in results]
+    if not set.intersection(*measured):
+        each = [f"{r['meta']['path']}: {len({k[0] for k in m})} photo(s) at "
+                f"{', '.join(f'q{q}' for q in sorted({k[3] for k in m})) or 'no quality'}"
+                for r, m in zip(results, measured)]
+        raise CompareError(f"no photo at any quality was measured in all of them ({'; '.join(each)}): evaluate them "
+                           f"on the same photos and qualities")
     passed = [{_key(row) for row in r["per_image"] if row.get("passthrough")} for r in results]
     tables = {}
     for metric in metrics:
