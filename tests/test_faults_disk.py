@@ -367,7 +367,8 @@ def test_export_and_compare_say_a_full_disk_in_one_line(tmp_path, monkeypatch, c
     monkeypatch.setattr(onnx_export, "export_model", full)
     assert cli_main(["export", "--model", str(tmp_path / "run"), "--onnx", str(tmp_path / "m.onnx")]) == 3
     assert capsys.readouterr().err.startswith(f"error: disk full writing {tmp_path / 'm.onnx'} (")
-    evaluation = {"meta": {"channel": "RGB"}, "per_image": []}
+    evaluation = {"meta": {"channel": "RGB"}, "per_image": [{"image": "p", "quality": 10, "jpeg": {"psnr": 20.0},
+                                                            "restored": {"psnr": 21.0}}]}
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps(evaluation))
