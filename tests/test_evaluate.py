@@ -665,3 +665,15 @@ def test_metrics_processes_give_the_tables_of_one_process(tmp_path, model_file, 
     monkeypatch.setattr(evaluate_module, "map_in_order", lambda *a, **k: started.append(a[2]) or real_map(*a, **k))
     evaluate(restorer, [str(photos)], [10, 40], None, progress=False, workers=8)
     assert started == [1]
+
+
+def test_a_bad_lpips_weights_file_is_an_error_before_any_photo(tmp_path, model_file, photos, capsys):
+    """--lpips-weights names a file: missing or not torch weights, evaluate stops with one line naming it (it
+    left LPIPS out and exited 0, or ended in torch's unpickler traceback), and no output folder is left."""
+    (tmp_path / "notes.pth").write_text("not weights")
+    for name, says in (("nope.pth", "file not found"), ("notes.pth", "is not a torch weights file")):
+        assert main(["evaluate", "--model", str(model_file), "--images", str(photos), "--qualities", "10", "-o",
+                     str(tmp_path / "eval"), "--lpips-weights", str(tmp_path / name), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --lpips-weights: ") and says in err and "Traceback" not in err, err
+    assert not (tmp_path / "eval").exists()

@@ -32,6 +32,7 @@ from dist_dejpeg.evaluation.report import photo_parts
 from dist_dejpeg.jpeg.formats import SUBSAMPLING
 from dist_dejpeg.metrics.registry import BY_NAME, COLOUR, EVALUATED, QUALITY
 from dist_dejpeg.models.names import TRAIN_SHARDS
+from dist_dejpeg.models.weights import WeightsError
 from dist_dejpeg.restore.files import check_output_dir
 from dist_dejpeg.restore.restorer import Restorer
 from dist_dejpeg.run.files import atomic_write_bytes
@@ -92,7 +93,10 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     if out_dir is not None:
         check_output_dir(out_dir)  # before any computation: an OutputError (a ValueError) names the folder
     restorer = model if hasattr(model, "restore_array") else Restorer(model, **(restorer_kwargs or {}))
-    metric = MetricSet(lpips_weights, y_only, crop_border, str(restorer.device).split(" ")[0], only)
+    try:
+        metric = MetricSet(lpips_weights, y_only, crop_border, str(restorer.device).split(" ")[0], only)
+    except WeightsError as err:  # --lpips-weights names a file that is missing or not AlexNet's
+        raise EvaluateError(str(err)) from None
     # (an image too small for the metrics is skipped before --max-images counts it)
     accepted = []  # the pixels of each reference the size check accepts, in order
 

@@ -16,13 +16,16 @@ from dist_dejpeg.models.lpips import LPIPS
 
 def load_lpips_metric(weights_file: str = "") -> tuple[LPIPS | None, str]:
     """LPIPS with torchvision's pretrained AlexNet backbone: ``(model, "")``, or ``(None, reason)`` when
-    the backbone cannot be loaded (no file at ``weights_file``, nothing in the torch hub cache, no
-    network). Never falls back to a random backbone: LPIPS is reported only when it is LPIPS."""
+    the backbone cannot be found (nothing in the torch hub cache, no network). A ``weights_file`` given that is
+    missing or not the backbone raises WeightsError: the file asked for, not a metric quietly left out. Never
+    falls back to a random backbone: LPIPS is reported only when it is LPIPS."""
     from dist_dejpeg.models.weights import WeightsError
 
     try:
         return LPIPS(net="alex", pretrained=True, weights_file=weights_file, key="--lpips-weights"), ""
     except WeightsError as err:
+        if weights_file:
+            raise
         return None, str(err)
 
 

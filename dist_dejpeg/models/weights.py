@@ -200,12 +200,13 @@ def lpips_backbone_state(net: str, weights_file: str, key: str) -> dict:
     or a download into that cache. ``key`` is the config key named in errors."""
     if weights_file:
         if not Path(weights_file).is_file():
-            raise WeightsError(f"{key}: file not found: {weights_file}")
-        return torch.load(weights_file, map_location="cpu", weights_only=True)
+            raise WeightsError(f"{key}: file not found: {weights_file}"
+                               + (" (a folder: name the file in it)" if Path(weights_file).is_dir() else ""))
+        return _state_dict(weights_file, f"{key}: {weights_file}")
     url = lpips_backbone_weights(net).url
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     if cached.is_file():
-        return torch.load(cached, map_location="cpu", weights_only=True)
+        return _state_dict(cached, f"the cached {cached} (remove it: it is downloaded again)")
     why = no_download_from(url)  # (torch.hub's download has no timeout: a network that drops packets would hold it)
     if not why:
         try:
@@ -222,6 +223,19 @@ def lpips_backbone_state(net: str, weights_file: str, key: str) -> dict:
         f"set loss.lpips_pretrained=false for a random backbone (tests and debugging only: the LPIPS "
         f"numbers are then not LPIPS)."
     )
+
+
+def _state_dict(path, named: str) -> dict:
+    """The tensors a torch weights file holds; a WeightsError naming it (``named``) where it holds none (a text
+    file, a download cut short: torch's unpickler raised KeyError or UnicodeDecodeError, naming nothing)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - the unpickler raises anything for bytes that are not its format
+        # (by type only: its messages are a stray key, or advice to unpickle the file with weights_only=False)
+        raise WeightsError(f"{named} is not a torch weights file (torch.load: {type(err).__name__})") from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{named} holds a {type(state).__name__}, not a state dict of weights")
+    return state
 
 
 def load_lpips_backbone(lpips_net: nn.Module, state: dict) -> None:
