@@ -164,6 +164,13 @@ def test_fake_progress_drives_the_verdict_and_eta(tmp_path, no_flock):
     progress["status"] = "stopped"
     (tmp_path / "progress.json").write_text(json.dumps(progress))
     assert st.run_status(tmp_path, now=now)["state"] == "stopped"
+    # JSON of another shape (another version's, an edit): said, never a TypeError/AttributeError traceback
+    for bad in ({"global_step": "x"}, {"phase_step": None, "total_steps": "100"}, {"last_val": {"q10": None}},
+                {"last_val": {"q10": {"jpeg": 3}}, "best": "0.25"}, {"time": "yesterday", "losses": [1, 2]}):
+        (tmp_path / "progress.json").write_text(json.dumps({**progress, **bad}))
+        s = st.run_status(tmp_path, now=now)
+        assert format_status(s) and json.dumps(s), bad
+        assert "q10" not in (s["last_val"] or {}) or "PSNR 25.00->26.00" in format_status(s), bad
 
 
 def test_not_a_run_folder(tmp_path, capsys):

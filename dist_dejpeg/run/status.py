@@ -21,6 +21,7 @@ whose phases are all done is doing (``position.stage``) are decided in run/verdi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import socket
 import time
@@ -209,11 +210,18 @@ def _lpips(run: RunFolder) -> dict:
 def _last_validation(run: RunFolder) -> tuple[dict | None, str | None]:
     """(per quality results, where they came from): progress.json's last validation, else metrics.json's."""
     last_val = (run.progress or {}).get("last_val")
-    if isinstance(last_val, dict) and last_val:
+    if isinstance(last_val, dict) and (last_val := _per_quality(last_val)):
         return last_val, PROGRESS
     if run.metrics is not None:
-        return {k: v for k, v in run.metrics.items() if k != "meta" and isinstance(v, dict)}, METRICS
+        return _per_quality({k: v for k, v in run.metrics.items() if k != "meta"}), METRICS
     return None, None
+
+
+def _per_quality(results: dict) -> dict:
+    """The entries of a validation's results that are {"jpeg": {...}, "restored": {...}} (another version's or a
+    damaged file's other entries left out)."""
+    return {q: r for q, r in results.items() if isinstance(r, dict)
+            and all(isinstance(r.get(side, {}), dict) for side in ("jpeg", "restored"))}
 
 
 def _elsewhere(run_dir: Path, configured: str) -> bool:
@@ -265,7 +273,18 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
         raise FileNotFoundError(f"no such folder: {run_dir}")
     now = time.time() if now is None else now
     run = read_folder(run_dir)
-    warnings = [f"{PROGRESS} is unreadable"] if run.progress_unreadable else []
+    try:
+        return _status(run, now)
+    except (TypeError, AttributeError, KeyError, ValueError):  # JSON of the wrong shape (another version, an edit)
+        if run.progress is None:
+            raise
+        return _status(dataclasses.replace(run, progress=None, progress_unreadable=True), now)
+
+
+def _status(run: RunFolder, now: float) -> dict:
+    run_dir = run.path
+    warnings = [f"{PROGRESS} is unreadable (not JSON, cut short, or fields of another shape)"] \
+        if run.progress_unreadable else []
     if run.config is None and (run_dir / CONFIG).is_file():
         warnings.append(f"{CONFIG} is unreadable (not YAML, or cut short): the config lines are missing")
     state, why = judge(run, now)
