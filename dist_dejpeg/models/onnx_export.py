@@ -39,7 +39,6 @@ three sizes against the PyTorch generator before the file is written (atomically
 from __future__ import annotations
 
 import copy
-import os
 import dataclasses
 import json
 import time
@@ -56,7 +55,7 @@ from dist_dejpeg.models.generator_file import TRAIN_SHARDS_FROM, ModelFileError,
 # the names and errors a runtime needs without torch (re-exported here under their old home)
 from dist_dejpeg.models.names import (INPUT, MIN_SIZE, ONNX_FORMAT, OUTPUT, QUALITY, TRAIN_SHARDS,  # noqa: F401
                                       OnnxUnavailable, require_onnx)
-from dist_dejpeg.run.files import atomic_write_bytes
+from dist_dejpeg.run.files import atomic_write_bytes, prove_writable
 
 # (batch, height, width) of the onnxruntime check: one size not a multiple of 32, a batch of 2, and one under the
 # exported range that restore's ONNX backend gives the graph as it is (its reflect pad fits: restore/onnx_backend.py)
@@ -299,11 +298,9 @@ def export_target_problem(model: str | Path, onnx_path: str | Path, opset: int |
         return f"--opset {opset}: the installed exporter (torch.onnx with onnxscript) writes opsets {MIN_OPSET} to " \
                f"{newest}"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(out.parent, os.W_OK):
-            raise PermissionError("not writable")
+        prove_writable(out.parent)
     except OSError as err:
-        return f"--onnx {out}: cannot write to {out.parent} ({err})"
+        return f"--onnx {out}: cannot write to {out.parent} ({type(err).__name__}: {err.strerror or err})"
     return None
 
 

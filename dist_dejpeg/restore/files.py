@@ -41,7 +41,7 @@ from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, Loa
                                         output_complete, save_image)
 from dist_dejpeg.restore.inputs import RestoreResult, collect_inputs, output_names
 from dist_dejpeg.restore.base import ImageRestorer  # Restorer (PyTorch) or OnnxRestorer: no torch import here
-from dist_dejpeg.run.files import TEMP_NAME, atomic_write_bytes, is_disk_full
+from dist_dejpeg.run.files import TEMP_NAME, atomic_write_bytes, is_disk_full, prove_writable
 from dist_dejpeg.run.lock import pid_alive
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,7 @@ def check_output_dir(out_dir: str | Path) -> Path:
     if out.exists() and not out.is_dir():
         raise OutputError(f"output folder {out} is not writable: it is a file, not a folder")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".dist_dejpeg_write_test{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        prove_writable(out)
     except OSError as err:
         raise OutputError(f"output folder {out} is not writable "
                           f"({type(err).__name__}: {err.strerror or err})") from None

@@ -58,6 +58,16 @@ def atomic_write_json(path: str | Path, data, **kwargs) -> None:
     atomic_write_text(path, json.dumps(data, **{"indent": 2, **kwargs}))
 
 
+def prove_writable(folder: str | Path) -> None:
+    """Make ``folder`` (and its parents) and write and remove an empty file in it: an OSError where it cannot be
+    written (os.access says yes to root on a read-only or virtual filesystem such as /proc)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".dist_dejpeg_write_test{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def read_json(path: str | Path) -> dict | None:
     """A JSON object from ``path``, or None when it is missing, unreadable or half-written (never raises)."""
     try:
