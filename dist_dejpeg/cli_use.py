@@ -66,6 +66,7 @@ def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int
     except (ModelFileError, InputImageError, OnnxUnavailable, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    _say_checkpoint(args.model, getattr(restorer, "info", {}))
     if restorer.guard and not restorer.gains:  # (said per image only under --verbose)
         print(f"warning: {args.model} holds no validated gains (a checkpoint, or a run not yet finished: its "
               f"generator.safetensors has them): the guard cannot pass images through, every image is restored "
@@ -81,6 +82,19 @@ def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int
         return 130
     print_restore_summary(results, args, restorer.device)
     return 1 if any(r.error for r in results) else 0
+
+
+def _say_checkpoint(model: str, info: dict) -> None:
+    """A run folder without its generator file restores with a checkpoint: which one, and why not a newer one."""
+    from dist_dejpeg.run.layout import list_checkpoints
+
+    if info.get("format") != "checkpoint" or not Path(model).is_dir() or Path(model).resolve() == Path(
+            info["source"]).resolve():
+        return
+    used, newest = Path(info["source"]), (list_checkpoints(Path(model)) or [None])[-1]
+    newer = f"; the newer {newest.name} is incomplete" if newest is not None and newest.name != used.name else ""
+    print(f"note: restoring with {used} (the run has no generator file yet: training has not finished{newer})",
+          file=sys.stderr)
 
 
 def print_restore_summary(results: list, args: argparse.Namespace, device) -> None:

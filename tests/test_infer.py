@@ -349,9 +349,10 @@ def test_model_with_an_encoder_timm_does_not_have(tmp_path):
         load_model(odd)
 
 
-def test_load_model_from_run_and_checkpoint_folders(tmp_path, model_file):
+def test_load_model_from_run_and_checkpoint_folders(tmp_path, model_file, capsys):
     """A run folder with generator.safetensors; a checkpoint folder (model.safetensors + config.yaml, as
-    accelerate's save_state and the trainer write them); a run folder holding only checkpoints."""
+    accelerate's save_state and the trainer write them); a run folder holding only checkpoints (restore says
+    which one it took)."""
     from safetensors.torch import save_file
 
     run = tmp_path / "run"
@@ -374,6 +375,17 @@ def test_load_model_from_run_and_checkpoint_folders(tmp_path, model_file):
         x = torch.rand(1, 3, 64, 64)
         with torch.no_grad():
             assert torch.equal(loaded(x), model(x))
+    # restore with the run folder: it says which checkpoint it took, and that a newer one is incomplete
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "p.jpg", quality=30)
+    (tmp_path / "run2" / "checkpoints" / "step-00000020").mkdir()
+    (tmp_path / "run2" / "checkpoints" / "step-00000020" / "trainer_state.json").write_text("{}")  # no weights
+    from dist_dejpeg.cli import main
+
+    assert main(["restore", str(tmp_path / "p.jpg"), "-o", str(tmp_path / "out"), "--model", str(tmp_path / "run2"),
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: restoring with {ckpt} (the run has no generator file yet" in err
+    assert "the newer step-00000020 is incomplete" in err
 
 
 @pytest.mark.gpu

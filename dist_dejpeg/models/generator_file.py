@@ -217,8 +217,12 @@ def resolve_model_path(path: str | Path) -> Path:
             return path / GENERATOR
         if (path / TRAINER_STATE).is_file():
             return path
-        # the newest checkpoint whose files match their manifest's sizes (a truncated newest one is skipped)
-        newest = next((c for c in reversed(list_checkpoints(path)) if verify_checkpoint(c, hashes=False).ok), None)
+        # the newest checkpoint whose files match their manifest's sizes and that holds the generator's weights (a
+        # truncated newest one, or one without a manifest whose weights are gone, is skipped); none such: the
+        # newest, whose load says what it lacks (a DeepSpeed run's)
+        checkpoints = list_checkpoints(path)
+        usable = [c for c in checkpoints if verify_checkpoint(c, hashes=False).ok and (c / CHECKPOINT_MODEL).is_file()]
+        newest = usable[-1] if usable else checkpoints[-1] if checkpoints else None
         if newest is not None:
             return newest
         raise ModelFileError(f"{path}: a folder with neither generator.safetensors nor checkpoints/step-*: "
