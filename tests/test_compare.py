@@ -104,7 +104,14 @@ def test_compare_reads_what_evaluate_wrote(tmp_path, model_file, photos, capsys)
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "y")]) == 2
     assert "y measured with another colour channel (--y-only) than " in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "none")]) == 2
+    assert f"{tmp_path / 'none'}: no such file or folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "empty")]) == 2
     assert "no metrics.json there" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()  # a training run's own metrics.json: its validation, not an evaluation
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({"q10": {}, "meta": {"global_step": 40}}))
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "run")]) == 2
+    assert "a training run's metrics.json" in capsys.readouterr().err
 
 
 def test_nothing_in_common_the_same_folder_twice_and_an_output_over_an_input_are_refused(tmp_path, capsys):

@@ -39,6 +39,8 @@ def read_evaluation(path: str | Path) -> dict:
     if path.suffix.lower() in (".html", ".htm"):
         path = path.with_suffix("")
     file = path / METRICS_JSON if path.is_dir() else path
+    if not path.exists():
+        raise CompareError(f"{path}: no such file or folder")
     try:
         result = json.loads(file.read_text())
     except FileNotFoundError:
@@ -46,6 +48,9 @@ def read_evaluation(path: str | Path) -> dict:
                            f"its {METRICS_JSON}") from None
     except (OSError, ValueError) as err:
         raise CompareError(f"{file}: not readable as evaluate's {METRICS_JSON} ({err})") from None
+    if isinstance(result, dict) and "per_image" not in result and "global_step" in (result.get("meta") or {}):
+        raise CompareError(f"{file}: a training run's {METRICS_JSON} (its validation crops): compare takes what "
+                           f"`dist-dejpeg evaluate --model RUN --images PHOTOS -o EVAL` writes, one per model")
     if not isinstance(result, dict) or not {"meta", "per_image"} <= set(result):
         raise CompareError(f"{file}: not evaluate's {METRICS_JSON} (no meta and per_image)")
     result["meta"]["path"] = str(path)
