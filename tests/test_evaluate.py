@@ -386,6 +386,7 @@ def test_inputs_and_qualities_counted_once(tmp_path, model_file, photos):
     assert [(r["image"], r["quality"]) for r in result["per_image"]] == [("astro", 20), ("astro", 10)]
     # 128 x 128 is below NIQE's two 96 x 96 blocks: 1 image, 4 values (JPEG and restored at 2 qualities)
     assert result["meta"]["undefined"]["niqe"] | {"reason": ""} == {"reason": "", "count": 4, "images": 1}
+    assert result["meta"]["undefined"]["niqe"]["reason"].endswith("(e.g. 192x96 pixels)")  # no one image's size
     assert "- niqe: left out for 1 of 1 image(s) (4 values: JPEG and restored, at each quality)" in markdown(result)
 
 

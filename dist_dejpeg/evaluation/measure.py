@@ -4,6 +4,7 @@ measured by pairs.measure_pair, in metrics processes (``--workers``) or here."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 
@@ -87,7 +88,9 @@ class MetricSet:
     def tally(self, undefined: dict) -> None:
         """Add one measured image's values left out (``undefined`` as filled by the calls on it)."""
         for name, what in undefined.items():
-            entry = self.undefined.setdefault(name, {"reason": what["reason"], "count": 0, "images": 0})
+            # one reason for every image: without the first one's size ("got 128x128" said of images of four sizes)
+            reason = re.sub(r",? got \d+x\d+$", "", what["reason"])
+            entry = self.undefined.setdefault(name, {"reason": reason, "count": 0, "images": 0})
             entry["count"] += what["count"]
             entry["images"] += 1
 
