@@ -38,6 +38,9 @@ def restore_command(args: argparse.Namespace) -> int:
             args.usage_error(f"--tile-pad {args.tile_pad} means --overlap {2 * args.tile_pad}, and --overlap "
                              f"{overlap} was given too: give one of them")
         overlap = 2 * args.tile_pad
+        if args.tile and overlap * 2 >= args.tile:  # (the restorer would name the overlap, which was not typed)
+            args.usage_error(f"--tile-pad {args.tile_pad} shares {overlap} px between tiles of {args.tile} px: it "
+                             f"must be under a quarter of --tile (e.g. --tile-pad {args.tile // 8})")
     if one_file:
         if (n := sum(map(len, collect_inputs(inputs)))) != 1:
             args.usage_error(f"-o {args.out} names one image file, and {n} images were given: give an output folder")

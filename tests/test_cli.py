@@ -139,7 +139,7 @@ def test_restore_aliases_mean_the_native_options(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.jpg", "y.png"]  # auto: their own formats
     capsys.readouterr()
     for bad in (["--tile-pad", "16", "--overlap", "64"], ["--format", "png", "--output-quality", "80"],
-                ["--input-quality", "0"]):
+                ["--input-quality", "0"], ["--tile", "64", "--tile-pad", "16"]):  # (its overlap 32, never typed)
         with pytest.raises(SystemExit) as caught:
             main(["restore", str(src), "-o", str(tmp_path / "o2"), "--model", "m", *bad])
         assert caught.value.code == 2, bad
