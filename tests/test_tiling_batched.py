@@ -127,7 +127,8 @@ def test_cuda_defaults_and_graph_replay_match_eager(model):
     whole = Restorer(model, device="cuda", tile=0, precision="fp32")  # a whole image at once: never captured
     for _ in range(3):
         whole.restore_array(_photo(150, 100))
-    assert whole.cuda_graphs and not whole.graphs
+        gpu.restore_array(_photo(60, 50))  # within one tile: one window alone, never captured either
+    assert whole.cuda_graphs and not whole.graphs and [shape for shape, _ in gpu.graphs] == [(8, 3, 64, 64)]
     bf16 = Restorer(model, device="cuda", tile=64, overlap=16, precision="bf16")
     cpu = Restorer(model, device="cpu", tile=64, overlap=16, precision="fp32").restore_array(_photo(200, 168))
     for _ in range(2):  # eager, then captured

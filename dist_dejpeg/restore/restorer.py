@@ -27,16 +27,16 @@ band (restore/tiling.py), so a uint8 image never exists as a whole-image float c
 
 Speed (CUDA, issue 24): the uint8 image goes up once, through a pinned host buffer with a non-blocking copy;
 windows are cut, converted, batched (channels_last) and blended on the GPU, and the uint8 output comes back the
-same way, one copy. Batches always hold ``batch_size`` windows of ``tile`` px (tiling's ``full_batches``), so
-one shape serves every image of at least a tile each way, and the generator's forward for a shape seen twice is
+same way, one copy. Batches always hold ``batch_size`` windows of ``tile`` px (tiling's ``full_batches``), so one
+shape serves every image of at least a tile each way, and the generator's forward for a shape seen twice is
 captured as a CUDA graph (``cuda_graphs``) and replayed: one launch instead of a thousand kernel launches from
-Python, which bound the eager forward on an H200. A capture that fails (a module that syncs with the host)
-turns graphs off for that Restorer, with a warning, and the forward runs eagerly, the calling thread back on
-the stream it was on. At most ``MAX_GRAPHS`` shapes keep a graph (each holds its activations' memory); only tiled
-windows are captured (tile 0, a whole image at once, would keep a 12 MP forward's memory per photo size). Each
-Restorer captures on a stream of its own device (torch's shared capture stream belongs to the device of the
-first capture in the process: a Restorer on cuda:1 would record an empty graph), one capture at a time in the
-process (CAPTURING).
+Python, which bound the eager forward on an H200. A capture that fails (a module that syncs with the host) turns
+graphs off for that Restorer, with a warning, and the forward runs eagerly, the calling thread back on the stream
+it was on. At most ``MAX_GRAPHS`` shapes keep a graph (each holds its activations' memory); only full batches of
+tiles are captured (tile 0, a whole image at once, would keep a 12 MP forward's memory per photo size). Each
+Restorer captures on a stream of its own device (torch's shared capture stream belongs to the device of the first
+capture in the process: a Restorer on cuda:1 would record an empty graph), one capture at a time in the process
+(CAPTURING).
 """
 
 from __future__ import annotations
@@ -161,12 +161,14 @@ class Restorer(ImageRestorer):
             return (self.generator(batch, q) if self.conditioned else self.generator(batch)).float()
 
     def replay(self, batch: torch.Tensor, quality: int | None) -> torch.Tensor | None:
-        """``forward`` through the CUDA graph of ``batch``'s shape, captured at the shape's second call (tiled
-        windows only); None at its first (run it eagerly), for a whole image (tile 0) or where capture failed. The output is the graph's own tensor, valid until
+        """``forward`` through the CUDA graph of ``batch``'s shape, captured at the shape's second call (full
+        batches of tiles only); None at its first (run it eagerly), for a whole image (tile 0) or one window alone
+        (an image within one tile: evaluate's photos of many sizes would each be captured, then evicted), or
+        where capture failed. The output is the graph's own tensor, valid until
         the next call."""
         key = (tuple(batch.shape), batch.stride())
         entry = self.graphs.get(key)
-        if entry is None and key in self.seen and self.tile:
+        if entry is None and key in self.seen and self.tile and batch.shape[0] == self.batch_size:
             entry = self.capture(batch, key)
         if entry is None:
             self.seen.add(key)
