@@ -173,6 +173,35 @@ def test_signal_checkpoints_after_the_step_and_the_rerun_resumes_to_the_same_wei
     assert (tmp_path / "cut" / "metrics.json").is_file()
 
 
+def test_a_stop_at_a_validation_step_saves_at_once_and_the_resume_validates_first(tmp_path, shards, monkeypatch):
+    """A stop read at a step that validates: the checkpoint is written before any validation (validation then
+    save overran the SLURM lead time the budget allows for one of them), marked so; the resumed phase validates
+    that step first, then trains on."""
+    cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=4", "train.val_every=2",
+               "train.ckpt_every=0", "data.val_max_images=1", "data.val_qualities=[10]")
+    events = []
+    validate = Trainer._validate_in_phase
+
+    def noted(self, *args):
+        events.append(("validate", self.state.phase_step))
+        return validate(self, *args)
+
+    monkeypatch.setattr(Trainer, "_validate_in_phase", noted)
+    t = Trainer(cfg, train_loader=SignalAt(build_train_loader(cfg, 0, 1, torch.device("cpu")), at=1,
+                                           sig=signal.SIGUSR1))
+    with pytest.raises(Preempted) as stopped:
+        t.fit()
+    assert stopped.value.path.name == f"step-{2:08d}" and events == []  # saved at step 2, not validated first
+    state = json.loads((stopped.value.path / "trainer_state.json").read_text())
+    assert state["val_pending"] is True
+    del t
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train(cfg)  # the same command: step 2's validation, then steps 3-4 (4 is the phase's last: no in-phase one)
+    assert events == [("validate", 2)]
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
 @pytest.fixture
 def stop_noted():
     """A SIGTERM handler that only notes the signal: a trainer that does not take the signal itself fails the test

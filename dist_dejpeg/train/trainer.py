@@ -54,6 +54,7 @@ class TrainerState:
     history: list = field(default_factory=list)  # (phase, step, mean restored LPIPS) per validation
     stopped_early: dict = field(default_factory=dict)  # phase name -> step where the stop rule fired
     val_set: str = ""  # data_checks.val_fingerprint of what the validation measured ("": not recorded)
+    val_pending: bool = False  # a stop skipped the validation of the step it saved: the resumed phase does it first
     # wall seconds in training steps over all phases and resumes (not validation, image logging or checkpoints):
     # the x axis of time to quality (bench/quality.py)
     train_seconds: float = 0.0
@@ -190,6 +191,8 @@ class Trainer:
         self.monitor.start_phase(name, st.phase_index, st.phase_step, st.global_step)
         window = LogWindow(acc, cfg.data.batch_size * t.grad_accum * acc.num_processes, batches)
         stopped = not fresh and name in st.stopped_early  # resumed after the stop rule fired
+        if st.val_pending and not stopped:
+            stopped, st.val_pending = self._validate_in_phase(name, phase, stop), False
         while st.phase_step < phase.steps and not stopped:
             start = time.perf_counter()
             turn = phase.kind if phase.kind != "gan" else gan_turn(phase, st.phase_step)
@@ -213,11 +216,12 @@ class Trainer:
                 window.reset()
             # the step, its bookkeeping and the flag read (on CUDA the host waits there for the queued steps)
             st.train_seconds += time.perf_counter() - start
-            saved = None
+            # a stop saves at once: the checkpoint within train.preempt_budget_s, its validation done on resume
+            saved, st.val_pending = None, bool(validating and stop_now)
             with window.paused():  # not training time: images/s and data wait stay the training's own
-                if t.image_every and st.global_step % t.image_every == 0:
+                if t.image_every and st.global_step % t.image_every == 0 and not stop_now:
                     self.log_image(name)
-                if validating:
+                if validating and not stop_now:
                     stopped = self._validate_in_phase(name, phase, stop)
                 if saving:
                     st.stop = stop.state_dict()
