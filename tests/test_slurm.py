@@ -222,19 +222,20 @@ def test_the_launcher_waits_for_the_checkpoint_until_slurm_kills(tmp_path):
     assert found and budget < int(found.group(1)) < lead, found
 
 
-def _step_stopped_by_usr1(tmp_path: Path, step_exit: int, scancel_after: str = "") -> subprocess.CompletedProcess:
-    """dd_run_step with stub srun/scancel/scontrol: USR1 arrives while the step runs; the step exits ``step_exit``
-    on its TERM; scontrol's calls are logged to scontrol.log."""
+def _step_stopped_by_usr1(tmp_path: Path, step_exit: int, scancel_after: str = "", sig: str = "USR1",
+                          job: str = "SLURM_JOB_ID=7") -> subprocess.CompletedProcess:
+    """dd_run_step with stub srun/scancel/scontrol: ``sig`` arrives while the step runs; the step exits
+    ``step_exit`` on its TERM; scancel's and scontrol's calls are logged to scancel.log and scontrol.log."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(parents=True)
     fakes = {"srun": f'echo $$ > "$T/srun.pid"; trap "exit {step_exit}" TERM; while :; do sleep 0.05; done',
-             "scancel": 'kill -TERM "$(cat "$T/srun.pid")"' + scancel_after,
+             "scancel": 'echo "$*" >> "$T/scancel.log"; kill -TERM "$(cat "$T/srun.pid")"' + scancel_after,
              "scontrol": 'echo "$*" >> "$T/scontrol.log"'}
     for name, body in fakes.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
-    shell = ('source launch/slurm/common.sh; LOG_DIR="$T"; SLURM_JOB_ID=7; '
-             '(while [ ! -s "$T/srun.pid" ]; do sleep 0.05; done; kill -USR1 $$) & '
+    shell = (f'source launch/slurm/common.sh; LOG_DIR="$T"; {job}; '
+             f'(while [ ! -s "$T/srun.pid" ]; do sleep 0.05; done; kill -{sig} $$) & '
              'dd_run_step python train.py; echo "rc=$?"')
     env = dict(os.environ, T=str(tmp_path), PATH=f"{bin_dir}:{os.environ['PATH']}")
     return subprocess.run(["bash", "-c", shell], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -247,6 +248,20 @@ def test_a_preempted_step_reports_its_own_exit_code_and_requeues(tmp_path):
     done = _step_stopped_by_usr1(tmp_path, step_exit=75, scancel_after="; sleep 1")  # (ends before the trap returns)
     assert "training step ended with status 75" in done.stdout and done.stdout.rstrip().endswith("rc=75"), done
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "7"]
+
+
+def test_an_array_task_signals_and_requeues_itself_alone_and_usr2_stops_without_requeue(tmp_path):
+    """No cluster needed. In a job array the task whose SLURM_JOB_ID is the array's id stopped and requeued every
+    task of the array (scancel and scontrol take a bare array id as all of it): each task names itself,
+    ARRAYID_TASKID. USR2 (scancel --batch --signal=USR2): the checkpointing stop, exit 75, no requeue."""
+    done = _step_stopped_by_usr1(tmp_path / "array", step_exit=75,
+                                 job="SLURM_JOB_ID=12; SLURM_ARRAY_JOB_ID=12; SLURM_ARRAY_TASK_ID=3")
+    assert done.stdout.rstrip().endswith("rc=75"), done
+    assert (tmp_path / "array" / "scancel.log").read_text().split() == ["--signal=TERM", "12_3"]
+    assert (tmp_path / "array" / "scontrol.log").read_text().split() == ["requeue", "12_3"]
+    done = _step_stopped_by_usr1(tmp_path / "usr2", step_exit=75, sig="USR2")
+    assert done.stdout.rstrip().endswith("rc=75") and "got SIGUSR2" in done.stdout, done
+    assert not (tmp_path / "usr2" / "scontrol.log").exists()
 
 
 def test_a_preempted_accelerate_launch_step_exits_75_not_its_launchers_143(tmp_path):

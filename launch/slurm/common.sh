@@ -10,9 +10,15 @@
 #   checkpoint of the run folder (auto_resume).
 #   The trainer reads the stop flag often enough that its steps plus the checkpoint fit in
 #   train.preempt_budget_s (default 90 s: keep it below the --signal lead time; train/collective.py).
-# - TERM (scancel, preemption): passed on the same way, but no requeue (preemption requeues by itself).
+# - USR2 (`scancel --batch --signal=USR2 JOB`: stop with a checkpoint, no requeue): passed on the same way.
 # - either way the job exits 75 (EX_TEMPFAIL, as the trainer: stopped, the same command continues), also where
 #   `accelerate launch` exits 143 (128 + TERM: torch's launcher reports the TERM it got, not its ranks' 75).
+# - A plain `scancel JOB`, a time limit reached or a preemption without the advance signal end the job at once:
+#   SLURM's TERM reaches srun too, which answers it by killing its tasks (SIGKILL), and KillWait (30 s) is shorter
+#   than a checkpoint may take. The run then resumes from its last periodic checkpoint (train.ckpt_every). For
+#   preemption with a checkpoint, the cluster needs PreemptParameters=send_user_signal and a GraceTime of at least
+#   the --signal lead time (ask its admins).
+# - In a job array the signals and the requeue name this task (JOBID_TASKID), never the whole array.
 
 dd_fail() {
   echo "error: $*" >&2
@@ -27,8 +33,8 @@ dd_setup() {
     dist_dejpeg accelerate torch 2>/dev/null \
     || dd_fail "PYTHON=$PYTHON cannot import dist_dejpeg, accelerate and torch: activate the project's environment" \
                "before sbatch, or set PYTHON=/path/to/venv/bin/python"
-  RUN_DIR=$("$PYTHON" -m dist_dejpeg.cli train --config "$CONFIG" "${OVERRIDES[@]}" --get train.run_dir) || exit 2
-  BUDGET=$("$PYTHON" -m dist_dejpeg.cli train --config "$CONFIG" "${OVERRIDES[@]}" --get train.preempt_budget_s) || exit 2
+  RUN_DIR=$("$PYTHON" -m dist_dejpeg.cli train --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --get train.run_dir) || exit 2
+  BUDGET=$("$PYTHON" -m dist_dejpeg.cli train --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --get train.preempt_budget_s) || exit 2
   LOG_DIR=$RUN_DIR/logs
   mkdir -p "$LOG_DIR" 2>/dev/null && : 2>/dev/null >>"$LOG_DIR/job-$SLURM_JOB_ID.log" \
     || dd_fail "cannot write the run folder's logs in $LOG_DIR (train.run_dir)"
@@ -56,20 +62,24 @@ dd_setup() {
   # checkpoint that needs up to train.preempt_budget_s (90 s): let it wait 25 s past the budget (115 s of SLURM's
   # 120; a budget raised with --signal's lead time raises it too)
   export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-$(( ${BUDGET%.*} + 25 ))}
-  TRAIN=(-m dist_dejpeg.cli train --config "$CONFIG" "${OVERRIDES[@]}")
+  TRAIN=(-m dist_dejpeg.cli train --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"})
 }
 
 dd_on_signal() {
   [ "$1" = USR1 ] && DD_REQUEUE=1
   DD_STOPPED=1
   echo "[$(date +%FT%T)] got SIG$1: the training processes checkpoint after their current step and stop"
-  scancel --signal=TERM "$SLURM_JOB_ID"  # the job's steps (every process in them), not this shell
+  scancel --signal=TERM "$DD_JOB"  # the job's steps (every process in them), not this shell
 }
 
 # dd_run_step SRUN_ARGS... : run one srun step, wait for it through signals, requeue after USR1.
 dd_run_step() {
   DD_REQUEUE=0 DD_STOPPED=0
+  # this job's own id for scancel and scontrol: an array task's JOBID_TASKID (an array's first id alone is every task)
+  DD_JOB=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID:-}}
+  DD_JOB=${DD_JOB:-$SLURM_JOB_ID}
   trap 'dd_on_signal USR1' USR1
+  trap 'dd_on_signal USR2' USR2
   trap 'dd_on_signal TERM' TERM
   # --kill-on-bad-exit: a node whose training fails takes the others down instead of leaving them waiting.
   # --cpus-per-task: since Slurm 22.05 a step no longer inherits the job's; without it, one core per node
@@ -92,8 +102,9 @@ dd_run_step() {
   if [ "$DD_REQUEUE" = 1 ] && [ "$rc" = 0 ]; then
     echo "[$(date +%FT%T)] the run finished before the stop: no requeue"
   elif [ "$DD_REQUEUE" = 1 ]; then
-    echo "[$(date +%FT%T)] requeueing job $SLURM_JOB_ID; it resumes from the newest checkpoint in $RUN_DIR"
-    scontrol requeue "$SLURM_JOB_ID"
+    echo "[$(date +%FT%T)] requeueing job $DD_JOB; it resumes from the newest checkpoint in $RUN_DIR"
+    scontrol requeue "$DD_JOB" \
+      || echo "[$(date +%FT%T)] SLURM refused the requeue (scontrol: $?): submit the same command again to resume"
   fi
   return "$rc"
 }
