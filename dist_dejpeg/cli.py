@@ -144,10 +144,10 @@ def _train_command(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.get:
+    if args.get is not None:  # (an empty key too: `--get "$KEY"` with KEY unset started a whole training)
         from omegaconf import OmegaConf
 
-        value = OmegaConf.select(OmegaConf.structured(cfg), args.get, default=None)
+        value = OmegaConf.select(OmegaConf.structured(cfg), args.get, default=None) if args.get.strip() else None
         if value is None:
             print(f"error: no config key '{args.get}'{did_you_mean(cfg, args.get)}", file=sys.stderr)
             return 2

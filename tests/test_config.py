@@ -383,6 +383,28 @@ def test_cli_get_suggests_the_key_meant(capsys):
         assert captured.out == ""
     assert cli.main(["train", "--get", "data.val_qualities[1]", "data.val_qualities=[10,30]"]) == 0
     assert capsys.readouterr().out == "30\n"
+    # an empty key (`--get "$KEY"`, KEY unset) is a missing key, not no --get: that started a whole training
+    assert cli.main(["train", "--config", str(DEBUG_YAML), "--get", ""]) == 2
+    assert capsys.readouterr().err.startswith("error: no config key ''")
+
+
+def test_paths_seeds_and_overrides_quoted_together_are_refused_by_key(tmp_path, capsys):
+    """train.run_dir empty (an unset shell variable: the run went into the current folder) or the filesystem's
+    root, a run_dir or data.root that is a file (mkdir tracebacks from both ranks), a seed past what each rank's
+    seed + its index can take (a ValueError on one rank, a hang-up on the other), several overrides in one
+    argument ("$OVERRIDES": data.root became the whole text and the run resumed another folder)."""
+    (tmp_path / "afile").write_text("x")
+    for override, says in (("train.run_dir=", "'' is no run folder (empty: an unset shell variable?)"),
+                           ("train.run_dir=/", "'/' is no run folder (the filesystem's root)"),
+                           (f"train.run_dir={tmp_path / 'afile'}", "is a file, not a folder"),
+                           (f"data.root={tmp_path / 'afile'}", "is a file, not a folder"),
+                           ("train.seed=-1", "must be in [0, 2**31)"), ("train.seed=4294967295", "must be in [0, 2**31)"),
+                           ("data.root=shards data.auto_prepare=none", "holds another override (data.auto_prepare=none)")):
+        assert cli.main(["train", "--config", str(DEBUG_YAML), override, "--dry-run"]) == 2, override
+        err = capsys.readouterr().err
+        assert err.startswith("error: config key '") and says in err and err.count("\n") == 1, (override, err)
+    assert cli.main(["train", "--config", str(DEBUG_YAML), "train.run_dir=my runs/a b", "--dry-run"]) == 0
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize("overrides, words", [

@@ -90,6 +90,10 @@ def _dotlist(overrides: Sequence[str]):
     parts = []
     for override in overrides:
         key, _, value = override.partition("=")
+        if more := re.search(r"\s([a-z_]+\.[\w.]+=\S*)", value):  # "$OVERRIDES" quoted: one argument of several
+            raise ConfigError(f"config key '{key}': its value {value!r} holds another override ({more.group(1)}): give "
+                              f"each key=value as an argument of its own (a shell variable of several unquoted, or "
+                              f"a bash array)")
         if value.startswith(LITERAL_STARTS) or not value:  # (key= : the empty text, as a shell leaves key='')
             override = f"{key}={json.dumps(value)}"  # a JSON string is a YAML string
         try:

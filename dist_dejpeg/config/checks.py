@@ -4,6 +4,7 @@ together); each failure is a ConfigError naming the key."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from dist_dejpeg.config.schema import (COMPILE_MODES, LPIPS_MIN_SIDE, PHASE_KINDS, TRACKER_PACKAGES, Config, ConfigError, PhaseConfig,
                                        TrainConfig, default_phases)
@@ -73,6 +74,9 @@ def validate(cfg: Config) -> None:
     for name, unit in (("grad_accum", ""), ("processes", ""), ("sync_every", " (steps)")):
         if getattr(t, name) < 1:
             raise ConfigError(f"config key 'train.{name}': must be >= 1{unit}")
+    _paths(cfg)
+    if not 0 <= t.seed < 2 ** 31:  # each rank seeds with seed + its index, below 2**32
+        raise ConfigError(f"config key 'train.seed': must be in [0, 2**31), got {t.seed}")
     if t.preempt_budget_s <= 0:
         raise ConfigError("config key 'train.preempt_budget_s': must be > 0 (seconds)")
     if d.prefetch_factor < 1 or d.dali_prefetch < 1:
@@ -138,6 +142,19 @@ def validate(cfg: Config) -> None:
     if t.deepspeed_stage:
         _same_clipping(t)
     _lpips_sides(cfg)
+
+
+def _paths(cfg: Config) -> None:
+    """A run folder that is empty (an unset shell variable: the run went into the current folder), the filesystem's
+    root, or a file; a data folder that is a file (tracebacks from mkdir or the sample shards' writer)."""
+    run_dir, root = cfg.train.run_dir, cfg.data.root
+    if not str(run_dir).strip() or Path(run_dir).resolve() == Path(Path(run_dir).resolve().anchor):
+        why = "the filesystem's root" if str(run_dir).strip() else "empty: an unset shell variable?"
+        raise ConfigError(f"config key 'train.run_dir': {run_dir!r} is no run folder ({why}): name the folder the run "
+                          f"writes, e.g. train.run_dir=runs/mine")
+    for key, path in (("train.run_dir", run_dir), ("data.root", root)):
+        if path and Path(path).is_file():
+            raise ConfigError(f"config key '{key}': {path} is a file, not a folder")
 
 
 def _lpips_sides(cfg: Config) -> None:
