@@ -146,6 +146,12 @@ def test_choice_without_a_manifest_and_when_nothing_verifies(base, tmp_path, cap
         choose_checkpoint(MAIN_PROCESS, other, "latest", True)
     with pytest.raises(ConfigError, match="false starts a new run"):  # auto_resume off: a new run, refused there
         choose_checkpoint(MAIN_PROCESS, other, None, False)
+    emptied = copy_run(base[0], tmp_path / "emptied")  # every checkpoint's files deleted (rm -rf step-*/*)
+    for step in (2, 4, 6):
+        for f in (checkpoint_dir(emptied) / step_name(step)).iterdir():
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    with pytest.raises(CheckpointError, match="holds step-00000002, step-00000004, step-00000006 but no complete"):
+        choose_checkpoint(MAIN_PROCESS, emptied, None, True)  # (it started over at step 0, two runs in one folder)
 
 
 def test_rolling_back_keeps_one_timeline(base, shards, tmp_path):

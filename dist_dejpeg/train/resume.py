@@ -32,7 +32,7 @@ from accelerate.utils import DistributedType
 from dist_dejpeg.config import Config, ConfigError, flatten, to_dict
 from dist_dejpeg.models.critic import Critic
 from dist_dejpeg.models.unet import GENERATOR_KEYS
-from dist_dejpeg.run.layout import CONFIG, LOADER_STATE, TRAINER_STATE, checkpoint_dir, list_checkpoints
+from dist_dejpeg.run.layout import CONFIG, LOADER_STATE, STEP_DIR, TRAINER_STATE, checkpoint_dir, list_checkpoints
 from dist_dejpeg.run.manifest import Verdict, verify_checkpoint
 from dist_dejpeg.train.checkpoint import CheckpointError, check_deepspeed_layout, load_checkpoint, set_aside_later
 from dist_dejpeg.train.collective import all_ranks_or_raise, on_main
@@ -118,6 +118,12 @@ def _choose(run_dir: Path, resume: str | None, auto_resume: bool) -> str | None:
         return None
     found = list_checkpoints(run_dir)
     if not found:
+        emptied = sorted(p.name for p in checkpoint_dir(run_dir).glob("step-*") if STEP_DIR.match(p.name))
+        if emptied:  # (a save writes .tmp-step-* and renames it whole: these lost their files afterwards)
+            raise CheckpointError(f"{checkpoint_dir(run_dir)} holds {', '.join(emptied)} but no complete checkpoint (no "
+                                  f"{TRAINER_STATE}): nothing to resume, and starting over would mix two runs in "
+                                  f"{run_dir}. Move the checkpoints folder aside to start the run over, or give "
+                                  f"another train.run_dir")
         if resume is None:
             return None
         raise FileNotFoundError(f"--resume: no checkpoint under {checkpoint_dir(run_dir)}")
