@@ -158,7 +158,8 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. data.batch_size=8)")
     p.epilog = ("exit codes: 0 done; 2 a config, weights, busy run folder, damaged checkpoint or too-many-bad-samples\n"
                 "error; 3 a non-finite loss or a full disk stopped it (the last good checkpoint is kept: fix the cause\n"
-                "and rerun); 75 a stop (SIGUSR1, SIGTERM, Ctrl-C): the checkpoint is kept, the same command continues")
+                "and rerun); 75 a stop (SIGUSR1, SIGTERM, Ctrl-C): the checkpoint is kept, the same command continues;\n"
+                "130 a second Ctrl-C: stopped at once, the same command continues from the newest checkpoint")
 
 
 def restore_arguments(p: argparse.ArgumentParser) -> None:

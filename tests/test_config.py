@@ -405,6 +405,8 @@ def test_paths_seeds_and_overrides_quoted_together_are_refused_by_key(tmp_path, 
         assert err.startswith("error: config key '") and says in err and err.count("\n") == 1, (override, err)
     assert cli.main(["train", "--config", str(DEBUG_YAML), "train.run_dir=my runs/a b", "--dry-run"]) == 0
     capsys.readouterr()
+    assert cli.main(["train", "--config", str(tmp_path), "--dry-run"]) == 2  # (said "config file not found")
+    assert f"error: config file {tmp_path} is a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides, words", [

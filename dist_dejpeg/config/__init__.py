@@ -51,6 +51,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def _read_file(path: Path) -> DictConfig:
     """A config file's sections; a missing file, a YAML syntax error or a file that is not sections of keys (a
     list, binary) is a one-line ConfigError, not a parser's traceback."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder: give the YAML file (e.g. {path / 'train.yaml'})")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

@@ -83,8 +83,9 @@ def checked_val_set(cfg: Config, acc: Accelerator) -> dict:
     """Collective. This rank's validation crops (data.build_val_set); none on any rank (every tile smaller than
     data.val_crop, say) is a ConfigError now, not NaN metrics and a guard that cannot judge after training."""
     val_set, skipped = build_val_set(cfg, acc.process_index, acc.num_processes)
-    if any(skipped.values()):
-        log.warning("validation shards: skipped %s", skipped)
+    if any(skipped.values()):  # (each rank its own share of the shards)
+        log.warning("validation shards: skipped %s", ", ".join(f"{n} {why.replace('_', ' ')}"
+                                                                for why, n in skipped.items() if n))
     local = next(iter(val_set.values()))[0].shape[0] if val_set else 0
     total = sum_over_ranks(acc, {"tiles": local})["tiles"]
     if total == 1:

@@ -91,8 +91,8 @@ def _choose(run_dir: Path, resume: str | None, auto_resume: bool) -> str | None:
     if resume not in (None, "", "latest"):
         path = Path(resume)
         if not path.is_dir():
-            raise FileNotFoundError(f"--resume {path}: no such folder (give a checkpoint folder, checkpoints/step-*, "
-                                    f"or a run folder for its newest)")
+            raise FileNotFoundError(f"--resume {path}: {'a file, not a folder' if path.is_file() else 'no such folder'} "
+                                    f"(give a checkpoint folder, checkpoints/step-*, or a run folder for its newest)")
         if not (path / TRAINER_STATE).is_file() and list_checkpoints(path):  # a run folder: its newest checkpoint
             if path.resolve() == run_dir.resolve():
                 return _choose(run_dir, "latest", auto_resume)
