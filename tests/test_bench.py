@@ -536,11 +536,11 @@ def test_bench_chroma_runs_and_table(tmp_path, monkeypatch, experiment):
         return {"per_quality": per_quality, "per_image": per_image}
 
     monkeypatch.setattr(evaluate_mod, "evaluate", evaluate)
-    report = chroma.run("configs/debug.yaml", ["data.crop=32"], tmp_path / "res", weights=(1.0, 2.0), seeds=(0, 1),
+    report = chroma.run("configs/debug.yaml", ["data.crop=96"], tmp_path / "res", weights=(1.0, 2.0), seeds=(0, 1),
                         qualities=(10,), work=tmp_path / "work")
     # weight 1 is bench quality's conditioned run, same name and command (so that it is reused)
-    assert calls[0] == ("conditioned-s0", ["data.crop=32", "train.seed=0", "model.quality_conditioning=true"])
-    assert calls[3] == ("conditioned-cw2-s1", ["data.crop=32", "train.seed=1", "model.quality_conditioning=true",
+    assert calls[0] == ("conditioned-s0", ["data.crop=96", "train.seed=0", "model.quality_conditioning=true"])
+    assert calls[3] == ("conditioned-cw2-s1", ["data.crop=96", "train.seed=1", "model.quality_conditioning=true",
                                                "loss.chroma_weight=2"])
     cell = report["table"]["2"]["10"]
     assert cell["gain_psnr_cb"]["mean"] == pytest.approx(0.7) and cell["gain_psnr_cb"]["spread"] == pytest.approx(0.2)

@@ -205,9 +205,9 @@ def test_resume_followed_by_overrides_resumes_with_them(tmp_path, monkeypatch, c
     import dist_dejpeg.train.trainer as trainer
 
     config = ROOT / "configs" / "debug.yaml"
-    assert main(["train", "--config", str(config), "--resume", "data.batch_size=3", "data.crop=32", "--dry-run"]) == 0
+    assert main(["train", "--config", str(config), "--resume", "data.batch_size=3", "data.crop=96", "--dry-run"]) == 0
     printed = capsys.readouterr().out
-    assert "batch_size: 3" in printed and "crop: 32" in printed
+    assert "batch_size: 3" in printed and "crop: 96" in printed
     seen, done = [], {"q10": {"jpeg": {"psnr": 25.0}, "restored": {"psnr": 26.0}, "gain": {"psnr_low": 0.5}}}
     monkeypatch.setattr(trainer, "train", lambda cfg, resume=None: seen.append((cfg.train.run_dir, resume)) or done)
     main(["train", "--config", str(config), "--resume", f"train.run_dir={tmp_path}", "train.processes=1"])

@@ -399,7 +399,8 @@ def test_paths_seeds_and_overrides_quoted_together_are_refused_by_key(tmp_path, 
                            (f"train.run_dir={tmp_path / 'afile'}", "is a file, not a folder"),
                            (f"data.root={tmp_path / 'afile'}", "is a file, not a folder"),
                            ("train.seed=-1", "must be in [0, 2**31)"), ("train.seed=4294967295", "must be in [0, 2**31)"),
-                           ("data.root=shards data.auto_prepare=none", "holds another override (data.auto_prepare=none)")):
+                           ("data.root=shards data.auto_prepare=none", "holds another override (data.auto_prepare=none)"),
+                           ("data.crop=32", "below the critic's minimum 64 px")):  # (the dry run passed it)
         assert cli.main(["train", "--config", str(DEBUG_YAML), override, "--dry-run"]) == 2, override
         err = capsys.readouterr().err
         assert err.startswith("error: config key '") and says in err and err.count("\n") == 1, (override, err)
@@ -438,4 +439,4 @@ def test_lpips_settings_that_cannot_work_are_refused_when_the_config_loads(overr
     validation, possibly hours in) with torch's words about channels."""
     with pytest.raises(ConfigError, match=words):
         load_config(None, overrides)
-    load_config(None, ["data.crop=8", "train.phases.gen.w_lpips=0", "train.phases.gan.w_lpips=0"])  # no LPIPS loss
+    load_config(None, ["data.crop=8", "train.phases.gen.w_lpips=0", "train.order=[gen]"])  # no LPIPS loss, no critic

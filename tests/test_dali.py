@@ -206,7 +206,7 @@ def test_config_knobs_reach_the_dali_loader(sample_shards):
     from dist_dejpeg.config import load_config
     from dist_dejpeg.data import build_train_loader
 
-    cfg = load_config(None, [f"data.root={sample_shards}", "data.backend=dali", "data.dali_threads=1", "data.crop=32",
+    cfg = load_config(None, [f"data.root={sample_shards}", "data.backend=dali", "data.dali_threads=1", "data.crop=64",
                              "data.quality_power=1.5", "data.rot90=true"])
     loader = build_train_loader(cfg, 0, 1, torch.device("cpu"))
     assert isinstance(loader, DaliLoader) and (loader.quality_power, loader.rot90) == (1.5, True)

@@ -142,6 +142,9 @@ def validate(cfg: Config) -> None:
     if t.deepspeed_stage:
         _same_clipping(t)
     _lpips_sides(cfg)
+    if _phases_training(cfg.train)["critic"] and cfg.data.crop < cfg.critic.min_size:  # (found at start, after the dry run said it was fine)
+        raise ConfigError(f"config key 'data.crop': {cfg.data.crop} px is below the critic's minimum "
+                          f"{cfg.critic.min_size} px (lower critic.n_blocks)")
 
 
 def _paths(cfg: Config) -> None:

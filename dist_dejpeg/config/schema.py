@@ -71,6 +71,11 @@ class CriticConfig:
     dropout: float = 0.15  # Dropout2d probability in each block
     self_attention: bool = True  # self-attention after the first downsampling block
 
+    @property
+    def min_size(self) -> int:
+        """The smallest input side the critic takes: its stem's stride 2 and n_blocks more, to a 4 px final conv."""
+        return 4 * 2 ** (self.n_blocks + 1)
+
 
 # the smallest image side each LPIPS backbone's pooling leaves a pixel of (AlexNet's stride-4 stem and two 3x3/2
 # pools; VGG's four 2x2 pools): config/checks.py, models/lpips.py, evaluate

@@ -53,7 +53,7 @@ class Critic(nn.Module):
             nf *= 2
         layers += [block(nf, nf, 3), conv(nf, 1, 4, sn=True, bias=False, padding=0, slope=SLOPE)]
         self.net = nn.Sequential(*layers)
-        self.min_size = 4 * 2 ** (n_blocks + 1)
+        self.min_size = CriticConfig(n_blocks=n_blocks).min_size
 
     def forward(self, image: torch.Tensor, paired: bool = False) -> torch.Tensor:
         """image: N x 3 x H x W in [0, 1] (H, W >= min_size); returns N x 1 x h x w patch logits. ``paired``:

@@ -270,10 +270,7 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
             raise ConfigError(f"config key 'model.encoder': {err}") from None
     if cfg.model.sync_bn and acc.num_processes > 1:
         generator = convert_sync_batchnorm(generator, cuda=acc.device.type == "cuda")
-    critic = build_critic(cfg.critic) if any(trains_critic(p) for p in phases) else None
-    if critic is not None and cfg.data.crop < critic.min_size:
-        raise ConfigError(f"config key 'data.crop': {cfg.data.crop} px is below the critic's minimum "
-                          f"{critic.min_size} px (lower critic.n_blocks)")
+    critic = build_critic(cfg.critic) if any(trains_critic(p) for p in phases) else None  # (its crop: config checks)
     deepspeed = t.deepspeed_stage > 0
     # fused: one kernel per step instead of one per parameter group and op; under DeepSpeed the ZeRO
     # optimizer steps its own flat partitions, so it keeps the default implementation
