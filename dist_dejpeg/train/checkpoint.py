@@ -146,10 +146,10 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, d
     except Exception as err:  # a raw "size mismatch" or a truncated file's parse error: say what it means
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if any(s in str(err) for s in ("size mismatch", "Missing key", "Unexpected key")):
-            raise ConfigError(f"--resume {path}: the checkpoint holds other tensors than the models this config "
+            raise ConfigError(f"resuming {path}: the checkpoint holds other tensors than the models this config "
                               f"builds ({first[:300]}); model.* and critic.* must be the ones the run began "
                               f"with") from err
-        raise CheckpointError(f"--resume {path}: the checkpoint cannot be loaded ({type(err).__name__}: "
+        raise CheckpointError(f"resuming {path}: the checkpoint cannot be loaded ({type(err).__name__}: "
                               f"{first[:300]}); resume from an older one (--resume <folder>)") from err
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
     loader_file = path / loader_state_name(accelerator.process_index)

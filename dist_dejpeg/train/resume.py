@@ -209,7 +209,7 @@ def longer_phases(cfg: Config, saved: dict, state: dict) -> dict:
             return {"phase_index": index, "phase_step": old}
         why = (f"its stop rule ended it at step {stopped} (its validation number, select_on, had stopped improving)" if stopped
                is not None else f"phase '{order[index + 1]}' has trained since")
-        raise ConfigError(f"--resume: {key} {old} -> {new}, but phase '{name}' is finished and {why}: more steps "
+        raise ConfigError(f"resuming: {key} {old} -> {new}, but phase '{name}' is finished and {why}: more steps "
                           f"cannot be added to it in this run. Set {key}={old} to continue the run, or start a new "
                           f"run (another train.run_dir)")
     return {}
@@ -247,7 +247,7 @@ def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: i
     model's tensor shapes, or (without train.resume_allow_batch_change) another global batch or process count.
     Returns the checkpoint's config, flattened (None where it has none that reads)."""
     if saved_state.get("phase_names") != list(cfg.train.order):
-        raise ConfigError(f"--resume {path}: the checkpoint's phases {saved_state.get('phase_names')} differ from "
+        raise ConfigError(f"resuming {path}: the checkpoint's phases {saved_state.get('phase_names')} differ from "
                           f"train.order {list(cfg.train.order)}: set train.order back to continue the run, or start "
                           f"a new run (another train.run_dir)")
     try:
@@ -263,7 +263,7 @@ def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: i
     shape = [k for k in keys if k in saved and saved[k] != now.get(k)]
     if shape:
         changes = ", ".join(f"{k} {saved[k]!r} -> {now.get(k)!r}" for k in shape)
-        raise ConfigError(f"--resume {path}: {changes}: these keys change the shapes of the model's tensors, so "
+        raise ConfigError(f"resuming {path}: {changes}: these keys change the shapes of the model's tensors, so "
                           f"the checkpoint cannot continue with this config. Set them back to the checkpoint's "
                           f"values, or start a new run (another train.run_dir)")
     _check_batch(cfg, path, saved, saved_state, processes)
@@ -295,7 +295,7 @@ def _check_batch(cfg: Config, path: Path, saved: dict, saved_state: dict, proces
         same = "" if changes else f"; the global batch stays {new_global}: {old_parts} -> {new_parts}"
         changes.append(f"the process count changes ({old_procs} -> {processes}{same}), and the data loaders' "
                        f"positions are per rank: the torch loader restarts its data stream at epoch 0, DALI reshards")
-    message = f"--resume {path}: " + "; ".join(changes)
+    message = f"resuming {path}: " + "; ".join(changes)
     if not cfg.train.resume_allow_batch_change:
         raise ConfigError(message + ". Set train.resume_allow_batch_change=true to continue anyway, or resume "
                                     "with the checkpoint's batch size and process count")
