@@ -55,6 +55,11 @@ def test_the_config_reference_command_has_help_and_refuses_a_wrong_option(tmp_pa
     for wrong in (["--write"], ["--wirte", str(tmp_path / "CONFIG.md")]):
         done = run(*wrong)
         assert done.returncode == 2 and "error:" in done.stderr and "| key |" not in done.stdout, wrong
+    (page := tmp_path / "page.md").write_text("# a page without the markers\n")  # (a ValueError traceback)
+    for missing in (page, tmp_path / "nope.md"):
+        done = run("--write", str(missing))
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr, missing
+    assert page.read_text() == "# a page without the markers\n"
     assert run().stdout.strip() == config.reference_markdown().strip()
 
 

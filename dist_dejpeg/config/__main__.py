@@ -14,7 +14,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write", metavar="PAGE", help="rewrite the tables in PAGE (docs/CONFIG.md)")
     args = parser.parse_args(argv)
     if args.write:
-        write_reference(args.write)
+        try:
+            write_reference(args.write)
+        except (OSError, ValueError) as err:  # (a page without the markers was a ValueError from unpacking)
+            parser.exit(2, f"error: {err}\n")
     else:
         print(reference_markdown())
 

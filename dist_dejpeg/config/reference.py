@@ -41,6 +41,10 @@ def reference_markdown() -> str:
 def write_reference(page: str | Path) -> None:
     """Replace the tables between the page's markers; its prose stays."""
     page = Path(page)
-    head, rest = page.read_text().split(MARKERS[0], 1)
+    text = page.read_text()
+    if MARKERS[0] not in text or MARKERS[1] not in text.split(MARKERS[0], 1)[1]:
+        raise ValueError(f"{page} has no {MARKERS[0]} ... {MARKERS[1]} section to rewrite: add the two markers "
+                         f"where the tables go")
+    head, rest = text.split(MARKERS[0], 1)
     tail = rest.split(MARKERS[1], 1)[1]
     page.write_text(f"{head}{MARKERS[0]}\n{reference_markdown().strip()}\n{MARKERS[1]}{tail}")
