@@ -610,7 +610,7 @@ def test_config_knobs_reach_the_torch_loader(sample_shards):
     from dist_dejpeg.config import load_config
     from dist_dejpeg.data import build_train_loader
 
-    cfg = load_config(None, [f"data.root={sample_shards}", "data.backend=torch", "data.num_workers=0", "data.crop=32",
+    cfg = load_config(None, [f"data.root={sample_shards}", "data.backend=torch", "data.num_workers=0", "data.crop=32", "critic.n_blocks=2",
                              "data.quality_power=1.5", "data.rot90=true", "data.channel_shuffle=0.25"])
     stream = build_train_loader(cfg, 0, 1, CPU).stream
     assert (stream.quality_power, stream.rot90, stream.channel_shuffle) == (1.5, True, 0.25)

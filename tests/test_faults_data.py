@@ -128,7 +128,7 @@ def test_torch_loader_over_the_limit_stops_with_the_count_and_the_samples(bad_sh
 def test_the_config_key_sets_the_limit_of_either_backend(bad_shard, backend):
     from pathlib import Path
 
-    cfg = load_config(None, [f"data.root={Path(bad_shard).parent}", f"data.backend={backend}", f"data.crop={CROP}",
+    cfg = load_config(None, [f"data.root={Path(bad_shard).parent}", f"data.backend={backend}", f"data.crop={CROP}", "critic.n_blocks=2",
                              "data.batch_size=2", "data.num_workers=0", "data.dali_threads=1",
                              "data.shuffle_buffer=4", "data.max_bad_samples=1"])
     with pytest.raises(TooManyBadSamples, match="max_bad_samples=1"):
@@ -255,12 +255,12 @@ def test_a_manifest_older_than_its_shards_does_not_judge_them(tmp_path, change):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["tile"], manifest["splits"]["train"]["samples"] = 16, 3
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    cfg = load_config(None, [f"data.root={tmp_path}", "data.backend=torch", "data.num_workers=4", "data.crop=32"])
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.backend=torch", "data.num_workers=4", "data.crop=32", "critic.n_blocks=2"])
     with pytest.raises(ConfigError, match="are 16 px"):  # as long as it describes them, it is trusted
         check_train_tiles(cfg, 1)
     copy = shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-copy", copy_function=shutil.copy)
     with pytest.raises(ConfigError, match="are 16 px"):
-        check_train_tiles(load_config(None, [f"data.root={copy}", "data.num_workers=4", "data.crop=32"]), 1)
+        check_train_tiles(load_config(None, [f"data.root={copy}", "data.num_workers=4", "data.crop=32", "critic.n_blocks=2"]), 1)
     shard = tmp_path / "train-000000.tar"
     if change == "rewritten":  # (here: two more empty tar records; by hand: other tiles)
         shard.write_bytes(shard.read_bytes() + bytes(2 * 10240))
