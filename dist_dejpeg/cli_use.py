@@ -49,7 +49,7 @@ def restore_command(args: argparse.Namespace) -> int:
                              f"output folder")
     # the output folder is made before the model loads (an unwritable one fails first); one that ends up empty (a
     # bad model, no image found, Ctrl-C before the first output) is removed again, as evaluate's is
-    made = new_folders(Path(args.out).parent if names_a_file(args.out) else args.out)
+    made = new_folders(Path(args.out).parent if one_file else args.out)
     try:
         return _restore(args, inputs, fmt, overlap)
     finally:
