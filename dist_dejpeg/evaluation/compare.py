@@ -100,7 +100,7 @@ def compare(results: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> 
     CompareError where they were measured differently, or of other photos."""
     if len(results) < 2:
         raise CompareError("compare needs two evaluations or more (the first is the baseline)")
-    paths = [Path(r["meta"]["path"]).resolve() for r in results]
+    paths = [(p / METRICS_JSON if p.is_dir() else p).resolve() for p in (Path(r["meta"]["path"]) for r in results)]
     if twice := sorted({r["meta"]["path"] for r, p in zip(results, paths) if paths.count(p) > 1}):
         raise CompareError(f"{', '.join(twice)} given twice: compare sets different evaluations side by side")
     if unknown := [m for m in metrics if m not in BY_NAME]:
