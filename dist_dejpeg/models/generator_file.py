@@ -221,8 +221,9 @@ def resolve_model_path(path: str | Path) -> Path:
         # truncated newest one, or one without a manifest whose weights are gone, is skipped); none such: the
         # newest, whose load says what it lacks (a DeepSpeed run's)
         checkpoints = list_checkpoints(path)
-        usable = [c for c in checkpoints if verify_checkpoint(c, hashes=False).ok and (c / CHECKPOINT_MODEL).is_file()]
-        newest = usable[-1] if usable else checkpoints[-1] if checkpoints else None
+        usable = (c for c in reversed(checkpoints)
+                  if (c / CHECKPOINT_MODEL).is_file() and verify_checkpoint(c, hashes=False).ok)
+        newest = next(usable, checkpoints[-1] if checkpoints else None)  # (older ones not verified once one is found)
         if newest is not None:
             return newest
         raise ModelFileError(f"{path}: a folder with neither generator.safetensors nor checkpoints/step-*: "
