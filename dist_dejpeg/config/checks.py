@@ -142,7 +142,8 @@ def validate(cfg: Config) -> None:
     if t.deepspeed_stage:
         _same_clipping(t)
     _lpips_sides(cfg)
-    if _phases_training(cfg.train)["critic"] and cfg.data.crop < cfg.critic.min_size:  # (found at start, after the dry run said it was fine)
+    # (found only at the start of training before, after the dry run had said the config was fine)
+    if _phases_training(cfg.train)["critic"] and cfg.data.crop < cfg.critic.min_size:
         raise ConfigError(f"config key 'data.crop': {cfg.data.crop} px is below the critic's minimum "
                           f"{cfg.critic.min_size} px (lower critic.n_blocks)")
 
@@ -151,7 +152,7 @@ def _paths(cfg: Config) -> None:
     """A run folder that is empty (an unset shell variable: the run went into the current folder), the filesystem's
     root, or a file; a data folder that is a file (tracebacks from mkdir or the sample shards' writer)."""
     run_dir, root = cfg.train.run_dir, cfg.data.root
-    if not str(run_dir).strip() or Path(run_dir).resolve() == Path(Path(run_dir).resolve().anchor):
+    if not str(run_dir).strip() or (where := Path(run_dir).resolve()) == Path(where.anchor):
         why = "the filesystem's root" if str(run_dir).strip() else "empty: an unset shell variable?"
         raise ConfigError(f"config key 'train.run_dir': {run_dir!r} is no run folder ({why}): name the folder the run "
                           f"writes, e.g. train.run_dir=runs/mine")
