@@ -242,5 +242,5 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
                         "baseline")
     p.add_argument("--metrics", nargs="+", default=["psnr", "ssim", "lpips"], metavar="M",
                    help="which metrics: psnr, psnr_b, ssim, lpips, brisque, niqe, psnr_y, ...")
-    p.add_argument("-o", "--out", default=None, help="also write the tables to this markdown file")
+    p.add_argument("-o", "--out", default=None, help="also write the comparison to this file: markdown tables, or JSON when it ends in .json")
     p.add_argument("--json", action="store_true", help="the comparison as JSON, for scripts")

@@ -287,16 +287,17 @@ def compare_command(args: argparse.Namespace) -> int:
         if args.out:  # checked before the comparison is printed
             check_compare_output(Path(args.out), results)
         comparison = compare(results, tuple(args.metrics))
-        text = markdown(comparison)
+        text, as_json = markdown(comparison), json.dumps(comparison, indent=2) + "\n"
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(Path(args.out), text.encode())
+            as_file = as_json if Path(args.out).suffix.lower() == ".json" else text
+            atomic_write_bytes(Path(args.out), as_file.encode())
     except CompareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         return write_failed(err, args.out)
-    print(json.dumps(comparison, indent=2) if args.json else text, end="" if not args.json else "\n")
+    print(as_json if args.json else text, end="")
     return 0
 
 

@@ -98,6 +98,9 @@ def test_compare_reads_what_evaluate_wrote(tmp_path, model_file, photos, capsys)
         assert diff["better"] == sum(np.greater(second, first))
     assert got["evaluations"][1]["global_step"] == 5
     assert "| quality | photos | JPEG | A | B | B - A |" in (tmp_path / "compare.md").read_text()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "compare.json")]) == 0
+    assert "| quality |" in capsys.readouterr().out  # the file's format follows its suffix, stdout stays markdown
+    assert json.loads((tmp_path / "compare.json").read_text())["metrics"]["psnr"] == got["metrics"]["psnr"]
     (tmp_path / "a.html").write_text("<html>")  # a report page: its tables are in the folder named as it
     assert main(["compare", str(tmp_path / "a.html"), str(tmp_path / "b")]) == 0
     assert "| q30 | 2 |" in capsys.readouterr().out
