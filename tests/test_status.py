@@ -139,7 +139,7 @@ def test_a_real_flock_is_seen_without_locking(tmp_path, monkeypatch):
 
 
 def test_fake_progress_drives_the_verdict_and_eta(tmp_path, no_flock):
-    (tmp_path / "config.yaml").write_text("train:\n  run_dir: runs/x\n  order: [gen]\n"
+    (tmp_path / "config.yaml").write_text("data:\n  batch_size: 4\ntrain:\n  run_dir: runs/x\n  order: [gen]\n"
                                           "  phases:\n    gen:\n      steps: 100\n")
     now = time.time()
     progress = {"time": now - 10, "status": "preempted", "reason": "SIGUSR1", "phase": "gen", "phase_index": 0,
@@ -161,6 +161,10 @@ def test_fake_progress_drives_the_verdict_and_eta(tmp_path, no_flock):
         assert s["state"] == "running" and s["eta"]["run_s"] == pytest.approx(50.0)
     text = format_status(s)
     assert "q10 PSNR 25.00->26.00" in text and "LPIPS 0.2500" in text and len(text.splitlines()) <= 16
+    assert "x " not in text.split("batch", 1)[1].split("|")[0]  # not known: no process count claimed
+    progress["processes"] = 2  # progress.json says it before any checkpoint or metrics.json does
+    (tmp_path / "progress.json").write_text(json.dumps(progress))
+    assert "batch 4 x 2 processes" in format_status(st.run_status(tmp_path, now=now))
     progress["status"] = "stopped"
     (tmp_path / "progress.json").write_text(json.dumps(progress))
     assert st.run_status(tmp_path, now=now)["state"] == "stopped"

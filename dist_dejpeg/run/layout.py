@@ -27,7 +27,7 @@ CONFIG = "config.yaml"
 PROGRESS = "progress.json"
 PROGRESS_KEYS = ("time", "status", "reason", "phase", "phase_index", "phases", "phase_step", "phase_steps",
                  "global_step", "total_steps", "images_per_s", "data_wait_frac", "lr", "eta_phase_s", "eta_run_s",
-                 "losses", "last_val", "best", "host", "pid", "slurm_job", "write_errors")
+                 "losses", "last_val", "best", "host", "pid", "slurm_job", "processes", "write_errors")
 METRICS = "metrics.json"
 GENERATOR = "generator.safetensors"
 LOCK = ".lock"

@@ -48,9 +48,13 @@ def _clean(obj):
 
 # -- position -----------------------------------------------------------------------------------------------
 def _processes(run: RunFolder) -> int | None:
-    """metrics.json's meta says it; else the newest checkpoint holds one loader state per rank."""
+    """metrics.json's meta says it, or progress.json (written when the first phase begins, before either);
+    else the newest checkpoint holds one loader state per rank."""
     if run.meta.processes is not None:
         return run.meta.processes
+    given = (run.progress or {}).get("processes")
+    if isinstance(given, int) and not isinstance(given, bool) and given > 0:
+        return given
     if run.newest is not None:
         return len(list(run.newest.glob(LOADER_STATE.format(rank="*")))) or None
     return None

@@ -79,9 +79,9 @@ class Monitor:
         self.progress: dict = {"status": "running", "reason": "", "phases": self.order,
                                "total_steps": sum(self.steps.values()), "host": socket.gethostname(),
                                "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
-                               "losses": {}, "last_val": None, "best": None, "images_per_s": None,
-                               "data_wait_frac": None, "lr": None, "eta_phase_s": None, "eta_run_s": None,
-                               WRITE_ERRORS: {}}
+                               "processes": self.acc.num_processes, "losses": {}, "last_val": None, "best": None,
+                               "images_per_s": None, "data_wait_frac": None, "lr": None, "eta_phase_s": None,
+                               "eta_run_s": None, WRITE_ERRORS: {}}
         self.run_log = open_run_log(self.run_dir) if self.main else None  # <run_dir>/train.log (train/run_log.py)
         init, self.mlflow_store = tracker_init(list(cfg.train.log_with), self.run_dir)
         try:
