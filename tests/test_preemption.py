@@ -285,7 +285,11 @@ def test_a_lock_held_by_another_process_is_refused_and_dies_with_it(tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(RunDirBusy, match=str(holder.pid)):
+        with pytest.raises(RunDirBusy, match=rf"\(held by host .*, pid {holder.pid} since 20") as caught:
+            RunLock(tmp_path).acquire()
+        assert "{" not in str(caught.value)  # the holder as people read it, not the lock file's JSON
+        (tmp_path / ".lock").write_text("")  # the moment between the holder's lock and its writing its name
+        with pytest.raises(RunDirBusy, match=r"\(held by a run that is just starting\)"):
             RunLock(tmp_path).acquire()
     finally:
         holder.kill()

@@ -60,7 +60,7 @@ class RunLock:
                     f"not be kept from overwriting each other's checkpoints. Set train.run_dir to a folder on a "
                     f"filesystem with working locks (a local disk, or ask your admins which shared one has "
                     f"them).") from None
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            holder = describe_holder(os.read(fd, 4096).decode(errors="replace").strip())
             os.close(fd)
             raise RunDirBusy(f"run folder {self.path.parent} is in use by another training run ({holder}); two "
                              f"runs would overwrite each other's checkpoints. Stop that run, or set another "
@@ -81,6 +81,23 @@ class RunLock:
 
 
 PREPARE_LOCK = ".prepare.lock"  # in a data folder: one process writes shards there at a time
+def describe_holder(raw: str) -> str:
+    """The lock file's holder as people read it: "held by host node1, pid 12, SLURM job 7 since 2026-12-07 10:00"."""
+    try:
+        holder = json.loads(raw) if raw else None
+    except ValueError:
+        holder = None
+    if not isinstance(holder, dict):  # empty: its holder locked it a moment ago and has not named itself yet
+        return "held by a run that is just starting" if not raw else f"held; the lock file says {raw[:200]!r}"
+    return f"held by {_who(holder)} since {holder.get('since') or '?'}"
+
+
+def _who(holder: dict) -> str:
+    pid = holder.get("pid")
+    who = f"host {holder.get('host') or '?'}, pid {pid if pid is not None else '?'}"
+    return who + (f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else "")
+
+
 _held: dict[str, int] = {}  # this process's data-folder locks (path -> depth): taken again inside, not waited for
 
 
@@ -215,9 +232,7 @@ def lock_status(run_dir: str | Path, proc_locks: str = "/proc/locks", hostname: 
         out.update(held=pid_alive(pid), checked_by="pid")
     else:
         out.update(held=None, checked_by=None)
-    who = f"host {host or '?'}, pid {out['pid'] if out['pid'] is not None else '?'}"
-    if out["slurm_job"]:
-        who += f", SLURM job {out['slurm_job']}"
+    who = _who(out)
     out["pid_alive"] = pid_alive(pid) if same_host and pid else None
     if out["held"] is True:
         out["detail"] = f"held by {who} since {out['since'] or '?'}"
