@@ -174,6 +174,10 @@ def test_rolling_back_keeps_one_timeline(base, shards, tmp_path):
     assert [p.name for p in list_checkpoints(run)] == [step_name(4), step_name(5)]
     assert [p.name for p in checkpoint_dir(run).glob("abandoned-*/*")] == [step_name(6)]
     assert choose_checkpoint(MAIN_PROCESS, run, None, True) == checkpoint_dir(run) / step_name(5)
+    aside = next(checkpoint_dir(run).glob("abandoned-*/" + step_name(6)))  # named: this run's own, said how to
+    with pytest.raises(CheckpointError, match=r"this run's own checkpoint, set aside into abandoned-.*/ when the run "
+                                              r"went back .* \(step-00000004, step-00000005\) are the run now"):
+        choose_checkpoint(MAIN_PROCESS, run, str(aside), True)
 
 
 def test_a_model_shape_change_is_a_config_error_naming_the_key(base, shards, tmp_path):

@@ -32,7 +32,8 @@ from accelerate.utils import DistributedType
 from dist_dejpeg.config import Config, ConfigError, flatten, to_dict
 from dist_dejpeg.models.critic import Critic
 from dist_dejpeg.models.unet import GENERATOR_KEYS
-from dist_dejpeg.run.layout import CONFIG, LOADER_STATE, STEP_DIR, TRAINER_STATE, checkpoint_dir, list_checkpoints
+from dist_dejpeg.run.layout import (ABANDONED_PREFIX, CONFIG, LOADER_STATE, STEP_DIR, TRAINER_STATE, checkpoint_dir,
+                                    list_checkpoints)
 from dist_dejpeg.run.manifest import Verdict, verify_checkpoint
 from dist_dejpeg.train.checkpoint import CheckpointError, check_deepspeed_layout, load_checkpoint, set_aside_later
 from dist_dejpeg.train.collective import all_ranks_or_raise, on_main
@@ -99,8 +100,15 @@ def _choose(run_dir: Path, resume: str | None, auto_resume: bool) -> str | None:
             path = list_checkpoints(path)[-1]
         if not (path / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"not a complete checkpoint (no {TRAINER_STATE}): {path}")
-        own = list_checkpoints(run_dir)
-        if path.resolve().parent != checkpoint_dir(run_dir).resolve():
+        own, root = list_checkpoints(run_dir), checkpoint_dir(run_dir).resolve()
+        if path.resolve().parent != root:
+            if own and path.resolve().parent.parent == root and path.parent.name.startswith(ABANDONED_PREFIX):
+                raise CheckpointError(f"--resume {path}: this run's own checkpoint, set aside into "
+                                      f"{path.parent.name}/ when the run went back to an earlier one; its "
+                                      f"checkpoints since ({', '.join(p.name for p in own)}) are the run now. To "
+                                      f"go back to it, move those into another folder under {root.name}/, move "
+                                      f"{path.name} back into {root.name}/ and resume it; or start from it in "
+                                      f"another train.run_dir")
             if own:  # another run's checkpoint would set this run's own ones aside: a mistake far more often
                 raise CheckpointError(f"--resume {path} is a checkpoint of another run, and this run ({run_dir}) "
                                       f"has checkpoints of its own (newest {own[-1].name}): resume one of those "
