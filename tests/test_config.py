@@ -119,6 +119,8 @@ def test_missing_file_and_malformed_override():
     (b"data:\n\tbatch_size: 3\n", r"not valid YAML: .* at line 2, column 1"),  # a tab
     (b"- data\n- train\n", r"holds a list, not sections of keys"),
     (b"3\n", r"cannot be read as a YAML config"),
+    (b"hello\n", r"holds the text 'hello', not sections of keys"),
+    (b"data:\n  crop: 64\ntrain: 3\n", r"train: is 3, not a section of keys"),
     (b"\x89PNG\r\n\x1a\n\xd0\xff", r"cannot be read as a YAML config \('utf-8' codec"),
 ])
 def test_a_config_file_that_is_not_a_yaml_mapping_is_one_line(tmp_path, text, words):
@@ -129,6 +131,12 @@ def test_a_config_file_that_is_not_a_yaml_mapping_is_one_line(tmp_path, text, wo
     with pytest.raises(ConfigError, match=rf"^config file {re.escape(str(path))}: {words}") as caught:
         load_config(path)
     assert "\n" not in str(caught.value)
+
+
+def test_a_section_with_every_key_commented_out_is_its_defaults(tmp_path):
+    (path := tmp_path / "experiment.yaml").write_text("data:\n  crop: 64\ntrain:\n  # seed: 3\n")
+    cfg = load_config(path)
+    assert cfg.data.crop == 64 and cfg.train.seed == Config().train.seed
 
 
 def test_phase_typo_not_in_order_is_error():

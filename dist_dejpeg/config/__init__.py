@@ -66,6 +66,16 @@ def _read_file(path: Path) -> DictConfig:
         raise ConfigError(f"config file {path}: cannot be read as a YAML config ({first})") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file {path}: holds a list, not sections of keys (data:, model:, train: ...)")
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for key, value in OmegaConf.to_container(loaded, resolve=False).items():
+        if value is None and len(loaded) == 1 and path.read_text(errors="replace").strip() == str(key):
+            raise ConfigError(f"config file {path}: holds the text {str(key)[:60]!r}, not sections of keys "
+                              f"(data:, model:, train: ...)")
+        if key in sections and value is None:  # a section whose keys are all commented out: its defaults
+            del loaded[key]
+        elif key in sections and not isinstance(value, dict):  # (unknown keys: validation's message)
+            raise ConfigError(f"config file {path}: {key}: is {value!r}, not a section of keys (its keys are "
+                              f"written indented below it)")
     return loaded
 
 
