@@ -16,7 +16,7 @@ CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch.
 def restore_command(args: argparse.Namespace) -> int:
     # torch-free down to the model: an ONNX model restores without importing torch (restore/onnx_backend.py)
     from dist_dejpeg.jpeg.formats import LOSSY_SUFFIXES
-    from dist_dejpeg.restore.files import names_a_file
+    from dist_dejpeg.restore.files import names_a_file, unknown_suffix
     from dist_dejpeg.restore.inputs import collect_inputs
     from dist_dejpeg.run.files import new_folders, remove_empty
 
@@ -47,6 +47,9 @@ def restore_command(args: argparse.Namespace) -> int:
         if given := sorted(args.given & {"--format", "--ext", "--suffix"}):
             args.usage_error(f"-o {args.out} names the output file, whose suffix is its format: {given[0]} is for an "
                              f"output folder")
+    elif unknown_suffix(args.out) and sum(map(len, collect_inputs(inputs))) == 1:  # out.xyz for one photo
+        args.usage_error(f"-o {args.out}: restore writes no {Path(args.out).suffix} files; name the output file "
+                         f"with .png, .jpg, .webp or .tif, or write {args.out}/ for a folder of that name")
     # the output folder is made before the model loads (an unwritable one fails first); one that ends up empty (a
     # bad model, no image found, Ctrl-C before the first output) is removed again, as evaluate's is
     made = new_folders(Path(args.out).parent if one_file else args.out)

@@ -162,6 +162,12 @@ def test_restore_aliases_mean_the_native_options(tmp_path, monkeypatch, capsys):
     # -o out.png/ is a folder, written as one: the output goes inside it under the input's name
     assert main(["restore", str(src / "x.jpg"), "-o", str(tmp_path / "out.png") + "/", "--model", "m", "--quiet"]) == 0
     assert (tmp_path / "out.png").is_dir() and (tmp_path / "out.png" / "x.png").is_file()
+    # -o out.xyz for one photo: a file meant in a type restore does not write, not a folder made of that name
+    with pytest.raises(SystemExit) as caught:
+        main(["restore", str(src / "x.jpg"), "-o", str(tmp_path / "out.xyz"), "--model", "m"])
+    assert caught.value.code == 2 and "restore writes no .xyz files" in capsys.readouterr().err
+    assert not (tmp_path / "out.xyz").exists()
+    assert main(["restore", str(src / "x.jpg"), "-o", str(tmp_path / "out.v2") + "/", "--model", "m", "--quiet"]) == 0
     parsed = build_parser().parse_args(["evaluate", "--model", "m", "--images", "p", "-o", "e", "--quality", "10", "20"])
     assert parsed.qualities == [10, 20]  # the old name, hidden
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -133,6 +134,14 @@ def names_a_file(out: str | Path) -> bool:
     """Whether restore's output ``out`` names one image file (an image suffix, not an existing folder, not written
     as a folder: ``out.png/``)."""
     return Path(out).suffix.lower() in OUTPUT_SUFFIXES and not Path(out).is_dir() and not as_folder(out)
+
+
+def unknown_suffix(out: str | Path) -> bool:
+    """Whether ``out``, not yet there and not written as a folder, ends in what reads as a file type that is no
+    image's (out.xyz, out.txt): a file meant, and restore would make a folder of that name."""
+    suffix = Path(out).suffix.lower()
+    return (re.fullmatch(r"\.[a-z][a-z0-9]{1,4}", suffix) is not None and suffix not in IMAGE_SUFFIXES
+            and not as_folder(out) and not Path(out).exists())
 
 
 def as_folder(out: str | Path) -> bool:
