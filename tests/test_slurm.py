@@ -222,6 +222,30 @@ def test_the_launcher_waits_for_the_checkpoint_until_slurm_kills(tmp_path):
     assert found and budget < int(found.group(1)) < lead, found
 
 
+def test_the_rendezvous_port_is_the_next_free_one_where_another_job_holds_it():
+    """Two jobs whose ids are 14000 apart start from the same port on a shared first node: the second takes the
+    next port this node can bind (wrapping within 15000-28999), not a rendezvous that fails on a port in use."""
+    import socket
+
+    def port_of(start: int) -> int:
+        shell = f'PYTHON={sys.executable}; source launch/slurm/common.sh; dd_free_port {start}'
+        done = subprocess.run(["bash", "-c", shell], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout)
+
+    with socket.socket() as held:
+        for start in range(15000 + os.getpid() % 13000, 29000):  # one this machine has free, held as a job's store
+            try:
+                held.bind(("", start))
+                break
+            except OSError:
+                continue
+        held.listen()
+        assert port_of(start) > start
+    assert port_of(start) == start  # free again: the job's own port
+    assert 15000 <= port_of(28999 + 14000 * 3) <= 28999  # job ids far up wrap into the range
+
+
 def _step_stopped_by_usr1(tmp_path: Path, step_exit: int, scancel_after: str = "", sig: str = "USR1",
                           job: str = "SLURM_JOB_ID=7") -> subprocess.CompletedProcess:
     """dd_run_step with stub srun/scancel/scontrol: ``sig`` arrives while the step runs; the step exits

@@ -65,6 +65,29 @@ dd_setup() {
   TRAIN=(-m dist_dejpeg.cli train --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"})
 }
 
+# dd_free_port START: START, else the next port up (wrapping within 15000-28999) that this node can bind; the
+# batch shell runs on the allocation's first node, which hosts the rendezvous: another job there may hold START
+# (job ids 14000 apart share it).
+dd_free_port() {
+  "$PYTHON" - "$1" <<'PY'
+import socket
+import sys
+
+start = int(sys.argv[1]) - 15000
+for i in range(14000):
+    port = 15000 + (start + i) % 14000
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            continue
+    print(port)
+    break
+else:
+    sys.exit("error: no free port in 15000-28999 on this node for the rendezvous: set MAIN_PROCESS_PORT")
+PY
+}
+
 dd_on_signal() {
   [ "$1" = USR1 ] && DD_REQUEUE=1
   DD_STOPPED=1
