@@ -5,8 +5,8 @@ search of the output folder itself finds an earlier restore into it wrote (earli
 Restoring a folder into itself (``restore photos -o photos``) and then again, after new photos came in, must not
 restore the first run's outputs as new photos (photo.png restored again into photo.png.png, each run adding a
 layer): a search of the output folder leaves alone the files restore wrote (save_image marks each with EXIF
-Software "dist-dejpeg restore", as image editors name themselves: jpeg/formats.py's written_by_restore) and the inputs it passed through byte for
-byte under their output names (--format same with --suffix). A photo that merely shares an output's name is
+Software "dist-dejpeg restore", as image editors name themselves: jpeg/formats.py's written_by_restore) and the
+inputs it passed through byte for byte under their output names (--format same with --suffix). A photo that merely shares an output's name is
 still an input (photo.jpg and photo.png, both originals, keep their extensions in their outputs). An output
 folder inside a folder searched (-o photos/restored) is not searched at all; a file named by itself always counts.
 """
@@ -50,9 +50,8 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
     found, results, seen, in_out = [], [], set(), set()
     out = Path(out_dir).resolve() if out_dir is not None else None
 
-    def add(path: Path, rel: Path, searched: Path | None = None) -> None:
+    def add(path: Path, rel: Path, top: Path | None = None) -> None:  # top: the folder searched, resolved
         key = path.resolve()
-        top = searched.resolve() if searched is not None and out is not None else None
         if top is not None and out != top and out.is_relative_to(top) and key.is_relative_to(out):
             return
         if key not in seen:
@@ -64,11 +63,11 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = images_in(path)
+            files, top = images_in(path), path.resolve() if out is not None else None
             if not files:
                 results.append(RestoreResult(item, error=f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder"))
             for p in files:
-                add(p, p.relative_to(path), path)
+                add(p, p.relative_to(path), top)
         elif path.is_file():
             add(path, Path(path.name))
         else:
@@ -76,8 +75,9 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
             if not matches:
                 results.append(RestoreResult(item, error="no such file, and no file matches it as a glob"))
             prefix = glob_prefix(item)
+            top = prefix.resolve() if out is not None else None
             for p in matches:
-                add(p, below(p, prefix), prefix)
+                add(p, below(p, prefix), top)
     earlier = earlier_outputs(found, in_out, out, fmt, suffix) if in_out else set()
     results += [RestoreResult(str(found[i][0]), earlier=True) for i in sorted(earlier)]
     return [f for i, f in enumerate(found) if i not in earlier], results
