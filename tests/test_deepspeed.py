@@ -72,6 +72,43 @@ def test_zero2_two_processes_match_ddp_and_resume(tmp_path, sample_shards, ddp_t
         assert not diff, f"{model}: {diff[:5]}"
 
 
+def test_a_deepspeed_engine_runs_its_model_in_bf16_where_autocast_is_on_outside(monkeypatch):
+    """DeepSpeed's engine forward (autocast_if_enabled) switches autocast off inside where its config has no
+    torch_autocast section and autocast is on outside, as the steps' is on CUDA: the generator ran in fp32 there.
+    Its forward autocasts itself (zero.autocast_forward): bf16 inside, fp32 out, as DDP's prepared model. The CPU
+    answers torch.is_autocast_enabled() False (it asks about CUDA): CUDA's answer emulated here."""
+    import deepspeed.runtime.torch_autocast as ds_autocast
+
+    from dist_dejpeg.train.zero import autocast_forward
+
+    class Engine:  # the project's DeepSpeed config: no torch_autocast section
+        def torch_autocast_enabled(self):
+            return False
+
+    def inner_dtype(model):
+        seen = []
+        handle = model[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        real = torch.is_autocast_enabled
+        monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: real(*a) if a else real("cpu"))
+        monkeypatch.setattr(ds_autocast, "_WARNED_NESTED_AUTOCAST", True)  # (its warning asks the process group)
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16), ds_autocast.autocast_if_enabled(Engine()):
+                out = model(torch.randn(2, 3, 8, 8))
+        finally:
+            monkeypatch.undo()
+            handle.remove()
+        return seen[0], out.dtype
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    assert inner_dtype(model) == (torch.float32, torch.float32)  # the engine's autocast off: fp32 throughout
+    autocast_forward(model, "cpu")
+    assert inner_dtype(model) == (torch.bfloat16, torch.float32)
+    copied = __import__("copy").deepcopy(model)  # bound to its module: a copy runs its own weights
+    torch.nn.init.zeros_(copied[0].weight)
+    torch.nn.init.zeros_(copied[0].bias)
+    assert not copied(torch.randn(1, 3, 8, 8)).any()
+
+
 def test_deepspeed_stage_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="ZeRO-3.*raw module"):
         load_config(None, ["train.deepspeed_stage=3"])

@@ -8,8 +8,7 @@ DeepSpeed engine per model), the models, their optimizers and the LPIPS networks
     innermost_optimizer(opt)            # the torch AdamW under Accelerate's and DeepSpeed's optimizer wrappers
 
 ``train.deepspeed_stage`` 1 or 2 (or an ``accelerate launch`` DeepSpeed config, whose stage must agree)
-selects Accelerate's multi-model DeepSpeed: one plugin per model, "gen" and, when a phase trains it,
-"critic", prepared one after the other. Otherwise a plain Accelerator with the run's mixed precision and
+selects Accelerate's multi-model DeepSpeed (train/zero.py). Otherwise a plain Accelerator with the run's mixed precision and
 gradient accumulation. Config errors name the config key. Nothing here changes the config it is given.
 """
 
@@ -18,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,7 +27,7 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
 
-from dist_dejpeg.config import CUDAGRAPH_MODES, Config, ConfigError, ModelConfig, PhaseConfig, clip_norms
+from dist_dejpeg.config import CUDAGRAPH_MODES, Config, ConfigError, ModelConfig, PhaseConfig
 from dist_dejpeg.data import ensure_samples
 from dist_dejpeg.models.critic import build_critic
 from dist_dejpeg.models.generator_file import load_model, model_config_at, resolve_model_path
@@ -47,6 +45,8 @@ from dist_dejpeg.train.library_warnings import silence_library_warnings
 from dist_dejpeg.train.run_log import LOG_FORMAT
 from dist_dejpeg.train.phases import generator_updates, trains_critic, uses_lpips
 from dist_dejpeg.train.resume import GENERATOR_SHAPE_KEYS
+from dist_dejpeg.train.zero import (deepspeed_accelerator, launcher_deepspeed_stage, prepare_engines,
+                                    training_autocast)
 
 log = logging.getLogger("dist_dejpeg")
 
@@ -73,7 +73,7 @@ def build_accelerator(cfg: Config) -> tuple[Accelerator, Config]:
         precision = "no"
     # a dead or stuck rank fails every collective after this long instead of hanging
     timeout = timedelta(seconds=t.dist_timeout_s)
-    launched = _launcher_deepspeed_stage()
+    launched = launcher_deepspeed_stage()
     if launched is not None:
         stage = stage or launched
         if stage != launched or launched not in (1, 2):
@@ -114,6 +114,10 @@ def _model_from(model: ModelConfig) -> ModelConfig:
     return dataclasses.replace(model, pretrained=source.pretrained, encoder_weights="")
 
 
+def _deepspeed_accelerator(cfg: Config, cpu: bool, timeout: timedelta) -> Accelerator:
+    return deepspeed_accelerator(cfg, cpu, timeout, _tracking(cfg))
+
+
 def _tracking(cfg: Config) -> dict:
     """Accelerate's experiment trackers (train.log_with), checked before anything else starts."""
     from dist_dejpeg.train.monitor import check_trackers, tracker_objects
@@ -122,75 +126,6 @@ def _tracking(cfg: Config) -> dict:
     run_dir = Path(cfg.train.run_dir)
     # (none: None, not []: Accelerate warns that "no supported trackers are installed" of an empty list)
     return {"log_with": tracker_objects(list(cfg.train.log_with), run_dir) or None, "project_dir": str(run_dir)}
-
-
-def _launcher_deepspeed_stage() -> int | None:
-    """The ZeRO stage when `accelerate launch` was given a DeepSpeed config (launch/accelerate/
-    deepspeed_zero2.yaml). Its ACCELERATE_DEEPSPEED_* settings are dropped: the trainer's two per-model
-    plugins carry the whole DeepSpeed config, and Accelerate refuses the mix of both."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("1", "true", "yes"):
-        return None
-    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
-    dropped = ("ACCELERATE_CONFIG_DS_FIELDS", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "ACCELERATE_GRADIENT_CLIPPING")
-    for key in [k for k in os.environ if k.startswith("ACCELERATE_DEEPSPEED_") or k in dropped]:
-        del os.environ[key]
-    return stage
-
-
-def deepspeed_config(cfg: Config, world: int, max_grad_norm: float) -> dict:
-    """One model's DeepSpeed config. Parameters stay fp32 (the steps autocast to bf16 themselves: DeepSpeed's
-    own bf16 casts parameters but not batch-norm buffers and wants bf16 inputs); no "optimizer" key, so the
-    trainer's AdamW is used; the engine divides by and steps after grad_accum micro-steps."""
-    t = cfg.train
-    return {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "train_batch_size": cfg.data.batch_size * t.grad_accum * world,  # explicit: no loader is prepared
-        "gradient_accumulation_steps": t.grad_accum,
-        "zero_optimization": {"stage": t.deepspeed_stage},
-        "gradient_clipping": float(max_grad_norm),  # 0.0: off (left out, or "auto", DeepSpeed clips at 1.0)
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
-        "steps_per_print": 10**9,
-    }
-
-
-def _deepspeed_accelerator(cfg: Config, cpu: bool, timeout: timedelta) -> Accelerator:
-    """Accelerate's multi-model DeepSpeed: one plugin (one engine) per model, "gen" selected by default."""
-    try:
-        import deepspeed.ops
-        from accelerate.utils import DeepSpeedPlugin
-    except ImportError:
-        raise ConfigError("config key 'train.deepspeed_stage': DeepSpeed is not installed; "
-                          "pip install -e '.[deepspeed]' (or set train.deepspeed_stage=0)") from None
-    if cfg.train.cpu and torch.cuda.is_available():
-        # Accelerator(cpu=True) silently turns DeepSpeed off
-        raise ConfigError("config keys 'train.cpu'/'train.deepspeed_stage': DeepSpeed on the CPU of a GPU machine is "
-                          "not supported; hide the GPUs (CUDA_VISIBLE_DEVICES=) or set train.cpu=false")
-    if "LOCAL_RANK" not in os.environ:  # (Accelerate sets DeepSpeed's process group up only under a launcher)
-        raise ConfigError("config key 'train.deepspeed_stage': DeepSpeed needs a launcher, even for one process: "
-                          "torchrun --nproc-per-node N -m dist_dejpeg.cli train ... (train.processes=N does it for "
-                          "N > 1), or accelerate launch; or train.deepspeed_stage=0 (ZeRO partitions nothing over one)")
-    ops = getattr(deepspeed.ops, "__compatible_ops__", None)  # (DeepSpeed's registry of ops it may build)
-    if cpu and isinstance(ops, dict):  # gloo does the collectives: not the shared-memory op, g++-built at start (~80 s)
-        ops["deepspeed_shm_comm"] = False
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by the launcher; train_batch_size must be explicit
-    norms = clip_norms(cfg.train)
-    phases = [cfg.train.phases[name] for name in cfg.train.order]
-    plugins = {"gen": DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world, norms["gen"]))}
-    if any(trains_critic(p) for p in phases):
-        plugins["critic"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world, norms["critic"]))
-    group = InitProcessGroupKwargs(backend="gloo", timeout=timeout) if cpu else InitProcessGroupKwargs(timeout=timeout)
-    acc = Accelerator(
-        cpu=False,  # cpu=True (or ACCELERATE_USE_CPU=1) disables DeepSpeed; without a GPU it runs on the CPU
-        mixed_precision="no",  # the run's bf16 is applied by autocast in the steps (Trainer.autocast)
-        gradient_accumulation_steps=cfg.train.grad_accum,  # the engines' (Accelerate warns of any other)
-        deepspeed_plugins=plugins,
-        kwargs_handlers=[group],
-        **_tracking(cfg),
-    )
-    if acc.num_processes != world:
-        raise RuntimeError(f"DeepSpeed: {acc.num_processes} processes, but WORLD_SIZE said {world}")
-    return acc
 
 
 def setup_logging(accelerator: Accelerator, level: str = "info") -> None:
@@ -289,15 +224,7 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
         for model in models:
             compile_model(model, t.compile_mode)
     if deepspeed:
-        # One engine per model, each prepared under its own plugin; the order (gen, then critic) must be
-        # the same when a checkpoint is saved and loaded.
-        prepared = list(acc.prepare(models[0], optimizers[0]))
-        if critic is not None:
-            acc.state.select_deepspeed_plugin("critic")
-            # (Accelerate warns that accelerator.backward reaches the first engine only: the steps use each engine's)
-            with _without_warnings("accelerate.accelerator"):
-                prepared += acc.prepare(models[1], optimizers[1])
-            acc.state.select_deepspeed_plugin("gen")
+        prepared = prepare_engines(acc, models, optimizers, t.mixed_precision)
     else:
         prepared = list(acc.prepare(*[x for pair in zip(models, optimizers) for x in pair]))
     generator, g_opt, critic, c_opt = prepared + [None] * (4 - len(prepared))
@@ -317,28 +244,6 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
     autocast = training_autocast(acc, deepspeed, t.mixed_precision)
     return Parts(generator, g_opt, critic, c_opt, lpips, metric_lpips, autocast, deepspeed, fused, sync_every,
                  cudagraphs)
-
-
-@contextlib.contextmanager
-def _without_warnings(logger: str):
-    quiet = logging.getLogger(logger)
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        quiet.setLevel(level)
-
-
-def training_autocast(acc: Accelerator, deepspeed: bool, mixed_precision: str) -> Callable[[], ContextManager]:
-    """The training autocast. DDP: Accelerate's (from train.mixed_precision). DeepSpeed: the engines keep fp32
-    parameters and the Accelerator runs with mixed_precision="no", so bf16 is a plain torch.autocast."""
-    if not deepspeed:
-        return acc.autocast
-    if mixed_precision == "bf16":
-        device = acc.device.type
-        return lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 @contextlib.contextmanager
