@@ -100,6 +100,43 @@ def test_a_skipped_step_leaves_the_ema_alone(device):
         assert torch.allclose(p, 0.9 * before[k] + 0.1 * 3.0)
 
 
+def test_an_fp16_step_the_grad_scaler_skipped_leaves_the_ema_alone_with_a_fused_adamw():
+    """fp16 on CUDA: the fused AdamW takes GradScaler's skip flag into its kernel, so its step is always called
+    and Accelerate's step_was_skipped stays False; the EMA averaged towards the unchanged weights at every
+    overflow. The scale the update backed off says it (a device flag): emulated with the CPU's GradScaler."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from dist_dejpeg.train.steps import _update
+
+    acc = Accelerator(cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # (Accelerate gives the CPU no fp16 scaler)
+    live = nn.Linear(3, 2)
+    model, opt = acc.prepare(live, torch.optim.AdamW(live.parameters(), lr=0.1, fused=True))
+    ema = GeneratorEma(live, 0.5, warmup=False)
+    batches = iter([{"x": torch.randn(4, 3)}] * 4)
+
+    def step(overflow: bool) -> SimpleNamespace:
+        hook = live.weight.register_hook(lambda g: g * float("inf")) if overflow else None
+        before = live.weight.detach().clone(), ema.ema.module.weight.clone()
+        _update(acc, model, opt, batches, 1, lambda b: {"l": model(b["x"]).square().mean()}, {"l": 1.0}, "gen",
+                1.0, autocast=contextlib.nullcontext)
+        ema.update(live, opt)
+        if hook is not None:
+            hook.remove()
+        return SimpleNamespace(moved=not torch.equal(before[0], live.weight),
+                               averaged=not torch.equal(before[1], ema.ema.module.weight))
+
+    taken = step(False)  # (the EMA now lags the live weights: averaging towards them would move it)
+    assert taken.moved and taken.averaged and acc.scaler.get_scale() == 2.0**10
+    overflow = step(True)
+    assert opt.step_was_skipped is False  # Accelerate cannot tell: the fused step ran (as a no-op)
+    assert not overflow.moved and acc.scaler.get_scale() == 2.0**9
+    assert not overflow.averaged
+
+
 def test_the_update_reads_nothing_back_and_copies_no_buffer():
     """Issue 24, no host syncs in the step: with the deferred checks' device flag as the skip signal, the EMA update
     makes no host read (no .item(), which on a GPU waits for it) and no per-buffer copy; a few multi-tensor ops."""

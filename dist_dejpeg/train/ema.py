@@ -57,10 +57,15 @@ def warmup_decay(decay: float, t: int, warmup: bool = True) -> float:
 
 def step_skipped(optimizer) -> bool | torch.Tensor:
     """Whether the optimizer step just taken was skipped: True (fp16's GradScaler through Accelerate, DeepSpeed's
-    overflow), a device float 1.0/0.0 (the deferred finite checks' ``found_inf``), or False."""
+    overflow), a device float 1.0/0.0 (fp16's scale backed off, steps.py's ``scaler_skipped``, the one sign of a
+    fused AdamW's skip; the deferred finite checks' ``found_inf``), or False."""
     if getattr(optimizer, "step_was_skipped", False) is True:
         return True
-    found_inf = getattr(innermost_optimizer(optimizer), "found_inf", None)
+    inner = innermost_optimizer(optimizer)
+    backed_off = getattr(inner, "scaler_skipped", None)  # (with a GradScaler there is no found_inf left)
+    if isinstance(backed_off, torch.Tensor):
+        return backed_off.float()
+    found_inf = getattr(inner, "found_inf", None)
     return found_inf if isinstance(found_inf, torch.Tensor) else False
 
 

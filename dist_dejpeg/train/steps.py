@@ -186,6 +186,14 @@ def _skip_update_if_nonfinite(accelerator: Accelerator, model, optimizer, norm) 
     return found_inf
 
 
+def _loss_scale(accelerator: Accelerator) -> torch.Tensor | None:
+    """fp16's loss scale before a step (a device copy: no host read), or None without a GradScaler. A fused AdamW
+    takes GradScaler's skip flag into its kernel and so is always stepped: Accelerate's ``step_was_skipped``
+    (a step never called) stays False, and only a scale backed off by the update tells a skipped step."""
+    scale = getattr(accelerator.scaler, "_scale", None)
+    return scale.clone() if isinstance(scale, torch.Tensor) else None
+
+
 def _update(accelerator: Accelerator, model, optimizer, batches: Iterator[dict], grad_accum: int,
             loss_fn: Callable[[dict], dict], weights: dict, what: str, max_grad_norm: float,
             autocast: Callable[[], ContextManager] | None = None, deepspeed: bool = False,
@@ -225,7 +233,10 @@ def _update(accelerator: Accelerator, model, optimizer, batches: Iterator[dict],
                     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
                 if flags is not None and accelerator.sync_gradients:
                     skipped = _skip_update_if_nonfinite(accelerator, model, optimizer, norm)
+                scale = _loss_scale(accelerator)
                 optimizer.step()
+                if scale is not None:  # fp16: GradScaler skipped the step where it backed its scale off
+                    innermost_optimizer(optimizer).scaler_skipped = accelerator.scaler._scale < scale
                 optimizer.zero_grad(set_to_none=True)
         for k, v in parts.items():
             logged[f"{what}/{k}"] = logged.get(f"{what}/{k}", 0) + v.detach() / grad_accum
