@@ -281,6 +281,37 @@ def test_saving_a_step_again_keeps_the_old_folder_until_the_new_one_is_in_place(
     assert json.loads((first / TRAINER_STATE).read_text())["phase_index"] == 1, "the complete one set aside"
 
 
+def test_an_fp16_run_resumes_a_checkpoint_written_without_a_loss_scale(tmp_path):
+    """fp16 resuming a bf16 or fp32 checkpoint (build.py's advice on a GPU without bf16): Accelerate's load_state
+    wanted a scaler.pt the checkpoint never had, and said "resume from an older one", which has none either. It
+    resumes from GradScaler's initial scale; the checkpoint's weights are loaded. (Emulated on the CPU, to which
+    Accelerate gives no fp16 scaler.)"""
+    from accelerate import Accelerator
+
+    from dist_dejpeg.train.checkpoint import load_checkpoint
+
+    torch.manual_seed(0)
+    saved = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    saved.prepare(model, torch.optim.AdamW(model.parameters(), fused=True))
+    saved.save_state(str(tmp_path / "ckpt"))
+    (tmp_path / "ckpt" / TRAINER_STATE).write_text(json.dumps({"global_step": 4}))
+    assert not (tmp_path / "ckpt" / "scaler.pt").exists()
+    reset()
+    fp16 = Accelerator(cpu=True)
+    fp16.scaler = scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    other = torch.nn.Linear(3, 2)
+    fp16.prepare(other, torch.optim.AdamW(other.parameters(), fused=True))
+    assert load_checkpoint(fp16, tmp_path / "ckpt")[0] == {"global_step": 4}
+    assert torch.equal(other.weight, model.weight) and fp16.scaler is scaler and scaler.get_scale() == 2.0**12
+    scaler.scale(torch.ones(()))  # (its scale is made at the first use)
+    scaler.update(2.0**7)
+    fp16.save_state(str(tmp_path / "ckpt"))  # one written in fp16 has it, and it is loaded
+    fp16.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    load_checkpoint(fp16, tmp_path / "ckpt")
+    assert fp16.scaler.get_scale() == 2.0**7
+
+
 def test_resume_across_deepspeed_and_ddp_or_process_counts_is_a_config_error(tmp_path):
     """A DeepSpeed checkpoint (an engine folder, the optimizer partitioned per process) under train.deepspeed_stage=0
     or another process count, and a DDP one under DeepSpeed: a ConfigError saying why, before either library

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from accelerate.utils.constants import SCALER_NAME
 from safetensors.torch import load_file, save_file
 
 from dist_dejpeg.config import ConfigError
@@ -44,6 +46,8 @@ from dist_dejpeg.run.layout import (ABANDONED_PREFIX, CONFIG, PARTIAL_PREFIX, ST
 from dist_dejpeg.run.manifest import fsync_dirs, fsync_own_files, write_manifest
 from dist_dejpeg.train.collective import all_ranks_or_raise
 from dist_dejpeg.train.launch import LAUNCHER_PID, already_launched
+
+log = logging.getLogger("dist_dejpeg")
 
 FINAL_STAGE = "during the final validation"  # (StopSignals.at_once: train/final.py)
 REPLACED = ".replaced"  # + a partial name: a complete checkpoint set aside while its step is saved again
@@ -141,6 +145,14 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, d
     if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"not a complete checkpoint (no trainer_state.json): {path}")
     check_deepspeed_layout(path, accelerator.distributed_type == DistributedType.DEEPSPEED, accelerator.num_processes)
+    # a checkpoint written in bf16 or fp32 has no fp16 loss scale (Accelerate's load_state would fail on the missing
+    # scaler.pt): an fp16 run continuing it starts from GradScaler's initial scale, as at its first step
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and not (path / SCALER_NAME).is_file():
+        if accelerator.is_main_process:
+            log.info("resuming %s: it has no fp16 loss scale (written in bf16 or fp32); starting from %g", path,
+                     scaler.get_scale())
+        accelerator.scaler = None
     try:
         accelerator.load_state(str(path))
     except Exception as err:  # a raw "size mismatch" or a truncated file's parse error: say what it means
@@ -151,6 +163,9 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, d
                               f"with") from err
         raise CheckpointError(f"resuming {path}: the checkpoint cannot be loaded ({type(err).__name__}: "
                               f"{first[:300]}); resume from an older one (--resume <folder>)") from err
+    finally:
+        if scaler is not None:
+            accelerator.scaler = scaler
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
     loader_file = path / loader_state_name(accelerator.process_index)
     loader_state = json.loads(loader_file.read_text()) if loader_file.is_file() else None
