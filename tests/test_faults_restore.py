@@ -364,6 +364,15 @@ def test_a_16_bit_tiff_is_refused_as_a_16_bit_png_is(tmp_path, restorer):
     (result,) = restore_files(restorer, [str(tmp_path / "scan.tif")], tmp_path / "out", progress=False)
     assert result.output is None and "a 16-bit TIFF: JPEG is 8-bit" in result.error, result.error
     assert not (tmp_path / "out" / "scan.png").exists()
+    # a 16-bit P6 PPM (dcraw -4, a RAW converter's output): PIL opens it as 8-bit RGB too
+    h, w, _ = rgb16.shape
+    (tmp_path / "raw.ppm").write_bytes(f"P6\n{w} {h}\n65535\n".encode() + rgb16.astype(">u2").tobytes())
+    (tmp_path / "raw8.ppm").write_bytes(f"P6\n{w} {h}\n255\n".encode() + _photo().tobytes())
+    assert Image.open(tmp_path / "raw.ppm").mode == "RGB"
+    raw, raw8 = restore_files(restorer, [str(tmp_path / "raw.ppm"), str(tmp_path / "raw8.ppm")], tmp_path / "out",
+                              progress=False)
+    assert raw.output is None and "a 16-bit PPM: JPEG is 8-bit" in raw.error, raw.error
+    assert raw8.error is None, raw8.error
 
 def test_a_quoted_glob_finds_a_cameras_upper_case_suffixes(tmp_path, restorer):
     """'photos/*.jpg' finds IMG_0001.JPG as the folder search does (cameras write upper case); a name without

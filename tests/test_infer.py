@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -305,11 +306,17 @@ def test_an_output_file_restore_cannot_write_is_refused_not_made_a_folder(tmp_pa
         assert not (tmp_path / name).exists()
 
 
-def test_decompression_bomb_is_refused(tmp_path):
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     src = _write(tmp_path / "big.png", _png(Image.new("RGB", (300, 200))))
-    with pytest.raises(InputImageError, match="megapixels is over the limit"):
+    with pytest.raises(InputImageError, match=r"0\.06 megapixels is over the limit of 0\.05 "):
         load_image(src, max_pixels=50_000)
     assert load_image(src, max_pixels=60_000).rgb.shape == (200, 300, 3)
+    assert "of 0.001 " in str(pytest.raises(InputImageError, load_image, src, max_pixels=1000).value)
+    with warnings.catch_warnings():  # over PIL's own limit too: its warning is not shown beside the error
+        warnings.simplefilter("error")
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)
+        with pytest.raises(InputImageError, match="over the limit of 0.04 "):
+            load_image(src, max_pixels=40_000)
 
 
 def test_model_that_is_not_a_generator(tmp_path, capsys):

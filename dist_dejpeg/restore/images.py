@@ -90,6 +90,10 @@ def _bit_depth(img: Image.Image, path: Path) -> int:
     if img.format == "TIFF":
         bits = img.tag_v2.get(258, 8)
         return max(bits) if isinstance(bits, tuple) else int(bits)
+    if img.format == "PPM":  # a 16-bit P6 (dcraw -4, RAW converters) opens as RGB: its tile names the maxval
+        maxval = next((t.args[1] for t in img.tile if isinstance(t.args, tuple) and len(t.args) > 1
+                       and isinstance(t.args[1], int)), 255)
+        return max(8, int(maxval).bit_length())
     if img.format != "PNG":
         return 8
     with open(path, "rb") as f:
@@ -105,7 +109,9 @@ def pixel_limit(max_pixels: int):
     saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max(max_pixels, saved or 0)
     try:
-        yield
+        with warnings.catch_warnings():  # (PIL's warning above its limit: the size is checked, and said, here)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
     finally:
         Image.MAX_IMAGE_PIXELS = saved
 
@@ -232,8 +238,8 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
     with img:
         w, h = img.size
         if w * h > max_pixels:
-            raise InputImageError(f"{path}: {w} x {h} = {w * h / 1e6:.1f} megapixels is over the limit of "
-                                  f"{max_pixels / 1e6:.1f} (a decompression bomb?); raise it with --max-pixels")
+            raise InputImageError(f"{path}: {w} x {h} = {w * h / 1e6:.3g} megapixels is over the limit of "
+                                  f"{max_pixels / 1e6:.3g} (a decompression bomb?); raise it with --max-pixels")
         if (bits := _bit_depth(img, path)) > 8:
             raise InputImageError(f"{path}: a {bits}-bit {img.format}: JPEG is 8-bit, so this file never was a JPEG; "
                                   f"convert it to 8 bits first if it holds a decoded JPEG")
