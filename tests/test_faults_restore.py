@@ -156,6 +156,38 @@ def test_cmyk_is_converted_through_its_embedded_profile(tmp_path, restorer):
     assert out["gray_rgb_profile.png"].mode == "L" and "icc_profile" not in out["gray_rgb_profile.png"].info
 
 
+def gray_profile() -> bytes:
+    """A monitor GRAY profile (ICC v2: gamma 2.2 kTRC), as a grayscale scan or export carries."""
+    white = struct.pack(">iii", 63190, 65536, 54061)
+    tags = [(b"desc", b"desc" + bytes(4) + struct.pack(">I", 10) + b"test GRAY\0" + bytes(79)),
+            (b"wtpt", b"XYZ " + bytes(4) + white), (b"cprt", b"text" + bytes(4) + b"none\0"),
+            (b"kTRC", b"curv" + bytes(4) + struct.pack(">IH", 1, int(2.2 * 256)))]
+    table, data, start = b"", b"", 128 + 4 + 12 * len(tags)
+    for sig, body in tags:
+        data += bytes(-(start + len(data)) % 4)
+        table += sig + struct.pack(">II", start + len(data), len(body))
+        data += body
+    body = struct.pack(">I", len(tags)) + table + data
+    return (struct.pack(">I", 128 + len(body)) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntrGRAYXYZ " + bytes(12)
+            + b"acspAPPL" + bytes(24) + white + bytes(48) + body)
+
+
+def test_a_gray_profile_stays_with_gray_pixels_only(tmp_path, restorer):
+    """A grayscale JPEG's GRAY profile is kept where the output is grayscale (PNG, JPEG, TIFF); WebP has no gray
+    pixels (PIL writes them as RGB), and an RGB WebP tagged with a GRAY profile cannot be colour-managed."""
+    icc = gray_profile()
+    assert ImageCms.ImageCmsProfile(io.BytesIO(icc)).profile.xcolor_space.strip() == "GRAY"
+    Image.fromarray(_photo()[..., 0]).save(tmp_path / "scan.jpg", quality=30, icc_profile=icc)
+    outputs = {}
+    for fmt in ("png", "webp", "jpg"):
+        (result,) = restore_files(restorer, [str(tmp_path / "scan.jpg")], tmp_path / fmt, fmt=fmt, progress=False)
+        assert result.error is None, result.error
+        outputs[fmt] = Image.open(result.output)
+    assert outputs["png"].mode == "L" and outputs["png"].info.get("icc_profile") == icc
+    assert outputs["jpg"].info.get("icc_profile") == icc
+    assert outputs["webp"].mode == "RGB" and "icc_profile" not in outputs["webp"].info
+
+
 def _iptc_segment(**records: bytes) -> bytes:
     """An APP13 payload as Photoshop writes one: an IPTC-NAA resource (8BIM 0x0404) of application records."""
     tags = {"caption": 120, "copyright": 116}

@@ -345,6 +345,8 @@ def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = 
         options["xmp"] = xmp
     if comment and fmt == "JPEG":
         options["comment"] = comment
+    if icc_profile and fmt == "WEBP" and icc_space(icc_profile) == "GRAY":
+        icc_profile = None  # WebP has no gray pixels (PIL writes them as RGB), and an RGB image's gray profile breaks
     if icc_profile:
         options["icc_profile"] = icc_profile
     if dpi:
