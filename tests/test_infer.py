@@ -711,6 +711,32 @@ def test_a_transparent_colour_becomes_alpha_and_is_kept(mode, transparency):
     assert (alpha[:8] == 0).all() and (alpha[8:] == 255).mean() > 0.99
 
 
+def test_the_apis_save_keeps_what_restore_keeps(tmp_path):
+    """The README's API example: Restorer.restore then save_restored writes a PNG with the input's XMP, EXIF,
+    profile and comment, as the restore command does (Pillow's save(path, **info) drops XMP and the comment)."""
+    from PIL import ImageCms
+
+    from dist_dejpeg.jpeg.formats import written_by_restore
+    from dist_dejpeg.restore import save_restored
+
+    restorer = Restorer(Pointwise(), tile=0, guard=False)
+    XMP = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF/></x:xmpmeta>'
+    src = tmp_path / "camera.jpg"
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(_photo()).save(src, quality=30, xmp=XMP, icc_profile=icc, comment=b"Ann's")
+    restored = restorer.restore(str(src), 30)
+    restored.save(tmp_path / "pillow.png", **restored.info)
+    assert "xmp" not in Image.open(tmp_path / "pillow.png").info  # what the README showed before
+    for name in ("api.png", "api.webp", "api.jpg"):
+        save_restored(restored, tmp_path / name)
+        out = Image.open(tmp_path / name)
+        xmp = out.info.get("xmp")
+        assert (xmp.encode() if isinstance(xmp, str) else xmp) == XMP and out.info.get("icc_profile") == icc, name
+        assert written_by_restore(tmp_path / name), name
+    assert Image.open(tmp_path / "api.png").info.get("Comment") == "Ann's"
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "api.png")), np.asarray(restored))
+
+
 def test_the_api_says_what_it_takes(tmp_path, model_file):
     restorer = Restorer(Pointwise(), tile=0, guard=False)
     for call, error, match in ((lambda: Restorer(None), TypeError, "a path .* or a torch module"),

@@ -6,9 +6,10 @@ model on onnxruntime, torch-free), ``files`` (folders and globs into an output f
     from dist_dejpeg.restore import Restorer, open_restorer
     restorer = open_restorer("model.onnx", tile=512)   # OnnxRestorer: onnxruntime, torch never imported
     restorer = open_restorer("runs/debug")             # Restorer: PyTorch
+    save_restored(restorer.restore("photo.jpg"), "photo.png")   # with the photo's ICC, EXIF, XMP, as restore writes
 """
 
-__all__ = ["OnnxRestorer", "Restorer", "open_restorer"]
+__all__ = ["OnnxRestorer", "Restorer", "open_restorer", "save_restored"]
 
 
 def __getattr__(name):  # lazy, as dist_dejpeg's: importing this package imports no torch (the ONNX path)
@@ -39,3 +40,17 @@ def open_restorer(model, **kwargs):
                              f"(pip install -e . installs it); or export it to ONNX where PyTorch is (dist-dejpeg "
                              f"export --model {model} --onnx model.onnx) and restore with --model model.onnx") from None
     return Restorer(model, **kwargs)
+
+
+def save_restored(image, path, quality: int | None = None) -> None:
+    """Write a PIL image ``Restorer.restore`` returned as the ``restore`` command writes its files: in the format
+    ``path``'s suffix names (.png, .jpg, .webp, .tif; ``quality``: a jpg's or webp's), atomically, with the
+    input's ICC profile, EXIF, XMP, dpi and a JPEG's comment from ``image.info`` in every format (Pillow's
+    ``image.save(path, **image.info)`` drops the XMP and the comment from a PNG). Torch-free."""
+    from dist_dejpeg.restore.images import save_image, split_image
+
+    rgb, alpha, grayscale = split_image(image)
+    info = image.info
+    save_image(rgb, path, alpha=alpha, grayscale=grayscale, icc_profile=info.get("icc_profile"),
+               exif=info.get("exif"), quality=quality, dpi=info.get("dpi"), xmp=info.get("xmp"),
+               comment=info.get("comment"))
