@@ -13,7 +13,7 @@ from PIL import Image
 from dist_dejpeg.config import ModelConfig
 from dist_dejpeg.models.generator_file import load_generator, ready_for_inference, save_generator
 from dist_dejpeg.models.layers import SelfAttention
-from dist_dejpeg.restore.images import output_metadata
+from dist_dejpeg.restore.metadata import output_metadata
 from dist_dejpeg.restore.restorer import Restorer
 
 from test_infer import GAINS, TINY, Pointwise, _jpeg_bytes, _model, _photo, guarded_file  # noqa: F401 - a fixture

@@ -21,8 +21,8 @@ from PIL import Image
 from dist_dejpeg.jpeg.quality import estimate_quality
 from dist_dejpeg.models.names import GAIN_KEYS, read_gains
 from dist_dejpeg.restore.guard import Decision, decide
-from dist_dejpeg.restore.images import (jpeg_notes, join_image, load_image, output_dpi, output_metadata, output_xmp,
-                                        split_image, to_gray)
+from dist_dejpeg.restore.images import join_image, load_image, split_image, to_gray
+from dist_dejpeg.restore.metadata import jpeg_notes, output_dpi, output_metadata, output_xmp
 from dist_dejpeg.restore.tiling import NUMPY, Arrays, restore_tiled
 
 
