@@ -83,6 +83,8 @@ def pixel_limit(max_pixels: int):
     try:
         with warnings.catch_warnings():  # (PIL's warning above its limit: the size is checked, and said, here)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # a camera's malformed EXIF ("Corrupt EXIF data"): output_metadata drops what it cannot read
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
             yield
     finally:
         Image.MAX_IMAGE_PIXELS = saved
