@@ -529,6 +529,21 @@ def test_guard_trusts_a_gain_only_where_its_lower_bound_is_above_zero(guarded_fi
     assert not Restorer(guarded_file, device="cpu", tile=0).decide(20).passthrough  # by the mean, without bounds
 
 
+def test_a_quality_read_from_another_encoders_tables_needs_a_gain_up_to_its_error_above(guarded_file):
+    """Photoshop's, a camera's or flat tables read as an IJG-equivalent quality may be some qualities low (flat
+    8s read q89 are libjpeg's q92-93 by PSNR): the guard asks for a gain up to IJG_EQUIVALENT_ERROR higher, where
+    an exact libjpeg table is judged at its own quality; the model is still told the quality read."""
+    from dist_dejpeg.jpeg.quality import IJG_EQUIVALENT, IJG_EQUIVALENT_ERROR, estimate_from_tables
+
+    assert estimate_from_tables([[8] * 64, [8] * 64]).source == IJG_EQUIVALENT
+    restorer = Restorer(guarded_file, device="cpu", tile=0)  # gains: a gain up to q40, a loss at q60
+    exact, equivalent = restorer.decide(35, "file tables"), restorer.decide(35, IJG_EQUIVALENT)
+    assert not exact.passthrough and equivalent.passthrough and equivalent.quality == 35
+    assert f"q35 (IJG-equivalent, so up to q{35 + IJG_EQUIVALENT_ERROR})" in equivalent.reason
+    assert "-0.20 dB at q60" in equivalent.reason
+    assert not restorer.decide(10, IJG_EQUIVALENT).passthrough  # a gain at q10 and q16 alike
+
+
 def test_guard_summary_names_the_qualities_restore_acts_at_as_decide_judges_them():
     """The closing line of training (cli.py): which JPEG qualities restore will restore, from the same decide()
     every image goes through; a model validation found no sure gain for says restore will change nothing."""

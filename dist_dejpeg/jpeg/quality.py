@@ -76,6 +76,10 @@ MIN_RATIO = 1.8  # a first compression counts only with steps this many times th
 # Measured: single compressions 0.06-0.15, double 0.73-1.0 (benchmarks/experiments/quality_estimate.py).
 MIN_CONSISTENT = 0.6
 PIXELS, DOUBLE = "pixels", "pixels (double compressed)"
+IJG_EQUIVALENT = "file tables (IJG-equivalent)"
+# how far an IJG-equivalent quality may be from the libjpeg quality of the same luma PSNR: worst 6 over 10 photos
+# (benchmarks/RESULTS.md, quality_estimate.py); the guard asks for a gain up to that much higher (restore/guard.py)
+IJG_EQUIVALENT_ERROR = 6
 NO_JPEG = "no JPEG compression found in the pixels"
 
 
@@ -143,7 +147,7 @@ def estimate_from_tables(tables: dict[int, list[int]] | list) -> QualityEstimate
     fit = (np.log(luma) - np.log(own[0])[None]) ** 2 @ TABLE_WEIGHTS
     q, rng = _middle(np.flatnonzero(fit <= fit.min() + 1e-9) + 1)
     error = float(np.mean([np.abs(np.log(ref[q - 1]) - np.log(t)).mean() for ref, t in zip(refs, own)]))
-    return QualityEstimate(q, error=error, candidates=rng, source="file tables (IJG-equivalent)", table_quality=q,
+    return QualityEstimate(q, error=error, candidates=rng, source=IJG_EQUIVALENT, table_quality=q,
                            reason=f"another encoder's tables, IJG-equivalent q{q} (table error {error:.3f})")
 
 

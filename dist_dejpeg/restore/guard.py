@@ -8,6 +8,8 @@ An image whose quality is above the validated range is passed through, and so is
 qualities unless validation measured a gain at both (between a gain and a loss the harm can start anywhere:
 the gain is not interpolated across zero), or one at a validated quality without a gain (NaN included); so
 is one of unknown quality (no gain can be predicted for it) unless the guard is off, which restores it blind.
+A quality read from another encoder's tables (Photoshop, cameras, mozjpeg: their IJG-equivalent) may be a few
+qualities low (jpeg.quality.IJG_EQUIVALENT_ERROR): validation must show a gain up to that much higher, too.
 
 A gain counts where its lower bound (``lows``: the mean over the validation crops minus two standard errors,
 train/validation.py) is above zero, not its mean alone: a mean of +0.07 dB over crops of which a quarter lost
@@ -19,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from dist_dejpeg.jpeg.quality import IJG_EQUIVALENT, IJG_EQUIVALENT_ERROR
 
 
 @dataclass
@@ -73,16 +77,21 @@ def decide(gains: dict[int, float], quality: int | None, source: str = "given", 
         return Decision(quality, source)
     if not gains:
         return Decision(quality, source, reason="the model file holds no validated gains: restored unchecked")
+    # another encoder's tables read as an IJG quality: the truth may be up to IJG_EQUIVALENT_ERROR higher
+    upto = min(100, quality + IJG_EQUIVALENT_ERROR) if source == IJG_EQUIVALENT else quality
+    said = f"q{quality}" if upto == quality else f"q{quality} (IJG-equivalent, so up to q{upto})"
     gain = predicted_gain(gains, quality)
-    if gain is None:
-        return Decision(quality, source, True, f"q{quality} is above the validated qualities "
+    if gain is None or predicted_gain(gains, upto) is None:
+        return Decision(quality, source, True, f"{said} is above the validated qualities "
                                                f"(up to q{max(gains)}): passed through unchanged")
     low = lower_bounds(gains, lows)
-    losing = [q for q in _neighbours(gains, quality) if not low[q] > 0]  # NaN (a run that diverged) is harm too
+    around = sorted(set(_neighbours(gains, quality)) | set(_neighbours(gains, upto)))
+    losing = [q for q in around if not low[q] > 0]  # NaN (a run that diverged) is harm too
     if losing:
         measured = ", ".join(_measured(gains[q], low[q], q) for q in losing)
-        return Decision(quality, source, True, f"validation measured {measured}: q{quality} passed through unchanged")
-    return Decision(quality, source, reason=f"validation predicts {gain:+.2f} dB at q{quality}")
+        return Decision(quality, source, True, f"validation measured {measured}: {said} passed through unchanged")
+    return Decision(quality, source, reason=f"validation predicts {gain:+.2f} dB at q{quality}"
+                    + (f" ({predicted_gain(gains, upto):+.2f} dB at q{upto})" if upto != quality else ""))
 
 
 def guard_summary(gains: dict[int, float], lows: dict[int, float] | None = None) -> str:
