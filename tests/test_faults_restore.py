@@ -173,6 +173,39 @@ def gray_profile() -> bytes:
             + b"acspAPPL" + bytes(24) + white + bytes(48) + body)
 
 
+class Predicting(Identity):
+    """The identity, with the guard's prediction a real model's file gives: gain (dB, lower bound) and the
+    validation's JPEG PSNR at the quality."""
+
+    def __init__(self, gain: float, jpeg_psnr: float | None):
+        self.gain, self.jpeg_psnr = gain, jpeg_psnr
+
+    def restore_array(self, rgb, quality=None, source="given"):
+        out = super().restore_array(rgb, quality, source)
+        self.last_decision.gain, self.last_decision.jpeg_psnr = self.gain, self.jpeg_psnr
+        return out
+
+
+def test_a_lossy_output_whose_re_encoding_costs_more_than_restoring_gains_is_the_input(tmp_path):
+    """--format same (or jpg) writes the restored image as a q95 JPEG: at q85-q90 that re-encoding added more
+    error than restoring removed (-0.03 to -0.35 dB on 4 skimage photos). The input file is written instead,
+    said as a pass-through; where restoring removes more (q20: +0.7 dB predicted), the restored image is."""
+    photo = _photo(96, 128)
+    for q in (20, 90):
+        Image.fromarray(photo).save(tmp_path / f"q{q}.jpg", quality=q)
+    cases = {"q90.jpg": (Predicting(0.1, 37.0), True), "q20.jpg": (Predicting(0.7, 29.4), False),
+             "q20.jpg ": (Predicting(0.7, None), True)}  # a file without the JPEG PSNR: the input's tables estimate
+    for name, (restorer, written_as_input) in cases.items():
+        name = name.strip()
+        (result,) = restore_files(restorer, [str(tmp_path / name)], tmp_path / "out", fmt="same", progress=False)
+        same = Path(result.output).read_bytes() == (tmp_path / name).read_bytes()
+        assert same == written_as_input and result.passthrough == written_as_input, (name, result)
+        if written_as_input:
+            assert "re-encoding as JPEG would add more error than restoring removes" in result.note, result.note
+    (result,) = restore_files(Predicting(0.1, 37.0), [str(tmp_path / "q90.jpg")], tmp_path / "png", progress=False)
+    assert not result.passthrough  # a lossless output adds nothing: restored
+
+
 def test_a_gray_profile_stays_with_gray_pixels_only(tmp_path, restorer):
     """A grayscale JPEG's GRAY profile is kept where the output is grayscale (PNG, JPEG, TIFF); WebP has no gray
     pixels (PIL writes them as RGB), and an RGB WebP tagged with a GRAY profile cannot be colour-managed."""

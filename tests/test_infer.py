@@ -544,6 +544,18 @@ def test_a_quality_read_from_another_encoders_tables_needs_a_gain_up_to_its_erro
     assert not restorer.decide(10, IJG_EQUIVALENT).passthrough  # a gain at q10 and q16 alike
 
 
+def test_a_restoring_decision_carries_the_sure_gain_and_the_jpeg_psnr_a_lossy_output_is_weighed_by():
+    from dist_dejpeg.restore.guard import decide
+
+    gains, lows, jpeg = {10: 0.8, 30: 0.6, 90: 0.1}, {10: 0.7, 30: 0.4, 90: 0.05}, {10: 27.0, 30: 30.6, 90: 37.4}
+    d = decide(gains, 20, lows=lows, jpeg_psnr=jpeg)
+    assert not d.passthrough and d.gain == pytest.approx(0.55) and d.jpeg_psnr == pytest.approx(28.8)
+    assert decide(gains, 20, lows=lows).jpeg_psnr is None  # a file from before the JPEG PSNR was kept
+    assert decide(gains, 20, guard=False).gain is None  # unchecked: nothing to weigh
+    assert decide(gains, 84, "file tables (IJG-equivalent)", lows=lows, jpeg_psnr=jpeg).jpeg_psnr == \
+        pytest.approx(37.4)  # the higher quality's (q90): the smaller JPEG error
+
+
 def test_guard_summary_names_the_qualities_restore_acts_at_as_decide_judges_them():
     """The closing line of training (cli.py): which JPEG qualities restore will restore, from the same decide()
     every image goes through; a model validation found no sure gain for says restore will change nothing."""
@@ -577,7 +589,7 @@ def test_gain_tables_read_one_way_for_every_backend(guarded_file, tmp_path):
         with pytest.raises(ValueError, match="not a table of gains"):
             read_gains(bad)
     assert file_gains({"val_psnr_gain": "{not json", "val_psnr_gain_low": '{"10": 0.2}'}) == {
-        "val_psnr_gain": {}, "val_psnr_gain_low": {10: 0.2}}
+        "val_psnr_gain": {}, "val_psnr_gain_low": {10: 0.2}, "val_jpeg_psnr": {}}
     path = tmp_path / "generator.safetensors"
     save_file(load_file(str(guarded_file)), str(path), metadata={**read_metadata(guarded_file),
                                                                  "val_psnr_gain": "{truncated"})

@@ -69,6 +69,7 @@ def exported(tmp_path_factory):
     model, onnx_path = folder / "generator.safetensors", folder / "model.onnx"
     save_generator(_trained_like_generator(), CFG, model,
                    extra={"global_step": 7, "val_psnr_gain": json.dumps(GAINS), "val_psnr_gain_low": json.dumps(LOWS),
+                          "val_jpeg_psnr": json.dumps({10: 27.0, 90: 37.5}),
                           "train_shards": json.dumps({"train-000000.tar": "10240:0123456789abcdef"})})
     with contextlib.redirect_stdout(io.StringIO()) as out, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -118,6 +119,7 @@ def test_export_matches_pytorch_on_a_photo_at_two_sizes(exported, capsys):
     assert meta["source"] == str(model)
     assert {int(k): v for k, v in json.loads(meta["val_psnr_gain"]).items()} == GAINS
     assert {int(k): v for k, v in json.loads(meta["val_psnr_gain_low"]).items()} == LOWS
+    assert json.loads(meta["val_jpeg_psnr"]) == {"10": 27.0, "90": 37.5}  # (a lossy output's check: files.py)
     assert "quality" in meta["input"]
     # what the guard and the Restorer need, for any runtime: conditioned, the training step, the stride
     assert (meta["conditioned"], meta["global_step"], meta["pad_to"]) == ("true", "7", "8")

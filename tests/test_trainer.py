@@ -207,6 +207,7 @@ def test_end_to_end_writes_metrics_checkpoint_and_events(tmp_path, shards):
     meta = read_metadata(run / "generator.safetensors")
     lows = {q[1:]: metrics[q]["gain"]["psnr_low"] for q in ("q10", "q20", "q40")}
     assert json.loads(meta["val_psnr_gain_low"]) == lows
+    assert json.loads(meta["val_jpeg_psnr"]) == {q[1:]: metrics[q]["jpeg"]["psnr"] for q in ("q10", "q20", "q40")}
     # what it trained on, by which evaluate tells seen images from unseen ones
     assert json.loads(meta["train_shards"]) == {p.name: shard_fingerprint(p) for p in Path(shards).glob("train-*.tar")}
     import dist_dejpeg  # and the code that trained it: the version and, in a checkout, the commit

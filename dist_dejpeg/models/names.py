@@ -16,6 +16,9 @@ MIN_SIZE = 32  # the exported range's lower end: from 32 on, torch.export proves
 
 # the generator file's (and the export's) metadata keys of the validated RGB PSNR gain per quality and its lower bound
 GAIN_KEYS = ("val_psnr_gain", "val_psnr_gain_low")
+# the final validation's mean JPEG PSNR per quality: the JPEG error restoring starts from, which a lossy re-encoding
+# of the output must stay well under (restore/files.py: reencoding_outweighs)
+JPEG_PSNR = "val_jpeg_psnr"
 
 
 def read_gains(value) -> dict[int, float]:
@@ -34,7 +37,7 @@ def file_gains(meta: dict) -> dict[str, dict[int, float]]:
     """Both gain tables of a model file's metadata, each {} where it is missing or unreadable (files written before
     the guard, or by hand): the guard then says the file holds no validated gains."""
     tables = {}
-    for key in GAIN_KEYS:
+    for key in (*GAIN_KEYS, JPEG_PSNR):
         try:
             tables[key] = read_gains(meta.get(key))
         except ValueError:

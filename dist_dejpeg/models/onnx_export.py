@@ -16,9 +16,8 @@ the graph pads with reflect, which needs the pad (up to 31) below the size; PyTo
 tiny images, onnxruntime rejects them ("Pad reflect: post-pad exceeds maximum allowed"). Needs
 ``pip install -e '.[onnx]'``.
 
-What the guard needs is in the file's metadata_props, each a string: ``val_psnr_gain`` and ``val_psnr_gain_low``
-(JSON ``{quality: dB}``),
-``conditioned`` ("true"/"false"), ``encoder``, ``encoder_init``, ``global_step``, ``lpips``, ``pad_to``, ``model``
+What the guard needs is in the file's metadata_props, each a string: ``val_psnr_gain``, ``val_psnr_gain_low`` and
+``val_jpeg_psnr`` (JSON ``{quality: dB}``), ``conditioned`` ("true"/"false"), ``encoder``, ``encoder_init``, ``global_step``, ``lpips``, ``pad_to``, ``model``
 (the config as JSON), ``source``, ``train_shards`` (JSON ``{shard file name: size and hash of its start}``: what
 evaluate calls seen in training) and, exported from a checkpoint, ``train_shards_from`` (the folder they were read
 from, or "none: ..." and why); :func:`read_onnx_metadata` reads them back. ``dist-dejpeg restore --model
@@ -53,8 +52,8 @@ from torch.nn.utils import parametrize
 
 from dist_dejpeg.models.generator_file import TRAIN_SHARDS_FROM, ModelFileError, load_model, non_finite
 # the names and errors a runtime needs without torch (re-exported here under their old home)
-from dist_dejpeg.models.names import (INPUT, MIN_SIZE, ONNX_FORMAT, OUTPUT, QUALITY, TRAIN_SHARDS,  # noqa: F401
-                                      OnnxUnavailable, require_onnx)
+from dist_dejpeg.models.names import (INPUT, JPEG_PSNR, MIN_SIZE, ONNX_FORMAT, OUTPUT, QUALITY,  # noqa: F401
+                                      TRAIN_SHARDS, OnnxUnavailable, require_onnx)
 from dist_dejpeg.run.files import atomic_write_bytes, prove_writable
 
 # (batch, height, width) of the onnxruntime check: one size not a multiple of 32, a batch of 2, and one under the
@@ -207,6 +206,7 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
             "val_psnr_gain": json.dumps({str(k): v for k, v in (val_psnr_gain or {}).items()}),
             "val_psnr_gain_low": json.dumps({str(k): v for k, v in
                                              ((info or {}).get("val_psnr_gain_low") or {}).items()}),
+            JPEG_PSNR: json.dumps({str(k): v for k, v in ((info or {}).get(JPEG_PSNR) or {}).items()}),
             "conditioned": json.dumps(conditioned), "pad_to": str(exported.pad_to),
             "encoder_init": str((info or {}).get("encoder_init") or ("ImageNet" if cfg.get("pretrained") else
                                                                      "random init")),

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from dist_dejpeg.jpeg.quality import estimate_quality
-from dist_dejpeg.models.names import GAIN_KEYS, read_gains
+from dist_dejpeg.models.names import GAIN_KEYS, JPEG_PSNR, read_gains
 from dist_dejpeg.restore.guard import Decision, decide
 from dist_dejpeg.restore.images import join_image, load_image, split_image, to_gray
 from dist_dejpeg.restore.metadata import jpeg_notes, output_dpi, output_metadata, output_xmp
@@ -89,6 +89,7 @@ class ImageRestorer:
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
         self.guard = bool(guard)
         self.gains, self.lows = (read_gains(info.get(key)) for key in GAIN_KEYS)
+        self.jpeg_psnr = read_gains(info.get(JPEG_PSNR))  # (files from before it: {})
         self.lock = threading.Lock()  # one image through the model at a time: a backend's buffers are shared
         self.decisions = threading.local()
 
@@ -133,7 +134,7 @@ class ImageRestorer:
     # -- the guard ------------------------------------------------------------------------------------------
     def decide(self, quality: int | None, source: str = "given") -> Decision:
         """Restore or pass through an image of ``quality`` (None: unknown), found as ``source`` says."""
-        return decide(self.gains, quality, source, self.guard, self.lows)
+        return decide(self.gains, quality, source, self.guard, self.lows, self.jpeg_psnr)
 
     def broken(self, decision: Decision, count: int, of: int) -> None:
         self.last_decision = Decision(decision.quality, decision.source, True,

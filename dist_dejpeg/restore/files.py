@@ -26,7 +26,9 @@ loop (workers 0), which runs the same code with each task done at once.
 
 from __future__ import annotations
 
+import io
 import logging
+import math
 import os
 import re
 import time
@@ -35,11 +37,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+from PIL import Image, JpegImagePlugin
+
 from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, IMAGE_SUFFIXES, OUTPUT_SUFFIXES, output_format,
                                       save_options)
 from dist_dejpeg.jpeg.quality import DOUBLE, estimate_quality
-from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, pixel_limit, load_image,
-                                        output_complete, save_image)
+from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, join_image, load_image,
+                                        output_complete, pixel_limit, save_image)
 from dist_dejpeg.restore.inputs import RestoreResult, collect_inputs, output_names
 from dist_dejpeg.restore.base import ImageRestorer  # Restorer (PyTorch) or OnnxRestorer: no torch import here
 from dist_dejpeg.run.files import TEMP_NAME, atomic_write_bytes, is_disk_full, prove_writable
@@ -225,18 +230,29 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
                                   f"hold: {how}")
         return image, read_quality(result, image, quality)
 
-    def save(restored, image: LoadedImage, target: Path, path: Path, passthrough: bool) -> None:
+    def save(restored, image: LoadedImage, target: Path, path: Path, decision) -> str | None:
+        """Write the output; returns why it is the input unchanged after all (a lossy re-encoding), or None."""
         target.parent.mkdir(parents=True, exist_ok=True)
-        if passthrough and image.format == save_options(target.suffix)[0]:  # unchanged: the file, not a re-encode
+        fmt = save_options(target.suffix)[0]
+        if decision.passthrough and image.format == fmt:  # unchanged: the file, not a re-encode
             atomic_write_bytes(target, path.read_bytes())
-            return
-        save_image(restored, target, alpha=image.alpha, grayscale=image.grayscale, icc_profile=image.icc_profile,
-                   exif=image.exif, quality=output_quality, dpi=image.dpi, xmp=image.xmp, comment=image.comment,
-                   iptc=image.iptc)
+            return None
+        data = save_image(restored, target, alpha=image.alpha, grayscale=image.grayscale,
+                          icc_profile=image.icc_profile, exif=image.exif, quality=output_quality, dpi=image.dpi,
+                          xmp=image.xmp, comment=image.comment, iptc=image.iptc, encode_only=True)
+        gain = getattr(decision, "gain", None)
+        lossy = fmt == "JPEG" or (fmt == "WEBP" and output_quality is not None)
+        why = None
+        if lossy and image.format == fmt and not decision.passthrough and gain is not None:
+            why = reencoding_outweighs(restored, data, image, decision.quality, gain,
+                                       getattr(decision, "jpeg_psnr", None))
+        atomic_write_bytes(target, path.read_bytes() if why else data)
+        return why
 
     def saved(result: RestoreResult, target: Path, image: LoadedImage, future: Future) -> None:
         try:
-            future.result()
+            if why := future.result():
+                result.passthrough, result.note = True, why
         except RESTORE_ERRORS as err:
             result.error = error_text(err)
             if is_disk_full(err):
@@ -273,7 +289,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
                 decision = restorer.last_decision
                 result.passthrough, result.note = decision.passthrough, decision.reason
                 result.seconds = time.perf_counter() - start
-                encoding = pool.submit(save, restored, image, target, path, decision.passthrough)
+                encoding = pool.submit(save, restored, image, target, path, decision)
                 saves.append((result, target, image, encoding))
                 while len(saves) > workers:
                     saved(*saves.popleft())
@@ -286,6 +302,46 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
     return results
+
+
+def reencoding_outweighs(restored: np.ndarray, encoded: bytes, image: LoadedImage, quality: int, gain: float,
+                         jpeg_psnr: float | None = None) -> str | None:
+    """Why ``encoded`` (the restored image, in the input's lossy format: --format same, jpg) would be worse than
+    the input file itself, or None. Its error against the clean photo is the restored image's plus the
+    re-encoding's (``encoded`` against ``restored``, measured), and the restored image's is the JPEG's lowered
+    by ``gain`` dB (the guard's lower bound at ``quality``): restoring removes the JPEG's error times
+    1 - 10^(-gain/10), and the re-encoding must add less. The JPEG's error is the validation's at that quality
+    (``jpeg_psnr``, in generator files since 2026-12-07); for an older file, what the input's compression (its
+    tables and subsampling) costs the restored image, which is smoother than the photo, so that it errs towards
+    writing the input. On 4 skimage photos at q10-q90, a q95 re-encoding: every input written where the output
+    would have lost (q80-q90), every gain kept below (benchmarks/RESULTS.md)."""
+    written = join_image(restored, None, image.grayscale)
+    ref = np.asarray(written, np.float32)
+
+    def error(data: bytes) -> float:
+        return float(np.mean((np.asarray(Image.open(io.BytesIO(data)).convert(written.mode), np.float32) - ref) ** 2))
+
+    if jpeg_psnr is not None:
+        mse_j = 255.0**2 * 10 ** (-jpeg_psnr / 10)
+    else:
+        src = image.image
+        tables = getattr(src, "quantization", None) if src is not None and src.format in ("JPEG", "MPO") else None
+        options = ({"qtables": [tables[k] for k in sorted(tables)][:1 if image.grayscale else 2],
+                    "subsampling": max(JpegImagePlugin.get_sampling(src), 0)} if tables
+                   else {"quality": quality, "subsampling": 2})
+        buf = io.BytesIO()
+        written.save(buf, format="JPEG", **options)
+        mse_j = error(buf.getvalue())
+    mse_e = error(encoded)
+    if mse_e <= mse_j * (1 - 10 ** (-gain / 10)):
+        return None
+    return (f"re-encoding as {image.format} would add more error than restoring removes "
+            f"({_psnr(mse_e):.1f} dB PSNR of re-encoding against the {gain:+.2f} dB predicted at q{quality}): the "
+            f"input written unchanged")
+
+
+def _psnr(mse: float) -> float:
+    return 10 * math.log10(255**2 / mse) if mse > 0 else math.inf
 
 
 def read_quality(result: RestoreResult, image, quality: int | None) -> str:

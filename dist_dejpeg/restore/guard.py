@@ -33,6 +33,8 @@ class Decision:
     source: str  # "given", or estimate_quality's source ("file tables", "pixels", ...), or "unknown"
     passthrough: bool = False
     reason: str = ""
+    gain: float | None = None  # restored: the gain validation predicts (its lower bound, dB); None: unchecked
+    jpeg_psnr: float | None = None  # restored: the validation's JPEG PSNR there (None: the file holds none)
 
 
 def predicted_gain(gains: dict[int, float], quality: int) -> float | None:
@@ -60,10 +62,11 @@ def one_quality(quality) -> int:
 
 
 def decide(gains: dict[int, float], quality: int | None, source: str = "given", guard: bool = True,
-           lows: dict[int, float] | None = None) -> Decision:
+           lows: dict[int, float] | None = None, jpeg_psnr: dict[int, float] | None = None) -> Decision:
     """Restore or pass through an image of ``quality`` (None: unknown), found as ``source`` says, with a model
     whose validation measured ``gains`` ({quality: dB}; empty: restored unchecked) with lower bounds ``lows``
-    (the same keys; None or a missing key: the gain itself); ``guard`` False: always restore."""
+    (the same keys; None or a missing key: the gain itself); ``guard`` False: always restore. ``jpeg_psnr``: the
+    validation's JPEG PSNR per quality, given back at this quality (interpolated) with a restoring decision."""
     if quality is None:
         source = "unknown" if source in ("given", "") else source
         if guard:
@@ -90,8 +93,14 @@ def decide(gains: dict[int, float], quality: int | None, source: str = "given", 
     if losing:
         measured = ", ".join(_measured(gains[q], low[q], q) for q in losing)
         return Decision(quality, source, True, f"validation measured {measured}: {said} passed through unchanged")
+    sure = min(predicted_gain(low, quality), predicted_gain(low, upto))
+    psnr = None  # (at the higher quality where uncertain: the smaller JPEG error, towards writing the input)
+    if jpeg_psnr:
+        qs = sorted(jpeg_psnr)
+        psnr = float(np.interp(upto, qs, [jpeg_psnr[q] for q in qs]))
     return Decision(quality, source, reason=f"validation predicts {gain:+.2f} dB at q{quality}"
-                    + (f" ({predicted_gain(gains, upto):+.2f} dB at q{upto})" if upto != quality else ""))
+                    + (f" ({predicted_gain(gains, upto):+.2f} dB at q{upto})" if upto != quality else ""), gain=sure,
+                    jpeg_psnr=psnr if psnr is None or np.isfinite(psnr) else None)
 
 
 def guard_summary(gains: dict[int, float], lows: dict[int, float] | None = None) -> str:

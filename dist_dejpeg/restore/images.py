@@ -208,10 +208,10 @@ def output_complete(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> b
 def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = None, grayscale: bool = False,
                icc_profile: bytes | None = None, exif: bytes | None = None, quality: int | None = None,
                dpi: tuple[float, float] | None = None, xmp: bytes | None = None, comment: bytes | None = None,
-               iptc: tuple[bytes, ...] = ()) -> None:
+               iptc: tuple[bytes, ...] = (), encode_only: bool = False) -> bytes:
     """Write in the format ``path``'s suffix names, with its OUTPUT_FORMATS options (``quality``: jpg and webp
     at that quality), atomically: encoded first, then a temporary file renamed into place
-    (run.files.atomic_write_bytes). ``icc_profile``, ``exif`` and ``xmp`` (LoadedImage's) are embedded when
+    (run.files.atomic_write_bytes); the file's bytes are returned (``encode_only``: returned, not written). ``icc_profile``, ``exif`` and ``xmp`` (LoadedImage's) are embedded when
     given; in a JPEG, within its 64 KB per marker (see the module docstring). An alpha channel for a format that
     cannot hold one (JPEG) is an InputImageError, never dropped silently. ``dpi``: the pixel density written (a
     WebP has no field for it). ``comment`` and ``iptc`` (a JPEG input's, jpeg_notes): a JPEG gets both, a PNG the
@@ -253,4 +253,7 @@ def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = 
         options["dpi"] = dpi
     buf = io.BytesIO()
     join_image(rgb, alpha, grayscale).save(buf, format=fmt, **options)
-    atomic_write_bytes(path, with_app13(buf.getvalue(), iptc) if iptc and fmt == "JPEG" else buf.getvalue())
+    data = with_app13(buf.getvalue(), iptc) if iptc and fmt == "JPEG" else buf.getvalue()
+    if not encode_only:
+        atomic_write_bytes(path, data)
+    return data

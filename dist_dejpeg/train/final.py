@@ -9,6 +9,7 @@ import logging
 
 from dist_dejpeg import code_version
 from dist_dejpeg.models.generator_file import save_generator, training_shards
+from dist_dejpeg.models.names import JPEG_PSNR
 from dist_dejpeg.run.layout import GENERATOR, METRICS
 from dist_dejpeg.train.checkpoint import FINAL_STAGE
 from dist_dejpeg.train.collective import all_ranks_or_raise
@@ -20,10 +21,11 @@ log = logging.getLogger("dist_dejpeg")
 
 def guard_gains(results: dict) -> dict:
     """The generator file's metadata by which restore's guard decides: the RGB PSNR gain per validated quality
-    and its lower bound (as JSON strings: safetensors metadata holds strings)."""
+    and its lower bound, and the JPEG's PSNR there (as JSON strings: safetensors metadata holds strings)."""
     gains = {k[1:]: r["restored"]["psnr"] - r["jpeg"]["psnr"] for k, r in results.items()}
     lows = {k[1:]: r["gain"]["psnr_low"] for k, r in results.items()}
-    return {"val_psnr_gain": json.dumps(gains), "val_psnr_gain_low": json.dumps(lows)}
+    jpeg = {k[1:]: r["jpeg"]["psnr"] for k, r in results.items()}
+    return {"val_psnr_gain": json.dumps(gains), "val_psnr_gain_low": json.dumps(lows), JPEG_PSNR: json.dumps(jpeg)}
 
 
 def finish_run(trainer) -> dict:
