@@ -25,6 +25,8 @@ def restore_command(args: argparse.Namespace) -> int:
         args.usage_error("give the images to restore: files, folders or globs (as arguments or with -i)")
     fmt = "same" if args.format == "auto" else args.format
     one_file = names_a_file(args.out)  # photo.jpg: the output file, in its suffix's format
+    if args.out == "-":  # (a folder named "-" was made)
+        args.usage_error("-o -: restore writes image files, not to standard output; name an output folder or file")
     if any(sep in args.suffix for sep in ("/", "\\", "\0")):
         args.usage_error(f"--suffix {args.suffix!r} is added to file names: it cannot hold a / (name the output "
                          f"folder with -o)")

@@ -168,6 +168,9 @@ def test_restore_aliases_mean_the_native_options(tmp_path, monkeypatch, capsys):
     assert caught.value.code == 2 and "restore writes no .xyz files" in capsys.readouterr().err
     assert not (tmp_path / "out.xyz").exists()
     assert main(["restore", str(src / "x.jpg"), "-o", str(tmp_path / "out.v2") + "/", "--model", "m", "--quiet"]) == 0
+    with pytest.raises(SystemExit) as caught:  # stdout is no image file: not a folder named "-"
+        main(["restore", str(src / "x.jpg"), "-o", "-", "--model", "m"])
+    assert caught.value.code == 2 and "not to standard output" in capsys.readouterr().err and not Path("-").exists()
     parsed = build_parser().parse_args(["evaluate", "--model", "m", "--images", "p", "-o", "e", "--quality", "10", "20"])
     assert parsed.qualities == [10, 20]  # the old name, hidden
 

@@ -68,8 +68,8 @@ def _device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device {device!r}: {str(err).splitlines()[0]}") from None
+    except (RuntimeError, TypeError):  # (torch's message lists every device type it knows of)
+        raise ValueError(f"device {device!r}: not a device name; use cpu, cuda, cuda:N or auto") from None
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device.type == "cuda" and (device.index or 0) >= count:
         raise ValueError(f"device {device}: this machine has {count or 'no'} CUDA device{'s' * (count != 1)} "
