@@ -764,6 +764,13 @@ def test_the_apis_save_keeps_what_restore_keeps(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "api.png")), np.asarray(restored))
 
 
+def _animated() -> Image.Image:
+    buf = io.BytesIO()
+    frames = [Image.fromarray(np.full((16, 16, 3), v, np.uint8)) for v in (0, 255)]
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
 def test_the_api_says_what_it_takes(tmp_path, model_file):
     restorer = Restorer(Pointwise(), tile=0, guard=False)
     for call, error, match in ((lambda: Restorer(None), TypeError, "a path .* or a torch module"),
@@ -773,6 +780,7 @@ def test_the_api_says_what_it_takes(tmp_path, model_file):
                                (lambda: Restorer(Pointwise(), batch_size=0), ValueError, "at least 1 tile, got 0"),
                                (lambda: Restorer(Pointwise(), guard="no"), ValueError, "True or False, got 'no'"),
                                (lambda: restorer.restore_array([[1, 2]]), TypeError, "numpy array, not list"),
+                               (lambda: restorer.restore(_animated()), ValueError, r"an animated GIF \(2 frames\)"),
                                (lambda: restorer.restore_array(np.zeros((0, 10, 3), np.uint8), 20), ValueError, "not empty"),
                                (lambda: restorer.restore_tensor(torch.zeros(3, 0, 5), 20), ValueError, "not empty")):
         with pytest.raises(error, match=match):
