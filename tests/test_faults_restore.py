@@ -206,6 +206,25 @@ def test_a_lossy_output_whose_re_encoding_costs_more_than_restoring_gains_is_the
     assert not result.passthrough  # a lossless output adds nothing: restored
 
 
+def test_a_pngs_text_chunks_go_into_a_png_output(tmp_path, restorer):
+    """A PNG's Author, Copyright and Description (tEXt, and iTXt where Latin-1 cannot hold them) were dropped;
+    kept in a PNG output, its XMP still carried as XMP."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Author", "Ann Lee")
+    info.add_text("Copyright", "(c) 2024 Ann Lee, all rights reserved")
+    info.add_text("Description", "Łódź at dusk")  # not Latin-1: an iTXt chunk
+    xmp = XMP.replace(b' tiff:Orientation="6"', b"").decode()
+    info.add_itxt("XML:com.adobe.xmp", xmp)
+    Image.fromarray(_photo()).save(tmp_path / "scan.png", pnginfo=info)
+    (result,) = restore_files(restorer, [str(tmp_path / "scan.png")], tmp_path / "out", progress=False)
+    out = Image.open(result.output)
+    assert {k: out.text[k] for k in ("Author", "Copyright", "Description")} == {
+        "Author": "Ann Lee", "Copyright": "(c) 2024 Ann Lee, all rights reserved", "Description": "Łódź at dusk"}
+    assert out.text["XML:com.adobe.xmp"] == xmp  # once, as the XMP
+
+
 def test_a_gray_profile_stays_with_gray_pixels_only(tmp_path, restorer):
     """A grayscale JPEG's GRAY profile is kept where the output is grayscale (PNG, JPEG, TIFF); WebP has no gray
     pixels (PIL writes them as RGB), and an RGB WebP tagged with a GRAY profile cannot be colour-managed."""

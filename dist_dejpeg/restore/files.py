@@ -239,7 +239,8 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
             return None
         data = save_image(restored, target, alpha=image.alpha, grayscale=image.grayscale,
                           icc_profile=image.icc_profile, exif=image.exif, quality=output_quality, dpi=image.dpi,
-                          xmp=image.xmp, comment=image.comment, iptc=image.iptc, encode_only=True)
+                          xmp=image.xmp, comment=image.comment, iptc=image.iptc, text=image.text,
+                          encode_only=True)
         gain = getattr(decision, "gain", None)
         lossy = fmt == "JPEG" or (fmt == "WEBP" and output_quality is not None)
         why = None

@@ -19,7 +19,7 @@ import logging
 import os
 import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, DEFAULT_MAX_PIXELS, icc_space, rgb_image, save_options
 from dist_dejpeg.restore.metadata import (JPEG_MARKER_MAX, XMP_HEADER, fit_exif, jpeg_notes, marked, output_dpi,
-                                          output_metadata, output_xmp, tiff_with_exif, with_app13)
+                                          output_metadata, output_xmp, png_text, tiff_with_exif, with_app13)
 from dist_dejpeg.run.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class LoadedImage:
     dpi: tuple[float, float] | None = None  # the pixel density to write with the output (output_dpi)
     comment: bytes | None = None  # a JPEG's comment (COM) to write with the output (jpeg_notes)
     iptc: tuple[bytes, ...] = ()  # a JPEG's APP13 segments (IPTC in Photoshop resource blocks): jpeg_notes
+    text: dict[str, str] = field(default_factory=dict)  # a PNG's text chunks, for a PNG output (png_text)
 
 
 def _bit_depth(img: Image.Image, path: Path) -> int:
@@ -161,7 +162,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
         comment, iptc = jpeg_notes(img)
         return LoadedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, mode=mode, format=fmt, image=img,
                            icc_profile=icc, exif=exif, xmp=output_xmp(img), dpi=output_dpi(img), comment=comment,
-                           iptc=iptc)
+                           iptc=iptc, text=png_text(img))
 
 
 def _tiff_pages(img: Image.Image) -> int:
@@ -208,15 +209,16 @@ def output_complete(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> b
 def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = None, grayscale: bool = False,
                icc_profile: bytes | None = None, exif: bytes | None = None, quality: int | None = None,
                dpi: tuple[float, float] | None = None, xmp: bytes | None = None, comment: bytes | None = None,
-               iptc: tuple[bytes, ...] = (), encode_only: bool = False) -> bytes:
-    """Write in the format ``path``'s suffix names, with its OUTPUT_FORMATS options (``quality``: jpg and webp
-    at that quality), atomically: encoded first, then a temporary file renamed into place
-    (run.files.atomic_write_bytes); the file's bytes are returned (``encode_only``: returned, not written). ``icc_profile``, ``exif`` and ``xmp`` (LoadedImage's) are embedded when
-    given; in a JPEG, within its 64 KB per marker (see the module docstring). An alpha channel for a format that
-    cannot hold one (JPEG) is an InputImageError, never dropped silently. ``dpi``: the pixel density written (a
-    WebP has no field for it). ``comment`` and ``iptc`` (a JPEG input's, jpeg_notes): a JPEG gets both, a PNG the
-    comment as its "Comment" text; WebP and TIFF neither. Every output's EXIF Software names restore
-    (``marked``; a search of the output folder leaves such files alone: restore/inputs.py)."""
+               iptc: tuple[bytes, ...] = (), text: dict[str, str] | None = None, encode_only: bool = False) -> bytes:
+    """Write in the format ``path``'s suffix names, with its OUTPUT_FORMATS options (``quality``: jpg and webp at that
+    quality), atomically: encoded first, then a temporary file renamed into place (run.files.atomic_write_bytes);
+    the file's bytes are returned (``encode_only``: returned, not written). ``icc_profile``, ``exif`` and ``xmp``
+    (LoadedImage's) are embedded when given; in a JPEG, within its 64 KB per marker (see the module docstring). An
+    alpha channel for a format that cannot hold one (JPEG) is an InputImageError, never dropped silently. ``dpi``:
+    the pixel density written (a WebP has no field for it). ``comment`` and ``iptc`` (a JPEG input's, jpeg_notes): a
+    JPEG gets both, a PNG the comment as its "Comment" text; WebP and TIFF neither. ``text``: a PNG input's text
+    chunks, for a PNG. Every output's EXIF Software names restore (``marked``; a search of the output folder leaves
+    such files alone: restore/inputs.py)."""
     path = Path(path)
     try:
         fmt, options = save_options(path.suffix, quality)
@@ -235,8 +237,10 @@ def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = 
         options = tiff_with_exif(options, exif, xmp)
     elif exif:
         options["exif"] = exif
-    if fmt == "PNG" and (xmp or comment):
+    if fmt == "PNG" and (xmp or comment or text):
         options["pnginfo"] = PngInfo()
+        for key, value in (text or {}).items():  # a PNG input's own (tEXt where Latin-1 holds it, else iTXt)
+            options["pnginfo"].add_text(key, value)
         if xmp:
             options["pnginfo"].add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
         if comment:  # PNG's own keyword; tEXt where Latin-1 holds it, else iTXt

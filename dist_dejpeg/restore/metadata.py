@@ -8,15 +8,15 @@ written deflate-compressed, except where the EXIF has sub-IFDs (the Exif and GPS
 which Pillow's compressed-TIFF writer (libtiff) cannot write: that TIFF is written uncompressed, so that nothing is
 lost. The EXIF orientation is applied to the pixels once, so the written EXIF says Orientation 1 (and the Exif IFD's
 pixel dimensions are the output's), and the XMP's tiff:Orientation is removed (as PIL's exif_transpose does); the
-thumbnail (IFD1) is not carried. A JPEG's comment (COM) and its APP13 segments (IPTC captions, credits, copyright
-in Photoshop resource blocks, carried whole) go into a JPEG output; a PNG gets the comment as its "Comment" text and
-no IPTC; WebP and TIFF outputs neither. The pixel density (dpi: JFIF, pHYs, TIFF resolution) is carried too, x and y
-swapped by a quarter turn. Colours are read by the rule prepare's tiles share (jpeg.formats.rgb_image): RGB keeps its
-own values and its profile (Adobe RGB, Display P3: restored where its JPEG artefacts are, no gamut clipped); a
-profile is carried only where it describes the output's colours: RGB for RGB output, GRAY for grayscale. A CMYK
-input with an embedded profile is converted to sRGB through that profile (LittleCMS via PIL.ImageCms, perceptual
-intent) and the output carries the sRGB profile LittleCMS builds; a CMYK input without one is converted as PIL does
-(naively) and carries no profile.
+thumbnail (IFD1) is not carried. A JPEG's comment (COM) and its APP13 segments (IPTC captions, credits, copyright in
+Photoshop resource blocks, carried whole) go into a JPEG output; a PNG gets the comment as its "Comment" text and no
+IPTC; WebP and TIFF outputs neither. A PNG's text chunks (Author, Copyright, Description, ...) go into a PNG output.
+The pixel density (dpi: JFIF, pHYs, TIFF resolution) is carried too, x and y swapped by a quarter turn. Colours are
+read by the rule prepare's tiles share (jpeg.formats.rgb_image): RGB keeps its own values and its profile (Adobe
+RGB, Display P3: restored where its JPEG artefacts are, no gamut clipped); a profile is carried only where it
+describes the output's colours: RGB for RGB output, GRAY for grayscale. A CMYK input with an embedded profile is
+converted to sRGB through that profile (LittleCMS via PIL.ImageCms, perceptual intent) and the output carries the
+sRGB profile LittleCMS builds; a CMYK input without one is converted as PIL does (naively) and carries no profile.
 """
 
 from __future__ import annotations
@@ -164,3 +164,12 @@ def tiff_with_exif(options: dict, exif: bytes | None, xmp: bytes | None) -> dict
         return {"exif": tags.tobytes()}
     plain = {tag: value for tag, value in tags.items() if tag not in SUB_IFDS}  # pointers to empty sub-IFDs
     return {**options, "tiffinfo": {**plain, **options.get("tiffinfo", {})}}
+
+
+def png_text(img: Image.Image) -> dict[str, str]:
+    """A PNG's text chunks (tEXt, zTXt, iTXt: Author, Copyright, Description, ...) for a PNG output; its XMP is
+    carried as the output's XMP (output_xmp), ImageMagick's raw profiles (its copies of the EXIF and ICC) not."""
+    if img.format != "PNG":
+        return {}
+    text = getattr(img, "text", None) or {}
+    return {str(k): str(v) for k, v in text.items() if k != "XML:com.adobe.xmp" and not k.startswith("Raw profile")}
