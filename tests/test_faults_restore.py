@@ -297,12 +297,21 @@ def test_an_output_folder_inside_the_input_folder_is_not_searched(tmp_path, rest
     for name in ("a.jpg", "sub/b.jpg"):
         Image.fromarray(_photo()).save(src / name, quality=30)
     out = src / "restored"
-    for _ in range(2):
+    for run in range(2):
         for inputs in ([str(src)], [str(src / "**" / "*.jpg")]):
             results = restore_files(restorer, inputs, out, fmt="same", skip_existing=True, progress=False)
-            assert sorted(Path(r.source).name for r in results) == ["a.jpg", "b.jpg"]
+            assert sorted(Path(r.source).name for r in results if not r.earlier) == ["a.jpg", "b.jpg"]
             assert all(r.error is None for r in results), [r.error for r in results]
+            # the outputs found below the output folder: restore's own, left alone and said so
+            assert sorted(r.source for r in results if r.earlier) == ([] if run + inputs[0].count("*") == 0 else
+                                                                      [str(out / "a.jpg"), str(out / "sub/b.jpg")])
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["a.jpg", "sub", "sub/b.jpg"]
+    # an original put into the output folder is not restored by the search, and says why (it was left silently)
+    Image.fromarray(_photo()).save(out / "old.jpg", quality=30)
+    (original,) = [r for r in restore_files(restorer, [str(src)], out, fmt="same", skip_existing=True,
+                                            progress=False) if r.source == str(out / "old.jpg")]
+    assert not original.output and "inside the output folder" in original.error and "name it by itself" in original.error
+    (out / "old.jpg").unlink()
     # the output folder given as the input folder itself is searched (outputs told apart by --suffix); its
     # files that restore wrote are left alone (test_restoring_a_folder_into_itself_...)
     Image.fromarray(_photo()).save(out / "sub" / "c.jpg", quality=30)

@@ -46,13 +46,15 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
     work: a failure for each input that names nothing, an ``earlier`` result for each file a search of ``out_dir``
     itself found that an earlier restore wrote there (earlier_outputs, for this run's ``fmt`` and ``suffix``). A
     folder's or glob's files inside ``out_dir``, where that lies below the folder searched, are earlier outputs,
-    not searched (-o photos/restored, run twice); a file named by itself always counts."""
-    found, results, seen, in_out = [], [], set(), set()
+    not searched (-o photos/restored, run twice): an earlier restore's outputs there are ``earlier`` results, any
+    other image there a failure that says why; a file named by itself always counts."""
+    found, results, seen, in_out, below_out = [], [], set(), set(), {}
     out = Path(out_dir).resolve() if out_dir is not None else None
 
     def add(path: Path, rel: Path, top: Path | None = None) -> None:  # top: the folder searched, resolved
         key = path.resolve()
         if top is not None and out != top and out.is_relative_to(top) and key.is_relative_to(out):
+            below_out.setdefault(key, (path, top))  # not searched: said below
             return
         if key not in seen:
             seen.add(key)
@@ -80,6 +82,11 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
                 add(p, below(p, prefix), top)
     earlier = earlier_outputs(found, in_out, out, fmt, suffix) if in_out else set()
     results += [RestoreResult(str(found[i][0]), earlier=True) for i in sorted(earlier)]
+    for key, (path, top) in below_out.items():  # an earlier restore's output, or an original said not restored
+        if key not in seen:
+            results.append(RestoreResult(str(path), earlier=True) if written_by_restore(path) else RestoreResult(
+                str(path), error=f"inside the output folder {out_dir}, which the search of {top} leaves out: not "
+                                 f"restored (name it by itself, or restore into a folder outside {top})"))
     return [f for i, f in enumerate(found) if i not in earlier], results
 
 
