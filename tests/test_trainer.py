@@ -304,6 +304,42 @@ def test_a_finished_run_given_more_steps_continues_its_last_phase(tmp_path, shar
     assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
 
 
+def test_a_gan_phase_given_more_steps_continues_from_its_last_step_not_the_best_it_kept(tmp_path, shards,
+                                                                                        monkeypatch, caplog):
+    """The gan phase's end puts its best generator back (here its step 2's) and saves; given more steps, the phase
+    reopened from that checkpoint trained on from the best generator with the last step's critic and moments, so
+    4 + 2 steps were not the 6-step run. It continues from the last step's generator (last_generator.safetensors),
+    and the critic (trained against its outputs) and the kept generator are the 6-step run's, bit for bit."""
+    from safetensors.torch import load_file
+
+    from dist_dejpeg.run.layout import LAST_GENERATOR
+    from dist_dejpeg.train import trainer as trainer_mod
+
+    over = ("train.phases.gan.schedule=constant", "train.phases.gan.warmup=0", "train.phases.gan.val_every=2",
+            "train.phases.gan.critic_iters=1", "train.phases.gan.gen_iters=1", "train.phases.gan.select_on=psnr")
+    # PSNR: the first gan validation (its step 2) stays the best (two calls a validation: the history's, the rule's)
+    scores = iter([30.0, 30.0] + [20.0, 20.0] * 10)
+    monkeypatch.setattr(trainer_mod, "mean_restored", lambda results, metric: next(scores))
+    train(tiny(tmp_path / "short", shards, *over))
+    end = ckpt.latest_checkpoint(tmp_path / "short")
+    assert (end / LAST_GENERATOR).is_file()  # the end-of-phase checkpoint: the best put back, the last kept beside
+    scores = iter([30.0, 30.0] + [20.0, 20.0] * 10)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with caplog.at_level("INFO", logger="dist_dejpeg"):
+        train(tiny(tmp_path / "short", shards, *over, "train.phases.gan.steps=6"))
+    assert "continues from its last step's generator" in caplog.text
+    scores = iter([30.0, 30.0] + [20.0, 20.0] * 10)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train(tiny(tmp_path / "long", shards, *over, "train.phases.gan.steps=6"))
+    a, b = (ckpt.latest_checkpoint(tmp_path / run) for run in ("short", "long"))
+    assert a.name == b.name
+    for name in ("model.safetensors", "model_1.safetensors", LAST_GENERATOR):
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert x.keys() == y.keys() and not [k for k in x if not torch.equal(x[k], y[k])], name
+
+
 def test_a_finished_run_given_fewer_steps_keeps_the_steps_it_trained(tmp_path, shards, gen_run, caplog):
     """The first command again, after a run was given more steps: it validates again, and the run folder's
     config and progress keep the length trained (they said "gen 2 done", step 3/2)."""

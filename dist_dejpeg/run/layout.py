@@ -38,6 +38,8 @@ TENSORBOARD_EVENTS = "events.out.tfevents.*"  # the event files' pattern inside 
 TRAINER_STATE = "trainer_state.json"  # written last: its presence marks the folder complete
 LOADER_STATE = "loader_{rank}.json"  # each rank's data-stream position: one file per process
 BEST_GENERATOR = "best_generator.safetensors"
+# a gan phase's end put its best generator back: its last step's (and EMA), where more steps continue it from
+LAST_GENERATOR = "last_generator.safetensors"
 EMA_GENERATOR = "ema_generator.safetensors"  # the EMA of the generator's parameters and its update count
 EMA_UPDATES = "num_updates"  # the EMA file's update count (its other keys: the generator's parameter names)
 CHECKPOINT_MODEL = "model.safetensors"  # accelerate's save_state: the generator (the first prepared model)

@@ -12,6 +12,8 @@
         ema_generator.safetensors                     the generator's EMA parameters and update count
                                                       (train/ema.py; none with train.ema_decay=0)
         best_generator.safetensors                    the gan phase's best generator so far (and its EMA)
+        last_generator.safetensors                    at a gan phase's end that put its best generator back:
+                                                      its last step's (and EMA), which more steps continue
         config.yaml                                   the resolved config of the run
         manifest.json                                 every other file's size and sha256 (run/manifest.py),
                                                       written after them and before trainer_state.json

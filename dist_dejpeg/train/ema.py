@@ -172,6 +172,12 @@ class GeneratorEma:
                           for k, v in self.ema.module.named_parameters()})
         return state
 
+    def roll_back(self, generator: torch.nn.Module, snapshot: dict, device) -> dict[str, torch.Tensor]:
+        """Put a :meth:`snapshot` back; returns the one of the weights it replaced."""
+        last = self.snapshot(generator)
+        self.restore(generator, snapshot, device)
+        return last
+
     def restore(self, generator: torch.nn.Module, snapshot: dict, device) -> None:
         """Put a :meth:`snapshot` back (one without EMA tensors, from an older checkpoint: the EMA restarts from
         the raw generator)."""

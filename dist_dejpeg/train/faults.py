@@ -75,3 +75,19 @@ def save_last_good(save: Callable[[], Path], err: NonFiniteLoss, run_dir: str | 
     state = ("the state after it (no update was made from a non-finite loss)" if err.skipped
              else "the state before that step")
     return f"{state} is saved in {path}"
+
+
+def non_finite_stop(trainer, err: NonFiniteLoss) -> str:
+    """A run's stop on ``err``: the gradients dropped, the last good state saved (nothing non-finite:
+    save_last_good), progress.json "stopped"; returns the message TrainingStopped carries."""
+    state = trainer.state
+    name = trainer.cfg.train.order[state.phase_index]
+    for optimizer in [o for o in (trainer.g_opt, trainer.c_opt) if o is not None]:
+        optimizer.zero_grad(set_to_none=True)
+    saved = save_last_good(trainer.save, err, trainer.run_dir)
+    message = (f"training stopped: {err} in phase '{name}' at step {state.phase_step} (global step "
+               f"{state.global_step}); {saved}. Lower the phase's lr, set max_grad_norm, or use bf16 instead of fp16, "
+               f"then --resume (if it stops again at once, the saved state had diverged already: --resume an older "
+               f"checkpoint)")
+    trainer.monitor.finish("stopped", message, state.global_step)
+    return message

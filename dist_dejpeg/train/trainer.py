@@ -24,11 +24,11 @@ from safetensors.torch import load_file
 
 from dist_dejpeg.config import Config, PhaseConfig, to_dict, to_yaml
 from dist_dejpeg.data import build_train_loader
-from dist_dejpeg.run.layout import BEST_GENERATOR, CHECKPOINT_MODEL
+from dist_dejpeg.run.layout import BEST_GENERATOR, CHECKPOINT_MODEL, LAST_GENERATOR
 from dist_dejpeg.run.lock import RunLock
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train.checkpoint import Preempted, TrainingStopped
-from dist_dejpeg.train.faults import check_finite_state, save_last_good
+from dist_dejpeg.train.faults import check_finite_state, non_finite_stop
 from dist_dejpeg.train.build import (build_accelerator, build_parts, claim_run_dir, refresh_master_weights, set_lr,
                                      setup_logging, start_phase_optimizer, training_stream)
 from dist_dejpeg.train.collective import PacedChecks, all_ranks_or_raise
@@ -85,7 +85,7 @@ class Trainer:
             self.val_set = val_set if val_set is not None else checked_val_set(cfg, acc)
             self.monitor = Monitor(acc, cfg, self.run_dir, to_dict(cfg))
         self.state, self.val_changed = TrainerState(val_set=val_fingerprint(cfg)), False
-        self.best_generator: dict | None = None
+        self.best_generator = self.last_generator = None  # ema.snapshot()s: the gan phase's best, its last step's
         self._validated: tuple[int, dict] | None = None  # (global step, results) of the newest validation, if current
         self.config_yaml = to_yaml(cfg)
 
@@ -113,7 +113,8 @@ class Trainer:
         state = dict(vars(self.state), phase_names=list(self.cfg.train.order), data_skipped=self.data_skipped(),
                      processes=self.accelerator.num_processes)
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else {}
-        files = ({BEST_GENERATOR: self.best_generator} if self.best_generator is not None else {}) | self.ema.files()
+        files = {k: v for k, v in ((BEST_GENERATOR, self.best_generator), (LAST_GENERATOR, self.last_generator))
+                 if v is not None} | self.ema.files()
         if self.deepspeed:  # its engines' files: no model.safetensors for restore, export, init_from to read
             files[CHECKPOINT_MODEL] = self.gen_raw.state_dict()
         path = ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state.global_step, state, loader_state,
@@ -136,6 +137,9 @@ class Trainer:
         if (path / BEST_GENERATOR).is_file():
             self.best_generator = load_file(str(path / BEST_GENERATOR))
         self.ema.resume(path, self.gen_raw)
+        if self.state.phase_step and (path / LAST_GENERATOR).is_file():  # a gan phase given more steps (longer_phases)
+            log.info("resume: the phase continues from its last step's generator, not from the best one it kept")
+            self._put_back(load_file(str(path / LAST_GENERATOR)))
         self.monitor.resumed(self.state.global_step)  # TensorBoard forgets the steps logged after the checkpoint
         order, i = self.cfg.train.order, self.state.phase_index
         where = f"phase {i + 1} ({order[i]}) step {self.state.phase_step}" if i < len(order) else "every phase done"
@@ -241,14 +245,19 @@ class Trainer:
             if self.best_generator is not None and stop.best_step != st.phase_step:
                 log.info("%s: keeping the best generator (its step %d, global step %d; %s %.4f)", name, stop.best_step,
                          st.global_step - st.phase_step + stop.best_step, stop.metric.upper(), stop.best)
-                self.ema.restore(self.gen_raw, self.best_generator, acc.device)  # and the EMA's at that step
-                self._validated = None  # other weights than the last validation measured
-                if self.deepspeed:
-                    refresh_master_weights(self.g_opt)
-        st.stop = stop.state_dict()
+                self.last_generator = self._put_back(self.best_generator)
+        st.stop, st.phase_step = stop.state_dict(), 0
         st.phase_index += 1
-        st.phase_step = 0
         self.save()
+        self.last_generator = None  # (in this one checkpoint only)
+
+    def _put_back(self, snapshot: dict) -> dict:
+        """The generator (and its EMA) set to an ema.snapshot; returns the snapshot of the weights it replaced."""
+        last = self.ema.roll_back(self.gen_raw, snapshot, self.accelerator.device)
+        self._validated = None  # other weights than the last validation measured
+        if self.deepspeed:
+            refresh_master_weights(self.g_opt)
+        return last
 
     def train_step(self, phase: PhaseConfig, turn: str, batches) -> dict:
         """One optimizer update of ``turn``'s model ("gen" or "critic") under ``phase``'s loss weights; returns
@@ -305,17 +314,8 @@ class Trainer:
             while self.state.phase_index < len(cfg.train.order):
                 name = cfg.train.order[self.state.phase_index]
                 self.run_phase(name, cfg.train.phases[name], batches)
-        except NonFiniteLoss as err:
-            name = cfg.train.order[self.state.phase_index]
-            for optimizer in [o for o in (self.g_opt, self.c_opt) if o is not None]:
-                optimizer.zero_grad(set_to_none=True)
-            saved = save_last_good(self.save, err, self.run_dir)  # nothing non-finite is saved (faults.py)
-            message = (f"training stopped: {err} in phase '{name}' at step {self.state.phase_step} "
-                       f"(global step {self.state.global_step}); {saved}. "
-                       f"Lower the phase's lr, set max_grad_norm, or use bf16 instead of fp16, then --resume (if "
-                       f"it stops again at once, the saved state had diverged already: --resume an older checkpoint)")
-            self.monitor.finish("stopped", message, self.state.global_step)
-            raise TrainingStopped(message) from None
+        except NonFiniteLoss as err:  # nothing non-finite is saved (faults.py)
+            raise TrainingStopped(non_finite_stop(self, err)) from None
         finally:
             self.signals.restore()
         return finish_run(self)  # final.py: the final validation, metrics.json, the generator file
