@@ -84,7 +84,9 @@ def test_a_crash_on_a_lost_peer_names_another_process_as_the_cause():
     cause."""
     gloo = ("RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
             "[127.0.0.1]:31927: Connection reset by peer. This is typically caused by a remote worker hanging")
-    for reason in (gloo, "DistBackendError: NCCL error: remote process exited or there was a network error"):
+    stuck = ("RuntimeError: [../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:133] Timed out waiting "
+             "30000ms for send operation to complete")  # a rank stopped (kill -STOP), not dead: rank 0's timeout
+    for reason in (gloo, stuck, "DistBackendError: NCCL error: remote process exited or there was a network error"):
         state, why = run_verdict.verdict(has_config=True, progress={"status": "crashed", "reason": reason}, progress_age_s=5,
                                 lock_held=False, finished_files=False, has_checkpoints=True)
         assert state == "crashed or killed"
@@ -92,6 +94,11 @@ def test_a_crash_on_a_lost_peer_names_another_process_as_the_cause():
     _, why = run_verdict.verdict(has_config=True, progress={"status": "crashed", "reason": "ZeroDivisionError: x"},
                         progress_age_s=5, lock_held=False, finished_files=False, has_checkpoints=True)
     assert why == "it stopped on an error: ZeroDivisionError: x"
+    # a full disk stops the run as "stopped" too (progress.json's reason): not said to be a non-finite loss
+    full = "disk full: /runs/x/checkpoints/.tmp-step-00000012, 12.0 MB free; free space and rerun the same command"
+    state, why = run_verdict.verdict(has_config=True, progress={"status": "stopped", "reason": full}, progress_age_s=5,
+                                     lock_held=False, finished_files=False, has_checkpoints=True)
+    assert state == "stopped" and why.startswith("the disk filled (disk full: ") and "non-finite" not in why, why
 
 
 def test_verdict_when_the_lock_is_on_another_host():

@@ -7,7 +7,8 @@ Verdict (``state``), first match wins:
                        the lock names another process than progress.json, starting again (building, loading its
                        checkpoint): the position is then the checkpoint's
     finished           progress.json says finished, or metrics.json and generator.safetensors are there
-    stopped            progress.json says a non-finite loss stopped it (a checkpoint was kept; --resume)
+    stopped            progress.json says a non-finite loss stopped it (a checkpoint was kept; --resume), or a full
+                       disk (free space, the same command continues)
     preempted          progress.json says preempted (SIGUSR1/SIGTERM; the same command continues it)
     crashed or killed  started (progress "running", checkpoints or config.yaml) but the lock is not held; where
                        rank 0 crashed on a lost peer (gloo, NCCL), another process probably died first: said so
@@ -28,7 +29,7 @@ STALE_S = 900.0  # progress older than this while the lock cannot be checked: ju
 # what rank 0 (the one that writes progress.json) reports when another process of the run died or dropped out first:
 # gloo's and NCCL's lost-peer errors, the symptom and not the cause
 LOST_PEER = re.compile(r"(Connection (reset|closed) by peer|Broken pipe|remote process exited|communicator was "
-                       r"aborted|DistNetworkError|DistBackendError)", re.IGNORECASE)
+                       r"aborted|DistNetworkError|DistBackendError|Timed out waiting)", re.IGNORECASE)
 STATES = ("running", "finished", "stopped", "preempted", "crashed or killed", "not started")
 
 
@@ -57,6 +58,8 @@ def verdict(*, has_config: bool, progress: dict | None, progress_age_s: float | 
         return "finished", f"{PROGRESS} says finished"
     if finished_files and pstatus in (None, "running"):
         return "finished", f"{METRICS} and {GENERATOR} are written"
+    if pstatus == "stopped" and str((progress or {}).get("reason") or "").startswith("disk full"):
+        return "stopped", f"the disk filled ({reason}); free space, then the same command continues"
     if pstatus == "stopped":
         return "stopped", f"a non-finite loss stopped it ({reason}); a checkpoint is kept, --resume continues"
     if pstatus == "preempted":
