@@ -112,8 +112,9 @@ def stop_while_starting() -> dict:
     import threading
 
     def stop(signum, frame):
-        os.write(2, f"stopped by {signal.Signals(signum).name} where the run had nothing new to save (starting, or "
-                    f"a rank finishing); the same command continues the run\n".encode())
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # once per node: the launcher passes the signal to every rank
+            os.write(2, f"stopped by {signal.Signals(signum).name} where the run had nothing new to save (starting, "
+                        f"or a rank finishing); the same command continues the run\n".encode())
         os._exit(EXIT_PREEMPTED)
 
     if threading.current_thread() is not threading.main_thread():
@@ -207,8 +208,8 @@ def _train_command(args: argparse.Namespace) -> int:
         return _stopped("error", err, 2)
     except Preempted as err:
         return _stopped("stopped", err, EXIT_PREEMPTED)
-    except TrainingStopped as err:
-        return _stopped("error", err, 3)
+    except TrainingStopped as err:  # every rank stops at the same step, each with its own numbers: rank 0 says it
+        return _stopped("error", err, 3, every_rank=False)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # one closing line per run, not one per rank
@@ -232,13 +233,16 @@ def _what_restore_does(results: dict) -> str:
     return guard_summary(*(read_gains(entries[key]) for key in GAIN_KEYS))
 
 
-def _stopped(what: str, err: Exception, code: int) -> int:
+def _stopped(what: str, err: Exception, code: int, every_rank: bool = True) -> int:
     """Say why training stopped, on the rank that raised it: the other ranks raise a copy (train/collective.py),
     which would print the same line once per rank; ranks that raised the same error themselves (the same missing
-    file) say it once per node."""
+    file) say it once per node; ``every_rank`` False: the main process alone says it (a stop all ranks make
+    together, each with its own numbers, as a non-finite loss's)."""
     from dist_dejpeg.train.launch import first_on_node, leave_process_group
 
-    if getattr(err, "copied_from_rank", None) is None and first_on_node(f"{what}: {err}"):
+    if not every_rank and os.environ.get("RANK", "0") != "0":
+        pass
+    elif getattr(err, "copied_from_rank", None) is None and first_on_node(f"{what}: {err}"):
         print(f"{what}: {err}", file=sys.stderr)
     leave_process_group()
     return code

@@ -210,6 +210,22 @@ def test_ranks_that_fail_alike_say_it_once_per_node(monkeypatch):
     assert first_on_node("error: another") and first_on_node("error: another")
 
 
+def test_a_stop_every_rank_makes_together_is_said_by_rank_0_alone(monkeypatch, capsys):
+    """A non-finite loss stops every rank at the same step, each raising TrainingStopped with its own loss values
+    (two different-looking failures were printed): rank 0 says it; an error only one rank raised is said by it."""
+    from dist_dejpeg.cli import _stopped
+    from dist_dejpeg.train.checkpoint import TrainingStopped
+
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert _stopped("error", TrainingStopped(f"training stopped: non-finite gen loss (rank {rank})"), 3,
+                        every_rank=False) == 3
+        assert ("non-finite gen loss" in capsys.readouterr().err) == said, rank
+    monkeypatch.setenv("RANK", "1")
+    _stopped("error", FileNotFoundError("no shards under data/x"), 2)
+    assert "no shards under data/x" in capsys.readouterr().err
+
+
 def test_a_weights_file_every_rank_fails_to_load_is_said_once(tmp_path, monkeypatch, capfd, sample_shards):
     """`train.processes=2` with a model.encoder_weights file that is no weights file (found by the launcher, so
     the ranks start): each rank raised its own WeightsError and printed it, one block per rank."""
