@@ -208,6 +208,9 @@ def test_bench_train_rungs_pick_the_ladder_rows(tmp_path, repo_root, monkeypatch
     assert train.rung_names()[-1] == "compile_mode"
     report = train.run("configs/debug.yaml", TINY, tmp_path, updates=("gen",), rungs=("compile_mode",))
     assert "+ CUDA graphs (compile mode reduce-overhead)" not in report["results"]  # this CPU: nothing to replay
+    report = train.run("configs/debug.yaml", TINY, tmp_path, updates=("gen",), rungs=("sync_every",))
+    assert list(report["results"]) == [train.LADDER[0][0], train.TUNED, train.AGAIN]  # CPU: nothing queued to wait for
+    assert report["tuned"]["sync_every"] == 1  # what the trainer runs here, not the config's 25
     with pytest.raises(ValueError, match="unknown rung.*'cuda_graphs'"):
         train.run("configs/debug.yaml", TINY, tmp_path, rungs=("cuda_graphs",))
     report = train.run("configs/debug.yaml", TINY, tmp_path, updates=("gen",), ladder=False)
