@@ -312,6 +312,18 @@ def test_an_fp16_run_resumes_a_checkpoint_written_without_a_loss_scale(tmp_path)
     assert fp16.scaler.get_scale() == 2.0**7
 
 
+def test_resume_of_a_run_folder_without_checkpoints_builds_nothing_and_leaves_nothing(tmp_path, shards, capsys):
+    """One process, --resume on a folder with no checkpoint: refused before the models, the lock and TensorBoard
+    (they left .lock and tb/ events in the folder it refused), as train.processes' launcher refuses it."""
+    config = tmp_path / "config.yaml"
+    config.write_text(to_yaml(tiny(tmp_path / "none", shards, *OVER)))
+    (tmp_path / "none").mkdir()  # made beforehand (a job script's mkdir): not this command's to remove
+    reset()
+    assert cli_main(["train", "--config", str(config), "--resume"]) == 2
+    assert "no checkpoint under" in capsys.readouterr().err
+    assert not list((tmp_path / "none").iterdir())
+
+
 def test_resume_across_deepspeed_and_ddp_or_process_counts_is_a_config_error(tmp_path):
     """A DeepSpeed checkpoint (an engine folder, the optimizer partitioned per process) under train.deepspeed_stage=0
     or another process count, and a DDP one under DeepSpeed: a ConfigError saying why, before either library

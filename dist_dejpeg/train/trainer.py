@@ -37,7 +37,8 @@ from dist_dejpeg.train.ema import GeneratorEma
 from dist_dejpeg.train.final import finish_run
 from dist_dejpeg.train.monitor import Monitor
 from dist_dejpeg.train.phases import StopRule, gan_rule, gan_turn, lr_at, trains_critic, trains_generator
-from dist_dejpeg.train.resume import check_new_run, choose_checkpoint, other_validation, resume_from
+from dist_dejpeg.train.resume import (check_before_start, check_new_run, choose_checkpoint, other_validation,
+                                      resume_from)
 from dist_dejpeg.train.steps import HostChecks, NonFiniteLoss, critic_step, generator_step
 from dist_dejpeg.train.validation import average_bn_stats, image_grid, mean_restored, validate
 from dist_dejpeg.train.window import LogWindow, TimedBatches, sum_over_ranks
@@ -326,10 +327,10 @@ def train(cfg: Config, resume: str | None = None, train_loader=None, val_set=Non
     newest checkpoint that verifies: train/resume.py), run to the end. One process (no launcher's WORLD_SIZE
     over 1) takes the stop signals for the whole run: one before training begins or during the final validation
     ends it at once as Preempted (exit 75; nothing is lost there), not by the signal with no word."""
-    signals, trainer = ckpt.StopSignals(), None
-    alone = int(os.environ.get("WORLD_SIZE") or 1) <= 1
-    if alone:  # (ranks: train.processes' launcher asked, before it started them)
+    signals, trainer, alone = ckpt.StopSignals(), None, int(os.environ.get("WORLD_SIZE") or 1) <= 1
+    if alone:  # (ranks: their launcher asked, before it started them): before models, lock and trackers exist
         check_new_run(Path(cfg.train.run_dir), resume, cfg.train.auto_resume)
+        check_before_start(cfg, resume, 1)
         signals.install()
     try:
         with signals.at_once("before training began"):
