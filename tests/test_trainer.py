@@ -648,11 +648,11 @@ def test_build_accelerator_returns_the_effective_config_and_leaves_its_input_alo
     """An accelerate launcher's DeepSpeed stage becomes the run's (train.deepspeed_stage=0 takes it) in the
     returned config; the caller's config keeps what it said. A stage the trainer cannot run is a config error."""
     cfg = tiny(tmp_path / "run", shards)
-    monkeypatch.setattr(build_mod, "_launcher_deepspeed_stage", lambda: 2)
+    monkeypatch.setattr(build_mod, "launcher_deepspeed_stage", lambda: 2)
     monkeypatch.setattr(build_mod, "_deepspeed_accelerator", lambda cfg, cpu, timeout: cfg.train.deepspeed_stage)
     stage, effective = build_mod.build_accelerator(cfg)
     assert stage == effective.train.deepspeed_stage == 2 and cfg.train.deepspeed_stage == 0
-    monkeypatch.setattr(build_mod, "_launcher_deepspeed_stage", lambda: 3)
+    monkeypatch.setattr(build_mod, "launcher_deepspeed_stage", lambda: 3)
     with pytest.raises(ConfigError, match="train.deepspeed_stage.*ZeRO stage 3"):
         build_mod.build_accelerator(cfg)
     assert cfg.train.deepspeed_stage == 0
