@@ -184,6 +184,26 @@ def test_fake_progress_drives_the_verdict_and_eta(tmp_path, no_flock):
         assert "q10" not in (s["last_val"] or {}) or "PSNR 25.00->26.00" in format_status(s), bad
 
 
+def test_a_newest_checkpoint_a_resume_would_skip_is_said_damaged(tmp_path, no_flock):
+    """A truncated file in the newest checkpoint (a resume and restore skip it by its manifest): status named it
+    as the newest without a word; now it says damaged, and which one a resume takes."""
+    from dist_dejpeg.run.manifest import write_manifest
+
+    for step in (2, 4):
+        folder = tmp_path / "checkpoints" / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(bytes(1000))
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        write_manifest(folder)
+    s = st.run_status(tmp_path)
+    assert s["checkpoint"]["name"] == "step-00000004" and "damaged" not in s["checkpoint"]
+    (tmp_path / "checkpoints" / "step-00000004" / "model.safetensors").write_bytes(bytes(300))
+    s = st.run_status(tmp_path)
+    assert "truncated" in s["checkpoint"]["damaged"] and s["checkpoint"]["usable"] == "step-00000002"
+    assert "DAMAGED (model.safetensors: 300 bytes" in format_status(s) and "resuming takes step-00000002" in \
+        format_status(s)
+
+
 def test_not_a_run_folder(tmp_path, capsys):
     assert cli("status", str(tmp_path / "missing")) == 2
     assert "no such folder" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from dist_dejpeg.run.folder import RunFolder, read_folder, read_yaml
 from dist_dejpeg.run.layout import CHECKPOINTS, CONFIG, GENERATOR, LOADER_STATE, LOCK, METRICS, PROGRESS, TRAINER_STATE
+from dist_dejpeg.run.manifest import verify_checkpoint
 from dist_dejpeg.run.text import duration
 from dist_dejpeg.run.verdict import STALE_S, final_stage, finite, judge, mtime, newer_start, progress_age
 
@@ -111,13 +112,20 @@ def _read_position(run: RunFolder, earlier: bool = False) -> tuple[dict | None, 
 
 
 def _checkpoint(run: RunFolder, now: float) -> dict | None:
-    """The newest complete checkpoint, its age, and the ones kept."""
+    """The newest complete checkpoint, its age, and the ones kept; where the newest fails its manifest's sizes
+    (a truncated file: a resume skips it), why, and the newest that passes them."""
     if run.newest is None:
         return None
     written = mtime(run.newest / TRAINER_STATE)
-    return {"name": run.newest.name, "path": str(run.newest),
-            "global_step": (run.trainer_state or {}).get("global_step"), "time": written,
-            "age_s": max(0.0, now - written) if written else None, "kept": [p.name for p in run.checkpoints]}
+    out = {"name": run.newest.name, "path": str(run.newest),
+           "global_step": (run.trainer_state or {}).get("global_step"), "time": written,
+           "age_s": max(0.0, now - written) if written else None, "kept": [p.name for p in run.checkpoints]}
+    check = verify_checkpoint(run.newest, hashes=False)  # (sizes only: status reads no checkpoint whole)
+    if not check.ok:
+        out["damaged"] = "; ".join(check.problems)
+        out["usable"] = next((p.name for p in reversed(run.checkpoints[:-1]) if verify_checkpoint(p, hashes=False).ok),
+                             None)
+    return out
 
 
 # -- speed and ETA ------------------------------------------------------------------------------------------

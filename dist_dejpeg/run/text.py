@@ -63,6 +63,9 @@ def format_status(status: dict) -> str:
     ck = s.get("checkpoint")
     lines.append(f"checkpoint {ck['name']}, {duration(ck['age_s'])} ago ({len(ck['kept'])} kept)" if ck
                  else "checkpoint none yet")
+    if ck and ck.get("damaged"):
+        usable = f"resuming takes {ck['usable']}" if ck.get("usable") else "no older one passes its sizes either"
+        lines.append(f"           DAMAGED ({str(ck['damaged'])[:160]}): {usable}")
     lines.append(f"lock       {s['lock']['detail']}")
     lines += result_lines(s)
     losses = (prog or {}).get("losses")
