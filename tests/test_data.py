@@ -178,6 +178,16 @@ def test_list_shards_sorted_and_absolute_pattern(sample_shards):
     assert list_shards("/nonexistent-root", str(sample_shards / "train-*.tar")) == found
 
 
+def test_validation_tiles_do_not_overlap(sample_shards):
+    """README: "val: no overlap". Each validation photo is cut into whole, disjoint tiles (the strip past the last
+    whole tile left out): a tile flush with the edge repeated most of its neighbour, counted twice in every
+    validation mean and in the guard's lower bound, which takes the crops as independent."""
+    m = manifest_of(sample_shards)
+    tile = m["tile"]
+    val = [info for info in m["sources"].values() if info["split"] == "val"]
+    assert val and m["splits"]["val"]["samples"] == sum((v["height"] // tile) * (v["width"] // tile) for v in val)
+
+
 def test_prepare_again_leaves_no_stale_shards(tmp_path):
     shards.prepare_samples(tmp_path, tile=96, train_step=96, shard_size=16)
     m = shards.prepare_samples(tmp_path, tile=96, train_step=96, shard_size=64)

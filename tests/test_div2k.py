@@ -22,7 +22,7 @@ from dist_dejpeg.data import div2k
 from dist_dejpeg.data.dali import HAVE_DALI
 from dist_dejpeg.data.download import DownloadError, download
 from dist_dejpeg.data.images import decode_component, decode_rgb8, image_bytes
-from dist_dejpeg.data.shards import list_shards, shard_keys, tiles
+from dist_dejpeg.data.shards import list_shards, shard_keys, tile_positions, tiles
 
 DATA = Path(skimage.data.__file__).parent
 TRAIN = {"0001": "astronaut", "0002": "coffee", "0003": "motorcycle_left", "0004": "ihc"}
@@ -154,6 +154,13 @@ def test_prepare_div2k_from_served_zips(tmp_path, server, archives):
                 assert np.array_equal(decode_component(*image_bytes(sample)), expected[index])
                 seen += 1
     assert seen == len(expected) == manifest["sources"]["0002"]["tiles"]
+    # validation's tiles do not overlap (a tile flush with the edge repeated up to 83% of its neighbour, and the
+    # guard's lower bound counted those crops as independent): every val tile is a disjoint window of its photo
+    assert tile_positions(600, 128, 128, flush=False) == [0, 128, 256, 384] and tile_positions(600, 128, 128)[-1] == 472
+    for name, info in manifest["sources"].items():
+        if info["split"] == "val":
+            h, w = info["height"], info["width"]
+            assert info["tiles"] == (h // TILE) * (w // TILE), name
     # train is shuffled across images at prepare time; val stays in order
     first = shard_keys(list_shards(out, "train-*.tar")[0])
     assert len({k.split("_s")[0] for k in first}) > 1

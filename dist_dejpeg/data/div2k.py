@@ -102,8 +102,9 @@ def find_sources(root: Path, split: str) -> tuple[list[Source], dict]:
                             f"{OFFICIAL[split].url})")
 
 
-def _tile_one(source: Source, staging: Path, tile: int, step: int, fmt: str) -> dict:
-    """Process-pool worker: decode one source once, write its tiles to ``<staging>/<name>.tar``."""
+def _tile_one(source: Source, staging: Path, tile: int, step: int, fmt: str, flush: bool = True) -> dict:
+    """Process-pool worker: decode one source once, write its tiles to ``<staging>/<name>.tar`` (``flush``:
+    shards.tile_positions'; validation's tiles do not overlap)."""
     done = staging / f"{source.name}.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -124,7 +125,8 @@ def _tile_one(source: Source, staging: Path, tile: int, step: int, fmt: str) -> 
         if min(rgb.shape[:2]) < tile:
             record["rejected"] = f"smaller than the {tile} px tile ({rgb.shape[1]}x{rgb.shape[0]})"
         else:
-            items = [(f"{source.name}_s{i:03d}", encode_tile(t.copy(), fmt)) for i, t in enumerate(tiles(rgb, tile, step))]
+            items = [(f"{source.name}_s{i:03d}", encode_tile(t.copy(), fmt))
+                     for i, t in enumerate(tiles(rgb, tile, step, flush))]
             write_shard(staging / f"{source.name}.tar", items, fmt)
             record["tiles"] = len(items)
     atomic_write_bytes(done, json.dumps(record).encode())  # last: marks the image finished
@@ -202,9 +204,10 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
         sources, identity = inputs[split]
         manifest["inputs"][split] = identity
         split_step = split_step_for(split, step, tile)
-        staging = out / ".staging" / f"{split}-{tile}-{split_step}-{fmt}"
+        # (validation's tiles since 2026-12-07 without the flush ones: an older staging of them is not reused)
+        staging = out / ".staging" / f"{split}-{tile}-{split_step}-{fmt}{'' if split == 'train' else '-apart'}"
         staging.mkdir(parents=True, exist_ok=True)
-        cut = partial(_tile_one, staging=staging, tile=tile, step=split_step, fmt=fmt)
+        cut = partial(_tile_one, staging=staging, tile=tile, step=split_step, fmt=fmt, flush=split == "train")
         records = list(tqdm(map_in_order(cut, sources, workers, names=lambda source: source.member or source.path),
                             total=len(sources), desc=f"{split} tiles", unit="img", disable=not progress))
         keys = []

@@ -91,23 +91,21 @@ def write_shard(path: Path, samples: Iterable[tuple[str, bytes]], ext: str = "pn
     return count
 
 
-def tile_positions(length: int, tile: int, step: int) -> list[int]:
-    """Start offsets covering ``length`` with ``tile``-sized windows every ``step`` px, last one flush
-    with the edge (BasicSR's extract_subimages rule)."""
+def tile_positions(length: int, tile: int, step: int, flush: bool = True) -> list[int]:
+    """Start offsets of ``tile``-sized windows every ``step`` px, the last one flush with the edge (BasicSR's
+    extract_subimages rule); ``flush`` False: none added (validation tiles must not overlap: the strip is left)."""
     if tile < 1 or step < 1:
         raise ValueError(f"tile and step must be >= 1, got {tile} and {step}")
     if length < tile:
         return []
     pos = list(range(0, length - tile + 1, step))
-    if pos[-1] != length - tile:
-        pos.append(length - tile)
-    return pos
+    return pos + [length - tile] if flush and pos[-1] != length - tile else pos
 
 
-def tiles(rgb: np.ndarray, tile: int, step: int) -> Iterator[np.ndarray]:
+def tiles(rgb: np.ndarray, tile: int, step: int, flush: bool = True) -> Iterator[np.ndarray]:
     h, w = rgb.shape[:2]
-    for top in tile_positions(h, tile, step):
-        for left in tile_positions(w, tile, step):
+    for top in tile_positions(h, tile, step, flush):
+        for left in tile_positions(w, tile, step, flush):
             yield rgb[top:top + tile, left:left + tile]
 
 
@@ -212,7 +210,8 @@ def tile_sources(staging: Path, sources: list[tuple[str, str, Callable[[], np.nd
             manifest_sources[name] = {"split": split, **where(name)} | {
                 field: source[field] for field in ("height", "width", "sha256", "halved") if field in source}
             raw = source.get("rgb")  # raw tiles are cut here: decode_and_tile says why
-            encoded = source["tiles"] if raw is None else (encode_tile(t, fmt) for t in tiles(raw, tile, source["step"]))
+            encoded = source["tiles"] if raw is None else (encode_tile(t, fmt) for t in tiles(raw, tile, source["step"],
+                                                                                               split == "train"))
             for i, data in enumerate(encoded):
                 sinks[split].add(f"{key}_s{i:03d}", data)
     splits = {split: sink.close() for split, sink in sinks.items()}
@@ -245,7 +244,8 @@ def decode_and_tile(source: tuple[str, str, Callable[[], np.ndarray]], *, tile: 
              "step": train_step if split == "train" else tile}
     if fmt == "raw":  # raw tiles are slices of the photo: sent once, it costs a quarter of its overlapping tiles
         return done | {"rgb": rgb}  # (0.05 vs 0.22 s a 12 MP photo, --step 128, between processes on a 2-core VM)
-    return done | {"tiles": [encode_tile(np.ascontiguousarray(t), fmt) for t in tiles(rgb, tile, done["step"])]}
+    return done | {"tiles": [encode_tile(np.ascontiguousarray(t), fmt) for t in tiles(rgb, tile, done["step"],
+                                                                                       split == "train")]}
 
 
 def require_training_tiles(manifest: dict) -> None:
