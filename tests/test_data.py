@@ -519,6 +519,20 @@ def test_resume_with_other_worker_count_restarts(sample_shards):
     assert all(batches_equal(x, y) for x, y in zip(again, start))
 
 
+def test_shards_prepared_again_are_told_from_the_ones_a_stream_position_was_saved_on(tmp_path):
+    """Shards prepared again with another seed have the same names and sizes (raw tiles are all one size), other
+    samples at every position: resuming the stream there replayed some and skipped others, unsaid."""
+    from dist_dejpeg.data.torch_loader import shard_list_digest
+
+    for seed in (0, 1):
+        shards.prepare_samples(tmp_path / str(seed), tile=96, train_step=96, shard_size=16, seed=seed)
+    a, b = (sorted(str(p) for p in (tmp_path / str(seed)).glob("train-*.tar")) for seed in (0, 1))
+    assert [Path(p).name for p in a] == [Path(p).name for p in b]
+    assert [os.path.getsize(p) for p in a] == [os.path.getsize(p) for p in b]
+    assert shard_list_digest(a) != shard_list_digest(b)
+    assert shard_list_digest(a) == shard_list_digest(sorted(str(p) for p in (tmp_path / "0").glob("train-*.tar")))
+
+
 # -- recipe knobs (data.quality_power, data.rot90) -----------------------------------------------------------
 TILE = 96  # conftest's sample_shards tiles
 

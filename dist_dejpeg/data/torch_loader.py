@@ -51,11 +51,15 @@ _MAX_WARNINGS = 20  # per slot; counts keep going after the log stops
 
 
 def shard_list_digest(shards: list[str]) -> str:
-    """The shards' names and sizes, not their folder (a copy elsewhere resumes exactly): which samples each stream
-    position holds depends on them, so a resume checks them."""
+    """The shards' names, sizes and first samples (models.names.shard_fingerprint), not their folder (a copy
+    elsewhere resumes exactly): which samples each stream position holds depends on them, so a resume checks them.
+    Sizes alone did not tell a set prepared again (another --seed, other photos of as many tiles: raw tiles all
+    have one size) from the one the run trained on."""
+    from dist_dejpeg.models.names import shard_fingerprint
+
     digest = hashlib.sha256()
     for shard in sorted(shards):
-        digest.update(f"{os.path.basename(shard)}\0{os.path.getsize(shard)}\n".encode())
+        digest.update(f"{os.path.basename(shard)}\0{shard_fingerprint(shard)}\n".encode())
     return digest.hexdigest()[:16]
 
 
