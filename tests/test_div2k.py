@@ -189,6 +189,13 @@ def test_prepare_div2k_is_idempotent_and_finishes_interrupted_runs(tmp_path, arc
     # complete: a rerun does nothing
     assert div2k.prepare_div2k(src, out, **kw) == again
     assert shard.stat().st_mtime_ns == stamp
+    # the plan names the tiling: an interrupted run with another --tile of as many tiles per image (the same keys)
+    # kept the shards of the old size beside the new ones
+    (out / "manifest.json").unlink()
+    div2k.prepare_div2k(src, out, keep_staging=True, **kw)
+    plan = json.loads((out / ".staging" / "plan-train.json").read_text())
+    assert (plan["tile"], plan["step"], plan["flush"]) == (TILE, STEP, True)
+    assert json.loads((out / ".staging" / "plan-val.json").read_text())["flush"] is False
 
 
 def test_prepare_div2k_cli_reads_extracted_folders(tmp_path, archives, capsys):

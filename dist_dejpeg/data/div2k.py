@@ -221,7 +221,10 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
             keys += [f"{record['name']}_s{i:03d}" for i in range(record["tiles"])]
         if split == "train":
             random.Random(f"{seed}-div2k-train").shuffle(keys)
-        plan = {"format": fmt, "shards": [keys[i:i + shard_size] for i in range(0, len(keys), shard_size)]}
+        # the tiles' size and step too: --tile 472 after an interrupted --tile 480 (at step 240 the same tiles per
+        # image, the same keys) kept the 480 px shards beside new 472 px ones
+        plan = {"format": fmt, "tile": tile, "step": split_step, "flush": split == "train",
+                "shards": [keys[i:i + shard_size] for i in range(0, len(keys), shard_size)]}
         plan_path = out / ".staging" / f"plan-{split}.json"
         if not plan_path.is_file() or json.loads(plan_path.read_text()) != plan:
             remove_shards(out, split)  # shards of another plan: rebuild them all
