@@ -1052,7 +1052,7 @@ def test_stream_of_tiles_smaller_than_the_crop_fails_instead_of_spinning(sample_
 
 
 def test_prepare_folder_always_holds_out_a_usable_photo(tmp_path):
-    """Two usable photos and one too small for a tile: whichever photo the shuffle holds out, a usable one
+    """Two usable photos and one too small for a tile: whichever photo the split holds out, a usable one
     ends in validation (the seeds cover the small one being held out first) and training keeps the other."""
     from dist_dejpeg.data.folder import prepare_folder
 
@@ -1069,6 +1069,34 @@ def test_prepare_folder_always_holds_out_a_usable_photo(tmp_path):
         val = [n for n, info in manifest["sources"].items() if info["split"] == "val"]
         assert len(val) == 1 and manifest["splits"]["val"]["samples"] > 0, seed
         assert manifest["splits"]["train"]["samples"] > 0 and manifest["rejected"][0]["source"] == "small"
+
+
+def test_a_growing_folder_keeps_every_photos_split(tmp_path):
+    """Photos added to the folder (a new shoot) never move a photo the model trained on into validation (a shuffle
+    of the whole list did, and validation then measured photos the model had learned); each photo's split is its
+    own name's with the seed, the held-out share about --val-fraction, at least one photo of two."""
+    from dist_dejpeg.data.folder import held_out_rank
+
+    names = [f"IMG_{i:04d}" for i in range(400)]
+    held = {n for n in names if held_out_rank(n, 0) < 0.1}
+    assert 25 <= len(held) <= 55  # about 10 %
+    grown = {n for n in names + [f"NEW_{i:04d}" for i in range(100)] if held_out_rank(n, 0) < 0.1}
+    assert grown & set(names) == held  # the old photos' splits unchanged
+    assert {n for n in names if held_out_rank(n, 1) < 0.1} != held  # another --seed holds out others
+    import skimage.data
+
+    from dist_dejpeg.data.folder import prepare_folder
+
+    src, photo = tmp_path / "src", skimage.data.astronaut()
+    src.mkdir()
+    splits = []
+    for i in range(12):  # prepared after each new photo
+        Image.fromarray(np.ascontiguousarray(photo[i * 16:i * 16 + 96, i * 8:i * 8 + 96])).save(src / f"p{i:02d}.png")
+        if i >= 1:
+            m = prepare_folder(src, tmp_path / f"out{i}", tile=64, train_step=64, shard_size=8, val_fraction=0.3)
+            splits.append({n: info["split"] for n, info in m["sources"].items()})
+    for before, after in zip(splits, splits[1:]):  # a photo that trained never validates after the folder grew
+        assert not [n for n, split in before.items() if split == "train" and after[n] == "val"], (before, after)
 
 
 def test_prepare_folder_says_when_no_validation_split_is_written(tmp_path, capsys):

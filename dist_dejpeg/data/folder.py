@@ -3,7 +3,8 @@
 Each file gets a unique sample-key name (sanitised stem; a repeat gets -2, -3 ..., never a name another file has);
 unreadable files and byte-identical copies (a duplicate, a symlink to a file also present) are listed under the
 manifest's "rejected" before the split, so one photo never lands in both train and val. Validation images are whole
-photographs held out before tiling. Everything is written into a staging folder and published at the end
+photographs held out before tiling, each by its own name and the seed (held_out_rank: a folder that grows keeps
+every photo's split). Everything is written into a staging folder and published at the end
 (shards.write_dataset): a run that fails or is interrupted leaves --out as it was.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import random
 from functools import partial
 from pathlib import Path
 
@@ -175,6 +175,13 @@ def find_sources(src: Path) -> tuple[list[tuple[Path, str, str]], list[dict]]:
     return kept, rejected
 
 
+def held_out_rank(name: str, seed: int) -> float:
+    """A photo's place in [0, 1) by its name and the seed alone: it is held out for validation below --val-fraction.
+    A folder that grows keeps every photo's split (a shuffle of the whole list moved photos the model trained on
+    into validation, whose numbers then flattered it); the fewest a split takes: one photo of two."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{name}".encode()).digest()[:8], "big") / 2**64
+
+
 def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step: int = 128, shard_size: int = 256,
                    val_fraction: float = 0.1, seed: int = 0, fmt: str = "raw", jpeg: str = "halve",
                    max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int = 1) -> dict:
@@ -188,10 +195,10 @@ def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step
         raise PrepareError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     src = Path(src)
     found, rejected = find_sources(src)
-    order = list(found)
-    random.Random(seed).shuffle(order)
-    n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1) if len(order) > 1 and val_fraction > 0 else 0
-    val = {name for _, name, _ in order[:n_val]}
+    order = sorted(found, key=lambda source: held_out_rank(source[1], seed))
+    val = {name for _, name, _ in order if held_out_rank(name, seed) < val_fraction}
+    n_val = min(max(1, len(val)), len(order) - 1) if len(order) > 1 and val_fraction > 0 else 0
+    val = {name for _, name, _ in order[:n_val]}  # (at least one held out whenever there are two photos)
     sources = [(name, "val" if name in val else "train", partial(read_source, path, max_pixels, jpeg == "keep"))
                for path, name, _ in order]
     paths = {name: rel for _, name, rel in found}
