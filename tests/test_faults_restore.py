@@ -117,15 +117,19 @@ def cmyk_profile(grid: int = 3, tint=(1.0, 0.85, 0.6)) -> bytes:
             (b"wtpt", b"XYZ " + bytes(4) + white), (b"cprt", b"text" + bytes(4) + b"none\0"),
             (b"A2B0", b"mft1" + bytes(4) + bytes([4, 3, grid, 0]) + identity + ramp * 4
              + clut.astype(np.uint8).tobytes() + ramp * 3)]
+    return _icc(b"prtrCMYKLab ", tags, white)
+
+
+def _icc(classes: bytes, tags: list[tuple[bytes, bytes]], white: bytes) -> bytes:
+    """An ICC v2 profile: its header (device class, colour space and PCS: ``classes``) and its tag table."""
     table, data, start = b"", b"", 128 + 4 + 12 * len(tags)
     for sig, body in tags:
         data += bytes(-(start + len(data)) % 4)
         table += sig + struct.pack(">II", start + len(data), len(body))
         data += body
     body = struct.pack(">I", len(tags)) + table + data
-    header = (struct.pack(">I", 128 + len(body)) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"prtrCMYKLab " + bytes(12)
-              + b"acspAPPL" + bytes(24) + white + bytes(48))
-    return header + body
+    return (struct.pack(">I", 128 + len(body)) + b"lcms" + bytes([2, 0x10, 0, 0]) + classes + bytes(12)
+            + b"acspAPPL" + bytes(24) + white + bytes(48) + body)
 
 
 def test_cmyk_is_converted_through_its_embedded_profile(tmp_path, restorer):
@@ -163,14 +167,7 @@ def gray_profile() -> bytes:
     tags = [(b"desc", b"desc" + bytes(4) + struct.pack(">I", 10) + b"test GRAY\0" + bytes(79)),
             (b"wtpt", b"XYZ " + bytes(4) + white), (b"cprt", b"text" + bytes(4) + b"none\0"),
             (b"kTRC", b"curv" + bytes(4) + struct.pack(">IH", 1, int(2.2 * 256)))]
-    table, data, start = b"", b"", 128 + 4 + 12 * len(tags)
-    for sig, body in tags:
-        data += bytes(-(start + len(data)) % 4)
-        table += sig + struct.pack(">II", start + len(data), len(body))
-        data += body
-    body = struct.pack(">I", len(tags)) + table + data
-    return (struct.pack(">I", 128 + len(body)) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntrGRAYXYZ " + bytes(12)
-            + b"acspAPPL" + bytes(24) + white + bytes(48) + body)
+    return _icc(b"mntrGRAYXYZ ", tags, white)
 
 
 class Predicting(Identity):
