@@ -200,6 +200,15 @@ def test_stop_rule_on_psnr_takes_higher_as_better():
     assert (rule.best, rule.best_step) == (21.0, 1)
 
 
+def test_a_change_within_float_noise_is_no_improvement():
+    """One process and two sum the batch in another order: their validations differ in the last digits, and where
+    two steps were that close (PSNR 30.0127 vs 30.0130 dB) they kept different generators (test_distributed)."""
+    for metric, values in (("psnr", [30.0, 30.0033, 30.0036]), ("lpips", [0.2, 0.19998, 0.199975])):
+        rule = StopRule.start(0, metric)
+        assert [rule.update(v, step)[0] for step, v in enumerate(values)] == [True, True, False], metric
+        assert rule.best_step == 1
+
+
 def test_select_on_auto_follows_lpips_only_when_its_backbone_is_pretrained():
     """A random-backbone LPIPS (loss.lpips_pretrained=false, configs/debug.yaml) ranks generators arbitrarily:
     auto keeps the best by PSNR there."""

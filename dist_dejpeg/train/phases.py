@@ -19,6 +19,9 @@ log = logging.getLogger("dist_dejpeg")
 
 # the gan phase's selection metrics (a validation's restored number averaged over the qualities) -> higher is better
 SELECT_METRICS = {"lpips": False, "psnr": True}
+# the least change that counts as an improvement: a validation within float noise of the best (one process or
+# several sum in another order) keeps the earlier generator, so the kept one does not depend on the process count
+MIN_IMPROVEMENT = {"lpips": 1e-5, "psnr": 1e-3}
 
 
 def trains_generator(phase: PhaseConfig) -> bool:
@@ -92,8 +95,9 @@ class StopRule:
         return cls(patience=patience, best=-math.inf if SELECT_METRICS[metric] else math.inf, metric=metric)
 
     def update(self, value: float, step: int) -> tuple[bool, bool]:
-        """Record one validation; returns (improved, stop)."""
-        if value > self.best if SELECT_METRICS[self.metric] else value < self.best:
+        """Record one validation; returns (improved, stop). An improvement is one of at least MIN_IMPROVEMENT."""
+        margin = MIN_IMPROVEMENT[self.metric]
+        if value > self.best + margin if SELECT_METRICS[self.metric] else value < self.best - margin:
             self.best, self.best_step, self.bad_checks = value, step, 0
             return True, False
         self.bad_checks += 1
