@@ -314,8 +314,7 @@ def reencoding_outweighs(restored: np.ndarray, encoded: bytes, image: LoadedImag
     1 - 10^(-gain/10), and the re-encoding must add less. The JPEG's error is the validation's at that quality
     (``jpeg_psnr``, in generator files since 2026-12-07); for an older file, what the input's compression (its
     tables and subsampling) costs the restored image, which is smoother than the photo, so that it errs towards
-    writing the input. On 4 skimage photos at q10-q90, a q95 re-encoding: every input written where the output
-    would have lost (q80-q90), every gain kept below (benchmarks/RESULTS.md)."""
+    writing the input. Measured on held-out photos, q10-q90, a q95 re-encoding: benchmarks/RESULTS.md."""
     written = join_image(restored, None, image.grayscale)
     ref = np.asarray(written, np.float32)
 

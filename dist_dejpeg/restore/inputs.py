@@ -6,9 +6,10 @@ Restoring a folder into itself (``restore photos -o photos``) and then again, af
 restore the first run's outputs as new photos (photo.png restored again into photo.png.png, each run adding a
 layer): a search of the output folder leaves alone the files restore wrote (save_image marks each with EXIF
 Software "dist-dejpeg restore", as image editors name themselves: jpeg/formats.py's written_by_restore) and the
-inputs it passed through byte for byte under their output names (--format same with --suffix). A photo that merely shares an output's name is
-still an input (photo.jpg and photo.png, both originals, keep their extensions in their outputs). An output
-folder inside a folder searched (-o photos/restored) is not searched at all; a file named by itself always counts.
+inputs it passed through byte for byte under their output names (--format same with --suffix). A photo that merely
+shares an output's name is still an input (photo.jpg and photo.png, both originals, keep their extensions in their
+outputs). An output folder inside a folder searched (-o photos/restored) is not searched at all; a file named by
+itself always counts.
 """
 
 from __future__ import annotations
