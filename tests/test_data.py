@@ -531,6 +531,20 @@ def test_shards_prepared_again_are_told_from_the_ones_a_stream_position_was_save
     assert [os.path.getsize(p) for p in a] == [os.path.getsize(p) for p in b]
     assert shard_list_digest(a) != shard_list_digest(b)
     assert shard_list_digest(a) == shard_list_digest(sorted(str(p) for p in (tmp_path / "0").glob("train-*.tar")))
+    # a loader state saved before the digest held the shards' first bytes (names and sizes) still resumes exactly
+    from dist_dejpeg.data.torch_loader import legacy_shard_list_digest
+
+    first = TorchLoader(make_stream(tmp_path / "0", seed=3), 4, 0, CPU)
+    take(first, 2)
+    state = first.state_dict()
+    state["shards"][1] = legacy_shard_list_digest(a)
+    again = TorchLoader(make_stream(tmp_path / "0", seed=3), 4, 0, CPU)
+    again.load_state_dict(state)
+    assert again.consumed == first.consumed > 0
+    state["shards"][1] = "0" * 16
+    other = TorchLoader(make_stream(tmp_path / "0", seed=3), 4, 0, CPU)
+    other.load_state_dict(state)
+    assert other.consumed == 0  # another digest: the stream starts over, said
 
 
 # -- recipe knobs (data.quality_power, data.rot90) -----------------------------------------------------------

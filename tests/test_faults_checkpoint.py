@@ -359,6 +359,26 @@ def test_resume_across_deepspeed_and_ddp_or_process_counts_is_a_config_error(tmp
         load_checkpoint(fake(True, 2), zero)
 
 
+def test_one_process_under_an_accelerate_deepspeed_config_passes_the_check_before_start(tmp_path, shards,
+                                                                                       monkeypatch):
+    """accelerate launch --num_processes 1 with launch/accelerate/deepspeed_zero2.yaml: the config's stage is 0
+    until build_accelerator reads the launcher's; the check before start must not call its DeepSpeed checkpoint
+    one of a run without DeepSpeed."""
+    run = tmp_path / "run"
+    ckpt_dir = checkpoint_dir(run) / step_name(2)
+    (ckpt_dir / "pytorch_model").mkdir(parents=True)
+    (ckpt_dir / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    (ckpt_dir / TRAINER_STATE).write_text(json.dumps({"global_step": 2}))
+    cfg = tiny(run, shards, *OVER)
+    with pytest.raises(ConfigError, match="written under DeepSpeed, this run uses train.deepspeed_stage=0"):
+        check_before_start(cfg, None, 1)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    try:
+        check_before_start(cfg, None, 1)
+    except ConfigError as err:
+        assert "DeepSpeed" not in str(err), err
+
+
 def test_init_from_a_deepspeed_run_is_a_config_error(shards, tmp_path):  # noqa: F811
     """An unfinished DeepSpeed run (its checkpoint: a config, the engines' files, no model.safetensors) as
     model.init_from: a ConfigError naming the key, where a ModelFileError traceback came from every rank."""

@@ -764,6 +764,17 @@ def test_the_apis_save_keeps_what_restore_keeps(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "api.png")), np.asarray(restored))
 
 
+def test_the_api_restores_a_cameras_mpo_as_the_command_does():
+    """A phone's JPEG with an MPF second image opens as a 2-frame MPO: its first image, the photo, is restored (the
+    API refused it as 'animated' for a moment, while the command took it)."""
+    buf = io.BytesIO()
+    photo = _photo(64, 64)
+    Image.fromarray(photo).save(buf, format="MPO", quality=30, save_all=True, append_images=[Image.fromarray(photo)])
+    image = Image.open(io.BytesIO(buf.getvalue()))
+    assert image.format == "MPO" and image.n_frames == 2
+    assert Restorer(Pointwise(), tile=0, guard=False).restore(image, 30).size == (64, 64)
+
+
 def _animated() -> Image.Image:
     buf = io.BytesIO()
     frames = [Image.fromarray(np.full((16, 16, 3), v, np.uint8)) for v in (0, 255)]

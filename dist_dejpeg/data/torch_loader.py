@@ -50,6 +50,14 @@ log = logging.getLogger(__name__)
 _MAX_WARNINGS = 20  # per slot; counts keep going after the log stops
 
 
+def legacy_shard_list_digest(shards: list[str]) -> str:
+    """The digest loader states held before 2026-12-07 (names and sizes): a run saved then resumes exactly."""
+    digest = hashlib.sha256()
+    for shard in sorted(shards):
+        digest.update(f"{os.path.basename(shard)}\0{os.path.getsize(shard)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def shard_list_digest(shards: list[str]) -> str:
     """The shards' names, sizes and first samples (models.names.shard_fingerprint), not their folder (a copy
     elsewhere resumes exactly): which samples each stream position holds depends on them, so a resume checks them.
@@ -211,7 +219,8 @@ class TorchLoader:
                         state.get("num_workers"), state.get("world"), self.num_workers, self.stream.world, restart)
             return
         count, digest = state.get("shards") or (len(self.stream.shards), self.stream.digest)  # older: unchecked
-        if digest != self.stream.digest:  # another sample at each position: resuming would replay and skip samples
+        if digest != self.stream.digest and digest != legacy_shard_list_digest(self.stream.shards):
+            # another sample at each position: resuming would replay and skip samples
             log.warning("the training shards changed since the data loader's state was saved over %d training "
                         "shards, now %d%s: %s", count, len(self.stream.shards),
                         " (as many, but others or of other sizes)" if count == len(self.stream.shards) else "", restart)

@@ -6,7 +6,7 @@ model on onnxruntime, torch-free), ``files`` (folders and globs into an output f
     from dist_dejpeg.restore import Restorer, open_restorer
     restorer = open_restorer("model.onnx", tile=512)   # OnnxRestorer: onnxruntime, torch never imported
     restorer = open_restorer("runs/debug")             # Restorer: PyTorch
-    save_restored(restorer.restore("photo.jpg"), "photo.png")   # with the photo's ICC, EXIF, XMP, as restore writes
+    save_restored(restorer.restore("photo.jpg"), "photo.png")   # with the photo's ICC, EXIF, XMP
 """
 
 __all__ = ["OnnxRestorer", "Restorer", "open_restorer", "save_restored"]
@@ -43,10 +43,12 @@ def open_restorer(model, **kwargs):
 
 
 def save_restored(image, path, quality: int | None = None) -> None:
-    """Write a PIL image ``Restorer.restore`` returned as the ``restore`` command writes its files: in the format
+    """Write a PIL image ``Restorer.restore`` returned with the writer the ``restore`` command uses: in the format
     ``path``'s suffix names (.png, .jpg, .webp, .tif; ``quality``: a jpg's or webp's), atomically, with the
     input's ICC profile, EXIF, XMP, dpi and a JPEG's comment from ``image.info`` in every format (Pillow's
-    ``image.save(path, **image.info)`` drops the XMP and the comment from a PNG). Torch-free."""
+    ``image.save(path, **image.info)`` drops the XMP and the comment from a PNG). What the command does beside
+    it is its own: a PNG's text chunks and a JPEG's IPTC carried, and a JPEG written as a JPEG again left the
+    input file where the re-encoding would cost more than restoring gains (restore/files.py). Torch-free."""
     from dist_dejpeg.restore.images import save_image, split_image
 
     rgb, alpha, grayscale = split_image(image)

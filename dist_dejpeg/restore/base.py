@@ -253,10 +253,10 @@ class ImageRestorer:
         if type(image).__module__.startswith("torch"):
             return self.restore_tensor(image, quality)
         if isinstance(image, Image.Image):
-            if getattr(image, "is_animated", False):  # (as load_image refuses the file)
-                raise ValueError(f"an animated {image.format or 'image'} ({image.n_frames} frames): restore writes one "
-                                 f"image, so all but the current frame would be lost; restore the frames one by one "
-                                 f"(image.seek(i), then image.copy())")
+            if image.format in ("GIF", "PNG", "WEBP") and getattr(image, "is_animated", False):  # as load_image's
+                raise ValueError(f"an animated {image.format} ({image.n_frames} frames): restore writes one image, so "
+                                 f"all but the current frame would be lost; restore the frames one by one "
+                                 f"(image.seek(i), then image.copy())")  # (a camera's MPO, a TIFF's preview: its first)
             rgb, alpha, grayscale = split_image(image)
             source = "given"
             if quality is None:

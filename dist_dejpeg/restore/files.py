@@ -52,6 +52,9 @@ from dist_dejpeg.run.lock import pid_alive
 
 log = logging.getLogger(__name__)
 
+# the input's compression costs the restored image 0.07-0.2 of the JPEG's own error (held-out photos, the debug
+# model: benchmarks/RESULTS.md): 5 times it is the JPEG's error at most for a restoration that smooth
+OWN_ERROR_SHARE = 5.0
 STALE_TEMP_S = 600  # a temp file of an output this old is stale whatever its pid says
 
 
@@ -234,7 +237,8 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
         """Write the output; returns why it is the input unchanged after all (a lossy re-encoding), or None."""
         target.parent.mkdir(parents=True, exist_ok=True)
         fmt = save_options(target.suffix)[0]
-        if decision.passthrough and image.format == fmt:  # unchanged: the file, not a re-encode
+        same = written_as(image.format) == fmt  # (a camera's MPO is a JPEG file)
+        if decision.passthrough and same:  # unchanged: the file, not a re-encode
             atomic_write_bytes(target, path.read_bytes())
             return None
         data = save_image(restored, target, alpha=image.alpha, grayscale=image.grayscale,
@@ -244,7 +248,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
         gain = getattr(decision, "gain", None)
         lossy = fmt == "JPEG" or (fmt == "WEBP" and output_quality is not None)
         why = None
-        if lossy and image.format == fmt and not decision.passthrough and gain is not None:
+        if lossy and same and not decision.passthrough and gain is not None:
             why = reencoding_outweighs(restored, data, image, decision.quality, gain,
                                        getattr(decision, "jpeg_psnr", None))
         atomic_write_bytes(target, path.read_bytes() if why else data)
@@ -311,33 +315,38 @@ def reencoding_outweighs(restored: np.ndarray, encoded: bytes, image: LoadedImag
     the input file itself, or None. Its error against the clean photo is the restored image's plus the
     re-encoding's (``encoded`` against ``restored``, measured), and the restored image's is the JPEG's lowered
     by ``gain`` dB (the guard's lower bound at ``quality``): restoring removes the JPEG's error times
-    1 - 10^(-gain/10), and the re-encoding must add less. The JPEG's error is the validation's at that quality
-    (``jpeg_psnr``, in generator files since 2026-12-07); for an older file, what the input's compression (its
-    tables and subsampling) costs the restored image, which is smoother than the photo, so that it errs towards
-    writing the input. Measured on held-out photos, q10-q90, a q95 re-encoding: benchmarks/RESULTS.md."""
+    1 - 10^(-gain/10), and the re-encoding must add less. The JPEG's error: what the input's compression (its
+    tables and subsampling) costs the restored image, this photo's own but a fraction of the JPEG's (the restored
+    image is smoother than the photo: 0.07-0.2 of it on held-out photos with the debug model), so taken
+    OWN_ERROR_SHARE times, and no more than the validation's at that quality (``jpeg_psnr``, in generator files
+    since 2026-12-07; an older file: the fraction alone): a smooth photo, whose JPEG error is well under the
+    validation's, is not re-encoded into a loss. Measured on held-out photos, q10-q90, a q95 re-encoding: benchmarks/RESULTS.md."""
     written = join_image(restored, None, image.grayscale)
     ref = np.asarray(written, np.float32)
 
     def error(data: bytes) -> float:
         return float(np.mean((np.asarray(Image.open(io.BytesIO(data)).convert(written.mode), np.float32) - ref) ** 2))
 
-    if jpeg_psnr is not None:
-        mse_j = 255.0**2 * 10 ** (-jpeg_psnr / 10)
-    else:
-        src = image.image
-        tables = getattr(src, "quantization", None) if src is not None and src.format in ("JPEG", "MPO") else None
-        options = ({"qtables": [tables[k] for k in sorted(tables)][:1 if image.grayscale else 2],
-                    "subsampling": max(JpegImagePlugin.get_sampling(src), 0)} if tables
-                   else {"quality": quality, "subsampling": 2})
-        buf = io.BytesIO()
-        written.save(buf, format="JPEG", **options)
-        mse_j = error(buf.getvalue())
+    src = image.image
+    tables = getattr(src, "quantization", None) if src is not None and src.format in ("JPEG", "MPO") else None
+    options = ({"qtables": [tables[k] for k in sorted(tables)][:1 if image.grayscale else 2],
+                "subsampling": max(JpegImagePlugin.get_sampling(src), 0)} if tables
+               else {"quality": quality, "subsampling": 2})
+    buf = io.BytesIO()
+    written.save(buf, format="JPEG", **options)
+    own = error(buf.getvalue())  # the input's compression on the restored image: this photo's, a fraction of it
+    mse_j = own if jpeg_psnr is None else min(255.0**2 * 10 ** (-jpeg_psnr / 10), OWN_ERROR_SHARE * own)
     mse_e = error(encoded)
     if mse_e <= mse_j * (1 - 10 ** (-gain / 10)):
         return None
-    return (f"re-encoding as {image.format} would add more error than restoring removes "
+    return (f"re-encoding as {written_as(image.format)} would add more error than restoring removes "
             f"({_psnr(mse_e):.1f} dB PSNR of re-encoding against the {gain:+.2f} dB predicted at q{quality}): the "
             f"input written unchanged")
+
+
+def written_as(fmt: str) -> str:
+    """The output format a file of Pillow format ``fmt`` is the same as (a camera's MPO: JPEG)."""
+    return {"MPO": "JPEG"}.get(fmt, fmt)
 
 
 def _psnr(mse: float) -> float:

@@ -83,11 +83,17 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
                 add(p, below(p, prefix), top)
     earlier = earlier_outputs(found, in_out, out, fmt, suffix) if in_out else set()
     results += [RestoreResult(str(found[i][0]), earlier=True) for i in sorted(earlier)]
+    own = {(out / output_names([rel], fmt, suffix)[0]).resolve(): p for p, rel in found} if below_out else {}
     for key, (path, top) in below_out.items():  # an earlier restore's output, or an original said not restored
-        if key not in seen:
-            results.append(RestoreResult(str(path), earlier=True) if written_by_restore(path) else RestoreResult(
-                str(path), error=f"inside the output folder {out_dir}, which the search of {top} leaves out: not "
-                                 f"restored (name it by itself, or restore into a folder outside {top})"))
+        if key in seen:
+            continue
+        source = own.get(key)  # (an input passed through byte for byte carries no mark: its own bytes)
+        if written_by_restore(path) or (source is not None and filecmp.cmp(source, path, shallow=False)):
+            results.append(RestoreResult(str(path), earlier=True))
+        else:
+            results.append(RestoreResult(str(path), error=f"inside the output folder {out_dir}, which the search "
+                                                           f"of {top} leaves out: not restored (name it by itself, "
+                                                           f"or restore into a folder outside {top})"))
     return [f for i, f in enumerate(found) if i not in earlier], results
 
 

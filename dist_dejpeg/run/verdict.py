@@ -59,7 +59,7 @@ def verdict(*, has_config: bool, progress: dict | None, progress_age_s: float | 
     if finished_files and pstatus in (None, "running"):
         return "finished", f"{METRICS} and {GENERATOR} are written"
     if pstatus == "stopped" and str((progress or {}).get("reason") or "").startswith("disk full"):
-        return "stopped", f"the disk filled ({reason}); free space, then the same command continues"
+        return "stopped", f"the disk filled ({reason}); free space, then continue it as its message says"
     if pstatus == "stopped":
         return "stopped", f"a non-finite loss stopped it ({reason}); a checkpoint is kept, --resume continues"
     if pstatus == "preempted":

@@ -23,6 +23,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import os
 from pathlib import Path
 
 import yaml
@@ -72,7 +73,10 @@ def check_before_start(cfg: Config, resume: str | None, processes: int) -> None:
         except (OSError, ValueError):
             return
         has_critic = any(trains_critic(cfg.train.phases[name]) for name in cfg.train.order)
-        check_continuation(cfg, Path(chosen), saved_state, cfg.train.deepspeed_stage > 0, processes, has_critic)
+        # (an accelerate launch DeepSpeed config sets the stage later, in build_accelerator: its variable says it)
+        deepspeed = cfg.train.deepspeed_stage > 0 or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in (
+            "1", "true", "yes")
+        check_continuation(cfg, Path(chosen), saved_state, deepspeed, processes, has_critic)
     finally:
         log.disabled = was
 
