@@ -83,12 +83,11 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
                 add(p, below(p, prefix), top)
     earlier = earlier_outputs(found, in_out, out, fmt, suffix) if in_out else set()
     results += [RestoreResult(str(found[i][0]), earlier=True) for i in sorted(earlier)]
-    own = {(out / output_names([rel], fmt, suffix)[0]).resolve(): p for p, rel in found} if below_out else {}
+    own = own_outputs(found, out, fmt, suffix) if below_out else {}
     for key, (path, top) in below_out.items():  # an earlier restore's output, or an original said not restored
         if key in seen:
             continue
-        source = own.get(key)  # (an input passed through byte for byte carries no mark: its own bytes)
-        if written_by_restore(path) or (source is not None and filecmp.cmp(source, path, shallow=False)):
+        if is_earlier_output(path, own):
             results.append(RestoreResult(str(path), earlier=True))
         else:
             results.append(RestoreResult(str(path), error=f"inside the output folder {out_dir}, which the search "
@@ -101,15 +100,21 @@ def earlier_outputs(found: list[tuple[Path, Path]], candidates: set[int], out: P
     """Which of ``found``'s files (indices among ``candidates``: found by a search of the output folder ``out``
     itself) an earlier restore wrote there: those carrying restore's mark (written_by_restore), and those that
     are another input passed through byte for byte under the name this run gives its output."""
-    own_output = {(out / output_names([rel], fmt, suffix)[0]).resolve(): path for path, rel in found}
-    earlier = set()
-    for i in sorted(candidates):
-        path = found[i][0]
-        source = own_output.get(path.resolve())
-        if written_by_restore(path) or (source is not None and source.resolve() != path.resolve()
-                                        and filecmp.cmp(source, path, shallow=False)):
-            earlier.add(i)
-    return earlier
+    own = own_outputs(found, out, fmt, suffix)
+    return {i for i in sorted(candidates) if is_earlier_output(found[i][0], own)}
+
+
+def own_outputs(found: list[tuple[Path, Path]], out: Path, fmt: str, suffix: str) -> dict[Path, Path]:
+    """{the output path this run gives each of ``found``'s files (resolved): that file}."""
+    return {(out / output_names([rel], fmt, suffix)[0]).resolve(): path for path, rel in found}
+
+
+def is_earlier_output(path: Path, own: dict[Path, Path]) -> bool:
+    """Whether an earlier restore wrote ``path``: it carries restore's mark, or it is another input passed through
+    byte for byte under the name this run gives that input's output (``own``: own_outputs; a copy has no mark)."""
+    source = own.get(path.resolve())
+    return written_by_restore(path) or (source is not None and source.resolve() != path.resolve()
+                                        and filecmp.cmp(source, path, shallow=False))
 
 
 def glob_files(pattern: str) -> list[Path]:

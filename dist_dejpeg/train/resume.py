@@ -23,7 +23,6 @@ import dataclasses
 import inspect
 import json
 import logging
-import os
 from pathlib import Path
 
 import yaml
@@ -39,6 +38,7 @@ from dist_dejpeg.run.manifest import Verdict, verify_checkpoint
 from dist_dejpeg.train.checkpoint import CheckpointError, check_deepspeed_layout, load_checkpoint, set_aside_later
 from dist_dejpeg.train.collective import all_ranks_or_raise, on_main
 from dist_dejpeg.train.phases import trains_critic
+from dist_dejpeg.train.zero import launcher_uses_deepspeed
 
 log = logging.getLogger("dist_dejpeg")
 
@@ -74,8 +74,7 @@ def check_before_start(cfg: Config, resume: str | None, processes: int) -> None:
             return
         has_critic = any(trains_critic(cfg.train.phases[name]) for name in cfg.train.order)
         # (an accelerate launch DeepSpeed config sets the stage later, in build_accelerator: its variable says it)
-        deepspeed = cfg.train.deepspeed_stage > 0 or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in (
-            "1", "true", "yes")
+        deepspeed = cfg.train.deepspeed_stage > 0 or launcher_uses_deepspeed()
         check_continuation(cfg, Path(chosen), saved_state, deepspeed, processes, has_critic)
     finally:
         log.disabled = was

@@ -31,11 +31,16 @@ from dist_dejpeg.config import Config, ConfigError, clip_norms
 from dist_dejpeg.train.phases import trains_critic
 
 
+def launcher_uses_deepspeed() -> bool:
+    """Whether `accelerate launch` was given a DeepSpeed config (its variable; read, not removed)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
+
+
 def launcher_deepspeed_stage() -> int | None:
     """The ZeRO stage when `accelerate launch` was given a DeepSpeed config (launch/accelerate/
     deepspeed_zero2.yaml). Its ACCELERATE_DEEPSPEED_* settings are dropped: the trainer's two per-model
     plugins carry the whole DeepSpeed config, and Accelerate refuses the mix of both."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("1", "true", "yes"):
+    if not launcher_uses_deepspeed():
         return None
     stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
     dropped = ("ACCELERATE_CONFIG_DS_FIELDS", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "ACCELERATE_GRADIENT_CLIPPING")
