@@ -21,7 +21,7 @@ from PIL import Image
 from dist_dejpeg.jpeg.quality import estimate_quality
 from dist_dejpeg.models.names import GAIN_KEYS, JPEG_PSNR, read_gains
 from dist_dejpeg.restore.guard import Decision, decide
-from dist_dejpeg.restore.images import join_image, load_image, split_image, to_gray
+from dist_dejpeg.restore.images import is_animation, join_image, load_image, split_image, to_gray
 from dist_dejpeg.restore.metadata import jpeg_notes, output_dpi, output_metadata, output_xmp
 from dist_dejpeg.restore.tiling import NUMPY, Arrays, restore_tiled
 
@@ -253,10 +253,10 @@ class ImageRestorer:
         if type(image).__module__.startswith("torch"):
             return self.restore_tensor(image, quality)
         if isinstance(image, Image.Image):
-            if image.format in ("GIF", "PNG", "WEBP") and getattr(image, "is_animated", False):  # as load_image's
+            if is_animation(image):  # as load_image refuses the file
                 raise ValueError(f"an animated {image.format} ({image.n_frames} frames): restore writes one image, so "
                                  f"all but the current frame would be lost; restore the frames one by one "
-                                 f"(image.seek(i), then image.copy())")  # (a camera's MPO, a TIFF's preview: its first)
+                                 f"(image.seek(i), then image.copy())")
             rgb, alpha, grayscale = split_image(image)
             source = "given"
             if quality is None:

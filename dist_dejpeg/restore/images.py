@@ -145,7 +145,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
             raise InputImageError(f"{path}: a {bits}-bit {img.format}: JPEG is 8-bit, so this file never was a JPEG; "
                                   f"convert it to 8 bits first if it holds a decoded JPEG")
         mode, fmt = img.mode, img.format or path.suffix.lstrip(".").upper()
-        if fmt in ("GIF", "PNG", "WEBP") and getattr(img, "is_animated", False):
+        if is_animation(img, fmt):
             raise InputImageError(f"{path}: an animated {fmt} ({img.n_frames} frames): restore writes one image, so "
                                   f"all but the first frame would be lost; save the frames as separate images")
         try:
@@ -163,6 +163,12 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
         return LoadedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, mode=mode, format=fmt, image=img,
                            icc_profile=icc, exif=exif, xmp=output_xmp(img), dpi=output_dpi(img), comment=comment,
                            iptc=iptc, text=png_text(img))
+
+
+def is_animation(img: Image.Image, fmt: str | None = None) -> bool:
+    """An animated GIF, PNG or WebP (``fmt``: its format, if PIL's is not set): restore writes one image. A camera's
+    MPO (its photo first) and a TIFF's preview pages are not (TIFF pages: _tiff_pages)."""
+    return (fmt or img.format) in ("GIF", "PNG", "WEBP") and bool(getattr(img, "is_animated", False))
 
 
 def _tiff_pages(img: Image.Image) -> int:
