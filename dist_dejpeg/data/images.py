@@ -103,9 +103,20 @@ def decode_rgb8(data: bytes, max_pixels: int | None = None, upright: bool = Fals
 def jpeg_roundtrip(rgb: np.ndarray, quality: int, subsampling: int = -1) -> np.ndarray:
     """Encode with libjpeg at ``quality`` and decode again. ``subsampling``: PIL's code (-1: its default,
     4:2:0 chroma subsampling; 0: 4:4:4)."""
+    return jpeg_decode(jpeg_encode(rgb, quality, subsampling))
+
+
+def jpeg_encode(rgb: np.ndarray, quality: int, subsampling: int = -1) -> bytes:
+    """The JPEG file libjpeg writes of ``rgb`` (H x W x 3 or H x W uint8) at ``quality`` (``subsampling``: as
+    jpeg_roundtrip's)."""
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=int(quality), subsampling=subsampling)
-    return np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return buf.getvalue()
+
+
+def jpeg_decode(data: bytes) -> np.ndarray:
+    """A JPEG file's bytes decoded to H x W x 3 uint8 RGB."""
+    return np.array(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def halve(image: np.ndarray) -> np.ndarray:

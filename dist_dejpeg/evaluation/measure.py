@@ -11,8 +11,9 @@ from collections import deque
 import numpy as np
 
 from dist_dejpeg.config.schema import LPIPS_MIN_SIDE as LPIPS_SIDES
-from dist_dejpeg.data.images import BadImage, jpeg_roundtrip
+from dist_dejpeg.data.images import BadImage, jpeg_decode, jpeg_encode
 from dist_dejpeg.evaluation.pairs import Measure, Pair
+from dist_dejpeg.jpeg.consistency import conform_to_file
 from dist_dejpeg.evaluation.references import EvaluateError
 from dist_dejpeg.metrics.fullref import SSIM_MIN_SIDE, cropped
 from dist_dejpeg.metrics.noref import unavailable_reason
@@ -115,7 +116,8 @@ def restored_pairs(refs, qualities, restorer, metric: MetricSet, blind: bool, su
         # restored channels): it is measured so, not as the colour image the model returns
         gray = bool((clean[..., 0] == clean[..., 1]).all() and (clean[..., 1] == clean[..., 2]).all())
         for i, q in enumerate(qualities):
-            jpeg = jpeg_roundtrip(clean[..., 0] if gray else clean, q, subsampling)
+            data = jpeg_encode(clean[..., 0] if gray else clean, q, subsampling)
+            jpeg = jpeg_decode(data)
             start = time.perf_counter()
             if blind:  # the raw blind model: with no quality, the guard would pass every image through
                 guard, restorer.guard = restorer.guard, False
@@ -126,9 +128,11 @@ def restored_pairs(refs, qualities, restorer, metric: MetricSet, blind: bool, su
                     restorer.guard = guard
             else:
                 restored = restorer.restore_array(jpeg[..., 0] if gray else jpeg, q, source="given")
-            timing["restore_seconds"] += time.perf_counter() - start
             if gray:
                 restored = np.repeat(restored[..., None], 3, axis=2)
+            if not restorer.last_decision.passthrough:  # as restore makes a JPEG file's
+                restored = conform_to_file(restored, data)[0]
+            timing["restore_seconds"] += time.perf_counter() - start
             timing["megapixels"] += clean.shape[0] * clean.shape[1] / 1e6
             try:  # both against the clean photo at once: its LPIPS features are computed once for the pair
                 distances, lpips_error = metric.lpips_values([jpeg, restored], clean), None

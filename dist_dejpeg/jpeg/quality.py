@@ -153,7 +153,8 @@ def estimate_from_tables(tables: dict[int, list[int]] | list) -> QualityEstimate
 
 # ---- pixels -------------------------------------------------------------------------------------------------
 
-def _dct_rows() -> np.ndarray:
+def dct_rows() -> np.ndarray:
+    """The 8-point DCT-II as an 8 x 8 matrix, rows the frequencies."""
     n = np.arange(8)
     d = np.cos((2 * n[None] + 1) * n[:, None] * np.pi / 16) * np.sqrt(2 / 8)
     d[0] /= np.sqrt(2)
@@ -162,7 +163,7 @@ def _dct_rows() -> np.ndarray:
 
 @lru_cache(maxsize=1)
 def _basis() -> np.ndarray:
-    d = _dct_rows()
+    d = dct_rows()
     return np.stack([np.outer(d[p // 8], d[p % 8]).reshape(64) for p in AC_POSITIONS], axis=1).astype(np.float32)
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 from dist_dejpeg.jpeg.quality import estimate_quality
 from dist_dejpeg.models.names import GAIN_KEYS, JPEG_PSNR, read_gains
 from dist_dejpeg.restore.guard import Decision, decide
-from dist_dejpeg.restore.images import is_animation, join_image, load_image, split_image, to_gray
+from dist_dejpeg.restore.images import is_animation, join_image, load_image, made_consistent, split_image, to_gray
 from dist_dejpeg.restore.metadata import jpeg_notes, output_dpi, output_metadata, output_xmp
 from dist_dejpeg.restore.tiling import NUMPY, Arrays, restore_tiled
 
@@ -245,7 +245,9 @@ class ImageRestorer:
         array's is unknown. A PIL image comes back with the input's ICC profile, EXIF, dpi, XMP and a JPEG's comment in
         ``.info`` ("icc_profile", "exif", "dpi", "xmp", "comment"; orientation applied, as restore/images.py writes
         them), so ``out.save(path, **out.info)`` keeps them (Pillow writes ``xmp=`` into JPEG and WebP files,
-        ``comment=`` into JPEG; restore/images.save_image into PNG and TIFF too, and a JPEG's IPTC: jpeg_notes)."""
+        ``comment=`` into JPEG; restore/images.save_image into PNG and TIFF too, and a JPEG's IPTC: jpeg_notes).
+        A JPEG opened from its file is made consistent with the file's data, as ``restore`` makes it
+        (images.made_consistent); an array's or tensor's is not (jpeg.consistency.conform does it, given the file)."""
         if isinstance(image, (str, os.PathLike)):
             image = load_image(image).image  # its quality read from its file, as with Image.open's
         if isinstance(image, np.ndarray):
@@ -262,7 +264,12 @@ class ImageRestorer:
             if quality is None:
                 est = estimate_quality(image, rgb)
                 quality, source = est.quality, est.source or "unknown"
-            restored = join_image(self.restore_array(rgb, quality, source), alpha, grayscale)
+            restored = self.restore_array(rgb, quality, source)
+            decision = self.last_decision
+            if not decision.passthrough:  # a JPEG opened from its file: consistent with the file's data
+                restored, unmade = made_consistent(restored, image)
+                decision.reason += f"; {unmade}" if unmade else ""
+            restored = join_image(restored, alpha, grayscale)
             icc, exif = output_metadata(image, grayscale)
             restored.info.update({k: v for k, v in (("icc_profile", icc), ("exif", exif), ("dpi", output_dpi(image)),
                                                     ("xmp", output_xmp(image)), ("comment", jpeg_notes(image)[0]))

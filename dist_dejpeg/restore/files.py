@@ -44,7 +44,7 @@ from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, IMAGE_SUFFIXES, OUTPUT_SUFF
                                       save_options)
 from dist_dejpeg.jpeg.quality import DOUBLE, estimate_quality
 from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, join_image, load_image,
-                                        output_complete, pixel_limit, save_image)
+                                        made_consistent, output_complete, pixel_limit, save_image)
 from dist_dejpeg.restore.inputs import RestoreResult, collect_inputs, output_names
 from dist_dejpeg.restore.base import ImageRestorer  # Restorer (PyTorch) or OnnxRestorer: no torch import here
 from dist_dejpeg.run.files import TEMP_NAME, atomic_write_bytes, is_disk_full, prove_writable
@@ -233,14 +233,18 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
                                   f"hold: {how}")
         return image, read_quality(result, image, quality)
 
-    def save(restored, image: LoadedImage, target: Path, path: Path, decision) -> str | None:
-        """Write the output; returns why it is the input unchanged after all (a lossy re-encoding), or None."""
+    def save(restored, image: LoadedImage, target: Path, path: Path, decision) -> tuple[str | None, str]:
+        """Write the output; returns why it is the input unchanged after all (a lossy re-encoding), or None, and
+        why a restored JPEG is not consistent with its file's data ("": it is, or it is no JPEG)."""
         target.parent.mkdir(parents=True, exist_ok=True)
         fmt = save_options(target.suffix)[0]
         same = written_as(image.format) == fmt  # (a camera's MPO is a JPEG file)
         if decision.passthrough and same:  # unchanged: the file, not a re-encode
             atomic_write_bytes(target, path.read_bytes())
-            return None
+            return None, ""
+        unmade = ""
+        if not decision.passthrough:
+            restored, unmade = made_consistent(restored, image.image, path)
         data = save_image(restored, target, alpha=image.alpha, grayscale=image.grayscale,
                           icc_profile=image.icc_profile, exif=image.exif, quality=output_quality, dpi=image.dpi,
                           xmp=image.xmp, comment=image.comment, iptc=image.iptc, text=image.text,
@@ -252,12 +256,15 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
             why = reencoding_outweighs(restored, data, image, decision.quality, gain,
                                        getattr(decision, "jpeg_psnr", None))
         atomic_write_bytes(target, path.read_bytes() if why else data)
-        return why
+        return why, unmade
 
     def saved(result: RestoreResult, target: Path, image: LoadedImage, future: Future) -> None:
         try:
-            if why := future.result():
+            why, unmade = future.result()
+            if why:
                 result.passthrough, result.note = True, why
+            elif unmade:
+                result.note = f"{result.note}; {unmade}" if result.note else unmade
         except RESTORE_ERRORS as err:
             result.error = error_text(err)
             if is_disk_full(err):

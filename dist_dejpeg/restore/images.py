@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
+from dist_dejpeg.jpeg.consistency import conform_to_file
 from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, DEFAULT_MAX_PIXELS, icc_space, rgb_image, save_options
 from dist_dejpeg.restore.metadata import (JPEG_MARKER_MAX, XMP_HEADER, fit_exif, jpeg_notes, marked, output_dpi,
                                           output_metadata, output_xmp, png_text, tiff_with_exif, with_app13)
@@ -163,6 +164,19 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
         return LoadedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, mode=mode, format=fmt, image=img,
                            icc_profile=icc, exif=exif, xmp=output_xmp(img), dpi=output_dpi(img), comment=comment,
                            iptc=iptc, text=png_text(img))
+
+
+def made_consistent(restored: np.ndarray, img: Image.Image | None, path: str | Path | None = None
+                    ) -> tuple[np.ndarray, str]:
+    """``restored`` (H x W x 3 uint8, as displayed) made consistent with the JPEG file it was restored from
+    (jpeg/consistency.py: each DCT coefficient the model moved out of the quantization cell the file names put
+    back at the cell's edge), where ``img``, the opened file, is a JPEG or a camera's MPO read from ``path``
+    (None: its own filename). Else ``restored`` itself, and why where ``img`` is a JPEG ("" otherwise)."""
+    if img is None or img.format not in ("JPEG", "MPO"):
+        return restored, ""
+    if not (source := path or getattr(img, "filename", "")):
+        return restored, "not made consistent with its JPEG data: the image was not opened from a file"
+    return conform_to_file(restored, source, img.getexif().get(0x0112, 1))
 
 
 def is_animation(img: Image.Image, fmt: str | None = None) -> bool:

@@ -1,0 +1,78 @@
+"""Restored JPEGs made consistent with their files (jpeg/consistency.py): what putting each DCT coefficient back
+inside its quantization cell does to photos and to graphics, and what narrower cells would do.
+
+    dist-dejpeg train --config configs/debug.yaml            # the quick start's model, runs/debug
+    python benchmarks/experiments/consistency.py runs/debug  # ~1 min on 2 cores
+
+Images: the sample set's held-out photos (chelsea, coffee, coins halved) and graphics the photo-trained model was
+never shown (skimage's colorwheel, checkerboard, horse silhouette; a synthetic sky gradient), each compressed by
+libjpeg (4:2:0) at each quality and restored with the guard off (the model's own output at every quality). Prints
+as markdown the RGB PSNR gain over the JPEG: the model's image, and the model's image conformed to cells of
+half-width 0.5 (the file's cells: what restore does) and narrower (0.3, 0.2: pulled towards the JPEG's values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import skimage.data
+from PIL import Image
+
+import dist_dejpeg.jpeg.consistency as consistency
+from dist_dejpeg.data.shards import SAMPLE_VAL, sample_photo
+from dist_dejpeg.metrics.fullref import psnr
+from dist_dejpeg.restore import open_restorer
+
+QUALITIES = (10, 30, 50, 80, 90)
+HALF_WIDTHS = (0.5, 0.3, 0.2)
+
+
+def graphics() -> dict[str, np.ndarray]:
+    board = skimage.data.checkerboard()
+    horse = np.where(skimage.data.horse(), 255, 0).astype(np.uint8)
+    yy, xx = np.mgrid[0:256, 0:384]
+    sky = np.stack([90 + 60 * yy / 256, 140 + 60 * yy / 256, 230 - 10 * xx / 384], axis=-1)
+    return {"colorwheel": skimage.data.colorwheel()[..., :3], "checkerboard": np.stack([board] * 3, axis=-1),
+            "horse": np.stack([horse] * 3, axis=-1), "sky": np.rint(sky).astype(np.uint8)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="generator file, run or checkpoint folder, or ONNX export")
+    args = parser.parse_args()
+    restorer = open_restorer(args.model, device="cpu", guard=False)
+    images = {name: sample_photo(name) for name in SAMPLE_VAL} | graphics()
+    widths = " | ".join(f"conformed, half-width {h}" for h in HALF_WIDTHS)
+    print(f"{args.model}; RGB PSNR gain over the JPEG (dB), guard off\n")
+    print(f"| image | q | JPEG PSNR | model's image | {widths} |")
+    print("|---|---|---|---|" + "---|" * len(HALF_WIDTHS))
+    means: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, clean in images.items():
+            kind = "photos" if name in SAMPLE_VAL else "graphics"
+            for q in QUALITIES:
+                path = Path(tmp) / f"{name}_q{q}.jpg"
+                Image.fromarray(clean).save(path, quality=q)
+                jpeg = np.asarray(Image.open(path).convert("RGB"))
+                base = psnr(jpeg, clean)
+                restored = restorer.restore_array(jpeg, q)
+                cells = consistency.read_cells(path)
+                gains = [psnr(restored, clean) - base]
+                for half in HALF_WIDTHS:
+                    consistency._HALF = half
+                    gains.append(psnr(consistency.conform(restored, cells), clean) - base)
+                consistency._HALF = 0.5
+                for column, gain in enumerate(gains):
+                    means.setdefault(f"{kind} {column}", []).append(gain)
+                print(f"| {name} | {q} | {base:.2f} | " + " | ".join(f"{g:+.2f}" for g in gains) + " |", flush=True)
+    for kind in ("photos", "graphics"):
+        cells = [f"{np.mean(means[f'{kind} {c}']):+.2f} (min {min(means[f'{kind} {c}']):+.2f})"
+                 for c in range(1 + len(HALF_WIDTHS))]
+        print(f"| **{kind}, mean** | | | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""A restored image made consistent with the JPEG file it came from. The file holds, for each 8x8 block of
+each plane (Y, and Cb and Cr at the file's chroma sampling), DCT coefficients quantized by its tables: the
+clean photo's coefficients lay within half a quantization step of each stored one (its cell). ``conform``
+moves each coefficient of the restored image that left its cell back to the cell's edge, the rest untouched:
+the nearest image, in the JPEG's own (YCbCr, DCT) space, that the file could have come from. The cells are a
+convex set that holds the clean photo, so this never moves the restored image away from it in that space (up
+to the encoder's rounding), whatever the model did; measured in RGB, benchmarks/RESULTS.md ("consistent with
+the file"). Torch-free: the PyTorch and onnxruntime restorers both use it.
+
+    cells = read_cells("photo.jpg")            # JpegCells, or a NotConsistent error saying why not
+    restored = conform(restored, cells)        # H x W x 3 uint8 -> the same, orientation as displayed
+
+The coefficients are read by jpeglib (libjpeg's own coefficient reader). The file's chroma planes are box
+averages of the full-resolution ones (libjpeg's encoder), so a chroma cell's correction is spread evenly over
+the pixels each sample covers: with averaging's rows orthogonal and of equal weight, that is the projection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from dist_dejpeg.jpeg.formats import JFIF_YCBCR
+from dist_dejpeg.jpeg.quality import dct_rows
+
+log = logging.getLogger(__name__)
+
+
+JPEGLIB_MISSING = ("jpeglib is not installed (pip install jpeglib): restored JPEGs are not made consistent with their "
+                   "files' data")
+
+
+class NotConsistent(ValueError):
+    """A file whose coefficients cannot constrain the restored image (not a baseline or progressive JPEG of YCbCr
+    or grayscale, unreadable, jpeglib missing, ...): the restored image is kept as the model made it."""
+
+
+# a block's 64 pixels (row-major) -> its 64 coefficients (row-major: vertical frequency, then horizontal), as
+# libjpeg orders them; orthonormal, so the inverse is the transpose
+_BLOCK_DCT = np.kron(dct_rows(), dct_rows()).astype(np.float32)
+_TO_YCC = np.array(JFIF_YCBCR, np.float32)
+_TO_RGB = np.linalg.inv(np.array(JFIF_YCBCR, np.float64)).astype(np.float32)
+_HALF = 0.5  # a cell's half-width, in quantization steps
+_STRIPE_BLOCKS = 32  # block rows per stripe: bounds the float copies of a large photo (memory)
+# PIL's transposes for the EXIF orientations (ImageOps.exif_transpose's), and the inverse of each
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+_UNDO = {**_ORIENT, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+_READ = threading.Lock()  # jpeglib's reader: one file at a time (its library state is process-wide)
+
+
+@dataclass(frozen=True)
+class Plane:
+    """One of a JPEG's planes: its quantized coefficients (blocks down, blocks across, 8, 8), its quantization
+    table (8 x 8, the coefficients' order) and how many full-resolution rows and columns each sample covers."""
+    coefficients: np.ndarray
+    table: np.ndarray
+    factor: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class JpegCells:
+    """The quantization cells of a JPEG file: its size as stored (before any EXIF orientation) and its planes,
+    Y (, Cb, Cr)."""
+    height: int
+    width: int
+    planes: tuple[Plane, ...]
+
+
+def read_cells(source: str | os.PathLike | bytes) -> JpegCells:
+    """The quantization cells of a JPEG file (``source``: its path, or its bytes); a NotConsistent error where
+    there are none to use."""
+    try:
+        import jpeglib
+    except ImportError:
+        raise NotConsistent(JPEGLIB_MISSING) from None
+    if isinstance(source, (bytes, bytearray, memoryview)):  # jpeglib reads files only
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "image.jpg")
+            with open(path, "wb") as f:
+                f.write(source)
+            return read_cells(path)
+    path = source
+    try:
+        with _READ:
+            jpeg = jpeglib.read_dct(str(path))
+            space = getattr(jpeg.jpeg_color_space, "name", str(jpeg.jpeg_color_space))
+            if space not in ("JCS_YCbCr", "JCS_GRAYSCALE"):
+                raise NotConsistent(f"a {space.removeprefix('JCS_')} JPEG: only YCbCr and grayscale JPEGs are "
+                                    f"made consistent with their data")
+            coefficients = [jpeg.Y] + ([jpeg.Cb, jpeg.Cr] if space == "JCS_YCbCr" else [])
+            tables, numbers = np.asarray(jpeg.qt, np.float32), list(jpeg.quant_tbl_no)
+            factors, height, width = np.asarray(jpeg.samp_factor), int(jpeg.height), int(jpeg.width)
+    except NotConsistent:
+        raise
+    except Exception as err:  # noqa: BLE001 - jpeglib raises OSError, ValueError, ... for what libjpeg refuses
+        raise NotConsistent(f"its JPEG coefficients cannot be read ({type(err).__name__}: {err})") from None
+    v_max, h_max = factors[: len(coefficients)].max(axis=0)
+    planes = []
+    for i, coef in enumerate(coefficients):
+        v, h = factors[i]
+        if v_max % v or h_max % h:
+            raise NotConsistent(f"chroma sampling {factors.tolist()} is not a whole ratio")
+        planes.append(Plane(np.asarray(coef), tables[numbers[i]], (int(v_max // v), int(h_max // h))))
+    return JpegCells(height, width, tuple(planes))
+
+
+def conform_to_file(rgb: np.ndarray, source: str | os.PathLike | bytes, orientation: int = 1
+                    ) -> tuple[np.ndarray, str]:
+    """``rgb`` conformed to the cells of the JPEG file ``source`` (its path or bytes), and "", or ``rgb`` itself and
+    why not (jpeglib missing: warned of once in a process)."""
+    try:
+        return conform(rgb, read_cells(source), orientation), ""
+    except NotConsistent as err:
+        if str(err) == JPEGLIB_MISSING and not _warned:
+            _warned.append(log.warning("%s", err))
+        return rgb, f"not made consistent with its JPEG data: {err}"
+
+
+_warned: list = []  # jpeglib's absence, once said
+
+
+def conform(rgb: np.ndarray, cells: JpegCells, orientation: int = 1) -> np.ndarray:
+    """``rgb`` (H x W x 3 uint8, the image as displayed: EXIF ``orientation`` applied) with every DCT coefficient
+    that lies outside its quantization cell moved to the cell's edge, as a new array; a grayscale JPEG's one plane
+    is the mean of the channels (what restore writes for it), the three channels equal after. A NotConsistent
+    error where the image's size is not the file's."""
+    stored = np.asarray(Image.fromarray(rgb).transpose(_UNDO[orientation])) if orientation in _UNDO else rgb
+    if stored.shape[:2] != (cells.height, cells.width):
+        raise NotConsistent(f"the image is {stored.shape[1]} x {stored.shape[0]} as the file stores it, the file "
+                            f"{cells.width} x {cells.height}")
+    out = np.empty_like(stored)
+    if len(cells.planes) == 1:
+        gray = stored.astype(np.float32).mean(axis=2)
+        out[...] = _to_uint8(_conform_plane(gray, cells.planes[0], 128.0))[..., None]
+    else:
+        ycc = stored.astype(np.float32) @ _TO_YCC.T
+        for c, plane in enumerate(cells.planes):
+            ycc[..., c] = _conform_plane(ycc[..., c], plane, 128.0 if c == 0 else 0.0)
+        out[...] = _to_uint8(ycc @ _TO_RGB.T)
+    return np.asarray(Image.fromarray(out).transpose(_ORIENT[orientation])) if orientation in _ORIENT else out
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def _conform_plane(values: np.ndarray, plane: Plane, level: float) -> np.ndarray:
+    """One full-resolution plane (float32) conformed to ``plane``'s cells, a stripe of block rows at a time;
+    ``level``: what the encoder subtracts before its DCT (128 for Y, 0 for chroma held without its +128)."""
+    fy, fx = plane.factor
+    rows, cols = plane.coefficients.shape[:2]
+    h, w = values.shape
+    out = values.copy()
+    for r0 in range(0, rows, _STRIPE_BLOCKS):
+        r1 = min(rows, r0 + _STRIPE_BLOCKS)
+        y0, y1 = r0 * 8 * fy, min(h, r1 * 8 * fy)
+        if y0 >= h:
+            break
+        # the encoder's samples: the stripe padded by its edge pixels to whole blocks, then area-averaged
+        stripe = np.pad(values[y0:y1], ((0, (r1 - r0) * 8 * fy - (y1 - y0)), (0, cols * 8 * fx - w)), mode="edge")
+        samples = stripe.reshape((r1 - r0) * 8, fy, cols * 8, fx).mean(axis=(1, 3))
+        blocks = samples.reshape(r1 - r0, 8, cols, 8).transpose(0, 2, 1, 3).reshape(-1, 64) - level
+        coef = blocks @ _BLOCK_DCT.T
+        q = plane.table.reshape(64)
+        stored = plane.coefficients[r0:r1].reshape(-1, 64).astype(np.float32) * q
+        moved = np.clip(coef, stored - q * _HALF, stored + q * _HALF) - coef
+        delta = (moved @ _BLOCK_DCT).reshape(r1 - r0, cols, 8, 8).transpose(0, 2, 1, 3).reshape((r1 - r0) * 8,
+                                                                                                 cols * 8)
+        if fy > 1 or fx > 1:  # each sample's change spread over the pixels it averages
+            delta = np.repeat(np.repeat(delta, fy, axis=0), fx, axis=1)
+        out[y0:y1] += delta[: y1 - y0, :w]
+    return out

@@ -1,0 +1,168 @@
+"""A restored JPEG made consistent with its file (jpeg/consistency.py): each DCT coefficient put back inside the
+quantization cell the file names. Photos from skimage; JPEGs written by Pillow's libjpeg."""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from dist_dejpeg.jpeg.consistency import JPEGLIB_MISSING, NotConsistent, conform, conform_to_file, read_cells
+from dist_dejpeg.jpeg.quality import dct_rows
+from dist_dejpeg.metrics.fullref import psnr
+
+
+def _jpeg(rgb: np.ndarray, quality: int, **options) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality, **options)
+    return buf.getvalue()
+
+
+def _decoded(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _blurred(rgb: np.ndarray) -> np.ndarray:
+    """A restoration that went wrong: far smoother than the photo (a box blur of 5 x 5)."""
+    a = np.pad(rgb.astype(np.float32), ((2, 2), (2, 2), (0, 0)), mode="edge")
+    out = sum(a[i:i + rgb.shape[0], j:j + rgb.shape[1]] for i in range(5) for j in range(5)) / 25
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def test_the_coefficients_and_tables_read_decode_to_the_files_pixels():
+    """The block order, the table order and the level shift as libjpeg's: the file's coefficients times its table,
+    inverse transformed, give Pillow's decode of a grayscale JPEG to its 8-bit rounding (a transposed table or
+    block would be far off)."""
+    gray = skimage.data.camera()[:203, :317]
+    data = _jpeg(gray, 40)
+    (plane,) = read_cells(data).planes
+    assert plane.coefficients.shape == (26, 40, 8, 8) and plane.factor == (1, 1)
+    blocks = (plane.coefficients.reshape(-1, 64) * plane.table.reshape(64)) @ np.kron(dct_rows(), dct_rows()) + 128
+    pixels = blocks.reshape(26, 40, 8, 8).transpose(0, 2, 1, 3).reshape(26 * 8, 40 * 8)[:203, :317]
+    decoded = np.asarray(Image.open(io.BytesIO(data)), np.float32)
+    assert np.abs(np.clip(pixels, 0, 255) - decoded).max() <= 1.5
+
+
+@pytest.mark.parametrize("subsampling", [0, 1, 2])  # 4:4:4, 4:2:2, 4:2:0
+def test_a_wrong_restoration_is_pulled_towards_the_photo(subsampling):
+    """Whatever the model made, the nearest image the file could have come from is nearer the photo: a
+    blurred "restoration" of a 4:2:x JPEG of odd size gains dB once conformed, and its coefficients are back in
+    the file's cells (the blur's were not)."""
+    photo = skimage.data.astronaut()[5:262, 3:298]  # 257 x 295: partial blocks and chroma samples at both edges
+    data = _jpeg(photo, 30, subsampling=subsampling)
+    cells = read_cells(data)
+    assert [p.factor for p in cells.planes] == [(1, 1)] + [{0: (1, 1), 1: (1, 2), 2: (2, 2)}[subsampling]] * 2
+    wrong = _blurred(_decoded(data))
+    fixed = conform(wrong, cells)
+    assert fixed.shape == wrong.shape and fixed.dtype == np.uint8
+    assert psnr(fixed, photo) > psnr(wrong, photo) + 1.5
+    assert psnr(fixed, photo) > psnr(_decoded(data), photo) - 0.5  # back near the JPEG's own error
+
+    def outside(image: np.ndarray) -> float:
+        """The share of the luma coefficients more than 1 off their cell (the 8-bit rounding moves a few by less)."""
+        (y,) = read_cells(_jpeg(image, 100, subsampling=0)).planes[:1]  # ~exact coefficients of the image
+        (file_y,) = cells.planes[:1]
+        coef, q = y.coefficients * y.table, file_y.table
+        return float(np.mean(np.abs(coef - file_y.coefficients * q) > q / 2 + 1))
+
+    assert outside(fixed) < 0.01 and outside(wrong) > 0.05
+
+
+def test_a_restoration_already_consistent_is_kept():
+    """A restored image inside every cell is not moved (up to the 8-bit rounding and clipping): conforming twice
+    is conforming once."""
+    photo = skimage.data.chelsea()
+    data = _jpeg(photo, 50)
+    once = conform(_blurred(_decoded(data)), read_cells(data))
+    diff = np.abs(conform(once, read_cells(data)).astype(int) - once)
+    assert diff.mean() < 0.05 and np.mean(diff > 1) < 0.001, (diff.mean(), np.mean(diff > 1))
+
+
+def test_orientation_and_sizes():
+    """A camera JPEG stored sideways (EXIF orientation 6) is restored as displayed: conformed in the file's own
+    orientation and turned back. An image of another size than the file's is refused, not conformed to the
+    wrong blocks."""
+    photo = skimage.data.coffee()[:200, :296]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _jpeg(photo, 30, exif=exif)
+    shown = np.rot90(_blurred(_decoded(data)), -1)  # as displayed: turned clockwise
+    fixed = conform(shown, read_cells(data), orientation=6)
+    assert np.array_equal(fixed, np.rot90(conform(np.rot90(shown, 1), read_cells(data)), -1))
+    assert psnr(fixed, np.rot90(photo, -1)) > psnr(shown, np.rot90(photo, -1)) + 1.5
+    with pytest.raises(NotConsistent, match="296 x 200"):
+        conform(shown, read_cells(data))  # orientation not applied: the sizes disagree
+
+
+def test_grayscale_cmyk_and_no_jpeg(tmp_path):
+    """A grayscale JPEG's one plane is the mean of the channels and comes back in all three; a CMYK JPEG or a
+    PNG has no cells to use: said, and the image kept."""
+    gray = skimage.data.camera()[:160, :200]
+    data = _jpeg(gray, 20)
+    wrong = np.repeat(_blurred(_decoded(data))[..., :1], 3, axis=2)
+    fixed = conform(wrong, read_cells(data))
+    assert (fixed[..., 0] == fixed[..., 1]).all() and (fixed[..., 1] == fixed[..., 2]).all()
+    assert psnr(fixed[..., 0], gray) > psnr(wrong[..., 0], gray) + 1.0
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.chelsea()).convert("CMYK").save(buf, format="JPEG", quality=50)
+    same, why = conform_to_file(wrong, buf.getvalue())
+    assert same is wrong and "a CMYK JPEG" in why
+    png = tmp_path / "x.png"
+    Image.fromarray(gray).save(png)
+    same, why = conform_to_file(wrong, png)
+    assert same is wrong and why.startswith("not made consistent with its JPEG data: its JPEG coefficients cannot")
+
+
+def test_without_jpeglib_restore_keeps_the_models_image_and_says_so_once(monkeypatch, caplog):
+    import dist_dejpeg.jpeg.consistency as consistency
+
+    monkeypatch.setitem(sys.modules, "jpeglib", None)  # import jpeglib: ImportError
+    monkeypatch.setattr(consistency, "_warned", [])
+    data = _jpeg(skimage.data.chelsea()[:64, :64], 30)
+    image = _decoded(data)
+    with caplog.at_level(logging.WARNING, logger=consistency.__name__):
+        for _ in range(3):
+            same, why = conform_to_file(image, data)
+            assert same is image and JPEGLIB_MISSING in why
+    assert [r.getMessage() for r in caplog.records] == [JPEGLIB_MISSING]
+
+
+def test_restore_and_the_api_write_the_consistent_image(tmp_path):
+    """The command (restore_files) and the API (Restorer.restore of the opened file) both conform what the model
+    returned; an array given to restore_array is the model's own (no file to conform it to)."""
+    from types import SimpleNamespace
+
+    from dist_dejpeg.restore.base import ImageRestorer
+    from dist_dejpeg.restore.files import restore_files
+
+    class Blurring(ImageRestorer):
+        """The shared restorer surface (guard off) with a model that blurs: restore_array does the harm."""
+
+        device = "cpu"
+
+        def __init__(self):
+            self.setup({}, tile=0, overlap=0, batch_size=1, guard=False)
+
+        def restore_array(self, rgb, quality=None, source="given"):
+            self.last_decision = SimpleNamespace(passthrough=False, reason="blurs", quality=quality, source=source,
+                                                 gain=None, jpeg_psnr=None)
+            return _blurred(rgb)
+
+    photo = skimage.data.astronaut()[:240, :320]
+    src = tmp_path / "photo.jpg"
+    src.write_bytes(_jpeg(photo, 25))
+    restorer = Blurring()
+    (result,) = restore_files(restorer, [str(src)], tmp_path / "out", progress=False)
+    assert result.error is None and result.note == "blurs"
+    written = np.asarray(Image.open(result.output).convert("RGB"))
+    assert np.array_equal(written, conform(_blurred(_decoded(src.read_bytes())), read_cells(src)))
+    assert psnr(written, photo) > psnr(_blurred(_decoded(src.read_bytes())), photo) + 1.5
+    via_api = restorer.restore(Image.open(src))
+    assert np.array_equal(np.asarray(via_api), written) and restorer.last_decision.reason == "blurs"
+    assert np.array_equal(restorer.restore_array(_decoded(src.read_bytes())), _blurred(_decoded(src.read_bytes())))
