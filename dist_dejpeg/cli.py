@@ -218,19 +218,29 @@ def _train_command(args: argparse.Namespace) -> int:
     r = results[lowest]
     print(f"done: {lowest} PSNR {r['jpeg']['psnr']:.3f} (JPEG) -> {r['restored']['psnr']:.3f} dB (restored); "
           f"metrics in {cfg.train.run_dir}/metrics.json")
-    print(_what_restore_does(results))
+    print(_what_restore_does(results, cfg.train.run_dir))
     return 0
 
 
-def _what_restore_does(results: dict) -> str:
-    """The guard's reading of the generator file just written: the gains as the file holds them, judged as
-    restore judges them."""
-    from dist_dejpeg.models.names import GAIN_KEYS, read_gains
+def _what_restore_does(results: dict, run_dir) -> str:
+    """The guard's reading of the generator file just written, as restore judges a JPEG file (the gains of the
+    restored image made consistent with it, where the file holds them; else the validation's ``results``)."""
+    from pathlib import Path
+
+    from dist_dejpeg.models.generator_file import read_metadata
+    from dist_dejpeg.models.names import CONFORMED_KEYS, GAIN_KEYS, file_gains
     from dist_dejpeg.restore.guard import guard_summary
+    from dist_dejpeg.run.layout import GENERATOR
     from dist_dejpeg.train.final import guard_gains
 
-    entries = guard_gains(results)
-    return guard_summary(*(read_gains(entries[key]) for key in GAIN_KEYS))
+    try:
+        tables = file_gains(read_metadata(Path(run_dir) / GENERATOR))
+    except (OSError, ValueError):
+        tables = {}
+    keys = CONFORMED_KEYS[:2] if tables.get(CONFORMED_KEYS[0]) else GAIN_KEYS
+    if not tables.get(keys[0]):
+        tables = file_gains(guard_gains(results))
+    return guard_summary(*(tables[key] for key in keys))
 
 
 def _stopped(what: str, err: Exception, code: int, every_rank: bool = True) -> int:

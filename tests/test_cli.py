@@ -126,7 +126,7 @@ def test_restore_aliases_mean_the_native_options(tmp_path, monkeypatch, capsys):
 
     seen = []
     monkeypatch.setattr(restorer_module, "Restorer", Fake)
-    monkeypatch.setattr(Fake, "restore_array", lambda self, rgb, quality=None, source="given": (
+    monkeypatch.setattr(Fake, "restore_array", lambda self, rgb, quality=None, source="given", conformed=False: (
         seen.append((quality, source)), Identity.restore_array(self, rgb, quality, source))[1])
     src = tmp_path / "a"
     src.mkdir()

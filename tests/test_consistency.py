@@ -149,7 +149,7 @@ def test_restore_and_the_api_write_the_consistent_image(tmp_path):
         def __init__(self):
             self.setup({}, tile=0, overlap=0, batch_size=1, guard=False)
 
-        def restore_array(self, rgb, quality=None, source="given"):
+        def restore_array(self, rgb, quality=None, source="given", conformed=False):
             self.last_decision = SimpleNamespace(passthrough=False, reason="blurs", quality=quality, source=source,
                                                  gain=None, jpeg_psnr=None)
             return _blurred(rgb)
@@ -166,3 +166,92 @@ def test_restore_and_the_api_write_the_consistent_image(tmp_path):
     via_api = restorer.restore(Image.open(src))
     assert np.array_equal(np.asarray(via_api), written) and restorer.last_decision.reason == "blurs"
     assert np.array_equal(restorer.restore_array(_decoded(src.read_bytes())), _blurred(_decoded(src.read_bytes())))
+
+
+def test_the_final_validation_measures_the_consistent_gain_and_picks_each_qualitys_cell_width():
+    """conformed_gains restores the validation crops and conforms them to their JPEG files (libjpeg's of the
+    clean crops, as load_val_set's JPEGs are) at each half-width: for a blurring model far above its raw gain.
+    guard_gains keeps, per quality, the half-width whose lower bound is highest (NaN loses, 0.5 wins a tie)."""
+    import json
+    import math
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from dist_dejpeg.data.images import jpeg_roundtrip
+    from dist_dejpeg.jpeg.consistency import HALF_WIDTHS
+    from dist_dejpeg.train.final import guard_gains
+    from dist_dejpeg.train.validation import conformed_gains, validate
+
+    class Blur(torch.nn.Module):
+        def forward(self, x, quality=None):
+            return torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)
+
+    class NoLpips:
+        def __call__(self, a, b):
+            return torch.zeros(a.shape[0], device=a.device)
+
+    crops = [skimage.data.astronaut()[:64, :64], skimage.data.coffee()[100:164, 200:264], skimage.data.chelsea()[:64, :64]]
+    clean = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+    val_set = {q: (torch.from_numpy(np.stack([jpeg_roundtrip(c, q) for c in crops])).permute(0, 3, 1, 2).contiguous(),
+                   clean) for q in (10, 60)}
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    acc = Accelerator(cpu=True)
+    raw = validate(acc, Blur(), val_set, NoLpips(), 2)
+    conformed = conformed_gains(acc, Blur(), val_set, 2)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    for q in (10, 60):
+        assert set(conformed[q]) == set(HALF_WIDTHS) and conformed[q][0.5]["count"] == 3
+        assert conformed[q][0.5]["psnr"] > raw[f"q{q}"]["gain"]["psnr"] + 0.3, (q, conformed[q], raw[f"q{q}"]["gain"])
+    meta = {k: json.loads(v) for k, v in guard_gains(raw, conformed).items()}
+    for q in ("10", "60"):
+        half = meta["cell_half_width"][q]
+        lows = {h: s["psnr_low"] for h, s in conformed[int(q)].items()}
+        assert lows[half] == max(lows.values()) == meta["val_psnr_gain_conformed_low"][q]
+        assert meta["val_psnr_gain_conformed"][q] == conformed[int(q)][half]["psnr"]
+    tie = {20: {0.5: {"psnr": 1.0, "psnr_low": 0.2}, 0.35: {"psnr": 1.2, "psnr_low": 0.2},
+                0.2: {"psnr": 2.0, "psnr_low": math.nan}}}
+    assert json.loads(guard_gains(raw, tie)["cell_half_width"]) == {"20": 0.5}
+    assert "cell_half_width" not in guard_gains(raw, None)  # jpeglib missing where it trained: the raw gains only
+
+
+def test_restore_judges_a_jpeg_by_the_gain_of_its_consistent_image(tmp_path):
+    """A model file with both tables: a JPEG file (its cells read) is judged by the gains validation measured of
+    its consistent image and conformed at the half-width of the nearest validated quality; a PNG of the same
+    pixels (no cells) by the raw gains. Here q80 loses raw but gains made consistent."""
+    import json
+
+    import torch
+
+    from dist_dejpeg.config.schema import ModelConfig
+    from dist_dejpeg.models.unet import build_generator
+    from dist_dejpeg.models.generator_file import save_generator
+    from dist_dejpeg.restore.files import restore_files
+    from dist_dejpeg.restore.restorer import Restorer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, decoder_width=16)
+    path = tmp_path / "generator.safetensors"
+    table = lambda d: json.dumps({str(k): v for k, v in d.items()})  # noqa: E731
+    save_generator(build_generator(cfg).eval(), cfg, path, extra={
+        "val_psnr_gain": table({10: 0.5, 80: -0.1}), "val_psnr_gain_low": table({10: 0.4, 80: -0.2}),
+        "val_psnr_gain_conformed": table({10: 0.6, 80: 0.3}), "val_psnr_gain_conformed_low": table({10: 0.5, 80: 0.2}),
+        "cell_half_width": table({10: 0.5, 80: 0.2})})
+    restorer = Restorer(path, device="cpu", tile=0)
+    assert restorer.decide(80).passthrough and restorer.decide(80).half_width is None
+    assert not restorer.decide(80, conformed=True).passthrough and restorer.decide(80, conformed=True).half_width == 0.2
+    assert restorer.decide(30, conformed=True).half_width == 0.5  # nearest validated: q10
+
+    photo = skimage.data.astronaut()[:96, :128]
+    src, png = tmp_path / "in" / "photo.jpg", tmp_path / "in" / "photo_as.png"
+    src.parent.mkdir()
+    src.write_bytes(_jpeg(photo, 80))
+    Image.fromarray(_decoded(src.read_bytes())).save(png)
+    results = restore_files(restorer, [str(src), str(png)], tmp_path / "out", quality=80, progress=False)
+    assert [r.passthrough for r in results] == [False, True], [r.note for r in results]
+    model = restorer.restore_array(_decoded(src.read_bytes()), 80, conformed=True)
+    expected = conform(model, read_cells(src), half_width=0.2)
+    assert np.array_equal(np.asarray(Image.open(results[0].output).convert("RGB")), expected)

@@ -45,7 +45,8 @@ class Identity:
     device, passthrough = "cpu", False
     guard, gains = False, {}  # (as a restorer opened with --no-guard)
 
-    def restore_array(self, rgb: np.ndarray, quality: int | None = None, source: str = "given") -> np.ndarray:
+    def restore_array(self, rgb: np.ndarray, quality: int | None = None, source: str = "given",
+                      conformed: bool = False) -> np.ndarray:
         self.last_decision = SimpleNamespace(passthrough=self.passthrough, reason="identity", quality=quality,
                                              source=source)
         return rgb.copy()
@@ -179,7 +180,7 @@ class Predicting(Identity):
     def __init__(self, gain: float, jpeg_psnr: float | None):
         self.gain, self.jpeg_psnr = gain, jpeg_psnr
 
-    def restore_array(self, rgb, quality=None, source="given"):  # smoother, as a restoration is
+    def restore_array(self, rgb, quality=None, source="given", conformed=False):  # smoother, as a restoration is
         from PIL import ImageFilter
 
         super().restore_array(rgb, quality, source)

@@ -589,7 +589,8 @@ def test_gain_tables_read_one_way_for_every_backend(guarded_file, tmp_path):
         with pytest.raises(ValueError, match="not a table of gains"):
             read_gains(bad)
     assert file_gains({"val_psnr_gain": "{not json", "val_psnr_gain_low": '{"10": 0.2}'}) == {
-        "val_psnr_gain": {}, "val_psnr_gain_low": {10: 0.2}, "val_jpeg_psnr": {}}
+        "val_psnr_gain": {}, "val_psnr_gain_low": {10: 0.2}, "val_jpeg_psnr": {}, "val_psnr_gain_conformed": {},
+        "val_psnr_gain_conformed_low": {}, "cell_half_width": {}}
     path = tmp_path / "generator.safetensors"
     save_file(load_file(str(guarded_file)), str(path), metadata={**read_metadata(guarded_file),
                                                                  "val_psnr_gain": "{truncated"})

@@ -70,6 +70,9 @@ def exported(tmp_path_factory):
     save_generator(_trained_like_generator(), CFG, model,
                    extra={"global_step": 7, "val_psnr_gain": json.dumps(GAINS), "val_psnr_gain_low": json.dumps(LOWS),
                           "val_jpeg_psnr": json.dumps({10: 27.0, 90: 37.5}),
+                          "val_psnr_gain_conformed": json.dumps({10: 0.6, 40: 0.2}),
+                          "val_psnr_gain_conformed_low": json.dumps({10: 0.5, 40: 0.1}),
+                          "cell_half_width": json.dumps({10: 0.5, 40: 0.35}),
                           "train_shards": json.dumps({"train-000000.tar": "10240:0123456789abcdef"})})
     with contextlib.redirect_stdout(io.StringIO()) as out, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -120,6 +123,8 @@ def test_export_matches_pytorch_on_a_photo_at_two_sizes(exported, capsys):
     assert {int(k): v for k, v in json.loads(meta["val_psnr_gain"]).items()} == GAINS
     assert {int(k): v for k, v in json.loads(meta["val_psnr_gain_low"]).items()} == LOWS
     assert json.loads(meta["val_jpeg_psnr"]) == {"10": 27.0, "90": 37.5}  # (a lossy output's check: files.py)
+    assert json.loads(meta["cell_half_width"]) == {"10": 0.5, "40": 0.35}  # a JPEG made consistent: as in the file
+    assert json.loads(meta["val_psnr_gain_conformed_low"]) == {"10": 0.5, "40": 0.1}
     assert "quality" in meta["input"]
     # what the guard and the Restorer need, for any runtime: conditioned, the training step, the stride
     assert (meta["conditioned"], meta["global_step"], meta["pad_to"]) == ("true", "7", "8")
@@ -247,6 +252,7 @@ def test_onnx_restore_tiles_blends_and_guards_like_pytorch(exported, tmp_path, c
     onnx = open_restorer(onnx_path, **tiled)
     assert isinstance(onnx, OnnxRestorer) and isinstance(Restorer(onnx_path, tile=0), OnnxRestorer)
     assert onnx.conditioned and onnx.gains == GAINS and onnx.lows == LOWS and onnx.info["global_step"] == 7
+    assert onnx.half_widths == {10: 0.5, 40: 0.35} and onnx.decide(40, conformed=True).half_width == 0.35
     assert onnx.device == "cpu (onnxruntime)" and onnx.batch_size == 1
     assert onnx.info["encoder"] == CFG.encoder and onnx.info["encoder_init"] == "random init"
     onnx_tiled = onnx.restore_array(jpeg, 10, source="file tables")

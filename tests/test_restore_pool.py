@@ -103,7 +103,7 @@ def test_pool_decodes_the_next_file_while_the_current_one_is_restored(tmp_path, 
         def __init__(self):
             self.overlapped = []
 
-        def restore_array(self, rgb, quality=None, source="given"):
+        def restore_array(self, rgb, quality=None, source="given", conformed=False):
             from dist_dejpeg.restore.guard import Decision
 
             self.overlapped.append(all(e.wait(10) for e in started.values()))  # every decode began meanwhile
@@ -138,7 +138,7 @@ def test_cuda_restorer_gets_the_pool_by_default(tmp_path, monkeypatch):
         def __init__(self, device):
             self.device = device
 
-        def restore_array(self, rgb, quality=None, source="given"):
+        def restore_array(self, rgb, quality=None, source="given", conformed=False):
             from dist_dejpeg.restore.guard import Decision
 
             self.last_decision = Decision(quality, source, False, "copied")

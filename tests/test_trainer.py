@@ -744,8 +744,9 @@ def test_compile_mode_reaches_the_compiler_and_cuda_graphs_mark_each_step(tmp_pa
     assert not t.cudagraphs, "no CUDA graphs on a CPU"
     t.cudagraphs = True  # as on CUDA: the step marks
     t.fit()
-    # 2 steps, the end-of-phase validation (2 qualities x 1 batch) and its image grid, the raw generator's (2)
-    assert len(marks) == 2 + 2 + 1 + 2
+    # 2 steps, the end-of-phase validation (2 qualities x 1 batch) and its image grid, the raw generator's (2), the
+    # consistent images' (2: train/validation.py, conformed_gains)
+    assert len(marks) == 2 + 2 + 1 + 2 + 2
     with pytest.raises(ConfigError, match="train.compile_mode"):
         tiny(tmp_path / "bad", shards, "train.compile_mode=fast")
 

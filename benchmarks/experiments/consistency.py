@@ -62,9 +62,7 @@ def main() -> None:
                 cells = consistency.read_cells(path)
                 gains = [psnr(restored, clean) - base]
                 for half in HALF_WIDTHS:
-                    consistency._HALF = half
-                    gains.append(psnr(consistency.conform(restored, cells), clean) - base)
-                consistency._HALF = 0.5
+                    gains.append(psnr(consistency.conform(restored, cells, half_width=half), clean) - base)
                 for column, gain in enumerate(gains):
                     means.setdefault(f"{kind} {column}", []).append(gain)
                 print(f"| {name} | {q} | {base:.2f} | " + " | ".join(f"{g:+.2f}" for g in gains) + " |", flush=True)

@@ -13,7 +13,7 @@ import numpy as np
 from dist_dejpeg.config.schema import LPIPS_MIN_SIDE as LPIPS_SIDES
 from dist_dejpeg.data.images import BadImage, jpeg_decode, jpeg_encode
 from dist_dejpeg.evaluation.pairs import Measure, Pair
-from dist_dejpeg.jpeg.consistency import conform_to_file
+from dist_dejpeg.jpeg.consistency import cells_of, conform
 from dist_dejpeg.evaluation.references import EvaluateError
 from dist_dejpeg.metrics.fullref import SSIM_MIN_SIDE, cropped
 from dist_dejpeg.metrics.noref import unavailable_reason
@@ -117,21 +117,24 @@ def restored_pairs(refs, qualities, restorer, metric: MetricSet, blind: bool, su
         gray = bool((clean[..., 0] == clean[..., 1]).all() and (clean[..., 1] == clean[..., 2]).all())
         for i, q in enumerate(qualities):
             data = jpeg_encode(clean[..., 0] if gray else clean, q, subsampling)
-            jpeg = jpeg_decode(data)
+            jpeg, cells = jpeg_decode(data), cells_of(data)[0]  # restore makes the restored consistent with them
+            conformed = cells is not None
             start = time.perf_counter()
             if blind:  # the raw blind model: with no quality, the guard would pass every image through
                 guard, restorer.guard = restorer.guard, False
                 try:
                     restored = restorer.restore_array(jpeg[..., 0] if gray else jpeg, None,
-                                                      source="blind (evaluate --blind)")
+                                                      source="blind (evaluate --blind)", conformed=conformed)
                 finally:
                     restorer.guard = guard
             else:
-                restored = restorer.restore_array(jpeg[..., 0] if gray else jpeg, q, source="given")
+                restored = restorer.restore_array(jpeg[..., 0] if gray else jpeg, q, source="given",
+                                                  conformed=conformed)
             if gray:
                 restored = np.repeat(restored[..., None], 3, axis=2)
-            if not restorer.last_decision.passthrough:  # as restore makes a JPEG file's
-                restored = conform_to_file(restored, data)[0]
+            decision = restorer.last_decision
+            if conformed and not decision.passthrough:  # as restore makes a JPEG file's
+                restored = conform(restored, cells, half_width=getattr(decision, "half_width", None) or 0.5)
             timing["restore_seconds"] += time.perf_counter() - start
             timing["megapixels"] += clean.shape[0] * clean.shape[1] / 1e6
             try:  # both against the clean photo at once: its LPIPS features are computed once for the pair

@@ -46,7 +46,9 @@ class NotConsistent(ValueError):
 _BLOCK_DCT = np.kron(dct_rows(), dct_rows()).astype(np.float32)
 _TO_YCC = np.array(JFIF_YCBCR, np.float32)
 _TO_RGB = np.linalg.inv(np.array(JFIF_YCBCR, np.float64)).astype(np.float32)
-_HALF = 0.5  # a cell's half-width, in quantization steps
+# the cell half-widths (in quantization steps) a run's final validation measures restoring with: 0.5 is the file's
+# own cell; narrower ones pull the restored coefficients towards the JPEG's (train/validation.py: conformed_gains)
+HALF_WIDTHS = (0.5, 0.35, 0.2)
 _STRIPE_BLOCKS = 32  # block rows per stripe: bounds the float copies of a large photo (memory)
 # PIL's transposes for the EXIF orientations (ImageOps.exif_transpose's), and the inverse of each
 _ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -112,26 +114,33 @@ def read_cells(source: str | os.PathLike | bytes) -> JpegCells:
     return JpegCells(height, width, tuple(planes))
 
 
-def conform_to_file(rgb: np.ndarray, source: str | os.PathLike | bytes, orientation: int = 1
-                    ) -> tuple[np.ndarray, str]:
-    """``rgb`` conformed to the cells of the JPEG file ``source`` (its path or bytes), and "", or ``rgb`` itself and
-    why not (jpeglib missing: warned of once in a process)."""
+def cells_of(source: str | os.PathLike | bytes) -> tuple[JpegCells | None, str]:
+    """The cells of the JPEG file ``source`` (its path or bytes) and "", or None and why a restored image of it
+    cannot be made consistent with it (jpeglib missing: warned of once in a process)."""
     try:
-        return conform(rgb, read_cells(source), orientation), ""
+        return read_cells(source), ""
     except NotConsistent as err:
         if str(err) == JPEGLIB_MISSING and not _warned:
             _warned.append(log.warning("%s", err))
-        return rgb, f"not made consistent with its JPEG data: {err}"
+        return None, f"not made consistent with its JPEG data: {err}"
+
+
+def conform_to_file(rgb: np.ndarray, source: str | os.PathLike | bytes, orientation: int = 1,
+                    half_width: float = 0.5) -> tuple[np.ndarray, str]:
+    """``rgb`` conformed to the cells of the JPEG file ``source`` and "", or ``rgb`` itself and why not (cells_of)."""
+    cells, why = cells_of(source)
+    return (rgb, why) if cells is None else (conform(rgb, cells, orientation, half_width), "")
 
 
 _warned: list = []  # jpeglib's absence, once said
 
 
-def conform(rgb: np.ndarray, cells: JpegCells, orientation: int = 1) -> np.ndarray:
+def conform(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_width: float = 0.5) -> np.ndarray:
     """``rgb`` (H x W x 3 uint8, the image as displayed: EXIF ``orientation`` applied) with every DCT coefficient
     that lies outside its quantization cell moved to the cell's edge, as a new array; a grayscale JPEG's one plane
-    is the mean of the channels (what restore writes for it), the three channels equal after. A NotConsistent
-    error where the image's size is not the file's."""
+    is the mean of the channels (what restore writes for it), the three channels equal after. ``half_width``: the
+    cells' half-width in quantization steps (0.5: the file's own; less: narrower, about the stored values). A
+    NotConsistent error where the image's size is not the file's."""
     stored = np.asarray(Image.fromarray(rgb).transpose(_UNDO[orientation])) if orientation in _UNDO else rgb
     if stored.shape[:2] != (cells.height, cells.width):
         raise NotConsistent(f"the image is {stored.shape[1]} x {stored.shape[0]} as the file stores it, the file "
@@ -139,11 +148,11 @@ def conform(rgb: np.ndarray, cells: JpegCells, orientation: int = 1) -> np.ndarr
     out = np.empty_like(stored)
     if len(cells.planes) == 1:
         gray = stored.astype(np.float32).mean(axis=2)
-        out[...] = _to_uint8(_conform_plane(gray, cells.planes[0], 128.0))[..., None]
+        out[...] = _to_uint8(_conform_plane(gray, cells.planes[0], 128.0, half_width))[..., None]
     else:
         ycc = stored.astype(np.float32) @ _TO_YCC.T
         for c, plane in enumerate(cells.planes):
-            ycc[..., c] = _conform_plane(ycc[..., c], plane, 128.0 if c == 0 else 0.0)
+            ycc[..., c] = _conform_plane(ycc[..., c], plane, 128.0 if c == 0 else 0.0, half_width)
         out[...] = _to_uint8(ycc @ _TO_RGB.T)
     return np.asarray(Image.fromarray(out).transpose(_ORIENT[orientation])) if orientation in _ORIENT else out
 
@@ -152,7 +161,7 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
-def _conform_plane(values: np.ndarray, plane: Plane, level: float) -> np.ndarray:
+def _conform_plane(values: np.ndarray, plane: Plane, level: float, half_width: float) -> np.ndarray:
     """One full-resolution plane (float32) conformed to ``plane``'s cells, a stripe of block rows at a time;
     ``level``: what the encoder subtracts before its DCT (128 for Y, 0 for chroma held without its +128)."""
     fy, fx = plane.factor
@@ -171,7 +180,7 @@ def _conform_plane(values: np.ndarray, plane: Plane, level: float) -> np.ndarray
         coef = blocks @ _BLOCK_DCT.T
         q = plane.table.reshape(64)
         stored = plane.coefficients[r0:r1].reshape(-1, 64).astype(np.float32) * q
-        moved = np.clip(coef, stored - q * _HALF, stored + q * _HALF) - coef
+        moved = np.clip(coef, stored - q * half_width, stored + q * half_width) - coef
         delta = (moved @ _BLOCK_DCT).reshape(r1 - r0, cols, 8, 8).transpose(0, 2, 1, 3).reshape((r1 - r0) * 8,
                                                                                                  cols * 8)
         if fy > 1 or fx > 1:  # each sample's change spread over the pixels it averages

@@ -19,6 +19,10 @@ GAIN_KEYS = ("val_psnr_gain", "val_psnr_gain_low")
 # the final validation's mean JPEG PSNR per quality: the JPEG error restoring starts from, which a lossy re-encoding
 # of the output must stay well under (restore/files.py: reencoding_outweighs)
 JPEG_PSNR = "val_jpeg_psnr"
+# the same gain and bound of the restored image made consistent with its JPEG file (jpeg/consistency.py), as restore
+# writes a JPEG's, with the cell half-width per quality that measured best: restore's guard and restore itself use
+# these for a JPEG whose coefficients it reads (files written before 2026-12-07 lack them: the gains above, cells 0.5)
+CONFORMED_KEYS = ("val_psnr_gain_conformed", "val_psnr_gain_conformed_low", "cell_half_width")
 
 
 def read_gains(value) -> dict[int, float]:
@@ -37,7 +41,7 @@ def file_gains(meta: dict) -> dict[str, dict[int, float]]:
     """Both gain tables of a model file's metadata, each {} where it is missing or unreadable (files written before
     the guard, or by hand): the guard then says the file holds no validated gains."""
     tables = {}
-    for key in (*GAIN_KEYS, JPEG_PSNR):
+    for key in (*GAIN_KEYS, JPEG_PSNR, *CONFORMED_KEYS):
         try:
             tables[key] = read_gains(meta.get(key))
         except ValueError:

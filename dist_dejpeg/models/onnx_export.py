@@ -52,7 +52,7 @@ from torch.nn.utils import parametrize
 
 from dist_dejpeg.models.generator_file import TRAIN_SHARDS_FROM, ModelFileError, load_model, non_finite
 # the names and errors a runtime needs without torch (re-exported here under their old home)
-from dist_dejpeg.models.names import (INPUT, JPEG_PSNR, MIN_SIZE, ONNX_FORMAT, OUTPUT, QUALITY,  # noqa: F401
+from dist_dejpeg.models.names import (CONFORMED_KEYS, INPUT, JPEG_PSNR, MIN_SIZE, ONNX_FORMAT, OUTPUT, QUALITY,  # noqa: F401
                                       TRAIN_SHARDS, OnnxUnavailable, require_onnx)
 from dist_dejpeg.run.files import atomic_write_bytes, prove_writable
 
@@ -206,7 +206,8 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
             "val_psnr_gain": json.dumps({str(k): v for k, v in (val_psnr_gain or {}).items()}),
             "val_psnr_gain_low": json.dumps({str(k): v for k, v in
                                              ((info or {}).get("val_psnr_gain_low") or {}).items()}),
-            JPEG_PSNR: json.dumps({str(k): v for k, v in ((info or {}).get(JPEG_PSNR) or {}).items()}),
+            **{key: json.dumps({str(k): v for k, v in ((info or {}).get(key) or {}).items()})
+               for key in (JPEG_PSNR, *CONFORMED_KEYS)},
             "conditioned": json.dumps(conditioned), "pad_to": str(exported.pad_to),
             "encoder_init": str((info or {}).get("encoder_init") or ("ImageNet" if cfg.get("pretrained") else
                                                                      "random init")),

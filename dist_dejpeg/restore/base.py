@@ -19,9 +19,10 @@ import numpy as np
 from PIL import Image
 
 from dist_dejpeg.jpeg.quality import estimate_quality
-from dist_dejpeg.models.names import GAIN_KEYS, JPEG_PSNR, read_gains
+from dist_dejpeg.models.names import CONFORMED_KEYS, GAIN_KEYS, JPEG_PSNR, read_gains
 from dist_dejpeg.restore.guard import Decision, decide
-from dist_dejpeg.restore.images import is_animation, join_image, load_image, made_consistent, split_image, to_gray
+from dist_dejpeg.restore.images import (file_cells, is_animation, join_image, load_image, made_consistent,
+                                        split_image, to_gray)
 from dist_dejpeg.restore.metadata import jpeg_notes, output_dpi, output_metadata, output_xmp
 from dist_dejpeg.restore.tiling import NUMPY, Arrays, restore_tiled
 
@@ -90,6 +91,8 @@ class ImageRestorer:
         self.guard = bool(guard)
         self.gains, self.lows = (read_gains(info.get(key)) for key in GAIN_KEYS)
         self.jpeg_psnr = read_gains(info.get(JPEG_PSNR))  # (files from before it: {})
+        # a JPEG made consistent with its file: its own gains and cell half-widths (files from before them: {})
+        self.conformed, self.conformed_lows, self.half_widths = (read_gains(info.get(k)) for k in CONFORMED_KEYS)
         self.lock = threading.Lock()  # one image through the model at a time: a backend's buffers are shared
         self.decisions = threading.local()
 
@@ -132,9 +135,18 @@ class ImageRestorer:
         out[...] = np.clip(np.rint(rows, out=rows), 0, 255, out=rows)
 
     # -- the guard ------------------------------------------------------------------------------------------
-    def decide(self, quality: int | None, source: str = "given") -> Decision:
-        """Restore or pass through an image of ``quality`` (None: unknown), found as ``source`` says."""
-        return decide(self.gains, quality, source, self.guard, self.lows, self.jpeg_psnr)
+    def decide(self, quality: int | None, source: str = "given", conformed: bool = False) -> Decision:
+        """Restore or pass through an image of ``quality`` (None: unknown), found as ``source`` says. ``conformed``:
+        the restored image will be made consistent with its JPEG file (jpeg/consistency.py), so the gains validation
+        measured of that judge it where the model file holds them, and the Decision names the cell half-width."""
+        if not (conformed and self.conformed):
+            decision = decide(self.gains, quality, source, self.guard, self.lows, self.jpeg_psnr)
+            decision.half_width = 0.5 if conformed else None  # (a file from before the conformed gains: its cells)
+            return decision
+        decision = decide(self.conformed, quality, source, self.guard, self.conformed_lows, self.jpeg_psnr)
+        at = decision.quality if decision.quality is not None else max(self.half_widths)
+        decision.half_width = self.half_widths[min(self.half_widths, key=lambda q: abs(q - at))]
+        return decision
 
     def broken(self, decision: Decision, count: int, of: int) -> None:
         self.last_decision = Decision(decision.quality, decision.source, True,
@@ -172,9 +184,11 @@ class ImageRestorer:
 
         return out if self.restore_tiled(self.chw(rgb), quality, write) else None
 
-    def restore_array(self, rgb: np.ndarray, quality: int | None = None, source: str = "given") -> np.ndarray:
+    def restore_array(self, rgb: np.ndarray, quality: int | None = None, source: str = "given",
+                      conformed: bool = False) -> np.ndarray:
         """H x W x 3 (or H x W grayscale) uint8 -> the same shape, uint8 (the input itself, copied, where the
-        image is passed through). ``source``: where ``quality`` came from, kept in ``last_decision``."""
+        image is passed through). ``source``: where ``quality`` came from, kept in ``last_decision``. ``conformed``:
+        the caller makes the output consistent with the image's JPEG file (decide), at ``last_decision.half_width``."""
         if not isinstance(rgb, np.ndarray):
             raise TypeError(f"restore_array takes a numpy array, not {type(rgb).__name__}")
         if rgb.dtype != np.uint8:
@@ -183,7 +197,7 @@ class ImageRestorer:
         rgb3 = np.repeat(rgb[..., None], 3, axis=2) if gray else rgb
         if rgb3.ndim != 3 or rgb3.shape[2] != 3 or not rgb3.size:
             raise ValueError(f"expected H x W x 3 or H x W (not empty), got {rgb.shape}")
-        decision = self.last_decision = self.decide(quality, source)
+        decision = self.last_decision = self.decide(quality, source, conformed)
         if decision.passthrough:
             return rgb.copy()
         with self.lock:
@@ -264,10 +278,12 @@ class ImageRestorer:
             if quality is None:
                 est = estimate_quality(image, rgb)
                 quality, source = est.quality, est.source or "unknown"
-            restored = self.restore_array(rgb, quality, source)
+            cells, unmade = file_cells(image)  # a JPEG opened from its file: consistent with the file's data
+            restored = self.restore_array(rgb, quality, source, conformed=cells is not None)
             decision = self.last_decision
-            if not decision.passthrough:  # a JPEG opened from its file: consistent with the file's data
-                restored, unmade = made_consistent(restored, image)
+            if not decision.passthrough:
+                if cells is not None:
+                    restored, unmade = made_consistent(restored, cells, image, getattr(decision, "half_width", None))
                 decision.reason += f"; {unmade}" if unmade else ""
             restored = join_image(restored, alpha, grayscale)
             icc, exif = output_metadata(image, grayscale)

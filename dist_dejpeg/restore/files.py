@@ -242,9 +242,10 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
         if decision.passthrough and same:  # unchanged: the file, not a re-encode
             atomic_write_bytes(target, path.read_bytes())
             return None, ""
-        unmade = ""
-        if not decision.passthrough:
-            restored, unmade = made_consistent(restored, image.image, path)
+        unmade = "" if decision.passthrough else image.cells_note
+        if not decision.passthrough and image.cells is not None:
+            half_width = getattr(decision, "half_width", None)
+            restored, unmade = made_consistent(restored, image.cells, image.image, half_width)
         data = save_image(restored, target, alpha=image.alpha, grayscale=image.grayscale,
                           icc_profile=image.icc_profile, exif=image.exif, quality=output_quality, dpi=image.dpi,
                           xmp=image.xmp, comment=image.comment, iptc=image.iptc, text=image.text,
@@ -293,7 +294,8 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
                 start = time.perf_counter()
                 try:
                     image, source = loading.result()
-                    restored = restorer.restore_array(image.rgb, result.quality, source=source)
+                    restored = restorer.restore_array(image.rgb, result.quality, source=source,
+                                                      conformed=image.cells is not None)
                 except RESTORE_ERRORS as err:
                     result.error = error_text(err)
                     bar.update()
@@ -327,7 +329,8 @@ def reencoding_outweighs(restored: np.ndarray, encoded: bytes, image: LoadedImag
     image is smoother than the photo: 0.07-0.2 of it on held-out photos with the debug model), so taken
     OWN_ERROR_SHARE times, and no more than the validation's at that quality (``jpeg_psnr``, in generator files
     since 2026-12-07; an older file: the fraction alone): a smooth photo, whose JPEG error is well under the
-    validation's, is not re-encoded into a loss. Measured on held-out photos, q10-q90, a q95 re-encoding: benchmarks/RESULTS.md."""
+    validation's, is not re-encoded into a loss. Measured on held-out photos, q10-q90, a q95 re-encoding:
+    benchmarks/RESULTS.md."""
     written = join_image(restored, None, image.grayscale)
     ref = np.asarray(written, np.float32)
 

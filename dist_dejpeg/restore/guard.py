@@ -35,6 +35,7 @@ class Decision:
     reason: str = ""
     gain: float | None = None  # restored: the gain validation predicts (its lower bound, dB); None: unchecked
     jpeg_psnr: float | None = None  # restored: the validation's JPEG PSNR there (None: the file holds none)
+    half_width: float | None = None  # restored: the cell half-width it is made consistent with its JPEG at (None: not)
 
 
 def predicted_gain(gains: dict[int, float], quality: int) -> float | None:

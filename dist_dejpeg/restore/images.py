@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from dist_dejpeg.jpeg.consistency import conform_to_file
+from dist_dejpeg.jpeg.consistency import JpegCells, NotConsistent, cells_of, conform
 from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, DEFAULT_MAX_PIXELS, icc_space, rgb_image, save_options
 from dist_dejpeg.restore.metadata import (JPEG_MARKER_MAX, XMP_HEADER, fit_exif, jpeg_notes, marked, output_dpi,
                                           output_metadata, output_xmp, png_text, tiff_with_exif, with_app13)
@@ -57,6 +57,8 @@ class LoadedImage:
     comment: bytes | None = None  # a JPEG's comment (COM) to write with the output (jpeg_notes)
     iptc: tuple[bytes, ...] = ()  # a JPEG's APP13 segments (IPTC in Photoshop resource blocks): jpeg_notes
     text: dict[str, str] = field(default_factory=dict)  # a PNG's text chunks, for a PNG output (png_text)
+    cells: JpegCells | None = None  # a JPEG's quantization cells (file_cells): its restored image is made consistent
+    cells_note: str = ""  # a JPEG's: why it has none
 
 
 def _bit_depth(img: Image.Image, path: Path) -> int:
@@ -161,22 +163,31 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
         icc, exif = output_metadata(img, img.mode in GRAY_MODES)  # before split_image turns the pixels
         rgb, alpha, grayscale = split_image(img, str(path))
         comment, iptc = jpeg_notes(img)
+        cells, why = file_cells(img, path)
         return LoadedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, mode=mode, format=fmt, image=img,
                            icc_profile=icc, exif=exif, xmp=output_xmp(img), dpi=output_dpi(img), comment=comment,
-                           iptc=iptc, text=png_text(img))
+                           iptc=iptc, text=png_text(img), cells=cells, cells_note=why)
 
 
-def made_consistent(restored: np.ndarray, img: Image.Image | None, path: str | Path | None = None
-                    ) -> tuple[np.ndarray, str]:
-    """``restored`` (H x W x 3 uint8, as displayed) made consistent with the JPEG file it was restored from
-    (jpeg/consistency.py: each DCT coefficient the model moved out of the quantization cell the file names put
-    back at the cell's edge), where ``img``, the opened file, is a JPEG or a camera's MPO read from ``path``
-    (None: its own filename). Else ``restored`` itself, and why where ``img`` is a JPEG ("" otherwise)."""
+def file_cells(img: Image.Image | None, path: str | Path | None = None) -> tuple[JpegCells | None, str]:
+    """The quantization cells of the JPEG (or camera MPO) file ``img`` was opened from (``path``, else its own
+    filename) and "", or None and why a restored image of it cannot be made consistent with it ("": no JPEG)."""
     if img is None or img.format not in ("JPEG", "MPO"):
-        return restored, ""
+        return None, ""
     if not (source := path or getattr(img, "filename", "")):
-        return restored, "not made consistent with its JPEG data: the image was not opened from a file"
-    return conform_to_file(restored, source, img.getexif().get(0x0112, 1))
+        return None, "not made consistent with its JPEG data: the image was not opened from a file"
+    return cells_of(source)
+
+
+def made_consistent(restored: np.ndarray, cells: JpegCells, img: Image.Image, half_width: float | None
+                    ) -> tuple[np.ndarray, str]:
+    """``restored`` (H x W x 3 uint8, as displayed) made consistent with the JPEG ``img`` (its file's ``cells``:
+    each DCT coefficient the model moved out of its quantization cell put back at the cell's edge; jpeg/consistency.py)
+    and "", or ``restored`` itself and why not (the file's size is not the image's)."""
+    try:
+        return conform(restored, cells, img.getexif().get(0x0112, 1), 0.5 if half_width is None else half_width), ""
+    except NotConsistent as err:
+        return restored, f"not made consistent with its JPEG data: {err}"
 
 
 def is_animation(img: Image.Image, fmt: str | None = None) -> bool:

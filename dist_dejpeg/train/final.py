@@ -9,23 +9,35 @@ import logging
 
 from dist_dejpeg import code_version
 from dist_dejpeg.models.generator_file import save_generator, training_shards
-from dist_dejpeg.models.names import JPEG_PSNR
+from dist_dejpeg.models.names import CONFORMED_KEYS, JPEG_PSNR
 from dist_dejpeg.run.layout import GENERATOR, METRICS
 from dist_dejpeg.train.checkpoint import FINAL_STAGE
 from dist_dejpeg.train.collective import all_ranks_or_raise
-from dist_dejpeg.train.validation import validate
+from dist_dejpeg.train.validation import conformed_gains, validate
 from dist_dejpeg.train.window import sum_over_ranks
 
 log = logging.getLogger("dist_dejpeg")
 
 
-def guard_gains(results: dict) -> dict:
+def guard_gains(results: dict, conformed: dict | None = None) -> dict:
     """The generator file's metadata by which restore's guard decides: the RGB PSNR gain per validated quality
-    and its lower bound, and the JPEG's PSNR there (as JSON strings: safetensors metadata holds strings)."""
+    and its lower bound, and the JPEG's PSNR there (as JSON strings: safetensors metadata holds strings); with
+    ``conformed`` (validation.conformed_gains'), the gain and bound restore makes consistent with its JPEG at each
+    quality, at the cell half-width whose bound is highest there (the file's own cell, 0.5, on a tie)."""
     gains = {k[1:]: r["restored"]["psnr"] - r["jpeg"]["psnr"] for k, r in results.items()}
     lows = {k[1:]: r["gain"]["psnr_low"] for k, r in results.items()}
     jpeg = {k[1:]: r["jpeg"]["psnr"] for k, r in results.items()}
-    return {"val_psnr_gain": json.dumps(gains), "val_psnr_gain_low": json.dumps(lows), JPEG_PSNR: json.dumps(jpeg)}
+    meta = {"val_psnr_gain": json.dumps(gains), "val_psnr_gain_low": json.dumps(lows), JPEG_PSNR: json.dumps(jpeg)}
+    if conformed:
+        best = {q: max(widths, key=lambda h: _or_worst(widths[h]["psnr_low"])) for q, widths in conformed.items()}
+        tables = ({str(q): conformed[q][h]["psnr"] for q, h in best.items()},
+                  {str(q): conformed[q][h]["psnr_low"] for q, h in best.items()}, {str(q): h for q, h in best.items()})
+        meta.update({key: json.dumps(table) for key, table in zip(CONFORMED_KEYS, tables)})
+    return meta
+
+
+def _or_worst(value: float) -> float:
+    return value if value == value else float("-inf")  # NaN (no bound) loses to any number
 
 
 def finish_run(trainer) -> dict:
@@ -37,6 +49,8 @@ def finish_run(trainer) -> dict:
         results = trainer.run_validation("final")  # the EMA's; the raw generator's once more, for the meta
         ema = trainer.ema.meta(lambda: validate(acc, trainer.gen_raw, trainer.val_set, trainer.metric_lpips,
                                                 cfg.data.val_batch_size, cudagraphs=trainer.cudagraphs))
+        conformed = conformed_gains(acc, trainer.ema.model(trainer.gen_raw), trainer.val_set,
+                                    cfg.data.val_batch_size, cudagraphs=trainer.cudagraphs)
         skipped = trainer.data_skipped()
         local = next(iter(trainer.val_set.values()))[0].shape[0] if trainer.val_set else 0
         n_val = sum_over_ranks(acc, {"images": local})["images"]
@@ -48,7 +62,7 @@ def finish_run(trainer) -> dict:
                                               val_images=n_val, skipped=skipped, last_train=state.last_train_log)
                 save_generator(trainer.ema.model(trainer.gen_raw), cfg.model, trainer.run_dir / GENERATOR,
                                extra={"lpips": trainer.metric_lpips.description, "global_step": state.global_step,
-                                      "ema_decay": cfg.train.ema_decay, **guard_gains(results),
+                                      "ema_decay": cfg.train.ema_decay, **guard_gains(results, conformed),
                                       **training_shards(cfg.data), "code": code_version()})
                 log.info("wrote %s and %s", trainer.run_dir / METRICS, trainer.run_dir / GENERATOR)
     trainer.monitor.finish("finished", "", state.global_step)

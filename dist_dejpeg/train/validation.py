@@ -81,6 +81,52 @@ def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: 
             for i, q in enumerate(qualities)}
 
 
+@torch.no_grad()
+def conformed_gains(accelerator, generator, val_set: ValSet, batch_size: int, cudagraphs: bool = False
+                    ) -> dict[int, dict[float, dict[str, float]]] | None:
+    """The RGB PSNR gain (gain_summary's) at each quality of the validation crops restored and then made
+    consistent with their JPEG files, as restore makes a JPEG's (jpeg/consistency.py), for each cell half-width
+    HALF_WIDTHS names: {quality: {half-width: summary}}, reduced over all ranks (each must call it); None where
+    jpeglib is missing (every rank the same: it is an install). A crop's file is libjpeg's of its clean pixels at
+    that quality, as the validation set's JPEGs are (data/torch_loader.py: load_val_set)."""
+    import numpy as np
+
+    from dist_dejpeg.data.images import jpeg_encode
+    from dist_dejpeg.jpeg.consistency import HALF_WIDTHS, cells_of, conform
+    from dist_dejpeg.metrics.fullref import psnr
+
+    if cells_of(jpeg_encode(np.zeros((8, 8, 3), np.uint8), 50))[0] is None:
+        return None
+    was_training = generator.training
+    generator.eval()
+    stats = torch.zeros(len(val_set), len(HALF_WIDTHS), 3, dtype=torch.float64)
+    try:
+        for i, (quality, (jpeg_u8, clean_u8)) in enumerate(val_set.items()):
+            for start in range(0, jpeg_u8.shape[0], batch_size):
+                part = slice(start, start + batch_size)
+                batch = to_device({"jpeg": jpeg_u8[part], "clean": clean_u8[part],
+                                   "quality": [quality] * len(jpeg_u8[part])}, accelerator.device)
+                if cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                with accelerator.autocast():
+                    restored = generator(batch["jpeg"], batch["quality"])
+                restored = as_written(restored).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                for out, jpeg, clean in zip(restored, jpeg_u8[part].permute(0, 2, 3, 1).numpy(),
+                                            clean_u8[part].permute(0, 2, 3, 1).numpy()):
+                    if (cells := cells_of(jpeg_encode(clean, quality))[0]) is None:
+                        continue
+                    for j, half in enumerate(HALF_WIDTHS):
+                        gain = psnr(conform(out, cells, half_width=half), clean) - psnr(jpeg, clean)
+                        if np.isfinite(gain):  # (a crop the JPEG keeps exactly: left out, as validate leaves it)
+                            stats[i, j] += torch.tensor([gain, gain * gain, 1.0], dtype=torch.float64)
+    finally:
+        generator.train(was_training)
+    if accelerator.num_processes > 1:
+        stats = accelerator.reduce(stats.to(accelerator.device), reduction="sum").cpu()
+    return {q: {half: gain_summary(stats[i, j]) for j, half in enumerate(HALF_WIDTHS)}
+            for i, q in enumerate(val_set)}
+
+
 def average_bn_stats(accelerator, models: dict) -> None:
     """Average batch-norm running statistics over ranks before they are used (validation, a frozen generator
     in the critic phase, export), so every rank evaluates the same model. Averaging is linear, like the
