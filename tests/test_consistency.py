@@ -255,3 +255,62 @@ def test_restore_judges_a_jpeg_by_the_gain_of_its_consistent_image(tmp_path):
     model = restorer.restore_array(_decoded(src.read_bytes()), 80, conformed=True)
     expected = conform(model, read_cells(src), half_width=0.2)
     assert np.array_equal(np.asarray(Image.open(results[0].output).convert("RGB")), expected)
+
+
+def test_the_api_conforms_only_an_image_that_is_still_its_files(tmp_path):
+    """Restorer.restore(Image.open(path)) reads the cells of the file the image came from; an image edited in
+    place since, turned in place (exif_transpose in_place: its orientation tag gone) or another frame is no longer
+    the file's decode: restored as the model made it, and the decision says why. One untouched is conformed."""
+    from types import SimpleNamespace
+
+    from PIL import ImageDraw, ImageOps
+
+    from dist_dejpeg.restore.images import file_cells
+
+    photo = skimage.data.astronaut()[:96, :128]
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    src = tmp_path / "photo.jpg"
+    src.write_bytes(_jpeg(photo, 30, exif=exif))
+    untouched = Image.open(src)
+    shown = np.asarray(ImageOps.exif_transpose(untouched).convert("RGB"))
+    assert file_cells(untouched, rgb=shown)[0] is not None
+    edited = Image.open(src)
+    edited.load()
+    ImageDraw.Draw(edited).rectangle([10, 10, 40, 40], fill=(255, 255, 255))
+    cells, why = file_cells(edited, rgb=np.asarray(ImageOps.exif_transpose(edited).convert("RGB")))
+    assert cells is None and "no longer the file's" in why
+    turned = Image.open(src)
+    ImageOps.exif_transpose(turned, in_place=True)
+    assert file_cells(turned, rgb=np.asarray(turned.convert("RGB")))[0] is None
+    assert file_cells(SimpleNamespace(format="JPEG", filename=str(src), tell=lambda: 1), rgb=shown)[1].endswith(
+        "frame 1, not the file's first image")
+
+
+def test_stripes_arithmetic_coding_and_bytes_that_cannot_be_written(tmp_path, monkeypatch):
+    """conform works a stripe of block rows at a time (its float copies stay small): the same pixels as in one
+    stripe. An arithmetic-coded JPEG (Pillow reads it) has its cells read too. Bytes that cannot be written for
+    jpeglib (a full disk) are a NotConsistent error, not an OSError that would stop a restore or a run."""
+    import jpeglib
+
+    import dist_dejpeg.jpeg.consistency as consistency
+
+    photo = skimage.data.coffee()[:203, :301]
+    data = _jpeg(photo, 20)
+    wrong = _blurred(_decoded(data))
+    striped = conform(wrong, read_cells(data))
+    monkeypatch.setattr(consistency, "_STRIPE_BLOCKS", 1000)
+    assert np.array_equal(conform(wrong, read_cells(data)), striped)
+
+    arithmetic = tmp_path / "arith.jpg"
+    jpeglib.version.set("9f")
+    jpeglib.from_spatial(photo).write_spatial(str(arithmetic), qt=50, flags=["+ARITH_CODE"])
+    assert Image.open(arithmetic).size == (301, 203)
+    assert read_cells(arithmetic).planes[0].coefficients.shape[:2] == (26, 38)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(consistency.tempfile, "TemporaryDirectory", full)
+    with pytest.raises(NotConsistent, match="No space left"):
+        read_cells(data)

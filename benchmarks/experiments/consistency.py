@@ -6,9 +6,10 @@ inside its quantization cell does to photos and to graphics, and what narrower c
 
 Images: the sample set's held-out photos (chelsea, coffee, coins halved) and graphics the photo-trained model was
 never shown (skimage's colorwheel, checkerboard, horse silhouette; a synthetic sky gradient), each compressed by
-libjpeg (4:2:0) at each quality and restored with the guard off (the model's own output at every quality). Prints
-as markdown the RGB PSNR gain over the JPEG: the model's image, and the model's image conformed to cells of
-half-width 0.5 (the file's cells: what restore does) and narrower (0.3, 0.2: pulled towards the JPEG's values).
+libjpeg (4:2:0) at each quality. Prints as markdown the RGB PSNR gain over the JPEG: the model's own image (guard
+off), it conformed to cells of half-width 0.5 (the file's own cells) and narrower (0.35, 0.2: pulled towards the
+JPEG's values), and what `restore` writes (the guard on: passed through, 0, or conformed at the width the model's
+final validation chose for that quality; a file from before 2026-12-07: 0.5).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import skimage.data
 from PIL import Image
 
 import dist_dejpeg.jpeg.consistency as consistency
+from dist_dejpeg.jpeg.consistency import HALF_WIDTHS
 from dist_dejpeg.data.shards import SAMPLE_VAL, sample_photo
 from dist_dejpeg.metrics.fullref import psnr
 from dist_dejpeg.restore import open_restorer
 
 QUALITIES = (10, 30, 50, 80, 90)
-HALF_WIDTHS = (0.5, 0.3, 0.2)
 
 
 def graphics() -> dict[str, np.ndarray]:
@@ -44,11 +45,12 @@ def main() -> None:
     parser.add_argument("model", help="generator file, run or checkpoint folder, or ONNX export")
     args = parser.parse_args()
     restorer = open_restorer(args.model, device="cpu", guard=False)
+    guarded = open_restorer(args.model, device="cpu")
     images = {name: sample_photo(name) for name in SAMPLE_VAL} | graphics()
     widths = " | ".join(f"conformed, half-width {h}" for h in HALF_WIDTHS)
-    print(f"{args.model}; RGB PSNR gain over the JPEG (dB), guard off\n")
-    print(f"| image | q | JPEG PSNR | model's image | {widths} |")
-    print("|---|---|---|---|" + "---|" * len(HALF_WIDTHS))
+    print(f"{args.model}; RGB PSNR gain over the JPEG (dB): the model and the conformed columns with the guard off\n")
+    print(f"| image | q | JPEG PSNR | model's image | {widths} | `restore` writes |")
+    print("|---|---|---|---|---|" + "---|" * len(HALF_WIDTHS))
     means: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, clean in images.items():
@@ -63,12 +65,17 @@ def main() -> None:
                 gains = [psnr(restored, clean) - base]
                 for half in HALF_WIDTHS:
                     gains.append(psnr(consistency.conform(restored, cells, half_width=half), clean) - base)
+                written = guarded.restore_array(jpeg, q, conformed=True)
+                decision = guarded.last_decision
+                if not decision.passthrough:
+                    written = consistency.conform(written, cells, half_width=decision.half_width)
+                gains.append(psnr(written, clean) - base)
                 for column, gain in enumerate(gains):
                     means.setdefault(f"{kind} {column}", []).append(gain)
                 print(f"| {name} | {q} | {base:.2f} | " + " | ".join(f"{g:+.2f}" for g in gains) + " |", flush=True)
     for kind in ("photos", "graphics"):
         cells = [f"{np.mean(means[f'{kind} {c}']):+.2f} (min {min(means[f'{kind} {c}']):+.2f})"
-                 for c in range(1 + len(HALF_WIDTHS))]
+                 for c in range(2 + len(HALF_WIDTHS))]
         print(f"| **{kind}, mean** | | | " + " | ".join(cells) + " |")
 
 

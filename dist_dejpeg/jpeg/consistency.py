@@ -4,8 +4,11 @@ clean photo's coefficients lay within half a quantization step of each stored on
 moves each coefficient of the restored image that left its cell back to the cell's edge, the rest untouched:
 the nearest image, in the JPEG's own (YCbCr, DCT) space, that the file could have come from. The cells are a
 convex set that holds the clean photo, so this never moves the restored image away from it in that space (up
-to the encoder's rounding), whatever the model did; measured in RGB, benchmarks/RESULTS.md ("consistent with
-the file"). Torch-free: the PyTorch and onnxruntime restorers both use it.
+to the encoder's rounding and the blocks the image's edge cuts), whatever the model did. Narrower cells (a
+``half_width`` under 0.5 steps) pull the coefficients further, towards the stored values; they may leave the
+clean photo out, so a run's final validation measures which width restores best at each quality
+(train/validation.py: conformed_gains). Measured in RGB: benchmarks/RESULTS.md ("Consistent with the file").
+Torch-free: the PyTorch and onnxruntime restorers both use it.
 
     cells = read_cells("photo.jpg")            # JpegCells, or a NotConsistent error saying why not
     restored = conform(restored, cells)        # H x W x 3 uint8 -> the same, orientation as displayed
@@ -49,12 +52,14 @@ _TO_RGB = np.linalg.inv(np.array(JFIF_YCBCR, np.float64)).astype(np.float32)
 # the cell half-widths (in quantization steps) a run's final validation measures restoring with: 0.5 is the file's
 # own cell; narrower ones pull the restored coefficients towards the JPEG's (train/validation.py: conformed_gains)
 HALF_WIDTHS = (0.5, 0.35, 0.2)
-_STRIPE_BLOCKS = 32  # block rows per stripe: bounds the float copies of a large photo (memory)
+_STRIPE_BLOCKS = 8  # block rows (of the tallest-sampled plane) per stripe of conform: its float copies
 # PIL's transposes for the EXIF orientations (ImageOps.exif_transpose's), and the inverse of each
 _ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
            8: Image.Transpose.ROTATE_90}
 _UNDO = {**_ORIENT, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+DECODE_TOLERANCE = 16.0  # is_decode_of: an 8x8 block's mean move, in levels
+LIBJPEG = "turbo210"  # the libjpeg jpeglib reads with: libjpeg-turbo, as Pillow's wheels decode
 _READ = threading.Lock()  # jpeglib's reader: one file at a time (its library state is process-wide)
 
 
@@ -84,15 +89,18 @@ def read_cells(source: str | os.PathLike | bytes) -> JpegCells:
     except ImportError:
         raise NotConsistent(JPEGLIB_MISSING) from None
     if isinstance(source, (bytes, bytearray, memoryview)):  # jpeglib reads files only
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "image.jpg")
-            with open(path, "wb") as f:
-                f.write(source)
-            return read_cells(path)
-    path = source
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "image.jpg")
+                with open(path, "wb") as f:
+                    f.write(source)
+                return read_cells(path)
+        except OSError as err:  # (a full disk: the image is kept as the model made it)
+            raise NotConsistent(f"its bytes cannot be written for jpeglib ({err})") from None
     try:
         with _READ:
-            jpeg = jpeglib.read_dct(str(path))
+            jpeglib.version.set(LIBJPEG)  # (6b, its default, refuses arithmetic coding, which Pillow reads)
+            jpeg = jpeglib.read_dct(str(source))
             space = getattr(jpeg.jpeg_color_space, "name", str(jpeg.jpeg_color_space))
             if space not in ("JCS_YCbCr", "JCS_GRAYSCALE"):
                 raise NotConsistent(f"a {space.removeprefix('JCS_')} JPEG: only YCbCr and grayscale JPEGs are "
@@ -139,51 +147,62 @@ def conform(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_width:
     """``rgb`` (H x W x 3 uint8, the image as displayed: EXIF ``orientation`` applied) with every DCT coefficient
     that lies outside its quantization cell moved to the cell's edge, as a new array; a grayscale JPEG's one plane
     is the mean of the channels (what restore writes for it), the three channels equal after. ``half_width``: the
-    cells' half-width in quantization steps (0.5: the file's own; less: narrower, about the stored values). A
-    NotConsistent error where the image's size is not the file's."""
+    cells' half-width in quantization steps (0.5: the file's own; less: narrower, about the stored values). A block
+    the image's edge cuts is projected as the encoder padded it (its edge pixels repeated), then cut: it may stay a
+    little outside its cells. A NotConsistent error where the image's size is not the file's."""
     stored = np.asarray(Image.fromarray(rgb).transpose(_UNDO[orientation])) if orientation in _UNDO else rgb
     if stored.shape[:2] != (cells.height, cells.width):
         raise NotConsistent(f"the image is {stored.shape[1]} x {stored.shape[0]} as the file stores it, the file "
                             f"{cells.width} x {cells.height}")
     out = np.empty_like(stored)
-    if len(cells.planes) == 1:
-        gray = stored.astype(np.float32).mean(axis=2)
-        out[...] = _to_uint8(_conform_plane(gray, cells.planes[0], 128.0, half_width))[..., None]
-    else:
-        ycc = stored.astype(np.float32) @ _TO_YCC.T
+    rows = 8 * max(p.factor[0] for p in cells.planes) * _STRIPE_BLOCKS  # whole block rows of every plane
+    for y0 in range(0, stored.shape[0], rows):  # a stripe at a time: the float copies stay small (memory)
+        part = stored[y0:y0 + rows].astype(np.float32)
+        if len(cells.planes) == 1:
+            out[y0:y0 + rows] = _to_uint8(_conform_rows(part.mean(axis=2), cells.planes[0], y0, 128.0,
+                                                        half_width))[..., None]
+            continue
+        ycc = part @ _TO_YCC.T
         for c, plane in enumerate(cells.planes):
-            ycc[..., c] = _conform_plane(ycc[..., c], plane, 128.0 if c == 0 else 0.0, half_width)
-        out[...] = _to_uint8(ycc @ _TO_RGB.T)
+            ycc[..., c] = _conform_rows(ycc[..., c], plane, y0, 128.0 if c == 0 else 0.0, half_width)
+        out[y0:y0 + rows] = _to_uint8(ycc @ _TO_RGB.T)
     return np.asarray(Image.fromarray(out).transpose(_ORIENT[orientation])) if orientation in _ORIENT else out
+
+
+def is_decode_of(rgb: np.ndarray, cells: JpegCells, orientation: int = 1) -> bool:
+    """Whether ``rgb`` (as displayed) is the file's own decoded image: conforming it moves no 8x8 block by more
+    than DECODE_TOLERANCE levels on average (a decoder's rounding, clipping and chroma upsampling: up to 7 on
+    photos and graphics, q10-q100); an image edited since, another frame, or turned otherwise is not."""
+    try:
+        moved = np.abs(conform(rgb, cells, orientation).astype(np.int16) - rgb).mean(axis=2)
+    except NotConsistent:
+        return False
+    h, w = moved.shape[0] // 8 * 8, moved.shape[1] // 8 * 8
+    return bool(not h or not w or moved[:h, :w].reshape(h // 8, 8, w // 8, 8).mean(axis=(1, 3)).max()
+                <= DECODE_TOLERANCE)
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
-def _conform_plane(values: np.ndarray, plane: Plane, level: float, half_width: float) -> np.ndarray:
-    """One full-resolution plane (float32) conformed to ``plane``'s cells, a stripe of block rows at a time;
-    ``level``: what the encoder subtracts before its DCT (128 for Y, 0 for chroma held without its +128)."""
+def _conform_rows(values: np.ndarray, plane: Plane, y0: int, level: float, half_width: float) -> np.ndarray:
+    """Full-resolution rows ``y0``.. of one plane (float32, whole block rows of it but at the image's bottom)
+    conformed to ``plane``'s cells; ``level``: what the encoder subtracts before its DCT (128 for Y, 0 for chroma
+    held without its +128)."""
     fy, fx = plane.factor
-    rows, cols = plane.coefficients.shape[:2]
     h, w = values.shape
-    out = values.copy()
-    for r0 in range(0, rows, _STRIPE_BLOCKS):
-        r1 = min(rows, r0 + _STRIPE_BLOCKS)
-        y0, y1 = r0 * 8 * fy, min(h, r1 * 8 * fy)
-        if y0 >= h:
-            break
-        # the encoder's samples: the stripe padded by its edge pixels to whole blocks, then area-averaged
-        stripe = np.pad(values[y0:y1], ((0, (r1 - r0) * 8 * fy - (y1 - y0)), (0, cols * 8 * fx - w)), mode="edge")
-        samples = stripe.reshape((r1 - r0) * 8, fy, cols * 8, fx).mean(axis=(1, 3))
-        blocks = samples.reshape(r1 - r0, 8, cols, 8).transpose(0, 2, 1, 3).reshape(-1, 64) - level
-        coef = blocks @ _BLOCK_DCT.T
-        q = plane.table.reshape(64)
-        stored = plane.coefficients[r0:r1].reshape(-1, 64).astype(np.float32) * q
-        moved = np.clip(coef, stored - q * half_width, stored + q * half_width) - coef
-        delta = (moved @ _BLOCK_DCT).reshape(r1 - r0, cols, 8, 8).transpose(0, 2, 1, 3).reshape((r1 - r0) * 8,
-                                                                                                 cols * 8)
-        if fy > 1 or fx > 1:  # each sample's change spread over the pixels it averages
-            delta = np.repeat(np.repeat(delta, fy, axis=0), fx, axis=1)
-        out[y0:y1] += delta[: y1 - y0, :w]
-    return out
+    r0 = y0 // (8 * fy)
+    r1 = min(plane.coefficients.shape[0], r0 + -(-h // (8 * fy)))
+    cols = plane.coefficients.shape[1]
+    # the encoder's samples: the rows padded by their edge pixels to whole blocks, then area-averaged
+    padded = np.pad(values, ((0, (r1 - r0) * 8 * fy - h), (0, cols * 8 * fx - w)), mode="edge")
+    samples = padded.reshape((r1 - r0) * 8, fy, cols * 8, fx).mean(axis=(1, 3))
+    coef = (samples.reshape(r1 - r0, 8, cols, 8).transpose(0, 2, 1, 3).reshape(-1, 64) - level) @ _BLOCK_DCT.T
+    q = plane.table.reshape(64)
+    stored = plane.coefficients[r0:r1].reshape(-1, 64).astype(np.float32) * q
+    moved = np.clip(coef, stored - q * half_width, stored + q * half_width) - coef
+    delta = (moved @ _BLOCK_DCT).reshape(r1 - r0, cols, 8, 8).transpose(0, 2, 1, 3).reshape((r1 - r0) * 8, cols * 8)
+    if fy > 1 or fx > 1:  # each sample's change spread over the pixels it averages
+        delta = np.repeat(np.repeat(delta, fy, axis=0), fx, axis=1)
+    return values + delta[:h, :w]

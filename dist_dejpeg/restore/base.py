@@ -144,8 +144,9 @@ class ImageRestorer:
             decision.half_width = 0.5 if conformed else None  # (a file from before the conformed gains: its cells)
             return decision
         decision = decide(self.conformed, quality, source, self.guard, self.conformed_lows, self.jpeg_psnr)
-        at = decision.quality if decision.quality is not None else max(self.half_widths)
-        decision.half_width = self.half_widths[min(self.half_widths, key=lambda q: abs(q - at))]
+        widths = self.half_widths or {0: 0.5}  # (a file with the gains but no widths: the file's own cells)
+        at = decision.quality if decision.quality is not None else max(widths)
+        decision.half_width = widths[min(widths, key=lambda q: abs(q - at))]
         return decision
 
     def broken(self, decision: Decision, count: int, of: int) -> None:
@@ -262,8 +263,10 @@ class ImageRestorer:
         ``comment=`` into JPEG; restore/images.save_image into PNG and TIFF too, and a JPEG's IPTC: jpeg_notes).
         A JPEG opened from its file is made consistent with the file's data, as ``restore`` makes it
         (images.made_consistent); an array's or tensor's is not (jpeg.consistency.conform does it, given the file)."""
+        read = None  # a file's cells, read as it was loaded
         if isinstance(image, (str, os.PathLike)):
-            image = load_image(image).image  # its quality read from its file, as with Image.open's
+            loaded = load_image(image)
+            image, read = loaded.image, (loaded.cells, loaded.cells_note)  # its quality: from its file, as Image.open's
         if isinstance(image, np.ndarray):
             return self.restore_array(image, quality)
         if type(image).__module__.startswith("torch"):
@@ -278,7 +281,8 @@ class ImageRestorer:
             if quality is None:
                 est = estimate_quality(image, rgb)
                 quality, source = est.quality, est.source or "unknown"
-            cells, unmade = file_cells(image)  # a JPEG opened from its file: consistent with the file's data
+            # a JPEG opened from its file, still its pixels: made consistent with the file's data
+            cells, unmade = read or file_cells(image, rgb=rgb)
             restored = self.restore_array(rgb, quality, source, conformed=cells is not None)
             decision = self.last_decision
             if not decision.passthrough:

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from dist_dejpeg.jpeg.consistency import JpegCells, NotConsistent, cells_of, conform
+from dist_dejpeg.jpeg.consistency import JpegCells, NotConsistent, cells_of, conform, is_decode_of
 from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, DEFAULT_MAX_PIXELS, icc_space, rgb_image, save_options
 from dist_dejpeg.restore.metadata import (JPEG_MARKER_MAX, XMP_HEADER, fit_exif, jpeg_notes, marked, output_dpi,
                                           output_metadata, output_xmp, png_text, tiff_with_exif, with_app13)
@@ -169,14 +169,23 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
                            iptc=iptc, text=png_text(img), cells=cells, cells_note=why)
 
 
-def file_cells(img: Image.Image | None, path: str | Path | None = None) -> tuple[JpegCells | None, str]:
+def file_cells(img: Image.Image | None, path: str | Path | None = None, rgb: np.ndarray | None = None
+               ) -> tuple[JpegCells | None, str]:
     """The quantization cells of the JPEG (or camera MPO) file ``img`` was opened from (``path``, else its own
-    filename) and "", or None and why a restored image of it cannot be made consistent with it ("": no JPEG)."""
+    filename) and "", or None and why a restored image of it cannot be made consistent with it ("": no JPEG).
+    ``rgb``: its pixels as they are now (an image opened elsewhere: the API's), which must still be the file's
+    first image, decoded (jpeg.consistency.is_decode_of: not edited, turned or another frame since)."""
     if img is None or img.format not in ("JPEG", "MPO"):
         return None, ""
+    why = "not made consistent with its JPEG data: "
     if not (source := path or getattr(img, "filename", "")):
-        return None, "not made consistent with its JPEG data: the image was not opened from a file"
-    return cells_of(source)
+        return None, why + "the image was not opened from a file"
+    if rgb is not None and img.tell():
+        return None, why + f"frame {img.tell()}, not the file's first image"
+    cells, unmade = cells_of(source)
+    if cells is not None and rgb is not None and not is_decode_of(rgb, cells, img.getexif().get(0x0112, 1)):
+        return None, why + "its pixels are no longer the file's (edited or turned since it was opened?)"
+    return cells, unmade
 
 
 def made_consistent(restored: np.ndarray, cells: JpegCells, img: Image.Image, half_width: float | None

@@ -1,13 +1,16 @@
 """Validation on fixed crops at fixed JPEG qualities: metrics of the JPEG input and of the restored output (rounded
 to 8 bits, as restore writes it), and the RGB PSNR gain with a lower bound on its mean that restore's guard trusts
-(restore/guard.py)."""
+(restore/guard.py); at the end of a run, the same gain of the restored crops made consistent with their JPEG files
+(conformed_gains), by which restore judges a JPEG whose coefficients it reads."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchvision.utils import make_grid
 
 from dist_dejpeg.data.contract import to_device
+from dist_dejpeg.jpeg.consistency import HALF_WIDTHS
 from dist_dejpeg.models.lpips import LPIPS
 from dist_dejpeg.metrics.sums import MetricSums, per_image
 
@@ -81,22 +84,36 @@ def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: 
             for i, q in enumerate(qualities)}
 
 
-@torch.no_grad()
 def conformed_gains(accelerator, generator, val_set: ValSet, batch_size: int, cudagraphs: bool = False
                     ) -> dict[int, dict[float, dict[str, float]]] | None:
     """The RGB PSNR gain (gain_summary's) at each quality of the validation crops restored and then made
     consistent with their JPEG files, as restore makes a JPEG's (jpeg/consistency.py), for each cell half-width
-    HALF_WIDTHS names: {quality: {half-width: summary}}, reduced over all ranks (each must call it); None where
-    jpeglib is missing (every rank the same: it is an install). A crop's file is libjpeg's of its clean pixels at
-    that quality, as the validation set's JPEGs are (data/torch_loader.py: load_val_set)."""
-    import numpy as np
-
+    HALF_WIDTHS names: {quality: {half-width: summary}}, reduced over all ranks (each must call it; an error on one
+    is raised on every one); None where jpeglib is missing on any rank. A crop's file is libjpeg's of its clean
+    pixels at that quality, as the validation set's JPEGs are (data/torch_loader.py: load_val_set)."""
     from dist_dejpeg.data.images import jpeg_encode
-    from dist_dejpeg.jpeg.consistency import HALF_WIDTHS, cells_of, conform
+    from dist_dejpeg.jpeg.consistency import cells_of
+    from dist_dejpeg.train.collective import all_ranks_or_raise
+
+    missing = torch.tensor([float(cells_of(jpeg_encode(np.zeros((8, 8, 3), np.uint8), 50))[0] is None)])
+    if accelerator.num_processes > 1:
+        missing = accelerator.reduce(missing.to(accelerator.device), reduction="sum").cpu()
+    if missing.item():
+        return None
+    stats = all_ranks_or_raise(accelerator, _conformed_sums, accelerator, generator, val_set, batch_size, cudagraphs)
+    if accelerator.num_processes > 1:
+        stats = accelerator.reduce(stats.to(accelerator.device), reduction="sum").cpu()
+    return {q: {half: gain_summary(stats[i, j]) for j, half in enumerate(HALF_WIDTHS)}
+            for i, q in enumerate(val_set)}
+
+
+@torch.no_grad()
+def _conformed_sums(accelerator, generator, val_set: ValSet, batch_size: int, cudagraphs: bool) -> torch.Tensor:
+    """This rank's [sum, sum of squares, count] of the consistent crops' gains, per quality and half-width."""
+    from dist_dejpeg.data.images import jpeg_encode
+    from dist_dejpeg.jpeg.consistency import cells_of, conform
     from dist_dejpeg.metrics.fullref import psnr
 
-    if cells_of(jpeg_encode(np.zeros((8, 8, 3), np.uint8), 50))[0] is None:
-        return None
     was_training = generator.training
     generator.eval()
     stats = torch.zeros(len(val_set), len(HALF_WIDTHS), 3, dtype=torch.float64)
@@ -121,10 +138,7 @@ def conformed_gains(accelerator, generator, val_set: ValSet, batch_size: int, cu
                             stats[i, j] += torch.tensor([gain, gain * gain, 1.0], dtype=torch.float64)
     finally:
         generator.train(was_training)
-    if accelerator.num_processes > 1:
-        stats = accelerator.reduce(stats.to(accelerator.device), reduction="sum").cpu()
-    return {q: {half: gain_summary(stats[i, j]) for j, half in enumerate(HALF_WIDTHS)}
-            for i, q in enumerate(val_set)}
+    return stats
 
 
 def average_bn_stats(accelerator, models: dict) -> None:
