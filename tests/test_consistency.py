@@ -252,6 +252,7 @@ def test_restore_judges_a_jpeg_by_the_gain_of_its_consistent_image(tmp_path):
     Image.fromarray(_decoded(src.read_bytes())).save(png)
     results = restore_files(restorer, [str(src), str(png)], tmp_path / "out", quality=80, progress=False)
     assert [r.passthrough for r in results] == [False, True], [r.note for r in results]
+    assert results[0].note.endswith("made consistent with its file (cells of half-width 0.2)"), results[0].note
     model = restorer.restore_array(_decoded(src.read_bytes()), 80, conformed=True)
     expected = conform(model, read_cells(src), half_width=0.2)
     assert np.array_equal(np.asarray(Image.open(results[0].output).convert("RGB")), expected)

@@ -147,6 +147,8 @@ class ImageRestorer:
         widths = self.half_widths or {0: 0.5}  # (a file with the gains but no widths: the file's own cells)
         at = decision.quality if decision.quality is not None else max(widths)
         decision.half_width = widths[min(widths, key=lambda q: abs(q - at))]
+        if not decision.passthrough:
+            decision.reason += f"; made consistent with its file (cells of half-width {decision.half_width:g})"
         return decision
 
     def broken(self, decision: Decision, count: int, of: int) -> None:
