@@ -180,3 +180,37 @@ def test_one_image_into_a_named_file(tmp_path, restorer, capsys):
                   *extra])
         assert stop.value.code == 2 and said in capsys.readouterr().err
     assert not (tmp_path / "y.png").exists()
+
+
+def test_pixel_limit_nested_by_threads_puts_back_what_it_found():
+    """Two threads open images at once, entering and leaving pixel_limit in crossed order (A in, B in, A out,
+    B out): warnings.catch_warnings put back the filters each found, so B's exit re-installed A's silencing for
+    good (and PIL's limit A had raised). The last to leave now puts back what the first found."""
+    import threading
+    import warnings
+
+    from PIL import Image
+
+    from dist_dejpeg.restore.images import pixel_limit
+
+    filters, limit = warnings.filters[:], Image.MAX_IMAGE_PIXELS
+    b_in, a_out = threading.Event(), threading.Event()
+
+    def a():
+        with pixel_limit(200_000_000):
+            b_in.wait(10)
+        a_out.set()
+
+    def b():
+        with pixel_limit(300_000_000):
+            b_in.set()
+            a_out.wait(10)
+            assert Image.MAX_IMAGE_PIXELS == 300_000_000  # (each thread's limit holds while it is inside)
+            assert any(f[2] is Image.DecompressionBombWarning for f in warnings.filters)
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert warnings.filters == filters and Image.MAX_IMAGE_PIXELS == limit

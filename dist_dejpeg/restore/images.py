@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import struct
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,17 +82,37 @@ def _bit_depth(img: Image.Image, path: Path) -> int:
 
 @contextlib.contextmanager
 def pixel_limit(max_pixels: int):
-    """PIL's own decompression-bomb limit raised to ``max_pixels`` while one file is opened (we check first)."""
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max(max_pixels, saved or 0)
-    try:
-        with warnings.catch_warnings():  # (PIL's warning above its limit: the size is checked, and said, here)
+    """PIL's own decompression-bomb limit raised to ``max_pixels`` while one file is opened (we check first), its
+    warnings above that limit and on a camera's malformed EXIF silenced. Threads may nest it: the first to enter
+    saves PIL's limit and the warning filters, the last to leave puts them back (warnings.catch_warnings, entered
+    and left in another order by two threads, put back the other's filters, leaking them for good)."""
+    global _depth, _saved
+    with _LIMIT:
+        if not _depth:
+            _saved = (Image.MAX_IMAGE_PIXELS, warnings.filters[:])
+            # (PIL's warning above its limit: the size is checked, and said, here; a camera's malformed EXIF,
+            # "Corrupt EXIF data": output_metadata drops what it cannot read)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            # a camera's malformed EXIF ("Corrupt EXIF data"): output_metadata drops what it cannot read
             warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
-            yield
+        _depth += 1
+        Image.MAX_IMAGE_PIXELS = max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)
+    try:
+        yield
     finally:
-        Image.MAX_IMAGE_PIXELS = saved
+        with _LIMIT:
+            _depth -= 1
+            if not _depth:
+                Image.MAX_IMAGE_PIXELS, warnings.filters[:] = _saved[0], _saved[1]
+                warnings.simplefilter("default", _Never)  # (any change tells the warning caches the filters moved)
+                warnings.filters.remove(("default", None, _Never, None, 0))
+
+
+class _Never(Warning):
+    """A warning never raised: its filter, added and removed, marks the filters as changed."""
+
+
+_LIMIT = threading.Lock()
+_depth, _saved = 0, (None, [])  # pixel_limit's: how many are open, what the first one found
 
 
 def split_image(img: Image.Image, source: str = "image") -> tuple[np.ndarray, np.ndarray | None, bool]:
