@@ -255,3 +255,21 @@ def test_a_half_precision_tensor_is_restored_with_no_whole_float32_copy(dtype):
         pointwise.restore_tensor(x, 20)
     largest = max(event.self_cpu_memory_usage for event in prof.events())
     assert 0 < largest < x.numel() * 4, largest  # the output batch (2 bytes a value) at most: no float32 copy
+
+
+def test_bf16_on_a_cpu_without_bf16_arithmetic_is_warned_of(guarded_file, monkeypatch, caplog):  # noqa: F811
+    """--precision bf16 on a CPU without AVX-512 BF16 or AMX ran ~10x slower than fp32, unsaid: one warning now;
+    none where the CPU has it, or for fp32 (the CPU's default)."""
+    import logging
+
+    import torch
+
+    from dist_dejpeg.restore import restorer as restorer_module
+
+    for has, precision, warned in ((False, "bf16", True), (True, "bf16", False), (False, "auto", False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: has)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=restorer_module.__name__):
+            Restorer(guarded_file, device="cpu", tile=0, precision=precision)
+        assert ("is emulated" in caplog.text) == warned, (has, precision, caplog.text)
