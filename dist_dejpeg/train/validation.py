@@ -44,19 +44,11 @@ def as_written(restored: torch.Tensor) -> torch.Tensor:
     return restored.float().clamp(0, 1).mul(255).round().div(255)
 
 
-@torch.no_grad()
-def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: int, cudagraphs: bool = False) -> dict:
-    """Returns {"q10": {"jpeg": {psnr, ssim, lpips, ...}, "restored": {...}, "gain": gain_summary's}, ...},
-    reduced over all ranks.
-    ``generator`` is the unwrapped module; it is put in eval mode and returned to its previous mode.
-    ``cudagraphs``: the models were compiled with CUDA graphs (each forward starts a new replay)."""
+def _restored_batches(accelerator, generator, val_set: ValSet, batch_size: int, cudagraphs: bool):
+    """(the quality's index, the quality, the crops' slice, the batch on the device, the generator's output) for
+    each batch of the validation set, the generator in eval mode meanwhile (its mode put back after)."""
     was_training = generator.training
     generator.eval()
-    qualities = list(val_set)
-    # every quality's sums in one collective: jpeg and restored metrics, and [sum, sum of squares, count] of the
-    # per-crop gains
-    sums = MetricSums(tuple(f"q{q}/{k}" for q in qualities for k in ("jpeg", "restored")), accelerator.device,
-                      extra=(len(qualities), 3))
     try:
         for i, (quality, (jpeg_u8, clean_u8)) in enumerate(val_set.items()):
             for start in range(0, jpeg_u8.shape[0], batch_size):
@@ -67,19 +59,34 @@ def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: 
                     torch.compiler.cudagraph_mark_step_begin()
                 with accelerator.autocast():
                     restored = generator(batch["jpeg"], batch["quality"])
-                # the metrics in fp32, outside autocast: SSIM's variances under bf16 lose everything (a q10
-                # JPEG measured SSIM 0.09 instead of ~0.7 on an H100)
-                with torch.autocast(accelerator.device.type, enabled=False):
-                    before = per_image(batch["jpeg"], batch["clean"], lpips)
-                    after = per_image(as_written(restored), batch["clean"], lpips)
-                    sums.add(f"q{quality}/jpeg", before)
-                    sums.add(f"q{quality}/restored", after)
-                    d = (after["psnr"] - before["psnr"]).double()  # inf - inf (a perfect crop): left out
-                    d = d[torch.isfinite(d)]
-                    sums.extra[i] += torch.stack([d.sum(), d.pow(2).sum(), d.new_tensor(float(d.numel()))])
-        means, gains = sums.compute(accelerator)
+                yield i, quality, part, batch, restored
     finally:
         generator.train(was_training)
+
+
+@torch.no_grad()
+def validate(accelerator, generator, val_set: ValSet, lpips: LPIPS, batch_size: int, cudagraphs: bool = False) -> dict:
+    """Returns {"q10": {"jpeg": {psnr, ssim, lpips, ...}, "restored": {...}, "gain": gain_summary's}, ...},
+    reduced over all ranks.
+    ``generator`` is the unwrapped module; it is put in eval mode and returned to its previous mode.
+    ``cudagraphs``: the models were compiled with CUDA graphs (each forward starts a new replay)."""
+    qualities = list(val_set)
+    # every quality's sums in one collective: jpeg and restored metrics, and [sum, sum of squares, count] of the
+    # per-crop gains
+    sums = MetricSums(tuple(f"q{q}/{k}" for q in qualities for k in ("jpeg", "restored")), accelerator.device,
+                      extra=(len(qualities), 3))
+    for i, quality, _, batch, restored in _restored_batches(accelerator, generator, val_set, batch_size, cudagraphs):
+        # the metrics in fp32, outside autocast: SSIM's variances under bf16 lose everything (a q10
+        # JPEG measured SSIM 0.09 instead of ~0.7 on an H100)
+        with torch.autocast(accelerator.device.type, enabled=False):
+            before = per_image(batch["jpeg"], batch["clean"], lpips)
+            after = per_image(as_written(restored), batch["clean"], lpips)
+            sums.add(f"q{quality}/jpeg", before)
+            sums.add(f"q{quality}/restored", after)
+            d = (after["psnr"] - before["psnr"]).double()  # inf - inf (a perfect crop): left out
+            d = d[torch.isfinite(d)]
+            sums.extra[i] += torch.stack([d.sum(), d.pow(2).sum(), d.new_tensor(float(d.numel()))])
+    means, gains = sums.compute(accelerator)
     return {f"q{q}": {"jpeg": means[f"q{q}/jpeg"], "restored": means[f"q{q}/restored"], "gain": gain_summary(gains[i])}
             for i, q in enumerate(qualities)}
 
@@ -114,30 +121,18 @@ def _conformed_sums(accelerator, generator, val_set: ValSet, batch_size: int, cu
     from dist_dejpeg.jpeg.consistency import cells_of, conform
     from dist_dejpeg.metrics.fullref import psnr
 
-    was_training = generator.training
-    generator.eval()
     stats = torch.zeros(len(val_set), len(HALF_WIDTHS), 3, dtype=torch.float64)
-    try:
-        for i, (quality, (jpeg_u8, clean_u8)) in enumerate(val_set.items()):
-            for start in range(0, jpeg_u8.shape[0], batch_size):
-                part = slice(start, start + batch_size)
-                batch = to_device({"jpeg": jpeg_u8[part], "clean": clean_u8[part],
-                                   "quality": [quality] * len(jpeg_u8[part])}, accelerator.device)
-                if cudagraphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                with accelerator.autocast():
-                    restored = generator(batch["jpeg"], batch["quality"])
-                restored = as_written(restored).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-                for out, jpeg, clean in zip(restored, jpeg_u8[part].permute(0, 2, 3, 1).numpy(),
-                                            clean_u8[part].permute(0, 2, 3, 1).numpy()):
-                    if (cells := cells_of(jpeg_encode(clean, quality))[0]) is None:
-                        continue
-                    for j, half in enumerate(HALF_WIDTHS):
-                        gain = psnr(conform(out, cells, half_width=half), clean) - psnr(jpeg, clean)
-                        if np.isfinite(gain):  # (a crop the JPEG keeps exactly: left out, as validate leaves it)
-                            stats[i, j] += torch.tensor([gain, gain * gain, 1.0], dtype=torch.float64)
-    finally:
-        generator.train(was_training)
+    for i, quality, part, _, restored in _restored_batches(accelerator, generator, val_set, batch_size, cudagraphs):
+        restored = as_written(restored).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        jpeg_u8, clean_u8 = val_set[quality]
+        for out, jpeg, clean in zip(restored, jpeg_u8[part].permute(0, 2, 3, 1).numpy(),
+                                    clean_u8[part].permute(0, 2, 3, 1).numpy()):
+            if (cells := cells_of(jpeg_encode(clean, quality))[0]) is None:
+                continue
+            for j, half in enumerate(HALF_WIDTHS):
+                gain = psnr(conform(out, cells, half_width=half), clean) - psnr(jpeg, clean)
+                if np.isfinite(gain):  # (a crop the JPEG keeps exactly: left out, as validate leaves it)
+                    stats[i, j] += torch.tensor([gain, gain * gain, 1.0], dtype=torch.float64)
     return stats
 
 
