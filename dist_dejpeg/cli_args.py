@@ -82,6 +82,9 @@ def add_restorer_args(p: argparse.ArgumentParser) -> None:
                         "GPU, every batch full so that one CUDA graph serves all images; ONNX on CUDA: 4)")
     p.add_argument("--no-guard", action="store_true", help="restore every image, even where the model's "
                                                            "validation predicts no gain at its quality")
+    p.add_argument("--no-consistency", action="store_true",
+                   help="keep the model's own image: a restored JPEG is not made consistent with its file's DCT "
+                        "coefficients (judged then by the model's own validated gains)")
 
 
 def add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int]) -> None:

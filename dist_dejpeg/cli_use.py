@@ -71,6 +71,7 @@ def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int
         check_restore_output(args.out)
         restorer = open_restorer(args.model, device=args.device, tile=args.tile, overlap=overlap,
                                  batch_size=args.batch_size, precision=args.precision, guard=not args.no_guard)
+        restorer.consistent = not args.no_consistency
     except (ModelFileError, InputImageError, OnnxUnavailable, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -159,6 +160,7 @@ def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
         check_report_output(args.out) if keep_images else check_output_dir(args.out)
         restorer = open_restorer(args.model, device=args.device, tile=args.tile, overlap=args.overlap,
                                  batch_size=args.batch_size, guard=not args.no_guard)
+        restorer.consistent = not args.no_consistency
         result = evaluate(restorer, args.images, args.qualities, None,  # (the commands write: write_failed)
                           y_only=args.y_only, blind=args.blind, subsampling=args.subsampling,
                           crop_border=args.crop_border, lpips_weights=args.lpips_weights,

@@ -257,6 +257,19 @@ def test_restore_judges_a_jpeg_by_the_gain_of_its_consistent_image(tmp_path):
     expected = conform(model, read_cells(src), half_width=0.2)
     assert np.array_equal(np.asarray(Image.open(results[0].output).convert("RGB")), expected)
 
+    # --no-consistency (restorer.consistent = False): the model's own image, judged by its own gains
+    from dist_dejpeg.cli import main
+    from dist_dejpeg.evaluation.evaluate import evaluate
+
+    assert main(["restore", str(src), "-o", str(tmp_path / "plain.png"), "--model", str(path), "--input-quality",
+                 "10", "--no-consistency", "--quiet"]) == 0
+    plain = np.asarray(Image.open(tmp_path / "plain.png").convert("RGB"))
+    assert np.array_equal(plain, restorer.restore_array(_decoded(src.read_bytes()), 10))
+    Image.fromarray(photo).save(tmp_path / "ref.png")
+    restorer.consistent = False
+    meta = evaluate(restorer, [str(tmp_path / "ref.png")], [10], None, progress=False, only=("psnr",))["meta"]
+    assert meta["consistent_with_file"] is False
+
 
 def test_the_api_conforms_only_an_image_that_is_still_its_files(tmp_path):
     """Restorer.restore(Image.open(path)) reads the cells of the file the image came from; an image edited in
@@ -286,6 +299,39 @@ def test_the_api_conforms_only_an_image_that_is_still_its_files(tmp_path):
     assert file_cells(turned, rgb=np.asarray(turned.convert("RGB")))[0] is None
     assert file_cells(SimpleNamespace(format="JPEG", filename=str(src), tell=lambda: 1), rgb=shown)[1].endswith(
         "frame 1, not the file's first image")
+    dotted = Image.open(src)  # a retouch of two pixels (a review's: pulled back to 134 of 255, said consistent)
+    dotted.load()
+    for xy in ((20, 30), (21, 30)):
+        dotted.putpixel(xy, (255, 255, 255) if sum(dotted.getpixel(xy)) < 384 else (0, 0, 0))
+    assert file_cells(dotted, rgb=np.asarray(ImageOps.exif_transpose(dotted).convert("RGB")))[0] is None
+
+
+def test_the_api_reads_an_upload_and_says_when_a_converted_image_has_no_file(tmp_path):
+    """An image opened from bytes (an upload) is made consistent as its file would be (the bytes Pillow holds
+    until it loads); a converted copy has no file: restored as the model made it, and the decision says so."""
+    from dist_dejpeg.restore.base import ImageRestorer
+
+    class Blurring(ImageRestorer):
+        device = "cpu"
+
+        def __init__(self):
+            self.setup({}, tile=0, overlap=0, batch_size=1, guard=False)
+
+        def forward(self, batch, quality=None):
+            return batch
+
+        def restore_rgb(self, rgb, quality):
+            return _blurred(rgb)
+
+    data = _jpeg(skimage.data.astronaut()[:96, :128], 25)
+    (tmp_path / "photo.jpg").write_bytes(data)
+    restorer = Blurring()
+    upload = np.asarray(restorer.restore(Image.open(io.BytesIO(data))))
+    assert restorer.last_decision.reason.endswith("made consistent with its file (cells of half-width 0.5)")
+    assert np.array_equal(upload, np.asarray(restorer.restore(str(tmp_path / "photo.jpg"))))
+    converted = np.asarray(restorer.restore(Image.open(io.BytesIO(data)).convert("RGB")))
+    assert np.array_equal(converted, _blurred(_decoded(data)))
+    assert "a converted or copied image has none" in restorer.last_decision.reason
 
 
 def test_stripes_arithmetic_coding_and_bytes_that_cannot_be_written(tmp_path, monkeypatch):
@@ -315,3 +361,36 @@ def test_stripes_arithmetic_coding_and_bytes_that_cannot_be_written(tmp_path, mo
     monkeypatch.setattr(consistency.tempfile, "TemporaryDirectory", full)
     with pytest.raises(NotConsistent, match="No space left"):
         read_cells(data)
+
+
+def test_a_cameras_mpo_in_a_folder_is_restored_consistent_and_stays_a_jpeg(tmp_path):
+    """A camera's .mpo (a JPEG first picture, then more): a folder search found none (the suffix was not an
+    image's); found now, restored from its first picture, made consistent with it, and `--format same` writes a
+    .jpg (a JPEG named .mpo confused viewers; a PNG was written before)."""
+    from dist_dejpeg.restore.files import restore_files
+
+    first, second = skimage.data.astronaut()[:96, :128], skimage.data.coffee()[:96, :128]
+    folder = tmp_path / "card"
+    folder.mkdir()
+    Image.fromarray(first).save(folder / "DSCF0001.MPO", format="MPO", save_all=True, quality=30,
+                                append_images=[Image.fromarray(second)])
+    assert Image.open(folder / "DSCF0001.MPO").format == "MPO"
+
+    class Blurring:
+        device, guard, gains = "cpu", False, {}
+
+        def restore_array(self, rgb, quality=None, source="given", conformed=False):
+            from types import SimpleNamespace
+
+            self.last_decision = SimpleNamespace(passthrough=False, reason="blurs", quality=quality, source=source,
+                                                 gain=None, jpeg_psnr=None, half_width=0.5 if conformed else None)
+            return _blurred(rgb)
+
+    (result,) = restore_files(Blurring(), [str(folder)], tmp_path / "out", fmt="same", progress=False)
+    assert result.error is None and result.output.endswith("DSCF0001.jpg"), (result.error, result.output)
+    with Image.open(folder / "DSCF0001.MPO") as mpo:
+        cells, decoded = read_cells(folder / "DSCF0001.MPO"), np.asarray(mpo.convert("RGB"))
+    assert Image.open(result.output).format == "JPEG"
+    consistent = conform(_blurred(decoded), cells)
+    written = np.asarray(Image.open(result.output).convert("RGB")).astype(int)
+    assert np.abs(written - consistent).mean() < np.abs(written - _blurred(decoded)).mean()  # (a q95 re-encoding)

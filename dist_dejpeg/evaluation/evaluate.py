@@ -177,6 +177,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
             "lpips": "lpips-alex (ImageNet AlexNet backbone)" if metric.lpips is not None else "unavailable",
             "device": str(restorer.device), "tile": restorer.tile, "overlap": restorer.overlap,
             "quality_given": not blind, "conditioned": restorer.conditioned, "guard": restorer.guard and not blind,
+            "consistent_with_file": getattr(restorer, "consistent", True),
             "restore_ms_per_megapixel": 1000 * restore_seconds / megapixels if megapixels else None,
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         },

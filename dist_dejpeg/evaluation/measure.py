@@ -117,7 +117,8 @@ def restored_pairs(refs, qualities, restorer, metric: MetricSet, blind: bool, su
         gray = bool((clean[..., 0] == clean[..., 1]).all() and (clean[..., 1] == clean[..., 2]).all())
         for i, q in enumerate(qualities):
             data = jpeg_encode(clean[..., 0] if gray else clean, q, subsampling)
-            jpeg, cells = jpeg_decode(data), cells_of(data)[0]  # restore makes the restored consistent with them
+            jpeg = jpeg_decode(data)  # restore makes a restored JPEG consistent with its file's cells
+            cells = cells_of(data)[0] if getattr(restorer, "consistent", True) else None
             conformed = cells is not None
             start = time.perf_counter()
             if blind:  # the raw blind model: with no quality, the guard would pass every image through

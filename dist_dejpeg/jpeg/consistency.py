@@ -58,7 +58,7 @@ _ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4:
            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
            8: Image.Transpose.ROTATE_90}
 _UNDO = {**_ORIENT, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
-DECODE_TOLERANCE = 16.0  # is_decode_of: an 8x8 block's mean move, in levels
+DECODE_TOLERANCE = (16.0, 48)  # is_decode_of: an 8x8 block's mean move and a pixel's, in levels
 LIBJPEG = "turbo210"  # the libjpeg jpeglib reads with: libjpeg-turbo, as Pillow's wheels decode
 _READ = threading.Lock()  # jpeglib's reader: one file at a time (its library state is process-wide)
 
@@ -170,16 +170,21 @@ def conform(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_width:
 
 
 def is_decode_of(rgb: np.ndarray, cells: JpegCells, orientation: int = 1) -> bool:
-    """Whether ``rgb`` (as displayed) is the file's own decoded image: conforming it moves no 8x8 block by more
-    than DECODE_TOLERANCE levels on average (a decoder's rounding, clipping and chroma upsampling: up to 7 on
-    photos and graphics, q10-q100); an image edited since, another frame, or turned otherwise is not."""
+    """Whether ``rgb`` (as displayed) is the file's own decoded image: conforming it moves no pixel by more than
+    DECODE_TOLERANCE[1] levels and no 8x8 block by more than DECODE_TOLERANCE[0] on average (a decoder's rounding,
+    clipping and chroma upsampling: at most 26 and 7 on photos and graphics, q5-q100, any subsampling); an image
+    edited since (a retouched spot, pasted text), another frame, or turned otherwise is not. An edit of a few levels
+    passes: it is then pulled towards the file, by at most its quantization cells."""
     try:
-        moved = np.abs(conform(rgb, cells, orientation).astype(np.int16) - rgb).mean(axis=2)
+        moved = np.abs(conform(rgb, cells, orientation).astype(np.int16) - rgb)
     except NotConsistent:
         return False
+    if moved.size and moved.max() > DECODE_TOLERANCE[1]:
+        return False
+    moved = moved.mean(axis=2)
     h, w = moved.shape[0] // 8 * 8, moved.shape[1] // 8 * 8
     return bool(not h or not w or moved[:h, :w].reshape(h // 8, 8, w // 8, 8).mean(axis=(1, 3)).max()
-                <= DECODE_TOLERANCE)
+                <= DECODE_TOLERANCE[0])
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 # Photos a folder search picks up (prepare folder, restore, evaluate): what Pillow decodes.
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".ppm",
-                            ".pgm", ".pnm", ".gif", ".jp2"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".webp", ".tif", ".tiff", ".bmp",
+                            ".ppm", ".pgm", ".pnm", ".gif", ".jp2"})
 # EXIF Software of every file restore writes (restore/images.py: save_image), as an image editor names itself: a
 # search of restore's output folder leaves those files alone (restore/inputs.py), prepare folder refuses them as
 # clean targets (a model's output, not a photo)
@@ -60,8 +60,9 @@ def images_in(folder) -> list[Path]:
 
 
 JPEG_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
-# Not usable as a reference: compressed already (webp may be lossless; it cannot be told cheaply).
-LOSSY_SUFFIXES = JPEG_SUFFIXES | {".webp"}
+# Not usable as a reference: compressed already (webp may be lossless; it cannot be told cheaply; .mpo: a camera's
+# multi-picture file, JPEGs).
+LOSSY_SUFFIXES = JPEG_SUFFIXES | {".webp", ".mpo"}
 # The largest photo restore (--max-pixels' default) and prepare take: 100 MP; PIL's own decompression-bomb limit
 # (89.5 MP) warns above its value and refuses above twice it, so both check the header size against this instead.
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -78,7 +79,8 @@ OUTPUT_FORMATS = {
 }
 SAME_FORMAT = "same"  # each input written in its own format where restore can write it (see output_format)
 # `--format same`: the input suffixes written in their own format (under their own suffix); any other: png
-SAME_FORMAT_OF = {**{s: "jpg" for s in JPEG_SUFFIXES}, ".png": "png", ".webp": "webp"}
+SAME_FORMAT_OF = {**{s: "jpg" for s in JPEG_SUFFIXES}, ".mpo": "jpg", ".png": "png", ".webp": "webp"}
+SAME_SUFFIX_OF = {".mpo": ".jpg"}  # a camera's MPO restored as its first picture: a JPEG, named as one
 # The Pillow format each output suffix is written in (a `same` output keeps its input's suffix: .jpeg, .JPG)
 OUTPUT_SUFFIXES = {**{s: "JPEG" for s in JPEG_SUFFIXES}, **{v[0]: v[1] for v in OUTPUT_FORMATS.values()},
                    ".tif": "TIFF"}
@@ -88,10 +90,11 @@ ALPHA_FORMATS = frozenset({"PNG", "WEBP", "TIFF"})
 
 def output_format(fmt: str, source_suffix: str) -> tuple[str, str]:
     """(format name, output suffix) of an input with ``source_suffix`` written as ``fmt`` (an OUTPUT_FORMATS
-    name, or SAME_FORMAT: a JPEG, PNG or WebP input keeps its format and its own suffix, any other is png)."""
+    name, or SAME_FORMAT: a JPEG, PNG or WebP input keeps its format and its own suffix, a camera's MPO is a .jpg,
+    any other is png)."""
     if fmt == SAME_FORMAT:
         same = SAME_FORMAT_OF.get(source_suffix.lower())
-        return (same, source_suffix) if same else ("png", OUTPUT_FORMATS["png"][0])
+        return (same, SAME_SUFFIX_OF.get(source_suffix.lower(), source_suffix)) if same else ("png", ".png")
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"output format must be one of {', '.join([*OUTPUT_FORMATS, SAME_FORMAT])}, got {fmt!r}")
     return fmt, OUTPUT_FORMATS[fmt][0]

@@ -18,11 +18,11 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from dist_dejpeg.jpeg.quality import estimate_quality
+from dist_dejpeg.jpeg.quality import PIXELS, estimate_quality
 from dist_dejpeg.models.names import CONFORMED_KEYS, GAIN_KEYS, JPEG_PSNR, read_gains
 from dist_dejpeg.restore.guard import Decision, decide
-from dist_dejpeg.restore.images import (file_cells, is_animation, join_image, load_image, made_consistent,
-                                        split_image, to_gray)
+from dist_dejpeg.restore.images import (file_cells, held_bytes, is_animation, join_image, load_image,
+                                        made_consistent, split_image, to_gray)
 from dist_dejpeg.restore.metadata import jpeg_notes, output_dpi, output_metadata, output_xmp
 from dist_dejpeg.restore.tiling import NUMPY, Arrays, restore_tiled
 
@@ -89,6 +89,7 @@ class ImageRestorer:
         self.info = info
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
         self.guard = bool(guard)
+        self.consistent = True  # a restored JPEG made consistent with its file (jpeg/consistency.py); False: not
         self.gains, self.lows = (read_gains(info.get(key)) for key in GAIN_KEYS)
         self.jpeg_psnr = read_gains(info.get(JPEG_PSNR))  # (files from before it: {})
         # a JPEG made consistent with its file: its own gains and cell half-widths (files from before them: {})
@@ -141,14 +142,17 @@ class ImageRestorer:
         measured of that judge it where the model file holds them, and the Decision names the cell half-width."""
         if not (conformed and self.conformed):
             decision = decide(self.gains, quality, source, self.guard, self.lows, self.jpeg_psnr)
-            decision.half_width = 0.5 if conformed else None  # (a file from before the conformed gains: its cells)
-            return decision
-        decision = decide(self.conformed, quality, source, self.guard, self.conformed_lows, self.jpeg_psnr)
-        widths = self.half_widths or {0: 0.5}  # (a file with the gains but no widths: the file's own cells)
-        at = decision.quality if decision.quality is not None else max(widths)
-        decision.half_width = widths[min(widths, key=lambda q: abs(q - at))]
+            if not conformed:
+                return decision
+            decision.half_width = 0.5  # (a file from before the conformed gains: the file's own cells)
+        else:
+            decision = decide(self.conformed, quality, source, self.guard, self.conformed_lows, self.jpeg_psnr)
+            widths = self.half_widths or {0: 0.5}  # (a file with the gains but no widths: the file's own cells)
+            at = decision.quality if decision.quality is not None else max(widths)
+            decision.half_width = widths[min(widths, key=lambda q: abs(q - at))]
         if not decision.passthrough:
-            decision.reason += f"; made consistent with its file (cells of half-width {decision.half_width:g})"
+            said = f"made consistent with its file (cells of half-width {decision.half_width:g})"
+            decision.reason = f"{decision.reason}; {said}" if decision.reason else said
         return decision
 
     def broken(self, decision: Decision, count: int, of: int) -> None:
@@ -278,18 +282,22 @@ class ImageRestorer:
                 raise ValueError(f"an animated {image.format} ({image.n_frames} frames): restore writes one image, so "
                                  f"all but the current frame would be lost; restore the frames one by one "
                                  f"(image.seek(i), then image.copy())")
+            held = None if read or getattr(image, "filename", "") else held_bytes(image)  # (gone once it loads)
             rgb, alpha, grayscale = split_image(image)
             source = "given"
             if quality is None:
                 est = estimate_quality(image, rgb)
                 quality, source = est.quality, est.source or "unknown"
             # a JPEG opened from its file, still its pixels: made consistent with the file's data
-            cells, unmade = read or file_cells(image, rgb=rgb)
+            cells, unmade = (read or file_cells(image, held, rgb=rgb)) if self.consistent else (None, "")
             restored = self.restore_array(rgb, quality, source, conformed=cells is not None)
             decision = self.last_decision
             if not decision.passthrough:
                 if cells is not None:
                     restored, unmade = made_consistent(restored, cells, image, getattr(decision, "half_width", None))
+                elif self.consistent and image.format is None and source.startswith(PIXELS):  # converted, copied
+                    unmade = ("not made consistent with a JPEG file: a converted or copied image has none (give "
+                              "restore the path, or the image Image.open returns)")
                 decision.reason += f"; {unmade}" if unmade else ""
             restored = join_image(restored, alpha, grayscale)
             icc, exif = output_metadata(image, grayscale)

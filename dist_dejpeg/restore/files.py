@@ -294,6 +294,8 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
                 start = time.perf_counter()
                 try:
                     image, source = loading.result()
+                    if not getattr(restorer, "consistent", True):  # (--no-consistency: the model's image)
+                        image.cells, image.cells_note = None, ""
                     restored = restorer.restore_array(image.rgb, result.quality, source=source,
                                                       conformed=image.cells is not None)
                 except RESTORE_ERRORS as err:
@@ -350,8 +352,8 @@ def reencoding_outweighs(restored: np.ndarray, encoded: bytes, image: LoadedImag
     if mse_e <= mse_j * (1 - 10 ** (-gain / 10)):
         return None
     return (f"re-encoding as {written_as(image.format)} would add more error than restoring removes "
-            f"({_psnr(mse_e):.1f} dB PSNR of re-encoding against the {gain:+.2f} dB predicted at q{quality}): the "
-            f"input written unchanged")
+            f"({_psnr(mse_e):.1f} dB PSNR of re-encoding against the {gain:+.2f} dB validation surely gains at "
+            f"q{quality}, its lower bound): the input written unchanged")
 
 
 def written_as(fmt: str) -> str:

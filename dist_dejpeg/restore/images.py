@@ -190,16 +190,17 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
                            iptc=iptc, text=png_text(img), cells=cells, cells_note=why)
 
 
-def file_cells(img: Image.Image | None, path: str | Path | None = None, rgb: np.ndarray | None = None
+def file_cells(img: Image.Image | None, path: str | Path | bytes | None = None, rgb: np.ndarray | None = None
                ) -> tuple[JpegCells | None, str]:
-    """The quantization cells of the JPEG (or camera MPO) file ``img`` was opened from (``path``, else its own
-    filename) and "", or None and why a restored image of it cannot be made consistent with it ("": no JPEG).
+    """The quantization cells of the JPEG (or camera MPO) file ``img`` was opened from (``path``: its path or
+    bytes, else its own filename, else the bytes of the file object it still holds: held_bytes) and "", or None and
+    why a restored image of it cannot be made consistent with it ("": no JPEG).
     ``rgb``: its pixels as they are now (an image opened elsewhere: the API's), which must still be the file's
     first image, decoded (jpeg.consistency.is_decode_of: not edited, turned or another frame since)."""
     if img is None or img.format not in ("JPEG", "MPO"):
         return None, ""
     why = "not made consistent with its JPEG data: "
-    if not (source := path or getattr(img, "filename", "")):
+    if not (source := path or getattr(img, "filename", "") or held_bytes(img)):
         return None, why + "the image was not opened from a file"
     if rgb is not None and img.tell():
         return None, why + f"frame {img.tell()}, not the file's first image"
@@ -207,6 +208,20 @@ def file_cells(img: Image.Image | None, path: str | Path | None = None, rgb: np.
     if cells is not None and rgb is not None and not is_decode_of(rgb, cells, img.getexif().get(0x0112, 1)):
         return None, why + "its pixels are no longer the file's (edited or turned since it was opened?)"
     return cells, unmade
+
+
+def held_bytes(img: Image.Image) -> bytes | None:
+    """The JPEG bytes of an image opened from a file object (BytesIO: an upload, a download) that Pillow still
+    holds (until the image is loaded), or None."""
+    fp = getattr(img, "fp", None)
+    try:
+        at = fp.tell()
+        fp.seek(0)
+        data = fp.read()
+        fp.seek(at)
+    except (AttributeError, OSError, ValueError):  # (no file object, or one closed or not seekable)
+        return None
+    return data if isinstance(data, bytes) and data[:2] == b"\xff\xd8" else None
 
 
 def made_consistent(restored: np.ndarray, cells: JpegCells, img: Image.Image, half_width: float | None
