@@ -76,6 +76,10 @@ def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int
         print(f"error: {err}", file=sys.stderr)
         return 2
     _say_checkpoint(args.model, getattr(restorer, "info", {}))
+    from dist_dejpeg.jpeg.consistency import jpeglib_missing
+
+    if restorer.consistent and (missing := jpeglib_missing()):  # (said once, here: not under the progress bar)
+        print(f"warning: {missing}", file=sys.stderr)
     if restorer.guard and not restorer.gains:  # (said per image only under --verbose)
         print(f"warning: {args.model} holds no validated gains (a checkpoint, or a run not yet finished: its "
               f"generator.safetensors has them): the guard cannot pass images through, every image is restored "

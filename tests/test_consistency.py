@@ -133,6 +133,27 @@ def test_without_jpeglib_restore_keeps_the_models_image_and_says_so_once(monkeyp
     assert [r.getMessage() for r in caplog.records] == [JPEGLIB_MISSING]
 
 
+def test_restore_says_jpeglib_is_missing_once_before_its_progress_bar(tmp_path, monkeypatch, capsys):
+    """The warning was a log line glued to the progress bar (a user's walk): the command says it first, once."""
+    import dist_dejpeg.jpeg.consistency as consistency
+    from dist_dejpeg.cli import main
+
+    from test_infer import TINY  # (a tiny generator file, as the guard tests build)
+    from dist_dejpeg.config.schema import ModelConfig
+    from dist_dejpeg.models.generator_file import save_generator
+    from dist_dejpeg.models.unet import build_generator
+
+    cfg = ModelConfig(**TINY)
+    save_generator(build_generator(cfg).eval(), cfg, tmp_path / "generator.safetensors")
+    (tmp_path / "photo.jpg").write_bytes(_jpeg(skimage.data.chelsea()[:64, :64], 30))
+    monkeypatch.setitem(sys.modules, "jpeglib", None)
+    monkeypatch.setattr(consistency, "_warned", [])
+    code = main(["restore", str(tmp_path / "photo.jpg"), "-o", str(tmp_path / "out"), "--model",
+                 str(tmp_path / "generator.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 0 and err.startswith(f"warning: {JPEGLIB_MISSING}") and err.count("jpeglib is not installed") == 1
+
+
 def test_restore_and_the_api_write_the_consistent_image(tmp_path):
     """The command (restore_files) and the API (Restorer.restore of the opened file) both conform what the model
     returned; an array given to restore_array is the model's own (no file to conform it to)."""

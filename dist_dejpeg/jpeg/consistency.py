@@ -143,6 +143,17 @@ def conform_to_file(rgb: np.ndarray, source: str | os.PathLike | bytes, orientat
 _warned: list = []  # jpeglib's absence, once said
 
 
+def jpeglib_missing() -> str:
+    """JPEGLIB_MISSING where jpeglib cannot be imported (a command says it before its progress bar; not warned of
+    again), else ""."""
+    try:
+        import jpeglib  # noqa: F401
+    except ImportError:
+        _warned.append(True)
+        return JPEGLIB_MISSING
+    return ""
+
+
 def conform(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_width: float = 0.5) -> np.ndarray:
     """``rgb`` (H x W x 3 uint8, the image as displayed: EXIF ``orientation`` applied) with every DCT coefficient
     that lies outside its quantization cell moved to the cell's edge, as a new array; a grayscale JPEG's one plane
