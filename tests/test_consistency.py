@@ -152,6 +152,10 @@ def test_restore_says_jpeglib_is_missing_once_before_its_progress_bar(tmp_path, 
                  str(tmp_path / "generator.safetensors")])
     err = capsys.readouterr().err
     assert code == 0 and err.startswith(f"warning: {JPEGLIB_MISSING}") and err.count("jpeglib is not installed") == 1
+    monkeypatch.setattr(consistency, "_warned", [])  # --no-consistency: nothing read, nothing to say
+    assert main(["restore", str(tmp_path / "photo.jpg"), "-o", str(tmp_path / "out2"), "--model",
+                 str(tmp_path / "generator.safetensors"), "--no-consistency"]) == 0
+    assert JPEGLIB_MISSING not in capsys.readouterr().err
 
 
 def test_restore_and_the_api_write_the_consistent_image(tmp_path):
@@ -265,6 +269,8 @@ def test_restore_judges_a_jpeg_by_the_gain_of_its_consistent_image(tmp_path):
     assert restorer.decide(80).passthrough and restorer.decide(80).half_width is None
     assert not restorer.decide(80, conformed=True).passthrough and restorer.decide(80, conformed=True).half_width == 0.2
     assert restorer.decide(30, conformed=True).half_width == 0.5  # nearest validated: q10
+    blind = Restorer(path, device="cpu", tile=0, guard=False).decide(None, conformed=True)
+    assert not blind.passthrough and blind.half_width == 0.5  # no width was validated for an unknown quality
 
     photo = skimage.data.astronaut()[:96, :128]
     src, png = tmp_path / "in" / "photo.jpg", tmp_path / "in" / "photo_as.png"

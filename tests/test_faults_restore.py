@@ -602,11 +602,11 @@ def test_ctrl_c_in_a_folder_leaves_whole_outputs_and_says_how_to_go_on(tmp_path,
         Image.fromarray(_photo(40, 48)).save(src / f"p{i}.jpg", quality=20)
     real_load, loads = files.load_image, []
 
-    def ctrl_c_at_the_third(path, *args):  # (the CPU restores one file after another: the third load is after
-        loads.append(path)  # two outputs are written)
+    def ctrl_c_at_the_third(path, *args, **kwargs):  # (the CPU restores one file after another: the third load is
+        loads.append(path)  # after two outputs are written)
         if len(loads) == 3:
             raise KeyboardInterrupt
-        return real_load(path, *args)
+        return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr(files, "load_image", ctrl_c_at_the_third)
     run = ["restore", str(src), "-o", str(out), "--model", str(model_file), "--quiet"]

@@ -603,9 +603,12 @@ def test_conditioned_restorer_tells_the_model_the_quality(guarded_file):
     rgb = _photo(96, 128)
     at10, at40, blind = (restorer.restore_array(rgb, q) for q in (10, 40, None))
     assert not np.array_equal(at10, at40) and not np.array_equal(at10, blind)
-    jpeg = Image.open(io.BytesIO(_jpeg_bytes(rgb, 10)))
+    from dist_dejpeg.jpeg.consistency import conform, read_cells
+
+    data = _jpeg_bytes(rgb, 10)
+    jpeg = Image.open(io.BytesIO(data))  # (its quality read from its tables; made consistent with its bytes)
     assert np.array_equal(np.asarray(restorer.restore(jpeg)),
-                          restorer.restore_array(np.asarray(jpeg.convert("RGB")), 10))
+                          conform(restorer.restore_array(np.asarray(jpeg.convert("RGB")), 10), read_cells(data)))
 
 
 def test_restore_command_reads_each_jpeg_quality_and_passes_through(tmp_path, guarded_file, capsys):

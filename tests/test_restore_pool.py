@@ -92,7 +92,7 @@ def test_pool_decodes_the_next_file_while_the_current_one_is_restored(tmp_path, 
     threads = []
     load_image = files.load_image
 
-    def load(path, max_pixels):
+    def load(path, max_pixels, **kwargs):
         threads.append(threading.current_thread().name)
         started[Path(path).name].set()
         return load_image(path, max_pixels)
@@ -132,7 +132,7 @@ def test_cuda_restorer_gets_the_pool_by_default(tmp_path, monkeypatch):
     seen = []
     load_image = files.load_image
     monkeypatch.setattr(files, "load_image",
-                        lambda *a: (seen.append(threading.current_thread().name), load_image(*a))[1])
+                        lambda *a, **k: (seen.append(threading.current_thread().name), load_image(*a, **k))[1])
 
     class Copy:
         def __init__(self, device):
@@ -195,6 +195,7 @@ def test_pixel_limit_nested_by_threads_puts_back_what_it_found():
 
     filters, limit = warnings.filters[:], Image.MAX_IMAGE_PIXELS
     b_in, a_out = threading.Event(), threading.Event()
+    seen = []  # what thread b found inside (asserted here: an assert in a thread fails nothing)
 
     def a():
         with pixel_limit(200_000_000):
@@ -205,12 +206,18 @@ def test_pixel_limit_nested_by_threads_puts_back_what_it_found():
         with pixel_limit(300_000_000):
             b_in.set()
             a_out.wait(10)
-            assert Image.MAX_IMAGE_PIXELS == 300_000_000  # (each thread's limit holds while it is inside)
-            assert any(f[2] is Image.DecompressionBombWarning for f in warnings.filters)
+            seen.append((Image.MAX_IMAGE_PIXELS,
+                         any(f[2] is Image.DecompressionBombWarning for f in warnings.filters)))
 
     threads = [threading.Thread(target=a), threading.Thread(target=b)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(20)
+        assert not t.is_alive()
+    assert seen == [(300_000_000, True)]  # (each thread's limit and the silencing hold while it is inside)
     assert warnings.filters == filters and Image.MAX_IMAGE_PIXELS == limit
+    with pixel_limit(10):  # a filter added inside by someone else stays when it ends
+        warnings.filterwarnings("ignore", message="kept by its owner")
+    assert warnings.filters[0][1].pattern == "kept by its owner" and warnings.filters[1:] == filters
+    warnings.filters.pop(0)

@@ -94,7 +94,9 @@ def output_format(fmt: str, source_suffix: str) -> tuple[str, str]:
     any other is png)."""
     if fmt == SAME_FORMAT:
         same = SAME_FORMAT_OF.get(source_suffix.lower())
-        return (same, SAME_SUFFIX_OF.get(source_suffix.lower(), source_suffix)) if same else ("png", ".png")
+        if not same:
+            return "png", OUTPUT_FORMATS["png"][0]
+        return same, SAME_SUFFIX_OF.get(source_suffix.lower(), source_suffix)
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"output format must be one of {', '.join([*OUTPUT_FORMATS, SAME_FORMAT])}, got {fmt!r}")
     return fmt, OUTPUT_FORMATS[fmt][0]

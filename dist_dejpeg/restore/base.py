@@ -148,8 +148,8 @@ class ImageRestorer:
         else:
             decision = decide(self.conformed, quality, source, self.guard, self.conformed_lows, self.jpeg_psnr)
             widths = self.half_widths or {0: 0.5}  # (a file with the gains but no widths: the file's own cells)
-            at = decision.quality if decision.quality is not None else max(widths)
-            decision.half_width = widths[min(widths, key=lambda q: abs(q - at))]
+            q = decision.quality  # (unknown: blind, no width validated for it: the file's own cells)
+            decision.half_width = 0.5 if q is None else widths[min(widths, key=lambda v: abs(v - q))]
         if not decision.passthrough:
             said = f"made consistent with its file (cells of half-width {decision.half_width:g})"
             decision.reason = f"{decision.reason}; {said}" if decision.reason else said
@@ -271,7 +271,7 @@ class ImageRestorer:
         (images.made_consistent); an array's or tensor's is not (jpeg.consistency.conform does it, given the file)."""
         read = None  # a file's cells, read as it was loaded
         if isinstance(image, (str, os.PathLike)):
-            loaded = load_image(image)
+            loaded = load_image(image, cells=self.consistent)
             image, read = loaded.image, (loaded.cells, loaded.cells_note)  # its quality: from its file, as Image.open's
         if isinstance(image, np.ndarray):
             return self.restore_array(image, quality)

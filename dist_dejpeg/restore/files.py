@@ -225,7 +225,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
         workers = 2 if "cuda" in str(restorer.device) else 0
 
     def load(path: Path, target: Path, result: RestoreResult) -> tuple[LoadedImage, str]:
-        image = load_image(path, max_pixels)
+        image = load_image(path, max_pixels, cells=getattr(restorer, "consistent", True))  # (--no-consistency)
         if image.alpha is not None and save_options(target.suffix)[0] not in ALPHA_FORMATS:
             how = ("name the output .png, .webp or .tiff" if one_file
                    else "write it as png, webp or tiff (--format, or --format same)")
@@ -294,8 +294,6 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
                 start = time.perf_counter()
                 try:
                     image, source = loading.result()
-                    if not getattr(restorer, "consistent", True):  # (--no-consistency: the model's image)
-                        image.cells, image.cells_note = None, ""
                     restored = restorer.restore_array(image.rgb, result.quality, source=source,
                                                       conformed=image.cells is not None)
                 except RESTORE_ERRORS as err:

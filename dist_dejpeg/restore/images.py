@@ -29,8 +29,9 @@ from PIL.PngImagePlugin import PngInfo
 
 from dist_dejpeg.jpeg.consistency import JpegCells, NotConsistent, cells_of, conform, is_decode_of
 from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, DEFAULT_MAX_PIXELS, icc_space, rgb_image, save_options
-from dist_dejpeg.restore.metadata import (JPEG_MARKER_MAX, XMP_HEADER, fit_exif, jpeg_notes, marked, output_dpi,
-                                          output_metadata, output_xmp, png_text, tiff_with_exif, with_app13)
+from dist_dejpeg.restore.metadata import (JPEG_MARKER_MAX, ORIENTATION, XMP_HEADER, fit_exif, jpeg_notes, marked,
+                                          output_dpi, output_metadata, output_xmp, png_text, tiff_with_exif,
+                                          with_app13)
 from dist_dejpeg.run.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -84,16 +85,20 @@ def _bit_depth(img: Image.Image, path: Path) -> int:
 def pixel_limit(max_pixels: int):
     """PIL's own decompression-bomb limit raised to ``max_pixels`` while one file is opened (we check first), its
     warnings above that limit and on a camera's malformed EXIF silenced. Threads may nest it: the first to enter
-    saves PIL's limit and the warning filters, the last to leave puts them back (warnings.catch_warnings, entered
-    and left in another order by two threads, put back the other's filters, leaking them for good)."""
+    saves PIL's limit and adds the two filters, the last to leave puts the limit back and removes them (filters
+    others added meanwhile stay); warnings.catch_warnings, entered and left in another order by two threads, put
+    back the other's filters, leaking them for good."""
     global _depth, _saved
     with _LIMIT:
         if not _depth:
-            _saved = (Image.MAX_IMAGE_PIXELS, warnings.filters[:])
+            before = warnings.filters[:]
             # (PIL's warning above its limit: the size is checked, and said, here; a camera's malformed EXIF,
             # "Corrupt EXIF data": output_metadata drops what it cannot read)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            added = [warnings.filters[0]]
             warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+            added.append(warnings.filters[0])
+            _saved = (Image.MAX_IMAGE_PIXELS, [f for f in added if f not in before])  # (one there before stays)
         _depth += 1
         Image.MAX_IMAGE_PIXELS = max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)
     try:
@@ -102,7 +107,10 @@ def pixel_limit(max_pixels: int):
         with _LIMIT:
             _depth -= 1
             if not _depth:
-                Image.MAX_IMAGE_PIXELS, warnings.filters[:] = _saved[0], _saved[1]
+                Image.MAX_IMAGE_PIXELS = _saved[0]
+                for entry in _saved[1]:
+                    if entry in warnings.filters:
+                        warnings.filters.remove(entry)
                 warnings.simplefilter("default", _Never)  # (any change tells the warning caches the filters moved)
                 warnings.filters.remove(("default", None, _Never, None, 0))
 
@@ -148,8 +156,9 @@ def join_image(rgb: np.ndarray, alpha: np.ndarray | None = None, grayscale: bool
     return Image.fromarray(rgb, "RGB") if alpha is None else Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
-    """Read ``path`` for restoration; every refusal is an InputImageError that says why."""
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, cells: bool = True) -> LoadedImage:
+    """Read ``path`` for restoration; every refusal is an InputImageError that says why. ``cells``: read a JPEG's
+    quantization cells too (False: its restored image is kept as the model makes it; nothing read)."""
     path = Path(path)
     try:
         with pixel_limit(max_pixels):
@@ -184,7 +193,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
         icc, exif = output_metadata(img, img.mode in GRAY_MODES)  # before split_image turns the pixels
         rgb, alpha, grayscale = split_image(img, str(path))
         comment, iptc = jpeg_notes(img)
-        cells, why = file_cells(img, path)
+        cells, why = file_cells(img, path) if cells else (None, "")
         return LoadedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, mode=mode, format=fmt, image=img,
                            icc_profile=icc, exif=exif, xmp=output_xmp(img), dpi=output_dpi(img), comment=comment,
                            iptc=iptc, text=png_text(img), cells=cells, cells_note=why)
@@ -205,7 +214,10 @@ def file_cells(img: Image.Image | None, path: str | Path | bytes | None = None, 
     if rgb is not None and img.tell():
         return None, why + f"frame {img.tell()}, not the file's first image"
     cells, unmade = cells_of(source)
-    if cells is not None and rgb is not None and not is_decode_of(rgb, cells, img.getexif().get(0x0112, 1)):
+    if cells is not None and (cells.width, cells.height) != img.size:  # (judged then as a PNG's pixels are)
+        return None, why + (f"the image is {img.size[0]} x {img.size[1]}, the file {cells.width} x {cells.height} "
+                            f"(changed or turned since it was opened?)")
+    if cells is not None and rgb is not None and not is_decode_of(rgb, cells, img.getexif().get(ORIENTATION, 1)):
         return None, why + "its pixels are no longer the file's (edited or turned since it was opened?)"
     return cells, unmade
 
@@ -230,7 +242,7 @@ def made_consistent(restored: np.ndarray, cells: JpegCells, img: Image.Image, ha
     each DCT coefficient the model moved out of its quantization cell put back at the cell's edge; jpeg/consistency.py)
     and "", or ``restored`` itself and why not (the file's size is not the image's)."""
     try:
-        return conform(restored, cells, img.getexif().get(0x0112, 1), 0.5 if half_width is None else half_width), ""
+        return conform(restored, cells, img.getexif().get(ORIENTATION, 1), 0.5 if half_width is None else half_width), ""
     except NotConsistent as err:
         return restored, f"not made consistent with its JPEG data: {err}"
 

@@ -129,8 +129,9 @@ def _conformed_sums(accelerator, generator, val_set: ValSet, batch_size: int, cu
                                     clean_u8[part].permute(0, 2, 3, 1).numpy()):
             if (cells := cells_of(jpeg_encode(clean, quality))[0]) is None:
                 continue
+            before = psnr(jpeg, clean)
             for j, half in enumerate(HALF_WIDTHS):
-                gain = psnr(conform(out, cells, half_width=half), clean) - psnr(jpeg, clean)
+                gain = psnr(conform(out, cells, half_width=half), clean) - before
                 if np.isfinite(gain):  # (a crop the JPEG keeps exactly: left out, as validate leaves it)
                     stats[i, j] += torch.tensor([gain, gain * gain, 1.0], dtype=torch.float64)
     return stats
