@@ -293,9 +293,13 @@ def test_restore_judges_a_jpeg_by_the_gain_of_its_consistent_image(tmp_path):
     plain = np.asarray(Image.open(tmp_path / "plain.png").convert("RGB"))
     assert np.array_equal(plain, restorer.restore_array(_decoded(src.read_bytes()), 10))
     Image.fromarray(photo).save(tmp_path / "ref.png")
+    from dist_dejpeg.evaluation.evaluate import consistent_note
+
+    meta = evaluate(restorer, [str(tmp_path / "ref.png")], [10], None, progress=False, only=("psnr",))["meta"]
+    assert consistent_note(meta) == "restored JPEGs made consistent with their files (cell half-widths q10 0.5, q80 0.2)"
     restorer.consistent = False
     meta = evaluate(restorer, [str(tmp_path / "ref.png")], [10], None, progress=False, only=("psnr",))["meta"]
-    assert meta["consistent_with_file"] is False
+    assert meta["consistent_with_file"] is False and "(--no-consistency)" in consistent_note(meta)
 
 
 def test_the_api_conforms_only_an_image_that_is_still_its_files(tmp_path):

@@ -178,6 +178,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
             "device": str(restorer.device), "tile": restorer.tile, "overlap": restorer.overlap,
             "quality_given": not blind, "conditioned": restorer.conditioned, "guard": restorer.guard and not blind,
             "consistent_with_file": getattr(restorer, "consistent", True),
+            "cell_half_widths": {str(q): h for q, h in (getattr(restorer, "half_widths", None) or {}).items()},
             "restore_ms_per_megapixel": 1000 * restore_seconds / megapixels if megapixels else None,
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         },
@@ -189,6 +190,15 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     if keep_images:
         result["records"] = records
     return result
+
+
+def consistent_note(meta: dict) -> str:
+    """How metrics.md says the restored JPEGs were made consistent with their files (meta from evaluate)."""
+    if not meta.get("consistent_with_file", True):
+        return "restored JPEGs kept as the model made them (--no-consistency)"
+    widths = meta.get("cell_half_widths") or {}
+    cells = ", ".join(f"q{q} {h:g}" for q, h in widths.items()) if widths else "0.5, the files' own"
+    return f"restored JPEGs made consistent with their files (cell half-widths {cells})"
 
 
 def seen_note(seen: dict, total: int) -> str:
@@ -226,7 +236,7 @@ def markdown(result: dict) -> str:
              f"{format_value(meta['restore_ms_per_megapixel'], 0)} ms per megapixel.",
              f"Quality-conditioned model: {'yes' if meta.get('conditioned') else 'no'}; quality told to it: "
              f"{'yes' if meta.get('quality_given') else 'no (blind)'}; do-no-harm guard: "
-             f"{'on' if meta.get('guard') else 'off'}" + "".join(
+             f"{'on' if meta.get('guard') else 'off'}; {consistent_note(meta)}" + "".join(
                  f"; q{q}: {m['passed_through']} of {m['images']} passed through unchanged"
                  for q, m in result["per_quality"].items() if m.get("passed_through")) + ".", ""]
     for name, why in meta["unavailable"].items():
