@@ -186,7 +186,9 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, cells: bo
                 pages = _tiff_pages(img) if fmt == "TIFF" else 1
                 img.load()
         except Exception as err:  # noqa: BLE001 - truncated or corrupt data
-            raise InputImageError(f"{path}: cannot decode ({type(err).__name__}: {err})") from None
+            cut = ("; the file is cut short (an interrupted copy or download?): copy it again from its source"
+                   if "truncated" in str(err) else "")
+            raise InputImageError(f"{path}: cannot decode ({type(err).__name__}: {err}){cut}") from None
         if pages > 1:
             raise InputImageError(f"{path}: a TIFF of {pages} pages: restore writes one image, so all but the first "
                                   f"page would be lost; save the pages as separate images")
