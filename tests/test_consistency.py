@@ -300,6 +300,14 @@ def test_restore_judges_a_jpeg_by_the_gain_of_its_consistent_image(tmp_path):
     restorer.consistent = False
     meta = evaluate(restorer, [str(tmp_path / "ref.png")], [10], None, progress=False, only=("psnr",))["meta"]
     assert meta["consistent_with_file"] is False and "(--no-consistency)" in consistent_note(meta)
+    restorer.consistent = True  # jpeglib missing: nothing was made consistent, and metrics.json says so
+    import dist_dejpeg.jpeg.consistency as consistency
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "jpeglib", None)
+        patch.setattr(consistency, "_warned", [])
+        meta = evaluate(restorer, [str(tmp_path / "ref.png")], [10], None, progress=False, only=("psnr",))["meta"]
+    assert meta["consistent_with_file"] is False
 
 
 def test_the_api_conforms_only_an_image_that_is_still_its_files(tmp_path):
@@ -425,3 +433,4 @@ def test_a_cameras_mpo_in_a_folder_is_restored_consistent_and_stays_a_jpeg(tmp_p
     consistent = conform(_blurred(decoded), cells)
     written = np.asarray(Image.open(result.output).convert("RGB")).astype(int)
     assert np.abs(written - consistent).mean() < np.abs(written - _blurred(decoded)).mean()  # (a q95 re-encoding)
+

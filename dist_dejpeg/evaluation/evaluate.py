@@ -29,6 +29,7 @@ from dist_dejpeg.evaluation import pairs
 from dist_dejpeg.evaluation.measure import MetricSet, restored_pairs
 from dist_dejpeg.evaluation.references import EvaluateError, read_references, seen_in_training
 from dist_dejpeg.evaluation.report import photo_parts
+from dist_dejpeg.jpeg.consistency import jpeglib_missing
 from dist_dejpeg.jpeg.formats import SUBSAMPLING
 from dist_dejpeg.metrics.registry import BY_NAME, COLOUR, EVALUATED, QUALITY
 from dist_dejpeg.models.names import TRAIN_SHARDS
@@ -177,7 +178,8 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
             "lpips": "lpips-alex (ImageNet AlexNet backbone)" if metric.lpips is not None else "unavailable",
             "device": str(restorer.device), "tile": restorer.tile, "overlap": restorer.overlap,
             "quality_given": not blind, "conditioned": restorer.conditioned, "guard": restorer.guard and not blind,
-            "consistent_with_file": getattr(restorer, "consistent", True),
+            # (jpeglib missing: nothing was made consistent, whatever the restorer asked)
+            "consistent_with_file": getattr(restorer, "consistent", True) and not jpeglib_missing(),
             "cell_half_widths": {str(q): h for q, h in (getattr(restorer, "half_widths", None) or {}).items()},
             "restore_ms_per_megapixel": 1000 * restore_seconds / megapixels if megapixels else None,
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
