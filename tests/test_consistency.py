@@ -179,17 +179,23 @@ def test_restore_and_the_api_write_the_consistent_image(tmp_path):
                                                  gain=None, jpeg_psnr=None)
             return _blurred(rgb)
 
+        def conform(self, rgb, cells, orientation=1, half_width=0.5):  # the restorer's own (Restorer: on its GPU)
+            self.conformed.append((orientation, half_width))
+            return super().conform(rgb, cells, orientation, half_width)
+
     photo = skimage.data.astronaut()[:240, :320]
     src = tmp_path / "photo.jpg"
     src.write_bytes(_jpeg(photo, 25))
     restorer = Blurring()
+    restorer.conformed = []
     (result,) = restore_files(restorer, [str(src)], tmp_path / "out", progress=False)
-    assert result.error is None and result.note == "blurs"
+    assert result.error is None and result.note == "blurs" and restorer.conformed == [(1, 0.5)]
     written = np.asarray(Image.open(result.output).convert("RGB"))
     assert np.array_equal(written, conform(_blurred(_decoded(src.read_bytes())), read_cells(src)))
     assert psnr(written, photo) > psnr(_blurred(_decoded(src.read_bytes())), photo) + 1.5
     via_api = restorer.restore(Image.open(src))
     assert np.array_equal(np.asarray(via_api), written) and restorer.last_decision.reason == "blurs"
+    assert len(restorer.conformed) == 2
     assert np.array_equal(restorer.restore_array(_decoded(src.read_bytes())), _blurred(_decoded(src.read_bytes())))
 
 
@@ -230,6 +236,12 @@ def test_the_final_validation_measures_the_consistent_gain_and_picks_each_qualit
     GradientState._reset_state()
     for q in (10, 60):
         assert set(conformed[q]) == set(HALF_WIDTHS) and conformed[q][0.5]["count"] == 3
+        # the crops conformed as one batch on the device: the numpy projection's gains, crop by crop
+        blurred = Blur()(val_set[q][0].float() / 255).clamp(0, 1).mul(255).round().to(torch.uint8)
+        for half in HALF_WIDTHS:
+            gains = [psnr(conform(b, read_cells(_jpeg(c, q)), half_width=half), c) - psnr(j, c) for b, j, c in
+                     zip(blurred.permute(0, 2, 3, 1).numpy(), val_set[q][0].permute(0, 2, 3, 1).numpy(), crops)]
+            assert abs(conformed[q][half]["psnr"] - np.mean(gains)) < 0.005, (q, half, conformed[q][half], gains)
         assert conformed[q][0.5]["psnr"] > raw[f"q{q}"]["gain"]["psnr"] + 0.3, (q, conformed[q], raw[f"q{q}"]["gain"])
     meta = {k: json.loads(v) for k, v in guard_gains(raw, conformed).items()}
     for q in ("10", "60"):

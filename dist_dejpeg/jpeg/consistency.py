@@ -8,7 +8,8 @@ to the encoder's rounding and the blocks the image's edge cuts), whatever the mo
 ``half_width`` under 0.5 steps) pull the coefficients further, towards the stored values; they may leave the
 clean photo out, so a run's final validation measures which width restores best at each quality
 (train/validation.py: conformed_gains). Measured in RGB: benchmarks/RESULTS.md ("Consistent with the file").
-Torch-free: the PyTorch and onnxruntime restorers both use it.
+Torch-free: the onnxruntime restorer and a PyTorch one on the CPU use it; models/consistency.py is the same
+projection in torch (a GPU Restorer's, the final validation's batches).
 
     cells = read_cells("photo.jpg")            # JpegCells, or a NotConsistent error saying why not
     restored = conform(restored, cells)        # H x W x 3 uint8 -> the same, orientation as displayed

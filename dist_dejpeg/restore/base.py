@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from dist_dejpeg.jpeg.consistency import JpegCells, conform
 from dist_dejpeg.jpeg.quality import PIXELS, estimate_quality
 from dist_dejpeg.models.names import CONFORMED_KEYS, GAIN_KEYS, JPEG_PSNR, read_gains
 from dist_dejpeg.restore.guard import Decision, decide
@@ -191,6 +192,13 @@ class ImageRestorer:
 
         return out if self.restore_tiled(self.chw(rgb), quality, write) else None
 
+    def conform(self, rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_width: float = 0.5
+                ) -> np.ndarray:
+        """``rgb`` (H x W x 3 uint8, as displayed) made consistent with its JPEG file's ``cells``
+        (jpeg.consistency.conform, on the host, in stripes); Restorer does it on its GPU. Called from restore's
+        encode threads."""
+        return conform(rgb, cells, orientation, half_width)
+
     def restore_array(self, rgb: np.ndarray, quality: int | None = None, source: str = "given",
                       conformed: bool = False) -> np.ndarray:
         """H x W x 3 (or H x W grayscale) uint8 -> the same shape, uint8 (the input itself, copied, where the
@@ -294,7 +302,8 @@ class ImageRestorer:
             decision = self.last_decision
             if not decision.passthrough:
                 if cells is not None:
-                    restored, unmade = made_consistent(restored, cells, image, getattr(decision, "half_width", None))
+                    restored, unmade = made_consistent(restored, cells, image, getattr(decision, "half_width", None),
+                                                       self.conform)
                 elif self.consistent and image.format is None and source.startswith(PIXELS):  # converted, copied
                     unmade = ("not made consistent with a JPEG file: a converted or copied image has none (give "
                               "restore the path, or the image Image.open returns)")

@@ -42,6 +42,7 @@ from PIL import Image, JpegImagePlugin
 
 from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, IMAGE_SUFFIXES, OUTPUT_SUFFIXES, output_format,
                                       save_options)
+from dist_dejpeg.jpeg.consistency import conform
 from dist_dejpeg.jpeg.quality import DOUBLE, estimate_quality
 from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, join_image, load_image,
                                         made_consistent, output_complete, pixel_limit, save_image)
@@ -245,7 +246,8 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
         unmade = "" if decision.passthrough else image.cells_note
         if not decision.passthrough and image.cells is not None:
             half_width = getattr(decision, "half_width", None)
-            restored, unmade = made_consistent(restored, image.cells, image.image, half_width)
+            restored, unmade = made_consistent(restored, image.cells, image.image, half_width,
+                                                getattr(restorer, "conform", conform))
         data = save_image(restored, target, alpha=image.alpha, grayscale=image.grayscale,
                           icc_profile=image.icc_profile, exif=image.exif, quality=output_quality, dpi=image.dpi,
                           xmp=image.xmp, comment=image.comment, iptc=image.iptc, text=image.text,

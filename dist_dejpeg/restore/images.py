@@ -22,6 +22,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -238,13 +239,15 @@ def held_bytes(img: Image.Image) -> bytes | None:
     return data if isinstance(data, bytes) and data[:2] == b"\xff\xd8" else None
 
 
-def made_consistent(restored: np.ndarray, cells: JpegCells, img: Image.Image, half_width: float | None
-                    ) -> tuple[np.ndarray, str]:
+def made_consistent(restored: np.ndarray, cells: JpegCells, img: Image.Image, half_width: float | None,
+                    conform_with: Callable = conform) -> tuple[np.ndarray, str]:
     """``restored`` (H x W x 3 uint8, as displayed) made consistent with the JPEG ``img`` (its file's ``cells``:
     each DCT coefficient the model moved out of its quantization cell put back at the cell's edge; jpeg/consistency.py)
-    and "", or ``restored`` itself and why not (the file's size is not the image's)."""
+    and "", or ``restored`` itself and why not (the file's size is not the image's). ``conform_with``: conform's
+    arguments, its result (a restorer's own: ImageRestorer.conform)."""
     try:
-        return conform(restored, cells, img.getexif().get(ORIENTATION, 1), 0.5 if half_width is None else half_width), ""
+        orientation, half = img.getexif().get(ORIENTATION, 1), 0.5 if half_width is None else half_width
+        return conform_with(restored, cells, orientation, half), ""
     except NotConsistent as err:
         return restored, f"not made consistent with its JPEG data: {err}"
 

@@ -116,25 +116,34 @@ def conformed_gains(accelerator, generator, val_set: ValSet, batch_size: int, cu
 
 @torch.no_grad()
 def _conformed_sums(accelerator, generator, val_set: ValSet, batch_size: int, cudagraphs: bool) -> torch.Tensor:
-    """This rank's [sum, sum of squares, count] of the consistent crops' gains, per quality and half-width."""
+    """This rank's [sum, sum of squares, count] of the consistent crops' gains, per quality and half-width: each
+    batch conformed on the device at every width (models/consistency.py), the files' cells read on the host."""
     from dist_dejpeg.data.images import jpeg_encode
-    from dist_dejpeg.jpeg.consistency import cells_of, conform
-    from dist_dejpeg.metrics.fullref import psnr
+    from dist_dejpeg.jpeg.consistency import cells_of
+    from dist_dejpeg.models.consistency import conform_batch
 
     stats = torch.zeros(len(val_set), len(HALF_WIDTHS), 3, dtype=torch.float64)
     for i, quality, part, _, restored in _restored_batches(accelerator, generator, val_set, batch_size, cudagraphs):
-        restored = as_written(restored).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        jpeg_u8, clean_u8 = val_set[quality]
-        for out, jpeg, clean in zip(restored, jpeg_u8[part].permute(0, 2, 3, 1).numpy(),
-                                    clean_u8[part].permute(0, 2, 3, 1).numpy()):
-            if (cells := cells_of(jpeg_encode(clean, quality))[0]) is None:
-                continue
-            before = psnr(jpeg, clean)
-            for j, half in enumerate(HALF_WIDTHS):
-                gain = psnr(conform(out, cells, half_width=half), clean) - before
-                if np.isfinite(gain):  # (a crop the JPEG keeps exactly: left out, as validate leaves it)
-                    stats[i, j] += torch.tensor([gain, gain * gain, 1.0], dtype=torch.float64)
+        jpeg_u8, clean_u8 = (crops[part] for crops in val_set[quality])
+        cells = [cells_of(jpeg_encode(clean, quality))[0] for clean in clean_u8.permute(0, 2, 3, 1).numpy()]
+        keep = [k for k, c in enumerate(cells) if c is not None]
+        if not keep:
+            continue
+        device = restored.device
+        clean = clean_u8[keep].to(device).float()
+        before = _psnr_255(jpeg_u8[keep].to(device).float(), clean)
+        out = as_written(restored[keep]).mul(255)
+        for j, half in enumerate(HALF_WIDTHS):
+            gain = (_psnr_255(conform_batch(out, [cells[k] for k in keep], half).float(), clean) - before).double()
+            gain = gain[torch.isfinite(gain)]  # (a crop the JPEG keeps exactly: left out, as validate leaves it)
+            stats[i, j] += torch.stack([gain.sum(), gain.pow(2).sum(), gain.new_tensor(float(gain.numel()))]).cpu()
     return stats
+
+
+def _psnr_255(images: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """Each image's RGB PSNR (one MSE over its channels, 0..255), as metrics.fullref.psnr measures a whole image."""
+    mse = (images.double() - clean.double()).pow(2).mean(dim=(1, 2, 3))
+    return 10 * torch.log10(255.0 ** 2 / mse)
 
 
 def average_bn_stats(accelerator, models: dict) -> None:

@@ -1,0 +1,121 @@
+"""jpeg/consistency.py's projection onto a JPEG file's quantization cells as torch operations, on any device and
+for a batch: each DCT coefficient of the restored image that left its cell goes back to the cell's edge. The
+numpy original runs on the host, one image at a time, in stripes (restore's encode threads and onnxruntime's
+restorer, no torch needed); this one runs where the images already are: a GPU Restorer conforms its output on the
+GPU (a 12 MP photo took 0.35-0.7 s of a CPU core in numpy, about what the GPU takes to restore it), and the final
+validation conforms a quality's crops as one batch at every cell width (train/validation.py: conformed_gains).
+Both give the same uint8 image up to a level of float rounding (tests/test_consistency.py).
+
+    cells = read_cells("photo.jpg")
+    fixed = conform_image(restored, cells, orientation, half_width, device)  # H x W x 3 uint8, as displayed
+    fixed = conform_batch(restored, [cells_a, cells_b], 0.35)               # N x 3 x H x W, as stored
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dist_dejpeg.jpeg.consistency import JpegCells, NotConsistent
+from dist_dejpeg.jpeg.formats import JFIF_YCBCR
+from dist_dejpeg.jpeg.quality import dct_rows
+
+_STRIPE_PIXELS = 1 << 22  # pixels per stripe of conform_image: its float copies stay near 100 MB, whatever the image
+# the EXIF orientations as operations on the last two (row, column) dimensions: PIL's transposes (those of
+# ImageOps.exif_transpose, which the displayed image went through) and the inverse of each
+_ORIENT = {2: lambda x: x.flip(-1), 3: lambda x: x.flip((-2, -1)), 4: lambda x: x.flip(-2),
+           5: lambda x: x.transpose(-2, -1), 6: lambda x: torch.rot90(x, -1, (-2, -1)),
+           7: lambda x: x.transpose(-2, -1).flip((-2, -1)), 8: lambda x: torch.rot90(x, 1, (-2, -1))}
+_UNDO = {**_ORIENT, 6: _ORIENT[8], 8: _ORIENT[6]}
+
+
+@lru_cache(maxsize=8)
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 64 x 64 block DCT (jpeg/consistency.py's), RGB -> YCbCr and back, float32 on ``device``."""
+    block = torch.from_numpy(np.kron(dct_rows(), dct_rows())).float()
+    to_ycc = torch.tensor(JFIF_YCBCR, dtype=torch.float64)
+    return block.to(device), to_ycc.float().to(device), torch.linalg.inv(to_ycc).float().to(device)
+
+
+def conform_batch(images: torch.Tensor, cells: Sequence[JpegCells], half_width: float = 0.5) -> torch.Tensor:
+    """``images`` (N x 3 x H x W, uint8 or float 0..255, as the files store them: no EXIF orientation) each
+    conformed to its file's ``cells`` (all with the same planes' shapes and sampling, as libjpeg writes crops of one
+    size), as a new uint8 batch on their device; a grayscale file's plane is the mean of the channels, the three
+    equal after (jpeg.consistency.conform's rules). A NotConsistent error where a file's size is not its image's."""
+    if images.ndim != 4 or images.shape[1] != 3 or len(cells) != images.shape[0]:
+        raise ValueError(f"expected N x 3 x H x W images and N cells, got {tuple(images.shape)} and {len(cells)}")
+    if not cells:
+        return images.to(torch.uint8, copy=True)
+    for c in cells:
+        if (c.height, c.width) != tuple(images.shape[-2:]):
+            raise NotConsistent(f"the image is {images.shape[-1]} x {images.shape[-2]} as the file stores it, the "
+                                f"file {c.width} x {c.height}")
+    shapes = {tuple((p.coefficients.shape, p.factor) for p in c.planes) for c in cells}
+    if len(shapes) > 1:
+        raise ValueError(f"the cells of one batch must have the same planes, got {sorted(shapes)}")
+    return _conform_rows(images.float(), cells, 0, half_width)
+
+
+def conform_image(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_width: float = 0.5,
+                  device: str | torch.device = "cpu") -> np.ndarray:
+    """jpeg.consistency.conform on ``device``: ``rgb`` (H x W x 3 uint8, as displayed: EXIF ``orientation``
+    applied) conformed to its file's ``cells`` as a new host array, in stripes of whole block rows (a 12 MP image's
+    float copies stay near 100 MB)."""
+    usable = rgb.flags.writeable and rgb.flags.c_contiguous  # (PIL's arrays are read-only: torch warns of them)
+    image = torch.from_numpy(rgb if usable else rgb.copy()).to(device).permute(2, 0, 1)
+    stored = _UNDO[orientation](image) if orientation in _UNDO else image
+    if tuple(stored.shape[1:]) != (cells.height, cells.width):
+        raise NotConsistent(f"the image is {stored.shape[2]} x {stored.shape[1]} as the file stores it, the file "
+                            f"{cells.width} x {cells.height}")
+    block_rows = 8 * max(p.factor[0] for p in cells.planes)  # a stripe: whole block rows of every plane
+    rows = max(1, _STRIPE_PIXELS // (block_rows * max(1, cells.width))) * block_rows
+    out = torch.empty_like(stored)
+    for y0 in range(0, cells.height, rows):
+        out[:, y0:y0 + rows] = _conform_rows(stored[None, :, y0:y0 + rows].float(), [cells], y0, half_width)[0]
+    out = _ORIENT[orientation](out) if orientation in _ORIENT else out
+    return out.permute(1, 2, 0).contiguous().cpu().numpy()
+
+
+def _conform_rows(rgb: torch.Tensor, cells: Sequence[JpegCells], y0: int, half_width: float) -> torch.Tensor:
+    """Rows ``y0``.. (whole block rows of every plane, but at the image's bottom) of N float images conformed
+    to their cells, rounded to uint8."""
+    block, to_ycc, to_rgb = _constants(rgb.device)
+    planes = len(cells[0].planes)
+    if planes == 1:
+        gray = _conform_plane(rgb.mean(dim=1), cells, 0, y0, 128.0, half_width, block)
+        return gray.round().clamp(0, 255).to(torch.uint8)[:, None].expand(-1, 3, -1, -1).contiguous()
+    ycc = torch.einsum("ij,njhw->nihw", to_ycc, rgb)
+    ycc = torch.stack([_conform_plane(ycc[:, c], cells, c, y0, 128.0 if c == 0 else 0.0, half_width, block)
+                       for c in range(planes)], dim=1)
+    return torch.einsum("ij,njhw->nihw", to_rgb, ycc).round().clamp(0, 255).to(torch.uint8)
+
+
+def _conform_plane(values: torch.Tensor, cells: Sequence[JpegCells], c: int, y0: int, level: float,
+                   half_width: float, block: torch.Tensor) -> torch.Tensor:
+    """Full-resolution rows ``y0``.. of plane ``c`` of N images (N x h x w float) conformed to that plane's cells
+    in each image's file; ``level``: what the encoder subtracts before its DCT (128 for Y, 0 for chroma)."""
+    first = cells[0].planes[c]
+    fy, fx = first.factor
+    n, h, w = values.shape
+    r0 = y0 // (8 * fy)
+    rows, cols = first.coefficients.shape[:2]
+    r1 = min(rows, r0 + -(-h // (8 * fy)))
+    # the encoder's samples: the rows padded by their edge pixels to whole blocks, then area-averaged
+    padded = F.pad(values[:, None], (0, cols * 8 * fx - w, 0, (r1 - r0) * 8 * fy - h), mode="replicate")[:, 0]
+    samples = padded.reshape(n, (r1 - r0) * 8, fy, cols * 8, fx).mean(dim=(2, 4))
+    coef = (samples.reshape(n, r1 - r0, 8, cols, 8).permute(0, 1, 3, 2, 4).reshape(n, -1, 64) - level) @ block.T
+    device = values.device
+    q = torch.stack([torch.from_numpy(np.asarray(k.planes[c].table, np.float32).reshape(64)) for k in cells])
+    q = q.to(device)[:, None]
+    stored = torch.stack([torch.from_numpy(np.ascontiguousarray(k.planes[c].coefficients[r0:r1])) for k in cells])
+    stored = stored.to(device).reshape(n, -1, 64).float() * q
+    moved = torch.minimum(torch.maximum(coef, stored - q * half_width), stored + q * half_width) - coef
+    delta = (moved @ block).reshape(n, r1 - r0, cols, 8, 8).permute(0, 1, 3, 2, 4).reshape(n, (r1 - r0) * 8,
+                                                                                           cols * 8)
+    if fy > 1 or fx > 1:  # each sample's change spread over the pixels it averages
+        delta = delta.repeat_interleave(fy, dim=1).repeat_interleave(fx, dim=2)
+    return values + delta[:, :h, :w]
