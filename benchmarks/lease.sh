@@ -84,6 +84,8 @@ plan() {
         for part in "${parts[@]::${#parts[@]}-1}"; do calls+=("stage|$part"); done
         calls+=("stage|$WHEELS/plain ${parts[-1]}")  # the last part is the smallest
         calls+=("check|$CACHE")
+    elif (( tree + $(bytes_of "$WHEELS/plain" "$CACHE") > CARRY_MIB * 1048576 )); then
+        calls+=("stage|$WHEELS/plain" "check|$CACHE")  # (jpeglib's 23 MB beside a full compile cache)
     else
         calls+=("check|$WHEELS/plain $CACHE")
     fi
@@ -112,7 +114,7 @@ plan() {
 # step is skipped, a lease's start-up spent for nothing; a dist_dejpeg wheel of another tree fails it in part
 wheels_ready() {
     local p lacking=() stale
-    for p in lpips webdataset braceexpand omegaconf antlr4_python3_runtime dist_dejpeg; do
+    for p in lpips webdataset braceexpand omegaconf antlr4_python3_runtime jpeglib dist_dejpeg; do
         compgen -G "$WHEELS/plain/$p-*.whl" > /dev/null || lacking+=("$p")
     done
     if (( ${#lacking[@]} )); then

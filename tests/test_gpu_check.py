@@ -39,7 +39,7 @@ WHEELS_SH = REPO / "benchmarks" / "gpu_wheels.sh"
 CHECK_SH = REPO / "benchmarks" / "gpu_check.sh"
 CHECK = [sys.executable, "-m", "dist_dejpeg.bench.gpu_check"]
 SETTINGS = REPO / "configs" / "gpu_check.yaml"
-PREFIXES = ("lpips", "webdataset", "braceexpand", "omegaconf", "antlr4_python3_runtime", "dist_dejpeg")
+PREFIXES = ("lpips", "webdataset", "braceexpand", "omegaconf", "antlr4_python3_runtime", "jpeglib", "dist_dejpeg")
 # The CPU flow runs the steps that only the check exercises; `bench train/data/infer` are the same commands that
 # tests/test_bench.py runs (and --steps is what a GPU session uses to put the most telling steps first).
 FLOW = "pytest_gpu,train,evaluate,data_wait"
@@ -81,7 +81,9 @@ def test_wheel_folder(wheels):
         found = [f.name for f in files if f.name.startswith(prefix + "-")]
         assert len(found) == 1, f"{prefix}: {found} in {[f.name for f in files]}"
     assert len(files) == len(PREFIXES), [f.name for f in files]
-    assert all(f.name.endswith(("-py3-none-any.whl", "-py2.py3-none-any.whl")) for f in files), files
+    assert all(f.name.endswith(("-py3-none-any.whl", "-py2.py3-none-any.whl")) for f in files
+               if not f.name.startswith("jpeglib-")), files
+    assert any(f.name.startswith("jpeglib-1.0.2-cp38-abi3-manylinux") for f in files), files  # libjpeg inside
     assert any(f.name.startswith("antlr4_python3_runtime-4.9.3-") for f in files)
     assert any(f.name.startswith("omegaconf-2.3.0-") for f in files)
     total = sum(f.stat().st_size for f in wheels.iterdir())
@@ -597,6 +599,23 @@ def test_lease_plan_sizes_each_call_with_the_checkout(tmp_path):
     assert proc.returncode == 1 and "is over 64 MiB" in proc.stderr, proc.stdout + proc.stderr
     assert [line.endswith("OVER") for line in proc.stdout.splitlines() if "carry: " in line] == [
         False, True, False, False], proc.stdout
+
+    # without DALI the small wheels go with the check call, or in a stage call of their own where they (jpeglib's
+    # 23 MB) and a full compile cache would be over 64 MiB together
+    for part in wheels.glob("dali-wheels.tar.part-*"):
+        part.unlink()
+    with open(wheels / "plain" / "a.whl", "wb") as f:
+        f.truncate(23 * 2**20)
+
+    def carried() -> list[str]:
+        proc = _run(["bash", LEASE_SH, "plan"], timeout=60, env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return [line.split("carry: ")[1].split("  (")[0] for line in proc.stdout.splitlines() if "carry: " in line]
+
+    assert carried() == [f"{wheels}/plain {cache}"]
+    with open(cache / "compile.tar.gz.part-00", "wb") as f:
+        f.truncate(40 * 2**20)
+    assert carried() == [f"{wheels}/plain", str(cache)]
 
 
 def test_lease_plan_refuses_a_wheel_folder_the_check_cannot_install(tmp_path):

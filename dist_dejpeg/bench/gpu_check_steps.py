@@ -41,13 +41,19 @@ def changed_files(installed: Path, source: Path) -> list[str]:
 # install folder, and omegaconf's antlr grammar must work (an interpolation)
 IMPORT_CHECK = """
 import os
-import antlr4, dist_dejpeg, lpips, omegaconf, webdataset
+import io
+import antlr4, dist_dejpeg, jpeglib, lpips, omegaconf, webdataset
 from importlib.metadata import version
 for m, dist in ((dist_dejpeg, "dist_dejpeg"), (lpips, "lpips"), (webdataset, "webdataset"), (omegaconf, "omegaconf"),
-                (antlr4, "antlr4-python3-runtime")):
+                (antlr4, "antlr4-python3-runtime"), (jpeglib, "jpeglib")):
     print(f"{dist:24s} {version(dist):8s} {m.__file__}")
 cfg = omegaconf.OmegaConf.create({"a": "${b}", "b": 3})
 assert cfg.a == 3, cfg
+from PIL import Image
+from dist_dejpeg.jpeg.consistency import read_cells
+buf = io.BytesIO()
+Image.new("RGB", (24, 16), (200, 30, 60)).save(buf, format="JPEG", quality=50)
+assert [p.factor for p in read_cells(buf.getvalue()).planes] == [(1, 1), (2, 2), (2, 2)]  # libjpeg-turbo loads there
 site = os.path.realpath(os.environ["GPU_CHECK_SITE"])
 where = os.path.realpath(dist_dejpeg.__file__)
 assert where.startswith(site + os.sep), f"dist_dejpeg imported from {where}, not from {site}"
