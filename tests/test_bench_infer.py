@@ -110,3 +110,6 @@ def test_the_gpu_rows_bf16_deviation_is_that_of_a_model_that_changes_the_image(t
     entry = results["cpu bf16 vs fp32 2040 x 1356 (small)"]
     assert entry["psnr_fp32_db"] != entry["psnr_bf16_db"] and abs(entry["bf16_minus_fp32_db"]) < 1.0
     assert [(r[1], r[2]) for r in rows][:2] == [("fp32", infer.TENSOR), ("bf16", infer.TENSOR)]
+    # then restore's consistency projection: the restorer's own (a GPU's, there) and numpy's on the host
+    assert [r[2] for r in rows][-2:] == [f"{infer.CONFORM} (Restorer.conform)", f"{infer.CONFORM} (numpy, host)"]
+    assert [(r[4], r[5]) for r in rows][-2:] == [(64, 96)] * 2

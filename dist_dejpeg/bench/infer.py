@@ -25,7 +25,8 @@ leaves them out. On a GPU the tiled rows run with the Restorer's CUDA graphs, an
 (``GPU_MODES``), in the same run, to show what the graphs give; a 12 MP photo is restored too (``GPU_SIZES``),
 a float tensor already on the GPU in and out (``TENSOR``: no host copies), one file to file (``FILE``: decode,
 restore, PNG encode) at restore's default precision, and the fp32 and bf16 outputs' PSNR against the clean photo
-(issue 24: bf16 faster than fp32, and within 0.05 dB of it).
+(issue 24: bf16 faster than fp32, and within 0.05 dB of it), and the projection onto the JPEG file's cells that
+restore adds for a JPEG (``CONFORM``, 12 MP: the Restorer's on the GPU, numpy's on the host beside it).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ GPU_SIZES = {"12 MP (4000 x 3000)": (3000, 4000)}
 WHOLE_MAX_PIXELS = 4_000_000
 TILED = dict(tile=512, overlap=64)
 TENSOR, FILE = "tensor in/out, tiled 512/64", "file to file (q20 JPEG -> PNG), tiled 512/64"
+# the projection onto a JPEG file's cells that restore adds to a JPEG's restore (half-width 0.35): on the GPU, as a GPU
+# Restorer does it from restore's encode threads, and the host's numpy (one image's, beside it) for comparison
+CONFORM = "consistency projection"
 # the issue's targets on 2 cores (issue 22): (height, width) -> wall seconds, peak RSS GB from the shell
 SHELL_SIZES = {"512 x 512": (512, 512), "2000 x 1500": (1500, 2000), "12 MP (4000 x 3000)": (3000, 4000)}
 QUALITY = 20  # the photos' JPEG quality: read from the tables, restored
@@ -203,6 +207,31 @@ def gpu_rows(device, path: Path, folder: Path, sizes: dict, repeats: int, add_ro
     add_row(device, "bf16" if restorer.bf16 else "fp32", FILE, label, h, w,
             measure(lambda: restore_files(restorer, [str(src)], folder / "out_gpu", progress=False), warmup=1,
                     steps=1, repeats=repeats, device=device))
+    conform_rows(restorer, device, sizes, repeats, add_row)
+
+
+def conform_rows(restorer, device, sizes: dict, repeats: int, add_row) -> None:
+    """CONFORM's rows at the largest of ``sizes``: ``restorer.conform`` (on its GPU) and numpy's on the host."""
+    import torch
+
+    from dist_dejpeg.jpeg.consistency import NotConsistent, conform, read_cells
+
+    label = max(sizes, key=lambda k: sizes[k][0] * sizes[k][1])
+    h, w = sizes[label]
+    data = jpeg_photo(h, w)
+    try:
+        cells = read_cells(data)
+    except NotConsistent as err:
+        print(f"bench infer: {CONFORM} rows skipped: {err}", flush=True)
+        return
+    from PIL import Image
+
+    image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    add_row(device, "fp32", f"{CONFORM} (Restorer.conform)", label, h, w,
+            measure(lambda: restorer.conform(image, cells, 1, 0.35), warmup=1, steps=3, repeats=repeats, device=device))
+    add_row(torch.device("cpu"), "fp32", f"{CONFORM} (numpy, host)", label, h, w,
+            measure(lambda: conform(image, cells, 1, 0.35), warmup=0, steps=1, repeats=repeats,
+                    device=torch.device("cpu")))
 
 
 def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int = 3, name: str = "infer",
