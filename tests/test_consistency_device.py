@@ -80,7 +80,11 @@ def test_every_orientation_grayscale_and_stripes(device, monkeypatch):
 
     whole = conform_image(wrong, cells, device=device)
     monkeypatch.setattr(device_consistency, "_STRIPE_PIXELS", 16 * 301)  # 16 rows: one 4:2:0 block row per stripe
-    assert np.array_equal(conform_image(wrong, cells, device=device), whole)
+    striped = conform_image(wrong, cells, device=device)
+    if device == "cpu":  # the same sums in the same order
+        assert np.array_equal(striped, whole)
+    else:  # (a GPU's kernels may sum a stripe's rows otherwise: a value at .5 may round the other way)
+        _same_pixels(striped, whole)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -112,6 +116,13 @@ def test_a_gpu_restorer_conforms_on_its_gpu_while_it_captures_its_forward(tmp_pa
 
     model = torch.nn.AvgPool2d(5, stride=1, padding=2, count_include_pad=False)  # a "restoration" that blurs
     restorer = Restorer(model, device="cuda", tile=128, overlap=32, batch_size=4, guard=False, precision="fp32")
+    restore_rgb = restorer.restore_rgb
+
+    def recapturing(rgb, quality):  # from the second image on, each captured at its first batch (its shape seen),
+        restorer.graphs.clear()      # while the encode threads conform the image before
+        return restore_rgb(rgb, quality)
+
+    restorer.restore_rgb = recapturing
     big = skimage.data.astronaut()
     sources = []
     for i in range(6):

@@ -439,7 +439,7 @@ def test_a_tensor_on_the_gpu_is_restored_there():
     on_gpu = restorer.restore_tensor(x.cuda())
     from_cpu = restorer.restore_tensor(x)
     assert on_gpu.device.type == "cuda" and from_cpu.device.type == "cpu" and on_gpu.shape == x.shape
-    assert torch.allclose(on_gpu.cpu(), from_cpu, atol=1e-5)
+    assert torch.allclose(on_gpu.cpu(), from_cpu, atol=1e-4)  # (eager, then a captured graph: cuDNN may pick anew)
     assert not torch.allclose(from_cpu, x, atol=1e-3)  # restored, not passed through
     guarded = Restorer(_model(), device="cuda", tile=128, overlap=32)
     passed = guarded.restore_tensor(x.cuda(), None)  # unknown quality: passed through

@@ -2,7 +2,7 @@
 inside its quantization cell does to photos and to graphics, and what narrower cells would do.
 
     dist-dejpeg train --config configs/debug.yaml            # the quick start's model, runs/debug
-    python benchmarks/experiments/consistency.py runs/debug  # ~1 min on 2 cores
+    python benchmarks/experiments/consistency.py runs/debug  # ~1 min on 2 cores (--more: 10 more images, ~3 min)
 
 Images: the sample set's held-out photos (chelsea, coffee, coins halved) and graphics the photo-trained model was
 never shown (skimage's colorwheel, checkerboard, horse silhouette; a synthetic sky gradient), each compressed by
@@ -40,13 +40,32 @@ def graphics() -> dict[str, np.ndarray]:
             "horse": np.stack([horse] * 3, axis=-1), "sky": np.rint(sky).astype(np.uint8)}
 
 
+# --more: skimage's other bundled images (first 512 x 512, grayscale ones as three equal channels): photos (the
+# first four) and scans and drawings
+MORE_PHOTOS = ("rocket", "hubble_deep_field", "retina", "microaneurysms")
+MORE_OTHERS = ("page", "text", "clock", "shepp_logan_phantom", "logo", "cell")
+
+
+def more_images() -> dict[str, np.ndarray]:
+    out = {}
+    for name in MORE_PHOTOS + MORE_OTHERS:
+        a = getattr(skimage.data, name)()
+        a = np.stack([a] * 3, axis=-1) if a.ndim == 2 else a[..., :3]
+        if a.dtype != np.uint8:  # (float phantoms: stretched to 0..255)
+            a = np.rint(255 * (a - a.min()) / (a.max() - a.min())).astype(np.uint8)
+        out[name] = np.ascontiguousarray(a[:512, :512])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="generator file, run or checkpoint folder, or ONNX export")
+    parser.add_argument("--more", action="store_true", help="also skimage's other photos, scans and drawings")
     args = parser.parse_args()
     restorer = open_restorer(args.model, device="cpu", guard=False)
     guarded = open_restorer(args.model, device="cpu")
-    images = {name: sample_photo(name) for name in SAMPLE_VAL} | graphics()
+    images = {name: sample_photo(name) for name in SAMPLE_VAL} | graphics() | (more_images() if args.more else {})
+    kinds = {name: "photos" if name in SAMPLE_VAL or name in MORE_PHOTOS else "graphics and scans" for name in images}
     widths = " | ".join(f"conformed, half-width {h}" for h in HALF_WIDTHS)
     print(f"{args.model}; RGB PSNR gain over the JPEG (dB): the model and the conformed columns with the guard off\n")
     print(f"| image | q | JPEG PSNR | model's image | {widths} | `restore` writes |")
@@ -54,7 +73,7 @@ def main() -> None:
     means: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, clean in images.items():
-            kind = "photos" if name in SAMPLE_VAL else "graphics"
+            kind = kinds[name]
             for q in QUALITIES:
                 path = Path(tmp) / f"{name}_q{q}.jpg"
                 Image.fromarray(clean).save(path, quality=q)
@@ -73,7 +92,7 @@ def main() -> None:
                 for column, gain in enumerate(gains):
                     means.setdefault(f"{kind} {column}", []).append(gain)
                 print(f"| {name} | {q} | {base:.2f} | " + " | ".join(f"{g:+.2f}" for g in gains) + " |", flush=True)
-    for kind in ("photos", "graphics"):
+    for kind in ("photos", "graphics and scans"):
         cells = [f"{np.mean(means[f'{kind} {c}']):+.2f} (min {min(means[f'{kind} {c}']):+.2f})"
                  for c in range(2 + len(HALF_WIDTHS))]
         print(f"| **{kind}, mean** | | | " + " | ".join(cells) + " |")

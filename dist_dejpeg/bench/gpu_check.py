@@ -1,8 +1,9 @@
 """The GPU check: every GPU path of dist_dejpeg in one command, for a machine with one NVIDIA GPU, PyTorch
 already installed and no network (../shared/ENV.md, "A GPU machine without network": Python 3.12, torch +
-CUDA, torchvision, timm, accelerate, pyyaml, ... but no lpips, webdataset, omegaconf, DALI, nor this project).
+CUDA, torchvision, timm, accelerate, pyyaml, ... but no lpips, webdataset, omegaconf, jpeglib, DALI, nor this
+project).
 
-1. Here, where pip reaches PyPI, make the wheel folder (pure-Python wheels, under 1 MB; with NVIDIA DALI, about
+1. Here, where pip reaches PyPI, make the wheel folder (~24 MB, jpeglib's 23 of it; with NVIDIA DALI, about
    250 MB more, as parts of at most 57 MiB for a machine that takes files of limited size):
        benchmarks/gpu_wheels.sh [--dali --split 57] /path/to/wheels
 2. Carry the checkout and that folder to the GPU machine; there, from the repository root:
