@@ -110,6 +110,13 @@ def test_the_gpu_rows_bf16_deviation_is_that_of_a_model_that_changes_the_image(t
     entry = results["cpu bf16 vs fp32 2040 x 1356 (small)"]
     assert entry["psnr_fp32_db"] != entry["psnr_bf16_db"] and abs(entry["bf16_minus_fp32_db"]) < 1.0
     assert [(r[1], r[2]) for r in rows][:2] == [("fp32", infer.TENSOR), ("bf16", infer.TENSOR)]
-    # then restore's consistency projection: the restorer's own (a GPU's, there) and numpy's on the host
-    assert [r[2] for r in rows][-2:] == [f"{infer.CONFORM} (Restorer.conform)", f"{infer.CONFORM} (numpy, host)"]
-    assert [(r[4], r[5]) for r in rows][-2:] == [(64, 96)] * 2
+    # then a folder with 2 decode/encode threads and restore's default, and restore's consistency projection: the
+    # restorer's own (a GPU's, there) and numpy's on the host
+    from dist_dejpeg.restore.files import MAX_IO_THREADS
+    from dist_dejpeg.run.pool import pool_size
+
+    assert [r[2] for r in rows][-4:] == [
+        f"{infer.FOLDER}, 2 decode/encode threads", f"{infer.FOLDER}, {max(2, pool_size(0, MAX_IO_THREADS))} "
+        f"decode/encode threads", f"{infer.CONFORM} (Restorer.conform)", f"{infer.CONFORM} (numpy, host)"]
+    assert [(r[4], r[5]) for r in rows][-4:] == [(64, 96)] * 4
+    assert len(list((tmp_path / "folder_out2").glob("*.png"))) == infer.FOLDER_FILES

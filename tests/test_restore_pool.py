@@ -4,7 +4,9 @@ the next file's decode with the current restore."""
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +127,8 @@ def test_pool_decodes_the_next_file_while_the_current_one_is_restored(tmp_path, 
 
 
 def test_cuda_restorer_gets_the_pool_by_default(tmp_path, monkeypatch):
-    """The default: two decode/encode threads for a restorer on a GPU, none (the calling thread) on a CPU."""
+    """The default: decode/encode threads for a restorer on a GPU, one per core this process may use (2 to
+    MAX_IO_THREADS), none (the calling thread) on a CPU."""
     src = tmp_path / "in"
     src.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "x.png")
@@ -149,6 +152,15 @@ def test_cuda_restorer_gets_the_pool_by_default(tmp_path, monkeypatch):
         assert result.output and result.error is None
     assert seen[0] == threading.current_thread().name and all(s.startswith("restore-io") for s in seen[1:])
     assert len(seen) == 3
+
+    pools = []
+    pool = files.ThreadPoolExecutor
+    monkeypatch.setattr(files, "ThreadPoolExecutor", lambda n, **kw: (pools.append(n), pool(n, **kw))[1])
+    for cores in (1, 2, 6, 32):  # (a SLURM job's share of the node: its affinity)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cores: set(range(c)), raising=False)
+        (result,) = restore_files(Copy("cuda:0"), [str(src)], tmp_path / f"cores{cores}", progress=False)
+        assert result.output and result.error is None
+    assert pools == [2, 2, 6, files.MAX_IO_THREADS]
 
 
 def test_one_image_into_a_named_file(tmp_path, restorer, capsys):
@@ -221,3 +233,30 @@ def test_pixel_limit_nested_by_threads_puts_back_what_it_found():
         warnings.filterwarnings("ignore", message="kept by its owner")
     assert warnings.filters[0][1].pattern == "kept by its owner" and warnings.filters[1:] == filters
     warnings.filters.pop(0)
+
+
+def test_a_wide_pool_decodes_at_most_loads_ahead(tmp_path, monkeypatch):
+    """Many threads (a GPU's default) encode many outputs at once, but decode at most LOADS_AHEAD files beyond the
+    one being restored: decoded images waiting for the model are memory (a 12 MP photo and its cells ~70 MB)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(7):
+        Image.fromarray(np.full((16, 16, 3), 10 * i, np.uint8)).save(src / f"{i}.png")
+    loaded, restored = [], []
+    load_image = files.load_image
+    monkeypatch.setattr(files, "load_image", lambda *a, **k: (loaded.append(a[0]), load_image(*a, **k))[1])
+
+    class Counting:
+        device = "cuda:0"
+
+        def restore_array(self, rgb, quality=None, source="given", conformed=False):
+            from dist_dejpeg.restore.guard import Decision
+
+            time.sleep(0.05)  # (the pool's threads get every load they were given)
+            restored.append(len(loaded))
+            self.last_decision = Decision(quality, source, False, "copied")
+            return rgb.copy()
+
+    results = restore_files(Counting(), [str(src)], tmp_path / "out", progress=False, workers=6)
+    assert all(r.output for r in results) and restored[0] == 1 + files.LOADS_AHEAD, restored
+    assert all(n <= i + 1 + files.LOADS_AHEAD for i, n in enumerate(restored)), restored

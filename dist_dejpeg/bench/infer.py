@@ -26,7 +26,8 @@ leaves them out. On a GPU the tiled rows run with the Restorer's CUDA graphs, an
 a float tensor already on the GPU in and out (``TENSOR``: no host copies), one file to file (``FILE``: decode,
 restore, PNG encode) at restore's default precision, and the fp32 and bf16 outputs' PSNR against the clean photo
 (issue 24: bf16 faster than fp32, and within 0.05 dB of it), and the projection onto the JPEG file's cells that
-restore adds for a JPEG (``CONFORM``, 12 MP: the Restorer's on the GPU, numpy's on the host beside it).
+restore adds for a JPEG (``CONFORM``, 12 MP: the Restorer's on the GPU, numpy's on the host beside it), and a
+folder of 12 MP JPEGs restored into PNGs with 2 decode/encode threads and with restore's default (``FOLDER``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ TENSOR, FILE = "tensor in/out, tiled 512/64", "file to file (q20 JPEG -> PNG), t
 # the projection onto a JPEG file's cells that restore adds to a JPEG's restore (half-width 0.35): on the GPU, as a GPU
 # Restorer does it from restore's encode threads, and the host's numpy (one image's, beside it) for comparison
 CONFORM = "consistency projection"
+# a folder of JPEGs of the largest size restored to PNGs by restore_files: two decode/encode threads (its old default
+# on a GPU) and its default (one per core, 2 to files.MAX_IO_THREADS), side by side; ms per file
+FOLDER, FOLDER_FILES = "folder, q20 JPEGs -> PNGs", 4
 # the issue's targets on 2 cores (issue 22): (height, width) -> wall seconds, peak RSS GB from the shell
 SHELL_SIZES = {"512 x 512": (512, 512), "2000 x 1500": (1500, 2000), "12 MP (4000 x 3000)": (3000, 4000)}
 QUALITY = 20  # the photos' JPEG quality: read from the tables, restored
@@ -207,7 +211,34 @@ def gpu_rows(device, path: Path, folder: Path, sizes: dict, repeats: int, add_ro
     add_row(device, "bf16" if restorer.bf16 else "fp32", FILE, label, h, w,
             measure(lambda: restore_files(restorer, [str(src)], folder / "out_gpu", progress=False), warmup=1,
                     steps=1, repeats=repeats, device=device))
+    folder_rows(restorer, device, folder, sizes, add_row)
     conform_rows(restorer, device, sizes, repeats, add_row)
+
+
+def _largest(sizes: dict) -> tuple[str, int, int]:
+    label = max(sizes, key=lambda k: sizes[k][0] * sizes[k][1])
+    return label, *sizes[label]
+
+
+def folder_rows(restorer, device, folder: Path, sizes: dict, add_row) -> None:
+    """FOLDER's rows: FOLDER_FILES JPEGs of the largest of ``sizes`` restored into PNGs, ms per file."""
+    from dataclasses import replace
+
+    from dist_dejpeg.restore.files import MAX_IO_THREADS, restore_files
+    from dist_dejpeg.run.pool import pool_size
+
+    label, h, w = _largest(sizes)
+    src = folder / "folder_in"
+    src.mkdir(exist_ok=True)
+    data = jpeg_photo(h, w)
+    for i in range(FOLDER_FILES):
+        (src / f"{i}.jpg").write_bytes(data)
+    for threads in (2, max(2, pool_size(0, MAX_IO_THREADS))):
+        timing = measure(lambda: restore_files(restorer, [str(src)], folder / f"folder_out{threads}", progress=False,
+                                               workers=threads), warmup=0, steps=1, repeats=2, device=device)
+        add_row(device, "bf16" if restorer.bf16 else "fp32", f"{FOLDER}, {threads} decode/encode threads",
+                f"{label}: per file of {FOLDER_FILES}", h, w,
+                replace(timing, seconds_per_call=timing.seconds_per_call / FOLDER_FILES))
 
 
 def conform_rows(restorer, device, sizes: dict, repeats: int, add_row) -> None:
@@ -216,8 +247,7 @@ def conform_rows(restorer, device, sizes: dict, repeats: int, add_row) -> None:
 
     from dist_dejpeg.jpeg.consistency import NotConsistent, conform, read_cells
 
-    label = max(sizes, key=lambda k: sizes[k][0] * sizes[k][1])
-    h, w = sizes[label]
+    label, h, w = _largest(sizes)
     data = jpeg_photo(h, w)
     try:
         cells = read_cells(data)
