@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dist_dejpeg.jpeg.consistency import JpegCells, NotConsistent
+from dist_dejpeg.jpeg.consistency import CLIP_TOLERANCE, ROUNDS, JpegCells, NotConsistent
 from dist_dejpeg.jpeg.formats import JFIF_YCBCR
 from dist_dejpeg.jpeg.quality import dct_rows
 
@@ -82,16 +82,40 @@ def conform_image(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_
 
 def _conform_rows(rgb: torch.Tensor, cells: Sequence[JpegCells], y0: int, half_width: float) -> torch.Tensor:
     """Rows ``y0``.. (whole block rows of every plane, but at the image's bottom) of N float images conformed
-    to their cells, rounded to uint8."""
-    block, to_ycc, to_rgb = _constants(rgb.device)
-    planes = len(cells[0].planes)
-    if planes == 1:
-        gray = _conform_plane(rgb.mean(dim=1), cells, 0, y0, 128.0, half_width, block)
-        return gray.round().clamp(0, 255).to(torch.uint8)[:, None].expand(-1, 3, -1, -1).contiguous()
-    ycc = torch.einsum("ij,njhw->nihw", to_ycc, rgb)
+    to their cells, rounded to uint8: the projections onto the cells and onto [0, 255] alternated as numpy's
+    conform alternates them (jpeg.consistency.ROUNDS), a block row at most until it needs no clipping."""
+    gray = len(cells[0].planes) == 1
+    part = rgb.mean(dim=1) if gray else rgb  # N x h x w (a grayscale file's one plane) or N x 3 x h x w
+    n, h = part.shape[0], part.shape[-2]
+    mcu = 8 * max(p.factor[0] for p in cells[0].planes)
+    part = part.clone()
+    active = torch.ones(n, -(-h // mcu), dtype=torch.bool, device=part.device)  # the block rows still clipped
+    for _ in range(ROUNDS):
+        todo = active.any(dim=1).nonzero().flatten()  # the images with such a row (a sync: fine out of a graph)
+        if not len(todo):
+            break
+        inside = _project(part[todo], [cells[i] for i in todo.tolist()], y0, half_width)
+        clipped = inside.clamp(0, 255)
+        over = (inside - clipped).abs().amax(dim=-1)  # n (x 3) x h: each row's largest clip
+        over = over if gray else over.amax(dim=1)
+        over = F.pad(over, (0, active.shape[1] * mcu - h)).reshape(len(todo), -1, mcu).amax(dim=-1) > CLIP_TOLERANCE
+        rows = active[todo].repeat_interleave(mcu, dim=1)[:, :h]
+        part[todo] = torch.where(rows[:, :, None] if gray else rows[:, None, :, None], clipped, part[todo])
+        active[todo] &= over
+    out = part.round().clamp(0, 255).to(torch.uint8)
+    return out[:, None].expand(-1, 3, -1, -1).contiguous() if gray else out
+
+
+def _project(part: torch.Tensor, cells: Sequence[JpegCells], y0: int, half_width: float) -> torch.Tensor:
+    """N float images' rows (N x 3 x h x w RGB, or N x h x w: a grayscale file's one plane) projected onto their
+    cells, not clipped."""
+    block, to_ycc, to_rgb = _constants(part.device)
+    if part.ndim == 3:
+        return _conform_plane(part, cells, 0, y0, 128.0, half_width, block)
+    ycc = torch.einsum("ij,njhw->nihw", to_ycc, part)
     ycc = torch.stack([_conform_plane(ycc[:, c], cells, c, y0, 128.0 if c == 0 else 0.0, half_width, block)
-                       for c in range(planes)], dim=1)
-    return torch.einsum("ij,njhw->nihw", to_rgb, ycc).round().clamp(0, 255).to(torch.uint8)
+                       for c in range(ycc.shape[1])], dim=1)
+    return torch.einsum("ij,njhw->nihw", to_rgb, ycc)
 
 
 def _conform_plane(values: torch.Tensor, cells: Sequence[JpegCells], c: int, y0: int, level: float,
