@@ -106,6 +106,23 @@ def test_a_batch_is_each_image_conformed_to_its_own_file(device):
         conform_batch(batch, cells[:2])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_clipped_graphics_alternate_as_on_the_host(device):
+    """A saturated silhouette needs several rounds of the alternation, a photo few: in one batch (the images with a
+    block row still clipped go round again, the others wait) and alone, each as the numpy projection makes it."""
+    horse = np.stack([np.where(skimage.data.horse()[:96, :128], 255, 0).astype(np.uint8)] * 3, axis=-1)
+    photo = np.ascontiguousarray(skimage.data.chelsea()[:96, :128])
+    crops = [horse, photo, np.ascontiguousarray(horse[::-1])]
+    cells = [read_cells(_jpeg(c, 10)) for c in crops]
+    wrong = [_wrong(_jpeg(c, 10), i) for i, c in enumerate(crops)]
+    out = conform_batch(torch.from_numpy(np.stack(wrong)).permute(0, 3, 1, 2).to(device), cells, 0.35)
+    for image, c, w in zip(out.permute(0, 2, 3, 1).cpu().numpy(), cells, wrong):
+        _same_pixels(image, conform(w, c, half_width=0.35))
+    _same_pixels(conform_image(wrong[0], cells[0], 1, 0.35, device=device), conform(wrong[0], cells[0], 1, 0.35))
+    one_round = conform(wrong[0], cells[0], 1, 0.35, rounds=1)
+    assert psnr(conform(wrong[0], cells[0], 1, 0.35), horse) > psnr(one_round, horse) + 0.5  # (several rounds ran)
+
+
 @pytest.mark.gpu
 def test_a_gpu_restorer_conforms_on_its_gpu_while_it_captures_its_forward(tmp_path):
     """restore's encode threads conform on the GPU (Restorer.conform) while the main thread captures and replays

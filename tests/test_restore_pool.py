@@ -252,7 +252,10 @@ def test_a_wide_pool_decodes_at_most_loads_ahead(tmp_path, monkeypatch):
         def restore_array(self, rgb, quality=None, source="given", conformed=False):
             from dist_dejpeg.restore.guard import Decision
 
-            time.sleep(0.05)  # (the pool's threads get every load they were given)
+            deadline = time.monotonic() + 5
+            while len(loaded) < min(7, len(restored) + 1 + files.LOADS_AHEAD) and time.monotonic() < deadline:
+                time.sleep(0.01)  # (the pool's threads start every load they were given)
+            time.sleep(0.1)  # (and would have started more, were more given)
             restored.append(len(loaded))
             self.last_decision = Decision(quality, source, False, "copied")
             return rgb.copy()
@@ -260,3 +263,39 @@ def test_a_wide_pool_decodes_at_most_loads_ahead(tmp_path, monkeypatch):
     results = restore_files(Counting(), [str(src)], tmp_path / "out", progress=False, workers=6)
     assert all(r.output for r in results) and restored[0] == 1 + files.LOADS_AHEAD, restored
     assert all(n <= i + 1 + files.LOADS_AHEAD for i, n in enumerate(restored)), restored
+
+
+def test_outputs_being_encoded_stay_within_a_pixel_budget(tmp_path, monkeypatch):
+    """Many threads encode many outputs at once, but not more pixels than SAVE_PIXELS together (each holds its
+    image, its input and its cells: a folder of 100 MP scans must not hold 8 of them), and always one."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((16, 16, 3), 10 * i, np.uint8)).save(src / f"{i}.png")
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def save(rgb, path, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return b""
+
+    class Copy:
+        device = "cuda:0"
+
+        def restore_array(self, rgb, quality=None, source="given", conformed=False):
+            from dist_dejpeg.restore.guard import Decision
+
+            self.last_decision = Decision(quality, source, False, "copied")
+            return rgb.copy()
+
+    monkeypatch.setattr(files, "save_image", save)
+    for budget, bound in ((files.SAVE_PIXELS, None), (16 * 16 + 1, 2)):
+        monkeypatch.setattr(files, "SAVE_PIXELS", budget)
+        most[0] = 0
+        results = restore_files(Copy(), [str(src)], tmp_path / f"out{budget}", progress=False, workers=6)
+        assert all(r.error is None for r in results)
+        assert most[0] >= 3 if bound is None else most[0] <= bound, (budget, most[0])

@@ -233,7 +233,7 @@ def folder_rows(restorer, device, folder: Path, sizes: dict, add_row) -> None:
     data = jpeg_photo(h, w)
     for i in range(FOLDER_FILES):
         (src / f"{i}.jpg").write_bytes(data)
-    for threads in (2, max(2, pool_size(0, MAX_IO_THREADS))):
+    for threads in sorted({2, max(2, pool_size(0, MAX_IO_THREADS))}):  # (one row where the default is 2)
         timing = measure(lambda: restore_files(restorer, [str(src)], folder / f"folder_out{threads}", progress=False,
                                                workers=threads), warmup=0, steps=1, repeats=2, device=device)
         add_row(device, "bf16" if restorer.bf16 else "fp32", f"{FOLDER}, {threads} decode/encode threads",

@@ -6,8 +6,7 @@ the nearest image, in the JPEG's own (YCbCr, DCT) space, that the file could hav
 convex set that holds the clean photo, so this never moves the restored image away from it in that space (up
 to the encoder's rounding and the blocks the image's edge cuts), whatever the model did. The 8-bit range is
 another such set: where the cells' image needs clipping (the decoder clipped), the two projections alternate
-(ROUNDS). Narrower cells (a
-``half_width`` under 0.5 steps) pull the coefficients further, towards the stored values; they may leave the
+(ROUNDS) towards an image inside both, no longer the nearest one. Narrower cells (a ``half_width`` under 0.5 steps) pull the coefficients further, towards the stored values; they may leave the
 clean photo out, so a run's final validation measures which width restores best at each quality
 (train/validation.py: conformed_gains). Measured in RGB: benchmarks/RESULTS.md ("Consistent with the file").
 Torch-free: the onnxruntime restorer and a PyTorch one on the CPU use it; models/consistency.py is the same
@@ -59,8 +58,9 @@ HALF_WIDTHS = (0.5, 0.35, 0.2)
 # projections onto them (POCS) until the image the cells give needs no clipping by more than CLIP_TOLERANCE levels,
 # at most ROUNDS times. One round (the projection onto the cells, then clipped) was the first version: where the
 # decoder clipped (saturated graphics, highlights) clipping takes the image out of its cells again, and more rounds
-# gained up to +3.6 dB there (horse q90, 16 rounds), +0.006 dB on photos (benchmarks/RESULTS.md, "Alternating").
-ROUNDS = 16
+# gained up to +3.4 dB there (horse q90, 8 rounds), +0.006 dB on photos (benchmarks/RESULTS.md, "Alternating"). Only
+# the block rows still clipped go round again: a photo's few, most of a saturated graphic's (12 MP: ~6 s of a core).
+ROUNDS = 8  # (16 gained +0.09 dB more on graphics, at twice the time: a round of a 12 MP image is ~0.7 s of a core)
 CLIP_TOLERANCE = 0.5
 _STRIPE_BLOCKS = 8  # block rows (of the tallest-sampled plane) per stripe of conform: its float copies
 # PIL's transposes for the EXIF orientations (ImageOps.exif_transpose's), and the inverse of each
@@ -164,10 +164,11 @@ def jpeglib_missing() -> str:
     return ""
 
 
-def conform(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_width: float = 0.5) -> np.ndarray:
+def conform(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_width: float = 0.5,
+            rounds: int | None = None) -> np.ndarray:
     """``rgb`` (H x W x 3 uint8, the image as displayed: EXIF ``orientation`` applied) with every DCT coefficient
     that lies outside its quantization cell moved to the cell's edge, then clipped to 0..255, the two alternated
-    while a block row needs clipping (ROUNDS), as a new array; a grayscale JPEG's one plane
+    while a block row needs clipping (``rounds`` at most, None: ROUNDS), as a new array; a grayscale JPEG's one plane
     is the mean of the channels (what restore writes for it), the three channels equal after. ``half_width``: the
     cells' half-width in quantization steps (0.5: the file's own; less: narrower, about the stored values). A block
     the image's edge cuts is projected as the encoder padded it (its edge pixels repeated), then cut: it may stay a
@@ -183,7 +184,7 @@ def conform(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_width:
         part = stored[y0:y0 + mcu * _STRIPE_BLOCKS].astype(np.float32)
         part = part.mean(axis=2) if gray else part
         spans = [(0, len(part))]  # the rows a round projects: all, then the block rows that still needed clipping
-        for _ in range(ROUNDS):  # (blocks are independent: the alternation of a block row needs no other's)
+        for _ in range(ROUNDS if rounds is None else rounds):  # (a block row's alternation needs no other's)
             again = []
             for a, b in spans:
                 inside = _conform_pixels(part[a:b], cells, y0 + a, half_width)
@@ -203,13 +204,14 @@ def conform(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_width:
 
 
 def is_decode_of(rgb: np.ndarray, cells: JpegCells, orientation: int = 1) -> bool:
-    """Whether ``rgb`` (as displayed) is the file's own decoded image: conforming it moves no pixel by more than
+    """Whether ``rgb`` (as displayed) is the file's own decoded image: one round of conform (the cells, then the
+    clip; more rounds move a clipped graphic's decode on, 75 levels at q10) moves no pixel by more than
     DECODE_TOLERANCE[1] levels and no 8x8 block by more than DECODE_TOLERANCE[0] on average (a decoder's rounding,
     clipping and chroma upsampling: at most 26 and 7 on photos and graphics, q5-q100, any subsampling); an image
     edited since (a retouched spot, pasted text), another frame, or turned otherwise is not. An edit of a few levels
     passes: it is then pulled towards the file, by at most its quantization cells."""
     try:
-        moved = np.abs(conform(rgb, cells, orientation).astype(np.int16) - rgb)
+        moved = np.abs(conform(rgb, cells, orientation, rounds=1).astype(np.int16) - rgb)
     except NotConsistent:
         return False
     if moved.size and moved.max() > DECODE_TOLERANCE[1]:

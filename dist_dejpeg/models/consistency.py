@@ -2,7 +2,8 @@
 for a batch: each DCT coefficient of the restored image that left its cell goes back to the cell's edge. The
 numpy original runs on the host, one image at a time, in stripes (restore's encode threads and onnxruntime's
 restorer, no torch needed); this one runs where the images already are: a GPU Restorer conforms its output on the
-GPU (a 12 MP photo took 0.35-0.7 s of a CPU core in numpy, about what the GPU takes to restore it), and the final
+GPU (a round of a 12 MP photo takes ~0.7 s of a CPU core in numpy, against ~0.15 s for its restore on an H200;
+a saturated graphic takes ROUNDS of them), and the final
 validation conforms a quality's crops as one batch at every cell width (train/validation.py: conformed_gains).
 Both give the same uint8 image up to a level of float rounding (tests/test_consistency.py).
 
@@ -20,11 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dist_dejpeg.jpeg.consistency import CLIP_TOLERANCE, ROUNDS, JpegCells, NotConsistent
+from dist_dejpeg.jpeg import consistency as host
+from dist_dejpeg.jpeg.consistency import JpegCells, NotConsistent
 from dist_dejpeg.jpeg.formats import JFIF_YCBCR
 from dist_dejpeg.jpeg.quality import dct_rows
 
-_STRIPE_PIXELS = 1 << 22  # pixels per stripe of conform_image: its float copies stay near 100 MB, whatever the image
+_STRIPE_PIXELS = 1 << 20  # pixels per stripe of conform_image: its float copies stay near 150 MB, whatever the image
 # the EXIF orientations as operations on the last two (row, column) dimensions: PIL's transposes (those of
 # ImageOps.exif_transpose, which the displayed image went through) and the inverse of each
 _ORIENT = {2: lambda x: x.flip(-1), 3: lambda x: x.flip((-2, -1)), 4: lambda x: x.flip(-2),
@@ -64,7 +66,7 @@ def conform_image(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_
                   device: str | torch.device = "cpu") -> np.ndarray:
     """jpeg.consistency.conform on ``device``: ``rgb`` (H x W x 3 uint8, as displayed: EXIF ``orientation``
     applied) conformed to its file's ``cells`` as a new host array, in stripes of whole block rows (a 12 MP image's
-    float copies stay near 100 MB)."""
+    float copies stay near 150 MB)."""
     usable = rgb.flags.writeable and rgb.flags.c_contiguous  # (PIL's arrays are read-only: torch warns of them)
     image = torch.from_numpy(rgb if usable else rgb.copy()).to(device).permute(2, 0, 1)
     stored = _UNDO[orientation](image) if orientation in _UNDO else image
@@ -85,61 +87,67 @@ def _conform_rows(rgb: torch.Tensor, cells: Sequence[JpegCells], y0: int, half_w
     to their cells, rounded to uint8: the projections onto the cells and onto [0, 255] alternated as numpy's
     conform alternates them (jpeg.consistency.ROUNDS), a block row at most until it needs no clipping."""
     gray = len(cells[0].planes) == 1
-    part = rgb.mean(dim=1) if gray else rgb  # N x h x w (a grayscale file's one plane) or N x 3 x h x w
+    part = (rgb.mean(dim=1) if gray else rgb).clone()  # N x h x w (a grayscale file's one plane) or N x 3 x h x w
     n, h = part.shape[0], part.shape[-2]
     mcu = 8 * max(p.factor[0] for p in cells[0].planes)
-    part = part.clone()
+    bounds = [_bounds(cells, c, y0, h, half_width, part.device) for c in range(len(cells[0].planes))]  # once
     active = torch.ones(n, -(-h // mcu), dtype=torch.bool, device=part.device)  # the block rows still clipped
-    for _ in range(ROUNDS):
+    for _ in range(host.ROUNDS):
         todo = active.any(dim=1).nonzero().flatten()  # the images with such a row (a sync: fine out of a graph)
         if not len(todo):
             break
-        inside = _project(part[todo], [cells[i] for i in todo.tolist()], y0, half_width)
+        inside = _project(part[todo], [(lo[todo], hi[todo], f, b) for lo, hi, f, b in bounds])
         clipped = inside.clamp(0, 255)
         over = (inside - clipped).abs().amax(dim=-1)  # n (x 3) x h: each row's largest clip
         over = over if gray else over.amax(dim=1)
-        over = F.pad(over, (0, active.shape[1] * mcu - h)).reshape(len(todo), -1, mcu).amax(dim=-1) > CLIP_TOLERANCE
+        over = F.pad(over, (0, active.shape[1] * mcu - h)).reshape(len(todo), -1, mcu).amax(dim=-1)
         rows = active[todo].repeat_interleave(mcu, dim=1)[:, :h]
         part[todo] = torch.where(rows[:, :, None] if gray else rows[:, None, :, None], clipped, part[todo])
-        active[todo] &= over
+        active[todo] &= over > host.CLIP_TOLERANCE
     out = part.round().clamp(0, 255).to(torch.uint8)
     return out[:, None].expand(-1, 3, -1, -1).contiguous() if gray else out
 
 
-def _project(part: torch.Tensor, cells: Sequence[JpegCells], y0: int, half_width: float) -> torch.Tensor:
+def _bounds(cells: Sequence[JpegCells], c: int, y0: int, h: int, half_width: float, device: torch.device):
+    """Plane ``c``'s cells for full-resolution rows ``y0``.. (``h`` of them) of N images: their lower and upper
+    edges (N x blocks x 64, the blocks row-major) on ``device``, the plane's sampling factor and its blocks down and
+    across."""
+    fy, fx = cells[0].planes[c].factor
+    r0 = y0 // (8 * fy)
+    r1 = min(cells[0].planes[c].coefficients.shape[0], r0 + -(-h // (8 * fy)))
+    q = torch.stack([torch.from_numpy(np.asarray(k.planes[c].table, np.float32).reshape(64)) for k in cells])
+    stored = torch.stack([torch.from_numpy(np.ascontiguousarray(k.planes[c].coefficients[r0:r1])) for k in cells])
+    q, stored = q.to(device)[:, None], stored.to(device).reshape(len(cells), -1, 64).float()
+    stored = stored * q
+    across = cells[0].planes[c].coefficients.shape[1]
+    return stored - q * half_width, stored + q * half_width, (fy, fx), (r1 - r0, across)
+
+
+def _project(part: torch.Tensor, bounds: list) -> torch.Tensor:
     """N float images' rows (N x 3 x h x w RGB, or N x h x w: a grayscale file's one plane) projected onto their
-    cells, not clipped."""
+    cells (``bounds``: _bounds' of each plane), not clipped."""
     block, to_ycc, to_rgb = _constants(part.device)
     if part.ndim == 3:
-        return _conform_plane(part, cells, 0, y0, 128.0, half_width, block)
+        return _conform_plane(part, *bounds[0], 128.0, block)
     ycc = torch.einsum("ij,njhw->nihw", to_ycc, part)
-    ycc = torch.stack([_conform_plane(ycc[:, c], cells, c, y0, 128.0 if c == 0 else 0.0, half_width, block)
-                       for c in range(ycc.shape[1])], dim=1)
+    ycc = torch.stack([_conform_plane(ycc[:, c], *bounds[c], 128.0 if c == 0 else 0.0, block)
+                       for c in range(len(bounds))], dim=1)
     return torch.einsum("ij,njhw->nihw", to_rgb, ycc)
 
 
-def _conform_plane(values: torch.Tensor, cells: Sequence[JpegCells], c: int, y0: int, level: float,
-                   half_width: float, block: torch.Tensor) -> torch.Tensor:
-    """Full-resolution rows ``y0``.. of plane ``c`` of N images (N x h x w float) conformed to that plane's cells
-    in each image's file; ``level``: what the encoder subtracts before its DCT (128 for Y, 0 for chroma)."""
-    first = cells[0].planes[c]
-    fy, fx = first.factor
+def _conform_plane(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, factor: tuple[int, int],
+                   blocks: tuple[int, int], level: float, block: torch.Tensor) -> torch.Tensor:
+    """Full-resolution rows of one plane of N images (N x h x w float) with each block's coefficients clamped to
+    [``lo``, ``hi``] (N x blocks x 64; ``blocks`` down and across); ``level``: what the encoder subtracts before its
+    DCT (128 for Y, 0 for chroma)."""
+    (fy, fx), (rows, cols) = factor, blocks
     n, h, w = values.shape
-    r0 = y0 // (8 * fy)
-    rows, cols = first.coefficients.shape[:2]
-    r1 = min(rows, r0 + -(-h // (8 * fy)))
     # the encoder's samples: the rows padded by their edge pixels to whole blocks, then area-averaged
-    padded = F.pad(values[:, None], (0, cols * 8 * fx - w, 0, (r1 - r0) * 8 * fy - h), mode="replicate")[:, 0]
-    samples = padded.reshape(n, (r1 - r0) * 8, fy, cols * 8, fx).mean(dim=(2, 4))
-    coef = (samples.reshape(n, r1 - r0, 8, cols, 8).permute(0, 1, 3, 2, 4).reshape(n, -1, 64) - level) @ block.T
-    device = values.device
-    q = torch.stack([torch.from_numpy(np.asarray(k.planes[c].table, np.float32).reshape(64)) for k in cells])
-    q = q.to(device)[:, None]
-    stored = torch.stack([torch.from_numpy(np.ascontiguousarray(k.planes[c].coefficients[r0:r1])) for k in cells])
-    stored = stored.to(device).reshape(n, -1, 64).float() * q
-    moved = torch.minimum(torch.maximum(coef, stored - q * half_width), stored + q * half_width) - coef
-    delta = (moved @ block).reshape(n, r1 - r0, cols, 8, 8).permute(0, 1, 3, 2, 4).reshape(n, (r1 - r0) * 8,
-                                                                                           cols * 8)
+    padded = F.pad(values[:, None], (0, cols * 8 * fx - w, 0, rows * 8 * fy - h), mode="replicate")[:, 0]
+    samples = padded.reshape(n, rows * 8, fy, cols * 8, fx).mean(dim=(2, 4))
+    coef = (samples.reshape(n, rows, 8, cols, 8).permute(0, 1, 3, 2, 4).reshape(n, -1, 64) - level) @ block.T
+    moved = torch.minimum(torch.maximum(coef, lo), hi) - coef
+    delta = (moved @ block).reshape(n, rows, cols, 8, 8).permute(0, 1, 3, 2, 4).reshape(n, rows * 8, cols * 8)
     if fy > 1 or fx > 1:  # each sample's change spread over the pixels it averages
         delta = delta.repeat_interleave(fy, dim=1).repeat_interleave(fx, dim=2)
     return values + delta[:, :h, :w]

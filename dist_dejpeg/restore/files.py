@@ -63,6 +63,9 @@ OWN_ERROR_SHARE = 5.0
 STALE_TEMP_S = 600  # a temp file of an output this old is stale whatever its pid says
 MAX_IO_THREADS = 8  # decode/encode threads beside a GPU restorer, at most (each holds an image or two in memory)
 LOADS_AHEAD = 2  # files decoded ahead of the one the model restores, at most
+# the pixels of the outputs being made consistent and encoded at once, at most (one output however large): each holds
+# its image, its input and its file's cells (~9 bytes a pixel), so ~1 GB, eight 12 MP photos or one 100 MP scan
+SAVE_PIXELS = 100_000_000
 
 
 class OutputError(ValueError):
@@ -286,7 +289,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="restore-io") if workers else Inline()
     loads: deque = deque()  # (job, decode future): the current file's and up to ``ahead`` more
-    saves: deque = deque()  # (result, target, image, encode future), at most ``workers`` unfinished
+    saves: deque = deque()  # (result, target, image, encode future): at most ``workers``, SAVE_PIXELS unfinished
     pending = iter(jobs)
     full: list[str] = []  # the errors of outputs that found the disk full: nothing more is begun
     # PIL's pixel limit (a global that load_image raises and restores around each open) is raised here, once,
@@ -314,7 +317,8 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
                 result.seconds = time.perf_counter() - start
                 encoding = pool.submit(save, restored, image, target, path, decision)
                 saves.append((result, target, image, encoding))
-                while len(saves) > workers:
+                while len(saves) > workers or (len(saves) > 1 and sum(s[2].rgb.shape[0] * s[2].rgb.shape[1]
+                                                                       for s in saves) > SAVE_PIXELS):
                     saved(*saves.popleft())
             while saves:
                 saved(*saves.popleft())

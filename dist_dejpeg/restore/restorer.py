@@ -266,9 +266,10 @@ class Restorer(ImageRestorer):
         return back.numpy().copy()  # the pinned buffer is the next call's
 
     def conform(self, rgb: np.ndarray, cells, orientation: int = 1, half_width: float = 0.5) -> np.ndarray:
-        """ImageRestorer.conform; on CUDA on the GPU (models/consistency.py), where a 12 MP photo's projection
-        takes milliseconds instead of the 0.35-0.7 s of a CPU core that would pace restore's encode threads. Not while
-        a graph is being captured (an allocation in another thread would break the capture)."""
+        """ImageRestorer.conform; on CUDA on the GPU (models/consistency.py), not on a CPU core at ~0.7 s a round
+        per 12 MP photo (a saturated graphic: up to ROUNDS of them) that would pace restore's encode threads (bench
+        infer's GPU rows time both). One at a time, and never while a graph is being captured (an allocation in
+        another thread would break the capture)."""
         if self.device.type != "cuda":
             return super().conform(rgb, cells, orientation, half_width)
         with CAPTURING, torch.cuda.device(self.device):
