@@ -124,10 +124,11 @@ def test_clipped_graphics_alternate_as_on_the_host(device):
 
 
 @pytest.mark.gpu
-def test_a_gpu_restorer_conforms_on_its_gpu_while_it_captures_its_forward(tmp_path):
-    """restore's encode threads conform on the GPU (Restorer.conform) while the main thread captures and replays
-    the forward as CUDA graphs: each written image is the numpy projection of what the model made, and no capture
-    failed (graphs stayed on)."""
+def test_a_gpu_restorer_conforms_on_its_gpu_beside_its_captures(tmp_path):
+    """restore's encode threads (its default number) conform on the GPU (Restorer.conform) while the main thread
+    captures a graph at every image and replays it: a conform waits for a capture in progress (CAPTURING), so no
+    capture fails (graphs stay on), nothing deadlocks, and each written image is the numpy projection of what the
+    model made."""
     from dist_dejpeg.restore.files import restore_files
     from dist_dejpeg.restore.restorer import Restorer
 
@@ -145,7 +146,7 @@ def test_a_gpu_restorer_conforms_on_its_gpu_while_it_captures_its_forward(tmp_pa
     for i in range(6):
         sources.append(tmp_path / f"in{i}.jpg")
         sources[-1].write_bytes(_jpeg(np.ascontiguousarray(big[40 * i:40 * i + 300, 30 * i:30 * i + 400]), 20))
-    results = restore_files(restorer, [str(p) for p in sources], tmp_path / "out", progress=False, workers=2)
+    results = restore_files(restorer, [str(p) for p in sources], tmp_path / "out", progress=False)
     assert all(r.error is None for r in results) and restorer.cuda_graphs and restorer.graphs
     for source, result in zip(sources, results):
         decoded = np.asarray(Image.open(source).convert("RGB"))
