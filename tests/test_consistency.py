@@ -307,8 +307,12 @@ def test_restore_judges_a_jpeg_by_the_gain_of_its_consistent_image(tmp_path):
     Image.fromarray(photo).save(tmp_path / "ref.png")
     from dist_dejpeg.evaluation.evaluate import consistent_note
 
+    calls, own = [], restorer.conform  # evaluate conforms with the restorer's own (a GPU Restorer's: on its GPU)
+    restorer.conform = lambda *args: (calls.append(args[2:]), own(*args))[1]
     meta = evaluate(restorer, [str(tmp_path / "ref.png")], [10], None, progress=False, only=("psnr",))["meta"]
     assert consistent_note(meta) == "restored JPEGs made consistent with their files (cell half-widths q10 0.5, q80 0.2)"
+    assert calls == [(1, 0.5)]
+    del restorer.conform
     restorer.consistent = False
     meta = evaluate(restorer, [str(tmp_path / "ref.png")], [10], None, progress=False, only=("psnr",))["meta"]
     assert meta["consistent_with_file"] is False and "(--no-consistency)" in consistent_note(meta)

@@ -135,7 +135,8 @@ def restored_pairs(refs, qualities, restorer, metric: MetricSet, blind: bool, su
                 restored = np.repeat(restored[..., None], 3, axis=2)
             decision = restorer.last_decision
             if conformed and not decision.passthrough:  # as restore makes a JPEG file's
-                restored = conform(restored, cells, half_width=getattr(decision, "half_width", None) or 0.5)
+                restored = getattr(restorer, "conform", conform)(  # (a GPU Restorer's: on its GPU)
+                    restored, cells, 1, getattr(decision, "half_width", None) or 0.5)
             timing["restore_seconds"] += time.perf_counter() - start
             timing["megapixels"] += clean.shape[0] * clean.shape[1] / 1e6
             try:  # both against the clean photo at once: its LPIPS features are computed once for the pair
