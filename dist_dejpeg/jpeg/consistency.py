@@ -6,9 +6,9 @@ the nearest image, in the JPEG's own (YCbCr, DCT) space, that the file could hav
 convex set that holds the clean photo, so this never moves the restored image away from it in that space (up
 to the encoder's rounding and the blocks the image's edge cuts), whatever the model did. The 8-bit range is
 another such set: where the cells' image needs clipping (the decoder clipped), the two projections alternate
-(ROUNDS) towards an image inside both, no longer the nearest one. Narrower cells (a ``half_width`` under 0.5 steps) pull the coefficients further, towards the stored values; they may leave the
-clean photo out, so a run's final validation measures which width restores best at each quality
-(train/validation.py: conformed_gains). Measured in RGB: benchmarks/RESULTS.md ("Consistent with the file").
+(ROUNDS) towards an image inside both, no longer the nearest one. Narrower cells (a ``half_width`` under 0.5
+steps) pull the coefficients further, towards the stored values; they may leave the clean photo out, so a run's
+final validation measures which width restores best at each quality (train/validation.py: conformed_gains). Measured in RGB: benchmarks/RESULTS.md ("Consistent with the file").
 Torch-free: the onnxruntime restorer and a PyTorch one on the CPU use it; models/consistency.py is the same
 projection in torch (a GPU Restorer's, the final validation's batches).
 
@@ -59,7 +59,7 @@ HALF_WIDTHS = (0.5, 0.35, 0.2)
 # at most ROUNDS times. One round (the projection onto the cells, then clipped) was the first version: where the
 # decoder clipped (saturated graphics, highlights) clipping takes the image out of its cells again, and more rounds
 # gained up to +3.4 dB there (horse q90, 8 rounds), +0.006 dB on photos (benchmarks/RESULTS.md, "Alternating"). Only
-# the block rows still clipped go round again: a photo's few, most of a saturated graphic's (12 MP: ~6 s of a core).
+# the block rows still clipped go round again: a photo's few, most of a saturated graphic's (12 MP: ~5 s of a core).
 ROUNDS = 8  # (16 gained +0.09 dB more on graphics, at twice the time: a round of a 12 MP image is ~0.7 s of a core)
 CLIP_TOLERANCE = 0.5
 _STRIPE_BLOCKS = 8  # block rows (of the tallest-sampled plane) per stripe of conform: its float copies
@@ -205,7 +205,7 @@ def conform(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_width:
 
 def is_decode_of(rgb: np.ndarray, cells: JpegCells, orientation: int = 1) -> bool:
     """Whether ``rgb`` (as displayed) is the file's own decoded image: one round of conform (the cells, then the
-    clip; more rounds move a clipped graphic's decode on, 75 levels at q10) moves no pixel by more than
+    clip; more rounds move a clipped graphic's decode on, over 60 levels at q10) moves no pixel by more than
     DECODE_TOLERANCE[1] levels and no 8x8 block by more than DECODE_TOLERANCE[0] on average (a decoder's rounding,
     clipping and chroma upsampling: at most 26 and 7 on photos and graphics, q5-q100, any subsampling); an image
     edited since (a retouched spot, pasted text), another frame, or turned otherwise is not. An edit of a few levels

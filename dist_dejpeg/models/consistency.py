@@ -96,11 +96,12 @@ def _conform_rows(rgb: torch.Tensor, cells: Sequence[JpegCells], y0: int, half_w
         todo = active.any(dim=1).nonzero().flatten()  # the images with such a row (a sync: fine out of a graph)
         if not len(todo):
             break
+        todo = slice(None) if len(todo) == n else todo  # (all of them: views, not copies)
         inside = _project(part[todo], [(lo[todo], hi[todo], f, b) for lo, hi, f, b in bounds])
         clipped = inside.clamp(0, 255)
         over = (inside - clipped).abs().amax(dim=-1)  # n (x 3) x h: each row's largest clip
         over = over if gray else over.amax(dim=1)
-        over = F.pad(over, (0, active.shape[1] * mcu - h)).reshape(len(todo), -1, mcu).amax(dim=-1)
+        over = F.pad(over, (0, active.shape[1] * mcu - h)).reshape(inside.shape[0], -1, mcu).amax(dim=-1)
         rows = active[todo].repeat_interleave(mcu, dim=1)[:, :h]
         part[todo] = torch.where(rows[:, :, None] if gray else rows[:, None, :, None], clipped, part[todo])
         active[todo] &= over > host.CLIP_TOLERANCE

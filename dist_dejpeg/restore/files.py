@@ -63,7 +63,7 @@ OWN_ERROR_SHARE = 5.0
 STALE_TEMP_S = 600  # a temp file of an output this old is stale whatever its pid says
 MAX_IO_THREADS = 8  # decode/encode threads beside a GPU restorer, at most (each holds an image or two in memory)
 LOADS_AHEAD = 2  # files decoded ahead of the one the model restores, at most
-# the pixels of the outputs being made consistent and encoded at once, at most (one output however large): each holds
+# the pixels of the outputs being made consistent and encoded at once, at most (one however large: alone); each holds
 # its image, its input and its file's cells (~9 bytes a pixel), so ~1 GB, eight 12 MP photos or one 100 MP scan
 SAVE_PIXELS = 100_000_000
 
@@ -315,10 +315,13 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
                 decision = restorer.last_decision
                 result.passthrough, result.note = decision.passthrough, decision.reason
                 result.seconds = time.perf_counter() - start
+                pixels = image.rgb.shape[0] * image.rgb.shape[1]  # (the earlier outputs finish first, to make room)
+                while saves and (len(saves) >= workers or pixels + sum(s[2].rgb.shape[0] * s[2].rgb.shape[1]
+                                                                       for s in saves) > SAVE_PIXELS):
+                    saved(*saves.popleft())
                 encoding = pool.submit(save, restored, image, target, path, decision)
                 saves.append((result, target, image, encoding))
-                while len(saves) > workers or (len(saves) > 1 and sum(s[2].rgb.shape[0] * s[2].rgb.shape[1]
-                                                                       for s in saves) > SAVE_PIXELS):
+                while len(saves) > workers:  # (workers 0: each output written before the next restore)
                     saved(*saves.popleft())
             while saves:
                 saved(*saves.popleft())
