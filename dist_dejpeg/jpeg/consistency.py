@@ -8,7 +8,8 @@ to the encoder's rounding and the blocks the image's edge cuts), whatever the mo
 another such set: where the cells' image needs clipping (the decoder clipped), the two projections alternate
 (ROUNDS) towards an image inside both, no longer the nearest one. Narrower cells (a ``half_width`` under 0.5
 steps) pull the coefficients further, towards the stored values; they may leave the clean photo out, so a run's
-final validation measures which width restores best at each quality (train/validation.py: conformed_gains). Measured in RGB: benchmarks/RESULTS.md ("Consistent with the file").
+final validation measures which width restores best at each quality (train/validation.py: conformed_gains).
+Measured in RGB: benchmarks/RESULTS.md ("Consistent with the file").
 Torch-free: the onnxruntime restorer and a PyTorch one on the CPU use it; models/consistency.py is the same
 projection in torch (a GPU Restorer's, the final validation's batches).
 
@@ -89,6 +90,18 @@ class JpegCells:
     height: int
     width: int
     planes: tuple[Plane, ...]
+
+    @property
+    def block_rows(self) -> int:
+        """Full-resolution rows in one block row of every plane (8 x the tallest sampling: 16 at 4:2:0)."""
+        return 8 * max(p.factor[0] for p in self.planes)
+
+    def check_size(self, height: int, width: int) -> None:
+        """A NotConsistent error where an image of ``height`` x ``width`` (as the file stores it) is not the file's
+        size: conformed to the wrong blocks, it would be ruined."""
+        if (height, width) != (self.height, self.width):
+            raise NotConsistent(f"the image is {width} x {height} as the file stores it, the file {self.width} x "
+                                f"{self.height}")
 
 
 def read_cells(source: str | os.PathLike | bytes) -> JpegCells:
@@ -174,12 +187,10 @@ def conform(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_width:
     the image's edge cuts is projected as the encoder padded it (its edge pixels repeated), then cut: it may stay a
     little outside its cells. A NotConsistent error where the image's size is not the file's."""
     stored = np.asarray(Image.fromarray(rgb).transpose(_UNDO[orientation])) if orientation in _UNDO else rgb
-    if stored.shape[:2] != (cells.height, cells.width):
-        raise NotConsistent(f"the image is {stored.shape[1]} x {stored.shape[0]} as the file stores it, the file "
-                            f"{cells.width} x {cells.height}")
+    cells.check_size(*stored.shape[:2])
     out = np.empty_like(stored)
     gray = len(cells.planes) == 1
-    mcu = 8 * max(p.factor[0] for p in cells.planes)  # whole block rows of every plane
+    mcu = cells.block_rows
     for y0 in range(0, stored.shape[0], mcu * _STRIPE_BLOCKS):  # a stripe at a time: small float copies (memory)
         part = stored[y0:y0 + mcu * _STRIPE_BLOCKS].astype(np.float32)
         part = part.mean(axis=2) if gray else part

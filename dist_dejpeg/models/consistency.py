@@ -3,8 +3,8 @@ for a batch: each DCT coefficient of the restored image that left its cell goes 
 numpy original runs on the host, one image at a time, in stripes (restore's encode threads and onnxruntime's
 restorer, no torch needed); this one runs where the images already are: a GPU Restorer conforms its output on the
 GPU (a round of a 12 MP photo takes ~0.7 s of a CPU core in numpy, against ~0.15 s for its restore on an H200;
-a saturated graphic takes ROUNDS of them), and the final
-validation conforms a quality's crops as one batch at every cell width (train/validation.py: conformed_gains).
+a saturated graphic takes ROUNDS of them), and the final validation conforms a quality's crops as one batch at
+every cell width (train/validation.py: conformed_gains).
 Both give the same uint8 image up to a level of float rounding (tests/test_consistency.py).
 
     cells = read_cells("photo.jpg")
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_dejpeg.jpeg import consistency as host
-from dist_dejpeg.jpeg.consistency import JpegCells, NotConsistent
+from dist_dejpeg.jpeg.consistency import JpegCells
 from dist_dejpeg.jpeg.formats import JFIF_YCBCR
 from dist_dejpeg.jpeg.quality import dct_rows
 
@@ -53,9 +53,7 @@ def conform_batch(images: torch.Tensor, cells: Sequence[JpegCells], half_width: 
     if not cells:
         return images.to(torch.uint8, copy=True)
     for c in cells:
-        if (c.height, c.width) != tuple(images.shape[-2:]):
-            raise NotConsistent(f"the image is {images.shape[-1]} x {images.shape[-2]} as the file stores it, the "
-                                f"file {c.width} x {c.height}")
+        c.check_size(*images.shape[-2:])
     shapes = {tuple((p.coefficients.shape, p.factor) for p in c.planes) for c in cells}
     if len(shapes) > 1:
         raise ValueError(f"the cells of one batch must have the same planes, got {sorted(shapes)}")
@@ -70,10 +68,8 @@ def conform_image(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_
     usable = rgb.flags.writeable and rgb.flags.c_contiguous  # (PIL's arrays are read-only: torch warns of them)
     image = torch.from_numpy(rgb if usable else rgb.copy()).to(device).permute(2, 0, 1)
     stored = _UNDO[orientation](image) if orientation in _UNDO else image
-    if tuple(stored.shape[1:]) != (cells.height, cells.width):
-        raise NotConsistent(f"the image is {stored.shape[2]} x {stored.shape[1]} as the file stores it, the file "
-                            f"{cells.width} x {cells.height}")
-    block_rows = 8 * max(p.factor[0] for p in cells.planes)  # a stripe: whole block rows of every plane
+    cells.check_size(*stored.shape[1:])
+    block_rows = cells.block_rows  # a stripe: whole block rows of every plane
     rows = max(1, _STRIPE_PIXELS // (block_rows * max(1, cells.width))) * block_rows
     out = torch.empty_like(stored)
     for y0 in range(0, cells.height, rows):
@@ -89,7 +85,7 @@ def _conform_rows(rgb: torch.Tensor, cells: Sequence[JpegCells], y0: int, half_w
     gray = len(cells[0].planes) == 1
     part = (rgb.mean(dim=1) if gray else rgb).clone()  # N x h x w (a grayscale file's one plane) or N x 3 x h x w
     n, h = part.shape[0], part.shape[-2]
-    mcu = 8 * max(p.factor[0] for p in cells[0].planes)
+    mcu = cells[0].block_rows
     bounds = [_bounds(cells, c, y0, h, half_width, part.device) for c in range(len(cells[0].planes))]  # once
     active = torch.ones(n, -(-h // mcu), dtype=torch.bool, device=part.device)  # the block rows still clipped
     for _ in range(host.ROUNDS):

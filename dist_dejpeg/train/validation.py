@@ -131,7 +131,7 @@ def _conformed_sums(accelerator, generator, val_set: ValSet, batch_size: int, cu
             continue
         device = restored.device
         clean = clean_u8[keep].to(device).float()
-        before = _psnr_255(jpeg_u8[keep].to(device).float(), clean)
+        before = _psnr_255(jpeg_u8[keep].to(device), clean)
         out = as_written(restored[keep]).mul(255)
         for j, half in enumerate(HALF_WIDTHS):
             gain = (_psnr_255(conform_batch(out, [cells[k] for k in keep], half).float(), clean) - before).double()
@@ -141,9 +141,11 @@ def _conformed_sums(accelerator, generator, val_set: ValSet, batch_size: int, cu
 
 
 def _psnr_255(images: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-    """Each image's RGB PSNR (one MSE over its channels, 0..255), as metrics.fullref.psnr measures a whole image."""
-    mse = (images.double() - clean.double()).pow(2).mean(dim=(1, 2, 3))
-    return 10 * torch.log10(255.0 ** 2 / mse)
+    """Each image's RGB PSNR (one MSE over its channels, 0..255; torchmetrics', as per_image's), in float64."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    return peak_signal_noise_ratio(images.double(), clean.double(), data_range=255.0, reduction="none",
+                                   dim=(1, 2, 3))
 
 
 def average_bn_stats(accelerator, models: dict) -> None:
