@@ -114,7 +114,7 @@ plan() {
 # step is skipped, a lease's start-up spent for nothing; a dist_dejpeg wheel of another tree fails it in part
 wheels_ready() {
     local p lacking=() stale
-    for p in lpips webdataset braceexpand omegaconf antlr4_python3_runtime jpeglib dist_dejpeg; do
+    for p in lpips webdataset braceexpand omegaconf jpeglib dist_dejpeg; do
         compgen -G "$WHEELS/plain/$p-*.whl" > /dev/null || lacking+=("$p")
     done
     if (( ${#lacking[@]} )); then
