@@ -727,6 +727,23 @@ def test_a_cuda_device_this_machine_lacks_is_a_clear_error(model_file, tmp_path,
     assert "error: device cuda: this machine has no CUDA devices" in capsys.readouterr().err
 
 
+def test_cuda_without_an_index_is_the_current_device_when_made(monkeypatch):
+    """"cuda" and "auto" name the device current when the Restorer is made (cuda:N), so its streams and graphs
+    stay on that card after the caller switches to another (torch.device("cuda") would follow the switch)."""
+    from dist_dejpeg.restore import restorer
+
+    current = [1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    assert restorer._device("cuda") == restorer._device("auto") == torch.device("cuda", 1)
+    current[0] = 0
+    assert restorer._device(torch.device("cuda")) == torch.device("cuda", 0)
+    assert restorer._device("cuda:1") == torch.device("cuda", 1)  # an index given is kept
+    with pytest.raises(ValueError, match="has 2 CUDA devices"):
+        restorer._device("cuda:2")
+
+
 @pytest.mark.parametrize("mode, transparency", [("RGB", (0, 0, 0)), ("L", 0)])
 def test_a_transparent_colour_becomes_alpha_and_is_kept(mode, transparency):
     """PNG's tRNS chunk (one colour transparent) in an RGB or grayscale image: the output keeps those pixels

@@ -123,10 +123,8 @@ def test_cuda_defaults_and_graph_replay_match_eager(model):
         a, b = gpu.restore_array(rgb).astype(int), eager.restore_array(rgb).astype(int)
         assert np.abs(a - b).max() <= 1
     assert gpu.cuda_graphs and [shape for shape, _ in gpu.graphs] == [(8, 3, 64, 64)]  # captured, not failed
-    # its own stream (torch's shared one: the first capture's device); a stream's device names its index, the
-    # Restorer's "cuda" none (torch.device("cuda:0") != torch.device("cuda"))
-    assert gpu.capture_stream.device.index == (gpu.device.index if gpu.device.index is not None
-                                               else torch.cuda.current_device())
+    # its own stream (torch's shared one: the first capture's device), on the Restorer's device ("cuda" made cuda:N)
+    assert gpu.capture_stream.device == gpu.device == torch.device("cuda", torch.cuda.current_device())
     whole = Restorer(model, device="cuda", tile=0, precision="fp32")  # a whole image at once: never captured
     for _ in range(3):
         whole.restore_array(_photo(150, 100))

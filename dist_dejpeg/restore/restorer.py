@@ -66,7 +66,7 @@ CAPTURING = threading.Lock()  # torch captures one graph at a time per process (
 def _device(device: str | torch.device) -> torch.device:
     """``device`` ("auto": CUDA where there is one), checked: a ValueError for a device this machine lacks."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):  # (torch's message lists every device type it knows of)
@@ -75,6 +75,8 @@ def _device(device: str | torch.device) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= count:
         raise ValueError(f"device {device}: this machine has {count or 'no'} CUDA device{'s' * (count != 1)} "
                          f"(torch {torch.__version__}); use cpu or auto")
+    if device.type == "cuda" and device.index is None:  # the current one, now: streams and graphs name an index
+        device = torch.device("cuda", torch.cuda.current_device())
     accelerator = getattr(torch, "accelerator", None)  # (torch 2.6 on) the one this torch build can use, if any
     if device.type not in ("cpu", "cuda") and not (accelerator and accelerator.is_available()
                                                    and accelerator.current_accelerator().type == device.type):
