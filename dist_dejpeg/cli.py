@@ -198,6 +198,7 @@ def _train_command(args: argparse.Namespace) -> int:
     from dist_dejpeg.run.files import new_folders, remove_empty
     from dist_dejpeg.run.layout import LOCK
     from dist_dejpeg.run.lock import RunDirBusy
+    from dist_dejpeg.run.verdict import LOST_PEER, lost_peer
     from dist_dejpeg.train.trainer import Preempted, TrainingStopped, train
 
     made = new_folders(cfg.train.run_dir) if os.environ.get("RANK", "0") == "0" else []  # (the main process makes it)
@@ -210,6 +211,10 @@ def _train_command(args: argparse.Namespace) -> int:
         return _stopped("stopped", err, EXIT_PREEMPTED)
     except TrainingStopped as err:  # every rank stops at the same step, each with its own numbers: rank 0 says it
         return _stopped("error", err, 3, every_rank=False)
+    except RuntimeError as err:  # gloo's and NCCL's lost peer: the symptom, said as one, not as a bare traceback
+        if not LOST_PEER.search(str(err)):
+            raise
+        return _stopped("error", lost_peer(err, cfg.train.dist_timeout_s), 1)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # one closing line per run, not one per rank

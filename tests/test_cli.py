@@ -223,6 +223,30 @@ def test_resume_followed_by_overrides_resumes_with_them(tmp_path, monkeypatch, c
     assert seen == [(str(tmp_path), "latest")]
 
 
+def test_a_lost_peer_is_said_as_one_not_as_a_traceback(tmp_path, monkeypatch, capsys):
+    """gloo's error when another rank died (or hung past train.dist_timeout_s) is the symptom: the rank that saw
+    it says so in one line naming where the cause is and that the checkpoint is kept; other errors still raise."""
+    import dist_dejpeg.train.trainer as trainer
+
+    gloo = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [10.0.0.2]:4481: "
+            "Connection reset by peer. This is typically caused by a remote worker hanging")
+    errors = iter([RuntimeError(gloo), RuntimeError("CUDA error: an illegal memory access")])
+
+    def fail(cfg, resume=None):
+        raise next(errors)
+
+    monkeypatch.setattr(trainer, "train", fail)
+    args = ["train", "--config", str(ROOT / "configs" / "debug.yaml"), f"train.run_dir={tmp_path}",
+            "train.processes=1", "train.dist_timeout_s=60"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: rank 0 lost another process of this run (Read error [10.0.0.2]:4481: Connection "
+                          "reset by peer."), err
+    assert "(60 s)" in err and "logs/train-*.log" in err and "Traceback" not in err and "pair.cc" not in err, err
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        main(args)
+
+
 def test_output_names_keep_sub_folders_and_every_input_apart():
     rels = [Path(p) for p in ("good.jpg", "good.JPEG", "good.png", "sub/good.jpg", "scan.tif", "x.webp")]
     assert [str(p) for p in output_names(rels)] == ["good.jpg.png", "good.JPEG.png", "good.png.png",

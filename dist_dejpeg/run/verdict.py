@@ -18,6 +18,7 @@ Verdict (``state``), first match wins:
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -30,6 +31,19 @@ STALE_S = 900.0  # progress older than this while the lock cannot be checked: ju
 # gloo's and NCCL's lost-peer errors, the symptom and not the cause
 LOST_PEER = re.compile(r"(Connection (reset|closed) by peer|Broken pipe|remote process exited|communicator was "
                        r"aborted|DistNetworkError|DistBackendError|Timed out waiting)", re.IGNORECASE)
+
+
+def lost_peer(err: BaseException, timeout_s: float) -> str:
+    """What a rank says when a collective lost another process of its run (``err`` matches LOST_PEER): that
+    process's own failure is the cause, and the checkpoint the run resumes from is kept."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:200]  # (gloo's source file and line)
+    rank = os.environ.get("RANK", "0")
+    return (f"rank {rank} lost another process of this run ({first}): that process died, or stopped answering for "
+            f"train.dist_timeout_s ({timeout_s:g} s), first; its own output says why (the launcher's, or "
+            f"logs/train-*.log under SLURM). The newest checkpoint is kept: the same command resumes from it.")
+
+
 STATES = ("running", "finished", "stopped", "preempted", "crashed or killed", "not started")
 
 
