@@ -4,6 +4,8 @@ restored alone and blended by the documented ramps into whole-image sums."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -131,7 +133,9 @@ def test_cuda_defaults_and_graph_replay_match_eager(model):
         gpu.restore_array(_photo(60, 50))  # within one tile: one window alone, never captured either
     assert whole.cuda_graphs and not whole.graphs and [shape for shape, _ in gpu.graphs] == [(8, 3, 64, 64)]
     bf16 = Restorer(model, device="cuda", tile=64, overlap=16, precision="bf16")
-    cpu = Restorer(model, device="cpu", tile=64, overlap=16, precision="fp32").restore_array(_photo(200, 168))
+    # a copy: a Restorer moves the module it is given (in place), and bf16's would then meet CPU weights
+    cpu = Restorer(copy.deepcopy(model), device="cpu", tile=64, overlap=16, precision="fp32").restore_array(
+        _photo(200, 168))
     for _ in range(2):  # eager, then captured
         out = bf16.restore_array(_photo(200, 168))
     mse = ((out.astype(np.float64) - cpu) ** 2).mean()

@@ -103,7 +103,9 @@ def torch_arrays(device: torch.device, memory_format: torch.memory_format = torc
 
 class Restorer(ImageRestorer):
     """A generator ready to restore images. ``model``: a path (generator file, run or checkpoint folder, or an
-    exported ``.onnx`` file: then an OnnxRestorer, on onnxruntime) or a Generator module. ``device``: "auto"
+    exported ``.onnx`` file: then an OnnxRestorer, on onnxruntime) or a Generator module (moved to ``device`` and
+    put in eval mode in place, not copied: give a Restorer on another device, or a module still training, a copy,
+    ``copy.deepcopy(module)``). ``device``: "auto"
     (CUDA where there is one, else the CPU), "cpu", "cuda", "cuda:1" or a torch.device; a ValueError for one this
     machine lacks. ``tile``/``overlap`` in
     pixels (``tile`` 0: whole images, no tiling); ``batch_size``: tiles per forward pass (None: 1 on the CPU, where
