@@ -219,6 +219,51 @@ def test_a_lossy_output_whose_re_encoding_costs_more_than_restoring_gains_is_the
     assert "re-encoding as JPEG would" in result.note, result.note
 
 
+class Towards(Predicting):
+    """A restoration a share of the way from the input to the clean photo, with the guard's prediction ``gain``."""
+
+    def __init__(self, clean: np.ndarray, share: float, gain: float, jpeg_psnr: float):
+        super().__init__(gain, jpeg_psnr)
+        self.clean, self.share = clean, share
+
+    def restore_array(self, rgb, quality=None, source="given", conformed=False):
+        Identity.restore_array(self, rgb, quality, source)
+        self.last_decision.gain, self.last_decision.jpeg_psnr = self.gain, self.jpeg_psnr
+        mixed = (1 - self.share) * rgb + self.share * self.clean.astype(np.float64)
+        return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+
+
+def test_a_double_compressed_jpeg_is_restored_as_its_earlier_compression(tmp_path, model_file):  # noqa: F811
+    """A q20 photo re-saved at q90 (its pixels say q20): the file's cells are the re-save's, around the q20 decode,
+    and the clean photo lies far outside them (held in them, a restored one kept about half of its gain): its
+    restored image is not held in them, by restore nor the API. Written back as a JPEG (--format same), the q20
+    compression's error is what restoring removes: it was judged by the q90 tables' small one and passed through
+    (a restoration 30% of the way to the clean photo, +0.3 dB predicted)."""
+    import skimage.data
+
+    from dist_dejpeg.restore import Restorer
+
+    clean = np.ascontiguousarray(skimage.data.coffee()[:256, :320])
+    Image.fromarray(clean).save(tmp_path / "q20.jpg", quality=20)
+    with Image.open(tmp_path / "q20.jpg") as first:
+        first.convert("RGB").save(tmp_path / "double.jpg", quality=90)
+    double = tmp_path / "double.jpg"
+    towards = Towards(clean, 0.3, 0.3, 29.4)
+    (result,) = restore_files(towards, [str(double)], tmp_path / "png", progress=False)
+    assert result.quality_from.startswith("pixels (double compressed)") and abs(result.quality - 20) <= 2, result
+    assert "compressed at a coarser quality before this file was saved" in result.note, result.note
+    with Image.open(double) as jpeg:
+        restored = towards.restore_array(np.asarray(jpeg.convert("RGB")))
+    assert np.array_equal(np.asarray(Image.open(result.output).convert("RGB")), restored)  # as made, not conformed
+    (result,) = restore_files(towards, [str(double)], tmp_path / "same", fmt="same", progress=False)
+    assert not result.passthrough and Path(result.output).read_bytes() != double.read_bytes(), result
+    restorer = Restorer(model_file, device="cpu", guard=False)
+    restorer.restore(double)
+    assert "compressed at a coarser quality before" in restorer.last_decision.reason, restorer.last_decision
+    restorer.restore(tmp_path / "q20.jpg")  # a single compression: held in its file's cells
+    assert "made consistent with its file" in restorer.last_decision.reason, restorer.last_decision
+
+
 def test_a_pngs_text_chunks_go_into_a_png_output(tmp_path, restorer):
     """A PNG's Author, Copyright and Description (tEXt, and iTXt where Latin-1 cannot hold them) were dropped;
     kept in a PNG output, its XMP still carried as XMP."""

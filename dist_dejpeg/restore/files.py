@@ -47,8 +47,8 @@ from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, IMAGE_SUFFIXES, OUTPUT_SUFF
                                       save_options)
 from dist_dejpeg.jpeg.consistency import conform
 from dist_dejpeg.jpeg.quality import DOUBLE, estimate_quality
-from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, join_image, load_image,
-                                        made_consistent, output_complete, pixel_limit, save_image)
+from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, cells_for, join_image,
+                                        load_image, made_consistent, output_complete, pixel_limit, save_image)
 from dist_dejpeg.restore.inputs import RestoreResult, collect_inputs, output_names
 from dist_dejpeg.restore.base import ImageRestorer  # Restorer (PyTorch) or OnnxRestorer: no torch import here
 from dist_dejpeg.run.files import TEMP_NAME, atomic_write_bytes, is_disk_full, prove_writable
@@ -242,7 +242,9 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
                    else "write it as png, webp or tiff (--format, or --format same)")
             raise InputImageError(f"{path}: has an alpha channel (transparency), which {target.suffix} cannot "
                                   f"hold: {how}")
-        return image, read_quality(result, image, quality)
+        source = read_quality(result, image, quality)
+        image.cells, image.cells_note = cells_for(image.cells, image.cells_note, source)
+        return image, source
 
     def save(restored, image: LoadedImage, target: Path, path: Path, decision) -> tuple[str | None, str]:
         """Write the output; returns why it is the input unchanged after all (a lossy re-encoding), or None, and
@@ -267,7 +269,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
         why = None
         if lossy and same and not decision.passthrough and gain is not None:
             why = reencoding_outweighs(restored, data, image, decision.quality, gain,
-                                       getattr(decision, "jpeg_psnr", None))
+                                       getattr(decision, "jpeg_psnr", None), decision.source == DOUBLE)
         atomic_write_bytes(target, path.read_bytes() if why else data)
         return why, unmade
 
@@ -335,7 +337,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
 
 
 def reencoding_outweighs(restored: np.ndarray, encoded: bytes, image: LoadedImage, quality: int, gain: float,
-                         jpeg_psnr: float | None = None) -> str | None:
+                         jpeg_psnr: float | None = None, earlier: bool = False) -> str | None:
     """Why ``encoded`` (the restored image, in the input's lossy format: --format same, jpg) would be worse than
     the input file itself, or None. Its error against the clean photo is the restored image's plus the
     re-encoding's (``encoded`` against ``restored``, measured), and the restored image's is the JPEG's lowered
@@ -346,7 +348,8 @@ def reencoding_outweighs(restored: np.ndarray, encoded: bytes, image: LoadedImag
     OWN_ERROR_SHARE times, and no more than the validation's at that quality (``jpeg_psnr``, in generator files
     since 2026-12-07; an older file: the fraction alone): a smooth photo, whose JPEG error is well under the
     validation's, is not re-encoded into a loss. Measured on held-out photos, q10-q90, a q95 re-encoding:
-    benchmarks/RESULTS.md."""
+    benchmarks/RESULTS.md. ``earlier``: the pixels show an earlier, coarser compression (jpeg.quality.DOUBLE): that
+    one, at ``quality`` (4:2:0), is the JPEG's error, not the file's own finer tables."""
     written = join_image(restored, None, image.grayscale)
     ref = np.asarray(written, np.float32)
 
@@ -354,7 +357,8 @@ def reencoding_outweighs(restored: np.ndarray, encoded: bytes, image: LoadedImag
         return float(np.mean((np.asarray(Image.open(io.BytesIO(data)).convert(written.mode), np.float32) - ref) ** 2))
 
     src = image.image
-    tables = getattr(src, "quantization", None) if src is not None and src.format in ("JPEG", "MPO") else None
+    tables = (getattr(src, "quantization", None) if src is not None and src.format in ("JPEG", "MPO") and not earlier
+              else None)
     options = ({"qtables": [tables[k] for k in sorted(tables)][:1 if image.grayscale else 2],
                 "subsampling": max(JpegImagePlugin.get_sampling(src), 0)} if tables
                else {"quality": quality, "subsampling": 2})
@@ -365,9 +369,9 @@ def reencoding_outweighs(restored: np.ndarray, encoded: bytes, image: LoadedImag
     mse_e = error(encoded)
     if mse_e <= mse_j * (1 - 10 ** (-gain / 10)):
         return None
-    return (f"re-encoding as {written_as(image.format)} would add more error than restoring removes "
-            f"({_psnr(mse_e):.1f} dB PSNR of re-encoding against the {gain:+.2f} dB validation surely gains at "
-            f"q{quality}, its lower bound): the input written unchanged")
+    return (f"re-encoding as {written_as(image.format)} would add more error than restoring removes (the "
+            f"re-encoding alone: {_psnr(mse_e):.1f} dB PSNR against the restored image; restoring: at least "
+            f"{gain:+.2f} dB at q{quality}, the validation's lower bound): the input written unchanged")
 
 
 def written_as(fmt: str) -> str:
