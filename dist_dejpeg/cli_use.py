@@ -338,7 +338,7 @@ def status_command(args: argparse.Namespace) -> int:
 def _one_status(path: Path) -> dict:
     """run_status's dict for ``path``, or {"run_dir", "error"} saying why it has none."""
     from dist_dejpeg.run.layout import CHECKPOINTS, CONFIG, LOCK, METRICS, PROGRESS, TRAINER_STATE
-    from dist_dejpeg.run.status import run_status
+    from dist_dejpeg.run.status import is_evaluate_folder, run_status
 
     def fail(message: str) -> dict:
         return {"run_dir": str(path), "error": message}
@@ -349,6 +349,9 @@ def _one_status(path: Path) -> dict:
         status = run_status(path)
     except (FileNotFoundError, NotADirectoryError) as err:
         return fail(str(err))
+    if not status["run_folder"] and is_evaluate_folder(path):
+        return fail(f"{path} is an `evaluate -o` folder, not a run folder (its {METRICS} is evaluate's: `dist-dejpeg "
+                    f"compare` and `report` read it); give the folder a run's train.run_dir points at")
     if not status["run_folder"]:
         return fail(f"{path} is not a run folder (no {CONFIG}, {CHECKPOINTS}/, {PROGRESS}, {METRICS} or {LOCK}); "
                     f"give the folder a run's train.run_dir points at")

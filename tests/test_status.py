@@ -219,6 +219,29 @@ def test_not_a_run_folder(tmp_path, capsys):
     assert "config.yaml is unreadable" in " ".join(st.run_status(tmp_path / "run")["warnings"])
 
 
+def test_an_evaluate_folder_is_not_a_run(tmp_path, capsys):
+    """`evaluate -o` writes a metrics.json too: status said NOT STARTED of its folder (exit 0, "global step None/?")
+    and listed each such folder in a parent as a run; a run's folder beside them is still one."""
+    import numpy as np
+    from PIL import Image
+
+    from dist_dejpeg.evaluation.evaluate import evaluate
+    from dist_dejpeg.restore import Restorer
+
+    Image.fromarray(np.arange(48 * 64 * 3, dtype=np.uint8).reshape(48, 64, 3)).save(tmp_path / "ramp.png")
+    evals = tmp_path / "evals"
+    for name in ("debug", "div2k"):
+        evaluate(Restorer(torch.nn.Identity(), device="cpu", guard=False), [str(tmp_path / "ramp.png")], [50],
+                 evals / name, progress=False, only=("psnr",))
+    assert cli("status", str(evals / "debug")) == 2
+    assert "is an `evaluate -o` folder, not a run folder" in capsys.readouterr().err
+    assert cli("status", str(evals)) == 2  # no run inside: the folder itself, not a run
+    assert "not a run folder" in capsys.readouterr().err
+    (evals / "run").mkdir()
+    (evals / "run" / "config.yaml").write_text("train: {run_dir: run}\n")
+    assert st.find_runs([str(evals)]) == [evals / "run"]
+
+
 # -- real run folders -----------------------------------------------------------------------------------------
 def test_a_file_is_said_to_be_a_file_and_a_runs_file_points_at_its_run(tmp_path, capsys):
     """`status photo.jpg` said "no such folder" of a photo that was there."""

@@ -37,6 +37,7 @@ from dist_dejpeg.models.weights import WeightsError
 from dist_dejpeg.restore.files import check_output_dir
 from dist_dejpeg.restore.restorer import Restorer
 from dist_dejpeg.run.files import atomic_write_bytes
+from dist_dejpeg.run.layout import EVALUATE_CSV, METRICS
 from dist_dejpeg.run.pool import map_in_order
 
 log = logging.getLogger(__name__)
@@ -299,7 +300,7 @@ def write_tables(result: dict, out_dir: str | Path) -> None:
             writer.writerow([r["image"], r["quality"], kind, *("" if r[kind].get(m) is None else r[kind][m]
                                                                for m in EVALUATED)])
     tables = _strict_json({k: v for k, v in result.items() if k != "records"})
-    files = {"metrics.json": json.dumps(tables, indent=2, default=float, allow_nan=False),
-             "metrics.csv": buf.getvalue(), "metrics.md": markdown(result)}
+    files = {METRICS: json.dumps(tables, indent=2, default=float, allow_nan=False),
+             EVALUATE_CSV: buf.getvalue(), "metrics.md": markdown(result)}
     for name, text in files.items():
         atomic_write_bytes(out / name, text.encode())

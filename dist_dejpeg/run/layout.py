@@ -29,6 +29,7 @@ PROGRESS_KEYS = ("time", "status", "reason", "phase", "phase_index", "phases", "
                  "global_step", "total_steps", "images_per_s", "data_wait_frac", "lr", "eta_phase_s", "eta_run_s",
                  "losses", "last_val", "best", "host", "pid", "slurm_job", "processes", "write_errors")
 METRICS = "metrics.json"
+EVALUATE_CSV = "metrics.csv"  # `evaluate -o` writes it beside its own metrics.json (a run never does)
 GENERATOR = "generator.safetensors"
 LOCK = ".lock"
 CHECKPOINTS = "checkpoints"

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 from dist_dejpeg.run.folder import RunFolder, read_folder, read_yaml
-from dist_dejpeg.run.layout import CHECKPOINTS, CONFIG, GENERATOR, LOADER_STATE, LOCK, METRICS, PROGRESS, TRAINER_STATE
+from dist_dejpeg.run.layout import (CHECKPOINTS, CONFIG, EVALUATE_CSV, GENERATOR, LOADER_STATE, LOCK, METRICS, PROGRESS,
+                                   TRAINER_STATE)
 from dist_dejpeg.run.manifest import verify_checkpoint
 from dist_dejpeg.run.text import duration
 from dist_dejpeg.run.verdict import STALE_S, final_stage, finite, judge, mtime, newer_start, progress_age
@@ -259,7 +260,17 @@ RUN_MARKERS = (CONFIG, PROGRESS, METRICS, LOCK, CHECKPOINTS)  # what makes a fol
 
 
 def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` holds a run: one of RUN_MARKERS, where a metrics.json beside evaluate's tables alone is not
+    one (an ``evaluate -o`` folder, listed as a run that never started)."""
+    if is_evaluate_folder(path):
+        return False
     return any((path / name).exists() for name in RUN_MARKERS)
+
+
+def is_evaluate_folder(path: Path) -> bool:
+    """An ``evaluate -o`` folder: its metrics.json and tables, none of a run's other files."""
+    return ((path / METRICS).is_file() and (path / EVALUATE_CSV).is_file()
+            and not any((path / name).exists() for name in RUN_MARKERS if name != METRICS))
 
 
 def find_runs(paths: list[str]) -> list[Path]:
