@@ -323,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
         sys.stdout.flush()  # here, not at exit: a reader that left (a pipe into head) is handled below
         return code
+    except ModuleNotFoundError as err:  # the README's restore-only install (no PyTorch) running another command
+        print(f"error: {args.command} needs {err.name or 'a module'}, which this environment lacks: install the package "
+              f"with its dependencies (pip install -e .; the restore-only install runs `restore --model FILE.onnx`)",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C where no step handles it (training's steps checkpoint first): no traceback
         print(f"\n{args.command}: interrupted", file=sys.stderr)
         return 130

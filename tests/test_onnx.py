@@ -301,6 +301,11 @@ def test_onnx_restore_tiles_blends_and_guards_like_pytorch(exported, tmp_path, c
     assert cli.returncode == 2 and cli.stderr.startswith("error: ") and "Traceback" not in cli.stderr, cli.stderr
     assert "needs torch, which is not installed" in cli.stderr and "--onnx model.onnx" in cli.stderr
     assert not (tmp_path / "pt").exists()
+    # evaluate (the README said it took an ONNX file without PyTorch; it needs the full install): one line, exit 2
+    cli = subprocess.run([sys.executable, "-c", TORCH_FREE_RESTORE, "evaluate", "--model", str(onnx_path), "--images",
+                          str(photo), "-o", str(tmp_path / "ev")], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr
+    assert cli.stderr.startswith("error: evaluate needs ") and "this environment lacks" in cli.stderr, cli.stderr
 
 
 def test_onnx_backend_centres_a_padded_windows_correction_over_the_image(monkeypatch):
