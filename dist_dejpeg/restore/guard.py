@@ -99,7 +99,9 @@ def decide(gains: dict[int, float], quality: int | None, source: str = "given", 
     if jpeg_psnr:
         qs = sorted(jpeg_psnr)
         psnr = float(np.interp(upto, qs, [jpeg_psnr[q] for q in qs]))
-    return Decision(quality, source, reason=f"validation predicts {gain:+.2f} dB at q{quality}"
+    at = (f"q{quality}" if quality >= min(gains) else  # (below the range: the lowest's gain, which it is not)
+          f"q{min(gains)}, the lowest validated quality (q{quality}, below it, was not measured)")
+    return Decision(quality, source, reason=f"validation predicts {gain:+.2f} dB at {at}"
                     + (f" ({predicted_gain(gains, upto):+.2f} dB at q{upto})" if upto != quality else ""), gain=sure,
                     jpeg_psnr=psnr if psnr is None or np.isfinite(psnr) else None)
 

@@ -175,7 +175,8 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, cells: bo
         w, h = img.size
         if w * h > max_pixels:
             raise InputImageError(f"{path}: {w} x {h} = {w * h / 1e6:.3g} megapixels is over the limit of "
-                                  f"{max_pixels / 1e6:.3g} (a decompression bomb?); raise it with --max-pixels")
+                                  f"{max_pixels / 1e6:.3g} megapixels ({max_pixels} pixels: a decompression bomb?); "
+                                  f"raise it with --max-pixels (in pixels)")
         if (bits := _bit_depth(img, path)) > 8:
             raise InputImageError(f"{path}: a {bits}-bit {img.format}: JPEG is 8-bit, so this file never was a JPEG; "
                                   f"convert it to 8 bits first if it holds a decoded JPEG")
