@@ -461,6 +461,7 @@ def test_images_the_model_trained_on_are_named_in_the_tables_and_the_report(tmp_
     import torch
 
     from dist_dejpeg.config import DataConfig
+    from dist_dejpeg.data.shards import sample_photo
     from dist_dejpeg.models.generator_file import training_shards
     from dist_dejpeg.models.unet import build_generator
 
@@ -474,10 +475,23 @@ def test_images_the_model_trained_on_are_named_in_the_tables_and_the_report(tmp_
     err = capsys.readouterr().err
     assert code == 0, err
     meta = json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]
-    assert meta["seen_in_training"] == {"images": 16, "shards": [train.name]}  # 16 tiles a shard, 4 from val
-    assert any("16 of the 20 images come from shards the model trained on" in r.message for r in caplog.records)
-    assert f"seen in training: 16 of the 20 images come from shards the model trained on ({train.name})" in \
+    assert meta["seen_in_training"] == {"images": 16, "shards": [train.name], "photos": []}  # 16 tiles, 4 from val
+    assert any("16 of the 20 images are from shards the model trained on" in r.message for r in caplog.records)
+    assert f"seen in training: 16 of the 20 images are from shards the model trained on ({train.name})" in \
         (tmp_path / "eval" / "metrics.md").read_text()
+    # the photos the shards were cut from, as files of any name and lossless format: by their pixels
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(sample_photo("astronaut")).save(photos / "portrait.png")
+    Image.fromarray(sample_photo("camera")).save(photos / "cameraman.tif")
+    Image.fromarray(sample_photo("chelsea")).save(photos / "cat.png")  # a validation photo: never trained on
+    code = main(["evaluate", "--model", str(model), "--images", str(photos), "--quality", "20", "-o",
+                 str(tmp_path / "eval3"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "eval3" / "metrics.json").read_text())["meta"]
+    assert meta["seen_in_training"] == {"images": 2, "shards": [], "photos": ["astronaut", "camera"]}, meta
+    assert "2 of the 3 images are photos the model trained on (astronaut, camera)" in \
+        (tmp_path / "eval3" / "metrics.md").read_text()
 
     code = main(["report", "--model", str(model), "--images", str(train), "--max-images", "2", "--quality", "20",
                  "-o", str(tmp_path / "report.html"), "--quiet"])

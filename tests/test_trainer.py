@@ -210,6 +210,9 @@ def test_end_to_end_writes_metrics_checkpoint_and_events(tmp_path, shards):
     assert json.loads(meta["val_jpeg_psnr"]) == {q[1:]: metrics[q]["jpeg"]["psnr"] for q in ("q10", "q20", "q40")}
     # what it trained on, by which evaluate tells seen images from unseen ones
     assert json.loads(meta["train_shards"]) == {p.name: shard_fingerprint(p) for p in Path(shards).glob("train-*.tar")}
+    sources = json.loads((Path(shards) / "manifest.json").read_text())["sources"]  # and the photos they were cut from
+    assert sorted(json.loads(meta["train_sources"]).values()) == sorted(n for n, s in sources.items()
+                                                                       if s["split"] == "train")
     import dist_dejpeg  # and the code that trained it: the version and, in a checkout, the commit
 
     assert meta["code"] == dist_dejpeg.code_version()

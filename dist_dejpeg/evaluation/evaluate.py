@@ -32,7 +32,7 @@ from dist_dejpeg.evaluation.report import photo_parts
 from dist_dejpeg.jpeg.consistency import jpeglib_missing
 from dist_dejpeg.jpeg.formats import SUBSAMPLING
 from dist_dejpeg.metrics.registry import BY_NAME, COLOUR, EVALUATED, QUALITY
-from dist_dejpeg.models.names import TRAIN_SHARDS
+from dist_dejpeg.models.names import TRAIN_SHARDS, TRAIN_SOURCES
 from dist_dejpeg.models.weights import WeightsError
 from dist_dejpeg.restore.files import check_output_dir
 from dist_dejpeg.restore.restorer import Restorer
@@ -110,7 +110,8 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     refs, skipped = read_references(images, allow_lossy_reference, max_images, size_problem)
     if sum(accepted[:len(refs)]) / 1e6 * len(qualities) < pairs.POOL_MIN_MEGAPIXELS:
         workers = 1  # (less work than starting the processes takes)
-    if seen := seen_in_training(images, refs, restorer.info.get(TRAIN_SHARDS) or {}):
+    if seen := seen_in_training(images, refs, restorer.info.get(TRAIN_SHARDS) or {},
+                                restorer.info.get(TRAIN_SOURCES) or {}):
         log.warning("%s", seen_note(seen, len(refs)))
     desc = description or ("report" if keep_images else "evaluate")
     bar = tqdm(total=len(refs) * len(qualities), desc=desc, unit="image", disable=not progress)
@@ -206,9 +207,12 @@ def consistent_note(meta: dict) -> str:
 
 def seen_note(seen: dict, total: int) -> str:
     """The warning for ``meta["seen_in_training"]`` (see references.seen_in_training) of ``total`` images."""
-    return (f"{seen['images']} of the {total} images come from shards the model trained on "
-            f"({', '.join(seen['shards'])}): their gains overstate what photos it never saw get; evaluate on its "
-            f"validation shards or other photos")
+    where = [f"from shards the model trained on ({', '.join(seen['shards'])})"] if seen.get("shards") else []
+    if photos := seen.get("photos"):
+        more = f" and {len(photos) - 5} more" if len(photos) > 5 else ""
+        where.append(f"photos the model trained on ({', '.join(photos[:5])}{more})")
+    return (f"{seen['images']} of the {total} images are {' or '.join(where)}: their gains overstate what photos "
+            f"it never saw get; evaluate on its validation shards or other photos")
 
 
 def _backbone_note(info: dict) -> str:

@@ -7,6 +7,7 @@ decoded photo until the first was measured took 36 MB per 12 MP photo (~1.8 GB f
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import tarfile
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 from dist_dejpeg.data.images import BadImage, decode_component, decode_rgb8
 from dist_dejpeg.jpeg.formats import LOSSY_SHARD_EXTS, LOSSY_SUFFIXES, SHARD_EXTS, images_in, written_by_restore
 from dist_dejpeg.jpeg.quality import estimate_from_pixels
-from dist_dejpeg.models.names import shard_fingerprint
+from dist_dejpeg.models.names import DIGEST_CHARS, shard_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Reference(NamedTuple):
     source: str  # where it came from, as given (a path, or "shard.tar:key")
     path: Path  # the file, or the shard that holds it
     member: tarfile.TarInfo | None = None  # the sample's image in that shard
+    digests: tuple[str, ...] = ()  # SHA-256 prefixes of its file's bytes and of its pixels (seen_in_training)
 
     def read(self) -> np.ndarray:
         """The photo, H x W x 3 uint8 (BadImage, OSError: the file changed or went since it was checked)."""
@@ -100,19 +102,25 @@ def _check(path: Path, refs: list, skipped: list, lossy: list, allow_lossy: bool
         if problem is not None and (why := problem(rgb)):
             skipped.append(f"{label}: {why}")
             continue
-        refs.append((path / key, label, path, member))  # a file's key is "": path / "" is the path
+        digests = tuple(hashlib.sha256(b).hexdigest()[:DIGEST_CHARS] for b in (data, rgb.tobytes()))
+        refs.append((path / key, label, path, member, digests))  # a file's key is "": path / "" is the path
 
 
-def seen_in_training(images: list[str], refs: list[Reference], train_shards: dict[str, str]) -> dict:
-    """The references read from shards the model trained on (files of the name and fingerprint its generator file
-    records): gains measured on them overstate what photos it never saw get. {"images": how many, "shards":
-    their names}, or {} where none is (or the model file does not say what it trained on)."""
-    if not train_shards:
+def seen_in_training(images: list[str], refs: list[Reference], train_shards: dict[str, str],
+                     train_sources: dict[str, str] | None = None) -> dict:
+    """The references the model trained on: read from its training shards (files of the name and fingerprint its
+    generator file records), or the very photos those were cut from (``train_sources``: the same pixels, or a
+    DIV2K image's file bytes, whatever the file's name): gains measured on them overstate what photos it never saw
+    get. {"images": how many, "shards": their names, "photos": the photos' names in training}, or {} where none is
+    (or the model file does not say what it trained on)."""
+    if not train_shards and not train_sources:
         return {}
-    seen = sorted({p.name for p in _input_paths(images)
-                   if p.suffix.lower() == ".tar" and p.name in train_shards and shard_fingerprint(p) == train_shards[p.name]})
-    count = sum(1 for r in refs if r.source.split(":")[0] in seen)
-    return {"images": count, "shards": seen} if count else {}
+    seen = sorted({p.name for p in _input_paths(images) if p.suffix.lower() == ".tar" and p.name in (train_shards or {})
+                   and shard_fingerprint(p) == train_shards[p.name]})
+    photos = {r.name: train_sources[d] for r in refs if r.source.split(":")[0] not in seen
+              for d in r.digests if d in (train_sources or {})}
+    count = sum(1 for r in refs if r.source.split(":")[0] in seen) + len(photos)
+    return {"images": count, "shards": seen, "photos": sorted(set(photos.values()))} if count else {}
 
 
 def _input_paths(images: list[str]) -> list[Path]:

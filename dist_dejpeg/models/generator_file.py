@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save
 
 from dist_dejpeg.config import ConfigError, ModelConfig, load_config
 # torch-free home of these (the ONNX runtime uses them too)
-from dist_dejpeg.models.names import TRAIN_SHARDS, ModelFileError, file_gains, file_train_shards, shard_fingerprint
+from dist_dejpeg.models.names import (DIGEST_CHARS, TRAIN_SHARDS, TRAIN_SOURCES, ModelFileError, file_gains,
+                                      file_train_shards, file_train_sources, shard_fingerprint)
 from dist_dejpeg.models.unet import Generator, build_generator
 from dist_dejpeg.run.files import atomic_write_bytes
 from dist_dejpeg.run.layout import (CHECKPOINT_MODEL, CHECKPOINTS, CONFIG, EMA_GENERATOR, EMA_UPDATES, GENERATOR,
@@ -58,13 +59,19 @@ def training_shards(data_cfg) -> dict[str, str]:
     """The generator file's record of the shards it trained on (``data.root`` / ``data.train_glob``: {file name:
     fingerprint}), by which evaluate and report tell images it saw from images it never saw; {} where they are
     gone."""
-    from dist_dejpeg.data.shards import list_shards
+    from dist_dejpeg.data.shards import list_shards, read_manifest
 
     try:
         prints = {Path(p).name: shard_fingerprint(p) for p in list_shards(data_cfg.root, data_cfg.train_glob)}
     except OSError:  # (FileNotFoundError: no shards there any more)
         return {}
-    return {TRAIN_SHARDS: json.dumps(prints)}
+    try:  # the photos they were cut from, where the folder's manifest (prepare's) names them
+        sources = (read_manifest(data_cfg.root) or {}).get("sources") or {}
+        photos = {s["sha256"][:DIGEST_CHARS]: name for name, s in sources.items()
+                  if isinstance(s, dict) and s.get("split") == "train" and isinstance(s.get("sha256"), str)}
+    except (OSError, ValueError, AttributeError):
+        photos = {}
+    return {TRAIN_SHARDS: json.dumps(prints), **({TRAIN_SOURCES: json.dumps(photos)} if photos else {})}
 
 
 def checkpoint_shards(folder: Path, cfg) -> dict:
@@ -204,7 +211,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ge
     generator = load_generator(path, device)
     model_cfg = model_config_from_meta(meta, str(path))
     info = {"source": str(path), "format": "generator.safetensors", "global_step": _int(meta.get("global_step")),
-            "lpips": meta.get("lpips", ""), **file_gains(meta), TRAIN_SHARDS: file_train_shards(meta)}
+            "lpips": meta.get("lpips", ""), **file_gains(meta), TRAIN_SHARDS: file_train_shards(meta),
+            TRAIN_SOURCES: file_train_sources(meta)}
     return generator, _describe(info, model_cfg)
 
 
@@ -265,6 +273,7 @@ def _load_checkpoint_generator(folder: Path, device) -> tuple[Generator, dict]:
     shards = checkpoint_shards(folder, cfg)
     info = {"source": str(folder), "format": "checkpoint", "global_step": _int(state.get("global_step")),
             "lpips": "", "weights": "ema" if ema else "raw", TRAIN_SHARDS: file_train_shards(shards),
+            TRAIN_SOURCES: file_train_sources(shards),
             TRAIN_SHARDS_FROM: shards[TRAIN_SHARDS_FROM]}
     return generator, _describe(info, cfg.model)
 

@@ -75,6 +75,23 @@ def file_train_shards(meta: dict) -> dict[str, str]:
         return {}
 
 
+# and of the photos its training shards were cut from: {SHA-256 prefix: the photo's name}, the hash the data manifest
+# records of each (its decoded pixels; a DIV2K image's file bytes), so that evaluate tells a photo it trained on
+# (the same pixels in a PNG, TIFF or WebP of any name) from one it never saw
+TRAIN_SOURCES = "train_sources"
+DIGEST_CHARS = 16  # of the hex SHA-256: 64 bits, ~16 KB of metadata for DIV2K's 800 photos
+
+
+def file_train_sources(meta: dict) -> dict[str, str]:
+    """{SHA-256 prefix: photo name} of the photos a model file says it trained on (TRAIN_SOURCES); {} where it does
+    not say."""
+    try:
+        value = json.loads(meta.get(TRAIN_SOURCES) or "{}")
+        return {str(digest): str(name) for digest, name in value.items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
 class ModelFileError(ValueError):
     """A model path that does not hold a generator this installation can build."""
 

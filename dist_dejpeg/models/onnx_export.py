@@ -53,7 +53,7 @@ from torch.nn.utils import parametrize
 from dist_dejpeg.models.generator_file import TRAIN_SHARDS_FROM, ModelFileError, load_model, non_finite
 # the names and errors a runtime needs without torch (re-exported here under their old home)
 from dist_dejpeg.models.names import (CONFORMED_KEYS, INPUT, JPEG_PSNR, MIN_SIZE, ONNX_FORMAT, OUTPUT, QUALITY,  # noqa: F401
-                                      TRAIN_SHARDS, OnnxUnavailable, require_onnx)
+                                      TRAIN_SHARDS, TRAIN_SOURCES, OnnxUnavailable, require_onnx)
 from dist_dejpeg.run.files import atomic_write_bytes, prove_writable
 
 # (batch, height, width) of the onnxruntime check: one size not a multiple of 32, a batch of 2, and one under the
@@ -212,7 +212,8 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
             "encoder_init": str((info or {}).get("encoder_init") or ("ImageNet" if cfg.get("pretrained") else
                                                                      "random init")),
             "global_step": json.dumps((info or {}).get("global_step")), "lpips": str((info or {}).get("lpips") or ""),
-            TRAIN_SHARDS: json.dumps((info or {}).get(TRAIN_SHARDS) or {})}
+            TRAIN_SHARDS: json.dumps((info or {}).get(TRAIN_SHARDS) or {}),
+            TRAIN_SOURCES: json.dumps((info or {}).get(TRAIN_SOURCES) or {})}
     if (info or {}).get(TRAIN_SHARDS_FROM):
         meta[TRAIN_SHARDS_FROM] = str(info[TRAIN_SHARDS_FROM])
     if conditioned:

@@ -29,8 +29,9 @@ import re
 
 import numpy as np
 
-from dist_dejpeg.models.names import (INPUT, ONNX_FORMAT, OUTPUT, QUALITY, TRAIN_SHARDS, ModelFileError,
-                                      OnnxUnavailable, file_gains, file_train_shards, require_onnx)
+from dist_dejpeg.models.names import (INPUT, ONNX_FORMAT, OUTPUT, QUALITY, TRAIN_SHARDS, TRAIN_SOURCES,
+                                      ModelFileError, OnnxUnavailable, file_gains, file_train_shards,
+                                      file_train_sources, require_onnx)
 from dist_dejpeg.restore.base import ImageRestorer
 
 # The export's self-attention holds its whole score matrix (L x L floats, L = the positions at its stride; PyTorch
@@ -84,7 +85,7 @@ def onnx_info(path, meta: dict[str, str], session) -> dict:
     step = parsed("global_step", None)
     return {"source": str(path), "format": "onnx", "exported_from": meta.get("source", ""),
             "global_step": step if isinstance(step, int) else None, "lpips": meta.get("lpips", ""),
-            **file_gains(meta), TRAIN_SHARDS: file_train_shards(meta),
+            **file_gains(meta), TRAIN_SHARDS: file_train_shards(meta), TRAIN_SOURCES: file_train_sources(meta),
             "encoder": meta.get("encoder", model.get("encoder", "")),
             "encoder_init": meta.get("encoder_init") or ("ImageNet" if model.get("pretrained") else "random init"),
             "model": model, "provider": session.get_providers()[0], "pad_to": int(meta.get("pad_to") or 32)}
