@@ -343,6 +343,21 @@ def test_the_training_step_gets_the_cpus_the_job_asked_for(tmp_path, script):
     assert "--cpus-per-task=16" in srun.splitlines(), srun
 
 
+@pytest.mark.parametrize("script", ["train_single_node.sbatch", "train_multi_node.sbatch"])
+def test_each_job_rendezvous_on_a_port_of_its_own(tmp_path, script):
+    """The single-node script left accelerate on its default port, 29500: two jobs packed onto one node that start
+    in the same second both saw it free, and one died binding it (EADDRINUSE: exit 1, not requeued). Each job
+    now takes a port by its id, as the multi-node script did."""
+    ports = []
+    for job in ("7", "8"):
+        done, srun = _submit_with_stubs(tmp_path, script, "configs/div2k.yaml", f"train.run_dir={tmp_path}/run{job}",
+                                        SLURM_JOB_ID=job)
+        assert done.returncode == 0, done.stderr
+        args = srun.replace("--main_process_port ", "--main_process_port\n").split()
+        ports.append(args[args.index("--main_process_port") + 1] if "--main_process_port" in args else None)
+    assert None not in ports and "29500" not in ports and len(set(ports)) == 2, ports
+
+
 def test_a_percent_sign_in_the_run_folder_reaches_srun_escaped(tmp_path):
     """srun reads --output as a pattern (%j job id, %n node): a run folder named for a sweep's 50% point would have
     its node logs written to another folder."""

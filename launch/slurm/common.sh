@@ -67,7 +67,8 @@ dd_setup() {
 
 # dd_free_port START: START, else the next port up (wrapping within 15000-28999) that this node can bind; the
 # batch shell runs on the allocation's first node, which hosts the rendezvous: another job there may hold START
-# (job ids 14000 apart share it).
+# (job ids 14000 apart share it). Jobs that start together get different STARTs (their ids differ), so they do not
+# race for one port as they did for accelerate's default 29500.
 dd_free_port() {
   "$PYTHON" - "$1" <<'PY'
 import socket
