@@ -280,7 +280,7 @@ def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: i
     _check_batch(cfg, path, saved, saved_state, processes)
     other = [k for k in sorted(now) if k in saved and saved[k] != now[k] and k not in _NOT_COMPARED]
     if other:
-        log.info("resume: config changed since the checkpoint: %s",
+        log.warning("resume: config changed since the checkpoint: %s",
                  ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in other))
     return saved
 

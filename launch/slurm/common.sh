@@ -41,6 +41,13 @@ dd_setup() {
   echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): run folder $RUN_DIR, logs in $LOG_DIR"
   exec >>"$LOG_DIR/job-$SLURM_JOB_ID.log" 2>&1
   echo "[$(date +%FT%T)] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"
+  # A requeued job continues the run as it began: with the config the run saved (its config.yaml, resolved), not the
+  # repository's file, which may have been edited while the job waited (every key but the model's shapes would have
+  # changed quietly, a phase's steps included). A new submission reads CONFIG, and resume says what changed.
+  if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && [ -f "$RUN_DIR/config.yaml" ]; then
+    echo "[$(date +%FT%T)] requeued: the run's own $RUN_DIR/config.yaml, not $CONFIG (it may have changed since)"
+    CONFIG=$RUN_DIR/config.yaml
+  fi
 
   # processes per node: one per GPU the job got there: SLURM_GPUS_ON_NODE, else --gpus-per-node's "[type:]N",
   # else CUDA_VISIBLE_DEVICES, and only then what nvidia-smi lists (every GPU of the node, the job's or not).
