@@ -198,6 +198,10 @@ def test_end_to_end_writes_metrics_checkpoint_and_events(tmp_path, shards):
     assert "RANDOM" in metrics["meta"]["lpips"] and "random init" in metrics["meta"]["encoder"]
     assert metrics["meta"]["global_step"] == 3 + 2 + 4
     assert ckpt.latest_checkpoint(run).name == f"step-{9:08d}"
+    from dist_dejpeg.run.files import FILE_MODE  # readable as the umask allows (safetensors 0.8 writes 0600)
+
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in ckpt.latest_checkpoint(run).iterdir()} == {
+        f.name: oct(FILE_MODE) for f in ckpt.latest_checkpoint(run).iterdir()}
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert (run / "config.yaml").read_text().startswith("data:")
     for q in ("q10", "q20", "q40"):  # the gain over the crops and its lower bound, which restore's guard trusts

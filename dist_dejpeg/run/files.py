@@ -77,6 +77,23 @@ def read_json(path: str | Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # (read by setting it: once, at import, before any thread of ours starts)
+    os.umask(mask)
+    return mask
+
+
+# the permission bits a plain open() gives a new file here (0644 under the usual umask 022, 0664 under 002): what
+# every file of a run folder gets, so that a group sharing it reads it (safetensors 0.8 writes its files 0600)
+FILE_MODE = 0o666 & ~_umask()
+
+
+def as_umask_allows(path: str | Path) -> None:
+    """Give the file ``path`` the permission bits FILE_MODE, where it has others (a library's 0600 file)."""
+    if os.stat(path).st_mode & 0o777 != FILE_MODE:
+        os.chmod(path, FILE_MODE)
+
+
 def fsync_path(path: str | Path) -> None:
     """fsync a file or a folder by name (a folder: makes a rename inside it durable)."""
     fd = os.open(path, os.O_RDONLY)

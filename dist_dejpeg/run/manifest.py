@@ -17,7 +17,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_dejpeg.run.files import atomic_write_json, fsync_dir, fsync_path, read_json
+from dist_dejpeg.run.files import as_umask_allows, atomic_write_json, fsync_dir, fsync_path, read_json
 from dist_dejpeg.run.layout import MANIFEST, TRAINER_STATE, rank_of_file
 
 MANIFEST_VERSION = 1
@@ -45,17 +45,18 @@ def checkpoint_files(folder: str | Path) -> list[str]:
 
 
 def fsync_own_files(folder: str | Path, rank: int) -> int:
-    """fsync every file under ``folder`` but the other ranks' own files (run/layout.py RANK_FILE): called by each
-    rank after its own writes, so every file is fsynced by the process that wrote it (accelerate's save_state
-    and safetensors do not fsync). A file another process is still writing is only flushed early (harmless);
-    on a shared filesystem, a file another node wrote has no dirty pages here (a cheap call). Returns the
-    number of files."""
+    """fsync every file under ``folder`` but the other ranks' own files (run/layout.py RANK_FILE), each given the
+    umask's permission bits first (as_umask_allows): called by each rank after its own writes, so every file is
+    fsynced by the process that wrote it (accelerate's save_state and safetensors do not fsync). A file another
+    process is still writing is only flushed early (harmless); on a shared filesystem, a file another node wrote
+    has no dirty pages here (a cheap call). Returns the number of files."""
     folder, count = Path(folder), 0
     for rel in checkpoint_files(folder):
         owner = rank_of_file(rel)
         if owner is not None and owner != rank:
             continue
         try:
+            as_umask_allows(folder / rel)  # (safetensors 0.8 writes 0600: a group sharing the run could not read it)
             fsync_path(folder / rel)
         except FileNotFoundError:  # pragma: no cover - removed while we walked
             continue
