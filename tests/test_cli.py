@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, ImageCms, JpegImagePlugin
 
 import dist_dejpeg
-from dist_dejpeg.cli import build_parser, main
+from dist_dejpeg.cli import COMMANDS, build_parser, main
 from dist_dejpeg.jpeg.quality import estimate_from_tables
 from dist_dejpeg.restore.files import restore_files
 from dist_dejpeg.restore.inputs import output_names
@@ -224,27 +224,58 @@ def test_resume_followed_by_overrides_resumes_with_them(tmp_path, monkeypatch, c
 
 
 def test_a_lost_peer_is_said_as_one_not_as_a_traceback(tmp_path, monkeypatch, capsys):
-    """gloo's error when another rank died (or hung past train.dist_timeout_s) is the symptom: the rank that saw
-    it says so in one line naming where the cause is and that the checkpoint is kept; other errors still raise."""
+    """gloo's error when another rank died (or hung past train.dist_timeout_s) is the symptom: a rank of a run of
+    several processes that saw it says so in one line naming where the cause is and where the run resumes; other
+    errors, and the same text in a process alone (no peer to lose), still raise."""
     import dist_dejpeg.train.trainer as trainer
 
     gloo = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [10.0.0.2]:4481: "
             "Connection reset by peer. This is typically caused by a remote worker hanging")
-    errors = iter([RuntimeError(gloo), RuntimeError("CUDA error: an illegal memory access")])
+    errors = iter([RuntimeError(gloo), RuntimeError(gloo), RuntimeError("CUDA error: an illegal memory access"),
+                   RuntimeError(gloo)])
 
     def fail(cfg, resume=None):
         raise next(errors)
 
     monkeypatch.setattr(trainer, "train", fail)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
     args = ["train", "--config", str(ROOT / "configs" / "debug.yaml"), f"train.run_dir={tmp_path}",
             "train.processes=1", "train.dist_timeout_s=60"]
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: rank 0 lost another process of this run (Read error [10.0.0.2]:4481: Connection "
+    assert err.startswith("error: rank 1 lost another process of this run (Read error [10.0.0.2]:4481: Connection "
                           "reset by peer."), err
     assert "(60 s)" in err and "logs/train-*.log" in err and "Traceback" not in err and "pair.cc" not in err, err
+    assert "It had no checkpoint yet: the same command starts it again." in err, err
+    (tmp_path / "checkpoints" / "step-00000040").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-00000040" / "trainer_state.json").write_text("{}")
+    assert main(args) == 1
+    assert "The newest checkpoint, step-00000040, is kept: the same command resumes from it." in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="illegal memory access"):
         main(args)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):  # one process: not a peer's
+        main(args)
+
+
+def test_a_missing_module_of_the_full_install_is_said_and_others_raise(monkeypatch, capsys):
+    """The restore-only install (no PyTorch, no yaml) running evaluate: one line naming the module and the install
+    that has it, exit 2. A missing module of this package (a bug) or of an optional extra still raises."""
+    from dist_dejpeg import cli_use
+
+    for name, said in (("yaml", True), ("dist_dejpeg.run.statuz", False), ("mlflow", False)):
+        def status(args, name=name):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+        monkeypatch.setattr(cli_use, "status_command", status)
+        monkeypatch.setitem(COMMANDS, "status", (*COMMANDS["status"][:2], status))
+        if said:
+            assert main(["status", "x"]) == 2
+            assert capsys.readouterr().err.startswith("error: status needs yaml, which this environment lacks")
+        else:
+            with pytest.raises(ModuleNotFoundError):
+                main(["status", "x"])
 
 
 def test_output_names_keep_sub_folders_and_every_input_apart():

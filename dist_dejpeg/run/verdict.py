@@ -23,7 +23,8 @@ import re
 from pathlib import Path
 
 from dist_dejpeg.run.folder import RunFolder
-from dist_dejpeg.run.layout import CONFIG, GENERATOR, LOCK, METRICS, PROGRESS, TENSORBOARD, TENSORBOARD_EVENTS, TRAINER_STATE
+from dist_dejpeg.run.layout import (CONFIG, GENERATOR, LOCK, METRICS, PROGRESS, TENSORBOARD, TENSORBOARD_EVENTS,
+                                   TRAINER_STATE, latest_checkpoint)
 from dist_dejpeg.run.text import duration
 
 STALE_S = 900.0  # progress older than this while the lock cannot be checked: judged not running
@@ -33,15 +34,20 @@ LOST_PEER = re.compile(r"(Connection (reset|closed) by peer|Broken pipe|remote p
                        r"aborted|DistNetworkError|DistBackendError|Timed out waiting)", re.IGNORECASE)
 
 
-def lost_peer(err: BaseException, timeout_s: float) -> str:
-    """What a rank says when a collective lost another process of its run (``err`` matches LOST_PEER): that
-    process's own failure is the cause, and the checkpoint the run resumes from is kept."""
+def lost_peer(err: BaseException, timeout_s: float, run_dir: str | Path) -> str | None:
+    """What a rank of a run of several processes says when a collective lost another one (``err`` matches
+    LOST_PEER): that process's own failure is the cause, and the newest checkpoint, where there is one, is where
+    the same command resumes. None where ``err`` is not that (one process alone: no peer to lose)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or not LOST_PEER.search(str(err)):
+        return None
     first = (str(err).strip().splitlines() or [""])[0]
     first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:200]  # (gloo's source file and line)
-    rank = os.environ.get("RANK", "0")
-    return (f"rank {rank} lost another process of this run ({first}): that process died, or stopped answering for "
-            f"train.dist_timeout_s ({timeout_s:g} s), first; its own output says why (the launcher's, or "
-            f"logs/train-*.log under SLURM). The newest checkpoint is kept: the same command resumes from it.")
+    newest = latest_checkpoint(run_dir)
+    resume = (f"The newest checkpoint, {newest.name}, is kept: the same command resumes from it." if newest else
+              "It had no checkpoint yet: the same command starts it again.")
+    return (f"rank {os.environ.get('RANK', '0')} lost another process of this run ({first}): that process died, or "
+            f"stopped answering for train.dist_timeout_s ({timeout_s:g} s), first; its own output says why (the "
+            f"launcher's, or logs/train-*.log under SLURM). {resume}")
 
 
 STATES = ("running", "finished", "stopped", "preempted", "crashed or killed", "not started")
