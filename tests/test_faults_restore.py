@@ -257,9 +257,16 @@ def test_a_double_compressed_jpeg_is_restored_as_its_earlier_compression(tmp_pat
     assert np.array_equal(np.asarray(Image.open(result.output).convert("RGB")), restored)  # as made, not conformed
     (result,) = restore_files(towards, [str(double)], tmp_path / "same", fmt="same", progress=False)
     assert not result.passthrough and Path(result.output).read_bytes() != double.read_bytes(), result
+    # the same told as --input-quality 20 (the tables say q90): it was held in the cells and passed through again
+    (result,) = restore_files(towards, [str(double)], tmp_path / "given", fmt="same", progress=False, quality=20)
+    assert result.quality_from == "given" and not result.passthrough, result
+    assert "compressed at a coarser quality before" in result.note, result.note
+    (result,) = restore_files(towards, [str(double)], tmp_path / "as90", progress=False, quality=90)
+    assert "compressed at a coarser quality" not in result.note, result.note  # q90 given: its own cells
     restorer = Restorer(model_file, device="cpu", guard=False)
-    restorer.restore(double)
-    assert "compressed at a coarser quality before" in restorer.last_decision.reason, restorer.last_decision
+    for quality in (None, 20):
+        restorer.restore(double, quality)
+        assert "compressed at a coarser quality before" in restorer.last_decision.reason, restorer.last_decision
     restorer.restore(tmp_path / "q20.jpg")  # a single compression: held in its file's cells
     assert "made consistent with its file" in restorer.last_decision.reason, restorer.last_decision
 

@@ -304,6 +304,24 @@ def _pixels_of(image) -> np.ndarray | None:
         return None
 
 
+def earlier_compression(quality: int | None, source: str, image) -> bool:
+    """Whether the JPEG ``image`` (a PIL image opened from its file) is restored as an earlier, coarser compression
+    than its own tables': its pixels showed one (``source`` DOUBLE), or the ``quality`` given for it
+    (--input-quality: ``source`` "given") has luma steps at least MIN_RATIO times the file's at every low-frequency
+    AC position, as a first compression counts in estimate_from_pixels."""
+    if source == DOUBLE:
+        return True
+    tables = getattr(image, "quantization", None) or {}
+    if source != "given" or quality is None or getattr(image, "format", None) not in ("JPEG", "MPO") or 0 not in tables:
+        return False
+    try:
+        given = libjpeg_table(BASE_LUMA, int(quality))[AC_POSITIONS]
+    except (TypeError, ValueError):  # (not a quality: the guard's own check says so)
+        return False
+    own = np.asarray(tables[0], dtype=np.float64).reshape(64)[AC_POSITIONS]
+    return bool((given / own >= MIN_RATIO).all())
+
+
 def estimate_quality(image, rgb: np.ndarray | None = None) -> QualityEstimate:
     """The quality to restore ``image`` as: a path, a PIL image opened from a file, or None; ``rgb``: its
     decoded pixels (H x W x 3 or H x W uint8, EXIF orientation applied or not) when the caller has them, else

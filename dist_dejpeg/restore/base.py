@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from dist_dejpeg.jpeg.consistency import JpegCells, conform
-from dist_dejpeg.jpeg.quality import PIXELS, estimate_quality
+from dist_dejpeg.jpeg.quality import PIXELS, earlier_compression, estimate_quality
 from dist_dejpeg.models.names import CONFORMED_KEYS, GAIN_KEYS, JPEG_PSNR, read_gains
 from dist_dejpeg.restore.guard import Decision, decide
 from dist_dejpeg.restore.images import (cells_for, file_cells, held_bytes, is_animation, join_image, load_image,
@@ -297,7 +297,8 @@ class ImageRestorer:
                 est = estimate_quality(image, rgb)
                 quality, source = est.quality, est.source or "unknown"
             # a JPEG opened from its file, still its pixels: made consistent with the file's data
-            cells, unmade = cells_for(*(read or file_cells(image, held, rgb=rgb)), source) if self.consistent else (
+            earlier = earlier_compression(quality, source, image)
+            cells, unmade = cells_for(*(read or file_cells(image, held, rgb=rgb)), earlier) if self.consistent else (
                 None, "")
             restored = self.restore_array(rgb, quality, source, conformed=cells is not None)
             decision = self.last_decision

@@ -46,7 +46,7 @@ from PIL import Image, JpegImagePlugin
 from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, IMAGE_SUFFIXES, OUTPUT_SUFFIXES, output_format,
                                       save_options)
 from dist_dejpeg.jpeg.consistency import conform
-from dist_dejpeg.jpeg.quality import DOUBLE, estimate_quality
+from dist_dejpeg.jpeg.quality import DOUBLE, earlier_compression, estimate_quality
 from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, cells_for, join_image,
                                         load_image, made_consistent, output_complete, pixel_limit, save_image)
 from dist_dejpeg.restore.inputs import RestoreResult, collect_inputs, output_names
@@ -243,7 +243,8 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
             raise InputImageError(f"{path}: has an alpha channel (transparency), which {target.suffix} cannot "
                                   f"hold: {how}")
         source = read_quality(result, image, quality)
-        image.cells, image.cells_note = cells_for(image.cells, image.cells_note, source)
+        earlier = earlier_compression(result.quality, source, image.image)
+        image.cells, image.cells_note = cells_for(image.cells, image.cells_note, earlier)
         return image, source
 
     def save(restored, image: LoadedImage, target: Path, path: Path, decision) -> tuple[str | None, str]:
@@ -269,7 +270,8 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
         why = None
         if lossy and same and not decision.passthrough and gain is not None:
             why = reencoding_outweighs(restored, data, image, decision.quality, gain,
-                                       getattr(decision, "jpeg_psnr", None), decision.source == DOUBLE)
+                                       getattr(decision, "jpeg_psnr", None),
+                                       earlier_compression(decision.quality, decision.source, image.image))
         atomic_write_bytes(target, path.read_bytes() if why else data)
         return why, unmade
 
@@ -348,8 +350,9 @@ def reencoding_outweighs(restored: np.ndarray, encoded: bytes, image: LoadedImag
     OWN_ERROR_SHARE times, and no more than the validation's at that quality (``jpeg_psnr``, in generator files
     since 2026-12-07; an older file: the fraction alone): a smooth photo, whose JPEG error is well under the
     validation's, is not re-encoded into a loss. Measured on held-out photos, q10-q90, a q95 re-encoding:
-    benchmarks/RESULTS.md. ``earlier``: the pixels show an earlier, coarser compression (jpeg.quality.DOUBLE): that
-    one, at ``quality`` (4:2:0), is the JPEG's error, not the file's own finer tables."""
+    benchmarks/RESULTS.md. ``earlier``: restored as an earlier, coarser compression than the file's own
+    (jpeg.quality.earlier_compression): that one, at ``quality`` (4:2:0), is the JPEG's error, not the file's finer
+    tables'."""
     written = join_image(restored, None, image.grayscale)
     ref = np.asarray(written, np.float32)
 

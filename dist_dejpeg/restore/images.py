@@ -30,7 +30,6 @@ from PIL.PngImagePlugin import PngInfo
 
 from dist_dejpeg.jpeg.consistency import JpegCells, NotConsistent, cells_of, conform, is_decode_of
 from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, DEFAULT_MAX_PIXELS, icc_space, rgb_image, save_options
-from dist_dejpeg.jpeg.quality import DOUBLE
 from dist_dejpeg.restore.metadata import (JPEG_MARKER_MAX, ORIENTATION, XMP_HEADER, fit_exif, jpeg_notes, marked,
                                           output_dpi, output_metadata, output_xmp, png_text, tiff_with_exif,
                                           with_app13)
@@ -227,13 +226,13 @@ def file_cells(img: Image.Image | None, path: str | Path | bytes | None = None, 
     return cells, unmade
 
 
-def cells_for(cells: JpegCells | None, note: str, source: str) -> tuple[JpegCells | None, str]:
-    """A JPEG file's ``cells`` and ``note`` (file_cells') for an image whose quality came from ``source``: none where
-    its pixels show an earlier, coarser compression (jpeg.quality.DOUBLE: a q20 photo re-saved at q90). The file's
+def cells_for(cells: JpegCells | None, note: str, earlier: bool) -> tuple[JpegCells | None, str]:
+    """A JPEG file's ``cells`` and ``note`` (file_cells'), none where the image is restored as an ``earlier``,
+    coarser compression than its file's (jpeg.quality.earlier_compression: a q20 photo re-saved at q90). The file's
     cells are then the re-save's, narrow ones around the first decode, and the clean photo lies far outside them:
-    held in them, a restored q20-then-q90 photo kept about half of its gain (+0.22-0.30 dB instead of +0.32-0.74 on
+    held in them, a restored q20-then-q90 photo kept about half of its gain (+0.22-0.31 dB instead of +0.54-0.74 on
     three skimage photos)."""
-    if cells is None or source != DOUBLE:
+    if cells is None or not earlier:
         return cells, note
     return None, ("not made consistent with its JPEG data: compressed at a coarser quality before this file was "
                   "saved, whose cells are the re-save's, around that earlier decode")
