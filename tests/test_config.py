@@ -51,6 +51,19 @@ def test_overrides_without_file():
     assert cfg.data.val_qualities == [15, 30]
 
 
+def test_a_list_where_sections_are_is_an_error_naming_the_key(tmp_path):
+    """`train.phases=[gan]` (meant for train.order) raised omegaconf's TypeError "Cannot merge incompatible
+    container types" as a traceback; a file giving a list for a section likewise."""
+    with pytest.raises(ConfigError, match=r"config key 'train.phases': `train.phases=\[gan\]` gives a list or a "
+                                          r"value where the config holds sections of keys.*; the phases' order is "
+                                          r"train.order$"):
+        load_config(None, ["train.phases=[gan]"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  phases: [gen, gan]\n")
+    with pytest.raises(ConfigError, match=f"config file {bad}: it gives a list or a value"):
+        load_config(bad, [])
+
+
 def test_load_does_not_mutate_overrides():
     overrides = ["data.batch_size=3"]
     load_config(None, overrides)
