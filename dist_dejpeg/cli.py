@@ -159,7 +159,7 @@ def _train_command(args: argparse.Namespace) -> int:
             print(f"warning: {warning}", file=sys.stderr)
     if args.dry_run:
         print(to_yaml(cfg), end="")
-        return 0
+        return _refused(cfg, args.resume)
     from dist_dejpeg.train.launch import already_launched, launch, ranks_here, record_stop
 
     ranks = ranks_here(cfg.train.processes, cfg.train.cpu)
@@ -225,6 +225,27 @@ def _train_command(args: argparse.Namespace) -> int:
     print(f"done: {lowest} PSNR {r['jpeg']['psnr']:.3f} (JPEG) -> {r['restored']['psnr']:.3f} dB (restored); "
           f"metrics in {cfg.train.run_dir}/metrics.json")
     print(_what_restore_does(results, cfg.train.run_dir))
+    return 0
+
+
+def _refused(cfg, resume: str | None) -> int:
+    """--dry-run's checks of what the start would refuse, said now (exit 2) and not after the ranks' start-up:
+    resuming the run folder's checkpoint (its phases, global batch, process count, the model's shapes) and building
+    the model (the encoder's name and stages; no weights read: those are checked at the start, where they are)."""
+    import dataclasses
+
+    from dist_dejpeg.config import ConfigError
+    from dist_dejpeg.models.unet import build_generator
+    from dist_dejpeg.models.weights import EncoderError
+    from dist_dejpeg.train.launch import ranks_here
+    from dist_dejpeg.train.resume import check_before_start
+
+    try:
+        check_before_start(cfg, resume, ranks_here(cfg.train.processes, cfg.train.cpu))
+        build_generator(dataclasses.replace(cfg.model, pretrained=False, init_from=""))
+    except (ConfigError, EncoderError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

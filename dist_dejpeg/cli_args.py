@@ -156,7 +156,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the newest checkpoint of train.run_dir (what train.auto_resume does by "
                         "default), or from the given folder")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, check what the start would refuse (resuming the run folder's "
+                        "checkpoint, building the model; pretrained files are checked at the start) and exit")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="log level of rank 0 (train.log_level; other ranks log warnings and errors)")
     p.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. train.run_dir) and exit")

@@ -214,9 +214,12 @@ def test_resume_followed_by_overrides_resumes_with_them(tmp_path, monkeypatch, c
     import dist_dejpeg.train.trainer as trainer
 
     config = ROOT / "configs" / "debug.yaml"
-    assert main(["train", "--config", str(config), "--resume", "data.batch_size=3", "data.crop=96", "--dry-run"]) == 0
-    printed = capsys.readouterr().out
-    assert "batch_size: 3" in printed and "crop: 96" in printed
+    # (--dry-run also says what the start would refuse: here, that the empty run folder has nothing to resume)
+    assert main(["train", "--config", str(config), "--resume", "data.batch_size=3", "data.crop=96",
+                 f"train.run_dir={tmp_path / 'empty'}", "--dry-run"]) == 2
+    printed = capsys.readouterr()
+    assert "batch_size: 3" in printed.out and "crop: 96" in printed.out
+    assert printed.err.startswith("error: ") and "resume" in printed.err, printed.err
     seen, done = [], {"q10": {"jpeg": {"psnr": 25.0}, "restored": {"psnr": 26.0}, "gain": {"psnr_low": 0.5}}}
     monkeypatch.setattr(trainer, "train", lambda cfg, resume=None: seen.append((cfg.train.run_dir, resume)) or done)
     main(["train", "--config", str(config), "--resume", f"train.run_dir={tmp_path}", "train.processes=1"])
@@ -276,6 +279,21 @@ def test_a_missing_module_of_the_full_install_is_said_and_others_raise(monkeypat
         else:
             with pytest.raises(ModuleNotFoundError):
                 main(["status", "x"])
+
+
+def test_dry_run_says_what_the_start_would_refuse(tmp_path, capsys):
+    """--dry-run exited 0 for a config the start then refused 2-8 s later (a misspelt encoder, a run folder whose
+    checkpoint the config cannot continue): it now checks resuming and building the model (no weights read)."""
+    config = str(ROOT / "configs" / "debug.yaml")
+    assert main(["train", "--config", config, f"train.run_dir={tmp_path / 'new'}", "--dry-run"]) == 0
+    assert main(["train", "--config", config, f"train.run_dir={tmp_path / 'new'}", "model.encoder=mobilenetv3_large_10",
+                 "--dry-run"]) == 2
+    assert "timm has no model 'mobilenetv3_large_10' (close: mobilenetv3_large_100" in capsys.readouterr().err
+    step = tmp_path / "run" / "checkpoints" / "step-00000010"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text('{"phase_names": ["gen"], "global_step": 10}')
+    assert main(["train", "--config", config, f"train.run_dir={tmp_path / 'run'}", "--dry-run"]) == 2
+    assert "the checkpoint's phases ['gen'] differ from train.order" in capsys.readouterr().err
 
 
 def test_output_names_keep_sub_folders_and_every_input_apart():
