@@ -186,21 +186,7 @@ def from_dict(data: dict) -> Config:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data)))
     except OmegaConfBaseException as err:
         raise _config_error(err) from None
-    except TypeError:  # omegaconf merging a list or a value where sections of keys are, or the reverse
-        raise ConfigError(_other_kind(path, overrides)) from None
+    except TypeError as err:  # omegaconf merging a list or a value where sections of keys are, or the reverse
+        raise ConfigError(f"a list or a value where the config holds sections of keys, or the reverse: {err}") from None
     validate(cfg)
     return cfg
-
-
-def _other_kind(path: Path | None, overrides: Sequence[str]) -> str:
-    """Which override (else the file) gives a list or a value where the schema has sections of keys, or the
-    reverse (`train.phases=[gan]` for train.order): omegaconf's TypeError names none."""
-    kinds = "a list or a value where the config holds sections of keys, or the reverse"
-    for item in overrides:
-        try:
-            OmegaConf.merge(OmegaConf.structured(Config), _dotlist([item]))
-        except (TypeError, OmegaConfBaseException):
-            key = item.split("=", 1)[0]
-            hint = "; the phases' order is train.order" if key == "train.phases" else ""
-            return f"config key '{key}': `{item}` gives {kinds}{hint}"
-    return f"config file {path}: it gives {kinds}"
