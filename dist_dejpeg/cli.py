@@ -198,7 +198,7 @@ def _train_command(args: argparse.Namespace) -> int:
     from dist_dejpeg.run.files import new_folders, remove_empty
     from dist_dejpeg.run.layout import LOCK
     from dist_dejpeg.run.lock import RunDirBusy
-    from dist_dejpeg.run.verdict import lost_peer
+    from dist_dejpeg.run.verdict import file_error, lost_peer
     from dist_dejpeg.train.trainer import Preempted, TrainingStopped, train
 
     made = new_folders(cfg.train.run_dir) if os.environ.get("RANK", "0") == "0" else []  # (the main process makes it)
@@ -216,6 +216,10 @@ def _train_command(args: argparse.Namespace) -> int:
             raise
         logging.getLogger("dist_dejpeg").debug("the lost peer's error here", exc_info=True)
         return _stopped("error", said, 1)
+    except OSError as err:  # a file it could not write or read (permissions, a read-only or failing filesystem)
+        logging.getLogger("dist_dejpeg").debug("the file error here", exc_info=True)
+        copy = getattr(err, "copied_from_rank", None) is not None  # (the rank it came from says it)
+        return _stopped("error", err if copy else file_error(err, cfg.train.run_dir), 1)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # one closing line per run, not one per rank

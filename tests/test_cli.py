@@ -260,6 +260,14 @@ def test_a_lost_peer_is_said_as_one_not_as_a_traceback(tmp_path, monkeypatch, ca
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(RuntimeError, match="Connection reset by peer"):  # one process: not a peer's
         main(args)
+    # a file it could not write (not a full disk): one line with the file, what to check, where it resumes
+    monkeypatch.setattr(trainer, "train", lambda cfg, resume=None: (_ for _ in ()).throw(
+        PermissionError(1, "Operation not permitted", str(tmp_path / "checkpoints" / ".tmp-step-00000100"))))
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: training stopped on a file error: PermissionError: [Errno 1] Operation not "
+                          "permitted: ") and ".tmp-step-00000100" in err and "Traceback" not in err, err
+    assert "the same command resumes from it" in err, err
 
 
 def test_a_missing_module_of_the_full_install_is_said_and_others_raise(monkeypatch, capsys):

@@ -42,12 +42,22 @@ def lost_peer(err: BaseException, timeout_s: float, run_dir: str | Path) -> str 
         return None
     first = (str(err).strip().splitlines() or [""])[0]
     first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:200]  # (gloo's source file and line)
-    newest = latest_checkpoint(run_dir)
-    resume = (f"The newest checkpoint, {newest.name}, is kept: the same command resumes from it." if newest else
-              "It had no checkpoint yet: the same command starts it again.")
     return (f"rank {os.environ.get('RANK', '0')} lost another process of this run ({first}): that process died, or "
             f"stopped answering for train.dist_timeout_s ({timeout_s:g} s), first; its own output says why (the "
-            f"launcher's, or logs/train-*.log under SLURM). {resume}")
+            f"launcher's, or logs/train-*.log under SLURM). {where_it_resumes(run_dir)}")
+
+
+def file_error(err: OSError, run_dir: str | Path) -> str:
+    """What a run says when a file it must write or read failed (not a full disk: DiskFull says that): the error,
+    its likely causes, and where the same command resumes."""
+    return (f"training stopped on a file error: {type(err).__name__}: {err}. Check the folder's permissions and "
+            f"filesystem (read-only, over quota, failing), then run the same command. {where_it_resumes(run_dir)}")
+
+
+def where_it_resumes(run_dir: str | Path) -> str:
+    newest = latest_checkpoint(run_dir)
+    return (f"The newest checkpoint, {newest.name}, is kept: the same command resumes from it." if newest else
+            "It had no checkpoint yet: the same command starts it again.")
 
 
 STATES = ("running", "finished", "stopped", "preempted", "crashed or killed", "not started")
