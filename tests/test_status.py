@@ -175,6 +175,17 @@ def test_fake_progress_drives_the_verdict_and_eta(tmp_path, no_flock):
     progress["status"] = "stopped"
     (tmp_path / "progress.json").write_text(json.dumps(progress))
     assert st.run_status(tmp_path, now=now)["state"] == "stopped"
+    # killed after its last checkpoint (progress.json at step 40, the checkpoint at 30): where it resumes is said
+    progress["status"] = "running"
+    (tmp_path / "progress.json").write_text(json.dumps(progress))
+    (tmp_path / ".lock").unlink(missing_ok=True)
+    step = tmp_path / "checkpoints" / "step-00000030"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps({"global_step": 30, "phase_index": 0, "phase_step": 30,
+                                                         "phase_names": ["gen"]}))
+    s = st.run_status(tmp_path, now=now)
+    assert s["state"] == "crashed or killed", s
+    assert "step-00000030" in (text := format_status(s)) and "resumes there, at global step 30" in text, text
     # JSON of another shape (another version's, an edit): said, never a TypeError/AttributeError traceback
     for bad in ({"global_step": "x"}, {"phase_step": None, "total_steps": "100"}, {"last_val": {"q10": None}},
                 {"last_val": {"q10": {"jpeg": 3}}, "best": "0.25"}, {"time": "yesterday", "losses": [1, 2]}):
