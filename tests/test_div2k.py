@@ -154,6 +154,9 @@ def test_prepare_div2k_from_served_zips(tmp_path, server, archives):
                 assert np.array_equal(decode_component(*image_bytes(sample)), expected[index])
                 seen += 1
     assert seen == len(expected) == manifest["sources"]["0002"]["tiles"]
+    # the file's hash and its pixels' (evaluate tells the photo, or a converted copy of it, as one trained on)
+    assert manifest["sources"]["0002"]["pixels_sha256"] == hashlib.sha256(rgb.tobytes()).hexdigest()
+    assert manifest["sources"]["0002"]["sha256"] == hashlib.sha256(png_bytes("coffee")).hexdigest()
     # validation's tiles do not overlap (a tile flush with the edge repeated up to 83% of its neighbour, and the
     # guard's lower bound counted those crops as independent): every val tile is a disjoint window of its photo
     assert tile_positions(600, 128, 128, flush=False) == [0, 128, 256, 384] and tile_positions(600, 128, 128)[-1] == 472

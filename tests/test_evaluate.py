@@ -485,12 +485,15 @@ def test_images_the_model_trained_on_are_named_in_the_tables_and_the_report(tmp_
     Image.fromarray(sample_photo("astronaut")).save(photos / "portrait.png")
     Image.fromarray(sample_photo("camera")).save(photos / "cameraman.tif")
     Image.fromarray(sample_photo("chelsea")).save(photos / "cat.png")  # a validation photo: never trained on
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned, shown upright (as prepare folder tiles it)
+    Image.fromarray(np.rot90(sample_photo("brick"))).save(photos / "turned.png", exif=exif.tobytes())
     code = main(["evaluate", "--model", str(model), "--images", str(photos), "--quality", "20", "-o",
                  str(tmp_path / "eval3"), "--quiet"])
     assert code == 0, capsys.readouterr().err
     meta = json.loads((tmp_path / "eval3" / "metrics.json").read_text())["meta"]
-    assert meta["seen_in_training"] == {"images": 2, "shards": [], "photos": ["astronaut", "camera"]}, meta
-    assert "2 of the 3 images are photos the model trained on (astronaut, camera)" in \
+    assert meta["seen_in_training"] == {"images": 3, "shards": [], "photos": ["astronaut", "brick", "camera"]}, meta
+    assert "3 of the 4 images are photos the model trained on (astronaut, brick, camera)" in \
         (tmp_path / "eval3" / "metrics.md").read_text()
 
     code = main(["report", "--model", str(model), "--images", str(train), "--max-images", "2", "--quality", "20",

@@ -1,5 +1,5 @@
 """Restoring a JPEG into a JPEG again (`restore --format same`, `jpg`): does the q95 re-encoding cost more than
-restoring gains, and does the guard's check (restore/files.py: reencoding_outweighs) write the input file there?
+restoring gains, and does the guard's check (restore/reencode.py: reencoding_outweighs) write the input file there?
 
     dist-dejpeg train --config configs/debug.yaml          # the quick start's model, runs/debug
     python benchmarks/experiments/reencode.py runs/debug   # ~1 min on 2 cores

@@ -120,8 +120,9 @@ def _tile_one(source: Source, staging: Path, tile: int, step: int, fmt: str, flu
         rgb = decode_rgb8(data, DEFAULT_MAX_PIXELS)
     except BadImage as err:
         record["rejected"] = f"{err.kind}: {err}"
-    else:
-        record.update(height=int(rgb.shape[0]), width=int(rgb.shape[1]))
+    else:  # (its pixels' hash too: evaluate tells a converted copy of a training photo by it)
+        pixels = hashlib.sha256(rgb.tobytes()).hexdigest()  # (as tile_sources hashes a folder's photos)
+        record.update(height=int(rgb.shape[0]), width=int(rgb.shape[1]), pixels_sha256=pixels)
         if min(rgb.shape[:2]) < tile:
             record["rejected"] = f"smaller than the {tile} px tile ({rgb.shape[1]}x{rgb.shape[0]})"
         else:
@@ -217,7 +218,8 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
                 continue
             manifest["sources"][record["name"]] = {"split": split, "height": record["height"],
                                                    "width": record["width"], "sha256": record["sha256"],
-                                                   "tiles": record["tiles"]}
+                                                   "tiles": record["tiles"]} | (
+                {"pixels_sha256": record["pixels_sha256"]} if "pixels_sha256" in record else {})
             keys += [f"{record['name']}_s{i:03d}" for i in range(record["tiles"])]
         if split == "train":
             random.Random(f"{seed}-div2k-train").shuffle(keys)

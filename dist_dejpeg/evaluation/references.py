@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import logging
 import tarfile
 from pathlib import Path
@@ -102,8 +103,22 @@ def _check(path: Path, refs: list, skipped: list, lossy: list, allow_lossy: bool
         if problem is not None and (why := problem(rgb)):
             skipped.append(f"{label}: {why}")
             continue
-        digests = tuple(hashlib.sha256(b).hexdigest()[:DIGEST_CHARS] for b in (data, rgb.tobytes()))
+        pixels = (np.ascontiguousarray(rgb), *_upright(data, shard))  # (the hashes the data manifest holds)
+        digests = tuple(hashlib.sha256(b).hexdigest()[:DIGEST_CHARS] for b in (data, *pixels))
         refs.append((path / key, label, path, member, digests))  # a file's key is "": path / "" is the path
+
+
+def _upright(data: bytes, shard: bool) -> list[np.ndarray]:
+    """A file's pixels turned upright by its EXIF orientation, as prepare folder tiles (and hashes) a photo; none
+    where it has no turn to apply (a shard's tiles are upright already)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            turned = not shard and img.getexif().get(0x0112, 1) not in (0, 1)
+        return [decode_rgb8(data, upright=True)] if turned else []
+    except (OSError, BadImage, ValueError):
+        return []
 
 
 def seen_in_training(images: list[str], refs: list[Reference], train_shards: dict[str, str],

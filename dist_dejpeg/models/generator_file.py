@@ -67,8 +67,9 @@ def training_shards(data_cfg) -> dict[str, str]:
         return {}
     try:  # the photos they were cut from, where the folder's manifest (prepare's) names them
         sources = (read_manifest(data_cfg.root) or {}).get("sources") or {}
-        photos = {s["sha256"][:DIGEST_CHARS]: name for name, s in sources.items()
-                  if isinstance(s, dict) and s.get("split") == "train" and isinstance(s.get("sha256"), str)}
+        photos = {digest[:DIGEST_CHARS]: name for name, s in sources.items()
+                  if isinstance(s, dict) and s.get("split") == "train"
+                  for digest in (s.get("sha256"), s.get("pixels_sha256")) if isinstance(digest, str)}
     except (OSError, ValueError, AttributeError):
         photos = {}
     return {TRAIN_SHARDS: json.dumps(prints), **({TRAIN_SOURCES: json.dumps(photos)} if photos else {})}

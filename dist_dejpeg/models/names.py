@@ -17,7 +17,7 @@ MIN_SIZE = 32  # the exported range's lower end: from 32 on, torch.export proves
 # the generator file's (and the export's) metadata keys of the validated RGB PSNR gain per quality and its lower bound
 GAIN_KEYS = ("val_psnr_gain", "val_psnr_gain_low")
 # the final validation's mean JPEG PSNR per quality: the JPEG error restoring starts from, which a lossy re-encoding
-# of the output must stay well under (restore/files.py: reencoding_outweighs)
+# of the output must stay well under (restore/reencode.py: reencoding_outweighs)
 JPEG_PSNR = "val_jpeg_psnr"
 # the same gain and bound of the restored image made consistent with its JPEG file (jpeg/consistency.py), as restore
 # writes a JPEG's, with the cell half-width per quality that measured best: restore's guard and restore itself use
