@@ -146,7 +146,8 @@ def prepare_arguments(p: argparse.ArgumentParser) -> None:
                         "left out; keep also takes lossy WebP/AVIF files and restore's outputs, rejected otherwise")
     p.add_argument("--max-pixels", type=at_least(1), default=DEFAULT_MAX_PIXELS,
                    help="folder: photos with more pixels are rejected (decompression bombs)")
-    p.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    p.add_argument("--seed", type=int, default=0,
+                   help="folder: which photos are held out for validation (by name); and the training tiles' shuffle")
     p.add_argument("--format", choices=TILE_FORMATS, default="raw",
                    help="lossless tile format: png, raw (uncompressed, no decode), jp2 (GPU-decodable in DALI)")
 

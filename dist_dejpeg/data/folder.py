@@ -3,7 +3,7 @@
 Each file gets a unique sample-key name (sanitised stem; a repeat gets -2, -3 ..., never a name another file has);
 unreadable files and byte-identical copies (a duplicate, a symlink to a file also present) are listed under the
 manifest's "rejected" before the split, so one photo never lands in both train and val. Validation images are whole
-photographs held out before tiling, each by its own name and the seed (held_out_rank: a folder that grows keeps
+photographs held out before tiling, each by its name (split_key) and the seed (held_out_rank: a folder that grows keeps
 every photo's split). Everything is written into a staging folder and published at the end
 (shards.write_dataset): a run that fails or is interrupted leaves --out as it was.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import unicodedata
 from functools import partial
 from pathlib import Path
 
@@ -175,6 +177,16 @@ def find_sources(src: Path) -> tuple[list[tuple[Path, str, str]], list[dict]]:
     return kept, rejected
 
 
+def split_key(path: Path) -> str:
+    """What decides a photo's split (held_out_rank): its name as a sample key, the same for every photo of that stem
+    (2019/IMG_0001.png and 2020/IMG_0001.png, IMG_1234.tif and its IMG_1234.jpg: one split together); a stem with
+    other than ASCII letters, digits and '-' kept by its own (sample_key would make 日本 and 東京 both "img"). The
+    sample names those get (IMG0001-2, img-3) depend on the folder's other files, and were the key: a photo added
+    later renamed one that trained, and moved it into validation."""
+    stem = path.stem
+    return sample_key(path.name) if re.fullmatch(r"[\x20-\x7e]*", stem) else unicodedata.normalize("NFC", stem)
+
+
 def held_out_rank(name: str, seed: int) -> float:
     """A photo's place in [0, 1) by its name and the seed alone: it is held out for validation below --val-fraction.
     A folder that grows keeps every photo's split (a shuffle of the whole list moved photos the model trained on
@@ -195,8 +207,9 @@ def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step
         raise PrepareError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     src = Path(src)
     found, rejected = find_sources(src)
-    order = sorted(found, key=lambda source: held_out_rank(source[1], seed))
-    val = {name for _, name, _ in order if held_out_rank(name, seed) < val_fraction}
+    rank = {name: held_out_rank(split_key(path), seed) for path, name, _ in found}
+    order = sorted(found, key=lambda source: rank[source[1]])
+    val = {name for _, name, _ in order if rank[name] < val_fraction}
     n_val = min(max(1, len(val)), len(order) - 1) if len(order) > 1 and val_fraction > 0 else 0
     val = {name for _, name, _ in order[:n_val]}  # (at least one held out whenever there are two photos)
     sources = [(name, "val" if name in val else "train", partial(read_source, path, max_pixels, jpeg == "keep"))
