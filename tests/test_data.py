@@ -176,6 +176,14 @@ def test_list_shards_sorted_and_absolute_pattern(sample_shards):
     found = train_shards(sample_shards)
     assert found == sorted(found) and len(found) == len(manifest_of(sample_shards)["splits"]["train"]["shards"])
     assert list_shards("/nonexistent-root", str(sample_shards / "train-*.tar")) == found
+    # a glob without the suffix (data.train_glob=train-*): the shards alone, not DALI's index files nor the scan
+    # records beside them (each was a bad tar to the torch loader, and DALI failed on them)
+    (sample_shards / "train-000000.scan.json").write_text("{}")
+    try:
+        assert list_shards(sample_shards, "train-*") == found and list_shards(sample_shards, "*") == sorted(
+            found + list_shards(sample_shards, "val-*.tar"))
+    finally:
+        (sample_shards / "train-000000.scan.json").unlink()
 
 
 def test_validation_tiles_do_not_overlap(sample_shards):

@@ -373,13 +373,19 @@ def samples_stale(root: str | Path) -> bool:
     return have != set(SAMPLE_TRAIN) | set(SAMPLE_VAL)
 
 
+# what lies beside the shards and is none: DALI's index files, each shard's scan record, the manifest (a glob such as
+# data.train_glob=train-* matched them: the torch loader skipped each as a bad tar per pass, DALI failed on them)
+SIDECARS = (".idx", ".json")
+
+
 def list_shards(root: str | Path, pattern: str) -> list[str]:
     """Shard files matching ``pattern`` (a glob, relative to ``root`` unless absolute: ``root`` itself is taken
-    literally, so a folder named ``set[1]`` works), sorted. Matching nothing is an error that names the pattern."""
+    literally, so a folder named ``set[1]`` works; SIDECARS left out), sorted. Matching nothing is an error that
+    names the pattern."""
     absolute = os.path.isabs(pattern)
     full = pattern if absolute else os.path.join(str(root), pattern)
     found = sorted(p for p in glob.glob(pattern if absolute else os.path.join(glob.escape(str(root)), pattern))
-                   if os.path.isfile(p))
+                   if os.path.isfile(p) and not p.lower().endswith(SIDECARS))
     if not found:
         raise FileNotFoundError(f"no shards match '{full}' (set data.root / data.train_glob / data.val_glob, "
                                 f"or write shards with `dist-dejpeg prepare`)")
