@@ -267,3 +267,26 @@ def test_a_manifest_older_than_its_shards_does_not_judge_them(tmp_path, change):
     else:
         (tmp_path / "train-000099.tar").write_bytes(shard.read_bytes())
     check_train_tiles(cfg, 1)
+
+
+def test_a_shard_cut_short_or_gone_since_prepare_is_warned_of_by_name(tmp_path, caplog):
+    """A copy interrupted after prepare, or a deleted shard: the start said only, at INFO, that the manifest no
+    longer described the shards (advising to refresh it), and the loader counted a cut tar's hundreds of lost
+    samples as one bad sample. Now a warning names each shard and what prepare wrote."""
+    import logging
+
+    from dist_dejpeg.data.shards import prepare_samples
+    from dist_dejpeg.train.data_checks import check_train_tiles
+
+    prepare_samples(tmp_path, tile=64, train_step=64, shard_size=64)
+    shards = sorted(tmp_path.glob("train-*.tar"))
+    assert len(shards) >= 2
+    whole = shards[0].stat().st_size
+    shards[0].write_bytes(shards[0].read_bytes()[:whole // 3])
+    shards[1].unlink()
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.backend=torch", "data.crop=32", "critic.n_blocks=2"])
+    with caplog.at_level(logging.INFO):
+        check_train_tiles(cfg, 1)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and f"gone: {shards[1].name}" in warned[0], warned
+    assert f"other size: {shards[0].name} ({whole // 3} bytes, prepare wrote {whole})" in warned[0], warned

@@ -61,8 +61,18 @@ def describes(manifest: dict, root: str) -> bool:
     sizes = train.get("bytes") or {name: found.get(name) for name in train.get("shards") or []}
     if sizes == found:
         return True
-    log.info("%s/%s does not describe the training shards beside it (others, or other sizes): not judging them by "
-             "it; `dist-dejpeg prepare` again to refresh it", root, MANIFEST)
+    gone = sorted(name for name in sizes if name not in found)
+    changed = sorted(f"{name} ({found[name]} bytes, prepare wrote {sizes[name]})" for name in sizes
+                     if name in found and sizes[name] is not None and found[name] != sizes[name])
+    if gone or changed:  # a shard cut short by a copy, damaged, or deleted since prepare: its samples are lost
+        log.warning("%s: training shards are not as prepare wrote them (%s): their samples are lost or damaged; "
+                    "copy them again, or `dist-dejpeg prepare` again", root, "; ".join(
+                        ([f"gone: {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''}"] if gone else [])
+                        + ([f"other size: {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}"]
+                           if changed else [])))
+    else:
+        log.info("%s/%s does not describe the training shards beside it (shards added since): not judging them by "
+                 "it; `dist-dejpeg prepare` again to refresh it", root, MANIFEST)
     return False
 
 
