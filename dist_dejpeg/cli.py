@@ -193,7 +193,7 @@ def _train_command(args: argparse.Namespace) -> int:
         from dist_dejpeg.train.launch import die_with_parent
 
         die_with_parent(os.getppid())
-    from dist_dejpeg.data.verify import TooFewSamples, TooManyBadSamples
+    from dist_dejpeg.data.verify import TooFewSamples, TooManyBadSamples, UnreadableShard
     from dist_dejpeg.models.weights import WeightsError
     from dist_dejpeg.run.files import new_folders, remove_empty
     from dist_dejpeg.run.layout import LOCK
@@ -204,7 +204,8 @@ def _train_command(args: argparse.Namespace) -> int:
     made = new_folders(cfg.train.run_dir) if os.environ.get("RANK", "0") == "0" else []  # (the main process makes it)
     try:
         results = train(cfg, resume=args.resume)
-    except (ConfigError, WeightsError, FileNotFoundError, RunDirBusy, TooManyBadSamples, TooFewSamples) as err:
+    except (ConfigError, WeightsError, FileNotFoundError, RunDirBusy, TooManyBadSamples, TooFewSamples,
+            UnreadableShard) as err:
         remove_empty(made, leftovers=(LOCK,))  # a start that failed (a misspelt encoder) leaves no run folder behind
         return _stopped("error", err, 2)
     except Preempted as err:

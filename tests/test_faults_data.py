@@ -239,6 +239,27 @@ def test_dali_names_a_shard_whose_corrupt_header_hides_its_other_members(tmp_pat
         DaliLoader([str(path)], CROP, (50, 50), 1, num_threads=1)
 
 
+@requires_dali
+def test_training_on_a_shard_dali_cannot_read_exits_2_with_what_to_do(tmp_path, write_tar, capsys):
+    """Through the command (data.backend=dali, which auto picks where DALI is installed): a 32-line traceback and
+    exit 1; now one line naming the shard and what to do, exit 2, as any bad input."""
+    from test_data import _tar_with_a_corrupt_header
+    from test_trainer import tiny
+
+    from dist_dejpeg.cli import main
+    from dist_dejpeg.config import to_yaml
+
+    path, _ = _tar_with_a_corrupt_header(write_tar, tmp_path)
+    path.rename(tmp_path / "train-000000.tar")
+    write_tar(tmp_path / "val-000000.tar", [(f"val{i}", {"png": png(t)}) for i, t in enumerate(good_tiles()[:2])])
+    config = tmp_path / "dali.yaml"
+    config.write_text(to_yaml(tiny(tmp_path / "run", tmp_path, "data.backend=dali", "data.auto_prepare=none")))
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "train-000000.tar is unreadable (corrupt tar header" in err and "Traceback" not in err, err
+    assert "Copy it again or `dist-dejpeg prepare` again" in err and "data.backend=torch" in err, err
+
+
 @pytest.mark.parametrize("change", ["rewritten", "added"])
 def test_a_manifest_older_than_its_shards_does_not_judge_them(tmp_path, change):
     """prepare's manifest.json says 3 tiles of 16 px; the shards were then rewritten or added to by hand and hold

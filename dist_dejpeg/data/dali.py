@@ -37,7 +37,7 @@ import torch
 
 from dist_dejpeg.data.index import check_indexes
 from dist_dejpeg.data.contract import quality_weights, to_device
-from dist_dejpeg.data.verify import (SKIP_REASONS, dali_usable, over_limit, raw_side, scan_shards, too_many,
+from dist_dejpeg.data.verify import (SKIP_REASONS, dali_usable, over_limit, raw_side, scan_shards, too_many, unreadable,
                                      write_index)
 from dist_dejpeg.jpeg.formats import ENCODED_SHARD_EXTS
 
@@ -163,7 +163,7 @@ class DaliLoader:
             self.raw_tile = raw_side(scans)
         usable = dali_usable(scans, self.crop, self.raw_tile)
         if usable.broken:
-            raise RuntimeError(f"DALI could not read the shards: {usable.broken[0]} is unreadable ({usable.broken[1]})")
+            raise unreadable(*usable.broken)
         if over_limit(usable.bad, limit):
             raise too_many(usable.bad, usable.counts, usable.examples, limit, f"in {len(self.shards)} shards")
         if usable.good == 0:
@@ -207,9 +207,11 @@ class DaliLoader:
             pipe.build()
         except RuntimeError as err:
             bad = first_unreadable_tar(self.shards)
-            where = f"{bad[0]} is unreadable ({bad[1]})" if bad else "no tar was found unreadable by Python's tarfile"
-            raise RuntimeError(f"DALI could not read the shards: {where}. DALI said: "
-                               f"{str(err).strip().splitlines()[-1][:300]}") from None
+            said = str(err).strip().splitlines()[-1][:300]
+            if bad:
+                raise unreadable(*bad, f"; DALI said: {said}") from None
+            raise RuntimeError(f"DALI could not read the shards: no tar was found unreadable by Python's tarfile. "
+                               f"DALI said: {said}") from None
         return DALIGenericIterator(pipe, ["jpeg", "clean", "quality"], reader_name="Reader", auto_reset=True,
                                    last_batch_policy=LastBatchPolicy.DROP)
 

@@ -41,6 +41,17 @@ class TooManyBadSamples(RuntimeError):
     worker's exception is rebuilt from its message in the main process."""
 
 
+class UnreadableShard(RuntimeError):
+    """A shard DALI cannot read (cut short, or a corrupt tar header that hides its other members): a data error
+    the command says in one line (exit 2), with what to do. One message argument only, as TooManyBadSamples."""
+
+
+def unreadable(shard: str, why: str, said: str = "") -> UnreadableShard:
+    return UnreadableShard(f"DALI could not read the shards: {shard} is unreadable ({why}){said}. Copy it again or "
+                           f"`dist-dejpeg prepare` again, or leave it out (data.train_glob); data.backend=torch skips "
+                           f"the samples it cannot read")
+
+
 class TooFewSamples(RuntimeError):
     """A loader slot (a rank's worker) that got no training sample in a pass: fewer samples than slots, or every
     one skipped. One message argument only, as TooManyBadSamples."""
