@@ -149,8 +149,10 @@ def test_prepare_removes_the_checks_of_shards_it_removes(tmp_path, bad_shard):
 
     scan_shards([bad_shard])
     assert scan_path(bad_shard).is_file()
+    added = Path(bad_shard).with_name("train-extra-000000.tar")  # a shard someone put beside them: not prepare's
+    added.write_bytes(Path(bad_shard).read_bytes())
     remove_shards(Path(bad_shard).parent, "train")
-    assert not Path(bad_shard).exists() and not scan_path(bad_shard).exists()
+    assert not Path(bad_shard).exists() and not scan_path(bad_shard).exists() and added.is_file()
 
 
 def test_a_process_stopped_by_bad_samples_exits_instead_of_waiting_for_its_workers(bad_shard):
