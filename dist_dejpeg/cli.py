@@ -95,10 +95,12 @@ def _prepare(args: argparse.Namespace) -> int:
         print(f"rejected {item.get('path', item['source'])}: {item['reason']}", file=sys.stderr)
     if splits["val"]["samples"] == 0:
         usable = len(manifest.get("sources", {}))
+        fix = ("--val-fraction 0 holds none out: give it a share (0.1), or point data.val_glob at other shards"
+               if getattr(args, "val_fraction", None) == 0 else
+               f"Add another photo of at least {tile} x {tile} px (one is held out whenever there are two), lower "
+               f"--tile, or point data.val_glob at other shards")
         print(f"warning: no validation tiles were written ({usable} usable photo(s) of at least {tile} px, all "
-              f"used for training): training needs val-*.tar shards. Add another photo of at least {tile} x {tile} "
-              f"px (one is held out whenever there are two), lower --tile, or point data.val_glob at other "
-              f"shards.", file=sys.stderr)
+              f"used for training): training needs val-*.tar shards. {fix}.", file=sys.stderr)
     return 0
 
 

@@ -1158,6 +1158,13 @@ def test_prepare_folder_says_when_no_validation_split_is_written(tmp_path, capsy
         err = capsys.readouterr().err
         assert "no validation tiles were written" in err and "Add another photo" in err
         assert shard_keys(list_shards(out, "train-*.tar")[0])
+    # three usable photos, none held out by choice: that is what it says, not to add a photo
+    Image.fromarray(skimage.data.coffee()[:160, :160]).save(src / "b.png")
+    Image.fromarray(skimage.data.chelsea()[:160, :160]).save(src / "c.png")
+    assert main(["prepare", "folder", "--src", str(src), "--out", str(tmp_path / "none"), "--tile", "64",
+                 "--val-fraction", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "--val-fraction 0 holds none out" in err and "Add another photo" not in err, err
 
 
 def test_prepare_says_what_it_wrote_once_with_the_rejected_count(tmp_path, capsys, caplog):
