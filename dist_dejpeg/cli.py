@@ -237,19 +237,29 @@ def _train_command(args: argparse.Namespace) -> int:
 
 def _refused(cfg, resume: str | None) -> int:
     """--dry-run's checks of what the start would refuse, said now (exit 2) and not after the ranks' start-up:
-    resuming the run folder's checkpoint (its phases, global batch, process count, the model's shapes) and building
-    the model (the encoder's name and stages; no weights read: those are checked at the start, where they are)."""
+    resuming the run folder's checkpoint (its phases, global batch, process count, the model's shapes), building
+    the model (the encoder's name and stages; no weights read: those are checked at the start, where they are) and
+    the shards' tiles (no smaller than the crop; shards not found here are a warning)."""
     import dataclasses
 
     from dist_dejpeg.config import ConfigError
     from dist_dejpeg.models.unet import build_generator
     from dist_dejpeg.models.weights import EncoderError
     from dist_dejpeg.train.launch import ranks_here
+    from dist_dejpeg.train.data_checks import check_shards_exist, check_train_tiles
     from dist_dejpeg.train.resume import check_before_start
 
     try:
-        check_before_start(cfg, resume, ranks_here(cfg.train.processes, cfg.train.cpu))
+        ranks = ranks_here(cfg.train.processes, cfg.train.cpu)
+        check_before_start(cfg, resume, ranks)
         build_generator(dataclasses.replace(cfg.model, pretrained=False, init_from=""))
+        try:  # the shards: tiles the crop fits; not there here (a login node without the compute nodes' scratch,
+            check_shards_exist(cfg)  # data prepared later, data.auto_prepare's): said, not refused
+        except FileNotFoundError as err:
+            if cfg.data.auto_prepare == "none":
+                print(f"warning: {err}", file=sys.stderr)
+        else:
+            check_train_tiles(cfg, ranks)
     except (ConfigError, EncoderError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

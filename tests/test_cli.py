@@ -289,7 +289,7 @@ def test_a_missing_module_of_the_full_install_is_said_and_others_raise(monkeypat
                 main(["status", "x"])
 
 
-def test_dry_run_says_what_the_start_would_refuse(tmp_path, capsys):
+def test_dry_run_says_what_the_start_would_refuse(tmp_path, capsys, sample_shards):
     """--dry-run exited 0 for a config the start then refused 2-8 s later (a misspelt encoder, a run folder whose
     checkpoint the config cannot continue): it now checks resuming and building the model (no weights read)."""
     config = str(ROOT / "configs" / "debug.yaml")
@@ -302,6 +302,13 @@ def test_dry_run_says_what_the_start_would_refuse(tmp_path, capsys):
     (step / "trainer_state.json").write_text('{"phase_names": ["gen"], "global_step": 10}')
     assert main(["train", "--config", config, f"train.run_dir={tmp_path / 'run'}", "--dry-run"]) == 2
     assert "the checkpoint's phases ['gen'] differ from train.order" in capsys.readouterr().err
+    # the shards: tiles smaller than the crop refused; none found here said (a login node without the data)
+    assert main(["train", "--config", config, f"train.run_dir={tmp_path / 'new'}", f"data.root={sample_shards}",
+                 "data.crop=128", "data.auto_prepare=none", "--dry-run"]) == 2
+    assert "config key 'data.crop': 128 px, but the tiles in" in capsys.readouterr().err
+    assert main(["train", "--config", config, f"train.run_dir={tmp_path / 'new'}", f"data.root={tmp_path / 'none'}",
+                 "data.auto_prepare=none", "--dry-run"]) == 0
+    assert capsys.readouterr().err.startswith("warning: no shards match")
 
 
 def test_output_names_keep_sub_folders_and_every_input_apart():
