@@ -79,6 +79,7 @@ def _prepare(args: argparse.Namespace) -> int:
               if key == "root" else "<folder of images>"), file=sys.stderr)
         return 2
     from dist_dejpeg.data.download import DownloadError
+    from dist_dejpeg.data.shards import dominant_sources
 
     try:
         manifest = _prepare_dataset(args, tile, step, shard_size)
@@ -93,6 +94,8 @@ def _prepare(args: argparse.Namespace) -> int:
           + (f"; {rejected} source{'s' if rejected != 1 else ''} rejected" if rejected else ""))
     for item in manifest["rejected"]:
         print(f"rejected {item.get('path', item['source'])}: {item['reason']}", file=sys.stderr)
+    if big := dominant_sources(manifest):
+        print(f"warning: {big}", file=sys.stderr)
     if splits["val"]["samples"] == 0:
         usable = len(manifest.get("sources", {}))
         fix = ("--val-fraction 0 holds none out: give it a share (0.1), or point data.val_glob at other shards"

@@ -1143,6 +1143,27 @@ def test_a_growing_folder_keeps_every_photos_split(tmp_path):
             assert not moved, (seed, earlier, splits)  # (the one held out at least, of a few, may train later)
 
 
+def test_prepare_folder_says_when_one_photo_gives_most_training_tiles(tmp_path, capsys):
+    """An 8000 x 600 panorama among snapshots gave 60% of the training tiles without a word; each photo's tile count
+    is in the manifest now, and a photo over a quarter of them (of four or more) is named."""
+    import skimage.data
+
+    from dist_dejpeg.cli import main
+
+    src, photo = tmp_path / "src", skimage.data.astronaut()
+    src.mkdir()
+    for i in range(5):
+        Image.fromarray(np.ascontiguousarray(photo[i * 20:i * 20 + 64, i * 20:i * 20 + 64])).save(src / f"s{i}.png")
+    Image.fromarray(np.ascontiguousarray(np.tile(photo[:64], (1, 4, 1)))).save(src / "panorama.png")  # 64 x 2048
+    assert main(["prepare", "folder", "--src", str(src), "--out", str(tmp_path / "out"), "--tile", "64",
+                 "--step", "64", "--val-fraction", "0.01"]) == 0
+    err = capsys.readouterr().err
+    sources = json.loads((tmp_path / "out" / "manifest.json").read_text())["sources"]
+    assert sources["panorama"]["tiles"] == 32 and all(sources[f"s{i}"]["tiles"] == 1 for i in range(5)
+                                                       if sources[f"s{i}"]["split"] == "train")
+    assert "warning: panorama 32 (" in err and "training tiles come from one photo" in err, err
+
+
 def test_prepare_folder_says_when_no_validation_split_is_written(tmp_path, capsys):
     from dist_dejpeg.cli import main
 

@@ -214,8 +214,10 @@ def tile_sources(staging: Path, sources: list[tuple[str, str, Callable[[], np.nd
             raw = source.get("rgb")  # raw tiles are cut here: decode_and_tile says why
             encoded = source["tiles"] if raw is None else (encode_tile(t, fmt) for t in tiles(raw, tile, source["step"],
                                                                                                split == "train"))
-            for i, data in enumerate(encoded):
-                sinks[split].add(f"{key}_s{i:03d}", data)
+            count = 0
+            for count, data in enumerate(encoded, 1):
+                sinks[split].add(f"{key}_s{count - 1:03d}", data)
+            manifest_sources[name]["tiles"] = count
     splits = {split: sink.close() for split, sink in sinks.items()}
     write_indexes([staging / name for info in splits.values() for name in info["shards"]])
     return {"dataset": dataset, "format": fmt, "tile": tile, "train_step": train_step, "val_step": tile,
@@ -336,6 +338,23 @@ def remove_shards(out: Path, split: str, keep: set[str] = frozenset()) -> None:
         match = SPLIT_FILE.match(path.name)
         if match and match["split"] == split and f"{match['stem']}.tar" not in keep:
             path.unlink(missing_ok=True)
+
+
+DOMINANT_SHARE = 0.25  # of the training tiles, from one photo of several: said (a panorama among snapshots)
+
+
+def dominant_sources(manifest: dict) -> str:
+    """What prepare says of training photos that give more than DOMINANT_SHARE of the training tiles each, where
+    there are four or more ("": none): the model would mostly see them (an 8000 x 600 panorama gave 60%)."""
+    train = {n: s["tiles"] for n, s in manifest.get("sources", {}).items()
+             if s.get("split") == "train" and isinstance(s.get("tiles"), int)}
+    total = sum(train.values())
+    big = sorted((n for n, t in train.items() if t > DOMINANT_SHARE * total), key=lambda n: -train[n])
+    if len(train) < 4 or not big:
+        return ""
+    shown = ", ".join(f"{n} {train[n]} ({100 * train[n] / total:.0f}%)" for n in big)
+    return (f"{shown} of the {total} training tiles come from {'one photo' if len(big) == 1 else 'these photos'}: "
+            f"the model would mostly see {'it' if len(big) == 1 else 'them'}; crop or leave out, or add photos")
 
 
 def sample_key(name: str) -> str:
