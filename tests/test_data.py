@@ -1141,6 +1141,18 @@ def test_a_growing_folder_keeps_every_photos_split(tmp_path):
             earlier = next(s for j, t, s in by_path if j == i - 1 and t == seed)
             moved = [path for path, split in earlier.items() if split == "train" and splits[path] == "val"]
             assert not moved, (seed, earlier, splits)  # (the one held out at least, of a few, may train later)
+    # the one photo held out at least, or the last kept for training, is a whole group of one key too (a count of
+    # photos cut a PNG and its TIFF apart: IMG_2.png held out, IMG_2.tif trained, with seed 0 at 0.1)
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    for i, name in enumerate(("IMG_2.png", "IMG_2.tif", "IMG_1.png")):  # (other pixels each: not duplicates)
+        Image.fromarray(np.ascontiguousarray(photo[200 + i * 40:296 + i * 40, 200:296])).save(pair / name)
+    for seed in range(6):
+        for fraction in (0.1, 0.75):
+            m = prepare_folder(pair, tmp_path / f"pair{seed}-{fraction}", tile=64, train_step=64, shard_size=8,
+                               val_fraction=fraction, seed=seed)
+            splits = {info["path"]: info["split"] for info in m["sources"].values()}
+            assert splits["IMG_2.png"] == splits["IMG_2.tif"] and "train" in splits.values(), (seed, fraction, splits)
 
 
 def test_prepare_folder_says_when_one_photo_gives_most_training_tiles(tmp_path, capsys):

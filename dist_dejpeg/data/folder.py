@@ -187,6 +187,16 @@ def split_key(path: Path) -> str:
     return sample_key(path.name) if re.fullmatch(r"[\x20-\x7e]*", stem) else unicodedata.normalize("NFC", stem)
 
 
+def held_out(names: list[str], key: dict[str, str], rank: dict[str, float], fraction: float) -> set[str]:
+    """The photos of ``names`` (in rank order) held out for validation, in whole groups of one split key (a photo's
+    stem: never one in each split): those ranked below ``fraction``, else the lowest-ranked group, and never every
+    group (at least one trains); none where all share one key."""
+    groups = list(dict.fromkeys(key[n] for n in names))  # (in rank order)
+    held = [g for g in groups if rank[next(n for n in names if key[n] == g)] < fraction] or groups[:1]
+    held = held[:len(groups) - 1]
+    return {n for n in names if key[n] in held}
+
+
 def held_out_rank(name: str, seed: int) -> float:
     """A photo's place in [0, 1) by its name and the seed alone: it is held out for validation below --val-fraction.
     A folder that grows keeps every photo's split (a shuffle of the whole list moved photos the model trained on
@@ -207,11 +217,11 @@ def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step
         raise PrepareError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     src = Path(src)
     found, rejected = find_sources(src)
-    rank = {name: held_out_rank(split_key(path), seed) for path, name, _ in found}
-    order = sorted(found, key=lambda source: rank[source[1]])
-    val = {name for _, name, _ in order if rank[name] < val_fraction}
-    n_val = min(max(1, len(val)), len(order) - 1) if len(order) > 1 and val_fraction > 0 else 0
-    val = {name for _, name, _ in order[:n_val]}  # (at least one held out whenever there are two photos)
+    key = {name: split_key(path) for path, name, _ in found}
+    rank = {name: held_out_rank(key[name], seed) for name in key}
+    order = sorted(found, key=lambda source: (rank[source[1]], key[source[1]]))
+    n_val = 1 if len(set(key.values())) > 1 and val_fraction > 0 else 0  # (whole groups of one key: below)
+    val = held_out([name for _, name, _ in order], key, rank, val_fraction) if n_val else set()
     sources = [(name, "val" if name in val else "train", partial(read_source, path, max_pixels, jpeg == "keep"))
                for path, name, _ in order]
     paths = {name: rel for _, name, rel in found}
@@ -225,7 +235,7 @@ def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step
         if n_val and usable and (splits["val"]["samples"] == 0 or splits["train"]["samples"] == 0):
             # rejected photos (too small, undecodable) emptied a split: split the usable ones again, holding out
             # one or more whenever there are two; a single usable photo trains (prepare then says: no validation)
-            chosen = set(usable[:min(n_val, len(usable) - 1)])
+            chosen = held_out(sorted(usable, key=lambda n: (rank[n], key[n])), key, rank, val_fraction)
             log.warning("prepare folder: rejected photos left the %s split empty; validation photos now: %s",
                         "val" if splits["val"]["samples"] == 0 else "train", ", ".join(sorted(chosen)) or "none")
             manifest = write([(name, "val" if name in chosen else "train", load) for name, _, load in sources])
