@@ -261,8 +261,8 @@ def _refused(cfg, resume: str | None) -> int:
         except FileNotFoundError as err:
             if cfg.data.auto_prepare == "none":
                 print(f"warning: {err}", file=sys.stderr)
-        else:
-            check_train_tiles(cfg, ranks)
+        else:  # (the crop; the loader slots are the compute node's: its ranks, and DALI or not)
+            check_train_tiles(cfg, None)
     except (ConfigError, EncoderError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -313,3 +313,8 @@ def test_a_shard_cut_short_or_gone_since_prepare_is_warned_of_by_name(tmp_path, 
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and f"gone: {shards[1].name}" in warned[0], warned
     assert f"other size: {shards[0].name} ({whole // 3} bytes, prepare wrote {whole})" in warned[0], warned
+    caplog.clear()  # a manifest cut short by a copy: said, the shards not judged by it (it was a JSONDecodeError)
+    (tmp_path / "manifest.json").write_text('{"tile": 6')
+    with caplog.at_level(logging.INFO):
+        check_train_tiles(cfg, 1)
+    assert any("manifest.json does not read" in r.getMessage() for r in caplog.records), caplog.records

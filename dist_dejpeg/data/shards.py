@@ -49,7 +49,7 @@ MANIFEST = "manifest.json"
 # A shard's files: the tar, its DALI index (data/index.py) and its DALI scan (data/verify.py)
 # prepare's own split files (SHARD_NAME's, and their index and scan files): what it replaces and removes; a shard
 # someone added beside them under another name (train-extra-000000.tar) is theirs, and stays
-SPLIT_FILE = re.compile(r"^(?P<stem>(?P<split>train|val)-\d{6})\.(tar|idx|scan\.json)$")
+SPLIT_FILE = re.compile(r"^(?P<stem>(?P<split>train|val)-\d{6,})\.(tar|idx|scan\.json)$")
 STAGING = ".prepare-staging"  # inside --out: prepare folder/samples write here, then publish (hidden from globs)
 
 # Real photographs inside scikit-image's wheel (lossless PNG only: a JPEG source would carry artefacts

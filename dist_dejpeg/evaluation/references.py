@@ -113,9 +113,12 @@ def _upright(data: bytes, shard: bool) -> list[np.ndarray]:
     where it has no turn to apply (a shard's tiles are upright already)."""
     from PIL import Image
 
+    # (only a file that can hold EXIF is opened for it: a PNG without an eXIf chunk is decoded whole by getexif)
+    if shard or not (b"Exif" in data[:1 << 16] or b"eXIf" in data or data[:4] in (b"II*\x00", b"MM\x00*")):
+        return []
     try:
         with Image.open(io.BytesIO(data)) as img:
-            turned = not shard and img.getexif().get(0x0112, 1) not in (0, 1)
+            turned = img.getexif().get(0x0112, 1) not in (0, 1)
         return [decode_rgb8(data, upright=True)] if turned else []
     except (OSError, BadImage, ValueError):
         return []

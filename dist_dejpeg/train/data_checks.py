@@ -32,21 +32,27 @@ def check_shards_exist(cfg: Config) -> None:
             raise
 
 
-def check_train_tiles(cfg: Config, processes: int) -> None:
+def check_train_tiles(cfg: Config, processes: int | None) -> None:
     """What the shards' manifest (prepare's) tells before the first batch: tiles smaller than the crop, or fewer
-    training tiles than the loader's slots (each rank's loader workers; DALI: each rank) would each need one.
-    Shards without a manifest, read through another glob, or changed since it was written are not checked here (the
-    loader says it then)."""
+    training tiles than the loader's slots (each rank's loader workers; DALI: each rank) would each need one
+    (``processes`` None: not checked, where the ranks and the backend are the compute node's to know). Shards
+    without a readable manifest, read through another glob, or changed since it was written are not checked here
+    (the loader says it then)."""
     d = cfg.data
-    manifest = read_manifest(d.root) or {}
-    if d.train_glob != DataConfig().train_glob or not manifest or not describes(manifest, d.root):
+    try:
+        manifest = read_manifest(d.root) or {}
+    except (OSError, ValueError) as err:  # (cut short by a copy, or not JSON: the shards may still be fine)
+        log.warning("%s/%s does not read (%s): the shards are not checked against it", d.root, MANIFEST, err)
+        return
+    if (d.train_glob != DataConfig().train_glob or not isinstance(manifest, dict) or not manifest
+            or not describes(manifest, d.root)):
         return
     tile, count = manifest.get("tile"), (manifest.get("splits", {}).get("train") or {}).get("samples")
     if isinstance(tile, int) and tile < d.crop:
         raise ConfigError(f"config key 'data.crop': {d.crop} px, but the tiles in {d.root} are {tile} px (its "
                           f"manifest.json): lower data.crop, or prepare the photos again with --tile {d.crop} or more")
     per = max(1, d.num_workers) if resolve_backend(d.backend) == "torch" else 1  # DALI: one reader per rank
-    if isinstance(count, int) and count < processes * per:
+    if processes is not None and isinstance(count, int) and count < processes * per:
         raise ConfigError(f"{d.root} holds {count} training tile(s), fewer than the {processes * per} loader slots "
                           f"that each need one ({processes} process(es) x {per} loader worker(s)): lower "
                           f"data.num_workers or train.processes, or prepare more tiles")
