@@ -79,7 +79,7 @@ def _prepare(args: argparse.Namespace) -> int:
               if key == "root" else "<folder of images>"), file=sys.stderr)
         return 2
     from dist_dejpeg.data.download import DownloadError
-    from dist_dejpeg.data.shards import dominant_sources
+    from dist_dejpeg.data.verify import dominant_sources
 
     try:
         manifest = _prepare_dataset(args, tile, step, shard_size)

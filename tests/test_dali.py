@@ -24,7 +24,8 @@ if not dali.HAVE_DALI:  # pragma: no cover - CI installs DALI with the test extr
 from dist_dejpeg.data.dali import DaliLoader  # noqa: E402
 from dist_dejpeg.data.images import jpeg_roundtrip  # noqa: E402
 from dist_dejpeg.data.index import check_indexes, index_path, write_index  # noqa: E402
-from dist_dejpeg.data.shards import list_shards, shard_keys  # noqa: E402
+from dist_dejpeg.data.reading import shard_keys  # noqa: E402
+from dist_dejpeg.data.shards import list_shards  # noqa: E402
 
 TILE = 96  # conftest's sample_shards tile size
 

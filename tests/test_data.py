@@ -22,7 +22,8 @@ from PIL import Image
 
 from dist_dejpeg.data import images, shards
 from dist_dejpeg.data.images import decode_rgb8, encode_png, jpeg_roundtrip
-from dist_dejpeg.data.shards import list_shards, shard_keys
+from dist_dejpeg.data.reading import shard_keys
+from dist_dejpeg.data.shards import list_shards
 from dist_dejpeg.data.contract import quality_weights
 from dist_dejpeg.data.torch_loader import SKIP_REASONS, ShardStream, TorchLoader, load_val_set
 

@@ -22,7 +22,8 @@ from dist_dejpeg.data import div2k
 from dist_dejpeg.data.dali import HAVE_DALI
 from dist_dejpeg.data.download import DownloadError, download
 from dist_dejpeg.data.images import decode_component, decode_rgb8, image_bytes
-from dist_dejpeg.data.shards import list_shards, shard_keys, tile_positions, tiles
+from dist_dejpeg.data.reading import shard_keys
+from dist_dejpeg.data.shards import list_shards, tile_positions, tiles
 
 DATA = Path(skimage.data.__file__).parent
 TRAIN = {"0001": "astronaut", "0002": "coffee", "0003": "motorcycle_left", "0004": "ihc"}

@@ -122,3 +122,11 @@ def dealt_samples(shards: list[str], every: int, slot: int, report: Callable[[st
             broken = _unreadable(err)
         if broken:
             report(shard, broken)
+
+
+def shard_keys(path: str) -> list[str]:
+    """Sample keys of one shard, in order (for tests and tooling)."""
+    keys = []
+    for sample in wds.tariterators.tarfile_samples([{"url": path}]):
+        keys.append(sample["__key__"])
+    return keys

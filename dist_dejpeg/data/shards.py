@@ -47,8 +47,7 @@ log = logging.getLogger(__name__)
 SHARD_NAME = "{split}-{index:06d}.tar"
 MANIFEST = "manifest.json"
 # A shard's files: the tar, its DALI index (data/index.py) and its DALI scan (data/verify.py)
-# prepare's own split files (SHARD_NAME's, and their index and scan files): what it replaces and removes; a shard
-# someone added beside them under another name (train-extra-000000.tar) is theirs, and stays
+# prepare's own split files (SHARD_NAME's, their index and scan files); train-extra-000000.tar is another's
 SPLIT_FILE = re.compile(r"^(?P<stem>(?P<split>train|val)-\d{6,})\.(tar|idx|scan\.json)$")
 STAGING = ".prepare-staging"  # inside --out: prepare folder/samples write here, then publish (hidden from globs)
 
@@ -340,23 +339,6 @@ def remove_shards(out: Path, split: str, keep: set[str] = frozenset()) -> None:
             path.unlink(missing_ok=True)
 
 
-DOMINANT_SHARE = 0.25  # of the training tiles, from one photo of several: said (a panorama among snapshots)
-
-
-def dominant_sources(manifest: dict) -> str:
-    """What prepare says of training photos that give more than DOMINANT_SHARE of the training tiles each, where
-    there are four or more ("": none): the model would mostly see them (an 8000 x 600 panorama gave 60%)."""
-    train = {n: s["tiles"] for n, s in manifest.get("sources", {}).items()
-             if s.get("split") == "train" and isinstance(s.get("tiles"), int)}
-    total = sum(train.values())
-    big = sorted((n for n, t in train.items() if t > DOMINANT_SHARE * total), key=lambda n: -train[n])
-    if len(train) < 4 or not big:
-        return ""
-    shown = ", ".join(f"{n} {train[n]} ({100 * train[n] / total:.0f}%)" for n in big)
-    return (f"{shown} of the {total} training tiles come from {'one photo' if len(big) == 1 else 'these photos'}: "
-            f"the model would mostly see {'it' if len(big) == 1 else 'them'}; crop or leave out, or add photos")
-
-
 def sample_key(name: str) -> str:
     """A webdataset-safe key stem: no dots (they separate key and extension), no path separators."""
     return re.sub(r"[^A-Za-z0-9-]+", "", Path(name).stem) or "img"
@@ -394,8 +376,7 @@ def samples_stale(root: str | Path) -> bool:
     return have != set(SAMPLE_TRAIN) | set(SAMPLE_VAL)
 
 
-# what lies beside the shards and is none: DALI's index files, each shard's scan record, the manifest (a glob such as
-# data.train_glob=train-* matched them: the torch loader skipped each as a bad tar per pass, DALI failed on them)
+# beside the shards, and none: DALI's index files, scan records, the manifest (data.train_glob=train-* took them)
 SIDECARS = (".idx", ".json")
 
 
@@ -417,11 +398,3 @@ def read_manifest(root: str | Path) -> dict | None:
     """The manifest of a shard folder (format, tile size, counts), or None for shards made elsewhere."""
     path = Path(root) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def shard_keys(path: str) -> list[str]:
-    """Sample keys of one shard, in order (for tests and tooling)."""
-    keys = []
-    for sample in wds.tariterators.tarfile_samples([{"url": path}]):
-        keys.append(sample["__key__"])
-    return keys

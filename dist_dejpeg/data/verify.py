@@ -241,3 +241,20 @@ def write_index(path: Path, samples: list[dict]) -> None:
     lines = [f"v1.2 {len(samples)}"]
     lines += [" ".join(" ".join(str(v) for v in c) for c in s["components"]) for s in samples]
     path.write_text("\n".join(lines) + "\n")
+
+
+DOMINANT_SHARE = 0.25  # of the training tiles, from one photo of several: said (a panorama among snapshots)
+
+
+def dominant_sources(manifest: dict) -> str:
+    """What prepare says of training photos that give more than DOMINANT_SHARE of the training tiles each, where
+    there are four or more ("": none): the model would mostly see them (an 8000 x 600 panorama gave 60%)."""
+    train = {n: s["tiles"] for n, s in manifest.get("sources", {}).items()
+             if s.get("split") == "train" and isinstance(s.get("tiles"), int)}
+    total = sum(train.values())
+    big = sorted((n for n, t in train.items() if t > DOMINANT_SHARE * total), key=lambda n: -train[n])
+    if len(train) < 4 or not big:
+        return ""
+    shown = ", ".join(f"{n} {train[n]} ({100 * train[n] / total:.0f}%)" for n in big)
+    return (f"{shown} of the {total} training tiles come from {'one photo' if len(big) == 1 else 'these photos'}: "
+            f"the model would mostly see {'it' if len(big) == 1 else 'them'}; crop or leave out, or add photos")
