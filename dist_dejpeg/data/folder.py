@@ -180,7 +180,7 @@ def find_sources(src: Path) -> tuple[list[tuple[Path, str, str]], list[dict]]:
 def split_key(path: Path) -> str:
     """What decides a photo's split (held_out_rank): its name as a sample key, the same for every photo of that stem
     (2019/IMG_0001.png and 2020/IMG_0001.png, IMG_1234.tif and its IMG_1234.jpg: one split together); a stem with
-    other than ASCII letters, digits and '-' kept by its own (sample_key would make 日本 and 東京 both "img"). The
+    other than printable ASCII kept by its own (sample_key would make 日本 and 東京 both "img"). The
     sample names those get (IMG0001-2, img-3) depend on the folder's other files, and were the key: a photo added
     later renamed one that trained, and moved it into validation."""
     stem = path.stem
@@ -191,9 +191,9 @@ def held_out(names: list[str], key: dict[str, str], rank: dict[str, float], frac
     """The photos of ``names`` (in rank order) held out for validation, in whole groups of one split key (a photo's
     stem: never one in each split): those ranked below ``fraction``, else the lowest-ranked group, and never every
     group (at least one trains); none where all share one key."""
-    groups = list(dict.fromkeys(key[n] for n in names))  # (in rank order)
-    held = [g for g in groups if rank[next(n for n in names if key[n] == g)] < fraction] or groups[:1]
-    held = held[:len(groups) - 1]
+    group_rank = {key[n]: rank[n] for n in names}  # (in rank order; one rank a key)
+    groups = list(group_rank)
+    held = set([g for g in groups if group_rank[g] < fraction][:len(groups) - 1] or groups[:1][:len(groups) - 1])
     return {n for n in names if key[n] in held}
 
 
