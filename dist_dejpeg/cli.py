@@ -325,8 +325,8 @@ COMMANDS = {
 
 
 # the modules of pyproject.toml's dependencies that the README's restore-only install leaves out
-CORE_MODULES = frozenset({"torch", "torchvision", "timm", "lpips", "webdataset", "accelerate", "torchmetrics", "omegaconf",
-                          "yaml", "tensorboard", "safetensors", "skimage", "scipy"})
+CORE_MODULES = frozenset({"torch", "torchvision", "timm", "lpips", "webdataset", "accelerate", "torchmetrics",
+                          "omegaconf", "yaml", "tensorboard", "safetensors", "skimage", "scipy"})
 
 
 def build_parser() -> argparse.ArgumentParser:

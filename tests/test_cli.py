@@ -196,7 +196,8 @@ def test_help_shows_zero_defaults_and_exit_codes_and_counts_below_one_are_usage_
     export as for the other commands; a batch of 0 tiles or a pixel limit of 0 was taken (every image then failed)."""
     parser = build_parser()
     prepare, evaluate = (parser.commands[name].format_help() for name in ("prepare", "evaluate"))
-    assert "and the training tiles' shuffle (default: 0)" in " ".join(prepare.split()) and "-o OUT, --out OUT" in prepare
+    assert "and the training tiles' shuffle (default: 0)" in " ".join(prepare.split())
+    assert "-o OUT, --out OUT" in prepare
     assert "(0: all) (default: 0)" in " ".join(evaluate.split())
     for name, words in (("train", "75 a stop"), ("restore", "1 some failed")):
         assert "exit codes: 0 " in parser.commands[name].format_help() and words in parser.commands[name].format_help()

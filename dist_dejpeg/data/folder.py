@@ -193,7 +193,8 @@ def held_out(names: list[str], key: dict[str, str], rank: dict[str, float], frac
     group (at least one trains); none where all share one key."""
     group_rank = {key[n]: rank[n] for n in names}  # (in rank order; one rank a key)
     groups = list(group_rank)
-    held = set([g for g in groups if group_rank[g] < fraction][:len(groups) - 1] or groups[:1][:len(groups) - 1])
+    held = [g for g in groups if group_rank[g] < fraction] or groups[:1]
+    held = set(held[:len(groups) - 1])
     return {n for n in names if key[n] in held}
 
 
@@ -220,8 +221,8 @@ def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step
     key = {name: split_key(path) for path, name, _ in found}
     rank = {name: held_out_rank(key[name], seed) for name in key}
     order = sorted(found, key=lambda source: (rank[source[1]], key[source[1]]))
-    n_val = 1 if len(set(key.values())) > 1 and val_fraction > 0 else 0  # (whole groups of one key: below)
-    val = held_out([name for _, name, _ in order], key, rank, val_fraction) if n_val else set()
+    holds_out = val_fraction > 0 and len(set(key.values())) > 1  # (in whole groups of one key: held_out)
+    val = held_out([name for _, name, _ in order], key, rank, val_fraction) if holds_out else set()
     sources = [(name, "val" if name in val else "train", partial(read_source, path, max_pixels, jpeg == "keep"))
                for path, name, _ in order]
     paths = {name: rel for _, name, rel in found}
@@ -232,7 +233,7 @@ def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step
         manifest = write(sources)
         usable = list(manifest["sources"])  # accepted photos, in the shuffled order
         splits = manifest["splits"]
-        if n_val and usable and (splits["val"]["samples"] == 0 or splits["train"]["samples"] == 0):
+        if holds_out and usable and (splits["val"]["samples"] == 0 or splits["train"]["samples"] == 0):
             # rejected photos (too small, undecodable) emptied a split: split the usable ones again, holding out
             # one or more whenever there are two; a single usable photo trains (prepare then says: no validation)
             chosen = held_out(sorted(usable, key=lambda n: (rank[n], key[n])), key, rank, val_fraction)

@@ -135,9 +135,10 @@ def seen_in_training(images: list[str], refs: list[Reference], train_shards: dic
         return {}
     seen = sorted({p.name for p in _input_paths(images) if p.suffix.lower() == ".tar" and p.name in (train_shards or {})
                    and shard_fingerprint(p) == train_shards[p.name]})
-    photos = {r.name: train_sources[d] for r in refs if r.source.split(":")[0] not in seen
+    in_shards = [r.source.split(":")[0] in seen for r in refs]
+    photos = {r.name: train_sources[d] for r, shard in zip(refs, in_shards) if not shard
               for d in r.digests if d in (train_sources or {})}
-    count = sum(1 for r in refs if r.source.split(":")[0] in seen) + len(photos)
+    count = sum(in_shards) + len(photos)
     return {"images": count, "shards": seen, "photos": sorted(set(photos.values()))} if count else {}
 
 

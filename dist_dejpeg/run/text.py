@@ -61,8 +61,9 @@ def format_status(status: dict) -> str:
         lines.append(f"eta        phase {duration(eta.get('phase_s'))} | run {duration(eta.get('run_s'))} "
                      f"(about {at})")
     ck = s.get("checkpoint")
-    behind = (ck and s["state"] in ("crashed or killed", "stopped", "preempted") and isinstance(ck.get("global_step"), int)
-              and isinstance(pos.get("global_step"), int) and ck["global_step"] < pos["global_step"])
+    behind = (ck and s["state"] in ("crashed or killed", "stopped", "preempted")
+              and isinstance(ck.get("global_step"), int) and isinstance(pos.get("global_step"), int)
+              and ck["global_step"] < pos["global_step"])
     lines.append((f"checkpoint {ck['name']}, {duration(ck['age_s'])} ago ({len(ck['kept'])} kept)"
                   + (f": the same command resumes there, at global step {ck['global_step']}" if behind else ""))
                  if ck else "checkpoint none yet")
