@@ -726,3 +726,37 @@ def test_metric_table_is_defined_once(tmp_path):
                     isinstance(v, str) and v in R.BY_NAME for v in value):
                 assert any(value is d for d in derived), f"{module.__name__}.{attr} copies registry names"
     assert evaluate.EVALUATED is R.EVALUATED and report.BY_NAME is R.BY_NAME and sums.VALIDATED is R.VALIDATED
+
+
+def test_a_crop_its_jpeg_keeps_exactly_counts_in_no_psnr_mean_and_no_gain():
+    """A flat crop's JPEG is exact (every PSNR inf): it leaves the JPEG's PSNR means, and the restored crop leaves
+    them too for Y as for RGB (Y was capped at 120 dB and counted); the generator file's gain is the crops' own
+    mean gain: a model moving every pixel by one level loses on the textured crop, and the file said +7.3 dB (the
+    restored mean, over both crops, minus the JPEG's, over one)."""
+    import contextlib
+    import json
+
+    import torch
+
+    from dist_dejpeg.data.images import jpeg_roundtrip
+    from dist_dejpeg.train.final import guard_gains
+    from dist_dejpeg.train.validation import validate
+
+    class Acc:
+        device, num_processes, autocast = torch.device("cpu"), 1, staticmethod(contextlib.nullcontext)
+
+    class OneLevelUp(torch.nn.Module):
+        def forward(self, x, quality=None):
+            return x + 1 / 255
+
+    crops = [data.astronaut()[:64, :64], np.full((64, 64, 3), 128, np.uint8)]
+    as_tensor = lambda arrays: torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    jpegs = [jpeg_roundtrip(c, 50) for c in crops]
+    assert np.array_equal(jpegs[1], crops[1])  # (the premise: the flat crop is kept exactly)
+    results = validate(Acc(), OneLevelUp(), {50: (as_tensor(jpegs), as_tensor(crops))},
+                       lambda a, b: torch.zeros(a.shape[0]), 2)["q50"]
+    textured = [F.psnr(j, c) for j, c in zip((jpegs[0], np.clip(jpegs[0].astype(int) + 1, 0, 255)), (crops[0],) * 2)]
+    assert results["jpeg"]["psnr_y"] == pytest.approx(F.colour_metrics(jpegs[0], crops[0])["psnr_y"], abs=1e-3)
+    assert textured[1] < textured[0] and results["gain"]["count"] == 1
+    assert results["gain"]["psnr"] == pytest.approx(textured[1] - textured[0], abs=1e-3)
+    assert json.loads(guard_gains({"q50": results})["val_psnr_gain"]) == {"50": results["gain"]["psnr"]}
