@@ -154,3 +154,22 @@ def test_rotated_double_compressed_photo_of_odd_size():
     assert shown.shape[:2] == (597, 397)
     est = estimate_quality(img, shown)
     assert est.source == DOUBLE and abs(est.quality - 20) <= 2 and est.table_quality == 90, est
+
+
+def test_cjpeg_default_tables_below_q24_are_read_exactly(tmp_path):
+    """cjpeg writes without force_baseline by default: below about q24 its table entries go past 255 (16-bit
+    tables, IJG's jpeg_add_quant_table clamps at 32767). Such a file is libjpeg's quality exactly, not an
+    IJG-equivalent of another encoder (which the guard treats as up to six qualities low)."""
+    jpeglib = pytest.importorskip("jpeglib")
+    from dist_dejpeg.jpeg.quality import BASE_CHROMA
+
+    photo = np.ascontiguousarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    for q in (5, 10, 20):
+        tables = np.stack([np.clip((np.asarray(base) * (5000 // q) + 50) // 100, 1, 32767).reshape(8, 8)
+                           for base in (BASE_LUMA, BASE_CHROMA)]).astype(np.uint16)
+        assert tables.max() > 255  # (the premise: not baseline)
+        path = tmp_path / f"q{q}.jpg"
+        jpeglib.from_spatial(photo).write_spatial(str(path), qt=tables)
+        est = estimate_quality(path)
+        check(est, q)
+        assert est.source == "file tables", est

@@ -106,17 +106,18 @@ class QualityEstimate:
         return f"q{self.quality} from the file's tables ({how}{rng})"
 
 
-def libjpeg_table(base: tuple[int, ...], quality: int) -> np.ndarray:
-    """libjpeg's jpeg_quality_scaling + jpeg_add_quant_table with force_baseline."""
+def libjpeg_table(base: tuple[int, ...], quality: int, baseline: bool = True) -> np.ndarray:
+    """libjpeg's jpeg_quality_scaling + jpeg_add_quant_table, with force_baseline (entries up to 255: Pillow's,
+    most programs') or without it (up to 32767: cjpeg's default, coarser than baseline's below about q24)."""
     q = min(max(int(quality), 1), 100)
     scale = 5000 // q if q < 50 else 200 - 2 * q
-    return np.clip((np.asarray(base, dtype=np.int64) * scale + 50) // 100, 1, 255)
+    return np.clip((np.asarray(base, dtype=np.int64) * scale + 50) // 100, 1, 255 if baseline else 32767)
 
 
-@lru_cache(maxsize=1)
-def _all_tables() -> tuple[np.ndarray, np.ndarray]:
-    luma = np.stack([libjpeg_table(BASE_LUMA, q) for q in range(1, 101)])
-    chroma = np.stack([libjpeg_table(BASE_CHROMA, q) for q in range(1, 101)])
+@lru_cache(maxsize=2)
+def _all_tables(baseline: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    luma = np.stack([libjpeg_table(BASE_LUMA, q, baseline) for q in range(1, 101)])
+    chroma = np.stack([libjpeg_table(BASE_CHROMA, q, baseline) for q in range(1, 101)])
     return luma, chroma
 
 
@@ -137,9 +138,12 @@ def estimate_from_tables(tables: dict[int, list[int]] | list) -> QualityEstimate
         return QualityEstimate(None, reason="a quantization table without 64 entries")
     if any((t < 1).any() for t in own):
         return QualityEstimate(None, reason="a quantization table with zero entries")
+    exact = np.zeros(100, dtype=bool)
+    for baseline in (True, False):
+        refs = _all_tables(baseline)[:len(own)]
+        exact |= np.all([(ref == t[None]).all(axis=1) for ref, t in zip(refs, own)], axis=0)
     luma, chroma = _all_tables()
     refs = [luma, chroma][:len(own)]
-    exact = np.all([(ref == t[None]).all(axis=1) for ref, t in zip(refs, own)], axis=0)
     if exact.any():
         q, rng = _middle(np.flatnonzero(exact) + 1)
         return QualityEstimate(q, exact=True, candidates=rng, reason="libjpeg's standard tables",
