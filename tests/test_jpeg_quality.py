@@ -173,3 +173,26 @@ def test_cjpeg_default_tables_below_q24_are_read_exactly(tmp_path):
         est = estimate_quality(path)
         check(est, q)
         assert est.source == "file tables", est
+
+
+def test_an_ijg_equivalent_quality_is_at_most_its_stated_error_below_the_libjpeg_quality_of_equal_psnr():
+    """Pillow's "low" and "medium" Photoshop tables read q76 and q82; on skimage's coins (halved: once a JPEG)
+    they give the PSNR of libjpeg's q85 and q89: the guard's margin (IJG_EQUIVALENT_ERROR) covers that (it was 6)."""
+    from PIL import JpegPresets
+    from skimage import data
+
+    from dist_dejpeg.data.images import halve
+    from dist_dejpeg.jpeg.quality import IJG_EQUIVALENT, IJG_EQUIVALENT_ERROR, estimate_from_tables
+
+    coins = halve(data.coins())
+
+    def psnr(q=None, qtables=None):
+        decoded = np.asarray(pil_jpeg(coins, **({"quality": q} if q else {"qtables": qtables})), np.float64)
+        return 10 * np.log10(255 ** 2 / np.mean((decoded - coins) ** 2))
+
+    ladder = {q: psnr(q) for q in range(60, 101)}
+    for preset in ("low", "medium"):
+        tables = JpegPresets.presets[preset]["quantization"]
+        est = estimate_from_tables(tables)
+        equal = min(ladder, key=lambda q: abs(ladder[q] - psnr(qtables=tables[:1])))
+        assert est.source == IJG_EQUIVALENT and 0 < equal - est.quality <= IJG_EQUIVALENT_ERROR, (preset, est, equal)
