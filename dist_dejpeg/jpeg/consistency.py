@@ -184,8 +184,9 @@ def conform(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_width:
     while a block row needs clipping (``rounds`` at most, None: ROUNDS), as a new array; a grayscale JPEG's one plane
     is the mean of the channels (what restore writes for it), the three channels equal after. ``half_width``: the
     cells' half-width in quantization steps (0.5: the file's own; less: narrower, about the stored values). A block
-    the image's edge cuts is projected as the encoder padded it (its edge pixels repeated), then cut: it may stay a
-    little outside its cells. A NotConsistent error where the image's size is not the file's."""
+    the image's edge cuts is projected as the encoder padded it (its edge pixels repeated), the padding's change
+    folded onto the pixels it repeats: it may stay a little outside its cells (its few rows' 8-bit rounding,
+    repeated). A NotConsistent error where the image's size is not the file's."""
     stored = np.asarray(Image.fromarray(rgb).transpose(_UNDO[orientation])) if orientation in _UNDO else rgb
     cells.check_size(*stored.shape[:2])
     out = np.empty_like(stored)
@@ -267,4 +268,10 @@ def _conform_rows(values: np.ndarray, plane: Plane, y0: int, level: float, half_
     delta = (moved @ _BLOCK_DCT).reshape(r1 - r0, cols, 8, 8).transpose(0, 2, 1, 3).reshape((r1 - r0) * 8, cols * 8)
     if fy > 1 or fx > 1:  # each sample's change spread over the pixels it averages
         delta = np.repeat(np.repeat(delta, fy, axis=0), fx, axis=1)
+    # the padding's change folded onto the edge pixels it repeats: each gets the mean change of its copies (the
+    # nearest edge-padded image; cutting the padding's off left the cut blocks up to 3.7 steps outside at q90)
+    if delta.shape[0] > h:
+        delta[h - 1] = delta[h - 1:].mean(axis=0)
+    if delta.shape[1] > w:
+        delta[:, w - 1] = delta[:, w - 1:].mean(axis=1)
     return values + delta[:h, :w]

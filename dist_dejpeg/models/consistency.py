@@ -147,4 +147,8 @@ def _conform_plane(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fac
     delta = (moved @ block).reshape(n, rows, cols, 8, 8).permute(0, 1, 3, 2, 4).reshape(n, rows * 8, cols * 8)
     if fy > 1 or fx > 1:  # each sample's change spread over the pixels it averages
         delta = delta.repeat_interleave(fy, dim=1).repeat_interleave(fx, dim=2)
+    if delta.shape[1] > h:  # the padding's change folded onto the edge pixels it repeats (as jpeg/consistency.py)
+        delta[:, h - 1] = delta[:, h - 1:].mean(dim=1)
+    if delta.shape[2] > w:
+        delta[:, :, w - 1] = delta[:, :, w - 1:].mean(dim=2)
     return values + delta[:, :h, :w]
