@@ -1441,12 +1441,36 @@ def test_prepare_folder_rejects_a_lossy_webp_but_takes_a_lossless_one(tmp_path, 
                                  append_images=[Image.fromarray(rgb[0][::-1].copy())])
     manifest = prepare_folder(src, tmp_path / "out", tile=32, train_step=32, shard_size=8, jpeg=action)
     rejected = {r["path"]: r["reason"] for r in manifest["rejected"]}
-    if action == "keep":
-        assert not rejected and set(manifest["sources"]) == {"lossless", "lossy", "frames"}
+    if action == "keep":  # (the animation: its frames as files of their own, as restore asks)
+        assert set(manifest["sources"]) == {"lossless", "lossy"} and set(rejected) == {"frames.webp"}
+        assert rejected["frames.webp"].startswith("several images: an animated WEBP (2 frames): save each as a file")
     else:
         assert set(manifest["sources"]) == {"lossless"}
         assert set(rejected) == {"lossy.WEBP", "frames.webp"}
         assert all(r.startswith("lossy WebP: ") and "--jpeg-sources keep" in r for r in rejected.values())
+
+
+def test_prepare_folder_rejects_a_tiff_of_pages_and_an_animation_but_not_a_tiffs_preview(tmp_path):
+    """A TIFF of several pages and an animated GIF gave prepare their first image without a word (restore refuses
+    them): each is rejected, saying what it holds; a TIFF whose second page is a reduced-resolution preview of the
+    first (NewSubfileType 1) is one photo."""
+    from dist_dejpeg.data.folder import prepare_folder
+
+    src = tmp_path / "src"
+    src.mkdir()
+    photo = source_photo("astronaut")
+    pages = [Image.fromarray(photo[:64, 64 * i:64 * i + 64]) for i in range(4)]
+    pages[0].save(src / "scan.tif", save_all=True, append_images=pages[1:3])
+    pages[1].save(src / "plain.png")
+    pages[2].save(src / "clip.gif", save_all=True, append_images=[pages[3]])
+    # (Pillow writes one tiffinfo for every page; only the later pages' is read)
+    pages[3].save(src / "with_preview.tif", save_all=True, append_images=[pages[3].resize((16, 16))], tiffinfo={254: 1})
+    manifest = prepare_folder(src, tmp_path / "out", tile=32, train_step=32, shard_size=8)
+    rejected = {r["path"]: r["reason"] for r in manifest["rejected"]}
+    assert set(manifest["sources"]) == {"plain", "withpreview"}, (manifest["sources"], rejected)
+    assert rejected == {"scan.tif": "several images: a TIFF of 3 pages: save each as a file of its own to train on it",
+                        "clip.gif": "several images: an animated GIF (2 frames): save each as a file of its own to "
+                                    "train on it"}
 
 
 @pytest.mark.parametrize("action", ["halve", "keep"])

@@ -99,8 +99,9 @@ def test_restore_keeps_icc_and_exif_with_orientation_applied_once(tmp_path, rest
     if fmt == "jpg":  # q95 4:4:4: near, not equal; turned the other way it would be far off
         assert np.abs(np.asarray(out.convert("RGB")).astype(int) - decoded).mean() < 2.0
     else:  # made consistent with the file's data: a few levels where the decoder's rounding, clipping or chroma
-        diff = np.abs(np.asarray(out.convert("RGB")).astype(int) - decoded)  # upsampling left a cell
-        assert diff.mean() < 0.5 and diff.max() <= 4, (diff.mean(), diff.max())
+        diff = np.abs(np.asarray(out.convert("RGB")).astype(int) - decoded)  # upsampling left a cell (5 at the
+        assert diff.mean() < 0.5 and diff.max() <= 6, (diff.mean(), diff.max())  # edge's cut blocks: 4 inside)
+        assert diff[:-8, :-8].max() <= 4, diff[:-8, :-8].max()
     assert np.array_equal(np.asarray(ImageOps.exif_transpose(out)), np.asarray(out))
 
 

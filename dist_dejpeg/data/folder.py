@@ -11,6 +11,7 @@ every photo's split). Everything is written into a staging folder and published 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import re
@@ -19,12 +20,14 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from dist_dejpeg.data.images import BadImage, decode_rgb8, is_avif, is_jpeg_xl, webp_is_lossy
 from dist_dejpeg.run.pool import MAX_DEFAULT_WORKERS, pool_size
 from dist_dejpeg.data.shards import (PrepareError, check_settings, publish, require_training_tiles, sample_key, staged,
                                      tile_sources)
-from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, hidden, walk_files, written_by_restore
+from dist_dejpeg.jpeg.formats import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, hidden, is_animation, tiff_pages, walk_files,
+                                       written_by_restore)
 
 log = logging.getLogger(__name__)
 # Photo formats taken as sources beside IMAGE_SUFFIXES, each rejected with its own reason where it cannot be used
@@ -60,6 +63,12 @@ class Restored(BadImage):
     kind = "restored by dist-dejpeg"
 
 
+class SeveralImages(BadImage):
+    """An animation or a TIFF of several pages: prepare took its first image without a word; restore refuses it."""
+
+    kind = "several images"
+
+
 class JpegXL(BadImage):
     """A JPEG XL source that this Pillow cannot decode (it needs a plugin): named, not "undecodable"."""
 
@@ -82,12 +91,26 @@ def read_source(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, lossy_w
     if not lossy_webp and written_by_restore(data):
         raise Restored(f"a model's output as the clean target would teach the model its own faults; give the original "
                        f"photo {keep})")
+    if several := several_images(data):
+        raise SeveralImages(f"{several}: save each as a file of its own to train on it")
     try:
         return decode_rgb8(data, max_pixels, upright=True)
     except BadImage as err:
         if is_jpeg_xl(data) and type(err) is BadImage:
             raise JpegXL(f"convert to PNG first (this Pillow cannot decode it: {err})") from None
         raise
+
+
+def several_images(data: bytes) -> str:
+    """What more than one image a file holds ("an animated GIF (12 frames)", "a TIFF of 3 pages"), or ""."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if is_animation(img):
+                return f"an animated {img.format} ({img.n_frames} frames)"
+            pages = tiff_pages(img) if img.format == "TIFF" else 1
+    except Exception:  # noqa: BLE001 - not an image PIL opens: decode_rgb8 says what is wrong with it
+        return ""
+    return f"a TIFF of {pages} pages" if pages > 1 else ""
 
 
 def file_sha256(path: Path) -> str:

@@ -159,6 +159,23 @@ def rgb_image(img, icc: bytes | None = None):
     return transform.apply(img) if transform is not None else img.convert("RGB")
 
 
+def is_animation(img, fmt: str | None = None) -> bool:
+    """An animated GIF, PNG or WebP (``fmt``: its format, if PIL's is not set): one image is written of one, one
+    trained on. A camera's MPO (its photo first) and a TIFF's preview pages are not (TIFF pages: tiff_pages)."""
+    return (fmt or img.format) in ("GIF", "PNG", "WEBP") and bool(getattr(img, "is_animated", False))
+
+
+def tiff_pages(img) -> int:
+    """How many full images a TIFF (an open PIL image) holds: its pages, less the reduced-resolution ones
+    (NewSubfileType bit 0: previews of the first); left on the first page."""
+    pages = 1
+    for page in range(1, getattr(img, "n_frames", 1)):
+        img.seek(page)
+        pages += not img.tag_v2.get(254, 0) & 1
+    img.seek(0)
+    return pages
+
+
 # chroma subsampling -> Pillow's code for it (evaluate/report --subsampling; 4:2:0 is libjpeg's default)
 SUBSAMPLING = {"4:2:0": 2, "4:2:2": 1, "4:4:4": 0}
 # what prepare folder does with a photo whose pixels show JPEG compression (--jpeg-sources; data/shards.py), as its

@@ -19,10 +19,11 @@ import numpy as np
 from PIL import Image
 
 from dist_dejpeg.jpeg.consistency import JpegCells, conform
+from dist_dejpeg.jpeg.formats import is_animation
 from dist_dejpeg.jpeg.quality import PIXELS, earlier_compression, estimate_quality
 from dist_dejpeg.models.names import CONFORMED_KEYS, GAIN_KEYS, JPEG_PSNR, read_gains
 from dist_dejpeg.restore.guard import Decision, decide
-from dist_dejpeg.restore.images import (cells_for, file_cells, held_bytes, is_animation, join_image, load_image,
+from dist_dejpeg.restore.images import (cells_for, file_cells, held_bytes, join_image, load_image,
                                         made_consistent, split_image, to_gray)
 from dist_dejpeg.restore.metadata import jpeg_notes, output_dpi, output_metadata, output_xmp
 from dist_dejpeg.restore.tiling import NUMPY, Arrays, restore_tiled

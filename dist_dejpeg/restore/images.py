@@ -29,7 +29,8 @@ from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from dist_dejpeg.jpeg.consistency import JpegCells, NotConsistent, cells_of, conform, is_decode_of
-from dist_dejpeg.jpeg.formats import ALPHA_FORMATS, DEFAULT_MAX_PIXELS, icc_space, rgb_image, save_options
+from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, DEFAULT_MAX_PIXELS, icc_space, is_animation, rgb_image, save_options,
+                                       tiff_pages)
 from dist_dejpeg.restore.metadata import (JPEG_MARKER_MAX, ORIENTATION, XMP_HEADER, fit_exif, jpeg_notes, marked,
                                           output_dpi, output_metadata, output_xmp, png_text, tiff_with_exif,
                                           with_app13)
@@ -185,7 +186,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, cells: bo
                                   f"all but the first frame would be lost; save the frames as separate images")
         try:
             with pixel_limit(max_pixels):
-                pages = _tiff_pages(img) if fmt == "TIFF" else 1
+                pages = tiff_pages(img) if fmt == "TIFF" else 1
                 img.load()
         except Exception as err:  # noqa: BLE001 - truncated or corrupt data
             cut = ("; the file is cut short (an interrupted copy or download?): copy it again from its source"
@@ -263,23 +264,6 @@ def made_consistent(restored: np.ndarray, cells: JpegCells, img: Image.Image, ha
         return conform_with(restored, cells, orientation, half), ""
     except NotConsistent as err:
         return restored, f"not made consistent with its JPEG data: {err}"
-
-
-def is_animation(img: Image.Image, fmt: str | None = None) -> bool:
-    """An animated GIF, PNG or WebP (``fmt``: its format, if PIL's is not set): restore writes one image. A camera's
-    MPO (its photo first) and a TIFF's preview pages are not (TIFF pages: _tiff_pages)."""
-    return (fmt or img.format) in ("GIF", "PNG", "WEBP") and bool(getattr(img, "is_animated", False))
-
-
-def _tiff_pages(img: Image.Image) -> int:
-    """How many full images a TIFF holds: its pages, less the reduced-resolution ones (NewSubfileType bit 0:
-    previews of the first); left on the first page."""
-    pages = 1
-    for page in range(1, getattr(img, "n_frames", 1)):
-        img.seek(page)
-        pages += not img.tag_v2.get(254, 0) & 1
-    img.seek(0)
-    return pages
 
 
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # a PNG's last chunk
