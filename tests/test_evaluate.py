@@ -418,6 +418,26 @@ def test_negative_sizes_refused_up_front(tmp_path, args, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_evaluate_into_a_run_folder_is_refused_and_the_runs_metrics_kept(tmp_path, model_file, photos, capsys):
+    """-o at a training run's folder replaced its metrics.json (the final validation status reads) without a
+    word, and status then showed evaluate's numbers as the run's; refused before any work, the file untouched. An
+    evaluate folder is written again."""
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(model_file, run / "generator.safetensors")
+    (run / "config.yaml").write_text("train: {}\n")
+    (run / "metrics.json").write_text('{"final": "the run\'s own"}')
+    args = ["evaluate", "--model", str(run), "--images", str(photos / "chelsea.png"), "--quality", "10", "--quiet"]
+    assert main([*args, "-o", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} is a training run's folder" in err and f"-o {run / 'evaluate'}" in err, err
+    assert (run / "metrics.json").read_text() == '{"final": "the run\'s own"}' and not (run / "metrics.csv").exists()
+    for _ in range(2):
+        assert main([*args, "-o", str(run / "evaluate")]) == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("out", ["r.png", "r", "r.html.txt"])
 def test_report_page_not_named_html_is_a_usage_error(tmp_path, out, capsys):
     """-o r.png wrote the HTML page into r.png (an image viewer then fails on it): refused before any work."""
