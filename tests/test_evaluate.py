@@ -718,3 +718,17 @@ def test_a_bad_lpips_weights_file_is_an_error_before_any_photo(tmp_path, model_f
         err = capsys.readouterr().err
         assert err.startswith("error: --lpips-weights: ") and says in err and "Traceback" not in err, err
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_stand_in_lpips_backbone_is_not_called_imagenet(tmp_path, model_file, photos, caplog):
+    """--lpips-weights with random AlexNet weights under torchvision's name: metrics.json said "lpips-alex
+    (ImageNet AlexNet backbone)"; now its meta names the file unverified, and a warning says it first."""
+    from dist_dejpeg.bench.infer import save_stand_in_alexnet
+
+    save_stand_in_alexnet(tmp_path / "alexnet-owt-7be5be79.pth")
+    assert main(["evaluate", "--model", str(model_file), "--images", str(photos / "chelsea.png"), "--qualities", "10",
+                 "-o", str(tmp_path / "eval"), "--lpips-weights", str(tmp_path / "alexnet-owt-7be5be79.pth"),
+                 "--quiet", "--workers", "1"]) == 0
+    meta = json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]
+    assert meta["lpips"].startswith("lpips-alex (UNVERIFIED backbone: alexnet-owt-7be5be79.pth is not torchvision's")
+    assert "ImageNet" not in meta["lpips"] and "its values are not LPIPS's" in caplog.text

@@ -225,6 +225,27 @@ def test_lpips_value_matches_lpips_package(tmp_path):
     assert W.image_metrics(img, clean, lpips=model)["lpips"] == pytest.approx(expected, abs=1e-5)
 
 
+def test_an_lpips_backbone_file_not_torchvisions_is_named_unverified(tmp_path, monkeypatch):
+    """A stand-in AlexNet (random weights) under torchvision's file name was reported as the ImageNet backbone
+    (only its layout was checked): its SHA-256 is not the one the name carries, so LPIPS says so in its
+    description (metrics.json's meta, the run's); a file whose SHA-256 does match is LPIPS."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from dist_dejpeg.bench.infer import save_stand_in_alexnet
+
+    path = tmp_path / "alexnet-owt-7be5be79.pth"
+    save_stand_in_alexnet(path)
+    model, _ = W.load_lpips_metric(str(path))
+    assert model.pretrained and model.unverified.startswith("alexnet-owt-7be5be79.pth is not torchvision's")
+    assert model.description.startswith("lpips-alex (UNVERIFIED backbone: ") and "not 7be5be79)" in model.description
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+    monkeypatch.setattr("dist_dejpeg.models.weights.lpips_backbone_weights",
+                        lambda net: SimpleNamespace(url=f"https://host/models/alexnet-owt-{digest}.pth"))
+    model, _ = W.load_lpips_metric(str(path))
+    assert model.unverified == "" and model.description == "lpips-alex"
+
+
 def test_lpips_of_a_tall_image_runs_in_bands_of_the_same_value(monkeypatch):
     """LPIPS of a 12 MP photo in one pass peaked at +1.85 GB; in bands of rows (each reading LPIPS_HALO rows
     around its own) it is the whole pass's value to float32 rounding (seen ~5e-8 relative; a 64-row halo, too

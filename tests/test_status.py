@@ -442,6 +442,10 @@ def test_best_is_the_gan_phases_and_a_random_backbone_lpips_says_so(tmp_path, no
     (run / "config.yaml").unlink()  # metrics.json's meta says it too
     (run / "metrics.json").write_text(json.dumps({"meta": {"lpips": "lpips-alex (RANDOM backbone: not real LPIPS)"}}))
     assert st.run_status(run)["lpips"] == {"network": "lpips-alex", "pretrained": False, "source": "metrics.json"}
+    unverified = "lpips-alex (UNVERIFIED backbone: alexnet-owt-7be5be79.pth is not torchvision's ...)"
+    (run / "metrics.json").write_text(json.dumps({"meta": {"lpips": unverified}}))
+    assert f"LPIPS here is {unverified}: comparable only with runs measured with the same file" in st.run_status(
+        run)["warnings"]
 
 
 def test_best_names_the_metric_the_gan_phase_selects_on(tmp_path, no_flock):

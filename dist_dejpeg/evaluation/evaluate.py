@@ -99,6 +99,8 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
         metric = MetricSet(lpips_weights, y_only, crop_border, str(restorer.device).split(" ")[0], only)
     except WeightsError as err:  # --lpips-weights names a file that is missing or not AlexNet's
         raise EvaluateError(str(err)) from None
+    if metric.lpips is not None and metric.lpips.unverified:
+        log.warning("LPIPS: %s; its values are not LPIPS's unless it holds the same weights", metric.lpips.unverified)
     # (an image too small for the metrics is skipped before --max-images counts it)
     accepted = []  # the pixels of each reference the size check accepts, in order
 
@@ -177,7 +179,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
             "qualities": qualities, "images": measured, "skipped": skipped, "seen_in_training": seen,
             "channel": "Y (ITU-R BT.601, MATLAB-style)" if y_only else "RGB",
             "crop_border": crop_border, "unavailable": metric.unavailable, "undefined": metric.undefined,
-            "lpips": "lpips-alex (ImageNet AlexNet backbone)" if metric.lpips is not None else "unavailable",
+            "lpips": _lpips_label(metric.lpips),
             "device": str(restorer.device), "tile": restorer.tile, "overlap": restorer.overlap,
             "quality_given": not blind, "conditioned": restorer.conditioned, "guard": restorer.guard and not blind,
             # (jpeglib missing: nothing was made consistent, whatever the restorer asked)
@@ -213,6 +215,13 @@ def seen_note(seen: dict, total: int) -> str:
         where.append(f"photos the model trained on ({', '.join(photos[:5])}{more})")
     return (f"{seen['images']} of the {total} images are {' or '.join(where)}: their gains overstate what photos "
             f"it never saw get; evaluate on its validation shards or other photos")
+
+
+def _lpips_label(lpips) -> str:
+    """metrics.json's meta "lpips": the network and its backbone, or "unavailable"."""
+    if lpips is None:
+        return "unavailable"
+    return lpips.description if lpips.unverified else "lpips-alex (ImageNet AlexNet backbone)"
 
 
 def _backbone_note(info: dict) -> str:

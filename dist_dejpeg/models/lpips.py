@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dist_dejpeg.config.schema import LPIPS_MIN_SIDE
-from dist_dejpeg.models.weights import load_lpips_backbone, lpips_backbone_state
+from dist_dejpeg.models.weights import load_lpips_backbone, lpips_backbone
 
 
 class LPIPS(nn.Module):
@@ -42,7 +42,7 @@ class LPIPS(nn.Module):
             # failed one says nothing of a download that did not happen (the WeightsError says why)
             note = io.StringIO()
             with contextlib.redirect_stdout(note):
-                state = lpips_backbone_state(net, weights_file, key)
+                state, self.unverified = lpips_backbone(net, weights_file, key)
             sys.stderr.write(note.getvalue())
             load_lpips_backbone(self.inner.net, state)
         self.net_name = net
@@ -50,9 +50,13 @@ class LPIPS(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    unverified = ""  # a pretrained backbone's file that is not torchvision's: what it is not (lpips_backbone)
+
     @property
     def description(self) -> str:
-        return f"lpips-{self.net_name}" + ("" if self.pretrained else " (RANDOM backbone: not real LPIPS)")
+        if not self.pretrained:
+            return f"lpips-{self.net_name} (RANDOM backbone: not real LPIPS)"
+        return f"lpips-{self.net_name}" + (f" (UNVERIFIED backbone: {self.unverified})" if self.unverified else "")
 
     def train(self, mode: bool = True) -> "LPIPS":  # noqa: ARG002 - frozen: never leaves eval mode
         return super().train(False)

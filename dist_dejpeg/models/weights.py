@@ -11,8 +11,10 @@ There is no silent fallback to random init: random init is asked for with ``mode
 from __future__ import annotations
 
 import difflib
+import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -196,24 +198,33 @@ def lpips_backbone_weights(net: str):
 
 
 def lpips_backbone_state(net: str, weights_file: str, key: str) -> dict:
+    """The state of lpips_backbone (its weights alone)."""
+    return lpips_backbone(net, weights_file, key)[0]
+
+
+def lpips_backbone(net: str, weights_file: str, key: str) -> tuple[dict, str]:
     """torchvision ImageNet weights for LPIPS's ``net`` backbone: an explicit file, the torch hub cache,
-    or a download into that cache. ``key`` is the config key named in errors."""
+    or a download into that cache; and "" where they are torchvision's file (by its SHA-256, as torch.hub's
+    check_hash checks a download), else why not (a stand-in or another file: the numbers are then not LPIPS's).
+    ``key`` is the config key named in errors."""
     if weights_file:
         if not Path(weights_file).is_file():
             raise WeightsError(f"{key}: file not found: {weights_file}"
                                + (" (a folder: name the file in it)" if Path(weights_file).is_dir() else ""))
-        return _state_dict(weights_file, f"{key}: {weights_file}")
+        return _state_dict(weights_file, f"{key}: {weights_file}"), not_torchvisions(weights_file, net)
     url = lpips_backbone_weights(net).url
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     if cached.is_file():
-        return _state_dict(cached, f"the cached {cached} (remove it: it is downloaded again)")
+        return (_state_dict(cached, f"the cached {cached} (remove it: it is downloaded again)"),
+                not_torchvisions(cached, net))
     why = no_download_from(url)  # (torch.hub's download has no timeout: a network that drops packets would hold it)
     if not why:
         try:
             # torch.hub writes into a .partial file and renames it when complete (removed on any error): a stalled
             # download leaves nothing in the cache that a later run could take for the weights
             with stall_timeout():
-                return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
+                return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True,
+                                                          check_hash=True), ""
         except Exception as err:  # noqa: BLE001 - any failure here means "weights not available"
             why = stalled_download(url, err) or type(err).__name__
     raise WeightsError(
@@ -223,6 +234,20 @@ def lpips_backbone_state(net: str, weights_file: str, key: str) -> dict:
         f"set loss.lpips_pretrained=false for a random backbone (tests and debugging only: the LPIPS "
         f"numbers are then not LPIPS)."
     )
+
+
+def not_torchvisions(path: str | Path, net: str) -> str:
+    """"" where the file at ``path`` is torchvision's ImageNet file of LPIPS's ``net`` backbone (its SHA-256 starts
+    with the digits its download name carries: alexnet-owt-7be5be79.pth), else what it is not."""
+    name = os.path.basename(lpips_backbone_weights(net).url)
+    expected = re.search(r"-([0-9a-f]{6,})\.", name).group(1)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    got = digest.hexdigest()
+    return "" if got.startswith(expected) else (f"{Path(path).name} is not torchvision's {name} (its SHA-256 starts "
+                                                f"{got[:len(expected)]}, not {expected})")
 
 
 def _state_dict(path, named: str) -> dict:

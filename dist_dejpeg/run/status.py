@@ -341,6 +341,8 @@ def _status(run: RunFolder, now: float) -> dict:
     if lpips["pretrained"] is False and (last_val or run.trainer_state):
         warnings.append(f"LPIPS here is {lpips['network']} with a RANDOM-init backbone (loss.lpips_pretrained=false): "
                         f"not real LPIPS, comparable only with runs measured the same way")
+    elif "UNVERIFIED" in run.meta.lpips:  # (models/lpips.py: a backbone file that is not torchvision's)
+        warnings.append(f"LPIPS here is {run.meta.lpips}: comparable only with runs measured with the same file")
     progress_out = None
     if run.progress is not None:
         keys = ("status", "reason", "time", "losses", "host", "pid", "slurm_job")
