@@ -19,19 +19,35 @@ def version() -> str:
         return __version__
 
 
-def source_commit() -> str | None:
-    """The code that runs: ``git describe --always --dirty`` of the checkout this package is imported from
-    (-dirty: edited since that commit), for benchmark results and generator files; None outside a git checkout
-    (an installed wheel) or without git."""
-    import subprocess
+# what "-dirty" does not count: results and prose (a benchmark writing its results into benchmarks/results/ made
+# every later result of the run, and every model trained after it, say -dirty of a clean checkout)
+NOT_CODE = (":(exclude)benchmarks/results", ":(exclude)*.md")
+
+
+def source_commit(checkout=None) -> str | None:
+    """The code that runs: ``git describe --always`` of the checkout this package is imported from (or
+    ``checkout``), "-dirty" where a tracked file other than results and prose (NOT_CODE) was edited since that
+    commit, for benchmark results and generator files; None outside a git checkout (an installed wheel) or without
+    git."""
     from pathlib import Path
 
-    checkout = Path(__file__).resolve().parents[1]
+    checkout = Path(checkout or Path(__file__).resolve().parents[1])
     if not (checkout / ".git").exists():  # (git -C would find a repository around a venv's site-packages)
         return None
+    described = _git(checkout, "describe", "--always")
+    if not described or described[0] != 0:
+        return None
+    changed = _git(checkout, "diff", "--quiet", "HEAD", "--", ".", *NOT_CODE)
+    return (described[1].strip() or None) and described[1].strip() + ("-dirty" if changed and changed[0] else "")
+
+
+def _git(checkout, *args: str) -> tuple[int, str] | None:
+    """(exit status, stdout) of git in ``checkout``; None where git cannot run or takes over 20 s."""
+    import subprocess
+
     try:  # (Popen: the tests that fake subprocess.run for a benchmark's children still get the commit)
-        git = subprocess.Popen(["git", "-C", str(checkout), "describe", "--always", "--dirty"], text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        git = subprocess.Popen(["git", "-C", str(checkout), *args], text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL)
     except OSError:
         return None
     try:
@@ -40,7 +56,7 @@ def source_commit() -> str | None:
         git.kill()
         git.communicate()
         return None
-    return (out.strip() or None) if git.returncode == 0 else None
+    return git.returncode, out
 
 
 def code_version() -> str:

@@ -660,12 +660,11 @@ def test_results_name_the_commit_and_only_rank_0_writes_them(tmp_path, monkeypat
     """A results file names the code it measured (git describe, -dirty where edited), beside the machine and
     torch; under a launcher (`accelerate launch ... bench train`) only rank 0 writes (every rank wrote the same
     files at once, and printed the tables once per rank)."""
-    import subprocess
-
+    from dist_dejpeg import source_commit
     from dist_dejpeg.bench.common import CHECKOUT, write_results
 
-    expected = subprocess.run(["git", "-C", str(CHECKOUT), "describe", "--always", "--dirty"], capture_output=True,
-                              text=True).stdout.strip() if (CHECKOUT / ".git").exists() else None
+    expected = source_commit()
+    assert (expected is None) == (not (CHECKOUT / ".git").exists())
     monkeypatch.setenv("RANK", "1")
     write_results(tmp_path, "r", {"x": 1}, "T", "note", ["a"], [["1"]])
     assert list(tmp_path.iterdir()) == []
@@ -674,6 +673,51 @@ def test_results_name_the_commit_and_only_rank_0_writes_them(tmp_path, monkeypat
     report, md = read(tmp_path, "r")
     assert report["machine_info"]["commit"] == expected
     assert f"commit {expected or 'unknown'}" in md.splitlines()[2]
+
+
+def test_the_commit_is_dirty_only_where_code_was_edited(tmp_path):
+    """A benchmark writing its results into benchmarks/results/ (tracked) made its own later rows, and every model
+    trained after it, say -dirty of a clean checkout: results and prose do not count, code does."""
+    import subprocess
+
+    from dist_dejpeg import source_commit
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    for name, text in (("pkg.py", "x = 1\n"), ("README.md", "a\n"), ("benchmarks/results/train.json", "{}")):
+        (tmp_path / name).write_text(text)
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    clean = source_commit(tmp_path)
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "benchmarks" / "results" / "train.json").write_text('{"rows": 1}')
+    (tmp_path / "README.md").write_text("b\n")
+    assert source_commit(tmp_path) == clean
+    (tmp_path / "pkg.py").write_text("x = 2\n")
+    assert source_commit(tmp_path) == f"{clean}-dirty"
+
+
+def test_replacing_a_committed_result_is_said_once(tmp_path, capsys, monkeypatch):
+    """`bench train` replaced benchmarks/results/train.json (the numbers RESULTS.md cites) without a word: a
+    committed result is said to be replaced, once; a new result or an uncommitted one is written quietly."""
+    import subprocess
+
+    from dist_dejpeg.bench.common import write_results
+
+    monkeypatch.delenv("RANK", raising=False)
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "train.json").write_text("{}")
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"]):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+    for name in ("train", "train", "data"):
+        write_results(results, name, {"x": 1}, "T", "note", ["a"], [["1"]], echo=False)
+    err = capsys.readouterr().err
+    assert err.count("bench: replacing") == 1 and f"replacing {results / 'train.json'}, a committed result" in err
 
 
 def test_bench_flag_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch):

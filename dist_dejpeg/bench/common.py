@@ -250,6 +250,25 @@ def profile_calls(fn: Callable[[], object], path: str | Path, *, steps: int = 5,
     return out
 
 
+_replaced: set = set()  # the committed results this process has said it replaces
+
+
+def say_replaced(path: Path) -> None:
+    """Say once, on stderr, that ``path`` is a result committed to this checkout that a benchmark now replaces (the
+    numbers benchmarks/RESULTS.md cites were overwritten by a one-step run without a word)."""
+    if path in _replaced or not path.is_file():
+        return
+    _replaced.add(path)
+    try:
+        tracked = subprocess.run(["git", "-C", str(path.parent), "ls-files", "--error-unmatch", path.name],
+                                 capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    if tracked:
+        print(f"bench: replacing {path}, a committed result (git diff shows what changed, git checkout puts it "
+              f"back; --results DIR writes elsewhere)", file=sys.stderr, flush=True)
+
+
 def write_results(out_dir: str | Path, name: str, report: dict, title: str, note: str, header: list[str],
                   rows: list[list[str]], echo: bool = True) -> Path:
     """``out_dir/name.json`` (the report plus the machine) and ``out_dir/name.md`` (title naming the machine, the
@@ -259,6 +278,7 @@ def write_results(out_dir: str | Path, name: str, report: dict, title: str, note
     if not is_writer():
         return md
     out_dir.mkdir(parents=True, exist_ok=True)
+    say_replaced(out_dir / f"{name}.json")
     about = {"machine": machine_name(), "machine_info": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     body = {k: v for k, v in report.items() if k not in about}
     report.clear()
