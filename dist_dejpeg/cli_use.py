@@ -133,7 +133,7 @@ def print_restore_summary(results: list, args: argparse.Namespace, device) -> No
     for r in skipped if args.verbose and not args.quiet else []:
         print(f"skipped: {r.source}: {r.output} exists")
     for r in earlier if args.verbose and not args.quiet else []:
-        print(f"skipped: {r.source}: an earlier restore wrote it into {args.out} (name it by itself to restore it)")
+        print(f"skipped: {r.source}: an earlier restore wrote it (name it by itself to restore it again)")
     for r in failed:
         print(f"failed: {r.source}: {r.error.removeprefix(f'{r.source}: ')}", file=sys.stderr)  # named once
     if stopped:  # one line, not one per image never begun

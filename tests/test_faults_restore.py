@@ -384,9 +384,14 @@ def test_an_output_folder_inside_the_input_folder_is_not_searched(tmp_path, rest
     earlier, result = restore_files(restorer, [str(out / "sub")], out / "sub", suffix="x", progress=False)
     assert earlier.earlier and earlier.source == str(out / "sub" / "b.jpg") and not earlier.output
     assert result.error is None and result.output == str(out / "sub" / "c_x.png")
-    # a folder inside the output folder (not the other way round) is searched as given
+    # a folder inside the output folder (not the other way round) is searched as given, restore's outputs found
+    # there left alone as anywhere (another run's -o: restore photos -o photos/restored, then -o photos/as_jpg
+    # restored the first run's outputs again, each a layer worse)
     results = restore_files(restorer, [str(out / "sub")], out, suffix="y", progress=False)
-    assert sorted(r.output for r in results) == [str(out / name) for name in ("b_y.png", "c_x_y.png", "c_y.png")]
+    assert sorted((Path(r.source).name, r.earlier, r.output) for r in results) == [
+        ("b.jpg", True, None), ("c.jpg", False, str(out / "c_y.png")), ("c_x.png", True, None)]
+    (again,) = restore_files(restorer, [str(out / "sub" / "c_x.png")], out, suffix="y", progress=False)
+    assert again.output == str(out / "c_x_y.png")  # named by itself: restored, whoever wrote it
     # inputs passed through byte for byte (the guard, or a re-encoding that would lose) carry no mark: their own
     # bytes tell them apart, so a second run says them left alone, not failed
     restorer.passthrough = True

@@ -4,11 +4,12 @@ search of the output folder itself finds an earlier restore into it wrote (earli
 
 Restoring a folder into itself (``restore photos -o photos``) and then again, after new photos came in, must not
 restore the first run's outputs as new photos (photo.png restored again into photo.png.png, each run adding a
-layer): a search of the output folder leaves alone the files restore wrote (save_image marks each with EXIF
-Software "dist-dejpeg restore", as image editors name themselves: jpeg/formats.py's written_by_restore) and the
-inputs it passed through byte for byte under their output names (--format same with --suffix). A photo that merely
-shares an output's name is still an input (photo.jpg and photo.png, both originals, keep their extensions in their
-outputs). An output folder inside a folder searched (-o photos/restored) is not searched at all; a file named by
+layer): a search leaves alone the files restore wrote (save_image marks each with EXIF Software "dist-dejpeg
+restore", as image editors name themselves: jpeg/formats.py's written_by_restore), wherever they are (restore photos
+-o photos/restored, then restore photos -o photos/as_jpg restored the first run's outputs again: -0.34 dB), and, in
+the output folder, the inputs it passed through byte for byte under their output names (--format same, --suffix).
+A photo that merely shares an output's name is still an input (photo.jpg and photo.png, both originals, keep their
+extensions in their outputs). An output folder inside a folder searched (-o photos/restored) is not searched at all; a file named by
 itself always counts.
 """
 
@@ -37,7 +38,8 @@ class RestoreResult:
     note: str = ""  # the restore decision's reason
     skipped: bool = False  # a complete output existed (skip_existing): nothing was done
     stopped: bool = False  # not attempted: an earlier output found the disk full (error says so)
-    earlier: bool = False  # an earlier restore's output, found searching the output folder itself: left alone
+    earlier: bool = False  # an earlier restore's output (its mark; a pass-through copy in the output folder) that a
+    # search found: left alone
 
 
 def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: str = "png", suffix: str = ""
@@ -52,13 +54,16 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
     found, results, seen, in_out, below_out = [], [], set(), set(), {}
     out = Path(out_dir).resolve() if out_dir is not None else None
 
-    def add(path: Path, rel: Path, top: Path | None = None) -> None:  # top: the folder searched, resolved
-        key = path.resolve()
+    def add(path: Path, rel: Path, top: Path | None = None, searched: bool = True) -> None:  # top: the folder
+        key = path.resolve()  # searched, resolved (None: no output folder, or a file named by itself)
         if top is not None and out != top and out.is_relative_to(top) and key.is_relative_to(out):
             below_out.setdefault(key, (path, top))  # not searched: said below
             return
         if key not in seen:
             seen.add(key)
+            if searched and written_by_restore(path):  # restore's output anywhere a search finds it (another run's
+                results.append(RestoreResult(str(path), earlier=True))  # -o): restored again it loses more
+                return
             if top is not None and out == top:
                 in_out.add(len(found))
             found.append((path, rel))
@@ -72,7 +77,7 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
             for p in files:
                 add(p, p.relative_to(path), top)
         elif path.is_file():
-            add(path, Path(path.name))
+            add(path, Path(path.name), searched=False)
         else:
             matches = glob_files(item)
             if not matches:
