@@ -221,7 +221,7 @@ def test_resume_followed_by_overrides_resumes_with_them(tmp_path, monkeypatch, c
     printed = capsys.readouterr()
     assert "batch_size: 3" in printed.out and "crop: 96" in printed.out
     assert printed.err.startswith("error: ") and "resume" in printed.err, printed.err
-    seen, done = [], {"q10": {"jpeg": {"psnr": 25.0}, "restored": {"psnr": 26.0}, "gain": {"psnr_low": 0.5}}}
+    seen, done = [], {"q10": {"jpeg": {"psnr": 25.0}, "restored": {"psnr": 26.0}, "gain": {"psnr": 1.0, "psnr_low": 0.5}}}
     monkeypatch.setattr(trainer, "train", lambda cfg, resume=None: seen.append((cfg.train.run_dir, resume)) or done)
     main(["train", "--config", str(config), "--resume", f"train.run_dir={tmp_path}", "train.processes=1"])
     assert seen == [(str(tmp_path), "latest")]

@@ -403,6 +403,27 @@ def test_an_output_folder_inside_the_input_folder_is_not_searched(tmp_path, rest
     assert (out / "a.jpg").read_bytes() == (src / "a.jpg").read_bytes()
 
 
+def test_a_photo_restore_did_not_write_is_never_replaced_by_an_output(tmp_path, restorer):
+    """restore 'a/*.jpg' -o a replaced a/beach.png, another picture of the user's, with beach.jpg's restored image
+    without a word: that file fails, saying why, the picture untouched; restore's own outputs (marked) and inputs
+    passed through byte for byte are replaced by a second run as before."""
+    folder = tmp_path / "a"
+    folder.mkdir()
+    Image.fromarray(_photo()).save(folder / "beach.jpg", quality=30)
+    Image.fromarray(_photo()[::-1].copy()).save(folder / "beach.png")
+    picture = (folder / "beach.png").read_bytes()
+    (result,) = restore_files(restorer, [str(folder / "*.jpg")], folder, progress=False)
+    assert result.output is None and result.error.startswith(f"output {folder / 'beach.png'} exists and restore did "
+                                                             f"not write it: not replaced"), result.error
+    assert (folder / "beach.png").read_bytes() == picture
+    (result,) = restore_files(restorer, [str(folder / "beach.jpg")], folder / "beach.png", progress=False)
+    assert result.output is None and "name another output file" in result.error
+    for passthrough in (False, False, True, True):  # a marked output, then a byte copy, each replaced
+        restorer.passthrough = passthrough
+        (result,) = restore_files(restorer, [str(folder / "beach.jpg")], tmp_path / "out", fmt="same", progress=False)
+        assert result.error is None and result.output == str(tmp_path / "out" / "beach.jpg"), result.error
+
+
 def test_restoring_a_folder_into_itself_again_leaves_its_outputs_alone(tmp_path, restorer):
     """restore photos -o photos, run again after new photos came in: the first run's outputs (marked by restore,
     or passed through byte for byte under their output names) are not restored again as new photos (no

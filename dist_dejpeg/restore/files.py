@@ -44,7 +44,7 @@ from dist_dejpeg.jpeg.consistency import conform
 from dist_dejpeg.jpeg.quality import DOUBLE, earlier_compression, estimate_quality
 from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, cells_for, load_image,
                                         made_consistent, output_complete, pixel_limit, save_image)
-from dist_dejpeg.restore.inputs import RestoreResult, collect_inputs, output_names
+from dist_dejpeg.restore.inputs import RestoreResult, collect_inputs, output_names, replaceable
 from dist_dejpeg.restore.reencode import reencoding_outweighs, written_as
 from dist_dejpeg.restore.base import ImageRestorer  # Restorer (PyTorch) or OnnxRestorer: no torch import here
 from dist_dejpeg.run.files import TEMP_NAME, atomic_write_bytes, is_disk_full, prove_writable
@@ -220,7 +220,11 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
                 else:
                     log.warning("%s exists but does not decode fully (a truncated or foreign file): restoring it "
                                 "again", target)
-            if not result.skipped:
+            if not result.skipped and not replaceable(target, path):
+                result.error = (f"output {target} exists and restore did not write it: not replaced (move it away, or "
+                                + ("name another output file)" if one_file else "give another output folder, or "
+                                   "--suffix)"))
+            elif not result.skipped:
                 jobs.append((result, path, target))
                 continue
         bar.update()

@@ -122,6 +122,15 @@ def is_earlier_output(path: Path, own: dict[Path, Path]) -> bool:
                                         and filecmp.cmp(source, path, shallow=False))
 
 
+def replaceable(target: Path, source: Path) -> bool:
+    """Whether restore may write ``target`` for the input ``source``: nothing is there, or restore wrote it (its mark,
+    or ``source`` passed through byte for byte); a photo of the user's that shares the output's name is not (restore
+    'a/*.jpg' -o a replaced a/beach.png, another picture, with beach.jpg's restored image without a word)."""
+    if not target.is_file():
+        return True  # (nothing, or a folder: its write fails and says so)
+    return written_by_restore(target) or filecmp.cmp(target, source, shallow=False)
+
+
 def glob_files(pattern: str) -> list[Path]:
     """The files a glob matches, sorted, its image suffix in either case as a folder search takes it ('*.jpg'
     finds a camera's IMG_0001.JPG too; a name without wildcards stays exact)."""
