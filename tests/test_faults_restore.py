@@ -908,3 +908,18 @@ def test_lock_filesystem_is_read_from_the_mount_table(tmp_path):
     assert filesystem("/mnt/my share/runs/a", str(mounts)) == "nfs4 at /mnt/my share"
     assert filesystem("/home/x", str(mounts)) == "ext4 at /"
     assert filesystem("/x", str(tmp_path / "none")) == "unknown"
+
+
+def test_files_of_one_name_from_two_folders_go_below_their_folders_names(tmp_path, restorer):
+    """restore x y -o o (or x/a.jpg y/a.jpg): both a.jpg were to be o/a.jpg.png, the second failing as the first's
+    output; now o/x/a.png and o/y/a.png. Different names from the two folders keep the plain layout."""
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(_photo()).save(tmp_path / folder / "a.jpg", quality=30)
+    Image.fromarray(_photo()).save(tmp_path / "y" / "b.jpg", quality=30)
+    for inputs in ([tmp_path / "x", tmp_path / "y"], [tmp_path / "x" / "a.jpg", tmp_path / "y" / "a.jpg"]):
+        out = tmp_path / f"o{len(inputs[0].parts)}"
+        results = restore_files(restorer, [str(p) for p in inputs], out, progress=False)
+        assert all(r.error is None for r in results), [r.error for r in results]
+        assert sorted(Path(r.output).relative_to(out).as_posix() for r in results) == (
+            ["b.png", "x/a.png", "y/a.png"] if inputs[0].is_dir() else ["x/a.png", "y/a.png"])

@@ -50,12 +50,14 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
     itself found that an earlier restore wrote there (earlier_outputs, for this run's ``fmt`` and ``suffix``). A
     folder's or glob's files inside ``out_dir``, where that lies below the folder searched, are earlier outputs,
     not searched (-o photos/restored, run twice): an earlier restore's outputs there are ``earlier`` results, any
-    other image there a failure that says why; a file named by itself always counts."""
-    found, results, seen, in_out, below_out = [], [], set(), set(), {}
+    other image there a failure that says why; a file named by itself always counts. Files of one relative path
+    from different folders given (restore x y, or x/a.jpg y/a.jpg) go below their folder's name (x/a.png, y/a.png:
+    the second failed as the first's output, and the first was named a.jpg.png)."""
+    found, roots, results, seen, in_out, below_out = [], [], [], set(), set(), {}
     out = Path(out_dir).resolve() if out_dir is not None else None
 
-    def add(path: Path, rel: Path, top: Path | None = None, searched: bool = True) -> None:  # top: the folder
-        key = path.resolve()  # searched, resolved (None: no output folder, or a file named by itself)
+    def add(path: Path, rel: Path, root: Path, top: Path | None = None, searched: bool = True) -> None:
+        key = path.resolve()  # top: the folder searched, resolved (None: no output folder, or a file named by itself)
         if top is not None and out != top and out.is_relative_to(top) and key.is_relative_to(out):
             below_out.setdefault(key, (path, top))  # not searched: said below
             return
@@ -67,6 +69,7 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
             if top is not None and out == top:
                 in_out.add(len(found))
             found.append((path, rel))
+            roots.append(root)
 
     for item in inputs:
         path = Path(item)
@@ -75,9 +78,9 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
             if not files:
                 results.append(RestoreResult(item, error=f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder"))
             for p in files:
-                add(p, p.relative_to(path), top)
+                add(p, p.relative_to(path), path, top)
         elif path.is_file():
-            add(path, Path(path.name), searched=False)
+            add(path, Path(path.name), path.parent, searched=False)
         else:
             matches = glob_files(item)
             if not matches:
@@ -85,7 +88,9 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
             prefix = glob_prefix(item)
             top = prefix.resolve() if out is not None else None
             for p in matches:
-                add(p, below(p, prefix), top)
+                add(p, below(p, prefix), prefix, top)
+    shared = Counter(rel for _, rel in found)
+    found = [(p, Path(root.resolve().name) / rel if shared[rel] > 1 else rel) for (p, rel), root in zip(found, roots)]
     earlier = earlier_outputs(found, in_out, out, fmt, suffix) if in_out else set()
     results += [RestoreResult(str(found[i][0]), earlier=True) for i in sorted(earlier)]
     own = own_outputs(found, out, fmt, suffix) if below_out else {}
