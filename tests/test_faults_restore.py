@@ -670,6 +670,28 @@ def test_skip_existing_skips_only_complete_outputs_and_says_so(tmp_path, model_f
     assert not any(output_complete(out / n) for n in ("no_iend.png", "jpeg_bytes.png", "missing.png"))
 
 
+def test_skip_existing_skips_the_pass_through_copy_of_a_jpeg_with_data_after_its_end(tmp_path, restorer, caplog):
+    """A phone's JPEG with a trailer after its EOI marker (motion-photo video) and a camera's MPO as .jpg, passed
+    through: their outputs are the inputs byte for byte, and a second run skips them (it restored them again,
+    warning "does not decode fully": the JPEG's tail and the MPO's format were checked as restore's own encodes)."""
+    restorer.passthrough = True
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "trail.jpg").write_bytes(_camera_jpeg(_photo(), b"") + b"JUNK")
+    Image.fromarray(_photo()).save(src / "phone.mpo", format="MPO", save_all=True,
+                                   append_images=[Image.fromarray(_photo(36, 50))])
+    for run in range(2):
+        results = restore_files(restorer, [str(src)], tmp_path / "out", fmt="same", skip_existing=True,
+                                progress=False)
+        assert [r.skipped for r in results] == [bool(run)] * 2, results
+    assert "does not decode fully" not in caplog.text
+    assert (tmp_path / "out" / "trail.jpg").read_bytes() == (src / "trail.jpg").read_bytes()
+    assert (tmp_path / "out" / "phone.jpg").read_bytes() == (src / "phone.mpo").read_bytes()
+    assert not output_complete(tmp_path / "out" / "trail.jpg")  # (without its input: restore's own encode's checks)
+    (tmp_path / "out" / "trail.jpg").write_bytes((src / "trail.jpg").read_bytes()[:-600])  # cut short: a copy no more
+    assert not output_complete(tmp_path / "out" / "trail.jpg", source=src / "trail.jpg")
+
+
 def test_ctrl_c_in_a_folder_leaves_whole_outputs_and_says_how_to_go_on(tmp_path, model_file, monkeypatch, capsys):
     """Ctrl-C while a folder is restored: the outputs already written are whole, no temp file is left, and the
     message says how to continue (it said only "restore: interrupted")."""

@@ -215,7 +215,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
         else:
             claimed[key] = path
             if skip_existing and target.exists():
-                if output_complete(target, max_pixels):
+                if output_complete(target, max_pixels, path):
                     result.output, result.skipped = str(target), True
                 else:
                     log.warning("%s exists but does not decode fully (a truncated or foreign file): restoring it "
