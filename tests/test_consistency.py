@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -443,6 +444,23 @@ def test_the_api_reads_an_upload_and_says_when_a_converted_image_has_no_file(tmp
     converted = np.asarray(restorer.restore(Image.open(io.BytesIO(data)).convert("RGB")))
     assert np.array_equal(converted, _blurred(_decoded(data)))
     assert "a converted or copied image has none" in restorer.last_decision.reason
+
+
+def test_a_jpeg_whose_name_is_no_utf8_is_made_consistent_through_its_bytes(tmp_path):
+    """A Latin-1 name on Linux (b'caf\\xe9.jpg', a camera card or an old archive): jpeglib cannot open it (its name
+    goes to libjpeg as UTF-8, a UnicodeEncodeError), so its bytes are read: made consistent, as its copy named in ASCII."""
+    import os
+
+    from dist_dejpeg.restore.images import load_image
+
+    if sys.platform == "win32" or sys.getfilesystemencoding().lower() not in ("utf-8", "utf8"):
+        pytest.skip("a name that is no UTF-8 needs a UTF-8 file system encoding (Linux)")
+    data = _jpeg(skimage.data.coffee()[:64, :96], 20)
+    latin = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.jpg"))
+    latin.write_bytes(data)
+    loaded = load_image(latin)
+    assert loaded.cells is not None and loaded.cells_note == "", loaded.cells_note
+    assert np.array_equal(loaded.cells.planes[0].coefficients, read_cells(data).planes[0].coefficients)
 
 
 def test_stripes_arithmetic_coding_and_bytes_that_cannot_be_written(tmp_path, monkeypatch):

@@ -111,6 +111,13 @@ def read_cells(source: str | os.PathLike | bytes) -> JpegCells:
         import jpeglib
     except ImportError:
         raise NotConsistent(JPEGLIB_MISSING) from None
+    if not isinstance(source, (bytes, bytearray, memoryview)) and os.fsencode(source) != str(source).encode(
+            "utf-8", "replace"):  # a name that is no UTF-8 (b'caf\xe9.jpg'), which jpeglib cannot open: its bytes
+        try:
+            with open(source, "rb") as f:
+                source = f.read()
+        except OSError as err:
+            raise NotConsistent(f"its JPEG coefficients cannot be read ({type(err).__name__}: {err})") from None
     if isinstance(source, (bytes, bytearray, memoryview)):  # jpeglib reads files only
         try:
             with tempfile.TemporaryDirectory() as tmp:
