@@ -82,8 +82,8 @@ def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int
         print(f"warning: {missing}", file=sys.stderr)
     if restorer.guard and not restorer.gains:  # (said per image only under --verbose)
         print(f"warning: {args.model} holds no validated gains (a checkpoint, or a run not yet finished: its "
-              f"generator.safetensors has them): the guard cannot pass images through, every image is restored "
-              f"unchecked", file=sys.stderr)
+              f"generator.safetensors has them): every image of a known JPEG quality is restored unchecked (those "
+              f"of unknown quality are still passed through)", file=sys.stderr)
     try:
         results = restore_files(restorer, inputs, args.out, fmt=fmt, max_pixels=args.max_pixels,
                                 skip_existing=args.skip_existing, progress=not args.quiet,

@@ -648,7 +648,7 @@ def test_skip_existing_skips_only_complete_outputs_and_says_so(tmp_path, model_f
     run = ["restore", str(src), "-o", str(out), "--model", str(model_file), "--quiet", "--skip-existing"]
     assert main(run) == 0
     first, err = capsys.readouterr()
-    assert "holds no validated gains" in err and "every image is restored unchecked" in err  # (a file without them)
+    assert "holds no validated gains" in err and "of a known JPEG quality is restored unchecked" in err  # (none held)
     assert "restored 2 image(s)" in first
     # under a megapixel, the time itself (as a rate it was mostly warm-up: "39753 ms per megapixel")
     assert re.search(r"on cpu in \d+\.\d s \(0\.00 megapixels\); 0 failed", first) and "per megapixel" not in first, first
@@ -690,6 +690,19 @@ def test_skip_existing_skips_the_pass_through_copy_of_a_jpeg_with_data_after_its
     assert not output_complete(tmp_path / "out" / "trail.jpg")  # (without its input: restore's own encode's checks)
     (tmp_path / "out" / "trail.jpg").write_bytes((src / "trail.jpg").read_bytes()[:-600])  # cut short: a copy no more
     assert not output_complete(tmp_path / "out" / "trail.jpg", source=src / "trail.jpg")
+
+
+def test_a_model_without_gains_is_said_to_pass_images_of_unknown_quality_through(tmp_path, model_file, capsys):
+    """A checkpoint (no validated gains) as --model: a JPEG is restored unchecked, a PNG of unknown quality still
+    passed through by the guard; the warning said "the guard cannot pass images through, every image is restored"."""
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_photo(40, 48)).save(src / "p.jpg", quality=20)
+    Image.fromarray(_photo(40, 48)).save(src / "p.png")
+    assert main(["restore", str(src), "-o", str(tmp_path / "out"), "--model", str(model_file), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "restored 1 image(s)" in out and "passed 1 through" in out, out
+    assert "cannot pass images through" not in err and "of unknown quality are still passed through" in err, err
 
 
 def test_ctrl_c_in_a_folder_leaves_whole_outputs_and_says_how_to_go_on(tmp_path, model_file, monkeypatch, capsys):
