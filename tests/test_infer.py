@@ -287,6 +287,11 @@ def test_refuses_to_overwrite_an_input(tmp_path, model_file, capsys):
     code = main(["restore", str(src), "-o", str(tmp_path), "--model", str(model_file), "--quiet"])
     assert code == 1 and "refusing to overwrite an input" in capsys.readouterr().err
     assert src.read_bytes() == before
+    # an output file that is the input: --suffix (for an output folder) is no way out, another name is
+    code = main(["restore", str(src), "-o", str(src), "--model", str(model_file), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "(give another output file name, or an output folder)" in err and "--suffix" not in err, err
+    assert src.read_bytes() == before
 
 
 def test_unwritable_output_folder_fails_before_any_work(tmp_path, model_file, capsys):

@@ -209,7 +209,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
         key = target.resolve()
         if key in sources:
             result.error = (f"refusing to overwrite an input: the output would be {target} (give another output "
-                            f"folder, or --suffix)")
+                            f"{'file name, or an output folder' if one_file else 'folder, or --suffix'})")
         elif key in claimed:
             result.error = f"output {target} is also the output of {claimed[key]}: restore them into different folders"
         else:
