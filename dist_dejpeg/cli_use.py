@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
 # libraries that log every graph pass at INFO while exporting
@@ -124,12 +125,16 @@ def print_restore_summary(results: list, args: argparse.Namespace, device) -> No
     # a rate from under a megapixel is mostly the first forward's warm-up: the time itself then
     rate = "" if not megapixels else (f", {1000 * seconds / megapixels:.0f} ms per megapixel" if megapixels >= 1
                                       else f" in {seconds:.1f} s ({megapixels:.2f} megapixels)")
-    passed = len(written) - len(restored)
+    recoded = {r.source: _reencoded(r, args.output_quality) for r in written if r.passthrough}
+    passed = sum(not how for how in recoded.values())
     for r in [] if args.quiet else written:
         if args.verbose or r.passthrough or r.quality is None:
             q = f"q{r.quality} ({r.quality_from})" if r.quality is not None else r.quality_from
+            how = "restored" if not r.passthrough else (f"not restored, re-encoded as {recoded[r.source]}"
+                                                         if recoded[r.source] else "passed through")
             note = f"; {r.note}" if r.note else ""
-            print(f"{'passed through' if r.passthrough else 'restored'}: {r.source}: {q}{note}")
+            note = note.replace("passed through unchanged", "not restored") if how.startswith("not") else note
+            print(f"{how}: {r.source}: {q}{note}")
     for r in skipped if args.verbose and not args.quiet else []:
         print(f"skipped: {r.source}: {r.output} exists")
     for r in earlier if args.verbose and not args.quiet else []:
@@ -142,9 +147,27 @@ def print_restore_summary(results: list, args: argparse.Namespace, device) -> No
               file=sys.stderr)
     print(f"restored {len(restored)} image(s) into {args.out} on {device}{rate}; "
           + (f"passed {passed} through unchanged; " if passed else "")
+          + "".join(f"{n} not restored but re-encoded as {how}; " for how, n in
+                    sorted(Counter(how for how in recoded.values() if how).items()))
           + (f"skipped {len(skipped)} existing; " if skipped else "")
           + (f"left {len(earlier)} earlier output(s) alone; " if earlier else "") + f"{len(failed)} failed"
           + (f"; {len(stopped)} not begun (disk full)" if stopped else ""))
+
+
+def _reencoded(result, output_quality: int | None) -> str:
+    """How a passed-through image's output was encoded with loss ("JPEG q60": a PNG given --format jpg), or ""
+    where it is the input file itself or its pixels in a lossless format."""
+    import filecmp
+
+    from dist_dejpeg.jpeg.formats import save_options
+
+    fmt, options = save_options(Path(result.output).suffix, output_quality)
+    try:
+        if (fmt != "JPEG" and options.get("lossless", True)) or filecmp.cmp(result.source, result.output, False):
+            return ""
+    except OSError:  # (the input gone since: it was not the output, which was encoded)
+        pass
+    return f"{'WebP' if fmt == 'WEBP' else fmt} q{options['quality']}"
 
 
 def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:

@@ -705,6 +705,21 @@ def test_a_model_without_gains_is_said_to_pass_images_of_unknown_quality_through
     assert "cannot pass images through" not in err and "of unknown quality are still passed through" in err, err
 
 
+def test_a_pass_through_re_encoded_with_loss_is_not_said_to_be_unchanged(tmp_path, model_file, capsys):
+    """A PNG of unknown quality, passed through by the guard, written as a q60 JPEG: said not restored but
+    re-encoded (the summary said "passed 1 through unchanged"); into a lossless format its pixels are unchanged."""
+    src = tmp_path / "a.png"
+    Image.fromarray(_photo(40, 48)).save(src)
+    run = ["restore", str(src), "--model", str(model_file)]
+    assert main(run + ["-o", str(tmp_path / "jpg"), "--format", "jpg", "--output-quality", "60"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"not restored, re-encoded as JPEG q60: {src}: "), lines
+    assert "; 1 not restored but re-encoded as JPEG q60; 0 failed" in lines[-1] and "unchanged" not in lines[-1]
+    assert main(run + ["-o", str(tmp_path / "png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"passed through: {src}: ") and "passed 1 through unchanged; 0 failed" in lines[-1]
+
+
 def test_ctrl_c_in_a_folder_leaves_whole_outputs_and_says_how_to_go_on(tmp_path, model_file, monkeypatch, capsys):
     """Ctrl-C while a folder is restored: the outputs already written are whole, no temp file is left, and the
     message says how to continue (it said only "restore: interrupted")."""
