@@ -81,6 +81,12 @@ def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int
 
     if restorer.consistent and (missing := jpeglib_missing()):  # (said once, here: not under the progress bar)
         print(f"warning: {missing}", file=sys.stderr)
+    from dist_dejpeg.jpeg.formats import others_in, suffix_counts
+
+    if others := [p for item in inputs if Path(item).is_dir() for p in others_in(item)]:  # (a folder search's)
+        print(f"note: left out {len(others)} file(s) in formats restore does not read ({suffix_counts(others)}: "
+              f"{', '.join(map(str, others[:3]))}{', ...' * (len(others) > 3)}): not JPEGs (HEIC, AVIF: another "
+              f"codec's artefacts; RAW: none); convert one to PNG to restore it anyway", file=sys.stderr)
     if restorer.guard and not restorer.gains:  # (said per image only under --verbose)
         print(f"warning: {args.model} holds no validated gains (a checkpoint, or a run not yet finished: its "
               f"generator.safetensors has them): every image of a known JPEG quality is restored unchecked (those "

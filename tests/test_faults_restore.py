@@ -720,6 +720,22 @@ def test_a_pass_through_re_encoded_with_loss_is_not_said_to_be_unchanged(tmp_pat
     assert lines[0].startswith(f"passed through: {src}: ") and "passed 1 through unchanged; 0 failed" in lines[-1]
 
 
+def test_a_folders_heic_raw_and_avif_files_are_counted_and_named_not_passed_over(tmp_path, model_file, capsys):
+    """A phone's or camera's folder: its HEIC, RAW and AVIF files, which a folder search leaves out, are counted
+    and named in one line (the summary said "restored 1 image(s) ... 0 failed" and nothing of them)."""
+    src = tmp_path / "card"
+    (src / "raw").mkdir(parents=True)
+    Image.fromarray(_photo(40, 48)).save(src / "p.jpg", quality=20)
+    for name in ("IMG_1.HEIC", "IMG_2.heic", "raw/IMG_3.CR2", "z.avif"):
+        (src / name).write_bytes(b"\0\0\0\x18ftypheic")
+    assert main(["restore", str(src), "-o", str(tmp_path / "out"), "--model", str(model_file), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "restored 1 image(s)" in out
+    line = next(line for line in err.splitlines() if "left out" in line)
+    assert line.startswith("note: left out 4 file(s) in formats restore does not read (1 .avif, 1 .cr2, 2 .heic: "
+                           f"{src / 'IMG_1.HEIC'}, {src / 'IMG_2.heic'}, {src / 'raw' / 'IMG_3.CR2'}, ...): not JPEGs"), line
+
+
 def test_ctrl_c_in_a_folder_leaves_whole_outputs_and_says_how_to_go_on(tmp_path, model_file, monkeypatch, capsys):
     """Ctrl-C while a folder is restored: the outputs already written are whole, no temp file is left, and the
     message says how to continue (it said only "restore: interrupted")."""

@@ -26,8 +26,8 @@ from dist_dejpeg.data.images import BadImage, decode_rgb8, is_avif, is_jpeg_xl, 
 from dist_dejpeg.run.pool import MAX_DEFAULT_WORKERS, pool_size
 from dist_dejpeg.data.shards import (PrepareError, check_settings, publish, require_training_tiles, sample_key, staged,
                                      tile_sources)
-from dist_dejpeg.jpeg.formats import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, hidden, is_animation, tiff_pages, walk_files,
-                                       written_by_restore)
+from dist_dejpeg.jpeg.formats import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, OTHER_PHOTO_SUFFIXES, hidden, is_animation,
+                                       suffix_counts, tiff_pages, walk_files, written_by_restore)
 
 log = logging.getLogger(__name__)
 # Photo formats taken as sources beside IMAGE_SUFFIXES, each rejected with its own reason where it cannot be used
@@ -35,8 +35,7 @@ log = logging.getLogger(__name__)
 NAMED_SOURCE_SUFFIXES = frozenset({".avif", ".jxl"}) - IMAGE_SUFFIXES
 SOURCE_SUFFIXES = IMAGE_SUFFIXES | NAMED_SOURCE_SUFFIXES
 # Photo formats a folder may hold that PIL does not decode (or not losslessly): counted and named, not passed over
-UNREAD_PHOTO_SUFFIXES = frozenset({".heic", ".heif", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf",
-                                   ".pef", ".srw", ".psd", ".exr"}) - SOURCE_SUFFIXES
+UNREAD_PHOTO_SUFFIXES = OTHER_PHOTO_SUFFIXES - SOURCE_SUFFIXES
 
 
 class Unreadable(BadImage):
@@ -167,11 +166,7 @@ def find_sources(src: Path) -> tuple[list[tuple[Path, str, str]], list[dict]]:
         raise FileNotFoundError(f"{src} is a file, not a folder of images" if src.exists() else f"no such folder: {src}")
     every = walk_files(src)
     files = sorted(p for p in every if p.suffix.lower() in SOURCE_SUFFIXES)
-    others: dict[str, int] = {}
-    for path in every:
-        if path.suffix.lower() in UNREAD_PHOTO_SUFFIXES:
-            others[path.suffix.lower()] = others.get(path.suffix.lower(), 0) + 1
-    unread = ", ".join(f"{n} {suffix}" for suffix, n in sorted(others.items()))
+    unread = suffix_counts(p for p in every if p.suffix.lower() in UNREAD_PHOTO_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(sorted(SOURCE_SUFFIXES))}) under {src}" + (
             f"; found {unread}, which prepare cannot read: convert them to PNG or TIFF" if unread else ""))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+from collections import Counter
 from pathlib import Path
 
 # Photos a folder search picks up (prepare folder, restore, evaluate): what Pillow decodes.
@@ -57,6 +58,24 @@ def images_in(folder) -> list[Path]:
     """The image files walk_files finds below ``folder`` (IMAGE_SUFFIXES, in any case), sorted: what restore and
     evaluate take from a folder, as prepare folder does."""
     return sorted(p for p in walk_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+# Photo formats a folder may hold beside IMAGE_SUFFIXES, which its search leaves out (no JPEGs: HEIC and AVIF hold
+# another codec's artefacts, RAW none; PIL reads few of them): counted and named, never left out without a word
+OTHER_PHOTO_SUFFIXES = frozenset({".heic", ".heif", ".avif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf",
+                                  ".rw2", ".raf", ".pef", ".srw", ".psd", ".exr"})
+
+
+def others_in(folder) -> list[Path]:
+    """The files walk_files finds below ``folder`` in OTHER_PHOTO_SUFFIXES (in any case), sorted: the photos
+    images_in leaves out, to be named."""
+    return sorted(p for p in walk_files(folder) if p.suffix.lower() in OTHER_PHOTO_SUFFIXES)
+
+
+def suffix_counts(files) -> str:
+    """How many of ``files`` have each suffix, in lower case ("2 .heic, 1 .cr2")."""
+    counts = Counter(Path(p).suffix.lower() for p in files)
+    return ", ".join(f"{n} {suffix}" for suffix, n in sorted(counts.items()))
 
 
 JPEG_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
