@@ -523,6 +523,40 @@ def test_an_exif_or_xmp_over_64_kb_is_trimmed_for_a_jpeg_output_with_a_warning(t
     assert len(Image.open(result.output).getexif().get_ifd(EXIF_IFD)[0x927C]) == 70_000
 
 
+def test_the_inputs_software_is_kept_with_restores_mark_after_it(tmp_path, restorer):
+    """EXIF Software "Adobe Photoshop Lightroom Classic 13.0" was replaced by restore's mark: kept, the mark after it
+    (as an editor adds itself), which still tells restore's outputs apart; a camera's NUL-padded name is cut at its
+    first NUL (a reader stops there: a mark after it is unseen), an output restored again is marked once, an output
+    from before (the mark alone) is still restore's, and a JPEG's EXIF trimmed to 64 KB keeps the mark."""
+    from dist_dejpeg.jpeg.formats import SOFTWARE_TAG, written_by_restore
+    from dist_dejpeg.restore.images import save_image
+
+    def software(path: Path) -> str:
+        return Image.open(path).getexif().get(SOFTWARE_TAG)
+
+    mark = "dist-dejpeg restore"
+    for i, (given, written) in enumerate([("Adobe Photoshop Lightroom Classic 13.0", None), ("Ver.1.00\0\0\0", None),
+                                          (f"GIMP 2.10; {mark}", f"GIMP 2.10; {mark}"), (None, mark)]):
+        src = tmp_path / f"in{i}.jpg"
+        exif = Image.Exif()
+        if given is not None:
+            exif[SOFTWARE_TAG] = given
+        Image.fromarray(_photo(24, 32)).save(src, quality=30, exif=exif)
+        (result,) = restore_files(restorer, [str(src)], tmp_path / "out", fmt="jpg", progress=False)
+        expected = written or f"{given.split(chr(0))[0]}; {mark}"
+        assert software(result.output) == expected and written_by_restore(result.output), (given, expected)
+    old, exif = tmp_path / "old.png", Image.Exif()
+    exif[SOFTWARE_TAG] = mark
+    Image.fromarray(_photo(24, 32)).save(old, exif=exif)
+    assert written_by_restore(old) and not written_by_restore(tmp_path / "in0.jpg")
+    big = Image.Exif()  # (a name kept to 200 characters, the largest value left: not the one trimmed)
+    big[SOFTWARE_TAG] = "L" * 1000
+    for tag in range(0xC000, 0xC000 + 300):
+        big[tag] = "y" * 219
+    save_image(_photo(24, 32), tmp_path / "big.jpg", exif=big.tobytes())
+    assert software(tmp_path / "big.jpg") == f"{'L' * 200}; {mark}"
+
+
 def test_a_tiff_of_several_pages_is_refused_as_an_animation_is(tmp_path, restorer):
     """A multi-page TIFF (a scanned document, a stack) would lose all but its first page: refused with the
     reason; pages marked reduced-resolution (previews of the first) do not count."""

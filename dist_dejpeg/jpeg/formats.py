@@ -13,11 +13,34 @@ from pathlib import Path
 # Photos a folder search picks up (prepare folder, restore, evaluate): what Pillow decodes.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".webp", ".tif", ".tiff", ".bmp",
                             ".ppm", ".pgm", ".pnm", ".gif", ".jp2"})
-# EXIF Software of every file restore writes (restore/images.py: save_image), as an image editor names itself: a
-# search of restore's output folder leaves those files alone (restore/inputs.py), prepare folder refuses them as
-# clean targets (a model's output, not a photo)
+# EXIF Software of every file restore writes (restore/images.py: save_image), after the input's own as an image
+# editor adds itself ("Adobe Photoshop Lightroom Classic 13.0; dist-dejpeg restore"; outputs from before: the mark
+# alone): a search of restore's output folder leaves those files alone (restore/inputs.py), prepare folder refuses
+# them as clean targets (a model's output, not a photo)
 SOFTWARE_TAG = 0x0131
 RESTORE_SOFTWARE = "dist-dejpeg restore"
+SOFTWARE_KEPT = 200  # characters of the input's Software kept before the mark: a name (a longer value is junk)
+
+
+def software_text(value) -> str:
+    """An EXIF Software value as text: bytes decoded, cut at its first NUL (cameras pad the field with them, and a
+    reader stops there: a mark after one is unseen), spaces stripped."""
+    text = value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else str(value or "")
+    return text.split("\0", 1)[0].strip()
+
+
+def restore_software(value) -> str:
+    """The EXIF Software restore writes over an input's ``value``: its name, then restore's mark (once)."""
+    name = software_text(value)
+    if by_restore(name) or not name:
+        return name or RESTORE_SOFTWARE
+    return f"{name[:SOFTWARE_KEPT]}; {RESTORE_SOFTWARE}"
+
+
+def by_restore(software) -> bool:
+    """Whether an EXIF Software value carries restore's mark (restore_software's, or the mark alone)."""
+    text = software_text(software)
+    return text.startswith(RESTORE_SOFTWARE) or text.endswith(f"; {RESTORE_SOFTWARE}")
 
 
 def written_by_restore(image: str | os.PathLike | bytes) -> bool:
@@ -26,7 +49,7 @@ def written_by_restore(image: str | os.PathLike | bytes) -> bool:
 
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
-            return str(img.getexif().get(SOFTWARE_TAG, "")).startswith(RESTORE_SOFTWARE)
+            return by_restore(img.getexif().get(SOFTWARE_TAG, ""))
     except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError ... for a file it cannot read
         return False
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import ExifTags, Image
 
-from dist_dejpeg.jpeg.formats import RESTORE_SOFTWARE, SOFTWARE_TAG, cmyk_to_srgb, icc_space, srgb_profile
+from dist_dejpeg.jpeg.formats import SOFTWARE_TAG, cmyk_to_srgb, icc_space, restore_software, srgb_profile
 
 log = logging.getLogger("dist_dejpeg.restore.images")
 
@@ -121,24 +121,26 @@ def output_dpi(img: Image.Image) -> tuple[float, float] | None:
 
 
 def marked(exif: bytes | None) -> bytes:
-    """``exif`` (or none) with its Software naming restore, as an image editor names itself in what it writes."""
+    """``exif`` (or none) with its Software naming restore after the input's own, as an image editor adds itself
+    in what it writes (jpeg.formats.restore_software)."""
     tags = Image.Exif()
     if exif:
         tags.load(exif)
-    tags[SOFTWARE_TAG] = RESTORE_SOFTWARE
+    tags[SOFTWARE_TAG] = restore_software(tags.get(SOFTWARE_TAG))
     return tags.tobytes()
 
 
 def fit_exif(exif: bytes, path: Path) -> bytes | None:
     """``exif`` within one JPEG marker segment: its largest values (of IFD0 and the Exif IFD: a maker note, a
-    Photoshop block) left out, largest first, until it fits, with a warning naming them; None where none is left."""
+    Photoshop block; not the Software, restore's mark) left out, largest first, until it fits, with a warning naming
+    them; None where none is left."""
     tags = Image.Exif()
     tags.load(exif)
     ifds = (tags, tags.get_ifd(EXIF_IFD)) if EXIF_IFD in tags else (tags,)
     dropped = []
     while len(exif) > JPEG_MARKER_MAX:
         sizes = [(len(value), ifd, tag) for ifd in ifds for tag, value in ifd.items()
-                 if isinstance(value, (bytes, str))]
+                 if isinstance(value, (bytes, str)) and not (ifd is tags and tag == SOFTWARE_TAG)]  # (the mark stays)
         if not sizes:
             log.warning("%s: written without its EXIF: over the 64 KB a JPEG holds", path)
             return None
