@@ -605,6 +605,41 @@ def test_a_16_bit_tiff_is_refused_as_a_16_bit_png_is(tmp_path, restorer):
     assert raw.output is None and "a 16-bit PPM: JPEG is 8-bit" in raw.error, raw.error
     assert raw8.error is None, raw8.error
 
+def _png_rgb16(rgb16: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG (as a RAW converter exports): PIL cannot write one."""
+    import zlib
+
+    (h, w, _), rows = rgb16.shape, b"".join(b"\0" + row.astype(">u2").tobytes() for row in rgb16)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_the_api_refuses_a_16_bit_image_as_its_path_is_refused(tmp_path):
+    """Restorer.restore(Image.open("rgb16.png")) gave an 8-bit image back without a word (PIL opens a 16-bit RGB
+    PNG or TIFF as 8-bit RGB) where the file's path is refused: refused alike, opened from its path or its bytes."""
+    from dist_dejpeg.restore.images import InputImageError
+    from dist_dejpeg.restore.restorer import Restorer
+    from test_infer import Pointwise
+
+    api = Restorer(Pointwise(), tile=0, guard=False)
+    rgb16 = _photo(24, 32).astype(np.uint16) * 257 + 3
+    (tmp_path / "rgb16.png").write_bytes(_png_rgb16(rgb16))
+    (tmp_path / "scan.tif").write_bytes(_tiff_rgb16(rgb16))
+    for name, kind in (("rgb16.png", "PNG"), ("scan.tif", "TIFF")):
+        path = tmp_path / name
+        assert Image.open(path).mode == "RGB"  # what PIL makes of it
+        said = f"a 16-bit {kind}: JPEG is 8-bit, so this file never was a JPEG"
+        for image, source in ((str(path), str(path)), (Image.open(path), str(path)),
+                              (Image.open(io.BytesIO(path.read_bytes())), "image")):
+            with pytest.raises(InputImageError, match=re.escape(f"{source}: {said}")):
+                api.restore(image)
+    assert api.restore(Image.fromarray(_photo(24, 32))).mode == "RGB"  # 8-bit: restored
+
+
 def test_a_quoted_glob_finds_a_cameras_upper_case_suffixes(tmp_path, restorer):
     """'photos/*.jpg' finds IMG_0001.JPG as the folder search does (cameras write upper case); a name without
     wildcards stays exact."""

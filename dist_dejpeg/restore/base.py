@@ -23,7 +23,7 @@ from dist_dejpeg.jpeg.formats import is_animation
 from dist_dejpeg.jpeg.quality import PIXELS, earlier_compression, estimate_quality
 from dist_dejpeg.models.names import CONFORMED_KEYS, GAIN_KEYS, JPEG_PSNR, read_gains
 from dist_dejpeg.restore.guard import Decision, decide
-from dist_dejpeg.restore.images import (cells_for, file_cells, held_bytes, join_image, load_image,
+from dist_dejpeg.restore.images import (cells_for, check_depth, file_cells, held_bytes, join_image, load_image,
                                         made_consistent, split_image, to_gray)
 from dist_dejpeg.restore.metadata import jpeg_notes, output_dpi, output_metadata, output_xmp
 from dist_dejpeg.restore.tiling import NUMPY, Arrays, restore_tiled
@@ -291,6 +291,8 @@ class ImageRestorer:
                 raise ValueError(f"an animated {image.format} ({image.n_frames} frames): restore writes one image, so "
                                  f"all but the current frame would be lost; restore the frames one by one "
                                  f"(image.seek(i), then image.copy())")
+            if not read:  # (a path's file: checked as it was loaded)
+                check_depth(image, getattr(image, "filename", "") or "image")
             held = None if read or getattr(image, "filename", "") else held_bytes(image)  # (gone once it loads)
             rgb, alpha, grayscale = split_image(image)
             source = "given"

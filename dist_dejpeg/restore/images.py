@@ -66,8 +66,16 @@ class LoadedImage:
     cells_note: str = ""  # a JPEG's: why it has none
 
 
-def _bit_depth(img: Image.Image, path: Path) -> int:
-    """Bits per sample as the file stores them: PIL opens a 16-bit RGB PNG or TIFF as 8-bit RGB, silently."""
+def check_depth(img: Image.Image, source: str, path: str | Path | None = None) -> None:
+    """An InputImageError where the file ``img`` was opened from (``path``, else its own) stores over 8 bits a
+    sample: PIL opens a 16-bit RGB PNG, TIFF or PPM as 8-bit RGB, silently (load_image's check, and the API's)."""
+    if (bits := _bit_depth(img, path or getattr(img, "filename", "") or None)) > 8:
+        raise InputImageError(f"{source}: a {bits}-bit {img.format}: JPEG is 8-bit, so this file never was a JPEG; "
+                              f"convert it to 8 bits first if it holds a decoded JPEG")
+
+
+def _bit_depth(img: Image.Image, path: str | Path | None) -> int:
+    """Bits per sample as the file stores them (``path``: the file's; None: an image opened from bytes)."""
     if img.format == "TIFF":
         bits = img.tag_v2.get(258, 8)
         return max(bits) if isinstance(bits, tuple) else int(bits)
@@ -77,10 +85,13 @@ def _bit_depth(img: Image.Image, path: Path) -> int:
         return max(8, int(maxval).bit_length())
     if img.format != "PNG":
         return 8
-    with open(path, "rb") as f:
-        head = f.read(33)
+    head = b""
+    if path is not None:
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            head = f.read(33)
+    # opened from bytes, or the file gone since: its tile names the raw mode ("RGB;16B") until it is loaded
     if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        return 8
+        return 16 if any(";16" in str(t.args) for t in img.tile) else 8
     return struct.unpack(">B", head[24:25])[0]
 
 
@@ -178,9 +189,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, cells: bo
             raise InputImageError(f"{path}: {w} x {h} = {w * h / 1e6:.3g} megapixels is over the limit of "
                                   f"{max_pixels / 1e6:.3g} megapixels ({max_pixels} pixels: a decompression bomb?); "
                                   f"raise it with --max-pixels (in pixels)")
-        if (bits := _bit_depth(img, path)) > 8:
-            raise InputImageError(f"{path}: a {bits}-bit {img.format}: JPEG is 8-bit, so this file never was a JPEG; "
-                                  f"convert it to 8 bits first if it holds a decoded JPEG")
+        check_depth(img, str(path), path)
         mode, fmt = img.mode, img.format or path.suffix.lstrip(".").upper()
         if is_animation(img, fmt):
             raise InputImageError(f"{path}: an animated {fmt} ({img.n_frames} frames): restore writes one image, so "
