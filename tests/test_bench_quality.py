@@ -84,6 +84,16 @@ def test_bad_flags_config_and_missing_matplotlib_exit_2(tmp_path, capsys, monkey
     assert "pip install matplotlib" in capsys.readouterr().err
 
 
+def test_a_seed_given_twice_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """--seeds 0 0 trained one run and reported it as two seeds ("seeds 0, 0", "0 of 2 runs")."""
+    monkeypatch.setattr(quality, "train_once", lambda *a: pytest.fail("trained"))
+    argv = ["bench", "quality", "--seeds", "0", "0", "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--seeds 0 0: a seed given twice" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()  # nothing trained
+
+
 def tiny_recipe(shards, steps: int, processes: int) -> list[str]:
     """The debug recipe (bench quality's default config) shrunk to seconds: a tiny generator, gen phase only."""
     return [f"data.root={shards}", "data.crop=32", "data.batch_size=2", "data.num_workers=0", "data.val_crop=32",

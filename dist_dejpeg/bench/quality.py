@@ -245,6 +245,8 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, seeds=(0, 1, 
         keep_checkpoints: bool = False, name: str = NAME) -> dict:
     from dist_dejpeg.config import load_config
 
+    if len(set(seeds)) != len(seeds):  # one run would count as two seeds in every mean and "of N runs"
+        raise ValueError(f"--seeds {' '.join(map(str, seeds))}: a seed given twice (each seed is one training run)")
     cfg = load_config(config, overrides)
     every = every or max(1, sum(cfg.train.phases[p].steps for p in cfg.train.order) // POINTS)
     images_per_step = cfg.data.batch_size * cfg.train.grad_accum  # x the processes, from each checkpoint
