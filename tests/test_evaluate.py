@@ -255,6 +255,29 @@ def test_report_page_from_the_cli(tmp_path, model_file, photos, capsys, monkeypa
     assert asked[0]["report_crop"] == 64  # each photo cut to the page's crops as it is done: memory for one photo
 
 
+def test_the_code_that_trained_and_that_evaluated_are_named(tmp_path, model_file, photos):
+    """report said "trained by: not recorded" of a generator file that records its code; metrics.json named
+    neither the training code nor the evaluating one."""
+    from safetensors.torch import load_file, save_file
+
+    from dist_dejpeg import code_version
+    from dist_dejpeg.evaluation.evaluate import evaluate, markdown
+    from dist_dejpeg.models.generator_file import load_model, read_metadata
+    from dist_dejpeg.restore.restorer import Restorer
+
+    path = tmp_path / "generator.safetensors"
+    save_file(load_file(str(model_file)), str(path), {**read_metadata(model_file), "code": "dist_dejpeg 0.1.0 (93f4b62)"})
+    assert load_model(path)[1]["code"] == "dist_dejpeg 0.1.0 (93f4b62)"  # what report shows as "trained by"
+    result = evaluate(Restorer(str(path), tile=0), [str(photos / "chelsea.png")], [20], None, progress=False,
+                      only=("psnr",))
+    meta = result["meta"]
+    assert meta["trained_by"] == "dist_dejpeg 0.1.0 (93f4b62)" and meta["evaluated_by"] == code_version()
+    assert "trained by dist_dejpeg 0.1.0 (93f4b62)" in markdown(result)
+    assert load_model(model_file)[1]["code"] == ""  # a file without it
+    result["meta"]["trained_by"] = None
+    assert "trained by not recorded" in markdown(result)
+
+
 def _evaluate_cli(capsys, *args) -> tuple[int, str]:
     code = main(["evaluate", *args, "--quiet"])
     return code, capsys.readouterr().err

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_dejpeg import code_version
 from dist_dejpeg.evaluation import pairs
 from dist_dejpeg.evaluation.measure import MetricSet, restored_pairs
 from dist_dejpeg.evaluation.references import EvaluateError, read_references, seen_in_training
@@ -174,6 +175,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     result = {
         "meta": {
             "model": info, "model_config": restorer.info.get("model"),
+            "trained_by": info.get("code") or None, "evaluated_by": code_version(),
             "backbones": _backbone_note(info),
             "compression": f"libjpeg via Pillow {PIL.__version__}, {subsampling} chroma subsampling",
             "qualities": qualities, "images": measured, "skipped": skipped, "seen_in_training": seen,
@@ -245,7 +247,8 @@ def markdown(result: dict) -> str:
     model = meta["model"]
     lines = [f"# Evaluation of {model.get('source')}", "",
              f"Model: encoder {model.get('encoder')} ({model.get('encoder_init')}), training steps "
-             f"{model.get('global_step')}; {meta['backbones']}.",
+             f"{model.get('global_step')}, trained by {meta.get('trained_by') or 'not recorded'}; "
+             f"{meta['backbones']}; evaluated by {meta.get('evaluated_by') or 'not recorded'}.",
              f"Images: {meta['images']} lossless references ({len(meta['skipped'])} skipped); compression: "
              f"{meta['compression']}; full-reference metrics on {meta['channel']}, border crop {meta['crop_border']}.",
              f"Restored on {meta['device']} (tile {meta['tile']}, overlap {meta['overlap']}), "

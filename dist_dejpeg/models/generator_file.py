@@ -204,7 +204,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ge
     EMA's where the checkpoint has ``ema_generator.safetensors``, as the run validated and exports them).
 
     ``info``: source, format, encoder, encoder_init ("ImageNet" or "random init" at the start of training),
-    global_step, lpips (the validation LPIPS of the run), model (the model config as a dict)."""
+    global_step, lpips (the validation LPIPS of the run), code (the code that trained it, "" where not recorded:
+    a checkpoint), model (the model config as a dict)."""
     path = resolve_model_path(path)
     if path.is_dir():
         return _load_checkpoint_generator(path, device)
@@ -212,7 +213,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ge
     generator = load_generator(path, device)
     model_cfg = model_config_from_meta(meta, str(path))
     info = {"source": str(path), "format": "generator.safetensors", "global_step": _int(meta.get("global_step")),
-            "lpips": meta.get("lpips", ""), **file_gains(meta), TRAIN_SHARDS: file_train_shards(meta),
+            "lpips": meta.get("lpips", ""), "code": meta.get("code", ""), **file_gains(meta), TRAIN_SHARDS: file_train_shards(meta),
             TRAIN_SOURCES: file_train_sources(meta)}
     return generator, _describe(info, model_cfg)
 
