@@ -266,7 +266,8 @@ def test_the_code_that_trained_and_that_evaluated_are_named(tmp_path, model_file
     from dist_dejpeg.restore.restorer import Restorer
 
     path = tmp_path / "generator.safetensors"
-    save_file(load_file(str(model_file)), str(path), {**read_metadata(model_file), "code": "dist_dejpeg 0.1.0 (93f4b62)"})
+    save_file(load_file(str(model_file)), str(path),
+              {**read_metadata(model_file), "code": "dist_dejpeg 0.1.0 (93f4b62)"})
     assert load_model(path)[1]["code"] == "dist_dejpeg 0.1.0 (93f4b62)"  # what report shows as "trained by"
     result = evaluate(Restorer(str(path), tile=0), [str(photos / "chelsea.png")], [20], None, progress=False,
                       only=("psnr",))
@@ -492,6 +493,25 @@ def test_report_says_what_the_guard_passed_through(tmp_path, model_file, photos,
     assert text.count('<span class="pass">passed through unchanged') == 1 and "restored (= JPEG)" in text
     assert "<th>do-no-harm guard</th><td>on</td>" in text
     assert "q95: 1 of 1 passed through unchanged" in (tmp_path / "r" / "metrics.md").read_text()
+
+
+def test_the_restore_rate_counts_only_restored_images(tmp_path, model_file, photos):
+    """metrics.md's "ms per megapixel" counted the megapixels of the images the guard passed through: ~2 ms per
+    megapixel where every image passed through."""
+    from safetensors.torch import load_file, save_file
+
+    from dist_dejpeg.evaluation.evaluate import evaluate, markdown
+    from dist_dejpeg.models.generator_file import read_metadata
+    from dist_dejpeg.restore.restorer import Restorer
+
+    guarded = tmp_path / "guarded.safetensors"  # validated gains up to q40: q95 passes through
+    save_file(load_file(str(model_file)), str(guarded),
+              {**read_metadata(model_file), "val_psnr_gain": json.dumps({"10": 0.5, "40": 0.2})})
+    result = evaluate(Restorer(str(guarded), tile=0), [str(photos / "chelsea.png")], [95], None, progress=False,
+                      only=("psnr",))
+    assert result["per_quality"]["95"]["passed_through"] == 1
+    assert result["meta"]["restore_ms_per_megapixel"] is None
+    assert "nothing restored (every image passed through)." in markdown(result)
 
 
 def test_images_the_model_trained_on_are_named_in_the_tables_and_the_report(tmp_path, sample_shards, capsys, caplog):

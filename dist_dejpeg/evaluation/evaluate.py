@@ -251,8 +251,9 @@ def markdown(result: dict) -> str:
              f"{meta['backbones']}; evaluated by {meta.get('evaluated_by') or 'not recorded'}.",
              f"Images: {meta['images']} lossless references ({len(meta['skipped'])} skipped); compression: "
              f"{meta['compression']}; full-reference metrics on {meta['channel']}, border crop {meta['crop_border']}.",
-             f"Restored on {meta['device']} (tile {meta['tile']}, overlap {meta['overlap']}), "
-             f"{format_value(meta['restore_ms_per_megapixel'], 0)} ms per megapixel.",
+             f"Restored on {meta['device']} (tile {meta['tile']}, overlap {meta['overlap']}), " + (
+                 "nothing restored (every image passed through)." if meta["restore_ms_per_megapixel"] is None else
+                 f"{format_value(meta['restore_ms_per_megapixel'], 0)} ms per megapixel of the restored images."),
              f"Quality-conditioned model: {'yes' if meta.get('conditioned') else 'no'}; quality told to it: "
              f"{'yes' if meta.get('quality_given') else 'no (blind)'}; do-no-harm guard: "
              f"{'on' if meta.get('guard') else 'off'}; {consistent_note(meta)}" + "".join(

@@ -137,8 +137,9 @@ def restored_pairs(refs, qualities, restorer, metric: MetricSet, blind: bool, su
             if conformed and not decision.passthrough:  # as restore makes a JPEG file's
                 restored = getattr(restorer, "conform", conform)(  # (a GPU Restorer's: on its GPU)
                     restored, cells, 1, getattr(decision, "half_width", None) or 0.5)
-            timing["restore_seconds"] += time.perf_counter() - start
-            timing["megapixels"] += clean.shape[0] * clean.shape[1] / 1e6
+            if not decision.passthrough:  # the restore rate: a passed-through image is neither time nor pixels of it
+                timing["restore_seconds"] += time.perf_counter() - start
+                timing["megapixels"] += clean.shape[0] * clean.shape[1] / 1e6
             try:  # both against the clean photo at once: its LPIPS features are computed once for the pair
                 distances, lpips_error = metric.lpips_values([jpeg, restored], clean), None
             except ValueError as err:
