@@ -46,6 +46,8 @@ def read(folder, name):
     ("bench --results R --tiles 288 --formats raw --batches 2 --threads 1 data",
      {"which": "data", "tiles": [288], "formats": ["raw"], "batches": 2, "threads": 1, "crop": 256, "name": "data"}),
     ("bench --results R --formats raw png --batches 10 data", {"which": "data", "formats": ["raw", "png"]}),
+    ("bench data --threads 0", {"which": "data", "threads": 0}),  # all cores, as its help says (it was refused)
+    ("bench all --threads 0", {"which": "all", "threads": 0}),
     ("bench infer --results R", {"which": "infer", "results": "R", "repeats": 3, "config": None, "overrides": []}),
     ("bench scaling --config configs/debug.yaml --steps 1 data.crop=64", {"steps": 1, "overrides": ["data.crop=64"]}),
     ("bench all --no-ladder --tiles 288", {"which": "all", "no_ladder": True, "tiles": [288], "repeats": 3}),
@@ -643,6 +645,7 @@ def test_bench_refuses_bad_counts_results_and_configs_before_measuring(tmp_path,
 
     for args, message in ((["train", "--steps", "-3"], "--steps: a whole number >= 1, not '-3'"),
                           (["data", "--batches", "0"], "--batches: a whole number >= 1"),
+                          (["data", "--threads", "-1"], "--threads: a whole number >= 0"),
                           (["infer", "--repeats", "0"], "--repeats: a whole number >= 1"),
                           (["train", "--rungs", "none", "compile"], "all or none stands alone"),  # (ran compile)
                           (["train", "--rungs", "bogus"], "unknown rung(s) bogus")):

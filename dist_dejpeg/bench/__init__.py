@@ -47,8 +47,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 # the benchmarks' counts and the least each takes (negative steps wrote negative images/s into the results; zero
-# repeats a median of nothing; zero batches a hang)
-COUNTS = {"--steps": 1, "--repeats": 1, "--rounds": 1, "--batches": 1, "--threads": 1, "--tiles": 1, "--crop": 8,
+# repeats a median of nothing; zero batches a hang; zero threads: all cores)
+COUNTS = {"--steps": 1, "--repeats": 1, "--rounds": 1, "--batches": 1, "--threads": 0, "--tiles": 1, "--crop": 8,
           "--batch-sizes": 1, "--seeds": 0, "--warmup": 0}
 
 
