@@ -767,6 +767,14 @@ def test_bench_scaling_from_another_folder_checks_first_and_names_a_failed_launc
     assert Path(config).is_absolute() and Path(config).is_file() and config.endswith(CPU_CONFIG[0])
 
 
+def test_bench_scaling_help_names_the_config_it_runs_without_one(capsys):
+    """Its help said a GPU machine defaults to configs/div2k.yaml; cpu_config_of runs configs/debug.yaml anywhere."""
+    with pytest.raises(SystemExit):
+        main(["bench", "scaling", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "none: configs/debug.yaml, on any machine" in text and "div2k" not in text
+
+
 def test_bench_data_wait_cut_short_says_what_it_did_not_measure(tmp_path, monkeypatch):
     """data_wait's tables are rewritten after each variant; a run that a variant's failure (or Ctrl-C) stopped
     listed only the variants measured, a table that looked complete. Now the rest are rows that say why not."""

@@ -141,7 +141,11 @@ def scaling_model(train_report: dict, config: str, overrides: list[str], out_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, "scaling")
+    add_common_arguments(parser, "scaling", config=False)  # (its --config: no GPU default, see cpu_config_of)
+    parser.add_argument("--config", help="training config (none: configs/debug.yaml, on any machine: the "
+                                         "measured part runs on the CPU)")
+    parser.add_argument("overrides", nargs="*", default=[], help="config overrides, key=value (anywhere but right "
+                                                                 "after an option that takes several values)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per block of each bench train")
 
 
