@@ -367,6 +367,21 @@ def test_predicted_efficiency_falls_with_gpus_and_overlap_helps(step_s):
     assert all(o >= n for o, n in zip(yes, no))
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_scaling_model_from_a_cpu_step_says_it_is_no_gpu_prediction(tmp_path, monkeypatch, device):
+    """bench train --scaling-model / bench all on a CPU wrote efficiencies at 8/64/256 GPUs from a CPU's step
+    time without a word of it."""
+    from dist_dejpeg.bench.common import TUNED
+
+    monkeypatch.setattr(scaling, "gradient_bytes", lambda *a: {"generator": 5e7, "critic": 1e7})
+    train_report = {"machine": "m", "device": device, "results": {TUNED: {"gen": {"ms_per_call": 500.0}}}}
+    report = scaling.scaling_model(train_report, "configs/debug.yaml", [], tmp_path)
+    md = (tmp_path / "scaling_model.md").read_text()
+    assert report["step_device"] == device
+    assert ("from a CPU step: not a GPU prediction" in md.splitlines()[0]) == (device == "cpu")
+    assert ("The step times are a CPU's (no GPU step measured)" in md) == (device == "cpu")
+
+
 def test_bench_scaling_launches_one_and_two_processes(tmp_path, repo_root, monkeypatch):
     monkeypatch.chdir(repo_root)
     assert main(["bench", "scaling", "--config", "configs/debug.yaml", "--steps", "1", "--results", str(tmp_path),

@@ -120,22 +120,30 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, steps: int = 
 
 def scaling_model(train_report: dict, config: str, overrides: list[str], out_dir: str | Path,
                   name: str = "scaling_model") -> dict:
-    """The predicted DDP efficiency at 8/64/256 GPUs from a ``bench train`` report's tuned step times."""
+    """The predicted DDP efficiency at 8/64/256 GPUs from a ``bench train`` report's tuned step times; from a CPU's
+    steps (no GPU step measured) it is written, and said to be no GPU prediction."""
     tuned = train_report["results"][TUNED]
+    on = str(train_report.get("device", ""))
     grads = gradient_bytes(config, overrides)
     steps = {"generator": tuned["gen"]["ms_per_call"] / 1000}
     if "critic" in tuned:
         steps["critic"] = tuned["critic"]["ms_per_call"] / 1000
     rows = model_table(steps, grads)
     report = {"from": train_report.get("machine"), "config": config, "overrides": overrides,
-              "step_seconds": steps, "gradient_bytes": grads, "links": LINKS,
+              "step_device": on, "step_seconds": steps, "gradient_bytes": grads, "links": LINKS,
               "backward_share": BACKWARD_SHARE, "bucket_bytes": BUCKET_BYTES}
     note = (f"Step times: the tuned rows of `bench train` on {train_report.get('machine')} (`{config}` "
             f"{' '.join(overrides)}). Ring all-reduce of fp32 gradients, NVLink {LINKS['nvlink']['bw_gbs']:.0f} "
             f"GB/s within a node of {GPUS_PER_NODE}, InfiniBand {LINKS['infiniband']['bw_gbs']:.0f} "
             f"GB/s per GPU across nodes; cells: efficiency without / with overlap of communication and backward. "
             f"Formula in dist_dejpeg/bench/scaling.py and the README.")
-    write_results(out_dir, name, report, "Predicted DDP efficiency (model, not measured)", note,
+    title = "Predicted DDP efficiency (model, not measured)"
+    if not on.startswith("cuda"):  # a CPU step is many times a GPU's: the all-reduce hides behind it
+        title += " from a CPU step: not a GPU prediction"
+        note = ("The step times are a CPU's (no GPU step measured): far longer than a GPU's, they make every "
+                "efficiency far higher than GPUs reach; run `bench train --scaling-model` on a GPU for a "
+                "prediction. " + note)
+    write_results(out_dir, name, report, title, note,
                   ["model", "step ms", "gradient MB", "8 GPUs", "64 GPUs", "256 GPUs"], rows)
     return report
 
