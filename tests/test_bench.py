@@ -392,6 +392,24 @@ def test_bench_scaling_launches_one_and_two_processes(tmp_path, repo_root, monke
     assert math.isclose(gen["efficiency"], gen["images_per_s_2"] / (2 * gen["images_per_s_1"]))
 
 
+def test_a_measured_efficiency_above_100_percent_is_flagged_as_noise(tmp_path, monkeypatch):
+    """bench scaling printed gan 126% from single runs one after the other, as if it were a measurement."""
+    from dist_dejpeg.bench.common import TUNED
+
+    def launch(cmd, env, check):
+        name = cmd[cmd.index("--name") + 1]
+        rows = {u: {"images_per_s_per_device": r if name.endswith("_1") else r * e}
+                for u, r, e in (("gen", 10.0, 0.58), ("gan", 10.0, 1.26))}
+        (Path(cmd[cmd.index("--results") + 1]) / f"{name}.json").write_text(json.dumps({"results": {TUNED: rows}}))
+
+    monkeypatch.setattr(scaling, "gradient_bytes", lambda *a: {"generator": 5e7, "critic": 1e7})
+    monkeypatch.setattr(scaling.subprocess, "run", launch)
+    scaling.run("configs/debug.yaml", [], tmp_path, steps=1)
+    md = (tmp_path / "scaling.md").read_text()
+    assert "| 126% (>100%: noise; rerun with more --steps) |" in md and "| 58% |" in md
+    assert "above 100% is noise" in md
+
+
 def test_bench_all_times_only_the_updates_asked_for_in_scaling(tmp_path, repo_root, monkeypatch):
     """`bench all --updates gen`: its scaling part times the gen update alone too (it timed every update, the
     longest part of the suite on a CPU). The four benchmarks are faked; the scaling launches are recorded."""
