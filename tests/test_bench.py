@@ -800,6 +800,20 @@ def test_bench_scaling_from_another_folder_checks_first_and_names_a_failed_launc
     assert Path(config).is_absolute() and Path(config).is_file() and config.endswith(CPU_CONFIG[0])
 
 
+def test_the_libjpeg_ceiling_codes_photo_crops_not_noise():
+    """The ceiling row JPEG-coded random noise, slower than photos: a loader of photos beat its "ceiling"."""
+    import numpy as np
+
+    from dist_dejpeg.bench import data
+    from dist_dejpeg.data.images import jpeg_encode
+
+    crops = data.photo_crops(64)
+    assert len(crops) >= 4 and all(c.shape == (64, 64, 3) and c.dtype == np.uint8 for c in crops)
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert sum(len(jpeg_encode(c, 30)) for c in crops) < len(crops) * len(jpeg_encode(noise, 30)) * 0.7  # photos
+    assert data.photo_crops(600)[0].shape == (600, 600, 3)  # larger than every photo: enlarged first
+
+
 def test_bench_scaling_help_names_the_config_it_runs_without_one(capsys):
     """Its help said a GPU machine defaults to configs/div2k.yaml; cpu_config_of runs configs/debug.yaml anywhere."""
     with pytest.raises(SystemExit):

@@ -13,8 +13,8 @@ Every row delivers float32 batches in [0, 1] (the batch contract), so each pays 
 - DALI CPU: dist_dejpeg's DALI pipeline with device_id=None
 - DALI GPU: the same pipeline on a CUDA device (mixed decode, GPU crop and distortion), when present
 - torch loader + nvJPEG: workers read and crop, the batch is JPEG-degraded on the GPU (no DALI), when present
-- libjpeg ceiling: encode + decode of in-memory 256 px crops alone, in as many processes (the most any
-  CPU pipeline can reach when the ground truth costs nothing to decode)
+- libjpeg ceiling: encode + decode of in-memory 256 px crops of the sample photos alone, in as many processes (the
+  most any CPU pipeline can reach when the ground truth costs nothing to decode)
 Results: data.json and data.md in the results folder (with the machine's name). Ratios are computed from
 rows measured in this one run.
 """
@@ -37,7 +37,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
 from dist_dejpeg.bench.common import add_common_arguments, sync, write_results
-from dist_dejpeg.data.shards import list_shards, prepare_samples, read_manifest
+from dist_dejpeg.data.shards import SAMPLE_TRAIN, list_shards, prepare_samples, read_manifest, sample_photo
 from dist_dejpeg.data.torch_loader import ShardStream, TorchLoader
 from dist_dejpeg.jpeg.formats import TILE_FORMATS
 
@@ -99,6 +99,22 @@ def _jpeg_worker(args):
         jpeg_roundtrip(crops[done % len(crops)], int(rng.integers(QUALITY[0], QUALITY[1] + 1)))
         done += 1
     return done / (time.perf_counter() - start)
+
+
+def photo_crops(crop: int) -> list[np.ndarray]:
+    """The ceiling's input: a centre ``crop`` of each sample training photo (one smaller than ``crop`` enlarged
+    first); random noise JPEG-codes slower than photos, and loaders of photos beat its "ceiling"."""
+    from PIL import Image
+
+    crops = []
+    for name in SAMPLE_TRAIN:
+        photo = sample_photo(name)
+        if (short := min(photo.shape[:2])) < crop:
+            h, w = (round(n * crop / short) for n in photo.shape[:2])
+            photo = np.asarray(Image.fromarray(photo).resize((max(w, crop), max(h, crop)), Image.BICUBIC))
+        top, left = (photo.shape[0] - crop) // 2, (photo.shape[1] - crop) // 2
+        crops.append(np.ascontiguousarray(photo[top:top + crop, left:left + crop]))
+    return crops
 
 
 def extract_pngs(shards: list[str], folder: Path) -> list[str]:
@@ -190,7 +206,7 @@ def run(out_dir: str | Path, *, root: str | None = None, crop: int = 256, batch:
             rows.update(_loader_rows(tag, folder, crop, batch, threads, batches, warmup, tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    crops = [np.random.default_rng(i).integers(0, 256, (crop, crop, 3), dtype=np.uint8) for i in range(4)]
+    crops = photo_crops(crop)
     with mp.get_context("spawn").Pool(threads) as pool:
         rows["libjpeg encode+decode only (ceiling)"] = sum(pool.map(_jpeg_worker, [(crops, 5.0)] * threads))
 
@@ -204,7 +220,8 @@ def run(out_dir: str | Path, *, root: str | None = None, crop: int = 256, batch:
               "crops_per_s": rows, "ratio_to_peer_same_tiles": ratio, "not_measured": missing}
     note = (f"{crop} px crops, batch {batch}, JPEG q {QUALITY[0]}-{QUALITY[1]}, {threads} threads/workers each; "
             f"[tag] is the lossless tile size and shard format (the peer reads PNG files of the same tiles; the "
-            f"ceiling row is compared with the smallest tiles' peer). Ratios from this one run.")
+            f"ceiling row, libjpeg alone on centre crops of the sample photos, is compared with the smallest "
+            f"tiles' peer). Ratios from this one run.")
     write_results(out_dir, name, report, "Data pipeline throughput", note,
                   ["loader", "crops/s", "x BasicSR-style peer (same tiles)"],
                   [[k, f"{v:.0f}", "" if ratio[k] is None else f"{ratio[k]:.2f}"] for k, v in rows.items()]
