@@ -139,3 +139,14 @@ def test_readme_commands_parse_and_name_real_files(monkeypatch, capsys):
             config.load_config(rest[0], rest[1:])
         for path in named:
             assert (ROOT / path).exists(), f"the README's `{shlex.join(command)}` names {path}, which is missing"
+
+
+def test_readme_time_to_quality_cites_the_run_its_gains_come_from():
+    """The README's gains came from time_to_quality.md, its minutes to +0.5 / +1 dB from an older run's file."""
+    table = (ROOT / "benchmarks" / "results" / "time_to_quality.md").read_text()
+    cell = lambda what: re.search(rf"\| {re.escape(what)} \| (\S+) ", table).group(1)  # noqa: E731
+    text = README.read_text()
+    gains = re.search(r"\| debug recipe: RGB PSNR gain .*? \| (\S+) / (\S+) / (\S+) / (\S+) dB", text).groups()
+    assert gains == tuple(cell(f"final gain q{q}, guard") for q in (10, 20, 40, 90))
+    assert (f"| {cell('images to q10 gain +0.5 dB')} ({cell('minutes to q10 gain +0.5 dB')}) / "
+            f"{cell('images to q10 gain +1 dB')} ({cell('minutes to q10 gain +1 dB')} min) |") in text
