@@ -50,10 +50,9 @@ def test_paired_differences_their_spread_and_the_photos_better_follow_each_metri
 
 def test_differences_within_float_rounding_are_the_same_not_better():
     """The same model exported to ONNX differs by ~1e-5 dB a photo: compare said "better on 3 of 4"."""
-    from dist_dejpeg.evaluation.compare import SAME_WITHIN
     from dist_dejpeg.metrics.registry import BY_NAME
 
-    assert set(SAME_WITHIN) == set(BY_NAME)  # a tolerance for every metric compare may be asked for
+    assert BY_NAME["psnr"].same_within == 0.005 and BY_NAME["ssim"].same_within == 5e-5  # half the last digit shown
     a = _result("a", [_row(f"p{i}", 10, {"psnr": 20.0, "ssim": 0.5}, {"psnr": 21.0, "ssim": 0.6}) for i in range(4)])
     b = _result("b", [_row(f"p{i}", 10, {"psnr": 20.0, "ssim": 0.5}, {"psnr": 21.0 + d, "ssim": 0.6 - d / 1e3})
                       for i, d in enumerate((1e-5, 1e-5, -1e-5, 0.5))])
@@ -62,7 +61,7 @@ def test_differences_within_float_rounding_are_the_same_not_better():
     assert psnr["better"] == 1 and psnr["same"] == 3 and psnr["same_within"] == 0.005
     text = markdown(got)
     assert "(better on 1 of 4, same within 0.005 dB on 3)" in text
-    assert "(better on 0 of 4, same within 0.0001 on 3)" in text  # SSIM: 1e-8 three times, one photo worse
+    assert "(better on 0 of 4, same within 5e-05 on 3)" in text  # SSIM: 1e-8 three times, one photo worse
     b["per_image"][3]["restored"]["psnr"] = 21.0
     assert "(same within 0.005 dB on 4 of 4)" in markdown(compare([a, b], ("psnr",)))
 

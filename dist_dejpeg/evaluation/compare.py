@@ -7,8 +7,9 @@
 The first evaluation is the baseline. Per metric and quality: the JPEG's mean, each model's mean (and its gain
 over the JPEG), and each other model's difference from the baseline as the mean of the per-photo differences
 with two standard errors of that mean (about a 95% interval: a difference whose interval holds zero is not
-shown to be one) and the photos on which it is better (a per-photo difference within SAME_WITHIN is a tie: float
-rounding, as of the same model exported to ONNX, is no better or worse). Only photo-quality pairs every evaluation measured, with
+shown to be one) and the photos on which it is better (a per-photo difference within the metric's same_within, half
+its last printed digit, is a tie: float rounding, as of the same model exported to ONNX, is no better or worse). Only
+photo-quality pairs every evaluation measured, with
 a finite value in each, count; evaluations measured differently (another colour channel, border crop, chroma
 subsampling or LPIPS backbone) are refused: their numbers do not compare; so are photos whose JPEG inputs measure
 differently (another photo of the same name, or another compression). Torch-free.
@@ -27,9 +28,6 @@ from dist_dejpeg.run.layout import METRICS as METRICS_JSON  # (evaluate writes t
 SAME = {"channel": "colour channel (--y-only)", "crop_border": "border crop (--crop-border)",
         "subsampling": "chroma subsampling of the JPEGs (--subsampling)", "lpips": "LPIPS backbone"}
 DEFAULT_METRICS = ("psnr", "ssim", "lpips")
-# per-photo differences no larger than these are the same (the same model as ONNX differs by ~1e-5 dB)
-SAME_WITHIN = {**dict.fromkeys(("psnr", "psnr_b", "psnr_y", "psnr_cb", "psnr_cr"), 0.005), "ssim": 1e-4,
-               "lpips": 1e-4, "brisque": 0.01, "niqe": 0.001, **dict.fromkeys(("shift_r", "shift_g", "shift_b"), 0.01)}
 
 
 class CompareError(ValueError):
@@ -164,11 +162,11 @@ def _mean(values: list[float]) -> float | None:
 
 def _paired(first: list[float], other: list[float], metric) -> dict:
     """other - first, photo by photo: the mean difference, two standard errors of it (None for one photo), on how
-    many photos ``other`` is better (metric.improved) and on how many the same (within SAME_WITHIN)."""
+    many photos ``other`` is better (metric.improved) and on how many the same (within metric.same_within)."""
     diffs = [b - a for a, b in zip(first, other)]
     n, mean = len(diffs), _mean(diffs)
     spread = (2 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)) if n > 1 else None
-    within = SAME_WITHIN[metric.name]
+    within = metric.same_within
     same = [abs(abs(b) - abs(a) if metric.direction == ZERO else b - a) <= within for a, b in zip(first, other)]
     better = sum(bool(metric.improved(a, b)) and not tie for a, b, tie in zip(first, other, same))
     return {"mean": mean, "two_se": spread, "better": better, "same": sum(same), "same_within": within, "photos": n}
@@ -212,7 +210,7 @@ def markdown(comparison: dict) -> str:
 
 
 def _photos_better(d: dict, unit: str) -> str:
-    """"better on 1 of 4, same within 0.005 dB on 3": the photos better, and those within SAME_WITHIN."""
+    """"better on 1 of 4, same within 0.005 dB on 3": the photos better, and those within the metric's same_within."""
     same = f"same within {d['same_within']:g}{' ' + unit if unit else ''} on {d['same']}"
     if d["same"] == d["photos"]:
         return f"{same} of {d['photos']}"

@@ -38,6 +38,12 @@ class Metric:
         return f"{self.label} ({self.unit})" if self.unit else self.label
 
     @property
+    def same_within(self) -> float:
+        """Half the last digit printed: two values closer are the same to a reader, and to compare (the same model
+        exported to ONNX differs by ~1e-5 dB a photo; compare said "better on 3 of 4")."""
+        return 0.5 * 10.0 ** -self.decimals
+
+    @property
     def phrase(self) -> str:
         """"higher is better", "lower is better" or "closer to 0 is better"."""
         return PHRASES[self.direction]
