@@ -580,7 +580,7 @@ def test_guard_summary_names_the_qualities_restore_acts_at_as_decide_judges_them
         assert decide(GAINS, q, lows=lows).passthrough == (q not in [*range(1, 11), 40]), q
     nothing = guard_summary({10: -0.1, 20: float("nan")}, {10: -0.3, 20: float("nan")})
     assert "passes every image through unchanged" in nothing and "q10 -0.10 dB, q20 NaN" in nothing, nothing
-    assert "unchecked" in guard_summary({})
+    assert "unchecked" in guard_summary({}) and "those of unknown quality are passed through" in guard_summary({})
 
 
 def test_gain_tables_read_one_way_for_every_backend(guarded_file, tmp_path):

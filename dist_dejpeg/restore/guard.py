@@ -110,7 +110,8 @@ def guard_summary(gains: dict[int, float], lows: dict[int, float] | None = None)
     """One line on what restore's guard does with a model whose final validation measured ``gains`` (and
     ``lows``), for the end of training: the JPEG qualities it restores and why it passes the others through."""
     if not gains:
-        return "restore: the model holds no validated gains; it restores every image unchecked"
+        return ("restore: the model holds no validated gains; it restores every image of a known JPEG quality "
+                "unchecked (those of unknown quality are passed through)")
     acting = [q for q in range(1, 101) if not decide(gains, q, lows=lows).passthrough]
     low = lower_bounds(gains, lows)
     losing = [q for q in sorted(gains) if not low[q] > 0]
