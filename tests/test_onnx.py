@@ -74,7 +74,8 @@ def exported(tmp_path_factory):
                           "val_psnr_gain_conformed_low": json.dumps({10: 0.5, 40: 0.1}),
                           "cell_half_width": json.dumps({10: 0.5, 40: 0.35}),
                           "train_shards": json.dumps({"train-000000.tar": "10240:0123456789abcdef"}),
-                          "train_sources": json.dumps({"fedcba9876543210": "astronaut"})})
+                          "train_sources": json.dumps({"fedcba9876543210": "astronaut"}),
+                          "code": "dist_dejpeg 0.1.0 (abc1234)"})
     with contextlib.redirect_stdout(io.StringIO()) as out, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         code = _cli(["export", "--model", str(model), "--onnx", str(onnx_path)])
@@ -129,7 +130,7 @@ def test_export_matches_pytorch_on_a_photo_at_two_sizes(exported, capsys):
     assert "quality" in meta["input"]
     # what the guard and the Restorer need, for any runtime: conditioned, the training step, the stride
     assert (meta["conditioned"], meta["global_step"], meta["pad_to"]) == ("true", "7", "8")
-    assert meta["encoder_init"] == "random init"
+    assert meta["encoder_init"] == "random init" and meta["code"] == "dist_dejpeg 0.1.0 (abc1234)"  # (report: trained by)
     assert json.loads(meta["train_shards"]) == {"train-000000.tar": "10240:0123456789abcdef"}  # evaluate's "seen in training"
     assert json.loads(meta["train_sources"]) == {"fedcba9876543210": "astronaut"}  # and its photos, by their pixels
     assert session.get_modelmeta().custom_metadata_map["format"] == ONNX_FORMAT
@@ -258,6 +259,7 @@ def test_onnx_restore_tiles_blends_and_guards_like_pytorch(exported, tmp_path, c
     assert onnx.device == "cpu (onnxruntime)" and onnx.batch_size == 1
     assert onnx.info["encoder"] == CFG.encoder and onnx.info["encoder_init"] == "random init"
     assert onnx.info["train_sources"] == {"fedcba9876543210": "astronaut"}  # (evaluate's "seen in training")
+    assert onnx.info["code"] == "dist_dejpeg 0.1.0 (abc1234)"
     onnx_tiled = onnx.restore_array(jpeg, 10, source="file tables")
     assert onnx.last_decision.source == "file tables" and not onnx.last_decision.passthrough
     onnx_whole = open_restorer(onnx_path, tile=0).restore_array(jpeg, 10)

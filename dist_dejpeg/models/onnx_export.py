@@ -212,6 +212,7 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
             "encoder_init": str((info or {}).get("encoder_init") or ("ImageNet" if cfg.get("pretrained") else
                                                                      "random init")),
             "global_step": json.dumps((info or {}).get("global_step")), "lpips": str((info or {}).get("lpips") or ""),
+            "code": str((info or {}).get("code") or ""),  # the code that trained it (report: "trained by")
             TRAIN_SHARDS: json.dumps((info or {}).get(TRAIN_SHARDS) or {}),
             TRAIN_SOURCES: json.dumps((info or {}).get(TRAIN_SOURCES) or {})}
     if (info or {}).get(TRAIN_SHARDS_FROM):

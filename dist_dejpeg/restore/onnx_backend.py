@@ -85,6 +85,7 @@ def onnx_info(path, meta: dict[str, str], session) -> dict:
     step = parsed("global_step", None)
     return {"source": str(path), "format": "onnx", "exported_from": meta.get("source", ""),
             "global_step": step if isinstance(step, int) else None, "lpips": meta.get("lpips", ""),
+            "code": meta.get("code", ""),
             **file_gains(meta), TRAIN_SHARDS: file_train_shards(meta), TRAIN_SOURCES: file_train_sources(meta),
             "encoder": meta.get("encoder", model.get("encoder", "")),
             "encoder_init": meta.get("encoder_init") or ("ImageNet" if model.get("pretrained") else "random init"),
