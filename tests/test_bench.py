@@ -855,3 +855,12 @@ def test_bench_data_wait_cut_short_says_what_it_did_not_measure(tmp_path, monkey
                                  "three": "not measured: the run stopped before it"}
     assert "| two | failed: training failed (exit 3) | |" in md and "| three | not measured" in md
     assert "commit " in md.splitlines()[2]
+
+
+def test_one_timed_block_has_no_spread_rather_than_zero():
+    """--repeats 1 timed one block and printed "0% spread", as if the timing were exact: there is none to measure."""
+    from dist_dejpeg.bench.common import measure, spread_text
+
+    one, three = measure(lambda: None, warmup=0, steps=2, repeats=1), measure(lambda: None, warmup=0, repeats=3)
+    assert one.spread is None and one.as_dict()["spread"] is None and spread_text(one.spread) == "one block"
+    assert three.spread is not None and spread_text(0.04) == "4%"

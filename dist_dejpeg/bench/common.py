@@ -181,7 +181,7 @@ def sync(device: torch.device | str | None = None) -> None:
 @dataclass
 class Timing:
     seconds_per_call: float  # median over the repeats
-    spread: float  # (slowest - fastest) / median block
+    spread: float | None  # (slowest - fastest) / median block; None: one block (--repeats 1), no spread measured
     calls: int  # timed calls in all
 
     def as_dict(self) -> dict:
@@ -202,7 +202,13 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, steps: int = 10, repea
         sync(device)
         blocks.append((time.perf_counter() - start) / steps)
     median = statistics.median(blocks)
-    return Timing(median, (max(blocks) - min(blocks)) / median if median > 0 else 0.0, steps * repeats)
+    spread = (max(blocks) - min(blocks)) / median if median > 0 and len(blocks) > 1 else None  # (one: "0%" said)
+    return Timing(median, spread, steps * repeats)
+
+
+def spread_text(spread: float | None) -> str:
+    """A timing's spread as its table prints it: "4%", or "one block" where one was timed (none to measure)."""
+    return "one block" if spread is None else f"{100 * spread:.0f}%"
 
 
 def covered(intervals: list[tuple[float, float]]) -> float:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_dejpeg.bench.common import add_common_arguments, config_of, measure, write_results
+from dist_dejpeg.bench.common import add_common_arguments, config_of, measure, spread_text, write_results
 from dist_dejpeg.config import load_config
 from dist_dejpeg.metrics.fullref import psnr
 
@@ -294,7 +294,7 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int 
         what = "OnnxRestorer" if precision == "onnx" else "Restorer"
         sections["CPU" if device.type == "cpu" else "GPU"].append(
             [device.type, precision.replace("onnx", "fp32"), f"{what} {mode}", label, f"{ms:.0f}",
-             f"{ms / megapixels:.0f}", "", f"{100 * timing.spread:.0f}% spread"])
+             f"{ms / megapixels:.0f}", "", spread_text(timing.spread)])
         print(f"bench infer: {key}: {ms:.1f} ms", flush=True)
 
     def restore_rows(device, precision: str, path: Path, device_modes: dict, device_sizes: dict) -> None:

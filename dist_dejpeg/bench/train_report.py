@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dist_dejpeg.bench.common import TUNED, write_results
+from dist_dejpeg.bench.common import TUNED, spread_text, write_results
 from dist_dejpeg.config import Config
 from dist_dejpeg.train.build import DEFERRED_CHECK_DEVICES
 
@@ -31,7 +31,7 @@ def write_report(config: str, overrides: list[str], out_dir: str | Path, name: s
                 r["achieved_tflops"] = flops / (r["ms_per_call"] / 1000) / 1e12
                 r["mfu_bf16"] = flops / (r["ms_per_call"] / 1000) / peak if peak else None
             table.append([update, label, f"{r['images_per_s_per_device']:.1f}", f"{r['ms_per_call']:.1f}",
-                          f"{100 * r['spread']:.0f}%", f"{r['x_naive']:.2f}" if r["x_naive"] else "",
+                          spread_text(r["spread"]), f"{r['x_naive']:.2f}" if r["x_naive"] else "",
                           f"{r['first_step_s']:.1f}" if r.get("first_step_s") is not None else "",
                           f"{r['achieved_tflops']:.3f}" if "achieved_tflops" in r else "",
                           f"{100 * r['mfu_bf16']:.1f}%" if r.get("mfu_bf16") else ""])
