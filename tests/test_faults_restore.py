@@ -860,7 +860,9 @@ def test_a_full_disk_stops_a_folder_instead_of_restoring_each_image_to_fail(tmp_
     assert len(saves) <= 2 + workers and len(restores) <= 2 + workers  # (those in flight when the first failed)
     assert len(stopped) == 8 - len(restores) >= 8 - 2 - workers
     assert all(r.error.startswith("not restored: the disk is full (") and "No space left" in r.error for r in stopped)
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["p0.png"] and output_complete(tmp_path / "out/p0.png")
+    # the one output written whole: p0's, or p1's where its encode thread ran first (the first save succeeds)
+    (written,) = (tmp_path / "out").iterdir()
+    assert written.name in ("p0.png", "p1.png") and output_complete(written)
 
 
 def test_the_restore_command_says_a_full_disk_once_and_how_to_go_on(tmp_path, model_file, monkeypatch, capsys):
