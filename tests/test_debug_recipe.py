@@ -41,8 +41,12 @@ def test_debug_recipe_beats_jpeg_at_q10(tmp_path):
     assert metrics["meta"]["global_step"] == sum(metrics["meta"]["steps"].values()) or metrics["meta"]["stopped_early"]
     assert "random init" in metrics["meta"]["encoder"], "a random-init run must say so"
     # its LPIPS backbone is random: the gan phase keeps its best generator by validation PSNR (select_on auto)
-    assert json.loads((run / "progress.json").read_text())["best"]["metric"] == "psnr"
-    assert (run / "generator.safetensors").is_file()
+    best = json.loads((run / "progress.json").read_text())["best"]
+    assert best["metric"] == "psnr" and best["phase"] == "gan"
+    from dist_dejpeg.models.generator_file import read_metadata
+
+    # the generator file names the step of the generator it holds: the gan phase's best validation's
+    assert int(read_metadata(run / "generator.safetensors")["global_step"]) == GEN_STEPS + CRITIC_STEPS + best["step"]
     check_restore_does_no_harm_on_a_folder_of_real_jpegs(run, tmp_path)
 
 

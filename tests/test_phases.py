@@ -179,7 +179,7 @@ def test_stop_rule_state_round_trip():
     for step, v in enumerate([0.5, 0.3, 0.35]):
         rule.update(v, step)
     state = rule.state_dict()
-    assert state == {"patience": 3, "best": 0.3, "best_step": 1, "bad_checks": 1, "metric": "lpips"}
+    assert state == {"patience": 3, "best": 0.3, "best_step": 1, "bad_checks": 1, "metric": "lpips", "best_global": -1}
     restored = StopRule.from_state(json.loads(json.dumps(state)))
     assert restored == rule
     # both go on identically
@@ -294,3 +294,20 @@ def test_shorter_phases_keep_the_steps_they_trained():
     assert shorter_phases(_steps(10, 4, 3), SAVED, in_gan) == {"gan": 5}  # in progress: it ends where it is
     assert shorter_phases(_steps(10, 4, 5), SAVED, in_gan) == {}  # ends at its new length, not yet reached
     assert shorter_phases(_steps(1, 1, 3), {}, in_gan) == {"gan": 5}  # no readable config: done ones unjudged
+
+
+def test_the_generator_file_names_the_step_of_the_generator_it_holds():
+    """A gan phase that kept its best validation's generator (global step 320) wrote global_step 330, the run's last
+    step: evaluate and report said "training steps 330" of weights trained 320 steps. The kept one's step is in the
+    stop rule's state (checkpointed with it); a run that kept none, or a checkpoint from before, gives the last."""
+    from types import SimpleNamespace
+
+    from dist_dejpeg.train.final import generator_step
+
+    rule = StopRule.start(2, "psnr")
+    rule.best_global = 320
+    kept = StopRule.from_state(rule.state_dict())
+    assert generator_step(SimpleNamespace(stop=kept.state_dict(), global_step=330)) == 320
+    assert generator_step(SimpleNamespace(stop=StopRule().state_dict(), global_step=330)) == 330
+    old = {k: v for k, v in rule.state_dict().items() if k != "best_global"}  # a checkpoint from before the field
+    assert generator_step(SimpleNamespace(stop=old, global_step=330)) == 330

@@ -57,6 +57,13 @@ def _or_worst(value: float) -> float:
     return value if value == value else float("-inf")  # NaN (no bound) loses to any number
 
 
+def generator_step(state) -> int:
+    """The global step of the generator a run ends with: the gan phase's best validation's, where it was kept
+    (evaluate and report said "training steps 330" of the weights of step 320), else the run's last step."""
+    best = (state.stop or {}).get("best_global", -1)
+    return best if 0 <= best <= state.global_step else state.global_step
+
+
 def finish_run(trainer) -> dict:
     """Validate a finished run's generator and write its files; returns the final validation's results. A stop
     signal meanwhile ends one process at once (StopSignals.at_once; exit 75): the last checkpoint holds every
@@ -78,7 +85,7 @@ def finish_run(trainer) -> dict:
                 trainer.monitor.write_metrics(results, lpips=trainer.metric_lpips.description, state=state, ema=ema,
                                               val_images=n_val, skipped=skipped, last_train=state.last_train_log)
                 save_generator(trainer.ema.model(trainer.gen_raw), cfg.model, trainer.run_dir / GENERATOR,
-                               extra={"lpips": trainer.metric_lpips.description, "global_step": state.global_step,
+                               extra={"lpips": trainer.metric_lpips.description, "global_step": generator_step(state),
                                       "ema_decay": cfg.train.ema_decay, **guard_gains(results, conformed),
                                       **training_shards(cfg.data), "code": code_version()})
                 log.info("wrote %s and %s", trainer.run_dir / METRICS, trainer.run_dir / GENERATOR)

@@ -89,6 +89,7 @@ class StopRule:
     best_step: int = -1
     bad_checks: int = 0
     metric: str = "lpips"  # SELECT_METRICS' key (a checkpoint's state from before this field: LPIPS's)
+    best_global: int = -1  # the global step of the best validation's generator (-1: none kept; train/final.py)
 
     @classmethod
     def start(cls, patience: int, metric: str = "lpips") -> "StopRule":

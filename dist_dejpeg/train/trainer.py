@@ -288,7 +288,7 @@ class Trainer:
         improved, should_stop = stop.update(mean_restored(results, stop.metric), self.state.phase_step)
         self.monitor.set_best({"metric": stop.metric, "value": stop.best, "step": stop.best_step, "phase": name})
         if improved:
-            self.best_generator = self.ema.snapshot(self.gen_raw)
+            self.best_generator, stop.best_global = self.ema.snapshot(self.gen_raw), self.state.global_step
         if should_stop:
             log.info("%s: validation %s has not improved for %d checks; stopping at step %d (best %.4f at %d)",
                      name, stop.metric.upper(), stop.patience, self.state.phase_step, stop.best, stop.best_step)
