@@ -49,6 +49,8 @@ def written_by_restore(image: str | os.PathLike | bytes) -> bool:
 
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
+            if img.format == "PNG" and "exif" not in img.info:  # (getexif would decode the pixels to look for an
+                return False  # eXIf chunk after them: a folder search decoded every PNG; restore writes it before)
             return by_restore(img.getexif().get(SOFTWARE_TAG, ""))
     except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError ... for a file it cannot read
         return False

@@ -212,6 +212,12 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
                             f"{'file name, or an output folder' if one_file else 'folder, or --suffix'})")
         elif key in claimed:
             result.error = f"output {target} is also the output of {claimed[key]}: restore them into different folders"
+        elif not replaceable(target, path):  # (--skip-existing too: a photo of the user's is no output of this one)
+            claimed[key] = path
+            other = "name another output file" if one_file else "give another output folder, or --suffix"
+            result.error = (f"output {target} exists and restore cannot tell it wrote it (no restore mark, nor a copy "
+                            f"of this input as it is now: a pass-through of an earlier version looks the same): not "
+                            f"replaced (move it away, or {other})")
         else:
             claimed[key] = path
             if skip_existing and target.exists():
@@ -220,11 +226,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
                 else:
                     log.warning("%s exists but does not decode fully (a truncated or foreign file): restoring it "
                                 "again", target)
-            if not result.skipped and not replaceable(target, path):
-                result.error = (f"output {target} exists and restore did not write it: not replaced (move it away, or "
-                                + ("name another output file)" if one_file else "give another output folder, or "
-                                   "--suffix)"))
-            elif not result.skipped:
+            if not result.skipped:
                 jobs.append((result, path, target))
                 continue
         bar.update()

@@ -51,8 +51,9 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
     folder's or glob's files inside ``out_dir``, where that lies below the folder searched, are earlier outputs,
     not searched (-o photos/restored, run twice): an earlier restore's outputs there are ``earlier`` results, any
     other image there a failure that says why; a file named by itself always counts. Files of one relative path
-    from different folders given (restore x y, or x/a.jpg y/a.jpg) go below their folder's name (x/a.png, y/a.png:
-    the second failed as the first's output, and the first was named a.jpg.png)."""
+    from different folders given (restore x y, or x/a.jpg y/a.jpg) go below their folder's name, or as many of its
+    last names as tell the folders apart (x/a.png, y/a.png; 2023/photos/a.png: the second failed as the first's
+    output, and the first was named a.jpg.png)."""
     found, roots, results, seen, in_out, below_out = [], [], [], set(), set(), {}
     out = Path(out_dir).resolve() if out_dir is not None else None
 
@@ -90,7 +91,8 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
             for p in matches:
                 add(p, below(p, prefix), prefix, top)
     shared = Counter(rel for _, rel in found)
-    found = [(p, Path(root.resolve().name) / rel if shared[rel] > 1 else rel) for (p, rel), root in zip(found, roots)]
+    label = root_labels({root.resolve() for (_, rel), root in zip(found, roots) if shared[rel] > 1})
+    found = [(p, label[root.resolve()] / rel if shared[rel] > 1 else rel) for (p, rel), root in zip(found, roots)]
     earlier = earlier_outputs(found, in_out, out, fmt, suffix) if in_out else set()
     results += [RestoreResult(str(found[i][0]), earlier=True) for i in sorted(earlier)]
     own = own_outputs(found, out, fmt, suffix) if below_out else {}
@@ -104,6 +106,17 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
                                                            f"of {top} leaves out: not restored (name it by itself, "
                                                            f"or restore into a folder outside {top})"))
     return [f for i, f in enumerate(found) if i not in earlier], results
+
+
+def root_labels(roots: set[Path]) -> dict[Path, Path]:
+    """Each of ``roots`` (resolved folders) named by as few of its last folder names as tell them all apart
+    (2023/photos and 2024/photos: their last two), never an absolute path (the root folder: "root")."""
+    parts = {root: root.relative_to(root.anchor).parts or ("root",) for root in roots}
+    for depth in range(1, max((len(p) for p in parts.values()), default=0) + 1):
+        label = {root: Path(*p[-depth:]) for root, p in parts.items()}
+        if len(set(label.values())) == len(label):
+            return label
+    return {root: Path(*p) for root, p in parts.items()}
 
 
 def earlier_outputs(found: list[tuple[Path, Path]], candidates: set[int], out: Path, fmt: str, suffix: str) -> set[int]:
