@@ -182,7 +182,7 @@ def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
     from dist_dejpeg.evaluation.evaluate import EvaluateError, evaluate
     from dist_dejpeg.evaluation.pairs import MAX_DEFAULT_WORKERS
     from dist_dejpeg.evaluation.report import check_report_output
-    from dist_dejpeg.run.status import is_run_folder
+    from dist_dejpeg.run.layout import CHECKPOINTS, CONFIG, GENERATOR, LOCK, PROGRESS
     from dist_dejpeg.models.names import ModelFileError, OnnxUnavailable
     from dist_dejpeg.restore import open_restorer
     from dist_dejpeg.restore.files import check_output_dir
@@ -191,7 +191,8 @@ def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
     out, result = Path(args.out), 2
     made = new_folders(out.parent, out.with_suffix("")) if keep_images else new_folders(out)
     try:  # the outputs first: one that cannot be written fails before any computation
-        if not keep_images and is_run_folder(out):  # (its metrics.json is the run's final validation)
+        # (a metrics.json alone is no run's: an evaluate killed before its metrics.csv left it)
+        if not keep_images and any((out / name).exists() for name in (CONFIG, PROGRESS, CHECKPOINTS, LOCK, GENERATOR)):
             raise ValueError(f"{out} is a training run's folder: evaluate's metrics.json would replace the run's "
                              f"own (its final validation, which status reads); give another folder, e.g. "
                              f"-o {out / 'evaluate'}")

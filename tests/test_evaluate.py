@@ -460,6 +460,8 @@ def test_evaluate_into_a_run_folder_is_refused_and_the_runs_metrics_kept(tmp_pat
     assert (run / "metrics.json").read_text() == '{"final": "the run\'s own"}' and not (run / "metrics.csv").exists()
     for _ in range(2):
         assert main([*args, "-o", str(run / "evaluate")]) == 0, capsys.readouterr().err
+    (run / "evaluate" / "metrics.csv").unlink()  # an evaluate killed between its files: no run's folder
+    assert main([*args, "-o", str(run / "evaluate")]) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("out", ["r.png", "r", "r.html.txt"])

@@ -226,9 +226,10 @@ def is_decode_of(rgb: np.ndarray, cells: JpegCells, orientation: int = 1) -> boo
     """Whether ``rgb`` (as displayed) is the file's own decoded image: one round of conform (the cells, then the
     clip; more rounds move a clipped graphic's decode on, over 60 levels at q10) moves no pixel by more than
     DECODE_TOLERANCE[1] levels and no 8x8 block by more than DECODE_TOLERANCE[0] on average (a decoder's rounding,
-    clipping and chroma upsampling: at most 26 and 7 on photos and graphics, q5-q100, any subsampling); an image
-    edited since (a retouched spot, pasted text), another frame, or turned otherwise is not. An edit of a few levels
-    passes: it is then pulled towards the file, by at most its quantization cells."""
+    clipping and chroma upsampling: at most 33 and 7 on photos and graphics, q5-q100, any subsampling, by a review's
+    870 decodes; 26 before the blocks the edge cuts were folded); an image edited since (a retouched spot, pasted
+    text), another frame, or turned otherwise is not. An edit of a few levels passes: it is then pulled towards the
+    file, by at most its quantization cells."""
     try:
         moved = np.abs(conform(rgb, cells, orientation, rounds=1).astype(np.int16) - rgb)
     except NotConsistent:
