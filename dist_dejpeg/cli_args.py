@@ -189,8 +189,8 @@ def restore_arguments(p: argparse.ArgumentParser) -> None:
     formats = [*OUTPUT_FORMATS, SAME_FORMAT]
     p.add_argument("--format", choices=formats, default="png",
                    help="png: lossless; jpg: quality 95, 4:4:4 (full-resolution chroma), optimized; webp: "
-                        "lossless; tiff: lossless, deflate-compressed; same: a JPEG stays a JPEG (q95, 4:4:4), a "
-                        "PNG a PNG, a WebP a WebP, under its own suffix, anything else png")
+                        "lossless; tiff: lossless, deflate-compressed (raw with a camera's EXIF); same: a JPEG stays "
+                        "a JPEG (q95, 4:4:4), a PNG a PNG, a WebP a WebP, under its own suffix, anything else png")
     p.add_argument("--ext", dest="format", choices=["auto", *OUTPUT_FORMATS], default=argparse.SUPPRESS,
                    help="Real-ESRGAN's name for --format (auto: same)")
     p.add_argument("--output-quality", type=jpeg_quality, default=None, metavar="Q",

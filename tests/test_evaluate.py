@@ -777,3 +777,4 @@ def test_a_stand_in_lpips_backbone_is_not_called_imagenet(tmp_path, model_file, 
     meta = json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]
     assert meta["lpips"].startswith("lpips-alex (UNVERIFIED backbone: alexnet-owt-7be5be79.pth is not torchvision's")
     assert "ImageNet" not in meta["lpips"] and "its values are not LPIPS's" in caplog.text
+    assert f"- LPIPS: {meta['lpips']}" in (tmp_path / "eval" / "metrics.md").read_text()  # (the table says it too)

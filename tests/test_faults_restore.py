@@ -1050,7 +1050,7 @@ def test_lock_filesystem_is_read_from_the_mount_table(tmp_path):
 
 def test_files_of_one_name_from_two_folders_go_below_their_folders_names(tmp_path, restorer):
     """restore x y -o o (or x/a.jpg y/a.jpg): both a.jpg were to be o/a.jpg.png, the second failing as the first's
-    output; now o/x/a.png and o/y/a.png. Different names from the two folders keep the plain layout."""
+    output; now o/x/a.png and o/y/a.png, each folder's other files beside them (y/b.png)."""
     for folder in ("x", "y"):
         (tmp_path / folder).mkdir()
         Image.fromarray(_photo()).save(tmp_path / folder / "a.jpg", quality=30)
@@ -1060,7 +1060,7 @@ def test_files_of_one_name_from_two_folders_go_below_their_folders_names(tmp_pat
         results = restore_files(restorer, [str(p) for p in inputs], out, progress=False)
         assert all(r.error is None for r in results), [r.error for r in results]
         assert sorted(Path(r.output).relative_to(out).as_posix() for r in results) == (
-            ["b.png", "x/a.png", "y/a.png"] if inputs[0].is_dir() else ["x/a.png", "y/a.png"])
+            ["x/a.png", "y/a.png", "y/b.png"] if inputs[0].is_dir() else ["x/a.png", "y/a.png"])  # (a folder's together)
     for year in ("2023", "2024"):  # folders of one name: as many of their last names as tell them apart
         (tmp_path / year / "photos").mkdir(parents=True)
         Image.fromarray(_photo()).save(tmp_path / year / "photos" / "a.jpg", quality=30)

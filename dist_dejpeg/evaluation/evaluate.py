@@ -267,7 +267,9 @@ def markdown(result: dict) -> str:
     lines += [f"- skipped: {why}" for why in meta["skipped"]]
     if seen := meta.get("seen_in_training"):
         lines.append(f"- seen in training: {seen_note(seen, meta['images'])}")
-    if meta["unavailable"] or meta["undefined"] or meta["skipped"] or seen:
+    if unverified := "UNVERIFIED" in meta.get("lpips", ""):
+        lines.append(f"- LPIPS: {meta['lpips']}")
+    if meta["unavailable"] or meta["undefined"] or meta["skipped"] or seen or unverified:
         lines.append("")
     lines += ["Means over the images of each image's value (PSNR: the mean of per-image PSNRs, as published tables "
               "average, not the PSNR of the mean error), over the images with a finite JPEG and restored value.", "",

@@ -52,8 +52,8 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
     not searched (-o photos/restored, run twice): an earlier restore's outputs there are ``earlier`` results, any
     other image there a failure that says why; a file named by itself always counts. Files of one relative path
     from different folders given (restore x y, or x/a.jpg y/a.jpg) go below their folder's name, or as many of its
-    last names as tell the folders apart (x/a.png, y/a.png; 2023/photos/a.png: the second failed as the first's
-    output, and the first was named a.jpg.png)."""
+    last names as tell the folders apart, with all the other files of those folders (x/a.png, x/b.png, y/a.png;
+    2023/photos/a.png: the second failed as the first's output, and the first was named a.jpg.png)."""
     found, roots, results, seen, in_out, below_out = [], [], [], set(), set(), {}
     out = Path(out_dir).resolve() if out_dir is not None else None
 
@@ -90,9 +90,10 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
             top = prefix.resolve() if out is not None else None
             for p in matches:
                 add(p, below(p, prefix), prefix, top)
-    shared = Counter(rel for _, rel in found)
+    shared = Counter(rel for _, rel in found)  # a folder with a clash: all its files below its label (together)
     label = root_labels({root.resolve() for (_, rel), root in zip(found, roots) if shared[rel] > 1})
-    found = [(p, label[root.resolve()] / rel if shared[rel] > 1 else rel) for (p, rel), root in zip(found, roots)]
+    found = [(p, label[root.resolve()] / rel if root.resolve() in label else rel)
+             for (p, rel), root in zip(found, roots)]
     earlier = earlier_outputs(found, in_out, out, fmt, suffix) if in_out else set()
     results += [RestoreResult(str(found[i][0]), earlier=True) for i in sorted(earlier)]
     own = own_outputs(found, out, fmt, suffix) if below_out else {}
