@@ -9,8 +9,8 @@ restore", as image editors name themselves: jpeg/formats.py's written_by_restore
 -o photos/restored, then restore photos -o photos/as_jpg restored the first run's outputs again: -0.34 dB), and, in
 the output folder, the inputs it passed through byte for byte under their output names (--format same, --suffix).
 A photo that merely shares an output's name is still an input (photo.jpg and photo.png, both originals, keep their
-extensions in their outputs). An output folder inside a folder searched (-o photos/restored) is not searched at all; a file named by
-itself always counts.
+extensions in their outputs). An output folder inside a folder searched (-o photos/restored) is not searched at all;
+a file named by itself always counts.
 """
 
 from __future__ import annotations
@@ -122,10 +122,10 @@ def root_labels(roots: set[Path]) -> dict[Path, Path]:
 
 def earlier_outputs(found: list[tuple[Path, Path]], candidates: set[int], out: Path, fmt: str, suffix: str) -> set[int]:
     """Which of ``found``'s files (indices among ``candidates``: found by a search of the output folder ``out``
-    itself) an earlier restore wrote there: those carrying restore's mark (written_by_restore), and those that
-    are another input passed through byte for byte under the name this run gives its output."""
+    itself) an earlier restore wrote there unmarked: another input passed through byte for byte under the name this
+    run gives its output (the marked ones a search leaves out already: collect_inputs)."""
     own = own_outputs(found, out, fmt, suffix)
-    return {i for i in sorted(candidates) if is_earlier_output(found[i][0], own)}
+    return {i for i in sorted(candidates) if is_copy(found[i][0], own)}
 
 
 def own_outputs(found: list[tuple[Path, Path]], out: Path, fmt: str, suffix: str) -> dict[Path, Path]:
@@ -136,9 +136,13 @@ def own_outputs(found: list[tuple[Path, Path]], out: Path, fmt: str, suffix: str
 def is_earlier_output(path: Path, own: dict[Path, Path]) -> bool:
     """Whether an earlier restore wrote ``path``: it carries restore's mark, or it is another input passed through
     byte for byte under the name this run gives that input's output (``own``: own_outputs; a copy has no mark)."""
+    return written_by_restore(path) or is_copy(path, own)
+
+
+def is_copy(path: Path, own: dict[Path, Path]) -> bool:
+    """Whether ``path`` is another input passed through byte for byte under the name this run gives its output."""
     source = own.get(path.resolve())
-    return written_by_restore(path) or (source is not None and source.resolve() != path.resolve()
-                                        and filecmp.cmp(source, path, shallow=False))
+    return source is not None and source.resolve() != path.resolve() and filecmp.cmp(source, path, shallow=False)
 
 
 def replaceable(target: Path, source: Path) -> bool:
