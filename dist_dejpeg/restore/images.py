@@ -30,8 +30,8 @@ from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from dist_dejpeg.jpeg.consistency import JpegCells, NotConsistent, cells_of, conform, is_decode_of
-from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, DEFAULT_MAX_PIXELS, icc_space, is_animation, rgb_image, save_options,
-                                       tiff_pages)
+from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, DEFAULT_MAX_PIXELS, icc_space, is_animation, rgb_image,
+                                       save_options, tiff_pages)
 from dist_dejpeg.restore.metadata import (JPEG_MARKER_MAX, ORIENTATION, XMP_HEADER, fit_exif, jpeg_notes, marked,
                                           output_dpi, output_metadata, output_xmp, png_text, tiff_with_exif,
                                           with_app13)

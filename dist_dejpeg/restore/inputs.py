@@ -151,7 +151,8 @@ def replaceable(target: Path, source: Path) -> bool:
     'a/*.jpg' -o a replaced a/beach.png, another picture, with beach.jpg's restored image without a word)."""
     if not target.is_file():
         return True  # (nothing, or a folder: its write fails and says so)
-    return written_by_restore(target) or filecmp.cmp(target, source, shallow=False)
+    # (source first, as output_complete compares them for --skip-existing: filecmp's cache answers it then)
+    return written_by_restore(target) or filecmp.cmp(source, target, shallow=False)
 
 
 def glob_files(pattern: str) -> list[Path]:
