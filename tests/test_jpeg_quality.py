@@ -134,6 +134,27 @@ def test_png_of_a_jpeg_reads_its_quality_from_the_pixels(tmp_path):
         assert est.source == PIXELS and abs(est.quality - q) <= 2, (q, est)
 
 
+def test_a_clean_smooth_gradient_is_no_jpeg_and_small_pngs_of_jpegs_still_are(tmp_path):
+    """A rendered gradient's blocks all hold the same few DCT values, which some quality's steps fit by chance:
+    a clean sky PNG read q82 and restore changed it. A 128 px PNG of a q10 JPEG (few values: coarse steps) is
+    still read."""
+    yy, xx = np.mgrid[0:256, 0:384] / 256.0
+    rng = np.random.default_rng(0)
+    for sky in (np.stack([90 + 60 * yy, 140 + 60 * yy, 230 - 10 * xx], -1),
+                np.stack([20 + 200 * yy, 40 + 0 * yy, 230 - 0 * xx], -1),
+                np.stack([30 + 80 * yy + 60 * xx, 60 + 40 * xx, 200 - 90 * yy], -1)):
+        for noise in (0, 0.5):
+            rgb = np.clip(np.rint(sky + rng.normal(0, noise, sky.shape)), 0, 255).astype(np.uint8)
+            Image.fromarray(rgb).save(tmp_path / "sky.png")
+            est = estimate_quality(tmp_path / "sky.png")
+            assert est.quality is None and "smooth gradient" in est.reason, est
+    for q, name in ((10, "chelsea"), (30, "coffee")):
+        crop = np.ascontiguousarray(photo(name)[100:228, 100:228])
+        Image.fromarray(decoded(pil_jpeg(crop, quality=q)).copy()).save(tmp_path / "x.png")
+        est = estimate_quality(tmp_path / "x.png")
+        assert est.source == PIXELS and abs(est.quality - q) <= 2, (q, est)
+
+
 def test_never_compressed_photo_is_unknown_with_the_reason():
     est = estimate_from_pixels(photo("coffee"))
     assert est.quality is None and est.reason == NO_JPEG and est.source == ""

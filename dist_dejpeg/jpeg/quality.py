@@ -28,7 +28,8 @@ within FIT_SLACK of the best fit. This finds
   (MIN_CONSISTENT); 0 of 2,880 single compressions (q5-100, 4:2:0 and 4:4:4, 15 photos and textures) and no
   Photoshop preset was flagged;
 - the quality of a JPEG a PNG/WebP/TIFF once was (source "pixels"), or None: "no JPEG compression found in the
-  pixels" (never compressed, resized since, or above about q90, where rounding hides the steps).
+  pixels" (never compressed, resized since, or above about q90, where rounding hides the steps; or a smooth
+  gradient, whose blocks hold values of one sign that a quality's steps may fit by chance: MIN_SIGN_BALANCE).
 The grid is searched (the phases where neighbouring pixels differ most, best 2 per axis): an EXIF rotation of a
 size that is not a multiple of 8, or a crop between two compressions, moves it; a rotation by 90 degrees also
 transposes the table, so both orientations are scored. The cost is bounded: a centred window of at most
@@ -69,6 +70,12 @@ AC_POSITIONS = np.flatnonzero((_FREQ >= 1) & (_FREQ <= 3))  # the 9 low-frequenc
 _TURNED = (AC_POSITIONS % 8) * 8 + AC_POSITIONS // 8  # the entry (v, u) of each scored (u, v)
 MIN_COEFFICIENTS = 200  # fewer scored coefficients than this tells nothing
 MIN_FIT = 0.5  # score (mean cosine) a quality's steps need to count as the pixels' quantization
+# ... by coefficients of both signs: a smooth gradient's blocks all hold the same few values, of one sign at each
+# position, which some quality's steps fit by chance (a clean rendered sky read q82, and restore changed it). The
+# share of the scored coefficients in the rarer sign at their position: gradients (clean, or with noise up to 1
+# level, and PNGs of their JPEGs) 0.00-0.02; PNGs of JPEGs of 8 photos, whole and 128 px crops, q5-q90: 0.41-0.49.
+MIN_SIGN_BALANCE = 0.2
+SMOOTH = "the coefficients that fit hold one sign, as a smooth gradient's do"
 FIT_SLACK = 0.03  # a coarser quality within this of the best fit is preferred (the divisor rule)
 MIN_RATIO = 1.8  # a first compression counts only with steps this many times the file's at every position
 # ... and only when this share of the coefficients the file left nonzero sit on its steps: a single compression
@@ -252,7 +259,7 @@ def estimate_from_pixels(rgb: np.ndarray, table=None) -> QualityEstimate:
     offsets = _grid_offsets(luma)
     for offset in offsets:
         est = _estimate_at(_coefficients(luma, clipped, offset), table)
-        if est.quality is not None:
+        if est.quality is not None or SMOOTH in est.reason:
             break
     return est
 
@@ -272,12 +279,21 @@ def _estimate_at(coefs: np.ndarray, table) -> QualityEstimate:
     best = score[turn][ok[turn]].max()
     first = int(np.flatnonzero(ok[turn] & (score[turn] >= best - FIT_SLACK))[0])
     q, rng = _middle(np.flatnonzero((steps[turn] == steps[turn, first][None]).all(axis=1)) + 1)
+    if _sign_balance(coefs, steps[turn, q - 1]) < MIN_SIGN_BALANCE:  # (no other grid is tried: the image's doing)
+        return QualityEstimate(None, reason=f"{NO_JPEG} ({SMOOTH})")
     if table is not None:
         own = np.asarray(table, dtype=np.float64).reshape(64)[_TURNED if turn else AC_POSITIONS]
         if _consistent(coefs, steps[turn, q - 1], own) < MIN_CONSISTENT:
             return QualityEstimate(None, reason=NO_JPEG)
     return QualityEstimate(q, candidates=rng, source=PIXELS if table is None else DOUBLE,
                            reason=f"8x8 DCT coefficients cluster at q{q}'s steps (fit {score[turn, q - 1]:.2f})")
+
+
+def _sign_balance(coefs: np.ndarray, step: np.ndarray) -> float:
+    """The share of the coefficients ``step`` would not zero that have the rarer sign at their position."""
+    use = np.abs(coefs) >= step / 2
+    positive, negative = ((coefs > 0) & use).sum(axis=0), ((coefs < 0) & use).sum(axis=0)
+    return float(np.minimum(positive, negative).sum() / max(use.sum(), 1))
 
 
 def _consistent(coefs: np.ndarray, step: np.ndarray, own: np.ndarray) -> float:
