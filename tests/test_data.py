@@ -561,19 +561,58 @@ TILE = 96  # conftest's sample_shards tiles
 
 
 def test_knobs_off_draw_exactly_as_before(sample_shards):
-    """quality_power 0 and rot90 off: the samples of a stream built without them, whose qualities are still
-    each sample RNG's 4th draw (rng.integers after crop and mirror), and the GPU path's grouped qualities
-    still rng.integers of the batch's RNG: checkpoints and earlier results hold."""
+    """quality_power 0 and rot90 off: each sample is drawn from its RNG (seed, epoch, slot, position) exactly as
+    before the knobs existed: top, then left, then the mirror (random() < 0.5), then the quality
+    (rng.integers); the knobs draw after these, so a stream with them on crops and mirrors alike. The GPU path's
+    grouped qualities are still rng.integers of the batch's RNG: checkpoints and earlier results hold."""
     from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cpu
 
-    plain = list(itertools.islice(make_stream(sample_shards, seed=6), 12))
-    off = list(itertools.islice(make_stream(sample_shards, seed=6, quality_power=0.0, rot90=False), 12))
-    for a, b in zip(plain, off):
-        assert all(torch.equal(a[k], b[k]) for k in ("jpeg", "clean")) and a["quality"] == b["quality"]
-        rng = np.random.default_rng([6, 0, 0, a["_next"] - 1])  # seed, epoch, slot, position
-        rng.integers(0, TILE - CROP + 1, size=2)  # top, left
-        rng.random()  # mirror
-        assert a["quality"] == rng.integers(QRANGE[0], QRANGE[1] + 1)
+    n = 12
+    raws = list(itertools.islice(make_stream(sample_shards, seed=6)._epoch_raw(0, 0, 1, row=0), n))
+    plain = list(itertools.islice(make_stream(sample_shards, seed=6), n))
+    off = list(itertools.islice(make_stream(sample_shards, seed=6, quality_power=0.0, rot90=False,
+                                            channel_shuffle=0.0), n))
+    knobbed = list(itertools.islice(make_stream(sample_shards, seed=6, quality_power=2.0, rot90=True,
+                                                channel_shuffle=1.0), n))
+    values, p = quality_weights(*QRANGE, 2.0)
+
+    def hwc(t):
+        return t.permute(1, 2, 0).numpy()
+
+    mirrors, corners, turned = set(), set(), 0
+    for a, b, k in zip(plain, off, knobbed):
+        pos = a["_next"] - 1
+        assert b["_next"] - 1 == k["_next"] - 1 == pos
+        tile = images.decode_component(*images.image_bytes(raws[pos]))
+        h, w = tile.shape[:2]
+        assert (h, w) == (TILE, TILE)  # square: swapped top and left draws would crop elsewhere, unnoticed by size
+        rng = np.random.default_rng([6, 0, 0, pos])  # seed, epoch, slot, position
+        top = int(rng.integers(0, h - CROP + 1))
+        left = int(rng.integers(0, w - CROP + 1))
+        mirror = bool(rng.random() < 0.5)
+        state = rng.bit_generator.state  # the knobs' draws start here
+        window = tile[top:top + CROP, left:left + CROP]
+        if mirror:
+            window = window[:, ::-1]
+        quality = int(rng.integers(QRANGE[0], QRANGE[1] + 1))
+        for s in (a, b):  # knobs left out, or set to off: the draw as before them
+            assert np.array_equal(hwc(s["clean"]), window), (pos, top, left, mirror)
+            assert s["quality"] == quality
+            assert np.array_equal(hwc(s["jpeg"]), jpeg_roundtrip(np.ascontiguousarray(window), quality))
+        # the knobs on: the same window and mirror, then quality by weight, the turn, the channel order
+        rng.bit_generator.state = state
+        k_quality = int(rng.choice(values, p=p))
+        turns = int(rng.integers(4))
+        assert rng.random() < 1.0
+        order = rng.permutation(3)
+        expected = np.rot90(window, turns)[:, :, order]
+        assert np.array_equal(hwc(k["clean"]), expected), pos
+        assert k["quality"] == k_quality
+        assert np.array_equal(hwc(k["jpeg"]), jpeg_roundtrip(np.ascontiguousarray(expected), k_quality))
+        mirrors.add(mirror)
+        corners.add(top == left)
+        turned += not np.array_equal(hwc(k["clean"]), window)
+    assert mirrors == {True, False} and False in corners and turned > 0  # the draws above tell order and sense
 
     grouped = TorchLoader(make_stream(sample_shards, seed=6, quality_power=0.0), 4, 0, CPU,
                           degrade_batch=jpeg_roundtrip_cpu, quality_groups=2)
@@ -849,14 +888,30 @@ def test_to_device_queues_the_copy_without_waiting_for_the_gpu():
 
 # -- batch-level degradation (the torch backend's GPU path) --------------------------------------------------
 def test_batch_degradation_plumbing_matches_worker_degradation(sample_shards):
-    """With degrade_batch, workers send clean crops and the consumer degrades; with the libjpeg reference
-    function the batches are identical to worker-side degradation."""
+    """With degrade_batch, workers send clean crops (no "jpeg" key) and the consumer degrades: degrade_batch is
+    called once per batch with exactly that batch's clean crops (uint8) and qualities, and its output is the
+    batch's JPEG input; with the libjpeg reference function the batches are identical to worker-side
+    degradation."""
     from dist_dejpeg.data.gpu_jpeg import jpeg_roundtrip_cpu
 
-    workers = take(TorchLoader(make_stream(sample_shards), 4, 0, torch.device("cpu")), 3)
-    batched = take(TorchLoader(make_stream(sample_shards), 4, 0, torch.device("cpu"),
-                               degrade_batch=jpeg_roundtrip_cpu), 3)
-    for a, b in zip(workers, batched):
+    calls = []
+
+    def spy(clean, quality):
+        jpeg = jpeg_roundtrip_cpu(clean, quality)
+        calls.append((clean.clone(), torch.as_tensor(quality).clone(), jpeg.clone()))
+        return jpeg
+
+    assert "jpeg" in next(iter(make_stream(sample_shards)))  # without degrade_batch the workers degrade
+    workers = take(TorchLoader(make_stream(sample_shards), 4, 0, CPU), 3)
+    loader = TorchLoader(make_stream(sample_shards), 4, 0, CPU, degrade_batch=spy)
+    sent = list(itertools.islice(loader.stream, 4))
+    assert all("jpeg" not in s for s in sent) and all("clean" in s for s in sent)
+    batched = take(loader, 3)
+    assert len(calls) == len(batched) == 3
+    for a, b, (clean, quality, jpeg) in zip(workers, batched, calls):
+        assert clean.dtype == torch.uint8 and clean.shape == (4, 3, CROP, CROP)
+        assert torch.equal(clean.float() / 255, b["clean"]) and torch.equal(quality, b["quality"])
+        assert torch.equal(jpeg.float() / 255, b["jpeg"])
         assert all(torch.equal(a[k], b[k]) for k in ("jpeg", "clean", "quality"))
 
 
