@@ -138,8 +138,9 @@ def prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=at_least(0), default=0, help="stride between training tiles (0: half the tile)")
     p.add_argument("--shard-size", type=at_least(0), default=0, help="samples per shard (0: samples 64, folder and div2k 256)")
     p.add_argument("--val-fraction", type=fraction, default=0.1,
-                   help="folder: share of images held out for validation, each by its name and --seed (photos added "
-                        "later never move one that trained into validation); at least one of two")
+                   help="folder: share of images held out for validation, each by its name and --seed; at least "
+                        "one of two. Prepared again into the same --out, a photo keeps its split (by its pixels or "
+                        "path in manifest.json): photos added or removed never move one that trained into validation")
     p.add_argument("--jpeg-sources", choices=JPEG_SOURCE_ACTIONS, default="halve",
                    help="folder: photos whose pixels show JPEG compression (a .jpg, or a PNG saved from one) are "
                         "used halved (a 2x2 area mean erases the 8x8 grid; twice below q30), kept as they are, or "

@@ -3,9 +3,10 @@
 Each file gets a unique sample-key name (sanitised stem; a repeat gets -2, -3 ..., never a name another file has);
 unreadable files and byte-identical copies (a duplicate, a symlink to a file also present) are listed under the
 manifest's "rejected" before the split, so one photo never lands in both train and val. Validation images are whole
-photographs held out before tiling, each by its name (split_key) and the seed (held_out_rank: a folder that grows keeps
-every photo's split). Everything is written into a staging folder and published at the end
-(shards.write_dataset): a run that fails or is interrupted leaves --out as it was.
+photographs held out before tiling, each by its name (split_key) and the seed (held_out_rank); prepared again into the
+same --out, a photo keeps the split its manifest.json gave it (earlier_splits, by its pixels or its path: a folder that
+grows or shrinks never moves a photo that trained into validation). Everything is written into a staging folder and
+published at the end (shards.write_dataset): a run that fails or is interrupted leaves --out as it was.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from PIL import Image
 
 from dist_dejpeg.data.images import BadImage, decode_rgb8, is_avif, is_jpeg_xl, webp_is_lossy
 from dist_dejpeg.run.pool import MAX_DEFAULT_WORKERS, pool_size
-from dist_dejpeg.data.shards import (PrepareError, check_settings, publish, require_training_tiles, sample_key, staged,
-                                     tile_sources)
+from dist_dejpeg.data.shards import (MANIFEST, PrepareError, check_settings, publish, read_manifest,
+                                     require_training_tiles, sample_key, staged, tile_sources)
 from dist_dejpeg.jpeg.formats import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, OTHER_PHOTO_SUFFIXES, hidden, is_animation,
                                        suffix_counts, tiff_pages, walk_files, written_by_restore)
 
@@ -205,21 +206,75 @@ def split_key(path: Path) -> str:
     return sample_key(path.name) if re.fullmatch(r"[\x20-\x7e]*", stem) else unicodedata.normalize("NFC", stem)
 
 
-def held_out(names: list[str], key: dict[str, str], rank: dict[str, float], fraction: float) -> set[str]:
+def held_out(names: list[str], key: dict[str, str], rank: dict[str, float], fraction: float,
+             kept: dict[str, str] | None = None) -> tuple[set[str], list[str]]:
     """The photos of ``names`` (in rank order) held out for validation, in whole groups of one split key (a photo's
-    stem: never one in each split): those ranked below ``fraction``, else the lowest-ranked group, and never every
-    group (at least one trains); none where all share one key."""
+    stem: never one in each split), and what the split could not do as asked (for the log). ``kept``: the split an
+    earlier prepare into this --out gave a photo (earlier_splits): its group keeps it, "train" where any of its
+    photos trained (a photo the model trained on never moves into validation). The other groups are held out by
+    rank: those below ``fraction``, else the lowest-ranked new group (a first prepare: the lowest-ranked), never a
+    kept training group (none, with a note, where every group trained before); never every group: the
+    highest-ranked new one then trains, else a kept validation group (with a note). None where all share one key."""
+    kept = kept or {}
     group_rank = {key[n]: rank[n] for n in names}  # (in rank order; one rank a key)
-    groups = list(group_rank)
-    held = [g for g in groups if group_rank[g] < fraction] or groups[:1]
-    held = set(held[:len(groups) - 1])
-    return {n for n in names if key[n] in held}
+    groups, was = list(group_rank), {}
+    for n in names:
+        if n in kept:
+            was[key[n]] = "train" if "train" in (kept[n], was.get(key[n])) else "val"
+    new = [g for g in groups if g not in was]
+    held = [g for g in groups if was.get(g, "val" if group_rank[g] < fraction else "train") == "val"]
+    notes = []
+    if not held and len(groups) > 1:
+        held = new[:1]
+        if not held:
+            notes.append("no photo is held out for validation: every photo here trained in the earlier prepare into "
+                         "--out, and none moves into validation (a photo the model trained on would flatter it); add "
+                         "a new photo (then held out) or prepare into an empty --out for a fresh split")
+    if len(held) == len(groups) > 0:
+        drop = ([g for g in held if g in new] or held)[-1]
+        held.remove(drop)
+        if drop in was:
+            notes.append(f"{', '.join(n for n in names if key[n] == drop)} validated before and now trains (at "
+                         f"least one photo trains)")
+    return {n for n in names if key[n] in held}, notes
+
+
+def earlier_splits(out: Path) -> dict[str, dict[str, str]]:
+    """The splits an earlier `prepare folder` into ``out`` gave its photos (its manifest.json's sources), by the
+    sha256 of their pixels and by their path below the folder: {"pixels": {sha256: split}, "path": {path: split}};
+    empty for a first prepare, or an --out of other shards."""
+    try:
+        manifest = read_manifest(out) if Path(out).is_dir() else None
+    except (OSError, ValueError) as err:
+        log.warning("prepare folder: cannot read the earlier %s in %s (%s): its photos' splits are not kept", MANIFEST,
+                    out, err)
+        manifest = None
+    found: dict[str, dict[str, str]] = {"pixels": {}, "path": {}}
+    if not isinstance(manifest, dict) or not str(manifest.get("dataset", "")).startswith("folder "):
+        return found
+    for info in (manifest.get("sources") or {}).values():
+        if isinstance(info, dict) and info.get("split") in ("train", "val"):
+            for field, by in (("sha256", "pixels"), ("path", "path")):
+                if isinstance(info.get(field), str):
+                    found[by][info[field]] = info["split"]
+    return found
+
+
+def kept_splits(earlier: dict[str, dict[str, str]], paths: dict[str, str], pixels: dict[str, str]) -> dict[str, str]:
+    """The split each photo (name -> its path, and the sha256 of its pixels where known) keeps from ``earlier``
+    (earlier_splits): by its pixels, else by its path (a photo edited since keeps its split too)."""
+    kept = {}
+    for name, path in paths.items():
+        split = earlier["pixels"].get(pixels.get(name, "")) or earlier["path"].get(path)
+        if split:
+            kept[name] = split
+    return kept
 
 
 def held_out_rank(name: str, seed: int) -> float:
-    """A photo's place in [0, 1) by its name and the seed alone: it is held out for validation below --val-fraction.
-    A folder that grows keeps every photo's split (a shuffle of the whole list moved photos the model trained on
-    into validation, whose numbers then flattered it); the fewest a split takes: one photo of two."""
+    """A photo's place in [0, 1) by its name and the seed alone: a new photo is held out for validation below
+    --val-fraction, whatever else the folder holds (a shuffle of the whole list moved photos the model trained on
+    into validation, whose numbers then flattered it; a photo prepared before keeps its split: earlier_splits)."""
     return int.from_bytes(hashlib.sha256(f"{seed}\0{name}".encode()).digest()[:8], "big") / 2**64
 
 
@@ -238,26 +293,45 @@ def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step
     found, rejected = find_sources(src)
     key = {name: split_key(path) for path, name, _ in found}
     rank = {name: held_out_rank(key[name], seed) for name in key}
-    order = sorted(found, key=lambda source: (rank[source[1]], key[source[1]]))
-    holds_out = val_fraction > 0 and len(set(key.values())) > 1  # (in whole groups of one key: held_out)
-    val = held_out([name for _, name, _ in order], key, rank, val_fraction) if holds_out else set()
-    sources = [(name, "val" if name in val else "train", partial(read_source, path, max_pixels, jpeg == "keep"))
-               for path, name, _ in order]
+    order = [name for _, name, _ in sorted(found, key=lambda source: (rank[source[1]], key[source[1]]))]
     paths = {name: rel for _, name, rel in found}
+    loads = {name: partial(read_source, path, max_pixels, jpeg == "keep") for path, name, _ in found}
+
+    def split(names: list[str], kept: dict[str, str]) -> tuple[set[str], list[str]]:
+        if val_fraction > 0 and len({key[n] for n in names}) > 1:  # (in whole groups of one key: held_out)
+            return held_out(names, key, rank, val_fraction, kept)
+        moved = [n for n in names if kept.get(n) == "val"]  # (validation to training: no photo trained before)
+        return set(), [f"{', '.join(moved)} validated before and now train" + (
+            " (--val-fraction 0)" if val_fraction == 0 else " (one photo name: one split)")] if moved else []
+
     with staged(out) as staging:
+        earlier = earlier_splits(out)  # (read under the lock: another prepare into --out waits)
+        val, notes = split(order, kept_splits(earlier, paths, {}))
         write = partial(tile_sources, staging, dataset=f"folder {src}", tile=tile, train_step=train_step,
                         shard_size=shard_size, seed=seed, fmt=fmt, jpeg=jpeg, paths=paths, rejected=rejected,
-                        workers=min(pool_size(workers, MAX_DEFAULT_WORKERS["folder"]), len(sources)))
-        manifest = write(sources)
-        usable = list(manifest["sources"])  # accepted photos, in the shuffled order
-        splits = manifest["splits"]
-        if holds_out and usable and (splits["val"]["samples"] == 0 or splits["train"]["samples"] == 0):
-            # rejected photos (too small, undecodable) emptied a split: split the usable ones again, holding out
-            # one or more whenever there are two; a single usable photo trains (prepare then says: no validation)
-            chosen = held_out(sorted(usable, key=lambda n: (rank[n], key[n])), key, rank, val_fraction)
-            log.warning("prepare folder: rejected photos left the %s split empty; validation photos now: %s",
-                        "val" if splits["val"]["samples"] == 0 else "train", ", ".join(sorted(chosen)) or "none")
-            manifest = write([(name, "val" if name in chosen else "train", load) for name, _, load in sources])
+                        workers=min(pool_size(workers, MAX_DEFAULT_WORKERS["folder"]), len(order)))
+        manifest = write([(name, "val" if name in val else "train", loads[name]) for name in order])
+        usable = [name for name in order if name in manifest["sources"]]  # accepted photos, in rank order
+        # split the usable photos again: rejected ones (too small, undecodable) may have emptied a split (one or more
+        # held out whenever there are two; a single usable photo trains, and prepare says: no validation), and a
+        # photo an earlier prepare knew by its pixels (renamed or moved since) keeps its split
+        pixels = {n: manifest["sources"][n]["sha256"] for n in usable}
+        kept = kept_splits(earlier, {n: paths[n] for n in usable}, pixels)
+        chosen, notes = split(usable, kept)
+        if chosen != val & set(usable):
+            empty = [s for s in ("val", "train") if manifest["splits"][s]["samples"] == 0]
+            log.warning("prepare folder: %s; validation photos now: %s", f"rejected photos left the {empty[0]} split "
+                        f"empty" if empty else "photos prepared before under other names keep their split",
+                        ", ".join(sorted(chosen)) or "none")
+            manifest = write([(name, "val" if name in chosen else "train", loads[name]) for name in order])
+        if earlier["path"] or earlier["pixels"]:
+            was = [manifest["sources"][n]["split"] for n in usable if n in kept]
+            log.info("prepare folder: %d of %d photos keep the split the earlier prepare into %s gave them (%d train, "
+                     "%d val; %s: a photo that trained never moves into validation); %d new split by --seed %d "
+                     "and --val-fraction %g (an empty --out splits all afresh)", len(was), len(usable), out,
+                     was.count("train"), was.count("val"), MANIFEST, len(usable) - len(was), seed, val_fraction)
+        for note in notes:
+            log.warning("prepare folder: %s", note)
         require_training_tiles(manifest)
         n_train, n_held = manifest["splits"]["train"]["samples"], manifest["splits"]["val"]["samples"]
         if n_held > n_train:  # whole photos are held out: a few large ones can take most of the tiles

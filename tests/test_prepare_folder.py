@@ -1,0 +1,92 @@
+"""`prepare folder` run again into the same --out (each photo keeps its split), on file names that are not UTF-8, and
+on JPEG files whose pixels hide their 8x8 grid (their file's tables say what they are)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dist_dejpeg.data.folder import held_out_rank, prepare_folder
+
+
+def _noise(path: Path, seed: int, size: int = 96) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), np.uint8)).save(path)
+    return path
+
+
+def _splits(src: Path, out: Path, **settings) -> dict[str, str]:
+    """Each photo's split (by its path below ``src``) when ``src`` is prepared into ``out``."""
+    manifest = prepare_folder(src, out, tile=64, train_step=64, shard_size=8, **settings)
+    return {info["path"]: info["split"] for info in manifest["sources"].values()}
+
+
+def _moved_into_val(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    return [path for path, split in before.items() if split == "train" and after.get(path) == "val"]
+
+
+def test_a_folder_prepared_again_into_its_out_keeps_every_photos_split(tmp_path, caplog):
+    """A photo added or removed moved others between the splits (the one held out at least was the lowest-ranked
+    photo present, and never every one: a photo that trained became the validation photo). Prepared again into the
+    same --out, every photo keeps the split manifest.json gave it (by its pixels, so a renamed one too), new ones
+    are split by rank, and a run whose photos all trained before holds none out and says so."""
+    src, out = tmp_path / "grow", tmp_path / "grow-out"
+    _noise(src / "l.png", 1), _noise(src / "n.png", 2)
+    first = _splits(src, out, val_fraction=0.2)
+    assert first == {"l.png": "val", "n.png": "train"}, first  # (l ranked lowest at seed 0)
+    _noise(src / "a.png", 3)
+    with caplog.at_level(logging.INFO):
+        grown = _splits(src, out, val_fraction=0.2)
+    assert grown["l.png"] == "val" and grown["n.png"] == "train", grown  # n became validation
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 of 3 photos keep the split the earlier prepare" in said and "1 new split by --seed 0" in said, said
+
+    src, out = tmp_path / "abc", tmp_path / "abc-out"
+    for i, name in enumerate("abc"):
+        _noise(src / f"{name}.png", 10 + i)
+    runs = [_splits(src, out)]
+    assert runs[0]["c.png"] == "val" and list(runs[0].values()).count("val") == 1, runs[0]
+    _noise(src / "d.png", 20)  # d ranks below c: it held out d, c trained
+    runs.append(_splits(src, out))
+    assert runs[-1]["c.png"] == "val" and runs[-1]["d.png"] == "train", runs[-1]
+    (src / "c.png").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        runs.append(_splits(src, out))
+    assert set(runs[-1].values()) == {"train"}, runs[-1]  # every photo trained: none moves into validation
+    assert "no photo is held out for validation: every photo here trained" in caplog.text, caplog.text
+    (src / "d.png").unlink()  # a trained before: it became the one validation photo
+    runs.append(_splits(src, out))
+    assert runs[-1] == {"a.png": "train", "b.png": "train"}, runs[-1]
+    _noise(src / "e.png", 30)  # a new photo is held out when the kept ones hold none
+    runs.append(_splits(src, out))
+    assert runs[-1] == {"a.png": "train", "b.png": "train", "e.png": "val"}, runs[-1]
+    for before, after in zip(runs, runs[1:]):
+        assert not _moved_into_val(before, after), (before, after)
+
+    # renamed: the pixels tell it (the path is new), over a name whose rank would hold it out
+    low = next(f"r{i}" for i in range(1000) if held_out_rank(f"r{i}", 0) < 0.1)
+    (src / "b.png").rename(src / f"{low}.png")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        renamed = _splits(src, out)
+    assert renamed == {"a.png": "train", f"{low}.png": "train", "e.png": "val"}, renamed
+    assert "photos prepared before under other names keep their split" in caplog.text, caplog.text
+
+    # photos added and removed at random, at several shares: a photo that trained never validates later
+    rng = np.random.default_rng(0)
+    src, out, present, runs = tmp_path / "random", tmp_path / "random-out", [], []
+    for step in range(8):
+        for _ in range(int(rng.integers(1, 3))):
+            present.append(_noise(src / f"p{step}{len(present)}.png", 100 + len(present) + 10 * step))
+        if len(present) > 3 and rng.random() < 0.6:
+            present.pop(int(rng.integers(len(present)))).unlink()
+        runs.append(_splits(src, out, val_fraction=float(rng.choice([0.1, 0.3, 0.6]))))
+        assert "train" in runs[-1].values(), runs[-1]
+    for before, after in zip(runs, runs[1:]):
+        assert not _moved_into_val(before, after), (before, after)
+    assert json.loads((out / "manifest.json").read_text())["dataset"] == f"folder {src}"
