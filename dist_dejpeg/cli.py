@@ -79,6 +79,7 @@ def _prepare(args: argparse.Namespace) -> int:
               if key == "root" else "<folder of images>"), file=sys.stderr)
         return 2
     from dist_dejpeg.data.download import DownloadError
+    from dist_dejpeg.jpeg.formats import shown
     from dist_dejpeg.data.verify import dominant_sources
 
     try:
@@ -93,7 +94,7 @@ def _prepare(args: argparse.Namespace) -> int:
           f"({len(splits['train']['shards'])} + {len(splits['val']['shards'])} shards) to {args.out}"
           + (f"; {rejected} source{'s' if rejected != 1 else ''} rejected" if rejected else ""))
     for item in manifest["rejected"]:
-        print(f"rejected {item.get('path', item['source'])}: {item['reason']}", file=sys.stderr)
+        print(f"rejected {shown(item.get('path', item['source']))}: {item['reason']}", file=sys.stderr)
     if big := dominant_sources(manifest):
         print(f"warning: {big}", file=sys.stderr)
     if splits["val"]["samples"] == 0:

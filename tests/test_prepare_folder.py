@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from dist_dejpeg.data.folder import held_out_rank, prepare_folder
@@ -90,3 +92,31 @@ def test_a_folder_prepared_again_into_its_out_keeps_every_photos_split(tmp_path,
     for before, after in zip(runs, runs[1:]):
         assert not _moved_into_val(before, after), (before, after)
     assert json.loads((out / "manifest.json").read_text())["dataset"] == f"folder {src}"
+
+
+def test_prepare_folder_takes_a_file_name_that_is_not_utf8(tmp_path, capsys):
+    """b"caf\\xe9.png" (Latin-1, as an old camera or a Windows share names it) stopped prepare with a UnicodeEncodeError
+    ('surrogates not allowed') where its split was drawn. It is used, and split by its own bytes; the manifest records
+    its path (read back, and by the next prepare into --out) and what prepare prints shows its odd byte as \\xe9."""
+    from dist_dejpeg.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    names = [b"caf\xe9.png", b"b.png", b"\xff\xfe\xe9t\xe9.png"]
+    try:
+        for i, name in enumerate(names):
+            _noise(Path(os.fsdecode(os.fsencode(src) + b"/" + name)), i)
+        small = Path(os.fsdecode(os.fsencode(src) + b"/tiny-\xe9.png"))
+        _noise(small, 9, size=16)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes no file name that is not UTF-8")
+    out = tmp_path / "out"
+    assert main(["prepare", "folder", str(src), "--out", str(out), "--tile", "64", "--val-fraction", "0.5"]) == 0
+    err = capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    paths = {info["path"]: info["split"] for info in manifest["sources"].values()}
+    assert sorted(paths) == sorted(os.fsdecode(n) for n in names), paths
+    assert "caf\\xe9.png" not in json.dumps(manifest)  # (the path as Python reads it back, not as shown)
+    assert manifest["rejected"][0]["path"] == os.fsdecode(b"tiny-\xe9.png")
+    assert "rejected tiny-\\xe9.png: smaller than the 64 px tile" in err, err
+    assert _splits(src, out, val_fraction=0.5) == paths  # prepared again: each keeps its split (by its path too)

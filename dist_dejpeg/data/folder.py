@@ -28,7 +28,7 @@ from dist_dejpeg.run.pool import MAX_DEFAULT_WORKERS, pool_size
 from dist_dejpeg.data.shards import (MANIFEST, PrepareError, check_settings, publish, read_manifest,
                                      require_training_tiles, sample_key, staged, tile_sources)
 from dist_dejpeg.jpeg.formats import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, OTHER_PHOTO_SUFFIXES, hidden, is_animation,
-                                       suffix_counts, tiff_pages, walk_files, written_by_restore)
+                                       shown, suffix_counts, tiff_pages, walk_files, written_by_restore)
 
 log = logging.getLogger(__name__)
 # Photo formats taken as sources beside IMAGE_SUFFIXES, each rejected with its own reason where it cannot be used
@@ -180,7 +180,7 @@ def find_sources(src: Path) -> tuple[list[tuple[Path, str, str]], list[dict]]:
         rel = path.relative_to(src).as_posix()
         if not path.exists():
             rejected.append({"source": name, "path": rel, "reason": f"{Unreadable.kind}: a broken link (to "
-                                                                    f"{os.readlink(path)}, which does not exist)"})
+                                                                    f"{shown(os.readlink(path))}, which does not exist)"})
             continue
         try:
             digest = file_sha256(path)
@@ -189,7 +189,7 @@ def find_sources(src: Path) -> tuple[list[tuple[Path, str, str]], list[dict]]:
                                                                     f"{err.strerror or err}"})
             continue
         if digest in first:
-            rejected.append({"source": name, "path": rel, "reason": f"duplicate of {first[digest]}"})
+            rejected.append({"source": name, "path": rel, "reason": f"duplicate of {shown(first[digest])}"})
             continue
         first[digest] = rel
         kept.append((path, name, rel))
@@ -275,7 +275,8 @@ def held_out_rank(name: str, seed: int) -> float:
     """A photo's place in [0, 1) by its name and the seed alone: a new photo is held out for validation below
     --val-fraction, whatever else the folder holds (a shuffle of the whole list moved photos the model trained on
     into validation, whose numbers then flattered it; a photo prepared before keeps its split: earlier_splits)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}\0{name}".encode()).digest()[:8], "big") / 2**64
+    key = f"{seed}\0{name}".encode("utf-8", "surrogateescape")  # (a file name that is not UTF-8: its own bytes)
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
 
 
 def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step: int = 128, shard_size: int = 256,

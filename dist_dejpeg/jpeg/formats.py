@@ -62,6 +62,12 @@ def hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def shown(path: str | Path) -> str:
+    """A path as people read it: the bytes of a name that is not UTF-8 (b"caf\\xe9.png", which Python holds as a lone
+    surrogate, "caf\\udce9.png": what the manifest records) as \\xe9, readable where a terminal showed nothing."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def walk_files(folder) -> list[Path]:
     """The files under ``folder``: symlinked sub-folders followed (each real folder once: a link loop ends), broken
     links kept (their readers say what is missing: a photo moved away is not left out unsaid), hidden files and
