@@ -142,9 +142,11 @@ def prepare_arguments(p: argparse.ArgumentParser) -> None:
                         "one of two. Prepared again into the same --out, a photo keeps its split (by its pixels or "
                         "path in manifest.json): photos added or removed never move one that trained into validation")
     p.add_argument("--jpeg-sources", choices=JPEG_SOURCE_ACTIONS, default="halve",
-                   help="folder: photos whose pixels show JPEG compression (a .jpg, or a PNG saved from one) are "
-                        "used halved (a 2x2 area mean erases the 8x8 grid; twice below q30), kept as they are, or "
-                        "left out; keep also takes lossy WebP/AVIF files and restore's outputs, rejected otherwise")
+                   help="folder: JPEG sources, whose pixels show JPEG compression (a .jpg, or a PNG saved from one) "
+                        "or whose file's tables say it (a .jpg above ~q90, 4:4:4 or CMYK; a TIFF of JPEG compression), "
+                        "are used halved to q90 (a 2x2 area mean erases the 8x8 grid; twice below q30; above q90 as "
+                        "they are, named in a warning), kept as they are, or left out; keep also takes lossy WebP/AVIF "
+                        "files and restore's outputs, rejected otherwise")
     p.add_argument("--max-pixels", type=at_least(1), default=DEFAULT_MAX_PIXELS,
                    help="folder: photos with more pixels are rejected (decompression bombs)")
     p.add_argument("--seed", type=int, default=0,

@@ -120,3 +120,67 @@ def test_prepare_folder_takes_a_file_name_that_is_not_utf8(tmp_path, capsys):
     assert manifest["rejected"][0]["path"] == os.fsdecode(b"tiny-\xe9.png")
     assert "rejected tiny-\\xe9.png: smaller than the 64 px tile" in err, err
     assert _splits(src, out, val_fraction=0.5) == paths  # prepared again: each keeps its split (by its path too)
+
+
+@pytest.mark.parametrize("action", ["halve", "keep", "skip"])
+def test_prepare_folder_tells_a_jpeg_file_by_its_tables_where_its_pixels_hide_the_grid(tmp_path, caplog, action):
+    """A .jpg at q95 or q98, a 4:4:4 one at q95, a CMYK JPEG and a TIFF of JPEG compression (at q80) show no grid to
+    the pixel check, and were clean targets at full size without a word. Their files' quantization tables tell them:
+    they are listed in jpeg_sources (and jpeg_files) and used as --jpeg-sources says: halve halves those up to q90 and
+    uses those above as they are, named in a warning with their quality; keep keeps them; skip leaves them out."""
+    import skimage.data
+
+    from dist_dejpeg.jpeg.quality import estimate_from_pixels
+
+    src = tmp_path / "src"
+    src.mkdir()
+    photo, cat = skimage.data.astronaut(), skimage.data.chelsea()
+    Image.fromarray(photo[:256, :256]).save(src / "lossless.png")
+    Image.fromarray(photo[256:, :256]).save(src / "q95.jpg", quality=95)
+    Image.fromarray(photo[:256, 256:]).save(src / "q98.jpg", quality=98)
+    Image.fromarray(photo[256:, 256:]).save(src / "q95_444.jpg", quality=95, subsampling=0)
+    Image.fromarray(skimage.data.coffee()[:256, :256]).convert("CMYK").save(src / "cmyk.jpg", quality=80)
+    Image.fromarray(cat[:256, :256]).save(src / "tiled.tif", compression="jpeg", quality=80)
+    for path in src.iterdir():  # (what the pixel check alone saw)
+        assert estimate_from_pixels(np.asarray(Image.open(path).convert("RGB"))).quality is None, path.name
+    with caplog.at_level(logging.WARNING):
+        manifest = prepare_folder(src, tmp_path / "out", tile=64, train_step=64, shard_size=8, jpeg=action)
+    files = {"q95": 95, "q98": 98, "q95444": 95, "cmyk": 80, "tiled": 80}
+    assert manifest["jpeg_sources"] == files and set(manifest["jpeg_files"]) == set(files), manifest
+    assert manifest["jpeg_files"]["tiled"] == "a TIFF of JPEG compression" and manifest["jpeg_action"] == action
+    sources, said = manifest["sources"], caplog.text
+    assert sources["lossless"]["height"] == 256 and "halved" not in sources["lossless"]
+    if action == "skip":
+        assert set(sources) == {"lossless"} and len(manifest["rejected"]) == 5, manifest["rejected"]
+        reasons = {r["path"]: r["reason"] for r in manifest["rejected"]}
+        assert reasons["q98.jpg"] == "a JPEG file of q98 (its quantization tables): --jpeg-sources halve or keep " \
+                                     "would use it", reasons
+        return
+    sizes = {name: (info["height"], info.get("halved", 0)) for name, info in sources.items()}
+    low = (128, 1) if action == "halve" else (256, 0)  # (q80: halved, as a grid the pixels show)
+    assert sizes == {"lossless": (256, 0), "q95": (256, 0), "q98": (256, 0), "q95444": (256, 0), "cmyk": low,
+                     "tiled": low}, sizes
+    if action == "halve":
+        assert "2 of 6 photos carry JPEG compression in their pixels or their file's quantization tables" in said
+        assert "cmyk (q80 by its tables)" in said and "tiled (q80 by its tables)" in said, said
+        assert "3 of 6 photos are JPEGs above q90, used at full size as they are" in said, said
+        assert all(f"{name} (q{q})" in said for name, q in (("q95.jpg", 95), ("q98.jpg", 98), ("q95_444.jpg", 95)))
+    else:
+        assert "5 of 6 photos carry JPEG compression in their pixels or their file's quantization tables" in said
+        assert "q95 (q95 by its tables)" in said and "their artefacts become the clean targets" in said, said
+
+
+def test_a_png_is_not_opened_again_for_its_jpeg_tables(monkeypatch):
+    """Telling a JPEG file by its tables costs a PNG a look at its first bytes, not a second parse of the file."""
+    import io
+
+    from dist_dejpeg.data import jpeg_sources
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buf, "PNG")
+
+    def opened(*args, **kwargs):
+        raise AssertionError("opened")
+
+    monkeypatch.setattr(jpeg_sources.Image, "open", opened)
+    assert jpeg_sources.jpeg_file_quality(buf.getvalue()) is None

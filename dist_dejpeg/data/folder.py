@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from dist_dejpeg.data.images import BadImage, decode_rgb8, is_avif, is_jpeg_xl, webp_is_lossy
+from dist_dejpeg.data.jpeg_sources import JpegFile, jpeg_file_quality
 from dist_dejpeg.run.pool import MAX_DEFAULT_WORKERS, pool_size
 from dist_dejpeg.data.shards import (MANIFEST, PrepareError, check_settings, publish, read_manifest,
                                      require_training_tiles, sample_key, staged, tile_sources)
@@ -75,10 +76,12 @@ class JpegXL(BadImage):
     kind = "JPEG XL"
 
 
-def read_source(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, lossy_webp: bool = False) -> np.ndarray:
-    """A source file decoded to H x W x 3 uint8, upright (EXIF orientation applied); a read error is Unreadable, bad
-    data BadImage, a photo over ``max_pixels`` TooManyPixels, a lossy WebP or an AVIF LossyWebP or LossyAVIF unless
-    ``lossy_webp``, a JPEG XL that Pillow cannot decode JpegXL."""
+def read_source(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                lossy_webp: bool = False) -> np.ndarray | JpegFile:
+    """A source file decoded to H x W x 3 uint8, upright (EXIF orientation applied), as a JpegFile where its file is a
+    JPEG (or a TIFF of JPEG compression) whose tables give a quality (jpeg_sources.jpeg_file_quality); a read error is
+    Unreadable, bad data BadImage, a photo over ``max_pixels`` TooManyPixels, a lossy WebP or an AVIF LossyWebP or
+    LossyAVIF unless ``lossy_webp``, a JPEG XL that Pillow cannot decode JpegXL."""
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -94,11 +97,13 @@ def read_source(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, lossy_w
     if several := several_images(data):
         raise SeveralImages(f"{several}: save each as a file of its own to train on it")
     try:
-        return decode_rgb8(data, max_pixels, upright=True)
+        rgb = decode_rgb8(data, max_pixels, upright=True)
     except BadImage as err:
         if is_jpeg_xl(data) and type(err) is BadImage:
             raise JpegXL(f"convert to PNG first (this Pillow cannot decode it: {err})") from None
         raise
+    file = jpeg_file_quality(data)  # (its pixels may hide the grid: above about q90, 4:4:4, CMYK, a TIFF's RGB)
+    return rgb if file is None else JpegFile(rgb, *file)
 
 
 def several_images(data: bytes) -> str:

@@ -38,8 +38,8 @@ from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile, halve
 from dist_dejpeg.data.index import write_indexes
 from dist_dejpeg.run.lock import writing_into
 from dist_dejpeg.run.pool import map_in_order
+from dist_dejpeg.data.jpeg_sources import JpegFile, jpeg_treatment, warn_jpeg_sources
 from dist_dejpeg.jpeg.formats import JPEG_SOURCE_ACTIONS
-from dist_dejpeg.jpeg.quality import estimate_from_pixels
 from dist_dejpeg.run.files import TEMP_NAME, atomic_write_bytes, fsync_dir, temp_path
 
 log = logging.getLogger(__name__)
@@ -67,12 +67,6 @@ SAMPLE_TRAIN = ("astronaut", "motorcycle_left", "motorcycle_right", "ihc" + HALV
                 "gravel", "moon")
 SAMPLE_VAL = ("chelsea", "coffee", "coins" + HALVED)
 SAMPLE_DATASET = "samples (scikit-image bundled photographs)"
-# What prepare does with a source whose pixels show a JPEG's 8x8 quantization (a JPEG file, or a PNG saved from one):
-# "halve" (the default) uses it at half size, whose 2x2 area mean erases the grid, and at a quarter below q30
-# (benchmarks/experiments/halved_jpeg.py: a halved JPEG is as close to the halved original as a JPEG of it at q86
-# from q30, q93 from q50; from q10 and q20 halving once leaves q35 / q77, twice q83 / q96); "keep" uses it as it is
-# (its artefacts become clean targets); "skip" rejects it.
-HALVE_TWICE_BELOW = 30
 
 
 def write_shard(path: Path, samples: Iterable[tuple[str, bytes]], ext: str = "png") -> int:
@@ -179,10 +173,11 @@ def tile_sources(staging: Path, sources: list[tuple[str, str, Callable[[], np.nd
     """Tile each source (name, split, load) into lossless tiles of ``fmt``, write the train/val shards (and DALI
     index files) into ``staging`` (emptied first) and return the manifest. Sources that do not load (BadImage: they
     do not decode, or are too large), are smaller than a tile or repeat an earlier source's pixels are listed under
-    "rejected" (after ``rejected``, those found before); sources whose pixels show a JPEG's quantization
-    (jpeg.quality.estimate_from_pixels: a JPEG file, or a PNG saved from one) under "jpeg_sources" with the quality
-    found, and used as ``jpeg`` (one of JPEG_SOURCE_ACTIONS) says. ``paths``: each name's file, recorded beside it.
-    ``workers`` > 1: that many processes decode and tile the sources (decode_and_tile); this one writes the shards."""
+    "rejected" (after ``rejected``, those found before); JPEG sources (data.jpeg_sources: their pixels show a JPEG's
+    quantization, or their file is a JPEG) under "jpeg_sources" with the quality found (those only their file told of
+    under "jpeg_files" too), used as ``jpeg`` (one of JPEG_SOURCE_ACTIONS) says. ``paths``: each name's file, recorded
+    beside it. ``workers`` > 1: that many processes decode and tile the sources (decode_and_tile); this one writes
+    the shards."""
     if jpeg not in JPEG_SOURCE_ACTIONS:
         raise ValueError(f"jpeg must be one of {', '.join(JPEG_SOURCE_ACTIONS)}, got {jpeg!r}")
     keys = [sample_key(name) for name, _, _ in sources]
@@ -197,11 +192,12 @@ def tile_sources(staging: Path, sources: list[tuple[str, str, Callable[[], np.nd
         old.unlink()
     sinks = {"train": ShardSink(staging, "train", shard_size, buffer=shard_size * 16, seed=seed, ext=fmt),
              "val": ShardSink(staging, "val", shard_size, ext=fmt)}
-    manifest_sources, rejected, jpeg_sources, pixels = {}, list(rejected or []), {}, {}
+    manifest_sources, rejected, jpeg_sources, jpeg_files, pixels = {}, list(rejected or []), {}, {}, {}
     cut = partial(decode_and_tile, tile=tile, train_step=train_step, fmt=fmt, jpeg=jpeg)
     with contextlib.closing(map_in_order(cut, sources, workers, names=lambda source: source[0])) as done:
         for (name, split, _), key, source in zip(sources, keys, done):  # in the sources' order: the same shards
             jpeg_sources |= {name: source["found"]} if source.get("found") is not None else {}
+            jpeg_files |= {name: source["jpeg_file"]} if "jpeg_file" in source else {}
             if source.get("sha256") in pixels:  # another file of the same pixels (a lossless copy in another format)
                 source["rejected"] = f"duplicate of {pixels[source['sha256']]} (the same pixels)"
             if "rejected" in source:
@@ -221,25 +217,23 @@ def tile_sources(staging: Path, sources: list[tuple[str, str, Callable[[], np.nd
     write_indexes([staging / name for info in splits.values() for name in info["shards"]])
     return {"dataset": dataset, "format": fmt, "tile": tile, "train_step": train_step, "val_step": tile,
             "shard_size": shard_size, "splits": splits, "sources": manifest_sources, "rejected": rejected,
-            "jpeg_sources": jpeg_sources, "jpeg_action": jpeg}
+            "jpeg_sources": jpeg_sources, "jpeg_files": jpeg_files, "jpeg_action": jpeg}
 
 
 def decode_and_tile(source: tuple[str, str, Callable[[], np.ndarray]], *, tile: int, train_step: int, fmt: str,
                     jpeg: str) -> dict:
-    """One source (name, split, load) decoded, checked and cut into tiles: a tiling process's work (map_in_order)."""
+    """One source (name, split, load) decoded, checked and cut into tiles: a tiling process's work (map_in_order).
+    ``load`` gives its pixels, or a JpegFile (a JPEG file's pixels with the quality of its tables)."""
     _, split, load = source
     try:
         rgb = load()
     except BadImage as err:
         return {"rejected": f"{err.kind}: {err}"}
-    done = {"found": estimate_from_pixels(rgb).quality}  # ~0.05 s: a 1024 px window at most
-    if (found := done["found"]) is not None and jpeg == "skip":
-        return done | {"rejected": f"JPEG compression in its pixels (q{found}): --jpeg-sources halve or keep would "
-                                   f"use it"}
-    if found is not None and jpeg == "halve":
-        done["halved"] = 2 if found < HALVE_TWICE_BELOW else 1
-        for _ in range(done["halved"]):
-            rgb = halve(rgb)
+    rgb, file = (rgb.rgb, (rgb.quality, rgb.kind)) if isinstance(rgb, JpegFile) else (rgb, None)
+    if "rejected" in (done := jpeg_treatment(rgb, file, jpeg)):
+        return done
+    for _ in range(done.get("halved", 0)):
+        rgb = halve(rgb)
     if min(rgb.shape[:2]) < tile:
         halved = " after halving its JPEG grid away" if "halved" in done else ""
         return done | {"rejected": f"smaller than the {tile} px tile{halved} ({rgb.shape[1]}x{rgb.shape[0]})"}
@@ -305,13 +299,7 @@ def publish(staging: Path, out: str | Path, manifest: dict) -> None:
     fsync_dir(out)
     staging.rmdir()
     remove_stale_temps(out)
-    found, jpeg = manifest["jpeg_sources"], manifest["jpeg_action"]
-    if found:  # once, here: prepare folder may tile its sources twice (a split emptied by rejected photos)
-        shown = ", ".join(f"{n} (q{q})" for n, q in list(found.items())[:5]) + (", ..." if len(found) > 5 else "")
-        log.warning("%d of %d photos carry JPEG compression in their pixels: %s; %s (--jpeg-sources %s; the others: "
-                    "%s). Lossless originals are better (manifest.json: jpeg_sources)", len(found),
-                    len(manifest["sources"]) + len(manifest["rejected"]), shown, JPEG_SOURCE_ACTIONS[jpeg], jpeg,
-                    " or ".join(a for a in JPEG_SOURCE_ACTIONS if a != jpeg))
+    warn_jpeg_sources(manifest)  # once, here: prepare folder may tile its sources twice
 
 
 def remove_stale_temps(out: Path) -> None:
