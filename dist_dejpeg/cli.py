@@ -112,8 +112,8 @@ def stop_while_starting() -> dict:
     """Until the run takes the stop signals itself (train()'s StopSignals, the launcher's StopForwarder: after the
     imports and the config, ~5-8 s), SIGTERM, SIGUSR1 or Ctrl-C end the command at once as a stop (exit 75: nothing
     is saved yet, the same command starts or continues the run), not with 143 and no word; so do they in a rank of
-    several after its training loop (the loop's StopSignals put these back). Returns the handlers it replaced (the
-    caller puts them back)."""
+    several after its training loop (the loop's StopSignals put these back), but for SIGTERM in one leaving with an
+    error (_stopped). Returns the handlers it replaced (the caller puts them back)."""
     import signal
     import threading
 
@@ -296,8 +296,13 @@ def _stopped(what: str, err: Exception, code: int, every_rank: bool = True) -> i
     which would print the same line once per rank; ranks that raised the same error themselves (the same missing
     file) say it once per node; ``every_rank`` False: the main process alone says it (a stop all ranks make
     together, each with its own numbers, as a non-finite loss's)."""
+    import signal
+    import threading
+
     from dist_dejpeg.train.launch import first_on_node, leave_process_group
 
+    if code != EXIT_PREEMPTED and threading.current_thread() is threading.main_thread():  # an error's: the SIGTERM
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # that closes the ranks ends it as that, not as a stop (75)
     if not every_rank and os.environ.get("RANK", "0") != "0":
         pass
     elif getattr(err, "copied_from_rank", None) is None and first_on_node(f"{what}: {err}"):

@@ -461,6 +461,30 @@ def test_the_command_says_a_ranks_own_exit_code_before_a_signal():
     assert failed_code(err(-6, 2)) == 2 and failed_code(err(3, 2)) == 3 and failed_code(err(-6, -15)) == 134
 
 
+def test_a_rank_killed_first_is_a_crash_not_a_stop_the_launcher_did_not_pass_on():
+    """Rank 1 SIGKILLed (the OOM killer), rank 0 leaving on the lost peer when torch's launcher closed it with
+    SIGTERM: rank 0's 75 made the command say "preempted, run again" (a retry loop reran the job forever). With no
+    stop passed on, a 75 after the first failure is that closing SIGTERM: 137, the kill's; a forwarded stop is 75."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from dist_dejpeg.train.launch import failed_code
+
+    def err(*codes):  # (rank, exitcode) in the order they failed, a second apart
+        failures = {}
+        for when, (rank, code) in enumerate(codes):
+            failures[rank] = ProcessFailure(rank, 100 + rank, code, "/nonexistent")
+            failures[rank].timestamp = 100 + when
+        return ChildFailedError("train", failures)
+
+    assert failed_code(err((1, -9), (0, 75)), None) == 137
+    assert failed_code(err((1, 1), (0, 75)), None) == 1 and failed_code(err((1, 2), (0, 75)), None) == 2
+    assert failed_code(err((0, 75), (1, -15)), None) == 75  # a rank stopped by a signal sent to it, first
+    assert failed_code(err((1, -9), (0, 75)), signal.SIGTERM) == 75  # a forwarded stop: the rank checkpointed
+    assert failed_code(err((1, -15), (0, 75)), signal.SIGTERM) == 75
+
+
 def test_ctrl_c_outside_a_training_step_ends_the_command_without_a_traceback(tmp_path, capsys, monkeypatch):
     import dist_dejpeg.cli as cli
 

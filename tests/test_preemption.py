@@ -449,6 +449,22 @@ def test_a_stop_while_the_command_starts_is_a_stop_not_143(tmp_path):
         signal.signal(signal.SIGTERM, mine)
 
 
+def test_a_rank_leaving_with_an_error_ends_by_the_launchers_sigterm_not_as_a_stop():
+    """A rank leaving on an error (a lost peer: another rank was killed) got torch's launcher's closing SIGTERM in
+    stop_while_starting's handler: exit 75 and "stopped by SIGTERM", a stop nobody asked for. It ends by the signal."""
+    import signal
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", "import os, signal, time\n"
+                           "from dist_dejpeg.cli import _stopped, stop_while_starting\n"
+                           "stop_while_starting()\n"
+                           "assert _stopped('error', RuntimeError('a peer was lost'), 1) == 1\n"
+                           "os.kill(os.getpid(), signal.SIGTERM)\n"
+                           "time.sleep(30)\n"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGTERM, (done.returncode, done.stderr)
+    assert done.stderr.strip() == "error: a peer was lost"
+
+
 def test_a_multi_rank_stop_with_nothing_to_save_is_recorded_for_status(tmp_path, monkeypatch):
     """train.processes=2 stopped where the ranks had nothing new to save (building, the final validation): they
     wrote no word, progress.json said "running", and status called the run crashed; the launcher records the stop."""

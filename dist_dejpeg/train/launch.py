@@ -66,10 +66,18 @@ def failed_code(err, stop: int | None = None) -> int:
     decided) before a signal's (128 + S, as a shell reports it: a rank killed, or aborted on its way out while the
     launcher stopped the others); among equals, the first failure's. ``stop``: the stop signal the launcher passed
     on; ranks that ended by it (no handler yet: building, loading) or by Ctrl-C's KeyboardInterrupt (130) stopped
-    as asked, with nothing to save: 75, as a stop with a checkpoint (the same command continues the run)."""
+    as asked, with nothing to save: 75, as a stop with a checkpoint (the same command continues the run). With no
+    stop passed on, a 75 after another rank's failure is no stop a rank decided but the SIGTERM by which torch's
+    launcher closed it (a rank ending on a lost peer when another was killed): counted as that signal, so that a
+    rank killed first (the OOM killer's SIGKILL: 137) is no "run again"."""
     _, first = err.get_first_failure()
-    chosen = min(err.failures.values(), key=lambda f: (f.exitcode <= 0, f is not first))
-    code = 128 - chosen.exitcode if chosen.exitcode < 0 else chosen.exitcode
+
+    def exitcode(f) -> int:
+        closed = stop is None and f.exitcode == EXIT_PREEMPTED and f is not first
+        return -signal.SIGTERM if closed else f.exitcode
+
+    chosen = min(err.failures.values(), key=lambda f: (exitcode(f) <= 0, f is not first))
+    code = 128 - exitcode(chosen) if exitcode(chosen) < 0 else exitcode(chosen)
     if stop is not None and code in (128 + stop, 128 + signal.SIGINT):
         log.warning("train: %s stopped the processes where they could not checkpoint (before training began, or "
                     "after it ended); the same command continues the run from its newest checkpoint",
