@@ -179,6 +179,41 @@ def test_a_resumed_run_logs_each_step_once_and_keeps_each_phases_last_window(tmp
     assert logged["gen"]["step"] == 4 and logged["critic"]["step"] == 5, logged
 
 
+def test_a_finished_run_run_again_logs_its_final_validation_once(tmp_path, shards):
+    """A finished run run again validates again at its last step: TensorBoard purged from the step after it, and
+    every final/* scalar and the final image grid had two points at that step. The step is purged, and what else
+    was logged there (the last window, the last validation) written again: each tag's steps as after one run."""
+    from accelerate.state import AcceleratorState, GradientState
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dist_dejpeg.train.trainer import train
+
+    def logged():
+        events = EventAccumulator(str(run / "tb"))
+        events.Reload()
+        tags = events.Tags()
+        return ({t: [(p.step, p.wall_time) for p in events.Scalars(t)] for t in tags["scalars"]},
+                {t: [p.step for p in events.Images(t)] for t in tags["images"]})
+
+    run = tmp_path / "run"
+    over = ("train.order=[gen,critic]", "train.phases.gen.steps=4", "train.phases.critic.steps=1",
+            "train.ckpt_every=2", "train.log_every=1", "data.val_max_images=2", "data.val_qualities=[10]")
+    train(tiny(run, shards, *over))
+    (scalars, images), again = logged(), None
+    for _ in range(2):  # a rerun's final validation, and a rerun's of a rerun
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        train(tiny(run, shards, *over))
+        again = logged()
+        steps = {t: [s for s, _ in points] for t, points in again[0].items()}
+        assert steps == {t: [s for s, _ in points] for t, points in scalars.items()}
+        assert again[1] == images and images["val/jpeg_restored_clean_final"] == [5], again[1]
+        assert steps["final/q10_restored_psnr"] == [5] and steps["train/images_per_s"] == [1, 2, 3, 4, 5], steps
+        for tag, points in again[0].items():  # the final validation's from the last session, the rest kept
+            assert (points[0][1] > scalars[tag][0][1]) if tag.startswith("final/") else (points == scalars[tag]), tag
+        scalars = again[0]
+
+
 def _scalars(run, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

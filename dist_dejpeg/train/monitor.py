@@ -48,12 +48,18 @@ from dist_dejpeg.train.checkpoint import TrainingStopped, remove_partial
 from dist_dejpeg.train.run_log import close_run_log, open_run_log, to_run_log
 from dist_dejpeg.train.trackers import (TRACKER_RUNS, check_trackers, continued_runs, set_mlflow_store,  # noqa: F401
                                         tracker_config, tracker_init, tracker_objects)  # (build.py: two from here)
+from dist_dejpeg.train.trackers import tensorboard_events_at
 
 log = logging.getLogger("dist_dejpeg")
 
 
 WRITE_ERRORS = "write_errors"  # progress.json's and metrics.json meta's key: side write -> failures (rank 0)
 CONSOLE_ERRORS = (OSError, ValueError)  # a closed or broken stderr (ValueError: I/O on a closed file)
+
+
+def final_tag(tag: str) -> bool:
+    """A tag of the final validation: its scalars (:meth:`Monitor.validation`), its image grid (Trainer.log_image)."""
+    return tag.startswith("final/") or tag == "val/jpeg_restored_clean_final"
 
 
 class DiskFull(TrainingStopped):
@@ -188,23 +194,27 @@ class Monitor:
         self.steps = dict(steps)
         self.progress["total_steps"] = sum(self.steps.values())
 
-    def resumed(self, global_step: int) -> None:
+    def resumed(self, global_step: int, done: bool = False) -> None:
         """A run resumed from the checkpoint at ``global_step``: TensorBoard drops what an earlier session logged
         after it (steps a kill or crash lost; a rollback's abandoned ones), so no curve has two points per step
-        or goes back in time. wandb cannot (its steps only go forward): said, with the steps it will drop."""
+        or goes back in time. ``done``: every phase is (a finished run validating again, one stopped in its final
+        validation): the final validation logs at ``global_step`` again, so TensorBoard drops that step too and
+        gets back what else earlier sessions logged there (the last window, the last validation) but the final
+        validation's. wandb cannot (its steps only go forward): said, with the steps it will drop."""
         if not self.main:
             return
-        self._restart_tensorboard(global_step + 1)
+        self._restart_tensorboard(global_step if done else global_step + 1, keep_step=done)
         earlier = (read_json(self.run_dir / PROGRESS) or {}).get("global_step")  # (the last session's, until ours)
         if "wandb" in [t.name for t in self.acc.trackers] and isinstance(earlier, int) and earlier > global_step:
             log.warning("resume: an earlier session logged steps %d..%d, after this checkpoint: wandb keeps those and "
                         "drops what this session logs up to step %d (its steps only go forward); TensorBoard shows "
                         "this session's, MLflow both", global_step + 1, earlier, earlier)
 
-    def _restart_tensorboard(self, purge_step: int, earlier_only: bool = False) -> None:
+    def _restart_tensorboard(self, purge_step: int, earlier_only: bool = False, keep_step: bool = False) -> None:
         """A new TensorBoard writer whose ``purge_step`` records a restart in the event files: TensorBoard drops
         what earlier files logged at that step or later. ``earlier_only``: only where earlier sessions wrote files
-        (the writer Accelerate started has one of its own)."""
+        (the writer Accelerate started has one of its own). ``keep_step``: what they logged at ``purge_step``
+        is written again after it, but the final validation's (its scalars and image grid)."""
         for tracker in self.acc.trackers if self.main else []:
             if tracker.name != "tensorboard":
                 continue
@@ -212,7 +222,10 @@ class Monitor:
                 continue
             with self.side_write(f"tracker.{tracker.name}", (Exception,)):
                 tracker.writer.close()
+                kept = tensorboard_events_at(tracker.logging_dir, purge_step, final_tag) if keep_step else []
                 tracker.writer = type(tracker.writer)(tracker.logging_dir, purge_step=purge_step)
+                for event in kept:
+                    tracker.writer.file_writer.add_event(event, walltime=event.wall_time)
 
     def image(self, tag: str, grid, step: int) -> None:
         """``grid``: 3 x H x W float in [0, 1] (torch). To every tracker that takes images."""

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from dist_dejpeg.config import TRACKER_PACKAGES, ConfigError, flatten
 from dist_dejpeg.run.files import read_json
-from dist_dejpeg.run.layout import list_checkpoints
+from dist_dejpeg.run.layout import TENSORBOARD_EVENTS, list_checkpoints
 from dist_dejpeg.run.net import unreachable
 
 TRACKER_RUNS = "trackers.json"  # <run_dir>/: {"wandb": id, "mlflow": {"run_id", "store"}} of the run's trackers
@@ -125,3 +125,24 @@ def tracker_config(config_dict: dict, params: dict | None = None) -> dict:
     without the keys in ``params`` (a continued MLflow run's: MLflow refuses a changed value, a longer phase's)."""
     return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
             for k, v in flatten(config_dict).items() if v != {} and k not in (params or {})}
+
+
+def tensorboard_events_at(logging_dir: str | Path, step: int, drop) -> list:
+    """The events TensorBoard shows at ``step`` from the event files in ``logging_dir`` (read in its order; a
+    restart's purge at or before ``step`` drops what came before it), without the values whose tag ``drop``
+    accepts: what a writer purging from ``step`` writes again to keep them."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+
+    kept = []
+    for path in sorted(Path(logging_dir).glob(TENSORBOARD_EVENTS)):
+        for event in LegacyEventFileLoader(str(path)).Load():  # (as written: no migration)
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START and event.step <= step:
+                kept = []
+            elif event.step == step and event.HasField("summary"):
+                values = [v for v in event.summary.value if not drop(v.tag)]
+                if values:
+                    del event.summary.value[:]
+                    event.summary.value.extend(values)
+                    kept.append(event)
+    return kept

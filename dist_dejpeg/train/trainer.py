@@ -141,8 +141,8 @@ class Trainer:
         if self.state.phase_step and (path / LAST_GENERATOR).is_file():  # a gan phase given more steps (longer_phases)
             log.info("resume: the phase continues from its last step's generator, not from the best one it kept")
             self._put_back(load_file(str(path / LAST_GENERATOR)))
-        self.monitor.resumed(self.state.global_step)  # TensorBoard forgets the steps logged after the checkpoint
-        order, i = self.cfg.train.order, self.state.phase_index
+        order, i = self.cfg.train.order, self.state.phase_index  # TensorBoard forgets the steps logged after the
+        self.monitor.resumed(self.state.global_step, done=i >= len(order))  # checkpoint (its step too: every one done)
         where = f"phase {i + 1} ({order[i]}) step {self.state.phase_step}" if i < len(order) else "every phase done"
         log.info("resumed from %s: %s", path, where)
 
