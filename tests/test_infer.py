@@ -580,6 +580,10 @@ def test_guard_summary_names_the_qualities_restore_acts_at_as_decide_judges_them
         assert decide(GAINS, q, lows=lows).passthrough == (q not in [*range(1, 11), 40]), q
     nothing = guard_summary({10: -0.1, 20: float("nan")}, {10: -0.3, 20: float("nan")})
     assert "passes every image through unchanged" in nothing and "q10 -0.10 dB, q20 NaN" in nothing, nothing
+    assert "train longer" in nothing and "went wrong" not in nothing, nothing  # (near 0: learned too little)
+    for collapsed in ({10: -8.2, 40: -11.5}, {10: float("nan"), 40: float("nan")}):  # a diverged run: not "longer"
+        line = guard_summary(collapsed)
+        assert "training went wrong" in line and "train longer" not in line, line
     assert "unchecked" in guard_summary({}) and "those of unknown quality are passed through" in guard_summary({})
 
 

@@ -25,6 +25,11 @@ import numpy as np
 from dist_dejpeg.jpeg.quality import IJG_EQUIVALENT, IJG_EQUIVALENT_ERROR
 
 
+# a model whose every validated gain is below this (or NaN) did not train too little: it got worse than the JPEG
+# (a run at an lr 1000x the recipe's: 5 dB PSNR); one that learned little sits near 0 (residual output: identity)
+COLLAPSED = -1.0
+
+
 @dataclass
 class Decision:
     """What restoring one image does: its quality (None: unknown) and where it came from, and whether the
@@ -119,8 +124,12 @@ def guard_summary(gains: dict[int, float], lows: dict[int, float] | None = None)
                     + (f" (lower bound {low[q]:+.2f})" if gains[q] > 0 else "")
                     for q in losing[:4]) + (", ..." if len(losing) > 4 else "")
     if not acting:
+        finite = [g for g in gains.values() if np.isfinite(g)]
+        advice = ("train longer, or restore with --no-guard" if finite and max(finite) > COLLAPSED else
+                  "the model harms every validated quality: training went wrong, not short (a learning rate too "
+                  "high? see train.log); train again")
         return (f"restore: validation found no sure gain ({why}), so restore passes every image through "
-                f"unchanged: train longer, or restore with --no-guard")
+                f"unchanged: {advice}")
     above = f"above q{max(gains)}: not validated" if max(gains) < 100 else ""
     reasons = "; ".join(r for r in (f"validation: {why}" if losing else "", above) if r)
     return f"restore: restores JPEGs of {_ranges(acting)} and passes the others through unchanged ({reasons})"
