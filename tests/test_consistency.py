@@ -418,9 +418,8 @@ def test_the_api_conforms_only_an_image_that_is_still_its_files(tmp_path):
     assert file_cells(dotted, rgb=np.asarray(ImageOps.exif_transpose(dotted).convert("RGB")))[0] is None
 
 
-def test_the_api_reads_an_upload_and_says_when_a_converted_image_has_no_file(tmp_path):
-    """An image opened from bytes (an upload) is made consistent as its file would be (the bytes Pillow holds
-    until it loads); a converted copy has no file: restored as the model made it, and the decision says so."""
+def _blurring():
+    """A restorer (restore/base.py's, as both backends') whose restoration went wrong: _blurred, no guard."""
     from dist_dejpeg.restore.base import ImageRestorer
 
     class Blurring(ImageRestorer):
@@ -435,15 +434,54 @@ def test_the_api_reads_an_upload_and_says_when_a_converted_image_has_no_file(tmp
         def restore_rgb(self, rgb, quality):
             return _blurred(rgb)
 
+    return Blurring()
+
+
+def test_the_api_reads_an_upload_and_says_when_a_converted_image_has_no_file(tmp_path):
+    """An image opened from bytes (an upload) is made consistent as its file would be (the bytes Pillow holds
+    until it loads); a converted copy has no file: restored as the model made it, and the decision says so."""
     data = _jpeg(skimage.data.astronaut()[:96, :128], 25)
     (tmp_path / "photo.jpg").write_bytes(data)
-    restorer = Blurring()
+    restorer = _blurring()
     upload = np.asarray(restorer.restore(Image.open(io.BytesIO(data))))
     assert restorer.last_decision.reason.endswith("made consistent with its file (cells of half-width 0.5)")
     assert np.array_equal(upload, np.asarray(restorer.restore(str(tmp_path / "photo.jpg"))))
     converted = np.asarray(restorer.restore(Image.open(io.BytesIO(data)).convert("RGB")))
     assert np.array_equal(converted, _blurred(_decoded(data)))
     assert "a converted or copied image has none" in restorer.last_decision.reason
+
+
+def test_the_api_takes_an_uploads_bytes_and_warns_of_an_image_that_lost_them(tmp_path):
+    """bytes, a bytearray, a memoryview and a binary file object (an upload) are restored as their file is: quality
+    from its tables, made consistent with it. A PIL image loaded from a BytesIO (.load(), np.asarray, ...) lost its
+    bytes: restored as the model made it, with a warning and a reason that say what to give instead (the old words,
+    "not opened from a file", were untrue and gave no remedy). Bytes that do not decode are refused as a file is."""
+    from dist_dejpeg.restore.images import InputImageError
+
+    data = _jpeg(skimage.data.astronaut()[:96, :128], 25)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(data)
+    restorer = _blurring()
+    expected = np.asarray(restorer.restore(str(path)))
+    assert not np.array_equal(expected, _blurred(_decoded(data)))  # (made consistent: not the blur itself)
+    with open(path, "rb") as opened:
+        opened.read(7)  # (read from its start, as Image.open reads it)
+        for upload in (data, bytearray(data), memoryview(data), io.BytesIO(data), opened):
+            assert np.array_equal(np.asarray(restorer.restore(upload)), expected), type(upload).__name__
+            decision = restorer.last_decision
+            assert decision.quality == 25 and decision.source == "file tables", decision
+            assert decision.reason.endswith("made consistent with its file (cells of half-width 0.5)")
+    loaded = Image.open(io.BytesIO(data))
+    loaded.load()
+    with pytest.warns(UserWarning, match=r"bytes are gone .*give restore the bytes or the path, or the image befo"):
+        assert np.array_equal(np.asarray(restorer.restore(loaded)), _blurred(_decoded(data)))
+    assert "give restore the bytes" in restorer.last_decision.reason
+    with pytest.raises(InputImageError, match=r"^image: cannot decode \(OSError: .*\); the file is cut short"):
+        restorer.restore(data[:-300])
+    with pytest.raises(InputImageError, match=r"^image: not an image PIL can read \(UnidentifiedImageError: [^<]*\)$"):
+        restorer.restore(b"not an image")
+    with open(path) as text, pytest.raises(TypeError, match="binary mode"):
+        restorer.restore(text)
 
 
 def test_a_jpeg_whose_name_is_no_utf8_is_made_consistent_through_its_bytes(tmp_path):

@@ -11,8 +11,11 @@ the pixels there and back; ``full_batches`` asks tiling for batches of one shape
 from __future__ import annotations
 
 import contextlib
+import inspect
+import io
 import os
 import threading
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -23,8 +26,8 @@ from dist_dejpeg.jpeg.formats import is_animation
 from dist_dejpeg.jpeg.quality import PIXELS, earlier_compression, estimate_quality
 from dist_dejpeg.models.names import CONFORMED_KEYS, GAIN_KEYS, JPEG_PSNR, read_gains
 from dist_dejpeg.restore.guard import Decision, decide
-from dist_dejpeg.restore.images import (cells_for, check_depth, file_cells, held_bytes, join_image, load_image,
-                                        made_consistent, split_image, to_gray)
+from dist_dejpeg.restore.images import (BYTES_GONE, cells_for, check_depth, file_cells, held_bytes, join_image,
+                                        load_image, made_consistent, split_image, to_gray)
 from dist_dejpeg.restore.metadata import jpeg_notes, output_dpi, output_metadata, output_xmp
 from dist_dejpeg.restore.tiling import NUMPY, Arrays, restore_tiled
 
@@ -68,6 +71,22 @@ def tensor_batch(image) -> tuple[Any, bool]:
             raise ValueError(f"float pixels are 0..1, these span {lo:g}..{hi:g} (0..255 values? divide them by "
                              f"255, or give uint8)")
     return x, image.dim() == 3
+
+
+def file_bytes(fp) -> bytes:
+    """The bytes of a binary file object (an upload), from its start where it can seek, as Image.open reads it."""
+    if isinstance(fp, io.TextIOBase):
+        raise TypeError("restore takes a file object opened in binary mode (open(path, 'rb')), not in text mode")
+    if inspect.iscoroutinefunction(getattr(fp, "read", None)):
+        raise TypeError("restore reads a file object's bytes, not an async one's: give it the bytes (await "
+                        "upload.read()) or its file (upload.file)")
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # (a pipe, a socket: read from where it is)
+        fp.seek(0)
+    data = fp.read()
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"restore takes a binary file object (open(path, 'rb')), not one that reads "
+                        f"{type(data).__name__}")
+    return bytes(data)
 
 
 class ImageRestorer:
@@ -268,18 +287,21 @@ class ImageRestorer:
         return batch, batch, np.empty_like(batch), lambda out: torch.from_numpy(out).to(x.device, dtype)
 
     def restore(self, image, quality: int | None = None):
-        """A PIL image (any mode; alpha kept, grayscale stays grayscale) or an image file's path (a PIL image back;
-        refused as ``restore`` refuses it: images.load_image), a uint8 numpy array (restore_array) or a torch tensor
-        (restore_tensor), restored, in the same kind. ``quality`` None: a PIL image's quality is estimated
-        (jpeg.quality.estimate_quality: a JPEG's tables, else its pixels) and its source kept in ``last_decision``; an
-        array's is unknown. A PIL image comes back with the input's ICC profile, EXIF, dpi, XMP and a JPEG's comment in
-        ``.info`` ("icc_profile", "exif", "dpi", "xmp", "comment"; orientation applied, as restore/images.py writes
-        them), so ``out.save(path, **out.info)`` keeps them (Pillow writes ``xmp=`` into JPEG and WebP files,
-        ``comment=`` into JPEG; restore/images.save_image into PNG and TIFF too, and a JPEG's IPTC: jpeg_notes).
-        A JPEG opened from its file is made consistent with the file's data, as ``restore`` makes it
-        (images.made_consistent); an array's or tensor's is not (jpeg.consistency.conform does it, given the file)."""
+        """A PIL image (any mode; alpha kept, grayscale stays grayscale) or an image file's path, bytes or binary file
+        object (an upload: a PIL image back; refused as ``restore`` refuses it: images.load_image), a uint8 numpy array
+        (restore_array) or a torch tensor (restore_tensor), restored, in the same kind. ``quality`` None: a PIL image's
+        quality is estimated (jpeg.quality.estimate_quality: a JPEG's tables, else its pixels) and its source kept in
+        ``last_decision``; an array's is unknown. A PIL image comes back with the input's ICC profile, EXIF, dpi, XMP
+        and a JPEG's comment in ``.info`` ("icc_profile", "exif", "dpi", "xmp", "comment"; orientation applied, as
+        restore/images.py writes them), so ``out.save(path, **out.info)`` keeps them (Pillow writes ``xmp=`` into JPEG
+        and WebP files, ``comment=`` into JPEG; restore/images.save_image into PNG and TIFF too, and a JPEG's IPTC:
+        jpeg_notes). A JPEG opened from its file is made consistent with the file's data, as ``restore`` makes it
+        (images.made_consistent); an array's or tensor's is not (jpeg.consistency.conform does it, given the file), nor
+        a PIL image's loaded from a file object, whose bytes Pillow let go of (a warning: give the bytes)."""
         read = None  # a file's cells, read as it was loaded
-        if isinstance(image, (str, os.PathLike)):
+        if hasattr(image, "read"):  # a binary file object (an upload): its bytes, restored as its file
+            image = file_bytes(image)
+        if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
             loaded = load_image(image, cells=self.consistent)
             image, read = loaded.image, (loaded.cells, loaded.cells_note)  # its quality: from its file, as Image.open's
         if isinstance(image, np.ndarray):
@@ -301,8 +323,10 @@ class ImageRestorer:
                 quality, source = est.quality, est.source or "unknown"
             # a JPEG opened from its file, still its pixels: made consistent with the file's data
             earlier = earlier_compression(quality, source, image)
-            cells, unmade = cells_for(*(read or file_cells(image, held, rgb=rgb)), earlier) if self.consistent else (
-                None, "")
+            found = (read or file_cells(image, held, rgb=rgb)) if self.consistent else (None, "")
+            if found[1].endswith(BYTES_GONE):  # (judged then by the model's own gains: a loss, said)
+                warnings.warn(f"a JPEG image {found[1]}", stacklevel=2)
+            cells, unmade = cells_for(*found, earlier)
             restored = self.restore_array(rgb, quality, source, conformed=cells is not None)
             decision = self.last_decision
             if not decision.passthrough:
@@ -319,5 +343,5 @@ class ImageRestorer:
                                                     ("xmp", output_xmp(image)), ("comment", jpeg_notes(image)[0]))
                                   if v})
             return restored
-        raise TypeError(f"restore takes a PIL image, an image file's path, a uint8 numpy array or a torch tensor, "
-                        f"not {type(image).__name__}")
+        raise TypeError(f"restore takes a PIL image, an image file's path, bytes or binary file object, a uint8 numpy "
+                        f"array or a torch tensor, not {type(image).__name__}")

@@ -18,6 +18,7 @@ import filecmp
 import io
 import logging
 import os
+import re
 import struct
 import threading
 import warnings
@@ -170,27 +171,30 @@ def join_image(rgb: np.ndarray, alpha: np.ndarray | None = None, grayscale: bool
     return Image.fromarray(rgb, "RGB") if alpha is None else Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, cells: bool = True) -> LoadedImage:
-    """Read ``path`` for restoration; every refusal is an InputImageError that says why. ``cells``: read a JPEG's
-    quantization cells too (False: its restored image is kept as the model makes it; nothing read)."""
-    path = Path(path)
+def load_image(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, cells: bool = True) -> LoadedImage:
+    """Read ``path`` (or an image file's bytes: an upload, named "image") for restoration; every refusal is an
+    InputImageError that says why. ``cells``: read a JPEG's quantization cells too (False: its restored image is
+    kept as the model makes it; nothing read)."""
+    data = bytes(path) if isinstance(path, (bytes, bytearray, memoryview)) else None
+    path = Path(path) if data is None else "image"
     try:
         with pixel_limit(max_pixels):
-            img = Image.open(path)
+            img = Image.open(path if data is None else io.BytesIO(data))
     except FileNotFoundError:
         raise InputImageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise InputImageError(f"{path}: a folder, not an image") from None
     except Exception as err:  # noqa: BLE001 - PIL raises UnidentifiedImageError, OSError, SyntaxError ...
-        raise InputImageError(f"{path}: not an image PIL can read ({type(err).__name__}: {err})") from None
+        said = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))  # (bytes: PIL names its buffer)
+        raise InputImageError(f"{path}: not an image PIL can read ({type(err).__name__}: {said})") from None
     with img:
         w, h = img.size
         if w * h > max_pixels:
             raise InputImageError(f"{path}: {w} x {h} = {w * h / 1e6:.3g} megapixels is over the limit of "
                                   f"{max_pixels / 1e6:.3g} megapixels ({max_pixels} pixels: a decompression bomb?); "
                                   f"raise it with --max-pixels (in pixels)")
-        check_depth(img, str(path), path)
-        mode, fmt = img.mode, img.format or path.suffix.lstrip(".").upper()
+        check_depth(img, str(path), None if data is not None else path)
+        mode, fmt = img.mode, img.format or ("" if data is not None else path.suffix.lstrip(".").upper())
         if is_animation(img, fmt):
             raise InputImageError(f"{path}: an animated {fmt} ({img.n_frames} frames): restore writes one image, so "
                                   f"all but the first frame would be lost; save the frames as separate images")
@@ -208,7 +212,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, cells: bo
         icc, exif = output_metadata(img, img.mode in GRAY_MODES)  # before split_image turns the pixels
         rgb, alpha, grayscale = split_image(img, str(path))
         comment, iptc = jpeg_notes(img)
-        cells, why = file_cells(img, path) if cells else (None, "")
+        cells, why = file_cells(img, data or path) if cells else (None, "")
         return LoadedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, mode=mode, format=fmt, image=img,
                            icc_profile=icc, exif=exif, xmp=output_xmp(img), dpi=output_dpi(img), comment=comment,
                            iptc=iptc, text=png_text(img), cells=cells, cells_note=why)
@@ -225,7 +229,7 @@ def file_cells(img: Image.Image | None, path: str | Path | bytes | None = None, 
         return None, ""
     why = "not made consistent with its JPEG data: "
     if not (source := path or getattr(img, "filename", "") or held_bytes(img)):
-        return None, why + "the image was not opened from a file"
+        return None, why + BYTES_GONE
     if rgb is not None and img.tell():
         return None, why + f"frame {img.tell()}, not the file's first image"
     cells, unmade = cells_of(source)
@@ -247,6 +251,11 @@ def cells_for(cells: JpegCells | None, note: str, earlier: bool) -> tuple[JpegCe
         return cells, note
     return None, ("not made consistent with its JPEG data: compressed at a coarser quality before this file was "
                   "saved, whose cells are the re-save's, around that earlier decode")
+
+
+# why an image opened from a file object (a BytesIO: an upload) has no file data to be made consistent with
+BYTES_GONE = ("its file's bytes are gone (Pillow lets go of a file object once the image loads): give restore "
+              "the bytes or the path, or the image before it is loaded")
 
 
 def held_bytes(img: Image.Image) -> bytes | None:

@@ -115,8 +115,9 @@ class Restorer(ImageRestorer):
     ``guard``: pass through images where the model's validation predicts no gain, and images of unknown
     quality; ``cuda_graphs``: replay the forward as a captured CUDA graph (None: on CUDA).
 
-    ``restore(image, quality)`` takes a PIL image, a numpy array or a torch tensor and returns the same kind;
-    ``last_decision`` says what the guard did with the last one; ``info`` is the model file's metadata."""
+    ``restore(image, quality)`` takes a PIL image, a numpy array or a torch tensor and returns the same kind (an
+    image file's path, bytes or binary file object: a PIL image); ``last_decision`` says what the guard did with the
+    last one; ``info`` is the model file's metadata."""
 
     def __new__(cls, model=None, **kwargs):
         if is_onnx(model):  # one ONNX runtime path: the torch-free one
