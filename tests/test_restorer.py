@@ -134,6 +134,25 @@ def test_python_api_restores_a_file_given_by_its_path(guarded_file, tmp_path):  
         restorer.restore(20)
 
 
+def test_a_truncated_pil_image_is_refused_as_its_file_is(tmp_path):
+    """A truncated JPEG opened lazily (Image.open, from its path or a BytesIO) decodes inside restore: an
+    InputImageError in the words the path gets (it was PIL's raw OSError, "image file is truncated")."""
+    from dist_dejpeg.restore.images import InputImageError
+
+    restorer = Restorer(Pointwise(), tile=0, guard=False)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(_jpeg_bytes(_photo(96, 128), 20)[:-600])  # its header whole, its scan cut
+    with pytest.raises(InputImageError) as by_path:
+        restorer.restore(path)
+    assert "cannot decode (OSError: image file is truncated" in str(by_path.value)
+    assert str(by_path.value).endswith("the file is cut short (an interrupted copy or download?): copy it again "
+                                       "from its source")
+    for image, name in ((Image.open(path), str(path)), (Image.open(io.BytesIO(path.read_bytes())), "image")):
+        with pytest.raises(InputImageError) as lazy:
+            restorer.restore(image)
+        assert str(lazy.value) == str(by_path.value).replace(str(path), name, 1)
+
+
 def test_the_restore_package_gives_both_restorers():
     """``from dist_dejpeg.restore import Restorer, open_restorer``, as the package's docstring shows, works (it
     was an ImportError: only dist_dejpeg itself gave Restorer); the ONNX one comes from there too."""

@@ -26,8 +26,8 @@ from dist_dejpeg.jpeg.formats import is_animation
 from dist_dejpeg.jpeg.quality import PIXELS, earlier_compression, estimate_quality
 from dist_dejpeg.models.names import CONFORMED_KEYS, GAIN_KEYS, JPEG_PSNR, read_gains
 from dist_dejpeg.restore.guard import Decision, decide
-from dist_dejpeg.restore.images import (BYTES_GONE, cells_for, check_depth, file_cells, held_bytes, join_image,
-                                        load_image, made_consistent, split_image, to_gray)
+from dist_dejpeg.restore.images import (BYTES_GONE, cells_for, check_depth, decode_error, file_cells, held_bytes,
+                                        join_image, load_image, made_consistent, split_image, to_gray)
 from dist_dejpeg.restore.metadata import jpeg_notes, output_dpi, output_metadata, output_xmp
 from dist_dejpeg.restore.tiling import NUMPY, Arrays, restore_tiled
 
@@ -316,6 +316,10 @@ class ImageRestorer:
             if not read:  # (a path's file: checked as it was loaded)
                 check_depth(image, getattr(image, "filename", "") or "image")
             held = None if read or getattr(image, "filename", "") else held_bytes(image)  # (gone once it loads)
+            try:  # (an image opened lazily decodes here: its truncated or corrupt data refused as its file's)
+                image.load()
+            except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError ...
+                raise decode_error(getattr(image, "filename", "") or "image", err) from None
             rgb, alpha, grayscale = split_image(image)
             source = "given"
             if quality is None:

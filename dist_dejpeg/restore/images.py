@@ -203,9 +203,7 @@ def load_image(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, c
                 pages = tiff_pages(img) if fmt == "TIFF" else 1
                 img.load()
         except Exception as err:  # noqa: BLE001 - truncated or corrupt data
-            cut = ("; the file is cut short (an interrupted copy or download?): copy it again from its source"
-                   if "truncated" in str(err) else "")
-            raise InputImageError(f"{path}: cannot decode ({type(err).__name__}: {err}){cut}") from None
+            raise decode_error(path, err) from None
         if pages > 1:
             raise InputImageError(f"{path}: a TIFF of {pages} pages: restore writes one image, so all but the first "
                                   f"page would be lost; save the pages as separate images")
@@ -216,6 +214,13 @@ def load_image(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, c
         return LoadedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, mode=mode, format=fmt, image=img,
                            icc_profile=icc, exif=exif, xmp=output_xmp(img), dpi=output_dpi(img), comment=comment,
                            iptc=iptc, text=png_text(img), cells=cells, cells_note=why)
+
+
+def decode_error(source: str | Path, err: Exception) -> InputImageError:
+    """What ``source``'s pixels that PIL cannot decode (``err``: truncated or corrupt data) are refused with."""
+    cut = ("; the file is cut short (an interrupted copy or download?): copy it again from its source"
+           if "truncated" in str(err) else "")
+    return InputImageError(f"{source}: cannot decode ({type(err).__name__}: {err}){cut}")
 
 
 def file_cells(img: Image.Image | None, path: str | Path | bytes | None = None, rgb: np.ndarray | None = None
