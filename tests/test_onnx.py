@@ -394,6 +394,29 @@ def test_onnx_windows_under_32_px_match_pytorch(exported):
         assert diff < TOLERANCE, (h, w, diff * 255)
 
 
+def test_restorers_keywords_are_taken_by_an_onnx_model_alike(exported):
+    """Restorer("x.onnx", ...) hands its keywords to OnnxRestorer: each of them is one OnnxRestorer takes, at
+    Restorer's defaults too (cuda_graphs=None was a TypeError: OnnxRestorer had no such keyword); cuda_graphs=True
+    is refused in a line; batch_size 0 is refused by both as Restorer refuses it (OnnxRestorer took it as 1)."""
+    import inspect
+
+    from dist_dejpeg.restore.onnx_backend import OnnxRestorer
+    from dist_dejpeg.restore.restorer import Restorer
+
+    _, onnx_path, code, *_ = exported
+    assert code == 0
+    keywords = {k: p.default for k, p in inspect.signature(Restorer).parameters.items() if k != "model"}
+    assert set(keywords) <= set(inspect.signature(OnnxRestorer).parameters)
+    assert isinstance(Restorer(onnx_path, **keywords), OnnxRestorer)
+    assert Restorer(onnx_path, device="cpu", cuda_graphs=False).batch_size == 1
+    with pytest.raises(ValueError, match=r"^cuda_graphs=True: CUDA graphs are PyTorch's; an ONNX model runs on "
+                                         r"onnxruntime"):
+        Restorer(onnx_path, device="cpu", cuda_graphs=True)
+    for make in (Restorer, OnnxRestorer):
+        with pytest.raises(ValueError, match=r"^batch_size must be at least 1 tile, got 0$"):
+            make(onnx_path, device="cpu", batch_size=0)
+
+
 def test_onnx_device_cuda_that_onnxruntime_could_not_start_is_an_error(exported, monkeypatch):
     """onnxruntime-gpu whose CUDA provider fails to start (its CUDA or cuDNN libraries) falls back to the CPU on its
     own: ``--device cuda`` restored on the CPU, saying "cpu (onnxruntime)"; now a ModelFileError (the CLI's exit 2).

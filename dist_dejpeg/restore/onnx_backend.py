@@ -32,7 +32,7 @@ import numpy as np
 from dist_dejpeg.models.names import (INPUT, ONNX_FORMAT, OUTPUT, QUALITY, TRAIN_SHARDS, TRAIN_SOURCES,
                                       ModelFileError, OnnxUnavailable, file_gains, file_train_shards,
                                       file_train_sources, require_onnx)
-from dist_dejpeg.restore.base import ImageRestorer
+from dist_dejpeg.restore.base import ImageRestorer, check_tiling
 
 # The export's self-attention holds its whole score matrix (L x L floats, L = the positions at its stride; PyTorch
 # runs a blocked kernel instead): a whole 1024 x 1024 image peaked at 2.5 GB, a 2040 x 1356 one ran a 24 GB machine
@@ -133,15 +133,19 @@ class OnnxRestorer(ImageRestorer):
     """An exported generator on onnxruntime with the Restorer's surface: restore_array, restore (PIL images,
     arrays and tensors), restore_tensor (through numpy on the host), decide, last_decision, info, gains, guard, tile, overlap, batch_size, conditioned, and ``device``
     ("cpu (onnxruntime)"). ``batch_size`` None: 1 on the CPU (as PyTorch's; bench infer), 4 on CUDA;
-    ``precision``: the export is float32 ("auto" or "fp32"; "bf16" is for PyTorch models); ``threads``: intra-op
-    threads (None: the cores this process may use)."""
+    ``precision``: the export is float32 ("auto" or "fp32"; "bf16" is for PyTorch models); ``cuda_graphs``:
+    Restorer's, None or False here; ``threads``: intra-op threads (None: the cores this process may use)."""
 
     def __init__(self, model, *, device: str = "auto", tile: int = 512, overlap: int = 64,
                  batch_size: int | None = None, precision: str = "auto", guard: bool = True,
-                 threads: int | None = None):
+                 cuda_graphs: bool | None = None, threads: int | None = None):
         if precision not in ("auto", "fp32"):
             raise ValueError(f"an ONNX model runs in float32: precision must be auto or fp32, got {precision!r} "
                              f"(bf16 is for PyTorch models)")
+        if cuda_graphs not in (None, False):  # (Restorer's keyword: Restorer("x.onnx", ...) gives one of these)
+            raise ValueError(f"cuda_graphs={cuda_graphs!r}: CUDA graphs are PyTorch's; an ONNX model runs on "
+                             f"onnxruntime (leave it None)")
+        check_tiling(tile, overlap, 1 if batch_size is None else batch_size)  # (before the session: 0 is no 1)
         self.session, info = open_session(model, device, threads)
         self.conditioned = QUALITY in {i.name for i in self.session.get_inputs()}
         self.pad_to = info["pad_to"]
@@ -151,7 +155,8 @@ class OnnxRestorer(ImageRestorer):
             "self_attention", True) else 0
         cuda = info["provider"] == "CUDAExecutionProvider"
         self.device = f"{'cuda' if cuda else 'cpu'} (onnxruntime)"
-        self.setup(info, tile=tile, overlap=overlap, batch_size=batch_size or (4 if cuda else 1), guard=guard)
+        batch_size = (4 if cuda else 1) if batch_size is None else batch_size
+        self.setup(info, tile=tile, overlap=overlap, batch_size=batch_size, guard=guard)
 
     def forward(self, batch: np.ndarray, quality: int | None = None) -> np.ndarray:
         """N x 3 x h x w float32 in [0, 1] -> the same, restored. The graph pads to its stride with reflect, as
