@@ -350,6 +350,31 @@ def test_bench_infer_gpu_rows_run_their_flow_on_the_cpu(tmp_path, repo_root, mon
     assert (tmp_path / "out_gpu").exists() is False  # the file rows write into the run's own temporary folder
 
 
+def test_bench_infer_stopped_in_its_host_rows_leaves_the_summarys_restore_numbers(tmp_path, repo_root, monkeypatch):
+    """The GPU check's bench infer --no-cpu (the CPU standing in for the GPU) stopped for time in its folder rows:
+    infer.json already holds the restore, tensor and file rows, and gpu-summary.json reads its restore fields."""
+    import torch
+
+    from dist_dejpeg.bench import infer
+    from dist_dejpeg.bench.gpu_summary import write_gpu_summary
+
+    def stop(*args):
+        raise KeyboardInterrupt("the step's time limit (SIGTERM)")
+
+    monkeypatch.chdir(repo_root)
+    monkeypatch.setattr(infer, "folder_rows", stop)
+    with pytest.raises(KeyboardInterrupt):
+        infer.run("configs/debug.yaml", TINY, tmp_path / "results", repeats=1,
+                  sizes={"2040 x 1356 (tiny)": (64, 96), "12 MP (tiny)": (64, 96)},
+                  modes={"tiled 512/64": dict(tile=64, overlap=16)}, cpu=False, gpus=[torch.device("cpu")])
+    report = json.loads((tmp_path / "results" / "infer.json").read_text())
+    assert report["pending"] == f"cpu folder rows, cpu {infer.CONFORM} rows"
+    summary = write_gpu_summary(tmp_path, card=None, date="d", commit="c", device="cpu", first_variant=None)
+    for field in ("restore_2k_ms", "restore_2k_fp32_ms", "restore_2k_array_ms", "restore_2k_file_ms",
+                  "restore_12mp_ms", "restore_bf16_minus_fp32_db"):
+        assert summary[field] is not None, field
+
+
 def test_allreduce_model_worked_example():
     # 100 MB over 8 GPUs on NVLink (400 GB/s, 5 us per hop): 2 * 7/8 * 1e8 / 4e11 s + 14 * 5 us
     assert math.isclose(scaling.allreduce_seconds(8, 1e8), 2 * 7 / 8 * 1e8 / 400e9 + 14 * 5e-6)

@@ -19,17 +19,18 @@ MODES = {"whole": dict(tile=0), "tiled": dict(tile=64, overlap=16)}
 
 
 class Fake:
-    """A restorer that records where it was opened and copies its input (or fails on ``fail_on``)."""
+    """A restorer that records where it was opened and copies its input (or fails on ``fail_on``: a device, or a
+    device and precision)."""
 
     calls: list = []
     fail_on: str | None = None
 
     def __init__(self, path, device="cpu", precision="fp32", **kwargs):
-        self.device = device
+        self.device, self.precision = device, precision
         Fake.calls.append((device, precision, kwargs))
 
     def restore_array(self, rgb: np.ndarray, quality=None) -> np.ndarray:
-        if self.device == Fake.fail_on:
+        if Fake.fail_on in (self.device, f"{self.device} {self.precision}"):
             raise RuntimeError(f"stopped on {self.device}")
         return rgb.copy()
 
@@ -40,8 +41,11 @@ def fake(monkeypatch, repo_root):
 
     monkeypatch.chdir(repo_root)
     monkeypatch.setattr("dist_dejpeg.restore.open_restorer", Fake)
-    # infer.gpu_rows (a tensor on the device, file to file): recorded where it is called, after the GPU's rows
+    # infer.gpu_rows (a tensor on the device, file to file), folder_rows and conform_rows: recorded where called
     monkeypatch.setattr(infer, "gpu_rows", lambda device, *args: Fake.calls.append((str(device), "gpu_rows", {})))
+    for rows in ("folder_rows", "conform_rows"):
+        monkeypatch.setattr(infer, rows, lambda restorer, device, *args, rows=rows: Fake.calls.append(
+            (str(device), rows, {})))
     Fake.calls, Fake.fail_on = [], None
     return Fake
 
@@ -52,8 +56,9 @@ def test_gpu_rows_first_in_their_own_section(tmp_path, fake):
     report = infer.run("configs/debug.yaml", TINY, tmp_path, repeats=1, sizes=SIZES, gpus=["cuda:0"])
     # (fp32, bf16) x (whole, tiled, and on the GPU tiled without graphs): the GPU's first
     assert [(device, precision) for device, precision, _ in fake.calls] == (
-        [("cuda:0", "fp32")] * 3 + [("cuda:0", "bf16")] * 3 + [("cuda:0", "gpu_rows")] + [("cpu", "fp32")] * 2
-        + [("cpu", "bf16")] * 2)
+        [("cuda:0", "fp32")] * 3 + [("cuda:0", "bf16")] * 3 + [("cuda:0", "gpu_rows"), ("cuda:0", "folder_rows"),
+                                                                ("cuda:0", "conform_rows")]
+        + [("cpu", "fp32")] * 2 + [("cpu", "bf16")] * 2)
     assert fake.calls[2][2] == dict(tile=512, overlap=64, cuda_graphs=False)
     keys = list(report["results"])
     assert keys[:3] == ["cuda fp32 whole 32 x 48", "cuda fp32 tiled 512/64 32 x 48",
@@ -80,13 +85,47 @@ def test_gpu_results_are_written_before_the_cpu_rows(tmp_path, fake):
     assert "Incomplete: the CPU rows still to measure" in md and "**CPU rows**" not in md
 
 
+@pytest.mark.parametrize("cpu", [False, True])
+def test_each_gpu_block_is_on_disk_when_measured(tmp_path, fake, cpu):
+    """A GPU check's bench infer --no-cpu stopped for time (its step's SIGTERM) in any GPU block keeps the blocks
+    before it: the results are written after each, and pending says what is still to come."""
+    from dist_dejpeg.bench import infer
+
+    def read() -> dict:
+        return json.loads((tmp_path / "infer.json").read_text())
+
+    fake.fail_on = "cuda:0 bf16"  # stopped in the second block: the first one's rows are on disk
+    with pytest.raises(RuntimeError, match="stopped on cuda:0"):
+        infer.run("configs/debug.yaml", TINY, tmp_path, repeats=1, sizes=SIZES, modes=MODES, gpus=["cuda:0"], cpu=cpu)
+    later = ["cuda:0 tensor and file rows", "cuda:0 folder rows", f"cuda:0 {infer.CONFORM} rows"] + [
+        "the CPU rows"] * cpu
+    assert read()["pending"] == ", ".join(["cuda:0 bf16 restore rows"] + later)
+    assert list(read()["results"]) == ["cuda fp32 whole 32 x 48", "cuda fp32 tiled 32 x 48"]
+    assert f"Incomplete: cuda:0 bf16 restore rows, {later[0]}" in (tmp_path / "infer.md").read_text()
+
+    def stop(*args):
+        raise KeyboardInterrupt("the step's time limit")
+
+    fake.fail_on = None
+    for stopped, pending in (("gpu_rows", later), ("folder_rows", later[1:]), ("conform_rows", later[2:])):
+        recorder = getattr(infer, stopped)
+        setattr(infer, stopped, stop)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                infer.run("configs/debug.yaml", TINY, tmp_path, repeats=1, sizes=SIZES, modes=MODES,
+                          gpus=["cuda:0"], cpu=cpu)
+        finally:
+            setattr(infer, stopped, recorder)
+        assert read()["pending"] == ", ".join(pending) and len(read()["results"]) == 4
+
+
 def test_no_cpu_runs_the_gpu_rows_alone(tmp_path, fake, capsys):
     from dist_dejpeg.bench import infer
 
     report = infer.run("configs/debug.yaml", TINY, tmp_path, repeats=1, sizes=SIZES, modes=MODES, gpus=["cuda:0"],
                        shell={"32 x 48": (32, 48)}, onnx=True, cpu=False)
     assert {device for device, _, _ in fake.calls} == {"cuda:0"} and report["shell"] == {} and report["onnx"] == {}
-    assert fake.calls[-1] == ("cuda:0", "gpu_rows", {})
+    assert fake.calls[-1] == ("cuda:0", "conform_rows", {})
     assert all(k.startswith("cuda ") for k in report["results"]) and len(report["results"]) == 4
     with pytest.raises(ValueError, match="leaves nothing to measure"):
         infer.run("configs/debug.yaml", TINY, tmp_path, sizes=SIZES, modes=MODES, gpus=[], cpu=False)
@@ -105,8 +144,10 @@ def test_the_gpu_rows_bf16_deviation_is_that_of_a_model_that_changes_the_image(t
                              "model.decoder_width=16"])
     model = infer.save_bench_generator(cfg.model, tmp_path / "generator.safetensors")
     results, rows = {}, []
-    infer.gpu_rows(torch.device("cpu"), model, tmp_path, {"2040 x 1356 (small)": (64, 96)}, 1,
-                   lambda *row: rows.append(row), results)
+    sizes = {"2040 x 1356 (small)": (64, 96)}
+    restorer = infer.gpu_rows(torch.device("cpu"), model, tmp_path, sizes, 1, lambda *row: rows.append(row), results)
+    infer.folder_rows(restorer, torch.device("cpu"), tmp_path, sizes, lambda *row: rows.append(row))  # (run: last)
+    infer.conform_rows(restorer, torch.device("cpu"), sizes, 1, lambda *row: rows.append(row))
     entry = results["cpu bf16 vs fp32 2040 x 1356 (small)"]
     assert entry["psnr_fp32_db"] != entry["psnr_bf16_db"] and abs(entry["bf16_minus_fp32_db"]) < 1.0
     assert [(r[1], r[2]) for r in rows][:2] == [("fp32", infer.TENSOR), ("bf16", infer.TENSOR)]

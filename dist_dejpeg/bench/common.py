@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Callable
 
 from dist_dejpeg import source_commit
 from dist_dejpeg.bench import DEFAULT_RESULTS
+from dist_dejpeg.run.files import atomic_write_text
 from dist_dejpeg.run.layout import GENERATOR
 
 if TYPE_CHECKING:
@@ -289,12 +290,13 @@ def write_results(out_dir: str | Path, name: str, report: dict, title: str, note
     body = {k: v for k, v in report.items() if k not in about}
     report.clear()
     report.update(about, **body)  # in place: the caller's report names the machine too
-    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
+    # atomically (bench infer and train write again after each block: a step stopped for time mid-write keeps the last)
+    atomic_write_text(out_dir / f"{name}.json", json.dumps(report, indent=2, default=str))
     lines = [f"# {title}", "", f"Machine: {report['machine']}; torch {report['machine_info']['torch']}; "
              f"commit {report['machine_info']['commit'] or 'unknown (not a git checkout)'}; {report['date']}", "",
              note, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    md.write_text("\n".join(lines) + "\n")
+    atomic_write_text(md, "\n".join(lines) + "\n")
     if echo:
         print("\n".join(lines), flush=True)
     return md

@@ -7,27 +7,22 @@ file and its ONNX export (onnxruntime, torch never imported), side by side.
     dist-dejpeg bench infer --config configs/div2k.yaml --no-shell --no-onnx
 
 Shell rows: ``python -m dist_dejpeg.cli restore photo.jpg -o OUT --model M --device cpu`` in a fresh process, per
-size, with the command's own defaults; the photo is skimage's astronaut resized and saved as a q20 JPEG, so
-its quality comes from the tables and it is restored (not passed through). Timed from start to exit (imports,
-model load, decoding, restoring, PNG encoding); peak RSS and minor page faults are the child's own
-(``os.wait4`` in a small launcher process: see LAUNCHER). Restore rows: ``Restorer.restore_array`` on a uint8 image (conversion, tiling, blending
-included; decoding and encoding not), median of ``--repeats``; whole (one pass) and tiled (512 px tiles,
-64 px overlap, the Restorer's batch: 1 on the CPU, 8 on a GPU), fp32 and bf16 autocast; the ONNX export's in
-fp32 on the CPU. The generator is the config's with random weights (speed does not depend on them), written to
-a generator file and loaded from it as ``restore`` loads one; the ONNX rows export it once (``dist-dejpeg
-export``'s code, ~1 min on 2 cores) and are skipped, with the reason in the results, where onnx, onnxruntime
-or onnxscript is not installed.
+size, with the command's defaults, on skimage's astronaut resized, saved as a q20 JPEG (restored, not passed
+through); start to exit (imports, model load, decode, restore, PNG encode); the child's own peak RSS and minor page
+faults (``os.wait4``: LAUNCHER). Restore rows: ``Restorer.restore_array`` on a uint8 image (tiling, blending; not
+decoding, encoding), median of ``--repeats``; whole (one pass) and tiled (512 px tiles, 64 px overlap, the Restorer's
+batch: 1 on the CPU, 8 on a GPU), fp32 and bf16 autocast; the ONNX export's in fp32 on the CPU. The generator: the
+config's, random weights, loaded from a file as ``restore`` does; the ONNX rows export it once (``dist-dejpeg
+export``'s code, ~1 min on 2 cores), skipped with the reason where onnx, onnxruntime or onnxscript is missing.
 
-Order (issue 24): the GPU rows run first, in a section of the table of their own, and their results are written
-as soon as they are measured (``infer.json`` then says the CPU rows are pending); the CPU rows (shell, ONNX
-export, restore) come after, so a step that is stopped for time still has its GPU rows, and ``--no-cpu``
-leaves them out. On a GPU the tiled rows run with the Restorer's CUDA graphs, and once more without them
-(``GPU_MODES``), in the same run, to show what the graphs give; a 12 MP photo is restored too (``GPU_SIZES``),
-a float tensor already on the GPU in and out (``TENSOR``: no host copies), one file to file (``FILE``: decode,
-restore, PNG encode) at restore's default precision, and the fp32 and bf16 outputs' PSNR against the clean photo
-(issue 24: bf16 faster than fp32, and within 0.05 dB of it), and the projection onto the JPEG file's cells that
-restore adds for a JPEG (``CONFORM``, 12 MP: the Restorer's on the GPU, numpy's on the host beside it), and a
-folder of 12 MP JPEGs restored into PNGs with 2 decode/encode threads and with restore's default (``FOLDER``).
+Order (issue 24): the GPU rows first, in a section of their own, written after each block (``infer.json``'s pending:
+what is still to come), the host-bound ones (folder, projection) last; then the CPU rows (shell, ONNX export,
+restore; ``--no-cpu``: none): a step stopped for time keeps what it measured. On a GPU the tiled rows run with the
+Restorer's CUDA graphs and again without (``GPU_MODES``); a 12 MP photo too (``GPU_SIZES``); a float tensor on the
+GPU in and out (``TENSOR``: no host copies); file to file (``FILE``: decode, restore, PNG encode) at restore's
+default precision; the fp32 and bf16 outputs' PSNR against the clean photo (issue 24: bf16 faster, within 0.05 dB of
+fp32); the projection onto the JPEG's cells that restore adds (``CONFORM``, 12 MP: the Restorer's on the GPU, numpy's
+on the host); a folder of 12 MP JPEGs into PNGs with 2 decode/encode threads and with restore's default (``FOLDER``).
 """
 
 from __future__ import annotations
@@ -179,11 +174,11 @@ def save_stand_in_alexnet(path: Path, seed: int = 0) -> dict:
     return state
 
 
-def gpu_rows(device, path: Path, folder: Path, sizes: dict, repeats: int, add_row, results: dict) -> None:
+def gpu_rows(device, path: Path, folder: Path, sizes: dict, repeats: int, add_row, results: dict):
     """The GPU section's own rows (issue 24), after its restore rows: a float tensor on the device in and out (every
     size in ``sizes``) in fp32 and bf16, the two precisions' PSNR against the clean photo at 2K (bf16 within 0.05 dB
     of fp32), and file to file at restore's default precision. ``add_row(device, precision, mode, label, h, w,
-    timing)`` files a timed row; ``results`` takes the PSNR entry."""
+    timing)`` files a timed row; ``results`` takes the PSNR entry. Returns the restorer (folder_rows, conform_rows')."""
     import torch
 
     from dist_dejpeg.restore import open_restorer
@@ -211,8 +206,7 @@ def gpu_rows(device, path: Path, folder: Path, sizes: dict, repeats: int, add_ro
     add_row(device, "bf16" if restorer.bf16 else "fp32", FILE, label, h, w,
             measure(lambda: restore_files(restorer, [str(src)], folder / "out_gpu", progress=False), warmup=1,
                     steps=1, repeats=repeats, device=device))
-    folder_rows(restorer, device, folder, sizes, add_row)
-    conform_rows(restorer, device, sizes, repeats, add_row)
+    return restorer
 
 
 def _largest(sizes: dict) -> tuple[str, int, int]:
@@ -244,6 +238,7 @@ def folder_rows(restorer, device, folder: Path, sizes: dict, add_row) -> None:
 def conform_rows(restorer, device, sizes: dict, repeats: int, add_row) -> None:
     """CONFORM's rows at the largest of ``sizes``: ``restorer.conform`` (on its GPU) and numpy's on the host."""
     import torch
+    from PIL import Image
 
     from dist_dejpeg.jpeg.consistency import NotConsistent, conform, read_cells
 
@@ -254,8 +249,6 @@ def conform_rows(restorer, device, sizes: dict, repeats: int, add_row) -> None:
     except NotConsistent as err:
         print(f"bench infer: {CONFORM} rows skipped: {err}", flush=True)
         return
-    from PIL import Image
-
     image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     add_row(device, "fp32", f"{CONFORM} (Restorer.conform)", label, h, w,
             measure(lambda: restorer.conform(image, cells, 1, 0.35), warmup=1, steps=3, repeats=repeats, device=device))
@@ -267,11 +260,10 @@ def conform_rows(restorer, device, sizes: dict, repeats: int, add_row) -> None:
 def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int = 3, name: str = "infer",
         sizes: dict | None = None, modes: dict | None = None, shell: dict | None = None, onnx: bool = False,
         cpu: bool = True, gpus: list | None = None) -> dict:
-    """The restore rows for ``sizes`` x ``modes`` on each device and precision, the GPUs' first (with
-    ``GPU_MODES`` where ``modes`` is not given); then, with ``cpu``, the CPU's: with ``shell`` (label -> (h, w),
-    e.g. SHELL_SIZES), the shell rows first; with ``onnx``, the same for the model's ONNX export (CPU, fp32;
-    each shell row right after PyTorch's). ``gpus``: the GPUs to measure (None: CUDA device 0 where there is
-    one)."""
+    """The restore rows for ``sizes`` x ``modes`` on each device and precision, the GPUs' first (with ``GPU_MODES``
+    where ``modes`` is not given; the results written after each block); then, with ``cpu``, the CPU's: with
+    ``shell`` (label -> (h, w), e.g. SHELL_SIZES), the shell rows first; with ``onnx``, the same for the ONNX export
+    (CPU, fp32; each shell row after PyTorch's). ``gpus``: the GPUs to measure (None: CUDA device 0 if any)."""
     import torch
 
     from dist_dejpeg.restore import open_restorer
@@ -347,12 +339,27 @@ def run(config: str, overrides: list[str], out_dir: str | Path, *, repeats: int 
 
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
         model = save_bench_generator(cfg.model, Path(tmp) / "generator.safetensors")
-        for device in gpus:  # first: a step's time goes to them before any CPU row
+        # GPU blocks first, each written when measured (a step stopped for time keeps them), the host-bound ones last
+        todo = [f"{d} {what} rows" for d in gpus for what in ("fp32 restore", "bf16 restore", "tensor and file")]
+        todo += [f"{d} {what} rows" for d in gpus for what in ("folder", CONFORM)] + ["the CPU rows"] * cpu
+
+        def measured(block: str) -> None:
+            todo.remove(block)
+            if todo:  # (after the last block: run's closing write)
+                write(", ".join(todo))
+
+        restorers = []
+        for device in gpus:
             for precision in ("fp32", "bf16"):
                 restore_rows(device, precision, model, gpu_modes, gpu_sizes)
-            gpu_rows(device, model, Path(tmp), gpu_sizes, repeats, add_row, results)
-        if gpus and cpu:
-            write("the CPU rows")
+                measured(f"{device} {precision} restore rows")
+            restorers.append(gpu_rows(device, model, Path(tmp), gpu_sizes, repeats, add_row, results))
+            measured(f"{device} tensor and file rows")
+        for device, restorer in zip(gpus, restorers):
+            folder_rows(restorer, device, Path(tmp), gpu_sizes, add_row)
+            measured(f"{device} folder rows")
+            conform_rows(restorer, device, gpu_sizes, repeats, add_row)
+            measured(f"{device} {CONFORM} rows")
         if cpu:
             onnx_path, onnx_report = export_for_bench(model, Path(tmp) / "generator.onnx") if onnx else (None, {})
             backends = {"PyTorch": model, **({"onnxruntime": onnx_path} if onnx_path else {})}
