@@ -48,7 +48,7 @@ SKIPPED = {"cuda": "skipped: no CUDA"}
 SUMMARY_KEYS = ("card", "date", "commit", "gen_img_s", "gan_img_s", "train_compiled", "bench_gen_img_s", "bench_gan_img_s",
                 "gpu_busy_frac", "data_wait_frac", "restore_2k_ms", "restore_2k_fp32_ms", "restore_2k_array_ms",
                 "restore_2k_file_ms", "restore_12mp_ms", "restore_bf16_minus_fp32_db", "gpu_tests_passed",
-                "gpu_tests_skipped")
+                "gpu_tests_skipped", "gpu_tests_complete")
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -296,19 +296,32 @@ def test_gpu_summary_sources(tmp_path):
                       "train_compiled": True, "bench_gen_img_s": 770.0, "bench_gan_img_s": 300.0,
                       "gpu_busy_frac": 0.8, "data_wait_frac": 0.015, "restore_2k_ms": 25.0, "restore_2k_fp32_ms": 40.0,
                       "restore_2k_array_ms": 50.0, "restore_2k_file_ms": 300.0, "restore_12mp_ms": 140.0,
-                      "restore_bf16_minus_fp32_db": -0.01, "gpu_tests_passed": 19, "gpu_tests_skipped": 2}
+                      "restore_bf16_minus_fp32_db": -0.01, "gpu_tests_passed": 19, "gpu_tests_skipped": 2,
+                      "gpu_tests_complete": True}
     assert tuple(report) == SUMMARY_KEYS
     assert json.loads((tmp_path / "gpu-summary.json").read_text()) == report
     del train[TUNED]["gan"], train[TUNED]["gen"]["profile"]
     (tmp_path / "results" / "train.json").write_text(json.dumps({"results": train}))
-    (tmp_path / "pytest_gpu.log").write_text("collecting ...\n")  # killed before its closing line
+    (tmp_path / "pytest_gpu.log").write_text("collecting ...\n")  # killed before any test ran
     (tmp_path / "metrics.json").unlink()  # no training run: its numbers are null, data_wait's wait stands in
     report = write_gpu_summary(tmp_path, card=None, date="d", commit="c", device="cpu", first_variant="packed-ahead")
     assert report["bench_gen_img_s"] == 770.0 and report["restore_2k_array_ms"] == 9000.0
     assert report["restore_2k_ms"] is None  # the CPU rows have no tensor row: only the GPU section does
     assert report["data_wait_frac"] == 0.01
     assert [report[k] for k in ("gen_img_s", "gan_img_s", "train_compiled", "bench_gan_img_s", "gpu_busy_frac",
-                                "gpu_tests_passed", "gpu_tests_skipped")] == [None] * 7
+                                "gpu_tests_passed", "gpu_tests_skipped", "gpu_tests_complete")] == [None] * 8
+    # killed by its step's time limit after some tests ran: pytest -v's line of each, counted (-rA's lines, outcome
+    # first, and a captured PASSED in a test's output are not), and marked incomplete, not taken for the whole run
+    (tmp_path / "pytest_gpu.log").write_text(
+        "collecting ... collected 400 items / 379 deselected / 21 selected\n\n"
+        "tests/test_a.py::test_one PASSED                                         [  4%]\n"
+        "tests/test_a.py::test_two[cuda-bf16 x] PASSED                            [  9%]\n"
+        "tests/test_a.py::test_three SKIPPED (no DALI)                            [ 14%]\n"
+        "tests/test_b.py::test_four FAILED                                        [ 19%]\n"
+        "PASSED tests/test_a.py::test_one\n"
+        "tests/test_b.py::test_five ")
+    report = write_gpu_summary(tmp_path, card=None, date="d", commit="c", device="cpu", first_variant="packed-ahead")
+    assert [report[k] for k in ("gpu_tests_passed", "gpu_tests_skipped", "gpu_tests_complete")] == [2, 1, False]
 
 
 @pytest.mark.slow

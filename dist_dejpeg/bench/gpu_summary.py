@@ -30,14 +30,24 @@ def _number(value) -> float | None:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _pytest_counts(log: Path) -> tuple[int | None, int | None]:
-    """(passed, skipped) from pytest's closing line in the pytest_gpu log; (None, None) when it has none."""
+# a test's line in pytest -v's output: "tests/test_x.py::test_y[p] PASSED    [ 42%]", "... SKIPPED (reason)   [ 50%]"
+# (-rA's closing list puts the outcome first, and comes only after the run)
+_TEST_LINE = re.compile(r"^\S+::.*? (PASSED|SKIPPED|FAILED|ERROR|XFAIL|XPASS)(?: \(.*\))?(?: +\[ *\d+%\])?\s*$")
+
+
+def _pytest_counts(log: Path) -> tuple[int | None, int | None, bool | None]:
+    """(passed, skipped, complete) from pytest's closing line in the pytest_gpu log; where the step was cut off before
+    it (its time limit), the -v lines of the tests that ran, counted, and complete False: so many at least, not all;
+    (None, None, None) when no test ran."""
     text = log.read_text(errors="replace") if log.is_file() else ""
     closing = [line for line in text.splitlines() if re.match(r"^=+ .* in [\d.]+s", line)]
-    if not closing:
-        return None, None
-    counts = {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", closing[-1])}
-    return counts.get("passed", 0), counts.get("skipped", 0)
+    if closing:
+        counts = {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", closing[-1])}
+        return counts.get("passed", 0), counts.get("skipped", 0), True
+    outcomes = [m.group(1) for m in map(_TEST_LINE.match, text.splitlines()) if m]
+    if not outcomes:
+        return None, None, None
+    return outcomes.count("PASSED"), outcomes.count("SKIPPED"), False
 
 
 def _compiled(run: Path) -> bool | None:
@@ -64,14 +74,14 @@ def write_gpu_summary(out: Path, *, card: str | None, date: str, commit: str, de
     loader settings) where the train step did not run, bench infer's GPU rows at 2K tiled as restore runs them
     (bf16 autocast on CUDA, fp32 on a CPU; and fp32): a tensor on the GPU in and out (``restore_2k_ms``, issue
     24's measure), a uint8 array from the host, file to file, and its bf16 and fp32 outputs' PSNR difference; the
-    12 MP tensor row; the pytest_gpu log's closing line."""
+    12 MP tensor row; the pytest_gpu log's closing line (the -v lines counted where it was cut off before it)."""
     tuned = _first(_read_json(out / "results" / "train.json").get("results") or {}, "tuned")
     infer = _read_json(out / "results" / "infer.json").get("results") or {}
     waits = (_read_json(out / RESULTS_JSON).get("variants") or {}).get(first_variant) or {}
     logged = (_read_json(out / METRICS).get("meta") or {}).get("last_train_log") or {}
     gen, gan = logged.get("gen") or {}, logged.get("gan") or {}
     auto = "bf16" if device == "cuda" else "fp32"
-    passed, skipped = _pytest_counts(out / "pytest_gpu.log")
+    passed, skipped, complete = _pytest_counts(out / "pytest_gpu.log")
     wait = _number(gen.get("train/data_wait_frac"))
     report = {
         "card": card, "date": date, "commit": commit,
@@ -88,7 +98,8 @@ def write_gpu_summary(out: Path, *, card: str | None, date: str, commit: str, de
         "restore_2k_file_ms": _number(_first(infer, f"{device} {auto} file to file").get("ms_per_call")),
         "restore_12mp_ms": _number(_first(infer, f"{device} {auto} {TENSOR} 12 MP").get("ms_per_call")),
         "restore_bf16_minus_fp32_db": _number(_first(infer, f"{device} bf16 vs fp32 2040").get("bf16_minus_fp32_db")),
-        "gpu_tests_passed": passed, "gpu_tests_skipped": skipped,
+        # complete False: the pytest step was cut off (its time limit), the counts are those of the tests that ran
+        "gpu_tests_passed": passed, "gpu_tests_skipped": skipped, "gpu_tests_complete": complete,
     }
     (out / "gpu-summary.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
