@@ -168,6 +168,30 @@ def test_bench_train_rounds_report_the_median_round(tmp_path, repo_root, monkeyp
     assert "measured in 3 rounds" in md and ". ." not in md  # (no LPIPS share to say: it wrote "noise. . Median")
 
 
+def test_bench_train_flags_a_compiled_row_that_fell_back_to_eager(tmp_path, repo_root, monkeypatch):
+    """dynamo's suppress_errors runs a model whose compiling failed eagerly: its row says so (results, table, note)
+    instead of passing for a compiled timing; a row that compiled is not flagged."""
+    import torch
+
+    from dist_dejpeg.bench import train
+    from dist_dejpeg.train import compile as compile_mod
+
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("this compiler is broken on purpose")
+
+    monkeypatch.chdir(repo_root)
+    for backend, fell_back in ((broken_backend, True), (lambda graph_module, example_inputs: graph_module, False)):
+        torch._dynamo.reset()
+        monkeypatch.setattr(compile_mod, "COMPILE_BACKEND", backend)
+        report = train.run("configs/debug.yaml", TINY + ["train.compile=true"], tmp_path, warmup=1, steps=1,
+                           repeats=1, ladder=False, updates=("gen",))
+        outcome = report["results"][train.TUNED]["gen"]["compile"]
+        md = (tmp_path / "train.md").read_text()
+        assert outcome["fell_back"] is fell_back and (outcome["graphs"] > 0) is not fell_back
+        assert (f"| gen | {train.TUNED} (compiled: fell back to eager (" in md) is fell_back
+        assert ("**Compiled rows that fell back to eager**" in md) is fell_back
+
+
 def test_bench_train_rungs_pick_the_ladder_rows(tmp_path, repo_root, monkeypatch):
     """--rungs none: the naive baseline, the tuned row and the baseline again, nothing between (a GPU check);
     --rungs A B: those rungs, each with the pieces of the rungs before it; the CUDA graphs rung needs CUDA."""

@@ -699,6 +699,7 @@ def test_compiled_kernels_are_cached_in_the_run_folder(tmp_path, shards, monkeyp
     trainer = Trainer(cfg)
     if setting == "default":  # compiling is lazy: the first step compiles (the others check the setting only)
         trainer.fit()
+        assert trainer.compile_watch.outcome["graphs"] > 0 and not trainer.compile_watch.outcome["fell_back"]
     else:
         seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
         trainer.close()
@@ -714,6 +715,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, shards, mo
         raise RuntimeError("this compiler is broken on purpose")
 
     monkeypatch.setattr(compile_mod, "COMPILE_BACKEND", broken_backend)
+    torch._dynamo.reset()  # frames compiled by earlier tests: their cache could answer
     cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "train.phases.gen.steps=2", "train.compile=true")
     t = Trainer(cfg)
     before = params(t.gen_raw)
@@ -721,6 +723,9 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, shards, mo
         t.fit()
     assert changed(before, params(t.gen_raw)), "training went on (eagerly)"
     assert "broken on purpose" in caplog.text
+    # and the run says it is not a compiled one (its speed would pass for a compiled run's)
+    assert t.compile_watch.outcome["fell_back"] and t.compile_watch.outcome["graphs"] == 0
+    assert "train.compile: compiling failed" in caplog.text and "this run is not a compiled one" in caplog.text
 
 
 def test_compile_mode_reaches_the_compiler_and_cuda_graphs_mark_each_step(tmp_path, shards, monkeypatch):

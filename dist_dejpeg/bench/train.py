@@ -166,10 +166,12 @@ def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: i
 
         from torch._dynamo.utils import compile_times, counters
 
+        from dist_dejpeg.train.compile import compile_counts, compile_outcome, outcome_text
+
         try:
             for name, turn, phase in rows:
                 # the first step on its own: it pays the compilation, if any (what a short run pays too)
-                skips = counters["inductor"]["cudagraph_skips"]
+                skips, since = counters["inductor"]["cudagraph_skips"], compile_counts()
                 start = time.perf_counter()
                 step(phase, turn)
                 sync(trainer.accelerator.device)
@@ -181,6 +183,10 @@ def bench_variant(cfg: Config, rows: list[tuple[str, str, object]], *, warmup: i
                                  device=trainer.accelerator.device)
                 out[name] = dict(timing.as_dict(), first_step_s=first,
                                  images_per_s_per_device=images / timing.seconds_per_call)
+                if cfg.train.compile:  # suppress_errors: a compile that failed ran eagerly, not a compiled timing
+                    out[name]["compile"] = compile_outcome(since)
+                    if outcome_text(out[name]["compile"]):
+                        print(f"bench train: {name}: {outcome_text(out[name]['compile'])}", flush=True)
                 if trainer.cudagraphs:  # inductor falls back to plain compiled code where it cannot graph a region
                     out[name]["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
                 if profile_to is not None and name == "gen":
@@ -199,7 +205,9 @@ def _over_rounds(samples: list[dict]) -> dict:
     ms = sorted(r["ms_per_call"] for r in samples)
     median = statistics.median(ms)
     images = samples[0]["images_per_s_per_device"] * samples[0]["ms_per_call"]  # images per step x 1000
-    return {"ms_per_call": median, "spread": (ms[-1] - ms[0]) / median, "images_per_s_per_device": images / median,
+    compiled = [r["compile"] for r in samples if "compile" in r]  # a round that fell back to eager marks the row
+    return {**({"compile": next((c for c in compiled if c["fell_back"]), compiled[0])} if compiled else {}),
+            "ms_per_call": median, "spread": (ms[-1] - ms[0]) / median, "images_per_s_per_device": images / median,
             "first_step_s": samples[0].get("first_step_s"), "calls": sum(r.get("calls", 0) for r in samples),
             "rounds": len(samples), "ms_per_round": [r["ms_per_call"] for r in samples]}
 

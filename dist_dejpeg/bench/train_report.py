@@ -9,6 +9,7 @@ from pathlib import Path
 from dist_dejpeg.bench.common import TUNED, spread_text, write_results
 from dist_dejpeg.config import Config
 from dist_dejpeg.train.build import DEFERRED_CHECK_DEVICES
+from dist_dejpeg.train.compile import outcome_text
 
 # The baseline measured again after everything else: the gap between its two measurements is how much one
 # configuration moves between Trainer builds in this run; ratios smaller than that are noise.
@@ -30,7 +31,9 @@ def write_report(config: str, overrides: list[str], out_dir: str | Path, name: s
             if update == "gen":
                 r["achieved_tflops"] = flops / (r["ms_per_call"] / 1000) / 1e12
                 r["mfu_bf16"] = flops / (r["ms_per_call"] / 1000) / peak if peak else None
-            table.append([update, label, f"{r['images_per_s_per_device']:.1f}", f"{r['ms_per_call']:.1f}",
+            compiled = outcome_text(r["compile"]) if "compile" in r else ""  # (suppress_errors: eager, said)
+            table.append([update, f"{label} ({compiled})" if compiled else label,
+                          f"{r['images_per_s_per_device']:.1f}", f"{r['ms_per_call']:.1f}",
                           spread_text(r["spread"]), f"{r['x_naive']:.2f}" if r["x_naive"] else "",
                           f"{r['first_step_s']:.1f}" if r.get("first_step_s") is not None else "",
                           f"{r['achieved_tflops']:.3f}" if "achieved_tflops" in r else "",
@@ -84,6 +87,11 @@ def write_report(config: str, overrides: list[str], out_dir: str | Path, name: s
     if skipped:
         note += (" Regions inductor ran without CUDA graphs (TORCH_LOGS=cudagraphs says why): "
                  + "; ".join(skipped) + ".")
+    eager = [f"{label} / {update}" for label, rows in results.items() for update, r in rows.items()
+             if (r.get("compile") or {}).get("fell_back")]
+    if eager:
+        note += (" **Compiled rows that fell back to eager** (compiling failed; dynamo's suppress_errors ran them "
+                 "uncompiled, its warnings in the log say why): " + "; ".join(eager) + ".")
     if pending:
         note += f" **Incomplete: still to measure: {'; '.join(pending)}.**"
     write_results(out_dir, name, report, "Train-step throughput", note,

@@ -39,7 +39,7 @@ from dist_dejpeg.models.weights import EncoderError
 from dist_dejpeg.run.lock import RunLock
 from dist_dejpeg.train.checkpoint import remove_partial
 from dist_dejpeg.train.collective import all_ranks_or_raise
-from dist_dejpeg.train.compile import compile_cache_dir, compile_model, use_compile_cache
+from dist_dejpeg.train.compile import CompileWatch, compile_cache_dir, compile_model, use_compile_cache
 from dist_dejpeg.train.data_checks import check_shards_exist, check_train_tiles
 from dist_dejpeg.train.library_warnings import silence_library_warnings
 from dist_dejpeg.train.run_log import LOG_FORMAT
@@ -178,6 +178,7 @@ class Parts:
     fused: bool  # fused AdamW
     sync_every: int  # steps between host reads of the device flags (1: every step)
     cudagraphs: bool  # compiled with CUDA graphs: each step and validation forward starts a new replay
+    compile_watch: CompileWatch  # did compiling work (the first step says), or did the models fall back to eager
 
 
 def build_parts(cfg: Config, acc: Accelerator) -> Parts:
@@ -243,7 +244,7 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
     sync_every = t.sync_every if fused and acc.device.type in DEFERRED_CHECK_DEVICES else 1
     autocast = training_autocast(acc, deepspeed, t.mixed_precision)
     return Parts(generator, g_opt, critic, c_opt, lpips, metric_lpips, autocast, deepspeed, fused, sync_every,
-                 cudagraphs)
+                 cudagraphs, CompileWatch(t.compile))
 
 
 @contextlib.contextmanager

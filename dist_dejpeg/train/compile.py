@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 from dist_dejpeg.config import Config
 
+log = logging.getLogger("dist_dejpeg")
 COMPILE_BACKEND = "inductor"  # torch.compile's backend (tests swap in a failing one)
 
 
@@ -53,8 +55,59 @@ def use_compile_cache(path: Path | None) -> None:
 def compile_model(model: torch.nn.Module, mode: str = "default") -> None:
     """``torch.compile`` in place (same module, same state_dict keys, so checkpoints and DDP are unchanged).
     Compilation is lazy; where it fails at the first call, dynamo's suppress_errors runs that frame eagerly
-    and logs a warning instead of stopping the run. ``mode``: train.compile_mode."""
+    and logs a warning instead of stopping the run (compile_outcome tells it: a row or run then is not a compiled
+    one). ``mode``: train.compile_mode."""
     import torch._dynamo
 
     torch._dynamo.config.suppress_errors = True
     model.compile(backend=COMPILE_BACKEND, mode=None if mode == "default" else mode)
+
+
+def compile_counts() -> dict[str, int]:
+    """dynamo's running counts (torch._dynamo.utils.counters): frames it tried, frames that failed (with
+    suppress_errors those run eagerly; one it skips as holding nothing to compile counts too), graphs compiled."""
+    from torch._dynamo.utils import counters
+
+    frames = counters["frames"]
+    return {"failed": frames["total"] - frames["ok"], "graphs": counters["stats"]["unique_graphs"]}
+
+
+def compile_outcome(since: dict[str, int]) -> dict:
+    """What dynamo made of the compiled models called since ``since`` (compile_counts() then): graphs compiled and
+    frames failed since, and fell_back: they ran eagerly (suppress_errors), frames failed and no graph compiled,
+    since then or in this whole process (a frame that failed once is not tried again: eager with no new failure).
+    A row that compiled nothing new and failed nothing reuses what an earlier one compiled."""
+    now = compile_counts()
+    graphs, failed = now["graphs"] - since["graphs"], now["failed"] - since["failed"]
+    fell_back = (failed > 0 and graphs == 0) or (now["failed"] > 0 and now["graphs"] == 0)
+    return {"graphs": graphs, "failed_frames": failed, "fell_back": fell_back}
+
+
+def outcome_text(outcome: dict) -> str:
+    """A compiled row's or run's outcome in words: "" where it compiled without a failed frame."""
+    if outcome["fell_back"]:
+        return f"compiled: fell back to eager ({outcome['failed_frames']} errors)"
+    return f"compiled, {outcome['failed_frames']} frames eager" if outcome["failed_frames"] else ""
+
+
+def warn_if_eager(since: dict[str, int], say: bool = True) -> dict:
+    """compile_outcome(since) after a run's first step (it compiled); where compiling fell back to eager, a warning
+    (``say``: this rank logs): the run trains, uncompiled, slower than a compiled one."""
+    outcome = compile_outcome(since)
+    if outcome["fell_back"] and say:
+        log.warning("train.compile: compiling failed (%d frames; dynamo's warnings above say why) and the models run "
+                    "eagerly: this run is not a compiled one (its speed is eager's)", outcome["failed_frames"])
+    return outcome
+
+
+class CompileWatch:
+    """Whether a run's models compiled: dynamo's counts when build_parts compiled them, read after the first training
+    step (compiling is lazy) by ``stepped``, which warns where they fell back to eager; ``outcome``: compile_outcome's
+    (None: not compiled, or no step yet)."""
+
+    def __init__(self, compiled: bool):
+        self.since, self.outcome = compile_counts() if compiled else None, None
+
+    def stepped(self, say: bool = True) -> None:
+        if self.since is not None:
+            self.outcome, self.since = warn_if_eager(self.since, say), None

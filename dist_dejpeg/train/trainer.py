@@ -77,7 +77,7 @@ class Trainer:
         self.deepspeed, self.fused, self.cudagraphs = parts.deepspeed, parts.fused, parts.cudagraphs
         self.signals = signals or ckpt.StopSignals()  # train()'s: installed for the whole run
         self.checks = PacedChecks(HostChecks(acc, self.signals, parts.sync_every), cfg.train.preempt_budget_s)
-        self.sync_every, self.flags = parts.sync_every, self.checks.flags
+        self.sync_every, self.flags, self.compile_watch = parts.sync_every, self.checks.flags, parts.compile_watch
         self.blind_prob = cfg.model.quality_blind_prob if cfg.model.quality_conditioning else 0.0
         self.ema = GeneratorEma(self.gen_raw, cfg.train.ema_decay, cfg.train.ema_warmup)  # train/ema.py
         set_seed(cfg.train.seed + acc.process_index)  # per-rank randomness (dropout, ...)
@@ -278,6 +278,7 @@ class Trainer:
         else:
             logs = critic_step(acc, self.critic, self.c_opt, batches, generator_raw=self.gen_raw, **common)
         self.checks.stepped(self.state.global_step + 1)
+        self.compile_watch.stepped(acc.is_main_process)  # (the first step: a warning if compiling fell back to eager)
         return logs
 
     def _validate_in_phase(self, name: str, phase: PhaseConfig, stop: StopRule) -> bool:
@@ -296,8 +297,7 @@ class Trainer:
         return should_stop
 
     def fit(self) -> dict:
-        """Run the remaining phases, then the final validation; returns the final metrics. The run folder's
-        lock is released at the end, however the run ends."""
+        """The remaining phases, then the final validation (its metrics returned); the lock released however it ends."""
         try:
             with training_stream(self.accelerator.device, self.cfg.train.cuda_stream):
                 return self._fit()
