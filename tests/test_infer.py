@@ -581,6 +581,8 @@ def test_guard_summary_names_the_qualities_restore_acts_at_as_decide_judges_them
     nothing = guard_summary({10: -0.1, 20: float("nan")}, {10: -0.3, 20: float("nan")})
     assert "passes every image through unchanged" in nothing and "q10 -0.10 dB, q20 NaN" in nothing, nothing
     assert "train longer" in nothing and "went wrong" not in nothing, nothing  # (near 0: learned too little)
+    one_crop = guard_summary({10: 0.59, 90: 0.22}, {10: float("nan"), 90: float("nan")})  # (no spread: NaN bounds)
+    assert "one crop per quality" in one_crop and "train longer" not in one_crop, one_crop
     for collapsed in ({10: -8.2, 40: -11.5}, {10: float("nan"), 40: float("nan")}):  # a diverged run: not "longer"
         line = guard_summary(collapsed)
         assert "training went wrong" in line and "train longer" not in line, line

@@ -184,3 +184,18 @@ def test_a_png_is_not_opened_again_for_its_jpeg_tables(monkeypatch):
 
     monkeypatch.setattr(jpeg_sources.Image, "open", opened)
     assert jpeg_sources.jpeg_file_quality(buf.getvalue()) is None
+
+
+def test_one_validation_tile_is_warned_of_at_prepare(tmp_path, caplog):
+    """One validation tile gives each quality's gain no spread, so no lower bound, and restore's guard passes every
+    image through whatever the training did: prepare says so (a newcomer's small held-out photo met it only after
+    training, told to "train longer")."""
+    for size, warned in ((64, True), (128, False)):
+        src = tmp_path / f"s{size}"
+        _noise(src / "l.png", 1, size), _noise(src / "n.png", 2, 128)  # (l is held out at seed 0, as above)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            manifest = prepare_folder(src, tmp_path / f"o{size}", tile=64, train_step=64, shard_size=8,
+                                      val_fraction=0.2)
+        assert (manifest["splits"]["val"]["samples"] == 1) == warned, manifest["splits"]
+        assert ("one validation tile" in caplog.text) == warned, caplog.text

@@ -340,6 +340,10 @@ def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step
             log.warning("prepare folder: %s", note)
         require_training_tiles(manifest)
         n_train, n_held = manifest["splits"]["train"]["samples"], manifest["splits"]["val"]["samples"]
+        if n_held == 1:  # (train/data_checks.py says it again when a run starts)
+            log.warning("prepare folder: one validation tile: a model's gain per quality has no spread to bound it by, "
+                        "so restore's guard will pass every image through; hold out more or larger photos "
+                        "(--val-fraction, --seed) or prepare a smaller --tile")
         if n_held > n_train:  # whole photos are held out: a few large ones can take most of the tiles
             log.warning("prepare folder: the validation photos hold %d of the %d tiles (photos of unequal size): "
                         "another --seed holds out other photos", n_held, n_held + n_train)

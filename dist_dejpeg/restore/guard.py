@@ -125,7 +125,11 @@ def guard_summary(gains: dict[int, float], lows: dict[int, float] | None = None)
                     for q in losing[:4]) + (", ..." if len(losing) > 4 else "")
     if not acting:
         finite = [g for g in gains.values() if np.isfinite(g)]
-        advice = ("train longer, or restore with --no-guard" if finite and max(finite) > COLLAPSED else
+        unbounded = lows is not None and all(not np.isfinite(low[q]) for q in gains if np.isfinite(gains[q]))
+        advice = ("no lower bound could be measured (validation had one crop per quality: no spread), which no "
+                  "training fixes: prepare more or larger validation photos, or restore with --no-guard"
+                  if finite and unbounded else
+                  "train longer, or restore with --no-guard" if finite and max(finite) > COLLAPSED else
                   "the model harms every validated quality: training went wrong, not short (a learning rate too "
                   "high? see train.log); train again")
         return (f"restore: validation found no sure gain ({why}), so restore passes every image through "
