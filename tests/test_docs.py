@@ -72,6 +72,22 @@ def test_every_config_field_has_a_documented_row():
             assert f"`{prefix}.{f.name}`" in reference, f"{prefix}.{f.name} has no comment in dist_dejpeg/config/schema.py"
 
 
+def test_the_page_shows_each_built_in_phase_s_own_values():
+    """The page listed only the generic train.phases.<name> defaults (steps 1000, lr 1e-3, w_lpips 1, w_pixel 1):
+    the built-in phases' own values (critic: 500 steps, lr 1e-4, no LPIPS or pixel loss) were nowhere. Each
+    built-in phase has a row with every field where it differs from PhaseConfig's default, read from the page."""
+    page = CONFIG_PAGE.read_text()
+    generic = dataclasses.asdict(config.PhaseConfig())
+    phases = config.TrainConfig().phases
+    assert set(phases) == {"gen", "critic", "gan"}
+    for name, phase in phases.items():
+        rows = [line for line in page.splitlines() if line.startswith(f"| `{name}` |")]
+        assert len(rows) == 1, name
+        shown = dict(re.findall(r"`(\w+): ([^`]+)`", rows[0]))
+        differing = {k: repr(v) for k, v in dataclasses.asdict(phase).items() if v != generic[k]}
+        assert shown == differing, (name, shown, differing)
+
+
 def test_readme_commands_match_ci():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci in README.read_text(), "`.ci/run` must run exactly the README's test command"

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from pathlib import Path
@@ -35,7 +36,25 @@ def reference_markdown() -> str:
             meaning = comment.strip().replace("|", "\\|")  # "a | b" in a comment would split the table's cell
             out.append(f"| `{prefix}.{name}` | {typ.strip()} | `{shown}` | {meaning} |")
         out.append("")
-    return "\n".join(out)
+    return "\n".join(out + builtin_phases_markdown())
+
+
+def builtin_phase_differences() -> dict[str, dict[str, object]]:
+    """Each built-in phase (TrainConfig's default train.phases) -> its values that differ from PhaseConfig's."""
+    generic = dataclasses.asdict(PhaseConfig())
+    return {name: {key: value for key, value in dataclasses.asdict(phase).items() if value != generic[key]}
+            for name, phase in TrainConfig().phases.items()}
+
+
+def builtin_phases_markdown() -> list[str]:
+    """A table of what the built-in phases set over the generic train.phases.<name> defaults above."""
+    out = ["**built-in phases** (train.phases.gen, .critic, .gan: their values that differ from the defaults above; "
+           "a phase added by name takes the defaults above)", "", "| phase | differs from the defaults |", "|---|---|"]
+    for name, values in builtin_phase_differences().items():
+        shown = ", ".join(f"`{key}: {value!r}`" for key, value in values.items()) or "(nothing)"
+        out.append(f"| `{name}` | {shown} |")
+    out.append("")
+    return out
 
 
 def write_reference(page: str | Path) -> None:
