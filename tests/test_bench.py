@@ -863,6 +863,24 @@ def test_the_libjpeg_ceiling_codes_photo_crops_not_noise():
     assert data.photo_crops(600)[0].shape == (600, 600, 3)  # larger than every photo: enlarged first
 
 
+def test_bench_help_is_written_for_users(capsys):
+    """`bench --help` printed the package docstring, meant for developers (RST ``...``, :mod:`...`, "A benchmark is
+    a module with add_arguments(parser) ..."); each benchmark's --help showed its docstring's RST markup."""
+    import dist_dejpeg.bench as bench
+
+    for which in ["--help", *[[name, "--help"] for name in bench.BENCHMARKS]]:
+        with pytest.raises(SystemExit):
+            main(["bench", *([which] if isinstance(which, str) else which)])
+        text = capsys.readouterr().out
+        assert "``" not in text and ":mod:" not in text and "add_arguments" not in text, which
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert "Benchmarks: reproducible numbers" in text and "dist-dejpeg bench train --help" in text
+    assert all(name in text for name in bench.BENCHMARKS)
+    assert "add_arguments(parser)" in bench.__doc__  # the developer text stays in the docstring
+
+
 def test_bench_scaling_help_names_the_config_it_runs_without_one(capsys):
     """Its help said a GPU machine defaults to configs/div2k.yaml; cpu_config_of runs configs/debug.yaml anywhere."""
     with pytest.raises(SystemExit):

@@ -1,17 +1,12 @@
-"""``dist-dejpeg bench NAME``: the product's benchmarks, reproducible numbers; each benchmark has its own flags.
+"""``dist-dejpeg bench NAME``: the product's benchmarks; DESCRIPTION below is what ``bench --help`` shows users.
 
-    dist-dejpeg bench all                          # train, data, infer, scaling on this machine -> benchmarks/results/
-    dist-dejpeg bench train --config configs/div2k.yaml data.crop=256 model.pretrained=false loss.lpips_pretrained=false
-    dist-dejpeg bench data --tiles 288 --formats raw
-    dist-dejpeg bench train --help                 # one benchmark's flags and their defaults
-
-Each benchmark writes ``<results>/<name>.json`` and ``.md`` naming the machine (CPU model and cores, GPU and
-driver), torch version and settings; ratios come only from rows of one run. The common flags, timing, warm-up,
-device synchronisation and the results files live in :mod:`dist_dejpeg.bench.common`, shared by all of them.
-The research ablations (colour, quality, chroma) are scripts in benchmarks/experiments/.
+The common flags, timing, warm-up, device synchronisation and the results files live in
+:mod:`dist_dejpeg.bench.common`, shared by all of them. The research ablations (colour, quality, chroma) are scripts
+in benchmarks/experiments/.
 
 A benchmark is a module with ``add_arguments(parser)`` and ``main(args) -> int``, named in BENCHMARKS; it is
-imported only when its command runs or shows its help, so that other commands import no torch.
+imported only when its command runs or shows its help, so that other commands import no torch. Its docstring is its
+``bench NAME --help`` description (its RST markup shown plain: user_text).
 """
 
 from __future__ import annotations
@@ -19,11 +14,25 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from functools import partial
 from pathlib import Path
 
 from dist_dejpeg.cli_args import at_least
+
+# `dist-dejpeg bench --help`: what the command does for a user (argparse lists the benchmarks below it)
+DESCRIPTION = """\
+Benchmarks: reproducible numbers measured on this machine. Each benchmark writes <results>/<name>.json and .md
+(default: benchmarks/results/) naming the machine (CPU model and cores, GPU and driver), the torch version and the
+settings; ratios come only from rows of one run.
+
+    dist-dejpeg bench all                          # train, data, infer, scaling on this machine -> benchmarks/results/
+    dist-dejpeg bench train --config configs/div2k.yaml data.crop=256 model.pretrained=false loss.lpips_pretrained=false
+    dist-dejpeg bench data --tiles 288 --formats raw
+    dist-dejpeg bench train --help                 # one benchmark's flags and their defaults
+
+The research ablations (colour, quality, chroma) are scripts in benchmarks/experiments/."""
 
 DEFAULT_RESULTS = "benchmarks/results"  # relative to where the command runs (the repository root)
 
@@ -85,6 +94,11 @@ def run_benchmark(main, args: argparse.Namespace) -> int:
         remove_empty(made)  # a results folder this run made and left empty (it failed before writing)
 
 
+def user_text(doc: str) -> str:
+    """A docstring as a --help description: its RST markup plain (``x`` and :mod:`x` -> `x`)."""
+    return re.sub(r"``(.+?)``", r"`\1`", re.sub(r":\w+:`([^`]+)`", r"`\1`", doc or ""), flags=re.S).strip("\n")
+
+
 class BenchmarkParser(argparse.ArgumentParser):
     """One benchmark's parser: its flags come from its module's add_arguments, imported the first time the
     parser is used."""
@@ -99,7 +113,7 @@ class BenchmarkParser(argparse.ArgumentParser):
             return
         self.loaded = True
         benchmark = importlib.import_module(self.module)
-        self.description = benchmark.__doc__
+        self.description = user_text(benchmark.__doc__)
         benchmark.add_arguments(self)
         self.set_defaults(func=partial(run_benchmark, benchmark.main))
 
@@ -156,7 +170,7 @@ class BenchParser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "dist-dejpeg bench") -> BenchParser:
-    parser = BenchParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchParser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     subs = parser.add_subparsers(dest="which", required=True, parser_class=BenchmarkParser)
     for name, (module, line) in BENCHMARKS.items():
         parser.benchmarks[name] = subs.add_parser(name, help=line, module=module, formatter_class=HelpFormatter)
