@@ -73,6 +73,7 @@ def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int
         restorer = open_restorer(args.model, device=args.device, tile=args.tile, overlap=overlap,
                                  batch_size=args.batch_size, precision=args.precision, guard=not args.no_guard)
         restorer.consistent = not args.no_consistency
+        restorer.quality_hint = "--input-quality Q"  # (an unknown quality's reason: the API's says quality=Q)
     except (ModelFileError, InputImageError, OnnxUnavailable, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

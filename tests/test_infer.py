@@ -492,6 +492,26 @@ def guarded_file(tmp_path_factory) -> Path:
     return path
 
 
+def test_an_unknown_quality_s_reason_says_how_its_caller_gives_one(guarded_file, tmp_path, capsys):
+    """restore_array(..., quality=None) passed through "...; give --input-quality Q to restore it as quality Q":
+    a flag of the command line, no advice in Python. The API's reason says quality=Q, restore's command line
+    (its per-image line) --input-quality Q."""
+    from dist_dejpeg.restore.files import restore_files
+
+    restorer = Restorer(guarded_file, device="cpu", tile=0)
+    rgb = _photo(48, 64)
+    assert np.array_equal(restorer.restore_array(rgb, quality=None), rgb)
+    reason = restorer.last_decision.reason
+    assert "give quality=Q to restore it as quality Q" in reason and "--input-quality" not in reason
+    assert "quality=Q" in restorer.decide(None).reason
+    Image.fromarray(rgb).save(src := tmp_path / "p.png")  # never a JPEG: quality unknown
+    [result] = restore_files(restorer, [str(src)], tmp_path / "api", progress=False)
+    assert result.passthrough and "give quality=Q" in result.note, result
+    assert main(["restore", str(src), "-o", str(tmp_path / "cli"), "--model", str(guarded_file), "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "give --input-quality Q to restore it as quality Q" in out and "quality=Q" not in out, out
+
+
 def test_guard_passes_through_where_validation_predicts_no_gain(guarded_file):
     restorer = Restorer(guarded_file, device="cpu", tile=0)
     assert restorer.conditioned and restorer.gains == GAINS
@@ -509,7 +529,7 @@ def test_guard_passes_through_where_validation_predicts_no_gain(guarded_file):
     assert "dB at q10, the lowest validated quality (q5, below it, was not measured)" in restorer.decide(5).reason
     out = restorer.restore_array(rgb)  # unknown quality: no gain can be predicted, passed through
     d = restorer.last_decision
-    assert np.array_equal(out, rgb) and d.passthrough and d.source == "unknown" and "--input-quality" in d.reason
+    assert np.array_equal(out, rgb) and d.passthrough and d.source == "unknown" and "quality=Q" in d.reason
     unguarded = Restorer(guarded_file, device="cpu", tile=0, guard=False)
     assert not np.array_equal(unguarded.restore_array(rgb, 80), rgb)
     assert not np.array_equal(unguarded.restore_array(rgb), rgb)  # guard off: restored blind, and it says so

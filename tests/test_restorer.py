@@ -106,7 +106,7 @@ def test_python_api_records_the_quality_source_and_keeps_icc_and_exif(guarded_fi
     clean = Image.fromarray(rgb)  # never compressed: no quality, nothing to predict
     assert np.array_equal(np.asarray(restorer.restore(clean)), rgb)
     d = restorer.last_decision
-    assert d.passthrough and d.quality is None and "--input-quality" in d.reason
+    assert d.passthrough and d.quality is None and "give quality=Q" in d.reason
     blind = Restorer(guarded_file, device="cpu", tile=0, guard=False)
     assert not np.array_equal(np.asarray(blind.restore(clean)), rgb) and "blind" in blind.last_decision.reason
 

@@ -102,6 +102,7 @@ class ImageRestorer:
     device: Any = "cpu"
     conditioned: bool = False
     full_batches: bool = False  # every batch batch_size windows (one shape for a captured graph): restore_tiled
+    quality_hint: str = "quality=Q"  # how an unknown quality's reason says to give one (the CLI: --input-quality Q)
 
     def setup(self, info: dict, *, tile: int, overlap: int, batch_size: int, guard: bool) -> None:
         check_tiling(tile, overlap, batch_size)
@@ -162,12 +163,14 @@ class ImageRestorer:
         the restored image will be made consistent with its JPEG file (jpeg/consistency.py), so the gains validation
         measured of that judge it where the model file holds them, and the Decision names the cell half-width."""
         if not (conformed and self.conformed):
-            decision = decide(self.gains, quality, source, self.guard, self.lows, self.jpeg_psnr)
+            decision = decide(self.gains, quality, source, self.guard, self.lows, self.jpeg_psnr,
+                              self.quality_hint)
             if not conformed:
                 return decision
             decision.half_width = 0.5  # (a file from before the conformed gains: the file's own cells)
         else:
-            decision = decide(self.conformed, quality, source, self.guard, self.conformed_lows, self.jpeg_psnr)
+            decision = decide(self.conformed, quality, source, self.guard, self.conformed_lows, self.jpeg_psnr,
+                              self.quality_hint)
             widths = self.half_widths or {0: 0.5}  # (a file with the gains but no widths: the file's own cells)
             q = decision.quality  # (unknown: blind, no width validated for it: the file's own cells)
             decision.half_width = 0.5 if q is None else widths[min(widths, key=lambda v: abs(v - q))]

@@ -68,17 +68,20 @@ def one_quality(quality) -> int:
 
 
 def decide(gains: dict[int, float], quality: int | None, source: str = "given", guard: bool = True,
-           lows: dict[int, float] | None = None, jpeg_psnr: dict[int, float] | None = None) -> Decision:
+           lows: dict[int, float] | None = None, jpeg_psnr: dict[int, float] | None = None,
+           quality_hint: str = "quality=Q") -> Decision:
     """Restore or pass through an image of ``quality`` (None: unknown), found as ``source`` says, with a model
     whose validation measured ``gains`` ({quality: dB}; empty: restored unchecked) with lower bounds ``lows``
     (the same keys; None or a missing key: the gain itself); ``guard`` False: always restore. ``jpeg_psnr``: the
-    validation's JPEG PSNR per quality, given back at this quality (interpolated) with a restoring decision."""
+    validation's JPEG PSNR per quality, given back at this quality (interpolated) with a restoring decision.
+    ``quality_hint``: how the caller tells a quality, in an unknown quality's reason (the API's ``quality=Q``;
+    ``restore``'s command line gives ``--input-quality Q``)."""
     if quality is None:
         source = "unknown" if source in ("given", "") else source
         if guard:
             # (the file's own reason, beside it, says why: no JPEG compression in its pixels, no pixels to read)
-            return Decision(None, source, True, "quality unknown: passed through; give --input-quality Q to restore "
-                                                "it as quality Q")
+            return Decision(None, source, True, f"quality unknown: passed through; give {quality_hint} to restore "
+                                                f"it as quality Q")
         return Decision(None, source, reason="quality unknown: restored blind (guard off), no gain could "
                                              "be predicted")
     quality = one_quality(quality)
