@@ -217,6 +217,21 @@ def test_diverging_run_stops_with_every_file_finite(tmp_path, shards):  # noqa: 
     message = save_last_good(t.save, NonFiniteLoss("gen", {"total": torch.tensor(float("nan"))}), t.run_dir)
     assert message.startswith("nothing is saved") and ckpt.latest_checkpoint(t.run_dir).name in message
     assert not nonfinite_files(tmp_path / "run")[0]
+    # the checkpoint's other generators (a resume continues from them) were written unchecked: the gan phase's
+    # last step's (kept beside the best it puts back) and the EMA's
+    with torch.no_grad():
+        next(t.gen_raw.parameters()).zero_()  # the models finite again
+    t.last_generator = {k: v.clone() for k, v in t.gen_raw.state_dict().items()}
+    next(iter(t.last_generator.values())).fill_(float("nan"))
+    with pytest.raises(NonFiniteState, match=r"last_generator\.safetensors\."):
+        t.save()
+    t.last_generator = None
+    if t.ema.ema is not None:
+        with torch.no_grad():
+            next(t.ema.ema.module.parameters()).fill_(float("inf"))
+        with pytest.raises(NonFiniteState, match=r"ema_generator\.safetensors\."):
+            t.save()
+    assert not nonfinite_files(tmp_path / "run")[0]
 
 
 def test_save_generator_refuses_nonfinite_tensors(tmp_path):

@@ -27,12 +27,13 @@ class NonFiniteState(NonFiniteLoss):
 
 def named_state(models: dict, optimizers: Iterable = (), extra: dict | None = None) -> dict[str, torch.Tensor]:
     """Every floating tensor a checkpoint holds, by name: models' parameters and buffers
-    (``generator.<name>``), the optimizers' state (``optimizer_<i>.<param index>.<key>``), ``extra``'s tensors."""
+    (``generator.<name>``), the optimizers' state (``optimizer_<i>.<param index>.<key>``), and the tensors of
+    ``extra``'s files ({file name: {name: tensor}}: the gan phase's best and last generators, the EMA's)."""
     named = {f"{m}.{k}": v for m, model in models.items() for k, v in model.state_dict().items()}
     for i, optimizer in enumerate(o for o in optimizers if o is not None):
         for j, state in enumerate(innermost_optimizer(optimizer).state.values()):
             named.update({f"optimizer_{i}.{j}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
-    named.update({f"best_generator.{k}": v for k, v in (extra or {}).items()})
+    named.update({f"{file}.{k}": v for file, tensors in (extra or {}).items() for k, v in tensors.items()})
     return {k: v for k, v in named.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
 
 

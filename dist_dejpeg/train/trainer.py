@@ -110,12 +110,12 @@ class Trainer:
         return {"generator": self.gen_raw, **({"critic": self.critic_raw} if self.critic is not None else {})}
 
     def save(self) -> Path:
-        check_finite_state(self.accelerator, self._models(), (self.g_opt, self.c_opt), self.best_generator)
+        files = {k: v for k, v in ((BEST_GENERATOR, self.best_generator), (LAST_GENERATOR, self.last_generator))
+                 if v is not None} | self.ema.files()  # (checked finite with the models: a resume continues from them)
+        check_finite_state(self.accelerator, self._models(), (self.g_opt, self.c_opt), files)
         state = dict(vars(self.state), phase_names=list(self.cfg.train.order), data_skipped=self.data_skipped(),
                      processes=self.accelerator.num_processes)
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else {}
-        files = {k: v for k, v in ((BEST_GENERATOR, self.best_generator), (LAST_GENERATOR, self.last_generator))
-                 if v is not None} | self.ema.files()
         if self.deepspeed:  # its engines' files: no model.safetensors for restore, export, init_from to read
             files[CHECKPOINT_MODEL] = self.gen_raw.state_dict()
         path = ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state.global_step, state, loader_state,
