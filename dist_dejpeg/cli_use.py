@@ -261,7 +261,7 @@ def _run_name(source) -> str:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from dist_dejpeg.evaluation.evaluate import seen_note, write_tables
+    from dist_dejpeg.evaluation.evaluate import seen_note, table_files
     from dist_dejpeg.evaluation.report import check_report_output, write_report
 
     result = _evaluation(args, keep_images=True)
@@ -286,9 +286,9 @@ def report_command(args: argparse.Namespace) -> int:
     if meta.get("seen_in_training"):
         shown["seen in training"] = seen_note(meta["seen_in_training"], meta["images"])
     try:
+        tables = check_report_output(args.out)  # (the page and its tables: all or none)
         path = write_report(result.pop("records"), args.out, title=f"dist_dejpeg: {_run_name(model.get('source'))}",
-                            meta=shown, crop=args.crop)
-        write_tables(result, tables := check_report_output(args.out))
+                            meta=shown, crop=args.crop, tables={tables / n: d for n, d in table_files(result).items()})
     except OSError as err:
         return write_failed(err, args.out)
     print(f"wrote {path} and its tables in {tables}/")

@@ -79,6 +79,34 @@ def test_a_write_that_finds_the_disk_full_names_its_file_and_leaves_no_temp_file
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
+def test_evaluates_tables_on_a_disk_that_fills_are_all_old_or_all_new(tmp_path, monkeypatch):
+    """evaluate wrote metrics.json, .csv and .md one after another, each atomic: ENOSPC on the second left a new
+    metrics.json beside the old .csv and .md, which compare and report read as one evaluation (a docs review; the
+    README said "--out as it was"). Now all are written to temp files, then renamed: the folder as it was."""
+    from dist_dejpeg.evaluation import evaluate
+
+    monkeypatch.setattr(evaluate, "table_files", lambda result: {n: f"new {n}".encode() for n in result})
+    names = ["metrics.json", "metrics.csv", "metrics.md"]
+    for name in names:
+        (tmp_path / name).write_text(f"old {name}")
+    opened = []
+
+    def full_on_the_second(path, mode="r", *args, **kwargs):
+        opened.append(path)
+        if len(opened) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(files_mod, "open", full_on_the_second, raising=False)
+    with pytest.raises(OSError) as raised:
+        evaluate.write_tables(names, tmp_path)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / names[1])
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {n: f"old {n}" for n in names}  # (no temp left)
+    monkeypatch.setattr(files_mod, "open", builtins.open, raising=False)
+    evaluate.write_tables(names, tmp_path)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {n: f"new {n}" for n in names}
+
+
 def test_disk_full_is_told_from_other_errors():
     class SafetensorError(Exception):  # safetensors' Rust error: no errno, only the text
         pass

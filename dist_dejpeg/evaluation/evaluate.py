@@ -37,7 +37,7 @@ from dist_dejpeg.models.names import TRAIN_SHARDS, TRAIN_SOURCES
 from dist_dejpeg.models.weights import WeightsError
 from dist_dejpeg.restore.files import check_output_dir
 from dist_dejpeg.restore.restorer import Restorer
-from dist_dejpeg.run.files import atomic_write_bytes
+from dist_dejpeg.run.files import atomic_write_files
 from dist_dejpeg.run.layout import EVALUATE_CSV, METRICS
 from dist_dejpeg.run.pool import map_in_order
 
@@ -307,10 +307,16 @@ def _strict_json(value):
 
 
 def write_tables(result: dict, out_dir: str | Path) -> None:
-    """metrics.json (strict JSON: an infinite value is null), metrics.csv ("inf", which Python and pandas read)
-    and metrics.md, each written atomically (run.files.atomic_write_bytes)."""
+    """metrics.json, metrics.csv and metrics.md (table_files) into ``out_dir``, all or none
+    (run.files.atomic_write_files: a full disk leaves the folder's earlier three as they were)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_files({out / name: data for name, data in table_files(result).items()})
+
+
+def table_files(result: dict) -> dict[str, bytes]:
+    """{file name: bytes}: metrics.json (strict JSON: an infinite value is null), metrics.csv ("inf", which Python
+    and pandas read) and metrics.md."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["image", "quality", "input", *EVALUATED])
@@ -321,5 +327,4 @@ def write_tables(result: dict, out_dir: str | Path) -> None:
     tables = _strict_json({k: v for k, v in result.items() if k != "records"})
     files = {METRICS: json.dumps(tables, indent=2, default=float, allow_nan=False),
              EVALUATE_CSV: buf.getvalue(), "metrics.md": markdown(result)}
-    for name, text in files.items():
-        atomic_write_bytes(out / name, text.encode())
+    return {name: text.encode() for name, text in files.items()}

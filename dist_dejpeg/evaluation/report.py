@@ -56,7 +56,7 @@ from PIL import Image, ImageDraw
 from dist_dejpeg.evaluation.gain_plot import finite, gain_plots
 from dist_dejpeg.evaluation.report_style import CSS, JS
 from dist_dejpeg.metrics.registry import BY_NAME, HIGHER, LOWER, METRICS, ZERO
-from dist_dejpeg.run.files import atomic_write_bytes
+from dist_dejpeg.run.files import atomic_write_files
 
 ARROWS = {HIGHER: "&uarr;", LOWER: "&darr;", ZERO: "&rarr;0"}
 UNKNOWN_DECIMALS = 4  # a metric the registry does not know
@@ -387,11 +387,13 @@ def check_report_output(out_path) -> Path:
 
 
 def write_report(records: list[dict], out_path, *, title: str, meta: dict, summary: list[dict] | None = None,
-                 crop: int = 192) -> Path:
-    """Write the self-contained comparison page to ``out_path`` atomically (run.files.atomic_write_bytes);
-    returns the path. Shapes of ``records``, ``summary`` and ``meta``: see the module docstring."""
+                 crop: int = 192, tables: dict | None = None) -> Path:
+    """Write the self-contained comparison page to ``out_path`` atomically, with ``tables`` ({path: bytes}: its
+    tables beside it) all or none (run.files.atomic_write_files); returns the path. Shapes of ``records``,
+    ``summary`` and ``meta``: see the module docstring."""
     out = Path(out_path)
     page = render_report(records, title=title, meta=meta, summary=summary, crop=crop)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, page.encode("utf-8"))  # mode as the umask makes it, like every other output
+    for folder in {out.parent, *(Path(p).parent for p in tables or {})}:
+        folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_files({out: page.encode("utf-8"), **(tables or {})})  # (modes as the umask makes them)
     return out

@@ -50,6 +50,30 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -
         raise
 
 
+def atomic_write_files(files: dict) -> None:
+    """Several files ({path: bytes}) all or none: each written to its hidden temp file and fsynced, then all
+    renamed into place. A full disk while writing leaves every one as it was (evaluate's three tables, a report's
+    page and tables: a new metrics.json beside old metrics.csv and .md read as one evaluation); only a kill
+    between the renames, microseconds, can leave some new."""
+    temps: dict[Path, Path] = {}
+    path = None
+    try:
+        for path, data in files.items():
+            temps[temp_path(path)] = Path(path)
+            with open(temp_path(path), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in temps.items():
+            os.replace(tmp, path)
+    except BaseException as err:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None and path is not None:
+            err.filename = str(path)
+        raise
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
