@@ -167,10 +167,12 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                    help="log level of rank 0 (train.log_level; other ranks log warnings and errors)")
     p.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. train.run_dir) and exit")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. data.batch_size=8)")
-    p.epilog = ("exit codes: 0 done; 2 a config, weights, busy run folder, damaged checkpoint or too-many-bad-samples\n"
-                "error; 3 a non-finite loss or a full disk stopped it (the last good checkpoint is kept: fix the cause\n"
-                "and rerun); 75 a stop (SIGUSR1, SIGTERM, Ctrl-C): the checkpoint is kept, the same command continues;\n"
-                "130 a second Ctrl-C: stopped at once, the same command continues from the newest checkpoint")
+    p.epilog = ("exit codes: 0 done; 1 a lost peer (another rank gone) or a file it could not read or write;\n"
+                "2 a config, weights, busy run folder, damaged checkpoint or too-many-bad-samples error; 3 a\n"
+                "non-finite loss or a full disk stopped it (the last good checkpoint is kept: fix the cause and\n"
+                "rerun); 75 a stop (SIGUSR1, SIGTERM, Ctrl-C): the checkpoint is kept, the same command continues;\n"
+                "130 a second Ctrl-C: stopped at once, the same command continues from the newest checkpoint;\n"
+                "128 + a signal's number: a rank killed (137: SIGKILL, e.g. the out-of-memory killer)")
 
 
 def restore_arguments(p: argparse.ArgumentParser) -> None:

@@ -14,7 +14,9 @@ PACKAGE = Path(__file__).parents[1] / "dist_dejpeg"
 MAX_LINES = 400
 MAX_LINES_OF = {"dist_dejpeg.train.trainer": 350}
 
-# Layers, bottom up: a folder may import its own and those below it, never one above.
+# Layers: a LOWER folder never imports an UPPER one (the lower ones import each other: models.generator_file
+# imports data.shards, metrics imports models.lpips); TORCH_FREE ones import no torch and no folder but
+# each other; and no cycles.
 LOWER = ("dist_dejpeg.train", "dist_dejpeg.data", "dist_dejpeg.models", "dist_dejpeg.metrics", "dist_dejpeg.run",
          "dist_dejpeg.jpeg", "dist_dejpeg.config")
 UPPER = ("dist_dejpeg.restore", "dist_dejpeg.evaluation", "dist_dejpeg.bench", "dist_dejpeg.cli", "dist_dejpeg.cli_args",

@@ -1,4 +1,4 @@
-"""Data: shards on disk -> loaders that yield the batch contract (see torch_loader)."""
+"""Data: shards on disk -> loaders that yield the batch contract (see contract.py)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@
     fullref.py      PSNR (RGB or Y), PSNR-B, SSIM (the one implementation, numpy or torch), colour metrics
     noref.py        BRISQUE and NIQE with their offline parameter files; MetricUnavailable
     numeric.py      the evaluate command's six but LPIPS, torch-free (what its metrics processes import)
-    whole_image.py  LPIPS on uint8 arrays and image_metrics: the evaluate command's six, per image
+    whole_image.py  LPIPS on uint8 arrays (lpips_values: evaluate's LPIPS, evaluation/measure.py), and
+                    image_metrics: numeric's and LPIPS in one call, per image (for tests and scripts)
     sums.py         validation's per-image values on batches and their sums, reduced over ranks
 
 Nothing is imported here, so that reading the registry loads neither torch nor numpy.

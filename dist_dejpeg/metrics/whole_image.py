@@ -1,5 +1,6 @@
-"""Every metric of one whole image, for the ``evaluate`` command: LPIPS on uint8 arrays, and
-:func:`image_metrics`, evaluate's six (the others from ``numeric``: full-reference and no-reference).
+"""LPIPS of whole images on uint8 arrays (:func:`lpips_values`: what ``evaluate`` adds, evaluation/measure.py,
+to the torch-free ``numeric`` metrics its pairs.measure_pair computes), and :func:`image_metrics`: numeric's and
+LPIPS in one call, per image (the six evaluate reports; the command itself does not call it: tests and scripts do).
 
 LPIPS is dist_dejpeg.models.lpips.LPIPS with torchvision's pretrained AlexNet, never a random backbone here.
 """

@@ -16,13 +16,15 @@ the graph pads with reflect, which needs the pad (up to 31) below the size; PyTo
 tiny images, onnxruntime rejects them ("Pad reflect: post-pad exceeds maximum allowed"). Needs
 ``pip install -e '.[onnx]'``.
 
-What the guard needs is in the file's metadata_props, each a string: ``val_psnr_gain``, ``val_psnr_gain_low`` and
-``val_jpeg_psnr`` (JSON ``{quality: dB}``), ``conditioned`` ("true"/"false"), ``encoder``, ``encoder_init``, ``global_step``, ``lpips``, ``pad_to``, ``model``
-(the config as JSON), ``source``, ``train_shards`` (JSON ``{shard file name: size and hash of its start}``: what
-evaluate calls seen in training) and, exported from a checkpoint, ``train_shards_from`` (the folder they were read
-from, or "none: ..." and why); :func:`read_onnx_metadata` reads them back. ``dist-dejpeg restore --model
-dejpeg.onnx`` runs the file on onnxruntime with the same tiling, blending and guard as the PyTorch model
-(restore/onnx_backend.py, without importing torch): a tiled restore is what matches, not one forward pass over the whole image.
+What the guard needs is in the file's metadata_props, each a string: ``val_psnr_gain``, ``val_psnr_gain_low``,
+``val_jpeg_psnr``, ``val_psnr_gain_conformed`` and ``val_psnr_gain_conformed_low`` (JSON ``{quality: dB}``) and
+``cell_half_width`` (JSON ``{quality: half-width}``), ``conditioned`` ("true"/"false"), ``encoder``, ``encoder_init``,
+``global_step``, ``lpips``, ``pad_to``, ``model`` (the config as JSON), ``source``, ``train_shards`` (JSON ``{shard file
+name: size and hash of its start}``: what evaluate calls seen in training) and, exported from a checkpoint,
+``train_shards_from`` (the folder they were read from, or "none: ..." and why); :func:`read_onnx_metadata` reads them
+back. ``dist-dejpeg restore --model dejpeg.onnx`` runs the file on onnxruntime with the same tiling, blending and guard
+as the PyTorch model (restore/onnx_backend.py, without importing torch): a tiled restore is what matches, not one
+forward pass over the whole image.
 
 How: torch.onnx's dynamo exporter (``torch.export``): the TorchScript exporter traces the generator's
 pad-to-a-multiple-of-32 amounts as constants, so its graph only fits the example size. ``Generator.correction``

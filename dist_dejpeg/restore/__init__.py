@@ -1,7 +1,9 @@
 """Restoring images with a trained generator, starting from the generator file (never from the trainer):
-``images`` (files in and out), ``tiling`` (windows and blending), ``guard`` (restore or pass through),
-``base`` (what every restorer shares), ``restorer`` (the PyTorch ``Restorer``), ``onnx_backend`` (an exported
-model on onnxruntime, torch-free), ``files`` (folders and globs into an output folder).
+``images`` (files in and out), ``metadata`` (what of an input's metadata its output keeps), ``inputs`` (the images
+files, folders and globs name, and their output names), ``tiling`` (windows and blending), ``guard`` (restore or pass
+through), ``reencode`` (whether writing the output in the input's lossy format again costs more than restoring
+gains), ``base`` (what every restorer shares), ``restorer`` (the PyTorch ``Restorer``), ``onnx_backend`` (an
+exported model on onnxruntime, torch-free), ``files`` (folders and globs into an output folder).
 
     from dist_dejpeg.restore import Restorer, open_restorer
     restorer = open_restorer("model.onnx", tile=512)   # OnnxRestorer: onnxruntime, torch never imported
@@ -44,10 +46,11 @@ def open_restorer(model, **kwargs):
 
 def save_restored(image, path, quality: int | None = None) -> None:
     """Write a PIL image ``Restorer.restore`` returned with the writer the ``restore`` command uses: in the format
-    ``path``'s suffix names (.png, .jpg, .webp, .tif; ``quality``: a jpg's or webp's), atomically, with the
-    input's ICC profile, EXIF, XMP, dpi and a JPEG's comment from ``image.info`` in every format (Pillow's
-    ``image.save(path, **image.info)`` drops the XMP and the comment from a PNG). What the command does beside
-    it is its own: a PNG's text chunks and a JPEG's IPTC carried, and a JPEG written as a JPEG again left the
+    ``path``'s suffix names (.png, .jpg, .webp, .tif; ``quality``: a jpg's or webp's), atomically, with the input's
+    ICC profile, EXIF and XMP from ``image.info`` in every format, its dpi in all but WebP (which has no field for
+    it) and a JPEG's comment in a JPEG (a PNG: its "Comment" text; WebP and TIFF: none), as restore/metadata.py says
+    (Pillow's ``image.save(path, **image.info)`` drops the XMP and the comment from a PNG). What the command does
+    beside it is its own: a PNG's text chunks and a JPEG's IPTC carried, and a JPEG written as a JPEG again left the
     input file where the re-encoding would cost more than restoring gains (restore/files.py). Torch-free."""
     from dist_dejpeg.restore.images import save_image, split_image
 

@@ -8,12 +8,14 @@ Tiling and blending: restore/tiling.py. Files in and out (EXIF, alpha, grayscale
 restore/images.py. Folders and globs into an output folder: restore/files.py.
 
 Quality and doing no harm: a JPEG's quality is read from its quantization tables (dist_dejpeg.jpeg.quality)
-unless given; a quality-conditioned generator gets it (a blind one does not need it). The generator file
-keeps the RGB PSNR gain its final validation measured at each quality; an image whose quality is above the
-validated range, or where the gain interpolated between validated qualities is not positive, is passed
-through unchanged (``guard``, on by default; restore/guard.py): restoration never returns what it predicts to be worse than
-its input. An image whose quality is unknown (jpeg.quality found no JPEG compression in its tables or its
-pixels) is passed through too, as no gain can be predicted for it; ``guard=False`` restores it blind.
+unless given; a quality-conditioned generator gets it (a blind one does not need it). The generator file keeps
+the RGB PSNR gain its final validation measured at each quality and its lower bound (mean - 2 SE); an image
+whose quality is above the validated range, or where that lower bound is not above zero at a neighbouring
+validated quality (below or above it; for another encoder's tables, read as an IJG-equivalent quality, at those
+of the quality 9 higher too), is passed through unchanged (``guard``, on by default; restore/guard.py):
+restoration never returns what it predicts to be worse than its input. An image whose quality is unknown
+(jpeg.quality found no JPEG compression in its tables or its pixels) is passed through too, as no gain can be
+predicted for it; ``guard=False`` restores it blind.
 ``last_decision.source`` says where the quality came from ("given", "file tables", "pixels", ...).
 
 What every restorer shares (the guard, arrays and PIL images in and out, the finite check) is restore/base.py;

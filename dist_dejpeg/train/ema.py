@@ -23,7 +23,8 @@ recipe's validated q10 PSNR by 0.005 dB), and the GAN phase's stop rule would wa
 
 Warm-up (``train.ema_warmup``, as TensorFlow's ExponentialMovingAverage with ``num_updates``): the t-th update
 (t from 0) uses min(decay, (1 + t) / (10 + t)), so the early average forgets the initial weights instead of
-being held back by them for thousands of steps (0.9 at the first update, 0.99 at t=890, 0.999 from t=8991).
+being held back by them for thousands of steps (0.1 at the first update, the new weights' share 0.9; 0.99 at
+t=890, 0.999 from t=8991).
 
 A skipped optimizer step does not move the EMA: fp16's GradScaler (and DeepSpeed's overflow) say so on the
 host; the deferred finite checks skip on the device (fused AdamW's ``found_inf``, steps.py), and there the
