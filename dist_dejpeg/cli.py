@@ -249,6 +249,7 @@ def _refused(cfg, resume: str | None) -> int:
     from dist_dejpeg.config import ConfigError
     from dist_dejpeg.models.unet import build_generator
     from dist_dejpeg.models.weights import EncoderError
+    from dist_dejpeg.train.build import refused_before_launch
     from dist_dejpeg.train.launch import ranks_here
     from dist_dejpeg.train.data_checks import check_shards_exist, check_train_tiles
     from dist_dejpeg.train.resume import check_before_start
@@ -256,6 +257,7 @@ def _refused(cfg, resume: str | None) -> int:
     try:
         ranks = ranks_here(cfg.train.processes, cfg.train.cpu)
         check_before_start(cfg, resume, ranks)
+        refused_before_launch(cfg, ranks)  # (fp16 on the CPU, DeepSpeed in one process with no launcher)
         build_generator(dataclasses.replace(cfg.model, pretrained=False, init_from=""))
         try:  # the shards: tiles the crop fits; not there here (a login node without the compute nodes' scratch,
             check_shards_exist(cfg)  # data prepared later, data.auto_prepare's): said, not refused

@@ -310,6 +310,13 @@ def test_dry_run_says_what_the_start_would_refuse(tmp_path, capsys, sample_shard
     assert main(["train", "--config", config, f"train.run_dir={tmp_path / 'new'}", f"data.root={tmp_path / 'none'}",
                  "data.auto_prepare=none", "--dry-run"]) == 0
     assert capsys.readouterr().err.startswith("warning: no shards match")
+    # what building the Accelerator refuses: fp16 on the CPU, DeepSpeed in one process with no launcher (exit 0 here,
+    # exit 2 at the start: a review)
+    new = f"train.run_dir={tmp_path / 'new'}"
+    assert main(["train", "--config", config, new, "train.cpu=true", "train.mixed_precision=fp16", "--dry-run"]) == 2
+    assert "fp16 needs a GPU; use bf16 or no on CPU" in capsys.readouterr().err
+    assert main(["train", "--config", config, new, "train.processes=1", "train.deepspeed_stage=2", "--dry-run"]) == 2
+    assert "DeepSpeed needs a launcher, even for one process" in capsys.readouterr().err
 
 
 def test_output_names_keep_sub_folders_and_every_input_apart():

@@ -57,6 +57,25 @@ FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 DEFERRED_CHECK_DEVICES = ("cuda",)
 
 
+FP16_NEEDS_GPU = "config key 'train.mixed_precision': fp16 needs a GPU; use bf16 or no on CPU"
+
+
+def refused_before_launch(cfg: Config, ranks: int) -> None:
+    """--dry-run's share of what build_accelerator and zero.py refuse at the start (a ConfigError): fp16 with
+    train.cpu (on a host without CUDA, a login node's, only said: the compute node may have it) and DeepSpeed in one
+    process started with no launcher."""
+    import os
+
+    from dist_dejpeg.train.zero import NEEDS_LAUNCHER
+
+    if cfg.train.mixed_precision == "fp16" and (cfg.train.cpu or not torch.cuda.is_available()):
+        if cfg.train.cpu:
+            raise ConfigError(FP16_NEEDS_GPU)
+        log.warning("train.mixed_precision=fp16 needs a GPU, and this host has none: a start here is refused")
+    if cfg.train.deepspeed_stage > 0 and ranks == 1 and "LOCAL_RANK" not in os.environ:
+        raise ConfigError(NEEDS_LAUNCHER)
+
+
 def build_accelerator(cfg: Config) -> tuple[Accelerator, Config]:
     """The Accelerator, and the config the run really has: a copy of ``cfg`` whose ``train.mixed_precision``
     (bf16 becomes "no" on a GPU without it) and ``train.deepspeed_stage`` (0 takes an accelerate launcher's
@@ -65,7 +84,7 @@ def build_accelerator(cfg: Config) -> tuple[Accelerator, Config]:
     precision, stage = t.mixed_precision, t.deepspeed_stage
     cpu = t.cpu or not torch.cuda.is_available()
     if cpu and precision == "fp16":
-        raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; use bf16 or no on CPU")
+        raise ConfigError(FP16_NEEDS_GPU)
     if not cpu and precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         # pre-Ampere cards emulate bf16 slowly: the default bf16 becomes fp32 there, said once, not silently
         log.warning("train.mixed_precision=bf16: %s has no bf16; training in fp32 (set fp16 to use its tensor cores)",

@@ -28,6 +28,10 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from dist_dejpeg.config import Config, ConfigError, clip_norms
+
+NEEDS_LAUNCHER = ("config key 'train.deepspeed_stage': DeepSpeed needs a launcher, even for one process: torchrun "
+                  "--nproc-per-node N -m dist_dejpeg.cli train ... (train.processes=N does it for N > 1), or "
+                  "accelerate launch; or train.deepspeed_stage=0 (ZeRO partitions nothing over one)")
 from dist_dejpeg.train.phases import trains_critic
 
 
@@ -80,9 +84,7 @@ def deepspeed_accelerator(cfg: Config, cpu: bool, timeout: timedelta, trackers: 
         raise ConfigError("config keys 'train.cpu'/'train.deepspeed_stage': DeepSpeed on the CPU of a GPU machine is "
                           "not supported; hide the GPUs (CUDA_VISIBLE_DEVICES=) or set train.cpu=false")
     if "LOCAL_RANK" not in os.environ:  # (Accelerate sets DeepSpeed's process group up only under a launcher)
-        raise ConfigError("config key 'train.deepspeed_stage': DeepSpeed needs a launcher, even for one process: "
-                          "torchrun --nproc-per-node N -m dist_dejpeg.cli train ... (train.processes=N does it for "
-                          "N > 1), or accelerate launch; or train.deepspeed_stage=0 (ZeRO partitions nothing over one)")
+        raise ConfigError(NEEDS_LAUNCHER)
     ops = getattr(deepspeed.ops, "__compatible_ops__", None)  # (DeepSpeed's registry of ops it may build)
     if cpu and isinstance(ops, dict):  # gloo does the collectives: not the shared-memory op, g++-built at start (~80 s)
         ops["deepspeed_shm_comm"] = False
