@@ -143,10 +143,10 @@ class TrainConfig:
     grad_accum: int = 1  # micro-steps per optimizer step
     phases: Dict[str, PhaseConfig] = field(default_factory=default_phases)  # phase name -> settings; a phase added by name (e.g. gan2, kind: gan) takes the generic defaults below, not the built-in phase of its kind's (gan: lr 1e-5, betas [0, 0.9], constant schedule, no warmup, patience 5): give those keys
     order: List[str] = field(default_factory=lambda: ["gen", "critic", "gan"])  # phases to run, in order
-    log_every: int = 50  # steps between scalar logs
-    val_every: int = 500  # steps between validations (phases may override; 0: none but the final one)
+    log_every: int = 50  # steps between scalar logs (counted in each phase; its last step logs too)
+    val_every: int = 500  # steps between validations, counted in each phase (phases may override; 0: none but the final one)
     image_every: int = 0  # steps between TensorBoard image grids, plus one at the end (0: at each validation)
-    ckpt_every: int = 1000  # steps between checkpoints (and one at the end of every phase; 0: only those)
+    ckpt_every: int = 1000  # steps between checkpoints, counted over the run (global steps; and one at the end of every phase; 0: only those)
     keep_last: int = 3  # checkpoints kept (oldest removed first; 0: all)
     progress: bool = True  # rank-0 progress bar on a terminal (without one: a plain log line every log_every steps)
     log_level: str = "info"  # debug | info | warning | error (rank 0; other ranks log warnings and errors)
