@@ -50,6 +50,35 @@ def test_ready_for_inference_keeps_the_generators_outputs():
     assert (cpu - sdpa).abs().max() < 1e-5
 
 
+
+def test_ready_for_inference_folds_the_encoders_batch_norms():
+    """The timm encoder's batch norms (trained statistics, not the identity of a fresh one) folded into their
+    convolutions: none left, the same outputs up to float rounding."""
+    from dist_dejpeg.models.generator_file import fold_batch_norms
+
+    def build():
+        model = _model(norm="group")
+        gen = torch.Generator().manual_seed(2)
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=gen) * 2 + 0.1)
+                m.weight.data.copy_(torch.randn(n, generator=gen))
+                m.bias.data.copy_(torch.randn(n, generator=gen) * 0.3)
+        return model
+
+    model, ready = build(), ready_for_inference(build())
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and not [m for m in ready.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert fold_batch_norms(ready) == 0  # (again: nothing left to fold)
+    x = torch.rand(2, 3, 96, 128)
+    with torch.no_grad():
+        reference = model(x, None)
+    with torch.inference_mode():
+        fast = ready(x.contiguous(memory_format=torch.channels_last), None)
+    assert (fast - reference).abs().max() < 1e-4
+
 def test_restorer_from_a_file_matches_the_plain_module_on_a_real_photo(tmp_path):
     """The restore command's path (a file: made ready for inference, one tile per batch on the CPU, rows
     blended band by band) against the same weights as a plain module, 3 x 3 tiles in batches that span rows:
