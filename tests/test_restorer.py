@@ -325,3 +325,74 @@ def test_bf16_on_a_cpu_without_bf16_arithmetic_is_warned_of(guarded_file, monkey
         with caplog.at_level(logging.WARNING, logger=restorer_module.__name__):
             Restorer(guarded_file, device="cpu", tile=0, precision=precision)
         assert ("is emulated" in caplog.text) == warned, (has, precision, caplog.text)
+
+
+def _board(square: int = 8, h: int = 64, w: int = 96, offset: int = 0, a=(0, 0, 0), b=(255, 255, 255)):
+    """A checkerboard of ``square`` px squares (whole JPEG blocks where ``offset`` is 0), cut ``offset`` px in."""
+    y, x = np.mgrid[offset:offset + h, offset:offset + w]
+    on = ((y // square + x // square) % 2).astype(bool)[..., None]
+    return np.where(on, np.array(b, np.uint8), np.array(a, np.uint8))
+
+
+def test_a_jpeg_that_reproduced_its_flat_blocks_is_passed_through(guarded_file, tmp_path, capsys):  # noqa: F811
+    """A grid-aligned checkerboard's JPEG is exact or nearly (45 dB at q20, lossless at q80): the model smoothed its
+    block edges (the quick start's: -8.4 dB at q20), the guard keyed on the quality alone. Now passed through, by the
+    API (a file, an array, a tensor batch beside a photo), the command line, and said; a photo is still restored."""
+    from dist_dejpeg.cli import main
+
+    restorer = Restorer(guarded_file, device="cpu", tile=0)  # validation: a gain at q20
+    for board, ss in ((_board(16, a=(200, 30, 40), b=(20, 60, 180)), 0),):
+        data = _jpeg_bytes(board, 20, subsampling=ss)
+        decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        out = restorer.restore(data)
+        d = restorer.last_decision
+        assert np.array_equal(np.asarray(out), decoded) and d.passthrough and d.quality == 20, d
+        assert "one colour" in d.reason and d.reason.endswith("passed through unchanged")
+        assert np.array_equal(restorer.restore_array(decoded, 20), decoded) and restorer.last_decision.passthrough
+    mirrored = np.asarray(Image.open(io.BytesIO(_jpeg_bytes(_board(w=100), 20))).convert("RGB"))[:, ::-1].copy()
+    assert np.array_equal(restorer.restore_array(mirrored, 20), mirrored)  # (an EXIF flip: the grid 4 px off)
+    photo = np.asarray(Image.open(io.BytesIO(_jpeg_bytes(_photo(64, 96), 20))).convert("RGB"))
+    assert not np.array_equal(restorer.restore_array(photo, 20), photo) and not restorer.last_decision.passthrough
+    unguarded = Restorer(guarded_file, device="cpu", tile=0, guard=False)
+    assert not np.array_equal(unguarded.restore_array(decoded, 20), decoded)  # --no-guard: restored all
+    # a tensor batch: the board kept, the photo beside it restored (uint8 and float alike)
+    batch = torch.from_numpy(np.stack([decoded, photo])).permute(0, 3, 1, 2).contiguous()
+    for x in (batch.float() / 255,):
+        y = restorer.restore_tensor(x, 20)
+        assert torch.equal(y[0], x[0]) and not torch.equal(y[1], x[1]), x.dtype
+        assert "1 of 2 image(s) passed through unchanged" in restorer.last_decision.reason
+    y = restorer.restore_tensor(batch[:1], 20)
+    assert torch.equal(y, batch[:1]) and restorer.last_decision.passthrough
+    src = tmp_path / "board.jpg"
+    src.write_bytes(_jpeg_bytes(_board(), 40))
+    args = ["restore", str(src), "-o", str(tmp_path / "out"), "--model", str(guarded_file), "--format", "same",
+            "--verbose"]
+    assert main(args) == 0
+    assert (tmp_path / "out" / "board.jpg").read_bytes() == src.read_bytes()  # the file itself
+    said = capsys.readouterr().out
+    assert "passed through: " in said and "one colour" in said
+
+
+def test_exact_blocks_tells_a_graphics_edges_from_blocking():
+    """Flat blocks with edges between them: nothing to restore. A gradient's JPEG (4:4:4, q20) is block-flat too,
+    but its steps are blocking (within what the quantization hides of a ramp): restored. Photos never trigger."""
+    import skimage.data
+
+    from dist_dejpeg.restore.guard import block_colours, exact_blocks
+
+    def decoded(rgb, q, ss=0):
+        return np.asarray(Image.open(io.BytesIO(_jpeg_bytes(rgb, q, subsampling=ss))).convert("RGB"))
+
+    yy, xx = np.mgrid[0:128, 0:192]
+    sky = np.rint(np.stack([90 + 60 * yy / 128, 140 + 60 * yy / 128, 230 - 10 * xx / 192], -1)).astype(np.uint8)
+    assert block_colours(decoded(sky, 20)) is not None and exact_blocks(decoded(sky, 20), 20) == ""
+    assert exact_blocks(decoded(_board(), 20, 2), 20) and exact_blocks(decoded(_board(), 80), 80) and exact_blocks(decoded(_board(16), 5, 2), 5)
+    assert exact_blocks(decoded(_board(), 20).transpose(2, 0, 1), 20, channels_first=True)
+    assert exact_blocks(decoded(_board(), 20)[..., 0], 20)  # grayscale
+    assert block_colours(_board(offset=3)) is not None and block_colours(_board(5)) is None  # a grid, 8 px or not
+    assert exact_blocks(decoded(skimage.data.checkerboard(), 20, 2), 20) == ""  # 25 px squares: ringing
+    for name in ("astronaut", "camera", "coffee"):
+        image = getattr(skimage.data, name)()[:128, :128]
+        rgb = np.stack([image] * 3, -1) if image.ndim == 2 else image
+        for q in (5, 20, 90):
+            assert exact_blocks(decoded(rgb, q, 2), q) == "", (name, q)

@@ -25,7 +25,7 @@ from dist_dejpeg.jpeg.consistency import JpegCells, conform
 from dist_dejpeg.jpeg.formats import is_animation
 from dist_dejpeg.jpeg.quality import PIXELS, earlier_compression, estimate_quality
 from dist_dejpeg.models.names import CONFORMED_KEYS, GAIN_KEYS, JPEG_PSNR, read_gains
-from dist_dejpeg.restore.guard import Decision, decide
+from dist_dejpeg.restore.guard import Decision, decide, exact_blocks
 from dist_dejpeg.restore.images import (BYTES_GONE, cells_for, check_depth, decode_error, file_cells, held_bytes,
                                         join_image, load_image, made_consistent, split_image, to_gray)
 from dist_dejpeg.restore.metadata import jpeg_notes, output_dpi, output_metadata, output_xmp
@@ -179,6 +179,14 @@ class ImageRestorer:
             decision.reason = f"{decision.reason}; {said}" if decision.reason else said
         return decision
 
+    def exact(self, decision: Decision, image, channels_first: bool = False, scale: float = 1.0) -> Decision:
+        """``decision``, or a pass-through where the guard is on and ``image`` is a JPEG that reproduced its blocks
+        (guard.exact_blocks: grid-aligned graphics, which the model's smoothing harmed)."""
+        if decision.passthrough or not self.guard or decision.quality is None:
+            return decision
+        why = exact_blocks(image, decision.quality, channels_first, scale)
+        return Decision(decision.quality, decision.source, True, why) if why else decision
+
     def broken(self, decision: Decision, count: int, of: int) -> None:
         self.last_decision = Decision(decision.quality, decision.source, True,
                                       f"the model restored {count} of {of} image(s) to non-finite values (a "
@@ -235,7 +243,7 @@ class ImageRestorer:
         rgb3 = np.repeat(rgb[..., None], 3, axis=2) if gray else rgb
         if rgb3.ndim != 3 or rgb3.shape[2] != 3 or not rgb3.size:
             raise ValueError(f"expected H x W x 3 or H x W (not empty), got {rgb.shape}")
-        decision = self.last_decision = self.decide(quality, source, conformed)
+        decision = self.last_decision = self.exact(self.decide(quality, source, conformed), rgb3)
         if decision.passthrough:
             return rgb.copy()
         with self.lock:
@@ -260,9 +268,14 @@ class ImageRestorer:
             return image.detach().clone()
         images, originals, out, finish = self.tensor_io(x)
         rounded = str(out.dtype).endswith("uint8")  # a uint8 batch: each finished band rounded straight into it
-        broken = 0
+        broken, exact = 0, []
         with self.lock:
             for i, im in enumerate(images):
+                kept = self.exact(decision, im, channels_first=True, scale=1 if rounded else 255)
+                if kept.passthrough:  # (this image's blocks reproduced: kept, the others restored)
+                    out[i][...] = originals[i]
+                    exact.append(kept)
+                    continue
                 def write(y0, y1, rows, dst=out[i]):
                     if rounded:
                         self.to_uint8(rows, dst[:, y0:y1])
@@ -272,6 +285,10 @@ class ImageRestorer:
                 if not self.restore_tiled(im, decision.quality, write):
                     out[i][...] = originals[i]  # (on out's device: the input's, not the restorer's)
                     broken += 1
+        if len(exact) == len(out):
+            self.last_decision = exact[0]
+        elif exact:
+            decision.reason += f"; {len(exact)} of {len(out)} image(s) passed through unchanged: {exact[0].reason}"
         if broken:
             self.broken(decision, broken, len(out))
         out = finish(out)

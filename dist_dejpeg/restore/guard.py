@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dist_dejpeg.jpeg.quality import IJG_EQUIVALENT, IJG_EQUIVALENT_ERROR
+from dist_dejpeg.jpeg.formats import JFIF_YCBCR
+from dist_dejpeg.jpeg.quality import (BASE_CHROMA, BASE_LUMA, IJG_EQUIVALENT, IJG_EQUIVALENT_ERROR, dct_rows,
+                                      libjpeg_table)
 
 
 # a model whose every validated gain is below this (or NaN) did not train too little: it got worse than the JPEG
@@ -112,6 +114,89 @@ def decide(gains: dict[int, float], quality: int | None, source: str = "given", 
     return Decision(quality, source, reason=f"validation predicts {gain:+.2f} dB at {at}"
                     + (f" ({predicted_gain(gains, upto):+.2f} dB at q{upto})" if upto != quality else ""), gain=sure,
                     jpeg_psnr=psnr if psnr is None or np.isfinite(psnr) else None)
+
+
+def exact_blocks(image, quality: int, channels_first: bool = False, scale: float = 1.0) -> str:
+    """Why restoring ``image`` (a JPEG's decoded pixels at ``quality``: H x W x 3, 3 x H x W where
+    ``channels_first``, or H x W; a numpy array or a torch tensor, uint8, or float times ``scale`` in levels: 255 for
+    0..1) has nothing to gain, or "": every
+    8 x 8 block on one grid is a single colour (``block_colours``: DC coefficients only, no ringing) and most
+    changes between two neighbouring blocks are edges, larger in some YCbCr plane than ``hidden_step`` (what the
+    file's quantization could hide of a smooth ramp), not blocking (random 16 px colour charts: under 0.5 % of
+    their steps within it; a sky gradient's: all). Such a JPEG reproduced its blocks exactly or
+    nearly (grid-aligned graphics, checkerboards, charts: 45-51 dB at q20-q40, lossless at q80) and the
+    photo-trained model smoothed their edges (an 8 px checkerboard: -8.4 dB at q20, -8.7 at q40). A gradient's
+    block-flat JPEG (a sky at 4:4:4, q5-q55) steps within the limits: blocking, restored. No photo of skimage's
+    JPEG'd at q1-q100 (4:2:0 and 4:4:4) nor a graphic the model gains on was judged so (benchmarks/RESULTS.md)."""
+    colours = block_colours(image, channels_first)
+    if colours is None:
+        return ""
+    colours *= scale
+    planes = colours @ np.array(JFIF_YCBCR).T if colours.shape[-1] == 3 else colours
+    changes = blocking = 0
+    for axis, frequency in ((0, 8), (1, 1)):  # (vertical steps: the table's first vertical frequency)
+        steps = np.abs(np.diff(planes, axis=axis))
+        limits = [hidden_step(base, quality, frequency) for base in (BASE_LUMA, BASE_CHROMA, BASE_CHROMA)]
+        changed = (steps > 0).any(-1)
+        changes += int(changed.sum())
+        blocking += int((changed & (steps <= np.array(limits[:planes.shape[-1]])).all(-1)).sum())
+    if 2 * blocking >= max(changes, 1) and changes:
+        return ""
+    return (f"every 8x8 block is one colour, edges between them ({blocking} of {changes} steps within what "
+            f"q{quality} hides of a ramp): a JPEG that reproduced its blocks, nothing to restore: passed through "
+            f"unchanged")
+
+
+def hidden_step(base, quality: int, frequency: int) -> float:
+    """The largest step between two neighbouring blocks' levels a JPEG at ``quality`` (libjpeg's ``base`` table)
+    could show where the image was a smooth ramp across them: the ramp's first coefficient (``frequency``, the
+    table's index: 1 across, 8 down) quantized to zero in both blocks, plus the two DC roundings."""
+    table = libjpeg_table(base, quality)
+    per_slope = np.sqrt(8) * abs(dct_rows()[1] @ (np.arange(8) - 3.5))  # a unit ramp's coefficient (18.2)
+    return float(8 * table[frequency] / 2 / per_slope + table[0] / 8)
+
+
+def block_colours(image, channels_first: bool = False, block: int = 8, band: int = 256) -> np.ndarray | None:
+    """Each block's colour (rows x columns of blocks x channels, float64 on the host) where every ``block`` x
+    ``block`` block of ``image`` on one grid is one colour, else None: its pixels change only between blocks, every
+    horizontal change at columns of one residue mod ``block`` and every vertical one at rows of one (whatever the
+    grid's offset: an EXIF orientation moves it). Read in bands of ``band`` rows, the first first: a photo fails
+    there. An image smaller than a block either way is None (no grid to find)."""
+    rows, cols = (1, 2) if channels_first else (0, 1)
+    height, width = image.shape[rows], image.shape[cols]
+    if height < block or width < block:
+        return None
+    found: dict[int, set] = {rows: set(), cols: set()}
+    for y0 in range(0, height - 1, band):
+        index = [slice(None)] * image.ndim
+        index[rows] = slice(y0, y0 + band + 1)  # (one row more: the change across the seam)
+        part = image[tuple(index)]
+        for axis, start in ((cols, 0), (rows, y0)):
+            changed = _changes(part, axis)  # one flag per boundary along axis
+            for r in range(block):  # (a slice with a step: numpy's and torch's alike)
+                if r not in found[axis] and bool(changed[(r - start) % block::block].any()):
+                    found[axis].add(r)
+            if len(found[axis]) > 1:
+                return None
+    corners = image
+    for axis, n in ((rows, height), (cols, width)):  # a block starts after each change, and at the edge
+        first = (min(found[axis], default=block - 1) + 1) % block
+        index = [slice(None)] * image.ndim
+        index[axis] = sorted({0, *range(first, n, block)})  # (a list: numpy's and torch's indexing alike)
+        corners = corners[tuple(index)]
+    corners = np.asarray(corners.cpu() if hasattr(corners, "cpu") else corners, np.float64)
+    corners = corners.transpose(1, 2, 0) if channels_first else corners
+    return corners if corners.ndim == 3 else corners[..., None]
+
+
+def _changes(part, axis: int):
+    """Per boundary along ``axis``, whether ``part`` changes across it anywhere (exact: no arithmetic)."""
+    a, b = [slice(None)] * part.ndim, [slice(None)] * part.ndim
+    a[axis], b[axis] = slice(1, None), slice(None, -1)
+    changed = part[tuple(a)] != part[tuple(b)]
+    for other in sorted(set(range(part.ndim)) - {axis}, reverse=True):
+        changed = changed.any(other)
+    return changed
 
 
 def guard_summary(gains: dict[int, float], lows: dict[int, float] | None = None) -> str:
