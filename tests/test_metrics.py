@@ -781,3 +781,22 @@ def test_a_crop_its_jpeg_keeps_exactly_counts_in_no_psnr_mean_and_no_gain():
     assert textured[1] < textured[0] and results["gain"]["count"] == 1
     assert results["gain"]["psnr"] == pytest.approx(textured[1] - textured[0], abs=1e-3)
     assert json.loads(guard_gains({"q50": results})["val_psnr_gain"]) == {"50": results["gain"]["psnr"]}
+
+
+def test_psnr_per_image_is_torchmetrics_psnr_to_the_bit():
+    """per_image's and validation's PSNR (metrics/sums.py, not imported from torchmetrics: its package import cost
+    every validating rank seconds) gives torchmetrics' values exactly, in float32 and float64, inf where equal."""
+    import torch
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    from dist_dejpeg.metrics.sums import psnr_per_image
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype, data_range in ((torch.float32, 1.0), (torch.float64, 255.0), (torch.float32, 255.0)):
+        a = torch.rand(4, 3, 17, 23, dtype=dtype, generator=gen) * data_range
+        b = (a + torch.randn(a.shape, dtype=dtype, generator=gen) * 0.05 * data_range).clamp(0, data_range)
+        b[0] = a[0]
+        ours = psnr_per_image(a, b, data_range=data_range)
+        theirs = peak_signal_noise_ratio(a, b, data_range=data_range, reduction="none", dim=(1, 2, 3))
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), (dtype, data_range, ours, theirs)
+        assert ours[0] == float("inf")

@@ -12,7 +12,7 @@ from torchvision.utils import make_grid
 from dist_dejpeg.data.contract import to_device
 from dist_dejpeg.jpeg.consistency import HALF_WIDTHS
 from dist_dejpeg.models.lpips import LPIPS
-from dist_dejpeg.metrics.sums import MetricSums, per_image
+from dist_dejpeg.metrics.sums import MetricSums, per_image, psnr_per_image
 
 ValSet = dict  # {quality: (jpeg uint8 N x 3 x H x W, clean uint8 N x 3 x H x W)} of this rank's share
 
@@ -141,11 +141,8 @@ def _conformed_sums(accelerator, generator, val_set: ValSet, batch_size: int, cu
 
 
 def _psnr_255(images: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-    """Each image's RGB PSNR (one MSE over its channels, 0..255; torchmetrics', as per_image's), in float64."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
-    return peak_signal_noise_ratio(images.double(), clean.double(), data_range=255.0, reduction="none",
-                                   dim=(1, 2, 3))
+    """Each image's RGB PSNR (one MSE over its channels, 0..255; per_image's formula), in float64."""
+    return psnr_per_image(images.double(), clean.double(), data_range=255.0)
 
 
 def average_bn_stats(accelerator, models: dict) -> None:
