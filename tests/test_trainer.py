@@ -402,11 +402,12 @@ def test_stop_rule_ends_gan_phase_and_keeps_best(tmp_path, shards, monkeypatch):
     scripted = iter([0.5, 0.4, 0.45, 0.41, 0.9, 0.9, 0.9])
     seen_steps = []
 
-    def fake_validate(accelerator, generator, val_set, lpips, batch_size, cudagraphs=False):
+    def fake_validate(accelerator, generator, val_set, lpips, batch_size, cudagraphs=False, also=()):
         value = next(scripted)
         return _validated(value)
 
     monkeypatch.setattr(trainer_mod, "validate", fake_validate)
+    monkeypatch.setattr(final_mod, "validate", fake_validate)  # the final validation's (train/final.py)
     cfg = tiny(tmp_path / "run", shards, "train.order=[gan]", "train.phases.gan.steps=20",
                "train.phases.gan.val_every=1", "train.phases.gan.patience=2", "train.phases.gan.critic_iters=0",
                "train.phases.gan.gen_iters=1", "train.phases.gan.lr=1e-2", "train.phases.gan.select_on=lpips")
@@ -484,7 +485,7 @@ def test_final_validation_reuses_the_last_one_when_nothing_changed(tmp_path, sha
     scripted = iter([0.5, 0.4, 0.3, 0.9])
     calls = []
 
-    def fake_validate(accelerator, generator, val_set, lpips, batch_size, cudagraphs=False):
+    def fake_validate(accelerator, generator, val_set, lpips, batch_size, cudagraphs=False, also=()):
         calls.append(batch_size)
         value = next(scripted)
         return _validated(value)
@@ -494,10 +495,20 @@ def test_final_validation_reuses_the_last_one_when_nothing_changed(tmp_path, sha
     cfg = tiny(tmp_path / "run", shards, "train.order=[gan]", "train.phases.gan.steps=3",
                "train.phases.gan.val_every=1", "train.phases.gan.patience=2", "train.phases.gan.critic_iters=0",
                "train.phases.gan.gen_iters=1", "train.phases.gan.select_on=lpips")
-    final = Trainer(cfg).fit()
+    seen = []
+
+    def finish(trainer):  # the EMA's forwards in the final validation
+        seen.append(_count_crops(trainer.ema.model(trainer.gen_raw)))
+        return final_mod.finish_run(trainer)
+
+    monkeypatch.setattr(trainer_mod, "finish_run", finish)
+    t = Trainer(cfg)
+    final = t.fit()
     # validated after steps 1, 2, 3; the last one (0.3) is the best and is kept: the final result is that one;
     # then the raw (non-EMA) generator once, for metrics.json's meta (0.9)
     assert len(calls) == 4 and final["q10"]["restored"]["lpips"] == 0.3
+    # one forward of the EMA for the conformed gains and the grid (was one each)
+    assert seen == [[sum(jpeg.shape[0] for jpeg, _ in t.val_set.values())]], seen
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["q10"]["restored"]["lpips"] == 0.3
     assert metrics["meta"]["ema"]["raw"]["q10"]["restored"]["lpips"] == 0.9
@@ -756,9 +767,9 @@ def test_compile_mode_reaches_the_compiler_and_cuda_graphs_mark_each_step(tmp_pa
     assert not t.cudagraphs, "no CUDA graphs on a CPU"
     t.cudagraphs = True  # as on CUDA: the step marks
     t.fit()
-    # 2 steps, the end-of-phase validation (2 qualities x 1 batch) and its image grid, the raw generator's (2), the
-    # consistent images' (2: train/validation.py, conformed_gains)
-    assert len(marks) == 2 + 2 + 1 + 2 + 2
+    # 2 steps, the final validation (2 qualities x 1 batch: its metrics, consistent images and image grid from one
+    # forward: train/final.py), the raw generator's (2)
+    assert len(marks) == 2 + 2 + 2
     with pytest.raises(ConfigError, match="train.compile_mode"):
         tiny(tmp_path / "bad", shards, "train.compile_mode=fast")
 
@@ -952,3 +963,29 @@ def test_an_encoder_the_u_net_cannot_use_is_a_config_error_naming_the_key(tmp_pa
     traceback at the first step."""
     with pytest.raises(ConfigError, match=r"config key 'model.encoder': 'vit_tiny_patch16_224' cannot encode"):
         train(tiny(tmp_path / "run", shards, "model.encoder=vit_tiny_patch16_224"))
+
+
+def _count_crops(module) -> list:
+    """A forward hook on ``module`` counting the crops it restores: [crops so far]."""
+    seen = [0]
+    module.register_forward_hook(lambda m, args, out: seen.__setitem__(0, seen[0] + args[0].shape[0]))
+    return seen
+
+
+def test_the_final_validation_restores_each_crop_once(tmp_path, shards):
+    """The final validation ran the EMA's generator over the validation crops twice (the metrics, then the gains
+    made consistent with the JPEG files) and a third time over the image grid's crops; one forward now serves
+    all three, and what it writes is the same: metrics.json, the generator file's guard gains, the grid."""
+    cfg = tiny(tmp_path / "run", shards, "train.order=[gen]", "data.val_max_images=2", "data.val_qualities=[10,40]",
+               "data.val_batch_size=3")
+    t, images = Trainer(cfg), []
+    t.monitor.image = lambda tag, grid, step: images.append((tag, step, tuple(grid.shape)))
+    seen = _count_crops(t.ema.model(t.gen_raw))
+    results = final_mod.finish_run(t)  # (the end of a run, here of one that trained no step)
+    t.lock.release()
+    crops = sum(jpeg.shape[0] for jpeg, _ in t.val_set.values())
+    assert crops == 4 and seen == [crops], seen  # (was 2 x 4 + 2: the metrics', the conformed gains', the grid's)
+    assert images == [("val/jpeg_restored_clean_final", 0, (3, 70, 104))], images  # 2 rows: JPEG | restored | clean
+    meta = read_metadata(tmp_path / "run" / "generator.safetensors")
+    assert set(json.loads(meta["val_psnr_gain_conformed"])) == {"10", "40"}
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["q10"] == results["q10"]

@@ -14,7 +14,8 @@ from dist_dejpeg.models.names import CONFORMED_KEYS, JPEG_PSNR
 from dist_dejpeg.run.layout import GENERATOR, METRICS
 from dist_dejpeg.train.checkpoint import FINAL_STAGE
 from dist_dejpeg.train.collective import all_ranks_or_raise
-from dist_dejpeg.train.validation import GAIN_BOUND_SE, conformed_gains, validate
+from dist_dejpeg.train.validation import (GAIN_BOUND_SE, ConformedSums, GridCrops, average_bn_stats, feed,
+                                          validate)
 from dist_dejpeg.train.window import sum_over_ranks
 
 log = logging.getLogger("dist_dejpeg")
@@ -64,17 +65,37 @@ def generator_step(state) -> int:
     return best if 0 <= best <= state.global_step else state.global_step
 
 
+def final_validation(trainer) -> tuple[dict, dict | None]:
+    """The final validation of the EMA's generator, logged (its scalars and image grid): validate's results and
+    conformed_gains' from one forward over the crops, which also gives the grid (each was a forward of its own).
+    Where nothing changed since the run's last validation (a gan phase ending on the generator it keeps), its
+    results, and the forward for the other two alone."""
+    acc, cfg, step = trainer.accelerator, trainer.cfg, trainer.state.global_step
+    model, val_set, size = trainer.ema.model(trainer.gen_raw), trainer.val_set, cfg.data.val_batch_size
+    also = (ConformedSums(acc, val_set), GridCrops(val_set))
+    if trainer.validated is not None and trainer.validated[0] == step:
+        results = trainer.validated[1]
+        log.info("final validation: the generator validated at step %d, unchanged since", step)
+        feed(acc, model, val_set, size, also, cudagraphs=trainer.cudagraphs)
+    else:
+        average_bn_stats(acc, trainer.models())
+        results = validate(acc, model, val_set, trainer.metric_lpips, size, cudagraphs=trainer.cudagraphs, also=also)
+    trainer.monitor.validation("final", results, step)
+    grid = also[1].grid()
+    if grid is not None:
+        trainer.monitor.image("val/jpeg_restored_clean_final", grid, step)
+    return results, also[0].results(acc)
+
+
 def finish_run(trainer) -> dict:
     """Validate a finished run's generator and write its files; returns the final validation's results. A stop
     signal meanwhile ends one process at once (StopSignals.at_once; exit 75): the last checkpoint holds every
     phase, and the same command does this again."""
     acc, cfg, state = trainer.accelerator, trainer.cfg, trainer.state
     with trainer.signals.at_once(FINAL_STAGE):
-        results = trainer.run_validation("final")  # the EMA's; the raw generator's once more, for the meta
+        results, conformed = final_validation(trainer)  # the EMA's; the raw generator's once more, for the meta
         ema = trainer.ema.meta(lambda: validate(acc, trainer.gen_raw, trainer.val_set, trainer.metric_lpips,
                                                 cfg.data.val_batch_size, cudagraphs=trainer.cudagraphs))
-        conformed = conformed_gains(acc, trainer.ema.model(trainer.gen_raw), trainer.val_set,
-                                    cfg.data.val_batch_size, cudagraphs=trainer.cudagraphs)
         skipped = trainer.data_skipped()
         local = next(iter(trainer.val_set.values()))[0].shape[0] if trainer.val_set else 0
         n_val = sum_over_ranks(acc, {"images": local})["images"]

@@ -87,7 +87,7 @@ class Trainer:
             self.monitor = Monitor(acc, cfg, self.run_dir, to_dict(cfg))
         self.state, self.val_changed = TrainerState(val_set=val_fingerprint(cfg)), False
         self.best_generator = self.last_generator = None  # ema.snapshot()s: the gan phase's best, its last step's
-        self._validated: tuple[int, dict] | None = None  # (global step, results) of the newest validation, if current
+        self.validated: tuple[int, dict] | None = None  # (global step, results) of the newest validation, if current
         self.config_yaml = to_yaml(cfg)
 
     def close(self) -> None:
@@ -106,13 +106,13 @@ class Trainer:
     def data_skipped(self) -> dict:
         return sum_over_ranks(self.accelerator, getattr(self.loader, "skipped", lambda: {})())
 
-    def _models(self) -> dict:
+    def models(self) -> dict:
         return {"generator": self.gen_raw, **({"critic": self.critic_raw} if self.critic is not None else {})}
 
     def save(self) -> Path:
         files = {k: v for k, v in ((BEST_GENERATOR, self.best_generator), (LAST_GENERATOR, self.last_generator))
                  if v is not None} | self.ema.files()  # (checked finite with the models: a resume continues from them)
-        check_finite_state(self.accelerator, self._models(), (self.g_opt, self.c_opt), files)
+        check_finite_state(self.accelerator, self.models(), (self.g_opt, self.c_opt), files)
         state = dict(vars(self.state), phase_names=list(self.cfg.train.order), data_skipped=self.data_skipped(),
                      processes=self.accelerator.num_processes)
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else {}
@@ -120,7 +120,7 @@ class Trainer:
             files[CHECKPOINT_MODEL] = self.gen_raw.state_dict()
         path = ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state.global_step, state, loader_state,
                                     self.config_yaml, self.cfg.train.keep_last,
-                                    buffers=ckpt.rank_buffers(self._models()), main_tensors=files or None)
+                                    buffers=ckpt.rank_buffers(self.models()), main_tensors=files or None)
         log.info("checkpoint: %s", path)
         return path
 
@@ -129,7 +129,7 @@ class Trainer:
         trainer_state, loader_state, buffers = resume_from(self.accelerator, self.cfg, path, self.critic is not None)
         self.config_yaml = to_yaml(self.cfg)  # (a phase shortened below what it trained keeps its length)
         self.monitor.set_lengths({n: self.cfg.train.phases[n].steps for n in self.cfg.train.order})
-        ckpt.load_rank_buffers(self._models(), buffers)
+        ckpt.load_rank_buffers(self.models(), buffers)
         known = set(vars(TrainerState()))
         now, self.state = self.state.val_set, TrainerState(**{k: v for k, v in trainer_state.items() if k in known})
         self.val_changed, self.state.val_set = other_validation(self.state.val_set, now), now  # (said there)
@@ -149,23 +149,23 @@ class Trainer:
     # -- validation -----------------------------------------------------------------------------------
     def run_validation(self, tag: str) -> dict:
         step = self.state.global_step
-        if self._validated is not None and self._validated[0] == step:
+        if self.validated is not None and self.validated[0] == step:
             # no update since (e.g. a gan phase ended on validating the generator it keeps): same weights, same numbers
-            results = self._validated[1]
+            results = self.validated[1]
             log.info("%s validation: the generator validated at step %d, unchanged since", tag, step)
         else:
-            average_bn_stats(self.accelerator, self._models())
+            average_bn_stats(self.accelerator, self.models())
             results = validate(self.accelerator, self.ema.model(self.gen_raw), self.val_set, self.metric_lpips,
                                self.cfg.data.val_batch_size, cudagraphs=self.cudagraphs)
-            self._validated = (step, results)
+            self.validated = (step, results)
         self.monitor.validation(tag, results, step)
-        if not self.cfg.train.image_every or tag == "final":
+        if not self.cfg.train.image_every:  # (the final validation's: final.py)
             self.log_image(tag)
         return results
 
     def log_image(self, tag: str) -> None:
         """Rows of JPEG | restored | clean validation crops to the trackers (main process): at each validation,
-        or with ``train.image_every`` every that many global steps instead (and at the final validation)."""
+        or with ``train.image_every`` every that many global steps instead (the final validation's: final.py)."""
         if self.accelerator.is_main_process:
             grid = image_grid(self.accelerator, self.ema.model(self.gen_raw), self.val_set, cudagraphs=self.cudagraphs)
             if grid is not None:
@@ -176,7 +176,7 @@ class Trainer:
         cfg, acc, st = self.cfg, self.accelerator, self.state
         fresh = st.phase_step == 0
         if fresh:  # (a resumed phase got every rank's own statistics back from the checkpoint)
-            average_bn_stats(acc, self._models())
+            average_bn_stats(acc, self.models())
             st.stop = StopRule().state_dict()
             if phase.kind == "gan":
                 self.best_generator = None
@@ -255,7 +255,7 @@ class Trainer:
     def _put_back(self, snapshot: dict) -> dict:
         """The generator (and its EMA) set to an ema.snapshot; returns the snapshot of the weights it replaced."""
         last = self.ema.roll_back(self.gen_raw, snapshot, self.accelerator.device)
-        self._validated = None  # other weights than the last validation measured
+        self.validated = None  # other weights than the last validation measured
         if self.deepspeed:
             refresh_master_weights(self.g_opt)
         return last
