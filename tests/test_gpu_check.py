@@ -268,7 +268,9 @@ def test_gpu_summary_sources(tmp_path):
     from dist_dejpeg.bench.common import TUNED
     from dist_dejpeg.bench.train import LADDER
 
-    assert gpu_summary.TENSOR == TENSOR
+    from dist_dejpeg.train.compile import FELL_BACK
+
+    assert gpu_summary.TENSOR == TENSOR and gpu_summary.FELL_BACK == FELL_BACK
     (tmp_path / "results").mkdir()
     train = {LADDER[0][0]: {"gen": {"images_per_s_per_device": 100.0}},
              TUNED: {"gen": {"images_per_s_per_device": 770.0, "profile": {"device_busy_frac": 0.8}},
@@ -290,6 +292,7 @@ def test_gpu_summary_sources(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"meta": {"last_train_log": logged}}))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("train:\n  compile: true\n  log_every: 25\n")
+    (tmp_path / "run" / "train.log").write_text("2026-01-01 10:00:00,000 INFO dist_dejpeg: phase gen (1/3)\n")
     report = write_gpu_summary(tmp_path, card="NVIDIA H200", date="d", commit="c", device="cuda",
                                first_variant="packed-ahead")
     assert report == {"card": "NVIDIA H200", "date": "d", "commit": "c", "gen_img_s": 1600.0, "gan_img_s": 850.0,
@@ -300,6 +303,17 @@ def test_gpu_summary_sources(tmp_path):
                       "gpu_tests_complete": True}
     assert tuple(report) == SUMMARY_KEYS
     assert json.loads((tmp_path / "gpu-summary.json").read_text()) == report
+    # compiled in its config, but compiling fell back to eager (the run's train.log says so: CompileWatch's
+    # warning): not a compiled run (the config alone said True); no log of a compiled run: unknown
+    with (tmp_path / "run" / "train.log").open("a") as log:
+        log.write(f"2026-01-01 10:00:05,000 WARNING dist_dejpeg: {FELL_BACK} (3 frames; ...) and the models run "
+                  "eagerly: this run is not a compiled one (its speed is eager's)\n")
+    args = dict(card=None, date="d", commit="c", device="cuda", first_variant="packed-ahead")
+    assert write_gpu_summary(tmp_path, **args)["train_compiled"] is False
+    (tmp_path / "run" / "train.log").unlink()
+    assert write_gpu_summary(tmp_path, **args)["train_compiled"] is None
+    (tmp_path / "run" / "config.yaml").write_text("train:\n  compile: false\n")
+    assert write_gpu_summary(tmp_path, **args)["train_compiled"] is False
     del train[TUNED]["gan"], train[TUNED]["gen"]["profile"]
     (tmp_path / "results" / "train.json").write_text(json.dumps({"results": train}))
     (tmp_path / "pytest_gpu.log").write_text("collecting ...\n")  # killed before any test ran

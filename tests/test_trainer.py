@@ -737,6 +737,12 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, shards, mo
     # and the run says it is not a compiled one (its speed would pass for a compiled run's)
     assert t.compile_watch.outcome["fell_back"] and t.compile_watch.outcome["graphs"] == 0
     assert "train.compile: compiling failed" in caplog.text and "this run is not a compiled one" in caplog.text
+    # the GPU check's summary reads it from the run's own log (its config says compile: true)
+    from dist_dejpeg.bench.gpu_summary import write_gpu_summary
+
+    shutil.copyfile(tmp_path / "run" / "metrics.json", tmp_path / "metrics.json")  # (as the check's train step)
+    summary = write_gpu_summary(tmp_path, card=None, date="d", commit="c", device="cpu", first_variant=None)
+    assert summary["train_compiled"] is False and summary["gen_img_s"] is not None
 
 
 def test_compile_mode_reaches_the_compiler_and_cuda_graphs_mark_each_step(tmp_path, shards, monkeypatch):

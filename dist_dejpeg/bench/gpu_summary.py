@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dist_dejpeg.bench.data_wait import RESULTS_JSON
 from dist_dejpeg.run.layout import METRICS
+from dist_dejpeg.train.run_log import RUN_LOG
 
 def _read_json(path: Path) -> dict:
     try:
@@ -50,15 +51,28 @@ def _pytest_counts(log: Path) -> tuple[int | None, int | None, bool | None]:
     return outcomes.count("PASSED"), outcomes.count("SKIPPED"), False
 
 
+# the start of the warning a run whose compiling fell back to eager logs (train/compile.py's FELL_BACK: a module that
+# imports torch, so it is written here and tests/test_gpu_check.py holds the two equal)
+FELL_BACK = "train.compile: compiling failed"
+
+
 def _compiled(run: Path) -> bool | None:
-    """Whether the run in ``run`` trained compiled (its resolved config.yaml's train.compile); None: unknown."""
+    """Whether the run in ``run`` trained compiled: its resolved config.yaml's train.compile, and where that is
+    true, no session of the run saying in its own log (train.log, as CompileWatch warns after the first step) that
+    compiling fell back to eager; None: unknown (no config, or a compiled run without its log)."""
     try:
         import yaml
 
         value = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("train", {}).get("compile")
     except (OSError, ImportError, ValueError, AttributeError):  # no run, no PyYAML, not YAML (yaml.YAMLError)
         return None
-    return value if isinstance(value, bool) else None
+    if value is not True:
+        return value if isinstance(value, bool) else None
+    try:
+        text = (run / RUN_LOG).read_text(errors="replace")
+    except OSError:
+        return None
+    return FELL_BACK not in text
 
 
 TENSOR = "tensor in/out, tiled 512/64"  # bench/infer.py's TENSOR label (tests hold the two equal)
@@ -69,7 +83,8 @@ def write_gpu_summary(out: Path, *, card: str | None, date: str, commit: str, de
     """OUT/gpu-summary.json: the headline numbers this check measured (stale outputs were removed at its start, so
     every file read here is this check's), each null where no step measured it. Sources: the train step's own log
     (gen/gan images per s per device and the gen phase's data wait, from the last window of each phase in its
-    metrics.json, as issue 24 asks; ``train_compiled`` says whether that run was compiled), bench train's tuned row
+    metrics.json, as issue 24 asks; ``train_compiled`` says whether that run trained compiled: its config, and
+    its train.log for a fall-back to eager), bench train's tuned row
     (``bench_*``; the GPU-busy share only where that row was profiled), data_wait's first variant (the config's own
     loader settings) where the train step did not run, bench infer's GPU rows at 2K tiled as restore runs them
     (bf16 autocast on CUDA, fp32 on a CPU; and fp32): a tensor on the GPU in and out (``restore_2k_ms``, issue

@@ -16,6 +16,8 @@ from dist_dejpeg.config import Config
 
 log = logging.getLogger("dist_dejpeg")
 COMPILE_BACKEND = "inductor"  # torch.compile's backend (tests swap in a failing one)
+# the start of warn_if_eager's warning, in the run's train.log: bench/gpu_summary.py reads it (tests hold the two equal)
+FELL_BACK = "train.compile: compiling failed"
 
 
 def _user_compile_cache() -> str | None:
@@ -95,8 +97,8 @@ def warn_if_eager(since: dict[str, int], say: bool = True) -> dict:
     (``say``: this rank logs): the run trains, uncompiled, slower than a compiled one."""
     outcome = compile_outcome(since)
     if outcome["fell_back"] and say:
-        log.warning("train.compile: compiling failed (%d frames; dynamo's warnings above say why) and the models run "
-                    "eagerly: this run is not a compiled one (its speed is eager's)", outcome["failed_frames"])
+        log.warning(f"{FELL_BACK} (%d frames; dynamo's warnings above say why) and the models run eagerly: this run "
+                    "is not a compiled one (its speed is eager's)", outcome["failed_frames"])
     return outcome
 
 
