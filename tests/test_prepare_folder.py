@@ -94,6 +94,28 @@ def test_a_folder_prepared_again_into_its_out_keeps_every_photos_split(tmp_path,
     assert json.loads((out / "manifest.json").read_text())["dataset"] == f"folder {src}"
 
 
+def test_another_seed_or_val_fraction_into_the_same_out_says_the_splits_were_kept(tmp_path, caplog):
+    """Prepared again into the same --out with another --val-fraction or --seed, every photo kept its split (as it
+    must: none that trained moves into validation) and the new settings were silently ignored: a warning names
+    what was kept and how to get a fresh split (a new --out); the same settings again say nothing of it."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i, name in enumerate("abcd"):
+        _noise(src / f"{name}.png", 40 + i)
+    first = _splits(src, out, val_fraction=0.25)
+    assert json.loads((out / "manifest.json").read_text())["val_fraction"] == 0.25
+    with caplog.at_level(logging.INFO):
+        assert _splits(src, out, val_fraction=0.25) == first
+    assert "not as the earlier prepare" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert _splits(src, out, val_fraction=0.5, seed=3) == first  # (kept)
+    warned = [r.getMessage() for r in caplog.records if "not as the earlier prepare" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("prepare folder: --seed 3, --val-fraction 0.5, not as"), warned
+    assert "(--seed 0, --val-fraction 0.25): its 4 photos here keep their splits (3 train, 1 val" in warned[0], warned
+    assert "(0 now)" in warned[0] and "prepare into a new (empty) --out" in warned[0], warned
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 3
+
+
 def test_prepare_folder_takes_a_file_name_that_is_not_utf8(tmp_path, capsys):
     """b"caf\\xe9.png" (Latin-1, as an old camera or a Windows share names it) stopped prepare with a UnicodeEncodeError
     ('surrogates not allowed') where its split was drawn. It is used, and split by its own bytes; the manifest records

@@ -244,19 +244,24 @@ def held_out(names: list[str], key: dict[str, str], rank: dict[str, float], frac
     return {n for n in names if key[n] in held}, notes
 
 
-def earlier_splits(out: Path) -> dict[str, dict[str, str]]:
+SPLIT_SETTINGS = ("seed", "val_fraction")  # manifest.json's keys of a folder's split (earlier_splits compares them)
+
+
+def earlier_splits(out: Path) -> dict[str, dict]:
     """The splits an earlier `prepare folder` into ``out`` gave its photos (its manifest.json's sources), by the
-    sha256 of their pixels and by their path below the folder: {"pixels": {sha256: split}, "path": {path: split}};
-    empty for a first prepare, or an --out of other shards."""
+    sha256 of their pixels and by their path below the folder: {"pixels": {sha256: split}, "path": {path: split},
+    "settings": its SPLIT_SETTINGS}; empty for a first prepare, or an --out of other shards."""
     try:
         manifest = read_manifest(out) if Path(out).is_dir() else None
     except (OSError, ValueError) as err:
         log.warning("prepare folder: cannot read the earlier %s in %s (%s): its photos' splits are not kept", MANIFEST,
                     out, err)
         manifest = None
-    found: dict[str, dict[str, str]] = {"pixels": {}, "path": {}}
+    found: dict[str, dict] = {"pixels": {}, "path": {}, "settings": {}}
     if not isinstance(manifest, dict) or not str(manifest.get("dataset", "")).startswith("folder "):
         return found
+    found["settings"] = {k: v for k in SPLIT_SETTINGS if isinstance(v := manifest.get(k), (int, float))
+                         and not isinstance(v, bool)}  # (none in an older manifest)
     for info in (manifest.get("sources") or {}).values():
         if isinstance(info, dict) and info.get("split") in ("train", "val"):
             for field, by in (("sha256", "pixels"), ("path", "path")):
@@ -330,8 +335,18 @@ def prepare_folder(src: str | Path, out: str | Path, tile: int = 256, train_step
                         f"empty" if empty else "photos prepared before under other names keep their split",
                         ", ".join(sorted(chosen)) or "none")
             manifest = write([(name, "val" if name in chosen else "train", loads[name]) for name in order])
+        manifest |= {"seed": seed, "val_fraction": val_fraction}  # (SPLIT_SETTINGS: what split the new photos)
         if earlier["path"] or earlier["pixels"]:
             was = [manifest["sources"][n]["split"] for n in usable if n in kept]
+            other = {k: v for k, v in earlier["settings"].items() if v != manifest[k]}
+            if other and was:  # (the user asked for another split: say what it changes and what it does not)
+                asked = ", ".join(f"--{k.replace('_', '-')} {manifest[k]:g}" for k in other)
+                log.warning("prepare folder: %s, not as the earlier prepare into %s (%s): its %d photos here keep "
+                            "their splits (%d train, %d val: a photo that trained never moves into validation); the "
+                            "new settings split only the photos new to it (%d now); for a fresh split of every photo "
+                            "by them, prepare into a new (empty) --out", asked, out, ", ".join(
+                                f"--{k.replace('_', '-')} {v:g}" for k, v in other.items()), len(was),
+                            was.count("train"), was.count("val"), len(usable) - len(was))
             log.info("prepare folder: %d of %d photos keep the split the earlier prepare into %s gave them (%d train, "
                      "%d val; %s: a photo that trained never moves into validation); %d new split by --seed %d "
                      "and --val-fraction %g (an empty --out splits all afresh)", len(was), len(usable), out,
