@@ -179,14 +179,37 @@ def test_a_resumed_run_logs_each_step_once_and_keeps_each_phases_last_window(tmp
     assert logged["gen"]["step"] == 4 and logged["critic"]["step"] == 5, logged
 
 
-def test_a_finished_run_run_again_logs_its_final_validation_once(tmp_path, shards):
+def test_a_finished_run_run_again_logs_its_final_validation_once(tmp_path, shards, monkeypatch):
     """A finished run run again validates again at its last step: TensorBoard purged from the step after it, and
-    every final/* scalar and the final image grid had two points at that step. The step is purged, and what else
-    was logged there (the last window, the last validation) written again: each tag's steps as after one run."""
+    every final/* scalar and the final image grid had two points at that step; the step is purged, and what was
+    logged there written again. Every other tracker got the final validation again too (MLflow kept both, wandb
+    dropped it with a warning): the run folder records who got it (trackers.FINAL_LOGGED), and those keep the
+    first one, TensorBoard included; the rest of what was logged stays as after one run."""
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.tracking import GeneralTracker
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from dist_dejpeg.train import monitor as monitor_mod
     from dist_dejpeg.train.trainer import train
+
+    class Recorder(GeneralTracker):  # any other tracker (wandb, MLflow, ...): the tags and steps it was given
+        name, requires_logging_directory, main_process_only = "recorder", False, True
+
+        def __init__(self):
+            super().__init__()
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            pass
+
+        def log(self, values, step=None, **kwargs):
+            recorded.extend((tag, step) for tag in values)
+
+        def log_images(self, values, step=None, **kwargs):
+            recorded.extend((tag, step) for tag in values)
 
     def logged():
         events = EventAccumulator(str(run / "tb"))
@@ -195,23 +218,26 @@ def test_a_finished_run_run_again_logs_its_final_validation_once(tmp_path, shard
         return ({t: [(p.step, p.wall_time) for p in events.Scalars(t)] for t in tags["scalars"]},
                 {t: [p.step for p in events.Images(t)] for t in tags["images"]})
 
+    recorded, objects = [], monitor_mod.tracker_objects
+    monkeypatch.setattr(monitor_mod, "tracker_objects", lambda names, run_dir: [*objects(names, run_dir), Recorder()])
     run = tmp_path / "run"
     over = ("train.order=[gen,critic]", "train.phases.gen.steps=4", "train.phases.critic.steps=1",
             "train.ckpt_every=2", "train.log_every=1", "data.val_max_images=2", "data.val_qualities=[10]")
     train(tiny(run, shards, *over))
     (scalars, images), again = logged(), None
+    first = list(recorded)
+    assert first.count(("final/q10_restored_psnr", 5)) == 1 and ("val/jpeg_restored_clean_final", 5) in first
     for _ in range(2):  # a rerun's final validation, and a rerun's of a rerun
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         train(tiny(run, shards, *over))
+        assert recorded == first, recorded[len(first):]  # (was every final/* tag and the grid again)
         again = logged()
         steps = {t: [s for s, _ in points] for t, points in again[0].items()}
-        assert steps == {t: [s for s, _ in points] for t, points in scalars.items()}
         assert again[1] == images and images["val/jpeg_restored_clean_final"] == [5], again[1]
         assert steps["final/q10_restored_psnr"] == [5] and steps["train/images_per_s"] == [1, 2, 3, 4, 5], steps
-        for tag, points in again[0].items():  # the final validation's from the last session, the rest kept
-            assert (points[0][1] > scalars[tag][0][1]) if tag.startswith("final/") else (points == scalars[tag]), tag
-        scalars = again[0]
+        assert again[0] == scalars  # every tag's points as the first session logged them, the final ones too
+    assert json.loads((run / "final_logged.json").read_text())["trackers"] == ["recorder", "tensorboard"]
 
 
 def _scalars(run, tag: str) -> list[tuple[int, float]]:

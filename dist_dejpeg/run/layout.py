@@ -14,6 +14,7 @@ restore use the same names.
         tb/                       TensorBoard events (events.out.tfevents.*)
         wandb/, mlflow/, dvclive/ the other trackers' files, where train.log_with names them (train/trackers.py)
         trackers.json             their run ids, so a resumed run logs to the same wandb and MLflow runs
+        final_logged.json         the trackers that got the final validation (a rerun logs it to them once)
 """
 
 from __future__ import annotations

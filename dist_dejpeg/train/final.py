@@ -80,10 +80,7 @@ def final_validation(trainer) -> tuple[dict, dict | None]:
     else:
         average_bn_stats(acc, trainer.models())
         results = validate(acc, model, val_set, trainer.metric_lpips, size, cudagraphs=trainer.cudagraphs, also=also)
-    trainer.monitor.validation("final", results, step)
-    grid = also[1].grid()
-    if grid is not None:
-        trainer.monitor.image("val/jpeg_restored_clean_final", grid, step)
+    trainer.monitor.final(results, also[1].grid(), step, trainer.state.val_set)
     return results, also[0].results(acc)
 
 

@@ -48,18 +48,13 @@ from dist_dejpeg.train.checkpoint import TrainingStopped, remove_partial
 from dist_dejpeg.train.run_log import close_run_log, open_run_log, to_run_log
 from dist_dejpeg.train.trackers import (TRACKER_RUNS, check_trackers, continued_runs, set_mlflow_store,  # noqa: F401
                                         tracker_config, tracker_init, tracker_objects)  # (build.py: two from here)
-from dist_dejpeg.train.trackers import tensorboard_events_at
+from dist_dejpeg.train.trackers import FINAL_LOGGED, final_logged, final_tag, tensorboard_events_at
 
 log = logging.getLogger("dist_dejpeg")
 
 
 WRITE_ERRORS = "write_errors"  # progress.json's and metrics.json meta's key: side write -> failures (rank 0)
 CONSOLE_ERRORS = (OSError, ValueError)  # a closed or broken stderr (ValueError: I/O on a closed file)
-
-
-def final_tag(tag: str) -> bool:
-    """A tag of the final validation: its scalars (:meth:`Monitor.validation`), its image grid (Trainer.log_image)."""
-    return tag.startswith("final/") or tag == "val/jpeg_restored_clean_final"
 
 
 class DiskFull(TrainingStopped):
@@ -82,6 +77,7 @@ class Monitor:
         self.bar = None
         self.closed = False
         self.write_errors: dict[str, int] = {}  # side write ("progress", "tracker.<name>", ...) -> failures
+        self.final_done, self.final_at = set(), None  # trackers.final_logged's; (step, val_set) of the final logged
         self.progress: dict = {"status": "running", "reason": "", "phases": self.order,
                                "total_steps": sum(self.steps.values()), "host": socket.gethostname(),
                                "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
@@ -186,23 +182,26 @@ class Monitor:
     def scalars(self, values: dict, step: int) -> None:
         if self.main:
             for tracker in self.acc.trackers:  # as accelerator.log, but one failing tracker stops neither the others
-                with self.side_write(f"tracker.{tracker.name}", (Exception,)):  # nor the run
-                    tracker.log(values, step=step)
+                if not (final_tag(next(iter(values), "")) and tracker.name in self.final_done):  # (had it)
+                    with self.side_write(f"tracker.{tracker.name}", (Exception,)):  # nor the run
+                        tracker.log(values, step=step)
 
     def set_lengths(self, steps: dict[str, int]) -> None:
         """The phases' lengths, where resuming kept a phase's trained steps over a shorter config (resume.py)."""
         self.steps = dict(steps)
         self.progress["total_steps"] = sum(self.steps.values())
 
-    def resumed(self, global_step: int, done: bool = False) -> None:
+    def resumed(self, global_step: int, done: bool = False, val_set: str = "") -> None:
         """A run resumed from the checkpoint at ``global_step``: TensorBoard drops what an earlier session logged
         after it (steps a kill or crash lost; a rollback's abandoned ones), so no curve has two points per step
         or goes back in time. ``done``: every phase is (a finished run validating again, one stopped in its final
         validation): the final validation logs at ``global_step`` again, so TensorBoard drops that step too and
         gets back what else earlier sessions logged there (the last window, the last validation) but the final
-        validation's. wandb cannot (its steps only go forward): said, with the steps it will drop."""
+        validation's, unless it had that (trackers.final_logged; ``val_set``: the fingerprint validated). wandb cannot
+        (its steps only go forward): said, with the steps it will drop."""
         if not self.main:
             return
+        self.final_done = final_logged(self.run_dir, global_step, val_set) if done else set()
         self._restart_tensorboard(global_step if done else global_step + 1, keep_step=done)
         earlier = (read_json(self.run_dir / PROGRESS) or {}).get("global_step")  # (the last session's, until ours)
         if "wandb" in [t.name for t in self.acc.trackers] and isinstance(earlier, int) and earlier > global_step:
@@ -222,7 +221,8 @@ class Monitor:
                 continue
             with self.side_write(f"tracker.{tracker.name}", (Exception,)):
                 tracker.writer.close()
-                kept = tensorboard_events_at(tracker.logging_dir, purge_step, final_tag) if keep_step else []
+                drop = (lambda tag: False) if "tensorboard" in self.final_done else final_tag
+                kept = tensorboard_events_at(tracker.logging_dir, purge_step, drop) if keep_step else []
                 tracker.writer = type(tracker.writer)(tracker.logging_dir, purge_step=purge_step)
                 for event in kept:
                     tracker.writer.file_writer.add_event(event, walltime=event.wall_time)
@@ -233,7 +233,7 @@ class Monitor:
             return
         chw = grid.detach().float().clamp(0, 1).cpu().numpy()
         hwc = (chw.transpose(1, 2, 0) * 255).round().astype(np.uint8)
-        for tracker in self.acc.trackers:
+        for tracker in [t for t in self.acc.trackers if not (final_tag(tag) and t.name in self.final_done)]:
             with self.side_write(f"image.{tracker.name}", (Exception,)):
                 if tracker.name == "tensorboard":
                     tracker.writer.add_image(tag, chw, step)
@@ -314,6 +314,16 @@ class Monitor:
         self.progress["last_val"] = results
         self._write()
 
+    def final(self, results: dict, grid, step: int, val_set: str) -> None:
+        """The final validation (``grid``: its image grid, or None) to the trackers but those an earlier session of the
+        run gave it (resumed); who got it is recorded when they close (flushed: trackers.FINAL_LOGGED)."""
+        if self.final_done and self.main:
+            log.info("final validation: not logged again to %s (an earlier session did)", ", ".join(self.final_done))
+        self.final_at = (step, val_set)
+        self.validation("final", results, step)
+        if grid is not None:
+            self.image("val/jpeg_restored_clean_final", grid, step)
+
     def set_best(self, best: dict) -> None:
         """The stop rule's best validation value so far ({metric, value, step, phase})."""
         self.progress["best"] = best
@@ -353,6 +363,11 @@ class Monitor:
                     tracker.finish()
             if self.mlflow_store:
                 set_mlflow_store(None)
+            if self.final_at is not None and self.main:
+                names = sorted(self.final_done | {t.name for t in self.acc.trackers})
+                with self.side_write("trackers", path=self.run_dir / FINAL_LOGGED):
+                    atomic_write_json(self.run_dir / FINAL_LOGGED, dict(zip(("step", "val_set"), self.final_at),
+                                                                        trackers=names))
 
     def _bar(self, action) -> bool:
         """``action(bar)`` on the console bar; whether there was one. A bar whose stream fails is dropped: plain

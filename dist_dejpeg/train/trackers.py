@@ -12,6 +12,10 @@ in the run folder, and one tracker run per run folder over all its sessions.
   (their steps 1, 2... again would go to the old ones), and TensorBoard drops what earlier sessions logged. Steps
   that an earlier session logged after the checkpoint the run resumed from come again: TensorBoard drops the old
   ones (``Monitor.resumed``), wandb the new ones (its steps only go forward; the resume warns), MLflow keeps both.
+- The final validation: a finished run run again (or one stopped in its final validation) validates again at the
+  same step; the trackers that an earlier session gave it (:data:`FINAL_LOGGED`, written when they closed) keep
+  that one and get none again: MLflow kept both, wandb warned and dropped it, TensorBoard rewrote it. A changed
+  validation set (other numbers) is logged again.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dist_dejpeg.run.layout import TENSORBOARD_EVENTS, list_checkpoints
 from dist_dejpeg.run.net import unreachable
 
 TRACKER_RUNS = "trackers.json"  # <run_dir>/: {"wandb": id, "mlflow": {"run_id", "store"}} of the run's trackers
+FINAL_LOGGED = "final_logged.json"  # <run_dir>/: {"step", "val_set", "trackers"}: who got the final validation
 MLFLOW_PROBE_S = 10  # an MLflow server that does not answer in this long fails the start (check_mlflow_server)
 
 
@@ -108,6 +113,20 @@ def continued_runs(run_dir: Path) -> dict:
     """The tracker runs this session continues: :data:`TRACKER_RUNS`' where the run has a checkpoint to resume,
     else none (a session that starts the run over starts new ones)."""
     return (read_json(run_dir / TRACKER_RUNS) or {}) if list_checkpoints(run_dir) else {}
+
+
+def final_tag(tag: str) -> bool:
+    """A tag of the final validation: its scalars (Monitor.validation), its image grid (Monitor.final)."""
+    return tag.startswith("final/") or tag == "val/jpeg_restored_clean_final"
+
+
+def final_logged(run_dir: Path, step: int, val_set: str) -> set[str]:
+    """The trackers an earlier session of this run gave its final validation at ``step`` of the validation set
+    ``val_set`` (data_checks.val_fingerprint); none where the run starts over (no checkpoint) or either differs."""
+    record = (read_json(run_dir / FINAL_LOGGED) or {}) if list_checkpoints(run_dir) else {}
+    if record.get("step") != step or record.get("val_set") != val_set or not isinstance(record.get("trackers"), list):
+        return set()
+    return {name for name in record["trackers"] if isinstance(name, str)}
 
 
 def set_mlflow_store(uri: str | None) -> None:

@@ -141,8 +141,8 @@ class Trainer:
         if self.state.phase_step and (path / LAST_GENERATOR).is_file():  # a gan phase given more steps (longer_phases)
             log.info("resume: the phase continues from its last step's generator, not from the best one it kept")
             self._put_back(load_file(str(path / LAST_GENERATOR)))
-        order, i = self.cfg.train.order, self.state.phase_index  # TensorBoard forgets the steps logged after the
-        self.monitor.resumed(self.state.global_step, done=i >= len(order))  # checkpoint (its step too: every one done)
+        order, i, st = self.cfg.train.order, self.state.phase_index, self.state  # TensorBoard forgets the steps
+        self.monitor.resumed(st.global_step, i >= len(order), st.val_set)  # after the checkpoint (all done: its step)
         where = f"phase {i + 1} ({order[i]}) step {self.state.phase_step}" if i < len(order) else "every phase done"
         log.info("resumed from %s: %s", path, where)
 
