@@ -60,7 +60,8 @@ HALF_WIDTHS = (0.5, 0.35, 0.2)
 # at most ROUNDS times. One round (the projection onto the cells, then clipped) was the first version: where the
 # decoder clipped (saturated graphics, highlights) clipping takes the image out of its cells again, and more rounds
 # gained up to +3.4 dB there (horse q90, 8 rounds), +0.006 dB on photos (benchmarks/RESULTS.md, "Alternating"). Only
-# the block rows still clipped go round again: a photo's few, most of a saturated graphic's (12 MP: ~5 s of a core).
+# the MCUs still clipped go round again (each on its own: an MCU's projection needs no other; a photo's few, most of
+# a saturated graphic's; whole block rows went round before: a 12 MP photo's q30 ~4.8 images' worth).
 ROUNDS = 8  # (16 gained +0.09 dB more on graphics, at twice the time: a round of a 12 MP image is ~0.7 s of a core)
 CLIP_TOLERANCE = 0.5
 _STRIPE_BLOCKS = 8  # block rows (of the tallest-sampled plane) per stripe of conform: its float copies
@@ -95,6 +96,11 @@ class JpegCells:
     def block_rows(self) -> int:
         """Full-resolution rows in one block row of every plane (8 x the tallest sampling: 16 at 4:2:0)."""
         return 8 * max(p.factor[0] for p in self.planes)
+
+    @property
+    def block_cols(self) -> int:
+        """Full-resolution columns in one MCU: 8 x the widest sampling (16 at 4:2:0 and 4:2:2)."""
+        return 8 * max(p.factor[1] for p in self.planes)
 
     def check_size(self, height: int, width: int) -> None:
         """A NotConsistent error where an image of ``height`` x ``width`` (as the file stores it) is not the file's
@@ -188,7 +194,7 @@ def conform(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_width:
             rounds: int | None = None) -> np.ndarray:
     """``rgb`` (H x W x 3 uint8, the image as displayed: EXIF ``orientation`` applied) with every DCT coefficient
     that lies outside its quantization cell moved to the cell's edge, then clipped to 0..255, the two alternated
-    while a block row needs clipping (``rounds`` at most, None: ROUNDS), as a new array; a grayscale JPEG's one plane
+    on each MCU while it needs clipping (``rounds`` at most, None: ROUNDS), as a new array; a grayscale JPEG's one plane
     is the mean of the channels (what restore writes for it), the three channels equal after. ``half_width``: the
     cells' half-width in quantization steps (0.5: the file's own; less: narrower, about the stored values). A block
     the image's edge cuts is projected as the encoder padded it (its edge pixels repeated), the padding's change
@@ -202,21 +208,15 @@ def conform(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_width:
     for y0 in range(0, stored.shape[0], mcu * _STRIPE_BLOCKS):  # a stripe at a time: small float copies (memory)
         part = stored[y0:y0 + mcu * _STRIPE_BLOCKS].astype(np.float32)
         part = part.mean(axis=2) if gray else part
-        spans = [(0, len(part))]  # the rows a round projects: all, then the block rows that still needed clipping
-        for _ in range(ROUNDS if rounds is None else rounds):  # (a block row's alternation needs no other's)
-            again = []
-            for a, b in spans:
-                inside = _conform_pixels(part[a:b], cells, y0 + a, half_width)
-                part[a:b] = np.clip(inside, 0, 255)
-                clipped = np.abs(inside - part[a:b]).reshape(b - a, -1).max(axis=1) > CLIP_TOLERANCE
-                for m in range(a, b, mcu):
-                    if not clipped[m - a:m - a + mcu].any():
-                        continue
-                    if again and again[-1][1] == m:  # (adjacent block rows: one span)
-                        again[-1] = (again[-1][0], min(m + mcu, b))
-                    else:
-                        again.append((m, min(m + mcu, b)))
-            if not (spans := again):
+        todo = None  # the MCUs a round projects: all, then those that still needed clipping
+        for _ in range(ROUNDS if rounds is None else rounds):  # (an MCU's alternation needs no other's)
+            if todo is None:
+                inside = _conform_pixels(part, cells, y0, half_width)
+                part[:] = np.clip(inside, 0, 255)
+                todo = _mcus_over(np.abs(inside - part), cells)
+            else:
+                todo = _round_of_mcus(part, cells, y0, half_width, todo)
+            if not todo.any():
                 break
         out[y0:y0 + len(part)] = _to_uint8(part)[..., None] if gray else _to_uint8(part)
     return np.asarray(Image.fromarray(out).transpose(_ORIENT[orientation])) if orientation in _ORIENT else out
@@ -251,6 +251,64 @@ def _conform_pixels(part: np.ndarray, cells: JpegCells, y0: int, half_width: flo
     for c, plane in enumerate(cells.planes):
         ycc[..., c] = _conform_rows(ycc[..., c], plane, y0, 128.0 if c == 0 else 0.0, half_width)
     return ycc @ _TO_RGB.T
+
+
+def _mcus_over(moved: np.ndarray, cells: JpegCells) -> np.ndarray:
+    """Which MCUs (blocks down x across; the edge's cut ones too) of rows ``moved`` (how far the clip moved each
+    pixel: h x w (x 3)) were clipped by more than CLIP_TOLERANCE."""
+    mh, mw = cells.block_rows, cells.block_cols
+    moved = moved.max(axis=2) if moved.ndim == 3 else moved
+    h, w = moved.shape
+    moved = np.pad(moved, ((0, -h % mh), (0, -w % mw)))
+    return moved.reshape(-(-h // mh), mh, -(-w // mw), mw).max(axis=(1, 3)) > CLIP_TOLERANCE
+
+
+def _round_of_mcus(part: np.ndarray, cells: JpegCells, y0: int, half_width: float, todo: np.ndarray) -> np.ndarray:
+    """One more round of the alternation on the MCUs of rows ``y0``.. (``part``, in place) that ``todo`` marks; which
+    of them still clip. An MCU holds whole blocks of every plane and its chroma samples average its own pixels only
+    (the encoder's box; the decoder's fancy upsampling is no part of the cells), so its projection needs no other
+    MCU: whole ones go as one row of MCUs side by side with their coefficients, those the edge cuts (padded as the
+    encoder padded them) as runs in place."""
+    mh, mw = cells.block_rows, cells.block_cols
+    h, w = part.shape[:2]
+    rf, cf = h // mh, w // mw  # the MCUs the edge does not cut
+    again = np.zeros_like(todo)
+    rs, cs = np.nonzero(todo[:rf, :cf])
+    if len(rs):
+        grid = part[:rf * mh, :cf * mw].reshape((rf, mh, cf, mw) + part.shape[2:])  # (a view: splits axes only)
+        tiles = grid[rs, :, cs]  # N x mh x mw (x 3)
+        row = np.moveaxis(tiles, 0, 1).reshape((mh, len(rs) * mw) + part.shape[2:])
+        planes = []
+        for plane in cells.planes:
+            (fy, fx), (by, bx) = plane.factor, (mh // (8 * plane.factor[0]), mw // (8 * plane.factor[1]))
+            r0 = y0 // (8 * fy)
+            coef = plane.coefficients[r0:r0 + rf * by, :cf * bx].reshape(rf, by, cf, bx, 8, 8)[rs, :, cs]
+            planes.append(Plane(np.moveaxis(coef, 0, 1).reshape(by, len(rs) * bx, 8, 8), plane.table, (fy, fx)))
+        inside = _conform_pixels(row, JpegCells(mh, len(rs) * mw, tuple(planes)), 0, half_width)
+        clipped = np.clip(inside, 0, 255)
+        grid[rs, :, cs] = np.moveaxis(clipped.reshape((mh, len(rs), mw) + part.shape[2:]), 1, 0)
+        again[rs, cs] = _mcus_over(np.abs(inside - clipped), JpegCells(mh, len(rs) * mw, tuple(planes)))[0]
+    cut = todo.copy()
+    cut[:rf, :cf] = False
+    for r, c0, c1 in _runs(cut):  # the edge's MCUs: the blocks from c0 (to the plane's end at the right edge)
+        a, b, x0, x1 = r * mh, min(h, (r + 1) * mh), c0 * mw, min(w, c1 * mw)
+        planes = tuple(Plane(p.coefficients[:, c0 * mw // (8 * p.factor[1]):None if x1 == w else c1 * mw // (
+            8 * p.factor[1])], p.table, p.factor) for p in cells.planes)
+        inside = _conform_pixels(part[a:b, x0:x1], JpegCells(b - a, x1 - x0, planes), y0 + a, half_width)
+        part[a:b, x0:x1] = np.clip(inside, 0, 255)
+        again[r, c0:c1] = _mcus_over(np.abs(inside - part[a:b, x0:x1]), cells)[0]
+    return again
+
+
+def _runs(marked: np.ndarray) -> list[tuple[int, int, int]]:
+    """The runs of adjacent marked MCUs along each row of ``marked``: (row, first, past the last)."""
+    runs: list[tuple[int, int, int]] = []
+    for r, c in zip(*np.nonzero(marked)):
+        if runs and runs[-1][0] == r and runs[-1][2] == c:
+            runs[-1] = (r, runs[-1][1], c + 1)
+        else:
+            runs.append((int(r), int(c), int(c) + 1))
+    return runs
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:

@@ -81,25 +81,27 @@ def conform_image(rgb: np.ndarray, cells: JpegCells, orientation: int = 1, half_
 def _conform_rows(rgb: torch.Tensor, cells: Sequence[JpegCells], y0: int, half_width: float) -> torch.Tensor:
     """Rows ``y0``.. (whole block rows of every plane, but at the image's bottom) of N float images conformed
     to their cells, rounded to uint8: the projections onto the cells and onto [0, 255] alternated as numpy's
-    conform alternates them (jpeg.consistency.ROUNDS), a block row at most until it needs no clipping."""
+    conform alternates them (jpeg.consistency.ROUNDS), an MCU at most until it needs no clipping (each round
+    projects all rows of the images with such an MCU and keeps only such MCUs' results)."""
     gray = len(cells[0].planes) == 1
     part = (rgb.mean(dim=1) if gray else rgb).clone()  # N x h x w (a grayscale file's one plane) or N x 3 x h x w
-    n, h = part.shape[0], part.shape[-2]
-    mcu = cells[0].block_rows
+    n, h, w = part.shape[0], part.shape[-2], part.shape[-1]
+    mh, mw = cells[0].block_rows, cells[0].block_cols
     bounds = [_bounds(cells, c, y0, h, half_width, part.device) for c in range(len(cells[0].planes))]  # once
-    active = torch.ones(n, -(-h // mcu), dtype=torch.bool, device=part.device)  # the block rows still clipped
+    active = torch.ones(n, -(-h // mh), -(-w // mw), dtype=torch.bool, device=part.device)  # the MCUs still clipped
     for _ in range(host.ROUNDS):
-        todo = active.any(dim=1).nonzero().flatten()  # the images with such a row (a sync: fine out of a graph)
-        if not len(todo):
+        todo = active.flatten(1).any(dim=1).nonzero().flatten()  # the images with such an MCU (a sync: fine out
+        if not len(todo):  # of a graph)
             break
         todo = slice(None) if len(todo) == n else todo  # (all of them: views, not copies)
         inside = _project(part[todo], [(lo[todo], hi[todo], f, b) for lo, hi, f, b in bounds])
         clipped = inside.clamp(0, 255)
-        over = (inside - clipped).abs().amax(dim=-1)  # n (x 3) x h: each row's largest clip
+        over = (inside - clipped).abs()  # n (x 3) x h x w: each pixel's clip
         over = over if gray else over.amax(dim=1)
-        over = F.pad(over, (0, active.shape[1] * mcu - h)).reshape(inside.shape[0], -1, mcu).amax(dim=-1)
-        rows = active[todo].repeat_interleave(mcu, dim=1)[:, :h]
-        part[todo] = torch.where(rows[:, :, None] if gray else rows[:, None, :, None], clipped, part[todo])
+        over = F.pad(over, (0, active.shape[2] * mw - w, 0, active.shape[1] * mh - h))
+        over = over.reshape(inside.shape[0], active.shape[1], mh, active.shape[2], mw).amax(dim=(2, 4))
+        pixels = active[todo].repeat_interleave(mh, dim=1).repeat_interleave(mw, dim=2)[:, :h, :w]
+        part[todo] = torch.where(pixels if gray else pixels[:, None], clipped, part[todo])
         active[todo] &= over > host.CLIP_TOLERANCE
     out = part.round().clamp(0, 255).to(torch.uint8)
     return out[:, None].expand(-1, 3, -1, -1).contiguous() if gray else out
