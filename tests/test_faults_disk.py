@@ -403,3 +403,112 @@ def test_export_and_compare_say_a_full_disk_in_one_line(tmp_path, monkeypatch, c
     monkeypatch.setattr(files_mod, "atomic_write_bytes", full)
     assert cli_main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "c.md")]) == 3
     assert "error: disk full writing" in capsys.readouterr().err
+
+
+# -- a spell of full disk or quota: the side writes come back --------------------------------------------------
+def test_a_tensorboard_writer_that_failed_is_replaced_once_space_is_back(tmp_path, shards, monkeypatch, caplog,
+                                                                        capsys):
+    """TensorBoard's writer thread dies on its first ENOSPC and its writer raises that error on every later call:
+    one quota spike lost the rest of the run's curves. Now the writer is replaced TB_RETRY_CALLS log calls later,
+    the warning names the TensorBoard folder (not the run folder), and the thread prints no traceback."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from dist_dejpeg.train.trackers import TB_RETRY_CALLS
+
+    run = tmp_path / "run"
+    acc, cfg = build_accelerator(tiny(run, shards, "train.order=[gen]", "train.log_with=[tensorboard]"))
+    run.mkdir()
+    monitor = Monitor(acc, cfg, run, {})
+    tb = next(t for t in acc.trackers if t.name == "tensorboard")
+    real_write, full = RecordWriter.write, [True]
+
+    def write(self, data):
+        if full[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # (as the real one: no file named)
+        return real_write(self, data)
+
+    def window(step: int) -> None:
+        monitor.window("gen", {"train/gen/l1": 1.0 / step, "train/lr": 1e-3}, step, step, 0.1)
+
+    caplog.set_level(logging.INFO, logger="dist_dejpeg")
+    monkeypatch.setattr(RecordWriter, "write", write)
+    tb.writer.add_scalar("probe", 0.0, 0)
+    with pytest.raises(OSError):
+        tb.writer.flush()  # (waits for the thread to take the event and die on it)
+    tb.writer.file_writer.event_writer._async_writer._worker.join(10)  # (its excepthook has run)
+    full[0] = False  # space is back: the writer still raises, at every call
+    last = TB_RETRY_CALLS + 3
+    for step in range(1, last + 1):
+        window(step)
+    monitor.finish("finished", "", last)
+    monitor.close()
+    assert "Exception in thread" not in capsys.readouterr().err
+    assert monitor.write_errors == {"tracker.tensorboard": TB_RETRY_CALLS}  # windows 1..10: the dead writer
+    written = []
+    for events in sorted(Path(tb.logging_dir).glob("events.out.tfevents.*")):
+        acc_ = EventAccumulator(str(events))
+        acc_.Reload()
+        written += [e.step for e in acc_.Scalars("train/gen/l1")] if "train/gen/l1" in acc_.Tags()["scalars"] else []
+    assert written == list(range(TB_RETRY_CALLS + 1, last + 1)), written  # the new writer's
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(w.startswith(f"disk full: {tb.logging_dir}, ") for w in warnings), warnings
+    assert any("TensorBoard: a new writer in" in r.getMessage() for r in caplog.records)
+    assert json.loads((run / "progress.json").read_text())["write_errors"] == monitor.write_errors
+
+
+def test_a_quota_is_said_as_a_quota_without_a_free_space_figure(tmp_path, shards, caplog):
+    """EDQUOT (a user's or project's quota, the filesystem far from full) read "disk full: ..., 54.0 GiB free"."""
+    from dist_dejpeg.run import verdict as run_verdict
+    from dist_dejpeg.run.files import disk_full_text
+
+    run = tmp_path / "run"
+    acc, cfg = build_accelerator(tiny(run, shards, "train.order=[gen]", "train.log_with=[]"))
+    run.mkdir()
+    monitor = Monitor(acc, cfg, run, {})
+    quota = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(run / "progress.json"))
+    caplog.set_level(logging.INFO, logger="dist_dejpeg")
+    with monitor.side_write("progress", path=run / "progress.json"):
+        raise quota
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][0]
+    assert warning.startswith(f"quota exceeded (EDQUOT) on {run}; check `quota -s` / `lfs quota`"), warning
+    assert " free" not in warning.split(";")[0]
+    partial = run / "checkpoints" / ".tmp-step-00000040"
+    partial.mkdir(parents=True)
+    stop = monitor.disk_full_error(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(partial / "manifest.json")))
+    assert isinstance(stop, DiskFull) and not partial.exists()
+    assert str(stop).startswith(f"quota exceeded (EDQUOT) on {partial}; check `quota -s` / `lfs quota`; free "
+                                f"space within the quota and rerun the same command"), stop
+    progress = json.loads((run / "progress.json").read_text())
+    state, why = run_verdict.verdict(has_config=True, progress=progress, progress_age_s=1.0, lock_held=False,
+                                     finished_files=False, has_checkpoints=False)
+    assert state == "stopped" and why.startswith("the quota ran out (quota exceeded (EDQUOT) on"), why
+    assert disk_full_text(enospc(tmp_path), tmp_path).startswith(f"disk full: {tmp_path}, ")  # (as before)
+    monitor.close()
+
+
+def test_train_log_is_tried_again_and_its_lost_lines_counted(tmp_path, shards, capsys):
+    """A train.log that failed once stayed off for the rest of the run; now every RETRY_LINES-th line opens it
+    again, and the lines it missed are counted in progress.json's write_errors."""
+    from dist_dejpeg.train.run_log import RETRY_LINES, to_run_log
+
+    run = tmp_path / "run"
+    acc, cfg = build_accelerator(tiny(run, shards, "train.order=[gen]", "train.log_with=[]"))
+    run.mkdir()
+    monitor = Monitor(acc, cfg, run, {})
+    to_run_log(monitor.run_log, "line before")
+    monitor.run_log.close()
+    (run / "train.log").rename(run / "kept.log")
+    (run / "train.log").mkdir()  # cannot be opened for writing
+    for i in range(5):
+        to_run_log(monitor.run_log, f"line {i}")
+    (run / "train.log").rmdir()  # writable again
+    for i in range(5, RETRY_LINES + 2):
+        to_run_log(monitor.run_log, f"line {i}")
+    monitor.finish("finished", "", 1)
+    monitor.close()
+    written = (run / "train.log").read_text()
+    assert f"line {RETRY_LINES - 1}" in written and f"line {RETRY_LINES - 2}" not in written, written
+    err = capsys.readouterr().err
+    assert err.count("warning: cannot write") == 1 and f"{RETRY_LINES - 1} lines before this one are missing" in err
+    assert json.loads((run / "progress.json").read_text())["write_errors"] == {"train.log": RETRY_LINES - 1}

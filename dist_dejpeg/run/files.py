@@ -18,6 +18,7 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # or "file write failed" (the one common cause of a short write to a local file is a full disk or quota)
 DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122", "unexpected pos",
                   "file write failed")
+QUOTA_TEXT = ("disk quota exceeded", "os error 122")  # (of DISK_FULL_TEXT: a quota's)
 
 
 # The hidden temp file a write goes through, beside its target: ".NAME.tmpPID". A process killed mid-write leaves
@@ -147,6 +148,30 @@ def is_disk_full(err: BaseException) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+def is_quota(err: BaseException) -> bool:
+    """Whether the full disk :func:`is_disk_full` sees in ``err`` is a user's or project's quota (EDQUOT), which
+    a filesystem far from full can hit: its free space says nothing there."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.EDQUOT:
+            return True
+        if not isinstance(err, OSError) and any(t in str(err).lower() for t in QUOTA_TEXT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def disk_full_text(err: BaseException, where: str | Path, free: int | None = None) -> str:
+    """What a write that ran out of room says: ``disk full: <where>, <free> free`` (``free``: measured before,
+    else now), or for a quota ``quota exceeded (EDQUOT) on <folder>; check `quota -s` / `lfs quota``` (no free
+    space figure: the filesystem's would mislead)."""
+    if is_quota(err):
+        folder = Path(where) if Path(where).is_dir() else Path(where).parent
+        return f"quota exceeded (EDQUOT) on {folder}; check `quota -s` / `lfs quota`"
+    return f"disk full: {where}, {size_text(free_bytes(where) if free is None else free)} free"
 
 
 def free_bytes(path: str | Path) -> int | None:

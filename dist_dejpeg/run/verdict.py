@@ -90,6 +90,8 @@ def verdict(*, has_config: bool, progress: dict | None, progress_age_s: float | 
         return "finished", f"{METRICS} and {GENERATOR} are written"
     if pstatus == "stopped" and str((progress or {}).get("reason") or "").startswith("disk full"):
         return "stopped", f"the disk filled ({reason}); free space, then continue it as its message says"
+    if pstatus == "stopped" and str((progress or {}).get("reason") or "").startswith("quota exceeded"):
+        return "stopped", f"the quota ran out ({reason}); free space within it, then continue it as its message says"
     if pstatus == "stopped":
         return "stopped", f"a non-finite loss stopped it ({reason}); a checkpoint is kept, --resume continues"
     if pstatus == "preempted":

@@ -17,19 +17,13 @@
 - ``progress.json`` (atomic rewrite at every log window, validation, phase boundary and at the end): where the
   run stands, for ``dist-dejpeg status`` and scripts; see :data:`PROGRESS_KEYS`.
 
-Side writes never end a run: a failure of ``progress.json``, a tracker's ``log`` or ``finish``, an image grid or
-the console bar (an OSError; for trackers any exception: wandb, mlflow and TensorBoard's writer thread raise
-their own) is logged once per kind with its reason, then only counted (:attr:`Monitor.write_errors`, in
-``progress.json`` and ``metrics.json``'s meta as ``write_errors``), and the run goes on. A full disk there is
-said as such; the writes that hold the run's state (checkpoints, ``config.yaml``, ``metrics.json``, the
-generator file) are not side writes: when one finds the disk full the run stops with :class:`DiskFull` (exit 3),
-a message naming the path, the free space and the newest complete checkpoint, and no half-written checkpoint
-folder (:meth:`Monitor.disk_full_error`), instead of torch's "unexpected pos".
+Side writes (progress.json, the trackers, the console, train.log) never end a run: train/side_writes.py.
+A write that holds the run's state and finds the disk full (or the quota used up) stops it with
+:class:`DiskFull` (exit 3; :meth:`Monitor.disk_full_error`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -39,21 +33,22 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_dejpeg.run.files import (atomic_write_json, atomic_write_text, free_bytes, is_disk_full, read_json,
-                                   size_text)
-from dist_dejpeg.run.layout import (CONFIG, METRICS, PROGRESS, PROGRESS_KEYS, TENSORBOARD_EVENTS, MetricsMeta,
-                                    latest_checkpoint, list_checkpoints, partial_checkpoints)
+from dist_dejpeg.run.files import (atomic_write_json, atomic_write_text, disk_full_text, is_disk_full, is_quota,
+                                   read_json)
+from dist_dejpeg.run.layout import (CONFIG, METRICS, PROGRESS, PROGRESS_KEYS, TENSORBOARD_EVENTS, WRITE_ERRORS,
+                                    MetricsMeta, latest_checkpoint, list_checkpoints, partial_checkpoints)
 from dist_dejpeg.run.text import duration
 from dist_dejpeg.train.checkpoint import TrainingStopped, remove_partial
 from dist_dejpeg.train.run_log import close_run_log, open_run_log, to_run_log
 from dist_dejpeg.train.trackers import (TRACKER_RUNS, check_trackers, continued_runs, set_mlflow_store,  # noqa: F401
                                         tracker_config, tracker_init, tracker_objects)  # (build.py: two from here)
-from dist_dejpeg.train.trackers import FINAL_LOGGED, final_logged, final_tag, tensorboard_events_at
+from dist_dejpeg.train.side_writes import SideWrites
+from dist_dejpeg.train.trackers import (FINAL_LOGGED, final_logged, final_tag, quiet_tensorboard_threads,
+                                        tensorboard_events_at)
 
 log = logging.getLogger("dist_dejpeg")
 
 
-WRITE_ERRORS = "write_errors"  # progress.json's and metrics.json meta's key: side write -> failures (rank 0)
 CONSOLE_ERRORS = (OSError, ValueError)  # a closed or broken stderr (ValueError: I/O on a closed file)
 
 
@@ -65,7 +60,7 @@ class DiskFull(TrainingStopped):
         self.path = path
 
 
-class Monitor:
+class Monitor(SideWrites):
     """One per Trainer. Every method may be called on every rank; only rank 0 writes or prints."""
 
     def __init__(self, accelerator, cfg, run_dir: Path, config_dict: dict):
@@ -78,6 +73,7 @@ class Monitor:
         self.closed = False
         self.write_errors: dict[str, int] = {}  # side write ("progress", "tracker.<name>", ...) -> failures
         self.final_done, self.final_at = set(), None  # trackers.final_logged's; (step, val_set) of the final logged
+        self.tb_retry: int | None = None  # log calls left before a failed TensorBoard writer is replaced
         self.progress: dict = {"status": "running", "reason": "", "phases": self.order,
                                "total_steps": sum(self.steps.values()), "host": socket.gethostname(),
                                "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
@@ -85,6 +81,8 @@ class Monitor:
                                "images_per_s": None, "data_wait_frac": None, "lr": None, "eta_phase_s": None,
                                "eta_run_s": None, WRITE_ERRORS: {}}
         self.run_log = open_run_log(self.run_dir) if self.main else None  # <run_dir>/train.log (train/run_log.py)
+        # (TensorBoard's writer thread prints a traceback when a write fails: side_write says it instead)
+        self.loud_threads = quiet_tensorboard_threads() if self.main and "tensorboard" in cfg.train.log_with else None
         init, self.mlflow_store = tracker_init(list(cfg.train.log_with), self.run_dir)
         try:
             if self.mlflow_store:
@@ -102,6 +100,8 @@ class Monitor:
             if self.mlflow_store:
                 set_mlflow_store(None)
             close_run_log(self.run_log)
+            if self.loud_threads:
+                self.loud_threads()
             again = (f"; it continues the runs named in {self.run_dir / TRACKER_RUNS}: delete that file to start "
                      f"new ones" if continued_runs(self.run_dir) else "")
             raise ConfigError(f"config key 'train.log_with': a tracker of {cfg.train.log_with} could not start "
@@ -112,27 +112,6 @@ class Monitor:
         if runs and runs != read_json(self.run_dir / TRACKER_RUNS):
             with self.side_write("trackers", path=self.run_dir / TRACKER_RUNS):
                 atomic_write_json(self.run_dir / TRACKER_RUNS, runs)
-
-    # -- side writes ---------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def side_write(self, kind: str, catch: tuple = (OSError,), path: Path | None = None):
-        """A block whose ``catch`` errors are logged (the first of each ``kind``) and counted, not raised."""
-        try:
-            yield
-        except catch as err:
-            self.write_errors[kind] = self.write_errors.get(kind, 0) + 1
-            self.progress[WRITE_ERRORS] = dict(self.write_errors)
-            if self.write_errors[kind] > 1:
-                return
-            later = f"later {kind} failures are counted in {PROGRESS} and {METRICS} ({WRITE_ERRORS}), not logged"
-            if is_disk_full(err):
-                where = getattr(err, "filename", None) or path or self.run_dir
-                log.warning("disk full: %s, %s free: a %s write failed; training goes on without it, but a checkpoint "
-                            "that finds the disk still full stops the run (the newest complete one is kept); %s",
-                            where, size_text(free_bytes(where)), kind, later)
-            else:
-                log.warning("a %s write failed (%s: %s); training goes on without it; %s", kind, type(err).__name__,
-                            str(err)[:300], later)
 
     def write_config(self, config_yaml: str) -> None:
         """``config.yaml`` (main process): the run's state, so a full disk here stops the run (not a side write)."""
@@ -145,6 +124,7 @@ class Monitor:
         got there; ``state``: the TrainerState) and the side-write failure counts. Not a side write: it raises."""
         if not self.main:
             return
+        self._log_errors()
         m, lo, t = self.cfg.model, self.cfg.loss, self.cfg.train
         meta = MetricsMeta(
             lpips=lpips, encoder=f"{m.encoder} ({'ImageNet' if m.pretrained else 'random init'})",
@@ -166,12 +146,12 @@ class Monitor:
             return err
         partial = partial_checkpoints(self.run_dir)
         where = Path(getattr(err, "filename", None) or (partial[-1] if partial else self.run_dir))
-        free = free_bytes(where)  # before the partial folder is removed: the space there was when it failed
+        full = disk_full_text(err, where)  # before the partial folder is removed: the space there when it failed
         if self.main:
             remove_partial(self.run_dir)  # the lock is still held (fit releases it after this)
         last = latest_checkpoint(self.run_dir)
         rerun = "rerun the same command" if self.cfg.train.auto_resume else "rerun it with --resume"
-        message = (f"disk full: {where}, {size_text(free)} free; free space and {rerun} "
+        message = (f"{full}; free space{' within the quota' if is_quota(err) else ''} and {rerun} "
                    + (f"(the last complete checkpoint is {last})" if last else "(there is no checkpoint yet)"))
         self.finish("stopped", message)
         stop = DiskFull(message, where)
@@ -183,7 +163,7 @@ class Monitor:
         if self.main:
             for tracker in self.acc.trackers:  # as accelerator.log, but one failing tracker stops neither the others
                 if not (final_tag(next(iter(values), "")) and tracker.name in self.final_done):  # (had it)
-                    with self.side_write(f"tracker.{tracker.name}", (Exception,)):  # nor the run
+                    with self._tracker_write("tracker", tracker):  # nor the run
                         tracker.log(values, step=step)
 
     def set_lengths(self, steps: dict[str, int]) -> None:
@@ -234,7 +214,7 @@ class Monitor:
         chw = grid.detach().float().clamp(0, 1).cpu().numpy()
         hwc = (chw.transpose(1, 2, 0) * 255).round().astype(np.uint8)
         for tracker in [t for t in self.acc.trackers if not (final_tag(tag) and t.name in self.final_done)]:
-            with self.side_write(f"image.{tracker.name}", (Exception,)):
+            with self._tracker_write("image", tracker):
                 if tracker.name == "tensorboard":
                     tracker.writer.add_image(tag, chw, step)
                 elif tracker.name == "mlflow":
@@ -265,6 +245,7 @@ class Monitor:
 
     def window(self, name: str, scalars: dict, phase_step: int, global_step: int, seconds_per_step: float) -> None:
         """One logged window: trackers, then the bar's postfix or a plain line, then progress.json."""
+        self._retry_tensorboard()
         self.scalars(scalars, global_step)
         if not self.main:
             return
@@ -300,6 +281,7 @@ class Monitor:
         """Per-quality results {q10: {jpeg: {...}, restored: {...}}}: trackers, one line per quality. The final
         validation has its own tags (``final/q10_restored_psnr``): it shares its step with the gan phase's last
         validation, and measures the kept best generator, not always the weights that one measured."""
+        self._retry_tensorboard()
         for q, groups in results.items():
             for group, values in groups.items():
                 name = f"final/{q}_{group}" if tag == "final" else f"val_{q}/{group}"
@@ -339,6 +321,7 @@ class Monitor:
         ``reason`` goes into train.log alone: the command it ends prints it (cli._stopped, once per node), so a
         terminal reads it once, not logged and printed."""
         self._close_bar()
+        self._log_errors()
         if status in ("stopped", "preempted") and not self.closed:
             to_run_log(self.run_log, reason, level=logging.ERROR if status == "stopped" else logging.INFO)
         if self.write_errors and self.main:
@@ -361,6 +344,8 @@ class Monitor:
             for tracker in self.acc.trackers:
                 with self.side_write(f"tracker.{tracker.name}", (Exception,)):  # e.g. TensorBoard's last flush
                     tracker.finish()
+            if self.loud_threads:
+                self.loud_threads()
             if self.mlflow_store:
                 set_mlflow_store(None)
             if self.final_at is not None and self.main:
@@ -394,6 +379,7 @@ class Monitor:
     def _write(self) -> None:
         if not self.main or not self.run_dir.is_dir():
             return
+        self._log_errors()
         self.progress["time"] = time.time()
         data = {k: self.progress.get(k) for k in PROGRESS_KEYS}
         with self.side_write("progress", path=self.run_dir / PROGRESS):

@@ -16,12 +16,17 @@ in the run folder, and one tracker run per run folder over all its sessions.
   same step; the trackers that an earlier session gave it (:data:`FINAL_LOGGED`, written when they closed) keep
   that one and get none again: MLflow kept both, wandb warned and dropped it, TensorBoard rewrote it. A changed
   validation set (other numbers) is logged again.
+- Failures: a TensorBoard writer whose thread died on a write (a full disk, a quota) fails every later call; the
+  Monitor gets a new one (:func:`reopen_tensorboard`) every ``TB_RETRY_CALLS`` log calls until one works.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -32,6 +37,7 @@ from dist_dejpeg.run.net import unreachable
 
 TRACKER_RUNS = "trackers.json"  # <run_dir>/: {"wandb": id, "mlflow": {"run_id", "store"}} of the run's trackers
 FINAL_LOGGED = "final_logged.json"  # <run_dir>/: {"step", "val_set", "trackers"}: who got the final validation
+TB_RETRY_CALLS = 10  # a failed TensorBoard writer is replaced at the 10th log call (window, validation) after
 MLFLOW_PROBE_S = 10  # an MLflow server that does not answer in this long fails the start (check_mlflow_server)
 
 
@@ -165,3 +171,31 @@ def tensorboard_events_at(logging_dir: str | Path, step: int, drop) -> list:
                     event.summary.value.extend(values)
                     kept.append(event)
     return kept
+
+
+def reopen_tensorboard(tracker) -> None:
+    """A new writer (a new event file in the same folder) for a TensorBoard ``tracker`` whose writer failed: once
+    its writer thread died (a full disk, a quota), the writer raises that error on every later call, although the
+    space may be back. The old one is closed as far as it can be (a dead one cannot flush)."""
+    for file_writer in (getattr(tracker.writer, "all_writers", None) or {}).values():
+        with contextlib.suppress(Exception):
+            file_writer.close()
+    tracker.writer = type(tracker.writer)(tracker.logging_dir)
+
+
+def quiet_tensorboard_threads() -> Callable[[], None]:
+    """Leave out the traceback (~40 lines) that TensorBoard's writer thread prints when a write fails: the writer
+    raises the same error on the next log call, said there once (Monitor.side_write). Returns the undo."""
+    previous = threading.excepthook
+
+    def hook(args):
+        thread = type(args.thread)
+        if not (thread.__name__ == "_AsyncWriterThread" and thread.__module__.startswith("tensorboard")):
+            previous(args)
+
+    threading.excepthook = hook
+
+    def undo() -> None:
+        if threading.excepthook is hook:
+            threading.excepthook = previous
+    return undo
