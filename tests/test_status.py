@@ -654,3 +654,23 @@ def test_a_real_runs_final_validation_and_files_are_told_apart(tmp_path, shards,
         assert f"all phases done, {stage}, global step 2/2" in format_status(s) and s["eta"] is None
     s = st.run_status(run)
     assert (s["state"], s["position"]["stage"]) == ("finished", "finished")
+
+
+def test_side_writes_that_failed_are_a_warning(tmp_path, no_flock, capsys):
+    """progress.json's write_errors (TensorBoard, image grids, train.log that a full disk or quota cut) were in the
+    file and nowhere in `status`: the operator learnt of lost curves only from the run's own log."""
+    run = fake_run(tmp_path / "run", [])
+    progress = {"time": time.time(), "status": "running", "phase": "critic", "phase_index": 1,
+                "phases": ["gen", "critic", "gan"], "phase_step": 0, "phase_steps": 10, "global_step": 30,
+                "total_steps": 80, "write_errors": {"tracker.tensorboard": 314, "image.tensorboard": 14}}
+    (run / "progress.json").write_text(json.dumps(progress))
+    s = st.run_status(run)
+    assert s["progress"]["write_errors"] == {"tracker.tensorboard": 314, "image.tensorboard": 14}
+    warning = [w for w in s["warnings"] if w.startswith("side writes failed")]
+    assert warning and "tracker.tensorboard 314, image.tensorboard 14; write_errors in progress.json" in warning[0]
+    assert f"warning    {warning[0]}" in format_status(s)
+    assert main(["status", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["progress"]["write_errors"]["tracker.tensorboard"] == 314
+    progress["write_errors"] = {}
+    (run / "progress.json").write_text(json.dumps(progress))
+    assert not [w for w in st.run_status(run)["warnings"] if w.startswith("side writes failed")]

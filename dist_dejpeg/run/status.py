@@ -29,7 +29,7 @@ from pathlib import Path
 
 from dist_dejpeg.run.folder import RunFolder, read_folder, read_yaml
 from dist_dejpeg.run.layout import (CHECKPOINTS, CONFIG, EVALUATE_CSV, GENERATOR, LOADER_STATE, LOCK, METRICS, PROGRESS,
-                                   TRAINER_STATE)
+                                   TRAINER_STATE, WRITE_ERRORS)
 from dist_dejpeg.run.manifest import verify_checkpoint
 from dist_dejpeg.run.text import duration
 from dist_dejpeg.run.verdict import STALE_S, final_stage, finite, judge, mtime, newer_start, progress_age
@@ -237,6 +237,14 @@ def _per_quality(results: dict) -> dict:
             and all(isinstance(r.get(side, {}), dict) for side in ("jpeg", "restored"))}
 
 
+def _write_errors(run: RunFolder) -> dict[str, int]:
+    """The side writes that failed (write kind -> count) in the newest session: progress.json's ``write_errors``,
+    else metrics.json's meta's (a run of a version before progress.json)."""
+    errors = (run.progress or {}).get(WRITE_ERRORS)
+    errors = errors if isinstance(errors, dict) else run.meta.write_errors
+    return {str(k): n for k, n in (errors or {}).items() if isinstance(n, int) and n > 0}
+
+
 def _elsewhere(run_dir: Path, configured: str) -> bool:
     """Whether config.yaml's train.run_dir names another folder than ``run_dir`` (a relative one: by its name)."""
     here, there = run_dir.resolve(), Path(configured).expanduser()
@@ -343,9 +351,15 @@ def _status(run: RunFolder, now: float) -> dict:
                         f"not real LPIPS, comparable only with runs measured the same way")
     elif "UNVERIFIED" in run.meta.lpips:  # (models/lpips.py: a backbone file that is not torchvision's)
         warnings.append(f"LPIPS here is {run.meta.lpips}: comparable only with runs measured with the same file")
+    errors = _write_errors(run)
+    if errors:
+        warnings.append(f"side writes failed ({', '.join(f'{k} {n}' for k, n in errors.items())}; {WRITE_ERRORS} in "
+                        f"{PROGRESS if isinstance((run.progress or {}).get(WRITE_ERRORS), dict) else METRICS}): those "
+                        f"entries are missing (TensorBoard curves, images, train.log lines...); the run's log says "
+                        f"why at the first of each (a full disk or quota?)")
     progress_out = None
     if run.progress is not None:
-        keys = ("status", "reason", "time", "losses", "host", "pid", "slurm_job")
+        keys = ("status", "reason", "time", "losses", "host", "pid", "slurm_job", WRITE_ERRORS)
         progress_out = {**{k: run.progress.get(k) for k in keys}, "age_s": age}
     has_generator = (run_dir / GENERATOR).is_file()
     return _clean({
