@@ -629,20 +629,19 @@ def test_a_real_runs_final_validation_and_files_are_told_apart(tmp_path, shards,
     """The same, from what the trainer writes: status taken inside the final validation and before the generator
     file is saved."""
     from dist_dejpeg.train import final
-    from dist_dejpeg.train.trainer import Trainer
 
     run, seen = tmp_path / "run", {}
-    validation, save = Trainer.run_validation, final.save_generator
+    validation, save = final.final_validation, final.save_generator
 
-    def watched_validation(self, tag):
-        seen.setdefault(tag, st.run_status(run))
-        return validation(self, tag)
+    def watched_validation(trainer):
+        seen.setdefault("final", st.run_status(run))
+        return validation(trainer)
 
     def watched_save(*args, **kwargs):
         seen["save"] = st.run_status(run)
         return save(*args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "run_validation", watched_validation)
+    monkeypatch.setattr(final, "final_validation", watched_validation)
     monkeypatch.setattr(final, "save_generator", watched_save)
     train(tiny(run, shards, "train.order=[gen]", "train.phases.gen.steps=2", "data.val_max_images=1",
                "data.val_qualities=[10]"))
