@@ -285,7 +285,7 @@ class ImageRestorer:
                 if not self.restore_tiled(im, decision.quality, write):
                     out[i][...] = originals[i]  # (on out's device: the input's, not the restorer's)
                     broken += 1
-        if len(exact) == len(out):
+        if exact and len(exact) == len(out):
             self.last_decision = exact[0]
         elif exact:
             decision.reason += f"; {len(exact)} of {len(out)} image(s) passed through unchanged: {exact[0].reason}"
