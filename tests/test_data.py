@@ -528,6 +528,19 @@ def test_resume_with_other_worker_count_restarts(sample_shards):
     assert all(batches_equal(x, y) for x, y in zip(again, start))
 
 
+def test_a_loader_restart_on_resume_is_warned_by_rank_0_only(sample_shards, caplog):
+    """Every rank finds the same change of layout (or of shards): rank 0 warns, the others log it at debug level
+    (a 2-process resume showed the warning twice, 32 times on 4 x 8 GPUs)."""
+    state = TorchLoader(make_stream(sample_shards, seed=3, world=2), 4, 0, CPU).state_dict()
+    state["num_workers"] = 2  # saved with another layout
+    for rank in (0, 1):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="dist_dejpeg"):
+            TorchLoader(make_stream(sample_shards, seed=3, rank=rank, world=2), 4, 0, CPU).load_state_dict(state)
+        levels = [r.levelno for r in caplog.records if "data loader state was saved with" in r.getMessage()]
+        assert levels == [logging.WARNING if rank == 0 else logging.DEBUG], (rank, caplog.text)
+
+
 def test_shards_prepared_again_are_told_from_the_ones_a_stream_position_was_saved_on(tmp_path):
     """Shards prepared again with another seed have the same names and sizes (raw tiles are all one size), other
     samples at every position: resuming the stream there replayed some and skipped others, unsaid."""

@@ -208,6 +208,33 @@ def test_a_batch_change_needs_the_flag(base, shards, tmp_path, caplog):
     assert "changes from 2 (2 x 1 x 1) to 4 (4 x 1 x 1)" in caplog.text and t.state.global_step == 4
 
 
+def test_what_every_rank_finds_alike_on_resume_is_warned_by_the_main_process_only(base, shards, tmp_path, caplog,
+                                                                                   monkeypatch):
+    """A 2-process resume with an edited config showed "resume: config changed since the checkpoint: ..." twice on
+    the console (32 times on 4 x 8 GPUs), no rank marker: every rank checks the config (each must raise its error)
+    and non-main ranks log warnings. The main process warns; the others say it at debug level."""
+    run = copy_run(base[0], tmp_path / "run")
+    changed = ("data.batch_size=4", "train.resume_allow_batch_change=true", "train.phases.gen.lr=5e-3",
+               "data.val_max_images=1")
+    said = ("resume: config changed since the checkpoint: ", "(train.resume_allow_batch_change)",
+            "the validation set changed since the checkpoint")
+    for main in (True, False):
+        reset()
+        t = Trainer(tiny(run, shards, *OVER, *changed))
+        try:
+            monkeypatch.setattr(type(t.accelerator), "is_main_process", property(lambda self: main))
+            t.monitor.main = main
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="dist_dejpeg"):
+                t.resume(checkpoint_dir(run) / step_name(4))
+        finally:
+            monkeypatch.undo()
+            t.close()
+        for text in said:
+            levels = {r.levelno for r in caplog.records if text in r.getMessage()}
+            assert levels == {logging.WARNING if main else logging.DEBUG}, (main, text, caplog.text)
+
+
 def test_a_process_count_change_says_where_the_data_stream_restarts(base, shards):
     step4 = checkpoint_dir(base[0]) / step_name(4)
     state = json.loads((step4 / TRAINER_STATE).read_text())

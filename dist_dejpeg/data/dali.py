@@ -142,7 +142,7 @@ class DaliLoader:
             raise ImportError("data.backend=dali needs NVIDIA DALI: pip install -e '.[dali]' "
                               "(or data.backend=torch)")
         self.shards = sorted(shards)
-        self.index_paths = check_indexes(self.shards)
+        self.index_paths = check_indexes(self.shards, say=rank == 0)  # (every rank checks every shard)
         self.crop, self.quality_range, self.batch_size = crop, quality_range, batch_size
         self.seed, self.rank, self.world, self.device = seed, rank, world, device
         # DALI's shuffling reader crashes the process (a segfault) with initial_fill 0; 1 shuffles nothing, as
@@ -169,9 +169,9 @@ class DaliLoader:
         if usable.good == 0:
             raise RuntimeError(f"all {usable.bad} samples of the {len(self.shards)} shards were skipped "
                                f"({usable.counts}); e.g. {usable.examples[0] if usable.examples else ''}")
-        if usable.bad:
-            log.warning("DALI loader: leaving out %d bad samples %s; e.g. %s", usable.bad, usable.counts,
-                        "; ".join(usable.examples[:3]))
+        if usable.bad:  # (every rank scans every shard: rank 0 says it)
+            (log.warning if self.rank == 0 else log.debug)("DALI loader: leaving out %d bad samples %s; e.g. %s",
+                                                           usable.bad, usable.counts, "; ".join(usable.examples[:3]))
         if usable.bad or self.index_paths is None:
             folder = Path(tempfile.mkdtemp(prefix="dist-dejpeg-idx-"))
             weakref.finalize(self, shutil.rmtree, folder, True)

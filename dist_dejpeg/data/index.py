@@ -52,10 +52,11 @@ def write_indexes(shards: list[str | Path]) -> int:
     return count
 
 
-def check_indexes(shards: list[str]) -> list[str] | None:
+def check_indexes(shards: list[str], say: bool = True) -> list[str] | None:
     """Index files for ``shards``: all present and newer than their tar -> their paths; else None, with a warning
     naming a file, and the DALI loader writes its own from its scan of the shards (a copy made with ``cp -r``
-    gives the files new times in copy order, so a correct index can look older than its tar)."""
+    gives the files new times in copy order, so a correct index can look older than its tar). ``say``: this
+    process warns (rank 0 of the ranks that each check the same shards)."""
     idx = [index_path(s) for s in shards]
     present = [p.is_file() for p in idx]
     if not any(present):
@@ -66,7 +67,8 @@ def check_indexes(shards: list[str]) -> list[str] | None:
         older = ok and path.stat().st_mtime < Path(shard).stat().st_mtime
         why = "missing" if not ok else "older than its tar" if older else ""
         if why:
-            log.warning("DALI index file %s is %s: the loader uses index files written from its own scan of the "
-                        "shards (`dist-dejpeg prepare` rewrites them)", path, why)
+            (log.warning if say else log.debug)("DALI index file %s is %s: the loader uses index files written from "
+                                                "its own scan of the shards (`dist-dejpeg prepare` rewrites them)",
+                                                path, why)
             return None
     return [str(p) for p in idx]

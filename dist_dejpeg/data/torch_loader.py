@@ -214,16 +214,17 @@ class TorchLoader:
 
     def load_state_dict(self, state: dict) -> None:
         restart = "restarting the data stream at epoch 0 instead of resuming it exactly"
+        warn = log.warning if self.stream.rank == 0 else log.debug  # (every rank finds the same: said once)
         if state.get("num_workers") != self.num_workers or state.get("world") != self.stream.world:
-            log.warning("data loader state was saved with %s workers x %s ranks, now %s x %s: %s",
-                        state.get("num_workers"), state.get("world"), self.num_workers, self.stream.world, restart)
+            warn("data loader state was saved with %s workers x %s ranks, now %s x %s: %s",
+                 state.get("num_workers"), state.get("world"), self.num_workers, self.stream.world, restart)
             return
         count, digest = state.get("shards") or (len(self.stream.shards), self.stream.digest)  # older: unchecked
         if digest != self.stream.digest and digest != legacy_shard_list_digest(self.stream.shards):
             # another sample at each position: resuming would replay and skip samples
-            log.warning("the training shards changed since the data loader's state was saved over %d training "
-                        "shards, now %d%s: %s", count, len(self.stream.shards),
-                        " (as many, but others or of other sizes)" if count == len(self.stream.shards) else "", restart)
+            warn("the training shards changed since the data loader's state was saved over %d training "
+                 "shards, now %d%s: %s", count, len(self.stream.shards),
+                 " (as many, but others or of other sizes)" if count == len(self.stream.shards) else "", restart)
             return
         self.consumed = int(state["consumed"])
         self.positions = {int(k): (int(v[0]), int(v[1])) for k, v in state["positions"].items()}

@@ -38,7 +38,7 @@ from dist_dejpeg.models.unet import build_generator
 from dist_dejpeg.models.weights import EncoderError
 from dist_dejpeg.run.lock import RunLock
 from dist_dejpeg.train.checkpoint import remove_partial
-from dist_dejpeg.train.collective import all_ranks_or_raise
+from dist_dejpeg.train.collective import all_ranks_or_raise, warn_on_main
 from dist_dejpeg.train.compile import CompileWatch, compile_cache_dir, compile_model, use_compile_cache
 from dist_dejpeg.train.data_checks import check_shards_exist, check_train_tiles
 from dist_dejpeg.train.library_warnings import silence_library_warnings
@@ -85,10 +85,8 @@ def build_accelerator(cfg: Config) -> tuple[Accelerator, Config]:
     cpu = t.cpu or not torch.cuda.is_available()
     if cpu and precision == "fp16":
         raise ConfigError(FP16_NEEDS_GPU)
-    if not cpu and precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        # pre-Ampere cards emulate bf16 slowly: the default bf16 becomes fp32 there, said once, not silently
-        log.warning("train.mixed_precision=bf16: %s has no bf16; training in fp32 (set fp16 to use its tensor cores)",
-                    torch.cuda.get_device_name())
+    no_bf16 = not cpu and precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False)
+    if no_bf16:  # pre-Ampere cards emulate bf16 slowly: the default bf16 becomes fp32 there, said below
         precision = "no"
     # a dead or stuck rank fails every collective after this long instead of hanging
     timeout = timedelta(seconds=t.dist_timeout_s)
@@ -101,9 +99,7 @@ def build_accelerator(cfg: Config) -> tuple[Accelerator, Config]:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, mixed_precision=precision, deepspeed_stage=stage),
                               model=_model_from(cfg.model))
     silence_library_warnings()  # DDP's broadcast_buffers and DeepSpeed's all_gather_into_tensor deprecations
-    if stage:
-        return _deepspeed_accelerator(cfg, cpu, timeout), cfg
-    return Accelerator(
+    acc = _deepspeed_accelerator(cfg, cpu, timeout) if stage else Accelerator(
         cpu=cpu,
         mixed_precision=precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_with_dataloader=False),
@@ -112,7 +108,11 @@ def build_accelerator(cfg: Config) -> tuple[Accelerator, Config]:
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
                          InitProcessGroupKwargs(timeout=timeout)],
         **_tracking(cfg),
-    ), cfg
+    )
+    if no_bf16:  # (once, by the main process: every rank finds the same card)
+        warn_on_main(acc.is_main_process)("train.mixed_precision=bf16: %s has no bf16; training in fp32 (set fp16 "
+                                          "to use its tensor cores)", torch.cuda.get_device_name())
+    return acc, cfg
 
 
 def _model_from(model: ModelConfig) -> ModelConfig:

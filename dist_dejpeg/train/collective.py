@@ -87,6 +87,13 @@ def all_ranks_or_raise(accelerator, fn: Callable[..., T] | None = None, *args, *
         return fn(*args, **kwargs)
 
 
+def warn_on_main(main: bool) -> Callable[..., None]:
+    """``log.warning`` on the main process, ``log.debug`` on the others: for a warning every rank would say alike
+    (a config change on resume, a sum over ranks), so that N ranks show it once, not N times without a rank marker
+    (train.log, rank 0's, has it once either way). ``warn_on_main(acc.is_main_process)("...", args)``."""
+    return log.warning if main else log.debug
+
+
 def on_main(accelerator, fn: Callable[[], T]) -> T:
     """``fn()`` on the main process only, its (picklable) result on every rank; when it raises, every rank raises
     its error (as :func:`all_ranks_or_raise`). For decisions one process makes for all (which checkpoint to
@@ -177,7 +184,7 @@ class PacedChecks:
         self.checks.sync_every = interval = check_interval(step, overhead, self.budget_s, self.limit)
         if overhead >= self.budget_s and not self.warned:
             self.warned = True
-            (log.warning if acc.is_main_process else log.debug)("a checkpoint (or validation) took %.0f s, more than train.preempt_budget_s=%g: after SLURM's "
+            warn_on_main(acc.is_main_process)("a checkpoint (or validation) took %.0f s, more than train.preempt_budget_s=%g: after SLURM's "
                         "stop signal the run may be killed before its checkpoint is written; give sbatch's "
                         "--signal more lead time (and raise train.preempt_budget_s with it)", overhead, self.budget_s)
         if step > 0 and interval != self.told:

@@ -15,6 +15,7 @@ from dist_dejpeg.data import build_val_set, resolve_backend
 from dist_dejpeg.data.folder import first_photos, photos_hint
 from dist_dejpeg.data.shards import MANIFEST, list_shards, read_manifest
 from dist_dejpeg.models.names import shard_fingerprint
+from dist_dejpeg.train.collective import warn_on_main
 from dist_dejpeg.train.window import sum_over_ranks
 
 log = logging.getLogger("dist_dejpeg")
@@ -104,9 +105,10 @@ def checked_val_set(cfg: Config, acc: Accelerator) -> dict:
                                                                 for why, n in skipped.items() if n))
     local = next(iter(val_set.values()))[0].shape[0] if val_set else 0
     total = sum_over_ranks(acc, {"tiles": local})["tiles"]
-    if total == 1:
-        log.warning("one validation tile: the gain per quality has no spread to bound it by, so restore's guard will "
-                    "pass every image through (--no-guard restores anyway); prepare more validation tiles")
+    if total == 1:  # (every rank has the sum: said by the main one)
+        warn_on_main(acc.is_main_process)("one validation tile: the gain per quality has no spread to bound it by, "
+                                          "so restore's guard will pass every image through (--no-guard restores "
+                                          "anyway); prepare more validation tiles")
     if not total:
         reasons = ", ".join(f"{k} {v}" for k, v in skipped.items() if v) or "the shards hold none"
         raise ConfigError(f"no validation tile to validate on in {cfg.data.root}/{cfg.data.val_glob} ({reasons}): "

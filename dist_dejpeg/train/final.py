@@ -13,7 +13,7 @@ from dist_dejpeg.models.generator_file import save_generator, training_shards
 from dist_dejpeg.models.names import CONFORMED_KEYS, JPEG_PSNR
 from dist_dejpeg.run.layout import GENERATOR, METRICS
 from dist_dejpeg.train.checkpoint import FINAL_STAGE
-from dist_dejpeg.train.collective import all_ranks_or_raise
+from dist_dejpeg.train.collective import all_ranks_or_raise, warn_on_main
 from dist_dejpeg.train.validation import (GAIN_BOUND_SE, ConformedSums, GridCrops, average_bn_stats, feed,
                                           validate)
 from dist_dejpeg.train.window import sum_over_ranks
@@ -96,8 +96,8 @@ def finish_run(trainer) -> dict:
         skipped = trainer.data_skipped()
         local = next(iter(trainer.val_set.values()))[0].shape[0] if trainer.val_set else 0
         n_val = sum_over_ranks(acc, {"images": local})["images"]
-        if any(skipped.values()):
-            log.warning("training data: skipped %s", skipped)
+        if any(skipped.values()):  # (summed over the ranks: said once)
+            warn_on_main(acc.is_main_process)("training data: skipped %s", skipped)
         with all_ranks_or_raise(acc):  # rank 0's files failing fails every rank now; also the last barrier
             if acc.is_main_process:  # (each file atomic: a stop between them leaves a run that validates again)
                 trainer.monitor.write_metrics(results, lpips=trainer.metric_lpips.description, state=state, ema=ema,

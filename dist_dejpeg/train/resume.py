@@ -36,7 +36,7 @@ from dist_dejpeg.run.layout import (ABANDONED_PREFIX, CONFIG, LOADER_STATE, STEP
                                     list_checkpoints)
 from dist_dejpeg.run.manifest import Verdict, verify_checkpoint
 from dist_dejpeg.train.checkpoint import CheckpointError, check_deepspeed_layout, load_checkpoint, set_aside_later
-from dist_dejpeg.train.collective import all_ranks_or_raise, on_main
+from dist_dejpeg.train.collective import all_ranks_or_raise, on_main, warn_on_main
 from dist_dejpeg.train.phases import trains_critic
 from dist_dejpeg.train.zero import launcher_uses_deepspeed
 
@@ -81,13 +81,13 @@ def check_before_start(cfg: Config, resume: str | None, processes: int) -> None:
 
 
 def check_continuation(cfg: Config, path: Path, saved_state: dict, deepspeed: bool, processes: int,
-                       has_critic: bool) -> tuple[dict, dict]:
+                       has_critic: bool, main: bool = True) -> tuple[dict, dict]:
     """Raise where ``cfg`` cannot continue the checkpoint at ``path`` (its DeepSpeed layout first: its process count
     cannot change, whatever the batch check would allow; then check_resume_config, longer_phases); returns the
     trainer state the checkpoint's finished phases reopen with (longer_phases) and the phase lengths that stay
-    as trained (shorter_phases)."""
+    as trained (shorter_phases). Every rank checks (each raises the same error); ``main``: this rank warns."""
     check_deepspeed_layout(path, deepspeed, processes)
-    saved = check_resume_config(cfg, path, saved_state, processes, has_critic) or {}
+    saved = check_resume_config(cfg, path, saved_state, processes, has_critic, main) or {}
     return longer_phases(cfg, saved, saved_state), shorter_phases(cfg, saved, saved_state)
 
 
@@ -181,7 +181,8 @@ def resume_from(accelerator: Accelerator, cfg: Config, path: str | Path, has_cri
         raise FileNotFoundError(f"not a complete checkpoint (no {TRAINER_STATE}): {path}")
     saved_state = json.loads((path / TRAINER_STATE).read_text())
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    reopened, kept = check_continuation(cfg, path, saved_state, deepspeed, accelerator.num_processes, has_critic)
+    reopened, kept = check_continuation(cfg, path, saved_state, deepspeed, accelerator.num_processes, has_critic,
+                                        accelerator.is_main_process)
     # (cfg: the trainer's effective config, whose train section is its own copy: build.build_accelerator)
     cfg.train.phases = {**cfg.train.phases, **{n: dataclasses.replace(cfg.train.phases[n], steps=s)
                                                for n, s in kept.items()}}
@@ -226,12 +227,12 @@ def longer_phases(cfg: Config, saved: dict, state: dict) -> dict:
     return {}
 
 
-def other_validation(saved: str, now: str) -> bool:
+def other_validation(saved: str, now: str, main: bool = True) -> bool:
     """Whether the checkpoint validated other crops than this run will (``saved`` and ``now``: their
-    data_checks.val_fingerprint; "" where unknown); said, once."""
+    data_checks.val_fingerprint; "" where unknown); said, once (``main``: by this rank)."""
     if not saved or not now or saved == now:
         return False
-    log.warning("resume: the validation set changed since the checkpoint (its shards, or data.val_* settings): "
+    warn_on_main(main)("resume: the validation set changed since the checkpoint (its shards, or data.val_* settings): "
                 "validations from before measured other crops, so a gan phase's best so far is not compared with "
                 "those after (its stop rule starts over)")
     return True
@@ -253,10 +254,12 @@ def shorter_phases(cfg: Config, saved: dict, state: dict) -> dict[str, int]:
     return kept
 
 
-def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: int, has_critic: bool) -> dict | None:
+def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: int, has_critic: bool,
+                        main: bool = True) -> dict | None:
     """Raise ConfigError where ``cfg`` cannot continue the checkpoint: other phases, a key that changes a
     model's tensor shapes, or (without train.resume_allow_batch_change) another global batch or process count.
-    Returns the checkpoint's config, flattened (None where it has none that reads)."""
+    Returns the checkpoint's config, flattened (None where it has none that reads). ``main``: this rank warns
+    (of what every rank finds alike: the config's changes)."""
     if saved_state.get("phase_names") != list(cfg.train.order):
         raise ConfigError(f"resuming {path}: the checkpoint's phases {saved_state.get('phase_names')} differ from "
                           f"train.order {list(cfg.train.order)}: set train.order back to continue the run, or start "
@@ -266,7 +269,7 @@ def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: i
     except (OSError, yaml.YAMLError):
         saved = None
     if not isinstance(saved, dict):
-        log.warning("resume: %s has no readable %s: the config is not compared with it", path, CONFIG)
+        warn_on_main(main)("resume: %s has no readable %s: the config is not compared with it", path, CONFIG)
         return None
     saved = flatten(saved)
     now = flatten(to_dict(cfg))
@@ -277,15 +280,15 @@ def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: i
         raise ConfigError(f"resuming {path}: {changes}: these keys change the shapes of the model's tensors, so "
                           f"the checkpoint cannot continue with this config. Set them back to the checkpoint's "
                           f"values, or start a new run (another train.run_dir)")
-    _check_batch(cfg, path, saved, saved_state, processes)
+    _check_batch(cfg, path, saved, saved_state, processes, main)
     other = [k for k in sorted(now) if k in saved and saved[k] != now[k] and k not in _NOT_COMPARED]
     if other:
-        log.warning("resume: config changed since the checkpoint: %s",
-                 ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in other))
+        warn_on_main(main)("resume: config changed since the checkpoint: %s",
+                           ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in other))
     return saved
 
 
-def _check_batch(cfg: Config, path: Path, saved: dict, saved_state: dict, processes: int) -> None:
+def _check_batch(cfg: Config, path: Path, saved: dict, saved_state: dict, processes: int, main: bool) -> None:
     old_procs = saved_state.get("processes") or len(list(path.glob(LOADER_STATE.format(rank="*")))) or None
     old_b, old_a = saved.get("data.batch_size"), saved.get("train.grad_accum")
     if not isinstance(old_b, int) or not isinstance(old_a, int):
@@ -310,4 +313,4 @@ def _check_batch(cfg: Config, path: Path, saved: dict, saved_state: dict, proces
     if not cfg.train.resume_allow_batch_change:
         raise ConfigError(message + ". Set train.resume_allow_batch_change=true to continue anyway, or resume "
                                     "with the checkpoint's batch size and process count")
-    log.warning("%s (train.resume_allow_batch_change)", message)
+    warn_on_main(main)("%s (train.resume_allow_batch_change)", message)

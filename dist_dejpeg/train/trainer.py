@@ -132,7 +132,7 @@ class Trainer:
         ckpt.load_rank_buffers(self.models(), buffers)
         known = set(vars(TrainerState()))
         now, self.state = self.state.val_set, TrainerState(**{k: v for k, v in trainer_state.items() if k in known})
-        self.val_changed, self.state.val_set = other_validation(self.state.val_set, now), now  # (said there)
+        self.val_changed, self.state.val_set = other_validation(self.state.val_set, now, self.monitor.main), now
         if loader_state and hasattr(self.loader, "load_state_dict"):
             self.loader.load_state_dict(loader_state)
         if (path / BEST_GENERATOR).is_file():
