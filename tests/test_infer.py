@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -399,6 +400,46 @@ def test_load_model_from_run_and_checkpoint_folders(tmp_path, model_file, capsys
     err = capsys.readouterr().err
     assert f"note: restoring with {ckpt} (the run has no generator file yet" in err
     assert "the newer step-00000020 is incomplete" in err
+
+
+def test_a_checkpoint_pruned_while_it_is_read_gives_way_to_the_newer_one(tmp_path, monkeypatch, capsys):
+    """evaluate --model RUN on a live run (train.keep_last=1) failed 2 times in 4 with a FileNotFoundError traceback
+    (exit 1): the newest checkpoint, chosen, was pruned after the next save before its files were read. A run
+    folder's newest is read again as the then-newest; a checkpoint folder the user named is a one-line error."""
+    from safetensors.torch import save_file
+
+    from dist_dejpeg.models import generator_file
+
+    model = _model(seed=1)
+    root = tmp_path / "run" / "checkpoints"
+    old, new = root / "step-00000012", root / "step-00000014"
+    old.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(old / "model.safetensors"))
+    cfg = Config()
+    cfg.model = ModelConfig(**TINY)
+    (old / "config.yaml").write_text(to_yaml(cfg))
+    (old / "trainer_state.json").write_text(json.dumps({"global_step": 12}))
+    real = generator_file.load_file
+
+    def saved_and_pruned(path, *args, **kwargs):  # the next save, then keep_last's pruning, as the weights are read
+        if Path(path).parent == old and old.is_dir():
+            shutil.copytree(old, new)
+            (new / "trainer_state.json").write_text(json.dumps({"global_step": 14}))
+            shutil.rmtree(old)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(generator_file, "load_file", saved_and_pruned)
+    _, info = load_model(tmp_path / "run")
+    assert info["source"] == str(new) and info["global_step"] == 14
+    shutil.move(new, old)  # named, the same: not another checkpoint in its place
+    with pytest.raises(ModelFileError, match="removed while it was read .*keep_last pruning.*name a newer"):
+        load_model(old)
+    shutil.move(new, old)  # the command: exit 2, one line
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "p.jpg", quality=30)
+    assert main(["restore", str(tmp_path / "p.jpg"), "-o", str(tmp_path / "out"), "--model", str(old),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {old}: the checkpoint was removed while it was read") and "Traceback" not in err
 
 
 @pytest.mark.gpu

@@ -36,6 +36,14 @@ class NonFiniteWeights(ValueError):
     """A generator with a NaN or an infinity in its weights or buffers: it would restore images to garbage."""
 
 
+class CheckpointRemoved(ModelFileError):
+    """A checkpoint folder deleted while it was read: a live run's train.keep_last pruning. Chosen as a run
+    folder's newest, the then-newest is read instead (:data:`NEWEST_TRIES` times in all)."""
+
+
+NEWEST_TRIES = 3  # a run folder's newest checkpoint read again after it was pruned away mid-read (one per save)
+
+
 def save_generator(generator: Generator, model_cfg: ModelConfig, path: str | Path, extra: dict | None = None) -> None:
     """Atomic write of the weights plus ``model_cfg`` (and ``extra`` strings) as safetensors metadata: serialized
     in memory (a generator is tens of MB), then run.files.atomic_write_bytes. A non-finite tensor is a
@@ -249,9 +257,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ge
     ``info``: source, format, encoder, encoder_init ("ImageNet" or "random init" at the start of training),
     global_step, lpips (the validation LPIPS of the run), code (the code that trained it, "" where not recorded:
     a checkpoint), model (the model config as a dict)."""
-    path = resolve_model_path(path)
-    if path.is_dir():
-        return _load_checkpoint_generator(path, device)
+    return _resolved(path, lambda chosen: _load_checkpoint_generator(chosen, device) if chosen.is_dir()
+                     else _load_generator_file(chosen, device))
+
+
+def _load_generator_file(path: Path, device) -> tuple[Generator, dict]:
     meta = read_metadata(path)
     generator = load_generator(path, device)
     model_cfg = model_config_from_meta(meta, str(path))
@@ -288,33 +298,64 @@ def resolve_model_path(path: str | Path) -> Path:
 
 def model_config_at(path: str | Path) -> ModelConfig:
     """The model config of the generator ``path`` names (see :func:`resolve_model_path`), without its weights."""
-    path = resolve_model_path(path)
-    if path.is_dir():
-        try:
-            return load_config(path / CONFIG).model
-        except ConfigError as err:
-            raise ModelFileError(f"{path / CONFIG}: {err}") from None
+    return _resolved(path, lambda chosen: _checkpoint_config(chosen).model if chosen.is_dir()
+                     else _file_model_config(chosen))
+
+
+def _file_model_config(path: Path) -> ModelConfig:
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise _not_a_generator(path, meta)
     return model_config_from_meta(meta, str(path))
 
 
+def _resolved(path: str | Path, read):
+    """``read(resolve_model_path(path))``. Where the checkpoint chosen as a run folder's newest (not one the user
+    named) went while it was read (a live run's train.keep_last pruning: CheckpointRemoved, or a file gone before
+    its trainer_state.json), again with the then-newest, up to NEWEST_TRIES times."""
+    chosen = resolve_model_path(path)
+    for tries_left in reversed(range(NEWEST_TRIES)):
+        try:
+            return read(chosen)
+        except ModelFileError as err:
+            named = chosen == Path(path)  # (resolve_model_path gives a checkpoint folder back as it is)
+            again = None if named or not tries_left else resolve_model_path(path)
+            if again is None or (again == chosen and not isinstance(err, CheckpointRemoved)):
+                raise
+            chosen = again
+
+
+def _removed(folder: Path) -> CheckpointRemoved:
+    return CheckpointRemoved(f"{folder}: the checkpoint was removed while it was read (a live run's "
+                             f"train.keep_last pruning); retry, or name a newer checkpoint")
+
+
+def _checkpoint_config(folder: Path):
+    try:
+        return load_config(folder / CONFIG)
+    except ConfigError as err:
+        if not (folder / TRAINER_STATE).is_file():  # (resolve_model_path saw it: every complete checkpoint has one)
+            raise _removed(folder) from None
+        raise ModelFileError(f"{folder / CONFIG}: {err}") from None
+
+
 def _load_checkpoint_generator(folder: Path, device) -> tuple[Generator, dict]:
     weights, config = folder / CHECKPOINT_MODEL, folder / CONFIG
     if not weights.is_file() or not config.is_file():
+        if not (folder / TRAINER_STATE).is_file():
+            raise _removed(folder)
         lacking = [p.name for p in (weights, config) if not p.is_file()]
         raise ModelFileError(f"{folder}: a checkpoint folder without {' and '.join(lacking)} (a DeepSpeed "
                              f"checkpoint? restore from the run folder's generator.safetensors instead)")
+    cfg = _checkpoint_config(folder)
     try:
-        cfg = load_config(config)
-    except ConfigError as err:
-        raise ModelFileError(f"{config}: {err}") from None
-    tensors = load_file(str(weights), device="cpu")
-    ema = load_file(str(folder / EMA_GENERATOR), device="cpu") if (folder / EMA_GENERATOR).is_file() else {}
+        tensors = load_file(str(weights), device="cpu")
+        ema = load_file(str(folder / EMA_GENERATOR), device="cpu") if (folder / EMA_GENERATOR).is_file() else {}
+        state = json.loads((folder / TRAINER_STATE).read_text())
+    except FileNotFoundError:  # (each file was there when looked for: the folder went since)
+        raise _removed(folder) from None
     ema.pop(EMA_UPDATES, None)
     generator = _build_and_load(cfg.model, tensors | ema, str(weights)).to(device).eval()
-    state = json.loads((folder / TRAINER_STATE).read_text())
     shards = checkpoint_shards(folder, cfg)
     info = {"source": str(folder), "format": "checkpoint", "global_step": _int(state.get("global_step")),
             "lpips": "", "weights": "ema" if ema else "raw", TRAIN_SHARDS: file_train_shards(shards),
