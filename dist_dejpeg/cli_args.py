@@ -108,7 +108,8 @@ def add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int]
     p.add_argument("--allow-lossy-reference", action="store_true", help="accept JPEG/WebP references")
     p.add_argument("--max-images", type=at_least(0), default=0, help="use at most this many reference images (0: all)")
     p.add_argument("--blind", action="store_true", help="do not tell the model the quality")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (a bar on a terminal; without one, a log line at each tenth of the images)")
 
 
 def prepare_arguments(p: argparse.ArgumentParser) -> None:
@@ -218,7 +219,8 @@ def restore_arguments(p: argparse.ArgumentParser) -> None:
                    help="refuse larger images (decompression bombs)")
     p.add_argument("--skip-existing", action="store_true",
                    help="leave outputs that already exist and decode fully (counted as skipped)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no per-image lines")
+    p.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal; without one, a log "
+                                                        "line at each tenth of the images), no per-image lines")
     p.epilog = ("exit codes: 0 every image restored (or passed through, or skipped); 1 some failed (each is listed\n"
                 "with its reason; the others are written); 2 a usage error, a bad model or an unwritable output folder")
 

@@ -227,17 +227,21 @@ def test_photos_are_decoded_one_at_a_time_as_they_are_measured(tmp_path, model_f
     assert result["meta"]["skipped"][0].startswith(f"{tmp_path / 'in' / 'chelsea.png'}: [Errno 2] No such file")
 
 
-def test_report_page_from_the_cli(tmp_path, model_file, photos, capsys, monkeypatch):
+def test_report_page_from_the_cli(tmp_path, model_file, photos, capsys, monkeypatch, caplog):
     import dist_dejpeg.evaluation.evaluate as evaluate_module
 
     asked, real = [], evaluate_module.evaluate
     monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: asked.append(k) or real(*a, **k))
     page = tmp_path / "report.html"
+    caplog.set_level("INFO", logger="dist_dejpeg")
     code = main(["report", "--model", str(model_file), "--images", str(photos), "--quality", "10",
                  "-o", str(page), "--crop", "64"])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert "report: 100%" in err and "evaluate:" not in err  # the progress bar names the command run
+    # stderr is no terminal here (`report ... > log 2>&1`): no bar's carriage-return redraws, plain progress lines
+    # that name the command run
+    assert "\r" not in err and "%|" not in err, err
+    assert [r.getMessage().split(",")[0] for r in caplog.records if "(50%)" in r.getMessage()] == ["report: 1/2 (50%)"]
     text = page.read_text()
     assert text.count("data:image/png;base64,") >= 2 * 3  # two photos, clean | JPEG | restored each
     assert "random" in text.lower() and "chelsea" in text and "coffee" in text

@@ -117,3 +117,28 @@ def test_duration_has_days_beyond_a_day_and_no_number_for_the_unknown():
     assert duration(59.4) == "59s" and duration(3599) == "59m59s" and duration(86399) == "23h59m"
     assert duration(2 * 86400 + 3 * 3600 + 59) == "2d03h"
     assert duration(None) == duration(float("inf")) == duration(float("nan")) == "?"
+
+
+def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_elsewhere(monkeypatch, capsys, caplog):
+    """`dist-dejpeg report ... > log 2>&1` wrote tqdm's carriage-return redraws into the log (one long line over
+    hundreds of images). Without a terminal: no bar, a log line at each tenth of the work, as training's lines."""
+    from dist_dejpeg.run import progress
+
+    caplog.set_level("INFO", logger="dist_dejpeg")
+    for item in progress.Progress.over(range(25), "report", "image"):
+        pass
+    assert "\r" not in capsys.readouterr().err
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 8 and lines[0].startswith("report: 3/25 (12%), ") and "left" in lines[0], lines
+    assert lines[-1].startswith("report: 24/25 (96%)"), lines
+    caplog.clear()
+    with progress.Progress(3 << 20, "file.zip", "B", initial=1 << 20, unit_scale=True) as bar:  # a resumed download
+        bar.update(1 << 20)
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == ["file.zip: 2.10MB/3.15MB (66%)"]
+    caplog.clear()
+    with progress.Progress(25, "restore", "image", enabled=False) as bar:  # --quiet
+        bar.update(25)
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)
+    with progress.Progress(25, "restore", "image") as bar:
+        bar.update(25)
+    assert "restore: 100%" in capsys.readouterr().err and not caplog.records

@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from dist_dejpeg.data.download import DownloadError, download, sha256_file
 from dist_dejpeg.data.folder import unique_names
 from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile
@@ -41,6 +39,7 @@ from dist_dejpeg.data.shards import (MANIFEST, SHARD_NAME, PrepareError, check_s
                                      remove_stale_temps, require_training_tiles, sample_key, tiles, write_shard)
 from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS
 from dist_dejpeg.run.files import atomic_write_bytes
+from dist_dejpeg.run.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +154,7 @@ def _pack(out: Path, split: str, staging: Path, plan: list[list[str]], fmt: str)
             return f.read(size)
 
     names = []
-    for index, keys in enumerate(tqdm(plan, desc=f"{split} shards", unit="shard")):
+    for index, keys in enumerate(Progress.over(plan, f"{split} shards", "shard")):
         path = out / SHARD_NAME.format(split=split, index=index)
         names.append(path.name)
         if not path.is_file():
@@ -209,8 +208,8 @@ def prepare_div2k(root: str | Path, out: str | Path, *, download_missing: bool =
         staging = out / ".staging" / f"{split}-{tile}-{split_step}-{fmt}{'' if split == 'train' else '-apart'}"
         staging.mkdir(parents=True, exist_ok=True)
         cut = partial(_tile_one, staging=staging, tile=tile, step=split_step, fmt=fmt, flush=split == "train")
-        records = list(tqdm(map_in_order(cut, sources, workers, names=lambda source: source.member or source.path),
-                            total=len(sources), desc=f"{split} tiles", unit="img", disable=not progress))
+        records = list(Progress.over(map_in_order(cut, sources, workers, names=lambda source: source.member or
+                                                  source.path), f"{split} tiles", "img", len(sources), progress))
         keys = []
         for record in records:
             if "rejected" in record:

@@ -14,7 +14,7 @@ import os
 import urllib.request
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from dist_dejpeg.run.progress import Progress
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -60,8 +60,8 @@ def download(url: str, dest: Path, sha256: str | None = None, size: int | None =
                 have = 0
             length = response.headers.get("Content-Length")
             total = have + int(length) if length is not None else size
-            with open(part, "ab" if resumed else "wb") as f, tqdm(
-                    total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+            with open(part, "ab" if resumed else "wb") as f, Progress(
+                    total, dest.name, "B", enabled=progress, initial=have, unit_scale=True) as bar:
                 try:
                     for block in iter(lambda: response.read(CHUNK), b""):
                         f.write(block)

@@ -84,9 +84,9 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     photo at two qualities).
     An image the metrics cannot measure (below SSIM's 11x11 or LPIPS's 31x31 pixels, or nothing left after the border
     crop) is skipped and listed in ``meta["skipped"]`` as an undecodable file is; a repeated quality counts once."""
-    from tqdm import tqdm
-
     import PIL
+
+    from dist_dejpeg.run.progress import Progress
 
     if subsampling not in SUBSAMPLING:
         raise EvaluateError(f"subsampling must be one of {', '.join(SUBSAMPLING)}, got {subsampling!r}")
@@ -117,7 +117,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
                                 restorer.info.get(TRAIN_SOURCES) or {}):
         log.warning("%s", seen_note(seen, len(refs)))
     desc = description or ("report" if keep_images else "evaluate")
-    bar = tqdm(total=len(refs) * len(qualities), desc=desc, unit="image", disable=not progress)
+    bar = Progress(len(refs) * len(qualities), desc, "image", enabled=progress)  # (without a terminal: plain lines)
     timing = {"restore_seconds": 0.0, "megapixels": 0.0}
     pending: deque[dict] = deque()  # what the rows need beside each pair's values, in the pairs' order
     rows, records, measured, photo = [], [], 0, None

@@ -185,7 +185,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
     (jpeg.quality.estimate_quality: the file's tables, else its pixels), else unknown. ``workers``:
     decode/encode threads beside the restores (None: for a restorer on a GPU one per usable core, 2 to
     MAX_IO_THREADS, 0 on a CPU; 0: one file after another)."""
-    from tqdm import tqdm
+    from dist_dejpeg.run.progress import Progress
 
     output_format(fmt, ".png")  # a ValueError for an unknown format, before any work
     one_file = names_a_file(out_dir)
@@ -202,7 +202,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
         log.info("removed %d temp file(s) a killed restore left in %s", len(stale), out)
     claimed: dict[Path, Path] = {}
     jobs: list[tuple[RestoreResult, Path, Path]] = []  # (result, input, output) of the files to restore
-    bar = tqdm(total=len(files), desc="restore", unit="image", disable=not progress)
+    bar = Progress(len(files), "restore", "image", enabled=progress)  # (without a terminal: plain lines)
     for path, target in zip((p for p, _ in files), targets):
         result = RestoreResult(str(path))
         results.append(result)
