@@ -46,7 +46,7 @@ def take(loader, n: int) -> list[dict]:
 def one_epoch(loader: DaliLoader) -> list[np.ndarray]:
     """Every clean crop (H x W x 3 uint8, as the pipeline emits it) of one pass of the loader's reader
     shard (batch size 1, so nothing is dropped)."""
-    return [out["clean"][0].numpy() for (out,) in loader._build()]
+    return [out["clean"][0].numpy() for (out,) in loader._build(endless=False)]
 
 
 def u8(x: torch.Tensor) -> np.ndarray:

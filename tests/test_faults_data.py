@@ -56,7 +56,7 @@ def digest(rgb: np.ndarray) -> str:
 
 def dali_epoch(loader) -> list[np.ndarray]:
     """Every crop of one pass of a DaliLoader (batch size 1, centred crops: ``augment=False``)."""
-    return [out["clean"][0].numpy() for (out,) in loader._build()]
+    return [out["clean"][0].numpy() for (out,) in loader._build(endless=False)]
 
 
 # -- DALI ---------------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@
 On a GPU the image decode runs ``mixed`` (nvJPEG / nvJPEG2000; PNG decodes on the CPU inside DALI; raw tiles
 need no decode) and crop, mirror and ``jpeg_compression_distortion`` run on the GPU; with ``device_id=None`` everything runs on the CPU
 (CI, laptops). The reader is sharded by rank (``shard_id``/``num_shards``), shuffles within
-``initial_fill`` samples (shards are shuffled at prepare time), pads the last batch, and is named "Reader"
-so the iterator sizes epochs per shard.
+``initial_fill`` samples (shards are shuffled at prepare time) and streams across epochs as the torch loader
+does: a batch that crosses the end of a pass takes the rest from the next, so a rank with fewer samples than a
+batch still trains, and no sample is dropped at an epoch's end.
 
 Resume: DALI's stream is not resumed sample-exactly (the torch loader is). After a resume the reader
 starts a new pass with a seed derived from the number of batches already consumed, so a resumed run does
@@ -37,8 +38,8 @@ import torch
 
 from dist_dejpeg.data.index import check_indexes
 from dist_dejpeg.data.contract import quality_weights, to_device
-from dist_dejpeg.data.verify import (SKIP_REASONS, dali_usable, over_limit, raw_side, scan_shards, too_many, unreadable,
-                                     write_index)
+from dist_dejpeg.data.verify import (SKIP_REASONS, TooFewSamples, dali_usable, over_limit, raw_side, scan_shards,
+                                     too_many, unreadable, write_index)
 from dist_dejpeg.jpeg.formats import ENCODED_SHARD_EXTS
 
 
@@ -93,7 +94,7 @@ if HAVE_DALI:
         encoded = fn.readers.webdataset(
             paths=paths, index_paths=index_paths, ext=["raw" if raw_tile else EXTENSIONS],
             missing_component_behavior="skip", shard_id=shard_id, num_shards=num_shards, random_shuffle=augment,
-            initial_fill=initial_fill, pad_last_batch=True, name="Reader")
+            initial_fill=initial_fill, name="Reader")
         if raw_tile:
             images = fn.reshape(encoded, shape=[raw_tile, raw_tile, 3], layout="HWC")
             images = images.gpu() if gpu else images
@@ -169,6 +170,10 @@ class DaliLoader:
         if usable.good == 0:
             raise RuntimeError(f"all {usable.bad} samples of the {len(self.shards)} shards were skipped "
                                f"({usable.counts}); e.g. {usable.examples[0] if usable.examples else ''}")
+        if usable.good < self.world:  # DALI's reader fails on a rank with none ("pipeline object is no longer valid")
+            raise TooFewSamples(f"{usable.good} usable training sample(s) in {len(self.shards)} shards for "
+                                f"{self.world} processes, which need one each: lower train.processes, or prepare "
+                                f"more tiles" + (f" (left out: {usable.counts})" if usable.bad else ""))
         if usable.bad:  # (every rank scans every shard: rank 0 says it)
             (log.warning if self.rank == 0 else log.debug)("DALI loader: leaving out %d bad samples %s; e.g. %s",
                                                            usable.bad, usable.counts, "; ".join(usable.examples[:3]))
@@ -193,7 +198,10 @@ class DaliLoader:
         over ranks). Counted once, not at every epoch as the torch loader counts the samples it meets."""
         return dict(self.bad) if self.rank == 0 else dict.fromkeys(SKIP_REASONS, 0)
 
-    def _build(self):
+    def _build(self, endless: bool = True):
+        """The pipeline's iterator. ``endless``: one stream across epochs, as the torch loader's (a batch that
+        crosses an epoch's end takes the rest from the next pass; a rank with fewer samples than a batch still
+        fills one). Else one pass of this rank's reader shard, its partial last batch dropped (tests)."""
         gpu = self.device.type == "cuda"
         pipe = degrade_pipeline(
             paths=self.shards, index_paths=self.index_paths or [], crop=self.crop, quality_range=self.quality_range,
@@ -212,13 +220,13 @@ class DaliLoader:
                 raise unreadable(*bad, f"; DALI said: {said}") from None
             raise RuntimeError(f"DALI could not read the shards: no tar was found unreadable by Python's tarfile. "
                                f"DALI said: {said}") from None
-        return DALIGenericIterator(pipe, ["jpeg", "clean", "quality"], reader_name="Reader", auto_reset=True,
+        if endless:  # size -1, no reader_name: DALI does not size epochs, the reader wraps round at the end of each
+            return DALIGenericIterator(pipe, ["jpeg", "clean", "quality"])
+        return DALIGenericIterator(pipe, ["jpeg", "clean", "quality"], reader_name="Reader",
                                    last_batch_policy=LastBatchPolicy.DROP)
 
     def __iter__(self) -> Iterator[dict]:
-        iterator = self._build()
-        while True:
-            for (out,) in iterator:
-                self.consumed += 1
-                yield to_device({"jpeg": out["jpeg"].permute(0, 3, 1, 2), "clean": out["clean"].permute(0, 3, 1, 2),
-                                 "quality": out["quality"].reshape(-1)}, self.device, self.channels_last)
+        for (out,) in self._build():
+            self.consumed += 1
+            yield to_device({"jpeg": out["jpeg"].permute(0, 3, 1, 2), "clean": out["clean"].permute(0, 3, 1, 2),
+                             "quality": out["quality"].reshape(-1)}, self.device, self.channels_last)

@@ -1,0 +1,54 @@
+"""The DALI loader trains on what the torch loader trains on: small sets, the same pixels, the same crop offsets
+(CPU pipeline, device_id=None)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+dali = pytest.importorskip("dist_dejpeg.data.dali")
+if not dali.HAVE_DALI:  # pragma: no cover - CI installs DALI with the test extra
+    pytest.skip("NVIDIA DALI is not installed (pip install -e '.[test]' installs it)", allow_module_level=True)
+
+from dist_dejpeg.data.dali import DaliLoader  # noqa: E402
+from dist_dejpeg.data.verify import TooFewSamples  # noqa: E402
+
+
+def png(image: np.ndarray | Image.Image, **save) -> bytes:
+    buf = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, "PNG", **save)
+    return buf.getvalue()
+
+
+def coded_tile(side: int, ident: int) -> np.ndarray:
+    """R: the column, G: the row, B: the sample's id (a crop says where it came from)."""
+    tile = np.zeros((side, side, 3), np.uint8)
+    tile[..., 0], tile[..., 1], tile[..., 2] = np.arange(side)[None, :], np.arange(side)[:, None], ident
+    return tile
+
+
+def coded_shard(write_tar, path, count: int, side: int) -> str:
+    return str(write_tar(path, [(f"t{i:03d}", {"png": png(coded_tile(side, i))}) for i in range(count)]))
+
+
+def ids(batch) -> list[int]:
+    return [int(round(float(x) * 255)) for x in batch["clean"][:, 2, 0, 0]]
+
+
+def test_a_rank_with_fewer_samples_than_a_batch_trains(tmp_path, write_tar):
+    """5 tiles, batches of 8 (the torch loader trains on it): "no data in the pipeline" from DALI's iterator before.
+    The stream crosses epochs as the torch loader's does: every tile in the first batch, then the next pass."""
+    shard = coded_shard(write_tar, tmp_path / "train-000000.tar", 5, 40)
+    batches = [b for _, b in zip(range(3), DaliLoader([shard], 32, (10, 40), 8, num_threads=1, initial_fill=1))]
+    assert [b["clean"].shape[0] for b in batches] == [8, 8, 8]
+    seen = sum((ids(b) for b in batches), [])
+    assert sorted(seen[:5]) == list(range(5)) and sorted(seen[5:10]) == list(range(5)), seen
+
+
+def test_more_processes_than_samples_is_said(tmp_path, write_tar):
+    shard = coded_shard(write_tar, tmp_path / "train-000000.tar", 3, 40)
+    with pytest.raises(TooFewSamples, match="3 usable training sample.*4 processes.*train.processes"):
+        DaliLoader([shard], 32, (10, 40), 2, rank=3, world=4, num_threads=1)
