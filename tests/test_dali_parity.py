@@ -14,6 +14,7 @@ if not dali.HAVE_DALI:  # pragma: no cover - CI installs DALI with the test extr
     pytest.skip("NVIDIA DALI is not installed (pip install -e '.[test]' installs it)", allow_module_level=True)
 
 from dist_dejpeg.data.dali import DaliLoader  # noqa: E402
+from dist_dejpeg.data.images import decode_component  # noqa: E402
 from dist_dejpeg.data.verify import TooFewSamples  # noqa: E402
 
 
@@ -52,3 +53,20 @@ def test_more_processes_than_samples_is_said(tmp_path, write_tar):
     shard = coded_shard(write_tar, tmp_path / "train-000000.tar", 3, 40)
     with pytest.raises(TooFewSamples, match="3 usable training sample.*4 processes.*train.processes"):
         DaliLoader([shard], 32, (10, 40), 2, rank=3, world=4, num_threads=1)
+
+
+def test_transparent_tiles_are_left_out_and_opaque_alpha_is_read(tmp_path, write_tar):
+    """DALI's decode drops alpha; the torch loader and validation composite it on white (up to 127 levels apart on
+    a half-transparent tile). A tile with transparent pixels is left out, counted, with data.backend=torch named;
+    an alpha channel that is opaque everywhere reads the same pixels in both."""
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    opaque = png(np.dstack([rgb, np.full((40, 40), 255, np.uint8)]))
+    samples = [("half", {"png": png(np.dstack([rgb, np.full((40, 40), 128, np.uint8)]))}),
+               ("gray_alpha", {"png": png(np.dstack([rgb[..., 0], rgb[..., 1]]))}),
+               ("palette", {"png": png(Image.fromarray(rgb).convert("P"), transparency=0)}),
+               ("opaque", {"png": opaque})]
+    shard = str(write_tar(tmp_path / "train-000000.tar", samples))
+    loader = DaliLoader([shard], 40, (50, 50), 1, augment=False, num_threads=1, max_bad_samples=-1)
+    assert loader.skipped()["no_image"] == 3
+    crops = [out["clean"][0].numpy() for (out,) in loader._build(endless=False)]
+    assert len(crops) == 1 and np.array_equal(crops[0], decode_component("png", opaque))

@@ -52,6 +52,22 @@ def is_jpeg_xl(data: bytes) -> bool:
     return data[:2] == b"\xff\x0a" or data[:12] == b"\0\0\0\x0cJXL \r\n\x87\n"
 
 
+def has_alpha(img: Image.Image) -> bool:
+    """Whether ``img`` carries transparency that to_rgb8 composites on white (from its header: mode, tRNS)."""
+    return img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)
+
+
+def translucent(data: bytes) -> bool:
+    """Whether the image in ``data`` has a pixel that is not fully opaque: to_rgb8 composites it on white, a
+    decoder that drops the alpha channel (DALI's) reads other colours there. An opaque alpha channel reads the
+    same either way. Decodes only an image whose header has alpha; False for one that does not open."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return has_alpha(img) and img.convert("RGBA").getchannel("A").getextrema()[0] < 255
+    except Exception:  # noqa: BLE001 - a bad image is decode_rgb8's to report
+        return False
+
+
 def to_rgb8(img: Image.Image) -> np.ndarray:
     """Any PIL image (grayscale, RGBA, palette, 16-bit, CMYK, ...) as an H x W x 3 uint8 array, its colours read
     as restore reads them (jpeg.formats.rgb_image)."""
@@ -65,7 +81,7 @@ def to_rgb8(img: Image.Image) -> np.ndarray:
         scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
         arr = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
         return np.repeat(arr[..., None], 3, axis=2)
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    if has_alpha(img):
         # Composite on white: a transparent area has no "true" colour, white is the common convention.
         rgba = img.convert("RGBA")
         base = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

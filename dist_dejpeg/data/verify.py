@@ -24,14 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_dejpeg.data.images import BadImage, decode_component
+from dist_dejpeg.data.images import BadImage, decode_component, translucent
 from dist_dejpeg.jpeg.formats import SHARD_EXTS
 from dist_dejpeg.run.files import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("corrupt", "too_small", "no_image", "bad_tar")
-SCAN_VERSION = 2  # 2: a corrupt header before the end of a shard is found (verify.unread_tail)
+SCAN_VERSION = 3  # 2: a corrupt header before the end of a shard is found (verify.unread_tail); 3: "translucent"
 EXAMPLES = 5  # reasons quoted in a message
 KINDS = ("encoded", "raw")  # what DALI reads of a data set, by whether its tiles are raw (dali_usable)
 
@@ -150,12 +150,15 @@ def _check_sample(f, sample: dict) -> None:
         sample["side"] = side
         return
     f.seek(offset)
+    data = f.read(size)
     try:
-        rgb = decode_component(ext, f.read(size))
+        rgb = decode_component(ext, data)
     except BadImage as err:
         sample["error"] = str(err)
         return
     sample["side"] = int(min(rgb.shape[:2]))
+    if translucent(data):  # DALI's decode would drop the alpha the torch loader composites on white
+        sample["translucent"] = True
 
 
 def scan_shards(shards: list[str], threads: int = 1) -> dict[str, dict]:
@@ -225,6 +228,10 @@ def dali_usable(scans: dict[str, dict], crop: int, raw_tile: int = 0) -> Usable:
                                          f"{sorted(c[0] for c in sample['components'])}" + (
                                              f"; DALI reads one kind per data set, here {KINDS[bool(raw_tile)]} "
                                              f"tiles: data.backend=torch reads both)" if image else ")"))
+            elif sample.get("translucent"):
+                usable.count("no_image", f"{where}: has transparent pixels, which DALI's decode would read as other "
+                                         f"colours than the torch loader and validation (they composite them on "
+                                         f"white): data.backend=torch reads it")
             elif sample["error"]:
                 usable.count("corrupt", f"{where}: {sample['error']}")
             elif raw_tile and sample["side"] != raw_tile:
