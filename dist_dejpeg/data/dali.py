@@ -45,6 +45,7 @@ from dist_dejpeg.jpeg.formats import ENCODED_SHARD_EXTS
 
 try:
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
     HAVE_DALI = True
@@ -77,6 +78,15 @@ if HAVE_DALI:
         neighbour on a square keeps every pixel), counter-clockwise as np.rot90 with k = angle / 90."""
         return fn.rotate(images, angle=angle, interp_type=types.INTERP_NN, keep_size=True)
 
+    def crop_position(size, crop):
+        """A crop's relative position (DALI's crop_pos, whose offset is round(pos * (size - crop))) for an offset drawn
+        uniformly from the size - crop + 1 whole ones, as the torch loader draws it: a uniform pos would give the
+        two end offsets half a step each, half as often as the others. ``size``: an int or a per-sample node."""
+        fixed = isinstance(size, int)
+        span = float(size - crop) if fixed else fn.cast(size, dtype=types.FLOAT) - crop
+        offset = dmath.min(dmath.floor(fn.random.uniform(range=(0.0, 1.0)) * (span + 1)), span)  # (u < 1: a guard)
+        return offset / (max(span, 1.0) if fixed else dmath.max(span, 1.0))
+
     def train_quality(quality_range, quality_power):
         """A per-sample training quality: uniform over the range (quality_power 0, the draws of earlier runs), or
         weighted as the torch loader draws it (contract.quality_weights)."""
@@ -103,8 +113,9 @@ if HAVE_DALI:
         if augment:
             # One pass for crop + horizontal mirror (a separate fn.flip costs a full copy per crop); any
             # pixel offset, so the crop's phase within the 8x8 JPEG grid of the source varies too.
-            clean = fn.crop_mirror_normalize(images, crop=(crop, crop), crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
-                                             crop_pos_y=fn.random.uniform(range=(0.0, 1.0)),
+            shape = [raw_tile, raw_tile] if raw_tile else fn.peek_image_shape(encoded)  # H, W (, C)
+            clean = fn.crop_mirror_normalize(images, crop=(crop, crop), crop_pos_x=crop_position(shape[1], crop),
+                                             crop_pos_y=crop_position(shape[0], crop),
                                              mirror=fn.random.coin_flip(), dtype=types.UINT8, output_layout="HWC")
             quality = train_quality(quality_range, quality_power)
             if rot90:  # before the degradation: the crop's own 8x8 JPEG grid is unaffected
