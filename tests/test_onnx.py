@@ -130,6 +130,7 @@ def test_export_matches_pytorch_on_a_photo_at_two_sizes(exported, capsys):
     assert "quality" in meta["input"]
     # what the guard and the Restorer need, for any runtime: conditioned, the training step, the stride
     assert (meta["conditioned"], meta["global_step"], meta["pad_to"]) == ("true", "7", "8")
+    assert meta["attention_at"] == "4"  # (asked 8; the skips of a stride-8 U-Net are at 2 and 4: the memory guard's)
     assert meta["encoder_init"] == "random init" and meta["code"] == "dist_dejpeg 0.1.0 (abc1234)"  # (report: trained by)
     assert json.loads(meta["train_shards"]) == {"train-000000.tar": "10240:0123456789abcdef"}  # evaluate's "seen in training"
     assert json.loads(meta["train_sources"]) == {"fedcba9876543210": "astronaut"}  # and its photos, by their pixels
@@ -286,13 +287,15 @@ def test_onnx_restore_tiles_blends_and_guards_like_pytorch(exported, tmp_path, c
         expected = load_model(model)[0](torch.from_numpy(small), torch.tensor([10.0])).numpy()
     assert np.abs(onnx.forward(small.copy(), 10) - expected).max() < 2 / 255
 
-    # a window whose attention score matrix would not fit (a whole 2K image: 7 GB) is refused, saying to tile
+    # a window whose attention score matrix would not fit (a whole 2K image: 7 GB) is refused, saying the largest tile
+    # that fits; the stride is where the attention sits (4), not the config's 8 (there the whole image: 7 MB)
     from dist_dejpeg.restore import onnx_backend
 
-    monkeypatch.setattr(onnx_backend, "MAX_SCORES_BYTES", 1 << 20)  # this model's whole 300 x 280: 7 MB
-    with pytest.raises(ValueError, match="--tile 512"):
+    monkeypatch.setattr(onnx_backend, "MAX_SCORES_BYTES", 8 << 20)  # this model's whole 300 x 280: 110 MB
+    with pytest.raises(ValueError, match=r"\(at stride 4\) would hold a 0.1 GB score matrix, over its 8 MB limit; "
+                                         r".*\(--tile 128 --overlap 32\)"):
         open_restorer(onnx_path, tile=0).restore_array(jpeg, 10)
-    assert open_restorer(onnx_path, **tiled).restore_array(jpeg, 10).shape == jpeg.shape  # 16 x 16: 0.3 MB
+    assert open_restorer(onnx_path, **tiled).restore_array(jpeg, 10).shape == jpeg.shape  # 32 x 32: 4 MB
 
     output, _ = cli.communicate(timeout=120)
     assert cli.returncode == 0 and "imported: []" in output, output
@@ -337,6 +340,43 @@ def test_onnx_backend_centres_a_padded_windows_correction_over_the_image(monkeyp
     np.testing.assert_allclose(got, batch + c - c.mean((-2, -1), keepdims=True), atol=1e-6)
     onnx.keep_mean = False  # an export without keep_mean: what the session gave, cropped
     assert np.abs(onnx.forward(batch.copy()) - got).max() > 1e-3
+
+
+def test_onnx_memory_guard_says_the_tile_or_batch_that_fits_at_the_attentions_stride(monkeypatch):
+    """The guard took the config's attention_stride (32 on a stride-16 U-Net, whose attention sits at 8: the matrix
+    under-estimated 256x) and its advice was fixed text ("--tile 512, the default") that a stride-2 model on --tile
+    512 could not follow. It reads the export's attention_at (an older export: the ask, taken to the strides below
+    pad_to) and says the largest --tile or --batch-size that fits, or the PyTorch model where no tile does."""
+    from dist_dejpeg.restore import onnx_backend
+    from dist_dejpeg.restore.onnx_backend import OnnxRestorer, attention_at
+
+    assert attention_at({"attention_at": "8"}, {"attention_stride": 32}, 16) == 8
+    assert attention_at({"attention_at": "null"}, {}, 32) == 0  # (no self-attention)
+    assert attention_at({}, {"attention_stride": 32}, 16) == 8  # an export from before attention_at
+    assert attention_at({}, {"attention_stride": 1}, 32) == 2 and attention_at({}, {}, 32) == 8
+    assert attention_at({}, {"self_attention": False, "attention_stride": 8}, 32) == 0
+
+    def restorer(stride, tile=512, overlap=64, batch_size=1):
+        onnx = object.__new__(OnnxRestorer)
+        onnx.attention_stride, onnx.tile, onnx.overlap, onnx.batch_size = stride, tile, overlap, batch_size
+        return onnx
+
+    def refusal(onnx, n, h, w):
+        with pytest.raises(ValueError) as err:
+            onnx.forward(np.zeros((n, 3, h, w), np.float32))
+        return str(err.value)
+
+    said = refusal(restorer(2), 1, 512, 512)  # stride 2 at --tile 512: 16 GB
+    assert "(at stride 2) would hold a 16.0 GB score matrix, over its 1.0 GB limit" in said
+    assert said.endswith("restore in tiles of at most 256 px (--tile 256)"), said
+    said = refusal(restorer(4, batch_size=4), 4, 512, 512)  # CUDA's batch of 4 at stride 4: 4 GB
+    assert said.endswith("restore with --batch-size 1 (or --tile 352)"), said
+    said = refusal(restorer(8, tile=0, overlap=64), 1, 2040, 1356)  # a whole 2K photo at stride 8
+    assert said.endswith("(--tile 1024)"), said
+    monkeypatch.setattr(onnx_backend, "MAX_SCORES_BYTES", 1 << 20)
+    said = refusal(restorer(2), 1, 512, 512)
+    assert "over its 1 MB limit; no tile size fits (a 64 px tile: 4 MB)" in said and "the PyTorch model" in said, said
+    assert refusal(restorer(4, tile=128), 1, 128, 128).endswith("(--tile 64 --overlap 16)")
 
 
 def test_export_refuses_at_once_what_would_fail_after_exporting(tmp_path, capsys):

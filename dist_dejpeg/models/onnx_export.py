@@ -19,12 +19,13 @@ tiny images, onnxruntime rejects them ("Pad reflect: post-pad exceeds maximum al
 What the guard needs is in the file's metadata_props, each a string: ``val_psnr_gain``, ``val_psnr_gain_low``,
 ``val_jpeg_psnr``, ``val_psnr_gain_conformed`` and ``val_psnr_gain_conformed_low`` (JSON ``{quality: dB}``) and
 ``cell_half_width`` (JSON ``{quality: half-width}``), ``conditioned`` ("true"/"false"), ``encoder``, ``encoder_init``,
-``global_step``, ``lpips``, ``pad_to``, ``model`` (the config as JSON), ``source``, ``train_shards`` (JSON ``{shard file
-name: size and hash of its start}``: what evaluate calls seen in training) and, exported from a checkpoint,
-``train_shards_from`` (the folder they were read from, or "none: ..." and why); :func:`read_onnx_metadata` reads them
-back. ``dist-dejpeg restore --model dejpeg.onnx`` runs the file on onnxruntime with the same tiling, blending and guard
-as the PyTorch model (restore/onnx_backend.py, without importing torch): a tiled restore is what matches, not one
-forward pass over the whole image.
+``global_step``, ``lpips``, ``pad_to``, ``attention_at`` (JSON: the stride the self-attention sits at, the skip
+stride nearest the config's ``attention_stride``; null without one), ``model`` (the config as JSON), ``source``,
+``train_shards`` (JSON ``{shard file name: size and hash of its start}``: what evaluate calls seen in training) and,
+exported from a checkpoint, ``train_shards_from`` (the folder they were read from, or "none: ..." and why);
+:func:`read_onnx_metadata` reads them back. ``dist-dejpeg restore --model dejpeg.onnx`` runs the file on
+onnxruntime with the same tiling, blending and guard as the PyTorch model (restore/onnx_backend.py, without importing
+torch): a tiled restore is what matches, not one forward pass over the whole image.
 
 How: torch.onnx's dynamo exporter (``torch.export``): the TorchScript exporter traces the generator's
 pad-to-a-multiple-of-32 amounts as constants, so its graph only fits the example size. ``Generator.correction``
@@ -211,6 +212,8 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
             **{key: json.dumps({str(k): v for k, v in ((info or {}).get(key) or {}).items()})
                for key in (JPEG_PSNR, *CONFORMED_KEYS)},
             "conditioned": json.dumps(conditioned), "pad_to": str(exported.pad_to),
+            # the stride the attention sits at (null: none), not the config's ask: onnx_backend's memory guard
+            "attention_at": json.dumps(getattr(reference, "attention_at", None)),
             "encoder_init": str((info or {}).get("encoder_init") or ("ImageNet" if cfg.get("pretrained") else
                                                                      "random init")),
             "global_step": json.dumps((info or {}).get("global_step")), "lpips": str((info or {}).get("lpips") or ""),

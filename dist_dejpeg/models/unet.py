@@ -117,9 +117,10 @@ class Generator(nn.Module):
         self.middle = nn.Sequential(norm_layer(norm, chans[-1]), act(),
                                     ConvBlock(chans[-1], width, sn=spectral_norm, norm=norm),
                                     ConvBlock(width, width, sn=spectral_norm, norm=norm))
-        # Put attention at the requested stride, or the nearest available one.
-        skip_strides = strides[:-1]
-        attn_at = min(skip_strides, key=lambda s: abs(math.log2(s) - math.log2(max(attention_stride, 1))))
+        # Put attention at the requested stride, or the nearest available one (attention_note says which)
+        attn_at = nearest_stride(strides[:-1], attention_stride)
+        self.attention_at = attn_at if self_attention else None  # (the ONNX export records it: its memory guard)
+        self.attention_stride = attention_stride
         blocks, outs, prev, prev_stride = [], [], width, strides[-1]
         for i in range(len(chans) - 2, -1, -1):
             out = max(decoder_width >> (len(chans) - 1 - i), 16)
@@ -182,6 +183,23 @@ class Generator(nn.Module):
         0 or None: unknown), used by a conditioned generator and ignored by a blind one. Returns the restored
         image, same shape, in [0, 1]."""
         return (degraded + self.correction(degraded, quality)).clamp(0.0, 1.0)
+
+
+def nearest_stride(skip_strides, asked: int) -> int:
+    """The skip stride nearest ``asked`` (in octaves; of two as near, the smaller): where the attention sits."""
+    return min(skip_strides, key=lambda s: abs(math.log2(s) - math.log2(max(asked, 1))))
+
+
+def attention_note(generator: Generator) -> str | None:
+    """A warning's text where ``model.attention_stride`` is not one of the encoder's skip strides (the decoder puts
+    the attention at the nearest one: a silent change of the asked memory and receptive field); None where it is,
+    or where the generator has no self-attention."""
+    at, asked = getattr(generator, "attention_at", None), getattr(generator, "attention_stride", None)
+    if at is None or asked == at:
+        return None
+    return (f"model.attention_stride={asked} is not one of the encoder's skip strides {generator.strides[:-1]} (its "
+            f"stages to stride {generator.strides[-1]}, model.encoder_depth): the self-attention sits at the nearest, "
+            f"stride {at}")
 
 
 # the ModelConfig keys that describe the module (the others are training settings: channels_last, sync_bn, ...)

@@ -24,6 +24,7 @@ buffers of the first call are reused by the next).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -36,7 +37,8 @@ from dist_dejpeg.restore.base import ImageRestorer, check_tiling
 
 # The export's self-attention holds its whole score matrix (L x L floats, L = the positions at its stride; PyTorch
 # runs a blocked kernel instead): a whole 1024 x 1024 image peaked at 2.5 GB, a 2040 x 1356 one ran a 24 GB machine
-# out of memory. A window whose matrix would exceed this is refused with the advice to tile (512 px: 64 MB).
+# out of memory. A window whose matrix would exceed this is refused with the largest tile (or batch) that fits
+# (512 px at stride 8: 64 MB). The stride is where the export's attention sits (its metadata ``attention_at``).
 MAX_SCORES_BYTES = 1 << 30
 
 
@@ -83,13 +85,53 @@ def onnx_info(path, meta: dict[str, str], session) -> dict:
 
     model = parsed("model", {})
     step = parsed("global_step", None)
+    pad_to = int(meta.get("pad_to") or 32)
     return {"source": str(path), "format": "onnx", "exported_from": meta.get("source", ""),
             "global_step": step if isinstance(step, int) else None, "lpips": meta.get("lpips", ""),
             "code": meta.get("code", ""),
             **file_gains(meta), TRAIN_SHARDS: file_train_shards(meta), TRAIN_SOURCES: file_train_sources(meta),
             "encoder": meta.get("encoder", model.get("encoder", "")),
             "encoder_init": meta.get("encoder_init") or ("ImageNet" if model.get("pretrained") else "random init"),
-            "model": model, "provider": session.get_providers()[0], "pad_to": int(meta.get("pad_to") or 32)}
+            "model": model, "provider": session.get_providers()[0], "pad_to": pad_to,
+            "attention_at": attention_at(meta, model, pad_to)}
+
+
+def attention_at(meta: dict[str, str], model: dict, pad_to: int) -> int:
+    """The stride the export's self-attention runs at (0: none): its metadata ``attention_at``. An export from
+    before it has the config's ``attention_stride`` only, which the U-Net takes to the nearest of its encoder's
+    skip strides: those are taken as 2, 4, ... below ``pad_to`` (the encoder's largest stride; an encoder whose
+    first stage is at 4 is taken as finer than it is, which over-estimates the matrix: refuses more, never less)."""
+    if "attention_at" in meta:
+        try:
+            return int(json.loads(meta["attention_at"]) or 0)
+        except (ValueError, TypeError):
+            pass
+    if not model.get("self_attention", True):
+        return 0
+    asked = max(int(model.get("attention_stride", 8)), 1)
+    skips = [1 << i for i in range(1, max(pad_to.bit_length() - 1, 2))]
+    return min(skips, key=lambda s: abs(math.log2(s) - math.log2(asked)))
+
+
+def score_bytes(n: int, h: int, w: int, stride: int) -> int:
+    """Bytes of the float32 score matrix a batch of ``n`` h x w windows holds in the export's attention at ``stride``
+    (L x L per window, L: its positions at that stride)."""
+    return n * (-(-h // stride) * -(-w // stride)) ** 2 * 4
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2 ** 30:.1f} GB" if nbytes >= 2 ** 30 / 10 else f"{nbytes / 2 ** 20:.0f} MB"
+
+
+def largest_tile(stride: int, batch: int) -> int | None:
+    """The largest tile (a multiple of 32, at least 64: check_tiling's) whose ``batch`` windows fit
+    MAX_SCORES_BYTES at ``stride``; None where not even a 64 px one does."""
+    tile = None
+    for t in range(64, 16385, 32):
+        if score_bytes(batch, t, t, stride) > MAX_SCORES_BYTES:
+            break
+        tile = t
+    return tile
 
 
 def open_session(path, device: str = "cpu", threads: int | None = None):
@@ -151,8 +193,7 @@ class OnnxRestorer(ImageRestorer):
         self.pad_to = info["pad_to"]
         model_cfg = info["model"] or {}
         self.keep_mean = bool(model_cfg.get("keep_mean", False))
-        self.attention_stride = max(int(model_cfg.get("attention_stride", 8)), 2) if model_cfg.get(
-            "self_attention", True) else 0
+        self.attention_stride = info["attention_at"]  # where the attention sits (0: none), not the config's ask
         cuda = info["provider"] == "CUDAExecutionProvider"
         self.device = f"{'cuda' if cuda else 'cpu'} (onnxruntime)"
         batch_size = (4 if cuda else 1) if batch_size is None else batch_size
@@ -166,12 +207,8 @@ class OnnxRestorer(ImageRestorer):
         over the image (exact where no restored value was clipped to 0 or 1, which the shift is measured
         without)."""
         h, w = batch.shape[-2:]
-        if self.attention_stride:
-            positions = -(-h // self.attention_stride) * -(-w // self.attention_stride)
-            if batch.shape[0] * positions ** 2 * 4 > MAX_SCORES_BYTES:
-                raise ValueError(f"a {w} x {h} window is too large for the ONNX model: its self-attention would "
-                                 f"hold a {batch.shape[0] * positions ** 2 * 4 / 2 ** 30:.1f} GB score matrix; "
-                                 f"restore in tiles (--tile 512, the default)")
+        if self.attention_stride and score_bytes(len(batch), h, w, self.attention_stride) > MAX_SCORES_BYTES:
+            raise ValueError(self.too_large(len(batch), h, w))
         x = batch
         ph, pw = (-h) % self.pad_to, (-w) % self.pad_to
         if ph >= h or pw >= w:
@@ -187,3 +224,26 @@ class OnnxRestorer(ImageRestorer):
                 inside.sum((-2, -1), keepdims=True), 1)
             out = np.clip(out - shift, 0.0, 1.0)
         return out
+
+    def too_large(self, n: int, h: int, w: int) -> str:
+        """What to do about a batch of ``n`` h x w windows whose score matrix exceeds MAX_SCORES_BYTES: the largest
+        --batch-size or --tile that fits (computed, at this stride and batch), or the PyTorch model where none does."""
+        stride = self.attention_stride
+        what = f"{n} windows of {w} x {h}" if n > 1 else f"a {w} x {h} window"
+        said = (f"{what} is too large for the ONNX model: its self-attention (at stride {stride}) would hold a "
+                f"{_size(score_bytes(n, h, w, stride))} score matrix, over its {_size(MAX_SCORES_BYTES)} limit; ")
+        batch = getattr(self, "batch_size", 1) or 1
+        tile, overlap = largest_tile(stride, batch), getattr(self, "overlap", 0)
+        if n > 1 and score_bytes(1, h, w, stride) <= MAX_SCORES_BYTES:
+            fits = MAX_SCORES_BYTES // score_bytes(1, h, w, stride)
+            return said + f"restore with --batch-size {fits}" + (f" (or --tile {tile})" if tile else "")
+        if tile is None and batch > 1:
+            tile, batch_note = largest_tile(stride, 1), " --batch-size 1"
+        else:
+            batch_note = ""
+        if tile is None:
+            return said + (f"no tile size fits (a 64 px tile: {_size(score_bytes(1, 64, 64, stride))}): "
+                           f"restore with the PyTorch model (its generator.safetensors or run folder), whose "
+                           f"attention runs a blocked kernel")
+        overlap_note = f" --overlap {tile // 4}" if overlap >= tile // 2 else ""
+        return said + f"restore in tiles of at most {tile} px (--tile {tile}{overlap_note}{batch_note})"
