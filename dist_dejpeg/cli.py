@@ -242,14 +242,15 @@ def _train_command(args: argparse.Namespace) -> int:
 def _refused(cfg, resume: str | None) -> int:
     """--dry-run's checks of what the start would refuse, said now (exit 2) and not after the ranks' start-up:
     resuming the run folder's checkpoint (its phases, global batch, process count, the model's shapes), building
-    the model (the encoder's name and stages; no weights read: those are checked at the start, where they are) and
-    the shards' tiles (no smaller than the crop; shards not found here are a warning)."""
+    the model (the encoder's name and stages, a model.init_from's config: there, of these shapes; no weights read:
+    checked at the start, where they are) and the shards' tiles (no smaller than the crop; none here: a warning)."""
     import dataclasses
 
     from dist_dejpeg.config import ConfigError
-    from dist_dejpeg.models.unet import build_generator
+    from dist_dejpeg.models.unet import attention_note, build_generator
     from dist_dejpeg.models.weights import EncoderError
     from dist_dejpeg.train.build import refused_before_launch
+    from dist_dejpeg.train.init_from import init_from_config
     from dist_dejpeg.train.launch import ranks_here
     from dist_dejpeg.train.data_checks import check_shards_exist, check_train_tiles
     from dist_dejpeg.train.resume import check_before_start
@@ -258,7 +259,9 @@ def _refused(cfg, resume: str | None) -> int:
         ranks = ranks_here(cfg.train.processes, cfg.train.cpu)
         check_before_start(cfg, resume, ranks)
         refused_before_launch(cfg, ranks)  # (fp16 on the CPU, DeepSpeed in one process with no launcher)
-        build_generator(dataclasses.replace(cfg.model, pretrained=False, init_from=""))
+        model = dataclasses.replace(init_from_config(cfg.model), pretrained=False, init_from="")  # (its config only)
+        if note := attention_note(build_generator(model)):
+            print(f"warning: {note}", file=sys.stderr)
         try:  # the shards: tiles the crop fits; not there here (a login node without the compute nodes' scratch,
             check_shards_exist(cfg)  # data prepared later, data.auto_prepare's): said, not refused
         except FileNotFoundError as err:

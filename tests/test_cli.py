@@ -319,6 +319,34 @@ def test_dry_run_says_what_the_start_would_refuse(tmp_path, capsys, sample_shard
     assert "DeepSpeed needs a launcher, even for one process" in capsys.readouterr().err
 
 
+def test_dry_run_and_the_launcher_check_model_init_from(tmp_path, capsys):
+    """`train --dry-run model.init_from=...` exited 0 for a source of other shapes or none at all, which the start
+    refused after its start-up (under train.processes=2, once both ranks had started): both check its config now
+    (no weights read). A model.attention_stride the encoder has no skip at is said (where the attention sits)."""
+    from dist_dejpeg.config import load_config
+    from dist_dejpeg.models.generator_file import save_generator
+    from dist_dejpeg.models.unet import build_generator
+
+    config = str(ROOT / "configs" / "debug.yaml")
+    small = ["model.encoder=mobilenetv3_small_050", "model.decoder_width=16"]
+    model = load_config(config, small).model
+    save_generator(build_generator(model), model, tmp_path / "g.safetensors")
+    run = ["train", "--config", config, *small, f"train.run_dir={tmp_path / 'run'}", "train.processes=1"]
+    source = f"model.init_from={tmp_path / 'g.safetensors'}"
+    assert main([*run, source, "model.blur=false", "--dry-run"]) == 0  # (blur makes no tensor: a fine-tune may switch)
+    assert "error" not in capsys.readouterr().err
+    assert main([*run, source, "model.decoder_width=32", "--dry-run"]) == 2
+    assert "is a generator of other shapes: model.decoder_width 16 (here 32)" in capsys.readouterr().err
+    assert main([*run, f"model.init_from={tmp_path / 'none'}", "--dry-run"]) == 2
+    assert f"config key 'model.init_from': {tmp_path / 'none'}: no such file" in capsys.readouterr().err
+    # the launcher of train.processes=2: said before it starts a rank, nothing made
+    assert main([*run, f"model.init_from={tmp_path / 'none'}", "train.processes=2", "train.cpu=true"]) == 2
+    assert "no such file or folder" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert main([*run, "model.attention_stride=32", "--dry-run"]) == 0  # (skips at 2, 4, 8: a stride-16 U-Net)
+    assert ("warning: model.attention_stride=32 is not one of the encoder's skip strides [2, 4, 8]"
+            in capsys.readouterr().err)
+
+
 def test_output_names_keep_sub_folders_and_every_input_apart():
     rels = [Path(p) for p in ("good.jpg", "good.JPEG", "good.png", "sub/good.jpg", "scan.tif", "x.webp")]
     assert [str(p) for p in output_names(rels)] == ["good.jpg.png", "good.JPEG.png", "good.png.png",

@@ -143,9 +143,10 @@ def test_readme_commands_parse_and_name_real_files(monkeypatch, capsys):
         assert not extra or (getattr(parsed, "overrides", None) is not None
                              and all("=" in e and not e.startswith("-") for e in extra)), (
             f"the README's `dist-dejpeg {shlex.join(args)}`: unrecognized arguments {extra}")
-        if args[0] == "train":  # the config and every override resolve (--resume: a run this checkout has not)
-            rest = [a for i, a in enumerate(args[1:]) if a != "--resume" and not (i and args[i] == "--resume"
-                                                                                   and "=" not in a)]
+        if args[0] == "train":  # the config and every override resolve (--resume, model.init_from: a run this
+            rest = [a for i, a in enumerate(args[1:]) if a != "--resume" and not (i and args[i] == "--resume"  # checkout
+                                                                                   and "=" not in a)  # has not)
+                    and not a.startswith("model.init_from=")]
             assert main(["train", "--dry-run", *rest]) == 0, f"dist-dejpeg {shlex.join(args)}"
     for command in commands:
         named = [w for w in command if re.match(r"(configs|launch|benchmarks)/", w)]

@@ -268,6 +268,47 @@ def test_exactly_one_decoder_block_has_self_attention(encoder):
     assert attn_count(g) == 0
 
 
+def test_attention_at_is_the_stride_the_attention_sits_at_and_another_ask_is_noted():
+    """attention_stride=32 on a stride-16 U-Net put the attention at stride 8, silently, and nothing recorded it: the
+    ONNX memory guard took 32 and under-estimated the score matrix 256x. The generator keeps where it is."""
+    from dist_dejpeg.models.unet import attention_note
+
+    g = _generator(encoder_depth=3, decoder_width=16)  # strides [2, 4, 8]: skips at 2 and 4; asked: 8 (the default)
+    assert g.attention_at == 4
+    assert [s for s, b in zip(reversed(g.strides[:-1]), g.blocks)
+            if any(isinstance(m, SelfAttention) for m in b.modules())] == [4]
+    note = attention_note(g)
+    assert note and "model.attention_stride=8 is not one of the encoder's skip strides [2, 4]" in note
+    assert note.endswith("the self-attention sits at the nearest, stride 4")
+    assert attention_note(_generator(encoder_depth=3, decoder_width=16, attention_stride=4)) is None
+    off = _generator(encoder_depth=3, decoder_width=16, self_attention=False)
+    assert off.attention_at is None and attention_note(off) is None
+
+
+def test_the_shape_keys_are_those_that_change_the_state_dict():
+    """init_from refused a source with another blur or keep_mean as "a generator of other shapes", though neither
+    makes a tensor. Each generator key, switched on a small generator: the shape keys (which init_from and resume
+    compare) change the state_dict's keys or shapes, the others (GENERATOR_NO_TENSOR) do not."""
+    from dist_dejpeg.train.init_from import GENERATOR_NO_TENSOR, GENERATOR_SHAPE_KEYS
+    from dist_dejpeg.train.resume import GENERATOR_RESUME_KEYS
+
+    base = dict(encoder_depth=3, decoder_width=16, attention_stride=4, decoder_norm="group")
+    other = dict(encoder="mobilenetv3_small_075", encoder_depth=4, decoder_width=24, blur=False, self_attention=False,
+                 attention_stride=2, spectral_norm=False, decoder_norm="batch", quality_conditioning=True,
+                 keep_mean=True)
+    # every key that describes the module is tried (the weights' origin, pretrained and encoder_weights, aside)
+    assert set(other) == set(GENERATOR_KEYS) - {"pretrained", "encoder_weights"}
+
+    def shapes(**kwargs):
+        return {k: tuple(v.shape) for k, v in _generator(**{**base, **kwargs}).state_dict().items()}
+
+    first = shapes()
+    changes = {key for key, value in other.items() if shapes(**{key: value}) != first}
+    assert changes == {k.removeprefix("model.") for k in GENERATOR_SHAPE_KEYS}
+    assert set(other) - changes == set(GENERATOR_NO_TENSOR) == {"blur", "keep_mean"}
+    assert set(GENERATOR_RESUME_KEYS) == {f"model.{k}" for k in other}  # a resumed run stays as it was trained
+
+
 # --------------------------------------------------------------------------------------------- critic
 
 

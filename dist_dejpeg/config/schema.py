@@ -49,12 +49,12 @@ class ModelConfig:
     encoder: str = "mobilenetv3_large_100"  # any timm model that supports features_only
     pretrained: bool = True  # ImageNet weights for the encoder (from the HF cache or encoder_weights)
     encoder_weights: str = ""  # explicit local weights file for the encoder (.safetensors/.pth); "" = cache
-    init_from: str = ""  # a new run's generator starts from a trained one (generator.safetensors, run or checkpoint folder; the generator's shape keys must match): its weights replace the initial ones (no ImageNet file is read), the encoder's lineage (pretrained) is the source's; keep it while the run goes on
+    init_from: str = ""  # a new run's generator starts from a trained one (generator.safetensors, run or checkpoint folder; the generator's shape keys must match; blur and keep_mean may differ): its weights replace the initial ones (no ImageNet file is read), the encoder's lineage (pretrained) is the source's; keep it while the run goes on
     encoder_depth: int = 0  # encoder stages the U-Net uses, from the first (0: all); 4 stops MobileNetV3 at stride 16
     decoder_width: int = 256  # channels of the deepest decoder block; halved per level, floor 16
     blur: bool = True  # blur after each pixel shuffle (removes checkerboard artefacts)
     self_attention: bool = True  # one self-attention block in the decoder
-    attention_stride: int = 8  # output stride of the decoder block that gets self-attention
+    attention_stride: int = 8  # output stride of the decoder block that gets self-attention (the encoder's nearest skip stride where it has no skip at this one: a warning says which)
     spectral_norm: bool = True  # spectral norm on the decoder convolutions (DeOldify; the norm layer: decoder_norm)
     decoder_norm: str = "group"  # decoder normalisation: group (each image's own statistics), batch (DeOldify's), none
     quality_conditioning: bool = False  # the decoder takes the JPEG quality (FiLM); 0/unknown runs blind

@@ -30,11 +30,11 @@ from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs,
 from dist_dejpeg.config import CUDAGRAPH_MODES, Config, ConfigError, ModelConfig, PhaseConfig
 from dist_dejpeg.data import ensure_samples
 from dist_dejpeg.models.critic import build_critic
-from dist_dejpeg.models.generator_file import load_model, model_config_at, resolve_model_path
+from dist_dejpeg.models.generator_file import load_model, resolve_model_path
 from dist_dejpeg.models.lpips import LPIPS
 from dist_dejpeg.models.names import ModelFileError
 from dist_dejpeg.models.sync_bn import convert_sync_batchnorm
-from dist_dejpeg.models.unet import build_generator
+from dist_dejpeg.models.unet import attention_note, build_generator
 from dist_dejpeg.models.weights import EncoderError
 from dist_dejpeg.run.lock import RunLock
 from dist_dejpeg.train.checkpoint import remove_partial
@@ -44,7 +44,7 @@ from dist_dejpeg.train.data_checks import check_shards_exist, check_train_tiles
 from dist_dejpeg.train.library_warnings import silence_library_warnings
 from dist_dejpeg.train.run_log import LOG_FORMAT
 from dist_dejpeg.train.phases import generator_updates, trains_critic, uses_lpips
-from dist_dejpeg.train.resume import GENERATOR_SHAPE_KEYS
+from dist_dejpeg.train.init_from import GENERATOR_NO_TENSOR, init_from_config
 from dist_dejpeg.train.zero import (deepspeed_accelerator, launcher_deepspeed_stage, prepare_engines,
                                     training_autocast)
 
@@ -97,7 +97,7 @@ def build_accelerator(cfg: Config) -> tuple[Accelerator, Config]:
             raise ConfigError(f"config key 'train.deepspeed_stage': {stage}, but the accelerate launcher "
                               f"config asks for ZeRO stage {launched}; the trainer supports 1 and 2")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, mixed_precision=precision, deepspeed_stage=stage),
-                              model=_model_from(cfg.model))
+                              model=init_from_config(cfg.model))
     silence_library_warnings()  # DDP's broadcast_buffers and DeepSpeed's all_gather_into_tensor deprecations
     acc = _deepspeed_accelerator(cfg, cpu, timeout) if stage else Accelerator(
         cpu=cpu,
@@ -115,22 +115,22 @@ def build_accelerator(cfg: Config) -> tuple[Accelerator, Config]:
     return acc, cfg
 
 
-def _model_from(model: ModelConfig) -> ModelConfig:
-    """``model`` as a run starting from ``model.init_from`` has it: the source's encoder lineage (``pretrained``:
-    whether its encoder began as ImageNet's; no weights file is read for it). A source whose tensor shapes
-    differ from ``model``'s (the generator's shape keys) is a ConfigError naming them."""
-    if not model.init_from:
-        return model
-    try:
-        source = model_config_at(model.init_from)
+def _init_from(model: ModelConfig) -> torch.nn.Module:
+    """The generator ``model.init_from`` holds, as ``model`` describes it: where the run switches a key that makes no
+    tensor (blur, keep_mean; init_from_config checked the others) it is built so and takes the source's weights.
+    The global RNG is left as the source's load leaves it (the critic's initial weights as without the switch)."""
+    try:  # (a DeepSpeed checkpoint has a config but no model file)
+        generator, info = load_model(model.init_from)
     except ModelFileError as err:
         raise ConfigError(f"config key 'model.init_from': {err}") from None
-    differ = [k for k in GENERATOR_SHAPE_KEYS if getattr(source, k[6:]) != getattr(model, k[6:])]
-    if differ:
-        raise ConfigError(f"config key 'model.init_from': {model.init_from} is a generator of other shapes: "
-                          + ", ".join(f"{k} {getattr(source, k[6:])!r} (here {getattr(model, k[6:])!r})" for k in differ)
-                          + ": set them to the source's values to start from it")
-    return dataclasses.replace(model, pretrained=source.pretrained, encoder_weights="")
+    source = info.get("model") or {}
+    if any(k in source and source[k] != getattr(model, k) for k in GENERATOR_NO_TENSOR):
+        with torch.random.fork_rng(devices=[]):
+            rebuilt = build_generator(dataclasses.replace(model, pretrained=False, encoder_weights=""))
+        rebuilt.load_state_dict(generator.state_dict())
+        generator = rebuilt
+    log.info("model.init_from: the generator starts from %s", resolve_model_path(model.init_from))
+    return generator.train()
 
 
 def _deepspeed_accelerator(cfg: Config, cpu: bool, timeout: timedelta) -> Accelerator:
@@ -213,16 +213,14 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
                         phase.critic_iters)
     set_seed(t.seed)  # same initial weights on every rank
     if cfg.model.init_from:  # (a resumed run's checkpoint replaces them in turn)
-        try:  # (a DeepSpeed checkpoint has a config but no model file)
-            generator = load_model(cfg.model.init_from)[0].train()
-        except ModelFileError as err:
-            raise ConfigError(f"config key 'model.init_from': {err}") from None
-        log.info("model.init_from: the generator starts from %s", resolve_model_path(cfg.model.init_from))
+        generator = _init_from(cfg.model)
     else:
         try:
             generator = build_generator(cfg.model)
         except EncoderError as err:  # one line for the user, as any config error
             raise ConfigError(f"config key 'model.encoder': {err}") from None
+    if acc.is_main_process and (note := attention_note(generator)):
+        log.warning("%s", note)
     if cfg.model.sync_bn and acc.num_processes > 1:
         generator = convert_sync_batchnorm(generator, cuda=acc.device.type == "cuda")
     critic = build_critic(cfg.critic) if any(trains_critic(p) for p in phases) else None  # (its crop: config checks)

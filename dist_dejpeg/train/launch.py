@@ -140,12 +140,14 @@ def first_on_node(message: str) -> bool:
 
 def check_before_ranks(cfg) -> None:
     """What every rank would stop on after its start-up (~20 s), each saying it: a tracker that cannot start (an
-    MLflow server that does not answer) and every pretrained file that cannot be found (a WeightsError listing
-    them all)."""
+    MLflow server that does not answer), a model.init_from that is not there or of other shapes (a ConfigError; its
+    config alone is read) and every pretrained file that cannot be found (a WeightsError listing them all)."""
     from dist_dejpeg.models.weights import WeightsError
+    from dist_dejpeg.train.init_from import init_from_config
     from dist_dejpeg.train.trackers import check_trackers
 
     check_trackers(list(cfg.train.log_with))
+    init_from_config(cfg.model)
     missing = missing_weights(cfg)
     if missing:
         raise WeightsError("pretrained weights this run needs cannot be found:\n"

@@ -31,12 +31,12 @@ from accelerate.utils import DistributedType
 
 from dist_dejpeg.config import Config, ConfigError, flatten, to_dict
 from dist_dejpeg.models.critic import Critic
-from dist_dejpeg.models.unet import GENERATOR_KEYS
 from dist_dejpeg.run.layout import (ABANDONED_PREFIX, CONFIG, LOADER_STATE, STEP_DIR, TRAINER_STATE, checkpoint_dir,
                                     list_checkpoints)
 from dist_dejpeg.run.manifest import Verdict, verify_checkpoint
 from dist_dejpeg.train.checkpoint import CheckpointError, check_deepspeed_layout, load_checkpoint, set_aside_later
 from dist_dejpeg.train.collective import all_ranks_or_raise, on_main, warn_on_main
+from dist_dejpeg.train.init_from import GENERATOR_NO_TENSOR, GENERATOR_SHAPE_KEYS
 from dist_dejpeg.train.phases import trains_critic
 from dist_dejpeg.train.zero import launcher_uses_deepspeed
 
@@ -44,7 +44,9 @@ log = logging.getLogger("dist_dejpeg")
 
 # the model keys that change no tensor's shape: the initial weights, and a dropout rate
 _NO_SHAPE = ("pretrained", "encoder_weights", "dropout")
-GENERATOR_SHAPE_KEYS = tuple(f"model.{k}" for k in GENERATOR_KEYS if k not in _NO_SHAPE)
+# a resumed run continues the architecture it trained: the generator's shape keys and those that make no tensor
+# but change what it computes (blur, keep_mean: a new run from its generator, model.init_from, may switch them)
+GENERATOR_RESUME_KEYS = GENERATOR_SHAPE_KEYS + tuple(f"model.{k}" for k in GENERATOR_NO_TENSOR)
 CRITIC_SHAPE_KEYS = tuple(f"critic.{k}" for k in inspect.signature(Critic).parameters if k not in _NO_SHAPE)
 # keys whose change says nothing about the run's continuity (where it writes, how it logs)
 _NOT_COMPARED = ("train.run_dir", "train.auto_resume", "train.resume_allow_batch_change", "train.log_level",
@@ -273,13 +275,16 @@ def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: i
         return None
     saved = flatten(saved)
     now = flatten(to_dict(cfg))
-    keys = GENERATOR_SHAPE_KEYS + (CRITIC_SHAPE_KEYS if has_critic else ())
+    keys = GENERATOR_RESUME_KEYS + (CRITIC_SHAPE_KEYS if has_critic else ())
     shape = [k for k in keys if k in saved and saved[k] != now.get(k)]
     if shape:
         changes = ", ".join(f"{k} {saved[k]!r} -> {now.get(k)!r}" for k in shape)
-        raise ConfigError(f"resuming {path}: {changes}: these keys change the shapes of the model's tensors, so "
-                          f"the checkpoint cannot continue with this config. Set them back to the checkpoint's "
-                          f"values, or start a new run (another train.run_dir)")
+        no_tensor = {f"model.{k}" for k in GENERATOR_NO_TENSOR}
+        what = ("change what the trained generator computes" if set(shape) <= no_tensor else
+                "change the shapes of the model's tensors")
+        raise ConfigError(f"resuming {path}: {changes}: these keys {what}, so the checkpoint cannot continue with "
+                          f"this config. Set them back to the checkpoint's values, or start a new run (another "
+                          f"train.run_dir; model.init_from={path} starts one from its generator)")
     _check_batch(cfg, path, saved, saved_state, processes, main)
     other = [k for k in sorted(now) if k in saved and saved[k] != now[k] and k not in _NOT_COMPARED]
     if other:
