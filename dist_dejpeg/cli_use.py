@@ -148,17 +148,18 @@ def print_restore_summary(results: list, args: argparse.Namespace, device) -> No
         print(f"skipped: {r.source}: an earlier restore wrote it (name it by itself to restore it again)")
     for r in failed:
         print(f"failed: {r.source}: {r.error.removeprefix(f'{r.source}: ')}", file=sys.stderr)  # named once
+    quota = bool(stopped) and "(EDQUOT)" in stopped[0].error  # (restore/files.py says a quota as run/files.py does)
     if stopped:  # one line, not one per image never begun
         print(f"stopped: {stopped[0].error.removeprefix('not restored: ')}: {len(stopped)} image(s) not begun; free "
-              f"space, then run the same command{'' if args.skip_existing else ' with --skip-existing'} for the rest",
-              file=sys.stderr)
+              f"space{' within the quota' if quota else ''}, then run the same command"
+              f"{'' if args.skip_existing else ' with --skip-existing'} for the rest", file=sys.stderr)
     print(f"restored {len(restored)} image(s) into {args.out} on {device}{rate}; "
           + (f"passed {passed} through unchanged; " if passed else "")
           + "".join(f"{n} not restored but re-encoded as {how}; " for how, n in
                     sorted(Counter(how for how in recoded.values() if how).items()))
           + (f"skipped {len(skipped)} existing; " if skipped else "")
           + (f"left {len(earlier)} earlier output(s) alone; " if earlier else "") + f"{len(failed)} failed"
-          + (f"; {len(stopped)} not begun (disk full)" if stopped else ""))
+          + (f"; {len(stopped)} not begun ({'quota exceeded' if quota else 'disk full'})" if stopped else ""))
 
 
 def _reencoded(result, output_quality: int | None) -> str:
@@ -243,10 +244,14 @@ def evaluate_command(args: argparse.Namespace) -> int:
 def write_failed(err: OSError, where) -> int:
     """The exit of a command whose output write failed: 3 where the disk (or the quota) is full, else 2; either
     way one line, not a traceback."""
-    from dist_dejpeg.run.files import free_bytes, is_disk_full, size_text
+    from dist_dejpeg.run.files import disk_full_text, free_bytes, is_disk_full, is_quota, size_text
 
     if is_disk_full(err):
         where = getattr(err, "filename", None) or where
+        if is_quota(err):  # (the filesystem's free space says nothing of a quota: training's words, run/files.py)
+            print(f"error: {disk_full_text(err, where)}; free space within the quota and run the same command "
+                  f"again", file=sys.stderr)
+            return 3
         print(f"error: disk full writing {where} ({size_text(free_bytes(where))} free there now that the unfinished "
               f"files are removed); free space and run the same command again", file=sys.stderr)
         return 3

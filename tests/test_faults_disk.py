@@ -405,6 +405,22 @@ def test_export_and_compare_say_a_full_disk_in_one_line(tmp_path, monkeypatch, c
     assert "error: disk full writing" in capsys.readouterr().err
 
 
+def test_a_quota_is_said_as_a_quota_by_the_commands_that_write(tmp_path, monkeypatch, capsys):
+    """EDQUOT (a quota used up, the filesystem maybe far from full) was said as "disk full writing ... <free> free
+    there": the filesystem's free space, which misleads. Now as training says it (run/files.disk_full_text)."""
+    import dist_dejpeg.models.onnx_export as onnx_export
+
+    def quota(*args, **kwargs):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(tmp_path / "m.onnx"))
+
+    monkeypatch.setattr(onnx_export, "export_target_problem", lambda *a: None)
+    monkeypatch.setattr(onnx_export, "export_model", quota)
+    assert cli_main(["export", "--model", str(tmp_path / "run"), "--onnx", str(tmp_path / "m.onnx")]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: quota exceeded (EDQUOT) on {tmp_path}; check `quota -s` / `lfs quota`"), err
+    assert "disk full" not in err and " free there" not in err and "within the quota" in err, err
+
+
 # -- a spell of full disk or quota: the side writes come back --------------------------------------------------
 def test_a_tensorboard_writer_that_failed_is_replaced_once_space_is_back(tmp_path, shards, monkeypatch, caplog,
                                                                         capsys):

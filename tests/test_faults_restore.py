@@ -892,6 +892,27 @@ def test_the_restore_command_says_a_full_disk_once_and_how_to_go_on(tmp_path, mo
     assert "restored 3 image(s)" in capsys.readouterr().out and len(list(out.iterdir())) == 4
 
 
+def test_the_restore_command_says_a_quota_as_a_quota(tmp_path, model_file, monkeypatch, capsys):
+    """EDQUOT stopped a folder as "the disk is full": a quota is said as one (as training does), free space
+    within it asked for."""
+    import dist_dejpeg.restore.files as files
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(_photo(40, 48)).save(src / f"p{i}.jpg", quality=20)
+
+    def quota(restored, target, **kwargs):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(target))
+
+    monkeypatch.setattr(files, "save_image", quota)
+    assert main(["restore", str(src), "-o", str(out), "--model", str(model_file), "--quiet"]) == 1
+    said = capsys.readouterr()
+    assert f"stopped: quota exceeded (EDQUOT) on {out}; check `quota -s` / `lfs quota`: 2 image(s) not begun; " \
+           f"free space within the quota, then" in said.err, said.err
+    assert "disk is full" not in said.err and said.out.strip().endswith("2 not begun (quota exceeded)"), said.out
+
+
 def test_a_folder_search_skips_hidden_files_and_folders_as_a_glob_does(tmp_path, restorer):
     """A photo folder from a Mac-formatted drive holds an AppleDouble ._IMG.jpg beside each photo (not an image:
     each one failed, exit 1), and a NAS's .thumbnails copies were restored too; evaluate read them alike. A folder

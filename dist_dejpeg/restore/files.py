@@ -47,7 +47,8 @@ from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, Loa
 from dist_dejpeg.restore.inputs import RestoreResult, collect_inputs, output_names, replaceable
 from dist_dejpeg.restore.reencode import reencoding_outweighs, written_as
 from dist_dejpeg.restore.base import ImageRestorer  # Restorer (PyTorch) or OnnxRestorer: no torch import here
-from dist_dejpeg.run.files import TEMP_NAME, atomic_write_bytes, is_disk_full, prove_writable
+from dist_dejpeg.run.files import (TEMP_NAME, atomic_write_bytes, disk_full_text, is_disk_full, is_quota,
+                                   prove_writable)
 from dist_dejpeg.run.lock import pid_alive
 from dist_dejpeg.run.pool import pool_size
 
@@ -283,8 +284,8 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
                 result.note = f"{result.note}; {unmade}" if result.note else unmade
         except RESTORE_ERRORS as err:
             result.error = error_text(err)
-            if is_disk_full(err):
-                full.append(result.error)
+            if is_disk_full(err):  # (a quota as a quota: the filesystem may be far from full)
+                full.append(disk_full_text(err, target) if is_quota(err) else f"the disk is full ({result.error})")
         else:
             result.output = str(target)
             result.megapixels = image.rgb.shape[0] * image.rgb.shape[1] / 1e6
@@ -294,7 +295,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
     loads: deque = deque()  # (job, decode future): the current file's and up to ``ahead`` more
     saves: deque = deque()  # (result, target, image, encode future): at most ``workers``, SAVE_PIXELS unfinished
     pending = iter(jobs)
-    full: list[str] = []  # the errors of outputs that found the disk full: nothing more is begun
+    full: list[str] = []  # why outputs found the disk full (or the quota used up): nothing more is begun
     # PIL's pixel limit (a global that load_image raises and restores around each open) is raised here, once,
     # so that the threads' own raises and restores all write this one value
     with pixel_limit(max_pixels):
@@ -329,7 +330,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
             while saves:
                 saved(*saves.popleft())
             for result, _, _ in [job for job, _ in loads] + list(pending) if full else []:
-                result.stopped, result.error = True, f"not restored: the disk is full ({full[0]})"
+                result.stopped, result.error = True, f"not restored: {full[0]}"
                 bar.update()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
