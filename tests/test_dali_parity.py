@@ -87,3 +87,27 @@ def test_crop_offsets_are_uniform_over_whole_pixels(tmp_path, write_tar, fmt):
     assert counts.sum() == 960 and len(counts) == 5, counts
     # each end offset ~192 times (the old draw: ~96 against ~256); seeds 0-7 gave end/inner ratios 0.81-1.13
     assert counts[[0, 4]].min() > 0.7 * counts[1:4].mean() and counts[1:4].max() < 1.4 * counts[[0, 4]].mean(), counts
+
+
+def test_an_exif_orientation_in_a_tile_is_read_as_stored_by_both_backends(tmp_path, write_tar):
+    """DALI's decoder turned a tile by its EXIF orientation (its default) where the torch loader and validation read
+    it as stored: a tagged 40 x 56 tile was trained on sideways under data.backend=dali. Both read it as stored."""
+    from dist_dejpeg.data.torch_loader import load_val_set
+
+    tile = np.zeros((40, 56, 3), np.uint8)
+    tile[..., 0], tile[..., 1] = np.arange(56)[None, :] * 4, np.arange(40)[:, None] * 5  # R: column, G: row
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees to display
+    coded = {"png": png(tile, exif=exif)}
+    buf = io.BytesIO()
+    Image.fromarray(tile).save(buf, "JPEG", quality=100, exif=exif)
+    shard = str(write_tar(tmp_path / "val-000000.tar", [("t_png", coded), ("t_jpg", {"jpg": buf.getvalue()})]))
+    dali_crops = [out["clean"][0].numpy() for (out,) in DaliLoader(
+        [shard], 32, (50, 50), 1, augment=False, num_threads=1)._build(endless=False)]
+    sets, _ = load_val_set([shard], 32, [50])
+    torch_crops = [c.permute(1, 2, 0).numpy() for c in sets[50][1]]
+    assert np.array_equal(dali_crops[0], tile[4:36, 12:44]) and np.array_equal(torch_crops[0], tile[4:36, 12:44])
+    assert np.abs(dali_crops[1].astype(int) - torch_crops[1]).max() <= 1  # (the JPEG: decoders round apart)
+    for _, batch in zip(range(4), DaliLoader([shard], 32, (50, 50), 2, seed=1, num_threads=1, initial_fill=1)):
+        green = (batch["clean"][:, 1] * 255).round().int()  # training crops: G constant along each row as stored
+        assert (green.amax(dim=2) - green.amin(dim=2)).max() <= 8, green[:, 0]  # (the JPEG's noise; turned: 155)

@@ -17,6 +17,11 @@ starts a new pass with a seed derived from the number of batches already consume
 not replay the batches it has seen; models, optimizers and RNG are restored exactly as with any backend.
 Validation does not go through DALI: both backends share the same fixed validation set.
 
+Orientation: a tile is read as stored, an EXIF orientation tag in it ignored (DALI applies it by default:
+``adjust_orientation=False`` here), as the torch loader, validation and evaluate's shard references read it.
+prepare writes every tile upright (a photo's EXIF orientation applied before tiling) and with no tag, so its
+shards read the same either way; a tagged tile in a shard made elsewhere is trained on as stored by both backends.
+
 Bad samples: DALI cannot skip a sample it fails on (one truncated PNG or one tile smaller than the crop ends
 its pipeline), so the loader checks every sample once before the first batch (data/verify.py, cached beside
 each shard) and leaves the bad ones out of the index files the reader gets; they are counted like the torch
@@ -109,11 +114,15 @@ if HAVE_DALI:
             images = fn.reshape(encoded, shape=[raw_tile, raw_tile, 3], layout="HWC")
             images = images.gpu() if gpu else images
         else:
-            images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            # pixels as stored: an EXIF orientation in a tile is not applied (DALI's default), as the torch
+            # loader and validation read it (module docstring)
+            images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                       adjust_orientation=False)
         if augment:
             # One pass for crop + horizontal mirror (a separate fn.flip costs a full copy per crop); any
             # pixel offset, so the crop's phase within the 8x8 JPEG grid of the source varies too.
-            shape = [raw_tile, raw_tile] if raw_tile else fn.peek_image_shape(encoded)  # H, W (, C)
+            shape = [raw_tile, raw_tile] if raw_tile else fn.peek_image_shape(  # H, W (, C) as stored, as decoded
+                encoded, adjust_orientation=False)
             clean = fn.crop_mirror_normalize(images, crop=(crop, crop), crop_pos_x=crop_position(shape[1], crop),
                                              crop_pos_y=crop_position(shape[0], crop),
                                              mirror=fn.random.coin_flip(), dtype=types.UINT8, output_layout="HWC")

@@ -165,7 +165,8 @@ def encode_tile(rgb: np.ndarray, fmt: str) -> bytes:
 
 
 def decode_component(ext: str, data: bytes) -> np.ndarray:
-    """A sample component as H x W x 3 uint8, whatever its extension."""
+    """A sample component as H x W x 3 uint8, whatever its extension; as stored (an EXIF orientation tag is not
+    applied: prepare's tiles are upright and untagged, and both loaders read a shard's tiles this way)."""
     if ext != "raw":
         return decode_rgb8(data)
     side = int(round((len(data) / 3) ** 0.5))

@@ -21,6 +21,9 @@ samples in turn, so every sample's quality still has the workers' distribution w
 trips. ``run_ahead`` R > 0 degrades up to R batches ahead in a background thread, on its own CUDA stream, so the
 round trips overlap the training step instead of adding to it; the loader's state still counts only the batches the
 trainer took.
+
+Orientation: a tile is decoded as stored, an EXIF orientation tag in it not applied (decode_component), in training
+and validation alike, and by the DALI loader too (data/dali.py); prepare writes tiles upright and untagged.
 """
 
 from __future__ import annotations
