@@ -108,12 +108,14 @@ def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int
 def _say_checkpoint(model: str, info: dict) -> None:
     """A run folder without its generator file restores with a checkpoint: which one, and why not a newer one."""
     from dist_dejpeg.run.layout import list_checkpoints
+    from dist_dejpeg.run.manifest import usable_checkpoint  # (a live run's newer checkpoint: complete since?)
 
     if info.get("format") != "checkpoint" or not Path(model).is_dir() or Path(model).resolve() == Path(
             info["source"]).resolve():
         return
     used, newest = Path(info["source"]), (list_checkpoints(Path(model)) or [None])[-1]
-    newer = f"; the newer {newest.name} is incomplete" if newest is not None and newest.name != used.name else ""
+    newer = "" if newest is None or newest.name == used.name else f"; the newer {newest.name} " + (
+        "was completed after it was read" if usable_checkpoint(newest) else "is incomplete")  # (as it is now)
     print(f"note: restoring with {used} (the run has no generator file yet: training has not finished{newer})",
           file=sys.stderr)
 
@@ -248,12 +250,10 @@ def write_failed(err: OSError, where) -> int:
 
     if is_disk_full(err):
         where = getattr(err, "filename", None) or where
-        if is_quota(err):  # (the filesystem's free space says nothing of a quota: training's words, run/files.py)
-            print(f"error: {disk_full_text(err, where)}; free space within the quota and run the same command "
-                  f"again", file=sys.stderr)
-            return 3
-        print(f"error: disk full writing {where} ({size_text(free_bytes(where))} free there now that the unfinished "
-              f"files are removed); free space and run the same command again", file=sys.stderr)
+        said = (f"{disk_full_text(err, where)}; free space within the quota" if is_quota(err)  # (training's words)
+                else f"disk full writing {where} ({size_text(free_bytes(where))} free there now that the unfinished "
+                     f"files are removed); free space")
+        print(f"error: {said} and run the same command again", file=sys.stderr)
         return 3
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -402,6 +402,39 @@ def test_load_model_from_run_and_checkpoint_folders(tmp_path, model_file, capsys
     assert "the newer step-00000020 is incomplete" in err
 
 
+def test_a_newer_checkpoint_completed_after_loading_is_not_called_incomplete(tmp_path, monkeypatch, capsys):
+    """restore --model RUN on a live run: the note named the newest checkpoint at the time of saying "incomplete",
+    though it was one the run completed after the model was read. Said as what it is now."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    import dist_dejpeg.restore as restore_api
+    from dist_dejpeg.cli import main
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000012"
+    ckpt.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in _model(seed=1).state_dict().items()}, str(ckpt / "model.safetensors"))
+    cfg = Config()
+    cfg.model = ModelConfig(**TINY)
+    (ckpt / "config.yaml").write_text(to_yaml(cfg))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 12}))
+    real_open = restore_api.open_restorer
+
+    def open_then_the_run_saves(*args, **kwargs):
+        restorer = real_open(*args, **kwargs)
+        shutil.copytree(ckpt, ckpt.parent / "step-00000020")  # the live run's next save, complete
+        return restorer
+
+    monkeypatch.setattr(restore_api, "open_restorer", open_then_the_run_saves)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "p.jpg", quality=30)
+    assert main(["restore", str(tmp_path / "p.jpg"), "-o", str(tmp_path / "out"), "--model", str(tmp_path / "run"),
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: restoring with {ckpt} (" in err and "incomplete" not in err, err
+    assert "the newer step-00000020 was completed after it was read" in err, err
+
+
 def test_a_checkpoint_pruned_while_it_is_read_gives_way_to_the_newer_one(tmp_path, monkeypatch, capsys):
     """evaluate --model RUN on a live run (train.keep_last=1) failed 2 times in 4 with a FileNotFoundError traceback
     (exit 1): the newest checkpoint, chosen, was pruned after the next save before its files were read. A run

@@ -25,7 +25,7 @@ from dist_dejpeg.models.unet import Generator, build_generator
 from dist_dejpeg.run.files import atomic_write_bytes
 from dist_dejpeg.run.layout import (CHECKPOINT_MODEL, CHECKPOINTS, CONFIG, EMA_GENERATOR, EMA_UPDATES, GENERATOR,
                                     TRAINER_STATE, list_checkpoints)
-from dist_dejpeg.run.manifest import verify_checkpoint
+from dist_dejpeg.run.manifest import usable_checkpoint
 
 FORMAT = "dist_dejpeg.generator.v1"
 # a checkpoint's info (and its export's metadata): the folder its train_shards were read from, or why there are none
@@ -284,8 +284,7 @@ def resolve_model_path(path: str | Path) -> Path:
         # truncated newest one, or one without a manifest whose weights are gone, is skipped); none such: the
         # newest, whose load says what it lacks (a DeepSpeed run's)
         checkpoints = list_checkpoints(path)
-        usable = (c for c in reversed(checkpoints)
-                  if (c / CHECKPOINT_MODEL).is_file() and verify_checkpoint(c, hashes=False).ok)
+        usable = (c for c in reversed(checkpoints) if usable_checkpoint(c))
         newest = next(usable, checkpoints[-1] if checkpoints else None)  # (older ones not verified once one is found)
         if newest is not None:
             return newest

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_dejpeg.run.files import as_umask_allows, atomic_write_json, fsync_dir, fsync_path, read_json
-from dist_dejpeg.run.layout import MANIFEST, TRAINER_STATE, rank_of_file
+from dist_dejpeg.run.layout import CHECKPOINT_MODEL, MANIFEST, TRAINER_STATE, rank_of_file
 
 MANIFEST_VERSION = 1
 _CHUNK = 1 << 20
@@ -98,6 +98,12 @@ class Verdict:
     def describe(self) -> str:
         return f"{self.folder.name}: " + ("; ".join(self.problems) if self.problems else
                                           "verified" if self.has_manifest else "no manifest (not verified)")
+
+
+def usable_checkpoint(folder: str | Path) -> bool:
+    """Whether a checkpoint folder holds the generator's weights and its files match their manifest's sizes (no
+    hashes): what a run folder's model is read from (models/generator_file.py: resolve_model_path)."""
+    return (Path(folder) / CHECKPOINT_MODEL).is_file() and verify_checkpoint(folder, hashes=False).ok
 
 
 def verify_checkpoint(folder: str | Path, hashes: bool = True) -> Verdict:
