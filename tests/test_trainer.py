@@ -391,6 +391,38 @@ def test_a_new_run_starts_from_a_trained_generator(tmp_path, shards, gen_run):
             train(tiny(tmp_path / "c", shards, "train.order=[gen]", "model.decoder_width=32", override))
 
 
+def test_init_from_logs_the_checkpoint_it_loaded(tmp_path, monkeypatch, caplog):
+    """model.init_from=RUN (a live run, checkpoints only) logged model.init_from resolved again after the load: the
+    source run's next checkpoint, saved meanwhile, was named though the generator came from the one before."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    import dist_dejpeg.train.build as build
+    from dist_dejpeg.config import Config, ModelConfig, to_dict
+    from dist_dejpeg.models.unet import build_generator
+
+    model_cfg = ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, encoder_depth=3, decoder_width=16)
+    loaded = tmp_path / "source" / "checkpoints" / "step-00000004"
+    loaded.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in build_generator(model_cfg).state_dict().items()},
+              str(loaded / "model.safetensors"))
+    (loaded / "config.yaml").write_text(yaml.safe_dump(to_dict(Config(model=model_cfg))))
+    (loaded / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    real_load = build.load_model
+
+    def load_then_the_source_saves(*args, **kwargs):
+        out = real_load(*args, **kwargs)
+        shutil.copytree(loaded, loaded.parent / "step-00000008")  # the live source run's next checkpoint
+        return out
+
+    monkeypatch.setattr(build, "load_model", load_then_the_source_saves)
+    with caplog.at_level("INFO", logger="dist_dejpeg"):
+        build._init_from(dataclasses.replace(model_cfg, init_from=str(tmp_path / "source")))
+    said = [r.getMessage() for r in caplog.records if "model.init_from" in r.getMessage()]
+    assert said == [f"model.init_from: the generator starts from {loaded}"], said
+
+
 def test_init_from_takes_another_blur_or_keep_mean_and_a_resume_does_not(tmp_path):
     """model.init_from refused a source with another blur or keep_mean as "a generator of other shapes", though neither
     makes a tensor: a fine-tune may switch them (the run's generator is built as its config says and takes the

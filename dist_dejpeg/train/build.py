@@ -30,7 +30,7 @@ from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs,
 from dist_dejpeg.config import CUDAGRAPH_MODES, Config, ConfigError, ModelConfig, PhaseConfig
 from dist_dejpeg.data import ensure_samples
 from dist_dejpeg.models.critic import build_critic
-from dist_dejpeg.models.generator_file import load_model, resolve_model_path
+from dist_dejpeg.models.generator_file import load_model
 from dist_dejpeg.models.lpips import LPIPS
 from dist_dejpeg.models.names import ModelFileError
 from dist_dejpeg.models.sync_bn import convert_sync_batchnorm
@@ -129,7 +129,8 @@ def _init_from(model: ModelConfig) -> torch.nn.Module:
             rebuilt = build_generator(dataclasses.replace(model, pretrained=False, encoder_weights=""))
         rebuilt.load_state_dict(generator.state_dict())
         generator = rebuilt
-    log.info("model.init_from: the generator starts from %s", resolve_model_path(model.init_from))
+    # the file or checkpoint read (resolving model.init_from again could name a newer one a live source run wrote)
+    log.info("model.init_from: the generator starts from %s", info["source"])
     return generator.train()
 
 
