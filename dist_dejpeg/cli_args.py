@@ -185,7 +185,8 @@ def restore_arguments(p: argparse.ArgumentParser) -> None:
                    help="more inputs, as the positional ones (Real-ESRGAN's -i; repeatable)")
     p.add_argument("-o", "--out", "--output", dest="out", required=True,
                    help="output folder: outputs keep the inputs' names and sub-folders (below a folder, or below "
-                        "a glob's fixed part); inputs that would share a name each keep their extension in it "
+                        "a glob's fixed part; from two folders or globs or more, each one's below its name); inputs "
+                        "that would share a name, in any case, each keep their extension in it "
                         "(a.jpg, a.png -> a.jpg.png, a.png.png). For one image, a file name with an image suffix "
                         "(photo.png, photo.jpg, ...) is the output file, in that suffix's format")
     add_restorer_args(p)

@@ -84,7 +84,7 @@ def test_console_script_version_errors_and_status_json(tmp_path):
 def test_console_script_restore_aliases_names_jpeg_metadata_and_skip_existing(tmp_path, model_file):  # noqa: F811
     """`restore GLOB -i FOLDER -o OUT --format jpg --suffix restored`, then the same with Real-ESRGAN's names
     (--input, --output, --ext) and --skip-existing --quiet: every input gets its own output, sub-folders kept
-    for the folder and the glob, the JPEG outputs keep EXIF and ICC; the second run skips them all and says so,
+    for the folder and the glob, each below its name, the JPEG outputs keep EXIF and ICC; the second run skips them all and says so,
     on one line."""
     rgb = _photo(40, 56)
     camera_jpeg(tmp_path / "in" / "camera.jpg", rgb)
@@ -100,13 +100,13 @@ def test_console_script_restore_aliases_names_jpeg_metadata_and_skip_existing(tm
                      f"dist-dejpeg restore 'glob/**/inner*.jpg' --input in --output out --ext jpg --suffix restored "
                      f"--model '{model}' --tile 0 --skip-existing --quiet; echo rc=$?", tmp_path)
     first, second = done.stdout.split("rc=0\n")[:2]
-    expected = {"camera_restored.jpg", "good.jpg_restored.jpg", "good.JPEG_restored.jpg", "good.png_restored.jpg",
-                "sub folder/inner1_restored.jpg"}
+    expected = {"in/camera_restored.jpg", "in/good.jpg_restored.jpg", "in/good.JPEG_restored.jpg",
+                "in/good.png_restored.jpg", "glob/sub folder/inner1_restored.jpg"}  # (two folders: each below its name)
     written = {str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file()}
     assert written == expected, (written, done.stdout, done.stderr)
     assert first.strip().startswith("restored 5 image(s)") and first.strip().endswith("0 failed"), done.stderr
     assert all(is_libjpeg_444(tmp_path / "out" / name, 95) for name in expected)
-    with Image.open(tmp_path / "out" / "camera_restored.jpg") as out:
+    with Image.open(tmp_path / "out" / "in" / "camera_restored.jpg") as out:
         exif = out.getexif()
         assert out.info.get("icc_profile") == SRGB and exif[0x010F] == "Canon" and exif.get_ifd(GPS_IFD) == GPS
     lines = second.strip().splitlines()

@@ -5,6 +5,7 @@ transform; the one rule by which prepare and restore read a photo's colours (rgb
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import os
 from collections import Counter
@@ -20,6 +21,9 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".
 SOFTWARE_TAG = 0x0131
 RESTORE_SOFTWARE = "dist-dejpeg restore"
 SOFTWARE_KEPT = 200  # characters of the input's Software kept before the mark: a name (a longer value is junk)
+# and beside it, in a private IFD0 tag, the source it was restored from (source_identity): an output folder's file of
+# another photo is never replaced, nor skipped as done, as this one's (restore/inputs.py)
+SOURCE_TAG = 0xEDE1
 
 
 def software_text(value) -> str:
@@ -45,15 +49,43 @@ def by_restore(software) -> bool:
 
 def written_by_restore(image: str | os.PathLike | bytes) -> bool:
     """Whether the image file (a path, or its bytes) was written by restore: its EXIF Software says so."""
+    return restore_mark(image)[0]
+
+
+def restore_mark(image: str | os.PathLike | bytes) -> tuple[bool, dict[str, str] | None]:
+    """(whether restore wrote the image file, a path or its bytes: written_by_restore; the source it wrote it from,
+    source_identity's fields, or None: no output of restore, or one an older version wrote without them)."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
             if img.format == "PNG" and "exif" not in img.info:  # (getexif would decode the pixels to look for an
-                return False  # eXIf chunk after them: a folder search decoded every PNG; restore writes it before)
-            return by_restore(img.getexif().get(SOFTWARE_TAG, ""))
+                return False, None  # eXIf chunk after them: a folder search decoded every PNG; restore writes it
+            exif = img.getexif()  # before them)
+            if not by_restore(exif.get(SOFTWARE_TAG, "")):
+                return False, None
+            return True, parse_source(exif.get(SOURCE_TAG))
     except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError ... for a file it cannot read
-        return False
+        return False, None
+
+
+def source_identity(path: str | os.PathLike) -> str:
+    """What restore writes into an output (EXIF SOURCE_TAG) of the input file ``path``: the SHA-256 of its bytes
+    (the photo), a hash of its resolved path (which file: a re-scan keeps it, another folder's photo of the same name
+    has its own; the path itself is not written, an output being shared), and its name (said in messages)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    where = hashlib.sha256(os.fsencode(os.path.realpath(path))).hexdigest()[:16]
+    return f"sha256:{digest.hexdigest()} path:{where} name:{shown(Path(path).name)}"
+
+
+def parse_source(value) -> dict[str, str] | None:
+    """source_identity's fields (sha256, path, name) from an EXIF value, or None where it holds none."""
+    text = software_text(value)
+    fields = dict(part.split(":", 1) for part in text.split(" ", 2) if ":" in part)
+    return fields if {"sha256", "path", "name"} <= set(fields) else None
 
 
 def hidden(name: str) -> bool:

@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import Callable
 
 from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, IMAGE_SUFFIXES, OUTPUT_SUFFIXES, output_format,
-                                      save_options)
+                                      save_options, source_identity)
 from dist_dejpeg.jpeg.consistency import conform
 from dist_dejpeg.jpeg.quality import DOUBLE, earlier_compression, estimate_quality
 from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, cells_for, load_image,
                                         made_consistent, output_complete, pixel_limit, save_image)
-from dist_dejpeg.restore.inputs import RestoreResult, collect_inputs, output_names, replaceable
+from dist_dejpeg.restore.inputs import CURRENT, REFUSED, RestoreResult, collect_inputs, output_names, ownership
 from dist_dejpeg.restore.reencode import reencoding_outweighs, written_as
 from dist_dejpeg.restore.base import ImageRestorer  # Restorer (PyTorch) or OnnxRestorer: no torch import here
 from dist_dejpeg.run.files import (TEMP_NAME, atomic_write_bytes, disk_full_text, is_disk_full, is_quota,
@@ -201,7 +201,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
     stale = remove_stale_temps(targets, keep=sources)
     if stale:
         log.info("removed %d temp file(s) a killed restore left in %s", len(stale), out)
-    claimed: dict[Path, Path] = {}
+    claimed: dict[str, Path] = {}  # (resolved outputs in any case: one file on a case-insensitive disk)
     jobs: list[tuple[RestoreResult, Path, Path]] = []  # (result, input, output) of the files to restore
     bar = Progress(len(files), "restore", "image", enabled=progress)  # (without a terminal: plain lines)
     for path, target in zip((p for p, _ in files), targets):
@@ -211,17 +211,21 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
         if key in sources:
             result.error = (f"refusing to overwrite an input: the output would be {target} (give another output "
                             f"{'file name, or an output folder' if one_file else 'folder, or --suffix'})")
-        elif key in claimed:
-            result.error = f"output {target} is also the output of {claimed[key]}: restore them into different folders"
-        elif not replaceable(target, path):  # (--skip-existing too: a photo of the user's is no output of this one)
-            claimed[key] = path
+        elif (fold := str(key).casefold()) in claimed:
+            result.error = f"output {target} is also the output of {claimed[fold]}: restore them into different folders"
+        elif (state := ownership(target, path))[0] in REFUSED:  # (--skip-existing too: not this one's output)
+            claimed[fold] = path
             other = "name another output file" if one_file else "give another output folder, or --suffix"
-            result.error = (f"output {target} exists and restore cannot tell it wrote it (no restore mark, nor a copy "
-                            f"of this input as it is now: a pass-through of an earlier version looks the same): not "
-                            f"replaced (move it away, or {other})")
+            result.error = (f"output {target} is restore's output of another photo, {state[1]} (not of this file, "
+                            f"as it is now or was): not replaced (move it away, or {other})" if state[0] == "other"
+                            else f"output {target} exists and restore cannot tell it wrote it (no restore mark, nor a "
+                            f"copy of this input as it is now: a pass-through of an earlier version looks the same): "
+                            f"not replaced (move it away, or {other})")
         else:
-            claimed[key] = path
-            if skip_existing and target.exists():
+            claimed[fold] = path
+            if skip_existing and state[0] == "changed":
+                log.info("%s: restored again, its input %s changed since", target, path)
+            elif skip_existing and state[0] in CURRENT:
                 if output_complete(target, max_pixels, path):
                     result.output, result.skipped = str(target), True
                 else:
@@ -264,7 +268,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
         data = save_image(restored, target, alpha=image.alpha, grayscale=image.grayscale,
                           icc_profile=image.icc_profile, exif=image.exif, quality=output_quality, dpi=image.dpi,
                           xmp=image.xmp, comment=image.comment, iptc=image.iptc, text=image.text,
-                          encode_only=True)
+                          encode_only=True, source=source_identity(path))
         gain = getattr(decision, "gain", None)
         lossy = fmt == "JPEG" or (fmt == "WEBP" and output_quality is not None)
         why = None

@@ -330,7 +330,8 @@ def output_complete(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, sour
 def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = None, grayscale: bool = False,
                icc_profile: bytes | None = None, exif: bytes | None = None, quality: int | None = None,
                dpi: tuple[float, float] | None = None, xmp: bytes | None = None, comment: bytes | None = None,
-               iptc: tuple[bytes, ...] = (), text: dict[str, str] | None = None, encode_only: bool = False) -> bytes:
+               iptc: tuple[bytes, ...] = (), text: dict[str, str] | None = None, encode_only: bool = False,
+               source: str | None = None) -> bytes:
     """Write in the format ``path``'s suffix names, with its OUTPUT_FORMATS options (``quality``: jpg and webp at that
     quality), atomically: encoded first, then a temporary file renamed into place (run.files.atomic_write_bytes);
     the file's bytes are returned (``encode_only``: returned, not written). ``icc_profile``, ``exif`` and ``xmp``
@@ -339,7 +340,7 @@ def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = 
     the pixel density written (a WebP has no field for it). ``comment`` and ``iptc`` (a JPEG input's, jpeg_notes): a
     JPEG gets both, a PNG the comment as its "Comment" text; WebP and TIFF neither. ``text``: a PNG input's text
     chunks, for a PNG. Every output's EXIF Software names restore (``marked``; a search of the output folder leaves
-    such files alone: restore/inputs.py)."""
+    such files alone: restore/inputs.py), and ``source`` (source_identity of its input) what it was restored from."""
     path = Path(path)
     try:
         fmt, options = save_options(path.suffix, quality)
@@ -348,7 +349,7 @@ def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = 
     if alpha is not None and fmt not in ALPHA_FORMATS:
         raise InputImageError(f"{path}: the image has an alpha channel (transparency), which {fmt} cannot hold; "
                               f"write it as png, webp or tiff (--format, or --format same)")
-    exif = marked(exif)
+    exif = marked(exif, source)
     if fmt == "JPEG" and len(exif) > JPEG_MARKER_MAX:
         exif = fit_exif(exif, path)
     if fmt == "JPEG" and xmp and len(XMP_HEADER) + len(xmp) > JPEG_MARKER_MAX:

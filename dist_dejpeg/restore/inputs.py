@@ -18,11 +18,12 @@ from __future__ import annotations
 import filecmp
 import glob
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_dejpeg.jpeg.formats import IMAGE_SUFFIXES, images_in, output_format, written_by_restore
+from dist_dejpeg.jpeg.formats import (IMAGE_SUFFIXES, images_in, output_format, restore_mark, source_identity,
+                                      written_by_restore)
 
 
 @dataclass
@@ -50,11 +51,12 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
     itself found that an earlier restore wrote there (earlier_outputs, for this run's ``fmt`` and ``suffix``). A
     folder's or glob's files inside ``out_dir``, where that lies below the folder searched, are earlier outputs,
     not searched (-o photos/restored, run twice): an earlier restore's outputs there are ``earlier`` results, any
-    other image there a failure that says why; a file named by itself always counts. Files of one relative path
-    from different folders given (restore x y, or x/a.jpg y/a.jpg) go below their folder's name, or as many of its
-    last names as tell the folders apart, with all the other files of those folders (x/a.png, x/b.png, y/a.png;
-    2023/photos/a.png: the second failed as the first's output, and the first was named a.jpg.png)."""
-    found, roots, results, seen, in_out, below_out = [], [], [], set(), set(), {}
+    other image there a failure that says why; a file named by itself always counts. Where two folders or more are
+    searched (folders given, globs' fixed parts: restore x y), each one's files go below its name, or as many of its
+    last names as tell the folders apart (x/a.png, x/b.png, y/a.png; 2023/photos/a.png), whatever they hold (a
+    file of one name in both moved every output there once); files named by themselves of one name (x/a.jpg
+    y/a.jpg) below their folders' names too (the second failed as the first's output)."""
+    found, roots, results, seen, in_out, below_out, searched = [], [], [], set(), set(), {}, set()
     out = Path(out_dir).resolve() if out_dir is not None else None
 
     def add(path: Path, rel: Path, root: Path, top: Path | None = None, searched: bool = True) -> None:
@@ -76,6 +78,7 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
         path = Path(item)
         if path.is_dir():
             files, top = images_in(path), path.resolve() if out is not None else None
+            searched.add(path.resolve())
             if not files:
                 results.append(RestoreResult(item, error=f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder"))
             for p in files:
@@ -88,10 +91,17 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None, fmt: st
                 results.append(RestoreResult(item, error="no such file, and no file matches it as a glob"))
             prefix = glob_prefix(item)
             top = prefix.resolve() if out is not None else None
+            searched.add(prefix.resolve())
             for p in matches:
                 add(p, below(p, prefix), prefix, top)
-    shared = Counter(rel for _, rel in found)  # a folder with a clash: all its files below its label (together)
-    label = root_labels({root.resolve() for (_, rel), root in zip(found, roots) if shared[rel] > 1})
+    # two folders or globs or more: each one's files below its label, always (a layout that a new file of one name
+    # in two of them would change moves every output); files named by themselves, where they share a path (in any
+    # case: B.jpg, b.jpg), below their folder's label
+    shared = defaultdict(set)  # (within one folder output_names tells them apart)
+    for (_, rel), root in zip(found, roots):
+        shared[folded(rel)].add(root.resolve())
+    clashing = {root for group in shared.values() if len(group) > 1 for root in group}
+    label = root_labels(clashing | (searched if len(searched) > 1 else set()))
     found = [(p, label[root.resolve()] / rel if root.resolve() in label else rel)
              for (p, rel), root in zip(found, roots)]
     earlier = earlier_outputs(found, in_out, out, fmt, suffix) if in_out else set()
@@ -115,7 +125,7 @@ def root_labels(roots: set[Path]) -> dict[Path, Path]:
     parts = {root: root.relative_to(root.anchor).parts or ("root",) for root in roots}
     for depth in range(1, max((len(p) for p in parts.values()), default=0) + 1):
         label = {root: Path(*p[-depth:]) for root, p in parts.items()}
-        if len(set(label.values())) == len(label):
+        if len({folded(name) for name in label.values()}) == len(label):  # (in any case: B/, b/)
             return label
     return {root: Path(*p) for root, p in parts.items()}
 
@@ -146,13 +156,39 @@ def is_copy(path: Path, own: dict[Path, Path]) -> bool:
 
 
 def replaceable(target: Path, source: Path) -> bool:
-    """Whether restore may write ``target`` for the input ``source``: nothing is there, or restore wrote it (its mark,
-    or ``source`` passed through byte for byte); a photo of the user's that shares the output's name is not (restore
-    'a/*.jpg' -o a replaced a/beach.png, another picture, with beach.jpg's restored image without a word)."""
-    if not target.is_file():
-        return True  # (nothing, or a folder: its write fails and says so)
+    """Whether restore may write ``target`` for the input ``source``: nothing is there (or an empty file: nothing to
+    lose), or restore wrote it for this input (ownership); a photo of the user's that shares the output's name is not
+    (restore 'a/*.jpg' -o a replaced a/beach.png, another picture, with beach.jpg's restored image without a word),
+    nor restore's output of another photo (restore sA -o o, then sB -o o replaced sA's IMG_0001.png with sB's)."""
+    return ownership(target, source)[0] not in REFUSED
+
+
+REFUSED = ("other", "foreign")  # ownership's states of an output restore must not replace
+CURRENT = ("same", "copy", "older")  # ... and of one --skip-existing may skip (where it is complete)
+
+
+def ownership(target: Path, source: Path) -> tuple[str, str]:
+    """How the file ``target`` stands to the input ``source``, and the name of the photo restore wrote it from
+    ("": unknown): "free" (nothing there, an empty file, or a folder: its write fails and says so), "copy"
+    (``source`` passed through byte for byte), "same" (restore's output of ``source`` as it is now: its mark's
+    SHA-256), "changed" (restore's output of this file before it changed: a re-scan, restored again), "other"
+    (restore's output of another photo), "older" (restore's mark without its source: written by a version before
+    the mark named it, taken as this input's, as then), "foreign" (neither mark nor copy: a file of the user's)."""
+    try:
+        if not target.is_file() or target.stat().st_size == 0:
+            return "free", ""
+    except OSError:
+        return "free", ""  # (its write says what is wrong)
+    mark, wrote = restore_mark(target)
+    if mark and wrote is not None:
+        own = dict(part.split(":", 1) for part in source_identity(source).split(" ", 2))
+        state = ("same" if wrote["sha256"] == own["sha256"] else "changed" if wrote["path"] == own["path"]
+                 else "other")
+        return state, wrote["name"]
     # (source first, as output_complete compares them for --skip-existing: filecmp's cache answers it then)
-    return written_by_restore(target) or filecmp.cmp(source, target, shallow=False)
+    if filecmp.cmp(source, target, shallow=False):
+        return "copy", source.name
+    return ("older", "") if mark else ("foreign", "")
 
 
 def glob_files(pattern: str) -> list[Path]:
@@ -184,8 +220,10 @@ def output_names(rels: list[Path], fmt: str = "png", suffix: str = "") -> list[P
     """Each input's output path relative to the output folder, from its relative path ``rels``: the stem, then
     ``suffix`` (after a "_" unless it starts with a character that is not a letter or digit: "restored" and
     "_restored" both give photo_restored.png), then the output format's suffix (output_format: ``fmt`` "same"
-    keeps a JPEG's, PNG's or WebP's own). Inputs that would share an output name each keep their own extension
-    in it (a.jpg -> a.jpg.png, a.png -> a.png.png), whatever their order."""
+    keeps a JPEG's, PNG's or WebP's own). Inputs that would share an output name, in any case (B.png, b.png: one
+    file on a case-insensitive disk), each keep their own extension in it (a.jpg -> a.jpg.png, a.png -> a.png.png),
+    again until none is shared (a.jpg.png -> a.jpg.png.png beside them); names that still differ only in case are
+    numbered. Whatever the inputs' order."""
     if suffix and suffix[0].isalnum():
         suffix = "_" + suffix
 
@@ -193,6 +231,29 @@ def output_names(rels: list[Path], fmt: str = "png", suffix: str = "") -> list[P
         extension = output_format(fmt, rel.suffix)[1]
         return rel.with_name((rel.name if keep_extension else rel.stem) + suffix + extension)
 
-    plain = [name(rel, False) for rel in rels]
-    shared = Counter(plain)
-    return [name(rel, True) if shared[out] > 1 else out for rel, out in zip(rels, plain)]
+    keep: set[int] = set()  # the inputs whose output keeps their extension: grown until no name is shared
+    while True:
+        names = [name(rel, i in keep) for i, rel in enumerate(rels)]
+        shared = Counter(folded(n) for n in names)
+        clash = {i for i, n in enumerate(names) if shared[folded(n)] > 1} - keep
+        if not clash:
+            break
+        keep |= clash
+    # names that still differ only in case (B.jpg, b.JPG: B.jpg.png, b.JPG.png), which a case-insensitive disk
+    # (macOS, Windows, exFAT) holds as one file: the second and later (by their relative path) get " (2)", " (3)"...
+    taken, order = {folded(n) for n in names}, sorted(range(len(rels)), key=lambda i: rels[i].as_posix())
+    first: set[str] = set()
+    for i in order:
+        if folded(names[i]) in first:
+            n = 2
+            while folded(numbered := names[i].with_stem(f"{names[i].stem} ({n})")) in taken:
+                n += 1
+            names[i] = numbered
+            taken.add(folded(numbered))
+        first.add(folded(names[i]))
+    return names
+
+
+def folded(path: Path) -> str:
+    """A relative output path as a case-insensitive disk compares it (two of these name one file there)."""
+    return path.as_posix().casefold()

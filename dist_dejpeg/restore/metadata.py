@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import ExifTags, Image
 
-from dist_dejpeg.jpeg.formats import SOFTWARE_TAG, cmyk_to_srgb, icc_space, restore_software, srgb_profile
+from dist_dejpeg.jpeg.formats import SOFTWARE_TAG, SOURCE_TAG, cmyk_to_srgb, icc_space, restore_software, srgb_profile
 
 log = logging.getLogger("dist_dejpeg.restore.images")
 
@@ -120,13 +120,17 @@ def output_dpi(img: Image.Image) -> tuple[float, float] | None:
     return (float(dpi[1]), float(dpi[0])) if turned else (float(dpi[0]), float(dpi[1]))
 
 
-def marked(exif: bytes | None) -> bytes:
+def marked(exif: bytes | None, source: str | None = None) -> bytes:
     """``exif`` (or none) with its Software naming restore after the input's own, as an image editor adds itself
-    in what it writes (jpeg.formats.restore_software)."""
+    in what it writes (jpeg.formats.restore_software), and ``source`` (source_identity; None: none, an earlier
+    restore's left out) in SOURCE_TAG."""
     tags = Image.Exif()
     if exif:
         tags.load(exif)
     tags[SOFTWARE_TAG] = restore_software(tags.get(SOFTWARE_TAG))
+    tags.pop(SOURCE_TAG, None)
+    if source:
+        tags[SOURCE_TAG] = source
     return tags.tobytes()
 
 
