@@ -7,16 +7,17 @@ Photoshop block) until it fits, a larger XMP is left out, each with a warning; t
 written deflate-compressed, except where the EXIF has sub-IFDs (the Exif and GPS ones: dates, exposure, location),
 which Pillow's compressed-TIFF writer (libtiff) cannot write: that TIFF is written uncompressed, so that nothing is
 lost. The EXIF orientation is applied to the pixels once, so the written EXIF says Orientation 1 (and the Exif IFD's
-pixel dimensions are the output's), and the XMP's tiff:Orientation is removed (as PIL's exif_transpose does); the
-thumbnail (IFD1) is not carried. A JPEG's comment (COM) and its APP13 segments (IPTC captions, credits, copyright in
-Photoshop resource blocks, carried whole) go into a JPEG output; a PNG gets the comment as its "Comment" text and no
-IPTC; WebP and TIFF outputs neither. A PNG's text chunks (Author, Copyright, Description, ...) go into a PNG output.
-The pixel density (dpi: JFIF, pHYs, TIFF resolution) is carried too, x and y swapped by a quarter turn. Colours are
-read by the rule prepare's tiles share (jpeg.formats.rgb_image): RGB keeps its own values and its profile (Adobe
-RGB, Display P3: restored where its JPEG artefacts are, no gamut clipped); a profile is carried only where it
-describes the output's colours: RGB for RGB output, GRAY for grayscale. A CMYK input with an embedded profile is
-converted to sRGB through that profile (LittleCMS via PIL.ImageCms, perceptual intent) and the output carries the
-sRGB profile LittleCMS builds; a CMYK input without one is converted as PIL does (naively) and carries no profile.
+pixel dimensions are the output's), and the XMP's tiff:Orientation is removed (as PIL's exif_transpose does), its
+pixel sizes swapped by a quarter turn; the thumbnail (IFD1) is not carried. A JPEG's comment (COM) and its APP13
+segments (IPTC captions, credits, copyright in Photoshop resource blocks, carried whole) go into a JPEG output; a
+PNG gets the comment as its "Comment" text and no IPTC; WebP and TIFF outputs neither. A PNG's text chunks (Author,
+Copyright, Description, ...) go into a PNG output. The pixel density (dpi: JFIF, pHYs, TIFF resolution) is carried
+too, x and y swapped by a quarter turn. Colours are read by the rule prepare's tiles share (jpeg.formats.rgb_image):
+RGB keeps its own values and its profile (Adobe RGB, Display P3: restored where its JPEG artefacts are, no gamut
+clipped); a profile is carried only where it describes the output's colours: RGB for RGB output, GRAY for grayscale.
+A CMYK input with an embedded profile is converted to sRGB through that profile (LittleCMS via PIL.ImageCms,
+perceptual intent) and the output carries the sRGB profile LittleCMS builds; a CMYK input without one is converted
+as PIL does (naively) and carries no profile.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ STORAGE_TAGS = frozenset({254, 255, 256, 257, 258, 259, 262, 266, 273, 277, 278,
 XMP_TAG = 700  # a TIFF's XMP, in its getexif(): carried as the output's XMP (output_xmp), not inside its EXIF
 TURNED = (2, 3, 4, 5, 6, 7, 8)  # EXIF orientations exif_transpose applies to the pixels
 XMP_ORIENTATION = re.compile(rb'tiff:Orientation="[0-9]"|<tiff:Orientation>[0-9]</tiff:Orientation>')
+# the XMP's pixel sizes (attributes or elements): renamed X <-> Y, Width <-> Length where a quarter turn is applied
+XMP_SIZES = re.compile(rb"(?<=exif:Pixel)[XY](?=Dimension\b)|(?<=tiff:Image)(?:Width|Length)\b")
+SWAPPED = {b"X": b"Y", b"Y": b"X", b"Width": b"Length", b"Length": b"Width"}
 JPEG_MARKER_MAX = 65533  # the data one JPEG marker segment holds: all of a JPEG's EXIF (APP1), or its XMP
 XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"  # what a JPEG's XMP segment starts with
 
@@ -77,16 +81,19 @@ def output_metadata(img: Image.Image, grayscale: bool) -> tuple[bytes | None, by
 
 def output_xmp(img: Image.Image) -> bytes | None:
     """The XMP packet of ``img`` (the opened file) for its output, or None: its tiff:Orientation removed where
-    the EXIF orientation turns the pixels (applied once, as PIL's exif_transpose removes it)."""
+    the EXIF orientation turns the pixels (applied once, as PIL's exif_transpose removes it), and where that is a
+    quarter turn its exif:PixelX/YDimension and tiff:ImageWidth/Length swapped (as the EXIF's are: output_metadata)."""
     xmp = img.info.get("xmp")
     if not xmp:
         return None
     xmp = xmp.encode() if isinstance(xmp, str) else bytes(xmp)
     try:
-        turned = img.getexif().get(ORIENTATION, 1) in TURNED
+        orientation = img.getexif().get(ORIENTATION, 1)
     except Exception:  # noqa: BLE001 - malformed EXIF: nothing is turned
-        turned = False
-    return XMP_ORIENTATION.sub(b"", xmp) if turned else xmp
+        orientation = 1
+    if orientation in (5, 6, 7, 8):
+        xmp = XMP_SIZES.sub(lambda m: SWAPPED[m.group()], xmp)
+    return XMP_ORIENTATION.sub(b"", xmp) if orientation in TURNED else xmp
 
 
 def jpeg_notes(img: Image.Image) -> tuple[bytes | None, tuple[bytes, ...]]:
