@@ -43,6 +43,13 @@ def html_page(text: str) -> str:
     return text
 
 
+def record_file(text: str) -> str:
+    """restore's --record: a file to append to, not a folder."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder: name the file to append to (e.g. {text}/record.jsonl)")
+    return text
+
+
 def at_least(low: int):
     """An argparse type: a whole number >= ``low`` (counts and sizes: refused before any work)."""
     def whole(text: str) -> int:
@@ -220,10 +227,18 @@ def restore_arguments(p: argparse.ArgumentParser) -> None:
                    help="refuse larger images (decompression bombs)")
     p.add_argument("--skip-existing", action="store_true",
                    help="leave outputs that already exist and decode fully (counted as skipped)")
+    records = p.add_mutually_exclusive_group()
+    records.add_argument("--record", metavar="PATH", type=record_file, default=None,
+                   help="append one JSON line per file to PATH as its result is final: time, status (restored, "
+                        "passed through, skipped, left alone, failed, not begun), source, source_bytes, output, "
+                        "quality, quality_from, reason, error, seconds, model (default: OUT/restore-record.jsonl "
+                        "for an output folder, none for one output file; reruns append)")
+    records.add_argument("--no-record", action="store_true", help="write no record")
     p.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal; without one, a log "
                                                         "line at each tenth of the images), no per-image lines")
     p.epilog = ("exit codes: 0 every image restored (or passed through, or skipped); 1 some failed (each is listed\n"
-                "with its reason; the others are written); 2 a usage error, a bad model or an unwritable output folder")
+                "with its reason; the others are written); 2 a usage error, a bad model or an unwritable output\n"
+                "folder; 130 Ctrl-C (the counts and failures so far printed first; rerun with --skip-existing)")
 
 
 def evaluate_arguments(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections import Counter
 from pathlib import Path
 
 # libraries that log every graph pass at INFO while exporting
@@ -57,16 +56,18 @@ def restore_command(args: argparse.Namespace) -> int:
     # bad model, no image found, Ctrl-C before the first output) is removed again, as evaluate's is
     made = new_folders(Path(args.out).parent if one_file else args.out)
     try:
-        return _restore(args, inputs, fmt, overlap)
+        return _restore(args, inputs, fmt, overlap, one_file)
     finally:
         remove_empty(made)
 
 
-def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int) -> int:
+def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int, one_file: bool) -> int:
     from dist_dejpeg.models.names import ModelFileError, OnnxUnavailable
     from dist_dejpeg.restore import open_restorer
     from dist_dejpeg.restore.files import check_restore_output, restore_files
     from dist_dejpeg.restore.images import InputImageError
+    from dist_dejpeg.restore.record import RECORD_NAME, Record
+    from dist_dejpeg.restore.summary import print_restore_summary
 
     try:
         check_restore_output(args.out)
@@ -92,16 +93,19 @@ def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int
         print(f"warning: {args.model} holds no validated gains (a checkpoint, or a run not yet finished: its "
               f"generator.safetensors has them): every image of a known JPEG quality is restored unchecked (those "
               f"of unknown quality are still passed through)", file=sys.stderr)
+    where = None if args.no_record else args.record or (None if one_file else Path(args.out) / RECORD_NAME)
+    record = Record(where, str(getattr(restorer, "info", {}).get("source") or args.model))
     try:
         results = restore_files(restorer, inputs, args.out, fmt=fmt, max_pixels=args.max_pixels,
-                                skip_existing=args.skip_existing, progress=not args.quiet,
+                                skip_existing=args.skip_existing, progress=not args.quiet, record=record,
                                 quality=args.input_quality, suffix=args.suffix, output_quality=args.output_quality)
-    except KeyboardInterrupt:  # what a user stopping a long folder needs: is what is there whole, and how to go on
-        print(f"\nrestore: interrupted; every output written is whole (each is renamed into place once complete): "
-              f"the same command{'' if args.skip_existing else ' with --skip-existing'} continues with the rest",
+    except KeyboardInterrupt as err:  # what a user stopping a folder needs: what was done, is what is there whole
+        print_restore_summary(getattr(err, "results", []), args, restorer.device, record, interrupted=True)
+        print(f"restore: interrupted; every output written is whole (each is renamed into place once complete): the "
+              f"same command{'' if args.skip_existing else ' with --skip-existing'} continues with the rest",
               file=sys.stderr)
         return 130
-    print_restore_summary(results, args, restorer.device)
+    print_restore_summary(results, args, restorer.device, record)
     return 1 if any(r.error for r in results) else 0
 
 
@@ -118,66 +122,6 @@ def _say_checkpoint(model: str, info: dict) -> None:
         "was completed after it was read" if usable_checkpoint(newest) else "is incomplete")  # (as it is now)
     print(f"note: restoring with {used} (the run has no generator file yet: training has not finished{newer})",
           file=sys.stderr)
-
-
-def print_restore_summary(results: list, args: argparse.Namespace, device) -> None:
-    """Per image (none under --quiet, which wins over --verbose; all with --verbose): what was passed through or
-    restored without a known quality, what was skipped; every failure; then one line of counts (restored, passed
-    through, skipped, failed), last: the line a user reads."""
-    failed = [r for r in results if r.error and not r.stopped]
-    stopped = [r for r in results if r.stopped]
-    skipped = [r for r in results if r.skipped]
-    earlier = [r for r in results if r.earlier]
-    written = [r for r in results if r.output and not r.skipped]
-    restored = [r for r in written if not r.passthrough]
-    seconds, megapixels = sum(r.seconds for r in restored), sum(r.megapixels for r in restored)
-    # a rate from under a megapixel is mostly the first forward's warm-up: the time itself then
-    rate = "" if not megapixels else (f", {1000 * seconds / megapixels:.0f} ms per megapixel" if megapixels >= 1
-                                      else f" in {seconds:.1f} s ({megapixels:.2f} megapixels)")
-    recoded = {r.source: _reencoded(r, args.output_quality) for r in written if r.passthrough}
-    passed = sum(not how for how in recoded.values())
-    for r in [] if args.quiet else written:
-        if args.verbose or r.passthrough or r.quality is None:
-            q = f"q{r.quality} ({r.quality_from})" if r.quality is not None else r.quality_from
-            how = "restored" if not r.passthrough else (f"not restored, re-encoded as {recoded[r.source]}"
-                                                         if recoded[r.source] else "passed through")
-            note = f"; {r.note}" if r.note else ""
-            note = note.replace("passed through unchanged", "not restored") if how.startswith("not") else note
-            print(f"{how}: {r.source}: {q}{note}")
-    for r in skipped if args.verbose and not args.quiet else []:
-        print(f"skipped: {r.source}: {r.output} exists")
-    for r in earlier if args.verbose and not args.quiet else []:
-        print(f"skipped: {r.source}: an earlier restore wrote it (name it by itself to restore it again)")
-    for r in failed:
-        print(f"failed: {r.source}: {r.error.removeprefix(f'{r.source}: ')}", file=sys.stderr)  # named once
-    quota = bool(stopped) and "(EDQUOT)" in stopped[0].error  # (restore/files.py says a quota as run/files.py does)
-    if stopped:  # one line, not one per image never begun
-        print(f"stopped: {stopped[0].error.removeprefix('not restored: ')}: {len(stopped)} image(s) not begun; free "
-              f"space{' within the quota' if quota else ''}, then run the same command"
-              f"{'' if args.skip_existing else ' with --skip-existing'} for the rest", file=sys.stderr)
-    print(f"restored {len(restored)} image(s) into {args.out} on {device}{rate}; "
-          + (f"passed {passed} through unchanged; " if passed else "")
-          + "".join(f"{n} not restored but re-encoded as {how}; " for how, n in
-                    sorted(Counter(how for how in recoded.values() if how).items()))
-          + (f"skipped {len(skipped)} existing; " if skipped else "")
-          + (f"left {len(earlier)} earlier output(s) alone; " if earlier else "") + f"{len(failed)} failed"
-          + (f"; {len(stopped)} not begun ({'quota exceeded' if quota else 'disk full'})" if stopped else ""))
-
-
-def _reencoded(result, output_quality: int | None) -> str:
-    """How a passed-through image's output was encoded with loss ("JPEG q60": a PNG given --format jpg), or ""
-    where it is the input file itself or its pixels in a lossless format."""
-    import filecmp
-
-    from dist_dejpeg.jpeg.formats import save_options
-
-    fmt, options = save_options(Path(result.output).suffix, output_quality)
-    try:
-        if (fmt != "JPEG" and options.get("lossless", True)) or filecmp.cmp(result.source, result.output, False):
-            return ""
-    except OSError:  # (the input gone since: it was not the output, which was encoded)
-        pass
-    return f"{'WebP' if fmt == 'WEBP' else fmt} q{options['quality']}"
 
 
 def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:

@@ -826,9 +826,14 @@ def test_ctrl_c_in_a_folder_leaves_whole_outputs_and_says_how_to_go_on(tmp_path,
     monkeypatch.setattr(files, "load_image", ctrl_c_at_the_third)
     run = ["restore", str(src), "-o", str(out), "--model", str(model_file), "--quiet"]
     assert main(run) == 130
-    err = capsys.readouterr().err
+    said = capsys.readouterr()
+    err = said.err
     assert "interrupted" in err and "every output written is whole" in err and "with --skip-existing" in err, err
-    assert sorted(p.name for p in out.iterdir()) == ["p0.png", "p1.png"]  # whole, and no .tmp file beside them
+    # what was done is said before the exit (it was lost), and recorded
+    assert "restored 2 image(s)" in said.out and "0 failed; 1 not begun (interrupted)" in said.out, said.out
+    assert sorted(p.name for p in out.iterdir()) == ["p0.png", "p1.png", "restore-record.jsonl"]  # no .tmp file
+    assert [line.split('"status": ')[1].split(",")[0] for line in (out / "restore-record.jsonl").read_text(
+    ).splitlines()] == ['"restored"', '"restored"', '"not begun"']
     assert all(output_complete(out / n) for n in ("p0.png", "p1.png"))
     monkeypatch.setattr(files, "load_image", real_load)
     assert main(run + ["--skip-existing"]) == 0
@@ -889,7 +894,7 @@ def test_the_restore_command_says_a_full_disk_once_and_how_to_go_on(tmp_path, mo
     assert said.out.strip().endswith("1 failed; 2 not begun (disk full)"), said.out
     monkeypatch.setattr(files, "save_image", real_save)  # space freed
     assert main(run + ["--skip-existing"]) == 0
-    assert "restored 3 image(s)" in capsys.readouterr().out and len(list(out.iterdir())) == 4
+    assert "restored 3 image(s)" in capsys.readouterr().out and len(list(out.glob("*.png"))) == 4
 
 
 def test_the_restore_command_says_a_quota_as_a_quota(tmp_path, model_file, monkeypatch, capsys):

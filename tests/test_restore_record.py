@@ -1,11 +1,8 @@
-"""restore's per-file record (restore.json lines beside the outputs), what Ctrl-C prints, the XMP's pixel sizes after
+"""restore's per-file record (restore-record.jsonl beside the outputs), what Ctrl-C prints, the XMP's pixel sizes after
 a quarter turn, and --strip-gps."""
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -53,3 +50,93 @@ def test_the_xmps_pixel_sizes_are_swapped_with_a_quarter_turn(tmp_path, restorer
     Image.fromarray(_photo(150, 200)).save(flipped, quality=30, exif=exif, xmp=xmp)
     (result,) = restore_files(restorer, [str(flipped)], tmp_path / "out2", fmt=fmt, progress=False)
     assert b'exif:PixelXDimension="200"' in _xmp_of(result.output)
+
+
+def _lines(path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_a_folder_restore_records_each_file_as_it_finishes_and_a_rerun_appends(tmp_path, restorer):
+    """An archivist restoring a folder overnight gets one JSON line per file: what was done, into which output (a
+    renamed one too: a.jpg -> a.jpg.png), at what quality and why; a rerun appends to the same file."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(_photo(40, 48)).save(src / "a.jpg", quality=20)
+    Image.fromarray(_photo(40, 48)).save(src / "a.png")
+    (src / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    record = out / "restore-record.jsonl"
+    results = restore_files(restorer, [str(src)], out, progress=False, record=record)
+    lines = _lines(record)
+    assert [(line["source"], line["status"]) for line in lines] == [
+        (str(src / "a.jpg"), "restored"), (str(src / "a.png"), "restored"), (str(src / "bad.jpg"), "failed")]
+    assert lines[0]["output"] == str(out / "a.jpg.png") and lines[0]["quality"] == 20
+    assert lines[0]["quality_from"] == "file tables" and lines[0]["reason"] == "identity"
+    assert lines[0]["source_bytes"] == (src / "a.jpg").stat().st_size and lines[0]["time"][:2] == "20"
+    assert lines[2]["error"] == results[2].error and lines[2]["output"] is None
+    restorer.passthrough = True
+    (out / "a.png.png").unlink()
+    restore_files(restorer, [str(src)], out, progress=False, record=record, skip_existing=True)
+    assert [line["status"] for line in _lines(record)[3:]] == ["skipped", "passed through", "failed"]
+    assert not any(r.source.endswith(".jsonl") for r in restore_files(restorer, [str(out)], tmp_path / "again",
+                                                                         progress=False))  # never an input
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ctrl_c_hands_back_the_results_so_far_and_records_the_rest_as_not_begun(tmp_path, restorer, monkeypatch,
+                                                                                workers):
+    """Ctrl-C in restore_files raised a bare KeyboardInterrupt: what was done was lost. It raises
+    RestoreInterrupted (still a KeyboardInterrupt) with every result: those written (threads finish theirs) as
+    restored, the rest not begun; the record says the same."""
+    from dist_dejpeg.restore.record import RestoreInterrupted
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        Image.fromarray(_photo(40, 48)).save(src / f"p{i}.jpg", quality=20)
+    real, calls = restorer.restore_array, []
+
+    def ctrl_c_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(restorer, "restore_array", ctrl_c_at_the_third)
+    record = tmp_path / "record.jsonl"
+    with pytest.raises(KeyboardInterrupt) as caught:
+        restore_files(restorer, [str(src)], tmp_path / "out", progress=False, record=record, workers=workers)
+    assert isinstance(caught.value, RestoreInterrupted)
+    results = caught.value.results
+    assert [r.output is not None for r in results] == [True, True, False, False, False]
+    assert all(r.stopped and r.error == "not restored: interrupted" for r in results[2:])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p0.png", "p1.png"]
+    assert [line["status"] for line in _lines(record)] == ["restored"] * 2 + ["not begun"] * 3
+
+
+def test_a_record_that_cannot_be_written_is_counted_and_the_restore_goes_on(tmp_path, restorer, monkeypatch):
+    import errno
+
+    import dist_dejpeg.restore.record as record_module
+    from dist_dejpeg.restore.record import Record
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(_photo(40, 48)).save(src / f"p{i}.jpg", quality=20)
+    real_write, writes = record_module.os.write, []
+
+    def full_once(fd, data):
+        writes.append(data)
+        if len(writes) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(record_module.os, "write", full_once)
+    record = Record(tmp_path / "record.jsonl", "model.safetensors")
+    results = restore_files(restorer, [str(src)], tmp_path / "out", progress=False, record=record)
+    assert all(r.output for r in results) and record.failed == 1
+    lines = _lines(tmp_path / "record.jsonl")  # the line after the failed one starts on a fresh line
+    assert [line["source"] for line in lines] == [str(src / "p0.jpg"), str(src / "p2.jpg")]
+    assert lines[0]["model"] == "model.safetensors"

@@ -45,6 +45,7 @@ from dist_dejpeg.jpeg.quality import DOUBLE, earlier_compression, estimate_quali
 from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, cells_for, load_image,
                                         made_consistent, output_complete, pixel_limit, save_image)
 from dist_dejpeg.restore.inputs import CURRENT, REFUSED, RestoreResult, collect_inputs, output_names, ownership
+from dist_dejpeg.restore.record import Record, RestoreInterrupted
 from dist_dejpeg.restore.reencode import reencoding_outweighs, written_as
 from dist_dejpeg.restore.base import ImageRestorer  # Restorer (PyTorch) or OnnxRestorer: no torch import here
 from dist_dejpeg.run.files import (TEMP_NAME, atomic_write_bytes, disk_full_text, is_disk_full, is_quota,
@@ -175,7 +176,7 @@ def check_restore_output(out: str | Path) -> Path:
 def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path, *, fmt: str = "png",
                   max_pixels: int = DEFAULT_MAX_PIXELS, skip_existing: bool = False, progress: bool = True,
                   quality: int | None = None, suffix: str = "", output_quality: int | None = None,
-                  workers: int | None = None) -> list[RestoreResult]:
+                  workers: int | None = None, record: str | Path | Record | None = None) -> list[RestoreResult]:
     """Restore every image ``inputs`` names into ``out_dir`` (names: output_names; ``fmt`` an OUTPUT_FORMATS
     name or "same"; ``output_quality``: jpg and webp outputs at that quality), or, where ``out_dir`` names a
     file (``names_a_file``: photo.png), the one image ``inputs`` names into that file, in its suffix's format
@@ -185,15 +186,37 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
     runs. Each image's quality is ``quality`` when given, else estimated
     (jpeg.quality.estimate_quality: the file's tables, else its pixels), else unknown. ``workers``:
     decode/encode threads beside the restores (None: for a restorer on a GPU one per usable core, 2 to
-    MAX_IO_THREADS, 0 on a CPU; 0: one file after another)."""
+    MAX_IO_THREADS, 0 on a CPU; 0: one file after another). ``record``: a file each result is appended to as a JSON
+    line once final (restore/record.py; None: none). Ctrl-C raises RestoreInterrupted (a KeyboardInterrupt) holding
+    every result, those not finished ``stopped`` ("not restored: interrupted"), once the threads' writes finished."""
+    if not isinstance(record, Record):
+        record = Record(record, str(getattr(restorer, "info", {}).get("source") or "") or None)
+    results: list[RestoreResult] = []
+    try:
+        restore_into(restorer, inputs, out_dir, results, record, fmt=fmt, max_pixels=max_pixels, progress=progress,
+                     skip_existing=skip_existing, quality=quality, suffix=suffix, output_quality=output_quality,
+                     workers=workers)
+    except KeyboardInterrupt:
+        raise RestoreInterrupted(results, record) from None
+    record.add_all(results)
+    return results
+
+
+def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path, results: list[RestoreResult],
+                 record: Record, *, fmt: str, max_pixels: int, skip_existing: bool, progress: bool,
+                 quality: int | None, suffix: str, output_quality: int | None, workers: int | None) -> None:
+    """restore_files' work, each result put in ``results`` (every file's before any is restored) and recorded
+    once final."""
     from dist_dejpeg.run.progress import Progress
 
     output_format(fmt, ".png")  # a ValueError for an unknown format, before any work
     one_file = names_a_file(out_dir)
     out = check_restore_output(out_dir)
-    files, results = collect_inputs(inputs, out, fmt, suffix)
-    if one_file and len(files) + len(results) != 1:
-        raise OutputError(f"output {out_dir} names one file, and {len(files) + len(results)} images were given: "
+    files, found = collect_inputs(inputs, out, fmt, suffix)
+    record.add_all(found)  # (an input naming nothing, an earlier output)
+    results.extend(found)
+    if one_file and len(files) + len(found) != 1:
+        raise OutputError(f"output {out_dir} names one file, and {len(files) + len(found)} images were given: "
                           f"give an output folder")
     sources = {p.resolve() for p, _ in files}
     targets = [Path(out_dir)] if one_file else [out / rel for rel in output_names([rel for _, rel in files], fmt,
@@ -204,9 +227,8 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
     claimed: dict[str, Path] = {}  # (resolved outputs in any case: one file on a case-insensitive disk)
     jobs: list[tuple[RestoreResult, Path, Path]] = []  # (result, input, output) of the files to restore
     bar = Progress(len(files), "restore", "image", enabled=progress)  # (without a terminal: plain lines)
-    for path, target in zip((p for p, _ in files), targets):
-        result = RestoreResult(str(path))
-        results.append(result)
+    results.extend(RestoreResult(str(path)) for path, _ in files)  # (Ctrl-C: each one's result is there)
+    for path, target, result in zip((p for p, _ in files), targets, results[len(found):]):
         key = target.resolve()
         if key in sources:
             result.error = (f"refusing to overwrite an input: the output would be {target} (give another output "
@@ -234,6 +256,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
             if not result.skipped:
                 jobs.append((result, path, target))
                 continue
+        record.add(result)
         bar.update()
     if workers is None:
         workers = max(2, pool_size(0, MAX_IO_THREADS)) if "cuda" in str(restorer.device) else 0
@@ -293,6 +316,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
         else:
             result.output = str(target)
             result.megapixels = image.rgb.shape[0] * image.rgb.shape[1] / 1e6
+        record.add(result)
         bar.update()
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="restore-io") if workers else Inline()
@@ -318,6 +342,7 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
                                                       conformed=image.cells is not None)
                 except RESTORE_ERRORS as err:
                     result.error = error_text(err)
+                    record.add(result)
                     bar.update()
                     continue
                 decision = restorer.last_decision
@@ -336,10 +361,18 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
             for result, _, _ in [job for job, _ in loads] + list(pending) if full else []:
                 result.stopped, result.error = True, f"not restored: {full[0]}"
                 bar.update()
+        except KeyboardInterrupt:  # the outputs restored are written, counted and recorded (restore_files: the rest)
+            for _, loading in loads:
+                loading.cancel()
+            pool.shutdown(wait=True)
+            for result, target, image, encoding in saves:
+                if encoding.done() and not encoding.cancelled() and (encoding.exception() is None or isinstance(
+                        encoding.exception(), RESTORE_ERRORS)):
+                    saved(result, target, image, encoding)
+            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
-    return results
 
 
 def read_quality(result: RestoreResult, image, quality: int | None) -> str:

@@ -1,0 +1,97 @@
+"""restore's per-file record: one JSON object a line, appended to ``restore-record.jsonl`` in the output folder (the
+command's default; ``--record PATH`` another file, ``--no-record`` none; the API's ``restore_files(record=PATH)``)
+as each file's result is final, so a night's restore can be audited, and an interrupted night and its rerun form one
+file (each rerun appends; the last line of a source is its latest). Torch-free.
+
+Each line: ``time`` (local, ISO 8601 with its offset), ``status`` (restored, passed through, skipped, left alone: an
+earlier restore's output a search found, failed, not begun: the disk was full or Ctrl-C came first), ``source``,
+``source_bytes``, ``output`` (the file written, or skipped as there; its name as restore chose it: a.jpg.png),
+``quality`` and ``quality_from`` (given, file tables, pixels, or why unknown), ``reason`` (the guard's decision),
+``error``, ``seconds`` and ``model``. Its suffix is no image's: a later search of the folder never reads it as one.
+
+The record is a side write: a line that cannot be written (a full disk, a quota) is logged once with its reason and
+then counted (``Record.failed``; the command's summary says how many), and the restore goes on; each line is written
+whole with one append and flushed, the next after a failed one starting on a fresh line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import datetime
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+RECORD_NAME = "restore-record.jsonl"  # in the output folder: no image suffix, never an input of a later search
+
+
+def status(result) -> str:
+    """What was done with a RestoreResult's file, in the record's words."""
+    if result.earlier:
+        return "left alone"
+    if result.skipped:
+        return "skipped"
+    if result.stopped or (result.error is None and result.output is None):
+        return "not begun"
+    if result.error is not None:
+        return "failed"
+    return "passed through" if result.passthrough else "restored"
+
+
+def size_of(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+class Record:
+    """Appends one line per finished RestoreResult to ``path`` (None: a record that writes nothing); ``model``: what
+    restored (the restorer's model file). Each result is written once, whatever calls ``add`` again."""
+
+    def __init__(self, path: str | Path | None, model: str | None = None):
+        self.path, self.model = (Path(path) if path is not None else None), model
+        self.failed, self.written, self.broken = 0, set(), False
+
+    def add(self, result) -> None:
+        if self.path is None or id(result) in self.written:
+            return
+        self.written.add(id(result))
+        line = {"time": datetime.now().astimezone().isoformat(timespec="seconds"), "status": status(result),
+                "source": result.source, "source_bytes": size_of(result.source), "output": result.output,
+                "quality": result.quality, "quality_from": result.quality_from or None, "reason": result.note or None,
+                "error": result.error, "seconds": round(result.seconds, 3), "model": self.model}
+        data = ("\n" if self.broken else "") + json.dumps(line, ensure_ascii=False) + "\n"
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                os.write(fd, data.encode())
+            finally:
+                os.close(fd)
+        except OSError as err:
+            if not self.failed:
+                log.warning("could not write the restore record %s (%s): its lines are counted, the restore goes on",
+                            self.path, f"{type(err).__name__}: {err.strerror or err}")
+            self.failed += 1
+            self.broken = True
+        else:
+            self.broken = False
+
+    def add_all(self, results) -> None:
+        for result in results:
+            self.add(result)
+
+
+class RestoreInterrupted(KeyboardInterrupt):
+    """restore_files stopped by Ctrl-C, a KeyboardInterrupt still: ``results`` holds every file's result, those not
+    finished ``stopped`` with the error "not restored: interrupted", each recorded in ``record``."""
+
+    def __init__(self, results: list, record: Record):
+        super().__init__("interrupted")
+        self.results, self.record = results, record
+        for result in results:
+            if result.output is None and result.error is None and not result.earlier:
+                result.stopped, result.error = True, "not restored: interrupted"
+        record.add_all(results)
