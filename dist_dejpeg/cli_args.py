@@ -227,6 +227,9 @@ def restore_arguments(p: argparse.ArgumentParser) -> None:
                    help="refuse larger images (decompression bombs)")
     p.add_argument("--skip-existing", action="store_true",
                    help="leave outputs that already exist and decode fully (counted as skipped)")
+    p.add_argument("--strip-gps", action="store_true",
+                   help="write the outputs without the location: the EXIF's GPS and the XMP's exif:GPS* (a "
+                        "passed-through JPEG stays its input's data, bit for bit, without them)")
     records = p.add_mutually_exclusive_group()
     records.add_argument("--record", metavar="PATH", type=record_file, default=None,
                    help="append one JSON line per file to PATH as its result is final: time, status (restored, "

@@ -96,8 +96,8 @@ def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int
     where = None if args.no_record else args.record or (None if one_file else Path(args.out) / RECORD_NAME)
     record = Record(where, str(getattr(restorer, "info", {}).get("source") or args.model))
     try:
-        results = restore_files(restorer, inputs, args.out, fmt=fmt, max_pixels=args.max_pixels,
-                                skip_existing=args.skip_existing, progress=not args.quiet, record=record,
+        results = restore_files(restorer, inputs, args.out, fmt=fmt, max_pixels=args.max_pixels, record=record,
+                                skip_existing=args.skip_existing, progress=not args.quiet, strip_gps=args.strip_gps,
                                 quality=args.input_quality, suffix=args.suffix, output_quality=args.output_quality)
     except KeyboardInterrupt as err:  # what a user stopping a folder needs: what was done, is what is there whole
         print_restore_summary(getattr(err, "results", []), args, restorer.device, record, interrupted=True)

@@ -140,3 +140,73 @@ def test_a_record_that_cannot_be_written_is_counted_and_the_restore_goes_on(tmp_
     lines = _lines(tmp_path / "record.jsonl")  # the line after the failed one starts on a fresh line
     assert [line["source"] for line in lines] == [str(src / "p0.jpg"), str(src / "p2.jpg")]
     assert lines[0]["model"] == "model.safetensors"
+
+
+GPS_XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:exif="http://ns.adobe.com/exif/1.0/" xmlns:xmp="http://ns.adobe.com/xap/1.0/" '
+           b'exif:GPSLatitude="52,22.5N" xmp:Rating="5"><exif:GPSLongitude>4,53.0E</exif:GPSLongitude>'
+           b'<exif:GPSVersionID>2.3.0.0</exif:GPSVersionID></rdf:Description></rdf:RDF></x:xmpmeta>')
+
+
+def _located(path) -> None:
+    exif = Image.Exif()
+    exif[0x010F], exif[GPS_IFD] = "Canon", GPS
+    Image.fromarray(_photo(40, 48)).save(path, quality=30, exif=exif, xmp=GPS_XMP)
+
+
+@pytest.mark.parametrize("fmt", ["png", "tiff", "webp", "jpg"])
+def test_strip_gps_leaves_the_location_out_of_every_format(tmp_path, restorer, fmt):
+    """A museum publishing restored photos must not give the place they were taken: --strip-gps writes no EXIF
+    GPS and no XMP exif:GPS*, the rest of the metadata kept; without it the location is kept."""
+    _located(tmp_path / "a.jpg")
+    (result,) = restore_files(restorer, [str(tmp_path / "a.jpg")], tmp_path / "out", fmt=fmt, progress=False,
+                              strip_gps=True)
+    out = Image.open(result.output)
+    assert result.error is None and out.getexif()[0x010F] == "Canon" and not out.getexif().get_ifd(GPS_IFD)
+    assert b"GPS" not in _xmp_of(result.output) and b'xmp:Rating="5"' in _xmp_of(result.output)
+    (kept,) = restore_files(restorer, [str(tmp_path / "a.jpg")], tmp_path / "kept", fmt=fmt, progress=False)
+    assert Image.open(kept.output).getexif().get_ifd(GPS_IFD) == GPS and b"GPSLongitude" in _xmp_of(kept.output)
+
+
+def test_strip_gps_keeps_a_passed_through_jpeg_its_inputs_data(tmp_path, restorer):
+    """A JPEG passed through as a JPEG is the input file; with --strip-gps it is the input's data (every byte from
+    its first scan on) without the GPS, marked as restore's, so a rerun replaces it; the API's writer strips too."""
+    from dist_dejpeg.jpeg.formats import written_by_restore
+    from dist_dejpeg.restore import save_restored
+
+    src = tmp_path / "a.jpg"
+    _located(src)
+    restorer.passthrough = True
+    for _ in range(2):  # (the second: the first's output replaced, not refused as a photo of the user's)
+        (result,) = restore_files(restorer, [str(src)], tmp_path / "out", fmt="same", progress=False, strip_gps=True)
+        assert result.error is None and result.passthrough, result.error
+    data, given = (tmp_path / "out" / "a.jpg").read_bytes(), src.read_bytes()
+    assert data[data.index(b"\xff\xda"):] == given[given.index(b"\xff\xda"):] and data != given
+    out = Image.open(tmp_path / "out" / "a.jpg")
+    assert not out.getexif().get_ifd(GPS_IFD) and out.getexif()[0x010F] == "Canon" and written_by_restore(out.filename)
+    assert b"GPS" not in _xmp_of(out.filename) and b'xmp:Rating="5"' in _xmp_of(out.filename)
+    image = Image.open(src)
+    image.load()
+    save_restored(image, tmp_path / "api.png", strip_gps=True)
+    assert not Image.open(tmp_path / "api.png").getexif().get_ifd(GPS_IFD) and b"GPS" not in _xmp_of(
+        tmp_path / "api.png")
+
+
+def test_the_command_says_a_stripped_pass_through_is_passed_through_not_re_encoded(tmp_path, monkeypatch, capsys):
+    import dist_dejpeg.restore.restorer as restorer_module
+    from dist_dejpeg.cli import main
+
+    class Fake(Identity):
+        passthrough = True
+
+        def __init__(self, model, **kwargs):
+            pass
+
+    monkeypatch.setattr(restorer_module, "Restorer", Fake)
+    _located(tmp_path / "a.jpg")
+    assert main(["restore", str(tmp_path / "a.jpg"), "-o", str(tmp_path / "out"), "--format", "same", "--strip-gps",
+                 "--model", "m", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "passed 1 through unchanged" in out and "re-encoded" not in out, out
+    assert not Image.open(tmp_path / "out" / "a.jpg").getexif().get_ifd(GPS_IFD)
+    assert [line["status"] for line in _lines(tmp_path / "out" / "restore-record.jsonl")] == ["passed through"]

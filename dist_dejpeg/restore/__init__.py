@@ -44,18 +44,22 @@ def open_restorer(model, **kwargs):
     return Restorer(model, **kwargs)
 
 
-def save_restored(image, path, quality: int | None = None) -> None:
+def save_restored(image, path, quality: int | None = None, strip_gps: bool = False) -> None:
     """Write a PIL image ``Restorer.restore`` returned with the writer the ``restore`` command uses: in the format
     ``path``'s suffix names (.png, .jpg, .webp, .tif; ``quality``: a jpg's or webp's), atomically, with the input's
     ICC profile, EXIF and XMP from ``image.info`` in every format, its dpi in all but WebP (which has no field for
     it) and a JPEG's comment in a JPEG (a PNG: its "Comment" text; WebP and TIFF: none), as restore/metadata.py says
     (Pillow's ``image.save(path, **image.info)`` drops the XMP and the comment from a PNG). What the command does
     beside it is its own: a PNG's text chunks and a JPEG's IPTC carried, and a JPEG written as a JPEG again left the
-    input file where the re-encoding would cost more than restoring gains (restore/files.py). Torch-free."""
+    input file where the re-encoding would cost more than restoring gains (restore/files.py). ``strip_gps``: without
+    the EXIF's GPS and the XMP's exif:GPS* (restore --strip-gps). Torch-free."""
     from dist_dejpeg.restore.images import save_image, split_image
+    from dist_dejpeg.restore.metadata import without_gps
 
     rgb, alpha, grayscale = split_image(image)
     info = image.info
+    xmp = info.get("xmp")
+    exif, xmp = without_gps(info.get("exif"), xmp.encode() if isinstance(xmp, str) else xmp) if strip_gps else (
+        info.get("exif"), xmp)
     save_image(rgb, path, alpha=alpha, grayscale=grayscale, icc_profile=info.get("icc_profile"),
-               exif=info.get("exif"), quality=quality, dpi=info.get("dpi"), xmp=info.get("xmp"),
-               comment=info.get("comment"))
+               exif=exif, quality=quality, dpi=info.get("dpi"), xmp=xmp, comment=info.get("comment"))

@@ -33,7 +33,7 @@ import logging
 import os
 import re
 import time
-from collections import defaultdict, deque
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -44,18 +44,18 @@ from dist_dejpeg.jpeg.consistency import conform
 from dist_dejpeg.jpeg.quality import DOUBLE, earlier_compression, estimate_quality
 from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, cells_for, load_image,
                                         made_consistent, output_complete, pixel_limit, save_image)
-from dist_dejpeg.restore.inputs import CURRENT, REFUSED, RestoreResult, collect_inputs, output_names, ownership
+from dist_dejpeg.restore.inputs import (CURRENT, REFUSED, STALE_TEMP_S, RestoreResult, collect_inputs,  # noqa: F401
+                                        output_names, ownership, remove_stale_temps)  # (STALE_TEMP_S: the docstring's)
+from dist_dejpeg.restore.metadata import jpeg_without_gps, without_gps
 from dist_dejpeg.restore.record import Record, RestoreInterrupted
 from dist_dejpeg.restore.reencode import reencoding_outweighs, written_as
 from dist_dejpeg.restore.base import ImageRestorer  # Restorer (PyTorch) or OnnxRestorer: no torch import here
-from dist_dejpeg.run.files import (TEMP_NAME, atomic_write_bytes, disk_full_text, is_disk_full, is_quota,
+from dist_dejpeg.run.files import (atomic_write_bytes, disk_full_text, is_disk_full, is_quota,
                                    prove_writable)
-from dist_dejpeg.run.lock import pid_alive
 from dist_dejpeg.run.pool import pool_size
 
 log = logging.getLogger(__name__)
 
-STALE_TEMP_S = 600  # a temp file of an output this old is stale whatever its pid says
 MAX_IO_THREADS = 8  # decode/encode threads beside a GPU restorer, at most (each holds an image or two in memory)
 LOADS_AHEAD = 2  # files decoded ahead of the one the model restores, at most
 # the pixels of the outputs being made consistent and encoded at once, at most (one however large: alone); each holds
@@ -88,36 +88,6 @@ def check_output_file(path: str | Path) -> Path:
         raise OutputError(f"output {path} is a folder: give a file name (e.g. {path / 'report.html'})")
     check_output_dir(path.parent)
     return path
-
-
-def remove_stale_temps(targets: list[Path], max_age_s: float = STALE_TEMP_S, keep: frozenset | set = frozenset()
-                       ) -> list[Path]:
-    """Remove the temp files a killed writer left beside ``targets`` (``.NAME.tmpPID``, NAME one of theirs):
-    those whose pid is not alive on this host, or older than ``max_age_s``; never a resolved path in ``keep``
-    (the inputs). One listing per folder."""
-    names: dict[Path, set[str]] = defaultdict(set)
-    for target in targets:
-        names[target.parent].add(target.name)
-    removed, now = [], time.time()
-    for folder, wanted in names.items():
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:  # not created yet: nothing left there
-            continue
-        for entry in entries:
-            match = TEMP_NAME.match(entry.name)
-            if match is None or match["name"] not in wanted:
-                continue
-            try:
-                if not entry.is_file(follow_symlinks=False) or Path(entry.path).resolve() in keep:
-                    continue
-                if pid_alive(int(match["pid"])) and now - entry.stat(follow_symlinks=False).st_mtime < max_age_s:
-                    continue
-                os.unlink(entry.path)
-            except OSError:
-                continue
-            removed.append(Path(entry.path))
-    return removed
 
 
 class Inline:
@@ -176,7 +146,8 @@ def check_restore_output(out: str | Path) -> Path:
 def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path, *, fmt: str = "png",
                   max_pixels: int = DEFAULT_MAX_PIXELS, skip_existing: bool = False, progress: bool = True,
                   quality: int | None = None, suffix: str = "", output_quality: int | None = None,
-                  workers: int | None = None, record: str | Path | Record | None = None) -> list[RestoreResult]:
+                  workers: int | None = None, record: str | Path | Record | None = None, strip_gps: bool = False
+                  ) -> list[RestoreResult]:
     """Restore every image ``inputs`` names into ``out_dir`` (names: output_names; ``fmt`` an OUTPUT_FORMATS
     name or "same"; ``output_quality``: jpg and webp outputs at that quality), or, where ``out_dir`` names a
     file (``names_a_file``: photo.png), the one image ``inputs`` names into that file, in its suffix's format
@@ -188,14 +159,15 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
     decode/encode threads beside the restores (None: for a restorer on a GPU one per usable core, 2 to
     MAX_IO_THREADS, 0 on a CPU; 0: one file after another). ``record``: a file each result is appended to as a JSON
     line once final (restore/record.py; None: none). Ctrl-C raises RestoreInterrupted (a KeyboardInterrupt) holding
-    every result, those not finished ``stopped`` ("not restored: interrupted"), once the threads' writes finished."""
+    every result, those not finished ``stopped`` ("not restored: interrupted"), once the threads' writes finished.
+    ``strip_gps``: the outputs without the EXIF's GPS sub-IFD and the XMP's exif:GPS* (restore/metadata.py)."""
     if not isinstance(record, Record):
         record = Record(record, str(getattr(restorer, "info", {}).get("source") or "") or None)
     results: list[RestoreResult] = []
     try:
         restore_into(restorer, inputs, out_dir, results, record, fmt=fmt, max_pixels=max_pixels, progress=progress,
                      skip_existing=skip_existing, quality=quality, suffix=suffix, output_quality=output_quality,
-                     workers=workers)
+                     workers=workers, strip_gps=strip_gps)
     except KeyboardInterrupt:
         raise RestoreInterrupted(results, record) from None
     record.add_all(results)
@@ -204,7 +176,8 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
 
 def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path, results: list[RestoreResult],
                  record: Record, *, fmt: str, max_pixels: int, skip_existing: bool, progress: bool,
-                 quality: int | None, suffix: str, output_quality: int | None, workers: int | None) -> None:
+                 quality: int | None, suffix: str, output_quality: int | None, workers: int | None,
+                 strip_gps: bool = False) -> None:
     """restore_files' work, each result put in ``results`` (every file's before any is restored) and recorded
     once final."""
     from dist_dejpeg.run.progress import Progress
@@ -280,17 +253,18 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
         target.parent.mkdir(parents=True, exist_ok=True)
         fmt = save_options(target.suffix)[0]
         same = written_as(image.format) == fmt  # (a camera's MPO is a JPEG file)
-        if decision.passthrough and same:  # unchanged: the file, not a re-encode
-            atomic_write_bytes(target, path.read_bytes())
+        if decision.passthrough and same and (copy := input_copy(path, image, fmt)) is not None:  # unchanged: the
+            atomic_write_bytes(target, copy)  # file, not a re-encode
             return None, ""
         unmade = "" if decision.passthrough else image.cells_note
         if not decision.passthrough and image.cells is not None:
             half_width = getattr(decision, "half_width", None)
             restored, unmade = made_consistent(restored, image.cells, image.image, half_width,
                                                 getattr(restorer, "conform", conform))
+        exif, xmp = without_gps(image.exif, image.xmp) if strip_gps else (image.exif, image.xmp)
         data = save_image(restored, target, alpha=image.alpha, grayscale=image.grayscale,
-                          icc_profile=image.icc_profile, exif=image.exif, quality=output_quality, dpi=image.dpi,
-                          xmp=image.xmp, comment=image.comment, iptc=image.iptc, text=image.text,
+                          icc_profile=image.icc_profile, exif=exif, quality=output_quality, dpi=image.dpi,
+                          xmp=xmp, comment=image.comment, iptc=image.iptc, text=image.text,
                           encode_only=True, source=source_identity(path))
         gain = getattr(decision, "gain", None)
         lossy = fmt == "JPEG" or (fmt == "WEBP" and output_quality is not None)
@@ -299,8 +273,16 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
             why = reencoding_outweighs(restored, data, image, decision.quality, gain,
                                        getattr(decision, "jpeg_psnr", None),
                                        earlier_compression(decision.quality, decision.source, image.image))
-        atomic_write_bytes(target, path.read_bytes() if why else data)
-        return why, unmade
+        copy = input_copy(path, image, fmt) if why else None
+        atomic_write_bytes(target, copy or data)
+        return why if copy else None, unmade
+
+    def input_copy(path: Path, image: LoadedImage, fmt: str) -> bytes | None:
+        """The input file as a pass-through's output; with ``strip_gps``, where it holds GPS, a JPEG's without it
+        (its pixels' data untouched), None for another format (encoded then: its pixels, without the GPS)."""
+        if not strip_gps or without_gps(image.exif, image.xmp) == (image.exif, image.xmp):
+            return path.read_bytes()
+        return jpeg_without_gps(path.read_bytes()) if fmt == "JPEG" else None
 
     def saved(result: RestoreResult, target: Path, image: LoadedImage, future: Future) -> None:
         try:

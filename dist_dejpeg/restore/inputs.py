@@ -18,12 +18,17 @@ from __future__ import annotations
 import filecmp
 import glob
 import os
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from dist_dejpeg.jpeg.formats import (IMAGE_SUFFIXES, images_in, output_format, restore_mark, source_identity,
                                       written_by_restore)
+from dist_dejpeg.run.files import TEMP_NAME
+from dist_dejpeg.run.lock import pid_alive
+
+STALE_TEMP_S = 600  # a temp file of an output this old is stale whatever its pid says
 
 
 @dataclass
@@ -257,3 +262,33 @@ def output_names(rels: list[Path], fmt: str = "png", suffix: str = "") -> list[P
 def folded(path: Path) -> str:
     """A relative output path as a case-insensitive disk compares it (two of these name one file there)."""
     return path.as_posix().casefold()
+
+
+def remove_stale_temps(targets: list[Path], max_age_s: float = STALE_TEMP_S, keep: frozenset | set = frozenset()
+                       ) -> list[Path]:
+    """Remove the temp files a killed writer left beside ``targets`` (``.NAME.tmpPID``, NAME one of theirs):
+    those whose pid is not alive on this host, or older than ``max_age_s``; never a resolved path in ``keep``
+    (the inputs). One listing per folder."""
+    names: dict[Path, set[str]] = defaultdict(set)
+    for target in targets:
+        names[target.parent].add(target.name)
+    removed, now = [], time.time()
+    for folder, wanted in names.items():
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # not created yet: nothing left there
+            continue
+        for entry in entries:
+            match = TEMP_NAME.match(entry.name)
+            if match is None or match["name"] not in wanted:
+                continue
+            try:
+                if not entry.is_file(follow_symlinks=False) or Path(entry.path).resolve() in keep:
+                    continue
+                if pid_alive(int(match["pid"])) and now - entry.stat(follow_symlinks=False).st_mtime < max_age_s:
+                    continue
+                os.unlink(entry.path)
+            except OSError:
+                continue
+            removed.append(Path(entry.path))
+    return removed

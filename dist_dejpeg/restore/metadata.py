@@ -48,6 +48,9 @@ XMP_SIZES = re.compile(rb"(?<=exif:Pixel)[XY](?=Dimension\b)|(?<=tiff:Image)(?:W
 SWAPPED = {b"X": b"Y", b"Y": b"X", b"Width": b"Length", b"Length": b"Width"}
 JPEG_MARKER_MAX = 65533  # the data one JPEG marker segment holds: all of a JPEG's EXIF (APP1), or its XMP
 XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"  # what a JPEG's XMP segment starts with
+GPS_IFD = 0x8825  # the EXIF's GPS sub-IFD: the location (--strip-gps)
+# the XMP's location (--strip-gps): exif:GPS* properties, as attributes or elements
+XMP_GPS = re.compile(rb'\s(?:exif|exifEX):GPS\w+="[^"]*"|<((?:exif|exifEX):GPS\w+)\b[^>]*?(?:/>|>.*?</\1>)', re.S)
 
 
 def output_metadata(img: Image.Image, grayscale: bool) -> tuple[bytes | None, bytes | None]:
@@ -186,3 +189,46 @@ def png_text(img: Image.Image) -> dict[str, str]:
         return {}
     text = getattr(img, "text", None) or {}
     return {str(k): str(v) for k, v in text.items() if k != "XML:com.adobe.xmp" and not k.startswith("Raw profile")}
+
+
+def without_gps(exif: bytes | None, xmp: bytes | None) -> tuple[bytes | None, bytes | None]:
+    """``exif`` without its GPS sub-IFD and ``xmp`` without its exif:GPS* properties (--strip-gps: a museum's
+    outputs name no place)."""
+    if exif:
+        tags = Image.Exif()
+        tags.load(exif)
+        if GPS_IFD in tags:
+            del tags[GPS_IFD]
+            exif = tags.tobytes()
+    return exif, XMP_GPS.sub(b"", xmp) if xmp else xmp
+
+
+def jpeg_without_gps(data: bytes) -> bytes | None:
+    """The JPEG file ``data`` with the GPS of its EXIF and XMP segments removed and nothing else changed (a
+    pass-through stays the input's pixels, bit for bit), its EXIF marked as restore's (``marked``: an output, not a
+    photo of the user's); None where it holds no GPS (the file itself will do) or is no JPEG Pillow would write."""
+    out, at, changed, exif_seen = [], 2, False, False
+    while data[:2] == b"\xff\xd8" and at + 4 <= len(data) and data[at] == 0xFF and 0xE0 <= data[at + 1] <= 0xFE:
+        end = at + 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        marker, segment = data[at + 1], data[at + 4:end]
+        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00") and not exif_seen:
+            exif_seen, stripped = True, without_gps(segment, None)[0]
+            changed, segment = changed or stripped != segment, marked(stripped)
+        elif marker == 0xE1 and segment.startswith(XMP_HEADER):
+            stripped = XMP_HEADER + without_gps(None, segment[len(XMP_HEADER):])[1]
+            changed, segment = changed or stripped != segment, stripped
+        out.append(bytes([0xFF, marker]) + (len(segment) + 2).to_bytes(2, "big") + segment)
+        at = end
+    if not changed:
+        return None
+    mark = [] if exif_seen else [b"\xff\xe1" + (len(marked(None)) + 2).to_bytes(2, "big") + marked(None)]
+    return b"\xff\xd8" + b"".join(mark + out) + data[at:]
+
+
+def same_image_data(source: str | Path, output: str | Path) -> bool:
+    """Whether ``output`` is the file ``source``, or, both JPEGs, its data from the first scan on (its metadata
+    changed: jpeg_without_gps)."""
+    a, b = Path(source).read_bytes(), Path(output).read_bytes()
+    if a == b:
+        return True
+    return a[:2] == b[:2] == b"\xff\xd8" and b"\xff\xda" in a and a[a.index(b"\xff\xda"):] == b[b.find(b"\xff\xda"):]

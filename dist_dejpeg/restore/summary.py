@@ -59,13 +59,12 @@ def print_restore_summary(results: list, args: argparse.Namespace, device, recor
 def _reencoded(result, output_quality: int | None) -> str:
     """How a passed-through image's output was encoded with loss ("JPEG q60": a PNG given --format jpg), or ""
     where it is the input file itself or its pixels in a lossless format."""
-    import filecmp
-
     from dist_dejpeg.jpeg.formats import save_options
+    from dist_dejpeg.restore.metadata import same_image_data  # (--strip-gps: a JPEG's data without its GPS)
 
     fmt, options = save_options(Path(result.output).suffix, output_quality)
     try:
-        if (fmt != "JPEG" and options.get("lossless", True)) or filecmp.cmp(result.source, result.output, False):
+        if (fmt != "JPEG" and options.get("lossless", True)) or same_image_data(result.source, result.output):
             return ""
     except OSError:  # (the input gone since: it was not the output, which was encoded)
         pass
