@@ -185,6 +185,14 @@ def test_strip_gps_keeps_a_passed_through_jpeg_its_inputs_data(tmp_path, restore
     out = Image.open(tmp_path / "out" / "a.jpg")
     assert not out.getexif().get_ifd(GPS_IFD) and out.getexif()[0x010F] == "Canon" and written_by_restore(out.filename)
     assert b"GPS" not in _xmp_of(out.filename) and b'xmp:Rating="5"' in _xmp_of(out.filename)
+    # its mark names its photo: another photo of the name is refused it, not given it as its own (was "older")
+    from dist_dejpeg.restore.inputs import ownership
+
+    other = tmp_path / "b" / "a.jpg"
+    other.parent.mkdir()
+    Image.new("RGB", (16, 16), "red").save(other)
+    assert ownership(tmp_path / "out" / "a.jpg", src)[0] == "same"
+    assert ownership(tmp_path / "out" / "a.jpg", other) == ("other", "a.jpg")
     image = Image.open(src)
     image.load()
     save_restored(image, tmp_path / "api.png", strip_gps=True)

@@ -282,7 +282,7 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
         (its pixels' data untouched), None for another format (encoded then: its pixels, without the GPS)."""
         if not strip_gps or without_gps(image.exif, image.xmp) == (image.exif, image.xmp):
             return path.read_bytes()
-        return jpeg_without_gps(path.read_bytes()) if fmt == "JPEG" else None
+        return jpeg_without_gps(path.read_bytes(), source_identity(path)) if fmt == "JPEG" else None
 
     def saved(result: RestoreResult, target: Path, image: LoadedImage, future: Future) -> None:
         try:

@@ -203,17 +203,18 @@ def without_gps(exif: bytes | None, xmp: bytes | None) -> tuple[bytes | None, by
     return exif, XMP_GPS.sub(b"", xmp) if xmp else xmp
 
 
-def jpeg_without_gps(data: bytes) -> bytes | None:
+def jpeg_without_gps(data: bytes, source: str | None = None) -> bytes | None:
     """The JPEG file ``data`` with the GPS of its EXIF and XMP segments removed and nothing else changed (a
     pass-through stays the input's pixels, bit for bit), its EXIF marked as restore's (``marked``: an output, not a
-    photo of the user's); None where it holds no GPS (the file itself will do) or is no JPEG Pillow would write."""
+    photo of the user's; ``source``: the photo it came from, source_identity); None where it holds no GPS (the
+    file itself will do) or is no JPEG Pillow would write."""
     out, at, changed, exif_seen = [], 2, False, False
     while data[:2] == b"\xff\xd8" and at + 4 <= len(data) and data[at] == 0xFF and 0xE0 <= data[at + 1] <= 0xFE:
         end = at + 2 + int.from_bytes(data[at + 2:at + 4], "big")
         marker, segment = data[at + 1], data[at + 4:end]
         if marker == 0xE1 and segment.startswith(b"Exif\x00\x00") and not exif_seen:
             exif_seen, stripped = True, without_gps(segment, None)[0]
-            changed, segment = changed or stripped != segment, marked(stripped)
+            changed, segment = changed or stripped != segment, marked(stripped, source)
         elif marker == 0xE1 and segment.startswith(XMP_HEADER):
             stripped = XMP_HEADER + without_gps(None, segment[len(XMP_HEADER):])[1]
             changed, segment = changed or stripped != segment, stripped
@@ -221,7 +222,8 @@ def jpeg_without_gps(data: bytes) -> bytes | None:
         at = end
     if not changed:
         return None
-    mark = [] if exif_seen else [b"\xff\xe1" + (len(marked(None)) + 2).to_bytes(2, "big") + marked(None)]
+    new = marked(None, source)
+    mark = [] if exif_seen else [b"\xff\xe1" + (len(new) + 2).to_bytes(2, "big") + new]
     return b"\xff\xd8" + b"".join(mark + out) + data[at:]
 
 
