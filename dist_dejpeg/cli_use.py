@@ -53,12 +53,14 @@ def restore_command(args: argparse.Namespace) -> int:
         args.usage_error(f"-o {args.out}: restore writes no {Path(args.out).suffix} files; name the output file "
                          f"with .png, .jpg, .webp or .tif, or write {args.out}/ for a folder of that name")
     # the output folder is made before the model loads (an unwritable one fails first); one that ends up empty (a
-    # bad model, no image found, Ctrl-C before the first output) is removed again, as evaluate's is
+    # bad model, no image found, Ctrl-C before the first output: its record of the failures aside) is removed again
+    from dist_dejpeg.restore.record import RECORD_NAME
+
     made = new_folders(Path(args.out).parent if one_file else args.out)
     try:
         return _restore(args, inputs, fmt, overlap, one_file)
     finally:
-        remove_empty(made)
+        remove_empty(made, leftovers=(RECORD_NAME,))
 
 
 def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int, one_file: bool) -> int:

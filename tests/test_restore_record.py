@@ -218,3 +218,19 @@ def test_the_command_says_a_stripped_pass_through_is_passed_through_not_re_encod
     assert "passed 1 through unchanged" in out and "re-encoded" not in out, out
     assert not Image.open(tmp_path / "out" / "a.jpg").getexif().get_ifd(GPS_IFD)
     assert [line["status"] for line in _lines(tmp_path / "out" / "restore-record.jsonl")] == ["passed through"]
+
+
+def test_a_new_output_folder_holding_only_the_record_is_removed(tmp_path, monkeypatch, capsys):
+    """A folder the command made for the outputs and left without one (every image failed) is removed again, as
+    before the record: its record of the failures went with it (they are printed), not a folder of one .jsonl."""
+    import dist_dejpeg.restore.restorer as restorer_module
+    from dist_dejpeg.cli import main
+
+    class Fake(Identity):
+        def __init__(self, model, **kwargs):
+            pass
+
+    monkeypatch.setattr(restorer_module, "Restorer", Fake)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a JPEG")
+    assert main(["restore", str(tmp_path / "broken.jpg"), "-o", str(tmp_path / "new"), "--model", "m", "--quiet"]) == 1
+    assert "failed: " in capsys.readouterr().err and not (tmp_path / "new").exists()
