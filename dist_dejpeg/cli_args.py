@@ -226,7 +226,8 @@ def restore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=at_least(1), default=DEFAULT_MAX_PIXELS,
                    help="refuse larger images (decompression bombs)")
     p.add_argument("--skip-existing", action="store_true",
-                   help="leave outputs that already exist and decode fully (counted as skipped)")
+                   help="leave outputs of the same photo, as it is now, that already exist and decode fully (counted "
+                        "as skipped); an output of an input changed since is restored again")
     p.add_argument("--strip-gps", action="store_true",
                    help="write the outputs without the location: the EXIF's GPS and the XMP's exif:GPS* (a "
                         "passed-through JPEG stays its input's data, bit for bit, without them)")
