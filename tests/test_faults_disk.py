@@ -528,3 +528,26 @@ def test_train_log_is_tried_again_and_its_lost_lines_counted(tmp_path, shards, c
     err = capsys.readouterr().err
     assert err.count("warning: cannot write") == 1 and f"{RETRY_LINES - 1} lines before this one are missing" in err
     assert json.loads((run / "progress.json").read_text())["write_errors"] == {"train.log": RETRY_LINES - 1}
+
+
+def test_a_tracker_whose_final_validation_write_failed_gets_it_again_on_a_rerun(tmp_path, shards, monkeypatch):
+    """final_logged.json names the trackers a rerun must not give the final validation again; it named every
+    tracker, so one whose final writes failed (a full disk, a dropped network) never got it, rerun or not."""
+    from dist_dejpeg.train.trackers import FINAL_LOGGED
+
+    results = {"q10": {"jpeg": dict(psnr=1.0, ssim=1.0, lpips=1.0), "restored": dict(psnr=2.0, ssim=1.0, lpips=0.5),
+                       "gain": dict(psnr=1.0, psnr_low=0.5, count=1)}}
+    for failing, expected in ((False, ["tensorboard"]), (True, [])):
+        run = tmp_path / f"run{failing}"
+        acc, cfg = build_accelerator(tiny(run, shards, "train.order=[gen]", "train.log_with=[tensorboard]"))
+        run.mkdir()
+        monitor = Monitor(acc, cfg, run, {})
+        tb = next(t for t in acc.trackers if t.name == "tensorboard")
+        if failing:
+            monkeypatch.setattr(tb, "log", lambda values, step=None, **kw: (_ for _ in ()).throw(OSError(errno.ENOSPC,
+                                                                                                       "full")))
+        monitor.final(results, torch.zeros(3, 8, 8), 5, "val-set")
+        monitor.finish("finished", "", 5)
+        monitor.close()
+        assert json.loads((run / FINAL_LOGGED).read_text())["trackers"] == expected, failing
+        assert ("tracker.tensorboard" in monitor.write_errors) == failing

@@ -73,6 +73,7 @@ class Monitor(SideWrites):
         self.closed = False
         self.write_errors: dict[str, int] = {}  # side write ("progress", "tracker.<name>", ...) -> failures
         self.final_done, self.final_at = set(), None  # trackers.final_logged's; (step, val_set) of the final logged
+        self.final_failed: set[str] = set()  # trackers whose final validation's writes failed
         self.tb_retry: int | None = None  # log calls left before a failed TensorBoard writer is replaced
         self.progress: dict = {"status": "running", "reason": "", "phases": self.order,
                                "total_steps": sum(self.steps.values()), "host": socket.gethostname(),
@@ -301,10 +302,16 @@ class Monitor(SideWrites):
         run gave it (resumed); who got it is recorded when they close (flushed: trackers.FINAL_LOGGED)."""
         if self.final_done and self.main:
             log.info("final validation: not logged again to %s (an earlier session did)", ", ".join(self.final_done))
-        self.final_at = (step, val_set)
+        self.final_at, before = (step, val_set), dict(self.write_errors)
         self.validation("final", results, step)
         if grid is not None:
             self.image("val/jpeg_restored_clean_final", grid, step)
+        self.final_failed = self._failed_since(before)  # (not recorded as given it: a rerun tries them again)
+
+    def _failed_since(self, before: dict) -> set:
+        """The trackers with a failed write since the side-write counts were ``before``."""
+        return {kind.split(".", 1)[1] for kind, n in self.write_errors.items()
+                if kind.startswith(("tracker.", "image.")) and n > before.get(kind, 0)}
 
     def set_best(self, best: dict) -> None:
         """The stop rule's best validation value so far ({metric, value, step, phase})."""
@@ -341,6 +348,7 @@ class Monitor(SideWrites):
             close_run_log(self.run_log)  # (its last lines: the trackers' below go to the console only)
             # not accelerator.end_training(): it also destroys the process group, which the run still uses
             # (a final barrier; benchmarks and tests that keep the Accelerator) and other ranks may be inside
+            before = dict(self.write_errors)
             for tracker in self.acc.trackers:
                 with self.side_write(f"tracker.{tracker.name}", (Exception,)):  # e.g. TensorBoard's last flush
                     tracker.finish()
@@ -349,7 +357,8 @@ class Monitor(SideWrites):
             if self.mlflow_store:
                 set_mlflow_store(None)
             if self.final_at is not None and self.main:
-                names = sorted(self.final_done | {t.name for t in self.acc.trackers})
+                failed = self.final_failed | self._failed_since(before)  # (its final values may be lost)
+                names = sorted(self.final_done | {t.name for t in self.acc.trackers} - failed)
                 with self.side_write("trackers", path=self.run_dir / FINAL_LOGGED):
                     atomic_write_json(self.run_dir / FINAL_LOGGED, dict(zip(("step", "val_set"), self.final_at),
                                                                         trackers=names))
