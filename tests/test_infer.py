@@ -279,7 +279,8 @@ def test_restore_glob_and_all_good_exit_zero(tmp_path, model_file, capsys):
     assert code == 2 and "no such file" in capsys.readouterr().err
     code = main(["restore", str(tmp_path / "in" / "*.jpg"), "-o", str(tmp_path / "out"), "--model",
                  str(model_file), "--quiet"])
-    assert code == 0 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p0.png", "p1.png"]
+    assert code == 0 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p0.png", "p1.png",
+                                                                                  "restore-record.jsonl"]
 
 
 def test_refuses_to_overwrite_an_input(tmp_path, model_file, capsys):
