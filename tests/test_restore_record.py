@@ -234,3 +234,17 @@ def test_a_new_output_folder_holding_only_the_record_is_removed(tmp_path, monkey
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a JPEG")
     assert main(["restore", str(tmp_path / "broken.jpg"), "-o", str(tmp_path / "new"), "--model", "m", "--quiet"]) == 1
     assert "failed: " in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_a_file_name_that_is_no_utf8_is_recorded(tmp_path):
+    """A name that is no UTF-8 (an old camera's Latin-1 café.jpg), which Python holds as surrogates: the record's
+    write raised UnicodeEncodeError, which no side-write handler caught, and stopped the restore."""
+    import os
+
+    from dist_dejpeg.restore.inputs import RestoreResult
+    from dist_dejpeg.restore.record import Record
+
+    source = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.jpg")
+    record = Record(tmp_path / "record.jsonl", "m")
+    record.add(RestoreResult(source=source, error="not an image"))
+    assert record.failed == 0 and _lines(tmp_path / "record.jsonl")[0]["source"] == source

@@ -63,7 +63,8 @@ class Record:
                 "source": result.source, "source_bytes": size_of(result.source), "output": result.output,
                 "quality": result.quality, "quality_from": result.quality_from or None, "reason": result.note or None,
                 "error": result.error, "seconds": round(result.seconds, 3), "model": self.model}
-        data = ("\n" if self.broken else "") + json.dumps(line, ensure_ascii=False) + "\n"
+        # (ASCII, JSON's escapes: a name that is no UTF-8, held as surrogates, is written too, and read back as it)
+        data = ("\n" if self.broken else "") + json.dumps(line) + "\n"
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
             try:
