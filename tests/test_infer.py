@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import warnings
@@ -294,6 +295,15 @@ def test_refuses_to_overwrite_an_input(tmp_path, model_file, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "(give another output file name, or an output folder)" in err and "--suffix" not in err, err
     assert src.read_bytes() == before
+    # an output path that names the input's file by another name: on a case-insensitive disk (macOS, Windows)
+    # out/a.png of a.PNG is the input; a hard link is such a name here
+    jpeg = _write(tmp_path / "in" / "a.jpg", _jpeg_bytes(_photo(64, 64), 20))
+    (tmp_path / "out").mkdir()
+    os.link(jpeg, tmp_path / "out" / "a.png")
+    jpeg_bytes = jpeg.read_bytes()
+    code = main(["restore", str(jpeg), "-o", str(tmp_path / "out"), "--model", str(model_file), "--quiet"])
+    assert code == 1 and "refusing to overwrite an input" in capsys.readouterr().err
+    assert jpeg.read_bytes() == (tmp_path / "out" / "a.png").read_bytes() == jpeg_bytes
 
 
 def test_unwritable_output_folder_fails_before_any_work(tmp_path, model_file, capsys):

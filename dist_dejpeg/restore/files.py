@@ -192,6 +192,9 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
         raise OutputError(f"output {out_dir} names one file, and {len(files) + len(found)} images were given: "
                           f"give an output folder")
     sources = {p.resolve() for p, _ in files}
+    # and the files themselves: on a case-insensitive disk (macOS, Windows, exFAT) the output a.png of a.PNG in its
+    # own folder is the input under another path, which replacing would lose
+    source_files = {_file_id(p) for p, _ in files} - {None}
     targets = [Path(out_dir)] if one_file else [out / rel for rel in output_names([rel for _, rel in files], fmt,
                                                                                   suffix)]
     stale = remove_stale_temps(targets, keep=sources)
@@ -203,7 +206,7 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
     results.extend(RestoreResult(str(path)) for path, _ in files)  # (Ctrl-C: each one's result is there)
     for path, target, result in zip((p for p, _ in files), targets, results[len(found):]):
         key = target.resolve()
-        if key in sources:
+        if key in sources or _file_id(target) in source_files:
             result.error = (f"refusing to overwrite an input: the output would be {target} (give another output "
                             f"{'file name, or an output folder' if one_file else 'folder, or --suffix'})")
         elif (fold := str(key).casefold()) in claimed:
@@ -355,6 +358,15 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """The file ``path`` names (its device and inode), or None where there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def read_quality(result: RestoreResult, image, quality: int | None) -> str:
