@@ -40,6 +40,19 @@ def _jpeg_bytes(rgb: np.ndarray, quality: int = 20, **kw) -> bytes:
     return buf.getvalue()
 
 
+def _checkpoint(folder: Path, model: nn.Module, step: int) -> Path:
+    """A training checkpoint folder of ``model`` (TINY's config) at ``step``, as a run writes one: ``folder``."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    cfg = Config()
+    cfg.model = ModelConfig(**TINY)
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return folder
+
+
 def _model(seed: int = 0, norm: str = "group") -> nn.Module:
     """A tiny generator whose zero-initialised head is randomised, so its output depends on context."""
     torch.manual_seed(seed)
@@ -378,8 +391,6 @@ def test_load_model_from_run_and_checkpoint_folders(tmp_path, model_file, capsys
     """A run folder with generator.safetensors; a checkpoint folder (model.safetensors + config.yaml, as
     accelerate's save_state and the trainer write them); a run folder holding only checkpoints (restore says
     which one it took)."""
-    from safetensors.torch import save_file
-
     run = tmp_path / "run"
     run.mkdir()
     (run / "generator.safetensors").write_bytes(model_file.read_bytes())
@@ -387,13 +398,7 @@ def test_load_model_from_run_and_checkpoint_folders(tmp_path, model_file, capsys
     assert info["format"] == "generator.safetensors" and info["global_step"] == 7
 
     model = _model(seed=1)
-    ckpt = tmp_path / "run2" / "checkpoints" / "step-00000012"
-    ckpt.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
-    cfg = Config()
-    cfg.model = ModelConfig(**TINY)
-    (ckpt / "config.yaml").write_text(to_yaml(cfg))
-    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 12}))
+    ckpt = _checkpoint(tmp_path / "run2" / "checkpoints" / "step-00000012", model, 12)
     for where in (ckpt, tmp_path / "run2"):
         loaded, info = load_model(where)
         assert info["format"] == "checkpoint" and info["global_step"] == 12
@@ -418,18 +423,11 @@ def test_a_newer_checkpoint_completed_after_loading_is_not_called_incomplete(tmp
     though it was one the run completed after the model was read. Said as what it is now."""
     import shutil
 
-    from safetensors.torch import save_file
 
     import dist_dejpeg.restore as restore_api
     from dist_dejpeg.cli import main
 
-    ckpt = tmp_path / "run" / "checkpoints" / "step-00000012"
-    ckpt.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in _model(seed=1).state_dict().items()}, str(ckpt / "model.safetensors"))
-    cfg = Config()
-    cfg.model = ModelConfig(**TINY)
-    (ckpt / "config.yaml").write_text(to_yaml(cfg))
-    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 12}))
+    ckpt = _checkpoint(tmp_path / "run" / "checkpoints" / "step-00000012", _model(seed=1), 12)
     real_open = restore_api.open_restorer
 
     def open_then_the_run_saves(*args, **kwargs):
@@ -450,19 +448,11 @@ def test_a_checkpoint_pruned_while_it_is_read_gives_way_to_the_newer_one(tmp_pat
     """evaluate --model RUN on a live run (train.keep_last=1) failed 2 times in 4 with a FileNotFoundError traceback
     (exit 1): the newest checkpoint, chosen, was pruned after the next save before its files were read. A run
     folder's newest is read again as the then-newest; a checkpoint folder the user named is a one-line error."""
-    from safetensors.torch import save_file
 
     from dist_dejpeg.models import generator_file
 
-    model = _model(seed=1)
     root = tmp_path / "run" / "checkpoints"
-    old, new = root / "step-00000012", root / "step-00000014"
-    old.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(old / "model.safetensors"))
-    cfg = Config()
-    cfg.model = ModelConfig(**TINY)
-    (old / "config.yaml").write_text(to_yaml(cfg))
-    (old / "trainer_state.json").write_text(json.dumps({"global_step": 12}))
+    old, new = _checkpoint(root / "step-00000012", _model(seed=1), 12), root / "step-00000014"
     real = generator_file.load_file
 
     def saved_and_pruned(path, *args, **kwargs):  # the next save, then keep_last's pruning, as the weights are read
