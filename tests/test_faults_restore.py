@@ -28,7 +28,8 @@ from PIL import Image, ImageCms, ImageOps
 from dist_dejpeg.cli import main
 from dist_dejpeg.config import ModelConfig
 from dist_dejpeg.models.generator_file import save_generator
-from dist_dejpeg.restore.files import OutputError, remove_stale_temps, restore_files
+from dist_dejpeg.restore.files import OutputError, restore_files
+from dist_dejpeg.restore.inputs import remove_stale_temps
 from dist_dejpeg.restore.images import load_image, output_complete
 from dist_dejpeg.run.lock import RunDirBusy, RunDirLockFailed, RunLock, filesystem
 

@@ -13,7 +13,7 @@ passes through is written as the input file itself, byte for byte, where the out
 Each output is written atomically (a hidden ``.NAME.tmpPID`` renamed into place), so an output that exists is
 whole unless something else wrote it. A killed restore can leave those temp files: the next restore into the
 same folder removes the ones of its own outputs that are stale, i.e. whose writer's pid is not alive on this
-host or that are older than ``STALE_TEMP_S`` (a write takes seconds; the age covers a reused pid). Restores
+host or that are older than ``inputs.STALE_TEMP_S`` (a write takes seconds; the age covers a reused pid). Restores
 from two hosts into one folder at once are not supported: they would overwrite each other's outputs anyway.
 ``skip_existing`` skips an output only when it decodes fully as its format (``output_complete``).
 
@@ -44,8 +44,8 @@ from dist_dejpeg.jpeg.consistency import conform
 from dist_dejpeg.jpeg.quality import DOUBLE, earlier_compression, estimate_quality
 from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, cells_for, load_image,
                                         made_consistent, output_complete, pixel_limit, save_image)
-from dist_dejpeg.restore.inputs import (CURRENT, REFUSED, STALE_TEMP_S, RestoreResult, collect_inputs,  # noqa: F401
-                                        output_names, ownership, remove_stale_temps)  # (STALE_TEMP_S: the docstring's)
+from dist_dejpeg.restore.inputs import (CURRENT, REFUSED, RestoreResult, collect_inputs, output_names, ownership,
+                                        remove_stale_temps)
 from dist_dejpeg.restore.metadata import jpeg_without_gps, without_gps
 from dist_dejpeg.restore.record import Record, RestoreInterrupted
 from dist_dejpeg.restore.reencode import reencoding_outweighs, written_as
