@@ -172,11 +172,12 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if isinstance(result, int):
         return result
     from dist_dejpeg.evaluation.evaluate import format_value as fmt  # "n/a" where a mean is undefined (blank photos)
+    from dist_dejpeg.evaluation.pairs import channel_note
 
     for q, means in result["per_quality"].items():
         j, r = means["jpeg"], means["restored"]
         print(f"q{q}: PSNR {fmt(j['psnr'], 3)} -> {fmt(r['psnr'], 3)} dB, SSIM {fmt(j['ssim'])} -> {fmt(r['ssim'])} "
-              f"({means['images']} image{'s' if means['images'] != 1 else ''}, {result['meta']['channel']})")
+              f"({means['images']} image{'s' if means['images'] != 1 else ''}, {channel_note(result['meta'])})")
     for name, why in result["meta"]["unavailable"].items():
         print(f"{name} unavailable: {why.splitlines()[0]}", file=sys.stderr)
     from dist_dejpeg.evaluation.evaluate import write_tables
@@ -213,6 +214,7 @@ def _run_name(source) -> str:
 
 def report_command(args: argparse.Namespace) -> int:
     from dist_dejpeg.evaluation.evaluate import seen_note, table_files
+    from dist_dejpeg.evaluation.pairs import channel_note
     from dist_dejpeg.evaluation.report import check_report_output, write_report
 
     result = _evaluation(args, keep_images=True)
@@ -222,7 +224,7 @@ def report_command(args: argparse.Namespace) -> int:
     shown = {"model": model.get("source"), "encoder": model.get("encoder"), "encoder_init": model.get("encoder_init"),
              "training steps": model.get("global_step"), "trained by": model.get("code") or "not recorded",
              "backbones": meta["backbones"],
-             "compression": meta["compression"], "metrics on": meta["channel"], "border crop": meta["crop_border"],
+             "compression": meta["compression"], "metrics on": channel_note(meta), "border crop": meta["crop_border"],
              "restored on": f"{meta['device']} (tile {meta['tile']}, overlap {meta['overlap']})",
              "do-no-harm guard": ("off" if not meta["guard"] else "on" if model.get("val_psnr_gain") else
                                   "on, but the model file holds no validated gains: every photo restored"),

@@ -120,7 +120,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     bar = Progress(len(refs) * len(qualities), desc, "image", enabled=progress)  # (without a terminal: plain lines)
     timing = {"restore_seconds": 0.0, "megapixels": 0.0}
     pending: deque[dict] = deque()  # what the rows need beside each pair's values, in the pairs' order
-    rows, records, measured, photo = [], [], 0, None
+    rows, records, measured, photo, gray = [], [], 0, None, 0
     restored = restored_pairs(refs, qualities, restorer, metric, blind, SUBSAMPLING[subsampling], keep_images,
                               pending, timing, skipped, bar)
     # the pairs measured in metrics processes (--workers) while the next images are restored here, in their order
@@ -157,6 +157,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
             records += photo_parts(kept, report_crop) if kept and report_crop is not None else kept
             metric.tally(photo["undefined"])
             measured += 1
+            gray += photo["rows"][0]["channel"] == "gray"
     bar.close()
     restore_seconds, megapixels = timing["restore_seconds"], timing["megapixels"]
     if not measured:
@@ -179,7 +180,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
             "backbones": _backbone_note(info),
             "compression": f"libjpeg via Pillow {PIL.__version__}, {subsampling} chroma subsampling",
             "qualities": qualities, "images": measured, "skipped": skipped, "seen_in_training": seen,
-            "channel": "Y (ITU-R BT.601, MATLAB-style)" if y_only else "RGB",
+            "channel": pairs.Y_CHANNEL if y_only else pairs.RGB_CHANNEL, "grayscale_images": gray,
             "crop_border": crop_border, "unavailable": metric.unavailable, "undefined": metric.undefined,
             "lpips": _lpips_label(metric.lpips),
             "device": str(restorer.device), "tile": restorer.tile, "overlap": restorer.overlap,
@@ -250,7 +251,7 @@ def markdown(result: dict) -> str:
              f"{model.get('global_step')}, trained by {meta.get('trained_by') or 'not recorded'}; "
              f"{meta['backbones']}; evaluated by {meta.get('evaluated_by') or 'not recorded'}.",
              f"Images: {meta['images']} lossless references ({len(meta['skipped'])} skipped); compression: "
-             f"{meta['compression']}; full-reference metrics on {meta['channel']}, border crop {meta['crop_border']}.",
+             f"{meta['compression']}; full-reference metrics on {pairs.channel_note(meta)}, border crop {meta['crop_border']}.",
              f"Restored on {meta['device']} (tile {meta['tile']}, overlap {meta['overlap']}), " + (
                  "nothing restored (every image passed through)." if meta["restore_ms_per_megapixel"] is None else
                  f"{format_value(meta['restore_ms_per_megapixel'], 0)} ms per megapixel of the restored images."),
@@ -319,10 +320,10 @@ def table_files(result: dict) -> dict[str, bytes]:
     and pandas read) and metrics.md."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["image", "quality", "input", *EVALUATED])
+    writer.writerow(["image", "quality", "input", "channel", *EVALUATED])  # channel: RGB, Y or gray (image_channel)
     for r in result["per_image"]:
         for kind in ("jpeg", "restored"):
-            writer.writerow([r["image"], r["quality"], kind, *("" if r[kind].get(m) is None else r[kind][m]
+            writer.writerow([r["image"], r["quality"], kind, r.get("channel", ""), *("" if r[kind].get(m) is None else r[kind][m]
                                                                for m in EVALUATED)])
     tables = _strict_json({k: v for k, v in result.items() if k != "records"})
     files = {METRICS: json.dumps(tables, indent=2, default=float, allow_nan=False),

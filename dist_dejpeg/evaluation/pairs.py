@@ -18,6 +18,10 @@ from dist_dejpeg.metrics.numeric import numeric_metrics
 # A pair in flight holds three images (clean, JPEG, restored: 108 MB at 12 MP) in the main process and again in the
 # metrics process that measures it: more processes than this by default mostly hold more photos in memory
 MAX_DEFAULT_WORKERS = 8
+# metrics.json's meta "channel": what the full-reference metrics of a colour photo are measured on (a grayscale
+# photo's: its one channel, whatever this says; meta "grayscale_images" counts those, :func:`channel_note`)
+Y_CHANNEL = "Y (ITU-R BT.601 16-235, float, not rounded: the BasicSR/SwinIR convention)"
+RGB_CHANNEL = "RGB"
 # A metrics process takes 1-2 s to start; the metrics of one megapixel's pair take ~2 s on one core: an evaluation
 # with less work than this (megapixels of the references x qualities) is measured in the main process
 POOL_MIN_MEGAPIXELS = 4.0
@@ -34,23 +38,36 @@ class Measure:
     def __call__(self, imgs: list[np.ndarray], ref: np.ndarray, undefined: dict) -> list[dict[str, float | None]]:
         """Each image's values, the colour metrics included; those left out (NIQE on a small image) counted in
         ``undefined``. A ValueError where the images cannot be measured (below SSIM's 11x11 pixels, a border crop
-        that leaves nothing)."""
+        that leaves nothing). H x W images (a grayscale photo's one plane) are measured on that plane, ``y_only``
+        or not (its Y would be 16 + 219/255 of it: +1.32 dB of PSNR); the colour metrics on it as three equal
+        channels."""
         out = numeric_metrics(imgs, ref, y_only=self.y_only, crop_border=self.crop_border, skip=self.skip,
                               undefined=undefined)
+        rgb = (lambda a: np.repeat(a[..., None], 3, axis=2)) if np.ndim(ref) == 2 else np.asarray
         for values, img in zip(out, imgs):
-            values.update(colour_metrics(img, ref, crop_border=self.crop_border))
+            values.update(colour_metrics(rgb(img), rgb(ref), crop_border=self.crop_border))
         return out
 
 
 @dataclass
 class Pair:
-    """A metrics process's work: the JPEG and the restored image of ``clean`` (as they are measured)."""
+    """A metrics process's work: the JPEG and the restored image of ``clean`` (as they are measured: H x W planes
+    for a grayscale photo, which is measured on its one channel)."""
 
     measure: Measure
     jpeg: np.ndarray
     restored: np.ndarray
     clean: np.ndarray
     name: str = ""  # the photo and quality, for a lost process's message
+
+
+def channel_note(meta: dict) -> str:
+    """What an evaluation's full-reference metrics were measured on (metrics.json's meta), as metrics.md and the
+    command's summary say it: "Y (...) for colour images; grayscale images on their single channel (2 of 4)"."""
+    gray, total = meta.get("grayscale_images") or 0, meta.get("images")
+    if not gray:
+        return meta["channel"]
+    return f"{meta['channel']} for colour images; grayscale images on their single channel ({gray} of {total})"
 
 
 def one_thread() -> None:
