@@ -640,6 +640,7 @@ def test_a_grayscale_photo_is_measured_as_restore_writes_it(tmp_path, model_file
     from dist_dejpeg.evaluation.evaluate import markdown
 
     assert "grayscale images on their single channel (1 of 1)" in markdown(y)
+    assert "PSNR-B as KAIR/SwinIR calculate_psnrb" in markdown(y)  # the convention its PSNR-B compares with
 
 
 def test_a_grayscale_pair_is_measured_on_its_plane_with_y_only():

@@ -118,6 +118,36 @@ def test_psnr_b_worked_example():
     assert F.psnr_b(rgb, rgb_ref, y_only=True) < F.psnr(rgb, rgb_ref, y_only=True)
 
 
+def test_psnr_b_counts_boundary_pairs_as_kair_or_fbcnn_on_sizes_not_multiples_of_8():
+    """A 17x17 image has two boundary columns (7|8, 15|16) and rows, but KAIR/SwinIR's calculate_psnrb divides the
+    boundary sum by H (W // 8 - 1) + W (H // 8 - 1) = 34 pairs and FBCNN's by H (W / 8 - 1) + W (H / 8 - 1) = 38.25
+    (the rest by the other pairs less that): the exact count (68) gave other values than either (every BSDS500
+    481x321 photo: 24.741 dB where KAIR says 24.676)."""
+    ref = np.full((17, 17), 100, np.uint8)
+    img = ref.copy()
+    img[:, 8:] = 110  # 17 rows x 9 columns off by 10; one step, on the 7|8 boundary: 17 pairs of 100
+    mse, eta = 17 * 9 * 100 / 289, 3 / math.log2(17)
+    assert F.psnr_b(img, ref) == pytest.approx(10 * math.log10(65025 / (mse + eta * 1700 / 34)), abs=1e-9)
+    assert F.psnr_b(img, ref, convention="fbcnn") == pytest.approx(
+        10 * math.log10(65025 / (mse + eta * 1700 / 38.25)), abs=1e-9)
+    with pytest.raises(ValueError, match="convention"):
+        F.psnr_b(img, ref, convention="matlab")
+
+
+def test_psnr_b_fbcnn_convention_is_rgb_mse_plus_the_rounded_ys_bef():
+    """FBCNN's calculate_psnrb (main_test_fbcnn_color.py): one MSE over R, G and B plus the BEF of the tested
+    image's Y rounded to uint8; KAIR's: the mean of the three channels' own PSNR-B."""
+    ref = np.full((16, 16, 3), 100, np.uint8)
+    img = ref.copy()
+    img[:, 8:, 0] = 110  # R steps by 10 on the 7|8 boundary: Y 101.88 | 104.45, rounded 102 | 104, a step of 2
+    # pooled MSE 50 / 3; D_B = 16 * 2^2 / 32 = 2, D_Bc = 0, eta = 3/4: BEF 1.5
+    assert F.psnr_b(img, ref, convention="fbcnn") == pytest.approx(10 * math.log10(65025 / (50 / 3 + 1.5)), abs=1e-9)
+    # KAIR: R's PSNR-B (MSE 50, BEF 37.5) with G's and B's (identical: inf) is inf; the mean of the other steps
+    img[:, 8:, 1:] = 104
+    kair = np.mean([10 * math.log10(65025 / (50 + 37.5)), *[10 * math.log10(65025 / (8 + 0.75 * 8))] * 2])
+    assert F.psnr_b(img, ref) == pytest.approx(kair, abs=1e-9)
+
+
 def test_psnr_b_properties_on_jpeg(pair):
     img, ref = pair
     for kw in ({}, {"y_only": True}, {"crop_border": 8}):

@@ -26,7 +26,8 @@ from dist_dejpeg.run.layout import METRICS as METRICS_JSON  # (evaluate writes t
 
 # the settings that change what a number means: evaluations that differ in one are not compared
 SAME = {"channel": "colour channel (--y-only)", "crop_border": "border crop (--crop-border)",
-        "subsampling": "chroma subsampling of the JPEGs (--subsampling)", "lpips": "LPIPS backbone"}
+        "subsampling": "chroma subsampling of the JPEGs (--subsampling)", "lpips": "LPIPS backbone",
+        "psnr_b": "PSNR-B convention"}
 DEFAULT_METRICS = ("psnr", "ssim", "lpips")
 
 

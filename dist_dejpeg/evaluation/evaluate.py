@@ -32,6 +32,7 @@ from dist_dejpeg.evaluation.references import EvaluateError, read_references, se
 from dist_dejpeg.evaluation.report import photo_parts
 from dist_dejpeg.jpeg.consistency import jpeglib_missing
 from dist_dejpeg.jpeg.formats import SUBSAMPLING
+from dist_dejpeg.metrics.fullref import PSNRB_CONVENTIONS
 from dist_dejpeg.metrics.registry import BY_NAME, COLOUR, EVALUATED, QUALITY
 from dist_dejpeg.models.names import TRAIN_SHARDS, TRAIN_SOURCES
 from dist_dejpeg.models.weights import WeightsError
@@ -181,7 +182,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
             "compression": f"libjpeg via Pillow {PIL.__version__}, {subsampling} chroma subsampling",
             "qualities": qualities, "images": measured, "skipped": skipped, "seen_in_training": seen,
             "channel": pairs.Y_CHANNEL if y_only else pairs.RGB_CHANNEL, "grayscale_images": gray,
-            "crop_border": crop_border, "unavailable": metric.unavailable, "undefined": metric.undefined,
+            "psnr_b": PSNRB_CONVENTIONS["kair"], "crop_border": crop_border, "unavailable": metric.unavailable, "undefined": metric.undefined,
             "lpips": _lpips_label(metric.lpips),
             "device": str(restorer.device), "tile": restorer.tile, "overlap": restorer.overlap,
             "quality_given": not blind, "conditioned": restorer.conditioned, "guard": restorer.guard and not blind,
@@ -251,7 +252,8 @@ def markdown(result: dict) -> str:
              f"{model.get('global_step')}, trained by {meta.get('trained_by') or 'not recorded'}; "
              f"{meta['backbones']}; evaluated by {meta.get('evaluated_by') or 'not recorded'}.",
              f"Images: {meta['images']} lossless references ({len(meta['skipped'])} skipped); compression: "
-             f"{meta['compression']}; full-reference metrics on {pairs.channel_note(meta)}, border crop {meta['crop_border']}.",
+             f"{meta['compression']}; full-reference metrics on {pairs.channel_note(meta)}, border crop {meta['crop_border']}; "
+             f"PSNR-B as {meta.get('psnr_b') or 'not recorded'}.",
              f"Restored on {meta['device']} (tile {meta['tile']}, overlap {meta['overlap']}), " + (
                  "nothing restored (every image passed through)." if meta["restore_ms_per_megapixel"] is None else
                  f"{format_value(meta['restore_ms_per_megapixel'], 0)} ms per megapixel of the restored images."),

@@ -11,8 +11,9 @@ Where each number comes from, and why (measured on this project's 2-core CPU mac
   gaussian_weights=True, sigma=1.5, use_sample_covariance=False) by 1.3e-3 on a q10 JPEG (it averages
   over the whole image with reflect padding, where scikit-image leaves the 5-pixel border out); the code
   here agrees with scikit-image to < 1e-6 (tested), PSNR to 1e-9 dB.
-* PSNR-B: written here (a dozen lines of numpy). sewar 0.4.10 has a psnrb; it was not compared with.
-  Tested on a worked example computed by hand and on its known properties.
+* PSNR-B: written here (a dozen lines of numpy), by default as KAIR/SwinIR's calculate_psnrb computes it (the BEF's
+  normaliser included); FBCNN's own utils_image.calculate_psnrb as ``convention="fbcnn"``. Tested against
+  transcriptions of both, on a worked example computed by hand and on its known properties.
 * Memory: every metric here is a sum of per-pixel (SSIM: per-window) terms, so each is summed over bands of
   BAND_ROWS rows, converted to float64 a band at a time. Whole-image float64 copies (8 bytes per value, several
   alive at once) peaked at +0.8 GB (PSNR), +1.2 GB (colour metrics) and +1.3 GB (SSIM) on one 12 MP photo;
@@ -29,6 +30,10 @@ import numpy as np
 from dist_dejpeg.jpeg.formats import JFIF_YCBCR
 
 SSIM_MIN_SIDE = 11  # its Gaussian window's size ('valid' filtering)
+# PSNR-B as the implementations behind published tables compute it (psnr_b says how they differ): KAIR's (SwinIR,
+# BasicSR-like; the default) and FBCNN's own
+PSNRB_CONVENTIONS = {"kair": "KAIR/SwinIR calculate_psnrb: per-channel mean, BEF over H*(W//8-1) boundary pairs",
+                     "fbcnn": "FBCNN calculate_psnrb: RGB MSE + BEF of the rounded Y, over H*(W/8-1) pairs"}
 BAND_ROWS = 256  # rows summed at a time: a 4000-px-wide float64 RGB band is 25 MB, a 12 MP image 288 MB
 # SSIM's Gaussian window: 11 taps, sigma 1.5, as Python floats so that one code serves numpy and torch
 _WINDOW = np.exp(-0.5 * (np.arange(-5, 6) / 1.5) ** 2)
@@ -54,8 +59,10 @@ def cropped(a: np.ndarray, crop_border: int) -> np.ndarray:
 
 
 def rgb_to_y(rgb) -> np.ndarray:
-    """ITU-R BT.601 luma as MATLAB's rgb2ycbcr computes it, on 0-255 RGB (uint8 or float in 0..255):
-    Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255, in [16, 235], float64, not rounded."""
+    """ITU-R BT.601 luma with MATLAB's rgb2ycbcr coefficients, on 0-255 RGB (uint8 or float in 0..255):
+    Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255, in [16, 235], float64, NOT rounded to uint8 as MATLAB's
+    rgb2ycbcr of a uint8 image and KAIR/FBCNN's rgb2ycbcr are (BasicSR/SwinIR's to_y_channel convention: their
+    PSNR-Y is 0.01-0.03 dB apart from this one's)."""
     a = np.asarray(rgb, dtype=np.float64)
     if a.ndim != 3 or a.shape[2] != 3:
         raise ValueError(f"rgb_to_y expects H x W x 3, got shape {a.shape}")
@@ -93,7 +100,7 @@ def _psnr_from_mse(mse: float) -> float:
 
 def psnr(img, ref, *, y_only: bool = False, crop_border: int = 0) -> float:
     """PSNR in dB of ``img`` against ``ref`` (0-255 scale, data range 255). RGB: one MSE over all three
-    channels; ``y_only``: on MATLAB-style BT.601 Y (:func:`rgb_to_y`, not rounded, like BasicSR's
+    channels; ``y_only``: on BT.601 Y (:func:`rgb_to_y`, float, not rounded, like BasicSR's
     test_y_channel). ``crop_border`` pixels are dropped on each side. Identical images give ``math.inf``."""
     a, b = _pair(img, ref, crop_border)
     squares = sum(float(np.sum((_rows(a, i, j, y_only) - _rows(b, i, j, y_only)) ** 2))
@@ -176,16 +183,20 @@ def ssim(img, ref, *, y_only: bool = False, crop_border: int = 0) -> float:
     return float(np.mean(sums / ((h - edge) * (w - edge))))
 
 
-def blocking_effect_factor(x: np.ndarray, block: int = 8) -> float:
+def blocking_effect_factor(x: np.ndarray, block: int = 8, convention: str = "kair") -> float:
     """BEF of Yim & Bovik 2011 on one channel: eta * (D_B - D_Bc), eta = log2(B) / log2(min(H, W)) when
-    D_B > D_Bc, else 0. D_B: mean squared difference of horizontally and vertically adjacent pixel pairs
-    that straddle an 8x8 block boundary (columns/rows 7|8, 15|16, ...); D_Bc: the same over all other
-    adjacent pairs."""
+    D_B > D_Bc, else 0. D_B: the sum of squared differences of horizontally and vertically adjacent pixel
+    pairs that straddle an 8x8 block boundary (columns/rows 7|8, 15|16, ...) over N_B; D_Bc: the same over
+    all other adjacent pairs, over the other pairs' count less the difference. N_B as the implementations that
+    published tables used count it (:data:`PSNRB_CONVENTIONS`): H (W // 8 - 1) + W (H // 8 - 1) (KAIR) or
+    H (W / 8 - 1) + W (H / 8 - 1) (FBCNN); both are the boundary pairs' count where H and W are multiples of 8,
+    and one boundary short of it (KAIR) or fractional (FBCNN) elsewhere: a 481x321 image's PSNR-B differed
+    by 0.065 dB from KAIR's with the exact count."""
     x = np.asarray(x)
     sums = np.zeros(2)
     for i, j in row_bands(len(x), BAND_ROWS, extra=1):
         sums += _boundary_sums(_rows(x, i, j, False)[..., 0], i, block)
-    return _bef(sums, x.shape, block)
+    return _bef(sums, x.shape, block, convention)
 
 
 def _boundary_sums(band: np.ndarray, start: int, block: int) -> np.ndarray:
@@ -200,14 +211,15 @@ def _boundary_sums(band: np.ndarray, start: int, block: int) -> np.ndarray:
     return np.array([dh[:, bh].sum() + dv[bv, :].sum(), dh[:, ~bh].sum() + dv[~bv, :].sum()])
 
 
-def _bef(sums: np.ndarray, shape: tuple[int, ...], block: int) -> float:
-    """BEF from :func:`_boundary_sums` summed over an H x W channel's bands."""
+def _bef(sums: np.ndarray, shape: tuple[int, ...], block: int, convention: str = "kair") -> float:
+    """BEF from :func:`_boundary_sums` summed over an H x W channel's bands, N_B counted by ``convention``."""
     h, w = shape[:2]
-    bh = (np.arange(w - 1) + 1) % block == 0
-    bv = (np.arange(h - 1) + 1) % block == 0
-    n_b = h * bh.sum() + w * bv.sum()
-    n_bc = h * (~bh).sum() + w * (~bv).sum()
-    if n_b == 0 or n_bc == 0:
+    if convention not in PSNRB_CONVENTIONS:
+        raise ValueError(f"PSNR-B convention must be one of {', '.join(PSNRB_CONVENTIONS)}, got {convention!r}")
+    n_hb, n_vb = (h * (w // block - 1), w * (h // block - 1)) if convention == "kair" else \
+        (h * (w / block - 1), w * (h / block - 1))
+    n_b, n_bc = n_hb + n_vb, h * (w - 1) - n_hb + w * (h - 1) - n_vb
+    if n_b <= 0 or n_bc <= 0:
         return 0.0
     d_b, d_bc = sums[0] / n_b, sums[1] / n_bc
     if d_b <= d_bc:
@@ -215,23 +227,34 @@ def _bef(sums: np.ndarray, shape: tuple[int, ...], block: int) -> float:
     return float(math.log2(block) / math.log2(min(h, w)) * (d_b - d_bc))
 
 
-def psnr_b(img, ref, *, y_only: bool = False, crop_border: int = 0) -> float:
+def psnr_b(img, ref, *, y_only: bool = False, crop_border: int = 0, convention: str = "kair") -> float:
     """PSNR-B (Yim & Bovik 2011) in dB: 10 log10(255^2 / (MSE + BEF)), the blocking effect factor BEF
     measured on the TESTED image ``img`` over its 8x8 block boundaries (see :func:`blocking_effect_factor`).
 
-    Colour: computed per channel (each with its own MSE and BEF) and the per-channel PSNR-B values
-    averaged, as KAIR/FBCNN's calculate_psnrb does; ``y_only``: once on MATLAB-style Y. Other
-    implementations use RGB MSE plus the Y channel's BEF, and their values differ by up to several dB:
-    PSNR-B values are comparable only within one implementation. ``crop_border`` shifts the 8x8 grid
-    unless it is a multiple of 8 (the block grid is that of the cropped image, as in KAIR). PSNR-B <= PSNR
-    always; equal when the block-boundary differences are no larger than the others. Identical images
-    give ``math.inf``."""
+    ``convention`` (:data:`PSNRB_CONVENTIONS`): "kair", KAIR/SwinIR/BasicSR-style calculate_psnrb (the
+    default): a colour image's PSNR-B computed per channel (each with its own MSE and BEF) and the three
+    averaged, N_B = H (W // 8 - 1) + W (H // 8 - 1). "fbcnn", FBCNN's own utils_image.calculate_psnrb (its
+    main_test_fbcnn_color.py): one MSE over the three RGB channels plus the BEF of the TESTED image's Y rounded
+    to uint8, N_B = H (W / 8 - 1) + W (H / 8 - 1); the two differ by up to ~0.7 dB on a colour q10 JPEG, and
+    also on a grayscale image whose sides are not multiples of 8: PSNR-B values compare only within one
+    convention. ``y_only`` or a grayscale image: the one channel (Y: float, :func:`rgb_to_y`), where the two
+    differ only in N_B. ``crop_border`` shifts the 8x8 grid unless it is a multiple of 8 (the block grid is
+    that of the cropped image, as in KAIR). On one channel PSNR-B <= PSNR (equal when the block-boundary
+    differences are no larger than the others); the per-channel mean of "kair" can exceed the RGB PSNR of the
+    pooled MSE (a mean of per-channel PSNRs is >= that PSNR). Identical images give ``math.inf``."""
     a, b = _pair(img, ref, crop_border)
     channels = 1 if y_only or a.ndim == 2 else 3
+    fbcnn_rgb = convention == "fbcnn" and channels == 3  # (a convention not known: _bef says so)
     squares, boundary = np.zeros(channels), np.zeros((channels, 2))
     for i, j in row_bands(len(a), BAND_ROWS, extra=1):
         x, y = _rows(a, i, j, y_only), _rows(b, i, j, y_only)
         squares += ((x[:BAND_ROWS] - y[:BAND_ROWS]) ** 2).sum(axis=(0, 1))  # (its extra row is the next band's)
-        boundary += [_boundary_sums(x[..., c], i, 8) for c in range(channels)]
+        if fbcnn_rgb:  # the rounded Y's BEF, held in the first channel's place
+            boundary[0] += _boundary_sums(np.round(rgb_to_y(x)), i, 8)
+        else:
+            boundary += [_boundary_sums(x[..., c], i, 8) for c in range(channels)]
     n = a.shape[0] * a.shape[1]
-    return float(np.mean([_psnr_from_mse(squares[c] / n + _bef(boundary[c], a.shape, 8)) for c in range(channels)]))
+    if fbcnn_rgb:
+        return _psnr_from_mse(squares.sum() / (3 * n) + _bef(boundary[0], a.shape, 8, convention))
+    return float(np.mean([_psnr_from_mse(squares[c] / n + _bef(boundary[c], a.shape, 8, convention))
+                          for c in range(channels)]))
