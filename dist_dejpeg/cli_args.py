@@ -108,7 +108,10 @@ def add_evaluation_args(p: argparse.ArgumentParser, default_qualities: list[int]
     p.add_argument("--workers", type=at_least(0), default=0,
                    help="metrics processes beside the one restoring (0: one per core this process may use, at most "
                         "8; 1: measure in this process)")
-    p.add_argument("--y-only", action="store_true", help="full-reference metrics on BT.601 Y (as published tables)")
+    p.add_argument("--y-only", action="store_true",
+                   help="full-reference metrics of colour photos (4:2:0 JPEGs) on BT.601 Y, float (BasicSR/SwinIR): "
+                        "the Y-channel scores of colour restoration; a grayscale photo is measured on its one channel, "
+                        "with or without it (grayscale benchmarks: give grayscale PNGs, no --y-only)")
     p.add_argument("--crop-border", type=at_least(0), default=0, help="pixels cut from each border before measuring")
     p.add_argument("--lpips-weights", default="", help="torchvision's AlexNet file (alexnet-owt-7be5be79.pth) for "
                                                        "LPIPS when it is not in the torch hub cache")

@@ -44,6 +44,11 @@ def test_paired_differences_their_spread_and_the_photos_better_follow_each_metri
     lpips = got["metrics"]["lpips"]["qualities"]["10"]["versus_first"][0]
     assert lpips["photos"] == 2 and lpips["better"] == 0  # higher LPIPS is worse
     text = markdown(got)
+    # what the numbers are of, as published tables say it: the channel, the JPEGs' subsampling, the border crop
+    assert got["measured"]["channel"] == "RGB" and got["measured"]["subsampling"] == "4:2:0 chroma subsampling"
+    assert got["measured"]["crop_border"] == 0
+    assert text.startswith("Evaluations (A is the baseline), all measured on RGB, JPEGs at 4:2:0 chroma subsampling, "
+                           "border crop 0, PSNR-B as not recorded:")
     assert ("| q10 | 3 | 20.000 | 21.000 (+1.000) | 23.000 (+3.000, 1 passed through) | +2.000 +- 1.155 (better on 3 "
             "of 3) |") in text
 

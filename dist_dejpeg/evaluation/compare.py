@@ -21,6 +21,7 @@ import json
 import math
 from pathlib import Path
 
+from dist_dejpeg.evaluation.pairs import channel_note
 from dist_dejpeg.metrics.registry import BY_NAME, ZERO
 from dist_dejpeg.run.layout import METRICS as METRICS_JSON  # (evaluate writes the name a run's metrics have)
 
@@ -139,7 +140,16 @@ def compare(results: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> 
         tables[metric] = {"label": BY_NAME[metric].caption, "phrase": BY_NAME[metric].phrase, "qualities": rows,
                           "left_out": sum(len(v) for v in each) - len(common) * len(each),
                           "not_measured": [i for i, v in enumerate(each) if not v]}
-    return {"evaluations": [_describe(r["meta"]) for r in results], "metrics": tables}
+    return {"evaluations": [_describe(r["meta"]) for r in results], "measured": _measured(results[0]["meta"]),
+            "metrics": tables}
+
+
+def _measured(meta: dict) -> dict:
+    """How every evaluation compared was measured (SAME: they agree, or compare refused them), the baseline's words:
+    the channel (with its grayscale photos), the JPEGs' chroma subsampling, the border crop, the PSNR-B convention."""
+    return {"channel": channel_note(meta) if meta.get("channel") else None,
+            "subsampling": _setting(meta, "subsampling") or None, "crop_border": meta.get("crop_border"),
+            "psnr_b": meta.get("psnr_b")}
 
 
 def _check_same_inputs(results: list[dict], metric: str = "psnr") -> None:
@@ -184,7 +194,10 @@ def markdown(comparison: dict) -> str:
     """The comparison as markdown tables, one per metric (what ``compare`` prints and ``-o`` writes)."""
     evals = comparison["evaluations"]
     letters = [chr(ord("A") + i) if i < 26 else f"M{i}" for i in range(len(evals))]
-    lines = ["Evaluations (A is the baseline):", ""]
+    how = comparison.get("measured") or {}
+    lines = [f"Evaluations (A is the baseline), all measured on {how.get('channel') or 'a channel not recorded'}, "
+             f"JPEGs at {how.get('subsampling') or 'a chroma subsampling not recorded'}, border crop "
+             f"{how.get('crop_border', 'not recorded')}, PSNR-B as {how.get('psnr_b') or 'not recorded'}:", ""]
     for letter, e in zip(letters, evals):
         lines.append(f"- {letter}: {e['path']}: model {e['model']}, step {e['global_step']}, encoder "
                      f"{e['encoder_init']}, guard {'on' if e['guard'] else 'off'}, quality "
