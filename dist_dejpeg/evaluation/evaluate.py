@@ -182,7 +182,8 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
             "compression": f"libjpeg via Pillow {PIL.__version__}, {subsampling} chroma subsampling",
             "qualities": qualities, "images": measured, "skipped": skipped, "seen_in_training": seen,
             "channel": pairs.Y_CHANNEL if y_only else pairs.RGB_CHANNEL, "grayscale_images": gray,
-            "psnr_b": PSNRB_CONVENTIONS["kair"], "crop_border": crop_border, "unavailable": metric.unavailable, "undefined": metric.undefined,
+            "psnr_b": PSNRB_CONVENTIONS["kair"], "crop_border": crop_border, "unavailable": metric.unavailable,
+            "undefined": metric.undefined,
             "lpips": _lpips_label(metric.lpips),
             "device": str(restorer.device), "tile": restorer.tile, "overlap": restorer.overlap,
             "quality_given": not blind, "conditioned": restorer.conditioned, "guard": restorer.guard and not blind,
@@ -252,7 +253,8 @@ def markdown(result: dict) -> str:
              f"{model.get('global_step')}, trained by {meta.get('trained_by') or 'not recorded'}; "
              f"{meta['backbones']}; evaluated by {meta.get('evaluated_by') or 'not recorded'}.",
              f"Images: {meta['images']} lossless references ({len(meta['skipped'])} skipped); compression: "
-             f"{meta['compression']}; full-reference metrics on {pairs.channel_note(meta)}, border crop {meta['crop_border']}; "
+             f"{meta['compression']}; full-reference metrics on {pairs.channel_note(meta)}, border crop "
+             f"{meta['crop_border']}; "
              f"PSNR-B as {meta.get('psnr_b') or 'not recorded'}.",
              f"Restored on {meta['device']} (tile {meta['tile']}, overlap {meta['overlap']}), " + (
                  "nothing restored (every image passed through)." if meta["restore_ms_per_megapixel"] is None else
@@ -325,8 +327,8 @@ def table_files(result: dict) -> dict[str, bytes]:
     writer.writerow(["image", "quality", "input", "channel", *EVALUATED])  # channel: RGB, Y or gray (image_channel)
     for r in result["per_image"]:
         for kind in ("jpeg", "restored"):
-            writer.writerow([r["image"], r["quality"], kind, r.get("channel", ""), *("" if r[kind].get(m) is None else r[kind][m]
-                                                               for m in EVALUATED)])
+            writer.writerow([r["image"], r["quality"], kind, r.get("channel", ""),
+                             *("" if r[kind].get(m) is None else r[kind][m] for m in EVALUATED)])
     tables = _strict_json({k: v for k, v in result.items() if k != "records"})
     files = {METRICS: json.dumps(tables, indent=2, default=float, allow_nan=False),
              EVALUATE_CSV: buf.getvalue(), "metrics.md": markdown(result)}
