@@ -1082,3 +1082,40 @@ def test_pretrained_encoder_errors_are_told_apart(monkeypatch, answering_host):
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(W.WeightsError, match=r"(?s)could not be downloaded.*HF_HUB_OFFLINE=1 says this at once"):
         create_encoder("mobilenetv3_large_100", pretrained=True)
+
+
+def test_init_from_and_resume_compare_where_the_attention_sits_not_the_asked_stride(tmp_path):
+    """model.attention_stride 8 and 4 on an encoder whose skips are at strides 2 and 4 both put the attention at 4
+    (the same weights): init_from and resume refused them as "other shapes". Stride 2 does move it: refused."""
+    import dataclasses
+
+    import yaml
+
+    from dist_dejpeg.config import Config, ConfigError, ModelConfig, to_dict
+    from dist_dejpeg.models.generator_file import save_generator
+    from dist_dejpeg.models.unet import build_generator
+    from dist_dejpeg.train.init_from import init_from_config
+    from dist_dejpeg.train.resume import check_resume_config
+
+    source_cfg = ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, encoder_depth=3, decoder_width=16,
+                             attention_stride=8)
+    source = build_generator(source_cfg)
+    assert source.attention_at == 4
+    assert build_generator(dataclasses.replace(source_cfg, attention_stride=4)).state_dict().keys() == \
+        source.state_dict().keys()
+    save_generator(source, source_cfg, tmp_path / "g.safetensors")
+    asked = dataclasses.replace(source_cfg, attention_stride=4, init_from=str(tmp_path / "g.safetensors"))
+    assert init_from_config(asked).attention_stride == 4
+    with pytest.raises(ConfigError, match=r"other shapes: model.attention_stride 8 \(here 2\)"):
+        init_from_config(dataclasses.replace(asked, attention_stride=2))
+
+    checkpoint = tmp_path / "step-00000004"
+    checkpoint.mkdir()
+    trained = Config(model=source_cfg)
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump(to_dict(trained)))
+    state = {"phase_names": list(trained.train.order)}
+    assert check_resume_config(dataclasses.replace(trained, model=dataclasses.replace(source_cfg, attention_stride=4)),
+                               checkpoint, state, 1, False)
+    with pytest.raises(ConfigError, match=r"model.attention_stride 8 -> 2: these keys change the shapes"):
+        check_resume_config(dataclasses.replace(trained, model=dataclasses.replace(source_cfg, attention_stride=2)),
+                            checkpoint, state, 1, False)

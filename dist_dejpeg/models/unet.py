@@ -27,7 +27,7 @@ from torch import nn
 
 from dist_dejpeg.config import ModelConfig
 from dist_dejpeg.models.layers import ConvBlock, PixelShuffleICNR, ResBlock, act, norm_layer
-from dist_dejpeg.models.weights import EncoderError, check_any_size, create_encoder
+from dist_dejpeg.models.weights import EncoderError, check_any_size, create_encoder, encoder_strides
 
 
 class UpBlock(nn.Module):
@@ -188,6 +188,16 @@ class Generator(nn.Module):
 def nearest_stride(skip_strides, asked: int) -> int:
     """The skip stride nearest ``asked`` (in octaves; of two as near, the smaller): where the attention sits."""
     return min(skip_strides, key=lambda s: abs(math.log2(s) - math.log2(max(asked, 1))))
+
+
+def attention_site(encoder: str, encoder_depth: int, self_attention: bool, attention_stride: int) -> int | None:
+    """Where a generator of these config values puts its self-attention (Generator.attention_at: the encoder's skip
+    stride nearest ``attention_stride``; None without one), from the encoder's strides alone (no model built); the
+    asked stride where timm cannot tell the encoder's strides (its build fails anyway)."""
+    if not self_attention:
+        return None
+    strides = encoder_strides(encoder, encoder_depth)
+    return nearest_stride(strides[:-1], attention_stride) if strides and len(strides) > 1 else attention_stride
 
 
 def attention_note(generator: Generator) -> str | None:

@@ -64,6 +64,20 @@ def create_encoder(name: str, pretrained: bool, weights_file: str = "", depth: i
                            + (_stages_it_has(name) if depth else "")) from None
 
 
+def encoder_strides(name: str, depth: int = 0) -> list[int] | None:
+    """The strides of the features_only encoder ``name`` of ``depth`` stages (0: all), as the U-Net's encoder has
+    them, from timm's model built on the meta device (no weights read, no memory taken: a fraction of a second);
+    None where timm cannot build it (create_encoder says why, at the build)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            return list(timm.create_model(name, features_only=True, pretrained=False,
+                                          **_stages(depth)).feature_info.reduction())
+    except Exception:  # noqa: BLE001 - an unknown name, a depth it has not, a model meta tensors cannot build
+        return None
+
+
 def check_any_size(encoder: nn.Module, name: str, stride: int) -> None:
     """The U-Net pads each image to a multiple of the encoder's largest ``stride``, so the encoder must take any
     such size: a ViT's fixed patch grid, a window that needs 256 px or valid convolutions that shrink a small

@@ -13,7 +13,7 @@ import dataclasses
 from dist_dejpeg.config import ConfigError, ModelConfig
 from dist_dejpeg.models.generator_file import model_config_at
 from dist_dejpeg.models.names import ModelFileError
-from dist_dejpeg.models.unet import GENERATOR_KEYS
+from dist_dejpeg.models.unet import GENERATOR_KEYS, attention_site
 
 # the generator's keys that change no tensor's shape: where its initial weights come from
 GENERATOR_WEIGHTS_FROM = ("pretrained", "encoder_weights")
@@ -24,6 +24,22 @@ GENERATOR_WEIGHTS_FROM = ("pretrained", "encoder_weights")
 GENERATOR_NO_TENSOR = ("blur", "keep_mean")
 GENERATOR_SHAPE_KEYS = tuple(f"model.{k}" for k in GENERATOR_KEYS
                              if k not in GENERATOR_WEIGHTS_FROM + GENERATOR_NO_TENSOR)
+# the keys that say where the self-attention sits (unet.attention_site): another attention_stride that the encoder
+# takes to the same skip stride (one it has no skip at) builds the same generator
+_ATTENTION_KEYS = ("encoder", "encoder_depth", "self_attention", "attention_stride")
+
+
+def same_shapes_but_stride(differ: list[str], old: dict, new: dict) -> list[str]:
+    """``differ`` (the generator keys whose values differ between two configs, ``old`` and ``new``: their model
+    keys, unprefixed) less model.attention_stride where both put the self-attention at the same stride (or neither
+    has one): the asked stride is not the one the U-Net uses where its encoder has no skip there."""
+    if "model.attention_stride" not in differ or any(old.get(k) != new.get(k) for k in _ATTENTION_KEYS[:3]):
+        return differ
+    try:
+        same = attention_site(*(old[k] for k in _ATTENTION_KEYS)) == attention_site(*(new[k] for k in _ATTENTION_KEYS))
+    except (KeyError, TypeError, ValueError):  # (a config from before one of the keys, or another type there)
+        return differ
+    return [k for k in differ if k != "model.attention_stride"] if same else differ
 
 
 def init_from_config(model: ModelConfig) -> ModelConfig:
@@ -38,6 +54,7 @@ def init_from_config(model: ModelConfig) -> ModelConfig:
     except ModelFileError as err:
         raise ConfigError(f"config key 'model.init_from': {err}") from None
     differ = [k for k in GENERATOR_SHAPE_KEYS if getattr(source, k[6:]) != getattr(model, k[6:])]
+    differ = same_shapes_but_stride(differ, dataclasses.asdict(source), dataclasses.asdict(model))
     if differ:
         raise ConfigError(f"config key 'model.init_from': {model.init_from} is a generator of other shapes: "
                           + ", ".join(f"{k} {getattr(source, k[6:])!r} (here {getattr(model, k[6:])!r})" for k in differ)

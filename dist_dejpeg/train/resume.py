@@ -36,7 +36,7 @@ from dist_dejpeg.run.layout import (ABANDONED_PREFIX, CONFIG, LOADER_STATE, STEP
 from dist_dejpeg.run.manifest import Verdict, verify_checkpoint
 from dist_dejpeg.train.checkpoint import CheckpointError, check_deepspeed_layout, load_checkpoint, set_aside_later
 from dist_dejpeg.train.collective import all_ranks_or_raise, on_main, warn_on_main
-from dist_dejpeg.train.init_from import GENERATOR_NO_TENSOR, GENERATOR_SHAPE_KEYS
+from dist_dejpeg.train.init_from import GENERATOR_NO_TENSOR, GENERATOR_SHAPE_KEYS, same_shapes_but_stride
 from dist_dejpeg.train.phases import trains_critic
 from dist_dejpeg.train.zero import launcher_uses_deepspeed
 
@@ -277,6 +277,8 @@ def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: i
     now = flatten(to_dict(cfg))
     keys = GENERATOR_RESUME_KEYS + (CRITIC_SHAPE_KEYS if has_critic else ())
     shape = [k for k in keys if k in saved and saved[k] != now.get(k)]
+    shape = same_shapes_but_stride(shape, *({k[6:]: v for k, v in flat.items() if k.startswith("model.")}
+                                            for flat in (saved, now)))
     if shape:
         changes = ", ".join(f"{k} {saved[k]!r} -> {now.get(k)!r}" for k in shape)
         no_tensor = {f"model.{k}" for k in GENERATOR_NO_TENSOR}
