@@ -247,7 +247,7 @@ def _refused(cfg, resume: str | None) -> int:
     import dataclasses
 
     from dist_dejpeg.config import ConfigError
-    from dist_dejpeg.models.unet import attention_note, build_generator
+    from dist_dejpeg.models.unet import build_generator, generator_notes
     from dist_dejpeg.models.weights import EncoderError
     from dist_dejpeg.train.build import refused_before_launch
     from dist_dejpeg.train.init_from import init_from_config
@@ -260,7 +260,7 @@ def _refused(cfg, resume: str | None) -> int:
         check_before_start(cfg, resume, ranks)
         refused_before_launch(cfg, ranks)  # (fp16 on the CPU, DeepSpeed in one process with no launcher)
         model = dataclasses.replace(init_from_config(cfg.model), pretrained=False, init_from="")  # (its config only)
-        if note := attention_note(build_generator(model)):
+        for note in generator_notes(build_generator(model), cfg.data):  # (a crop it cannot train on: ConfigError)
             print(f"warning: {note}", file=sys.stderr)
         try:  # the shards: tiles the crop fits; not there here (a login node without the compute nodes' scratch,
             check_shards_exist(cfg)  # data prepared later, data.auto_prepare's): said, not refused

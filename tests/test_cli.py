@@ -601,3 +601,20 @@ def test_train_processes_names_every_missing_weights_file_before_it_starts_ranks
     if importlib.util.find_spec("mlflow"):
         assert main([*run, "model.pretrained=false", "train.log_with=[mlflow]"]) == 2
         assert f"MLFLOW_TRACKING_URI={closed} did not answer" in capfd.readouterr().err
+
+
+def test_dry_run_refuses_a_crop_batch_norm_cannot_train_on_and_warns_of_a_padded_one(tmp_path, capsys):
+    """A data.crop no larger than the encoder's largest stride with one crop a device failed at the first step, deep
+    in the model ("Expected more than 1 value per channel when training"), and one no multiple of it was padded
+    without a word: the dry run refuses the first (naming the smallest crop that works) and warns of the second."""
+    config = str(ROOT / "configs" / "debug.yaml")
+    run = ["train", "--config", config, "model.encoder=mobilenetv3_small_050", "model.decoder_width=16",
+           "train.order=[gen]", "train.phases.gen.w_lpips=0", f"train.run_dir={tmp_path / 'run'}",
+           "train.processes=1", f"data.root={tmp_path / 'none'}", "data.auto_prepare=none", "--dry-run"]
+    assert main([*run, "data.crop=16", "data.batch_size=1"]) == 2  # (encoder_depth 4: stride 16)
+    err = capsys.readouterr().err
+    assert "config key 'data.crop': 16 px with data.batch_size=1" in err and "(data.crop=32)" in err, err
+    assert main([*run, "data.crop=24", "data.batch_size=2"]) == 0
+    assert "data.crop=24 is no multiple of the encoder's largest stride 16" in capsys.readouterr().err
+    assert main([*run, "data.crop=32", "data.batch_size=1"]) == 0
+    assert "data.crop" not in capsys.readouterr().err

@@ -28,7 +28,7 @@ class DataConfig:
     prefetch_factor: int = 4  # torch backend: batches each worker prepares ahead
     pin_memory: bool = True  # torch backend on CUDA: page-locked batches, copied to the GPU asynchronously
     dali_prefetch: int = 2  # DALI: prefetch queue depth (batches the pipeline runs ahead of the trainer)
-    crop: int = 256  # training crop size in pixels (square)
+    crop: int = 256  # training crop size in pixels (square); best a multiple of the encoder's largest stride (else each crop is padded up to one: a warning says)
     batch_size: int = 16  # per device, per micro-step
     num_workers: int = 4  # DataLoader worker processes per device
     quality_min: int = 10  # JPEG quality range for training degradations (inclusive)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_dejpeg.config import ModelConfig
+from dist_dejpeg.config import ConfigError, ModelConfig
 from dist_dejpeg.models.layers import ConvBlock, PixelShuffleICNR, ResBlock, act, norm_layer
 from dist_dejpeg.models.weights import EncoderError, check_any_size, create_encoder, encoder_strides
 
@@ -210,6 +210,33 @@ def attention_note(generator: Generator) -> str | None:
     return (f"model.attention_stride={asked} is not one of the encoder's skip strides {generator.strides[:-1]} (its "
             f"stages to stride {generator.strides[-1]}, model.encoder_depth): the self-attention sits at the nearest, "
             f"stride {at}")
+
+
+def crop_note(generator: Generator, crop: int, batch_size: int) -> str | None:
+    """A warning's text where the training crop (``data.crop``) is no multiple of the encoder's largest stride: the
+    U-Net pads each crop up to one (a share of every step's work on padding, and the deepest stages see the padded
+    border); None where it is. A ConfigError where the crop leaves the deepest stage one position and a device's
+    batch holds one crop (``batch_size``): batch norm has one value a channel there, which fails the first step
+    deep in the model ("Expected more than 1 value per channel when training")."""
+    stride = generator.pad_to
+    padded = -(-crop // stride) * stride
+    if padded == stride and batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                   for m in generator.modules()):
+        raise ConfigError(f"config key 'data.crop': {crop} px with data.batch_size={batch_size} leaves the encoder's "
+                          f"deepest stage (stride {stride}) one position of one crop, which its batch norm cannot "
+                          f"train on: the smallest crop that works here is {2 * stride} px (data.crop={2 * stride}), "
+                          f"or set data.batch_size=2 or more")
+    if padded == crop:
+        return None
+    fits = [c for c in (crop // stride * stride, padded) if c]
+    return (f"data.crop={crop} is no multiple of the encoder's largest stride {stride} (model.encoder, "
+            f"model.encoder_depth): each crop is padded to {padded} px, {1 - crop * crop / padded ** 2:.0%} of each "
+            f"step's pixels are padding; data.crop={' or '.join(map(str, fits))} wastes none")
+
+
+def generator_notes(generator: Generator, data_cfg) -> list[str]:
+    """What a run's start warns of its generator (attention_note, crop_note: ``data_cfg``'s crop and batch size)."""
+    return [n for n in (attention_note(generator), crop_note(generator, data_cfg.crop, data_cfg.batch_size)) if n]
 
 
 # the ModelConfig keys that describe the module (the others are training settings: channels_last, sync_bn, ...)

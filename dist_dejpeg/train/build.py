@@ -34,7 +34,7 @@ from dist_dejpeg.models.generator_file import load_model
 from dist_dejpeg.models.lpips import LPIPS
 from dist_dejpeg.models.names import ModelFileError
 from dist_dejpeg.models.sync_bn import convert_sync_batchnorm
-from dist_dejpeg.models.unet import attention_note, build_generator
+from dist_dejpeg.models.unet import build_generator, generator_notes
 from dist_dejpeg.models.weights import EncoderError
 from dist_dejpeg.run.lock import RunLock
 from dist_dejpeg.train.checkpoint import remove_partial
@@ -220,8 +220,8 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
             generator = build_generator(cfg.model)
         except EncoderError as err:  # one line for the user, as any config error
             raise ConfigError(f"config key 'model.encoder': {err}") from None
-    if acc.is_main_process and (note := attention_note(generator)):
-        log.warning("%s", note)
+    for note in generator_notes(generator, cfg.data):  # (a crop it cannot train on: a ConfigError on every rank)
+        warn_on_main(acc.is_main_process)("%s", note)
     if cfg.model.sync_bn and acc.num_processes > 1:
         generator = convert_sync_batchnorm(generator, cuda=acc.device.type == "cuda")
     critic = build_critic(cfg.critic) if any(trains_critic(p) for p in phases) else None  # (its crop: config checks)
