@@ -493,8 +493,11 @@ def test_a_quota_is_said_as_a_quota_without_a_free_space_figure(tmp_path, shards
     partial.mkdir(parents=True)
     stop = monitor.disk_full_error(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(partial / "manifest.json")))
     assert isinstance(stop, DiskFull) and not partial.exists()
-    assert str(stop).startswith(f"quota exceeded (EDQUOT) on {partial}; check `quota -s` / `lfs quota`; free "
-                                f"space within the quota and rerun the same command"), stop
+    # (it named the .tmp-step-* folder it had just removed: the checkpoints folder now, and the checkpoint)
+    assert str(stop).startswith(f"quota exceeded (EDQUOT) on {partial.parent}; check `quota -s` / `lfs quota` (saving "
+                                f"checkpoint step-00000040); free space within the quota and rerun the same "
+                                f"command"), stop
+    assert ".tmp-step" not in str(stop) and stop.path == partial.parent
     progress = json.loads((run / "progress.json").read_text())
     state, why = run_verdict.verdict(has_config=True, progress=progress, progress_age_s=1.0, lock_held=False,
                                      finished_files=False, has_checkpoints=False)

@@ -35,8 +35,8 @@ import numpy as np
 
 from dist_dejpeg.run.files import (atomic_write_json, atomic_write_text, disk_full_text, is_disk_full, is_quota,
                                    read_json)
-from dist_dejpeg.run.layout import (CONFIG, METRICS, PROGRESS, PROGRESS_KEYS, TENSORBOARD_EVENTS, WRITE_ERRORS,
-                                    MetricsMeta, latest_checkpoint, list_checkpoints, partial_checkpoints)
+from dist_dejpeg.run.layout import (CONFIG, METRICS, PARTIAL_PREFIX, PROGRESS, PROGRESS_KEYS, TENSORBOARD_EVENTS,
+                                    WRITE_ERRORS, MetricsMeta, latest_checkpoint, list_checkpoints, partial_checkpoints)
 from dist_dejpeg.run.text import duration
 from dist_dejpeg.train.checkpoint import TrainingStopped, remove_partial
 from dist_dejpeg.train.run_log import close_run_log, open_run_log, to_run_log
@@ -147,7 +147,12 @@ class Monitor(SideWrites):
             return err
         partial = partial_checkpoints(self.run_dir)
         where = Path(getattr(err, "filename", None) or (partial[-1] if partial else self.run_dir))
-        full = disk_full_text(err, where)  # before the partial folder is removed: the space there when it failed
+        # a file of the checkpoint being saved: its .tmp-step-* folder is removed below, so the checkpoints folder is
+        # named, and the checkpoint it was writing (the message named the folder that was gone when it was read)
+        tmp = next((p for p in (where, *where.parents) if p.name.startswith(PARTIAL_PREFIX)), None)
+        where = tmp.parent if tmp else where
+        full = disk_full_text(err, where) + (f" (saving checkpoint step-{tmp.name[len(PARTIAL_PREFIX):]})" if tmp
+                                             else "")  # (before the partial folder is removed: its space then)
         if self.main:
             remove_partial(self.run_dir)  # the lock is still held (fit releases it after this)
         last = latest_checkpoint(self.run_dir)
