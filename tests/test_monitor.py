@@ -276,6 +276,7 @@ def test_the_final_validation_has_its_own_tags_and_the_critic_its_own_lr(tmp_pat
     assert any(re.search(r"gan 3/3 .* \| lr 1.00e-03, critic 5.00e-03 \|", line) for line in lines), lines
     progress = json.loads((run / "progress.json").read_text())
     assert progress["lr"] == pytest.approx(1e-3) and "critic_lr" not in progress["losses"]
+    assert isinstance(progress["val_s"], float) and progress["val_s"] >= 0  # (the mean validation: status's ETA)
 
 
 def test_images_per_s_and_data_wait_leave_out_validation_and_checkpoints():

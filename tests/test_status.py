@@ -673,3 +673,27 @@ def test_side_writes_that_failed_are_a_warning(tmp_path, no_flock, capsys):
     progress["write_errors"] = {}
     (run / "progress.json").write_text(json.dumps(progress))
     assert not [w for w in st.run_status(run)["warnings"] if w.startswith("side writes failed")]
+
+
+def test_the_eta_counts_the_validations_left(tmp_path, no_flock):
+    """The ETA was the steps left at the step time (progress.json's), which leaves the validations out: a run that
+    validates often finished far later than said. Now those left (every val_every steps of a phase that trains the
+    generator, not at its last step; a gan phase's at its end) at the run's mean validation time (val_s) are added."""
+    (tmp_path / "config.yaml").write_text("data:\n  batch_size: 4\ntrain:\n  run_dir: runs/x\n  val_every: 10\n"
+                                          "  order: [gen, critic, gan]\n  phases:\n    gen:\n      steps: 100\n"
+                                          "    critic:\n      steps: 20\n    gan:\n      steps: 50\n      kind: gan\n"
+                                          "      val_every: 0\n")
+    now = time.time()
+    progress = {"time": now - 10, "status": "running", "reason": "", "phase": "gen", "phase_index": 0,
+                "phases": ["gen", "critic", "gan"], "phase_step": 40, "phase_steps": 100, "global_step": 40,
+                "total_steps": 170, "images_per_s": 12.5, "eta_phase_s": 60.0, "eta_run_s": 100.0, "val_s": 5.0}
+    (tmp_path / "progress.json").write_text(json.dumps(progress))
+    write_lock(tmp_path, "node-of-the-eta-test", 1)  # (another host's: judged by progress.json's age)
+    s = st.run_status(tmp_path, now=now)
+    assert s["state"] == "running"
+    # gen: at 50, 60, 70, 80, 90 (not at 100, its last step); critic: none; gan: at 10..40 and at its end
+    assert s["eta"]["phase_s"] == pytest.approx(60 + 5 * 5 - 10)
+    assert s["eta"]["run_s"] == pytest.approx(100 + 10 * 5 - 10)
+    del progress["val_s"]  # (a run of a version before it: the step time alone, as before)
+    (tmp_path / "progress.json").write_text(json.dumps(progress))
+    assert st.run_status(tmp_path, now=now)["eta"]["run_s"] == pytest.approx(90)

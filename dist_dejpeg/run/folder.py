@@ -59,7 +59,8 @@ def config_summary(cfg: dict, source: Path) -> dict:
     phases = []
     for name in order:
         p = phases_cfg.get(name) if isinstance(phases_cfg.get(name), dict) else {}
-        phases.append({"name": name, "kind": p.get("kind") or name, "steps": p.get("steps")})
+        phases.append({"name": name, "kind": p.get("kind") or name, "steps": p.get("steps"),
+                       "val_every": p.get("val_every") or train.get("val_every")})  # (a phase's 0: train's)
     run_dir = train.get("run_dir")
     return {
         "source": str(source),

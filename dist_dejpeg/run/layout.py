@@ -27,9 +27,11 @@ from pathlib import Path
 CONFIG = "config.yaml"
 PROGRESS = "progress.json"
 WRITE_ERRORS = "write_errors"  # progress.json's and metrics.json meta's key: side write -> failures (rank 0)
+# (eta_*_s: the steps left at the current step time; val_s: the mean seconds of a validation in a phase, this session's:
+# status adds those left, which the step time leaves out)
 PROGRESS_KEYS = ("time", "status", "reason", "phase", "phase_index", "phases", "phase_step", "phase_steps",
                  "global_step", "total_steps", "images_per_s", "data_wait_frac", "lr", "eta_phase_s", "eta_run_s",
-                 "losses", "last_val", "best", "host", "pid", "slurm_job", "processes", WRITE_ERRORS)
+                 "val_s", "losses", "last_val", "best", "host", "pid", "slurm_job", "processes", WRITE_ERRORS)
 METRICS = "metrics.json"
 EVALUATE_CSV = "metrics.csv"  # `evaluate -o` writes it beside its own metrics.json (a run never does)
 GENERATOR = "generator.safetensors"

@@ -80,7 +80,8 @@ class Monitor(SideWrites):
                                "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
                                "processes": self.acc.num_processes, "losses": {}, "last_val": None, "best": None,
                                "images_per_s": None, "data_wait_frac": None, "lr": None, "eta_phase_s": None,
-                               "eta_run_s": None, WRITE_ERRORS: {}}
+                               "eta_run_s": None, "val_s": None, WRITE_ERRORS: {}}
+        self.val_times: list[float] = []  # (seconds) this session's validations in a phase: progress.json's val_s
         self.run_log = open_run_log(self.run_dir) if self.main else None  # <run_dir>/train.log (train/run_log.py)
         # (TensorBoard's writer thread prints a traceback when a write fails: side_write says it instead)
         self.loud_threads = quiet_tensorboard_threads() if self.main and "tensorboard" in cfg.train.log_with else None
@@ -147,12 +148,10 @@ class Monitor(SideWrites):
             return err
         partial = partial_checkpoints(self.run_dir)
         where = Path(getattr(err, "filename", None) or (partial[-1] if partial else self.run_dir))
-        # a file of the checkpoint being saved: its .tmp-step-* folder is removed below, so the checkpoints folder is
-        # named, and the checkpoint it was writing (the message named the folder that was gone when it was read)
+        # a file of the checkpoint being saved, whose .tmp-step-* folder is removed below: the checkpoints folder said
         tmp = next((p for p in (where, *where.parents) if p.name.startswith(PARTIAL_PREFIX)), None)
-        where = tmp.parent if tmp else where
-        full = disk_full_text(err, where) + (f" (saving checkpoint step-{tmp.name[len(PARTIAL_PREFIX):]})" if tmp
-                                             else "")  # (before the partial folder is removed: its space then)
+        full = disk_full_text(err, where := tmp.parent if tmp else where) + (  # (the space before the removal)
+            f" (saving checkpoint step-{tmp.name[len(PARTIAL_PREFIX):]})" if tmp else "")
         if self.main:
             remove_partial(self.run_dir)  # the lock is still held (fit releases it after this)
         last = latest_checkpoint(self.run_dir)
@@ -283,11 +282,14 @@ class Monitor(SideWrites):
             log.info(line)
         self._write()
 
-    def validation(self, tag: str, results: dict, step: int) -> None:
+    def validation(self, tag: str, results: dict, step: int, seconds: float | None = None) -> None:
         """Per-quality results {q10: {jpeg: {...}, restored: {...}}}: trackers, one line per quality. The final
         validation has its own tags (``final/q10_restored_psnr``): it shares its step with the gan phase's last
         validation, and measures the kept best generator, not always the weights that one measured."""
         self._retry_tensorboard()
+        if seconds is not None and tag != "final":  # (None: the numbers of one before) -> val_s, a phase's mean
+            self.val_times.append(seconds)
+            self.progress["val_s"] = sum(self.val_times) / len(self.val_times)
         for q, groups in results.items():
             for group, values in groups.items():
                 name = f"final/{q}_{group}" if tag == "final" else f"val_{q}/{group}"
@@ -339,9 +341,7 @@ class Monitor(SideWrites):
         if self.write_errors and self.main:
             log.warning("side writes that failed in this run (counted, not logged after the first): %s",
                         ", ".join(f"{k} {n}" for k, n in self.write_errors.items()))
-        self.progress.update(status=status, reason=reason)
-        if global_step is not None:
-            self.progress["global_step"] = global_step
+        self.progress.update(status=status, reason=reason, **({} if global_step is None else {"global_step": global_step}))
         if status == "finished":
             self.progress.update(eta_phase_s=0.0, eta_run_s=0.0)
         self._write()

@@ -148,17 +148,17 @@ class Trainer:
 
     # -- validation -----------------------------------------------------------------------------------
     def run_validation(self, tag: str) -> dict:
-        step = self.state.global_step
+        step, start = self.state.global_step, time.perf_counter()
         if self.validated is not None and self.validated[0] == step:
             # no update since (e.g. a gan phase ended on validating the generator it keeps): same weights, same numbers
-            results = self.validated[1]
+            results, start = self.validated[1], None
             log.info("%s validation: the generator validated at step %d, unchanged since", tag, step)
         else:
             average_bn_stats(self.accelerator, self.models())
             results = validate(self.accelerator, self.ema.model(self.gen_raw), self.val_set, self.metric_lpips,
                                self.cfg.data.val_batch_size, cudagraphs=self.cudagraphs)
             self.validated = (step, results)
-        self.monitor.validation(tag, results, step)
+        self.monitor.validation(tag, results, step, None if start is None else time.perf_counter() - start)
         if not self.cfg.train.image_every:  # (the final validation's: final.py)
             self.log_image(tag)
         return results
