@@ -257,7 +257,7 @@ def _refused(cfg, resume: str | None) -> int:
 
     try:
         ranks = ranks_here(cfg.train.processes, cfg.train.cpu)
-        check_before_start(cfg, resume, ranks)
+        check_before_start(cfg, resume, ranks, say=lambda line: print(line, file=sys.stderr))  # (what it accepts too)
         refused_before_launch(cfg, ranks)  # (fp16 on the CPU, DeepSpeed in one process with no launcher)
         model = dataclasses.replace(init_from_config(cfg.model), pretrained=False, init_from="")  # (its config only)
         for note in generator_notes(build_generator(model), cfg.data):  # (a crop it cannot train on: ConfigError)

@@ -618,3 +618,27 @@ def test_dry_run_refuses_a_crop_batch_norm_cannot_train_on_and_warns_of_a_padded
     assert "data.crop=24 is no multiple of the encoder's largest stride 16" in capsys.readouterr().err
     assert main([*run, "data.crop=32", "data.batch_size=1"]) == 0
     assert "data.crop" not in capsys.readouterr().err
+
+
+def test_dry_run_on_a_resumable_run_lists_the_changes_the_resume_accepts(tmp_path, capsys):
+    """`train --dry-run` on a run folder with a checkpoint checked what the resume refuses but said nothing of what
+    it accepts (the resume warns "config changed since the checkpoint: ..."): both are said now, and which
+    checkpoint it continues."""
+    from dist_dejpeg.config import load_config, to_yaml
+
+    config = str(ROOT / "configs" / "debug.yaml")
+    run = tmp_path / "run"
+    args = [f"train.run_dir={run}", "model.encoder=mobilenetv3_small_050", "model.decoder_width=16",
+            "train.processes=1", f"data.root={tmp_path / 'none'}", "data.auto_prepare=none"]
+    cfg = load_config(config, args)
+    step = run / "checkpoints" / "step-00000010"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps({"phase_names": list(cfg.train.order), "global_step": 10,
+                                                         "phase_index": 0, "phase_step": 10}))
+    (step / "config.yaml").write_text(to_yaml(cfg))
+    assert main(["train", "--config", config, *args, "train.phases.gen.lr=0.0005", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: train.auto_resume: continuing the run in {run} from step-00000010" in err, err
+    assert "warning: resume: config changed since the checkpoint: train.phases.gen.lr 0.002 -> 0.0005" in err, err
+    assert main(["train", "--config", config, *args, "--dry-run"]) == 0
+    assert "config changed" not in capsys.readouterr().err

@@ -61,11 +61,30 @@ def choose_checkpoint(accelerator: Accelerator, run_dir: str | Path, resume: str
     return None if chosen is None else Path(chosen)
 
 
-def check_before_start(cfg: Config, resume: str | None, processes: int) -> None:
+class _Said(logging.Filter):
+    """Takes this logger's records instead of its handlers (quiet), each to ``say`` as a line (where given)."""
+
+    def __init__(self, say=None):
+        super().__init__()
+        self.say = say
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.say is not None:
+            self.say(f"{'note' if record.levelno < logging.WARNING else record.levelname.lower()}: "
+                     f"{record.getMessage()}")
+        return False
+
+
+def check_before_start(cfg: Config, resume: str | None, processes: int, say=None) -> None:
     """What resuming would refuse (no checkpoint to resume, a damaged one, a config or a process count that
     cannot continue it), found by a launcher before it starts ``processes`` ranks, each of which would say it after
-    its start-up. Quiet: the ranks log what they choose; a checkpoint whose state does not read is left to them."""
-    was, log.disabled = log.disabled, True
+    its start-up. Quiet: the ranks log what they choose; a checkpoint whose state does not read is left to them.
+    ``say``: gets each line the resume would log (which checkpoint, the config changes it accepts, a phase it
+    reopens or ends), "warning: ..." or "note: ...": ``train --dry-run`` prints them."""
+    said, level = _Said(say), log.level
+    log.addFilter(said)
+    if say is not None and not log.isEnabledFor(logging.INFO):
+        log.setLevel(logging.INFO)
     try:
         chosen = _choose(Path(cfg.train.run_dir), resume, cfg.train.auto_resume)
         if chosen is None:
@@ -79,7 +98,8 @@ def check_before_start(cfg: Config, resume: str | None, processes: int) -> None:
         deepspeed = cfg.train.deepspeed_stage > 0 or launcher_uses_deepspeed()
         check_continuation(cfg, Path(chosen), saved_state, deepspeed, processes, has_critic)
     finally:
-        log.disabled = was
+        log.removeFilter(said)
+        log.setLevel(level)
 
 
 def check_continuation(cfg: Config, path: Path, saved_state: dict, deepspeed: bool, processes: int,
