@@ -42,6 +42,8 @@ GPU_CONFIG = ("configs/div2k.yaml", ["data.crop=256", "model.pretrained=false", 
 
 # The label of bench train's row with the config's own settings: bench scaling and the scaling model read it
 TUNED = "tuned: the config's own settings"
+# bench train's updates (its --updates, and bench scaling's) -> the rows each times
+UPDATES = {"gen": ("gen", "gen without LPIPS"), "critic": ("critic",), "gan": ("gan generator turn",)}
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, name: str | None, *, config: bool = True) -> None:

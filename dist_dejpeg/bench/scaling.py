@@ -2,6 +2,7 @@
 efficiency at 8, 64 and 256 GPUs.
 
     dist-dejpeg bench scaling --config configs/debug.yaml
+    dist-dejpeg bench scaling --updates gen        # the gen update alone (each launch times every update otherwise)
     dist-dejpeg bench train --scaling-model        # the model alone, from this machine's tuned step times
 
 Measured: the same ``bench train`` (tuned row only) runs under ``accelerate launch`` with 1 and with 2
@@ -29,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dist_dejpeg.bench.common import CPU_CONFIG, TUNED, add_common_arguments, bundled, config_of, write_results
+from dist_dejpeg.bench.common import CPU_CONFIG, TUNED, UPDATES, add_common_arguments, bundled, config_of, write_results
 
 # Bus bandwidths (GB/s) and per-hop latencies that NCCL's all-reduce reaches on current clusters (stated
 # assumptions, not measurements of this project): H100 SXM NVLink 4, NDR InfiniBand 400 Gb/s per GPU.
@@ -157,6 +158,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", default=[], help="config overrides, key=value (anywhere but right "
                                                                  "after an option that takes several values)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per block of each bench train")
+    parser.add_argument("--updates", nargs="+", choices=list(UPDATES), default=list(UPDATES),
+                        help="the updates to time in 1 and 2 processes (bench train's --updates)")
 
 
 def cpu_config_of(args: argparse.Namespace) -> tuple[str, list[str]]:
@@ -166,5 +169,5 @@ def cpu_config_of(args: argparse.Namespace) -> tuple[str, list[str]]:
 
 
 def main(args: argparse.Namespace) -> int:
-    run(*cpu_config_of(args), Path(args.results), steps=args.steps, name=args.name)
+    run(*cpu_config_of(args), Path(args.results), steps=args.steps, name=args.name, updates=tuple(args.updates))
     return 0

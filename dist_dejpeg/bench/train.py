@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from dist_dejpeg.bench.common import (TUNED, add_common_arguments, bf16_peak_flops, config_of, is_writer, measure,
-                                      profile_calls, sync)
+from dist_dejpeg.bench.common import (TUNED, UPDATES, add_common_arguments, bf16_peak_flops, config_of, is_writer,
+                                      measure, profile_calls, sync)
 from dist_dejpeg.bench.train_report import AGAIN, write_report
 from dist_dejpeg.config import Config, apply_overrides, load_config
 from dist_dejpeg.train.build import DEFERRED_CHECK_DEVICES
@@ -86,9 +86,6 @@ def _reset_accelerate() -> None:
 
 def _phase(cfg: Config, kind: str):
     return next((p for p in cfg.train.phases.values() if p.kind == kind), None)
-
-
-UPDATES = {"gen": ("gen", "gen without LPIPS"), "critic": ("critic",), "gan": ("gan generator turn",)}
 
 
 def _rows_for(cfg: Config, updates: tuple[str, ...] = tuple(UPDATES)) -> list[tuple[str, str, object]]:
