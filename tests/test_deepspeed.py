@@ -137,6 +137,33 @@ def test_deepspeed_without_a_launcher_is_a_config_error(tmp_path, monkeypatch):
         build_accelerator(cfg)
 
 
+def test_unwrap_takes_the_model_from_under_ddp_itself_and_leaves_deepspeed_to_accelerate():
+    """Accelerate's unwrap_model imports DeepSpeed wherever it is installed, to test for an engine: 2-3 s of every
+    training process's start (every rank's) on a 2-core CPU, for runs without DeepSpeed. The trainer's unwrap takes
+    the model from under DDP itself there; DeepSpeed's engines, FSDP and a model Accelerate compiled go to
+    Accelerate."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from dist_dejpeg.train.build import unwrap
+
+    model, asked = torch.nn.Linear(2, 2), []
+    acc = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU,
+                          unwrap_model=lambda m: asked.append(m) or "accelerate's")
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        acc.distributed_type = kind
+        assert unwrap(acc, model) is model and unwrap(acc, torch.nn.DataParallel(model)) is model
+    assert asked == []
+    compiled = torch.nn.Module()  # as torch.compile's OptimizedModule holds the model (Accelerate re-wraps it)
+    compiled._orig_mod = model
+    assert unwrap(acc, compiled) == "accelerate's"
+    for kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        acc.distributed_type = kind
+        assert unwrap(acc, model) == "accelerate's"
+    assert len(asked) == 3
+
+
 # rank 0's sixth batch (the second micro-batch of the third update, grad_accum 2) gets an inf pixel
 INF_RUNNER = """
 import sys

@@ -25,7 +25,7 @@ from typing import Callable, ContextManager
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
 
 from dist_dejpeg.config import CUDAGRAPH_MODES, Config, ConfigError, ModelConfig, PhaseConfig
 from dist_dejpeg.data import ensure_samples
@@ -55,6 +55,8 @@ FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 # Devices where host reads are deferred to every train.sync_every steps: on CUDA a read waits for the queued
 # work; on the CPU nothing is queued, so reading every step costs nothing (tests add "cpu" to cover it).
 DEFERRED_CHECK_DEVICES = ("cuda",)
+# the Accelerator's kinds whose prepared model is the model itself or under DDP (unwrap)
+DDP_OR_NONE = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
 FP16_NEEDS_GPU = "config key 'train.mixed_precision': fp16 needs a GPU; use bf16 or no on CPU"
@@ -281,6 +283,19 @@ def training_stream(device: torch.device, enabled: bool):
             yield
     finally:
         default.wait_stream(stream)
+
+
+def unwrap(acc: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """``acc.unwrap_model(model)``: the model under DDP (or its DeepSpeed engine). Accelerate's imports DeepSpeed
+    wherever it is installed, to test for an engine: 2-3 s of every training process's start (of every rank's) on a
+    2-core CPU. Under plain DDP or one process the model under DDP is its answer, taken here without the import;
+    anything else (DeepSpeed, FSDP, a model Accelerate compiled) goes to Accelerate."""
+    inner = model
+    while isinstance(inner, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        inner = inner.module
+    if acc.distributed_type in DDP_OR_NONE and "_orig_mod" not in inner._modules:
+        return inner
+    return acc.unwrap_model(model)
 
 
 # -- the optimizers under their wrappers -------------------------------------------------------------------

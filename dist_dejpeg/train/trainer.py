@@ -30,7 +30,7 @@ from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train.checkpoint import Preempted, TrainingStopped
 from dist_dejpeg.train.faults import check_finite_state, non_finite_stop
 from dist_dejpeg.train.build import (build_accelerator, build_parts, claim_run_dir, refresh_master_weights, set_lr,
-                                     setup_logging, start_phase_optimizer, training_stream)
+                                     setup_logging, start_phase_optimizer, training_stream, unwrap)
 from dist_dejpeg.train.collective import PacedChecks, all_ranks_or_raise
 from dist_dejpeg.train.data_checks import checked_val_set, val_fingerprint
 from dist_dejpeg.train.ema import GeneratorEma
@@ -97,11 +97,11 @@ class Trainer:
 
     @property
     def gen_raw(self):
-        return self.accelerator.unwrap_model(self.generator)
+        return unwrap(self.accelerator, self.generator)
 
     @property
     def critic_raw(self):
-        return self.accelerator.unwrap_model(self.critic) if self.critic is not None else None
+        return unwrap(self.accelerator, self.critic) if self.critic is not None else None
 
     def data_skipped(self) -> dict:
         return sum_over_ranks(self.accelerator, getattr(self.loader, "skipped", lambda: {})())
