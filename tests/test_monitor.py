@@ -658,6 +658,36 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+def test_a_sessions_line_that_cannot_be_written_is_said_and_counted_and_training_goes_on(tmp_path, monkeypatch,
+                                                                                          caplog):
+    import errno
+    from types import SimpleNamespace
+
+    from dist_dejpeg.run.files import read_jsonl
+    from dist_dejpeg.train import sessions
+    from dist_dejpeg.train.side_writes import SideWrites
+
+    monitor = SideWrites()
+    monitor.write_errors, monitor.progress, monitor.run_dir = {}, {}, tmp_path
+    acc = SimpleNamespace(is_main_process=True, num_processes=2, device="cpu")
+    trainer = SimpleNamespace(accelerator=acc, cfg=tiny(tmp_path, tmp_path), run_dir=tmp_path, monitor=monitor,
+                              state=SimpleNamespace(global_step=7), deepspeed=False)
+
+    def full(path, line):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(sessions, "append_line", full)
+    with caplog.at_level(logging.INFO, logger="dist_dejpeg"):
+        line = sessions.record_session(trainer, tmp_path / "checkpoints" / "step-00000007")
+    assert (line["start_step"], line["processes"]) == (7, 2) and monitor.write_errors == {"sessions": 1}
+    assert "disk full" in caplog.text.lower() and "sessions write failed" in caplog.text, caplog.text
+    monkeypatch.undo()
+    sessions.record_session(trainer, None)
+    acc.is_main_process = False  # the other ranks write nothing
+    assert sessions.record_session(trainer, None) is None
+    assert [(s["start_step"], s["resumed_from"]) for s in read_jsonl(tmp_path / "sessions.jsonl")] == [(7, None)]
+
+
 def test_an_mlflow_server_that_does_not_answer_fails_the_start_at_once(tmp_path, shards, monkeypatch):
     """MLFLOW_TRACKING_URI naming a server that is down: MLflow retried each request 7 times with backoff (over
     90 s here before the first call gave up), so "fails the start at once" took minutes. Now one HEAD request with

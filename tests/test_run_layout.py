@@ -112,6 +112,21 @@ def test_read_json_never_raises(tmp_path):
     assert files.read_json(tmp_path / "half.json") is None and files.read_json(tmp_path / "list.json") is None
 
 
+def test_append_line_ends_a_line_cut_short_and_a_short_write_is_disk_full(tmp_path, monkeypatch):
+    path = tmp_path / layout.SESSIONS
+    files.append_line(path, json.dumps({"n": 1}))
+    with open(path, "a") as f:
+        f.write('{"n": 2, "cut')  # an earlier write the disk filled midway
+    files.append_line(path, json.dumps({"n": 3}))
+    assert files.read_jsonl(path) == [{"n": 1}, {"n": 3}]  # the cut line skipped, the new one whole
+    assert path.read_text().endswith('"cut\n{"n": 3}\n')
+    monkeypatch.setattr(os, "write", lambda fd, data: len(data) - 1)  # the disk full now: a short write
+    with pytest.raises(OSError) as err:
+        files.append_line(path, "{}")
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
+    assert files.read_jsonl(tmp_path / "missing.jsonl") == []
+
+
 # -- durations --------------------------------------------------------------------------------------------------
 def test_duration_has_days_beyond_a_day_and_no_number_for_the_unknown():
     assert duration(59.4) == "59s" and duration(3599) == "59m59s" and duration(86399) == "23h59m"

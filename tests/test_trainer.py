@@ -221,6 +221,20 @@ def test_end_to_end_writes_metrics_checkpoint_and_events(tmp_path, shards):
 
     assert meta["code"] == dist_dejpeg.code_version()
     assert meta["code"].startswith(f"dist_dejpeg {dist_dejpeg.version()}")
+    # and from its start, whatever becomes of the run: each session's line in sessions.jsonl, one in train.log
+    from dist_dejpeg.train.sessions import SESSION_KEYS
+
+    (session,) = [json.loads(line) for line in (run / "sessions.jsonl").read_text().splitlines()]
+    assert tuple(session) == SESSION_KEYS
+    assert (session["code"], session["commit"]) == (meta["code"], dist_dejpeg.source_commit())
+    assert (session["start_step"], session["resumed_from"], session["processes"]) == (0, None, 1)
+    assert (session["mixed_precision"], session["device"]) == ("no", "cpu")
+    import PIL
+    import timm
+
+    assert session["versions"]["torch"] == torch.__version__ and session["versions"]["timm"] == timm.__version__
+    assert session["versions"]["Pillow"] == PIL.__version__ and session["versions"]["libjpeg"]
+    assert f"session: {meta['code']}, torch {torch.__version__}" in (run / "train.log").read_text()
     generator = load_generator(run / "generator.safetensors")
     x = torch.rand(1, 3, 40, 24)
     assert generator(x).shape == x.shape
@@ -301,6 +315,10 @@ def test_a_finished_run_given_more_steps_continues_its_last_phase(tmp_path, shar
         train(tiny(tmp_path / "short", shards, *CONSTANT, "train.phases.gen.steps=5"))  # auto_resume: the same folder
     assert "train.phases.gen.steps 3 -> 5: phase 'gen' ended at step 3" in caplog.text, caplog.text
     assert json.loads((tmp_path / "short" / "metrics.json").read_text())["meta"]["global_step"] == 5
+    # the resumed session appended its own line to the first session's: where it started, from which checkpoint
+    lines = [json.loads(line) for line in (tmp_path / "short" / "sessions.jsonl").read_text().splitlines()]
+    assert [(s["start_step"], s["resumed_from"]) for s in lines] == [
+        (0, None), (3, str(tmp_path / "short" / "checkpoints" / f"step-{3:08d}"))]
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     train(tiny(tmp_path / "long", shards, *CONSTANT, "train.phases.gen.steps=5"))

@@ -93,6 +93,38 @@ def prove_writable(folder: str | Path) -> None:
     probe.unlink()
 
 
+def append_line(path: str | Path, line: str) -> None:
+    """Append ``line`` (and a newline) to ``path`` with one write, the file made as the umask allows. A line an
+    earlier write left cut short (a full disk) is ended first, so this one reads whole; a short write (the disk
+    full now) is an OSError (ENOSPC) naming ``path``, as any other failure."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        data = (("\n" if size and os.pread(fd, 1, size - 1) != b"\n" else "") + line.rstrip("\n") + "\n").encode()
+        if os.write(fd, data) != len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The JSON objects of a file of one a line (append_line's), skipping lines cut short or damaged; [] when the
+    file is missing or unreadable (never raises)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return []
+    found = []
+    for line in text.splitlines():
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            found.append(data)
+    return found
+
+
 def read_json(path: str | Path) -> dict | None:
     """A JSON object from ``path``, or None when it is missing, unreadable or half-written (never raises)."""
     try:

@@ -5,6 +5,8 @@ restore use the same names.
     <run_dir>/
         config.yaml               the resolved config (written at the start)
         progress.json             where the run stands (rank 0 rewrites it at every log window; monitor.py)
+        sessions.jsonl            one line per training session, appended at its start: the commit, the libraries'
+                                  versions, host, processes, precision, the step it starts at (train/sessions.py)
         checkpoints/step-%08d/    whole-state checkpoints (train/checkpoint.py); .tmp-step-* while written;
                                   manifest.json inside lists each file's size and sha256 (run/manifest.py)
         checkpoints/abandoned-*/  later checkpoints a resume from an older one set aside (one timeline)
@@ -32,6 +34,7 @@ WRITE_ERRORS = "write_errors"  # progress.json's and metrics.json meta's key: si
 PROGRESS_KEYS = ("time", "status", "reason", "phase", "phase_index", "phases", "phase_step", "phase_steps",
                  "global_step", "total_steps", "images_per_s", "data_wait_frac", "lr", "eta_phase_s", "eta_run_s",
                  "val_s", "losses", "last_val", "best", "host", "pid", "slurm_job", "processes", WRITE_ERRORS)
+SESSIONS = "sessions.jsonl"  # one JSON object a line per training session (train/sessions.py: SESSION_KEYS)
 METRICS = "metrics.json"
 EVALUATE_CSV = "metrics.csv"  # `evaluate -o` writes it beside its own metrics.json (a run never does)
 GENERATOR = "generator.safetensors"

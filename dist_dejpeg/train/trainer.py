@@ -3,11 +3,10 @@
     dist-dejpeg train --config configs/debug.yaml                      # one process, CPU or one GPU; reruns resume
     accelerate launch -m dist_dejpeg.cli train --config configs/div2k.yaml
 
-Order (as the Accelerate examples): Accelerator, seed, models, optimizers, one ``prepare`` (build.py), per-rank
-seed, loaders, then the phase loop; a phase that trains one model never runs the other's forward or optimizer.
-Scalars are reduced over ranks (window.py); the main process alone writes files. On CUDA nothing reads the
-device inside a step: the non-finite and stop-signal flags are read at most every ``train.sync_every`` steps
-(steps.py, collective.py).
+Order (as the Accelerate examples): Accelerator, seed, models, optimizers, one ``prepare`` (build.py), per-rank seed,
+loaders, then the phase loop; a phase that trains one model never runs the other's forward or optimizer. Scalars are
+reduced over ranks (window.py); the main process alone writes files. On CUDA nothing reads the device inside a step:
+the non-finite and stop-signal flags are read at most every ``train.sync_every`` steps (steps.py, collective.py).
 """
 
 from __future__ import annotations
@@ -37,8 +36,8 @@ from dist_dejpeg.train.ema import GeneratorEma
 from dist_dejpeg.train.final import finish_run
 from dist_dejpeg.train.monitor import Monitor
 from dist_dejpeg.train.phases import StopRule, gan_rule, gan_turn, lr_at, trains_critic, trains_generator
-from dist_dejpeg.train.resume import (check_before_start, check_new_run, choose_checkpoint, other_validation,
-                                      resume_from)
+from dist_dejpeg.train.resume import check_before_start, check_new_run, choose_checkpoint, other_validation, resume_from
+from dist_dejpeg.train.sessions import record_session
 from dist_dejpeg.train.steps import HostChecks, NonFiniteLoss, critic_step, generator_step
 from dist_dejpeg.train.validation import average_bn_stats, image_grid, mean_restored, validate
 from dist_dejpeg.train.window import LogWindow, TimedBatches, sum_over_ranks
@@ -339,6 +338,7 @@ def train(cfg: Config, resume: str | None = None, train_loader=None, val_set=Non
                 path = choose_checkpoint(trainer.accelerator, trainer.run_dir, resume, cfg.train.auto_resume)
                 if path is not None:
                     trainer.resume(path)
+                record_session(trainer, path)  # sessions.jsonl: this session's commit and libraries (main process)
             except BaseException:
                 trainer.close()  # the run folder's lock and the trackers: a corrected command can run in this process
                 raise
