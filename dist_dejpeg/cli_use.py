@@ -68,7 +68,7 @@ def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int
     from dist_dejpeg.restore import open_restorer
     from dist_dejpeg.restore.files import check_restore_output, restore_files
     from dist_dejpeg.restore.images import InputImageError
-    from dist_dejpeg.restore.record import RECORD_NAME, Record
+    from dist_dejpeg.restore.record import RECORD_NAME, Record, restorer_settings
     from dist_dejpeg.restore.summary import print_restore_summary
 
     try:
@@ -96,7 +96,7 @@ def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int
               f"generator.safetensors has them): every image of a known JPEG quality is restored unchecked (those "
               f"of unknown quality are still passed through)", file=sys.stderr)
     where = None if args.no_record else args.record or (None if one_file else Path(args.out) / RECORD_NAME)
-    record = Record(where, str(getattr(restorer, "info", {}).get("source") or args.model))
+    record = Record(where, str(getattr(restorer, "info", {}).get("source") or args.model), restorer_settings(restorer))
     try:
         results = restore_files(restorer, inputs, args.out, fmt=fmt, max_pixels=args.max_pixels, record=record,
                                 skip_existing=args.skip_existing, progress=not args.quiet, strip_gps=args.strip_gps,

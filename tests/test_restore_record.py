@@ -83,6 +83,24 @@ def test_a_folder_restore_records_each_file_as_it_finishes_and_a_rerun_appends(t
                                                                          progress=False))  # never an input
 
 
+def test_each_record_line_says_the_tiling_device_and_precision_the_pixels_depend_on(tmp_path, restorer):
+    """Another tile or overlap gives other pixels (group norm and keep_mean act per tile): a line that did not say
+    which could not be reproduced. A real Restorer's settings, as the command and restore_files record them."""
+    from test_infer import _model
+
+    from dist_dejpeg.restore import Restorer
+    from dist_dejpeg.restore.record import restorer_settings
+
+    real = Restorer(_model(), device="cpu", tile=128, overlap=32, guard=False)
+    assert restorer_settings(real) == {"tile": 128, "overlap": 32, "device": "cpu", "precision": "fp32"}
+    restorer.tile, restorer.overlap, restorer.bf16 = 256, 48, True
+    Image.fromarray(_photo(40, 48)).save(tmp_path / "a.jpg", quality=20)
+    restore_files(restorer, [str(tmp_path / "a.jpg")], tmp_path / "out", progress=False, record=tmp_path / "r.jsonl")
+    (line,) = _lines(tmp_path / "r.jsonl")
+    assert {k: line[k] for k in ("tile", "overlap", "device", "precision")} == {
+        "tile": 256, "overlap": 48, "device": "cpu", "precision": "bf16"}
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_ctrl_c_hands_back_the_results_so_far_and_records_the_rest_as_not_begun(tmp_path, restorer, monkeypatch,
                                                                                 workers):

@@ -47,7 +47,7 @@ from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, Loa
 from dist_dejpeg.restore.inputs import (CURRENT, REFUSED, RestoreResult, collect_inputs, output_names, ownership,
                                         remove_stale_temps)
 from dist_dejpeg.restore.metadata import jpeg_without_gps, without_gps
-from dist_dejpeg.restore.record import Record, RestoreInterrupted
+from dist_dejpeg.restore.record import Record, RestoreInterrupted, restorer_settings
 from dist_dejpeg.restore.reencode import reencoding_outweighs, written_as
 from dist_dejpeg.restore.base import ImageRestorer  # Restorer (PyTorch) or OnnxRestorer: no torch import here
 from dist_dejpeg.run.files import (atomic_write_bytes, disk_full_text, is_disk_full, is_quota,
@@ -162,7 +162,8 @@ def restore_files(restorer: ImageRestorer, inputs: list[str], out_dir: str | Pat
     every result, those not finished ``stopped`` ("not restored: interrupted"), once the threads' writes finished.
     ``strip_gps``: the outputs without the EXIF's GPS sub-IFD and the XMP's exif:GPS* (restore/metadata.py)."""
     if not isinstance(record, Record):
-        record = Record(record, str(getattr(restorer, "info", {}).get("source") or "") or None)
+        record = Record(record, str(getattr(restorer, "info", {}).get("source") or "") or None,
+                        restorer_settings(restorer))
     results: list[RestoreResult] = []
     try:
         restore_into(restorer, inputs, out_dir, results, record, fmt=fmt, max_pixels=max_pixels, progress=progress,

@@ -7,7 +7,10 @@ Each line: ``time`` (local, ISO 8601 with its offset), ``status`` (restored, pas
 earlier restore's output a search found, failed, not begun: the disk was full or Ctrl-C came first), ``source``,
 ``source_bytes``, ``output`` (the file written, or skipped as there; its name as restore chose it: a.jpg.png),
 ``quality`` and ``quality_from`` (given, file tables, pixels, or why unknown), ``reason`` (the guard's decision),
-``error``, ``seconds`` and ``model``. Its suffix is no image's: a later search of the folder never reads it as one.
+``error``, ``seconds``, ``model``, and what the restored pixels depend on beside the model and the photo: ``tile``,
+``overlap`` (the generator's group norm and keep_mean act per tile: another tiling gives other pixels, a few levels
+apart; the same tiling gives the same, at any batch size and thread count), ``device`` and ``precision``. Its suffix
+is no image's: a later search of the folder never reads it as one.
 
 The record is a side write: a line that cannot be written (a full disk, a quota) is logged once with its reason and
 then counted (``Record.failed``; the command's summary says how many), and the restore goes on; each line is written
@@ -25,6 +28,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 RECORD_NAME = "restore-record.jsonl"  # in the output folder: no image suffix, never an input of a later search
+SETTINGS = ("tile", "overlap", "device", "precision")  # each line's: how it was restored (restorer_settings)
 
 
 def status(result) -> str:
@@ -47,12 +51,22 @@ def size_of(path: str) -> int | None:
         return None
 
 
+def restorer_settings(restorer) -> dict:
+    """A restorer's tile, overlap, device and precision, as each record line has them (None: one it lacks)."""
+    device, bf16 = getattr(restorer, "device", None), getattr(restorer, "bf16", False)  # (ONNX: float32 alone)
+    return {"tile": getattr(restorer, "tile", None), "overlap": getattr(restorer, "overlap", None),
+            "device": None if device is None else str(device),
+            "precision": ("bf16" if bf16 else "fp32") if hasattr(restorer, "tile") else None}
+
+
 class Record:
     """Appends one line per finished RestoreResult to ``path`` (None: a record that writes nothing); ``model``: what
-    restored (the restorer's model file). Each result is written once, whatever calls ``add`` again."""
+    restored (the restorer's model file); ``settings``: restorer_settings' (tile, overlap, device, precision), on
+    every line. Each result is written once, whatever calls ``add`` again."""
 
-    def __init__(self, path: str | Path | None, model: str | None = None):
+    def __init__(self, path: str | Path | None, model: str | None = None, settings: dict | None = None):
         self.path, self.model = (Path(path) if path is not None else None), model
+        self.settings = {key: None for key in SETTINGS} | (settings or {})
         self.failed, self.written, self.broken = 0, set(), False
 
     def add(self, result) -> None:
@@ -62,7 +76,7 @@ class Record:
         line = {"time": datetime.now().astimezone().isoformat(timespec="seconds"), "status": status(result),
                 "source": result.source, "source_bytes": size_of(result.source), "output": result.output,
                 "quality": result.quality, "quality_from": result.quality_from or None, "reason": result.note or None,
-                "error": result.error, "seconds": round(result.seconds, 3), "model": self.model}
+                "error": result.error, "seconds": round(result.seconds, 3), "model": self.model, **self.settings}
         # (ASCII, JSON's escapes: a name that is no UTF-8, held as surrogates, is written too, and read back as it)
         data = ("\n" if self.broken else "") + json.dumps(line) + "\n"
         try:

@@ -110,7 +110,10 @@ class Restorer(ImageRestorer):
     ``copy.deepcopy(module)``). ``device``: "auto"
     (CUDA where there is one, else the CPU), "cpu", "cuda", "cuda:1" or a torch.device; a ValueError for one this
     machine lacks. ``tile``/``overlap`` in
-    pixels (``tile`` 0: whole images, no tiling); ``batch_size``: tiles per forward pass (None: 1 on the CPU, where
+    pixels (``tile`` 0: whole images, no tiling): the output depends on them, as the generator's group norm and
+    keep_mean act per tile (a barely trained model, tile 128 overlap 32 against the whole image: 36% of pixels
+    moved, by up to 4 levels); a fixed tile and overlap (and device and precision) give the same pixels at any
+    ``batch_size`` and thread count, so record them with outputs you compare; ``batch_size``: tiles per forward pass (None: 1 on the CPU, where
     larger batches were slower and peaked higher (12 MP, 2 cores: 11.9 s and 1.13 GB at 1, 15.6 s and 1.55 GB at
     4: tensors over glibc's 32 MB mmap ceiling are page-faulted in afresh at every call), 8 on a GPU, every
     batch full there); ``precision``: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16";
