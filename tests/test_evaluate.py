@@ -78,7 +78,7 @@ def test_evaluate_writes_three_tables_with_six_metrics(tmp_path, model_file, pho
     q10, q40 = result["per_quality"]["10"], result["per_quality"]["40"]
     assert q10["jpeg"]["psnr"] < q40["jpeg"]["psnr"]  # the compression really happened at two qualities
     assert q10["images"] == 2
-    rows = list(csv.DictReader(io.StringIO((out / "metrics.csv").read_text())))
+    rows = list(csv.DictReader(io.StringIO((out / "metrics.csv").read_text(encoding="utf-8-sig"))))
     assert len(rows) == 8 and set(rows[0]) == {"image", "quality", "input", "channel", *EVALUATED}
     assert {r["image"] for r in rows} == {"chelsea", "coffee"}
     jpeg10 = [float(r["psnr"]) for r in rows if r["quality"] == "10" and r["input"] == "jpeg"]
@@ -696,7 +696,7 @@ def test_a_flat_image_identical_after_jpeg_leaves_both_means(tmp_path, model_fil
     on_disk = next(r for r in written["per_image"] if r["image"] == "blank")
     assert on_disk["jpeg"]["psnr"] is None and on_disk["restored"]["psnr"] == blank["restored"]["psnr"]
     assert "infinite" in written["meta"]["undefined"]["psnr"]["reason"]
-    rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "metrics.csv").read_text())))
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "metrics.csv").read_text(encoding="utf-8-sig"))))
     assert float(next(r for r in rows if r["image"] == "blank" and r["input"] == "jpeg")["psnr"]) == float("inf")
 
 

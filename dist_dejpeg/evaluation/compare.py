@@ -21,6 +21,7 @@ import json
 import math
 from pathlib import Path
 
+from dist_dejpeg.evaluation.cells import md_cell
 from dist_dejpeg.evaluation.pairs import channel_note
 from dist_dejpeg.metrics.registry import BY_NAME, ZERO
 from dist_dejpeg.run.layout import METRICS as METRICS_JSON  # (evaluate writes the name a run's metrics have)
@@ -199,7 +200,7 @@ def markdown(comparison: dict) -> str:
              f"JPEGs at {how.get('subsampling') or 'a chroma subsampling not recorded'}, border crop "
              f"{how.get('crop_border', 'not recorded')}, PSNR-B as {how.get('psnr_b') or 'not recorded'}:", ""]
     for letter, e in zip(letters, evals):
-        lines.append(f"- {letter}: {e['path']}: model {e['model']}, step {e['global_step']}, encoder "
+        lines.append(f"- {letter}: {md_cell(e['path'])}: model {md_cell(e['model'])}, step {e['global_step']}, encoder "
                      f"{e['encoder_init']}, guard {'on' if e['guard'] else 'off'}, quality "
                      f"{'told' if e['quality_given'] else 'not told (blind)'}, {e['images']} photos")
     for metric, table in comparison["metrics"].items():

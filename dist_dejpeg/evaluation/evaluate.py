@@ -5,7 +5,10 @@ and measure the JPEG input and the restored output against the original with the
     dist-dejpeg evaluate --model runs/debug --images data/samples/val-*.tar --y-only -o eval_y/
 
 Writes ``metrics.json`` (everything: settings, the model's metadata, per-quality means, per-image values),
-``metrics.csv`` (one row per image, quality and input) and ``metrics.md`` (the per-quality tables). The
+``metrics.csv`` (one row per image, quality and input; UTF-8 with a BOM, which Excel needs to read the names as UTF-8
+and ``encoding="utf-8-sig"`` strips; a name starting with = + - @ or a tab or carriage return, which a spreadsheet
+would run as a formula, is written with a leading ``'``, as OWASP advises: metrics.json keeps it as it is) and
+``metrics.md`` (the per-quality tables; a photo's name or a path escaped for a table cell). The
 compression is Pillow's libjpeg at 4:2:0 chroma subsampling, as PIL and OpenCV write by default and as the
 published JPEG-restoration tables use (``--subsampling 4:2:2`` / ``4:4:4``: as other encoders write); a grayscale
 photo becomes a one-channel JPEG and is restored as ``restore`` writes it, grayscale. References
@@ -27,6 +30,7 @@ import numpy as np
 
 from dist_dejpeg import code_version
 from dist_dejpeg.evaluation import pairs
+from dist_dejpeg.evaluation.cells import CSV_ENCODING, csv_cell, md_cell
 from dist_dejpeg.evaluation.measure import MetricSet, restored_pairs
 from dist_dejpeg.evaluation.references import EvaluateError, read_references, seen_in_training
 from dist_dejpeg.evaluation.report import photo_parts
@@ -248,7 +252,7 @@ def format_value(v, digits: int = 4) -> str:
 def markdown(result: dict) -> str:
     meta = result["meta"]
     model = meta["model"]
-    lines = [f"# Evaluation of {model.get('source')}", "",
+    lines = [f"# Evaluation of {md_cell(model.get('source'))}", "",
              f"Model: encoder {model.get('encoder')} ({model.get('encoder_init')}), training steps "
              f"{model.get('global_step')}, trained by {meta.get('trained_by') or 'not recorded'}; "
              f"{meta['backbones']}; evaluated by {meta.get('evaluated_by') or 'not recorded'}.",
@@ -269,9 +273,9 @@ def markdown(result: dict) -> str:
     for name, what in meta["undefined"].items():
         lines.append(f"- {name}: left out for {what.get('images', '?')} of {meta['images']} image(s) "
                      f"({what['count']} values: JPEG and restored, at each quality): {what['reason']}")
-    lines += [f"- skipped: {why}" for why in meta["skipped"]]
+    lines += [f"- skipped: {md_cell(why)}" for why in meta["skipped"]]  # (each names its file)
     if seen := meta.get("seen_in_training"):
-        lines.append(f"- seen in training: {seen_note(seen, meta['images'])}")
+        lines.append(f"- seen in training: {md_cell(seen_note(seen, meta['images']))}")
     if unverified := "UNVERIFIED" in meta.get("lpips", ""):
         lines.append(f"- LPIPS: {meta['lpips']}")
     if meta["unavailable"] or meta["undefined"] or meta["skipped"] or seen or unverified:
@@ -294,7 +298,7 @@ def markdown(result: dict) -> str:
     lines += ["", "Per image:", "", "| image | quality | " + " | ".join(f"{m} JPEG -> restored" for m in QUALITY)
               + " |", "|---|---|" + "---|" * len(QUALITY)]
     for r in result["per_image"]:
-        lines.append(f"| {r['image']} | {r['quality']} | " + " | ".join(
+        lines.append(f"| {md_cell(r['image'])} | {r['quality']} | " + " | ".join(
             f"{format_value(r['jpeg'][m], 3)} -> {format_value(r['restored'][m], 3)}" for m in QUALITY) + " |")
     return "\n".join(lines) + "\n"
 
@@ -321,15 +325,15 @@ def write_tables(result: dict, out_dir: str | Path) -> None:
 
 def table_files(result: dict) -> dict[str, bytes]:
     """{file name: bytes}: metrics.json (strict JSON: an infinite value is null), metrics.csv ("inf", which Python
-    and pandas read) and metrics.md."""
+    and pandas read; UTF-8 with a BOM, and a name a spreadsheet would run as a formula with a leading ``'``:
+    cells.csv_cell) and metrics.md."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["image", "quality", "input", "channel", *EVALUATED])  # channel: RGB, Y or gray (image_channel)
     for r in result["per_image"]:
         for kind in ("jpeg", "restored"):
-            writer.writerow([r["image"], r["quality"], kind, r.get("channel", ""),
+            writer.writerow([csv_cell(r["image"]), r["quality"], kind, r.get("channel", ""),
                              *("" if r[kind].get(m) is None else r[kind][m] for m in EVALUATED)])
     tables = _strict_json({k: v for k, v in result.items() if k != "records"})
-    files = {METRICS: json.dumps(tables, indent=2, default=float, allow_nan=False),
-             EVALUATE_CSV: buf.getvalue(), "metrics.md": markdown(result)}
-    return {name: text.encode() for name, text in files.items()}
+    return {METRICS: json.dumps(tables, indent=2, default=float, allow_nan=False).encode(),
+            EVALUATE_CSV: buf.getvalue().encode(CSV_ENCODING), "metrics.md": markdown(result).encode()}
