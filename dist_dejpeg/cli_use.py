@@ -309,6 +309,12 @@ def status_command(args: argparse.Namespace) -> int:
 
     runs = find_runs(args.run_dirs)
     statuses = [_one_status(path) for path in runs]
+    # --json: an object for one run folder given, a list for several or a folder of runs (a sweep's runs/, however
+    # many it holds today: a script reads one shape)
+    one = runs == [Path(p) for p in args.run_dirs] and len(runs) == 1
+    if args.json and not one:
+        print(json.dumps(statuses, indent=2))
+        return 2 if any("error" in s for s in statuses) else 0
     if len(statuses) == 1 and "error" not in statuses[0]:
         print(json.dumps(statuses[0], indent=2) if args.json else format_status(statuses[0]))
         return 0
@@ -317,9 +323,9 @@ def status_command(args: argparse.Namespace) -> int:
               file=sys.stdout if args.json else sys.stderr)
         return 2
     errors = [s["error"] for s in statuses if "error" in s]  # (each names its path)
-    if args.json or len(errors) < len(statuses):
-        print(json.dumps(statuses, indent=2) if args.json else format_table(statuses))
-    for error in [] if args.json else errors:
+    if len(errors) < len(statuses):
+        print(format_table(statuses))
+    for error in errors:
         print(f"error: {error}", file=sys.stderr)
     return 2 if errors else 0
 

@@ -697,3 +697,20 @@ def test_the_eta_counts_the_validations_left(tmp_path, no_flock):
     del progress["val_s"]  # (a run of a version before it: the step time alone, as before)
     (tmp_path / "progress.json").write_text(json.dumps(progress))
     assert st.run_status(tmp_path, now=now)["eta"]["run_s"] == pytest.approx(90)
+
+
+def test_status_json_is_a_list_for_a_folder_of_runs_however_many_it_holds(tmp_path, capsys, no_flock):
+    """`status --json runs/` gave an object when the sweep's folder held one run and a list when it held two: a
+    script read one shape. A folder of runs, or several paths, is a list; one run folder given, an object."""
+    sweep = tmp_path / "runs"
+    sweep.mkdir()
+    fake_run(sweep / "sweep-0", [["gen", 30, 0.0035]])
+    assert cli("status", "--json", str(sweep)) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert isinstance(listed, list) and [s["run_dir"] for s in listed] == [str(sweep / "sweep-0")]
+    assert cli("status", "--json", str(sweep / "sweep-0")) == 0
+    assert json.loads(capsys.readouterr().out)["run_dir"] == str(sweep / "sweep-0")  # one run folder: an object
+    fake_run(sweep / "sweep-1", [["gen", 30, 0.0035]])
+    assert cli("status", "--json", str(sweep)) == 0 and len(json.loads(capsys.readouterr().out)) == 2
+    assert cli("status", "--json", str(sweep / "sweep-0"), str(tmp_path / "none")) == 2  # several: a list, errors in it
+    assert [("error" in s) for s in json.loads(capsys.readouterr().out)] == [False, True]
