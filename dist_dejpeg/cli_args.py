@@ -271,8 +271,9 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
 def status_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="the run folder (train.run_dir); several, or a folder of runs (a sweep's): one line each")
-    p.add_argument("--json", action="store_true", help="for scripts: one JSON object for one run folder; a list for several, or a "
-                        "folder of runs (however many it holds)")
+    p.add_argument("--json", action="store_true",
+                   help="for scripts: one JSON object for one run folder; a list for several, or a folder of runs "
+                        "(however many it holds)")
 
 
 def compare_arguments(p: argparse.ArgumentParser) -> None:

@@ -95,17 +95,18 @@ def test_page_structure(report):
     page = _Page()
     page.feed(text)
 
-    # Self-contained: every image is an embedded PNG of the expected size, or names the one that embeds it (a crop
-    # shown again); no external resource at all.
+    # Self-contained: every image is embedded at the expected size (a crop as a PNG, a thumbnail as a JPEG), or names
+    # the one that embeds it (a crop shown again); no external resource at all.
     assert len(page.imgs) == N_IMAGES
     assert not re.search(r'(src|href)\s*=\s*"(?!data:|#)', text) and "url(" not in text and "@import" not in text
     by_id = {a["id"]: a for a in page.imgs if "id" in a}
     sizes = []
     for a in page.imgs:
         a = {**a, "src": by_id[a["data-same"]]["src"]} if "data-same" in a else a
-        assert a["src"].startswith("data:image/png;base64,")
+        kind = "png" if "crop" in a.get("class", "") else "jpeg"
+        assert a["src"].startswith(f"data:image/{kind};base64,")
         im = Image.open(io.BytesIO(base64.b64decode(a["src"].split(",", 1)[1])))
-        assert im.format == "PNG" and im.mode == "RGB"
+        assert im.format == kind.upper() and im.mode == "RGB"
         sizes.append(im.size)
         if "crop" in a.get("class", ""):
             assert im.size == (int(a["width"]), int(a["height"]))
@@ -272,6 +273,22 @@ def test_records_cut_per_photo_render_the_same_page():
         render_report(cut, title="t", meta=META, crop=64)
 
 
+def test_thumbnails_are_jpegs_a_fraction_of_a_png():
+    """The thumbnail only shows where the crop is, but was a lossless PNG of the whole photo: 6.3 MB of a 20 MB page
+    of 50 photos. As a JPEG (q85) it is a fraction of the PNG; the crops stay lossless."""
+    from dist_dejpeg.evaluation.report import THUMB_QUALITY, photo_parts
+
+    recs = [r for r in _records() if r["image"] == "astronaut.png"]  # 192 x 256
+    part = photo_parts(recs, CROP)[0]
+    assert part["thumb"].startswith("data:image/jpeg;base64,") and THUMB_QUALITY == 85
+    thumb = Image.open(io.BytesIO(base64.b64decode(part["thumb"].split(",", 1)[1])))
+    assert thumb.format == "JPEG" and thumb.size == (256, 192)
+    png = io.BytesIO()
+    thumb.save(png, format="PNG")
+    assert len(part["thumb"]) < 0.5 * len(base64.b64encode(png.getvalue()))
+    assert all(uri.startswith("data:image/png;base64,") for uri in part["crops"].values())
+
+
 def test_each_crop_is_embedded_once(tmp_path):
     """The original's crop is the same at every quality, and was embedded once per quality (~100 KB of base64 for a
     192 px crop of a camera photo, per quality). Now every distinct crop's bytes are on the page once: a second
@@ -279,7 +296,8 @@ def test_each_crop_is_embedded_once(tmp_path):
     recs = [r for r in _records() if r["image"] == "astronaut.png"]
     one, two = (render_report(recs[:n], title="t", meta=META, crop=CROP) for n in (1, 2))
     uris = re.findall(r'src="(data:image/png;base64,[^"]+)"', two)
-    assert len(uris) == len(set(uris)) == 1 + 1 + 2 * 2  # thumbnail, original crop, JPEG and restored at 2 qualities
+    assert len(uris) == len(set(uris)) == 1 + 2 * 2  # original crop, JPEG and restored at 2 qualities (and a JPEG
+    assert len(re.findall(r'src="data:image/jpeg;base64,', two)) == 1  # thumbnail)
     top, left, h, w = error_crop(recs[0]["clean"], [r["jpeg"] for r in recs], CROP)
     buf = io.BytesIO()
     Image.fromarray(recs[0]["clean"][top:top + h, left:left + w]).save(buf, format="PNG")

@@ -1,4 +1,4 @@
-"""The HTML comparison report: one self-contained page (each distinct image embedded once as a base64 PNG, no
+"""The HTML comparison report: one self-contained page (each distinct crop embedded once as a base64 PNG, no
 external resource of any kind) showing, per photo and JPEG quality, side-by-side crops clean | JPEG | restored
 taken at the same place, zoomable, with the metrics.
 
@@ -39,7 +39,7 @@ Crop rule (:func:`error_crop`): per photo, the crop-sized window with the larges
 place). It is scored on a map of b x b block means (b = crop // 8) with an integral image, so candidate
 windows step by b pixels; ties go to the top-most, then left-most window. A crop larger than the photo is
 clipped to the photo. The three images of a record are cut at exactly that window; a thumbnail of the whole
-clean photo (longest side <= 256 px) outlines it in red.
+clean photo (longest side <= 256 px) outlines it in red: a JPEG (THUMB_QUALITY; it only shows where the crop is).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ ARROWS = {HIGHER: "&uarr;", LOWER: "&darr;", ZERO: "&rarr;0"}
 UNKNOWN_DECIMALS = 4  # a metric the registry does not know
 KINDS = ("clean", "jpeg", "restored")
 THUMB = 256
+THUMB_QUALITY = 85  # the thumbnails' JPEG quality (the crops stay lossless PNG)
 
 
 # --------------------------------------------------------------------------------------------- crops
@@ -95,10 +96,10 @@ def error_crop(clean: np.ndarray, jpeg: np.ndarray | list[np.ndarray], crop: int
 
 # ------------------------------------------------------------------------------------------- helpers
 
-def _png_uri(arr: np.ndarray) -> str:
+def _data_uri(arr: np.ndarray, kind: str = "png", **save) -> str:
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    Image.fromarray(arr).save(buf, format=kind, **save)
+    return f"data:image/{kind};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _rgb(value, what: str) -> np.ndarray:
@@ -108,7 +109,7 @@ def _rgb(value, what: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _thumbnail(clean: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+def _thumbnail(clean: np.ndarray, box: tuple[int, int, int, int]) -> str:
     h, w = clean.shape[:2]
     s = min(1.0, THUMB / max(h, w))
     im = Image.fromarray(clean).copy()
@@ -119,7 +120,7 @@ def _thumbnail(clean: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     x1, y1 = max(x0 + 2, math.ceil((left + cw) * s) - 1), max(y0 + 2, math.ceil((top + ch) * s) - 1)
     draw = ImageDraw.Draw(im)
     draw.rectangle([x0, y0, x1, y1], outline=(255, 40, 40), width=2)
-    return np.asarray(im)
+    return _data_uri(np.asarray(im), "jpeg", quality=THUMB_QUALITY)  # (a PNG of a photo: 8x the bytes)
 
 
 def _num(v) -> float | None:
@@ -269,8 +270,8 @@ def _record_table(rec: dict, reasons: dict) -> str:
 
 def photo_parts(recs: list[dict], crop: int) -> list[dict]:
     """One photo's records (all its qualities), quality ascending, cut down to what the page shows of them: its size,
-    the crop box, the thumbnail and the three crops as PNG data URIs, the numbers. evaluate cuts each photo as it is
-    measured, so a report of many camera photos holds one photo's full-size images at a time, not every photo's."""
+    the crop box, the thumbnail (JPEG) and the three crops (PNG) as data URIs, the numbers. evaluate cuts each photo
+    as it is measured, so a report of many camera photos holds one photo's full-size images at a time, not every photo's."""
     recs = sorted(recs, key=lambda r: int(r["quality"]))
     clean = recs[0]["clean"]
     same = all(r["clean"].shape == clean.shape for r in recs)
@@ -279,11 +280,11 @@ def photo_parts(recs: list[dict], crop: int) -> list[dict]:
     for rec in recs:
         rbox = box or error_crop(rec["clean"], rec["jpeg"], crop)
         t, l, ch, cw = rbox
-        thumb = _png_uri(_thumbnail(rec["clean"], rbox)) if rec is recs[0] or box is None else None
+        thumb = _thumbnail(rec["clean"], rbox) if rec is recs[0] or box is None else None
         kept = {k: v for k, v in rec.items() if k not in KINDS}
-        crops = {k: _png_uri(rec[k][t:t + ch, l:l + cw]) for k in KINDS[1:]}
+        crops = {k: _data_uri(rec[k][t:t + ch, l:l + cw]) for k in KINDS[1:]}
         if clean_crop is None or box is None:  # one box: the same original crop at every quality, encoded once
-            clean_crop = _png_uri(rec["clean"][t:t + ch, l:l + cw])
+            clean_crop = _data_uri(rec["clean"][t:t + ch, l:l + cw])
         out.append({**kept, "size": clean.shape[:2], "box": rbox, "thumb": thumb, "crop": crop,
                     "crops": {"clean": clean_crop, **crops}})
     return out
