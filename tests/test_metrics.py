@@ -830,3 +830,48 @@ def test_psnr_per_image_is_torchmetrics_psnr_to_the_bit():
         theirs = peak_signal_noise_ratio(a, b, data_range=data_range, reduction="none", dim=(1, 2, 3))
         assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), (dtype, data_range, ours, theirs)
         assert ours[0] == float("inf")
+
+
+def test_the_same_pixels_get_the_same_no_reference_values(monkeypatch):
+    """A passed-through photo's restored image is its JPEG's pixels, but its BRISQUE came out 1.1e-11 off (libsvm's
+    OpenMP sum) and the report coloured the -0.00 as a change: an image equal to one before it reuses its values."""
+    from dist_dejpeg.metrics import numeric
+
+    calls = []
+
+    def drifting(img):  # a score that rounds differently on each call, as libsvm's did across threads
+        calls.append(1)
+        return 19.58718390520525 + 1e-11 * len(calls)
+
+    monkeypatch.setattr(numeric, "brisque", drifting)
+    ref = data.astronaut()[:64, :64]
+    jpeg = ref // 4 * 4
+    out = numeric.numeric_metrics([jpeg, jpeg.copy(), ref], ref, skip={"niqe"})
+    assert out[0]["brisque"] == out[1]["brisque"] != out[2]["brisque"] and len(calls) == 2
+
+
+def test_brisque_scores_on_one_openmp_thread(monkeypatch):
+    """libsvm's svm_predict adds its kernel terms in a `guided` OpenMP loop: with several threads the same features
+    scored ~1e-11 apart from call to call. The prediction runs on one thread, and the setting is put back."""
+    import ctypes
+    import os
+
+    pytest.importorskip("brisque")
+    pytest.importorskip("cv2")
+    from brisque import BRISQUE
+
+    N._brisque_model()  # loads libsvm, and with it its libgomp
+    try:
+        omp = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
+        pytest.skip("libsvm was built without libgomp")
+    seen = []
+    monkeypatch.setattr(BRISQUE, "calculate_image_quality_score",
+                        lambda self, f: seen.append(omp.omp_get_max_threads()) or 20.0)
+    before = omp.omp_get_max_threads()
+    omp.omp_set_num_threads(2)
+    try:
+        assert N.brisque(data.astronaut()[:96, :96]) == 20.0
+        assert seen == [1] and omp.omp_get_max_threads() == 2
+    finally:
+        omp.omp_set_num_threads(before)

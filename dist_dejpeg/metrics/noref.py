@@ -25,8 +25,11 @@ Where each number comes from, and why (measured on this project's 2-core CPU mac
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -67,10 +70,36 @@ def _brisque_model():
                 flat = np.array([np.asarray(f, dtype=np.float64).reshape(-1)[0] for f in features])
                 return super().scale_features(flat)
 
+            def calculate_image_quality_score(self, features):
+                with one_openmp_thread():
+                    return super().calculate_image_quality_score(features)
+
         model_dir = Path(importlib.util.find_spec("brisque").submodule_search_locations[0]) / "models"
         files = {"svm": model_dir / "svm.txt", "normalize": model_dir / "normalize.pickle"}
         _BRISQUE = _load_brisque(_BrisqueNumpy24, files)
     return _BRISQUE
+
+
+@contextlib.contextmanager
+def one_openmp_thread():
+    """libsvm's svm_predict sums its 770 kernel terms in an OpenMP loop scheduled ``guided``: the threads' partial
+    sums add up in the order they finish, so the same features scored ~1e-11 apart from one call to the next (a
+    passed-through photo's JPEG and restored BRISQUE, 19.587183905213095 and 19.58718390520525, identical pixels).
+    Within this block the libgomp libsvm loaded runs one thread (its setting restored after): the same features
+    score the same. (A libgomp vendored under another name is not found: numeric_metrics reuses a value for the
+    same pixels whatever this does.)"""
+    try:
+        omp = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)  # only if already loaded (by libsvm)
+    except (OSError, AttributeError):
+        omp = None
+    before = omp.omp_get_max_threads() if omp is not None else None
+    if omp is not None:
+        omp.omp_set_num_threads(1)  # (this thread's setting: torch's own OpenMP runtime is another library)
+    try:
+        yield
+    finally:
+        if omp is not None:
+            omp.omp_set_num_threads(before)
 
 
 def _load_brisque(cls, files: dict[str, Path]):
