@@ -414,3 +414,13 @@ def test_report_in_headless_chromium(report, chromium, tmp_path):
         print(f"report screenshot: {dest}")
     else:
         print(f"report screenshot: {shot}")
+
+
+def test_a_delta_below_the_shown_precision_is_neutral():
+    """A passed-through photo's BRISQUE differed by -1.1e-11 (libsvm's OpenMP rounding) and the report showed it as
+    a coloured -0.00 ("delta better"): a delta that prints as zero is no change; one that prints is coloured."""
+    from dist_dejpeg.evaluation.report import _delta_cell
+
+    assert _delta_cell("brisque", 19.587183905213095, 19.58718390520525) == '<td class="num delta">-0.00</td>'
+    assert _delta_cell("brisque", 20.0, 19.99) == '<td class="num delta better">-0.01</td>'
+    assert _delta_cell("psnr", 30.0, 30.004) == '<td class="num delta">+0.00</td>'

@@ -61,8 +61,7 @@ from dist_dejpeg.run.files import atomic_write_files
 ARROWS = {HIGHER: "&uarr;", LOWER: "&darr;", ZERO: "&rarr;0"}
 UNKNOWN_DECIMALS = 4  # a metric the registry does not know
 KINDS = ("clean", "jpeg", "restored")
-THUMB = 256
-THUMB_QUALITY = 85  # the thumbnails' JPEG quality (the crops stay lossless PNG)
+THUMB, THUMB_QUALITY = 256, 85  # the thumbnails' longest side and JPEG quality (the crops stay lossless PNG)
 
 
 # --------------------------------------------------------------------------------------------- crops
@@ -163,7 +162,8 @@ def _delta_cell(metric: str, jpeg: float | None, restored: float | None) -> str:
     if jpeg is None or restored is None:
         return '<td class="num">&ndash;</td>'
     d = restored - jpeg
-    better = BY_NAME[metric].improved(jpeg, restored) if metric in BY_NAME else None
+    shown = abs(d) >= 0.5 * 10 ** -_decimals(metric)  # a delta printed as 0 (-1e-11, float rounding) is no change
+    better = BY_NAME[metric].improved(jpeg, restored) if metric in BY_NAME and shown else None
     cls = "" if better is None else " better" if better else " worse"
     return f'<td class="num delta{cls}">{d:+.{_decimals(metric)}f}</td>'
 
