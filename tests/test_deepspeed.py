@@ -163,6 +163,19 @@ def test_unwrap_takes_the_model_from_under_ddp_itself_and_leaves_deepspeed_to_ac
         assert unwrap(acc, model) == "accelerate's"
     assert len(asked) == 3
 
+    class Reset:  # an Accelerator whose state was reset after its run (a finished trainer's models read again)
+        unwrap_model = staticmethod(acc.unwrap_model)
+
+        @property
+        def distributed_type(self):
+            raise AttributeError("`AcceleratorState` object has no attribute `distributed_type`")
+
+    class Engine(torch.nn.Module):  # as DeepSpeed's engine: its class's module is deepspeed's
+        __module__ = "deepspeed.runtime.engine"
+
+    assert unwrap(Reset(), torch.nn.DataParallel(model)) is model and len(asked) == 3
+    assert unwrap(Reset(), Engine()) == "accelerate's" and len(asked) == 4
+
 
 # rank 0's sixth batch (the second micro-batch of the third update, grad_accum 2) gets an inf pixel
 INF_RUNNER = """

@@ -289,11 +289,16 @@ def unwrap(acc: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """``acc.unwrap_model(model)``: the model under DDP (or its DeepSpeed engine). Accelerate's imports DeepSpeed
     wherever it is installed, to test for an engine: 2-3 s of every training process's start (of every rank's) on a
     2-core CPU. Under plain DDP or one process the model under DDP is its answer, taken here without the import;
-    anything else (DeepSpeed, FSDP, a model Accelerate compiled) goes to Accelerate."""
+    anything else (DeepSpeed, FSDP, a model Accelerate compiled) goes to Accelerate. After the run's Accelerator state
+    was reset (a finished trainer's models read again), the model alone tells: all but a DeepSpeed engine."""
     inner = model
     while isinstance(inner, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
         inner = inner.module
-    if acc.distributed_type in DDP_OR_NONE and "_orig_mod" not in inner._modules:
+    try:
+        plain = acc.distributed_type in DDP_OR_NONE
+    except AttributeError:  # (AcceleratorState._reset_state: Accelerate's own unwrap_model needs no state either)
+        plain = type(inner).__module__.split(".")[0] != "deepspeed"
+    if plain and "_orig_mod" not in inner._modules:
         return inner
     return acc.unwrap_model(model)
 
