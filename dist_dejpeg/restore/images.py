@@ -31,6 +31,7 @@ from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from dist_dejpeg.jpeg.consistency import JpegCells, NotConsistent, cells_of, conform, is_decode_of
+from dist_dejpeg.jpeg.integrity import file_problem, structure_problem
 from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, DEFAULT_MAX_PIXELS, icc_space, is_animation, rgb_image,
                                        save_options, tiff_pages)
 from dist_dejpeg.restore.metadata import (JPEG_MARKER_MAX, ORIENTATION, XMP_HEADER, fit_exif, jpeg_notes, marked,
@@ -41,7 +42,6 @@ from dist_dejpeg.run.files import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 GRAY_MODES = ("L", "LA", "1")  # single-channel inputs: written back single-channel
-
 
 
 class InputImageError(ValueError):
@@ -198,6 +198,9 @@ def load_image(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, c
         if is_animation(img, fmt):
             raise InputImageError(f"{path}: an animated {fmt} ({img.n_frames} frames): restore writes one image, so "
                                   f"all but the first frame would be lost; save the frames as separate images")
+        jpeg = fmt in ("JPEG", "MPO") and (data or path.read_bytes())  # (what libjpeg only warns of: integrity.py)
+        if jpeg and (why := structure_problem(jpeg)):
+            raise InputImageError(f"{path}: {why}")
         try:
             with pixel_limit(max_pixels):
                 pages = tiff_pages(img) if fmt == "TIFF" else 1
@@ -211,6 +214,8 @@ def load_image(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, c
         rgb, alpha, grayscale = split_image(img, str(path))
         comment, iptc = jpeg_notes(img)
         cells, why = file_cells(img, data or path) if cells else (None, "")
+        if jpeg and (bad := file_problem(jpeg, cells)):
+            raise InputImageError(f"{path}: {bad}")
         return LoadedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, mode=mode, format=fmt, image=img,
                            icc_profile=icc, exif=exif, xmp=output_xmp(img), dpi=output_dpi(img), comment=comment,
                            iptc=iptc, text=png_text(img), cells=cells, cells_note=why)

@@ -1,0 +1,291 @@
+"""Whether a JPEG file's entropy-coded data is whole: what libjpeg only warns of ("Corrupt JPEG data: premature end
+of data segment", "N extraneous bytes before marker"), filling what is missing with zero coefficients (flat grey
+128), and Pillow and jpeglib keep to themselves (Pillow silences libjpeg's messages; jpeglib lets them go to
+stderr, with no file name). Torch-free; from the file's bytes (and, for a sequential Huffman JPEG, the coefficients
+libjpeg decoded from them).
+
+``structure_problem`` (before decoding, from the markers alone): a Huffman JPEG's scans hold at least one bit per
+8x8 block of every plane (each block's DC code), so a 7.8 KB file whose header says 9000 x 9000 is refused before
+81 megapixels are decoded to grey; restart markers must run RST0..RST7 in turn, as many as the scan's MCUs and the
+restart interval imply.
+
+``coding_problem`` (after jpeglib read the coefficients): in a sequential Huffman scan the bits each block takes
+follow from its coefficients and the file's own Huffman tables, so the data the decoded coefficients need is
+counted, per restart interval, and set against the bits the file holds for it. More than the file holds: the
+decoder ran out (a download cut short with an EOI appended, a lost interval), and filled the rest with zeros. A
+genuinely flat grey region is not refused: its blocks' codes are there. Many more bits than needed: data the
+decoder skipped (bit rot within an interval). Progressive and arithmetic-coded scans are checked by their structure
+only. A file with no EOI after its last scan is left to the decoder (Pillow's "image file is truncated").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CORRUPT = "corrupt or incomplete JPEG data"
+# the natural (row-major) index of each zigzag position
+ZIGZAG = np.array([0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20,
+                   13, 6, 7, 14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59, 52,
+                   45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63])
+SLACK_BITS = 8  # a restart interval's data is padded to whole bytes: up to 7 bits more than its codes
+
+
+@dataclass
+class Scan:
+    components: list[int]  # indices into the frame's components
+    tables: list[tuple[int, int]]  # (DC table, AC table) of each
+    spectral: tuple[int, int, int, int]  # Ss, Se, Ah, Al
+    interval: int  # the restart interval in force (MCUs; 0: none)
+    segments: list[tuple[int, int]] = field(default_factory=list)  # (bits held, RST marker number or -1) each
+
+
+@dataclass
+class Frame:
+    marker: int = 0  # the SOF marker's second byte
+    height: int = 0
+    width: int = 0
+    sampling: list[tuple[int, int]] = field(default_factory=list)  # (h, v) of each component
+    scans: list[Scan] = field(default_factory=list)
+    ended: bool = False  # an EOI after the last scan
+    scan_tables: list[dict] = field(default_factory=list)  # the code lengths each scan was coded with
+
+    @property
+    def huffman(self) -> bool:
+        return self.marker not in (0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
+
+    @property
+    def sequential(self) -> bool:
+        return self.marker in (0xC0, 0xC1)
+
+    def blocks(self, i: int) -> tuple[int, int]:
+        """(block rows, block columns) of component ``i`` (no MCU padding)."""
+        hmax, vmax = max(s[0] for s in self.sampling), max(s[1] for s in self.sampling)
+        h, v = self.sampling[i]
+        return math.ceil(math.ceil(self.height * v / vmax) / 8), math.ceil(math.ceil(self.width * h / hmax) / 8)
+
+    def mcus(self, scan: Scan) -> int:
+        if len(scan.components) == 1:
+            rows, cols = self.blocks(scan.components[0])
+            return rows * cols
+        hmax, vmax = max(s[0] for s in self.sampling), max(s[1] for s in self.sampling)
+        return math.ceil(self.width / (8 * hmax)) * math.ceil(self.height / (8 * vmax))
+
+
+def parse(data: bytes) -> tuple[Frame | None, dict[tuple[int, int], np.ndarray]]:
+    """The frame and scans of a JPEG file's first image, and its Huffman tables' code lengths by (class, id) as
+    they stand at the end ((class, id) -> 256 lengths, 0: no code). None where it is no JPEG this can read."""
+    if data[:2] != b"\xff\xd8":
+        return None, {}
+    frame, tables, ids, interval, pos, n = Frame(), {}, [], 0, 2, len(data)
+    scan_tables: list[dict] = []
+    while pos + 2 <= n:
+        if data[pos] != 0xFF:
+            return frame if frame.marker else None, tables
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0xD9:
+            frame.ended = bool(frame.scans)
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        if pos + 4 > n:
+            break
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        body, pos = data[pos + 4:pos + 2 + length], pos + 2 + length
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if frame.marker:  # a second frame (an MPO's next image follows the first's EOI): not reached
+                break
+            frame.marker, frame.height, frame.width = marker, *(int.from_bytes(body[k:k + 2], "big") for k in (1, 3))
+            count = body[5] if len(body) > 5 else 0
+            ids = [body[6 + 3 * k] for k in range(count)]
+            frame.sampling = [(body[7 + 3 * k] >> 4, body[7 + 3 * k] & 15) for k in range(count)]
+            if not count or min(min(s) for s in frame.sampling) == 0 or not frame.width or not frame.height:
+                return None, tables
+        elif marker == 0xC4:
+            k = 0
+            while k + 17 <= len(body):
+                counts, lengths = body[k + 1:k + 17], np.zeros(256, np.int64)
+                values, at = body[k + 17:k + 17 + sum(counts)], 0
+                for size, many in enumerate(counts, 1):
+                    lengths[list(values[at:at + many])] = size
+                    at += many
+                tables[(body[k] >> 4, body[k] & 15)] = lengths
+                k += 17 + sum(counts)
+        elif marker == 0xDD and len(body) >= 2:
+            interval = int.from_bytes(body[:2], "big")
+        elif marker == 0xDA:
+            if not frame.marker or not body or len(body) < 1 + 2 * body[0] + 3:
+                return None, tables
+            count = body[0]
+            try:
+                comps = [ids.index(body[1 + 2 * k]) for k in range(count)]
+            except ValueError:
+                return None, tables
+            sel = [(body[2 + 2 * k] >> 4, body[2 + 2 * k] & 15) for k in range(count)]
+            ss, se, a = body[1 + 2 * count], body[2 + 2 * count], body[3 + 2 * count]
+            scan = Scan(comps, sel, (ss, se, a >> 4, a & 15), interval)
+            scan_tables.append({key: tables.get(key) for c in sel for key in ((0, c[0]), (1, c[1]))})
+            pos = _entropy(data, pos, scan)
+            frame.scans.append(scan)
+    frame.scan_tables = scan_tables  # (a later DHT may replace a table: each scan's are kept)
+    return (frame if frame.marker else None), tables
+
+
+def _entropy(data: bytes, pos: int, scan: Scan) -> int:
+    """Split the entropy-coded data from ``pos`` at its RST markers into ``scan.segments``; where it ends."""
+    start, n, rst = pos, len(data), -1
+    while True:
+        at = data.find(b"\xff", pos)
+        if at < 0 or at + 1 >= n:
+            scan.segments.append((_bits(data[start:n]), rst))
+            return n
+        nxt = data[at + 1]
+        if nxt == 0x00 or nxt == 0xFF:
+            pos = at + (2 if nxt == 0x00 else 1)
+            continue
+        scan.segments.append((_bits(data[start:at]), rst))
+        if 0xD0 <= nxt <= 0xD7:
+            rst, start, pos = nxt - 0xD0, at + 2, at + 2
+            continue
+        return at
+
+
+def _bits(chunk: bytes) -> int:
+    return 8 * (len(chunk) - chunk.count(b"\xff\x00"))
+
+
+def structure_problem(data: bytes) -> str:
+    """Why a JPEG file's data cannot be whole, from its markers alone ("" where nothing says so)."""
+    frame, _ = parse(data)
+    if frame is None or not frame.scans or not frame.ended:
+        return ""
+    if frame.huffman:
+        need = sum(r * c for r, c in (frame.blocks(i) for i in range(len(frame.sampling))))
+        held = sum(bits for scan in frame.scans for bits, _ in scan.segments)
+        if held < need:
+            return (f"{CORRUPT}: the header's {frame.width} x {frame.height} needs at least {need // 8} bytes of "
+                    f"coded data (a bit per 8x8 block), the file holds {held // 8}")
+    for number, scan in enumerate(frame.scans, 1):
+        markers = [rst for _, rst in scan.segments[1:]]
+        wrong = [k for k, rst in enumerate(markers) if rst != k % 8]
+        if wrong:
+            return (f"{CORRUPT}: scan {number}'s restart markers are out of sequence (RST{markers[wrong[0]]} where "
+                    f"RST{wrong[0] % 8} belongs, after interval {wrong[0] + 1})")
+        if scan.interval:
+            want = math.ceil(frame.mcus(scan) / scan.interval) - 1
+            if len(markers) != want:
+                return (f"{CORRUPT}: scan {number} has {len(markers)} restart markers, its "
+                        f"{frame.mcus(scan)} MCUs in intervals of {scan.interval} need {want}")
+    return ""
+
+
+def coding_problem(data: bytes, coefficients: list[np.ndarray]) -> str:
+    """Why the coefficients libjpeg decoded from a sequential Huffman JPEG (``coefficients``: each component's,
+    blocks down x blocks across x 8 x 8, jpeglib's) are not what its data holds ("" where they are, or where it
+    cannot tell: progressive, arithmetic, a file it cannot parse)."""
+    frame, _ = parse(data)
+    if frame is None or not frame.sequential or len(coefficients) != len(frame.sampling):
+        return ""
+    for number, (scan, tables) in enumerate(zip(frame.scans, frame.scan_tables), 1):
+        if scan.spectral != (0, 63, 0, 0) or any(t is None for t in tables.values()):
+            return ""
+        need, dummies = _scan_bits(frame, scan, tables, coefficients)
+        held = np.array([bits for bits, _ in scan.segments], np.int64)
+        if len(held) != len(need):
+            return ""  # (structure_problem's to say)
+        short = np.flatnonzero(need > held)
+        if len(short):
+            k = short[0]
+            return (f"{CORRUPT}: scan {number}'s data ends early (restart interval {k + 1} of {len(held)} holds "
+                    f"{held[k]} bits, its blocks need {need[k]}: the rest was filled with zeros, flat grey)"
+                    if len(held) > 1 else
+                    f"{CORRUPT}: scan {number}'s data ends early (it holds {held[0] // 8} bytes, its blocks need "
+                    f"{-(-need[0] // 8)}: the rest was filled with zeros, flat grey)")
+        extra = np.flatnonzero(held - need >= SLACK_BITS + 32 * dummies)
+        if len(extra):
+            k = extra[0]
+            return (f"{CORRUPT}: scan {number}'s restart interval {k + 1} of {len(held)} holds "
+                    f"{(held[k] - need[k]) // 8} bytes its blocks do not use (damaged data)")
+    return ""
+
+
+def _scan_bits(frame: Frame, scan: Scan, tables: dict, coefficients: list[np.ndarray]
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The bits each restart interval of a sequential Huffman ``scan`` needs for the coefficients (the MCU
+    padding's dummy blocks left out: a lower bound), and how many dummy blocks each interval has."""
+    mcus = frame.mcus(scan)
+    interval = scan.interval or mcus
+    count = math.ceil(mcus / interval)
+    need, dummies = np.zeros(count, np.int64), np.zeros(count, np.int64)
+    single = len(scan.components) == 1
+    mcu_cols = (frame.blocks(scan.components[0])[1] if single else
+                math.ceil(frame.width / (8 * max(s[0] for s in frame.sampling))))
+    for comp, (dc, ac) in zip(scan.components, scan.tables):
+        coef = np.asarray(coefficients[comp])
+        rows, cols = frame.blocks(comp)
+        h, v = (1, 1) if single else frame.sampling[comp]
+        coef = coef[:rows, :cols]
+        if coef.shape[:2] != (rows, cols):
+            return np.full(count, -1), dummies  # (not this file's coefficients)
+        # each block's MCU (row-major) and order within the scan
+        r, c = np.mgrid[:rows, :cols]
+        mcu = (r // v) * mcu_cols + (c // h)
+        order = np.lexsort(((c % h).ravel(), (r % v).ravel(), mcu.ravel()))  # (the MCU first)
+        blocks = coef.reshape(-1, 64)[order][:, ZIGZAG].astype(np.int64)
+        which = (mcu.ravel()[order]) // interval
+        bits = _block_bits(blocks, which, tables[(0, dc)], tables[(1, ac)])
+        need += np.bincount(which, bits, minlength=count).astype(np.int64)[:count]
+        if not single:  # (an MCU holds h x v blocks of the component; those past its edge are the encoder's)
+            slots = np.bincount(np.arange(mcus) // interval, minlength=count)[:count] * h * v
+            dummies += slots - np.bincount(which, minlength=count)[:count]
+    return need, dummies
+
+
+def _block_bits(blocks: np.ndarray, interval: np.ndarray, dc_len: np.ndarray, ac_len: np.ndarray) -> np.ndarray:
+    """Bits each block (zigzag order, scan order) takes: its DC difference (predicted from the block before in
+    the same restart interval) and its AC run-lengths and EOB, by the tables' code lengths."""
+    dc = blocks[:, 0]
+    prev = np.concatenate([[0], dc[:-1]])
+    prev[np.concatenate([[True], interval[1:] != interval[:-1]])] = 0  # (a restart resets the prediction)
+    size = _size(dc - prev)
+    bits = dc_len[size] + size
+    ac = blocks[:, 1:]
+    row, col = np.nonzero(ac)
+    pos = col + 1
+    first = np.concatenate([[True], row[1:] != row[:-1]]) if len(row) else np.zeros(0, bool)
+    before = np.where(first, 0, np.concatenate([[0], pos[:-1]]))
+    run = pos - before - 1
+    asize = _size(ac[row, col])
+    code = ac_len[(run % 16) * 16 + asize] + asize + (run // 16) * ac_len[0xF0]
+    bits += np.bincount(row, code, minlength=len(blocks)).astype(np.int64)
+    last = np.zeros(len(blocks), np.int64)
+    np.maximum.at(last, row, pos)
+    bits += np.where(last < 63, ac_len[0x00], 0)
+    return bits
+
+
+def _size(values: np.ndarray) -> np.ndarray:
+    """JPEG's magnitude category: the bits of |value| (0 for 0)."""
+    a = np.abs(values)
+    out = np.zeros(a.shape, np.int64)
+    nz = a > 0
+    out[nz] = np.floor(np.log2(a[nz])).astype(np.int64) + 1
+    return out
+
+
+def file_problem(data: bytes, cells=None) -> str:
+    """coding_problem of a JPEG file's bytes, its coefficients ``cells``' (jpeg.consistency.JpegCells, read already)
+    or else read here ("" where they cannot be: a CMYK JPEG, jpeglib missing)."""
+    from dist_dejpeg.jpeg.consistency import NotConsistent, read_cells
+    if cells is None:
+        try:
+            cells = read_cells(data)
+        except NotConsistent:
+            return ""
+    return coding_problem(data, [plane.coefficients for plane in cells.planes])

@@ -1,0 +1,101 @@
+"""A JPEG whose entropy-coded data is not whole (what libjpeg only warns of, filling the rest with zero
+coefficients: flat grey) is refused by load_image with a reason, before any model runs (jpeg/integrity.py); valid
+JPEGs of every kind restore takes are not."""
+
+import io
+import struct
+
+import jpeglib
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from dist_dejpeg.jpeg.integrity import coding_problem, parse, structure_problem
+from dist_dejpeg.restore.images import InputImageError, load_image
+
+
+def _jpeg(rgb, **options) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, "JPEG", **options)
+    return buf.getvalue()
+
+
+def _cut_with_eoi(d: bytes, fraction: float) -> bytes:
+    """A download cut short and an EOI marker appended (libjpeg: "premature end of data segment", then zeros)."""
+    s = d.find(b"\xff\xda")
+    return d[:s + int((len(d) - s) * fraction)] + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("source", ["path", "bytes"])
+def test_a_download_cut_short_with_an_eoi_is_refused(tmp_path, source):
+    d = _cut_with_eoi(_jpeg(data.astronaut(), quality=30), 0.4)
+    path = tmp_path / "cut_eoi.jpg"
+    path.write_bytes(d)
+    with pytest.raises(InputImageError, match=r"corrupt or incomplete JPEG data: scan 1's data ends early"):
+        load_image(path if source == "path" else d)
+    with pytest.raises(InputImageError, match="corrupt or incomplete JPEG data"):  # no coefficients kept: the same
+        load_image(path if source == "path" else d, cells=False)
+
+
+def test_a_cut_near_the_end_is_refused_too():
+    d = _cut_with_eoi(_jpeg(data.coffee(), quality=80), 0.97)
+    assert "ends early" in coding_problem(d, _coefficients(d))
+
+
+def test_bit_rot_inside_a_restart_interval_and_restart_markers_out_of_sequence():
+    d = _jpeg(data.astronaut(), quality=30, restart_marker_rows=8)
+    s = d.find(b"\xff\xda")
+    at = s + (len(d) - s) // 2
+    rot = d[:at] + bytes(300) + d[at + 300:]  # (no marker in those 300 bytes: checked)
+    assert not any(0xD0 <= d[k + 1] <= 0xD7 for k in range(at - 1, at + 300) if d[k] == 0xFF)  # (no RST hit)
+    with pytest.raises(InputImageError, match="corrupt or incomplete JPEG data: scan 1's data ends early"):
+        load_image(rot)
+    d = _jpeg(data.astronaut(), quality=30, restart_marker_rows=2)
+    r2, r3 = d.find(b"\xff\xd2", s), d.find(b"\xff\xd3", s)
+    swapped = d[:r2] + b"\xff\xd3" + d[r2 + 2:r3] + b"\xff\xd2" + d[r3 + 2:]
+    assert "out of sequence (RST3 where RST2 belongs" in structure_problem(swapped)
+    one_lost = d[:r2] + d[r3:]  # an interval gone with its marker: RST1 then RST3
+    assert "out of sequence" in structure_problem(one_lost)
+
+
+def test_a_tiny_file_whose_header_says_81_megapixels_is_refused_before_decoding():
+    d = bytearray(_jpeg(data.astronaut()[:240, :320], quality=25))
+    i = d.find(b"\xff\xc0")
+    d[i + 5:i + 9] = struct.pack(">HH", 9000, 9000)
+    assert "needs at least 237445 bytes of coded data" in structure_problem(bytes(d))
+    with pytest.raises(InputImageError, match=r"header's 9000 x 9000 needs at least"):
+        load_image(bytes(d))  # (decoded, 81 MP of grey; restored, over 13 minutes)
+
+
+def _coefficients(d: bytes) -> list[np.ndarray]:
+    from dist_dejpeg.jpeg.consistency import read_cells
+    return [p.coefficients for p in read_cells(d).planes]
+
+
+def _valid_files(tmp):
+    photo = data.astronaut()[::3, ::3]  # 171 x 171: MCUs cut by the edges
+    black, grey = data.astronaut().copy(), data.astronaut().copy()
+    black[300:], grey[300:] = 0, 128  # a mid-grey region is all-zero coefficients, as libjpeg's fill is
+    yield "black bottom", _jpeg(black, quality=50)
+    yield "grey bottom", _jpeg(grey, quality=50, subsampling=0)
+    yield "camera gray", _jpeg(data.camera()[::2, ::2], quality=90)
+    for ss in (0, 1, 2):
+        for q in (5, 75, 100):
+            for options in ({}, {"optimize": True}, {"progressive": True}, {"restart_marker_blocks": 3},
+                            {"restart_marker_rows": 1}):
+                yield f"q{q} ss{ss} {options}", _jpeg(photo, quality=q, subsampling=ss, **options)
+    jpeglib.version.set("9e")
+    for k, flags in enumerate((["+ARITH_CODE"], ["+PROGRESSIVE_MODE"])):
+        jpeglib.from_spatial(np.ascontiguousarray(photo)).write_spatial(str(tmp / f"{k}.jpg"), qt=40, flags=flags)
+        yield f"jpeglib {flags}", (tmp / f"{k}.jpg").read_bytes()
+
+
+def test_valid_jpegs_of_every_kind_are_not_refused(tmp_path):
+    for name, d in _valid_files(tmp_path):
+        assert parse(d)[0].ended, name
+        assert structure_problem(d) == "", name
+        assert coding_problem(d, _coefficients(d)) == "", name
+    loaded = load_image(_jpeg(data.chelsea(), quality=40, restart_marker_blocks=2))
+    assert loaded.cells is not None
+
