@@ -99,3 +99,23 @@ def test_valid_jpegs_of_every_kind_are_not_refused(tmp_path):
     loaded = load_image(_jpeg(data.chelsea(), quality=40, restart_marker_blocks=2))
     assert loaded.cells is not None
 
+
+@pytest.mark.parametrize("size", [9000, 12000, 60000])
+def test_a_giant_header_gets_the_limit_and_the_hint_not_pils_error(size):
+    """(Over twice PIL's limit, PIL raised its own DecompressionBombError while opening: "not an image PIL can
+    read", its limit, no --max-pixels.)"""
+    d = bytearray(_jpeg(data.astronaut()[:240, :320], quality=25))
+    i = d.find(b"\xff\xc0")
+    d[i + 5:i + 9] = struct.pack(">HH", size, size)
+    with pytest.raises(InputImageError, match=r"megapixels is over the limit of 50 megapixels \(50000000 pixels: "
+                                              r"a decompression bomb\?\); raise it with --max-pixels") as err:
+        load_image(bytes(d), max_pixels=50_000_000)
+    assert f"{size} x {size} = " * (size < 60000) + f"{size * size // 10**6} megapixels" in str(err.value)
+
+
+def test_an_empty_file_is_said_to_be_empty(tmp_path):
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    for source in (tmp_path / "zero.jpg", b""):
+        with pytest.raises(InputImageError, match=r": empty file \(0 bytes\)$"):
+            load_image(source)
+

@@ -6,7 +6,8 @@ YCbCr JPEGs are read; grayscale input gives grayscale output. 16-bit images are 
 16-bit file never was one), as are images over ``max_pixels`` (checked from the header, before decoding:
 decompression bombs), animations (GIF, APNG, WebP: one image is written, so the other frames would be lost)
 and TIFFs of several pages (reduced-resolution pages, previews, do not count); a camera's MPO keeps its first
-image, the photo.
+image, the photo. A JPEG whose coded data is not whole (libjpeg only warns, and decodes the rest grey) is refused:
+jpeg/integrity.py. An empty file is said to be one.
 
 Metadata (restore/metadata.py): the input's ICC profile, EXIF and XMP, a JPEG's comment and IPTC, the dpi.
 """
@@ -184,15 +185,18 @@ def load_image(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, c
         raise InputImageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise InputImageError(f"{path}: a folder, not an image") from None
+    except Image.DecompressionBombError as err:  # (over twice PIL's limit, itself at least max_pixels: ours said)
+        said = re.search(r"\((\d+) pixels\)", str(err))  # (Pillow's message: the size is in no attribute)
+        raise InputImageError(too_large(path, int(said[1]) if said else 2 * max_pixels, max_pixels)) from None
     except Exception as err:  # noqa: BLE001 - PIL raises UnidentifiedImageError, OSError, SyntaxError ...
+        if (len(data) if data is not None else os.path.getsize(path)) == 0:
+            raise InputImageError(f"{path}: empty file (0 bytes)") from None
         said = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))  # (bytes: PIL names its buffer)
         raise InputImageError(f"{path}: not an image PIL can read ({type(err).__name__}: {said})") from None
     with img:
         w, h = img.size
         if w * h > max_pixels:
-            raise InputImageError(f"{path}: {w} x {h} = {w * h / 1e6:.3g} megapixels is over the limit of "
-                                  f"{max_pixels / 1e6:.3g} megapixels ({max_pixels} pixels: a decompression bomb?); "
-                                  f"raise it with --max-pixels (in pixels)")
+            raise InputImageError(too_large(path, w * h, max_pixels, f"{w} x {h} = "))
         check_depth(img, str(path), None if data is not None else path)
         mode, fmt = img.mode, img.format or ("" if data is not None else path.suffix.lstrip(".").upper())
         if is_animation(img, fmt):
@@ -219,6 +223,12 @@ def load_image(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, c
         return LoadedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, mode=mode, format=fmt, image=img,
                            icc_profile=icc, exif=exif, xmp=output_xmp(img), dpi=output_dpi(img), comment=comment,
                            iptc=iptc, text=png_text(img), cells=cells, cells_note=why)
+
+
+def too_large(path: str | Path, pixels: int, limit: int, size: str = "") -> str:
+    many = f"{pixels / 1e6:.{3 if pixels < 1e9 else 5}g}"  # (3600 megapixels, not 3.6e+03)
+    return (f"{path}: {size}{many} megapixels is over the limit of {limit / 1e6:.3g} megapixels ({limit} pixels: a "
+            f"decompression bomb?); raise it with --max-pixels (in pixels)")
 
 
 def decode_error(source: str | Path, err: Exception) -> InputImageError:
