@@ -119,3 +119,12 @@ def test_an_empty_file_is_said_to_be_empty(tmp_path):
         with pytest.raises(InputImageError, match=r": empty file \(0 bytes\)$"):
             load_image(source)
 
+
+def test_evaluate_skips_a_corrupt_jpeg_reference_with_the_reason(tmp_path):
+    from dist_dejpeg.evaluation.references import read_references
+
+    (tmp_path / "cut_eoi.jpg").write_bytes(_cut_with_eoi(_jpeg(data.astronaut(), quality=90), 0.5))
+    (tmp_path / "whole.jpg").write_bytes(_jpeg(data.astronaut(), quality=90))
+    refs, skipped = read_references([str(tmp_path)], allow_lossy=True)
+    assert [ref.name for ref in refs] == ["whole"]
+    assert len(skipped) == 1 and "cut_eoi.jpg: corrupt or incomplete JPEG data: scan 1's data ends early" in skipped[0]
