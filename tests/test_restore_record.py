@@ -266,3 +266,25 @@ def test_a_file_name_that_is_no_utf8_is_recorded(tmp_path):
     record = Record(tmp_path / "record.jsonl", "m")
     record.add(RestoreResult(source=source, error="not an image"))
     assert record.failed == 0 and _lines(tmp_path / "record.jsonl")[0]["source"] == source
+
+
+def test_format_same_passes_a_png_named_jpg_through_as_its_file_and_the_record_tells_a_reencode(tmp_path):
+    """A lossless PNG named .jpg, passed through: under --format same it was encoded as a q95 JPEG (up to 20 levels
+    off) and recorded "passed through"; now its file is written as it is. Under --format jpg it is re-encoded with
+    loss, as asked, and the record says "re-encoded"; a restored one under same says it was written as its name says."""
+    from dist_dejpeg.restore.record import status
+
+    (tmp_path / "in").mkdir()
+    source = tmp_path / "in" / "png_named.jpg"
+    Image.fromarray(_photo()).save(source, format="PNG")
+    passing = Identity()
+    passing.passthrough = True
+    [same] = restore_files(passing, [str(source)], tmp_path / "same", fmt="same", progress=False)
+    assert same.error is None and same.passthrough
+    assert (tmp_path / "same" / "png_named.jpg").read_bytes() == source.read_bytes()
+    assert status(same) == "passed through"
+    [jpg] = restore_files(passing, [str(source)], tmp_path / "jpg", fmt="jpg", progress=False)
+    assert jpg.passthrough and jpg.reencoded and Image.open(jpg.output).format == "JPEG"
+    assert status(jpg) == "re-encoded"
+    [restored] = restore_files(Identity(), [str(source)], tmp_path / "r", fmt="same", progress=False)
+    assert not restored.passthrough and "written as JPEG, as its name says: the file is a PNG" in restored.note

@@ -38,7 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, IMAGE_SUFFIXES, OUTPUT_SUFFIXES, output_format,
+from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, IMAGE_SUFFIXES, OUTPUT_SUFFIXES, SAME_FORMAT, output_format,
                                       save_options, source_identity)
 from dist_dejpeg.jpeg.consistency import conform
 from dist_dejpeg.jpeg.quality import DOUBLE, earlier_compression, estimate_quality
@@ -184,6 +184,7 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
     from dist_dejpeg.run.progress import Progress
 
     output_format(fmt, ".png")  # a ValueError for an unknown format, before any work
+    as_same = fmt == SAME_FORMAT
     one_file = names_a_file(out_dir)
     out = check_restore_output(out_dir)
     files, found = collect_inputs(inputs, out, fmt, suffix)
@@ -251,16 +252,23 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
         image.cells, image.cells_note = cells_for(image.cells, image.cells_note, earlier)
         return image, source
 
-    def save(restored, image: LoadedImage, target: Path, path: Path, decision) -> tuple[str | None, str]:
-        """Write the output; returns why it is the input unchanged after all (a lossy re-encoding), or None, and
-        why a restored JPEG is not consistent with its file's data ("": it is, or it is no JPEG)."""
+    def save(restored, image: LoadedImage, target: Path, path: Path, decision) -> tuple[str | None, str, bool]:
+        """Write the output; returns why it is the input unchanged after all (a lossy re-encoding), or None, why a
+        restored JPEG is not consistent with its file's data ("": it is, or it is no JPEG), and whether a pass-through
+        was re-encoded with loss (a PNG given --format jpg)."""
         target.parent.mkdir(parents=True, exist_ok=True)
-        fmt = save_options(target.suffix)[0]
-        same = written_as(image.format) == fmt  # (a camera's MPO is a JPEG file)
-        if decision.passthrough and same and (copy := input_copy(path, image, fmt)) is not None:  # unchanged: the
+        fmt, real = save_options(target.suffix)[0], written_as(image.format)
+        same = real == fmt  # (a camera's MPO is a JPEG file)
+        # --format same, the input's name kept: a pass-through is its input file even where that name lies (a PNG
+        # named .jpg: not re-encoded as a JPEG); a GIF's x.gif.png is encoded
+        kept = same or (as_same and not one_file and target.suffix.lower() == path.suffix.lower())
+        if decision.passthrough and kept and (copy := input_copy(path, image, real)) is not None:  # unchanged: the
             atomic_write_bytes(target, copy)  # file, not a re-encode
-            return None, ""
+            return None, "", False
         unmade = "" if decision.passthrough else image.cells_note
+        if not same and kept and not decision.passthrough:  # (its name kept: what reads it goes by the name)
+            lie = f"written as {fmt}, as its name says: the file is a {image.format}"
+            unmade = f"{unmade}; {lie}" if unmade else lie
         if not decision.passthrough and image.cells is not None:
             half_width = getattr(decision, "half_width", None)
             restored, unmade = made_consistent(restored, image.cells, image.image, half_width,
@@ -279,7 +287,7 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
                                        earlier_compression(decision.quality, decision.source, image.image))
         copy = input_copy(path, image, fmt) if why else None
         atomic_write_bytes(target, copy or data)
-        return why if copy else None, unmade
+        return why if copy else None, unmade, decision.passthrough and lossy  # (the last: a lossy re-encode)
 
     def input_copy(path: Path, image: LoadedImage, fmt: str) -> bytes | None:
         """The input file as a pass-through's output; with ``strip_gps``, where it holds GPS, a JPEG's without it
@@ -290,7 +298,7 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
 
     def saved(result: RestoreResult, target: Path, image: LoadedImage, future: Future) -> None:
         try:
-            why, unmade = future.result()
+            why, unmade, result.reencoded = future.result()
             if why:
                 result.passthrough, result.note = True, why
             elif unmade:

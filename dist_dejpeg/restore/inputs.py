@@ -41,6 +41,7 @@ class RestoreResult:
     quality: int | None = None  # the JPEG quality used (None: unknown)
     quality_from: str = ""  # "given" (--input-quality), how it was estimated ("file tables", ...), or why unknown
     passthrough: bool = False  # written unchanged: no gain predicted at this quality
+    reencoded: bool = False  # a pass-through written with loss (a PNG given --format jpg): not unchanged
     note: str = ""  # the restore decision's reason
     skipped: bool = False  # a complete output existed (skip_existing): nothing was done
     stopped: bool = False  # not attempted: an earlier output found the disk full (error says so)

@@ -3,7 +3,8 @@ command's default; ``--record PATH`` another file, ``--no-record`` none; the API
 as each file's result is final, so a night's restore can be audited, and an interrupted night and its rerun form one
 file (each rerun appends; the last line of a source is its latest). Torch-free.
 
-Each line: ``time`` (local, ISO 8601 with its offset), ``status`` (restored, passed through, skipped, left alone: an
+Each line: ``time`` (local, ISO 8601 with its offset), ``status`` (restored, passed through: its file or its pixels
+unchanged, re-encoded: not restored but written with loss, a PNG given --format jpg, skipped, left alone: an
 earlier restore's output a search found, failed, not begun: the disk was full or Ctrl-C came first), ``source``,
 ``source_bytes``, ``output`` (the file written, or skipped as there; its name as restore chose it: a.jpg.png),
 ``quality`` and ``quality_from`` (given, file tables, pixels, or why unknown), ``reason`` (the guard's decision),
@@ -41,7 +42,9 @@ def status(result) -> str:
         return "not begun"
     if result.error is not None:
         return "failed"
-    return "passed through" if result.passthrough else "restored"
+    if result.passthrough:  # (not restored: its input file, or its pixels, kept; "re-encoded": with loss)
+        return "re-encoded" if getattr(result, "reencoded", False) else "passed through"
+    return "restored"
 
 
 def size_of(path: str) -> int | None:
