@@ -232,7 +232,7 @@ CASES = {
     "tiny.png": (lambda: _png(Image.fromarray(_rgb()[:1, :1])), lambda im: im.size == (1, 1)),
     "rotated.jpg": (_rotated, lambda im: im.size == (72, 100)),  # EXIF orientation applied
     "notes.jpg": (lambda: b"this is not an image\n", "not an image PIL can read"),
-    "empty.png": (lambda: b"", "not an image PIL can read"),
+    "empty.png": (lambda: b"", "empty file (0 bytes)"),
     "truncated.jpg": (lambda: (data := _jpeg_bytes(_rgb()))[:len(data) // 2], "is cut short"),
     "deep16.png": (_deep16, "16-bit"),
     "animated.gif": (_animated, "an animated GIF (2 frames)"),  # one image written: the frames would be lost
