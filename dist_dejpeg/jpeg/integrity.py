@@ -237,9 +237,9 @@ def _scan_bits(frame: Frame, scan: Scan, tables: dict, coefficients: list[np.nda
         r, c = np.mgrid[:rows, :cols]
         mcu = (r // v) * mcu_cols + (c // h)
         order = np.lexsort(((c % h).ravel(), (r % v).ravel(), mcu.ravel()))  # (the MCU first)
-        blocks = coef.reshape(-1, 64)[order][:, ZIGZAG].astype(np.int64)
+        flat = coef.reshape(-1, 64)
         which = (mcu.ravel()[order]) // interval
-        bits = _block_bits(blocks, which, tables[(0, dc)], tables[(1, ac)])
+        bits = _ac_bits(flat, tables[(1, ac)])[order] + _dc_bits(flat[order, 0], which, tables[(0, dc)])
         need += np.bincount(which, bits, minlength=count).astype(np.int64)[:count]
         if not single:  # (an MCU holds h x v blocks of the component; those past its edge are the encoder's)
             slots = np.bincount(np.arange(mcus) // interval, minlength=count)[:count] * h * v
@@ -247,36 +247,41 @@ def _scan_bits(frame: Frame, scan: Scan, tables: dict, coefficients: list[np.nda
     return need, dummies
 
 
-def _block_bits(blocks: np.ndarray, interval: np.ndarray, dc_len: np.ndarray, ac_len: np.ndarray) -> np.ndarray:
-    """Bits each block (zigzag order, scan order) takes: its DC difference (predicted from the block before in
-    the same restart interval) and its AC run-lengths and EOB, by the tables' code lengths."""
-    dc = blocks[:, 0]
+def _dc_bits(dc: np.ndarray, interval: np.ndarray, dc_len: np.ndarray) -> np.ndarray:
+    """Bits each block's DC takes (``dc``: in scan order): its difference from the block before in the same
+    restart interval (a restart resets the prediction to 0), by the table's code lengths."""
+    dc = dc.astype(np.int32)
     prev = np.concatenate([[0], dc[:-1]])
-    prev[np.concatenate([[True], interval[1:] != interval[:-1]])] = 0  # (a restart resets the prediction)
+    prev[np.concatenate([[True], interval[1:] != interval[:-1]])] = 0
     size = _size(dc - prev)
-    bits = dc_len[size] + size
-    ac = blocks[:, 1:]
-    row, col = np.nonzero(ac)
-    pos = col + 1
-    first = np.concatenate([[True], row[1:] != row[:-1]]) if len(row) else np.zeros(0, bool)
-    before = np.where(first, 0, np.concatenate([[0], pos[:-1]]))
-    run = pos - before - 1
-    asize = _size(ac[row, col])
-    code = ac_len[(run % 16) * 16 + asize] + asize + (run // 16) * ac_len[0xF0]
-    bits += np.bincount(row, code, minlength=len(blocks)).astype(np.int64)
-    last = np.zeros(len(blocks), np.int64)
-    np.maximum.at(last, row, pos)
-    bits += np.where(last < 63, ac_len[0x00], 0)
-    return bits
+    return dc_len[size] + size
+
+
+def _ac_bits(flat: np.ndarray, ac_len: np.ndarray, chunk: int = 1 << 14) -> np.ndarray:
+    """Bits each block's AC coefficients take (``flat``: blocks x 64, natural order): a code and the value's bits
+    for each non-zero one after its run of zeros (a ZRL code per 16 zeros), an EOB where the block ends in zeros.
+    Dense over the 63 positions, a chunk of blocks at a time (memory)."""
+    out = np.empty(len(flat), np.int64)
+    ac_len = ac_len.astype(np.int32)
+    at = np.arange(1, 64, dtype=np.int32)
+    for k in range(0, len(flat), chunk):
+        ac = flat[k:k + chunk][:, ZIGZAG[1:]]
+        nonzero = ac != 0
+        last = np.maximum.accumulate(np.where(nonzero, at, 0), axis=1)  # the last non-zero up to each position
+        run = at - np.concatenate([np.zeros((len(ac), 1), np.int32), last[:, :-1]], axis=1) - 1
+        size = _size(ac)
+        code = ac_len[(run & 15) * 16 + size] + size + (run >> 4) * ac_len[0xF0]
+        out[k:k + chunk] = np.where(nonzero, code, 0).sum(axis=1) + np.where(last[:, -1] < 63, ac_len[0x00], 0)
+    return out
+
+
+# JPEG's magnitude category of each |value| up to 2^15: its bit length
+_SIZES = np.concatenate([[0], np.floor(np.log2(np.arange(1, 1 << 15))).astype(np.int32) + 1]).astype(np.int32)
 
 
 def _size(values: np.ndarray) -> np.ndarray:
     """JPEG's magnitude category: the bits of |value| (0 for 0)."""
-    a = np.abs(values)
-    out = np.zeros(a.shape, np.int64)
-    nz = a > 0
-    out[nz] = np.floor(np.log2(a[nz])).astype(np.int64) + 1
-    return out
+    return _SIZES[np.minimum(np.abs(values.astype(np.int32)), (1 << 15) - 1)]
 
 
 def file_problem(data: bytes, cells=None) -> str:
