@@ -128,3 +128,13 @@ def test_evaluate_skips_a_corrupt_jpeg_reference_with_the_reason(tmp_path):
     refs, skipped = read_references([str(tmp_path)], allow_lossy=True)
     assert [ref.name for ref in refs] == ["whole"]
     assert len(skipped) == 1 and "cut_eoi.jpg: corrupt or incomplete JPEG data: scan 1's data ends early" in skipped[0]
+
+
+def test_padding_after_the_last_block_is_not_refused_but_skipped_bytes_within_an_interval_are():
+    d = _jpeg(data.coffee()[:192, :320], quality=60, restart_marker_rows=2)  # (whole MCUs: no dummy blocks)
+    end = d.rindex(b"\xff\xd9")
+    padded = d[:end] + bytes(40) + d[end:]  # (libjpeg: "40 extraneous bytes before marker 0xd9", the photo whole)
+    assert structure_problem(padded) == "" and coding_problem(padded, _coefficients(d)) == ""
+    r1 = d.find(b"\xff\xd1", d.find(b"\xff\xda"))
+    skipped = d[:r1] + bytes(40) + d[r1:]  # (the second interval's coefficients as they were: its bytes grew)
+    assert "restart interval 2 of" in coding_problem(skipped, _coefficients(d))

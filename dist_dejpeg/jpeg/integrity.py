@@ -13,8 +13,8 @@ restart interval imply.
 follow from its coefficients and the file's own Huffman tables, so the data the decoded coefficients need is
 counted, per restart interval, and set against the bits the file holds for it. More than the file holds: the
 decoder ran out (a download cut short with an EOI appended, a lost interval), and filled the rest with zeros. A
-genuinely flat grey region is not refused: its blocks' codes are there. Many more bits than needed: data the
-decoder skipped (bit rot within an interval). Progressive and arithmetic-coded scans are checked by their structure
+genuinely flat grey region is not refused: its blocks' codes are there. Many more bits than needed in an interval
+a restart marker ends: data the decoder skipped (bit rot within it); padding after a scan's last block is harmless. Progressive and arithmetic-coded scans are checked by their structure
 only. A file with no EOI after its last scan is left to the decoder (Pillow's "image file is truncated").
 """
 
@@ -207,7 +207,9 @@ def coding_problem(data: bytes, coefficients: list[np.ndarray]) -> str:
                     if len(held) > 1 else
                     f"{CORRUPT}: scan {number}'s data ends early (it holds {held[0] // 8} bytes, its blocks need "
                     f"{-(-need[0] // 8)}: the rest was filled with zeros, flat grey)")
-        extra = np.flatnonzero(held - need >= SLACK_BITS + 32 * dummies)
+        # (the scan's last interval may end in padding before its marker, the image whole: libjpeg's "extraneous
+        # bytes before marker 0xd9" on an intact photo; a restart's skipped bytes lose the interval's blocks)
+        extra = np.flatnonzero((held - need >= SLACK_BITS + 32 * dummies)[:-1])
         if len(extra):
             k = extra[0]
             return (f"{CORRUPT}: scan {number}'s restart interval {k + 1} of {len(held)} holds "
