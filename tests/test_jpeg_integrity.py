@@ -138,3 +138,23 @@ def test_padding_after_the_last_block_is_not_refused_but_skipped_bytes_within_an
     r1 = d.find(b"\xff\xd1", d.find(b"\xff\xda"))
     skipped = d[:r1] + bytes(40) + d[r1:]  # (the second interval's coefficients as they were: its bytes grew)
     assert "restart interval 2 of" in coding_problem(skipped, _coefficients(d))
+
+
+@pytest.mark.parametrize("quality,subsampling", [(10, 2), (60, 0), (95, 1)])
+def test_the_bits_counted_from_the_coefficients_are_the_bits_the_file_holds(quality, subsampling):
+    """The count is exact, not a bound: per restart interval the blocks' codes (from the decoded coefficients and the
+    file's Huffman tables) fill the interval's bytes but for the byte padding (< 8 bits); under- or over-counting
+    (a run, a ZRL, an EOB, a DC prediction miscounted) would refuse whole photos or pass cut ones."""
+    from dist_dejpeg.jpeg.consistency import read_cells
+    from dist_dejpeg.jpeg.integrity import _scan_bits, parse
+
+    buf = io.BytesIO()  # (4:2:0 edges cut through MCUs: dummy blocks, counted apart; 4:4:4 and 4:2:2 have none here)
+    Image.fromarray(data.astronaut()[:136, :200]).save(buf, "JPEG", quality=quality, subsampling=subsampling,
+                                                       restart_marker_rows=2)
+    raw = buf.getvalue()
+    frame, _ = parse(raw)
+    scan, tables = frame.scans[0], frame.scan_tables[0]
+    need, dummies = _scan_bits(frame, scan, tables, [p.coefficients for p in read_cells(raw).planes])
+    held = np.array([bits for bits, _ in scan.segments])
+    assert len(held) > 2 and (need <= held).all()
+    assert (held - need < 8 + 32 * dummies).all(), (held - need, dummies)

