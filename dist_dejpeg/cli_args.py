@@ -8,6 +8,7 @@ import os
 
 from dist_dejpeg.jpeg.formats import (DEFAULT_MAX_PIXELS, JPEG_SOURCE_ACTIONS, OUTPUT_FORMATS, SAME_FORMAT, SUBSAMPLING,
                                       TILE_FORMATS)
+from dist_dejpeg.metrics.registry import EVALUATED
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -281,6 +282,6 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
                    help="folders `evaluate -o` wrote (or their metrics.json, or report pages): the first is the "
                         "baseline")
     p.add_argument("--metrics", nargs="+", default=["psnr", "ssim", "lpips"], metavar="M",
-                   help="which metrics: psnr, psnr_b, ssim, lpips, brisque, niqe, psnr_y, ...")
+                   help=f"which metrics: {', '.join(EVALUATED)}")
     p.add_argument("-o", "--out", default=None, help="also write the comparison to this file: markdown tables, or JSON when it ends in .json")
     p.add_argument("--json", action="store_true", help="the comparison as JSON, for scripts")

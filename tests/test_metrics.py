@@ -513,7 +513,7 @@ def test_image_metrics_keys_crop_and_info():
     img = jpeg(clean, 10)
     c = 4
     out = W.image_metrics(img, clean, crop_border=c)
-    assert list(out) == list(R.QUALITY) == ["psnr", "psnr_b", "ssim", "lpips", "brisque", "niqe"]
+    assert list(out) == list(R.QUALITY) and {"psnr", "psnr_b", "ssim", "lpips", "brisque", "niqe"} <= set(out)
     assert out["lpips"] is None
     cropped_img, cropped_ref = img[c:-c, c:-c], clean[c:-c, c:-c]
     assert out["psnr"] == F.psnr(cropped_img, cropped_ref) == F.psnr(img, clean, crop_border=c)
@@ -736,15 +736,67 @@ def test_registry_entries_are_complete():
     assert R.BY_NAME["lpips"].improved(0.3, 0.2) and not R.BY_NAME["psnr"].improved(30.0, 29.0)
 
 
+def test_every_metric_has_its_functions():
+    """A metric added to the registry alone was a bare KeyError in sums.py at a run's first validation, or in
+    evaluate after every photo was restored: each evaluated metric names its measure function there, each validated
+    one its validate function too, and numeric_metrics, per_image and the colour function give them all."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from dist_dejpeg.evaluation.pairs import Measure
+    from dist_dejpeg.metrics.sums import per_image
+
+    assert R.missing_functions() == []
+    bare = R.Metric("new", "New", R.HIGHER, "", 2, True, "a metric added to the table alone", validation=True)
+    problems = R.missing_functions((bare, R.Metric("bad", "Bad", R.LOWER, "", 2, False, "x",
+                                                     measure="dist_dejpeg.metrics.noref:no_such")))
+    assert len(problems) == 3 and all("dist_dejpeg/metrics/registry.py" in p for p in problems), problems
+    assert "'new' has no measure" in problems[0] and "'new' has no validate" in problems[1] and "no_such" in problems[2]
+    assert all(R.BY_NAME[n].validate for n in R.VALIDATED) and all(R.BY_NAME[n].measure for n in R.EVALUATED)
+    # named by strings, which the layering test cannot see: metrics' own modules, and evaluate's metrics processes
+    # (all but the on-device ones) stay torch-free
+    assert all(ref.startswith("dist_dejpeg.metrics.") for m in R.METRICS for ref in (m.measure, m.validate) if ref)
+    code = ("import sys; from dist_dejpeg.metrics import registry as R; "
+            "[R.function(m.measure) for m in R.METRICS if not m.on_device]; print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    # what each consumer measures is the registry's sets, with values where no package is needed
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    img = np.clip(ref.astype(int) + rng.integers(-9, 10, ref.shape), 0, 255).astype(np.uint8)
+    values = Measure(skip=frozenset(R.NO_REFERENCE))([img], ref, {})[0]
+    assert list(values) == list(R.EVALUATED)
+    assert [n for n, v in values.items() if v is None] == [n for n in R.QUALITY if R.BY_NAME[n].on_device or
+                                                            n in R.NO_REFERENCE]
+    t = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+    validated = per_image(t(img), t(ref), lambda a, b: torch.zeros(a.shape[0]))
+    assert list(validated) == list(R.VALIDATED) and all(v.shape == (1,) for v in validated.values())
+
+
+def test_compare_help_lists_the_registrys_metrics():
+    """compare --metrics's help named six metrics and "..." by hand: it is the registry's list."""
+    import argparse
+
+    from dist_dejpeg.cli_args import compare_arguments
+
+    parser = argparse.ArgumentParser()
+    compare_arguments(parser)
+    text = next(a.help for a in parser._actions if "--metrics" in a.option_strings)
+    assert text.endswith(", ".join(R.EVALUATED)) and "..." not in text
+
+
 def _metric_name_literals(path) -> list[tuple[int, list[str]]]:
-    """(line, names) of every tuple/list/set literal and dict literal's keys in ``path`` naming five or more
-    of the registry's metrics: a second metric table."""
+    """(line, names) of every tuple/list/set literal, dict literal's keys and dict(...) call's keywords in ``path``
+    naming five or more of the registry's metrics: a second metric table."""
     import ast
 
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         items = node.keys if isinstance(node, ast.Dict) else node.elts if isinstance(
             node, (ast.Tuple, ast.List, ast.Set)) else []
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
+            items = [ast.Constant(k.arg) for k in node.keywords if k.arg]
         names = sorted({e.value for e in items if isinstance(e, ast.Constant) and e.value in R.BY_NAME})
         if len(names) >= 5:
             found.append((node.lineno, names))
@@ -767,8 +819,9 @@ def test_metric_table_is_defined_once(tmp_path):
     assert not tables, f"metric names listed outside metrics/registry.py (derive them from it): {tables}"
     copy = tmp_path / "copy.py"  # the check finds the tables this project had before the registry
     copy.write_text('NAMES = ("psnr", "psnr_b", "ssim", "lpips", "brisque", "niqe")\n'
-                    'INFO = {"psnr": 1, "ssim": 2, "lpips": 3, "psnr_y": 4, "shift_r": 5}\n')
-    assert [line for line, _ in _metric_name_literals(copy)] == [1, 2]
+                    'INFO = {"psnr": 1, "ssim": 2, "lpips": 3, "psnr_y": 4, "shift_r": 5}\n'
+                    'FNS = dict(psnr=1, psnr_b=2, ssim=3, brisque=4, niqe=5)\n')
+    assert [line for line, _ in _metric_name_literals(copy)] == [1, 2, 3]
     # any name list the consumers hold is one of the registry's own objects
     derived = [R.METRICS, R.BY_NAME, R.QUALITY, R.COLOUR, R.EVALUATED, R.VALIDATED, R.NO_REFERENCE]
     for module in (evaluate, report, sums, whole_image, validation):
@@ -835,7 +888,7 @@ def test_psnr_per_image_is_torchmetrics_psnr_to_the_bit():
 def test_the_same_pixels_get_the_same_no_reference_values(monkeypatch):
     """A passed-through photo's restored image is its JPEG's pixels, but its BRISQUE came out 1.1e-11 off (libsvm's
     OpenMP sum) and the report coloured the -0.00 as a change: an image equal to one before it reuses its values."""
-    from dist_dejpeg.metrics import numeric
+    from dist_dejpeg.metrics import noref, numeric
 
     calls = []
 
@@ -843,7 +896,7 @@ def test_the_same_pixels_get_the_same_no_reference_values(monkeypatch):
         calls.append(1)
         return 19.58718390520525 + 1e-11 * len(calls)
 
-    monkeypatch.setattr(numeric, "brisque", drifting)
+    monkeypatch.setattr(noref, "brisque", drifting)  # (numeric finds it through the registry's measure=)
     ref = data.astronaut()[:64, :64]
     jpeg = ref // 4 * 4
     out = numeric.numeric_metrics([jpeg, jpeg.copy(), ref], ref, skip={"niqe"})

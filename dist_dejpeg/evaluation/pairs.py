@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dist_dejpeg.metrics.fullref import colour_metrics
 from dist_dejpeg.metrics.numeric import numeric_metrics
+from dist_dejpeg.metrics.registry import COLOUR, functions
 
 # A pair in flight holds three images (clean, JPEG, restored: 108 MB at 12 MP) in the main process and again in the
 # metrics process that measures it: more processes than this by default mostly hold more photos in memory
@@ -44,8 +44,10 @@ class Measure:
         out = numeric_metrics(imgs, ref, y_only=self.y_only, crop_border=self.crop_border, skip=self.skip,
                               undefined=undefined)
         rgb = (lambda a: np.repeat(a[..., None], 3, axis=2)) if np.ndim(ref) == 2 else np.asarray
+        colour = functions(COLOUR)  # the registry's colour metrics' measure functions (fullref.colour_metrics)
         for values, img in zip(out, imgs):
-            values.update(colour_metrics(rgb(img), rgb(ref), crop_border=self.crop_border))
+            for fn in colour:
+                values.update(fn(rgb(img), rgb(ref), crop_border=self.crop_border))
         return out
 
 

@@ -12,24 +12,45 @@ import torch
 
 from dist_dejpeg.jpeg.formats import JFIF_YCBCR
 from dist_dejpeg.metrics.fullref import ssim_map
-from dist_dejpeg.metrics.registry import VALIDATED
+from dist_dejpeg.metrics.registry import VALIDATED, functions
 from dist_dejpeg.models.lpips import LPIPS
 
 _YCBCR = torch.tensor(JFIF_YCBCR)  # applied to differences, where the chroma offset cancels
 
 
 def per_image(image: torch.Tensor, clean: torch.Tensor, lpips: LPIPS) -> dict[str, torch.Tensor]:
-    """N-vectors of PSNR (dB), SSIM and LPIPS of ``image`` against ``clean`` (both [0, 1], float32); PSNR of the
-    Y, Cb and Cr planes (JFIF YCbCr, where JPEG's chroma subsampling acts); and the mean signed colour shift
-    of each RGB channel in 0-255 levels (a cast shows as a consistent sign). SSIM is evaluate's
-    (:func:`dist_dejpeg.metrics.fullref.ssim_map`, the 5-pixel border left out), in float32. Chroma PSNR of a
-    grayscale crop is NaN (it has no chroma; MetricSums leaves it out of the mean)."""
+    """N-vectors of each of the registry's VALIDATED metrics of ``image`` against ``clean`` (both [0, 1], cast to
+    float32), by each metric's ``validate`` function (metrics/registry.py), in the registry's order: PSNR (dB), SSIM
+    and LPIPS; PSNR of the Y, Cb and Cr planes and the signed colour shifts (:func:`colour_values`)."""
     image, clean = image.float().clamp(0, 1), clean.float()
-    out = {
-        "psnr": psnr_per_image(image, clean, data_range=1.0),
-        "ssim": ssim_map(image, clean, data_range=1.0).mean(dim=(1, 2, 3)),
-        "lpips": lpips(image, clean),
-    }
+    out = {}
+    for fn, names in functions(VALIDATED, "validate").items():
+        values = fn(image, clean, lpips)
+        out.update(values if isinstance(values, dict) else {names[0]: values})
+    return out
+
+
+def psnr_values(image: torch.Tensor, clean: torch.Tensor, lpips=None) -> torch.Tensor:
+    """Validation's PSNR (dB): :func:`psnr_per_image` of [0, 1] images."""
+    return psnr_per_image(image, clean, data_range=1.0)
+
+
+def ssim_values(image: torch.Tensor, clean: torch.Tensor, lpips=None) -> torch.Tensor:
+    """Validation's SSIM: evaluate's (:func:`dist_dejpeg.metrics.fullref.ssim_map`, the 5-pixel border left out),
+    in float32."""
+    return ssim_map(image, clean, data_range=1.0).mean(dim=(1, 2, 3))
+
+
+def lpips_distances(image: torch.Tensor, clean: torch.Tensor, lpips: LPIPS) -> torch.Tensor:
+    """Validation's LPIPS: the run's LPIPS network."""
+    return lpips(image, clean)
+
+
+def colour_values(image: torch.Tensor, clean: torch.Tensor, lpips=None) -> dict[str, torch.Tensor]:
+    """PSNR of the Y, Cb and Cr planes (JFIF YCbCr, where JPEG's chroma subsampling acts); and the mean signed
+    colour shift of each RGB channel in 0-255 levels (a cast shows as a consistent sign). Chroma PSNR of a
+    grayscale crop is NaN (it has no chroma; MetricSums leaves it out of the mean)."""
+    out = {}
     diff = torch.einsum("ij,njhw->nihw", _YCBCR.to(image.device), image - clean)
     mse = diff.pow(2).mean(dim=(2, 3))  # 0 (a crop kept exactly): inf, left out of the mean as the RGB PSNR's
     gray = (clean[:, 0] == clean[:, 1]).all(dim=(1, 2)) & (clean[:, 1] == clean[:, 2]).all(dim=(1, 2))
@@ -66,6 +87,9 @@ class MetricSums:
     def add(self, group: str, values: dict[str, torch.Tensor]) -> None:
         g = self.groups.index(group)
         for m, name in enumerate(VALIDATED):
+            if name not in values:
+                raise KeyError(f"validation measured no {name!r}: its validate function in "
+                               "dist_dejpeg/metrics/registry.py must return it")
             v = values[name].double()
             finite = torch.isfinite(v)
             self.sums[0, g, m] += torch.where(finite, v, 0.0).sum()
