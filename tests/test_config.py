@@ -355,10 +355,31 @@ def test_cli_unknown_key_returns_2(capsys):
 
 
 def test_generator_phase_without_any_loss_is_an_error():
-    with pytest.raises(ConfigError, match=r"train\.phases\.gen\.w_pixel"):
+    with pytest.raises(ConfigError, match=r"train\.phases\.gen\.w_lpips/w_pixel': the generator needs a loss"):
         load_config(None, ["train.phases.gen.w_pixel=0", "train.phases.gen.w_lpips=0"])
     # the gan phase may train on the adversarial term alone
     load_config(None, ["train.phases.gan.w_pixel=0", "train.phases.gan.w_lpips=0"])
+
+
+def test_a_new_loss_weight_is_checked_without_an_edit():
+    """Adding a loss term's w_* key to PhaseConfig needed two hand-kept lists in config/checks.py (the weights that
+    must be >= 0, and the generator-needs-a-loss rule): both read every w_* field now."""
+    import dataclasses
+
+    from dist_dejpeg.config import checks
+    from dist_dejpeg.config.schema import PhaseConfig
+
+    @dataclasses.dataclass
+    class WithFft(PhaseConfig):
+        w_fft: float = 0.0
+
+    assert checks.loss_weights(WithFft())[-1] == "w_fft" and set(checks.loss_weights(PhaseConfig())) >= {
+        "w_lpips", "w_pixel", "w_adv"}
+    with pytest.raises(ConfigError, match=r"^config key 'train\.phases\.gen\.w_fft': must be a finite number >= 0"):
+        checks._phase_numbers("gen", WithFft(kind="gen", w_fft=-1.0))
+    checks._generator_loss("gen", WithFft(kind="gen", w_pixel=0.0, w_lpips=0.0, w_fft=0.5))  # the new term alone
+    with pytest.raises(ConfigError, match=r"gen\.w_lpips/w_pixel/w_fft': the generator needs a loss"):
+        checks._generator_loss("gen", WithFft(kind="gen", w_pixel=0.0, w_lpips=0.0))
 
 
 def test_div2k_recipe_loads_and_names_the_seed_settings():

@@ -311,3 +311,14 @@ def test_the_generator_file_names_the_step_of_the_generator_it_holds():
     assert generator_step(SimpleNamespace(stop=StopRule().state_dict(), global_step=330)) == 330
     old = {k: v for k, v in rule.state_dict().items() if k != "best_global"}  # a checkpoint from before the field
     assert generator_step(SimpleNamespace(stop=old, global_step=330)) == 330
+
+
+def test_the_phases_docstring_names_each_loss_weight_and_the_pixel_loss():
+    """train/phases.py said the gen phase trains "w_lpips * LPIPS + w_pixel * L1"; the pixel loss is loss.pixel's
+    (L1 or Charbonnier, per plane with loss.chroma_weight): the docstring and generator_step's name every w_* term."""
+    from dist_dejpeg.config.checks import loss_weights
+    from dist_dejpeg.train import phases, steps
+
+    assert "loss.pixel" in phases.__doc__ and "L1 or Charbonnier" in phases.__doc__
+    for weight in loss_weights(PhaseConfig()):
+        assert weight in phases.__doc__ and weight in steps.generator_step.__doc__, weight

@@ -3,6 +3,7 @@ together); each failure is a ConfigError naming the key."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -134,9 +135,7 @@ def validate(cfg: Config) -> None:
         _phase_numbers(name, phase)
         if len(phase.betas) != 2:
             raise ConfigError(f"config key 'train.phases.{name}.betas': needs two values")
-        adv = phase.w_adv if phase.kind == "gan" else 0.0  # the gen phase has no critic
-        if phase.kind in ("gen", "gan") and phase.w_pixel <= 0 and phase.w_lpips <= 0 and adv <= 0:
-            raise ConfigError(f"config keys 'train.phases.{name}.w_pixel/w_lpips': the generator needs a loss")
+        _generator_loss(name, phase)
         if phase.kind == "gan" and phase.critic_iters + phase.gen_iters < 1:
             raise ConfigError(f"config keys 'train.phases.{name}.critic_iters/gen_iters': both zero")
     if t.deepspeed_stage:
@@ -179,6 +178,23 @@ def _lpips_sides(cfg: Config) -> None:
                               f"LPIPS-{net} ({net_key}) needs: larger crops, or LPIPS-vgg (16 px)")
 
 
+def loss_weights(phase: PhaseConfig) -> tuple[str, ...]:
+    """The phase's generator loss weights: every PhaseConfig field named ``w_*`` (a new loss term's weight is
+    checked by :func:`_phase_numbers` and :func:`_generator_loss` as it is declared in schema.py)."""
+    return tuple(f.name for f in dataclasses.fields(phase) if f.name.startswith("w_"))
+
+
+def _generator_loss(name: str, phase: PhaseConfig) -> None:
+    """A phase that trains the generator needs a weight above 0 (the gen phase has no critic: its w_adv is not
+    one)."""
+    if phase.kind not in ("gen", "gan"):
+        return
+    weights = [w for w in loss_weights(phase) if phase.kind == "gan" or w != "w_adv"]
+    if all(getattr(phase, w) <= 0 for w in weights):
+        raise ConfigError(f"config keys 'train.phases.{name}.{'/'.join(weights)}': the generator needs a loss (one "
+                          f"weight above 0)")
+
+
 def _phase_numbers(name: str, phase: PhaseConfig) -> None:
     """Numbers training would take without a word and misuse: a negative lr climbs the loss, a warmup of 1 or
     more never reaches the peak lr, a negative count or weight turns its rule around."""
@@ -187,7 +203,7 @@ def _phase_numbers(name: str, phase: PhaseConfig) -> None:
         value = getattr(phase, field)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"config key '{key}.{field}': must be a finite number > 0, got {value}")
-    for field in ("weight_decay", "w_lpips", "w_pixel", "w_adv", "max_grad_norm"):
+    for field in ("weight_decay", *loss_weights(phase), "max_grad_norm"):
         value = getattr(phase, field)
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"config key '{key}.{field}': must be a finite number >= 0, got {value}")

@@ -1,6 +1,7 @@
 """NoGAN phases as data: which models a phase trains, its learning-rate schedule, the GAN stop rule.
 
-    gen     generator alone: w_lpips * LPIPS + w_pixel * L1
+    gen     generator alone: w_pixel * pixel loss (loss.pixel: L1 or Charbonnier, loss.chroma_weight; logged as
+            gen/l1) + w_lpips * LPIPS (train/steps.py generator_step sums the terms)
     critic  generator frozen (eval, no grad); critic learns clean (real) vs generated (fake)
     gan     both: critic_iters critic updates, then gen_iters generator updates (+ w_adv * adversarial),
             validated every val_every steps; stops when the validation number `select_on` names has not
