@@ -93,6 +93,24 @@ def test_evaluations_measured_differently_are_refused_by_name():
     assert got["metrics"]["lpips"]["not_measured"] == [0, 1] and got["metrics"]["psnr"]["qualities"]["10"]
 
 
+def test_an_evaluation_made_before_a_metric_existed_is_told_to_run_again():
+    """A metric absent from an older metrics.json was "not measured in A (meta.unavailable says why)", though
+    meta.unavailable had no word on it: that case says the evaluation predates it; a stated reason still points
+    to meta.unavailable."""
+    rows = [_row("p", 10, {"psnr": 20.0}, {"psnr": 21.0})]
+    with_ssim = [_row("p", 10, {"psnr": 20.0, "ssim": 0.5}, {"psnr": 21.0, "ssim": 0.6})]
+    got = compare([_result("a", rows), _result("b", with_ssim)], ("psnr", "ssim"))
+    assert got["metrics"]["ssim"]["not_measured"] == [0] and got["metrics"]["ssim"]["unavailable"] == [None]
+    text = markdown(got)
+    assert "| A's evaluation predates this metric (or did not measure it): run evaluate again |" in text
+    assert "meta.unavailable" not in text
+    said = _result("a", rows, unavailable={"ssim": "not requested"})
+    text = markdown(compare([said, _result("b", rows)], ("psnr", "ssim")))
+    assert "| not measured in A, B (meta.unavailable in metrics.json says why) |" not in text
+    assert "| not measured in A (meta.unavailable in metrics.json says why) |" in text
+    assert "| B's evaluation predates this metric" in text
+
+
 def test_compare_reads_what_evaluate_wrote(tmp_path, model_file, photos, capsys):  # noqa: F811
     """Two models evaluated by the real evaluate, compared from their folders: the difference is the mean of
     the per-photo differences of their metrics.json; a Y-only evaluation is refused; a missing folder is exit 2."""

@@ -140,7 +140,10 @@ def compare(results: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> 
                             "versus_first": [_paired(models[0], m, BY_NAME[metric]) for m in models[1:]]}
         tables[metric] = {"label": BY_NAME[metric].caption, "phrase": BY_NAME[metric].phrase, "qualities": rows,
                           "left_out": sum(len(v) for v in each) - len(common) * len(each),
-                          "not_measured": [i for i, v in enumerate(each) if not v]}
+                          "not_measured": [i for i, v in enumerate(each) if not v],
+                          # why, as its metrics.json says (None: no word: the metric did not exist when it was made)
+                          "unavailable": [((r["meta"].get("unavailable") or {}).get(metric))
+                                          for r, v in zip(results, each) if not v]}
     return {"evaluations": [_describe(r["meta"]) for r in results], "measured": _measured(results[0]["meta"]),
             "metrics": tables}
 
@@ -218,9 +221,12 @@ def markdown(comparison: dict) -> str:
                                                    else "") + f" ({_photos_better(d, BY_NAME[metric].unit)})"
                      for d in row["versus_first"]]
             lines.append(f"| q{q} | {row['photos']} | {row['jpeg']:.{digits}f} | " + " | ".join(means + diffs) + " |")
-        if table["not_measured"]:
-            lines.append(f"| not measured in {', '.join(letters[i] for i in table['not_measured'])} "
-                         f"(meta.unavailable in {METRICS_JSON} says why) |")
+        why = dict(zip(table["not_measured"], table["unavailable"]))
+        if said := [letters[i] for i, reason in why.items() if reason]:
+            lines.append(f"| not measured in {', '.join(said)} (meta.unavailable in {METRICS_JSON} says why) |")
+        if unsaid := [f"{letters[i]}'s" for i, reason in why.items() if not reason]:
+            verb = "evaluations predate" if len(unsaid) > 1 else "evaluation predates"
+            lines.append(f"| {', '.join(unsaid)} {verb} this metric (or did not measure it): run evaluate again |")
     return "\n".join(lines) + "\n"
 
 
