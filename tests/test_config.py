@@ -80,6 +80,8 @@ def test_unknown_key_is_error_naming_it(override, key):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert f"'{key}'" in str(info.value)
+    # and where the keys are declared (`Key 'w_fft' not in 'PhaseConfig'` named no file)
+    assert str(info.value).endswith("(keys are declared in dist_dejpeg/config/schema.py; docs/CONFIG.md lists them)")
 
 
 @pytest.mark.parametrize("override, where", [

@@ -133,11 +133,17 @@ def _dotlist(overrides: Sequence[str]):
     return OmegaConf.merge(*parts) if parts else OmegaConf.create()
 
 
+# where an unknown key's reader looks for the keys there are (a new key is declared there, with its comment)
+KEYS_DECLARED = " (keys are declared in dist_dejpeg/config/schema.py; docs/CONFIG.md lists them)"
+
+
 def _config_error(err: OmegaConfBaseException) -> ConfigError:
     key = getattr(err, "full_key", None)
     first = str(err).splitlines()[0]
     if key and isinstance(err, ConfigKeyError) and "Did you mean" not in first:
         first += _elsewhere(key)
+    if isinstance(err, ConfigKeyError):
+        first += KEYS_DECLARED
     if "is not a ListConfig" in first:  # a list key given one value
         first = f"expects a list, e.g. {key}=[a,b] (in quotes on a shell command line)"
     return ConfigError(f"config key '{key}': {first}" if key else first)

@@ -11,7 +11,7 @@ import inspect
 import re
 from pathlib import Path
 
-from dist_dejpeg.config.schema import CriticConfig, DataConfig, LossConfig, ModelConfig, PhaseConfig, TrainConfig
+from dist_dejpeg.config.schema import Config, PhaseConfig, TrainConfig
 
 MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:end -->")
 
@@ -20,10 +20,8 @@ def reference_markdown() -> str:
     """The config reference (one table per section) built from the schema's field comments; docs/CONFIG.md
     holds it between markers and tests/test_docs.py keeps the two in sync."""
     pattern = re.compile(r"^\s+(\w+):\s*([^=]+?)\s*=\s*(.+?)\s*#\s*(.+)$")
-    sections = [("data", DataConfig), ("model", ModelConfig), ("critic", CriticConfig), ("loss", LossConfig),
-                ("train", TrainConfig), ("train.phases.<name>", PhaseConfig)]
     out = []
-    for prefix, cls in sections:
+    for prefix, cls in sections():
         out += [f"**{prefix}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         defaults = cls()
         for line in inspect.getsource(cls).splitlines():
@@ -37,6 +35,20 @@ def reference_markdown() -> str:
             out.append(f"| `{prefix}.{name}` | {typ.strip()} | `{shown}` | {meaning} |")
         out.append("")
     return "\n".join(out + builtin_phases_markdown())
+
+
+def sections() -> list[tuple[str, type]]:
+    """(key prefix, dataclass) of each section of keys, in Config's order, read from Config's fields: a section's
+    dict of dataclasses (train.phases) follows it as "train.phases.<name>"."""
+    out = []
+    for f in dataclasses.fields(Config):
+        section = getattr(Config(), f.name)
+        out.append((f.name, type(section)))
+        for g in dataclasses.fields(section):
+            value = getattr(section, g.name)
+            if isinstance(value, dict) and value and all(dataclasses.is_dataclass(v) for v in value.values()):
+                out.append((f"{f.name}.{g.name}.<name>", type(next(iter(value.values())))))
+    return out
 
 
 def builtin_phase_differences() -> dict[str, dict[str, object]]:
