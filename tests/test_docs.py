@@ -170,3 +170,22 @@ def test_readme_time_to_quality_cites_the_run_its_gains_come_from():
     assert gains == tuple(cell(f"final gain q{q}, guard") for q in (10, 20, 40, 90))
     assert (f"| {cell('images to q10 gain +0.5 dB')} ({cell('minutes to q10 gain +0.5 dB')}) / "
             f"{cell('images to q10 gain +1 dB')} ({cell('minutes to q10 gain +1 dB')} min) |") in text
+
+
+def test_design_extending_names_files_and_tests_that_exist():
+    """docs/DESIGN.md's Extending section (what to touch to add a metric, an encoder, a loss term, a config key):
+    every file it names exists, every test it names is in a test file its item names, and the loss-term item
+    names the files config/checks.py's loss_weights and a new w_* key need."""
+    text = (ROOT / "docs" / "DESIGN.md").read_text()
+    section = text.split("## Extending", 1)[1].split("\n## ", 1)[0]
+    items = [" ".join(i.split()) for i in section.split("\n- ")[1:]]
+    assert [i.split(":", 1)[0] for i in items] == ["A metric", "An encoder", "A loss term", "A config key"]
+    for item in items:
+        names = re.findall(r"`([^`]+)`", item)
+        files = [n for n in names if re.fullmatch(r"[\w/]+\.(py|md)", n)]
+        assert files and all((ROOT / f).is_file() for f in files), (item[:20], files)
+        tests = [n for n in names if n.startswith("test_")]
+        sources = "".join((ROOT / f).read_text() for f in files if f.startswith("tests/"))
+        assert all(f"def {t}(" in sources for t in tests), (item[:20], tests)
+    assert {"dist_dejpeg/config/schema.py", "dist_dejpeg/train/steps.py", "dist_dejpeg/train/trainer.py"} <= set(
+        re.findall(r"`([^`]+)`", items[2]))

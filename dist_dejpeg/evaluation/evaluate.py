@@ -1,5 +1,6 @@
 """Judge a trained model on lossless photos: JPEG-compress each one at each quality with libjpeg, restore it,
-and measure the JPEG input and the restored output against the original with the six metrics.
+and measure the JPEG input and the restored output against the original with the registry's metrics
+(metrics/registry.py).
 
     dist-dejpeg evaluate --model runs/debug --images photos/ --quality 10 20 30 40 -o eval/
     dist-dejpeg evaluate --model runs/debug --images data/samples/val-*.tar --y-only -o eval_y/
@@ -77,8 +78,9 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
     """Run the evaluation; write the three tables into ``out_dir`` (if given) and return the metrics.json
     content. ``keep_images``: also return the images as ``records`` (for the HTML report). The restorer is
     told each JPEG's quality (as ``restore`` reads it from the file's tables) unless ``blind`` (then the raw blind
-    model is measured: the guard cannot judge an image of unknown quality). ``only``: measure
-    just these of the six metrics (the others are "not requested"); the colour columns are always there.
+    model is measured: the guard cannot judge an image of unknown quality). ``only``: measure just these of the
+    quality metrics (metrics/registry.py QUALITY; the others are "not requested"); the colour columns are always
+    there.
     ``description``: the progress bar's label, the command the user ran ("report" when ``keep_images``, which
     is what the report asks for, else "evaluate"). ``subsampling``: the JPEGs' chroma subsampling (SUBSAMPLING).
     ``workers``: processes measuring all but LPIPS while this one restores (1: here, as is an evaluation of fewer

@@ -26,8 +26,9 @@ class Unmeasurable(EvaluateError):
 
 
 class MetricSet:
-    """The six metrics with what is unavailable here and why (LPIPS without its AlexNet backbone, BRISQUE or
-    NIQE without their package or parameter file): those are None in every row, with the reason."""
+    """evaluate's quality metrics (metrics/registry.py) with what is unavailable here and why (LPIPS without its
+    AlexNet backbone, BRISQUE or NIQE without their package or parameter file): those are None in every row, with
+    the reason."""
 
     LPIPS_MIN_SIDE = LPIPS_SIDES["alex"]  # (evaluate's LPIPS is AlexNet's)
 

@@ -1,6 +1,7 @@
 """evaluate's quality metrics of an image but LPIPS, torch-free: each metric's ``measure`` function in
-metrics/registry.py (full-reference ones from ``fullref``, no-reference ones from ``noref``). What evaluate's metrics processes import (evaluation/pairs.py): a process that starts without torch
-starts in about a second and holds a fraction of the memory."""
+metrics/registry.py (full-reference ones from ``fullref``, no-reference ones from ``noref``). What evaluate's metrics
+processes import (evaluation/pairs.py): a process that starts without torch starts in about a second and holds a
+fraction of the memory."""
 
 from __future__ import annotations
 

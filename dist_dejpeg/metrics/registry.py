@@ -74,7 +74,9 @@ class Metric:
 
 _NOREF = f"the `brisque` package (its SVM ships in the wheel), OpenCV and libsvm-official: {EVAL_EXTRA_HINT}"
 
-_FULLREF, _NOREF_MODULE, _SUMS = "dist_dejpeg.metrics.fullref:", "dist_dejpeg.metrics.noref:", "dist_dejpeg.metrics.sums:"
+# the modules of the metrics' functions (full references: "dist_dejpeg.metrics.fullref:psnr")
+_FULLREF, _NOREF_MODULE = "dist_dejpeg.metrics.fullref:", "dist_dejpeg.metrics.noref:"
+_SUMS = "dist_dejpeg.metrics.sums:"
 _COLOUR = dict(group="colour", validation=True, measure=_FULLREF + "colour_metrics", validate=_SUMS + "colour_values")
 
 METRICS: tuple[Metric, ...] = (
@@ -146,7 +148,7 @@ def function(ref: str, name: str = "", field: str = "measure"):
 
 def functions(names: tuple[str, ...], field: str = "measure") -> dict:
     """{function: (the metrics it gives, in the registry's order)} of ``names``' ``field`` functions, each function
-    once (colour_metrics gives six metrics), in the registry's order."""
+    once (colour_metrics gives the whole colour group), in the registry's order."""
     out: dict = {}
     for name in names:
         fn = function(getattr(BY_NAME[name], field), name, field)

@@ -1,6 +1,7 @@
 """LPIPS of whole images on uint8 arrays (:func:`lpips_values`: what ``evaluate`` adds, evaluation/measure.py,
 to the torch-free ``numeric`` metrics its pairs.measure_pair computes), and :func:`image_metrics`: numeric's and
-LPIPS in one call, per image (the six evaluate reports; the command itself does not call it: tests and scripts do).
+LPIPS in one call, per image (the quality metrics evaluate reports, metrics/registry.py; the command itself does not
+call it: tests and scripts do).
 
 LPIPS is dist_dejpeg.models.lpips.LPIPS with torchvision's pretrained AlexNet, never a random backbone here.
 """
@@ -102,16 +103,16 @@ def lpips_values(model: LPIPS, ref, imgs) -> list[float]:
 
 
 def image_metrics(img, ref, **options) -> dict[str, float | None]:
-    """All six metrics of ``img`` against ``ref``: :func:`images_metrics` of one image."""
+    """All the quality metrics of ``img`` against ``ref``: :func:`images_metrics` of one image."""
     return images_metrics([img], ref, **options)[0]
 
 
 def images_metrics(imgs, ref, *, y_only: bool = False, crop_border: int = 0, lpips: LPIPS | None = None,
                    skip: tuple[str, ...] | set[str] | dict = (),
                    undefined: dict | None = None) -> list[dict[str, float | None]]:
-    """All six metrics of each of ``imgs`` (restored or JPEG) against ``ref`` (clean): metrics/numeric.py's, and
-    LPIPS (RGB, the reference's features computed once for all the images; None when ``lpips`` is None or
-    "lpips" is in ``skip``). The arguments as numeric_metrics takes them."""
+    """All the quality metrics (metrics/registry.py QUALITY) of each of ``imgs`` (restored or JPEG) against ``ref``
+    (clean): metrics/numeric.py's, and LPIPS (RGB, the reference's features computed once for all the images; None
+    when ``lpips`` is None or "lpips" is in ``skip``). The arguments as numeric_metrics takes them."""
     out = numeric_metrics(imgs, ref, y_only=y_only, crop_border=crop_border, skip=skip, undefined=undefined)
     if lpips is not None and "lpips" not in skip:
         b = cropped(np.asarray(ref), crop_border)
