@@ -166,7 +166,8 @@ def _train_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return _refused(cfg, args.resume)
-    from dist_dejpeg.train.launch import already_launched, launch, ranks_here, record_stop
+    from dist_dejpeg.models.weights import WeightsError
+    from dist_dejpeg.train.launch import already_launched, check_before_ranks, launch, ranks_here, record_stop
 
     ranks = ranks_here(cfg.train.processes, cfg.train.cpu)
     if ranks > 1 and not already_launched():  # the same command again, as `ranks` processes
@@ -178,8 +179,6 @@ def _train_command(args: argparse.Namespace) -> int:
                   f"runs would overwrite each other's checkpoints. Stop that run, or set another train.run_dir.",
                   file=sys.stderr)
             return 2
-        from dist_dejpeg.models.weights import WeightsError
-        from dist_dejpeg.train.launch import check_before_ranks
         from dist_dejpeg.train.resume import check_before_start
 
         try:  # what resuming would refuse, trackers, weights: said now, once, not by every rank after its start-up
@@ -200,7 +199,6 @@ def _train_command(args: argparse.Namespace) -> int:
 
         die_with_parent(os.getppid())
     from dist_dejpeg.data.verify import TooFewSamples, TooManyBadSamples, UnreadableShard
-    from dist_dejpeg.models.weights import WeightsError
     from dist_dejpeg.run.files import new_folders, remove_empty
     from dist_dejpeg.run.layout import LOCK
     from dist_dejpeg.run.lock import RunDirBusy
@@ -240,10 +238,9 @@ def _train_command(args: argparse.Namespace) -> int:
 
 
 def _refused(cfg, resume: str | None) -> int:
-    """--dry-run's checks of what the start would refuse, said now (exit 2) and not after the ranks' start-up:
-    resuming the run folder's checkpoint (its phases, global batch, process count, the model's shapes), building
-    the model (the encoder's name and stages, a model.init_from's config: there, of these shapes; no weights read:
-    checked at the start, where they are) and the shards' tiles (no smaller than the crop; none here: a warning)."""
+    """--dry-run's checks of what the start would refuse, said now (exit 2), not after the ranks' start-up: resuming
+    the checkpoint (phases, global batch, process count, shapes), building the model (encoder, stages, model.init_from's
+    config, of these shapes; no weights read) and the shards' tiles (no smaller than the crop; none here: warned)."""
     import dataclasses
 
     from dist_dejpeg.config import ConfigError
@@ -251,12 +248,12 @@ def _refused(cfg, resume: str | None) -> int:
     from dist_dejpeg.models.weights import EncoderError
     from dist_dejpeg.train.build import refused_before_launch
     from dist_dejpeg.train.init_from import init_from_config
-    from dist_dejpeg.train.launch import ranks_here
+    from dist_dejpeg.train.launch import ranks_started
     from dist_dejpeg.train.data_checks import check_shards_exist, check_train_tiles
     from dist_dejpeg.train.resume import check_before_start
 
+    ranks = ranks_started(cfg.train.processes, cfg.train.cpu)  # as the start counts them
     try:
-        ranks = ranks_here(cfg.train.processes, cfg.train.cpu)
         check_before_start(cfg, resume, ranks, say=lambda line: print(line, file=sys.stderr))  # (what it accepts too)
         refused_before_launch(cfg, ranks)  # (fp16 on the CPU, DeepSpeed in one process with no launcher)
         model = dataclasses.replace(init_from_config(cfg.model), pretrained=False, init_from="")  # (its config only)
@@ -272,6 +269,9 @@ def _refused(cfg, resume: str | None) -> int:
     except (ConfigError, EncoderError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:  # (last: a login node's dry run of an sbatch script's command needs its train.processes=N)
+        print(f"note: checked for {ranks} process(es) (train.processes; under a launcher, its WORLD_SIZE)",
+              file=sys.stderr)
     return 0
 
 

@@ -642,3 +642,33 @@ def test_dry_run_on_a_resumable_run_lists_the_changes_the_resume_accepts(tmp_pat
     assert "warning: resume: config changed since the checkpoint: train.phases.gen.lr 0.002 -> 0.0005" in err, err
     assert main(["train", "--config", config, *args, "--dry-run"]) == 0
     assert "config changed" not in capsys.readouterr().err
+
+
+def test_dry_run_under_a_launcher_checks_its_world_size_not_train_processes(tmp_path, capsys, monkeypatch):
+    """Under a launcher (torchrun, accelerate, srun: WORLD_SIZE) `train --dry-run` checked train.processes, which the
+    start ignores there: it refused a resume on the checkpoint's own 2 ranks and accepted one on another count, and
+    said neither; now it checks the launcher's count and says which. A resume whose train.processes alone changed (a
+    launcher's run) warned "config changed since the checkpoint: train.processes 2 -> 1": the batch check says a
+    real change of the count."""
+    from dist_dejpeg.config import load_config, to_yaml
+
+    config = str(ROOT / "configs" / "debug.yaml")
+    run = tmp_path / "run"
+    args = [f"train.run_dir={run}", "model.encoder=mobilenetv3_small_050", "model.decoder_width=16",
+            f"data.root={tmp_path / 'none'}", "data.auto_prepare=none"]
+    cfg = load_config(config, [*args, "train.processes=2"])
+    step = run / "checkpoints" / "step-00000010"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps({"phase_names": list(cfg.train.order), "global_step": 10,
+                                                         "phase_index": 0, "phase_step": 10, "processes": 2}))
+    (step / "config.yaml").write_text(to_yaml(cfg))  # a train.processes=2 run
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun --nproc-per-node 2 ... train.processes=1: its 2 ranks
+    assert main(["train", "--config", config, *args, "train.processes=1", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "note: checked for 2 process(es) (train.processes; under a launcher, its WORLD_SIZE)" in err, err
+    assert "process count changes" not in err and "config changed" not in err, err
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one rank, whatever train.processes says
+    assert main(["train", "--config", config, *args, "train.processes=2", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "note: checked for 1 process(es)" in err and "the process count changes (2 -> 1" in err, err

@@ -52,6 +52,12 @@ def ranks_here(processes: int, cpu: bool) -> int:
     return processes
 
 
+def ranks_started(processes: int, cpu: bool) -> int:
+    """The ranks a start has: under a launcher, its WORLD_SIZE (``processes``, train.processes, is ignored
+    there: 1 where it sets none, accelerate's one-process launcher); else :func:`ranks_here`'s."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if already_launched() else ranks_here(processes, cpu)
+
+
 def threads_per_process(processes: int) -> int:
     """``OMP_NUM_THREADS`` when the user set it, else the usable cores shared out (at least one each)."""
     given = os.environ.get("OMP_NUM_THREADS", "")

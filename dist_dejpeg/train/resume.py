@@ -48,9 +48,10 @@ _NO_SHAPE = ("pretrained", "encoder_weights", "dropout")
 # but change what it computes (blur, keep_mean: a new run from its generator, model.init_from, may switch them)
 GENERATOR_RESUME_KEYS = GENERATOR_SHAPE_KEYS + tuple(f"model.{k}" for k in GENERATOR_NO_TENSOR)
 CRITIC_SHAPE_KEYS = tuple(f"critic.{k}" for k in inspect.signature(Critic).parameters if k not in _NO_SHAPE)
-# keys whose change says nothing about the run's continuity (where it writes, how it logs)
+# keys whose change says nothing about the run's continuity (where it writes, how it logs); train.processes: a
+# launcher's ranks ignore it, and the batch check (_check_batch) says a real change of the process count
 _NOT_COMPARED = ("train.run_dir", "train.auto_resume", "train.resume_allow_batch_change", "train.log_level",
-                 "train.progress")
+                 "train.progress", "train.processes")
 
 
 def choose_checkpoint(accelerator: Accelerator, run_dir: str | Path, resume: str | None,
