@@ -515,7 +515,9 @@ def test_loader_resume_twice_is_exact(sample_shards):
     assert [batches_equal(x, y) for x, y in zip(got, uninterrupted[3:])] == [True] * 6
 
 
-def test_resume_with_other_worker_count_restarts(sample_shards):
+def test_resume_with_other_worker_count_restarts_at_a_fresh_epoch(sample_shards):
+    """Another layout cannot resume the saved positions: the stream restarts, at the epoch after the newest saved
+    (it restarted at epoch 0 and replayed the run's first batches, crops and qualities alike)."""
     first = TorchLoader(make_stream(sample_shards, seed=3), 4, 0, CPU)
     start = take(first, 2)
     take(first, 3)
@@ -523,9 +525,44 @@ def test_resume_with_other_worker_count_restarts(sample_shards):
     state = first.state_dict()
     state["num_workers"] = 2  # pretend it was saved with another layout
     other.load_state_dict(state)
-    assert other.consumed == 0
+    assert other.consumed == 5 and other.positions == {0: (1, 0)}  # (5 batches of 4: still in epoch 0)
     again = take(other, 2)
-    assert all(batches_equal(x, y) for x, y in zip(again, start))
+    assert not any(batches_equal(x, y) for x, y in zip(again, start))
+
+
+def test_a_state_of_2_ranks_loaded_into_1_restarts_after_their_newest_epoch(sample_shards, tmp_path):
+    """A resume on another process count (train.resume_allow_batch_change) restarted the data stream at epoch 0:
+    the same shuffles, crops, qualities as the run's start (2 -> 1 -> 2: the third session's first batches were the
+    first's). Every rank now reads every rank's loader file of the checkpoint (checkpoint.loader_states) and starts
+    at the epoch after the newest any saved, alike on every rank; a rank the checkpoint had none of too."""
+    from dist_dejpeg.train.checkpoint import loader_states
+
+    digest = make_stream(sample_shards).digest
+    step = tmp_path / "step-00000040"
+    step.mkdir()
+    for rank, epoch in ((0, 3), (1, 2)):  # saved by 2 ranks, 0 workers: rank 0 in epoch 3
+        saved = {"consumed": 40, "positions": {"0": [epoch, 5]}, "num_workers": 0, "world": 2, "rank": rank,
+                 "shards": [len(train_shards(sample_shards)), digest]}
+        (step / f"loader_{rank}.json").write_text(json.dumps(saved))
+    assert loader_states(tmp_path, 0) is None  # (no loader files: nothing to load)
+    assert [s["rank"] for s in loader_states(step, 1)["every_rank"]] == [0, 1] and loader_states(step, 1)["rank"] == 1
+    fresh = take(TorchLoader(make_stream(sample_shards, seed=3), 4, 0, CPU), 1)[0]
+    for world, rank in ((1, 0), (3, 0), (3, 2)):  # fewer ranks; more (rank 2: no file of its own)
+        loader = TorchLoader(make_stream(sample_shards, seed=3, rank=rank, world=world), 4, 0, CPU)
+        loader.load_state_dict(loader_states(step, rank))
+        assert loader.positions == {0: (4, 0)} and loader.consumed == 40, (world, rank)
+        batch = take(loader, 1)[0]
+        assert loader.positions[0][0] == 4 and not batches_equal(batch, fresh), (world, rank)
+
+
+def test_a_dali_resume_on_more_ranks_starts_no_reader_seed_already_used():
+    """DALI's reader seed derives from the batches consumed: a rank the checkpoint had no loader file of (more
+    processes now) started at 0 consumed, the seed the first session's rank of that number had used."""
+    from dist_dejpeg.data.dali import DaliLoader
+
+    loader = DaliLoader.__new__(DaliLoader)  # (its state alone: no DALI, no shards needed)
+    loader.load_state_dict({"every_rank": [{"consumed": 12, "backend": "dali"}]})  # rank 1 of 2, saved by 1
+    assert loader.consumed == 12
 
 
 def test_a_loader_restart_on_resume_is_warned_by_rank_0_only(sample_shards, caplog):
@@ -566,7 +603,7 @@ def test_shards_prepared_again_are_told_from_the_ones_a_stream_position_was_save
     state["shards"][1] = "0" * 16
     other = TorchLoader(make_stream(tmp_path / "0", seed=3), 4, 0, CPU)
     other.load_state_dict(state)
-    assert other.consumed == 0  # another digest: the stream starts over, said
+    assert other.positions == {0: (1, 0)}  # another digest: the stream starts over (at a fresh epoch), said
 
 
 # -- recipe knobs (data.quality_power, data.rot90) -----------------------------------------------------------
@@ -1819,8 +1856,8 @@ def test_resume_over_other_shards_restarts_instead_of_replaying(sample_shards, t
             tar.addfile(info, io.BytesIO(data))
     other = TorchLoader(make_stream(folder, seed=3, num_workers=2), 4, 2, CPU)
     other.load_state_dict(state)
-    assert other.consumed == 0 and other.positions == {}
-    assert re.search(r"saved over \d+ training shards, now \d+.*restarting the data stream", caplog.text)
+    assert other.positions == {0: (1, 0), 1: (1, 0)}  # (every slot from the start of the next epoch)
+    assert re.search(r"saved over \d+ training shards, now \d+.*restarting the data stream at epoch 1", caplog.text)
 
 
 def _tar_with_a_corrupt_header(write_tar, tmp_path) -> tuple[Path, set[str]]:

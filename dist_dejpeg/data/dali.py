@@ -211,7 +211,9 @@ class DaliLoader:
         return {"consumed": self.consumed, "backend": "dali"}
 
     def load_state_dict(self, state: dict) -> None:
-        self.consumed = int(state.get("consumed", 0))
+        """The batch count the reader's seed derives from: the highest any rank saved (``state["every_rank"]``,
+        train/checkpoint.py's), so a rank the checkpoint had not (more processes now) starts no seed already used."""
+        self.consumed = max(int(s.get("consumed", 0)) for s in state.get("every_rank") or [state])
 
     def skipped(self) -> dict[str, int]:
         """Bad samples left out of the data set, on rank 0 only (every rank counts all shards; the trainer sums

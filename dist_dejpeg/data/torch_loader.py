@@ -11,7 +11,8 @@ come from an RNG seeded by (seed, epoch, slot, position), not from a running gen
 slot's stream position. The loader's ``state_dict()`` records the position after the last batch the trainer took;
 on resume every slot skips to it without decoding, and the slot played by DataLoader worker 0 is rotated so
 batches come in the same order as in an uninterrupted run. (Same ranks, workers and shards, by name and size,
-required; otherwise it restarts the stream at epoch 0.)
+required; otherwise it restarts the stream at the epoch after the newest any rank saved: fresh seeds, not the
+run's first batches again.)
 
 Batch-level degradation (``degrade_batch``, the GPU path: nvJPEG): workers send clean crops and the batch is
 degraded on the device. nvJPEG's encoder takes one quality per call, so each distinct quality in a batch costs a
@@ -216,21 +217,34 @@ class TorchLoader:
                 "shards": [len(self.stream.shards), self.stream.digest]}
 
     def load_state_dict(self, state: dict) -> None:
-        restart = "restarting the data stream at epoch 0 instead of resuming it exactly"
+        """Resume where ``state`` (this rank's) left off; where it cannot (other ranks, workers or shards), restart
+        the stream at the epoch after the newest that any rank's saved state reached (``state["every_rank"]``,
+        train/checkpoint.py's; else ``state`` alone), at its batch count, every rank alike: new shuffles, crops,
+        qualities and turns, where epoch 0 replayed the run's first batches."""
+        saved = state.get("every_rank") or [state]
+        epoch = 1 + max((int(p[0]) for s in saved for p in (s.get("positions") or {}).values()), default=-1)
+        restart = (f"restarting the data stream at epoch {epoch} (after the newest any rank saved: new shuffles and "
+                   f"crops, not the run's first batches again) instead of resuming it exactly")
         warn = log.warning if self.stream.rank == 0 else log.debug  # (every rank finds the same: said once)
         if state.get("num_workers") != self.num_workers or state.get("world") != self.stream.world:
             warn("data loader state was saved with %s workers x %s ranks, now %s x %s: %s",
                  state.get("num_workers"), state.get("world"), self.num_workers, self.stream.world, restart)
-            return
+            return self._restart(epoch, max(int(s.get("consumed", 0)) for s in saved))
         count, digest = state.get("shards") or (len(self.stream.shards), self.stream.digest)  # older: unchecked
         if digest != self.stream.digest and digest != legacy_shard_list_digest(self.stream.shards):
             # another sample at each position: resuming would replay and skip samples
             warn("the training shards changed since the data loader's state was saved over %d training "
                  "shards, now %d%s: %s", count, len(self.stream.shards),
                  " (as many, but others or of other sizes)" if count == len(self.stream.shards) else "", restart)
-            return
+            return self._restart(epoch, max(int(s.get("consumed", 0)) for s in saved))
         self.consumed = int(state["consumed"])
         self.positions = {int(k): (int(v[0]), int(v[1])) for k, v in state["positions"].items()}
+
+    def _restart(self, epoch: int, consumed: int) -> None:
+        """Every slot from the start of ``epoch``; the batch count (the quality groups' seed) goes on from
+        ``consumed``."""
+        self.consumed = consumed
+        self.positions = {local: (epoch, 0) for local in range(self.stream.n_local)}
 
     def skipped(self) -> dict[str, int]:
         totals = self.stream.skipped.sum(dim=0).tolist()

@@ -42,8 +42,8 @@ from safetensors.torch import load_file, save_file
 
 from dist_dejpeg.config import ConfigError
 from dist_dejpeg.run.files import fsync_dir
-from dist_dejpeg.run.layout import (ABANDONED_PREFIX, CONFIG, PARTIAL_PREFIX, STEP_DIR, TRAINER_STATE,  # noqa: F401
-                                    buffers_name, checkpoint_dir, latest_checkpoint, list_checkpoints,
+from dist_dejpeg.run.layout import (ABANDONED_PREFIX, CONFIG, LOADER_STATE, PARTIAL_PREFIX, STEP_DIR,  # noqa: F401
+                                    TRAINER_STATE, buffers_name, checkpoint_dir, latest_checkpoint, list_checkpoints,
                                     loader_state_name, partial_checkpoints, partial_name, step_name, step_of)
 from dist_dejpeg.run.manifest import fsync_dirs, fsync_own_files, write_manifest
 from dist_dejpeg.train.collective import all_ranks_or_raise
@@ -169,13 +169,26 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, d
         if scaler is not None:
             accelerator.scaler = scaler
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
-    loader_file = path / loader_state_name(accelerator.process_index)
-    loader_state = json.loads(loader_file.read_text()) if loader_file.is_file() else None
+    loader_state = loader_states(path, accelerator.process_index)
     buffer_file = path / buffers_name(accelerator.process_index)
     buffers = {}
     if buffer_file.is_file():
         buffers = load_file(str(buffer_file))
     return trainer_state, loader_state, buffers
+
+
+def loader_states(path: Path, rank: int) -> dict | None:
+    """Rank ``rank``'s data loader state in the checkpoint at ``path`` (``{}`` where it saved none: a rank more
+    than the checkpoint's), with ``every_rank``: every rank's saved state (rank 0's first). A loader that cannot
+    resume its own position (other ranks or workers) restarts after the newest epoch any of them reached, every
+    rank alike: each reads every file, so no collective is needed. None where the checkpoint has no loader state."""
+    named = (f.stem.rpartition("_")[2] for f in path.glob(LOADER_STATE.format(rank="*")))
+    ranks = sorted(int(n) for n in named if n.isdigit())
+    every = [json.loads((path / loader_state_name(r)).read_text()) for r in ranks]
+    if not every:
+        return None
+    own = path / loader_state_name(rank)
+    return {**(json.loads(own.read_text()) if own.is_file() else {}), "every_rank": every}
 
 
 DEEPSPEED_ENGINE = "pytorch_model"  # accelerate's folder for the first model's DeepSpeed engine

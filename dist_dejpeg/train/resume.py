@@ -336,7 +336,8 @@ def _check_batch(cfg: Config, path: Path, saved: dict, saved_state: dict, proces
     if old_procs != processes:
         same = "" if changes else f"; the global batch stays {new_global}: {old_parts} -> {new_parts}"
         changes.append(f"the process count changes ({old_procs} -> {processes}{same}), and the data loaders' "
-                       f"positions are per rank: the torch loader restarts its data stream at epoch 0, DALI reshards")
+                       f"positions are per rank: the torch loader restarts its data stream at the epoch after the "
+                       f"newest any rank saved (new shuffles and crops), DALI reshards")
     message = f"resuming {path}: " + "; ".join(changes)
     if not cfg.train.resume_allow_batch_change:
         raise ConfigError(message + ". Set train.resume_allow_batch_change=true to continue anyway, or resume "
