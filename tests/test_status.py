@@ -215,6 +215,36 @@ def test_a_newest_checkpoint_a_resume_would_skip_is_said_damaged(tmp_path, no_fl
         format_status(s)
 
 
+def test_a_finished_run_reopened_on_another_process_count_shows_the_new_count(tmp_path, no_flock):
+    """status preferred metrics.json's meta (written at the end of the run) for the process count: a finished run
+    reopened with more steps on 1 process instead of 2 still showed "x 2 processes". The newest file that says it
+    wins: progress.json or the newest checkpoint, metrics.json only where it is the newest."""
+    (tmp_path / "config.yaml").write_text("model:\n  encoder: x\ndata:\n  batch_size: 4\ntrain:\n  order: [gen]\n"
+                                          "  phases:\n    gen:\n      steps: 100\n")
+
+    def write(name: str, content: dict, age_s: float) -> None:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(content))
+        os.utime(path, (time.time() - age_s,) * 2)
+
+    write("metrics.json", {"meta": {"processes": 2, "global_step": 50}}, age_s=300)  # the run's end, on 2
+    write("checkpoints/step-00000050/trainer_state.json", {"global_step": 50, "phase_index": 1, "phase_step": 0,
+                                                           "phase_names": ["gen"], "processes": 2}, age_s=310)
+    assert st.run_status(tmp_path)["config"]["processes"] == 2
+    write("checkpoints/step-00000060/trainer_state.json", {"global_step": 60, "phase_index": 0, "phase_step": 60,
+                                                           "phase_names": ["gen"], "processes": 1}, age_s=100)
+    assert st.run_status(tmp_path)["config"]["processes"] == 1  # reopened on 1: its checkpoint says so
+    write("progress.json", {"status": "running", "phase": "gen", "phase_index": 0, "phases": ["gen"],
+                            "global_step": 61, "processes": 1}, age_s=10)
+    assert st.run_status(tmp_path)["config"]["processes"] == 1
+    write("metrics.json", {"meta": {"processes": 2, "global_step": 60}}, age_s=400)  # (older than progress.json)
+    write("progress.json", {"status": "finished", "phases": ["gen"], "global_step": 70, "processes": 3}, age_s=5)
+    assert st.run_status(tmp_path)["config"]["processes"] == 3
+    write("metrics.json", {"meta": {"processes": 4, "global_step": 70}}, age_s=1)  # newest: it says it
+    assert st.run_status(tmp_path)["config"]["processes"] == 4
+
+
 def test_not_a_run_folder(tmp_path, capsys):
     assert cli("status", str(tmp_path / "missing")) == 2
     assert "no such folder" in capsys.readouterr().err

@@ -47,16 +47,19 @@ def _clean(obj):
     return obj
 
 
-
 # -- position -----------------------------------------------------------------------------------------------
 def _processes(run: RunFolder) -> int | None:
-    """metrics.json's meta says it, or progress.json (written when the first phase begins, before either);
-    else the newest checkpoint holds one loader state per rank."""
-    if run.meta.processes is not None:
-        return run.meta.processes
-    given = (run.progress or {}).get("processes")
-    if isinstance(given, int) and not isinstance(given, bool) and given > 0:
-        return given
+    """The newest of what progress.json (rank 0's, all through a session from its first phase line), the newest
+    checkpoint's trainer_state.json and metrics.json's meta (written at a run's end: stale once a finished run
+    is reopened on another process count) say, by their files' times; else the newest checkpoint holds one
+    loader state per rank."""
+    said = [(mtime(run.path / PROGRESS) or 0.0, (run.progress or {}).get("processes")),
+            (mtime(run.path / METRICS) or 0.0, run.meta.processes)]
+    if run.newest is not None:
+        said.append((mtime(run.newest / TRAINER_STATE) or 0.0, (run.trainer_state or {}).get("processes")))
+    given = [(t, n) for t, n in said if isinstance(n, int) and not isinstance(n, bool) and n > 0]
+    if given:
+        return max(given, key=lambda pair: pair[0])[1]
     if run.newest is not None:
         return len(list(run.newest.glob(LOADER_STATE.format(rank="*")))) or None
     return None
