@@ -158,3 +158,66 @@ def test_the_bits_counted_from_the_coefficients_are_the_bits_the_file_holds(qual
     held = np.array([bits for bits, _ in scan.segments])
     assert len(held) > 2 and (need <= held).all()
     assert (held - need < 8 + 32 * dummies).all(), (held - need, dummies)
+
+
+def _decodes_as(d: bytes, original: bytes) -> bool:
+    return np.array_equal(np.asarray(Image.open(io.BytesIO(d))), np.asarray(Image.open(io.BytesIO(original))))
+
+
+def test_fill_bytes_before_markers_and_an_rst_after_the_last_interval_are_not_refused():
+    """T.81 B.1.1.2: any number of 0xFF may precede a marker; some encoders write an RST after the scan's last
+    MCU, which libjpeg ignores. Both decode pixel-identical; they were refused as skipped data, too many markers."""
+    photo = data.astronaut()[::8, ::8]  # 64 x 64
+    d = _jpeg(photo, quality=90, subsampling=0, restart_marker_blocks=4)  # (64 MCUs: 16 intervals)
+    s = d.find(b"\xff\xda")
+    filled = d[:s] + b"".join(
+        d[s:][k:k + 1] if d[s + k] != 0xFF or not 0xD0 <= d[s + k + 1] <= 0xD7 else b"\xff\xff\xff"
+        for k in range(len(d) - s))
+    assert len(filled) == len(d) + 2 * 15 and _decodes_as(filled, d)
+    assert structure_problem(filled) == "" and coding_problem(filled, _coefficients(d)) == ""
+    assert [rst for _, rst in parse(filled)[0].scans[0].segments] == [-1] + [k % 8 for k in range(15)]
+    load_image(filled)
+    d = _jpeg(photo, quality=90, subsampling=2, restart_marker_blocks=4)
+    extra = d[:-2] + b"\xff\xd3" + d[-2:]
+    assert _decodes_as(extra, d)
+    assert structure_problem(extra) == "" and coding_problem(extra, _coefficients(d)) == ""
+    load_image(extra)
+    big = d[:-2] + b"\xff" * 2_000_000 + d[-2:]  # (fill bytes before EOI, skipped as a run, not byte by byte)
+    assert structure_problem(big) == "" and parse(big)[0].ended
+
+
+def _lossless_jpeg(gray: np.ndarray, rows_per_interval: int) -> bytes:
+    """A lossless (SOF3) grayscale JPEG, predictor 1 (left), a restart every ``rows_per_interval`` rows (its
+    interval counts samples: width x rows); every difference category coded in 5 bits."""
+    h, w = gray.shape
+    bits = []
+    for y in range(h):
+        for x in range(w):
+            first_row = y % rows_per_interval == 0
+            pred = (128 if x == 0 and first_row else int(gray[y - 1, 0]) if x == 0 else int(gray[y, x - 1]))
+            diff = int(gray[y, x]) - pred
+            size = abs(diff).bit_length()
+            bits.append(format(size, "05b") + (format(diff if diff >= 0 else diff + (1 << size) - 1, f"0{size}b")
+                                               if size else ""))
+    out, interval = [], w * rows_per_interval
+    for k in range(0, len(bits), interval):
+        chunk = "".join(bits[k:k + interval])
+        chunk += "1" * (-len(chunk) % 8)
+        body = bytes(int(chunk[i:i + 8], 2) for i in range(0, len(chunk), 8)).replace(b"\xff", b"\xff\x00")
+        out.append(body + (bytes([0xFF, 0xD0 + (k // interval) % 8]) if k + interval < len(bits) else b""))
+    seg = lambda m, body: bytes([0xFF, m]) + struct.pack(">H", len(body) + 2) + body  # noqa: E731
+    return (b"\xff\xd8" + seg(0xC3, struct.pack(">BHHB", 8, h, w, 1) + b"\x01\x11\x00")
+            + seg(0xC4, b"\x00" + bytes([0, 0, 0, 0, 17] + [0] * 11) + bytes(range(17)))
+            + seg(0xDD, struct.pack(">H", interval)) + seg(0xDA, b"\x01\x01\x00\x01\x00\x00") + b"".join(out)
+            + b"\xff\xd9")
+
+
+def test_a_lossless_jpeg_with_restart_intervals_is_not_refused():
+    """A lossless restart interval counts samples, not 8x8 blocks' MCUs: 64 x 64, a restart every 4 rows, 15
+    markers, where 64 blocks in intervals of 256 'need 0'."""
+    gray = data.camera()[::8, ::8]
+    d = _lossless_jpeg(gray, 4)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(d))), gray)  # (libjpeg-turbo 3 decodes SOF3)
+    assert parse(d)[0].marker == 0xC3 and len(parse(d)[0].scans[0].segments) == 16
+    assert structure_problem(d) == ""
+    assert "out of sequence" in structure_problem(d.replace(b"\xff\xd2", b"\xff\xd5", 1))

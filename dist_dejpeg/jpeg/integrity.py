@@ -22,6 +22,7 @@ is left to the decoder (Pillow's "image file is truncated").
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,6 +59,11 @@ class Frame:
         return self.marker not in (0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
 
     @property
+    def dct(self) -> bool:
+        """Not lossless (SOF3, 7, 11, 15): a lossless restart interval counts samples, not 8x8 blocks' MCUs."""
+        return self.marker not in (0xC3, 0xC7, 0xCB, 0xCF)
+
+    @property
     def sequential(self) -> bool:
         return self.marker in (0xC0, 0xC1)
 
@@ -87,7 +93,7 @@ def parse(data: bytes) -> tuple[Frame | None, dict[tuple[int, int], np.ndarray]]
             return frame if frame.marker else None, tables
         marker = data[pos + 1]
         if marker == 0xFF:
-            pos += 1
+            pos = _FILL.match(data, pos).end() - 1  # (fill bytes before a marker: T.81 B.1.1.2)
             continue
         if marker == 0xD9:
             frame.ended = bool(frame.scans)
@@ -139,22 +145,41 @@ def parse(data: bytes) -> tuple[Frame | None, dict[tuple[int, int], np.ndarray]]
 
 
 def _entropy(data: bytes, pos: int, scan: Scan) -> int:
-    """Split the entropy-coded data from ``pos`` at its RST markers into ``scan.segments``; where it ends."""
+    """Split the entropy-coded data from ``pos`` at its RST markers into ``scan.segments``; where it ends (the
+    first of the fill bytes 0xFF before its marker, which belong to no interval: T.81 B.1.1.2). Empty segments
+    after the last interval (an RST marker after the scan's last MCU, which some encoders write and libjpeg
+    ignores) are left out."""
     start, n, rst = pos, len(data), -1
     while True:
         at = data.find(b"\xff", pos)
         if at < 0 or at + 1 >= n:
             scan.segments.append((_bits(data[start:n]), rst))
-            return n
+            break
         nxt = data[at + 1]
-        if nxt == 0x00 or nxt == 0xFF:
-            pos = at + (2 if nxt == 0x00 else 1)
+        if nxt == 0x00:
+            pos = at + 2
             continue
+        if nxt == 0xFF:  # (a run of fill bytes: skipped at once, not byte by byte)
+            end = _FILL.match(data, at).end()
+            if end >= n or data[end] == 0x00:  # (FF..FF 00: a stuffed byte after fill bytes, data)
+                pos = end + 1
+                continue
+            nxt = data[end]
+            marker_at = end - 1
+        else:
+            marker_at = at
         scan.segments.append((_bits(data[start:at]), rst))
         if 0xD0 <= nxt <= 0xD7:
-            rst, start, pos = nxt - 0xD0, at + 2, at + 2
+            rst, start, pos = nxt - 0xD0, marker_at + 2, marker_at + 2
             continue
-        return at
+        at = marker_at
+        break
+    while len(scan.segments) > 1 and scan.segments[-1][0] == 0:  # (a trailing RST: no interval; each holds a bit)
+        scan.segments.pop()
+    return at if at >= 0 and at + 1 < n else n
+
+
+_FILL = re.compile(b"\xff+")  # a run of 0xFF bytes
 
 
 def _bits(chunk: bytes) -> int:
@@ -166,13 +191,15 @@ def structure_problem(data: bytes) -> str:
     frame, _ = parse(data)
     if frame is None or not frame.scans or not frame.ended:
         return ""
-    if frame.huffman:
+    if frame.huffman and frame.dct:
         need = sum(r * c for r, c in (frame.blocks(i) for i in range(len(frame.sampling))))
         held = sum(bits for scan in frame.scans for bits, _ in scan.segments)
         if held < need:
             return (f"{CORRUPT}: the header's {frame.width} x {frame.height} needs at least {need // 8} bytes of "
                     f"coded data (a bit per 8x8 block), the file holds {held // 8}")
     for number, scan in enumerate(frame.scans, 1):
+        if not frame.dct:  # (a lossless restart interval counts samples: only the markers' order is checked)
+            scan = Scan(scan.components, scan.tables, scan.spectral, 0, scan.segments)
         markers = [rst for _, rst in scan.segments[1:]]
         wrong = [k for k, rst in enumerate(markers) if rst != k % 8]
         if wrong:
