@@ -221,3 +221,28 @@ def test_a_lossless_jpeg_with_restart_intervals_is_not_refused():
     assert parse(d)[0].marker == 0xC3 and len(parse(d)[0].scans[0].segments) == 16
     assert structure_problem(d) == ""
     assert "out of sequence" in structure_problem(d.replace(b"\xff\xd2", b"\xff\xd5", 1))
+
+
+def test_load_image_parses_once_and_reads_the_coefficients_at_most_once(tmp_path, monkeypatch):
+    """(Each check parsed the file; the coefficients were read again wherever cells were None: a second read of a
+    CMYK JPEG's that fails again, a progressive JPEG's that no check uses, a path's bytes through a temp file.)"""
+    import dist_dejpeg.jpeg.consistency as consistency
+    import dist_dejpeg.jpeg.integrity as integrity
+    import dist_dejpeg.restore.images as images
+
+    reads, parses = [], []
+    read, parsing = consistency.read_cells, integrity.parse
+    monkeypatch.setattr(consistency, "read_cells", lambda source: reads.append(source) or read(source))
+    for module in (integrity, images):
+        monkeypatch.setattr(module, "parse", lambda d: parses.append(1) or parsing(d), raising=False)
+    photo = data.astronaut()[::4, ::4]
+    cmyk, progressive, plain = tmp_path / "cmyk.jpg", tmp_path / "progressive.jpg", tmp_path / "plain.jpg"
+    Image.fromarray(photo).convert("CMYK").save(cmyk, quality=80)
+    progressive.write_bytes(_jpeg(photo, quality=80, progressive=True))
+    plain.write_bytes(_jpeg(photo, quality=80))
+    for path, cells, want in ((cmyk, True, [cmyk]), (progressive, False, []), (plain, False, [plain]),
+                              (plain, True, [plain])):
+        reads.clear(), parses.clear()
+        loaded = load_image(path, cells=cells)
+        assert [str(r) for r in reads] == [str(w) for w in want] and len(parses) == 1, (path.name, cells, reads)
+        assert (loaded.cells is not None) == (cells and path == plain)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dist_dejpeg.jpeg.integrity import file_problem, structure_problem
+from dist_dejpeg.jpeg.integrity import file_problem, parse, structure_problem
 from dist_dejpeg.data.images import BadImage, decode_component, decode_rgb8
 from dist_dejpeg.jpeg.formats import LOSSY_SHARD_EXTS, LOSSY_SUFFIXES, SHARD_EXTS, images_in, written_by_restore
 from dist_dejpeg.jpeg.quality import estimate_from_pixels
@@ -92,10 +92,11 @@ def _check(path: Path, refs: list, skipped: list, lossy: list, allow_lossy: bool
         try:
             data = data if shard else path.read_bytes()
             jpeg = data[:2] == b"\xff\xd8"  # (coded data not whole, which libjpeg decodes grey: jpeg/integrity.py)
-            if jpeg and (why := structure_problem(data)):
+            frame = parse(data)[0] if jpeg else None  # (parsed once, for both checks)
+            if frame is not None and (why := structure_problem(data, frame)):
                 raise BadImage(why)
             rgb = decode_component(ext, data) if shard else decode_rgb8(data)
-            if jpeg and (why := file_problem(data)):
+            if frame is not None and (why := file_problem(data, frame=frame, source=None if shard else path)):
                 raise BadImage(why)
         except BadImage as err:
             skipped.append(f"{label}: {err}")
