@@ -175,8 +175,7 @@ def join_image(rgb: np.ndarray, alpha: np.ndarray | None = None, grayscale: bool
 def load_image(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, cells: bool = True) -> LoadedImage:
     """Read ``path`` (or an image file's bytes: an upload, named "image") for restoration; every refusal is an
     InputImageError that says why. ``cells``: read a JPEG's quantization cells too (False: its restored image is
-    kept as the model makes it; a sequential JPEG's coefficients are read all the same, for the integrity check:
-    jpeg.integrity.file_problem)."""
+    kept as the model makes it; a sequential JPEG's coefficients still read, for jpeg.integrity's check)."""
     data = bytes(path) if isinstance(path, (bytes, bytearray, memoryview)) else None
     path = Path(path) if data is None else "image"
     try:
@@ -204,8 +203,7 @@ def load_image(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, c
             raise InputImageError(f"{path}: an animated {fmt} ({img.n_frames} frames): restore writes one image, so "
                                   f"all but the first frame would be lost; save the frames as separate images")
         jpeg = fmt in ("JPEG", "MPO") and (data or path.read_bytes())  # (what libjpeg only warns of: integrity.py)
-        frame = parse(jpeg)[0] if jpeg else None  # (parsed once, for both checks)
-        if frame is not None and (why := structure_problem(jpeg, frame)):
+        if (frame := jpeg and parse(jpeg)[0]) and (why := structure_problem(jpeg, frame)):  # (parsed once: both)
             raise InputImageError(f"{path}: {why}")
         try:
             with pixel_limit(max_pixels):
@@ -219,10 +217,8 @@ def load_image(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, c
         icc, exif = output_metadata(img, img.mode in GRAY_MODES)  # before split_image turns the pixels
         rgb, alpha, grayscale = split_image(img, str(path))
         comment, iptc = jpeg_notes(img)
-        wanted, (cells, why) = cells, file_cells(img, data or path) if cells else (None, "")
-        # (cells wanted but not read: read again, they would fail again; not wanted: read for the check alone)
-        if frame is not None and (cells is not None or not wanted) and (
-                bad := file_problem(jpeg, cells, frame, data or path)):
+        wanted, (cells, why) = cells, file_cells(img, data or path) if cells else (None, "")  # (failed: not again)
+        if frame and (cells or not wanted) and (bad := file_problem(jpeg, cells, frame, data or path)):
             raise InputImageError(f"{path}: {bad}")
         return LoadedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, mode=mode, format=fmt, image=img,
                            icc_profile=icc, exif=exif, xmp=output_xmp(img), dpi=output_dpi(img), comment=comment,
