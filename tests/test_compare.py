@@ -48,7 +48,7 @@ def test_paired_differences_their_spread_and_the_photos_better_follow_each_metri
     assert got["measured"]["channel"] == "RGB" and got["measured"]["subsampling"] == "4:2:0 chroma subsampling"
     assert got["measured"]["crop_border"] == 0
     assert text.startswith("Evaluations (A is the baseline), all measured on RGB, JPEGs at 4:2:0 chroma subsampling, "
-                           "border crop 0, PSNR-B as not recorded:")
+                           "border crop 0:")  # (PSNR-B only where it is compared)
     assert ("| q10 | 3 | 20.000 | 21.000 (+1.000) | 23.000 (+3.000, 1 passed through) | +2.000 +- 1.155 (better on 3 "
             "of 3) |") in text
 
@@ -183,3 +183,24 @@ def test_nothing_in_common_the_same_folder_twice_and_an_output_over_an_input_are
     assert (tmp_path / "b" / "metrics.md").read_text() == "evaluate's table"
     assert main(["compare", a, b, "-o", str(tmp_path / "new" / "sub" / "compare.md")]) == 0
     assert "| q10 | 2 |" in (tmp_path / "new" / "sub" / "compare.md").read_text()
+
+
+def test_psnr_b_before_its_convention_was_recorded_and_y_labelled_before_and_since_the_grayscale_change():
+    """An evaluation without meta.psnr_b counted the boundary pairs exactly (0.04 dB from KAIR's on 481x321 at q10):
+    it passed as the same convention. --y-only's label changed, rgb_to_y did not: old and new Y evaluations were
+    refused as another channel, though only a grayscale photo's numbers moved (+1.32 dB)."""
+    rows = [_row("p", 10, {"psnr": 20.0, "psnr_b": 19.0}, {"psnr": 21.0, "psnr_b": 20.0})]
+    kair = "KAIR/SwinIR calculate_psnrb: per-channel mean, BEF over H*(W//8-1) boundary pairs"
+    old, new = _result("old", rows), _result("new", rows, psnr_b=kair)
+    with pytest.raises(CompareError, match="^new measured with another PSNR-B convention than old"):
+        compare([old, new], ("psnr", "psnr_b"))
+    assert "PSNR-B" not in markdown(compare([old, new], ("psnr",)))  # (PSNR's numbers do not depend on it)
+    assert "PSNR-B as the exact boundary-pair count" in markdown(compare([old, _result("o2", rows)], ("psnr_b",)))
+    old_y = dict(channel="Y (ITU-R BT.601, MATLAB-style)")
+    new_y = dict(channel="Y (ITU-R BT.601 16-235, float, not rounded: the BasicSR/SwinIR convention)")
+    assert compare([_result("old", rows, **old_y), _result("new", rows, **new_y, grayscale_images=0)])
+    with pytest.raises(CompareError, match=r"grayscale photos in new \(1\): .* old measured a grayscale photo's Y .*"
+                                           r"not recorded"):
+        compare([_result("old", rows, **old_y), _result("new", rows, **new_y, grayscale_images=1)])
+    with pytest.raises(CompareError, match="another colour channel"):
+        compare([_result("old", rows, **old_y), _result("new", rows, grayscale_images=0)])  # (RGB)

@@ -31,6 +31,9 @@ SAME = {"channel": "colour channel (--y-only)", "crop_border": "border crop (--c
         "subsampling": "chroma subsampling of the JPEGs (--subsampling)", "lpips": "LPIPS backbone",
         "psnr_b": "PSNR-B convention"}
 DEFAULT_METRICS = ("psnr", "ssim", "lpips")
+# what an evaluation that records no PSNR-B convention (made before meta.psnr_b) measured: the exact boundary-pair
+# count, which KAIR's equals only where a photo's sides are multiples of 8 (481x321 at q10: 0.04 dB apart)
+PSNR_B_BEFORE = "the exact boundary-pair count (before the KAIR convention was recorded)"
 
 
 class CompareError(ValueError):
@@ -81,7 +84,26 @@ def _setting(meta: dict, key: str):
         return meta.get("compression", "").rpartition(", ")[2]
     if key == "lpips" and meta.get(key) == "unavailable":
         return None  # (its values are missing: the table says so, the others still compare)
+    if key == "psnr_b":
+        return meta.get(key) or PSNR_B_BEFORE
+    if key == "channel" and str(meta.get(key)).startswith("Y ("):  # (the label changed, rgb_to_y did not: _check_gray)
+        return "Y (ITU-R BT.601)"
     return meta.get(key)
+
+
+def _check_gray(results: list[dict]) -> None:
+    """Y evaluations labelled before and since grayscale photos were measured on their one channel (ea7c3c6:
+    +1.32 dB PSNR for such a photo; a colour photo's Y unchanged) compare unless grayscale photos are in them."""
+    labels = {r["meta"].get("channel") for r in results if _setting(r["meta"], "channel") == "Y (ITU-R BT.601)"}
+    if len(labels) < 2 or not any((r["meta"].get("grayscale_images") or 0) > 0 for r in results):
+        return
+    old = [r["meta"]["path"] for r in results if "grayscale_images" not in r["meta"]]
+    gray = [f"{r['meta']['path']} ({r['meta']['grayscale_images']})" for r in results
+            if (r["meta"].get("grayscale_images") or 0) > 0]
+    raise CompareError(f"grayscale photos in {', '.join(gray)}: measured on their one channel, where "
+                       f"{', '.join(old) or 'the older evaluations'} measured a grayscale photo's Y (1.32 dB lower); "
+                       f"how many of {'its' if len(old) == 1 else 'their'} photos were grayscale is not recorded "
+                       f"(it predates the count), so which numbers moved cannot be known: evaluate them again")
 
 
 def _key(row: dict) -> tuple:
@@ -111,12 +133,15 @@ def compare(results: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> 
     if unknown := [m for m in metrics if m not in BY_NAME]:
         raise CompareError(f"unknown metric(s) {', '.join(unknown)}: choose from {', '.join(BY_NAME)}")
     for key, what in SAME.items():
+        if key == "psnr_b" and "psnr_b" not in metrics:
+            continue  # (the other metrics' numbers do not depend on it)
         settings = [_setting(r["meta"], key) for r in results]
         differ = [r["meta"]["path"] for r, v in zip(results, settings)
                   if v != settings[0] and None not in (v, settings[0])]
         if differ:
             raise CompareError(f"{', '.join(differ)} measured with another {what} than {results[0]['meta']['path']} "
                                f"({settings[0]!r}): their numbers do not compare; evaluate them alike")
+    _check_gray(results)
     _check_same_inputs(results)
     measured = [{_key(row) for row in r["per_image"]} for r in results]
     if not set.intersection(*measured):
@@ -153,7 +178,7 @@ def _measured(meta: dict) -> dict:
     the channel (with its grayscale photos), the JPEGs' chroma subsampling, the border crop, the PSNR-B convention."""
     return {"channel": channel_note(meta) if meta.get("channel") else None,
             "subsampling": _setting(meta, "subsampling") or None, "crop_border": meta.get("crop_border"),
-            "psnr_b": meta.get("psnr_b")}
+            "psnr_b": _setting(meta, "psnr_b")}
 
 
 def _check_same_inputs(results: list[dict], metric: str = "psnr") -> None:
@@ -201,7 +226,9 @@ def markdown(comparison: dict) -> str:
     how = comparison.get("measured") or {}
     lines = [f"Evaluations (A is the baseline), all measured on {how.get('channel') or 'a channel not recorded'}, "
              f"JPEGs at {how.get('subsampling') or 'a chroma subsampling not recorded'}, border crop "
-             f"{how.get('crop_border', 'not recorded')}, PSNR-B as {how.get('psnr_b') or 'not recorded'}:", ""]
+             f"{how.get('crop_border', 'not recorded')}"
+             + (f", PSNR-B as {how.get('psnr_b') or 'not recorded'}" if "psnr_b" in comparison["metrics"] else "")
+             + ":", ""]
     for letter, e in zip(letters, evals):
         lines.append(f"- {letter}: {md_cell(e['path'])}: model {md_cell(e['model'])}, step {e['global_step']}, encoder "
                      f"{e['encoder_init']}, guard {'on' if e['guard'] else 'off'}, quality "
