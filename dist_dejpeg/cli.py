@@ -257,7 +257,7 @@ def _refused(cfg, resume: str | None) -> int:
         check_before_start(cfg, resume, ranks, say=lambda line: print(line, file=sys.stderr))  # (what it accepts too)
         refused_before_launch(cfg, ranks)  # (fp16 on the CPU, DeepSpeed in one process with no launcher)
         model = dataclasses.replace(init_from_config(cfg.model), pretrained=False, init_from="")  # (its config only)
-        for note in generator_notes(build_generator(model), cfg.data):  # (a crop it cannot train on: ConfigError)
+        for note in generator_notes(build_generator(model), cfg.data, cfg.model.sync_bn and ranks > 1):  # (ConfigError)
             print(f"warning: {note}", file=sys.stderr)
         try:  # the shards: tiles the crop fits; not there here (a login node without the compute nodes' scratch,
             check_shards_exist(cfg)  # data prepared later, data.auto_prepare's): said, not refused

@@ -618,6 +618,10 @@ def test_dry_run_refuses_a_crop_batch_norm_cannot_train_on_and_warns_of_a_padded
     assert "data.crop=24 is no multiple of the encoder's largest stride 16" in capsys.readouterr().err
     assert main([*run, "data.crop=32", "data.batch_size=1"]) == 0
     assert "data.crop" not in capsys.readouterr().err
+    # model.sync_bn in two processes: batch norm counts the global batch's values (two), and trains
+    assert main([*run, "data.crop=16", "data.batch_size=1", "model.sync_bn=true", "train.processes=2",
+                 "train.cpu=true"]) == 0, capsys.readouterr().err
+    assert "data.crop" not in capsys.readouterr().err
 
 
 def test_dry_run_on_a_resumable_run_lists_the_changes_the_resume_accepts(tmp_path, capsys):

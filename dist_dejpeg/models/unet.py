@@ -212,15 +212,16 @@ def attention_note(generator: Generator) -> str | None:
             f"stride {at}")
 
 
-def crop_note(generator: Generator, crop: int, batch_size: int) -> str | None:
+def crop_note(generator: Generator, crop: int, batch_size: int, global_bn: bool = False) -> str | None:
     """A warning's text where the training crop (``data.crop``) is no multiple of the encoder's largest stride: the
     U-Net pads each crop up to one (a share of every step's work on padding, and the deepest stages see the padded
     border); None where it is. A ConfigError where the crop leaves the deepest stage one position and a device's
     batch holds one crop (``batch_size``): batch norm has one value a channel there, which fails the first step
-    deep in the model ("Expected more than 1 value per channel when training")."""
+    deep in the model ("Expected more than 1 value per channel when training"); not where ``global_bn`` (model.sync_bn
+    in several processes: SyncBatchNorm, or on the CPU GlobalBatchStats, counts the global batch's values)."""
     stride = generator.pad_to
     padded = -(-crop // stride) * stride
-    if padded == stride and batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+    if padded == stride and batch_size < 2 and not global_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                                    for m in generator.modules()):
         raise ConfigError(f"config key 'data.crop': {crop} px with data.batch_size={batch_size} leaves the encoder's "
                           f"deepest stage (stride {stride}) one position of one crop, which its batch norm cannot "
@@ -234,9 +235,11 @@ def crop_note(generator: Generator, crop: int, batch_size: int) -> str | None:
             f"step's pixels are padding; data.crop={' or '.join(map(str, fits))} wastes none")
 
 
-def generator_notes(generator: Generator, data_cfg) -> list[str]:
-    """What a run's start warns of its generator (attention_note, crop_note: ``data_cfg``'s crop and batch size)."""
-    return [n for n in (attention_note(generator), crop_note(generator, data_cfg.crop, data_cfg.batch_size)) if n]
+def generator_notes(generator: Generator, data_cfg, global_bn: bool = False) -> list[str]:
+    """What a run's start warns of its generator (attention_note, crop_note: ``data_cfg``'s crop and batch size;
+    ``global_bn``: model.sync_bn in several processes)."""
+    return [n for n in (attention_note(generator), crop_note(generator, data_cfg.crop, data_cfg.batch_size, global_bn))
+            if n]
 
 
 # the ModelConfig keys that describe the module (the others are training settings: channels_last, sync_bn, ...)

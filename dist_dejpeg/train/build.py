@@ -222,9 +222,10 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
             generator = build_generator(cfg.model)
         except EncoderError as err:  # one line for the user, as any config error
             raise ConfigError(f"config key 'model.encoder': {err}") from None
-    for note in generator_notes(generator, cfg.data):  # (a crop it cannot train on: a ConfigError on every rank)
+    global_bn = cfg.model.sync_bn and acc.num_processes > 1  # (batch norm over the global batch: one crop a rank)
+    for note in generator_notes(generator, cfg.data, global_bn):  # (a crop it cannot train on: a ConfigError)
         warn_on_main(acc.is_main_process)("%s", note)
-    if cfg.model.sync_bn and acc.num_processes > 1:
+    if global_bn:
         generator = convert_sync_batchnorm(generator, cuda=acc.device.type == "cuda")
     critic = build_critic(cfg.critic) if any(trains_critic(p) for p in phases) else None  # (its crop: config checks)
     deepspeed = t.deepspeed_stage > 0
