@@ -304,14 +304,18 @@ def compare_command(args: argparse.Namespace) -> int:
 def status_command(args: argparse.Namespace) -> int:
     import json
 
-    from dist_dejpeg.run.status import find_runs
+    from dist_dejpeg.run.layout import TRAINER_STATE
+    from dist_dejpeg.run.status import find_runs, is_run_folder
     from dist_dejpeg.run.text import format_status, format_table
 
     runs = find_runs(args.run_dirs)
     statuses = [_one_status(path) for path in runs]
     # --json: an object for one run folder given, a list for several or a folder of runs (a sweep's runs/, however
-    # many it holds today: a script reads one shape)
-    one = runs == [Path(p) for p in args.run_dirs] and len(runs) == 1
+    # many it holds today, none yet included: a script reads one shape); judged by the path given, not what it
+    # expanded to (an empty folder is no run); a file or a checkpoint folder given (an error): an object
+    given = Path(args.run_dirs[0])
+    one = len(args.run_dirs) == 1 and not (given.is_dir() and not is_run_folder(given)
+                                           and not (given / TRAINER_STATE).is_file())
     if args.json and not one:
         print(json.dumps(statuses, indent=2))
         return 2 if any("error" in s for s in statuses) else 0

@@ -734,6 +734,9 @@ def test_status_json_is_a_list_for_a_folder_of_runs_however_many_it_holds(tmp_pa
     script read one shape. A folder of runs, or several paths, is a list; one run folder given, an object."""
     sweep = tmp_path / "runs"
     sweep.mkdir()
+    assert cli("status", "--json", str(sweep)) == 2  # (no run yet: a list still, its one entry the error)
+    listed = json.loads(capsys.readouterr().out)
+    assert isinstance(listed, list) and "not a run folder" in listed[0]["error"], listed
     fake_run(sweep / "sweep-0", [["gen", 30, 0.0035]])
     assert cli("status", "--json", str(sweep)) == 0
     listed = json.loads(capsys.readouterr().out)
