@@ -6,7 +6,9 @@ and measure the JPEG input and the restored output against the original with the
     dist-dejpeg evaluate --model runs/debug --images data/samples/val-*.tar --y-only -o eval_y/
 
 Writes ``metrics.json`` (everything: settings, the model's metadata, per-quality means, per-image values),
-``metrics.csv`` (one row per image, quality and input; UTF-8 with a BOM, which Excel needs to read the names as UTF-8
+``metrics.csv`` (one row per image, quality and input; its columns image, quality, input (jpeg or restored), each
+metric (metrics.registry's order), then channel (RGB, Y or gray: what that row was measured on, added last so that
+columns read by position keep their places); UTF-8 with a BOM, which Excel needs to read the names as UTF-8
 and ``encoding="utf-8-sig"`` strips; a name starting with = + - @ or a tab or carriage return, which a spreadsheet
 would run as a formula, is written with a leading ``'``, as OWASP advises: metrics.json keeps it as it is) and
 ``metrics.md`` (the per-quality tables; a photo's name or a path escaped for a table cell). The
@@ -331,11 +333,11 @@ def table_files(result: dict) -> dict[str, bytes]:
     cells.csv_cell) and metrics.md."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["image", "quality", "input", "channel", *EVALUATED])  # channel: RGB, Y or gray (image_channel)
-    for r in result["per_image"]:
+    writer.writerow(["image", "quality", "input", *EVALUATED, "channel"])  # channel: RGB, Y or gray (image_channel)
+    for r in result["per_image"]:  # (channel last: the columns before it keep the places they had without it)
         for kind in ("jpeg", "restored"):
-            writer.writerow([csv_cell(r["image"]), r["quality"], kind, r.get("channel", ""),
-                             *("" if r[kind].get(m) is None else r[kind][m] for m in EVALUATED)])
+            writer.writerow([csv_cell(r["image"]), r["quality"], kind,
+                             *("" if r[kind].get(m) is None else r[kind][m] for m in EVALUATED), r.get("channel", "")])
     tables = _strict_json({k: v for k, v in result.items() if k != "records"})
     return {METRICS: json.dumps(tables, indent=2, default=float, allow_nan=False).encode(),
             EVALUATE_CSV: buf.getvalue().encode(CSV_ENCODING), "metrics.md": markdown(result).encode()}
