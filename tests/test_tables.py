@@ -39,7 +39,7 @@ def test_metrics_csv_names_cannot_run_as_formulas_and_excel_reads_it_as_utf8():
     data = files["metrics.csv"]
     assert data.startswith(b"\xef\xbb\xbf")  # UTF-8's BOM
     rows = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
-    assert list(rows[0]) == ["image", "quality", "input", "channel", *EVALUATED]  # the BOM stripped, as pandas does
+    assert list(rows[0]) == ["image", "quality", "input", *EVALUATED, "channel"]  # the BOM stripped, as pandas does
     names = [r["image"] for r in rows[::2]]
     assert names == ["'=cmd|' -C calc'!A0", "'+1", "'-2", "'@sum", "'\tx", *HOSTILE[5:]]
     assert float(rows[0]["psnr"]) == 20.0 and float(rows[1]["psnr"]) == 21.5  # numbers untouched
