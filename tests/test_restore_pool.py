@@ -235,6 +235,72 @@ def test_pixel_limit_nested_by_threads_puts_back_what_it_found():
     warnings.filters.pop(0)
 
 
+def test_decode_rgb8_beside_pixel_limit_defeats_neither_and_puts_the_limit_back(monkeypatch):
+    """prepare's decode_rgb8 lifted PIL's limit (a global) and put back what it had found, with no lock, beside
+    restore's pixel_limit: in this order (decode in, restore's pixel_limit in, decode out), the decode put back
+    PIL's default while restore was inside (its raised limit and its warning filters gone: catch_warnings put back
+    the list it had found), and restore's exit put back the "no limit" it had found: PIL's limit off for good."""
+    import io
+    import threading
+    import warnings
+
+    from PIL import Image
+
+    from dist_dejpeg.data.images import decode_rgb8
+    from dist_dejpeg.restore.images import pixel_limit
+
+    filters, limit = warnings.filters[:], Image.MAX_IMAGE_PIXELS
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    decode_in, restore_in, decode_out = threading.Event(), threading.Event(), threading.Event()
+    opened, seen = Image.open, []
+
+    def held_open(*args, **kwargs):  # the decode stays inside until restore's pixel_limit is
+        decode_in.set()
+        restore_in.wait(10)
+        return opened(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", held_open)
+
+    def decode():
+        seen.append(decode_rgb8(buf.getvalue(), 100).shape)
+        decode_out.set()
+
+    def restore():
+        decode_in.wait(10)
+        with pixel_limit(300_000_000):
+            restore_in.set()
+            decode_out.wait(10)
+            seen.append((Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS >= 300_000_000,
+                         any(f[2] is Image.DecompressionBombWarning for f in warnings.filters)))
+
+    threads = [threading.Thread(target=decode), threading.Thread(target=restore)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+        assert not t.is_alive()
+    assert seen == [(8, 8, 3), (True, True)]  # (restore's limit and silencing held after the decode left)
+    assert Image.MAX_IMAGE_PIXELS == limit and warnings.filters == filters
+
+
+def test_decode_rgb8_without_max_pixels_keeps_pils_own_limit(monkeypatch):
+    """(PIL's limit is lifted while decode_rgb8 opens a file: without max_pixels, the limit its user set is
+    checked from the header instead, as PIL's warning, made an error, did.)"""
+    import io
+
+    from PIL import Image
+
+    from dist_dejpeg.data.images import BadImage, decode_rgb8
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 80)
+    buf = io.BytesIO()
+    Image.new("RGB", (10, 10)).save(buf, format="PNG")
+    with pytest.raises(BadImage, match=r"10 x 10 .* over the 8e-05 MP limit \(PIL's decompression-bomb limit\)"):
+        decode_rgb8(buf.getvalue())
+    assert decode_rgb8(buf.getvalue(), 100).shape == (10, 10, 3) and Image.MAX_IMAGE_PIXELS == 80
+
+
 def test_a_wide_pool_decodes_at_most_loads_ahead(tmp_path, monkeypatch):
     """Many threads (a GPU's default) encode many outputs at once, but decode at most LOADS_AHEAD files beyond the
     one being restored: decoded images waiting for the model are memory (a 12 MP photo and its cells ~70 MB)."""

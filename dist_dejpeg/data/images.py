@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 import re
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from dist_dejpeg.jpeg.formats import SHARD_EXTS, TILE_FORMATS, rgb_image
+from dist_dejpeg.jpeg.pil_limit import own_limit, pixel_limit
 
 
 class BadImage(ValueError):
@@ -91,18 +91,18 @@ def to_rgb8(img: Image.Image) -> np.ndarray:
 
 def decode_rgb8(data: bytes, max_pixels: int | None = None, upright: bool = False) -> np.ndarray:
     """Decode image bytes fully (truncated files are errors, not grey padding) to H x W x 3 uint8. ``max_pixels``:
-    refuse larger images (TooManyPixels, from the header) instead of PIL's own decompression-bomb limit.
+    refuse larger images (TooManyPixels, from the header; without it, those over PIL's own decompression-bomb
+    limit, Image.MAX_IMAGE_PIXELS as its user set it).
     ``upright``: apply the EXIF orientation (a camera's portrait photo is stored sideways; tiles have an up)."""
-    saved = Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if max_pixels is not None:
-                Image.MAX_IMAGE_PIXELS = None  # checked here instead, from the header
+        # PIL's limit lifted (jpeg/pil_limit.py: one lock for every thread that changes it), the size checked here
+        with pixel_limit(None):
             img = Image.open(io.BytesIO(data))
-            if max_pixels is not None and img.width * img.height > max_pixels:
+            limit = max_pixels if max_pixels is not None else own_limit()
+            if limit is not None and img.width * img.height > limit:
+                said = "--max-pixels" if max_pixels is not None else "PIL's decompression-bomb limit"
                 raise TooManyPixels(f"{img.width} x {img.height} = {img.width * img.height / 1e6:.1f} MP, over "
-                                    f"the {max_pixels / 1e6:g} MP limit (--max-pixels)")
+                                    f"the {limit / 1e6:g} MP limit ({said})")
             img.load()
             if upright:
                 img = ImageOps.exif_transpose(img)
@@ -112,8 +112,6 @@ def decode_rgb8(data: bytes, max_pixels: int | None = None, upright: bool = Fals
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
         # (PIL names the buffer it read: "<_io.BytesIO object at 0x...>", nothing a reader can use)
         raise BadImage(re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", f"{type(err).__name__}: {err}")) from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
 
 
 def jpeg_roundtrip(rgb: np.ndarray, quality: int, subsampling: int = -1) -> np.ndarray:

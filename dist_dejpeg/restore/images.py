@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import struct
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from dist_dejpeg.jpeg.consistency import JpegCells, NotConsistent, cells_of, conform, is_decode_of
 from dist_dejpeg.jpeg.integrity import file_problem, parse, structure_problem
+from dist_dejpeg.jpeg.pil_limit import pixel_limit
 from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, DEFAULT_MAX_PIXELS, icc_space, is_animation, rgb_image,
                                        save_options, tiff_pages)
 from dist_dejpeg.restore.metadata import (JPEG_MARKER_MAX, ORIENTATION, XMP_HEADER, fit_exif, jpeg_notes, marked,
@@ -95,48 +95,6 @@ def _bit_depth(img: Image.Image, path: str | Path | None) -> int:
     if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
         return 16 if any(";16" in str(t.args) for t in img.tile) else 8
     return struct.unpack(">B", head[24:25])[0]
-
-
-@contextlib.contextmanager
-def pixel_limit(max_pixels: int):
-    """PIL's own decompression-bomb limit raised to ``max_pixels`` while one file is opened (we check first), its
-    warnings above that limit and on a camera's malformed EXIF silenced. Threads may nest it: the first to enter
-    saves PIL's limit and adds the two filters, the last to leave puts the limit back and removes them (filters
-    others added meanwhile stay); warnings.catch_warnings, entered and left in another order by two threads, put
-    back the other's filters, leaking them for good."""
-    global _depth, _saved
-    with _LIMIT:
-        if not _depth:
-            before = warnings.filters[:]
-            # (PIL's warning above its limit: the size is checked, and said, here; a camera's malformed EXIF,
-            # "Corrupt EXIF data": output_metadata drops what it cannot read)
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            added = [warnings.filters[0]]
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
-            added.append(warnings.filters[0])
-            _saved = (Image.MAX_IMAGE_PIXELS, [f for f in added if f not in before])  # (one there before stays)
-        _depth += 1
-        Image.MAX_IMAGE_PIXELS = max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)
-    try:
-        yield
-    finally:
-        with _LIMIT:
-            _depth -= 1
-            if not _depth:
-                Image.MAX_IMAGE_PIXELS = _saved[0]
-                for entry in _saved[1]:
-                    if entry in warnings.filters:
-                        warnings.filters.remove(entry)
-                warnings.simplefilter("default", _Never)  # (any change tells the warning caches the filters moved)
-                warnings.filters.remove(("default", None, _Never, None, 0))
-
-
-class _Never(Warning):
-    """A warning never raised: its filter, added and removed, marks the filters as changed."""
-
-
-_LIMIT = threading.Lock()
-_depth, _saved = 0, (None, [])  # pixel_limit's: how many are open, what the first one found
 
 
 def split_image(img: Image.Image, source: str = "image") -> tuple[np.ndarray, np.ndarray | None, bool]:
