@@ -747,3 +747,22 @@ def test_status_json_is_a_list_for_a_folder_of_runs_however_many_it_holds(tmp_pa
     assert cli("status", "--json", str(sweep)) == 0 and len(json.loads(capsys.readouterr().out)) == 2
     assert cli("status", "--json", str(sweep / "sweep-0"), str(tmp_path / "none")) == 2  # several: a list, errors in it
     assert [("error" in s) for s in json.loads(capsys.readouterr().out)] == [False, True]
+
+
+def test_status_counts_the_sessions_and_names_the_last_ones_commit(tmp_path, no_flock):
+    """sessions.jsonl (train/sessions.py: one line a training session) read by status: how many, and the last
+    one's commit and torch, in --json and in one text line; a damaged line skipped, a run without the file has
+    none (and no line)."""
+    (tmp_path / "config.yaml").write_text("train:\n  order: [gen]\n  phases:\n    gen:\n      steps: 10\n")
+    s = st.run_status(tmp_path)
+    assert s["sessions"] is None and "sessions" not in format_status(s)
+    lines = [{"commit": "v1-3-gabc1234", "versions": {"torch": "2.4.0"}},
+             {"commit": "v1-5-gdef5678-dirty", "versions": {"torch": "2.5.1+cu121"}}]
+    (tmp_path / "sessions.jsonl").write_text("\n".join(map(json.dumps, lines)) + '\n{"commit": "cut sh')
+    s = st.run_status(tmp_path)
+    assert s["sessions"] == {"count": 2, "last_commit": "v1-5-gdef5678-dirty", "last_torch": "2.5.1+cu121"}
+    assert "sessions   2, the last at commit v1-5-gdef5678-dirty, torch 2.5.1+cu121" in format_status(s)
+    (tmp_path / "sessions.jsonl").write_text(json.dumps({"commit": None, "versions": "?"}) + "\n")  # outside git
+    s = st.run_status(tmp_path)
+    assert s["sessions"] == {"count": 1, "last_commit": None, "last_torch": None} and json.dumps(s)
+    assert "sessions   1, the last at commit ?, torch ?" in format_status(s)

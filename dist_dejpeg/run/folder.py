@@ -3,12 +3,12 @@ half-written or damaged (they read as None). Pure reading: nothing is created, l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_dejpeg.run.files import read_json
-from dist_dejpeg.run.layout import (CONFIG, METRICS, PROGRESS, TRAINER_STATE, MetricsMeta, list_checkpoints,
-                                    partial_checkpoints)
+from dist_dejpeg.run.files import read_json, read_jsonl
+from dist_dejpeg.run.layout import (CONFIG, METRICS, PROGRESS, SESSIONS, TRAINER_STATE, MetricsMeta,
+                                    list_checkpoints, partial_checkpoints)
 from dist_dejpeg.run.lock import lock_status
 
 
@@ -26,6 +26,7 @@ class RunFolder:
     metrics: dict | None
     meta: MetricsMeta  # metrics.json's meta (empty without one)
     lock: dict  # lock_status
+    sessions: list[dict] = field(default_factory=list)  # sessions.jsonl's lines (train/sessions.py), oldest first
 
     @property
     def newest(self) -> Path | None:
@@ -47,7 +48,20 @@ def read_folder(run_dir: Path) -> RunFolder:
         trainer_state=read_json(newest / TRAINER_STATE) if newest else None,
         config=config_summary(cfg, config_path) if cfg is not None else None,
         progress=progress, progress_unreadable=progress is None and (run_dir / PROGRESS).exists(),
-        metrics=metrics, meta=MetricsMeta.from_dict((metrics or {}).get("meta")), lock=lock_status(run_dir))
+        metrics=metrics, meta=MetricsMeta.from_dict((metrics or {}).get("meta")), lock=lock_status(run_dir),
+        sessions=read_jsonl(run_dir / SESSIONS))
+
+
+def session_summary(sessions: list[dict]) -> dict | None:
+    """How many training sessions sessions.jsonl records and the last one's commit and torch (None: not said, or
+    of another shape); None without a line (a run of a version before the file, or one that never started)."""
+    if not sessions:
+        return None
+    last = sessions[-1]
+    versions = last.get("versions") if isinstance(last.get("versions"), dict) else {}
+    said = (last.get("commit"), versions.get("torch"))
+    commit, torch = (v if isinstance(v, str) else None for v in said)
+    return {"count": len(sessions), "last_commit": commit, "last_torch": torch}
 
 
 def config_summary(cfg: dict, source: Path) -> dict:

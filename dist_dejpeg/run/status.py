@@ -7,7 +7,7 @@ Pure reading: nothing in the run folder is created, locked or written, so it is 
 the run's flock even for a moment would make a trainer starting at that moment fail with "busy"). What it
 reads: ``config.yaml``, ``progress.json`` (rank 0 rewrites it at every log window, validation, phase boundary
 and at the end; older runs have none), ``checkpoints/step-*/trainer_state.json`` (and ``.tmp-step-*`` left by
-a killed run), ``metrics.json`` and ``generator.safetensors`` (written at the end), and ``.lock``.
+a killed run), ``metrics.json`` and ``generator.safetensors`` (written at the end), ``sessions.jsonl`` and ``.lock``.
 
 Whether the lock is held is read without locking: the ``.lock`` file's inode among the FLOCK entries of
 ``/proc/locks`` (Linux; the kernel drops the flock when the holder dies, so a killed run shows none), and,
@@ -27,7 +27,7 @@ import socket
 import time
 from pathlib import Path
 
-from dist_dejpeg.run.folder import RunFolder, read_folder, read_yaml
+from dist_dejpeg.run.folder import RunFolder, read_folder, read_yaml, session_summary
 from dist_dejpeg.run.layout import (CHECKPOINTS, CONFIG, EVALUATE_CSV, GENERATOR, LOADER_STATE, LOCK, METRICS, PROGRESS,
                                    TRAINER_STATE, WRITE_ERRORS)
 from dist_dejpeg.run.manifest import verify_checkpoint
@@ -393,7 +393,7 @@ def _status(run: RunFolder, now: float) -> dict:
         "progress_missing": _no_progress(run, state),
         "checkpoint": _checkpoint(run, now), "partial_checkpoints": run.partial, "lock": run.lock,
         "speed": speed, "eta": eta, "lpips": lpips, "best": _best(run, lpips), "last_val": last_val,
-        "last_val_source": last_val_source,
+        "last_val_source": last_val_source, "sessions": session_summary(run.sessions),
         "finished_files": {METRICS: run.metrics is not None, GENERATOR: has_generator}, "warnings": warnings,
     })
 

@@ -71,6 +71,9 @@ def format_status(status: dict) -> str:
         usable = f"resuming takes {ck['usable']}" if ck.get("usable") else "no older one passes its sizes either"
         lines.append(f"           DAMAGED ({str(ck['damaged'])[:160]}): {usable}")
     lines.append(f"lock       {s['lock']['detail']}")
+    if sessions := s.get("sessions"):  # (sessions.jsonl: a run resumed after a git pull has several commits)
+        lines.append(f"sessions   {sessions['count']}, the last at commit {sessions.get('last_commit') or '?'}, "
+                     f"torch {sessions.get('last_torch') or '?'}")
     lines += result_lines(s)
     losses = (prog or {}).get("losses")
     if isinstance(losses, dict) and losses:
