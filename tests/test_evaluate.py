@@ -283,6 +283,21 @@ def test_the_code_that_trained_and_that_evaluated_are_named(tmp_path, model_file
     assert "trained by not recorded" in markdown(result)
 
 
+def test_the_precision_restored_in_is_recorded_beside_the_device(tmp_path, model_file, photos):
+    """meta recorded the device, tile and overlap but not the precision (bf16 or fp32: their numbers differ);
+    now restore/record.restorer_settings' four, and metrics.md's "Restored on" line says it."""
+    from dist_dejpeg.evaluation.evaluate import evaluate, markdown
+    from dist_dejpeg.restore.restorer import Restorer
+
+    result = evaluate(Restorer(str(model_file), tile=0, precision="fp32"), [str(photos / "chelsea.png")], [20], None,
+                      progress=False, only=("psnr",))
+    meta = result["meta"]
+    assert (meta["device"], meta["precision"], meta["tile"]) == ("cpu", "fp32", 0)
+    assert "Restored on cpu (fp32, tile 0, overlap " in markdown(result)
+    del meta["precision"]  # a metrics.json written before it
+    assert "Restored on cpu (tile 0, overlap " in markdown(result)
+
+
 def _evaluate_cli(capsys, *args) -> tuple[int, str]:
     code = main(["evaluate", *args, "--quiet"])
     return code, capsys.readouterr().err

@@ -44,6 +44,7 @@ from dist_dejpeg.metrics.registry import BY_NAME, COLOUR, EVALUATED, QUALITY
 from dist_dejpeg.models.names import TRAIN_SHARDS, TRAIN_SOURCES
 from dist_dejpeg.models.weights import WeightsError
 from dist_dejpeg.restore.files import check_output_dir
+from dist_dejpeg.restore.record import restorer_settings
 from dist_dejpeg.restore.restorer import Restorer
 from dist_dejpeg.run.files import atomic_write_files
 from dist_dejpeg.run.layout import EVALUATE_CSV, METRICS
@@ -193,7 +194,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
             "psnr_b": PSNRB_CONVENTIONS["kair"], "crop_border": crop_border, "unavailable": metric.unavailable,
             "undefined": metric.undefined,
             "lpips": _lpips_label(metric.lpips),
-            "device": str(restorer.device), "tile": restorer.tile, "overlap": restorer.overlap,
+            **restorer_settings(restorer),  # device, tile, overlap, precision: as restore's record has them
             "quality_given": not blind, "conditioned": restorer.conditioned, "guard": restorer.guard and not blind,
             # (jpeglib missing: nothing was made consistent, whatever the restorer asked)
             "consistent_with_file": getattr(restorer, "consistent", True) and not jpeglib_missing(),
@@ -264,7 +265,8 @@ def markdown(result: dict) -> str:
              f"{meta['compression']}; full-reference metrics on {pairs.channel_note(meta)}, border crop "
              f"{meta['crop_border']}; "
              f"PSNR-B as {meta.get('psnr_b') or 'not recorded'}.",
-             f"Restored on {meta['device']} (tile {meta['tile']}, overlap {meta['overlap']}), " + (
+             f"Restored on {meta['device']} ({meta['precision'] + ', ' if meta.get('precision') else ''}tile "
+             f"{meta['tile']}, overlap {meta['overlap']}), " + (
                  "nothing restored (every image passed through)." if meta["restore_ms_per_megapixel"] is None else
                  f"{format_value(meta['restore_ms_per_megapixel'], 0)} ms per megapixel of the restored images."),
              f"Quality-conditioned model: {'yes' if meta.get('conditioned') else 'no'}; quality told to it: "
