@@ -791,6 +791,29 @@ def test_a_pass_through_re_encoded_with_loss_is_not_said_to_be_unchanged(tmp_pat
     assert lines[0].startswith(f"passed through: {src}: ") and "passed 1 through unchanged; 0 failed" in lines[-1]
 
 
+def test_the_summary_says_re_encoded_from_the_save_not_from_the_files_afterwards(tmp_path, capsys):
+    """The summary compared each pass-through's output with its input after the run: an input removed (or
+    replaced) since made a copy of it read as "re-encoded as JPEG q60". RestoreResult.reencoded, set by the save,
+    says it."""
+    import argparse
+
+    from dist_dejpeg.restore.inputs import RestoreResult
+    from dist_dejpeg.restore.summary import print_restore_summary
+
+    (tmp_path / "a.jpg").write_bytes(b"the input itself")  # a copy whose input has gone since
+    (tmp_path / "b.jpg").write_bytes(b"a png's pixels as a jpeg")
+    results = [RestoreResult(str(tmp_path / "gone.jpg"), str(tmp_path / "a.jpg"), quality_from="unknown",
+                             passthrough=True),
+               RestoreResult(str(tmp_path / "b.png"), str(tmp_path / "b.jpg"), quality_from="unknown",
+                             passthrough=True, reencoded=True)]
+    args = argparse.Namespace(output_quality=60, quiet=False, verbose=False, out=str(tmp_path), skip_existing=False)
+    print_restore_summary(results, args, "cpu")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"passed through: {tmp_path / 'gone.jpg'}: unknown", lines
+    assert lines[1] == f"not restored, re-encoded as JPEG q60: {tmp_path / 'b.png'}: unknown", lines
+    assert "passed 1 through unchanged; 1 not restored but re-encoded as JPEG q60; 0 failed" in lines[-1], lines
+
+
 def test_a_folders_heic_raw_and_avif_files_are_counted_and_named_not_passed_over(tmp_path, model_file, capsys):
     """A phone's or camera's folder: its HEIC, RAW and AVIF files, which a folder search leaves out, are counted
     and named in one line (the summary said "restored 1 image(s) ... 0 failed" and nothing of them)."""

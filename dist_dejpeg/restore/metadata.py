@@ -225,12 +225,3 @@ def jpeg_without_gps(data: bytes, source: str | None = None) -> bytes | None:
     new = marked(None, source)
     mark = [] if exif_seen else [b"\xff\xe1" + (len(new) + 2).to_bytes(2, "big") + new]
     return b"\xff\xd8" + b"".join(mark + out) + data[at:]
-
-
-def same_image_data(source: str | Path, output: str | Path) -> bool:
-    """Whether ``output`` is the file ``source``, or, both JPEGs, its data from the first scan on (its metadata
-    changed: jpeg_without_gps)."""
-    a, b = Path(source).read_bytes(), Path(output).read_bytes()
-    if a == b:
-        return True
-    return a[:2] == b[:2] == b"\xff\xd8" and b"\xff\xda" in a and a[a.index(b"\xff\xda"):] == b[b.find(b"\xff\xda"):]

@@ -58,14 +58,12 @@ def print_restore_summary(results: list, args: argparse.Namespace, device, recor
 
 def _reencoded(result, output_quality: int | None) -> str:
     """How a passed-through image's output was encoded with loss ("JPEG q60": a PNG given --format jpg), or ""
-    where it is the input file itself or its pixels in a lossless format."""
+    where it is the input file itself or its pixels in a lossless format: the save said which
+    (RestoreResult.reencoded, restore/files.py), not a comparison of the files afterwards (an input removed or
+    replaced since made a copy of it read as re-encoded)."""
     from dist_dejpeg.jpeg.formats import save_options
-    from dist_dejpeg.restore.metadata import same_image_data  # (--strip-gps: a JPEG's data without its GPS)
 
+    if not result.reencoded:
+        return ""
     fmt, options = save_options(Path(result.output).suffix, output_quality)
-    try:
-        if (fmt != "JPEG" and options.get("lossless", True)) or same_image_data(result.source, result.output):
-            return ""
-    except OSError:  # (the input gone since: it was not the output, which was encoded)
-        pass
     return f"{'WebP' if fmt == 'WEBP' else fmt} q{options['quality']}"
