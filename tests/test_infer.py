@@ -684,27 +684,53 @@ def test_guard_summary_names_the_qualities_restore_acts_at_as_decide_judges_them
     assert "unchecked" in guard_summary({}) and "those of unknown quality are passed through" in guard_summary({})
 
 
-def test_gain_tables_read_one_way_for_every_backend(guarded_file, tmp_path):
-    """One reader of the gain tables (models/names.py): JSON text or a dict, keys as ints; an unreadable table in a
-    file counts as none (the guard says the file holds no validated gains); a caller's unreadable table is an error."""
+def test_gain_tables_read_one_way_for_every_backend(guarded_file, tmp_path, capsys):
+    """One reader of the gain tables (models/names.py): JSON text or a dict, keys as ints; a table missing (or
+    empty: a checkpoint's export) is none, the guard says the file holds no validated gains; a malformed one
+    (unreadable, qualities outside 1..100, a cell half-width not in (0, 0.5], an infinite gain) refuses the file,
+    naming the key, at the loader and the command line (exit 2): taken as none, every image was restored unchecked,
+    and a NaN or negative half-width wrote a black image reported restored."""
     from safetensors.torch import load_file, save_file
 
     from dist_dejpeg.models.generator_file import read_metadata
     from dist_dejpeg.models.names import file_gains, read_gains
 
     assert read_gains('{"10": 0.5, "20": -0.1}') == read_gains({"10": "0.5", 20: -0.1}) == {10: 0.5, 20: -0.1}
-    assert read_gains(None) == {}
-    for bad in ("[1, 2]", "{not json", '{"q10": 1}', 7):
-        with pytest.raises(ValueError, match="not a table of gains"):
-            read_gains(bad)
-    assert file_gains({"val_psnr_gain": "{not json", "val_psnr_gain_low": '{"10": 0.2}'}) == {
+    assert read_gains(None) == read_gains("{}") == {}
+    gain = read_gains('{"10": NaN}', "val_psnr_gain")  # a diverged run's: the guard takes NaN as harm
+    assert gain[10] != gain[10] and read_gains('{"10": Infinity}', "val_jpeg_psnr") == {10: float("inf")}
+    assert read_gains('{"10": 0.5, "90": 0.2}', "cell_half_width") == {10: 0.5, 90: 0.2}
+    for key, bad in (("val_psnr_gain", "[1, 2]"), ("val_psnr_gain", "{not json"), ("val_psnr_gain", '{"q10": 1}'),
+                     ("val_psnr_gain", 7), ("val_psnr_gain", '{"10": "abc"}'), ("val_psnr_gain", '{"10.5": 1.0}'),
+                     ("val_psnr_gain", '{"-5": 1.0, "500": 1.0}'), ("val_psnr_gain_low", '{"10": Infinity}'),
+                     ("cell_half_width", '{"10": -5, "90": NaN}'), ("cell_half_width", '{"90": NaN}'),
+                     ("cell_half_width", '{"10": 0}'), ("cell_half_width", '{"10": 0.6}')):
+        with pytest.raises(ModelFileError, match=f"metadata '{key}' is not a table"):
+            read_gains(bad, key)
+    with pytest.raises(ModelFileError, match="^f.st: metadata 'val_psnr_gain' is not a table.*'{not json'"):
+        file_gains({"val_psnr_gain": "{not json", "val_psnr_gain_low": '{"10": 0.2}'}, "f.st")
+    assert file_gains({"val_psnr_gain_low": '{"10": 0.2}', "val_psnr_gain": "{}"}) == {
         "val_psnr_gain": {}, "val_psnr_gain_low": {10: 0.2}, "val_jpeg_psnr": {}, "val_psnr_gain_conformed": {},
         "val_psnr_gain_conformed_low": {}, "cell_half_width": {}}
     path = tmp_path / "generator.safetensors"
-    save_file(load_file(str(guarded_file)), str(path), metadata={**read_metadata(guarded_file),
-                                                                 "val_psnr_gain": "{truncated"})
-    restorer = Restorer(path, device="cpu", tile=0)
-    assert restorer.gains == {} and "holds no validated gains" in restorer.decide(20).reason
+    weights = load_file(str(guarded_file))
+    for key, bad in (("val_psnr_gain", "{truncated"), ("cell_half_width", '{"10": -5, "90": NaN}')):
+        save_file(weights, str(path), metadata={**read_metadata(guarded_file), key: bad})
+        with pytest.raises(ModelFileError, match=f"generator.safetensors: metadata '{key}'"):
+            load_model(path)
+        assert main(["restore", "--model", str(path), "--input", str(path), "--output", str(tmp_path)]) == 2
+        assert f"metadata '{key}'" in capsys.readouterr().err
+    from dist_dejpeg.restore.base import ImageRestorer
+
+    with pytest.raises(ModelFileError, match="'cell_half_width'"):  # a caller's info: the same reader
+        ImageRestorer().setup({"cell_half_width": {10: float("nan")}}, tile=0, overlap=0, batch_size=1, guard=True)
+    from dist_dejpeg.models.onnx_export import export_onnx
+    from dist_dejpeg.restore.onnx_backend import onnx_info
+
+    with pytest.raises(ModelFileError, match="m.onnx: metadata 'val_psnr_gain_conformed'"):  # (fell back to the
+        onnx_info("m.onnx", {"val_psnr_gain_conformed": '{"10": "abc"}'}, None)  # plain gains, cells 0.5)
+    with pytest.raises(ModelFileError, match="metadata 'cell_half_width'"):  # not copied into an export
+        export_onnx(None, tmp_path / "m.onnx", info={"cell_half_width": {10: -5.0}})
 
 
 def test_conditioned_restorer_tells_the_model_the_quality(guarded_file):

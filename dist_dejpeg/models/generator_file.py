@@ -263,10 +263,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ge
 
 def _load_generator_file(path: Path, device) -> tuple[Generator, dict]:
     meta = read_metadata(path)
+    gains = file_gains(meta, str(path))  # (a malformed table refuses the file before its build)
     generator = load_generator(path, device)
     model_cfg = model_config_from_meta(meta, str(path))
     info = {"source": str(path), "format": "generator.safetensors", "global_step": _int(meta.get("global_step")),
-            "lpips": meta.get("lpips", ""), "code": meta.get("code", ""), **file_gains(meta),
+            "lpips": meta.get("lpips", ""), "code": meta.get("code", ""), **gains,
             TRAIN_SHARDS: file_train_shards(meta), TRAIN_SOURCES: file_train_sources(meta)}
     return generator, _describe(info, model_cfg)
 

@@ -7,6 +7,8 @@ onnxruntime alone (restore/onnx_backend.py), so these live here, not in onnx_exp
 from __future__ import annotations
 
 import json
+import math
+import re
 
 ONNX_FORMAT = "dist_dejpeg.onnx.v1"
 INSTALL_HINT = "pip install -e '.[onnx]'"  # as the README installs extras
@@ -25,27 +27,64 @@ JPEG_PSNR = "val_jpeg_psnr"
 CONFORMED_KEYS = ("val_psnr_gain_conformed", "val_psnr_gain_conformed_low", "cell_half_width")
 
 
-def read_gains(value) -> dict[int, float]:
-    """{quality: dB} from a model file's gain entry: its JSON text, or the dict it was read into; {} for None.
-    ValueError for anything else (a loader that must open older or foreign files catches it: no gains)."""
+HALF_WIDTH_MAX = 0.5  # a cell half-width (quantization steps) is in (0, 0.5]: 0.5 is the file's own cell, wider
+# ones leave it (jpeg/consistency.py: conform)
+
+
+def read_gains(value, key: str = "") -> dict[int, float]:
+    """{quality: value} from a model file's table ``key``: its JSON text, or the dict it was read into; {} for None
+    (the key absent: files from before it) or an empty table (a checkpoint's export: nothing validated). Anything
+    else that is not a table of qualities 1..100 is a ModelFileError naming the key and the text: a gain or its
+    bound finite or NaN (a quality validation could not measure; the guard takes it as harm), the JPEG's PSNR any
+    number (inf: crops it kept exactly), a cell half-width (CONFORMED_KEYS[2]) finite in (0, 0.5]. A malformed
+    table is not taken as missing: the guard would restore every image unchecked."""
+    text = value
     try:
         value = json.loads(value) if isinstance(value, (str, bytes)) else value
         if value is None:
             return {}
-        return {int(q): float(g) for q, g in value.items()}
-    except (ValueError, TypeError, AttributeError) as err:
-        raise ValueError(f"not a table of gains per quality: {str(value)[:80]!r} ({err})") from None
+        if not isinstance(value, dict):
+            raise TypeError(f"a JSON {type(value).__name__}, not an object")
+        table = {_quality(q): _number(g) for q, g in value.items()}
+    except (ValueError, TypeError, AttributeError, OverflowError) as err:
+        raise _malformed(key, text, err) from None
+    for q, v in table.items():
+        if key == CONFORMED_KEYS[2] and not (math.isfinite(v) and 0 < v <= HALF_WIDTH_MAX):
+            raise _malformed(key, text, f"q{q}'s cell half-width {v} is not in (0, {HALF_WIDTH_MAX}]")
+        if key in (*GAIN_KEYS, *CONFORMED_KEYS[:2]) and math.isinf(v):
+            raise _malformed(key, text, f"q{q}'s gain {v} is not finite (nor NaN: not measured)")
+    return table
 
 
-def file_gains(meta: dict) -> dict[str, dict[int, float]]:
-    """Both gain tables of a model file's metadata, each {} where it is missing or unreadable (files written before
-    the guard, or by hand): the guard then says the file holds no validated gains."""
+def _quality(q) -> int:
+    if isinstance(q, bool) or not re.fullmatch(r"\s*\d+\s*", str(q)) or not 1 <= int(q) <= 100:
+        raise ValueError(f"{str(q)[:20]!r} is not a JPEG quality (a whole number in 1..100)")
+    return int(q)
+
+
+def _number(g) -> float:
+    if isinstance(g, bool) or not isinstance(g, (int, float, str)):
+        raise TypeError(f"{str(g)[:20]!r} is not a number")
+    return float(g)
+
+
+def _malformed(key: str, text, why) -> ModelFileError:
+    shown = text.decode(errors="replace") if isinstance(text, bytes) else text if isinstance(text, str) else \
+        json.dumps(text, default=str)
+    return ModelFileError(f"metadata {key or 'table'!r} is not a table of values per JPEG quality: "
+                          f"{shown[:80]!r} ({why})")
+
+
+def file_gains(meta: dict, source: str = "") -> dict[str, dict[int, float]]:
+    """The gain tables of a model file's metadata, each {} where it is missing (files written before the guard, or
+    a checkpoint's export): the guard then says the file holds no validated gains. A malformed one is a
+    ModelFileError (read_gains), prefixed with ``source``."""
     tables = {}
     for key in (*GAIN_KEYS, JPEG_PSNR, *CONFORMED_KEYS):
         try:
-            tables[key] = read_gains(meta.get(key))
-        except ValueError:
-            tables[key] = {}
+            tables[key] = read_gains(meta.get(key), key)
+        except ModelFileError as err:
+            raise ModelFileError(f"{source}: {err}" if source else str(err)) from None
     return tables
 
 

@@ -56,7 +56,7 @@ from torch.nn.utils import parametrize
 from dist_dejpeg.models.generator_file import TRAIN_SHARDS_FROM, ModelFileError, load_model, non_finite
 # the names and errors a runtime needs without torch (re-exported here under their old home)
 from dist_dejpeg.models.names import (CONFORMED_KEYS, INPUT, JPEG_PSNR, MIN_SIZE, ONNX_FORMAT, OUTPUT, QUALITY,  # noqa: F401
-                                      TRAIN_SHARDS, TRAIN_SOURCES, OnnxUnavailable, require_onnx)
+                                      TRAIN_SHARDS, TRAIN_SOURCES, OnnxUnavailable, file_gains, require_onnx)
 from dist_dejpeg.run.files import atomic_write_bytes, prove_writable
 
 # (batch, height, width) of the onnxruntime check: one size not a multiple of 32, a batch of 2, and one under the
@@ -157,6 +157,8 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
     the encoder, ``conditioned`` and ``pad_to`` (see the module docstring). Returns ``{"path", "opset",
     "max_abs_diff": {"NxCxHxW": float}, "tolerance", "export_s", "bytes", "metadata"}``; raises OnnxUnavailable, or
     OnnxCheckError when a difference exceeds ``tolerance``."""
+    # the guard's tables checked before the export's minutes, and written back as read (a malformed one refused)
+    tables = file_gains({**(info or {}), "val_psnr_gain": val_psnr_gain}, str(source or path))
     require_onnx()
     import onnx
     import onnxruntime as ort
@@ -206,11 +208,7 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
             "source": str(source), "dist_dejpeg": version, "torch": torch.__version__,
             "input": f"{INPUT}: float32 N x 3 x H x W in [0, 1], H and W > 16",
             "output": f"{OUTPUT}: float32 N x 3 x H x W in [0, 1]",
-            "val_psnr_gain": json.dumps({str(k): v for k, v in (val_psnr_gain or {}).items()}),
-            "val_psnr_gain_low": json.dumps({str(k): v for k, v in
-                                             ((info or {}).get("val_psnr_gain_low") or {}).items()}),
-            **{key: json.dumps({str(k): v for k, v in ((info or {}).get(key) or {}).items()})
-               for key in (JPEG_PSNR, *CONFORMED_KEYS)},
+            **{key: json.dumps({str(k): v for k, v in table.items()}) for key, table in tables.items()},
             "conditioned": json.dumps(conditioned), "pad_to": str(exported.pad_to),
             # the stride the attention sits at (null: none), not the config's ask: onnx_backend's memory guard
             "attention_at": json.dumps(getattr(reference, "attention_at", None)),

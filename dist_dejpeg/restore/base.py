@@ -112,10 +112,10 @@ class ImageRestorer:
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
         self.guard = bool(guard)
         self.consistent = True  # a restored JPEG made consistent with its file (jpeg/consistency.py); False: not
-        self.gains, self.lows = (read_gains(info.get(key)) for key in GAIN_KEYS)
-        self.jpeg_psnr = read_gains(info.get(JPEG_PSNR))  # (files from before it: {})
+        self.gains, self.lows = (read_gains(info.get(key), key) for key in GAIN_KEYS)
+        self.jpeg_psnr = read_gains(info.get(JPEG_PSNR), JPEG_PSNR)  # (files from before it: {})
         # a JPEG made consistent with its file: its own gains and cell half-widths (files from before them: {})
-        self.conformed, self.conformed_lows, self.half_widths = (read_gains(info.get(k)) for k in CONFORMED_KEYS)
+        self.conformed, self.conformed_lows, self.half_widths = (read_gains(info.get(k), k) for k in CONFORMED_KEYS)
         self.lock = threading.Lock()  # one image through the model at a time: a backend's buffers are shared
         self.decisions = threading.local()
 

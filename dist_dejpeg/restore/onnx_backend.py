@@ -89,7 +89,7 @@ def onnx_info(path, meta: dict[str, str], session) -> dict:
     return {"source": str(path), "format": "onnx", "exported_from": meta.get("source", ""),
             "global_step": step if isinstance(step, int) else None, "lpips": meta.get("lpips", ""),
             "code": meta.get("code", ""),
-            **file_gains(meta), TRAIN_SHARDS: file_train_shards(meta), TRAIN_SOURCES: file_train_sources(meta),
+            **file_gains(meta, str(path)), TRAIN_SHARDS: file_train_shards(meta), TRAIN_SOURCES: file_train_sources(meta),
             "encoder": meta.get("encoder", model.get("encoder", "")),
             "encoder_init": meta.get("encoder_init") or ("ImageNet" if model.get("pretrained") else "random init"),
             "model": model, "provider": session.get_providers()[0], "pad_to": pad_to,
