@@ -967,3 +967,34 @@ def test_the_api_says_what_it_takes(tmp_path, model_file):
 
     with pytest.raises(OutputError, match="is a file"):
         check_output_dir(out)
+
+
+def test_a_generator_file_s_model_config_is_read_as_a_config_file_is(monkeypatch):
+    """The metadata 'model' typed as config.yaml's keys are (a string "false" was a true keep_mean; "abc" a
+    decoder_width blamed on timm), a key this version lacks refused (it was dropped: a newer model built as an
+    older one), a key an older file lacks its default; a build failure blamed on timm only where timm lacks the
+    encoder."""
+    from dist_dejpeg.models import generator_file
+    from dist_dejpeg.models.generator_file import _build_and_load, model_config_from_meta
+
+    def read(**fields):
+        return model_config_from_meta({"model": json.dumps(fields)}, "f.st")
+
+    assert read(keep_mean="false").keep_mean is False and read(keep_mean=True).keep_mean is True
+    assert read(encoder="resnet18") == ModelConfig(encoder="resnet18", decoder_norm="batch")  # (older: defaults)
+    for key, bad in (("keep_mean", "maybe"), ("decoder_width", "abc"), ("decoder_width", 8.5), ("blur", [1])):
+        with pytest.raises(ModelFileError, match=f"^f.st: .*key '{key}'"):
+            read(**{key: bad})
+    with pytest.raises(ModelFileError, match=re.escape("written by a newer dist_dejpeg: model keys ['x'] unknown "
+                                                       "to this version; upgrade")):
+        read(x=1, decoder_width=16)
+
+    def fails(cfg):
+        raise RuntimeError("Trying to create tensor with negative dimension -5")
+
+    monkeypatch.setattr(generator_file, "build_generator", fails)
+    with pytest.raises(ModelFileError, match="cannot be built .*negative dimension") as err:
+        _build_and_load(ModelConfig(**{**TINY, "decoder_width": -5}), {}, "f.st")
+    assert "timm" not in str(err.value)
+    with pytest.raises(ModelFileError, match="cannot be built by the installed timm"):
+        _build_and_load(ModelConfig(**{**TINY, "encoder": "no_such_net"}), {}, "f.st")

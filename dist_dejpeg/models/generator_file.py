@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
@@ -140,6 +142,10 @@ def _build_and_load(model_cfg: ModelConfig, state: dict, source: str) -> Generat
     except Exception as err:  # noqa: BLE001 - timm raises RuntimeError / KeyError for unknown models
         import timm
 
+        name = model_cfg.encoder
+        if ":" not in name and timm.is_model(name):  # timm knows the encoder: the config's other keys did not build
+            raise ModelFileError(f"{source}: the generator its model config describes cannot be built (encoder "
+                                 f"'{name}'; {type(err).__name__}: {err})") from None
         raise ModelFileError(f"{source}: the model's encoder '{model_cfg.encoder}' cannot be built by the installed "
                              f"timm {timm.__version__} ({type(err).__name__}: {err}); install the timm version "
                              f"the model was trained with") from None
@@ -171,7 +177,14 @@ def model_config_from_meta(meta: dict, source: str) -> ModelConfig:
         raise ModelFileError(f"{source}: the generator file's model config (metadata 'model') is not a JSON "
                              f"object ({err})") from None
     known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in fields.items() if k in known})
+    if unknown := sorted(set(fields) - known):  # (an older file lacking keys takes their defaults, as above)
+        raise ModelFileError(f"{source}: written by a newer dist_dejpeg: model keys {unknown} unknown to this "
+                             f"version; upgrade")
+    try:  # typed as a config file's keys are (config.load_config): "false" is false, "abc" no bool
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), fields))
+    except OmegaConfBaseException as err:
+        raise ModelFileError(f"{source}: the generator file's model config (metadata 'model'): key "
+                             f"'{getattr(err, 'full_key', '') or '?'}': {str(err).splitlines()[0]}") from None
 
 
 def _not_a_generator(path: str | Path, meta: dict) -> ModelFileError:
