@@ -221,12 +221,7 @@ def test_pixel_limit_nested_by_threads_puts_back_what_it_found():
             seen.append((Image.MAX_IMAGE_PIXELS,
                          any(f[2] is Image.DecompressionBombWarning for f in warnings.filters)))
 
-    threads = [threading.Thread(target=a), threading.Thread(target=b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
-        assert not t.is_alive()
+    _run_together(a, b)
     assert seen == [(300_000_000, True)]  # (each thread's limit and the silencing hold while it is inside)
     assert warnings.filters == filters and Image.MAX_IMAGE_PIXELS == limit
     with pixel_limit(10):  # a filter added inside by someone else stays when it ends
@@ -274,12 +269,7 @@ def test_decode_rgb8_beside_pixel_limit_defeats_neither_and_puts_the_limit_back(
             seen.append((Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS >= 300_000_000,
                          any(f[2] is Image.DecompressionBombWarning for f in warnings.filters)))
 
-    threads = [threading.Thread(target=decode), threading.Thread(target=restore)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
-        assert not t.is_alive()
+    _run_together(decode, restore)
     assert seen == [(8, 8, 3), (True, True)]  # (restore's limit and silencing held after the decode left)
     assert Image.MAX_IMAGE_PIXELS == limit and warnings.filters == filters
 
@@ -365,3 +355,15 @@ def test_outputs_being_encoded_stay_within_a_pixel_budget(tmp_path, monkeypatch)
         results = restore_files(Copy(), [str(src)], tmp_path / f"out{budget}", progress=False, workers=6)
         assert all(r.error is None for r in results)
         assert most[0] >= 3 if bound is None else most[0] <= bound, (budget, most[0])
+
+
+def _run_together(*targets) -> None:
+    """Run ``targets`` on threads of their own, all started before any is joined; each must end within 20 s."""
+    import threading
+
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+        assert not t.is_alive()
