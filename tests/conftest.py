@@ -97,3 +97,26 @@ def ddp_two_processes(tmp_path_factory, sample_shards) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("two_processes")
     launch_two(write_config(folder, sample_shards, "ddp"))
     return folder, folder / "ddp"
+
+
+@pytest.fixture
+def resume_with(tmp_path):
+    """``resume_with(model)``: a checkpoint folder of a run trained with ``model`` (a ModelConfig; its config.yaml),
+    and a function that checks resuming it with another model config (train/resume.py's check_resume_config: one
+    process, no batch flag), returning what that returns or raising its ConfigError."""
+    import dataclasses
+
+    import yaml
+
+    from dist_dejpeg.config import Config, to_dict
+    from dist_dejpeg.train.resume import check_resume_config
+
+    def trained_with(model):
+        checkpoint = tmp_path / "step-00000004"
+        checkpoint.mkdir()
+        trained = Config(model=model)
+        (checkpoint / "config.yaml").write_text(yaml.safe_dump(to_dict(trained)))
+        state = {"phase_names": list(trained.train.order)}
+        return lambda other: check_resume_config(dataclasses.replace(trained, model=other), checkpoint, state, 1, False)
+
+    return trained_with

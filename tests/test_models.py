@@ -1084,18 +1084,15 @@ def test_pretrained_encoder_errors_are_told_apart(monkeypatch, answering_host):
         create_encoder("mobilenetv3_large_100", pretrained=True)
 
 
-def test_init_from_and_resume_compare_where_the_attention_sits_not_the_asked_stride(tmp_path):
+def test_init_from_and_resume_compare_where_the_attention_sits_not_the_asked_stride(tmp_path, resume_with):
     """model.attention_stride 8 and 4 on an encoder whose skips are at strides 2 and 4 both put the attention at 4
     (the same weights): init_from and resume refused them as "other shapes". Stride 2 does move it: refused."""
     import dataclasses
 
-    import yaml
-
-    from dist_dejpeg.config import Config, ConfigError, ModelConfig, to_dict
+    from dist_dejpeg.config import ConfigError, ModelConfig
     from dist_dejpeg.models.generator_file import save_generator
     from dist_dejpeg.models.unet import build_generator
     from dist_dejpeg.train.init_from import init_from_config
-    from dist_dejpeg.train.resume import check_resume_config
 
     source_cfg = ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, encoder_depth=3, decoder_width=16,
                              attention_stride=8)
@@ -1109,13 +1106,7 @@ def test_init_from_and_resume_compare_where_the_attention_sits_not_the_asked_str
     with pytest.raises(ConfigError, match=r"other shapes: model.attention_stride 8 \(here 2\)"):
         init_from_config(dataclasses.replace(asked, attention_stride=2))
 
-    checkpoint = tmp_path / "step-00000004"
-    checkpoint.mkdir()
-    trained = Config(model=source_cfg)
-    (checkpoint / "config.yaml").write_text(yaml.safe_dump(to_dict(trained)))
-    state = {"phase_names": list(trained.train.order)}
-    assert check_resume_config(dataclasses.replace(trained, model=dataclasses.replace(source_cfg, attention_stride=4)),
-                               checkpoint, state, 1, False)
+    resume = resume_with(source_cfg)
+    assert resume(dataclasses.replace(source_cfg, attention_stride=4))
     with pytest.raises(ConfigError, match=r"model.attention_stride 8 -> 2: these keys change the shapes"):
-        check_resume_config(dataclasses.replace(trained, model=dataclasses.replace(source_cfg, attention_stride=2)),
-                            checkpoint, state, 1, False)
+        resume(dataclasses.replace(source_cfg, attention_stride=2))

@@ -441,19 +441,18 @@ def test_init_from_logs_the_checkpoint_it_loaded(tmp_path, monkeypatch, caplog):
     assert said == [f"model.init_from: the generator starts from {loaded}"], said
 
 
-def test_init_from_takes_another_blur_or_keep_mean_and_a_resume_does_not(tmp_path):
+def test_init_from_takes_another_blur_or_keep_mean_and_a_resume_does_not(tmp_path, resume_with):
     """model.init_from refused a source with another blur or keep_mean as "a generator of other shapes", though neither
     makes a tensor: a fine-tune may switch them (the run's generator is built as its config says and takes the
     source's weights). A resumed run may not: it continues the architecture it trained."""
     import dataclasses
 
-    from dist_dejpeg.config import Config, ModelConfig, to_dict
+    from dist_dejpeg.config import ModelConfig
     from dist_dejpeg.models.generator_file import save_generator
     from dist_dejpeg.models.layers import Blur
     from dist_dejpeg.models.unet import build_generator
     from dist_dejpeg.train.build import _init_from
     from dist_dejpeg.train.init_from import init_from_config
-    from dist_dejpeg.train.resume import check_resume_config
 
     source_cfg = ModelConfig(encoder="mobilenetv3_small_050", pretrained=False, encoder_depth=3, decoder_width=16)
     torch.manual_seed(0)
@@ -469,16 +468,11 @@ def test_init_from_takes_another_blur_or_keep_mean_and_a_resume_does_not(tmp_pat
     with pytest.raises(ConfigError, match=r"other shapes: model.decoder_width 16 \(here 32\)"):
         init_from_config(dataclasses.replace(asked, decoder_width=32))
 
-    checkpoint = tmp_path / "step-00000004"
-    checkpoint.mkdir()
-    trained = Config(model=source_cfg)
-    (checkpoint / "config.yaml").write_text(yaml.safe_dump(to_dict(trained)))
-    state = {"phase_names": list(trained.train.order)}
-    assert check_resume_config(trained, checkpoint, state, 1, False)
+    resume = resume_with(source_cfg)
+    assert resume(source_cfg)
     with pytest.raises(ConfigError, match=r"model.blur True -> False: these keys change what the trained generator "
                                           r"computes.*model.init_from="):
-        check_resume_config(dataclasses.replace(trained, model=dataclasses.replace(source_cfg, blur=False)),
-                            checkpoint, state, 1, False)
+        resume(dataclasses.replace(source_cfg, blur=False))
 
 
 def _validated(restored_lpips: float, restored_psnr: float = 1.0) -> dict:
