@@ -15,7 +15,8 @@ is no image's: a later search of the folder never reads it as one.
 
 The record is a side write: a line that cannot be written (a full disk, a quota) is logged once with its reason and
 then counted (``Record.failed``; the command's summary says how many), and the restore goes on; each line is written
-whole with one append and flushed, the next after a failed one starting on a fresh line.
+whole with one append (run/files.append_line, as a run's sessions.jsonl), a line a failed write left cut short
+ended first.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import logging
 import os
 from datetime import datetime
 from pathlib import Path
+
+from dist_dejpeg.run.files import append_line
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ class Record:
     def __init__(self, path: str | Path | None, model: str | None = None, settings: dict | None = None):
         self.path, self.model = (Path(path) if path is not None else None), model
         self.settings = {key: None for key in SETTINGS} | (settings or {})
-        self.failed, self.written, self.broken = 0, set(), False
+        self.failed, self.written = 0, set()
 
     def add(self, result) -> None:
         if self.path is None or id(result) in self.written:
@@ -80,22 +83,13 @@ class Record:
                 "source": result.source, "source_bytes": size_of(result.source), "output": result.output,
                 "quality": result.quality, "quality_from": result.quality_from or None, "reason": result.note or None,
                 "error": result.error, "seconds": round(result.seconds, 3), "model": self.model, **self.settings}
-        # (ASCII, JSON's escapes: a name that is no UTF-8, held as surrogates, is written too, and read back as it)
-        data = ("\n" if self.broken else "") + json.dumps(line) + "\n"
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-            try:
-                os.write(fd, data.encode())
-            finally:
-                os.close(fd)
+        try:  # (ASCII, JSON's escapes: a name that is no UTF-8, held as surrogates, is written too, and read back)
+            append_line(self.path, json.dumps(line))  # (a line a full disk cut short is ended first)
         except OSError as err:
             if not self.failed:
                 log.warning("could not write the restore record %s (%s): its lines are counted, the restore goes on",
                             self.path, f"{type(err).__name__}: {err.strerror or err}")
             self.failed += 1
-            self.broken = True
-        else:
-            self.broken = False
 
     def add_all(self, results) -> None:
         for result in results:
