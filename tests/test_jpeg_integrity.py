@@ -246,3 +246,22 @@ def test_load_image_parses_once_and_reads_the_coefficients_at_most_once(tmp_path
         loaded = load_image(path, cells=cells)
         assert [str(r) for r in reads] == [str(w) for w in want] and len(parses) == 1, (path.name, cells, reads)
         assert (loaded.cells is not None) == (cells and path == plain)
+
+
+def test_fill_bytes_before_a_stuffed_byte_count_as_one_data_byte():
+    """libjpeg reads 0xFF 0xFF 0x00 in scan data as one data byte 0xFF (fill bytes skipped): counted as two, an
+    interval with a few of them held "bytes its blocks do not use" and a file that decodes pixel-identical was
+    refused as damaged."""
+    photo = data.astronaut()[::4, ::4]  # 128 x 128
+    d = _jpeg(photo, quality=95, subsampling=0, restart_marker_blocks=8)
+    s = d.find(b"\xff\xda")
+    last_rst = max(d.rfind(bytes([0xFF, 0xD0 + k])) for k in range(8))
+    stuffed = [k for k in range(s, last_rst) if d[k:k + 2] == b"\xff\x00"]  # (in intervals a marker ends)
+    assert len(stuffed) >= 2
+    filled = bytearray(d)
+    for k in reversed(stuffed):  # fill bytes before each stuffed byte
+        filled[k:k + 1] = b"\xff\xff\xff"
+    filled = bytes(filled)
+    assert _decodes_as(filled, d)
+    assert structure_problem(filled) == "" and coding_problem(filled, _coefficients(d)) == ""
+    load_image(filled)

@@ -183,7 +183,15 @@ _FILL = re.compile(b"\xff+")  # a run of 0xFF bytes
 
 
 def _bits(chunk: bytes) -> int:
-    return 8 * (len(chunk) - chunk.count(b"\xff\x00"))
+    """The data bits in ``chunk``: a stuffed 0xFF 0x00 is one byte, as is 0xFF...0xFF 0x00 (fill bytes before the
+    stuffing: libjpeg skips them, T.81 B.1.1.2)."""
+    stuffed = 8 * (len(chunk) - chunk.count(b"\xff\x00"))
+    if b"\xff\xff" not in chunk:
+        return stuffed
+    return 8 * (len(chunk) - sum(len(run) - 1 for run in _STUFFED.findall(chunk)))
+
+
+_STUFFED = re.compile(b"\xff+\x00")  # a stuffed 0xFF data byte, fill bytes before it
 
 
 def structure_problem(data: bytes, frame: Frame | None = None) -> str:
