@@ -265,3 +265,29 @@ def test_fill_bytes_before_a_stuffed_byte_count_as_one_data_byte():
     assert _decodes_as(filled, d)
     assert structure_problem(filled) == "" and coding_problem(filled, _coefficients(d)) == ""
     load_image(filled)
+
+
+def _scans_kept(d: bytes, count: int) -> bytes:
+    """A progressive JPEG's first ``count`` scans and an EOI (a download cut between scans, the EOI appended)."""
+    at = -1
+    for _ in range(count + 1):
+        at = d.find(b"\xff\xda", at + 1)
+    return d[:at] + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("subsampling", [0, 2])
+def test_a_progressive_jpeg_cut_between_scans_or_within_one_is_refused(subsampling):
+    """libjpeg decodes a progressive JPEG whose later scans are missing without a word: the coefficients never
+    sent are zero, the bits never refined coarse (blurred, blocky). It was restored as if whole."""
+    photo = data.astronaut()[::4, ::4]
+    d = _jpeg(photo, quality=90, subsampling=subsampling, progressive=True)
+    scans = len(parse(d)[0].scans)
+    assert scans >= 6 and structure_problem(d) == ""
+    for kept in (1, scans // 2, scans - 1):
+        cut = _scans_kept(d, kept)
+        assert not _decodes_as(cut, d)  # (it decodes, to something else)
+        assert "progressive JPEG whose scans end early" in structure_problem(cut), kept
+        with pytest.raises(InputImageError, match="scans end early"):
+            load_image(cut)
+    mid_scan = _cut_with_eoi(_scans_kept(d, scans // 2 + 1), 0.9)  # (cut inside a scan: the ones after missing)
+    assert "scans end early" in structure_problem(mid_scan)

@@ -15,7 +15,8 @@ counted, per restart interval, and set against the bits the file holds for it. M
 decoder ran out (a download cut short with an EOI appended, a lost interval), and filled the rest with zeros. A
 genuinely flat grey region is not refused: its blocks' codes are there. Many more bits than needed in an interval
 a restart marker ends: data the decoder skipped (bit rot within it); padding after a scan's last block is harmless.
-Progressive and arithmetic-coded scans are checked by their structure only. A file with no EOI after its last scan
+Progressive and arithmetic-coded scans are checked by their structure only: a progressive JPEG's scans must
+bring every coefficient to full precision (a cut between scans with an EOI appended decodes blurred, silently). A file with no EOI after its last scan
 is left to the decoder (Pillow's "image file is truncated").
 """
 
@@ -66,6 +67,10 @@ class Frame:
     @property
     def sequential(self) -> bool:
         return self.marker in (0xC0, 0xC1)
+
+    @property
+    def progressive(self) -> bool:
+        return self.marker in (0xC2, 0xCA)
 
     def blocks(self, i: int) -> tuple[int, int]:
         """(block rows, block columns) of component ``i`` (no MCU padding)."""
@@ -206,6 +211,8 @@ def structure_problem(data: bytes, frame: Frame | None = None) -> str:
         if held < need:
             return (f"{CORRUPT}: the header's {frame.width} x {frame.height} needs at least {need // 8} bytes of "
                     f"coded data (a bit per 8x8 block), the file holds {held // 8}")
+    if frame.progressive and (short := _unrefined(frame)):
+        return short
     for number, scan in enumerate(frame.scans, 1):
         if not frame.dct:  # (a lossless restart interval counts samples: only the markers' order is checked)
             scan = Scan(scan.components, scan.tables, scan.spectral, 0, scan.segments)
@@ -220,6 +227,27 @@ def structure_problem(data: bytes, frame: Frame | None = None) -> str:
                 return (f"{CORRUPT}: scan {number} has {len(markers)} restart markers, its "
                         f"{frame.mcus(scan)} MCUs in intervals of {scan.interval} need {want}")
     return ""
+
+
+def _unrefined(frame: Frame) -> str:
+    """Where a progressive JPEG's scans stop before each coefficient of each component is coded to full precision
+    ("" where none): a download cut between scans (or within one) with an EOI appended decodes without a word from
+    libjpeg, blurred or blocky (the bands never sent are zero, the bits never refined are coarse). Encoders code
+    every coefficient (libjpeg's and mozjpeg's scan scripts end at Al = 0 for all 64); a cut within the last scan
+    only, its last refinement bit, is not seen here."""
+    precision = np.full((len(frame.sampling), 64), -1)  # the point transform Al each coefficient is at (-1: none)
+    for scan in frame.scans:
+        ss, se, _, al = scan.spectral
+        for comp in scan.components:
+            precision[comp, ss:se + 1] = al
+    if not (precision != 0).any():
+        return ""
+    comp = int(np.flatnonzero((precision != 0).any(axis=1))[0])
+    never = int((precision[comp] < 0).sum())
+    what = (f"{never} of its 64 coefficients never sent" if never else
+            f"coefficients left {int(precision[comp].max())} bit(s) short of full precision")
+    return (f"{CORRUPT}: a progressive JPEG whose scans end early (component {comp + 1} has {what}: a download "
+            f"cut short, decoded blurred or blocky)")
 
 
 def coding_problem(data: bytes, coefficients: list[np.ndarray], frame: Frame | None = None) -> str:
