@@ -714,7 +714,9 @@ def test_gain_tables_read_one_way_for_every_backend(guarded_file, tmp_path, caps
         "val_psnr_gain_conformed_low": {}, "cell_half_width": {}}
     path = tmp_path / "generator.safetensors"
     weights = load_file(str(guarded_file))
-    for key, bad in (("val_psnr_gain", "{truncated"), ("cell_half_width", '{"10": -5, "90": NaN}')):
+    for key, bad in (("val_psnr_gain", "{truncated"), ("cell_half_width", '{"10": -5, "90": NaN}'),
+                     ("train_shards", '["train-000000.tar"]'), ("train_sources", '{"ab12": 7}')):
+        # (the tables of what it trained on: read as none, evaluate called the photos it trained on unseen)
         save_file(weights, str(path), metadata={**read_metadata(guarded_file), key: bad})
         with pytest.raises(ModelFileError, match=f"generator.safetensors: metadata '{key}'"):
             load_model(path)
@@ -729,6 +731,8 @@ def test_gain_tables_read_one_way_for_every_backend(guarded_file, tmp_path, caps
 
     with pytest.raises(ModelFileError, match="m.onnx: metadata 'val_psnr_gain_conformed'"):  # (fell back to the
         onnx_info("m.onnx", {"val_psnr_gain_conformed": '{"10": "abc"}'}, None)  # plain gains, cells 0.5)
+    with pytest.raises(ModelFileError, match="m.onnx: metadata 'train_shards' is not a table of names"):
+        onnx_info("m.onnx", {"train_shards": "{cut"}, None)
     with pytest.raises(ModelFileError, match="metadata 'cell_half_width'"):  # not copied into an export
         export_onnx(None, tmp_path / "m.onnx", info={"cell_half_width": {10: -5.0}})
 

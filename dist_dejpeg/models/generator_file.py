@@ -281,7 +281,8 @@ def _load_generator_file(path: Path, device) -> tuple[Generator, dict]:
     model_cfg = model_config_from_meta(meta, str(path))
     info = {"source": str(path), "format": "generator.safetensors", "global_step": _int(meta.get("global_step")),
             "lpips": meta.get("lpips", ""), "code": meta.get("code", ""), **gains,
-            TRAIN_SHARDS: file_train_shards(meta), TRAIN_SOURCES: file_train_sources(meta)}
+            TRAIN_SHARDS: file_train_shards(meta, str(path)),
+            TRAIN_SOURCES: file_train_sources(meta, str(path))}
     return generator, _describe(info, model_cfg)
 
 

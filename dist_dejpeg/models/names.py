@@ -104,14 +104,11 @@ def shard_fingerprint(path) -> str:
     return f"{size}:{hashlib.sha256(head).hexdigest()[:16]}"
 
 
-def file_train_shards(meta: dict) -> dict[str, str]:
+def file_train_shards(meta: dict, source: str = "") -> dict[str, str]:
     """{shard file name: :func:`shard_fingerprint`} of the shards a model file says it trained on; {} where it does
-    not say (files written before it did, exports of those, or files written by hand)."""
-    try:
-        value = json.loads(meta.get(TRAIN_SHARDS) or "{}")
-        return {str(name): str(print_) for name, print_ in value.items()}
-    except (ValueError, TypeError, AttributeError):
-        return {}
+    not say (files written before it did, exports of those, or files written by hand); a malformed table is a
+    ModelFileError prefixed with ``source``."""
+    return _names(meta, TRAIN_SHARDS, source)
 
 
 # and of the photos its training shards were cut from: {SHA-256 prefix: the photo's name}, the hash the data manifest
@@ -121,14 +118,25 @@ TRAIN_SOURCES = "train_sources"
 DIGEST_CHARS = 16  # of the hex SHA-256: 64 bits, ~16 KB of metadata for DIV2K's 800 photos
 
 
-def file_train_sources(meta: dict) -> dict[str, str]:
+def file_train_sources(meta: dict, source: str = "") -> dict[str, str]:
     """{SHA-256 prefix: photo name} of the photos a model file says it trained on (TRAIN_SOURCES); {} where it does
-    not say."""
+    not say; a malformed one is a ModelFileError."""
+    return _names(meta, TRAIN_SOURCES, source)
+
+
+def _names(meta: dict, key: str, source: str) -> dict[str, str]:
+    """A model file's table ``key`` of names ({} where absent); a malformed one is a ModelFileError prefixed with
+    ``source``, not taken as missing: evaluate would call the photos the model trained on unseen."""
+    text = meta.get(key)
     try:
-        value = json.loads(meta.get(TRAIN_SOURCES) or "{}")
-        return {str(digest): str(name) for digest, name in value.items()}
-    except (ValueError, TypeError, AttributeError):
-        return {}
+        value = json.loads(text) if isinstance(text, (str, bytes)) and text else text or {}
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise TypeError("not a JSON object of strings")
+        return {str(k): v for k, v in value.items()}
+    except (ValueError, TypeError) as err:
+        shown = text if isinstance(text, str) else json.dumps(text, default=str)
+        raise ModelFileError(f"{source + ': ' if source else ''}metadata {key!r} is not a table of names: "
+                             f"{shown[:80]!r} ({err})") from None
 
 
 class ModelFileError(ValueError):
