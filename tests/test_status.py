@@ -727,6 +727,19 @@ def test_the_eta_counts_the_validations_left(tmp_path, no_flock):
     del progress["val_s"]  # (a run of a version before it: the step time alone, as before)
     (tmp_path / "progress.json").write_text(json.dumps(progress))
     assert st.run_status(tmp_path, now=now)["eta"]["run_s"] == pytest.approx(90)
+    # the trainer's console line counts them the same way (it said the steps' time alone)
+    from dist_dejpeg.run.text import window_line
+    from dist_dejpeg.run.verdict import with_validations
+
+    phases = [{"name": "gen", "kind": "gen", "steps": 100, "val_every": 10},
+              {"name": "critic", "kind": "critic", "steps": 20, "val_every": 10},
+              {"name": "gan", "kind": "gan", "steps": 50, "val_every": 10}]
+    assert with_validations(phases, 0, 40, 60.0, 100.0, 5.0) == (60 + 5 * 5, 100 + 10 * 5)
+    assert with_validations(phases, 0, 40, 60.0, 100.0, None) == (60.0, 100.0)  # (none measured yet)
+    assert with_validations(phases, 2, 45, 6.0, 6.0, 5.0) == (11.0, 11.0)  # (the gan phase's last)
+    line = window_line("gen", 40, 100, {"gen/l1": 0.02}, {"train/lr": 1e-3}, *with_validations(
+        phases, 0, 40, 60.0, 100.0, 5.0))
+    assert line == "gen 40/100 (40%) | gen/l1 0.02 | lr 1.00e-03 | ETA phase 1m25s, run 2m30s", line
 
 
 def test_status_json_is_a_list_for_a_folder_of_runs_however_many_it_holds(tmp_path, capsys, no_flock):

@@ -32,7 +32,8 @@ from dist_dejpeg.run.layout import (CHECKPOINTS, CONFIG, EVALUATE_CSV, GENERATOR
                                    TRAINER_STATE, WRITE_ERRORS)
 from dist_dejpeg.run.manifest import verify_checkpoint
 from dist_dejpeg.run.text import duration
-from dist_dejpeg.run.verdict import STALE_S, final_stage, finite, judge, mtime, newer_start, progress_age
+from dist_dejpeg.run.verdict import (STALE_S, final_stage, finite, judge, mtime, newer_start, progress_age,
+                                     validations_left)
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
@@ -171,29 +172,11 @@ def _eta(run: RunFolder, config: dict | None, position: dict | None, speed: dict
     if run_s is None and phase_s is None:
         return None
     # the step time leaves the validations out: those left, at this session's mean (progress.json's val_s)
-    val_s, (val_phase, val_run) = finite(progress.get("val_s")) or 0.0, _validations_left(config, position)
+    val_s, (val_phase, val_run) = finite(progress.get("val_s")) or 0.0, validations_left(config, position)
     eta = {"phase_s": max(0.0, phase_s + val_phase * val_s - age) if phase_s is not None else None,
            "run_s": max(0.0, run_s + val_run * val_s - age) if run_s is not None else None}
     eta["finish_at"] = now + eta["run_s"] if eta["run_s"] is not None else None
     return eta
-
-
-def _validations_left(config: dict | None, position: dict | None) -> tuple[int, int]:
-    """The validations left in the phase and in the run's phases, as the trainer runs them: every val_every steps of
-    a phase that trains the generator (not at its last step), and at the end of a gan phase (none after its stop
-    rule ended it). (0, 0) where the config or the position is unknown."""
-    if not config or not position or not isinstance(position.get("phase_index"), int):
-        return 0, 0
-    index, step, counts = position["phase_index"], position.get("phase_step") or 0, []
-    stopped = position.get("stopped_early") or {}
-    for i, p in enumerate(config["phases"][index:], index):
-        steps, every, at = p.get("steps"), p.get("val_every"), step if i == index else 0
-        if not isinstance(steps, int) or p["name"] in stopped:
-            counts.append(0)
-            continue
-        validates = isinstance(every, int) and every > 0 and p["kind"] in ("gen", "gan")
-        counts.append((max((steps - 1) // every - at // every, 0) if validates else 0) + (p["kind"] == "gan"))
-    return (counts[0] if counts else 0), sum(counts)
 
 
 # -- validation ---------------------------------------------------------------------------------------------

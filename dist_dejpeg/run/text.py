@@ -24,6 +24,24 @@ def duration(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def window_line(name: str, phase_step: int, total: int, losses: dict, scalars: dict, eta_phase_s: float,
+                eta_run_s: float) -> str:
+    """The trainer's log line for one window (``scalars``: train/images_per_s, train/data_wait_frac, train/lr,
+    train/critic_lr where known)::
+
+        gen 300/1000 (30%) | gen/l1 0.0231 gen/lpips 0.0052 | 31.2 img/s | data wait 4% | lr 1.8e-03 | ETA phase ..."""
+    parts = [f"{name} {phase_step}/{total} ({100 * phase_step // max(total, 1)}%)",
+             " ".join(f"{k} {v:.4g}" for k, v in sorted(losses.items()) if "acc" not in k)]
+    if scalars.get("train/images_per_s") is not None:
+        parts.append(f"{scalars['train/images_per_s']:.1f} img/s")
+    if scalars.get("train/data_wait_frac") is not None:
+        parts.append(f"data wait {100 * scalars['train/data_wait_frac']:.0f}%")
+    critic_lr = scalars.get("train/critic_lr")  # a gan phase's critic: its own lr
+    parts.append(f"lr {scalars.get('train/lr', 0):.2e}" + ("" if critic_lr is None else f", critic {critic_lr:.2e}"))
+    parts.append(f"ETA phase {duration(eta_phase_s)}, run {duration(eta_run_s)}")
+    return " | ".join(p for p in parts if p)
+
+
 def number(value, fmt: str = ".4g") -> str:
     return "?" if value is None else format(value, fmt)
 

@@ -189,3 +189,30 @@ def final_stage(run: RunFolder, state: str) -> str:
     if metrics_at >= since:
         return f"final validation done, writing {GENERATOR}"
     return "final validation running"
+
+
+def validations_left(config: dict | None, position: dict | None) -> tuple[int, int]:
+    """The validations left in the phase and in the run's phases, as the trainer runs them: every val_every steps of
+    a phase that trains the generator (not at its last step), and at the end of a gan phase (none after its stop
+    rule ended it). (0, 0) where the config or the position is unknown."""
+    if not config or not position or not isinstance(position.get("phase_index"), int):
+        return 0, 0
+    index, step, counts = position["phase_index"], position.get("phase_step") or 0, []
+    stopped = position.get("stopped_early") or {}
+    for i, p in enumerate(config["phases"][index:], index):
+        steps, every, at = p.get("steps"), p.get("val_every"), step if i == index else 0
+        if not isinstance(steps, int) or p["name"] in stopped:
+            counts.append(0)
+            continue
+        validates = isinstance(every, int) and every > 0 and p["kind"] in ("gen", "gan")
+        counts.append((max((steps - 1) // every - at // every, 0) if validates else 0) + (p["kind"] == "gan"))
+    return (counts[0] if counts else 0), sum(counts)
+
+
+def with_validations(phases: list[dict], index: int, phase_step: int, eta_phase_s: float, eta_run_s: float,
+                     val_s: float | None) -> tuple[float, float]:
+    """The trainer's ETAs (the steps left at the step time) with the validations left at ``val_s`` each (its
+    session's mean; None: none measured yet) added: the console's, as ``status`` counts them. ``phases``: the
+    run's, as status's config has them (name, kind, steps, val_every)."""
+    val_phase, val_run = validations_left({"phases": phases}, {"phase_index": index, "phase_step": phase_step})
+    return eta_phase_s + val_phase * (val_s or 0.0), eta_run_s + val_run * (val_s or 0.0)

@@ -37,7 +37,8 @@ from dist_dejpeg.run.files import (atomic_write_json, atomic_write_text, disk_fu
                                    read_json)
 from dist_dejpeg.run.layout import (CONFIG, METRICS, PARTIAL_PREFIX, PROGRESS, PROGRESS_KEYS, TENSORBOARD_EVENTS,
                                     WRITE_ERRORS, MetricsMeta, latest_checkpoint, list_checkpoints, partial_checkpoints)
-from dist_dejpeg.run.text import duration
+from dist_dejpeg.run.text import window_line
+from dist_dejpeg.run.verdict import with_validations
 from dist_dejpeg.train.checkpoint import TrainingStopped, remove_partial
 from dist_dejpeg.train.run_log import close_run_log, open_run_log, to_run_log
 from dist_dejpeg.train.trackers import (TRACKER_RUNS, check_trackers, continued_runs, set_mlflow_store,  # noqa: F401
@@ -265,17 +266,11 @@ class Monitor(SideWrites):
                              data_wait_frac=scalars.get("train/data_wait_frac"), lr=scalars.get("train/lr"),
                              eta_phase_s=eta_phase, eta_run_s=eta_run)
         postfix = {k.split("/", 1)[1]: f"{v:.4g}" for k, v in scalars.items() if "acc" not in k}
-        total = self.steps[name]
-        parts = [f"{name} {phase_step}/{total} ({100 * phase_step // max(total, 1)}%)",
-                 " ".join(f"{k} {v:.4g}" for k, v in sorted(losses.items()) if "acc" not in k)]
-        if scalars.get("train/images_per_s") is not None:
-            parts.append(f"{scalars['train/images_per_s']:.1f} img/s")
-        if scalars.get("train/data_wait_frac") is not None:
-            parts.append(f"data wait {100 * scalars['train/data_wait_frac']:.0f}%")
-        critic_lr = scalars.get("train/critic_lr")  # a gan phase's critic: its own lr
-        parts.append(f"lr {scalars.get('train/lr', 0):.2e}" + ("" if critic_lr is None else f", critic {critic_lr:.2e}"))
-        parts.append(f"ETA phase {duration(eta_phase)}, run {duration(eta_run)}")
-        line = " | ".join(p for p in parts if p)
+        # (the console's ETA adds the validations left, as status does; progress.json's eta_*_s are the steps')
+        phases = [{"name": n, "kind": self.cfg.train.phases[n].kind or n, "steps": self.steps[n],
+                   "val_every": self.cfg.train.phases[n].val_every or self.cfg.train.val_every} for n in self.order]
+        eta = with_validations(phases, self.order.index(name), phase_step, eta_phase, eta_run, self.progress["val_s"])
+        line = window_line(name, phase_step, self.steps[name], losses, scalars, *eta)
         if self._bar(lambda bar: bar.set_postfix(postfix)):
             to_run_log(self.run_log, line)
         else:
