@@ -418,6 +418,23 @@ def test_load_model_from_run_and_checkpoint_folders(tmp_path, model_file, capsys
     assert "the newer step-00000020 is incomplete" in err
 
 
+def test_a_damaged_checkpoint_named_is_a_model_file_error_not_a_traceback(tmp_path, capsys):
+    """A checkpoint folder whose weights were cut short (a full disk, a copy killed) or whose trainer_state.json is
+    damaged: safetensors' and json's raw errors escaped load_model (a traceback, exit 1 from restore and export)."""
+    ckpt = _checkpoint(tmp_path / "run" / "checkpoints" / "step-00000012", _model(), 12)
+    weights = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    with pytest.raises(ModelFileError, match="step-00000012: a damaged checkpoint .*name an older checkpoint"):
+        load_model(ckpt)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "p.jpg", quality=30)
+    assert main(["restore", str(tmp_path / "p.jpg"), "-o", str(tmp_path / "out"), "--model", str(ckpt)]) == 2
+    assert "a damaged checkpoint" in capsys.readouterr().err
+    (ckpt / "model.safetensors").write_bytes(weights)
+    (ckpt / "trainer_state.json").write_text('{"global_st')
+    with pytest.raises(ModelFileError, match=r"trainer_state.json: not a JSON object \(damaged\)"):
+        load_model(ckpt)
+
+
 def test_a_newer_checkpoint_completed_after_loading_is_not_called_incomplete(tmp_path, monkeypatch, capsys):
     """restore --model RUN on a live run: the note named the newest checkpoint at the time of saying "incomplete",
     though it was one the run completed after the model was read. Said as what it is now."""

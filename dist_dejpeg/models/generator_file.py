@@ -27,7 +27,7 @@ from dist_dejpeg.models.unet import Generator, build_generator
 from dist_dejpeg.run.files import atomic_write_bytes
 from dist_dejpeg.run.layout import (CHECKPOINT_MODEL, CHECKPOINTS, CONFIG, EMA_GENERATOR, EMA_UPDATES, GENERATOR,
                                     TRAINER_STATE, list_checkpoints)
-from dist_dejpeg.run.manifest import usable_checkpoint
+from dist_dejpeg.run.manifest import usable_checkpoint, verify_checkpoint
 
 FORMAT = "dist_dejpeg.generator.v1"
 # a checkpoint's info (and its export's metadata): the folder its train_shards were read from, or why there are none
@@ -368,6 +368,10 @@ def _load_checkpoint_generator(folder: Path, device) -> tuple[Generator, dict]:
         state = json.loads((folder / TRAINER_STATE).read_text())
     except FileNotFoundError:  # (each file was there when looked for: the folder went since)
         raise _removed(folder) from None
+    except Exception as err:  # noqa: BLE001 - safetensors' and json's errors on a truncated or damaged file
+        problems = verify_checkpoint(folder, hashes=False).problems
+        raise ModelFileError(f"{folder}: a damaged checkpoint ({'; '.join(problems) or f'{type(err).__name__}: {err}'}"
+                             f"): name an older checkpoint, or the run's generator.safetensors") from None
     ema.pop(EMA_UPDATES, None)
     generator = _build_and_load(cfg.model, tensors | ema, str(weights)).to(device).eval()
     shards = checkpoint_shards(folder, cfg)
