@@ -717,6 +717,19 @@ def test_gain_tables_read_one_way_for_every_backend(guarded_file, tmp_path, caps
     gain = read_gains('{"10": NaN}', "val_psnr_gain")  # a diverged run's: the guard takes NaN as harm
     assert gain[10] != gain[10] and read_gains('{"10": Infinity}', "val_jpeg_psnr") == {10: float("inf")}
     assert read_gains('{"10": 0.5, "90": 0.2}', "cell_half_width") == {10: 0.5, 90: 0.2}
+    # written as strict JSON (another language's reader of an export refuses a bare NaN), read back the same
+    from dist_dejpeg.models.names import table_json
+    from dist_dejpeg.train.final import guard_gains
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in {text}"))
+
+    text = table_json({10: float("nan"), 20: 0.25, 30: float("inf"), 40: float("-inf")})
+    assert strict(text) == {"10": "NaN", "20": 0.25, "30": "Infinity", "40": "-Infinity"}
+    back = read_gains(text, "val_jpeg_psnr")
+    assert back[10] != back[10] and back[20] == 0.25 and back[30] == float("inf") == -back[40]
+    meta = guard_gains({"q10": {"gain": {"psnr": float("nan"), "psnr_low": float("nan")}, "jpeg": {"psnr": 1e400}}})
+    assert all(strict(v) for v in meta.values()) and read_gains(meta["val_jpeg_psnr"]) == {10: float("inf")}
     for key, bad in (("val_psnr_gain", "[1, 2]"), ("val_psnr_gain", "{not json"), ("val_psnr_gain", '{"q10": 1}'),
                      ("val_psnr_gain", 7), ("val_psnr_gain", '{"10": "abc"}'), ("val_psnr_gain", '{"10.5": 1.0}'),
                      ("val_psnr_gain", '{"-5": 1.0, "500": 1.0}'), ("val_psnr_gain_low", '{"10": Infinity}'),

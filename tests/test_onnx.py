@@ -145,6 +145,24 @@ def test_export_says_each_check_once(exported):
     assert out.splitlines()[-1].endswith(f"the 3 onnxruntime checks above are within {TOLERANCE:g} of PyTorch"), out
 
 
+def test_an_api_export_without_gains_says_restore_will_check_nothing(monkeypatch, exported):
+    """The module's own example left out info=: its export held no gain tables, and restore with it restored
+    every image unchecked, where the CLI's export of the same model passed a q95 photo through. Said now."""
+    import dist_dejpeg.models.onnx_export as onnx_export
+    from dist_dejpeg.models.names import OnnxUnavailable
+
+    def stop():  # (after the tables are read: the export's minute is not needed to see what it would say)
+        raise OnnxUnavailable("stopped here")
+
+    monkeypatch.setattr(onnx_export, "require_onnx", stop)
+    for info, warned in ((None, True), ({"val_psnr_gain": GAINS}, False)):
+        said = []
+        with pytest.raises(OnnxUnavailable):
+            onnx_export.export_onnx(None, "api.onnx", info=info, log=said.append)
+        assert any("holds no validated gains" in line and "info=" in line for line in said) == warned, said
+    assert "holds no validated gains" not in exported[3]  # (the CLI's passes load_model's info)
+
+
 def test_fold_spectral_norm_keeps_outputs_and_leaves_the_original_alone():
     g = _trained_like_generator()
     folded = fold_spectral_norm(g)

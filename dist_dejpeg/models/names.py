@@ -56,6 +56,15 @@ def read_gains(value, key: str = "") -> dict[int, float]:
     return table
 
 
+def table_json(table: dict) -> str:
+    """A gain table as the metadata holds it: strict JSON (a JavaScript, Go or Rust reader of an export's
+    metadata refuses Python's bare NaN and Infinity), a value that is not finite written as the string "NaN",
+    "Infinity" or "-Infinity" (read_gains reads them back: a diverged validation's NaN, the JPEG's inf PSNR)."""
+    return json.dumps({str(k): v if not isinstance(v, float) or math.isfinite(v) else
+                       "NaN" if v != v else "Infinity" if v > 0 else "-Infinity" for k, v in table.items()},
+                      allow_nan=False)
+
+
 def _quality(q) -> int:
     if isinstance(q, bool) or not re.fullmatch(r"\s*\d+\s*", str(q)) or not 1 <= int(q) <= 100:
         raise ValueError(f"{str(q)[:20]!r} is not a JPEG quality (a whole number in 1..100)")

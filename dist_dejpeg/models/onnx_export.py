@@ -4,7 +4,8 @@
 
     from dist_dejpeg.models.onnx_export import export_model, export_onnx
     result, info = export_model("runs/debug", "dejpeg.onnx")   # from a generator file, a run or checkpoint folder
-    result = export_onnx(generator, "dejpeg.onnx", model_cfg=info["model"], source=info["source"])
+    generator, info = load_model("runs/debug")  # (dist_dejpeg.models.generator_file) or your own, with its info
+    result = export_onnx(generator, "dejpeg.onnx", model_cfg=info["model"], source=info["source"], info=info)
     result["max_abs_diff"]   # {"1x3x200x152": 1.2e-07, "2x3x96x160": 1.8e-07, ...}: onnxruntime vs PyTorch
 
 The ONNX model: input ``degraded`` (float32 N x 3 x H x W in [0, 1]), output ``restored`` (same shape, in
@@ -56,7 +57,8 @@ from torch.nn.utils import parametrize
 from dist_dejpeg.models.generator_file import TRAIN_SHARDS_FROM, ModelFileError, load_model, non_finite
 # the names and errors a runtime needs without torch (re-exported here under their old home)
 from dist_dejpeg.models.names import (CONFORMED_KEYS, INPUT, JPEG_PSNR, MIN_SIZE, ONNX_FORMAT, OUTPUT, QUALITY,  # noqa: F401
-                                      TRAIN_SHARDS, TRAIN_SOURCES, OnnxUnavailable, file_gains, require_onnx)
+                                      TRAIN_SHARDS, TRAIN_SOURCES, OnnxUnavailable, file_gains, require_onnx,
+                                      table_json)
 from dist_dejpeg.run.files import atomic_write_bytes, prove_writable
 
 # (batch, height, width) of the onnxruntime check: one size not a multiple of 32, a batch of 2, and one under the
@@ -152,13 +154,17 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
                 log=print, val_psnr_gain: dict | None = None, info: dict | None = None) -> dict:
     """Export ``generator`` to ``path`` (atomically, after the onnxruntime check passed).
 
-    ``model_cfg`` (a ModelConfig or its dict), ``source``, ``val_psnr_gain`` and, from ``info`` (load_model's),
-    val_psnr_gain_low, encoder_init, global_step and lpips go into the ONNX metadata_props with the format version,
+    ``model_cfg`` (a ModelConfig or its dict), ``source``, ``val_psnr_gain`` (None: info's) and, from ``info``
+    (load_model's), the other gain tables, encoder_init, global_step and lpips go into the ONNX metadata_props with the format version,
     the encoder, ``conditioned`` and ``pad_to`` (see the module docstring). Returns ``{"path", "opset",
     "max_abs_diff": {"NxCxHxW": float}, "tolerance", "export_s", "bytes", "metadata"}``; raises OnnxUnavailable, or
     OnnxCheckError when a difference exceeds ``tolerance``."""
     # the guard's tables checked before the export's minutes, and written back as read (a malformed one refused)
-    tables = file_gains({**(info or {}), "val_psnr_gain": val_psnr_gain}, str(source or path))
+    given = {} if val_psnr_gain is None else {"val_psnr_gain": val_psnr_gain}  # (else info's)
+    tables = file_gains({**(info or {}), **given}, str(source or path))
+    if not any(tables.values()):  # (an API caller that left out info: restore would then check no image)
+        log(f"warning: {path}: the export holds no validated gains (none given: pass load_model's info=); restore "
+            f"with it will restore every image unchecked")
     require_onnx()
     import onnx
     import onnxruntime as ort
@@ -206,9 +212,10 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
             dim.dim_param = name
     meta = {"format": ONNX_FORMAT, "encoder": str(cfg.get("encoder", "")), "model": json.dumps(cfg),
             "source": str(source), "dist_dejpeg": version, "torch": torch.__version__,
-            "input": f"{INPUT}: float32 N x 3 x H x W in [0, 1], H and W > 16",
+            "input": f"{INPUT}: float32 N x 3 x H x W in [0, 1], RGB, H and W > 16 (tiles of <= 512 px: the "
+                     f"attention's memory grows with (H x W)^2)",
             "output": f"{OUTPUT}: float32 N x 3 x H x W in [0, 1]",
-            **{key: json.dumps({str(k): v for k, v in table.items()}) for key, table in tables.items()},
+            **{key: table_json(table) for key, table in tables.items()},
             "conditioned": json.dumps(conditioned), "pad_to": str(exported.pad_to),
             # the stride the attention sits at (null: none), not the config's ask: onnx_backend's memory guard
             "attention_at": json.dumps(getattr(reference, "attention_at", None)),

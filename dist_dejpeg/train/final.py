@@ -4,13 +4,12 @@ Every rank takes part: the validation is sharded, and a failure writing rank 0's
 
 from __future__ import annotations
 
-import json
 import logging
 from statistics import NormalDist
 
 from dist_dejpeg import code_version
 from dist_dejpeg.models.generator_file import save_generator, training_shards
-from dist_dejpeg.models.names import CONFORMED_KEYS, JPEG_PSNR
+from dist_dejpeg.models.names import CONFORMED_KEYS, JPEG_PSNR, table_json
 from dist_dejpeg.run.layout import GENERATOR, METRICS
 from dist_dejpeg.train.checkpoint import FINAL_STAGE
 from dist_dejpeg.train.collective import all_ranks_or_raise, warn_on_main
@@ -32,13 +31,13 @@ def guard_gains(results: dict, conformed: dict | None = None) -> dict:
     gains = {k[1:]: r["gain"]["psnr"] for k, r in results.items()}
     lows = {k[1:]: r["gain"]["psnr_low"] for k, r in results.items()}
     jpeg = {k[1:]: r["jpeg"]["psnr"] for k, r in results.items()}
-    meta = {"val_psnr_gain": json.dumps(gains), "val_psnr_gain_low": json.dumps(lows), JPEG_PSNR: json.dumps(jpeg)}
+    meta = {"val_psnr_gain": table_json(gains), "val_psnr_gain_low": table_json(lows), JPEG_PSNR: table_json(jpeg)}
     if conformed:
         lows = {q: {h: among(s, len(widths)) for h, s in widths.items()} for q, widths in conformed.items()}
         best = {q: max(bounds, key=lambda h: _or_worst(bounds[h])) for q, bounds in lows.items()}
         tables = ({str(q): conformed[q][h]["psnr"] for q, h in best.items()},
                   {str(q): lows[q][h] for q, h in best.items()}, {str(q): h for q, h in best.items()})
-        meta.update({key: json.dumps(table) for key, table in zip(CONFORMED_KEYS, tables)})
+        meta.update({key: table_json(table) for key, table in zip(CONFORMED_KEYS, tables)})
     return meta
 
 
