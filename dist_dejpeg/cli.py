@@ -199,9 +199,8 @@ def _train_command(args: argparse.Namespace) -> int:
 
         die_with_parent(os.getppid())
     from dist_dejpeg.data.verify import TooFewSamples, TooManyBadSamples, UnreadableShard
-    from dist_dejpeg.run.files import new_folders, remove_empty
-    from dist_dejpeg.run.layout import LOCK
-    from dist_dejpeg.run.lock import RunDirBusy
+    from dist_dejpeg.run.files import new_folders
+    from dist_dejpeg.run.lock import RunDirBusy, remove_unheld
     from dist_dejpeg.run.verdict import file_error, lost_peer
     from dist_dejpeg.train.trainer import Preempted, TrainingStopped, train
 
@@ -210,7 +209,8 @@ def _train_command(args: argparse.Namespace) -> int:
         results = train(cfg, resume=args.resume)
     except (ConfigError, WeightsError, FileNotFoundError, RunDirBusy, TooManyBadSamples, TooFewSamples,
             UnreadableShard) as err:
-        remove_empty(made, leftovers=(LOCK,))  # a start that failed (a misspelt encoder) leaves no run folder behind
+        if not isinstance(err, RunDirBusy):  # (busy: the folder is the other run's, made meanwhile)
+            remove_unheld(made)  # a start that failed (a misspelt encoder) leaves no run folder behind
         return _stopped("error", err, 2)
     except Preempted as err:
         return _stopped("stopped", err, EXIT_PREEMPTED)

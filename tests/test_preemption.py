@@ -299,6 +299,59 @@ def test_a_lock_held_by_another_process_is_refused_and_dies_with_it(tmp_path):
     lock.release()
 
 
+def test_a_start_that_loses_the_race_for_a_new_run_folder_leaves_the_winners_folder_and_lock(tmp_path,
+                                                                                              monkeypatch, capsys):
+    """Two starts on one new run folder (a SLURM array's run_dir without its task id): the loser saw no folder at
+    its start, the winner made it and took the lock, the loser's RunDirBusy then removed the folder "it made" with
+    the winner's held .lock in it. The winner trained unlocked and a third start was let in."""
+    import dist_dejpeg.train.trainer as trainer
+
+    from dist_dejpeg.cli import main
+
+    run, winner = tmp_path / "new" / "run", RunLock(tmp_path / "new" / "run")
+
+    def loses(cfg, resume=None):  # the winner takes the folder between the loser's look and its lock
+        winner.acquire()
+        RunLock(run).acquire()
+
+    monkeypatch.setattr(trainer, "train", loses)
+    assert main(["train", "train.processes=1", "train.cpu=true", f"train.run_dir={run}"]) == 2
+    assert "in use by another training run" in capsys.readouterr().err
+    assert (run / ".lock").is_file()
+    with pytest.raises(RunDirBusy):  # (the winner's lock, still there for a third start to find)
+        RunLock(run).acquire()
+    winner.release()
+
+
+def test_a_lock_unlinked_while_a_start_waited_on_it_is_taken_afresh(tmp_path, monkeypatch):
+    """A start that failed removes its folder's lock file while holding its flock (run/lock.remove_unheld); a
+    process granted the flock on that unlinked file would hold a lock no later start can see: it takes the file
+    there now."""
+    import fcntl
+
+    import dist_dejpeg.run.lock as run_lock
+
+    real, calls = fcntl.flock, []
+
+    def flock(fd, op):  # the first grant comes after the file was unlinked
+        calls.append(op)
+        if len(calls) == 1:
+            os.unlink(tmp_path / ".lock")
+        return real(fd, op)
+
+    (tmp_path / ".lock").write_text("")
+    monkeypatch.setattr(fcntl, "flock", flock)
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert len(calls) == 2 and os.fstat(lock._fd).st_ino == os.stat(tmp_path / ".lock").st_ino
+    monkeypatch.setattr(fcntl, "flock", real)
+    with pytest.raises(RunDirBusy):
+        RunLock(tmp_path).acquire()
+    lock.release()
+    run_lock.remove_unheld([tmp_path / "gone"])  # (no lock file: only empty folders, none here)
+    assert tmp_path.is_dir()
+
+
 def test_train_processes_refuses_a_busy_run_folder_before_starting_ranks(tmp_path, capsys, monkeypatch):
     """`train.processes=2` on a run folder another run holds: one error at once, no rank started (each rank
     found the lock only after its start-up, ~20 s, and said so once per rank)."""

@@ -46,9 +46,13 @@ class RunLock:
         import fcntl
         import time
 
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # (a failed start may have removed it meanwhile)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _still_there(fd, self.path):  # (unlinked by the start that held it: lock the file there now)
+                os.close(fd)
+                return self.acquire()
         except OSError as err:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # only these mean "held by another"
                 os.close(fd)
@@ -81,6 +85,47 @@ class RunLock:
 
 
 PREPARE_LOCK = ".prepare.lock"  # in a data folder: one process writes shards there at a time
+def _still_there(fd: int, path: Path) -> bool:
+    """Whether the file locked through ``fd`` is still the one at ``path``: a start that failed removes its folder's
+    lock file, holding the flock while it unlinks it (remove_unheld), so a process whose flock was granted on that
+    file then holds a lock no later process can see, and must take the file there now instead."""
+    try:
+        here, locked = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (locked.st_dev, locked.st_ino)
+
+
+def remove_unheld(folders: list[Path], name: str = LOCK) -> None:
+    """remove_empty(``folders``, leftovers=(``name``,)) for a start that failed, unless another process holds the
+    lock file ``name`` in the deepest of them: then they are that process's (two runs started on one new folder:
+    the one that lost the race removed the winner's folder and lock, and a third could start in it). The file is
+    unlinked while its flock is held here, so a process waiting on it takes the new one (_still_there)."""
+    import fcntl
+
+    lock = next((f / name for f in folders if (f / name).is_file()), None)
+    if lock is None:
+        return remove_empty(folders)
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: by this process (a start that failed holds it until its trainer is collected),
+            try:  # or another's folder now: left to it
+                holder = json.loads(os.read(fd, 4096) or b"{}")
+            except ValueError:
+                holder = {}
+            if not isinstance(holder, dict) or (holder.get("pid"), holder.get("host")) != (os.getpid(),
+                                                                                          socket.gethostname()):
+                return None
+        remove_empty(folders, leftovers=(name,))
+    finally:
+        os.close(fd)
+
+
 def describe_holder(raw: str) -> str:
     """The lock file's holder as people read it: "held by host node1, pid 12, SLURM job 7 since 2026-12-07 10:00"."""
     try:
@@ -127,10 +172,15 @@ def writing_into(folder: str | Path) -> Iterator[None]:
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 log.info("waiting for another process writing shards into %s", folder)
                 fcntl.flock(fd, fcntl.LOCK_EX)
+        while not _still_there(fd, Path(folder) / PREPARE_LOCK):  # (a failed holder removed it: lock the new one)
+            os.close(fd)
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            fd = os.open(Path(folder) / PREPARE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         _held[key] = 1
         yield
     except BaseException:
-        remove_empty(made, leftovers=(PREPARE_LOCK,))
+        remove_empty(made, leftovers=(PREPARE_LOCK,))  # (its flock still held: see _still_there)
         raise
     finally:
         _held.pop(key, None)
