@@ -32,8 +32,9 @@ from dist_dejpeg import version
 from dist_dejpeg.cli_args import (HelpFormatter, compare_arguments, evaluate_arguments, export_arguments,
                                   prepare_arguments, report_arguments, restore_arguments, status_arguments,
                                   train_arguments)
+from dist_dejpeg.cli_output import CORE_MODULES, WatchedStdout, stdout_failed, write_failed
 from dist_dejpeg.cli_use import (compare_command, evaluate_command, export_command, report_command, restore_command,
-                                 status_command, write_failed)
+                                 status_command)
 from dist_dejpeg.train.launch import EXIT_PREEMPTED, LAUNCHER_PID  # (torch-free: the launcher's stdlib half)
 
 DESCRIPTION = ("Train a JPEG-artifact remover (NoGAN, on one or many GPUs) and restore photos with it. "
@@ -335,11 +336,6 @@ COMMANDS = {
 }
 
 
-# the modules of pyproject.toml's dependencies that the README's restore-only install leaves out
-CORE_MODULES = frozenset({"torch", "torchvision", "timm", "lpips", "webdataset", "accelerate", "torchmetrics",
-                          "omegaconf", "yaml", "tensorboard", "safetensors", "skimage", "scipy"})
-
-
 def build_parser() -> argparse.ArgumentParser:
     examples = __doc__.split("\n\n")[1]  # the command lines above
     parser = argparse.ArgumentParser(prog="dist-dejpeg", description=DESCRIPTION, epilog=f"examples:\n{examples}",
@@ -377,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         command.error(f"unrecognized arguments: {' '.join(extra)}")
     args.usage_error, args.given = command.error, {a.split("=")[0] for a in argv if a.startswith("--")}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.stdout, stdout = WatchedStdout(sys.stdout), sys.stdout  # (a write to it that fails: stdout_failed)
     try:
         code = args.func(args)
         sys.stdout.flush()  # here, not at exit: a reader that left (a pipe into head) is handled below
@@ -391,9 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C where no step handles it (training's steps checkpoint first): no traceback
         print(f"\n{args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `dist-dejpeg status RUN | head`: the reader left; nothing more to say to it
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's own flush at exit would fail too)
-        return 141  # 128 + SIGPIPE, as a shell reports a writer the pipe ended
+    except OSError as err:  # `status RUN | head` (the reader left), `> /dev/full`: no traceback; a file's: raised
+        if (code := stdout_failed(err, args.command)) is None:
+            raise
+        return code
+    finally:
+        sys.stdout = stdout if isinstance(sys.stdout, WatchedStdout) else sys.stdout
 
 
 if __name__ == "__main__":

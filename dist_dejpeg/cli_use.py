@@ -9,6 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
+from dist_dejpeg.cli_output import write_failed
+
 # libraries that log every graph pass at INFO while exporting
 CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo", "torch._export")
 
@@ -172,38 +174,24 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if isinstance(result, int):
         return result
     from dist_dejpeg.evaluation.evaluate import format_value as fmt  # "n/a" where a mean is undefined (blank photos)
+    from dist_dejpeg.evaluation.evaluate import write_tables
     from dist_dejpeg.evaluation.pairs import channel_note
 
+    try:  # the tables first: a stdout that cannot be written (`> /dev/full`) fails at the first number
+        write_tables(result, args.out)
+        failed = None
+    except OSError as err:  # (the numbers below are printed whatever happens to the files)
+        failed = err
     for q, means in result["per_quality"].items():
         j, r = means["jpeg"], means["restored"]
         print(f"q{q}: PSNR {fmt(j['psnr'], 3)} -> {fmt(r['psnr'], 3)} dB, SSIM {fmt(j['ssim'])} -> {fmt(r['ssim'])} "
               f"({means['images']} image{'s' if means['images'] != 1 else ''}, {channel_note(result['meta'])})")
     for name, why in result["meta"]["unavailable"].items():
         print(f"{name} unavailable: {why.splitlines()[0]}", file=sys.stderr)
-    from dist_dejpeg.evaluation.evaluate import write_tables
-
-    try:  # (the numbers above are printed whatever happens to the files)
-        write_tables(result, args.out)
-    except OSError as err:
-        return write_failed(err, args.out)
+    if failed is not None:
+        return write_failed(failed, args.out)
     print(f"wrote metrics.json, metrics.csv and metrics.md to {args.out}")
     return 0
-
-
-def write_failed(err: OSError, where) -> int:
-    """The exit of a command whose output write failed: 3 where the disk (or the quota) is full, else 2; either
-    way one line, not a traceback."""
-    from dist_dejpeg.run.files import disk_full_text, free_bytes, is_disk_full, is_quota, size_text
-
-    if is_disk_full(err):
-        where = getattr(err, "filename", None) or where
-        said = (f"{disk_full_text(err, where)}; free space within the quota" if is_quota(err)  # (training's words)
-                else f"disk full writing {where} ({size_text(free_bytes(where))} free there now that the unfinished "
-                     f"files are removed); free space")
-        print(f"error: {said} and run the same command again", file=sys.stderr)
-        return 3
-    print(f"error: {err}", file=sys.stderr)
-    return 2
 
 
 def _run_name(source) -> str:

@@ -554,3 +554,46 @@ def test_a_tracker_whose_final_validation_write_failed_gets_it_again_on_a_rerun(
         monitor.close()
         assert json.loads((run / FINAL_LOGGED).read_text())["trackers"] == expected, failing
         assert ("tracker.tensorboard" in monitor.write_errors) == failing
+
+
+class _FullStdout:
+    """A standard output on a full disk (`> /dev/full`, a log file): every write raises ENOSPC, as the real one."""
+
+    def write(self, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self):
+        pass
+
+
+def test_a_stdout_that_cannot_be_written_is_one_line_after_the_files_are_written(tmp_path, monkeypatch, capsys):
+    """`evaluate > /dev/full` (or a log on a full disk) died at its first number with a traceback, exit 1, before
+    its tables were written; compare and status --json gave tracebacks too. Now the files are written first and
+    the failed stdout is one line, exit 3 (ENOSPC)."""
+    import dist_dejpeg.cli_use as cli_use
+    import dist_dejpeg.evaluation.evaluate as evaluate_module
+
+    result = {"per_quality": {20: {"jpeg": {"psnr": 30.0, "ssim": 0.9}, "restored": {"psnr": 31.0, "ssim": 0.92},
+                                   "images": 1}}, "meta": {"channel": "RGB", "unavailable": {}}}
+    monkeypatch.setattr(cli_use, "_evaluation", lambda args, keep_images: result)
+    monkeypatch.setattr(evaluate_module, "write_tables", lambda r, out: (Path(out) / "metrics.json").write_text("{}"))
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdout", _FullStdout())
+    out = tmp_path / "eval"
+    out.mkdir()
+    assert cli_main(["evaluate", "--model", "m", "--images", "p", "-o", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert (out / "metrics.json").is_file()
+    assert err == "error: evaluate: cannot write to standard output (No space left on device): what it printed " \
+                  "there is lost\n", err
+    evaluation = {"meta": {"channel": "RGB"}, "per_image": [{"image": "p", "quality": 10, "jpeg": {"psnr": 20.0},
+                                                            "restored": {"psnr": 21.0}}]}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(evaluation))
+    monkeypatch.setattr("sys.stdout", _FullStdout())
+    assert cli_main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "c.md")]) == 3
+    assert (tmp_path / "c.md").is_file() and "Traceback" not in capsys.readouterr().err
+    from dist_dejpeg.cli_output import stdout_failed
+
+    assert stdout_failed(enospc(tmp_path / "x"), "compare") is None  # a file's ENOSPC is not taken for stdout's

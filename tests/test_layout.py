@@ -20,7 +20,7 @@ MAX_LINES_OF = {"dist_dejpeg.train.trainer": 350}
 LOWER = ("dist_dejpeg.train", "dist_dejpeg.data", "dist_dejpeg.models", "dist_dejpeg.metrics", "dist_dejpeg.run",
          "dist_dejpeg.jpeg", "dist_dejpeg.config")
 UPPER = ("dist_dejpeg.restore", "dist_dejpeg.evaluation", "dist_dejpeg.bench", "dist_dejpeg.cli", "dist_dejpeg.cli_args",
-         "dist_dejpeg.cli_use")
+         "dist_dejpeg.cli_use", "dist_dejpeg.cli_output")
 TORCH_FREE = ("dist_dejpeg.run", "dist_dejpeg.jpeg")
 
 

@@ -1,0 +1,73 @@
+"""What the commands say when their output cannot be written: a file (a full disk, a quota) or standard output
+itself (`> /dev/full`, a log on a full disk, a reader that left); the modules of the full install. Torch-free."""
+
+from __future__ import annotations
+
+import sys
+
+# the modules of pyproject.toml's dependencies that the README's restore-only install leaves out
+CORE_MODULES = frozenset({"torch", "torchvision", "timm", "lpips", "webdataset", "accelerate", "torchmetrics",
+                          "omegaconf", "yaml", "tensorboard", "safetensors", "skimage", "scipy"})
+
+
+def write_failed(err: OSError, where) -> int:
+    """The exit of a command whose output write failed: 3 where the disk (or the quota) is full, else 2; either
+    way one line, not a traceback."""
+    from dist_dejpeg.run.files import disk_full_text, free_bytes, is_disk_full, is_quota, size_text
+
+    if is_disk_full(err):
+        where = getattr(err, "filename", None) or where
+        said = (f"{disk_full_text(err, where)}; free space within the quota" if is_quota(err)  # (training's words)
+                else f"disk full writing {where} ({size_text(free_bytes(where))} free there now that the unfinished "
+                     f"files are removed); free space")
+        print(f"error: {said} and run the same command again", file=sys.stderr)
+        return 3
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+class WatchedStdout:
+    """sys.stdout while a command runs (cli.main): an OSError writing it is marked as standard output's, so that
+    main tells it from a failed file write (`> /dev/full`, a log on a full disk; wandb, imported with timm,
+    patches ``write`` on whatever sys.stdout is then: this object)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def write(self, text):
+        return self._marked(self.stream.write, text)
+
+    def flush(self):
+        return self._marked(self.stream.flush)
+
+    @staticmethod
+    def _marked(call, *args):
+        try:
+            return call(*args)
+        except OSError as err:
+            err.from_stdout = True
+            raise
+
+
+def stdout_failed(err: OSError, command: str) -> int | None:
+    """The exit of a command whose standard output could not be written (None: ``err`` is not that): 141 for a
+    reader that left (`status | head`, as a shell says SIGPIPE), else one line on stderr and 3 where the disk or
+    quota is full, 2 otherwise; stdout goes to os.devnull (Python's own flush at exit would fail too)."""
+    import os
+
+    from dist_dejpeg.run.files import is_disk_full
+
+    if not (isinstance(err, BrokenPipeError) or getattr(err, "from_stdout", False)):
+        return None
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # (not a file: a test's stand-in)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - until the process ends
+    if isinstance(err, BrokenPipeError):
+        return 141
+    print(f"error: {command}: cannot write to standard output ({err.strerror or err}): what it printed there is "
+          f"lost", file=sys.stderr)
+    return 3 if is_disk_full(err) else 2
