@@ -770,6 +770,36 @@ def test_results_name_the_commit_and_only_rank_0_writes_them(tmp_path, monkeypat
     assert f"commit {expected or 'unknown'}" in md.splitlines()[2]
 
 
+def test_a_full_results_disk_prints_the_table_keeps_the_old_pair_and_exits_3(tmp_path, monkeypatch, capsys):
+    """A full results disk after the measuring was a traceback (exit 1), the table lost (echoed after the writes),
+    and data.json written before data.md failed: a new .json beside an old .md. Now the table is printed first, the
+    pair is written all or none, and the failure is one line, exit 3."""
+    import argparse
+    import errno
+    import os
+
+    from dist_dejpeg.bench import run_benchmark
+    from dist_dejpeg.bench.common import write_results
+
+    for name in ("r.json", "r.md"):
+        (tmp_path / name).write_text("old")
+    fsyncs = []
+
+    def fsync(fd):  # the second file's write finds the disk full (a real write's ENOSPC names no file)
+        fsyncs.append(fd)
+        if len(fsyncs) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    bench = lambda args: write_results(args.results, "r", {"x": 1}, "T", "note", ["a"], [["42"]]) and 0  # noqa: E731
+    assert run_benchmark(bench, argparse.Namespace(results=str(tmp_path))) == 3
+    said = capsys.readouterr()
+    assert "| 42 |" in said.out
+    assert said.err.startswith(f"error: disk full writing {tmp_path / 'r.md'} (") and said.err.count("\n") == 1
+    assert [(tmp_path / n).read_text() for n in ("r.json", "r.md")] == ["old", "old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]  # (no temp file left)
+
+
 def test_the_commit_is_dirty_only_where_code_was_edited(tmp_path):
     """A benchmark writing its results into benchmarks/results/ (tracked) made its own later rows, and every model
     trained after it, say -dirty of a clean checkout: results and prose do not count, code does."""

@@ -64,7 +64,8 @@ COUNTS = {"--steps": 1, "--repeats": 1, "--rounds": 1, "--batches": 1, "--thread
 def run_benchmark(main, args: argparse.Namespace) -> int:
     """A benchmark's ``main``, after its results folder is made and proven writable (a wrong --results failed
     only after every row was measured); a config that does not load, a bad combination of flags (ValueError) or
-    missing shards is one ``error:`` line and exit 2; a child process that failed (bench scaling's launches,
+    missing shards is one ``error:`` line and exit 2; a results write that fails, one line and exit 3 for a full
+    disk or quota (cli_output.write_failed); a child process that failed (bench scaling's launches,
     whose own output says why) one line naming it and exit 1."""
     from subprocess import CalledProcessError
 
@@ -86,6 +87,12 @@ def run_benchmark(main, args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full results disk after the measuring (the table is printed above): one line, 3
+        if getattr(err, "from_stdout", False):  # (standard output's: cli.main says it)
+            raise
+        from dist_dejpeg.cli_output import write_failed
+
+        return write_failed(err, results or ".")
     except CalledProcessError as err:
         print(f"error: {' '.join(map(str, err.cmd))} failed (exit {err.returncode}); its output is above",
               file=sys.stderr)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable
 
 from dist_dejpeg import source_commit
 from dist_dejpeg.bench import DEFAULT_RESULTS
-from dist_dejpeg.run.files import atomic_write_text
+from dist_dejpeg.run.files import atomic_write_files, atomic_write_text
 from dist_dejpeg.run.layout import GENERATOR
 
 if TYPE_CHECKING:
@@ -255,7 +255,7 @@ def profile_calls(fn: Callable[[], object], path: str | Path, *, steps: int = 5,
     text += ["", "## by self host time", table.table(sort_by="self_cpu_time_total", row_limit=30)]
     if is_writer():
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text("\n".join(text) + "\n")
+        atomic_write_text(path, "\n".join(text) + "\n")
     return out
 
 
@@ -292,15 +292,16 @@ def write_results(out_dir: str | Path, name: str, report: dict, title: str, note
     body = {k: v for k, v in report.items() if k not in about}
     report.clear()
     report.update(about, **body)  # in place: the caller's report names the machine too
-    # atomically (bench infer and train write again after each block: a step stopped for time mid-write keeps the last)
-    atomic_write_text(out_dir / f"{name}.json", json.dumps(report, indent=2, default=str))
     lines = [f"# {title}", "", f"Machine: {report['machine']}; torch {report['machine_info']['torch']}; "
              f"commit {report['machine_info']['commit'] or 'unknown (not a git checkout)'}; {report['date']}", "",
              note, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    atomic_write_text(md, "\n".join(lines) + "\n")
-    if echo:
+    if echo:  # before the files: a full results disk loses them, not the numbers measured
         print("\n".join(lines), flush=True)
+    # the pair together, each atomically (bench infer and train write again after each block: a step stopped for
+    # time mid-write keeps the last; a full disk leaves both as they were, not a new .json beside an old .md)
+    atomic_write_files({out_dir / f"{name}.json": json.dumps(report, indent=2, default=str).encode(),
+                        md: ("\n".join(lines) + "\n").encode()})
     return md
 
 

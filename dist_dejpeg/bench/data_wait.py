@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from dist_dejpeg.bench import DEFAULT_RESULTS, HelpFormatter
+from dist_dejpeg.run.files import atomic_write_files
 from dist_dejpeg.run.layout import METRICS, PROGRESS
 
 SECTION = "data_wait"
@@ -106,9 +107,9 @@ def write_tables(out: Path, report: dict) -> None:
               for name, row in report["variants"].items()]
     lines += [f"| {name} | left out: NVIDIA DALI is not installed | |" for name in report.get("left_out", [])]
     lines += [f"| {name} | {why} | |" for name, why in report["pending"].items()]
-    (out / RESULTS_MD).write_text("\n".join(lines) + "\n")
-    (out / RESULTS_JSON).write_text(json.dumps(report, indent=2) + "\n")
-    print("\n".join(lines), flush=True)
+    print("\n".join(lines), flush=True)  # (before the files: a full disk loses them, not the numbers)
+    atomic_write_files({out / RESULTS_JSON: (json.dumps(report, indent=2) + "\n").encode(),
+                        out / RESULTS_MD: ("\n".join(lines) + "\n").encode()})
 
 
 def have_dali() -> bool:

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from dist_dejpeg.bench.data_wait import RESULTS_JSON
+from dist_dejpeg.run.files import atomic_write_text
 from dist_dejpeg.run.layout import METRICS
 from dist_dejpeg.train.run_log import RUN_LOG
 
@@ -116,5 +117,5 @@ def write_gpu_summary(out: Path, *, card: str | None, date: str, commit: str, de
         # complete False: the pytest step was cut off (its time limit), the counts are those of the tests that ran
         "gpu_tests_passed": passed, "gpu_tests_skipped": skipped, "gpu_tests_complete": complete,
     }
-    (out / "gpu-summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "gpu-summary.json", json.dumps(report, indent=2) + "\n")
     return report
