@@ -157,3 +157,23 @@ def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_elsewhere(monkeypatc
     with progress.Progress(25, "restore", "image") as bar:
         bar.update(25)
     assert "restore: 100%" in capsys.readouterr().err and not caplog.records
+
+
+def test_a_long_legal_file_name_is_written_atomically_and_its_leftover_temp_found(tmp_path):
+    """A 250-byte name is legal (NAME_MAX 255), but ".NAME.tmpPID" was not: every atomic write of it failed with
+    ENAMETOOLONG naming a hidden temp file (restore, report). The temp name keeps 200 bytes of it and a hash."""
+    from dist_dejpeg.restore.inputs import remove_stale_temps
+    from dist_dejpeg.run.files import TEMP_NAME, atomic_write_bytes, atomic_write_files, temp_path
+
+    long, other = tmp_path / ("p" * 246 + ".png"), tmp_path / ("p" * 245 + "q.png")
+    atomic_write_bytes(long, b"x")
+    atomic_write_files({long: b"y", other: b"z"})
+    assert long.read_bytes() == b"y" and other.read_bytes() == b"z"
+    assert len(temp_path(long).name.encode()) < 255 and temp_path(long).name != temp_path(other).name
+    leftover, foreign = temp_path(long), temp_path(tmp_path / ("p" * 246 + ".jpg"))  # (a killed writer's)
+    for path in (leftover, foreign):
+        path.write_bytes(b"x")
+    assert TEMP_NAME.match(leftover.name)
+    assert remove_stale_temps([long], max_age_s=0) == [leftover] and foreign.exists()
+    short = tmp_path / "p.png"
+    assert temp_path(short).name == f".p.png.tmp{os.getpid()}"  # (a usual name's temp name as it was)

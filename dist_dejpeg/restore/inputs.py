@@ -25,7 +25,7 @@ from pathlib import Path
 
 from dist_dejpeg.jpeg.formats import (IMAGE_SUFFIXES, images_in, output_format, restore_mark, source_identity,
                                       written_by_restore)
-from dist_dejpeg.run.files import TEMP_NAME
+from dist_dejpeg.run.files import TEMP_NAME, temp_stem
 from dist_dejpeg.run.lock import pid_alive
 
 STALE_TEMP_S = 600  # a temp file of an output this old is stale whatever its pid says
@@ -272,7 +272,7 @@ def remove_stale_temps(targets: list[Path], max_age_s: float = STALE_TEMP_S, kee
     (the inputs). One listing per folder."""
     names: dict[Path, set[str]] = defaultdict(set)
     for target in targets:
-        names[target.parent].add(target.name)
+        names[target.parent].add(temp_stem(target.name))  # (a long name's is cut short)
     removed, now = [], time.time()
     for folder, wanted in names.items():
         try:

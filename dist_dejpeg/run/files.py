@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -21,14 +22,24 @@ DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28
 QUOTA_TEXT = ("disk quota exceeded", "os error 122")  # (of DISK_FULL_TEXT: a quota's)
 
 
-# The hidden temp file a write goes through, beside its target: ".NAME.tmpPID". A process killed mid-write leaves
-# it; restore removes those of its own outputs whose writer is gone (restore.files).
+# The hidden temp file a write goes through, beside its target: ".NAME.tmpPID" (NAME: temp_stem's). A process
+# killed mid-write leaves it; restore removes those of its own outputs whose writer is gone (restore.files).
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")
+STEM_BYTES = 200  # of a target's name in its temp file's: ".NAME.tmpPID" stays within NAME_MAX (255 bytes)
+
+
+def temp_stem(name: str) -> str:
+    """The NAME in a target's temp file name: its name, or for a name over STEM_BYTES bytes (a legal 250-byte
+    name made its temp name too long to create: ENAMETOOLONG on every write) its first bytes and a hash of it."""
+    raw = os.fsencode(name)
+    if len(raw) <= STEM_BYTES:
+        return name
+    return f"{raw[:STEM_BYTES - 9].decode('utf-8', 'ignore')}~{hashlib.sha1(raw).hexdigest()[:8]}"
 
 
 def temp_path(path: str | Path) -> Path:
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    return path.with_name(f".{temp_stem(path.name)}.tmp{os.getpid()}")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
