@@ -128,8 +128,9 @@ def _say_checkpoint(model: str, info: dict) -> None:
           file=sys.stderr)
 
 
-def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
-    """evaluate()'s result, or an exit status after printing the error."""
+def _evaluation(args: argparse.Namespace, keep_images: bool, made: list[Path]) -> dict | int:
+    """evaluate()'s result, or an exit status after printing the error; ``made``: the folders of --out that did
+    not exist (new_folders), removed again where left empty (the command's final write can fail too)."""
     from dist_dejpeg.run.pool import WorkerLost, pool_size
     from dist_dejpeg.evaluation.evaluate import EvaluateError, evaluate
     from dist_dejpeg.evaluation.pairs import MAX_DEFAULT_WORKERS
@@ -138,10 +139,9 @@ def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
     from dist_dejpeg.models.names import ModelFileError, OnnxUnavailable
     from dist_dejpeg.restore import open_restorer
     from dist_dejpeg.restore.files import check_output_dir
-    from dist_dejpeg.run.files import new_folders, remove_empty
+    from dist_dejpeg.run.files import remove_empty
 
     out, result = Path(args.out), 2
-    made = new_folders(out.parent, out.with_suffix("")) if keep_images else new_folders(out)
     try:  # the outputs first: one that cannot be written fails before any computation
         # (a metrics.json alone is no run's: an evaluate killed before its metrics.csv left it)
         if not keep_images and any((out / name).exists() for name in (CONFIG, PROGRESS, CHECKPOINTS, LOCK, GENERATOR)):
@@ -170,7 +170,10 @@ def _evaluation(args: argparse.Namespace, keep_images: bool) -> dict | int:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    result = _evaluation(args, keep_images=False)
+    from dist_dejpeg.run.files import new_folders, remove_empty
+
+    made = new_folders(args.out)  # (a failure leaves --out as it was)
+    result = _evaluation(args, keep_images=False, made=made)
     if isinstance(result, int):
         return result
     from dist_dejpeg.evaluation.evaluate import format_value as fmt  # "n/a" where a mean is undefined (blank photos)
@@ -189,6 +192,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     for name, why in result["meta"]["unavailable"].items():
         print(f"{name} unavailable: {why.splitlines()[0]}", file=sys.stderr)
     if failed is not None:
+        remove_empty(made)
         return write_failed(failed, args.out)
     print(f"wrote metrics.json, metrics.csv and metrics.md to {args.out}")
     return 0
@@ -204,8 +208,10 @@ def report_command(args: argparse.Namespace) -> int:
     from dist_dejpeg.evaluation.evaluate import seen_note, table_files
     from dist_dejpeg.evaluation.pairs import channel_note
     from dist_dejpeg.evaluation.report import check_report_output, write_report
+    from dist_dejpeg.run.files import new_folders, remove_empty
 
-    result = _evaluation(args, keep_images=True)
+    made = new_folders(Path(args.out).parent, Path(args.out).with_suffix(""))  # (the page's and its tables')
+    result = _evaluation(args, keep_images=True, made=made)
     if isinstance(result, int):
         return result
     meta, model = result["meta"], result["meta"]["model"]
@@ -231,6 +237,7 @@ def report_command(args: argparse.Namespace) -> int:
         path = write_report(result.pop("records"), args.out, title=f"dist_dejpeg: {_run_name(model.get('source'))}",
                             meta=shown, crop=args.crop, tables={tables / n: d for n, d in table_files(result).items()})
     except OSError as err:
+        remove_empty(made)
         return write_failed(err, args.out)
     print(f"wrote {path} and its tables in {tables}/")
     return 0

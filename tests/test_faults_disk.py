@@ -575,7 +575,7 @@ def test_a_stdout_that_cannot_be_written_is_one_line_after_the_files_are_written
 
     result = {"per_quality": {20: {"jpeg": {"psnr": 30.0, "ssim": 0.9}, "restored": {"psnr": 31.0, "ssim": 0.92},
                                    "images": 1}}, "meta": {"channel": "RGB", "unavailable": {}}}
-    monkeypatch.setattr(cli_use, "_evaluation", lambda args, keep_images: result)
+    monkeypatch.setattr(cli_use, "_evaluation", lambda args, keep_images, made: result)
     monkeypatch.setattr(evaluate_module, "write_tables", lambda r, out: (Path(out) / "metrics.json").write_text("{}"))
     capsys.readouterr()
     monkeypatch.setattr("sys.stdout", _FullStdout())
@@ -597,3 +597,35 @@ def test_a_stdout_that_cannot_be_written_is_one_line_after_the_files_are_written
     from dist_dejpeg.cli_output import stdout_failed
 
     assert stdout_failed(enospc(tmp_path / "x"), "compare") is None  # a file's ENOSPC is not taken for stdout's
+
+
+def test_evaluate_and_report_whose_final_write_fails_leave_out_as_it_was(tmp_path, monkeypatch, capsys):
+    """A full disk at evaluate's tables or report's page (after all the work) left the folders they had made, empty:
+    the empty-folder cleanup ran only on a failed evaluation. --out is left as it was (README)."""
+    import dist_dejpeg.cli_use as cli_use
+    import dist_dejpeg.evaluation.evaluate as evaluate_module
+    import dist_dejpeg.evaluation.report as report_module
+
+    def full(*args, **kwargs):
+        raise enospc()
+
+    model = {"source": "m", "encoder": "e", "encoder_init": "random", "global_step": 1}
+    meta = {"channel": "RGB", "unavailable": {}, "skipped": [], "undefined": {}, "images": 1, "model": model,
+            "backbones": {}, "compression": "libjpeg", "crop_border": 0, "device": "cpu", "tile": 0, "overlap": 0,
+            "guard": True, "lpips": "alex", "date": "today"}
+    result = {"per_quality": {20: {"jpeg": {"psnr": 30.0, "ssim": 0.9}, "restored": {"psnr": 31.0, "ssim": 0.92},
+                                   "images": 1}}, "meta": meta, "records": []}
+
+    def evaluation(args, keep_images, made=None):  # (as the real one: the output folders made before the work)
+        (Path(args.out).parent if keep_images else Path(args.out)).mkdir(parents=True)
+        return dict(result)
+
+    monkeypatch.setattr(cli_use, "_evaluation", evaluation)
+    monkeypatch.setattr(evaluate_module, "write_tables", full)
+    monkeypatch.setattr(evaluate_module, "table_files", lambda r: {})
+    monkeypatch.setattr(report_module, "write_report", full)
+    common = ["--model", "m", "--images", "p", "--quiet", "-o"]
+    assert cli_main(["evaluate", *common, str(tmp_path / "new" / "eval")]) == 3
+    assert cli_main(["report", *common, str(tmp_path / "new" / "page" / "report.html")]) == 3
+    assert capsys.readouterr().err.count("error: disk full writing") == 2
+    assert list(tmp_path.iterdir()) == []
