@@ -246,7 +246,8 @@ def restore_arguments(p: argparse.ArgumentParser) -> None:
                                                         "line at each tenth of the images), no per-image lines")
     p.epilog = ("exit codes: 0 every image restored (or passed through, or skipped); 1 some failed (each is listed\n"
                 "with its reason; the others are written); 2 a usage error, a bad model or an unwritable output\n"
-                "folder; 130 Ctrl-C (the counts and failures so far printed first; rerun with --skip-existing)")
+                "folder; 3 the disk full or the quota used up (rerun with --skip-existing once there is room); 130\n"
+                "Ctrl-C (the counts and failures so far printed first; rerun with --skip-existing)")
 
 
 def evaluate_arguments(p: argparse.ArgumentParser) -> None:

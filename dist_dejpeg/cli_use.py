@@ -109,8 +109,8 @@ def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int
               f"same command{'' if args.skip_existing else ' with --skip-existing'} continues with the rest",
               file=sys.stderr)
         return 130
-    print_restore_summary(results, args, restorer.device, record)
-    return 1 if any(r.error for r in results) else 0
+    print_restore_summary(results, args, restorer.device, record)  # 3: stopped by a full disk, as the others
+    return 3 if any(r.disk_full for r in results) else 1 if any(r.error for r in results) else 0
 
 
 def _say_checkpoint(model: str, info: dict) -> None:

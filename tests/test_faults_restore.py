@@ -910,8 +910,11 @@ def test_the_restore_command_says_a_full_disk_once_and_how_to_go_on(tmp_path, mo
         return real_save(restored, target, **kwargs)
 
     monkeypatch.setattr(files, "save_image", full)
+    one = ["restore", str(src / "p1.jpg"), "-o", str(tmp_path / "one"), "--model", str(model_file), "--quiet"]
+    assert main(one) == 3  # (exit 1 was a bad image's: a full disk is 3, as prepare, evaluate, export say it)
+    capsys.readouterr()
     run = ["restore", str(src), "-o", str(out), "--model", str(model_file), "--quiet"]
-    assert main(run) == 1
+    assert main(run) == 3
     said = capsys.readouterr()
     assert said.err.count("failed: ") == 1 and said.err.count("stopped: the disk is full") == 1, said.err
     assert "2 image(s) not begun; free space, then run the same command with --skip-existing" in said.err
@@ -935,7 +938,7 @@ def test_the_restore_command_says_a_quota_as_a_quota(tmp_path, model_file, monke
         raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(target))
 
     monkeypatch.setattr(files, "save_image", quota)
-    assert main(["restore", str(src), "-o", str(out), "--model", str(model_file), "--quiet"]) == 1
+    assert main(["restore", str(src), "-o", str(out), "--model", str(model_file), "--quiet"]) == 3
     said = capsys.readouterr()
     assert f"stopped: quota exceeded (EDQUOT) on {out}; check `quota -s` / `lfs quota`: 2 image(s) not begun; " \
            f"free space within the quota, then" in said.err, said.err

@@ -305,7 +305,8 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
                 result.note = f"{result.note}; {unmade}" if result.note else unmade
         except RESTORE_ERRORS as err:
             result.error = error_text(err)
-            if is_disk_full(err):  # (a quota as a quota: the filesystem may be far from full)
+            result.disk_full = is_disk_full(err)
+            if result.disk_full:  # (a quota as a quota: the filesystem may be far from full)
                 full.append(disk_full_text(err, target) if is_quota(err) else f"the disk is full ({result.error})")
         else:
             result.output = str(target)
@@ -353,7 +354,7 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
             while saves:
                 saved(*saves.popleft())
             for result, _, _ in [job for job, _ in loads] + list(pending) if full else []:
-                result.stopped, result.error = True, f"not restored: {full[0]}"
+                result.stopped, result.disk_full, result.error = True, True, f"not restored: {full[0]}"
                 bar.update()
         except KeyboardInterrupt:  # the outputs restored are written, counted and recorded (restore_files: the rest)
             for _, loading in loads:

@@ -45,6 +45,7 @@ class RestoreResult:
     note: str = ""  # the restore decision's reason
     skipped: bool = False  # a complete output existed (skip_existing): nothing was done
     stopped: bool = False  # not attempted: an earlier output found the disk full (error says so)
+    disk_full: bool = False  # its output (stopped: an earlier one) found the disk full or the quota used up
     earlier: bool = False  # an earlier restore's output (its mark; a pass-through copy in the output folder) that a
     # search found: left alone
 
