@@ -5,6 +5,7 @@ folders or more always go below their names."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 from pathlib import Path
@@ -118,3 +119,102 @@ def test_two_folders_always_go_below_their_names(tmp_path):
     assert rels("sA", "sC/IMG_0002.jpg") == ["IMG_0001.jpg", "IMG_0002.jpg"]  # a file named by itself: flat
     labels = root_labels({Path("/p/x/Photos"), Path("/p/y/photos")})  # one folder on a case-insensitive disk
     assert labels == {Path("/p/x/Photos"): Path("x/Photos"), Path("/p/y/photos"): Path("y/photos")}
+
+
+class Meanwhile:
+    """A restorer that, on its first file, has another restore write into the same output folder (as a second
+    `restore` run at the same time would, its output landing between this run's planning and its write)."""
+
+    def __init__(self, passthrough: bool, other: Path, out: Path, fmt: str, clear: bool = False):
+        self.inner, self.passthrough, self.other, self.out, self.fmt = Identity(), passthrough, other, out, fmt
+        self.inner.passthrough, self.clear, self.device, self.guard, self.gains = passthrough, clear, "cpu", False, {}
+        self.others: list = []
+
+    def restore_array(self, rgb, quality=None, source="given", conformed=False):
+        if not self.others:
+            for old in self.out.glob("*.*") if self.clear else ():
+                old.unlink()  # (gone from under this run: the other restore may write there)
+            self.others = restore_files(self.inner, [str(self.other)], self.out, fmt=self.fmt, progress=False)
+        out = self.inner.restore_array(rgb, quality, source, conformed)
+        self.last_decision = self.inner.last_decision
+        return out
+
+
+@pytest.mark.parametrize("passthrough,fmt,existed", [(False, "png", False), (True, "same", False),
+                                                     (False, "png", True)])
+def test_a_restore_at_once_into_the_folder_never_replaces_the_others_output(tmp_path, passthrough, fmt, existed):
+    """Two restores into one folder at once (photos and photos2, one file name, other pictures) each checked their
+    outputs before restoring and then replaced what was there when they wrote: out held some of each, both runs
+    said "restored" for every file (a review reproduced it at main). Now an output written meanwhile by the other
+    run is kept byte for byte and this file's result is an error naming its photo; a target this run owned at
+    planning (existed) is checked again before its rename."""
+    from dist_dejpeg.run.files import read_jsonl
+
+    mine, other = _jpeg(tmp_path / "photos" / "IMG_0001.jpg"), _jpeg(tmp_path / "photos2" / "IMG_0001.jpg", shift=30)
+    _jpeg(tmp_path / "photos" / "IMG_0002.jpg", shift=10)
+    out, name = tmp_path / "out", "IMG_0001.jpg" if fmt == "same" else "IMG_0001.png"
+    if existed:  # this run's own earlier outputs: replacing them is allowed
+        assert all(r.error is None for r in restore_files(Identity(), [str(mine.parent)], out, progress=False))
+    restorer = Meanwhile(passthrough, other, out, fmt, clear=existed)
+    results = {Path(r.source).name: r for r in restore_files(restorer, [str(mine.parent)], out, fmt=fmt,
+                                                             progress=False, record=tmp_path / "rec.jsonl")}
+    [theirs] = restorer.others
+    assert theirs.error is None and theirs.output == str(out / name)
+    written = (out / name).read_bytes()
+    assert written == (other.read_bytes() if passthrough else written) and written != mine.read_bytes()
+    assert restore_mark(written)[0] != passthrough and ownership(out / name, other)[0] in ("same", "copy")
+    error = results["IMG_0001.jpg"].error
+    assert error is not None and results["IMG_0001.jpg"].output is None, results
+    assert f"output {out / name}" in error and "meanwhile" in error and "not replaced" in error, error
+    assert ("another photo, IMG_0001.jpg" in error) != passthrough, error  # (a pass-through copy has no mark)
+    assert results["IMG_0002.jpg"].error is None and ownership(out / Path(results["IMG_0002.jpg"].output).name,
+                                                               mine.parent / "IMG_0002.jpg")[0] in ("same", "copy")
+    statuses = {Path(line["source"]).name: line["status"] for line in read_jsonl(tmp_path / "rec.jsonl")}
+    assert statuses["IMG_0001.jpg"] == "failed", statuses
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # (no temp file left)
+
+
+def test_a_restore_at_once_of_the_same_photo_replaces_it_and_a_rerun_replaces_its_own(tmp_path):
+    """The same photo restored by two runs at once (its twin in another folder: one output) is no conflict: the
+    later write replaces the earlier; a plain rerun replaces its own outputs and --skip-existing skips them."""
+    mine = _jpeg(tmp_path / "photos" / "IMG_0001.jpg")
+    twin = tmp_path / "twin" / "IMG_0001.jpg"
+    twin.parent.mkdir()
+    twin.write_bytes(mine.read_bytes())
+    out = tmp_path / "out"
+    restorer = Meanwhile(False, twin, out, "png")
+    [result] = restore_files(restorer, [str(mine)], out, progress=False)
+    assert result.error is None and restorer.others[0].error is None and result.output == str(out / "IMG_0001.png")
+    assert ownership(out / "IMG_0001.png", mine)[0] == "same"
+    [again] = restore_files(Identity(), [str(mine)], out, progress=False)
+    assert again.error is None and not again.skipped
+    [skipped] = restore_files(Identity(), [str(mine)], out, progress=False, skip_existing=True)
+    assert skipped.skipped and skipped.error is None
+
+
+@pytest.mark.parametrize("no_link", [None, errno.EPERM, errno.ENOTSUP])
+def test_a_guarded_write_links_into_place_and_vets_a_file_there(tmp_path, monkeypatch, no_link):
+    """atomic_write_bytes(vet=...): where nothing is at the path the temp file is linked into place (no-clobber),
+    vet not called; where a file is (or hard links fail: some FUSE/SMB mounts), vet decides before the rename."""
+    import os
+
+    from dist_dejpeg.run import files as run_files
+
+    if no_link is not None:
+        monkeypatch.setattr(run_files.os, "link", lambda *a: (_ for _ in ()).throw(OSError(no_link, "no links")))
+    vetted = []
+
+    def vet(path):
+        vetted.append(path)
+        if path.exists() and path.read_bytes() == b"keep":
+            raise ValueError("kept")
+
+    target = tmp_path / "a.png"
+    run_files.atomic_write_bytes(target, b"new", vet=vet)
+    assert target.read_bytes() == b"new" and vetted == ([] if no_link is None else [target])
+    run_files.atomic_write_bytes(target, b"newer", vet=vet)
+    assert target.read_bytes() == b"newer" and vetted[-1] == target
+    target.write_bytes(b"keep")
+    with pytest.raises(ValueError):
+        run_files.atomic_write_bytes(target, b"lost", vet=vet)
+    assert target.read_bytes() == b"keep" and os.listdir(tmp_path) == ["a.png"]

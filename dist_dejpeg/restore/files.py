@@ -14,7 +14,8 @@ Each output is written atomically (a hidden ``.NAME.tmpPID`` renamed into place)
 whole unless something else wrote it. A killed restore can leave those temp files: the next restore into the
 same folder removes the ones of its own outputs that are stale, i.e. whose writer's pid is not alive on this
 host or that are older than ``inputs.STALE_TEMP_S`` (a write takes seconds; the age covers a reused pid). Restores
-from two hosts into one folder at once are not supported: they would overwrite each other's outputs anyway.
+into one folder at once never replace each other's outputs: each output is linked into place where none is there
+(os.link, no-clobber), and where one is, its ownership checked again just before the rename (an error for a file).
 ``skip_existing`` skips an output only when it decodes fully as its format (``output_complete``).
 
 Overlap (issue 24): with ``workers`` threads (default: none on a CPU, whose cores the model already uses; where
@@ -45,7 +46,7 @@ from dist_dejpeg.jpeg.quality import DOUBLE, earlier_compression, estimate_quali
 from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, cells_for, load_image,
                                         made_consistent, output_complete, pixel_limit, save_image)
 from dist_dejpeg.restore.inputs import (CURRENT, REFUSED, RestoreResult, collect_inputs, output_names, ownership,
-                                        remove_stale_temps)
+                                        refusal, remove_stale_temps)
 from dist_dejpeg.restore.metadata import jpeg_without_gps, without_gps
 from dist_dejpeg.restore.record import Record, RestoreInterrupted, restorer_settings
 from dist_dejpeg.restore.reencode import reencoding_outweighs, written_as
@@ -110,7 +111,7 @@ RESTORE_ERRORS = (InputImageError, OSError, ValueError, RuntimeError)  # a file'
 
 def error_text(err: Exception) -> str:
     """A file's failure as its result says it: an InputImageError's own words, else the type and message."""
-    return str(err) if isinstance(err, InputImageError) else f"{type(err).__name__}: {err}"
+    return str(err) if isinstance(err, (InputImageError, OutputError)) else f"{type(err).__name__}: {err}"
 
 
 def names_a_file(out: str | Path) -> bool:
@@ -215,12 +216,7 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
             result.error = f"output {target} is also the output of {claimed[fold]}: restore them into different folders"
         elif (state := ownership(target, path))[0] in REFUSED:  # (--skip-existing too: not this one's output)
             claimed[fold] = path
-            other = "name another output file" if one_file else "give another output folder, or --suffix"
-            result.error = (f"output {target} is restore's output of another photo, {state[1]} (not of this file, "
-                            f"as it is now or was): not replaced (move it away, or {other})" if state[0] == "other"
-                            else f"output {target} exists and restore cannot tell it wrote it (no restore mark, nor a "
-                            f"copy of this input as it is now: a pass-through of an earlier version looks the same): "
-                            f"not replaced (move it away, or {other})")
+            result.error = refusal(target, state, one_file)
         else:
             claimed[fold] = path
             if skip_existing and state[0] == "changed":
@@ -263,7 +259,7 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
         # named .jpg: not re-encoded as a JPEG); a GIF's x.gif.png is encoded
         kept = same or (as_same and not one_file and target.suffix.lower() == path.suffix.lower())
         if decision.passthrough and kept and (copy := input_copy(path, image, real)) is not None:  # unchanged: the
-            atomic_write_bytes(target, copy)  # file, not a re-encode
+            atomic_write_bytes(target, copy, vet=vet_of(path))  # file, not a re-encode
             return None, "", False
         unmade = "" if decision.passthrough else image.cells_note
         if not same and kept and not decision.passthrough:  # (its name kept: what reads it goes by the name)
@@ -286,8 +282,15 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
                                        getattr(decision, "jpeg_psnr", None),
                                        earlier_compression(decision.quality, decision.source, image.image))
         copy = input_copy(path, image, fmt) if why else None
-        atomic_write_bytes(target, copy or data)
+        atomic_write_bytes(target, copy or data, vet=vet_of(path))
         return why if copy else None, unmade, decision.passthrough and lossy  # (the last: a lossy re-encode)
+
+    def vet_of(path: Path) -> Callable[[Path], None]:
+        """Vet a file at ``path``'s output right before the rename (another restore may have put it there)."""
+        def vet(target: Path) -> None:
+            if (state := ownership(target, path))[0] in REFUSED:
+                raise OutputError(refusal(target, state, one_file, meanwhile=True))
+        return vet
 
     def input_copy(path: Path, image: LoadedImage, fmt: str) -> bytes | None:
         """The input file as a pass-through's output; with ``strip_gps``, where it holds GPS, a JPEG's without it

@@ -198,6 +198,19 @@ def ownership(target: Path, source: Path) -> tuple[str, str]:
     return ("older", "") if mark else ("foreign", "")
 
 
+def refusal(target: Path, state: tuple[str, str], one_file: bool, meanwhile: bool = False) -> str:
+    """Why restore does not replace ``target`` (ownership's ``state``: REFUSED), and what to do instead;
+    ``meanwhile``: the file was put there while this restore ran (another restore into the folder at once)."""
+    other = "name another output file" if one_file else "give another output folder, or --suffix"
+    when = ", written there meanwhile (another restore into this folder at once)," if meanwhile else ""
+    if state[0] == "other":
+        return (f"output {target} is restore's output of another photo, {state[1]}{when} (not of this file, as it "
+                f"is now or was): not replaced (move it away, or {other})")
+    return (f"output {target} exists{when} and restore cannot tell it wrote it (no restore mark, nor a copy of "
+            f"this input as it is now: a pass-through of an earlier version looks the same): not replaced (move it "
+            f"away, or {other})")
+
+
 def glob_files(pattern: str) -> list[Path]:
     """The files a glob matches, sorted, its image suffix in either case as a folder search takes it ('*.jpg'
     finds a camera's IMG_0001.JPG too; a name without wildcards stays exact)."""

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # what libraries say when a write runs out of room without raising an OSError: safetensors' Rust writer ("No space
@@ -42,9 +43,17 @@ def temp_path(path: str | Path) -> Path:
     return path.with_name(f".{temp_stem(path.name)}.tmp{os.getpid()}")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
+# what os.link raises on a filesystem without hard links (some FUSE, SMB, FAT mounts) or that refuses one here
+NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS, errno.EACCES}
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None,
+                       vet: Callable[[Path], None] | None = None) -> None:
     """Write ``data`` to a hidden temp file beside ``path``, fsync it, then rename it into place. ``mode``:
-    the file's permission bits (None: as the umask makes them)."""
+    the file's permission bits (None: as the umask makes them). ``vet``: never replace a file another process
+    put at ``path`` unasked: the temp file is linked into place (os.link: fails where a file is there, so a file
+    written meanwhile is never clobbered), and only where one is there (or the filesystem has no hard links) is
+    ``vet(path)`` called, right before the rename: it raises to keep that file."""
     path = Path(path)
     tmp = temp_path(path)
     try:
@@ -54,12 +63,32 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -
             os.fsync(f.fileno())
         if mode is not None:
             os.chmod(tmp, mode)
+        if vet is not None:
+            if linked(tmp, path):
+                with contextlib.suppress(OSError):  # (published: a temp left is a second name of it, removed
+                    tmp.unlink()  # as stale later)
+                return
+            vet(path)
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no temp file behind
         if isinstance(err, OSError) and err.filename is None:
             err.filename = str(path)  # a write's ENOSPC names no file: name the one being written
         raise
+
+
+def linked(tmp: Path, path: Path) -> bool:
+    """Give the file ``tmp`` the name ``path`` too where nothing has that name (True); False where something
+    has, or where the filesystem makes no hard links."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError as err:
+        if err.errno in NO_LINK_ERRNOS:
+            return False
+        raise
+    return True
 
 
 def atomic_write_files(files: dict) -> None:
