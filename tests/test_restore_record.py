@@ -133,31 +133,56 @@ def test_ctrl_c_hands_back_the_results_so_far_and_records_the_rest_as_not_begun(
     assert [line["status"] for line in _lines(record)] == ["restored"] * 2 + ["not begun"] * 3
 
 
-def test_a_record_that_cannot_be_written_is_counted_and_the_restore_goes_on(tmp_path, restorer, monkeypatch):
+def test_a_record_that_cannot_be_written_is_counted_and_the_restore_goes_on(tmp_path, restorer, monkeypatch,
+                                                                           caplog):
+    """A full disk under the record: each line lost is counted, the warning said once (not once per file of a
+    folder of thousands), the restore goes on; a Record given no settings still writes their keys (null), so
+    every line of a record has the same keys."""
     import errno
 
     import dist_dejpeg.restore.record as record_module
-    from dist_dejpeg.restore.record import Record
+    from dist_dejpeg.restore.record import SETTINGS, Record
 
     src = tmp_path / "in"
     src.mkdir()
-    for i in range(3):
+    for i in range(4):
         Image.fromarray(_photo(40, 48)).save(src / f"p{i}.jpg", quality=20)
     real_write, writes = record_module.os.write, []
 
-    def full_once(fd, data):
+    def full_twice(fd, data):
         writes.append(data)
-        if len(writes) == 2:
+        if len(writes) in (2, 3):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
-    monkeypatch.setattr(record_module.os, "write", full_once)
+    monkeypatch.setattr(record_module.os, "write", full_twice)
     record = Record(tmp_path / "record.jsonl", "model.safetensors")
-    results = restore_files(restorer, [str(src)], tmp_path / "out", progress=False, record=record)
-    assert all(r.output for r in results) and record.failed == 1
+    with caplog.at_level("WARNING"):
+        results = restore_files(restorer, [str(src)], tmp_path / "out", progress=False, record=record)
+    assert all(r.output for r in results) and record.failed == 2
+    assert caplog.text.count("could not write the restore record") == 1, caplog.text
     lines = _lines(tmp_path / "record.jsonl")  # the line after the failed one starts on a fresh line
-    assert [line["source"] for line in lines] == [str(src / "p0.jpg"), str(src / "p2.jpg")]
-    assert lines[0]["model"] == "model.safetensors"
+    assert [line["source"] for line in lines] == [str(src / "p0.jpg"), str(src / "p3.jpg")]
+    assert lines[0]["model"] == "model.safetensors" and {key: lines[0][key] for key in SETTINGS} == dict.fromkeys(
+        SETTINGS)
+
+
+def test_a_file_left_alone_is_recorded_so_and_ctrl_c_does_not_call_it_interrupted():
+    """A file whose output a run before this one wrote (restore's ``earlier``) is "left alone", whatever else its
+    result says, and Ctrl-C does not mark it stopped: the record would say "not begun" of a file already done.
+    A result with neither an output nor an error is "not begun" too."""
+    from types import SimpleNamespace
+
+    from dist_dejpeg.restore.record import Record, RestoreInterrupted, status
+
+    def result(**kw):
+        return SimpleNamespace(**{**dict(earlier=False, skipped=False, stopped=False, error=None, output="o.png",
+                                         passthrough=False), **kw})
+
+    assert status(result(earlier=True)) == "left alone" and status(result(output=None)) == "not begun"
+    earlier = result(earlier=True, output=None)
+    RestoreInterrupted([earlier], Record(None))
+    assert earlier.error is None and not earlier.stopped and status(earlier) == "left alone"
 
 
 GPS_XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'

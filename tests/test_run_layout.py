@@ -112,13 +112,28 @@ def test_read_json_never_raises(tmp_path):
     assert files.read_json(tmp_path / "half.json") is None and files.read_json(tmp_path / "list.json") is None
 
 
+def test_read_jsonl_skips_lines_of_undecodable_bytes_and_lines_that_are_no_object(tmp_path):
+    """``status`` reads sessions.jsonl through read_jsonl (run/folder.py), which promises never to raise: a line of
+    bytes that are no UTF-8 (a disk error, a file copied in) would be a UnicodeDecodeError that fails ``status``,
+    and a JSON line that is no object (``[1]``) a TypeError in whoever reads its keys. Both are skipped."""
+    path = tmp_path / layout.SESSIONS
+    path.write_bytes(b'{"n": 1}\n\xff\xfe garbage\n[1]\n"text"\n{"n": 2}\n')
+    assert files.read_jsonl(path) == [{"n": 1}, {"n": 2}]
+
+
 def test_append_line_ends_a_line_cut_short_and_a_short_write_is_disk_full(tmp_path, monkeypatch):
+    """sessions.jsonl and restore-record.jsonl are appended a line at a time: a line an earlier write cut short is
+    ended first (else the next one is lost with it), a line is never followed by a blank one, and the file gets
+    the bits the umask allows (others on a shared run folder read it, as any file the run writes)."""
     path = tmp_path / layout.SESSIONS
     files.append_line(path, json.dumps({"n": 1}))
+    assert path.read_text() == '{"n": 1}\n' and os.stat(path).st_mode & 0o777 == files.FILE_MODE
+    files.append_line(path, '{"n": 0}\n')  # (a line that ends with its own newline gets no second one)
+    assert path.read_text() == '{"n": 1}\n{"n": 0}\n'
     with open(path, "a") as f:
         f.write('{"n": 2, "cut')  # an earlier write the disk filled midway
     files.append_line(path, json.dumps({"n": 3}))
-    assert files.read_jsonl(path) == [{"n": 1}, {"n": 3}]  # the cut line skipped, the new one whole
+    assert files.read_jsonl(path) == [{"n": 1}, {"n": 0}, {"n": 3}]  # the cut line skipped, the new one whole
     assert path.read_text().endswith('"cut\n{"n": 3}\n')
     monkeypatch.setattr(os, "write", lambda fd, data: len(data) - 1)  # the disk full now: a short write
     with pytest.raises(OSError) as err:
