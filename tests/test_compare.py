@@ -87,6 +87,9 @@ def test_evaluations_measured_differently_are_refused_by_name():
     other_photo = [_row("p", 10, {"psnr": 20.5}, {"psnr": 21.0})]  # the same name and size, another JPEG input
     with pytest.raises(CompareError, match="photo 'p' at q10: its JPEG's psnr is 20.0 in a but 20.5 in b: not the"):
         compare([base, _result("b", other_photo)])
+    # a thousandth of a dB is no float rounding (the same photo measures the same to ~1e-12): another JPEG input
+    with pytest.raises(CompareError, match="not the same photo"):
+        compare([base, _result("b", [_row("p", 10, {"psnr": 20.001}, {"psnr": 21.0})])])
     # another Pillow (the same libjpeg settings) and LPIPS measured on one side only still compare
     got = compare([_result("a", rows, lpips="lpips-alex"),
                    _result("b", rows, compression="libjpeg via Pillow 12.1.0, 4:2:0 chroma subsampling")])
@@ -199,6 +202,8 @@ def test_psnr_b_before_its_convention_was_recorded_and_y_labelled_before_and_sin
     old_y = dict(channel="Y (ITU-R BT.601, MATLAB-style)")
     new_y = dict(channel="Y (ITU-R BT.601 16-235, float, not rounded: the BasicSR/SwinIR convention)")
     assert compare([_result("old", rows, **old_y), _result("new", rows, **new_y, grayscale_images=0)])
+    # two evaluations since the change (one label) with grayscale photos measured them alike: they compare
+    assert compare([_result("a", rows, **new_y, grayscale_images=2), _result("b", rows, **new_y, grayscale_images=2)])
     with pytest.raises(CompareError, match=r"grayscale photos in new \(1\): .* old measured a grayscale photo's Y .*"
                                            r"not recorded"):
         compare([_result("old", rows, **old_y), _result("new", rows, **new_y, grayscale_images=1)])

@@ -134,6 +134,20 @@ def test_psnr_b_counts_boundary_pairs_as_kair_or_fbcnn_on_sizes_not_multiples_of
         F.psnr_b(img, ref, convention="matlab")
 
 
+def test_psnr_b_of_a_wide_image_takes_eta_from_its_shorter_side_and_no_boundary_is_no_bef():
+    """eta = log2(8) / log2(min(H, W)) (Yim & Bovik): a 16 x 64 image's is 3/4, where its longer side's would be
+    1/2, a BEF two thirds of the published one, PSNR-B a little higher than KAIR's on every non-square photo. An
+    image whose N_B counts no boundary pair (12 x 12: W // 8 - 1 = 0, though columns 7|8 meet) has no BEF: its
+    PSNR-B is its PSNR (each channel's, averaged), not a division by zero."""
+    rng = np.random.default_rng(0)
+    img = np.kron(rng.integers(0, 255, (2, 8)), np.ones((8, 8))).astype(np.uint8)  # 16 x 64, flat 8x8 blocks
+    x = img.astype(float)  # every difference is on a boundary: D_Bc = 0; N_B = 16 (64 // 8 - 1) + 64 (16 // 8 - 1)
+    d_b = ((np.diff(x, axis=1) ** 2).sum() + (np.diff(x, axis=0) ** 2).sum()) / (16 * 7 + 64 * 1)
+    assert F.blocking_effect_factor(img) == pytest.approx(math.log2(8) / math.log2(16) * d_b, rel=1e-12)
+    a, b = (rng.integers(0, 255, (12, 12, 3), dtype=np.uint8) for _ in range(2))
+    assert F.psnr_b(a, b) == pytest.approx(np.mean([F.psnr(a[..., c], b[..., c]) for c in range(3)]), abs=1e-9)
+
+
 def test_psnr_b_fbcnn_convention_is_rgb_mse_plus_the_rounded_ys_bef():
     """FBCNN's calculate_psnrb (main_test_fbcnn_color.py): one MSE over R, G and B plus the BEF of the tested
     image's Y rounded to uint8; KAIR's: the mean of the three channels' own PSNR-B."""
@@ -734,6 +748,9 @@ def test_registry_entries_are_complete():
     shift = R.BY_NAME["shift_r"]
     assert shift.improved(-3.0, 1.0) and not shift.improved(1.0, -2.0) and shift.improved(2.0, -2.0) is None
     assert R.BY_NAME["lpips"].improved(0.3, 0.2) and not R.BY_NAME["psnr"].improved(30.0, 29.0)
+    # each direction as the literature has it: report's arrows, compare's "better on" and the gains follow them
+    assert R.BY_NAME["psnr_b"].improved(20.0, 21.0) and R.BY_NAME["ssim"].improved(0.5, 0.6)
+    assert R.BY_NAME["niqe"].improved(5.0, 4.0) and R.BY_NAME["brisque"].improved(30.0, 20.0)
 
 
 def test_every_metric_has_its_functions():

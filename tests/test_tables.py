@@ -8,6 +8,7 @@ import csv
 import io
 import json
 
+from dist_dejpeg.evaluation.cells import csv_cell, md_cell
 from dist_dejpeg.evaluation.compare import compare, markdown as compare_markdown
 from dist_dejpeg.evaluation.evaluate import markdown, table_files
 from dist_dejpeg.metrics.registry import EVALUATED, QUALITY
@@ -44,6 +45,7 @@ def test_metrics_csv_names_cannot_run_as_formulas_and_excel_reads_it_as_utf8():
     assert names == ["'=cmd|' -C calc'!A0", "'+1", "'-2", "'@sum", "'\tx", *HOSTILE[5:]]
     assert float(rows[0]["psnr"]) == 20.0 and float(rows[1]["psnr"]) == 21.5  # numbers untouched
     assert [r["image"] for r in json.loads(files["metrics.json"])["per_image"]] == HOSTILE
+    assert csv_cell("\rx") == "'\rx" and csv_cell(-2.5) == -2.5  # (a carriage return starts a formula too)
 
 
 def _table_rows(text: str, first: str) -> list[str]:
@@ -63,6 +65,8 @@ def test_metrics_md_escapes_names_for_a_table_cell_and_for_inline_html():
     assert rows[0].startswith("| a\\|b | 10 |") and rows[1].startswith("| new line | 10 |")
     assert rows[2].startswith("| &lt;img src=x onerror=alert(1)&gt; | 10 |") and "<img" not in md
     assert rows[3].startswith("| x&amp;y | 10 |")
+    # a name's own backslash before a | would unescape it (a column break again); every line break ends a row
+    assert md_cell("a\\|b") == "a\\\\\\|b" and md_cell("a\rb\u2028c\x85d\r\ne") == "a b c d e"
 
 
 def test_compare_md_escapes_the_evaluations_paths_and_models():
