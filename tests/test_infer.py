@@ -1006,8 +1006,8 @@ def test_the_api_says_what_it_takes(tmp_path, model_file):
 def test_a_generator_file_s_model_config_is_read_as_a_config_file_is(monkeypatch):
     """The metadata 'model' typed as config.yaml's keys are (a string "false" was a true keep_mean; "abc" a
     decoder_width blamed on timm), a key this version lacks refused (it was dropped: a newer model built as an
-    older one), a key an older file lacks its default; a build failure blamed on timm only where timm lacks the
-    encoder."""
+    older one), a key an older file lacks its default, one that is no JSON object a ModelFileError (exit 2, not an
+    AttributeError's traceback); a build failure blamed on timm only where timm lacks the encoder."""
     from dist_dejpeg.models import generator_file
     from dist_dejpeg.models.generator_file import _build_and_load, model_config_from_meta
 
@@ -1022,6 +1022,9 @@ def test_a_generator_file_s_model_config_is_read_as_a_config_file_is(monkeypatch
     with pytest.raises(ModelFileError, match=re.escape("written by a newer dist_dejpeg: model keys ['x'] unknown "
                                                        "to this version; upgrade")):
         read(x=1, decoder_width=16)
+    for held in ("[1]", "1", None):  # JSON but no object, or no text: one line naming the file, not a traceback
+        with pytest.raises(ModelFileError, match="^f.st: .* is not a JSON object"):
+            model_config_from_meta({"model": held}, "f.st")
 
     def fails(cfg):
         raise RuntimeError("Trying to create tensor with negative dimension -5")

@@ -39,8 +39,15 @@ def test_a_download_cut_short_with_an_eoi_is_refused(tmp_path, source):
 
 
 def test_a_cut_near_the_end_is_refused_too():
+    """Also in an extended-sequential file (SOF1, Huffman-coded as a baseline one is), checked as a baseline (SOF0)
+    one: left unchecked, a cut-short SOF1 download would be restored with its lost part grey, and no word said."""
     d = _cut_with_eoi(_jpeg(data.coffee(), quality=80), 0.97)
     assert "ends early" in coding_problem(d, _coefficients(d))
+    sof1 = _jpeg(data.coffee(), quality=80).replace(b"\xff\xc0", b"\xff\xc1", 1)
+    cut = _cut_with_eoi(sof1, 0.97)
+    assert parse(cut)[0].marker == 0xC1 and "ends early" in coding_problem(cut, _coefficients(cut))
+    with pytest.raises(InputImageError, match="corrupt or incomplete JPEG data: scan 1's data ends early"):
+        load_image(_cut_with_eoi(sof1, 0.5))
 
 
 def test_bit_rot_inside_a_restart_interval_and_restart_markers_out_of_sequence():

@@ -230,6 +230,26 @@ def test_pixel_limit_nested_by_threads_puts_back_what_it_found():
     warnings.filters.pop(0)
 
 
+def test_pixel_limit_never_lowers_a_users_own_higher_limit_nor_takes_their_filter_away(monkeypatch):
+    """A user who raised PIL's limit to 10^9 (their scans are that big) keeps it inside restore's pixel_limit(10),
+    not lowered to the file's; and a user who ignored DecompressionBombWarning themselves keeps that filter when
+    pixel_limit leaves (pixel_limit's own is the same entry, found there: not its to remove)."""
+    import warnings
+
+    from PIL import Image
+
+    from dist_dejpeg.restore.images import pixel_limit
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10**9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the user's own
+        with pixel_limit(10):
+            assert Image.MAX_IMAGE_PIXELS == 10**9
+            assert any(f[2] is UserWarning and f[3] is not None and "Tiff" in f[3].pattern for f in warnings.filters)
+        assert Image.MAX_IMAGE_PIXELS == 10**9
+        assert warnings.filters[0][:3] == ("ignore", None, Image.DecompressionBombWarning)
+
+
 def test_decode_rgb8_beside_pixel_limit_defeats_neither_and_puts_the_limit_back(monkeypatch):
     """prepare's decode_rgb8 lifted PIL's limit (a global) and put back what it had found, with no lock, beside
     restore's pixel_limit: in this order (decode in, restore's pixel_limit in, decode out), the decode put back
