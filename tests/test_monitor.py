@@ -660,7 +660,11 @@ def _closed_port() -> int:
 
 def test_a_sessions_line_that_cannot_be_written_is_said_and_counted_and_training_goes_on(tmp_path, monkeypatch,
                                                                                           caplog):
+    """A full disk under sessions.jsonl, or a library whose version cannot be read, is said and training goes on
+    (a crash at the start of a 3-day job over a bookkeeping line); a line that is written says the SLURM job, the
+    ZeRO stage and a time with its UTC offset (the nodes of one job can be set to other zones)."""
     import errno
+    from datetime import datetime
     from types import SimpleNamespace
 
     from dist_dejpeg.run.files import read_jsonl
@@ -682,7 +686,21 @@ def test_a_sessions_line_that_cannot_be_written_is_said_and_counted_and_training
     assert (line["start_step"], line["processes"]) == (7, 2) and monitor.write_errors == {"sessions": 1}
     assert "disk full" in caplog.text.lower() and "sessions write failed" in caplog.text, caplog.text
     monkeypatch.undo()
-    sessions.record_session(trainer, None)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    trainer.cfg.train.deepspeed_stage = 2
+    line = sessions.record_session(trainer, None)
+    assert (line["slurm_job"], line["deepspeed_stage"]) == ("4242", 2)  # which job, and how ZeRO sharded it
+    assert datetime.fromisoformat(line["time"]).utcoffset() is not None  # (a time with no offset: which zone?)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a library's metadata unreadable")
+
+    monkeypatch.setattr(sessions, "library_versions", broken)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dist_dejpeg"):
+        assert sessions.record_session(trainer, None) is None  # said, not raised: training goes on
+    assert "line is not written (RuntimeError: a library's metadata unreadable); training goes on" in caplog.text
+    monkeypatch.undo()
     acc.is_main_process = False  # the other ranks write nothing
     assert sessions.record_session(trainer, None) is None
     assert [(s["start_step"], s["resumed_from"]) for s in read_jsonl(tmp_path / "sessions.jsonl")] == [(7, None)]
