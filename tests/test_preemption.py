@@ -540,3 +540,17 @@ def test_a_multi_rank_stop_with_nothing_to_save_is_recorded_for_status(tmp_path,
         progress = json.loads((run / "progress.json").read_text())
         assert progress["status"] == after and (progress["reason"] == "earlier") == (before == after)
     assert run_status(run)["state"] == "preempted"
+    # a live run holds the folder (a second launcher's ranks were the ones stopped): its progress.json is its own
+    (run / "progress.json").write_text(json.dumps({"status": "running", "reason": "", "time": 1.0}))
+    live = RunLock(run)
+
+    def lost(*args):  # (both passed the launcher's check; the other run took the lock, these ranks were stopped)
+        live.acquire()
+        return 75
+
+    monkeypatch.setattr(launch_mod, "launch", lost)
+    try:
+        assert main(command) == 75
+        assert json.loads((run / "progress.json").read_text())["status"] == "running"
+    finally:
+        live.release()

@@ -95,11 +95,15 @@ def failed_code(err, stop: int | None = None) -> int:
 def record_stop(run_dir: str | Path) -> None:
     """After the ranks stopped on a stop signal (exit 75), a progress.json still "running" says so: ranks the signal
     ended where they had nothing new to save (building, the final validation) wrote no word, and ``status`` would
-    call the run crashed. A progress.json that cannot be read or written is left as it is."""
+    call the run crashed. A progress.json that cannot be read or written is left as it is, and so is one of a run
+    that holds the folder's lock now (two launchers on one folder: the ranks stopped are the one that lost)."""
     from dist_dejpeg.run.files import atomic_write_json, read_json
     from dist_dejpeg.run.layout import PROGRESS
+    from dist_dejpeg.run.lock import lock_status
 
     path = Path(run_dir) / PROGRESS
+    if lock_status(run_dir)["held"] is True:  # (this launcher's ranks have ended: another process holds it)
+        return
     try:
         progress = read_json(path)
         if isinstance(progress, dict) and progress.get("status") == "running":
