@@ -1079,3 +1079,32 @@ def test_the_final_validation_restores_each_crop_once(tmp_path, shards):
     meta = read_metadata(tmp_path / "run" / "generator.safetensors")
     assert set(json.loads(meta["val_psnr_gain_conformed"])) == {"10", "40"}
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["q10"] == results["q10"]
+
+
+def test_a_run_that_ends_on_an_interrupt_closes_its_log_and_trackers_and_says_so(tmp_path, shards, monkeypatch):
+    """A notebook's later runs wrote into this run's train.log (a resume: each line twice) and its TensorBoard writer
+    thread lived on: fit closed them only on success. progress.json stayed "running" after a second Ctrl-C."""
+    import logging
+    import threading
+
+    from dist_dejpeg.train.run_log import RunLog
+
+    calls, real = [], Trainer.train_step
+
+    def interrupted(self, phase, turn, batches):
+        calls.append(turn)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, phase, turn, batches)
+
+    def writer_threads():
+        return [t for t in threading.enumerate() if type(t).__name__ == "_AsyncWriterThread" and t.is_alive()]
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    hook, before = threading.excepthook, len(writer_threads())
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path / "run", shards, "train.log_with=[tensorboard]"))
+    assert not [h for h in logging.getLogger().handlers if isinstance(h, RunLog)]
+    assert threading.excepthook is hook and len(writer_threads()) == before
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert progress["status"] == "crashed" and progress["reason"].startswith("KeyboardInterrupt"), progress

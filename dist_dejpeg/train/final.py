@@ -4,6 +4,7 @@ Every rank takes part: the validation is sharded, and a failure writing rank 0's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from statistics import NormalDist
 
@@ -11,7 +12,7 @@ from dist_dejpeg import code_version
 from dist_dejpeg.models.generator_file import save_generator, training_shards
 from dist_dejpeg.models.names import CONFORMED_KEYS, JPEG_PSNR, table_json
 from dist_dejpeg.run.layout import GENERATOR, METRICS
-from dist_dejpeg.train.checkpoint import FINAL_STAGE
+from dist_dejpeg.train.checkpoint import FINAL_STAGE, StopNow
 from dist_dejpeg.train.collective import all_ranks_or_raise, warn_on_main
 from dist_dejpeg.train.validation import (GAIN_BOUND_SE, ConformedSums, GridCrops, average_bn_stats, feed,
                                           validate)
@@ -109,3 +110,28 @@ def finish_run(trainer) -> dict:
     trainer.monitor.finish("finished", "", state.global_step)
     trainer.monitor.close()
     return results
+
+
+@contextlib.contextmanager
+def ending(trainer):
+    """Trainer.fit's end, however it comes: progress.json says why where nothing said it yet (a crash, a full disk:
+    Monitor.disk_full_error; a KeyboardInterrupt: a second Ctrl-C), then the trackers and train.log are closed and
+    the lock released, so that a later run in the same process (a notebook's) neither writes into this run's
+    train.log nor keeps its TensorBoard writer. A StopNow (the final validation's) is left to train(), which says
+    it (checkpoint.stopped_at_once) and closes them."""
+    close = True
+    try:
+        yield
+    except StopNow:
+        close = False
+        raise
+    except Exception as err:  # a full disk (a checkpoint, the final files): DiskFull's message, exit 3
+        raise trainer.monitor.disk_full_error(err)  # (err itself for any other error)
+    except KeyboardInterrupt:  # (the first Ctrl-C stops after the step with a checkpoint: Preempted)
+        trainer.monitor.finish("crashed", "KeyboardInterrupt: interrupted at once (a second Ctrl-C?), without a "
+                                          "checkpoint", trainer.state.global_step)
+        raise
+    finally:
+        if close:
+            trainer.monitor.close()
+        trainer.lock.release()

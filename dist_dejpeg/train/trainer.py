@@ -33,7 +33,7 @@ from dist_dejpeg.train.build import (build_accelerator, build_parts, claim_run_d
 from dist_dejpeg.train.collective import PacedChecks, all_ranks_or_raise
 from dist_dejpeg.train.data_checks import checked_val_set, val_fingerprint
 from dist_dejpeg.train.ema import GeneratorEma
-from dist_dejpeg.train.final import finish_run
+from dist_dejpeg.train.final import ending, finish_run
 from dist_dejpeg.train.monitor import Monitor
 from dist_dejpeg.train.phases import StopRule, gan_rule, gan_turn, lr_at, trains_critic, trains_generator
 from dist_dejpeg.train.resume import check_before_start, check_new_run, choose_checkpoint, other_validation, resume_from
@@ -296,14 +296,10 @@ class Trainer:
         return should_stop
 
     def fit(self) -> dict:
-        """The remaining phases, then the final validation (its metrics returned); the lock released however it ends."""
-        try:
-            with training_stream(self.accelerator.device, self.cfg.train.cuda_stream):
-                return self._fit()
-        except Exception as err:  # a full disk (a checkpoint, the final files): DiskFull's message, exit 3
-            raise self.monitor.disk_full_error(err)  # (err itself for any other error)
-        finally:
-            self.lock.release()
+        """The remaining phases, then the final validation (its metrics returned); the trackers, train.log and the
+        lock released however it ends (final.ending: a crash or a full disk said in progress.json first)."""
+        with ending(self), training_stream(self.accelerator.device, self.cfg.train.cuda_stream):
+            return self._fit()
 
     def _fit(self) -> dict:
         cfg = self.cfg
