@@ -1108,3 +1108,12 @@ def test_a_run_that_ends_on_an_interrupt_closes_its_log_and_trackers_and_says_so
     assert threading.excepthook is hook and len(writer_threads()) == before
     progress = json.loads((tmp_path / "run" / "progress.json").read_text())
     assert progress["status"] == "crashed" and progress["reason"].startswith("KeyboardInterrupt"), progress
+
+
+def test_a_second_accelerator_in_one_process_may_have_another_precision(tmp_path, shards):
+    """A notebook's second run with another train.mixed_precision failed with Accelerate's "AcceleratorState has
+    already been initialized and cannot be changed, restart your runtime"."""
+    acc, _ = build_mod.build_accelerator(tiny(tmp_path / "a", shards))
+    assert acc.mixed_precision == "no"
+    acc, _ = build_mod.build_accelerator(tiny(tmp_path / "b", shards, "train.mixed_precision=bf16"))
+    assert acc.mixed_precision == "bf16"

@@ -78,10 +78,9 @@ class Synthetic:
 
 def _reset_accelerate() -> None:
     """Each row builds its own Accelerator (its own mixed precision): forget the process-wide state."""
-    from accelerate.state import AcceleratorState, GradientState
+    from dist_dejpeg.train.build import reset_accelerate_state
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def _phase(cfg: Config, kind: str):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -66,8 +67,6 @@ def refused_before_launch(cfg: Config, ranks: int) -> None:
     """--dry-run's share of what build_accelerator and zero.py refuse at the start (a ConfigError): fp16 with
     train.cpu (on a host without CUDA, a login node's, only said: the compute node may have it) and DeepSpeed in one
     process started with no launcher."""
-    import os
-
     from dist_dejpeg.train.zero import NEEDS_LAUNCHER
 
     if cfg.train.mixed_precision == "fp16" and (cfg.train.cpu or not torch.cuda.is_available()):
@@ -101,6 +100,8 @@ def build_accelerator(cfg: Config) -> tuple[Accelerator, Config]:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, mixed_precision=precision, deepspeed_stage=stage),
                               model=init_from_config(cfg.model))
     silence_library_warnings()  # DDP's broadcast_buffers and DeepSpeed's all_gather_into_tensor deprecations
+    if int(os.environ.get("WORLD_SIZE") or 1) <= 1:  # one process: an earlier run's Accelerator in it (a notebook's)
+        reset_accelerate_state()  # would refuse this one another mixed precision or device ("restart your runtime")
     acc = _deepspeed_accelerator(cfg, cpu, timeout) if stage else Accelerator(
         cpu=cpu,
         mixed_precision=precision,
@@ -115,6 +116,15 @@ def build_accelerator(cfg: Config) -> tuple[Accelerator, Config]:
         warn_on_main(acc.is_main_process)("train.mixed_precision=bf16: %s has no bf16; training in fp32 (set fp16 "
                                           "to use its tensor cores)", torch.cuda.get_device_name())
     return acc, cfg
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide state (AcceleratorState, GradientState, PartialState): the next Accelerator
+    built in this process may have another mixed precision or device (bench's rows; a notebook's second run)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 def _init_from(model: ModelConfig) -> torch.nn.Module:
