@@ -1117,3 +1117,20 @@ def test_a_second_accelerator_in_one_process_may_have_another_precision(tmp_path
     assert acc.mixed_precision == "no"
     acc, _ = build_mod.build_accelerator(tiny(tmp_path / "b", shards, "train.mixed_precision=bf16"))
     assert acc.mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("processes", [2, 1])
+def test_train_from_python_says_it_does_not_start_train_processes(tmp_path, shards, monkeypatch, caplog, processes):
+    """configs/debug.yaml's train.processes=2 from a notebook trained one process without a word (half the global
+    batch; the command line then refused to continue the run): only the CLI starts the ranks."""
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.delenv(name, raising=False)
+
+    def stop_here(*args, **kwargs):
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(trainer_mod, "Trainer", stop_here)
+    with caplog.at_level("WARNING", "dist_dejpeg"), pytest.raises(RuntimeError, match="stop here"):
+        train(tiny(tmp_path / "run", shards, f"train.processes={processes}"))
+    said = "train.processes=2 is not started by train() called from Python" in caplog.text
+    assert said == (processes == 2) and ("`dist-dejpeg train` (or accelerate launch) starts 2" in caplog.text) == said

@@ -52,6 +52,20 @@ def ranks_here(processes: int, cpu: bool) -> int:
     return processes
 
 
+def warn_unlaunched(processes: int, cpu: bool) -> None:
+    """train() called from Python (a notebook) with no launcher trains in its own process: a train.processes that
+    the command line would start as several ranks (ranks_here's count; the CLI calls train() itself only where
+    that is 1) is said to be ignored, not left to halve the global batch without a word."""
+    import torch
+
+    ranks = min(processes, torch.cuda.device_count()) if not cpu and torch.cuda.is_available() else processes
+    if ranks > 1 and not already_launched():
+        log.warning("train.processes=%d is not started by train() called from Python: it trains in this one "
+                    "process, with 1/%d of the global batch (continuing the run with %d processes later needs "
+                    "train.resume_allow_batch_change); `dist-dejpeg train` (or accelerate launch) starts %d",
+                    processes, ranks, ranks, ranks)
+
+
 def ranks_started(processes: int, cpu: bool) -> int:
     """The ranks a start has: under a launcher, its WORLD_SIZE (``processes``, train.processes, is ignored
     there: 1 where it sets none, accelerate's one-process launcher); else :func:`ranks_here`'s."""

@@ -37,6 +37,7 @@ from dist_dejpeg.run.manifest import Verdict, verify_checkpoint
 from dist_dejpeg.train.checkpoint import CheckpointError, check_deepspeed_layout, load_checkpoint, set_aside_later
 from dist_dejpeg.train.collective import all_ranks_or_raise, on_main, warn_on_main
 from dist_dejpeg.train.init_from import GENERATOR_NO_TENSOR, GENERATOR_SHAPE_KEYS, same_shapes_but_stride
+from dist_dejpeg.train.launch import warn_unlaunched
 from dist_dejpeg.train.phases import trains_critic
 from dist_dejpeg.train.zero import launcher_uses_deepspeed
 
@@ -177,6 +178,14 @@ def _choose(run_dir: Path, resume: str | None, auto_resume: bool) -> str | None:
     older = f" (newer, damaged: {', '.join(v.folder.name for v in skipped)})" if skipped else ""
     log.info("%s: continuing the run in %s from %s%s", how, run_dir, path.name, older)
     return str(path)
+
+
+def check_alone(cfg: Config, resume: str | None) -> None:
+    """What train() in one process (no launcher's WORLD_SIZE over 1) checks before models, lock and trackers exist:
+    check_new_run, check_before_start, and a train.processes it does not start said (launch.warn_unlaunched)."""
+    warn_unlaunched(cfg.train.processes, cfg.train.cpu)
+    check_new_run(Path(cfg.train.run_dir), resume, cfg.train.auto_resume)
+    check_before_start(cfg, resume, 1)
 
 
 def check_new_run(run_dir: Path, resume: str | None, auto_resume: bool) -> None:

@@ -36,7 +36,7 @@ from dist_dejpeg.train.ema import GeneratorEma
 from dist_dejpeg.train.final import ending, finish_run
 from dist_dejpeg.train.monitor import Monitor
 from dist_dejpeg.train.phases import StopRule, gan_rule, gan_turn, lr_at, trains_critic, trains_generator
-from dist_dejpeg.train.resume import check_before_start, check_new_run, choose_checkpoint, other_validation, resume_from
+from dist_dejpeg.train.resume import check_alone, choose_checkpoint, other_validation, resume_from
 from dist_dejpeg.train.sessions import record_session
 from dist_dejpeg.train.steps import HostChecks, NonFiniteLoss, critic_step, generator_step
 from dist_dejpeg.train.validation import average_bn_stats, image_grid, mean_restored, validate
@@ -324,8 +324,7 @@ def train(cfg: Config, resume: str | None = None, train_loader=None, val_set=Non
     ends it at once as Preempted (exit 75; nothing is lost there), not by the signal with no word."""
     signals, trainer, alone = ckpt.StopSignals(), None, int(os.environ.get("WORLD_SIZE") or 1) <= 1
     if alone:  # (ranks: their launcher asked, before it started them): before models, lock and trackers exist
-        check_new_run(Path(cfg.train.run_dir), resume, cfg.train.auto_resume)
-        check_before_start(cfg, resume, 1)
+        check_alone(cfg, resume)  # (and a train.processes it does not start: said)
         signals.install()
     try:
         with signals.at_once("before training began"):
