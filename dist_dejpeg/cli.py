@@ -200,18 +200,14 @@ def _train_command(args: argparse.Namespace) -> int:
 
         die_with_parent(os.getppid())
     from dist_dejpeg.data.verify import TooFewSamples, TooManyBadSamples, UnreadableShard
-    from dist_dejpeg.run.files import new_folders
-    from dist_dejpeg.run.lock import RunDirBusy, remove_unheld
+    from dist_dejpeg.run.lock import RunDirBusy
     from dist_dejpeg.run.verdict import file_error, lost_peer
     from dist_dejpeg.train.trainer import Preempted, TrainingStopped, train
 
-    made = new_folders(cfg.train.run_dir) if os.environ.get("RANK", "0") == "0" else []  # (the main process makes it)
-    try:
+    try:  # (a start that failed, a misspelt encoder, leaves no run folder behind: train() removes what it made)
         results = train(cfg, resume=args.resume)
     except (ConfigError, WeightsError, FileNotFoundError, RunDirBusy, TooManyBadSamples, TooFewSamples,
             UnreadableShard) as err:
-        if not isinstance(err, RunDirBusy):  # (busy: the folder is the other run's, made meanwhile)
-            remove_unheld(made)  # a start that failed (a misspelt encoder) leaves no run folder behind
         return _stopped("error", err, 2)
     except Preempted as err:
         return _stopped("stopped", err, EXIT_PREEMPTED)

@@ -310,11 +310,11 @@ def test_a_start_that_loses_the_race_for_a_new_run_folder_leaves_the_winners_fol
 
     run, winner = tmp_path / "new" / "run", RunLock(tmp_path / "new" / "run")
 
-    def loses(cfg, resume=None):  # the winner takes the folder between the loser's look and its lock
+    def loses(cfg, **kwargs):  # the winner takes the folder between the loser's look and its lock
         winner.acquire()
         RunLock(run).acquire()
 
-    monkeypatch.setattr(trainer, "train", loses)
+    monkeypatch.setattr(trainer, "Trainer", loses)  # (in train(), which removes a failed start's new folders)
     assert main(["train", "train.processes=1", "train.cpu=true", f"train.run_dir={run}"]) == 2
     assert "in use by another training run" in capsys.readouterr().err
     assert (run / ".lock").is_file()

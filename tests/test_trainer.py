@@ -1134,3 +1134,21 @@ def test_train_from_python_says_it_does_not_start_train_processes(tmp_path, shar
         train(tiny(tmp_path / "run", shards, f"train.processes={processes}"))
     said = "train.processes=2 is not started by train() called from Python" in caplog.text
     assert said == (processes == 2) and ("`dist-dejpeg train` (or accelerate launch) starts 2" in caplog.text) == said
+
+
+def test_a_start_from_python_that_fails_leaves_no_run_folder_and_no_held_lock(tmp_path, shards):
+    """Only the CLI removed the run folder a failed start made (holding only its lock); and a half-built Trainer
+    that the traceback keeps (a notebook's last error) held the lock of a folder that was there: a corrected run
+    in the same process was refused as busy."""
+    from dist_dejpeg.run.lock import RunLock
+
+    with pytest.raises(ConfigError, match="model.encoder"):
+        train(tiny(tmp_path / "new" / "run", shards, "model.encoder=nosuchnet"))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    with pytest.raises(ConfigError, match="model.encoder") as kept:  # (its traceback kept, as a notebook does)
+        train(tiny(tmp_path / "old", shards, "model.encoder=nosuchnet"))
+    lock = RunLock(tmp_path / "old")
+    lock.acquire()  # not busy
+    lock.release()
+    assert kept.value is not None

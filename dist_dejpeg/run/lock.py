@@ -75,6 +75,16 @@ class RunLock:
         os.write(fd, json.dumps(holder).encode())
         self._fd = fd
 
+    @contextlib.contextmanager
+    def released_on_error(self) -> Iterator[RunLock]:
+        """What follows acquire (a trainer's build): the lock released where it fails, not held by a half-built
+        trainer until that is collected (a notebook's last traceback keeps it: a corrected run there was busy)."""
+        try:
+            yield self
+        except BaseException:
+            self.release()
+            raise
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
@@ -94,6 +104,22 @@ def _still_there(fd: int, path: Path) -> bool:
     except FileNotFoundError:
         return False
     return (here.st_dev, here.st_ino) == (locked.st_dev, locked.st_ino)
+
+
+@contextlib.contextmanager
+def removed_if_start_fails(run_dir: str | Path) -> Iterator[None]:
+    """A training start in ``run_dir``: the folders it makes (new_folders; by the main process, RANK 0) removed
+    again (remove_unheld) where the block fails with an error, so that a start that failed (a misspelt encoder)
+    leaves no run folder behind. Not where it failed as RunDirBusy: the folder is then another run's, made
+    meanwhile (two starts raced for one new folder)."""
+    made = new_folders(run_dir) if os.environ.get("RANK", "0") == "0" else []
+    try:
+        yield
+    except RunDirBusy:
+        raise
+    except Exception:
+        remove_unheld(made)
+        raise
 
 
 def remove_unheld(folders: list[Path], name: str = LOCK) -> None:

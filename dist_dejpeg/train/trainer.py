@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from dist_dejpeg.config import Config, PhaseConfig, to_dict, to_yaml
 from dist_dejpeg.data import build_train_loader
 from dist_dejpeg.run.layout import BEST_GENERATOR, CHECKPOINT_MODEL, LAST_GENERATOR
-from dist_dejpeg.run.lock import RunLock
+from dist_dejpeg.run.lock import RunLock, removed_if_start_fails
 from dist_dejpeg.train import checkpoint as ckpt
 from dist_dejpeg.train.checkpoint import Preempted, TrainingStopped
 from dist_dejpeg.train.faults import check_finite_state, non_finite_stop
@@ -70,24 +70,26 @@ class Trainer:
         setup_logging(acc, cfg.train.log_level)
         self.lock = RunLock(self.run_dir)
         claim_run_dir(acc, cfg, self.lock, write_samples=train_loader is None)
-        parts = build_parts(cfg, acc)
-        self.generator, self.g_opt, self.critic, self.c_opt = parts.generator, parts.g_opt, parts.critic, parts.c_opt
-        self.lpips, self.metric_lpips, self.autocast = parts.lpips, parts.metric_lpips, parts.autocast
-        self.deepspeed, self.fused, self.cudagraphs = parts.deepspeed, parts.fused, parts.cudagraphs
-        self.signals = signals or ckpt.StopSignals()  # train()'s: installed for the whole run
-        self.checks = PacedChecks(HostChecks(acc, self.signals, parts.sync_every), cfg.train.preempt_budget_s)
-        self.sync_every, self.flags, self.compile_watch = parts.sync_every, self.checks.flags, parts.compile_watch
-        self.blind_prob = cfg.model.quality_blind_prob if cfg.model.quality_conditioning else 0.0
-        self.ema = GeneratorEma(self.gen_raw, cfg.train.ema_decay, cfg.train.ema_warmup)  # train/ema.py
-        set_seed(cfg.train.seed + acc.process_index)  # per-rank randomness (dropout, ...)
-        with all_ranks_or_raise(acc):  # one rank's shards or rank 0's trackers failing: every rank stops now
-            self.loader = train_loader or build_train_loader(cfg, acc.process_index, acc.num_processes, acc.device)
-            self.val_set = val_set if val_set is not None else checked_val_set(cfg, acc)
-            self.monitor = Monitor(acc, cfg, self.run_dir, to_dict(cfg))
-        self.state, self.val_changed = TrainerState(val_set=val_fingerprint(cfg)), False
-        self.best_generator = self.last_generator = None  # ema.snapshot()s: the gan phase's best, its last step's
-        self.validated: tuple[int, dict] | None = None  # (global step, results) of the newest validation, if current
-        self.config_yaml = to_yaml(cfg)
+        with self.lock.released_on_error():  # (a half-built trainer that a notebook's traceback keeps)
+            parts = build_parts(cfg, acc)
+            self.generator, self.g_opt = parts.generator, parts.g_opt
+            self.critic, self.c_opt = parts.critic, parts.c_opt
+            self.lpips, self.metric_lpips, self.autocast = parts.lpips, parts.metric_lpips, parts.autocast
+            self.deepspeed, self.fused, self.cudagraphs = parts.deepspeed, parts.fused, parts.cudagraphs
+            self.signals = signals or ckpt.StopSignals()  # train()'s: installed for the whole run
+            self.checks = PacedChecks(HostChecks(acc, self.signals, parts.sync_every), cfg.train.preempt_budget_s)
+            self.sync_every, self.flags, self.compile_watch = parts.sync_every, self.checks.flags, parts.compile_watch
+            self.blind_prob = cfg.model.quality_blind_prob if cfg.model.quality_conditioning else 0.0
+            self.ema = GeneratorEma(self.gen_raw, cfg.train.ema_decay, cfg.train.ema_warmup)  # train/ema.py
+            set_seed(cfg.train.seed + acc.process_index)  # per-rank randomness (dropout, ...)
+            with all_ranks_or_raise(acc):  # one rank's shards or rank 0's trackers failing: every rank stops now
+                self.loader = train_loader or build_train_loader(cfg, acc.process_index, acc.num_processes, acc.device)
+                self.val_set = val_set if val_set is not None else checked_val_set(cfg, acc)
+                self.monitor = Monitor(acc, cfg, self.run_dir, to_dict(cfg))
+            self.state, self.val_changed = TrainerState(val_set=val_fingerprint(cfg)), False
+            self.best_generator = self.last_generator = None  # ema.snapshot()s: the gan phase's best, its last step's
+            self.validated: tuple[int, dict] | None = None  # (global step, results) of the newest one, if current
+            self.config_yaml = to_yaml(cfg)
 
     def close(self) -> None:
         """Release the run folder and the trackers (fit does this itself; for callers that only step)."""
@@ -327,7 +329,7 @@ def train(cfg: Config, resume: str | None = None, train_loader=None, val_set=Non
         check_alone(cfg, resume)  # (and a train.processes it does not start: said)
         signals.install()
     try:
-        with signals.at_once("before training began"):
+        with signals.at_once("before training began"), removed_if_start_fails(cfg.train.run_dir):  # (run/lock.py)
             trainer = Trainer(cfg, train_loader=train_loader, val_set=val_set, signals=signals)
             try:
                 path = choose_checkpoint(trainer.accelerator, trainer.run_dir, resume, cfg.train.auto_resume)
