@@ -166,12 +166,12 @@ def test_cmyk_is_converted_through_its_embedded_profile(tmp_path, restorer):
     assert out["gray_rgb_profile.png"].mode == "L" and "icc_profile" not in out["gray_rgb_profile.png"].info
 
 
-def gray_profile() -> bytes:
-    """A monitor GRAY profile (ICC v2: gamma 2.2 kTRC), as a grayscale scan or export carries."""
+def gray_profile(gamma: float = 2.2) -> bytes:
+    """A monitor GRAY profile (ICC v2: a ``gamma`` kTRC), as a grayscale scan or export carries."""
     white = struct.pack(">iii", 63190, 65536, 54061)
     tags = [(b"desc", b"desc" + bytes(4) + struct.pack(">I", 10) + b"test GRAY\0" + bytes(79)),
             (b"wtpt", b"XYZ " + bytes(4) + white), (b"cprt", b"text" + bytes(4) + b"none\0"),
-            (b"kTRC", b"curv" + bytes(4) + struct.pack(">IH", 1, int(2.2 * 256)))]
+            (b"kTRC", b"curv" + bytes(4) + struct.pack(">IH", 1, int(gamma * 256)))]
     return _icc(b"mntrGRAYXYZ ", tags, white)
 
 
@@ -294,7 +294,7 @@ def test_a_pngs_text_chunks_go_into_a_png_output(tmp_path, restorer):
 
 def test_a_gray_profile_stays_with_gray_pixels_only(tmp_path, restorer):
     """A grayscale JPEG's GRAY profile is kept where the output is grayscale (PNG, JPEG, TIFF); WebP has no gray
-    pixels (PIL writes them as RGB), and an RGB WebP tagged with a GRAY profile cannot be colour-managed."""
+    pixels (PIL writes them as RGB), so its pixels are the gray ones through that profile, tagged sRGB."""
     icc = gray_profile()
     assert ImageCms.ImageCmsProfile(io.BytesIO(icc)).profile.xcolor_space.strip() == "GRAY"
     Image.fromarray(_photo()[..., 0]).save(tmp_path / "scan.jpg", quality=30, icc_profile=icc)
@@ -305,7 +305,46 @@ def test_a_gray_profile_stays_with_gray_pixels_only(tmp_path, restorer):
         outputs[fmt] = Image.open(result.output)
     assert outputs["png"].mode == "L" and outputs["png"].info.get("icc_profile") == icc
     assert outputs["jpg"].info.get("icc_profile") == icc
-    assert outputs["webp"].mode == "RGB" and "icc_profile" not in outputs["webp"].info
+    webp = ImageCms.ImageCmsProfile(io.BytesIO(outputs["webp"].info["icc_profile"]))
+    assert outputs["webp"].mode == "RGB" and "sRGB" in ImageCms.getProfileDescription(webp)
+    expected = ImageCms.profileToProfile(outputs["png"], ImageCms.ImageCmsProfile(io.BytesIO(icc)),
+                                         ImageCms.createProfile("sRGB"), outputMode="RGB")
+    assert np.abs(np.asarray(outputs["webp"], int) - np.asarray(expected, int)).max() <= 1
+
+
+@pytest.mark.parametrize("gamma", [1.8, 2.2])
+def test_a_gray_photo_written_as_webp_looks_as_it_did_colour_managed(tmp_path, gamma):
+    """A WebP holds RGB: a grayscale image tagged Gray Gamma 1.8 used to be written as its gray values, untagged,
+    so read as sRGB (12 levels darker on average, measured on the review's photos); now the same colours."""
+    from dist_dejpeg.restore.images import save_image
+
+    icc, srgb = gray_profile(gamma), ImageCms.createProfile("sRGB")
+    gray = _photo()[..., 1]
+    save_image(np.repeat(gray[..., None], 3, axis=2), tmp_path / "x.webp", grayscale=True, icc_profile=icc)
+    save_image(np.repeat(gray[..., None], 3, axis=2), tmp_path / "a.webp", grayscale=True, icc_profile=icc,
+               alpha=np.full(gray.shape, 200, np.uint8))
+
+    def shown(img: Image.Image, profile) -> np.ndarray:  # as a colour-managed viewer shows it: in sRGB
+        return np.asarray(ImageCms.profileToProfile(img, profile, srgb, outputMode="RGB"), int)
+
+    want = shown(Image.fromarray(gray, "L"), ImageCms.ImageCmsProfile(io.BytesIO(icc)))
+    for name in ("x.webp", "a.webp"):
+        out = Image.open(tmp_path / name)
+        assert out.mode == ("RGB" if name == "x.webp" else "RGBA") and "icc_profile" in out.info
+        got = shown(out.convert("RGB"), ImageCms.ImageCmsProfile(io.BytesIO(out.info["icc_profile"])))
+        assert np.abs(got - want).max() <= 1
+    assert np.asarray(Image.open(tmp_path / "a.webp"))[..., 3].min() == 200  # the alpha kept
+
+
+def test_a_gray_profile_littlecms_refuses_is_left_out_of_a_webp_with_a_warning(tmp_path, caplog):
+    from dist_dejpeg.restore.images import save_image
+
+    broken = gray_profile()[:-8]  # its last tag cut short: the header still says GRAY
+    with caplog.at_level(logging.WARNING):
+        save_image(np.full((8, 8, 3), 90, np.uint8), tmp_path / "x.webp", grayscale=True, icc_profile=broken)
+    out = Image.open(tmp_path / "x.webp")
+    assert "icc_profile" not in out.info and np.asarray(out.convert("L")).max() == 90
+    assert f"{tmp_path / 'x.webp'}: written without its gray ICC profile" in caplog.text
 
 
 def _iptc_segment(**records: bytes) -> bytes:

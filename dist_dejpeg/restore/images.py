@@ -37,7 +37,7 @@ from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, DEFAULT_MAX_PIXELS, icc_spa
                                        save_options, tiff_pages)
 from dist_dejpeg.restore.metadata import (JPEG_MARKER_MAX, ORIENTATION, XMP_HEADER, fit_exif, jpeg_notes, marked,
                                           output_dpi, output_metadata, output_xmp, png_text, tiff_with_exif,
-                                          with_app13)
+                                          webp_gray, with_app13)
 from dist_dejpeg.run.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -344,14 +344,15 @@ def save_image(rgb: np.ndarray, path: str | Path, *, alpha: np.ndarray | None = 
         options["xmp"] = xmp
     if comment and fmt == "JPEG":
         options["comment"] = comment
-    if icc_profile and fmt == "WEBP" and icc_space(icc_profile) == "GRAY":
-        icc_profile = None  # WebP has no gray pixels (PIL writes them as RGB), and an RGB image's gray profile breaks
+    image = join_image(rgb, alpha, grayscale)
+    if icc_profile and fmt == "WEBP" and icc_space(icc_profile) == "GRAY":  # WebP has no gray pixels: sRGB ones
+        image, icc_profile = webp_gray(image, icc_profile, path) if image.mode in GRAY_MODES else (image, None)
     if icc_profile:
         options["icc_profile"] = icc_profile
     if dpi:
         options["dpi"] = dpi
     buf = io.BytesIO()
-    join_image(rgb, alpha, grayscale).save(buf, format=fmt, **options)
+    image.save(buf, format=fmt, **options)
     data = with_app13(buf.getvalue(), iptc) if iptc and fmt == "JPEG" else buf.getvalue()
     if not encode_only:
         atomic_write_bytes(path, data)

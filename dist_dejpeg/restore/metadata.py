@@ -15,6 +15,8 @@ Copyright, Description, ...) go into a PNG output. The pixel density (dpi: JFIF,
 too, x and y swapped by a quarter turn. Colours are read by the rule prepare's tiles share (jpeg.formats.rgb_image):
 RGB keeps its own values and its profile (Adobe RGB, Display P3: restored where its JPEG artefacts are, no gamut
 clipped); a profile is carried only where it describes the output's colours: RGB for RGB output, GRAY for grayscale.
+A WebP has no gray pixels (PIL writes them as RGB): a grayscale output with a GRAY profile is converted to sRGB
+through that profile for it and carries LittleCMS's sRGB profile (webp_gray).
 A CMYK input with an embedded profile is converted to sRGB through that profile (LittleCMS via PIL.ImageCms,
 perceptual intent) and the output carries the sRGB profile LittleCMS builds; a CMYK input without one is converted
 as PIL does (naively) and carries no profile.
@@ -22,6 +24,7 @@ as PIL does (naively) and carries no profile.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from pathlib import Path
@@ -51,6 +54,25 @@ XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"  # what a JPEG's XMP segment st
 GPS_IFD = 0x8825  # the EXIF's GPS sub-IFD: the location (--strip-gps)
 # the XMP's location (--strip-gps): exif:GPS* properties, as attributes or elements
 XMP_GPS = re.compile(rb'\s(?:exif|exifEX):GPS\w+="[^"]*"|<((?:exif|exifEX):GPS\w+)\b[^>]*?(?:/>|>.*?</\1>)', re.S)
+
+
+def webp_gray(img: Image.Image, icc: bytes, path) -> tuple[Image.Image, bytes | None]:
+    """A grayscale (L, LA) image tagged with the GRAY profile ``icc``, for a WebP (which holds RGB, and an RGB
+    image's GRAY profile cannot be colour-managed): its pixels through that profile to sRGB (LittleCMS), with
+    LittleCMS's sRGB profile. Where LittleCMS cannot (absent, a profile it refuses): the gray values as they are,
+    untagged (a colour-managed viewer then reads them as sRGB), with a warning naming the file ``path``."""
+    try:
+        from PIL import ImageCms
+
+        rgb = ImageCms.profileToProfile(img.convert("L"), ImageCms.ImageCmsProfile(io.BytesIO(icc)), srgb_profile(),
+                                        outputMode="RGB")
+    except Exception as err:  # noqa: BLE001 - ImportError without LittleCMS, PyCMSError for a broken profile
+        log.warning("%s: written without its gray ICC profile, which LittleCMS cannot convert to sRGB for a WebP "
+                    "(%s): a colour-managed viewer shows its tones as sRGB ones", path, err)
+        return img, None
+    if img.mode == "LA":
+        rgb.putalpha(img.getchannel("A"))
+    return rgb, srgb_profile().tobytes()
 
 
 def output_metadata(img: Image.Image, grayscale: bool) -> tuple[bytes | None, bytes | None]:
