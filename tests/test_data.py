@@ -827,6 +827,17 @@ def test_decode_modes_to_rgb8(make, expected):
     assert (rgb == np.array(expected, np.uint8)).all(), rgb[0, 0]
 
 
+@pytest.mark.parametrize("maxval", [65535, 1023])
+def test_a_dark_deep_pgm_keeps_its_depth(maxval):
+    """A 16-bit PGM whose samples are all <= 255 (a dark frame) was read as 8-bit, up to 255x too bright: its depth
+    was guessed from the pixels' maximum; the file's maxval says it (PIL scales maxval > 255 to 0..65535)."""
+    x = np.random.default_rng(3).integers(0, 256, (8, 10)).astype(">u2")
+    data = b"P5\n10 8\n%d\n" % maxval + x.tobytes()
+    rgb = decode_rgb8(data)
+    assert np.abs(rgb[..., 0] - np.rint(x * (255 / maxval))).max() <= 1  # (PIL's maxval scaling rounds first)
+    assert (rgb[..., 0] == rgb[..., 2]).all() and abs(rgb.mean() - (x * (255 / maxval)).mean()) < 0.1
+
+
 def test_decode_palette_png():
     idx = np.zeros((8, 10), np.uint8)
     idx[:, 5:] = 2

@@ -8,7 +8,7 @@ import re
 import numpy as np
 from PIL import Image, ImageOps
 
-from dist_dejpeg.jpeg.formats import SHARD_EXTS, TILE_FORMATS, rgb_image
+from dist_dejpeg.jpeg.formats import SHARD_EXTS, TILE_FORMATS, bit_depth, rgb_image
 from dist_dejpeg.jpeg.pil_limit import own_limit, pixel_limit
 
 
@@ -68,12 +68,14 @@ def translucent(data: bytes) -> bool:
         return False
 
 
-def to_rgb8(img: Image.Image) -> np.ndarray:
+def to_rgb8(img: Image.Image, bits: int = 8) -> np.ndarray:
     """Any PIL image (grayscale, RGBA, palette, 16-bit, CMYK, ...) as an H x W x 3 uint8 array, its colours read
-    as restore reads them (jpeg.formats.rgb_image)."""
+    as restore reads them (jpeg.formats.rgb_image). ``bits``: per sample, as its file stores them (bit_depth, read
+    before it was loaded): a 9-16-bit PGM or PNG PIL opens as mode I holds 0..65535 however dark it is; 8 (not
+    known) and deeper, the values' maximum tells (over 255: 16-bit)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        top = 65535.0 if img.mode.startswith("I;16") or 8 < bits <= 16 or arr.max(initial=0) > 255 else 255.0
         arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
         return np.repeat(arr[..., None], 3, axis=2)
     if img.mode == "F":
@@ -103,10 +105,11 @@ def decode_rgb8(data: bytes, max_pixels: int | None = None, upright: bool = Fals
                 said = "--max-pixels" if max_pixels is not None else "PIL's decompression-bomb limit"
                 raise TooManyPixels(f"{img.width} x {img.height} = {img.width * img.height / 1e6:.1f} MP, over "
                                     f"the {limit / 1e6:g} MP limit ({said})")
+            bits = bit_depth(img)  # (from its header: read before it is loaded)
             img.load()
             if upright:
                 img = ImageOps.exif_transpose(img)
-        return to_rgb8(img)
+        return to_rgb8(img, bits)
     except TooManyPixels:
         raise
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data

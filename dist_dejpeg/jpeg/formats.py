@@ -4,10 +4,12 @@ transform; the one rule by which prepare and restore read a photo's colours (rgb
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
 import os
+import struct
 from collections import Counter
 from pathlib import Path
 
@@ -239,6 +241,29 @@ def rgb_image(img, icc: bytes | None = None):
     ``icc`` (LittleCMS), without one and any other mode (grayscale, palette, Lab, YCbCr) as PIL converts it."""
     transform = cmyk_to_srgb(icc) if img.mode == "CMYK" else None
     return transform.apply(img) if transform is not None else img.convert("RGB")
+
+
+def bit_depth(img, path: str | os.PathLike | None = None) -> int:
+    """Bits per sample as the PIL image ``img``'s file stores them, from its header (TIFF, PPM/PGM, PNG; 8 for any
+    other format), read before it is loaded (``path``: the file's; None: an image opened from bytes). PIL opens a
+    16-bit RGB PNG, TIFF or PPM as 8-bit RGB."""
+    if img.format == "TIFF":
+        bits = img.tag_v2.get(258, 8)
+        return max(bits) if isinstance(bits, tuple) else int(bits)
+    if img.format == "PPM":  # a 16-bit P6 (dcraw -4, RAW converters) opens as RGB: its tile names the maxval
+        maxval = next((t.args[1] for t in img.tile if isinstance(t.args, tuple) and len(t.args) > 1
+                       and isinstance(t.args[1], int)), 255)  # (a PGM of maxval 65535: a raw tile, "I;16B")
+        return 16 if any(";16" in str(t.args) for t in img.tile) else max(8, int(maxval).bit_length())
+    if img.format != "PNG":
+        return 8
+    head = b""
+    if path is not None:
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            head = f.read(33)
+    # opened from bytes, or the file gone since: its tile names the raw mode ("RGB;16B") until it is loaded
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return 16 if any(";16" in str(t.args) for t in img.tile) else 8
+    return struct.unpack(">B", head[24:25])[0]
 
 
 def is_animation(img, fmt: str | None = None) -> bool:

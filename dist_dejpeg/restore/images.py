@@ -14,7 +14,6 @@ Metadata (restore/metadata.py): the input's ICC profile, EXIF and XMP, a JPEG's 
 
 from __future__ import annotations
 
-import contextlib
 import filecmp
 import io
 import logging
@@ -33,7 +32,7 @@ from PIL.PngImagePlugin import PngInfo
 from dist_dejpeg.jpeg.consistency import JpegCells, NotConsistent, cells_of, conform, is_decode_of
 from dist_dejpeg.jpeg.integrity import file_problem, parse, structure_problem
 from dist_dejpeg.jpeg.pil_limit import pixel_limit
-from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, DEFAULT_MAX_PIXELS, icc_space, is_animation, rgb_image,
+from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, DEFAULT_MAX_PIXELS, bit_depth, icc_space, is_animation, rgb_image,
                                        save_options, tiff_pages)
 from dist_dejpeg.restore.metadata import (JPEG_MARKER_MAX, ORIENTATION, XMP_HEADER, fit_exif, jpeg_notes, marked,
                                           output_dpi, output_metadata, output_xmp, png_text, tiff_with_exif,
@@ -71,30 +70,9 @@ class LoadedImage:
 def check_depth(img: Image.Image, source: str, path: str | Path | None = None) -> None:
     """An InputImageError where the file ``img`` was opened from (``path``, else its own) stores over 8 bits a
     sample: PIL opens a 16-bit RGB PNG, TIFF or PPM as 8-bit RGB, silently (load_image's check, and the API's)."""
-    if (bits := _bit_depth(img, path or getattr(img, "filename", "") or None)) > 8:
+    if (bits := bit_depth(img, path or getattr(img, "filename", "") or None)) > 8:
         raise InputImageError(f"{source}: a {bits}-bit {img.format}: JPEG is 8-bit, so this file never was a JPEG; "
                               f"convert it to 8 bits first if it holds a decoded JPEG")
-
-
-def _bit_depth(img: Image.Image, path: str | Path | None) -> int:
-    """Bits per sample as the file stores them (``path``: the file's; None: an image opened from bytes)."""
-    if img.format == "TIFF":
-        bits = img.tag_v2.get(258, 8)
-        return max(bits) if isinstance(bits, tuple) else int(bits)
-    if img.format == "PPM":  # a 16-bit P6 (dcraw -4, RAW converters) opens as RGB: its tile names the maxval
-        maxval = next((t.args[1] for t in img.tile if isinstance(t.args, tuple) and len(t.args) > 1
-                       and isinstance(t.args[1], int)), 255)
-        return max(8, int(maxval).bit_length())
-    if img.format != "PNG":
-        return 8
-    head = b""
-    if path is not None:
-        with contextlib.suppress(OSError), open(path, "rb") as f:
-            head = f.read(33)
-    # opened from bytes, or the file gone since: its tile names the raw mode ("RGB;16B") until it is loaded
-    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        return 16 if any(";16" in str(t.args) for t in img.tile) else 8
-    return struct.unpack(">B", head[24:25])[0]
 
 
 def split_image(img: Image.Image, source: str = "image") -> tuple[np.ndarray, np.ndarray | None, bool]:
