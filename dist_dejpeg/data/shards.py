@@ -40,7 +40,7 @@ from dist_dejpeg.run.lock import writing_into
 from dist_dejpeg.run.pool import map_in_order
 from dist_dejpeg.data.jpeg_sources import JpegFile, jpeg_treatment, warn_jpeg_sources
 from dist_dejpeg.jpeg.formats import JPEG_SOURCE_ACTIONS
-from dist_dejpeg.run.files import TEMP_NAME, atomic_write_bytes, fsync_dir, temp_path
+from dist_dejpeg.run.files import TEMP_NAME, atomic_write_bytes, fsync_dir, open_temp, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def write_shard(path: Path, samples: Iterable[tuple[str, bytes]], ext: str = "pn
     """Write (key, image bytes) pairs as one tar, atomically (temp file + rename). Returns the count."""
     tmp = temp_path(path)
     count = 0
-    with open(tmp, "wb") as f:  # a fixed member time: the same tiles give the same bytes (a pool's or one process's)
+    with open_temp(tmp) as f:  # a fixed member time: the same tiles give the same bytes (a pool's or one process's)
         with wds.TarWriter(f, mtime=0) as sink:
             for key, data in samples:
                 if "." in key:

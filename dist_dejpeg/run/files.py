@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +44,27 @@ def temp_path(path: str | Path) -> Path:
     return path.with_name(f".{temp_stem(path.name)}.tmp{os.getpid()}")
 
 
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_temp(tmp: Path):
+    """The temp file ``tmp`` (temp_path's) open "wb", made anew (create_new: O_EXCL, O_NOFOLLOW), so a link
+    planted under that guessable name in a shared folder is never followed (a write through it would replace
+    the file it points to): a killed writer's temp or a link there is unlinked first, its target untouched."""
+    return open(tmp, "wb", opener=lambda name, flags: create_new(Path(name)))
+
+
+def create_new(path: Path) -> int:
+    """A new file at ``path`` (O_EXCL, O_NOFOLLOW: whatever has the name is unlinked first, a link and never its
+    target), open for writing; an OSError where it cannot be made (EEXIST: another process took the name)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW
+    try:
+        return os.open(path, flags, 0o666)
+    except FileExistsError:
+        path.unlink()
+        return os.open(path, flags, 0o666)
+
+
 # what os.link raises on a filesystem without hard links (some FUSE, SMB, FAT mounts) or that refuses one here
 NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS, errno.EACCES}
 
@@ -57,7 +79,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None,
     path = Path(path)
     tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as f:
+        with open_temp(tmp) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -101,7 +123,7 @@ def atomic_write_files(files: dict) -> None:
     try:
         for path, data in files.items():
             temps[temp_path(path)] = Path(path)
-            with open(temp_path(path), "wb") as f:
+            with open_temp(temp_path(path)) as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -129,15 +151,33 @@ def prove_writable(folder: str | Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     probe = folder / f".dist_dejpeg_write_test{os.getpid()}"
-    probe.write_bytes(b"")
+    os.close(create_new(probe))  # (never through a link planted under that name: it would empty its target)
     probe.unlink()
+
+
+def open_regular(path: str | Path, flags: int) -> int:
+    """os.open(path, flags | O_CREAT) (the file made as the umask allows), never through a symbolic link nor to
+    anything but a regular file (an OSError naming ``path``): a link planted in a shared folder would have the
+    write land in the file it points to (a shell's startup file)."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | NOFOLLOW | getattr(os, "O_NONBLOCK", 0), 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP and os.path.islink(path):
+            raise OSError(errno.ELOOP, "a symbolic link, not followed", str(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file, not written", str(path))
+    os.set_blocking(fd, True)  # (O_NONBLOCK was for the open alone: a planted FIFO must not hang it)
+    return fd
 
 
 def append_line(path: str | Path, line: str) -> None:
     """Append ``line`` (and a newline) to ``path`` with one write, the file made as the umask allows. A line an
     earlier write left cut short (a full disk) is ended first, so this one reads whole; a short write (the disk
-    full now) is an OSError (ENOSPC) naming ``path``, as any other failure."""
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    full now) is an OSError (ENOSPC) naming ``path``, as any other failure; so is a symbolic link or anything
+    but a regular file at ``path`` (open_regular: never written through)."""
+    fd = open_regular(path, os.O_RDWR | os.O_APPEND)
     try:
         size = os.fstat(fd).st_size
         data = (("\n" if size and os.pread(fd, 1, size - 1) != b"\n" else "") + line.rstrip("\n") + "\n").encode()

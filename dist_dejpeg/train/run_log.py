@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
+
+from dist_dejpeg.run.files import open_regular
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 RUN_LOG = "train.log"
@@ -25,6 +28,12 @@ class RunLog(logging.FileHandler):
         super().__init__(Path(run_dir) / RUN_LOG, mode="a", encoding="utf-8", delay=True)
         self.setFormatter(logging.Formatter(LOG_FORMAT))
         self.failed, self.warned, self.lost, self.error = False, False, 0, False
+
+    def _open(self):
+        """The file opened to append, never through a symbolic link or to anything but a regular file (a link
+        planted in a shared run folder would have the log appended to the file it points to)."""
+        fd = open_regular(self.baseFilename, os.O_WRONLY | os.O_APPEND)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.failed:
