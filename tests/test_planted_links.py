@@ -150,3 +150,18 @@ def test_restore_writes_its_output_beside_a_planted_temp_link_and_never_through_
     assert result.error is None and victim.read_bytes() == SECRET
     assert Image.open(out / "a.png").size == (32, 24) and not (out / "a.png").is_symlink()
 
+
+def test_restore_writes_nothing_through_a_subfolder_linked_out_of_its_output_folder(tmp_path):
+    """`ln -s /elsewhere OUT/sub`: restoring a folder with a subfolder sub wrote sub/a.png into /elsewhere."""
+    from dist_dejpeg.restore.files import restore_files
+
+    _jpeg(tmp_path / "in" / "top.jpg")
+    _jpeg(tmp_path / "in" / "sub" / "a.jpg")
+    elsewhere, out = tmp_path / "elsewhere", tmp_path / "out"
+    elsewhere.mkdir()
+    _plant(out / "sub", elsewhere)
+    results = {Path(r.source).name: r for r in restore_files(Identity(), [str(tmp_path / "in")], out,
+                                                             progress=False)}
+    assert results["top.jpg"].error is None and (out / "top.png").is_file()
+    assert "leads out of the output folder" in results["a.jpg"].error and results["a.jpg"].output is None
+    assert list(elsewhere.iterdir()) == []

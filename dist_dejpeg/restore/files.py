@@ -45,14 +45,13 @@ from dist_dejpeg.jpeg.consistency import conform
 from dist_dejpeg.jpeg.quality import DOUBLE, earlier_compression, estimate_quality
 from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, cells_for, load_image,
                                         made_consistent, output_complete, pixel_limit, save_image)
-from dist_dejpeg.restore.inputs import (CURRENT, REFUSED, RestoreResult, collect_inputs, output_names, ownership,
-                                        refusal, remove_stale_temps)
+from dist_dejpeg.restore.inputs import (CURRENT, REFUSED, RestoreResult, collect_inputs, linked_out, output_names,
+                                        ownership, refusal, remove_stale_temps)
 from dist_dejpeg.restore.metadata import jpeg_without_gps, without_gps
 from dist_dejpeg.restore.record import Record, RestoreInterrupted, restorer_settings
 from dist_dejpeg.restore.reencode import reencoding_outweighs, written_as
 from dist_dejpeg.restore.base import ImageRestorer  # Restorer (PyTorch) or OnnxRestorer: no torch import here
-from dist_dejpeg.run.files import (atomic_write_bytes, disk_full_text, is_disk_full, is_quota,
-                                   prove_writable)
+from dist_dejpeg.run.files import atomic_write_bytes, disk_full_text, is_disk_full, is_quota, prove_writable
 from dist_dejpeg.run.pool import pool_size
 
 log = logging.getLogger(__name__)
@@ -200,7 +199,8 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
     source_files = {_file_id(p) for p, _ in files} - {None}
     targets = [Path(out_dir)] if one_file else [out / rel for rel in output_names([rel for _, rel in files], fmt,
                                                                                   suffix)]
-    stale = remove_stale_temps(targets, keep=sources)
+    outside = {target: why for target in targets if (why := linked_out(target, out))}  # (a planted link)
+    stale = remove_stale_temps([target for target in targets if target not in outside], keep=sources)
     if stale:
         log.info("removed %d temp file(s) a killed restore left in %s", len(stale), out)
     claimed: dict[str, Path] = {}  # (resolved outputs in any case: one file on a case-insensitive disk)
@@ -209,9 +209,9 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
     results.extend(RestoreResult(str(path)) for path, _ in files)  # (Ctrl-C: each one's result is there)
     for path, target, result in zip((p for p, _ in files), targets, results[len(found):]):
         key = target.resolve()
-        if key in sources or _file_id(target) in source_files:
-            result.error = (f"refusing to overwrite an input: the output would be {target} (give another output "
-                            f"{'file name, or an output folder' if one_file else 'folder, or --suffix'})")
+        if (why := outside.get(target)) or key in sources or _file_id(target) in source_files:
+            result.error = why or (f"refusing to overwrite an input: the output would be {target} (give another "
+                                   f"output {'file name, or an output folder' if one_file else 'folder, or --suffix'})")
         elif (fold := str(key).casefold()) in claimed:
             result.error = f"output {target} is also the output of {claimed[fold]}: restore them into different folders"
         elif (state := ownership(target, path))[0] in REFUSED:  # (--skip-existing too: not this one's output)

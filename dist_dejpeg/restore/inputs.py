@@ -211,6 +211,16 @@ def refusal(target: Path, state: tuple[str, str], one_file: bool, meanwhile: boo
             f"away, or {other})")
 
 
+def linked_out(target: Path, out: Path) -> str | None:
+    """Why ``target`` is not written: its folder, symbolic links followed, lies outside the output folder ``out``
+    (a link planted in a shared output folder would have restore write, and remove stale temps, where it points);
+    None where it is inside."""
+    if target.parent.resolve().is_relative_to(out.resolve()):
+        return None
+    return (f"refusing to write {target}: its folder {target.parent} leads out of the output folder {out} (a "
+            f"symbolic link, to {target.parent.resolve()}): remove the link, or give another output folder")
+
+
 def glob_files(pattern: str) -> list[Path]:
     """The files a glob matches, sorted, its image suffix in either case as a folder search takes it ('*.jpg'
     finds a camera's IMG_0001.JPG too; a name without wildcards stays exact)."""
