@@ -281,6 +281,12 @@ def test_the_code_that_trained_and_that_evaluated_are_named(tmp_path, model_file
     assert load_model(model_file)[1]["code"] == ""  # a file without it
     result["meta"]["trained_by"] = None
     assert "trained by not recorded" in markdown(result)
+    # the file's metadata is anyone's text: no raw HTML from it in metrics.md (a wiki that renders it would run it)
+    result["meta"]["trained_by"] = "<img src=x onerror=alert(1)>"
+    result["meta"]["model"]["encoder"] = "resnet|<script>x</script>"
+    text = markdown(result)
+    assert "trained by &lt;img src=x onerror=alert(1)&gt;;" in text and "encoder resnet\\|&lt;script&gt;" in text
+    assert "<img" not in text and "<script" not in text
 
 
 def test_the_precision_restored_in_is_recorded_beside_the_device(tmp_path, model_file, photos):

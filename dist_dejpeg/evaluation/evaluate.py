@@ -258,8 +258,9 @@ def markdown(result: dict) -> str:
     meta = result["meta"]
     model = meta["model"]
     lines = [f"# Evaluation of {md_cell(model.get('source'))}", "",
-             f"Model: encoder {model.get('encoder')} ({model.get('encoder_init')}), training steps "
-             f"{model.get('global_step')}, trained by {meta.get('trained_by') or 'not recorded'}; "
+             f"Model: encoder {md_cell(model.get('encoder'))} ({md_cell(model.get('encoder_init'))}), training "
+             f"steps {md_cell(model.get('global_step'))}, trained by "
+             f"{md_cell(meta.get('trained_by') or 'not recorded')}; "
              f"{meta['backbones']}; evaluated by {meta.get('evaluated_by') or 'not recorded'}.",
              f"Images: {meta['images']} lossless references ({len(meta['skipped'])} skipped); compression: "
              f"{meta['compression']}; full-reference metrics on {pairs.channel_note(meta)}, border crop "
