@@ -49,6 +49,7 @@ from dist_dejpeg.restore.restorer import Restorer
 from dist_dejpeg.run.files import atomic_write_files
 from dist_dejpeg.run.layout import EVALUATE_CSV, METRICS
 from dist_dejpeg.run.pool import map_in_order
+from dist_dejpeg.run.text import visible
 
 log = logging.getLogger(__name__)
 
@@ -223,10 +224,10 @@ def consistent_note(meta: dict) -> str:
 
 def seen_note(seen: dict, total: int) -> str:
     """The warning for ``meta["seen_in_training"]`` (see references.seen_in_training) of ``total`` images."""
-    where = [f"from shards the model trained on ({', '.join(seen['shards'])})"] if seen.get("shards") else []
-    if photos := seen.get("photos"):
+    where = [f"from shards the model trained on ({visible(', '.join(seen['shards']))})"] if seen.get("shards") else []
+    if photos := seen.get("photos"):  # (names from the model file: any text, escapes too)
         more = f" and {len(photos) - 5} more" if len(photos) > 5 else ""
-        where.append(f"photos the model trained on ({', '.join(photos[:5])}{more})")
+        where.append(f"photos the model trained on ({visible(', '.join(photos[:5]))}{more})")
     return (f"{seen['images']} of the {total} images are {' or '.join(where)}: their gains overstate what photos "
             f"it never saw get; evaluate on its validation shards or other photos")
 

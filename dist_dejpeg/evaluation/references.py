@@ -21,6 +21,7 @@ from dist_dejpeg.data.images import BadImage, decode_component, decode_rgb8
 from dist_dejpeg.jpeg.formats import LOSSY_SHARD_EXTS, LOSSY_SUFFIXES, SHARD_EXTS, images_in, written_by_restore
 from dist_dejpeg.jpeg.quality import estimate_from_pixels
 from dist_dejpeg.models.names import DIGEST_CHARS, shard_fingerprint
+from dist_dejpeg.run.text import visible
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def read_references(images: list[str], allow_lossy: bool = False,
             refs = refs[:max_images]
             break
     if lossy:
-        shown = ", ".join(lossy[:3]) + (f" and {len(lossy) - 3} more" if len(lossy) > 3 else "")
+        shown = visible(", ".join(lossy[:3])) + (f" and {len(lossy) - 3} more" if len(lossy) > 3 else "")
         msg = (f"{len(lossy)} lossy reference image(s) ({shown}): a JPEG ground truth already holds compression "
                f"artifacts, so the metrics would reward reproducing them; use lossless photos (PNG, TIFF, ...) "
                f"or pass --allow-lossy-reference")

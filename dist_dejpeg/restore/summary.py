@@ -8,6 +8,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from dist_dejpeg.run.text import visible
+
 
 def print_restore_summary(results: list, args: argparse.Namespace, device, record=None, interrupted=False) -> None:
     """Per image (none under --quiet, which wins over --verbose; all with --verbose): what was passed through or
@@ -32,13 +34,13 @@ def print_restore_summary(results: list, args: argparse.Namespace, device, recor
                                                          if recoded[r.source] else "passed through")
             note = f"; {r.note}" if r.note else ""
             note = note.replace("passed through unchanged", "not restored") if how.startswith("not") else note
-            print(f"{how}: {r.source}: {q}{note}")
+            print(visible(f"{how}: {r.source}: {q}{note}"))
     for r in skipped if args.verbose and not args.quiet else []:
-        print(f"skipped: {r.source}: {r.output} exists")
+        print(visible(f"skipped: {r.source}: {r.output} exists"))
     for r in earlier if args.verbose and not args.quiet else []:
-        print(f"skipped: {r.source}: an earlier restore wrote it (name it by itself to restore it again)")
+        print(visible(f"skipped: {r.source}: an earlier restore wrote it (name it by itself to restore it again)"))
     for r in failed:
-        print(f"failed: {r.source}: {r.error.removeprefix(f'{r.source}: ')}", file=sys.stderr)  # named once
+        print(visible(f"failed: {r.source}: {r.error.removeprefix(f'{r.source}: ')}"), file=sys.stderr)  # named once
     quota = bool(stopped) and "(EDQUOT)" in stopped[0].error  # (restore/files.py says a quota as run/files.py does)
     if record is not None and record.failed:  # (a side write: the restore went on)
         print(f"warning: {record.failed} line(s) of the record {record.path} could not be written", file=sys.stderr)

@@ -4,10 +4,20 @@ block ``dist-dejpeg status`` prints. Torch-free."""
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 
 from dist_dejpeg.run.layout import CONFIG, PROGRESS
+
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: no name or model metadata needs one
+
+
+def visible(text) -> str:
+    """``text`` for a terminal line, each control character as a visible escape (``\\x1b``): a photo named with
+    ESC sequences (or a model file's metadata) would otherwise clear the screen, retitle it or forge lines."""
+    return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
 
 
 def duration(seconds: float | None) -> str:
