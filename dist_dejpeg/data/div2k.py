@@ -33,11 +33,11 @@ from pathlib import Path
 
 from dist_dejpeg.data.download import DownloadError, download, sha256_file
 from dist_dejpeg.data.folder import unique_names
-from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile
+from dist_dejpeg.data.images import BadImage, TooManyPixels, decode_rgb8, encode_tile
 from dist_dejpeg.run.pool import MAX_DEFAULT_WORKERS, map_in_order, pool_size
 from dist_dejpeg.data.shards import (MANIFEST, SHARD_NAME, PrepareError, check_settings, finish_split_files, remove_shards,
                                      remove_stale_temps, require_training_tiles, sample_key, tiles, write_shard)
-from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS
+from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS, checked_size, too_big
 from dist_dejpeg.run.files import atomic_write_bytes
 from dist_dejpeg.run.progress import Progress
 
@@ -71,9 +71,15 @@ class Source:
     member: str = ""  # zip member name ("" for a plain file)
 
     def read(self) -> bytes:
+        """The file's bytes; TooManyPixels, unread, where the file or member is over file_limit() (--root's archives
+        are not checked against the official checksums: a zip bomb of a few MB may hold GBs)."""
         if not self.member:
+            if why := checked_size(self.path):
+                raise TooManyPixels(why)
             return Path(self.path).read_bytes()
         with zipfile.ZipFile(self.path) as archive:
+            if why := too_big(archive.getinfo(self.member).file_size):  # (a member yields no more than it says)
+                raise TooManyPixels(why)
             return archive.read(self.member)
 
 
@@ -110,6 +116,12 @@ def _tile_one(source: Source, staging: Path, tile: int, step: int, fmt: str, flu
     record = {"name": source.name, "source": source.member or source.path}
     try:
         data = source.read()
+    except TooManyPixels as err:  # (a zip bomb's member, a sparse file: never read)
+        record["rejected"] = f"{err.kind}: {err}"
+        return record
+    except MemoryError:
+        record["rejected"] = "too large: not enough memory to read it"
+        return record
     except (OSError, zipfile.BadZipFile, zlib.error) as err:  # permissions, I/O, a damaged zip member: this source
         # is rejected, not the whole run
         record["rejected"] = f"unreadable: {type(err).__name__}: {getattr(err, 'strerror', None) or err}"

@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dist_dejpeg.data.images import BadImage, decode_rgb8, is_avif, is_jpeg_xl, webp_is_lossy
+from dist_dejpeg.data.images import BadImage, TooManyPixels, decode_rgb8, is_avif, is_jpeg_xl, webp_is_lossy
 from dist_dejpeg.data.jpeg_sources import JpegFile, jpeg_file_quality
 from dist_dejpeg.run.pool import MAX_DEFAULT_WORKERS, pool_size
 from dist_dejpeg.data.shards import (MANIFEST, PrepareError, check_settings, publish, read_manifest,
                                      require_training_tiles, sample_key, staged, tile_sources)
-from dist_dejpeg.jpeg.formats import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, OTHER_PHOTO_SUFFIXES, hidden, is_animation,
-                                       shown, suffix_counts, tiff_pages, walk_files, written_by_restore)
+from dist_dejpeg.jpeg.formats import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, OTHER_PHOTO_SUFFIXES, checked_size,
+                                       file_limit, hidden, is_animation, shown, suffix_counts, tiff_pages,
+                                       walk_files, written_by_restore)
 
 log = logging.getLogger(__name__)
 # Photo formats taken as sources beside IMAGE_SUFFIXES, each rejected with its own reason where it cannot be used
@@ -83,9 +84,13 @@ def read_source(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     Unreadable, bad data BadImage, a photo over ``max_pixels`` TooManyPixels, a lossy WebP or an AVIF LossyWebP or
     LossyAVIF unless ``lossy_webp``, a JPEG XL that Pillow cannot decode JpegXL."""
     try:
+        if why := checked_size(path, file_limit(max_pixels)):  # (a sparse file of many GB: not read)
+            raise TooManyPixels(why)
         data = path.read_bytes()
     except OSError as err:
         raise Unreadable(f"{type(err).__name__}: {err.strerror or err}") from None
+    except MemoryError:
+        raise TooManyPixels("not enough memory to read it") from None
     keep = "(--jpeg-sources keep uses it as it is"
     if not lossy_webp and webp_is_lossy(data):
         raise LossyWebP(f"its compression artefacts would become clean targets {keep}; a lossless WebP is used)")

@@ -21,6 +21,7 @@ import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
 from dist_dejpeg.data.verify import tar_stops_early, unread_tail
+from dist_dejpeg.jpeg.formats import too_big
 
 _META = re.compile(r"__[^/]*__($|/)")  # members webdataset skips
 _STOPS: dict[str, tuple] = {}  # shard -> (stamp, tar_stops_early's reason)
@@ -66,6 +67,9 @@ def shard_index(shard: str) -> tuple[Samples, str | None]:
                 for member in tar:
                     if not member.isreg() or _META.match(member.name):
                         continue
+                    if why := too_big(member.size, sparse=member.issparse()):  # (read whole: many GB of memory)
+                        broken = f"{member.name}: {why}"
+                        break
                     if member.offset_data + member.size > stamp[0]:
                         broken = "truncated"
                         break
@@ -88,6 +92,9 @@ def shard_samples(shards: list[str], report: Callable[[str, str], None]) -> Iter
     or corrupt tar (webdataset raises for it, twice: for the member, then for the file; its other samples are
     read), one whose corrupt header tarfile takes for its end (stops_early, checked after it), or one gone."""
     for shard in shards:
+        if (early := stops_early(shard)) and early.endswith(": not read"):  # a member webdataset would read whole
+            yield from dealt_samples([shard], 1, 0, report)  # (sparse, or over MAX_FILE_BYTES): the samples before
+            continue  # it read from the index, and the shard reported
         errors: list[Exception] = []
 
         def handler(err: Exception) -> bool:

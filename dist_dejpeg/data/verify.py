@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_dejpeg.data.images import BadImage, decode_component, translucent
-from dist_dejpeg.jpeg.formats import SHARD_EXTS
+from dist_dejpeg.jpeg.formats import SHARD_EXTS, too_big
 from dist_dejpeg.run.files import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,11 @@ def tar_stops_early(shard: str | Path) -> str | None:
     with open(shard, "rb") as f:
         try:
             with tarfile.open(fileobj=f) as tar:
-                last = tar.getmembers()[-1:]
+                members = tar.getmembers()
+                for member in members:  # (what a reader would take whole into memory: a tar bomb)
+                    if member.isreg() and (why := too_big(member.size, sparse=member.issparse())):
+                        return f"{member.name}: {why}"
+                last = members[-1:]
                 if last and last[0].offset_data + last[0].size > os.fstat(f.fileno()).st_size:
                     return "truncated"
                 return unread_tail(f, tar.offset)
@@ -118,6 +122,9 @@ def scan_shard(shard: str | Path) -> dict:
                 for member in tar:
                     if not member.isfile():
                         continue
+                    if why := too_big(member.size, sparse=member.issparse()):
+                        broken = f"{member.name}: {why}"
+                        break
                     if member.offset_data + member.size > file_size:
                         broken = "truncated"
                         break

@@ -18,7 +18,8 @@ import numpy as np
 
 from dist_dejpeg.jpeg.integrity import file_problem, parse, structure_problem
 from dist_dejpeg.data.images import BadImage, decode_component, decode_rgb8
-from dist_dejpeg.jpeg.formats import LOSSY_SHARD_EXTS, LOSSY_SUFFIXES, SHARD_EXTS, images_in, written_by_restore
+from dist_dejpeg.jpeg.formats import (LOSSY_SHARD_EXTS, LOSSY_SUFFIXES, SHARD_EXTS, checked_size, images_in, too_big,
+                                      written_by_restore)
 from dist_dejpeg.jpeg.quality import estimate_from_pixels
 from dist_dejpeg.models.names import DIGEST_CHARS, shard_fingerprint
 from dist_dejpeg.run.text import visible
@@ -42,7 +43,9 @@ class Reference(NamedTuple):
     def read(self) -> np.ndarray:
         """The photo, H x W x 3 uint8 (BadImage, OSError: the file changed or went since it was checked)."""
         if self.member is None:
-            return decode_rgb8(self.path.read_bytes())
+            return decode_rgb8(_read_file(self.path))
+        if why := too_big(self.member.size, sparse=self.member.issparse()):
+            raise BadImage(why)
         with tarfile.open(self.path) as tar:
             return decode_component(self.member.name.partition(".")[2].lower(), tar.extractfile(self.member).read())
 
@@ -91,7 +94,9 @@ def _check(path: Path, refs: list, skipped: list, lossy: list, allow_lossy: bool
             lossy.append(named)
             continue
         try:
-            data = data if shard else path.read_bytes()
+            if isinstance(data, BadImage):  # (a shard's member too big, or sparse: not read)
+                raise data
+            data = data if shard else _read_file(path)
             jpeg = data[:2] == b"\xff\xd8"  # (coded data not whole, which libjpeg decodes grey: jpeg/integrity.py)
             frame = parse(data)[0] if jpeg else None  # (parsed once, for both checks)
             if frame is not None and (why := structure_problem(data, frame)):
@@ -101,6 +106,9 @@ def _check(path: Path, refs: list, skipped: list, lossy: list, allow_lossy: bool
                 raise BadImage(why)
         except BadImage as err:
             skipped.append(f"{label}: {err}")
+            continue
+        except MemoryError:  # (this image's failure, not the run's: the memory it took is freed)
+            skipped.append(f"{label}: not enough memory to read and decode it")
             continue
         except OSError as err:  # (a broken link in a folder searched, a file without read permission)
             skipped.append(f"{label}: cannot be read ({err.strerror or err})")
@@ -210,4 +218,12 @@ def _shard_images(path: Path):
             key, _, ext = member.name.partition(".")
             if ext.lower() in SHARD_EXTS and key not in seen:
                 seen.add(key)
-                yield Path(key).name, ext.lower(), member, tar.extractfile(member).read()
+                why = too_big(member.size, sparse=member.issparse())  # (checked before a byte is read)
+                yield Path(key).name, ext.lower(), member, BadImage(why) if why else tar.extractfile(member).read()
+
+
+def _read_file(path: Path) -> bytes:
+    """A reference file's bytes; BadImage for one too big to be a photo (a sparse file of many GB)."""
+    if why := checked_size(path):
+        raise BadImage(why)
+    return path.read_bytes()

@@ -150,6 +150,33 @@ LOSSY_SUFFIXES = JPEG_SUFFIXES | {".webp", ".mpo"}
 # The largest photo restore (--max-pixels' default) and prepare take: 100 MP; PIL's own decompression-bomb limit
 # (89.5 MP) warns above its value and refuses above twice it, so both check the header size against this instead.
 DEFAULT_MAX_PIXELS = 100_000_000
+# The largest image file (or tar or zip member) read whole: 8 bytes a pixel of the pixel limit (a 100 MP 16-bit RGBA
+# TIFF stored uncompressed: 800 MB) with room for its metadata, 1 GiB at least. A sparse file, a tar's sparse member
+# or a zip member of many GB costs a few KB on disk but that much memory read: each is refused, named, before it is.
+BYTES_PER_PIXEL = 8
+MAX_FILE_BYTES = 1 << 30
+
+
+def file_limit(max_pixels: int | None = None) -> int:
+    """The most bytes an image file of at most ``max_pixels`` (restore's --max-pixels) is read with."""
+    return max(MAX_FILE_BYTES, BYTES_PER_PIXEL * (max_pixels or 0) * 5 // 4)  # (a quarter more: its metadata)
+
+
+def too_big(size: int, limit: int | None = None, sparse: bool = False) -> str | None:
+    """Why a file (or archive member) of ``size`` bytes is not read (None: it is): sparse (a tar's sparse member:
+    holes of zeros, never a photo prepare wrote), or over ``limit`` (file_limit())."""
+    limit = limit or file_limit()
+    if sparse:
+        return f"a sparse tar member of {size} bytes (holes of zeros, not an image): not read"
+    if size > limit:
+        return (f"{size / 2**30:.3g} GiB, over the {limit / 2**30:.3g} GiB an image file is read with (a sparse "
+                f"file or a decompression bomb?): not read")
+    return None
+
+
+def checked_size(path: str | os.PathLike, limit: int | None = None) -> str | None:
+    """too_big's reason for the file at ``path`` (its size from stat; OSError where it cannot be)."""
+    return too_big(os.stat(path).st_size, limit)
 
 # What restore writes: name -> (suffix, Pillow format, Pillow save options). png: lossless, the default; jpg:
 # quality 95 with full-resolution chroma (4:4:4) and optimized Huffman tables; webp: lossless; tiff: lossless,

@@ -32,8 +32,8 @@ from PIL.PngImagePlugin import PngInfo
 from dist_dejpeg.jpeg.consistency import JpegCells, NotConsistent, cells_of, conform, is_decode_of
 from dist_dejpeg.jpeg.integrity import file_problem, parse, structure_problem
 from dist_dejpeg.jpeg.pil_limit import pixel_limit
-from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, DEFAULT_MAX_PIXELS, bit_depth, icc_space, is_animation, rgb_image,
-                                       save_options, tiff_pages)
+from dist_dejpeg.jpeg.formats import (ALPHA_FORMATS, DEFAULT_MAX_PIXELS, bit_depth, checked_size, file_limit,
+                                       icc_space, is_animation, rgb_image, save_options, tiff_pages)
 from dist_dejpeg.restore.metadata import (JPEG_MARKER_MAX, ORIENTATION, XMP_HEADER, fit_exif, jpeg_notes, marked,
                                           output_dpi, output_metadata, output_xmp, png_text, tiff_with_exif,
                                           webp_gray, with_app13)
@@ -111,7 +111,16 @@ def join_image(rgb: np.ndarray, alpha: np.ndarray | None = None, grayscale: bool
 def load_image(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, cells: bool = True) -> LoadedImage:
     """Read ``path`` (or an image file's bytes: an upload, named "image") for restoration; every refusal is an
     InputImageError that says why. ``cells``: read a JPEG's quantization cells too (False: its restored image is
-    kept as the model makes it; a sequential JPEG's coefficients still read, for jpeg.integrity's check)."""
+    kept as the model makes it; a sequential JPEG's coefficients still read, for jpeg.integrity's check). A file
+    over file_limit(max_pixels) bytes is refused unread, and memory running out while one loads is its failure."""
+    try:
+        return _load_image(path, max_pixels, cells)
+    except MemoryError:  # (the memory it took is freed: the other files are restored)
+        named = "image" if isinstance(path, (bytes, bytearray, memoryview)) else path
+        raise InputImageError(f"{named}: not enough memory to load it") from None
+
+
+def _load_image(path: str | Path | bytes, max_pixels: int, cells: bool) -> LoadedImage:
     data = bytes(path) if isinstance(path, (bytes, bytearray, memoryview)) else None
     path = Path(path) if data is None else "image"
     try:
@@ -130,6 +139,8 @@ def load_image(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, c
         said = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))  # (bytes: PIL names its buffer)
         raise InputImageError(f"{path}: not an image PIL can read ({type(err).__name__}: {said})") from None
     with img:
+        if data is None and (why := checked_size(path, file_limit(max_pixels))):  # (a sparse file of many GB)
+            raise InputImageError(f"{path}: {why}")
         w, h = img.size
         if w * h > max_pixels:
             raise InputImageError(too_large(path, w * h, max_pixels, f"{w} x {h} = "))

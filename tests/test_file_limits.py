@@ -1,0 +1,174 @@
+"""Small inputs that would take many GB of memory read (a sparse file, a tar's sparse member, a zip bomb) are
+refused, named, before they are read: each the failure of its own file, never the run's (jpeg/formats.py:
+MAX_FILE_BYTES). The files here are sparse (truncate), so they cost nothing on disk."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dist_dejpeg.evaluation.references import read_references
+from dist_dejpeg.jpeg import formats
+
+
+def _png(seed: int = 0, side: int = 48) -> bytes:
+    rgb = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def small_limit(monkeypatch):
+    """MAX_FILE_BYTES lowered to 64 KiB: a "too big" file needs no GB to be one."""
+    monkeypatch.setattr(formats, "MAX_FILE_BYTES", 64 << 10)
+    monkeypatch.setattr(formats, "BYTES_PER_PIXEL", 0)
+
+
+def _sparse_tar(tmp_path: Path, before: int = 0) -> Path:
+    """A GNU tar of ``before`` whole PNGs, then one followed by a hole: sparse (4 MiB read, a few KB in the tar)."""
+    if shutil.which("tar") is None or "GNU" not in subprocess.run(["tar", "--version"], capture_output=True,
+                                                                   text=True).stdout:
+        pytest.skip("GNU tar makes sparse members")
+    src = tmp_path / "src"
+    src.mkdir()
+    names = [f"{i:03d}.png" for i in range(before + 1)]
+    for i, name in enumerate(names):
+        (src / name).write_bytes(_png(i))
+    os.truncate(src / names[-1], 4 << 20)
+    out = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", "--format=gnu", "-C", str(src), "-cf", str(out), *names], check=True)
+    with tarfile.open(out) as tar:
+        if not tar.getmembers()[-1].issparse():
+            pytest.skip("this filesystem reports no holes: tar wrote the member whole")
+    return out
+
+
+def test_evaluate_skips_a_sparse_shard_member_unread(tmp_path, monkeypatch):
+    shard = _sparse_tar(tmp_path)
+    good = _tar(tmp_path / "good.tar", {"001.png": _png(1)})
+    read = []
+    real = tarfile.ExFileObject.read
+    monkeypatch.setattr(tarfile.ExFileObject, "read", lambda self, *a: read.append(real(self, *a)) or read[-1])
+    refs, skipped = read_references([str(shard), str(good)])
+    assert [r.source for r in refs] == ["good.tar:001"]
+    assert len(skipped) == 1 and "sparse.tar:000" in skipped[0] and "sparse tar member" in skipped[0]
+    assert [len(data) for data in read] == [len(_png(1))]  # the sparse member was never read
+
+
+def test_evaluate_skips_a_file_or_member_over_the_size_limit(tmp_path, small_limit):
+    big = tmp_path / "big.png"
+    big.write_bytes(_png(2))
+    os.truncate(big, 1 << 20)  # (1 MiB, most of it a hole)
+    shard = _tar(tmp_path / "s.tar", {"000.png": _png(3, 160), "001.png": _png(4)})
+    ok = tmp_path / "ok.png"
+    ok.write_bytes(_png(5))
+    refs, skipped = read_references([str(big), str(shard), str(ok)])
+    assert sorted(r.source for r in refs) == sorted(["s.tar:001", str(ok)])
+    assert len(skipped) == 2 and all("GiB an image file is read with" in s for s in skipped)
+
+
+def test_evaluate_out_of_memory_on_one_reference_skips_it(tmp_path, monkeypatch):
+    from dist_dejpeg.evaluation import references
+
+    for i in range(2):
+        (tmp_path / f"{i}.png").write_bytes(_png(i))
+    real = references.decode_rgb8
+
+    def decode(data, *a, **k):
+        if data == _png(0):
+            raise MemoryError
+        return real(data, *a, **k)
+
+    monkeypatch.setattr(references, "decode_rgb8", decode)
+    refs, skipped = read_references([str(tmp_path)])
+    assert [r.source for r in refs] == [str(tmp_path / "1.png")]
+    assert skipped == [f"{tmp_path / '0.png'}: not enough memory to read and decode it"]
+
+
+def _jpeg(seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(_png(seed))).save(buf, "JPEG", quality=50)
+    return buf.getvalue()
+
+
+def test_restore_refuses_a_sparse_photo_unread(tmp_path, monkeypatch):
+    from dist_dejpeg.restore.images import InputImageError, load_image
+
+    photo = tmp_path / "big.jpg"
+    photo.write_bytes(_jpeg())
+    os.truncate(photo, 6 << 30)  # (a hole: nothing on disk)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read whole"))
+    with pytest.raises(InputImageError, match=r"big.jpg: 6 GiB, over the 1 GiB an image file is read with"):
+        load_image(photo)
+    assert formats.file_limit(400_000_000) == 4_000_000_000  # (--max-pixels raised: a larger file is read)
+
+
+def test_restore_out_of_memory_loading_one_photo_is_that_photos_failure(tmp_path, monkeypatch):
+    from dist_dejpeg.restore import images
+
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(_jpeg())
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(images, "structure_problem", out_of_memory)
+    with pytest.raises(images.InputImageError, match=r"a.jpg: not enough memory to load it"):
+        images.load_image(photo)
+
+
+def test_training_reads_the_samples_before_a_sparse_member_and_names_the_shard(tmp_path, monkeypatch):
+    from dist_dejpeg.data import reading
+
+    shard = str(_sparse_tar(tmp_path, before=2))
+    monkeypatch.setattr(reading, "_STOPS", {})
+    monkeypatch.setattr(reading, "_INDEX", {})
+    for read in (lambda report: reading.shard_samples([shard], report),
+                 lambda report: reading.dealt_samples([shard], 1, 0, report)):
+        reports = []
+        samples = list(read(lambda s, why: reports.append((s, why))))
+        assert [(s["__key__"], s["png"]) for s in samples] == [("000", _png(0)), ("001", _png(1))]
+        assert reports == [(shard, "002.png: a sparse tar member of 4194304 bytes (holes of zeros, not an image): "
+                                   "not read")]
+
+
+def test_prepare_div2k_refuses_a_zip_bomb_member_unread(tmp_path, small_limit, monkeypatch):
+    import zipfile
+
+    from dist_dejpeg.data.div2k import Source, _tile_one
+
+    archive = tmp_path / "DIV2K_train_HR.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("DIV2K_train_HR/0001.png", b"\0" * (1 << 20))  # (1 MiB of zeros: 1 KB compressed)
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda *a: pytest.fail("the member was read"))
+    record = _tile_one(Source("0001", "train", str(archive), "DIV2K_train_HR/0001.png"), tmp_path, 32, 32, "png")
+    assert record["rejected"].startswith("too large: 0.000977 GiB, over the 6.1e-05 GiB an image file is read with")
+
+
+def test_prepare_folder_refuses_a_sparse_photo_unread(tmp_path, small_limit):
+    from dist_dejpeg.data.folder import read_source
+    from dist_dejpeg.data.images import TooManyPixels
+
+    photo = tmp_path / "a.png"
+    photo.write_bytes(_png())
+    os.truncate(photo, 1 << 20)
+    with pytest.raises(TooManyPixels, match="over the 6.1e-05 GiB an image file is read with"):
+        read_source(photo)
