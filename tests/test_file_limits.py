@@ -172,3 +172,17 @@ def test_prepare_folder_refuses_a_sparse_photo_unread(tmp_path, small_limit):
     os.truncate(photo, 1 << 20)
     with pytest.raises(TooManyPixels, match="over the 6.1e-05 GiB an image file is read with"):
         read_source(photo)
+
+
+def test_prepare_div2k_folder_takes_regular_files_only(tmp_path):
+    from dist_dejpeg.data.div2k import find_sources
+
+    folder = tmp_path / "DIV2K_train_HR"
+    folder.mkdir()
+    (folder / "0001.png").write_bytes(_png())
+    (tmp_path / "elsewhere.png").write_bytes(_png(1))
+    (folder / "0002.png").symlink_to(tmp_path / "elsewhere.png")  # (a link to a photo: used)
+    os.mkfifo(folder / "0009.png")  # (read: prepare would wait for a writer forever)
+    (folder / "0010.png").symlink_to("/dev/zero")  # (read: memory grows until MemoryError)
+    sources, _ = find_sources(tmp_path, "train")
+    assert [Path(s.path).name for s in sources] == ["0001.png", "0002.png"]

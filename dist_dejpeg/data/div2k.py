@@ -88,7 +88,7 @@ def find_sources(root: Path, split: str) -> tuple[list[Source], dict]:
     base = ARCHIVE[split]
     zip_path, folder = root / f"{base}.zip", root / base
     if folder.is_dir():  # names unique (folder.unique_names): two files of one name in sub-folders keep both
-        files = sorted(p for p in folder.rglob("*.png"))
+        files = sorted(p for p in folder.rglob("*.png") if p.is_file())  # (regular files: a FIFO or /dev/zero hangs)
         names = unique_names([sample_key(p.name) for p in files])
         return ([Source(n, split, str(p)) for n, p in zip(names, files)],
                 {"folder": str(folder), "files": len(files)})
