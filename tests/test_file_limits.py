@@ -186,3 +186,15 @@ def test_prepare_div2k_folder_takes_regular_files_only(tmp_path):
     (folder / "0010.png").symlink_to("/dev/zero")  # (read: memory grows until MemoryError)
     sources, _ = find_sources(tmp_path, "train")
     assert [Path(s.path).name for s in sources] == ["0001.png", "0002.png"]
+
+
+@pytest.mark.parametrize("meta", [{"pad_to": "100000"}, {"pad_to": "0"}, {"pad_to": "abc"}, {"pad_to": "-5"},
+                                  {"pad_to": "48"}, {"attention_at": "1000"}, {"attention_at": "3"}])
+def test_an_onnx_files_strides_are_checked(meta):
+    from dist_dejpeg.models.generator_file import ModelFileError
+    from dist_dejpeg.restore.onnx_backend import attention_at, onnx_info
+
+    key = next(iter(meta))
+    with pytest.raises(ModelFileError, match=f"m.onnx: its metadata's {key} is '{meta[key]}', not a power of two"):
+        onnx_info("m.onnx", meta, type("Session", (), {"get_providers": lambda self: ["CPUExecutionProvider"]})())
+    assert attention_at({"attention_at": "null"}, {}, 32) == 0 and attention_at({"attention_at": "8"}, {}, 32) == 8

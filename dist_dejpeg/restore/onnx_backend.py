@@ -73,6 +73,9 @@ def providers(device: str) -> list:
     return ["CPUExecutionProvider"]
 
 
+MAX_STRIDE = 64  # the largest stride an export's metadata may say (its encoder's deepest: 32)
+
+
 def onnx_info(path, meta: dict[str, str], session) -> dict:
     """What ``load_model`` tells about a generator, read from the export's metadata: source, format, encoder,
     encoder_init, global_step, lpips, val_psnr_gain and val_psnr_gain_low ({quality: dB}), model (the config
@@ -85,7 +88,7 @@ def onnx_info(path, meta: dict[str, str], session) -> dict:
 
     model = parsed("model", {})
     step = parsed("global_step", None)
-    pad_to = int(meta.get("pad_to") or 32)
+    pad_to = _stride(path, "pad_to", meta.get("pad_to") or "32", minimum=1)
     return {"source": str(path), "format": "onnx", "exported_from": meta.get("source", ""),
             "global_step": step if isinstance(step, int) else None, "lpips": meta.get("lpips", ""),
             "code": meta.get("code", ""),
@@ -94,19 +97,31 @@ def onnx_info(path, meta: dict[str, str], session) -> dict:
             "encoder": meta.get("encoder", model.get("encoder", "")),
             "encoder_init": meta.get("encoder_init") or ("ImageNet" if model.get("pretrained") else "random init"),
             "model": model, "provider": session.get_providers()[0], "pad_to": pad_to,
-            "attention_at": attention_at(meta, model, pad_to)}
+            "attention_at": attention_at(meta, model, pad_to, path)}
 
 
-def attention_at(meta: dict[str, str], model: dict, pad_to: int) -> int:
+def _stride(path, key: str, raw, minimum: int = 0) -> int:
+    """The metadata ``key``'s stride: a power of two up to MAX_STRIDE (0 where ``minimum`` is 0: none); any other
+    value a ModelFileError naming the file and key (pad_to 100000 would pad each window to 100000 px: 112 GiB)."""
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        value = raw
+    if value is None and not minimum:
+        return 0
+    if type(value) is not int or not minimum <= value <= MAX_STRIDE or value & (value - 1):
+        raise ModelFileError(f"{path}: its metadata's {key} is {raw!r}, not a power of two from {minimum} to "
+                             f"{MAX_STRIDE} as an export writes (a damaged or hand-made file?)")
+    return value
+
+
+def attention_at(meta: dict[str, str], model: dict, pad_to: int, path="the ONNX file") -> int:
     """The stride the export's self-attention runs at (0: none): its metadata ``attention_at``. An export from
     before it has the config's ``attention_stride`` only, which the U-Net takes to the nearest of its encoder's
     skip strides: those are taken as 2, 4, ... below ``pad_to`` (the encoder's largest stride; an encoder whose
     first stage is at 4 is taken as finer than it is, which over-estimates the matrix: refuses more, never less)."""
     if "attention_at" in meta:
-        try:
-            return int(json.loads(meta["attention_at"]) or 0)
-        except (ValueError, TypeError):
-            pass
+        return _stride(path, "attention_at", meta["attention_at"])
     if not model.get("self_attention", True):
         return 0
     asked = max(int(model.get("attention_stride", 8)), 1)
