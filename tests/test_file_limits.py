@@ -198,3 +198,13 @@ def test_an_onnx_files_strides_are_checked(meta):
     with pytest.raises(ModelFileError, match=f"m.onnx: its metadata's {key} is '{meta[key]}', not a power of two"):
         onnx_info("m.onnx", meta, type("Session", (), {"get_providers": lambda self: ["CPUExecutionProvider"]})())
     assert attention_at({"attention_at": "null"}, {}, 32) == 0 and attention_at({"attention_at": "8"}, {}, 32) == 8
+
+
+@pytest.mark.parametrize("encoder", ["hf-hub:evil-org/beacon", "local-dir:/tmp/x"])
+def test_a_model_files_encoder_from_a_hub_is_refused_unfetched(encoder, monkeypatch):
+    from dist_dejpeg.config import ModelConfig
+    from dist_dejpeg.models import generator_file
+
+    monkeypatch.setattr(generator_file, "build_generator", lambda cfg: pytest.fail(f"built {cfg.encoder}"))
+    with pytest.raises(generator_file.ModelFileError, match=f"m.safetensors: its encoder '{encoder}' names a hub"):
+        generator_file._build_and_load(ModelConfig(encoder=encoder), {}, "m.safetensors")

@@ -133,10 +133,14 @@ def _image_format(path: str | Path) -> str | None:
         return None
 
 
-def _build_and_load(model_cfg: ModelConfig, state: dict, source: str) -> Generator:
+def _build_and_load(model_cfg: ModelConfig, state: dict, source: str, from_file: bool = True) -> Generator:
     """Build the generator ``model_cfg`` describes (random-init encoder: the file holds every weight) and load
     ``state`` strictly; an encoder this timm cannot build or weights that do not fit are a ModelFileError."""
     model_cfg = dataclasses.replace(model_cfg, pretrained=False, encoder_weights="")
+    if from_file and ":" in model_cfg.encoder:  # (hf-hub:, local-dir:: timm would fetch what a stranger's file names;
+        # a checkpoint's is its run's own training config, where hf-hub: may be the user's choice)
+        raise ModelFileError(f"{source}: its encoder '{model_cfg.encoder}' names a hub or a folder to build from; a "
+                             f"model file's encoder must be one timm builds itself (nothing is fetched for it)")
     try:
         generator = build_generator(model_cfg)
     except Exception as err:  # noqa: BLE001 - timm raises RuntimeError / KeyError for unknown models
@@ -373,7 +377,7 @@ def _load_checkpoint_generator(folder: Path, device) -> tuple[Generator, dict]:
         raise ModelFileError(f"{folder}: a damaged checkpoint ({'; '.join(problems) or f'{type(err).__name__}: {err}'}"
                              f"): name an older checkpoint, or the run's generator.safetensors") from None
     ema.pop(EMA_UPDATES, None)
-    generator = _build_and_load(cfg.model, tensors | ema, str(weights)).to(device).eval()
+    generator = _build_and_load(cfg.model, tensors | ema, str(weights), from_file=False).to(device).eval()
     shards = checkpoint_shards(folder, cfg)
     info = {"source": str(folder), "format": "checkpoint", "global_step": _int(state.get("global_step")),
             "lpips": "", "weights": "ema" if ema else "raw", TRAIN_SHARDS: file_train_shards(shards),
