@@ -208,3 +208,8 @@ def test_a_model_files_encoder_from_a_hub_is_refused_unfetched(encoder, monkeypa
     monkeypatch.setattr(generator_file, "build_generator", lambda cfg: pytest.fail(f"built {cfg.encoder}"))
     with pytest.raises(generator_file.ModelFileError, match=f"m.safetensors: its encoder '{encoder}' names a hub"):
         generator_file._build_and_load(ModelConfig(encoder=encoder), {}, "m.safetensors")
+    built = []  # (timm's own organisation on the hub: a user's hf-hub:timm/ run still restores)
+    monkeypatch.setattr(generator_file, "build_generator", lambda cfg: built.append(cfg.encoder) or 1 / 0)
+    with pytest.raises(generator_file.ModelFileError):
+        generator_file._build_and_load(ModelConfig(encoder="hf-hub:timm/mobilenetv3_large_100.ra_in1k"), {}, "m")
+    assert built == ["hf-hub:timm/mobilenetv3_large_100.ra_in1k"]

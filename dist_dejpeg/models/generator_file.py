@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save
 
 from dist_dejpeg.config import ConfigError, ModelConfig, load_config
 # torch-free home of these (the ONNX runtime uses them too)
-from dist_dejpeg.models.names import (DIGEST_CHARS, TRAIN_SHARDS, TRAIN_SOURCES, ModelFileError, file_gains,
+from dist_dejpeg.models.names import (DIGEST_CHARS, OWN_HUB, TRAIN_SHARDS, TRAIN_SOURCES, ModelFileError, file_gains,
                                       file_train_shards, file_train_sources, shard_fingerprint)
 from dist_dejpeg.models.unet import Generator, build_generator
 from dist_dejpeg.run.files import atomic_write_bytes
@@ -137,10 +137,10 @@ def _build_and_load(model_cfg: ModelConfig, state: dict, source: str, from_file:
     """Build the generator ``model_cfg`` describes (random-init encoder: the file holds every weight) and load
     ``state`` strictly; an encoder this timm cannot build or weights that do not fit are a ModelFileError."""
     model_cfg = dataclasses.replace(model_cfg, pretrained=False, encoder_weights="")
-    if from_file and ":" in model_cfg.encoder:  # (hf-hub:, local-dir:: timm would fetch what a stranger's file names;
-        # a checkpoint's is its run's own training config, where hf-hub: may be the user's choice)
-        raise ModelFileError(f"{source}: its encoder '{model_cfg.encoder}' names a hub or a folder to build from; a "
-                             f"model file's encoder must be one timm builds itself (nothing is fetched for it)")
+    if from_file and ":" in model_cfg.encoder and not model_cfg.encoder.startswith(OWN_HUB):  # (a stranger's file
+        # would have timm fetch from a repository or folder it names; a checkpoint's is its run's own config)
+        raise ModelFileError(f"{source}: its encoder '{model_cfg.encoder}' names a hub repository or a folder to build "
+                             f"from; a model file's encoder must be one timm builds itself, or {OWN_HUB}...")
     try:
         generator = build_generator(model_cfg)
     except Exception as err:  # noqa: BLE001 - timm raises RuntimeError / KeyError for unknown models

@@ -148,6 +148,9 @@ def _names(meta: dict, key: str, source: str) -> dict[str, str]:
                              f"{shown[:80]!r} ({err})") from None
 
 
+OWN_HUB = "hf-hub:timm/"  # timm's own models on the Hugging Face hub: a model file's encoder may name them
+
+
 class ModelFileError(ValueError):
     """A model path that does not hold a generator this installation can build."""
 
