@@ -352,6 +352,51 @@ def test_a_lock_unlinked_while_a_start_waited_on_it_is_taken_afresh(tmp_path, mo
     assert tmp_path.is_dir()
 
 
+def test_a_failed_starts_cleanup_leaves_a_lock_another_process_has_just_taken(tmp_path):
+    """A start whose build failed released its lock, its holder entry still in .lock; a second start had just
+    flocked the file (its own entry not yet written) when the first one's cleanup read the stale entry as its own
+    and removed the folder and lock: a third start then locked a new .lock in the same folder."""
+    from dist_dejpeg.run.files import new_folders
+    from dist_dejpeg.run.lock import remove_unheld
+
+    run = tmp_path / "runs" / "new"
+    made = new_folders(run)
+    first = RunLock(run)
+    first.acquire()
+    first.release()
+    second = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert second.stdout.readline().strip() == "held"
+        remove_unheld(made)
+        assert (run / ".lock").is_file()
+        with pytest.raises(RunDirBusy):
+            RunLock(run).acquire()
+    finally:
+        second.kill()
+        second.wait()
+
+
+def test_a_lock_retaken_after_an_unlink_says_the_retrys_own_error(tmp_path, monkeypatch):
+    """Where the retry after a lock file swapped meanwhile failed (EACCES), the descriptor was closed twice (another
+    thread's, if reused) and the error said EBADF."""
+    import dist_dejpeg.run.lock as run_lock
+
+    real_open, opened = os.open, []
+
+    def refuse_second(path, *args):
+        opened.append(path)
+        if len(opened) == 2:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args)
+
+    monkeypatch.setattr(run_lock, "_still_there", lambda fd, path: False)
+    monkeypatch.setattr(os, "open", refuse_second)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        RunLock(tmp_path).acquire()
+
+
 def test_train_processes_refuses_a_busy_run_folder_before_starting_ranks(tmp_path, capsys, monkeypatch):
     """`train.processes=2` on a run folder another run holds: one error at once, no rank started (each rank
     found the lock only after its start-up, ~20 s, and said so once per rank)."""

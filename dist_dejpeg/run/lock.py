@@ -50,9 +50,6 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if not _still_there(fd, self.path):  # (unlinked by the start that held it: lock the file there now)
-                os.close(fd)
-                return self.acquire()
         except OSError as err:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # only these mean "held by another"
                 os.close(fd)
@@ -69,11 +66,16 @@ class RunLock:
             raise RunDirBusy(f"run folder {self.path.parent} is in use by another training run ({holder}); two "
                              f"runs would overwrite each other's checkpoints. Stop that run, or set another "
                              f"train.run_dir.") from None
+        if not _still_there(fd, self.path):  # (unlinked by the start that held it: lock the file there now)
+            os.close(fd)
+            return self.acquire()
         os.ftruncate(fd, 0)
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.write(fd, json.dumps(holder).encode())
         self._fd = fd
+        st = os.fstat(fd)
+        _HELD_HERE.add((st.st_dev, st.st_ino))
 
     @contextlib.contextmanager
     def released_on_error(self) -> Iterator[RunLock]:
@@ -87,6 +89,8 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            st = os.fstat(self._fd)
+            _HELD_HERE.discard((st.st_dev, st.st_ino))
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
@@ -94,6 +98,7 @@ class RunLock:
         self.release()
 
 
+_HELD_HERE: set[tuple[int, int]] = set()  # (device, inode) of the run locks this process's RunLocks hold
 PREPARE_LOCK = ".prepare.lock"  # in a data folder: one process writes shards there at a time
 def _still_there(fd: int, path: Path) -> bool:
     """Whether the file locked through ``fd`` is still the one at ``path``: a start that failed removes its folder's
@@ -139,13 +144,9 @@ def remove_unheld(folders: list[Path], name: str = LOCK) -> None:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: by this process (a start that failed holds it until its trainer is collected),
-            try:  # or another's folder now: left to it
-                holder = json.loads(os.read(fd, 4096) or b"{}")
-            except ValueError:
-                holder = {}
-            if not isinstance(holder, dict) or (holder.get("pid"), holder.get("host")) != (os.getpid(),
-                                                                                          socket.gethostname()):
+        except OSError:  # held: by a RunLock of this process (a start that failed, its trainer not yet collected),
+            st = os.fstat(fd)  # or another's folder now: left to it (not told by the file's holder entry: an
+            if (st.st_dev, st.st_ino) not in _HELD_HERE:  # earlier holder's stays until the next one writes its own)
                 return None
         remove_empty(folders, leftovers=(name,))
     finally:
@@ -200,6 +201,7 @@ def writing_into(folder: str | Path) -> Iterator[None]:
                 fcntl.flock(fd, fcntl.LOCK_EX)
         while not _still_there(fd, Path(folder) / PREPARE_LOCK):  # (a failed holder removed it: lock the new one)
             os.close(fd)
+            fd = -1  # (closed: not again in finally, should what follows fail)
             Path(folder).mkdir(parents=True, exist_ok=True)
             fd = os.open(Path(folder) / PREPARE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -210,7 +212,8 @@ def writing_into(folder: str | Path) -> Iterator[None]:
         raise
     finally:
         _held.pop(key, None)
-        os.close(fd)  # (drops the flock)
+        if fd >= 0:
+            os.close(fd)  # (drops the flock)
 
 
 def filesystem(path: str | Path, mounts: str = "/proc/self/mounts") -> str:
