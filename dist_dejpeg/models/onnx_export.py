@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -155,16 +156,18 @@ def export_onnx(generator: nn.Module, path: str | Path, *, opset: int | None = N
     """Export ``generator`` to ``path`` (atomically, after the onnxruntime check passed).
 
     ``model_cfg`` (a ModelConfig or its dict), ``source``, ``val_psnr_gain`` (None: info's) and, from ``info``
-    (load_model's), the other gain tables, encoder_init, global_step and lpips go into the ONNX metadata_props with the format version,
-    the encoder, ``conditioned`` and ``pad_to`` (see the module docstring). Returns ``{"path", "opset",
+    (load_model's), the other gain tables, encoder_init, global_step and lpips go into the ONNX metadata_props with
+    the format version, the encoder, ``conditioned`` and ``pad_to`` (see the module docstring). Returns ``{"path", "opset",
     "max_abs_diff": {"NxCxHxW": float}, "tolerance", "export_s", "bytes", "metadata"}``; raises OnnxUnavailable, or
     OnnxCheckError when a difference exceeds ``tolerance``."""
     # the guard's tables checked before the export's minutes, and written back as read (a malformed one refused)
     given = {} if val_psnr_gain is None else {"val_psnr_gain": val_psnr_gain}  # (else info's)
     tables = file_gains({**(info or {}), **given}, str(source or path))
-    if not any(tables.values()):  # (an API caller that left out info: restore would then check no image)
-        log(f"warning: {path}: the export holds no validated gains (none given: pass load_model's info=); restore "
-            f"with it will restore every image unchecked")
+    if not any(tables.values()):  # (a checkpoint's model, or an API caller that left out info)
+        why = ("none given: pass load_model's info=" if info is None and val_psnr_gain is None else
+               "the model has none: a checkpoint, or a run not yet finished")
+        print(f"warning: {path}: the export holds no validated gains ({why}); restore with it restores every image "
+              f"of a known quality unchecked", file=sys.stderr)
     require_onnx()
     import onnx
     import onnxruntime as ort
