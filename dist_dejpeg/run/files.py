@@ -44,7 +44,7 @@ def temp_path(path: str | Path) -> Path:
     return path.with_name(f".{temp_stem(path.name)}.tmp{os.getpid()}")
 
 
-NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)  # (Windows: binary)
 
 
 def open_temp(tmp: Path):
