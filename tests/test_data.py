@@ -838,21 +838,6 @@ def test_a_dark_deep_pgm_keeps_its_depth(maxval):
     assert (rgb[..., 0] == rgb[..., 2]).all() and abs(rgb.mean() - (x * (255 / maxval)).mean()) < 0.1
 
 
-@pytest.mark.parametrize("ext,channels", [(".png", 3), (".tif", 3), (".png", 4)])
-def test_a_16_bit_rgb_file_is_rounded_to_8_bits_not_cut_to_its_high_byte(ext, channels, monkeypatch):
-    """PIL opens a 16-bit RGB PNG or TIFF as 8-bit RGB, its samples' high bytes (a quarter of them one level off
-    rounding, where 16-bit gray is rounded): decode_rgb8 rounds them from OpenCV's full-depth decode where OpenCV
-    is installed (an optional dependency), and reads the high bytes without it."""
-    cv2 = pytest.importorskip("cv2")
-    x = np.random.default_rng(4).integers(0, 65536, (8, 10, channels)).astype(np.uint16)
-    x[..., 3:] = 65535  # opaque: to_rgb8 composites alpha on white
-    data = cv2.imencode(ext, x[..., [2, 1, 0, 3][:channels]])[1].tobytes()
-    assert Image.open(io.BytesIO(data)).mode == ("RGB", "RGBA")[channels - 3]  # PIL's 8-bit reading
-    assert np.array_equal(decode_rgb8(data), np.rint(x[..., :3] / 257))
-    monkeypatch.setitem(__import__("sys").modules, "cv2", None)  # OpenCV absent: an ImportError
-    assert np.array_equal(decode_rgb8(data), x[..., :3] >> 8)
-
-
 def test_decode_palette_png():
     idx = np.zeros((8, 10), np.uint8)
     idx[:, 5:] = 2

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import io
-import logging
 import re
 
 import numpy as np
@@ -12,8 +10,6 @@ from PIL import Image, ImageOps
 
 from dist_dejpeg.jpeg.formats import SHARD_EXTS, TILE_FORMATS, bit_depth, rgb_image
 from dist_dejpeg.jpeg.pil_limit import own_limit, pixel_limit
-
-log = logging.getLogger(__name__)
 
 
 class BadImage(ValueError):
@@ -95,30 +91,6 @@ def to_rgb8(img: Image.Image, bits: int = 8) -> np.ndarray:
     return np.asarray(rgb_image(img, img.info.get("icc_profile")))  # CMYK through its profile, as restore reads it
 
 
-def full_depth(img: Image.Image, data: bytes) -> Image.Image:
-    """A 16-bit RGB(A) PNG or TIFF ``img`` (opened from ``data``, loaded), which PIL reads as the samples' high bytes,
-    with its samples rounded to 8 bits instead (np.rint(x / 257), as to_rgb8 reads 16-bit gray) from OpenCV's
-    full-depth decode; its metadata (EXIF orientation, profile) PIL's. Without OpenCV (an optional dependency: the
-    eval and bench extras; a warning, once) or where its decode is not this image: the high bytes, as PIL read them."""
-    try:
-        import cv2
-    except ImportError:
-        _no_opencv()
-        return img
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # (no EXIF rotation: PIL's, after)
-    if arr is None or arr.dtype != np.uint16 or arr.shape != (img.height, img.width, len(img.mode)):
-        return img
-    arr = arr[..., [2, 1, 0, 3][:arr.shape[2]]]  # OpenCV's BGR(A)
-    img.paste(Image.fromarray(((arr.astype(np.uint32) + 128) // 257).astype(np.uint8), img.mode))  # = rint(x/257)
-    return img
-
-
-@functools.cache
-def _no_opencv() -> None:
-    log.warning("16-bit RGB images are read as their samples' high bytes (up to one level off rounding): "
-                "OpenCV (opencv-python-headless) decodes them at full depth where it is installed")
-
-
 def decode_rgb8(data: bytes, max_pixels: int | None = None, upright: bool = False) -> np.ndarray:
     """Decode image bytes fully (truncated files are errors, not grey padding) to H x W x 3 uint8. ``max_pixels``:
     refuse larger images (TooManyPixels, from the header; without it, those over PIL's own decompression-bomb
@@ -135,8 +107,6 @@ def decode_rgb8(data: bytes, max_pixels: int | None = None, upright: bool = Fals
                                     f"the {limit / 1e6:g} MP limit ({said})")
             bits = bit_depth(img)  # (from its header: read before it is loaded)
             img.load()
-            if bits == 16 and img.format in ("PNG", "TIFF") and img.mode in ("RGB", "RGBA"):
-                img = full_depth(img, data)
             if upright:
                 img = ImageOps.exif_transpose(img)
         return to_rgb8(img, bits)
