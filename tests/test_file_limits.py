@@ -77,12 +77,16 @@ def test_evaluate_skips_a_file_or_member_over_the_size_limit(tmp_path, small_lim
     big = tmp_path / "big.png"
     big.write_bytes(_png(2))
     os.truncate(big, 1 << 20)  # (1 MiB, most of it a hole)
-    shard = _tar(tmp_path / "s.tar", {"000.png": _png(3, 160), "001.png": _png(4)})
-    ok = tmp_path / "ok.png"
+    shard = _tar(tmp_path / "s.tar", {"000.png": _png(3, 480), "001.png": _png(4)})  # (690 KB: over 8 x 64 KiB)
+    ok, layered = tmp_path / "ok.png", tmp_path / "layered.png"  # (real bytes over the limit, under 8 x: read)
     ok.write_bytes(_png(5))
-    refs, skipped = read_references([str(big), str(shard), str(ok)])
-    assert sorted(r.source for r in refs) == sorted(["s.tar:001", str(ok)])
-    assert len(skipped) == 2 and all("GiB an image file is read with" in s for s in skipped)
+    layered.write_bytes(_png(6, 200))
+    assert (64 << 10) < layered.stat().st_size < (512 << 10)
+    refs, skipped = read_references([str(big), str(shard), str(ok), str(layered)])
+    assert sorted(r.source for r in refs) == sorted(["s.tar:001", str(ok), str(layered)])
+    assert len(skipped) == 2, skipped
+    assert any("(a sparse file or a decompression bomb): not read" in s for s in skipped)
+    assert any("GiB an image file is read with: not read; restore and prepare's --max-pixels" in s for s in skipped)
 
 
 def test_evaluate_out_of_memory_on_one_reference_skips_it(tmp_path, monkeypatch):
@@ -116,7 +120,7 @@ def test_restore_refuses_a_sparse_photo_unread(tmp_path, monkeypatch):
     photo.write_bytes(_jpeg())
     os.truncate(photo, 6 << 30)  # (a hole: nothing on disk)
     monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read whole"))
-    with pytest.raises(InputImageError, match=r"big.jpg: 6 GiB, over the 1 GiB an image file is read with"):
+    with pytest.raises(InputImageError, match=r"big.jpg: 6 GiB from 0.00\d+ MiB stored \(a sparse file"):
         load_image(photo)
     assert formats.file_limit(400_000_000) == 4_000_000_000  # (--max-pixels raised: a larger file is read)
 
@@ -160,7 +164,8 @@ def test_prepare_div2k_refuses_a_zip_bomb_member_unread(tmp_path, small_limit, m
         z.writestr("DIV2K_train_HR/0001.png", b"\0" * (1 << 20))  # (1 MiB of zeros: 1 KB compressed)
     monkeypatch.setattr(zipfile.ZipFile, "read", lambda *a: pytest.fail("the member was read"))
     record = _tile_one(Source("0001", "train", str(archive), "DIV2K_train_HR/0001.png"), tmp_path, 32, 32, "png")
-    assert record["rejected"].startswith("too large: 0.000977 GiB, over the 6.1e-05 GiB an image file is read with")
+    assert record["rejected"].startswith("too large: 0.000977 GiB from 0.000985 MiB stored (a sparse file or a "
+                                         "decompression bomb)"), record
 
 
 def test_prepare_folder_refuses_a_sparse_photo_unread(tmp_path, small_limit):
@@ -170,7 +175,7 @@ def test_prepare_folder_refuses_a_sparse_photo_unread(tmp_path, small_limit):
     photo = tmp_path / "a.png"
     photo.write_bytes(_png())
     os.truncate(photo, 1 << 20)
-    with pytest.raises(TooManyPixels, match="over the 6.1e-05 GiB an image file is read with"):
+    with pytest.raises(TooManyPixels, match=r"0.000977 GiB from 0.0\d+ MiB stored \(a sparse file"):
         read_source(photo)
 
 

@@ -78,7 +78,8 @@ class Source:
                 raise TooManyPixels(why)
             return Path(self.path).read_bytes()
         with zipfile.ZipFile(self.path) as archive:
-            if why := too_big(archive.getinfo(self.member).file_size):  # (a member yields no more than it says)
+            info = archive.getinfo(self.member)  # (a member yields no more than it says)
+            if why := too_big(info.file_size, on_disk=info.compress_size):
                 raise TooManyPixels(why)
             return archive.read(self.member)
 

@@ -150,33 +150,44 @@ LOSSY_SUFFIXES = JPEG_SUFFIXES | {".webp", ".mpo"}
 # The largest photo restore (--max-pixels' default) and prepare take: 100 MP; PIL's own decompression-bomb limit
 # (89.5 MP) warns above its value and refuses above twice it, so both check the header size against this instead.
 DEFAULT_MAX_PIXELS = 100_000_000
-# The largest image file (or tar or zip member) read whole: 8 bytes a pixel of the pixel limit (a 100 MP 16-bit RGBA
-# TIFF stored uncompressed: 800 MB) with room for its metadata, 1 GiB at least. A sparse file, a tar's sparse member
-# or a zip member of many GB costs a few KB on disk but that much memory read: each is refused, named, before it is.
+# The size an image file (or tar or zip member) is checked against before it is read whole: 8 bytes a pixel of the
+# pixel limit (a 100 MP 16-bit RGBA TIFF stored uncompressed: 800 MB) with room for its metadata, 1 GiB at least.
+# Over it, what costs a few KB on disk but that much memory read is refused, named: a sparse file or a zip member
+# more than ZIP_RATIO times the bytes it stores (a zip bomb; photos do not compress so), a tar's sparse member; real
+# bytes (a layered TIFF of a few GB) are read, up to HARD_FACTOR times it.
 BYTES_PER_PIXEL = 8
 MAX_FILE_BYTES = 1 << 30
+HARD_FACTOR = 8
+ZIP_RATIO = 20
 
 
 def file_limit(max_pixels: int | None = None) -> int:
-    """The most bytes an image file of at most ``max_pixels`` (restore's --max-pixels) is read with."""
+    """The size an image file of at most ``max_pixels`` (restore's --max-pixels) is checked against."""
     return max(MAX_FILE_BYTES, BYTES_PER_PIXEL * (max_pixels or 0) * 5 // 4)  # (a quarter more: its metadata)
 
 
-def too_big(size: int, limit: int | None = None, sparse: bool = False) -> str | None:
-    """Why a file (or archive member) of ``size`` bytes is not read (None: it is): sparse (a tar's sparse member:
-    holes of zeros, never a photo prepare wrote), or over ``limit`` (file_limit())."""
+def too_big(size: int, limit: int | None = None, sparse: bool = False, on_disk: int | None = None) -> str | None:
+    """Why a file (or archive member) of ``size`` bytes is not read (None: it is): over ``limit`` (file_limit())
+    and ``sparse`` (a tar's sparse member) or ``on_disk`` bytes stored (a file's blocks, a zip member's compressed
+    size) far fewer than it holds, or over HARD_FACTOR times ``limit`` whatever it is."""
     limit = limit or file_limit()
     if sparse:
         return f"a sparse tar member of {size} bytes (holes of zeros, not an image): not read"
-    if size > limit:
-        return (f"{size / 2**30:.3g} GiB, over the {limit / 2**30:.3g} GiB an image file is read with (a sparse "
-                f"file or a decompression bomb?): not read")
+    hint = "; restore and prepare's --max-pixels raise the limit"
+    if size > limit and on_disk is not None and on_disk * ZIP_RATIO < size:
+        return (f"{size / 2**30:.3g} GiB from {on_disk / 2**20:.3g} MiB stored (a sparse file or a decompression "
+                f"bomb): not read")
+    if size > HARD_FACTOR * limit:
+        return (f"{size / 2**30:.3g} GiB, over the {HARD_FACTOR * limit / 2**30:.3g} GiB an image file is read with: "
+                f"not read{hint}")
     return None
 
 
 def checked_size(path: str | os.PathLike, limit: int | None = None) -> str | None:
-    """too_big's reason for the file at ``path`` (its size from stat; OSError where it cannot be)."""
-    return too_big(os.stat(path).st_size, limit)
+    """too_big's reason for the file at ``path`` (its size and blocks from stat; OSError where it cannot be)."""
+    st = os.stat(path)
+    blocks = getattr(st, "st_blocks", None)  # (none on Windows)
+    return too_big(st.st_size, limit, on_disk=None if blocks is None else blocks * 512)
 
 # What restore writes: name -> (suffix, Pillow format, Pillow save options). png: lossless, the default; jpg:
 # quality 95 with full-resolution chroma (4:4:4) and optimized Huffman tables; webp: lossless; tiff: lossless,
