@@ -205,16 +205,23 @@ def test_an_onnx_files_strides_are_checked(meta):
     assert attention_at({"attention_at": "null"}, {}, 32) == 0 and attention_at({"attention_at": "8"}, {}, 32) == 8
 
 
-@pytest.mark.parametrize("encoder", ["hf-hub:evil-org/beacon", "local-dir:/tmp/x"])
-def test_a_model_files_encoder_from_a_hub_is_refused_unfetched(encoder, monkeypatch):
+def test_a_model_files_encoder_from_a_strangers_hub_repository_is_refused_unfetched(monkeypatch):
+    """A model file naming hf-hub:evil-org/beacon had restore send a request there (a beacon); timm's own hub models,
+    a local folder, and any repository once the user trusts the file (DIST_DEJPEG_TRUST_ENCODER=1) are built."""
     from dist_dejpeg.config import ModelConfig
     from dist_dejpeg.models import generator_file
 
+    monkeypatch.delenv("DIST_DEJPEG_TRUST_ENCODER", raising=False)
     monkeypatch.setattr(generator_file, "build_generator", lambda cfg: pytest.fail(f"built {cfg.encoder}"))
-    with pytest.raises(generator_file.ModelFileError, match=f"m.safetensors: its encoder '{encoder}' names a hub"):
-        generator_file._build_and_load(ModelConfig(encoder=encoder), {}, "m.safetensors")
-    built = []  # (timm's own organisation on the hub: a user's hf-hub:timm/ run still restores)
+    with pytest.raises(generator_file.ModelFileError, match="m.safetensors: its encoder 'hf-hub:evil-org/beacon' is "
+                       "built from a Hugging Face repository it names, fetched: set DIST_DEJPEG_TRUST_ENCODER=1"):
+        generator_file._build_and_load(ModelConfig(encoder="hf-hub:evil-org/beacon"), {}, "m.safetensors")
+    built = []
     monkeypatch.setattr(generator_file, "build_generator", lambda cfg: built.append(cfg.encoder) or 1 / 0)
-    with pytest.raises(generator_file.ModelFileError):
-        generator_file._build_and_load(ModelConfig(encoder="hf-hub:timm/mobilenetv3_large_100.ra_in1k"), {}, "m")
-    assert built == ["hf-hub:timm/mobilenetv3_large_100.ra_in1k"]
+    names = ["hf-hub:timm/mobilenetv3_large_100.ra_in1k", "local-dir:/tmp/x", "hf-hub:evil-org/beacon"]
+    for name in names:
+        if name == names[-1]:
+            monkeypatch.setenv("DIST_DEJPEG_TRUST_ENCODER", "1")
+        with pytest.raises(generator_file.ModelFileError):  # (built, then failed: no weights)
+            generator_file._build_and_load(ModelConfig(encoder=name), {}, "m")
+    assert built == names

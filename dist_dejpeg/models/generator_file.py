@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save
 
 from dist_dejpeg.config import ConfigError, ModelConfig, load_config
 # torch-free home of these (the ONNX runtime uses them too)
-from dist_dejpeg.models.names import (DIGEST_CHARS, OWN_HUB, TRAIN_SHARDS, TRAIN_SOURCES, ModelFileError, file_gains,
-                                      file_train_shards, file_train_sources, shard_fingerprint)
+from dist_dejpeg.models.names import (DIGEST_CHARS, OWN_HUB, TRAIN_SHARDS, TRAIN_SOURCES, TRUST_ENCODER, ModelFileError,
+                                      file_gains, file_train_shards, file_train_sources, shard_fingerprint,
+                                      trusted_encoder)
 from dist_dejpeg.models.unet import Generator, build_generator
 from dist_dejpeg.run.files import atomic_write_bytes
 from dist_dejpeg.run.layout import (CHECKPOINT_MODEL, CHECKPOINTS, CONFIG, EMA_GENERATOR, EMA_UPDATES, GENERATOR,
@@ -137,10 +138,10 @@ def _build_and_load(model_cfg: ModelConfig, state: dict, source: str, from_file:
     """Build the generator ``model_cfg`` describes (random-init encoder: the file holds every weight) and load
     ``state`` strictly; an encoder this timm cannot build or weights that do not fit are a ModelFileError."""
     model_cfg = dataclasses.replace(model_cfg, pretrained=False, encoder_weights="")
-    if from_file and ":" in model_cfg.encoder and not model_cfg.encoder.startswith(OWN_HUB):  # (a stranger's file
-        # would have timm fetch from a repository or folder it names; a checkpoint's is its run's own config)
-        raise ModelFileError(f"{source}: its encoder '{model_cfg.encoder}' names a hub repository or a folder to build "
-                             f"from; a model file's encoder must be one timm builds itself, or {OWN_HUB}...")
+    if from_file and not trusted_encoder(model_cfg.encoder):  # (a stranger's file would have timm fetch from a hub
+        # repository it names; a checkpoint's is its run's own config)
+        raise ModelFileError(f"{source}: its encoder '{model_cfg.encoder}' is built from a Hugging Face repository it "
+                             f"names, fetched: set {TRUST_ENCODER}=1 if you trust the file (not {OWN_HUB}...)")
     try:
         generator = build_generator(model_cfg)
     except Exception as err:  # noqa: BLE001 - timm raises RuntimeError / KeyError for unknown models

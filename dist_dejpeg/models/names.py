@@ -149,6 +149,16 @@ def _names(meta: dict, key: str, source: str) -> dict[str, str]:
 
 
 OWN_HUB = "hf-hub:timm/"  # timm's own models on the Hugging Face hub: a model file's encoder may name them
+TRUST_ENCODER = "DIST_DEJPEG_TRUST_ENCODER"  # =1: a model file's encoder may name any hub repository
+
+
+def trusted_encoder(name: str) -> bool:
+    """Whether a model file's encoder may be built as it names it: one timm builds itself, timm's own hub models,
+    a local folder (local-dir:), or any where the user set TRUST_ENCODER=1 (another hf-hub: repository is fetched
+    from a repository a stranger's file chose: a request it can track)."""
+    import os
+
+    return not name.startswith("hf-hub:") or name.startswith(OWN_HUB) or os.environ.get(TRUST_ENCODER) == "1"
 
 
 class ModelFileError(ValueError):
