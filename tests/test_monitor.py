@@ -227,10 +227,17 @@ def test_a_finished_run_run_again_logs_its_final_validation_once(tmp_path, shard
     (scalars, images), again = logged(), None
     first = list(recorded)
     assert first.count(("final/q10_restored_psnr", 5)) == 1 and ("val/jpeg_restored_clean_final", 5) in first
+    from dist_dejpeg.models.generator_file import read_metadata
+    from dist_dejpeg.train import final as final_mod
+
+    trained_by = read_metadata(run / "generator.safetensors")["code"]
+    monkeypatch.setattr(final_mod, "code_version", lambda: "dist_dejpeg 9.9.9 (a newer version)")
     for _ in range(2):  # a rerun's final validation, and a rerun's of a rerun
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         train(tiny(run, shards, *over))
+        # (no step trained: the code that trained the weights stays credited, not the version that validated again)
+        assert read_metadata(run / "generator.safetensors")["code"] == trained_by
         assert recorded == first, recorded[len(first):]  # (was every final/* tag and the grid again)
         again = logged()
         steps = {t: [s for s, _ in points] for t, points in again[0].items()}

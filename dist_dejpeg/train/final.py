@@ -9,7 +9,7 @@ import logging
 from statistics import NormalDist
 
 from dist_dejpeg import code_version
-from dist_dejpeg.models.generator_file import save_generator, training_shards
+from dist_dejpeg.models.generator_file import read_metadata, save_generator, training_shards
 from dist_dejpeg.models.names import CONFORMED_KEYS, JPEG_PSNR, table_json
 from dist_dejpeg.run.layout import GENERATOR, METRICS
 from dist_dejpeg.train.checkpoint import FINAL_STAGE, StopNow
@@ -105,11 +105,22 @@ def finish_run(trainer) -> dict:
                 save_generator(trainer.ema.model(trainer.gen_raw), cfg.model, trainer.run_dir / GENERATOR,
                                extra={"lpips": trainer.metric_lpips.description, "global_step": generator_step(state),
                                       "ema_decay": cfg.train.ema_decay, **guard_gains(results, conformed),
-                                      **training_shards(cfg.data), "code": code_version()})
+                                      **training_shards(cfg.data), "code": trained_by(trainer.run_dir, state)})
                 log.info("wrote %s and %s", trainer.run_dir / METRICS, trainer.run_dir / GENERATOR)
     trainer.monitor.finish("finished", "", state.global_step)
     trainer.monitor.close()
     return results
+
+
+def trained_by(run_dir, state) -> str:
+    """The generator file's "code": this code, unless the file there is already of this step (a finished run run
+    again: it validates again, no step trained; an upgrade would otherwise credit the new code with the weights)."""
+    try:
+        earlier = read_metadata(run_dir / GENERATOR)
+    except (OSError, ValueError):
+        return code_version()
+    same_step = earlier.get("global_step") == str(generator_step(state))
+    return (earlier.get("code") if same_step else None) or code_version()
 
 
 @contextlib.contextmanager
