@@ -225,3 +225,26 @@ def test_a_model_files_encoder_from_a_strangers_hub_repository_is_refused_unfetc
         with pytest.raises(generator_file.ModelFileError):  # (built, then failed: no weights)
             generator_file._build_and_load(ModelConfig(encoder=name), {}, "m")
     assert built == names
+
+
+def test_training_with_a_strangers_hub_encoder_says_its_generator_file_needs_trust(monkeypatch, caplog):
+    """A run whose encoder is another hf-hub: repository trains, but its generator file loads only with
+    DIST_DEJPEG_TRUST_ENCODER=1: said at its start, not found out at restore."""
+    from types import SimpleNamespace
+
+    from dist_dejpeg.config import Config, ConfigError
+    from dist_dejpeg.models.weights import EncoderError
+    from dist_dejpeg.train import build
+
+    def stop(model_cfg):
+        raise EncoderError("not built here")
+
+    monkeypatch.delenv("DIST_DEJPEG_TRUST_ENCODER", raising=False)
+    monkeypatch.setattr(build, "build_generator", stop)
+    for encoder, warned in (("hf-hub:someorg/net", True), ("hf-hub:timm/mobilenetv3_large_100", False)):
+        cfg = Config()
+        cfg.model.encoder = encoder
+        caplog.clear()
+        with pytest.raises(ConfigError, match="not built here"):
+            build.build_parts(cfg, SimpleNamespace(is_main_process=True))
+        assert ("DIST_DEJPEG_TRUST_ENCODER=1" in caplog.text) == warned, caplog.text

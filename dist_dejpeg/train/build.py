@@ -33,7 +33,7 @@ from dist_dejpeg.data import ensure_samples
 from dist_dejpeg.models.critic import build_critic
 from dist_dejpeg.models.generator_file import load_model
 from dist_dejpeg.models.lpips import LPIPS
-from dist_dejpeg.models.names import ModelFileError
+from dist_dejpeg.models.names import TRUST_ENCODER, ModelFileError, trusted_encoder
 from dist_dejpeg.models.sync_bn import convert_sync_batchnorm
 from dist_dejpeg.models.unet import build_generator, generator_notes
 from dist_dejpeg.models.weights import EncoderError
@@ -224,6 +224,9 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
             log.warning("train.phases.%s: its %d steps are all critic updates (each cycle starts with "
                         "critic_iters=%d): the generator is not trained in it; give it more steps", name, phase.steps,
                         phase.critic_iters)
+    if not trusted_encoder(cfg.model.encoder):  # (a stranger's file naming a repository is not built by default)
+        warn_on_main(acc.is_main_process)("model.encoder %s: this run's generator file will load (restore, evaluate, "
+                                          "export) only with %s=1 set", cfg.model.encoder, TRUST_ENCODER)
     set_seed(t.seed)  # same initial weights on every rank
     if cfg.model.init_from:  # (a resumed run's checkpoint replaces them in turn)
         generator = _init_from(cfg.model)
