@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         command.error(f"unrecognized arguments: {' '.join(extra)}")
     args.usage_error, args.given = command.error, {a.split("=")[0] for a in argv if a.startswith("--")}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.stdout, stdout = WatchedStdout(sys.stdout), sys.stdout  # (a write to it that fails: stdout_failed)
+    stdout = sys.stdout  # (a write to it that fails: stdout_failed; closed, `>&-`: None, so os.devnull)
+    sys.stdout = WatchedStdout(stdout if stdout is not None else open(os.devnull, "w"))  # noqa: SIM115
     try:
         code = args.func(args)
         sys.stdout.flush()  # here, not at exit: a reader that left (a pipe into head) is handled below

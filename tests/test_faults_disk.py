@@ -629,3 +629,14 @@ def test_evaluate_and_report_whose_final_write_fails_leave_out_as_it_was(tmp_pat
     assert cli_main(["report", *common, str(tmp_path / "new" / "page" / "report.html")]) == 3
     assert capsys.readouterr().err.count("error: disk full writing") == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_closed_stdout_is_no_traceback(tmp_path):
+    """`dist-dejpeg status --json RUN >&-`: Python's sys.stdout is None with fd 1 closed, and the command crashed with
+    "'NoneType' object has no attribute 'write'" (exit 1); what it prints goes nowhere, its own exit code stays."""
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "dist_dejpeg", "status", "--json", str(tmp_path / "no-run")],
+                          preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr

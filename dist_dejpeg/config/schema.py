@@ -46,7 +46,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    encoder: str = "mobilenetv3_large_100"  # any timm model that supports features_only
+    encoder: str = "mobilenetv3_large_100"  # any timm model that supports features_only; an hf-hub: repository other than hf-hub:timm/ makes a generator file that loads only with DIST_DEJPEG_TRUST_ENCODER=1
     pretrained: bool = True  # ImageNet weights for the encoder (from the HF cache or encoder_weights)
     encoder_weights: str = ""  # explicit local weights file for the encoder (.safetensors/.pth); "" = cache
     init_from: str = ""  # a new run's generator starts from a trained one (generator.safetensors, run or checkpoint folder; the generator's shape keys must match; blur and keep_mean may differ): its weights replace the initial ones (no ImageNet file is read), the encoder's lineage (pretrained) is the source's; keep it while the run goes on
@@ -139,7 +139,7 @@ class TrainConfig:
     seed: int = 0  # base seed; each rank adds its index
     mixed_precision: str = "bf16"  # "no" | "bf16" | "fp16"
     cpu: bool = False  # force CPU even when a GPU is present
-    processes: int = 1  # `dist-dejpeg train` starts this many ranks on this machine (torchrun --standalone) when no launcher did; on a CPU each gets cores/N threads
+    processes: int = 1  # `dist-dejpeg train` starts this many ranks on this machine (torchrun --standalone) when no launcher did; on a CPU each gets cores/N threads; train() called from Python starts none (one process, a warning says)
     grad_accum: int = 1  # micro-steps per optimizer step
     phases: Dict[str, PhaseConfig] = field(default_factory=default_phases)  # phase name -> settings; a phase added by name (e.g. gan2, kind: gan) takes the generic defaults below, not the built-in phase of its kind's (gan: lr 1e-5, betas [0, 0.9], constant schedule, no warmup, patience 5): give those keys
     order: List[str] = field(default_factory=lambda: ["gen", "critic", "gan"])  # phases to run, in order

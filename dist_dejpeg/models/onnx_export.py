@@ -8,7 +8,7 @@
     result = export_onnx(generator, "dejpeg.onnx", model_cfg=info["model"], source=info["source"], info=info)
     result["max_abs_diff"]   # {"1x3x200x152": 1.2e-07, "2x3x96x160": 1.8e-07, ...}: onnxruntime vs PyTorch
 
-The ONNX model: input ``degraded`` (float32 N x 3 x H x W in [0, 1]), output ``restored`` (same shape, in
+The ONNX model: input ``degraded`` (float32 RGB N x 3 x H x W in [0, 1]; tiles of <= 512 px), output ``restored`` (same shape, in
 [0, 1]); dims named batch, height, width. A quality-conditioned generator has a second input ``quality``
 (float32 N: each image's JPEG quality 1..100, 0 for unknown). The metadata holds the model config and the
 validated RGB PSNR gain per quality (``val_psnr_gain``) and its lower bound (``val_psnr_gain_low``), from which a
@@ -18,7 +18,8 @@ tiny images, onnxruntime rejects them ("Pad reflect: post-pad exceeds maximum al
 ``pip install -e '.[onnx]'``.
 
 What the guard needs is in the file's metadata_props, each a string: ``val_psnr_gain``, ``val_psnr_gain_low``,
-``val_jpeg_psnr``, ``val_psnr_gain_conformed`` and ``val_psnr_gain_conformed_low`` (JSON ``{quality: dB}``) and
+``val_jpeg_psnr``, ``val_psnr_gain_conformed`` and ``val_psnr_gain_conformed_low`` (strict JSON ``{quality: dB}``, a
+value that is not finite as "NaN"/"Infinity") and
 ``cell_half_width`` (JSON ``{quality: half-width}``), ``conditioned`` ("true"/"false"), ``encoder``, ``encoder_init``,
 ``global_step``, ``lpips``, ``pad_to``, ``attention_at`` (JSON: the stride the self-attention sits at, the skip
 stride nearest the config's ``attention_stride``; null without one), ``model`` (the config as JSON), ``source``,
