@@ -33,10 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_dejpeg.config import to_dict
 from dist_dejpeg.run.files import (atomic_write_json, atomic_write_text, disk_full_text, is_disk_full, is_quota,
                                    read_json)
 from dist_dejpeg.run.layout import (CONFIG, METRICS, PARTIAL_PREFIX, PROGRESS, PROGRESS_KEYS, TENSORBOARD_EVENTS,
                                     WRITE_ERRORS, MetricsMeta, latest_checkpoint, list_checkpoints, partial_checkpoints)
+from dist_dejpeg.run.folder import config_summary
 from dist_dejpeg.run.text import window_line
 from dist_dejpeg.run.verdict import with_validations
 from dist_dejpeg.train.checkpoint import TrainingStopped, remove_partial
@@ -82,6 +84,7 @@ class Monitor(SideWrites):
                                "processes": self.acc.num_processes, "losses": {}, "last_val": None, "best": None,
                                "images_per_s": None, "data_wait_frac": None, "lr": None, "eta_phase_s": None,
                                "eta_run_s": None, "val_s": None, WRITE_ERRORS: {}}
+        self.val_plan = config_summary(to_dict(cfg), run_dir)["phases"]  # (kind, val_every as status reads them)
         self.val_times: list[float] = []  # (seconds) this session's validations in a phase: progress.json's val_s
         self.run_log = open_run_log(self.run_dir) if self.main else None  # <run_dir>/train.log (train/run_log.py)
         # (TensorBoard's writer thread prints a traceback when a write fails: side_write says it instead)
@@ -267,8 +270,7 @@ class Monitor(SideWrites):
                              eta_phase_s=eta_phase, eta_run_s=eta_run)
         postfix = {k.split("/", 1)[1]: f"{v:.4g}" for k, v in scalars.items() if "acc" not in k}
         # (the console's ETA adds the validations left, as status does; progress.json's eta_*_s are the steps')
-        phases = [{"name": n, "kind": self.cfg.train.phases[n].kind or n, "steps": self.steps[n],
-                   "val_every": self.cfg.train.phases[n].val_every or self.cfg.train.val_every} for n in self.order]
+        phases = [{**p, "steps": self.steps[p["name"]]} for p in self.val_plan]  # (set_lengths may change steps)
         eta = with_validations(phases, self.order.index(name), phase_step, eta_phase, eta_run, self.progress["val_s"])
         line = window_line(name, phase_step, self.steps[name], losses, scalars, *eta)
         if self._bar(lambda bar: bar.set_postfix(postfix)):
