@@ -212,12 +212,12 @@ def test_a_model_files_encoder_from_a_strangers_hub_repository_is_refused_unfetc
     from dist_dejpeg.models import generator_file
 
     monkeypatch.delenv("DIST_DEJPEG_TRUST_ENCODER", raising=False)
-    monkeypatch.setattr(generator_file, "build_generator", lambda cfg: pytest.fail(f"built {cfg.encoder}"))
+    monkeypatch.setattr(generator_file, "build_generator", lambda cfg, resolved=None: pytest.fail(f"built {cfg.encoder}"))
     with pytest.raises(generator_file.ModelFileError, match="m.safetensors: its encoder 'hf-hub:evil-org/beacon' is "
                        "built from a Hugging Face repository it names, fetched: set DIST_DEJPEG_TRUST_ENCODER=1"):
         generator_file._build_and_load(ModelConfig(encoder="hf-hub:evil-org/beacon"), {}, "m.safetensors")
     built = []
-    monkeypatch.setattr(generator_file, "build_generator", lambda cfg: built.append(cfg.encoder) or 1 / 0)
+    monkeypatch.setattr(generator_file, "build_generator", lambda cfg, resolved=None: built.append(cfg.encoder) or 1 / 0)
     names = ["hf-hub:timm/mobilenetv3_large_100.ra_in1k", "local-dir:/tmp/x", "hf-hub:evil-org/beacon"]
     for name in names:
         if name == names[-1]:
@@ -227,24 +227,28 @@ def test_a_model_files_encoder_from_a_strangers_hub_repository_is_refused_unfetc
     assert built == names
 
 
-def test_training_with_a_strangers_hub_encoder_says_its_generator_file_needs_trust(monkeypatch, caplog):
-    """A run whose encoder is another hf-hub: repository trains, but its generator file loads only with
-    DIST_DEJPEG_TRUST_ENCODER=1: said at its start, not found out at restore."""
+def test_training_with_a_strangers_hub_encoder_says_when_its_generator_file_needs_trust(monkeypatch, caplog):
+    """A run whose encoder is another hf-hub: repository trains; its generator file records the architecture the
+    name resolves to and loads untrusted, but where that repository's config has model_args (not built from the
+    record) it loads only with DIST_DEJPEG_TRUST_ENCODER=1: said at its start, not found out at restore."""
     from types import SimpleNamespace
 
     from dist_dejpeg.config import Config, ConfigError
-    from dist_dejpeg.models.weights import EncoderError
     from dist_dejpeg.train import build
 
-    def stop(model_cfg):
-        raise EncoderError("not built here")
+    def stop(*args):
+        raise ConfigError("not built further here")
 
     monkeypatch.delenv("DIST_DEJPEG_TRUST_ENCODER", raising=False)
-    monkeypatch.setattr(build, "build_generator", stop)
-    for encoder, warned in (("hf-hub:someorg/net", True), ("hf-hub:timm/mobilenetv3_large_100", False)):
+    monkeypatch.setattr(build, "generator_notes", stop)
+    for encoder, args, warned in (("hf-hub:someorg/net", {"drop_rate": 0.1}, True), ("hf-hub:someorg/net", {}, False),
+                                  ("hf-hub:timm/mobilenetv3_large_100", {"drop_rate": 0.1}, False)):
+        built = SimpleNamespace(encoder=SimpleNamespace(pretrained_cfg={"architecture": "mobilenetv3_large_100"},
+                                                        _model_args={"features_only": True, **args}))
+        monkeypatch.setattr(build, "build_generator", lambda model_cfg: built)
         cfg = Config()
         cfg.model.encoder = encoder
         caplog.clear()
-        with pytest.raises(ConfigError, match="not built here"):
+        with pytest.raises(ConfigError, match="not built further here"):
             build.build_parts(cfg, SimpleNamespace(is_main_process=True))
         assert ("DIST_DEJPEG_TRUST_ENCODER=1" in caplog.text) == warned, caplog.text

@@ -1026,7 +1026,7 @@ def test_a_generator_file_s_model_config_is_read_as_a_config_file_is(monkeypatch
         with pytest.raises(ModelFileError, match="^f.st: .* is not a JSON object"):
             model_config_from_meta({"model": held}, "f.st")
 
-    def fails(cfg):
+    def fails(cfg, resolved=None):
         raise RuntimeError("Trying to create tensor with negative dimension -5")
 
     monkeypatch.setattr(generator_file, "build_generator", fails)

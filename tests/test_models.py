@@ -145,13 +145,15 @@ def test_generator_pixel_shuffles_start_checkerboard_free():
 
 def test_module_defaults_are_the_configs():
     """One source of defaults: Generator() and Critic() take ModelConfig's and CriticConfig's, so a model built
-    without arguments (a test, a notebook) is the one the default config trains."""
+    without arguments (a test, a notebook) is the one the default config trains (Generator's one keyword-only
+    argument aside: a generator file's record of what its encoder name resolved to, no config key)."""
     import inspect
 
     for cls, config in ((Generator, ModelConfig()), (Critic, CriticConfig())):
-        params = inspect.signature(cls).parameters
+        params = {k: p for k, p in inspect.signature(cls).parameters.items() if p.kind is not p.KEYWORD_ONLY}
         assert params and {k: p.default for k, p in params.items()} == {k: getattr(config, k) for k in params}
-    assert GENERATOR_KEYS == tuple(inspect.signature(Generator).parameters)
+    assert GENERATOR_KEYS == tuple(inspect.signature(Generator).parameters)[:-1]
+    assert inspect.signature(Generator).parameters["resolved"].kind is inspect.Parameter.KEYWORD_ONLY
     assert set(GENERATOR_KEYS) < {f.name for f in dataclasses.fields(ModelConfig)}
     assert {f.name for f in dataclasses.fields(CriticConfig)} == set(inspect.signature(Critic).parameters)
 
@@ -451,6 +453,96 @@ def test_export_of_pretrained_config_loads_without_fetching_weights(tmp_path):
     loaded = load_generator(path)
     enc_key = next(k for k in g.state_dict() if k.startswith("encoder."))
     assert torch.equal(loaded.state_dict()[enc_key], g.state_dict()[enc_key])
+
+
+def _local_dir_encoder(folder, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4)) -> str:
+    """A local-dir: encoder: a folder whose config.json names a timm architecture and its own normalisation."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architecture": "mobilenetv3_small_050", "num_classes": 10,
+                                                    "pretrained_cfg": {"mean": mean, "std": std}}))
+    return f"local-dir:{folder}"
+
+
+def test_a_source_named_encoders_file_loads_without_its_folder_or_hub(tmp_path, monkeypatch):
+    """A file trained with model.encoder=local-dir:<folder> (or hf-hub:<repo>) records what timm resolved the name
+    to: it loads where the folder is gone, offline, untrusted, as the same generator (the encoder's own mean and std
+    too: the Generator's buffers are not in the state dict); the info keeps the name it was trained with."""
+    from dist_dejpeg.models.generator_file import load_model
+    from dist_dejpeg.models.names import ENCODER_RESOLVED
+
+    monkeypatch.delenv("DIST_DEJPEG_TRUST_ENCODER", raising=False)
+    cfg = ModelConfig(encoder=_local_dir_encoder(tmp_path / "enc"), pretrained=False, decoder_width=WIDTH,
+                      encoder_depth=3)
+    torch.manual_seed(3)
+    g = build_generator(cfg)
+    with torch.no_grad():
+        nn.init.normal_(g.head.weight, std=0.05)  # (an output that depends on the weights, batch statistics moved)
+        g.train()(torch.rand(2, 3, 32, 32))
+    g.eval()
+    assert g.mean.flatten().tolist() == pytest.approx([0.5, 0.4, 0.3])
+    save_generator(g, cfg, tmp_path / "g.safetensors")
+    # the same weights as if trained with a stranger's hub repository (its config read off the built encoder)
+    hub = dataclasses.replace(cfg, encoder="hf-hub:someorg/net")
+    save_generator(g, hub, tmp_path / "hub.safetensors")
+    record = json.loads(read_metadata(tmp_path / "g.safetensors")[ENCODER_RESOLVED])
+    assert record["architecture"] == "mobilenetv3_small_050" and record["model_args"] == {}
+    (tmp_path / "enc").rename(tmp_path / "gone")
+    x = torch.rand(1, 3, 37, 53, generator=torch.Generator().manual_seed(4))
+    for name, encoder in (("g", cfg.encoder), ("hub", hub.encoder)):
+        loaded, info = load_model(tmp_path / f"{name}.safetensors")
+        assert info["encoder"] == encoder
+        assert loaded.mean.flatten().tolist() == pytest.approx([0.5, 0.4, 0.3])
+        assert loaded.std.flatten().tolist() == pytest.approx([0.2, 0.3, 0.4])
+        with torch.no_grad():
+            assert torch.equal(loaded(x), g(x))
+    # a built-in name records nothing (it needs nothing)
+    plain = dataclasses.replace(cfg, encoder="mobilenetv3_small_050")
+    save_generator(_generator(encoder_depth=3), plain, tmp_path / "plain.safetensors")
+    assert ENCODER_RESOLVED not in read_metadata(tmp_path / "plain.safetensors")
+
+
+def test_a_source_named_encoder_without_a_usable_record_says_what_is_missing(tmp_path, monkeypatch):
+    """A file without the record (written before it) whose local-dir: folder is gone said "install the timm version
+    the model was trained with"; it says which config.json is missing. A record with model_args (a stranger's could
+    name checkpoint_path) is not built from: the name is resolved as it says; a malformed one is refused."""
+    from safetensors.torch import load_file, save
+
+    from dist_dejpeg.models import generator_file
+    from dist_dejpeg.models.generator_file import ModelFileError, load_model
+    from dist_dejpeg.models.names import ENCODER_RESOLVED
+
+    cfg = ModelConfig(encoder=_local_dir_encoder(tmp_path / "enc"), pretrained=False, decoder_width=WIDTH,
+                      encoder_depth=3)
+    save_generator(_generator(encoder=cfg.encoder, encoder_depth=3), cfg, tmp_path / "g.safetensors")
+    meta, state = read_metadata(tmp_path / "g.safetensors"), load_file(tmp_path / "g.safetensors")
+    (tmp_path / "enc").rename(tmp_path / "gone")
+    record = json.loads(meta[ENCODER_RESOLVED])
+    for name, value in (("old", None), ("args", {**record, "model_args": {"checkpoint_path": str(tmp_path / "x")}})):
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(save(state, metadata={k: v for k, v in meta.items() if k != ENCODER_RESOLVED} | (
+            {ENCODER_RESOLVED: json.dumps(value)} if value else {})))
+        with pytest.raises(ModelFileError, match=f"its encoder '{cfg.encoder}' is built from "
+                           f"{tmp_path / 'enc' / 'config.json'} .*which is not there") as err:
+            load_model(path)
+        assert "install the timm" not in str(err.value)
+    (tmp_path / "gone").rename(tmp_path / "enc")  # (the folder back: the name resolves as it says)
+    assert load_model(tmp_path / "args.safetensors")[1]["encoder"] == cfg.encoder
+    path.write_bytes(save(state, metadata=meta | {ENCODER_RESOLVED: '{"architecture": 5}'}))
+    with pytest.raises(ModelFileError, match="metadata 'encoder_resolved' is not a resolved encoder"):
+        load_model(path)
+    beacon = {"architecture": "hf-hub:evil-org/beacon", "pretrained_cfg": {}, "model_args": {}}  # (not fetched)
+    path.write_bytes(save(state, metadata=meta | {ENCODER_RESOLVED: json.dumps(beacon)}))
+    with pytest.raises(ModelFileError, match="timm has no model 'hf-hub:evil-org/beacon'"):
+        load_model(path)
+    # a stranger's hub repository trusted, not in the Hugging Face cache, unreachable: said so
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("DIST_DEJPEG_TRUST_ENCODER", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(generator_file, "build_generator", lambda cfg, resolved=None: 1 / 0)
+    with pytest.raises(ModelFileError, match="m: its encoder 'hf-hub:someorg/net@v2' is built from the config.json of "
+                       "the Hugging Face repository 'someorg/net', which is not in the Hugging Face cache"):
+        generator_file._build_and_load(ModelConfig(encoder="hf-hub:someorg/net@v2"), {}, "m")
 
 
 def test_export_of_a_checkpoint_records_the_shards_the_run_trained_on(tmp_path, monkeypatch, sample_shards):

@@ -46,7 +46,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    encoder: str = "mobilenetv3_large_100"  # any timm model that supports features_only; an hf-hub: repository other than hf-hub:timm/ makes a generator file that loads only with DIST_DEJPEG_TRUST_ENCODER=1
+    encoder: str = "mobilenetv3_large_100"  # any timm model that supports features_only, or an hf-hub: / local-dir: one (the generator file records the architecture it resolves to and loads without that repository or folder; an hf-hub: repository other than hf-hub:timm/ whose config has model_args makes one that loads only with DIST_DEJPEG_TRUST_ENCODER=1)
     pretrained: bool = True  # ImageNet weights for the encoder (from the HF cache or encoder_weights)
     encoder_weights: str = ""  # explicit local weights file for the encoder (.safetensors/.pth); "" = cache
     init_from: str = ""  # a new run's generator starts from a trained one (generator.safetensors, run or checkpoint folder; the generator's shape keys must match; blur and keep_mean may differ): its weights replace the initial ones (no ImageNet file is read), the encoder's lineage (pretrained) is the source's; keep it while the run goes on

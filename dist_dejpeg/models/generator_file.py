@@ -21,11 +21,12 @@ from safetensors.torch import load_file, save
 
 from dist_dejpeg.config import ConfigError, ModelConfig, load_config
 # torch-free home of these (the ONNX runtime uses them too)
-from dist_dejpeg.models.names import (DIGEST_CHARS, OWN_HUB, TRAIN_SHARDS, TRAIN_SOURCES, TRUST_ENCODER, ModelFileError,
-                                      file_gains, file_train_shards, file_train_sources, shard_fingerprint,
-                                      trusted_encoder)
+from dist_dejpeg.models.names import (DIGEST_CHARS, ENCODER_RESOLVED, OWN_HUB, TRAIN_SHARDS, TRAIN_SOURCES,
+                                      TRUST_ENCODER, ModelFileError, file_encoder_resolved, file_gains,
+                                      file_train_shards, file_train_sources, shard_fingerprint, trusted_encoder)
 from dist_dejpeg.models.layers import fold_batch_norms
 from dist_dejpeg.models.unet import Generator, build_generator
+from dist_dejpeg.models.weights import encoder_resolved, source_missing
 from dist_dejpeg.run.files import atomic_write_bytes
 from dist_dejpeg.run.layout import (CHECKPOINT_MODEL, CHECKPOINTS, CONFIG, EMA_GENERATOR, EMA_UPDATES, GENERATOR,
                                     TRAINER_STATE, list_checkpoints)
@@ -51,11 +52,14 @@ NEWEST_TRIES = 3  # a run folder's newest checkpoint read again after it was pru
 def save_generator(generator: Generator, model_cfg: ModelConfig, path: str | Path, extra: dict | None = None) -> None:
     """Atomic write of the weights plus ``model_cfg`` (and ``extra`` strings) as safetensors metadata: serialized
     in memory (a generator is tens of MB), then run.files.atomic_write_bytes. A non-finite tensor is a
-    NonFiniteWeights error naming it, and nothing is written."""
+    NonFiniteWeights error naming it, and nothing is written. An hf-hub: or local-dir: encoder's resolution is
+    recorded (ENCODER_RESOLVED): the file loads without that folder or hub repository."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in generator.state_dict().items()}
     if bad := non_finite(state):
         raise NonFiniteWeights(f"{path}: not written: {bad}")
     meta = {"format": FORMAT, "model": json.dumps(dataclasses.asdict(model_cfg))}
+    if resolved := encoder_resolved(getattr(generator, "encoder", None), model_cfg.encoder, model_cfg.encoder_depth):
+        meta[ENCODER_RESOLVED] = json.dumps(resolved)
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     atomic_write_bytes(path, save(state, metadata=meta))
 
@@ -135,16 +139,19 @@ def _image_format(path: str | Path) -> str | None:
         return None
 
 
-def _build_and_load(model_cfg: ModelConfig, state: dict, source: str, from_file: bool = True) -> Generator:
-    """Build the generator ``model_cfg`` describes (random-init encoder: the file holds every weight) and load
-    ``state`` strictly; an encoder this timm cannot build or weights that do not fit are a ModelFileError."""
+def _build_and_load(model_cfg: ModelConfig, state: dict, source: str, from_file: bool = True,
+                    resolved: dict | None = None) -> Generator:
+    """Build the generator ``model_cfg`` describes (random-init encoder: the file holds every weight; an hf-hub: or
+    local-dir: one from the file's ``resolved`` record where it has one without model_args: nothing fetched or read)
+    and load ``state`` strictly; an encoder this timm cannot build or weights that do not fit are a ModelFileError."""
     model_cfg = dataclasses.replace(model_cfg, pretrained=False, encoder_weights="")
-    if from_file and not trusted_encoder(model_cfg.encoder):  # (a stranger's file would have timm fetch from a hub
-        # repository it names; a checkpoint's is its run's own config)
+    resolved = resolved if resolved and not resolved["model_args"] else None  # (model_args: from the source, as named)
+    if from_file and not resolved and not trusted_encoder(model_cfg.encoder):  # (a stranger's file would have timm
+        # fetch from a hub repository it names; a checkpoint's is its run's own config)
         raise ModelFileError(f"{source}: its encoder '{model_cfg.encoder}' is built from a Hugging Face repository it "
                              f"names, fetched: set {TRUST_ENCODER}=1 if you trust the file (not {OWN_HUB}...)")
     try:
-        generator = build_generator(model_cfg)
+        generator = build_generator(model_cfg, resolved)
     except Exception as err:  # noqa: BLE001 - timm raises RuntimeError / KeyError for unknown models
         import timm
 
@@ -152,6 +159,8 @@ def _build_and_load(model_cfg: ModelConfig, state: dict, source: str, from_file:
         if ":" not in name and timm.is_model(name):  # timm knows the encoder: the config's other keys did not build
             raise ModelFileError(f"{source}: the generator its model config describes cannot be built (encoder "
                                  f"'{name}'; {type(err).__name__}: {err})") from None
+        if not resolved and (missing := source_missing(name)):  # (not a timm version's doing: its source is gone)
+            raise ModelFileError(f"{source}: {missing} ({type(err).__name__}: {err})") from None
         raise ModelFileError(f"{source}: the model's encoder '{model_cfg.encoder}' cannot be built by the installed "
                              f"timm {timm.__version__} ({type(err).__name__}: {err}); install the timm version "
                              f"the model was trained with") from None
@@ -204,7 +213,8 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise _not_a_generator(path, meta)
-    generator = _build_and_load(model_config_from_meta(meta, str(path)), load_file(str(path), device="cpu"), str(path))
+    generator = _build_and_load(model_config_from_meta(meta, str(path)), load_file(str(path), device="cpu"), str(path),
+                                resolved=file_encoder_resolved(meta, str(path)))
     return generator.to(device).eval()
 
 

@@ -152,10 +152,35 @@ OWN_HUB = "hf-hub:timm/"  # timm's own models on the Hugging Face hub: a model f
 TRUST_ENCODER = "DIST_DEJPEG_TRUST_ENCODER"  # =1: a model file's encoder may name any hub repository
 
 
+# the generator file's metadata key of what timm resolved a source-prefixed encoder name (hf-hub:..., local-dir:...) to
+# at save: {"architecture": a timm built-in, "pretrained_cfg": the config that built it (its mean/std, input size)
+# less where weights are, "model_args": the source config's model arguments}, by which the file loads
+# with neither the folder nor the hub (older files lack it: the name is resolved at load)
+ENCODER_RESOLVED = "encoder_resolved"
+
+
+def file_encoder_resolved(meta: dict, source: str = "") -> dict | None:
+    """The :data:`ENCODER_RESOLVED` record of a generator file's metadata; None where it has none. A malformed one is
+    a ModelFileError, not taken as missing."""
+    text = meta.get(ENCODER_RESOLVED)
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+        if not isinstance(record, dict) or not isinstance(record.get("architecture"), str) or not all(
+                isinstance(record.get(k), dict) for k in ("pretrained_cfg", "model_args")):
+            raise TypeError("not a JSON object of an architecture name, a pretrained_cfg and model_args")
+    except (ValueError, TypeError) as err:
+        raise ModelFileError(f"{source + ': ' if source else ''}metadata {ENCODER_RESOLVED!r} is not a resolved "
+                             f"encoder: {str(text)[:80]!r} ({err})") from None
+    return record
+
+
 def trusted_encoder(name: str) -> bool:
     """Whether a model file's encoder may be built as it names it: one timm builds itself, timm's own hub models,
     a local folder (local-dir:), or any where the user set TRUST_ENCODER=1 (another hf-hub: repository is fetched
-    from a repository a stranger's file chose: a request it can track)."""
+    from a repository a stranger's file chose: a request it can track). A file's ENCODER_RESOLVED record without
+    model_args is built from that, not as the name says, and needs none of this."""
     import os
 
     return not name.startswith("hf-hub:") or name.startswith(OWN_HUB) or os.environ.get(TRUST_ENCODER) == "1"

@@ -88,12 +88,13 @@ class Generator(nn.Module):
                  blur: bool = ModelConfig.blur, self_attention: bool = ModelConfig.self_attention,
                  attention_stride: int = ModelConfig.attention_stride, spectral_norm: bool = ModelConfig.spectral_norm,
                  decoder_norm: str = ModelConfig.decoder_norm,
-                 quality_conditioning: bool = ModelConfig.quality_conditioning, keep_mean: bool = ModelConfig.keep_mean):
+                 quality_conditioning: bool = ModelConfig.quality_conditioning, keep_mean: bool = ModelConfig.keep_mean,
+                 *, resolved: dict | None = None):
         super().__init__()
         self.keep_mean = keep_mean
         if encoder_depth == 1 or encoder_depth < 0:
             raise ValueError(f"encoder_depth must be 0 (all stages) or at least 2, got {encoder_depth}")
-        self.encoder = create_encoder(encoder, pretrained, encoder_weights, encoder_depth)
+        self.encoder = create_encoder(encoder, pretrained, encoder_weights, encoder_depth, resolved)
         chans = self.encoder.feature_info.channels()
         strides = self.encoder.feature_info.reduction()
         for a, b in zip(strides, strides[1:]):
@@ -243,8 +244,10 @@ def generator_notes(generator: Generator, data_cfg, global_bn: bool = False) -> 
 
 
 # the ModelConfig keys that describe the module (the others are training settings: channels_last, sync_bn, ...)
-GENERATOR_KEYS = tuple(inspect.signature(Generator).parameters)
+GENERATOR_KEYS = tuple(k for k, p in inspect.signature(Generator).parameters.items() if p.kind is not p.KEYWORD_ONLY)
 
 
-def build_generator(model_cfg: ModelConfig) -> Generator:
-    return Generator(**{key: getattr(model_cfg, key) for key in GENERATOR_KEYS})
+def build_generator(model_cfg: ModelConfig, resolved: dict | None = None) -> Generator:
+    """The Generator ``model_cfg`` describes; ``resolved``: what its source-prefixed encoder name resolved to when the
+    generator file was saved (weights.encoder_resolved), built from that instead of the folder or hub it names."""
+    return Generator(**{key: getattr(model_cfg, key) for key in GENERATOR_KEYS}, resolved=resolved)

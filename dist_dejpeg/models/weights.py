@@ -46,22 +46,97 @@ def hf_cached_file(repo_id: str) -> str | None:
     return None
 
 
-def create_encoder(name: str, pretrained: bool, weights_file: str = "", depth: int = 0) -> nn.Module:
+def create_encoder(name: str, pretrained: bool, weights_file: str = "", depth: int = 0,
+                   resolved: dict | None = None) -> nn.Module:
     """A timm ``features_only`` encoder of its first ``depth`` stages (0: all; the blocks after the last one used
     are dropped, not just left unused). ``pretrained`` loads ImageNet weights from ``weights_file``, else from
-    the timm / Hugging Face cache, else downloads them; offline it fails with what to do."""
+    the timm / Hugging Face cache, else downloads them; offline it fails with what to do. ``resolved``: what the
+    source-prefixed ``name`` resolved to (:func:`encoder_resolved`, without model_args), built random-init from
+    its architecture and pretrained_cfg alone: no folder read, nothing fetched."""
     import timm
 
-    if ":" not in name and not timm.is_model(name):  # ("hf-hub:..." and "local-dir:..." are timm's to resolve)
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        raise EncoderError(f"timm has no model '{name}'"
+    arch = resolved["architecture"] if resolved else name
+    if (resolved or ":" not in arch) and not timm.is_model(arch):  # ("hf-hub:..." and "local-dir:..." are timm's to
+        # resolve; a record's architecture is a built-in: one naming a source would have timm fetch it)
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        raise EncoderError(f"timm has no model '{arch}'" + (f" (encoder '{name}' resolved to it)" if resolved else "")
                            + (f" (close: {', '.join(close)})" if close else ""))
     try:
+        if resolved:
+            return _keep_used_blocks(timm.create_model(arch, features_only=True, pretrained=False,
+                                                       pretrained_cfg=_build_cfg(resolved["pretrained_cfg"]),
+                                                       **_stages(depth)))
         return _keep_used_blocks(_create_encoder(name, pretrained, weights_file, depth))
     except (AssertionError, IndexError) as err:  # timm's checks of out_indices, features_only
         raise EncoderError(f"timm cannot build '{name}' as a features_only encoder"
                            + (f" of model.encoder_depth={depth} stages" if depth else "") + f": {err}"
                            + (_stages_it_has(name) if depth else "")) from None
+
+
+# the pretrained_cfg keys an encoder_resolved record keeps: those that shape the encoder or its input (timm's
+# _update_default_model_kwargs: in_chans, and img_size where fixed_input_size, from input_size) and the normalisation
+# the Generator takes from it; not where weights are (url, file, hf_hub_id: nothing is fetched), nor the classifier's
+# class count and label names (a features_only encoder has no classifier: a stranger's file could ask a vast one)
+_RESOLVED_CFG = ("architecture", "input_size", "test_input_size", "min_input_size", "fixed_input_size",
+                 "interpolation", "crop_pct", "test_crop_pct", "crop_mode", "mean", "std", "pool_size",
+                 "test_pool_size", "first_conv", "classifier")
+
+
+def encoder_resolved(encoder: nn.Module, name: str, depth: int = 0) -> dict | None:
+    """What timm resolved the source-prefixed encoder ``name`` (hf-hub:..., local-dir:...) of the built ``encoder``
+    to (its architecture, the pretrained_cfg it was built with and the source config's model_args, read off the
+    module: nothing fetched again), for a generator file to be built without the folder or the hub; None for a
+    built-in name, or where that cannot be told (an older timm, a value JSON cannot hold)."""
+    import json
+
+    import timm
+
+    try:
+        source, _ = timm.models.parse_model_name(name)
+        cfg, args = dict(getattr(encoder, "pretrained_cfg", None) or {}), getattr(encoder, "_model_args", None)
+        if not source or not timm.is_model(cfg.get("architecture") or "") or not isinstance(args, dict):
+            return None
+        args = {k: v for k, v in args.items() if k != "features_only" and (k, v) not in _stages(depth).items()}
+        record = {"architecture": cfg["architecture"], "model_args": args,
+                  "pretrained_cfg": {k: cfg[k] for k in _RESOLVED_CFG if cfg.get(k) is not None}}
+        return json.loads(json.dumps(record, allow_nan=False))  # (tuples as lists, as the file gives them back)
+    except (ValueError, TypeError, AttributeError):  # (parse_model_name's ValueError; a value JSON cannot hold)
+        return None
+
+
+def source_missing(name: str) -> str | None:
+    """Why timm cannot resolve the source-prefixed encoder ``name`` here, in words with what to do: its local-dir:
+    folder lacks config.json, or its hf-hub: repository's config.json is not in the Hugging Face cache (and could not
+    be fetched); None for another name, or where the source is there (the build failed otherwise)."""
+    import timm
+
+    try:
+        source, where = timm.models.parse_model_name(name)
+    except (ValueError, AttributeError):
+        return None
+    file = "a generator file saved before dist_dejpeg recorded the architecture an encoder name resolves to"
+    if source == "local-dir" and not (Path(where) / "config.json").is_file():
+        return (f"its encoder '{name}' is built from {Path(where) / 'config.json'} (timm's architecture for it), "
+                f"which is not there ({file}): copy that folder there from the machine it was trained on")
+    if source == "hf-hub":
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, _, revision = where.partition("@")
+        if not isinstance(try_to_load_from_cache(repo, "config.json", revision=revision or None), str):
+            return (f"its encoder '{name}' is built from the config.json of the Hugging Face repository '{repo}', "
+                    f"which is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and could not be fetched "
+                    f"({file}): load it once with access to huggingface.co, which caches it")
+    return None
+
+
+def _build_cfg(cfg: dict) -> dict:
+    """A recorded pretrained_cfg as timm's PretrainedCfg takes it: the kept keys this timm knows."""
+    import dataclasses
+
+    import timm
+
+    known = {f.name for f in dataclasses.fields(timm.models.PretrainedCfg)}
+    return {k: v for k, v in cfg.items() if k in _RESOLVED_CFG and k in known}
 
 
 def encoder_strides(name: str, depth: int = 0) -> list[int] | None:

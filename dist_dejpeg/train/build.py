@@ -36,7 +36,7 @@ from dist_dejpeg.models.lpips import LPIPS
 from dist_dejpeg.models.names import TRUST_ENCODER, ModelFileError, trusted_encoder
 from dist_dejpeg.models.sync_bn import convert_sync_batchnorm
 from dist_dejpeg.models.unet import build_generator, generator_notes
-from dist_dejpeg.models.weights import EncoderError
+from dist_dejpeg.models.weights import EncoderError, encoder_resolved
 from dist_dejpeg.run.lock import RunLock
 from dist_dejpeg.train.checkpoint import remove_partial
 from dist_dejpeg.train.collective import all_ranks_or_raise, warn_on_main
@@ -224,9 +224,6 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
             log.warning("train.phases.%s: its %d steps are all critic updates (each cycle starts with "
                         "critic_iters=%d): the generator is not trained in it; give it more steps", name, phase.steps,
                         phase.critic_iters)
-    if not trusted_encoder(cfg.model.encoder):  # (a stranger's file naming a repository is not built by default)
-        warn_on_main(acc.is_main_process)("model.encoder %s: this run's generator file will load (restore, evaluate, "
-                                          "export) only with %s=1 set", cfg.model.encoder, TRUST_ENCODER)
     set_seed(t.seed)  # same initial weights on every rank
     if cfg.model.init_from:  # (a resumed run's checkpoint replaces them in turn)
         generator = _init_from(cfg.model)
@@ -235,6 +232,13 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
             generator = build_generator(cfg.model)
         except EncoderError as err:  # one line for the user, as any config error
             raise ConfigError(f"config key 'model.encoder': {err}") from None
+    resolved = encoder_resolved(generator.encoder, cfg.model.encoder, cfg.model.encoder_depth)
+    if not trusted_encoder(cfg.model.encoder) and (not resolved or resolved["model_args"]):  # (the generator file's
+        # record of the architecture, without model_args, builds it unfetched: a stranger's repository is not fetched)
+        warn_on_main(acc.is_main_process)("model.encoder %s: this run's generator file will load (restore, evaluate, "
+                                          "export) only with %s=1 set (%s)", cfg.model.encoder, TRUST_ENCODER,
+                                          "its model_args are taken from the repository" if resolved else
+                                          "the architecture it resolves to cannot be recorded")
     global_bn = cfg.model.sync_bn and acc.num_processes > 1  # (batch norm over the global batch: one crop a rank)
     for note in generator_notes(generator, cfg.data, global_bn):  # (a crop it cannot train on: a ConfigError)
         warn_on_main(acc.is_main_process)("%s", note)
