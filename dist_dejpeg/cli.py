@@ -29,7 +29,7 @@ import os
 import sys
 
 from dist_dejpeg import version
-from dist_dejpeg.cli_args import (HelpFormatter, compare_arguments, evaluate_arguments, export_arguments,
+from dist_dejpeg.cli_args import (CommandLine, HelpFormatter, compare_arguments, evaluate_arguments, export_arguments,
                                   prepare_arguments, report_arguments, restore_arguments, status_arguments,
                                   train_arguments)
 from dist_dejpeg.cli_output import CORE_MODULES, WatchedStdout, stdout_failed, write_failed
@@ -334,12 +334,12 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     examples = __doc__.split("\n\n")[1]  # the command lines above
-    parser = argparse.ArgumentParser(prog="dist-dejpeg", description=DESCRIPTION, epilog=f"examples:\n{examples}",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLine(prog="dist-dejpeg", description=DESCRIPTION, epilog=f"examples:\n{examples}",
+                         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (text, add_arguments, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+        p = sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter, allow_abbrev=False)
         add_arguments(p)
         p.set_defaults(func=run)
     from dist_dejpeg.bench import add_parser as add_bench
@@ -360,12 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
-    command = command_parser(parser, args)
-    # `bench WHICH --options key=value`: argparse has already closed the positionals when overrides follow
-    # the options, so they come back as extras here
-    if extra and getattr(args, "overrides", None) is not None and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides = list(args.overrides) + extra
-    elif extra:
+    command = command_parser(parser, args)  # (options are never abbreviated: `given` names them as typed)
+    if extra:
         command.error(f"unrecognized arguments: {' '.join(extra)}")
     args.usage_error, args.given = command.error, {a.split("=")[0] for a in argv if a.startswith("--")}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from dist_dejpeg.jpeg.formats import (DEFAULT_MAX_PIXELS, JPEG_SOURCE_ACTIONS, OUTPUT_FORMATS, SAME_FORMAT, SUBSAMPLING,
                                       TILE_FORMATS)
@@ -23,6 +24,26 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+class CommandLine(argparse.ArgumentParser):
+    """dist-dejpeg's parser (``commands``: name -> its parser, set by cli.build_parser). A command's words are read
+    intermixed, its positionals before, between or after its options (`restore a.jpg -o out b.jpg`, `status RUN
+    --json`): argparse's own parse closed a positional at the first option, refusing the words after it."""
+
+    commands: dict[str, argparse.ArgumentParser] = {}
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        command = self.commands.get(args[0]) if args else None
+        if command is None or hasattr(command, "benchmarks"):  # --version, --help, a typo; bench: its own parser
+            return super().parse_known_args(args, namespace)
+        namespace = namespace if namespace is not None else argparse.Namespace()
+        namespace.command, words = args[0], args[1:]
+        after = words[words.index("--") + 1:] if "--" in words else []  # (`-- -photo.jpg`: intermixed took
+        if any(word.startswith("-") for word in after):  # it for an option; argparse's own parse does not)
+            return command.parse_known_args(words, namespace)
+        return command.parse_known_intermixed_args(words, namespace)
 
 
 def jpeg_quality(text: str) -> int:

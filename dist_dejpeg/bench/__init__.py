@@ -177,10 +177,12 @@ class BenchParser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "dist-dejpeg bench") -> BenchParser:
-    parser = BenchParser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchParser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         allow_abbrev=False)  # (as every dist-dejpeg parser: an option's name in full)
     subs = parser.add_subparsers(dest="which", required=True, parser_class=BenchmarkParser)
     for name, (module, line) in BENCHMARKS.items():
-        parser.benchmarks[name] = subs.add_parser(name, help=line, module=module, formatter_class=HelpFormatter)
+        parser.benchmarks[name] = subs.add_parser(name, help=line, module=module, formatter_class=HelpFormatter,
+                                                  allow_abbrev=False)
     return parser
 
 

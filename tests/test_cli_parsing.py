@@ -1,0 +1,51 @@
+"""How ``dist-dejpeg`` reads its command line (cli.py, cli_args.py): parser-level checks, milliseconds each but the
+bench help's (its modules imported once). The work the commands do is tested in test_cli.py and the commands' own
+tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dist_dejpeg.cli import build_parser, main
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("prepare folder --tile 128 srcA --out X", {"dataset": "folder", "source": "srcA", "tile": 128, "out": "X"}),
+    ("prepare folder --tile 64 --out X4 -- .", {"source": ".", "out": "X4"}),
+    ("prepare --out X -- folder srcA", {"dataset": "folder", "source": "srcA"}),
+    ("restore j0.jpg -o out1 j1.jpg --model g.safetensors", {"inputs": ["j0.jpg", "j1.jpg"], "out": "out1"}),
+    ("restore -o o --model m -- -a.jpg b.jpg", {"inputs": ["-a.jpg", "b.jpg"]}),  # (a name like an option)
+    ("status runA --json runB", {"run_dirs": ["runA", "runB"], "json": True}),
+    ("status runA --json --", {"run_dirs": ["runA"], "json": True}),
+    ("status -- --json", {"run_dirs": ["--json"], "json": False}),
+    ("compare ev1 -o c.md ev2", {"evaluations": ["ev1", "ev2"], "out": "c.md"}),
+    ("compare ev1 --metrics psnr -- ev2", {"evaluations": ["ev1", "ev2"], "metrics": ["psnr"]}),
+    ("train --config c.yaml a=1 --dry-run b=2", {"overrides": ["a=1", "b=2"], "dry_run": True}),
+    ("train --resume a=1 b=2", {"resume": "a=1", "overrides": ["b=2"]}),  # (cli._train_command moves a=1 back)
+    ("bench scaling --steps 1 data.crop=64", {"which": "scaling", "overrides": ["data.crop=64"]}),
+])
+def test_positionals_may_come_after_options(line, expected):
+    """argparse (3.11) closed a command's positionals at its first option: `restore a.jpg -o out b.jpg` was refused
+    ("unrecognized arguments: b.jpg"), `prepare folder --tile 128 src` too; words after `--` are positionals."""
+    args, extra = build_parser().parse_known_args(line.split())
+    assert extra == [] and args.command == line.split()[0], (line, extra)
+    assert {key: getattr(args, key) for key in expected} == expected, line
+
+
+def test_options_are_never_abbreviated(tmp_path, capsys):
+    """`--forma jpg` skipped restore's check that -o photo.png's suffix is its format (argparse took the prefix for
+    --format; the check looks for the words typed) and `--overl 32 --tile-pad 8` silently used overlap 16: an
+    option is named in full, in every command and benchmark."""
+    for words in (["-o", str(tmp_path / "o5.png"), "--forma", "jpg"], ["-o", str(tmp_path / "o"), "--overl", "32",
+                                                                       "--tile-pad", "8"]):
+        with pytest.raises(SystemExit) as caught:
+            main(["restore", "j0.jpg", "--model", "g.safetensors", *words])
+        assert caught.value.code == 2 and f"unrecognized arguments: {words[2]} " in capsys.readouterr().err, words
+    for line in ("bench data --tile 288", "status runA --js", "--vers"):  # (--tiles, --json, --version)
+        with pytest.raises(SystemExit) as caught:
+            build_parser().parse_args(line.split())
+        assert caught.value.code == 2, line
+    assert not list(tmp_path.iterdir())
