@@ -65,6 +65,17 @@ def html_page(text: str) -> str:
     return text
 
 
+COMPARISON_SUFFIXES = (".md", ".markdown", ".txt", ".json")  # compare -o: Markdown tables, or JSON for .json
+
+
+def comparison_file(text: str) -> str:
+    """argparse type: compare's -o, a text file by its suffix (-o g.safetensors replaced the model with Markdown)."""
+    if os.path.splitext(text)[1].lower() not in COMPARISON_SUFFIXES and not os.path.isdir(text):  # (a folder:
+        raise argparse.ArgumentTypeError(f"the file to write the comparison to, a name ending in .md, .markdown or "
+                                         f".txt (Markdown tables) or .json (JSON), not {text!r}")
+    return text  # compare says so)
+
+
 def record_file(text: str) -> str:
     """restore's --record: a file to append to, not a folder."""
     if os.path.isdir(text):
@@ -305,5 +316,7 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
                         "baseline")
     p.add_argument("--metrics", nargs="+", default=["psnr", "ssim", "lpips"], metavar="M",
                    help=f"which metrics: {', '.join(EVALUATED)}")
-    p.add_argument("-o", "--out", default=None, help="also write the comparison to this file: markdown tables, or JSON when it ends in .json")
+    p.add_argument("-o", "--out", default=None, type=comparison_file,
+                   help="also write the comparison to this file: Markdown tables (.md, .markdown, .txt), or JSON "
+                        "(.json); other names are refused")
     p.add_argument("--json", action="store_true", help="the comparison as JSON, for scripts")

@@ -49,3 +49,34 @@ def test_options_are_never_abbreviated(tmp_path, capsys):
             build_parser().parse_args(line.split())
         assert caught.value.code == 2, line
     assert not list(tmp_path.iterdir())
+
+
+def test_compare_writes_only_text_files(tmp_path, capsys):
+    """`compare ev1 ev2 -o g2.safetensors` (or photo.jpg) replaced that file with Markdown: -o takes .md, .markdown,
+    .txt or .json, as its help says; a folder is refused by compare itself, naming it."""
+    model = tmp_path / "g2.safetensors"
+    model.write_bytes(b"weights")
+    for bad in (model, tmp_path / "photo.jpg", tmp_path / "compare"):
+        with pytest.raises(SystemExit) as caught:
+            main(["compare", "ev1", "ev2", "-o", str(bad)])
+        assert caught.value.code == 2 and f"not '{bad}'" in capsys.readouterr().err, bad
+    assert model.read_bytes() == b"weights"
+    for good in ("c.md", "c.MARKDOWN", "c.txt", "c.json", str(tmp_path)):
+        assert build_parser().parse_args(["compare", "a", "b", "-o", good]).out == good
+    assert ".md, .markdown, .txt" in " ".join(build_parser().commands["compare"].format_help().split())
+
+
+def _evaluation(folder: Path) -> str:
+    row = {"image": "p", "quality": 10, "height": 64, "width": 64, "jpeg": {"psnr": 20.0}, "restored": {"psnr": 21.0}}
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps({"meta": {"channel": "RGB"}, "per_image": [row]}))
+    return str(folder)
+
+
+def test_compare_names_an_evaluation_taken_for_a_metric(tmp_path, capsys):
+    """`compare ev1 --metrics psnr ev2`: --metrics took ev2, and the error said "compare needs two evaluations"."""
+    ev1, ev2 = _evaluation(tmp_path / "ev1"), _evaluation(tmp_path / "ev2")
+    assert main(["compare", ev1, "--metrics", "psnr", ev2]) == 2
+    err = capsys.readouterr().err
+    assert f"unknown metric(s) {ev2}: choose from psnr" in err and "give the evaluations before --metrics" in err, err
+    assert main(["compare", ev1, "--metrics", "psnr", "--", ev2]) == 0

@@ -125,13 +125,15 @@ def compare(results: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> 
     per quality: photos, the JPEG's mean, each model's mean and the photos its guard passed through unchanged, and
     each other model's paired difference from the baseline (mean, two standard errors, photos better).
     CompareError where they were measured differently, or of other photos."""
+    if unknown := [m for m in metrics if m not in BY_NAME]:  # (first: `ev1 --metrics psnr ev2` took ev2 for one)
+        paths = [m for m in unknown if Path(m).exists()]
+        raise CompareError(f"unknown metric(s) {', '.join(unknown)}: choose from {', '.join(BY_NAME)}" + (
+            f" ({', '.join(paths)}: an evaluation? give the evaluations before --metrics)" if paths else ""))
     if len(results) < 2:
         raise CompareError("compare needs two evaluations or more (the first is the baseline)")
     paths = [(p / METRICS_JSON if p.is_dir() else p).resolve() for p in (Path(r["meta"]["path"]) for r in results)]
     if twice := sorted({r["meta"]["path"] for r, p in zip(results, paths) if paths.count(p) > 1}):
         raise CompareError(f"{', '.join(twice)} given twice: compare sets different evaluations side by side")
-    if unknown := [m for m in metrics if m not in BY_NAME]:
-        raise CompareError(f"unknown metric(s) {', '.join(unknown)}: choose from {', '.join(BY_NAME)}")
     for key, what in SAME.items():
         if key == "psnr_b" and "psnr_b" not in metrics:
             continue  # (the other metrics' numbers do not depend on it)
