@@ -233,7 +233,8 @@ def restore_arguments(p: argparse.ArgumentParser) -> None:
                         "(a.jpg, a.png -> a.jpg.png, a.png.png). For one image, a file name with an image suffix "
                         "(photo.png, photo.jpg, ...) is the output file, in that suffix's format")
     add_restorer_args(p)
-    p.add_argument("--tile-pad", "--tile_pad", dest="tile_pad", type=int, default=argparse.SUPPRESS, metavar="P",
+    p.add_argument("--tile-pad", "--tile_pad", dest="tile_pad", type=at_least(0), default=argparse.SUPPRESS,
+                   metavar="P",
                    help="Real-ESRGAN's tile padding: P pixels of context on each side of a tile; here the same as "
                         "--overlap 2P (neighbouring tiles share 2P pixels, blended linearly)")
     formats = [*OUTPUT_FORMATS, SAME_FORMAT]

@@ -80,3 +80,37 @@ def test_compare_names_an_evaluation_taken_for_a_metric(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"unknown metric(s) {ev2}: choose from psnr" in err and "give the evaluations before --metrics" in err, err
     assert main(["compare", ev1, "--metrics", "psnr", "--", ev2]) == 0
+
+
+def test_a_failed_write_names_the_file_not_its_temp(tmp_path):
+    """`compare ... -o /proc/c.md` said "/proc/.c.md.tmp4014": the hidden temp file atomic_write_bytes opens."""
+    from dist_dejpeg.run.files import atomic_write_bytes
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError) as caught:
+        atomic_write_bytes(tmp_path / "file" / "c.md", b"x")  # (its folder is a file: any user, root too)
+    assert caught.value.filename == str(tmp_path / "file" / "c.md"), caught.value
+
+
+def test_bench_help_shows_real_defaults_only():
+    """Benchmarks' help said "(default: None)" for required flags, "(default: False)" for switches, and
+    `bench quality --every` "(default: the run's steps // 15) (default: None)"."""
+    for name, parser in build_parser().commands["bench"].benchmarks.items():
+        text = " ".join(parser.format_help().split())
+        assert "(default: None)" not in text and "(default: False)" not in text, name
+    quality = " ".join(build_parser().commands["bench"].benchmarks["quality"].format_help().split())
+    assert "every N global steps (default: the run's steps // 15) --targets" in quality, quality
+
+
+def test_tile_pad_is_refused_below_zero(capsys):
+    """`restore --tile-pad -4` said "overlap ... got -8", a number never typed."""
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(["restore", "a.jpg", "-o", "o", "--model", "m", "--tile-pad", "-4"])
+    assert caught.value.code == 2 and "--tile-pad/--tile_pad: a whole number >= 0, not '-4'" in capsys.readouterr().err
+
+
+def test_a_run_given_twice_is_shown_once(tmp_path, capsys):
+    """`status runA runA` (or runA by two names) printed it twice."""
+    run = tmp_path / "runA"
+    assert main(["status", str(run), str(tmp_path / "x" / ".." / "runA")]) == 2
+    assert capsys.readouterr().err.count("no such folder") == 1

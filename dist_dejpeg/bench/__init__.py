@@ -19,7 +19,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from dist_dejpeg.cli_args import at_least
+from dist_dejpeg.cli_args import HelpFormatter, at_least  # (HelpFormatter: a flag's default after its help, if any)
 
 # `dist-dejpeg bench --help`: what the command does for a user (argparse lists the benchmarks below it)
 DESCRIPTION = """\
@@ -49,10 +49,6 @@ BENCHMARKS = {
     "all": ("dist_dejpeg.bench.suite", "train, data, infer and scaling in a row, and the scaling model"),
     "gpu-check": ("dist_dejpeg.bench.gpu_check", "every GPU path in one command, on a GPU machine without network"),
 }
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Each flag's default after its help; the module docstring (its commands) as written."""
 
 
 # the benchmarks' counts and the least each takes (negative steps wrote negative images/s into the results; zero

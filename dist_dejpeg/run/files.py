@@ -93,9 +93,10 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None,
             vet(path)
         os.replace(tmp, path)
     except BaseException as err:
-        tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no temp file behind
-        if isinstance(err, OSError) and err.filename is None:
-            err.filename = str(path)  # a write's ENOSPC names no file: name the one being written
+        with contextlib.suppress(OSError):  # (none made: its folder a file; the error said is the write's)
+            tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no temp file behind
+        if isinstance(err, OSError) and str(err.filename) in ("None", str(tmp)) and err.filename2 is None:
+            err.filename = str(path)  # a write's ENOSPC names no file, an open the hidden temp: name the one written
         raise
 
 

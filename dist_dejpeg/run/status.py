@@ -289,13 +289,16 @@ def is_evaluate_folder(path: Path) -> bool:
 
 def find_runs(paths: list[str]) -> list[Path]:
     """The folders ``status`` reports on: each path given, where a folder that is no run but holds runs (a
-    sweep's ``runs/``) stands for the runs directly inside it, by name."""
+    sweep's ``runs/``) stands for the runs directly inside it, by name; each folder once, where first given."""
     found = []
     for path in map(Path, paths):
         inside = sorted(p for p in path.iterdir() if p.is_dir() and is_run_folder(p)) if (
             path.is_dir() and not is_run_folder(path) and not (path / TRAINER_STATE).is_file()) else []
         found += inside or [path]
-    return found
+    unique: dict[Path, Path] = {}
+    for path in found:  # (one given twice, or by two names: once)
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 # -- the whole picture --------------------------------------------------------------------------------------
