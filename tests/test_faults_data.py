@@ -318,3 +318,61 @@ def test_a_shard_cut_short_or_gone_since_prepare_is_warned_of_by_name(tmp_path, 
     with caplog.at_level(logging.INFO):
         check_train_tiles(cfg, 1)
     assert any("manifest.json does not read" in r.getMessage() for r in caplog.records), caplog.records
+
+
+# -- one bad shard among many, whole shards to each slot --------------------------------------------------------
+def nine_shards(folder, write_tar, bad: str | None) -> list[str]:
+    """Nine shards of two 48 px tiles, the last one ``bad``: "empty" (a valid tar of no sample), "zero" (0 bytes)
+    or "small" (tiles under the crop); as many as the nine slots below, so each slot reads whole shards."""
+    tiles = good_tiles()
+    paths = [str(write_tar(folder / f"train-{i:06d}.tar", [(f"s{i}_{j}", {"png": png(tiles[(i + j) % N_GOOD])})
+                                                            for j in range(2)])) for i in range(8)]
+    last = folder / "train-000008.tar"
+    if bad == "zero":
+        last.write_bytes(b"")
+    elif bad is not None:
+        small = png(np.full((16, 16, 3), 9, np.uint8))
+        write_tar(last, [] if bad == "empty" else [("tiny0", {"png": small}), ("tiny1", {"png": small})])
+    return paths + [str(last)]
+
+
+@pytest.mark.parametrize("bad", ["empty", "zero", "small"])
+def test_a_slot_dealt_only_a_bad_shard_goes_on_with_the_next_epoch(tmp_path, write_tar, bad, caplog):
+    """9 shards, 9 slots (a 64-GPU run's slots each get one or two whole shards a pass): the epochs in which a
+    slot's only shard is bad are counted as bad data and skipped, where they stopped the run ("got no samples")."""
+    shards = nine_shards(tmp_path, write_tar, bad)
+    per_slot, bad_tar = [], 0
+    for slot in range(9):
+        stream = ShardStream(shards, CROP, (10, 90), rank=slot, world=9, epochs=3, shuffle_buffer=0,
+                             max_bad_samples=2)
+        epochs = [int(s["_epoch"]) for s in stream]
+        per_slot.append(len(epochs))
+        bad_tar += int(stream.skipped[0, SKIP_REASONS.index("bad_tar")])
+        assert epochs == sorted(epochs)
+    assert sum(per_slot) == 3 * 16  # each good sample once a pass, and no slot stopped
+    assert bad_tar == (3 if bad != "small" else 0)  # the empty tar met once a pass, as an unreadable one is
+    assert "got no usable sample in epoch" in caplog.text and "train-000008.tar" in caplog.text
+
+
+def test_every_shard_bad_still_stops_once_a_slot_was_dealt_them_all(tmp_path, write_tar):
+    """Skipping a slot's empty epochs ends: when its epochs in a row without a sample have dealt it every shard."""
+    from dist_dejpeg.data.verify import TooFewSamples
+
+    shards = [str(write_tar(tmp_path / f"train-{i:06d}.tar", [])) for i in range(3)]
+    stream = ShardStream(shards, CROP, (10, 90), rank=1, world=3, shuffle_buffer=0)
+    with pytest.raises(TooFewSamples, match=r"slot 1 of 3 got no samples in epoch \d+ \(nor from any other shard"
+                                            r".*no samples in .*an empty tar"):
+        next(iter(stream))
+
+
+def test_a_slot_resumes_exactly_after_an_epoch_it_skipped(tmp_path, write_tar):
+    """The skipped epochs depend only on the seed and the shards: a slot resumed from a saved position gives the
+    samples the uninterrupted stream gives."""
+    shards = nine_shards(tmp_path, write_tar, "zero")
+    slot = next(s for s in range(9) if ShardStream(shards, CROP, (10, 90))._dealt(0, s, 9) == [shards[-1]])
+    run = [(int(s["_epoch"]), int(s["_next"]), digest(s["clean"].numpy()))
+           for s in ShardStream(shards, CROP, (10, 90), rank=slot, world=9, epochs=4, shuffle_buffer=0)]
+    assert run[0][0] > 0  # epoch 0 skipped
+    resumed = ShardStream(shards, CROP, (10, 90), rank=slot, world=9, epochs=4, shuffle_buffer=0)
+    resumed.start = {0: run[1][:2]}
+    assert [(int(s["_epoch"]), int(s["_next"]), digest(s["clean"].numpy())) for s in resumed] == run[2:]

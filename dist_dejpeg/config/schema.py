@@ -37,7 +37,7 @@ class DataConfig:
     rot90: bool = False  # augmentation: besides the horizontal mirror, turn each training crop by a random multiple of 90 degrees (before the JPEG degradation)
     channel_shuffle: float = 0.0  # augmentation: the share of training crops whose R, G, B planes are put in a random order (before the JPEG degradation); 0..1
     shuffle_buffer: int = 256  # samples held in each worker's shuffle buffer
-    max_bad_samples: int = 100  # bad training samples (undecodable, too small, no image) tolerated in one pass over the data; one more stops the run with the count (torch: per process, as met; DALI: all shards, checked at start); -1: no limit
+    max_bad_samples: int = 100  # bad training samples (undecodable, too small, no image; an unreadable or empty shard counts one) tolerated in one pass over the data; one more stops the run with the count (torch: per process, as met; DALI: all shards, checked at start); -1: no limit
     val_crop: int = 256  # fixed centre crop of each validation tile
     val_qualities: List[int] = field(default_factory=lambda: [10, 20, 40])  # validation JPEG qualities
     val_max_images: int = 0  # cap on validation tiles (0: all)

@@ -12,6 +12,7 @@ mtime stay, so a shard is not scanned again every epoch, and a shard rewritten d
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tarfile
@@ -28,6 +29,7 @@ _STOPS: dict[str, tuple] = {}  # shard -> (stamp, tar_stops_early's reason)
 _INDEX: dict[str, tuple] = {}  # shard -> (stamp, samples, reason)
 
 Samples = list[tuple[str, list[tuple[str, int, int]]]]  # (key, [(extension, data offset, size)]) in tar order
+EMPTY = "no samples in it"  # shard_samples' reason for a tar that reads to its end and holds no sample (``empty``)
 
 
 def _stamp(shard: str) -> tuple[int, int]:
@@ -87,10 +89,11 @@ def shard_index(shard: str) -> tuple[Samples, str | None]:
     return samples, broken
 
 
-def shard_samples(shards: list[str], report: Callable[[str, str], None]) -> Iterator[dict]:
+def shard_samples(shards: list[str], report: Callable[[str, str], None], empty: bool = False) -> Iterator[dict]:
     """The samples of ``shards``, in order; ``report(shard, reason)`` once for a shard not read to its end: a cut-off
     or corrupt tar (webdataset raises for it, twice: for the member, then for the file; its other samples are
-    read), one whose corrupt header tarfile takes for its end (stops_early, checked after it), or one gone."""
+    read), one whose corrupt header tarfile takes for its end (stops_early, checked after it), or one gone;
+    ``empty``: also for one read to its end that held no sample (reason EMPTY)."""
     for shard in shards:
         if (early := stops_early(shard)) and early.endswith(": not read"):  # a member webdataset would read whole
             yield from dealt_samples([shard], 1, 0, report)  # (sparse, or over MAX_FILE_BYTES): the samples before
@@ -101,12 +104,16 @@ def shard_samples(shards: list[str], report: Callable[[str, str], None]) -> Iter
             errors.append(err)
             return True
 
-        yield from (sample for sample in wds.tariterators.tarfile_samples([{"url": shard}], handler=handler) if sample)
+        count = 0
+        for sample in wds.tariterators.tarfile_samples([{"url": shard}], handler=handler):
+            if sample:
+                count += 1
+                yield sample
         # (webdataset's message ends " @ <the file object>": the shard is named already)
         reason = (f"{type(errors[0]).__name__}: {str(errors[0]).split(' @ ')[0][:200]}" if errors
                   else stops_early(shard))
-        if reason:
-            report(shard, reason)
+        if reason or (empty and not count):
+            report(shard, reason or EMPTY)
 
 
 def dealt_samples(shards: list[str], every: int, slot: int, report: Callable[[str, str], None]) -> Iterator[dict]:
@@ -137,3 +144,24 @@ def shard_keys(path: str) -> list[str]:
     for sample in wds.tariterators.tarfile_samples([{"url": path}]):
         keys.append(sample["__key__"])
     return keys
+
+
+def legacy_shard_list_digest(shards: list[str]) -> str:
+    """The digest loader states held before 2026-12-07 (names and sizes): a run saved then resumes exactly."""
+    digest = hashlib.sha256()
+    for shard in sorted(shards):
+        digest.update(f"{os.path.basename(shard)}\0{os.path.getsize(shard)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def shard_list_digest(shards: list[str]) -> str:
+    """The shards' names, sizes and first samples (models.names.shard_fingerprint), not their folder (a copy
+    elsewhere resumes exactly): which samples each stream position holds depends on them, so a resume checks them.
+    Sizes alone did not tell a set prepared again (another --seed, other photos of as many tiles: raw tiles all
+    have one size) from the one the run trained on."""
+    from dist_dejpeg.models.names import shard_fingerprint
+
+    digest = hashlib.sha256()
+    for shard in sorted(shards):
+        digest.update(f"{os.path.basename(shard)}\0{shard_fingerprint(shard)}\n".encode())
+    return digest.hexdigest()[:16]

@@ -30,7 +30,6 @@ and validation alike, and by the DALI loader too (data/dali.py); prepare writes 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import queue
@@ -45,34 +44,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_dejpeg.data.images import BadImage, center_crop, decode_component, image_bytes, jpeg_roundtrip
 from dist_dejpeg.data.contract import draw_quality, to_device
-from dist_dejpeg.data.reading import dealt_samples, shard_samples
+from dist_dejpeg.data.reading import (EMPTY, dealt_samples, legacy_shard_list_digest, shard_list_digest,  # noqa: F401
+                                      shard_samples)
 from dist_dejpeg.data.verify import EXAMPLES, SKIP_REASONS, TooFewSamples, over_limit, too_many
 from dist_dejpeg.data.workers import ignore_stop_signals, stop_cleanly
 
 log = logging.getLogger(__name__)
 
 _MAX_WARNINGS = 20  # per slot; counts keep going after the log stops
-
-
-def legacy_shard_list_digest(shards: list[str]) -> str:
-    """The digest loader states held before 2026-12-07 (names and sizes): a run saved then resumes exactly."""
-    digest = hashlib.sha256()
-    for shard in sorted(shards):
-        digest.update(f"{os.path.basename(shard)}\0{os.path.getsize(shard)}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def shard_list_digest(shards: list[str]) -> str:
-    """The shards' names, sizes and first samples (models.names.shard_fingerprint), not their folder (a copy
-    elsewhere resumes exactly): which samples each stream position holds depends on them, so a resume checks them.
-    Sizes alone did not tell a set prepared again (another --seed, other photos of as many tiles: raw tiles all
-    have one size) from the one the run trained on."""
-    from dist_dejpeg.models.names import shard_fingerprint
-
-    digest = hashlib.sha256()
-    for shard in sorted(shards):
-        digest.update(f"{os.path.basename(shard)}\0{shard_fingerprint(shard)}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 class ShardStream(IterableDataset):
@@ -104,19 +83,21 @@ class ShardStream(IterableDataset):
         self.examples: list[str] = []  # this process's first reasons, quoted when the limit stops the run
 
     # -- the raw (undecoded) stream of one slot in one epoch -------------------------------------------
-    def _epoch_raw(self, epoch: int, slot: int, n_slots: int, row: int) -> Iterator[dict]:
+    def _dealt(self, epoch: int, slot: int, n_slots: int) -> list[str]:
+        """The shards ``slot`` reads in ``epoch``: whole ones, or (fewer shards than slots) all, sample by sample."""
         shards = list(self.shards)
         random.Random(f"{self.seed}-shards-{epoch}").shuffle(shards)
-        every = 1
-        if len(shards) >= n_slots:
-            shards = shards[slot::n_slots]
-        else:
-            every = n_slots
+        return shards[slot::n_slots] if len(shards) >= n_slots else shards
 
-        def report(shard: str, reason: str) -> None:
-            self._count(row, "bad_tar", f"unreadable tar data in {shard} ({reason})")
+    def _epoch_raw(self, epoch: int, slot: int, n_slots: int, row: int) -> Iterator[dict]:
+        shards = self._dealt(epoch, slot, n_slots)
 
-        raw = shard_samples(shards, report) if every == 1 else dealt_samples(shards, every, slot, report)
+        def report(shard: str, reason: str) -> None:  # (an empty tar is bad data too: whole shards, a slot's only one)
+            self._count(row, "bad_tar", f"no samples in {shard} (an empty tar)" if reason == EMPTY
+                        else f"unreadable tar data in {shard} ({reason})")
+
+        whole = len(self.shards) >= n_slots
+        raw = shard_samples(shards, report, empty=True) if whole else dealt_samples(shards, n_slots, slot, report)
         rng = random.Random(f"{self.seed}-buffer-{epoch}-{slot}")
         return wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 64), rng=rng)(iter(raw))
 
@@ -171,6 +152,7 @@ class ShardStream(IterableDataset):
         local = (worker + self.rotation) % self.n_local
         slot, n_slots = self.rank * self.n_local + local, self.world * self.n_local
         epoch, skip = self.start.get(local, (0, 0))
+        dry: set[str] = set()  # the shards of the slot's latest epochs in a row that gave it no sample
         while self.epochs is None or epoch < self.epochs:
             seen = made = 0
             self.epoch_bad[worker] = torch.tensor([epoch, 0])
@@ -183,15 +165,32 @@ class ShardStream(IterableDataset):
                     made += 1
                     sample.update(_slot=local, _epoch=epoch, _next=pos + 1)
                     yield sample
-            if seen == 0:
-                why = (f"its shards could not be read (e.g. {self.examples[-1]})" if self.epoch_bad[worker, 1]
-                       else f"fewer samples than ranks x workers ({len(self.shards)} shards)")
-                raise TooFewSamples(f"data slot {slot} of {n_slots} got no samples in epoch {epoch}: {why}")
-            if made == 0 and seen > skip:  # every sample it tried was skipped: the next epoch would be the same
-                counts = dict(zip(SKIP_REASONS, (int(c) for c in self.skipped[worker].tolist())))
-                raise TooFewSamples(f"data slot {slot} of {n_slots}: all {seen - skip} samples of epoch {epoch} were "
-                                   f"skipped ({counts}); e.g. tiles smaller than the {self.crop} px crop")
+            if made == 0 and (seen == 0 or seen > skip):
+                self._no_samples(epoch, slot, n_slots, seen - skip, worker, dry)
+            else:
+                dry.clear()
             epoch, skip = epoch + 1, 0
+
+    def _no_samples(self, epoch: int, slot: int, n_slots: int, tried: int, row: int, dry: set[str]) -> None:
+        """Slot ``slot`` made no sample in ``epoch`` (``tried``: how many it skipped; <= 0: it read none). Whole
+        shards: the next epoch deals it others (its bad ones counted as they were met, against
+        data.max_bad_samples), so it goes on, deterministically (exact resume holds), until its epochs in a row
+        without a sample have dealt it every shard (``dry``). Shared shards: every epoch, as fewer samples than
+        slots, or every one bad, would be the same."""
+        dealt = self._dealt(epoch, slot, n_slots)
+        dry.update(dealt)
+        if len(dry) < len(self.shards):
+            log.warning("data slot %d of %d got no usable sample in epoch %d from %s (bad data, counted): going on "
+                        "with epoch %d", slot, n_slots, epoch, ", ".join(map(os.path.basename, dealt)), epoch + 1)
+            return
+        if tried <= 0:
+            why = (f"its shards could not be read (e.g. {self.examples[-1]})" if self.epoch_bad[row, 1]
+                   else f"fewer samples than ranks x workers ({len(self.shards)} shards)")
+            since = "" if len(dealt) == len(self.shards) else " (nor from any other shard in the epochs before it)"
+            raise TooFewSamples(f"data slot {slot} of {n_slots} got no samples in epoch {epoch}{since}: {why}")
+        counts = dict(zip(SKIP_REASONS, (int(c) for c in self.skipped[row].tolist())))
+        raise TooFewSamples(f"data slot {slot} of {n_slots}: all {tried} samples of epoch {epoch} were "
+                            f"skipped ({counts}); e.g. tiles smaller than the {self.crop} px crop")
 
 
 class TorchLoader:
