@@ -187,6 +187,39 @@ def test_list_shards_sorted_and_absolute_pattern(sample_shards):
         (sample_shards / "train-000000.scan.json").unlink()
 
 
+def test_list_shards_double_star_reaches_any_depth(tmp_path):
+    """``**`` in data.train_glob matched one folder level only (glob without recursive=True)."""
+    for sub in ("", "a", "a/b", "a/b/c"):
+        (tmp_path / sub).mkdir(parents=True, exist_ok=True)
+        (tmp_path / sub / "train-000000.tar").write_bytes(b"x")
+    assert len(list_shards(tmp_path, "**/train-*.tar")) == 4
+
+
+def test_list_shards_expands_braces(tmp_path):
+    """webdataset's usual ``train-{000000..000002}.tar``: the shards it names, not "no shards match"."""
+    for i in range(4):
+        (tmp_path / f"train-{i:06d}.tar").write_bytes(b"x")
+    assert [Path(p).name for p in list_shards(tmp_path, "train-{000000..000002}.tar")] == [
+        f"train-{i:06d}.tar" for i in range(3)]
+    assert len(list_shards(tmp_path, "train-{000001,000003}.tar")) == 2
+    with pytest.raises(FileNotFoundError, match="no shards match"):  # a lone brace: taken literally
+        list_shards(tmp_path, "train-{0.tar")
+
+
+def test_list_shards_names_a_broken_link_and_a_second_name_of_a_shard(tmp_path, caplog):
+    """A broken symbolic link the glob matches was left out without a word, and a link to a shard already matched
+    doubled its samples without one: both are warned of by name, once a process."""
+    for i in range(2):
+        (tmp_path / f"train-00000{i}.tar").write_bytes(b"x")
+    os.symlink(tmp_path / "gone.tar", tmp_path / "train-000002.tar")
+    os.symlink(tmp_path / "train-000000.tar", tmp_path / "train-000003.tar")
+    for _ in range(2):
+        assert len(list_shards(tmp_path, "train-*.tar")) == 3
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 2, said
+    assert "train-000002.tar is a broken symbolic link" in said[0] and "gone.tar" in said[0]
+    assert "train-000003.tar and " in said[1] and "train-000000.tar are one file" in said[1]
+
 def test_validation_tiles_do_not_overlap(sample_shards):
     """README: "val: no overlap". Each validation photo is cut into whole, disjoint tiles (the strip past the last
     whole tile left out): a tile flush with the edge repeated most of its neighbour, counted twice in every

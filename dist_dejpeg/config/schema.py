@@ -16,7 +16,7 @@ PHASE_KINDS = ("gen", "critic", "gan")
 @dataclass
 class DataConfig:
     root: str = "data/samples"  # folder that holds the shards (train-*.tar, val-*.tar, manifest.json)
-    train_glob: str = "train-*.tar"  # training shards inside root (glob)
+    train_glob: str = "train-*.tar"  # training shards inside root (glob: ** any depth of folders; braces expanded, train-{000000..000099}.tar)
     val_glob: str = "val-*.tar"  # validation shards inside root (glob)
     auto_prepare: str = "none"  # "samples": write the bundled sample shards into root if it holds none
     backend: str = "auto"  # loader: "dali", "torch" (webdataset + PIL workers), "auto" (DALI if installed)

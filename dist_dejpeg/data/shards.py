@@ -19,7 +19,6 @@ loader in benchmarks/results/data.md, at about 1.8x PNG's disk size), "png", "jp
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import logging
@@ -36,6 +35,7 @@ import webdataset as wds
 
 from dist_dejpeg.data.images import BadImage, decode_rgb8, encode_tile, halve
 from dist_dejpeg.data.index import write_indexes
+from dist_dejpeg.data.listing import list_shards  # noqa: F401 (where callers import it from)
 from dist_dejpeg.run.lock import writing_into
 from dist_dejpeg.run.pool import map_in_order
 from dist_dejpeg.data.jpeg_sources import JpegFile, jpeg_treatment, warn_jpeg_sources
@@ -362,24 +362,6 @@ def samples_stale(root: str | Path) -> bool:
         return False
     have = set(manifest.get("sources", {})) | {r.get("source") for r in manifest.get("rejected", [])}
     return have != set(SAMPLE_TRAIN) | set(SAMPLE_VAL)
-
-
-# beside the shards, and none: DALI's index files, scan records, the manifest (data.train_glob=train-* took them)
-SIDECARS = (".idx", ".json")
-
-
-def list_shards(root: str | Path, pattern: str) -> list[str]:
-    """Shard files matching ``pattern`` (a glob, relative to ``root`` unless absolute: ``root`` itself is taken
-    literally, so a folder named ``set[1]`` works; SIDECARS left out), sorted. Matching nothing is an error that
-    names the pattern."""
-    absolute = os.path.isabs(pattern)
-    full = pattern if absolute else os.path.join(str(root), pattern)
-    found = sorted(p for p in glob.glob(pattern if absolute else os.path.join(glob.escape(str(root)), pattern))
-                   if os.path.isfile(p) and not p.lower().endswith(SIDECARS))
-    if not found:
-        raise FileNotFoundError(f"no shards match '{full}' (set data.root / data.train_glob / data.val_glob, "
-                                f"or write shards with `dist-dejpeg prepare`)")
-    return found
 
 
 def read_manifest(root: str | Path) -> dict | None:
