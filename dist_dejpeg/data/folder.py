@@ -246,7 +246,8 @@ def held_out(names: list[str], key: dict[str, str], rank: dict[str, float], frac
         if drop in was:
             notes.append(f"{', '.join(n for n in names if key[n] == drop)} validated before and now trains (at "
                          f"least one photo trains)")
-    return {n for n in names if key[n] in held}, notes
+    held_out_groups = set(held)  # (a list: one scan per photo, 3.8 s for 48,000 photos)
+    return {n for n in names if key[n] in held_out_groups}, notes
 
 
 SPLIT_SETTINGS = ("seed", "val_fraction")  # manifest.json's keys of a folder's split (earlier_splits compares them)
