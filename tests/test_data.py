@@ -1974,3 +1974,14 @@ def test_prepare_folder_split_looks_each_photo_up_once(tmp_path):
     assert 100 < len(val) < 300
     assert compared[0] < len(names), compared[0]  # the list: ~200 x 2000 / 2
 
+
+def test_a_shard_deleted_after_listing_is_skipped_as_bad_data(sample_shards, tmp_path):
+    """A shard gone between listing and building the stream (a purged scratch folder): counted and skipped as a
+    shard gone mid-run is, not a raw FileNotFoundError from the shard-list digest."""
+    for p in train_shards(sample_shards)[:2]:
+        (tmp_path / Path(p).name).write_bytes(Path(p).read_bytes())
+    shards = train_shards(tmp_path)
+    os.remove(shards[1])
+    stream = ShardStream(shards, 32, (10, 90), epochs=1, shuffle_buffer=0)
+    assert len(list(stream)) == len(all_keys(shards[:1]))
+    assert stream.skipped[0, SKIP_REASONS.index("bad_tar")] == 1

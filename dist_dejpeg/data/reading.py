@@ -13,6 +13,7 @@ mtime stay, so a shard is not scanned again every epoch, and a shard rewritten d
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import tarfile
@@ -23,6 +24,8 @@ from webdataset.tariterators import base_plus_ext
 
 from dist_dejpeg.data.verify import tar_stops_early, unread_tail
 from dist_dejpeg.jpeg.formats import too_big
+
+log = logging.getLogger(__name__)
 
 _META = re.compile(r"__[^/]*__($|/)")  # members webdataset skips
 _STOPS: dict[str, tuple] = {}  # shard -> (stamp, tar_stops_early's reason)
@@ -150,7 +153,11 @@ def legacy_shard_list_digest(shards: list[str]) -> str:
     """The digest loader states held before 2026-12-07 (names and sizes): a run saved then resumes exactly."""
     digest = hashlib.sha256()
     for shard in sorted(shards):
-        digest.update(f"{os.path.basename(shard)}\0{os.path.getsize(shard)}\n".encode())
+        try:
+            size = os.path.getsize(shard)
+        except OSError:  # (gone: see shard_list_digest)
+            size = -1
+        digest.update(f"{os.path.basename(shard)}\0{size}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -163,5 +170,11 @@ def shard_list_digest(shards: list[str]) -> str:
 
     digest = hashlib.sha256()
     for shard in sorted(shards):
-        digest.update(f"{os.path.basename(shard)}\0{shard_fingerprint(shard)}\n".encode())
+        try:
+            fingerprint = shard_fingerprint(shard)
+        except OSError as err:  # gone since it was listed: its samples are skipped and counted, as one gone mid-run
+            fingerprint = "unreadable"
+            log.warning("training shard %s cannot be read (%s): its samples are skipped as bad data", shard,
+                        _unreadable(err))
+        digest.update(f"{os.path.basename(shard)}\0{fingerprint}\n".encode())
     return digest.hexdigest()[:16]
