@@ -376,3 +376,23 @@ def test_a_slot_resumes_exactly_after_an_epoch_it_skipped(tmp_path, write_tar):
     resumed = ShardStream(shards, CROP, (10, 90), rank=slot, world=9, epochs=4, shuffle_buffer=0)
     resumed.start = {0: run[1][:2]}
     assert [(int(s["_epoch"]), int(s["_next"]), digest(s["clean"].numpy())) for s in resumed] == run[2:]
+
+
+def test_dali_leaves_out_an_empty_tar_whose_index_file_is_current(tmp_path, write_tar, monkeypatch):
+    """An empty (valid) tar among shards whose index files are all present and current: no bad sample, so the
+    index files were used as they are, the empty one included, which DALI refuses. It is left out, as a shard
+    whose samples are all bad is. (The loader is built without DALI: no pipeline is run.)"""
+    import os
+
+    from dist_dejpeg.data import dali
+
+    monkeypatch.setattr(dali, "HAVE_DALI", True)
+    tiles = good_tiles()
+    shards = [str(write_tar(tmp_path / "train-000000.tar", [(f"g{i}", {"png": png(t)}) for i, t in enumerate(tiles)])),
+              str(write_tar(tmp_path / "train-000001.tar", []))]
+    for shard in shards:
+        idx = tmp_path / (os.path.basename(shard)[:-4] + ".idx")
+        idx.write_text("v1.2 0\n")
+        os.utime(idx, ns=(os.stat(shard).st_mtime_ns + 10**9,) * 2)
+    loader = dali.DaliLoader(shards, CROP, (10, 90), 2)
+    assert loader.shards == shards[:1] and len(loader.index_paths) == 1

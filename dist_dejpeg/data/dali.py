@@ -197,7 +197,7 @@ class DaliLoader:
         if usable.bad:  # (every rank scans every shard: rank 0 says it)
             (log.warning if self.rank == 0 else log.debug)("DALI loader: leaving out %d bad samples %s; e.g. %s",
                                                            usable.bad, usable.counts, "; ".join(usable.examples[:3]))
-        if usable.bad or self.index_paths is None:
+        if usable.bad or self.index_paths is None or not all(usable.samples.values()):  # (an empty tar: left out)
             folder = Path(tempfile.mkdtemp(prefix="dist-dejpeg-idx-"))
             weakref.finalize(self, shutil.rmtree, folder, True)
             self.shards = [s for s in self.shards if usable.samples[s]]  # DALI refuses an empty index
