@@ -180,8 +180,9 @@ class ShardStream(IterableDataset):
         dealt = self._dealt(epoch, slot, n_slots)
         dry.update(dealt)
         if len(dry) < len(self.shards):
-            log.warning("data slot %d of %d got no usable sample in epoch %d from %s (bad data, counted): going on "
-                        "with epoch %d", slot, n_slots, epoch, ", ".join(map(os.path.basename, dealt)), epoch + 1)
+            say = log.warning if int(self.skipped[row].sum()) <= _MAX_WARNINGS else log.debug  # (as _count's)
+            say("data slot %d of %d got no usable sample in epoch %d from %s (bad data, counted): going on with "
+                "epoch %d", slot, n_slots, epoch, ", ".join(map(os.path.basename, dealt)), epoch + 1)
             return
         if tried <= 0:
             why = (f"its shards could not be read (e.g. {self.examples[-1]})" if self.epoch_bad[row, 1]
