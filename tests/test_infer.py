@@ -1003,6 +1003,30 @@ def test_the_api_says_what_it_takes(tmp_path, model_file):
         check_output_dir(out)
 
 
+def test_every_input_the_api_cannot_restore_is_an_input_image_error():
+    """A service maps dist_dejpeg.restore.InputImageError (a ValueError) to HTTP 400: an animated PIL image was a
+    plain ValueError (its bytes an InputImageError: the same upload a 400 or a 500 by how it was given), as were an
+    array or tensor of another dtype or shape, NaN pixels and 0..255 floats; the class was not exported."""
+    from dist_dejpeg.restore import InputImageError
+    from dist_dejpeg.restore.images import InputImageError as defined
+
+    assert InputImageError is defined and issubclass(InputImageError, ValueError)
+    restorer = Restorer(Pointwise(), tile=0, guard=False)
+    gif = io.BytesIO()
+    _animated().save(gif, format="GIF", save_all=True)
+    for bad, match in ((_animated(), r"^an animated GIF \(2 frames\)"), (gif.getvalue(), r"^image: an animated GIF"),
+                       (np.zeros((8, 8, 3), np.float32), "expected uint8 pixels, got float32"),
+                       (np.zeros((8, 8, 4), np.uint8), r"expected H x W x 3 or H x W \(not empty\)"),
+                       (torch.zeros(3, 8, 8, dtype=torch.int32), "got torch.int32"),
+                       (torch.zeros(4, 8, 8), r"expected 3 x H x W or N x 3 x H x W"),
+                       (torch.full((3, 8, 8), float("nan")), "NaN or infinite"),
+                       (torch.full((3, 8, 8), 200.0), "divide them by 255")):
+        with pytest.raises(InputImageError, match=match):
+            restorer.restore(bad, 20)
+    with pytest.raises(TypeError):  # not a kind of input it takes: the caller's code, not the upload
+        restorer.restore({"image": b""})
+
+
 def test_a_generator_file_s_model_config_is_read_as_a_config_file_is(monkeypatch):
     """The metadata 'model' typed as config.yaml's keys are (a string "false" was a true keep_mean; "abc" a
     decoder_width blamed on timm), a key this version lacks refused (it was dropped: a newer model built as an

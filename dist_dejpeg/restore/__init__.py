@@ -9,9 +9,10 @@ exported model on onnxruntime, torch-free), ``files`` (folders and globs into an
     restorer = open_restorer("model.onnx", tile=512)   # OnnxRestorer: onnxruntime, torch never imported
     restorer = open_restorer("runs/debug")             # Restorer: PyTorch
     save_restored(restorer.restore("photo.jpg"), "photo.png")   # with the photo's ICC, EXIF, XMP
+    # an input it cannot restore (not an image, cut short, animated ...): InputImageError (a ValueError), saying why
 """
 
-__all__ = ["OnnxRestorer", "Restorer", "open_restorer", "save_restored"]
+__all__ = ["InputImageError", "OnnxRestorer", "Restorer", "open_restorer", "save_restored"]
 
 
 def __getattr__(name):  # lazy, as dist_dejpeg's: importing this package imports no torch (the ONNX path)
@@ -23,6 +24,10 @@ def __getattr__(name):  # lazy, as dist_dejpeg's: importing this package imports
         from dist_dejpeg.restore.onnx_backend import OnnxRestorer
 
         return OnnxRestorer
+    if name == "InputImageError":  # what restore raises for an input it cannot restore (a ValueError): HTTP 400
+        from dist_dejpeg.restore.images import InputImageError
+
+        return InputImageError
     raise AttributeError(f"module 'dist_dejpeg.restore' has no attribute {name!r}")
 
 

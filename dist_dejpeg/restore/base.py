@@ -26,8 +26,8 @@ from dist_dejpeg.jpeg.formats import is_animation
 from dist_dejpeg.jpeg.quality import PIXELS, earlier_compression, estimate_quality
 from dist_dejpeg.models.names import CONFORMED_KEYS, GAIN_KEYS, JPEG_PSNR, read_gains
 from dist_dejpeg.restore.guard import Decision, decide, exact_blocks
-from dist_dejpeg.restore.images import (BYTES_GONE, cells_for, check_depth, decode_error, file_cells, held_bytes,
-                                        join_image, load_image, made_consistent, split_image, to_gray)
+from dist_dejpeg.restore.images import (BYTES_GONE, InputImageError, cells_for, check_depth, decode_error, file_cells,
+                                        held_bytes, join_image, load_image, made_consistent, split_image, to_gray)
 from dist_dejpeg.restore.metadata import jpeg_notes, output_dpi, output_metadata, output_xmp
 from dist_dejpeg.restore.tiling import NUMPY, Arrays, restore_tiled
 
@@ -49,8 +49,8 @@ def tensor_batch(image) -> tuple[Any, bool]:
     """restore_tensor's input checked and made N x 3 x H x W, on its own device and in its own dtype: (batch,
     squeeze). No whole float32 copy of it: tiling converts each window as it cuts it (uint8: / 255) and each
     restored band is written straight into an output of the input's dtype (a 12 MP batch's float32 copies, in
-    and out, were 144 MB each). A ValueError for another dtype or shape, a NaN or an infinity, or float pixels
-    far outside 0..1 (0..255 given as floats): one read of the device for a float tensor."""
+    and out, were 144 MB each). An InputImageError (a ValueError) for another dtype or shape, a NaN or an infinity,
+    or float pixels far outside 0..1 (0..255 given as floats): one read of the device for a float tensor."""
     import torch  # the caller's own: it holds a tensor
 
     if not isinstance(image, torch.Tensor):
@@ -58,17 +58,17 @@ def tensor_batch(image) -> tuple[Any, bool]:
     x = image.detach()
     x = x.unsqueeze(0) if x.dim() == 3 else x
     if x.dim() != 4 or x.shape[1] != 3 or not (x.shape[2] and x.shape[3]):
-        raise ValueError(f"expected 3 x H x W or N x 3 x H x W (not empty), got {tuple(image.shape)}")
+        raise InputImageError(f"expected 3 x H x W or N x 3 x H x W (not empty), got {tuple(image.shape)}")
     if image.dtype == torch.uint8:
         return x, image.dim() == 3
     if not image.dtype.is_floating_point:
-        raise ValueError(f"expected uint8 (0..255) or float (0..1) pixels, got {image.dtype}")
+        raise InputImageError(f"expected uint8 (0..255) or float (0..1) pixels, got {image.dtype}")
     if x.numel():  # (in the input's dtype: float16's and bfloat16's values are exact in float32, so are these)
         bad, lo, hi = torch.stack([(~torch.isfinite(x)).any().float(), x.amin().float(), x.amax().float()]).tolist()
         if bad:
-            raise ValueError("the input holds NaN or infinite pixels")
+            raise InputImageError("the input holds NaN or infinite pixels")
         if lo < -0.5 or hi > 1.5:
-            raise ValueError(f"float pixels are 0..1, these span {lo:g}..{hi:g} (0..255 values? divide them by "
+            raise InputImageError(f"float pixels are 0..1, these span {lo:g}..{hi:g} (0..255 values? divide them by "
                              f"255, or give uint8)")
     return x, image.dim() == 3
 
@@ -238,11 +238,11 @@ class ImageRestorer:
         if not isinstance(rgb, np.ndarray):
             raise TypeError(f"restore_array takes a numpy array, not {type(rgb).__name__}")
         if rgb.dtype != np.uint8:
-            raise ValueError(f"expected uint8 pixels, got {rgb.dtype} (use restore_tensor for float images)")
+            raise InputImageError(f"expected uint8 pixels, got {rgb.dtype} (use restore_tensor for float images)")
         gray = rgb.ndim == 2
         rgb3 = np.repeat(rgb[..., None], 3, axis=2) if gray else rgb
         if rgb3.ndim != 3 or rgb3.shape[2] != 3 or not rgb3.size:
-            raise ValueError(f"expected H x W x 3 or H x W (not empty), got {rgb.shape}")
+            raise InputImageError(f"expected H x W x 3 or H x W (not empty), got {rgb.shape}")
         decision = self.last_decision = self.exact(self.decide(quality, source, conformed), rgb3)
         if decision.passthrough:
             return rgb.copy()
@@ -317,7 +317,10 @@ class ImageRestorer:
         and WebP files, ``comment=`` into JPEG; restore/images.save_image into PNG and TIFF too, and a JPEG's IPTC:
         jpeg_notes). A JPEG opened from its file is made consistent with the file's data, as ``restore`` makes it
         (images.made_consistent); an array's or tensor's is not (jpeg.consistency.conform does it, given the file), nor
-        a PIL image's loaded from a file object, whose bytes Pillow let go of (a warning: give the bytes)."""
+        a PIL image's loaded from a file object, whose bytes Pillow let go of (a warning: give the bytes).
+        An input that cannot be restored (not an image, cut short, animated, 16-bit, too large, an array or tensor of
+        another dtype or shape, ...) raises images.InputImageError (a ValueError; dist_dejpeg.restore exports it), its
+        message saying why: a service's HTTP 400. A TypeError: not a kind of input restore takes (the caller's code)."""
         read = None  # a file's cells, read as it was loaded
         if hasattr(image, "read"):  # a binary file object (an upload): its bytes, restored as its file
             image = file_bytes(image)
@@ -330,9 +333,9 @@ class ImageRestorer:
             return self.restore_tensor(image, quality)
         if isinstance(image, Image.Image):
             if is_animation(image):  # as load_image refuses the file
-                raise ValueError(f"an animated {image.format} ({image.n_frames} frames): restore writes one image, so "
-                                 f"all but the current frame would be lost; restore the frames one by one "
-                                 f"(image.seek(i), then image.copy())")
+                raise InputImageError(f"an animated {image.format} ({image.n_frames} frames): restore writes one "
+                                      f"image, so all but the current frame would be lost; restore the frames one by "
+                                      f"one (image.seek(i), then image.copy())")
             if not read:  # (a path's file: checked as it was loaded)
                 check_depth(image, getattr(image, "filename", "") or "image")
             held = None if read or getattr(image, "filename", "") else held_bytes(image)  # (gone once it loads)
