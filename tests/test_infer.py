@@ -1027,6 +1027,28 @@ def test_every_input_the_api_cannot_restore_is_an_input_image_error():
         restorer.restore({"image": b""})
 
 
+def test_loading_a_model_leaves_the_callers_random_streams_as_they_were(model_file):
+    """Building a Restorer drew from torch's global generator (the build random-initialises every weight before the
+    file's replace them): a caller's seeded torch.rand after it gave other numbers. A checkpoint folder's load
+    (from_file=False) builds the same way."""
+    import random
+
+    from safetensors.torch import load_file
+
+    from dist_dejpeg.models.generator_file import _build_and_load
+
+    def draws():
+        return torch.rand(4).tolist(), np.random.rand(2).tolist(), random.random()
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    expected = draws()
+    for load in (lambda: Restorer(model_file, device="cpu"),
+                 lambda: _build_and_load(ModelConfig(**TINY), load_file(str(model_file)), "x", from_file=False)):
+        torch.manual_seed(3), np.random.seed(3), random.seed(3)
+        load()
+        assert draws() == expected
+
+
 def test_a_generator_file_s_model_config_is_read_as_a_config_file_is(monkeypatch):
     """The metadata 'model' typed as config.yaml's keys are (a string "false" was a true keep_mean; "abc" a
     decoder_width blamed on timm), a key this version lacks refused (it was dropped: a newer model built as an

@@ -143,7 +143,8 @@ def _build_and_load(model_cfg: ModelConfig, state: dict, source: str, from_file:
                     resolved: dict | None = None) -> Generator:
     """Build the generator ``model_cfg`` describes (random-init encoder: the file holds every weight; an hf-hub: or
     local-dir: one from the file's ``resolved`` record where it has one without model_args: nothing fetched or read)
-    and load ``state`` strictly; an encoder this timm cannot build or weights that do not fit are a ModelFileError."""
+    and load ``state`` strictly; an encoder this timm cannot build or weights that do not fit are a ModelFileError.
+    The build's random init draws from a fork of torch's CPU generator: loading leaves the caller's stream as it was."""
     model_cfg = dataclasses.replace(model_cfg, pretrained=False, encoder_weights="")
     resolved = resolved if resolved and not resolved["model_args"] else None  # (model_args: from the source, as named)
     if from_file and not resolved and not trusted_encoder(model_cfg.encoder):  # (a stranger's file would have timm
@@ -151,7 +152,8 @@ def _build_and_load(model_cfg: ModelConfig, state: dict, source: str, from_file:
         raise ModelFileError(f"{source}: its encoder '{model_cfg.encoder}' is built from a Hugging Face repository it "
                              f"names, fetched: set {TRUST_ENCODER}=1 if you trust the file (not {OWN_HUB}...)")
     try:
-        generator = build_generator(model_cfg, resolved)
+        with torch.random.fork_rng(devices=[]):  # (every weight it draws is replaced by the state's below)
+            generator = build_generator(model_cfg, resolved)
     except Exception as err:  # noqa: BLE001 - timm raises RuntimeError / KeyError for unknown models
         import timm
 
