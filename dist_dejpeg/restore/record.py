@@ -10,7 +10,8 @@ earlier restore's output a search found, failed, not begun: the disk was full or
 ``quality`` and ``quality_from`` (given, file tables, pixels, or why unknown), ``reason`` (the guard's decision),
 ``error``, ``seconds``, ``model``, and what the restored pixels depend on beside the model and the photo: ``tile``,
 ``overlap`` (the generator's group norm and keep_mean act per tile: another tiling gives other pixels, a few levels
-apart; the same tiling gives the same, at any batch size and thread count), ``device`` and ``precision``. Its suffix
+apart; the same tiling gives the same, up to a level in a few pixels at another batch size or thread count: float
+rounding, oneDNN's kernels), ``device`` and ``precision``. Its suffix
 is no image's: a later search of the folder never reads it as one.
 
 The record is a side write: a line that cannot be written (a full disk, a quota) is logged once with its reason and
