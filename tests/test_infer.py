@@ -1027,6 +1027,22 @@ def test_every_input_the_api_cannot_restore_is_an_input_image_error():
         restorer.restore({"image": b""})
 
 
+def test_the_apis_too_large_refusal_names_the_apis_way_to_raise_the_limit():
+    """An upload over the pixel limit was refused with "raise it with --max-pixels", which Restorer.restore had no
+    argument for: restore takes max_pixels now, and its refusal names it (the command's still names its option)."""
+    restorer = Restorer(Pointwise(), tile=0, guard=False)
+    png = io.BytesIO()
+    Image.fromarray(_photo(10, 20)).save(png, format="PNG")
+    with pytest.raises(InputImageError, match=r"20 x 10 = 0.0002 megapixels is over the limit") as refused:
+        restorer.restore(png.getvalue(), 20, max_pixels=100)
+    assert str(refused.value).endswith("raise it with restore(..., max_pixels=N) (in pixels)")
+    assert restorer.restore(io.BytesIO(png.getvalue()), 20, max_pixels=200).size == (20, 10)
+    with pytest.raises(InputImageError, match=r"raise it with --max-pixels \(in pixels\)$"):
+        load_image(png.getvalue(), max_pixels=100)
+    with pytest.raises(ValueError, match="max_pixels must be a whole number"):
+        restorer.restore(png.getvalue(), max_pixels=0)
+
+
 def test_loading_a_model_leaves_the_callers_random_streams_as_they_were(model_file):
     """Building a Restorer drew from torch's global generator (the build random-initialises every weight before the
     file's replace them): a caller's seeded torch.rand after it gave other numbers. A checkpoint folder's load

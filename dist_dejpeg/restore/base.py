@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from dist_dejpeg.jpeg.consistency import JpegCells, conform
-from dist_dejpeg.jpeg.formats import is_animation
+from dist_dejpeg.jpeg.formats import DEFAULT_MAX_PIXELS, is_animation
 from dist_dejpeg.jpeg.quality import PIXELS, earlier_compression, estimate_quality
 from dist_dejpeg.models.names import CONFORMED_KEYS, GAIN_KEYS, JPEG_PSNR, read_gains
 from dist_dejpeg.restore.guard import Decision, decide, exact_blocks
@@ -306,7 +306,7 @@ class ImageRestorer:
         batch = x.cpu().numpy()
         return batch, batch, np.empty_like(batch), lambda out: torch.from_numpy(out).to(x.device, dtype)
 
-    def restore(self, image, quality: int | None = None):
+    def restore(self, image, quality: int | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS):
         """A PIL image (any mode; alpha kept, grayscale stays grayscale) or an image file's path, bytes or binary file
         object (an upload: a PIL image back; refused as ``restore`` refuses it: images.load_image), a uint8 numpy array
         (restore_array) or a torch tensor (restore_tensor), restored, in the same kind. ``quality`` None: a PIL image's
@@ -318,14 +318,18 @@ class ImageRestorer:
         jpeg_notes). A JPEG opened from its file is made consistent with the file's data, as ``restore`` makes it
         (images.made_consistent); an array's or tensor's is not (jpeg.consistency.conform does it, given the file), nor
         a PIL image's loaded from a file object, whose bytes Pillow let go of (a warning: give the bytes).
+        ``max_pixels``: a path's, bytes' or file object's limit (restore --max-pixels; checked from its header, before
+        decoding: decompression bombs); a PIL image's is Pillow's, as it opened it.
         An input that cannot be restored (not an image, cut short, animated, 16-bit, too large, an array or tensor of
         another dtype or shape, ...) raises images.InputImageError (a ValueError; dist_dejpeg.restore exports it), its
         message saying why: a service's HTTP 400. A TypeError: not a kind of input restore takes (the caller's code)."""
         read = None  # a file's cells, read as it was loaded
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
+            raise ValueError(f"max_pixels must be a whole number of pixels, at least 1, got {max_pixels!r}")
         if hasattr(image, "read"):  # a binary file object (an upload): its bytes, restored as its file
             image = file_bytes(image)
         if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
-            loaded = load_image(image, cells=self.consistent)
+            loaded = load_image(image, max_pixels, self.consistent, "restore(..., max_pixels=N)")
             image, read = loaded.image, (loaded.cells, loaded.cells_note)  # its quality: from its file, as Image.open's
         if isinstance(image, np.ndarray):
             return self.restore_array(image, quality)

@@ -108,19 +108,21 @@ def join_image(rgb: np.ndarray, alpha: np.ndarray | None = None, grayscale: bool
     return Image.fromarray(rgb, "RGB") if alpha is None else Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
 
 
-def load_image(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, cells: bool = True) -> LoadedImage:
+def load_image(path: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, cells: bool = True,
+               raise_with: str = "--max-pixels") -> LoadedImage:
     """Read ``path`` (or an image file's bytes: an upload, named "image") for restoration; every refusal is an
     InputImageError that says why. ``cells``: read a JPEG's quantization cells too (False: its restored image is
     kept as the model makes it; a sequential JPEG's coefficients still read, for jpeg.integrity's check). A file
-    over file_limit(max_pixels) bytes is refused unread, and memory running out while one loads is its failure."""
+    over file_limit(max_pixels) bytes is refused unread, and memory running out while one loads is its failure.
+    ``raise_with``: what a refusal as too large says raises the limit (the command's option; the API's argument)."""
     try:
-        return _load_image(path, max_pixels, cells)
+        return _load_image(path, max_pixels, cells, raise_with)
     except MemoryError:  # (the memory it took is freed: the other files are restored)
         named = "image" if isinstance(path, (bytes, bytearray, memoryview)) else path
         raise InputImageError(f"{named}: not enough memory to load it") from None
 
 
-def _load_image(path: str | Path | bytes, max_pixels: int, cells: bool) -> LoadedImage:
+def _load_image(path: str | Path | bytes, max_pixels: int, cells: bool, raise_with: str) -> LoadedImage:
     data = bytes(path) if isinstance(path, (bytes, bytearray, memoryview)) else None
     path = Path(path) if data is None else "image"
     try:
@@ -132,7 +134,8 @@ def _load_image(path: str | Path | bytes, max_pixels: int, cells: bool) -> Loade
         raise InputImageError(f"{path}: a folder, not an image") from None
     except Image.DecompressionBombError as err:  # (over twice PIL's limit, itself at least max_pixels: ours said)
         said = re.search(r"\((\d+) pixels\)", str(err))  # (Pillow's message: the size is in no attribute)
-        raise InputImageError(too_large(path, int(said[1]) if said else 2 * max_pixels, max_pixels)) from None
+        raise InputImageError(too_large(path, int(said[1]) if said else 2 * max_pixels, max_pixels,
+                                        raise_with=raise_with)) from None
     except Exception as err:  # noqa: BLE001 - PIL raises UnidentifiedImageError, OSError, SyntaxError ...
         if (len(data) if data is not None else os.path.getsize(path)) == 0:
             raise InputImageError(f"{path}: empty file (0 bytes)") from None
@@ -143,7 +146,7 @@ def _load_image(path: str | Path | bytes, max_pixels: int, cells: bool) -> Loade
             raise InputImageError(f"{path}: {why}")
         w, h = img.size
         if w * h > max_pixels:
-            raise InputImageError(too_large(path, w * h, max_pixels, f"{w} x {h} = "))
+            raise InputImageError(too_large(path, w * h, max_pixels, f"{w} x {h} = ", raise_with))
         check_depth(img, str(path), None if data is not None else path)
         mode, fmt = img.mode, img.format or ("" if data is not None else path.suffix.lstrip(".").upper())
         if is_animation(img, fmt):
@@ -172,10 +175,10 @@ def _load_image(path: str | Path | bytes, max_pixels: int, cells: bool) -> Loade
                            iptc=iptc, text=png_text(img), cells=cells, cells_note=why)
 
 
-def too_large(path: str | Path, pixels: int, limit: int, size: str = "") -> str:
+def too_large(path: str | Path, pixels: int, limit: int, size: str = "", raise_with: str = "--max-pixels") -> str:
     many = f"{pixels / 1e6:.{3 if pixels < 1e9 else 5}g}"  # (3600 megapixels, not 3.6e+03)
     return (f"{path}: {size}{many} megapixels is over the limit of {limit / 1e6:.3g} megapixels ({limit} pixels: a "
-            f"decompression bomb?); raise it with --max-pixels (in pixels)")
+            f"decompression bomb?); raise it with {raise_with} (in pixels)")
 
 
 def decode_error(source: str | Path, err: Exception) -> InputImageError:
