@@ -486,6 +486,38 @@ def test_tracker_files_and_runs_follow_the_run_folder_unless_the_libraries_env_s
             check_trackers(["mlflow"])
 
 
+def test_tensorboard_on_a_sweeps_parent_folder_shows_its_metrics_and_the_varied_hyperparameters(tmp_path):
+    """Each run wrote an hparams experiment record with no metrics; TensorBoard, opened on a sweep's parent
+    folder, took one run's as the experiment: its HParams dashboard had no metrics and no varied value. The runs
+    write only their session records, so TensorBoard builds the experiment from all of them."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context
+
+    from dist_dejpeg.train.trackers import tracker_objects
+
+    for name, lr in (("lr1e-4", 1e-4), ("lr5e-3", 5e-3)):
+        (board,) = tracker_objects(["tensorboard"], tmp_path / name)
+        board.start()
+        board.store_init_configuration({"train.phases.gen.lr": lr, "train.phases.gen.steps": 10})
+        board.writer.add_scalar("final/q10_gain_psnr", 0.5, 3)
+        board.finish()
+    events = EventMultiplexer()
+    events.AddRunsFromDirectory(str(tmp_path))
+    events.Reload()
+    hparams = backend_context.Context(base_plugin.TBContext(
+        data_provider=MultiplexerDataProvider(events, str(tmp_path)), logdir=str(tmp_path)))
+    request = context.RequestContext()
+    content = hparams.hparams_metadata(request, "")
+    experiment = hparams.experiment_from_metadata(request, "", True, content,
+                                                  hparams.hparams_from_data_provider(request, "", None))
+    assert [m.name.tag for m in experiment.metric_infos] == ["final/q10_gain_psnr"], experiment
+    assert {h.name: h.differs for h in experiment.hparam_infos} == {"train.phases.gen.lr": True,
+                                                                    "train.phases.gen.steps": False}, experiment
+
+
 def test_a_tracker_run_gone_from_its_store_names_the_file_to_delete(tmp_path, shards, monkeypatch):
     """trackers.json names an MLflow run its store no longer has (deleted by hand): the start fails, saying which
     file makes it continue that run and that deleting it starts new ones."""

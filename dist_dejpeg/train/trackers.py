@@ -82,12 +82,16 @@ def tracker_objects(names: list[str], run_dir: Path) -> list:
     class OneFolderTensorBoard(TensorBoardTracker):
         """The config as hparams in the run's own event files: Accelerate's writes them, and an hparams.yml,
         to two new ``tb/<time>/`` folders at every start and resume, each a run of its own in TensorBoard's list
-        (``config.yaml`` beside ``tb/`` is the run's config file)."""
+        (``config.yaml`` beside ``tb/`` is the run's config file). Only the session start and end records: the
+        experiment record (``_hparams_/experiment``) that ``hparams()`` also makes would, in a sweep's parent
+        folder, be taken as is from one run, with no metrics and no varied hyperparameter; without it
+        TensorBoard builds the experiment from every run's values and scalar tags."""
 
         def store_init_configuration(self, values: dict) -> None:
             from torch.utils.tensorboard.summary import hparams
 
-            for summary in hparams(values, {}):
+            _experiment, session_start, session_end = hparams(values, {})
+            for summary in (session_start, session_end):
                 self.writer.file_writer.add_summary(summary)
             self.writer.flush()
 
