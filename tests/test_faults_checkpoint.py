@@ -443,3 +443,50 @@ def test_a_new_run_in_a_folder_holding_a_run_is_refused_and_changes_nothing(base
         check_before_start(tiny(run, shards, *OVER, "train.auto_resume=false"), None, 2)
     assert choose_checkpoint(MAIN_PROCESS, run, "latest", False) == checkpoint_dir(run) / step_name(6)
     assert choose_checkpoint(MAIN_PROCESS, tmp_path / "new", None, False) is None  # an empty folder: a new run
+
+
+def test_a_finished_run_started_with_another_config_is_refused_and_changes_nothing(base, shards, tmp_path, capsys):
+    """A second run under a finished run's name trained nothing (every phase done) but wrote its own values into
+    the run's config.yaml and TensorBoard hparams, beside weights that other values trained. Now exit 2 naming the
+    keys, before anything is written; a phase given fewer steps than it trained is no change (it keeps them)."""
+    run = copy_run(base[0], tmp_path / "run")
+    before = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    config = tmp_path / "config.yaml"
+    trained = tiny(run, shards, *OVER)
+    config.write_text(to_yaml(tiny(run, shards, *OVER, "train.phases.gen.lr=5e-3", "train.log_with=[tensorboard]")))
+    reset()
+    assert cli_main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert (f"{run} is a finished run (every phase done, nothing to train), and this config changes "
+            f"train.phases.gen.lr {trained.train.phases['gen'].lr!r} -> 0.005 since its checkpoint step-00000006") in line
+    assert "Pick another train.run_dir" in line and "Traceback" not in err, err
+    after = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}  # no TensorBoard file
+    assert after.keys() - {Path(".lock")} == before.keys() - {Path(".lock")}
+    assert all(after[k] == before[k] for k in before if k.name != ".lock")
+    check_before_start(tiny(run, shards, *OVER), None, 1)  # unchanged: its final validation again, as before
+    check_before_start(tiny(run, shards, *OVER, "train.phases.gen.steps=4"), None, 1)
+    with pytest.raises(ConfigError, match="changes train.phases.gen.w_pixel 1.0 -> 2.0 since"):
+        check_before_start(tiny(run, shards, *OVER, "train.phases.gen.steps=4", "train.phases.gen.w_pixel=2"), None, 1)
+
+
+def test_a_resume_with_another_config_records_the_changes_and_status_shows_them(base, shards, tmp_path):
+    """A resume with other values rewrote config.yaml: the first session's values were left in checkpoint copies
+    and one train.log warning. The session's sessions.jsonl line has the changes; status names them."""
+    from dist_dejpeg.run.status import run_status
+    from dist_dejpeg.run.text import format_status
+    from dist_dejpeg.train.sessions import record_session
+
+    run = copy_run(base[0], tmp_path / "run")
+    old_lr = tiny(run, shards, *OVER).train.phases["gen"].lr
+    reset()
+    t = Trainer(tiny(run, shards, *OVER, "train.phases.gen.lr=5e-3"))
+    try:
+        t.resume(checkpoint_dir(run) / step_name(4))
+        line = record_session(t, checkpoint_dir(run) / step_name(4))
+    finally:
+        t.close()
+    assert line["config_changed"] == {"train.phases.gen.lr": [old_lr, 0.005]}, line
+    sessions = len((run / "sessions.jsonl").read_text().splitlines())
+    shown = format_status(run_status(run))
+    assert f"config changed in session {sessions}: train.phases.gen.lr {old_lr!r} -> 0.005" in shown, shown

@@ -773,9 +773,18 @@ def test_status_counts_the_sessions_and_names_the_last_ones_commit(tmp_path, no_
              {"commit": "v1-5-gdef5678-dirty", "versions": {"torch": "2.5.1+cu121"}}]
     (tmp_path / "sessions.jsonl").write_text("\n".join(map(json.dumps, lines)) + '\n{"commit": "cut sh')
     s = st.run_status(tmp_path)
-    assert s["sessions"] == {"count": 2, "last_commit": "v1-5-gdef5678-dirty", "last_torch": "2.5.1+cu121"}
+    assert s["sessions"] == {"count": 2, "last_commit": "v1-5-gdef5678-dirty", "last_torch": "2.5.1+cu121",
+                             "config_changed": []}
     assert "sessions   2, the last at commit v1-5-gdef5678-dirty, torch 2.5.1+cu121" in format_status(s)
+    assert "config changed" not in format_status(s)
+    lines[1]["config_changed"] = {"train.phases.gen.lr": [0.0001, 0.005], "loss.pixel": ["l1", "charbonnier"]}
+    (tmp_path / "sessions.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")  # a resume with other values
+    s = st.run_status(tmp_path)
+    assert s["sessions"]["config_changed"] == [{"session": 2, "keys": lines[1]["config_changed"]}]
+    assert ("config changed in session 2: train.phases.gen.lr 0.0001 -> 0.005, loss.pixel 'l1' -> 'charbonnier'"
+            in format_status(s)), format_status(s)
     (tmp_path / "sessions.jsonl").write_text(json.dumps({"commit": None, "versions": "?"}) + "\n")  # outside git
     s = st.run_status(tmp_path)
-    assert s["sessions"] == {"count": 1, "last_commit": None, "last_torch": None} and json.dumps(s)
+    assert s["sessions"] == {"count": 1, "last_commit": None, "last_torch": None, "config_changed": []}
+    assert json.dumps(s)
     assert "sessions   1, the last at commit ?, torch ?" in format_status(s)

@@ -54,14 +54,18 @@ def read_folder(run_dir: Path) -> RunFolder:
 
 def session_summary(sessions: list[dict]) -> dict | None:
     """How many training sessions sessions.jsonl records and the last one's commit and torch (None: not said, or
-    of another shape); None without a line (a run of a version before the file, or one that never started)."""
+    of another shape), and ``config_changed``: [{"session": N (1: the first), "keys": {key: [old, new]}}] for
+    each session that resumed with another config; None without a line (a run of a version before the file, or
+    one that never started)."""
     if not sessions:
         return None
     last = sessions[-1]
     versions = last.get("versions") if isinstance(last.get("versions"), dict) else {}
     said = (last.get("commit"), versions.get("torch"))
     commit, torch = (v if isinstance(v, str) else None for v in said)
-    return {"count": len(sessions), "last_commit": commit, "last_torch": torch}
+    changed = [{"session": n, "keys": line["config_changed"]} for n, line in enumerate(sessions, 1)
+               if isinstance(line.get("config_changed"), dict) and line["config_changed"]]
+    return {"count": len(sessions), "last_commit": commit, "last_torch": torch, "config_changed": changed}
 
 
 def config_summary(cfg: dict, source: Path) -> dict:

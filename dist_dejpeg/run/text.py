@@ -102,6 +102,10 @@ def format_status(status: dict) -> str:
     if sessions := s.get("sessions"):  # (sessions.jsonl: a run resumed after a git pull has several commits)
         lines.append(f"sessions   {sessions['count']}, the last at commit {sessions.get('last_commit') or '?'}, "
                      f"torch {sessions.get('last_torch') or '?'}")
+        for change in sessions.get("config_changed") or []:  # (the values that trained each part of the run)
+            keys = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" if isinstance(v, list) and len(v) == 2 else k
+                             for k, v in change["keys"].items())
+            lines.append(f"           config changed in session {change['session']}: {keys}")
     lines += result_lines(s)
     losses = (prog or {}).get("losses")
     if isinstance(losses, dict) and losses:

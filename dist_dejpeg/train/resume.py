@@ -11,7 +11,8 @@ later ones (checkpoint.set_aside_later), so one timeline continues. A named fold
 error (exit 2). The checkpoint's config.yaml is compared with this config: a key that changes a model's tensor
 shapes is an error naming it; another global batch or process count needs train.resume_allow_batch_change.
 More steps for the phase that ended last (a finished run's gan phase) reopen it; for an earlier phase, an error.
-Fewer steps than a phase has trained keep the steps it trained (the phase in progress ends where it is).
+Fewer steps than a phase has trained keep the steps it trained (the phase in progress ends where it is). Other
+changes are warned of (and recorded in sessions.jsonl); a finished run, with nothing to train, is refused them.
 train.auto_resume=false without --resume starts a new run, which a folder holding checkpoints refuses (a new run
 there goes to another train.run_dir).
 """
@@ -53,6 +54,16 @@ CRITIC_SHAPE_KEYS = tuple(f"critic.{k}" for k in inspect.signature(Critic).param
 # launcher's ranks ignore it, and the batch check (_check_batch) says a real change of the process count
 _NOT_COMPARED = ("train.run_dir", "train.auto_resume", "train.resume_allow_batch_change", "train.log_level",
                  "train.progress", "train.processes")
+# keys a finished run may be started again with other values of (check_finished_run): those the start sets
+# (build.build_accelerator: the precision a GPU has, a launcher's ZeRO stage; model.init_from's encoder lineage),
+# whose values in a checkpoint's config a command line may not have, and those of how a session runs (where the
+# data is, loading, logging, compiling, checkpointing), not of what trains
+_NOT_REFUSED = ("train.mixed_precision", "train.deepspeed_stage", "model.pretrained", "model.encoder_weights",
+                "data.root", "data.auto_prepare", "data.num_workers", "data.dali_threads", "data.prefetch_factor",
+                "data.pin_memory", "data.dali_prefetch", "data.max_bad_samples", "data.val_batch_size", "train.cpu",
+                "train.log_every", "train.image_every", "train.ckpt_every", "train.keep_last", "train.log_with",
+                "train.dist_timeout_s", "train.compile", "train.compile_mode", "train.compile_cache",
+                "train.fused_adamw", "train.sync_every", "train.preempt_budget_s", "train.cuda_stream")
 
 
 def choose_checkpoint(accelerator: Accelerator, run_dir: str | Path, resume: str | None,
@@ -112,7 +123,38 @@ def check_continuation(cfg: Config, path: Path, saved_state: dict, deepspeed: bo
     as trained (shorter_phases). Every rank checks (each raises the same error); ``main``: this rank warns."""
     check_deepspeed_layout(path, deepspeed, processes)
     saved = check_resume_config(cfg, path, saved_state, processes, has_critic, main) or {}
-    return longer_phases(cfg, saved, saved_state), shorter_phases(cfg, saved, saved_state)
+    reopened, kept = longer_phases(cfg, saved, saved_state), shorter_phases(cfg, saved, saved_state)
+    changes = config_changes(saved, flatten(to_dict(cfg)))
+    if changes:
+        check_finished_run(cfg, path, changes, {**saved_state, **reopened}, kept)
+        warn_on_main(main)("resume: config changed since the checkpoint: %s", changes_text(changes))
+    return reopened, kept
+
+
+def config_changes(saved: dict, now: dict) -> dict[str, list]:
+    """The keys whose value differs between a checkpoint's config and this one (both flattened): key -> [old,
+    new], without those that say nothing about what trains (where the run writes, how it logs)."""
+    return {k: [saved[k], now[k]] for k in sorted(now) if k in saved and saved[k] != now[k] and k not in _NOT_COMPARED}
+
+
+def changes_text(changes: dict) -> str:
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+
+
+def check_finished_run(cfg: Config, path: Path, changes: dict, state: dict, kept: dict) -> None:
+    """A finished run (every phase done, none reopened: nothing to train) started with another config is refused:
+    it would train nothing but write its values into the run's config.yaml and trackers, beside weights that other
+    values trained. Not counted: a phase given fewer steps than it trained (it keeps them) and the keys of
+    :data:`_NOT_REFUSED`. An unchanged rerun (its final validation again) goes on."""
+    if int(state.get("phase_index", 0)) < len(cfg.train.order):
+        return
+    ignored = {f"train.phases.{name}.steps" for name in kept} | set(_NOT_REFUSED)
+    refused = {k: v for k, v in changes.items() if k not in ignored}
+    if refused:
+        raise ConfigError(f"{cfg.train.run_dir} is a finished run (every phase done, nothing to train), and this "
+                          f"config changes {changes_text(refused)} since its checkpoint {path.name}: the run would "
+                          f"train nothing but record these values as its own. Pick another train.run_dir to train "
+                          f"with them (model.init_from={path} starts from its generator), or set them back")
 
 
 def _choose(run_dir: Path, resume: str | None, auto_resume: bool) -> str | None:
@@ -291,7 +333,7 @@ def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: i
     """Raise ConfigError where ``cfg`` cannot continue the checkpoint: other phases, a key that changes a
     model's tensor shapes, or (without train.resume_allow_batch_change) another global batch or process count.
     Returns the checkpoint's config, flattened (None where it has none that reads). ``main``: this rank warns
-    (of what every rank finds alike: the config's changes)."""
+    (of what every rank finds alike: a batch change allowed)."""
     if saved_state.get("phase_names") != list(cfg.train.order):
         raise ConfigError(f"resuming {path}: the checkpoint's phases {saved_state.get('phase_names')} differ from "
                           f"train.order {list(cfg.train.order)}: set train.order back to continue the run, or start "
@@ -318,11 +360,7 @@ def check_resume_config(cfg: Config, path: Path, saved_state: dict, processes: i
                           f"this config. Set them back to the checkpoint's values, or start a new run (another "
                           f"train.run_dir; model.init_from={path} starts one from its generator)")
     _check_batch(cfg, path, saved, saved_state, processes, main)
-    other = [k for k in sorted(now) if k in saved and saved[k] != now[k] and k not in _NOT_COMPARED]
-    if other:
-        warn_on_main(main)("resume: config changed since the checkpoint: %s",
-                           ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in other))
-    return saved
+    return saved  # (the other changes: check_continuation warns of them)
 
 
 def _check_batch(cfg: Config, path: Path, saved: dict, saved_state: dict, processes: int, main: bool) -> None:

@@ -9,8 +9,11 @@ a git checkout), ``versions`` (python, dist_dejpeg, torch with its CUDA build an
 timm, accelerate, numpy, Pillow with its libjpeg: ``libjpeg`` is the libjpeg API version Pillow reports, "6.2"
 for libjpeg-turbo too, whose own version is ``libjpeg_turbo``; safetensors, lpips; deepspeed where the run uses
 ZeRO, DALI where its loader is imported), ``host``, ``pid``, ``slurm_job``, ``processes``, ``device``, ``gpu``,
-``mixed_precision``, ``deepspeed_stage``, ``start_step`` (0, or the resumed checkpoint's global step) and
-``resumed_from`` (the checkpoint folder, or null). One line in train.log names the commit and torch.
+``mixed_precision``, ``deepspeed_stage``, ``start_step`` (0, or the resumed checkpoint's global step),
+``resumed_from`` (the checkpoint folder, or null) and ``config_changed`` (key -> [old, new]: what this session
+changed of the resumed checkpoint's config, as the resume warns; {} where nothing or a new run), so the values
+that trained each part of a run are known after config.yaml has the newest session's. One line in train.log names
+the commit and torch.
 
 A side write (train/side_writes.py): a line that cannot be written (a full disk, a quota) is said once and
 counted in ``write_errors``; training goes on.
@@ -29,15 +32,18 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+import yaml
 
 from dist_dejpeg import code_version, source_commit, version
+from dist_dejpeg.config import flatten, to_dict
 from dist_dejpeg.run.files import append_line
-from dist_dejpeg.run.layout import SESSIONS
+from dist_dejpeg.run.layout import CONFIG, SESSIONS
+from dist_dejpeg.train.resume import config_changes
 
 log = logging.getLogger("dist_dejpeg")
 
 SESSION_KEYS = ("time", "code", "commit", "versions", "host", "pid", "slurm_job", "processes", "device", "gpu",
-                "mixed_precision", "deepspeed_stage", "start_step", "resumed_from")
+                "mixed_precision", "deepspeed_stage", "start_step", "resumed_from", "config_changed")
 # distribution names (importlib.metadata's: no import) -> the key each version has in ``versions``
 DISTRIBUTIONS = {"timm": "timm", "accelerate": "accelerate", "numpy": "numpy", "Pillow": "Pillow",
                  "safetensors": "safetensors", "lpips": "lpips"}
@@ -90,7 +96,20 @@ def session_record(trainer, resumed_from: str | Path | None) -> dict:
         "gpu": torch.cuda.get_device_name(device) if cuda else None,
         "mixed_precision": cfg.train.mixed_precision, "deepspeed_stage": cfg.train.deepspeed_stage,
         "start_step": trainer.state.global_step, "resumed_from": None if resumed_from is None else str(resumed_from),
+        "config_changed": changed_since(resumed_from, cfg),
     }
+
+
+def changed_since(checkpoint: str | Path | None, cfg) -> dict:
+    """What ``cfg`` (the trainer's, after its resume) changed of the config the ``checkpoint`` saved: key -> [old,
+    new] (resume.config_changes); {} without a checkpoint or a config in it that reads."""
+    if checkpoint is None:
+        return {}
+    try:
+        saved = yaml.safe_load((Path(checkpoint) / CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return config_changes(flatten(saved), flatten(to_dict(cfg))) if isinstance(saved, dict) else {}
 
 
 def record_session(trainer, resumed_from: str | Path | None) -> dict | None:
