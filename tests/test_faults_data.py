@@ -404,3 +404,18 @@ def test_a_slot_says_its_skipped_epochs_no_more_often_than_its_bad_samples(tmp_p
     stream = ShardStream(shards, CROP, (10, 90), rank=1, world=2, epochs=80, shuffle_buffer=0)
     assert len(list(stream)) > 0 and int(stream.skipped[0].sum()) > 30
     assert 0 < caplog.text.count("got no usable sample") <= 20
+
+
+def test_a_val_crop_larger_than_the_tiles_is_refused_from_the_manifest_as_the_dry_run_checks(tmp_path):
+    """`train --dry-run data.val_crop=256` on 128 px tiles said nothing; the start then found no validation tile
+    and refused. The manifest's tile is checked against data.val_crop as against data.crop (the dry run's check)."""
+    from dist_dejpeg.config import ConfigError
+    from dist_dejpeg.data.shards import prepare_samples
+    from dist_dejpeg.train.data_checks import check_train_tiles
+
+    prepare_samples(tmp_path, tile=64, train_step=64, shard_size=64)
+    over = [f"data.root={tmp_path}", "data.backend=torch", "data.crop=32", "critic.n_blocks=2"]
+    with pytest.raises(ConfigError, match=r"config key 'data.val_crop': 96 px, but the tiles in .* are 64 px"):
+        check_train_tiles(load_config(None, [*over, "data.val_crop=96"]), None)
+    check_train_tiles(load_config(None, [*over, "data.val_crop=64"]), None)
+    check_train_tiles(load_config(None, [*over, "data.val_crop=96", "data.val_glob=other-*.tar"]), None)

@@ -1,5 +1,5 @@
 """What a run's data must satisfy, said before anything is built or trained: shards that exist, tiles at least
-the crop and at least one per loader slot (from prepare's manifest.json), a validation tile somewhere."""
+the crop (and the validation crop) and at least one per loader slot (from prepare's manifest.json), a validation tile somewhere."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def check_shards_exist(cfg: Config) -> None:
 
 
 def check_train_tiles(cfg: Config, processes: int | None) -> None:
-    """What the shards' manifest (prepare's) tells before the first batch: tiles smaller than the crop, or fewer
+    """What the shards' manifest (prepare's) tells before the first batch: tiles smaller than the crop or the
+    validation crop (which the start finds with its validation set, and a dry run would not), or fewer
     training tiles than the loader's slots (each rank's loader workers; DALI: each rank) would each need one
     (``processes`` None: not checked, where the ranks and the backend are the compute node's to know). Shards
     without a readable manifest, read through another glob, or changed since it was written are not checked here
@@ -52,6 +53,11 @@ def check_train_tiles(cfg: Config, processes: int | None) -> None:
     if isinstance(tile, int) and tile < d.crop:
         raise ConfigError(f"config key 'data.crop': {d.crop} px, but the tiles in {d.root} are {tile} px (its "
                           f"manifest.json): lower data.crop, or prepare the photos again with --tile {d.crop} or more")
+    if isinstance(tile, int) and tile < d.val_crop and d.val_glob == DataConfig().val_glob:  # (checked_val_set's)
+        raise ConfigError(f"config key 'data.val_crop': {d.val_crop} px, but the tiles in {d.root} are {tile} px "
+                          f"(its manifest.json; prepare cuts the val tiles as large): no validation tile to "
+                          f"validate on; lower data.val_crop, or prepare the photos again with --tile {d.val_crop} "
+                          f"or more")
     per = max(1, d.num_workers) if resolve_backend(d.backend) == "torch" else 1  # DALI: one reader per rank
     if processes is not None and isinstance(count, int) and count < processes * per:
         raise ConfigError(f"{d.root} holds {count} training tile(s), fewer than the {processes * per} loader slots "
