@@ -192,7 +192,7 @@ def test_a_restore_at_once_of_the_same_photo_replaces_it_and_a_rerun_replaces_it
     assert skipped.skipped and skipped.error is None
 
 
-@pytest.mark.parametrize("no_link", [None, errno.EPERM, errno.ENOTSUP])
+@pytest.mark.parametrize("no_link", [None, errno.EPERM, errno.ENOTSUP, errno.EINVAL])
 def test_a_guarded_write_links_into_place_and_vets_a_file_there(tmp_path, monkeypatch, no_link):
     """atomic_write_bytes(vet=...): where nothing is at the path the temp file is linked into place (no-clobber),
     vet not called; where a file is (or hard links fail: some FUSE/SMB mounts), vet decides before the rename."""
@@ -200,8 +200,13 @@ def test_a_guarded_write_links_into_place_and_vets_a_file_there(tmp_path, monkey
 
     from dist_dejpeg.run import files as run_files
 
+    def no_links(*a):
+        err = OSError(no_link, "no links")
+        err.winerror = 1  # (EINVAL: Windows' ERROR_INVALID_FUNCTION on FAT32/exFAT, SMB)
+        raise err
+
     if no_link is not None:
-        monkeypatch.setattr(run_files.os, "link", lambda *a: (_ for _ in ()).throw(OSError(no_link, "no links")))
+        monkeypatch.setattr(run_files.os, "link", no_links)
     vetted = []
 
     def vet(path):
@@ -218,3 +223,21 @@ def test_a_guarded_write_links_into_place_and_vets_a_file_there(tmp_path, monkey
     with pytest.raises(ValueError):
         run_files.atomic_write_bytes(target, b"lost", vet=vet)
     assert target.read_bytes() == b"keep" and os.listdir(tmp_path) == ["a.png"]
+
+
+def test_a_link_made_though_it_said_einval_is_published_not_vetted(tmp_path, monkeypatch):
+    """os.link raising EINVAL after making the link (a flaky share): the file at the path is ours, not vetted."""
+    import os
+
+    from dist_dejpeg.run import files as run_files
+
+    real = os.link
+
+    def link(src, dst, *a, **k):
+        real(src, dst)
+        raise OSError(errno.EINVAL, "Incorrect function")
+
+    monkeypatch.setattr(run_files.os, "link", link)
+    target = tmp_path / "a.png"
+    run_files.atomic_write_bytes(target, b"new", vet=lambda path: pytest.fail("vetted our own file"))
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["a.png"]

@@ -65,8 +65,12 @@ def create_new(path: Path) -> int:
         return os.open(path, flags, 0o666)
 
 
-# what os.link raises on a filesystem without hard links (some FUSE, SMB, FAT mounts) or that refuses one here
-NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS, errno.EACCES}
+# what os.link raises on a filesystem without hard links (some FUSE, SMB, FAT mounts) or that refuses one here;
+# EINVAL: Windows' CreateHardLinkW on FAT32/exFAT or an SMB share (ERROR_INVALID_FUNCTION, ERROR_NOT_SUPPORTED:
+# CPython maps both to EINVAL). Falling back there swallows nothing: vet still runs, and an EINVAL that meant a
+# bad name (Linux) is raised again by the os.replace after it.
+NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS, errno.EACCES,
+                  errno.EINVAL}
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None,
@@ -108,9 +112,13 @@ def linked(tmp: Path, path: Path) -> bool:
     except FileExistsError:
         return False
     except OSError as err:
-        if err.errno in NO_LINK_ERRNOS:
-            return False
-        raise
+        if err.errno not in NO_LINK_ERRNOS:
+            raise
+        with contextlib.suppress(OSError):  # a link made though it said it failed is ours (vet would keep it);
+            ours, there = os.stat(tmp), os.stat(path)  # (st_ino 0: a share with no file ids, every file alike)
+            return ours.st_nlink > 1 and ours.st_ino != 0 and (ours.st_dev, ours.st_ino) == (there.st_dev,
+                                                                                            there.st_ino)
+        return False
     return True
 
 
