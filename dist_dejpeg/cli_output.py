@@ -26,6 +26,32 @@ def write_failed(err: OSError, where) -> int:
     return 2
 
 
+def relax_encoding(*streams) -> list:
+    """Let ``streams`` (stdout, stderr) write what their encoding lacks as backslash escapes, not raise: Windows
+    with stdout redirected writes the ANSI code page (cp1252), strictly, and a restore into 'восстановлено' or
+    from 'ф.jpg' crashed at its summary line with UnicodeEncodeError after writing every output. Only a stream
+    that is strict is changed (a surrogateescape one keeps writing undecodable file names back as they were);
+    logging's handler writes the same sys.stderr object. Returns those changed, for strict_again."""
+    changed = []
+    for stream in streams:
+        if getattr(stream, "errors", None) == "strict" and callable(getattr(stream, "reconfigure", None)):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (OSError, ValueError):  # (closed, or a stand-in that cannot)
+                continue
+            changed.append(stream)
+    return changed
+
+
+def strict_again(streams: list) -> None:
+    """Undo relax_encoding on ``streams`` (main's caller gets its streams as it gave them)."""
+    for stream in streams:
+        try:
+            stream.reconfigure(errors="strict")
+        except (OSError, ValueError):  # (closed meanwhile; a reader that left: the flush fails)
+            pass
+
+
 class WatchedStdout:
     """sys.stdout while a command runs (cli.main): an OSError writing it is marked as standard output's, so that
     main tells it from a failed file write (`> /dev/full`, a log on a full disk; wandb, imported with timm,

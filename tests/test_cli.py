@@ -676,3 +676,24 @@ def test_dry_run_under_a_launcher_checks_its_world_size_not_train_processes(tmp_
     assert main(["train", "--config", config, *args, "train.processes=2", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "note: checked for 1 process(es)" in err and "the process count changes (2 -> 1" in err, err
+
+
+def test_a_path_the_redirected_streams_encoding_lacks_is_escaped_not_a_crash(tmp_path, monkeypatch):
+    """Windows, stdout redirected: the ANSI code page (cp1252), strict. A run or photo named in Cyrillic crashed
+    the command with UnicodeEncodeError once its work was done (exit 1); now escaped, streams given back strict."""
+    import io
+    import sys
+
+    run = tmp_path / "ф_run"
+    run.mkdir()
+    (run / "config.yaml").write_text("train:\n  run_dir: x\n")
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="cp1252", errors="strict") for _ in range(2))
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    assert main(["status", str(run)]) == 0
+    assert main(["status", str(tmp_path / "ф_none")]) == 2  # (no such folder: said on stderr)
+    out.flush()
+    err.flush()
+    said, errors = (stream.buffer.getvalue().decode("cp1252") for stream in (out, err))
+    assert "\\u0444_run" in said and "no such folder: " in errors and "\\u0444_none" in errors
+    assert out.errors == err.errors == "strict"
