@@ -269,6 +269,47 @@ def test_lpips_value_matches_lpips_package(tmp_path):
     assert W.image_metrics(img, clean, lpips=model)["lpips"] == pytest.approx(expected, abs=1e-5)
 
 
+def test_lpips_values_make_no_float64_tensor_on_the_device(monkeypatch):
+    """`evaluate --device mps`: LPIPS summed its maps as float64 on the device, which MPS refuses ('Cannot convert
+    a MPS Tensor to float64 dtype'). Emulated here: any op making float64 from a tensor not moved to the host
+    (Tensor.cpu, which copies here) raises; the same value as before, summed in float64 on the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from dist_dejpeg.models.lpips import LPIPS
+
+    kept, host = [], set()  # (kept alive: their ids are never reused)
+    real_cpu = torch.Tensor.cpu
+
+    def marked(tensors):
+        kept.extend(tensors)
+        host.update(map(id, tensors))
+
+    def cpu(self, *args, **kwargs):
+        moved = real_cpu(self, *args, **kwargs).clone()
+        marked([moved])
+        return moved
+
+    class NoFloat64OnTheDevice(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            if ins and all(id(t) in host for t in ins):
+                marked(outs)
+            elif any(t.dtype == torch.float64 for t in outs):
+                raise TypeError(f"{func}: float64 on the device")
+            return out
+
+    model = LPIPS(net="alex", pretrained=False)
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(2))
+    expected = W.lpips_values(model, b, [a, b])
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+    with NoFloat64OnTheDevice():
+        assert W.lpips_values(model, b, [a, b]) == expected and expected[0] > 0
+
+
 def test_an_lpips_backbone_file_not_torchvisions_is_named_unverified(tmp_path, monkeypatch):
     """A stand-in AlexNet (random weights) under torchvision's file name was reported as the ImageNet backbone
     (only its layout was checked): its SHA-256 is not the one the name carries, so LPIPS says so in its

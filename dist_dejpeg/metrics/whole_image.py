@@ -94,7 +94,7 @@ def lpips_values(model: LPIPS, ref, imgs) -> list[float]:
                     if ub is None:
                         continue
                     d = inner.lins[k]((ua - ub) ** 2)
-                    sums[i, k] += float(d.double().sum())
+                    sums[i, k] += float(d.cpu().double().sum())  # (on the host: MPS has no float64)
                     if i == 0:
                         rows[k] += d.shape[-2]
                         width[k] = d.shape[-1]
