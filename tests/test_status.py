@@ -788,3 +788,25 @@ def test_status_counts_the_sessions_and_names_the_last_ones_commit(tmp_path, no_
     assert s["sessions"] == {"count": 1, "last_commit": None, "last_torch": None, "config_changed": []}
     assert json.dumps(s)
     assert "sessions   1, the last at commit ?, torch ?" in format_status(s)
+
+
+def test_pid_alive_on_windows_asks_psutil_never_os_kill(tmp_path, monkeypatch):
+    """Windows: os.kill(pid, 0) is no existence check but a CTRL_C_EVENT sent to console group ``pid`` (restore's
+    stale-temp cleanup would have interrupted a live writer's group); psutil answers there, and without psutil
+    (the restore-only install) a pid counts as alive: its temp file waits for its max age."""
+    import psutil
+
+    from dist_dejpeg.restore.inputs import remove_stale_temps
+    from dist_dejpeg.run import lock
+
+    monkeypatch.setattr(lock, "WINDOWS", True)
+    monkeypatch.setattr(lock.os, "kill", lambda *a: pytest.fail(f"os.kill{a} on Windows"))
+    monkeypatch.setattr(psutil, "pid_exists", lambda pid: pid == 4242)
+    assert lock.pid_alive(4242) and not lock.pid_alive(4243) and not lock.pid_alive(0)
+    live, gone = tmp_path / ".a.png.tmp4242", tmp_path / ".a.png.tmp4243"
+    for path in (live, gone):
+        path.write_bytes(b"x")
+    assert remove_stale_temps([tmp_path / "a.png"]) == [gone] and live.exists()
+    monkeypatch.setitem(sys.modules, "psutil", None)  # (import psutil: ImportError)
+    gone.write_bytes(b"x")
+    assert lock.pid_alive(4243) and remove_stale_temps([tmp_path / "a.png"]) == []

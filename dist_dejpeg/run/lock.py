@@ -257,10 +257,27 @@ def _proc_locks(path: str = "/proc/locks") -> list[dict] | None:
     return found
 
 
+# Windows' os.kill(pid, 0) is no existence check: it sends CTRL_C_EVENT to the console group ``pid``
+WINDOWS = os.name == "nt"
+
+
 def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (another user's counts)."""
+    """Whether a process ``pid`` exists on this host (another user's counts). On Windows psutil's answer (a
+    dependency of accelerate; the restore-only install may lack it): without it, True (a stale temp file waits
+    for its max age; a lock with that pid reads as held), never os.kill."""
     if pid <= 0:  # kill(0) and kill(-n) signal process groups, not a process
         return False
+    if WINDOWS:
+        try:
+            import psutil
+        except ImportError:
+            return True
+        try:
+            return psutil.pid_exists(pid)
+        except OverflowError:  # a number no pid can be
+            return False
+        except (OSError, psutil.Error):  # (cannot tell: as if alive)
+            return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
