@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import itertools
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,17 @@ def test_clashing_names_are_resolved_until_unique_in_any_order_and_any_case():
     assert output_names([Path("a.jpg"), Path("a.png"), Path("a.jpg.png")]) == [
         Path("a.jpg.png"), Path("a.png.png"), Path("a.jpg.png.png")]
     assert output_names([Path("a.jpg"), Path("b.png")]) == [Path("a.png"), Path("b.png")]  # no clash: as before
+
+
+def test_names_that_differ_only_in_unicode_normalisation_are_told_apart():
+    """é.jpg in NFC and in NFD (copied from a Linux share) gave two outputs that APFS/HFS+ hold as one file: the
+    second restored overwrote the first's. Now they clash as B.jpg and b.JPG do, in any case too."""
+    nfc, nfd = (unicodedata.normalize(form, "café") for form in ("NFC", "NFD"))
+    for rels in ([f"{nfc}.jpg", f"{nfd}.jpg"], [f"{nfc}.jpg", f"{nfd.upper()}.JPG"], [f"{nfc}/a.jpg", f"{nfd}/a.jpg"]):
+        names = output_names([Path(r) for r in rels])
+        keys = {unicodedata.normalize("NFC", n.as_posix()).casefold() for n in names}
+        assert len(keys) == len(names), names
+    assert output_names([Path(f"{nfc}.jpg"), Path(f"{nfd}.png")]) == [Path(f"{nfc}.jpg.png"), Path(f"{nfd}.png.png")]
 
 
 def test_two_folders_always_go_below_their_names(tmp_path):

@@ -46,7 +46,7 @@ from dist_dejpeg.jpeg.quality import DOUBLE, earlier_compression, estimate_quali
 from dist_dejpeg.restore.images import (DEFAULT_MAX_PIXELS, InputImageError, LoadedImage, cells_for, load_image,
                                         made_consistent, output_complete, pixel_limit, save_image)
 from dist_dejpeg.restore.inputs import (CURRENT, REFUSED, RestoreResult, collect_inputs, linked_out, output_names,
-                                        ownership, refusal, remove_stale_temps)
+                                        folded, ownership, refusal, remove_stale_temps)
 from dist_dejpeg.restore.metadata import jpeg_without_gps, without_gps
 from dist_dejpeg.restore.record import Record, RestoreInterrupted, restorer_settings
 from dist_dejpeg.restore.reencode import reencoding_outweighs, written_as
@@ -203,7 +203,7 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
     stale = remove_stale_temps([target for target in targets if target not in outside], keep=sources)
     if stale:
         log.info("removed %d temp file(s) a killed restore left in %s", len(stale), out)
-    claimed: dict[str, Path] = {}  # (resolved outputs in any case: one file on a case-insensitive disk)
+    claimed: dict[str, Path] = {}  # (resolved outputs, folded: one file on a case-insensitive disk)
     jobs: list[tuple[RestoreResult, Path, Path]] = []  # (result, input, output) of the files to restore
     bar = Progress(len(files), "restore", "image", enabled=progress)  # (without a terminal: plain lines)
     results.extend(RestoreResult(str(path)) for path, _ in files)  # (Ctrl-C: each one's result is there)
@@ -212,7 +212,7 @@ def restore_into(restorer: ImageRestorer, inputs: list[str], out_dir: str | Path
         if (why := outside.get(target)) or key in sources or _file_id(target) in source_files:
             result.error = why or (f"refusing to overwrite an input: the output would be {target} (give another "
                                    f"output {'file name, or an output folder' if one_file else 'folder, or --suffix'})")
-        elif (fold := str(key).casefold()) in claimed:
+        elif (fold := folded(key)) in claimed:
             result.error = f"output {target} is also the output of {claimed[fold]}: restore them into different folders"
         elif (state := ownership(target, path))[0] in REFUSED:  # (--skip-existing too: not this one's output)
             claimed[fold] = path

@@ -19,6 +19,7 @@ import filecmp
 import glob
 import os
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,8 +286,10 @@ def output_names(rels: list[Path], fmt: str = "png", suffix: str = "") -> list[P
 
 
 def folded(path: Path) -> str:
-    """A relative output path as a case-insensitive disk compares it (two of these name one file there)."""
-    return path.as_posix().casefold()
+    """A relative output path as a case-insensitive disk compares it (two of these name one file there), in
+    any Unicode normalisation too: é in NFC and in NFD (from a Linux share) name one file on APFS/HFS+. Unicode's
+    canonical caseless key, NFD(casefold(NFD(name)))."""
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", path.as_posix()).casefold())
 
 
 def remove_stale_temps(targets: list[Path], max_age_s: float = STALE_TEMP_S, keep: frozenset | set = frozenset()
