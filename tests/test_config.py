@@ -461,8 +461,12 @@ def test_paths_seeds_and_overrides_quoted_together_are_refused_by_key(tmp_path, 
     (["train.phases.gen.steps=0", "train.phases.critic.steps=0", "train.phases.gan.steps=0"],
      ["every phase of train.order ['gen', 'critic', 'gan'] has 0 steps"]),
     (["train.order=[critic,gan]", "model.init_from=runs/old"], []),  # fine-tuning a trained generator
-    (["train.order=[gen]"], []),
+    (["train.order=[gen]"], []),  # (the config file's critic and gan settings: its recipe, cut on purpose)
     ([], []),
+    (["train.order=[gen,gan]", "train.phases.critic.lr=1e-3", "train.phases.gen.lr=1e-3"],  # (silently unused)
+     ["config key 'train.phases.critic.lr' is set, but phase 'critic' is not in train.order ['gen', 'gan']"]),
+    (["train.order=[gen]", "train.phases.gan={lr: 0.1, steps: 5}"],
+     ["config keys 'train.phases.gan.lr', 'train.phases.gan.steps' are set, but phase 'gan' is not in train.order"]),
 ])
 def test_phase_orders_that_waste_a_run_are_warned_of(capsys, monkeypatch, overrides, words):
     """Orders the config accepts (tests and ablations use them) but where a real run's steps go nowhere: a

@@ -217,14 +217,27 @@ def _phase_numbers(name: str, phase: PhaseConfig) -> None:
             raise ConfigError(f"config key '{key}.{field}': must be >= 0, got {getattr(phase, field)}")
 
 
+# the attribute of a Config from load_config that lists its key=value overrides of phases not in train.order
+UNUSED_PHASE_KEYS = "_unused_phase_keys"
+
+
 def order_warnings(cfg: Config) -> list[str]:
     """Phase orders that validate (tests and ablations run single phases) but waste a real run: a critic trained
     for no later gan phase (train.order cannot change on resume), a gan phase on an untrained generator, nothing
-    to train at all. Zero-step phases count as absent."""
+    to train at all; and overrides (load_config's) of a built-in phase that train.order leaves out, which change
+    nothing (a config file's settings of such a phase are a recipe's, cut by an order=[gen] run on purpose).
+    Zero-step phases count as absent."""
     order = [name for name in cfg.train.order if cfg.train.phases[name].steps > 0]
     kinds = [cfg.train.phases[name].kind for name in order]
     out = [] if order else [f"every phase of train.order {list(cfg.train.order)} has 0 steps: nothing is trained, "
                             f"the run only validates and writes the generator it starts with"]
+    unused = getattr(cfg, UNUSED_PHASE_KEYS, [])
+    for phase in dict.fromkeys(key.split(".")[2] for key in unused):
+        keys = [f"'{k}'" for k in unused if k.split(".")[2] == phase]
+        what = ("key", "is", "value is", "key") if len(keys) == 1 else ("keys", "are", "values are", "keys")
+        out.append(f"config {what[0]} {', '.join(keys)} {what[1]} set, but phase '{phase}' is not in train.order "
+                   f"{list(cfg.train.order)}: it runs no steps and the {what[2]} unused (list the phase in "
+                   f"train.order, or drop the {what[3]})")
     for i, (name, kind) in enumerate(zip(order, kinds)):
         phase = f"phase '{name}'" + (f" (a {kind} phase)" if name != kind else "")
         if kind == "critic" and "gan" not in kinds[i + 1:]:
