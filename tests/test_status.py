@@ -742,6 +742,31 @@ def test_the_eta_counts_the_validations_left(tmp_path, no_flock):
     assert line == "gen 40/100 (40%) | gen/l1 0.02 | lr 1.00e-03 | ETA phase 1m25s, run 2m30s", line
 
 
+def test_an_eta_that_has_passed_says_overdue_not_0s(tmp_path, no_flock):
+    """A live run whose progress.json is older than the ETA it gave (a busy machine: slower than its last window
+    said) showed "eta 0s" with half its steps left. Now that ETA is none, and by how long it has passed is said."""
+    from dist_dejpeg.run.text import format_table
+
+    (tmp_path / "config.yaml").write_text("data:\n  batch_size: 4\ntrain:\n  run_dir: runs/x\n  order: [gen, gan]\n"
+                                          "  phases:\n    gen:\n      steps: 100\n    gan:\n      steps: 100\n")
+    now = time.time()
+    progress = {"time": now - 300, "status": "running", "reason": "", "phase": "gen", "phase_index": 0,
+                "phases": ["gen", "gan"], "phase_step": 90, "phase_steps": 100, "global_step": 90,
+                "total_steps": 200, "images_per_s": 12.5, "eta_phase_s": 60.0, "eta_run_s": 500.0}
+    (tmp_path / "progress.json").write_text(json.dumps(progress))
+    write_lock(tmp_path, "node-of-the-overdue-test", 1)  # (another host's: judged by progress.json's age)
+    s = st.run_status(tmp_path, now=now)
+    assert s["state"] == "running" and s["eta"]["phase_s"] is None and s["eta"]["run_s"] > 150  # (+ the gan's val)
+    assert s["eta"]["overdue_s"] == {"phase": pytest.approx(240.0)}, s["eta"]
+    assert "eta        phase overdue 4m00s | run 3m" in format_status(s)
+    progress["time"] = now - 800  # (under STALE_S: still judged running)
+    (tmp_path / "progress.json").write_text(json.dumps(progress))
+    s = st.run_status(tmp_path, now=now)
+    assert s["eta"]["run_s"] is None and s["eta"]["finish_at"] is None and s["eta"]["overdue_s"]["run"] > 0
+    assert "run overdue " in format_status(s) and "has passed" in format_status(s) and "eta 0s" not in str(s)
+    assert " overdue " in format_table([s]).splitlines()[1]
+
+
 def test_status_json_is_a_list_for_a_folder_of_runs_however_many_it_holds(tmp_path, capsys, no_flock):
     """`status --json runs/` gave an object when the sweep's folder held one run and a list when it held two: a
     script read one shape. A folder of runs, or several paths, is a list; one run folder given, an object."""

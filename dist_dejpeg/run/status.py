@@ -32,8 +32,8 @@ from dist_dejpeg.run.layout import (CHECKPOINTS, CONFIG, EVALUATE_CSV, GENERATOR
                                    TRAINER_STATE, WRITE_ERRORS)
 from dist_dejpeg.run.manifest import verify_checkpoint
 from dist_dejpeg.run.text import duration
-from dist_dejpeg.run.verdict import (STALE_S, final_stage, finite, judge, mtime, newer_start, progress_age,
-                                     validations_left)
+from dist_dejpeg.run.verdict import (STALE_S, eta_from_now, final_stage, finite, judge, mtime, newer_start,
+                                     progress_age, validations_left)
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
@@ -173,10 +173,8 @@ def _eta(run: RunFolder, config: dict | None, position: dict | None, speed: dict
         return None
     # the step time leaves the validations out: those left, at this session's mean (progress.json's val_s)
     val_s, (val_phase, val_run) = finite(progress.get("val_s")) or 0.0, validations_left(config, position)
-    eta = {"phase_s": max(0.0, phase_s + val_phase * val_s - age) if phase_s is not None else None,
-           "run_s": max(0.0, run_s + val_run * val_s - age) if run_s is not None else None}
-    eta["finish_at"] = now + eta["run_s"] if eta["run_s"] is not None else None
-    return eta
+    return eta_from_now(phase_s + val_phase * val_s if phase_s is not None else None,
+                        run_s + val_run * val_s if run_s is not None else None, age, now)
 
 
 # -- validation ---------------------------------------------------------------------------------------------

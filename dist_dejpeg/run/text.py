@@ -34,6 +34,13 @@ def duration(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def eta_text(eta: dict | None, key: str, unknown: str = "?") -> str:
+    """The time left in the phase or run (``key``) of ``status``'s eta, or by how long the ETA progress.json gave
+    has passed (run/verdict.py's eta_from_now)."""
+    overdue, left = ((eta or {}).get("overdue_s") or {}).get(key), (eta or {}).get(f"{key}_s")
+    return f"overdue {duration(overdue)}" if overdue is not None else unknown if left is None else duration(left)
+
+
 def window_line(name: str, phase_step: int, total: int, losses: dict, scalars: dict, eta_phase_s: float,
                 eta_run_s: float) -> str:
     """The trainer's log line for one window (``scalars``: train/images_per_s, train/data_wait_frac, train/lr,
@@ -86,8 +93,9 @@ def format_status(status: dict) -> str:
     eta = s.get("eta")
     if eta:
         at = time.strftime("%Y-%m-%d %H:%M", time.localtime(eta["finish_at"])) if eta.get("finish_at") else "?"
-        lines.append(f"eta        phase {duration(eta.get('phase_s'))} | run {duration(eta.get('run_s'))} "
-                     f"(about {at})")
+        lines.append(f"eta        phase {eta_text(eta, 'phase')} | run {eta_text(eta, 'run')} " +
+                     (f"(the ETA {PROGRESS} gave has passed: slower than its last window said, a busy machine or a "
+                      f"long validation, or stuck)" if "run" in (eta.get("overdue_s") or {}) else f"(about {at})"))
     ck = s.get("checkpoint")
     behind = (ck and s["state"] in ("crashed or killed", "stopped", "preempted")
               and isinstance(ck.get("global_step"), int) and isinstance(pos.get("global_step"), int)
@@ -128,9 +136,8 @@ def format_table(statuses: list[dict]) -> str:
                  else pos.get("stage") or ("done" if pos else "-"))
         step = f"{pos.get('global_step')}/{number(pos.get('total_steps'), '')}" if pos else "-"
         speed = (s.get("speed") or {}).get("images_per_s")
-        eta = (s.get("eta") or {}).get("run_s")
         rows.append((s["run_dir"], s["state"].upper(), phase, step, "-" if speed is None else f"{speed:.1f}",
-                     "-" if eta is None else duration(eta),
+                     eta_text(s.get("eta"), "run", "-"),
                      f"{duration(prog['age_s'])} ago" if prog.get("age_s") is not None else "-",
                      _lowest_gain(s.get("last_val")),
                      f"{best.get('metric', 'lpips').upper()} {best['value']:.4f} @ {best.get('phase') or 'step'} "

@@ -209,6 +209,20 @@ def validations_left(config: dict | None, position: dict | None) -> tuple[int, i
     return (counts[0] if counts else 0), sum(counts)
 
 
+def eta_from_now(phase_s: float | None, run_s: float | None, age_s: float, now: float) -> dict:
+    """progress.json's seconds left in the phase and the run (as of its writing, ``age_s`` ago), counted from now.
+    One that has passed is not 0 s (status said "eta 0s" for a live run with half its steps left: it went slower
+    than its last window, on a busy machine or in a long validation, or it is stuck): it is None, and
+    ``overdue_s`` says by how long it has passed."""
+    eta, overdue = {}, {}
+    for key, left in (("phase", phase_s), ("run", run_s)):
+        eta[f"{key}_s"] = left - age_s if left is not None and left >= age_s else None
+        if left is not None and left < age_s:
+            overdue[key] = age_s - left
+    eta["finish_at"] = now + eta["run_s"] if eta["run_s"] is not None else None
+    return {**eta, "overdue_s": overdue} if overdue else eta
+
+
 def with_validations(phases: list[dict], index: int, phase_step: int, eta_phase_s: float, eta_run_s: float,
                      val_s: float | None) -> tuple[float, float]:
     """The trainer's ETAs (the steps left at the step time) with the validations left at ``val_s`` each (its
