@@ -456,6 +456,39 @@ def test_several_runs_or_a_sweeps_folder_give_one_line_each(tmp_path, capsys, no
     assert cli("status", str(sweep / "empty")) == 2 and "is not a run folder" in capsys.readouterr().err
 
 
+def test_the_runs_of_a_sweep_are_told_apart_by_the_config_values_that_differ(tmp_path, capsys, no_flock):
+    """`status runs/` showed batch, crop, precision and steps at most: a sweep's runs over lr or a loss weight
+    looked the same. Now the table ends with the config values that differ between the runs (config.yaml's, by
+    the shortest names that stay unambiguous: every phase here has an lr, only gan a w_adv), a few at most."""
+    from dist_dejpeg.run.sweep import short_names
+    from dist_dejpeg.run.text import format_table
+
+    sweep = tmp_path / "runs"
+    sweep.mkdir()
+    for i, (lr, w_adv, extra) in enumerate([(1e-3, 0.01, ""), (5e-3, 0.01, ""), (1e-3, 0.5, "  seed: 3\n")]):
+        fake_run(sweep / f"sweep-{i}", [["gen", 30, 0.0035]])
+        (sweep / f"sweep-{i}" / "config.yaml").write_text(
+            f"train:\n  run_dir: {sweep / f'sweep-{i}'}\n{extra}  order: [gen, critic, gan]\n  phases:\n"
+            f"    gen: {{steps: 30, lr: {lr}}}\n    critic: {{steps: 10, lr: 1.0e-4}}\n"
+            f"    gan: {{steps: 40, lr: 1.0e-5, w_adv: {w_adv}}}\n")
+    assert cli("status", str(sweep)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("config differs"), lines[0]
+    assert [line.split("  ")[-1].strip() for line in lines[1:]] == [
+        "w_adv=0.01 gen.lr=0.001 seed=-", "w_adv=0.01 gen.lr=0.005 seed=-", "w_adv=0.5 gen.lr=0.001 seed=3"]
+    from dist_dejpeg.run.sweep import with_differences  # (for `status --json`'s list: cli_use.status_command)
+
+    listed = with_differences([st.run_status(sweep / f"sweep-{i}") for i in (1, 2)] + [{"run_dir": "x", "error": "e"}])
+    assert [s.get("config_differs") for s in listed] == [
+        {"train.phases.gan.w_adv": 0.01, "train.phases.gen.lr": 0.005, "train.seed": None},
+        {"train.phases.gan.w_adv": 0.5, "train.phases.gen.lr": 0.001, "train.seed": 3}, None]
+    statuses = [st.run_status(sweep / f"sweep-{i}") for i in (0, 0)]  # (one config twice: no column)
+    assert not format_table(statuses).splitlines()[0].endswith("config differs")
+    many = {f"train.phases.gen.w_{i}": 1 for i in range(6)}
+    assert short_names(["train.phases.gen.lr", "data.crop"], ["train.phases.gan.lr", "data.val_crop", *many]) == {
+        "train.phases.gen.lr": "gen.lr", "data.crop": "crop"}
+
+
 def test_best_is_the_gan_phases_and_a_random_backbone_lpips_says_so(tmp_path, no_flock):
     """'best validation LPIPS 0.0035 at gen step 30': best is the generator the gan phase keeps (the gen phase
     keeps its last one). And a random-init LPIPS (configs/debug.yaml) was shown as if it were LPIPS."""

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from dist_dejpeg.run.layout import CONFIG, PROGRESS
+from dist_dejpeg.run.sweep import differs_column
 
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: no name or model metadata needs one
@@ -124,11 +125,13 @@ def format_status(status: dict) -> str:
 
 def format_table(statuses: list[dict]) -> str:
     """One line per run (``status RUN RUN ...``, a sweep's folder): state, position, speed, ETA, the gain at the
-    lowest validated quality, the best validation and how many warnings ``status RUN`` would show; a path that is
-    no run (``{"error": ...}``) is left to the caller to say."""
-    head = ("run", "state", "phase", "step", "images/s", "eta", "updated", "last val gain", "best", "warnings")
+    lowest validated quality, the best validation, how many warnings ``status RUN`` would show, and the config
+    values that differ between the runs (run/sweep.py: a sweep's runs told apart; a few, by short names); a path
+    that is no run (``{"error": ...}``) is left to the caller to say."""
+    head = ("run", "state", "phase", "step", "images/s", "eta", "updated", "last val gain", "best", "warnings",
+            "config differs")
     rows = []
-    for s in statuses:
+    for s, differs in zip(statuses, differs_column(statuses)):
         if "error" in s:
             continue
         pos, prog, best = s.get("position") or {}, s.get("progress") or {}, s.get("best")
@@ -141,7 +144,9 @@ def format_table(statuses: list[dict]) -> str:
                      f"{duration(prog['age_s'])} ago" if prog.get("age_s") is not None else "-",
                      _lowest_gain(s.get("last_val")),
                      f"{best.get('metric', 'lpips').upper()} {best['value']:.4f} @ {best.get('phase') or 'step'} "
-                     f"{best['step']}" if best else "-", str(len(s.get("warnings") or []))))
+                     f"{best['step']}" if best else "-", str(len(s.get("warnings") or [])), visible(differs)))
+    if not any(r[-1] for r in rows):  # (one run, or runs of one config)
+        head, rows = head[:-1], [r[:-1] for r in rows]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]) if rows else ""
 
