@@ -312,7 +312,9 @@ def status_command(args: argparse.Namespace) -> int:
     one = len(args.run_dirs) == 1 and not (given.is_dir() and not is_run_folder(given)
                                            and not (given / TRAINER_STATE).is_file())
     if args.json and not one:
-        print(json.dumps(statuses, indent=2))
+        from dist_dejpeg.run.sweep import with_differences
+
+        print(json.dumps(with_differences(statuses), indent=2))
         return 2 if any("error" in s for s in statuses) else 0
     if len(statuses) == 1 and "error" not in statuses[0]:
         print(json.dumps(statuses[0], indent=2) if args.json else format_status(statuses[0]))

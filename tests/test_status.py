@@ -476,6 +476,9 @@ def test_the_runs_of_a_sweep_are_told_apart_by_the_config_values_that_differ(tmp
     assert lines[0].endswith("config differs"), lines[0]
     assert [line.split("  ")[-1].strip() for line in lines[1:]] == [
         "w_adv=0.01 gen.lr=0.001 seed=-", "w_adv=0.01 gen.lr=0.005 seed=-", "w_adv=0.5 gen.lr=0.001 seed=3"]
+    assert cli("status", "--json", str(sweep)) == 0  # (the command's list carries them too)
+    assert [s["config_differs"]["train.phases.gen.lr"] for s in json.loads(capsys.readouterr().out)] == [
+        0.001, 0.005, 0.001]
     from dist_dejpeg.run.sweep import with_differences  # (for `status --json`'s list: cli_use.status_command)
 
     listed = with_differences([st.run_status(sweep / f"sweep-{i}") for i in (1, 2)] + [{"run_dir": "x", "error": "e"}])
