@@ -611,34 +611,3 @@ def test_a_clipped_graphics_decode_is_still_its_files_own():
         data = _jpeg(horse, q)
         assert is_decode_of(_decoded(data), read_cells(data)), q
     assert not is_decode_of(255 - _decoded(data), read_cells(data))  # (another image still is not)
-
-
-def test_libjpegs_messages_go_to_the_debug_log_not_the_processs_stderr(capfd, caplog, monkeypatch):
-    """jpeglib keeps libjpeg's default error manager: a JPEG with 3 stray bytes before its scan printed "Corrupt JPEG
-    data: 3 extraneous bytes before marker 0xda" to fd 2 three times (once a pass) for each upload a service took,
-    where Pillow is silent. Now it is logged once at debug level; an unreadable file's reason carries libjpeg's own
-    words; and a line another thread writes to stderr while the coefficients are read comes out after them."""
-    import jpeglib
-
-    data = _jpeg(skimage.data.astronaut()[:64, :64], 50)
-    sos = data.index(b"\xff\xda")
-    corrupt = data[:sos] + b"\x00\x01\x02" + data[sos:]
-    read = jpeglib.read_dct
-
-    def meanwhile(*args, **kwargs):  # another thread's line, written to fd 2 while the file is read
-        import os
-
-        os.write(2, b"another thread's line\n")
-        return read(*args, **kwargs)
-
-    monkeypatch.setattr(jpeglib, "read_dct", meanwhile)
-    capfd.readouterr()
-    with caplog.at_level(logging.DEBUG, logger="dist_dejpeg.jpeg.consistency"):
-        cells = read_cells(corrupt)
-    err = capfd.readouterr().err
-    assert cells.width == 64 and "Corrupt JPEG" not in err and err.count("another thread's line\n") == 1
-    said = [r.getMessage() for r in caplog.records if "libjpeg" in r.getMessage()]
-    assert said == ["libjpeg, reading a JPEG's coefficients: Corrupt JPEG data: 3 extraneous bytes before marker 0xda"]
-    with pytest.raises(NotConsistent, match="libjpeg: Not a JPEG file: starts with 0x6e 0x6f"):
-        read_cells(b"not a jpeg at all")
-    assert "Not a JPEG" not in capfd.readouterr().err

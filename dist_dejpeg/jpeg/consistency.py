@@ -23,10 +23,8 @@ the pixels each sample covers: with averaging's rows orthogonal and of equal wei
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -75,16 +73,6 @@ _UNDO = {**_ORIENT, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
 DECODE_TOLERANCE = (16.0, 48)  # is_decode_of: an 8x8 block's mean move and a pixel's, in levels
 LIBJPEG = "turbo210"  # the libjpeg jpeglib reads with: libjpeg-turbo, as Pillow's wheels decode
 _READ = threading.Lock()  # jpeglib's reader: one file at a time (its library state is process-wide)
-# The starts of libjpeg's messages (jerror.h: its warnings on corrupt data, its errors), which jpeglib, keeping libjpeg's
-# default error manager (no hook to give it another), prints to the process's stderr (fd 2) on each of its three
-# passes over a file ("Corrupt JPEG data: 3 extraneous bytes before marker 0xda", three times; Pillow silences them):
-# _libjpeg_said catches them for the debug log (an error's: its NotConsistent reason) while jpeglib reads.
-LIBJPEG_SAYS = (b"Corrupt JPEG data", b"Premature end of JPEG file", b"Not a JPEG file", b"Warning: ", b"Invalid ",
-                b"Bogus ", b"Unsupported ", b"Inconsistent progression", b"Unknown Adobe", b"Application transferred",
-                b"Huffman table", b"Quantization table", b"Improper call", b"Empty JPEG", b"Sampling factors",
-                b"Maximum supported", b"Didn't expect", b"Requested features", b"Insufficient memory",
-                b"Wrong JPEG library", b"Image too wide", b"JPEG datastream contains no image", b"Missing Huffman",
-                b"Arithmetic table", b"Component index", b"Scan script", b"Suspension not allowed", b"Backing store")
 
 
 @dataclass(frozen=True)
@@ -145,9 +133,8 @@ def read_cells(source: str | os.PathLike | bytes) -> JpegCells:
                 return read_cells(path)
         except OSError as err:  # (a full disk: the image is kept as the model made it)
             raise NotConsistent(f"its bytes cannot be written for jpeglib ({err})") from None
-    said: list[bytes] = []
     try:
-        with _READ, _libjpeg_said(said):
+        with _READ:
             jpeglib.version.set(LIBJPEG)  # (6b, its default, refuses arithmetic coding, which Pillow reads)
             jpeg = jpeglib.read_dct(str(source))
             space = getattr(jpeg.jpeg_color_space, "name", str(jpeg.jpeg_color_space))
@@ -160,11 +147,7 @@ def read_cells(source: str | os.PathLike | bytes) -> JpegCells:
     except NotConsistent:
         raise
     except Exception as err:  # noqa: BLE001 - jpeglib raises OSError, ValueError, ... for what libjpeg refuses
-        libjpeg = f"; libjpeg: {said[-1].decode(errors='replace')}" if said else ""  # (its own words: the cause)
-        raise NotConsistent(f"its JPEG coefficients cannot be read ({type(err).__name__}: {err}{libjpeg})") from None
-    finally:
-        for message in dict.fromkeys(said):  # (each pass's: once)
-            log.debug("libjpeg, reading a JPEG's coefficients: %s", message.decode(errors="replace"))
+        raise NotConsistent(f"its JPEG coefficients cannot be read ({type(err).__name__}: {err})") from None
     v_max, h_max = factors[: len(coefficients)].max(axis=0)
     planes = []
     for i, coef in enumerate(coefficients):
@@ -173,40 +156,6 @@ def read_cells(source: str | os.PathLike | bytes) -> JpegCells:
             raise NotConsistent(f"chroma sampling {factors.tolist()} is not a whole ratio")
         planes.append(Plane(np.asarray(coef), tables[numbers[i]], (int(v_max // v), int(h_max // h))))
     return JpegCells(height, width, tuple(planes))
-
-
-@contextlib.contextmanager
-def _libjpeg_said(said: list[bytes]):
-    """The process's stderr (fd 2) sent to a temporary file for the block (jpeglib's read, under _READ); libjpeg's
-    lines in it (LIBJPEG_SAYS) appended to ``said``, any other (another thread's, written meanwhile) written back to
-    stderr after it. Where fd 2 cannot be duplicated (closed), the block runs as it is."""
-    with contextlib.suppress(AttributeError, OSError, ValueError):
-        sys.stderr.flush()  # (Python's own buffered lines: out before the switch)
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with tempfile.TemporaryFile() as caught:
-            os.dup2(caught.fileno(), 2)
-            try:
-                yield
-            finally:
-                with contextlib.suppress(AttributeError, OSError, ValueError):
-                    sys.stderr.flush()
-                os.dup2(saved, 2)
-                caught.seek(0)
-                others = []
-                for line in caught.read().splitlines(keepends=True):
-                    if line.startswith(LIBJPEG_SAYS):
-                        said.append(line.rstrip())
-                    else:
-                        others.append(line)
-                if others:
-                    os.write(2, b"".join(others))
-    finally:
-        os.close(saved)
 
 
 def cells_of(source: str | os.PathLike | bytes) -> tuple[JpegCells | None, str]:

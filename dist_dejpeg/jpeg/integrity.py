@@ -1,7 +1,7 @@
 """Whether a JPEG file's entropy-coded data is whole: what libjpeg only warns of ("Corrupt JPEG data: premature end
 of data segment", "N extraneous bytes before marker"), filling what is missing with zero coefficients (flat grey
-128), and Pillow and jpeglib keep to themselves (Pillow silences libjpeg's messages; jpeglib's stderr ones,
-jpeg/consistency.py keeps for its debug log). Torch-free; from the file's bytes (and, for a sequential Huffman JPEG, the coefficients
+128), and Pillow and jpeglib keep to themselves (Pillow silences libjpeg's messages; jpeglib lets them go to
+stderr, with no file name). Torch-free; from the file's bytes (and, for a sequential Huffman JPEG, the coefficients
 libjpeg decoded from them).
 
 ``structure_problem`` (before decoding, from the markers alone): a Huffman JPEG's scans hold at least one bit per
