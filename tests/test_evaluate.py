@@ -602,6 +602,38 @@ def test_images_the_model_trained_on_are_named_in_the_tables_and_the_report(tmp_
         assert "seen in training" not in (tmp_path / "eval2" / "metrics.md").read_text()
 
 
+def test_same_named_shards_of_two_folders_stay_two_in_the_training_record(tmp_path):
+    """train_glob **/train-*.tar over partA/ and partB/ with the same file names: the generator file's record keys
+    each shard by its path in data.root (it kept one of each name, so evaluate missed the other folder's training
+    photos), evaluate matches either, and the validation fingerprint sees a change to either one."""
+    import tarfile
+
+    from dist_dejpeg.config import Config, DataConfig
+    from dist_dejpeg.evaluation.references import Reference, seen_in_training
+    from dist_dejpeg.models.generator_file import training_shards
+    from dist_dejpeg.models.names import TRAIN_SHARDS
+    from dist_dejpeg.train.data_checks import val_fingerprint
+
+    for part, names in (("partA", range(4)), ("partB", range(2))):
+        (tmp_path / "multi" / part).mkdir(parents=True)
+        for i in names:
+            for split in ("train", "val"):
+                (tmp_path / "multi" / part / f"{split}-00000{i}.tar").write_bytes(f"{part} {split} {i}".encode())
+    record = json.loads(training_shards(DataConfig(root=str(tmp_path), train_glob="**/train-*.tar"))[TRAIN_SHARDS])
+    assert len(record) == 6 and "multi/partB/train-000000.tar" in record, record
+    shard = tmp_path / "multi" / "partB" / "train-000001.tar"
+    refs = [Reference("b1", f"{shard.name}:k", shard, tarfile.TarInfo("k.png"))]
+    assert seen_in_training([str(shard)], refs, record) == {
+        "images": 1, "shards": ["multi/partB/train-000001.tar"], "photos": []}
+    assert seen_in_training([str(shard)], refs, {shard.name: "0:other"}) == {}  # an older file's name key
+    old = {shard.name: record["multi/partB/train-000001.tar"]}  # older files keyed shards by file name: still read
+    assert seen_in_training([str(shard)], refs, old) == {"images": 1, "shards": [shard.name], "photos": []}
+    cfg = Config(data=DataConfig(root=str(tmp_path), val_glob="**/val-*.tar"))
+    before = val_fingerprint(cfg)
+    (tmp_path / "multi" / "partA" / "val-000000.tar").write_bytes(b"changed")
+    assert val_fingerprint(cfg) != before
+
+
 def test_a_quoted_glob_finds_upper_case_suffixes_as_a_folder_search_does(tmp_path):
     import skimage.data
 

@@ -11,7 +11,7 @@ import hashlib
 import io
 import logging
 import tarfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import numpy as np
@@ -145,13 +145,21 @@ def seen_in_training(images: list[str], refs: list[Reference], train_shards: dic
     """The references the model trained on: read from its training shards (files of the name and fingerprint its
     generator file records), or the very photos those were cut from (``train_sources``: the same pixels, or a
     DIV2K image's file bytes, whatever the file's name): gains measured on them overstate what photos it never saw
-    get. {"images": how many, "shards": their names, "photos": the photos' names in training}, or {} where none is
-    (or the model file does not say what it trained on)."""
+    get. {"images": how many, "shards": their names in the record (paths in data.root), "photos": the photos'
+    names in training}, or {} where none is (or the model file does not say what it trained on)."""
     if not train_shards and not train_sources:
         return {}
-    seen = sorted({p.name for p in _input_paths(images) if p.suffix.lower() == ".tar" and p.name in (train_shards or {})
-                   and shard_fingerprint(p) == train_shards[p.name]})
-    in_shards = [r.source.split(":")[0] in seen for r in refs]
+    by_name: dict[str, list[tuple[str, str]]] = {}  # file name: (record key, fingerprint); keys are paths in data.root
+    for key, fingerprint in (train_shards or {}).items():  # (or, in older files, file names)
+        by_name.setdefault(PurePosixPath(key).name, []).append((key, fingerprint))
+    found = {}  # input shard: the record's key of that file (a copy: the same name and fingerprint)
+    for p in _input_paths(images):
+        if p.suffix.lower() == ".tar" and p.name in by_name:
+            fingerprint = shard_fingerprint(p)
+            if key := next((k for k, f in by_name[p.name] if f == fingerprint), None):
+                found[p] = key
+    seen = sorted(set(found.values()))
+    in_shards = [r.member is not None and r.path in found for r in refs]
     photos = {r.name: train_sources[d] for r, shard in zip(refs, in_shards) if not shard
               for d in r.digests if d in (train_sources or {})}
     count = sum(in_shards) + len(photos)

@@ -23,7 +23,8 @@ from dist_dejpeg.config import ConfigError, ModelConfig, load_config
 # torch-free home of these (the ONNX runtime uses them too)
 from dist_dejpeg.models.names import (DIGEST_CHARS, ENCODER_RESOLVED, OWN_HUB, TRAIN_SHARDS, TRAIN_SOURCES,
                                       TRUST_ENCODER, ModelFileError, file_encoder_resolved, file_gains,
-                                      file_train_shards, file_train_sources, shard_fingerprint, trusted_encoder)
+                                      file_train_shards, file_train_sources, shard_fingerprint, shard_key,
+                                      trusted_encoder)
 from dist_dejpeg.models.layers import fold_batch_norms
 from dist_dejpeg.models.unet import Generator, build_generator
 from dist_dejpeg.models.weights import encoder_resolved, source_missing
@@ -72,13 +73,14 @@ def non_finite(state: dict) -> str:
 
 
 def training_shards(data_cfg) -> dict[str, str]:
-    """The generator file's record of the shards it trained on (``data.root`` / ``data.train_glob``: {file name:
-    fingerprint}), by which evaluate and report tell images it saw from images it never saw; {} where they are
+    """The generator file's record of the shards it trained on (``data.root`` / ``data.train_glob``: {shard_key,
+    its path relative to data.root: fingerprint}), by which evaluate and report tell images it saw from images it never saw; {} where they are
     gone."""
     from dist_dejpeg.data.shards import list_shards, read_manifest
 
     try:
-        prints = {Path(p).name: shard_fingerprint(p) for p in list_shards(data_cfg.root, data_cfg.train_glob)}
+        prints = {shard_key(p, data_cfg.root): shard_fingerprint(p)
+                  for p in list_shards(data_cfg.root, data_cfg.train_glob)}
     except OSError:  # (FileNotFoundError: no shards there any more)
         return {}
     try:  # the photos they were cut from, where the folder's manifest (prepare's) names them

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+from pathlib import PurePath
 
 ONNX_FORMAT = "dist_dejpeg.onnx.v1"
 INSTALL_HINT = "pip install -e '.[onnx]'"  # as the README installs extras
@@ -97,8 +99,17 @@ def file_gains(meta: dict, source: str = "") -> dict[str, dict[int, float]]:
     return tables
 
 
-# the generator file's (and the export's) metadata key of the shards the model trained on: {file name: fingerprint}
+# the generator file's (and the export's) metadata key of the shards the model trained on: {shard_key: fingerprint}
+# (files written before 2027-01 key them by file name alone, which merged same-named shards of two folders)
 TRAIN_SHARDS = "train_shards"
+
+
+def shard_key(path, root) -> str:
+    """How the record of a run's shards names one: its path relative to ``data.root``, with '/' (its file name where
+    the shards lie flat in the root, as older records named every shard), so that ``partA/train-000000.tar`` and
+    ``partB/train-000000.tar`` stay two; the path as given where it lies outside the root (an absolute glob)."""
+    rel = os.path.relpath(path, root)
+    return PurePath(path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel).as_posix()
 
 
 def shard_fingerprint(path) -> str:
@@ -114,7 +125,8 @@ def shard_fingerprint(path) -> str:
 
 
 def file_train_shards(meta: dict, source: str = "") -> dict[str, str]:
-    """{shard file name: :func:`shard_fingerprint`} of the shards a model file says it trained on; {} where it does
+    """{:func:`shard_key` (older files: the file name): :func:`shard_fingerprint`} of the shards a model file says it
+    trained on; {} where it does
     not say (files written before it did, exports of those, or files written by hand); a malformed table is a
     ModelFileError prefixed with ``source``."""
     return _names(meta, TRAIN_SHARDS, source)
