@@ -545,6 +545,36 @@ def test_a_source_named_encoder_without_a_usable_record_says_what_is_missing(tmp
         generator_file._build_and_load(ModelConfig(encoder="hf-hub:someorg/net@v2"), {}, "m")
 
 
+def test_a_record_with_model_args_says_so_when_its_folder_is_gone_and_training_warns(tmp_path):
+    """A local-dir: folder whose config.json has model_args: the file's record cannot stand in for it (the args are
+    built from the source as named), so without the folder the error says that, not "a generator file saved before
+    dist_dejpeg recorded the architecture", and training warns at the start that the file will need the folder (it
+    said nothing: local-dir: is trusted); a record without model_args needs no note."""
+    from dist_dejpeg.models.generator_file import ModelFileError, load_model
+    from dist_dejpeg.models.names import ENCODER_RESOLVED
+    from dist_dejpeg.train.build import source_note
+
+    folder = tmp_path / "enc"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architecture": "mobilenetv3_small_050", "num_classes": 10,
+                                                    "pretrained_cfg": {}, "model_args": {"drop_path_rate": 0.1}}))
+    cfg = ModelConfig(encoder=f"local-dir:{folder}", pretrained=False, decoder_width=WIDTH, encoder_depth=3)
+    save_generator(_generator(encoder=cfg.encoder, encoder_depth=3), cfg, tmp_path / "g.safetensors")
+    record = json.loads(read_metadata(tmp_path / "g.safetensors")[ENCODER_RESOLVED])
+    assert record["model_args"] == {"drop_path_rate": 0.1}
+    note = source_note(cfg.encoder, record)
+    assert note.startswith(f"model.encoder {cfg.encoder}: this run's generator file will load") and \
+        "only where that folder is there (its model_args (drop_path_rate) are read from there)" in note, note
+    assert "TRUST" not in note and source_note(cfg.encoder, {**record, "model_args": {}}) == ""
+    assert "and only with DIST_DEJPEG_TRUST_ENCODER=1 set" in source_note("hf-hub:someorg/net", record)
+    assert source_note("mobilenetv3_small_050", None) == ""
+    folder.rename(tmp_path / "gone")
+    with pytest.raises(ModelFileError, match=r"the file records the architecture, but its source config's "
+                       r"model_args \(drop_path_rate\) are built from the source as named") as err:
+        load_model(tmp_path / "g.safetensors")
+    assert "saved before" not in str(err.value)
+
+
 def test_export_of_a_checkpoint_records_the_shards_the_run_trained_on(tmp_path, monkeypatch, sample_shards):
     """`export --model runs/x/checkpoints/step-N` (and evaluate, report) read the run's `data.root` against the
     current folder: from another folder it recorded no shards, or another set's that sat at that relative path.

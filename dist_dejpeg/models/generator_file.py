@@ -148,7 +148,8 @@ def _build_and_load(model_cfg: ModelConfig, state: dict, source: str, from_file:
     and load ``state`` strictly; an encoder this timm cannot build or weights that do not fit are a ModelFileError.
     The build's random init draws from a fork of torch's CPU generator: loading leaves the caller's stream as it was."""
     model_cfg = dataclasses.replace(model_cfg, pretrained=False, encoder_weights="")
-    resolved = resolved if resolved and not resolved["model_args"] else None  # (model_args: from the source, as named)
+    record, resolved = resolved, resolved if resolved and not resolved["model_args"] else None  # (model_args: from
+    # the source, as named)
     if from_file and not resolved and not trusted_encoder(model_cfg.encoder):  # (a stranger's file would have timm
         # fetch from a hub repository it names; a checkpoint's is its run's own config)
         raise ModelFileError(f"{source}: its encoder '{model_cfg.encoder}' is built from a Hugging Face repository it "
@@ -163,7 +164,7 @@ def _build_and_load(model_cfg: ModelConfig, state: dict, source: str, from_file:
         if ":" not in name and timm.is_model(name):  # timm knows the encoder: the config's other keys did not build
             raise ModelFileError(f"{source}: the generator its model config describes cannot be built (encoder "
                                  f"'{name}'; {type(err).__name__}: {err})") from None
-        if not resolved and (missing := source_missing(name)):  # (not a timm version's doing: its source is gone)
+        if not resolved and (missing := source_missing(name, record["model_args"] if record else None)):  # (not a timm version's doing: its source is gone)
             raise ModelFileError(f"{source}: {missing} ({type(err).__name__}: {err})") from None
         raise ModelFileError(f"{source}: the model's encoder '{model_cfg.encoder}' cannot be built by the installed "
                              f"timm {timm.__version__} ({type(err).__name__}: {err}); install the timm version "

@@ -104,17 +104,21 @@ def encoder_resolved(encoder: nn.Module, name: str, depth: int = 0) -> dict | No
         return None
 
 
-def source_missing(name: str) -> str | None:
+def source_missing(name: str, model_args: dict | None = None) -> str | None:
     """Why timm cannot resolve the source-prefixed encoder ``name`` here, in words with what to do: its local-dir:
     folder lacks config.json, or its hf-hub: repository's config.json is not in the Hugging Face cache (and could not
-    be fetched); None for another name, or where the source is there (the build failed otherwise)."""
+    be fetched); None for another name, or where the source is there (the build failed otherwise). ``model_args``:
+    those of the file's :func:`encoder_resolved` record, which therefore could not stand in for the source (None:
+    the file has no record)."""
     import timm
 
     try:
         source, where = timm.models.parse_model_name(name)
     except (ValueError, AttributeError):
         return None
-    file = "a generator file saved before dist_dejpeg recorded the architecture an encoder name resolves to"
+    file = ("a generator file saved before dist_dejpeg recorded the architecture an encoder name resolves to"
+            if model_args is None else "the file records the architecture, but its source config's model_args ("
+            + ", ".join(sorted(model_args)[:4]) + ") are built from the source as named")
     if source == "local-dir" and not (Path(where) / "config.json").is_file():
         return (f"its encoder '{name}' is built from {Path(where) / 'config.json'} (timm's architecture for it), "
                 f"which is not there ({file}): copy that folder there from the machine it was trained on")

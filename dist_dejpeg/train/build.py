@@ -213,6 +213,19 @@ class Parts:
     compile_watch: CompileWatch  # did compiling work (the first step says), or did the models fall back to eager
 
 
+def source_note(encoder: str, resolved: dict | None) -> str:
+    """What a source-named ``encoder`` (local-dir:, hf-hub:) means for the run's generator file where its
+    encoder_resolved record (``resolved``) cannot stand in for the source: one with model_args, or none; "" else."""
+    if ":" not in encoder or (resolved and not resolved["model_args"]):  # (the record builds it, unfetched)
+        return ""
+    why = (f"its model_args ({', '.join(sorted(resolved['model_args']))}) are read from there" if resolved else
+           "the architecture it resolves to cannot be recorded")
+    where = "that folder is there" if encoder.startswith("local-dir:") else \
+        "that hub repository can be fetched or is in the Hugging Face cache"
+    return (f"model.encoder {encoder}: this run's generator file will load (restore, evaluate, export) only where "
+            f"{where} ({why})" + ("" if trusted_encoder(encoder) else f", and only with {TRUST_ENCODER}=1 set"))
+
+
 def build_parts(cfg: Config, acc: Accelerator) -> Parts:
     """Seed, build the generator (and the critic when a phase trains it) and their AdamWs, compile them if asked,
     ``prepare`` them once, then the LPIPS networks. ``cfg``: the effective config from build_accelerator."""
@@ -233,12 +246,8 @@ def build_parts(cfg: Config, acc: Accelerator) -> Parts:
         except EncoderError as err:  # one line for the user, as any config error
             raise ConfigError(f"config key 'model.encoder': {err}") from None
     resolved = encoder_resolved(generator.encoder, cfg.model.encoder, cfg.model.encoder_depth)
-    if not trusted_encoder(cfg.model.encoder) and (not resolved or resolved["model_args"]):  # (the generator file's
-        # record of the architecture, without model_args, builds it unfetched: a stranger's repository is not fetched)
-        warn_on_main(acc.is_main_process)("model.encoder %s: this run's generator file will load (restore, evaluate, "
-                                          "export) only with %s=1 set (%s)", cfg.model.encoder, TRUST_ENCODER,
-                                          "its model_args are taken from the repository" if resolved else
-                                          "the architecture it resolves to cannot be recorded")
+    if note := source_note(cfg.model.encoder, resolved):
+        warn_on_main(acc.is_main_process)("%s", note)
     global_bn = cfg.model.sync_bn and acc.num_processes > 1  # (batch norm over the global batch: one crop a rank)
     for note in generator_notes(generator, cfg.data, global_bn):  # (a crop it cannot train on: a ConfigError)
         warn_on_main(acc.is_main_process)("%s", note)
