@@ -92,7 +92,10 @@ def test_each_record_line_says_the_tiling_device_and_precision_the_pixels_depend
     from dist_dejpeg.restore.record import restorer_settings
 
     real = Restorer(_model(), device="cpu", tile=128, overlap=32, guard=False)
-    assert restorer_settings(real) == {"tile": 128, "overlap": 32, "device": "cpu", "precision": "fp32"}
+    import torch
+
+    assert restorer_settings(real) == {"tile": 128, "overlap": 32, "batch_size": 1, "threads": torch.get_num_threads(),
+                                       "device": "cpu", "precision": "fp32"}
     restorer.tile, restorer.overlap, restorer.bf16 = 256, 48, True
     Image.fromarray(_photo(40, 48)).save(tmp_path / "a.jpg", quality=20)
     restore_files(restorer, [str(tmp_path / "a.jpg")], tmp_path / "out", progress=False, record=tmp_path / "r.jsonl")

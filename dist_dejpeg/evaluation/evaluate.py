@@ -195,7 +195,7 @@ def evaluate(model, images: list[str], qualities: list[int], out_dir: str | Path
             "psnr_b": PSNRB_CONVENTIONS["kair"], "crop_border": crop_border, "unavailable": metric.unavailable,
             "undefined": metric.undefined,
             "lpips": _lpips_label(metric.lpips),
-            **restorer_settings(restorer),  # device, tile, overlap, precision: as restore's record has them
+            **restorer_settings(restorer),  # tile, overlap, batch size, threads, ...: as restore's record has them
             "quality_given": not blind, "conditioned": restorer.conditioned, "guard": restorer.guard and not blind,
             # (jpeglib missing: nothing was made consistent, whatever the restorer asked)
             "consistent_with_file": getattr(restorer, "consistent", True) and not jpeglib_missing(),

@@ -11,7 +11,8 @@ earlier restore's output a search found, failed, not begun: the disk was full or
 ``error``, ``seconds``, ``model``, and what the restored pixels depend on beside the model and the photo: ``tile``,
 ``overlap`` (the generator's group norm and keep_mean act per tile: another tiling gives other pixels, a few levels
 apart; the same tiling gives the same, up to a level in a few pixels at another batch size or thread count: float
-rounding, oneDNN's kernels), ``device`` and ``precision``. Its suffix
+rounding, oneDNN's kernels), ``batch_size``, ``threads`` (torch's intra-op threads; None for an ONNX model),
+``device`` and ``precision``. Its suffix
 is no image's: a later search of the folder never reads it as one.
 
 The record is a side write: a line that cannot be written (a full disk, a quota) is logged once with its reason and
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from dist_dejpeg.run.files import append_line
 log = logging.getLogger(__name__)
 
 RECORD_NAME = "restore-record.jsonl"  # in the output folder: no image suffix, never an input of a later search
-SETTINGS = ("tile", "overlap", "device", "precision")  # each line's: how it was restored (restorer_settings)
+SETTINGS = ("tile", "overlap", "batch_size", "threads", "device", "precision")  # each line's: how it was restored (restorer_settings)
 
 
 def status(result) -> str:
@@ -59,17 +61,20 @@ def size_of(path: str) -> int | None:
 
 
 def restorer_settings(restorer) -> dict:
-    """A restorer's tile, overlap, device and precision, as each record line has them (None: one it lacks)."""
+    """A restorer's tile, overlap, batch size, thread count, device and precision, as each record line has them
+    (None: one it lacks)."""
     device, bf16 = getattr(restorer, "device", None), getattr(restorer, "bf16", False)  # (ONNX: float32 alone)
+    torch = sys.modules.get("torch") if hasattr(restorer, "bf16") else None  # (a PyTorch restorer imported it)
     return {"tile": getattr(restorer, "tile", None), "overlap": getattr(restorer, "overlap", None),
+            "batch_size": getattr(restorer, "batch_size", None), "threads": torch.get_num_threads() if torch else None,
             "device": None if device is None else str(device),
             "precision": ("bf16" if bf16 else "fp32") if hasattr(restorer, "tile") else None}
 
 
 class Record:
     """Appends one line per finished RestoreResult to ``path`` (None: a record that writes nothing); ``model``: what
-    restored (the restorer's model file); ``settings``: restorer_settings' (tile, overlap, device, precision), on
-    every line. Each result is written once, whatever calls ``add`` again."""
+    restored (the restorer's model file); ``settings``: restorer_settings' (tile, overlap, batch size, threads,
+    device, precision), on every line. Each result is written once, whatever calls ``add`` again."""
 
     def __init__(self, path: str | Path | None, model: str | None = None, settings: dict | None = None):
         self.path, self.model = (Path(path) if path is not None else None), model
