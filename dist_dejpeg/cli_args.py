@@ -305,10 +305,11 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
 
 def status_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help="the run folder (train.run_dir); several, or a folder of runs (a sweep's): one line each")
+                   help="the run folder (train.run_dir); several, or a folder of runs (a sweep's): one line each, "
+                        "ending with a 'config differs' column of the config values that differ between them")
     p.add_argument("--json", action="store_true",
                    help="for scripts: one JSON object for one run folder; a list for several, or a folder of runs "
-                        "(however many it holds)")
+                        "(however many it holds), each with config_differs ({full key: value} of those values)")
 
 
 def compare_arguments(p: argparse.ArgumentParser) -> None:

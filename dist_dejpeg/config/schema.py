@@ -17,7 +17,7 @@ PHASE_KINDS = ("gen", "critic", "gan")
 class DataConfig:
     root: str = "data/samples"  # folder that holds the shards (train-*.tar, val-*.tar, manifest.json)
     train_glob: str = "train-*.tar"  # training shards inside root (glob: ** any depth of folders; braces expanded, train-{000000..000099}.tar)
-    val_glob: str = "val-*.tar"  # validation shards inside root (glob)
+    val_glob: str = "val-*.tar"  # validation shards inside root (glob, as train_glob)
     auto_prepare: str = "none"  # "samples": write the bundled sample shards into root if it holds none
     backend: str = "auto"  # loader: "dali", "torch" (webdataset + PIL workers), "auto" (DALI if installed)
     dali_threads: int = 4  # DALI CPU worker threads per device
@@ -37,7 +37,7 @@ class DataConfig:
     rot90: bool = False  # augmentation: besides the horizontal mirror, turn each training crop by a random multiple of 90 degrees (before the JPEG degradation)
     channel_shuffle: float = 0.0  # augmentation: the share of training crops whose R, G, B planes are put in a random order (before the JPEG degradation); 0..1
     shuffle_buffer: int = 256  # samples held in each worker's shuffle buffer
-    max_bad_samples: int = 100  # bad training samples (undecodable, too small, no image; an unreadable or empty shard counts one) tolerated in one pass over the data; one more stops the run with the count (torch: per process, as met; DALI: all shards, checked at start); -1: no limit
+    max_bad_samples: int = 100  # bad training samples (undecodable, too small, no image) tolerated in one pass over the data; one more stops the run with the count (torch: per process, as met, an unreadable or empty shard counting one; DALI: all shards, checked at start, where a tar it cannot read stops the run at once, exit 2, and an empty one is left out uncounted); -1: no limit
     val_crop: int = 256  # fixed centre crop of each validation tile
     val_qualities: List[int] = field(default_factory=lambda: [10, 20, 40])  # validation JPEG qualities
     val_max_images: int = 0  # cap on validation tiles (0: all)
@@ -46,7 +46,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    encoder: str = "mobilenetv3_large_100"  # any timm model that supports features_only, or an hf-hub: / local-dir: one (the generator file records the architecture it resolves to and loads without that repository or folder; an hf-hub: repository other than hf-hub:timm/ whose config has model_args makes one that loads only with DIST_DEJPEG_TRUST_ENCODER=1)
+    encoder: str = "mobilenetv3_large_100"  # any timm model that supports features_only, or an hf-hub: / local-dir: one (the generator file records the architecture it resolves to and loads without that repository or folder, unless the source's config has model_args; a checkpoint folder, as --model run/checkpoints/step-N or a run folder without generator.safetensors gives, resolves the name and needs them; an hf-hub: repository other than hf-hub:timm/ whose config has model_args makes one that loads only with DIST_DEJPEG_TRUST_ENCODER=1)
     pretrained: bool = True  # ImageNet weights for the encoder (from the HF cache or encoder_weights)
     encoder_weights: str = ""  # explicit local weights file for the encoder (.safetensors/.pth); "" = cache
     init_from: str = ""  # a new run's generator starts from a trained one (generator.safetensors, run or checkpoint folder; the generator's shape keys must match; blur and keep_mean may differ): its weights replace the initial ones (no ImageNet file is read), the encoder's lineage (pretrained) is the source's; keep it while the run goes on

@@ -249,7 +249,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ge
 
     ``info``: source, format, encoder, encoder_init ("ImageNet" or "random init" at the start of training),
     global_step, lpips (the validation LPIPS of the run), code (the code that trained it, "" where not recorded:
-    a checkpoint), model (the model config as a dict)."""
+    a checkpoint), model (the model config as a dict). A source-named encoder (local-dir:, hf-hub:) loads without
+    its folder or hub where the file records ``encoder_resolved`` without model_args (a checkpoint resolves the
+    name); torch's random number generators are left as they were."""
     return _resolved(path, lambda chosen: _load_checkpoint_generator(chosen, device) if chosen.is_dir()
                      else _load_generator_file(chosen, device))
 
