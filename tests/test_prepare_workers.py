@@ -113,6 +113,28 @@ def test_a_killed_worker_is_a_clear_error_not_a_hang():
     assert multiprocessing.active_children() == []
 
 
+def test_a_worker_killed_between_a_result_and_the_next_submit_is_the_same_clear_error(monkeypatch):
+    """A worker killed after the last result was read broke the pool before the next item went out: its submit
+    raised BrokenProcessPool (a traceback, seen under load in the full suite), not the WorkerLost its results give."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from dist_dejpeg.run import pool as pool_module
+
+    class BreaksOnTheFifth(pool_module.ProcessPoolExecutor):
+        calls = 0
+
+        def submit(self, fn, /, *args, **kwargs):
+            BreaksOnTheFifth.calls += 1
+            if BreaksOnTheFifth.calls == 5:
+                raise BrokenProcessPool("a child process terminated abruptly")
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(pool_module, "ProcessPoolExecutor", BreaksOnTheFifth)
+    with pytest.raises(WorkerLost, match=r"ended abruptly .*photo4.* --workers \(now 2\)"):
+        list(map_in_order(_slow_echo, [(i, 0.0) for i in range(6)], workers=2, names=lambda item: f"photo{item[0]}"))
+    assert multiprocessing.active_children() == []
+
+
 def test_work_that_cannot_be_pickled_is_a_clear_error_not_a_hang():
     """A local function (as a test or a Python caller may give as a photo's loader) cannot reach a process: a
     TypeError naming the item at once, where the pool's feeder thread failed and its shutdown could wait forever."""

@@ -1000,8 +1000,10 @@ def test_a_wrong_data_root_is_said_before_models_load_or_the_run_folder_is_made(
 def test_validation_tiles_smaller_than_the_val_crop_are_an_error_at_the_start(tmp_path, shards):
     """All 64 px val tiles skipped as smaller than a 128 px val_crop: the run trained to the end and 'succeeded' with
     NaN metrics and a generator file whose gains the guard could not use."""
+    with pytest.raises(ConfigError, match=r"data.val_crop': 128 px, but the tiles .* are 64 px .*no validation tile"):
+        Trainer(tiny(tmp_path / "run", shards, "data.val_crop=128"))  # (prepare's manifest.json says it first)
     with pytest.raises(ConfigError, match=r"no validation tile .*too_small \d+.*data.val_crop=128 must not exceed"):
-        Trainer(tiny(tmp_path / "run", shards, "data.val_crop=128"))
+        Trainer(tiny(tmp_path / "run2", shards, "data.val_crop=128", "data.val_glob=val-*0.tar"))  # (no manifest's)
 
 
 def test_what_prepares_manifest_says_is_checked_before_training(tmp_path, shards, monkeypatch):

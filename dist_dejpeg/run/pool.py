@@ -74,19 +74,26 @@ def map_in_order(work: Callable[[Item], Result], items: Iterable[Item], workers:
         except (pickle.PicklingError, AttributeError, TypeError) as err:
             raise TypeError(f"{names(item)}: its work cannot be sent to a {role} process ({err}); use functions "
                             f"defined at a module's top level, or workers=1") from None
-        return item, pool.submit(work, item)
+        try:
+            return item, pool.submit(work, item)
+        except BrokenProcessPool:  # (a worker died after the last result was read, before this item went out)
+            raise lost([item]) from None
 
+    def lost(held: list) -> WorkerLost:
+        return WorkerLost(f"a {role} process ended abruptly (killed: out of memory?) while these were in progress: "
+                          f"{', '.join(names(i) for i in held + [i for i, _ in flight])}; {outcome}. Run again with "
+                          f"fewer --workers (now {workers}), or --workers 1 to work in this process")
+
+    flight: deque = deque()
     try:
-        flight = deque(submit(item) for item in itertools.islice(items, 2 * workers))
+        for item in itertools.islice(items, 2 * workers):
+            flight.append(submit(item))
         while flight:
             item, future = flight.popleft()
             try:
                 result = future.result()
             except BrokenProcessPool:
-                held = ", ".join(names(i) for i in [item] + [i for i, _ in flight])
-                raise WorkerLost(f"a {role} process ended abruptly (killed: out of memory?) while these were "
-                                        f"in progress: {held}; {outcome}. Run again with fewer --workers (now "
-                                        f"{workers}), or --workers 1 to work in this process") from None
+                raise lost([item]) from None
             for follower in itertools.islice(items, 1):  # keep the pool busy while the caller writes this result
                 flight.append(submit(follower))
             yield result
