@@ -287,6 +287,34 @@ def test_auto_prepare_never_writes_the_samples_among_photos_or_over_a_prepared_s
     assert ensure_samples(load_config(None, [f"data.root={tmp_path / 'new'}", "data.auto_prepare=samples"]))
 
 
+def test_auto_prepare_never_writes_over_shards_made_elsewhere(tmp_path):
+    """ensure_samples listed data.train_glob with Path.glob, which does not expand braces: the user's own
+    train-{000000..000002}.tar were 'missing' and the sample shards written over them (merged-diff review). It now
+    reads the pattern as the loaders do (list_shards), and refuses a folder whose train-/val- shards no sample
+    manifest lists, leaving it as it was."""
+    import io
+    import tarfile
+
+    from dist_dejpeg.config import ConfigError, load_config
+    from dist_dejpeg.data import ensure_samples
+
+    for i in range(3):
+        with tarfile.open(tmp_path / f"train-{i:06d}.tar", "w") as tar:
+            data = b"user data %d" % i
+            info = tarfile.TarInfo(f"u{i}.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for glob in ("train-{000000..000002}.tar", "train-{000000..000001}.tar"):
+        assert not ensure_samples(load_config(None, [f"data.root={tmp_path}", "data.auto_prepare=samples",
+                                                     f"data.train_glob={glob}"]))
+    with pytest.raises(ConfigError, match=r"data.root.*holds shards the sample preparation did not write "
+                                          r"\(train-000000.tar, train-000001.tar, train-000002.tar\)"):
+        ensure_samples(load_config(None, [f"data.root={tmp_path}", "data.auto_prepare=samples",
+                                          "data.train_glob=shard-*.tar"]))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_runs_starting_at_once_write_the_samples_once_and_all_train_on_them(tmp_path):
     """The runs of a SLURM array with auto_prepare=samples, started at once on a fresh checkout, all wrote into
     data/samples' one staging folder, removing each other's files: every one failed. Now one writes (under

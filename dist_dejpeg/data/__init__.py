@@ -10,7 +10,8 @@ import torch
 
 from dist_dejpeg.config import Config, ConfigError
 from dist_dejpeg.data.folder import first_photos, photos_hint
-from dist_dejpeg.data.shards import SAMPLE_DATASET, list_shards, prepare_samples, read_manifest, samples_stale
+from dist_dejpeg.data.shards import (SAMPLE_DATASET, SPLIT_FILE, list_shards, prepare_samples, read_manifest,
+                                     samples_stale)
 from dist_dejpeg.data.torch_loader import ShardStream, TorchLoader, load_val_set
 from dist_dejpeg.run.lock import writing_into
 
@@ -22,17 +23,24 @@ def ensure_samples(cfg: Config) -> bool:
         return False
     root = Path(cfg.data.root)
 
+    def matched() -> bool:  # list_shards' reading of the pattern (braces expanded), as the loaders read it
+        try:
+            return bool(list_shards(root, cfg.data.train_glob))
+        except FileNotFoundError:
+            return False
+
     def current() -> bool:
-        return bool(list(root.glob(cfg.data.train_glob))) and not samples_stale(root)
+        return matched() and not samples_stale(root)
 
     if current():  # (no lock taken: a read-only copy of the shards is used as it is)
         return False
-    if not list(root.glob(cfg.data.train_glob)):
+    if not matched():
         refuse_foreign_folder(root, cfg.data.train_glob)  # (before the lock makes the folder)
+    refuse_foreign_shards(root)
     with writing_into(root):  # the runs of an array starting at once: one writes, the others wait, then read
         if current():
             return False
-        if list(root.glob(cfg.data.train_glob)):
+        if matched():
             logging.getLogger(__name__).warning("%s holds sample shards of an older photo list: writing them again",
                                                 root)
         prepare_samples(root)
@@ -54,6 +62,25 @@ def refuse_foreign_folder(root: Path, train_glob: str) -> None:
                           f"({manifest.get('dataset') or 'its manifest.json'}); set data.train_glob and "
                           f"data.val_glob to their names, with data.auto_prepare=none (the sample shards are not "
                           f"written over a prepared data set)")
+
+
+def refuse_foreign_shards(root: Path) -> None:
+    """A ConfigError where data.root holds files under prepare's shard names (train-000000.tar, their index and scan
+    files) that no sample manifest there lists: shards made elsewhere, which writing the samples would replace or
+    remove (publish clears every train-/val- shard of the folder). Files no preparation wrote are never written over."""
+    if not root.is_dir():
+        return
+    manifest = read_manifest(root)
+    ours = set()
+    if manifest is not None and manifest.get("dataset") == SAMPLE_DATASET:
+        ours = {name.removesuffix(".tar") for info in manifest.get("splits", {}).values()
+                for name in info.get("shards", [])}
+    foreign = sorted(p.name for p in root.iterdir() if (m := SPLIT_FILE.match(p.name)) and m["stem"] not in ours)
+    if foreign:
+        raise ConfigError(f"config key 'data.root': {root} holds shards the sample preparation did not write "
+                          f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); data.auto_prepare=samples "
+                          f"would write the sample shards over them: set data.train_glob and data.val_glob to their "
+                          f"names, with data.auto_prepare=none")
 
 
 def resolve_backend(backend: str) -> str:
