@@ -470,6 +470,33 @@ def test_a_finished_run_started_with_another_config_is_refused_and_changes_nothi
         check_before_start(tiny(run, shards, *OVER, "train.phases.gen.steps=4", "train.phases.gen.w_pixel=2"), None, 1)
 
 
+def test_a_finished_run_takes_keys_of_how_a_session_runs_and_of_its_final_validation(base, shards, tmp_path):
+    """A finished run was refused keys that only say how a session runs (data.backend=auto where it trained with
+    torch, model.channels_last, data.shuffle_buffer) or what its final validation, which the rerun repeats, measures
+    (data.val_qualities, data.val_max_images): re-validating at more qualities was refused (merged-diff review).
+    What trained the weights, or chose them, stays refused."""
+    run = copy_run(base[0], tmp_path / "run")
+    check_before_start(tiny(run, shards, *OVER, "data.backend=auto", "model.channels_last=true",
+                            "data.shuffle_buffer=4", "data.val_max_images=8", "data.val_qualities=[10,30]",
+                            "data.gpu_jpeg=false", "model.sync_bn=true"), None, 1)
+    for key, value in (("data.quality_min", 20), ("train.val_every", 3), ("train.ema_decay", 0.9)):
+        with pytest.raises(ConfigError, match=f"is a finished run .*changes {key} "):
+            check_before_start(tiny(run, shards, *OVER, f"{key}={value}"), None, 1)
+
+
+def test_every_config_key_is_placed_for_a_finished_runs_rerun():
+    """Each schema key is deliberately refused, taken or not compared when a finished run starts again
+    (train/rerun.py): a new key without a place fails here."""
+    from dist_dejpeg.config import flatten, load_config, to_dict
+    from dist_dejpeg.train.rerun import NOT_COMPARED, NOT_REFUSED, REFUSED
+
+    tables = (NOT_COMPARED, NOT_REFUSED, REFUSED)
+    assert all(len(set(t)) == len(t) for t in tables)
+    for key in flatten(to_dict(load_config(None, []))):
+        places = [t for t in tables for k in t if key == k or (k.endswith(".") and key.startswith(k))]
+        assert len(places) == 1, (key, len(places))
+
+
 def test_a_resume_with_another_config_records_the_changes_and_status_shows_them(base, shards, tmp_path):
     """A resume with other values rewrote config.yaml: the first session's values were left in checkpoint copies
     and one train.log warning. The session's sessions.jsonl line has the changes; status names them."""

@@ -40,6 +40,7 @@ from dist_dejpeg.train.collective import all_ranks_or_raise, on_main, warn_on_ma
 from dist_dejpeg.train.init_from import GENERATOR_NO_TENSOR, GENERATOR_SHAPE_KEYS, same_shapes_but_stride
 from dist_dejpeg.train.launch import warn_unlaunched
 from dist_dejpeg.train.phases import trains_critic
+from dist_dejpeg.train.rerun import NOT_COMPARED, changes_text, check_finished_run
 from dist_dejpeg.train.zero import launcher_uses_deepspeed
 
 log = logging.getLogger("dist_dejpeg")
@@ -50,22 +51,6 @@ _NO_SHAPE = ("pretrained", "encoder_weights", "dropout")
 # but change what it computes (blur, keep_mean: a new run from its generator, model.init_from, may switch them)
 GENERATOR_RESUME_KEYS = GENERATOR_SHAPE_KEYS + tuple(f"model.{k}" for k in GENERATOR_NO_TENSOR)
 CRITIC_SHAPE_KEYS = tuple(f"critic.{k}" for k in inspect.signature(Critic).parameters if k not in _NO_SHAPE)
-# keys whose change says nothing about the run's continuity (where it writes, how it logs); train.processes: a
-# launcher's ranks ignore it, and the batch check (_check_batch) says a real change of the process count
-_NOT_COMPARED = ("train.run_dir", "train.auto_resume", "train.resume_allow_batch_change", "train.log_level",
-                 "train.progress", "train.processes")
-# keys a finished run may be started again with other values of (check_finished_run): those the start sets
-# (build.build_accelerator: the precision a GPU has, a launcher's ZeRO stage; model.init_from's encoder lineage),
-# whose values in a checkpoint's config a command line may not have, and those of how a session runs (where the
-# data is, loading, logging, compiling, checkpointing), not of what trains
-_NOT_REFUSED = ("train.mixed_precision", "train.deepspeed_stage", "model.pretrained", "model.encoder_weights",
-                "data.root", "data.auto_prepare", "data.num_workers", "data.dali_threads", "data.prefetch_factor",
-                "data.pin_memory", "data.dali_prefetch", "data.max_bad_samples", "data.val_batch_size", "train.cpu",
-                "train.log_every", "train.image_every", "train.ckpt_every", "train.keep_last", "train.log_with",
-                "train.dist_timeout_s", "train.compile", "train.compile_mode", "train.compile_cache",
-                "train.fused_adamw", "train.sync_every", "train.preempt_budget_s", "train.cuda_stream")
-
-
 def choose_checkpoint(accelerator: Accelerator, run_dir: str | Path, resume: str | None,
                       auto_resume: bool) -> Path | None:
     """Collective. ``resume``: None (train.auto_resume decides), "latest"/"" (the newest that verifies), or a
@@ -134,27 +119,7 @@ def check_continuation(cfg: Config, path: Path, saved_state: dict, deepspeed: bo
 def config_changes(saved: dict, now: dict) -> dict[str, list]:
     """The keys whose value differs between a checkpoint's config and this one (both flattened): key -> [old,
     new], without those that say nothing about what trains (where the run writes, how it logs)."""
-    return {k: [saved[k], now[k]] for k in sorted(now) if k in saved and saved[k] != now[k] and k not in _NOT_COMPARED}
-
-
-def changes_text(changes: dict) -> str:
-    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
-
-
-def check_finished_run(cfg: Config, path: Path, changes: dict, state: dict, kept: dict) -> None:
-    """A finished run (every phase done, none reopened: nothing to train) started with another config is refused:
-    it would train nothing but write its values into the run's config.yaml and trackers, beside weights that other
-    values trained. Not counted: a phase given fewer steps than it trained (it keeps them) and the keys of
-    :data:`_NOT_REFUSED`. An unchanged rerun (its final validation again) goes on."""
-    if int(state.get("phase_index", 0)) < len(cfg.train.order):
-        return
-    ignored = {f"train.phases.{name}.steps" for name in kept} | set(_NOT_REFUSED)
-    refused = {k: v for k, v in changes.items() if k not in ignored}
-    if refused:
-        raise ConfigError(f"{cfg.train.run_dir} is a finished run (every phase done, nothing to train), and this "
-                          f"config changes {changes_text(refused)} since its checkpoint {path.name}: the run would "
-                          f"train nothing but record these values as its own. Pick another train.run_dir to train "
-                          f"with them (model.init_from={path} starts from its generator), or set them back")
+    return {k: [saved[k], now[k]] for k in sorted(now) if k in saved and saved[k] != now[k] and k not in NOT_COMPARED}
 
 
 def _choose(run_dir: Path, resume: str | None, auto_resume: bool) -> str | None:
