@@ -40,10 +40,24 @@ class CommandLine(argparse.ArgumentParser):
             return super().parse_known_args(args, namespace)
         namespace = namespace if namespace is not None else argparse.Namespace()
         namespace.command, words = args[0], args[1:]
-        after = words[words.index("--") + 1:] if "--" in words else []  # (`-- -photo.jpg`: intermixed took
-        if any(word.startswith("-") for word in after):  # it for an option; argparse's own parse does not)
-            return command.parse_known_args(words, namespace)
-        return command.parse_known_intermixed_args(words, namespace)
+        if "--" not in words:
+            return command.parse_known_intermixed_args(words, namespace)
+        # the words after `--` are positionals whatever they start with, but the intermixed parse reads one that
+        # starts with "-" as an option (`-- -b.jpg`: "unrecognized arguments"): each stands in as a word it cannot
+        # misread, put back after the parse; the words before `--` stay intermixed (`restore a.jpg -o out -- -b.jpg`)
+        cut = words.index("--")
+        stand_ins = {f"\0{i}": word for i, word in enumerate(words[cut + 1:], cut + 1) if word.startswith("-")}
+        after = [f"\0{i}" if word.startswith("-") else word for i, word in enumerate(words[cut + 1:], cut + 1)]
+        namespace, extras = command.parse_known_intermixed_args(words[:cut] + ["--", *after], namespace)
+
+        def back(value):
+            if isinstance(value, list):
+                return [back(v) for v in value]
+            return stand_ins.get(value, value) if isinstance(value, str) else value
+
+        for key, value in vars(namespace).items():
+            setattr(namespace, key, back(value))
+        return namespace, back(extras)
 
 
 def jpeg_quality(text: str) -> int:

@@ -18,6 +18,11 @@ from dist_dejpeg.cli import build_parser, main
     ("prepare --out X -- folder srcA", {"dataset": "folder", "source": "srcA"}),
     ("restore j0.jpg -o out1 j1.jpg --model g.safetensors", {"inputs": ["j0.jpg", "j1.jpg"], "out": "out1"}),
     ("restore -o o --model m -- -a.jpg b.jpg", {"inputs": ["-a.jpg", "b.jpg"]}),  # (a name like an option)
+    # a positional before an option, and one like an option after --: "unrecognized arguments: -- -b.jpg"
+    ("restore a.jpg --model g -o outd -- -b.jpg", {"inputs": ["a.jpg", "-b.jpg"], "out": "outd", "model": "g"}),
+    ("compare e1 --json -- -e2", {"evaluations": ["e1", "-e2"], "json": True}),
+    ("train a=1 --dry-run -- -b=2 --", {"overrides": ["a=1", "-b=2", "--"], "dry_run": True}),
+    ("prepare folder --out X -- -photos", {"dataset": "folder", "source": "-photos", "out": "X"}),
     ("status runA --json runB", {"run_dirs": ["runA", "runB"], "json": True}),
     ("status runA --json --", {"run_dirs": ["runA"], "json": True}),
     ("status -- --json", {"run_dirs": ["--json"], "json": False}),
