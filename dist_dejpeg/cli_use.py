@@ -79,6 +79,7 @@ def _restore(args: argparse.Namespace, inputs: list[str], fmt: str, overlap: int
                                  batch_size=args.batch_size, precision=args.precision, guard=not args.no_guard)
         restorer.consistent = not args.no_consistency
         restorer.quality_hint = "--input-quality Q"  # (an unknown quality's reason: the API's says quality=Q)
+        restorer.cli_options = True  # (a refusal names --tile N, not the API's tile=N)
     except (ModelFileError, InputImageError, OnnxUnavailable, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -152,6 +153,7 @@ def _evaluation(args: argparse.Namespace, keep_images: bool, made: list[Path]) -
         restorer = open_restorer(args.model, device=args.device, tile=args.tile, overlap=args.overlap,
                                  batch_size=args.batch_size, guard=not args.no_guard)
         restorer.consistent = not args.no_consistency
+        restorer.cli_options = True  # (a refusal names --tile N)
         result = evaluate(restorer, args.images, args.qualities, None,  # (the commands write: write_failed)
                           y_only=args.y_only, blind=args.blind, subsampling=args.subsampling,
                           crop_border=args.crop_border, lpips_weights=args.lpips_weights,

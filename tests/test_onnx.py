@@ -26,6 +26,7 @@ from dist_dejpeg.config import ModelConfig  # noqa: E402
 from dist_dejpeg.models.generator_file import load_model, save_generator  # noqa: E402
 from dist_dejpeg.models.unet import build_generator  # noqa: E402
 from dist_dejpeg.cli import main  # noqa: E402
+from dist_dejpeg.restore.images import InputImageError  # noqa: E402
 from dist_dejpeg.models.onnx_export import (ONNX_FORMAT, TOLERANCE, check_batch, fold_spectral_norm,  # noqa: E402
                                             load_check_image, read_onnx_metadata)
 
@@ -311,8 +312,8 @@ def test_onnx_restore_tiles_blends_and_guards_like_pytorch(exported, tmp_path, c
     from dist_dejpeg.restore import onnx_backend
 
     monkeypatch.setattr(onnx_backend, "MAX_SCORES_BYTES", 8 << 20)  # this model's whole 300 x 280: 110 MB
-    with pytest.raises(ValueError, match=r"\(at stride 4\) would hold a 0.1 GB score matrix, over its 8 MB limit; "
-                                         r".*\(--tile 128 --overlap 32\)"):
+    with pytest.raises(InputImageError, match=r"\(at stride 4\) would hold a 0.1 GB score matrix, over its 8 MB "
+                                              r"limit; .*\(tile=128, overlap=32\)"):  # (the API's words: README)
         open_restorer(onnx_path, tile=0).restore_array(jpeg, 10)
     assert open_restorer(onnx_path, **tiled).restore_array(jpeg, 10).shape == jpeg.shape  # 32 x 32: 4 MB
 
@@ -378,10 +379,11 @@ def test_onnx_memory_guard_says_the_tile_or_batch_that_fits_at_the_attentions_st
     def restorer(stride, tile=512, overlap=64, batch_size=1):
         onnx = object.__new__(OnnxRestorer)
         onnx.attention_stride, onnx.tile, onnx.overlap, onnx.batch_size = stride, tile, overlap, batch_size
+        onnx.cli_options = True  # (restore's words; the API's: below)
         return onnx
 
     def refusal(onnx, n, h, w):
-        with pytest.raises(ValueError) as err:
+        with pytest.raises(InputImageError) as err:  # (a plain ValueError was no input error: review)
             onnx.forward(np.zeros((n, 3, h, w), np.float32))
         return str(err.value)
 
@@ -390,12 +392,18 @@ def test_onnx_memory_guard_says_the_tile_or_batch_that_fits_at_the_attentions_st
     assert said.endswith("restore in tiles of at most 256 px (--tile 256)"), said
     said = refusal(restorer(4, batch_size=4), 4, 512, 512)  # CUDA's batch of 4 at stride 4: 4 GB
     assert said.endswith("restore with --batch-size 1 (or --tile 352)"), said
+    api = restorer(4, batch_size=4)
+    api.cli_options = False
+    assert refusal(api, 4, 512, 512).endswith("restore with batch_size=1 (or tile=352)")
     said = refusal(restorer(8, tile=0, overlap=64), 1, 2040, 1356)  # a whole 2K photo at stride 8
     assert said.endswith("(--tile 1024)"), said
     monkeypatch.setattr(onnx_backend, "MAX_SCORES_BYTES", 1 << 20)
     said = refusal(restorer(2), 1, 512, 512)
     assert "over its 1 MB limit; no tile size fits (a 64 px tile: 4 MB)" in said and "the PyTorch model" in said, said
     assert refusal(restorer(4, tile=128), 1, 128, 128).endswith("(--tile 64 --overlap 16)")
+    api = restorer(4, tile=128)
+    api.cli_options = False  # Restorer(...).restore: the API's keywords
+    assert refusal(api, 1, 128, 128).endswith("(tile=64, overlap=16)")
 
 
 def test_export_refuses_at_once_what_would_fail_after_exporting(tmp_path, capsys):

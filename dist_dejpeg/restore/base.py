@@ -103,6 +103,7 @@ class ImageRestorer:
     conditioned: bool = False
     full_batches: bool = False  # every batch batch_size windows (one shape for a captured graph): restore_tiled
     quality_hint: str = "quality=Q"  # how an unknown quality's reason says to give one (the CLI: --input-quality Q)
+    cli_options: bool = False  # a refusal names settings as the API's keywords (tile=N); the CLI's as --tile N
 
     def setup(self, info: dict, *, tile: int, overlap: int, batch_size: int, guard: bool) -> None:
         check_tiling(tile, overlap, batch_size)

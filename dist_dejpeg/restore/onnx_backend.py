@@ -34,6 +34,7 @@ from dist_dejpeg.models.names import (INPUT, ONNX_FORMAT, OUTPUT, QUALITY, TRAIN
                                       ModelFileError, OnnxUnavailable, file_gains, file_train_shards,
                                       file_train_sources, require_onnx)
 from dist_dejpeg.restore.base import ImageRestorer, check_tiling
+from dist_dejpeg.restore.images import InputImageError
 
 # The export's self-attention holds its whole score matrix (L x L floats, L = the positions at its stride; PyTorch
 # runs a blocked kernel instead): a whole 1024 x 1024 image peaked at 2.5 GB, a 2040 x 1356 one ran a 24 GB machine
@@ -224,7 +225,7 @@ class OnnxRestorer(ImageRestorer):
         without)."""
         h, w = batch.shape[-2:]
         if self.attention_stride and score_bytes(len(batch), h, w, self.attention_stride) > MAX_SCORES_BYTES:
-            raise ValueError(self.too_large(len(batch), h, w))
+            raise InputImageError(self.too_large(len(batch), h, w))  # (an input restore cannot take)
         x = batch
         ph, pw = (-h) % self.pad_to, (-w) % self.pad_to
         if ph >= h or pw >= w:
@@ -243,23 +244,29 @@ class OnnxRestorer(ImageRestorer):
 
     def too_large(self, n: int, h: int, w: int) -> str:
         """What to do about a batch of ``n`` h x w windows whose score matrix exceeds MAX_SCORES_BYTES: the largest
-        --batch-size or --tile that fits (computed, at this stride and batch), or the PyTorch model where none does."""
+        batch size or tile that fits (computed, at this stride and batch), or the PyTorch model where none does;
+        named as the caller gives them (cli_options: --tile N, else the API's tile=N)."""
         stride = self.attention_stride
         what = f"{n} windows of {w} x {h}" if n > 1 else f"a {w} x {h} window"
         said = (f"{what} is too large for the ONNX model: its self-attention (at stride {stride}) would hold a "
                 f"{_size(score_bytes(n, h, w, stride))} score matrix, over its {_size(MAX_SCORES_BYTES)} limit; ")
+        cli = getattr(self, "cli_options", False)
+
+        def options(**given) -> str:
+            return (" " if cli else ", ").join(f"--{k.replace('_', '-')} {v}" if cli else f"{k}={v}"
+                                               for k, v in given.items())
+
         batch = getattr(self, "batch_size", 1) or 1
         tile, overlap = largest_tile(stride, batch), getattr(self, "overlap", 0)
         if n > 1 and score_bytes(1, h, w, stride) <= MAX_SCORES_BYTES:
             fits = MAX_SCORES_BYTES // score_bytes(1, h, w, stride)
-            return said + f"restore with --batch-size {fits}" + (f" (or --tile {tile})" if tile else "")
+            return said + f"restore with {options(batch_size=fits)}" + (f" (or {options(tile=tile)})" if tile else "")
+        more = {}
         if tile is None and batch > 1:
-            tile, batch_note = largest_tile(stride, 1), " --batch-size 1"
-        else:
-            batch_note = ""
+            tile, more = largest_tile(stride, 1), {"batch_size": 1}
         if tile is None:
             return said + (f"no tile size fits (a 64 px tile: {_size(score_bytes(1, 64, 64, stride))}): "
                            f"restore with the PyTorch model (its generator.safetensors or run folder), whose "
                            f"attention runs a blocked kernel")
-        overlap_note = f" --overlap {tile // 4}" if overlap >= tile // 2 else ""
-        return said + f"restore in tiles of at most {tile} px (--tile {tile}{overlap_note}{batch_note})"
+        more = ({"overlap": tile // 4} if overlap >= tile // 2 else {}) | more
+        return said + f"restore in tiles of at most {tile} px ({options(tile=tile, **more)})"
