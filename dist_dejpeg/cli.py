@@ -32,8 +32,8 @@ from dist_dejpeg import version
 from dist_dejpeg.cli_args import (CommandLine, HelpFormatter, compare_arguments, evaluate_arguments, export_arguments,
                                   prepare_arguments, report_arguments, restore_arguments, status_arguments,
                                   train_arguments)
-from dist_dejpeg.cli_output import (CORE_MODULES, WatchedStdout, relax_encoding, stdout_failed, strict_again,
-                                    write_failed)
+from dist_dejpeg.cli_output import (CORE_MODULES, WatchedStdout, closed_stderr, relax_encoding, stdout_failed,
+                                    strict_again, write_failed)
 from dist_dejpeg.cli_use import (compare_command, evaluate_command, export_command, report_command, restore_command,
                                  status_command)
 from dist_dejpeg.train.launch import EXIT_PREEMPTED, LAUNCHER_PID  # (torch-free: the launcher's stdlib half)
@@ -365,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         command.error(f"unrecognized arguments: {' '.join(extra)}")
     args.usage_error, args.given = command.error, {a.split("=")[0] for a in argv if a.startswith("--")}
+    closed = closed_stderr()  # `2>&-`: os.devnull (for every command; stdout's, as below)
     relaxed = relax_encoding(sys.stdout, sys.stderr)  # (before logging's handler, the wrapper: every command)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stdout = sys.stdout  # (a write to it that fails: stdout_failed; closed, `>&-`: None, so os.devnull)
@@ -389,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         sys.stdout = stdout if isinstance(sys.stdout, WatchedStdout) else sys.stdout
+        sys.stderr = None if closed else sys.stderr
         strict_again(relaxed)
 
 

@@ -26,6 +26,28 @@ def write_failed(err: OSError, where) -> int:
     return 2
 
 
+def closed_stderr() -> bool:
+    """Where standard error is closed (`2>&-`: Python's sys.stderr is None), point it at os.devnull and say True:
+    print(..., file=sys.stderr) fell back to stdout (a warning inside `status --json`'s output), and a progress bar
+    asked None whether it is a terminal (restore exited 1). fd 2 gets os.devnull too where it is free: else the next
+    file opened takes fd 2, and what writes there (libjpeg's messages, a child process's stderr) goes into it."""
+    import os
+
+    if sys.stderr is not None:
+        return False
+    try:
+        os.fstat(2)
+    except OSError:  # (free: os.open gives the lowest free descriptor, 2 unless 0 or 1 is closed too)
+        fd = os.open(os.devnull, os.O_WRONLY)
+        if fd != 2:
+            os.dup2(fd, 2)
+            os.close(fd)
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - for the command
+    else:  # (fd 2 is some file the process opened since: left alone)
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+    return True
+
+
 def relax_encoding(*streams) -> list:
     """Let ``streams`` (stdout, stderr) write what their encoding lacks as backslash escapes, not raise: Windows
     with stdout redirected writes the ANSI code page (cp1252), strictly, and a restore into 'восстановлено' or

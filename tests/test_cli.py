@@ -697,3 +697,20 @@ def test_a_path_the_redirected_streams_encoding_lacks_is_escaped_not_a_crash(tmp
     said, errors = (stream.buffer.getvalue().decode("cp1252") for stream in (out, err))
     assert "\\u0444_run" in said and "no such folder: " in errors and "\\u0444_none" in errors
     assert out.errors == err.errors == "strict"
+
+
+def test_a_closed_stderr_is_no_failure_and_puts_nothing_on_stdout(tmp_path, model_file, monkeypatch,  # noqa: F811
+                                                                   capsys):
+    """`restore ... 2>&-`: Python's sys.stderr is None, and restore exited 1 (its progress asked None whether it is
+    a terminal); print(..., file=sys.stderr) fell back to stdout, putting warnings into what the command prints there.
+    Now a closed stderr is os.devnull for every command (merged-diff review)."""
+    Image.fromarray(_photo(40, 56)).save(tmp_path / "a.jpg", quality=25)
+    monkeypatch.setattr(sys, "stderr", None)
+    assert main(["restore", str(tmp_path / "a.jpg"), "--model", str(model_file), "-o", str(tmp_path / "out"),
+                 "--tile", "0"]) == 0
+    assert sys.stderr is None and (tmp_path / "out" / "a.png").is_file()
+    assert main(["status", "--json", str(tmp_path / "no-run")]) == 2
+    assert sys.stderr is None
+    out = capsys.readouterr().out
+    lines = out.splitlines()  # (status --json says its error in the JSON, as it should)
+    assert "restored 1 image(s)" in out and not [line for line in lines if line.startswith(("warning:", "error:"))], out
