@@ -871,3 +871,13 @@ def test_pid_alive_on_windows_asks_psutil_never_os_kill(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "psutil", None)  # (import psutil: ImportError)
     gone.write_bytes(b"x")
     assert lock.pid_alive(4243) and remove_stale_temps([tmp_path / "a.png"]) == []
+
+
+def test_the_sweep_columns_flatten_configs_as_the_config_does():
+    """run/sweep.py had its own copy of dist_dejpeg.config.flatten (merged-diff review): one definition now, in the
+    torch-free run layer (which may not import config), that config exports."""
+    from dist_dejpeg import config
+    from dist_dejpeg.run import sweep
+
+    assert sweep.flatten is config.flatten and not hasattr(sweep, "_flat")
+    assert config.flatten({"a": {"b": 1, "c": {}}, "d": [1]}) == {"a.b": 1, "a.c": {}, "d": [1]}

@@ -26,6 +26,7 @@ from dist_dejpeg.config.reference import reference_markdown
 from dist_dejpeg.config.schema import (COMPILE_MODES, CUDAGRAPH_MODES, PHASE_KINDS, TRACKER_PACKAGES, Config, ConfigError,
                                        CriticConfig, DataConfig, LossConfig, ModelConfig, PhaseConfig, TrainConfig,
                                        default_phases)
+from dist_dejpeg.run.layout import flatten  # (defined in the torch-free layer, which may not import config)
 
 __all__ = ["COMPILE_MODES", "CUDAGRAPH_MODES", "PHASE_KINDS", "TRACKER_PACKAGES", "Config", "ConfigError",
            "CriticConfig", "DataConfig", "LossConfig", "ModelConfig", "PhaseConfig", "TrainConfig", "apply_overrides",
@@ -176,18 +177,6 @@ def to_yaml(cfg: Config) -> str:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """Nested dicts (a to_dict result, a config.yaml read back) -> {"a.b.c": value}; an empty dict stays a value."""
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def from_dict(data: dict) -> Config:

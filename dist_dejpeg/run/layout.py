@@ -156,3 +156,15 @@ class MetricsMeta:
                 kept[f.name] = value
         return cls(**kept)
 
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested dicts (a config's to_dict, a config.yaml read back) -> {"a.b.c": value}; an empty dict stays a value.
+    dist_dejpeg.config exports it (this layer may not import config; status's sweep columns use it here)."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

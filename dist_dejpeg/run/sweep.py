@@ -7,19 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from dist_dejpeg.run.folder import read_yaml
+from dist_dejpeg.run.layout import flatten  # (the one dist_dejpeg.config exports: run/ may not import config)
 
 OWN_KEYS = ("train.run_dir",)  # each run's own folder: the table's first column says it
 ABSENT = object()  # a key one run's config lacks (a config of another version)
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def run_configs(statuses: list[dict]) -> list[dict | None]:
@@ -28,7 +19,7 @@ def run_configs(statuses: list[dict]) -> list[dict | None]:
     for s in statuses:
         source = (s.get("config") or {}).get("source") if "error" not in s else None
         tree = read_yaml(Path(source)) if source else None
-        out.append(_flat(tree) if tree is not None else None)
+        out.append(flatten(tree) if tree is not None else None)
     return out
 
 
