@@ -202,7 +202,7 @@ def _train_command(args: argparse.Namespace) -> int:
         die_with_parent(os.getppid())
     from dist_dejpeg.data.verify import TooFewSamples, TooManyBadSamples, UnreadableShard
     from dist_dejpeg.run.lock import RunDirBusy
-    from dist_dejpeg.run.verdict import file_error, lost_peer
+    from dist_dejpeg.run.verdict import crash_said, file_error, lost_peer
     from dist_dejpeg.train.trainer import Preempted, TrainingStopped, train
 
     try:  # (a start that failed, a misspelt encoder, leaves no run folder behind: train() removes what it made)
@@ -214,10 +214,10 @@ def _train_command(args: argparse.Namespace) -> int:
         return _stopped("stopped", err, EXIT_PREEMPTED)
     except TrainingStopped as err:  # every rank stops at the same step, each with its own numbers: rank 0 says it
         return _stopped("error", err, 3, every_rank=False)
-    except RuntimeError as err:  # gloo's and NCCL's lost peer: the symptom, said as one, not as a bare traceback
-        if (said := lost_peer(err, cfg.train.dist_timeout_s, cfg.train.run_dir)) is None:
+    except RuntimeError as err:  # a lost peer (gloo, NCCL), a full /dev/shm: said as one line, no traceback
+        if (said := lost_peer(err, cfg.train.dist_timeout_s, cfg.train.run_dir) or crash_said(err)) is None:
             raise
-        logging.getLogger("dist_dejpeg").debug("the lost peer's error here", exc_info=True)
+        logging.getLogger("dist_dejpeg").debug("the error here", exc_info=True)
         return _stopped("error", said, 1)
     except OSError as err:  # a file it could not write or read (permissions, a read-only or failing filesystem)
         logging.getLogger("dist_dejpeg").debug("the file error here", exc_info=True)

@@ -128,6 +128,42 @@ def test_disk_full_is_told_from_other_errors():
     assert [size_text(n) for n in (0, 1500, 3 * 2**20, None)] == ["0 B", "1.5 KiB", "3.0 MiB", "?"]
 
 
+# what a DataLoader worker's full /dev/shm reaches the main process as (torch 2.x, a 64 KiB /dev/shm, measured)
+SHM_FULL = ("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n  File "
+            "\"torch/storage.py\", line 423, in _new_shared\n    return cls._new_using_fd_cpu(size)\nRuntimeError: "
+            "unable to allocate shared memory(shm) for file </torch_30175_249956385_0>: No space left on device (28)")
+
+
+def test_a_full_dev_shm_is_a_crash_with_its_own_line_and_a_hint_not_a_full_disk(tmp_path, shards, monkeypatch,
+                                                                                 capsys):
+    """A container's small /dev/shm (Docker's default 64 MB) filled by the DataLoader workers' batches read "disk
+    full: <run folder>, 40.3 GiB free" (exit 3), the worker's error nowhere: its "No space left on device" is
+    /dev/shm's. Now a crash that says the worker's own line and what to change; the CLI says it in one line, exit 1."""
+    import dist_dejpeg.train.trainer as trainer_mod
+
+    err = RuntimeError(SHM_FULL)
+    assert not is_disk_full(err)
+    assert files_mod.is_shm_full(err) and not files_mod.is_shm_full(RuntimeError("No space left on device"))
+    assert is_disk_full(RuntimeError("No space left on device (os error 28)"))  # (a disk's, as before)
+    run = tmp_path / "run"
+    acc, cfg = build_accelerator(tiny(run, shards, "train.order=[gen]", "train.log_with=[]"))
+    run.mkdir()
+    monitor = Monitor(acc, cfg, run, {})
+    assert monitor.disk_full_error(err) is err  # (the error itself: a crash, not DiskFull)
+    monitor.close()
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["status"] == "crashed", progress
+    reason = progress["reason"]
+    assert reason.startswith("RuntimeError: unable to allocate shared memory(shm) for file </torch_"), reason
+    assert "/dev/shm (" in reason and "--shm-size" in reason and "data.prefetch_factor" in reason, reason
+    monkeypatch.setattr(trainer_mod, "train", lambda cfg, resume=None: (_ for _ in ()).throw(err))
+    assert cli_main(["train", "--config", str(Path(__file__).parents[1] / "configs" / "debug.yaml"),
+                     f"train.run_dir={tmp_path / 'cli'}", "train.processes=1"]) == 1
+    said = capsys.readouterr().err
+    assert said.startswith("error: RuntimeError: unable to allocate shared memory(shm)") and "Traceback" not in said
+    assert "raise the container's --shm-size, or lower data.num_workers / data.prefetch_factor" in said, said
+
+
 # -- side writes --------------------------------------------------------------------------------------------------
 def test_failing_progress_tracker_and_image_writes_never_end_the_run(tmp_path, shards, monkeypatch, caplog):
     """Every progress.json write hits ENOSPC, TensorBoard's log raises, its image grid hits ENOSPC: the run

@@ -22,6 +22,9 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122", "unexpected pos",
                   "file write failed")
 QUOTA_TEXT = ("disk quota exceeded", "os error 122")  # (of DISK_FULL_TEXT: a quota's)
+# what torch says when /dev/shm is full: a DataLoader worker's "unable to allocate shared memory(shm) for file
+# </torch_...>: No space left on device (28)" (and the main process's receiving a batch): not the run folder's disk
+SHM_TEXT = ("shared memory", "</torch_")
 
 
 # The hidden temp file a write goes through, beside its target: ".NAME.tmpPID" (NAME: temp_stem's). A process
@@ -259,13 +262,29 @@ def fsync_dir(path: str | Path) -> None:
 
 def is_disk_full(err: BaseException) -> bool:
     """Whether ``err`` (or an exception it was raised from) is a write that ran out of room: ENOSPC or EDQUOT,
-    or a library's message for one (:data:`DISK_FULL_TEXT`)."""
+    or a library's message for one (:data:`DISK_FULL_TEXT`); not where that room was shared memory
+    (:func:`is_shm_full`: /dev/shm, not the disk the run writes to)."""
+    if is_shm_full(err):
+        return False
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
             return True
         if not isinstance(err, OSError) and any(t in str(err).lower() for t in DISK_FULL_TEXT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def is_shm_full(err: BaseException) -> bool:
+    """Whether ``err`` (or an exception it was raised from) is torch's shared memory (/dev/shm) running out: a
+    DataLoader worker's batch that found no room there (:data:`SHM_TEXT`, with "no space left on device")."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err).lower()
+        if any(t in text for t in SHM_TEXT) and any(t in text for t in ("no space left", "os error 28", "(28)")):
             return True
         err = err.__cause__ or err.__context__
     return False

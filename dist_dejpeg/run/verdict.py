@@ -47,6 +47,40 @@ def lost_peer(err: BaseException, timeout_s: float, run_dir: str | Path) -> str 
             f"launcher's, or logs/train-*.log under SLURM). {where_it_resumes(run_dir)}")
 
 
+def crash_line(err: BaseException) -> str:
+    """The line a crash is told by: ``Type: its first line``; for an error a DataLoader worker raised (torch raises
+    it again as "Caught X in DataLoader worker process N." followed by the worker's traceback) the worker's own
+    last line, the error itself."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        return lines[-1][:300]
+    return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
+
+
+def crash_hint(err: BaseException) -> str | None:
+    """The likely cause of a crash whose message alone misleads, and what to change; None for any other."""
+    import shutil
+
+    from dist_dejpeg.run.files import is_shm_full, size_text
+
+    if is_shm_full(err):  # (not the run folder's disk: run/files.is_disk_full leaves it out)
+        try:
+            usage = shutil.disk_usage("/dev/shm")
+            size = f"{size_text(usage.total)}, {size_text(usage.free)} free"
+        except OSError:  # (no /dev/shm: not Linux)
+            size = "its size unknown"
+        return (f"/dev/shm ({size}) is too small for data.num_workers x data.prefetch_factor batches in "
+                f"flight: raise the container's --shm-size, or lower data.num_workers / data.prefetch_factor")
+    return None
+
+
+def crash_said(err: BaseException) -> str | None:
+    """A crash with a likely cause that its message misleads about (crash_hint's), said in one line: the error and
+    the hint; None for any other."""
+    hint = crash_hint(err)
+    return f"{crash_line(err)}; {hint}" if hint else None
+
+
 def file_error(err: OSError, run_dir: str | Path) -> str:
     """What a run says when a file it must write or read failed (not a full disk: DiskFull says that): the error,
     its likely causes, and where the same command resumes."""

@@ -40,7 +40,7 @@ from dist_dejpeg.run.layout import (CONFIG, METRICS, PARTIAL_PREFIX, PROGRESS, P
                                     WRITE_ERRORS, MetricsMeta, latest_checkpoint, list_checkpoints, partial_checkpoints)
 from dist_dejpeg.run.folder import config_summary
 from dist_dejpeg.run.text import window_line
-from dist_dejpeg.run.verdict import with_validations
+from dist_dejpeg.run.verdict import crash_line, crash_said, with_validations
 from dist_dejpeg.train.checkpoint import TrainingStopped, remove_partial
 from dist_dejpeg.train.run_log import close_run_log, open_run_log, to_run_log
 from dist_dejpeg.train.trackers import (TRACKER_RUNS, check_trackers, continued_runs, set_mlflow_store,  # noqa: F401
@@ -147,8 +147,7 @@ class Monitor(SideWrites):
         if isinstance(err, TrainingStopped):
             return err
         if not is_disk_full(err):  # a crash: progress.json says why, for `status` (when it can still be written)
-            first = (str(err).strip().splitlines() or [""])[0][:300]
-            self.finish("crashed", f"{type(err).__name__}: {first}" if first else type(err).__name__)
+            self.finish("crashed", crash_said(err) or crash_line(err))  # (a likely cause, where one misleads)
             return err
         partial = partial_checkpoints(self.run_dir)
         where = Path(getattr(err, "filename", None) or (partial[-1] if partial else self.run_dir))
