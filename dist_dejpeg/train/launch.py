@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -321,7 +323,7 @@ def _signal(pid: int, signum: int, group: bool) -> None:
 def launch(processes: int, argv: list[str]) -> int:
     """Run ``python -m dist_dejpeg.cli *argv`` as ``processes`` ranks; returns the first failing rank's exit
     code (75 when a stop signal made them checkpoint; 130 when a second Ctrl-C killed them)."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -331,10 +333,13 @@ def launch(processes: int, argv: list[str]) -> int:
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the ranks inherit it (torchrun would otherwise say it set 1)
     os.environ[LAUNCHER_PID] = str(os.getpid())
     log.info("train: %d processes of %d thread(s) each (torch.distributed.run, standalone)", processes, threads)
-    # torch's launcher keeps only the signals no rank handles (a closed terminal); StopForwarder the others
+    # torch's launcher keeps only the signals no rank handles (a closed terminal); StopForwarder the others. Its
+    # folder for the ranks' error files is ours, removed at the end: its default, a new /tmp/torchelastic_* per
+    # launch, was never removed (the failures' messages are read from those files before launch returns)
+    logs = tempfile.mkdtemp(prefix="dist_dejpeg_launch_")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          signals_to_handle="SIGHUP,SIGQUIT")
+                          signals_to_handle="SIGHUP,SIGQUIT", logs_specs=DefaultLogsSpecs(log_dir=logs))
     handled = [getattr(signal, name) for name in config.signals_to_handle.split(",") if hasattr(signal, name)]
     saved = {sig: signal.getsignal(sig) for sig in handled}  # the launcher installs its own and leaves them
     stops, quiet = StopForwarder(), _NoFailureLine()
@@ -355,7 +360,8 @@ def launch(processes: int, argv: list[str]) -> int:
     except SignalException as err:  # SIGHUP, SIGQUIT: the launcher ended the ranks with it
         log.warning("train: %s stopped the launcher and the processes", signal.Signals(err.sigval).name)
         return 128 + err.sigval
-    finally:  # this process as it was (a caller in Python, e.g. a test, goes on)
+    finally:  # this process as it was (a caller in Python, e.g. a test, goes on); the ranks are gone
+        shutil.rmtree(logs, ignore_errors=True)
         torch_log.removeFilter(quiet)
         for sig, handler in saved.items():
             signal.signal(sig, handler)

@@ -1,0 +1,39 @@
+"""The launcher of train.processes (train/launch.py) on the machine it runs on: what it leaves behind in /tmp
+and how it shares out the CPUs. Its ranks are not started: torch's elastic_launch is a stand-in here."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch.distributed.launcher.api as launcher_api
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+from dist_dejpeg.train import launch
+
+
+def test_a_launch_leaves_no_torchelastic_folder_in_tmp(tmp_path, monkeypatch):
+    """Every train.processes>=2 launch left a /tmp/torchelastic_XXXXXXXX/ (torch's default logs folder, made by
+    LaunchConfig and never removed: 925 of them on one VM). The launcher's own folder is removed after the ranks
+    end, whether they finish or fail (the failure's error file was read by then)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen = []
+
+    def ranks(config, entry):
+        root = Path(config.logs_specs.root_log_dir)
+        assert root.is_dir() and root.parent == tmp_path
+        seen.append(root)
+        if len(seen) == 1:
+            return lambda *args: None
+        (root / "attempt_0").mkdir()
+        (root / "attempt_0" / "stderr.log").write_text("a rank's output")
+
+        def fail(*args):
+            raise ChildFailedError("train", {0: ProcessFailure(0, 123, 2, str(root / "attempt_0" / "error.json"))})
+        return fail
+
+    monkeypatch.setattr(launcher_api, "elastic_launch", ranks)
+    assert launch.launch(2, ["train"]) == 0
+    assert launch.launch(2, ["train"]) == 2  # (a rank's own exit code)
+    assert len(seen) == 2 and sorted(tmp_path.iterdir()) == [], sorted(tmp_path.iterdir())
+
