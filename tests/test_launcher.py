@@ -37,3 +37,19 @@ def test_a_launch_leaves_no_torchelastic_folder_in_tmp(tmp_path, monkeypatch):
     assert launch.launch(2, ["train"]) == 2  # (a rank's own exit code)
     assert len(seen) == 2 and sorted(tmp_path.iterdir()) == [], sorted(tmp_path.iterdir())
 
+
+def test_a_user_set_omp_num_threads_over_the_cpus_given_is_warned_and_kept(monkeypatch, caplog):
+    """`taskset -c 0 env OMP_NUM_THREADS=4 ... train.processes=2` ran 2 processes of 4 threads on 1 CPU (8 threads,
+    silently). The user's value is kept (they asked for it), with a warning naming both numbers and what to set."""
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    caplog.set_level("WARNING", logger="dist_dejpeg")
+    assert launch.threads_per_process(2) == 4
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 1 and "OMP_NUM_THREADS=4" in said[0] and "2 processes x 4 = 8 threads on 1 usable CPU" in \
+        said[0] and "set OMP_NUM_THREADS=1" in said[0], said
+    caplog.clear()
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert launch.threads_per_process(2) == 4 and not caplog.records  # (8 threads on 8 CPUs: as asked)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert launch.threads_per_process(2) == 4 and not caplog.records  # (unset: the CPUs shared out)

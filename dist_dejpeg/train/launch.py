@@ -75,11 +75,17 @@ def ranks_started(processes: int, cpu: bool) -> int:
 
 
 def threads_per_process(processes: int) -> int:
-    """``OMP_NUM_THREADS`` when the user set it, else the usable cores shared out (at least one each)."""
+    """``OMP_NUM_THREADS`` when the user set it (warned where the processes' threads outnumber the usable cores:
+    a site's job-wide OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK), else the usable cores shared out (at least one each)."""
     given = os.environ.get("OMP_NUM_THREADS", "")
-    if given.isdigit() and int(given) > 0:
-        return int(given)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if given.isdigit() and int(given) > 0:
+        if processes * int(given) > cores:
+            log.warning("train: OMP_NUM_THREADS=%s (set before the run) makes %d processes x %s = %d threads on %d "
+                        "usable CPU(s) (this process's affinity): oversubscribed, every step slows; set "
+                        "OMP_NUM_THREADS=%d, or unset it (the launcher then shares the CPUs out)", given, processes,
+                        given, processes * int(given), cores, max(1, cores // processes))
+        return int(given)
     return max(1, cores // processes)
 
 
