@@ -214,7 +214,7 @@ def _train_command(args: argparse.Namespace) -> int:
         return _stopped("stopped", err, EXIT_PREEMPTED)
     except TrainingStopped as err:  # every rank stops at the same step, each with its own numbers: rank 0 says it
         return _stopped("error", err, 3, every_rank=False)
-    except RuntimeError as err:  # a lost peer (gloo, NCCL), a full /dev/shm: said as one line, no traceback
+    except RuntimeError as err:  # a lost peer (gloo, NCCL), a full /dev/shm, a killed loader: one line, no traceback
         if (said := lost_peer(err, cfg.train.dist_timeout_s, cfg.train.run_dir) or crash_said(err)) is None:
             raise
         logging.getLogger("dist_dejpeg").debug("the error here", exc_info=True)

@@ -272,6 +272,25 @@ def test_a_lost_peer_is_said_as_one_not_as_a_traceback(tmp_path, monkeypatch, ca
     assert "the same command resumes from it" in err, err
 
 
+def test_a_data_loader_worker_killed_by_sigkill_is_said_with_the_oom_killer_as_its_likely_cause(tmp_path, monkeypatch,
+                                                                                                   capsys):
+    """A DataLoader worker the OOM killer ended: the run crashed with torch's "DataLoader worker (pid N) is killed
+    by signal: Killed." and a traceback, nothing about memory. Now one line (exit 1) with the likely cause and what
+    to check or lower; progress.json's crash reason is the same line (train/monitor.py: crash_said)."""
+    import dist_dejpeg.train.trainer as trainer
+    from dist_dejpeg.run.verdict import crash_said
+
+    killed = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+    monkeypatch.setattr(trainer, "train", lambda cfg, resume=None: (_ for _ in ()).throw(killed))
+    assert main(["train", "--config", str(ROOT / "configs" / "debug.yaml"), f"train.run_dir={tmp_path}",
+                 "train.processes=1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: RuntimeError: DataLoader worker (pid 4242) is killed by signal: Killed; a "
+                          "process killed by SIGKILL is most often the out-of-memory killer"), err
+    assert "(sacct, dmesg)" in err and "data.num_workers / data.shuffle_buffer" in err and "Traceback" not in err
+    assert crash_said(RuntimeError("DataLoader worker (pid 7) is killed by signal: Segmentation fault.")) is None
+
+
 def test_a_missing_module_of_the_full_install_is_said_and_others_raise(monkeypatch, capsys):
     """The restore-only install (no PyTorch, no yaml) running evaluate: one line naming the module and the install
     that has it, exit 2. A missing module of this package (a bug) or of an optional extra still raises."""

@@ -71,6 +71,9 @@ def crash_hint(err: BaseException) -> str | None:
             size = "its size unknown"
         return (f"/dev/shm ({size}) is too small for data.num_workers x data.prefetch_factor batches in "
                 f"flight: raise the container's --shm-size, or lower data.num_workers / data.prefetch_factor")
+    if "killed by signal: killed" in str(err).lower():  # (torch's words for a DataLoader worker's SIGKILL)
+        return ("a process killed by SIGKILL is most often the out-of-memory killer: check the job's memory limit "
+                "(sacct, dmesg), lower data.num_workers / data.shuffle_buffer")
     return None
 
 
@@ -78,7 +81,7 @@ def crash_said(err: BaseException) -> str | None:
     """A crash with a likely cause that its message misleads about (crash_hint's), said in one line: the error and
     the hint; None for any other."""
     hint = crash_hint(err)
-    return f"{crash_line(err)}; {hint}" if hint else None
+    return f"{crash_line(err).rstrip('. ')}; {hint}" if hint else None
 
 
 def file_error(err: OSError, run_dir: str | Path) -> str:
