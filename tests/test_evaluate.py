@@ -634,6 +634,38 @@ def test_same_named_shards_of_two_folders_stay_two_in_the_training_record(tmp_pa
     assert val_fingerprint(cfg) != before
 
 
+def test_shards_in_a_subfolder_keep_the_file_name_keys_older_runs_recorded(tmp_path):
+    """data.val_glob val/val-*.tar (or an absolute glob to a scratch copy): the validation fingerprint and the
+    training record key each shard by its file name, as every older checkpoint and generator file did (keyed by the
+    path in data.root, every older run's resume said its validation set changed); only same-named shards differ."""
+    import hashlib
+
+    from dist_dejpeg.config import Config, DataConfig
+    from dist_dejpeg.models.generator_file import training_shards
+    from dist_dejpeg.models.names import TRAIN_SHARDS, shard_fingerprint
+    from dist_dejpeg.train.data_checks import val_fingerprint
+
+    (tmp_path / "val").mkdir()
+    for i in range(2):
+        (tmp_path / "val" / f"val-00000{i}.tar").write_bytes(f"val {i}".encode())
+        (tmp_path / "val" / f"train-00000{i}.tar").write_bytes(f"train {i}".encode())
+    d = DataConfig(root=str(tmp_path), val_glob="val/val-*.tar", train_glob="val/train-*.tar")
+    old = {p.name: shard_fingerprint(p) for p in sorted((tmp_path / "val").glob("val-*.tar"))}  # as 247d930 keyed
+    expected = hashlib.sha256(json.dumps([old, d.val_crop, list(d.val_qualities), d.val_max_images],
+                                         sort_keys=True).encode()).hexdigest()[:16]
+    assert val_fingerprint(Config(data=d)) == expected
+    assert val_fingerprint(Config(data=DataConfig(root=str(tmp_path / "elsewhere"),  # a scratch copy's full path
+                                                  val_glob=str(tmp_path / "val" / "val-*.tar")))) == expected
+    assert sorted(json.loads(training_shards(d)[TRAIN_SHARDS])) == ["train-000000.tar", "train-000001.tar"]
+    (tmp_path / "other").mkdir()  # a same-named shard of another folder: both named by their paths, two not one
+    (tmp_path / "other" / "val-000000.tar").write_bytes(b"other")
+    both = Config(data=DataConfig(root=str(tmp_path), val_glob="*/val-*.tar"))
+    before = val_fingerprint(both)
+    assert before != expected
+    (tmp_path / "other" / "val-000000.tar").write_bytes(b"changed")
+    assert val_fingerprint(both) != before
+
+
 def test_a_quoted_glob_finds_upper_case_suffixes_as_a_folder_search_does(tmp_path):
     import skimage.data
 

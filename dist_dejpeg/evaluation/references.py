@@ -145,11 +145,11 @@ def seen_in_training(images: list[str], refs: list[Reference], train_shards: dic
     """The references the model trained on: read from its training shards (files of the name and fingerprint its
     generator file records), or the very photos those were cut from (``train_sources``: the same pixels, or a
     DIV2K image's file bytes, whatever the file's name): gains measured on them overstate what photos it never saw
-    get. {"images": how many, "shards": their names in the record (paths in data.root), "photos": the photos'
+    get. {"images": how many, "shards": their names in the record (file names; paths in data.root where two share one), "photos": the photos'
     names in training}, or {} where none is (or the model file does not say what it trained on)."""
     if not train_shards and not train_sources:
         return {}
-    by_name: dict[str, list[tuple[str, str]]] = {}  # file name: (record key, fingerprint); keys are paths in data.root
+    by_name: dict[str, list[tuple[str, str]]] = {}  # file name: (record key, fingerprint): names.shard_keys
     for key, fingerprint in (train_shards or {}).items():  # (or, in older files, file names)
         by_name.setdefault(PurePosixPath(key).name, []).append((key, fingerprint))
     found = {}  # input shard: the record's key of that file (a copy: the same name and fingerprint)

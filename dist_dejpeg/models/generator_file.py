@@ -23,7 +23,7 @@ from dist_dejpeg.config import ConfigError, ModelConfig, load_config
 # torch-free home of these (the ONNX runtime uses them too)
 from dist_dejpeg.models.names import (DIGEST_CHARS, ENCODER_RESOLVED, OWN_HUB, TRAIN_SHARDS, TRAIN_SOURCES,
                                       TRUST_ENCODER, ModelFileError, file_encoder_resolved, file_gains,
-                                      file_train_shards, file_train_sources, shard_fingerprint, shard_key,
+                                      file_train_shards, file_train_sources, shard_fingerprint, shard_keys,
                                       trusted_encoder)
 from dist_dejpeg.models.layers import fold_batch_norms
 from dist_dejpeg.models.unet import Generator, build_generator
@@ -73,14 +73,14 @@ def non_finite(state: dict) -> str:
 
 
 def training_shards(data_cfg) -> dict[str, str]:
-    """The generator file's record of the shards it trained on (``data.root`` / ``data.train_glob``: {shard_key,
-    its path relative to data.root: fingerprint}), by which evaluate and report tell images it saw from images it never saw; {} where they are
-    gone."""
+    """The generator file's record of the shards it trained on (``data.root`` / ``data.train_glob``: {shard_keys:
+    its file name, or its path in data.root where two share one: fingerprint}), by which evaluate and report tell
+    images it saw from images it never saw; {} where they are gone."""
     from dist_dejpeg.data.shards import list_shards, read_manifest
 
     try:
-        prints = {shard_key(p, data_cfg.root): shard_fingerprint(p)
-                  for p in list_shards(data_cfg.root, data_cfg.train_glob)}
+        prints = {key: shard_fingerprint(p)
+                  for p, key in shard_keys(list_shards(data_cfg.root, data_cfg.train_glob), data_cfg.root).items()}
     except OSError:  # (FileNotFoundError: no shards there any more)
         return {}
     try:  # the photos they were cut from, where the folder's manifest (prepare's) names them

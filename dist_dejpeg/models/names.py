@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from pathlib import PurePath
 
 ONNX_FORMAT = "dist_dejpeg.onnx.v1"
@@ -99,17 +100,25 @@ def file_gains(meta: dict, source: str = "") -> dict[str, dict[int, float]]:
     return tables
 
 
-# the generator file's (and the export's) metadata key of the shards the model trained on: {shard_key: fingerprint}
-# (files written before 2027-01 key them by file name alone, which merged same-named shards of two folders)
+# the generator file's (and the export's) metadata key of the shards the model trained on: {shard_keys: fingerprint}
+# (files written before 2027-01 key every shard by its file name; same-named shards of two folders then merged)
 TRAIN_SHARDS = "train_shards"
 
 
-def shard_key(path, root) -> str:
-    """How the record of a run's shards names one: its path relative to ``data.root``, with '/' (its file name where
-    the shards lie flat in the root, as older records named every shard), so that ``partA/train-000000.tar`` and
-    ``partB/train-000000.tar`` stay two; the path as given where it lies outside the root (an absolute glob)."""
-    rel = os.path.relpath(path, root)
-    return PurePath(path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel).as_posix()
+def shard_keys(paths, root) -> dict[str, str]:
+    """{path: how the record of a run's shards names it}: its file name, as every older record and validation
+    fingerprint named it (so those still match, whatever folder under ``data.root`` or scratch copy the shards lie
+    in); only where two of ``paths`` share a file name are those named by their path relative to ``data.root``, with
+    '/', so that ``partA/train-000000.tar`` and ``partB/train-000000.tar`` stay two (the path as given where it lies
+    outside the root)."""
+    paths = [str(p) for p in paths]
+    names = Counter(os.path.basename(p) for p in paths)
+    keys = {}
+    for p in paths:
+        rel = os.path.relpath(p, root)
+        keys[p] = os.path.basename(p) if names[os.path.basename(p)] == 1 else PurePath(
+            p if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel).as_posix()
+    return keys
 
 
 def shard_fingerprint(path) -> str:
@@ -125,8 +134,8 @@ def shard_fingerprint(path) -> str:
 
 
 def file_train_shards(meta: dict, source: str = "") -> dict[str, str]:
-    """{:func:`shard_key` (older files: the file name): :func:`shard_fingerprint`} of the shards a model file says it
-    trained on; {} where it does
+    """{:func:`shard_keys` (a file name; a path in data.root where two share it): :func:`shard_fingerprint`} of the
+    shards a model file says it trained on; {} where it does
     not say (files written before it did, exports of those, or files written by hand); a malformed table is a
     ModelFileError prefixed with ``source``."""
     return _names(meta, TRAIN_SHARDS, source)

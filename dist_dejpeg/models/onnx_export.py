@@ -23,7 +23,7 @@ value that is not finite as "NaN"/"Infinity") and
 ``cell_half_width`` (JSON ``{quality: half-width}``), ``conditioned`` ("true"/"false"), ``encoder``, ``encoder_init``,
 ``global_step``, ``lpips``, ``pad_to``, ``attention_at`` (JSON: the stride the self-attention sits at, the skip
 stride nearest the config's ``attention_stride``; null without one), ``model`` (the config as JSON), ``source``,
-``train_shards`` (JSON ``{shard path in data.root: size and hash of its start}``: what evaluate calls seen in training) and,
+``train_shards`` (JSON ``{shard file name (its path in data.root where two share one): size and hash of its start}``: what evaluate calls seen in training) and,
 exported from a checkpoint, ``train_shards_from`` (the folder they were read from, or "none: ..." and why);
 :func:`read_onnx_metadata` reads them back. ``dist-dejpeg restore --model dejpeg.onnx`` runs the file on
 onnxruntime with the same tiling, blending and guard as the PyTorch model (restore/onnx_backend.py, without importing

@@ -14,7 +14,7 @@ from dist_dejpeg.config import Config, ConfigError, DataConfig
 from dist_dejpeg.data import build_val_set, resolve_backend
 from dist_dejpeg.data.folder import first_photos, photos_hint
 from dist_dejpeg.data.shards import MANIFEST, list_shards, read_manifest
-from dist_dejpeg.models.names import shard_fingerprint, shard_key
+from dist_dejpeg.models.names import shard_fingerprint, shard_keys
 from dist_dejpeg.train.collective import warn_on_main
 from dist_dejpeg.train.window import sum_over_ranks
 
@@ -90,13 +90,13 @@ def describes(manifest: dict, root: str) -> bool:
 
 
 def val_fingerprint(cfg: Config) -> str:
-    """What the validation measures: its shards (shard_key: relative paths, which
-    tell same-named shards of two folders apart; and shard_fingerprint) and the data.val_* settings, hashed;
+    """What the validation measures: its shards (shard_keys: file names, as older checkpoints recorded them, or
+    paths in data.root where two share a name; and shard_fingerprint) and the data.val_* settings, hashed;
     "" where the shards cannot be listed. A resumed run whose fingerprint differs validates other crops, so its
     numbers from before (the gan phase's best) do not compare with those after (resume.py)."""
     d = cfg.data
     try:
-        shards = {shard_key(p, d.root): shard_fingerprint(p) for p in list_shards(d.root, d.val_glob)}
+        shards = {key: shard_fingerprint(p) for p, key in shard_keys(list_shards(d.root, d.val_glob), d.root).items()}
     except OSError:
         return ""
     what = [shards, d.val_crop, list(d.val_qualities), d.val_max_images]
