@@ -48,13 +48,25 @@ class CommandLine(argparse.ArgumentParser):
         cut = words.index("--")
         stand_ins = {f"\0{i}": word for i, word in enumerate(words[cut + 1:], cut + 1) if word.startswith("-")}
         after = [f"\0{i}" if word.startswith("-") else word for i, word in enumerate(words[cut + 1:], cut + 1)]
-        namespace, extras = command.parse_known_intermixed_args(words[:cut] + ["--", *after], namespace)
 
         def back(value):
             if isinstance(value, list):
                 return [back(v) for v in value]
             return stand_ins.get(value, value) if isinstance(value, str) else value
 
+        def error(message):  # (any message argparse builds from a word: none shows a stand-in)
+            for stand_in, word in sorted(stand_ins.items(), key=lambda item: -len(item[0])):  # (\x0012 before \x001)
+                message = message.replace(repr(stand_in), repr(word)).replace(stand_in, word)
+            return type(command).error(command, message)
+
+        # each word is put back before its type= conversion and choices check sees it (`prepare -- -x`: "invalid
+        # choice: '-x'", not the stand-in); by then argparse has read it as a positional
+        command._get_value = lambda action, word: type(command)._get_value(command, action, back(word))
+        command.error = error
+        try:
+            namespace, extras = command.parse_known_intermixed_args(words[:cut] + ["--", *after], namespace)
+        finally:
+            del command._get_value, command.error
         for key, value in vars(namespace).items():
             setattr(namespace, key, back(value))
         return namespace, back(extras)

@@ -40,6 +40,21 @@ def test_positionals_may_come_after_options(line, expected):
     assert {key: getattr(args, key) for key in expected} == expected, line
 
 
+def test_a_word_after_double_dash_is_named_as_typed_in_errors(capsys):
+    """The words after `--` that start with "-" stand in as other words during the parse: argparse's own messages
+    showed the stand-in (`prepare -o o -- -x`: "invalid choice: '\\x003'"); a type= conversion saw it too."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args("prepare -o o -- -x".split())
+    err = capsys.readouterr().err
+    assert "invalid choice: '-x'" in err and "\\x00" not in err, err
+    seen = []
+    parser = build_parser()
+    run_dirs = next(a for a in parser.commands["status"]._actions if a.dest == "run_dirs")
+    run_dirs.type = lambda word: seen.append(word) or word
+    parser.parse_args("status -- -r1".split())
+    assert seen == ["-r1"], seen
+
+
 def test_options_are_never_abbreviated(tmp_path, capsys):
     """`--forma jpg` skipped restore's check that -o photo.png's suffix is its format (argparse took the prefix for
     --format; the check looks for the words typed) and `--overl 32 --tile-pad 8` silently used overlap 16: an
