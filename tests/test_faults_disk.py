@@ -134,6 +134,26 @@ SHM_FULL = ("Caught RuntimeError in DataLoader worker process 0.\nOriginal Trace
             "unable to allocate shared memory(shm) for file </torch_30175_249956385_0>: No space left on device (28)")
 
 
+def test_a_full_run_folder_disk_while_handling_a_full_dev_shm_is_disk_full():
+    """The monitor writing progress.json after a worker's /dev/shm crash and finding the run folder's disk full:
+    its ENOSPC was not disk full because the /dev/shm text was somewhere in the chain. An OSError naming a file in
+    /dev/shm, or one naming none while /dev/shm is full, stays /dev/shm's."""
+    def raised(outer: OSError) -> BaseException:
+        try:
+            try:
+                raise RuntimeError(SHM_FULL)
+            except RuntimeError:
+                raise outer
+        except OSError as err:
+            return err
+
+    assert is_disk_full(raised(enospc("/runs/x/progress.json")))
+    assert is_disk_full(raised(OSError(errno.EDQUOT, "Disk quota exceeded", b"/runs/x/progress.json")))
+    assert not is_disk_full(raised(enospc("/dev/shm/torch_1")))
+    assert not is_disk_full(raised(OSError(errno.ENOSPC, "No space left on device")))
+    assert not is_disk_full(RuntimeError(SHM_FULL)) and is_disk_full(enospc("/x"))
+
+
 def test_a_full_dev_shm_is_a_crash_with_its_own_line_and_a_hint_not_a_full_disk(tmp_path, shards, monkeypatch,
                                                                                  capsys):
     """A container's small /dev/shm (Docker's default 64 MB) filled by the DataLoader workers' batches read "disk

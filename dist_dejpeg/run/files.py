@@ -260,48 +260,57 @@ def fsync_dir(path: str | Path) -> None:
         return
 
 
-def is_disk_full(err: BaseException) -> bool:
-    """Whether ``err`` (or an exception it was raised from) is a write that ran out of room: ENOSPC or EDQUOT,
-    or a library's message for one (:data:`DISK_FULL_TEXT`); not where that room was shared memory
-    (:func:`is_shm_full`: /dev/shm, not the disk the run writes to)."""
-    if is_shm_full(err):
-        return False
+def _chain(err: BaseException | None):
+    """``err`` and the exceptions it was raised from (__cause__, else __context__), each once."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
-            return True
-        if not isinstance(err, OSError) and any(t in str(err).lower() for t in DISK_FULL_TEXT):
-            return True
+        yield err
         err = err.__cause__ or err.__context__
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or an exception it was raised from) is a write that ran out of room: ENOSPC or EDQUOT,
+    or a library's message for one (:data:`DISK_FULL_TEXT`); not where that room was shared memory (/dev/shm,
+    not the disk the run writes to): an exception whose own text is :func:`is_shm_full`'s or an OSError on a
+    file in /dev/shm. An OSError naming a file elsewhere is the disk's even when raised while handling a full
+    /dev/shm (the run folder's progress.json written after a worker's crash); one that names no file is taken
+    as /dev/shm's where the chain holds a full /dev/shm."""
+    shm = is_shm_full(err)
+    for e in _chain(err):
+        if _shm_text(str(e)):
+            continue
+        if isinstance(e, OSError):
+            if e.errno in DISK_FULL_ERRNOS:
+                names = [n for n in (e.filename, e.filename2) if isinstance(n, (str, bytes, os.PathLike))]
+                if (not shm and not names) or any(not _in_dev_shm(n) for n in names):
+                    return True
+        elif not shm and any(t in str(e).lower() for t in DISK_FULL_TEXT):
+            return True
     return False
+
+
+def _in_dev_shm(name) -> bool:
+    path = os.path.abspath(os.fsdecode(name))
+    return path == "/dev/shm" or path.startswith("/dev/shm/")
+
+
+def _shm_text(text: str) -> bool:
+    text = text.lower()
+    return any(t in text for t in SHM_TEXT) and any(t in text for t in ("no space left", "os error 28", "(28)"))
 
 
 def is_shm_full(err: BaseException) -> bool:
     """Whether ``err`` (or an exception it was raised from) is torch's shared memory (/dev/shm) running out: a
     DataLoader worker's batch that found no room there (:data:`SHM_TEXT`, with "no space left on device")."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        text = str(err).lower()
-        if any(t in text for t in SHM_TEXT) and any(t in text for t in ("no space left", "os error 28", "(28)")):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    return any(_shm_text(str(e)) for e in _chain(err))
 
 
 def is_quota(err: BaseException) -> bool:
     """Whether the full disk :func:`is_disk_full` sees in ``err`` is a user's or project's quota (EDQUOT), which
     a filesystem far from full can hit: its free space says nothing there."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno == errno.EDQUOT:
-            return True
-        if not isinstance(err, OSError) and any(t in str(err).lower() for t in QUOTA_TEXT):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    return any(isinstance(e, OSError) and e.errno == errno.EDQUOT
+               or not isinstance(e, OSError) and any(t in str(e).lower() for t in QUOTA_TEXT) for e in _chain(err))
 
 
 def disk_full_text(err: BaseException, where: str | Path, free: int | None = None) -> str:
