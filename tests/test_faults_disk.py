@@ -154,6 +154,19 @@ def test_a_full_run_folder_disk_while_handling_a_full_dev_shm_is_disk_full():
     assert not is_disk_full(RuntimeError(SHM_FULL)) and is_disk_full(enospc("/x"))
 
 
+def test_a_worker_error_with_a_message_of_several_lines_is_told_whole_with_its_type():
+    """A DataLoader worker's ValueError("bad sample in shard\\nsee data.max_bad_samples") was told by its last line
+    alone, "see data.max_bad_samples": now from the line naming its type to the end."""
+    from dist_dejpeg.run.verdict import crash_line
+
+    worker = ("Caught ValueError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+              "  File \"dist_dejpeg/data/reading.py\", line 9, in decode\n    raise ValueError(\"bad: x\")\n"
+              "    ^^^^^^^^^^^^^^^^^^^^^^^^^^\nValueError: bad sample in shard\nsee data.max_bad_samples\n")
+    assert crash_line(ValueError(worker)) == "ValueError: bad sample in shard see data.max_bad_samples"
+    assert crash_line(RuntimeError(SHM_FULL)) == SHM_FULL.splitlines()[-1]
+    assert crash_line(ValueError("bad\nmore")) == "ValueError: bad"
+
+
 def test_a_full_dev_shm_is_a_crash_with_its_own_line_and_a_hint_not_a_full_disk(tmp_path, shards, monkeypatch,
                                                                                  capsys):
     """A container's small /dev/shm (Docker's default 64 MB) filled by the DataLoader workers' batches read "disk

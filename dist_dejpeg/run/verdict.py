@@ -47,13 +47,20 @@ def lost_peer(err: BaseException, timeout_s: float, run_dir: str | Path) -> str 
             f"launcher's, or logs/train-*.log under SLURM). {where_it_resumes(run_dir)}")
 
 
+_ERROR_LINE = re.compile(r"[A-Za-z_][\w.]*(:\s|:?$)")  # a traceback's last line: "ValueError: ...", "pkg.Error"
+
+
 def crash_line(err: BaseException) -> str:
     """The line a crash is told by: ``Type: its first line``; for an error a DataLoader worker raised (torch raises
     it again as "Caught X in DataLoader worker process N." followed by the worker's traceback) the worker's own
-    last line, the error itself."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    ``Type: message`` line, the error itself, with any further lines of its message (joined by spaces)."""
+    raw = str(err).strip().splitlines()
+    lines = [line.strip() for line in raw if line.strip()]
     if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
-        return lines[-1][:300]
+        frames = [i for i, line in enumerate(raw) if line.startswith("  File ")]  # (the traceback's, indented)
+        start = next((i for i in range(frames[-1] + 1 if frames else 1, len(raw)) if _ERROR_LINE.match(raw[i])),
+                     None)  # (its code and ^^^ lines are indented: the first line after at column 0 names the error)
+        return " ".join(line.strip() for line in raw[start:] if line.strip())[:300] if start else lines[-1][:300]
     return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
 
 
