@@ -53,3 +53,18 @@ def test_a_user_set_omp_num_threads_over_the_cpus_given_is_warned_and_kept(monke
     assert launch.threads_per_process(2) == 4 and not caplog.records  # (8 threads on 8 CPUs: as asked)
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert launch.threads_per_process(2) == 4 and not caplog.records  # (unset: the CPUs shared out)
+
+
+def test_a_rank_killed_by_sigkill_is_said_with_the_out_of_memory_killer_as_its_likely_cause(tmp_path):
+    """A rank the OOM killer ended was told as 'was killed by SIGKILL' alone (a DataLoader worker's got the hint);
+    another signal or a code of its own gets no such hint."""
+    import signal
+
+    def failed(code: int) -> ChildFailedError:
+        return ChildFailedError("train", {1: ProcessFailure(1, 4321, code, str(tmp_path / "error.json"))})
+
+    line = launch.first_failure_line(failed(-signal.SIGKILL))
+    assert line.startswith("train: rank 1 (pid 4321) was killed by SIGKILL, the first to fail") and \
+        "out-of-memory killer: check the job's memory limit" in line, line
+    assert "memory" not in launch.first_failure_line(failed(-signal.SIGSEGV))
+    assert launch.first_failure_line(failed(2)) is None

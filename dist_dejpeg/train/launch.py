@@ -144,7 +144,10 @@ def first_failure_line(err) -> str | None:
         return None
     how = (f"was killed by {signal.Signals(-failure.exitcode).name}" if failure.exitcode < 0
            else f"exited with {failure.exitcode}")
-    return f"train: rank {rank} (pid {failure.pid}) {how}, the first to fail; the others stopped with it"
+    oom = ("; a SIGKILL no one sent is most often the out-of-memory killer: check the job's memory limit (sacct, "
+           "dmesg), lower data.batch_size / data.num_workers / data.shuffle_buffer"
+           if failure.exitcode == -signal.SIGKILL else "")
+    return f"train: rank {rank} (pid {failure.pid}) {how}, the first to fail; the others stopped with it{oom}"
 
 
 def first_on_node(message: str) -> bool:
